@@ -1,0 +1,12 @@
+//! skusync: stream a PostgreSQL inventory database's WAL into Redis counters and MQTT topics.
+//!
+//! The module layout follows the data flow:
+//!
+//! ```text
+//! pg (wire, conn, stream) -> pgoutput (decode) -> txn (assemble) -> [fold -> redis -> mqtt] -> progress (LSN ack)
+//! ```
+
+pub mod lsn;
+pub mod pgoutput;
+pub mod progress;
+pub mod txn;

@@ -1,0 +1,1 @@
+//! LSN progress tracking (placeholder).
