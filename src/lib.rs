@@ -7,6 +7,7 @@
 //! ```
 
 pub mod lsn;
+pub mod pg;
 pub mod pgoutput;
 pub mod progress;
 pub mod txn;

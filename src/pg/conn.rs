@@ -1,0 +1,767 @@
+//! The one module that adapts the sans-IO wire pieces to tokio: a replication connection
+//! (`replication=database`) with TLS, authentication, simple queries, slot commands and
+//! the CopyBoth stream.
+
+use super::connstr::{PgConnectConfig, SslMode};
+use super::error::{PgError, ServerError};
+use super::tls;
+use super::wire::{self, Frame, ReplMessage};
+use crate::lsn::Lsn;
+use bytes::BytesMut;
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::{md5_hash, sasl};
+use postgres_protocol::message::{backend::Message, frontend};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+
+/// Read buffer size: large reads let the walsender send in bulk instead of waking us per
+/// message (see FIELD-NOTES §10).
+const READ_CHUNK: usize = 256 * 1024;
+
+enum Transport {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Unix(UnixStream),
+}
+
+impl AsyncRead for Transport {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Transport::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Transport::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Transport::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Transport::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Transport::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Transport::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Transport::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Result row of a simple query: text values by column position.
+#[derive(Debug, Clone)]
+pub struct SimpleRow {
+    pub columns: std::sync::Arc<Vec<String>>,
+    pub values: Vec<Option<String>>,
+}
+
+impl SimpleRow {
+    /// The value of the named column.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        let i = self.columns.iter().position(|c| c == name)?;
+        self.values.get(i)?.as_deref()
+    }
+}
+
+/// `IDENTIFY_SYSTEM` result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemInfo {
+    pub system_id: String,
+    pub timeline: u32,
+    pub xlogpos: Lsn,
+    pub dbname: Option<String>,
+}
+
+/// `CREATE_REPLICATION_SLOT` result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotInfo {
+    pub slot_name: String,
+    /// The LSN the stream starts at; the exported snapshot shows the database as of it.
+    pub consistent_point: Lsn,
+    /// Usable with `SET TRANSACTION SNAPSHOT` until the next command on this connection.
+    pub snapshot_name: Option<String>,
+}
+
+/// What `CREATE_REPLICATION_SLOT` does with its snapshot.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum SnapshotAction {
+    /// Export it for other connections (`SET TRANSACTION SNAPSHOT`).
+    Export,
+    /// Don't create one.
+    Nothing,
+}
+
+/// pgoutput options for `START_REPLICATION`.
+#[derive(Clone, Debug)]
+pub struct ReplicationOptions {
+    pub proto_version: u32,
+    pub publications: Vec<String>,
+    /// Ask for `pg_logical_emit_message` messages (`messages 'true'`).
+    pub messages: bool,
+}
+
+/// One item read from the CopyBoth stream.
+#[derive(Debug)]
+pub enum StreamItem {
+    Message(ReplMessage),
+    /// The server ended the stream (CopyDone).
+    End,
+}
+
+/// A replication connection in walsender mode.
+pub struct ReplConnection {
+    io: Transport,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    addr: String,
+    max_frame: usize,
+    server_version: String,
+    backend_pid: i32,
+}
+
+impl ReplConnection {
+    /// Connect, negotiate TLS per `sslmode`, start up in `replication=database` mode and
+    /// authenticate (trust, cleartext, md5, SCRAM-SHA-256).
+    pub async fn connect(cfg: &PgConnectConfig) -> Result<ReplConnection, PgError> {
+        tokio::time::timeout(cfg.connect_timeout, Self::connect_inner(cfg))
+            .await
+            .map_err(|_| PgError::Io {
+                addr: cfg.addr(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {:?}", cfg.connect_timeout),
+                ),
+            })?
+    }
+
+    async fn connect_inner(cfg: &PgConnectConfig) -> Result<ReplConnection, PgError> {
+        let addr = cfg.addr();
+        let io_err = |source| PgError::Io {
+            addr: addr.clone(),
+            source,
+        };
+        let io = if cfg.is_unix_socket() {
+            Transport::Unix(
+                UnixStream::connect(cfg.socket_path())
+                    .await
+                    .map_err(io_err)?,
+            )
+        } else {
+            let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port))
+                .await
+                .map_err(io_err)?;
+            tcp.set_nodelay(true).map_err(io_err)?;
+            let ka = socket2::TcpKeepalive::new()
+                .with_time(Duration::from_secs(30))
+                .with_interval(Duration::from_secs(10));
+            let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&ka);
+            Self::negotiate_tls(cfg, tcp).await?
+        };
+        let mut conn = ReplConnection {
+            io,
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            wbuf: BytesMut::with_capacity(1024),
+            addr,
+            max_frame: wire::DEFAULT_MAX_FRAME,
+            server_version: String::new(),
+            backend_pid: 0,
+        };
+        conn.startup(cfg).await?;
+        Ok(conn)
+    }
+
+    async fn negotiate_tls(
+        cfg: &PgConnectConfig,
+        mut tcp: TcpStream,
+    ) -> Result<Transport, PgError> {
+        let Some(tls_config) = tls::client_config(cfg)? else {
+            return Ok(Transport::Tcp(tcp));
+        };
+        let addr = cfg.addr();
+        let io_err = |source| PgError::Io {
+            addr: addr.clone(),
+            source,
+        };
+        let mut req = BytesMut::new();
+        frontend::ssl_request(&mut req);
+        tcp.write_all(&req).await.map_err(io_err)?;
+        // Exactly one byte: anything more would be plaintext injected before the handshake.
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer).await.map_err(io_err)?;
+        match answer[0] {
+            b'S' => {
+                let name = tls::server_name(&cfg.host)?;
+                let connector = tokio_rustls::TlsConnector::from(tls_config);
+                let stream = connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| PgError::Tls {
+                        addr: addr.clone(),
+                        reason: e.to_string(),
+                    })?;
+                Ok(Transport::Tls(Box::new(stream)))
+            }
+            b'N' if cfg.sslmode == SslMode::Prefer => Ok(Transport::Tcp(tcp)),
+            b'N' => Err(PgError::Tls {
+                addr,
+                reason: "the server does not accept TLS connections but sslmode requires TLS \
+                         (set ssl = on in postgresql.conf, or use sslmode=prefer)"
+                    .into(),
+            }),
+            other => Err(PgError::Protocol(format!(
+                "unexpected answer 0x{other:02x} to the TLS request"
+            ))),
+        }
+    }
+
+    async fn startup(&mut self, cfg: &PgConnectConfig) -> Result<(), PgError> {
+        let params = [
+            ("user", cfg.user.as_str()),
+            ("database", cfg.dbname.as_str()),
+            ("replication", "database"),
+            ("client_encoding", "UTF8"),
+            ("application_name", cfg.application_name.as_str()),
+        ];
+        frontend::startup_message(params.iter().copied(), &mut self.wbuf)
+            .map_err(|e| PgError::Config(format!("startup message: {e}")))?;
+        self.flush().await?;
+        let auth_err = |reason: String| PgError::Auth {
+            user: cfg.user.clone(),
+            reason,
+        };
+        let need_password = || {
+            cfg.password.as_ref().ok_or_else(|| {
+                auth_err(
+                    "the server asks for a password but none was given (put it in the URL, \
+                     PGPASSWORD, SKUSYNC_PG_PASSWORD or a passfile)"
+                        .into(),
+                )
+            })
+        };
+        let mut scram: Option<sasl::ScramSha256> = None;
+        loop {
+            match self
+                .read_std()
+                .await
+                .map_err(|e| startup_error(e, &cfg.user))?
+            {
+                Message::AuthenticationOk => break,
+                Message::AuthenticationCleartextPassword => {
+                    let pw = need_password()?;
+                    frontend::password_message(pw.expose().as_bytes(), &mut self.wbuf)
+                        .map_err(|e| auth_err(e.to_string()))?;
+                    self.flush().await?;
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let pw = need_password()?;
+                    let hash = md5_hash(cfg.user.as_bytes(), pw.expose().as_bytes(), body.salt());
+                    frontend::password_message(hash.as_bytes(), &mut self.wbuf)
+                        .map_err(|e| auth_err(e.to_string()))?;
+                    self.flush().await?;
+                }
+                Message::AuthenticationSasl(body) => {
+                    let pw = need_password()?;
+                    let mut has_scram = false;
+                    let mut mechs = body.mechanisms();
+                    while let Some(m) =
+                        mechs.next().map_err(|e| PgError::Protocol(e.to_string()))?
+                    {
+                        has_scram |= m == sasl::SCRAM_SHA_256;
+                    }
+                    if !has_scram {
+                        return Err(auth_err(
+                            "the server offers no SASL mechanism skusync supports (SCRAM-SHA-256)"
+                                .into(),
+                        ));
+                    }
+                    // No channel binding: "n,," is accepted unless the server requires it.
+                    let s = sasl::ScramSha256::new(
+                        pw.expose().as_bytes(),
+                        sasl::ChannelBinding::unsupported(),
+                    );
+                    frontend::sasl_initial_response(
+                        sasl::SCRAM_SHA_256,
+                        s.message(),
+                        &mut self.wbuf,
+                    )
+                    .map_err(|e| auth_err(e.to_string()))?;
+                    self.flush().await?;
+                    scram = Some(s);
+                }
+                Message::AuthenticationSaslContinue(body) => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        PgError::Protocol("SASL continue without SASL start".into())
+                    })?;
+                    s.update(body.data())
+                        .map_err(|e| auth_err(format!("SCRAM: {e}")))?;
+                    frontend::sasl_response(s.message(), &mut self.wbuf)
+                        .map_err(|e| auth_err(e.to_string()))?;
+                    self.flush().await?;
+                }
+                Message::AuthenticationSaslFinal(body) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| PgError::Protocol("SASL final without SASL start".into()))?;
+                    // Verifies the server's signature: it proves it knows the password too.
+                    s.finish(body.data())
+                        .map_err(|e| auth_err(format!("SCRAM server signature: {e}")))?;
+                }
+                Message::AuthenticationKerberosV5
+                | Message::AuthenticationScmCredential
+                | Message::AuthenticationGss
+                | Message::AuthenticationSspi
+                | Message::AuthenticationGssContinue(_) => {
+                    return Err(auth_err(
+                        "the server asks for GSS/Kerberos/SSPI, which skusync does not support; \
+                         use scram-sha-256 in pg_hba.conf"
+                            .into(),
+                    ));
+                }
+                _ => {
+                    return Err(PgError::Protocol(
+                        "unexpected message during authentication".into(),
+                    ));
+                }
+            }
+        }
+        loop {
+            match self
+                .read_std()
+                .await
+                .map_err(|e| startup_error(e, &cfg.user))?
+            {
+                Message::ParameterStatus(p) => {
+                    if p.name().ok() == Some("server_version") {
+                        self.server_version = p.value().unwrap_or("").to_string();
+                    }
+                }
+                Message::BackendKeyData(k) => self.backend_pid = k.process_id(),
+                Message::ReadyForQuery(_) => return Ok(()),
+                Message::NoticeResponse(_) => {}
+                _ => {
+                    return Err(PgError::Protocol(
+                        "unexpected message after authentication".into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// The server's `server_version` (e.g. `15.19 (Debian 15.19-0+deb12u1)`).
+    pub fn server_version(&self) -> &str {
+        &self.server_version
+    }
+
+    /// The server's major version number (14, 15, ...), 0 when unknown.
+    pub fn server_major(&self) -> u32 {
+        self.server_version
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The walsender's process id (for `pg_stat_replication` / `pg_terminate_backend`).
+    pub fn backend_pid(&self) -> i32 {
+        self.backend_pid
+    }
+
+    async fn flush(&mut self) -> Result<(), PgError> {
+        let addr = &self.addr;
+        self.io
+            .write_all(&self.wbuf)
+            .await
+            .map_err(|source| PgError::Io {
+                addr: addr.clone(),
+                source,
+            })?;
+        self.wbuf.clear();
+        Ok(())
+    }
+
+    /// Read more bytes from the socket into the buffer. Cancel-safe: if the future is
+    /// dropped, no data is lost.
+    pub async fn fill(&mut self) -> Result<(), PgError> {
+        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+            self.rbuf.reserve(READ_CHUNK);
+        }
+        let n = self
+            .io
+            .read_buf(&mut self.rbuf)
+            .await
+            .map_err(|source| PgError::Io {
+                addr: self.addr.clone(),
+                source,
+            })?;
+        if n == 0 {
+            return Err(PgError::Io {
+                addr: self.addr.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "server closed the connection",
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    async fn read_frame(&mut self) -> Result<Frame, PgError> {
+        loop {
+            if let Some(f) = wire::parse_frame(&mut self.rbuf, self.max_frame)? {
+                return Ok(f);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Next non-replication message; an ErrorResponse becomes `PgError::Server`.
+    async fn read_std(&mut self) -> Result<Message, PgError> {
+        match self.read_frame().await? {
+            Frame::Other(Message::ErrorResponse(body)) => {
+                Err(PgError::Server(server_error(body.fields())))
+            }
+            Frame::Other(m) => Ok(m),
+            _ => Err(PgError::Protocol(
+                "unexpected CopyBoth frame outside replication".into(),
+            )),
+        }
+    }
+
+    /// Run a simple query (the only protocol walsenders accept) and collect its rows.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<SimpleRow>, PgError> {
+        frontend::query(sql, &mut self.wbuf).map_err(|e| PgError::Config(format!("query: {e}")))?;
+        self.flush().await?;
+        let mut rows = Vec::new();
+        let mut columns = std::sync::Arc::new(Vec::new());
+        let mut error = None;
+        loop {
+            match self.read_std().await {
+                Err(PgError::Server(e)) => error = Some(e),
+                Err(e) => return Err(e),
+                Ok(Message::RowDescription(d)) => {
+                    let mut names = Vec::new();
+                    let mut fields = d.fields();
+                    while let Some(f) = fields
+                        .next()
+                        .map_err(|e| PgError::Protocol(e.to_string()))?
+                    {
+                        names.push(f.name().to_string());
+                    }
+                    columns = std::sync::Arc::new(names);
+                }
+                Ok(Message::DataRow(r)) => {
+                    let buf = r.buffer();
+                    let mut values = Vec::with_capacity(columns.len());
+                    let mut ranges = r.ranges();
+                    while let Some(range) = ranges
+                        .next()
+                        .map_err(|e| PgError::Protocol(e.to_string()))?
+                    {
+                        values.push(match range {
+                            Some(rg) => Some(
+                                String::from_utf8(buf.get(rg).unwrap_or_default().to_vec())
+                                    .map_err(|_| PgError::Protocol("non-UTF-8 value".into()))?,
+                            ),
+                            None => None,
+                        });
+                    }
+                    rows.push(SimpleRow {
+                        columns: columns.clone(),
+                        values,
+                    });
+                }
+                Ok(Message::ReadyForQuery(_)) => {
+                    return match error {
+                        Some(e) => Err(PgError::Server(e)),
+                        None => Ok(rows),
+                    };
+                }
+                Ok(_) => {} // CommandComplete, EmptyQueryResponse, notices.
+            }
+        }
+    }
+
+    /// `IDENTIFY_SYSTEM`.
+    pub async fn identify_system(&mut self) -> Result<SystemInfo, PgError> {
+        let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| PgError::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
+        let field = |n: &str| {
+            row.get(n)
+                .ok_or_else(|| PgError::Protocol(format!("IDENTIFY_SYSTEM: no {n}")))
+        };
+        Ok(SystemInfo {
+            system_id: field("systemid")?.to_string(),
+            timeline: field("timeline")?
+                .parse()
+                .map_err(|_| PgError::Protocol("IDENTIFY_SYSTEM: bad timeline".into()))?,
+            xlogpos: field("xlogpos")?
+                .parse()
+                .map_err(|_| PgError::Protocol("IDENTIFY_SYSTEM: bad xlogpos".into()))?,
+            dbname: row.get("dbname").map(str::to_string),
+        })
+    }
+
+    /// `CREATE_REPLICATION_SLOT name [TEMPORARY] LOGICAL pgoutput`, with the snapshot
+    /// choice in the syntax the server understands (the option list exists from PG15).
+    pub async fn create_slot(
+        &mut self,
+        name: &str,
+        temporary: bool,
+        snapshot: SnapshotAction,
+    ) -> Result<SlotInfo, PgError> {
+        let temp = if temporary { " TEMPORARY" } else { "" };
+        let sql = if self.server_major() >= 15 {
+            let s = match snapshot {
+                SnapshotAction::Export => "export",
+                SnapshotAction::Nothing => "nothing",
+            };
+            format!(
+                "CREATE_REPLICATION_SLOT {}{temp} LOGICAL pgoutput (SNAPSHOT '{s}')",
+                quote_ident(name)
+            )
+        } else {
+            let s = match snapshot {
+                SnapshotAction::Export => "EXPORT_SNAPSHOT",
+                SnapshotAction::Nothing => "NOEXPORT_SNAPSHOT",
+            };
+            format!(
+                "CREATE_REPLICATION_SLOT {}{temp} LOGICAL pgoutput {s}",
+                quote_ident(name)
+            )
+        };
+        let rows = self.simple_query(&sql).await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| PgError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
+        Ok(SlotInfo {
+            slot_name: row.get("slot_name").unwrap_or(name).to_string(),
+            consistent_point: row
+                .get("consistent_point")
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| {
+                    PgError::Protocol("CREATE_REPLICATION_SLOT: bad consistent_point".into())
+                })?,
+            snapshot_name: row.get("snapshot_name").map(str::to_string),
+        })
+    }
+
+    /// `DROP_REPLICATION_SLOT name [WAIT]`.
+    pub async fn drop_slot(&mut self, name: &str, wait: bool) -> Result<(), PgError> {
+        let wait = if wait { " WAIT" } else { "" };
+        self.simple_query(&format!(
+            "DROP_REPLICATION_SLOT {}{wait}",
+            quote_ident(name)
+        ))
+        .await
+        .map(|_| ())
+    }
+
+    /// `START_REPLICATION SLOT ... LOGICAL start (...)`; on success the connection is in
+    /// CopyBoth mode and [`recv`](Self::recv) yields the stream.
+    pub async fn start_replication(
+        &mut self,
+        slot: &str,
+        start: Lsn,
+        opts: &ReplicationOptions,
+    ) -> Result<(), PgError> {
+        let pubs = opts
+            .publications
+            .iter()
+            .map(|p| quote_ident(p))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {start} (\"proto_version\" '{}', \"publication_names\" {}",
+            quote_ident(slot),
+            opts.proto_version,
+            quote_literal(&pubs),
+        );
+        if opts.messages {
+            sql.push_str(", \"messages\" 'true'");
+        }
+        sql.push(')');
+        frontend::query(&sql, &mut self.wbuf)
+            .map_err(|e| PgError::Config(format!("query: {e}")))?;
+        self.flush().await?;
+        loop {
+            match self.read_frame().await? {
+                Frame::CopyBothResponse => return Ok(()),
+                Frame::Other(Message::ErrorResponse(body)) => {
+                    let err = server_error(body.fields());
+                    // Drain to ReadyForQuery so the connection stays usable.
+                    loop {
+                        if let Frame::Other(Message::ReadyForQuery(_)) = self.read_frame().await? {
+                            break;
+                        }
+                    }
+                    return Err(PgError::Server(err));
+                }
+                Frame::Other(Message::NoticeResponse(_)) => {}
+                _ => {
+                    return Err(PgError::Protocol(
+                        "unexpected reply to START_REPLICATION".into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Next stream item already in the read buffer, without touching the socket. Lets the
+    /// caller process a whole socket read as one batch before acknowledging.
+    pub fn try_recv_buffered(&mut self) -> Result<Option<StreamItem>, PgError> {
+        loop {
+            match wire::parse_frame(&mut self.rbuf, self.max_frame)? {
+                None => return Ok(None),
+                Some(Frame::CopyData(b)) => {
+                    return Ok(Some(StreamItem::Message(wire::parse_repl_message(b)?)));
+                }
+                Some(Frame::Other(Message::CopyDone)) => return Ok(Some(StreamItem::End)),
+                Some(Frame::Other(Message::ErrorResponse(body))) => {
+                    return Err(PgError::Server(server_error(body.fields())));
+                }
+                // Notices and parameter changes carry nothing for the stream.
+                Some(Frame::Other(Message::NoticeResponse(_) | Message::ParameterStatus(_))) => {}
+                Some(_) => {
+                    return Err(PgError::Protocol(
+                        "unexpected frame in CopyBoth stream".into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Next stream item, reading from the socket as needed. Cancel-safe.
+    pub async fn recv(&mut self) -> Result<StreamItem, PgError> {
+        loop {
+            if let Some(item) = self.try_recv_buffered()? {
+                return Ok(item);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Send a standby status update.
+    pub async fn send_status(
+        &mut self,
+        write: Lsn,
+        flush: Lsn,
+        apply: Lsn,
+        reply: bool,
+    ) -> Result<(), PgError> {
+        wire::standby_status_update(
+            write.0,
+            flush.0,
+            apply.0,
+            wire::pg_now(),
+            reply,
+            &mut self.wbuf,
+        );
+        self.flush().await
+    }
+
+    /// End the stream cleanly: CopyDone, drain until ReadyForQuery, Terminate. The caller
+    /// sends its final status update first.
+    pub async fn finish(mut self) -> Result<(), PgError> {
+        frontend::copy_done(&mut self.wbuf);
+        self.flush().await?;
+        let drain = async {
+            loop {
+                match self.read_frame().await? {
+                    Frame::Other(Message::ReadyForQuery(_)) => return Ok::<_, PgError>(()),
+                    Frame::Other(Message::ErrorResponse(body)) => {
+                        return Err(PgError::Server(server_error(body.fields())));
+                    }
+                    _ => {}
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), drain)
+            .await
+            .map_err(|_| PgError::Protocol("server did not end the stream within 10 s".into()))??;
+        frontend::terminate(&mut self.wbuf);
+        let _ = self.flush().await;
+        let _ = self.io.shutdown().await;
+        Ok(())
+    }
+}
+
+/// Build a typed server error from ErrorResponse fields.
+pub fn server_error(
+    mut fields: postgres_protocol::message::backend::ErrorFields<'_>,
+) -> ServerError {
+    let mut e = ServerError {
+        severity: String::new(),
+        code: String::new(),
+        message: String::new(),
+        detail: None,
+        hint: None,
+    };
+    while let Ok(Some(f)) = fields.next() {
+        let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
+        match f.type_() {
+            b'V' => e.severity = v,
+            b'S' if e.severity.is_empty() => e.severity = v,
+            b'C' => e.code = v,
+            b'M' => e.message = v,
+            b'D' => e.detail = Some(v),
+            b'H' => e.hint = Some(v),
+            _ => {}
+        }
+    }
+    e
+}
+
+/// Auth failures during startup are definite and deserve their own message.
+fn startup_error(e: PgError, user: &str) -> PgError {
+    match e {
+        PgError::Server(s) if s.code.starts_with("28") => PgError::Auth {
+            user: user.to_string(),
+            reason: s.message,
+        },
+        other => other,
+    }
+}
+
+/// Quote an identifier for a replication command.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Quote a string literal (standard_conforming_strings is always on in supported versions).
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+}

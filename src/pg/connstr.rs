@@ -1,0 +1,387 @@
+//! Connection settings from a `postgresql://` URL, with libpq's environment fallbacks
+//! (`PGHOST`, `PGPORT`, `PGUSER`, `PGDATABASE`, `PGPASSWORD`, `PGPASSFILE`,
+//! `PGSSLMODE`, `PGSSLROOTCERT`) and `~/.pgpass`. The password is never printed.
+
+use super::error::PgError;
+use percent_encoding::percent_decode_str;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// libpq's `sslmode`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum SslMode {
+    /// Never TLS.
+    Disable,
+    /// libpq's `allow` is treated as `prefer`: TLS if the server offers it.
+    Prefer,
+    /// TLS required; the certificate is not verified (unless `sslrootcert` is given,
+    /// which libpq treats as `verify-ca`).
+    Require,
+    /// TLS with the chain verified against `sslrootcert`.
+    VerifyCa,
+    /// `VerifyCa` plus the host name must match the certificate.
+    VerifyFull,
+}
+
+impl SslMode {
+    fn parse(s: &str) -> Result<SslMode, PgError> {
+        Ok(match s {
+            "disable" => SslMode::Disable,
+            "allow" | "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => {
+                return Err(PgError::Config(format!(
+                    "postgres.url: unknown sslmode {other:?}; use disable, prefer, require, verify-ca or verify-full"
+                )));
+            }
+        })
+    }
+}
+
+/// Where the server's CA comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RootCert {
+    /// A PEM file.
+    File(PathBuf),
+    /// The operating system's trust store (`sslrootcert=system`).
+    System,
+}
+
+/// A password that never shows up in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(String);
+
+impl Password {
+    /// The secret itself, for the authentication exchange only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password(***)")
+    }
+}
+
+/// Where to connect and how.
+#[derive(Clone, Debug)]
+pub struct PgConnectConfig {
+    /// Host name, IP address, or a directory holding the Unix socket (starts with `/`).
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub dbname: String,
+    pub password: Option<Password>,
+    pub sslmode: SslMode,
+    pub sslrootcert: Option<RootCert>,
+    pub application_name: String,
+    pub connect_timeout: Duration,
+}
+
+impl PgConnectConfig {
+    /// Parse a `postgresql://` (or `postgres://`) URL, filling gaps from the environment.
+    pub fn from_url(url: &str) -> Result<PgConnectConfig, PgError> {
+        Self::from_url_with_env(url, &|k| std::env::var(k).ok())
+    }
+
+    /// As [`from_url`](Self::from_url) with an explicit environment (for tests).
+    pub fn from_url_with_env(
+        url: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<PgConnectConfig, PgError> {
+        let bad = |why: &str| PgError::Config(format!("postgres.url: {why}"));
+        let parsed = url::Url::parse(url).map_err(|e| bad(&format!("not a valid URL ({e})")))?;
+        if parsed.scheme() != "postgresql" && parsed.scheme() != "postgres" {
+            return Err(bad("must start with postgresql://"));
+        }
+        let decode = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
+        let mut host = parsed.host_str().map(|h| {
+            // url keeps IPv6 brackets; sockets want them off.
+            h.trim_start_matches('[').trim_end_matches(']').to_string()
+        });
+        let mut port = parsed.port();
+        let mut user = (!parsed.username().is_empty()).then(|| decode(parsed.username()));
+        let mut password = parsed.password().map(|p| Password(decode(p)));
+        let path = parsed.path().trim_start_matches('/');
+        let mut dbname = (!path.is_empty()).then(|| decode(path));
+        let mut sslmode = None;
+        let mut sslrootcert = None;
+        let mut application_name = None;
+        let mut passfile = None;
+        let mut connect_timeout = None;
+        for (k, v) in parsed.query_pairs() {
+            let v = v.into_owned();
+            match k.as_ref() {
+                "host" => host = Some(v),
+                "port" => port = Some(v.parse().map_err(|_| bad("port is not a number"))?),
+                "user" => user = Some(v),
+                "password" => password = Some(Password(v)),
+                "dbname" => dbname = Some(v),
+                "sslmode" => sslmode = Some(SslMode::parse(&v)?),
+                "sslrootcert" => sslrootcert = Some(v),
+                "application_name" => application_name = Some(v),
+                "passfile" => passfile = Some(PathBuf::from(v)),
+                "connect_timeout" => {
+                    connect_timeout = Some(
+                        v.parse::<u64>()
+                            .map_err(|_| bad("connect_timeout must be whole seconds"))?,
+                    )
+                }
+                // Harmless libpq options we do not need.
+                "sslnegotiation" | "sslsni" | "target_session_attrs" | "options" => {}
+                other => return Err(bad(&format!("unsupported parameter {other:?}"))),
+            }
+        }
+        let host = host
+            .or_else(|| env("PGHOST"))
+            .unwrap_or_else(|| "localhost".into());
+        let port = match port {
+            Some(p) => p,
+            None => match env("PGPORT") {
+                Some(p) => p.parse().map_err(|_| bad("PGPORT is not a number"))?,
+                None => 5432,
+            },
+        };
+        let user = user
+            .or_else(|| env("PGUSER"))
+            .or_else(|| env("USER"))
+            .ok_or_else(|| bad("no user name: put it in the URL (postgresql://USER@host/db)"))?;
+        let dbname = dbname
+            .or_else(|| env("PGDATABASE"))
+            .unwrap_or_else(|| user.clone());
+        let sslmode = match sslmode {
+            Some(m) => m,
+            None => match env("PGSSLMODE") {
+                Some(m) => SslMode::parse(&m)?,
+                None => SslMode::Prefer,
+            },
+        };
+        let sslrootcert = sslrootcert.or_else(|| env("PGSSLROOTCERT")).map(|s| {
+            if s == "system" {
+                RootCert::System
+            } else {
+                RootCert::File(PathBuf::from(s))
+            }
+        });
+        // libpq: a root certificate given with sslmode=require means verify-ca.
+        let sslmode = if sslmode == SslMode::Require && sslrootcert.is_some() {
+            SslMode::VerifyCa
+        } else {
+            sslmode
+        };
+        if password.is_none() {
+            password = env("PGPASSWORD").map(Password);
+        }
+        if password.is_none() {
+            let file = passfile
+                .or_else(|| env("PGPASSFILE").map(PathBuf::from))
+                .or_else(|| env("HOME").map(|h| Path::new(&h).join(".pgpass")));
+            if let Some(file) = file {
+                password = passfile_lookup(&file, &host, port, &dbname, &user).map(Password);
+            }
+        }
+        Ok(PgConnectConfig {
+            host,
+            port,
+            user,
+            dbname,
+            password,
+            sslmode,
+            sslrootcert,
+            application_name: application_name.unwrap_or_else(|| "skusync".into()),
+            connect_timeout: Duration::from_secs(connect_timeout.unwrap_or(10).max(1)),
+        })
+    }
+
+    /// `host:port` (or the socket path) for messages; never includes credentials.
+    pub fn addr(&self) -> String {
+        if self.is_unix_socket() {
+            self.socket_path().display().to_string()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// Whether `host` names a Unix socket directory.
+    pub fn is_unix_socket(&self) -> bool {
+        self.host.starts_with('/')
+    }
+
+    /// The Unix socket file (`<dir>/.s.PGSQL.<port>`).
+    pub fn socket_path(&self) -> PathBuf {
+        Path::new(&self.host).join(format!(".s.PGSQL.{}", self.port))
+    }
+
+    /// The same settings as a tokio-postgres config for ordinary SQL connections.
+    pub fn to_tokio_postgres(&self) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host(&self.host)
+            .port(self.port)
+            .user(&self.user)
+            .dbname(&self.dbname)
+            .application_name(&self.application_name)
+            .connect_timeout(self.connect_timeout)
+            .ssl_mode(match self.sslmode {
+                SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+                SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+                _ => tokio_postgres::config::SslMode::Require,
+            });
+        if let Some(p) = &self.password {
+            c.password(p.expose());
+        }
+        c
+    }
+}
+
+/// Look up a password in a libpq passfile (`host:port:db:user:password`, `*` wildcards,
+/// `\` escapes). Like libpq, a file readable by group or others is ignored.
+pub fn passfile_lookup(file: &Path, host: &str, port: u16, db: &str, user: &str) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(file).ok()?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        tracing::warn!(
+            file = %file.display(),
+            "password file has group or world access; ignoring it (chmod 0600 fixes this)"
+        );
+        return None;
+    }
+    let text = std::fs::read_to_string(file).ok()?;
+    // libpq matches "localhost" for the default Unix socket.
+    let host = if host.starts_with('/') {
+        "localhost"
+    } else {
+        host
+    };
+    let port = port.to_string();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let fields = split_passfile_line(line);
+        if fields.len() != 5 {
+            continue;
+        }
+        let want = [host, port.as_str(), db, user];
+        if fields[..4]
+            .iter()
+            .zip(want)
+            .all(|(f, w)| f == "*" || f == w)
+        {
+            return Some(fields[4].clone());
+        }
+    }
+    None
+}
+
+fn split_passfile_line(line: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(n) = chars.next() {
+                    out.last_mut().expect("non-empty").push(n);
+                }
+            }
+            // The password is the last field and may contain ':' unescaped in practice.
+            ':' if out.len() < 5 => out.push(String::new()),
+            c => out.last_mut().expect("non-empty").push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn parse(url: &str, env: &[(&str, &str)]) -> Result<PgConnectConfig, PgError> {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        PgConnectConfig::from_url_with_env(url, &|k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn parses_a_full_url() {
+        let c = parse(
+            "postgresql://sku%40sync:p%40ss@db.example:6543/ims?sslmode=verify-full&sslrootcert=/ca.pem&application_name=x",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.user, "sku@sync");
+        assert_eq!(c.password.as_ref().unwrap().expose(), "p@ss");
+        assert_eq!(c.host, "db.example");
+        assert_eq!(c.port, 6543);
+        assert_eq!(c.dbname, "ims");
+        assert_eq!(c.sslmode, SslMode::VerifyFull);
+        assert_eq!(c.sslrootcert, Some(RootCert::File("/ca.pem".into())));
+        assert_eq!(c.application_name, "x");
+    }
+
+    #[test]
+    fn falls_back_to_environment() {
+        let c = parse(
+            "postgresql:///",
+            &[
+                ("PGHOST", "h"),
+                ("PGPORT", "7"),
+                ("PGUSER", "u"),
+                ("PGPASSWORD", "pw"),
+            ],
+        )
+        .unwrap();
+        assert_eq!((c.host.as_str(), c.port, c.user.as_str()), ("h", 7, "u"));
+        assert_eq!(c.dbname, "u");
+        assert_eq!(c.password.unwrap().expose(), "pw");
+        assert_eq!(c.sslmode, SslMode::Prefer);
+    }
+
+    #[test]
+    fn require_with_root_cert_means_verify_ca() {
+        let c = parse("postgresql://u@h/d?sslmode=require&sslrootcert=/x", &[]).unwrap();
+        assert_eq!(c.sslmode, SslMode::VerifyCa);
+    }
+
+    #[test]
+    fn rejects_bad_settings_naming_them() {
+        let e = parse("postgresql://u@h/d?sslmode=sometimes", &[]).unwrap_err();
+        assert!(e.to_string().contains("sslmode"), "{e}");
+        let e = parse("mysql://u@h/d", &[]).unwrap_err();
+        assert!(e.to_string().contains("postgresql://"), "{e}");
+        let e = parse("postgresql://u@h/d?bogus=1", &[]).unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn debug_never_shows_the_password() {
+        let c = parse("postgresql://u:hunter2@h/d", &[]).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn reads_passfile_with_wildcards_and_escapes() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pgpass");
+        std::fs::write(
+            &f,
+            "# c\nother:*:*:*:no\n127.0.0.1:5432:ims:sku:pa\\:ss:word\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            passfile_lookup(&f, "127.0.0.1", 5432, "ims", "sku").as_deref(),
+            Some("pa:ss:word")
+        );
+        assert_eq!(passfile_lookup(&f, "127.0.0.1", 5433, "ims", "sku"), None);
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(passfile_lookup(&f, "127.0.0.1", 5432, "ims", "sku"), None);
+    }
+}
