@@ -6,8 +6,11 @@
 //! pg (wire, conn, stream) -> pgoutput (decode) -> txn (assemble) -> [fold -> redis -> mqtt] -> progress (LSN ack)
 //! ```
 
+pub mod config;
 pub mod lsn;
 pub mod pg;
 pub mod pgoutput;
 pub mod progress;
 pub mod txn;
+pub mod source;
+pub mod tail;

@@ -1,1 +1,116 @@
-fn main() {}
+//! The `skusync` command line.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use skusync::config::Config;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+/// Stream a PostgreSQL inventory database's WAL into Redis counters and MQTT topics.
+#[derive(Parser, Debug)]
+#[command(name = "skusync", version, about)]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, short = 'c', env = "SKUSYNC_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    /// Log filter, RUST_LOG syntax (e.g. `info`, `skusync=debug`). RUST_LOG overrides it.
+    #[arg(long, default_value = "info", global = true)]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print each decoded change as one JSON line (from a temporary slot by default).
+    Tail {
+        /// Read the configured slot instead, without confirming (the slot does not move).
+        #[arg(long)]
+        from_slot: bool,
+    },
+}
+
+fn init_logging(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<Config, String> {
+    let path = cli
+        .config
+        .as_ref()
+        .ok_or("no configuration: pass --config FILE or set SKUSYNC_CONFIG")?;
+    Config::load(path).map_err(|e| e.to_string())
+}
+
+/// Cancel `token` on SIGINT or SIGTERM.
+fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("signal received; finishing in-flight work");
+        token.cancel();
+    });
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let cfg = match load_config(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        cancel_on_signals(shutdown.clone());
+        match &cli.command {
+            Command::Tail { from_slot } => {
+                let opts = skusync::tail::TailOptions { from_slot: *from_slot };
+                let mut out = std::io::stdout();
+                skusync::tail::run(&cfg, &opts, &mut out, shutdown)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -629,6 +629,11 @@ impl ReplConnection {
         }
     }
 
+    /// Bytes read from the socket but not yet parsed.
+    pub fn buffered_len(&self) -> usize {
+        self.rbuf.len()
+    }
+
     /// Next stream item already in the read buffer, without touching the socket. Lets the
     /// caller process a whole socket read as one batch before acknowledging.
     pub fn try_recv_buffered(&mut self) -> Result<Option<StreamItem>, PgError> {

@@ -55,6 +55,11 @@ pub enum RootCert {
 pub struct Password(String);
 
 impl Password {
+    /// Wrap a secret.
+    pub fn new(s: String) -> Password {
+        Password(s)
+    }
+
     /// The secret itself, for the authentication exchange only.
     pub fn expose(&self) -> &str {
         &self.0

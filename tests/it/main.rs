@@ -1,1 +1,7 @@
-//! Integration tests against real servers.
+//! Integration tests against real PostgreSQL, Redis and Mosquitto servers that the
+//! harness starts on free loopback ports.
+
+mod harness;
+mod harness_smoke;
+mod replication;
+mod support;

@@ -1,0 +1,461 @@
+//! The replication source: owns the replication connection, decodes and assembles
+//! transactions, hands them downstream through a bounded channel, and reports the durable
+//! LSN back to the server. Reconnects with exponential back-off on transient errors and
+//! stops on definite ones.
+//!
+//! Within one process every transaction is delivered exactly once: after a reconnect the
+//! server replays from the slot's confirmed LSN, and transactions already delivered are
+//! skipped here by commit LSN. Across process restarts, replays past the confirmed LSN
+//! reach the sinks, which fence them (the Redis apply script does).
+
+use crate::lsn::Lsn;
+use crate::pg::conn::{ReplConnection, ReplicationOptions, SnapshotAction, StreamItem};
+use crate::pg::connstr::PgConnectConfig;
+use crate::pg::error::PgError;
+use crate::pg::meta;
+use crate::pg::wire::ReplMessage;
+use crate::pgoutput::Decoder;
+use crate::progress::{Progress, Ticket};
+use crate::txn::{AssembleError, Assembler, Event, TxnCommit};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Which slot to stream from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SlotKind {
+    /// A permanent slot that must already exist.
+    Existing,
+    /// A temporary slot created on the replication connection (dropped with it). A
+    /// reconnect cannot resume it, so its loss ends the stream.
+    Temporary,
+}
+
+/// Settings of the source.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    pub conn: PgConnectConfig,
+    pub slot: String,
+    pub slot_kind: SlotKind,
+    pub publications: Vec<String>,
+    pub proto_version: u32,
+    /// Periodic standby status update interval.
+    pub status_interval: Duration,
+    /// Send the durable LSN as flush position. `false` reads a slot without moving it.
+    pub confirm: bool,
+    /// Capacity of the downstream channel, in batches.
+    pub channel_batches: usize,
+    /// Most events per batch.
+    pub batch_events: usize,
+    /// Back-off bounds for reconnects.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl SourceConfig {
+    /// Defaults for everything but the connection, slot and publications.
+    pub fn new(conn: PgConnectConfig, slot: &str, publications: Vec<String>) -> SourceConfig {
+        SourceConfig {
+            conn,
+            slot: slot.to_string(),
+            slot_kind: SlotKind::Existing,
+            publications,
+            proto_version: 1,
+            status_interval: Duration::from_secs(1),
+            confirm: true,
+            channel_batches: 64,
+            batch_events: 1024,
+            backoff_min: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the source hands downstream, in stream order.
+#[derive(Debug)]
+pub enum SourceEvent {
+    /// A replication session started (also after each reconnect).
+    Connected(StreamInfo),
+    /// The session broke inside a transaction: forget what was received of it; it will
+    /// be delivered again in full.
+    Reset,
+    /// Begin, a change, a truncate, a relation or a logical message.
+    Event(Event),
+    /// A transaction ended. Mark the ticket durable (via [`ProgressHandle::durable`]) once
+    /// its effects are applied; only then may the slot move past it.
+    Commit(TxnCommit, Ticket),
+}
+
+/// Facts about a replication session.
+#[derive(Debug, Clone)]
+pub struct StreamInfo {
+    pub system_id: String,
+    pub timeline: u32,
+    pub server_version: String,
+    /// The slot's confirmed LSN when streaming started.
+    pub start_lsn: Lsn,
+    /// Walsender PID.
+    pub backend_pid: i32,
+}
+
+/// Shared handle for sinks to report durability.
+#[derive(Clone)]
+pub struct ProgressHandle(Arc<Mutex<Progress>>);
+
+impl ProgressHandle {
+    /// The transaction behind `ticket` is durable in every sink.
+    pub fn durable(&self, ticket: Ticket) {
+        self.lock().durable(ticket);
+    }
+    /// The flush LSN the slot may be confirmed to.
+    pub fn flush_lsn(&self) -> Lsn {
+        self.lock().flush_lsn()
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
+        // A poisoned lock means a sink thread panicked; its data is still consistent.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Why the source stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error("cannot decode the replication stream at LSN {lsn}: {source}")]
+    Decode { lsn: Lsn, source: crate::pgoutput::DecodeError },
+    #[error(transparent)]
+    Assemble(#[from] AssembleError),
+    #[error(
+        "replication slot {slot:?} does not exist; `skusync run` creates it, or create it with \
+         SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');"
+    )]
+    SlotMissing { slot: String },
+    #[error(
+        "replication slot {slot:?} has lost required WAL (wal_status = lost) and can no longer \
+         stream; drop it (SELECT pg_drop_replication_slot('{slot}');) and resync"
+    )]
+    SlotLost { slot: String },
+    #[error("replication slot {slot:?} is not a pgoutput slot (plugin {plugin:?})")]
+    WrongPlugin { slot: String, plugin: String },
+    #[error("the temporary slot was lost with its connection ({0})")]
+    TemporarySlotLost(PgError),
+    #[error("downstream stopped")]
+    Downstream,
+}
+
+impl SourceError {
+    fn is_transient(&self) -> bool {
+        match self {
+            SourceError::Pg(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+/// The replication source.
+pub struct Source {
+    cfg: SourceConfig,
+    progress: Arc<Mutex<Progress>>,
+    /// Commit LSN of the last transaction delivered downstream in this process.
+    delivered: Lsn,
+    /// Inside a transaction that was delivered before a reconnect and is being skipped.
+    skipping: bool,
+    reconnects: u64,
+}
+
+enum SessionEnd {
+    Shutdown,
+    Error(SourceError),
+}
+
+impl Source {
+    /// A source; nothing connects until [`run`](Self::run).
+    pub fn new(cfg: SourceConfig) -> Source {
+        Source {
+            cfg,
+            progress: Arc::new(Mutex::new(Progress::new(Lsn::ZERO))),
+            delivered: Lsn::ZERO,
+            skipping: false,
+            reconnects: 0,
+        }
+    }
+
+    /// The handle sinks report durability to.
+    pub fn progress(&self) -> ProgressHandle {
+        ProgressHandle(self.progress.clone())
+    }
+
+    /// Stream until `shutdown` fires (then send the final confirmed LSN and end cleanly)
+    /// or a definite error occurs. Transient errors reconnect with back-off.
+    pub async fn run(
+        mut self,
+        tx: mpsc::Sender<Vec<SourceEvent>>,
+        shutdown: CancellationToken,
+    ) -> Result<(), SourceError> {
+        let mut backoff = self.cfg.backoff_min;
+        loop {
+            let started = tokio::time::Instant::now();
+            let end = self.session(&tx, &shutdown).await;
+            match end {
+                SessionEnd::Shutdown => return Ok(()),
+                SessionEnd::Error(e) if e.is_transient() && !shutdown.is_cancelled() => {
+                    if self.cfg.slot_kind == SlotKind::Temporary {
+                        if let SourceError::Pg(pg) = e {
+                            return Err(SourceError::TemporarySlotLost(pg));
+                        }
+                        return Err(e);
+                    }
+                    // A session that streamed for a while earns a fresh back-off.
+                    if started.elapsed() > Duration::from_secs(30) {
+                        backoff = self.cfg.backoff_min;
+                    }
+                    let slot_busy = matches!(&e, SourceError::Pg(pg) if pg.is_slot_in_use());
+                    if slot_busy {
+                        tracing::info!(slot = %self.cfg.slot, "slot is streamed by another process; waiting as standby");
+                    } else {
+                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "replication interrupted; reconnecting");
+                    }
+                    self.reconnects += 1;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => return Ok(()),
+                    }
+                    let cap = if slot_busy { Duration::from_secs(2) } else { self.cfg.backoff_max };
+                    backoff = (backoff * 2).min(cap);
+                }
+                SessionEnd::Error(SourceError::Downstream) if shutdown.is_cancelled() => return Ok(()),
+                SessionEnd::Error(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Number of reconnects so far.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects
+    }
+
+    async fn session(
+        &mut self,
+        tx: &mpsc::Sender<Vec<SourceEvent>>,
+        shutdown: &CancellationToken,
+    ) -> SessionEnd {
+        let mut assembler = Assembler::new();
+        let mut conn = match self.open(shutdown).await {
+            Ok(Some((conn, info))) => {
+                if tx.send(vec![SourceEvent::Connected(info)]).await.is_err() {
+                    return SessionEnd::Error(SourceError::Downstream);
+                }
+                conn
+            }
+            Ok(None) => return SessionEnd::Shutdown,
+            Err(e) => return SessionEnd::Error(e),
+        };
+        self.skipping = false;
+        let result = self.stream(&mut conn, &mut assembler, tx, shutdown).await;
+        // A transaction being skipped was never registered or sent downstream.
+        let open_txn = assembler.in_transaction() && !self.skipping;
+        {
+            let mut p = self.lock();
+            if open_txn {
+                p.abort_open();
+            }
+        }
+        match result {
+            Ok(()) => {
+                // Shutdown: confirm what is durable, then end the stream cleanly.
+                let _ = self.send_status(&mut conn, true).await;
+                if let Err(e) = conn.finish().await {
+                    tracing::debug!(error = %e, "stream did not end cleanly");
+                }
+                if open_txn {
+                    let _ = tx.try_send(vec![SourceEvent::Reset]);
+                }
+                SessionEnd::Shutdown
+            }
+            Err(e) => {
+                if open_txn && tx.send(vec![SourceEvent::Reset]).await.is_err() {
+                    return SessionEnd::Error(SourceError::Downstream);
+                }
+                SessionEnd::Error(e)
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Connect, check the slot, start streaming. `None` when shut down meanwhile.
+    async fn open(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<(ReplConnection, StreamInfo)>, SourceError> {
+        let cfg = &self.cfg;
+        let connect = async {
+            let mut conn = ReplConnection::connect(&cfg.conn).await?;
+            let system = conn.identify_system().await?;
+            let start_lsn = match cfg.slot_kind {
+                SlotKind::Temporary => {
+                    conn.create_slot(&cfg.slot, true, SnapshotAction::Nothing)
+                        .await?
+                        .consistent_point
+                }
+                SlotKind::Existing => {
+                    let client = meta::connect(&cfg.conn).await?;
+                    let state = meta::slot_state(&client, &cfg.conn, &cfg.slot)
+                        .await?
+                        .ok_or_else(|| SourceError::SlotMissing { slot: cfg.slot.clone() })?;
+                    if state.plugin.as_deref() != Some("pgoutput") {
+                        return Err(SourceError::WrongPlugin {
+                            slot: cfg.slot.clone(),
+                            plugin: state.plugin.unwrap_or_default(),
+                        });
+                    }
+                    if state.wal_status.as_deref() == Some("lost") {
+                        return Err(SourceError::SlotLost { slot: cfg.slot.clone() });
+                    }
+                    state.confirmed_flush_lsn.unwrap_or(Lsn::ZERO)
+                }
+            };
+            let opts = ReplicationOptions {
+                proto_version: cfg.proto_version,
+                publications: cfg.publications.clone(),
+                messages: false,
+            };
+            conn.start_replication(&cfg.slot, Lsn::ZERO, &opts).await?;
+            let info = StreamInfo {
+                system_id: system.system_id,
+                timeline: system.timeline,
+                server_version: conn.server_version().to_string(),
+                start_lsn,
+                backend_pid: conn.backend_pid(),
+            };
+            Ok::<_, SourceError>((conn, info))
+        };
+        let (conn, info) = tokio::select! {
+            r = connect => r?,
+            _ = shutdown.cancelled() => return Ok(None),
+        };
+        {
+            let mut p = self.lock();
+            // The tracker starts at the slot's position (first session only: later the
+            // slot is at or behind what we confirmed).
+            if p.pending() == 0 && p.flush_lsn() < info.start_lsn {
+                *p = Progress::new(info.start_lsn);
+            }
+        }
+        tracing::info!(
+            slot = %self.cfg.slot,
+            start_lsn = %info.start_lsn,
+            server = %info.server_version,
+            walsender_pid = info.backend_pid,
+            "streaming"
+        );
+        Ok(Some((conn, info)))
+    }
+
+    async fn stream(
+        &mut self,
+        conn: &mut ReplConnection,
+        assembler: &mut Assembler,
+        tx: &mpsc::Sender<Vec<SourceEvent>>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SourceError> {
+        let mut decoder = Decoder::new(self.cfg.proto_version, false);
+        let mut tick = tokio::time::interval(self.cfg.status_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch: Vec<SourceEvent> = Vec::new();
+        loop {
+            // Drain what is buffered into one batch; only then wait on the socket.
+            let mut reply_now = false;
+            while batch.len() < self.cfg.batch_events {
+                let Some(item) = conn.try_recv_buffered()? else { break };
+                match item {
+                    StreamItem::End => {
+                        return Err(PgError::Protocol("server ended the replication stream".into()).into());
+                    }
+                    StreamItem::Message(ReplMessage::Keepalive { wal_end, reply, .. }) => {
+                        self.lock().keepalive(Lsn(wal_end));
+                        reply_now |= reply;
+                    }
+                    StreamItem::Message(ReplMessage::XLogData { wal_start, data, .. }) => {
+                        let lsn = Lsn(wal_start);
+                        let msg = decoder
+                            .decode(&data)
+                            .map_err(|source| SourceError::Decode { lsn, source })?;
+                        let Some(event) = assembler.push(msg, lsn)? else { continue };
+                        match event {
+                            Event::Begin(b) => {
+                                // Delivered before a reconnect: its ticket is already with
+                                // downstream, so neither register nor deliver it again.
+                                self.skipping = b.commit_lsn <= self.delivered;
+                                if !self.skipping {
+                                    self.lock().begin();
+                                    batch.push(SourceEvent::Event(Event::Begin(b)));
+                                }
+                            }
+                            Event::Commit(c) => {
+                                if !self.skipping {
+                                    let ticket = self.lock().commit(c.end_lsn);
+                                    self.delivered = c.commit_lsn;
+                                    batch.push(SourceEvent::Commit(c, ticket));
+                                }
+                                self.skipping = false;
+                            }
+                            Event::Relation(r) => batch.push(SourceEvent::Event(Event::Relation(r))),
+                            other => {
+                                if !self.skipping {
+                                    batch.push(SourceEvent::Event(other));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            // A batch cut at its size limit leaves frames in the buffer: go again.
+            let full = batch.len() >= self.cfg.batch_events;
+            if !batch.is_empty() {
+                let out = std::mem::take(&mut batch);
+                // Keep confirming while downstream is slow, so the walsender does not time
+                // out; the socket is not read meanwhile (back-pressure).
+                let mut out = Some(out);
+                while let Some(b) = out.take() {
+                    tokio::select! {
+                        permit = tx.reserve() => match permit {
+                            Ok(p) => p.send(b),
+                            Err(_) => return Err(SourceError::Downstream),
+                        },
+                        _ = tick.tick() => {
+                            self.send_status(conn, false).await?;
+                            out = Some(b);
+                        }
+                        _ = shutdown.cancelled() => return Ok(()),
+                    }
+                }
+            }
+            if reply_now {
+                self.send_status(conn, false).await?;
+            }
+            if full {
+                continue;
+            }
+            tokio::select! {
+                r = conn.fill() => r?,
+                _ = tick.tick() => self.send_status(conn, false).await?,
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    async fn send_status(&self, conn: &mut ReplConnection, reply: bool) -> Result<(), PgError> {
+        let (write, flush) = {
+            let p = self.lock();
+            (p.received_lsn(), p.flush_lsn())
+        };
+        let flush = if self.cfg.confirm { flush } else { Lsn::ZERO };
+        let write = write.max(flush);
+        conn.send_status(write, flush, flush, reply).await
+    }
+}

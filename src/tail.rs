@@ -1,0 +1,100 @@
+//! `skusync tail`: print each decoded change as one JSON line, for DBAs and mobile
+//! developers to see what skusync sees. Reads a temporary slot (nothing retained after
+//! exit) or, with `--from-slot`, the configured slot without confirming anything.
+
+use crate::config::Config;
+use crate::source::{SlotKind, Source, SourceConfig, SourceError, SourceEvent};
+use crate::txn::{Event, TxnBegin, pg_timestamp_to_rfc3339_millis};
+use serde_json::{Value as Json, json};
+use std::io::Write;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Options of `tail`.
+#[derive(Debug, Clone, Default)]
+pub struct TailOptions {
+    /// Read the configured slot without acknowledging instead of a temporary slot.
+    pub from_slot: bool,
+}
+
+/// Run `tail` until `shutdown` fires or the stream fails; writes JSON lines to `out`.
+pub async fn run(
+    cfg: &Config,
+    opts: &TailOptions,
+    out: &mut (dyn Write + Send),
+    shutdown: CancellationToken,
+) -> Result<(), SourceError> {
+    let conn = cfg
+        .pg_connect()
+        .map_err(|e| SourceError::Pg(crate::pg::PgError::Config(e.0)))?;
+    let mut sc = SourceConfig::new(conn, &cfg.postgres.slot, cfg.postgres.publication.names());
+    sc.proto_version = cfg.postgres.proto_version;
+    sc.status_interval = cfg.status_interval();
+    if opts.from_slot {
+        sc.confirm = false;
+    } else {
+        sc.slot_kind = SlotKind::Temporary;
+        sc.slot = format!("skusync_tail_{}", std::process::id());
+    }
+    let source = Source::new(sc);
+    let progress = source.progress();
+    let (tx, mut rx) = mpsc::channel(16);
+    let src_shutdown = shutdown.clone();
+    let reader = tokio::spawn(source.run(tx, src_shutdown));
+    let mut begin: Option<TxnBegin> = None;
+    let mut write_failed = false;
+    while let Some(batch) = rx.recv().await {
+        for ev in batch {
+            match ev {
+                SourceEvent::Connected(_) => {}
+                SourceEvent::Reset => begin = None,
+                SourceEvent::Event(Event::Begin(b)) => begin = Some(b),
+                SourceEvent::Event(Event::Change(c)) => {
+                    let mut line = json!({
+                        "lsn": c.commit_lsn.to_string(),
+                        "commit_ts": begin.as_ref().map(|b| pg_timestamp_to_rfc3339_millis(b.commit_ts)),
+                        "xid": begin.as_ref().map(|b| b.xid),
+                        "op": c.op.as_str(),
+                        "table": c.rel.qualified_name(),
+                    });
+                    match c.to_json() {
+                        Ok(Json::Object(m)) => {
+                            for (k, v) in m {
+                                line[k] = v;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => line["error"] = Json::String(e.to_string()),
+                    }
+                    write_failed |= writeln!(out, "{line}").is_err();
+                }
+                SourceEvent::Event(Event::Truncate(t)) => {
+                    let line = json!({
+                        "lsn": t.commit_lsn.to_string(),
+                        "commit_ts": begin.as_ref().map(|b| pg_timestamp_to_rfc3339_millis(b.commit_ts)),
+                        "xid": begin.as_ref().map(|b| b.xid),
+                        "op": "truncate",
+                        "tables": t.rels.iter().map(|r| r.qualified_name()).collect::<Vec<_>>(),
+                    });
+                    write_failed |= writeln!(out, "{line}").is_err();
+                }
+                SourceEvent::Event(_) => {}
+                SourceEvent::Commit(_, ticket) => {
+                    begin = None;
+                    write_failed |= out.flush().is_err();
+                    progress.durable(ticket);
+                }
+            }
+        }
+        if write_failed {
+            // The reader went away (e.g. `| head`): stop quietly.
+            shutdown.cancel();
+            break;
+        }
+    }
+    drop(rx);
+    match reader.await {
+        Ok(r) => r,
+        Err(e) => Err(SourceError::Pg(crate::pg::PgError::Protocol(format!("reader task: {e}")))),
+    }
+}
