@@ -581,3 +581,634 @@ fn check_len(
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pgoutput::{Column, Relation};
+    use proptest::prelude::*;
+
+    const INV: u32 = 16384;
+
+    fn rel(oid: u32, name: &str, ncols: usize) -> Message {
+        let cols = [("sku", 25u32), ("qty", 23), ("price", 1700), ("notes", 25)];
+        Message::Relation(Relation {
+            xid: None,
+            oid,
+            namespace: Bytes::from_static(b"public"),
+            name: Bytes::copy_from_slice(name.as_bytes()),
+            replica_identity: b'd',
+            columns: cols[..ncols]
+                .iter()
+                .enumerate()
+                .map(|(i, (n, t))| Column {
+                    flags: u8::from(i == 0),
+                    name: Bytes::from_static(n.as_bytes()),
+                    type_oid: *t,
+                    type_modifier: -1,
+                })
+                .collect(),
+        })
+    }
+
+    fn txt(s: &str) -> Datum {
+        Datum::Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn row(sku: &str, qty: i64) -> Tuple {
+        vec![txt(sku), txt(&qty.to_string())]
+    }
+
+    fn begin(final_lsn: u64, xid: u32) -> Message {
+        Message::Begin {
+            final_lsn,
+            commit_ts: 1,
+            xid,
+        }
+    }
+
+    fn commit(commit_lsn: u64, end_lsn: u64) -> Message {
+        Message::Commit {
+            flags: 0,
+            commit_lsn,
+            end_lsn,
+            commit_ts: 2,
+        }
+    }
+
+    fn insert(oid: u32, new: Tuple) -> Message {
+        Message::Insert {
+            xid: None,
+            rel: oid,
+            new,
+        }
+    }
+
+    fn ready() -> Assembler {
+        let mut a = Assembler::new();
+        a.push(rel(INV, "inventory", 2), Lsn(1)).unwrap();
+        a
+    }
+
+    fn push_ok(a: &mut Assembler, m: Message) -> Option<Event> {
+        a.push(m, Lsn(0x1_0000_0010)).unwrap()
+    }
+
+    fn push_err(a: &mut Assembler, m: Message) -> AssembleError {
+        a.push(m, Lsn(0x1_0000_0010)).unwrap_err()
+    }
+
+    #[test]
+    fn relation_is_cached_and_replaced() {
+        let mut a = Assembler::new();
+        match push_ok(&mut a, rel(INV, "inventory", 2)) {
+            Some(Event::Relation(r)) => assert_eq!(r.qualified_name(), "public.inventory"),
+            e => panic!("{e:?}"),
+        }
+        push_ok(&mut a, rel(INV, "inventory", 3));
+        assert_eq!(a.relations().len(), 1);
+        assert_eq!(a.relations().get(INV).unwrap().columns.len(), 3);
+    }
+
+    #[test]
+    fn bad_relation_message_names_oid() {
+        let mut a = Assembler::new();
+        let Message::Relation(mut r) = rel(7, "x", 1) else {
+            unreachable!()
+        };
+        r.replica_identity = b'?';
+        let e = push_err(&mut a, Message::Relation(r));
+        assert_eq!(e.relation.as_deref(), Some("oid 7"));
+        assert!(matches!(e.kind, AssembleErrorKind::Relation(_)));
+    }
+
+    #[test]
+    fn type_and_origin_are_ignored() {
+        let mut a = Assembler::new();
+        let t = Message::Type {
+            xid: None,
+            oid: 99999,
+            namespace: Bytes::new(),
+            name: Bytes::from_static(b"mood"),
+        };
+        assert_eq!(push_ok(&mut a, t), None);
+        push_ok(&mut a, begin(100, 5));
+        let o = Message::Origin {
+            commit_lsn: 100,
+            name: Bytes::from_static(b"other"),
+        };
+        assert_eq!(push_ok(&mut a, o), None);
+        assert!(a.in_transaction());
+    }
+
+    #[test]
+    fn full_transaction() {
+        let mut a = ready();
+        assert_eq!(
+            push_ok(&mut a, begin(0x200, 9)),
+            Some(Event::Begin(TxnBegin {
+                xid: 9,
+                commit_lsn: Lsn(0x200),
+                commit_ts: 1
+            }))
+        );
+        assert!(a.in_transaction());
+        let Some(Event::Change(c)) = push_ok(&mut a, insert(INV, row("A1", 5))) else {
+            panic!()
+        };
+        assert_eq!((c.op, c.seq, c.commit_lsn), (Op::Insert, 0, Lsn(0x200)));
+        assert_eq!(c.new_value(1).unwrap(), Value::Int(5));
+        assert_eq!(c.new_value(0).unwrap(), Value::Text("A1"));
+        assert_eq!(c.old_value(0).unwrap(), None);
+        assert!(matches!(
+            c.new_value(2),
+            Err(ValueError::NoSuchColumn { index: 2, count: 2 })
+        ));
+        let upd = Message::Update {
+            xid: None,
+            rel: INV,
+            old: Some((OldKind::Key, vec![txt("A1"), Datum::Null])),
+            new: row("A2", 6),
+        };
+        let Some(Event::Change(c)) = push_ok(&mut a, upd) else {
+            panic!()
+        };
+        assert_eq!((c.op, c.seq), (Op::Update, 1));
+        assert_eq!(c.old_value(0).unwrap(), Some(Value::Text("A1")));
+        assert_eq!(c.old_value(1).unwrap(), Some(Value::Null));
+        let del = Message::Delete {
+            xid: None,
+            rel: INV,
+            old: (OldKind::Full, row("A2", 6)),
+        };
+        let Some(Event::Change(c)) = push_ok(&mut a, del) else {
+            panic!()
+        };
+        assert_eq!((c.op, c.seq), (Op::Delete, 2));
+        assert_eq!(c.new_value(0), Err(ValueError::NoNewTuple));
+        let tr = Message::Truncate {
+            xid: None,
+            options: 3,
+            rels: vec![INV],
+        };
+        let Some(Event::Truncate(t)) = push_ok(&mut a, tr) else {
+            panic!()
+        };
+        assert_eq!((t.seq, t.cascade, t.restart_identity), (3, true, true));
+        assert_eq!(t.rels[0].oid, INV);
+        assert_eq!(
+            push_ok(&mut a, commit(0x200, 0x230)),
+            Some(Event::Commit(TxnCommit {
+                xid: 9,
+                commit_lsn: Lsn(0x200),
+                end_lsn: Lsn(0x230),
+                commit_ts: 2,
+                changes: 4
+            }))
+        );
+        assert!(!a.in_transaction());
+        // seq restarts in the next transaction.
+        push_ok(&mut a, begin(0x300, 10));
+        let Some(Event::Change(c)) = push_ok(&mut a, insert(INV, row("B", 1))) else {
+            panic!()
+        };
+        assert_eq!(c.seq, 0);
+    }
+
+    #[test]
+    fn update_without_old_and_truncate_flags() {
+        let mut a = ready();
+        push_ok(&mut a, begin(10, 1));
+        let upd = Message::Update {
+            xid: None,
+            rel: INV,
+            old: None,
+            new: row("A", 1),
+        };
+        let Some(Event::Change(c)) = push_ok(&mut a, upd) else {
+            panic!()
+        };
+        assert_eq!(c.old, None);
+        let tr = Message::Truncate {
+            xid: None,
+            options: 0,
+            rels: vec![],
+        };
+        let Some(Event::Truncate(t)) = push_ok(&mut a, tr) else {
+            panic!()
+        };
+        assert!(!t.cascade && !t.restart_identity && t.rels.is_empty());
+    }
+
+    #[test]
+    fn begin_inside_transaction_is_an_error() {
+        let mut a = ready();
+        push_ok(&mut a, begin(10, 1));
+        let e = push_err(&mut a, begin(20, 2));
+        assert_eq!(
+            e.kind,
+            AssembleErrorKind::BeginInsideTransaction {
+                open_xid: 1,
+                xid: 2
+            }
+        );
+        // State unchanged: the original transaction can still commit.
+        assert!(matches!(
+            push_ok(&mut a, commit(10, 11)),
+            Some(Event::Commit(_))
+        ));
+    }
+
+    #[test]
+    fn commit_rules() {
+        let mut a = ready();
+        let e = push_err(&mut a, commit(10, 11));
+        assert_eq!(e.kind, AssembleErrorKind::CommitWithoutBegin);
+        push_ok(&mut a, begin(10, 1));
+        let e = push_err(&mut a, commit(12, 13));
+        assert_eq!(
+            e.kind,
+            AssembleErrorKind::CommitLsnMismatch {
+                begin_final_lsn: Lsn(10),
+                commit_lsn: Lsn(12)
+            }
+        );
+        assert!(e.to_string().contains("0/C"), "{e}");
+    }
+
+    #[test]
+    fn changes_outside_transaction_are_errors() {
+        let mut a = ready();
+        let msgs = [
+            insert(INV, row("A", 1)),
+            Message::Update {
+                xid: None,
+                rel: INV,
+                old: None,
+                new: row("A", 1),
+            },
+            Message::Delete {
+                xid: None,
+                rel: INV,
+                old: (OldKind::Key, row("A", 1)),
+            },
+            Message::Truncate {
+                xid: None,
+                options: 0,
+                rels: vec![INV],
+            },
+        ];
+        for m in msgs {
+            let e = push_err(&mut a, m);
+            assert!(
+                matches!(e.kind, AssembleErrorKind::OutsideTransaction { .. }),
+                "{e}"
+            );
+            assert_eq!(e.relation.as_deref(), Some("public.inventory"));
+        }
+        let e = push_err(&mut a, insert(77, row("A", 1)));
+        assert_eq!(e.relation.as_deref(), Some("oid 77"));
+    }
+
+    #[test]
+    fn unknown_relation_is_an_error_naming_the_oid() {
+        let mut a = ready();
+        push_ok(&mut a, begin(10, 1));
+        let msgs = [
+            insert(77, row("A", 1)),
+            Message::Update {
+                xid: None,
+                rel: 77,
+                old: None,
+                new: row("A", 1),
+            },
+            Message::Delete {
+                xid: None,
+                rel: 77,
+                old: (OldKind::Key, row("A", 1)),
+            },
+            Message::Truncate {
+                xid: None,
+                options: 0,
+                rels: vec![INV, 77],
+            },
+        ];
+        for m in msgs {
+            let e = push_err(&mut a, m);
+            assert_eq!(e.kind, AssembleErrorKind::UnknownRelation { oid: 77 });
+            let s = e.to_string();
+            assert!(s.contains("oid 77") && s.contains("1/10"), "{s}");
+        }
+        // Errors did not consume seq numbers.
+        let Some(Event::Change(c)) = push_ok(&mut a, insert(INV, row("A", 1))) else {
+            panic!()
+        };
+        assert_eq!(c.seq, 0);
+    }
+
+    #[test]
+    fn column_count_mismatch_names_relation() {
+        let mut a = ready();
+        push_ok(&mut a, begin(10, 1));
+        let short = vec![txt("A")];
+        let msgs = [
+            insert(INV, short.clone()),
+            Message::Update {
+                xid: None,
+                rel: INV,
+                old: Some((OldKind::Full, short.clone())),
+                new: row("A", 1),
+            },
+            Message::Update {
+                xid: None,
+                rel: INV,
+                old: None,
+                new: short.clone(),
+            },
+            Message::Delete {
+                xid: None,
+                rel: INV,
+                old: (OldKind::Key, short),
+            },
+        ];
+        for m in msgs {
+            let e = push_err(&mut a, m);
+            assert!(matches!(
+                e.kind,
+                AssembleErrorKind::ColumnCountMismatch {
+                    got: 1,
+                    expected: 2,
+                    ..
+                }
+            ));
+            let s = e.to_string();
+            assert!(s.contains("public.inventory") && s.contains("1/10"), "{s}");
+        }
+    }
+
+    #[test]
+    fn logical_messages() {
+        let mut a = ready();
+        let m = |transactional| Message::LogicalMessage {
+            xid: None,
+            transactional,
+            lsn: 0x55,
+            prefix: Bytes::from_static(b"skusync"),
+            content: Bytes::from_static(b"hi"),
+        };
+        assert_eq!(
+            push_ok(&mut a, m(false)),
+            Some(Event::Message {
+                transactional: false,
+                lsn: Lsn(0x55),
+                prefix: "skusync".into(),
+                content: Bytes::from_static(b"hi")
+            })
+        );
+        let e = push_err(&mut a, m(true));
+        assert!(matches!(
+            e.kind,
+            AssembleErrorKind::OutsideTransaction { .. }
+        ));
+        push_ok(&mut a, begin(10, 1));
+        assert!(matches!(
+            push_ok(&mut a, m(true)),
+            Some(Event::Message {
+                transactional: true,
+                ..
+            })
+        ));
+        // Messages are not changes.
+        let Some(Event::Commit(c)) = push_ok(&mut a, commit(10, 11)) else {
+            panic!()
+        };
+        assert_eq!(c.changes, 0);
+    }
+
+    #[test]
+    fn streaming_and_two_phase_are_refused() {
+        let g = || Bytes::from_static(b"gid");
+        let msgs = [
+            Message::StreamStart {
+                xid: 1,
+                first_segment: true,
+            },
+            Message::StreamStop,
+            Message::StreamCommit {
+                xid: 1,
+                flags: 0,
+                commit_lsn: 1,
+                end_lsn: 2,
+                commit_ts: 0,
+            },
+            Message::StreamAbort {
+                xid: 1,
+                subxid: 1,
+                abort: None,
+            },
+            Message::BeginPrepare {
+                prepare_lsn: 1,
+                end_lsn: 2,
+                prepare_ts: 0,
+                xid: 1,
+                gid: g(),
+            },
+            Message::Prepare {
+                flags: 0,
+                prepare_lsn: 1,
+                end_lsn: 2,
+                prepare_ts: 0,
+                xid: 1,
+                gid: g(),
+            },
+            Message::CommitPrepared {
+                flags: 0,
+                commit_lsn: 1,
+                end_lsn: 2,
+                commit_ts: 0,
+                xid: 1,
+                gid: g(),
+            },
+            Message::RollbackPrepared {
+                flags: 0,
+                prepare_end_lsn: 1,
+                rollback_end_lsn: 2,
+                prepare_ts: 0,
+                rollback_ts: 0,
+                xid: 1,
+                gid: g(),
+            },
+            Message::StreamPrepare {
+                flags: 0,
+                prepare_lsn: 1,
+                end_lsn: 2,
+                prepare_ts: 0,
+                xid: 1,
+                gid: g(),
+            },
+        ];
+        for m in msgs {
+            let s = push_err(&mut ready(), m).to_string();
+            assert!(
+                s.contains("which skusync did not request")
+                    && (s.contains("streamed") || s.contains("two-phase")),
+                "{s}"
+            );
+        }
+    }
+
+    #[test]
+    fn reset_clears_cache_and_open_transaction() {
+        let mut a = ready();
+        push_ok(&mut a, begin(10, 1));
+        a.reset();
+        assert!(!a.in_transaction());
+        assert_eq!(a.relations().len(), 0);
+        push_ok(&mut a, begin(20, 2));
+        let e = push_err(&mut a, insert(INV, row("A", 1)));
+        assert_eq!(e.kind, AssembleErrorKind::UnknownRelation { oid: INV });
+    }
+
+    #[test]
+    fn change_json() {
+        let mut a = Assembler::new();
+        push_ok(&mut a, rel(INV, "inventory", 4));
+        push_ok(&mut a, begin(0x16B3748, 1));
+        let upd = Message::Update {
+            xid: None,
+            rel: INV,
+            old: Some((
+                OldKind::Key,
+                vec![txt("A1"), Datum::Null, Datum::Null, Datum::Null],
+            )),
+            new: vec![txt("A2"), txt("3"), txt("1.50"), Datum::UnchangedToast],
+        };
+        let Some(Event::Change(c)) = push_ok(&mut a, upd) else {
+            panic!()
+        };
+        assert_eq!(
+            c.to_json().unwrap(),
+            serde_json::json!({
+                "op": "update", "relation": "public.inventory", "seq": 0,
+                "commit_lsn": "0/16B3748",
+                "new": {"sku": "A2", "qty": 3, "price": "1.50"},
+                "old": {"sku": "A1", "qty": null, "price": null, "notes": null},
+                "old_kind": "key",
+                "unchanged_toast": {"new": ["notes"], "old": []},
+            })
+        );
+        let ins = insert(INV, vec![txt("A"), txt("x"), Datum::Null, Datum::Null]);
+        let Some(Event::Change(c)) = push_ok(&mut a, ins) else {
+            panic!()
+        };
+        let e = c.to_json().unwrap_err().to_string();
+        assert!(e.contains("int4") && !e.contains("\"x\""), "{e}");
+    }
+
+    #[test]
+    fn huge_transaction_streams_with_bounded_state() {
+        let mut a = ready();
+        push_ok(&mut a, begin(0x9000_0000, 42));
+        let before = std::mem::size_of_val(&a);
+        for i in 0..100_000u64 {
+            match push_ok(&mut a, insert(INV, row("S", i as i64))) {
+                // Drop each event right away, as a streaming consumer would.
+                Some(Event::Change(c)) => assert_eq!(c.seq, i),
+                e => panic!("{e:?}"),
+            }
+            // The only per-transaction state is the header in `open`.
+            assert_eq!(a.open.map(|o| o.changes), Some(i + 1));
+        }
+        assert_eq!(a.relations().len(), 1);
+        assert_eq!(std::mem::size_of_val(&a), before);
+        let Some(Event::Commit(c)) = push_ok(&mut a, commit(0x9000_0000, 0x9000_0100)) else {
+            panic!()
+        };
+        assert_eq!(c.changes, 100_000);
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Relation(u32),
+        Insert(u32),
+        Update(u32, bool),
+        Delete(u32),
+        Truncate(Vec<u32>),
+        Message,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        let oid = 1u32..4;
+        prop_oneof![
+            oid.clone().prop_map(Step::Relation),
+            oid.clone().prop_map(Step::Insert),
+            (oid.clone(), any::<bool>()).prop_map(|(o, k)| Step::Update(o, k)),
+            oid.clone().prop_map(Step::Delete),
+            proptest::collection::vec(oid, 0..3).prop_map(Step::Truncate),
+            Just(Step::Message),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn random_valid_streams(txns in proptest::collection::vec(proptest::collection::vec(step(), 0..30), 0..15)) {
+            let mut a = Assembler::new();
+            // Describe every relation up front; Relation steps re-send them mid-stream.
+            for oid in 1..4 {
+                prop_assert!(matches!(a.push(rel(oid, "t", 2), Lsn(0)).unwrap(), Some(Event::Relation(_))));
+            }
+            let mut lsn = 0x1000u64;
+            for (xid, steps) in txns.iter().enumerate() {
+                let xid = xid as u32;
+                let final_lsn = lsn + 0x100;
+                let Some(Event::Begin(b)) = a.push(begin(final_lsn, xid), Lsn(lsn)).unwrap() else {
+                    panic!("no Begin")
+                };
+                prop_assert_eq!((b.xid, b.commit_lsn), (xid, Lsn(final_lsn)));
+                let mut expect_seq = 0u64;
+                for s in steps {
+                    let m = match s {
+                        Step::Relation(o) => rel(*o, "t", 2),
+                        Step::Insert(o) => insert(*o, row("a", 1)),
+                        Step::Update(o, k) => Message::Update {
+                            xid: None,
+                            rel: *o,
+                            old: k.then(|| (OldKind::Key, vec![txt("a"), Datum::Null])),
+                            new: row("b", 2),
+                        },
+                        Step::Delete(o) => Message::Delete { xid: None, rel: *o, old: (OldKind::Full, row("a", 1)) },
+                        Step::Truncate(o) => Message::Truncate { xid: None, options: 1, rels: o.clone() },
+                        Step::Message => Message::LogicalMessage {
+                            xid: None, transactional: true, lsn, prefix: Bytes::new(), content: Bytes::new(),
+                        },
+                    };
+                    match a.push(m, Lsn(lsn)).unwrap() {
+                        Some(Event::Change(c)) => {
+                            prop_assert_eq!(c.seq, expect_seq);
+                            prop_assert_eq!(c.commit_lsn, Lsn(final_lsn));
+                            expect_seq += 1;
+                        }
+                        Some(Event::Truncate(t)) => {
+                            prop_assert_eq!(t.seq, expect_seq);
+                            prop_assert_eq!(t.commit_lsn, Lsn(final_lsn));
+                            expect_seq += 1;
+                        }
+                        Some(Event::Relation(_)) | Some(Event::Message { .. }) => {}
+                        e => panic!("unexpected {e:?}"),
+                    }
+                    prop_assert!(a.in_transaction());
+                }
+                let Some(Event::Commit(c)) = a.push(commit(final_lsn, final_lsn + 8), Lsn(final_lsn)).unwrap() else {
+                    panic!("no Commit")
+                };
+                prop_assert_eq!(c.xid, xid);
+                prop_assert_eq!(c.commit_lsn, Lsn(final_lsn));
+                prop_assert_eq!(c.end_lsn, Lsn(final_lsn + 8));
+                prop_assert_eq!(c.changes, expect_seq);
+                prop_assert!(!a.in_transaction());
+                lsn = final_lsn + 0x10;
+            }
+            prop_assert_eq!(a.relations().len(), 3);
+        }
+    }
+}

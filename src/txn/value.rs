@@ -709,7 +709,10 @@ mod tests {
         assert_eq!(pg_timestamp_to_rfc3339_millis(i64::MAX), "infinity");
         assert_eq!(pg_timestamp_to_rfc3339_millis(i64::MIN), "-infinity");
         assert_eq!(pg_timestamp_to_unix_micros(i64::MAX), i64::MAX);
-        assert_eq!(pg_timestamp_to_rfc3339_millis(i64::MAX - 1), "+294277-01-09T04:00:54.775Z");
+        assert_eq!(
+            pg_timestamp_to_rfc3339_millis(i64::MAX - 1),
+            "+294277-01-09T04:00:54.775Z"
+        );
         assert!(pg_timestamp_to_rfc3339_millis(i64::MIN + 1).starts_with('-'));
     }
 
