@@ -20,9 +20,16 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(proto_version: u32, parallel_streaming: bool) -> Self {
-        Decoder { proto_version, parallel_streaming, in_stream: false }
+        Decoder {
+            proto_version,
+            parallel_streaming,
+            in_stream: false,
+        }
     }
     pub fn decode(&mut self, _buf: &Bytes) -> Result<Message, DecodeError> {
-        Err(DecodeError { offset: 0, what: "unimplemented".into() })
+        Err(DecodeError {
+            offset: 0,
+            what: "unimplemented".into(),
+        })
     }
 }

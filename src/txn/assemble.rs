@@ -62,7 +62,7 @@ impl Op {
 }
 
 /// One row change.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
     /// INSERT, UPDATE or DELETE.
     pub op: Op,
@@ -172,7 +172,7 @@ impl Change {
 }
 
 /// TRUNCATE of one or more relations (one statement).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Truncate {
     /// Truncated relations.
     pub rels: Vec<Arc<RelationDesc>>,
@@ -187,7 +187,7 @@ pub struct Truncate {
 }
 
 /// What one pgoutput message means to later stages.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     /// A transaction started.
     Begin(TxnBegin),
@@ -1149,6 +1149,61 @@ mod tests {
         ]
     }
 
+    fn any_tuple() -> impl Strategy<Value = Tuple> {
+        proptest::collection::vec(
+            prop_oneof![
+                Just(Datum::Null),
+                Just(Datum::UnchangedToast),
+                proptest::collection::vec(any::<u8>(), 0..6)
+                    .prop_map(|b| Datum::Text(Bytes::from(b))),
+                Just(txt("12")),
+                Just(Datum::Binary(Bytes::from_static(b"\x00"))),
+            ],
+            0..4,
+        )
+    }
+
+    fn any_message() -> impl Strategy<Value = Message> {
+        let oid = 1u32..4;
+        let lsn = 0u64..4;
+        prop_oneof![
+            (oid.clone(), 0usize..5).prop_map(|(o, n)| rel(o, "t", n.min(4))),
+            (lsn.clone(), any::<u32>()).prop_map(|(l, x)| begin(l, x % 3)),
+            (lsn.clone(), lsn.clone()).prop_map(|(c, e)| commit(c, e)),
+            (oid.clone(), any_tuple()).prop_map(|(o, t)| insert(o, t)),
+            (oid.clone(), proptest::option::of(any_tuple()), any_tuple()).prop_map(
+                |(o, old, new)| {
+                    Message::Update {
+                        xid: None,
+                        rel: o,
+                        old: old.map(|t| (OldKind::Key, t)),
+                        new,
+                    }
+                }
+            ),
+            (oid.clone(), any_tuple()).prop_map(|(o, t)| Message::Delete {
+                xid: None,
+                rel: o,
+                old: (OldKind::Full, t)
+            }),
+            (proptest::collection::vec(oid, 0..3), any::<u8>()).prop_map(|(rels, options)| {
+                Message::Truncate {
+                    xid: None,
+                    options,
+                    rels,
+                }
+            }),
+            any::<bool>().prop_map(|t| Message::LogicalMessage {
+                xid: None,
+                transactional: t,
+                lsn: 1,
+                prefix: Bytes::from_static(b"\xff"),
+                content: Bytes::new()
+            }),
+            Just(Message::StreamStop),
+        ]
+    }
+
     proptest! {
         #[test]
         fn random_valid_streams(txns in proptest::collection::vec(proptest::collection::vec(step(), 0..30), 0..15)) {
@@ -1209,6 +1264,28 @@ mod tests {
                 lsn = final_lsn + 0x10;
             }
             prop_assert_eq!(a.relations().len(), 3);
+        }
+
+        /// Arbitrary (mostly invalid) message sequences: errors, never panics, and an error
+        /// leaves the transaction state as it was.
+        #[test]
+        fn arbitrary_streams_never_panic(msgs in proptest::collection::vec(any_message(), 0..60)) {
+            let mut a = Assembler::new();
+            for (i, m) in msgs.into_iter().enumerate() {
+                let before = a.open;
+                match a.push(m, Lsn(i as u64)) {
+                    Ok(Some(Event::Change(c))) => {
+                        let _ = c.to_json();
+                        let _ = c.new_value(0);
+                        let _ = c.old_value(5);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        prop_assert_eq!(a.open, before);
+                        let _ = e.to_string();
+                    }
+                }
+            }
         }
     }
 }
