@@ -375,9 +375,13 @@ fn numeric_to_i64(s: &str) -> Result<i64, NotWholeNumber> {
 const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
 /// PostgreSQL timestamp (microseconds since 2000-01-01T00:00:00Z) to Unix microseconds.
-/// Saturates at the i64 range, so PostgreSQL's `infinity` (i64::MAX) stays maximal.
+/// PostgreSQL's `infinity`/`-infinity` (i64::MAX/i64::MIN) map to themselves; other values
+/// saturate at the i64 range.
 pub fn pg_timestamp_to_unix_micros(micros_since_2000: i64) -> i64 {
-    micros_since_2000.saturating_add(PG_EPOCH_UNIX_MICROS)
+    match micros_since_2000 {
+        i64::MIN | i64::MAX => micros_since_2000,
+        t => t.saturating_add(PG_EPOCH_UNIX_MICROS),
+    }
 }
 
 /// PostgreSQL timestamp to RFC 3339 UTC with milliseconds, e.g. `2026-11-25T08:59:09.123Z`.
@@ -709,6 +713,8 @@ mod tests {
         assert_eq!(pg_timestamp_to_rfc3339_millis(i64::MAX), "infinity");
         assert_eq!(pg_timestamp_to_rfc3339_millis(i64::MIN), "-infinity");
         assert_eq!(pg_timestamp_to_unix_micros(i64::MAX), i64::MAX);
+        assert_eq!(pg_timestamp_to_unix_micros(i64::MIN), i64::MIN);
+        assert_eq!(pg_timestamp_to_unix_micros(i64::MAX - 1), i64::MAX);
         assert_eq!(
             pg_timestamp_to_rfc3339_millis(i64::MAX - 1),
             "+294277-01-09T04:00:54.775Z"
