@@ -1,1 +1,4 @@
 //! Integration tests against real servers.
+
+mod harness;
+mod harness_smoke;
