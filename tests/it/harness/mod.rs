@@ -56,14 +56,15 @@ pub fn run_as() -> Option<RunAs> {
     for wanted in ["postgres", "nobody"] {
         for line in passwd.lines() {
             let f: Vec<&str> = line.split(':').collect();
-            if f.len() >= 4 && f[0] == wanted {
-                if let (Ok(uid), Ok(gid)) = (f[2].parse(), f[3].parse()) {
-                    return Some(RunAs {
-                        name: wanted.to_string(),
-                        uid,
-                        gid,
-                    });
-                }
+            if f.len() >= 4
+                && f[0] == wanted
+                && let (Ok(uid), Ok(gid)) = (f[2].parse(), f[3].parse())
+            {
+                return Some(RunAs {
+                    name: wanted.to_string(),
+                    uid,
+                    gid,
+                });
             }
         }
     }

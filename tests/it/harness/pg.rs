@@ -69,12 +69,12 @@ pub fn find_bin_dir() -> PathBuf {
         );
         return dir;
     }
-    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
-        if out.status.success() {
-            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-            if dir.join("initdb").exists() {
-                return dir;
-            }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
+        && out.status.success()
+    {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("initdb").exists() {
+            return dir;
         }
     }
     let mut best: Option<(u32, PathBuf)> = None;
@@ -82,10 +82,11 @@ pub fn find_bin_dir() -> PathBuf {
         for e in rd.flatten() {
             let ver = e.file_name().to_string_lossy().parse::<u32>().ok();
             let bin = e.path().join("bin");
-            if let Some(v) = ver {
-                if bin.join("initdb").exists() && best.as_ref().is_none_or(|(b, _)| v > *b) {
-                    best = Some((v, bin));
-                }
+            if let Some(v) = ver
+                && bin.join("initdb").exists()
+                && best.as_ref().is_none_or(|(b, _)| v > *b)
+            {
+                best = Some((v, bin));
             }
         }
     }
