@@ -240,3 +240,23 @@ fn mosquitto_with_users_acl_and_tls_accepts_authenticated_clients() {
     let got = m.retained("#", Duration::from_secs(10));
     assert_eq!(got, vec![("stock/a".to_string(), b"v".to_vec())]);
 }
+
+#[test]
+fn servers_are_cleaned_up_when_a_test_panics() {
+    let mut seen = Vec::new();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let pg = PgServer::start();
+        let r = RedisServer::start();
+        let m = MosquittoServer::start();
+        seen.push((pg.data_dir(), pg.port()));
+        seen.push((r.dir().to_path_buf(), r.port()));
+        seen.push((m.dir().to_path_buf(), m.port()));
+        panic!("simulated test failure");
+    }));
+    assert!(result.is_err());
+    assert_eq!(seen.len(), 3);
+    for (dir, port) in seen {
+        assert!(!dir.exists(), "{} left behind", dir.display());
+        assert!(!port_open(port), "port {port} still open");
+    }
+}
