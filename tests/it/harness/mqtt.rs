@@ -152,7 +152,7 @@ impl MosquittoServer {
 
     fn try_start(&mut self) -> Result<(), String> {
         let (out, err) = log_stdio(&self.path("mosquitto.log"));
-        let child = Command::new("mosquitto")
+        let child = Command::new(mosquitto_bin())
             .arg("-c")
             .arg(self.path("mosquitto.conf"))
             .stdin(Stdio::null())
@@ -365,6 +365,22 @@ impl MosquittoServer {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// The broker binary: `$SKUSYNC_MOSQUITTO`, else `mosquitto` on PATH, else
+/// `/usr/sbin/mosquitto` (often not on a non-root PATH).
+pub fn mosquitto_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SKUSYNC_MOSQUITTO") {
+        return PathBuf::from(p);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for d in std::env::split_paths(&path) {
+            if d.join("mosquitto").is_file() {
+                return d.join("mosquitto");
+            }
+        }
+    }
+    PathBuf::from("/usr/sbin/mosquitto")
 }
 
 fn decode_hex(s: &str) -> Vec<u8> {
