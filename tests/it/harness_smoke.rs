@@ -260,3 +260,12 @@ fn servers_are_cleaned_up_when_a_test_panics() {
         assert!(!port_open(port), "port {port} still open");
     }
 }
+
+#[test]
+#[should_panic(expected = "no_such_setting")]
+fn pg_server_start_failure_reports_the_server_log() {
+    PgServer::start_with(PgOptions {
+        extra_conf: vec!["no_such_setting = 1".into()],
+        ..Default::default()
+    });
+}
