@@ -37,7 +37,11 @@ const MIN_DATUM_LEN: usize = 1;
 impl Decoder {
     /// A decoder for `proto_version`, outside any streamed block.
     pub fn new(proto_version: u32, parallel_streaming: bool) -> Self {
-        Decoder { proto_version, parallel_streaming, in_stream: false }
+        Decoder {
+            proto_version,
+            parallel_streaming,
+            in_stream: false,
+        }
     }
 
     /// Decode exactly one pgoutput message (the data part of one XLogData message).
@@ -46,7 +50,10 @@ impl Decoder {
     /// left unchanged.
     pub fn decode(&mut self, buf: &Bytes) -> Result<Message, DecodeError> {
         let Some(&tag) = buf.first() else {
-            return Err(DecodeError { offset: 0, what: "empty message, expected a tag".into() });
+            return Err(DecodeError {
+                offset: 0,
+                what: "empty message, expected a tag".into(),
+            });
         };
         let Some(name) = tag_name(tag) else {
             return Err(DecodeError {
@@ -65,7 +72,11 @@ impl Decoder {
                 ),
             });
         }
-        let mut c = Cursor { buf, pos: 1, msg: name };
+        let mut c = Cursor {
+            buf,
+            pos: 1,
+            msg: name,
+        };
         // The xid prefix only exists between S and E, and only in protocols that can stream.
         let streamed = self.in_stream && self.proto_version >= 2;
         let msg = match tag {
@@ -80,7 +91,10 @@ impl Decoder {
                 end_lsn: c.u64("end_lsn")?,
                 commit_ts: c.i64("commit_ts")?,
             },
-            b'O' => Message::Origin { commit_lsn: c.u64("commit_lsn")?, name: c.cstr("name")? },
+            b'O' => Message::Origin {
+                commit_lsn: c.u64("commit_lsn")?,
+                name: c.cstr("name")?,
+            },
             b'R' => {
                 let xid = c.xid(streamed)?;
                 Message::Relation(c.relation(xid)?)
@@ -95,7 +109,11 @@ impl Decoder {
                 let xid = c.xid(streamed)?;
                 let rel = c.u32("relation oid")?;
                 c.expect_byte(b'N', "new tuple marker 'N'")?;
-                Message::Insert { xid, rel, new: c.tuple()? }
+                Message::Insert {
+                    xid,
+                    rel,
+                    new: c.tuple()?,
+                }
             }
             b'U' => {
                 let xid = c.xid(streamed)?;
@@ -111,7 +129,12 @@ impl Decoder {
                 if old.is_some() {
                     c.expect_byte(b'N', "new tuple marker 'N'")?;
                 }
-                Message::Update { xid, rel, old, new: c.tuple()? }
+                Message::Update {
+                    xid,
+                    rel,
+                    old,
+                    new: c.tuple()?,
+                }
             }
             b'D' => {
                 let xid = c.xid(streamed)?;
@@ -122,7 +145,11 @@ impl Decoder {
                     b'O' => OldKind::Full,
                     other => return Err(c.err_at(at, bad_marker(other, "'K' or 'O'"))),
                 };
-                Message::Delete { xid, rel, old: (kind, c.tuple()?) }
+                Message::Delete {
+                    xid,
+                    rel,
+                    old: (kind, c.tuple()?),
+                }
             }
             b'T' => {
                 let xid = c.xid(streamed)?;
@@ -143,9 +170,18 @@ impl Decoder {
                 let lsn = c.u64("lsn")?;
                 let prefix = c.cstr("prefix")?;
                 let content = c.len_bytes("content")?;
-                Message::LogicalMessage { xid, transactional, lsn, prefix, content }
+                Message::LogicalMessage {
+                    xid,
+                    transactional,
+                    lsn,
+                    prefix,
+                    content,
+                }
             }
-            b'S' => Message::StreamStart { xid: c.u32("xid")?, first_segment: c.bool("first_segment")? },
+            b'S' => Message::StreamStart {
+                xid: c.u32("xid")?,
+                first_segment: c.bool("first_segment")?,
+            },
             b'E' => Message::StreamStop,
             b'c' => Message::StreamCommit {
                 xid: c.u32("xid")?,
@@ -209,7 +245,10 @@ impl Decoder {
         };
         let rest = buf.len() - c.pos;
         if rest != 0 {
-            return Err(c.err_at(c.pos, format!("{rest} trailing byte(s) after complete {name}")));
+            return Err(c.err_at(
+                c.pos,
+                format!("{rest} trailing byte(s) after complete {name}"),
+            ));
         }
         match msg {
             Message::StreamStart { .. } => self.in_stream = true,
@@ -335,14 +374,21 @@ impl Cursor<'_> {
         if got == want {
             Ok(())
         } else {
-            Err(self.err_at(at, format!("expected {what} in {}, got 0x{got:02x}", self.msg)))
+            Err(self.err_at(
+                at,
+                format!("expected {what} in {}, got 0x{got:02x}", self.msg),
+            ))
         }
     }
 
     /// The Int32 xid prefix of R/Y/I/U/D/T/M inside a streamed block.
     #[inline]
     fn xid(&mut self, streamed: bool) -> Result<Option<Xid>, DecodeError> {
-        if streamed { Ok(Some(self.u32("xid")?)) } else { Ok(None) }
+        if streamed {
+            Ok(Some(self.u32("xid")?))
+        } else {
+            Ok(None)
+        }
     }
 
     /// A NUL-terminated string, returned without the NUL as a slice of the input.
@@ -366,7 +412,10 @@ impl Cursor<'_> {
         let at = self.pos;
         let len = self.i32(field)?;
         let Ok(len) = usize::try_from(len) else {
-            return Err(self.err_at(at, format!("negative length {len} of {field} in {}", self.msg)));
+            return Err(self.err_at(
+                at,
+                format!("negative length {len} of {field} in {}", self.msg),
+            ));
         };
         if len > self.remaining() {
             return Err(self.err_at(
@@ -423,7 +472,14 @@ impl Cursor<'_> {
                 type_modifier: self.i32("column type modifier")?,
             });
         }
-        Ok(Relation { xid, oid, namespace, name, replica_identity, columns })
+        Ok(Relation {
+            xid,
+            oid,
+            namespace,
+            name,
+            replica_identity,
+            columns,
+        })
     }
 
     /// TupleData: Int16 ncols, then one kind byte (and for `t`/`b` a length and value) each.

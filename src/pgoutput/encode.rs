@@ -24,13 +24,22 @@ pub fn encode(msg: &Message, in_stream: bool, parallel_streaming: bool, out: &mu
         }
     };
     match msg {
-        Message::Begin { final_lsn, commit_ts, xid } => {
+        Message::Begin {
+            final_lsn,
+            commit_ts,
+            xid,
+        } => {
             out.put_u8(b'B');
             out.put_u64(*final_lsn);
             out.put_i64(*commit_ts);
             out.put_u32(*xid);
         }
-        Message::Commit { flags, commit_lsn, end_lsn, commit_ts } => {
+        Message::Commit {
+            flags,
+            commit_lsn,
+            end_lsn,
+            commit_ts,
+        } => {
             out.put_u8(b'C');
             out.put_u8(*flags);
             out.put_u64(*commit_lsn);
@@ -47,7 +56,12 @@ pub fn encode(msg: &Message, in_stream: bool, parallel_streaming: bool, out: &mu
             xid(out, rel.xid);
             put_relation(out, rel);
         }
-        Message::Type { xid: x, oid, namespace, name } => {
+        Message::Type {
+            xid: x,
+            oid,
+            namespace,
+            name,
+        } => {
             out.put_u8(b'Y');
             xid(out, *x);
             out.put_u32(*oid);
@@ -61,7 +75,12 @@ pub fn encode(msg: &Message, in_stream: bool, parallel_streaming: bool, out: &mu
             out.put_u8(b'N');
             put_tuple(out, new);
         }
-        Message::Update { xid: x, rel, old, new } => {
+        Message::Update {
+            xid: x,
+            rel,
+            old,
+            new,
+        } => {
             out.put_u8(b'U');
             xid(out, *x);
             out.put_u32(*rel);
@@ -72,14 +91,22 @@ pub fn encode(msg: &Message, in_stream: bool, parallel_streaming: bool, out: &mu
             out.put_u8(b'N');
             put_tuple(out, new);
         }
-        Message::Delete { xid: x, rel, old: (kind, tuple) } => {
+        Message::Delete {
+            xid: x,
+            rel,
+            old: (kind, tuple),
+        } => {
             out.put_u8(b'D');
             xid(out, *x);
             out.put_u32(*rel);
             out.put_u8(old_marker(*kind));
             put_tuple(out, tuple);
         }
-        Message::Truncate { xid: x, options, rels } => {
+        Message::Truncate {
+            xid: x,
+            options,
+            rels,
+        } => {
             out.put_u8(b'T');
             xid(out, *x);
             out.put_i32(i32::try_from(rels.len()).expect("Truncate: too many relations"));
@@ -88,7 +115,13 @@ pub fn encode(msg: &Message, in_stream: bool, parallel_streaming: bool, out: &mu
                 out.put_u32(*oid);
             }
         }
-        Message::LogicalMessage { xid: x, transactional, lsn, prefix, content } => {
+        Message::LogicalMessage {
+            xid: x,
+            transactional,
+            lsn,
+            prefix,
+            content,
+        } => {
             out.put_u8(b'M');
             xid(out, *x);
             out.put_u8(u8::from(*transactional));
@@ -102,7 +135,13 @@ pub fn encode(msg: &Message, in_stream: bool, parallel_streaming: bool, out: &mu
             out.put_u8(u8::from(*first_segment));
         }
         Message::StreamStop => out.put_u8(b'E'),
-        Message::StreamCommit { xid, flags, commit_lsn, end_lsn, commit_ts } => {
+        Message::StreamCommit {
+            xid,
+            flags,
+            commit_lsn,
+            end_lsn,
+            commit_ts,
+        } => {
             out.put_u8(b'c');
             out.put_u32(*xid);
             out.put_u8(*flags);
@@ -120,7 +159,13 @@ pub fn encode(msg: &Message, in_stream: bool, parallel_streaming: bool, out: &mu
                 out.put_i64(ts);
             }
         }
-        Message::BeginPrepare { prepare_lsn, end_lsn, prepare_ts, xid, gid } => {
+        Message::BeginPrepare {
+            prepare_lsn,
+            end_lsn,
+            prepare_ts,
+            xid,
+            gid,
+        } => {
             out.put_u8(b'b');
             out.put_u64(*prepare_lsn);
             out.put_u64(*end_lsn);
@@ -128,11 +173,43 @@ pub fn encode(msg: &Message, in_stream: bool, parallel_streaming: bool, out: &mu
             out.put_u32(*xid);
             put_cstr(out, gid);
         }
-        Message::Prepare { flags, prepare_lsn, end_lsn, prepare_ts, xid, gid } => {
-            put_prepare_like(out, b'P', *flags, *prepare_lsn, *end_lsn, *prepare_ts, *xid, gid);
+        Message::Prepare {
+            flags,
+            prepare_lsn,
+            end_lsn,
+            prepare_ts,
+            xid,
+            gid,
+        } => {
+            put_prepare_like(
+                out,
+                b'P',
+                *flags,
+                *prepare_lsn,
+                *end_lsn,
+                *prepare_ts,
+                *xid,
+                gid,
+            );
         }
-        Message::CommitPrepared { flags, commit_lsn, end_lsn, commit_ts, xid, gid } => {
-            put_prepare_like(out, b'K', *flags, *commit_lsn, *end_lsn, *commit_ts, *xid, gid);
+        Message::CommitPrepared {
+            flags,
+            commit_lsn,
+            end_lsn,
+            commit_ts,
+            xid,
+            gid,
+        } => {
+            put_prepare_like(
+                out,
+                b'K',
+                *flags,
+                *commit_lsn,
+                *end_lsn,
+                *commit_ts,
+                *xid,
+                gid,
+            );
         }
         Message::RollbackPrepared {
             flags,
@@ -152,8 +229,24 @@ pub fn encode(msg: &Message, in_stream: bool, parallel_streaming: bool, out: &mu
             out.put_u32(*xid);
             put_cstr(out, gid);
         }
-        Message::StreamPrepare { flags, prepare_lsn, end_lsn, prepare_ts, xid, gid } => {
-            put_prepare_like(out, b'p', *flags, *prepare_lsn, *end_lsn, *prepare_ts, *xid, gid);
+        Message::StreamPrepare {
+            flags,
+            prepare_lsn,
+            end_lsn,
+            prepare_ts,
+            xid,
+            gid,
+        } => {
+            put_prepare_like(
+                out,
+                b'p',
+                *flags,
+                *prepare_lsn,
+                *end_lsn,
+                *prepare_ts,
+                *xid,
+                gid,
+            );
         }
     }
 }

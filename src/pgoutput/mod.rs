@@ -25,39 +25,106 @@ pub type Oid = u32;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     /// `B`: a (non-streamed) transaction starts. `final_lsn` equals the Commit's `commit_lsn`.
-    Begin { final_lsn: u64, commit_ts: i64, xid: Xid },
+    Begin {
+        final_lsn: u64,
+        commit_ts: i64,
+        xid: Xid,
+    },
     /// `C`: the transaction commits; progress is `end_lsn`.
-    Commit { flags: u8, commit_lsn: u64, end_lsn: u64, commit_ts: i64 },
+    Commit {
+        flags: u8,
+        commit_lsn: u64,
+        end_lsn: u64,
+        commit_ts: i64,
+    },
     /// `O`: changes replicated from another origin.
     Origin { commit_lsn: u64, name: Bytes },
     /// `R`: a relation's schema; sent before its first change in a session and after DDL.
     Relation(Relation),
     /// `Y`: a non-built-in type.
-    Type { xid: Option<Xid>, oid: Oid, namespace: Bytes, name: Bytes },
+    Type {
+        xid: Option<Xid>,
+        oid: Oid,
+        namespace: Bytes,
+        name: Bytes,
+    },
     /// `I`
-    Insert { xid: Option<Xid>, rel: Oid, new: Tuple },
+    Insert {
+        xid: Option<Xid>,
+        rel: Oid,
+        new: Tuple,
+    },
     /// `U`: `old` is present with REPLICA IDENTITY FULL (`O`) or when the key changed (`K`).
-    Update { xid: Option<Xid>, rel: Oid, old: Option<(OldKind, Tuple)>, new: Tuple },
+    Update {
+        xid: Option<Xid>,
+        rel: Oid,
+        old: Option<(OldKind, Tuple)>,
+        new: Tuple,
+    },
     /// `D`
-    Delete { xid: Option<Xid>, rel: Oid, old: (OldKind, Tuple) },
+    Delete {
+        xid: Option<Xid>,
+        rel: Oid,
+        old: (OldKind, Tuple),
+    },
     /// `T`: `options` bit 1 = CASCADE, bit 2 = RESTART IDENTITY.
-    Truncate { xid: Option<Xid>, options: u8, rels: Vec<Oid> },
+    Truncate {
+        xid: Option<Xid>,
+        options: u8,
+        rels: Vec<Oid>,
+    },
     /// `M`: `pg_logical_emit_message` (only with `messages 'true'`).
-    LogicalMessage { xid: Option<Xid>, transactional: bool, lsn: u64, prefix: Bytes, content: Bytes },
+    LogicalMessage {
+        xid: Option<Xid>,
+        transactional: bool,
+        lsn: u64,
+        prefix: Bytes,
+        content: Bytes,
+    },
     /// `S` (v2+)
     StreamStart { xid: Xid, first_segment: bool },
     /// `E` (v2+)
     StreamStop,
     /// `c` (v2+)
-    StreamCommit { xid: Xid, flags: u8, commit_lsn: u64, end_lsn: u64, commit_ts: i64 },
+    StreamCommit {
+        xid: Xid,
+        flags: u8,
+        commit_lsn: u64,
+        end_lsn: u64,
+        commit_ts: i64,
+    },
     /// `A` (v2+): `abort` (LSN, timestamp) is present only with `streaming 'parallel'` (v4).
-    StreamAbort { xid: Xid, subxid: Xid, abort: Option<(u64, i64)> },
+    StreamAbort {
+        xid: Xid,
+        subxid: Xid,
+        abort: Option<(u64, i64)>,
+    },
     /// `b` (v3+)
-    BeginPrepare { prepare_lsn: u64, end_lsn: u64, prepare_ts: i64, xid: Xid, gid: Bytes },
+    BeginPrepare {
+        prepare_lsn: u64,
+        end_lsn: u64,
+        prepare_ts: i64,
+        xid: Xid,
+        gid: Bytes,
+    },
     /// `P` (v3+)
-    Prepare { flags: u8, prepare_lsn: u64, end_lsn: u64, prepare_ts: i64, xid: Xid, gid: Bytes },
+    Prepare {
+        flags: u8,
+        prepare_lsn: u64,
+        end_lsn: u64,
+        prepare_ts: i64,
+        xid: Xid,
+        gid: Bytes,
+    },
     /// `K` (v3+)
-    CommitPrepared { flags: u8, commit_lsn: u64, end_lsn: u64, commit_ts: i64, xid: Xid, gid: Bytes },
+    CommitPrepared {
+        flags: u8,
+        commit_lsn: u64,
+        end_lsn: u64,
+        commit_ts: i64,
+        xid: Xid,
+        gid: Bytes,
+    },
     /// `r` (v3+)
     RollbackPrepared {
         flags: u8,
@@ -69,7 +136,14 @@ pub enum Message {
         gid: Bytes,
     },
     /// `p` (v3+)
-    StreamPrepare { flags: u8, prepare_lsn: u64, end_lsn: u64, prepare_ts: i64, xid: Xid, gid: Bytes },
+    StreamPrepare {
+        flags: u8,
+        prepare_lsn: u64,
+        end_lsn: u64,
+        prepare_ts: i64,
+        xid: Xid,
+        gid: Bytes,
+    },
 }
 
 /// Which old tuple an UPDATE/DELETE carries.
