@@ -826,3 +826,17 @@ fn failed_stream_start_keeps_state() {
     assert!(d.decode(&Bytes::from(cat(&[b"S", &SXID]))).is_err());
     assert!(!d.in_stream);
 }
+
+/// Regenerates the committed fuzz seeds from the hand-written vectors:
+/// `cargo test --lib pgoutput::tests::write_fuzz_seeds -- --ignored`.
+#[test]
+#[ignore = "writes files; run by hand to refresh fuzz/seeds/decode"]
+fn write_fuzz_seeds() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/decode");
+    std::fs::create_dir_all(&dir).unwrap();
+    for c in cases() {
+        let file: String =
+            c.name.chars().map(|ch| if ch.is_ascii_alphanumeric() { ch } else { '_' }).collect();
+        std::fs::write(dir.join(file), &c.wire).unwrap();
+    }
+}
