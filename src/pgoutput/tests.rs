@@ -835,8 +835,11 @@ fn write_fuzz_seeds() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/decode");
     std::fs::create_dir_all(&dir).unwrap();
     for c in cases() {
-        let file: String =
-            c.name.chars().map(|ch| if ch.is_ascii_alphanumeric() { ch } else { '_' }).collect();
+        let file: String = c
+            .name
+            .chars()
+            .map(|ch| if ch.is_ascii_alphanumeric() { ch } else { '_' })
+            .collect();
         std::fs::write(dir.join(file), &c.wire).unwrap();
     }
 }
