@@ -11,13 +11,21 @@ fuzz_target!(|data: &[u8]| {
     for proto in 1..=4u32 {
         for in_stream in [false, true] {
             for parallel in [false, true] {
-                let fresh = || Decoder { proto_version: proto, parallel_streaming: parallel, in_stream };
-                let Ok(msg) = fresh().decode(&input) else { continue };
+                let fresh = || Decoder {
+                    proto_version: proto,
+                    parallel_streaming: parallel,
+                    in_stream,
+                };
+                let Ok(msg) = fresh().decode(&input) else {
+                    continue;
+                };
                 // The encoder's `in_stream` means "xid prefix present", which needs proto >= 2.
                 let mut out = BytesMut::new();
                 encode(&msg, in_stream && proto >= 2, parallel, &mut out);
                 assert_eq!(&out[..], data, "re-encoding differs: {msg:?}");
-                let again = fresh().decode(&out.freeze()).expect("re-encoded message must decode");
+                let again = fresh()
+                    .decode(&out.freeze())
+                    .expect("re-encoded message must decode");
                 assert_eq!(again, msg);
             }
         }

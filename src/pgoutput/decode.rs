@@ -48,6 +48,12 @@ impl Decoder {
     ///
     /// Updates [`Decoder::in_stream`] on Stream Start / Stream Stop; on error the state is
     /// left unchanged.
+    ///
+    /// # Errors
+    ///
+    /// An empty or truncated message, an unknown tag, a tag newer than `proto_version`, an
+    /// unknown tuple marker or column kind, a String without its NUL, a negative length, a
+    /// count larger than the remaining bytes could hold, or bytes after the complete message.
     pub fn decode(&mut self, buf: &Bytes) -> Result<Message, DecodeError> {
         let Some(&tag) = buf.first() else {
             return Err(DecodeError {
