@@ -6,6 +6,10 @@
 
 mod decode;
 mod encode;
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;
 
 pub use decode::{DecodeError, Decoder};
 pub use encode::encode;
