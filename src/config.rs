@@ -76,12 +76,14 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
-        Self::parse(&text).map_err(|e| ConfigError(format!("config file {}: {}", path.display(), e.0)))
+        Self::parse(&text)
+            .map_err(|e| ConfigError(format!("config file {}: {}", path.display(), e.0)))
     }
 
     /// Parse and validate config text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError(e.to_string().trim_end().to_string()))?;
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| ConfigError(e.to_string().trim_end().to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -104,7 +106,8 @@ impl Config {
         let pubs = p.publication.names();
         if pubs.is_empty() || pubs.iter().any(|s| s.is_empty() || s.len() > 63) {
             return Err(ConfigError(
-                "postgres.publication: give one or more publication names (at most 63 bytes each)".into(),
+                "postgres.publication: give one or more publication names (at most 63 bytes each)"
+                    .into(),
             ));
         }
         if !(1..=4).contains(&p.proto_version) {
@@ -124,11 +127,12 @@ impl Config {
     /// Connection settings for the source database. `SKUSYNC_PG_PASSWORD` fills in a
     /// password missing from the URL.
     pub fn pg_connect(&self) -> Result<PgConnectConfig, ConfigError> {
-        let mut c = PgConnectConfig::from_url(&self.postgres.url).map_err(|e| ConfigError(e.to_string()))?;
-        if let Ok(pw) = std::env::var("SKUSYNC_PG_PASSWORD") {
-            if !self.postgres.url.contains('@') || url_has_no_password(&self.postgres.url) {
-                c.password = Some(crate::pg::connstr::Password::new(pw));
-            }
+        let mut c = PgConnectConfig::from_url(&self.postgres.url)
+            .map_err(|e| ConfigError(e.to_string()))?;
+        if let Ok(pw) = std::env::var("SKUSYNC_PG_PASSWORD")
+            && url_has_no_password(&self.postgres.url)
+        {
+            c.password = Some(crate::pg::connstr::Password::new(pw));
         }
         Ok(c)
     }
@@ -140,7 +144,9 @@ impl Config {
 }
 
 fn url_has_no_password(url: &str) -> bool {
-    url::Url::parse(url).map(|u| u.password().is_none()).unwrap_or(true)
+    url::Url::parse(url)
+        .map(|u| u.password().is_none())
+        .unwrap_or(true)
 }
 
 #[cfg(test)]
@@ -158,12 +164,24 @@ mod tests {
     #[test]
     fn errors_name_the_key() {
         let cases = [
-            ("[postgres]\nurl = \"postgresql://u@h/d\"\nslott = \"x\"\n", "slott"),
-            ("[postgres]\nurl = \"postgresql://u@h/d\"\nslot = \"Bad-Name\"\n", "postgres.slot"),
+            (
+                "[postgres]\nurl = \"postgresql://u@h/d\"\nslott = \"x\"\n",
+                "slott",
+            ),
+            (
+                "[postgres]\nurl = \"postgresql://u@h/d\"\nslot = \"Bad-Name\"\n",
+                "postgres.slot",
+            ),
             ("[postgres]\nurl = \"mysql://u@h/d\"\n", "postgres.url"),
-            ("[postgres]\nurl = \"postgresql://u@h/d\"\nproto_version = 9\n", "postgres.proto_version"),
+            (
+                "[postgres]\nurl = \"postgresql://u@h/d\"\nproto_version = 9\n",
+                "postgres.proto_version",
+            ),
             ("[postgres]\n", "url"),
-            ("[postgres]\nurl = \"postgresql://u@h/d\"\n[bogus]\n", "bogus"),
+            (
+                "[postgres]\nurl = \"postgresql://u@h/d\"\n[bogus]\n",
+                "bogus",
+            ),
         ];
         for (text, key) in cases {
             let e = Config::parse(text).unwrap_err().to_string();

@@ -11,6 +11,6 @@ pub mod lsn;
 pub mod pg;
 pub mod pgoutput;
 pub mod progress;
-pub mod txn;
 pub mod source;
 pub mod tail;
+pub mod txn;

@@ -124,7 +124,10 @@ pub enum SourceError {
     #[error(transparent)]
     Pg(#[from] PgError),
     #[error("cannot decode the replication stream at LSN {lsn}: {source}")]
-    Decode { lsn: Lsn, source: crate::pgoutput::DecodeError },
+    Decode {
+        lsn: Lsn,
+        source: crate::pgoutput::DecodeError,
+    },
     #[error(transparent)]
     Assemble(#[from] AssembleError),
     #[error(
@@ -222,10 +225,16 @@ impl Source {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shutdown.cancelled() => return Ok(()),
                     }
-                    let cap = if slot_busy { Duration::from_secs(2) } else { self.cfg.backoff_max };
+                    let cap = if slot_busy {
+                        Duration::from_secs(2)
+                    } else {
+                        self.cfg.backoff_max
+                    };
                     backoff = (backoff * 2).min(cap);
                 }
-                SessionEnd::Error(SourceError::Downstream) if shutdown.is_cancelled() => return Ok(()),
+                SessionEnd::Error(SourceError::Downstream) if shutdown.is_cancelled() => {
+                    return Ok(());
+                }
                 SessionEnd::Error(e) => return Err(e),
             }
         }
@@ -306,7 +315,9 @@ impl Source {
                     let client = meta::connect(&cfg.conn).await?;
                     let state = meta::slot_state(&client, &cfg.conn, &cfg.slot)
                         .await?
-                        .ok_or_else(|| SourceError::SlotMissing { slot: cfg.slot.clone() })?;
+                        .ok_or_else(|| SourceError::SlotMissing {
+                            slot: cfg.slot.clone(),
+                        })?;
                     if state.plugin.as_deref() != Some("pgoutput") {
                         return Err(SourceError::WrongPlugin {
                             slot: cfg.slot.clone(),
@@ -314,7 +325,9 @@ impl Source {
                         });
                     }
                     if state.wal_status.as_deref() == Some("lost") {
-                        return Err(SourceError::SlotLost { slot: cfg.slot.clone() });
+                        return Err(SourceError::SlotLost {
+                            slot: cfg.slot.clone(),
+                        });
                     }
                     state.confirmed_flush_lsn.unwrap_or(Lsn::ZERO)
                 }
@@ -371,21 +384,30 @@ impl Source {
             // Drain what is buffered into one batch; only then wait on the socket.
             let mut reply_now = false;
             while batch.len() < self.cfg.batch_events {
-                let Some(item) = conn.try_recv_buffered()? else { break };
+                let Some(item) = conn.try_recv_buffered()? else {
+                    break;
+                };
                 match item {
                     StreamItem::End => {
-                        return Err(PgError::Protocol("server ended the replication stream".into()).into());
+                        return Err(PgError::Protocol(
+                            "server ended the replication stream".into(),
+                        )
+                        .into());
                     }
                     StreamItem::Message(ReplMessage::Keepalive { wal_end, reply, .. }) => {
                         self.lock().keepalive(Lsn(wal_end));
                         reply_now |= reply;
                     }
-                    StreamItem::Message(ReplMessage::XLogData { wal_start, data, .. }) => {
+                    StreamItem::Message(ReplMessage::XLogData {
+                        wal_start, data, ..
+                    }) => {
                         let lsn = Lsn(wal_start);
                         let msg = decoder
                             .decode(&data)
                             .map_err(|source| SourceError::Decode { lsn, source })?;
-                        let Some(event) = assembler.push(msg, lsn)? else { continue };
+                        let Some(event) = assembler.push(msg, lsn)? else {
+                            continue;
+                        };
                         match event {
                             Event::Begin(b) => {
                                 // Delivered before a reconnect: its ticket is already with
@@ -404,7 +426,9 @@ impl Source {
                                 }
                                 self.skipping = false;
                             }
-                            Event::Relation(r) => batch.push(SourceEvent::Event(Event::Relation(r))),
+                            Event::Relation(r) => {
+                                batch.push(SourceEvent::Event(Event::Relation(r)))
+                            }
                             other => {
                                 if !self.skipping {
                                     batch.push(SourceEvent::Event(other));

@@ -95,6 +95,8 @@ pub async fn run(
     drop(rx);
     match reader.await {
         Ok(r) => r,
-        Err(e) => Err(SourceError::Pg(crate::pg::PgError::Protocol(format!("reader task: {e}")))),
+        Err(e) => Err(SourceError::Pg(crate::pg::PgError::Protocol(format!(
+            "reader task: {e}"
+        )))),
     }
 }

@@ -25,14 +25,20 @@ fn pg_with_schema() -> PgServer {
 }
 
 fn create_slot(pg: &PgServer, slot: &str) {
-    pg.psql(&format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"));
+    pg.psql(&format!(
+        "SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_delivers_typed_inserts_updates_deletes_and_truncates() {
     let pg = pg_with_schema();
     create_slot(&pg, "s1");
-    let src = RunningSource::start(source_config(&pg.url("postgres", "postgres"), "s1", "skusync"));
+    let src = RunningSource::start(source_config(
+        &pg.url("postgres", "postgres"),
+        "s1",
+        "skusync",
+    ));
     pg.psql(
         "BEGIN;
          INSERT INTO inventory VALUES ('SKU/1+#', 'WH-1', 10, 2, 19.99, true, '2026-11-25 08:00:00.123+00',
@@ -47,7 +53,10 @@ async fn stream_delivers_typed_inserts_updates_deletes_and_truncates() {
          INSERT INTO inventory VALUES ('after', 'WH-1', 1);",
     );
     let got = src.wait_changes(5, Duration::from_secs(20)).await;
-    let ops: Vec<(&str, &str)> = got.iter().map(|s| (s.op.as_str(), s.table.as_str())).collect();
+    let ops: Vec<(&str, &str)> = got
+        .iter()
+        .map(|s| (s.op.as_str(), s.table.as_str()))
+        .collect();
     assert_eq!(
         ops,
         vec![
@@ -68,7 +77,12 @@ async fn stream_delivers_typed_inserts_updates_deletes_and_truncates() {
     assert_eq!(first["batch"], "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11");
     assert_eq!(first["attrs"]["color"], "red");
     assert_eq!(first["weight"], 1.5);
-    assert!(first["updated_at"].as_str().unwrap().starts_with("2026-11-25 08:00:00.123"));
+    assert!(
+        first["updated_at"]
+            .as_str()
+            .unwrap()
+            .starts_with("2026-11-25 08:00:00.123")
+    );
     assert_eq!(got[1].row["new"]["sku"], "ß-ünï");
     assert!(got[1].row["new"]["reserved"].is_null());
     assert_eq!(got[0].commit_lsn, got[1].commit_lsn, "one transaction");
@@ -77,7 +91,10 @@ async fn stream_delivers_typed_inserts_updates_deletes_and_truncates() {
     // REPLICA IDENTITY DEFAULT: a delete carries the key only.
     assert_eq!(got[3].row["old"]["sku"], "ß-ünï");
     assert_eq!(got[3].row["old"]["location"], "WH-2");
-    assert!(src.commits.lock().unwrap().len() >= 5, "the truncate has its own commit");
+    assert!(
+        src.commits.lock().unwrap().len() >= 5,
+        "the truncate has its own commit"
+    );
     src.stop().await.expect("clean stop");
 }
 
@@ -85,7 +102,11 @@ async fn stream_delivers_typed_inserts_updates_deletes_and_truncates() {
 async fn confirmed_lsn_advances_only_past_durable_work_and_on_idle_keepalives() {
     let pg = pg_with_schema();
     create_slot(&pg, "s2");
-    let src = RunningSource::start(source_config(&pg.url("postgres", "postgres"), "s2", "skusync"));
+    let src = RunningSource::start(source_config(
+        &pg.url("postgres", "postgres"),
+        "s2",
+        "skusync",
+    ));
     pg.psql("INSERT INTO inventory VALUES ('a', 'w', 1)");
     src.wait_changes(1, Duration::from_secs(20)).await;
     let end = src.commits.lock().unwrap()[0].end_lsn;
@@ -94,7 +115,10 @@ async fn confirmed_lsn_advances_only_past_durable_work_and_on_idle_keepalives() 
             .parse::<Lsn>()
             .unwrap()
     };
-    assert!(eventually(Duration::from_secs(10), || confirmed() >= end).await, "slot confirmed past the commit");
+    assert!(
+        eventually(Duration::from_secs(10), || confirmed() >= end).await,
+        "slot confirmed past the commit"
+    );
     // Busy unrelated tables: the slot must keep advancing past the last published commit
     // (keepalives confirmed while idle), or WAL would pile up behind it.
     let before = confirmed();
@@ -110,7 +134,11 @@ async fn confirmed_lsn_advances_only_past_durable_work_and_on_idle_keepalives() 
 async fn reconnect_after_walsender_is_terminated_loses_and_repeats_nothing() {
     let pg = pg_with_schema();
     create_slot(&pg, "s3");
-    let src = RunningSource::start(source_config(&pg.url("postgres", "postgres"), "s3", "skusync"));
+    let src = RunningSource::start(source_config(
+        &pg.url("postgres", "postgres"),
+        "s3",
+        "skusync",
+    ));
     let mut expected = 0;
     for round in 0..5 {
         pg.psql(&format!(
@@ -127,11 +155,17 @@ async fn reconnect_after_walsender_is_terminated_loses_and_repeats_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let got_after = src.changes.lock().unwrap().clone();
     assert_eq!(got_after.len(), expected, "no change delivered twice");
-    let mut skus: Vec<String> = got.iter().map(|s| s.row["new"]["sku"].as_str().unwrap().to_string()).collect();
+    let mut skus: Vec<String> = got
+        .iter()
+        .map(|s| s.row["new"]["sku"].as_str().unwrap().to_string())
+        .collect();
     skus.sort();
     skus.dedup();
     assert_eq!(skus.len(), expected, "every change exactly once");
-    assert!(src.sessions.load(std::sync::atomic::Ordering::SeqCst) >= 2, "it did reconnect");
+    assert!(
+        src.sessions.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "it did reconnect"
+    );
     src.stop().await.expect("clean stop");
 }
 
@@ -139,7 +173,11 @@ async fn reconnect_after_walsender_is_terminated_loses_and_repeats_nothing() {
 async fn server_restart_resumes_from_the_confirmed_lsn() {
     let mut pg = pg_with_schema();
     create_slot(&pg, "s4");
-    let src = RunningSource::start(source_config(&pg.url("postgres", "postgres"), "s4", "skusync"));
+    let src = RunningSource::start(source_config(
+        &pg.url("postgres", "postgres"),
+        "s4",
+        "skusync",
+    ));
     pg.psql("INSERT INTO inventory VALUES ('before', 'w', 1)");
     src.wait_changes(1, Duration::from_secs(20)).await;
     pg.restart(StopMode::Fast);
@@ -148,7 +186,10 @@ async fn server_restart_resumes_from_the_confirmed_lsn() {
     pg.restart(StopMode::Immediate);
     pg.psql("INSERT INTO inventory VALUES ('after-immediate', 'w', 1)");
     let got = src.wait_changes(3, Duration::from_secs(30)).await;
-    let skus: Vec<&str> = got.iter().map(|s| s.row["new"]["sku"].as_str().unwrap()).collect();
+    let skus: Vec<&str> = got
+        .iter()
+        .map(|s| s.row["new"]["sku"].as_str().unwrap())
+        .collect();
     assert_eq!(skus, vec!["before", "after-fast", "after-immediate"]);
     src.stop().await.expect("clean stop");
 }
@@ -156,17 +197,29 @@ async fn server_restart_resumes_from_the_confirmed_lsn() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_slot_and_missing_publication_are_definite_errors() {
     let pg = pg_with_schema();
-    let src = RunningSource::start(source_config(&pg.url("postgres", "postgres"), "nope", "skusync"));
+    let src = RunningSource::start(source_config(
+        &pg.url("postgres", "postgres"),
+        "nope",
+        "skusync",
+    ));
     let err = tokio::time::timeout(Duration::from_secs(20), src.handle)
         .await
         .expect("stops by itself")
         .unwrap()
         .unwrap_err();
     assert!(matches!(err, SourceError::SlotMissing { .. }), "{err}");
-    assert!(err.to_string().contains("pg_create_logical_replication_slot"), "says how to fix: {err}");
+    assert!(
+        err.to_string()
+            .contains("pg_create_logical_replication_slot"),
+        "says how to fix: {err}"
+    );
 
     create_slot(&pg, "s5");
-    let src = RunningSource::start(source_config(&pg.url("postgres", "postgres"), "s5", "no_such_pub"));
+    let src = RunningSource::start(source_config(
+        &pg.url("postgres", "postgres"),
+        "s5",
+        "no_such_pub",
+    ));
     pg.psql("INSERT INTO inventory VALUES ('x', 'w', 1)");
     let err = tokio::time::timeout(Duration::from_secs(20), src.handle)
         .await
@@ -185,7 +238,10 @@ async fn creates_slots_with_exported_snapshots_and_reuses_them() {
     let sys = conn.identify_system().await.unwrap();
     assert!(!sys.system_id.is_empty());
     assert_eq!(sys.timeline, 1);
-    let slot = conn.create_slot("exported", false, SnapshotAction::Export).await.unwrap();
+    let slot = conn
+        .create_slot("exported", false, SnapshotAction::Export)
+        .await
+        .unwrap();
     let snapshot = slot.snapshot_name.clone().expect("exported snapshot");
     // The snapshot is importable from an ordinary connection while the slot's connection
     // is idle, and shows the rows before the consistent point.
@@ -196,19 +252,33 @@ async fn creates_slots_with_exported_snapshots_and_reuses_them() {
         ))
         .await
         .unwrap();
-    let n: i64 = client.query_one("SELECT count(*) FROM inventory", &[]).await.unwrap().get(0);
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM inventory", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 1);
     client.batch_execute("COMMIT").await.unwrap();
     drop(conn);
     // Creating it again is an error that names the slot; reusing it streams from it.
     let mut conn = ReplConnection::connect(&cfg).await.unwrap();
-    let err = conn.create_slot("exported", false, SnapshotAction::Nothing).await.unwrap_err();
+    let err = conn
+        .create_slot("exported", false, SnapshotAction::Nothing)
+        .await
+        .unwrap_err();
     assert_eq!(err.sqlstate(), Some("42710"), "{err}");
     drop(conn);
-    let src = RunningSource::start(source_config(&pg.url("postgres", "postgres"), "exported", "skusync"));
+    let src = RunningSource::start(source_config(
+        &pg.url("postgres", "postgres"),
+        "exported",
+        "skusync",
+    ));
     pg.psql("INSERT INTO inventory VALUES ('post', 'w', 1)");
     let got = src.wait_changes(1, Duration::from_secs(20)).await;
-    assert_eq!(got[0].row["new"]["sku"], "post", "starts at the consistent point");
+    assert_eq!(
+        got[0].row["new"]["sku"], "post",
+        "starts at the consistent point"
+    );
     assert!(got[0].commit_lsn > slot.consistent_point);
     src.stop().await.unwrap();
 }
@@ -249,12 +319,18 @@ async fn authenticates_with_trust_cleartext_md5_and_scram() {
     let url = |user: &str, pw: &str| {
         format!("postgresql://{user}:{pw}@127.0.0.1:{port}/postgres?sslmode=disable")
     };
-    identify(&format!("postgresql://trust_user@127.0.0.1:{port}/postgres?sslmode=disable"))
+    identify(&format!(
+        "postgresql://trust_user@127.0.0.1:{port}/postgres?sslmode=disable"
+    ))
+    .await
+    .expect("trust");
+    identify(&url("clear_user", "clear"))
         .await
-        .expect("trust");
-    identify(&url("clear_user", "clear")).await.expect("cleartext");
+        .expect("cleartext");
     identify(&url("md5_user", "md5pass")).await.expect("md5");
-    identify(&url("scram_user", "scr%40m%20pass")).await.expect("scram");
+    identify(&url("scram_user", "scr%40m%20pass"))
+        .await
+        .expect("scram");
     let log = pg.log_tail();
     assert!(log.contains("method=md5"), "md5 really used:\n{log}");
     assert!(log.contains("method=scram-sha-256"), "scram really used");
@@ -263,7 +339,11 @@ async fn authenticates_with_trust_cleartext_md5_and_scram() {
     // A passfile works when the URL has no password.
     let dir = tempfile::tempdir().unwrap();
     let passfile = dir.path().join("pgpass");
-    std::fs::write(&passfile, format!("127.0.0.1:{port}:*:scram_user:scr@m pass\n")).unwrap();
+    std::fs::write(
+        &passfile,
+        format!("127.0.0.1:{port}:*:scram_user:scr@m pass\n"),
+    )
+    .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o600)).unwrap();
     identify(&format!(
@@ -274,15 +354,19 @@ async fn authenticates_with_trust_cleartext_md5_and_scram() {
     .expect("passfile");
 
     // Wrong password: a definite auth error that does not echo the password.
-    let err = identify(&url("scram_user", "wrong-secret")).await.unwrap_err();
+    let err = identify(&url("scram_user", "wrong-secret"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, PgError::Auth { .. }), "{err}");
     assert!(!err.is_transient());
     assert!(!err.to_string().contains("wrong-secret"));
     let err = identify(&url("md5_user", "nope")).await.unwrap_err();
     assert!(matches!(err, PgError::Auth { .. }), "{err}");
-    let err = identify(&format!("postgresql://scram_user@127.0.0.1:{port}/postgres?sslmode=disable&passfile=/nonexistent"))
-        .await
-        .unwrap_err();
+    let err = identify(&format!(
+        "postgresql://scram_user@127.0.0.1:{port}/postgres?sslmode=disable&passfile=/nonexistent"
+    ))
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("password"), "{err}");
 }
 
@@ -301,34 +385,68 @@ async fn tls_modes_follow_libpq_semantics() {
     let port = pg.port();
     let ca_path = ca.ca_cert().display().to_string();
     let url = |host: &str, q: &str| format!("postgresql://postgres@{host}:{port}/postgres?{q}");
-    identify(&url("localhost", &format!("sslmode=verify-full&sslrootcert={ca_path}")))
-        .await
-        .expect("verify-full with the right CA and name");
-    identify(&url("127.0.0.1", "sslmode=require")).await.expect("require encrypts without verifying");
-    identify(&url("127.0.0.1", "sslmode=prefer")).await.expect("prefer uses TLS when offered");
-    identify(&url("127.0.0.1", &format!("sslmode=verify-ca&sslrootcert={ca_path}")))
-        .await
-        .expect("verify-ca ignores the host name");
-    let err = identify(&url("127.0.0.1", &format!("sslmode=verify-full&sslrootcert={ca_path}")))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, PgError::Tls { .. }), "name mismatch rejected: {err}");
-    let other_ca = TestCa::new();
-    let err = identify(&url(
+    identify(&url(
         "localhost",
-        &format!("sslmode=verify-full&sslrootcert={}", other_ca.ca_cert().display()),
+        &format!("sslmode=verify-full&sslrootcert={ca_path}"),
+    ))
+    .await
+    .expect("verify-full with the right CA and name");
+    identify(&url("127.0.0.1", "sslmode=require"))
+        .await
+        .expect("require encrypts without verifying");
+    identify(&url("127.0.0.1", "sslmode=prefer"))
+        .await
+        .expect("prefer uses TLS when offered");
+    identify(&url(
+        "127.0.0.1",
+        &format!("sslmode=verify-ca&sslrootcert={ca_path}"),
+    ))
+    .await
+    .expect("verify-ca ignores the host name");
+    let err = identify(&url(
+        "127.0.0.1",
+        &format!("sslmode=verify-full&sslrootcert={ca_path}"),
     ))
     .await
     .unwrap_err();
-    assert!(matches!(err, PgError::Tls { .. }), "unknown CA rejected: {err}");
+    assert!(
+        matches!(err, PgError::Tls { .. }),
+        "name mismatch rejected: {err}"
+    );
+    let other_ca = TestCa::new();
+    let err = identify(&url(
+        "localhost",
+        &format!(
+            "sslmode=verify-full&sslrootcert={}",
+            other_ca.ca_cert().display()
+        ),
+    ))
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, PgError::Tls { .. }),
+        "unknown CA rejected: {err}"
+    );
     assert!(!err.is_transient());
-    let err = identify(&url("127.0.0.1", "sslmode=disable")).await.unwrap_err();
-    assert!(err.to_string().contains("no encryption") || err.to_string().contains("pg_hba"), "{err}");
+    let err = identify(&url("127.0.0.1", "sslmode=disable"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("no encryption") || err.to_string().contains("pg_hba"),
+        "{err}"
+    );
 
     // A server without TLS: require fails clearly, prefer falls back.
     let plain = PgServer::start();
-    let purl = |q: &str| format!("postgresql://postgres@127.0.0.1:{}/postgres?{q}", plain.port());
-    identify(&purl("sslmode=prefer")).await.expect("prefer falls back to plaintext");
+    let purl = |q: &str| {
+        format!(
+            "postgresql://postgres@127.0.0.1:{}/postgres?{q}",
+            plain.port()
+        )
+    };
+    identify(&purl("sslmode=prefer"))
+        .await
+        .expect("prefer falls back to plaintext");
     let err = identify(&purl("sslmode=require")).await.unwrap_err();
     assert!(err.to_string().contains("does not accept TLS"), "{err}");
 }
@@ -339,7 +457,10 @@ fn tail_prints_changes_as_json_lines_and_exits_cleanly_on_sigint() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(
         dir.path(),
-        &format!("[postgres]\nurl = \"{}?sslmode=disable\"\n", pg.url("postgres", "postgres")),
+        &format!(
+            "[postgres]\nurl = \"{}?sslmode=disable\"\n",
+            pg.url("postgres", "postgres")
+        ),
     );
     let mut tail = SkusyncProc::spawn(&["tail", "--config", cfg.to_str().unwrap()], dir.path());
     let ready = crate::harness::wait_until(Duration::from_secs(20), || {
@@ -357,8 +478,11 @@ fn tail_prints_changes_as_json_lines_and_exits_cleanly_on_sigint() {
     );
     let mut lines = Vec::new();
     while lines.len() < 4 {
-        let l = tail.next_line(Duration::from_secs(20)).unwrap_or_else(|| panic!("tail output: {}", tail.stderr()));
-        lines.push(serde_json::from_str::<serde_json::Value>(&l).expect("one JSON object per line"));
+        let l = tail
+            .next_line(Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("tail output: {}", tail.stderr()));
+        lines
+            .push(serde_json::from_str::<serde_json::Value>(&l).expect("one JSON object per line"));
     }
     assert_eq!(lines[0]["op"], "insert");
     assert_eq!(lines[0]["table"], "public.inventory");
@@ -366,7 +490,10 @@ fn tail_prints_changes_as_json_lines_and_exits_cleanly_on_sigint() {
     assert_eq!(lines[0]["new"]["on_hand"], 3);
     assert_eq!(lines[0]["new"]["price"], "1.10");
     assert_eq!(lines[1]["new"]["sku"], "B");
-    assert_eq!(lines[0]["lsn"], lines[1]["lsn"], "one transaction, one commit LSN");
+    assert_eq!(
+        lines[0]["lsn"], lines[1]["lsn"],
+        "one transaction, one commit LSN"
+    );
     assert_eq!(lines[0]["xid"], lines[1]["xid"]);
     assert!(lines[0]["commit_ts"].as_str().unwrap().ends_with('Z'));
     assert!(lines[0]["lsn"].as_str().unwrap().contains('/'));
@@ -375,11 +502,21 @@ fn tail_prints_changes_as_json_lines_and_exits_cleanly_on_sigint() {
     assert_eq!(lines[3]["op"], "delete");
     assert_eq!(lines[3]["old"]["sku"], "B");
     assert!(lines.iter().all(|l| l["new"]["sku"] != "ROLLED"));
-    assert!(tail.next_line(Duration::from_millis(500)).is_none(), "nothing for the rollback");
-    assert_eq!(tail.signal_and_wait("INT", Duration::from_secs(10)), Some(0), "{}", tail.stderr());
+    assert!(
+        tail.next_line(Duration::from_millis(500)).is_none(),
+        "nothing for the rollback"
+    );
+    assert_eq!(
+        tail.signal_and_wait("INT", Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        tail.stderr()
+    );
     assert!(
         crate::harness::wait_until(Duration::from_secs(10), || {
-            pg.psql("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'skusync_tail_%'") == "0"
+            pg.psql(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'skusync_tail_%'",
+            ) == "0"
         }),
         "the temporary slot is gone"
     );
@@ -389,19 +526,32 @@ fn tail_prints_changes_as_json_lines_and_exits_cleanly_on_sigint() {
 fn tail_from_slot_reads_without_confirming() {
     let pg = pg_with_schema();
     create_slot(&pg, "skusync");
-    let before = pg.psql("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'skusync'");
+    let before =
+        pg.psql("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'skusync'");
     pg.psql("INSERT INTO inventory VALUES ('x', 'w', 1)");
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(
         dir.path(),
-        &format!("[postgres]\nurl = \"{}?sslmode=disable\"\nstatus_interval_ms = 100\n", pg.url("postgres", "postgres")),
+        &format!(
+            "[postgres]\nurl = \"{}?sslmode=disable\"\nstatus_interval_ms = 100\n",
+            pg.url("postgres", "postgres")
+        ),
     );
-    let mut tail = SkusyncProc::spawn(&["tail", "--from-slot", "--config", cfg.to_str().unwrap()], dir.path());
-    let line = tail.next_line(Duration::from_secs(20)).unwrap_or_else(|| panic!("{}", tail.stderr()));
+    let mut tail = SkusyncProc::spawn(
+        &["tail", "--from-slot", "--config", cfg.to_str().unwrap()],
+        dir.path(),
+    );
+    let line = tail
+        .next_line(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("{}", tail.stderr()));
     assert!(line.contains("\"x\""));
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(tail.signal_and_wait("TERM", Duration::from_secs(10)), Some(0));
-    let after = pg.psql("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'skusync'");
+    assert_eq!(
+        tail.signal_and_wait("TERM", Duration::from_secs(10)),
+        Some(0)
+    );
+    let after =
+        pg.psql("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'skusync'");
     assert_eq!(before, after, "--from-slot never moves the slot");
 }
 
@@ -411,7 +561,10 @@ fn million_row_transaction_streams_with_bounded_memory() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(
         dir.path(),
-        &format!("[postgres]\nurl = \"{}?sslmode=disable\"\n", pg.url("postgres", "postgres")),
+        &format!(
+            "[postgres]\nurl = \"{}?sslmode=disable\"\n",
+            pg.url("postgres", "postgres")
+        ),
     );
     let tail = SkusyncProc::spawn(&["tail", "--config", cfg.to_str().unwrap()], dir.path());
     assert!(crate::harness::wait_until(Duration::from_secs(20), || {
@@ -424,14 +577,19 @@ fn million_row_transaction_streams_with_bounded_memory() {
     let mut n = 0usize;
     let mut peak = 0u64;
     while n < 1_000_000 {
-        let line = tail.next_line(Duration::from_secs(60)).unwrap_or_else(|| panic!("after {n} lines: {}", tail.stderr()));
+        let line = tail
+            .next_line(Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("after {n} lines: {}", tail.stderr()));
         assert!(line.starts_with('{'));
         n += 1;
-        if n % 50_000 == 0 {
+        if n.is_multiple_of(50_000) {
             peak = peak.max(tail.peak_rss_kib().unwrap_or(0));
         }
     }
     peak = peak.max(tail.peak_rss_kib().unwrap_or(0));
     eprintln!("1M-row transaction: peak RSS {} MiB", peak / 1024);
-    assert!(peak > 0 && peak < 64 * 1024, "peak RSS {peak} KiB must stay under 64 MiB");
+    assert!(
+        peak > 0 && peak < 64 * 1024,
+        "peak RSS {peak} KiB must stay under 64 MiB"
+    );
 }

@@ -46,7 +46,12 @@ impl RunningSource {
         let changes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let commits = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let sessions = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (c2, m2, s2, p2) = (changes.clone(), commits.clone(), sessions.clone(), progress.clone());
+        let (c2, m2, s2, p2) = (
+            changes.clone(),
+            commits.clone(),
+            sessions.clone(),
+            progress.clone(),
+        );
         let consumer = tokio::spawn(async move {
             let mut open: Vec<Seen> = Vec::new();
             while let Some(batch) = rx.recv().await {
@@ -72,7 +77,15 @@ impl RunningSource {
                 }
             }
         });
-        RunningSource { shutdown, progress, handle, changes, commits, sessions, consumer }
+        RunningSource {
+            shutdown,
+            progress,
+            handle,
+            changes,
+            commits,
+            sessions,
+            consumer,
+        }
     }
 
     /// Wait until `n` changes were recorded (panics after `timeout`).
@@ -153,7 +166,11 @@ impl SkusyncProc {
                 }
             }
         });
-        SkusyncProc { child, lines, stderr_path }
+        SkusyncProc {
+            child,
+            lines,
+            stderr_path,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -171,7 +188,10 @@ impl SkusyncProc {
 
     /// Send a signal and wait for exit; returns the exit code.
     pub fn signal_and_wait(&mut self, sig: &str, timeout: Duration) -> Option<i32> {
-        let _ = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status();
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status();
         let start = Instant::now();
         while start.elapsed() < timeout {
             if let Ok(Some(st)) = self.child.try_wait() {
