@@ -17,6 +17,138 @@ pub struct ConfigError(pub String);
 pub struct Config {
     /// `[postgres]`: the source database.
     pub postgres: PostgresConfig,
+    /// `[redis]`: where the counters live.
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
+    /// `[mqtt]`: where mobile apps subscribe.
+    #[serde(default)]
+    pub mqtt: Option<MqttConfig>,
+    /// `[[inventory]]`: stock tables (absolute quantities per row).
+    #[serde(default)]
+    pub inventory: Vec<InventoryMap>,
+    /// `[[activity]]`: append-only activity logs (counted events).
+    #[serde(default)]
+    pub activity: Vec<ActivityMap>,
+    /// `[alerts]`: low-stock thresholds.
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+}
+
+/// `[redis]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port/db` or `rediss://` for TLS. The password may
+    /// instead come from `SKUSYNC_REDIS_PASSWORD`.
+    pub url: String,
+    /// Key prefix: hashes are `<prefix>:sku:<SKU>`, the meta hash `<prefix>:meta`.
+    #[serde(default = "default_name")]
+    pub prefix: String,
+    /// Most changes folded into one piece of a transaction before it is applied; bounds
+    /// memory for huge transactions (pieces are fenced by (commit LSN, piece number)).
+    #[serde(default = "default_piece_changes")]
+    pub max_changes_per_piece: u64,
+    /// Most SKU entries per apply script call.
+    #[serde(default = "default_batch_skus")]
+    pub max_batch_skus: usize,
+    /// CA file for `rediss://` (PEM); the system trust store when absent.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+/// `[mqtt]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// `mqtt://[user:password@]host:port` or `mqtts://` for TLS. The password may instead
+    /// come from `SKUSYNC_MQTT_PASSWORD`.
+    pub url: String,
+    /// MQTT client id (one active skusync per id).
+    #[serde(default = "default_name")]
+    pub client_id: String,
+    /// Topics are `<topic_prefix>/sku/<SKU>`, `<topic_prefix>/alerts/<SKU>`, `<topic_prefix>/status`.
+    #[serde(default = "default_name")]
+    pub topic_prefix: String,
+    /// Per-SKU publish throttle: at most one message per SKU per interval.
+    #[serde(default = "default_min_interval")]
+    pub min_interval_ms: u64,
+    /// CA file for `mqtts://` (PEM); the system trust store when absent.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Most republishes per second of SKUs whose window values aged (no new events).
+    #[serde(default = "default_age_rate")]
+    pub window_republish_per_s: u32,
+    /// Largest MQTT packet skusync sends or accepts.
+    #[serde(default = "default_max_packet")]
+    pub max_packet_bytes: usize,
+}
+
+/// `[alerts]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// Default low-stock threshold on `available` (per-SKU thresholds come from an
+    /// inventory table's `low_stock` column when mapped).
+    #[serde(default = "default_low_stock")]
+    pub low_stock: i64,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            low_stock: default_low_stock(),
+        }
+    }
+}
+
+/// `[[inventory]]`: one stock table.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InventoryMap {
+    /// `schema.table`.
+    pub table: String,
+    /// Column whose text form is the SKU.
+    pub sku: String,
+    /// Optional location column: stock is kept per (SKU, location) as well.
+    #[serde(default)]
+    pub location: Option<String>,
+    /// Quantity on hand: int2/int4/int8/numeric holding whole numbers.
+    pub on_hand: String,
+    /// Optional reserved quantity (same types).
+    #[serde(default)]
+    pub reserved: Option<String>,
+    /// Optional per-SKU low-stock threshold column (same types).
+    #[serde(default)]
+    pub low_stock: Option<String>,
+}
+
+/// `[[activity]]`: one append-only activity log.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActivityMap {
+    /// `schema.table`.
+    pub table: String,
+    /// Column whose text form is the SKU.
+    pub sku: String,
+    /// Column whose value names the event kind.
+    pub kind: String,
+    /// Optional quantity column (whole numbers); else each row counts 1.
+    #[serde(default)]
+    pub quantity: Option<String>,
+    /// Optional user column: only ever stored as a keyed HMAC (needs a key).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Optional event time column (timestamp/timestamptz); else the commit time.
+    #[serde(default)]
+    pub time: Option<String>,
+    /// Sliding windows, e.g. `["5m", "1h"]` (minutes or hours, at most 24h).
+    #[serde(default)]
+    pub windows: Vec<String>,
+    /// Event kind value -> counter name.
+    pub counters: std::collections::BTreeMap<String, String>,
+    /// HMAC key for user ids (else `SKUSYNC_USER_KEY`). Never logged.
+    #[serde(default)]
+    pub user_key: Option<String>,
 }
 
 /// `[postgres]`.
@@ -70,6 +202,37 @@ fn default_proto() -> u32 {
 fn default_status_ms() -> u64 {
     1000
 }
+fn default_piece_changes() -> u64 {
+    10_000
+}
+fn default_batch_skus() -> usize {
+    2_000
+}
+fn default_min_interval() -> u64 {
+    100
+}
+fn default_age_rate() -> u32 {
+    200
+}
+fn default_max_packet() -> usize {
+    64 * 1024
+}
+fn default_low_stock() -> i64 {
+    5
+}
+
+/// Parse a window like `5m`, `1h`, `90s` into seconds; whole minutes, 1 minute to 24 hours.
+pub fn parse_window(s: &str) -> Option<u64> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = num.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return None,
+    };
+    (secs >= 60 && secs % 60 == 0 && secs <= 86_400).then_some(secs)
+}
 
 impl Config {
     /// Read and validate a config file.
@@ -116,10 +279,133 @@ impl Config {
                 p.proto_version
             )));
         }
+        self.validate_mapping()?;
         if !(100..=60_000).contains(&p.status_interval_ms) {
             return Err(ConfigError(
                 "postgres.status_interval_ms: must be between 100 and 60000".into(),
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_mapping(&self) -> Result<(), ConfigError> {
+        let err = |m: String| Err(ConfigError(m));
+        let mut tables = std::collections::BTreeSet::new();
+        let valid_table = |t: &str| {
+            t.split_once('.')
+                .is_some_and(|(s, n)| !s.is_empty() && !n.is_empty() && !n.contains('.'))
+        };
+        for (i, m) in self.inventory.iter().enumerate() {
+            if !valid_table(&m.table) {
+                return err(format!(
+                    "inventory[{i}].table: {:?} must be schema.table",
+                    m.table
+                ));
+            }
+            if !tables.insert(m.table.clone()) {
+                return err(format!("inventory[{i}].table: {} is mapped twice", m.table));
+            }
+            for (k, v) in [
+                ("sku", Some(&m.sku)),
+                ("on_hand", Some(&m.on_hand)),
+                ("location", m.location.as_ref()),
+                ("reserved", m.reserved.as_ref()),
+                ("low_stock", m.low_stock.as_ref()),
+            ] {
+                if v.is_some_and(|c| c.is_empty()) {
+                    return err(format!("inventory[{i}].{k}: empty column name"));
+                }
+            }
+        }
+        let mut counters = std::collections::BTreeSet::new();
+        for (i, m) in self.activity.iter().enumerate() {
+            if !valid_table(&m.table) {
+                return err(format!(
+                    "activity[{i}].table: {:?} must be schema.table",
+                    m.table
+                ));
+            }
+            if !tables.insert(m.table.clone()) {
+                return err(format!("activity[{i}].table: {} is mapped twice", m.table));
+            }
+            if m.counters.is_empty() {
+                return err(format!(
+                    "activity[{i}].counters: map at least one event kind to a counter name"
+                ));
+            }
+            for w in &m.windows {
+                if parse_window(w).is_none() {
+                    return err(format!(
+                        "activity[{i}].windows: {w:?} is not a window (whole minutes from 1m to 24h, e.g. \"5m\", \"1h\")"
+                    ));
+                }
+            }
+            for c in m.counters.values() {
+                let reserved = [
+                    "on_hand",
+                    "reserved",
+                    "available",
+                    "lsn",
+                    "piece",
+                    "ts",
+                    "threshold",
+                ];
+                if c.is_empty()
+                    || c.contains(':')
+                    || reserved.contains(&c.as_str())
+                    || c.starts_with("pub")
+                    || c.starts_with("alert")
+                {
+                    return err(format!(
+                        "activity[{i}].counters: {c:?} cannot be a counter name (empty, contains ':', or reserved)"
+                    ));
+                }
+                counters.insert(c.clone());
+            }
+            if m.user.is_some()
+                && m.user_key.is_none()
+                && std::env::var("SKUSYNC_USER_KEY")
+                    .map(|k| k.is_empty())
+                    .unwrap_or(true)
+            {
+                return err(format!(
+                    "activity[{i}].user: mapping a user column needs an HMAC key: set activity[{i}].user_key or SKUSYNC_USER_KEY"
+                ));
+            }
+        }
+        if let Some(r) = &self.redis {
+            if !(r.url.starts_with("redis://") || r.url.starts_with("rediss://")) {
+                return err("redis.url: must start with redis:// or rediss://".into());
+            }
+            if r.prefix.is_empty() || r.prefix.contains(['{', '}']) {
+                return err("redis.prefix: must be non-empty and contain no braces".into());
+            }
+            if r.max_changes_per_piece < 100 {
+                return err("redis.max_changes_per_piece: must be at least 100".into());
+            }
+            if r.max_batch_skus == 0 {
+                return err("redis.max_batch_skus: must be at least 1".into());
+            }
+        }
+        if let Some(m) = &self.mqtt {
+            if !(m.url.starts_with("mqtt://") || m.url.starts_with("mqtts://")) {
+                return err("mqtt.url: must start with mqtt:// or mqtts://".into());
+            }
+            if m.topic_prefix.is_empty()
+                || m.topic_prefix.contains(['+', '#'])
+                || m.topic_prefix.ends_with('/')
+            {
+                return err(
+                    "mqtt.topic_prefix: must be non-empty, without + or #, and not end with /"
+                        .into(),
+                );
+            }
+            if m.client_id.is_empty() {
+                return err("mqtt.client_id: must not be empty".into());
+            }
+            if !(1024..=256 * 1024 * 1024).contains(&m.max_packet_bytes) {
+                return err("mqtt.max_packet_bytes: must be between 1024 and 268435456".into());
+            }
         }
         Ok(())
     }

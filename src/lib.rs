@@ -11,6 +11,7 @@ pub mod lsn;
 pub mod pg;
 pub mod pgoutput;
 pub mod progress;
+pub mod sinks;
 pub mod source;
 pub mod tail;
 pub mod txn;
