@@ -7,6 +7,7 @@
 //! ```
 
 pub mod config;
+pub mod fold;
 pub mod lsn;
 pub mod pg;
 pub mod pgoutput;

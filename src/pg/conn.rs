@@ -242,6 +242,12 @@ impl ReplConnection {
             ("replication", "database"),
             ("client_encoding", "UTF8"),
             ("application_name", cfg.application_name.as_str()),
+            // Output functions run in the walsender with these settings: pin the text forms
+            // the decoder relies on (ISO timestamps in UTC, round-trippable floats).
+            (
+                "options",
+                "-c datestyle=ISO,YMD -c timezone=UTC -c extra_float_digits=3 -c intervalstyle=postgres",
+            ),
         ];
         frontend::startup_message(params.iter().copied(), &mut self.wbuf)
             .map_err(|e| PgError::Config(format!("startup message: {e}")))?;

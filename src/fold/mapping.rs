@@ -1,0 +1,305 @@
+//! The configured mapping of tables and columns, and its resolution against the
+//! relations the server announces. Resolution is where schema problems are found: a
+//! dropped mapped column, an unusable type, a replica identity that cannot attribute
+//! deletes. Those stop the stream before anything past them is confirmed.
+
+use crate::config::{ActivityMap, Config, ConfigError, InventoryMap, parse_window};
+use crate::txn::{RelationDesc, ReplicaIdentity, value::oid};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+/// Whole-number column types for quantities.
+const QUANTITY_TYPES: [u32; 4] = [oid::INT2, oid::INT4, oid::INT8, oid::NUMERIC];
+/// Timestamp types for event times.
+const TIME_TYPES: [u32; 2] = [oid::TIMESTAMP, oid::TIMESTAMPTZ];
+
+/// The mapping, validated and ready to resolve relations.
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    pub inventory: Vec<InventoryMap>,
+    pub activity: Vec<ActivitySpec>,
+    /// Default low-stock threshold.
+    pub low_stock: i64,
+    /// Identifies the mapping; a different one means Redis must be rebuilt.
+    pub fingerprint: String,
+}
+
+/// An activity table with parsed windows and its HMAC key.
+#[derive(Debug, Clone)]
+pub struct ActivitySpec {
+    pub map: ActivityMap,
+    pub windows_secs: Vec<u64>,
+    /// HMAC key for user ids (present iff `user` is mapped).
+    pub user_key: Option<Vec<u8>>,
+}
+
+impl Mapping {
+    /// Build from the config (already validated by `Config::parse`).
+    pub fn from_config(cfg: &Config) -> Result<Mapping, ConfigError> {
+        let mut activity = Vec::new();
+        for (i, a) in cfg.activity.iter().enumerate() {
+            let windows_secs = a
+                .windows
+                .iter()
+                .map(|w| {
+                    parse_window(w).ok_or_else(|| {
+                        ConfigError(format!("activity[{i}].windows: bad window {w:?}"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let user_key = match &a.user {
+                None => None,
+                Some(_) => {
+                    let k = a
+                        .user_key
+                        .clone()
+                        .or_else(|| std::env::var("SKUSYNC_USER_KEY").ok())
+                        .filter(|k| !k.is_empty())
+                        .ok_or_else(|| {
+                            ConfigError(format!(
+                                "activity[{i}].user: mapping a user column needs an HMAC key: set activity[{i}].user_key or SKUSYNC_USER_KEY"
+                            ))
+                        })?;
+                    Some(k.into_bytes())
+                }
+            };
+            activity.push(ActivitySpec {
+                map: a.clone(),
+                windows_secs,
+                user_key,
+            });
+        }
+        // The fingerprint covers what changes the meaning of stored values, not secrets.
+        let mut h = Sha256::new();
+        h.update(serde_json::to_vec(&cfg.inventory).unwrap_or_default());
+        h.update(
+            serde_json::to_vec(
+                &cfg.activity
+                    .iter()
+                    .map(|a| {
+                        let mut a = a.clone();
+                        a.user_key = None;
+                        a
+                    })
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap_or_default(),
+        );
+        let fingerprint = hex::encode(&h.finalize()[..12]);
+        Ok(Mapping {
+            inventory: cfg.inventory.clone(),
+            activity,
+            low_stock: cfg.alerts.low_stock,
+            fingerprint,
+        })
+    }
+
+    /// Every counter name with its windows and whether it counts distinct users.
+    pub fn counters(&self) -> Vec<(String, Vec<u64>, bool)> {
+        let mut out: BTreeMap<String, (Vec<u64>, bool)> = BTreeMap::new();
+        for a in &self.activity {
+            for c in a.map.counters.values() {
+                let e = out.entry(c.clone()).or_default();
+                for w in &a.windows_secs {
+                    if !e.0.contains(w) {
+                        e.0.push(*w);
+                    }
+                }
+                e.1 |= a.user_key.is_some();
+            }
+        }
+        out.into_iter().map(|(k, (w, u))| (k, w, u)).collect()
+    }
+
+    /// Minutes of window buckets to keep (the largest window, and an hour when a
+    /// `purchases` counter feeds the sell rate).
+    pub fn keep_minutes(&self) -> i64 {
+        let mut keep = self
+            .activity
+            .iter()
+            .flat_map(|a| a.windows_secs.iter())
+            .max()
+            .copied()
+            .unwrap_or(0)
+            / 60;
+        if self.counters().iter().any(|(c, _, _)| c == "purchases") {
+            keep = keep.max(60);
+        }
+        keep as i64
+    }
+
+    /// All mapped table names.
+    pub fn tables(&self) -> impl Iterator<Item = &str> {
+        self.inventory
+            .iter()
+            .map(|m| m.table.as_str())
+            .chain(self.activity.iter().map(|a| a.map.table.as_str()))
+    }
+
+    /// Resolve a relation against the mapping.
+    pub fn resolve(&self, rel: &RelationDesc) -> Result<Rule, SchemaError> {
+        let name = rel.qualified_name();
+        if let Some((i, m)) = self
+            .inventory
+            .iter()
+            .enumerate()
+            .find(|(_, m)| m.table == name)
+        {
+            let col = |key: &str, col: &str, types: Option<&[u32]>| {
+                resolve_column(rel, &name, key, col, types)
+            };
+            let sku = col("sku", &m.sku, None)?;
+            let on_hand = col("on_hand", &m.on_hand, Some(&QUANTITY_TYPES))?;
+            let location = m
+                .location
+                .as_deref()
+                .map(|c| col("location", c, None))
+                .transpose()?;
+            let reserved = m
+                .reserved
+                .as_deref()
+                .map(|c| col("reserved", c, Some(&QUANTITY_TYPES)))
+                .transpose()?;
+            let low_stock = m
+                .low_stock
+                .as_deref()
+                .map(|c| col("low_stock", c, Some(&QUANTITY_TYPES)))
+                .transpose()?;
+            let key: Vec<usize> = rel
+                .columns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.is_key)
+                .map(|(i, _)| i)
+                .collect();
+            let full = rel.replica_identity == ReplicaIdentity::Full;
+            if !full && (key.is_empty() || !key.contains(&sku)) {
+                let why = if key.is_empty() {
+                    "has no replica identity key".to_string()
+                } else {
+                    format!(
+                        "has a replica identity key that does not contain the SKU column {:?}",
+                        m.sku
+                    )
+                };
+                return Err(SchemaError(format!(
+                    "stock table {name} {why}, so deletes and SKU changes cannot be attributed to a SKU; \
+                     fix it with: ALTER TABLE {name} REPLICA IDENTITY FULL;"
+                )));
+            }
+            return Ok(Rule::Inventory(InventoryRule {
+                index: i,
+                table: name,
+                sku,
+                location,
+                on_hand,
+                reserved,
+                low_stock,
+                key,
+            }));
+        }
+        if let Some((i, a)) = self
+            .activity
+            .iter()
+            .enumerate()
+            .find(|(_, a)| a.map.table == name)
+        {
+            let m = &a.map;
+            let col = |key: &str, col: &str, types: Option<&[u32]>| {
+                resolve_column(rel, &name, key, col, types)
+            };
+            return Ok(Rule::Activity(ActivityRule {
+                index: i,
+                table: name.clone(),
+                sku: col("sku", &m.sku, None)?,
+                kind: col("kind", &m.kind, None)?,
+                quantity: m
+                    .quantity
+                    .as_deref()
+                    .map(|c| col("quantity", c, Some(&QUANTITY_TYPES)))
+                    .transpose()?,
+                user: m
+                    .user
+                    .as_deref()
+                    .map(|c| col("user", c, None))
+                    .transpose()?,
+                time: m
+                    .time
+                    .as_deref()
+                    .map(|c| col("time", c, Some(&TIME_TYPES)))
+                    .transpose()?,
+            }));
+        }
+        Ok(Rule::Unmapped)
+    }
+}
+
+fn resolve_column(
+    rel: &RelationDesc,
+    table: &str,
+    key: &str,
+    col: &str,
+    types: Option<&[u32]>,
+) -> Result<usize, SchemaError> {
+    let Some(i) = rel.column_index(col) else {
+        return Err(SchemaError(format!(
+            "mapped column {table}.{col} (config key {key}) is not in the replicated relation: it was dropped, renamed, \
+             or excluded by the publication's column list; restore it or fix the mapping"
+        )));
+    };
+    if let Some(types) = types {
+        let t = rel.columns[i].type_oid;
+        if !types.contains(&t) {
+            return Err(SchemaError(format!(
+                "mapped column {table}.{col} (config key {key}) has type oid {t}, which skusync cannot use here; \
+                 it must be {}",
+                if types == QUANTITY_TYPES {
+                    "smallint, integer, bigint or numeric"
+                } else {
+                    "timestamp or timestamptz"
+                }
+            )));
+        }
+    }
+    Ok(i)
+}
+
+/// A schema problem that stops the stream (definite: the operator must act).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SchemaError(pub String);
+
+/// How changes of one relation are folded.
+#[derive(Debug, Clone)]
+pub enum Rule {
+    Inventory(InventoryRule),
+    Activity(ActivityRule),
+    /// In the publication but not mapped: ignored (and counted).
+    Unmapped,
+}
+
+/// Column positions of a stock table.
+#[derive(Debug, Clone)]
+pub struct InventoryRule {
+    pub index: usize,
+    pub table: String,
+    pub sku: usize,
+    pub location: Option<usize>,
+    pub on_hand: usize,
+    pub reserved: Option<usize>,
+    pub low_stock: Option<usize>,
+    /// Replica identity key columns (all columns with REPLICA IDENTITY FULL).
+    pub key: Vec<usize>,
+}
+
+/// Column positions of an activity table.
+#[derive(Debug, Clone)]
+pub struct ActivityRule {
+    pub index: usize,
+    pub table: String,
+    pub sku: usize,
+    pub kind: usize,
+    pub quantity: Option<usize>,
+    pub user: Option<usize>,
+    pub time: Option<usize>,
+}

@@ -1,0 +1,661 @@
+//! The fold: one transaction's changes -> per-SKU deltas, pure and sans-IO.
+//!
+//! Stock rows carry absolute values, so the fold does not compute stock deltas itself:
+//! it records, per SKU, the final state of each stock row the transaction touched
+//! (keyed by table and replica-identity key), and the apply step derives deltas from
+//! the contribution Redis holds for that row. Activity rows are counted.
+//!
+//! A transaction is cut into *pieces* at deterministic points (every
+//! `max_changes_per_piece` changes from its Begin, and around a TRUNCATE), so memory is
+//! bounded by the distinct SKUs and rows of one piece, and a replay after a crash cuts
+//! the same pieces: the apply step fences on (commit LSN, piece number).
+
+pub mod mapping;
+pub mod model;
+
+pub use mapping::{Mapping, Rule, SchemaError};
+
+use crate::lsn::Lsn;
+use crate::pgoutput::{Datum, OldKind, Tuple};
+use crate::txn::{
+    Change, Op, RelationDesc, Truncate, TxnBegin, TxnCommit, pg_timestamp_to_unix_micros,
+};
+use hmac::{Hmac, KeyInit, Mac};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+/// A field value in a row update: unchanged-TOAST values keep what Redis holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Field<T> {
+    Keep,
+    Val(T),
+}
+
+/// The final state of one stock row within a piece.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RowOp {
+    /// The row exists with these values (location `""` when not mapped).
+    Set {
+        location: Field<String>,
+        on_hand: Field<i64>,
+        reserved: Field<i64>,
+        threshold: Field<Option<i64>>,
+    },
+    /// The row is gone (deleted, or moved to another SKU or key).
+    Del,
+}
+
+/// Everything one piece does to one SKU.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SkuDelta {
+    /// Row field name (`r:<table>:<key>`) -> final state in this piece.
+    pub rows: BTreeMap<String, RowOp>,
+    /// Lifetime counter increments.
+    pub counters: BTreeMap<String, i64>,
+    /// (counter, minute) -> increment of that window bucket.
+    pub buckets: BTreeMap<(String, i64), i64>,
+    /// (counter, minute) -> HMAC'd user ids seen.
+    pub users: BTreeMap<(String, i64), BTreeSet<String>>,
+}
+
+impl SkuDelta {
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+            && self.counters.is_empty()
+            && self.buckets.is_empty()
+            && self.users.is_empty()
+    }
+}
+
+/// A unit of work for the apply step, fenced by (commit LSN, piece).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Piece {
+    pub commit_lsn: Lsn,
+    pub piece: u32,
+    /// Commit time, unix milliseconds.
+    pub commit_ms: i64,
+    /// Tables truncated at the start of this piece (stock tables only).
+    pub truncate: Vec<String>,
+    pub skus: BTreeMap<String, SkuDelta>,
+    /// The transaction's final piece: low-stock alerts are evaluated here, once per
+    /// transaction, for every SKU in `eval`.
+    pub last: bool,
+    /// SKUs whose stock the transaction changed (final piece only).
+    pub eval: Vec<String>,
+}
+
+impl Piece {
+    /// Whether applying it would change nothing.
+    pub fn is_empty(&self) -> bool {
+        self.truncate.is_empty() && self.skus.is_empty() && self.eval.is_empty()
+    }
+}
+
+/// A value that could not be used; skipped, never fatal. Names table, column and LSN but
+/// never the value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    pub table: String,
+    pub column: String,
+    pub lsn: Lsn,
+    pub reason: String,
+}
+
+/// Counts for metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FoldStats {
+    pub rows: u64,
+    pub unmapped_changes: u64,
+    pub unknown_kinds: u64,
+    pub ignored_activity_changes: u64,
+    pub skipped_values: u64,
+}
+
+/// The fold state machine.
+pub struct Fold {
+    mapping: Arc<Mapping>,
+    rules: HashMap<u32, Rule>,
+    max_changes: u64,
+    cur: Option<Piece>,
+    /// Changes folded into the current piece.
+    in_piece: u64,
+    /// SKUs whose stock this transaction changed, for alert evaluation at commit.
+    touched: std::collections::BTreeSet<String>,
+    pub stats: FoldStats,
+    skipped: Vec<Skipped>,
+}
+
+impl Fold {
+    /// A fold that cuts pieces every `max_changes` changes.
+    pub fn new(mapping: Arc<Mapping>, max_changes: u64) -> Fold {
+        Fold {
+            mapping,
+            rules: HashMap::new(),
+            max_changes: max_changes.max(1),
+            cur: None,
+            in_piece: 0,
+            touched: Default::default(),
+            stats: FoldStats::default(),
+            skipped: Vec::new(),
+        }
+    }
+
+    /// A relation was (re)announced: resolve it now so schema problems stop the stream
+    /// before any change of it is applied.
+    pub fn relation(&mut self, rel: &RelationDesc) -> Result<(), SchemaError> {
+        let rule = self.mapping.resolve(rel)?;
+        self.rules.insert(rel.oid, rule);
+        Ok(())
+    }
+
+    /// Forget resolved relations (new replication session).
+    pub fn reset(&mut self) {
+        self.rules.clear();
+        self.cur = None;
+        self.in_piece = 0;
+        self.touched.clear();
+    }
+
+    /// Values skipped since the last call (for logging and metrics).
+    pub fn take_skipped(&mut self) -> Vec<Skipped> {
+        std::mem::take(&mut self.skipped)
+    }
+
+    /// Start a transaction.
+    pub fn begin(&mut self, b: &TxnBegin) {
+        let commit_ms = pg_timestamp_to_unix_micros(b.commit_ts).div_euclid(1000);
+        self.cur = Some(Piece {
+            commit_lsn: b.commit_lsn,
+            piece: 0,
+            commit_ms,
+            truncate: Vec::new(),
+            skus: BTreeMap::new(),
+            last: false,
+            eval: Vec::new(),
+        });
+        self.in_piece = 0;
+        self.touched.clear();
+    }
+
+    /// Cut the current piece if it is full; returns it.
+    fn cut(&mut self) -> Option<Piece> {
+        let cur = self.cur.as_mut()?;
+        let next = Piece {
+            commit_lsn: cur.commit_lsn,
+            piece: cur.piece + 1,
+            commit_ms: cur.commit_ms,
+            truncate: Vec::new(),
+            skus: BTreeMap::new(),
+            last: false,
+            eval: Vec::new(),
+        };
+        self.in_piece = 0;
+        let done = std::mem::replace(cur, next);
+        Some(done)
+    }
+
+    /// Fold one change; returns a finished piece when the cap was reached.
+    pub fn change(&mut self, c: &Change) -> Result<Option<Piece>, SchemaError> {
+        let out = if self.in_piece >= self.max_changes {
+            self.cut()
+        } else {
+            None
+        };
+        self.in_piece += 1;
+        self.stats.rows += 1;
+        let rule = match self.rules.get(&c.rel.oid) {
+            Some(r) => r.clone(),
+            None => {
+                let r = self.mapping.resolve(&c.rel)?;
+                self.rules.insert(c.rel.oid, r.clone());
+                r
+            }
+        };
+        match rule {
+            Rule::Unmapped => self.stats.unmapped_changes += 1,
+            Rule::Inventory(r) => self.fold_stock(&r, c),
+            Rule::Activity(r) => self.fold_activity(&r, c),
+        }
+        Ok(out)
+    }
+
+    /// A TRUNCATE: stock tables lose all contributions; activity tables are ignored.
+    /// Cuts the piece so the truncate applies after earlier changes and before later ones.
+    pub fn truncate(&mut self, t: &Truncate) -> Result<Option<Piece>, SchemaError> {
+        let mut tables = Vec::new();
+        for rel in &t.rels {
+            if let Rule::Inventory(r) = self.mapping.resolve(rel)? {
+                tables.push(r.table);
+            }
+        }
+        if tables.is_empty() {
+            return Ok(None);
+        }
+        let out = if self.cur.as_ref().is_some_and(|p| !p.is_empty()) {
+            self.cut()
+        } else {
+            None
+        };
+        if let Some(cur) = self.cur.as_mut() {
+            cur.truncate.extend(tables);
+        }
+        Ok(out)
+    }
+
+    /// End the transaction: the last piece (possibly empty, which still carries the
+    /// commit for progress).
+    pub fn commit(&mut self, _c: &TxnCommit) -> Option<Piece> {
+        self.in_piece = 0;
+        let mut p = self.cur.take()?;
+        p.last = true;
+        p.eval = std::mem::take(&mut self.touched).into_iter().collect();
+        Some(p)
+    }
+
+    fn skip(&mut self, table: &str, column: &str, lsn: Lsn, reason: String) {
+        self.stats.skipped_values += 1;
+        self.skipped.push(Skipped {
+            table: table.to_string(),
+            column: column.to_string(),
+            lsn,
+            reason,
+        });
+    }
+
+    fn fold_stock(&mut self, r: &mapping::InventoryRule, c: &Change) {
+        let lsn = c.commit_lsn;
+        let mapping = self.mapping.clone();
+        let m = &mapping.inventory[r.index];
+        // The row as it was (for deletes and key changes) and as it is.
+        let old_tuple = c.old.as_ref().map(|(_, t)| t);
+        let old_full = matches!(c.old, Some((OldKind::Full, _)));
+        let new_tuple = c.new.as_ref();
+        let old_id = match (c.op, old_tuple) {
+            (Op::Insert, _) => None,
+            (_, Some(t)) => match row_identity(r, t, &c.rel) {
+                Ok(id) => Some(id),
+                Err(col) => {
+                    self.skip(
+                        &r.table,
+                        &col,
+                        lsn,
+                        "the old row's key or SKU was not sent".into(),
+                    );
+                    return;
+                }
+            },
+            (Op::Delete, None) => {
+                self.skip(&r.table, &m.sku, lsn, "delete without an old row".into());
+                return;
+            }
+            (_, None) => None,
+        };
+        // With a full old row, unchanged TOAST values of the new row are known.
+        let filled: Option<Tuple> = match (new_tuple, old_tuple) {
+            (Some(n), Some(o)) if old_full && n.contains(&Datum::UnchangedToast) => Some(
+                n.iter()
+                    .zip(o.iter())
+                    .map(|(nd, od)| {
+                        if *nd == Datum::UnchangedToast {
+                            od.clone()
+                        } else {
+                            nd.clone()
+                        }
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        };
+        let new_tuple = filled.as_ref().or(new_tuple);
+        let new_state = match new_tuple {
+            None => None,
+            Some(t) => {
+                let id = match row_identity(r, t, &c.rel) {
+                    Ok(id) => id,
+                    Err(col) => {
+                        self.skip(
+                            &r.table,
+                            &col,
+                            lsn,
+                            "the row's key or SKU was not sent (NULL or unchanged TOAST)".into(),
+                        );
+                        return;
+                    }
+                };
+                let old_fill = if old_full { old_tuple } else { None };
+                let on_hand = match quantity(t, old_fill, r.on_hand, &c.rel) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.skip(&r.table, &m.on_hand, lsn, e);
+                        return;
+                    }
+                };
+                let reserved = match r.reserved {
+                    None => Field::Val(0),
+                    Some(i) => match quantity(t, old_fill, i, &c.rel) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            self.skip(&r.table, m.reserved.as_deref().unwrap_or(""), lsn, e);
+                            return;
+                        }
+                    },
+                };
+                let threshold = match r.low_stock {
+                    None => Field::Val(None),
+                    Some(i) => match quantity(t, old_fill, i, &c.rel) {
+                        Ok(Field::Val(v)) => Field::Val(Some(v)),
+                        Ok(Field::Keep) => Field::Keep,
+                        // A NULL threshold means "use the default".
+                        Err(_) if matches!(t.get(i), Some(Datum::Null)) => Field::Val(None),
+                        Err(e) => {
+                            self.skip(&r.table, m.low_stock.as_deref().unwrap_or(""), lsn, e);
+                            return;
+                        }
+                    },
+                };
+                let location = match r.location {
+                    None => Field::Val(String::new()),
+                    Some(i) => match text(t.get(i)) {
+                        TextOf::Text(s) => Field::Val(s.to_string()),
+                        TextOf::Null => Field::Val(String::new()),
+                        TextOf::Unchanged => Field::Keep,
+                        TextOf::Bad => {
+                            self.skip(
+                                &r.table,
+                                m.location.as_deref().unwrap_or(""),
+                                lsn,
+                                "location is not UTF-8 text".into(),
+                            );
+                            return;
+                        }
+                    },
+                };
+                Some((
+                    id,
+                    RowOp::Set {
+                        location,
+                        on_hand,
+                        reserved,
+                        threshold,
+                    },
+                ))
+            }
+        };
+        // Bounded: a bulk load touching more SKUs than this gets alerts for the rest at
+        // their next change.
+        const MAX_TOUCHED: usize = 100_000;
+        for sku in old_id
+            .iter()
+            .map(|(s, _)| s)
+            .chain(new_state.iter().map(|((s, _), _)| s))
+        {
+            if self.touched.len() < MAX_TOUCHED && !self.touched.contains(sku) {
+                self.touched.insert(sku.clone());
+            }
+        }
+        let cur = self.cur.as_mut().expect("change inside a transaction");
+        if let Some((old_sku, old_field)) = &old_id {
+            let moved = new_state
+                .as_ref()
+                .is_none_or(|((s, f), _)| s != old_sku || f != old_field);
+            if moved {
+                cur.skus
+                    .entry(old_sku.clone())
+                    .or_default()
+                    .rows
+                    .insert(old_field.clone(), RowOp::Del);
+            }
+        }
+        if let Some(((sku, field), op)) = new_state {
+            let rows = &mut cur.skus.entry(sku).or_default().rows;
+            let merged = match (rows.remove(&field), op) {
+                (
+                    Some(RowOp::Set {
+                        location: l0,
+                        on_hand: o0,
+                        reserved: r0,
+                        threshold: t0,
+                    }),
+                    RowOp::Set {
+                        location,
+                        on_hand,
+                        reserved,
+                        threshold,
+                    },
+                ) => RowOp::Set {
+                    location: keep_or(location, l0),
+                    on_hand: keep_or(on_hand, o0),
+                    reserved: keep_or(reserved, r0),
+                    threshold: keep_or(threshold, t0),
+                },
+                (_, op) => op,
+            };
+            rows.insert(field, merged);
+        }
+    }
+
+    fn fold_activity(&mut self, r: &mapping::ActivityRule, c: &Change) {
+        let lsn = c.commit_lsn;
+        if c.op != Op::Insert {
+            // Activity counters count inserted rows; retention deletes never lower them.
+            self.stats.ignored_activity_changes += 1;
+            return;
+        }
+        let Some(t) = c.new.as_ref() else { return };
+        let mapping = self.mapping.clone();
+        let spec = &mapping.activity[r.index];
+        let m = &spec.map;
+        let sku = match text(t.get(r.sku)) {
+            TextOf::Text(s) => s.to_string(),
+            _ => {
+                self.skip(&r.table, &m.sku, lsn, "SKU is NULL or not text".into());
+                return;
+            }
+        };
+        let kind = match text(t.get(r.kind)) {
+            TextOf::Text(s) => s,
+            _ => {
+                self.stats.unknown_kinds += 1;
+                return;
+            }
+        };
+        let Some(counter) = m.counters.get(kind).cloned() else {
+            self.stats.unknown_kinds += 1;
+            return;
+        };
+        let qty = match r.quantity {
+            None => 1,
+            Some(i) => match quantity(t, None, i, &c.rel) {
+                Ok(Field::Val(v)) => v,
+                Ok(Field::Keep) => unreachable_keep(),
+                Err(e) => {
+                    self.skip(&r.table, m.quantity.as_deref().unwrap_or(""), lsn, e);
+                    return;
+                }
+            },
+        };
+        let cur_ms = self.cur.as_ref().map(|p| p.commit_ms).unwrap_or(0);
+        let at_ms = match r.time {
+            None => cur_ms,
+            Some(i) => match text(t.get(i)) {
+                TextOf::Text(s) => match parse_pg_timestamp_ms(s) {
+                    Some(ms) => ms,
+                    None => {
+                        self.skip(
+                            &r.table,
+                            m.time.as_deref().unwrap_or(""),
+                            lsn,
+                            "event time is not a finite timestamp; using the commit time".into(),
+                        );
+                        cur_ms
+                    }
+                },
+                _ => cur_ms,
+            },
+        };
+        let user = match (r.user, &spec.user_key) {
+            (Some(i), Some(key)) => match text(t.get(i)) {
+                TextOf::Text(s) => Some(hmac_user(key, s)),
+                _ => None,
+            },
+            _ => None,
+        };
+        let has_windows = !spec.windows_secs.is_empty() || counter == "purchases";
+        let minute = crate::sinks::layout::minute_of_ms(at_ms);
+        let cur = self.cur.as_mut().expect("change inside a transaction");
+        let d = cur.skus.entry(sku).or_default();
+        *d.counters.entry(counter.clone()).or_default() += qty;
+        if has_windows {
+            *d.buckets.entry((counter.clone(), minute)).or_default() += qty;
+        }
+        if let Some(u) = user {
+            d.users.entry((counter, minute)).or_default().insert(u);
+        }
+    }
+}
+
+fn unreachable_keep() -> i64 {
+    // `quantity` only returns Keep when given an old row, which activity never passes.
+    0
+}
+
+fn keep_or<T>(new: Field<T>, old: Field<T>) -> Field<T> {
+    match new {
+        Field::Keep => old,
+        v => v,
+    }
+}
+
+enum TextOf<'a> {
+    Text(&'a str),
+    Null,
+    Unchanged,
+    Bad,
+}
+
+fn text(d: Option<&Datum>) -> TextOf<'_> {
+    match d {
+        Some(Datum::Text(b)) => std::str::from_utf8(b)
+            .map(TextOf::Text)
+            .unwrap_or(TextOf::Bad),
+        Some(Datum::Null) | None => TextOf::Null,
+        Some(Datum::UnchangedToast) => TextOf::Unchanged,
+        Some(Datum::Binary(_)) => TextOf::Bad,
+    }
+}
+
+/// A whole-number column; `Keep` for an unchanged TOAST value (filled from a full old row
+/// when there is one).
+fn quantity(
+    t: &Tuple,
+    old_full: Option<&Tuple>,
+    i: usize,
+    rel: &RelationDesc,
+) -> Result<Field<i64>, String> {
+    let type_oid = rel.columns.get(i).map(|c| c.type_oid).unwrap_or(0);
+    let d = match t.get(i) {
+        Some(Datum::UnchangedToast) => match old_full.and_then(|o| o.get(i)) {
+            Some(d) if *d != Datum::UnchangedToast => d,
+            _ => return Ok(Field::Keep),
+        },
+        Some(d) => d,
+        None => return Err("column missing from the row".into()),
+    };
+    let v = crate::txn::parse_value(d, type_oid).map_err(|e| e.to_string())?;
+    v.as_whole_number()
+        .map(Field::Val)
+        .map_err(|e| format!("not a whole number ({e})"))
+}
+
+/// (SKU, row field) of a stock row from a tuple; `Err(column)` when a needed value is
+/// missing (NULL SKU, unchanged TOAST key).
+fn row_identity(
+    r: &mapping::InventoryRule,
+    t: &Tuple,
+    rel: &RelationDesc,
+) -> Result<(String, String), String> {
+    let col_name = |i: usize| {
+        rel.columns
+            .get(i)
+            .map(|c| c.name.clone())
+            .unwrap_or_default()
+    };
+    let sku = match text(t.get(r.sku)) {
+        TextOf::Text(s) => s.to_string(),
+        _ => return Err(col_name(r.sku)),
+    };
+    let mut field = format!("r:{}:", r.table);
+    for (n, &i) in r.key.iter().enumerate() {
+        if n > 0 {
+            field.push('\u{1f}');
+        }
+        match t.get(i) {
+            Some(Datum::Text(b)) => field.push_str(&String::from_utf8_lossy(b)),
+            // NULL is distinct from every text value (text cannot contain NUL).
+            Some(Datum::Null) => field.push('\0'),
+            _ => return Err(col_name(i)),
+        }
+    }
+    Ok((sku, field))
+}
+
+/// HMAC-SHA256 of a user id, hex, truncated to 128 bits (plenty for HyperLogLog).
+pub fn hmac_user(key: &[u8], user: &str) -> String {
+    let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key)
+        .expect("HMAC takes keys of any length");
+    mac.update(user.as_bytes());
+    hex::encode(&mac.finalize().into_bytes()[..16])
+}
+
+/// Parse PostgreSQL's ISO timestamp output (`2026-11-25 08:00:00.123+00`, with or
+/// without zone; the replication session runs with TimeZone=UTC) into unix ms.
+pub fn parse_pg_timestamp_ms(s: &str) -> Option<i64> {
+    let s = s.trim();
+    let (date, rest) = s.split_once(' ')?;
+    let mut d = date.splitn(3, '-');
+    let y: i64 = d.next()?.parse().ok()?;
+    let mo: i64 = d.next()?.parse().ok()?;
+    let da: i64 = d.next()?.parse().ok()?;
+    let tz_at = rest.find(['+', '-']).unwrap_or(rest.len());
+    let (time, tz) = rest.split_at(tz_at);
+    let mut tp = time.splitn(3, ':');
+    let h: i64 = tp.next()?.parse().ok()?;
+    let mi: i64 = tp.next()?.parse().ok()?;
+    let sec_s = tp.next()?;
+    let (sec, frac) = sec_s.split_once('.').unwrap_or((sec_s, ""));
+    let sec: i64 = sec.parse().ok()?;
+    let ms: i64 = if frac.is_empty() {
+        0
+    } else {
+        format!("{:0<3}", &frac[..frac.len().min(3)]).parse().ok()?
+    };
+    let offset_s = if tz.is_empty() {
+        0
+    } else {
+        let sign = if tz.starts_with('-') { -1 } else { 1 };
+        let mut p = tz[1..].split(':');
+        let oh: i64 = p.next()?.parse().ok()?;
+        let om: i64 = p.next().map(|x| x.parse().ok()).unwrap_or(Some(0))?;
+        let os: i64 = p.next().map(|x| x.parse().ok()).unwrap_or(Some(0))?;
+        sign * (oh * 3600 + om * 60 + os)
+    };
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&da) || h > 24 || mi > 59 || sec > 60 {
+        return None;
+    }
+    // Days from civil (proleptic Gregorian).
+    let (yy, mm) = if mo <= 2 {
+        (y - 1, mo + 9)
+    } else {
+        (y, mo - 3)
+    };
+    let era = yy.div_euclid(400);
+    let yoe = yy - era * 400;
+    let doy = (153 * mm + 2) / 5 + da - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 86_400 + h * 3600 + mi * 60 + sec - offset_s) * 1000) + ms)
+}
+
+#[cfg(test)]
+mod tests;

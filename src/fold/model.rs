@@ -1,0 +1,327 @@
+//! A pure in-memory model of the Redis apply step, with the same semantics as the Lua
+//! script (`sinks/redis/apply.lua`). Property tests fold transactions in different splits
+//! and apply them here; an integration test applies random pieces to both this model and
+//! a real Redis and compares the hashes.
+
+use super::{Field, Piece, RowOp};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Settings the apply step needs besides the pieces.
+#[derive(Clone, Debug)]
+pub struct ApplyParams {
+    /// Minutes of window buckets kept (0: none).
+    pub keep_minutes: i64,
+    /// Default low-stock threshold.
+    pub low_stock: i64,
+    /// Every counter name (to decide whether a SKU is gone).
+    pub counters: Vec<String>,
+    /// Bootstrap/resync: set alert state without raising alerts.
+    pub quiet: bool,
+}
+
+/// An alert raised by a transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Alert {
+    pub sku: String,
+    pub kind: &'static str,
+    pub available: i64,
+    pub threshold: i64,
+    pub lsn: u64,
+    pub ts: i64,
+}
+
+/// One SKU hash: field -> value, plus the distinct-user sets (HyperLogLogs in Redis).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SkuHash {
+    pub fields: BTreeMap<String, String>,
+    pub users: BTreeMap<String, BTreeSet<String>>,
+}
+
+/// The model store.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Store {
+    pub skus: BTreeMap<String, SkuHash>,
+}
+
+/// Hysteresis above the threshold before a low SKU re-arms.
+pub fn hysteresis(threshold: i64) -> i64 {
+    (threshold / 5).max(1)
+}
+
+fn get_i(h: &BTreeMap<String, String>, f: &str) -> i64 {
+    h.get(f).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+fn incr(h: &mut BTreeMap<String, String>, f: &str, by: i64) -> i64 {
+    let v = get_i(h, f) + by;
+    h.insert(f.to_string(), v.to_string());
+    v
+}
+
+/// Whether (lsn, piece) is at or before what the hash already holds.
+fn fenced(h: &BTreeMap<String, String>, lsn: u64, piece: u32) -> bool {
+    match h.get("lsn").and_then(|v| v.parse::<u64>().ok()) {
+        None => false,
+        Some(l) => l > lsn || (l == lsn && get_i(h, "piece") >= i64::from(piece)),
+    }
+}
+
+/// A stock row contribution: (location, on_hand, reserved).
+fn parse_row(v: &str) -> (String, i64, i64) {
+    let j: serde_json::Value = serde_json::from_str(v).unwrap_or_default();
+    (
+        j[0].as_str().unwrap_or("").to_string(),
+        j[1].as_str().and_then(|s| s.parse().ok()).unwrap_or(0),
+        j[2].as_str().and_then(|s| s.parse().ok()).unwrap_or(0),
+    )
+}
+
+fn remove_row(h: &mut BTreeMap<String, String>, field: &str) -> Option<(String, i64, i64)> {
+    let old = h.remove(field)?;
+    let (loc, on, res) = parse_row(&old);
+    incr(h, "on_hand", -on);
+    incr(h, "reserved", -res);
+    incr(h, "rows", -1);
+    if !loc.is_empty() {
+        incr(h, &format!("loc:{loc}:on_hand"), -on);
+        incr(h, &format!("loc:{loc}:reserved"), -res);
+        if incr(h, &format!("loc:{loc}:rows"), -1) <= 0 {
+            for s in ["on_hand", "reserved", "rows"] {
+                h.remove(&format!("loc:{loc}:{s}"));
+            }
+        }
+    }
+    Some((loc, on, res))
+}
+
+fn add_row(h: &mut BTreeMap<String, String>, field: &str, loc: &str, on: i64, res: i64) {
+    h.insert(
+        field.to_string(),
+        serde_json::json!([loc, on.to_string(), res.to_string()]).to_string(),
+    );
+    incr(h, "on_hand", on);
+    incr(h, "reserved", res);
+    incr(h, "rows", 1);
+    if !loc.is_empty() {
+        incr(h, &format!("loc:{loc}:on_hand"), on);
+        incr(h, &format!("loc:{loc}:reserved"), res);
+        incr(h, &format!("loc:{loc}:rows"), 1);
+    }
+}
+
+impl Store {
+    /// Apply one piece; returns the alerts raised.
+    pub fn apply(&mut self, p: &Piece, params: &ApplyParams) -> Vec<Alert> {
+        let lsn = p.commit_lsn.0;
+        let mut alerts = Vec::new();
+        for table in &p.truncate {
+            let prefix = format!("r:{table}:");
+            for (sku, h) in self.skus.iter_mut() {
+                let f = &mut h.fields;
+                if fenced(f, lsn, p.piece) || !f.keys().any(|k| k.starts_with(&prefix)) {
+                    continue;
+                }
+                let rows: Vec<String> = f
+                    .keys()
+                    .filter(|k| k.starts_with(&prefix))
+                    .cloned()
+                    .collect();
+                for r in rows {
+                    remove_row(f, &r);
+                }
+                finish(f, lsn, p, params);
+                evaluate(sku, f, lsn, p, params, &mut alerts);
+            }
+        }
+        for (sku, d) in &p.skus {
+            let h = self.skus.entry(sku.clone()).or_default();
+            let f = &mut h.fields;
+            if fenced(f, lsn, p.piece) {
+                continue;
+            }
+            if !d.rows.is_empty() {
+                // Any row op makes the SKU a stock SKU (0 until rows add up).
+                for s in ["rows", "on_hand", "reserved"] {
+                    f.entry(s.to_string()).or_insert_with(|| "0".into());
+                }
+            }
+            for (field, op) in &d.rows {
+                let old = remove_row(f, field);
+                if let RowOp::Set {
+                    location,
+                    on_hand,
+                    reserved,
+                    threshold,
+                } = op
+                {
+                    let (ol, oo, or) = old.unwrap_or_default();
+                    let loc = match location {
+                        Field::Keep => ol,
+                        Field::Val(v) => v.clone(),
+                    };
+                    let on = match on_hand {
+                        Field::Keep => oo,
+                        Field::Val(v) => *v,
+                    };
+                    let res = match reserved {
+                        Field::Keep => or,
+                        Field::Val(v) => *v,
+                    };
+                    add_row(f, field, &loc, on, res);
+                    match threshold {
+                        Field::Val(Some(t)) => {
+                            f.insert("threshold".into(), t.to_string());
+                        }
+                        Field::Val(None) => {
+                            f.remove("threshold");
+                        }
+                        Field::Keep => {}
+                    }
+                }
+            }
+            for (c, v) in &d.counters {
+                incr(f, c, *v);
+            }
+            let mut by_counter: BTreeMap<&str, Vec<(i64, i64)>> = BTreeMap::new();
+            for ((c, m), v) in &d.buckets {
+                by_counter.entry(c).or_default().push((*m, *v));
+            }
+            let mut cutoffs: BTreeMap<String, i64> = BTreeMap::new();
+            for (c, bs) in by_counter {
+                if params.keep_minutes <= 0 {
+                    continue;
+                }
+                let wmax_f = format!("wmax:{c}");
+                let old_max = f.get(&wmax_f).and_then(|v| v.parse::<i64>().ok());
+                let new_max = bs.iter().map(|(m, _)| *m).chain(old_max).max().unwrap_or(0);
+                let cutoff = new_max - params.keep_minutes + 1;
+                f.insert(wmax_f, new_max.to_string());
+                let pre = format!("w:{c}:");
+                let stale: Vec<String> = f
+                    .keys()
+                    .filter(|k| {
+                        k.strip_prefix(&pre)
+                            .and_then(|m| m.parse::<i64>().ok())
+                            .is_some_and(|m| m < cutoff)
+                    })
+                    .cloned()
+                    .collect();
+                for k in stale {
+                    f.remove(&k);
+                }
+                for (m, v) in bs {
+                    if m >= cutoff {
+                        incr(f, &format!("w:{c}:{m}"), v);
+                    }
+                }
+                cutoffs.insert(c.to_string(), cutoff);
+            }
+            for ((c, m), us) in &d.users {
+                h.users
+                    .entry(c.clone())
+                    .or_default()
+                    .extend(us.iter().cloned());
+                if cutoffs.get(c).is_some_and(|cut| *m >= *cut) {
+                    h.users
+                        .entry(format!("{c}:{m}"))
+                        .or_default()
+                        .extend(us.iter().cloned());
+                }
+            }
+            finish(&mut h.fields, lsn, p, params);
+        }
+        if p.last {
+            for sku in &p.eval {
+                let h = self.skus.entry(sku.clone()).or_default();
+                let f = &mut h.fields;
+                // Evaluated in this very piece already, or in a replay: the fence says.
+                if fenced(f, lsn, p.piece) && !p.skus.contains_key(sku) {
+                    continue;
+                }
+                if !p.skus.contains_key(sku) {
+                    finish(f, lsn, p, params);
+                }
+                evaluate(sku, f, lsn, p, params, &mut alerts);
+            }
+        }
+        alerts
+    }
+}
+
+/// Fence, totals and `gone` after a SKU's entry was applied.
+fn finish(f: &mut BTreeMap<String, String>, lsn: u64, p: &Piece, params: &ApplyParams) {
+    f.insert("lsn".into(), lsn.to_string());
+    f.insert("piece".into(), p.piece.to_string());
+    f.insert("ts".into(), p.commit_ms.to_string());
+    let has_stock = f.contains_key("rows");
+    if has_stock {
+        let avail = get_i(f, "on_hand") - get_i(f, "reserved");
+        f.insert("available".into(), avail.to_string());
+    }
+    let rows = get_i(f, "rows");
+    let any_counter = params.counters.iter().any(|c| get_i(f, c) != 0);
+    if rows <= 0 && !any_counter {
+        f.insert("gone".into(), "1".into());
+    } else {
+        f.remove("gone");
+    }
+}
+
+/// Low-stock alert detection, once per transaction and SKU. A SKU's first
+/// classification is silent (it crossed nothing).
+fn evaluate(
+    sku: &str,
+    f: &mut BTreeMap<String, String>,
+    lsn: u64,
+    p: &Piece,
+    params: &ApplyParams,
+    alerts: &mut Vec<Alert>,
+) {
+    if !f.contains_key("rows") {
+        return;
+    }
+    let avail = get_i(f, "available");
+    let thr = f
+        .get("threshold")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(params.low_stock);
+    let prev = f.get("alert_state").cloned();
+    let mut state = if avail <= 0 {
+        "out"
+    } else if avail <= thr {
+        "low"
+    } else {
+        "ok"
+    };
+    if prev.as_deref() == Some("low") && state == "ok" && avail <= thr + hysteresis(thr) {
+        state = "low";
+    }
+    let kind = match (prev.as_deref().unwrap_or("new"), state) {
+        ("new", _) => None,
+        (p, "out") if p != "out" => Some("out_of_stock"),
+        ("out", s) if s != "out" => Some("back_in_stock"),
+        ("ok", "low") => Some("low_stock"),
+        _ => None,
+    };
+    f.insert("alert_state".into(), state.into());
+    if let (Some(kind), false) = (kind, params.quiet) {
+        let a = Alert {
+            sku: sku.to_string(),
+            kind,
+            available: avail,
+            threshold: thr,
+            lsn,
+            ts: p.commit_ms,
+        };
+        let mut list: Vec<serde_json::Value> = f
+            .get("alerts")
+            .and_then(|v| serde_json::from_str(v).ok())
+            .unwrap_or_default();
+        list.push(serde_json::json!({"type": kind, "available": avail, "threshold": thr, "lsn": lsn.to_string(), "ts": p.commit_ms}));
+        if list.len() > 50 {
+            list.remove(0);
+        }
+        f.insert("alerts".into(), serde_json::Value::Array(list).to_string());
+        alerts.push(a);
+    }
+}
