@@ -231,7 +231,7 @@ pub fn parse_window(s: &str) -> Option<u64> {
         "h" => n * 3600,
         _ => return None,
     };
-    (secs >= 60 && secs % 60 == 0 && secs <= 86_400).then_some(secs)
+    (secs >= 60 && secs.is_multiple_of(60) && secs <= 86_400).then_some(secs)
 }
 
 impl Config {

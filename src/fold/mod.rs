@@ -221,25 +221,26 @@ impl Fold {
     }
 
     /// A TRUNCATE: stock tables lose all contributions; activity tables are ignored.
-    /// Cuts the piece so the truncate applies after earlier changes and before later ones.
-    pub fn truncate(&mut self, t: &Truncate) -> Result<Option<Piece>, SchemaError> {
+    /// The truncate gets a piece of its own (fenced separately from the changes before
+    /// and after it), so it returns up to two finished pieces.
+    pub fn truncate(&mut self, t: &Truncate) -> Result<Vec<Piece>, SchemaError> {
         let mut tables = Vec::new();
         for rel in &t.rels {
             if let Rule::Inventory(r) = self.mapping.resolve(rel)? {
                 tables.push(r.table);
             }
         }
-        if tables.is_empty() {
-            return Ok(None);
+        let mut out = Vec::new();
+        if tables.is_empty() || self.cur.is_none() {
+            return Ok(out);
         }
-        let out = if self.cur.as_ref().is_some_and(|p| !p.is_empty()) {
-            self.cut()
-        } else {
-            None
-        };
+        if self.cur.as_ref().is_some_and(|p| !p.is_empty()) {
+            out.extend(self.cut());
+        }
         if let Some(cur) = self.cur.as_mut() {
-            cur.truncate.extend(tables);
+            cur.truncate = tables;
         }
+        out.extend(self.cut());
         Ok(out)
     }
 

@@ -90,7 +90,7 @@ pub fn window_sum<'a>(
 
 /// A window's name in payloads: `views_5m`, `purchases_1h`.
 pub fn window_name(counter: &str, window_secs: u64) -> String {
-    if window_secs % 3600 == 0 {
+    if window_secs.is_multiple_of(3600) {
         format!("{counter}_{}h", window_secs / 3600)
     } else {
         format!("{counter}_{}m", window_secs / 60)

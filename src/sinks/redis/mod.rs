@@ -1,1 +1,509 @@
-//! Redis sink.
+//! The Redis sink: applies folded pieces with one Lua script call per batch, exactly once
+//! (fenced per SKU by commit LSN and piece), and keeps the meta hash.
+//!
+//! Durability contract: a batch is durable when the script returned; only then are its
+//! transactions reported to the LSN tracker. The script also records the batch's end LSN
+//! in the meta hash (`applied_lsn`), and refuses to run when the meta hash is missing
+//! (FLUSHALL, eviction, a new Redis), which makes the pipeline resync.
+
+use crate::fold::{Field, Piece, RowOp};
+use crate::lsn::Lsn;
+use crate::sinks::layout;
+use redis::aio::ConnectionManager;
+use serde_json::{Value as J, json};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// The apply script (see `apply.lua`).
+pub const APPLY_LUA: &str = include_str!("apply.lua");
+
+/// Errors of the Redis sink.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisSinkError {
+    /// The meta hash is gone: Redis lost its data; rebuild from a snapshot.
+    #[error("Redis lost skusync's data (meta hash missing): a resync is needed")]
+    NoMeta,
+    /// Connection trouble; retry.
+    #[error("Redis: {0}")]
+    Transient(String),
+    /// Misconfiguration or a refused command; the operator must act.
+    #[error("Redis: {0}")]
+    Definite(String),
+}
+
+impl RedisSinkError {
+    fn from_redis(e: redis::RedisError) -> RedisSinkError {
+        let msg = e.to_string();
+        if msg.contains("SKUSYNC_NOMETA") {
+            return RedisSinkError::NoMeta;
+        }
+        if e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || msg.contains("LOADING")
+            || msg.contains("BUSY")
+            || msg.contains("TRYAGAIN")
+        {
+            RedisSinkError::Transient(msg)
+        } else if msg.contains("NOPERM")
+            || msg.contains("WRONGPASS")
+            || msg.contains("NOAUTH")
+            || msg.contains("OOM")
+            || msg.contains("READONLY")
+        {
+            RedisSinkError::Definite(msg)
+        } else {
+            RedisSinkError::Transient(msg)
+        }
+    }
+
+    /// Whether retrying can help.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, RedisSinkError::Transient(_))
+    }
+}
+
+/// Parameters of every apply call.
+#[derive(Clone, Debug)]
+pub struct ApplySettings {
+    pub prefix: String,
+    pub keep_minutes: i64,
+    pub low_stock: i64,
+    pub counters: Vec<String>,
+}
+
+/// Build a Redis client from the configured URL (`rediss://` uses rustls; `ca_file`
+/// replaces the system roots; `SKUSYNC_REDIS_PASSWORD` fills a missing password).
+pub fn client(
+    url: &str,
+    ca_file: Option<&std::path::Path>,
+) -> Result<redis::Client, RedisSinkError> {
+    let mut info: redis::ConnectionInfo = url
+        .into_connection_info_checked()
+        .map_err(|e| RedisSinkError::Definite(format!("redis.url: {e}")))?;
+    if let Ok(pw) = std::env::var("SKUSYNC_REDIS_PASSWORD")
+        && info.redis_settings().password().is_none()
+    {
+        let settings = info.redis_settings().clone().set_password(pw);
+        info = info.set_redis_settings(settings);
+    }
+    let tls = url.starts_with("rediss://");
+    match (tls, ca_file) {
+        (true, Some(ca)) => {
+            let root = std::fs::read(ca).map_err(|e| {
+                RedisSinkError::Definite(format!("redis.ca_file {}: {e}", ca.display()))
+            })?;
+            redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root),
+                },
+            )
+            .map_err(|e| RedisSinkError::Definite(format!("redis.url: {e}")))
+        }
+        _ => redis::Client::open(info)
+            .map_err(|e| RedisSinkError::Definite(format!("redis.url: {e}"))),
+    }
+}
+
+trait CheckedInfo {
+    fn into_connection_info_checked(self) -> redis::RedisResult<redis::ConnectionInfo>;
+}
+
+impl CheckedInfo for &str {
+    fn into_connection_info_checked(self) -> redis::RedisResult<redis::ConnectionInfo> {
+        redis::IntoConnectionInfo::into_connection_info(self)
+    }
+}
+
+/// A connection manager that reconnects in the background (commands that fail while it
+/// does return errors; the pipeline retries whole batches, which the fence makes safe).
+pub async fn connect(client: &redis::Client) -> Result<ConnectionManager, RedisSinkError> {
+    let cfg = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(30)))
+        .set_max_delay(Duration::from_secs(5))
+        .set_number_of_retries(2);
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        client.get_connection_manager_with_config(cfg),
+    )
+    .await
+    .map_err(|_| RedisSinkError::Transient("no connection within 10 s".into()))?
+    .map_err(RedisSinkError::from_redis)
+}
+
+/// The apply script bound to a connection.
+#[derive(Clone)]
+pub struct Applier {
+    con: ConnectionManager,
+    script: redis::Script,
+    settings: ApplySettings,
+}
+
+/// Result of one apply call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// SKU entries applied.
+    pub applied: u64,
+    /// SKU entries skipped by the fence (replays).
+    pub fenced: u64,
+    /// Low-stock alerts raised.
+    pub alerts: u64,
+}
+
+impl Applier {
+    /// Bind the script (EVALSHA, loaded on first NOSCRIPT) to a connection.
+    pub fn new(con: ConnectionManager, settings: ApplySettings) -> Applier {
+        Applier {
+            con,
+            script: redis::Script::new(APPLY_LUA),
+            settings,
+        }
+    }
+
+    /// The connection, for other commands.
+    pub fn connection(&self) -> ConnectionManager {
+        self.con.clone()
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &ApplySettings {
+        &self.settings
+    }
+
+    /// Apply pieces (in order) and record `end` as the applied LSN, in one script call.
+    pub async fn apply(
+        &mut self,
+        pieces: &[Piece],
+        end: Option<Lsn>,
+        quiet: bool,
+    ) -> Result<Applied, RedisSinkError> {
+        let (keys, arg) = encode_batch(&self.settings, pieces, end, quiet, &[]);
+        self.invoke(keys, arg).await
+    }
+
+    /// Clear truncated tables from the given SKU keys, fenced by the truncate piece.
+    pub async fn truncate(
+        &mut self,
+        piece: &Piece,
+        skus: &[String],
+    ) -> Result<Applied, RedisSinkError> {
+        let (keys, arg) = encode_batch(
+            &self.settings,
+            std::slice::from_ref(piece),
+            None,
+            false,
+            skus,
+        );
+        self.invoke(keys, arg).await
+    }
+
+    async fn invoke(&mut self, keys: Vec<String>, arg: String) -> Result<Applied, RedisSinkError> {
+        let mut inv = self.script.prepare_invoke();
+        for k in &keys {
+            inv.key(k);
+        }
+        inv.arg(arg);
+        let r: (u64, u64, u64) = inv
+            .invoke_async(&mut self.con)
+            .await
+            .map_err(RedisSinkError::from_redis)?;
+        Ok(Applied {
+            applied: r.0,
+            fenced: r.1,
+            alerts: r.2,
+        })
+    }
+
+    /// All SKUs with a hash (SCAN; for truncates and republishing).
+    pub async fn all_skus(&mut self) -> Result<Vec<String>, RedisSinkError> {
+        scan_skus(&mut self.con, &self.settings.prefix).await
+    }
+}
+
+/// SCAN every SKU hash key and return the SKUs.
+pub async fn scan_skus(
+    con: &mut ConnectionManager,
+    prefix: &str,
+) -> Result<Vec<String>, RedisSinkError> {
+    let pattern = format!("{}*", glob_escape(&layout::sku_key_prefix(prefix)));
+    let mut cursor: u64 = 0;
+    let mut out = Vec::new();
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .arg("TYPE")
+            .arg("hash")
+            .query_async(con)
+            .await
+            .map_err(RedisSinkError::from_redis)?;
+        out.extend(
+            keys.iter()
+                .filter_map(|k| layout::sku_of_key(prefix, k).map(str::to_string)),
+        );
+        cursor = next;
+        if cursor == 0 {
+            return Ok(out);
+        }
+    }
+}
+
+/// Escape glob metacharacters for SCAN MATCH.
+pub fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Encode pieces as the script's KEYS and ARGV[1]. `truncate_skus` lists the SKU keys a
+/// truncate piece clears (only with a single truncate piece).
+pub fn encode_batch(
+    s: &ApplySettings,
+    pieces: &[Piece],
+    end: Option<Lsn>,
+    quiet: bool,
+    truncate_skus: &[String],
+) -> (Vec<String>, String) {
+    let mut keys = vec![layout::meta_key(&s.prefix)];
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut key_of = |sku: &str, keys: &mut Vec<String>| -> usize {
+        if let Some(i) = index.get(sku) {
+            return *i;
+        }
+        keys.push(layout::sku_key(&s.prefix, sku));
+        let i = keys.len(); // Lua is 1-based: KEYS[i]
+        index.insert(sku.to_string(), i);
+        i
+    };
+    let mut ps = Vec::with_capacity(pieces.len());
+    for p in pieces {
+        let mut entries = Vec::with_capacity(p.skus.len());
+        for (sku, d) in &p.skus {
+            let ki = key_of(sku, &mut keys);
+            let rows: Vec<J> = d
+                .rows
+                .iter()
+                .map(|(field, op)| match op {
+                    RowOp::Del => json!([field, J::Null]),
+                    RowOp::Set {
+                        location,
+                        on_hand,
+                        reserved,
+                        threshold,
+                    } => json!([
+                        field,
+                        match location {
+                            Field::Keep => J::Bool(false),
+                            Field::Val(v) => J::String(v.clone()),
+                        },
+                        num(on_hand),
+                        num(reserved),
+                        match threshold {
+                            Field::Keep => J::Bool(false),
+                            Field::Val(None) => J::String(String::new()),
+                            Field::Val(Some(t)) => J::String(t.to_string()),
+                        }
+                    ]),
+                })
+                .collect();
+            let c: Vec<J> = d
+                .counters
+                .iter()
+                .map(|(k, v)| json!([k, v.to_string()]))
+                .collect();
+            let b: Vec<J> = d
+                .buckets
+                .iter()
+                .map(|((k, m), v)| json!([k, m.to_string(), v.to_string()]))
+                .collect();
+            let mut u = Vec::new();
+            for ((k, m), ids) in &d.users {
+                let ids: Vec<&String> = ids.iter().collect();
+                // Lua's unpack has a stack limit: keep each PFADD modest.
+                for chunk in ids.chunks(500) {
+                    u.push(json!([k, m.to_string(), chunk]));
+                }
+            }
+            let mut e = serde_json::Map::new();
+            if !rows.is_empty() {
+                e.insert("r".into(), J::Array(rows));
+            }
+            if !c.is_empty() {
+                e.insert("c".into(), J::Array(c));
+            }
+            if !b.is_empty() {
+                e.insert("b".into(), J::Array(b));
+            }
+            if !u.is_empty() {
+                e.insert("u".into(), J::Array(u));
+            }
+            entries.push(json!([ki, J::Object(e)]));
+        }
+        let eval: Vec<usize> = p.eval.iter().map(|sku| key_of(sku, &mut keys)).collect();
+        let mut o = serde_json::Map::new();
+        o.insert("l".into(), J::String(p.commit_lsn.0.to_string()));
+        o.insert("p".into(), J::from(p.piece));
+        o.insert("t".into(), J::String(p.commit_ms.to_string()));
+        o.insert("last".into(), J::Bool(p.last));
+        // cjson would encode an empty table as {}; only send non-empty arrays.
+        if !entries.is_empty() {
+            o.insert("s".into(), J::Array(entries));
+        }
+        if !eval.is_empty() {
+            o.insert("e".into(), J::from(eval));
+        }
+        if !p.truncate.is_empty() && !truncate_skus.is_empty() {
+            let tk: Vec<usize> = truncate_skus
+                .iter()
+                .map(|sku| key_of(sku, &mut keys))
+                .collect();
+            o.insert("tk".into(), J::from(tk));
+            o.insert("x".into(), J::from(p.truncate.clone()));
+        }
+        ps.push(J::Object(o));
+    }
+    let mut arg = serde_json::Map::new();
+    arg.insert("keep".into(), J::String(s.keep_minutes.to_string()));
+    arg.insert("low".into(), J::String(s.low_stock.to_string()));
+    arg.insert("quiet".into(), J::Bool(quiet));
+    arg.insert("counters".into(), J::from(s.counters.clone()));
+    if !ps.is_empty() {
+        arg.insert("p".into(), J::Array(ps));
+    } else {
+        arg.insert("p".into(), J::Array(vec![]));
+    }
+    if let Some(e) = end {
+        arg.insert("end".into(), J::String(e.0.to_string()));
+    }
+    (keys, J::Object(arg).to_string())
+}
+
+fn num(f: &Field<i64>) -> J {
+    match f {
+        Field::Keep => J::Bool(false),
+        Field::Val(v) => J::String(v.to_string()),
+    }
+}
+
+/// The meta hash, as read at startup.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Meta {
+    pub applied_lsn: Option<Lsn>,
+    pub system_id: Option<String>,
+    pub timeline: Option<String>,
+    pub fingerprint: Option<String>,
+    pub bootstrap_done: bool,
+}
+
+/// Read the meta hash; `None` when it does not exist.
+pub async fn read_meta(
+    con: &mut ConnectionManager,
+    prefix: &str,
+) -> Result<Option<Meta>, RedisSinkError> {
+    let m: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(layout::meta_key(prefix))
+        .query_async(con)
+        .await
+        .map_err(RedisSinkError::from_redis)?;
+    if m.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Meta {
+        applied_lsn: m.get("applied_lsn").and_then(|v| v.parse().ok()).map(Lsn),
+        system_id: m.get("system_id").cloned(),
+        timeline: m.get("timeline").cloned(),
+        fingerprint: m.get("fingerprint").cloned(),
+        bootstrap_done: m.get("bootstrap").map(String::as_str) == Some("done"),
+    }))
+}
+
+/// Write meta fields.
+pub async fn write_meta(
+    con: &mut ConnectionManager,
+    prefix: &str,
+    fields: &[(&str, String)],
+) -> Result<(), RedisSinkError> {
+    let mut cmd = redis::cmd("HSET");
+    cmd.arg(layout::meta_key(prefix));
+    for (k, v) in fields {
+        cmd.arg(*k).arg(v);
+    }
+    cmd.query_async::<()>(con)
+        .await
+        .map_err(RedisSinkError::from_redis)
+}
+
+/// Reset a SKU hash before a snapshot load: drop everything derived from the database
+/// (stock rows, totals, counters, buckets, fence) but keep the MQTT outbox marks and
+/// pending alerts, and the key itself. Distinct-user HyperLogLogs are deleted.
+const RESET_LUA: &str = r#"
+local keep = {pub_lsn = true, pub_state = true, alerts = true, alert_state = true}
+for i, key in ipairs(KEYS) do
+  local fields = redis.call('HKEYS', key)
+  for _, f in ipairs(fields) do
+    if not keep[f] then redis.call('HDEL', key, f) end
+  end
+  redis.call('HSET', key, 'lsn', ARGV[1], 'piece', '-1')
+end
+return #KEYS
+"#;
+
+/// Reset every SKU hash (see [`RESET_LUA`]) and delete the distinct-user keys, with the
+/// fence set just below the snapshot's consistent point.
+pub async fn reset_all(
+    con: &mut ConnectionManager,
+    prefix: &str,
+    fence: Lsn,
+) -> Result<usize, RedisSinkError> {
+    let skus = scan_skus(con, prefix).await?;
+    let script = redis::Script::new(RESET_LUA);
+    for chunk in skus.chunks(500) {
+        let mut inv = script.prepare_invoke();
+        for sku in chunk {
+            inv.key(layout::sku_key(prefix, sku));
+        }
+        inv.arg(fence.0.to_string());
+        let _: i64 = inv
+            .invoke_async(con)
+            .await
+            .map_err(RedisSinkError::from_redis)?;
+    }
+    // Distinct-user HyperLogLogs: `{<prefix>:sku:...}:u:...`.
+    let pattern = format!("{{{}*", glob_escape(&layout::sku_key_prefix(prefix)));
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(con)
+            .await
+            .map_err(RedisSinkError::from_redis)?;
+        if !keys.is_empty() {
+            let _: i64 = redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async(con)
+                .await
+                .map_err(RedisSinkError::from_redis)?;
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    Ok(skus.len())
+}
