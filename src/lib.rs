@@ -13,6 +13,7 @@ pub mod pg;
 pub mod pgoutput;
 pub mod progress;
 pub mod sinks;
+pub mod snapshot;
 pub mod source;
 pub mod tail;
 pub mod txn;

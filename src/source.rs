@@ -32,8 +32,14 @@ pub enum SlotKind {
     Temporary,
 }
 
+/// Loads a snapshot exported by a newly created slot: `(snapshot name, consistent
+/// point)`. Runs while the replication connection waits, so the snapshot stays valid.
+pub type BootstrapHook = Arc<
+    dyn Fn(String, Lsn) -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync,
+>;
+
 /// Settings of the source.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SourceConfig {
     pub conn: PgConnectConfig,
     pub slot: String,
@@ -51,6 +57,28 @@ pub struct SourceConfig {
     /// Back-off bounds for reconnects.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Create a missing slot (with an exported snapshot handed to this hook) instead of
+    /// failing with `SlotMissing`.
+    pub bootstrap: Option<BootstrapHook>,
+    /// Upper bound for the confirmed LSN, kept by a sink that must record an LSN before
+    /// it may be confirmed (the Redis meta hash's `applied_lsn`).
+    pub confirm_gate: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// How long a shutdown waits for in-flight transactions to become durable before
+    /// sending the final status update.
+    pub drain_timeout: Duration,
+}
+
+impl std::fmt::Debug for SourceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceConfig")
+            .field("conn", &self.conn)
+            .field("slot", &self.slot)
+            .field("slot_kind", &self.slot_kind)
+            .field("publications", &self.publications)
+            .field("proto_version", &self.proto_version)
+            .field("confirm", &self.confirm)
+            .finish_non_exhaustive()
+    }
 }
 
 impl SourceConfig {
@@ -68,6 +96,9 @@ impl SourceConfig {
             batch_events: 1024,
             backoff_min: Duration::from_millis(250),
             backoff_max: Duration::from_secs(30),
+            bootstrap: None,
+            confirm_gate: None,
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -146,12 +177,17 @@ pub enum SourceError {
     TemporarySlotLost(PgError),
     #[error("downstream stopped")]
     Downstream,
+    #[error("loading the initial snapshot failed: {0}")]
+    Bootstrap(String),
 }
 
 impl SourceError {
-    fn is_transient(&self) -> bool {
+    /// Whether a reconnect can help.
+    pub fn is_transient(&self) -> bool {
         match self {
             SourceError::Pg(e) => e.is_transient(),
+            // A failed load leaves the slot without a finished bootstrap: the daemon's
+            // startup checks (not a plain reconnect) must resync.
             _ => false,
         }
     }
@@ -273,7 +309,12 @@ impl Source {
         }
         match result {
             Ok(()) => {
-                // Shutdown: confirm what is durable, then end the stream cleanly.
+                // Shutdown: let downstream finish what it was handed, confirm what is
+                // durable, then end the stream cleanly.
+                let deadline = tokio::time::Instant::now() + self.cfg.drain_timeout;
+                while self.lock().pending() > 0 && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 let _ = self.send_status(&mut conn, true).await;
                 if let Err(e) = conn.finish().await {
                     tracing::debug!(error = %e, "stream did not end cleanly");
@@ -478,7 +519,11 @@ impl Source {
             let p = self.lock();
             (p.received_lsn(), p.flush_lsn())
         };
-        let flush = if self.cfg.confirm { flush } else { Lsn::ZERO };
+        let flush = match (&self.cfg.confirm_gate, self.cfg.confirm) {
+            (_, false) => Lsn::ZERO,
+            (Some(gate), true) => flush.min(Lsn(gate.load(std::sync::atomic::Ordering::SeqCst))),
+            (None, true) => flush,
+        };
         let write = write.max(flush);
         conn.send_status(write, flush, flush, reply).await
     }
