@@ -1,7 +1,9 @@
 //! Integration tests against real PostgreSQL, Redis and Mosquitto servers that the
 //! harness starts on free loopback ports.
 
+mod fold_oracle;
 mod harness;
 mod harness_smoke;
+mod oracle;
 mod replication;
 mod support;
