@@ -522,3 +522,97 @@ async fn bad_values_are_skipped_and_counted_not_fatal() {
         );
     }
 }
+
+/// The harness side alone (passes without `run`): the workloads execute, the oracle's
+/// queries run on both schemas, the generated configs parse, and a Redis state written
+/// from the truth compares equal while a perturbed one does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oracle_smoke_workloads_run_and_truth_round_trips() {
+    let seed = test_seed("oracle_smoke_workloads_run_and_truth_round_trips");
+    let schema = format!(
+        "{PUBLIC_SCHEMA}{}",
+        WMS_SCHEMA.replace("skusync", "wms_pub")
+    );
+    let mut rig = Rig::new(&schema, public_oracle(Buckets::SumEqualsTotal)).await;
+    let mut w = public_workload(seed);
+    run_workload(&mut rig, &mut w, 1000, async |_, _| {}).await;
+    let wms = Oracle {
+        prefix: "wms".into(),
+        inventory: vec![InventorySpec {
+            table: "wms.stock_levels".into(),
+            sku: "item_code".into(),
+            location: Some("warehouse".into()),
+            on_hand: "qty".into(),
+            reserved: Some("held".into()),
+        }],
+        activity: vec![ActivitySpec {
+            table: "wms.events".into(),
+            sku: "item_code".into(),
+            kind: "ev".into(),
+            quantity: Some("amount".into()),
+            time: Some("at".into()),
+            windows: vec!["5m".into()],
+            counters: vec![("sold".into(), "purchases".into())],
+        }],
+        buckets: Buckets::ExactByMinute,
+    };
+    let mut w2 = Workload::new(
+        seed,
+        wms_tables(),
+        vec!["a/b".into(), "".into(), "IT-1".into()],
+        vec!["north".into(), "south".into()],
+    );
+    run_workload(&mut rig, &mut w2, 500, async |_, _| {}).await;
+    rig.exec(&WorkloadTables::public().marker_sql(1, "WH-1"))
+        .await;
+    rig.exec(&wms_tables().marker_sql(1, "north")).await;
+    for o in [&rig.oracle, &wms] {
+        let text = o.config_toml(
+            &rig.pg.url("postgres", "postgres"),
+            "skusync",
+            PUBS,
+            &rig.redis.url(),
+        );
+        skusync::config::Config::parse(&text)
+            .unwrap_or_else(|e| panic!("generated config does not parse: {e}\n{text}"));
+        let truth = o.truth(&rig.client).await;
+        assert!(truth.with_stock_rows.len() > 2, "{truth:?}");
+        assert!(truth.with_stock_rows.contains(&marker_sku(1)));
+        let mut state: RedisState = truth
+            .skus
+            .iter()
+            .map(|(s, f)| {
+                let mut f: std::collections::BTreeMap<String, String> =
+                    f.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
+                if o.buckets == Buckets::SumEqualsTotal {
+                    for c in ["views", "carts", "purchases"] {
+                        if let Some(v) = f.get(c).cloned() {
+                            f.insert(format!("w:{c}:1"), v);
+                        }
+                    }
+                }
+                (s.clone(), f)
+            })
+            .collect();
+        let m = o.compare(&truth, &state);
+        assert!(m.is_empty(), "{}", format_mismatches(&m, 20));
+        state.remove(&marker_sku(1));
+        state
+            .entry("ghost".into())
+            .or_default()
+            .insert("on_hand".into(), "1".into());
+        let m = o.compare(&truth, &state);
+        let fields: Vec<&str> = m.iter().map(|x| x.field.as_str()).collect();
+        assert!(fields.contains(&"<hash>"), "{}", format_mismatches(&m, 20));
+        assert!(
+            m.iter().any(|x| x.sku == "ghost"),
+            "{}",
+            format_mismatches(&m, 20)
+        );
+    }
+    // fractional and NULL quantities exist and are excluded
+    let skipped = rig
+        .pg
+        .psql("SELECT count(*) FROM activity_log WHERE qty IS NULL OR qty <> trunc(qty)");
+    assert_ne!(skipped, "0");
+}
