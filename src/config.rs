@@ -170,6 +170,20 @@ pub struct PostgresConfig {
     /// How often to send a standby status update (confirmed LSN) to the server.
     #[serde(default = "default_status_ms")]
     pub status_interval_ms: u64,
+    /// What to do when the slot lost WAL it needs (`wal_status = lost`, e.g. after
+    /// `max_slot_wal_keep_size`): `stop` (default) or `resync` (drop it, take a fresh
+    /// snapshot).
+    #[serde(default)]
+    pub on_slot_lost: OnSlotLost,
+}
+
+/// `postgres.on_slot_lost`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnSlotLost {
+    #[default]
+    Stop,
+    Resync,
 }
 
 /// One publication or several.

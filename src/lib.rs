@@ -7,8 +7,10 @@
 //! ```
 
 pub mod config;
+pub mod daemon;
 pub mod fold;
 pub mod lsn;
+pub mod notify;
 pub mod pg;
 pub mod pgoutput;
 pub mod progress;

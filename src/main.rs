@@ -31,6 +31,10 @@ enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the daemon in the foreground: stream the slot into Redis and MQTT.
+    Run,
+    /// Rebuild Redis from a fresh snapshot now (skusync must not be running).
+    Resync,
     /// Print each decoded change as one JSON line (from a temporary slot by default).
     Tail {
         /// Read the configured slot instead, without confirming (the slot does not move).
@@ -103,6 +107,14 @@ fn main() -> ExitCode {
         let shutdown = CancellationToken::new();
         cancel_on_signals(shutdown.clone());
         match &cli.command {
+            Command::Run => {
+                let daemon = skusync::daemon::Daemon::new(cfg).map_err(|e| e.to_string())?;
+                let _ = skusync::notify::ready("starting");
+                let r = daemon.run(shutdown).await.map_err(|e| e.to_string());
+                let _ = skusync::notify::stopping();
+                r
+            }
+            Command::Resync => skusync::daemon::resync_now(cfg).await.map_err(|e| e.to_string()),
             Command::Tail { from_slot } => {
                 let opts = skusync::tail::TailOptions {
                     from_slot: *from_slot,

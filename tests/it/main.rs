@@ -2,7 +2,9 @@
 //! harness starts on free loopback ports.
 
 mod apply_script;
+mod fold_oracle;
 mod harness;
 mod harness_smoke;
+mod oracle;
 mod replication;
 mod support;

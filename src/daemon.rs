@@ -1,0 +1,563 @@
+//! `skusync run`: the daemon. Wires the data flow
+//!
+//! ```text
+//! source (slot) -> fold -> Redis apply script -> durable tickets -> confirmed LSN
+//!                                      \-> MQTT publisher (reads Redis, its outbox)
+//! ```
+//!
+//! and decides at startup whether Redis can continue from the slot or must be rebuilt
+//! from a snapshot (first start, lost data, a different database, a changed mapping).
+
+use crate::config::{Config, OnSlotLost};
+use crate::fold::{Fold, Mapping, Piece};
+use crate::lsn::Lsn;
+use crate::pg::conn::{ReplConnection, SnapshotAction};
+use crate::pg::connstr::PgConnectConfig;
+use crate::pg::error::PgError;
+use crate::pg::meta;
+use crate::progress::Ticket;
+use crate::sinks::mqtt::{self, MqttHandle, PublisherConfig};
+use crate::sinks::redis::{self as rsink, Applier, ApplySettings, RedisSinkError};
+use crate::source::{ProgressHandle, Source, SourceConfig, SourceError, SourceEvent};
+use crate::txn::Event;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Why the daemon stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The operator must act (message says how).
+    #[error("{0}")]
+    Definite(String),
+    /// Worth retrying after a back-off.
+    #[error("{0}")]
+    Transient(String),
+}
+
+impl From<PgError> for DaemonError {
+    fn from(e: PgError) -> Self {
+        if e.is_transient() { DaemonError::Transient(e.to_string()) } else { DaemonError::Definite(e.to_string()) }
+    }
+}
+
+impl From<RedisSinkError> for DaemonError {
+    fn from(e: RedisSinkError) -> Self {
+        if e.is_transient() || matches!(e, RedisSinkError::NoMeta) {
+            DaemonError::Transient(e.to_string())
+        } else {
+            DaemonError::Definite(e.to_string())
+        }
+    }
+}
+
+impl From<SourceError> for DaemonError {
+    fn from(e: SourceError) -> Self {
+        if e.is_transient() { DaemonError::Transient(e.to_string()) } else { DaemonError::Definite(e.to_string()) }
+    }
+}
+
+impl From<crate::snapshot::SnapshotError> for DaemonError {
+    fn from(e: crate::snapshot::SnapshotError) -> Self {
+        match e {
+            crate::snapshot::SnapshotError::Pg(p) => p.into(),
+            crate::snapshot::SnapshotError::Redis(r) => r.into(),
+            crate::snapshot::SnapshotError::Schema(s) => DaemonError::Definite(s),
+        }
+    }
+}
+
+enum Cycle {
+    Shutdown,
+    /// Run the startup checks again (e.g. Redis lost its data).
+    Restart(String),
+}
+
+/// Live counters the HTTP endpoint and `status` read.
+#[derive(Default, Debug)]
+pub struct Counters {
+    pub transactions: AtomicU64,
+    pub rows: AtomicU64,
+    pub sku_updates: AtomicU64,
+    pub fenced: AtomicU64,
+    pub alerts: AtomicU64,
+    pub skipped_values: AtomicU64,
+    pub resyncs: AtomicU64,
+    pub applied_lsn: AtomicU64,
+    pub streaming: std::sync::atomic::AtomicBool,
+}
+
+/// The daemon's state across restarts of its pipeline.
+pub struct Daemon {
+    cfg: Config,
+    mapping: Arc<Mapping>,
+    pgc: PgConnectConfig,
+    redis: redis::Client,
+    settings: ApplySettings,
+    max_changes: u64,
+    max_batch_skus: usize,
+    gate: Arc<AtomicU64>,
+    mqtt: Option<MqttHandle>,
+    mqtt_join: Option<tokio::task::JoinHandle<Result<(), mqtt::MqttError>>>,
+    mqtt_token: Option<CancellationToken>,
+    /// Counters for metrics.
+    pub counters: Arc<Counters>,
+}
+
+impl Daemon {
+    /// Validate everything that can be checked without servers.
+    pub fn new(cfg: Config) -> Result<Daemon, DaemonError> {
+        let mapping = Arc::new(Mapping::from_config(&cfg).map_err(|e| DaemonError::Definite(e.0))?);
+        if mapping.inventory.is_empty() && mapping.activity.is_empty() {
+            return Err(DaemonError::Definite("map at least one [[inventory]] or [[activity]] table".into()));
+        }
+        let rc = cfg.redis.clone().ok_or_else(|| DaemonError::Definite("`run` needs a [redis] section".into()))?;
+        let pgc = cfg.pg_connect().map_err(|e| DaemonError::Definite(e.0))?;
+        let redis = rsink::client(&rc.url, rc.ca_file.as_deref()).map_err(|e| DaemonError::Definite(e.to_string()))?;
+        let settings = ApplySettings {
+            prefix: rc.prefix.clone(),
+            keep_minutes: mapping.keep_minutes(),
+            low_stock: mapping.low_stock,
+            counters: mapping.counters().into_iter().map(|(c, _, _)| c).collect(),
+        };
+        Ok(Daemon {
+            cfg,
+            mapping,
+            pgc,
+            redis,
+            settings,
+            max_changes: rc.max_changes_per_piece,
+            max_batch_skus: rc.max_batch_skus,
+            gate: Arc::new(AtomicU64::new(0)),
+            mqtt: None,
+            mqtt_join: None,
+            mqtt_token: None,
+            counters: Arc::new(Counters::default()),
+        })
+    }
+
+    fn prefix(&self) -> &str {
+        &self.settings.prefix
+    }
+
+    /// Run until `shutdown` or a definite error.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), DaemonError> {
+        let mut backoff = Duration::from_millis(250);
+        let result = loop {
+            if shutdown.is_cancelled() {
+                break Ok(());
+            }
+            match self.cycle(&shutdown).await {
+                Ok(Cycle::Shutdown) => break Ok(()),
+                Ok(Cycle::Restart(why)) => {
+                    tracing::warn!(reason = %why, "restarting the pipeline");
+                    backoff = Duration::from_millis(250);
+                }
+                Err(DaemonError::Transient(e)) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "transient failure; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => break Ok(()),
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        if let Some(t) = &self.mqtt_token {
+            t.cancel();
+        }
+        if let Some(j) = self.mqtt_join.take() {
+            match tokio::time::timeout(Duration::from_secs(8), j).await {
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "MQTT publisher stopped with an error"),
+                Err(_) => tracing::warn!("MQTT publisher did not stop within 8 s"),
+                _ => {}
+            }
+        }
+        result
+    }
+
+    /// One pass: startup checks, then stream until something ends it.
+    async fn cycle(&mut self, shutdown: &CancellationToken) -> Result<Cycle, DaemonError> {
+        let mut con = rsink::connect(&self.redis).await?;
+        let client = meta::connect(&self.pgc).await?;
+        let slot_name = self.cfg.postgres.slot.clone();
+        let mut slot = meta::slot_state(&client, &self.pgc, &slot_name).await?;
+        if let Some(s) = &slot
+            && s.wal_status.as_deref() == Some("lost")
+        {
+            match self.cfg.postgres.on_slot_lost {
+                OnSlotLost::Stop => {
+                    return Err(DaemonError::Definite(format!(
+                        "replication slot {slot_name:?} lost WAL it needs (wal_status = lost), so changes were missed. \
+                         Set postgres.on_slot_lost = \"resync\" to rebuild from a fresh snapshot automatically, or \
+                         run: SELECT pg_drop_replication_slot('{slot_name}'); and restart skusync"
+                    )));
+                }
+                OnSlotLost::Resync => {
+                    tracing::warn!(slot = %slot_name, "slot lost WAL; dropping it and rebuilding from a fresh snapshot");
+                    client
+                        .execute("SELECT pg_drop_replication_slot($1)", &[&slot_name])
+                        .await
+                        .map_err(|e| DaemonError::from(meta::classify(e, &self.pgc)))?;
+                    slot = None;
+                }
+            }
+        }
+        let meta = rsink::read_meta(&mut con, self.prefix()).await?;
+        let mut bootstrap = slot.is_none();
+        if let Some(s) = &slot {
+            if s.active_pid.is_some() {
+                // Another instance streams: wait as a standby without touching Redis; its
+                // owner keeps Redis consistent. Checks run again once we win the slot.
+                tracing::info!(slot = %slot_name, pid = ?s.active_pid, "slot is held by another process; waiting as standby");
+            } else {
+                let confirmed = s.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
+                let why = match &meta {
+                    None => Some("Redis has no skusync data (a new, flushed or evicted Redis)".to_string()),
+                    Some(m) if !m.bootstrap_done => Some("a previous snapshot load did not finish".into()),
+                    Some(m) if m.fingerprint.as_deref() != Some(self.mapping.fingerprint.as_str()) => {
+                        Some("the table mapping changed since Redis was built".into())
+                    }
+                    Some(m) if m.applied_lsn.unwrap_or(Lsn::ZERO) < confirmed => Some(format!(
+                        "Redis is behind the slot (applied {} < confirmed {confirmed}): it lost writes",
+                        m.applied_lsn.unwrap_or(Lsn::ZERO)
+                    )),
+                    _ => None,
+                };
+                if let Some(why) = why {
+                    tracing::warn!(reason = %why, "rebuilding Redis from a fresh snapshot");
+                    self.resync(&mut con, &client, &slot_name).await?;
+                } else if let Some(m) = &meta {
+                    self.gate.store(m.applied_lsn.unwrap_or(Lsn::ZERO).0, Ordering::SeqCst);
+                }
+            }
+        } else {
+            bootstrap = true;
+            tracing::info!(slot = %slot_name, "no replication slot yet: creating it and loading its snapshot");
+        }
+        drop(client);
+        self.stream(con, bootstrap, shutdown).await
+    }
+
+    /// Rebuild Redis from a temporary slot's snapshot, then move the main slot to it.
+    async fn resync(&mut self, con: &mut redis::aio::ConnectionManager, client: &tokio_postgres::Client, slot: &str) -> Result<(), DaemonError> {
+        let mut repl = ReplConnection::connect(&self.pgc).await?;
+        let system = repl.identify_system().await?;
+        let temp = format!("skusync_resync_{}", std::process::id());
+        let info = repl.create_slot(&temp, true, SnapshotAction::Export).await?;
+        let snapshot = info.snapshot_name.clone().ok_or_else(|| DaemonError::Transient("no snapshot exported".into()))?;
+        self.load(con, &snapshot, info.consistent_point, Some(&system)).await?;
+        client
+            .execute("SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)", &[&slot, &info.consistent_point.to_string()])
+            .await
+            .map_err(|e| DaemonError::from(meta::classify(e, &self.pgc)))?;
+        drop(repl); // drops the temporary slot
+        self.counters.resyncs.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = &self.mqtt {
+            m.republish_all();
+        }
+        Ok(())
+    }
+
+    /// Reset Redis and load a snapshot at `at` (shared by bootstrap and resync).
+    async fn load(&self, con: &mut redis::aio::ConnectionManager, snapshot: &str, at: Lsn, system: Option<&crate::pg::SystemInfo>) -> Result<(), DaemonError> {
+        load_snapshot(&self.pgc, &self.mapping, &self.settings, self.max_changes, con.clone(), snapshot, at, system, &self.gate).await
+    }
+
+    async fn stream(&mut self, con: redis::aio::ConnectionManager, bootstrap: bool, shutdown: &CancellationToken) -> Result<Cycle, DaemonError> {
+        let mut sc = SourceConfig::new(self.pgc.clone(), &self.cfg.postgres.slot, self.cfg.postgres.publication.names());
+        sc.proto_version = self.cfg.postgres.proto_version;
+        sc.status_interval = self.cfg.status_interval();
+        sc.confirm_gate = Some(self.gate.clone());
+        if bootstrap {
+            let (pgc, mapping, settings, max_changes, con2, gate) =
+                (self.pgc.clone(), self.mapping.clone(), self.settings.clone(), self.max_changes, con.clone(), self.gate.clone());
+            sc.bootstrap = Some(Arc::new(move |snapshot: String, at: Lsn| {
+                let (pgc, mapping, settings, con2, gate) = (pgc.clone(), mapping.clone(), settings.clone(), con2.clone(), gate.clone());
+                Box::pin(async move {
+                    load_snapshot(&pgc, &mapping, &settings, max_changes, con2, &snapshot, at, None, &gate)
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+            }));
+        }
+        let source = Source::new(sc);
+        let progress = source.progress();
+        let src_token = shutdown.child_token();
+        let (tx, rx) = mpsc::channel(64);
+        let src = tokio::spawn(source.run(tx, src_token.clone()));
+        let applier = Applier::new(con, self.settings.clone());
+        let result = self.pipeline(rx, applier, progress, bootstrap).await;
+        // Whatever ended the pipeline, stop the source (it confirms what is durable).
+        src_token.cancel();
+        let src_result = match tokio::time::timeout(Duration::from_secs(15), src).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(SourceError::Pg(PgError::Protocol(format!("source task: {e}")))),
+            Err(_) => Err(SourceError::Pg(PgError::Protocol("source did not stop within 15 s".into()))),
+        };
+        self.counters.streaming.store(false, Ordering::Relaxed);
+        match (result, src_result) {
+            (Err(e), _) => Err(e),
+            (Ok(Cycle::Restart(why)), _) => Ok(Cycle::Restart(why)),
+            (Ok(Cycle::Shutdown), Err(SourceError::Bootstrap(e))) => Ok(Cycle::Restart(format!("snapshot load failed: {e}"))),
+            (Ok(Cycle::Shutdown), Err(e)) => Err(e.into()),
+            (Ok(Cycle::Shutdown), Ok(())) => Ok(Cycle::Shutdown),
+        }
+    }
+
+    async fn start_mqtt(&mut self, con: redis::aio::ConnectionManager) -> Result<(), DaemonError> {
+        if self.mqtt.is_some() {
+            return Ok(());
+        }
+        let Some(pc) = PublisherConfig::from_config(&self.cfg) else { return Ok(()) };
+        // The publisher has its own lifetime: it drains in-flight messages on shutdown.
+        let token = CancellationToken::new();
+        let (h, j) = mqtt::spawn(pc, con, token.clone()).await.map_err(|e| DaemonError::Definite(e.to_string()))?;
+        self.mqtt = Some(h);
+        self.mqtt_join = Some(j);
+        self.mqtt_token = Some(token);
+        Ok(())
+    }
+
+    /// Consume the source's events until the channel closes (source stopped) or
+    /// something needs a restart.
+    async fn pipeline(&mut self, mut rx: mpsc::Receiver<Vec<SourceEvent>>, mut applier: Applier, progress: ProgressHandle, bootstrap: bool) -> Result<Cycle, DaemonError> {
+        let mut fold = Fold::new(self.mapping.clone(), self.max_changes);
+        let mut batch = Batch::default();
+        let mut tick = tokio::time::interval(self.cfg.status_interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let _ = bootstrap;
+        loop {
+            let events = tokio::select! {
+                e = rx.recv() => e,
+                _ = tick.tick() => {
+                    // Keepalive-only progress: record it in Redis before it may be confirmed.
+                    let flush = progress.flush_lsn();
+                    if batch.is_empty() && flush.0 > self.gate.load(Ordering::SeqCst) {
+                        match applier.apply(&[], Some(flush), false).await {
+                            Ok(_) => self.gate.fetch_max(flush.0, Ordering::SeqCst),
+                            Err(RedisSinkError::NoMeta) => return Ok(Cycle::Restart("Redis lost its data".into())),
+                            Err(e) => { tracing::warn!(error = %e, "cannot record progress in Redis"); 0 }
+                        };
+                    }
+                    continue;
+                }
+            };
+            let Some(events) = events else {
+                // The source stopped: apply what is left so its final status confirms it.
+                self.flush(&mut applier, &mut batch, &progress).await?;
+                return Ok(Cycle::Shutdown);
+            };
+            for ev in events {
+                match ev {
+                    SourceEvent::Connected(info) => {
+                        fold.reset();
+                        self.counters.streaming.store(true, Ordering::Relaxed);
+                        let mut con = applier.connection();
+                        match rsink::read_meta(&mut con, self.prefix()).await? {
+                            None => return Ok(Cycle::Restart("Redis lost its data".into())),
+                            Some(m) => {
+                                if let Some(sys) = &m.system_id
+                                    && *sys != info.system_id
+                                {
+                                    rsink::write_meta(&mut con, self.prefix(), &[("bootstrap", "stale".into())]).await?;
+                                    return Ok(Cycle::Restart(format!(
+                                        "Redis was built from another database (system id {sys}, now {})",
+                                        info.system_id
+                                    )));
+                                }
+                                if !m.bootstrap_done {
+                                    return Ok(Cycle::Restart("Redis holds an unfinished snapshot load".into()));
+                                }
+                                if m.system_id.is_none() {
+                                    rsink::write_meta(&mut con, self.prefix(), &[("system_id", info.system_id.clone()), ("timeline", info.timeline.to_string())]).await?;
+                                }
+                            }
+                        }
+                        self.start_mqtt(applier.connection()).await?;
+                    }
+                    SourceEvent::Reset => fold.reset(),
+                    SourceEvent::Event(Event::Relation(r)) => fold.relation(&r).map_err(|e| DaemonError::Definite(e.0))?,
+                    SourceEvent::Event(Event::Begin(b)) => fold.begin(&b),
+                    SourceEvent::Event(Event::Change(c)) => {
+                        if let Some(p) = fold.change(&c).map_err(|e| DaemonError::Definite(e.0))? {
+                            batch.push(p);
+                        }
+                    }
+                    SourceEvent::Event(Event::Truncate(t)) => {
+                        for p in fold.truncate(&t).map_err(|e| DaemonError::Definite(e.0))? {
+                            if p.truncate.is_empty() {
+                                batch.push(p);
+                            } else {
+                                // Everything before it first; then the truncate over all SKUs.
+                                if let Some(c) = self.flush(&mut applier, &mut batch, &progress).await? {
+                                    return Ok(c);
+                                }
+                                let skus = applier.all_skus().await?;
+                                for chunk in skus.chunks(500) {
+                                    match applier.truncate(&p, chunk).await {
+                                        Ok(_) => {}
+                                        Err(RedisSinkError::NoMeta) => return Ok(Cycle::Restart("Redis lost its data".into())),
+                                        Err(e) => return Err(e.into()),
+                                    }
+                                }
+                                if let Some(m) = &self.mqtt {
+                                    m.changed(skus);
+                                }
+                            }
+                        }
+                    }
+                    SourceEvent::Event(_) => {}
+                    SourceEvent::Commit(c, ticket) => {
+                        if let Some(p) = fold.commit(&c) {
+                            batch.push(p);
+                        }
+                        batch.commit(c.end_lsn, ticket);
+                        self.counters.transactions.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                for s in fold.take_skipped() {
+                    self.counters.skipped_values.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(table = %s.table, column = %s.column, lsn = %s.lsn, reason = %s.reason, "value skipped");
+                }
+            }
+            // Apply now unless more is already waiting and the batch has room: batching
+            // only while backlogged keeps latency low when the stream is quiet.
+            if rx.is_empty() || batch.entries >= self.max_batch_skus {
+                if let Some(c) = self.flush(&mut applier, &mut batch, &progress).await? {
+                    return Ok(c);
+                }
+            }
+        }
+    }
+
+    /// Apply the batch; on success mark its transactions durable and tell MQTT.
+    async fn flush(&mut self, applier: &mut Applier, batch: &mut Batch, progress: &ProgressHandle) -> Result<Option<Cycle>, DaemonError> {
+        if batch.is_empty() {
+            return Ok(None);
+        }
+        let mut delay = Duration::from_millis(100);
+        let applied = loop {
+            match applier.apply(&batch.pieces, batch.end, false).await {
+                Ok(a) => break a,
+                Err(RedisSinkError::NoMeta) => return Ok(Some(Cycle::Restart("Redis lost its data (meta hash missing)".into()))),
+                Err(e) if e.is_transient() => {
+                    // The fence makes retrying the same batch safe.
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Redis apply failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        if let Some(end) = batch.end {
+            self.gate.fetch_max(end.0, Ordering::SeqCst);
+            self.counters.applied_lsn.fetch_max(end.0, Ordering::Relaxed);
+        }
+        for t in batch.tickets.drain(..) {
+            progress.durable(t);
+        }
+        self.counters.sku_updates.fetch_add(applied.applied, Ordering::Relaxed);
+        self.counters.fenced.fetch_add(applied.fenced, Ordering::Relaxed);
+        self.counters.alerts.fetch_add(applied.alerts, Ordering::Relaxed);
+        if let Some(m) = &self.mqtt {
+            m.changed(batch.skus());
+        }
+        batch.clear();
+        Ok(None)
+    }
+}
+
+/// `skusync resync`: rebuild Redis from a fresh snapshot while no instance streams.
+pub async fn resync_now(cfg: Config) -> Result<(), DaemonError> {
+    let mut d = Daemon::new(cfg)?;
+    let mut con = rsink::connect(&d.redis).await?;
+    let client = meta::connect(&d.pgc).await?;
+    let slot = d.cfg.postgres.slot.clone();
+    match meta::slot_state(&client, &d.pgc, &slot).await? {
+        None => {
+            return Err(DaemonError::Definite(format!(
+                "replication slot {slot:?} does not exist: `skusync run` creates it and loads Redis"
+            )));
+        }
+        Some(s) if s.active_pid.is_some() => {
+            return Err(DaemonError::Definite(format!(
+                "replication slot {slot:?} is streamed by process {} (a running skusync): stop it first; \
+                 only the active instance may rebuild Redis",
+                s.active_pid.unwrap_or_default()
+            )));
+        }
+        Some(_) => {}
+    }
+    d.resync(&mut con, &client, &slot).await
+}
+
+/// Pieces waiting for one apply call, with the tickets they complete.
+#[derive(Default)]
+struct Batch {
+    pieces: Vec<Piece>,
+    entries: usize,
+    tickets: Vec<Ticket>,
+    end: Option<Lsn>,
+}
+
+impl Batch {
+    fn push(&mut self, p: Piece) {
+        self.entries += p.skus.len() + p.eval.len();
+        self.pieces.push(p);
+    }
+    fn commit(&mut self, end: Lsn, t: Ticket) {
+        self.end = Some(self.end.map_or(end, |e| e.max(end)));
+        self.tickets.push(t);
+    }
+    fn is_empty(&self) -> bool {
+        self.pieces.is_empty() && self.tickets.is_empty()
+    }
+    fn skus(&self) -> Vec<String> {
+        let set: BTreeSet<&String> = self.pieces.iter().flat_map(|p| p.skus.keys().chain(p.eval.iter())).collect();
+        set.into_iter().cloned().collect()
+    }
+    fn clear(&mut self) {
+        self.pieces.clear();
+        self.entries = 0;
+        self.tickets.clear();
+        self.end = None;
+    }
+}
+
+/// Reset Redis, load the snapshot, and mark the meta hash done at `at`.
+#[allow(clippy::too_many_arguments)]
+async fn load_snapshot(
+    pgc: &PgConnectConfig,
+    mapping: &Arc<Mapping>,
+    settings: &ApplySettings,
+    max_changes: u64,
+    mut con: redis::aio::ConnectionManager,
+    snapshot: &str,
+    at: Lsn,
+    system: Option<&crate::pg::SystemInfo>,
+    gate: &Arc<AtomicU64>,
+) -> Result<(), DaemonError> {
+    let prefix = settings.prefix.as_str();
+    let started = std::time::Instant::now();
+    rsink::write_meta(&mut con, prefix, &[("bootstrap", "loading".into()), ("fingerprint", mapping.fingerprint.clone())]).await?;
+    let reset = rsink::reset_all(&mut con, prefix, Lsn(at.0.saturating_sub(1))).await?;
+    let mut applier = Applier::new(con.clone(), settings.clone());
+    let tick = |rows: u64| {
+        let _ = crate::notify::extend_timeout(Duration::from_secs(60), &format!("loading snapshot: {rows} rows"));
+    };
+    let stats = crate::snapshot::load(pgc, snapshot, at, mapping.clone(), &mut applier, max_changes, &tick).await?;
+    let mut fields = vec![("bootstrap", "done".to_string()), ("applied_lsn", at.0.to_string()), ("fingerprint", mapping.fingerprint.clone())];
+    if let Some(s) = system {
+        fields.push(("system_id", s.system_id.clone()));
+        fields.push(("timeline", s.timeline.to_string()));
+    }
+    rsink::write_meta(&mut con, prefix, &fields).await?;
+    gate.fetch_max(at.0, Ordering::SeqCst);
+    tracing::info!(rows = stats.rows, skus_reset = reset, at = %at, seconds = started.elapsed().as_secs_f64(), "snapshot loaded");
+    Ok(())
+}

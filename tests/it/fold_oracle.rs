@@ -1,0 +1,618 @@
+//! End-to-end oracle tests of `skusync run`: random workloads against a real PostgreSQL
+//! and Redis, drained, then compared field by field with the SQL aggregate
+//! (see `oracle.rs`). Seeds are printed; replay with `SKUSYNC_TEST_SEED=<seed>`.
+
+use crate::harness::{PgServer, RedisServer};
+use crate::oracle::*;
+use crate::support::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use redis::aio::MultiplexedConnection;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const PUBLIC_SCHEMA: &str = "
+CREATE TABLE inventory (
+  sku text NOT NULL, location text NOT NULL, on_hand int NOT NULL, reserved int NOT NULL DEFAULT 0,
+  PRIMARY KEY (sku, location));
+CREATE TABLE activity_log (
+  id bigserial PRIMARY KEY, sku text, kind text NOT NULL, qty numeric,
+  at timestamptz NOT NULL DEFAULT now());
+CREATE PUBLICATION skusync FOR TABLE inventory;
+CREATE PUBLICATION skusync_activity FOR TABLE activity_log WITH (publish = 'insert');
+";
+
+const PUBS: &[&str] = &["skusync", "skusync_activity"];
+
+fn public_oracle(buckets: Buckets) -> Oracle {
+    Oracle {
+        prefix: "skusync".into(),
+        inventory: vec![InventorySpec {
+            table: "public.inventory".into(),
+            sku: "sku".into(),
+            location: Some("location".into()),
+            on_hand: "on_hand".into(),
+            reserved: Some("reserved".into()),
+        }],
+        activity: vec![ActivitySpec {
+            table: "public.activity_log".into(),
+            sku: "sku".into(),
+            kind: "kind".into(),
+            quantity: Some("qty".into()),
+            time: None,
+            windows: vec!["5m".into(), "1h".into()],
+            counters: vec![
+                ("view".into(), "views".into()),
+                ("add_to_cart".into(), "carts".into()),
+                ("purchase".into(), "purchases".into()),
+            ],
+        }],
+        buckets,
+    }
+}
+
+/// The `skusync run` process, restartable; each incarnation logs to its own directory.
+struct Daemon {
+    proc: Option<SkusyncProc>,
+    cfg: PathBuf,
+    dir: PathBuf,
+    runs: usize,
+}
+
+impl Daemon {
+    fn start(dir: &Path, cfg: PathBuf) -> Daemon {
+        let mut d = Daemon {
+            proc: None,
+            cfg,
+            dir: dir.to_path_buf(),
+            runs: 0,
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let run_dir = self.dir.join(format!("run{}", self.runs));
+        std::fs::create_dir_all(&run_dir).expect("run dir");
+        self.runs += 1;
+        self.proc = Some(SkusyncProc::spawn(
+            &["run", "--config", self.cfg.to_str().expect("utf-8 path")],
+            &run_dir,
+        ));
+    }
+
+    fn proc(&mut self) -> &mut SkusyncProc {
+        self.proc.as_mut().expect("running")
+    }
+
+    /// All incarnations' stderr, labelled.
+    fn stderr_all(&self) -> String {
+        let mut s = String::new();
+        for i in 0..self.runs {
+            let d = self.dir.join(format!("run{i}"));
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                if e.path().extension().is_some_and(|x| x == "stderr") {
+                    let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                    let tail: String = text
+                        .chars()
+                        .rev()
+                        .take(6000)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect();
+                    s.push_str(&format!("--- run {i} stderr (tail) ---\n{tail}\n"));
+                }
+            }
+        }
+        s
+    }
+
+    /// Panics (with the logs) when the process exited.
+    fn assert_alive(&mut self, what: &str) {
+        if let Ok(Some(st)) = self.proc().child.try_wait() {
+            panic!(
+                "skusync run exited ({st}) while {what}\n{}",
+                self.stderr_all()
+            );
+        }
+    }
+
+    fn kill9_and_restart(&mut self) {
+        let mut p = self.proc.take().expect("running");
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+        drop(p);
+        self.spawn();
+    }
+
+    fn sigterm(&mut self) -> Option<i32> {
+        self.proc().signal_and_wait("TERM", Duration::from_secs(30))
+    }
+}
+
+/// Servers, connections and the running daemon of one test.
+struct Rig {
+    pg: PgServer,
+    redis: RedisServer,
+    client: tokio_postgres::Client,
+    con: MultiplexedConnection,
+    oracle: Oracle,
+    daemon: Option<Daemon>,
+    dir: tempfile::TempDir,
+    markers: u64,
+}
+
+impl Rig {
+    /// Start PostgreSQL with `schema` applied and Redis (skusync not started yet).
+    async fn new(schema: &str, oracle: Oracle) -> Rig {
+        let pg = PgServer::start();
+        pg.psql(schema);
+        let redis = RedisServer::start();
+        let client = pg.client("postgres").await;
+        let con = redis_connect(&redis.url()).await;
+        Rig {
+            pg,
+            redis,
+            client,
+            con,
+            oracle,
+            daemon: None,
+            dir: tempfile::tempdir().expect("tempdir"),
+            markers: 0,
+        }
+    }
+
+    /// Write the config and start `skusync run`; wait until bootstrap is done.
+    async fn start_skusync(&mut self, extra_toml: &str) {
+        let text = format!(
+            "{}{extra_toml}",
+            self.oracle.config_toml(
+                &self.pg.url("postgres", "postgres"),
+                "skusync",
+                PUBS,
+                &self.redis.url()
+            )
+        );
+        let cfg = write_config(self.dir.path(), &text);
+        self.daemon = Some(Daemon::start(self.dir.path(), cfg));
+        self.wait_bootstrap(Duration::from_secs(40)).await;
+    }
+
+    fn daemon(&mut self) -> &mut Daemon {
+        self.daemon.as_mut().expect("skusync started")
+    }
+
+    async fn wait_bootstrap(&mut self, timeout: Duration) {
+        let meta = skusync::sinks::layout::meta_key(&self.oracle.prefix);
+        let start = Instant::now();
+        loop {
+            self.daemon().assert_alive("bootstrapping");
+            if hget(&mut self.con, &meta, "bootstrap").await.as_deref() == Some("done") {
+                return;
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "no {meta} bootstrap=done after {timeout:?}\n{}",
+                    self.daemon().stderr_all()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn exec(&self, sql: &str) {
+        self.client
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("workload SQL failed: {e:?}\n{sql}"));
+    }
+
+    /// Insert drain marker rows (via `tables`) and wait until the last is in Redis.
+    async fn drain(&mut self, tables: &WorkloadTables, location: &str, timeout: Duration) {
+        self.markers += 1;
+        let n = self.markers;
+        self.exec(&tables.marker_sql(n, location)).await;
+        let key = skusync::sinks::layout::sku_key(&self.oracle.prefix, &marker_sku(n));
+        let start = Instant::now();
+        loop {
+            self.daemon().assert_alive("draining");
+            if hget(&mut self.con, &key, "on_hand").await == Some(n.to_string()) {
+                return;
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "drain marker {key} not applied after {timeout:?}\n{}",
+                    self.daemon().stderr_all()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Wait until Redis equals the SQL aggregate; panic with the differences otherwise.
+    async fn assert_converges(&mut self, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let m = self.oracle.mismatches(&self.client, &mut self.con).await;
+            if m.is_empty() {
+                return;
+            }
+            self.daemon().assert_alive("converging");
+            if start.elapsed() > timeout {
+                panic!(
+                    "Redis differs from the SQL aggregate after {timeout:?}:\n{}\n{}",
+                    format_mismatches(&m, 60),
+                    self.daemon().stderr_all()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+}
+
+fn public_workload(seed: u64) -> Workload {
+    Workload::new(
+        seed,
+        WorkloadTables::public(),
+        Workload::default_skus(),
+        Workload::default_locations(),
+    )
+}
+
+/// Run transactions until at least `statements` statements were generated, calling
+/// `between(txn_index)` before each transaction.
+async fn run_workload(
+    rig: &mut Rig,
+    w: &mut Workload,
+    statements: usize,
+    mut between: impl AsyncFnMut(&mut Rig, usize),
+) {
+    let target = w.statements + statements;
+    let mut i = 0;
+    while w.statements < target {
+        between(rig, i).await;
+        let sql = w.next_txn();
+        rig.exec(&sql).await;
+        i += 1;
+    }
+    eprintln!(
+        "workload: {} statements in {} transactions ({} rolled back)",
+        w.statements, w.txns, w.rollbacks
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_workload_drains_to_exactly_the_sql_aggregate() {
+    let seed = test_seed("random_workload_drains_to_exactly_the_sql_aggregate");
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::SumEqualsTotal)).await;
+    rig.start_skusync("").await;
+    let mut w = public_workload(seed);
+    run_workload(&mut rig, &mut w, 2000, async |_, _| {}).await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    rig.assert_converges(Duration::from_secs(10)).await;
+    let code = rig.daemon().sigterm();
+    assert_eq!(
+        code,
+        Some(0),
+        "SIGTERM exits 0\n{}",
+        rig.daemon().stderr_all()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_after_sigkill_do_not_double_count() {
+    let seed = test_seed("replays_after_sigkill_do_not_double_count");
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::SumEqualsTotal)).await;
+    rig.start_skusync("").await;
+    let mut w = public_workload(seed);
+    // kill points are transaction indices; ~2000 statements are ~300 transactions
+    let mut krng = StdRng::seed_from_u64(seed ^ 0x5eed_c0de);
+    let kills = krng.random_range(3..=5);
+    let mut at: Vec<usize> = (0..kills).map(|_| krng.random_range(5..280)).collect();
+    at.sort_unstable();
+    at.dedup();
+    eprintln!("SIGKILL before transactions {at:?}");
+    let mut killed = 0;
+    run_workload(&mut rig, &mut w, 2000, async |rig, i| {
+        if at.contains(&i) {
+            // let it get somewhere first, at a random moment
+            tokio::time::sleep(Duration::from_millis(krng.random_range(0..300))).await;
+            rig.daemon().kill9_and_restart();
+            killed += 1;
+        }
+    })
+    .await;
+    assert_eq!(killed, at.len());
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(40))
+        .await;
+    rig.assert_converges(Duration::from_secs(10)).await;
+    let code = rig.daemon().sigterm();
+    assert_eq!(code, Some(0), "{}", rig.daemon().stderr_all());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushall_mid_stream_triggers_a_resync_that_converges() {
+    let seed = test_seed("flushall_mid_stream_triggers_a_resync_that_converges");
+    // after a resync the snapshot's activity rows have no commit time: buckets not compared
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.start_skusync("").await;
+    let mut w = public_workload(seed);
+    let flush_at = StdRng::seed_from_u64(seed ^ 0xf1u64).random_range(60..240);
+    eprintln!("FLUSHALL before transaction {flush_at}");
+    run_workload(&mut rig, &mut w, 2000, async |rig, i| {
+        if i == flush_at {
+            rig.redis.cli(&["FLUSHALL"]);
+        }
+    })
+    .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(45))
+        .await;
+    rig.assert_converges(Duration::from_secs(15)).await;
+    rig.daemon().assert_alive("after the resync");
+}
+
+const WMS_SCHEMA: &str = "
+CREATE SCHEMA wms;
+CREATE TABLE wms.stock_levels (
+  item_code varchar(40) NOT NULL, bin smallint NOT NULL, warehouse text NOT NULL,
+  qty numeric(12,0) NOT NULL, held smallint NOT NULL DEFAULT 0,
+  PRIMARY KEY (item_code, warehouse, bin));
+CREATE TABLE wms.events (
+  id bigserial PRIMARY KEY, item_code text, ev text, amount numeric(10,2), at timestamptz);
+CREATE PUBLICATION skusync FOR TABLE wms.stock_levels;
+CREATE PUBLICATION skusync_activity FOR TABLE wms.events WITH (publish = 'insert');
+";
+
+fn wms_tables() -> WorkloadTables {
+    WorkloadTables {
+        inv: "wms.stock_levels".into(),
+        sku: "item_code".into(),
+        location: "warehouse".into(),
+        on_hand: "qty".into(),
+        reserved: "held".into(),
+        extra_key: Some(("bin".into(), vec!["1".into(), "2".into()])),
+        act: "wms.events".into(),
+        act_sku: "item_code".into(),
+        act_kind: "ev".into(),
+        act_qty: "amount".into(),
+        act_time: Some("at".into()),
+        kinds: ["seen", "basket", "sold", "returned"]
+            .map(String::from)
+            .to_vec(),
+        fractions: ["2.50", "0.01"].map(String::from).to_vec(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_names_and_types_work_by_config_alone() {
+    let seed = test_seed("other_names_and_types_work_by_config_alone");
+    let oracle = Oracle {
+        prefix: "wms".into(),
+        inventory: vec![InventorySpec {
+            table: "wms.stock_levels".into(),
+            sku: "item_code".into(),
+            location: Some("warehouse".into()),
+            on_hand: "qty".into(),
+            reserved: Some("held".into()),
+        }],
+        activity: vec![ActivitySpec {
+            table: "wms.events".into(),
+            sku: "item_code".into(),
+            kind: "ev".into(),
+            quantity: Some("amount".into()),
+            time: Some("at".into()),
+            windows: vec!["5m".into(), "1h".into()],
+            counters: vec![
+                ("seen".into(), "views".into()),
+                ("basket".into(), "carts".into()),
+                ("sold".into(), "purchases".into()),
+            ],
+        }],
+        buckets: Buckets::ExactByMinute,
+    };
+    let mut rig = Rig::new(WMS_SCHEMA, oracle).await;
+    // some rows before the start, bootstrapped from the snapshot
+    rig.exec(
+        "INSERT INTO wms.stock_levels VALUES ('pre-1', 1, 'north', 10, 1), ('pre-1', 2, 'north', 5, 2),
+           ('pre-1', 1, 'south', 7, 0);
+         INSERT INTO wms.events (item_code, ev, amount, at) VALUES ('pre-1', 'sold', 2.00, now()),
+           ('pre-1', 'sold', 1.50, now()), ('pre-1', 'seen', NULL, now());",
+    )
+    .await;
+    rig.start_skusync("").await;
+    let skus: Vec<String> = [
+        "a/b",
+        "k:v",
+        "ünï©ødé",
+        "with space",
+        "",
+        "IT-1",
+        "IT-2",
+        "IT-3",
+    ]
+    .map(String::from)
+    .to_vec();
+    let locs: Vec<String> = ["north", "south", "east west"].map(String::from).to_vec();
+    let mut w = Workload::new(seed, wms_tables(), skus, locs);
+    run_workload(&mut rig, &mut w, 800, async |_, _| {}).await;
+    rig.drain(&wms_tables(), "north", Duration::from_secs(30))
+        .await;
+    rig.assert_converges(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attaching_to_a_database_with_existing_rows_bootstraps_exactly() {
+    let seed = test_seed("attaching_to_a_database_with_existing_rows_bootstraps_exactly");
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.exec(
+        "INSERT INTO inventory (sku, location, on_hand, reserved)
+           SELECT 'pre-' || (i % 1000), 'WH-' || (i / 1000), (i * 7) % 500, (i * 3) % 20
+           FROM generate_series(0, 4999) i;
+         INSERT INTO inventory VALUES ('a/b', 'store 3', 9, 4), ('', 'WH-1', 1, 0), ('ünï©ødé', 'Köln:4', 3, 3);
+         INSERT INTO activity_log (sku, kind, qty)
+           SELECT 'pre-' || (i % 700), (ARRAY['view', 'add_to_cart', 'purchase', 'share'])[1 + i % 4],
+                  CASE i % 10 WHEN 0 THEN NULL WHEN 1 THEN 1.5 ELSE (i % 4)::numeric END
+           FROM generate_series(0, 4999) i;",
+    )
+    .await;
+    rig.start_skusync("").await;
+    rig.assert_converges(Duration::from_secs(20)).await;
+    let mut w = public_workload(seed);
+    run_workload(&mut rig, &mut w, 500, async |_, _| {}).await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    rig.assert_converges(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_values_are_skipped_and_counted_not_fatal() {
+    const BAD_QTY: &str = "4321.987";
+    let mut oracle = public_oracle(Buckets::Ignore);
+    oracle.inventory.push(InventorySpec {
+        table: "public.loose_stock".into(),
+        sku: "sku_code".into(),
+        location: Some("location".into()),
+        on_hand: "on_hand".into(),
+        reserved: None,
+    });
+    let schema = format!(
+        "{PUBLIC_SCHEMA}
+         CREATE TABLE loose_stock (id serial PRIMARY KEY, sku_code text, location text NOT NULL, on_hand int NOT NULL);
+         ALTER PUBLICATION skusync ADD TABLE loose_stock;"
+    );
+    let mut rig = Rig::new(&schema, oracle).await;
+    rig.start_skusync("").await;
+    rig.exec(&format!(
+        "INSERT INTO activity_log (sku, kind, qty) VALUES ('bad-1', 'purchase', NULL);
+         INSERT INTO activity_log (sku, kind, qty) VALUES ('bad-1', 'purchase', {BAD_QTY});
+         INSERT INTO loose_stock (sku_code, location, on_hand) VALUES (NULL, 'WH-1', 777777);
+         INSERT INTO activity_log (sku, kind, qty) VALUES ('bad-1', 'purchase', 2);
+         INSERT INTO loose_stock (sku_code, location, on_hand) VALUES ('good-1', 'WH-1', 5);"
+    ))
+    .await;
+    let key = skusync::sinks::layout::sku_key("skusync", "good-1");
+    let start = Instant::now();
+    while hget(&mut rig.con, &key, "on_hand").await.as_deref() != Some("5") {
+        rig.daemon().assert_alive("applying rows after bad values");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "good row after bad values not applied\n{}",
+            rig.daemon().stderr_all()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let bad = skusync::sinks::layout::sku_key("skusync", "bad-1");
+    assert_eq!(
+        hget(&mut rig.con, &bad, "purchases").await.as_deref(),
+        Some("2"),
+        "only the good purchase counts"
+    );
+    rig.assert_converges(Duration::from_secs(10)).await;
+    rig.daemon().assert_alive("after bad values");
+    let log = rig.daemon().stderr_all();
+    for needle in ["activity_log", "qty", "loose_stock", "sku_code"] {
+        assert!(log.contains(needle), "stderr mentions {needle:?}:\n{log}");
+    }
+    for secret in [BAD_QTY, "777777"] {
+        assert!(
+            !log.contains(secret),
+            "stderr must not contain the bad row's value {secret:?}:\n{log}"
+        );
+    }
+}
+
+/// The harness side alone (passes without `run`): the workloads execute, the oracle's
+/// queries run on both schemas, the generated configs parse, and a Redis state written
+/// from the truth compares equal while a perturbed one does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oracle_smoke_workloads_run_and_truth_round_trips() {
+    let seed = test_seed("oracle_smoke_workloads_run_and_truth_round_trips");
+    let schema = format!(
+        "{PUBLIC_SCHEMA}{}",
+        WMS_SCHEMA.replace("skusync", "wms_pub")
+    );
+    let mut rig = Rig::new(&schema, public_oracle(Buckets::SumEqualsTotal)).await;
+    let mut w = public_workload(seed);
+    run_workload(&mut rig, &mut w, 1000, async |_, _| {}).await;
+    let wms = Oracle {
+        prefix: "wms".into(),
+        inventory: vec![InventorySpec {
+            table: "wms.stock_levels".into(),
+            sku: "item_code".into(),
+            location: Some("warehouse".into()),
+            on_hand: "qty".into(),
+            reserved: Some("held".into()),
+        }],
+        activity: vec![ActivitySpec {
+            table: "wms.events".into(),
+            sku: "item_code".into(),
+            kind: "ev".into(),
+            quantity: Some("amount".into()),
+            time: Some("at".into()),
+            windows: vec!["5m".into()],
+            counters: vec![("sold".into(), "purchases".into())],
+        }],
+        buckets: Buckets::ExactByMinute,
+    };
+    let mut w2 = Workload::new(
+        seed,
+        wms_tables(),
+        vec!["a/b".into(), "".into(), "IT-1".into()],
+        vec!["north".into(), "south".into()],
+    );
+    run_workload(&mut rig, &mut w2, 500, async |_, _| {}).await;
+    rig.exec(&WorkloadTables::public().marker_sql(1, "WH-1"))
+        .await;
+    rig.exec(&wms_tables().marker_sql(1, "north")).await;
+    for o in [&rig.oracle, &wms] {
+        let text = o.config_toml(
+            &rig.pg.url("postgres", "postgres"),
+            "skusync",
+            PUBS,
+            &rig.redis.url(),
+        );
+        skusync::config::Config::parse(&text)
+            .unwrap_or_else(|e| panic!("generated config does not parse: {e}\n{text}"));
+        let truth = o.truth(&rig.client).await;
+        assert!(truth.with_stock_rows.len() > 2, "{truth:?}");
+        assert!(truth.with_stock_rows.contains(&marker_sku(1)));
+        let mut state: RedisState = truth
+            .skus
+            .iter()
+            .map(|(s, f)| {
+                let mut f: std::collections::BTreeMap<String, String> =
+                    f.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
+                if o.buckets == Buckets::SumEqualsTotal {
+                    for c in ["views", "carts", "purchases"] {
+                        if let Some(v) = f.get(c).cloned() {
+                            f.insert(format!("w:{c}:1"), v);
+                        }
+                    }
+                }
+                (s.clone(), f)
+            })
+            .collect();
+        let m = o.compare(&truth, &state);
+        assert!(m.is_empty(), "{}", format_mismatches(&m, 20));
+        state.remove(&marker_sku(1));
+        state
+            .entry("ghost".into())
+            .or_default()
+            .insert("on_hand".into(), "1".into());
+        let m = o.compare(&truth, &state);
+        let fields: Vec<&str> = m.iter().map(|x| x.field.as_str()).collect();
+        assert!(fields.contains(&"<hash>"), "{}", format_mismatches(&m, 20));
+        assert!(
+            m.iter().any(|x| x.sku == "ghost"),
+            "{}",
+            format_mismatches(&m, 20)
+        );
+    }
+    // fractional and NULL quantities exist and are excluded
+    let skipped = rig
+        .pg
+        .psql("SELECT count(*) FROM activity_log WHERE qty IS NULL OR qty <> trunc(qty)");
+    assert_ne!(skipped, "0");
+}
