@@ -40,7 +40,11 @@ pub enum DaemonError {
 
 impl From<PgError> for DaemonError {
     fn from(e: PgError) -> Self {
-        if e.is_transient() { DaemonError::Transient(e.to_string()) } else { DaemonError::Definite(e.to_string()) }
+        if e.is_transient() {
+            DaemonError::Transient(e.to_string())
+        } else {
+            DaemonError::Definite(e.to_string())
+        }
     }
 }
 
@@ -56,7 +60,11 @@ impl From<RedisSinkError> for DaemonError {
 
 impl From<SourceError> for DaemonError {
     fn from(e: SourceError) -> Self {
-        if e.is_transient() { DaemonError::Transient(e.to_string()) } else { DaemonError::Definite(e.to_string()) }
+        if e.is_transient() {
+            DaemonError::Transient(e.to_string())
+        } else {
+            DaemonError::Definite(e.to_string())
+        }
     }
 }
 
@@ -112,11 +120,17 @@ impl Daemon {
     pub fn new(cfg: Config) -> Result<Daemon, DaemonError> {
         let mapping = Arc::new(Mapping::from_config(&cfg).map_err(|e| DaemonError::Definite(e.0))?);
         if mapping.inventory.is_empty() && mapping.activity.is_empty() {
-            return Err(DaemonError::Definite("map at least one [[inventory]] or [[activity]] table".into()));
+            return Err(DaemonError::Definite(
+                "map at least one [[inventory]] or [[activity]] table".into(),
+            ));
         }
-        let rc = cfg.redis.clone().ok_or_else(|| DaemonError::Definite("`run` needs a [redis] section".into()))?;
+        let rc = cfg
+            .redis
+            .clone()
+            .ok_or_else(|| DaemonError::Definite("`run` needs a [redis] section".into()))?;
         let pgc = cfg.pg_connect().map_err(|e| DaemonError::Definite(e.0))?;
-        let redis = rsink::client(&rc.url, rc.ca_file.as_deref()).map_err(|e| DaemonError::Definite(e.to_string()))?;
+        let redis = rsink::client(&rc.url, rc.ca_file.as_deref())
+            .map_err(|e| DaemonError::Definite(e.to_string()))?;
         let settings = ApplySettings {
             prefix: rc.prefix.clone(),
             keep_minutes: mapping.keep_minutes(),
@@ -172,7 +186,9 @@ impl Daemon {
         }
         if let Some(j) = self.mqtt_join.take() {
             match tokio::time::timeout(Duration::from_secs(8), j).await {
-                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "MQTT publisher stopped with an error"),
+                Ok(Ok(Err(e))) => {
+                    tracing::warn!(error = %e, "MQTT publisher stopped with an error")
+                }
                 Err(_) => tracing::warn!("MQTT publisher did not stop within 8 s"),
                 _ => {}
             }
@@ -217,9 +233,15 @@ impl Daemon {
             } else {
                 let confirmed = s.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
                 let why = match &meta {
-                    None => Some("Redis has no skusync data (a new, flushed or evicted Redis)".to_string()),
-                    Some(m) if !m.bootstrap_done => Some("a previous snapshot load did not finish".into()),
-                    Some(m) if m.fingerprint.as_deref() != Some(self.mapping.fingerprint.as_str()) => {
+                    None => Some(
+                        "Redis has no skusync data (a new, flushed or evicted Redis)".to_string(),
+                    ),
+                    Some(m) if !m.bootstrap_done => {
+                        Some("a previous snapshot load did not finish".into())
+                    }
+                    Some(m)
+                        if m.fingerprint.as_deref() != Some(self.mapping.fingerprint.as_str()) =>
+                    {
                         Some("the table mapping changed since Redis was built".into())
                     }
                     Some(m) if m.applied_lsn.unwrap_or(Lsn::ZERO) < confirmed => Some(format!(
@@ -232,7 +254,8 @@ impl Daemon {
                     tracing::warn!(reason = %why, "rebuilding Redis from a fresh snapshot");
                     self.resync(&mut con, &client, &slot_name).await?;
                 } else if let Some(m) = &meta {
-                    self.gate.store(m.applied_lsn.unwrap_or(Lsn::ZERO).0, Ordering::SeqCst);
+                    self.gate
+                        .store(m.applied_lsn.unwrap_or(Lsn::ZERO).0, Ordering::SeqCst);
                 }
             }
         } else {
@@ -244,15 +267,29 @@ impl Daemon {
     }
 
     /// Rebuild Redis from a temporary slot's snapshot, then move the main slot to it.
-    async fn resync(&mut self, con: &mut redis::aio::ConnectionManager, client: &tokio_postgres::Client, slot: &str) -> Result<(), DaemonError> {
+    async fn resync(
+        &mut self,
+        con: &mut redis::aio::ConnectionManager,
+        client: &tokio_postgres::Client,
+        slot: &str,
+    ) -> Result<(), DaemonError> {
         let mut repl = ReplConnection::connect(&self.pgc).await?;
         let system = repl.identify_system().await?;
         let temp = format!("skusync_resync_{}", std::process::id());
-        let info = repl.create_slot(&temp, true, SnapshotAction::Export).await?;
-        let snapshot = info.snapshot_name.clone().ok_or_else(|| DaemonError::Transient("no snapshot exported".into()))?;
-        self.load(con, &snapshot, info.consistent_point, Some(&system)).await?;
+        let info = repl
+            .create_slot(&temp, true, SnapshotAction::Export)
+            .await?;
+        let snapshot = info
+            .snapshot_name
+            .clone()
+            .ok_or_else(|| DaemonError::Transient("no snapshot exported".into()))?;
+        self.load(con, &snapshot, info.consistent_point, Some(&system))
+            .await?;
         client
-            .execute("SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)", &[&slot, &info.consistent_point.to_string()])
+            .execute(
+                "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
+                &[&slot, &info.consistent_point.to_string()],
+            )
             .await
             .map_err(|e| DaemonError::from(meta::classify(e, &self.pgc)))?;
         drop(repl); // drops the temporary slot
@@ -264,24 +301,72 @@ impl Daemon {
     }
 
     /// Reset Redis and load a snapshot at `at` (shared by bootstrap and resync).
-    async fn load(&self, con: &mut redis::aio::ConnectionManager, snapshot: &str, at: Lsn, system: Option<&crate::pg::SystemInfo>) -> Result<(), DaemonError> {
-        load_snapshot(&self.pgc, &self.mapping, &self.settings, self.max_changes, con.clone(), snapshot, at, system, &self.gate).await
+    async fn load(
+        &self,
+        con: &mut redis::aio::ConnectionManager,
+        snapshot: &str,
+        at: Lsn,
+        system: Option<&crate::pg::SystemInfo>,
+    ) -> Result<(), DaemonError> {
+        load_snapshot(
+            &self.pgc,
+            &self.mapping,
+            &self.settings,
+            self.max_changes,
+            con.clone(),
+            snapshot,
+            at,
+            system,
+            &self.gate,
+        )
+        .await
     }
 
-    async fn stream(&mut self, con: redis::aio::ConnectionManager, bootstrap: bool, shutdown: &CancellationToken) -> Result<Cycle, DaemonError> {
-        let mut sc = SourceConfig::new(self.pgc.clone(), &self.cfg.postgres.slot, self.cfg.postgres.publication.names());
+    async fn stream(
+        &mut self,
+        con: redis::aio::ConnectionManager,
+        bootstrap: bool,
+        shutdown: &CancellationToken,
+    ) -> Result<Cycle, DaemonError> {
+        let mut sc = SourceConfig::new(
+            self.pgc.clone(),
+            &self.cfg.postgres.slot,
+            self.cfg.postgres.publication.names(),
+        );
         sc.proto_version = self.cfg.postgres.proto_version;
         sc.status_interval = self.cfg.status_interval();
         sc.confirm_gate = Some(self.gate.clone());
         if bootstrap {
-            let (pgc, mapping, settings, max_changes, con2, gate) =
-                (self.pgc.clone(), self.mapping.clone(), self.settings.clone(), self.max_changes, con.clone(), self.gate.clone());
+            let (pgc, mapping, settings, max_changes, con2, gate) = (
+                self.pgc.clone(),
+                self.mapping.clone(),
+                self.settings.clone(),
+                self.max_changes,
+                con.clone(),
+                self.gate.clone(),
+            );
             sc.bootstrap = Some(Arc::new(move |snapshot: String, at: Lsn| {
-                let (pgc, mapping, settings, con2, gate) = (pgc.clone(), mapping.clone(), settings.clone(), con2.clone(), gate.clone());
+                let (pgc, mapping, settings, con2, gate) = (
+                    pgc.clone(),
+                    mapping.clone(),
+                    settings.clone(),
+                    con2.clone(),
+                    gate.clone(),
+                );
                 Box::pin(async move {
-                    load_snapshot(&pgc, &mapping, &settings, max_changes, con2, &snapshot, at, None, &gate)
-                        .await
-                        .map_err(|e| e.to_string())
+                    load_snapshot(
+                        &pgc,
+                        &mapping,
+                        &settings,
+                        max_changes,
+                        con2,
+                        &snapshot,
+                        at,
+                        None,
+                        &gate,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())
                 })
             }));
         }
@@ -296,14 +381,20 @@ impl Daemon {
         src_token.cancel();
         let src_result = match tokio::time::timeout(Duration::from_secs(15), src).await {
             Ok(Ok(r)) => r,
-            Ok(Err(e)) => Err(SourceError::Pg(PgError::Protocol(format!("source task: {e}")))),
-            Err(_) => Err(SourceError::Pg(PgError::Protocol("source did not stop within 15 s".into()))),
+            Ok(Err(e)) => Err(SourceError::Pg(PgError::Protocol(format!(
+                "source task: {e}"
+            )))),
+            Err(_) => Err(SourceError::Pg(PgError::Protocol(
+                "source did not stop within 15 s".into(),
+            ))),
         };
         self.counters.streaming.store(false, Ordering::Relaxed);
         match (result, src_result) {
             (Err(e), _) => Err(e),
             (Ok(Cycle::Restart(why)), _) => Ok(Cycle::Restart(why)),
-            (Ok(Cycle::Shutdown), Err(SourceError::Bootstrap(e))) => Ok(Cycle::Restart(format!("snapshot load failed: {e}"))),
+            (Ok(Cycle::Shutdown), Err(SourceError::Bootstrap(e))) => {
+                Ok(Cycle::Restart(format!("snapshot load failed: {e}")))
+            }
             (Ok(Cycle::Shutdown), Err(e)) => Err(e.into()),
             (Ok(Cycle::Shutdown), Ok(())) => Ok(Cycle::Shutdown),
         }
@@ -313,10 +404,14 @@ impl Daemon {
         if self.mqtt.is_some() {
             return Ok(());
         }
-        let Some(pc) = PublisherConfig::from_config(&self.cfg) else { return Ok(()) };
+        let Some(pc) = PublisherConfig::from_config(&self.cfg) else {
+            return Ok(());
+        };
         // The publisher has its own lifetime: it drains in-flight messages on shutdown.
         let token = CancellationToken::new();
-        let (h, j) = mqtt::spawn(pc, con, token.clone()).await.map_err(|e| DaemonError::Definite(e.to_string()))?;
+        let (h, j) = mqtt::spawn(pc, con, token.clone())
+            .await
+            .map_err(|e| DaemonError::Definite(e.to_string()))?;
         self.mqtt = Some(h);
         self.mqtt_join = Some(j);
         self.mqtt_token = Some(token);
@@ -325,7 +420,13 @@ impl Daemon {
 
     /// Consume the source's events until the channel closes (source stopped) or
     /// something needs a restart.
-    async fn pipeline(&mut self, mut rx: mpsc::Receiver<Vec<SourceEvent>>, mut applier: Applier, progress: ProgressHandle, bootstrap: bool) -> Result<Cycle, DaemonError> {
+    async fn pipeline(
+        &mut self,
+        mut rx: mpsc::Receiver<Vec<SourceEvent>>,
+        mut applier: Applier,
+        progress: ProgressHandle,
+        bootstrap: bool,
+    ) -> Result<Cycle, DaemonError> {
         let mut fold = Fold::new(self.mapping.clone(), self.max_changes);
         let mut batch = Batch::default();
         let mut tick = tokio::time::interval(self.cfg.status_interval());
@@ -364,24 +465,41 @@ impl Daemon {
                                 if let Some(sys) = &m.system_id
                                     && *sys != info.system_id
                                 {
-                                    rsink::write_meta(&mut con, self.prefix(), &[("bootstrap", "stale".into())]).await?;
+                                    rsink::write_meta(
+                                        &mut con,
+                                        self.prefix(),
+                                        &[("bootstrap", "stale".into())],
+                                    )
+                                    .await?;
                                     return Ok(Cycle::Restart(format!(
                                         "Redis was built from another database (system id {sys}, now {})",
                                         info.system_id
                                     )));
                                 }
                                 if !m.bootstrap_done {
-                                    return Ok(Cycle::Restart("Redis holds an unfinished snapshot load".into()));
+                                    return Ok(Cycle::Restart(
+                                        "Redis holds an unfinished snapshot load".into(),
+                                    ));
                                 }
                                 if m.system_id.is_none() {
-                                    rsink::write_meta(&mut con, self.prefix(), &[("system_id", info.system_id.clone()), ("timeline", info.timeline.to_string())]).await?;
+                                    rsink::write_meta(
+                                        &mut con,
+                                        self.prefix(),
+                                        &[
+                                            ("system_id", info.system_id.clone()),
+                                            ("timeline", info.timeline.to_string()),
+                                        ],
+                                    )
+                                    .await?;
                                 }
                             }
                         }
                         self.start_mqtt(applier.connection()).await?;
                     }
                     SourceEvent::Reset => fold.reset(),
-                    SourceEvent::Event(Event::Relation(r)) => fold.relation(&r).map_err(|e| DaemonError::Definite(e.0))?,
+                    SourceEvent::Event(Event::Relation(r)) => {
+                        fold.relation(&r).map_err(|e| DaemonError::Definite(e.0))?
+                    }
                     SourceEvent::Event(Event::Begin(b)) => fold.begin(&b),
                     SourceEvent::Event(Event::Change(c)) => {
                         if let Some(p) = fold.change(&c).map_err(|e| DaemonError::Definite(e.0))? {
@@ -394,14 +512,20 @@ impl Daemon {
                                 batch.push(p);
                             } else {
                                 // Everything before it first; then the truncate over all SKUs.
-                                if let Some(c) = self.flush(&mut applier, &mut batch, &progress).await? {
+                                if let Some(c) =
+                                    self.flush(&mut applier, &mut batch, &progress).await?
+                                {
                                     return Ok(c);
                                 }
                                 let skus = applier.all_skus().await?;
                                 for chunk in skus.chunks(500) {
                                     match applier.truncate(&p, chunk).await {
                                         Ok(_) => {}
-                                        Err(RedisSinkError::NoMeta) => return Ok(Cycle::Restart("Redis lost its data".into())),
+                                        Err(RedisSinkError::NoMeta) => {
+                                            return Ok(Cycle::Restart(
+                                                "Redis lost its data".into(),
+                                            ));
+                                        }
                                         Err(e) => return Err(e.into()),
                                     }
                                 }
@@ -427,16 +551,21 @@ impl Daemon {
             }
             // Apply now unless more is already waiting and the batch has room: batching
             // only while backlogged keeps latency low when the stream is quiet.
-            if rx.is_empty() || batch.entries >= self.max_batch_skus {
-                if let Some(c) = self.flush(&mut applier, &mut batch, &progress).await? {
-                    return Ok(c);
-                }
+            if (rx.is_empty() || batch.entries >= self.max_batch_skus)
+                && let Some(c) = self.flush(&mut applier, &mut batch, &progress).await?
+            {
+                return Ok(c);
             }
         }
     }
 
     /// Apply the batch; on success mark its transactions durable and tell MQTT.
-    async fn flush(&mut self, applier: &mut Applier, batch: &mut Batch, progress: &ProgressHandle) -> Result<Option<Cycle>, DaemonError> {
+    async fn flush(
+        &mut self,
+        applier: &mut Applier,
+        batch: &mut Batch,
+        progress: &ProgressHandle,
+    ) -> Result<Option<Cycle>, DaemonError> {
         if batch.is_empty() {
             return Ok(None);
         }
@@ -444,7 +573,11 @@ impl Daemon {
         let applied = loop {
             match applier.apply(&batch.pieces, batch.end, false).await {
                 Ok(a) => break a,
-                Err(RedisSinkError::NoMeta) => return Ok(Some(Cycle::Restart("Redis lost its data (meta hash missing)".into()))),
+                Err(RedisSinkError::NoMeta) => {
+                    return Ok(Some(Cycle::Restart(
+                        "Redis lost its data (meta hash missing)".into(),
+                    )));
+                }
                 Err(e) if e.is_transient() => {
                     // The fence makes retrying the same batch safe.
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Redis apply failed; retrying");
@@ -456,14 +589,22 @@ impl Daemon {
         };
         if let Some(end) = batch.end {
             self.gate.fetch_max(end.0, Ordering::SeqCst);
-            self.counters.applied_lsn.fetch_max(end.0, Ordering::Relaxed);
+            self.counters
+                .applied_lsn
+                .fetch_max(end.0, Ordering::Relaxed);
         }
         for t in batch.tickets.drain(..) {
             progress.durable(t);
         }
-        self.counters.sku_updates.fetch_add(applied.applied, Ordering::Relaxed);
-        self.counters.fenced.fetch_add(applied.fenced, Ordering::Relaxed);
-        self.counters.alerts.fetch_add(applied.alerts, Ordering::Relaxed);
+        self.counters
+            .sku_updates
+            .fetch_add(applied.applied, Ordering::Relaxed);
+        self.counters
+            .fenced
+            .fetch_add(applied.fenced, Ordering::Relaxed);
+        self.counters
+            .alerts
+            .fetch_add(applied.alerts, Ordering::Relaxed);
         if let Some(m) = &self.mqtt {
             m.changed(batch.skus());
         }
@@ -518,7 +659,11 @@ impl Batch {
         self.pieces.is_empty() && self.tickets.is_empty()
     }
     fn skus(&self) -> Vec<String> {
-        let set: BTreeSet<&String> = self.pieces.iter().flat_map(|p| p.skus.keys().chain(p.eval.iter())).collect();
+        let set: BTreeSet<&String> = self
+            .pieces
+            .iter()
+            .flat_map(|p| p.skus.keys().chain(p.eval.iter()))
+            .collect();
         set.into_iter().cloned().collect()
     }
     fn clear(&mut self) {
@@ -544,14 +689,38 @@ async fn load_snapshot(
 ) -> Result<(), DaemonError> {
     let prefix = settings.prefix.as_str();
     let started = std::time::Instant::now();
-    rsink::write_meta(&mut con, prefix, &[("bootstrap", "loading".into()), ("fingerprint", mapping.fingerprint.clone())]).await?;
+    rsink::write_meta(
+        &mut con,
+        prefix,
+        &[
+            ("bootstrap", "loading".into()),
+            ("fingerprint", mapping.fingerprint.clone()),
+        ],
+    )
+    .await?;
     let reset = rsink::reset_all(&mut con, prefix, Lsn(at.0.saturating_sub(1))).await?;
     let mut applier = Applier::new(con.clone(), settings.clone());
     let tick = |rows: u64| {
-        let _ = crate::notify::extend_timeout(Duration::from_secs(60), &format!("loading snapshot: {rows} rows"));
+        let _ = crate::notify::extend_timeout(
+            Duration::from_secs(60),
+            &format!("loading snapshot: {rows} rows"),
+        );
     };
-    let stats = crate::snapshot::load(pgc, snapshot, at, mapping.clone(), &mut applier, max_changes, &tick).await?;
-    let mut fields = vec![("bootstrap", "done".to_string()), ("applied_lsn", at.0.to_string()), ("fingerprint", mapping.fingerprint.clone())];
+    let stats = crate::snapshot::load(
+        pgc,
+        snapshot,
+        at,
+        mapping.clone(),
+        &mut applier,
+        max_changes,
+        &tick,
+    )
+    .await?;
+    let mut fields = vec![
+        ("bootstrap", "done".to_string()),
+        ("applied_lsn", at.0.to_string()),
+        ("fingerprint", mapping.fingerprint.clone()),
+    ];
     if let Some(s) = system {
         fields.push(("system_id", s.system_id.clone()));
         fields.push(("timeline", s.timeline.to_string()));

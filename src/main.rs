@@ -114,7 +114,9 @@ fn main() -> ExitCode {
                 let _ = skusync::notify::stopping();
                 r
             }
-            Command::Resync => skusync::daemon::resync_now(cfg).await.map_err(|e| e.to_string()),
+            Command::Resync => skusync::daemon::resync_now(cfg)
+                .await
+                .map_err(|e| e.to_string()),
             Command::Tail { from_slot } => {
                 let opts = skusync::tail::TailOptions {
                     from_slot: *from_slot,

@@ -5,7 +5,13 @@ use std::time::Duration;
 
 /// Tell systemd the service is up.
 pub fn ready(status: &str) -> std::io::Result<()> {
-    sd_notify::notify(false, &[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(status)])
+    sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(status),
+        ],
+    )
 }
 
 /// A status line (`systemctl status`).
@@ -17,7 +23,12 @@ pub fn status(status: &str) -> std::io::Result<()> {
 pub fn extend_timeout(by: Duration, status: &str) -> std::io::Result<()> {
     sd_notify::notify(
         false,
-        &[sd_notify::NotifyState::ExtendTimeoutUsec(by.as_micros().min(u128::from(u32::MAX)) as u32), sd_notify::NotifyState::Status(status)],
+        &[
+            sd_notify::NotifyState::ExtendTimeoutUsec(
+                by.as_micros().min(u128::from(u32::MAX)) as u32
+            ),
+            sd_notify::NotifyState::Status(status),
+        ],
     )
 }
 

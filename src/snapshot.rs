@@ -39,7 +39,11 @@ pub struct LoadStats {
 
 /// Read the relation as pgoutput would describe it: non-dropped, non-generated columns in
 /// attnum order, with replica-identity key flags.
-pub async fn describe(client: &tokio_postgres::Client, cfg: &PgConnectConfig, table: &str) -> Result<Option<RelationDesc>, PgError> {
+pub async fn describe(
+    client: &tokio_postgres::Client,
+    cfg: &PgConnectConfig,
+    table: &str,
+) -> Result<Option<RelationDesc>, PgError> {
     let (schema, name) = table.split_once('.').unwrap_or(("public", table));
     let rows = client
         .query(
@@ -55,7 +59,9 @@ pub async fn describe(client: &tokio_postgres::Client, cfg: &PgConnectConfig, ta
         )
         .await
         .map_err(|e| meta::classify(e, cfg))?;
-    let Some(first) = rows.first() else { return Ok(None) };
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
     let oid: u32 = first.get(0);
     let ri: String = first.get(1);
     let replica_identity = match ri.as_str() {
@@ -66,9 +72,20 @@ pub async fn describe(client: &tokio_postgres::Client, cfg: &PgConnectConfig, ta
     };
     let columns = rows
         .iter()
-        .map(|r| ColumnDesc { name: r.get(2), type_oid: r.get(3), type_modifier: r.get(4), is_key: r.get::<_, Option<bool>>(5).unwrap_or(false) })
+        .map(|r| ColumnDesc {
+            name: r.get(2),
+            type_oid: r.get(3),
+            type_modifier: r.get(4),
+            is_key: r.get::<_, Option<bool>>(5).unwrap_or(false),
+        })
         .collect();
-    Ok(Some(RelationDesc { oid, schema: schema.to_string(), name: name.to_string(), replica_identity, columns }))
+    Ok(Some(RelationDesc {
+        oid,
+        schema: schema.to_string(),
+        name: name.to_string(),
+        replica_identity,
+        columns,
+    }))
 }
 
 /// Load every mapped table from `snapshot` into Redis, fenced just below `at`. Calls
@@ -96,7 +113,11 @@ pub async fn load(
     let fence = Lsn(at.0.saturating_sub(1));
     let mut fold = Fold::new(mapping.clone(), max_changes);
     let now_us = crate::pg::wire::pg_now();
-    fold.begin(&TxnBegin { xid: 0, commit_lsn: fence, commit_ts: now_us });
+    fold.begin(&TxnBegin {
+        xid: 0,
+        commit_lsn: fence,
+        commit_ts: now_us,
+    });
     let mut stats = LoadStats::default();
     let mut seq = 0u64;
     let tables: Vec<String> = mapping.tables().map(str::to_string).collect();
@@ -105,14 +126,31 @@ pub async fn load(
             .await?
             .ok_or_else(|| SnapshotError::Schema(format!("mapped table {table} does not exist")))?;
         let rel = Arc::new(rel);
-        fold.relation(&rel).map_err(|e| SnapshotError::Schema(e.0))?;
-        let needed: Vec<usize> = match mapping.resolve(&rel).map_err(|e| SnapshotError::Schema(e.0))? {
+        fold.relation(&rel)
+            .map_err(|e| SnapshotError::Schema(e.0))?;
+        let needed: Vec<usize> = match mapping
+            .resolve(&rel)
+            .map_err(|e| SnapshotError::Schema(e.0))?
+        {
             Rule::Inventory(r) => {
                 let mut v: Vec<usize> = r.key.clone();
-                v.extend([Some(r.sku), r.location, Some(r.on_hand), r.reserved, r.low_stock].into_iter().flatten());
+                v.extend(
+                    [
+                        Some(r.sku),
+                        r.location,
+                        Some(r.on_hand),
+                        r.reserved,
+                        r.low_stock,
+                    ]
+                    .into_iter()
+                    .flatten(),
+                );
                 v
             }
-            Rule::Activity(r) => [Some(r.sku), Some(r.kind), r.quantity, r.user, r.time].into_iter().flatten().collect(),
+            Rule::Activity(r) => [Some(r.sku), Some(r.kind), r.quantity, r.user, r.time]
+                .into_iter()
+                .flatten()
+                .collect(),
             Rule::Unmapped => continue,
         };
         let mut needed = needed;
@@ -123,7 +161,11 @@ pub async fn load(
             .await
             .map_err(sql)?
             .get(0);
-        let cols = needed.iter().map(|&i| crate::pg::conn::quote_ident(&rel.columns[i].name)).collect::<Vec<_>>().join(", ");
+        let cols = needed
+            .iter()
+            .map(|&i| crate::pg::conn::quote_ident(&rel.columns[i].name))
+            .collect::<Vec<_>>()
+            .join(", ");
         let copy = format!(
             "COPY (SELECT {cols} FROM {}.{}) TO STDOUT",
             crate::pg::conn::quote_ident(&rel.schema),
@@ -143,15 +185,26 @@ pub async fn load(
             }
             while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
                 let line = buf.split_to(nl + 1).freeze();
-                let fields = parse_copy_line(&line[..line.len() - 1]).map_err(|e| SnapshotError::Schema(format!("COPY from {table}: {e}")))?;
+                let fields = parse_copy_line(&line[..line.len() - 1])
+                    .map_err(|e| SnapshotError::Schema(format!("COPY from {table}: {e}")))?;
                 let mut tuple = vec![Datum::Null; rel.columns.len()];
                 for (i, f) in needed.iter().zip(fields) {
                     tuple[*i] = f;
                 }
-                let change = crate::txn::Change { op: Op::Insert, rel: rel.clone(), old: None, new: Some(tuple), seq, commit_lsn: fence };
+                let change = crate::txn::Change {
+                    op: Op::Insert,
+                    rel: rel.clone(),
+                    old: None,
+                    new: Some(tuple),
+                    seq,
+                    commit_lsn: fence,
+                };
                 seq += 1;
                 table_rows += 1;
-                if let Some(p) = fold.change(&change).map_err(|e| SnapshotError::Schema(e.0))? {
+                if let Some(p) = fold
+                    .change(&change)
+                    .map_err(|e| SnapshotError::Schema(e.0))?
+                {
                     pending.push(p);
                 }
                 if !pending.is_empty() {
@@ -173,9 +226,17 @@ pub async fn load(
         }
         tracing::info!(table = %table, rows = table_rows, seconds = started.elapsed().as_secs_f64(), "snapshot table loaded");
     }
-    if let Some(last) = fold.commit(&TxnCommit { xid: 0, commit_lsn: fence, end_lsn: at, commit_ts: now_us, changes: seq }) {
+    if let Some(last) = fold.commit(&TxnCommit {
+        xid: 0,
+        commit_lsn: fence,
+        end_lsn: at,
+        commit_ts: now_us,
+        changes: seq,
+    }) {
         stats.skus += last.skus.len() as u64;
-        applier.apply(std::slice::from_ref(&last), Some(at), true).await?;
+        applier
+            .apply(std::slice::from_ref(&last), Some(at), true)
+            .await?;
     }
     client.batch_execute("COMMIT").await.map_err(sql)?;
     Ok(stats)

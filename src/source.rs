@@ -354,11 +354,35 @@ impl Source {
                 }
                 SlotKind::Existing => {
                     let client = meta::connect(&cfg.conn).await?;
-                    let state = meta::slot_state(&client, &cfg.conn, &cfg.slot)
-                        .await?
-                        .ok_or_else(|| SourceError::SlotMissing {
-                            slot: cfg.slot.clone(),
-                        })?;
+                    let state = match meta::slot_state(&client, &cfg.conn, &cfg.slot).await? {
+                        Some(s) => s,
+                        None => {
+                            let Some(hook) = &cfg.bootstrap else {
+                                return Err(SourceError::SlotMissing {
+                                    slot: cfg.slot.clone(),
+                                });
+                            };
+                            let slot = conn
+                                .create_slot(&cfg.slot, false, SnapshotAction::Export)
+                                .await?;
+                            let snapshot = slot.snapshot_name.clone().ok_or_else(|| {
+                                PgError::Protocol(
+                                    "CREATE_REPLICATION_SLOT exported no snapshot".into(),
+                                )
+                            })?;
+                            tracing::info!(slot = %cfg.slot, consistent_point = %slot.consistent_point, "created the replication slot; loading its snapshot");
+                            // The replication connection stays idle meanwhile, which keeps
+                            // the exported snapshot valid.
+                            hook(snapshot, slot.consistent_point)
+                                .await
+                                .map_err(SourceError::Bootstrap)?;
+                            meta::slot_state(&client, &cfg.conn, &cfg.slot)
+                                .await?
+                                .ok_or_else(|| SourceError::SlotMissing {
+                                    slot: cfg.slot.clone(),
+                                })?
+                        }
+                    };
                     if state.plugin.as_deref() != Some("pgoutput") {
                         return Err(SourceError::WrongPlugin {
                             slot: cfg.slot.clone(),

@@ -443,7 +443,10 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
-fn to_changes(txns: &[Vec<Step>]) -> (Vec<(u64, Vec<Change>)>, BTreeMap<String, (i64, i64, i64)>) {
+/// Transactions (commit LSN, changes) and the SQL truth per SKU (on_hand, reserved, views).
+type Workload = (Vec<(u64, Vec<Change>)>, BTreeMap<String, (i64, i64, i64)>);
+
+fn to_changes(txns: &[Vec<Step>]) -> Workload {
     let inv = inventory(ReplicaIdentity::Default);
     let act = activity();
     let mut db: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();

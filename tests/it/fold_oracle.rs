@@ -480,6 +480,8 @@ async fn bad_values_are_skipped_and_counted_not_fatal() {
     let schema = format!(
         "{PUBLIC_SCHEMA}
          CREATE TABLE loose_stock (id serial PRIMARY KEY, sku_code text, location text NOT NULL, on_hand int NOT NULL);
+         -- The key (id) does not name the SKU: deletes need the full old row.
+         ALTER TABLE loose_stock REPLICA IDENTITY FULL;
          ALTER PUBLICATION skusync ADD TABLE loose_stock;"
     );
     let mut rig = Rig::new(&schema, oracle).await;
