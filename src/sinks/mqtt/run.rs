@@ -88,6 +88,9 @@ end
 return 0
 ";
 
+/// `lsn`, `pub_lsn`, `alerts` of a SKU hash.
+type Marks = (Option<String>, Option<String>, Option<String>);
+
 /// What a queued publish was.
 #[derive(Debug)]
 enum Msg {
@@ -258,10 +261,8 @@ impl Task {
         if let EpochPhase::Waiting { until, .. } = &self.epoch {
             return (*until).min(d);
         }
-        if let Some(p) = self.redis_pause_until {
-            if p > now {
-                return p;
-            }
+        if let Some(p) = self.redis_pause_until.filter(|p| *p > now) {
+            return p;
         }
         let room = self.tracker.len() < MAX_IN_FLIGHT;
         if room {
@@ -348,18 +349,17 @@ impl Task {
             }
             Event::Incoming(Packet::Publish(p)) => {
                 let epoch_topic = super::epoch_topic(self.prefix());
-                if p.topic.as_ref() == epoch_topic.as_bytes() {
-                    if let EpochPhase::Waiting { seen, until } = &mut self.epoch {
-                        *seen = Some(String::from_utf8_lossy(&p.payload).into_owned());
-                        // the retained value arrives right after SUBACK: decide now
-                        *until = Instant::now();
-                    }
+                if p.topic.as_ref() == epoch_topic.as_bytes()
+                    && let EpochPhase::Waiting { seen, until } = &mut self.epoch
+                {
+                    *seen = Some(String::from_utf8_lossy(&p.payload).into_owned());
+                    // the retained value arrives right after SUBACK: decide now
+                    *until = Instant::now();
                 }
             }
-            Event::Outgoing(Outgoing::Publish(pkid)) => {
-                if !self.tracker.sent(pkid) {
-                    debug!(pkid, "untracked outgoing publish");
-                }
+            // the guard records the mapping; it is false for every tracked publish
+            Event::Outgoing(Outgoing::Publish(pkid)) if !self.tracker.sent(pkid) => {
+                debug!(pkid, "untracked outgoing publish");
             }
             Event::Incoming(Packet::PubAck(ack)) => {
                 let ok = matches!(
@@ -605,8 +605,7 @@ impl Task {
                     .arg("pub_lsn")
                     .arg("alerts");
             }
-            let r: Result<Vec<(Option<String>, Option<String>, Option<String>)>, _> =
-                pipe.query_async(&mut self.redis).await;
+            let r: Result<Vec<Marks>, _> = pipe.query_async(&mut self.redis).await;
             match r {
                 Ok(rows) => {
                     for (sku, (lsn, pub_lsn, alerts)) in skus.iter().zip(rows) {
