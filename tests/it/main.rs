@@ -3,5 +3,6 @@
 
 mod harness;
 mod harness_smoke;
+mod mqtt_publisher;
 mod replication;
 mod support;
