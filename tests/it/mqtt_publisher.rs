@@ -217,6 +217,16 @@ impl Drop for Sub {
     }
 }
 
+/// Publishes an empty retained message (mosquitto_pub -n -r), clearing the topic.
+fn clear_retained(m: &MosquittoServer, topic: &str) {
+    let st = Command::new("mosquitto_pub")
+        .args(m.client_args())
+        .args(["-q", "1", "-r", "-n", "-t", topic])
+        .status()
+        .expect("mosquitto_pub");
+    assert!(st.success());
+}
+
 fn json_of(p: &[u8]) -> Value {
     serde_json::from_slice(p).expect("JSON payload")
 }
@@ -694,5 +704,140 @@ async fn an_acl_refusal_is_detected_and_not_marked_published() {
     );
     assert_eq!(retained(&m, "p/sku/#"), vec![]);
     assert_eq!(p.handle.stats().snapshot().published, 0);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn republish_all_restores_every_retained_message() {
+    let r = RedisServer::start();
+    let m = MosquittoServer::start();
+    let mut con = redis(&r).await;
+    meta(&mut con).await;
+    let want = three_skus(&mut con).await;
+    let p = Running::start(publisher_config(mqtt_config(m.url())), &r).await;
+    for (sku, lsn) in &want {
+        wait_published(&mut con, sku, *lsn).await;
+    }
+    // someone wiped two retained messages; Redis still says published
+    clear_retained(&m, "p/sku/a");
+    clear_retained(&m, "p/sku/b%23");
+    assert_eq!(retained(&m, "p/sku/#").len(), 1);
+    p.handle.republish_all();
+    let start = Instant::now();
+    while retained(&m, "p/sku/#").len() < 3 {
+        assert!(start.elapsed() < Duration::from_secs(10), "not republished");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_retained_equals_redis(&m);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn states_above_10_kib_are_published_and_above_the_packet_limit_refused() {
+    let r = RedisServer::start();
+    let m = MosquittoServer::start();
+    let mut con = redis(&r).await;
+    meta(&mut con).await;
+    let locs = |n: usize| -> Vec<(String, String)> {
+        (0..n)
+            .flat_map(|i| {
+                [
+                    (format!("loc:WAREHOUSE-{i:05}:on_hand"), "12345".to_string()),
+                    (format!("loc:WAREHOUSE-{i:05}:reserved"), "1".to_string()),
+                ]
+            })
+            .collect()
+    };
+    let set = |sku: &'static str, n: usize, lsn: u64| {
+        let mut con = con.clone();
+        let mut kv = locs(n);
+        kv.push(("lsn".into(), lsn.to_string()));
+        async move {
+            let kv: Vec<(&str, String)> = kv.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+            hset(&mut con, sku, &kv).await;
+        }
+    };
+    set("BIG", 400, 1).await;
+    set("HUGE", 2000, 2).await;
+    let p = Running::start(publisher_config(mqtt_config(m.url())), &r).await;
+    wait_published(&mut con, "BIG", 1).await;
+    let got = m.retained("p/sku/BIG", Duration::from_secs(5));
+    assert!(got[0].1.len() > 20 * 1024, "{} bytes", got[0].1.len());
+    assert_eq!(
+        json_of(&got[0].1)["locations"].as_object().unwrap().len(),
+        400
+    );
+    until("oversized refused", Duration::from_secs(10), || {
+        let n = p.handle.stats().snapshot().refusals;
+        async move { (n >= 1).then_some(()) }
+    })
+    .await;
+    assert_eq!(hget(&mut con, "HUGE", "pub_lsn").await, None);
+    assert!(m.retained("p/sku/HUGE", Duration::from_secs(5)).is_empty());
+    assert!(
+        p.handle.is_connected(),
+        "an oversized state does not break the connection"
+    );
+    p.stop().await;
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Waits for the next minute boundary, so up to ~60 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aged_window_values_are_republished_with_as_of_and_no_delta() {
+    // start early in a minute, so the first publish sees the bucket inside the window
+    while unix_ms() % 60_000 > 45_000 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = RedisServer::start();
+    let m = MosquittoServer::start();
+    let mut con = redis(&r).await;
+    meta(&mut con).await;
+    let sub = Sub::start(&m, "p/sku/#");
+    let minute = unix_ms().div_euclid(60_000);
+    // the oldest minute of the 1h window: it leaves the window at the next minute
+    hset(
+        &mut con,
+        "W",
+        &[
+            ("on_hand", "10".into()),
+            ("available", "10".into()),
+            ("purchases", "2".into()),
+            (&format!("w:purchases:{}", minute - 59), "2".into()),
+            ("lsn", "9".into()),
+        ],
+    )
+    .await;
+    let p = Running::start(publisher_config(mqtt_config(m.url())), &r).await;
+    wait_published(&mut con, "W", 9).await;
+    let first = json_of(&sub.on("p/sku/W")[0]);
+    assert_eq!(first["purchases_1h"], 2);
+    assert_eq!(first["sell_rate_per_h"], 2);
+    assert_eq!(first["stockout_eta_s"], 18000);
+    let aged = until("aging republish", Duration::from_secs(75), || {
+        let msgs = sub.on("p/sku/W");
+        async move { msgs.get(1).map(|p| json_of(p)) }
+    })
+    .await;
+    assert_eq!(aged["purchases_1h"], 0);
+    assert_eq!(aged["sell_rate_per_h"], 0);
+    assert!(aged.get("stockout_eta_s").is_none());
+    assert!(aged.get("delta").is_none());
+    assert!(aged["as_of"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(aged["lsn"], "0/9");
+    assert_eq!(aged["on_hand"], 10);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        sub.on("p/sku/W").len(),
+        2,
+        "values at zero are not republished again"
+    );
+    assert_eq!(hget(&mut con, "W", "pub_lsn").await.as_deref(), Some("9"));
     p.stop().await;
 }

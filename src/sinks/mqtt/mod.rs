@@ -183,16 +183,15 @@ impl PublisherConfig {
     }
 }
 
-/// Publisher errors. `Config` is definite; the task retries broker and network errors
-/// itself and does not return them.
+/// Publisher errors. Only configuration errors are returned (by [`spawn`]); the task
+/// retries broker, network and Redis errors itself (with back-off) and returns `Ok` on
+/// shutdown. Refused credentials are retried too (the broker's user list may be fixed
+/// while skusync runs), logged as a warning on the first failure and every 20th.
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
     /// Invalid configuration (URL, CA file, sizes).
     #[error("mqtt config: {0}")]
     Config(String),
-    /// A Redis error (the task retries these; returned only from `spawn`).
-    #[error("mqtt publisher: redis: {0}")]
-    Redis(#[from] redis::RedisError),
 }
 
 /// Counters for metrics.

@@ -138,12 +138,16 @@ pub(super) struct Task {
     tracker: AckTracker<Msg>,
     connected: bool,
     ever_connected: bool,
+    /// Connect attempts failed in a row.
+    failures: u32,
     draining: bool,
     epoch: EpochPhase,
     scan: Option<Scan>,
     /// SKUs of a full republish not yet acknowledged (epoch mismatch).
     outstanding: Option<HashSet<String>>,
     redis_pause_until: Option<Instant>,
+    /// Maximum packet size the broker announced in CONNACK.
+    broker_max: Option<usize>,
     next_aging: Instant,
     mark: redis::Script,
     remove_alert: redis::Script,
@@ -195,11 +199,13 @@ impl Task {
             tracker: AckTracker::default(),
             connected: false,
             ever_connected: false,
+            failures: 0,
             draining: false,
             epoch: EpochPhase::Decided,
             scan: None,
             outstanding: None,
             redis_pause_until: None,
+            broker_max: None,
             next_aging: Instant::now(),
             mark: redis::Script::new(MARK_PUBLISHED),
             remove_alert: redis::Script::new(REMOVE_ALERT),
@@ -303,9 +309,16 @@ impl Task {
 
     fn on_disconnect(&mut self, why: &str) {
         if self.connected {
+            self.failures = 0;
             warn!(error = %why, "mqtt connection lost");
         } else {
-            debug!(error = %why, "mqtt connect failed");
+            self.failures += 1;
+            // visible, but not once per back-off step
+            if self.failures == 1 || self.failures % 20 == 0 {
+                warn!(error = %why, attempts = self.failures, "mqtt connect failed; retrying");
+            } else {
+                debug!(error = %why, attempts = self.failures, "mqtt connect failed");
+            }
         }
         self.connected = false;
         self.shared.connected.store(false, Ordering::SeqCst);
@@ -323,7 +336,12 @@ impl Task {
 
     async fn on_event(&mut self, client: &AsyncClient, ev: Event) {
         match ev {
-            Event::Incoming(Packet::ConnAck(_)) => {
+            Event::Incoming(Packet::ConnAck(ack)) => {
+                // rumqttc fails the connection on a packet above the broker's maximum
+                self.broker_max = ack
+                    .properties
+                    .and_then(|p| p.max_packet_size)
+                    .and_then(|m| usize::try_from(m).ok());
                 if self.ever_connected {
                     self.shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
@@ -726,12 +744,17 @@ impl Task {
             return;
         }
         let topic = super::sku_topic(self.prefix(), sku);
-        if topic.len() + msg.payload.len() + PACKET_OVERHEAD > self.cfg.mqtt.max_packet_bytes {
+        let max = self.broker_max.map_or(self.cfg.mqtt.max_packet_bytes, |b| {
+            b.min(self.cfg.mqtt.max_packet_bytes)
+        });
+        // MQTT topics are at most 65535 bytes
+        if topic.len() > usize::from(u16::MAX)
+            || topic.len() + msg.payload.len() + PACKET_OVERHEAD > max
+        {
             self.shared.stats.refusals.fetch_add(1, Ordering::Relaxed);
             error!(
                 bytes = msg.payload.len(),
-                max = self.cfg.mqtt.max_packet_bytes,
-                "state payload exceeds mqtt.max_packet_bytes; not published"
+                max, "state payload exceeds the maximum packet size; not published"
             );
             debug!(sku = %sku, "oversized state payload");
             self.sched.skipped(sku);
