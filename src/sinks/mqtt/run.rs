@@ -314,7 +314,7 @@ impl Task {
         } else {
             self.failures += 1;
             // visible, but not once per back-off step
-            if self.failures == 1 || self.failures % 20 == 0 {
+            if self.failures == 1 || self.failures.is_multiple_of(20) {
                 warn!(error = %why, attempts = self.failures, "mqtt connect failed; retrying");
             } else {
                 debug!(error = %why, attempts = self.failures, "mqtt connect failed");
