@@ -150,10 +150,13 @@ fn retained(m: &MosquittoServer, filter: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
+/// (retained flag, topic, payload) of one received message.
+type Seen = (bool, String, Vec<u8>);
+
 /// A live `mosquitto_sub` recording (retained flag, topic, payload) of every message.
 struct Sub {
     child: Child,
-    seen: Arc<Mutex<Vec<(bool, String, Vec<u8>)>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
 }
 
 impl Sub {
@@ -197,7 +200,7 @@ impl Sub {
         sub
     }
 
-    fn messages(&self) -> Vec<(bool, String, Vec<u8>)> {
+    fn messages(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
 
