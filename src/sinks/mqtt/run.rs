@@ -408,8 +408,9 @@ impl Task {
                         .invoke_async(&mut self.redis)
                         .await;
                     if let Err(e) = r {
-                        // stays unpublished in Redis: republished after the next connect
+                        // still unpublished in Redis: publish again once Redis answers
                         warn!(error = %e, "marking a SKU published failed");
+                        self.sched.request(&sku, Want::Change);
                     }
                     self.shared.stats.published.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -539,6 +540,8 @@ impl Task {
         if self.draining {
             return;
         }
+        // also here: a busy event loop can starve the notify branch of the select
+        self.take_requests();
         let now = Instant::now();
         if let EpochPhase::Waiting { until, seen } = &mut self.epoch {
             if *until > now {
