@@ -80,8 +80,9 @@
 //! # Sizes
 //!
 //! `max_packet_bytes` (default 64 KiB) is announced to the broker as the maximum packet
-//! size. A state payload is a few hundred bytes plus about 60 bytes per location and 30
-//! per counter or window, so the default fits more than 900 locations; a payload that would
+//! size. A state payload is a few hundred bytes plus about 50 bytes per location and 30
+//! per counter or window, each again in `delta` when it changed (all of them in a first
+//! message), so the default fits about 500 locations with short names; a payload that would
 //! exceed `max_packet_bytes` minus topic and header overhead is not sent (logged as an
 //! error and counted as refused), since a partial state would be wrong.
 //!
