@@ -1,42 +1,324 @@
-//! MQTT sink (interface placeholder; the publisher lands separately).
+//! MQTT sink: publishes each SKU's state from its Redis hash to an MQTT broker.
+//!
+//! MQTT is a projection of Redis, and Redis is its outbox: the replication slot never
+//! waits on MQTT.
+//!
+//! # Topics
+//!
+//! * `<topic_prefix>/sku/<SKU>`: retained, QoS 1, the SKU's latest state (below). An empty
+//!   retained payload (which clears the retained message) when the SKU is gone.
+//! * `<topic_prefix>/alerts/<SKU>`: not retained, QoS 1, one message per alert.
+//! * `<topic_prefix>/status`: retained `online` after connecting, `offline` as the Last Will
+//!   and before a clean disconnect.
+//! * `<topic_prefix>/epoch`: retained random token; see "Broker restarts".
+//!
+//! # SKU topic level
+//!
+//! A SKU is one topic level. Every UTF-8 byte outside printable ASCII (`0x21..=0x7E`: so
+//! controls, NUL, space, DEL and all non-ASCII characters), and `%`, `/`, `+`, `#`, is
+//! written as `%XX` (upper-case hex); the empty SKU is the single character `%`.
+//! Decoding: a level that is exactly `%` is the empty SKU; otherwise replace each `%XX`
+//! by the byte `XX` and read the bytes as UTF-8 (standard percent-decoding). Encoding is
+//! injective, so distinct SKUs never share a topic. The payloads carry the real SKU.
+//!
+//! # State payload (compact JSON, format `v` 1)
+//!
+//! `v`, `sku`, `on_hand`, `reserved`, `available`; `locations`
+//! (`{"WH-1":{"on_hand":6,"reserved":2}}`, only when there are locations); each activity
+//! counter's lifetime total (`views`); each window's sum (`views_5m`, `purchases_1h`);
+//! distinct users per window when the counter's table maps a user (`views_users_5m`); with
+//! a `purchases` counter, `sell_rate_per_h` (units over the last 60 minutes) and
+//! `stockout_eta_s` (`available * 3600 / sell_rate_per_h`, omitted when the rate is 0 or
+//! nothing is available); `delta`: the numeric values minus those of this SKU's previous
+//! acknowledged message (non-zero entries only, same shape, locations nested; a first
+//! message's delta is its values); `lsn` and `prev_lsn` (commit LSNs `X/Y` of this and the
+//! previous acknowledged message, `prev_lsn` omitted on the first); `ts` (commit time,
+//! RFC 3339 UTC with milliseconds). Absent features are omitted, never `null`.
+//!
+//! Window values age without new events: SKUs published with a non-zero window value are
+//! rechecked once per minute, round robin, at most `window_republish_per_s` per second,
+//! and republished when their window values changed. Such a message has `as_of` (the time
+//! the windows were computed) and no `delta`.
+//!
+//! # Alert payload
+//!
+//! `{"v":1,"id":"<lsn>:<type>:<sku>","type":"low_stock"|"out_of_stock"|"back_in_stock",
+//! "sku","available","threshold","lsn":"X/Y","ts"}`. Delivery is at least once; `id` is
+//! stable so apps can drop duplicates.
+//!
+//! # Delivery
+//!
+//! A SKU is unpublished while its hash's `lsn` differs from `pub_lsn` or `alerts` is not
+//! empty. After the broker acknowledged (PUBACK success) a state message with LSN `L`, a
+//! Lua script sets `pub_lsn = L` and `pub_state` (the published numeric values, the base of
+//! the next `delta`) unless `pub_lsn` is already at least `L`. After an alert's PUBACK, a
+//! Lua script removes exactly that alert (matched on `lsn` and `type`) from `alerts`, so
+//! alerts the apply script appends meanwhile stay. After connecting, every unpublished
+//! SKU is found by SCAN and published; a message lost with a connection is published again.
+//! So messages are delivered at least once, and retained state converges to Redis.
+//!
+//! The throttle allows one message per SKU per `min_interval_ms`: the first change
+//! publishes at once, later ones coalesce into one trailing publish of the state read
+//! from Redis at that time (its `delta` covers all coalesced changes). At most one state
+//! message per SKU is in flight; a SKU's messages never carry an older `lsn` than one
+//! already sent. Other SKUs are not delayed.
+//!
+//! PUBACKs are matched to messages by order (rumqttc reports the packet id of each
+//! request in the order they were queued). MQTT 5 is used so a refusing PUBACK (e.g. an
+//! ACL denial, `NotAuthorized`) is seen: the message is counted as refused, logged, and
+//! not marked published. Sessions are clean: on disconnect everything in flight is
+//! considered lost. Reconnects back off exponentially from 100 ms to 10 s.
+//!
+//! # Broker restarts
+//!
+//! A broker restarted without persistence loses its retained messages. After connecting,
+//! skusync reads the retained `<topic_prefix>/epoch` (waiting up to 1 s) and compares it
+//! with `mqtt_epoch` in the Redis meta hash. When they differ (or either is missing), every
+//! SKU is republished; once all are acknowledged, a new random epoch is published
+//! (retained) and then stored in the meta hash (only if the meta hash exists).
+//!
+//! # Sizes
+//!
+//! `max_packet_bytes` (default 64 KiB) is announced to the broker as the maximum packet
+//! size. A state payload is a few hundred bytes plus about 50 bytes per location and 30
+//! per counter or window, each again in `delta` when it changed (all of them in a first
+//! message), so the default fits about 500 locations with short names; a payload that would
+//! exceed `max_packet_bytes` minus topic and header overhead is not sent (logged as an
+//! error and counted as refused), since a partial state would be wrong.
+//!
+//! # Logging
+//!
+//! Logs carry no payload values and no user ids; SKUs only at debug level.
 
+mod conn;
+mod payload;
+mod run;
+mod sched;
+mod topic;
+mod tracker;
+
+pub use conn::{Broker, PASSWORD_ENV, parse_url};
+pub use payload::{Kind, PendingAlert, StateMessage, alert_payload, parse_alerts, state_message};
+pub use sched::{Aging, Scheduler, Want};
+pub use topic::{EMPTY_SKU_LEVEL, decode_sku, encode_sku};
+pub use tracker::AckTracker;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// Publisher settings.
-pub struct PublisherConfig;
+/// One activity counter as the payload needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CounterSpec {
+    /// Counter name (`views`).
+    pub name: String,
+    /// Windows in seconds (whole minutes).
+    pub windows_secs: Vec<u64>,
+    /// The counter's table maps a user column: publish distinct users per window.
+    pub distinct_users: bool,
+}
+
+/// Everything the publisher needs from the configuration.
+#[derive(Clone, Debug)]
+pub struct PublisherConfig {
+    /// `[mqtt]`.
+    pub mqtt: crate::config::MqttConfig,
+    /// Redis key prefix.
+    pub redis_prefix: String,
+    /// Every activity counter.
+    pub counters: Vec<CounterSpec>,
+    /// `purchases` when an activity maps a counter with that name.
+    pub sell_counter: Option<String>,
+}
+
+/// Name of the counter that gives the sell rate.
+pub const SELL_COUNTER: &str = "purchases";
 
 impl PublisherConfig {
-    /// `None` without `[mqtt]`.
-    pub fn from_config(_cfg: &crate::config::Config) -> Option<PublisherConfig> {
-        None
+    /// The publisher's config; `None` without `[mqtt]`. Counters mapped by several
+    /// activity tables are merged (union of windows; distinct users if any maps a user).
+    pub fn from_config(cfg: &crate::config::Config) -> Option<PublisherConfig> {
+        let mqtt = cfg.mqtt.clone()?;
+        let mut counters: Vec<CounterSpec> = Vec::new();
+        for a in &cfg.activity {
+            let mut windows: Vec<u64> = a
+                .windows
+                .iter()
+                .filter_map(|w| crate::config::parse_window(w))
+                .collect();
+            windows.sort_unstable();
+            windows.dedup();
+            for name in a.counters.values() {
+                match counters.iter_mut().find(|c| &c.name == name) {
+                    Some(c) => {
+                        c.windows_secs.extend(&windows);
+                        c.windows_secs.sort_unstable();
+                        c.windows_secs.dedup();
+                        c.distinct_users |= a.user.is_some();
+                    }
+                    None => counters.push(CounterSpec {
+                        name: name.clone(),
+                        windows_secs: windows.clone(),
+                        distinct_users: a.user.is_some(),
+                    }),
+                }
+            }
+        }
+        let sell_counter = counters
+            .iter()
+            .any(|c| c.name == SELL_COUNTER)
+            .then(|| SELL_COUNTER.to_string());
+        Some(PublisherConfig {
+            mqtt,
+            redis_prefix: cfg
+                .redis
+                .as_ref()
+                .map(|r| r.prefix.clone())
+                .unwrap_or_else(|| "skusync".into()),
+            counters,
+            sell_counter,
+        })
     }
+}
+
+/// Publisher errors. Only configuration errors are returned (by [`spawn`]); the task
+/// retries broker, network and Redis errors itself (with back-off) and returns `Ok` on
+/// shutdown. Refused credentials are retried too (the broker's user list may be fixed
+/// while skusync runs), logged as a warning on the first failure and every 20th.
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    /// Invalid configuration (URL, CA file, sizes).
+    #[error("mqtt config: {0}")]
+    Config(String),
+}
+
+/// Counters for metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// State messages (including clears and aging republishes) acknowledged.
+    pub published: AtomicU64,
+    /// Alert messages acknowledged.
+    pub alerts_published: AtomicU64,
+    /// Messages refused by the broker (PUBACK reason code) or too large to send.
+    pub refusals: AtomicU64,
+    /// Successful connections after the first.
+    pub reconnects: AtomicU64,
+    /// Full republishes started because the broker's epoch did not match.
+    pub epoch_republishes: AtomicU64,
+}
+
+/// A point-in-time copy of [`Stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// See [`Stats::published`].
+    pub published: u64,
+    /// See [`Stats::alerts_published`].
+    pub alerts_published: u64,
+    /// See [`Stats::refusals`].
+    pub refusals: u64,
+    /// See [`Stats::reconnects`].
+    pub reconnects: u64,
+    /// See [`Stats::epoch_republishes`].
+    pub epoch_republishes: u64,
+}
+
+impl Stats {
+    /// Copies the counters.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            published: self.published.load(Ordering::Relaxed),
+            alerts_published: self.alerts_published.load(Ordering::Relaxed),
+            refusals: self.refusals.load(Ordering::Relaxed),
+            reconnects: self.reconnects.load(Ordering::Relaxed),
+            epoch_republishes: self.epoch_republishes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    changed: Mutex<HashSet<String>>,
+    republish_all: AtomicBool,
+    connected: AtomicBool,
+    notify: Notify,
+    stats: Stats,
 }
 
 /// Handle to the publisher task.
-#[derive(Clone)]
-pub struct MqttHandle;
+#[derive(Clone, Debug)]
+pub struct MqttHandle {
+    shared: Arc<Shared>,
+}
 
 impl MqttHandle {
-    /// SKUs changed in Redis.
-    pub fn changed(&self, _skus: impl IntoIterator<Item = String>) {}
-    /// Republish every SKU.
-    pub fn republish_all(&self) {}
-    /// Connected to the broker.
+    /// SKUs whose hashes changed (call after the Redis apply returned). Never blocks on
+    /// MQTT; pending SKUs are deduplicated, so memory is bounded by distinct SKUs.
+    pub fn changed(&self, skus: impl IntoIterator<Item = String>) {
+        {
+            let mut set = self
+                .shared
+                .changed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            set.extend(skus);
+        }
+        self.shared.notify.notify_one();
+    }
+
+    /// Republish every SKU hash (after Redis was rebuilt by a resync).
+    pub fn republish_all(&self) {
+        self.shared.republish_all.store(true, Ordering::SeqCst);
+        self.shared.notify.notify_one();
+    }
+
+    /// Connected to the broker (CONNACK received, not yet disconnected).
     pub fn is_connected(&self) -> bool {
-        false
+        self.shared.connected.load(Ordering::SeqCst)
+    }
+
+    /// Counters for metrics.
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
     }
 }
 
-/// Publisher errors.
-#[derive(Debug, thiserror::Error)]
-#[error("mqtt: {0}")]
-pub struct MqttError(pub String);
+pub(crate) fn status_topic(prefix: &str) -> String {
+    format!("{prefix}/status")
+}
 
-/// Start the publisher.
+pub(crate) fn epoch_topic(prefix: &str) -> String {
+    format!("{prefix}/epoch")
+}
+
+/// The state topic of a SKU.
+pub fn sku_topic(prefix: &str, sku: &str) -> String {
+    format!("{prefix}/sku/{}", encode_sku(sku))
+}
+
+/// The alert topic of a SKU.
+pub fn alert_topic(prefix: &str, sku: &str) -> String {
+    format!("{prefix}/alerts/{}", encode_sku(sku))
+}
+
+/// Starts the publisher task. Fails only on configuration errors; the task connects (and
+/// reconnects) by itself and returns on shutdown (after draining in-flight messages for up
+/// to a few seconds and publishing `offline`) or on a definite error.
 pub async fn spawn(
-    _cfg: PublisherConfig,
-    _redis: redis::aio::ConnectionManager,
-    _shutdown: CancellationToken,
+    cfg: PublisherConfig,
+    redis: redis::aio::ConnectionManager,
+    shutdown: CancellationToken,
 ) -> Result<(MqttHandle, tokio::task::JoinHandle<Result<(), MqttError>>), MqttError> {
-    Err(MqttError("not built".into()))
+    let env_pw = std::env::var(PASSWORD_ENV).ok();
+    let broker = conn::parse_url(&cfg.mqtt.url, env_pw)?;
+    let options = conn::options(&cfg.mqtt, &broker)?;
+    let shared = Arc::new(Shared::default());
+    let handle = MqttHandle {
+        shared: shared.clone(),
+    };
+    let task = run::Task::new(cfg, options, redis, shared, shutdown);
+    let join = tokio::spawn(task.run());
+    Ok((handle, join))
 }

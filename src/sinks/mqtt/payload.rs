@@ -1,0 +1,546 @@
+//! Message payloads built from a SKU hash's fields, without I/O.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+
+use serde_json::{Map, Value, json};
+
+use super::CounterSpec;
+use crate::lsn::Lsn;
+use crate::sinks::layout;
+
+/// Payload format version.
+pub const FORMAT_VERSION: u64 = 1;
+
+/// What the payload is for.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// The hash changed: carries `delta`.
+    Change,
+    /// Only time passed: carries `as_of` (this unix-ms time) and no `delta`.
+    Aging { as_of_ms: i64 },
+}
+
+/// The payload-relevant part of the configuration.
+#[derive(Clone, Debug, Default)]
+pub struct Spec {
+    /// Every activity counter.
+    pub counters: Vec<CounterSpec>,
+    /// The counter whose last hour gives `sell_rate_per_h`.
+    pub sell_counter: Option<String>,
+}
+
+/// The state message of a SKU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateMessage {
+    /// The retained payload; empty clears the retained message (deleted SKU).
+    pub payload: String,
+    /// Hash field `lsn` (0 when absent).
+    pub lsn: u64,
+    /// JSON object of the numeric values published, stored as `pub_state` after the ack.
+    pub state: String,
+    /// Fingerprint of the window values when any is non-zero (they will age).
+    pub windows: Option<u64>,
+}
+
+fn int(fields: &HashMap<String, String>, name: &str) -> i64 {
+    fields.get(name).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+fn u64_field(fields: &HashMap<String, String>, name: &str) -> Option<u64> {
+    fields.get(name).and_then(|v| v.parse().ok())
+}
+
+/// Unix milliseconds as RFC 3339 UTC with milliseconds; `None` when out of range.
+pub fn rfc3339_ms(unix_ms: i64) -> Option<String> {
+    let micros = unix_ms
+        .checked_mul(1000)?
+        .checked_sub(946_684_800_000_000)?;
+    // i64::MIN/MAX mean +-infinity there; not a commit time
+    if micros == i64::MIN || micros == i64::MAX {
+        return None;
+    }
+    Some(crate::txn::pg_timestamp_to_rfc3339_millis(micros))
+}
+
+/// A hash field holding a LSN as u64 decimal, as `X/Y`.
+fn lsn_text(v: u64) -> String {
+    Lsn(v).to_string()
+}
+
+/// Whether the hash has something the broker has not acknowledged: its `lsn` differs from
+/// `pub_lsn`, or alerts are pending.
+pub fn unpublished(lsn: Option<&str>, pub_lsn: Option<&str>, alerts: Option<&str>) -> bool {
+    // a hash without `lsn` is published once as LSN 0
+    lsn.unwrap_or("0") != pub_lsn.unwrap_or("")
+        || alerts.is_some_and(|a| !matches!(a.trim(), "" | "[]"))
+}
+
+/// Builds the state message of `sku` from its hash `fields` at `now_ms` (unix ms).
+/// `users` holds the distinct-user counts by payload name (`views_users_5m`), computed by
+/// the caller from the per-minute HyperLogLogs.
+pub fn state_message(
+    spec: &Spec,
+    sku: &str,
+    fields: &HashMap<String, String>,
+    users: &HashMap<String, i64>,
+    now_ms: i64,
+    kind: Kind,
+) -> StateMessage {
+    let lsn = u64_field(fields, "lsn").unwrap_or(0);
+    if fields.get("gone").map(String::as_str) == Some("1") {
+        return StateMessage {
+            payload: String::new(),
+            lsn,
+            state: "{}".into(),
+            windows: None,
+        };
+    }
+    // Numeric values: these make up `pub_state` and the delta.
+    let mut values: BTreeMap<String, i64> = BTreeMap::new();
+    let on_hand = int(fields, "on_hand");
+    let reserved = int(fields, "reserved");
+    let available = fields
+        .get("available")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(on_hand.saturating_sub(reserved));
+    values.insert("on_hand".into(), on_hand);
+    values.insert("reserved".into(), reserved);
+    values.insert("available".into(), available);
+
+    let mut locations: BTreeMap<&str, Map<String, Value>> = BTreeMap::new();
+    for (f, v) in fields {
+        let Some(rest) = f.strip_prefix("loc:") else {
+            continue;
+        };
+        let Some((loc, what)) = rest.rsplit_once(':') else {
+            continue;
+        };
+        if !matches!(what, "on_hand" | "reserved") {
+            continue;
+        }
+        let n: i64 = v.parse().unwrap_or(0);
+        let entry = locations.entry(loc).or_default();
+        entry.insert(what.to_string(), json!(n));
+        values.insert(f.clone(), n);
+    }
+    for m in locations.values_mut() {
+        // both keys always, so apps need no defaults
+        m.entry("on_hand").or_insert(json!(0));
+        m.entry("reserved").or_insert(json!(0));
+    }
+
+    let now_minute = layout::minute_of_ms(now_ms);
+    let pairs = || fields.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+    let mut window_values: Vec<(String, i64)> = Vec::new();
+    for c in &spec.counters {
+        values.insert(c.name.clone(), int(fields, &c.name));
+        for &w in &c.windows_secs {
+            let minutes = i64::try_from(w / 60).unwrap_or(1).max(1);
+            let name = layout::window_name(&c.name, w);
+            let sum = layout::window_sum(pairs(), &c.name, minutes, now_minute);
+            window_values.push((name, sum));
+            if c.distinct_users {
+                let uname = users_name(&c.name, w);
+                let n = users.get(&uname).copied().unwrap_or(0);
+                window_values.push((uname, n));
+            }
+        }
+    }
+    if let Some(sc) = &spec.sell_counter {
+        let rate = layout::window_sum(pairs(), sc, 60, now_minute);
+        window_values.push(("sell_rate_per_h".into(), rate));
+        if rate > 0 && available > 0 {
+            let eta =
+                i64::try_from(i128::from(available) * 3600 / i128::from(rate)).unwrap_or(i64::MAX);
+            window_values.push(("stockout_eta_s".into(), eta));
+        }
+    }
+    let windows = window_values.iter().any(|(_, v)| *v != 0).then(|| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        window_values.hash(&mut h);
+        h.finish()
+    });
+    for (k, v) in &window_values {
+        values.insert(k.clone(), *v);
+    }
+
+    let mut obj = Map::new();
+    obj.insert("v".into(), json!(FORMAT_VERSION));
+    obj.insert("sku".into(), json!(sku));
+    for (k, v) in &values {
+        if !k.starts_with("loc:") {
+            obj.insert(k.clone(), json!(v));
+        }
+    }
+    if !locations.is_empty() {
+        let l: Map<String, Value> = locations
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), Value::Object(v)))
+            .collect();
+        obj.insert("locations".into(), Value::Object(l));
+    }
+    match kind {
+        Kind::Change => {
+            let prev = fields
+                .get("pub_state")
+                .and_then(|s| serde_json::from_str::<BTreeMap<String, i64>>(s).ok())
+                .unwrap_or_default();
+            obj.insert("delta".into(), delta(&values, &prev));
+        }
+        Kind::Aging { as_of_ms } => {
+            if let Some(t) = rfc3339_ms(as_of_ms) {
+                obj.insert("as_of".into(), json!(t));
+            }
+        }
+    }
+    if fields.contains_key("lsn") {
+        obj.insert("lsn".into(), json!(lsn_text(lsn)));
+    }
+    if let Some(p) = u64_field(fields, "pub_lsn") {
+        obj.insert("prev_lsn".into(), json!(lsn_text(p)));
+    }
+    if let Some(t) = fields
+        .get("ts")
+        .and_then(|v| v.parse::<i64>().ok())
+        .and_then(rfc3339_ms)
+    {
+        obj.insert("ts".into(), json!(t));
+    }
+    let state = serde_json::to_string(&values).unwrap_or_else(|_| "{}".into());
+    StateMessage {
+        payload: Value::Object(obj).to_string(),
+        lsn,
+        state,
+        windows,
+    }
+}
+
+/// Payload name of a counter's distinct users over a window: `views_users_5m`.
+pub fn users_name(counter: &str, window_secs: u64) -> String {
+    let w = layout::window_name(counter, window_secs);
+    let suffix = &w[counter.len()..];
+    format!("{counter}_users{suffix}")
+}
+
+/// Current minus previous, non-zero entries only; location values nested under
+/// `locations` like in the payload.
+fn delta(cur: &BTreeMap<String, i64>, prev: &BTreeMap<String, i64>) -> Value {
+    let mut out = Map::new();
+    let mut locs: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
+    let keys: std::collections::BTreeSet<&String> = cur.keys().chain(prev.keys()).collect();
+    for k in keys {
+        let d = cur
+            .get(k)
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(prev.get(k).copied().unwrap_or(0));
+        if d == 0 {
+            continue;
+        }
+        match k.strip_prefix("loc:").and_then(|r| r.rsplit_once(':')) {
+            Some((loc, what)) => {
+                locs.entry(loc.to_string())
+                    .or_default()
+                    .insert(what.to_string(), json!(d));
+            }
+            None => {
+                out.insert(k.clone(), json!(d));
+            }
+        }
+    }
+    if !locs.is_empty() {
+        let l: Map<String, Value> = locs
+            .into_iter()
+            .map(|(k, v)| (k, Value::Object(v)))
+            .collect();
+        out.insert("locations".into(), Value::Object(l));
+    }
+    Value::Object(out)
+}
+
+/// One pending alert from the hash field `alerts`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingAlert {
+    /// `low_stock`, `out_of_stock` or `back_in_stock`.
+    pub kind: String,
+    /// `available` when raised.
+    pub available: i64,
+    /// The threshold in force.
+    pub threshold: i64,
+    /// The alert's `lsn` exactly as stored (decimal u64), for matching on removal.
+    pub lsn_raw: String,
+    /// Parsed `lsn`.
+    pub lsn: u64,
+    /// Commit time, unix ms.
+    pub ts: Option<i64>,
+}
+
+/// Parses the `alerts` field; also returns how many entries were malformed (skipped).
+pub fn parse_alerts(field: Option<&str>) -> (Vec<PendingAlert>, usize) {
+    let Some(text) = field.filter(|t| !t.trim().is_empty()) else {
+        return (Vec::new(), 0);
+    };
+    let Ok(Value::Array(items)) = serde_json::from_str::<Value>(text) else {
+        return (Vec::new(), 1);
+    };
+    let mut out = Vec::new();
+    let mut bad = 0;
+    for it in items {
+        let parsed = (|| {
+            let kind = it.get("type")?.as_str()?.to_string();
+            let lsn_raw = match it.get("lsn")? {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.as_u64()?.to_string(),
+                _ => return None,
+            };
+            let lsn = lsn_raw.parse().ok()?;
+            Some(PendingAlert {
+                kind,
+                available: it.get("available").and_then(Value::as_i64).unwrap_or(0),
+                threshold: it.get("threshold").and_then(Value::as_i64).unwrap_or(0),
+                lsn_raw,
+                lsn,
+                ts: it.get("ts").and_then(Value::as_i64),
+            })
+        })();
+        match parsed {
+            Some(a) => out.push(a),
+            None => bad += 1,
+        }
+    }
+    (out, bad)
+}
+
+/// The stable alert id `"<lsn X/Y>:<type>:<sku>"`.
+pub fn alert_id(sku: &str, a: &PendingAlert) -> String {
+    format!("{}:{}:{sku}", lsn_text(a.lsn), a.kind)
+}
+
+/// The alert message payload.
+pub fn alert_payload(sku: &str, a: &PendingAlert) -> String {
+    let mut obj = Map::new();
+    obj.insert("v".into(), json!(FORMAT_VERSION));
+    obj.insert("id".into(), json!(alert_id(sku, a)));
+    obj.insert("type".into(), json!(a.kind));
+    obj.insert("sku".into(), json!(sku));
+    obj.insert("available".into(), json!(a.available));
+    obj.insert("threshold".into(), json!(a.threshold));
+    obj.insert("lsn".into(), json!(lsn_text(a.lsn)));
+    if let Some(t) = a.ts.and_then(rfc3339_ms) {
+        obj.insert("ts".into(), json!(t));
+    }
+    Value::Object(obj).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_764_061_200_123; // 2025-11-25T09:00:00.123Z
+
+    fn spec() -> Spec {
+        Spec {
+            counters: vec![
+                CounterSpec {
+                    name: "views".into(),
+                    windows_secs: vec![300, 3600],
+                    distinct_users: true,
+                },
+                CounterSpec {
+                    name: "purchases".into(),
+                    windows_secs: vec![3600],
+                    distinct_users: false,
+                },
+            ],
+            sell_counter: Some("purchases".into()),
+        }
+    }
+
+    fn fields(pairs: &[(&str, String)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect()
+    }
+
+    fn parse(s: &str) -> Value {
+        serde_json::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn first_message_full_payload() {
+        let m = layout::minute_of_ms(NOW);
+        let f = fields(&[
+            ("on_hand", "8".into()),
+            ("reserved", "2".into()),
+            ("available", "6".into()),
+            ("loc:WH-1:on_hand", "6".into()),
+            ("loc:WH-1:reserved", "2".into()),
+            ("loc:WH:2:on_hand", "2".into()),
+            ("views", "100".into()),
+            ("purchases", "9".into()),
+            (&layout::bucket_field("views", m), "3".into()),
+            (&layout::bucket_field("views", m - 10), "4".into()),
+            (&layout::bucket_field("purchases", m - 30), "3".into()),
+            (&layout::bucket_field("purchases", m - 60), "50".into()),
+            ("lsn", "4294967297".into()),
+            ("ts", NOW.to_string()),
+        ]);
+        let users = HashMap::from([
+            ("views_users_5m".to_string(), 2),
+            ("views_users_1h".to_string(), 5),
+        ]);
+        let msg = state_message(&spec(), "A/1", &f, &users, NOW, Kind::Change);
+        let v = parse(&msg.payload);
+        assert_eq!(
+            v,
+            json!({
+                "v": 1, "sku": "A/1", "on_hand": 8, "reserved": 2, "available": 6,
+                "locations": {"WH-1": {"on_hand": 6, "reserved": 2}, "WH:2": {"on_hand": 2, "reserved": 0}},
+                "views": 100, "purchases": 9,
+                "views_5m": 3, "views_1h": 7, "views_users_5m": 2, "views_users_1h": 5,
+                "purchases_1h": 3, "sell_rate_per_h": 3, "stockout_eta_s": 7200,
+                "delta": {"on_hand": 8, "reserved": 2, "available": 6, "views": 100, "purchases": 9,
+                          "views_5m": 3, "views_1h": 7, "views_users_5m": 2, "views_users_1h": 5,
+                          "purchases_1h": 3, "sell_rate_per_h": 3, "stockout_eta_s": 7200,
+                          "locations": {"WH-1": {"on_hand": 6, "reserved": 2}, "WH:2": {"on_hand": 2}}},
+                "lsn": "1/1", "ts": "2025-11-25T09:00:00.123Z"
+            })
+        );
+        assert!(!msg.payload.contains(' '), "compact");
+        assert!(msg.windows.is_some());
+        assert_eq!(msg.lsn, 4_294_967_297);
+        let st: BTreeMap<String, i64> = serde_json::from_str(&msg.state).unwrap();
+        assert_eq!(st["loc:WH-1:on_hand"], 6);
+        assert_eq!(st["views_5m"], 3);
+    }
+
+    #[test]
+    fn delta_against_pub_state_and_prev_lsn() {
+        let f = fields(&[
+            ("on_hand", "5".into()),
+            ("available", "5".into()),
+            ("lsn", "20".into()),
+            ("pub_lsn", "10".into()),
+            (
+                "pub_state",
+                r#"{"on_hand":8,"available":8,"reserved":0,"gone_counter":1}"#.into(),
+            ),
+        ]);
+        let msg = state_message(
+            &Spec::default(),
+            "x",
+            &f,
+            &HashMap::new(),
+            NOW,
+            Kind::Change,
+        );
+        let v = parse(&msg.payload);
+        assert_eq!(
+            v["delta"],
+            json!({"on_hand": -3, "available": -3, "gone_counter": -1})
+        );
+        assert_eq!(v["prev_lsn"], json!("0/A"));
+        assert_eq!(v["lsn"], json!("0/14"));
+        // no features configured: no nulls, no windows, no sell rate, no ts
+        for k in [
+            "locations",
+            "sell_rate_per_h",
+            "stockout_eta_s",
+            "ts",
+            "as_of",
+        ] {
+            assert!(v.get(k).is_none(), "{k}");
+        }
+        assert!(!msg.payload.contains("null"));
+        assert_eq!(msg.windows, None);
+    }
+
+    #[test]
+    fn aging_has_as_of_and_no_delta() {
+        let f = fields(&[("lsn", "1".into())]);
+        let msg = state_message(
+            &spec(),
+            "x",
+            &f,
+            &HashMap::new(),
+            NOW,
+            Kind::Aging { as_of_ms: NOW },
+        );
+        let v = parse(&msg.payload);
+        assert!(v.get("delta").is_none());
+        assert_eq!(v["as_of"], json!("2025-11-25T09:00:00.123Z"));
+        assert_eq!(v["sell_rate_per_h"], json!(0));
+        assert!(v.get("stockout_eta_s").is_none(), "rate 0");
+        assert_eq!(msg.windows, None, "all windows zero");
+    }
+
+    #[test]
+    fn eta_omitted_when_nothing_available() {
+        let m = layout::minute_of_ms(NOW);
+        let f = fields(&[
+            ("available", "0".into()),
+            (&layout::bucket_field("purchases", m), "2".into()),
+        ]);
+        let v = parse(&state_message(&spec(), "x", &f, &HashMap::new(), NOW, Kind::Change).payload);
+        assert_eq!(v["sell_rate_per_h"], json!(2));
+        assert!(v.get("stockout_eta_s").is_none());
+    }
+
+    #[test]
+    fn gone_clears() {
+        let f = fields(&[
+            ("gone", "1".into()),
+            ("lsn", "7".into()),
+            ("on_hand", "0".into()),
+        ]);
+        let msg = state_message(&spec(), "x", &f, &HashMap::new(), NOW, Kind::Change);
+        assert_eq!(msg.payload, "");
+        assert_eq!(msg.lsn, 7);
+        assert_eq!(msg.state, "{}");
+    }
+
+    #[test]
+    fn unpublished_rule() {
+        assert!(!unpublished(Some("5"), Some("5"), None));
+        assert!(!unpublished(Some("5"), Some("5"), Some("[]")));
+        assert!(unpublished(Some("5"), Some("4"), None));
+        assert!(unpublished(Some("5"), None, None));
+        assert!(unpublished(None, None, None));
+        assert!(!unpublished(None, Some("0"), None));
+        assert!(unpublished(
+            Some("5"),
+            Some("5"),
+            Some(r#"[{"type":"low_stock"}]"#)
+        ));
+    }
+
+    #[test]
+    fn alerts_parse_and_payload() {
+        let (a, bad) = parse_alerts(Some(
+            r#"[{"type":"low_stock","available":3,"threshold":5,"lsn":"123456789","ts":1764061200123},{"type":"x"},{"type":"out_of_stock","available":0,"threshold":5,"lsn":4294967296,"ts":1}]"#,
+        ));
+        assert_eq!(bad, 1);
+        assert_eq!(a.len(), 2);
+        assert_eq!(a[1].lsn_raw, "4294967296");
+        let v = parse(&alert_payload("S/1", &a[0]));
+        assert_eq!(
+            v,
+            json!({"v":1,"id":"0/75BCD15:low_stock:S/1","type":"low_stock","sku":"S/1",
+                   "available":3,"threshold":5,"lsn":"0/75BCD15","ts":"2025-11-25T09:00:00.123Z"})
+        );
+        assert_eq!(parse_alerts(None).0.len(), 0);
+        assert_eq!(parse_alerts(Some("not json")).1, 1);
+    }
+
+    #[test]
+    fn odd_ts_is_omitted_not_panicking() {
+        assert_eq!(rfc3339_ms(i64::MAX), None);
+        assert_eq!(rfc3339_ms(0).as_deref(), Some("1970-01-01T00:00:00.000Z"));
+        let f = fields(&[("ts", i64::MIN.to_string()), ("on_hand", "x".into())]);
+        let v = parse(&state_message(&spec(), "x", &f, &HashMap::new(), NOW, Kind::Change).payload);
+        assert!(v.get("ts").is_none());
+        assert_eq!(users_name("views", 3600), "views_users_1h");
+    }
+}

@@ -1,0 +1,885 @@
+//! The publisher task: the only part that does I/O (rumqttc event loop, Redis).
+//!
+//! One task owns the event loop and queues every request itself, so the order of
+//! `Outgoing::Publish` events matches the order of the tracker, and nothing is queued
+//! between a connection error and the next CONNACK (rumqttc drops what it held then).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use rumqttc::Outgoing;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::payload::{self, Kind, Spec};
+use super::sched::{Aging, Scheduler, Want};
+use super::tracker::AckTracker;
+use super::{MqttError, PublisherConfig, Shared};
+use crate::sinks::layout;
+
+/// Messages queued or in flight at most (the request channel is larger, so queueing
+/// never blocks the task that must also drive the event loop).
+const MAX_IN_FLIGHT: usize = 256;
+const CHANNEL_CAP: usize = MAX_IN_FLIGHT + MAX_ALERTS_PER_ROUND + 16;
+/// Alerts of one SKU sent per publish round; more go in the next round.
+const MAX_ALERTS_PER_ROUND: usize = 32;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How long to wait for the retained epoch after subscribing.
+const EPOCH_WAIT: Duration = Duration::from_secs(1);
+/// Bound on waiting for in-flight acknowledgements at shutdown.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a Redis error before trying again.
+const REDIS_PAUSE: Duration = Duration::from_millis(500);
+/// Keys per SCAN page; SKUs wanted at most before scanning further.
+const SCAN_COUNT: usize = 500;
+const SCAN_MAX_PENDING: usize = 10_000;
+/// MQTT fixed header, topic length and properties, generously.
+const PACKET_OVERHEAD: usize = 32;
+
+const MARK_PUBLISHED: &str = r"
+-- KEYS[1] SKU hash; ARGV[1] LSN (u64 decimal); ARGV[2] pub_state
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local cur = redis.call('HGET', KEYS[1], 'pub_lsn')
+local l = ARGV[1]
+-- u64 decimals without leading zeros: compare by length, then lexically
+if cur and (#cur > #l or (#cur == #l and cur >= l)) then return 0 end
+redis.call('HSET', KEYS[1], 'pub_lsn', l, 'pub_state', ARGV[2])
+return 1
+";
+
+const REMOVE_ALERT: &str = r"
+-- KEYS[1] SKU hash; ARGV[1] alert lsn as stored; ARGV[2] alert type
+local raw = redis.call('HGET', KEYS[1], 'alerts')
+if not raw then return 0 end
+local ok, arr = pcall(cjson.decode, raw)
+if not ok or type(arr) ~= 'table' then return 0 end
+local out, removed = {}, false
+for _, a in ipairs(arr) do
+  local l = a['lsn']
+  if type(l) == 'number' then l = string.format('%.0f', l) else l = tostring(l) end
+  if not removed and l == ARGV[1] and a['type'] == ARGV[2] then
+    removed = true
+  else
+    out[#out + 1] = a
+  end
+end
+if not removed then return 0 end
+if #out == 0 then
+  redis.call('HDEL', KEYS[1], 'alerts')
+else
+  redis.call('HSET', KEYS[1], 'alerts', cjson.encode(out))
+end
+return 1
+";
+
+const SET_EPOCH: &str = r"
+-- only into an existing meta hash: its absence means Redis is not bootstrapped
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'mqtt_epoch', ARGV[1])
+  return 1
+end
+return 0
+";
+
+/// `lsn`, `pub_lsn`, `alerts` of a SKU hash.
+type Marks = (Option<String>, Option<String>, Option<String>);
+
+/// What a queued publish was.
+#[derive(Debug)]
+enum Msg {
+    State {
+        sku: String,
+        lsn: u64,
+        state: String,
+    },
+    Alert {
+        sku: String,
+        lsn_raw: String,
+        kind: String,
+    },
+    Status,
+    Epoch(String),
+}
+
+#[derive(Debug)]
+enum EpochPhase {
+    /// Subscribed to the epoch topic, waiting for its retained value.
+    Waiting {
+        until: Instant,
+        seen: Option<String>,
+    },
+    /// Compared; publishing.
+    Decided,
+}
+
+#[derive(Debug)]
+struct Scan {
+    cursor: u64,
+    force: bool,
+}
+
+pub(super) struct Task {
+    cfg: PublisherConfig,
+    spec: Spec,
+    options: MqttOptions,
+    redis: ConnectionManager,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    start: Instant,
+    sched: Scheduler,
+    aging: Aging,
+    tracker: AckTracker<Msg>,
+    connected: bool,
+    ever_connected: bool,
+    /// Connect attempts failed in a row.
+    failures: u32,
+    draining: bool,
+    epoch: EpochPhase,
+    scan: Option<Scan>,
+    /// SKUs of a full republish not yet acknowledged (epoch mismatch).
+    outstanding: Option<HashSet<String>>,
+    redis_pause_until: Option<Instant>,
+    /// Maximum packet size the broker announced in CONNACK.
+    broker_max: Option<usize>,
+    next_aging: Instant,
+    mark: redis::Script,
+    remove_alert: redis::Script,
+    set_epoch: redis::Script,
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Escapes glob metacharacters for SCAN MATCH.
+fn glob_escape(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            o.push('\\');
+        }
+        o.push(c);
+    }
+    o
+}
+
+impl Task {
+    pub(super) fn new(
+        cfg: PublisherConfig,
+        options: MqttOptions,
+        redis: ConnectionManager,
+        shared: Arc<Shared>,
+        shutdown: CancellationToken,
+    ) -> Task {
+        let spec = Spec {
+            counters: cfg.counters.clone(),
+            sell_counter: cfg.sell_counter.clone(),
+        };
+        let sched = Scheduler::new(cfg.mqtt.min_interval_ms);
+        Task {
+            cfg,
+            spec,
+            options,
+            redis,
+            shared,
+            shutdown,
+            start: Instant::now(),
+            sched,
+            aging: Aging::default(),
+            tracker: AckTracker::default(),
+            connected: false,
+            ever_connected: false,
+            failures: 0,
+            draining: false,
+            epoch: EpochPhase::Decided,
+            scan: None,
+            outstanding: None,
+            redis_pause_until: None,
+            broker_max: None,
+            next_aging: Instant::now(),
+            mark: redis::Script::new(MARK_PUBLISHED),
+            remove_alert: redis::Script::new(REMOVE_ALERT),
+            set_epoch: redis::Script::new(SET_EPOCH),
+        }
+    }
+
+    fn mono_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn prefix(&self) -> &str {
+        &self.cfg.mqtt.topic_prefix
+    }
+
+    pub(super) async fn run(mut self) -> Result<(), MqttError> {
+        let (client, mut el) = AsyncClient::new(self.options.clone(), CHANNEL_CAP);
+        let mut backoff = BACKOFF_MIN;
+        info!(client_id = %self.cfg.mqtt.client_id, "mqtt publisher starting");
+        loop {
+            let deadline = self.next_deadline();
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => {
+                    return self.drain(&client, &mut el).await;
+                }
+                ev = el.poll() => match ev {
+                    Ok(ev) => {
+                        if matches!(ev, Event::Incoming(Packet::ConnAck(_))) {
+                            backoff = BACKOFF_MIN;
+                        }
+                        self.on_event(&client, ev).await;
+                    }
+                    Err(e) => {
+                        self.on_disconnect(&e.to_string());
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                },
+                _ = self.shared.notify.notified() => self.take_requests(),
+                _ = tokio::time::sleep_until(deadline.into()) => {}
+            }
+            if self.connected {
+                self.work(&client).await;
+            }
+        }
+    }
+
+    /// When the loop must wake up without an event.
+    fn next_deadline(&self) -> Instant {
+        let now = Instant::now();
+        let mut d = now + Duration::from_secs(3600);
+        if !self.connected {
+            return d;
+        }
+        if let EpochPhase::Waiting { until, .. } = &self.epoch {
+            return (*until).min(d);
+        }
+        if let Some(p) = self.redis_pause_until.filter(|p| *p > now) {
+            return p;
+        }
+        let room = self.tracker.len() < MAX_IN_FLIGHT;
+        if room {
+            if self.scan.is_some() && self.sched.pending() < SCAN_MAX_PENDING {
+                return now;
+            }
+            if let Some(due) = self.sched.next_due() {
+                d = d.min(self.start + Duration::from_millis(due));
+            }
+        }
+        if !self.aging.is_empty() && self.cfg.mqtt.window_republish_per_s > 0 {
+            d = d.min(self.next_aging);
+        }
+        d
+    }
+
+    /// Moves `changed()` SKUs and a `republish_all()` request into the scheduler.
+    fn take_requests(&mut self) {
+        let skus = {
+            let mut set = self
+                .shared
+                .changed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            std::mem::take(&mut *set)
+        };
+        for sku in skus {
+            self.sched.request(&sku, Want::Change);
+        }
+        if self.shared.republish_all.swap(false, Ordering::SeqCst) {
+            info!("republishing all SKUs (resync)");
+            self.scan = Some(Scan {
+                cursor: 0,
+                force: true,
+            });
+        }
+    }
+
+    fn on_disconnect(&mut self, why: &str) {
+        if self.connected {
+            self.failures = 0;
+            warn!(error = %why, "mqtt connection lost");
+        } else {
+            self.failures += 1;
+            // visible, but not once per back-off step
+            if self.failures == 1 || self.failures.is_multiple_of(20) {
+                warn!(error = %why, attempts = self.failures, "mqtt connect failed; retrying");
+            } else {
+                debug!(error = %why, attempts = self.failures, "mqtt connect failed");
+            }
+        }
+        self.connected = false;
+        self.shared.connected.store(false, Ordering::SeqCst);
+        // clean session: whatever was not acknowledged is gone; Redis still marks it
+        for m in self.tracker.lose_all() {
+            match m {
+                Msg::State { sku, .. } | Msg::Alert { sku, .. } => self.sched.lost(&sku),
+                Msg::Status | Msg::Epoch(_) => {}
+            }
+        }
+        self.scan = None;
+        self.outstanding = None;
+        self.epoch = EpochPhase::Decided;
+    }
+
+    async fn on_event(&mut self, client: &AsyncClient, ev: Event) {
+        match ev {
+            Event::Incoming(Packet::ConnAck(ack)) => {
+                // rumqttc fails the connection on a packet above the broker's maximum
+                self.broker_max = ack
+                    .properties
+                    .and_then(|p| p.max_packet_size)
+                    .and_then(|m| usize::try_from(m).ok());
+                if self.ever_connected {
+                    self.shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                self.ever_connected = true;
+                self.connected = true;
+                self.shared.connected.store(true, Ordering::SeqCst);
+                info!("mqtt connected");
+                if self.draining {
+                    return;
+                }
+                let status = super::status_topic(self.prefix());
+                if client
+                    .try_publish(status, QoS::AtLeastOnce, true, "online")
+                    .is_ok()
+                {
+                    self.tracker.queued(Msg::Status);
+                }
+                let _ = client.try_subscribe(super::epoch_topic(self.prefix()), QoS::AtLeastOnce);
+                self.epoch = EpochPhase::Waiting {
+                    until: Instant::now() + EPOCH_WAIT,
+                    seen: None,
+                };
+            }
+            Event::Incoming(Packet::Publish(p)) => {
+                let epoch_topic = super::epoch_topic(self.prefix());
+                if p.topic.as_ref() == epoch_topic.as_bytes()
+                    && let EpochPhase::Waiting { seen, until } = &mut self.epoch
+                {
+                    *seen = Some(String::from_utf8_lossy(&p.payload).into_owned());
+                    // the retained value arrives right after SUBACK: decide now
+                    *until = Instant::now();
+                }
+            }
+            // the guard records the mapping; it is false for every tracked publish
+            Event::Outgoing(Outgoing::Publish(pkid)) if !self.tracker.sent(pkid) => {
+                debug!(pkid, "untracked outgoing publish");
+            }
+            Event::Incoming(Packet::PubAck(ack)) => {
+                let ok = matches!(
+                    ack.reason,
+                    PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+                );
+                match self.tracker.acked(ack.pkid) {
+                    Some(m) => self.on_ack(client, m, ok, ack.reason).await,
+                    None => debug!(pkid = ack.pkid, "untracked puback"),
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn on_ack(&mut self, client: &AsyncClient, m: Msg, ok: bool, reason: PubAckReason) {
+        if !ok {
+            self.shared.stats.refusals.fetch_add(1, Ordering::Relaxed);
+        }
+        match m {
+            Msg::State { sku, lsn, state } => {
+                if ok {
+                    let r: Result<i64, _> = self
+                        .mark
+                        .key(layout::sku_key(&self.cfg.redis_prefix, &sku))
+                        .arg(lsn.to_string())
+                        .arg(&state)
+                        .invoke_async(&mut self.redis)
+                        .await;
+                    if let Err(e) = r {
+                        // still unpublished in Redis: publish again once Redis answers
+                        warn!(error = %e, "marking a SKU published failed");
+                        self.sched.request(&sku, Want::Change);
+                    }
+                    self.shared.stats.published.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    warn!(?reason, "broker refused a state message");
+                    debug!(sku = %sku, ?reason, "refused state message");
+                }
+                self.sched.acked(&sku);
+                self.settle(&sku);
+                self.maybe_publish_epoch(client);
+            }
+            Msg::Alert { sku, lsn_raw, kind } => {
+                if ok {
+                    let r: Result<i64, _> = self
+                        .remove_alert
+                        .key(layout::sku_key(&self.cfg.redis_prefix, &sku))
+                        .arg(&lsn_raw)
+                        .arg(&kind)
+                        .invoke_async(&mut self.redis)
+                        .await;
+                    if let Err(e) = r {
+                        warn!(error = %e, "removing a published alert failed");
+                    }
+                    self.shared
+                        .stats
+                        .alerts_published
+                        .fetch_add(1, Ordering::Relaxed);
+                } else {
+                    warn!(?reason, "broker refused an alert");
+                    debug!(sku = %sku, ?reason, "refused alert");
+                }
+                self.sched.acked(&sku);
+            }
+            Msg::Status => {
+                if !ok {
+                    warn!(?reason, "broker refused the status message");
+                }
+            }
+            Msg::Epoch(token) => {
+                if ok {
+                    let r: Result<i64, _> = self
+                        .set_epoch
+                        .key(layout::meta_key(&self.cfg.redis_prefix))
+                        .arg(&token)
+                        .invoke_async(&mut self.redis)
+                        .await;
+                    match r {
+                        Ok(_) => info!("mqtt epoch stored: full republish complete"),
+                        Err(e) => warn!(error = %e, "storing the mqtt epoch failed"),
+                    }
+                } else {
+                    warn!(?reason, "broker refused the epoch message");
+                }
+            }
+        }
+    }
+
+    /// A SKU of a full republish is done (acknowledged, refused, or nothing to send).
+    fn settle(&mut self, sku: &str) {
+        if let Some(o) = &mut self.outstanding {
+            o.remove(sku);
+        }
+    }
+
+    fn maybe_publish_epoch(&mut self, client: &AsyncClient) {
+        let done = self.scan.is_none() && self.outstanding.as_ref().is_some_and(|o| o.is_empty());
+        if !done || self.draining {
+            return;
+        }
+        self.outstanding = None;
+        let token = format!("{:016x}", rand::random::<u64>());
+        if client
+            .try_publish(
+                super::epoch_topic(self.prefix()),
+                QoS::AtLeastOnce,
+                true,
+                token.clone(),
+            )
+            .is_ok()
+        {
+            self.tracker.queued(Msg::Epoch(token));
+        }
+    }
+
+    /// Compares the broker's retained epoch with Redis and starts the scan.
+    async fn decide_epoch(&mut self, client: &AsyncClient, broker: Option<String>) {
+        let stored: Result<Option<String>, _> = redis::cmd("HGET")
+            .arg(layout::meta_key(&self.cfg.redis_prefix))
+            .arg("mqtt_epoch")
+            .query_async(&mut self.redis)
+            .await;
+        let stored = match stored {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "reading the mqtt epoch failed; retrying");
+                self.epoch = EpochPhase::Waiting {
+                    until: Instant::now() + REDIS_PAUSE,
+                    seen: broker,
+                };
+                return;
+            }
+        };
+        self.epoch = EpochPhase::Decided;
+        let _ = client.try_unsubscribe(super::epoch_topic(self.prefix()));
+        let matched = broker.is_some() && broker == stored;
+        if matched {
+            debug!("mqtt epoch matches: publishing unpublished SKUs");
+            self.scan = Some(Scan {
+                cursor: 0,
+                force: false,
+            });
+        } else {
+            info!("broker lacks our retained messages (epoch differs): republishing all SKUs");
+            self.shared
+                .stats
+                .epoch_republishes
+                .fetch_add(1, Ordering::Relaxed);
+            self.scan = Some(Scan {
+                cursor: 0,
+                force: true,
+            });
+            self.outstanding = Some(HashSet::new());
+        }
+    }
+
+    /// Everything the loop does while connected: epoch, scan, aging, publishes.
+    async fn work(&mut self, client: &AsyncClient) {
+        if self.draining {
+            return;
+        }
+        // also here: a busy event loop can starve the notify branch of the select
+        self.take_requests();
+        let now = Instant::now();
+        if let EpochPhase::Waiting { until, seen } = &mut self.epoch {
+            if *until > now {
+                return;
+            }
+            let seen = seen.take();
+            self.decide_epoch(client, seen).await;
+            if matches!(self.epoch, EpochPhase::Waiting { .. }) {
+                return;
+            }
+        }
+        if self.redis_pause_until.is_some_and(|p| p > now) {
+            return;
+        }
+        self.redis_pause_until = None;
+        if self.scan.is_some()
+            && self.tracker.len() < MAX_IN_FLIGHT
+            && self.sched.pending() < SCAN_MAX_PENDING
+        {
+            self.scan_page(client).await;
+        }
+        let rate = self.cfg.mqtt.window_republish_per_s;
+        if rate > 0 && !self.aging.is_empty() && self.next_aging <= now {
+            let minute = layout::minute_of_ms(unix_ms());
+            match self.aging.next(minute) {
+                Some(sku) => {
+                    self.sched.request(&sku, Want::Aging);
+                    self.next_aging = now + Duration::from_secs(1) / rate;
+                }
+                None => self.next_aging = now + Duration::from_secs(1),
+            }
+        }
+        while self.tracker.len() < MAX_IN_FLIGHT && self.redis_pause_until.is_none() {
+            let Some((sku, want)) = self.sched.pop_ready(self.mono_ms()) else {
+                break;
+            };
+            self.publish_sku(client, &sku, want).await;
+        }
+    }
+
+    async fn scan_page(&mut self, client: &AsyncClient) {
+        let Some(scan) = &self.scan else { return };
+        let (cursor, force) = (scan.cursor, scan.force);
+        let pattern = format!(
+            "{}*",
+            glob_escape(&layout::sku_key_prefix(&self.cfg.redis_prefix))
+        );
+        let r: Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(SCAN_COUNT)
+            .query_async(&mut self.redis)
+            .await;
+        let (next, keys) = match r {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(error = %e, "scanning SKU hashes failed; retrying");
+                self.redis_pause_until = Some(Instant::now() + REDIS_PAUSE);
+                return;
+            }
+        };
+        let skus: Vec<String> = keys
+            .iter()
+            .filter_map(|k| layout::sku_of_key(&self.cfg.redis_prefix, k))
+            .map(str::to_string)
+            .collect();
+        if force {
+            for sku in &skus {
+                self.sched.request(sku, Want::Force);
+                if let Some(o) = &mut self.outstanding {
+                    o.insert(sku.clone());
+                }
+            }
+        } else if !skus.is_empty() {
+            let mut pipe = redis::pipe();
+            for sku in &skus {
+                pipe.cmd("HMGET")
+                    .arg(layout::sku_key(&self.cfg.redis_prefix, sku))
+                    .arg("lsn")
+                    .arg("pub_lsn")
+                    .arg("alerts");
+            }
+            let r: Result<Vec<Marks>, _> = pipe.query_async(&mut self.redis).await;
+            match r {
+                Ok(rows) => {
+                    for (sku, (lsn, pub_lsn, alerts)) in skus.iter().zip(rows) {
+                        let exists = lsn.is_some() || pub_lsn.is_some() || alerts.is_some();
+                        if exists
+                            && payload::unpublished(
+                                lsn.as_deref(),
+                                pub_lsn.as_deref(),
+                                alerts.as_deref(),
+                            )
+                        {
+                            self.sched.request(sku, Want::Change);
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "reading publish marks failed; retrying");
+                    self.redis_pause_until = Some(Instant::now() + REDIS_PAUSE);
+                    return;
+                }
+            }
+        }
+        if next == 0 {
+            self.scan = None;
+            self.maybe_publish_epoch(client);
+        } else if let Some(s) = &mut self.scan {
+            s.cursor = next;
+        }
+    }
+
+    /// Distinct users per (counter, window) from the per-minute HyperLogLogs.
+    async fn distinct_users(
+        &mut self,
+        sku: &str,
+        now_ms: i64,
+    ) -> Result<HashMap<String, i64>, redis::RedisError> {
+        let minute = layout::minute_of_ms(now_ms);
+        let mut names = Vec::new();
+        let mut pipe = redis::pipe();
+        for c in &self.spec.counters {
+            if !c.distinct_users {
+                continue;
+            }
+            for &w in &c.windows_secs {
+                let minutes = i64::try_from(w / 60).unwrap_or(1).max(1);
+                let cmd = pipe.cmd("PFCOUNT");
+                for m in (minute - minutes + 1)..=minute {
+                    cmd.arg(layout::users_minute_key(
+                        &self.cfg.redis_prefix,
+                        sku,
+                        &c.name,
+                        m,
+                    ));
+                }
+                names.push(payload::users_name(&c.name, w));
+            }
+        }
+        if names.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let counts: Vec<i64> = pipe.query_async(&mut self.redis).await?;
+        Ok(names.into_iter().zip(counts).collect())
+    }
+
+    async fn publish_sku(&mut self, client: &AsyncClient, sku: &str, want: Want) {
+        let key = layout::sku_key(&self.cfg.redis_prefix, sku);
+        let fields: Result<HashMap<String, String>, _> = redis::cmd("HGETALL")
+            .arg(&key)
+            .query_async(&mut self.redis)
+            .await;
+        let fields = match fields {
+            Ok(f) => f,
+            Err(e) => return self.redis_failed(sku, want, &e),
+        };
+        if fields.is_empty() {
+            // no hash (never existed or removed): nothing to project
+            self.sched.skipped(sku);
+            self.settle(sku);
+            return;
+        }
+        let lsn: u64 = fields.get("lsn").and_then(|v| v.parse().ok()).unwrap_or(0);
+        if !self.sched.in_order(sku, lsn) {
+            debug!(sku = %sku, "skipping a publish older than one already sent");
+            self.sched.skipped(sku);
+            self.settle(sku);
+            return;
+        }
+        let unpublished = payload::unpublished(
+            fields.get("lsn").map(String::as_str),
+            fields.get("pub_lsn").map(String::as_str),
+            fields.get("alerts").map(String::as_str),
+        );
+        if want == Want::Change && !unpublished {
+            self.sched.skipped(sku);
+            return;
+        }
+        let now_ms = unix_ms();
+        let minute = layout::minute_of_ms(now_ms);
+        let kind = if want == Want::Aging && !unpublished {
+            Kind::Aging { as_of_ms: now_ms }
+        } else {
+            Kind::Change
+        };
+        let gone = fields.get("gone").map(String::as_str) == Some("1");
+        let users = if gone {
+            HashMap::new()
+        } else {
+            match self.distinct_users(sku, now_ms).await {
+                Ok(u) => u,
+                Err(e) => return self.redis_failed(sku, want, &e),
+            }
+        };
+        let msg = payload::state_message(&self.spec, sku, &fields, &users, now_ms, kind);
+        if matches!(kind, Kind::Aging { .. }) && msg.windows == self.aging.fingerprint(sku) {
+            // window values did not move: nothing to republish
+            self.aging.checked(sku, minute);
+            self.sched.skipped(sku);
+            return;
+        }
+        let topic = super::sku_topic(self.prefix(), sku);
+        let max = self.broker_max.map_or(self.cfg.mqtt.max_packet_bytes, |b| {
+            b.min(self.cfg.mqtt.max_packet_bytes)
+        });
+        // MQTT topics are at most 65535 bytes
+        if topic.len() > usize::from(u16::MAX)
+            || topic.len() + msg.payload.len() + PACKET_OVERHEAD > max
+        {
+            self.shared.stats.refusals.fetch_add(1, Ordering::Relaxed);
+            error!(
+                bytes = msg.payload.len(),
+                max, "state payload exceeds the maximum packet size; not published"
+            );
+            debug!(sku = %sku, "oversized state payload");
+            self.sched.skipped(sku);
+            self.settle(sku);
+            return;
+        }
+        if client
+            .try_publish(topic, QoS::AtLeastOnce, true, msg.payload.clone())
+            .is_err()
+        {
+            // the channel is sized above our own in-flight bound; closed only at shutdown
+            self.sched.skipped(sku);
+            self.sched.request(sku, want);
+            return;
+        }
+        self.tracker.queued(Msg::State {
+            sku: sku.to_string(),
+            lsn,
+            state: msg.state.clone(),
+        });
+        let mut messages = 1u32;
+        let (alerts, bad) = payload::parse_alerts(fields.get("alerts").map(String::as_str));
+        if bad > 0 {
+            warn!(malformed = bad, "skipping malformed pending alerts");
+        }
+        let more_alerts = alerts.len() > MAX_ALERTS_PER_ROUND;
+        for a in alerts.iter().take(MAX_ALERTS_PER_ROUND) {
+            let body = payload::alert_payload(sku, a);
+            if client
+                .try_publish(
+                    super::alert_topic(self.prefix(), sku),
+                    QoS::AtLeastOnce,
+                    false,
+                    body,
+                )
+                .is_err()
+            {
+                break;
+            }
+            self.tracker.queued(Msg::Alert {
+                sku: sku.to_string(),
+                lsn_raw: a.lsn_raw.clone(),
+                kind: a.kind.clone(),
+            });
+            messages += 1;
+        }
+        debug!(sku = %sku, messages, "published");
+        self.sched.sent(sku, lsn, messages, self.mono_ms());
+        if more_alerts {
+            self.sched.request(sku, Want::Change);
+        }
+        if !gone {
+            self.aging.published(sku, msg.windows, minute);
+        } else {
+            self.aging.published(sku, None, minute);
+        }
+    }
+
+    fn redis_failed(&mut self, sku: &str, want: Want, e: &redis::RedisError) {
+        warn!(error = %e, "reading a SKU hash failed; retrying");
+        self.redis_pause_until = Some(Instant::now() + REDIS_PAUSE);
+        self.sched.skipped(sku);
+        self.sched.request(sku, want);
+    }
+
+    /// Shutdown: no new publishes; wait (bounded) for in-flight acknowledgements, then
+    /// publish `offline` and disconnect cleanly.
+    async fn drain(&mut self, client: &AsyncClient, el: &mut EventLoop) -> Result<(), MqttError> {
+        self.draining = true;
+        if !self.connected {
+            return Ok(());
+        }
+        info!(in_flight = self.tracker.len(), "mqtt publisher draining");
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        let waiting = |t: &Task| t.tracker.len();
+        while waiting(self) > 0 && self.connected {
+            match tokio::time::timeout_at(deadline, el.poll()).await {
+                Ok(Ok(ev)) => self.on_event(client, ev).await,
+                Ok(Err(e)) => {
+                    self.on_disconnect(&e.to_string());
+                    return Ok(());
+                }
+                Err(_) => break,
+            }
+        }
+        if self.connected {
+            let status = super::status_topic(self.prefix());
+            if client
+                .try_publish(status, QoS::AtLeastOnce, true, "offline")
+                .is_ok()
+            {
+                self.tracker.queued(Msg::Status);
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            while !self.tracker.is_empty() {
+                match tokio::time::timeout_at(deadline, el.poll()).await {
+                    Ok(Ok(ev)) => self.on_event(client, ev).await,
+                    _ => break,
+                }
+            }
+            let _ = client.try_disconnect();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+            loop {
+                match tokio::time::timeout_at(deadline, el.poll()).await {
+                    Ok(Ok(Event::Outgoing(Outgoing::Disconnect))) | Ok(Err(_)) | Err(_) => break,
+                    Ok(Ok(_)) => {}
+                }
+            }
+        }
+        self.connected = false;
+        self.shared.connected.store(false, Ordering::SeqCst);
+        info!("mqtt publisher stopped");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_is_escaped() {
+        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
+}

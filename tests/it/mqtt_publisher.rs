@@ -1,0 +1,850 @@
+//! The MQTT publisher against a real Redis and Mosquitto: Redis hashes are written
+//! directly (standing in for the apply step), the broker is observed with mosquitto_sub.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use serde_json::{Value, json};
+use skusync::config::MqttConfig;
+use skusync::sinks::mqtt::{self, CounterSpec, MqttError, MqttHandle, PublisherConfig};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::{MosquittoServer, MqttOptions, RedisServer, TestCa, free_port};
+
+const RP: &str = "t"; // Redis prefix
+const TP: &str = "p"; // topic prefix
+
+fn mqtt_config(url: String) -> MqttConfig {
+    MqttConfig {
+        url,
+        client_id: format!("skusync-test-{}", free_port()),
+        topic_prefix: TP.into(),
+        min_interval_ms: 100,
+        ca_file: None,
+        window_republish_per_s: 50,
+        max_packet_bytes: 64 * 1024,
+    }
+}
+
+fn publisher_config(mqtt: MqttConfig) -> PublisherConfig {
+    PublisherConfig {
+        mqtt,
+        redis_prefix: RP.into(),
+        counters: vec![CounterSpec {
+            name: "purchases".into(),
+            windows_secs: vec![3600],
+            distinct_users: false,
+        }],
+        sell_counter: Some("purchases".into()),
+    }
+}
+
+async fn redis(r: &RedisServer) -> ConnectionManager {
+    redis::Client::open(r.url())
+        .expect("redis url")
+        .get_connection_manager()
+        .await
+        .expect("redis connect")
+}
+
+struct Running {
+    handle: MqttHandle,
+    join: JoinHandle<Result<(), MqttError>>,
+    shutdown: CancellationToken,
+}
+
+impl Running {
+    async fn start(cfg: PublisherConfig, r: &RedisServer) -> Running {
+        let shutdown = CancellationToken::new();
+        let (handle, join) = mqtt::spawn(cfg, redis(r).await, shutdown.clone())
+            .await
+            .expect("spawn publisher");
+        Running {
+            handle,
+            join,
+            shutdown,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(15), self.join)
+            .await
+            .expect("publisher stops in time")
+            .expect("task")
+            .expect("clean stop");
+    }
+}
+
+async fn hset(con: &mut ConnectionManager, sku: &str, kv: &[(&str, String)]) {
+    let mut c = redis::cmd("HSET");
+    c.arg(format!("{RP}:sku:{sku}"));
+    for (k, v) in kv {
+        c.arg(*k).arg(v);
+    }
+    c.query_async::<()>(con).await.expect("HSET");
+}
+
+async fn hget(con: &mut ConnectionManager, sku: &str, f: &str) -> Option<String> {
+    redis::cmd("HGET")
+        .arg(format!("{RP}:sku:{sku}"))
+        .arg(f)
+        .query_async(con)
+        .await
+        .expect("HGET")
+}
+
+async fn meta(con: &mut ConnectionManager) {
+    redis::cmd("HSET")
+        .arg(format!("{RP}:meta"))
+        .arg("applied_lsn")
+        .arg("1")
+        .query_async::<()>(con)
+        .await
+        .expect("meta");
+}
+
+/// Polls until `f` returns Some, panicking after `timeout`.
+async fn until<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_published(con: &mut ConnectionManager, sku: &str, lsn: u64) {
+    let want = lsn.to_string();
+    until(&format!("pub_lsn {lsn}"), Duration::from_secs(20), || {
+        let mut con = con.clone();
+        let want = want.clone();
+        async move { (hget(&mut con, sku, "pub_lsn").await.as_deref() == Some(&want)).then_some(()) }
+    })
+    .await
+}
+
+fn retained(m: &MosquittoServer, filter: &str) -> Vec<(String, Value)> {
+    m.retained(filter, Duration::from_secs(5))
+        .into_iter()
+        .map(|(t, p)| {
+            let v = if p.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&p)
+                    .unwrap_or(Value::String(String::from_utf8_lossy(&p).into()))
+            };
+            (t, v)
+        })
+        .collect()
+}
+
+/// (retained flag, topic, payload) of one received message.
+type Seen = (bool, String, Vec<u8>);
+
+/// A live `mosquitto_sub` recording (retained flag, topic, payload) of every message.
+struct Sub {
+    child: Child,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Sub {
+    fn start(m: &MosquittoServer, filter: &str) -> Sub {
+        let probe = format!("probe/{}", free_port());
+        let mut child = Command::new("mosquitto_sub")
+            .args(m.client_args())
+            .args(["-q", "1", "-t", filter, "-t", &probe, "-F", "%r %x %t"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mosquitto_sub");
+        let out = child.stdout.take().expect("stdout");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let mut it = line.splitn(3, ' ');
+                let (Some(r), Some(hex), Some(t)) = (it.next(), it.next(), it.next()) else {
+                    continue;
+                };
+                let bytes = (0..hex.len() / 2)
+                    .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or(0))
+                    .collect();
+                s2.lock().unwrap().push((r == "1", t.to_string(), bytes));
+            }
+        });
+        let sub = Sub { child, seen };
+        // subscribed once a probe comes through
+        let start = Instant::now();
+        while !sub.messages().iter().any(|(_, t, _)| *t == probe) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "subscriber not ready"
+            );
+            m.publish(&probe, b"x", false);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        sub
+    }
+
+    fn messages(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn on(&self, topic: &str) -> Vec<Vec<u8>> {
+        self.messages()
+            .into_iter()
+            .filter(|(_, t, _)| t == topic)
+            .map(|(_, _, p)| p)
+            .collect()
+    }
+}
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Publishes an empty retained message (mosquitto_pub -n -r), clearing the topic.
+fn clear_retained(m: &MosquittoServer, topic: &str) {
+    let st = Command::new("mosquitto_pub")
+        .args(m.client_args())
+        .args(["-q", "1", "-r", "-n", "-t", topic])
+        .status()
+        .expect("mosquitto_pub");
+    assert!(st.success());
+}
+
+fn json_of(p: &[u8]) -> Value {
+    serde_json::from_slice(p).expect("JSON payload")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_subscriber_gets_exactly_the_current_state() {
+    let r = RedisServer::start();
+    let m = MosquittoServer::start();
+    let mut con = redis(&r).await;
+    meta(&mut con).await;
+    hset(
+        &mut con,
+        "A/1",
+        &[
+            ("on_hand", "8".into()),
+            ("reserved", "2".into()),
+            ("available", "6".into()),
+            ("loc:WH-1:on_hand", "8".into()),
+            ("loc:WH-1:reserved", "2".into()),
+            ("purchases", "4".into()),
+            ("lsn", "4294967297".into()),
+            ("ts", "1764061200123".into()),
+        ],
+    )
+    .await;
+    let p = Running::start(publisher_config(mqtt_config(m.url())), &r).await;
+    // unpublished at startup: found by the scan without any changed() call
+    wait_published(&mut con, "A/1", 4_294_967_297).await;
+    assert!(p.handle.is_connected());
+
+    let got = retained(&m, "p/sku/#");
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0, "p/sku/A%2F1");
+    let v = &got[0].1;
+    assert_eq!(
+        v,
+        &json!({
+            "v": 1, "sku": "A/1", "on_hand": 8, "reserved": 2, "available": 6,
+            "locations": {"WH-1": {"on_hand": 8, "reserved": 2}},
+            "purchases": 4, "purchases_1h": 0, "sell_rate_per_h": 0,
+            "delta": {"on_hand": 8, "reserved": 2, "available": 6, "purchases": 4,
+                      "locations": {"WH-1": {"on_hand": 8, "reserved": 2}}},
+            "lsn": "1/1", "ts": "2025-11-25T09:00:00.123Z"
+        })
+    );
+    let st: Value =
+        serde_json::from_str(&hget(&mut con, "A/1", "pub_state").await.unwrap()).unwrap();
+    assert_eq!(st["on_hand"], 8);
+    assert_eq!(st["loc:WH-1:on_hand"], 8);
+
+    // a change: the retained message is replaced, delta against the acknowledged state
+    hset(
+        &mut con,
+        "A/1",
+        &[
+            ("on_hand", "5".into()),
+            ("available", "3".into()),
+            ("loc:WH-1:on_hand", "5".into()),
+            ("lsn", "4294967300".into()),
+        ],
+    )
+    .await;
+    p.handle.changed(["A/1".to_string()]);
+    wait_published(&mut con, "A/1", 4_294_967_300).await;
+    let got = retained(&m, "p/sku/#");
+    assert_eq!(got.len(), 1);
+    let v = &got[0].1;
+    assert_eq!(v["on_hand"], 5);
+    assert_eq!(v["lsn"], "1/4");
+    assert_eq!(v["prev_lsn"], "1/1");
+    assert_eq!(
+        v["delta"],
+        json!({"on_hand": -3, "available": -3, "locations": {"WH-1": {"on_hand": -3}}})
+    );
+
+    // status and epoch are retained; the epoch is stored in the meta hash
+    let status = m.retained("p/status", Duration::from_secs(5));
+    assert_eq!(status, vec![("p/status".to_string(), b"online".to_vec())]);
+    let epoch: Option<String> = until("epoch stored", Duration::from_secs(10), || {
+        let mut con = con.clone();
+        async move {
+            redis::cmd("HGET")
+                .arg("t:meta")
+                .arg("mqtt_epoch")
+                .query_async::<Option<String>>(&mut con)
+                .await
+                .unwrap()
+                .map(Some)
+        }
+    })
+    .await;
+    let broker_epoch = m.retained("p/epoch", Duration::from_secs(5));
+    assert_eq!(broker_epoch[0].1, epoch.unwrap().into_bytes());
+    let stats = p.handle.stats().snapshot();
+    assert_eq!(stats.published, 2);
+    assert_eq!(stats.refusals, 0);
+
+    // clean stop: offline is published (the will is not sent on a clean disconnect)
+    p.stop().await;
+    let status = m.retained("p/status", Duration::from_secs(5));
+    assert_eq!(status, vec![("p/status".to_string(), b"offline".to_vec())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flash_sale_on_one_sku_is_throttled_to_one_message_per_interval() {
+    let r = RedisServer::start();
+    let m = MosquittoServer::start();
+    let mut con = redis(&r).await;
+    meta(&mut con).await;
+    let sub = Sub::start(&m, "p/sku/#");
+    let p = Running::start(publisher_config(mqtt_config(m.url())), &r).await;
+    until("connected", Duration::from_secs(10), || {
+        let c = p.handle.is_connected();
+        async move { c.then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1200)).await; // past the epoch wait
+
+    let start = Instant::now();
+    for i in 1..=1000u64 {
+        hset(
+            &mut con,
+            "HOT",
+            &[
+                ("on_hand", (10_000 - i).to_string()),
+                ("available", (10_000 - i).to_string()),
+                ("lsn", (1000 + i).to_string()),
+            ],
+        )
+        .await;
+        p.handle.changed(["HOT".to_string()]);
+        if i == 500 {
+            hset(
+                &mut con,
+                "COLD",
+                &[("on_hand", "1".into()), ("lsn", "7".into())],
+            )
+            .await;
+            p.handle.changed(["COLD".to_string()]);
+        }
+        if i % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let flood = start.elapsed();
+    wait_published(&mut con, "HOT", 2000).await;
+    wait_published(&mut con, "COLD", 7).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let total = start.elapsed();
+    let hot = sub.on("p/sku/HOT");
+    eprintln!(
+        "1000 changes in {flood:?}: {} messages for HOT, all published after {total:?}",
+        hot.len()
+    );
+    let bound = total.as_millis() as usize / 100 + 2;
+    assert!(
+        hot.len() <= bound,
+        "{} messages for HOT in {total:?} (flood {flood:?}), bound {bound}",
+        hot.len()
+    );
+    assert!(hot.len() >= 2, "first publish at once plus a trailing one");
+    let last = json_of(hot.last().unwrap());
+    assert_eq!(last["on_hand"], 9000);
+    assert_eq!(last["lsn"], "0/7D0");
+    // the coalesced deltas add up to the whole change
+    let sum: i64 = hot
+        .iter()
+        .map(|p| json_of(p)["delta"]["on_hand"].as_i64().unwrap())
+        .sum();
+    assert_eq!(sum, 9000);
+    let got = retained(&m, "p/sku/HOT");
+    assert_eq!(got[0].1["on_hand"], 9000);
+    assert_eq!(sub.on("p/sku/COLD").len(), 1);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gone_sku_clears_its_retained_message() {
+    let r = RedisServer::start();
+    let m = MosquittoServer::start();
+    let mut con = redis(&r).await;
+    meta(&mut con).await;
+    hset(
+        &mut con,
+        "G",
+        &[("on_hand", "3".into()), ("lsn", "10".into())],
+    )
+    .await;
+    let p = Running::start(publisher_config(mqtt_config(m.url())), &r).await;
+    wait_published(&mut con, "G", 10).await;
+    assert_eq!(retained(&m, "p/sku/#").len(), 1);
+    hset(
+        &mut con,
+        "G",
+        &[
+            ("on_hand", "0".into()),
+            ("gone", "1".into()),
+            ("lsn", "11".into()),
+        ],
+    )
+    .await;
+    p.handle.changed(["G".to_string()]);
+    wait_published(&mut con, "G", 11).await;
+    assert_eq!(retained(&m, "p/sku/#"), vec![]);
+    assert_eq!(
+        hget(&mut con, "G", "pub_state").await.as_deref(),
+        Some("{}")
+    );
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_alerts_are_published_once_and_removed_after_ack_while_a_new_one_stays() {
+    let r = RedisServer::start();
+    let mut m = MosquittoServer::start();
+    let mut con = redis(&r).await;
+    meta(&mut con).await;
+    let sub = Sub::start(&m, "p/alerts/#");
+    hset(
+        &mut con,
+        "S 1",
+        &[("on_hand", "9".into()), ("lsn", "5".into())],
+    )
+    .await;
+    let p = Running::start(publisher_config(mqtt_config(m.url())), &r).await;
+    wait_published(&mut con, "S 1", 5).await;
+
+    // freeze the broker so the alert stays unacknowledged while another is appended
+    m.pause();
+    let a1 =
+        r#"{"type":"low_stock","available":3,"threshold":5,"lsn":"123456789","ts":1764061200123}"#;
+    let a2 = r#"{"type":"out_of_stock","available":0,"threshold":5,"lsn":"123456790","ts":1764061200200}"#;
+    hset(
+        &mut con,
+        "S 1",
+        &[
+            ("on_hand", "3".into()),
+            ("available", "3".into()),
+            ("lsn", "123456789".into()),
+            ("alerts", format!("[{a1}]")),
+        ],
+    )
+    .await;
+    p.handle.changed(["S 1".to_string()]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    hset(
+        &mut con,
+        "S 1",
+        &[
+            ("available", "0".into()),
+            ("lsn", "123456790".into()),
+            ("alerts", format!("[{a1},{a2}]")),
+        ],
+    )
+    .await;
+    m.resume();
+    wait_published(&mut con, "S 1", 123_456_789).await;
+    let left: Value = until("a1 removed", Duration::from_secs(10), || {
+        let mut con = con.clone();
+        async move {
+            let a = hget(&mut con, "S 1", "alerts").await?;
+            let v: Value = serde_json::from_str(&a).ok()?;
+            (v.as_array()?.len() == 1).then_some(v)
+        }
+    })
+    .await;
+    assert_eq!(left[0]["type"], "out_of_stock", "the appended alert stays");
+
+    // the next round publishes it and the field empties
+    p.handle.changed(["S 1".to_string()]);
+    wait_published(&mut con, "S 1", 123_456_790).await;
+    until("alerts emptied", Duration::from_secs(10), || {
+        let mut con = con.clone();
+        async move {
+            hget(&mut con, "S 1", "alerts")
+                .await
+                .is_none()
+                .then_some(())
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let msgs = sub.on("p/alerts/S%201");
+    assert_eq!(msgs.len(), 2, "each alert once");
+    assert_eq!(
+        json_of(&msgs[0]),
+        json!({"v":1,"id":"0/75BCD15:low_stock:S 1","type":"low_stock","sku":"S 1",
+               "available":3,"threshold":5,"lsn":"0/75BCD15","ts":"2025-11-25T09:00:00.123Z"})
+    );
+    assert_eq!(json_of(&msgs[1])["id"], "0/75BCD16:out_of_stock:S 1");
+    assert!(sub.messages().iter().all(|(retain, _, _)| !retain));
+    assert_eq!(p.handle.stats().snapshot().alerts_published, 2);
+    p.stop().await;
+}
+
+async fn three_skus(con: &mut ConnectionManager) -> HashMap<String, u64> {
+    let mut want = HashMap::new();
+    for (i, sku) in ["a", "b#", "c+d"].iter().enumerate() {
+        let lsn = 100 + i as u64;
+        hset(
+            con,
+            sku,
+            &[("on_hand", (i + 1).to_string()), ("lsn", lsn.to_string())],
+        )
+        .await;
+        want.insert(sku.to_string(), lsn);
+    }
+    want
+}
+
+async fn epoch_stored(con: &ConnectionManager) -> String {
+    until("epoch stored", Duration::from_secs(20), || {
+        let mut con = con.clone();
+        async move {
+            redis::cmd("HGET")
+                .arg("t:meta")
+                .arg("mqtt_epoch")
+                .query_async::<Option<String>>(&mut con)
+                .await
+                .unwrap()
+        }
+    })
+    .await
+}
+
+fn assert_retained_equals_redis(m: &MosquittoServer) {
+    let got = retained(m, "p/sku/#");
+    let topics: Vec<&str> = got.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(topics, vec!["p/sku/a", "p/sku/b%23", "p/sku/c%2Bd"]);
+    for (i, (_, v)) in got.iter().enumerate() {
+        assert_eq!(v["on_hand"], i as i64 + 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restarted_without_persistence_gets_every_sku_again() {
+    let r = RedisServer::start();
+    let mut m = MosquittoServer::start();
+    let mut con = redis(&r).await;
+    meta(&mut con).await;
+    let want = three_skus(&mut con).await;
+    let p = Running::start(publisher_config(mqtt_config(m.url())), &r).await;
+    for (sku, lsn) in &want {
+        wait_published(&mut con, sku, *lsn).await;
+    }
+    let e1 = epoch_stored(&con).await;
+    assert_retained_equals_redis(&m);
+    assert_eq!(p.handle.stats().snapshot().epoch_republishes, 1);
+
+    m.restart();
+    assert_eq!(
+        retained(&m, "p/sku/#"),
+        vec![],
+        "broker lost retained messages"
+    );
+    let start = Instant::now();
+    until("new epoch", Duration::from_secs(30), || {
+        let con = con.clone();
+        let e1 = e1.clone();
+        async move { (epoch_stored(&con).await != e1).then_some(()) }
+    })
+    .await;
+    eprintln!(
+        "full republish after broker restart took {:?}",
+        start.elapsed()
+    );
+    assert_retained_equals_redis(&m);
+    let s = p.handle.stats().snapshot();
+    assert_eq!(s.epoch_republishes, 2);
+    assert!(s.reconnects >= 1);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restarted_with_persistence_needs_no_full_republish() {
+    let r = RedisServer::start();
+    let mut m = MosquittoServer::start_with(MqttOptions {
+        persistence: true,
+        ..Default::default()
+    });
+    let mut con = redis(&r).await;
+    meta(&mut con).await;
+    let want = three_skus(&mut con).await;
+    let p = Running::start(publisher_config(mqtt_config(m.url())), &r).await;
+    for (sku, lsn) in &want {
+        wait_published(&mut con, sku, *lsn).await;
+    }
+    let e1 = epoch_stored(&con).await;
+    let published = p.handle.stats().snapshot().published;
+
+    m.stop();
+    // a change while the broker is down is published after the reconnect
+    hset(
+        &mut con,
+        "a",
+        &[("on_hand", "1".into()), ("lsn", "200".into())],
+    )
+    .await;
+    p.handle.changed(["a".to_string()]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    m.start_again();
+    wait_published(&mut con, "a", 200).await;
+    assert_retained_equals_redis(&m);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = p.handle.stats().snapshot();
+    assert_eq!(s.epoch_republishes, 1, "epoch matched: no full republish");
+    assert_eq!(s.published, published + 1, "only the changed SKU");
+    assert!(s.reconnects >= 1);
+    assert_eq!(epoch_stored(&con).await, e1);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_password_auth_delivers_state_to_a_subscriber() {
+    let mut ca = TestCa::new();
+    let tls = ca.issue_server_cert(&["localhost"]);
+    let m = MosquittoServer::start_with(MqttOptions {
+        tls: Some(tls),
+        users: vec![("skusync".into(), "p@ss:w/rd".into())],
+        ..Default::default()
+    });
+    let r = RedisServer::start();
+    let mut con = redis(&r).await;
+    meta(&mut con).await;
+    let sub = Sub::start(&m, "p/sku/#");
+    hset(
+        &mut con,
+        "T",
+        &[("on_hand", "2".into()), ("lsn", "3".into())],
+    )
+    .await;
+    let url = m
+        .url()
+        .replace("mqtts://", "mqtts://skusync:p%40ss%3Aw%2Frd@");
+    let mut cfg = mqtt_config(url);
+    cfg.ca_file = Some(ca.ca_cert().to_path_buf());
+    let p = Running::start(publisher_config(cfg), &r).await;
+    wait_published(&mut con, "T", 3).await;
+    let got = until("state delivered", Duration::from_secs(10), || {
+        let v = sub.on("p/sku/T");
+        async move { v.first().cloned() }
+    })
+    .await;
+    assert_eq!(json_of(&got)["on_hand"], 2);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_refusal_is_detected_and_not_marked_published() {
+    let m = MosquittoServer::start_with(MqttOptions {
+        users: vec![("skusync".into(), "pw".into())],
+        acl: Some(
+            "user skusync\ntopic readwrite p/status\ntopic readwrite p/epoch\ntopic write p/alerts/#\n"
+                .into(),
+        ),
+        ..Default::default()
+    });
+    let r = RedisServer::start();
+    let mut con = redis(&r).await;
+    meta(&mut con).await;
+    hset(
+        &mut con,
+        "X",
+        &[("on_hand", "2".into()), ("lsn", "3".into())],
+    )
+    .await;
+    let url = m.url().replace("mqtt://", "mqtt://skusync:pw@");
+    let p = Running::start(publisher_config(mqtt_config(url)), &r).await;
+    until("refusal counted", Duration::from_secs(15), || {
+        let n = p.handle.stats().snapshot().refusals;
+        async move { (n >= 1).then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        hget(&mut con, "X", "pub_lsn").await,
+        None,
+        "not marked published"
+    );
+    assert_eq!(retained(&m, "p/sku/#"), vec![]);
+    assert_eq!(p.handle.stats().snapshot().published, 0);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn republish_all_restores_every_retained_message() {
+    let r = RedisServer::start();
+    let m = MosquittoServer::start();
+    let mut con = redis(&r).await;
+    meta(&mut con).await;
+    let want = three_skus(&mut con).await;
+    let p = Running::start(publisher_config(mqtt_config(m.url())), &r).await;
+    for (sku, lsn) in &want {
+        wait_published(&mut con, sku, *lsn).await;
+    }
+    // someone wiped two retained messages; Redis still says published
+    clear_retained(&m, "p/sku/a");
+    clear_retained(&m, "p/sku/b%23");
+    assert_eq!(retained(&m, "p/sku/#").len(), 1);
+    p.handle.republish_all();
+    let start = Instant::now();
+    while retained(&m, "p/sku/#").len() < 3 {
+        assert!(start.elapsed() < Duration::from_secs(10), "not republished");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_retained_equals_redis(&m);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn states_above_10_kib_are_published_and_above_the_packet_limit_refused() {
+    let r = RedisServer::start();
+    let m = MosquittoServer::start();
+    let mut con = redis(&r).await;
+    meta(&mut con).await;
+    let locs = |n: usize| -> Vec<(String, String)> {
+        (0..n)
+            .flat_map(|i| {
+                [
+                    (format!("loc:WAREHOUSE-{i:05}:on_hand"), "12345".to_string()),
+                    (format!("loc:WAREHOUSE-{i:05}:reserved"), "1".to_string()),
+                ]
+            })
+            .collect()
+    };
+    let set = |sku: &'static str, n: usize, lsn: u64| {
+        let mut con = con.clone();
+        let mut kv = locs(n);
+        kv.push(("lsn".into(), lsn.to_string()));
+        async move {
+            let kv: Vec<(&str, String)> = kv.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+            hset(&mut con, sku, &kv).await;
+        }
+    };
+    set("BIG", 400, 1).await;
+    set("HUGE", 2000, 2).await;
+    let p = Running::start(publisher_config(mqtt_config(m.url())), &r).await;
+    wait_published(&mut con, "BIG", 1).await;
+    let got = m.retained("p/sku/BIG", Duration::from_secs(5));
+    assert!(got[0].1.len() > 20 * 1024, "{} bytes", got[0].1.len());
+    assert_eq!(
+        json_of(&got[0].1)["locations"].as_object().unwrap().len(),
+        400
+    );
+    until("oversized refused", Duration::from_secs(10), || {
+        let n = p.handle.stats().snapshot().refusals;
+        async move { (n >= 1).then_some(()) }
+    })
+    .await;
+    assert_eq!(hget(&mut con, "HUGE", "pub_lsn").await, None);
+    assert!(m.retained("p/sku/HUGE", Duration::from_secs(5)).is_empty());
+    assert!(
+        p.handle.is_connected(),
+        "an oversized state does not break the connection"
+    );
+    p.stop().await;
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Waits for the next minute boundary, so up to ~60 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aged_window_values_are_republished_with_as_of_and_no_delta() {
+    // start early in a minute, so the first publish sees the bucket inside the window
+    while unix_ms() % 60_000 > 45_000 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = RedisServer::start();
+    let m = MosquittoServer::start();
+    let mut con = redis(&r).await;
+    meta(&mut con).await;
+    let sub = Sub::start(&m, "p/sku/#");
+    let minute = unix_ms().div_euclid(60_000);
+    // the oldest minute of the 1h window: it leaves the window at the next minute
+    hset(
+        &mut con,
+        "W",
+        &[
+            ("on_hand", "10".into()),
+            ("available", "10".into()),
+            ("purchases", "2".into()),
+            (&format!("w:purchases:{}", minute - 59), "2".into()),
+            ("lsn", "9".into()),
+        ],
+    )
+    .await;
+    let p = Running::start(publisher_config(mqtt_config(m.url())), &r).await;
+    wait_published(&mut con, "W", 9).await;
+    let first = json_of(&sub.on("p/sku/W")[0]);
+    assert_eq!(first["purchases_1h"], 2);
+    assert_eq!(first["sell_rate_per_h"], 2);
+    assert_eq!(first["stockout_eta_s"], 18000);
+    let aged = until("aging republish", Duration::from_secs(75), || {
+        let msgs = sub.on("p/sku/W");
+        async move { msgs.get(1).map(|p| json_of(p)) }
+    })
+    .await;
+    assert_eq!(aged["purchases_1h"], 0);
+    assert_eq!(aged["sell_rate_per_h"], 0);
+    assert!(aged.get("stockout_eta_s").is_none());
+    assert!(aged.get("delta").is_none());
+    assert!(aged["as_of"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(aged["lsn"], "0/9");
+    assert_eq!(aged["on_hand"], 10);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        sub.on("p/sku/W").len(),
+        2,
+        "values at zero are not republished again"
+    );
+    assert_eq!(hget(&mut con, "W", "pub_lsn").await.as_deref(), Some("9"));
+    p.stop().await;
+}
