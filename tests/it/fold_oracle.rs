@@ -11,7 +11,7 @@ use redis::aio::MultiplexedConnection;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-const PUBLIC_SCHEMA: &str = "
+pub const PUBLIC_SCHEMA: &str = "
 CREATE TABLE inventory (
   sku text NOT NULL, location text NOT NULL, on_hand int NOT NULL, reserved int NOT NULL DEFAULT 0,
   PRIMARY KEY (sku, location));
@@ -22,9 +22,9 @@ CREATE PUBLICATION skusync FOR TABLE inventory;
 CREATE PUBLICATION skusync_activity FOR TABLE activity_log WITH (publish = 'insert');
 ";
 
-const PUBS: &[&str] = &["skusync", "skusync_activity"];
+pub const PUBS: &[&str] = &["skusync", "skusync_activity"];
 
-fn public_oracle(buckets: Buckets) -> Oracle {
+pub fn public_oracle(buckets: Buckets) -> Oracle {
     Oracle {
         prefix: "skusync".into(),
         inventory: vec![InventorySpec {
@@ -52,15 +52,15 @@ fn public_oracle(buckets: Buckets) -> Oracle {
 }
 
 /// The `skusync run` process, restartable; each incarnation logs to its own directory.
-struct Daemon {
-    proc: Option<SkusyncProc>,
-    cfg: PathBuf,
-    dir: PathBuf,
-    runs: usize,
+pub struct Daemon {
+    pub proc: Option<SkusyncProc>,
+    pub cfg: PathBuf,
+    pub dir: PathBuf,
+    pub runs: usize,
 }
 
 impl Daemon {
-    fn start(dir: &Path, cfg: PathBuf) -> Daemon {
+    pub fn start(dir: &Path, cfg: PathBuf) -> Daemon {
         let mut d = Daemon {
             proc: None,
             cfg,
@@ -71,7 +71,7 @@ impl Daemon {
         d
     }
 
-    fn spawn(&mut self) {
+    pub fn spawn(&mut self) {
         let run_dir = self.dir.join(format!("run{}", self.runs));
         std::fs::create_dir_all(&run_dir).expect("run dir");
         self.runs += 1;
@@ -81,12 +81,12 @@ impl Daemon {
         ));
     }
 
-    fn proc(&mut self) -> &mut SkusyncProc {
+    pub fn proc(&mut self) -> &mut SkusyncProc {
         self.proc.as_mut().expect("running")
     }
 
     /// All incarnations' stderr, labelled.
-    fn stderr_all(&self) -> String {
+    pub fn stderr_all(&self) -> String {
         let mut s = String::new();
         for i in 0..self.runs {
             let d = self.dir.join(format!("run{i}"));
@@ -109,7 +109,7 @@ impl Daemon {
     }
 
     /// Panics (with the logs) when the process exited.
-    fn assert_alive(&mut self, what: &str) {
+    pub fn assert_alive(&mut self, what: &str) {
         if let Ok(Some(st)) = self.proc().child.try_wait() {
             panic!(
                 "skusync run exited ({st}) while {what}\n{}",
@@ -118,7 +118,7 @@ impl Daemon {
         }
     }
 
-    fn kill9_and_restart(&mut self) {
+    pub fn kill9_and_restart(&mut self) {
         let mut p = self.proc.take().expect("running");
         let _ = p.child.kill();
         let _ = p.child.wait();
@@ -126,26 +126,26 @@ impl Daemon {
         self.spawn();
     }
 
-    fn sigterm(&mut self) -> Option<i32> {
+    pub fn sigterm(&mut self) -> Option<i32> {
         self.proc().signal_and_wait("TERM", Duration::from_secs(30))
     }
 }
 
 /// Servers, connections and the running daemon of one test.
-struct Rig {
-    pg: PgServer,
-    redis: RedisServer,
-    client: tokio_postgres::Client,
-    con: MultiplexedConnection,
-    oracle: Oracle,
-    daemon: Option<Daemon>,
-    dir: tempfile::TempDir,
-    markers: u64,
+pub struct Rig {
+    pub pg: PgServer,
+    pub redis: RedisServer,
+    pub client: tokio_postgres::Client,
+    pub con: MultiplexedConnection,
+    pub oracle: Oracle,
+    pub daemon: Option<Daemon>,
+    pub dir: tempfile::TempDir,
+    pub markers: u64,
 }
 
 impl Rig {
     /// Start PostgreSQL with `schema` applied and Redis (skusync not started yet).
-    async fn new(schema: &str, oracle: Oracle) -> Rig {
+    pub async fn new(schema: &str, oracle: Oracle) -> Rig {
         let pg = PgServer::start();
         pg.psql(schema);
         let redis = RedisServer::start();
@@ -164,7 +164,7 @@ impl Rig {
     }
 
     /// Write the config and start `skusync run`; wait until bootstrap is done.
-    async fn start_skusync(&mut self, extra_toml: &str) {
+    pub async fn start_skusync(&mut self, extra_toml: &str) {
         let text = format!(
             "{}{extra_toml}",
             self.oracle.config_toml(
@@ -179,11 +179,11 @@ impl Rig {
         self.wait_bootstrap(Duration::from_secs(40)).await;
     }
 
-    fn daemon(&mut self) -> &mut Daemon {
+    pub fn daemon(&mut self) -> &mut Daemon {
         self.daemon.as_mut().expect("skusync started")
     }
 
-    async fn wait_bootstrap(&mut self, timeout: Duration) {
+    pub async fn wait_bootstrap(&mut self, timeout: Duration) {
         let meta = skusync::sinks::layout::meta_key(&self.oracle.prefix);
         let start = Instant::now();
         loop {
@@ -201,7 +201,7 @@ impl Rig {
         }
     }
 
-    async fn exec(&self, sql: &str) {
+    pub async fn exec(&self, sql: &str) {
         self.client
             .batch_execute(sql)
             .await
@@ -209,7 +209,7 @@ impl Rig {
     }
 
     /// Insert drain marker rows (via `tables`) and wait until the last is in Redis.
-    async fn drain(&mut self, tables: &WorkloadTables, location: &str, timeout: Duration) {
+    pub async fn drain(&mut self, tables: &WorkloadTables, location: &str, timeout: Duration) {
         self.markers += 1;
         let n = self.markers;
         self.exec(&tables.marker_sql(n, location)).await;
@@ -231,7 +231,7 @@ impl Rig {
     }
 
     /// Wait until Redis equals the SQL aggregate; panic with the differences otherwise.
-    async fn assert_converges(&mut self, timeout: Duration) {
+    pub async fn assert_converges(&mut self, timeout: Duration) {
         let start = Instant::now();
         loop {
             let m = self.oracle.mismatches(&self.client, &mut self.con).await;
@@ -251,7 +251,7 @@ impl Rig {
     }
 }
 
-fn public_workload(seed: u64) -> Workload {
+pub fn public_workload(seed: u64) -> Workload {
     Workload::new(
         seed,
         WorkloadTables::public(),
@@ -262,7 +262,7 @@ fn public_workload(seed: u64) -> Workload {
 
 /// Run transactions until at least `statements` statements were generated, calling
 /// `between(txn_index)` before each transaction.
-async fn run_workload(
+pub async fn run_workload(
     rig: &mut Rig,
     w: &mut Workload,
     statements: usize,

@@ -5,6 +5,7 @@ mod apply_script;
 mod fold_oracle;
 mod harness;
 mod harness_smoke;
+mod mqtt_e2e;
 mod mqtt_publisher;
 mod oracle;
 mod replication;

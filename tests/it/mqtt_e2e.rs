@@ -1,0 +1,321 @@
+//! MQTT end to end: PostgreSQL -> `skusync run` -> Redis -> Mosquitto. The retained
+//! messages are a projection of Redis: after a drain they equal it, whatever was killed
+//! or restarted on the way.
+
+use crate::fold_oracle::*;
+use crate::harness::{MosquittoServer, MqttOptions};
+use crate::oracle::*;
+use skusync::sinks::layout;
+use skusync::sinks::mqtt::{decode_sku, sku_topic};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A live `mosquitto_sub` collecting `(topic, payload)` lines.
+struct Subscriber {
+    child: Child,
+    lines: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+impl Subscriber {
+    fn start(broker: &MosquittoServer, filter: &str) -> Subscriber {
+        let mut child = Command::new("mosquitto_sub")
+            .args(broker.client_args())
+            .args(["-t", filter, "-q", "1", "-F", "%t %p"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto_sub");
+        let out = child.stdout.take().expect("stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let l2 = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let (t, p) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+                l2.lock().unwrap().push((t.to_string(), p.to_string()));
+            }
+        });
+        // Give the subscription a moment to be in place.
+        std::thread::sleep(Duration::from_millis(300));
+        Subscriber { child, lines }
+    }
+
+    fn messages(&self) -> Vec<(String, String)> {
+        self.lines.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mqtt_toml(broker: &MosquittoServer, min_interval_ms: u64) -> String {
+    format!(
+        "\n[mqtt]\nurl = \"{}\"\ntopic_prefix = \"skusync\"\nmin_interval_ms = {min_interval_ms}\n",
+        broker.url()
+    )
+}
+
+fn as_i64(v: Option<&String>) -> i64 {
+    v.and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// Differences between the retained messages and the Redis hashes.
+async fn retained_mismatches(rig: &mut Rig, broker: &MosquittoServer) -> Vec<String> {
+    let state = rig.oracle.redis_state(&mut rig.con).await;
+    let retained: BTreeMap<String, serde_json::Value> = broker
+        .retained("skusync/sku/+", Duration::from_secs(5))
+        .into_iter()
+        .filter(|(_, p)| !p.is_empty())
+        .filter_map(|(t, p)| {
+            let sku = decode_sku(t.strip_prefix("skusync/sku/")?)?;
+            Some((sku, serde_json::from_slice(&p).ok()?))
+        })
+        .collect();
+    let mut out = Vec::new();
+    for (sku, h) in &state {
+        let gone = h.get("gone").map(String::as_str) == Some("1");
+        match (retained.get(sku), gone) {
+            (None, true) => {}
+            (Some(_), true) => out.push(format!("{sku:?}: gone in Redis but still retained")),
+            (None, false) => out.push(format!("{sku:?}: no retained message")),
+            (Some(j), false) => {
+                if j["sku"] != serde_json::json!(sku) {
+                    out.push(format!("{sku:?}: payload sku {}", j["sku"]));
+                }
+                for f in [
+                    "on_hand",
+                    "reserved",
+                    "available",
+                    "views",
+                    "carts",
+                    "purchases",
+                ] {
+                    let want = as_i64(h.get(f));
+                    let got = j.get(f).and_then(|v| v.as_i64()).unwrap_or(0);
+                    if want != got {
+                        out.push(format!("{sku:?}.{f}: Redis {want}, retained {got}"));
+                    }
+                }
+                let lsn: u64 = h.get("lsn").and_then(|s| s.parse().ok()).unwrap_or(0);
+                if j["lsn"] != serde_json::json!(skusync::lsn::Lsn(lsn).to_string()) {
+                    out.push(format!("{sku:?}.lsn: Redis {lsn}, retained {}", j["lsn"]));
+                }
+            }
+        }
+    }
+    for sku in retained.keys() {
+        if !state.contains_key(sku) {
+            out.push(format!("{sku:?}: retained but not in Redis"));
+        }
+    }
+    out
+}
+
+async fn assert_retained_equals_redis(rig: &mut Rig, broker: &MosquittoServer, timeout: Duration) {
+    let start = Instant::now();
+    loop {
+        let m = retained_mismatches(rig, broker).await;
+        if m.is_empty() {
+            return;
+        }
+        if start.elapsed() > timeout {
+            panic!(
+                "retained messages differ from Redis after {timeout:?}:\n{}\n{}",
+                m.iter().take(40).cloned().collect::<Vec<_>>().join("\n"),
+                rig.daemon().stderr_all()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_state_equals_redis_after_workload_with_broker_restarts_and_sigkill() {
+    let seed =
+        test_seed("retained_state_equals_redis_after_workload_with_broker_restarts_and_sigkill");
+    let mut broker = MosquittoServer::start_with(MqttOptions {
+        persistence: true,
+        ..Default::default()
+    });
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.start_skusync(&mqtt_toml(&broker, 50)).await;
+    let mut w = public_workload(seed);
+    let mut step = 0;
+    run_workload(&mut rig, &mut w, 1200, async |rig: &mut Rig, i: usize| {
+        if i == 40 || i == 80 || i == 120 || i == 160 {
+            step += 1;
+            match step {
+                1 => broker.restart(),
+                2 => {
+                    // A crash that loses the persistence file: the broker comes back
+                    // with no retained messages at all (skusync's epoch check notices).
+                    broker.kill9();
+                    let db = broker.dir().join("mosquitto.db");
+                    let _ = std::fs::remove_file(&db);
+                    assert!(!db.exists());
+                    broker.start_again();
+                    assert!(
+                        broker
+                            .retained("skusync/#", Duration::from_secs(2))
+                            .is_empty(),
+                        "retained state wiped"
+                    );
+                }
+                3 => rig.daemon().kill9_and_restart(),
+                _ => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    rig.daemon().kill9_and_restart();
+                }
+            }
+        }
+    })
+    .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(45))
+        .await;
+    rig.assert_converges(Duration::from_secs(30)).await;
+    assert_retained_equals_redis(&mut rig, &broker, Duration::from_secs(30)).await;
+    // A late subscriber gets exactly the current state (retained() subscribes afresh).
+    let some_sku = rig
+        .oracle
+        .redis_state(&mut rig.con)
+        .await
+        .into_iter()
+        .find(|(_, h)| h.get("gone").is_none())
+        .map(|(s, _)| s)
+        .unwrap();
+    let late = broker.retained(&sku_topic("skusync", &some_sku), Duration::from_secs(5));
+    assert_eq!(late.len(), 1, "exactly one retained state for {some_sku:?}");
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_fire_once_per_crossing_in_order_across_a_sigkill() {
+    let broker = MosquittoServer::start();
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.exec("INSERT INTO inventory VALUES ('WALK', 'W1', 20, 0)")
+        .await;
+    rig.start_skusync(&format!(
+        "{}\n[alerts]\nlow_stock = 5\n",
+        mqtt_toml(&broker, 10)
+    ))
+    .await;
+    let sub = Subscriber::start(&broker, "skusync/alerts/#");
+    let key = layout::sku_key("skusync", "WALK");
+    // Walk down, bounce on the threshold, sell out, restock, and walk down again.
+    let walk = [10, 5, 6, 5, 4, 0, 0, 3, 20, 2];
+    for (i, on) in walk.into_iter().enumerate() {
+        rig.exec(&format!(
+            "UPDATE inventory SET on_hand = {on} WHERE sku = 'WALK'"
+        ))
+        .await;
+        // Let this transaction reach Redis so each step is its own crossing.
+        let start = Instant::now();
+        while as_i64(hget(&mut rig.con, &key, "on_hand").await.as_ref()) != on {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "step {i} not applied"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if i == 5 {
+            // SIGKILL right after selling out, maybe before the alert was acknowledged.
+            rig.daemon().kill9_and_restart();
+            rig.wait_bootstrap(Duration::from_secs(20)).await;
+        }
+    }
+    let want = ["low_stock", "out_of_stock", "back_in_stock", "low_stock"];
+    let start = Instant::now();
+    loop {
+        let msgs = sub.messages();
+        let mut ids: Vec<String> = Vec::new();
+        let mut types: Vec<String> = Vec::new();
+        for (t, p) in &msgs {
+            assert_eq!(t, "skusync/alerts/WALK");
+            let j: serde_json::Value = serde_json::from_str(p).expect("alert JSON");
+            let id = j["id"].as_str().unwrap().to_string();
+            if !ids.contains(&id) {
+                ids.push(id);
+                types.push(j["type"].as_str().unwrap().to_string());
+            }
+        }
+        if types == want {
+            // Duplicates only ever repeat an id; never a second crossing.
+            assert!(msgs.len() >= want.len());
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20) && types.len() <= want.len(),
+            "alert types {types:?}, want {want:?}\n{}",
+            rig.daemon().stderr_all()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        hget(&mut rig.con, &key, "alerts")
+            .await
+            .is_none_or(|a| a == "[]" || a == "{}"),
+        "acknowledged alerts leave the outbox"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_updates_to_one_sku_in_a_second_are_throttled_and_end_exact() {
+    let broker = MosquittoServer::start();
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.exec("INSERT INTO inventory VALUES ('FLASH', 'W1', 5000, 0), ('OTHER', 'W1', 1, 0)")
+        .await;
+    rig.start_skusync(&mqtt_toml(&broker, 100)).await;
+    let topic = sku_topic("skusync", "FLASH");
+    let sub = Subscriber::start(&broker, &topic);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = sub.messages().len();
+    // One simple-query string runs as one implicit transaction: make each its own.
+    let sql: String = (0..1000)
+        .map(|_| "BEGIN; UPDATE inventory SET on_hand = on_hand - 1 WHERE sku = 'FLASH'; COMMIT;\n")
+        .collect();
+    let chunk: String = sql.lines().take(50).map(|l| format!("{l}\n")).collect();
+    let start = Instant::now();
+    // 1000 transactions spread over about a second, as a flash sale would.
+    for _ in 0..20 {
+        rig.exec(&chunk).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let elapsed = start.elapsed();
+    rig.drain(&WorkloadTables::public(), "W1", Duration::from_secs(30))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let msgs = sub.messages();
+        let last: serde_json::Value = msgs
+            .last()
+            .map(|(_, p)| serde_json::from_str(p).unwrap())
+            .unwrap_or_default();
+        if last["on_hand"] == 4000 {
+            let commits = rig.oracle.redis_state(&mut rig.con).await;
+            assert!(commits.contains_key("FLASH"));
+            let n = msgs.len() - before;
+            let window = elapsed + Duration::from_millis(300);
+            let bound = window.as_millis() as usize / 100 + 3;
+            eprintln!("1000 updates in {elapsed:?} -> {n} messages (bound {bound})");
+            assert!(n <= bound, "{n} messages for 1000 updates in {elapsed:?}");
+            assert!(
+                n >= 3,
+                "updates spread over {elapsed:?} publish more than once ({n})"
+            );
+            assert_eq!(last["available"], 4000);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "final state not published: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
