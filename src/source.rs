@@ -503,6 +503,16 @@ impl Source {
                     }
                 }
             }
+            // While backlogged, more bytes are already waiting in the socket: take them
+            // before handing the batch on (one poll, never a wait), so batches grow with
+            // the backlog and stay small (low latency) when the stream is quiet.
+            if batch.len() < self.cfg.batch_events && !reply_now {
+                use futures::FutureExt;
+                if let Some(r) = conn.fill().now_or_never() {
+                    r?;
+                    continue;
+                }
+            }
             // A batch cut at its size limit leaves frames in the buffer: go again.
             let full = batch.len() >= self.cfg.batch_events;
             if !batch.is_empty() {

@@ -30,72 +30,106 @@ local function lsn_lt(a, b)
   return a < b
 end
 
-local function geti(key, f)
-  return tonumber(redis.call('HGET', key, f) or '0') or 0
+-- One SKU's hash, read once with HMGET and written back once: a typical entry costs
+-- about five redis.call()s instead of thirty.
+local base_fields = {'lsn', 'piece', 'rows', 'on_hand', 'reserved', 'gone', 'threshold', 'alert_state'}
+local hm_fields = {}
+for _, f in ipairs(base_fields) do table.insert(hm_fields, f) end
+for _, c in ipairs(args.counters) do
+  table.insert(hm_fields, c)
+  table.insert(hm_fields, 'wmax:' .. c)
+end
+local ncounters = #args.counters
+
+local function load(key)
+  local v = redis.call('HMGET', key, unpack(hm_fields))
+  local h = {lsn = v[1], piece = v[2], has_stock = v[3] ~= false, rows = tonumber(v[3]) or 0,
+             on = tonumber(v[4]) or 0, res = tonumber(v[5]) or 0, gone = v[6] == '1',
+             threshold = v[7], alert_state = v[8], counters = {}, wmax = {}, loc = {}, set = {}, dirty = false}
+  if v[7] == false then h.threshold = nil end
+  if v[8] == false then h.alert_state = nil end
+  for i, c in ipairs(args.counters) do
+    h.counters[c] = tonumber(v[8 + 2 * i - 1]) or 0
+    h.wmax[c] = tonumber(v[8 + 2 * i])
+  end
+  return h
 end
 
-local function fenced(key, l, p)
-  local cur = redis.call('HMGET', key, 'lsn', 'piece')
-  if not cur[1] then return false end
-  if lsn_lt(l, cur[1]) then return true end
-  return cur[1] == l and (tonumber(cur[2] or '0') or 0) >= p
+local function is_fenced(h, l, p)
+  if not h.lsn then return false end
+  if lsn_lt(l, h.lsn) then return true end
+  return h.lsn == l and (tonumber(h.piece or '0') or 0) >= p
 end
 
-local function remove_row(key, field)
+-- Per-location deltas, applied once per entry.
+local function loc_add(h, loc, on, res, rows)
+  if loc == '' then return end
+  local d = h.loc[loc]
+  if not d then d = {0, 0, 0}; h.loc[loc] = d end
+  d[1] = d[1] + on; d[2] = d[2] + res; d[3] = d[3] + rows
+end
+
+local function remove_row(key, h, field)
   local old = redis.call('HGET', key, field)
   if not old then return nil end
-  redis.call('HDEL', key, field)
   local o = cjson.decode(old)
   local loc, on, res = o[1], tonumber(o[2]), tonumber(o[3])
-  redis.call('HINCRBY', key, 'on_hand', int(-on))
-  redis.call('HINCRBY', key, 'reserved', int(-res))
-  redis.call('HINCRBY', key, 'rows', -1)
-  if loc ~= '' then
-    redis.call('HINCRBY', key, 'loc:' .. loc .. ':on_hand', int(-on))
-    redis.call('HINCRBY', key, 'loc:' .. loc .. ':reserved', int(-res))
-    if redis.call('HINCRBY', key, 'loc:' .. loc .. ':rows', -1) <= 0 then
-      redis.call('HDEL', key, 'loc:' .. loc .. ':on_hand', 'loc:' .. loc .. ':reserved', 'loc:' .. loc .. ':rows')
-    end
-  end
+  h.on = h.on - on; h.res = h.res - res; h.rows = h.rows - 1
+  loc_add(h, loc, -on, -res, -1)
   return {loc, on, res}
 end
 
-local function add_row(key, field, loc, on, res)
-  redis.call('HSET', key, field, cjson.encode({loc, int(on), int(res)}))
-  redis.call('HINCRBY', key, 'on_hand', int(on))
-  redis.call('HINCRBY', key, 'reserved', int(res))
-  redis.call('HINCRBY', key, 'rows', 1)
-  if loc ~= '' then
-    redis.call('HINCRBY', key, 'loc:' .. loc .. ':on_hand', int(on))
-    redis.call('HINCRBY', key, 'loc:' .. loc .. ':reserved', int(res))
-    redis.call('HINCRBY', key, 'loc:' .. loc .. ':rows', 1)
+local function flush_locs(key, h)
+  for loc, d in pairs(h.loc) do
+    local pre = 'loc:' .. loc .. ':'
+    -- A changed row count may mean a new location: write both fields then.
+    if d[1] ~= 0 or d[3] ~= 0 then redis.call('HINCRBY', key, pre .. 'on_hand', int(d[1])) end
+    if d[2] ~= 0 or d[3] ~= 0 then redis.call('HINCRBY', key, pre .. 'reserved', int(d[2])) end
+    local rows = redis.call('HINCRBY', key, pre .. 'rows', int(d[3]))
+    if rows <= 0 then
+      redis.call('HDEL', key, pre .. 'on_hand', pre .. 'reserved', pre .. 'rows')
+    end
   end
+  h.loc = {}
 end
 
-local function finish(key, pc)
-  redis.call('HSET', key, 'lsn', pc.l, 'piece', pc.p, 'ts', pc.t)
-  local has_stock = redis.call('HEXISTS', key, 'rows') == 1
-  if has_stock then
-    redis.call('HSET', key, 'available', int(geti(key, 'on_hand') - geti(key, 'reserved')))
+-- Totals, fence and `gone`, written with one HSET.
+local function finish(key, h, pc)
+  flush_locs(key, h)
+  local w = {'lsn', pc.l, 'piece', tostring(pc.p), 'ts', pc.t}
+  if h.has_stock then
+    table.insert(w, 'rows'); table.insert(w, int(h.rows))
+    table.insert(w, 'on_hand'); table.insert(w, int(h.on))
+    table.insert(w, 'reserved'); table.insert(w, int(h.res))
+    table.insert(w, 'available'); table.insert(w, int(h.on - h.res))
   end
+  for c, m in pairs(h.wmax_new or {}) do
+    table.insert(w, 'wmax:' .. c); table.insert(w, int(m))
+  end
+  h.wmax_new = nil
   local any_counter = false
-  for _, c in ipairs(args.counters) do
-    if geti(key, c) ~= 0 then any_counter = true break end
+  for _, v in pairs(h.counters) do
+    if v ~= 0 then any_counter = true break end
   end
-  if geti(key, 'rows') <= 0 and not any_counter then
-    redis.call('HSET', key, 'gone', '1')
-  else
+  local gone = h.rows <= 0 and not any_counter
+  if gone then
+    table.insert(w, 'gone'); table.insert(w, '1')
+  elseif h.gone then
     redis.call('HDEL', key, 'gone')
   end
+  h.gone = gone
+  h.lsn = pc.l; h.piece = tostring(pc.p)
+  redis.call('HSET', key, unpack(w))
 end
 
 local alerts_raised = 0
 
-local function evaluate(key, pc)
-  if redis.call('HEXISTS', key, 'rows') == 0 then return end
-  local avail = geti(key, 'available')
-  local thr = tonumber(redis.call('HGET', key, 'threshold') or '') or low
-  local prev = redis.call('HGET', key, 'alert_state')
+-- Low-stock alert detection, once per transaction (see fold::model::evaluate).
+local function evaluate(key, h, pc)
+  if not h.has_stock then return end
+  local avail = h.on - h.res
+  local thr = tonumber(h.threshold or '') or low
+  local prev = h.alert_state
   local state
   if avail <= 0 then state = 'out' elseif avail <= thr then state = 'low' else state = 'ok' end
   local hyst = math.max(1, math.floor(thr / 5))
@@ -106,7 +140,10 @@ local function evaluate(key, pc)
     elseif prev == 'out' and state ~= 'out' then kind = 'back_in_stock'
     elseif prev == 'ok' and state == 'low' then kind = 'low_stock' end
   end
-  redis.call('HSET', key, 'alert_state', state)
+  if state ~= prev then
+    redis.call('HSET', key, 'alert_state', state)
+    h.alert_state = state
+  end
   if kind and not args.quiet then
     local raw = redis.call('HGET', key, 'alerts')
     local list = {}
@@ -126,21 +163,23 @@ for _, pc in ipairs(args.p) do
   if pc.tk then
     for _, ki in ipairs(pc.tk) do
       local key = KEYS[ki]
-      if not fenced(key, l, p) then
+      local h = load(key)
+      if not is_fenced(h, l, p) then
         local touched = false
+        local fields = redis.call('HKEYS', key)
         for _, t in ipairs(pc.x) do
           local pre = 'r:' .. t .. ':'
-          local fields = redis.call('HKEYS', key)
           for _, f in ipairs(fields) do
             if string.sub(f, 1, #pre) == pre then
-              remove_row(key, f)
+              remove_row(key, h, f)
+              redis.call('HDEL', key, f)
               touched = true
             end
           end
         end
         if touched then
-          finish(key, pc)
-          evaluate(key, pc)
+          finish(key, h, pc)
+          evaluate(key, h, pc)
         end
       end
     end
@@ -148,38 +187,45 @@ for _, pc in ipairs(args.p) do
   local in_piece = {}
   for _, se in ipairs(pc.s or {}) do
     local key, e = KEYS[se[1]], se[2]
-    in_piece[se[1]] = true
-    if fenced(key, l, p) then
+    local h = load(key)
+    in_piece[se[1]] = h
+    if is_fenced(h, l, p) then
       skipped = skipped + 1
     else
       applied = applied + 1
       local rows = e.r or {}
-      if #rows > 0 then
-        redis.call('HSETNX', key, 'rows', '0')
-        redis.call('HSETNX', key, 'on_hand', '0')
-        redis.call('HSETNX', key, 'reserved', '0')
-      end
+      if #rows > 0 then h.has_stock = true end
       for _, r in ipairs(rows) do
-        local old = remove_row(key, r[1])
+        local old = remove_row(key, h, r[1])
         if #r > 2 then
           local ol, oo, orr = '', 0, 0
           if old then ol, oo, orr = old[1], old[2], old[3] end
           local loc = r[2]; if loc == false then loc = ol end
           local on = r[3]; if on == false then on = oo else on = tonumber(on) end
           local res = r[4]; if res == false then res = orr else res = tonumber(res) end
-          add_row(key, r[1], loc, on, res)
+          redis.call('HSET', key, r[1], cjson.encode({loc, int(on), int(res)}))
+          h.on = h.on + on; h.res = h.res + res; h.rows = h.rows + 1
+          loc_add(h, loc, on, res, 1)
           local thr = r[5]
-          if thr == '' then redis.call('HDEL', key, 'threshold')
-          elseif thr ~= false and thr ~= nil then redis.call('HSET', key, 'threshold', thr) end
+          if thr == '' then
+            if h.threshold then redis.call('HDEL', key, 'threshold') end
+            h.threshold = nil
+          elseif thr ~= false and thr ~= nil then
+            redis.call('HSET', key, 'threshold', thr)
+            h.threshold = thr
+          end
+        elseif old then
+          redis.call('HDEL', key, r[1])
         end
       end
       for _, c in ipairs(e.c or {}) do
-        redis.call('HINCRBY', key, c[1], c[2])
+        h.counters[c[1]] = redis.call('HINCRBY', key, c[1], c[2])
       end
       -- Window buckets, grouped by counter (the list is sorted by counter, minute).
       local cutoffs = {}
       local b = e.b or {}
       local i = 1
+      h.wmax_new = {}
       while keep > 0 and i <= #b do
         local c = b[i][1]
         local j = i
@@ -189,7 +235,7 @@ for _, pc in ipairs(args.p) do
           if not newmax or m > newmax then newmax = m end
           j = j + 1
         end
-        local wmax = tonumber(redis.call('HGET', key, 'wmax:' .. c) or '')
+        local wmax = h.wmax[c]
         if wmax and wmax > newmax then newmax = wmax end
         local cutoff = newmax - keep + 1
         if wmax then
@@ -199,7 +245,10 @@ for _, pc in ipairs(args.p) do
             redis.call('HDEL', key, 'w:' .. c .. ':' .. x)
           end
         end
-        redis.call('HSET', key, 'wmax:' .. c, int(newmax))
+        if newmax ~= wmax then
+          h.wmax[c] = newmax
+          h.wmax_new[c] = newmax
+        end
         for k = i, j - 1 do
           local m = tonumber(b[k][2])
           if m >= cutoff then
@@ -218,17 +267,21 @@ for _, pc in ipairs(args.p) do
           redis.call('EXPIREAT', hk, (m + keep + 1) * 60)
         end
       end
-      finish(key, pc)
+      finish(key, h, pc)
     end
   end
   if pc.last then
     for _, ki in ipairs(pc.e or {}) do
       local key = KEYS[ki]
-      if in_piece[ki] then
-        evaluate(key, pc)
-      elseif not fenced(key, l, p) then
-        finish(key, pc)
-        evaluate(key, pc)
+      local h = in_piece[ki]
+      if h then
+        evaluate(key, h, pc)
+      else
+        h = load(key)
+        if not is_fenced(h, l, p) then
+          finish(key, h, pc)
+          evaluate(key, h, pc)
+        end
       end
     end
   end
