@@ -6,6 +6,7 @@ mod fold_oracle;
 mod harness;
 mod harness_smoke;
 mod mqtt_publisher;
+mod ops;
 mod oracle;
 mod replication;
 mod support;
