@@ -114,6 +114,7 @@ fn skusync_cmd(args: &[&str], cfg: &Path) -> (i32, String, String) {
 /// Asserts `check` fails and prints a FAIL line containing `problem` and the `fix` text.
 fn assert_check_fails(rig: &Rig, problem: &str, fix: &str) {
     let (code, out) = rig.check();
+    eprintln!("{out}");
     assert_eq!(code, 1, "check should fail:\n{out}");
     assert!(
         out.lines()
