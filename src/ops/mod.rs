@@ -30,12 +30,37 @@ pub async fn pg_client(cfg: &Config) -> Result<(Client, PgConnectConfig), String
     let pgc = cfg.pg_connect().map_err(|e| e.to_string())?;
     match tokio::time::timeout(CONNECT_TIMEOUT, meta::connect(&pgc)).await {
         Ok(Ok(c)) => Ok((c, pgc)),
-        Ok(Err(e)) => Err(format!("postgres.url: {e}")),
+        Ok(Err(e)) => Err(format!("postgres.url: {}", explain(&pgc, e).await)),
         Err(_) => Err(format!(
             "postgres.url: no connection to {} within {} s",
             pgc.addr(),
             CONNECT_TIMEOUT.as_secs()
         )),
+    }
+}
+
+/// tokio-postgres reports a refused or unresolvable server as a bare "error connecting to
+/// server"; probing the address once names the actual cause for the operator.
+async fn explain(pgc: &PgConnectConfig, e: crate::pg::PgError) -> String {
+    if !matches!(e, crate::pg::PgError::Sql(_)) {
+        return e.to_string();
+    }
+    let probe = if pgc.is_unix_socket() {
+        tokio::net::UnixStream::connect(pgc.socket_path())
+            .await
+            .map(|_| ())
+    } else {
+        tokio::time::timeout(
+            Duration::from_secs(3),
+            tokio::net::TcpStream::connect((pgc.host.as_str(), pgc.port)),
+        )
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+        .map(|_| ())
+    };
+    match probe {
+        Err(io) => format!("cannot reach {}: {io}", pgc.addr()),
+        Ok(()) => e.to_string(),
     }
 }
 
