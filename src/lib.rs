@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod fold;
 pub mod lsn;
 pub mod notify;
+pub mod ops;
 pub mod pg;
 pub mod pgoutput;
 pub mod progress;

@@ -41,6 +41,31 @@ enum Command {
         #[arg(long)]
         from_slot: bool,
     },
+    /// Preflight against the real servers: one line per check (ok / WARN / FAIL) with
+    /// the SQL or setting that fixes each problem. Exit 0 only when `run` would work.
+    Check,
+    /// Create the publications for the mapped tables (stock tables in the first configured
+    /// publication, activity logs insert-only in the second); adds missing tables to
+    /// existing ones. Creates no slot: `run` does, with its snapshot.
+    Setup {
+        /// Print the SQL (with a commented least-privilege role section) for a DBA to
+        /// review and run with `psql -v ON_ERROR_STOP=1`, instead of running it.
+        #[arg(long)]
+        print: bool,
+    },
+    /// Slot, lag, Redis progress and last publish. Exit 1 when the slot is missing or
+    /// lost or the lag exceeds --max-lag-bytes, 2 on configuration/connection errors.
+    Status {
+        /// Print one JSON object (for scripts).
+        #[arg(long)]
+        json: bool,
+        /// Lag in WAL bytes above which the exit code is 1.
+        #[arg(long, default_value_t = skusync::ops::status::DEFAULT_MAX_LAG_BYTES)]
+        max_lag_bytes: u64,
+    },
+    /// Uninstall from the database: drop the slot (terminating a walsender that holds it)
+    /// and the publications `skusync setup` created. Stop skusync first. Idempotent.
+    DropSlot,
 }
 
 fn init_logging(cli: &Cli) {
@@ -83,6 +108,58 @@ fn cancel_on_signals(token: CancellationToken) {
     });
 }
 
+/// The operator commands (`check`, `setup`, `status`, `drop-slot`), which choose their own
+/// exit codes; `None` for the daemon commands.
+async fn ops_command(command: &Command, cfg: &Config) -> Option<ExitCode> {
+    use skusync::ops;
+    use std::io::Write;
+    let mut out = std::io::stdout();
+    let done = |r: Result<(), String>| match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    };
+    Some(match command {
+        Command::Run | Command::Resync | Command::Tail { .. } => return None,
+        Command::Check => {
+            if ops::check::run(cfg, &mut out).await {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Command::Setup { print: true } => done(ops::setup::print_sql(cfg).map(|sql| {
+            let _ = out.write_all(sql.as_bytes());
+        })),
+        Command::Setup { print: false } => done(ops::setup::run(cfg, &mut out).await),
+        Command::Status {
+            json,
+            max_lag_bytes,
+        } => match ops::status::gather(cfg, *max_lag_bytes).await {
+            Ok(st) => {
+                let text = if *json {
+                    serde_json::to_string(&st).unwrap_or_default() + "\n"
+                } else {
+                    ops::status::render_text(&st)
+                };
+                let _ = out.write_all(text.as_bytes());
+                if st.ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::DropSlot => done(ops::drop_slot::run(cfg, &mut out).await),
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
@@ -103,6 +180,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(code) = rt.block_on(ops_command(&cli.command, &cfg)) {
+        return code;
+    }
     let result = rt.block_on(async {
         let shutdown = CancellationToken::new();
         cancel_on_signals(shutdown.clone());
@@ -125,6 +205,10 @@ fn main() -> ExitCode {
                 skusync::tail::run(&cfg, &opts, &mut out, shutdown)
                     .await
                     .map_err(|e| e.to_string())
+            }
+            // handled by ops_command above
+            Command::Check | Command::Setup { .. } | Command::Status { .. } | Command::DropSlot => {
+                Ok(())
             }
         }
     });

@@ -7,6 +7,7 @@ mod harness;
 mod harness_smoke;
 mod mqtt_e2e;
 mod mqtt_publisher;
+mod ops;
 mod oracle;
 mod replication;
 mod support;

@@ -1,0 +1,763 @@
+//! `skusync check`: preflight against the real servers.
+//!
+//! One line per check, `ok   <check>`, `WARN <check>: <problem>` or
+//! `FAIL <check>: <problem>`, each problem followed by the SQL or setting that fixes it
+//! (indented). Only failures make the exit code non-zero: a failure means `run` would not
+//! work; a warning means it works but something will hurt later (WAL retention, Redis
+//! losing its data).
+
+use super::{
+    PubPlan, STOCK_PUBLISH, create_publication_sql, ident, plan_publications, schema_of,
+    table_ident,
+};
+use crate::config::Config;
+use crate::fold::Mapping;
+use crate::pg::PgConnectConfig;
+use crate::pg::conn::quote_literal;
+use crate::pg::meta;
+use crate::snapshot;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use tokio_postgres::Client;
+
+/// Severity of one check's result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Ok,
+    Warn,
+    Fail,
+}
+
+/// Prints results as they come (a hanging server then shows where it hangs) and counts
+/// failures.
+pub struct Report<W: Write> {
+    out: W,
+    failures: usize,
+    warnings: usize,
+}
+
+impl<W: Write> Report<W> {
+    /// A report printing to `out`.
+    pub fn new(out: W) -> Self {
+        Report {
+            out,
+            failures: 0,
+            warnings: 0,
+        }
+    }
+
+    /// Print one result with its fix lines.
+    pub fn line(&mut self, level: Level, check: &str, problem: &str, fix: &[String]) {
+        let _ = match level {
+            Level::Ok if problem.is_empty() => writeln!(self.out, "ok   {check}"),
+            Level::Ok => writeln!(self.out, "ok   {check}: {problem}"),
+            Level::Warn => writeln!(self.out, "WARN {check}: {problem}"),
+            Level::Fail => writeln!(self.out, "FAIL {check}: {problem}"),
+        };
+        for f in fix {
+            for l in f.lines() {
+                let _ = writeln!(self.out, "     {l}");
+            }
+        }
+        match level {
+            Level::Ok => {}
+            Level::Warn => self.warnings += 1,
+            Level::Fail => self.failures += 1,
+        }
+    }
+
+    fn ok(&mut self, check: &str) {
+        self.line(Level::Ok, check, "", &[]);
+    }
+
+    fn ok_note(&mut self, check: &str, note: &str) {
+        self.line(Level::Ok, check, note, &[]);
+    }
+
+    fn warn(&mut self, check: &str, problem: &str, fix: &[String]) {
+        self.line(Level::Warn, check, problem, fix);
+    }
+
+    fn fail(&mut self, check: &str, problem: &str, fix: &[String]) {
+        self.line(Level::Fail, check, problem, fix);
+    }
+
+    /// Number of failures so far.
+    pub fn failures(&self) -> usize {
+        self.failures
+    }
+
+    /// Number of warnings so far.
+    pub fn warnings(&self) -> usize {
+        self.warnings
+    }
+}
+
+/// Run every check; returns true when `run` would work (no failures).
+pub async fn run(cfg: &Config, out: impl Write) -> bool {
+    let mut r = Report::new(out);
+    check_postgres(cfg, &mut r).await;
+    check_redis(cfg, &mut r).await;
+    check_mqtt(cfg, &mut r).await;
+    let (f, w) = (r.failures(), r.warnings());
+    let _ = writeln!(
+        r.out,
+        "{}: {f} failed, {w} warnings",
+        if f == 0 { "ready" } else { "not ready" }
+    );
+    f == 0
+}
+
+async fn check_postgres<W: Write>(cfg: &Config, r: &mut Report<W>) {
+    let (client, pgc) = match super::pg_client(cfg).await {
+        Ok(c) => c,
+        Err(e) => {
+            let fix = if e.contains("authentication") {
+                vec![
+                    "set the password in postgres.url, SKUSYNC_PG_PASSWORD, PGPASSWORD or the passfile,".into(),
+                    "and check the role's pg_hba.conf line (logical replication matches the database column)".into(),
+                ]
+            } else {
+                vec![]
+            };
+            r.fail("postgres connection", &e, &fix);
+            return;
+        }
+    };
+    r.ok("postgres connection");
+    if let Err(e) = postgres_checks(cfg, &client, &pgc, r).await {
+        r.fail("postgres", &format!("query failed: {e}"), &[]);
+    }
+}
+
+/// Server settings as `name -> setting`.
+async fn settings(
+    client: &Client,
+    pgc: &PgConnectConfig,
+) -> Result<BTreeMap<String, String>, String> {
+    let rows = client
+        .query(
+            "SELECT name::text, setting::text FROM pg_settings WHERE name = ANY($1)",
+            &[&vec![
+                "wal_level",
+                "max_replication_slots",
+                "max_wal_senders",
+                "max_slot_wal_keep_size",
+            ]],
+        )
+        .await
+        .map_err(|e| meta::classify(e, pgc).to_string())?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+async fn postgres_checks<W: Write>(
+    cfg: &Config,
+    client: &Client,
+    pgc: &PgConnectConfig,
+    r: &mut Report<W>,
+) -> Result<(), String> {
+    let q = |e: tokio_postgres::Error| meta::classify(e, pgc).to_string();
+    let set = settings(client, pgc).await?;
+    let get = |k: &str| set.get(k).cloned().unwrap_or_default();
+    let int = |k: &str| get(k).parse::<i64>().unwrap_or(0);
+    let slot_name = &cfg.postgres.slot;
+    let slot = meta::slot_state(client, pgc, slot_name)
+        .await
+        .map_err(|e| e.to_string())?;
+
+    // wal_level
+    let wal_level = get("wal_level");
+    if wal_level == "logical" {
+        r.ok("postgres wal_level = logical");
+    } else {
+        r.fail(
+            "postgres wal_level",
+            &format!("is {wal_level}, logical decoding needs logical"),
+            &[
+                "ALTER SYSTEM SET wal_level = logical;".into(),
+                "-- then restart PostgreSQL".into(),
+            ],
+        );
+    }
+
+    // free slots and senders
+    let used_slots: i64 = client
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await
+        .map_err(q)?
+        .get(0);
+    let max_slots = int("max_replication_slots");
+    if slot.is_some() {
+        r.ok_note(
+            "postgres max_replication_slots",
+            &format!("slot {slot_name} exists ({used_slots} of {max_slots} used)"),
+        );
+    } else if used_slots < max_slots {
+        r.ok_note(
+            "postgres max_replication_slots",
+            &format!("{used_slots} of {max_slots} used"),
+        );
+    } else {
+        r.fail(
+            "postgres max_replication_slots",
+            &format!("all {max_slots} slots are in use and skusync needs one"),
+            &[
+                format!(
+                    "ALTER SYSTEM SET max_replication_slots = {};",
+                    used_slots + 2
+                ),
+                "-- then restart PostgreSQL".into(),
+            ],
+        );
+    }
+    let used_senders: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'",
+            &[],
+        )
+        .await
+        .map_err(q)?
+        .get(0);
+    let max_senders = int("max_wal_senders");
+    if used_senders < max_senders {
+        r.ok_note(
+            "postgres max_wal_senders",
+            &format!("{used_senders} of {max_senders} used"),
+        );
+    } else {
+        r.fail(
+            "postgres max_wal_senders",
+            &format!("all {max_senders} WAL senders are in use and skusync needs one"),
+            &[
+                format!("ALTER SYSTEM SET max_wal_senders = {};", used_senders + 2),
+                "-- then restart PostgreSQL".into(),
+            ],
+        );
+    }
+
+    // role
+    let role_row = client
+        .query_one(
+            "SELECT current_user::text, rolreplication, rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(q)?;
+    let role: String = role_row.get(0);
+    let (repl, superuser): (bool, bool) = (role_row.get(1), role_row.get(2));
+    if repl || superuser {
+        r.ok(&format!("postgres role {role} can replicate"));
+    } else {
+        r.fail(
+            &format!("postgres role {role}"),
+            "lacks the REPLICATION attribute",
+            &[format!("ALTER ROLE {} REPLICATION;", ident(&role))],
+        );
+    }
+
+    // tables: existence, privileges, mapped columns and replica identity
+    let mapping = Mapping::from_config(cfg).map_err(|e| e.to_string())?;
+    let mut present = BTreeSet::new();
+    for table in mapping.tables() {
+        let desc = snapshot::describe(client, pgc, table)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(desc) = desc else {
+            r.fail(
+                &format!("table {table}"),
+                "does not exist (or the schema is not visible to this role)",
+                &["create it, or fix the table name in the mapping".into()],
+            );
+            continue;
+        };
+        present.insert(table.to_string());
+        let privs = client
+            .query_one(
+                "SELECT has_table_privilege($1::oid, 'SELECT'), \
+                        has_schema_privilege($2::text, 'USAGE')",
+                &[&desc.oid, &schema_of(table)],
+            )
+            .await
+            .map_err(q)?;
+        let (select, usage): (bool, bool) = (privs.get(0), privs.get(1));
+        if select && usage {
+            r.ok(&format!("postgres role {role} may SELECT {table}"));
+        } else {
+            let mut fix = Vec::new();
+            if !usage {
+                fix.push(format!(
+                    "GRANT USAGE ON SCHEMA {} TO {};",
+                    ident(schema_of(table)),
+                    ident(&role)
+                ));
+            }
+            if !select {
+                fix.push(format!(
+                    "GRANT SELECT ON {} TO {};",
+                    table_ident(table),
+                    ident(&role)
+                ));
+            }
+            r.fail(
+                &format!("postgres role {role} may SELECT {table}"),
+                "permission denied (the initial snapshot reads the table)",
+                &fix,
+            );
+        }
+        match mapping.resolve(&desc) {
+            Ok(_) => r.ok(&format!("mapping {table}")),
+            Err(e) => {
+                // the message carries its fix after "fix it with: "; show it as a fix line
+                let msg = e.to_string();
+                let (problem, fix) = match msg.split_once("fix it with: ") {
+                    Some((p, f)) => (
+                        p.trim_end().trim_end_matches(';').to_string(),
+                        vec![f.to_string()],
+                    ),
+                    None => (msg.clone(), vec![]),
+                };
+                r.fail(&format!("mapping {table}"), &problem, &fix);
+            }
+        }
+    }
+
+    // publications
+    publication_checks(cfg, client, pgc, &present, r).await?;
+
+    // WAL retention bound
+    let keep = get("max_slot_wal_keep_size");
+    if keep == "-1" {
+        r.warn(
+            "postgres max_slot_wal_keep_size",
+            "is -1 (unbounded): a stopped or abandoned skusync makes the server keep WAL until the disk is full",
+            &["ALTER SYSTEM SET max_slot_wal_keep_size = '10GB'; SELECT pg_reload_conf();".into()],
+        );
+    } else if !keep.is_empty() {
+        r.ok_note("postgres max_slot_wal_keep_size", &format!("{keep} MB"));
+    }
+
+    // the slot itself
+    let drop_sql = format!(
+        "SELECT pg_drop_replication_slot({});",
+        quote_literal(slot_name)
+    );
+    match &slot {
+        None => r.ok_note(
+            &format!("slot {slot_name}"),
+            "not created yet (skusync run creates it with its snapshot)",
+        ),
+        Some(s) => {
+            let mut fine = true;
+            if s.plugin.as_deref() != Some("pgoutput") || s.temporary {
+                fine = false;
+                r.fail(
+                    &format!("slot {slot_name}"),
+                    &format!(
+                        "exists but is not a permanent pgoutput slot (plugin {})",
+                        s.plugin.as_deref().unwrap_or("none: a physical slot")
+                    ),
+                    &[format!(
+                        "{drop_sql}  -- or set postgres.slot to another name"
+                    )],
+                );
+            } else if s.database.as_deref() != Some(pgc.dbname.as_str()) {
+                fine = false;
+                r.fail(
+                    &format!("slot {slot_name}"),
+                    &format!(
+                        "belongs to database {} (the config connects to {})",
+                        s.database.as_deref().unwrap_or("?"),
+                        pgc.dbname
+                    ),
+                    &[
+                        "set postgres.slot to another name, or fix the database in postgres.url"
+                            .into(),
+                    ],
+                );
+            }
+            if s.wal_status.as_deref() == Some("lost") {
+                fine = false;
+                r.fail(
+                    &format!("slot {slot_name}"),
+                    "lost WAL it needs (wal_status = lost): changes were missed",
+                    &[
+                        format!("{drop_sql}  -- skusync run then recreates it and reloads Redis"),
+                        "-- or set postgres.on_slot_lost = \"resync\"".into(),
+                    ],
+                );
+            }
+            if let Some(pid) = s.active_pid {
+                fine = false;
+                let who = client
+                    .query_opt(
+                        "SELECT application_name::text, client_addr::text FROM pg_stat_activity WHERE pid = $1",
+                        &[&pid],
+                    )
+                    .await
+                    .map_err(q)?;
+                let (app, addr): (Option<String>, Option<String>) =
+                    who.map(|w| (w.get(0), w.get(1))).unwrap_or((None, None));
+                r.warn(
+                    &format!("slot {slot_name}"),
+                    &format!(
+                        "held by pid {pid} (application_name {}, client_addr {}); run will wait as a standby until it is released",
+                        app.filter(|a| !a.is_empty()).as_deref().unwrap_or("unknown"),
+                        addr.as_deref().unwrap_or("local")
+                    ),
+                    &[format!(
+                        "-- if that process is not a live skusync: SELECT pg_terminate_backend({pid});"
+                    )],
+                );
+            }
+            if fine {
+                r.ok_note(
+                    &format!("slot {slot_name}"),
+                    &format!(
+                        "wal_status {}",
+                        s.wal_status.as_deref().unwrap_or("unknown")
+                    ),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every configured publication exists, and the mapped tables are published with the
+/// actions they need (the union over the configured publications, as pgoutput does).
+async fn publication_checks<W: Write>(
+    cfg: &Config,
+    client: &Client,
+    pgc: &PgConnectConfig,
+    present: &BTreeSet<String>,
+    r: &mut Report<W>,
+) -> Result<(), String> {
+    let q = |e: tokio_postgres::Error| meta::classify(e, pgc).to_string();
+    let names = cfg.postgres.publication.names();
+    let plans: Vec<PubPlan> = match plan_publications(cfg) {
+        Ok(p) => p,
+        Err(e) => {
+            r.fail("publications", &e, &[]);
+            Vec::new()
+        }
+    };
+    let rows = client
+        .query(
+            "SELECT pubname::text, pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication \
+             WHERE pubname = ANY($1)",
+            &[&names],
+        )
+        .await
+        .map_err(q)?;
+    let pubs: BTreeMap<String, [bool; 4]> = rows
+        .iter()
+        .map(|r| (r.get(0), [r.get(1), r.get(2), r.get(3), r.get(4)]))
+        .collect();
+    for n in &names {
+        if pubs.contains_key(n) {
+            r.ok(&format!("publication {n} exists"));
+        } else {
+            let fix = match plans.iter().find(|p| &p.name == n) {
+                Some(p) => vec![
+                    create_publication_sql(p),
+                    "-- (this is what skusync setup --print prints; skusync setup runs it)".into(),
+                ],
+                None => vec![format!(
+                    "CREATE PUBLICATION {};  -- or remove it from postgres.publication",
+                    ident(n)
+                )],
+            };
+            r.fail(&format!("publication {n}"), "does not exist", &fix);
+        }
+    }
+    // table -> actions published by the configured publications that contain it
+    let rows = client
+        .query(
+            "SELECT schemaname::text || '.' || tablename::text, pubname::text FROM pg_publication_tables \
+             WHERE pubname = ANY($1)",
+            &[&names],
+        )
+        .await
+        .map_err(q)?;
+    let mut published: BTreeMap<String, [bool; 4]> = BTreeMap::new();
+    for row in &rows {
+        let (t, p): (String, String) = (row.get(0), row.get(1));
+        let acts = pubs.get(&p).copied().unwrap_or_default();
+        let e = published.entry(t).or_default();
+        for i in 0..4 {
+            e[i] |= acts[i];
+        }
+    }
+    let wanted = cfg
+        .inventory
+        .iter()
+        .map(|m| (m.table.as_str(), true))
+        .chain(cfg.activity.iter().map(|a| (a.table.as_str(), false)));
+    for (table, stock) in wanted {
+        if !present.contains(table) {
+            continue; // already reported as missing
+        }
+        // the publication setup would put it in
+        let target = plans
+            .get(if stock { 0 } else { 1 })
+            .map(|p| p.name.clone())
+            .unwrap_or_else(|| names[0].clone());
+        let check = format!("publication covers {table}");
+        let Some(acts) = published.get(table) else {
+            let fix = if pubs.contains_key(&target) {
+                format!(
+                    "ALTER PUBLICATION {} ADD TABLE {};",
+                    ident(&target),
+                    table_ident(table)
+                )
+            } else {
+                format!("-- create publication {target} (above); it includes {table}")
+            };
+            r.fail(
+                &check,
+                &format!(
+                    "{table} is in none of the publications {}",
+                    names.join(", ")
+                ),
+                &[fix],
+            );
+            continue;
+        };
+        let need = if stock {
+            [true, true, true, true]
+        } else {
+            [true, false, false, false]
+        };
+        let missing: Vec<&str> = ["insert", "update", "delete", "truncate"]
+            .iter()
+            .zip(need.iter().zip(acts.iter()))
+            .filter(|(_, (n, a))| **n && !**a)
+            .map(|(name, _)| *name)
+            .collect();
+        if missing.is_empty() {
+            r.ok(&check);
+        } else {
+            let kind = if stock { "a stock" } else { "an activity" };
+            r.fail(
+                &check,
+                &format!(
+                    "{kind} table needs {} published, but no configured publication containing it publishes {}",
+                    if stock { STOCK_PUBLISH } else { "insert" },
+                    missing.join(", ")
+                ),
+                &[format!(
+                    "ALTER PUBLICATION {} SET (publish = '{}');  -- if {table} is in it; else ALTER PUBLICATION {} ADD TABLE {};",
+                    ident(&target),
+                    if stock { STOCK_PUBLISH } else { "insert" },
+                    ident(&target),
+                    table_ident(table)
+                )],
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn check_redis<W: Write>(cfg: &Config, r: &mut Report<W>) {
+    let Some(rc) = &cfg.redis else {
+        r.fail(
+            "redis",
+            "no [redis] section: skusync run needs redis.url",
+            &["[redis]\nurl = \"redis://127.0.0.1:6379/0\"".into()],
+        );
+        return;
+    };
+    let client = match crate::sinks::redis::client(&rc.url, rc.ca_file.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            r.fail("redis connection", &strip_redis_prefix(&e.to_string()), &[]);
+            return;
+        }
+    };
+    let con = tokio::time::timeout(
+        super::CONNECT_TIMEOUT,
+        client.get_multiplexed_async_connection(),
+    )
+    .await;
+    let mut con = match con {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            let fix = if e.to_string().contains("WRONGPASS") || e.to_string().contains("NOAUTH") {
+                vec!["set the password in redis.url or SKUSYNC_REDIS_PASSWORD".into()]
+            } else {
+                vec![]
+            };
+            r.fail("redis connection", &format!("redis.url: {e}"), &fix);
+            return;
+        }
+        Err(_) => {
+            r.fail(
+                "redis connection",
+                &format!(
+                    "redis.url: no connection within {} s",
+                    super::CONNECT_TIMEOUT.as_secs()
+                ),
+                &[],
+            );
+            return;
+        }
+    };
+    match redis::cmd("PING").query_async::<String>(&mut con).await {
+        Ok(_) => r.ok("redis connection"),
+        Err(e) => {
+            r.fail("redis connection", &format!("redis.url: {e}"), &[]);
+            return;
+        }
+    }
+    let config_get = |key: &'static str| {
+        let mut con = con.clone();
+        async move {
+            redis::cmd("CONFIG")
+                .arg("GET")
+                .arg(key)
+                .query_async::<Vec<String>>(&mut con)
+                .await
+                .map(|v| v.get(1).cloned().unwrap_or_default())
+        }
+    };
+    match config_get("maxmemory-policy").await {
+        Ok(p) if p == "noeviction" => r.ok("redis maxmemory-policy = noeviction"),
+        Ok(p) => r.warn(
+            "redis maxmemory-policy",
+            &format!("is {p}: an eviction costs a full resync"),
+            &[
+                "CONFIG SET maxmemory-policy noeviction".into(),
+                "# and in redis.conf: maxmemory-policy noeviction".into(),
+            ],
+        ),
+        Err(e) => r.warn(
+            "redis maxmemory-policy",
+            &format!("could not be checked (CONFIG GET refused: {e})"),
+            &["# make sure the server runs with maxmemory-policy noeviction".into()],
+        ),
+    }
+    match (config_get("appendonly").await, config_get("save").await) {
+        (Ok(aof), Ok(save)) if aof == "no" && save.trim().is_empty() => r.warn(
+            "redis persistence",
+            "neither AOF nor RDB snapshots: a Redis restart costs a full resync",
+            &[
+                "CONFIG SET appendonly yes".into(),
+                "# and in redis.conf: appendonly yes".into(),
+            ],
+        ),
+        (Ok(aof), Ok(_)) => r.ok_note(
+            "redis persistence",
+            if aof == "yes" {
+                "appendonly yes"
+            } else {
+                "RDB snapshots only (appendonly yes loses less)"
+            },
+        ),
+        (Err(e), _) | (_, Err(e)) => r.warn(
+            "redis persistence",
+            &format!("could not be checked (CONFIG GET refused: {e})"),
+            &["# make sure the server persists its data (appendonly yes)".into()],
+        ),
+    }
+}
+
+fn strip_redis_prefix(s: &str) -> String {
+    s.strip_prefix("Redis: ").unwrap_or(s).to_string()
+}
+
+async fn check_mqtt<W: Write>(cfg: &Config, r: &mut Report<W>) {
+    let Some(mc) = &cfg.mqtt else {
+        return;
+    };
+    match mqtt_connect(mc).await {
+        Ok(()) => r.ok("mqtt connection"),
+        Err((problem, fix)) => r.fail("mqtt connection", &problem, &fix),
+    }
+}
+
+/// CONNECT/CONNACK with a client id of its own, so a running skusync keeps its session.
+async fn mqtt_connect(mc: &crate::config::MqttConfig) -> Result<(), (String, Vec<String>)> {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
+    let env_pw = std::env::var(crate::sinks::mqtt::PASSWORD_ENV).ok();
+    let broker =
+        crate::sinks::mqtt::parse_url(&mc.url, env_pw).map_err(|e| (e.to_string(), vec![]))?;
+    let id = format!("{}-check-{}", mc.client_id, std::process::id());
+    let mut o = MqttOptions::new(id, broker.host.clone(), broker.port);
+    o.set_clean_start(true);
+    o.set_connection_timeout(super::CONNECT_TIMEOUT.as_secs());
+    if let Some(u) = &broker.user {
+        o.set_credentials(u.clone(), broker.password.clone().unwrap_or_default());
+    }
+    if broker.tls {
+        let tls = mqtt_tls(mc.ca_file.as_deref()).map_err(|e| (e, vec![]))?;
+        o.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+            std::sync::Arc::new(tls),
+        )));
+    }
+    let (client, mut el) = AsyncClient::new(o, 4);
+    let res = tokio::time::timeout(super::CONNECT_TIMEOUT, async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(ConnectionError::ConnectionRefused(code)) => {
+                    return Err((
+                        format!("mqtt.url: the broker refused the connection ({code:?})"),
+                        vec!["check the user and password in mqtt.url or SKUSYNC_MQTT_PASSWORD, and the broker's ACL".into()],
+                    ));
+                }
+                Err(e) => return Err((format!("mqtt.url: {e}"), vec![])),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err((
+            format!(
+                "mqtt.url: no CONNACK within {} s",
+                super::CONNECT_TIMEOUT.as_secs()
+            ),
+            vec![],
+        ))
+    });
+    if res.is_ok() {
+        let _ = client.disconnect().await;
+        // let the DISCONNECT go out
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(500), el.poll()).await;
+    }
+    res
+}
+
+/// TLS for `mqtts://`: `mqtt.ca_file` or the system roots (as the publisher does).
+fn mqtt_tls(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<_, _>>())
+                .map_err(|e| format!("mqtt.ca_file {}: {e}", path.display()))?;
+            for c in certs {
+                roots
+                    .add(c)
+                    .map_err(|e| format!("mqtt.ca_file {}: {e}", path.display()))?;
+            }
+        }
+        None => {
+            for c in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(c);
+            }
+        }
+    }
+    if roots.is_empty() {
+        return Err("mqtt.ca_file: no CA certificates (set mqtt.ca_file)".into());
+    }
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("mqtts: {e}"))
+    .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+}

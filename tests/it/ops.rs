@@ -1,0 +1,554 @@
+//! The operator commands (`check`, `setup`, `status`, `drop-slot`) against real servers.
+
+use crate::harness::{
+    MosquittoServer, PasswordEncryption, PgOptions, PgServer, RedisOptions, RedisServer, free_port,
+};
+use crate::support::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const SCHEMA: &str = "
+CREATE TABLE inventory (
+  sku text NOT NULL, location text NOT NULL, on_hand int NOT NULL, reserved int NOT NULL DEFAULT 0,
+  PRIMARY KEY (sku, location));
+CREATE TABLE activity_log (
+  id bigserial PRIMARY KEY, sku text, kind text NOT NULL, qty numeric,
+  at timestamptz NOT NULL DEFAULT now());
+INSERT INTO inventory VALUES ('A-1', 'main', 10, 2);
+";
+
+/// Servers of one test plus the config pieces that vary.
+struct Rig {
+    pg: PgServer,
+    redis: RedisServer,
+    dir: tempfile::TempDir,
+    /// `user[:password]` in the Postgres URL.
+    pg_user: String,
+    redis_url: String,
+    /// Replaces the inventory mapping's `sku` column.
+    sku_column: String,
+    extra: String,
+}
+
+impl Rig {
+    /// PostgreSQL with the schema (bounded WAL retention, so a good setup has no warnings)
+    /// and a persistent Redis.
+    fn new(mut opts: PgOptions) -> Rig {
+        opts.extra_conf
+            .insert(0, "max_slot_wal_keep_size = '1GB'".into());
+        let pg = PgServer::start_with(opts);
+        pg.psql(SCHEMA);
+        let redis = RedisServer::start_with(RedisOptions {
+            persistence: true,
+            ..Default::default()
+        });
+        let redis_url = redis.url();
+        Rig {
+            pg,
+            redis,
+            dir: tempfile::tempdir().expect("tempdir"),
+            pg_user: "postgres".into(),
+            redis_url,
+            sku_column: "sku".into(),
+            extra: String::new(),
+        }
+    }
+
+    fn config(&self) -> PathBuf {
+        let text = format!(
+            "[postgres]\nurl = \"postgresql://{user}@127.0.0.1:{port}/postgres?sslmode=disable\"\n\
+             slot = \"skusync\"\npublication = [\"skusync\", \"skusync_activity\"]\nstatus_interval_ms = 200\n\n\
+             [redis]\nurl = \"{redis}\"\n\n\
+             [[inventory]]\ntable = \"public.inventory\"\nsku = \"{sku}\"\nlocation = \"location\"\n\
+             on_hand = \"on_hand\"\nreserved = \"reserved\"\n\n\
+             [[activity]]\ntable = \"public.activity_log\"\nsku = \"sku\"\nkind = \"kind\"\nquantity = \"qty\"\n\
+             windows = [\"5m\"]\n[activity.counters]\nview = \"views\"\n{extra}",
+            user = self.pg_user,
+            port = self.pg.port(),
+            redis = self.redis_url,
+            sku = self.sku_column,
+            extra = self.extra,
+        );
+        write_config(self.dir.path(), &text)
+    }
+
+    /// Run `skusync <args> --config <cfg>`; (exit code, stdout, stderr).
+    fn skusync(&self, args: &[&str]) -> (i32, String, String) {
+        skusync_cmd(args, &self.config())
+    }
+
+    fn check(&self) -> (i32, String) {
+        let (code, out, err) = self.skusync(&["check"]);
+        assert!(
+            !out.contains("panicked") && !err.contains("panicked"),
+            "{out}\n{err}"
+        );
+        (code, out)
+    }
+
+    /// Create the publications the way a DBA would: `setup --print` through psql.
+    fn setup_by_print(&self) -> String {
+        let (code, sql, err) = self.skusync(&["setup", "--print"]);
+        assert_eq!(code, 0, "{err}");
+        self.pg.psql(&sql);
+        sql
+    }
+}
+
+fn skusync_cmd(args: &[&str], cfg: &Path) -> (i32, String, String) {
+    let out = Command::new(skusync_bin())
+        .args(args)
+        .arg("--config")
+        .arg(cfg)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run skusync");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Asserts `check` fails and prints a FAIL line containing `problem` and the `fix` text.
+fn assert_check_fails(rig: &Rig, problem: &str, fix: &str) {
+    let (code, out) = rig.check();
+    eprintln!("{out}");
+    assert_eq!(code, 1, "check should fail:\n{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("FAIL") && l.contains(problem)),
+        "no FAIL line with {problem:?}:\n{out}"
+    );
+    assert!(out.contains(fix), "fix {fix:?} missing:\n{out}");
+}
+
+/// A role `app` that may log in (trust auth), with the given attributes.
+fn create_app_role(pg: &PgServer, attrs: &str) {
+    pg.psql(&format!("CREATE ROLE app LOGIN {attrs};"));
+}
+
+#[test]
+fn check_passes_on_a_good_setup_made_with_the_printed_sql() {
+    let mut rig = Rig::new(PgOptions::default());
+    let mqtt = MosquittoServer::start();
+    rig.pg_user = "app".into();
+    rig.extra = format!("\n[mqtt]\nurl = \"{}\"\n", mqtt.url());
+    let (_, sql, _) = rig.skusync(&["setup", "--print"]);
+    // the DBA uncomments the least-privilege role section
+    let sql: String = sql
+        .lines()
+        .map(|l| {
+            l.strip_prefix("-- ")
+                .filter(|r| r.starts_with("CREATE ROLE") || r.starts_with("GRANT"))
+                .unwrap_or(l)
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        sql.contains("CREATE ROLE app LOGIN REPLICATION PASSWORD"),
+        "{sql}"
+    );
+    assert!(
+        sql.contains("GRANT USAGE ON SCHEMA public TO app;"),
+        "{sql}"
+    );
+    assert!(
+        sql.contains("GRANT SELECT ON public.inventory, public.activity_log TO app;"),
+        "{sql}"
+    );
+    rig.pg.psql(&sql);
+    let (code, out) = rig.check();
+    assert_eq!(code, 0, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    let (summary, checks) = lines.split_last().expect("output");
+    assert!(summary.starts_with("ready: 0 failed, 0 warnings"), "{out}");
+    for l in checks {
+        assert!(l.starts_with("ok   "), "not ok: {l}\n{out}");
+    }
+    for c in [
+        "postgres connection",
+        "wal_level",
+        "max_replication_slots",
+        "max_wal_senders",
+        "can replicate",
+        "may SELECT public.inventory",
+        "mapping public.activity_log",
+        "publication skusync_activity exists",
+        "publication covers public.inventory",
+        "slot skusync",
+        "redis connection",
+        "redis persistence",
+        "mqtt connection",
+    ] {
+        assert!(out.contains(c), "no {c:?} check:\n{out}");
+    }
+}
+
+#[test]
+fn check_fails_with_wal_level_replica() {
+    let rig = Rig::new(PgOptions {
+        extra_conf: vec!["wal_level = replica".into()],
+        ..Default::default()
+    });
+    rig.setup_by_print();
+    assert_check_fails(&rig, "wal_level", "ALTER SYSTEM SET wal_level = logical;");
+}
+
+#[test]
+fn check_fails_for_a_role_without_replication() {
+    let mut rig = Rig::new(PgOptions::default());
+    rig.setup_by_print();
+    create_app_role(&rig.pg, "");
+    rig.pg
+        .psql("GRANT SELECT ON public.inventory, public.activity_log TO app;");
+    rig.pg_user = "app".into();
+    assert_check_fails(&rig, "postgres role app", "ALTER ROLE app REPLICATION;");
+}
+
+#[test]
+fn check_fails_for_a_missing_select_grant() {
+    let mut rig = Rig::new(PgOptions::default());
+    rig.setup_by_print();
+    create_app_role(&rig.pg, "REPLICATION");
+    rig.pg.psql("GRANT SELECT ON public.activity_log TO app;");
+    rig.pg_user = "app".into();
+    assert_check_fails(
+        &rig,
+        "may SELECT public.inventory",
+        "GRANT SELECT ON public.inventory TO app;",
+    );
+}
+
+#[test]
+fn check_fails_for_a_missing_publication_and_prints_the_create_statement() {
+    let rig = Rig::new(PgOptions::default());
+    rig.pg
+        .psql("CREATE PUBLICATION skusync FOR TABLE inventory;");
+    assert_check_fails(
+        &rig,
+        "publication skusync_activity",
+        "CREATE PUBLICATION skusync_activity FOR TABLE public.activity_log WITH (publish = 'insert');",
+    );
+}
+
+#[test]
+fn check_fails_for_a_mapped_table_not_in_the_publication() {
+    let rig = Rig::new(PgOptions::default());
+    rig.pg.psql(
+        "CREATE PUBLICATION skusync;\n\
+         CREATE PUBLICATION skusync_activity FOR TABLE activity_log WITH (publish = 'insert');",
+    );
+    assert_check_fails(
+        &rig,
+        "publication covers public.inventory",
+        "ALTER PUBLICATION skusync ADD TABLE public.inventory;",
+    );
+}
+
+#[test]
+fn check_fails_for_a_stock_table_in_an_insert_only_publication() {
+    let rig = Rig::new(PgOptions::default());
+    rig.pg.psql(
+        "CREATE PUBLICATION skusync FOR TABLE inventory WITH (publish = 'insert');\n\
+         CREATE PUBLICATION skusync_activity FOR TABLE activity_log WITH (publish = 'insert');",
+    );
+    assert_check_fails(
+        &rig,
+        "publication covers public.inventory",
+        "ALTER PUBLICATION skusync SET (publish = 'insert, update, delete, truncate');",
+    );
+}
+
+#[test]
+fn check_fails_for_a_wrong_column_name() {
+    let mut rig = Rig::new(PgOptions::default());
+    rig.setup_by_print();
+    rig.sku_column = "sku_code".into();
+    assert_check_fails(
+        &rig,
+        "mapping public.inventory",
+        "mapped column public.inventory.sku_code (config key sku)",
+    );
+}
+
+#[test]
+fn check_fails_for_an_inventory_key_without_the_sku() {
+    let rig = Rig::new(PgOptions::default());
+    rig.pg.psql(
+        "DROP TABLE inventory;\n\
+         CREATE TABLE inventory (id serial PRIMARY KEY, sku text, location text, on_hand int, reserved int);",
+    );
+    rig.setup_by_print();
+    assert_check_fails(
+        &rig,
+        "mapping public.inventory",
+        "ALTER TABLE public.inventory REPLICA IDENTITY FULL;",
+    );
+}
+
+#[test]
+fn check_fails_for_an_unreachable_redis() {
+    let mut rig = Rig::new(PgOptions::default());
+    rig.setup_by_print();
+    rig.redis_url = format!("redis://127.0.0.1:{}/0", free_port());
+    assert_check_fails(&rig, "redis connection: redis.url", "");
+}
+
+#[test]
+fn check_fails_for_a_wrong_postgres_password_without_echoing_it() {
+    let mut rig = Rig::new(PgOptions {
+        hba: Some(vec![
+            "host all all 127.0.0.1/32 scram-sha-256".into(),
+            "host replication all 127.0.0.1/32 scram-sha-256".into(),
+        ]),
+        password_encryption: Some(PasswordEncryption::ScramSha256),
+        ..Default::default()
+    });
+    rig.pg
+        .psql("CREATE ROLE app LOGIN REPLICATION PASSWORD 'right-pw';");
+    rig.pg_user = "app:hunter2wrong".into();
+    assert_check_fails(
+        &rig,
+        "postgres connection: postgres.url: authentication",
+        "SKUSYNC_PG_PASSWORD",
+    );
+    let (_, out) = rig.check();
+    assert!(!out.contains("hunter2wrong"), "password echoed:\n{out}");
+}
+
+#[test]
+fn check_warns_about_unbounded_wal_and_a_volatile_redis() {
+    let rig = Rig::new(PgOptions {
+        extra_conf: vec!["max_slot_wal_keep_size = -1".into()],
+        ..Default::default()
+    });
+    rig.setup_by_print();
+    rig.redis.cli(&["CONFIG", "SET", "appendonly", "no"]);
+    rig.redis
+        .cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
+    let (code, out) = rig.check();
+    assert_eq!(code, 0, "warnings do not fail:\n{out}");
+    for fix in [
+        "ALTER SYSTEM SET max_slot_wal_keep_size = '10GB'; SELECT pg_reload_conf();",
+        "CONFIG SET maxmemory-policy noeviction",
+        "CONFIG SET appendonly yes",
+    ] {
+        assert!(out.contains(fix), "{fix:?} missing:\n{out}");
+    }
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("WARN")).count(),
+        3,
+        "{out}"
+    );
+}
+
+#[test]
+fn unknown_config_key_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(
+        dir.path(),
+        "[postgres]\nurl = \"postgresql://u@127.0.0.1:1/d\"\nslott = \"x\"\n",
+    );
+    for cmd in ["check", "status", "setup", "drop-slot"] {
+        let (code, _, err) = skusync_cmd(&[cmd], &cfg);
+        assert_eq!(code, 2, "{cmd}: {err}");
+        assert!(err.contains("slott"), "{cmd}: {err}");
+    }
+}
+
+#[test]
+fn setup_requires_a_second_publication_for_activity_tables() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(
+        dir.path(),
+        "[postgres]\nurl = \"postgresql://u@127.0.0.1:1/d\"\n\
+         [[activity]]\ntable = \"public.log\"\nsku = \"sku\"\nkind = \"kind\"\n\
+         [activity.counters]\nview = \"views\"\n",
+    );
+    let (code, _, err) = skusync_cmd(&["setup", "--print"], &cfg);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("publication = [\"skusync\", \"skusync_activity\"]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn setup_creates_publications_adds_missing_tables_and_is_idempotent() {
+    let rig = Rig::new(PgOptions::default());
+    // a DBA already made the stock publication, empty
+    rig.pg.psql("CREATE PUBLICATION skusync;");
+    let (code, out, err) = rig.skusync(&["setup"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("publication skusync exists: added public.inventory"),
+        "{out}"
+    );
+    assert!(
+        out.contains("created publication skusync_activity"),
+        "{out}"
+    );
+    let (code, out, err) = rig.skusync(&["setup"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("publication skusync exists: up to date"),
+        "{out}"
+    );
+    assert!(
+        out.contains("publication skusync_activity exists: up to date"),
+        "{out}"
+    );
+    assert_eq!(
+        rig.pg.psql(
+            "SELECT string_agg(pubname || ':' || tablename, ',' ORDER BY pubname) FROM pg_publication_tables"
+        ),
+        "skusync:inventory,skusync_activity:activity_log"
+    );
+    assert_eq!(
+        rig.pg.psql(
+            "SELECT pubinsert, pubupdate FROM pg_publication WHERE pubname = 'skusync_activity'"
+        ),
+        "t|f"
+    );
+    let (code, out) = rig.check();
+    assert_eq!(code, 0, "{out}");
+}
+
+/// Wait until the daemon finished its bootstrap (meta `bootstrap` = done).
+fn wait_bootstrap(rig: &Rig, proc: &mut SkusyncProc) {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(st)) = proc.child.try_wait() {
+            panic!("skusync run exited ({st}):\n{}", proc.stderr());
+        }
+        if rig.redis.cli(&["HGET", "skusync:meta", "bootstrap"]) == "done" {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no bootstrap:\n{}",
+            proc.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn status_json_reports_slot_lag_and_redis_progress() {
+    let rig = Rig::new(PgOptions::default());
+    rig.setup_by_print();
+    // before run: no slot -> exit 1
+    let (code, out, err) = rig.skusync(&["status", "--json"]);
+    assert_eq!(code, 1, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["slot_exists"], false);
+
+    let cfg = rig.config();
+    let mut proc = SkusyncProc::spawn(
+        &["run", "--config", cfg.to_str().expect("utf-8")],
+        rig.dir.path(),
+    );
+    wait_bootstrap(&rig, &mut proc);
+    rig.pg
+        .psql("INSERT INTO inventory VALUES ('B-2', 'main', 5, 0);");
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, out, err) = rig.skusync(&["status", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    for f in [
+        "slot",
+        "slot_exists",
+        "active_pid",
+        "confirmed_lsn",
+        "lag_bytes",
+        "lag_seconds",
+        "wal_status",
+        "applied_lsn",
+        "bootstrap",
+        "last_publish",
+        "ok",
+    ] {
+        assert!(v.get(f).is_some(), "no {f}: {v}");
+    }
+    assert_eq!(v["slot"], "skusync");
+    assert_eq!(v["slot_exists"], true);
+    assert!(v["active_pid"].is_i64(), "{v}");
+    assert!(
+        v["confirmed_lsn"].as_str().is_some_and(|s| s.contains('/')),
+        "{v}"
+    );
+    assert!(v["lag_bytes"].is_i64(), "{v}");
+    assert_eq!(v["bootstrap"], "done");
+    assert!(
+        v["applied_lsn"].as_str().is_some_and(|s| s.contains('/')),
+        "{v}"
+    );
+    assert_eq!(v["ok"], true);
+    // text form
+    let (code, out, _) = rig.skusync(&["status"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("confirmed lsn:"), "{out}");
+    // a lag bound of zero bytes trips once there is unconfirmed WAL
+    rig.redis
+        .cli(&["HSET", "skusync:meta", "last_publish_ms", "1764057600123"]);
+    proc.signal_and_wait("KILL", Duration::from_secs(10));
+    rig.pg
+        .psql("INSERT INTO inventory VALUES ('C-3', 'main', 1, 0);");
+    let (code, out, _) = rig.skusync(&["status", "--json", "--max-lag-bytes", "0"]);
+    assert_eq!(code, 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["last_publish"], "2025-11-25T08:00:00.123Z");
+    assert!(v["lag_seconds"].is_null(), "{v}");
+}
+
+#[test]
+fn drop_slot_removes_the_slot_and_setup_publications_but_keeps_a_hand_made_one() {
+    let rig = Rig::new(PgOptions::default());
+    // the DBA made the stock publication by hand; setup makes the activity one
+    rig.pg
+        .psql("CREATE PUBLICATION skusync FOR TABLE inventory;");
+    let (code, out, err) = rig.skusync(&["setup"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let cfg = rig.config();
+    let mut proc = SkusyncProc::spawn(
+        &["run", "--config", cfg.to_str().expect("utf-8")],
+        rig.dir.path(),
+    );
+    wait_bootstrap(&rig, &mut proc);
+    // a frozen daemon keeps its walsender (and the slot) busy
+    crate::harness::signal(proc.pid(), "STOP");
+    let (code, out, err) = rig.skusync(&["drop-slot"]);
+    crate::harness::signal(proc.pid(), "CONT");
+    let _ = proc.child.kill();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("terminated walsender pid"), "{out}");
+    assert!(out.contains("dropped replication slot skusync"), "{out}");
+    assert!(
+        out.contains("dropped publication skusync_activity"),
+        "{out}"
+    );
+    assert!(out.contains("kept publication skusync"), "{out}");
+    let _ = proc.child.wait();
+    assert_eq!(
+        rig.pg.psql("SELECT count(*) FROM pg_replication_slots"),
+        "0"
+    );
+    assert_eq!(
+        rig.pg
+            .psql("SELECT string_agg(pubname, ',') FROM pg_publication"),
+        "skusync"
+    );
+    // idempotent
+    let (code, out, err) = rig.skusync(&["drop-slot"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("replication slot skusync does not exist"),
+        "{out}"
+    );
+    assert!(
+        out.contains("publication skusync_activity does not exist"),
+        "{out}"
+    );
+}
