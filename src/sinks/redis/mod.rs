@@ -10,7 +10,6 @@ use crate::fold::{Field, Piece, RowOp};
 use crate::lsn::Lsn;
 use crate::sinks::layout;
 use redis::aio::ConnectionManager;
-use serde_json::{Value as J, json};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -268,7 +267,8 @@ pub fn glob_escape(s: &str) -> String {
 }
 
 /// Encode pieces as the script's KEYS and ARGV[1]. `truncate_skus` lists the SKU keys a
-/// truncate piece clears (only with a single truncate piece).
+/// truncate piece clears (only with a single truncate piece). The JSON is written
+/// directly (no intermediate value tree): this runs for every batch.
 pub fn encode_batch(
     s: &ApplySettings,
     pieces: &[Piece],
@@ -276,125 +276,176 @@ pub fn encode_batch(
     quiet: bool,
     truncate_skus: &[String],
 ) -> (Vec<String>, String) {
+    use std::fmt::Write;
     let mut keys = vec![layout::meta_key(&s.prefix)];
-    let mut index: HashMap<String, usize> = HashMap::new();
-    let mut key_of = |sku: &str, keys: &mut Vec<String>| -> usize {
-        if let Some(i) = index.get(sku) {
-            return *i;
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    let key_of =
+        |sku: &'_ str, keys: &mut Vec<String>, index: &mut HashMap<&str, usize>| -> usize {
+            if let Some(i) = index.get(sku) {
+                return *i;
+            }
+            keys.push(layout::sku_key(&s.prefix, sku));
+            keys.len() // Lua is 1-based: KEYS[i]
+        };
+    let mut o =
+        String::with_capacity(256 + pieces.iter().map(|p| p.skus.len() * 96).sum::<usize>());
+    let _ = write!(
+        o,
+        "{{\"keep\":\"{}\",\"low\":\"{}\",\"quiet\":{quiet},\"counters\":",
+        s.keep_minutes, s.low_stock
+    );
+    json_str_array(&mut o, s.counters.iter().map(String::as_str));
+    if let Some(e) = end {
+        let _ = write!(o, ",\"end\":\"{}\"", e.0);
+    }
+    o.push_str(",\"p\":[");
+    for (pi, p) in pieces.iter().enumerate() {
+        if pi > 0 {
+            o.push(',');
         }
-        keys.push(layout::sku_key(&s.prefix, sku));
-        let i = keys.len(); // Lua is 1-based: KEYS[i]
-        index.insert(sku.to_string(), i);
-        i
-    };
-    let mut ps = Vec::with_capacity(pieces.len());
-    for p in pieces {
-        let mut entries = Vec::with_capacity(p.skus.len());
-        for (sku, d) in &p.skus {
-            let ki = key_of(sku, &mut keys);
-            let rows: Vec<J> = d
-                .rows
-                .iter()
-                .map(|(field, op)| match op {
-                    RowOp::Del => json!([field, J::Null]),
-                    RowOp::Set {
-                        location,
-                        on_hand,
-                        reserved,
-                        threshold,
-                    } => json!([
-                        field,
-                        match location {
-                            Field::Keep => J::Bool(false),
-                            Field::Val(v) => J::String(v.clone()),
-                        },
-                        num(on_hand),
-                        num(reserved),
-                        match threshold {
-                            Field::Keep => J::Bool(false),
-                            Field::Val(None) => J::String(String::new()),
-                            Field::Val(Some(t)) => J::String(t.to_string()),
-                        }
-                    ]),
-                })
-                .collect();
-            let c: Vec<J> = d
-                .counters
-                .iter()
-                .map(|(k, v)| json!([k, v.to_string()]))
-                .collect();
-            let b: Vec<J> = d
-                .buckets
-                .iter()
-                .map(|((k, m), v)| json!([k, m.to_string(), v.to_string()]))
-                .collect();
-            let mut u = Vec::new();
-            for ((k, m), ids) in &d.users {
-                let ids: Vec<&String> = ids.iter().collect();
-                // Lua's unpack has a stack limit: keep each PFADD modest.
-                for chunk in ids.chunks(500) {
-                    u.push(json!([k, m.to_string(), chunk]));
+        let _ = write!(
+            o,
+            "{{\"l\":\"{}\",\"p\":{},\"t\":\"{}\",\"last\":{}",
+            p.commit_lsn.0, p.piece, p.commit_ms, p.last
+        );
+        // cjson would decode an empty array as an object: only send non-empty ones.
+        if !p.skus.is_empty() {
+            o.push_str(",\"s\":[");
+            for (n, (sku, d)) in p.skus.iter().enumerate() {
+                let ki = key_of(sku, &mut keys, &mut index);
+                index.insert(sku, ki);
+                if n > 0 {
+                    o.push(',');
                 }
+                let _ = write!(o, "[{ki},{{");
+                let mut first = true;
+                let mut field = |o: &mut String, name: &str| {
+                    if !first {
+                        o.push(',');
+                    }
+                    first = false;
+                    let _ = write!(o, "\"{name}\":[");
+                };
+                if !d.rows.is_empty() {
+                    field(&mut o, "r");
+                    for (i, (f, op)) in d.rows.iter().enumerate() {
+                        if i > 0 {
+                            o.push(',');
+                        }
+                        o.push('[');
+                        json_str(&mut o, f);
+                        match op {
+                            RowOp::Del => o.push_str(",null]"),
+                            RowOp::Set {
+                                location,
+                                on_hand,
+                                reserved,
+                                threshold,
+                            } => {
+                                o.push(',');
+                                match location {
+                                    Field::Keep => o.push_str("false"),
+                                    Field::Val(v) => json_str(&mut o, v),
+                                }
+                                for n in [on_hand, reserved] {
+                                    match n {
+                                        Field::Keep => o.push_str(",false"),
+                                        Field::Val(v) => {
+                                            let _ = write!(o, ",\"{v}\"");
+                                        }
+                                    }
+                                }
+                                match threshold {
+                                    Field::Keep => o.push_str(",false]"),
+                                    Field::Val(None) => o.push_str(",\"\"]"),
+                                    Field::Val(Some(t)) => {
+                                        let _ = write!(o, ",\"{t}\"]");
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    o.push(']');
+                }
+                if !d.counters.is_empty() {
+                    field(&mut o, "c");
+                    for (i, (k, v)) in d.counters.iter().enumerate() {
+                        o.push_str(if i > 0 { ",[" } else { "[" });
+                        json_str(&mut o, k);
+                        let _ = write!(o, ",\"{v}\"]");
+                    }
+                    o.push(']');
+                }
+                if !d.buckets.is_empty() {
+                    field(&mut o, "b");
+                    for (i, ((k, m), v)) in d.buckets.iter().enumerate() {
+                        o.push_str(if i > 0 { ",[" } else { "[" });
+                        json_str(&mut o, k);
+                        let _ = write!(o, ",\"{m}\",\"{v}\"]");
+                    }
+                    o.push(']');
+                }
+                if !d.users.is_empty() {
+                    field(&mut o, "u");
+                    let mut i = 0;
+                    for ((k, m), ids) in &d.users {
+                        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                        // Lua's unpack has a stack limit: keep each PFADD modest.
+                        for chunk in ids.chunks(500) {
+                            o.push_str(if i > 0 { ",[" } else { "[" });
+                            i += 1;
+                            json_str(&mut o, k);
+                            let _ = write!(o, ",\"{m}\",");
+                            json_str_array(&mut o, chunk.iter().copied());
+                            o.push(']');
+                        }
+                    }
+                    o.push(']');
+                }
+                o.push_str("}]");
             }
-            let mut e = serde_json::Map::new();
-            if !rows.is_empty() {
-                e.insert("r".into(), J::Array(rows));
-            }
-            if !c.is_empty() {
-                e.insert("c".into(), J::Array(c));
-            }
-            if !b.is_empty() {
-                e.insert("b".into(), J::Array(b));
-            }
-            if !u.is_empty() {
-                e.insert("u".into(), J::Array(u));
-            }
-            entries.push(json!([ki, J::Object(e)]));
+            o.push(']');
         }
-        let eval: Vec<usize> = p.eval.iter().map(|sku| key_of(sku, &mut keys)).collect();
-        let mut o = serde_json::Map::new();
-        o.insert("l".into(), J::String(p.commit_lsn.0.to_string()));
-        o.insert("p".into(), J::from(p.piece));
-        o.insert("t".into(), J::String(p.commit_ms.to_string()));
-        o.insert("last".into(), J::Bool(p.last));
-        // cjson would encode an empty table as {}; only send non-empty arrays.
-        if !entries.is_empty() {
-            o.insert("s".into(), J::Array(entries));
-        }
-        if !eval.is_empty() {
-            o.insert("e".into(), J::from(eval));
+        if !p.eval.is_empty() {
+            o.push_str(",\"e\":[");
+            for (i, sku) in p.eval.iter().enumerate() {
+                let ki = key_of(sku, &mut keys, &mut index);
+                index.insert(sku, ki);
+                let _ = write!(o, "{}{ki}", if i > 0 { "," } else { "" });
+            }
+            o.push(']');
         }
         if !p.truncate.is_empty() && !truncate_skus.is_empty() {
-            let tk: Vec<usize> = truncate_skus
-                .iter()
-                .map(|sku| key_of(sku, &mut keys))
-                .collect();
-            o.insert("tk".into(), J::from(tk));
-            o.insert("x".into(), J::from(p.truncate.clone()));
+            o.push_str(",\"tk\":[");
+            for (i, sku) in truncate_skus.iter().enumerate() {
+                let ki = key_of(sku, &mut keys, &mut index);
+                index.insert(sku, ki);
+                let _ = write!(o, "{}{ki}", if i > 0 { "," } else { "" });
+            }
+            o.push_str("],\"x\":");
+            json_str_array(&mut o, p.truncate.iter().map(String::as_str));
         }
-        ps.push(J::Object(o));
+        o.push('}');
     }
-    let mut arg = serde_json::Map::new();
-    arg.insert("keep".into(), J::String(s.keep_minutes.to_string()));
-    arg.insert("low".into(), J::String(s.low_stock.to_string()));
-    arg.insert("quiet".into(), J::Bool(quiet));
-    arg.insert("counters".into(), J::from(s.counters.clone()));
-    if !ps.is_empty() {
-        arg.insert("p".into(), J::Array(ps));
-    } else {
-        arg.insert("p".into(), J::Array(vec![]));
-    }
-    if let Some(e) = end {
-        arg.insert("end".into(), J::String(e.0.to_string()));
-    }
-    (keys, J::Object(arg).to_string())
+    o.push_str("]}");
+    (keys, o)
 }
 
-fn num(f: &Field<i64>) -> J {
-    match f {
-        Field::Keep => J::Bool(false),
-        Field::Val(v) => J::String(v.to_string()),
+/// Append `s` as a JSON string.
+fn json_str(o: &mut String, s: &str) {
+    // serde_json's escaping, without building a value.
+    o.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()));
+}
+
+fn json_str_array<'a>(o: &mut String, items: impl Iterator<Item = &'a str>) {
+    o.push('[');
+    for (i, s) in items.enumerate() {
+        if i > 0 {
+            o.push(',');
+        }
+        json_str(o, s);
     }
+    o.push(']');
 }
 
 /// The meta hash, as read at startup.
