@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all deps test build release fmt fmt-check clippy clean
+.PHONY: all deps test build release fmt fmt-check clippy clean bench bench-smoke
 
 all: build
 
@@ -31,3 +31,13 @@ clippy:
 
 clean:
 	$(CARGO) clean
+
+# Benchmarks (not tests): catch-up vs pg_recvlogical, the 1M-row transaction, latency at
+# 1k and 5k tx/s. Prints a table and writes target/bench/results.json.
+bench: deps release
+	$(CARGO) bench --bench decode
+	python3 bench/bench.py
+
+# A few-second version that proves the benchmark still runs (CI).
+bench-smoke: deps release
+	python3 bench/bench.py --quick

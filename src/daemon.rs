@@ -373,7 +373,9 @@ impl Daemon {
         let source = Source::new(sc);
         let progress = source.progress();
         let src_token = shutdown.child_token();
-        let (tx, rx) = mpsc::channel(64);
+        // Small: each queued batch pins socket read buffers; backpressure reaches the
+        // walsender through TCP instead.
+        let (tx, rx) = mpsc::channel(8);
         let src = tokio::spawn(source.run(tx, src_token.clone()));
         let applier = Applier::new(con, self.settings.clone());
         let result = self.pipeline(rx, applier, progress, bootstrap).await;

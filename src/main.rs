@@ -6,11 +6,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
-// The pipeline allocates many small, short-lived strings and maps; mimalloc keeps that
-// cheap and avoids glibc's consolidation pauses.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Stream a PostgreSQL inventory database's WAL into Redis counters and MQTT topics.
 #[derive(Parser, Debug)]
 #[command(name = "skusync", version, about)]

@@ -385,7 +385,7 @@ impl Fold {
         };
         // Bounded: a bulk load touching more SKUs than this gets alerts for the rest at
         // their next change.
-        const MAX_TOUCHED: usize = 100_000;
+        const MAX_TOUCHED: usize = 20_000;
         for sku in old_id
             .iter()
             .map(|(s, _)| s)

@@ -241,11 +241,16 @@ impl Stats {
 #[derive(Debug, Default)]
 struct Shared {
     changed: Mutex<HashSet<String>>,
+    /// `changed` overflowed its cap and was dropped: scan Redis (the outbox) instead.
+    overflow: AtomicBool,
     republish_all: AtomicBool,
     connected: AtomicBool,
     notify: Notify,
     stats: Stats,
 }
+
+/// Most SKUs remembered between publisher turns before falling back to a Redis scan.
+pub const CHANGED_CAP: usize = 50_000;
 
 /// Handle to the publisher task.
 #[derive(Clone, Debug)]
@@ -255,7 +260,9 @@ pub struct MqttHandle {
 
 impl MqttHandle {
     /// SKUs whose hashes changed (call after the Redis apply returned). Never blocks on
-    /// MQTT; pending SKUs are deduplicated, so memory is bounded by distinct SKUs.
+    /// MQTT. Pending SKUs are deduplicated and capped: past [`CHANGED_CAP`] the set is
+    /// dropped and the publisher scans Redis for unpublished SKUs instead (Redis is the
+    /// outbox), so memory stays bounded even when a bulk load touches millions of SKUs.
     pub fn changed(&self, skus: impl IntoIterator<Item = String>) {
         {
             let mut set = self
@@ -263,7 +270,14 @@ impl MqttHandle {
                 .changed
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            set.extend(skus);
+            if !self.shared.overflow.load(Ordering::Relaxed) {
+                set.extend(skus);
+                if set.len() > CHANGED_CAP {
+                    set.clear();
+                    set.shrink_to(1024);
+                    self.shared.overflow.store(true, Ordering::SeqCst);
+                }
+            }
         }
         self.shared.notify.notify_one();
     }

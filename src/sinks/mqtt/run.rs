@@ -143,6 +143,8 @@ pub(super) struct Task {
     draining: bool,
     epoch: EpochPhase,
     scan: Option<Scan>,
+    /// Another unpublished-scan is needed after the running one.
+    rescan: bool,
     /// SKUs of a full republish not yet acknowledged (epoch mismatch).
     outstanding: Option<HashSet<String>>,
     redis_pause_until: Option<Instant>,
@@ -203,6 +205,7 @@ impl Task {
             draining: false,
             epoch: EpochPhase::Decided,
             scan: None,
+            rescan: false,
             outstanding: None,
             redis_pause_until: None,
             broker_max: None,
@@ -287,16 +290,43 @@ impl Task {
 
     /// Moves `changed()` SKUs and a `republish_all()` request into the scheduler.
     fn take_requests(&mut self) {
-        let skus = {
+        // Backpressure: take only what the scheduler has room for; the rest waits in the
+        // (capped) set, or in Redis when the set overflowed.
+        let room = SCAN_MAX_PENDING.saturating_sub(self.sched.pending());
+        let skus: Vec<String> = {
             let mut set = self
                 .shared
                 .changed
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            std::mem::take(&mut *set)
+            if set.len() <= room {
+                std::mem::take(&mut *set).into_iter().collect()
+            } else {
+                let take: Vec<String> = set.iter().take(room).cloned().collect();
+                for s in &take {
+                    set.remove(s);
+                }
+                take
+            }
         };
         for sku in skus {
             self.sched.request(&sku, Want::Change);
+        }
+        if self.shared.overflow.swap(false, Ordering::SeqCst) {
+            info!("too many changed SKUs to track; scanning Redis for unpublished ones");
+            if self.scan.is_some() {
+                self.rescan = true;
+            } else {
+                self.scan = Some(Scan {
+                    cursor: 0,
+                    force: false,
+                });
+            }
+        }
+        // Forget SKUs that are idle: their hash lsn only grows, so nothing older can be
+        // sent later. Keeps memory proportional to SKUs active within the interval.
+        if self.sched.len() > 4096 {
+            self.sched.prune(self.mono_ms());
         }
         if self.shared.republish_all.swap(false, Ordering::SeqCst) {
             info!("republishing all SKUs (resync)");
@@ -651,6 +681,12 @@ impl Task {
         }
         if next == 0 {
             self.scan = None;
+            if std::mem::take(&mut self.rescan) {
+                self.scan = Some(Scan {
+                    cursor: 0,
+                    force: false,
+                });
+            }
             self.maybe_publish_epoch(client);
         } else if let Some(s) = &mut self.scan {
             s.cursor = next;

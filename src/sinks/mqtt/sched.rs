@@ -140,6 +140,27 @@ impl Scheduler {
         self.reschedule(sku);
     }
 
+    /// SKUs tracked.
+    pub fn len(&self) -> usize {
+        self.skus.len()
+    }
+
+    /// Whether no SKU is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.skus.is_empty()
+    }
+
+    /// Forget SKUs with nothing wanted, nothing in flight and no throttle running.
+    pub fn prune(&mut self, now: u64) {
+        let min = self.min_interval;
+        self.skus.retain(|_, e| {
+            e.want.is_some()
+                || e.in_flight > 0
+                || e.due.is_some()
+                || e.last_sent_at.is_some_and(|t| t.saturating_add(min) > now)
+        });
+    }
+
     /// SKUs with a publish wanted (for shutdown/diagnostics).
     pub fn pending(&self) -> usize {
         self.timers.len()
