@@ -341,8 +341,10 @@ def latency(exe, rate, quick):
         s = Skusync(exe, st, config(st, min_interval), "skusync")
         wait(lambda: st.redis("HGET", "skusync:meta", "bootstrap") == "done", 60, "bootstrap")
         wait(lambda: all_published(st), 120, "initial publish")
+        # -R: skip retained (stale) messages; -W: exit by itself, flushing its output
+        # (a killed mosquitto_sub loses what it buffered for the pipe).
         sub = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(st.mqtt_port), "-t", "skusync/sku/+",
-                                "-q", "1", "-F", "%U %t %p"], stdout=subprocess.PIPE, text=True)
+                                "-q", "1", "-R", "-W", str(secs + 4), "-F", "%U %t %p"], stdout=subprocess.PIPE, text=True)
         time.sleep(1.0)
         script = os.path.join(st.dir, "latency.sql")
         with open(script, "w") as f:
@@ -351,9 +353,7 @@ def latency(exe, rate, quick):
         subprocess.run([f"{st.bin}/pgbench", "-h", st.dir, "-p", str(st.pg_port), "-U", "postgres", "-n", "-c", "4",
                         "-j", "2", "-R", str(rate), "-T", str(secs), "-f", script, "postgres"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1.5)
-        sub.send_signal(signal.SIGTERM)
-        out = sub.communicate(timeout=10)[0]
+        out = sub.communicate(timeout=30)[0]
         s.stop()
         immediate, held = [], []
         last_send = {}

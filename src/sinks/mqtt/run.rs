@@ -26,6 +26,8 @@ use crate::sinks::layout;
 /// Messages queued or in flight at most (the request channel is larger, so queueing
 /// never blocks the task that must also drive the event loop).
 const MAX_IN_FLIGHT: usize = 256;
+/// SKU hashes read per pipelined round trip.
+const READ_GROUP: usize = 64;
 const CHANNEL_CAP: usize = MAX_IN_FLIGHT + MAX_ALERTS_PER_ROUND + 16;
 /// Alerts of one SKU sent per publish round; more go in the next round.
 const MAX_ALERTS_PER_ROUND: usize = 32;
@@ -143,6 +145,8 @@ pub(super) struct Task {
     draining: bool,
     epoch: EpochPhase,
     scan: Option<Scan>,
+    /// Acknowledged messages not yet recorded in Redis (see `flush_marks`).
+    marks: Vec<Msg>,
     /// Another unpublished-scan is needed after the running one.
     rescan: bool,
     /// SKUs of a full republish not yet acknowledged (epoch mismatch).
@@ -151,8 +155,6 @@ pub(super) struct Task {
     /// Maximum packet size the broker announced in CONNACK.
     broker_max: Option<usize>,
     next_aging: Instant,
-    mark: redis::Script,
-    remove_alert: redis::Script,
     set_epoch: redis::Script,
 }
 
@@ -205,13 +207,12 @@ impl Task {
             draining: false,
             epoch: EpochPhase::Decided,
             scan: None,
+            marks: Vec::new(),
             rescan: false,
             outstanding: None,
             redis_pause_until: None,
             broker_max: None,
             next_aging: Instant::now(),
-            mark: redis::Script::new(MARK_PUBLISHED),
-            remove_alert: redis::Script::new(REMOVE_ALERT),
             set_epoch: redis::Script::new(SET_EPOCH),
         }
     }
@@ -430,18 +431,11 @@ impl Task {
         match m {
             Msg::State { sku, lsn, state } => {
                 if ok {
-                    let r: Result<i64, _> = self
-                        .mark
-                        .key(layout::sku_key(&self.cfg.redis_prefix, &sku))
-                        .arg(lsn.to_string())
-                        .arg(&state)
-                        .invoke_async(&mut self.redis)
-                        .await;
-                    if let Err(e) = r {
-                        // still unpublished in Redis: publish again once Redis answers
-                        warn!(error = %e, "marking a SKU published failed");
-                        self.sched.request(&sku, Want::Change);
-                    }
+                    self.marks.push(Msg::State {
+                        sku: sku.clone(),
+                        lsn,
+                        state,
+                    });
                     self.shared.stats.published.fetch_add(1, Ordering::Relaxed);
                 } else {
                     warn!(?reason, "broker refused a state message");
@@ -453,16 +447,11 @@ impl Task {
             }
             Msg::Alert { sku, lsn_raw, kind } => {
                 if ok {
-                    let r: Result<i64, _> = self
-                        .remove_alert
-                        .key(layout::sku_key(&self.cfg.redis_prefix, &sku))
-                        .arg(&lsn_raw)
-                        .arg(&kind)
-                        .invoke_async(&mut self.redis)
-                        .await;
-                    if let Err(e) = r {
-                        warn!(error = %e, "removing a published alert failed");
-                    }
+                    self.marks.push(Msg::Alert {
+                        sku: sku.clone(),
+                        lsn_raw,
+                        kind,
+                    });
                     self.shared
                         .stats
                         .alerts_published
@@ -572,6 +561,7 @@ impl Task {
         }
         // also here: a busy event loop can starve the notify branch of the select
         self.take_requests();
+        self.flush_marks().await;
         let now = Instant::now();
         if let EpochPhase::Waiting { until, seen } = &mut self.epoch {
             if *until > now {
@@ -605,10 +595,91 @@ impl Task {
             }
         }
         while self.tracker.len() < MAX_IN_FLIGHT && self.redis_pause_until.is_none() {
-            let Some((sku, want)) = self.sched.pop_ready(self.mono_ms()) else {
+            // Claim a group of ready SKUs and read their hashes in one round trip.
+            let mut group = Vec::new();
+            while group.len() < READ_GROUP && self.tracker.len() + group.len() < MAX_IN_FLIGHT {
+                match self.sched.pop_ready(self.mono_ms()) {
+                    Some(x) => group.push(x),
+                    None => break,
+                }
+            }
+            if group.is_empty() {
                 break;
-            };
-            self.publish_sku(client, &sku, want).await;
+            }
+            let mut pipe = redis::pipe();
+            for (sku, _) in &group {
+                pipe.cmd("HGETALL")
+                    .arg(layout::sku_key(&self.cfg.redis_prefix, sku));
+            }
+            let read: Result<Vec<HashMap<String, String>>, _> =
+                pipe.query_async(&mut self.redis).await;
+            match read {
+                Ok(all) => {
+                    for ((sku, want), fields) in group.into_iter().zip(all) {
+                        self.publish_sku(client, &sku, want, fields).await;
+                    }
+                }
+                Err(e) => {
+                    for (sku, want) in group {
+                        self.redis_failed(&sku, want, &e);
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Record acknowledged messages in Redis (pub_lsn/pub_state, removed alerts), all
+    /// queued marks in one pipelined round trip. Runs before hashes are read again, so
+    /// a SKU's next delta is computed against its last acknowledged state.
+    async fn flush_marks(&mut self) {
+        if self.marks.is_empty() {
+            return;
+        }
+        let marks = std::mem::take(&mut self.marks);
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for m in &marks {
+            match m {
+                Msg::State { sku, lsn, state } => {
+                    pipe.cmd("EVAL")
+                        .arg(MARK_PUBLISHED)
+                        .arg(1)
+                        .arg(layout::sku_key(&self.cfg.redis_prefix, sku))
+                        .arg(lsn.to_string())
+                        .arg(state);
+                }
+                Msg::Alert { sku, lsn_raw, kind } => {
+                    pipe.cmd("EVAL")
+                        .arg(REMOVE_ALERT)
+                        .arg(1)
+                        .arg(layout::sku_key(&self.cfg.redis_prefix, sku))
+                        .arg(lsn_raw)
+                        .arg(kind);
+                }
+                Msg::Status | Msg::Epoch { .. } => {}
+            }
+        }
+        let r: Result<Vec<redis::Value>, _> = pipe.query_async(&mut self.redis).await;
+        let failed: Vec<bool> = match r {
+            Ok(vals) => vals
+                .iter()
+                .map(|v| matches!(v, redis::Value::ServerError(_)))
+                .collect(),
+            Err(e) => {
+                warn!(error = %e, "recording published SKUs in Redis failed; they will be published again");
+                vec![true; marks.len()]
+            }
+        };
+        let mut i = 0;
+        for m in marks {
+            if let Msg::State { sku, .. } | Msg::Alert { sku, .. } = &m {
+                // Still unpublished in Redis: publish again once Redis answers.
+                if failed.get(i).copied().unwrap_or(true) {
+                    self.sched.request(sku, Want::Change);
+                }
+                i += 1;
+            }
         }
     }
 
@@ -727,16 +798,15 @@ impl Task {
         Ok(names.into_iter().zip(counts).collect())
     }
 
-    async fn publish_sku(&mut self, client: &AsyncClient, sku: &str, want: Want) {
-        let key = layout::sku_key(&self.cfg.redis_prefix, sku);
-        let fields: Result<HashMap<String, String>, _> = redis::cmd("HGETALL")
-            .arg(&key)
-            .query_async(&mut self.redis)
-            .await;
-        let fields = match fields {
-            Ok(f) => f,
-            Err(e) => return self.redis_failed(sku, want, &e),
-        };
+    /// Publish one SKU from its hash (read for a whole group of SKUs in one pipelined
+    /// round trip by [`work`](Self::work)).
+    async fn publish_sku(
+        &mut self,
+        client: &AsyncClient,
+        sku: &str,
+        want: Want,
+        fields: HashMap<String, String>,
+    ) {
         if fields.is_empty() {
             // no hash (never existed or removed): nothing to project
             self.sched.skipped(sku);
@@ -903,6 +973,8 @@ impl Task {
                 }
             }
         }
+        // What the broker acknowledged is recorded before we go.
+        self.flush_marks().await;
         self.connected = false;
         self.shared.connected.store(false, Ordering::SeqCst);
         info!("mqtt publisher stopped");
