@@ -343,8 +343,11 @@ def latency(exe, rate, quick):
         wait(lambda: all_published(st), 120, "initial publish")
         # -R: skip retained (stale) messages; -W: exit by itself, flushing its output
         # (a killed mosquitto_sub loses what it buffered for the pipe).
+        # Into a file, not a pipe: a full pipe would block the subscriber and delay its
+        # receive timestamps.
+        sub_out = os.path.join(st.dir, f"sub-{rate}.txt")
         sub = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(st.mqtt_port), "-t", "skusync/sku/+",
-                                "-q", "1", "-R", "-W", str(secs + 4), "-F", "%U %t %p"], stdout=subprocess.PIPE, text=True)
+                                "-q", "0", "-R", "-W", str(secs + 4), "-F", "%U %t %p"], stdout=open(sub_out, "w"))
         time.sleep(1.0)
         script = os.path.join(st.dir, "latency.sql")
         with open(script, "w") as f:
@@ -353,7 +356,8 @@ def latency(exe, rate, quick):
         subprocess.run([f"{st.bin}/pgbench", "-h", st.dir, "-p", str(st.pg_port), "-U", "postgres", "-n", "-c", "4",
                         "-j", "2", "-R", str(rate), "-T", str(secs), "-f", script, "postgres"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        out = sub.communicate(timeout=30)[0]
+        sub.wait(timeout=30)
+        out = open(sub_out).read()
         s.stop()
         immediate, held = [], []
         last_send = {}
