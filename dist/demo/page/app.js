@@ -167,7 +167,7 @@ function makeRow(sku) {
 function relabel() {
   for (const [sku, tr] of rows) {
     tr.querySelector('td.sku small').textContent = names[sku] || '';
-    tr.querySelector('td.sku b').textContent = sku + (pins.includes(sku) ? ' 📌' : '');
+    tr.querySelector('td.sku b').textContent = sku + (pins.includes(sku) ? ' ★' : '');
   }
 }
 
