@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all deps test build release fmt fmt-check clippy clean
+.PHONY: all deps test test-browser demo build release fmt fmt-check clippy clean
 
 all: build
 
@@ -13,6 +13,16 @@ test: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) test --all-targets
+	$(MAKE) test-browser
+
+# The live demo page in headless Chromium against a throwaway stack (debug build).
+test-browser: deps build
+	SKUSYNC_BIN=$(CURDIR)/target/debug/skusync ./tests/browser/run.sh
+
+# The first five minutes: PostgreSQL + Redis + Mosquitto + skusync + load + live page.
+# DEMO_DURATION=N stops after N seconds; SKUSYNC_BIN=path skips the release build.
+demo:
+	./dist/demo/demo.sh
 
 build:
 	$(CARGO) build
