@@ -44,11 +44,11 @@ for (const sig of ['SIGINT', 'SIGTERM']) process.once(sig, () => teardown().fina
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 // Starts stack.sh and resolves with its DEMO_* lines once it prints DEMO_READY.
-function startStack() {
+function startStack(skus) {
   const bin = process.env.SKUSYNC_BIN || path.join(root, 'target/debug/skusync');
   stack = spawn(path.join(root, 'dist/demo/stack.sh'), ['--no-load', '--quiet', '--duration', '300'], {
     cwd: root,
-    env: { ...process.env, SKUSYNC_BIN: bin, DEMO_SKUS: process.env.DEMO_SKUS || '500' },
+    env: { ...process.env, SKUSYNC_BIN: bin, DEMO_SKUS: String(skus) },
     detached: true, // own process group, so teardown can signal all of it
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -80,7 +80,8 @@ function psql(info, sql) {
 }
 
 test('live page shows a stock change made in PostgreSQL', { timeout: 240_000 }, async () => {
-  const info = await startStack();
+  const skus = Number(process.env.DEMO_SKUS || 1500);
+  const info = await startStack(skus);
   console.log(`stack ready: page ${info.PAGE_URL}, broker ws ${info.WS_PORT}, postgres ${info.PG_PORT}`);
 
   profileDir = mkdtempSync(path.join(tmpdir(), 'skusync-chromium-'));
@@ -98,6 +99,8 @@ test('live page shows a stock change made in PostgreSQL', { timeout: 240_000 }, 
 
   await page.goto(info.PAGE_URL);
   await page.waitForSelector('#conn[data-state="connected"]', { timeout: 15_000 });
+  // retained status arrives even behind >1000 retained SKU states (broker queue limits)
+  await page.waitForSelector('#daemon[data-state="online"]', { timeout: 15_000 });
   await page.fill('#pin', SKU);
   await page.press('#pin', 'Enter');
   const cell = `tr[data-sku="${SKU}"] td[data-field="available"]`;
@@ -105,6 +108,9 @@ test('live page shows a stock change made in PostgreSQL', { timeout: 240_000 }, 
   await page.waitForFunction((sel) => /^-?\d+$/.test(document.querySelector(sel)?.textContent ?? ''), cell,
     { timeout: 15_000 });
   const before = await page.textContent(cell);
+  // measure in steady state: skusync's first publish of every SKU has reached the page
+  // (`held` is app.js's SKU map)
+  await page.waitForFunction((n) => held.size >= n, skus, { timeout: 60_000 });
 
   const t0 = performance.now();
   const expected = psql(info,

@@ -32,7 +32,10 @@ const seenAlerts = new Set(); // alert ids (alerts may be delivered twice)
 const client = mqtt.connect(url, { clean: true, reconnectPeriod: 1000 });
 client.on('connect', () => {
   onConnection('connected');
-  client.subscribe([`${prefix}/sku/+`, `${prefix}/alerts/+`, `${prefix}/status`], { qos: 1 });
+  // One retained message per SKU arrives right after subscribing: thousands at once. At
+  // QoS 1 the broker queues them per client (mosquitto: max_queued_messages, default
+  // 1000, drops the rest), so size that limit for your catalogue.
+  client.subscribe([`${prefix}/status`, `${prefix}/sku/+`, `${prefix}/alerts/+`], { qos: 1 });
 });
 client.on('close', () => onConnection('offline'));
 
@@ -70,7 +73,7 @@ const rows = new Map(); // SKU -> <tr> currently in the table
 const alertState = new Map(); // SKU -> low | out | ok, from alerts
 let locations = []; // warehouse columns
 let messages = 0;
-let lastLagMs = null;
+const lags = []; // commit -> page latencies of recent messages (ms)
 
 $('#topics').textContent = `${prefix}/sku/+, ${prefix}/alerts/+, ${prefix}/status`;
 fetch('products.json').then((r) => r.json()).then((m) => { Object.assign(names, m || {}); relabel(); }).catch(() => {});
@@ -88,7 +91,7 @@ function onStatus(text) {
 
 function onState(sku, state, before, delta) {
   messages++;
-  if (!state.as_of && state.ts) lastLagMs = Date.now() - Date.parse(state.ts);
+  if (!state.as_of && state.ts && state.prev_lsn) { lags.push(Date.now() - Date.parse(state.ts)); if (lags.length > 50) lags.shift(); }
   let newLoc = false;
   for (const loc of Object.keys(state.locations || {})) {
     if (!locations.includes(loc)) { locations.push(loc); newLoc = true; }
@@ -260,6 +263,6 @@ setInterval(() => {
   const rate = (messages - lastCount) / 2;
   lastCount = messages;
   $('#stats').textContent = `${held.size} SKUs · ${rate.toFixed(1)} msg/s` +
-    (lastLagMs != null ? ` · commit→page ${lastLagMs} ms` : '');
+    (lags.length ? ` · commit→page median ${[...lags].sort((a, b) => a - b)[lags.length >> 1]} ms` : '');
 }, 2000);
 rebuild();
