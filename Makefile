@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all deps test build release fmt fmt-check clippy clean bench bench-smoke
+.PHONY: all deps test test-browser demo build release fmt fmt-check clippy clean bench bench-smoke
 
 all: build
 
@@ -13,6 +13,17 @@ test: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) test --all-targets
+	$(MAKE) test-browser
+	$(MAKE) bench-smoke
+
+# The live demo page in headless Chromium against a throwaway stack (debug build).
+test-browser: deps build
+	SKUSYNC_BIN=$(CURDIR)/target/debug/skusync ./tests/browser/run.sh
+
+# The first five minutes: PostgreSQL + Redis + Mosquitto + skusync + load + live page.
+# DEMO_DURATION=N stops after N seconds; SKUSYNC_BIN=path skips the release build.
+demo:
+	./dist/demo/demo.sh
 
 build:
 	$(CARGO) build
@@ -38,6 +49,7 @@ bench: deps release
 	$(CARGO) bench --bench decode
 	python3 bench/bench.py
 
-# A few-second version that proves the benchmark still runs (CI).
-bench-smoke: deps release
-	python3 bench/bench.py --quick
+# A few-second version that proves the benchmark still runs (CI; debug build, no timing
+# asserted).
+bench-smoke: build
+	python3 bench/bench.py --quick --only catchup --skusync $(CURDIR)/target/debug/skusync
