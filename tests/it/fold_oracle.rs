@@ -108,6 +108,22 @@ impl Daemon {
         s
     }
 
+    /// Whether any incarnation's full stderr contains `needle`.
+    pub fn stderr_contains(&self, needle: &str) -> bool {
+        (0..self.runs).any(|i| {
+            std::fs::read_dir(self.dir.join(format!("run{i}")))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "stderr"))
+                .any(|e| {
+                    std::fs::read_to_string(e.path())
+                        .unwrap_or_default()
+                        .contains(needle)
+                })
+        })
+    }
+
     /// Panics (with the logs) when the process exited.
     pub fn assert_alive(&mut self, what: &str) {
         if let Ok(Some(st)) = self.proc().child.try_wait() {

@@ -145,9 +145,12 @@ fn parse_int(s: &str) -> i128 {
 
 /// A multiplexed async Redis connection.
 pub async fn redis_connect(url: &str) -> MultiplexedConnection {
+    // A resync keeps Redis busy with long scripts: be patient (the default is short).
+    let cfg = redis::AsyncConnectionConfig::new()
+        .set_response_timeout(Some(std::time::Duration::from_secs(30)));
     redis::Client::open(url)
         .expect("redis url")
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&cfg)
         .await
         .expect("connect to redis")
 }

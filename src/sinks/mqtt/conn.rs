@@ -152,6 +152,9 @@ pub fn options(cfg: &MqttConfig, broker: &Broker) -> Result<MqttOptions, MqttErr
         ));
     }
     o.set_max_packet_size(Some(max));
+    // rumqttc preallocates one slot per possible packet id up to this limit (65535 by
+    // default: ~10 MiB). The publisher never has more than a few hundred in flight.
+    o.set_outgoing_inflight_upper_limit(512);
     o.set_last_will(LastWill::new(
         super::status_topic(&cfg.topic_prefix),
         "offline",
