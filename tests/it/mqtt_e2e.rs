@@ -129,7 +129,7 @@ async fn assert_retained_equals_redis(rig: &mut Rig, broker: &MosquittoServer, t
             panic!(
                 "retained messages differ from Redis after {timeout:?}:\n{}\n{}",
                 m.iter().take(40).cloned().collect::<Vec<_>>().join("\n"),
-                rig.daemon().stderr_all()
+                rig.daemon()
             );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -253,7 +253,7 @@ async fn alerts_fire_once_per_crossing_in_order_across_a_sigkill() {
         assert!(
             start.elapsed() < Duration::from_secs(20) && types.len() <= want.len(),
             "alert types {types:?}, want {want:?}\n{}",
-            rig.daemon().stderr_all()
+            rig.daemon()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
