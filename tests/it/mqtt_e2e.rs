@@ -129,7 +129,7 @@ async fn assert_retained_equals_redis(rig: &mut Rig, broker: &MosquittoServer, t
             panic!(
                 "retained messages differ from Redis after {timeout:?}:\n{}\n{}",
                 m.iter().take(40).cloned().collect::<Vec<_>>().join("\n"),
-                rig.daemon()
+                rig.daemon().stderr_all()
             );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -161,12 +161,6 @@ async fn retained_state_equals_redis_after_workload_with_broker_restarts_and_sig
                     let _ = std::fs::remove_file(&db);
                     assert!(!db.exists());
                     broker.start_again();
-                    assert!(
-                        broker
-                            .retained("skusync/#", Duration::from_secs(2))
-                            .is_empty(),
-                        "retained state wiped"
-                    );
                 }
                 3 => rig.daemon().kill9_and_restart(),
                 _ => {
@@ -181,6 +175,10 @@ async fn retained_state_equals_redis_after_workload_with_broker_restarts_and_sig
         .await;
     rig.assert_converges(Duration::from_secs(30)).await;
     assert_retained_equals_redis(&mut rig, &broker, Duration::from_secs(30)).await;
+    assert!(
+        rig.daemon().stderr_contains("epoch differs"),
+        "the broker that lost its retained messages was noticed and fully republished"
+    );
     // A late subscriber gets exactly the current state (retained() subscribes afresh).
     let some_sku = rig
         .oracle
@@ -253,7 +251,7 @@ async fn alerts_fire_once_per_crossing_in_order_across_a_sigkill() {
         assert!(
             start.elapsed() < Duration::from_secs(20) && types.len() <= want.len(),
             "alert types {types:?}, want {want:?}\n{}",
-            rig.daemon()
+            rig.daemon().stderr_all()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
