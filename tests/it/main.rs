@@ -9,3 +9,4 @@ mod mqtt_publisher;
 mod oracle;
 mod replication;
 mod support;
+mod telemetry;
