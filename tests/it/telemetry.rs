@@ -620,6 +620,46 @@ fn example_config_in_dist_parses() {
 }
 
 #[test]
+fn mosquitto_acl_lets_skusync_write_its_tree_and_app_users_only_read_it() {
+    use crate::harness::MqttOptions;
+    let m = MosquittoServer::start_with(MqttOptions {
+        users: vec![
+            ("skusync".into(), "pw-skusync".into()),
+            ("app".into(), "pw-app".into()),
+            ("other".into(), "pw-other".into()),
+        ],
+        acl: Some(repo_file("docker/mosquitto/acl")),
+        ..Default::default()
+    });
+    let publish = |user: &str, topic: &str| {
+        let st = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &m.port().to_string(), "-V", "mqttv311"])
+            .args(["-u", user, "-P", &format!("pw-{user}"), "-q", "1", "-r"])
+            .args(["-t", topic, "-m", user])
+            .status()
+            .expect("mosquitto_pub");
+        assert!(st.success(), "{user} could not connect");
+    };
+    publish("skusync", "skusync/sku/A");
+    publish("app", "skusync/sku/B");
+    publish("other", "skusync/alerts/C");
+    publish("app", "elsewhere/x");
+    let got: Vec<String> = m
+        .retained("#", Duration::from_secs(2))
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
+    assert_eq!(got, vec!["skusync/sku/A".to_string()], "{}", m.log_tail());
+    // app users read the tree
+    let out = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &m.port().to_string(), "-V", "mqttv311"])
+        .args(["-u", "app", "-P", "pw-app", "-t", "skusync/#", "-C", "1", "-W", "5"])
+        .output()
+        .expect("mosquitto_sub");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "skusync");
+}
+
+#[test]
 fn docker_yaml_and_json_files_are_well_formed() {
     let files = [
         "docker/compose.yaml",
