@@ -425,7 +425,9 @@ impl Daemon {
             ))),
         };
         self.counters.streaming.store(false, Ordering::Relaxed);
-        telemetry::role(Role::Starting);
+        if !shutdown.is_cancelled() {
+            telemetry::role(Role::Starting);
+        }
         match (result, src_result) {
             (Err(e), _) => Err(e),
             (Ok(Cycle::Restart(why)), _) => Ok(Cycle::Restart(why)),
@@ -757,6 +759,8 @@ async fn load_snapshot(
     let reset = rsink::reset_all(&mut con, prefix, Lsn(at.0.saturating_sub(1))).await?;
     let mut applier = Applier::new(con.clone(), settings.clone());
     let tick = |rows: u64| {
+        // a long load (e.g. a resync from `cycle`) is progress for the watchdog too
+        telemetry::heartbeat();
         let _ = crate::notify::extend_timeout(
             Duration::from_secs(60),
             &format!("loading snapshot: {rows} rows"),

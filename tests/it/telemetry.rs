@@ -633,7 +633,14 @@ fn mosquitto_acl_lets_skusync_write_its_tree_and_app_users_only_read_it() {
     });
     let publish = |user: &str, topic: &str| {
         let st = Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &m.port().to_string(), "-V", "mqttv311"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &m.port().to_string(),
+                "-V",
+                "mqttv311",
+            ])
             .args(["-u", user, "-P", &format!("pw-{user}"), "-q", "1", "-r"])
             .args(["-t", topic, "-m", user])
             .status()
@@ -652,8 +659,26 @@ fn mosquitto_acl_lets_skusync_write_its_tree_and_app_users_only_read_it() {
     assert_eq!(got, vec!["skusync/sku/A".to_string()], "{}", m.log_tail());
     // app users read the tree
     let out = Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &m.port().to_string(), "-V", "mqttv311"])
-        .args(["-u", "app", "-P", "pw-app", "-t", "skusync/#", "-C", "1", "-W", "5"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &m.port().to_string(),
+            "-V",
+            "mqttv311",
+        ])
+        .args([
+            "-u",
+            "app",
+            "-P",
+            "pw-app",
+            "-t",
+            "skusync/#",
+            "-C",
+            "1",
+            "-W",
+            "5",
+        ])
         .output()
         .expect("mosquitto_sub");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "skusync");
