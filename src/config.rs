@@ -32,6 +32,17 @@ pub struct Config {
     /// `[alerts]`: low-stock thresholds.
     #[serde(default)]
     pub alerts: AlertsConfig,
+    /// `[http]`: the monitoring endpoints (off when absent).
+    #[serde(default)]
+    pub http: Option<HttpConfig>,
+}
+
+/// `[http]`: `/metrics`, `/healthz`, `/readyz`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address to listen on, e.g. `127.0.0.1:9187`.
+    pub listen: std::net::SocketAddr,
 }
 
 /// `[redis]`.
@@ -175,6 +186,12 @@ pub struct PostgresConfig {
     /// snapshot).
     #[serde(default)]
     pub on_slot_lost: OnSlotLost,
+    /// Every this many ms, run `SELECT pg_logical_emit_message(false, 'skusync_heartbeat', '')`
+    /// on an ordinary connection so WAL advances and the slot's confirmed position keeps
+    /// moving while the mapped tables are quiet (idle servers, managed services whose
+    /// other databases write WAL the slot must retain). 0 = off (default).
+    #[serde(default)]
+    pub heartbeat_interval_ms: u64,
 }
 
 /// `postgres.on_slot_lost`.
@@ -297,6 +314,11 @@ impl Config {
         if !(100..=60_000).contains(&p.status_interval_ms) {
             return Err(ConfigError(
                 "postgres.status_interval_ms: must be between 100 and 60000".into(),
+            ));
+        }
+        if p.heartbeat_interval_ms != 0 && p.heartbeat_interval_ms < 1000 {
+            return Err(ConfigError(
+                "postgres.heartbeat_interval_ms: must be 0 (off) or at least 1000".into(),
             ));
         }
         Ok(())
@@ -487,6 +509,30 @@ mod tests {
             let e = Config::parse(text).unwrap_err().to_string();
             assert!(e.contains(key), "{key}: {e}");
         }
+    }
+
+    #[test]
+    fn http_and_heartbeat_are_optional() {
+        let c = Config::parse("[postgres]\nurl = \"postgresql://u@h/d\"\n").unwrap();
+        assert!(c.http.is_none());
+        assert_eq!(c.postgres.heartbeat_interval_ms, 0);
+        let c = Config::parse(
+            "[postgres]\nurl = \"postgresql://u@h/d\"\nheartbeat_interval_ms = 10000\n[http]\nlisten = \"127.0.0.1:9187\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.http.unwrap().listen.port(), 9187);
+        assert_eq!(c.postgres.heartbeat_interval_ms, 10000);
+        let e =
+            Config::parse("[postgres]\nurl = \"postgresql://u@h/d\"\n[http]\nlisten = \"nope\"\n")
+                .unwrap_err();
+        assert!(e.to_string().contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn the_example_config_in_dist_parses() {
+        let text = include_str!("../dist/skusync.toml");
+        let c = Config::parse(text).unwrap_or_else(|e| panic!("dist/skusync.toml: {e}"));
+        assert!(c.http.is_some() && c.mqtt.is_some() && c.redis.is_some());
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::progress::Ticket;
 use crate::sinks::mqtt::{self, MqttHandle, PublisherConfig};
 use crate::sinks::redis::{self as rsink, Applier, ApplySettings, RedisSinkError};
 use crate::source::{ProgressHandle, Source, SourceConfig, SourceError, SourceEvent};
+use crate::telemetry::{self, Role};
 use crate::txn::Event;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -160,7 +161,10 @@ impl Daemon {
     /// Run until `shutdown` or a definite error.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), DaemonError> {
         let mut backoff = Duration::from_millis(250);
+        let monitors = shutdown.child_token();
+        self.spawn_monitors(&monitors);
         let result = loop {
+            telemetry::heartbeat();
             if shutdown.is_cancelled() {
                 break Ok(());
             }
@@ -172,15 +176,24 @@ impl Daemon {
                 }
                 Err(DaemonError::Transient(e)) => {
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "transient failure; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.cancelled() => break Ok(()),
+                    // sleep in steps so the watchdog heartbeat keeps advancing
+                    let until = tokio::time::Instant::now() + backoff;
+                    while tokio::time::Instant::now() < until && !shutdown.is_cancelled() {
+                        telemetry::heartbeat();
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(until.min(tokio::time::Instant::now() + Duration::from_secs(1))) => {}
+                            _ = shutdown.cancelled() => {}
+                        }
+                    }
+                    if shutdown.is_cancelled() {
+                        break Ok(());
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
                 Err(e) => break Err(e),
             }
         };
+        monitors.cancel();
         if let Some(t) = &self.mqtt_token {
             t.cancel();
         }
@@ -194,6 +207,26 @@ impl Daemon {
             }
         }
         result
+    }
+
+    /// Background monitors until `stop`: the slot-lag poll (every 10 s), a Redis probe
+    /// (every 2 s, for `/readyz` while idle) and, when configured, the WAL heartbeat.
+    fn spawn_monitors(&self, stop: &CancellationToken) {
+        let (pgc, slot, stop2) = (
+            self.pgc.clone(),
+            self.cfg.postgres.slot.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(stop2.run_until_cancelled_owned(poll_slot_lag(pgc, slot)));
+        let (redis, stop2) = (self.redis.clone(), stop.clone());
+        tokio::spawn(stop2.run_until_cancelled_owned(probe_redis(redis)));
+        let every = self.cfg.postgres.heartbeat_interval_ms;
+        if every > 0 {
+            let (pgc, stop2) = (self.pgc.clone(), stop.clone());
+            tokio::spawn(
+                stop2.run_until_cancelled_owned(emit_heartbeats(pgc, Duration::from_millis(every))),
+            );
+        }
     }
 
     /// One pass: startup checks, then stream until something ends it.
@@ -230,6 +263,7 @@ impl Daemon {
                 // Another instance streams: wait as a standby without touching Redis; its
                 // owner keeps Redis consistent. Checks run again once we win the slot.
                 tracing::info!(slot = %slot_name, pid = ?s.active_pid, "slot is held by another process; waiting as standby");
+                telemetry::role(Role::Standby);
             } else {
                 let confirmed = s.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
                 let why = match &meta {
@@ -273,6 +307,7 @@ impl Daemon {
         client: &tokio_postgres::Client,
         slot: &str,
     ) -> Result<(), DaemonError> {
+        telemetry::role(Role::Resyncing);
         let mut repl = ReplConnection::connect(&self.pgc).await?;
         let system = repl.identify_system().await?;
         let temp = format!("skusync_resync_{}", std::process::id());
@@ -294,6 +329,7 @@ impl Daemon {
             .map_err(|e| DaemonError::from(meta::classify(e, &self.pgc)))?;
         drop(repl); // drops the temporary slot
         self.counters.resyncs.fetch_add(1, Ordering::Relaxed);
+        telemetry::resync();
         if let Some(m) = &self.mqtt {
             m.republish_all();
         }
@@ -391,6 +427,9 @@ impl Daemon {
             ))),
         };
         self.counters.streaming.store(false, Ordering::Relaxed);
+        if !shutdown.is_cancelled() {
+            telemetry::role(Role::Starting);
+        }
         match (result, src_result) {
             (Err(e), _) => Err(e),
             (Ok(Cycle::Restart(why)), _) => Ok(Cycle::Restart(why)),
@@ -414,6 +453,7 @@ impl Daemon {
         let (h, j) = mqtt::spawn(pc, con, token.clone())
             .await
             .map_err(|e| DaemonError::Definite(e.to_string()))?;
+        telemetry::mqtt_configured();
         self.mqtt = Some(h);
         self.mqtt_join = Some(j);
         self.mqtt_token = Some(token);
@@ -430,6 +470,7 @@ impl Daemon {
         bootstrap: bool,
     ) -> Result<Cycle, DaemonError> {
         let mut fold = Fold::new(self.mapping.clone(), self.max_changes);
+        let mut fold_seen = crate::fold::FoldStats::default();
         let mut batch = Batch::default();
         let mut tick = tokio::time::interval(self.cfg.status_interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -438,13 +479,15 @@ impl Daemon {
             let events = tokio::select! {
                 e = rx.recv() => e,
                 _ = tick.tick() => {
+                    telemetry::heartbeat();
+                    telemetry::backlog(rx.len(), batch.entries);
                     // Keepalive-only progress: record it in Redis before it may be confirmed.
                     let flush = progress.flush_lsn();
                     if batch.is_empty() && flush.0 > self.gate.load(Ordering::SeqCst) {
                         match applier.apply(&[], Some(flush), false).await {
-                            Ok(_) => self.gate.fetch_max(flush.0, Ordering::SeqCst),
+                            Ok(_) => { telemetry::redis_ok(); self.gate.fetch_max(flush.0, Ordering::SeqCst) }
                             Err(RedisSinkError::NoMeta) => return Ok(Cycle::Restart("Redis lost its data".into())),
-                            Err(e) => { tracing::warn!(error = %e, "cannot record progress in Redis"); 0 }
+                            Err(e) => { telemetry::redis_failed(); tracing::warn!(error = %e, "cannot record progress in Redis"); 0 }
                         };
                     }
                     continue;
@@ -460,6 +503,7 @@ impl Daemon {
                     SourceEvent::Connected(info) => {
                         fold.reset();
                         self.counters.streaming.store(true, Ordering::Relaxed);
+                        telemetry::role(Role::Streaming);
                         let mut con = applier.connection();
                         match rsink::read_meta(&mut con, self.prefix()).await? {
                             None => return Ok(Cycle::Restart("Redis lost its data".into())),
@@ -543,14 +587,21 @@ impl Daemon {
                             batch.push(p);
                         }
                         batch.commit(c.end_lsn, ticket);
+                        batch.commit_ms.push(
+                            crate::txn::value::pg_timestamp_to_unix_micros(c.commit_ts)
+                                .div_euclid(1000),
+                        );
                         self.counters.transactions.fetch_add(1, Ordering::Relaxed);
+                        telemetry::transaction();
                     }
                 }
                 for s in fold.take_skipped() {
                     self.counters.skipped_values.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(table = %s.table, column = %s.column, lsn = %s.lsn, reason = %s.reason, "value skipped");
+                    telemetry::value_skipped(&s);
                 }
             }
+            telemetry::fold_progress(&fold.stats, &mut fold_seen);
+            telemetry::backlog(rx.len(), batch.entries);
             // Apply now unless more is already waiting and the batch has room: batching
             // only while backlogged keeps latency low when the stream is quiet.
             if (rx.is_empty() || batch.entries >= self.max_batch_skus)
@@ -581,6 +632,8 @@ impl Daemon {
                     )));
                 }
                 Err(e) if e.is_transient() => {
+                    telemetry::redis_failed();
+                    telemetry::heartbeat();
                     // The fence makes retrying the same batch safe.
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Redis apply failed; retrying");
                     tokio::time::sleep(delay).await;
@@ -598,6 +651,7 @@ impl Daemon {
         for t in batch.tickets.drain(..) {
             progress.durable(t);
         }
+        telemetry::redis_applied(&applied, &batch.commit_ms);
         self.counters
             .sku_updates
             .fetch_add(applied.applied, Ordering::Relaxed);
@@ -646,6 +700,8 @@ struct Batch {
     entries: usize,
     tickets: Vec<Ticket>,
     end: Option<Lsn>,
+    /// Commit times (unix ms) of the transactions, for the latency histogram.
+    commit_ms: Vec<i64>,
 }
 
 impl Batch {
@@ -673,6 +729,7 @@ impl Batch {
         self.entries = 0;
         self.tickets.clear();
         self.end = None;
+        self.commit_ms.clear();
     }
 }
 
@@ -691,6 +748,7 @@ async fn load_snapshot(
 ) -> Result<(), DaemonError> {
     let prefix = settings.prefix.as_str();
     let started = std::time::Instant::now();
+    telemetry::role(Role::Resyncing);
     rsink::write_meta(
         &mut con,
         prefix,
@@ -703,6 +761,8 @@ async fn load_snapshot(
     let reset = rsink::reset_all(&mut con, prefix, Lsn(at.0.saturating_sub(1))).await?;
     let mut applier = Applier::new(con.clone(), settings.clone());
     let tick = |rows: u64| {
+        // a long load (e.g. a resync from `cycle`) is progress for the watchdog too
+        telemetry::heartbeat();
         let _ = crate::notify::extend_timeout(
             Duration::from_secs(60),
             &format!("loading snapshot: {rows} rows"),
@@ -731,4 +791,88 @@ async fn load_snapshot(
     gate.fetch_max(at.0, Ordering::SeqCst);
     tracing::info!(rows = stats.rows, skus_reset = reset, at = %at, seconds = started.elapsed().as_secs_f64(), "snapshot loaded");
     Ok(())
+}
+
+/// Poll the slot's lag every 10 s on an ordinary connection (reconnecting as needed).
+async fn poll_slot_lag(pgc: PgConnectConfig, slot: String) {
+    let mut client: Option<tokio_postgres::Client> = None;
+    let mut t = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        t.tick().await;
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = meta::connect(&pgc).await.ok();
+        }
+        let Some(c) = &client else { continue };
+        let q = "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint \
+                 FROM pg_replication_slots WHERE slot_name = $1";
+        match c.query_opt(q, &[&slot]).await {
+            Ok(Some(row)) => {
+                if let Ok(Some(lag)) = row.try_get::<_, Option<i64>>(0) {
+                    telemetry::slot_lag(lag);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "slot lag query failed");
+                client = None;
+            }
+        }
+    }
+}
+
+/// PING Redis every 2 s so `/readyz` sees an outage even while no data flows.
+async fn probe_redis(redis: redis::Client) {
+    let mut con: Option<redis::aio::ConnectionManager> = None;
+    let mut t = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        t.tick().await;
+        if con.is_none() {
+            con = tokio::time::timeout(Duration::from_secs(2), rsink::connect(&redis))
+                .await
+                .ok()
+                .and_then(Result::ok);
+        }
+        let Some(c) = con.as_mut() else {
+            telemetry::redis_failed();
+            continue;
+        };
+        let ping = tokio::time::timeout(
+            Duration::from_secs(2),
+            redis::cmd("PING").query_async::<String>(c),
+        )
+        .await;
+        match ping {
+            Ok(Ok(_)) => telemetry::redis_ok(),
+            _ => telemetry::redis_failed(),
+        }
+    }
+}
+
+/// `pg_logical_emit_message` every `every`, so WAL (and the slot) move on quiet servers.
+async fn emit_heartbeats(pgc: PgConnectConfig, every: Duration) {
+    let mut client: Option<tokio_postgres::Client> = None;
+    let mut t = tokio::time::interval(every);
+    let mut warned = false;
+    loop {
+        t.tick().await;
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = meta::connect(&pgc).await.ok();
+        }
+        let Some(c) = &client else { continue };
+        if let Err(e) = c
+            .execute(
+                "SELECT pg_logical_emit_message(false, 'skusync_heartbeat', '')",
+                &[],
+            )
+            .await
+        {
+            if !warned {
+                tracing::warn!(error = %e, "WAL heartbeat failed");
+                warned = true;
+            }
+            client = None;
+        } else {
+            warned = false;
+        }
+    }
 }

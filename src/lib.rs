@@ -9,6 +9,7 @@
 pub mod config;
 pub mod daemon;
 pub mod fold;
+pub mod http;
 pub mod lsn;
 pub mod notify;
 pub mod ops;
@@ -19,4 +20,5 @@ pub mod sinks;
 pub mod snapshot;
 pub mod source;
 pub mod tail;
+pub mod telemetry;
 pub mod txn;

@@ -188,8 +188,19 @@ fn main() -> ExitCode {
         cancel_on_signals(shutdown.clone());
         match &cli.command {
             Command::Run => {
+                // READY=1 is sent by the daemon once it streams or waits as a standby.
+                let http = cfg.http.clone();
                 let daemon = skusync::daemon::Daemon::new(cfg).map_err(|e| e.to_string())?;
-                let _ = skusync::notify::ready("starting");
+                let metrics = skusync::telemetry::install();
+                let _upkeep = skusync::telemetry::spawn_upkeep(metrics.clone());
+                if let Some(h) = http {
+                    skusync::http::serve(h.listen, metrics, shutdown.clone())
+                        .await
+                        .map_err(|e| format!("http.listen {}: {e}", h.listen))?;
+                }
+                let _watchdog = skusync::telemetry::spawn_watchdog();
+                skusync::telemetry::ignore_sighup();
+                let _ = skusync::notify::status("starting");
                 let r = daemon.run(shutdown).await.map_err(|e| e.to_string());
                 let _ = skusync::notify::stopping();
                 r

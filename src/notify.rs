@@ -42,8 +42,15 @@ pub fn stopping() -> std::io::Result<()> {
     sd_notify::notify(false, &[sd_notify::NotifyState::Stopping])
 }
 
-/// The watchdog interval systemd asked for, if any.
+/// The watchdog interval systemd asked for, if any: `WATCHDOG_USEC`, for this process
+/// when `WATCHDOG_PID` is set (libsystemd's `sd_watchdog_enabled` semantics; an unset
+/// `WATCHDOG_PID` means this process).
 pub fn watchdog_interval() -> Option<Duration> {
-    let mut usec = 0u64;
-    sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec))
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.parse::<u32>().ok() != Some(std::process::id())
+    {
+        return None;
+    }
+    (usec > 0).then(|| Duration::from_micros(usec))
 }

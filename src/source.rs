@@ -253,8 +253,10 @@ impl Source {
                     let slot_busy = matches!(&e, SourceError::Pg(pg) if pg.is_slot_in_use());
                     if slot_busy {
                         tracing::info!(slot = %self.cfg.slot, "slot is streamed by another process; waiting as standby");
+                        crate::telemetry::role(crate::telemetry::Role::Standby);
                     } else {
                         tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "replication interrupted; reconnecting");
+                        crate::telemetry::reconnect(crate::telemetry::Server::Postgres);
                     }
                     self.reconnects += 1;
                     tokio::select! {
@@ -559,6 +561,9 @@ impl Source {
             (None, true) => flush,
         };
         let write = write.max(flush);
+        if self.cfg.confirm {
+            crate::telemetry::positions(write, flush);
+        }
         conn.send_status(write, flush, flush, reply).await
     }
 }

@@ -11,3 +11,4 @@ mod ops;
 mod oracle;
 mod replication;
 mod support;
+mod telemetry;

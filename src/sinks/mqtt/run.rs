@@ -100,6 +100,8 @@ enum Msg {
         sku: String,
         lsn: u64,
         state: String,
+        /// Commit time (hash field `ts`, unix ms) of a change message; `None` for aging.
+        ts: Option<i64>,
     },
     Alert {
         sku: String,
@@ -353,6 +355,7 @@ impl Task {
         }
         self.connected = false;
         self.shared.connected.store(false, Ordering::SeqCst);
+        crate::telemetry::mqtt_connection(false, false);
         // clean session: whatever was not acknowledged is gone; Redis still marks it
         for m in self.tracker.lose_all() {
             match m {
@@ -376,6 +379,7 @@ impl Task {
                 if self.ever_connected {
                     self.shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
+                crate::telemetry::mqtt_connection(true, self.ever_connected);
                 self.ever_connected = true;
                 self.connected = true;
                 self.shared.connected.store(true, Ordering::SeqCst);
@@ -427,9 +431,15 @@ impl Task {
     async fn on_ack(&mut self, client: &AsyncClient, m: Msg, ok: bool, reason: PubAckReason) {
         if !ok {
             self.shared.stats.refusals.fetch_add(1, Ordering::Relaxed);
+            crate::telemetry::mqtt_refused();
         }
         match m {
-            Msg::State { sku, lsn, state } => {
+            Msg::State {
+                sku,
+                lsn,
+                state,
+                ts,
+            } => {
                 if ok {
                     self.marks.push(Msg::State {
                         sku: sku.clone(),
@@ -437,6 +447,7 @@ impl Task {
                         state,
                     });
                     self.shared.stats.published.fetch_add(1, Ordering::Relaxed);
+                    crate::telemetry::mqtt_state_acked(ts);
                 } else {
                     warn!(?reason, "broker refused a state message");
                     debug!(sku = %sku, ?reason, "refused state message");
@@ -456,6 +467,7 @@ impl Task {
                         .stats
                         .alerts_published
                         .fetch_add(1, Ordering::Relaxed);
+                    crate::telemetry::mqtt_alert_acked();
                 } else {
                     warn!(?reason, "broker refused an alert");
                     debug!(sku = %sku, ?reason, "refused alert");
@@ -861,6 +873,7 @@ impl Task {
             || topic.len() + msg.payload.len() + PACKET_OVERHEAD > max
         {
             self.shared.stats.refusals.fetch_add(1, Ordering::Relaxed);
+            crate::telemetry::mqtt_refused();
             error!(
                 bytes = msg.payload.len(),
                 max, "state payload exceeds the maximum packet size; not published"
@@ -883,6 +896,10 @@ impl Task {
             sku: sku.to_string(),
             lsn,
             state: msg.state.clone(),
+            ts: match kind {
+                Kind::Change => fields.get("ts").and_then(|v| v.parse().ok()),
+                Kind::Aging { .. } => None,
+            },
         });
         let mut messages = 1u32;
         let (alerts, bad) = payload::parse_alerts(fields.get("alerts").map(String::as_str));
