@@ -149,6 +149,8 @@ pub(super) struct Task {
     scan: Option<Scan>,
     /// Acknowledged messages not yet recorded in Redis (see `flush_marks`).
     marks: Vec<Msg>,
+    /// When `last_publish_ms` was last written to the meta hash.
+    last_publish_stamp: Option<Instant>,
     /// Another unpublished-scan is needed after the running one.
     rescan: bool,
     /// SKUs of a full republish not yet acknowledged (epoch mismatch).
@@ -210,6 +212,7 @@ impl Task {
             epoch: EpochPhase::Decided,
             scan: None,
             marks: Vec::new(),
+            last_publish_stamp: None,
             rescan: false,
             outstanding: None,
             redis_pause_until: None,
@@ -445,6 +448,7 @@ impl Task {
                         sku: sku.clone(),
                         lsn,
                         state,
+                        ts,
                     });
                     self.shared.stats.published.fetch_add(1, Ordering::Relaxed);
                     crate::telemetry::mqtt_state_acked(ts);
@@ -653,7 +657,9 @@ impl Task {
         pipe.ignore_errors();
         for m in &marks {
             match m {
-                Msg::State { sku, lsn, state } => {
+                Msg::State {
+                    sku, lsn, state, ..
+                } => {
                     pipe.cmd("EVAL")
                         .arg(MARK_PUBLISHED)
                         .arg(1)
@@ -671,6 +677,20 @@ impl Task {
                 }
                 Msg::Status | Msg::Epoch { .. } => {}
             }
+        }
+        // `skusync status` shows when the broker last acknowledged a state; at most once a
+        // second, and never creating the meta hash (its absence means "resync").
+        let stamp = marks.iter().any(|m| matches!(m, Msg::State { .. }))
+            && self
+                .last_publish_stamp
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        if stamp {
+            pipe.cmd("EVAL")
+                .arg("if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'last_publish_ms', ARGV[1]) end return 0")
+                .arg(1)
+                .arg(layout::meta_key(&self.cfg.redis_prefix))
+                .arg(unix_ms());
+            self.last_publish_stamp = Some(Instant::now());
         }
         let r: Result<Vec<redis::Value>, _> = pipe.query_async(&mut self.redis).await;
         let failed: Vec<bool> = match r {
