@@ -170,7 +170,7 @@ EOF
 done
 export PGHOST=127.0.0.1 PGPORT="$pg_port" PGUSER=postgres PGDATABASE=postgres
 psql_q() { psql -X -q -v ON_ERROR_STOP=1 "$@"; }
-psql_q -f "$here/schema.sql" >/dev/null
+psql_q -f "$here/../../sql/demo_schema.sql" >/dev/null
 psql_q -v skus="$skus" -f "$here/seed.sql" >/dev/null
 psql_q -f "$here/publications.sql" >/dev/null
 
