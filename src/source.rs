@@ -193,6 +193,13 @@ impl SourceError {
     }
 }
 
+/// Send an assembled batch downstream before a session ends with an error.
+async fn hand_over(tx: &mpsc::Sender<Vec<SourceEvent>>, batch: &mut Vec<SourceEvent>) {
+    if !batch.is_empty() {
+        let _ = tx.send(std::mem::take(batch)).await;
+    }
+}
+
 /// The replication source.
 pub struct Source {
     cfg: SourceConfig,
@@ -449,11 +456,21 @@ impl Source {
             // Drain what is buffered into one batch; only then wait on the socket.
             let mut reply_now = false;
             while batch.len() < self.cfg.batch_events {
-                let Some(item) = conn.try_recv_buffered()? else {
-                    break;
+                // On a connection error (e.g. the server's ErrorResponse buffered behind
+                // XLogData: walsender terminated), hand downstream what was already
+                // assembled: its commits count as delivered (`self.delivered`, tickets),
+                // so dropping them would skip those transactions after the reconnect.
+                let item = match conn.try_recv_buffered() {
+                    Ok(Some(item)) => item,
+                    Ok(None) => break,
+                    Err(e) => {
+                        hand_over(tx, &mut batch).await;
+                        return Err(e.into());
+                    }
                 };
                 match item {
                     StreamItem::End => {
+                        hand_over(tx, &mut batch).await;
                         return Err(PgError::Protocol(
                             "server ended the replication stream".into(),
                         )
@@ -517,7 +534,11 @@ impl Source {
                             Err(_) => return Err(SourceError::Downstream),
                         },
                         _ = tick.tick() => {
-                            self.send_status(conn, false).await?;
+                            if let Err(e) = self.send_status(conn, false).await {
+                                let mut b = b;
+                                hand_over(tx, &mut b).await;
+                                return Err(e.into());
+                            }
                             out = Some(b);
                         }
                         _ = shutdown.cancelled() => return Ok(()),
