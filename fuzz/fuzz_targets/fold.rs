@@ -71,11 +71,14 @@ const TEXTS: &[&str] = &[
     "1970-01-01 00:00:00", "garbage\u{0}", " 7", "+4", "0.0", "12.000",
 ];
 
-fn datum(inp: &mut Input) -> Datum {
+/// `toast`: an unchanged-TOAST marker may appear (PostgreSQL sends one only in the new
+/// tuple of an UPDATE).
+fn datum(inp: &mut Input, toast: bool) -> Datum {
     let b = inp.byte().unwrap_or(0);
     match b % 16 {
         0 => Datum::Null,
-        1 => Datum::UnchangedToast,
+        1 if toast => Datum::UnchangedToast,
+        1 => Datum::Null,
         2 => {
             let n = inp.byte().unwrap_or(0) as usize % 12;
             Datum::Text(Bytes::copy_from_slice(inp.bytes(n)))
@@ -93,7 +96,11 @@ fn datum(inp: &mut Input) -> Datum {
 }
 
 fn tuple(inp: &mut Input, n: usize) -> Tuple {
-    (0..n).map(|_| datum(inp)).collect()
+    (0..n).map(|_| datum(inp, false)).collect()
+}
+
+fn update_tuple(inp: &mut Input, n: usize) -> Tuple {
+    (0..n).map(|_| datum(inp, true)).collect()
 }
 
 #[derive(Clone)]
@@ -157,7 +164,7 @@ fn build(data: &[u8]) -> Vec<Ev> {
                     } else {
                         None
                     };
-                    (Op::Update, old, Some(tuple(&mut inp, w)))
+                    (Op::Update, old, Some(update_tuple(&mut inp, w)))
                 }
                 3 => {
                     let k = if b & 0x80 != 0 { OldKind::Full } else { OldKind::Key };
@@ -251,6 +258,16 @@ fuzz_target!(|data: &[u8]| {
     }
     let mapping = MAPPING.with(|m| m.clone());
     let evs = build(data);
+    if std::env::var("FOLD_DEBUG").is_ok() {
+        for e in &evs {
+            match e {
+                Ev::Begin(l) => eprintln!("BEGIN {l}"),
+                Ev::Commit(l) => eprintln!("COMMIT {l}"),
+                Ev::Truncate(r) => eprintln!("TRUNCATE {}", r.len()),
+                Ev::Change(c) => eprintln!("{:?} old={:?} new={:?}", c.op, c.old, c.new),
+            }
+        }
+    }
     let (a, al_a) = run(&mapping, &evs, 1_000_000);
     let cap = 1 + u64::from(data.first().copied().unwrap_or(0) % 3);
     let (b, al_b) = run(&mapping, &evs, cap);
