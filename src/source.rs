@@ -175,6 +175,11 @@ pub enum SourceError {
     WrongPlugin { slot: String, plugin: String },
     #[error("the temporary slot was lost with its connection ({0})")]
     TemporarySlotLost(PgError),
+    #[error(
+        "publication \"{publication}\" does not exist; create it, e.g. \
+         CREATE PUBLICATION {publication} FOR TABLE <tables>;"
+    )]
+    PublicationMissing { publication: String },
     #[error("downstream stopped")]
     Downstream,
     #[error("loading the initial snapshot failed: {0}")]
@@ -404,6 +409,20 @@ impl Source {
                     state.confirmed_flush_lsn.unwrap_or(Lsn::ZERO)
                 }
             };
+            // PostgreSQL 18's pgoutput only warns about a missing publication (and then
+            // streams nothing from it); earlier versions fail START_REPLICATION. Check
+            // first so every version stops with the same definite error.
+            let existing: Vec<String> = conn
+                .simple_query("SELECT pubname FROM pg_catalog.pg_publication")
+                .await?
+                .iter()
+                .filter_map(|r| r.get("pubname").map(str::to_string))
+                .collect();
+            if let Some(missing) = cfg.publications.iter().find(|p| !existing.contains(p)) {
+                return Err(SourceError::PublicationMissing {
+                    publication: missing.clone(),
+                });
+            }
             let opts = ReplicationOptions {
                 proto_version: cfg.proto_version,
                 publications: cfg.publications.clone(),
