@@ -46,7 +46,12 @@ purchase = "purchases"
 "#;
 
 fn col(name: &str, t: u32, key: bool) -> ColumnDesc {
-    ColumnDesc { name: name.into(), type_oid: t, type_modifier: -1, is_key: key }
+    ColumnDesc {
+        name: name.into(),
+        type_oid: t,
+        type_modifier: -1,
+        is_key: key,
+    }
 }
 
 struct Input<'a>(&'a [u8]);
@@ -65,10 +70,37 @@ impl Input<'_> {
 }
 
 const TEXTS: &[&str] = &[
-    "A", "B", "C", "", "W1", "W2", "0", "1", "5", "-3", "100", "abc", "1.5", "1e3",
-    "9007199254740993", "-9223372036854775808", "99999999999999999999", "view", "purchase",
-    "other", "u1", "u2", "2026-11-25 08:00:00+00", "2026-11-25 08:03:00.5", "infinity",
-    "1970-01-01 00:00:00", "garbage\u{0}", " 7", "+4", "0.0", "12.000",
+    "A",
+    "B",
+    "C",
+    "",
+    "W1",
+    "W2",
+    "0",
+    "1",
+    "5",
+    "-3",
+    "100",
+    "abc",
+    "1.5",
+    "1e3",
+    "9007199254740993",
+    "-9223372036854775808",
+    "99999999999999999999",
+    "view",
+    "purchase",
+    "other",
+    "u1",
+    "u2",
+    "2026-11-25 08:00:00+00",
+    "2026-11-25 08:03:00.5",
+    "infinity",
+    "1970-01-01 00:00:00",
+    "garbage\u{0}",
+    " 7",
+    "+4",
+    "0.0",
+    "12.000",
 ];
 
 /// `toast`: an unchanged-TOAST marker may appear (PostgreSQL sends one only in the new
@@ -87,7 +119,9 @@ fn datum(inp: &mut Input, toast: bool) -> Datum {
             let n = inp.byte().unwrap_or(0) as usize % 8;
             Datum::Binary(Bytes::copy_from_slice(inp.bytes(n)))
         }
-        4 => Datum::Text(Bytes::from(i64::from(inp.byte().unwrap_or(0) as i8).to_string())),
+        4 => Datum::Text(Bytes::from(
+            i64::from(inp.byte().unwrap_or(0) as i8).to_string(),
+        )),
         _ => {
             let i = inp.byte().unwrap_or(0) as usize % TEXTS.len();
             Datum::Text(Bytes::from_static(TEXTS[i].as_bytes()))
@@ -159,7 +193,11 @@ fn build(data: &[u8]) -> Vec<Ev> {
                 0 | 1 => (Op::Insert, None, Some(tuple(&mut inp, w))),
                 2 => {
                     let old = if b & 0x40 != 0 {
-                        let k = if b & 0x80 != 0 { OldKind::Full } else { OldKind::Key };
+                        let k = if b & 0x80 != 0 {
+                            OldKind::Full
+                        } else {
+                            OldKind::Key
+                        };
                         Some((k, tuple(&mut inp, w)))
                     } else {
                         None
@@ -167,11 +205,19 @@ fn build(data: &[u8]) -> Vec<Ev> {
                     (Op::Update, old, Some(update_tuple(&mut inp, w)))
                 }
                 3 => {
-                    let k = if b & 0x80 != 0 { OldKind::Full } else { OldKind::Key };
+                    let k = if b & 0x80 != 0 {
+                        OldKind::Full
+                    } else {
+                        OldKind::Key
+                    };
                     (Op::Delete, Some((k, tuple(&mut inp, w))), None)
                 }
                 _ => {
-                    let rels = if b & 0x40 != 0 { vec![inv.clone(), act.clone()] } else { vec![inv.clone()] };
+                    let rels = if b & 0x40 != 0 {
+                        vec![inv.clone(), act.clone()]
+                    } else {
+                        vec![inv.clone()]
+                    };
                     evs.push(Ev::Truncate(rels));
                     continue;
                 }
@@ -203,21 +249,37 @@ fn run(mapping: &Arc<Mapping>, evs: &[Ev], cap: u64) -> (Store, Vec<skusync::fol
     let mut apply = |p: Piece, store: &mut Store| alerts.extend(store.apply(&p, &params));
     for ev in evs {
         match ev {
-            Ev::Begin(l) => fold.begin(&TxnBegin { xid: 1, commit_lsn: Lsn(*l), commit_ts: 0 }),
+            Ev::Begin(l) => fold.begin(&TxnBegin {
+                xid: 1,
+                commit_lsn: Lsn(*l),
+                commit_ts: 0,
+            }),
             Ev::Change(c) => match fold.change(c) {
                 Ok(Some(p)) => apply(p, &mut store),
                 Ok(None) => {}
                 Err(_) => return (store, alerts),
             },
             Ev::Truncate(rels) => {
-                let t = Truncate { rels: rels.clone(), cascade: false, restart_identity: false, seq: 0, commit_lsn: Lsn(0) };
+                let t = Truncate {
+                    rels: rels.clone(),
+                    cascade: false,
+                    restart_identity: false,
+                    seq: 0,
+                    commit_lsn: Lsn(0),
+                };
                 match fold.truncate(&t) {
                     Ok(ps) => ps.into_iter().for_each(|p| apply(p, &mut store)),
                     Err(_) => return (store, alerts),
                 }
             }
             Ev::Commit(l) => {
-                let c = TxnCommit { xid: 1, commit_lsn: Lsn(*l), end_lsn: Lsn(l + 1), commit_ts: 0, changes: 0 };
+                let c = TxnCommit {
+                    xid: 1,
+                    commit_lsn: Lsn(*l),
+                    end_lsn: Lsn(l + 1),
+                    commit_ts: 0,
+                    changes: 0,
+                };
                 if let Some(p) = fold.commit(&c) {
                     apply(p, &mut store);
                 }
@@ -241,7 +303,9 @@ fn strip(mut s: Store, keep: i64) -> Store {
             };
             let (Ok(m), Some(wmax)) = (
                 m.parse::<i64>(),
-                fields.get(&format!("wmax:{c}")).and_then(|v| v.parse::<i64>().ok()),
+                fields
+                    .get(&format!("wmax:{c}"))
+                    .and_then(|v| v.parse::<i64>().ok()),
             ) else {
                 return true;
             };
@@ -271,7 +335,14 @@ fuzz_target!(|data: &[u8]| {
     let (a, al_a) = run(&mapping, &evs, 1_000_000);
     let cap = 1 + u64::from(data.first().copied().unwrap_or(0) % 3);
     let (b, al_b) = run(&mapping, &evs, cap);
-    assert_eq!(al_a, al_b, "alerts differ between piece caps 1000000 and {cap}");
+    assert_eq!(
+        al_a, al_b,
+        "alerts differ between piece caps 1000000 and {cap}"
+    );
     let keep = mapping.keep_minutes();
-    assert_eq!(strip(a, keep), strip(b, keep), "model state differs between piece caps 1000000 and {cap}");
+    assert_eq!(
+        strip(a, keep),
+        strip(b, keep),
+        "model state differs between piece caps 1000000 and {cap}"
+    );
 });

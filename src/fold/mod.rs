@@ -638,7 +638,9 @@ pub fn parse_pg_timestamp_ms(s: &str) -> Option<i64> {
     let ms: i64 = if frac.is_empty() {
         0
     } else {
-        format!("{:0<3}", frac.get(..frac.len().min(3))?).parse().ok()?
+        format!("{:0<3}", frac.get(..frac.len().min(3))?)
+            .parse()
+            .ok()?
     };
     let offset_s = if tz.is_empty() {
         0

@@ -234,7 +234,9 @@ impl Subscriber {
                 j["sku"].as_str().unwrap_or("?")
             );
             if id != want {
-                bad.push(format!("{t}: id {id:?} does not name its crossing {want:?}"));
+                bad.push(format!(
+                    "{t}: id {id:?} does not name its crossing {want:?}"
+                ));
             }
             if let Some(prev) = by_id.insert(id.clone(), p.clone())
                 && prev != *p
@@ -389,7 +391,10 @@ impl Env {
     fn config(&self, pg_extra: &str) -> String {
         let pg_url = self.rig.pg.url("postgres", "postgres");
         let redis_url = self.rig.redis.url();
-        let pg_url = self.pg_proxy.as_ref().map_or(pg_url.clone(), |p| p.url(&pg_url));
+        let pg_url = self
+            .pg_proxy
+            .as_ref()
+            .map_or(pg_url.clone(), |p| p.url(&pg_url));
         let redis_url = self
             .redis_proxy
             .as_ref()
@@ -403,7 +408,10 @@ impl Env {
             .replacen("[redis]\n", "[redis]\nmax_changes_per_piece = 3000\n", 1);
         if let Some(b) = &self.broker {
             let url = b.url();
-            let url = self.mqtt_proxy.as_ref().map_or(url.clone(), |p| p.url(&url));
+            let url = self
+                .mqtt_proxy
+                .as_ref()
+                .map_or(url.clone(), |p| p.url(&url));
             text.push_str(&format!(
                 "\n[mqtt]\nurl = \"{url}\"\ntopic_prefix = \"skusync\"\nmin_interval_ms = 20\n"
             ));
@@ -815,7 +823,11 @@ async fn chaos_postgres_restart_immediate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_postgres_crash_mid_big_transaction() {
-    cell("PostgreSQL kill -9 mid 20k-row txn", Fault::PgCrashMidBigTxn).await;
+    cell(
+        "PostgreSQL kill -9 mid 20k-row txn",
+        Fault::PgCrashMidBigTxn,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -839,7 +851,11 @@ async fn chaos_redis_paused_8s() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_mosquitto_restart_with_and_without_persistence() {
-    cell("Mosquitto restart / crash losing its db", Fault::MqttRestart).await;
+    cell(
+        "Mosquitto restart / crash losing its db",
+        Fault::MqttRestart,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1210,9 +1226,9 @@ async fn ha_partition_walsender_holds_the_slot_until_wal_sender_timeout() {
     let standby = Daemon::start(&env.rig.dir.path().join("standby"), cfg_b);
     assert!(wait_log(&standby, "standby", Duration::from_secs(20)).await);
     let active_pid = || {
-        env.rig
-            .pg
-            .psql("SELECT coalesce(active_pid, 0) FROM pg_replication_slots WHERE slot_name = 'skusync'")
+        env.rig.pg.psql(
+            "SELECT coalesce(active_pid, 0) FROM pg_replication_slots WHERE slot_name = 'skusync'",
+        )
     };
     let before = active_pid();
     let t0 = Instant::now();
@@ -1232,7 +1248,10 @@ async fn ha_partition_walsender_holds_the_slot_until_wal_sender_timeout() {
     eprintln!(
         "partition: slot released after {released:?}, standby streaming after {takeover:?} (wal_sender_timeout 5s)"
     );
-    assert!(takeover < Duration::from_secs(60), "standby never won the slot");
+    assert!(
+        takeover < Duration::from_secs(60),
+        "standby never won the slot"
+    );
     let mut old = env.rig.daemon.replace(standby).unwrap();
     env.workload(&mut w, 100).await;
     env.pg_proxy.as_ref().unwrap().set_stalled(false);

@@ -51,7 +51,10 @@ impl Proxy {
                     c.push(server.try_clone().expect("clone"));
                 }
                 for (from, to) in [
-                    (client.try_clone().expect("clone"), server.try_clone().expect("clone")),
+                    (
+                        client.try_clone().expect("clone"),
+                        server.try_clone().expect("clone"),
+                    ),
                     (server, client),
                 ] {
                     let sh = sh.clone();
@@ -101,11 +104,7 @@ impl Proxy {
 
     /// Rewrite `:<target>` in a URL to this proxy's port.
     pub fn url(&self, url: &str) -> String {
-        url.replacen(
-            &format!(":{}", self.target),
-            &format!(":{}", self.port),
-            1,
-        )
+        url.replacen(&format!(":{}", self.target), &format!(":{}", self.port), 1)
     }
 }
 
