@@ -706,7 +706,7 @@ async fn inject(env: &mut Env, w: &mut Workload, fault: Fault, i: usize, rng: &m
         }
         MqttRestart => {
             let b = env.broker.as_mut().unwrap();
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 b.restart();
             } else {
                 // crash losing the persistence file: no retained messages at all
@@ -1033,7 +1033,7 @@ fn chaos_corrupted_pgoutput_frames_give_an_lsn_error_not_a_panic() {
             })
             .collect(),
     };
-    let msgs = vec![
+    let msgs = [
         Message::Begin {
             final_lsn: 0x1000,
             commit_ts: 0,
@@ -1093,10 +1093,11 @@ fn chaos_corrupted_pgoutput_frames_give_an_lsn_error_not_a_panic() {
                 let lsn = Lsn(0x1000 + i as u64);
                 let msg = decoder
                     .decode(&data)
-                    .map_err(|source| SourceError::Decode { lsn, source })?;
-                asm.push(msg, lsn).map_err(SourceError::from)?;
+                    .map_err(|source| Box::new(SourceError::Decode { lsn, source }))?;
+                asm.push(msg, lsn)
+                    .map_err(|e| Box::new(SourceError::from(e)))?;
             }
-            Ok::<(), SourceError>(())
+            Ok::<(), Box<SourceError>>(())
         }));
         match res {
             Err(_) => panic!("panic on corrupted frame {bad:?} (case {case})"),
