@@ -53,3 +53,30 @@ bench: deps release
 # asserted).
 bench-smoke: build
 	python3 bench/bench.py --quick --only catchup --skusync $(CURDIR)/target/debug/skusync
+
+# Full fault matrix (more runs per cell, longer workloads); prints and writes
+# target/chaos/results.md. Under 30 minutes on 2 cores.
+.PHONY: chaos
+chaos:
+	rm -rf target/chaos/rows
+	SKUSYNC_CHAOS_FULL=1 timeout 1800 $(CARGO) test --test it -- --test-threads=2 chaos:: ; rc=$$?; \
+	mkdir -p target/chaos; \
+	{ echo "| fault | runs | SKUs checked | mismatches | max recovery | LSN safety samples |"; \
+	  echo "|---|---|---|---|---|---|"; cat target/chaos/rows/*.md; } > target/chaos/results.md; \
+	cat target/chaos/results.md; exit $$rc
+
+# The integration suite (replication, fold_oracle, mqtt_e2e) against PostgreSQL 14, 16,
+# 17 and 18 from npm (.ci/pg-versions). CI runs only the default version.
+PG_MAJORS ?= 14 16 17 18
+.PHONY: test-pg-matrix
+test-pg-matrix:
+	./.ci/pg-versions $(PG_MAJORS)
+	$(CARGO) test --test it --no-run
+	@mkdir -p target/pg; : > target/pg/matrix.md; fail=0; \
+	for v in $(PG_MAJORS); do \
+	  echo "=== PostgreSQL $$v ==="; \
+	  if SKUSYNC_PG_BIN=$(CURDIR)/target/pg/$$v/native/bin $(CARGO) test --test it -- --test-threads=2 \
+	       replication:: fold_oracle:: mqtt_e2e:: > target/pg/test-$$v.log 2>&1; \
+	  then echo "| $$v | passed | $$(grep -h 'test result' target/pg/test-$$v.log | tail -1) |" >> target/pg/matrix.md; \
+	  else fail=1; echo "| $$v | FAILED | $$(grep -h '^test .* FAILED' target/pg/test-$$v.log | tr '\n' ' ') |" >> target/pg/matrix.md; fi; \
+	done; cat target/pg/matrix.md; exit $$fail

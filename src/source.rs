@@ -175,6 +175,11 @@ pub enum SourceError {
     WrongPlugin { slot: String, plugin: String },
     #[error("the temporary slot was lost with its connection ({0})")]
     TemporarySlotLost(PgError),
+    #[error(
+        "publication \"{publication}\" does not exist; create it, e.g. \
+         CREATE PUBLICATION {publication} FOR TABLE <tables>;"
+    )]
+    PublicationMissing { publication: String },
     #[error("downstream stopped")]
     Downstream,
     #[error("loading the initial snapshot failed: {0}")]
@@ -190,6 +195,13 @@ impl SourceError {
             // startup checks (not a plain reconnect) must resync.
             _ => false,
         }
+    }
+}
+
+/// Send an assembled batch downstream before a session ends with an error.
+async fn hand_over(tx: &mpsc::Sender<Vec<SourceEvent>>, batch: &mut Vec<SourceEvent>) {
+    if !batch.is_empty() {
+        let _ = tx.send(std::mem::take(batch)).await;
     }
 }
 
@@ -399,6 +411,20 @@ impl Source {
                     state.confirmed_flush_lsn.unwrap_or(Lsn::ZERO)
                 }
             };
+            // PostgreSQL 18's pgoutput only warns about a missing publication (and then
+            // streams nothing from it); earlier versions fail START_REPLICATION. Check
+            // first so every version stops with the same definite error.
+            let existing: Vec<String> = conn
+                .simple_query("SELECT pubname FROM pg_catalog.pg_publication")
+                .await?
+                .iter()
+                .filter_map(|r| r.get("pubname").map(str::to_string))
+                .collect();
+            if let Some(missing) = cfg.publications.iter().find(|p| !existing.contains(p)) {
+                return Err(SourceError::PublicationMissing {
+                    publication: missing.clone(),
+                });
+            }
             let opts = ReplicationOptions {
                 proto_version: cfg.proto_version,
                 publications: cfg.publications.clone(),
@@ -451,11 +477,21 @@ impl Source {
             // Drain what is buffered into one batch; only then wait on the socket.
             let mut reply_now = false;
             while batch.len() < self.cfg.batch_events {
-                let Some(item) = conn.try_recv_buffered()? else {
-                    break;
+                // On a connection error (e.g. the server's ErrorResponse buffered behind
+                // XLogData: walsender terminated), hand downstream what was already
+                // assembled: its commits count as delivered (`self.delivered`, tickets),
+                // so dropping them would skip those transactions after the reconnect.
+                let item = match conn.try_recv_buffered() {
+                    Ok(Some(item)) => item,
+                    Ok(None) => break,
+                    Err(e) => {
+                        hand_over(tx, &mut batch).await;
+                        return Err(e.into());
+                    }
                 };
                 match item {
                     StreamItem::End => {
+                        hand_over(tx, &mut batch).await;
                         return Err(PgError::Protocol(
                             "server ended the replication stream".into(),
                         )
@@ -529,7 +565,11 @@ impl Source {
                             Err(_) => return Err(SourceError::Downstream),
                         },
                         _ = tick.tick() => {
-                            self.send_status(conn, false).await?;
+                            if let Err(e) = self.send_status(conn, false).await {
+                                let mut b = b;
+                                hand_over(tx, &mut b).await;
+                                return Err(e.into());
+                            }
                             out = Some(b);
                         }
                         _ = shutdown.cancelled() => return Ok(()),

@@ -564,10 +564,19 @@ fn quantity(
         None => return Err("column missing from the row".into()),
     };
     let v = crate::txn::parse_value(d, type_oid).map_err(|e| e.to_string())?;
-    v.as_whole_number()
-        .map(Field::Val)
-        .map_err(|e| format!("not a whole number ({e})"))
+    let n = v
+        .as_whole_number()
+        .map_err(|e| format!("not a whole number ({e})"))?;
+    // The apply script computes in Lua numbers (doubles): beyond 2^53 sums would silently
+    // lose precision (and the model would overflow), so such values are skipped.
+    if n.unsigned_abs() > MAX_QUANTITY {
+        return Err("outside ±2^53".into());
+    }
+    Ok(Field::Val(n))
 }
+
+/// Largest quantity magnitude the apply step computes exactly (Lua doubles).
+pub const MAX_QUANTITY: u64 = 1 << 53;
 
 /// (SKU, row field) of a stock row from a tuple; `Err(column)` when a needed value is
 /// missing (NULL SKU, unchanged TOAST key).
@@ -629,7 +638,9 @@ pub fn parse_pg_timestamp_ms(s: &str) -> Option<i64> {
     let ms: i64 = if frac.is_empty() {
         0
     } else {
-        format!("{:0<3}", &frac[..frac.len().min(3)]).parse().ok()?
+        format!("{:0<3}", frac.get(..frac.len().min(3))?)
+            .parse()
+            .ok()?
     };
     let offset_s = if tz.is_empty() {
         0
@@ -637,11 +648,23 @@ pub fn parse_pg_timestamp_ms(s: &str) -> Option<i64> {
         let sign = if tz.starts_with('-') { -1 } else { 1 };
         let mut p = tz[1..].split(':');
         let oh: i64 = p.next()?.parse().ok()?;
+        if oh.abs() > 99 {
+            return None;
+        }
         let om: i64 = p.next().map(|x| x.parse().ok()).unwrap_or(Some(0))?;
         let os: i64 = p.next().map(|x| x.parse().ok()).unwrap_or(Some(0))?;
+        if om.abs() > 99 || os.abs() > 99 {
+            return None;
+        }
         sign * (oh * 3600 + om * 60 + os)
     };
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&da) || h > 24 || mi > 59 || sec > 60 {
+    if !(1..=12).contains(&mo)
+        || !(1..=31).contains(&da)
+        || !(-300_000..=300_000).contains(&y)
+        || !(0..=24).contains(&h)
+        || !(0..=59).contains(&mi)
+        || !(0..=60).contains(&sec)
+    {
         return None;
     }
     // Days from civil (proleptic Gregorian).
@@ -655,7 +678,11 @@ pub fn parse_pg_timestamp_ms(s: &str) -> Option<i64> {
     let doy = (153 * mm + 2) / 5 + da - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
-    Some(((days * 86_400 + h * 3600 + mi * 60 + sec - offset_s) * 1000) + ms)
+    // Checked: a garbage year must not overflow (it is skipped like any bad value).
+    days.checked_mul(86_400)?
+        .checked_add(h * 3600 + mi * 60 + sec - offset_s)?
+        .checked_mul(1000)?
+        .checked_add(ms)
 }
 
 #[cfg(test)]

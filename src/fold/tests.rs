@@ -611,3 +611,55 @@ proptest! {
         prop_assert_eq!(store, once);
     }
 }
+
+/// Regression (fuzz/fuzz_targets/fold.rs, crash-ffc58499): a stock row of
+/// `-9223372036854775808` made the model's `on_hand - reserved` overflow; in the Lua
+/// script such values would silently lose precision. Quantities beyond ±2^53 are skipped.
+#[test]
+fn fuzz_regression_quantities_beyond_2_pow_53_are_skipped() {
+    let inv = inventory(ReplicaIdentity::Default);
+    let mut fold = Fold::new(mapping(), 1000);
+    let mut store = Store::default();
+    let ch = [
+        change(
+            &inv,
+            Op::Insert,
+            None,
+            Some(vec![t("A"), t("W1"), t("-9223372036854775808"), t("1")]),
+            0,
+            10,
+        ),
+        change(
+            &inv,
+            Op::Insert,
+            None,
+            Some(vec![t("A"), t("W2"), t("5"), t("9007199254740993")]),
+            1,
+            10,
+        ),
+        change(&inv, Op::Insert, None, Some(row("A", "W3", 3, 1)), 2, 10),
+    ];
+    for p in fold_txn(&mut fold, 10, &ch) {
+        store.apply(&p, &params());
+    }
+    let skipped = fold.take_skipped();
+    assert_eq!(skipped.len(), 2, "{skipped:?}");
+    assert!(skipped.iter().all(|s| s.reason.contains("2^53")));
+    assert_eq!(store.skus["A"].fields["available"], "2");
+}
+
+/// Regression (fuzz): garbage timestamps (huge year, multi-byte fraction) are rejected,
+/// never a panic or an overflow.
+#[test]
+fn fuzz_regression_garbage_timestamps_do_not_panic() {
+    assert_eq!(
+        parse_pg_timestamp_ms("9223372036854775807-01-01 00:00:00"),
+        None
+    );
+    assert_eq!(parse_pg_timestamp_ms("2026-01-01 00:00:00.12é+00"), None);
+    assert_eq!(
+        parse_pg_timestamp_ms("2026-01-01 00:00:00+9223372036854775807"),
+        None
+    );
+    assert_eq!(parse_pg_timestamp_ms("2026-01-01 -1:00:00"), None);
+}

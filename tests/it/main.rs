@@ -2,6 +2,7 @@
 //! harness starts on free loopback ports.
 
 mod apply_script;
+mod chaos;
 mod fold_oracle;
 mod harness;
 mod harness_smoke;

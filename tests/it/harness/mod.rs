@@ -11,6 +11,7 @@
 pub mod mqtt;
 pub mod pg;
 pub mod ports;
+pub mod proxy;
 pub mod redis;
 pub mod tls;
 

@@ -1,0 +1,1273 @@
+//! Fault matrix: `skusync run` under SIGKILLs, server restarts/crashes/pauses, network
+//! faults (through `harness::proxy`), slot invalidation and corrupted pgoutput frames.
+//! Every cell ends with the oracle: Redis == SQL aggregate, retained MQTT == Redis, alert
+//! duplicates only ever repeat an id with the same payload, and (sampled at random moments
+//! throughout) the slot's `confirmed_flush_lsn` never passed the meta hash's `applied_lsn`.
+//!
+//! Short by default (one run per cell); `SKUSYNC_CHAOS_FULL=1` (`make chaos`) runs more
+//! and longer. Each cell writes its row to `target/chaos/rows/`; `make chaos` assembles
+//! `target/chaos/results.md`. Seeds are printed; replay with `SKUSYNC_TEST_SEED`.
+
+use crate::fold_oracle::*;
+use crate::harness::proxy::Proxy;
+use crate::harness::{
+    MosquittoServer, MqttOptions, PgOptions, PgServer, RedisOptions, RedisServer, StopMode,
+};
+use crate::oracle::*;
+use crate::support::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use skusync::lsn::Lsn;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn full() -> bool {
+    std::env::var("SKUSYNC_CHAOS_FULL").is_ok_and(|v| v == "1")
+}
+
+/// (runs per cell, statements per run)
+fn scale() -> (usize, usize) {
+    if full() { (3, 2500) } else { (1, 400) }
+}
+
+fn chaos_dir() -> PathBuf {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("chaos")
+}
+
+/// One results-table row.
+#[derive(Default, Debug)]
+struct Row {
+    runs: usize,
+    skus: usize,
+    mismatches: usize,
+    max_recovery: Duration,
+    lsn_samples: u64,
+}
+
+fn record(fault: &str, r: &Row) {
+    let dir = chaos_dir().join("rows");
+    let _ = std::fs::create_dir_all(&dir);
+    let slug: String = fault
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let line = format!(
+        "| {fault} | {} | {} | {} | {:.1} s | {} |\n",
+        r.runs,
+        r.skus,
+        r.mismatches,
+        r.max_recovery.as_secs_f64(),
+        r.lsn_samples
+    );
+    eprintln!("CHAOS RESULT {line}");
+    let _ = std::fs::write(dir.join(format!("{slug}.md")), line);
+}
+
+// ---------------------------------------------------------------------------------------
+// LSN safety sampler
+
+/// Samples `confirmed_flush_lsn` (PostgreSQL) then `applied_lsn` (Redis) at random moments;
+/// since `applied_lsn` only grows, confirmed > applied is a real violation.
+struct LsnChecker {
+    stop: Arc<AtomicBool>,
+    samples: Arc<AtomicU64>,
+    violations: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LsnChecker {
+    fn start(pg_url: String, redis_url: String, seed: u64) -> LsnChecker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples = Arc::new(AtomicU64::new(0));
+        let violations = Arc::new(Mutex::new(Vec::new()));
+        let (st, sa, vi) = (stop.clone(), samples.clone(), violations.clone());
+        let task = tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut pg: Option<tokio_postgres::Client> = None;
+            let mut rc: Option<redis::aio::MultiplexedConnection> = None;
+            let meta = skusync::sinks::layout::meta_key("skusync");
+            while !st.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(rng.random_range(10..150))).await;
+                if pg.is_none() {
+                    if let Ok(Ok((c, conn))) = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        tokio_postgres::connect(&pg_url, tokio_postgres::NoTls),
+                    )
+                    .await
+                    {
+                        tokio::spawn(conn);
+                        pg = Some(c);
+                    } else {
+                        continue;
+                    }
+                }
+                if rc.is_none() {
+                    let Ok(cl) = redis::Client::open(redis_url.as_str()) else {
+                        continue;
+                    };
+                    match tokio::time::timeout(
+                        Duration::from_secs(1),
+                        cl.get_multiplexed_async_connection(),
+                    )
+                    .await
+                    {
+                        Ok(Ok(c)) => rc = Some(c),
+                        _ => continue,
+                    }
+                }
+                let q = pg.as_ref().unwrap().query_opt(
+                    "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'skusync'",
+                    &[],
+                );
+                let confirmed = match tokio::time::timeout(Duration::from_secs(1), q).await {
+                    Ok(Ok(Some(row))) => row
+                        .get::<_, Option<String>>(0)
+                        .and_then(|s| s.parse::<Lsn>().ok()),
+                    Ok(Ok(None)) => None,
+                    _ => {
+                        pg = None;
+                        continue;
+                    }
+                };
+                let con = rc.as_mut().unwrap();
+                let applied: Option<String> = match tokio::time::timeout(
+                    Duration::from_secs(1),
+                    redis::cmd("HGET")
+                        .arg(&meta)
+                        .arg("applied_lsn")
+                        .query_async(con),
+                )
+                .await
+                {
+                    Ok(Ok(v)) => v,
+                    _ => {
+                        rc = None;
+                        continue;
+                    }
+                };
+                let applied = applied.and_then(|s| s.parse::<u64>().ok()).map(Lsn);
+                if let (Some(c), Some(a)) = (confirmed, applied) {
+                    sa.fetch_add(1, Ordering::SeqCst);
+                    if c > a {
+                        vi.lock()
+                            .unwrap()
+                            .push(format!("confirmed_flush_lsn {c} > applied_lsn {a}"));
+                    }
+                }
+            }
+        });
+        LsnChecker {
+            stop,
+            samples,
+            violations,
+            task,
+        }
+    }
+
+    async fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+        (
+            self.samples.load(Ordering::SeqCst),
+            self.violations.lock().unwrap().clone(),
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// MQTT observation
+
+/// A live `mosquitto_sub -t skusync/#` (connected to the broker directly, not via a proxy).
+struct Subscriber {
+    child: Child,
+    lines: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+impl Subscriber {
+    fn start(broker: &MosquittoServer) -> Subscriber {
+        let mut child = Command::new("mosquitto_sub")
+            .args(broker.client_args())
+            .args(["-t", "skusync/alerts/#", "-q", "1", "-F", "%t %p"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto_sub");
+        let out = child.stdout.take().expect("stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let l2 = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let (t, p) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+                l2.lock().unwrap().push((t.to_string(), p.to_string()));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        Subscriber { child, lines }
+    }
+
+    /// Alert duplicates must repeat the same id with the same payload.
+    fn alert_violations(&self) -> (usize, Vec<String>) {
+        let mut by_id: BTreeMap<String, String> = BTreeMap::new();
+        let mut bad = Vec::new();
+        for (t, p) in self.lines.lock().unwrap().iter() {
+            if p.is_empty() {
+                continue;
+            }
+            let Ok(j) = serde_json::from_str::<serde_json::Value>(p) else {
+                bad.push(format!("{t}: not JSON: {p}"));
+                continue;
+            };
+            let id = j["id"].as_str().unwrap_or_default().to_string();
+            let want = format!(
+                "{}:{}:{}",
+                j["lsn"].as_str().unwrap_or("?"),
+                j["type"].as_str().unwrap_or("?"),
+                j["sku"].as_str().unwrap_or("?")
+            );
+            if id != want {
+                bad.push(format!(
+                    "{t}: id {id:?} does not name its crossing {want:?}"
+                ));
+            }
+            if let Some(prev) = by_id.insert(id.clone(), p.clone())
+                && prev != *p
+            {
+                bad.push(format!("alert {id:?} repeated with another payload"));
+            }
+        }
+        (by_id.len(), bad)
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn as_i64(v: Option<&String>) -> i64 {
+    v.and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// Differences between the retained messages and the Redis hashes.
+async fn retained_mismatches(rig: &mut Rig, broker: &MosquittoServer) -> Vec<String> {
+    use skusync::sinks::mqtt::decode_sku;
+    let state = rig.oracle.redis_state(&mut rig.con).await;
+    let retained: BTreeMap<String, serde_json::Value> = broker
+        .retained("skusync/sku/+", Duration::from_secs(3))
+        .into_iter()
+        .filter(|(_, p)| !p.is_empty())
+        .filter_map(|(t, p)| {
+            let sku = decode_sku(t.strip_prefix("skusync/sku/")?)?;
+            Some((sku, serde_json::from_slice(&p).ok()?))
+        })
+        .collect();
+    let mut out = Vec::new();
+    for (sku, h) in &state {
+        let gone = h.get("gone").map(String::as_str) == Some("1");
+        match (retained.get(sku), gone) {
+            (None, true) => {}
+            (Some(_), true) => out.push(format!("{sku:?}: gone in Redis but still retained")),
+            (None, false) => out.push(format!("{sku:?}: no retained message")),
+            (Some(j), false) => {
+                for f in [
+                    "on_hand",
+                    "reserved",
+                    "available",
+                    "views",
+                    "carts",
+                    "purchases",
+                ] {
+                    let want = as_i64(h.get(f));
+                    let got = j.get(f).and_then(|v| v.as_i64()).unwrap_or(0);
+                    if want != got {
+                        out.push(format!("{sku:?}.{f}: Redis {want}, retained {got}"));
+                    }
+                }
+            }
+        }
+    }
+    for sku in retained.keys() {
+        if !state.contains_key(sku) {
+            out.push(format!("{sku:?}: retained but not in Redis"));
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// The environment of one run
+
+#[derive(Clone, Default)]
+struct Setup {
+    redis_persistence: bool,
+    mqtt: Option<bool>, // Some(persistence)
+    proxies: bool,
+    resyncs: bool, // buckets are not comparable after a resync
+    pg_conf: Vec<String>,
+    pg_extra: String,
+}
+
+struct Env {
+    rig: Rig,
+    broker: Option<MosquittoServer>,
+    pg_proxy: Option<Proxy>,
+    redis_proxy: Option<Proxy>,
+    mqtt_proxy: Option<Proxy>,
+    sub: Option<Subscriber>,
+    checker: Option<LsnChecker>,
+    recoveries: Vec<Duration>,
+    big: u64,
+    seed: u64,
+}
+
+impl Env {
+    async fn new(s: &Setup, seed: u64) -> Env {
+        let pg = PgServer::start_with(PgOptions {
+            extra_conf: s.pg_conf.clone(),
+            ..Default::default()
+        });
+        pg.psql(PUBLIC_SCHEMA);
+        let redis = RedisServer::start_with(RedisOptions {
+            persistence: s.redis_persistence,
+            ..Default::default()
+        });
+        let client = pg.client("postgres").await;
+        let con = redis_connect(&redis.url()).await;
+        let buckets = if s.resyncs {
+            Buckets::Ignore
+        } else {
+            Buckets::SumEqualsTotal
+        };
+        let rig = Rig {
+            pg,
+            redis,
+            client,
+            con,
+            oracle: public_oracle(buckets),
+            daemon: None,
+            dir: tempfile::tempdir().expect("tempdir"),
+            markers: 0,
+        };
+        let broker = s.mqtt.map(|persistence| {
+            MosquittoServer::start_with(MqttOptions {
+                persistence,
+                ..Default::default()
+            })
+        });
+        let (pg_proxy, redis_proxy, mqtt_proxy) = if s.proxies {
+            (
+                Some(Proxy::start(rig.pg.port())),
+                Some(Proxy::start(rig.redis.port())),
+                broker.as_ref().map(|b| Proxy::start(b.port())),
+            )
+        } else {
+            (None, None, None)
+        };
+        Env {
+            rig,
+            broker,
+            pg_proxy,
+            redis_proxy,
+            mqtt_proxy,
+            sub: None,
+            checker: None,
+            recoveries: Vec::new(),
+            big: 0,
+            seed,
+        }
+    }
+
+    fn config(&self, pg_extra: &str) -> String {
+        let pg_url = self.rig.pg.url("postgres", "postgres");
+        let redis_url = self.rig.redis.url();
+        let pg_url = self
+            .pg_proxy
+            .as_ref()
+            .map_or(pg_url.clone(), |p| p.url(&pg_url));
+        let redis_url = self
+            .redis_proxy
+            .as_ref()
+            .map_or(redis_url.clone(), |p| p.url(&redis_url));
+        let mut text = self
+            .rig
+            .oracle
+            .config_toml(&pg_url, "skusync", PUBS, &redis_url)
+            .replacen("[postgres]\n", &format!("[postgres]\n{pg_extra}"), 1)
+            // several pieces per big transaction: kills land between pieces too
+            .replacen("[redis]\n", "[redis]\nmax_changes_per_piece = 3000\n", 1);
+        if let Some(b) = &self.broker {
+            let url = b.url();
+            let url = self
+                .mqtt_proxy
+                .as_ref()
+                .map_or(url.clone(), |p| p.url(&url));
+            text.push_str(&format!(
+                "\n[mqtt]\nurl = \"{url}\"\ntopic_prefix = \"skusync\"\nmin_interval_ms = 20\n"
+            ));
+        }
+        text
+    }
+
+    async fn start(&mut self, s: &Setup) {
+        let cfg = write_config(self.rig.dir.path(), &self.config(&s.pg_extra));
+        self.rig.daemon = Some(Daemon::start(self.rig.dir.path(), cfg));
+        self.rig.wait_bootstrap(Duration::from_secs(60)).await;
+        if let Some(b) = &self.broker {
+            self.sub = Some(Subscriber::start(b));
+        }
+        self.checker = Some(LsnChecker::start(
+            self.rig.pg.url("postgres", "postgres"),
+            self.rig.redis.url(),
+            self.seed ^ 0x15,
+        ));
+    }
+
+    async fn workload(&mut self, w: &mut Workload, statements: usize) {
+        let target = w.statements + statements;
+        while w.statements < target {
+            let sql = w.next_txn();
+            self.rig.exec(&sql).await;
+        }
+    }
+
+    /// The 20k-row transaction (plus activity rows), on its own connection.
+    fn big_txn(&mut self) -> tokio::task::JoinHandle<()> {
+        self.big += 1;
+        let k = self.big;
+        let url = self.rig.pg.url("postgres", "postgres");
+        tokio::spawn(async move {
+            let Ok((c, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await else {
+                return;
+            };
+            tokio::spawn(conn);
+            let _ = c
+                .batch_execute(&format!(
+                    "BEGIN;
+                     INSERT INTO inventory (sku, location, on_hand, reserved)
+                       SELECT 'big-' || (i % 997), 'B{k}-' || (i / 997), i % 50, i % 3
+                       FROM generate_series(1, 20000) i;
+                     INSERT INTO activity_log (sku, kind, qty)
+                       SELECT 'big-' || (i % 997), 'view', 1 FROM generate_series(1, 2000) i;
+                     UPDATE inventory SET on_hand = on_hand + 1 WHERE location = 'B{k}-3';
+                     COMMIT;"
+                ))
+                .await;
+        })
+    }
+
+    async fn reconnect_pg(&mut self) {
+        self.rig.client = self.rig.pg.client("postgres").await;
+    }
+
+    async fn reconnect_redis(&mut self) {
+        self.rig.con = redis_connect(&self.rig.redis.url()).await;
+    }
+
+    /// The fault just ended: time until a drain marker is in Redis (and, with MQTT, its
+    /// retained state is published).
+    async fn recover(&mut self, timeout: Duration) {
+        let t0 = Instant::now();
+        self.rig
+            .drain(&WorkloadTables::public(), "WH-1", timeout)
+            .await;
+        if let Some(b) = &self.broker {
+            let topic = skusync::sinks::mqtt::sku_topic("skusync", &marker_sku(self.rig.markers));
+            let want = self.rig.markers as i64;
+            loop {
+                let got = b.retained(&topic, Duration::from_millis(300));
+                if got.iter().any(|(_, p)| {
+                    serde_json::from_slice::<serde_json::Value>(p)
+                        .is_ok_and(|j| j["on_hand"].as_i64() == Some(want))
+                }) {
+                    break;
+                }
+                assert!(
+                    t0.elapsed() < timeout,
+                    "marker {want} never retained\n{}",
+                    self.rig.daemon().stderr_all()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let d = t0.elapsed();
+        eprintln!("recovered in {d:?}");
+        self.recoveries.push(d);
+    }
+
+    /// The final oracle; returns (SKUs checked, mismatches) and panics on any.
+    async fn verify(&mut self) -> (usize, u64) {
+        self.rig
+            .drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(60))
+            .await;
+        self.rig.assert_converges(Duration::from_secs(30)).await;
+        let skus = self.rig.oracle.truth(&self.rig.client).await.skus.len();
+        if let Some(b) = self.broker.take() {
+            let start = Instant::now();
+            loop {
+                let m = retained_mismatches(&mut self.rig, &b).await;
+                if m.is_empty() {
+                    break;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "retained differs from Redis:\n{}\n{}",
+                    m.iter().take(30).cloned().collect::<Vec<_>>().join("\n"),
+                    self.rig.daemon().stderr_all()
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            self.broker = Some(b);
+        }
+        if let Some(s) = &self.sub {
+            let (n, bad) = s.alert_violations();
+            eprintln!("{n} distinct alerts observed");
+            assert!(bad.is_empty(), "alert violations: {bad:#?}");
+        }
+        let mut samples = 0;
+        if let Some(c) = self.checker.take() {
+            let (n, v) = c.finish().await;
+            samples = n;
+            assert!(v.is_empty(), "slot confirmed past Redis: {v:#?}");
+        }
+        let log = full_log(self.rig.daemon());
+        assert!(!log.contains("panicked"), "skusync panicked:\n{log}");
+        (skus, samples)
+    }
+}
+
+/// Every incarnation's complete stderr.
+fn full_log(d: &Daemon) -> String {
+    let mut s = String::new();
+    for i in 0..d.runs {
+        for e in std::fs::read_dir(d.dir.join(format!("run{i}")))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if e.path().extension().is_some_and(|x| x == "stderr") {
+                s.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+            }
+        }
+    }
+    s
+}
+
+const RESYNC_LOG: &str = "rebuilding Redis from a fresh snapshot";
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    Kill9,
+    Kill9MidBigTxn,
+    WalsenderTerminate,
+    PgRestartFast,
+    PgRestartImmediate,
+    PgCrashMidBigTxn,
+    RedisRestartPersistent,
+    RedisRestartVolatile,
+    RedisPause,
+    MqttRestart,
+    MqttPause,
+    ProxyCutAll,
+    ProxyStall,
+    ProxyDelay,
+}
+
+impl Fault {
+    fn setup(self) -> Setup {
+        use Fault::*;
+        let mut s = Setup {
+            redis_persistence: true,
+            ..Default::default()
+        };
+        match self {
+            RedisRestartVolatile => {
+                s.redis_persistence = false;
+                s.resyncs = true;
+            }
+            MqttRestart | MqttPause => s.mqtt = Some(true),
+            ProxyCutAll | ProxyStall | ProxyDelay => {
+                s.proxies = true;
+                s.mqtt = Some(true);
+            }
+            _ => {}
+        }
+        s
+    }
+
+    /// Faults per run.
+    fn count(self) -> usize {
+        use Fault::*;
+        let f = full();
+        match self {
+            Kill9 => 10,
+            Kill9MidBigTxn => {
+                if f {
+                    4
+                } else {
+                    2
+                }
+            }
+            RedisPause | ProxyStall | MqttPause => {
+                if f {
+                    2
+                } else {
+                    1
+                }
+            }
+            _ => {
+                if f {
+                    3
+                } else {
+                    2
+                }
+            }
+        }
+    }
+}
+
+async fn inject(env: &mut Env, w: &mut Workload, fault: Fault, i: usize, rng: &mut StdRng) {
+    use Fault::*;
+    match fault {
+        Kill9 => {
+            let sql = w.next_txn();
+            env.rig.exec(&sql).await;
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
+            env.rig.daemon().kill9_and_restart();
+        }
+        Kill9MidBigTxn => {
+            env.big_txn().await.expect("big txn");
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
+            env.rig.daemon().kill9_and_restart();
+        }
+        WalsenderTerminate => {
+            env.rig
+                .exec(
+                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+                     WHERE slot_name = 'skusync' AND active_pid IS NOT NULL",
+                )
+                .await;
+        }
+        PgRestartFast | PgRestartImmediate => {
+            let mode = if matches!(fault, PgRestartFast) {
+                StopMode::Fast
+            } else {
+                StopMode::Immediate
+            };
+            env.rig.pg.restart(mode);
+            env.reconnect_pg().await;
+        }
+        PgCrashMidBigTxn => {
+            let h = env.big_txn();
+            tokio::time::sleep(Duration::from_millis(rng.random_range(20..400))).await;
+            env.rig.pg.kill9();
+            let _ = h.await;
+            env.rig.pg.start_again();
+            env.reconnect_pg().await;
+        }
+        RedisRestartPersistent | RedisRestartVolatile => {
+            let before = full_log(env.rig.daemon()).matches(RESYNC_LOG).count();
+            env.rig.redis.restart();
+            env.reconnect_redis().await;
+            env.recover(Duration::from_secs(90)).await;
+            let after = full_log(env.rig.daemon()).matches(RESYNC_LOG).count();
+            if matches!(fault, RedisRestartVolatile) {
+                assert!(
+                    after > before,
+                    "a Redis restart without persistence must log a resync\n{}",
+                    env.rig.daemon().stderr_all()
+                );
+            } else {
+                assert_eq!(
+                    after,
+                    before,
+                    "a Redis restart with persistence needs no resync\n{}",
+                    env.rig.daemon().stderr_all()
+                );
+            }
+            return;
+        }
+        RedisPause => {
+            env.rig.redis.pause();
+            let t = Instant::now();
+            env.workload(w, 100).await;
+            tokio::time::sleep(Duration::from_secs(8).saturating_sub(t.elapsed())).await;
+            env.rig.redis.resume();
+        }
+        MqttRestart => {
+            let b = env.broker.as_mut().unwrap();
+            if i.is_multiple_of(2) {
+                b.restart();
+            } else {
+                // crash losing the persistence file: no retained messages at all
+                b.kill9();
+                let _ = std::fs::remove_file(b.dir().join("mosquitto.db"));
+                b.start_again();
+            }
+        }
+        MqttPause => {
+            env.broker.as_mut().unwrap().pause();
+            env.workload(w, 100).await;
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            env.broker.as_mut().unwrap().resume();
+        }
+        ProxyCutAll => {
+            for p in [&env.pg_proxy, &env.redis_proxy, &env.mqtt_proxy]
+                .into_iter()
+                .flatten()
+            {
+                p.cut();
+            }
+            env.workload(w, 30).await;
+            if let Some(p) = &env.pg_proxy {
+                p.cut();
+            }
+        }
+        ProxyStall => {
+            // one path at a time (round robin), 6 s each
+            let p = [&env.redis_proxy, &env.pg_proxy, &env.mqtt_proxy][i % 3]
+                .as_ref()
+                .unwrap();
+            p.set_stalled(true);
+            env.workload(w, 60).await;
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            [&env.redis_proxy, &env.pg_proxy, &env.mqtt_proxy][i % 3]
+                .as_ref()
+                .unwrap()
+                .set_stalled(false);
+        }
+        ProxyDelay => {
+            for p in [&env.pg_proxy, &env.redis_proxy, &env.mqtt_proxy]
+                .into_iter()
+                .flatten()
+            {
+                p.set_delay(Duration::from_millis(rng.random_range(5..60)));
+            }
+            env.workload(w, 150).await;
+            for p in [&env.pg_proxy, &env.redis_proxy, &env.mqtt_proxy]
+                .into_iter()
+                .flatten()
+            {
+                p.set_delay(Duration::ZERO);
+            }
+        }
+    }
+    env.recover(Duration::from_secs(90)).await;
+}
+
+async fn cell(name: &str, fault: Fault) {
+    let (runs, statements) = scale();
+    let mut row = Row::default();
+    for run in 0..runs {
+        let seed = test_seed(&format!("chaos {name} run {run}"));
+        let s = fault.setup();
+        let mut env = Env::new(&s, seed).await;
+        env.start(&s).await;
+        let mut w = public_workload(seed);
+        let mut rng = StdRng::seed_from_u64(seed ^ 0xfa17);
+        let n = fault.count();
+        for i in 0..n {
+            env.workload(&mut w, statements / (n + 1)).await;
+            eprintln!("{name}: fault {i} of {n}");
+            inject(&mut env, &mut w, fault, i, &mut rng).await;
+        }
+        env.workload(&mut w, statements / (n + 1)).await;
+        let (skus, samples) = env.verify().await;
+        row.runs += 1;
+        row.skus += skus;
+        row.lsn_samples += samples;
+        row.max_recovery = row
+            .max_recovery
+            .max(env.recoveries.iter().copied().max().unwrap_or_default());
+        if let Some(d) = env.rig.daemon.as_mut() {
+            assert_eq!(d.sigterm(), Some(0), "{}", d.stderr_all());
+        }
+    }
+    record(name, &row);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_skusync_sigkill_at_random_points() {
+    cell("skusync SIGKILL x10 (0-300 ms)", Fault::Kill9).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_skusync_sigkill_mid_20k_row_transaction() {
+    cell("skusync SIGKILL mid 20k-row txn", Fault::Kill9MidBigTxn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_walsender_terminated() {
+    cell("walsender terminated", Fault::WalsenderTerminate).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_postgres_restart_fast() {
+    cell("PostgreSQL restart (fast)", Fault::PgRestartFast).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_postgres_restart_immediate() {
+    cell("PostgreSQL restart (immediate)", Fault::PgRestartImmediate).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_postgres_crash_mid_big_transaction() {
+    cell(
+        "PostgreSQL kill -9 mid 20k-row txn",
+        Fault::PgCrashMidBigTxn,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_redis_restart_with_persistence() {
+    cell("Redis restart (AOF)", Fault::RedisRestartPersistent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_redis_restart_without_persistence_resyncs() {
+    cell(
+        "Redis restart (no persistence: resync)",
+        Fault::RedisRestartVolatile,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_redis_paused_8s() {
+    cell("Redis SIGSTOP 8 s", Fault::RedisPause).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_mosquitto_restart_with_and_without_persistence() {
+    cell(
+        "Mosquitto restart / crash losing its db",
+        Fault::MqttRestart,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_mosquitto_paused() {
+    cell("Mosquitto SIGSTOP 8 s", Fault::MqttPause).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_network_cut_all_connections() {
+    cell("proxy: cut all connections", Fault::ProxyCutAll).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_network_stall() {
+    cell("proxy: stall 6 s (Redis, PG, MQTT)", Fault::ProxyStall).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_network_delay() {
+    cell("proxy: 5-60 ms delay per chunk", Fault::ProxyDelay).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Slot invalidation
+
+const TINY_WAL: &[&str] = &[
+    "max_slot_wal_keep_size = '1MB'",
+    "max_wal_size = '32MB'",
+    "min_wal_size = '32MB'",
+];
+
+/// Stop skusync, then generate WAL until the slot is `lost`.
+async fn lose_the_slot(env: &mut Env) {
+    assert_eq!(env.rig.daemon().sigterm(), Some(0));
+    for i in 0..200 {
+        env.rig
+            .exec(&format!(
+                "INSERT INTO activity_log (sku, kind, qty) SELECT 'wal-filler', 'other', {i}
+                   FROM generate_series(1, 2000);
+                 SELECT pg_switch_wal();"
+            ))
+            .await;
+        if i % 5 == 4 {
+            env.rig.exec("CHECKPOINT").await;
+            let st = env
+                .rig
+                .pg
+                .psql("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'skusync'");
+            if st == "lost" {
+                eprintln!("slot lost after {} WAL switches", i + 1);
+                return;
+            }
+        }
+    }
+    panic!("slot never became lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_slot_invalidated_while_down_stops_or_resyncs() {
+    let seed = test_seed("chaos_slot_invalidated_while_down_stops_or_resyncs");
+    let (_, statements) = scale();
+    let s = Setup {
+        pg_conf: TINY_WAL.iter().map(|s| s.to_string()).collect(),
+        redis_persistence: true,
+        resyncs: true,
+        ..Default::default()
+    };
+    let mut env = Env::new(&s, seed).await;
+    env.start(&s).await;
+    let mut w = public_workload(seed);
+    env.workload(&mut w, statements / 2).await;
+    env.rig
+        .drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    if let Some(c) = env.checker.take() {
+        let (_, v) = c.finish().await;
+        assert!(v.is_empty(), "{v:?}");
+    }
+    lose_the_slot(&mut env).await;
+    env.workload(&mut w, statements / 4).await;
+    // Default on_slot_lost = "stop": exits non-zero naming the slot and the fix.
+    let t0 = Instant::now();
+    env.rig.daemon().spawn();
+    let code = loop {
+        if let Ok(Some(st)) = env.rig.daemon().proc().child.try_wait() {
+            break st.code();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "skusync did not stop on a lost slot\n{}",
+            env.rig.daemon().stderr_all()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let log = env.rig.daemon().proc().stderr();
+    assert_ne!(code, Some(0), "{log}");
+    for needle in [
+        "\"skusync\"",
+        "wal_status = lost",
+        "on_slot_lost = \\\"resync\\\"",
+        "pg_drop_replication_slot('skusync')",
+    ] {
+        let plain = needle.replace("\\\"", "\"");
+        assert!(
+            log.contains(needle) || log.contains(&plain),
+            "stop message names {plain:?}:\n{log}"
+        );
+    }
+    assert!(!log.contains("panicked"), "{log}");
+    // on_slot_lost = "resync": recovers from a fresh snapshot.
+    let cfg = write_config(
+        env.rig.dir.path(),
+        &env.config("on_slot_lost = \"resync\"\n"),
+    );
+    env.rig.daemon().cfg = cfg;
+    let t0 = Instant::now();
+    env.rig.daemon().spawn();
+    env.recover(Duration::from_secs(90)).await;
+    let rec = t0.elapsed();
+    // The LSN sampler restarts only now: while the rebuilt slot's snapshot loads, its
+    // confirmed LSN (the snapshot point) is ahead of the old `applied_lsn` in Redis, as on
+    // any first bootstrap. A crash in that window is caught at startup ("Redis is behind
+    // the slot") and resyncs again.
+    env.checker = Some(LsnChecker::start(
+        env.rig.pg.url("postgres", "postgres"),
+        env.rig.redis.url(),
+        seed,
+    ));
+    env.workload(&mut w, statements / 4).await;
+    let (skus, samples) = env.verify().await;
+    assert!(
+        full_log(env.rig.daemon()).contains("slot lost WAL"),
+        "resync logged"
+    );
+    record(
+        "slot lost while down (stop, then on_slot_lost=resync)",
+        &Row {
+            runs: 1,
+            skus,
+            mismatches: 0,
+            max_recovery: rec,
+            lsn_samples: samples,
+        },
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Bad input on the wire
+
+/// Truncated and corrupted pgoutput frames through the decoder and the assembler, exactly
+/// as `source.rs` does it: an error naming the LSN, never a panic.
+#[test]
+fn chaos_corrupted_pgoutput_frames_give_an_lsn_error_not_a_panic() {
+    use bytes::{Bytes, BytesMut};
+    use skusync::pgoutput::{Column, Datum, Decoder, Message, Relation, encode};
+    use skusync::source::SourceError;
+    use skusync::txn::Assembler;
+    let seed = test_seed("chaos_corrupted_pgoutput_frames_give_an_lsn_error_not_a_panic");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let t = |s: &str| Datum::Text(Bytes::copy_from_slice(s.as_bytes()));
+    let rel = Relation {
+        xid: None,
+        oid: 16384,
+        namespace: Bytes::from_static(b"public"),
+        name: Bytes::from_static(b"inventory"),
+        replica_identity: b'd',
+        columns: ["sku", "location", "on_hand", "reserved"]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Column {
+                flags: u8::from(i < 2),
+                name: Bytes::copy_from_slice(n.as_bytes()),
+                type_oid: if i < 2 { 25 } else { 23 },
+                type_modifier: -1,
+            })
+            .collect(),
+    };
+    let msgs = [
+        Message::Begin {
+            final_lsn: 0x1000,
+            commit_ts: 0,
+            xid: 7,
+        },
+        Message::Relation(rel),
+        Message::Insert {
+            xid: None,
+            rel: 16384,
+            new: vec![t("A"), t("W1"), t("5"), t("1")],
+        },
+        Message::Commit {
+            flags: 0,
+            commit_lsn: 0x1000,
+            end_lsn: 0x1010,
+            commit_ts: 0,
+        },
+    ];
+    let frames: Vec<Bytes> = msgs
+        .iter()
+        .map(|m| {
+            let mut b = BytesMut::new();
+            encode(m, false, false, &mut b);
+            b.freeze()
+        })
+        .collect();
+    let mut errors = 0;
+    for case in 0..4000 {
+        let victim = rng.random_range(0..frames.len());
+        let mut bad = frames[victim].to_vec();
+        match case % 3 {
+            0 => bad.truncate(rng.random_range(0..bad.len())),
+            1 => {
+                for _ in 0..rng.random_range(1..4) {
+                    let i = rng.random_range(0..bad.len());
+                    bad[i] = rng.random();
+                }
+            }
+            _ => {
+                let i = rng.random_range(0..=bad.len());
+                bad.insert(i, rng.random());
+            }
+        }
+        let mut decoder = Decoder {
+            proto_version: 1,
+            parallel_streaming: false,
+            in_stream: false,
+        };
+        let mut asm = Assembler::new();
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            for (i, f) in frames.iter().enumerate() {
+                let data = if i == victim {
+                    Bytes::from(bad.clone())
+                } else {
+                    f.clone()
+                };
+                let lsn = Lsn(0x1000 + i as u64);
+                let msg = decoder
+                    .decode(&data)
+                    .map_err(|source| Box::new(SourceError::Decode { lsn, source }))?;
+                asm.push(msg, lsn)
+                    .map_err(|e| Box::new(SourceError::from(e)))?;
+            }
+            Ok::<(), Box<SourceError>>(())
+        }));
+        match res {
+            Err(_) => panic!("panic on corrupted frame {bad:?} (case {case})"),
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                errors += 1;
+                let s = e.to_string();
+                assert!(
+                    s.contains("LSN") || s.contains(&Lsn(0x1000 + victim as u64).to_string()),
+                    "error without the LSN: {s}"
+                );
+            }
+        }
+    }
+    eprintln!("{errors} of 4000 corrupted streams rejected with an LSN error");
+    assert!(errors > 1000);
+}
+
+// ---------------------------------------------------------------------------------------
+// High availability
+
+fn mqtt_connects(broker: &MosquittoServer) -> usize {
+    std::fs::read_to_string(broker.dir().join("mosquitto.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("New client connected") && l.contains(" as skusync"))
+        .count()
+}
+
+async fn wait_log(d: &Daemon, needle: &str, timeout: Duration) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if full_log(d).contains(needle) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_standby_takes_over_after_sigkill_without_touching_the_broker_before() {
+    let seed = test_seed("ha_standby_takes_over_after_sigkill");
+    let (_, statements) = scale();
+    let s = Setup {
+        redis_persistence: true,
+        mqtt: Some(true),
+        ..Default::default()
+    };
+    let mut env = Env::new(&s, seed).await;
+    env.start(&s).await;
+    let mut w = public_workload(seed);
+    env.workload(&mut w, statements / 3).await;
+    env.recover(Duration::from_secs(30)).await;
+    let connects = mqtt_connects(env.broker.as_ref().unwrap());
+    assert!(connects >= 1, "active instance connected to the broker");
+    let cfg = env.rig.daemon().cfg.clone();
+    let mut standby = Daemon::start(&env.rig.dir.path().join("standby"), cfg);
+    assert!(
+        wait_log(&standby, "standby", Duration::from_secs(20)).await,
+        "second instance waits as standby\n{}",
+        full_log(&standby)
+    );
+    env.workload(&mut w, statements / 3).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        mqtt_connects(env.broker.as_ref().unwrap()),
+        connects,
+        "the standby must not connect to the broker before it wins the slot"
+    );
+    // SIGKILL the active one; the standby takes over.
+    let mut active = env.rig.daemon.take().unwrap();
+    let t0 = Instant::now();
+    let _ = active.proc().child.kill();
+    let _ = active.proc().child.wait();
+    env.rig.daemon = Some(standby);
+    env.workload(&mut w, 20).await;
+    env.recover(Duration::from_secs(60)).await;
+    let takeover = t0.elapsed();
+    eprintln!("HA takeover (SIGKILL -> standby applied and published a new marker): {takeover:?}");
+    env.workload(&mut w, statements / 3).await;
+    let (skus, samples) = env.verify().await;
+    assert!(
+        mqtt_connects(env.broker.as_ref().unwrap()) > connects,
+        "the standby connected after winning"
+    );
+    standby = env.rig.daemon.take().unwrap();
+    assert_eq!(standby.sigterm(), Some(0));
+    record(
+        "HA: SIGKILL active, standby takes over",
+        &Row {
+            runs: 1,
+            skus,
+            mismatches: 0,
+            max_recovery: takeover,
+            lsn_samples: samples,
+        },
+    );
+}
+
+/// A partition between the active instance and PostgreSQL: the old walsender holds the
+/// slot until `wal_sender_timeout`; measured with the proxy's stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_partition_walsender_holds_the_slot_until_wal_sender_timeout() {
+    let seed = test_seed("ha_partition");
+    let s = Setup {
+        redis_persistence: true,
+        proxies: true,
+        pg_conf: vec!["wal_sender_timeout = '5s'".into()],
+        ..Default::default()
+    };
+    let mut env = Env::new(&s, seed).await;
+    env.start(&s).await;
+    let mut w = public_workload(seed);
+    env.workload(&mut w, 100).await;
+    env.recover(Duration::from_secs(30)).await;
+    // The standby talks to PostgreSQL directly.
+    let direct = {
+        let saved = env.pg_proxy.take();
+        let text = env.config("");
+        env.pg_proxy = saved;
+        text
+    };
+    std::fs::create_dir_all(env.rig.dir.path().join("standby-cfg")).unwrap();
+    let cfg_b = write_config(&env.rig.dir.path().join("standby-cfg"), &direct);
+    std::fs::create_dir_all(env.rig.dir.path().join("standby")).unwrap();
+    let standby = Daemon::start(&env.rig.dir.path().join("standby"), cfg_b);
+    assert!(wait_log(&standby, "standby", Duration::from_secs(20)).await);
+    let active_pid = || {
+        env.rig.pg.psql(
+            "SELECT coalesce(active_pid, 0) FROM pg_replication_slots WHERE slot_name = 'skusync'",
+        )
+    };
+    let before = active_pid();
+    let t0 = Instant::now();
+    env.pg_proxy.as_ref().unwrap().set_stalled(true);
+    let mut released = None;
+    while t0.elapsed() < Duration::from_secs(60) {
+        let now = active_pid();
+        if now != before && released.is_none() && now == "0" {
+            released = Some(t0.elapsed());
+        }
+        if now != before && now != "0" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let takeover = t0.elapsed();
+    eprintln!(
+        "partition: slot released after {released:?}, standby streaming after {takeover:?} (wal_sender_timeout 5s)"
+    );
+    assert!(
+        takeover < Duration::from_secs(60),
+        "standby never won the slot"
+    );
+    let mut old = env.rig.daemon.replace(standby).unwrap();
+    env.workload(&mut w, 100).await;
+    env.pg_proxy.as_ref().unwrap().set_stalled(false);
+    env.recover(Duration::from_secs(60)).await;
+    let (skus, samples) = env.verify().await;
+    let _ = old.proc().child.kill();
+    let _ = old.proc().child.wait();
+    record(
+        "HA: partition (stall, wal_sender_timeout 5 s) -> standby",
+        &Row {
+            runs: 1,
+            skus,
+            mismatches: 0,
+            max_recovery: takeover,
+            lsn_samples: samples,
+        },
+    );
+}
