@@ -547,7 +547,11 @@ impl Source {
             if batch.len() < self.cfg.batch_events && !reply_now {
                 use futures::FutureExt;
                 if let Some(r) = conn.fill().now_or_never() {
-                    r?;
+                    if let Err(e) = r {
+                        // Assembled commits count as delivered: never drop them.
+                        hand_over(tx, &mut batch).await;
+                        return Err(e.into());
+                    }
                     continue;
                 }
             }
