@@ -70,7 +70,8 @@ max_wal_size = 4GB
                                            stdout=subprocess.DEVNULL))
         conf = os.path.join(self.dir, "mosquitto.conf")
         with open(conf, "w") as f:
-            f.write(f"listener {self.mqtt_port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n")
+            f.write(f"listener {self.mqtt_port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n"
+                    "set_tcp_nodelay true\n")
             if os.geteuid() == 0:
                 f.write("user root\n")
         self.procs.append(subprocess.Popen(["mosquitto", "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -109,8 +110,9 @@ CREATE PUBLICATION skusync_activity FOR TABLE activity_log WITH (publish = 'inse
 """
 
 
-def config(st, min_interval_ms=100):
-    return f"""
+def config(st, min_interval_ms=100, http_port=None):
+    http = f"[http]\nlisten = \"127.0.0.1:{http_port}\"\n" if http_port else ""
+    return http + f"""
 [postgres]
 url = "postgresql://postgres@127.0.0.1:{st.pg_port}/postgres?sslmode=disable"
 publication = ["skusync", "skusync_activity"]
@@ -322,6 +324,34 @@ def bulk(exe, quick):
         st.stop()
 
 
+def histogram(port, name):
+    """Cumulative bucket counts {le: count} of a Prometheus histogram from /metrics."""
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def hist_percentiles(before, after):
+    """p50/p95/p99 (bucket upper bounds, ms) of what was observed between two scrapes."""
+    les = sorted(after)
+    counts = [after[le] - before.get(le, 0) for le in les]
+    total = counts[-1] if counts else 0
+    res = {"n": int(total)}
+    for p in (50, 95, 99):
+        bound = None
+        for le, c in zip(les, counts):
+            if total and c >= p / 100 * total:
+                bound = le
+                break
+        res[f"p{p}_ms_at_most"] = None if bound is None else (round(bound * 1000, 2) if bound != float("inf") else "inf")
+    return res
+
+
 def pct(xs, p):
     if not xs:
         return None
@@ -338,9 +368,11 @@ def latency(exe, rate, quick):
     st.start()
     try:
         st.psql(SCHEMA.format(skus=skus))
-        s = Skusync(exe, st, config(st, min_interval), "skusync")
+        http_port = free_port()
+        s = Skusync(exe, st, config(st, min_interval, http_port), "skusync")
         wait(lambda: st.redis("HGET", "skusync:meta", "bootstrap") == "done", 60, "bootstrap")
         wait(lambda: all_published(st), 120, "initial publish")
+        before = histogram(http_port, "skusync_commit_to_redis_seconds")
         # -R: skip retained (stale) messages; -W: exit by itself, flushing its output
         # (a killed mosquitto_sub loses what it buffered for the pipe).
         # Into a file, not a pipe: a full pipe would block the subscriber and delay its
@@ -358,6 +390,7 @@ def latency(exe, rate, quick):
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         sub.wait(timeout=30)
         out = open(sub_out).read()
+        after = histogram(http_port, "skusync_commit_to_redis_seconds")
         s.stop()
         immediate, held = [], []
         last_send = {}
@@ -382,7 +415,8 @@ def latency(exe, rate, quick):
                 "messages": len(immediate) + len(held),
                 "immediate": {"n": len(immediate), "p50_ms": pct(immediate, 50), "p95_ms": pct(immediate, 95),
                               "p99_ms": pct(immediate, 99), "max_ms": pct(immediate, 100)},
-                "throttled": {"n": len(held), "p50_ms": pct(held, 50), "p99_ms": pct(held, 99)}}
+                "throttled": {"n": len(held), "p50_ms": pct(held, 50), "p99_ms": pct(held, 99)},
+                "commit_to_redis": hist_percentiles(before, after)}
     finally:
         st.stop()
 
@@ -418,8 +452,10 @@ def main():
               f"{b['skusync_peak_rss_mib']} MiB | idle RSS {b['skusync_idle_rss_mib']} MiB")
     for l in results.get("latency", []):
         i = l["immediate"]
+        r = l["commit_to_redis"]
         print(f"latency    {l['rate_tx_per_s']:>5} tx/s  commit->subscriber p50 {i['p50_ms']} p95 {i['p95_ms']} "
-              f"p99 {i['p99_ms']} max {i['max_ms']} ms ({i['n']} msgs; {l['throttled']['n']} throttled by design)")
+              f"p99 {i['p99_ms']} max {i['max_ms']} ms ({i['n']} msgs; {l['throttled']['n']} throttled by design) | "
+              f"commit->Redis p50 <= {r['p50_ms_at_most']} p95 <= {r['p95_ms_at_most']} p99 <= {r['p99_ms_at_most']} ms")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ use crate::sinks::layout;
 /// Messages queued or in flight at most (the request channel is larger, so queueing
 /// never blocks the task that must also drive the event loop).
 const MAX_IN_FLIGHT: usize = 256;
+/// Most MQTT events handled before the loop's Redis work.
+const EVENT_BURST: usize = 512;
 /// SKU hashes read per pipelined round trip.
 const READ_GROUP: usize = 64;
 const CHANNEL_CAP: usize = MAX_IN_FLIGHT + MAX_ALERTS_PER_ROUND + 16;
@@ -247,6 +249,20 @@ impl Task {
                             backoff = BACKOFF_MIN;
                         }
                         self.on_event(&client, ev).await;
+                        // Take every event that is already there (PUBACKs arrive in
+                        // bursts) before the Redis work below: one round trip per burst,
+                        // not per acknowledgement.
+                        for _ in 0..EVENT_BURST {
+                            use futures::FutureExt;
+                            match el.poll().now_or_never() {
+                                Some(Ok(ev)) => self.on_event(&client, ev).await,
+                                Some(Err(e)) => {
+                                    self.on_disconnect(&e.to_string());
+                                    break;
+                                }
+                                None => break,
+                            }
+                        }
                     }
                     Err(e) => {
                         self.on_disconnect(&e.to_string());
