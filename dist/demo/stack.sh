@@ -201,7 +201,11 @@ for attempt in 1 2 3; do
 done
 
 # ---- skusync -----------------------------------------------------------------------
+metrics_port="$(free_ports 1)"
 cat >"$tmp/skusync.toml" <<EOF
+[http]
+listen = "127.0.0.1:$metrics_port"
+
 [postgres]
 url = "postgresql://postgres@127.0.0.1:$pg_port/postgres?sslmode=disable"
 slot = "skusync_demo"
@@ -302,6 +306,7 @@ DEMO_REDIS_PORT=$redis_port
 DEMO_MQTT_PORT=$mqtt_port
 DEMO_WS_PORT=$ws_port
 DEMO_HTTP_PORT=$http_port
+DEMO_METRICS_URL=http://127.0.0.1:$metrics_port/metrics
 DEMO_PAGE_URL=$page_url
 DEMO_PREFIX=$prefix
 DEMO_READY
@@ -318,6 +323,8 @@ if [[ $quiet -eq 0 ]]; then
       mosquitto_sub -h 127.0.0.1 -p $mqtt_port -t '$prefix/#' -v
   Change stock yourself:
       psql -h 127.0.0.1 -p $pg_port -U postgres -c "UPDATE inventory SET on_hand = 0 WHERE sku = 'SKU-00007'"
+  Metrics (Prometheus):
+      http://127.0.0.1:$metrics_port/metrics
   Redis state of one SKU:
       redis-cli -p $redis_port HGETALL skusync:sku:SKU-00007
   Logs: $tmp/skusync.log $([[ $load -eq 1 ]] && echo "$tmp/pgbench.log")
