@@ -146,6 +146,14 @@ async fn reconnect_after_walsender_is_terminated_loses_and_repeats_nothing() {
              INSERT INTO inventory VALUES ('single-{round}', 'w', 1);"
         ));
         expected += 201;
+        // Terminate a live walsender each round (not one still connecting).
+        assert!(
+            eventually(Duration::from_secs(20), || {
+                pg.psql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 's3' AND active_pid IS NOT NULL") == "1"
+            })
+            .await,
+            "the source streams again"
+        );
         pg.psql(
             "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
              WHERE slot_name = 's3' AND active_pid IS NOT NULL",
