@@ -154,9 +154,11 @@ impl ProgressHandle {
 pub enum SourceError {
     #[error(transparent)]
     Pg(#[from] PgError),
-    #[error("cannot decode the replication stream at LSN {lsn}: {source}")]
+    #[error("cannot decode the replication stream at LSN {lsn} (relation {relation}): {source}")]
     Decode {
         lsn: Lsn,
+        /// The relation the message was about, when its header could still be read.
+        relation: String,
         source: crate::pgoutput::DecodeError,
     },
     #[error(transparent)]
@@ -195,6 +197,24 @@ impl SourceError {
             // startup checks (not a plain reconnect) must resync.
             _ => false,
         }
+    }
+}
+
+/// Best-effort name of the relation a (possibly malformed) change message refers to, for
+/// error messages: Insert/Update/Delete/Relation carry the OID right after the tag (and
+/// an xid inside a streamed block).
+fn relation_of(data: &[u8], in_stream: bool, assembler: &Assembler) -> String {
+    let at = if in_stream { 5 } else { 1 };
+    match (data.first(), data.get(at..at + 4)) {
+        (Some(b'I' | b'U' | b'D' | b'R'), Some(o)) => {
+            let oid = u32::from_be_bytes([o[0], o[1], o[2], o[3]]);
+            assembler
+                .relations()
+                .get(oid)
+                .map(|r| r.qualified_name())
+                .unwrap_or_else(|| format!("oid {oid}"))
+        }
+        _ => "unknown".into(),
     }
 }
 
@@ -507,7 +527,11 @@ impl Source {
                         let lsn = Lsn(wal_start);
                         let msg = decoder
                             .decode(&data)
-                            .map_err(|source| SourceError::Decode { lsn, source })?;
+                            .map_err(|source| SourceError::Decode {
+                                lsn,
+                                relation: relation_of(&data, decoder.in_stream, &assembler),
+                                source,
+                            })?;
                         let Some(event) = assembler.push(msg, lsn)? else {
                             continue;
                         };

@@ -1091,9 +1091,13 @@ fn chaos_corrupted_pgoutput_frames_give_an_lsn_error_not_a_panic() {
                     f.clone()
                 };
                 let lsn = Lsn(0x1000 + i as u64);
-                let msg = decoder
-                    .decode(&data)
-                    .map_err(|source| Box::new(SourceError::Decode { lsn, source }))?;
+                let msg = decoder.decode(&data).map_err(|source| {
+                    Box::new(SourceError::Decode {
+                        lsn,
+                        relation: "unknown".into(),
+                        source,
+                    })
+                })?;
                 asm.push(msg, lsn)
                     .map_err(|e| Box::new(SourceError::from(e)))?;
             }
@@ -1269,5 +1273,90 @@ async fn ha_partition_walsender_holds_the_slot_until_wal_sender_timeout() {
             max_recovery: takeover,
             lsn_samples: samples,
         },
+    );
+}
+
+/// A corrupted pgoutput message on the real replication stream (the proxy breaks a
+/// change inside an XLogData frame): `skusync run` stops with an error naming the LSN and
+/// the relation, never panics, never applies or confirms past it, and once the stream is
+/// clean again a restart delivers the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_corrupted_frame_on_the_wire_stops_with_lsn_and_relation_and_loses_nothing() {
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    let proxy = Proxy::start_pg(rig.pg.port());
+    let text = rig.oracle.config_toml(
+        &proxy.url(&rig.pg.url("postgres", "postgres")),
+        "skusync",
+        PUBS,
+        &rig.redis.url(),
+    );
+    let cfg = write_config(rig.dir.path(), &text);
+    rig.daemon = Some(Daemon::start(rig.dir.path(), cfg.clone()));
+    rig.wait_bootstrap(Duration::from_secs(40)).await;
+    rig.exec("INSERT INTO inventory VALUES ('before', 'W1', 1, 0)")
+        .await;
+    rig.drain(&WorkloadTables::public(), "W1", Duration::from_secs(30))
+        .await;
+
+    proxy.corrupt_next_change();
+    rig.exec("INSERT INTO inventory VALUES ('broken', 'W1', 7, 0)")
+        .await;
+    let commit: Lsn = rig.pg.psql("SELECT pg_current_wal_lsn()").parse().unwrap();
+    let code = {
+        let p = rig.daemon().proc();
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(st)) = p.child.try_wait() {
+                break st.code();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "skusync kept running on a corrupted frame"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    assert_eq!(proxy.corrupted(), 1);
+    assert_eq!(code, Some(1), "a definite error");
+    let log = rig.daemon().stderr_all();
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(
+        log.contains("cannot decode the replication stream at LSN"),
+        "{log}"
+    );
+    assert!(log.contains("relation public.inventory"), "{log}");
+    // Nothing past the broken change was applied or confirmed.
+    assert!(
+        hget(
+            &mut rig.con,
+            &skusync::sinks::layout::sku_key("skusync", "broken"),
+            "on_hand"
+        )
+        .await
+        .is_none()
+    );
+    let confirmed: Lsn = rig
+        .pg
+        .psql("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'skusync'")
+        .parse()
+        .unwrap();
+    assert!(
+        confirmed < commit,
+        "confirmed {confirmed} passed the broken change (< {commit})"
+    );
+    // The stream is clean again: a restart delivers the change.
+    rig.daemon = Some(Daemon::start(rig.dir.path(), cfg));
+    rig.drain(&WorkloadTables::public(), "W1", Duration::from_secs(40))
+        .await;
+    rig.assert_converges(Duration::from_secs(20)).await;
+    assert_eq!(
+        hget(
+            &mut rig.con,
+            &skusync::sinks::layout::sku_key("skusync", "broken"),
+            "on_hand"
+        )
+        .await
+        .as_deref(),
+        Some("7")
     );
 }

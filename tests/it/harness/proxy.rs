@@ -1,6 +1,7 @@
 //! A small TCP fault proxy: listens on a free loopback port and forwards every connection
 //! to a target port. Faults: a per-chunk delay, a stall (stop forwarding in both directions
-//! without closing anything), and cutting all open connections.
+//! without closing anything), cutting all open connections, and (for PostgreSQL, see
+//! [`Proxy::start_pg`]) corrupting the next pgoutput change inside an XLogData frame.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -15,6 +16,11 @@ struct Shared {
     stop: AtomicBool,
     conns: Mutex<Vec<TcpStream>>,
     accepted: AtomicUsize,
+    /// Server-to-client bytes are parsed as PostgreSQL frames.
+    pg_frames: bool,
+    /// Corrupt the next Insert/Update carried by an XLogData frame.
+    corrupt_next: AtomicBool,
+    corrupted: AtomicUsize,
 }
 
 /// A running proxy; stops accepting and cuts its connections on drop.
@@ -27,9 +33,23 @@ pub struct Proxy {
 impl Proxy {
     /// Forward `127.0.0.1:<port()>` to `127.0.0.1:<target>`.
     pub fn start(target: u16) -> Proxy {
+        Self::start_with(target, false)
+    }
+
+    /// Like [`start`](Self::start) for a PostgreSQL server (use `sslmode=disable`): the
+    /// server's frames are parsed so [`corrupt_next_change`](Self::corrupt_next_change) can
+    /// break one pgoutput message on the replication stream.
+    pub fn start_pg(target: u16) -> Proxy {
+        Self::start_with(target, true)
+    }
+
+    fn start_with(target: u16, pg_frames: bool) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
         let port = listener.local_addr().expect("addr").port();
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            pg_frames,
+            ..Default::default()
+        });
         let sh = shared.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
@@ -50,15 +70,22 @@ impl Proxy {
                     c.push(client.try_clone().expect("clone"));
                     c.push(server.try_clone().expect("clone"));
                 }
-                for (from, to) in [
+                for (from, to, from_server) in [
                     (
                         client.try_clone().expect("clone"),
                         server.try_clone().expect("clone"),
+                        false,
                     ),
-                    (server, client),
+                    (server, client, true),
                 ] {
                     let sh = sh.clone();
-                    std::thread::spawn(move || pump(from, to, &sh));
+                    std::thread::spawn(move || {
+                        if from_server && sh.pg_frames {
+                            pump_pg_frames(from, to, &sh)
+                        } else {
+                            pump(from, to, &sh)
+                        }
+                    });
                 }
             }
         });
@@ -102,6 +129,17 @@ impl Proxy {
         }
     }
 
+    /// Corrupt the next Insert/Update on a replication stream: its first tuple column kind
+    /// byte becomes `x` (not `n`/`u`/`t`/`b`), leaving the relation OID readable.
+    pub fn corrupt_next_change(&self) {
+        self.shared.corrupt_next.store(true, Ordering::SeqCst);
+    }
+
+    /// pgoutput messages corrupted so far.
+    pub fn corrupted(&self) -> usize {
+        self.shared.corrupted.load(Ordering::SeqCst)
+    }
+
     /// Rewrite `:<target>` in a URL to this proxy's port.
     pub fn url(&self, url: &str) -> String {
         url.replacen(&format!(":{}", self.target), &format!(":{}", self.port), 1)
@@ -124,6 +162,56 @@ fn pump(mut from: TcpStream, mut to: TcpStream, sh: &Shared) {
         }
         if to.write_all(&buf[..n]).is_err() {
             break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
+}
+
+/// Forward whole PostgreSQL frames (tag, Int32 length, body), corrupting one pgoutput
+/// change when asked. XLogData is CopyData `d` whose body is `w` + 24 header bytes + the
+/// pgoutput message; an Insert/Update starts `I|U`, Int32 OID, then `N`/`K`/`O`, Int16
+/// column count, then the first column's kind byte.
+fn pump_pg_frames(mut from: TcpStream, mut to: TcpStream, sh: &Shared) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut pending: Vec<u8> = Vec::new();
+    'outer: loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        let mut done = 0;
+        while pending.len() - done >= 5 {
+            let len = u32::from_be_bytes([
+                pending[done + 1],
+                pending[done + 2],
+                pending[done + 3],
+                pending[done + 4],
+            ]) as usize;
+            let total = 1 + len;
+            if pending.len() - done < total {
+                break;
+            }
+            let f = &mut pending[done..done + total];
+            let body = 5;
+            if f[0] == b'd'
+                && f.len() > body + 25 + 8
+                && f[body] == b'w'
+                && matches!(f[body + 25], b'I' | b'U')
+                && sh.corrupt_next.swap(false, Ordering::SeqCst)
+            {
+                // tag(1) + oid(4) + N/K/O(1) + ncols(2) -> first column kind
+                f[body + 25 + 8] = b'x';
+                sh.corrupted.fetch_add(1, Ordering::SeqCst);
+            }
+            done += total;
+        }
+        if done > 0 {
+            if to.write_all(&pending[..done]).is_err() {
+                break 'outer;
+            }
+            pending.drain(..done);
         }
     }
     let _ = to.shutdown(Shutdown::Both);
