@@ -529,7 +529,7 @@ impl Source {
                             .decode(&data)
                             .map_err(|source| SourceError::Decode {
                                 lsn,
-                                relation: relation_of(&data, decoder.in_stream, &assembler),
+                                relation: relation_of(&data, decoder.in_stream, assembler),
                                 source,
                             })?;
                         let Some(event) = assembler.push(msg, lsn)? else {
