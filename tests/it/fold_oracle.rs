@@ -635,3 +635,55 @@ async fn oracle_smoke_workloads_run_and_truth_round_trips() {
         .psql("SELECT count(*) FROM activity_log WHERE qty IS NULL OR qty <> trunc(qty)");
     assert_ne!(skipped, "0");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_command_refuses_while_streaming_and_rebuilds_redis_when_stopped() {
+    let seed = test_seed("resync_command_refuses_while_streaming_and_rebuilds_redis_when_stopped");
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.start_skusync("").await;
+    let mut w = public_workload(seed);
+    run_workload(&mut rig, &mut w, 300, async |_, _| {}).await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    let cfg = rig.daemon().cfg.clone();
+    let resync = |cfg: &Path| {
+        std::process::Command::new(skusync_bin())
+            .args(["resync", "--config", cfg.to_str().unwrap()])
+            .output()
+            .expect("run skusync resync")
+    };
+    // Only the active instance may rebuild Redis: with one streaming, refuse.
+    let out = resync(&cfg);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stop it first"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+    // Damage Redis behind skusync's back, then rebuild it on demand.
+    let key = skusync::sinks::layout::sku_key("skusync", &marker_sku(1));
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("on_hand")
+        .arg("999999")
+        .query_async(&mut rig.con)
+        .await
+        .unwrap();
+    assert!(
+        !rig.oracle
+            .mismatches(&rig.client, &mut rig.con)
+            .await
+            .is_empty(),
+        "the oracle sees the damage"
+    );
+    let out = resync(&cfg);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = rig.oracle.mismatches(&rig.client, &mut rig.con).await;
+    assert!(m.is_empty(), "{}", format_mismatches(&m, 20));
+}
