@@ -13,15 +13,14 @@ use crate::harness::proxy::Proxy;
 use crate::harness::{
     MosquittoServer, MqttOptions, PgOptions, PgServer, RedisOptions, RedisServer, StopMode,
 };
+use crate::mqtt_e2e::{Subscriber, retained_mismatches};
 use crate::oracle::*;
 use crate::support::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use skusync::lsn::Lsn;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -185,124 +184,39 @@ impl LsnChecker {
 // ---------------------------------------------------------------------------------------
 // MQTT observation
 
-/// A live `mosquitto_sub -t skusync/#` (connected to the broker directly, not via a proxy).
-struct Subscriber {
-    child: Child,
-    lines: Arc<Mutex<Vec<(String, String)>>>,
-}
-
-impl Subscriber {
-    fn start(broker: &MosquittoServer) -> Subscriber {
-        let mut child = Command::new("mosquitto_sub")
-            .args(broker.client_args())
-            .args(["-t", "skusync/alerts/#", "-q", "1", "-F", "%t %p"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto_sub");
-        let out = child.stdout.take().expect("stdout");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let l2 = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                let (t, p) = line.split_once(' ').unwrap_or((line.as_str(), ""));
-                l2.lock().unwrap().push((t.to_string(), p.to_string()));
-            }
-        });
-        std::thread::sleep(Duration::from_millis(300));
-        Subscriber { child, lines }
-    }
-
-    /// Alert duplicates must repeat the same id with the same payload.
-    fn alert_violations(&self) -> (usize, Vec<String>) {
-        let mut by_id: BTreeMap<String, String> = BTreeMap::new();
-        let mut bad = Vec::new();
-        for (t, p) in self.lines.lock().unwrap().iter() {
-            if p.is_empty() {
-                continue;
-            }
-            let Ok(j) = serde_json::from_str::<serde_json::Value>(p) else {
-                bad.push(format!("{t}: not JSON: {p}"));
-                continue;
-            };
-            let id = j["id"].as_str().unwrap_or_default().to_string();
-            let want = format!(
-                "{}:{}:{}",
-                j["lsn"].as_str().unwrap_or("?"),
-                j["type"].as_str().unwrap_or("?"),
-                j["sku"].as_str().unwrap_or("?")
-            );
-            if id != want {
-                bad.push(format!(
-                    "{t}: id {id:?} does not name its crossing {want:?}"
-                ));
-            }
-            if let Some(prev) = by_id.insert(id.clone(), p.clone())
-                && prev != *p
-            {
-                bad.push(format!("alert {id:?} repeated with another payload"));
-            }
+/// Alerts are observed by a live subscriber (connected to the broker directly, not via a
+/// proxy): `crate::mqtt_e2e::Subscriber` on `skusync/alerts/#`.
+/// Alert duplicates must repeat the same id with the same payload.
+fn alert_violations(sub: &Subscriber) -> (usize, Vec<String>) {
+    let mut by_id: BTreeMap<String, String> = BTreeMap::new();
+    let mut bad = Vec::new();
+    for (t, p) in sub.messages().iter() {
+        if p.is_empty() {
+            continue;
         }
-        (by_id.len(), bad)
-    }
-}
-
-impl Drop for Subscriber {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn as_i64(v: Option<&String>) -> i64 {
-    v.and_then(|s| s.parse().ok()).unwrap_or(0)
-}
-
-/// Differences between the retained messages and the Redis hashes.
-async fn retained_mismatches(rig: &mut Rig, broker: &MosquittoServer) -> Vec<String> {
-    use skusync::sinks::mqtt::decode_sku;
-    let state = rig.oracle.redis_state(&mut rig.con).await;
-    let retained: BTreeMap<String, serde_json::Value> = broker
-        .retained("skusync/sku/+", Duration::from_secs(3))
-        .into_iter()
-        .filter(|(_, p)| !p.is_empty())
-        .filter_map(|(t, p)| {
-            let sku = decode_sku(t.strip_prefix("skusync/sku/")?)?;
-            Some((sku, serde_json::from_slice(&p).ok()?))
-        })
-        .collect();
-    let mut out = Vec::new();
-    for (sku, h) in &state {
-        let gone = h.get("gone").map(String::as_str) == Some("1");
-        match (retained.get(sku), gone) {
-            (None, true) => {}
-            (Some(_), true) => out.push(format!("{sku:?}: gone in Redis but still retained")),
-            (None, false) => out.push(format!("{sku:?}: no retained message")),
-            (Some(j), false) => {
-                for f in [
-                    "on_hand",
-                    "reserved",
-                    "available",
-                    "views",
-                    "carts",
-                    "purchases",
-                ] {
-                    let want = as_i64(h.get(f));
-                    let got = j.get(f).and_then(|v| v.as_i64()).unwrap_or(0);
-                    if want != got {
-                        out.push(format!("{sku:?}.{f}: Redis {want}, retained {got}"));
-                    }
-                }
-            }
+        let Ok(j) = serde_json::from_str::<serde_json::Value>(p) else {
+            bad.push(format!("{t}: not JSON: {p}"));
+            continue;
+        };
+        let id = j["id"].as_str().unwrap_or_default().to_string();
+        let want = format!(
+            "{}:{}:{}",
+            j["lsn"].as_str().unwrap_or("?"),
+            j["type"].as_str().unwrap_or("?"),
+            j["sku"].as_str().unwrap_or("?")
+        );
+        if id != want {
+            bad.push(format!(
+                "{t}: id {id:?} does not name its crossing {want:?}"
+            ));
+        }
+        if let Some(prev) = by_id.insert(id.clone(), p.clone())
+            && prev != *p
+        {
+            bad.push(format!("alert {id:?} repeated with another payload"));
         }
     }
-    for sku in retained.keys() {
-        if !state.contains_key(sku) {
-            out.push(format!("{sku:?}: retained but not in Redis"));
-        }
-    }
-    out
+    (by_id.len(), bad)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -424,7 +338,7 @@ impl Env {
         self.rig.daemon = Some(Daemon::start(self.rig.dir.path(), cfg));
         self.rig.wait_bootstrap(Duration::from_secs(60)).await;
         if let Some(b) = &self.broker {
-            self.sub = Some(Subscriber::start(b));
+            self.sub = Some(Subscriber::start(b, "skusync/alerts/#"));
         }
         self.checker = Some(LsnChecker::start(
             self.rig.pg.url("postgres", "postgres"),
@@ -530,7 +444,7 @@ impl Env {
             self.broker = Some(b);
         }
         if let Some(s) = &self.sub {
-            let (n, bad) = s.alert_violations();
+            let (n, bad) = alert_violations(s);
             eprintln!("{n} distinct alerts observed");
             assert!(bad.is_empty(), "alert violations: {bad:#?}");
         }

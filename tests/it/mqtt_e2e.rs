@@ -14,13 +14,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A live `mosquitto_sub` collecting `(topic, payload)` lines.
-struct Subscriber {
+pub struct Subscriber {
     child: Child,
     lines: Arc<Mutex<Vec<(String, String)>>>,
 }
 
 impl Subscriber {
-    fn start(broker: &MosquittoServer, filter: &str) -> Subscriber {
+    pub fn start(broker: &MosquittoServer, filter: &str) -> Subscriber {
         let mut child = Command::new("mosquitto_sub")
             .args(broker.client_args())
             .args(["-t", filter, "-q", "1", "-F", "%t %p"])
@@ -43,7 +43,7 @@ impl Subscriber {
         Subscriber { child, lines }
     }
 
-    fn messages(&self) -> Vec<(String, String)> {
+    pub fn messages(&self) -> Vec<(String, String)> {
         self.lines.lock().unwrap().clone()
     }
 }
@@ -67,7 +67,7 @@ fn as_i64(v: Option<&String>) -> i64 {
 }
 
 /// Differences between the retained messages and the Redis hashes.
-async fn retained_mismatches(rig: &mut Rig, broker: &MosquittoServer) -> Vec<String> {
+pub async fn retained_mismatches(rig: &mut Rig, broker: &MosquittoServer) -> Vec<String> {
     let state = rig.oracle.redis_state(&mut rig.con).await;
     let retained: BTreeMap<String, serde_json::Value> = broker
         .retained("skusync/sku/+", Duration::from_secs(5))
