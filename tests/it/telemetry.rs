@@ -32,30 +32,7 @@ fn repo_file(rel: &str) -> String {
 }
 
 fn oracle() -> Oracle {
-    Oracle {
-        prefix: "skusync".into(),
-        inventory: vec![InventorySpec {
-            table: "public.inventory".into(),
-            sku: "sku".into(),
-            location: Some("location".into()),
-            on_hand: "on_hand".into(),
-            reserved: Some("reserved".into()),
-        }],
-        activity: vec![ActivitySpec {
-            table: "public.activity_log".into(),
-            sku: "sku".into(),
-            kind: "kind".into(),
-            quantity: Some("qty".into()),
-            time: None,
-            windows: vec!["5m".into(), "1h".into()],
-            counters: vec![
-                ("view".into(), "views".into()),
-                ("add_to_cart".into(), "carts".into()),
-                ("purchase".into(), "purchases".into()),
-            ],
-        }],
-        buckets: Buckets::SumEqualsTotal,
-    }
+    crate::fold_oracle::public_oracle(Buckets::SumEqualsTotal)
 }
 
 /// A `skusync run` child with its stderr in a file.
