@@ -85,20 +85,6 @@ enum Cycle {
     Restart(String),
 }
 
-/// Live counters the HTTP endpoint and `status` read.
-#[derive(Default, Debug)]
-pub struct Counters {
-    pub transactions: AtomicU64,
-    pub rows: AtomicU64,
-    pub sku_updates: AtomicU64,
-    pub fenced: AtomicU64,
-    pub alerts: AtomicU64,
-    pub skipped_values: AtomicU64,
-    pub resyncs: AtomicU64,
-    pub applied_lsn: AtomicU64,
-    pub streaming: std::sync::atomic::AtomicBool,
-}
-
 /// The daemon's state across restarts of its pipeline.
 pub struct Daemon {
     cfg: Config,
@@ -112,8 +98,6 @@ pub struct Daemon {
     mqtt: Option<MqttHandle>,
     mqtt_join: Option<tokio::task::JoinHandle<Result<(), mqtt::MqttError>>>,
     mqtt_token: Option<CancellationToken>,
-    /// Counters for metrics.
-    pub counters: Arc<Counters>,
 }
 
 impl Daemon {
@@ -150,7 +134,6 @@ impl Daemon {
             mqtt: None,
             mqtt_join: None,
             mqtt_token: None,
-            counters: Arc::new(Counters::default()),
         })
     }
 
@@ -328,7 +311,6 @@ impl Daemon {
             .await
             .map_err(|e| DaemonError::from(meta::classify(e, &self.pgc)))?;
         drop(repl); // drops the temporary slot
-        self.counters.resyncs.fetch_add(1, Ordering::Relaxed);
         telemetry::resync();
         if let Some(m) = &self.mqtt {
             m.republish_all();
@@ -426,7 +408,6 @@ impl Daemon {
                 "source did not stop within 15 s".into(),
             ))),
         };
-        self.counters.streaming.store(false, Ordering::Relaxed);
         if !shutdown.is_cancelled() {
             telemetry::role(Role::Starting);
         }
@@ -502,7 +483,6 @@ impl Daemon {
                 match ev {
                     SourceEvent::Connected(info) => {
                         fold.reset();
-                        self.counters.streaming.store(true, Ordering::Relaxed);
                         telemetry::role(Role::Streaming);
                         let mut con = applier.connection();
                         match rsink::read_meta(&mut con, self.prefix()).await? {
@@ -591,12 +571,10 @@ impl Daemon {
                             crate::txn::value::pg_timestamp_to_unix_micros(c.commit_ts)
                                 .div_euclid(1000),
                         );
-                        self.counters.transactions.fetch_add(1, Ordering::Relaxed);
                         telemetry::transaction();
                     }
                 }
                 for s in fold.take_skipped() {
-                    self.counters.skipped_values.fetch_add(1, Ordering::Relaxed);
                     telemetry::value_skipped(&s);
                 }
             }
@@ -644,23 +622,11 @@ impl Daemon {
         };
         if let Some(end) = batch.end {
             self.gate.fetch_max(end.0, Ordering::SeqCst);
-            self.counters
-                .applied_lsn
-                .fetch_max(end.0, Ordering::Relaxed);
         }
         for t in batch.tickets.drain(..) {
             progress.durable(t);
         }
         telemetry::redis_applied(&applied, &batch.commit_ms);
-        self.counters
-            .sku_updates
-            .fetch_add(applied.applied, Ordering::Relaxed);
-        self.counters
-            .fenced
-            .fetch_add(applied.fenced, Ordering::Relaxed);
-        self.counters
-            .alerts
-            .fetch_add(applied.alerts, Ordering::Relaxed);
         if let Some(m) = &self.mqtt {
             m.changed(batch.skus());
         }

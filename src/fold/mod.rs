@@ -115,7 +115,7 @@ pub struct FoldStats {
 /// The fold state machine.
 pub struct Fold {
     mapping: Arc<Mapping>,
-    rules: HashMap<u32, Rule>,
+    rules: HashMap<u32, Arc<Rule>>,
     max_changes: u64,
     cur: Option<Piece>,
     /// Changes folded into the current piece.
@@ -145,7 +145,7 @@ impl Fold {
     /// before any change of it is applied.
     pub fn relation(&mut self, rel: &RelationDesc) -> Result<(), SchemaError> {
         let rule = self.mapping.resolve(rel)?;
-        self.rules.insert(rel.oid, rule);
+        self.rules.insert(rel.oid, Arc::new(rule));
         Ok(())
     }
 
@@ -204,18 +204,19 @@ impl Fold {
         };
         self.in_piece += 1;
         self.stats.rows += 1;
+        // Shared, not cloned: this runs for every row.
         let rule = match self.rules.get(&c.rel.oid) {
             Some(r) => r.clone(),
             None => {
-                let r = self.mapping.resolve(&c.rel)?;
+                let r = Arc::new(self.mapping.resolve(&c.rel)?);
                 self.rules.insert(c.rel.oid, r.clone());
                 r
             }
         };
-        match rule {
+        match &*rule {
             Rule::Unmapped => self.stats.unmapped_changes += 1,
-            Rule::Inventory(r) => self.fold_stock(&r, c),
-            Rule::Activity(r) => self.fold_activity(&r, c),
+            Rule::Inventory(r) => self.fold_stock(r, c),
+            Rule::Activity(r) => self.fold_activity(r, c),
         }
         Ok(out)
     }
@@ -469,7 +470,8 @@ impl Fold {
             None => 1,
             Some(i) => match quantity(t, None, i, &c.rel) {
                 Ok(Field::Val(v)) => v,
-                Ok(Field::Keep) => unreachable_keep(),
+                // `quantity` returns Keep only when given an old row; activity passes none.
+                Ok(Field::Keep) => 0,
                 Err(e) => {
                     self.skip(&r.table, m.quantity.as_deref().unwrap_or(""), lsn, e);
                     return;
@@ -514,11 +516,6 @@ impl Fold {
             d.users.entry((counter, minute)).or_default().insert(u);
         }
     }
-}
-
-fn unreachable_keep() -> i64 {
-    // `quantity` only returns Keep when given an old row, which activity never passes.
-    0
 }
 
 fn keep_or<T>(new: Field<T>, old: Field<T>) -> Field<T> {

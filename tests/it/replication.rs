@@ -99,7 +99,7 @@ async fn stream_delivers_typed_inserts_updates_deletes_and_truncates() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn confirmed_lsn_advances_only_past_durable_work_and_on_idle_keepalives() {
+async fn confirmed_lsn_reaches_applied_commits_and_advances_on_idle_keepalives() {
     let pg = pg_with_schema();
     create_slot(&pg, "s2");
     let src = RunningSource::start(source_config(

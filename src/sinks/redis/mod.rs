@@ -9,6 +9,7 @@
 use crate::fold::{Field, Piece, RowOp};
 use crate::lsn::Lsn;
 use crate::sinks::layout;
+use redis::IntoConnectionInfo;
 use redis::aio::ConnectionManager;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -79,7 +80,7 @@ pub fn client(
     ca_file: Option<&std::path::Path>,
 ) -> Result<redis::Client, RedisSinkError> {
     let mut info: redis::ConnectionInfo = url
-        .into_connection_info_checked()
+        .into_connection_info()
         .map_err(|e| RedisSinkError::Definite(format!("redis.url: {e}")))?;
     if let Ok(pw) = std::env::var("SKUSYNC_REDIS_PASSWORD")
         && info.redis_settings().password().is_none()
@@ -104,16 +105,6 @@ pub fn client(
         }
         _ => redis::Client::open(info)
             .map_err(|e| RedisSinkError::Definite(format!("redis.url: {e}"))),
-    }
-}
-
-trait CheckedInfo {
-    fn into_connection_info_checked(self) -> redis::RedisResult<redis::ConnectionInfo>;
-}
-
-impl CheckedInfo for &str {
-    fn into_connection_info_checked(self) -> redis::RedisResult<redis::ConnectionInfo> {
-        redis::IntoConnectionInfo::into_connection_info(self)
     }
 }
 
