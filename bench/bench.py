@@ -239,6 +239,12 @@ def catch_up(exe, quick):
 
         # skusync: Redis applied and every SKU's final state acknowledged by the broker.
         t0 = time.time()
+        # SKUSYNC_BENCH_PERF_ALL=FILE records every process (walsender, Redis, broker,
+        # skusync) during the measured drain: where the machine's two cores go.
+        perf_all = None
+        if os.environ.get("SKUSYNC_BENCH_PERF_ALL"):
+            perf_all = subprocess.Popen(["perf", "record", "-a", "-g", "-o", os.environ["SKUSYNC_BENCH_PERF_ALL"]],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         s = Skusync(exe, st, config(st), "skusync-measured")
         peak = [0.0]
 
@@ -254,6 +260,9 @@ def catch_up(exe, quick):
         redis_s = time.time() - t0
         wait(lambda: all_published(st), 300, "MQTT acknowledged")
         sk_s = time.time() - t0
+        if perf_all:
+            perf_all.send_signal(signal.SIGINT)
+            perf_all.wait()
         cpu, hwm = s.stats()
         s.stop()
         # Where Redis spent its time (the apply script vs the publisher's reads and marks).

@@ -9,7 +9,8 @@
 //! from a snapshot (first start, lost data, a different database, a changed mapping).
 
 use crate::config::{Config, OnSlotLost};
-use crate::fold::{Fold, Mapping, Piece};
+use crate::fold::batch::Batch;
+use crate::fold::{Fold, Mapping};
 use crate::lsn::Lsn;
 use crate::pg::conn::{ReplConnection, SnapshotAction};
 use crate::pg::connstr::PgConnectConfig;
@@ -94,6 +95,8 @@ pub struct Daemon {
     settings: ApplySettings,
     max_changes: u64,
     max_batch_skus: usize,
+    /// Transactions up to here replay unmerged (raised when Redis refused a merged entry).
+    split_floor: Lsn,
     gate: Arc<AtomicU64>,
     mqtt: Option<MqttHandle>,
     mqtt_join: Option<tokio::task::JoinHandle<Result<(), mqtt::MqttError>>>,
@@ -130,6 +133,7 @@ impl Daemon {
             settings,
             max_changes: rc.max_changes_per_piece,
             max_batch_skus: rc.max_batch_skus,
+            split_floor: Lsn(0),
             gate: Arc::new(AtomicU64::new(0)),
             mqtt: None,
             mqtt_join: None,
@@ -396,7 +400,7 @@ impl Daemon {
         let (tx, rx) = mpsc::channel(8);
         let src = tokio::spawn(source.run(tx, src_token.clone()));
         let applier = Applier::new(con, self.settings.clone());
-        let result = self.pipeline(rx, applier, progress, bootstrap).await;
+        let result = self.pipeline(rx, applier, progress).await;
         // Whatever ended the pipeline, stop the source (it confirms what is durable).
         src_token.cancel();
         let src_result = match tokio::time::timeout(Duration::from_secs(15), src).await {
@@ -442,44 +446,83 @@ impl Daemon {
     }
 
     /// Consume the source's events until the channel closes (source stopped) or
-    /// something needs a restart.
+    /// something needs a restart. At most one apply call is in flight: while Redis runs
+    /// it, the next batch folds (and merges per SKU) here.
     async fn pipeline(
         &mut self,
         mut rx: mpsc::Receiver<Vec<SourceEvent>>,
-        mut applier: Applier,
+        applier: Applier,
         progress: ProgressHandle,
-        bootstrap: bool,
+    ) -> Result<Cycle, DaemonError> {
+        let mut flight: Option<tokio::task::JoinHandle<Flight>> = None;
+        let r = self
+            .pipeline_loop(&mut rx, applier, &progress, &mut flight)
+            .await;
+        // Never leave an apply running behind the next session's start (it reads
+        // `applied_lsn` to decide what may merge).
+        if let Some(f) = flight.take()
+            && let Ok(f) = f.await
+            && f.result.is_ok()
+        {
+            for t in f.tickets {
+                progress.durable(t);
+            }
+        }
+        r
+    }
+
+    async fn pipeline_loop(
+        &mut self,
+        rx: &mut mpsc::Receiver<Vec<SourceEvent>>,
+        mut applier: Applier,
+        progress: &ProgressHandle,
+        flight: &mut Option<tokio::task::JoinHandle<Flight>>,
     ) -> Result<Cycle, DaemonError> {
         let mut fold = Fold::new(self.mapping.clone(), self.max_changes);
         let mut fold_seen = crate::fold::FoldStats::default();
-        let mut batch = Batch::default();
+        let mut pending = Pending::default();
         let mut tick = tokio::time::interval(self.cfg.status_interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let _ = bootstrap;
+        let max_entries = self.max_batch_skus;
+        let max_steps = self.max_batch_skus.saturating_mul(STEPS_PER_ENTRY);
         loop {
+            let full = pending.batch.len() >= max_entries || pending.batch.steps() >= max_steps;
             let events = tokio::select! {
-                e = rx.recv() => e,
+                done = async { flight.as_mut().expect("guarded").await }, if flight.is_some() => {
+                    *flight = None;
+                    let done = done.map_err(|e| DaemonError::Transient(format!("apply task: {e}")))?;
+                    if let Some(c) = self.complete(done, progress)? {
+                        return Ok(c);
+                    }
+                    None
+                }
+                e = rx.recv(), if !full => match e {
+                    Some(e) => Some(e),
+                    None => {
+                        // The source stopped: apply what is left so its final status
+                        // confirms it.
+                        if let Some(c) = self.drain(&applier, &mut pending, flight, progress).await? {
+                            return Ok(c);
+                        }
+                        return Ok(Cycle::Shutdown);
+                    }
+                },
                 _ = tick.tick() => {
                     telemetry::heartbeat();
-                    telemetry::backlog(rx.len(), batch.entries);
+                    telemetry::backlog(rx.len(), pending.batch.len());
                     // Keepalive-only progress: record it in Redis before it may be confirmed.
                     let flush = progress.flush_lsn();
-                    if batch.is_empty() && flush.0 > self.gate.load(Ordering::SeqCst) {
+                    if pending.is_empty() && flight.is_none() && flush.0 > self.gate.load(Ordering::SeqCst) {
                         match applier.apply(&[], Some(flush), false).await {
                             Ok(_) => { telemetry::redis_ok(); self.gate.fetch_max(flush.0, Ordering::SeqCst) }
                             Err(RedisSinkError::NoMeta) => return Ok(Cycle::Restart("Redis lost its data".into())),
                             Err(e) => { telemetry::redis_failed(); tracing::warn!(error = %e, "cannot record progress in Redis"); 0 }
                         };
                     }
-                    continue;
+                    None
                 }
             };
-            let Some(events) = events else {
-                // The source stopped: apply what is left so its final status confirms it.
-                self.flush(&mut applier, &mut batch, &progress).await?;
-                return Ok(Cycle::Shutdown);
-            };
-            for ev in events {
+            for ev in events.into_iter().flatten() {
                 match ev {
                     SourceEvent::Connected(info) => {
                         fold.reset();
@@ -518,6 +561,9 @@ impl Daemon {
                                     )
                                     .await?;
                                 }
+                                // Transactions Redis may hold already replay unmerged.
+                                let horizon = m.applied_lsn.unwrap_or(Lsn(0)).max(self.split_floor);
+                                pending.batch.raise_horizon(horizon);
                             }
                         }
                         self.start_mqtt(applier.connection()).await?;
@@ -529,45 +575,44 @@ impl Daemon {
                     SourceEvent::Event(Event::Begin(b)) => fold.begin(&b),
                     SourceEvent::Event(Event::Change(c)) => {
                         if let Some(p) = fold.change(&c).map_err(|e| DaemonError::Definite(e.0))? {
-                            batch.push(p);
+                            pending.batch.push(p);
                         }
                     }
                     SourceEvent::Event(Event::Truncate(t)) => {
                         for p in fold.truncate(&t).map_err(|e| DaemonError::Definite(e.0))? {
                             if p.truncate.is_empty() {
-                                batch.push(p);
-                            } else {
-                                // Everything before it first; then the truncate over all SKUs.
-                                if let Some(c) =
-                                    self.flush(&mut applier, &mut batch, &progress).await?
-                                {
-                                    return Ok(c);
-                                }
-                                let skus = applier.all_skus().await?;
-                                for chunk in skus.chunks(500) {
-                                    match applier.truncate(&p, chunk).await {
-                                        Ok(_) => {}
-                                        Err(RedisSinkError::NoMeta) => {
-                                            return Ok(Cycle::Restart(
-                                                "Redis lost its data".into(),
-                                            ));
-                                        }
-                                        Err(e) => return Err(e.into()),
+                                pending.batch.push(p);
+                                continue;
+                            }
+                            // Everything before it first; then the truncate over all SKUs.
+                            if let Some(c) =
+                                self.drain(&applier, &mut pending, flight, progress).await?
+                            {
+                                return Ok(c);
+                            }
+                            let skus = applier.all_skus().await?;
+                            for chunk in skus.chunks(500) {
+                                match applier.truncate(&p, chunk).await {
+                                    Ok(_) => {}
+                                    Err(RedisSinkError::NoMeta) => {
+                                        return Ok(Cycle::Restart("Redis lost its data".into()));
                                     }
+                                    Err(e) => return Err(e.into()),
                                 }
-                                if let Some(m) = &self.mqtt {
-                                    m.changed(skus);
-                                }
+                            }
+                            if let Some(m) = &self.mqtt {
+                                m.changed(skus);
                             }
                         }
                     }
                     SourceEvent::Event(_) => {}
                     SourceEvent::Commit(c, ticket) => {
                         if let Some(p) = fold.commit(&c) {
-                            batch.push(p);
+                            pending.batch.push(p);
                         }
-                        batch.commit(c.end_lsn, ticket);
-                        batch.commit_ms.push(
+                        pending.end = Some(pending.end.map_or(c.end_lsn, |e| e.max(c.end_lsn)));
+                        pending.tickets.push(ticket);
+                        pending.commit_ms.push(
                             crate::txn::value::pg_timestamp_to_unix_micros(c.commit_ts)
                                 .div_euclid(1000),
                         );
@@ -579,60 +624,141 @@ impl Daemon {
                 }
             }
             telemetry::fold_progress(&fold.stats, &mut fold_seen);
-            telemetry::backlog(rx.len(), batch.entries);
-            // Apply now unless more is already waiting and the batch has room: batching
-            // only while backlogged keeps latency low when the stream is quiet.
-            if (rx.is_empty() || batch.entries >= self.max_batch_skus)
-                && let Some(c) = self.flush(&mut applier, &mut batch, &progress).await?
-            {
-                return Ok(c);
+            telemetry::backlog(rx.len(), pending.batch.len());
+            // Apply when Redis is free and either nothing more is waiting (low latency
+            // when quiet) or the batch is full (backlogged: merge as much as fits).
+            let full = pending.batch.len() >= max_entries || pending.batch.steps() >= max_steps;
+            if flight.is_none() && !pending.is_empty() && (rx.is_empty() || full) {
+                *flight = Some(launch(&applier, &mut pending));
             }
         }
     }
 
-    /// Apply the batch; on success mark its transactions durable and tell MQTT.
-    async fn flush(
+    /// Record a finished apply call: its transactions become durable (confirmable) and
+    /// MQTT learns which SKUs changed. Returns a restart when the call failed for good.
+    fn complete(
         &mut self,
-        applier: &mut Applier,
-        batch: &mut Batch,
+        f: Flight,
         progress: &ProgressHandle,
     ) -> Result<Option<Cycle>, DaemonError> {
-        if batch.is_empty() {
-            return Ok(None);
-        }
-        let mut delay = Duration::from_millis(100);
-        let applied = loop {
-            match applier.apply(&batch.pieces, batch.end, false).await {
-                Ok(a) => break a,
-                Err(RedisSinkError::NoMeta) => {
-                    return Ok(Some(Cycle::Restart(
-                        "Redis lost its data (meta hash missing)".into(),
-                    )));
+        match f.result {
+            Ok(applied) => {
+                if let Some(end) = f.end {
+                    self.gate.fetch_max(end.0, Ordering::SeqCst);
                 }
+                for t in f.tickets {
+                    progress.durable(t);
+                }
+                telemetry::redis_applied(&applied, &f.commit_ms);
+                if let Some(m) = &self.mqtt {
+                    m.changed(f.skus);
+                }
+                Ok(None)
+            }
+            Err(RedisSinkError::NoMeta) => Ok(Some(Cycle::Restart(
+                "Redis lost its data (meta hash missing)".into(),
+            ))),
+            Err(RedisSinkError::Split(msg)) => {
+                // Redis held part of a merged entry: replay everything up to this batch
+                // unmerged. Nothing of the refused call was written.
+                self.split_floor = self.split_floor.max(f.last_commit);
+                Ok(Some(Cycle::Restart(format!(
+                    "{msg}; replaying without merging up to {}",
+                    f.last_commit
+                ))))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Wait for the call in flight, then apply what is pending, and wait for that too.
+    async fn drain(
+        &mut self,
+        applier: &Applier,
+        pending: &mut Pending,
+        flight: &mut Option<tokio::task::JoinHandle<Flight>>,
+        progress: &ProgressHandle,
+    ) -> Result<Option<Cycle>, DaemonError> {
+        for _ in 0..2 {
+            if let Some(f) = flight.take() {
+                let f = f
+                    .await
+                    .map_err(|e| DaemonError::Transient(format!("apply task: {e}")))?;
+                if let Some(c) = self.complete(f, progress)? {
+                    return Ok(Some(c));
+                }
+            }
+            if !pending.is_empty() {
+                *flight = Some(launch(applier, pending));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Most stock steps per apply call, per allowed entry (`max_batch_skus`).
+const STEPS_PER_ENTRY: usize = 4;
+
+/// Start one apply call for everything pending; transient Redis errors are retried
+/// inside (the fence makes retrying the same call safe).
+fn launch(applier: &Applier, pending: &mut Pending) -> tokio::task::JoinHandle<Flight> {
+    let entries = pending.batch.take();
+    let skus: BTreeSet<&str> = entries.iter().map(|e| e.sku.as_str()).collect();
+    let skus: Vec<String> = skus.into_iter().map(str::to_string).collect();
+    let last_commit = entries.iter().map(|e| e.last.0).max().unwrap_or(Lsn(0));
+    let end = pending.end.take();
+    let tickets = std::mem::take(&mut pending.tickets);
+    let commit_ms = std::mem::take(&mut pending.commit_ms);
+    let mut applier = applier.clone();
+    tokio::spawn(async move {
+        let mut delay = Duration::from_millis(100);
+        let result = loop {
+            match applier.apply(&entries, end, false).await {
+                Ok(a) => break Ok(a),
                 Err(e) if e.is_transient() => {
                     telemetry::redis_failed();
-                    telemetry::heartbeat();
-                    // The fence makes retrying the same batch safe.
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Redis apply failed; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => break Err(e),
             }
         };
-        if let Some(end) = batch.end {
-            self.gate.fetch_max(end.0, Ordering::SeqCst);
+        Flight {
+            tickets,
+            end,
+            last_commit,
+            commit_ms,
+            skus,
+            result,
         }
-        for t in batch.tickets.drain(..) {
-            progress.durable(t);
-        }
-        telemetry::redis_applied(&applied, &batch.commit_ms);
-        if let Some(m) = &self.mqtt {
-            m.changed(batch.skus());
-        }
-        batch.clear();
-        Ok(None)
+    })
+}
+
+/// The batch being filled, with the tickets its transactions complete.
+#[derive(Default)]
+struct Pending {
+    batch: Batch,
+    tickets: Vec<Ticket>,
+    end: Option<Lsn>,
+    /// Commit times (unix ms) of the transactions, for the latency histogram.
+    commit_ms: Vec<i64>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.batch.is_empty() && self.tickets.is_empty()
     }
+}
+
+/// A finished apply call.
+struct Flight {
+    tickets: Vec<Ticket>,
+    end: Option<Lsn>,
+    last_commit: Lsn,
+    commit_ms: Vec<i64>,
+    skus: Vec<String>,
+    result: Result<rsink::Applied, RedisSinkError>,
 }
 
 /// `skusync resync`: rebuild Redis from a fresh snapshot while no instance streams.
@@ -657,46 +783,6 @@ pub async fn resync_now(cfg: Config) -> Result<(), DaemonError> {
         Some(_) => {}
     }
     d.resync(&mut con, &client, &slot).await
-}
-
-/// Pieces waiting for one apply call, with the tickets they complete.
-#[derive(Default)]
-struct Batch {
-    pieces: Vec<Piece>,
-    entries: usize,
-    tickets: Vec<Ticket>,
-    end: Option<Lsn>,
-    /// Commit times (unix ms) of the transactions, for the latency histogram.
-    commit_ms: Vec<i64>,
-}
-
-impl Batch {
-    fn push(&mut self, p: Piece) {
-        self.entries += p.skus.len() + p.eval.len();
-        self.pieces.push(p);
-    }
-    fn commit(&mut self, end: Lsn, t: Ticket) {
-        self.end = Some(self.end.map_or(end, |e| e.max(end)));
-        self.tickets.push(t);
-    }
-    fn is_empty(&self) -> bool {
-        self.pieces.is_empty() && self.tickets.is_empty()
-    }
-    fn skus(&self) -> Vec<String> {
-        let set: BTreeSet<&String> = self
-            .pieces
-            .iter()
-            .flat_map(|p| p.skus.keys().chain(p.eval.iter()))
-            .collect();
-        set.into_iter().cloned().collect()
-    }
-    fn clear(&mut self) {
-        self.pieces.clear();
-        self.entries = 0;
-        self.tickets.clear();
-        self.end = None;
-        self.commit_ms.clear();
-    }
 }
 
 /// Reset Redis, load the snapshot, and mark the meta hash done at `at`.

@@ -209,7 +209,7 @@ pub async fn load(
                 }
                 if !pending.is_empty() {
                     for p in pending.drain(..) {
-                        applier.apply(std::slice::from_ref(&p), None, true).await?;
+                        applier.apply_pieces(std::slice::from_ref(&p), None, true).await?;
                         stats.skus += p.skus.len() as u64;
                     }
                     tick(stats.rows + table_rows);
@@ -235,7 +235,7 @@ pub async fn load(
     }) {
         stats.skus += last.skus.len() as u64;
         applier
-            .apply(std::slice::from_ref(&last), Some(at), true)
+            .apply_pieces(std::slice::from_ref(&last), Some(at), true)
             .await?;
     }
     client.batch_execute("COMMIT").await.map_err(sql)?;

@@ -11,6 +11,7 @@
 //! the same pieces: the apply step fences on (commit LSN, piece number).
 
 pub mod mapping;
+pub mod batch;
 pub mod model;
 
 pub use mapping::{Mapping, Rule, SchemaError};

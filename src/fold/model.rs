@@ -3,7 +3,9 @@
 //! and apply them here; an integration test applies random pieces to both this model and
 //! a real Redis and compares the hashes.
 
+use super::batch::{Batch, Entry};
 use super::{Field, Piece, RowOp};
+use crate::lsn::Lsn;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Settings the apply step needs besides the pieces.
@@ -58,14 +60,6 @@ fn incr(h: &mut BTreeMap<String, String>, f: &str, by: i64) -> i64 {
     v
 }
 
-/// Whether (lsn, piece) is at or before what the hash already holds.
-fn fenced(h: &BTreeMap<String, String>, lsn: u64, piece: u32) -> bool {
-    match h.get("lsn").and_then(|v| v.parse::<u64>().ok()) {
-        None => false,
-        Some(l) => l > lsn || (l == lsn && get_i(h, "piece") >= i64::from(piece)),
-    }
-}
-
 /// A stock row contribution: (location, on_hand, reserved).
 fn parse_row(v: &str) -> (String, i64, i64) {
     let j: serde_json::Value = serde_json::from_str(v).unwrap_or_default();
@@ -109,43 +103,93 @@ fn add_row(h: &mut BTreeMap<String, String>, field: &str, loc: &str, on: i64, re
     }
 }
 
+/// An entry's range straddles what a SKU already holds: part of it was applied before.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Split {
+    pub sku: String,
+}
+
+/// Whether (al, ap) < (bl, bp).
+fn before(a: (u64, u32), b: (u64, u32)) -> bool {
+    a < b
+}
+
+fn fence_of(h: &BTreeMap<String, String>) -> Option<(u64, u32)> {
+    let l = h.get("lsn").and_then(|v| v.parse::<u64>().ok())?;
+    Some((l, get_i(h, "piece").max(0) as u32))
+}
+
 impl Store {
-    /// Apply one piece; returns the alerts raised.
+    /// Apply one piece alone (no merging); returns the alerts raised. A truncate piece
+    /// clears its tables from every SKU.
     pub fn apply(&mut self, p: &Piece, params: &ApplyParams) -> Vec<Alert> {
-        let lsn = p.commit_lsn.0;
-        let mut alerts = Vec::new();
-        for table in &p.truncate {
-            let prefix = format!("r:{table}:");
-            for (sku, h) in self.skus.iter_mut() {
-                let f = &mut h.fields;
-                if fenced(f, lsn, p.piece) || !f.keys().any(|k| k.starts_with(&prefix)) {
-                    continue;
-                }
-                let rows: Vec<String> = f
-                    .keys()
-                    .filter(|k| k.starts_with(&prefix))
-                    .cloned()
-                    .collect();
-                for r in rows {
-                    remove_row(f, &r);
-                }
-                finish(f, lsn, p, params);
-                evaluate(sku, f, lsn, p, params, &mut alerts);
+        let mut entries = Vec::new();
+        if !p.truncate.is_empty() {
+            let skus: Vec<String> = self.skus.keys().cloned().collect();
+            entries.extend(Batch::truncate(p, &skus));
+        }
+        let mut b = Batch::new(Lsn(u64::MAX));
+        b.push(p.clone());
+        entries.extend(b.take());
+        self.apply_entries(&entries, params)
+            .expect("single pieces never straddle a fence")
+    }
+
+    /// Apply one call's entries, in order; returns the alerts raised, or refuses the
+    /// whole call (changing nothing) when an entry straddles a SKU's fence.
+    pub fn apply_entries(
+        &mut self,
+        entries: &[Entry],
+        params: &ApplyParams,
+    ) -> Result<Vec<Alert>, Split> {
+        for e in entries {
+            let (first, last) = ((e.first.0.0, e.first.1), (e.last.0.0, e.last.1));
+            if let Some(f) = self.skus.get(&e.sku).and_then(|h| fence_of(&h.fields))
+                && first != last
+                && !before(f, first)
+                && before(f, last)
+            {
+                return Err(Split { sku: e.sku.clone() });
             }
         }
-        for (sku, d) in &p.skus {
-            let h = self.skus.entry(sku.clone()).or_default();
-            let f = &mut h.fields;
-            if fenced(f, lsn, p.piece) {
-                continue;
+        let mut alerts = Vec::new();
+        for e in entries {
+            self.apply_entry(e, params, &mut alerts);
+        }
+        Ok(alerts)
+    }
+
+    fn apply_entry(&mut self, e: &Entry, params: &ApplyParams, alerts: &mut Vec<Alert>) {
+        let last = (e.last.0.0, e.last.1);
+        let h = self.skus.entry(e.sku.clone()).or_default();
+        if fence_of(&h.fields).is_some_and(|f| !before(f, last)) {
+            return;
+        }
+        let f = &mut h.fields;
+        let mut changed = e.truncate.is_empty();
+        for table in &e.truncate {
+            let prefix = format!("r:{table}:");
+            let rows: Vec<String> = f
+                .keys()
+                .filter(|k| k.starts_with(&prefix))
+                .cloned()
+                .collect();
+            for r in rows {
+                remove_row(f, &r);
+                changed = true;
             }
-            if !d.rows.is_empty() {
+        }
+        if changed && !e.truncate.is_empty() {
+            evaluate(&e.sku, f, last.0, e.commit_ms, params, alerts);
+        }
+        for st in &e.steps {
+            if !st.rows.is_empty() {
                 // Any row op makes the SKU a stock SKU (0 until rows add up).
                 for s in ["rows", "on_hand", "reserved"] {
                     f.entry(s.to_string()).or_insert_with(|| "0".into());
                 }
             }
-            for (field, op) in &d.rows {
+            for (field, op) in &st.rows {
                 let old = remove_row(f, field);
                 if let RowOp::Set {
                     location,
@@ -179,80 +223,77 @@ impl Store {
                     }
                 }
             }
-            for (c, v) in &d.counters {
-                incr(f, c, *v);
+            if st.eval {
+                evaluate(&e.sku, f, st.lsn.0, st.commit_ms, params, alerts);
             }
-            let mut by_counter: BTreeMap<&str, Vec<(i64, i64)>> = BTreeMap::new();
-            for ((c, m), v) in &d.buckets {
-                by_counter.entry(c).or_default().push((*m, *v));
+        }
+        for (c, v) in &e.counters {
+            incr(f, c, *v);
+        }
+        let mut by_counter: BTreeMap<&str, Vec<(i64, i64)>> = BTreeMap::new();
+        for ((c, m), v) in &e.buckets {
+            by_counter.entry(c).or_default().push((*m, *v));
+        }
+        let mut cutoffs: BTreeMap<String, i64> = BTreeMap::new();
+        for (c, bs) in by_counter {
+            if params.keep_minutes <= 0 {
+                continue;
             }
-            let mut cutoffs: BTreeMap<String, i64> = BTreeMap::new();
-            for (c, bs) in by_counter {
-                if params.keep_minutes <= 0 {
-                    continue;
-                }
-                let wmax_f = format!("wmax:{c}");
-                let old_max = f.get(&wmax_f).and_then(|v| v.parse::<i64>().ok());
-                let new_max = bs.iter().map(|(m, _)| *m).chain(old_max).max().unwrap_or(0);
-                let cutoff = new_max - params.keep_minutes + 1;
-                f.insert(wmax_f, new_max.to_string());
-                let pre = format!("w:{c}:");
-                let stale: Vec<String> = f
-                    .keys()
-                    .filter(|k| {
-                        k.strip_prefix(&pre)
-                            .and_then(|m| m.parse::<i64>().ok())
-                            .is_some_and(|m| m < cutoff)
-                    })
-                    .cloned()
-                    .collect();
-                for k in stale {
-                    f.remove(&k);
-                }
-                for (m, v) in bs {
-                    if m >= cutoff {
-                        incr(f, &format!("w:{c}:{m}"), v);
-                    }
-                }
-                cutoffs.insert(c.to_string(), cutoff);
+            let wmax_f = format!("wmax:{c}");
+            let old_max = f.get(&wmax_f).and_then(|v| v.parse::<i64>().ok());
+            let new_max = bs.iter().map(|(m, _)| *m).chain(old_max).max().unwrap_or(0);
+            let cutoff = new_max - params.keep_minutes + 1;
+            f.insert(wmax_f, new_max.to_string());
+            let pre = format!("w:{c}:");
+            let stale: Vec<String> = f
+                .keys()
+                .filter(|k| {
+                    k.strip_prefix(&pre)
+                        .and_then(|m| m.parse::<i64>().ok())
+                        .is_some_and(|m| m < cutoff)
+                })
+                .cloned()
+                .collect();
+            for k in stale {
+                f.remove(&k);
             }
-            for ((c, m), us) in &d.users {
+            // Per-minute distinct users live only inside the window, like the buckets.
+            let upre = format!("{c}:");
+            h.users.retain(|k, _| {
+                k.strip_prefix(&upre)
+                    .and_then(|m| m.parse::<i64>().ok())
+                    .is_none_or(|m| m >= cutoff)
+            });
+            for (m, v) in bs {
+                if m >= cutoff {
+                    incr(f, &format!("w:{c}:{m}"), v);
+                }
+            }
+            cutoffs.insert(c.to_string(), cutoff);
+        }
+        for ((c, m), us) in &e.users {
+            h.users
+                .entry(c.clone())
+                .or_default()
+                .extend(us.iter().cloned());
+            if cutoffs.get(c).is_some_and(|cut| *m >= *cut) {
                 h.users
-                    .entry(c.clone())
+                    .entry(format!("{c}:{m}"))
                     .or_default()
                     .extend(us.iter().cloned());
-                if cutoffs.get(c).is_some_and(|cut| *m >= *cut) {
-                    h.users
-                        .entry(format!("{c}:{m}"))
-                        .or_default()
-                        .extend(us.iter().cloned());
-                }
-            }
-            finish(&mut h.fields, lsn, p, params);
-        }
-        if p.last {
-            for sku in &p.eval {
-                let h = self.skus.entry(sku.clone()).or_default();
-                let f = &mut h.fields;
-                // Evaluated in this very piece already, or in a replay: the fence says.
-                if fenced(f, lsn, p.piece) && !p.skus.contains_key(sku) {
-                    continue;
-                }
-                if !p.skus.contains_key(sku) {
-                    finish(f, lsn, p, params);
-                }
-                evaluate(sku, f, lsn, p, params, &mut alerts);
             }
         }
-        alerts
+        if changed {
+            finish(&mut h.fields, last, e.commit_ms, params);
+        }
     }
 }
 
 /// Fence, totals and `gone` after a SKU's entry was applied.
-fn finish(f: &mut BTreeMap<String, String>, lsn: u64, p: &Piece, params: &ApplyParams) {
-    f.insert("lsn".into(), lsn.to_string());
-    f.insert("piece".into(), p.piece.to_string());
-    f.insert("ts".into(), p.commit_ms.to_string());
+fn finish(f: &mut BTreeMap<String, String>, at: (u64, u32), commit_ms: i64, params: &ApplyParams) {
+    f.insert("lsn".into(), at.0.to_string());
+    f.insert("piece".into(), at.1.to_string());
+    f.insert("ts".into(), commit_ms.to_string());
     let has_stock = f.contains_key("rows");
     if has_stock {
         let avail = get_i(f, "on_hand") - get_i(f, "reserved");
@@ -273,14 +314,14 @@ fn evaluate(
     sku: &str,
     f: &mut BTreeMap<String, String>,
     lsn: u64,
-    p: &Piece,
+    commit_ms: i64,
     params: &ApplyParams,
     alerts: &mut Vec<Alert>,
 ) {
     if !f.contains_key("rows") {
         return;
     }
-    let avail = get_i(f, "available");
+    let avail = get_i(f, "on_hand") - get_i(f, "reserved");
     let thr = f
         .get("threshold")
         .and_then(|v| v.parse().ok())
@@ -311,13 +352,13 @@ fn evaluate(
             available: avail,
             threshold: thr,
             lsn,
-            ts: p.commit_ms,
+            ts: commit_ms,
         };
         let mut list: Vec<serde_json::Value> = f
             .get("alerts")
             .and_then(|v| serde_json::from_str(v).ok())
             .unwrap_or_default();
-        list.push(serde_json::json!({"type": kind, "available": avail, "threshold": thr, "lsn": lsn.to_string(), "ts": p.commit_ms}));
+        list.push(serde_json::json!({"type": kind, "available": avail, "threshold": thr, "lsn": lsn.to_string(), "ts": commit_ms}));
         if list.len() > 50 {
             list.remove(0);
         }

@@ -6,6 +6,7 @@
 //! in the meta hash (`applied_lsn`), and refuses to run when the meta hash is missing
 //! (FLUSHALL, eviction, a new Redis), which makes the pipeline resync.
 
+use crate::fold::batch::{Batch, Entry};
 use crate::fold::{Field, Piece, RowOp};
 use crate::lsn::Lsn;
 use crate::sinks::layout;
@@ -23,6 +24,10 @@ pub enum RedisSinkError {
     /// The meta hash is gone: Redis lost its data; rebuild from a snapshot.
     #[error("Redis lost skusync's data (meta hash missing): a resync is needed")]
     NoMeta,
+    /// A merged entry straddles a SKU's fence: part of it was applied before (the
+    /// horizon was wrong). Nothing was written; replay with a higher horizon.
+    #[error("Redis: {0}")]
+    Split(String),
     /// Connection trouble; retry.
     #[error("Redis: {0}")]
     Transient(String),
@@ -36,6 +41,9 @@ impl RedisSinkError {
         let msg = e.to_string();
         if msg.contains("SKUSYNC_NOMETA") {
             return RedisSinkError::NoMeta;
+        }
+        if msg.contains("SKUSYNC_SPLIT") {
+            return RedisSinkError::Split(msg);
         }
         if e.is_io_error()
             || e.is_timeout()
@@ -164,15 +172,30 @@ impl Applier {
         &self.settings
     }
 
-    /// Apply pieces (in order) and record `end` as the applied LSN, in one script call.
+    /// Apply a batch's entries (in order) and record `end` as the applied LSN, in one
+    /// script call.
     pub async fn apply(
+        &mut self,
+        entries: &[Entry],
+        end: Option<Lsn>,
+        quiet: bool,
+    ) -> Result<Applied, RedisSinkError> {
+        let (keys, arg) = encode_entries(&self.settings, entries, end, quiet);
+        self.invoke(keys, arg).await
+    }
+
+    /// Apply pieces one entry each (no merging: snapshot loads, tests).
+    pub async fn apply_pieces(
         &mut self,
         pieces: &[Piece],
         end: Option<Lsn>,
         quiet: bool,
     ) -> Result<Applied, RedisSinkError> {
-        let (keys, arg) = encode_batch(&self.settings, pieces, end, quiet, &[]);
-        self.invoke(keys, arg).await
+        let mut b = Batch::new(Lsn(u64::MAX));
+        for p in pieces {
+            b.push(p.clone());
+        }
+        self.apply(&b.take(), end, quiet).await
     }
 
     /// Clear truncated tables from the given SKU keys, fenced by the truncate piece.
@@ -181,14 +204,7 @@ impl Applier {
         piece: &Piece,
         skus: &[String],
     ) -> Result<Applied, RedisSinkError> {
-        let (keys, arg) = encode_batch(
-            &self.settings,
-            std::slice::from_ref(piece),
-            None,
-            false,
-            skus,
-        );
-        self.invoke(keys, arg).await
+        self.apply(&Batch::truncate(piece, skus), None, false).await
     }
 
     async fn invoke(&mut self, keys: Vec<String>, arg: String) -> Result<Applied, RedisSinkError> {
@@ -257,29 +273,19 @@ pub fn glob_escape(s: &str) -> String {
     out
 }
 
-/// Encode pieces as the script's KEYS and ARGV[1]. `truncate_skus` lists the SKU keys a
-/// truncate piece clears (only with a single truncate piece). The JSON is written
-/// directly (no intermediate value tree): this runs for every batch.
-pub fn encode_batch(
+/// Encode entries as the script's KEYS and ARGV[1] (format in `apply.lua`). The JSON is
+/// written directly (no intermediate value tree): this runs for every batch.
+pub fn encode_entries(
     s: &ApplySettings,
-    pieces: &[Piece],
+    entries: &[Entry],
     end: Option<Lsn>,
     quiet: bool,
-    truncate_skus: &[String],
 ) -> (Vec<String>, String) {
     use std::fmt::Write;
     let mut keys = vec![layout::meta_key(&s.prefix)];
-    let mut index: HashMap<&str, usize> = HashMap::new();
-    let key_of =
-        |sku: &'_ str, keys: &mut Vec<String>, index: &mut HashMap<&str, usize>| -> usize {
-            if let Some(i) = index.get(sku) {
-                return *i;
-            }
-            keys.push(layout::sku_key(&s.prefix, sku));
-            keys.len() // Lua is 1-based: KEYS[i]
-        };
-    let mut o =
-        String::with_capacity(256 + pieces.iter().map(|p| p.skus.len() * 96).sum::<usize>());
+    let mut index: HashMap<&str, usize> = HashMap::with_capacity(entries.len());
+    let steps: usize = entries.iter().map(|e| e.steps.len()).sum();
+    let mut o = String::with_capacity(256 + entries.len() * 96 + steps * 96);
     let _ = write!(
         o,
         "{{\"keep\":\"{}\",\"low\":\"{}\",\"quiet\":{quiet},\"counters\":",
@@ -289,136 +295,121 @@ pub fn encode_batch(
     if let Some(e) = end {
         let _ = write!(o, ",\"end\":\"{}\"", e.0);
     }
-    o.push_str(",\"p\":[");
-    for (pi, p) in pieces.iter().enumerate() {
-        if pi > 0 {
+    // cjson would decode an empty array as an object: only send non-empty ones.
+    if !entries.is_empty() {
+        o.push_str(",\"e\":[");
+    }
+    for (n, e) in entries.iter().enumerate() {
+        let ki = *index.entry(e.sku.as_str()).or_insert_with(|| {
+            keys.push(layout::sku_key(&s.prefix, &e.sku));
+            keys.len() // Lua is 1-based: KEYS[i]
+        });
+        if n > 0 {
             o.push(',');
         }
         let _ = write!(
             o,
-            "{{\"l\":\"{}\",\"p\":{},\"t\":\"{}\",\"last\":{}",
-            p.commit_lsn.0, p.piece, p.commit_ms, p.last
+            "{{\"k\":{ki},\"f\":\"{}\",\"fp\":{},\"l\":\"{}\",\"p\":{},\"t\":\"{}\"",
+            e.first.0.0, e.first.1, e.last.0.0, e.last.1, e.commit_ms
         );
-        // cjson would decode an empty array as an object: only send non-empty ones.
-        if !p.skus.is_empty() {
+        if !e.truncate.is_empty() {
+            o.push_str(",\"x\":");
+            json_str_array(&mut o, e.truncate.iter().map(String::as_str));
+        }
+        if !e.steps.is_empty() {
             o.push_str(",\"s\":[");
-            for (n, (sku, d)) in p.skus.iter().enumerate() {
-                let ki = key_of(sku, &mut keys, &mut index);
-                index.insert(sku, ki);
-                if n > 0 {
+            for (i, st) in e.steps.iter().enumerate() {
+                if i > 0 {
                     o.push(',');
                 }
-                let _ = write!(o, "[{ki},{{");
-                let mut first = true;
-                let mut field = |o: &mut String, name: &str| {
-                    if !first {
-                        o.push(',');
-                    }
-                    first = false;
-                    let _ = write!(o, "\"{name}\":[");
-                };
-                if !d.rows.is_empty() {
-                    field(&mut o, "r");
-                    for (i, (f, op)) in d.rows.iter().enumerate() {
+                let _ = write!(o, "[\"{}\",\"{}\",", st.lsn.0, st.commit_ms);
+                if st.rows.is_empty() {
+                    o.push_str("false");
+                } else {
+                    o.push('[');
+                    for (i, (f, op)) in st.rows.iter().enumerate() {
                         if i > 0 {
                             o.push(',');
                         }
                         o.push('[');
                         json_str(&mut o, f);
-                        match op {
-                            RowOp::Del => o.push_str(",null]"),
-                            RowOp::Set {
-                                location,
-                                on_hand,
-                                reserved,
-                                threshold,
-                            } => {
-                                o.push(',');
-                                match location {
-                                    Field::Keep => o.push_str("false"),
-                                    Field::Val(v) => json_str(&mut o, v),
-                                }
-                                for n in [on_hand, reserved] {
-                                    match n {
-                                        Field::Keep => o.push_str(",false"),
-                                        Field::Val(v) => {
-                                            let _ = write!(o, ",\"{v}\"");
-                                        }
-                                    }
-                                }
-                                match threshold {
-                                    Field::Keep => o.push_str(",false]"),
-                                    Field::Val(None) => o.push_str(",\"\"]"),
-                                    Field::Val(Some(t)) => {
-                                        let _ = write!(o, ",\"{t}\"]");
+                        if let RowOp::Set {
+                            location,
+                            on_hand,
+                            reserved,
+                            threshold,
+                        } = op
+                        {
+                            o.push(',');
+                            match location {
+                                Field::Keep => o.push_str("false"),
+                                Field::Val(v) => json_str(&mut o, v),
+                            }
+                            for n in [on_hand, reserved] {
+                                match n {
+                                    Field::Keep => o.push_str(",false"),
+                                    Field::Val(v) => {
+                                        let _ = write!(o, ",\"{v}\"");
                                     }
                                 }
                             }
+                            match threshold {
+                                Field::Keep => o.push_str(",false"),
+                                Field::Val(None) => o.push_str(",\"\""),
+                                Field::Val(Some(t)) => {
+                                    let _ = write!(o, ",\"{t}\"");
+                                }
+                            }
                         }
+                        o.push(']');
                     }
                     o.push(']');
                 }
-                if !d.counters.is_empty() {
-                    field(&mut o, "c");
-                    for (i, (k, v)) in d.counters.iter().enumerate() {
-                        o.push_str(if i > 0 { ",[" } else { "[" });
-                        json_str(&mut o, k);
-                        let _ = write!(o, ",\"{v}\"]");
-                    }
-                    o.push(']');
-                }
-                if !d.buckets.is_empty() {
-                    field(&mut o, "b");
-                    for (i, ((k, m), v)) in d.buckets.iter().enumerate() {
-                        o.push_str(if i > 0 { ",[" } else { "[" });
-                        json_str(&mut o, k);
-                        let _ = write!(o, ",\"{m}\",\"{v}\"]");
-                    }
-                    o.push(']');
-                }
-                if !d.users.is_empty() {
-                    field(&mut o, "u");
-                    let mut i = 0;
-                    for ((k, m), ids) in &d.users {
-                        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-                        // Lua's unpack has a stack limit: keep each PFADD modest.
-                        for chunk in ids.chunks(500) {
-                            o.push_str(if i > 0 { ",[" } else { "[" });
-                            i += 1;
-                            json_str(&mut o, k);
-                            let _ = write!(o, ",\"{m}\",");
-                            json_str_array(&mut o, chunk.iter().copied());
-                            o.push(']');
-                        }
-                    }
-                    o.push(']');
-                }
-                o.push_str("}]");
+                o.push_str(if st.eval { ",1]" } else { ",0]" });
             }
             o.push(']');
         }
-        if !p.eval.is_empty() {
-            o.push_str(",\"e\":[");
-            for (i, sku) in p.eval.iter().enumerate() {
-                let ki = key_of(sku, &mut keys, &mut index);
-                index.insert(sku, ki);
-                let _ = write!(o, "{}{ki}", if i > 0 { "," } else { "" });
+        if !e.counters.is_empty() {
+            o.push_str(",\"c\":[");
+            for (i, (k, v)) in e.counters.iter().enumerate() {
+                o.push_str(if i > 0 { ",[" } else { "[" });
+                json_str(&mut o, k);
+                let _ = write!(o, ",\"{v}\"]");
             }
             o.push(']');
         }
-        if !p.truncate.is_empty() && !truncate_skus.is_empty() {
-            o.push_str(",\"tk\":[");
-            for (i, sku) in truncate_skus.iter().enumerate() {
-                let ki = key_of(sku, &mut keys, &mut index);
-                index.insert(sku, ki);
-                let _ = write!(o, "{}{ki}", if i > 0 { "," } else { "" });
+        if !e.buckets.is_empty() {
+            o.push_str(",\"b\":[");
+            for (i, ((k, m), v)) in e.buckets.iter().enumerate() {
+                o.push_str(if i > 0 { ",[" } else { "[" });
+                json_str(&mut o, k);
+                let _ = write!(o, ",\"{m}\",\"{v}\"]");
             }
-            o.push_str("],\"x\":");
-            json_str_array(&mut o, p.truncate.iter().map(String::as_str));
+            o.push(']');
+        }
+        if !e.users.is_empty() {
+            o.push_str(",\"u\":[");
+            let mut i = 0;
+            for ((k, m), ids) in &e.users {
+                let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                // Lua's unpack has a stack limit: keep each PFADD modest.
+                for chunk in ids.chunks(500) {
+                    o.push_str(if i > 0 { ",[" } else { "[" });
+                    i += 1;
+                    json_str(&mut o, k);
+                    let _ = write!(o, ",\"{m}\",");
+                    json_str_array(&mut o, chunk.iter().copied());
+                    o.push(']');
+                }
+            }
+            o.push(']');
         }
         o.push('}');
     }
-    o.push_str("]}");
+    if !entries.is_empty() {
+        o.push(']');
+    }
+    o.push('}');
     (keys, o)
 }
 

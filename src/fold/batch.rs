@@ -1,0 +1,307 @@
+//! Batches: folded pieces merged into one entry per SKU for one apply call, pure.
+//!
+//! While the stream is backlogged, thousands of transactions touch the same SKUs. Sending
+//! each transaction's delta separately made Redis repeat the same per-SKU work (read the
+//! hash, write it back) once per transaction. A batch instead keeps one [`Entry`] per SKU:
+//! counters, window buckets and distinct users are summed across transactions; stock row
+//! changes stay ordered [`Step`]s, because low-stock alerts are evaluated after each
+//! transaction. Memory follows the distinct SKUs and stock steps of one batch, capped by
+//! the caller.
+//!
+//! An entry is fenced by the range of pieces it merged, `first..=last`: the apply step
+//! skips it when the SKU already holds `last`, applies it when the SKU holds less than
+//! `first`, and refuses the whole call if the SKU holds something in between (that would
+//! mean part of the entry was applied before). Merging is therefore only allowed for
+//! pieces that cannot have been applied yet: whole single-piece transactions committed
+//! after the *horizon*, the highest LSN Redis may already hold (its `applied_lsn` when the
+//! stream connected). Replays below the horizon and pieces of large transactions keep an
+//! entry each, fenced exactly as before.
+
+use super::{Piece, RowOp, SkuDelta};
+use crate::lsn::Lsn;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// (commit LSN, piece number): the fence unit.
+pub type Fence = (Lsn, u32);
+
+/// One transaction's stock changes to one SKU, applied in order; alerts are evaluated
+/// after it when `eval` is set (the transaction's final piece).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step {
+    pub lsn: Lsn,
+    /// Commit time, unix milliseconds.
+    pub commit_ms: i64,
+    /// Row field name -> final state in this piece.
+    pub rows: BTreeMap<String, RowOp>,
+    pub eval: bool,
+}
+
+/// Everything one apply call does to one SKU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub sku: String,
+    /// The first and last piece merged into this entry.
+    pub first: Fence,
+    pub last: Fence,
+    /// Commit time of the last piece, unix milliseconds.
+    pub commit_ms: i64,
+    /// Stock tables whose rows this entry clears first (a TRUNCATE piece).
+    pub truncate: Vec<String>,
+    /// Stock row changes and alert evaluations, in commit order.
+    pub steps: Vec<Step>,
+    /// Summed lifetime counter increments.
+    pub counters: BTreeMap<String, i64>,
+    /// (counter, minute) -> summed bucket increment.
+    pub buckets: BTreeMap<(String, i64), i64>,
+    /// (counter, minute) -> HMAC'd user ids seen.
+    pub users: BTreeMap<(String, i64), BTreeSet<String>>,
+}
+
+impl Entry {
+    fn new(sku: String, fence: Fence, commit_ms: i64) -> Entry {
+        Entry {
+            sku,
+            first: fence,
+            last: fence,
+            commit_ms,
+            truncate: Vec::new(),
+            steps: Vec::new(),
+            counters: BTreeMap::new(),
+            buckets: BTreeMap::new(),
+            users: BTreeMap::new(),
+        }
+    }
+
+    fn absorb(&mut self, fence: Fence, commit_ms: i64, d: SkuDelta, eval: bool) {
+        self.last = fence;
+        self.commit_ms = commit_ms;
+        if !d.rows.is_empty() || eval {
+            self.steps.push(Step {
+                lsn: fence.0,
+                commit_ms,
+                rows: d.rows,
+                eval,
+            });
+        }
+        for (c, n) in d.counters {
+            *self.counters.entry(c).or_default() += n;
+        }
+        for (k, n) in d.buckets {
+            *self.buckets.entry(k).or_default() += n;
+        }
+        for (k, ids) in d.users {
+            self.users.entry(k).or_default().extend(ids);
+        }
+    }
+}
+
+/// Pieces merged into per-SKU entries, in apply order.
+#[derive(Debug, Default)]
+pub struct Batch {
+    entries: Vec<Entry>,
+    /// SKU -> index of the entry later pieces may merge into.
+    open: HashMap<String, usize>,
+    horizon: Lsn,
+    steps: usize,
+}
+
+impl Batch {
+    /// An empty batch; pieces at or below `horizon` are never merged.
+    pub fn new(horizon: Lsn) -> Batch {
+        Batch {
+            horizon,
+            ..Batch::default()
+        }
+    }
+
+    /// Raise the horizon (a new stream session read Redis' `applied_lsn`). Entries
+    /// built so far are closed: nothing merges across a session boundary.
+    pub fn raise_horizon(&mut self, lsn: Lsn) {
+        self.horizon = self.horizon.max(lsn);
+        self.open.clear();
+    }
+
+    /// Whether a piece may be merged with others: a whole transaction beyond the horizon.
+    pub fn mergeable(&self, p: &Piece) -> bool {
+        p.piece == 0 && p.last && p.truncate.is_empty() && p.commit_lsn > self.horizon
+    }
+
+    /// Add a piece (pieces arrive in commit order).
+    pub fn push(&mut self, p: Piece) {
+        let merge = self.mergeable(&p);
+        let fence = (p.commit_lsn, p.piece);
+        let mut eval: BTreeSet<String> = if p.last {
+            p.eval.into_iter().collect()
+        } else {
+            BTreeSet::new()
+        };
+        for (sku, d) in p.skus {
+            let ev = eval.remove(&sku);
+            self.add(sku, fence, p.commit_ms, d, ev, merge);
+        }
+        for sku in eval {
+            self.add(sku, fence, p.commit_ms, SkuDelta::default(), true, merge);
+        }
+    }
+
+    /// Entries clearing `tables` from each of `skus` (a TRUNCATE piece; apply it alone).
+    pub fn truncate(p: &Piece, skus: &[String]) -> Vec<Entry> {
+        skus.iter()
+            .map(|s| {
+                let mut e = Entry::new(s.clone(), (p.commit_lsn, p.piece), p.commit_ms);
+                e.truncate = p.truncate.clone();
+                e
+            })
+            .collect()
+    }
+
+    fn add(&mut self, sku: String, fence: Fence, ms: i64, d: SkuDelta, eval: bool, merge: bool) {
+        let before = self.entries.len();
+        let i = match merge.then(|| self.open.get(&sku).copied()).flatten() {
+            Some(i) => i,
+            None => {
+                if merge {
+                    self.open.insert(sku.clone(), before);
+                } else {
+                    self.open.remove(&sku);
+                }
+                self.entries.push(Entry::new(sku, fence, ms));
+                before
+            }
+        };
+        let e = &mut self.entries[i];
+        let steps = e.steps.len();
+        e.absorb(fence, ms, d, eval);
+        self.steps += e.steps.len() - steps;
+    }
+
+    /// The entries, in apply order.
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// Number of entries (about the distinct SKUs).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Number of stock steps.
+    pub fn steps(&self) -> usize {
+        self.steps
+    }
+
+    /// Whether nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Take the entries, leaving an empty batch with the same horizon.
+    pub fn take(&mut self) -> Vec<Entry> {
+        self.open.clear();
+        self.steps = 0;
+        std::mem::take(&mut self.entries)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fold::Field;
+
+    fn piece(lsn: u64, n: u32, last: bool, skus: &[(&str, i64, Option<i64>)]) -> Piece {
+        let mut m = BTreeMap::new();
+        let mut eval = Vec::new();
+        for (sku, views, stock) in skus {
+            let mut d = SkuDelta::default();
+            if *views != 0 {
+                d.counters.insert("views".into(), *views);
+                d.buckets.insert(("views".into(), 7), *views);
+            }
+            if let Some(on) = stock {
+                d.rows.insert(
+                    format!("r:inv:{sku}"),
+                    RowOp::Set {
+                        location: Field::Val("W".into()),
+                        on_hand: Field::Val(*on),
+                        reserved: Field::Val(0),
+                        threshold: Field::Keep,
+                    },
+                );
+                eval.push(sku.to_string());
+            }
+            m.insert(sku.to_string(), d);
+        }
+        Piece {
+            commit_lsn: Lsn(lsn),
+            piece: n,
+            commit_ms: lsn as i64,
+            truncate: vec![],
+            skus: m,
+            last,
+            eval: if last { eval } else { vec![] },
+        }
+    }
+
+    #[test]
+    fn whole_transactions_beyond_the_horizon_merge_per_sku() {
+        let mut b = Batch::new(Lsn(10));
+        b.push(piece(20, 0, true, &[("A", 1, None), ("B", 2, Some(5))]));
+        b.push(piece(30, 0, true, &[("A", 3, Some(4))]));
+        b.push(piece(40, 0, true, &[("B", 1, Some(3))]));
+        assert_eq!(b.len(), 2);
+        assert_eq!(b.steps(), 3);
+        let a = &b.entries()[0];
+        assert_eq!((a.first, a.last), ((Lsn(20), 0), (Lsn(30), 0)));
+        assert_eq!(a.counters["views"], 4);
+        assert_eq!(a.buckets[&("views".to_string(), 7)], 4);
+        assert_eq!(a.steps.len(), 1);
+        assert!(a.steps[0].eval);
+        let bb = &b.entries()[1];
+        assert_eq!(bb.counters["views"], 3);
+        assert_eq!(
+            bb.steps.iter().map(|s| s.lsn).collect::<Vec<_>>(),
+            vec![Lsn(20), Lsn(40)]
+        );
+    }
+
+    #[test]
+    fn replays_below_the_horizon_and_large_transactions_keep_an_entry_per_piece() {
+        let mut b = Batch::new(Lsn(25));
+        b.push(piece(20, 0, true, &[("A", 1, None)]));
+        b.push(piece(25, 0, true, &[("A", 1, None)]));
+        // A transaction cut into pieces: never merged, not even with itself.
+        b.push(piece(30, 0, false, &[("A", 1, None)]));
+        b.push(piece(30, 1, true, &[("A", 1, Some(1))]));
+        // Then whole transactions merge again, but not into the pieces above.
+        b.push(piece(40, 0, true, &[("A", 1, None)]));
+        b.push(piece(50, 0, true, &[("A", 1, None)]));
+        let fences: Vec<(Fence, Fence)> = b.entries().iter().map(|e| (e.first, e.last)).collect();
+        assert_eq!(
+            fences,
+            vec![
+                ((Lsn(20), 0), (Lsn(20), 0)),
+                ((Lsn(25), 0), (Lsn(25), 0)),
+                ((Lsn(30), 0), (Lsn(30), 0)),
+                ((Lsn(30), 1), (Lsn(30), 1)),
+                ((Lsn(40), 0), (Lsn(50), 0)),
+            ]
+        );
+        b.raise_horizon(Lsn(60));
+        b.push(piece(70, 0, true, &[("A", 1, None)]));
+        b.push(piece(80, 0, true, &[("A", 1, None)]));
+        assert_eq!(b.len(), 6, "merged after the raised horizon");
+        assert_eq!(b.take().len(), 6);
+        assert!(b.is_empty() && b.steps() == 0);
+    }
+
+    #[test]
+    fn an_evaluation_without_rows_in_the_last_piece_is_a_step() {
+        let mut b = Batch::new(Lsn(0));
+        let mut p = piece(30, 1, true, &[]);
+        p.eval = vec!["A".into()];
+        b.push(p);
+        let e = &b.entries()[0];
+        assert_eq!(e.steps.len(), 1);
+        assert!(e.steps[0].eval && e.steps[0].rows.is_empty());
+    }
+}
