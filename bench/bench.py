@@ -188,12 +188,74 @@ def lsn_int(s):
     return (int(hi, 16) << 32) | int(lo, 16)
 
 
+class Resp:
+    """A minimal Redis client on one socket: polling must not spawn processes (that costs
+    the measured run CPU) or scan every key each time (that costs Redis)."""
+
+    def __init__(self, port):
+        self.s = socket.create_connection(("127.0.0.1", port))
+        self.f = self.s.makefile("rb")
+
+    def __call__(self, *args):
+        out = [b"*%d\r\n" % len(args)]
+        for a in args:
+            a = a if isinstance(a, bytes) else str(a).encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+        self.s.sendall(b"".join(out))
+        return self._read()
+
+    def _read(self):
+        line = self.f.readline()[:-2]
+        t, rest = line[:1], line[1:]
+        if t == b"+":
+            return rest.decode()
+        if t == b"-":
+            raise RuntimeError(rest.decode())
+        if t == b":":
+            return int(rest)
+        if t == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            v = self.f.read(n + 2)[:-2]
+            return v.decode()
+        if t == b"*":
+            n = int(rest)
+            return None if n < 0 else [self._read() for _ in range(n)]
+        raise RuntimeError(f"RESP: {line!r}")
+
+    def close(self):
+        self.s.close()
+
+
+class Published:
+    """Whether every SKU hash's state was acknowledged by the broker (pub_lsn == lsn):
+    the first check scans all hashes, later ones only those still pending."""
+
+    SCAN = ("local out={} local c='0' repeat local r=redis.call('SCAN',c,'MATCH','skusync:sku:*','COUNT',1000) "
+            "c=r[1] for _,k in ipairs(r[2]) do local v=redis.call('HMGET',k,'lsn','pub_lsn','gone') "
+            "if v[3]~='1' and v[1]~=v[2] then out[#out+1]=k end end until c=='0' return out")
+    CHECK = ("local out={} for _,k in ipairs(KEYS) do local v=redis.call('HMGET',k,'lsn','pub_lsn','gone') "
+             "if v[3]~='1' and v[1]~=v[2] then out[#out+1]=k end end return out")
+
+    def __init__(self, port):
+        self.r = Resp(port)
+        self.pending = None
+
+    def __call__(self):
+        if self.pending is None:
+            self.pending = self.r("EVAL", self.SCAN, 0)
+        elif self.pending:
+            self.pending = self.r("EVAL", self.CHECK, len(self.pending), *self.pending)
+        return not self.pending
+
+
 def all_published(st):
-    """Every SKU hash's state acknowledged by the broker (pub_lsn == lsn)."""
-    script = ("local n=0 local c='0' repeat local r=redis.call('SCAN',c,'MATCH','skusync:sku:*','COUNT',1000) c=r[1] "
-              "for _,k in ipairs(r[2]) do local v=redis.call('HMGET',k,'lsn','pub_lsn','gone') "
-              "if v[3]~='1' and v[1]~=v[2] then n=n+1 end end until c=='0' return n")
-    return st.redis("EVAL", script, "0") == "0"
+    p = Published(st.redis_port)
+    try:
+        return p()
+    finally:
+        p.r.close()
 
 
 def catch_up(exe, quick):
@@ -247,18 +309,21 @@ def catch_up(exe, quick):
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         s = Skusync(exe, st, config(st), "skusync-measured")
         peak = [0.0]
+        rc = Resp(st.redis_port)
+        end_i = lsn_int(end)
 
         def drained():
-            c = st.psql("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'skusync'")
+            # Redis' applied LSN (the slot confirms it next): one round trip, no process.
             try:
                 peak[0] = max(peak[0], s.stats()[1])
             except OSError:
                 pass
-            return c and lsn_int(c) >= lsn_int(end)
+            a = rc("HGET", "skusync:meta", "applied_lsn")
+            return a is not None and int(a) >= end_i
 
         wait(drained, 900, "skusync drain")
         redis_s = time.time() - t0
-        wait(lambda: all_published(st), 300, "MQTT acknowledged")
+        wait(Published(st.redis_port), 300, "MQTT acknowledged")
         sk_s = time.time() - t0
         if perf_all:
             perf_all.send_signal(signal.SIGINT)
@@ -309,11 +374,13 @@ def bulk(exe, quick):
         end = st.psql("SELECT pg_current_wal_lsn()")
         t0 = time.time()
         peak = [0.0]
+        rc = Resp(st.redis_port)
+        end_i = lsn_int(end)
 
         def drained():
-            c = st.psql("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'skusync'")
             peak[0] = max(peak[0], s.stats()[1])
-            return c and lsn_int(c) >= lsn_int(end)
+            a = rc("HGET", "skusync:meta", "applied_lsn")
+            return a is not None and int(a) >= end_i
 
         wait(drained, 900, "bulk drain")
         sk_s = time.time() - t0

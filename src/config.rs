@@ -237,7 +237,7 @@ fn default_piece_changes() -> u64 {
     10_000
 }
 fn default_batch_skus() -> usize {
-    2_000
+    10_000
 }
 fn default_min_interval() -> u64 {
     100

@@ -625,10 +625,10 @@ impl Daemon {
             }
             telemetry::fold_progress(&fold.stats, &mut fold_seen);
             telemetry::backlog(rx.len(), pending.batch.len());
-            // Apply when Redis is free and either nothing more is waiting (low latency
-            // when quiet) or the batch is full (backlogged: merge as much as fits).
-            let full = pending.batch.len() >= max_entries || pending.batch.steps() >= max_steps;
-            if flight.is_none() && !pending.is_empty() && (rx.is_empty() || full) {
+            // Apply as soon as Redis is free: quiet streams get low latency, and while
+            // backlogged each batch holds what arrived during the previous call, merged
+            // per SKU (self-clocking: the slower Redis, the more each call merges).
+            if flight.is_none() && !pending.is_empty() {
                 *flight = Some(launch(&applier, &mut pending));
             }
         }
@@ -697,7 +697,7 @@ impl Daemon {
 }
 
 /// Most stock steps per apply call, per allowed entry (`max_batch_skus`).
-const STEPS_PER_ENTRY: usize = 4;
+const STEPS_PER_ENTRY: usize = 5;
 
 /// Start one apply call for everything pending; transient Redis errors are retried
 /// inside (the fence makes retrying the same call safe).

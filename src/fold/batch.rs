@@ -31,8 +31,9 @@ pub struct Step {
     pub lsn: Lsn,
     /// Commit time, unix milliseconds.
     pub commit_ms: i64,
-    /// Row field name -> final state in this piece.
-    pub rows: BTreeMap<String, RowOp>,
+    /// Row field name -> final state in this piece (sorted by field, as folded; a Vec:
+    /// a map's node per step costs a kilobyte).
+    pub rows: Vec<(String, RowOp)>,
     pub eval: bool,
 }
 
@@ -79,7 +80,7 @@ impl Entry {
             self.steps.push(Step {
                 lsn: fence.0,
                 commit_ms,
-                rows: d.rows,
+                rows: d.rows.into_iter().collect(),
                 eval,
             });
         }

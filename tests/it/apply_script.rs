@@ -240,3 +240,73 @@ async fn lua_apply_script_matches_the_model_on_random_pieces() {
         "the script records the batch end LSN"
     );
 }
+
+/// A merged entry whose range straddles what a SKU holds (part of it was applied
+/// before: the horizon was wrong) is refused as a whole, before anything is written;
+/// the model refuses it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merged_entry_straddling_the_fence_is_refused_and_writes_nothing() {
+    let redis = RedisServer::start();
+    let client = rsink::client(&redis.url(), None).unwrap();
+    let con = rsink::connect(&client).await.unwrap();
+    let settings = ApplySettings {
+        prefix: "t".into(),
+        keep_minutes: 5,
+        low_stock: 5,
+        counters: vec!["views".into(), "purchases".into()],
+    };
+    let params = ApplyParams {
+        keep_minutes: 5,
+        low_stock: 5,
+        counters: settings.counters.clone(),
+        quiet: false,
+    };
+    let mut applier = Applier::new(con.clone(), settings);
+    let mut mcon = con.clone();
+    rsink::write_meta(&mut mcon, "t", &[("bootstrap", "done".into())])
+        .await
+        .unwrap();
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut piece = |lsn: u64| {
+        let mut p = random_piece(&mut rng, lsn, 0, true);
+        p.skus.entry("A".into()).or_default().counters.insert("views".into(), 1);
+        p.skus.entry("B".into()).or_default().counters.insert("views".into(), 1);
+        p
+    };
+    let (p50, p100, p150) = (piece(50), piece(100), piece(150));
+    let mut model = Store::default();
+    model.apply(&p100, &params);
+    applier
+        .apply_pieces(std::slice::from_ref(&p100), Some(Lsn(101)), false)
+        .await
+        .unwrap();
+    let dump = |mut c: redis::aio::ConnectionManager| async move {
+        let mut all = BTreeMap::new();
+        for sku in SKUS.iter().chain(["B"].iter()) {
+            let h: HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(layout::sku_key("t", sku))
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            all.insert(sku.to_string(), h.into_iter().collect::<BTreeMap<_, _>>());
+        }
+        all
+    };
+    let before = dump(con.clone()).await;
+    // Horizon 0 claims nothing was applied: 50..150 merge over the applied 100.
+    let mut b = Batch::new(Lsn(0));
+    for p in [&p50, &p100, &p150] {
+        b.push(p.clone());
+    }
+    let entries = b.take();
+    assert!(entries.iter().any(|e| e.first.0 == Lsn(50) && e.last.0 == Lsn(150)));
+    let err = applier
+        .apply(&entries, Some(Lsn(151)), false)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, rsink::RedisSinkError::Split(_)), "{err}");
+    assert_eq!(dump(con.clone()).await, before, "nothing written");
+    let model_before = model.clone();
+    assert!(model.apply_entries(&entries, &params).is_err());
+    assert_eq!(model, model_before);
+}

@@ -1,34 +1,39 @@
 -- skusync apply script: applies a batch of per-SKU entries, exactly once.
 --
 -- KEYS[1] = meta hash; KEYS[2..] = SKU hashes referenced by index.
--- ARGV[1] = JSON: {keep, low, quiet, counters, end, e = [entry...]}
---   entry = {k = key index, f/fp = first (commit LSN, piece) merged, l/p = last, t = commit
---            unix ms of the last, x = [table...] (truncate: clear these tables' rows first),
---            s = [step...], c = [[counter, n]...], b = [[counter, minute, n]...],
---            u = [[counter, minute, [hmac...]]...]}
---   step = [commit LSN, commit ms, rows|false, eval (1: evaluate alerts after it)]
---   row = [field, loc|false, on|false, res|false, thr|false|""] (a 1-element row deletes)
+-- ARGV is one flat list of strings, read front to back (no JSON: decoding JSON into Lua
+-- tables cost more than everything else the script does):
+--   keep, low, quiet ('1'|'0'), end LSN ('' for none), ncounters, counter..., entry...
+--   entry = k, f, fp, l, p, t, nx, table..., ns, step..., nc, (counter, n)...,
+--           nb, (counter, minute, n)..., nu, (counter, minute, nids, hmac...)...
+--     k: key index; f/fp and l/p: first and last (commit LSN, piece) merged into the
+--     entry; t: commit unix ms of the last; tables: stock tables to clear first (TRUNCATE)
+--   step = LSN, ms, eval ('1': evaluate alerts after it), nrows, row...
+--   row = field, flags, loc, on, res, thr; flags 'D' deletes the row, otherwise one
+--     letter each for loc, on, res, thr: 'v' value, 'k' keep what Redis holds,
+--     'n' (thr only) clear
 -- An entry is fenced per SKU by its range: skipped when the hash holds `l/p` or later,
 -- applied when it holds less than `f/fp`; anything in between refuses the whole call
 -- (SKUSYNC_SPLIT) before writing. The semantics are those of `fold::model` (a
--- property-tested Rust twin). Numbers travel as strings: Lua numbers are doubles and LSNs
--- need 64 bits.
+-- property-tested Rust twin). Numbers travel as strings: LSNs need 64 bits.
 --
--- Cost model: each SKU hash is read once (HMGET of its totals, counters and the stock
--- rows the batch touches), changed in Lua tables, and written back once (one HSET, plus
--- HDEL/HINCRBY only where fields disappear or locations change). Window buckets and
--- distinct-user sets are written as they come.
+-- Cost model: each SKU hash is read once (one HMGET of its totals, counters, and the
+-- rows, locations and buckets the batch touches), changed in Lua tables, and written
+-- back once (one HSET, one HDEL where fields disappear).
 
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return redis.error_reply('SKUSYNC_NOMETA meta hash missing: Redis lost its data; a resync is needed')
 end
 
-local args = cjson.decode(ARGV[1])
-local keep = tonumber(args.keep)
-local low = tonumber(args.low)
-local quiet = args.quiet
-local entries = args.e or {}
-local counters = args.counters
+local keep = tonumber(ARGV[1])
+local low = tonumber(ARGV[2])
+local quiet = ARGV[3] == '1'
+local batch_end = ARGV[4]
+local ncounters = tonumber(ARGV[5])
+local counters = {}
+for i = 1, ncounters do counters[i] = ARGV[5 + i] end
+local first_entry = 6 + ncounters
+local nargv = #ARGV
 
 -- Integers as Redis wants them (Lua would print -0 or 1e+15).
 local function int(x)
@@ -46,27 +51,79 @@ local function before(al, ap, bl, bp)
   return lsn_lt(al, bl)
 end
 
-local base_fields = {'lsn', 'piece', 'rows', 'on_hand', 'reserved', 'gone', 'threshold', 'alert_state'}
-local nbase = #base_fields
-
--- Pass 0: the stock rows each hash's entries touch, to read them with the hash.
-local rowf = {}
-for _, e in ipairs(entries) do
-  if e.s then
-    local rf = rowf[e.k]
-    if not rf then rf = {list = {}, set = {}}; rowf[e.k] = rf end
-    for _, st in ipairs(e.s) do
-      local rows = st[3]
-      if rows then
-        for _, r in ipairs(rows) do
-          if not rf.set[r[1]] then rf.set[r[1]] = true; rf.list[#rf.list + 1] = r[1] end
-        end
-      end
-    end
+-- Lua's unpack has a stack limit: long argument lists go in chunks.
+local CHUNK = 4000
+local function call_chunked(cmd, key, list)
+  local i = 1
+  while i <= #list do
+    local j = math.min(#list, i + CHUNK - 1)
+    redis.call(cmd, key, unpack(list, i, j))
+    i = j + 1
   end
 end
 
-local function load(key, rf)
+-- Pass 0: index the entries and collect, per hash, the extra fields worth reading with
+-- it (rows, locations, window buckets the batch touches).
+local entries = {}
+local want = {}
+local function want_field(k, f)
+  local w = want[k]
+  if not w then w = {list = {}, set = {}}; want[k] = w end
+  if not w.set[f] then w.set[f] = true; w.list[#w.list + 1] = f end
+end
+local a = first_entry
+while a <= nargv do
+  local e = {k = tonumber(ARGV[a]), f = ARGV[a + 1], fp = tonumber(ARGV[a + 2]), l = ARGV[a + 3],
+             p = tonumber(ARGV[a + 4]), t = ARGV[a + 5]}
+  local nx = tonumber(ARGV[a + 6])
+  a = a + 7
+  if nx > 0 then
+    e.x = {}
+    for i = 1, nx do e.x[i] = ARGV[a + i - 1] end
+    a = a + nx
+  end
+  local ns = tonumber(ARGV[a])
+  a = a + 1
+  e.s = a
+  for _ = 1, ns do
+    local nr = tonumber(ARGV[a + 3])
+    a = a + 4
+    for _ = 1, nr do
+      want_field(e.k, ARGV[a])
+      local flags = ARGV[a + 1]
+      if flags ~= 'D' and string.sub(flags, 1, 1) == 'v' and ARGV[a + 2] ~= '' then
+        local pre = 'loc:' .. ARGV[a + 2] .. ':'
+        want_field(e.k, pre .. 'on_hand'); want_field(e.k, pre .. 'reserved'); want_field(e.k, pre .. 'rows')
+      end
+      a = a + 6
+    end
+  end
+  e.ns = ns
+  local nc = tonumber(ARGV[a])
+  e.c = a + 1
+  e.nc = nc
+  a = a + 1 + 2 * nc
+  local nb = tonumber(ARGV[a])
+  e.b = a + 1
+  e.nb = nb
+  for i = 0, nb - 1 do
+    want_field(e.k, 'w:' .. ARGV[e.b + 3 * i] .. ':' .. ARGV[e.b + 3 * i + 1])
+  end
+  a = a + 1 + 3 * nb
+  local nu = tonumber(ARGV[a])
+  e.u = a + 1
+  e.nu = nu
+  a = a + 1
+  for _ = 1, nu do
+    a = a + 3 + tonumber(ARGV[a + 2])
+  end
+  entries[#entries + 1] = e
+end
+
+local base_fields = {'lsn', 'piece', 'rows', 'on_hand', 'reserved', 'gone', 'threshold', 'alert_state'}
+local nbase = #base_fields
+
+local function load(key, w)
   local q = {}
   for i, f in ipairs(base_fields) do q[i] = f end
   for _, c in ipairs(counters) do
@@ -74,65 +131,75 @@ local function load(key, rf)
     q[#q + 1] = 'wmax:' .. c
   end
   local nfixed = #q
-  if rf then
-    for _, f in ipairs(rf.list) do q[#q + 1] = f end
-  end
+  local extra = w and #w.list <= CHUNK and w.list or {}
+  for _, f in ipairs(extra) do q[#q + 1] = f end
   local v = redis.call('HMGET', key, unpack(q))
   local h = {lsn = v[1], piece = tonumber(v[2] or '0') or 0, has_stock = v[3] ~= false,
              rows = tonumber(v[3]) or 0, on = tonumber(v[4]) or 0, res = tonumber(v[5]) or 0,
              was_gone = v[6] == '1', threshold = v[7] or nil, alert_state = v[8] or nil,
-             counters = {}, wmax = {}, cdirty = {}, wdirty = {}, loc = {},
-             -- field -> {loc, on, res} or false (absent); raw strings until first use
-             rowt = {}, rowraw = {}, rowdirty = {}, roworder = {},
-             written = false}
+             counters = {}, wmax = {}, cdirty = {}, wdirty = {},
+             -- fields read with the hash (false: absent)
+             pre = {},
+             -- row field -> {loc, on, res} or false; rows changed, in order
+             rowt = {}, rowdirty = {}, roworder = {},
+             -- location -> {on, res, rows} deltas; bucket field -> increment
+             loc = {}, locorder = {}, bucket = {}, bucketorder = {},
+             del = {}, written = false}
+  h.had_threshold = h.threshold ~= nil
   for i, c in ipairs(counters) do
     h.counters[c] = tonumber(v[nbase + 2 * i - 1]) or 0
     h.wmax[c] = tonumber(v[nbase + 2 * i])
   end
-  if rf then
-    for i, f in ipairs(rf.list) do h.rowraw[f] = v[nfixed + i] end
-  end
+  for i, f in ipairs(extra) do h.pre[f] = v[nfixed + i] end
   return h
 end
 
+-- A field read with the hash, or read now.
+local function field(key, h, f)
+  local v = h.pre[f]
+  if v == nil then
+    v = redis.call('HGET', key, f)
+    h.pre[f] = v
+  end
+  return v
+end
+
 -- The row's current contribution {loc, on, res}, or false.
-local function row_get(key, h, field)
-  local t = h.rowt[field]
+local function row_get(key, h, f)
+  local t = h.rowt[f]
   if t ~= nil then return t end
-  local raw = h.rowraw[field]
-  if raw == nil then raw = redis.call('HGET', key, field) end
+  local raw = field(key, h, f)
   if raw then
     local o = cjson.decode(raw)
     t = {o[1], tonumber(o[2]), tonumber(o[3])}
   else
     t = false
   end
-  h.rowt[field] = t
+  h.rowt[f] = t
   return t
 end
 
-local function row_put(h, field, t)
-  if not h.rowdirty[field] then
-    h.rowdirty[field] = true
-    h.roworder[#h.roworder + 1] = field
+local function row_put(h, f, t)
+  if not h.rowdirty[f] then
+    h.rowdirty[f] = true
+    h.roworder[#h.roworder + 1] = f
   end
-  h.rowt[field] = t
+  h.rowt[f] = t
 end
 
--- Per-location deltas, written once per hash.
 local function loc_add(h, loc, on, res, rows)
   if loc == '' then return end
   local d = h.loc[loc]
-  if not d then d = {0, 0, 0}; h.loc[loc] = d end
+  if not d then d = {0, 0, 0}; h.loc[loc] = d; h.locorder[#h.locorder + 1] = loc end
   d[1] = d[1] + on; d[2] = d[2] + res; d[3] = d[3] + rows
 end
 
-local function remove_row(key, h, field)
-  local old = row_get(key, h, field)
+local function remove_row(key, h, f)
+  local old = row_get(key, h, f)
   if not old then return false end
   h.on = h.on - old[2]; h.res = h.res - old[3]; h.rows = h.rows - 1
   loc_add(h, old[1], -old[2], -old[3], -1)
-  row_put(h, field, false)
+  row_put(h, f, false)
   return old
 end
 
@@ -171,42 +238,51 @@ local function evaluate(key, h, lsn, ms)
   end
 end
 
-local function apply_rows(key, h, rows)
+-- A step's rows, starting at ARGV[a]; returns the index after them.
+local function apply_rows(key, h, a, nr)
   h.has_stock = true
-  for _, r in ipairs(rows) do
-    local old = remove_row(key, h, r[1])
-    if #r > 1 then
+  for _ = 1, nr do
+    local f, flags = ARGV[a], ARGV[a + 1]
+    local old = remove_row(key, h, f)
+    if flags ~= 'D' then
       local ol, oo, orr = '', 0, 0
       if old then ol, oo, orr = old[1], old[2], old[3] end
-      local loc = r[2]; if loc == false then loc = ol end
-      local on = r[3]; if on == false then on = oo else on = tonumber(on) end
-      local res = r[4]; if res == false then res = orr else res = tonumber(res) end
-      row_put(h, r[1], {loc, on, res})
+      local loc, on, res = ol, oo, orr
+      if string.sub(flags, 1, 1) == 'v' then loc = ARGV[a + 2] end
+      if string.sub(flags, 2, 2) == 'v' then on = tonumber(ARGV[a + 3]) end
+      if string.sub(flags, 3, 3) == 'v' then res = tonumber(ARGV[a + 4]) end
+      row_put(h, f, {loc, on, res})
       h.on = h.on + on; h.res = h.res + res; h.rows = h.rows + 1
       loc_add(h, loc, on, res, 1)
-      local thr = r[5]
-      if thr == '' then
+      local tf = string.sub(flags, 4, 4)
+      if tf == 'n' then
         h.threshold = nil
         h.thr_dirty = true
-      elseif thr ~= false and thr ~= nil then
-        h.threshold = thr
+      elseif tf == 'v' then
+        h.threshold = ARGV[a + 5]
         h.thr_dirty = true
       end
     end
+    a = a + 6
   end
+  return a
 end
 
--- Window buckets and distinct users (the bucket list is sorted by counter, minute).
+local function bucket_add(h, f, n)
+  if h.bucket[f] == nil then h.bucket[f] = 0; h.bucketorder[#h.bucketorder + 1] = f end
+  h.bucket[f] = h.bucket[f] + n
+end
+
+-- Window buckets and distinct users (buckets are sorted by counter, minute).
 local function apply_windows(key, e, h)
   local cutoffs = {}
-  local b = e.b or {}
-  local i = 1
-  while keep > 0 and i <= #b do
-    local c = b[i][1]
+  local i = 0
+  while keep > 0 and i < e.nb do
+    local c = ARGV[e.b + 3 * i]
     local j = i
     local newmax = nil
-    while j <= #b and b[j][1] == c do
-      local m = tonumber(b[j][2])
+    while j < e.nb and ARGV[e.b + 3 * j] == c do
+      local m = tonumber(ARGV[e.b + 3 * j + 1])
       if not newmax or m > newmax then newmax = m end
       j = j + 1
     end
@@ -217,7 +293,10 @@ local function apply_windows(key, e, h)
       -- Buckets only exist in [old cutoff, old max]: at most `keep` deletions.
       local upto = math.min(cutoff - 1, wmax)
       for x = wmax - keep + 1, upto do
-        redis.call('HDEL', key, 'w:' .. c .. ':' .. x)
+        local bf = 'w:' .. c .. ':' .. x
+        h.del[#h.del + 1] = bf
+        h.bucket[bf] = nil
+        h.pre[bf] = false
         redis.call('DEL', '{' .. key .. '}:u:' .. c .. ':' .. x)
       end
     end
@@ -226,29 +305,32 @@ local function apply_windows(key, e, h)
       h.wdirty[c] = true
     end
     for k = i, j - 1 do
-      local m = tonumber(b[k][2])
-      if m >= cutoff then
-        redis.call('HINCRBY', key, 'w:' .. c .. ':' .. b[k][2], b[k][3])
+      local ms = ARGV[e.b + 3 * k + 1]
+      if tonumber(ms) >= cutoff then
+        bucket_add(h, 'w:' .. c .. ':' .. ms, tonumber(ARGV[e.b + 3 * k + 2]))
       end
     end
     cutoffs[c] = cutoff
     i = j
   end
-  for _, u in ipairs(e.u or {}) do
-    local c, m = u[1], tonumber(u[2])
-    redis.call('PFADD', '{' .. key .. '}:u:' .. c, unpack(u[3]))
+  local a = e.u
+  for _ = 1, e.nu do
+    local c, ms, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+    local m = tonumber(ms)
+    redis.call('PFADD', '{' .. key .. '}:u:' .. c, unpack(ARGV, a + 3, a + 2 + n))
     if cutoffs[c] and m >= cutoffs[c] then
-      local hk = '{' .. key .. '}:u:' .. c .. ':' .. u[2]
-      redis.call('PFADD', hk, unpack(u[3]))
+      local hk = '{' .. key .. '}:u:' .. c .. ':' .. ms
+      redis.call('PFADD', hk, unpack(ARGV, a + 3, a + 2 + n))
       redis.call('EXPIREAT', hk, (m + keep + 1) * 60)
     end
+    a = a + 3 + n
   end
 end
 
--- Write a changed hash back: one HSET, HDEL for fields that disappear.
+-- Write a changed hash back: one HSET, one HDEL for fields that disappear.
 local function write(key, h)
   local w = {'lsn', h.lsn, 'piece', tostring(h.piece), 'ts', h.ts}
-  local del = {}
+  local del = h.del
   for _, f in ipairs(h.roworder) do
     local t = h.rowt[f]
     if t then
@@ -257,16 +339,30 @@ local function write(key, h)
       del[#del + 1] = f
     end
   end
-  for loc, d in pairs(h.loc) do
+  for _, loc in ipairs(h.locorder) do
+    local d = h.loc[loc]
     local pre = 'loc:' .. loc .. ':'
-    -- A changed row count may mean a new or an emptied location: write both fields then.
-    if d[1] ~= 0 or d[3] ~= 0 then redis.call('HINCRBY', key, pre .. 'on_hand', int(d[1])) end
-    if d[2] ~= 0 or d[3] ~= 0 then redis.call('HINCRBY', key, pre .. 'reserved', int(d[2])) end
-    if d[3] ~= 0 then
-      local rows = redis.call('HINCRBY', key, pre .. 'rows', int(d[3]))
-      if rows <= 0 then
-        del[#del + 1] = pre .. 'on_hand'; del[#del + 1] = pre .. 'reserved'; del[#del + 1] = pre .. 'rows'
+    local fo, fr, fn = pre .. 'on_hand', pre .. 'reserved', pre .. 'rows'
+    local rows = (tonumber(field(key, h, fn)) or 0) + d[3]
+    if rows <= 0 then
+      del[#del + 1] = fo; del[#del + 1] = fr; del[#del + 1] = fn
+    else
+      -- A changed row count may mean a new location: write every field then.
+      if d[1] ~= 0 or d[3] ~= 0 then
+        w[#w + 1] = fo; w[#w + 1] = int((tonumber(field(key, h, fo)) or 0) + d[1])
       end
+      if d[2] ~= 0 or d[3] ~= 0 then
+        w[#w + 1] = fr; w[#w + 1] = int((tonumber(field(key, h, fr)) or 0) + d[2])
+      end
+      if d[3] ~= 0 then
+        w[#w + 1] = fn; w[#w + 1] = int(rows)
+      end
+    end
+  end
+  for _, f in ipairs(h.bucketorder) do
+    local n = h.bucket[f]
+    if n then
+      w[#w + 1] = f; w[#w + 1] = int((tonumber(field(key, h, f)) or 0) + n)
     end
   end
   if h.has_stock then
@@ -284,7 +380,7 @@ local function write(key, h)
   if h.thr_dirty then
     if h.threshold then
       w[#w + 1] = 'threshold'; w[#w + 1] = h.threshold
-    else
+    elseif h.had_threshold then
       del[#del + 1] = 'threshold'
     end
   end
@@ -303,8 +399,8 @@ local function write(key, h)
   elseif h.was_gone then
     del[#del + 1] = 'gone'
   end
-  if #del > 0 then redis.call('HDEL', key, unpack(del)) end
-  redis.call('HSET', key, unpack(w))
+  call_chunked('HDEL', key, del)
+  call_chunked('HSET', key, w)
 end
 
 -- Pass 1: read each hash once; refuse if an entry's range straddles the fence.
@@ -312,13 +408,12 @@ local hs, order = {}, {}
 for _, e in ipairs(entries) do
   local h = hs[e.k]
   if not h then
-    h = load(KEYS[e.k], rowf[e.k])
+    h = load(KEYS[e.k], want[e.k])
     hs[e.k] = h
     order[#order + 1] = e.k
   end
-  local fp, p = tonumber(e.fp), tonumber(e.p)
-  if h.lsn and (e.f ~= e.l or fp ~= p)
-      and not before(h.lsn, h.piece, e.f, fp) and before(h.lsn, h.piece, e.l, p) then
+  if h.lsn and (e.f ~= e.l or e.fp ~= e.p)
+      and not before(h.lsn, h.piece, e.f, e.fp) and before(h.lsn, h.piece, e.l, e.p) then
     return redis.error_reply('SKUSYNC_SPLIT ' .. KEYS[e.k] .. ' holds part of a merged entry')
   end
 end
@@ -327,8 +422,7 @@ end
 local applied, skipped = 0, 0
 for _, e in ipairs(entries) do
   local key, h = KEYS[e.k], hs[e.k]
-  local p = tonumber(e.p)
-  if h.lsn and not before(h.lsn, h.piece, e.l, p) then
+  if h.lsn and not before(h.lsn, h.piece, e.l, e.p) then
     skipped = skipped + 1
   else
     applied = applied + 1
@@ -347,17 +441,25 @@ for _, e in ipairs(entries) do
       end
       if changed then evaluate(key, h, e.l, e.t) end
     end
-    for _, st in ipairs(e.s or {}) do
-      if st[3] then apply_rows(key, h, st[3]) end
-      if st[4] == 1 then evaluate(key, h, st[1], st[2]) end
+    local sa = e.s
+    for _ = 1, e.ns do
+      local lsn, ms, ev, nr = ARGV[sa], ARGV[sa + 1], ARGV[sa + 2], tonumber(ARGV[sa + 3])
+      sa = sa + 4
+      if nr > 0 then sa = apply_rows(key, h, sa, nr) end
+      if ev == '1' then evaluate(key, h, lsn, ms) end
     end
-    for _, c in ipairs(e.c or {}) do
-      h.counters[c[1]] = (h.counters[c[1]] or 0) + tonumber(c[2])
-      h.cdirty[c[1]] = true
+    for i = 0, e.nc - 1 do
+      local c = ARGV[e.c + 2 * i]
+      local n = tonumber(ARGV[e.c + 2 * i + 1])
+      if h.counters[c] == nil then
+        h.counters[c] = tonumber(redis.call('HGET', key, c)) or 0
+      end
+      h.counters[c] = h.counters[c] + n
+      h.cdirty[c] = true
     end
-    if e.b or e.u then apply_windows(key, e, h) end
+    if e.nb > 0 or e.nu > 0 then apply_windows(key, e, h) end
     if changed then
-      h.lsn = e.l; h.piece = p; h.ts = e.t
+      h.lsn = e.l; h.piece = e.p; h.ts = e.t
       h.written = true
     end
   end
@@ -369,10 +471,10 @@ for _, ki in ipairs(order) do
   if h.written then write(KEYS[ki], h) end
 end
 
-if args['end'] then
+if batch_end ~= '' then
   local cur = redis.call('HGET', KEYS[1], 'applied_lsn')
-  if not cur or lsn_lt(cur, args['end']) then
-    redis.call('HSET', KEYS[1], 'applied_lsn', args['end'])
+  if not cur or lsn_lt(cur, batch_end) then
+    redis.call('HSET', KEYS[1], 'applied_lsn', batch_end)
   end
 end
 

@@ -180,8 +180,14 @@ impl Applier {
         end: Option<Lsn>,
         quiet: bool,
     ) -> Result<Applied, RedisSinkError> {
-        let (keys, arg) = encode_entries(&self.settings, entries, end, quiet);
-        self.invoke(keys, arg).await
+        let cmd = encode_entries(
+            &self.settings,
+            entries,
+            end,
+            quiet,
+            self.script.get_hash(),
+        );
+        self.invoke(cmd).await
     }
 
     /// Apply pieces one entry each (no merging: snapshot loads, tests).
@@ -207,16 +213,22 @@ impl Applier {
         self.apply(&Batch::truncate(piece, skus), None, false).await
     }
 
-    async fn invoke(&mut self, keys: Vec<String>, arg: String) -> Result<Applied, RedisSinkError> {
-        let mut inv = self.script.prepare_invoke();
-        for k in &keys {
-            inv.key(k);
-        }
-        inv.arg(arg);
-        let r: (u64, u64, u64) = inv
-            .invoke_async(&mut self.con)
-            .await
-            .map_err(RedisSinkError::from_redis)?;
+    async fn invoke(&mut self, cmd: redis::Cmd) -> Result<Applied, RedisSinkError> {
+        let r: Result<(u64, u64, u64), redis::RedisError> = cmd.query_async(&mut self.con).await;
+        let r = match r {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                // A restarted or flushed Redis forgot the script: load it, send again.
+                redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(APPLY_LUA)
+                    .query_async::<String>(&mut self.con)
+                    .await
+                    .map_err(RedisSinkError::from_redis)?;
+                cmd.query_async(&mut self.con).await
+            }
+            r => r,
+        };
+        let r = r.map_err(RedisSinkError::from_redis)?;
         Ok(Applied {
             applied: r.0,
             fenced: r.1,
@@ -273,161 +285,121 @@ pub fn glob_escape(s: &str) -> String {
     out
 }
 
-/// Encode entries as the script's KEYS and ARGV[1] (format in `apply.lua`). The JSON is
-/// written directly (no intermediate value tree): this runs for every batch.
+/// Encode entries as one EVALSHA of the apply script: KEYS (meta hash, then each SKU
+/// hash once) and the flat ARGV described in `apply.lua`. Arguments go straight into the
+/// command's buffer: this runs for every batch.
 pub fn encode_entries(
     s: &ApplySettings,
     entries: &[Entry],
     end: Option<Lsn>,
     quiet: bool,
-) -> (Vec<String>, String) {
-    use std::fmt::Write;
-    let mut keys = vec![layout::meta_key(&s.prefix)];
+    sha: &str,
+) -> redis::Cmd {
     let mut index: HashMap<&str, usize> = HashMap::with_capacity(entries.len());
-    let steps: usize = entries.iter().map(|e| e.steps.len()).sum();
-    let mut o = String::with_capacity(256 + entries.len() * 96 + steps * 96);
-    let _ = write!(
-        o,
-        "{{\"keep\":\"{}\",\"low\":\"{}\",\"quiet\":{quiet},\"counters\":",
-        s.keep_minutes, s.low_stock
-    );
-    json_str_array(&mut o, s.counters.iter().map(String::as_str));
-    if let Some(e) = end {
-        let _ = write!(o, ",\"end\":\"{}\"", e.0);
+    let mut keys: Vec<&str> = Vec::with_capacity(entries.len());
+    let key_idx: Vec<usize> = entries
+        .iter()
+        .map(|e| {
+            *index.entry(e.sku.as_str()).or_insert_with(|| {
+                keys.push(e.sku.as_str());
+                keys.len() + 1 // Lua is 1-based and KEYS[1] is the meta hash
+            })
+        })
+        .collect();
+    let mut c = redis::cmd("EVALSHA");
+    c.arg(sha).arg(keys.len() + 1).arg(layout::meta_key(&s.prefix));
+    for k in &keys {
+        c.arg(layout::sku_key(&s.prefix, k));
     }
-    // cjson would decode an empty array as an object: only send non-empty ones.
-    if !entries.is_empty() {
-        o.push_str(",\"e\":[");
+    c.arg(s.keep_minutes)
+        .arg(s.low_stock)
+        .arg(if quiet { "1" } else { "0" })
+        .arg(end.map(|e| e.0.to_string()).unwrap_or_default())
+        .arg(s.counters.len());
+    for name in &s.counters {
+        c.arg(name);
     }
-    for (n, e) in entries.iter().enumerate() {
-        let ki = *index.entry(e.sku.as_str()).or_insert_with(|| {
-            keys.push(layout::sku_key(&s.prefix, &e.sku));
-            keys.len() // Lua is 1-based: KEYS[i]
-        });
-        if n > 0 {
-            o.push(',');
+    for (e, ki) in entries.iter().zip(key_idx) {
+        c.arg(ki)
+            .arg(e.first.0.0)
+            .arg(e.first.1)
+            .arg(e.last.0.0)
+            .arg(e.last.1)
+            .arg(e.commit_ms)
+            .arg(e.truncate.len());
+        for t in &e.truncate {
+            c.arg(t);
         }
-        let _ = write!(
-            o,
-            "{{\"k\":{ki},\"f\":\"{}\",\"fp\":{},\"l\":\"{}\",\"p\":{},\"t\":\"{}\"",
-            e.first.0.0, e.first.1, e.last.0.0, e.last.1, e.commit_ms
-        );
-        if !e.truncate.is_empty() {
-            o.push_str(",\"x\":");
-            json_str_array(&mut o, e.truncate.iter().map(String::as_str));
-        }
-        if !e.steps.is_empty() {
-            o.push_str(",\"s\":[");
-            for (i, st) in e.steps.iter().enumerate() {
-                if i > 0 {
-                    o.push(',');
-                }
-                let _ = write!(o, "[\"{}\",\"{}\",", st.lsn.0, st.commit_ms);
-                if st.rows.is_empty() {
-                    o.push_str("false");
-                } else {
-                    o.push('[');
-                    for (i, (f, op)) in st.rows.iter().enumerate() {
-                        if i > 0 {
-                            o.push(',');
-                        }
-                        o.push('[');
-                        json_str(&mut o, f);
-                        if let RowOp::Set {
-                            location,
-                            on_hand,
-                            reserved,
-                            threshold,
-                        } = op
-                        {
-                            o.push(',');
-                            match location {
-                                Field::Keep => o.push_str("false"),
-                                Field::Val(v) => json_str(&mut o, v),
-                            }
-                            for n in [on_hand, reserved] {
-                                match n {
-                                    Field::Keep => o.push_str(",false"),
-                                    Field::Val(v) => {
-                                        let _ = write!(o, ",\"{v}\"");
-                                    }
-                                }
-                            }
-                            match threshold {
-                                Field::Keep => o.push_str(",false"),
-                                Field::Val(None) => o.push_str(",\"\""),
-                                Field::Val(Some(t)) => {
-                                    let _ = write!(o, ",\"{t}\"");
-                                }
-                            }
-                        }
-                        o.push(']');
+        c.arg(e.steps.len());
+        for st in &e.steps {
+            c.arg(st.lsn.0)
+                .arg(st.commit_ms)
+                .arg(if st.eval { "1" } else { "0" })
+                .arg(st.rows.len());
+            for (f, op) in &st.rows {
+                c.arg(f);
+                match op {
+                    RowOp::Del => {
+                        c.arg("D").arg("").arg("").arg("").arg("");
                     }
-                    o.push(']');
-                }
-                o.push_str(if st.eval { ",1]" } else { ",0]" });
-            }
-            o.push(']');
-        }
-        if !e.counters.is_empty() {
-            o.push_str(",\"c\":[");
-            for (i, (k, v)) in e.counters.iter().enumerate() {
-                o.push_str(if i > 0 { ",[" } else { "[" });
-                json_str(&mut o, k);
-                let _ = write!(o, ",\"{v}\"]");
-            }
-            o.push(']');
-        }
-        if !e.buckets.is_empty() {
-            o.push_str(",\"b\":[");
-            for (i, ((k, m), v)) in e.buckets.iter().enumerate() {
-                o.push_str(if i > 0 { ",[" } else { "[" });
-                json_str(&mut o, k);
-                let _ = write!(o, ",\"{m}\",\"{v}\"]");
-            }
-            o.push(']');
-        }
-        if !e.users.is_empty() {
-            o.push_str(",\"u\":[");
-            let mut i = 0;
-            for ((k, m), ids) in &e.users {
-                let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-                // Lua's unpack has a stack limit: keep each PFADD modest.
-                for chunk in ids.chunks(500) {
-                    o.push_str(if i > 0 { ",[" } else { "[" });
-                    i += 1;
-                    json_str(&mut o, k);
-                    let _ = write!(o, ",\"{m}\",");
-                    json_str_array(&mut o, chunk.iter().copied());
-                    o.push(']');
+                    RowOp::Set {
+                        location,
+                        on_hand,
+                        reserved,
+                        threshold,
+                    } => {
+                        let flag = |k: bool| if k { 'k' } else { 'v' };
+                        let flags: [u8; 4] = [
+                            flag(matches!(location, Field::Keep)) as u8,
+                            flag(matches!(on_hand, Field::Keep)) as u8,
+                            flag(matches!(reserved, Field::Keep)) as u8,
+                            match threshold {
+                                Field::Keep => b'k',
+                                Field::Val(None) => b'n',
+                                Field::Val(Some(_)) => b'v',
+                            },
+                        ];
+                        c.arg(&flags[..]);
+                        match location {
+                            Field::Val(v) => c.arg(v),
+                            Field::Keep => c.arg(""),
+                        };
+                        for n in [on_hand, reserved] {
+                            match n {
+                                Field::Val(v) => c.arg(*v),
+                                Field::Keep => c.arg(""),
+                            };
+                        }
+                        match threshold {
+                            Field::Val(Some(t)) => c.arg(*t),
+                            _ => c.arg(""),
+                        };
+                    }
                 }
             }
-            o.push(']');
         }
-        o.push('}');
-    }
-    if !entries.is_empty() {
-        o.push(']');
-    }
-    o.push('}');
-    (keys, o)
-}
-
-/// Append `s` as a JSON string.
-fn json_str(o: &mut String, s: &str) {
-    // serde_json's escaping, without building a value.
-    o.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()));
-}
-
-fn json_str_array<'a>(o: &mut String, items: impl Iterator<Item = &'a str>) {
-    o.push('[');
-    for (i, s) in items.enumerate() {
-        if i > 0 {
-            o.push(',');
+        c.arg(e.counters.len());
+        for (k, v) in &e.counters {
+            c.arg(k).arg(*v);
         }
-        json_str(o, s);
+        c.arg(e.buckets.len());
+        for ((k, m), v) in &e.buckets {
+            c.arg(k).arg(*m).arg(*v);
+        }
+        // Lua's unpack has a stack limit: keep each PFADD modest.
+        let chunks: usize = e.users.values().map(|ids| ids.len().div_ceil(500)).sum();
+        c.arg(chunks);
+        for ((k, m), ids) in &e.users {
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            for chunk in ids.chunks(500) {
+                c.arg(k).arg(*m).arg(chunk.len());
+                for id in chunk {
+                    c.arg(*id);
+                }
+            }
+        }
     }
-    o.push(']');
+    c
 }
 
 /// The meta hash, as read at startup.
