@@ -3,10 +3,10 @@
 //! While the stream is backlogged, thousands of transactions touch the same SKUs. Sending
 //! each transaction's delta separately made Redis repeat the same per-SKU work (read the
 //! hash, write it back) once per transaction. A batch instead keeps one [`Entry`] per SKU:
-//! counters, window buckets and distinct users are summed across transactions; stock row
-//! changes stay ordered [`Step`]s, because low-stock alerts are evaluated after each
-//! transaction. Memory follows the distinct SKUs and stock steps of one batch, capped by
-//! the caller.
+//! counters, window buckets and distinct users are summed across transactions; stock rows
+//! are sent once with their final state, plus a compact trace of every change in commit
+//! order, because low-stock alerts are evaluated after each transaction. Memory follows
+//! the distinct SKUs and stock changes of one batch, capped by the caller.
 //!
 //! An entry is fenced by the range of pieces it merged, `first..=last`: the apply step
 //! skips it when the SKU already holds `last`, applies it when the SKU holds less than
@@ -17,24 +17,41 @@
 //! stream connected). Replays below the horizon and pieces of large transactions keep an
 //! entry each, fenced exactly as before.
 
-use super::{Piece, RowOp, SkuDelta};
+use super::{Field, Piece, RowOp, SkuDelta};
 use crate::lsn::Lsn;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// (commit LSN, piece number): the fence unit.
 pub type Fence = (Lsn, u32);
 
-/// One transaction's stock changes to one SKU, applied in order; alerts are evaluated
-/// after it when `eval` is set (the transaction's final piece).
+/// What one transaction did to one stock row, for alert evaluation.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Step {
+pub enum TraceOp {
+    /// The row exists with these values (`Keep`: what the row held before).
+    Set {
+        on_hand: Field<i64>,
+        reserved: Field<i64>,
+        threshold: Field<Option<i64>>,
+    },
+    /// The row is gone.
+    Del,
+    /// No row: an evaluation only (the final piece of a large transaction).
+    None,
+}
+
+/// One record of an entry's trace: the stock changes in commit order, so the apply step
+/// can evaluate low-stock alerts after each transaction (they depend on every
+/// intermediate level, not only the final one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceRec {
+    /// Index into the entry's `rows` (unused for `TraceOp::None`).
+    pub row: u32,
+    pub op: TraceOp,
+    /// Evaluate alerts after this record (the last record of a transaction).
+    pub eval: bool,
     pub lsn: Lsn,
     /// Commit time, unix milliseconds.
     pub commit_ms: i64,
-    /// Row field name -> final state in this piece (sorted by field, as folded; a Vec:
-    /// a map's node per step costs a kilobyte).
-    pub rows: Vec<(String, RowOp)>,
-    pub eval: bool,
 }
 
 /// Everything one apply call does to one SKU.
@@ -48,15 +65,23 @@ pub struct Entry {
     pub commit_ms: i64,
     /// Stock tables whose rows this entry clears first (a TRUNCATE piece).
     pub truncate: Vec<String>,
-    /// Stock row changes and alert evaluations, in commit order.
-    pub steps: Vec<Step>,
+    /// Stock rows touched, with their final state (location and quantities; thresholds
+    /// travel in the trace), in first-touch order.
+    pub rows: Vec<(String, RowOp)>,
+    /// Stock changes and alert evaluations, in commit order.
+    pub trace: Vec<TraceRec>,
     /// Summed lifetime counter increments.
     pub counters: BTreeMap<String, i64>,
     /// (counter, minute) -> summed bucket increment.
     pub buckets: BTreeMap<(String, i64), i64>,
     /// (counter, minute) -> HMAC'd user ids seen.
     pub users: BTreeMap<(String, i64), BTreeSet<String>>,
+    /// Row field -> index in `rows`, once there are many.
+    row_index: Option<HashMap<String, u32>>,
 }
+
+/// Rows per entry searched linearly before an index is built.
+const LINEAR_ROWS: usize = 8;
 
 impl Entry {
     fn new(sku: String, fence: Fence, commit_ms: i64) -> Entry {
@@ -66,22 +91,135 @@ impl Entry {
             last: fence,
             commit_ms,
             truncate: Vec::new(),
-            steps: Vec::new(),
+            rows: Vec::new(),
+            trace: Vec::new(),
             counters: BTreeMap::new(),
             buckets: BTreeMap::new(),
             users: BTreeMap::new(),
+            row_index: None,
         }
     }
 
-    fn absorb(&mut self, fence: Fence, commit_ms: i64, d: SkuDelta, eval: bool) {
+    fn row_slot(&mut self, field: &str) -> Option<usize> {
+        match &self.row_index {
+            Some(ix) => ix.get(field).map(|&i| i as usize),
+            None => self.rows.iter().position(|(f, _)| f == field),
+        }
+    }
+
+    /// Merge a row's new state into its final state: `Keep` inherits what the entry set
+    /// before (after a delete, what a fresh row holds).
+    fn merge_row(&mut self, field: String, op: &RowOp) -> u32 {
+        let final_op = match op {
+            RowOp::Del => RowOp::Del,
+            RowOp::Set {
+                location,
+                on_hand,
+                reserved,
+                ..
+            } => RowOp::Set {
+                location: location.clone(),
+                on_hand: on_hand.clone(),
+                reserved: reserved.clone(),
+                threshold: Field::Keep,
+            },
+        };
+        match self.row_slot(&field) {
+            Some(i) => {
+                let prev = std::mem::replace(&mut self.rows[i].1, RowOp::Del);
+                self.rows[i].1 = match (prev, final_op) {
+                    (_, RowOp::Del) => RowOp::Del,
+                    (
+                        RowOp::Set {
+                            location: pl,
+                            on_hand: po,
+                            reserved: pr,
+                            ..
+                        },
+                        RowOp::Set {
+                            location,
+                            on_hand,
+                            reserved,
+                            threshold,
+                        },
+                    ) => RowOp::Set {
+                        location: inherit(location, pl),
+                        on_hand: inherit(on_hand, po),
+                        reserved: inherit(reserved, pr),
+                        threshold,
+                    },
+                    (
+                        RowOp::Del,
+                        RowOp::Set {
+                            location,
+                            on_hand,
+                            reserved,
+                            threshold,
+                        },
+                    ) => RowOp::Set {
+                        location: inherit(location, Field::Val(String::new())),
+                        on_hand: inherit(on_hand, Field::Val(0)),
+                        reserved: inherit(reserved, Field::Val(0)),
+                        threshold,
+                    },
+                };
+                i as u32
+            }
+            None => {
+                let i = self.rows.len();
+                if let Some(ix) = &mut self.row_index {
+                    ix.insert(field.clone(), i as u32);
+                } else if i >= LINEAR_ROWS {
+                    let mut ix: HashMap<String, u32> = self
+                        .rows
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (f, _))| (f.clone(), i as u32))
+                        .collect();
+                    ix.insert(field.clone(), i as u32);
+                    self.row_index = Some(ix);
+                }
+                self.rows.push((field, final_op));
+                i as u32
+            }
+        }
+    }
+
+    fn absorb(&mut self, fence: Fence, commit_ms: i64, d: SkuDelta, eval: bool) -> usize {
         self.last = fence;
         self.commit_ms = commit_ms;
-        if !d.rows.is_empty() || eval {
-            self.steps.push(Step {
+        let before = self.trace.len();
+        let n = d.rows.len();
+        for (k, (field, op)) in d.rows.into_iter().enumerate() {
+            let row = self.merge_row(field, &op);
+            let op = match op {
+                RowOp::Del => TraceOp::Del,
+                RowOp::Set {
+                    on_hand,
+                    reserved,
+                    threshold,
+                    ..
+                } => TraceOp::Set {
+                    on_hand,
+                    reserved,
+                    threshold,
+                },
+            };
+            self.trace.push(TraceRec {
+                row,
+                op,
+                eval: eval && k + 1 == n,
                 lsn: fence.0,
                 commit_ms,
-                rows: d.rows.into_iter().collect(),
-                eval,
+            });
+        }
+        if n == 0 && eval {
+            self.trace.push(TraceRec {
+                row: 0,
+                op: TraceOp::None,
+                eval: true,
+                lsn: fence.0,
+                commit_ms,
             });
         }
         for (c, n) in d.counters {
@@ -93,6 +231,14 @@ impl Entry {
         for (k, ids) in d.users {
             self.users.entry(k).or_default().extend(ids);
         }
+        self.trace.len() - before
+    }
+}
+
+fn inherit<T>(new: Field<T>, prev: Field<T>) -> Field<T> {
+    match new {
+        Field::Keep => prev,
+        v => v,
     }
 }
 
@@ -170,10 +316,7 @@ impl Batch {
                 before
             }
         };
-        let e = &mut self.entries[i];
-        let steps = e.steps.len();
-        e.absorb(fence, ms, d, eval);
-        self.steps += e.steps.len() - steps;
+        self.steps += self.entries[i].absorb(fence, ms, d, eval);
     }
 
     /// The entries, in apply order.
@@ -186,7 +329,7 @@ impl Batch {
         self.entries.len()
     }
 
-    /// Number of stock steps.
+    /// Number of trace records (stock row changes and evaluations).
     pub fn steps(&self) -> usize {
         self.steps
     }
@@ -200,14 +343,17 @@ impl Batch {
     pub fn take(&mut self) -> Vec<Entry> {
         self.open.clear();
         self.steps = 0;
-        std::mem::take(&mut self.entries)
+        let mut out = std::mem::take(&mut self.entries);
+        for e in &mut out {
+            e.row_index = None;
+        }
+        out
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fold::Field;
 
     fn piece(lsn: u64, n: u32, last: bool, skus: &[(&str, i64, Option<i64>)]) -> Piece {
         let mut m = BTreeMap::new();
@@ -255,14 +401,22 @@ mod tests {
         assert_eq!((a.first, a.last), ((Lsn(20), 0), (Lsn(30), 0)));
         assert_eq!(a.counters["views"], 4);
         assert_eq!(a.buckets[&("views".to_string(), 7)], 4);
-        assert_eq!(a.steps.len(), 1);
-        assert!(a.steps[0].eval);
+        assert_eq!(a.trace.len(), 1);
+        assert!(a.trace[0].eval);
         let bb = &b.entries()[1];
         assert_eq!(bb.counters["views"], 3);
         assert_eq!(
-            bb.steps.iter().map(|s| s.lsn).collect::<Vec<_>>(),
+            bb.trace.iter().map(|s| s.lsn).collect::<Vec<_>>(),
             vec![Lsn(20), Lsn(40)]
         );
+        assert_eq!(bb.rows.len(), 1, "one final state per row");
+        assert!(matches!(
+            &bb.rows[0].1,
+            RowOp::Set {
+                on_hand: Field::Val(3),
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -302,7 +456,49 @@ mod tests {
         p.eval = vec!["A".into()];
         b.push(p);
         let e = &b.entries()[0];
-        assert_eq!(e.steps.len(), 1);
-        assert!(e.steps[0].eval && e.steps[0].rows.is_empty());
+        assert_eq!(e.trace.len(), 1);
+        assert!(e.trace[0].eval && e.trace[0].op == TraceOp::None && e.rows.is_empty());
+    }
+
+    #[test]
+    fn final_rows_keep_what_the_entry_set_before_and_many_rows_are_indexed() {
+        let set = |on: Field<i64>, loc: Field<String>| RowOp::Set {
+            location: loc,
+            on_hand: on,
+            reserved: Field::Keep,
+            threshold: Field::Val(Some(3)),
+        };
+        let mut e = Entry::new("A".into(), (Lsn(1), 0), 1);
+        e.merge_row("r:t:x".into(), &set(Field::Val(5), Field::Val("W".into())));
+        e.merge_row("r:t:x".into(), &set(Field::Keep, Field::Keep));
+        assert_eq!(
+            e.rows[0].1,
+            RowOp::Set {
+                location: Field::Val("W".into()),
+                on_hand: Field::Val(5),
+                reserved: Field::Keep,
+                threshold: Field::Keep,
+            },
+            "Keep inherits; thresholds travel in the trace only"
+        );
+        e.merge_row("r:t:x".into(), &RowOp::Del);
+        e.merge_row("r:t:x".into(), &set(Field::Keep, Field::Keep));
+        assert_eq!(
+            e.rows[0].1,
+            RowOp::Set {
+                location: Field::Val(String::new()),
+                on_hand: Field::Val(0),
+                reserved: Field::Val(0),
+                threshold: Field::Keep,
+            },
+            "after a delete, Keep means a fresh row"
+        );
+        for i in 0..100 {
+            assert_eq!(e.merge_row(format!("r:t:{i}"), &RowOp::Del), i + 1);
+        }
+        assert!(e.row_index.is_some());
+        assert_eq!(e.merge_row("r:t:50".into(), &RowOp::Del), 51);
+        assert_eq!(e.merge_row("r:t:x".into(), &RowOp::Del), 0);
+        assert_eq!(e.rows.len(), 101);
     }
 }

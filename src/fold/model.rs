@@ -3,7 +3,7 @@
 //! and apply them here; an integration test applies random pieces to both this model and
 //! a real Redis and compares the hashes.
 
-use super::batch::{Batch, Entry};
+use super::batch::{Batch, Entry, TraceOp};
 use super::{Field, Piece, RowOp};
 use crate::lsn::Lsn;
 use std::collections::{BTreeMap, BTreeSet};
@@ -180,51 +180,112 @@ impl Store {
             }
         }
         if changed && !e.truncate.is_empty() {
-            evaluate(&e.sku, f, last.0, e.commit_ms, params, alerts);
+            let avail = get_i(f, "on_hand") - get_i(f, "reserved");
+            let thr = threshold_of(f, params);
+            let has_stock = f.contains_key("rows");
+            evaluate(&e.sku, f, has_stock, avail, thr, last.0, e.commit_ms, params, alerts);
         }
-        for st in &e.steps {
-            if !st.rows.is_empty() {
-                // Any row op makes the SKU a stock SKU (0 until rows add up).
-                for s in ["rows", "on_hand", "reserved"] {
-                    f.entry(s.to_string()).or_insert_with(|| "0".into());
-                }
-            }
-            for (field, op) in &st.rows {
-                let old = remove_row(f, field);
-                if let RowOp::Set {
-                    location,
-                    on_hand,
-                    reserved,
-                    threshold,
-                } = op
-                {
-                    let (ol, oo, or) = old.unwrap_or_default();
-                    let loc = match location {
-                        Field::Keep => ol,
-                        Field::Val(v) => v.clone(),
-                    };
-                    let on = match on_hand {
-                        Field::Keep => oo,
-                        Field::Val(v) => *v,
-                    };
-                    let res = match reserved {
-                        Field::Keep => or,
-                        Field::Val(v) => *v,
-                    };
-                    add_row(f, field, &loc, on, res);
-                    match threshold {
-                        Field::Val(Some(t)) => {
-                            f.insert("threshold".into(), t.to_string());
+        if !e.trace.is_empty() {
+            // Alerts after each transaction, from the levels its changes imply.
+            let mut avail = get_i(f, "on_hand") - get_i(f, "reserved");
+            let mut has_stock = f.contains_key("rows");
+            let mut cur: Vec<Option<(i64, i64)>> = e
+                .rows
+                .iter()
+                .map(|(field, _)| {
+                    f.get(field).map(|v| {
+                        let (_, o, r) = parse_row(v);
+                        (o, r)
+                    })
+                })
+                .collect();
+            let mut thr = f.get("threshold").cloned();
+            for rec in &e.trace {
+                let i = rec.row as usize;
+                match &rec.op {
+                    TraceOp::None => {}
+                    TraceOp::Del => {
+                        has_stock = true;
+                        if let Some((o, r)) = cur[i].take() {
+                            avail -= o - r;
                         }
-                        Field::Val(None) => {
-                            f.remove("threshold");
+                    }
+                    TraceOp::Set {
+                        on_hand,
+                        reserved,
+                        threshold,
+                    } => {
+                        has_stock = true;
+                        let (oo, or) = cur[i].unwrap_or((0, 0));
+                        let on = match on_hand {
+                            Field::Keep => oo,
+                            Field::Val(v) => *v,
+                        };
+                        let res = match reserved {
+                            Field::Keep => or,
+                            Field::Val(v) => *v,
+                        };
+                        avail += (on - res) - (oo - or);
+                        cur[i] = Some((on, res));
+                        match threshold {
+                            Field::Val(Some(t)) => thr = Some(t.to_string()),
+                            Field::Val(None) => thr = None,
+                            Field::Keep => {}
                         }
-                        Field::Keep => {}
                     }
                 }
+                if rec.eval {
+                    let t = thr
+                        .as_deref()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(params.low_stock);
+                    evaluate(
+                        &e.sku,
+                        f,
+                        has_stock,
+                        avail,
+                        t,
+                        rec.lsn.0,
+                        rec.commit_ms,
+                        params,
+                        alerts,
+                    );
+                }
             }
-            if st.eval {
-                evaluate(&e.sku, f, st.lsn.0, st.commit_ms, params, alerts);
+            match thr {
+                Some(t) => f.insert("threshold".into(), t),
+                None => f.remove("threshold"),
+            };
+        }
+        if !e.rows.is_empty() {
+            // Any row op makes the SKU a stock SKU (0 until rows add up).
+            for s in ["rows", "on_hand", "reserved"] {
+                f.entry(s.to_string()).or_insert_with(|| "0".into());
+            }
+        }
+        for (field, op) in &e.rows {
+            let old = remove_row(f, field);
+            if let RowOp::Set {
+                location,
+                on_hand,
+                reserved,
+                ..
+            } = op
+            {
+                let (ol, oo, or) = old.unwrap_or_default();
+                let loc = match location {
+                    Field::Keep => ol,
+                    Field::Val(v) => v.clone(),
+                };
+                let on = match on_hand {
+                    Field::Keep => oo,
+                    Field::Val(v) => *v,
+                };
+                let res = match reserved {
+                    Field::Keep => or,
+                    Field::Val(v) => *v,
+                };
+                add_row(f, field, &loc, on, res);
             }
         }
         for (c, v) in &e.counters {
@@ -289,6 +350,12 @@ impl Store {
     }
 }
 
+fn threshold_of(f: &BTreeMap<String, String>, params: &ApplyParams) -> i64 {
+    f.get("threshold")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(params.low_stock)
+}
+
 /// Fence, totals and `gone` after a SKU's entry was applied.
 fn finish(f: &mut BTreeMap<String, String>, at: (u64, u32), commit_ms: i64, params: &ApplyParams) {
     f.insert("lsn".into(), at.0.to_string());
@@ -308,24 +375,23 @@ fn finish(f: &mut BTreeMap<String, String>, at: (u64, u32), commit_ms: i64, para
     }
 }
 
-/// Low-stock alert detection, once per transaction and SKU. A SKU's first
-/// classification is silent (it crossed nothing).
+/// Low-stock alert detection, once per transaction and SKU, at the given level. A SKU's
+/// first classification is silent (it crossed nothing).
+#[allow(clippy::too_many_arguments)]
 fn evaluate(
     sku: &str,
     f: &mut BTreeMap<String, String>,
+    has_stock: bool,
+    avail: i64,
+    thr: i64,
     lsn: u64,
     commit_ms: i64,
     params: &ApplyParams,
     alerts: &mut Vec<Alert>,
 ) {
-    if !f.contains_key("rows") {
+    if !has_stock {
         return;
     }
-    let avail = get_i(f, "on_hand") - get_i(f, "reserved");
-    let thr = f
-        .get("threshold")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(params.low_stock);
     let prev = f.get("alert_state").cloned();
     let mut state = if avail <= 0 {
         "out"

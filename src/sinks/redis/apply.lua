@@ -1,17 +1,19 @@
 -- skusync apply script: applies a batch of per-SKU entries, exactly once.
 --
 -- KEYS[1] = meta hash; KEYS[2..] = SKU hashes referenced by index.
--- ARGV is one flat list of strings, read front to back (no JSON: decoding JSON into Lua
--- tables cost more than everything else the script does):
+-- ARGV is one flat list of strings, read front to back (no JSON: in Redis' Lua every
+-- decoded value is a new string or table, which cost more than everything else):
 --   keep, low, quiet ('1'|'0'), end LSN ('' for none), ncounters, counter..., entry...
---   entry = k, f, fp, l, p, t, nx, table..., ns, step..., nc, (counter, n)...,
+--   entry = k, f, fp, l, p, t, nx, table..., nr, row..., trace, nc, (counter, n)...,
 --           nb, (counter, minute, n)..., nu, (counter, minute, nids, hmac...)...
 --     k: key index; f/fp and l/p: first and last (commit LSN, piece) merged into the
 --     entry; t: commit unix ms of the last; tables: stock tables to clear first (TRUNCATE)
---   step = LSN, ms, eval ('1': evaluate alerts after it), nrows, row...
---   row = field, flags, loc, on, res, thr; flags 'D' deletes the row, otherwise one
---     letter each for loc, on, res, thr: 'v' value, 'k' keep what Redis holds,
---     'n' (thr only) clear
+--   row = field, flags, loc, on, res: a stock row's final state; flags 'D' deletes it,
+--     otherwise one letter each for loc, on, res: 'v' value, 'k' keep what Redis holds
+--   trace = packed records '<BI4ddddd' (flags, row index 0-based, on, res, threshold,
+--     LSN minus f, commit ms): every stock change in commit order, to evaluate low-stock
+--     alerts after each transaction. Flags: 1 delete, 2 keep on, 4 keep res,
+--     8 set threshold, 16 clear threshold, 32 evaluate after it, 64 no row.
 -- An entry is fenced per SKU by its range: skipped when the hash holds `l/p` or later,
 -- applied when it holds less than `f/fp`; anything in between refuses the whole call
 -- (SKUSYNC_SPLIT) before writing. The semantics are those of `fold::model` (a
@@ -82,23 +84,20 @@ while a <= nargv do
     for i = 1, nx do e.x[i] = ARGV[a + i - 1] end
     a = a + nx
   end
-  local ns = tonumber(ARGV[a])
+  local nr = tonumber(ARGV[a])
+  e.r = a + 1
+  e.nr = nr
   a = a + 1
-  e.s = a
-  for _ = 1, ns do
-    local nr = tonumber(ARGV[a + 3])
-    a = a + 4
-    for _ = 1, nr do
-      want_field(e.k, ARGV[a])
-      local flags = ARGV[a + 1]
-      if flags ~= 'D' and string.sub(flags, 1, 1) == 'v' and ARGV[a + 2] ~= '' then
-        local pre = 'loc:' .. ARGV[a + 2] .. ':'
-        want_field(e.k, pre .. 'on_hand'); want_field(e.k, pre .. 'reserved'); want_field(e.k, pre .. 'rows')
-      end
-      a = a + 6
+  for _ = 1, nr do
+    want_field(e.k, ARGV[a])
+    if ARGV[a + 1] ~= 'D' and string.sub(ARGV[a + 1], 1, 1) == 'v' and ARGV[a + 2] ~= '' then
+      local pre = 'loc:' .. ARGV[a + 2] .. ':'
+      want_field(e.k, pre .. 'on_hand'); want_field(e.k, pre .. 'reserved'); want_field(e.k, pre .. 'rows')
     end
+    a = a + 5
   end
-  e.ns = ns
+  e.trace = ARGV[a]
+  a = a + 1
   local nc = tonumber(ARGV[a])
   e.c = a + 1
   e.nc = nc
@@ -205,10 +204,10 @@ end
 
 local alerts_raised = 0
 
--- Low-stock alert detection after a transaction (see fold::model::evaluate).
-local function evaluate(key, h, lsn, ms)
-  if not h.has_stock then return end
-  local avail = h.on - h.res
+-- Low-stock alert detection after a transaction, at level `avail` (see
+-- fold::model::evaluate).
+local function evaluate(key, h, has_stock, avail, lsn, ms)
+  if not has_stock then return end
   local thr = tonumber(h.threshold or '') or low
   local prev = h.alert_state
   local state
@@ -238,7 +237,7 @@ local function evaluate(key, h, lsn, ms)
   end
 end
 
--- A step's rows, starting at ARGV[a]; returns the index after them.
+-- An entry's final rows, starting at ARGV[a].
 local function apply_rows(key, h, a, nr)
   h.has_stock = true
   for _ = 1, nr do
@@ -254,18 +253,64 @@ local function apply_rows(key, h, a, nr)
       row_put(h, f, {loc, on, res})
       h.on = h.on + on; h.res = h.res + res; h.rows = h.rows + 1
       loc_add(h, loc, on, res, 1)
-      local tf = string.sub(flags, 4, 4)
-      if tf == 'n' then
-        h.threshold = nil
-        h.thr_dirty = true
-      elseif tf == 'v' then
-        h.threshold = ARGV[a + 5]
-        h.thr_dirty = true
+    end
+    a = a + 5
+  end
+end
+
+-- LSN (decimal string) plus a small delta, exactly.
+local function lsn_add(base, delta)
+  if delta == 0 then return base end
+  if #base < 16 then return string.format('%d', tonumber(base) + delta) end
+  local digits, carry, d = {}, delta, #base
+  while d >= 1 or carry > 0 do
+    local x = (d >= 1 and tonumber(string.sub(base, d, d)) or 0) + carry % 10
+    carry = math.floor(carry / 10)
+    if x >= 10 then x = x - 10; carry = carry + 1 end
+    table.insert(digits, 1, tostring(x))
+    d = d - 1
+  end
+  return table.concat(digits)
+end
+
+-- Walk an entry's trace: the level after each change, alerts where a transaction ends.
+local function run_trace(key, h, e)
+  local tr = e.trace
+  local avail = h.on - h.res
+  local has = h.has_stock
+  local cur = {}
+  local pos, n = 1, #tr
+  while pos <= n do
+    local flags, idx, on, res, thr, dl, ms
+    flags, idx, on, res, thr, dl, ms, pos = struct.unpack('<BI4ddddd', tr, pos)
+    if bit.band(flags, 64) == 0 then
+      has = true
+      local c = cur[idx]
+      if c == nil then
+        local t = row_get(key, h, ARGV[e.r + 5 * idx])
+        c = t and {t[2], t[3]} or false
+      end
+      if bit.band(flags, 1) ~= 0 then
+        if c then avail = avail - (c[1] - c[2]) end
+        cur[idx] = false
+      else
+        local oo, orr = 0, 0
+        if c then oo, orr = c[1], c[2] end
+        if bit.band(flags, 2) ~= 0 then on = oo end
+        if bit.band(flags, 4) ~= 0 then res = orr end
+        avail = avail + (on - res) - (oo - orr)
+        cur[idx] = {on, res}
+        if bit.band(flags, 8) ~= 0 then
+          h.threshold = int(thr); h.thr_dirty = true
+        elseif bit.band(flags, 16) ~= 0 then
+          h.threshold = nil; h.thr_dirty = true
+        end
       end
     end
-    a = a + 6
+    if bit.band(flags, 32) ~= 0 then
+      evaluate(key, h, has, avail, lsn_add(e.f, dl), int(ms))
+    end
   end
-  return a
 end
 
 local function bucket_add(h, f, n)
@@ -439,15 +484,10 @@ for _, e in ipairs(entries) do
           if string.sub(f, 1, #pre) == pre and remove_row(key, h, f) then changed = true end
         end
       end
-      if changed then evaluate(key, h, e.l, e.t) end
+      if changed then evaluate(key, h, h.has_stock, h.on - h.res, e.l, e.t) end
     end
-    local sa = e.s
-    for _ = 1, e.ns do
-      local lsn, ms, ev, nr = ARGV[sa], ARGV[sa + 1], ARGV[sa + 2], tonumber(ARGV[sa + 3])
-      sa = sa + 4
-      if nr > 0 then sa = apply_rows(key, h, sa, nr) end
-      if ev == '1' then evaluate(key, h, lsn, ms) end
-    end
+    if e.trace ~= '' then run_trace(key, h, e) end
+    if e.nr > 0 then apply_rows(key, h, e.r, e.nr) end
     for i = 0, e.nc - 1 do
       local c = ARGV[e.c + 2 * i]
       local n = tonumber(ARGV[e.c + 2 * i + 1])

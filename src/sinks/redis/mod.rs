@@ -6,7 +6,7 @@
 //! in the meta hash (`applied_lsn`), and refuses to run when the meta hash is missing
 //! (FLUSHALL, eviction, a new Redis), which makes the pipeline resync.
 
-use crate::fold::batch::{Batch, Entry};
+use crate::fold::batch::{Batch, Entry, TraceOp};
 use crate::fold::{Field, Piece, RowOp};
 use crate::lsn::Lsn;
 use crate::sinks::layout;
@@ -319,6 +319,7 @@ pub fn encode_entries(
     for name in &s.counters {
         c.arg(name);
     }
+    let mut trace = Vec::new();
     for (e, ki) in entries.iter().zip(key_idx) {
         c.arg(ki)
             .arg(e.first.0.0)
@@ -330,54 +331,42 @@ pub fn encode_entries(
         for t in &e.truncate {
             c.arg(t);
         }
-        c.arg(e.steps.len());
-        for st in &e.steps {
-            c.arg(st.lsn.0)
-                .arg(st.commit_ms)
-                .arg(if st.eval { "1" } else { "0" })
-                .arg(st.rows.len());
-            for (f, op) in &st.rows {
-                c.arg(f);
-                match op {
-                    RowOp::Del => {
-                        c.arg("D").arg("").arg("").arg("").arg("");
-                    }
-                    RowOp::Set {
-                        location,
-                        on_hand,
-                        reserved,
-                        threshold,
-                    } => {
-                        let flag = |k: bool| if k { 'k' } else { 'v' };
-                        let flags: [u8; 4] = [
-                            flag(matches!(location, Field::Keep)) as u8,
-                            flag(matches!(on_hand, Field::Keep)) as u8,
-                            flag(matches!(reserved, Field::Keep)) as u8,
-                            match threshold {
-                                Field::Keep => b'k',
-                                Field::Val(None) => b'n',
-                                Field::Val(Some(_)) => b'v',
-                            },
-                        ];
-                        c.arg(&flags[..]);
-                        match location {
+        c.arg(e.rows.len());
+        for (f, op) in &e.rows {
+            c.arg(f);
+            match op {
+                RowOp::Del => {
+                    c.arg("D").arg("").arg("").arg("");
+                }
+                RowOp::Set {
+                    location,
+                    on_hand,
+                    reserved,
+                    ..
+                } => {
+                    let flag = |k: bool| if k { b'k' } else { b'v' };
+                    let flags = [
+                        flag(matches!(location, Field::Keep)),
+                        flag(matches!(on_hand, Field::Keep)),
+                        flag(matches!(reserved, Field::Keep)),
+                    ];
+                    c.arg(&flags[..]);
+                    match location {
+                        Field::Val(v) => c.arg(v),
+                        Field::Keep => c.arg(""),
+                    };
+                    for n in [on_hand, reserved] {
+                        match n {
                             Field::Val(v) => c.arg(v),
                             Field::Keep => c.arg(""),
-                        };
-                        for n in [on_hand, reserved] {
-                            match n {
-                                Field::Val(v) => c.arg(*v),
-                                Field::Keep => c.arg(""),
-                            };
-                        }
-                        match threshold {
-                            Field::Val(Some(t)) => c.arg(*t),
-                            _ => c.arg(""),
                         };
                     }
                 }
             }
         }
+        trace.clear();
+        encode_trace(&mut trace, e);
+        c.arg(&trace[..]);
         c.arg(e.counters.len());
         for (k, v) in &e.counters {
             c.arg(k).arg(*v);
@@ -400,6 +389,66 @@ pub fn encode_entries(
         }
     }
     c
+}
+
+/// Trace record flags (see `apply.lua`).
+const T_DEL: u8 = 1;
+const T_ON_KEEP: u8 = 2;
+const T_RES_KEEP: u8 = 4;
+const T_THR_SET: u8 = 8;
+const T_THR_CLEAR: u8 = 16;
+const T_EVAL: u8 = 32;
+const T_NO_ROW: u8 = 64;
+
+/// An entry's trace as packed records (`<BI4ddddd`: flags, row index, on_hand, reserved,
+/// threshold, LSN minus the entry's first LSN, commit ms). Binary, because the script
+/// unpacks numbers without creating a Lua string per value; quantities are within
+/// +-2^53 (the fold skips larger ones), so doubles hold them exactly.
+fn encode_trace(out: &mut Vec<u8>, e: &Entry) {
+    out.reserve(e.trace.len() * 45);
+    for r in &e.trace {
+        let (mut flags, mut on, mut res, mut thr) = (0u8, 0i64, 0i64, 0i64);
+        match &r.op {
+            TraceOp::None => flags |= T_NO_ROW,
+            TraceOp::Del => flags |= T_DEL,
+            TraceOp::Set {
+                on_hand,
+                reserved,
+                threshold,
+            } => {
+                match on_hand {
+                    Field::Keep => flags |= T_ON_KEEP,
+                    Field::Val(v) => on = *v,
+                }
+                match reserved {
+                    Field::Keep => flags |= T_RES_KEEP,
+                    Field::Val(v) => res = *v,
+                }
+                match threshold {
+                    Field::Keep => {}
+                    Field::Val(None) => flags |= T_THR_CLEAR,
+                    Field::Val(Some(t)) => {
+                        flags |= T_THR_SET;
+                        thr = *t;
+                    }
+                }
+            }
+        }
+        if r.eval {
+            flags |= T_EVAL;
+        }
+        out.push(flags);
+        out.extend_from_slice(&r.row.to_le_bytes());
+        for v in [
+            on as f64,
+            res as f64,
+            thr as f64,
+            r.lsn.0.saturating_sub(e.first.0.0) as f64,
+            r.commit_ms as f64,
+        ] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
 }
 
 /// The meta hash, as read at startup.
