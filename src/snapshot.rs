@@ -209,7 +209,9 @@ pub async fn load(
                 }
                 if !pending.is_empty() {
                     for p in pending.drain(..) {
-                        applier.apply_pieces(std::slice::from_ref(&p), None, true).await?;
+                        applier
+                            .apply_pieces(std::slice::from_ref(&p), None, true)
+                            .await?;
                         stats.skus += p.skus.len() as u64;
                     }
                     tick(stats.rows + table_rows);

@@ -10,8 +10,8 @@
 //! bounded by the distinct SKUs and rows of one piece, and a replay after a crash cuts
 //! the same pieces: the apply step fences on (commit LSN, piece number).
 
-pub mod mapping;
 pub mod batch;
+pub mod mapping;
 pub mod model;
 
 pub use mapping::{Mapping, Rule, SchemaError};

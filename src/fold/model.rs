@@ -183,7 +183,17 @@ impl Store {
             let avail = get_i(f, "on_hand") - get_i(f, "reserved");
             let thr = threshold_of(f, params);
             let has_stock = f.contains_key("rows");
-            evaluate(&e.sku, f, has_stock, avail, thr, last.0, e.commit_ms, params, alerts);
+            evaluate(
+                &e.sku,
+                f,
+                has_stock,
+                avail,
+                thr,
+                last.0,
+                e.commit_ms,
+                params,
+                alerts,
+            );
         }
         if !e.trace.is_empty() {
             // Alerts after each transaction, from the levels its changes imply.

@@ -173,7 +173,10 @@ async fn lua_apply_script_matches_the_model_on_random_pieces() {
             batch.push(p.clone());
         }
         let entries = batch.take();
-        applier.apply(&entries, Some(Lsn(lsn)), false).await.unwrap();
+        applier
+            .apply(&entries, Some(Lsn(lsn)), false)
+            .await
+            .unwrap();
         last_end = lsn;
         history.extend(pieces.drain(fresh..));
         // A truncate now and then.
@@ -270,8 +273,16 @@ async fn a_merged_entry_straddling_the_fence_is_refused_and_writes_nothing() {
     let mut rng = StdRng::seed_from_u64(7);
     let mut piece = |lsn: u64| {
         let mut p = random_piece(&mut rng, lsn, 0, true);
-        p.skus.entry("A".into()).or_default().counters.insert("views".into(), 1);
-        p.skus.entry("B".into()).or_default().counters.insert("views".into(), 1);
+        p.skus
+            .entry("A".into())
+            .or_default()
+            .counters
+            .insert("views".into(), 1);
+        p.skus
+            .entry("B".into())
+            .or_default()
+            .counters
+            .insert("views".into(), 1);
         p
     };
     let (p50, p100, p150) = (piece(50), piece(100), piece(150));
@@ -300,7 +311,11 @@ async fn a_merged_entry_straddling_the_fence_is_refused_and_writes_nothing() {
         b.push(p.clone());
     }
     let entries = b.take();
-    assert!(entries.iter().any(|e| e.first.0 == Lsn(50) && e.last.0 == Lsn(150)));
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.first.0 == Lsn(50) && e.last.0 == Lsn(150))
+    );
     let err = applier
         .apply(&entries, Some(Lsn(151)), false)
         .await

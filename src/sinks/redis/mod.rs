@@ -180,13 +180,7 @@ impl Applier {
         end: Option<Lsn>,
         quiet: bool,
     ) -> Result<Applied, RedisSinkError> {
-        let cmd = encode_entries(
-            &self.settings,
-            entries,
-            end,
-            quiet,
-            self.script.get_hash(),
-        );
+        let cmd = encode_entries(&self.settings, entries, end, quiet, self.script.get_hash());
         self.invoke(cmd).await
     }
 
@@ -307,7 +301,9 @@ pub fn encode_entries(
         })
         .collect();
     let mut c = redis::cmd("EVALSHA");
-    c.arg(sha).arg(keys.len() + 1).arg(layout::meta_key(&s.prefix));
+    c.arg(sha)
+        .arg(keys.len() + 1)
+        .arg(layout::meta_key(&s.prefix));
     for k in &keys {
         c.arg(layout::sku_key(&s.prefix, k));
     }
