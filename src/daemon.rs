@@ -485,8 +485,15 @@ impl Daemon {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let max_entries = self.max_batch_skus;
         let max_steps = self.max_batch_skus.saturating_mul(STEPS_PER_ENTRY);
+        let max_txns = self.max_batch_skus.saturating_mul(TXNS_PER_ENTRY);
+        let full = |p: &Pending| {
+            p.batch.len() >= max_entries
+                || p.batch.steps() >= max_steps
+                || p.tickets.len() >= max_txns
+        };
+        let mut last_event = tokio::time::Instant::now();
         loop {
-            let full = pending.batch.len() >= max_entries || pending.batch.steps() >= max_steps;
+            let full_now = full(&pending);
             let events = tokio::select! {
                 done = async { flight.as_mut().expect("guarded").await }, if flight.is_some() => {
                     *flight = None;
@@ -496,7 +503,7 @@ impl Daemon {
                     }
                     None
                 }
-                e = rx.recv(), if !full => match e {
+                e = rx.recv(), if !full_now => match e {
                     Some(e) => Some(e),
                     None => {
                         // The source stopped: apply what is left so its final status
@@ -507,6 +514,10 @@ impl Daemon {
                         return Ok(Cycle::Shutdown);
                     }
                 },
+                _ = tokio::time::sleep_until(last_event + LINGER), if flight.is_none() && !pending.is_empty() => {
+                    *flight = Some(launch(&applier, &mut pending));
+                    None
+                }
                 _ = tick.tick() => {
                     telemetry::heartbeat();
                     telemetry::backlog(rx.len(), pending.batch.len());
@@ -522,6 +533,9 @@ impl Daemon {
                     None
                 }
             };
+            if events.is_some() {
+                last_event = tokio::time::Instant::now();
+            }
             for ev in events.into_iter().flatten() {
                 match ev {
                     SourceEvent::Connected(info) => {
@@ -625,10 +639,15 @@ impl Daemon {
             }
             telemetry::fold_progress(&fold.stats, &mut fold_seen);
             telemetry::backlog(rx.len(), pending.batch.len());
-            // Apply as soon as Redis is free: quiet streams get low latency, and while
-            // backlogged each batch holds what arrived during the previous call, merged
-            // per SKU (self-clocking: the slower Redis, the more each call merges).
-            if flight.is_none() && !pending.is_empty() {
+            // Apply as soon as Redis is free: quiet streams get low latency. While the
+            // slot is catching up (the walsender sends commits long after they happened)
+            // keep merging until a cap, or until the source goes quiet (`LINGER`):
+            // Redis' cost is per SKU entry, so fewer, larger calls leave the machine's
+            // cores to decoding.
+            if flight.is_none()
+                && !pending.is_empty()
+                && (full(&pending) || progress.stream_lag_ms() < BACKLOG_LAG_MS)
+            {
                 *flight = Some(launch(&applier, &mut pending));
             }
         }
@@ -698,6 +717,13 @@ impl Daemon {
 
 /// Most stock steps per apply call, per allowed entry (`max_batch_skus`).
 const STEPS_PER_ENTRY: usize = 5;
+/// Commit-to-send delay (server clock) above which the slot counts as catching up.
+const BACKLOG_LAG_MS: i64 = 500;
+/// While catching up, how long the source may stay quiet before what is pending is
+/// applied anyway.
+const LINGER: Duration = Duration::from_millis(20);
+/// Most transactions per apply call, per allowed entry (their tickets wait in memory).
+const TXNS_PER_ENTRY: usize = 10;
 
 /// Start one apply call for everything pending; transient Redis errors are retried
 /// inside (the fence makes retrying the same call safe).

@@ -42,6 +42,9 @@ pub struct Progress {
     /// Received, not yet folded into `flush`; sorted by (end_lsn, seq). Only the durable
     /// prefix is ever removed, so this holds exactly the transactions awaiting sinks.
     pending: VecDeque<Pending>,
+    /// How long before the walsender sent the latest commit it had been committed
+    /// (server clock on both sides, so clock skew cannot fake a backlog), in ms.
+    stream_lag_ms: i64,
 }
 
 impl Progress {
@@ -53,6 +56,7 @@ impl Progress {
             open: false,
             next_seq: 0,
             pending: VecDeque::new(),
+            stream_lag_ms: 0,
         }
     }
 
@@ -86,6 +90,16 @@ impl Progress {
             },
         );
         ticket
+    }
+
+    /// The walsender sent a commit `lag_ms` after it was committed.
+    pub fn set_stream_lag(&mut self, lag_ms: i64) {
+        self.stream_lag_ms = lag_ms;
+    }
+
+    /// See [`Progress::set_stream_lag`]: large while the slot is catching up.
+    pub fn stream_lag_ms(&self) -> i64 {
+        self.stream_lag_ms
     }
 
     /// The stream broke mid-transaction: forget the open transaction. Pending (complete)

@@ -143,6 +143,11 @@ impl ProgressHandle {
     pub fn flush_lsn(&self) -> Lsn {
         self.lock().flush_lsn()
     }
+    /// Milliseconds between the latest commit read and the walsender sending it: the
+    /// backlog, measured on the server's clock.
+    pub fn stream_lag_ms(&self) -> i64 {
+        self.lock().stream_lag_ms()
+    }
     fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
         // A poisoned lock means a sink thread panicked; its data is still consistent.
         self.0.lock().unwrap_or_else(|p| p.into_inner())
@@ -522,7 +527,10 @@ impl Source {
                         reply_now |= reply;
                     }
                     StreamItem::Message(ReplMessage::XLogData {
-                        wal_start, data, ..
+                        wal_start,
+                        server_time,
+                        data,
+                        ..
                     }) => {
                         let lsn = Lsn(wal_start);
                         let msg = decoder
@@ -547,7 +555,11 @@ impl Source {
                             }
                             Event::Commit(c) => {
                                 if !self.skipping {
-                                    let ticket = self.lock().commit(c.end_lsn);
+                                    let ticket = {
+                                        let mut p = self.lock();
+                                        p.set_stream_lag((server_time - c.commit_ts) / 1000);
+                                        p.commit(c.end_lsn)
+                                    };
                                     self.delivered = c.commit_lsn;
                                     batch.push(SourceEvent::Commit(c, ticket));
                                 }

@@ -48,14 +48,22 @@ const SCAN_MAX_PENDING: usize = 10_000;
 const PACKET_OVERHEAD: usize = 32;
 
 const MARK_PUBLISHED: &str = r"
--- KEYS[1] SKU hash; ARGV[1] LSN (u64 decimal); ARGV[2] pub_state
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local cur = redis.call('HGET', KEYS[1], 'pub_lsn')
-local l = ARGV[1]
--- u64 decimals without leading zeros: compare by length, then lexically
-if cur and (#cur > #l or (#cur == #l and cur >= l)) then return 0 end
-redis.call('HSET', KEYS[1], 'pub_lsn', l, 'pub_state', ARGV[2])
-return 1
+-- KEYS: SKU hashes; ARGV: per key an LSN (u64 decimal) and a pub_state. One call marks a
+-- whole flush (a script call per SKU cost Redis more than the marking itself).
+local out = {}
+for i, key in ipairs(KEYS) do
+  local l, st = ARGV[2 * i - 1], ARGV[2 * i]
+  out[i] = 0
+  if redis.call('EXISTS', key) == 1 then
+    local cur = redis.call('HGET', key, 'pub_lsn')
+    -- u64 decimals without leading zeros: compare by length, then lexically
+    if not (cur and (#cur > #l or (#cur == #l and cur >= l))) then
+      redis.call('HSET', key, 'pub_lsn', l, 'pub_state', st)
+      out[i] = 1
+    end
+  end
+end
+return out
 ";
 
 const REMOVE_ALERT: &str = r"
@@ -671,27 +679,31 @@ impl Task {
         let marks = std::mem::take(&mut self.marks);
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
+        let states: Vec<&Msg> = marks
+            .iter()
+            .filter(|m| matches!(m, Msg::State { .. }))
+            .collect();
+        if !states.is_empty() {
+            let cmd = pipe.cmd("EVAL").arg(MARK_PUBLISHED).arg(states.len());
+            for m in &states {
+                if let Msg::State { sku, .. } = m {
+                    cmd.arg(layout::sku_key(&self.cfg.redis_prefix, sku));
+                }
+            }
+            for m in &states {
+                if let Msg::State { lsn, state, .. } = m {
+                    cmd.arg(lsn.to_string()).arg(state);
+                }
+            }
+        }
         for m in &marks {
-            match m {
-                Msg::State {
-                    sku, lsn, state, ..
-                } => {
-                    pipe.cmd("EVAL")
-                        .arg(MARK_PUBLISHED)
-                        .arg(1)
-                        .arg(layout::sku_key(&self.cfg.redis_prefix, sku))
-                        .arg(lsn.to_string())
-                        .arg(state);
-                }
-                Msg::Alert { sku, lsn_raw, kind } => {
-                    pipe.cmd("EVAL")
-                        .arg(REMOVE_ALERT)
-                        .arg(1)
-                        .arg(layout::sku_key(&self.cfg.redis_prefix, sku))
-                        .arg(lsn_raw)
-                        .arg(kind);
-                }
-                Msg::Status | Msg::Epoch { .. } => {}
+            if let Msg::Alert { sku, lsn_raw, kind } = m {
+                pipe.cmd("EVAL")
+                    .arg(REMOVE_ALERT)
+                    .arg(1)
+                    .arg(layout::sku_key(&self.cfg.redis_prefix, sku))
+                    .arg(lsn_raw)
+                    .arg(kind);
             }
         }
         // `skusync status` shows when the broker last acknowledged a state; at most once a
@@ -709,24 +721,34 @@ impl Task {
             self.last_publish_stamp = Some(Instant::now());
         }
         let r: Result<Vec<redis::Value>, _> = pipe.query_async(&mut self.redis).await;
-        let failed: Vec<bool> = match r {
-            Ok(vals) => vals
-                .iter()
-                .map(|v| matches!(v, redis::Value::ServerError(_)))
-                .collect(),
+        // Whether each mark failed: the states' call first (all or nothing), then one
+        // reply per alert removal.
+        let mut failed: Vec<bool> = vec![true; marks.len()];
+        match r {
+            Ok(vals) => {
+                let mut replies = vals.iter();
+                let states_failed = !states.is_empty()
+                    && matches!(replies.next(), Some(redis::Value::ServerError(_)) | None);
+                for (m, f) in marks.iter().zip(failed.iter_mut()) {
+                    *f = match m {
+                        Msg::State { .. } => states_failed,
+                        Msg::Alert { .. } => {
+                            matches!(replies.next(), Some(redis::Value::ServerError(_)) | None)
+                        }
+                        Msg::Status | Msg::Epoch { .. } => false,
+                    };
+                }
+            }
             Err(e) => {
                 warn!(error = %e, "recording published SKUs in Redis failed; they will be published again");
-                vec![true; marks.len()]
             }
-        };
-        let mut i = 0;
-        for m in marks {
-            if let Msg::State { sku, .. } | Msg::Alert { sku, .. } = &m {
-                // Still unpublished in Redis: publish again once Redis answers.
-                if failed.get(i).copied().unwrap_or(true) {
-                    self.sched.request(sku, Want::Change);
-                }
-                i += 1;
+        }
+        for (m, failed) in marks.into_iter().zip(failed) {
+            // Still unpublished in Redis: publish again once Redis answers.
+            if let Msg::State { sku, .. } | Msg::Alert { sku, .. } = &m
+                && failed
+            {
+                self.sched.request(sku, Want::Change);
             }
         }
     }
