@@ -536,6 +536,7 @@ impl Daemon {
             if events.is_some() {
                 last_event = tokio::time::Instant::now();
             }
+            let mut commits = 0u64;
             for ev in events.into_iter().flatten() {
                 match ev {
                     SourceEvent::Connected(info) => {
@@ -630,13 +631,14 @@ impl Daemon {
                             crate::txn::value::pg_timestamp_to_unix_micros(c.commit_ts)
                                 .div_euclid(1000),
                         );
-                        telemetry::transaction();
+                        commits += 1;
                     }
                 }
                 for s in fold.take_skipped() {
                     telemetry::value_skipped(&s);
                 }
             }
+            telemetry::transactions(commits);
             telemetry::fold_progress(&fold.stats, &mut fold_seen);
             telemetry::backlog(rx.len(), pending.batch.len());
             // Apply as soon as Redis is free: quiet streams get low latency. While the

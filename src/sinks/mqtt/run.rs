@@ -163,6 +163,8 @@ pub(super) struct Task {
     last_publish_stamp: Option<Instant>,
     /// Another unpublished-scan is needed after the running one.
     rescan: bool,
+    /// Scheduler size above which idle SKUs are pruned next.
+    prune_at: usize,
     /// SKUs of a full republish not yet acknowledged (epoch mismatch).
     outstanding: Option<HashSet<String>>,
     redis_pause_until: Option<Instant>,
@@ -224,6 +226,7 @@ impl Task {
             marks: Vec::new(),
             last_publish_stamp: None,
             rescan: false,
+            prune_at: 4096,
             outstanding: None,
             redis_pause_until: None,
             broker_max: None,
@@ -355,8 +358,11 @@ impl Task {
         }
         // Forget SKUs that are idle: their hash lsn only grows, so nothing older can be
         // sent later. Keeps memory proportional to SKUs active within the interval.
-        if self.sched.len() > 4096 {
+        // Amortized: prune again only once the map doubled since (a full pass each turn
+        // cost more than the publishing while thousands of SKUs stay active).
+        if self.sched.len() > self.prune_at {
             self.sched.prune(self.mono_ms());
+            self.prune_at = (self.sched.len() * 2).max(4096);
         }
         if self.shared.republish_all.swap(false, Ordering::SeqCst) {
             info!("republishing all SKUs (resync)");
