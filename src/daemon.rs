@@ -717,6 +717,8 @@ impl Daemon {
     }
 }
 
+/// Most entries per script call (a batch may take several calls).
+const CALL_ENTRIES: usize = 2000;
 /// Most stock steps per apply call, per allowed entry (`max_batch_skus`).
 const STEPS_PER_ENTRY: usize = 5;
 /// Commit-to-send delay (server clock) above which the slot counts as catching up.
@@ -739,19 +741,46 @@ fn launch(applier: &Applier, pending: &mut Pending) -> tokio::task::JoinHandle<F
     let commit_ms = std::mem::take(&mut pending.commit_ms);
     let mut applier = applier.clone();
     tokio::spawn(async move {
-        let mut delay = Duration::from_millis(100);
-        let result = loop {
-            match applier.apply(&entries, end, false).await {
-                Ok(a) => break Ok(a),
-                Err(e) if e.is_transient() => {
-                    telemetry::redis_failed();
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Redis apply failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => break Err(e),
-            }
+        // Script calls of at most CALL_ENTRIES entries, in order: each SKU's entry is
+        // applied whole (its fence makes that exact), the encoded command stays small and
+        // Redis is never blocked long for its other clients. The batch's end LSN is
+        // recorded only by the last call.
+        let mut total = rsink::Applied::default();
+        let mut result = Ok(total);
+        let chunks: Vec<&[crate::fold::batch::Entry]> = if entries.is_empty() {
+            vec![&[]] // a keepalive-only batch still records its end LSN
+        } else {
+            entries.chunks(CALL_ENTRIES).collect()
         };
+        let n = chunks.len();
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let chunk_end = if i + 1 == n { end } else { None };
+            let mut delay = Duration::from_millis(100);
+            let r = loop {
+                match applier.apply(chunk, chunk_end, false).await {
+                    Ok(a) => break Ok(a),
+                    Err(e) if e.is_transient() => {
+                        telemetry::redis_failed();
+                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Redis apply failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            match r {
+                Ok(a) => {
+                    total.applied += a.applied;
+                    total.fenced += a.fenced;
+                    total.alerts += a.alerts;
+                    result = Ok(total);
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
         Flight {
             tickets,
             end,
