@@ -687,3 +687,36 @@ async fn resync_command_refuses_while_streaming_and_rebuilds_redis_when_stopped(
     let m = rig.oracle.mismatches(&rig.client, &mut rig.con).await;
     assert!(m.is_empty(), "{}", format_mismatches(&m, 20));
 }
+
+/// A batch wider than one script call (2,000 SKU entries) goes out as several calls; a
+/// kill between them replays the rest exactly, and merged backlogs converge too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_wider_than_one_script_call_survive_a_kill_between_calls() {
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::SumEqualsTotal)).await;
+    rig.start_skusync("").await;
+    rig.exec(
+        "BEGIN;
+         INSERT INTO inventory SELECT 'wide-' || g, 'WH-' || (g % 3), g % 40, g % 4
+           FROM generate_series(1, 7000) g;
+         INSERT INTO activity_log (sku, kind, qty)
+           SELECT 'wide-' || g, 'view', 1 FROM generate_series(1, 7000) g;
+         COMMIT;",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    rig.daemon().kill9_and_restart();
+    // Many small transactions over the same SKUs: merged per SKU while backlogged.
+    for round in 0..20 {
+        rig.exec(&format!(
+            "UPDATE inventory SET on_hand = on_hand + 1 WHERE sku LIKE 'wide-%{round}';
+             INSERT INTO activity_log (sku, kind, qty)
+               SELECT 'wide-' || g, 'view', 1 FROM generate_series({round} * 300, {round} * 300 + 2500) g;"
+        ))
+        .await;
+    }
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(60))
+        .await;
+    rig.assert_converges(Duration::from_secs(20)).await;
+    let code = rig.daemon().sigterm();
+    assert_eq!(code, Some(0), "{}", rig.daemon().stderr_all());
+}
