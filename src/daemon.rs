@@ -745,42 +745,21 @@ fn launch(applier: &Applier, pending: &mut Pending) -> tokio::task::JoinHandle<F
         // applied whole (its fence makes that exact), the encoded command stays small and
         // Redis is never blocked long for its other clients. The batch's end LSN is
         // recorded only by the last call.
-        let mut total = rsink::Applied::default();
-        let mut result = Ok(total);
         let chunks: Vec<&[crate::fold::batch::Entry]> = if entries.is_empty() {
             vec![&[]] // a keepalive-only batch still records its end LSN
         } else {
             entries.chunks(CALL_ENTRIES).collect()
         };
         let n = chunks.len();
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            let chunk_end = if i + 1 == n { end } else { None };
-            let mut delay = Duration::from_millis(100);
-            let r = loop {
-                match applier.apply(chunk, chunk_end, false).await {
-                    Ok(a) => break Ok(a),
-                    Err(e) if e.is_transient() => {
-                        telemetry::redis_failed();
-                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Redis apply failed; retrying");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(5));
-                    }
-                    Err(e) => break Err(e),
-                }
-            };
-            match r {
-                Ok(a) => {
-                    total.applied += a.applied;
-                    total.fenced += a.fenced;
-                    total.alerts += a.alerts;
-                    result = Ok(total);
-                }
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
+        let result = async {
+            let mut total = rsink::Applied::default();
+            for (i, chunk) in chunks.into_iter().enumerate() {
+                let chunk_end = if i + 1 == n { end } else { None };
+                total += apply_retrying(&mut applier, chunk, chunk_end).await?;
             }
+            Ok(total)
         }
+        .await;
         Flight {
             tickets,
             end,
@@ -790,6 +769,27 @@ fn launch(applier: &Applier, pending: &mut Pending) -> tokio::task::JoinHandle<F
             result,
         }
     })
+}
+
+/// One script call; transient Redis errors are retried with backoff (the fence makes
+/// sending the same call again safe).
+async fn apply_retrying(
+    applier: &mut Applier,
+    entries: &[crate::fold::batch::Entry],
+    end: Option<Lsn>,
+) -> Result<rsink::Applied, RedisSinkError> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match applier.apply(entries, end, false).await {
+            Err(e) if e.is_transient() => {
+                telemetry::redis_failed();
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Redis apply failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// The batch being filled, with the tickets its transactions complete.

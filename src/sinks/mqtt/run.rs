@@ -685,21 +685,22 @@ impl Task {
         let marks = std::mem::take(&mut self.marks);
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        let states: Vec<&Msg> = marks
+        let states: Vec<(&String, &u64, &String)> = marks
             .iter()
-            .filter(|m| matches!(m, Msg::State { .. }))
+            .filter_map(|m| match m {
+                Msg::State {
+                    sku, lsn, state, ..
+                } => Some((sku, lsn, state)),
+                _ => None,
+            })
             .collect();
         if !states.is_empty() {
             let cmd = pipe.cmd("EVAL").arg(MARK_PUBLISHED).arg(states.len());
-            for m in &states {
-                if let Msg::State { sku, .. } = m {
-                    cmd.arg(layout::sku_key(&self.cfg.redis_prefix, sku));
-                }
+            for (sku, _, _) in &states {
+                cmd.arg(layout::sku_key(&self.cfg.redis_prefix, sku));
             }
-            for m in &states {
-                if let Msg::State { lsn, state, .. } = m {
-                    cmd.arg(lsn.to_string()).arg(state);
-                }
+            for (_, lsn, state) in &states {
+                cmd.arg(lsn.to_string()).arg(*state);
             }
         }
         for m in &marks {

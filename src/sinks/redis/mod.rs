@@ -152,6 +152,14 @@ pub struct Applied {
     pub alerts: u64,
 }
 
+impl std::ops::AddAssign for Applied {
+    fn add_assign(&mut self, o: Applied) {
+        self.applied += o.applied;
+        self.fenced += o.fenced;
+        self.alerts += o.alerts;
+    }
+}
+
 impl Applier {
     /// Bind the script (EVALSHA, loaded on first NOSCRIPT) to a connection.
     pub fn new(con: ConnectionManager, settings: ApplySettings) -> Applier {
