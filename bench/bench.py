@@ -364,12 +364,12 @@ def catch_up(exe, quick):
 
 def bulk(exe, quick):
     """One transaction of 1M rows (stock inserts), streamed with bounded memory."""
-    n = 20000 if quick else 1000000
+    n = int(os.environ.get("SKUSYNC_BENCH_BULK_ROWS", 20000 if quick else 1000000))
     st = Stack()
     st.start()
     try:
         st.psql(SCHEMA.format(skus=0))
-        s = Skusync(exe, st, config(st), "skusync")
+        s = Skusync(exe, st, config(st), "skusync-measured")
         wait(lambda: st.redis("HGET", "skusync:meta", "bootstrap") == "done", 60, "bootstrap")
         time.sleep(0.5)
         idle_rss = s.stats()[1]

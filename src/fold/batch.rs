@@ -179,6 +179,11 @@ impl Entry {
                     ix.insert(field.clone(), i as u32);
                     self.row_index = Some(ix);
                 }
+                if self.rows.is_empty() {
+                    // Most entries touch one row: the default growth (four) would
+                    // triple an entry's memory in a batch of a million SKUs.
+                    self.rows.reserve_exact(1);
+                }
                 self.rows.push((field, final_op));
                 i as u32
             }
@@ -190,6 +195,10 @@ impl Entry {
         self.commit_ms = commit_ms;
         let before = self.trace.len();
         let n = d.rows.len();
+        if self.trace.is_empty() {
+            // Sized exactly for the first piece (see `merge_row`); merging grows it.
+            self.trace.reserve_exact(n.max(1));
+        }
         for (k, (field, op)) in d.rows.into_iter().enumerate() {
             let row = self.merge_row(field, &op);
             let op = match op {
