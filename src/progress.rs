@@ -76,19 +76,22 @@ impl Progress {
         if end_lsn <= self.flush {
             return ticket;
         }
-        // In one session end LSNs rise, so this is a push_back; a replay after reconnect
-        // may land earlier and is inserted in order so flush can never skip past it.
-        let at = self
-            .pending
-            .partition_point(|p| (p.end_lsn, p.seq) <= (end_lsn, seq));
-        self.pending.insert(
-            at,
-            Pending {
-                seq,
-                end_lsn,
-                durable: false,
-            },
-        );
+        let p = Pending {
+            seq,
+            end_lsn,
+            durable: false,
+        };
+        // In one session end LSNs rise, so this is a push_back (checked first: this runs
+        // for every transaction); a replay after reconnect may land earlier and is
+        // inserted in order so flush can never skip past it.
+        if self.pending.back().is_none_or(|b| b.end_lsn <= end_lsn) {
+            self.pending.push_back(p);
+        } else {
+            let at = self
+                .pending
+                .partition_point(|p| (p.end_lsn, p.seq) <= (end_lsn, seq));
+            self.pending.insert(at, p);
+        }
         ticket
     }
 
@@ -111,10 +114,14 @@ impl Progress {
     /// Sinks finished the transaction. Unknown or repeated tickets are ignored.
     pub fn durable(&mut self, ticket: Ticket) {
         let key = (ticket.end_lsn, ticket.seq);
-        if let Ok(i) = self
-            .pending
-            .binary_search_by(|p| (p.end_lsn, p.seq).cmp(&key))
-        {
+        // Tickets mostly come back in order: the front is the common case.
+        let i = match self.pending.front() {
+            Some(f) if (f.end_lsn, f.seq) == key => Ok(0),
+            _ => self
+                .pending
+                .binary_search_by(|p| (p.end_lsn, p.seq).cmp(&key)),
+        };
+        if let Ok(i) = i {
             self.pending[i].durable = true;
         }
         while let Some(p) = self.pending.front() {

@@ -256,7 +256,7 @@ fn inherit<T>(new: Field<T>, prev: Field<T>) -> Field<T> {
 pub struct Batch {
     entries: Vec<Entry>,
     /// SKU -> index of the entry later pieces may merge into.
-    open: HashMap<String, usize>,
+    open: HashMap<String, usize, foldhash::fast::RandomState>,
     horizon: Lsn,
     steps: usize,
 }
@@ -286,16 +286,24 @@ impl Batch {
     pub fn push(&mut self, p: Piece) {
         let merge = self.mergeable(&p);
         let fence = (p.commit_lsn, p.piece);
-        let mut eval: BTreeSet<String> = if p.last {
-            p.eval.into_iter().collect()
-        } else {
-            BTreeSet::new()
-        };
-        for (sku, d) in p.skus {
-            let ev = eval.remove(&sku);
-            self.add(sku, fence, p.commit_ms, d, ev, merge);
+        // Both are sorted (`skus` is a map; `eval` comes from a set): one merge walk
+        // pairs them without building another set for every transaction.
+        let mut eval = if p.last { p.eval } else { Vec::new() };
+        if !eval.is_sorted() {
+            eval.sort_unstable();
         }
-        for sku in eval {
+        eval.dedup();
+        let mut rest = Vec::new();
+        let mut ev = eval.drain(..).peekable();
+        for (sku, d) in p.skus {
+            while let Some(e) = ev.next_if(|e| *e < sku) {
+                rest.push(e);
+            }
+            let is_eval = ev.next_if(|e| *e == sku).is_some();
+            self.add(sku, fence, p.commit_ms, d, is_eval, merge);
+        }
+        rest.extend(ev);
+        for sku in rest {
             self.add(sku, fence, p.commit_ms, SkuDelta::default(), true, merge);
         }
     }
