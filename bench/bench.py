@@ -261,6 +261,38 @@ def all_published(st):
         p.r.close()
 
 
+class WalsenderCpu:
+    """CPU seconds of the walsender serving `slot`, sampled until stopped: the server's
+    cost of streaming to a client depends on how the client reads."""
+
+    def __init__(self, st, slot):
+        import threading
+        self.st, self.slot, self.cpu, self.stop_ = st, slot, 0.0, False
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+
+    def run(self):
+        pid = None
+        while not self.stop_:
+            if pid is None:
+                try:
+                    out = self.st.psql(f"SELECT active_pid FROM pg_replication_slots WHERE slot_name = '{self.slot}'")
+                    pid = int(out) if out.strip() else None
+                except Exception:
+                    pid = None
+            if pid is not None:
+                try:
+                    self.cpu = max(self.cpu, proc_stats(pid)[0])
+                except OSError:
+                    pid = None
+            time.sleep(0.05)
+
+    def stop(self):
+        self.stop_ = True
+        self.t.join()
+        return round(self.cpu, 2)
+
+
 def catch_up(exe, quick):
     """Backlog of single-row transactions (half activity inserts, half stock updates)."""
     skus = 1000 if quick else 10000
@@ -293,12 +325,14 @@ def catch_up(exe, quick):
 
         # Baseline: pg_recvlogical draining its slot to /dev/null.
         t0 = time.time()
+        ws = WalsenderCpu(st, "recvlogical")
         rl = subprocess.Popen([f"{st.bin}/pg_recvlogical", "-h", st.dir, "-p", str(st.pg_port), "-U", "postgres",
                                "-d", "postgres", "-S", "recvlogical", "--start", "-E", end, "-f", "/dev/null",
                                "-o", "proto_version=1", "-o", "publication_names=skusync,skusync_activity",
                                "--no-loop"])
         rl.wait()
         rl_s = time.time() - t0
+        res["pg_recvlogical_walsender_cpu_s"] = ws.stop()
         res["pg_recvlogical_s"] = round(rl_s, 3)
         res["pg_recvlogical_rows_per_s"] = round(rows / rl_s)
 
@@ -312,6 +346,7 @@ def catch_up(exe, quick):
             perf_all = subprocess.Popen(["perf", "record", "-a", "-g", "-o", os.environ["SKUSYNC_BENCH_PERF_ALL"]],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         s = Skusync(exe, st, config(st), "skusync-measured")
+        ws = WalsenderCpu(st, "skusync")
         peak = [0.0]
         rc = Resp(st.redis_port)
         end_i = lsn_int(end)
@@ -327,6 +362,7 @@ def catch_up(exe, quick):
 
         wait(drained, 900, "skusync drain")
         redis_s = time.time() - t0
+        res["skusync_walsender_cpu_s"] = ws.stop()
         wait(Published(st.redis_port), 300, "MQTT acknowledged")
         sk_s = time.time() - t0
         if perf_all:

@@ -16,7 +16,7 @@ use crate::pg::conn::{ReplConnection, SnapshotAction};
 use crate::pg::connstr::PgConnectConfig;
 use crate::pg::error::PgError;
 use crate::pg::meta;
-use crate::progress::Ticket;
+use crate::progress::{BACKLOG_LAG_MS, Ticket};
 use crate::sinks::mqtt::{self, MqttHandle, PublisherConfig};
 use crate::sinks::redis::{self as rsink, Applier, ApplySettings, RedisSinkError};
 use crate::source::{ProgressHandle, Source, SourceConfig, SourceError, SourceEvent};
@@ -721,8 +721,6 @@ impl Daemon {
 const CALL_ENTRIES: usize = 2000;
 /// Most stock steps per apply call, per allowed entry (`max_batch_skus`).
 const STEPS_PER_ENTRY: usize = 5;
-/// Commit-to-send delay (server clock) above which the slot counts as catching up.
-const BACKLOG_LAG_MS: i64 = 500;
 /// While catching up, how long the source may stay quiet before what is pending is
 /// applied anyway.
 const LINGER: Duration = Duration::from_millis(20);

@@ -31,6 +31,10 @@ struct Pending {
     durable: bool,
 }
 
+/// Commit-to-send delay (server clock) above which the slot counts as catching up: the
+/// apply step then merges larger batches and the source batches its socket reads.
+pub const BACKLOG_LAG_MS: i64 = 500;
+
 /// Tracks received and durable transactions to compute the `write`/`flush` LSNs of
 /// standby status updates.
 #[derive(Clone, Debug)]

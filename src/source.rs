@@ -15,12 +15,16 @@ use crate::pg::error::PgError;
 use crate::pg::meta;
 use crate::pg::wire::ReplMessage;
 use crate::pgoutput::Decoder;
-use crate::progress::{Progress, Ticket};
+use crate::progress::{BACKLOG_LAG_MS, Progress, Ticket};
 use crate::txn::{AssembleError, Assembler, Event, TxnCommit};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+/// While reads are batched, how long to wait for the socket's low-water mark before
+/// taking whatever is queued (the walsender fills 64 KiB in about 2 ms when backlogged).
+const READ_BATCH_WAIT: Duration = Duration::from_millis(2);
 
 /// Which slot to stream from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -498,6 +502,9 @@ impl Source {
         let mut tick = tokio::time::interval(self.cfg.status_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch: Vec<SourceEvent> = Vec::new();
+        // Catching up (the latest commit reached us long after it happened): read the
+        // socket in large batches; live: wake on every message for latency.
+        let mut lagging = false;
         loop {
             // Drain what is buffered into one batch; only then wait on the socket.
             let mut reply_now = false;
@@ -555,9 +562,11 @@ impl Source {
                             }
                             Event::Commit(c) => {
                                 if !self.skipping {
+                                    let lag_ms = (server_time - c.commit_ts) / 1000;
+                                    lagging = lag_ms >= BACKLOG_LAG_MS;
                                     let ticket = {
                                         let mut p = self.lock();
-                                        p.set_stream_lag((server_time - c.commit_ts) / 1000);
+                                        p.set_stream_lag(lag_ms);
                                         p.commit(c.end_lsn)
                                     };
                                     self.delivered = c.commit_lsn;
@@ -622,8 +631,16 @@ impl Source {
             if full {
                 continue;
             }
+            conn.set_read_batching(lagging);
             tokio::select! {
                 r = conn.fill() => r?,
+                // Below the low-water mark the socket stays silent: take what is there.
+                // Nothing at all means the backlog is gone: back to waking per message.
+                _ = tokio::time::sleep(READ_BATCH_WAIT), if conn.read_batching() => {
+                    if !conn.fill_now()? {
+                        lagging = false;
+                    }
+                }
                 _ = tick.tick() => self.send_status(conn, false).await?,
                 _ = shutdown.cancelled() => return Ok(()),
             }

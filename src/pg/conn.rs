@@ -20,6 +20,11 @@ use tokio::net::{TcpStream, UnixStream};
 /// Read buffer size: large reads let the walsender send in bulk instead of waking us per
 /// message (see FIELD-NOTES §10).
 const READ_CHUNK: usize = 256 * 1024;
+/// While the slot catches up, the socket signals readable only once this much is queued
+/// (`SO_RCVLOWAT`): the walsender's many small sends then queue without waking us, and
+/// we read them in one go. FIELD-NOTES §10: a client woken per message makes the
+/// walsender, not decoding, the bottleneck.
+const BATCH_LOWAT: libc::c_int = 64 * 1024;
 
 enum Transport {
     Tcp(TcpStream),
@@ -138,6 +143,8 @@ pub struct ReplConnection {
     max_frame: usize,
     server_version: String,
     backend_pid: i32,
+    /// `SO_RCVLOWAT` is raised (see [`set_read_batching`](Self::set_read_batching)).
+    batching: bool,
 }
 
 impl ReplConnection {
@@ -186,6 +193,7 @@ impl ReplConnection {
             max_frame: wire::DEFAULT_MAX_FRAME,
             server_version: String::new(),
             backend_pid: 0,
+            batching: false,
         };
         conn.startup(cfg).await?;
         Ok(conn)
@@ -632,6 +640,73 @@ impl ReplConnection {
                     ));
                 }
             }
+        }
+    }
+
+    /// Batch socket reads (while catching up) or wake on every byte (live). Plain TCP
+    /// only: TLS buffers records of its own and Unix sockets ignore the low-water mark.
+    /// Callers that turn it on must also call [`fill_now`](Self::fill_now) after a short
+    /// wait, because the socket stays silent while less than the mark is queued.
+    pub fn set_read_batching(&mut self, on: bool) {
+        use std::os::fd::AsRawFd;
+        let Transport::Tcp(tcp) = &self.io else {
+            return;
+        };
+        if self.batching == on {
+            return;
+        }
+        let v: libc::c_int = if on { BATCH_LOWAT } else { 1 };
+        // SAFETY: a valid socket descriptor and an int option of the size given.
+        let r = unsafe {
+            libc::setsockopt(
+                tcp.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&raw const v).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            self.batching = on;
+        }
+    }
+
+    /// Whether reads are batched (`SO_RCVLOWAT` raised).
+    pub fn read_batching(&self) -> bool {
+        self.batching
+    }
+
+    /// Read what the socket holds now, even below the low-water mark, without waiting.
+    /// Returns whether anything was read.
+    pub fn fill_now(&mut self) -> Result<bool, PgError> {
+        let Transport::Tcp(tcp) = &self.io else {
+            return Ok(false);
+        };
+        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+            self.rbuf.reserve(READ_CHUNK);
+        }
+        // A plain recv on the non-blocking socket: tokio's own try_read would answer
+        // from its readiness cache, which the low-water mark keeps unset.
+        let spare = self.rbuf.spare_capacity_mut();
+        match socket2::SockRef::from(tcp).recv(spare) {
+            Ok(0) => Err(PgError::Io {
+                addr: self.addr.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "server closed the connection",
+                ),
+            }),
+            Ok(n) => {
+                let len = self.rbuf.len() + n;
+                // SAFETY: recv initialized the first n bytes of the spare capacity.
+                unsafe { self.rbuf.set_len(len) };
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            Err(source) => Err(PgError::Io {
+                addr: self.addr.clone(),
+                source,
+            }),
         }
     }
 
