@@ -42,7 +42,9 @@ fn random_piece(rng: &mut StdRng, lsn: u64, piece: u32, last: bool) -> Piece {
                     location: if rng.random_bool(0.1) {
                         Field::Keep
                     } else {
-                        Field::Val(["", "W1", "W/2"][rng.random_range(0..3)].to_string())
+                        Field::Val(
+                            ["", "W1", "W/2", "W\"3\\", "Wé"][rng.random_range(0..5)].to_string(),
+                        )
                     },
                     on_hand: {
                         let v = rng.random_range(-3..40);

@@ -122,17 +122,25 @@ end
 local base_fields = {'lsn', 'piece', 'rows', 'on_hand', 'reserved', 'gone', 'threshold', 'alert_state'}
 local nbase = #base_fields
 
+-- The fields every hash is read with, built once per call.
+local fixed = {}
+for i, f in ipairs(base_fields) do fixed[i] = f end
+for _, c in ipairs(counters) do
+  fixed[#fixed + 1] = c
+  fixed[#fixed + 1] = 'wmax:' .. c
+end
+local nfixed = #fixed
+
 local function load(key, w)
-  local q = {}
-  for i, f in ipairs(base_fields) do q[i] = f end
-  for _, c in ipairs(counters) do
-    q[#q + 1] = c
-    q[#q + 1] = 'wmax:' .. c
-  end
-  local nfixed = #q
   local extra = w and #w.list <= CHUNK and w.list or {}
-  for _, f in ipairs(extra) do q[#q + 1] = f end
-  local v = redis.call('HMGET', key, unpack(q))
+  local v
+  if #extra == 0 then
+    v = redis.call('HMGET', key, unpack(fixed))
+  else
+    local q = {unpack(fixed)}
+    for i, f in ipairs(extra) do q[nfixed + i] = f end
+    v = redis.call('HMGET', key, unpack(q))
+  end
   local h = {lsn = v[1], piece = tonumber(v[2] or '0') or 0, has_stock = v[3] ~= false,
              rows = tonumber(v[3]) or 0, on = tonumber(v[4]) or 0, res = tonumber(v[5]) or 0,
              was_gone = v[6] == '1', threshold = v[7] or nil, alert_state = v[8] or nil,
@@ -169,8 +177,14 @@ local function row_get(key, h, f)
   if t ~= nil then return t end
   local raw = field(key, h, f)
   if raw then
-    local o = cjson.decode(raw)
-    t = {o[1], tonumber(o[2]), tonumber(o[3])}
+    -- The common shape without escapes is matched directly (cjson costs more).
+    local l, o, r = string.match(raw, '^%["([^"\\]*)","(-?%d+)","(-?%d+)"%]$')
+    if l then
+      t = {l, tonumber(o), tonumber(r)}
+    else
+      local d = cjson.decode(raw)
+      t = {d[1], tonumber(d[2]), tonumber(d[3])}
+    end
   else
     t = false
   end
@@ -202,11 +216,28 @@ local function remove_row(key, h, f)
   return old
 end
 
+-- LSN (decimal string) plus a small delta, exactly.
+local function lsn_add(base, delta)
+  if delta == 0 then return base end
+  if #base < 16 then return string.format('%d', tonumber(base) + delta) end
+  local digits, carry, d = {}, delta, #base
+  while d >= 1 or carry > 0 do
+    local x = (d >= 1 and tonumber(string.sub(base, d, d)) or 0) + carry % 10
+    carry = math.floor(carry / 10)
+    if x >= 10 then x = x - 10; carry = carry + 1 end
+    table.insert(digits, 1, tostring(x))
+    d = d - 1
+  end
+  return table.concat(digits)
+end
+
 local alerts_raised = 0
 
 -- Low-stock alert detection after a transaction, at level `avail` (see
 -- fold::model::evaluate).
-local function evaluate(key, h, has_stock, avail, lsn, ms)
+-- `lsn` and `ms` are strings, or `lsn` is a base LSN and `ms` a number with `dl` the
+-- offset: formatting them costs more than the evaluation, so it happens only for alerts.
+local function evaluate(key, h, has_stock, avail, lsn, ms, dl)
   if not has_stock then return end
   local thr = tonumber(h.threshold or '') or low
   local prev = h.alert_state
@@ -230,6 +261,7 @@ local function evaluate(key, h, has_stock, avail, lsn, ms)
       h.alerts = raw and cjson.decode(raw) or {}
     end
     local list = h.alerts
+    if dl then lsn = lsn_add(lsn, dl); ms = int(ms) end
     list[#list + 1] = {type = kind, available = avail, threshold = thr, lsn = lsn, ts = tonumber(ms)}
     if #list > 50 then table.remove(list, 1) end
     h.alerts_dirty = true
@@ -256,21 +288,6 @@ local function apply_rows(key, h, a, nr)
     end
     a = a + 5
   end
-end
-
--- LSN (decimal string) plus a small delta, exactly.
-local function lsn_add(base, delta)
-  if delta == 0 then return base end
-  if #base < 16 then return string.format('%d', tonumber(base) + delta) end
-  local digits, carry, d = {}, delta, #base
-  while d >= 1 or carry > 0 do
-    local x = (d >= 1 and tonumber(string.sub(base, d, d)) or 0) + carry % 10
-    carry = math.floor(carry / 10)
-    if x >= 10 then x = x - 10; carry = carry + 1 end
-    table.insert(digits, 1, tostring(x))
-    d = d - 1
-  end
-  return table.concat(digits)
 end
 
 -- Walk an entry's trace: the level after each change, alerts where a transaction ends.
@@ -308,7 +325,7 @@ local function run_trace(key, h, e)
       end
     end
     if bit.band(flags, 32) ~= 0 then
-      evaluate(key, h, has, avail, lsn_add(e.f, dl), int(ms))
+      evaluate(key, h, has, avail, e.f, ms, dl)
     end
   end
 end
@@ -379,7 +396,13 @@ local function write(key, h)
   for _, f in ipairs(h.roworder) do
     local t = h.rowt[f]
     if t then
-      w[#w + 1] = f; w[#w + 1] = cjson.encode({t[1], int(t[2]), int(t[3])})
+      local l = t[1]
+      w[#w + 1] = f
+      if string.find(l, '[%c"\\\128-\255/]') then
+        w[#w + 1] = cjson.encode({l, int(t[2]), int(t[3])})
+      else
+        w[#w + 1] = '["' .. l .. '","' .. int(t[2]) .. '","' .. int(t[3]) .. '"]'
+      end
     else
       del[#del + 1] = f
     end
