@@ -631,7 +631,14 @@ impl Source {
             if full {
                 continue;
             }
-            conn.set_read_batching(lagging);
+            if lagging != conn.read_batching() {
+                conn.set_read_batching(lagging);
+                if conn.read_batching() {
+                    tracing::info!(slot = %self.cfg.slot, "catching up: reading the socket in batches");
+                } else {
+                    tracing::debug!(slot = %self.cfg.slot, "caught up: reading per message");
+                }
+            }
             tokio::select! {
                 r = conn.fill() => r?,
                 // Below the low-water mark the socket stays silent: take what is there.

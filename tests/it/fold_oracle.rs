@@ -721,3 +721,53 @@ async fn batches_wider_than_one_script_call_converge_after_a_kill() {
     let code = rig.daemon().sigterm();
     assert_eq!(code, Some(0), "{}", rig.daemon().stderr_all());
 }
+
+/// A backlog committed well before skusync reads it (the walsender sends commits over
+/// 500 ms old: catching up) is read in batches (`SO_RCVLOWAT`) and nothing is left
+/// behind: the drain marker after it arrives and Redis equals the SQL aggregate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_backlog_is_read_in_batches_and_converges() {
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::SumEqualsTotal)).await;
+    rig.start_skusync("").await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    // Stopped, not paused: a paused reader's socket buffers would take the stream as it
+    // is committed, and the walsender would not be sending old commits.
+    let code = rig.daemon().sigterm();
+    assert_eq!(code, Some(0), "{}", rig.daemon().stderr_all());
+    // 3,000 single-row transactions (a few hundred KiB of stream), then an odd tail.
+    // (The DO block goes alone: COMMIT inside it needs no enclosing transaction.)
+    rig.exec(
+        "INSERT INTO inventory SELECT 'old-' || g, 'WH-1', 100, 0 FROM generate_series(1, 50) g",
+    )
+    .await;
+    rig.exec(
+        "DO $$ BEGIN
+           FOR i IN 1..3000 LOOP
+             IF i % 2 = 0 THEN
+               UPDATE inventory SET on_hand = on_hand - 1 WHERE sku = 'old-' || (i % 50 + 1);
+             ELSE
+               INSERT INTO activity_log (sku, kind, qty) VALUES ('old-' || (i % 50 + 1), 'view', 1);
+             END IF;
+             COMMIT;
+           END LOOP;
+         END $$",
+    )
+    .await;
+    rig.exec("UPDATE inventory SET on_hand = 7 WHERE sku = 'old-1'")
+        .await;
+    // Old enough that the walsender sends every commit over 500 ms after it happened.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    rig.daemon().spawn();
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    rig.assert_converges(Duration::from_secs(10)).await;
+    assert!(
+        rig.daemon()
+            .stderr_contains("catching up: reading the socket in batches"),
+        "the backlog was read in batches\n{}",
+        rig.daemon().stderr_all()
+    );
+    let code = rig.daemon().sigterm();
+    assert_eq!(code, Some(0), "{}", rig.daemon().stderr_all());
+}
