@@ -501,9 +501,17 @@ def latency(exe, rate, quick):
         with open(script, "w") as f:
             f.write(f"\\set s random(1, {skus})\n"
                     "UPDATE inventory SET on_hand = on_hand - 1 WHERE sku = 'SKU-' || :s AND location = 'WH-1';\n")
+        perf_all = None
+        if os.environ.get("SKUSYNC_BENCH_PERF_ALL"):
+            perf_all = subprocess.Popen(["perf", "record", "-a", "-g", "-o",
+                                         f"{os.environ['SKUSYNC_BENCH_PERF_ALL']}-{rate}"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         subprocess.run([f"{st.bin}/pgbench", "-h", st.dir, "-p", str(st.pg_port), "-U", "postgres", "-n", "-c", "4",
                         "-j", "2", "-R", str(rate), "-T", str(secs), "-f", script, "postgres"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if perf_all:
+            perf_all.send_signal(signal.SIGINT)
+            perf_all.wait()
         sub.wait(timeout=30)
         out = open(sub_out).read()
         after = histogram(http_port, "skusync_commit_to_redis_seconds")

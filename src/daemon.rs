@@ -491,9 +491,17 @@ impl Daemon {
                 || p.batch.steps() >= max_steps
                 || p.tickets.len() >= max_txns
         };
+        // Reading stops (back-pressure) only at a multiple of the launch caps: while a
+        // full batch is applied, the next keeps merging instead of stalling the stream,
+        // so a backlog over few SKUs becomes fewer entries (Redis' cost is per entry).
+        let hold = |p: &Pending| {
+            p.batch.len() >= max_entries
+                || p.batch.steps() >= max_steps.saturating_mul(HOLD_FACTOR)
+                || p.tickets.len() >= max_txns.saturating_mul(HOLD_FACTOR)
+        };
         let mut last_event = tokio::time::Instant::now();
         loop {
-            let full_now = full(&pending);
+            let full_now = hold(&pending);
             let events = tokio::select! {
                 done = async { flight.as_mut().expect("guarded").await }, if flight.is_some() => {
                     *flight = None;
@@ -726,6 +734,9 @@ const STEPS_PER_ENTRY: usize = 5;
 const LINGER: Duration = Duration::from_millis(20);
 /// Most transactions per apply call, per allowed entry (their tickets wait in memory).
 const TXNS_PER_ENTRY: usize = 10;
+/// While a batch is applied, the next may merge this many times the step and transaction
+/// caps before the stream is paused.
+const HOLD_FACTOR: usize = 4;
 
 /// Start one apply call for everything pending; transient Redis errors are retried
 /// inside (the fence makes retrying the same call safe).
