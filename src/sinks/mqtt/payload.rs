@@ -108,8 +108,19 @@ pub fn state_message(
     values.insert("reserved".into(), reserved);
     values.insert("available".into(), available);
 
-    let mut locations: BTreeMap<&str, Map<String, Value>> = BTreeMap::new();
+    let mut locations: BTreeMap<&str, BTreeMap<&str, i64>> = BTreeMap::new();
+    // Window buckets `w:<counter>:<minute>`, collected in the same pass over the hash
+    // (summing each window by rescanning every field cost more than the rest).
+    let mut buckets: Vec<(&str, i64, i64)> = Vec::new();
     for (f, v) in fields {
+        if let Some(rest) = f.strip_prefix("w:") {
+            if let Some((c, m)) = rest.rsplit_once(':')
+                && let (Ok(m), Ok(n)) = (m.parse::<i64>(), v.parse::<i64>())
+            {
+                buckets.push((c, m, n));
+            }
+            continue;
+        }
         let Some(rest) = f.strip_prefix("loc:") else {
             continue;
         };
@@ -120,25 +131,32 @@ pub fn state_message(
             continue;
         }
         let n: i64 = v.parse().unwrap_or(0);
-        let entry = locations.entry(loc).or_default();
-        entry.insert(what.to_string(), json!(n));
+        locations.entry(loc).or_default().insert(what, n);
         values.insert(f.clone(), n);
     }
     for m in locations.values_mut() {
         // both keys always, so apps need no defaults
-        m.entry("on_hand").or_insert(json!(0));
-        m.entry("reserved").or_insert(json!(0));
+        m.entry("on_hand").or_insert(0);
+        m.entry("reserved").or_insert(0);
     }
 
     let now_minute = layout::minute_of_ms(now_ms);
-    let pairs = || fields.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+    // `layout::window_sum` over the collected buckets
+    let window_sum = |counter: &str, minutes: i64| -> i64 {
+        let lo = now_minute - minutes + 1;
+        buckets
+            .iter()
+            .filter(|(c, m, _)| *c == counter && (lo..=now_minute).contains(m))
+            .map(|(_, _, n)| n)
+            .sum()
+    };
     let mut window_values: Vec<(String, i64)> = Vec::new();
     for c in &spec.counters {
         values.insert(c.name.clone(), int(fields, &c.name));
         for &w in &c.windows_secs {
             let minutes = i64::try_from(w / 60).unwrap_or(1).max(1);
             let name = layout::window_name(&c.name, w);
-            let sum = layout::window_sum(pairs(), &c.name, minutes, now_minute);
+            let sum = window_sum(&c.name, minutes);
             window_values.push((name, sum));
             if c.distinct_users {
                 let uname = users_name(&c.name, w);
@@ -148,7 +166,7 @@ pub fn state_message(
         }
     }
     if let Some(sc) = &spec.sell_counter {
-        let rate = layout::window_sum(pairs(), sc, 60, now_minute);
+        let rate = window_sum(sc, 60);
         window_values.push(("sell_rate_per_h".into(), rate));
         if rate > 0 && available > 0 {
             let eta =
@@ -165,20 +183,21 @@ pub fn state_message(
         values.insert(k.clone(), *v);
     }
 
-    let mut obj = Map::new();
-    obj.insert("v".into(), json!(FORMAT_VERSION));
-    obj.insert("sku".into(), json!(sku));
+    // Members in the order serde_json's map would have taken them (a later insert
+    // replaces an earlier one of the same name), written straight into the payload:
+    // building a `serde_json::Value` tree cost about half of each publish.
+    let mut obj: BTreeMap<&str, Member> = BTreeMap::new();
+    obj.insert("v", Member::Int(FORMAT_VERSION as i64));
+    obj.insert("sku", Member::Str(sku.to_string()));
     for (k, v) in &values {
         if !k.starts_with("loc:") {
-            obj.insert(k.clone(), json!(v));
+            obj.insert(k, Member::Int(*v));
         }
     }
     if !locations.is_empty() {
-        let l: Map<String, Value> = locations
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), Value::Object(v)))
-            .collect();
-        obj.insert("locations".into(), Value::Object(l));
+        let mut o = Vec::new();
+        write_nested(&mut o, &locations);
+        obj.insert("locations", Member::Raw(o));
     }
     match kind {
         Kind::Change => {
@@ -186,34 +205,100 @@ pub fn state_message(
                 .get("pub_state")
                 .and_then(|s| serde_json::from_str::<BTreeMap<String, i64>>(s).ok())
                 .unwrap_or_default();
-            obj.insert("delta".into(), delta(&values, &prev));
+            obj.insert("delta", Member::Raw(delta(&values, &prev)));
         }
         Kind::Aging { as_of_ms } => {
             if let Some(t) = rfc3339_ms(as_of_ms) {
-                obj.insert("as_of".into(), json!(t));
+                obj.insert("as_of", Member::Str(t));
             }
         }
     }
     if fields.contains_key("lsn") {
-        obj.insert("lsn".into(), json!(lsn_text(lsn)));
+        obj.insert("lsn", Member::Str(lsn_text(lsn)));
     }
     if let Some(p) = u64_field(fields, "pub_lsn") {
-        obj.insert("prev_lsn".into(), json!(lsn_text(p)));
+        obj.insert("prev_lsn", Member::Str(lsn_text(p)));
     }
     if let Some(t) = fields
         .get("ts")
         .and_then(|v| v.parse::<i64>().ok())
         .and_then(rfc3339_ms)
     {
-        obj.insert("ts".into(), json!(t));
+        obj.insert("ts", Member::Str(t));
     }
+    let mut out = Vec::with_capacity(256);
+    write_object(&mut out, &obj);
     let state = serde_json::to_string(&values).unwrap_or_else(|_| "{}".into());
     StateMessage {
-        payload: Value::Object(obj).to_string(),
+        // only valid UTF-8 was written (str input, JSON punctuation, digits)
+        payload: String::from_utf8(out).unwrap_or_default(),
         lsn,
         state,
         windows,
     }
+}
+
+/// A member value of a payload object.
+enum Member {
+    Int(i64),
+    Str(String),
+    /// Already-written JSON.
+    Raw(Vec<u8>),
+}
+
+/// Appends `s` as a JSON string, escaped exactly as serde_json escapes it.
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    use serde::Serializer;
+    // writing into a Vec cannot fail
+    let _ = serde_json::Serializer::new(&mut *out).serialize_str(s);
+}
+
+fn write_int(out: &mut Vec<u8>, n: i64) {
+    use std::io::Write;
+    let _ = write!(out, "{n}");
+}
+
+/// Appends a JSON object of `members` (in key order: compact, like serde_json).
+fn write_object(out: &mut Vec<u8>, members: &BTreeMap<&str, Member>) {
+    out.push(b'{');
+    for (i, (k, v)) in members.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(out, k);
+        out.push(b':');
+        match v {
+            Member::Int(n) => write_int(out, *n),
+            Member::Str(s) => write_str(out, s),
+            Member::Raw(r) => out.extend_from_slice(r),
+        }
+    }
+    out.push(b'}');
+}
+
+/// Appends `{"<loc>":{"<what>":n,...},...}`.
+fn write_nested<K: AsRef<str>, K2: AsRef<str>>(
+    out: &mut Vec<u8>,
+    m: &BTreeMap<K, BTreeMap<K2, i64>>,
+) {
+    out.push(b'{');
+    for (i, (k, inner)) in m.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(out, k.as_ref());
+        out.extend_from_slice(b":{");
+        for (j, (w, n)) in inner.iter().enumerate() {
+            if j > 0 {
+                out.push(b',');
+            }
+            write_str(out, w.as_ref());
+            out.push(b':');
+            write_int(out, *n);
+        }
+        out.push(b'}');
+    }
+    out.push(b'}');
 }
 
 /// Payload name of a counter's distinct users over a window: `views_users_5m`.
@@ -224,10 +309,10 @@ pub fn users_name(counter: &str, window_secs: u64) -> String {
 }
 
 /// Current minus previous, non-zero entries only; location values nested under
-/// `locations` like in the payload.
-fn delta(cur: &BTreeMap<String, i64>, prev: &BTreeMap<String, i64>) -> Value {
-    let mut out = Map::new();
-    let mut locs: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
+/// `locations` like in the payload. Returns the JSON object.
+fn delta(cur: &BTreeMap<String, i64>, prev: &BTreeMap<String, i64>) -> Vec<u8> {
+    let mut out: BTreeMap<&str, Member> = BTreeMap::new();
+    let mut locs: BTreeMap<&str, BTreeMap<&str, i64>> = BTreeMap::new();
     let keys: std::collections::BTreeSet<&String> = cur.keys().chain(prev.keys()).collect();
     for k in keys {
         let d = cur
@@ -240,23 +325,21 @@ fn delta(cur: &BTreeMap<String, i64>, prev: &BTreeMap<String, i64>) -> Value {
         }
         match k.strip_prefix("loc:").and_then(|r| r.rsplit_once(':')) {
             Some((loc, what)) => {
-                locs.entry(loc.to_string())
-                    .or_default()
-                    .insert(what.to_string(), json!(d));
+                locs.entry(loc).or_default().insert(what, d);
             }
             None => {
-                out.insert(k.clone(), json!(d));
+                out.insert(k, Member::Int(d));
             }
         }
     }
     if !locs.is_empty() {
-        let l: Map<String, Value> = locs
-            .into_iter()
-            .map(|(k, v)| (k, Value::Object(v)))
-            .collect();
-        out.insert("locations".into(), Value::Object(l));
+        let mut o = Vec::new();
+        write_nested(&mut o, &locs);
+        out.insert("locations", Member::Raw(o));
     }
-    Value::Object(out)
+    let mut w = Vec::with_capacity(128);
+    write_object(&mut w, &out);
+    w
 }
 
 /// One pending alert from the hash field `alerts`.
@@ -338,6 +421,274 @@ mod tests {
     use super::*;
 
     const NOW: i64 = 1_764_061_200_123; // 2025-11-25T09:00:00.123Z
+
+    /// The serde_json::Value-based builder this module used before, kept as the oracle
+    /// for the direct writer: same inputs, byte-identical payloads.
+    mod reference {
+        use super::super::*;
+
+        pub fn state_message(
+            spec: &Spec,
+            sku: &str,
+            fields: &HashMap<String, String>,
+            users: &HashMap<String, i64>,
+            now_ms: i64,
+            kind: Kind,
+        ) -> StateMessage {
+            let lsn = u64_field(fields, "lsn").unwrap_or(0);
+            if fields.get("gone").map(String::as_str) == Some("1") {
+                return StateMessage {
+                    payload: String::new(),
+                    lsn,
+                    state: "{}".into(),
+                    windows: None,
+                };
+            }
+            // Numeric values: these make up `pub_state` and the delta.
+            let mut values: BTreeMap<String, i64> = BTreeMap::new();
+            let on_hand = int(fields, "on_hand");
+            let reserved = int(fields, "reserved");
+            let available = fields
+                .get("available")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(on_hand.saturating_sub(reserved));
+            values.insert("on_hand".into(), on_hand);
+            values.insert("reserved".into(), reserved);
+            values.insert("available".into(), available);
+
+            let mut locations: BTreeMap<&str, Map<String, Value>> = BTreeMap::new();
+            for (f, v) in fields {
+                let Some(rest) = f.strip_prefix("loc:") else {
+                    continue;
+                };
+                let Some((loc, what)) = rest.rsplit_once(':') else {
+                    continue;
+                };
+                if !matches!(what, "on_hand" | "reserved") {
+                    continue;
+                }
+                let n: i64 = v.parse().unwrap_or(0);
+                let entry = locations.entry(loc).or_default();
+                entry.insert(what.to_string(), json!(n));
+                values.insert(f.clone(), n);
+            }
+            for m in locations.values_mut() {
+                // both keys always, so apps need no defaults
+                m.entry("on_hand").or_insert(json!(0));
+                m.entry("reserved").or_insert(json!(0));
+            }
+
+            let now_minute = layout::minute_of_ms(now_ms);
+            let pairs = || fields.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+            let mut window_values: Vec<(String, i64)> = Vec::new();
+            for c in &spec.counters {
+                values.insert(c.name.clone(), int(fields, &c.name));
+                for &w in &c.windows_secs {
+                    let minutes = i64::try_from(w / 60).unwrap_or(1).max(1);
+                    let name = layout::window_name(&c.name, w);
+                    let sum = layout::window_sum(pairs(), &c.name, minutes, now_minute);
+                    window_values.push((name, sum));
+                    if c.distinct_users {
+                        let uname = users_name(&c.name, w);
+                        let n = users.get(&uname).copied().unwrap_or(0);
+                        window_values.push((uname, n));
+                    }
+                }
+            }
+            if let Some(sc) = &spec.sell_counter {
+                let rate = layout::window_sum(pairs(), sc, 60, now_minute);
+                window_values.push(("sell_rate_per_h".into(), rate));
+                if rate > 0 && available > 0 {
+                    let eta = i64::try_from(i128::from(available) * 3600 / i128::from(rate))
+                        .unwrap_or(i64::MAX);
+                    window_values.push(("stockout_eta_s".into(), eta));
+                }
+            }
+            let windows = window_values.iter().any(|(_, v)| *v != 0).then(|| {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                window_values.hash(&mut h);
+                h.finish()
+            });
+            for (k, v) in &window_values {
+                values.insert(k.clone(), *v);
+            }
+
+            let mut obj = Map::new();
+            obj.insert("v".into(), json!(FORMAT_VERSION));
+            obj.insert("sku".into(), json!(sku));
+            for (k, v) in &values {
+                if !k.starts_with("loc:") {
+                    obj.insert(k.clone(), json!(v));
+                }
+            }
+            if !locations.is_empty() {
+                let l: Map<String, Value> = locations
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), Value::Object(v)))
+                    .collect();
+                obj.insert("locations".into(), Value::Object(l));
+            }
+            match kind {
+                Kind::Change => {
+                    let prev = fields
+                        .get("pub_state")
+                        .and_then(|s| serde_json::from_str::<BTreeMap<String, i64>>(s).ok())
+                        .unwrap_or_default();
+                    obj.insert("delta".into(), delta(&values, &prev));
+                }
+                Kind::Aging { as_of_ms } => {
+                    if let Some(t) = rfc3339_ms(as_of_ms) {
+                        obj.insert("as_of".into(), json!(t));
+                    }
+                }
+            }
+            if fields.contains_key("lsn") {
+                obj.insert("lsn".into(), json!(lsn_text(lsn)));
+            }
+            if let Some(p) = u64_field(fields, "pub_lsn") {
+                obj.insert("prev_lsn".into(), json!(lsn_text(p)));
+            }
+            if let Some(t) = fields
+                .get("ts")
+                .and_then(|v| v.parse::<i64>().ok())
+                .and_then(rfc3339_ms)
+            {
+                obj.insert("ts".into(), json!(t));
+            }
+            let state = serde_json::to_string(&values).unwrap_or_else(|_| "{}".into());
+            StateMessage {
+                payload: Value::Object(obj).to_string(),
+                lsn,
+                state,
+                windows,
+            }
+        }
+
+        /// Current minus previous, non-zero entries only; location values nested under
+        /// `locations` like in the payload.
+        fn delta(cur: &BTreeMap<String, i64>, prev: &BTreeMap<String, i64>) -> Value {
+            let mut out = Map::new();
+            let mut locs: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
+            let keys: std::collections::BTreeSet<&String> = cur.keys().chain(prev.keys()).collect();
+            for k in keys {
+                let d = cur
+                    .get(k)
+                    .copied()
+                    .unwrap_or(0)
+                    .saturating_sub(prev.get(k).copied().unwrap_or(0));
+                if d == 0 {
+                    continue;
+                }
+                match k.strip_prefix("loc:").and_then(|r| r.rsplit_once(':')) {
+                    Some((loc, what)) => {
+                        locs.entry(loc.to_string())
+                            .or_default()
+                            .insert(what.to_string(), json!(d));
+                    }
+                    None => {
+                        out.insert(k.clone(), json!(d));
+                    }
+                }
+            }
+            if !locs.is_empty() {
+                let l: Map<String, Value> = locs
+                    .into_iter()
+                    .map(|(k, v)| (k, Value::Object(v)))
+                    .collect();
+                out.insert("locations".into(), Value::Object(l));
+            }
+            Value::Object(out)
+        }
+    }
+
+    fn arb_fields() -> impl proptest::strategy::Strategy<Value = HashMap<String, String>> {
+        use proptest::prelude::*;
+        let name = prop::sample::select(vec![
+            "on_hand",
+            "reserved",
+            "available",
+            "views",
+            "purchases",
+            "lsn",
+            "pub_lsn",
+            "ts",
+            "gone",
+            "sku",
+            "v",
+            "locations",
+            "delta",
+        ]);
+        let loc = prop::sample::select(vec!["WH-1", "WH:2", "a\"b", "é/€", "", "x\\y"]);
+        let what = prop::sample::select(vec!["on_hand", "reserved", "rows"]);
+        let num = prop_oneof![
+            (-1000i64..1000).prop_map(|n| n.to_string()),
+            Just("x".to_string())
+        ];
+        let plain = prop::collection::vec((name, num.clone()), 0..10);
+        let locs = prop::collection::vec((loc, what, num.clone()), 0..6);
+        let buckets = prop::collection::vec(
+            (
+                prop::sample::select(vec!["views", "purchases"]),
+                -70i64..2,
+                num,
+            ),
+            0..8,
+        );
+        let prev = prop::collection::btree_map(
+            prop::sample::select(vec![
+                "on_hand",
+                "available",
+                "loc:WH-1:on_hand",
+                "views_5m",
+                "old",
+            ]),
+            -50i64..50,
+            0..5,
+        );
+        (
+            plain,
+            locs,
+            buckets,
+            proptest::option::of(prev),
+            any::<bool>(),
+        )
+            .prop_map(|(plain, locs, buckets, prev, ts)| {
+                let mut f: HashMap<String, String> = HashMap::new();
+                let m = layout::minute_of_ms(NOW);
+                for (k, v) in plain {
+                    f.insert(k.to_string(), v);
+                }
+                for (l, w, v) in locs {
+                    f.insert(format!("loc:{l}:{w}"), v);
+                }
+                for (c, dm, v) in buckets {
+                    f.insert(layout::bucket_field(c, m + dm), v);
+                }
+                if let Some(p) = prev {
+                    f.insert("pub_state".into(), serde_json::to_string(&p).unwrap());
+                }
+                if ts {
+                    f.insert("ts".into(), NOW.to_string());
+                }
+                f.remove("gone");
+                f
+            })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn direct_writer_matches_the_value_builder(
+            f in arb_fields(),
+            aging in proptest::prelude::any::<bool>(),
+            sku in proptest::prelude::prop::sample::select(vec!["A/1", "b\"#+", "ü", ""]),
+        ) {
+            let kind = if aging { Kind::Aging { as_of_ms: NOW } } else { Kind::Change };
+            let users = HashMap::from([("views_users_5m".to_string(), 2)]);
+            let new = state_message(&spec(), sku, &f, &users, NOW, kind);
+            let old = reference::state_message(&spec(), sku, &f, &users, NOW, kind);
+            proptest::prop_assert_eq!(new, old);
+        }
+    }
 
     fn spec() -> Spec {
         Spec {
