@@ -59,7 +59,8 @@ pub struct RedisConfig {
     /// memory for huge transactions (pieces are fenced by (commit LSN, piece number)).
     #[serde(default = "default_piece_changes")]
     pub max_changes_per_piece: u64,
-    /// Most SKU entries per apply script call.
+    /// Most SKU entries merged into one batch while backlogged (a batch goes to Redis as
+    /// script calls of at most 2,000 entries).
     #[serde(default = "default_batch_skus")]
     pub max_batch_skus: usize,
     /// CA file for `rediss://` (PEM); the system trust store when absent.
