@@ -631,12 +631,18 @@ impl Source {
             if full {
                 continue;
             }
-            if lagging != conn.read_batching() {
+            let was = conn.read_batching();
+            if lagging != was {
+                // a no-op over TLS and Unix sockets (see `set_read_batching`)
                 conn.set_read_batching(lagging);
-                if conn.read_batching() {
-                    tracing::info!(slot = %self.cfg.slot, "catching up: reading the socket in batches");
-                } else {
-                    tracing::debug!(slot = %self.cfg.slot, "caught up: reading per message");
+                match (was, conn.read_batching()) {
+                    (false, true) => {
+                        tracing::info!(slot = %self.cfg.slot, "catching up: reading the socket in batches")
+                    }
+                    (true, false) => {
+                        tracing::debug!(slot = %self.cfg.slot, "caught up: reading per message")
+                    }
+                    _ => {}
                 }
             }
             tokio::select! {

@@ -724,7 +724,9 @@ async fn batches_wider_than_one_script_call_converge_after_a_kill() {
 
 /// A backlog committed well before skusync reads it (the walsender sends commits over
 /// 500 ms old: catching up) is read in batches (`SO_RCVLOWAT`) and nothing is left
-/// behind: the drain marker after it arrives and Redis equals the SQL aggregate.
+/// behind: a small commit after it, below the low-water mark, still arrives (the socket
+/// stays silent for it; without the 2 ms fallback read this test times out), and Redis
+/// equals the SQL aggregate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_backlog_is_read_in_batches_and_converges() {
     let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::SumEqualsTotal)).await;
@@ -759,15 +761,26 @@ async fn an_old_backlog_is_read_in_batches_and_converges() {
     // Old enough that the walsender sends every commit over 500 ms after it happened.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     rig.daemon().spawn();
+    // Nothing newer is committed until batching is on: the source reaches its socket
+    // wait with an old commit last (a fresh drain marker read in the same burst would
+    // rightly count as caught up).
+    let start = Instant::now();
+    while !rig
+        .daemon()
+        .stderr_contains("catching up: reading the socket in batches")
+    {
+        rig.daemon().assert_alive("catching up");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the backlog was read in batches\n{}",
+            rig.daemon().stderr_all()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Small and fresh: it arrives below the low-water mark.
     rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
         .await;
     rig.assert_converges(Duration::from_secs(10)).await;
-    assert!(
-        rig.daemon()
-            .stderr_contains("catching up: reading the socket in batches"),
-        "the backlog was read in batches\n{}",
-        rig.daemon().stderr_all()
-    );
     let code = rig.daemon().sigterm();
     assert_eq!(code, Some(0), "{}", rig.daemon().stderr_all());
 }
