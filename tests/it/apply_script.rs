@@ -328,3 +328,87 @@ async fn a_merged_entry_straddling_the_fence_is_refused_and_writes_nothing() {
     assert!(model.apply_entries(&entries, &params).is_err());
     assert_eq!(model, model_before);
 }
+
+/// The publisher's mark script: `pub_lsn` only moves forward (u64 decimals of any
+/// length), and a hash that is gone is never recreated by a late acknowledgement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_marks_move_forward_and_never_recreate_a_hash() {
+    let redis = RedisServer::start();
+    let client = rsink::client(&redis.url(), None).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let mark = |keys: &[&str], args: &[(&str, &str)]| {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(skusync::sinks::mqtt::MARK_PUBLISHED)
+            .arg(keys.len());
+        for k in keys {
+            cmd.arg(*k);
+        }
+        for (l, st) in args {
+            cmd.arg(*l).arg(*st);
+        }
+        cmd
+    };
+    let hget =
+        async |con: &mut redis::aio::MultiplexedConnection, k: &str, f: &str| -> Option<String> {
+            redis::cmd("HGET")
+                .arg(k)
+                .arg(f)
+                .query_async(con)
+                .await
+                .unwrap()
+        };
+    let _: () = redis::cmd("HSET")
+        .arg("a")
+        .arg("lsn")
+        .arg("100")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg("b")
+        .arg("lsn")
+        .arg("5")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    // first marks: a exists (set), gone does not (left absent)
+    let r: Vec<i64> = mark(&["a", "gone"], &[("100", "{\"x\":1}"), ("7", "{}")])
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(r, vec![1, 0]);
+    assert_eq!(hget(&mut con, "a", "pub_lsn").await.as_deref(), Some("100"));
+    assert_eq!(
+        hget(&mut con, "a", "pub_state").await.as_deref(),
+        Some("{\"x\":1}")
+    );
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg("gone")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0, "a late mark must not recreate a hash");
+    // older (shorter and same-length smaller) marks are ignored; a longer one wins
+    let r: Vec<i64> = mark(
+        &["a", "a"],
+        &[("99", "{\"old\":1}"), ("100", "{\"same\":1}")],
+    )
+    .query_async(&mut con)
+    .await
+    .unwrap();
+    assert_eq!(r, vec![0, 0]);
+    assert_eq!(
+        hget(&mut con, "a", "pub_state").await.as_deref(),
+        Some("{\"x\":1}")
+    );
+    let r: Vec<i64> = mark(&["a", "b"], &[("1000", "{\"new\":1}"), ("5", "{\"b\":1}")])
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(r, vec![1, 1]);
+    assert_eq!(
+        hget(&mut con, "a", "pub_lsn").await.as_deref(),
+        Some("1000")
+    );
+    assert_eq!(hget(&mut con, "b", "pub_lsn").await.as_deref(), Some("5"));
+}

@@ -47,15 +47,18 @@ const SCAN_MAX_PENDING: usize = 10_000;
 /// MQTT fixed header, topic length and properties, generously.
 const PACKET_OVERHEAD: usize = 32;
 
-const MARK_PUBLISHED: &str = r"
+/// Records acknowledged states: per SKU hash, `pub_lsn` and `pub_state`, only moving
+/// forward and never into a hash that no longer exists (it would come back as a ghost).
+pub const MARK_PUBLISHED: &str = r"
 -- KEYS: SKU hashes; ARGV: per key an LSN (u64 decimal) and a pub_state. One call marks a
 -- whole flush (a script call per SKU cost Redis more than the marking itself).
 local out = {}
 for i, key in ipairs(KEYS) do
   local l, st = ARGV[2 * i - 1], ARGV[2 * i]
   out[i] = 0
-  if redis.call('EXISTS', key) == 1 then
-    local cur = redis.call('HGET', key, 'pub_lsn')
+  local cur = redis.call('HGET', key, 'pub_lsn')
+  -- a marked hash exists; EXISTS only for a first mark (never recreate a deleted hash)
+  if cur or redis.call('EXISTS', key) == 1 then
     -- u64 decimals without leading zeros: compare by length, then lexically
     if not (cur and (#cur > #l or (#cur == #l and cur >= l))) then
       redis.call('HSET', key, 'pub_lsn', l, 'pub_state', st)
