@@ -66,6 +66,38 @@ pub fn minute_of_ms(unix_ms: i64) -> i64 {
     unix_ms.div_euclid(60_000)
 }
 
+/// A hash's window buckets (`w:<counter>:<minute>` = count), parsed once so that every
+/// window of every counter is summed without rescanning the hash's fields.
+#[derive(Debug, Default)]
+pub struct Buckets<'a>(Vec<(&'a str, i64, i64)>);
+
+impl<'a> Buckets<'a> {
+    /// Takes the field if it is a window bucket (returns whether it was one, even when
+    /// its minute or count does not parse and it is skipped).
+    pub fn add(&mut self, field: &'a str, value: &str) -> bool {
+        let Some(rest) = field.strip_prefix("w:") else {
+            return false;
+        };
+        if let Some((counter, minute)) = rest.rsplit_once(':')
+            && let (Ok(m), Ok(n)) = (minute.parse::<i64>(), value.parse::<i64>())
+        {
+            self.0.push((counter, m, n));
+        }
+        true
+    }
+
+    /// Sum of a counter's buckets over the `window_minutes` minutes ending at
+    /// `now_minute` (inclusive).
+    pub fn sum(&self, counter: &str, window_minutes: i64, now_minute: i64) -> i64 {
+        let lo = now_minute - window_minutes + 1;
+        self.0
+            .iter()
+            .filter(|(c, m, _)| *c == counter && (lo..=now_minute).contains(m))
+            .map(|(_, _, n)| n)
+            .sum()
+    }
+}
+
 /// Sum of a counter's buckets over the `window_minutes` minutes ending at `now_minute`
 /// (inclusive), from the hash's fields.
 pub fn window_sum<'a>(
@@ -74,18 +106,11 @@ pub fn window_sum<'a>(
     window_minutes: i64,
     now_minute: i64,
 ) -> i64 {
-    let prefix = format!("w:{counter}:");
-    let lo = now_minute - window_minutes + 1;
-    fields
-        .into_iter()
-        .filter_map(|(f, v)| {
-            let m: i64 = f.strip_prefix(&prefix)?.parse().ok()?;
-            (lo..=now_minute)
-                .contains(&m)
-                .then(|| v.parse::<i64>().ok())
-                .flatten()
-        })
-        .sum()
+    let mut b = Buckets::default();
+    for (f, v) in fields {
+        b.add(f, v);
+    }
+    b.sum(counter, window_minutes, now_minute)
 }
 
 /// A window's name in payloads: `views_5m`, `purchases_1h`.

@@ -109,16 +109,11 @@ pub fn state_message(
     values.insert("available".into(), available);
 
     let mut locations: BTreeMap<&str, BTreeMap<&str, i64>> = BTreeMap::new();
-    // Window buckets `w:<counter>:<minute>`, collected in the same pass over the hash
-    // (summing each window by rescanning every field cost more than the rest).
-    let mut buckets: Vec<(&str, i64, i64)> = Vec::new();
+    // Window buckets, collected in the same pass over the hash (summing each window by
+    // rescanning every field cost more than the rest).
+    let mut buckets = layout::Buckets::default();
     for (f, v) in fields {
-        if let Some(rest) = f.strip_prefix("w:") {
-            if let Some((c, m)) = rest.rsplit_once(':')
-                && let (Ok(m), Ok(n)) = (m.parse::<i64>(), v.parse::<i64>())
-            {
-                buckets.push((c, m, n));
-            }
+        if buckets.add(f, v) {
             continue;
         }
         let Some(rest) = f.strip_prefix("loc:") else {
@@ -141,15 +136,7 @@ pub fn state_message(
     }
 
     let now_minute = layout::minute_of_ms(now_ms);
-    // `layout::window_sum` over the collected buckets
-    let window_sum = |counter: &str, minutes: i64| -> i64 {
-        let lo = now_minute - minutes + 1;
-        buckets
-            .iter()
-            .filter(|(c, m, _)| *c == counter && (lo..=now_minute).contains(m))
-            .map(|(_, _, n)| n)
-            .sum()
-    };
+    let window_sum = |counter: &str, minutes: i64| buckets.sum(counter, minutes, now_minute);
     let mut window_values: Vec<(String, i64)> = Vec::new();
     for c in &spec.counters {
         values.insert(c.name.clone(), int(fields, &c.name));
