@@ -486,19 +486,18 @@ impl Daemon {
         let max_entries = self.max_batch_skus;
         let max_steps = self.max_batch_skus.saturating_mul(STEPS_PER_ENTRY);
         let max_txns = self.max_batch_skus.saturating_mul(TXNS_PER_ENTRY);
-        let full = |p: &Pending| {
+        // At `k` times the step and transaction caps (the entry cap bounds memory per SKU
+        // and never stretches).
+        let over = |p: &Pending, k: usize| {
             p.batch.len() >= max_entries
-                || p.batch.steps() >= max_steps
-                || p.tickets.len() >= max_txns
+                || p.batch.steps() >= max_steps.saturating_mul(k)
+                || p.tickets.len() >= max_txns.saturating_mul(k)
         };
+        let full = |p: &Pending| over(p, 1);
         // Reading stops (back-pressure) only at a multiple of the launch caps: while a
         // full batch is applied, the next keeps merging instead of stalling the stream,
         // so a backlog over few SKUs becomes fewer entries (Redis' cost is per entry).
-        let hold = |p: &Pending| {
-            p.batch.len() >= max_entries
-                || p.batch.steps() >= max_steps.saturating_mul(HOLD_FACTOR)
-                || p.tickets.len() >= max_txns.saturating_mul(HOLD_FACTOR)
-        };
+        let hold = |p: &Pending| over(p, HOLD_FACTOR);
         let mut last_event = tokio::time::Instant::now();
         loop {
             let full_now = hold(&pending);

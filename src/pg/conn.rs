@@ -417,9 +417,7 @@ impl ReplConnection {
     /// Read more bytes from the socket into the buffer. Cancel-safe: if the future is
     /// dropped, no data is lost.
     pub async fn fill(&mut self) -> Result<(), PgError> {
-        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
-            self.rbuf.reserve(READ_CHUNK);
-        }
+        self.reserve_read();
         let n = self
             .io
             .read_buf(&mut self.rbuf)
@@ -429,15 +427,27 @@ impl ReplConnection {
                 source,
             })?;
         if n == 0 {
-            return Err(PgError::Io {
-                addr: self.addr.clone(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "server closed the connection",
-                ),
-            });
+            return Err(self.closed());
         }
         Ok(())
+    }
+
+    /// Room for one large read.
+    fn reserve_read(&mut self) {
+        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+            self.rbuf.reserve(READ_CHUNK);
+        }
+    }
+
+    /// A read returned end of file.
+    fn closed(&self) -> PgError {
+        PgError::Io {
+            addr: self.addr.clone(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "server closed the connection",
+            ),
+        }
     }
 
     async fn read_frame(&mut self) -> Result<Frame, PgError> {
@@ -679,23 +689,15 @@ impl ReplConnection {
     /// Read what the socket holds now, even below the low-water mark, without waiting.
     /// Returns whether anything was read.
     pub fn fill_now(&mut self) -> Result<bool, PgError> {
+        self.reserve_read();
         let Transport::Tcp(tcp) = &self.io else {
             return Ok(false);
         };
-        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
-            self.rbuf.reserve(READ_CHUNK);
-        }
         // A plain recv on the non-blocking socket: tokio's own try_read would answer
         // from its readiness cache, which the low-water mark keeps unset.
         let spare = self.rbuf.spare_capacity_mut();
         match socket2::SockRef::from(tcp).recv(spare) {
-            Ok(0) => Err(PgError::Io {
-                addr: self.addr.clone(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "server closed the connection",
-                ),
-            }),
+            Ok(0) => Err(self.closed()),
             Ok(n) => {
                 let len = self.rbuf.len() + n;
                 // SAFETY: recv initialized the first n bytes of the spare capacity.
