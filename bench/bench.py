@@ -139,6 +139,21 @@ purchase = "purchases"
 """
 
 
+def perf_all_start(suffix=""):
+    """SKUSYNC_BENCH_PERF_ALL=FILE: `perf record -a` (every process: walsender, Redis,
+    broker, skusync) until perf_all_stop; where the machine's two cores go."""
+    if not os.environ.get("SKUSYNC_BENCH_PERF_ALL"):
+        return None
+    return subprocess.Popen(["perf", "record", "-a", "-g", "-o", os.environ["SKUSYNC_BENCH_PERF_ALL"] + suffix],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def perf_all_stop(p):
+    if p:
+        p.send_signal(signal.SIGINT)
+        p.wait()
+
+
 def proc_stats(pid):
     """(cpu seconds, peak RSS MiB) of a running process."""
     with open(f"/proc/{pid}/stat") as f:
@@ -339,12 +354,7 @@ def catch_up(exe, quick):
         # skusync: Redis applied and every SKU's final state acknowledged by the broker.
         st.redis("CONFIG", "RESETSTAT")  # commandstats of the measured drain only
         t0 = time.time()
-        # SKUSYNC_BENCH_PERF_ALL=FILE records every process (walsender, Redis, broker,
-        # skusync) during the measured drain: where the machine's two cores go.
-        perf_all = None
-        if os.environ.get("SKUSYNC_BENCH_PERF_ALL"):
-            perf_all = subprocess.Popen(["perf", "record", "-a", "-g", "-o", os.environ["SKUSYNC_BENCH_PERF_ALL"]],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        perf_all = perf_all_start()  # the measured drain
         s = Skusync(exe, st, config(st), "skusync-measured")
         ws = WalsenderCpu(st, "skusync")
         peak = [0.0]
@@ -365,9 +375,7 @@ def catch_up(exe, quick):
         res["skusync_walsender_cpu_s"] = ws.stop()
         wait(Published(st.redis_port), 300, "MQTT acknowledged")
         sk_s = time.time() - t0
-        if perf_all:
-            perf_all.send_signal(signal.SIGINT)
-            perf_all.wait()
+        perf_all_stop(perf_all)
         cpu, hwm = s.stats()
         s.stop()
         # Where Redis spent its time (the apply script vs the publisher's reads and marks).
@@ -501,17 +509,11 @@ def latency(exe, rate, quick):
         with open(script, "w") as f:
             f.write(f"\\set s random(1, {skus})\n"
                     "UPDATE inventory SET on_hand = on_hand - 1 WHERE sku = 'SKU-' || :s AND location = 'WH-1';\n")
-        perf_all = None
-        if os.environ.get("SKUSYNC_BENCH_PERF_ALL"):
-            perf_all = subprocess.Popen(["perf", "record", "-a", "-g", "-o",
-                                         f"{os.environ['SKUSYNC_BENCH_PERF_ALL']}-{rate}"],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        perf_all = perf_all_start(f"-{rate}")  # the load
         subprocess.run([f"{st.bin}/pgbench", "-h", st.dir, "-p", str(st.pg_port), "-U", "postgres", "-n", "-c", "4",
                         "-j", "2", "-R", str(rate), "-T", str(secs), "-f", script, "postgres"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if perf_all:
-            perf_all.send_signal(signal.SIGINT)
-            perf_all.wait()
+        perf_all_stop(perf_all)
         sub.wait(timeout=30)
         out = open(sub_out).read()
         after = histogram(http_port, "skusync_commit_to_redis_seconds")

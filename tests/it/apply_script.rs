@@ -3,6 +3,7 @@
 //! Redis as merged batches and to the model piece by piece must leave identical hashes.
 
 use crate::harness::RedisServer;
+use crate::oracle::hget;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use skusync::fold::batch::Batch;
@@ -348,29 +349,15 @@ async fn publish_marks_move_forward_and_never_recreate_a_hash() {
         }
         cmd
     };
-    let hget =
-        async |con: &mut redis::aio::MultiplexedConnection, k: &str, f: &str| -> Option<String> {
-            redis::cmd("HGET")
-                .arg(k)
-                .arg(f)
-                .query_async(con)
-                .await
-                .unwrap()
-        };
-    let _: () = redis::cmd("HSET")
-        .arg("a")
-        .arg("lsn")
-        .arg("100")
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("HSET")
-        .arg("b")
-        .arg("lsn")
-        .arg("5")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    for (key, lsn) in [("a", "100"), ("b", "5")] {
+        let _: () = redis::cmd("HSET")
+            .arg(key)
+            .arg("lsn")
+            .arg(lsn)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+    }
     // first marks: a exists (set), gone does not (left absent)
     let r: Vec<i64> = mark(&["a", "gone"], &[("100", "{\"x\":1}"), ("7", "{}")])
         .query_async(&mut con)
