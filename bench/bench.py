@@ -322,7 +322,7 @@ def catch_up(exe, quick):
         wait(lambda: st.redis("HGET", "skusync:meta", "bootstrap") == "done", 60, "bootstrap")
         wait(lambda: all_published(st), 60, "initial publish")
         s.stop()
-        for slot in ("recvlogical", "ceiling"):
+        for slot in ("recvlogical", "recvlogical_unix", "ceiling"):
             st.psql(f"SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')")
         script = os.path.join(st.dir, "backlog.sql")
         with open(script, "w") as f:
@@ -338,18 +338,23 @@ def catch_up(exe, quick):
         rows = txns
         res = {"transactions": txns, "rows": rows, "skus": skus, "backlog_generation_s": round(gen_s, 2)}
 
-        # Baseline: pg_recvlogical draining its slot to /dev/null.
-        t0 = time.time()
-        ws = WalsenderCpu(st, "recvlogical")
-        rl = subprocess.Popen([f"{st.bin}/pg_recvlogical", "-h", st.dir, "-p", str(st.pg_port), "-U", "postgres",
-                               "-d", "postgres", "-S", "recvlogical", "--start", "-E", end, "-f", "/dev/null",
-                               "-o", "proto_version=1", "-o", "publication_names=skusync,skusync_activity",
-                               "--no-loop"])
-        rl.wait()
-        rl_s = time.time() - t0
-        res["pg_recvlogical_walsender_cpu_s"] = ws.stop()
-        res["pg_recvlogical_s"] = round(rl_s, 3)
-        res["pg_recvlogical_rows_per_s"] = round(rows / rl_s)
+        # Baseline: pg_recvlogical draining its slot to /dev/null, over TCP like skusync
+        # (the ratio's baseline), then over the Unix socket (cheaper for its walsender).
+        for slot, host, key in (("recvlogical", "127.0.0.1", "pg_recvlogical"),
+                                ("recvlogical_unix", st.dir, "pg_recvlogical_unix")):
+            t0 = time.time()
+            perf_all = perf_all_start("-" + slot)  # the baseline's drain
+            ws = WalsenderCpu(st, slot)
+            subprocess.run([f"{st.bin}/pg_recvlogical", "-h", host, "-p", str(st.pg_port), "-U", "postgres",
+                            "-d", "postgres", "-S", slot, "--start", "-E", end, "-f", "/dev/null",
+                            "-o", "proto_version=1", "-o", "publication_names=skusync,skusync_activity",
+                            "--no-loop"], check=True)
+            took = time.time() - t0
+            perf_all_stop(perf_all)
+            res[f"{key}_walsender_cpu_s"] = ws.stop()
+            res[f"{key}_s"] = round(took, 3)
+            res[f"{key}_rows_per_s"] = round(rows / took)
+        rl_s, rlu_s = res["pg_recvlogical_s"], res["pg_recvlogical_unix_s"]
 
         # skusync: Redis applied and every SKU's final state acknowledged by the broker.
         st.redis("CONFIG", "RESETSTAT")  # commandstats of the measured drain only
@@ -391,6 +396,7 @@ def catch_up(exe, quick):
         res["skusync_s"] = round(sk_s, 3)
         res["skusync_rows_per_s"] = round(rows / sk_s)
         res["ratio_vs_pg_recvlogical"] = round(rl_s / sk_s, 2)
+        res["ratio_vs_pg_recvlogical_unix"] = round(rlu_s / sk_s, 2)
         res["skusync_cpu_s"] = round(cpu, 2)
         res["skusync_cpu_us_per_row"] = round(cpu * 1e6 / rows, 2)
         res["skusync_peak_rss_mib"] = round(max(hwm, peak[0]), 1)
@@ -435,7 +441,8 @@ def bulk(exe, quick):
         cpu, hwm = s.stats()
         s.stop()
         t0 = time.time()
-        subprocess.run([f"{st.bin}/pg_recvlogical", "-h", st.dir, "-p", str(st.pg_port), "-U", "postgres",
+        # over TCP, like skusync
+        subprocess.run([f"{st.bin}/pg_recvlogical", "-h", "127.0.0.1", "-p", str(st.pg_port), "-U", "postgres",
                         "-d", "postgres", "-S", "recvlogical", "--start", "-E", end, "-f", "/dev/null",
                         "-o", "proto_version=1", "-o", "publication_names=skusync,skusync_activity", "--no-loop"],
                        check=True)
@@ -567,8 +574,9 @@ def main():
     print(json.dumps(results, indent=2))
     c = results.get("catch_up")
     if c:
-        print(f"\ncatch-up   pg_recvlogical {c['pg_recvlogical_rows_per_s']:>8} rows/s | skusync (Redis+MQTT acked) "
-              f"{c['skusync_rows_per_s']:>8} rows/s | ratio {c['ratio_vs_pg_recvlogical']}x | ceiling "
+        print(f"\ncatch-up   pg_recvlogical {c['pg_recvlogical_rows_per_s']:>8} rows/s (Unix socket "
+              f"{c['pg_recvlogical_unix_rows_per_s']}) | skusync (Redis+MQTT acked) {c['skusync_rows_per_s']:>8} rows/s | "
+              f"ratio {c['ratio_vs_pg_recvlogical']}x (vs Unix socket {c['ratio_vs_pg_recvlogical_unix']}x) | ceiling "
               f"{c['server_decode_ceiling_rows_per_s']} rows/s | {c['skusync_cpu_us_per_row']} us CPU/row | "
               f"peak RSS {c['skusync_peak_rss_mib']} MiB")
     b = results.get("bulk_1m")

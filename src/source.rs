@@ -22,9 +22,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// While reads are batched, how long to wait for the socket's low-water mark before
-/// taking whatever is queued (the walsender fills 64 KiB in about 2 ms when backlogged).
-const READ_BATCH_WAIT: Duration = Duration::from_millis(2);
+/// While catching up, the socket is read this often (see `ReplConnection::set_read_batching`).
+const READ_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Which slot to stream from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -586,10 +585,10 @@ impl Source {
                     }
                 }
             }
-            // While backlogged, more bytes are already waiting in the socket: take them
-            // before handing the batch on (one poll, never a wait), so batches grow with
-            // the backlog and stay small (low latency) when the stream is quiet.
-            if batch.len() < self.cfg.batch_events && !reply_now {
+            // More bytes may already wait in the socket: take them before handing the batch
+            // on (one poll, never a wait), so batches grow with a burst and stay small (low
+            // latency) when the stream is quiet. Not while catching up: reads are paced.
+            if batch.len() < self.cfg.batch_events && !reply_now && !conn.read_batching() {
                 use futures::FutureExt;
                 if let Some(r) = conn.fill().now_or_never() {
                     if let Err(e) = r {
@@ -633,7 +632,7 @@ impl Source {
             }
             let was = conn.read_batching();
             if lagging != was {
-                // a no-op over TLS and Unix sockets (see `set_read_batching`)
+                // a no-op over Unix sockets (see `set_read_batching`)
                 conn.set_read_batching(lagging);
                 match (was, conn.read_batching()) {
                     (false, true) => {
@@ -646,10 +645,10 @@ impl Source {
                 }
             }
             tokio::select! {
-                r = conn.fill() => r?,
-                // Below the low-water mark the socket stays silent: take what is there.
-                // Nothing at all means the backlog is gone: back to waking per message.
-                _ = tokio::time::sleep(READ_BATCH_WAIT), if conn.read_batching() => {
+                r = conn.fill(), if !conn.read_batching() => r?,
+                // Catching up: take what queued meanwhile. Nothing at all means the
+                // backlog is gone: back to waking per message.
+                _ = tokio::time::sleep(READ_INTERVAL), if conn.read_batching() => {
                     if !conn.fill_now()? {
                         lagging = false;
                     }

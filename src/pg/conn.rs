@@ -20,11 +20,17 @@ use tokio::net::{TcpStream, UnixStream};
 /// Read buffer size: large reads let the walsender send in bulk instead of waking us per
 /// message (see FIELD-NOTES §10).
 const READ_CHUNK: usize = 256 * 1024;
-/// While the slot catches up, the socket signals readable only once this much is queued
-/// (`SO_RCVLOWAT`): the walsender's many small sends then queue without waking us, and
-/// we read them in one go. FIELD-NOTES §10: a client woken per message makes the
-/// walsender, not decoding, the bottleneck.
-const BATCH_LOWAT: libc::c_int = 64 * 1024;
+/// While the slot catches up the socket is read at intervals, not per message, and its
+/// receive buffer is fixed at this size (Linux doubles it; autotuning off). The walsender
+/// makes one `send` per pgoutput message: to a reader parked on the socket, each becomes a
+/// loopback segment of its own, and transmitting them is most of the walsender's CPU.
+/// A reader that comes back only every millisecond acknowledges only then, so the
+/// walsender's sends queue up and go out as a few large segments (40x fewer, measured):
+/// the same backlog costs it 2.5x less CPU. A fixed buffer keeps it that way; with
+/// autotuning the connection sometimes grew out of it. FIELD-NOTES §10; bench/README.
+const PACED_RCVBUF: usize = 256 * 1024;
+/// Most bytes taken in one paced read (the rest waits for the next round).
+const PACED_READ_MAX: usize = 4 * READ_CHUNK;
 
 enum Transport {
     Tcp(TcpStream),
@@ -143,8 +149,10 @@ pub struct ReplConnection {
     max_frame: usize,
     server_version: String,
     backend_pid: i32,
-    /// `SO_RCVLOWAT` is raised (see [`set_read_batching`](Self::set_read_batching)).
+    /// Reads are paced (see [`set_read_batching`](Self::set_read_batching)).
     batching: bool,
+    /// The receive buffer is fixed at [`PACED_RCVBUF`].
+    rcvbuf_fixed: bool,
 }
 
 impl ReplConnection {
@@ -194,6 +202,7 @@ impl ReplConnection {
             server_version: String::new(),
             backend_pid: 0,
             batching: false,
+            rcvbuf_fixed: false,
         };
         conn.startup(cfg).await?;
         Ok(conn)
@@ -653,63 +662,44 @@ impl ReplConnection {
         }
     }
 
-    /// Batch socket reads (while catching up) or wake on every byte (live). Plain TCP
-    /// only: TLS buffers records of its own and Unix sockets ignore the low-water mark.
-    /// Callers that turn it on must also call [`fill_now`](Self::fill_now) after a short
-    /// wait, because the socket stays silent while less than the mark is queued.
+    /// Paced reads (while catching up) or a wake-up per message (live). TCP only, with or
+    /// without TLS: over a Unix socket there are no segments to save, and pacing measured
+    /// no cheaper for the walsender, only slower. A caller that turns it on stops waiting
+    /// on [`fill`](Self::fill) and calls [`fill_now`](Self::fill_now) at intervals instead.
     pub fn set_read_batching(&mut self, on: bool) {
-        use std::os::fd::AsRawFd;
-        let Transport::Tcp(tcp) = &self.io else {
-            return;
+        let tcp = match &self.io {
+            Transport::Tcp(tcp) => tcp,
+            Transport::Tls(tls) => tls.get_ref().0,
+            Transport::Unix(_) => return,
         };
-        if self.batching == on {
-            return;
+        if on && !self.rcvbuf_fixed {
+            // Fixed once, kept when live: ample for a live stream (a 2 MB window in effect
+            // is 100 MB/s at 20 ms round trip), and a fixed size behaves the same every time.
+            self.rcvbuf_fixed = socket2::SockRef::from(tcp)
+                .set_recv_buffer_size(PACED_RCVBUF)
+                .is_ok();
         }
-        let v: libc::c_int = if on { BATCH_LOWAT } else { 1 };
-        // SAFETY: a valid socket descriptor and an int option of the size given.
-        let r = unsafe {
-            libc::setsockopt(
-                tcp.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVLOWAT,
-                (&raw const v).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r == 0 {
-            self.batching = on;
-        }
+        self.batching = on;
     }
 
-    /// Whether reads are batched (`SO_RCVLOWAT` raised).
+    /// Whether reads are paced.
     pub fn read_batching(&self) -> bool {
         self.batching
     }
 
-    /// Read what the socket holds now, even below the low-water mark, without waiting.
+    /// Read what the socket holds now, up to [`PACED_READ_MAX`], without waiting.
     /// Returns whether anything was read.
     pub fn fill_now(&mut self) -> Result<bool, PgError> {
-        self.reserve_read();
-        let Transport::Tcp(tcp) = &self.io else {
-            return Ok(false);
-        };
-        // A plain recv on the non-blocking socket: tokio's own try_read would answer
-        // from its readiness cache, which the low-water mark keeps unset.
-        let spare = self.rbuf.spare_capacity_mut();
-        match socket2::SockRef::from(tcp).recv(spare) {
-            Ok(0) => Err(self.closed()),
-            Ok(n) => {
-                let len = self.rbuf.len() + n;
-                // SAFETY: recv initialized the first n bytes of the spare capacity.
-                unsafe { self.rbuf.set_len(len) };
-                Ok(true)
+        use futures::FutureExt;
+        let start = self.rbuf.len();
+        while self.rbuf.len() - start < PACED_READ_MAX {
+            // `fill` is cancel-safe: a read that would wait is dropped, nothing lost.
+            match self.fill().now_or_never() {
+                Some(r) => r?,
+                None => break,
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
-            Err(source) => Err(PgError::Io {
-                addr: self.addr.clone(),
-                source,
-            }),
         }
+        Ok(self.rbuf.len() > start)
     }
 
     /// Bytes read from the socket but not yet parsed.

@@ -723,10 +723,10 @@ async fn batches_wider_than_one_script_call_converge_after_a_kill() {
 }
 
 /// A backlog committed well before skusync reads it (the walsender sends commits over
-/// 500 ms old: catching up) is read in batches (`SO_RCVLOWAT`) and nothing is left
-/// behind: a small commit after it, below the low-water mark, still arrives (the socket
-/// stays silent for it; without the 2 ms fallback read this test times out), and Redis
-/// equals the SQL aggregate.
+/// 500 ms old: catching up) is read in batches, at intervals rather than on every
+/// wake-up, and nothing is left behind: a small commit after it still arrives (the source
+/// no longer waits on the socket then; without the interval read this test times out),
+/// and Redis equals the SQL aggregate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_backlog_is_read_in_batches_and_converges() {
     let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::SumEqualsTotal)).await;
@@ -777,7 +777,7 @@ async fn an_old_backlog_is_read_in_batches_and_converges() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Small and fresh: it arrives below the low-water mark.
+    // Small and fresh: only the interval read can take it.
     rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
         .await;
     rig.assert_converges(Duration::from_secs(10)).await;
