@@ -173,10 +173,14 @@ class Skusync:
         self.cfg = os.path.join(st.dir, f"{name}.toml")
         with open(self.cfg, "w") as f:
             f.write(cfg_text)
-        self.log = open(os.path.join(st.dir, f"{name}.log"), "w")
+        # SKUSYNC_BENCH_LOG=info|debug keeps more of the log (target/bench/<name>.log).
+        self.log_path = os.path.join(ROOT, "target/bench", f"{name}.log")
+        os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
+        self.log = open(self.log_path, "w")
         # SKUSYNC_BENCH_WRAP="perf record -g -o perf.data --" profiles the measured run.
         wrap = os.environ.get("SKUSYNC_BENCH_WRAP", "").split() if name == "skusync-measured" else []
-        self.p = subprocess.Popen(wrap + [exe, "run", "--config", self.cfg, "--log", "warn"], stdout=subprocess.DEVNULL,
+        self.p = subprocess.Popen(wrap + [exe, "run", "--config", self.cfg, "--log",
+                                         os.environ.get("SKUSYNC_BENCH_LOG", "warn")], stdout=subprocess.DEVNULL,
                                   stderr=self.log)
 
     def stats(self):
@@ -278,16 +282,34 @@ def all_published(st):
 
 class WalsenderCpu:
     """CPU seconds of the walsender serving `slot`, sampled until stopped: the server's
-    cost of streaming to a client depends on how the client reads."""
+    cost of streaming to a client depends on how the client reads. Over TCP, also the
+    segments it sent (`ss`): one per pgoutput message when the client is parked on the
+    socket, far fewer when the client lets the sends queue."""
 
     def __init__(self, st, slot):
         import threading
-        self.st, self.slot, self.cpu, self.stop_ = st, slot, 0.0, False
+        self.st, self.slot, self.cpu, self.segs, self.stop_ = st, slot, 0.0, 0, False
         self.t = threading.Thread(target=self.run, daemon=True)
         self.t.start()
 
+    def segments(self):
+        # the busiest server-side connection: the replication stream
+        try:
+            out = subprocess.run(["ss", "-tinH", "state", "established", f"( sport = :{self.st.pg_port} )"],
+                                 capture_output=True, text=True, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            return
+        best = (0, 0)
+        for tok in out.split():
+            if tok.startswith("bytes_sent:"):
+                sent = int(tok.split(":")[1])
+            elif tok.startswith("segs_out:"):
+                best = max(best, (sent, int(tok.split(":")[1])))
+        self.segs = max(self.segs, best[1])
+
     def run(self):
         pid = None
+        n = 0
         while not self.stop_:
             if pid is None:
                 try:
@@ -300,6 +322,9 @@ class WalsenderCpu:
                     self.cpu = max(self.cpu, proc_stats(pid)[0])
                 except OSError:
                     pid = None
+            n += 1
+            if n % 4 == 0:
+                self.segments()
             time.sleep(0.05)
 
     def stop(self):
@@ -352,6 +377,8 @@ def catch_up(exe, quick):
             took = time.time() - t0
             perf_all_stop(perf_all)
             res[f"{key}_walsender_cpu_s"] = ws.stop()
+            if host == "127.0.0.1":
+                res[f"{key}_walsender_tcp_segments"] = ws.segs
             res[f"{key}_s"] = round(took, 3)
             res[f"{key}_rows_per_s"] = round(rows / took)
         rl_s, rlu_s = res["pg_recvlogical_s"], res["pg_recvlogical_unix_s"]
@@ -378,6 +405,7 @@ def catch_up(exe, quick):
         wait(drained, 900, "skusync drain")
         redis_s = time.time() - t0
         res["skusync_walsender_cpu_s"] = ws.stop()
+        res["skusync_walsender_tcp_segments"] = ws.segs
         wait(Published(st.redis_port), 300, "MQTT acknowledged")
         sk_s = time.time() - t0
         perf_all_stop(perf_all)

@@ -20,15 +20,16 @@ use tokio::net::{TcpStream, UnixStream};
 /// Read buffer size: large reads let the walsender send in bulk instead of waking us per
 /// message (see FIELD-NOTES §10).
 const READ_CHUNK: usize = 256 * 1024;
-/// While the slot catches up the socket is read at intervals, not per message, and its
-/// receive buffer is fixed at this size (Linux doubles it; autotuning off). The walsender
-/// makes one `send` per pgoutput message: to a reader parked on the socket, each becomes a
-/// loopback segment of its own, and transmitting them is most of the walsender's CPU.
-/// A reader that comes back only every millisecond acknowledges only then, so the
+/// The TCP receive buffer, fixed before connecting (Linux doubles it; autotuning off).
+/// While the slot catches up, the socket is read at intervals, not per message. The
+/// walsender makes one `send` per pgoutput message: to a reader parked on the socket,
+/// each becomes a segment of its own, and transmitting them is most of the walsender's
+/// CPU. A reader that comes back only every millisecond acknowledges only then, so the
 /// walsender's sends queue up and go out as a few large segments (40x fewer, measured):
-/// the same backlog costs it 2.5x less CPU. A fixed buffer keeps it that way; with
-/// autotuning the connection sometimes grew out of it. FIELD-NOTES §10; bench/README.
-const PACED_RCVBUF: usize = 256 * 1024;
+/// the same backlog costs it 2.5x less CPU. That held every time only with this buffer
+/// fixed before the handshake; autotuned, or fixed after it, the connection sometimes
+/// fell back to a segment per message. FIELD-NOTES §10; README, Performance.
+const PACED_RCVBUF: u32 = 256 * 1024;
 /// Most bytes taken in one paced read (the rest waits for the next round).
 const PACED_READ_MAX: usize = 4 * READ_CHUNK;
 
@@ -151,8 +152,31 @@ pub struct ReplConnection {
     backend_pid: i32,
     /// Reads are paced (see [`set_read_batching`](Self::set_read_batching)).
     batching: bool,
-    /// The receive buffer is fixed at [`PACED_RCVBUF`].
-    rcvbuf_fixed: bool,
+}
+
+/// Connect to the first address of `host` that answers, with the receive buffer fixed at
+/// [`PACED_RCVBUF`] before the handshake (it sizes the window scale).
+async fn connect_tcp(host: &str, port: u16) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        let sock = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // Best effort: a kernel that refuses keeps autotuning (correct, only costlier).
+        let _ = sock.set_recv_buffer_size(PACED_RCVBUF);
+        match sock.connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{host} resolves to no address"),
+        )
+    }))
 }
 
 impl ReplConnection {
@@ -183,9 +207,7 @@ impl ReplConnection {
                     .map_err(io_err)?,
             )
         } else {
-            let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port))
-                .await
-                .map_err(io_err)?;
+            let tcp = connect_tcp(&cfg.host, cfg.port).await.map_err(io_err)?;
             tcp.set_nodelay(true).map_err(io_err)?;
             let ka = socket2::TcpKeepalive::new()
                 .with_time(Duration::from_secs(30))
@@ -202,7 +224,6 @@ impl ReplConnection {
             server_version: String::new(),
             backend_pid: 0,
             batching: false,
-            rcvbuf_fixed: false,
         };
         conn.startup(cfg).await?;
         Ok(conn)
@@ -667,19 +688,9 @@ impl ReplConnection {
     /// no cheaper for the walsender, only slower. A caller that turns it on stops waiting
     /// on [`fill`](Self::fill) and calls [`fill_now`](Self::fill_now) at intervals instead.
     pub fn set_read_batching(&mut self, on: bool) {
-        let tcp = match &self.io {
-            Transport::Tcp(tcp) => tcp,
-            Transport::Tls(tls) => tls.get_ref().0,
-            Transport::Unix(_) => return,
-        };
-        if on && !self.rcvbuf_fixed {
-            // Fixed once, kept when live: ample for a live stream (a 2 MB window in effect
-            // is 100 MB/s at 20 ms round trip), and a fixed size behaves the same every time.
-            self.rcvbuf_fixed = socket2::SockRef::from(tcp)
-                .set_recv_buffer_size(PACED_RCVBUF)
-                .is_ok();
+        if !matches!(self.io, Transport::Unix(_)) {
+            self.batching = on;
         }
-        self.batching = on;
     }
 
     /// Whether reads are paced.
