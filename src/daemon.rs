@@ -398,7 +398,7 @@ impl Daemon {
         // Small: each queued batch pins socket read buffers; backpressure reaches the
         // walsender through TCP instead.
         let (tx, rx) = mpsc::channel(8);
-        let src = tokio::spawn(source.run(tx, src_token.clone()));
+        let src = spawn_source(source, tx, src_token.clone());
         let applier = Applier::new(con, self.settings.clone());
         let result = self.pipeline(rx, applier, progress).await;
         // Whatever ended the pipeline, stop the source (it confirms what is durable).
@@ -992,4 +992,28 @@ async fn emit_heartbeats(pgc: PgConnectConfig, every: Duration) {
             warned = false;
         }
     }
+}
+
+/// Run the source on a thread of its own, with its own single-threaded runtime. While
+/// catching up it reads the socket every millisecond (see `ReplConnection::fill_now`); a
+/// read that waits behind a long fold or apply step here lets the walsender fall back to
+/// a segment per message, which costs it, and this process, twice the CPU. A thread of
+/// its own is woken on time by the kernel instead.
+fn spawn_source(
+    source: Source,
+    tx: mpsc::Sender<Vec<SourceEvent>>,
+    token: CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), SourceError>> {
+    tokio::task::spawn_blocking(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name("skusync-source")
+            .build()
+            .map_err(|e| {
+                SourceError::Pg(PgError::Protocol(format!(
+                    "cannot start the source's runtime: {e}"
+                )))
+            })?;
+        rt.block_on(source.run(tx, token))
+    })
 }

@@ -4,6 +4,7 @@
 
 use super::connstr::{PgConnectConfig, SslMode};
 use super::error::{PgError, ServerError};
+use super::pace::ReadPacer;
 use super::tls;
 use super::wire::{self, Frame, ReplMessage};
 use crate::lsn::Lsn;
@@ -30,8 +31,6 @@ const READ_CHUNK: usize = 256 * 1024;
 /// fixed before the handshake; autotuned, or fixed after it, the connection sometimes
 /// fell back to a segment per message. FIELD-NOTES §10; README, Performance.
 const PACED_RCVBUF: u32 = 256 * 1024;
-/// Most bytes taken in one paced read (the rest waits for the next round).
-const PACED_READ_MAX: usize = 4 * READ_CHUNK;
 
 enum Transport {
     Tcp(TcpStream),
@@ -152,6 +151,7 @@ pub struct ReplConnection {
     backend_pid: i32,
     /// Reads are paced (see [`set_read_batching`](Self::set_read_batching)).
     batching: bool,
+    pacer: ReadPacer,
 }
 
 /// Connect to the first address of `host` that answers, with the receive buffer fixed at
@@ -224,6 +224,7 @@ impl ReplConnection {
             server_version: String::new(),
             backend_pid: 0,
             batching: false,
+            pacer: ReadPacer::default(),
         };
         conn.startup(cfg).await?;
         Ok(conn)
@@ -689,6 +690,9 @@ impl ReplConnection {
     /// on [`fill`](Self::fill) and calls [`fill_now`](Self::fill_now) at intervals instead.
     pub fn set_read_batching(&mut self, on: bool) {
         if !matches!(self.io, Transport::Unix(_)) {
+            if on && !self.batching {
+                self.pacer = ReadPacer::default();
+            }
             self.batching = on;
         }
     }
@@ -698,19 +702,30 @@ impl ReplConnection {
         self.batching
     }
 
-    /// Read what the socket holds now, up to [`PACED_READ_MAX`], without waiting.
-    /// Returns whether anything was read.
+    /// One paced read: at most what the [`ReadPacer`] asks for, without waiting (a read
+    /// that would wait is dropped; nothing is lost). Returns whether anything was read.
     pub fn fill_now(&mut self) -> Result<bool, PgError> {
+        use bytes::BufMut;
         use futures::FutureExt;
+        let ask = self.pacer.ask();
+        self.reserve_read();
+        self.rbuf.reserve(ask);
         let start = self.rbuf.len();
-        while self.rbuf.len() - start < PACED_READ_MAX {
-            // `fill` is cancel-safe: a read that would wait is dropped, nothing lost.
-            match self.fill().now_or_never() {
-                Some(r) => r?,
-                None => break,
+        let mut limited = (&mut self.rbuf).limit(ask);
+        let r = self.io.read_buf(&mut limited).now_or_never();
+        let got = self.rbuf.len() - start;
+        match r {
+            Some(Ok(0)) => return Err(self.closed()),
+            Some(Err(source)) => {
+                return Err(PgError::Io {
+                    addr: self.addr.clone(),
+                    source,
+                });
             }
+            Some(Ok(_)) | None => {}
         }
-        Ok(self.rbuf.len() > start)
+        self.pacer.observe(ask, got);
+        Ok(got > 0)
     }
 
     /// Bytes read from the socket but not yet parsed.

@@ -10,6 +10,7 @@ pub mod conn;
 pub mod connstr;
 pub mod error;
 pub mod meta;
+pub mod pace;
 pub mod tls;
 pub mod wire;
 
