@@ -18,18 +18,15 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
-/// Read buffer size: large reads let the walsender send in bulk instead of waking us per
-/// message (see FIELD-NOTES §10).
+/// Read buffer size.
 const READ_CHUNK: usize = 256 * 1024;
 /// The TCP receive buffer, fixed before connecting (Linux doubles it; autotuning off).
-/// While the slot catches up, the socket is read at intervals, not per message. The
-/// walsender makes one `send` per pgoutput message: to a reader parked on the socket,
-/// each becomes a segment of its own, and transmitting them is most of the walsender's
-/// CPU. A reader that comes back only every millisecond acknowledges only then, so the
-/// walsender's sends queue up and go out as a few large segments (40x fewer, measured):
-/// the same backlog costs it 2.5x less CPU. That held every time only with this buffer
-/// fixed before the handshake; autotuned, or fixed after it, the connection sometimes
-/// fell back to a segment per message. FIELD-NOTES §10; README, Performance.
+/// While the slot catches up, reads are paced (see [`ReadPacer`]): the socket is read
+/// once a millisecond, a little less than the walsender sends, so the receive window
+/// stays nearly closed and the walsender's one-`send`-per-message leaves as a few large
+/// segments. A fixed, modest buffer keeps that window small; with autotuning, or fixed
+/// only after the handshake, runs fell back to a segment per message more often.
+/// FIELD-NOTES §10; README, Performance.
 const PACED_RCVBUF: u32 = 256 * 1024;
 
 enum Transport {
