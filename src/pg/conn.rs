@@ -699,6 +699,11 @@ impl ReplConnection {
         self.batching
     }
 
+    /// Bytes the next paced read asks for.
+    pub fn paced_ask(&self) -> usize {
+        self.pacer.ask()
+    }
+
     /// One paced read: at most what the [`ReadPacer`] asks for, without waiting (a read
     /// that would wait is dropped; nothing is lost). Returns whether anything was read.
     pub fn fill_now(&mut self) -> Result<bool, PgError> {

@@ -601,3 +601,72 @@ fn million_row_transaction_streams_with_bounded_memory() {
         "peak RSS {peak} KiB must stay under 64 MiB"
     );
 }
+
+/// Drain a backlog of `n` transactions with paced reads only (a short sleep, then
+/// `fill_now`), counting commits; no read takes more than the pacer asked for.
+async fn drain_paced(conn: &mut ReplConnection, n: usize, mode: &str) {
+    use skusync::pg::conn::StreamItem;
+    use skusync::pg::wire::ReplMessage;
+    let mut commits = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while commits < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{commits} of {n} commits"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let (before, ask) = (conn.buffered_len(), conn.paced_ask());
+        conn.fill_now().unwrap();
+        let got = conn.buffered_len() - before;
+        assert!(got <= ask, "{mode}: read {got} bytes, asked for {ask}");
+        while let Some(item) = conn.try_recv_buffered().unwrap() {
+            if let StreamItem::Message(ReplMessage::XLogData { data, .. }) = item
+                && data.first() == Some(&b'C')
+            {
+                commits += 1;
+            }
+        }
+    }
+}
+
+/// Paced reads (catching up) take the whole stream over TLS as over plain TCP: the
+/// socket is read only by `fill_now` at intervals, each read bounded by the pacer's ask
+/// (without the TLS path in `fill_now`, this times out with 0 commits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paced_reads_take_a_whole_backlog_over_tls_and_plain_tcp() {
+    use skusync::pg::ReplicationOptions;
+    let mut ca = TestCa::new();
+    let files = ca.issue_server_cert(&["localhost"]);
+    let pg = PgServer::start_with(PgOptions {
+        tls: Some(files),
+        ..Default::default()
+    });
+    pg.psql(SCHEMA);
+    create_slot(&pg, "tls_paced");
+    create_slot(&pg, "tcp_paced");
+    let n = 3000;
+    pg.psql(&format!(
+        "INSERT INTO inventory (sku, location, on_hand) VALUES ('p', 'w', 0);
+         DO $$ BEGIN FOR i IN 1..{n} LOOP
+           UPDATE inventory SET on_hand = i WHERE sku = 'p'; COMMIT;
+         END LOOP; END $$"
+    ));
+    let opts = ReplicationOptions {
+        proto_version: 1,
+        publications: vec!["skusync".into()],
+        messages: false,
+    };
+    for (slot, mode) in [("tls_paced", "require"), ("tcp_paced", "disable")] {
+        let url = format!(
+            "postgresql://postgres@127.0.0.1:{}/postgres?sslmode={mode}",
+            pg.port()
+        );
+        let cfg = PgConnectConfig::from_url(&url).unwrap();
+        let mut conn = ReplConnection::connect(&cfg).await.unwrap();
+        conn.start_replication(slot, Lsn(0), &opts).await.unwrap();
+        conn.set_read_batching(true);
+        assert!(conn.read_batching(), "{mode}: paced reads are on");
+        // the INSERT and every UPDATE
+        drain_paced(&mut conn, n + 1, mode).await;
+    }
+}
