@@ -249,6 +249,10 @@ fn main() -> ExitCode {
             }
         }
     });
+    // Dropping the runtime would wait without end for its blocking threads, and the
+    // replication reader runs on one (`daemon::spawn_source`): by now it has stopped or
+    // been given up on, so do not let a stuck read hold the exit.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
