@@ -13,6 +13,7 @@ use crate::pg::conn::{ReplConnection, ReplicationOptions, SnapshotAction, Stream
 use crate::pg::connstr::PgConnectConfig;
 use crate::pg::error::PgError;
 use crate::pg::meta;
+use crate::pg::pace::Busy;
 use crate::pg::wire::ReplMessage;
 use crate::pgoutput::Decoder;
 use crate::progress::{BACKLOG_LAG_MS, Progress, Ticket};
@@ -501,9 +502,12 @@ impl Source {
         let mut tick = tokio::time::interval(self.cfg.status_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch: Vec<SourceEvent> = Vec::new();
-        // Catching up (the latest commit reached us long after it happened): read the
-        // socket in large batches; live: wake on every message for latency.
+        // Catching up (the latest commit reached us long after it happened) or busy
+        // (thousands of commits per second): read the socket at intervals; otherwise wake
+        // on every message for latency.
         let mut lagging = false;
+        let mut busy = Busy::default();
+        let clock = std::time::Instant::now();
         loop {
             // Drain what is buffered into one batch; only then wait on the socket.
             let mut reply_now = false;
@@ -563,6 +567,7 @@ impl Source {
                                 if !self.skipping {
                                     let lag_ms = (server_time - c.commit_ts) / 1000;
                                     lagging = lag_ms >= BACKLOG_LAG_MS;
+                                    busy.commit(clock.elapsed().as_millis() as u64);
                                     let ticket = {
                                         let mut p = self.lock();
                                         p.set_stream_lag(lag_ms);
@@ -631,12 +636,16 @@ impl Source {
                 continue;
             }
             let was = conn.read_batching();
-            if lagging != was {
+            let paced = lagging || busy.is_busy();
+            if paced != was {
                 // a no-op over Unix sockets (see `set_read_batching`)
-                conn.set_read_batching(lagging);
+                conn.set_read_batching(paced);
                 match (was, conn.read_batching()) {
-                    (false, true) => {
+                    (false, true) if lagging => {
                         tracing::info!(slot = %self.cfg.slot, "catching up: reading the socket in batches")
+                    }
+                    (false, true) => {
+                        tracing::debug!(slot = %self.cfg.slot, "busy: reading the socket in batches")
                     }
                     (true, false) => {
                         tracing::debug!(slot = %self.cfg.slot, "caught up: reading per message")
@@ -646,11 +655,12 @@ impl Source {
             }
             tokio::select! {
                 r = conn.fill(), if !conn.read_batching() => r?,
-                // Catching up: take what queued meanwhile. Nothing at all means the
-                // backlog is gone: back to waking per message.
+                // Catching up or busy: take what queued meanwhile. Nothing at all means
+                // the backlog or the burst is gone: back to waking per message.
                 _ = tokio::time::sleep(READ_INTERVAL), if conn.read_batching() => {
                     if !conn.fill_now()? {
                         lagging = false;
+                        busy.quiet();
                     }
                 }
                 _ = tick.tick() => self.send_status(conn, false).await?,

@@ -64,6 +64,49 @@ impl ReadPacer {
     }
 }
 
+/// Commits within one window at which a live stream counts as busy (2,000 per second).
+pub const BUSY_COMMITS: u32 = 100;
+/// The busy detector's window.
+pub const BUSY_WINDOW_MS: u64 = 50;
+
+/// Whether a live stream is busy enough to be read at intervals too: at thousands of
+/// commits per second, a wake-up per message costs both sides more than the
+/// millisecond an interval read adds. Fed with monotonic milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Busy {
+    window_start: u64,
+    count: u32,
+    prev: u32,
+}
+
+impl Busy {
+    /// A commit arrived at `now_ms`.
+    pub fn commit(&mut self, now_ms: u64) {
+        if now_ms >= self.window_start + BUSY_WINDOW_MS {
+            // the window just ended counts; an older one does not
+            self.prev = if now_ms < self.window_start + 2 * BUSY_WINDOW_MS {
+                self.count
+            } else {
+                0
+            };
+            self.count = 0;
+            self.window_start = now_ms;
+        }
+        self.count += 1;
+    }
+
+    /// The current or the previous window reached [`BUSY_COMMITS`].
+    pub fn is_busy(&self) -> bool {
+        self.count >= BUSY_COMMITS || self.prev >= BUSY_COMMITS
+    }
+
+    /// An interval read found nothing: not busy until a window fills again.
+    pub fn quiet(&mut self) {
+        self.count = 0;
+        self.prev = 0;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,6 +182,32 @@ mod tests {
                 "rate {rate}: {drained} reads drained the socket"
             );
         }
+    }
+
+    #[test]
+    fn busy_means_a_window_of_many_commits_and_ends_when_they_stop() {
+        let mut b = Busy::default();
+        // 1,000 commits per second: never busy
+        for i in 0..2_000u64 {
+            b.commit(i);
+        }
+        assert!(!b.is_busy());
+        // 5,000 per second: busy within one window
+        let mut b = Busy::default();
+        for i in 0..(BUSY_COMMITS as u64) {
+            b.commit(1_000 + i / 5);
+        }
+        assert!(b.is_busy());
+        // still busy in the next window's first commits, not after a pause
+        b.commit(1_000 + BUSY_WINDOW_MS);
+        assert!(b.is_busy());
+        b.commit(10_000);
+        assert!(!b.is_busy());
+        for i in 0..(BUSY_COMMITS as u64) {
+            b.commit(20_000 + i / 5);
+        }
+        b.quiet();
+        assert!(!b.is_busy());
     }
 
     proptest! {
