@@ -139,6 +139,28 @@ purchase = "purchases"
 """
 
 
+def backlog(st, skus, txns):
+    """`txns` single-row transactions, half activity inserts, half stock updates over
+    `skus` SKUs (pgbench, 4 clients; each script run is two autocommit statements)."""
+    script = os.path.join(st.dir, "backlog.sql")
+    with open(script, "w") as f:
+        f.write(f"\\set s random(1, {skus})\n"
+                "INSERT INTO activity_log (sku, kind, qty) VALUES ('SKU-' || :s, 'view', 1);\n"
+                "UPDATE inventory SET on_hand = on_hand - 1 WHERE sku = 'SKU-' || :s AND location = 'WH-1';\n")
+    subprocess.run([f"{st.bin}/pgbench", "-h", st.dir, "-p", str(st.pg_port), "-U", "postgres", "-n", "-c", "4",
+                    "-j", "2", "-t", str(txns // 8), "-f", script, "postgres"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def pg_recvlogical(st, host, slot, end):
+    """Drain `slot` up to `end` into /dev/null (host: 127.0.0.1 for TCP, the socket
+    directory for the Unix socket)."""
+    subprocess.run([f"{st.bin}/pg_recvlogical", "-h", host, "-p", str(st.pg_port), "-U", "postgres",
+                    "-d", "postgres", "-S", slot, "--start", "-E", end, "-f", "/dev/null",
+                    "-o", "proto_version=1", "-o", "publication_names=skusync,skusync_activity", "--no-loop"],
+                   check=True)
+
+
 def perf_all_start(suffix=""):
     """SKUSYNC_BENCH_PERF_ALL=FILE: `perf record -a` (every process: walsender, Redis,
     broker, skusync) until perf_all_stop; where the machine's two cores go."""
@@ -349,15 +371,8 @@ def catch_up(exe, quick):
         s.stop()
         for slot in ("recvlogical", "recvlogical_unix", "ceiling"):
             st.psql(f"SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')")
-        script = os.path.join(st.dir, "backlog.sql")
-        with open(script, "w") as f:
-            f.write(f"\\set s random(1, {skus})\n"
-                    "INSERT INTO activity_log (sku, kind, qty) VALUES ('SKU-' || :s, 'view', 1);\n"
-                    "UPDATE inventory SET on_hand = on_hand - 1 WHERE sku = 'SKU-' || :s AND location = 'WH-1';\n")
         t0 = time.time()
-        subprocess.run([f"{st.bin}/pgbench", "-h", st.dir, "-p", str(st.pg_port), "-U", "postgres", "-n", "-c", "4",
-                        "-j", "2", "-t", str(txns // 8), "-f", script, "postgres"], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        backlog(st, skus, txns)
         gen_s = time.time() - t0
         end = st.psql("SELECT pg_current_wal_lsn()")
         rows = txns
@@ -370,10 +385,7 @@ def catch_up(exe, quick):
             t0 = time.time()
             perf_all = perf_all_start("-" + slot)  # the baseline's drain
             ws = WalsenderCpu(st, slot)
-            subprocess.run([f"{st.bin}/pg_recvlogical", "-h", host, "-p", str(st.pg_port), "-U", "postgres",
-                            "-d", "postgres", "-S", slot, "--start", "-E", end, "-f", "/dev/null",
-                            "-o", "proto_version=1", "-o", "publication_names=skusync,skusync_activity",
-                            "--no-loop"], check=True)
+            pg_recvlogical(st, host, slot, end)
             took = time.time() - t0
             perf_all_stop(perf_all)
             res[f"{key}_walsender_cpu_s"] = ws.stop()
@@ -469,11 +481,7 @@ def bulk(exe, quick):
         cpu, hwm = s.stats()
         s.stop()
         t0 = time.time()
-        # over TCP, like skusync
-        subprocess.run([f"{st.bin}/pg_recvlogical", "-h", "127.0.0.1", "-p", str(st.pg_port), "-U", "postgres",
-                        "-d", "postgres", "-S", "recvlogical", "--start", "-E", end, "-f", "/dev/null",
-                        "-o", "proto_version=1", "-o", "publication_names=skusync,skusync_activity", "--no-loop"],
-                       check=True)
+        pg_recvlogical(st, "127.0.0.1", "recvlogical", end)  # over TCP, like skusync
         rl_s = time.time() - t0
         return {"rows": n, "skusync_redis_applied_s": round(sk_s, 3), "skusync_rows_per_s": round(n / sk_s),
                 "pg_recvlogical_s": round(rl_s, 3), "pg_recvlogical_rows_per_s": round(n / rl_s),

@@ -15,7 +15,7 @@ Usage: bench/walsender_reads.py [--txns N] [--reps N]
 import argparse, os, socket, struct, subprocess, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import Stack, SCHEMA, proc_stats  # noqa: E402
+from bench import Stack, SCHEMA, backlog, proc_stats  # noqa: E402
 
 # src/pg/pace.rs
 START, MIN, MAX, GROW_AFTER = 32 * 1024, 16 * 1024, 1024 * 1024, 32
@@ -116,14 +116,7 @@ def main():
                         os.path.join(st.dir, "pg.log")], check=True, stdout=subprocess.DEVNULL, preexec_fn=st.as_pg())
         for _, slot in slots:
             st.psql(f"SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')")
-        script = os.path.join(st.dir, "backlog.sql")
-        with open(script, "w") as f:
-            f.write("\\set s random(1, 10000)\n"
-                    "INSERT INTO activity_log (sku, kind, qty) VALUES ('SKU-' || :s, 'view', 1);\n"
-                    "UPDATE inventory SET on_hand = on_hand - 1 WHERE sku = 'SKU-' || :s AND location = 'WH-1';\n")
-        subprocess.run([f"{st.bin}/pgbench", "-h", st.dir, "-p", str(st.pg_port), "-U", "postgres", "-n", "-c", "4",
-                        "-j", "2", "-t", str(a.txns // 8), "-f", script, "postgres"], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        backlog(st, 10000, a.txns)
         # The stream's size, read from the slots' own view of it.
         end = st.psql("SELECT pg_current_wal_lsn()")
         # Each message also carries a CopyData header (5 bytes) and an XLogData header (25).

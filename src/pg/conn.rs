@@ -430,14 +430,10 @@ impl ReplConnection {
     }
 
     async fn flush(&mut self) -> Result<(), PgError> {
-        let addr = &self.addr;
         self.io
             .write_all(&self.wbuf)
             .await
-            .map_err(|source| PgError::Io {
-                addr: addr.clone(),
-                source,
-            })?;
+            .map_err(|source| self.io_error(source))?;
         self.wbuf.clear();
         Ok(())
     }
@@ -450,10 +446,7 @@ impl ReplConnection {
             .io
             .read_buf(&mut self.rbuf)
             .await
-            .map_err(|source| PgError::Io {
-                addr: self.addr.clone(),
-                source,
-            })?;
+            .map_err(|source| self.io_error(source))?;
         if n == 0 {
             return Err(self.closed());
         }
@@ -467,15 +460,20 @@ impl ReplConnection {
         }
     }
 
-    /// A read returned end of file.
-    fn closed(&self) -> PgError {
+    /// A socket error, naming the server.
+    fn io_error(&self, source: std::io::Error) -> PgError {
         PgError::Io {
             addr: self.addr.clone(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "server closed the connection",
-            ),
+            source,
         }
+    }
+
+    /// A read returned end of file.
+    fn closed(&self) -> PgError {
+        self.io_error(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "server closed the connection",
+        ))
     }
 
     async fn read_frame(&mut self) -> Result<Frame, PgError> {
@@ -718,12 +716,7 @@ impl ReplConnection {
         let got = self.rbuf.len() - start;
         match r {
             Some(Ok(0)) => return Err(self.closed()),
-            Some(Err(source)) => {
-                return Err(PgError::Io {
-                    addr: self.addr.clone(),
-                    source,
-                });
-            }
+            Some(Err(source)) => return Err(self.io_error(source)),
             Some(Ok(_)) | None => {}
         }
         self.pacer.observe(ask, got);
