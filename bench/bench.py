@@ -224,6 +224,18 @@ def wait(pred, timeout, what):
         time.sleep(0.02)
 
 
+def redis_top_commands(st):
+    """Where Redis spent its time since the last CONFIG RESETSTAT (the apply script vs
+    the publisher's reads and marks)."""
+    stats = {}
+    for line in st.redis("INFO", "commandstats").splitlines():
+        if line.startswith("cmdstat_"):
+            name, kv = line[8:].split(":", 1)
+            d = dict(x.split("=") for x in kv.split(","))
+            stats[name] = {"calls": int(d["calls"]), "usec": int(d["usec"])}
+    return dict(sorted(stats.items(), key=lambda kv: -kv[1]["usec"])[:6])
+
+
 def lsn_int(s):
     hi, lo = s.split("/")
     return (int(hi, 16) << 32) | int(lo, 16)
@@ -423,14 +435,7 @@ def catch_up(exe, quick):
         perf_all_stop(perf_all)
         cpu, hwm = s.stats()
         s.stop()
-        # Where Redis spent its time (the apply script vs the publisher's reads and marks).
-        stats = {}
-        for line in st.redis("INFO", "commandstats").splitlines():
-            if line.startswith("cmdstat_"):
-                name, kv = line[8:].split(":", 1)
-                d = dict(x.split("=") for x in kv.split(","))
-                stats[name] = {"calls": int(d["calls"]), "usec": int(d["usec"])}
-        res["redis_top_commands"] = dict(sorted(stats.items(), key=lambda kv: -kv[1]["usec"])[:6])
+        res["redis_top_commands"] = redis_top_commands(st)
         res["redis_cpu_s"] = round(proc_stats(st.procs[0].pid)[0], 2)
         res["skusync_redis_applied_s"] = round(redis_s, 3)
         res["skusync_s"] = round(sk_s, 3)
@@ -553,10 +558,16 @@ def latency(exe, rate, quick):
             f.write(f"\\set s random(1, {skus})\n"
                     "UPDATE inventory SET on_hand = on_hand - 1 WHERE sku = 'SKU-' || :s AND location = 'WH-1';\n")
         perf_all = perf_all_start(f"-{rate}")  # the load
+        st.redis("CONFIG", "RESETSTAT")
+        cpu0 = {"skusync": s.stats()[0], "redis": proc_stats(st.procs[0].pid)[0]}
         subprocess.run([f"{st.bin}/pgbench", "-h", st.dir, "-p", str(st.pg_port), "-U", "postgres", "-n", "-c", "4",
                         "-j", "2", "-R", str(rate), "-T", str(secs), "-f", script, "postgres"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         perf_all_stop(perf_all)
+        # CPU seconds per 1k transactions during the load (where the machine's cores go).
+        cpu = {"skusync": s.stats()[0] - cpu0["skusync"], "redis": proc_stats(st.procs[0].pid)[0] - cpu0["redis"]}
+        cpu_per_1k = {k: round(v * 1000 / (rate * secs), 3) for k, v in cpu.items()}
+        top = redis_top_commands(st)
         sub.wait(timeout=30)
         out = open(sub_out).read()
         after = histogram(http_port, "skusync_commit_to_redis_seconds")
@@ -585,7 +596,8 @@ def latency(exe, rate, quick):
                 "immediate": {"n": len(immediate), "p50_ms": pct(immediate, 50), "p95_ms": pct(immediate, 95),
                               "p99_ms": pct(immediate, 99), "max_ms": pct(immediate, 100)},
                 "throttled": {"n": len(held), "p50_ms": pct(held, 50), "p99_ms": pct(held, 99)},
-                "commit_to_redis": hist_percentiles(before, after)}
+                "commit_to_redis": hist_percentiles(before, after),
+                "cpu_s_per_1k_tx": cpu_per_1k, "redis_top_commands": top}
     finally:
         st.stop()
 
@@ -595,6 +607,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skusync", default=os.path.join(ROOT, "target/release/skusync"))
     ap.add_argument("--only", default="catchup,bulk,latency")
+    ap.add_argument("--rates", default="1000,5000", help="latency: transactions/s to run, comma-separated")
     a = ap.parse_args()
     results = {"machine": {"cores": os.cpu_count(), "kernel": os.uname().release}, "quick": a.quick}
     only = a.only.split(",")
@@ -603,7 +616,7 @@ def main():
     if "bulk" in only:
         results["bulk_1m"] = bulk(a.skusync, a.quick)
     if "latency" in only:
-        results["latency"] = [latency(a.skusync, r, a.quick) for r in (1000, 5000)]
+        results["latency"] = [latency(a.skusync, r, a.quick) for r in map(int, a.rates.split(","))]
     os.makedirs(os.path.join(ROOT, "target/bench"), exist_ok=True)
     with open(os.path.join(ROOT, "target/bench/results.json"), "w") as f:
         json.dump(results, f, indent=2)

@@ -522,7 +522,7 @@ impl Daemon {
                     }
                 },
                 _ = tokio::time::sleep_until(last_event + LINGER), if flight.is_none() && !pending.is_empty() => {
-                    *flight = Some(launch(&applier, &mut pending));
+                    *flight = Some(launch(&applier, &mut pending, self.mqtt.clone()));
                     None
                 }
                 _ = tick.tick() => {
@@ -657,7 +657,7 @@ impl Daemon {
                 && !pending.is_empty()
                 && (full(&pending) || progress.stream_lag_ms() < BACKLOG_LAG_MS)
             {
-                *flight = Some(launch(&applier, &mut pending));
+                *flight = Some(launch(&applier, &mut pending, self.mqtt.clone()));
             }
         }
     }
@@ -678,9 +678,6 @@ impl Daemon {
                     progress.durable(t);
                 }
                 telemetry::redis_applied(&applied, &f.commit_ms);
-                if let Some(m) = &self.mqtt {
-                    m.changed(f.skus);
-                }
                 Ok(None)
             }
             Err(RedisSinkError::NoMeta) => Ok(Some(Cycle::Restart(
@@ -717,7 +714,7 @@ impl Daemon {
                 }
             }
             if !pending.is_empty() {
-                *flight = Some(launch(applier, pending));
+                *flight = Some(launch(applier, pending, self.mqtt.clone()));
             }
         }
         Ok(None)
@@ -738,11 +735,15 @@ const TXNS_PER_ENTRY: usize = 10;
 const HOLD_FACTOR: usize = 4;
 
 /// Start one apply call for everything pending; transient Redis errors are retried
-/// inside (the fence makes retrying the same call safe).
-fn launch(applier: &Applier, pending: &mut Pending) -> tokio::task::JoinHandle<Flight> {
+/// inside (the fence makes retrying the same call safe). MQTT learns a call's SKUs as
+/// soon as that call returned: publishing what Redis holds needs no confirmed LSN, and
+/// the broker's work then overlaps the batch's later calls instead of following them.
+fn launch(
+    applier: &Applier,
+    pending: &mut Pending,
+    mqtt: Option<MqttHandle>,
+) -> tokio::task::JoinHandle<Flight> {
     let entries = pending.batch.take();
-    let skus: BTreeSet<&str> = entries.iter().map(|e| e.sku.as_str()).collect();
-    let skus: Vec<String> = skus.into_iter().map(str::to_string).collect();
     let last_commit = entries.iter().map(|e| e.last.0).max().unwrap_or(Lsn(0));
     let end = pending.end.take();
     let tickets = std::mem::take(&mut pending.tickets);
@@ -764,6 +765,10 @@ fn launch(applier: &Applier, pending: &mut Pending) -> tokio::task::JoinHandle<F
             for (i, chunk) in chunks.into_iter().enumerate() {
                 let chunk_end = if i + 1 == n { end } else { None };
                 total += apply_retrying(&mut applier, chunk, chunk_end).await?;
+                if let Some(m) = &mqtt {
+                    let skus: BTreeSet<&str> = chunk.iter().map(|e| e.sku.as_str()).collect();
+                    m.changed(skus.into_iter().map(str::to_string));
+                }
             }
             Ok(total)
         }
@@ -773,7 +778,6 @@ fn launch(applier: &Applier, pending: &mut Pending) -> tokio::task::JoinHandle<F
             end,
             last_commit,
             commit_ms,
-            skus,
             result,
         }
     })
@@ -822,7 +826,6 @@ struct Flight {
     end: Option<Lsn>,
     last_commit: Lsn,
     commit_ms: Vec<i64>,
-    skus: Vec<String>,
     result: Result<rsink::Applied, RedisSinkError>,
 }
 
