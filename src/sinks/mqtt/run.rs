@@ -1,8 +1,13 @@
 //! The publisher task: the only part that does I/O (rumqttc event loop, Redis).
 //!
-//! One task owns the event loop and queues every request itself, so the order of
-//! `Outgoing::Publish` events matches the order of the tracker, and nothing is queued
-//! between a connection error and the next CONNACK (rumqttc drops what it held then).
+//! One task queues every request itself, so the order of `Outgoing::Publish` events
+//! matches the order of the tracker, and nothing is queued between a connection error
+//! and the next CONNACK (rumqttc drops what it held then).
+//!
+//! The rumqttc event loop is polled by a [`Pump`] task of its own, which hands the
+//! events over in order. Polling it only between Redis round trips held publishes back:
+//! brokers allow few unacknowledged messages (Mosquitto: 20), so while Redis was busy
+//! with a long apply call, the window stayed full of acknowledgements nobody read.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -13,7 +18,8 @@ use redis::aio::ConnectionManager;
 use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -177,6 +183,64 @@ pub(super) struct Task {
     set_epoch: redis::Script,
 }
 
+/// Events the pump hands over at most before it waits for the publisher (back-pressure:
+/// rumqttc then stops reading the socket).
+const PUMP_CAP: usize = 1024;
+
+/// Polls a rumqttc event loop in a task of its own and hands its events over in order.
+/// After a connection error it waits for [`Pump::resume`] before polling again (which
+/// reconnects), so the publisher decides when, and nothing it queued before it saw the
+/// error is sent on a connection it does not know about. Stops when dropped.
+struct Pump {
+    rx: mpsc::Receiver<Result<Event, ConnectionError>>,
+    resume: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Pump {
+    fn start(mut el: EventLoop) -> Pump {
+        let (tx, rx) = mpsc::channel(PUMP_CAP);
+        let resume = Arc::new(Notify::new());
+        let go = resume.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let ev = el.poll().await;
+                let failed = ev.is_err();
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+                if failed {
+                    go.notified().await;
+                }
+            }
+        });
+        Pump { rx, resume, task }
+    }
+
+    async fn next(&mut self) -> Result<Event, ConnectionError> {
+        match self.rx.recv().await {
+            Some(ev) => ev,
+            // the pump task ended (panicked): report it as a lost connection
+            None => Err(ConnectionError::RequestsDone),
+        }
+    }
+
+    fn try_next(&mut self) -> Option<Result<Event, ConnectionError>> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Poll again after an error (reconnect).
+    fn resume(&self) {
+        self.resume.notify_one();
+    }
+}
+
+impl Drop for Pump {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 fn unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -247,7 +311,8 @@ impl Task {
     }
 
     pub(super) async fn run(mut self) -> Result<(), MqttError> {
-        let (client, mut el) = AsyncClient::new(self.options.clone(), CHANNEL_CAP);
+        let (client, el) = AsyncClient::new(self.options.clone(), CHANNEL_CAP);
+        let mut el = Pump::start(el);
         let mut backoff = BACKOFF_MIN;
         info!(client_id = %self.cfg.mqtt.client_id, "mqtt publisher starting");
         loop {
@@ -257,7 +322,7 @@ impl Task {
                 _ = self.shutdown.cancelled() => {
                     return self.drain(&client, &mut el).await;
                 }
-                ev = el.poll() => match ev {
+                ev = el.next() => match ev {
                     Ok(ev) => {
                         if matches!(ev, Event::Incoming(Packet::ConnAck(_))) {
                             backoff = BACKOFF_MIN;
@@ -266,25 +331,29 @@ impl Task {
                         // Take every event that is already there (PUBACKs arrive in
                         // bursts) before the Redis work below: one round trip per burst,
                         // not per acknowledgement.
+                        let mut failed = None;
                         for _ in 0..EVENT_BURST {
-                            use futures::FutureExt;
-                            match el.poll().now_or_never() {
+                            match el.try_next() {
                                 Some(Ok(ev)) => self.on_event(&client, ev).await,
                                 Some(Err(e)) => {
-                                    self.on_disconnect(&e.to_string());
+                                    failed = Some(e);
                                     break;
                                 }
                                 None => break,
                             }
                         }
+                        if let Some(e) = failed {
+                            self.on_disconnect(&e.to_string());
+                            if !self.back_off(&el, &mut backoff).await {
+                                return Ok(());
+                            }
+                        }
                     }
                     Err(e) => {
                         self.on_disconnect(&e.to_string());
-                        tokio::select! {
-                            _ = self.shutdown.cancelled() => return Ok(()),
-                            _ = tokio::time::sleep(backoff) => {}
+                        if !self.back_off(&el, &mut backoff).await {
+                            return Ok(());
                         }
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
                     }
                 },
                 _ = self.shared.notify.notified() => self.take_requests(),
@@ -294,6 +363,17 @@ impl Task {
                 self.work(&client).await;
             }
         }
+    }
+
+    /// Wait before reconnecting, then let the pump poll again. False on shutdown.
+    async fn back_off(&self, el: &Pump, backoff: &mut Duration) -> bool {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(*backoff) => {}
+        }
+        *backoff = (*backoff * 2).min(BACKOFF_MAX);
+        el.resume();
+        true
     }
 
     /// When the loop must wake up without an event.
@@ -1016,7 +1096,7 @@ impl Task {
 
     /// Shutdown: no new publishes; wait (bounded) for in-flight acknowledgements, then
     /// publish `offline` and disconnect cleanly.
-    async fn drain(&mut self, client: &AsyncClient, el: &mut EventLoop) -> Result<(), MqttError> {
+    async fn drain(&mut self, client: &AsyncClient, el: &mut Pump) -> Result<(), MqttError> {
         self.draining = true;
         if !self.connected {
             return Ok(());
@@ -1025,7 +1105,7 @@ impl Task {
         let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
         let waiting = |t: &Task| t.tracker.len();
         while waiting(self) > 0 && self.connected {
-            match tokio::time::timeout_at(deadline, el.poll()).await {
+            match tokio::time::timeout_at(deadline, el.next()).await {
                 Ok(Ok(ev)) => self.on_event(client, ev).await,
                 Ok(Err(e)) => {
                     self.on_disconnect(&e.to_string());
@@ -1044,7 +1124,7 @@ impl Task {
             }
             let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
             while !self.tracker.is_empty() {
-                match tokio::time::timeout_at(deadline, el.poll()).await {
+                match tokio::time::timeout_at(deadline, el.next()).await {
                     Ok(Ok(ev)) => self.on_event(client, ev).await,
                     _ => break,
                 }
@@ -1052,7 +1132,7 @@ impl Task {
             let _ = client.try_disconnect();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
             loop {
-                match tokio::time::timeout_at(deadline, el.poll()).await {
+                match tokio::time::timeout_at(deadline, el.next()).await {
                     Ok(Ok(Event::Outgoing(Outgoing::Disconnect))) | Ok(Err(_)) | Err(_) => break,
                     Ok(Ok(_)) => {}
                 }
