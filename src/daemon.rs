@@ -426,13 +426,16 @@ impl Daemon {
         }
     }
 
-    async fn start_mqtt(&mut self, con: redis::aio::ConnectionManager) -> Result<(), DaemonError> {
+    async fn start_mqtt(&mut self) -> Result<(), DaemonError> {
         if self.mqtt.is_some() {
             return Ok(());
         }
         let Some(pc) = PublisherConfig::from_config(&self.cfg) else {
             return Ok(());
         };
+        // Its own Redis connection: on the applier's, every read would queue behind the
+        // apply call in flight.
+        let con = rsink::connect(&self.redis).await?;
         // The publisher has its own lifetime: it drains in-flight messages on shutdown.
         let token = CancellationToken::new();
         let (h, j) = mqtt::spawn(pc, con, token.clone())
@@ -588,7 +591,7 @@ impl Daemon {
                                 pending.batch.raise_horizon(horizon);
                             }
                         }
-                        self.start_mqtt(applier.connection()).await?;
+                        self.start_mqtt().await?;
                     }
                     SourceEvent::Reset => fold.reset(),
                     SourceEvent::Event(Event::Relation(r)) => {
@@ -722,7 +725,7 @@ impl Daemon {
 }
 
 /// Most entries per script call (a batch may take several calls).
-const CALL_ENTRIES: usize = 2000;
+const CALL_ENTRIES: usize = 500;
 /// Most stock steps per apply call, per allowed entry (`max_batch_skus`).
 const STEPS_PER_ENTRY: usize = 5;
 /// While catching up, how long the source may stay quiet before what is pending is
