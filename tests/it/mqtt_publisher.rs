@@ -848,3 +848,60 @@ async fn aged_window_values_are_republished_with_as_of_and_no_delta() {
     assert_eq!(hget(&mut con, "W", "pub_lsn").await.as_deref(), Some("9"));
     p.stop().await;
 }
+
+/// The rumqttc event loop is polled by the pump alone: 300 QoS 1 publishes go through
+/// the broker's 20-message window (Mosquitto's default) while their owner reads no
+/// event at all (as while it waits on a long Redis call). Polled only by its owner, the
+/// loop would have sent none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pump_carries_publishes_while_their_owner_is_busy() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{AsyncClient, Event};
+    use skusync::sinks::mqtt::pump::Pump;
+
+    let m = MosquittoServer::start();
+    let opts = rumqttc::v5::MqttOptions::new("pump-test", "127.0.0.1", m.port());
+    let (client, el) = AsyncClient::new(opts, 512);
+    let mut pump = Pump::start(el);
+    let connack = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match pump.next().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return,
+                Ok(_) => {}
+                Err(e) => panic!("connecting: {e}"),
+            }
+        }
+    });
+    connack.await.expect("CONNACK within 10 s");
+    const N: usize = 300;
+    for i in 0..N {
+        client
+            .try_publish(format!("pump/{i}"), QoS::AtLeastOnce, true, "x")
+            .expect("request channel has room");
+    }
+    // The owner reads nothing now (a blocking wait); the broker must still get every
+    // message.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut got = 0;
+    while got < N && Instant::now() < deadline {
+        got = m.retained("pump/#", Duration::from_secs(5)).len();
+    }
+    assert_eq!(got, N, "retained messages at the broker");
+    // Then the owner finds every event, in order: N publishes and N acknowledgements.
+    let (mut published, mut acked) = (0, 0);
+    while published < N || acked < N {
+        let ev = tokio::time::timeout(Duration::from_secs(5), pump.next())
+            .await
+            .expect("events queued by the pump")
+            .expect("no connection error");
+        match ev {
+            Event::Outgoing(rumqttc::Outgoing::Publish(_)) => {
+                assert!(acked <= published, "an acknowledgement before its publish");
+                published += 1;
+            }
+            Event::Incoming(Packet::PubAck(_)) => acked += 1,
+            _ => {}
+        }
+    }
+}

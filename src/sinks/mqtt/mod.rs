@@ -92,6 +92,7 @@
 
 mod conn;
 mod payload;
+pub mod pump;
 mod run;
 mod sched;
 mod topic;

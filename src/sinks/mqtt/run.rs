@@ -4,10 +4,8 @@
 //! matches the order of the tracker, and nothing is queued between a connection error
 //! and the next CONNACK (rumqttc drops what it held then).
 //!
-//! The rumqttc event loop is polled by a [`Pump`] task of its own, which hands the
-//! events over in order. Polling it only between Redis round trips held publishes back:
-//! brokers allow few unacknowledged messages (Mosquitto: 20), so while Redis was busy
-//! with a long apply call, the window stayed full of acknowledgements nobody read.
+//! The rumqttc event loop is polled by a [`Pump`] (its own task), which hands the
+//! events over in order.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -18,12 +16,12 @@ use redis::aio::ConnectionManager;
 use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
-use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
-use tokio::sync::{Notify, mpsc};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::payload::{self, Kind, Spec};
+use super::pump::Pump;
 use super::sched::{Aging, Scheduler, Want};
 use super::tracker::AckTracker;
 use super::{MqttError, PublisherConfig, Shared};
@@ -181,64 +179,6 @@ pub(super) struct Task {
     broker_max: Option<usize>,
     next_aging: Instant,
     set_epoch: redis::Script,
-}
-
-/// Events the pump hands over at most before it waits for the publisher (back-pressure:
-/// rumqttc then stops reading the socket).
-const PUMP_CAP: usize = 1024;
-
-/// Polls a rumqttc event loop in a task of its own and hands its events over in order.
-/// After a connection error it waits for [`Pump::resume`] before polling again (which
-/// reconnects), so the publisher decides when, and nothing it queued before it saw the
-/// error is sent on a connection it does not know about. Stops when dropped.
-struct Pump {
-    rx: mpsc::Receiver<Result<Event, ConnectionError>>,
-    resume: Arc<Notify>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Pump {
-    fn start(mut el: EventLoop) -> Pump {
-        let (tx, rx) = mpsc::channel(PUMP_CAP);
-        let resume = Arc::new(Notify::new());
-        let go = resume.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let ev = el.poll().await;
-                let failed = ev.is_err();
-                if tx.send(ev).await.is_err() {
-                    return;
-                }
-                if failed {
-                    go.notified().await;
-                }
-            }
-        });
-        Pump { rx, resume, task }
-    }
-
-    async fn next(&mut self) -> Result<Event, ConnectionError> {
-        match self.rx.recv().await {
-            Some(ev) => ev,
-            // the pump task ended (panicked): report it as a lost connection
-            None => Err(ConnectionError::RequestsDone),
-        }
-    }
-
-    fn try_next(&mut self) -> Option<Result<Event, ConnectionError>> {
-        self.rx.try_recv().ok()
-    }
-
-    /// Poll again after an error (reconnect).
-    fn resume(&self) {
-        self.resume.notify_one();
-    }
-}
-
-impl Drop for Pump {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 fn unix_ms() -> i64 {

@@ -1,0 +1,75 @@
+//! The rumqttc event loop in a task of its own.
+//!
+//! rumqttc sends queued publishes and reads acknowledgements only while its event loop is
+//! polled. The publisher used to poll it between its Redis round trips; brokers allow few
+//! unacknowledged messages (Mosquitto: 20), so while Redis was busy with a long apply
+//! call, the window stayed full of acknowledgements nobody read, and catching up
+//! published 200-600 messages per second. The pump keeps polling meanwhile and queues
+//! the events for the publisher, which handles them in order as before.
+
+use std::sync::Arc;
+
+use rumqttc::v5::{ConnectionError, Event, EventLoop};
+use tokio::sync::{Notify, mpsc};
+
+/// Events the pump hands over at most before it waits for the publisher (back-pressure:
+/// rumqttc then stops reading the socket).
+const PUMP_CAP: usize = 1024;
+
+/// Polls a rumqttc event loop in a task of its own and hands its events over in order.
+/// After a connection error it waits for [`Pump::resume`] before polling again (which
+/// reconnects), so the publisher decides when, and nothing it queued before it saw the
+/// error is sent on a connection it does not know about. Stops when dropped.
+pub struct Pump {
+    rx: mpsc::Receiver<Result<Event, ConnectionError>>,
+    resume: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Pump {
+    /// Start polling `el`.
+    pub fn start(mut el: EventLoop) -> Pump {
+        let (tx, rx) = mpsc::channel(PUMP_CAP);
+        let resume = Arc::new(Notify::new());
+        let go = resume.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let ev = el.poll().await;
+                let failed = ev.is_err();
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+                if failed {
+                    go.notified().await;
+                }
+            }
+        });
+        Pump { rx, resume, task }
+    }
+
+    /// The next event, in order; an error means the connection was lost (call
+    /// [`Pump::resume`] to reconnect).
+    pub async fn next(&mut self) -> Result<Event, ConnectionError> {
+        match self.rx.recv().await {
+            Some(ev) => ev,
+            // the pump task ended (panicked): report it as a lost connection
+            None => Err(ConnectionError::RequestsDone),
+        }
+    }
+
+    /// An event that is already there.
+    pub fn try_next(&mut self) -> Option<Result<Event, ConnectionError>> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Poll again after an error (reconnect).
+    pub fn resume(&self) {
+        self.resume.notify_one();
+    }
+}
+
+impl Drop for Pump {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
