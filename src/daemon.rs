@@ -665,8 +665,9 @@ impl Daemon {
         }
     }
 
-    /// Record a finished apply call: its transactions become durable (confirmable) and
-    /// MQTT learns which SKUs changed. Returns a restart when the call failed for good.
+    /// Record a finished apply call: its transactions become durable (confirmable; MQTT
+    /// learned its SKUs call by call, see [`launch`]). Returns a restart when the call
+    /// failed for good.
     fn complete(
         &mut self,
         f: Flight,
