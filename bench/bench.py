@@ -216,11 +216,17 @@ class Skusync:
             self.p.kill()
 
 
-def wait(pred, timeout, what):
+def wait(pred, timeout, what, log=None):
+    """Poll `pred`; on timeout, the error carries the tail of the daemon's `log` (a
+    path), so a failed run explains itself."""
     t0 = time.time()
     while not pred():
         if time.time() - t0 > timeout:
-            raise RuntimeError(f"timeout waiting for {what}")
+            tail = ""
+            if log:
+                with open(log, errors="replace") as f:
+                    tail = "\n--- " + log + " (tail) ---\n" + "".join(f.readlines()[-30:])
+            raise RuntimeError(f"timeout waiting for {what}{tail}")
         time.sleep(0.02)
 
 
@@ -378,7 +384,7 @@ def catch_up(exe, quick):
         # skusync creates its slot (and loads the empty snapshot), then stops: its slot
         # now waits at the same point as the others.
         s = Skusync(exe, st, config(st), "skusync")
-        wait(lambda: st.redis("HGET", "skusync:meta", "bootstrap") == "done", 60, "bootstrap")
+        wait(lambda: st.redis("HGET", "skusync:meta", "bootstrap") == "done", 60, "bootstrap", s.log_path)
         wait(lambda: all_published(st), 60, "initial publish")
         s.stop()
         for slot in ("recvlogical", "recvlogical_unix", "ceiling"):
@@ -465,7 +471,7 @@ def bulk(exe, quick):
     try:
         st.psql(SCHEMA.format(skus=0))
         s = Skusync(exe, st, config(st), "skusync-measured")
-        wait(lambda: st.redis("HGET", "skusync:meta", "bootstrap") == "done", 60, "bootstrap")
+        wait(lambda: st.redis("HGET", "skusync:meta", "bootstrap") == "done", 60, "bootstrap", s.log_path)
         time.sleep(0.5)
         idle_rss = s.stats()[1]
         st.psql("SELECT pg_create_logical_replication_slot('recvlogical', 'pgoutput')")
@@ -542,7 +548,7 @@ def latency(exe, rate, quick):
         st.psql(SCHEMA.format(skus=skus))
         http_port = free_port()
         s = Skusync(exe, st, config(st, min_interval, http_port), "skusync")
-        wait(lambda: st.redis("HGET", "skusync:meta", "bootstrap") == "done", 60, "bootstrap")
+        wait(lambda: st.redis("HGET", "skusync:meta", "bootstrap") == "done", 60, "bootstrap", s.log_path)
         wait(lambda: all_published(st), 120, "initial publish")
         before = histogram(http_port, "skusync_commit_to_redis_seconds")
         # -R: skip retained (stale) messages; -W: exit by itself, flushing its output

@@ -426,16 +426,13 @@ impl Daemon {
         }
     }
 
-    async fn start_mqtt(&mut self) -> Result<(), DaemonError> {
+    async fn start_mqtt(&mut self, con: redis::aio::ConnectionManager) -> Result<(), DaemonError> {
         if self.mqtt.is_some() {
             return Ok(());
         }
         let Some(pc) = PublisherConfig::from_config(&self.cfg) else {
             return Ok(());
         };
-        // Its own Redis connection: on the applier's, every read would queue behind the
-        // apply call in flight.
-        let con = rsink::connect(&self.redis).await?;
         // The publisher has its own lifetime: it drains in-flight messages on shutdown.
         let token = CancellationToken::new();
         let (h, j) = mqtt::spawn(pc, con, token.clone())
@@ -591,7 +588,7 @@ impl Daemon {
                                 pending.batch.raise_horizon(horizon);
                             }
                         }
-                        self.start_mqtt().await?;
+                        self.start_mqtt(applier.connection()).await?;
                     }
                     SourceEvent::Reset => fold.reset(),
                     SourceEvent::Event(Event::Relation(r)) => {
