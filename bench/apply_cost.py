@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""What the Redis apply script (src/sinks/redis/apply.lua) costs per SKU entry, by part.
+
+Starts a throwaway redis-server on a free loopback port, loads the script and calls it
+directly with synthetic entries shaped like a catch-up batch's (one stock row per SKU, a
+trace of `--steps` stock changes, two counters and two window buckets), on hashes that
+already hold a row. Prints Redis' own time per entry (INFO commandstats, which includes
+the commands the script calls) for four shapes, interleaved and repeated: the cheapest
+and the median of `--reps`. No skusync involved; change the script and compare.
+
+Usage: bench/apply_cost.py [--entries 500] [--calls 20] [--steps 7] [--reps 5]
+"""
+import argparse, os, shutil, socket, statistics, struct, subprocess, sys, tempfile, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import ROOT, free_port  # noqa: E402
+
+
+class Redis:
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="skusync-apply-cost-")
+        self.port = free_port()
+        self.p = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+                                   "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                self.s = socket.create_connection(("127.0.0.1", self.port))
+                break
+            except OSError:
+                time.sleep(0.05)
+        self.f = self.s.makefile("rb")
+
+    def __call__(self, *args):
+        out = [b"*%d\r\n" % len(args)]
+        for a in args:
+            a = a if isinstance(a, bytes) else str(a).encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+        self.s.sendall(b"".join(out))
+        return self._read()
+
+    def _read(self):
+        line = self.f.readline()
+        t = line[:1]
+        if t == b"-":
+            raise RuntimeError(line.decode().strip())
+        if t in (b"+", b":"):
+            return line[1:].strip().decode()
+        if t == b"$":
+            n = int(line[1:])
+            return None if n < 0 else self.f.read(n + 2)[:-2]
+        if t == b"*":
+            return [self._read() for _ in range(int(line[1:]))]
+        raise RuntimeError(f"unexpected reply {line!r}")
+
+    def stop(self):
+        self.p.terminate()
+        self.p.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def entry(k, sku, lsn, steps, activity, minute):
+    """One entry in the script's argument format (see the header of apply.lua)."""
+    e = [str(k), str(lsn), "0", str(lsn + 99), "0", "1796054937663", "0"]
+    if steps:
+        # flags 32: evaluate alerts after the record; far above any threshold
+        trace = b"".join(struct.pack("<BIddddd", 32, 0, 999990 - i, 0, 0, i, 1796054937663) for i in range(steps))
+        e += ["1", f"r:public.inventory:SKU-{sku}\x1fWH-1", "vvv", "WH-1", str(999990 - steps + 1), "0", trace]
+    else:
+        e += ["0", b""]
+    if activity:
+        e += ["2", "purchases", "3", "views", "3",
+              "2", "purchases", str(minute), "3", "views", str(minute), "3", "0"]
+    else:
+        e += ["0", "0", "0"]
+    return e
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--entries", type=int, default=500, help="entries per call (skusync sends at most 500)")
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=7, help="stock changes merged into a stock entry")
+    ap.add_argument("--reps", type=int, default=5)
+    a = ap.parse_args()
+    r = Redis()
+    try:
+        sha = r("SCRIPT", "LOAD", open(os.path.join(ROOT, "src/sinks/redis/apply.lua")).read())
+        r("HSET", "skusync:meta", "bootstrap", "done")
+        minute = int(time.time() // 60)
+        lsn = [1000]
+        skus = a.entries
+
+        def run(steps, activity):
+            r("CONFIG", "RESETSTAT")
+            for _ in range(a.calls):
+                keys, args = ["skusync:meta"], []
+                for j in range(skus):
+                    keys.append(f"skusync:sku:SKU-{j}")
+                    args += entry(j + 2, j, lsn[0], steps, activity, minute)
+                    lsn[0] += 100
+                r("EVALSHA", sha, len(keys), *keys, "60", "5", "0", lsn[0], "2", "purchases", "views", *args)
+            for line in r("INFO", "commandstats").decode().splitlines():
+                if line.startswith("cmdstat_evalsha:"):
+                    return float(line.split("usec=")[1].split(",")[0]) / (a.calls * skus)
+            raise RuntimeError("no evalsha in commandstats")
+
+        run(a.steps, True)  # every hash holds a row, counters and buckets from here on
+        shapes = [("fence, load and write only", 0, False), (f"+ {a.steps} stock steps", a.steps, False),
+                  ("+ 2 counters, 2 buckets", 0, True), ("both (a catch-up entry)", a.steps, True)]
+        got = {name: [] for name, _, _ in shapes}
+        for _ in range(a.reps):
+            for name, steps, activity in shapes:
+                got[name].append(run(steps, activity))
+        print(f"apply.lua, {a.entries} entries per call, Redis time per entry (min / median of {a.reps}):")
+        for name, _, _ in shapes:
+            v = got[name]
+            print(f"  {name:32s} {min(v):6.1f} / {statistics.median(v):6.1f} us")
+    finally:
+        r.stop()
+
+
+if __name__ == "__main__":
+    main()
