@@ -10,49 +10,34 @@ and the median of `--reps`. No skusync involved; change the script and compare.
 
 Usage: bench/apply_cost.py [--entries 500] [--calls 20] [--steps 7] [--reps 5]
 """
-import argparse, os, shutil, socket, statistics, struct, subprocess, sys, tempfile, time
+import argparse, os, shutil, statistics, struct, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import ROOT, free_port  # noqa: E402
+from bench import ROOT, Resp, free_port  # noqa: E402
 
 
 class Redis:
+    """A throwaway redis-server, spoken to with bench.py's RESP client."""
+
     def __init__(self):
         self.dir = tempfile.mkdtemp(prefix="skusync-apply-cost-")
-        self.port = free_port()
-        self.p = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+        port = free_port()
+        self.p = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", self.dir,
                                    "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
         for _ in range(100):
             try:
-                self.s = socket.create_connection(("127.0.0.1", self.port))
+                self.resp = Resp(port)
                 break
             except OSError:
                 time.sleep(0.05)
-        self.f = self.s.makefile("rb")
+        else:
+            raise RuntimeError("redis-server did not start")
 
     def __call__(self, *args):
-        out = [b"*%d\r\n" % len(args)]
-        for a in args:
-            a = a if isinstance(a, bytes) else str(a).encode()
-            out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-        self.s.sendall(b"".join(out))
-        return self._read()
-
-    def _read(self):
-        line = self.f.readline()
-        t = line[:1]
-        if t == b"-":
-            raise RuntimeError(line.decode().strip())
-        if t in (b"+", b":"):
-            return line[1:].strip().decode()
-        if t == b"$":
-            n = int(line[1:])
-            return None if n < 0 else self.f.read(n + 2)[:-2]
-        if t == b"*":
-            return [self._read() for _ in range(int(line[1:]))]
-        raise RuntimeError(f"unexpected reply {line!r}")
+        return self.resp(*args)
 
     def stop(self):
+        self.resp.close()
         self.p.terminate()
         self.p.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -99,7 +84,7 @@ def main():
                     args += entry(j + 2, j, lsn[0], steps, activity, minute)
                     lsn[0] += 100
                 r("EVALSHA", sha, len(keys), *keys, "60", "5", "0", lsn[0], "2", "purchases", "views", *args)
-            for line in r("INFO", "commandstats").decode().splitlines():
+            for line in r("INFO", "commandstats").splitlines():
                 if line.startswith("cmdstat_evalsha:"):
                     return float(line.split("usec=")[1].split(",")[0]) / (a.calls * skus)
             raise RuntimeError("no evalsha in commandstats")
