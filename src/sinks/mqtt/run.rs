@@ -50,6 +50,9 @@ const SCAN_COUNT: usize = 500;
 const SCAN_MAX_PENDING: usize = 10_000;
 /// MQTT fixed header, topic length and properties, generously.
 const PACKET_OVERHEAD: usize = 32;
+/// How long acknowledgements may wait to be recorded in Redis for a read round to carry
+/// them (one round trip instead of two); past this they go on their own.
+const MARK_LINGER: Duration = Duration::from_millis(10);
 
 /// Records acknowledged states: per SKU hash, `pub_lsn` and `pub_state`, only moving
 /// forward and never into a hash that no longer exists (it would come back as a ghost).
@@ -140,6 +143,15 @@ enum EpochPhase {
     Decided,
 }
 
+/// Marks taken into a pipeline, waiting for its replies.
+struct QueuedMarks {
+    marks: Vec<Msg>,
+    /// The states' script call is the first reply.
+    has_states: bool,
+    /// Replies the marks' commands take, at the front of the pipeline's.
+    replies: usize,
+}
+
 #[derive(Debug)]
 struct Scan {
     cursor: u64,
@@ -166,6 +178,8 @@ pub(super) struct Task {
     scan: Option<Scan>,
     /// Acknowledged messages not yet recorded in Redis (see `flush_marks`).
     marks: Vec<Msg>,
+    /// When the oldest of `marks` was acknowledged.
+    marks_since: Option<Instant>,
     /// When `last_publish_ms` was last written to the meta hash.
     last_publish_stamp: Option<Instant>,
     /// Another unpublished-scan is needed after the running one.
@@ -231,6 +245,7 @@ impl Task {
             epoch: EpochPhase::Decided,
             scan: None,
             marks: Vec::new(),
+            marks_since: None,
             last_publish_stamp: None,
             rescan: false,
             prune_at: 4096,
@@ -301,8 +316,15 @@ impl Task {
             }
             if self.connected {
                 self.work(&client).await;
+            } else if self.marks_due(Instant::now()) {
+                self.flush_marks().await;
             }
         }
+    }
+
+    /// Acknowledgements that waited long enough for a read round to carry them.
+    fn marks_due(&self, now: Instant) -> bool {
+        self.marks_since.is_some_and(|t| now >= t + MARK_LINGER)
     }
 
     /// Wait before reconnecting, then let the pump poll again. False on shutdown.
@@ -320,6 +342,9 @@ impl Task {
     fn next_deadline(&self) -> Instant {
         let now = Instant::now();
         let mut d = now + Duration::from_secs(3600);
+        if let Some(t) = self.marks_since {
+            d = d.min(t + MARK_LINGER);
+        }
         if !self.connected {
             return d;
         }
@@ -327,7 +352,7 @@ impl Task {
             return (*until).min(d);
         }
         if let Some(p) = self.redis_pause_until.filter(|p| *p > now) {
-            return p;
+            return p.min(d);
         }
         let room = self.tracker.len() < MAX_IN_FLIGHT;
         if room {
@@ -497,6 +522,7 @@ impl Task {
                 ts,
             } => {
                 if ok {
+                    self.marks_since.get_or_insert_with(Instant::now);
                     self.marks.push(Msg::State {
                         sku: sku.clone(),
                         lsn,
@@ -515,6 +541,7 @@ impl Task {
             }
             Msg::Alert { sku, lsn_raw, kind } => {
                 if ok {
+                    self.marks_since.get_or_insert_with(Instant::now);
                     self.marks.push(Msg::Alert {
                         sku: sku.clone(),
                         lsn_raw,
@@ -630,8 +657,11 @@ impl Task {
         }
         // also here: a busy event loop can starve the notify branch of the select
         self.take_requests();
-        self.flush_marks().await;
         let now = Instant::now();
+        // A scan reads the publish marks: it must see every acknowledgement.
+        if self.marks_due(now) || (self.scan.is_some() && !self.marks.is_empty()) {
+            self.flush_marks().await;
+        }
         if let EpochPhase::Waiting { until, seen } = &mut self.epoch {
             if *until > now {
                 return;
@@ -675,20 +705,44 @@ impl Task {
             if group.is_empty() {
                 break;
             }
+            // Waiting acknowledgements are recorded first, in the same round trip:
+            // Redis runs the pipeline in order, so the deltas below are computed against
+            // the last acknowledged states.
             let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            let marks = self.queue_marks(&mut pipe);
             for (sku, _) in &group {
                 pipe.cmd("HGETALL")
                     .arg(layout::sku_key(&self.cfg.redis_prefix, sku));
             }
-            let read: Result<Vec<HashMap<String, String>>, _> =
-                pipe.query_async(&mut self.redis).await;
+            let read: Result<Vec<redis::Value>, _> = pipe.query_async(&mut self.redis).await;
             match read {
-                Ok(all) => {
-                    for ((sku, want), fields) in group.into_iter().zip(all) {
-                        self.publish_sku(client, &sku, want, fields).await;
+                Ok(mut all) => {
+                    let reads = all.split_off(marks.replies.min(all.len()));
+                    self.settle_marks(marks, Some(all));
+                    let mut failed = None;
+                    for ((sku, want), v) in group.into_iter().zip(reads) {
+                        if failed.is_some() {
+                            // after a failed read, like a failed round: again later
+                            self.sched.skipped(&sku);
+                            self.sched.request(&sku, want);
+                            continue;
+                        }
+                        match redis::from_redis_value::<HashMap<String, String>>(v) {
+                            Ok(fields) => self.publish_sku(client, &sku, want, fields).await,
+                            Err(e) => {
+                                let e = redis::RedisError::from(e);
+                                self.redis_failed(&sku, want, &e);
+                                failed = Some(e);
+                            }
+                        }
+                    }
+                    if failed.is_some() {
+                        break;
                     }
                 }
                 Err(e) => {
+                    self.settle_marks(marks, None);
                     for (sku, want) in group {
                         self.redis_failed(&sku, want, &e);
                     }
@@ -699,15 +753,33 @@ impl Task {
     }
 
     /// Record acknowledged messages in Redis (pub_lsn/pub_state, removed alerts), all
-    /// queued marks in one pipelined round trip. Runs before hashes are read again, so
-    /// a SKU's next delta is computed against its last acknowledged state.
+    /// queued marks in one pipelined round trip. Read rounds carry the marks themselves
+    /// (see [`work`](Self::work)); this sends them on their own.
     async fn flush_marks(&mut self) {
         if self.marks.is_empty() {
             return;
         }
-        let marks = std::mem::take(&mut self.marks);
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
+        let marks = self.queue_marks(&mut pipe);
+        let r: Result<Vec<redis::Value>, _> = pipe.query_async(&mut self.redis).await;
+        match r {
+            Ok(vals) => self.settle_marks(marks, Some(vals)),
+            Err(e) => {
+                warn!(error = %e, "recording published SKUs in Redis failed; they will be published again");
+                self.settle_marks(marks, None);
+            }
+        }
+    }
+
+    /// Takes the waiting marks into `pipe` (which must ignore errors): one script call for
+    /// the states, one per removed alert, and at most once a second the meta hash's
+    /// `last_publish_ms` (`skusync status` shows it; never creating the meta hash, whose
+    /// absence means "resync").
+    fn queue_marks(&mut self, pipe: &mut redis::Pipeline) -> QueuedMarks {
+        let marks = std::mem::take(&mut self.marks);
+        self.marks_since = None;
+        let mut replies = 0;
         let states: Vec<(&String, &u64, &String)> = marks
             .iter()
             .filter_map(|m| match m {
@@ -717,7 +789,8 @@ impl Task {
                 _ => None,
             })
             .collect();
-        if !states.is_empty() {
+        let has_states = !states.is_empty();
+        if has_states {
             let cmd = pipe.cmd("EVAL").arg(MARK_PUBLISHED).arg(states.len());
             for (sku, _, _) in &states {
                 cmd.arg(layout::sku_key(&self.cfg.redis_prefix, sku));
@@ -725,6 +798,7 @@ impl Task {
             for (_, lsn, state) in &states {
                 cmd.arg(lsn.to_string()).arg(*state);
             }
+            replies += 1;
         }
         for m in &marks {
             if let Msg::Alert { sku, lsn_raw, kind } = m {
@@ -734,11 +808,10 @@ impl Task {
                     .arg(layout::sku_key(&self.cfg.redis_prefix, sku))
                     .arg(lsn_raw)
                     .arg(kind);
+                replies += 1;
             }
         }
-        // `skusync status` shows when the broker last acknowledged a state; at most once a
-        // second, and never creating the meta hash (its absence means "resync").
-        let stamp = marks.iter().any(|m| matches!(m, Msg::State { .. }))
+        let stamp = has_states
             && self
                 .last_publish_stamp
                 .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
@@ -749,31 +822,35 @@ impl Task {
                 .arg(layout::meta_key(&self.cfg.redis_prefix))
                 .arg(unix_ms());
             self.last_publish_stamp = Some(Instant::now());
+            replies += 1;
         }
-        let r: Result<Vec<redis::Value>, _> = pipe.query_async(&mut self.redis).await;
+        QueuedMarks {
+            marks,
+            has_states,
+            replies,
+        }
+    }
+
+    /// Handles the replies to [`queue_marks`](Self::queue_marks)' commands (`None`: the
+    /// round trip failed): a mark Redis did not record is published again.
+    fn settle_marks(&mut self, q: QueuedMarks, replies: Option<Vec<redis::Value>>) {
+        let failed =
+            |v: Option<&redis::Value>| matches!(v, Some(redis::Value::ServerError(_)) | None);
         // Whether each mark failed: the states' call first (all or nothing), then one
         // reply per alert removal.
-        let mut failed: Vec<bool> = vec![true; marks.len()];
-        match r {
-            Ok(vals) => {
-                let mut replies = vals.iter();
-                let states_failed = !states.is_empty()
-                    && matches!(replies.next(), Some(redis::Value::ServerError(_)) | None);
-                for (m, f) in marks.iter().zip(failed.iter_mut()) {
-                    *f = match m {
-                        Msg::State { .. } => states_failed,
-                        Msg::Alert { .. } => {
-                            matches!(replies.next(), Some(redis::Value::ServerError(_)) | None)
-                        }
-                        Msg::Status | Msg::Epoch { .. } => false,
-                    };
-                }
-            }
-            Err(e) => {
-                warn!(error = %e, "recording published SKUs in Redis failed; they will be published again");
+        let mut flags: Vec<bool> = vec![true; q.marks.len()];
+        if let Some(vals) = &replies {
+            let mut it = vals.iter();
+            let states_failed = q.has_states && failed(it.next());
+            for (m, f) in q.marks.iter().zip(flags.iter_mut()) {
+                *f = match m {
+                    Msg::State { .. } => states_failed,
+                    Msg::Alert { .. } => failed(it.next()),
+                    Msg::Status | Msg::Epoch { .. } => false,
+                };
             }
         }
-        for (m, failed) in marks.into_iter().zip(failed) {
+        for (m, failed) in q.marks.into_iter().zip(flags) {
             // Still unpublished in Redis: publish again once Redis answers.
             if let Msg::State { sku, .. } | Msg::Alert { sku, .. } = &m
                 && failed
