@@ -406,6 +406,78 @@ async fn a_flash_sale_on_one_sku_is_throttled_to_one_message_per_interval() {
     p.stop().await;
 }
 
+/// Without a throttle a SKU's next state is read as soon as the previous one is
+/// acknowledged, in the round trip that also records that acknowledgement: each delta
+/// must still be against the message before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_to_back_states_carry_deltas_against_the_message_before() {
+    let r = RedisServer::start();
+    let m = MosquittoServer::start();
+    let mut con = redis(&r).await;
+    meta(&mut con).await;
+    let sub = Sub::start(&m, "p/sku/#");
+    let mut mc = mqtt_config(m.url());
+    mc.min_interval_ms = 0;
+    let p = Running::start(publisher_config(mc), &r).await;
+    until("connected", Duration::from_secs(10), || {
+        let c = p.handle.is_connected();
+        async move { c.then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1200)).await; // past the epoch wait
+
+    for i in 1..=300u64 {
+        hset(
+            &mut con,
+            "HOT",
+            &[
+                ("on_hand", (10_000 - i).to_string()),
+                ("available", (10_000 - i).to_string()),
+                ("lsn", (1000 + i).to_string()),
+            ],
+        )
+        .await;
+        p.handle.changed(["HOT".to_string()]);
+        if i % 3 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    wait_published(&mut con, "HOT", 1300).await;
+    let hot: Vec<Value> = until(
+        "the last state at the subscriber",
+        Duration::from_secs(10),
+        || {
+            let hot: Vec<Value> = sub.on("p/sku/HOT").iter().map(|p| json_of(p)).collect();
+            let done = hot.last().is_some_and(|v| v["on_hand"] == 9700);
+            async move { done.then_some(hot) }
+        },
+    )
+    .await;
+    assert!(
+        hot.len() >= 20,
+        "only {} messages: the flood was coalesced",
+        hot.len()
+    );
+    let mut prev: Option<&Value> = None;
+    for v in &hot {
+        let on = v["on_hand"].as_i64().unwrap();
+        match prev {
+            None => assert_eq!(v["delta"]["on_hand"], on, "first: {v}"),
+            Some(pv) => {
+                assert_eq!(v["prev_lsn"], pv["lsn"], "{v} after {pv}");
+                let want = on - pv["on_hand"].as_i64().unwrap();
+                assert_eq!(
+                    v["delta"]["on_hand"].as_i64().unwrap_or(0),
+                    want,
+                    "{v} after {pv}"
+                );
+            }
+        }
+        prev = Some(v);
+    }
+    p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gone_sku_clears_its_retained_message() {
     let r = RedisServer::start();
