@@ -9,6 +9,7 @@ the commands the script calls) for four shapes, interleaved and repeated: the ch
 and the median of `--reps`. No skusync involved; change the script and compare.
 
 Usage: bench/apply_cost.py [--entries 500] [--calls 20] [--steps 7] [--reps 5]
+                           [--redis-config NAME=VALUE ...]
 """
 import argparse, os, shutil, statistics, struct, subprocess, sys, tempfile, time
 
@@ -66,9 +67,14 @@ def main():
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--steps", type=int, default=7, help="stock changes merged into a stock entry")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--redis-config", action="append", default=[], metavar="NAME=VALUE",
+                    help="CONFIG SET before the run (e.g. hash-max-listpack-entries=0); repeatable")
     a = ap.parse_args()
     r = Redis()
     try:
+        for kv in a.redis_config:
+            name, value = kv.split("=", 1)
+            r("CONFIG", "SET", name, value)
         sha = r("SCRIPT", "LOAD", open(os.path.join(ROOT, "src/sinks/redis/apply.lua")).read())
         r("HSET", "skusync:meta", "bootstrap", "done")
         minute = int(time.time() // 60)
