@@ -720,24 +720,26 @@ impl Task {
                 Ok(mut all) => {
                     let reads = all.split_off(marks.replies.min(all.len()));
                     self.settle_marks(marks, Some(all));
-                    let mut failed = None;
-                    for ((sku, want), v) in group.into_iter().zip(reads) {
-                        if failed.is_some() {
-                            // after a failed read, like a failed round: again later
-                            self.sched.skipped(&sku);
-                            self.sched.request(&sku, want);
-                            continue;
-                        }
-                        match redis::from_redis_value::<HashMap<String, String>>(v) {
-                            Ok(fields) => self.publish_sku(client, &sku, want, fields).await,
-                            Err(e) => {
-                                let e = redis::RedisError::from(e);
-                                self.redis_failed(&sku, want, &e);
-                                failed = Some(e);
+                    let mut failed = false;
+                    let mut reads = reads.into_iter();
+                    for (sku, want) in group {
+                        let v = if failed { None } else { reads.next() };
+                        match v.map(redis::from_redis_value::<HashMap<String, String>>) {
+                            Some(Ok(fields)) => self.publish_sku(client, &sku, want, fields).await,
+                            Some(Err(e)) => {
+                                self.redis_failed(&sku, want, &redis::RedisError::from(e));
+                                failed = true;
+                            }
+                            None => {
+                                // after a failed read (or a missing reply), like a failed
+                                // round: again later
+                                self.sched.skipped(&sku);
+                                self.sched.request(&sku, want);
+                                failed = true;
                             }
                         }
                     }
-                    if failed.is_some() {
+                    if failed {
                         break;
                     }
                 }
