@@ -71,6 +71,18 @@ impl Running {
         }
     }
 
+    /// Started, connected, and past the epoch wait: changes publish from here on.
+    async fn publishing(cfg: PublisherConfig, r: &RedisServer) -> Running {
+        let p = Running::start(cfg, r).await;
+        until("connected", Duration::from_secs(10), || {
+            let c = p.handle.is_connected();
+            async move { c.then_some(()) }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(1200)).await; // past the epoch wait
+        p
+    }
+
     async fn stop(self) {
         self.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(15), self.join)
@@ -88,6 +100,20 @@ async fn hset(con: &mut ConnectionManager, sku: &str, kv: &[(&str, String)]) {
         c.arg(*k).arg(v);
     }
     c.query_async::<()>(con).await.expect("HSET");
+}
+
+/// The `i`-th change of SKU `HOT`: stock 10,000 - i at LSN 1,000 + i.
+async fn set_hot(con: &mut ConnectionManager, i: u64) {
+    hset(
+        con,
+        "HOT",
+        &[
+            ("on_hand", (10_000 - i).to_string()),
+            ("available", (10_000 - i).to_string()),
+            ("lsn", (1000 + i).to_string()),
+        ],
+    )
+    .await;
 }
 
 async fn hget(con: &mut ConnectionManager, sku: &str, f: &str) -> Option<String> {
@@ -340,26 +366,11 @@ async fn a_flash_sale_on_one_sku_is_throttled_to_one_message_per_interval() {
     let mut con = redis(&r).await;
     meta(&mut con).await;
     let sub = Sub::start(&m, "p/sku/#");
-    let p = Running::start(publisher_config(mqtt_config(m.url())), &r).await;
-    until("connected", Duration::from_secs(10), || {
-        let c = p.handle.is_connected();
-        async move { c.then_some(()) }
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(1200)).await; // past the epoch wait
+    let p = Running::publishing(publisher_config(mqtt_config(m.url())), &r).await;
 
     let start = Instant::now();
     for i in 1..=1000u64 {
-        hset(
-            &mut con,
-            "HOT",
-            &[
-                ("on_hand", (10_000 - i).to_string()),
-                ("available", (10_000 - i).to_string()),
-                ("lsn", (1000 + i).to_string()),
-            ],
-        )
-        .await;
+        set_hot(&mut con, i).await;
         p.handle.changed(["HOT".to_string()]);
         if i == 500 {
             hset(
@@ -418,25 +429,10 @@ async fn back_to_back_states_carry_deltas_against_the_message_before() {
     let sub = Sub::start(&m, "p/sku/#");
     let mut mc = mqtt_config(m.url());
     mc.min_interval_ms = 0;
-    let p = Running::start(publisher_config(mc), &r).await;
-    until("connected", Duration::from_secs(10), || {
-        let c = p.handle.is_connected();
-        async move { c.then_some(()) }
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(1200)).await; // past the epoch wait
+    let p = Running::publishing(publisher_config(mc), &r).await;
 
     for i in 1..=300u64 {
-        hset(
-            &mut con,
-            "HOT",
-            &[
-                ("on_hand", (10_000 - i).to_string()),
-                ("available", (10_000 - i).to_string()),
-                ("lsn", (1000 + i).to_string()),
-            ],
-        )
-        .await;
+        set_hot(&mut con, i).await;
         p.handle.changed(["HOT".to_string()]);
         if i % 3 == 0 {
             tokio::time::sleep(Duration::from_millis(1)).await;
