@@ -10,7 +10,7 @@
 
 use crate::config::{Config, OnSlotLost};
 use crate::fold::batch::Batch;
-use crate::fold::{Fold, Mapping};
+use crate::fold::{Fold, Mapping, RelationProblem};
 use crate::lsn::Lsn;
 use crate::pg::conn::{ReplConnection, SnapshotAction};
 use crate::pg::connstr::PgConnectConfig;
@@ -572,6 +572,9 @@ impl Daemon {
                                         "Redis holds an unfinished snapshot load".into(),
                                     ));
                                 }
+                                if !m.tables.is_empty() {
+                                    fold.expect_tables(m.tables.clone());
+                                }
                                 if m.system_id.is_none() {
                                     rsink::write_meta(
                                         &mut con,
@@ -591,9 +594,25 @@ impl Daemon {
                         self.start_mqtt(applier.connection()).await?;
                     }
                     SourceEvent::Reset => fold.reset(),
-                    SourceEvent::Event(Event::Relation(r)) => {
-                        fold.relation(&r).map_err(|e| DaemonError::Definite(e.0))?
-                    }
+                    SourceEvent::Event(Event::Relation(r)) => match fold.relation(&r) {
+                        Ok(()) => {}
+                        Err(RelationProblem::Schema(e)) => return Err(DaemonError::Definite(e.0)),
+                        Err(RelationProblem::Changed(why)) => {
+                            // Nothing of that table is folded under the new identity: Redis
+                            // is rebuilt from a snapshot taken after the change, and the
+                            // slot moves there, so the restart does not meet it again.
+                            let mut con = applier.connection();
+                            rsink::write_meta(
+                                &mut con,
+                                self.prefix(),
+                                &[("bootstrap", "stale".into())],
+                            )
+                            .await?;
+                            return Ok(Cycle::Restart(format!(
+                                "{why}; rebuilding Redis from a fresh snapshot"
+                            )));
+                        }
+                    },
                     SourceEvent::Event(Event::Begin(b)) => fold.begin(&b),
                     SourceEvent::Event(Event::Change(c)) => {
                         if let Some(p) = fold.change(&c).map_err(|e| DaemonError::Definite(e.0))? {
@@ -899,10 +918,13 @@ async fn load_snapshot(
         &tick,
     )
     .await?;
+    let tables = serde_json::to_string(&stats.tables)
+        .map_err(|e| DaemonError::Definite(format!("encoding table identities: {e}")))?;
     let mut fields = vec![
         ("bootstrap", "done".to_string()),
         ("applied_lsn", at.0.to_string()),
         ("fingerprint", mapping.fingerprint.clone()),
+        ("tables", tables),
     ];
     if let Some(s) = system {
         fields.push(("system_id", s.system_id.clone()));

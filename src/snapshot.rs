@@ -30,11 +30,12 @@ pub enum SnapshotError {
     Schema(String),
 }
 
-/// Counts of a finished load.
-#[derive(Debug, Default, Clone, Copy)]
+/// Counts of a finished load, and the identities of the tables it read.
+#[derive(Debug, Default, Clone)]
 pub struct LoadStats {
     pub rows: u64,
     pub skus: u64,
+    pub tables: crate::fold::TableIdentities,
 }
 
 /// Read the relation as pgoutput would describe it: non-dropped, non-generated columns in
@@ -124,10 +125,15 @@ pub async fn load(
     for table in tables {
         let rel = describe(&client, cfg, &table)
             .await?
-            .ok_or_else(|| SnapshotError::Schema(format!("mapped table {table} does not exist")))?;
+            .ok_or_else(|| {
+                SnapshotError::Schema(format!(
+                    "mapped table {table} does not exist: it was dropped or renamed (or the schema is not visible \
+                     to this role); point the mapping at the table that holds the data now"
+                ))
+            })?;
         let rel = Arc::new(rel);
         fold.relation(&rel)
-            .map_err(|e| SnapshotError::Schema(e.0))?;
+            .map_err(|e| SnapshotError::Schema(e.to_string()))?;
         let needed: Vec<usize> = match mapping
             .resolve(&rel)
             .map_err(|e| SnapshotError::Schema(e.0))?
@@ -241,6 +247,7 @@ pub async fn load(
             .await?;
     }
     client.batch_execute("COMMIT").await.map_err(sql)?;
+    stats.tables = fold.tables().clone();
     Ok(stats)
 }
 

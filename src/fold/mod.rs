@@ -103,6 +103,33 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// How Redis knows a mapped table's rows: the table's OID and its replica-identity key
+/// columns (row fields are named by their values). Redis built under one identity cannot
+/// follow changes under another: a table swapped in by rename, dropped and created
+/// again, or a REPLICA IDENTITY FULL table that gained or lost a column would leave the
+/// old rows' contributions behind, counted twice beside the new ones.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TableIdentity {
+    pub oid: u32,
+    /// Key column names in tuple order (empty for activity tables: counted, not keyed).
+    pub key: Vec<String>,
+}
+
+/// Mapped tables by configured name (`schema.table`), as Redis was built from them.
+pub type TableIdentities = BTreeMap<String, TableIdentity>;
+
+/// Why a relation announcement could not be taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RelationProblem {
+    /// The mapping does not fit the relation (definite: the operator must act).
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    /// A mapped table is no longer the one Redis was built from: rebuild Redis from a
+    /// fresh snapshot.
+    #[error("{0}")]
+    Changed(String),
+}
+
 /// Counts for metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FoldStats {
@@ -125,6 +152,9 @@ pub struct Fold {
     touched: std::collections::BTreeSet<String>,
     pub stats: FoldStats,
     skipped: Vec<Skipped>,
+    /// Identities of the mapped tables (expected from Redis' meta, or learned from the
+    /// first announcement); kept across [`Fold::reset`].
+    tables: TableIdentities,
 }
 
 impl Fold {
@@ -139,13 +169,72 @@ impl Fold {
             touched: Default::default(),
             stats: FoldStats::default(),
             skipped: Vec::new(),
+            tables: TableIdentities::new(),
         }
     }
 
+    /// The identities Redis was built from (its meta hash); tables not listed are
+    /// learned from their first announcement.
+    pub fn expect_tables(&mut self, tables: TableIdentities) {
+        self.tables = tables;
+    }
+
+    /// The identities of the mapped tables announced so far (or expected).
+    pub fn tables(&self) -> &TableIdentities {
+        &self.tables
+    }
+
     /// A relation was (re)announced: resolve it now so schema problems stop the stream
-    /// before any change of it is applied.
-    pub fn relation(&mut self, rel: &RelationDesc) -> Result<(), SchemaError> {
+    /// before any change of it is applied, and a mapped table that is no longer the one
+    /// Redis was built from is noticed before any of its changes is folded.
+    pub fn relation(&mut self, rel: &RelationDesc) -> Result<(), RelationProblem> {
         let rule = self.mapping.resolve(rel)?;
+        let name = rel.qualified_name();
+        let seen = match &rule {
+            Rule::Unmapped => {
+                if let Some((was, _)) = self.tables.iter().find(|(_, t)| t.oid == rel.oid) {
+                    return Err(RelationProblem::Changed(format!(
+                        "mapped table {was} (oid {}) is now named {name}: it was renamed or moved to another schema",
+                        rel.oid
+                    )));
+                }
+                None
+            }
+            Rule::Inventory(r) => Some(TableIdentity {
+                oid: rel.oid,
+                key: r
+                    .key
+                    .iter()
+                    .filter_map(|&i| rel.columns.get(i).map(|c| c.name.clone()))
+                    .collect(),
+            }),
+            Rule::Activity(_) => Some(TableIdentity {
+                oid: rel.oid,
+                key: Vec::new(),
+            }),
+        };
+        if let Some(id) = seen {
+            match self.tables.get(&name) {
+                None => {
+                    self.tables.insert(name, id);
+                }
+                Some(t) if t.oid != id.oid => {
+                    return Err(RelationProblem::Changed(format!(
+                        "mapped table {name} is another table now (oid {} became {}): it was dropped and created \
+                         again, or another table took its name",
+                        t.oid, id.oid
+                    )));
+                }
+                Some(t) if t.key != id.key => {
+                    return Err(RelationProblem::Changed(format!(
+                        "the replica identity of mapped table {name} changed (key columns {:?} became {:?}), so \
+                         rows stored under the old one cannot be matched",
+                        t.key, id.key
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
         self.rules.insert(rel.oid, Arc::new(rule));
         Ok(())
     }

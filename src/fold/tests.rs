@@ -762,3 +762,83 @@ fn fuzz_regression_garbage_timestamps_do_not_panic() {
     );
     assert_eq!(parse_pg_timestamp_ms("2026-01-01 -1:00:00"), None);
 }
+
+fn changed(r: Result<(), RelationProblem>) -> String {
+    match r {
+        Err(RelationProblem::Changed(why)) => why,
+        other => panic!("expected a changed table, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_renamed_mapped_table_is_a_changed_table_not_an_unmapped_one() {
+    let mut f = Fold::new(mapping(), 1000);
+    f.relation(&inventory(ReplicaIdentity::Default)).unwrap();
+    let mut renamed = (*inventory(ReplicaIdentity::Default)).clone();
+    renamed.name = "inventory_old".into();
+    let why = changed(f.relation(&renamed));
+    assert!(
+        why.contains("public.inventory") && why.contains("public.inventory_old"),
+        "{why}"
+    );
+    // Across a new replication session too (the identities outlive `reset`).
+    f.reset();
+    changed(f.relation(&renamed));
+}
+
+#[test]
+fn another_table_under_a_mapped_name_is_a_changed_table() {
+    let mut f = Fold::new(mapping(), 1000);
+    f.relation(&inventory(ReplicaIdentity::Default)).unwrap();
+    let mut swapped = (*inventory(ReplicaIdentity::Default)).clone();
+    swapped.oid = 99;
+    assert!(changed(f.relation(&swapped)).contains("oid 1 became 99"));
+}
+
+#[test]
+fn a_full_identity_table_gaining_a_column_is_a_changed_table() {
+    let mut f = Fold::new(mapping(), 1000);
+    f.relation(&inventory(ReplicaIdentity::Full)).unwrap();
+    let mut wider = (*inventory(ReplicaIdentity::Full)).clone();
+    wider.columns.push(col("note", oid::TEXT, true));
+    assert!(changed(f.relation(&wider)).contains("replica identity"));
+}
+
+#[test]
+fn columns_outside_the_key_may_come_and_go() {
+    let mut f = Fold::new(mapping(), 1000);
+    f.relation(&inventory(ReplicaIdentity::Default)).unwrap();
+    f.relation(&activity()).unwrap();
+    let mut wider = (*inventory(ReplicaIdentity::Default)).clone();
+    wider.columns.push(col("note", oid::TEXT, false));
+    f.relation(&wider).unwrap();
+    let mut act = (*activity()).clone();
+    act.columns.push(col("referrer", oid::TEXT, false));
+    f.relation(&act).unwrap();
+    assert_eq!(f.tables().len(), 2);
+}
+
+#[test]
+fn identities_expected_from_redis_are_checked_on_first_announcement() {
+    let mut learned = Fold::new(mapping(), 1000);
+    learned
+        .relation(&inventory(ReplicaIdentity::Default))
+        .unwrap();
+    let expected = learned.tables().clone();
+    let json = serde_json::to_string(&expected).unwrap();
+    let back: TableIdentities = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, expected);
+    let mut f = Fold::new(mapping(), 1000);
+    f.expect_tables(back);
+    let mut swapped = (*inventory(ReplicaIdentity::Default)).clone();
+    swapped.oid = 7;
+    changed(f.relation(&swapped));
+    // The table it was built from is fine; an unmapped table is ignored.
+    let mut g = Fold::new(mapping(), 1000);
+    g.expect_tables(expected);
+    g.relation(&inventory(ReplicaIdentity::Default)).unwrap();
+    let mut other = (*activity()).clone();
+    other.oid = 3;
+    other.name = "page_views".into();
+    g.relation(&other).unwrap();
+}

@@ -784,3 +784,111 @@ async fn an_old_backlog_is_read_in_batches_and_converges() {
     let code = rig.daemon().sigterm();
     assert_eq!(code, Some(0), "{}", rig.daemon().stderr_all());
 }
+
+/// `ALTER TABLE ... RENAME` swaps: the old table keeps its OID (and its place in the
+/// publication) under a new name, and a new table takes the mapped name. Its changes
+/// are neither dropped as unmapped nor counted beside the old rows: Redis is rebuilt
+/// from the table that holds the name now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_swapped_in_by_rename_rebuilds_redis_from_it() {
+    let seed = test_seed("a_table_swapped_in_by_rename_rebuilds_redis_from_it");
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.start_skusync("").await;
+    let mut w = public_workload(seed);
+    run_workload(&mut rig, &mut w, 200, async |_, _| {}).await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    rig.exec(
+        "ALTER TABLE inventory RENAME TO inventory_old;
+         CREATE TABLE inventory (LIKE inventory_old INCLUDING ALL);
+         INSERT INTO inventory SELECT sku, location, on_hand + 1000, reserved FROM inventory_old
+           WHERE location <> 'WH-1';
+         ALTER PUBLICATION skusync ADD TABLE inventory;
+         UPDATE inventory_old SET on_hand = on_hand + 1;",
+    )
+    .await;
+    run_workload(&mut rig, &mut w, 200, async |_, _| {}).await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(60))
+        .await;
+    rig.assert_converges(Duration::from_secs(20)).await;
+    assert!(
+        rig.daemon()
+            .stderr_contains("is now named public.inventory_old"),
+        "the rebuild names its reason\n{}",
+        rig.daemon().stderr_all()
+    );
+    rig.daemon().assert_alive("after the swap");
+}
+
+/// With REPLICA IDENTITY FULL every column is part of a row's identity, so a column
+/// added to the table changes how its rows are named: Redis is rebuilt rather than
+/// counting an updated row under both names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_identity_table_gaining_a_column_does_not_double_count() {
+    let mut oracle = public_oracle(Buckets::Ignore);
+    oracle.inventory.push(InventorySpec {
+        table: "public.loose_stock".into(),
+        sku: "sku_code".into(),
+        location: Some("location".into()),
+        on_hand: "on_hand".into(),
+        reserved: None,
+    });
+    let schema = format!(
+        "{PUBLIC_SCHEMA}
+         CREATE TABLE loose_stock (sku_code text, location text NOT NULL, on_hand int NOT NULL);
+         ALTER TABLE loose_stock REPLICA IDENTITY FULL;
+         ALTER PUBLICATION skusync ADD TABLE loose_stock;"
+    );
+    let mut rig = Rig::new(&schema, oracle).await;
+    rig.start_skusync("").await;
+    rig.exec(
+        "INSERT INTO loose_stock SELECT 'loose-' || (i % 20), 'WH-' || (i % 3), i FROM generate_series(1, 60) i;",
+    )
+    .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    rig.assert_converges(Duration::from_secs(10)).await;
+    rig.exec(
+        "ALTER TABLE loose_stock ADD COLUMN note text;
+         UPDATE loose_stock SET on_hand = on_hand + 100 WHERE on_hand % 2 = 0;
+         DELETE FROM loose_stock WHERE on_hand % 5 = 0;",
+    )
+    .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(60))
+        .await;
+    rig.assert_converges(Duration::from_secs(20)).await;
+    rig.daemon().assert_alive("after the new column");
+}
+
+/// A mapped table renamed away (nothing under its name any more) cannot be rebuilt:
+/// skusync stops and says what to fix rather than dropping its changes as unmapped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mapped_table_renamed_away_stops_with_what_to_fix() {
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.start_skusync("").await;
+    rig.exec(
+        "INSERT INTO inventory VALUES ('A-1', 'WH-1', 5, 0);
+         ALTER TABLE inventory RENAME TO stock_levels;
+         UPDATE stock_levels SET on_hand = 6;",
+    )
+    .await;
+    let start = Instant::now();
+    let status = loop {
+        if let Ok(Some(st)) = rig.daemon().proc().child.try_wait() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "skusync kept running after its table was renamed away\n{}",
+            rig.daemon().stderr_all()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(!status.success(), "{status}");
+    let log = rig.daemon().stderr_all();
+    assert!(
+        log.contains("is now named public.stock_levels")
+            && log.contains("mapped table public.inventory does not exist"),
+        "{log}"
+    );
+}

@@ -463,6 +463,9 @@ pub struct Meta {
     pub timeline: Option<String>,
     pub fingerprint: Option<String>,
     pub bootstrap_done: bool,
+    /// The mapped tables' identities at the last snapshot load (absent before 0.1's
+    /// table fencing, or unreadable: then learned from the stream).
+    pub tables: crate::fold::TableIdentities,
 }
 
 /// Read the meta hash; `None` when it does not exist.
@@ -484,6 +487,10 @@ pub async fn read_meta(
         timeline: m.get("timeline").cloned(),
         fingerprint: m.get("fingerprint").cloned(),
         bootstrap_done: m.get("bootstrap").map(String::as_str) == Some("done"),
+        tables: m
+            .get("tables")
+            .and_then(|v| serde_json::from_str(v).ok())
+            .unwrap_or_default(),
     }))
 }
 
