@@ -193,6 +193,11 @@ pub struct PostgresConfig {
     /// other databases write WAL the slot must retain). 0 = off (default).
     #[serde(default)]
     pub heartbeat_interval_ms: u64,
+    /// The largest replication message (one change, with its old row under REPLICA
+    /// IDENTITY FULL) skusync accepts, in bytes; larger ones stop it with the SQL to fix
+    /// it. Bounds the memory a single change can take.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
 }
 
 /// `postgres.on_slot_lost`.
@@ -230,6 +235,9 @@ fn default_publications() -> Publications {
 }
 fn default_proto() -> u32 {
     1
+}
+fn default_max_message_bytes() -> usize {
+    crate::pg::wire::DEFAULT_MAX_FRAME
 }
 fn default_status_ms() -> u64 {
     1000
@@ -312,6 +320,11 @@ impl Config {
             )));
         }
         self.validate_mapping()?;
+        if !((1 << 20)..=(1 << 31)).contains(&p.max_message_bytes) {
+            return Err(ConfigError(
+                "postgres.max_message_bytes: must be between 1048576 (1 MiB) and 2147483648 (2 GiB)".into(),
+            ));
+        }
         if !(100..=60_000).contains(&p.status_interval_ms) {
             return Err(ConfigError(
                 "postgres.status_interval_ms: must be between 100 and 60000".into(),
@@ -457,6 +470,7 @@ impl Config {
         {
             c.password = Some(crate::pg::connstr::Password::new(pw));
         }
+        c.max_message_bytes = self.postgres.max_message_bytes;
         Ok(c)
     }
 

@@ -172,6 +172,14 @@ pub enum SourceError {
     },
     #[error(transparent)]
     Assemble(#[from] AssembleError),
+    /// Replaying the same WAL would meet the same message: definite.
+    #[error(
+        "a replication message of {len} bytes after LSN {after} exceeds the {max}-byte cap: one change \
+         carries very large values. skusync reads only the mapped columns: give the publication a column \
+         list without the large ones (ALTER PUBLICATION <publication> SET TABLE <table> (<columns>); \
+         PostgreSQL 15 and later), or take that table out of the publication"
+    )]
+    MessageTooLarge { after: Lsn, len: usize, max: usize },
     #[error(
         "replication slot {slot:?} does not exist; `skusync run` creates it, or create it with \
          SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');"
@@ -508,6 +516,8 @@ impl Source {
         let mut lagging = false;
         let mut busy = Busy::default();
         let clock = std::time::Instant::now();
+        // The last message's position, for errors about the next one.
+        let mut last_lsn = Lsn::ZERO;
         loop {
             // Drain what is buffered into one batch; only then wait on the socket.
             let mut reply_now = false;
@@ -519,6 +529,14 @@ impl Source {
                 let item = match conn.try_recv_buffered() {
                     Ok(Some(item)) => item,
                     Ok(None) => break,
+                    Err(PgError::FrameTooLarge { len, max }) => {
+                        hand_over(tx, &mut batch).await;
+                        return Err(SourceError::MessageTooLarge {
+                            after: last_lsn,
+                            len,
+                            max,
+                        });
+                    }
                     Err(e) => {
                         hand_over(tx, &mut batch).await;
                         return Err(e.into());
@@ -543,6 +561,7 @@ impl Source {
                         ..
                     }) => {
                         let lsn = Lsn(wal_start);
+                        last_lsn = lsn;
                         let msg = decoder
                             .decode(&data)
                             .map_err(|source| SourceError::Decode {

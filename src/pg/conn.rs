@@ -217,7 +217,7 @@ impl ReplConnection {
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: BytesMut::with_capacity(1024),
             addr,
-            max_frame: wire::DEFAULT_MAX_FRAME,
+            max_frame: cfg.max_message_bytes,
             server_version: String::new(),
             backend_pid: 0,
             batching: false,

@@ -85,6 +85,8 @@ pub struct PgConnectConfig {
     pub sslrootcert: Option<RootCert>,
     pub application_name: String,
     pub connect_timeout: Duration,
+    /// Cap on one server message on the replication connection (`postgres.max_message_bytes`).
+    pub max_message_bytes: usize,
 }
 
 impl PgConnectConfig {
@@ -199,6 +201,7 @@ impl PgConnectConfig {
             sslrootcert,
             application_name: application_name.unwrap_or_else(|| "skusync".into()),
             connect_timeout: Duration::from_secs(connect_timeout.unwrap_or(10).max(1)),
+            max_message_bytes: crate::pg::wire::DEFAULT_MAX_FRAME,
         })
     }
 

@@ -65,7 +65,9 @@ impl PgError {
     /// Whether retrying (after a back-off) can help. Definite errors need the operator.
     pub fn is_transient(&self) -> bool {
         match self {
-            PgError::Io { .. } | PgError::Protocol(_) | PgError::FrameTooLarge { .. } => true,
+            PgError::Io { .. } | PgError::Protocol(_) => true,
+            // The same WAL replays the same message after a reconnect.
+            PgError::FrameTooLarge { .. } => false,
             PgError::Tls { .. } | PgError::Auth { .. } | PgError::Config(_) => false,
             PgError::Sql(_) => true,
             PgError::Server(e) => server_error_is_transient(e),

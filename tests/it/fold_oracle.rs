@@ -892,3 +892,57 @@ async fn a_mapped_table_renamed_away_stops_with_what_to_fix() {
         "{log}"
     );
 }
+
+/// A change larger than `postgres.max_message_bytes` would come back on every reconnect:
+/// skusync stops and says how to keep such values out of the stream, instead of
+/// reconnecting forever behind a slot that never moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_over_the_message_cap_stops_with_the_sql_to_fix_it() {
+    let schema = format!(
+        "{PUBLIC_SCHEMA}
+         CREATE TABLE product_notes (sku text PRIMARY KEY, body text);
+         ALTER PUBLICATION skusync ADD TABLE product_notes;"
+    );
+    let mut rig = Rig::new(&schema, public_oracle(Buckets::Ignore)).await;
+    let text = rig
+        .oracle
+        .config_toml(
+            &rig.pg.url("postgres", "postgres"),
+            "skusync",
+            PUBS,
+            &rig.redis.url(),
+        )
+        .replace(
+            "status_interval_ms = 200\n",
+            "status_interval_ms = 200\nmax_message_bytes = 1048576\n",
+        );
+    let cfg = write_config(rig.dir.path(), &text);
+    rig.daemon = Some(Daemon::start(rig.dir.path(), cfg));
+    rig.wait_bootstrap(Duration::from_secs(40)).await;
+    // Random bytes in hex: TOAST compression cannot shrink it below the cap.
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    rig.exec(
+        "INSERT INTO product_notes
+           SELECT 'A-1', string_agg(md5(random()::text), '') FROM generate_series(1, 40000);",
+    )
+    .await;
+    let start = Instant::now();
+    let status = loop {
+        if let Ok(Some(st)) = rig.daemon().proc().child.try_wait() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "skusync kept running past an oversized change\n{}",
+            rig.daemon().stderr_all()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(!status.success(), "{status}");
+    let log = rig.daemon().stderr_all();
+    assert!(
+        log.contains("exceeds the 1048576-byte cap") && log.contains("ALTER PUBLICATION"),
+        "{log}"
+    );
+}
