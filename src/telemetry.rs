@@ -310,7 +310,38 @@ pub fn fold_progress(now: &crate::fold::FoldStats, seen: &mut crate::fold::FoldS
 /// A value was skipped (logged with table, column, LSN and reason; never the value).
 pub fn value_skipped(s: &crate::fold::Skipped) {
     counter!(SKIPPED_VALUES).increment(1);
-    tracing::warn!(table = %s.table, column = %s.column, lsn = %s.lsn, reason = %s.reason, "value skipped");
+    // A systematic problem (a clock ahead, a column of words) skips every row: log the
+    // first of each table and column, then at most one line per interval with the count.
+    let key = (s.table.clone(), s.column.clone());
+    let now = std::time::Instant::now();
+    let suppressed = {
+        let mut seen = skip_log().lock().unwrap_or_else(|e| e.into_inner());
+        let e = seen.entry(key).or_insert((None, 0));
+        if e.0
+            .is_some_and(|t| now.duration_since(t) < SKIP_LOG_INTERVAL)
+        {
+            e.1 += 1;
+            return;
+        }
+        let n = e.1;
+        *e = (Some(now), 0);
+        n
+    };
+    tracing::warn!(table = %s.table, column = %s.column, lsn = %s.lsn, reason = %s.reason,
+        also_skipped_since_last_line = suppressed, "value skipped");
+}
+
+/// At most one "value skipped" line per table and column in this interval.
+const SKIP_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// (table, column) -> (last line, skips not logged since).
+type SkipLog = std::sync::Mutex<
+    std::collections::HashMap<(String, String), (Option<std::time::Instant>, u64)>,
+>;
+
+fn skip_log() -> &'static SkipLog {
+    static L: OnceLock<SkipLog> = OnceLock::new();
+    L.get_or_init(Default::default)
 }
 
 /// The Redis apply script returned for transactions committed at `commit_unix_ms`.

@@ -103,6 +103,10 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// How far an activity row's event time may be after its commit (clock skew between
+/// the application and the database); later times count at the commit time.
+pub const MAX_EVENT_LEAD_MS: i64 = 5 * 60_000;
+
 /// How Redis knows a mapped table's rows: the table's OID and its replica-identity key
 /// columns (row fields are named by their values). Redis built under one identity cannot
 /// follow changes under another: a table swapped in by rename, dropped and created
@@ -573,7 +577,19 @@ impl Fold {
             None => cur_ms,
             Some(i) => match text(t.get(i)) {
                 TextOf::Text(s) => match parse_pg_timestamp_ms(s) {
-                    Some(ms) => ms,
+                    Some(ms) if ms <= cur_ms.saturating_add(MAX_EVENT_LEAD_MS) => ms,
+                    // A typo'd year or a client clock far ahead would move the SKU's
+                    // window forward and leave every present event outside it.
+                    Some(_) => {
+                        self.skip(
+                            &r.table,
+                            m.time.as_deref().unwrap_or(""),
+                            lsn,
+                            "event time is more than 5 minutes after the commit; using the commit time"
+                                .into(),
+                        );
+                        cur_ms
+                    }
                     None => {
                         self.skip(
                             &r.table,

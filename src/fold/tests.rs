@@ -842,3 +842,51 @@ fn identities_expected_from_redis_are_checked_on_first_announcement() {
     other.name = "page_views".into();
     g.relation(&other).unwrap();
 }
+
+#[test]
+fn event_times_far_after_the_commit_count_at_the_commit_time() {
+    let cfg = CONFIG.replace(
+        "quantity = \"qty\"\n",
+        "quantity = \"qty\"\ntime = \"at\"\n",
+    );
+    let m = Arc::new(Mapping::from_config(&Config::parse(&cfg).unwrap()).unwrap());
+    let mut rel = (*activity()).clone();
+    rel.columns.push(col("at", oid::TIMESTAMPTZ, false));
+    let rel = Arc::new(rel);
+    let mut fold = Fold::new(m, 1000);
+    let row = |at: &str| vec![t("1"), t("A"), t("view"), t("1"), t(at)];
+    // `begin` commits at PostgreSQL's epoch, 2000-01-01 00:00 UTC.
+    let commit_min = crate::sinks::layout::minute_of_ms(946_684_800_000);
+    let ch = [
+        change(
+            &rel,
+            Op::Insert,
+            None,
+            Some(row("2000-01-01 00:04:00+00")),
+            0,
+            100,
+        ),
+        change(
+            &rel,
+            Op::Insert,
+            None,
+            Some(row("2206-01-01 00:00:00+00")),
+            1,
+            100,
+        ),
+    ];
+    let pieces = fold_txn(&mut fold, 100, &ch);
+    let d = &pieces.last().unwrap().skus["A"];
+    let want: BTreeMap<(String, i64), i64> = [
+        (("views".to_string(), commit_min), 1),
+        (("views".to_string(), commit_min + 4), 1),
+    ]
+    .into();
+    assert_eq!(
+        d.buckets, want,
+        "within the lead as given; beyond it at the commit"
+    );
+    let skipped = fold.take_skipped();
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert!(skipped[0].reason.contains("after the commit") && skipped[0].column == "at");
+}
