@@ -584,7 +584,7 @@ impl Source {
                             }
                             Event::Commit(c) => {
                                 if !self.skipping {
-                                    let lag_ms = (server_time - c.commit_ts) / 1000;
+                                    let lag_ms = server_time.saturating_sub(c.commit_ts) / 1000;
                                     lagging = lag_ms >= BACKLOG_LAG_MS;
                                     busy.commit(clock.elapsed().as_millis() as u64);
                                     let ticket = {

@@ -232,10 +232,12 @@ impl Entry {
             });
         }
         for (c, n) in d.counters {
-            *self.counters.entry(c).or_default() += n;
+            let v = self.counters.entry(c).or_default();
+            *v = v.saturating_add(n);
         }
         for (k, n) in d.buckets {
-            *self.buckets.entry(k).or_default() += n;
+            let v = self.buckets.entry(k).or_default();
+            *v = v.saturating_add(n);
         }
         for (k, ids) in d.users {
             self.users.entry(k).or_default().extend(ids);

@@ -614,9 +614,12 @@ impl Fold {
         let minute = crate::sinks::layout::minute_of_ms(at_ms);
         let cur = self.cur.as_mut().expect("change inside a transaction");
         let d = cur.skus.entry(sku).or_default();
-        *d.counters.entry(counter.clone()).or_default() += qty;
+        // Saturating: each quantity is within ±2^53, but a piece sums many.
+        let c = d.counters.entry(counter.clone()).or_default();
+        *c = c.saturating_add(qty);
         if has_windows {
-            *d.buckets.entry((counter.clone(), minute)).or_default() += qty;
+            let b = d.buckets.entry((counter.clone(), minute)).or_default();
+            *b = b.saturating_add(qty);
         }
         if let Some(u) = user {
             d.users.entry((counter, minute)).or_default().insert(u);
@@ -751,12 +754,12 @@ pub fn parse_pg_timestamp_ms(s: &str) -> Option<i64> {
         let sign = if tz.starts_with('-') { -1 } else { 1 };
         let mut p = tz[1..].split(':');
         let oh: i64 = p.next()?.parse().ok()?;
-        if oh.abs() > 99 {
+        if oh.unsigned_abs() > 99 {
             return None;
         }
         let om: i64 = p.next().map(|x| x.parse().ok()).unwrap_or(Some(0))?;
         let os: i64 = p.next().map(|x| x.parse().ok()).unwrap_or(Some(0))?;
-        if om.abs() > 99 || os.abs() > 99 {
+        if om.unsigned_abs() > 99 || os.unsigned_abs() > 99 {
             return None;
         }
         sign * (oh * 3600 + om * 60 + os)

@@ -890,3 +890,19 @@ fn event_times_far_after_the_commit_count_at_the_commit_time() {
     assert_eq!(skipped.len(), 1, "{skipped:?}");
     assert!(skipped[0].reason.contains("after the commit") && skipped[0].column == "at");
 }
+
+proptest! {
+    /// Timestamp text comes from the walsender, but corrupted bytes must not panic
+    /// (overflowing offsets, huge years, stray signs).
+    #[test]
+    fn timestamp_parsing_never_panics(
+        s in "[-+0-9: .BCa-z]{0,40}",
+        y in prop_oneof![Just(i64::MIN), Just(i64::MAX), any::<i64>()],
+        oh in prop_oneof![Just(i64::MIN), Just(i64::MAX), any::<i64>()],
+        frac in "[0-9]{0,9}",
+    ) {
+        let _ = parse_pg_timestamp_ms(&s);
+        let _ = parse_pg_timestamp_ms(&format!("{y}-01-01 00:00:00.{frac}+{oh}"));
+        let _ = parse_pg_timestamp_ms(&format!("2026-01-01 00:00:00-{oh}:{y}:{oh}"));
+    }
+}
