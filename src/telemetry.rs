@@ -47,6 +47,8 @@ pub const ALERTS_PUBLISHED: &str = "skusync_alerts_published_total";
 pub const SKIPPED_VALUES: &str = "skusync_skipped_values_total";
 /// Activity rows whose kind maps to no counter.
 pub const UNKNOWN_KINDS: &str = "skusync_unknown_activity_kinds_total";
+/// Row changes of published tables no `[[inventory]]` or `[[activity]]` maps (ignored).
+pub const UNMAPPED_ROWS: &str = "skusync_unmapped_rows_total";
 /// Reconnects, label `server` = `postgres` | `redis` | `mqtt`.
 pub const RECONNECTS: &str = "skusync_reconnects_total";
 /// Rebuilds of Redis from a fresh snapshot (after the first load).
@@ -217,6 +219,10 @@ fn describe_all() {
         ),
         (SKIPPED_VALUES, "Unusable column values skipped."),
         (UNKNOWN_KINDS, "Activity rows of an unmapped kind."),
+        (
+            UNMAPPED_ROWS,
+            "Row changes of published tables that no mapping names (ignored).",
+        ),
         (RESYNCS, "Redis rebuilds from a fresh snapshot."),
     ] {
         describe_counter!(name, help);
@@ -304,6 +310,7 @@ pub fn transactions(n: u64) {
 pub fn fold_progress(now: &crate::fold::FoldStats, seen: &mut crate::fold::FoldStats) {
     counter!(ROWS).increment(now.rows.saturating_sub(seen.rows));
     counter!(UNKNOWN_KINDS).increment(now.unknown_kinds.saturating_sub(seen.unknown_kinds));
+    counter!(UNMAPPED_ROWS).increment(now.unmapped_changes.saturating_sub(seen.unmapped_changes));
     *seen = now.clone();
 }
 
@@ -528,6 +535,7 @@ mod tests {
             ALERTS_PUBLISHED,
             SKIPPED_VALUES,
             UNKNOWN_KINDS,
+            UNMAPPED_ROWS,
             RECONNECTS,
             RESYNCS,
             BACKLOG_CHANNEL,

@@ -284,6 +284,7 @@ async fn metrics_endpoint_reports_every_named_metric_with_sane_values_after_a_wo
         "skusync_alerts_published_total",
         "skusync_skipped_values_total",
         "skusync_unknown_activity_kinds_total",
+        "skusync_unmapped_rows_total",
         "skusync_reconnects_total{server=\"postgres\"}",
         "skusync_reconnects_total{server=\"redis\"}",
         "skusync_reconnects_total{server=\"mqtt\"}",
