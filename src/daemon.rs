@@ -596,7 +596,9 @@ impl Daemon {
                     SourceEvent::Reset => fold.reset(),
                     SourceEvent::Event(Event::Relation(r)) => match fold.relation(&r) {
                         Ok(()) => {}
-                        Err(RelationProblem::Schema(e)) => return Err(DaemonError::Definite(e.0)),
+                        Err(RelationProblem::Schema(e)) => {
+                            return Err(schema_stop(e, fold.current_commit()));
+                        }
                         Err(RelationProblem::Changed(why)) => {
                             // Nothing of that table is folded under the new identity: Redis
                             // is rebuilt from a snapshot taken after the change, and the
@@ -615,12 +617,18 @@ impl Daemon {
                     },
                     SourceEvent::Event(Event::Begin(b)) => fold.begin(&b),
                     SourceEvent::Event(Event::Change(c)) => {
-                        if let Some(p) = fold.change(&c).map_err(|e| DaemonError::Definite(e.0))? {
+                        if let Some(p) = fold
+                            .change(&c)
+                            .map_err(|e| schema_stop(e, Some(c.commit_lsn)))?
+                        {
                             pending.batch.push(p);
                         }
                     }
                     SourceEvent::Event(Event::Truncate(t)) => {
-                        for p in fold.truncate(&t).map_err(|e| DaemonError::Definite(e.0))? {
+                        for p in fold
+                            .truncate(&t)
+                            .map_err(|e| schema_stop(e, fold.current_commit()))?
+                        {
                             if p.truncate.is_empty() {
                                 pending.batch.push(p);
                                 continue;
@@ -871,6 +879,17 @@ pub async fn resync_now(cfg: Config) -> Result<(), DaemonError> {
         Some(_) => {}
     }
     d.resync(&mut con, &client, &slot).await
+}
+
+/// A schema problem met in the stream: definite, with the transaction it was met in.
+fn schema_stop(e: crate::fold::SchemaError, commit: Option<Lsn>) -> DaemonError {
+    match commit {
+        Some(lsn) => DaemonError::Definite(format!(
+            "{} (met in the transaction that commits at LSN {lsn})",
+            e.0
+        )),
+        None => DaemonError::Definite(e.0),
+    }
 }
 
 /// Reset Redis, load the snapshot, and mark the meta hash done at `at`.

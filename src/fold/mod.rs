@@ -251,6 +251,11 @@ impl Fold {
         self.touched.clear();
     }
 
+    /// The commit LSN of the transaction being folded, if any (for error messages).
+    pub fn current_commit(&self) -> Option<Lsn> {
+        self.cur.as_ref().map(|p| p.commit_lsn)
+    }
+
     /// Values skipped since the last call (for logging and metrics).
     pub fn take_skipped(&mut self) -> Vec<Skipped> {
         std::mem::take(&mut self.skipped)

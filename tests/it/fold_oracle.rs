@@ -946,3 +946,46 @@ async fn a_change_over_the_message_cap_stops_with_the_sql_to_fix_it() {
         "{log}"
     );
 }
+
+/// Dropping a mapped column stops skusync with the column, what to do, and where in
+/// the stream it happened; nothing after it is folded without the column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_mapped_column_stops_with_what_to_fix_and_where() {
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.start_skusync("").await;
+    rig.exec("INSERT INTO inventory VALUES ('A-1', 'WH-1', 5, 2);")
+        .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    rig.exec(
+        "ALTER TABLE inventory DROP COLUMN reserved;
+         UPDATE inventory SET on_hand = 6;",
+    )
+    .await;
+    let start = Instant::now();
+    let status = loop {
+        if let Ok(Some(st)) = rig.daemon().proc().child.try_wait() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "skusync kept running without a mapped column\n{}",
+            rig.daemon().stderr_all()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(!status.success(), "{status}");
+    let log = rig.daemon().stderr_all();
+    assert!(
+        log.contains("mapped column public.inventory.reserved")
+            && log.contains("restore it or fix the mapping")
+            && log.contains("met in the transaction that commits at LSN"),
+        "{log}"
+    );
+    let key = skusync::sinks::layout::sku_key("skusync", "A-1");
+    assert_eq!(
+        hget(&mut rig.con, &key, "on_hand").await.as_deref(),
+        Some("5"),
+        "the update after the drop was not applied without its column"
+    );
+}
