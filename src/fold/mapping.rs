@@ -85,6 +85,9 @@ impl Mapping {
             )
             .unwrap_or_default(),
         );
+        // The row field format: 2 names REPLICA IDENTITY FULL rows by a hash of their
+        // values (1 copied the values). Changing it rebuilds Redis once.
+        h.update(b"row-fields:2");
         let fingerprint = hex::encode(&h.finalize()[..12]);
         Ok(Mapping {
             inventory: cfg.inventory.clone(),
@@ -196,6 +199,7 @@ impl Mapping {
                 reserved,
                 low_stock,
                 key,
+                full,
             }));
         }
         if let Some((i, a)) = self
@@ -290,6 +294,8 @@ pub struct InventoryRule {
     pub low_stock: Option<usize>,
     /// Replica identity key columns (all columns with REPLICA IDENTITY FULL).
     pub key: Vec<usize>,
+    /// REPLICA IDENTITY FULL: rows are named by a hash of all their values.
+    pub full: bool,
 }
 
 /// Column positions of an activity table.

@@ -707,6 +707,26 @@ fn row_identity(
         _ => return Err(col_name(r.sku)),
     };
     let mut field = format!("r:{}:", r.table);
+    if r.full {
+        // Every column is the key: hash the values, so none of them (free text, personal
+        // data) is copied into Redis and field names stay short. Length-prefixed, so no
+        // two rows share a preimage; NULL's marker is no length.
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for &i in &r.key {
+            match t.get(i) {
+                Some(Datum::Text(b)) => {
+                    h.update((b.len() as u64).to_be_bytes());
+                    h.update(b);
+                }
+                Some(Datum::Null) => h.update(u64::MAX.to_be_bytes()),
+                _ => return Err(col_name(i)),
+            }
+        }
+        field.push('#');
+        field.push_str(&hex::encode(&h.finalize()[..16]));
+        return Ok((sku, field));
+    }
     for (n, &i) in r.key.iter().enumerate() {
         if n > 0 {
             field.push('\u{1f}');

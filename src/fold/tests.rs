@@ -906,3 +906,72 @@ proptest! {
         let _ = parse_pg_timestamp_ms(&format!("2026-01-01 00:00:00-{oh}:{y}:{oh}"));
     }
 }
+
+#[test]
+fn full_identity_rows_are_named_by_a_hash_not_their_values() {
+    let inv = inventory(ReplicaIdentity::Full);
+    let mut fold = Fold::new(mapping(), 1000);
+    let ch = [
+        change(
+            &inv,
+            Op::Insert,
+            None,
+            Some(row("A", "Secret St 1", 10, 2)),
+            0,
+            100,
+        ),
+        change(
+            &inv,
+            Op::Insert,
+            None,
+            Some(row("A", "Secret St 1", 10, 3)),
+            1,
+            100,
+        ),
+        change(
+            &inv,
+            Op::Insert,
+            None,
+            Some(vec![t("A"), Datum::Null, t("1"), t("0")]),
+            2,
+            100,
+        ),
+        change(
+            &inv,
+            Op::Insert,
+            None,
+            Some(vec![t("A"), t(""), t("1"), t("0")]),
+            3,
+            100,
+        ),
+    ];
+    let pieces = fold_txn(&mut fold, 100, &ch);
+    let fields: Vec<&String> = pieces
+        .iter()
+        .flat_map(|p| p.skus["A"].rows.keys())
+        .collect();
+    assert_eq!(
+        fields.len(),
+        4,
+        "distinct rows (NULL is not empty text): {fields:?}"
+    );
+    for f in &fields {
+        assert!(
+            f.starts_with("r:public.inventory:#") && f.len() == "r:public.inventory:#".len() + 32,
+            "{f}"
+        );
+        assert!(!f.contains("Secret"), "{f}");
+    }
+    // The same values name the same row (a delete under FULL carries the whole old row).
+    let del = change(
+        &inv,
+        Op::Delete,
+        Some((OldKind::Full, row("A", "Secret St 1", 10, 2))),
+        None,
+        0,
+        200,
+    );
+    let p = fold_txn(&mut fold, 200, &[del]);
+    let k = p[0].skus["A"].rows.keys().next().unwrap();
+    assert!(fields.contains(&k), "{k}");
+}
