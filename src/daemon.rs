@@ -534,6 +534,8 @@ impl Daemon {
                         match applier.apply(&[], Some(flush), false).await {
                             Ok(_) => { telemetry::redis_ok(); self.gate.fetch_max(flush.0, Ordering::SeqCst) }
                             Err(RedisSinkError::NoMeta) => return Ok(Cycle::Restart("Redis lost its data".into())),
+                            // e.g. READONLY: warning on every tick would hide it
+                            Err(e) if !e.is_transient() => return Err(e.into()),
                             Err(e) => { telemetry::redis_failed(); tracing::warn!(error = %e, "cannot record progress in Redis"); 0 }
                         };
                     }
