@@ -83,8 +83,10 @@
 //! size. A state payload is a few hundred bytes plus about 50 bytes per location and 30
 //! per counter or window, each again in `delta` when it changed (all of them in a first
 //! message), so the default fits about 500 locations with short names; a payload that would
-//! exceed `max_packet_bytes` minus topic and header overhead is not sent (logged as an
-//! error and counted as refused), since a partial state would be wrong.
+//! exceed `max_packet_bytes` minus topic and header overhead is not sent, since a partial
+//! state would be wrong: it is counted as refused each time, logged as an error once when
+//! the SKU becomes too large, and the SKU stays unpublished. Its alerts (a few hundred
+//! bytes) are still sent.
 //!
 //! # Logging
 //!
