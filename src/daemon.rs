@@ -686,12 +686,16 @@ impl Daemon {
             Err(RedisSinkError::NoMeta) => Ok(Some(Cycle::Restart(
                 "Redis lost its data (meta hash missing)".into(),
             ))),
-            Err(RedisSinkError::Split(msg)) => {
+            Err(e @ RedisSinkError::Split(_)) => {
                 // Redis held part of a merged entry: replay everything up to this batch
-                // unmerged. Nothing of the refused call was written.
+                // unmerged. Nothing of the refused call was written. The restart is
+                // logged at WARN, so the SKU goes to its own debug line.
+                if let RedisSinkError::Split(key) = &e {
+                    tracing::debug!(key = %key, last_commit = %f.last_commit, "merged entry refused by this SKU's fence");
+                }
                 self.split_floor = self.split_floor.max(f.last_commit);
                 Ok(Some(Cycle::Restart(format!(
-                    "{msg}; replaying without merging up to {}",
+                    "{e}; replaying without merging up to {} (the SKU is logged at debug)",
                     f.last_commit
                 ))))
             }

@@ -24,9 +24,10 @@ pub enum RedisSinkError {
     /// The meta hash is gone: Redis lost its data; rebuild from a snapshot.
     #[error("Redis lost skusync's data (meta hash missing): a resync is needed")]
     NoMeta,
-    /// A merged entry straddles a SKU's fence: part of it was applied before (the
-    /// horizon was wrong). Nothing was written; replay with a higher horizon.
-    #[error("Redis: {0}")]
+    /// A merged entry straddles the fence of the SKU hash at this key: part of it was
+    /// applied before (the horizon was wrong). Nothing was written; replay with a higher
+    /// horizon. The message leaves the key out (SKUs are logged at debug only).
+    #[error("Redis holds part of a merged entry (SKUSYNC_SPLIT)")]
     Split(String),
     /// Connection trouble; retry.
     #[error("Redis: {0}")]
@@ -48,7 +49,13 @@ impl RedisSinkError {
         // Our own refusals (`redis.error_reply` in apply.lua).
         match code {
             "SKUSYNC_NOMETA" => return RedisSinkError::NoMeta,
-            "SKUSYNC_SPLIT" => return RedisSinkError::Split(msg),
+            "SKUSYNC_SPLIT" => {
+                let detail = e.detail().unwrap_or_default();
+                let key = detail
+                    .strip_suffix(" holds part of a merged entry")
+                    .unwrap_or(detail);
+                return RedisSinkError::Split(key.to_string());
+            }
             _ => {}
         }
         let transient = match e.kind() {
@@ -783,9 +790,19 @@ mod tests {
             classify("SKUSYNC_NOMETA meta hash missing: Redis lost its data; a resync is needed"),
             RedisSinkError::NoMeta
         ));
-        assert!(matches!(
-            classify("SKUSYNC_SPLIT p:sku:A holds part of a merged entry"),
-            RedisSinkError::Split(m) if m == "SKUSYNC_SPLIT p:sku:A holds part of a merged entry"
-        ));
+        let split = classify("SKUSYNC_SPLIT p:sku:A B holds part of a merged entry");
+        assert!(
+            matches!(&split, RedisSinkError::Split(key) if key == "p:sku:A B"),
+            "{split:?}"
+        );
+        assert!(!split.is_transient());
+    }
+
+    #[test]
+    fn a_split_message_leaves_the_sku_key_out() {
+        let split = classify("SKUSYNC_SPLIT p:sku:SKU-42 holds part of a merged entry");
+        let m = split.to_string();
+        assert!(m.contains("SKUSYNC_SPLIT"), "{m}");
+        assert!(!m.contains("SKU-42"), "{m}");
     }
 }
