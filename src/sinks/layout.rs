@@ -26,6 +26,27 @@
 //! The meta hash `<prefix>:meta` holds `applied_lsn`, `system_id`, `timeline`,
 //! `fingerprint`, `bootstrap` (`done` once a snapshot finished loading) and `mqtt_epoch`.
 
+/// Fields of a SKU hash with a fixed name, written by the apply script, the snapshot
+/// reset and the MQTT publisher (keep in step with `apply.lua`). Every other field is a
+/// counter's lifetime total (`<counter>`) or has a prefix ending in `:` (`loc:`, `r:`,
+/// `w:`, `wmax:`), which counter names cannot contain: so a counter must not take one
+/// of these names.
+pub const FIXED_FIELDS: &[&str] = &[
+    "on_hand",
+    "reserved",
+    "available",
+    "rows",
+    "lsn",
+    "piece",
+    "ts",
+    "threshold",
+    "alert_state",
+    "alerts",
+    "pub_lsn",
+    "pub_state",
+    "gone",
+];
+
 /// Key of a SKU's hash.
 pub fn sku_key(prefix: &str, sku: &str) -> String {
     format!("{prefix}:sku:{sku}")
