@@ -61,7 +61,7 @@ pub struct RedisConfig {
     #[serde(default = "default_piece_changes")]
     pub max_changes_per_piece: u64,
     /// Most SKU entries merged into one batch while backlogged (a batch goes to Redis as
-    /// script calls of at most 2,000 entries).
+    /// script calls of at most 500 entries, `daemon::CALL_ENTRIES`).
     #[serde(default = "default_batch_skus")]
     pub max_batch_skus: usize,
     /// CA file for `rediss://` (PEM); the system trust store when absent.
@@ -254,7 +254,8 @@ fn default_low_stock() -> i64 {
     5
 }
 
-/// Parse a window like `5m`, `1h`, `90s` into seconds; whole minutes, 1 minute to 24 hours.
+/// Parse a window like `5m`, `1h`, `120s` into seconds; whole minutes (`90s` is refused),
+/// 1 minute to 24 hours.
 pub fn parse_window(s: &str) -> Option<u64> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
     let n: u64 = num.parse().ok()?;

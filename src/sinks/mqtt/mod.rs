@@ -33,7 +33,8 @@
 //! acknowledged message (non-zero entries only, same shape, locations nested; a first
 //! message's delta is its values); `lsn` and `prev_lsn` (commit LSNs `X/Y` of this and the
 //! previous acknowledged message, `prev_lsn` omitted on the first); `ts` (commit time,
-//! RFC 3339 UTC with milliseconds). Absent features are omitted, never `null`.
+//! RFC 3339 UTC with milliseconds). `v`, `sku` and the three stock totals are always
+//! present (0 without stock tables); other absent features are omitted, never `null`.
 //!
 //! Window values age without new events: SKUs published with a non-zero window value are
 //! rechecked once per minute, round robin, at most `window_republish_per_s` per second,
