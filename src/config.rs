@@ -2,6 +2,7 @@
 //! are errors, and every error names the key.
 
 use crate::pg::connstr::PgConnectConfig;
+use crate::sinks::layout;
 use serde::Deserialize;
 use std::path::Path;
 use std::time::Duration;
@@ -60,7 +61,7 @@ pub struct RedisConfig {
     #[serde(default = "default_piece_changes")]
     pub max_changes_per_piece: u64,
     /// Most SKU entries merged into one batch while backlogged (a batch goes to Redis as
-    /// script calls of at most 2,000 entries).
+    /// script calls of at most 500 entries, `daemon::CALL_ENTRIES`).
     #[serde(default = "default_batch_skus")]
     pub max_batch_skus: usize,
     /// CA file for `rediss://` (PEM); the system trust store when absent.
@@ -261,7 +262,8 @@ fn default_low_stock() -> i64 {
     5
 }
 
-/// Parse a window like `5m`, `1h`, `90s` into seconds; whole minutes, 1 minute to 24 hours.
+/// Parse a window like `5m`, `1h`, `120s` into seconds; whole minutes (`90s` is refused),
+/// 1 minute to 24 hours.
 pub fn parse_window(s: &str) -> Option<u64> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
     let n: u64 = num.parse().ok()?;
@@ -367,7 +369,10 @@ impl Config {
                 }
             }
         }
-        let mut counters = std::collections::BTreeSet::new();
+        // counter -> (first activity index, windows in seconds, counts distinct users),
+        // merged over tables as `Mapping::counters` does
+        let mut counters: std::collections::BTreeMap<String, (usize, Vec<u64>, bool)> =
+            std::collections::BTreeMap::new();
         for (i, m) in self.activity.iter().enumerate() {
             if !valid_table(&m.table) {
                 return err(format!(
@@ -391,26 +396,18 @@ impl Config {
                 }
             }
             for c in m.counters.values() {
-                let reserved = [
-                    "on_hand",
-                    "reserved",
-                    "available",
-                    "lsn",
-                    "piece",
-                    "ts",
-                    "threshold",
-                ];
-                if c.is_empty()
-                    || c.contains(':')
-                    || reserved.contains(&c.as_str())
-                    || c.starts_with("pub")
-                    || c.starts_with("alert")
-                {
+                if let Some(why) = counter_name_problem(c) {
                     return err(format!(
-                        "activity[{i}].counters: {c:?} cannot be a counter name (empty, contains ':', or reserved)"
+                        "activity[{i}].counters: {c:?} cannot be a counter name: {why}"
                     ));
                 }
-                counters.insert(c.clone());
+                let e = counters.entry(c.clone()).or_insert((i, Vec::new(), false));
+                for w in m.windows.iter().filter_map(|w| parse_window(w)) {
+                    if !e.1.contains(&w) {
+                        e.1.push(w);
+                    }
+                }
+                e.2 |= m.user.is_some();
             }
             if m.user.is_some()
                 && m.user_key.is_none()
@@ -421,6 +418,33 @@ impl Config {
                 return err(format!(
                     "activity[{i}].user: mapping a user column needs an HMAC key: set activity[{i}].user_key or SKUSYNC_USER_KEY"
                 ));
+            }
+        }
+        // A counter's window and distinct-user members in the MQTT payload must not
+        // collide with another counter's (`views_5m` the counter, and the 5m window of
+        // `views`).
+        let mut members: std::collections::BTreeMap<String, String> =
+            std::collections::BTreeMap::new();
+        for (c, (i, windows, users)) in &counters {
+            let mut names = vec![(c.clone(), format!("counter {c:?}"))];
+            for &w in windows {
+                let window = layout::window_name(c, w);
+                let span = window[c.len() + 1..].to_string();
+                names.push((window, format!("the {span} window of counter {c:?}")));
+                if *users {
+                    names.push((
+                        crate::sinks::mqtt::users_name(c, w),
+                        format!("the {span} distinct users of counter {c:?}"),
+                    ));
+                }
+            }
+            for (name, what) in names {
+                if let Some(other) = members.insert(name.clone(), what.clone()) {
+                    return err(format!(
+                        "activity[{i}].counters: {name:?} in the MQTT state payload would be both \
+                         {other} and {what}: rename one of the counters"
+                    ));
+                }
             }
         }
         if let Some(r) = &self.redis {
@@ -477,6 +501,24 @@ impl Config {
     /// The status update interval.
     pub fn status_interval(&self) -> Duration {
         Duration::from_millis(self.postgres.status_interval_ms)
+    }
+}
+
+/// Why `c` cannot name a counter, if it cannot: its lifetime total is the SKU hash field
+/// `<c>` and the state payload member `"<c>"`, so neither may exist for another reason.
+fn counter_name_problem(c: &str) -> Option<&'static str> {
+    if c.is_empty() {
+        Some("it is empty")
+    } else if c.contains(':') {
+        Some("it contains ':' (the separator of prefixed SKU hash fields and keys)")
+    } else if layout::FIXED_FIELDS.contains(&c) || c.starts_with("pub") || c.starts_with("alert") {
+        Some(
+            "skusync keeps a field of that name in each SKU hash (names starting with \"pub\" or \"alert\" are reserved too)",
+        )
+    } else if crate::sinks::mqtt::STATE_MEMBERS.contains(&c) {
+        Some("the MQTT state payload has a member of that name")
+    } else {
+        None
     }
 }
 
@@ -548,6 +590,93 @@ mod tests {
         let text = include_str!("../dist/skusync.toml");
         let c = Config::parse(text).unwrap_or_else(|e| panic!("dist/skusync.toml: {e}"));
         assert!(c.http.is_some() && c.mqtt.is_some() && c.redis.is_some());
+    }
+
+    /// A config with one activity table: `windows` (TOML array body), extra keys, and
+    /// its counters (`kind = "name"` lines).
+    fn activity(windows: &str, extra: &str, counters: &str) -> Result<Config, ConfigError> {
+        Config::parse(&format!(
+            "[postgres]\nurl = \"postgresql://u@h/d\"\n[[activity]]\ntable = \"public.a\"\n\
+             sku = \"sku\"\nkind = \"kind\"\nwindows = [{windows}]\n{extra}\n\
+             [activity.counters]\n{counters}\n"
+        ))
+    }
+
+    #[test]
+    fn counter_names_that_are_sku_hash_fields_or_payload_members_are_rejected() {
+        let names = [
+            // SKU hash fields
+            "on_hand",
+            "reserved",
+            "available",
+            "rows",
+            "lsn",
+            "piece",
+            "ts",
+            "threshold",
+            "alert_state",
+            "alerts",
+            "pub_lsn",
+            "pub_state",
+            "gone",
+            "published",
+            "alerting",
+            // state payload members
+            "v",
+            "sku",
+            "locations",
+            "delta",
+            "as_of",
+            "prev_lsn",
+            "sell_rate_per_h",
+            "stockout_eta_s",
+            // not a field name at all
+            "",
+            "a:b",
+        ];
+        for name in names {
+            let e = activity("\"5m\"", "", &format!("view = {name:?}"))
+                .expect_err(name)
+                .to_string();
+            assert!(
+                e.contains("activity[0].counters") && e.contains(&format!("{name:?}")),
+                "{name}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_counter_named_like_another_counters_window_member_is_rejected() {
+        let e = activity("\"5m\"", "", "view = \"views\"\nseen = \"views_5m\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\"views_5m\"") && e.contains("the 5m window of counter \"views\""),
+            "{e}"
+        );
+        let e = activity(
+            "\"1h\"",
+            "user = \"uid\"\nuser_key = \"k\"",
+            "view = \"views\"\nseen = \"views_users_1h\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("the 1h distinct users of counter \"views\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn ordinary_counter_names_are_accepted() {
+        activity(
+            "\"5m\", \"1h\"",
+            "",
+            "view = \"views\"\nadd_to_cart = \"carts\"\npurchase = \"purchases\"\nbuy = \"purchases\"",
+        )
+        .unwrap();
+        // the name of a window the counter does not have is free
+        activity("\"1h\"", "", "view = \"views\"\nseen = \"views_5m\"").unwrap();
     }
 
     #[test]

@@ -534,6 +534,8 @@ impl Daemon {
                         match applier.apply(&[], Some(flush), false).await {
                             Ok(_) => { telemetry::redis_ok(); self.gate.fetch_max(flush.0, Ordering::SeqCst) }
                             Err(RedisSinkError::NoMeta) => return Ok(Cycle::Restart("Redis lost its data".into())),
+                            // e.g. READONLY: warning on every tick would hide it
+                            Err(e) if !e.is_transient() => return Err(e.into()),
                             Err(e) => { telemetry::redis_failed(); tracing::warn!(error = %e, "cannot record progress in Redis"); 0 }
                         };
                     }
@@ -711,12 +713,16 @@ impl Daemon {
             Err(RedisSinkError::NoMeta) => Ok(Some(Cycle::Restart(
                 "Redis lost its data (meta hash missing)".into(),
             ))),
-            Err(RedisSinkError::Split(msg)) => {
+            Err(e @ RedisSinkError::Split(_)) => {
                 // Redis held part of a merged entry: replay everything up to this batch
-                // unmerged. Nothing of the refused call was written.
+                // unmerged. Nothing of the refused call was written. The restart is
+                // logged at WARN, so the SKU goes to its own debug line.
+                if let RedisSinkError::Split(key) = &e {
+                    tracing::debug!(key = %key, last_commit = %f.last_commit, "merged entry refused by this SKU's fence");
+                }
                 self.split_floor = self.split_floor.max(f.last_commit);
                 Ok(Some(Cycle::Restart(format!(
-                    "{msg}; replaying without merging up to {}",
+                    "{e}; replaying without merging up to {} (the SKU is logged at debug)",
                     f.last_commit
                 ))))
             }

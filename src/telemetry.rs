@@ -422,9 +422,26 @@ pub fn mqtt_alert_acked() {
     counter!(ALERTS_PUBLISHED).increment(1);
 }
 
-/// The broker refused a message or it was too large to send.
+/// The broker refused a message.
 pub fn mqtt_refused() {
     counter!(MQTT_REFUSED).increment(1);
+}
+
+/// A SKU's `what` message (`state` or `alert`) of `bytes` (topic and payload) exceeds
+/// the maximum packet size `max` and was not sent. Counted each time; logged when
+/// `first` (the SKU just became too large), since a SKU stays too large for every change
+/// until its state shrinks.
+pub fn mqtt_too_large(what: &'static str, bytes: usize, max: usize, first: bool) {
+    counter!(MQTT_REFUSED).increment(1);
+    if first {
+        tracing::error!(
+            message_kind = what,
+            bytes,
+            max,
+            "MQTT message exceeds the maximum packet size; not published (raise \
+             mqtt.max_packet_bytes, or the broker's limit; logged once per SKU)"
+        );
+    }
 }
 
 // ---- readiness and watchdog ----------------------------------------------------------

@@ -24,7 +24,29 @@
 //! `{<prefix>:sku:<SKU>}:u:<counter>` (lifetime) and `{<prefix>:sku:<SKU>}:u:<counter>:<minute>`.
 //!
 //! The meta hash `<prefix>:meta` holds `applied_lsn`, `system_id`, `timeline`,
-//! `fingerprint`, `bootstrap` (`done` once a snapshot finished loading) and `mqtt_epoch`.
+//! `fingerprint`, `bootstrap` (`loading`, `done` once a snapshot finished loading, or
+//! `stale` when built from another database), `mqtt_epoch` and `last_publish_ms`.
+
+/// Fields of a SKU hash with a fixed name, written by the apply script, the snapshot
+/// reset and the MQTT publisher (keep in step with `apply.lua`). Every other field is a
+/// counter's lifetime total (`<counter>`) or has a prefix ending in `:` (`loc:`, `r:`,
+/// `w:`, `wmax:`), which counter names cannot contain: so a counter must not take one
+/// of these names.
+pub const FIXED_FIELDS: &[&str] = &[
+    "on_hand",
+    "reserved",
+    "available",
+    "rows",
+    "lsn",
+    "piece",
+    "ts",
+    "threshold",
+    "alert_state",
+    "alerts",
+    "pub_lsn",
+    "pub_state",
+    "gone",
+];
 
 /// Key of a SKU's hash.
 pub fn sku_key(prefix: &str, sku: &str) -> String {

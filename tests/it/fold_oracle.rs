@@ -124,6 +124,26 @@ impl Daemon {
         })
     }
 
+    /// How many lines of all incarnations' full stderr contain `needle`.
+    pub fn stderr_count(&self, needle: &str) -> usize {
+        (0..self.runs)
+            .flat_map(|i| {
+                std::fs::read_dir(self.dir.join(format!("run{i}")))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            })
+            .filter(|e| e.path().extension().is_some_and(|x| x == "stderr"))
+            .map(|e| {
+                std::fs::read_to_string(e.path())
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains(needle))
+                    .count()
+            })
+            .sum()
+    }
+
     /// Panics (with the logs) when the process exited.
     pub fn assert_alive(&mut self, what: &str) {
         if let Ok(Some(st)) = self.proc().child.try_wait() {

@@ -325,3 +325,83 @@ async fn a_thousand_updates_to_one_sku_in_a_second_are_throttled_and_end_exact()
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_of_a_sku_whose_state_exceeds_the_packet_limit_are_still_published() {
+    let broker = MosquittoServer::start();
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    // 40 locations make a state of about 3 KB, well above a 1 KiB packet limit.
+    let rows: Vec<String> = (0..40)
+        .map(|i| format!("('WIDE', 'LOCATION-{i:02}', 10, 0)"))
+        .collect();
+    rig.exec(&format!(
+        "INSERT INTO inventory VALUES {}, ('SMALL', 'W1', 10, 0)",
+        rows.join(", ")
+    ))
+    .await;
+    rig.start_skusync(&format!(
+        "{}max_packet_bytes = 1024\n[alerts]\nlow_stock = 5\n",
+        mqtt_toml(&broker, 10)
+    ))
+    .await;
+    let alerts = Subscriber::start(&broker, "skusync/alerts/#");
+    let key = layout::sku_key("skusync", "WIDE");
+    // Below the threshold, then sold out: two crossings, two changes of a state too big.
+    for (on, want) in [(3, "low_stock"), (0, "out_of_stock")] {
+        rig.exec(&format!(
+            "UPDATE inventory SET on_hand = CASE WHEN location = 'LOCATION-00' THEN {on} ELSE 0 END \
+             WHERE sku = 'WIDE'"
+        ))
+        .await;
+        let start = Instant::now();
+        loop {
+            let got = alerts.messages().into_iter().any(|(t, p)| {
+                let j: serde_json::Value = serde_json::from_str(&p).expect("alert JSON");
+                t == "skusync/alerts/WIDE" && j["type"] == want && j["available"] == on
+            });
+            if got {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no {want} alert for WIDE; got {:?}\n{}",
+                alerts.messages(),
+                rig.daemon().stderr_all()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Acknowledged alerts leave the outbox even though the state never went out.
+    let start = Instant::now();
+    while hget(&mut rig.con, &key, "alerts")
+        .await
+        .is_some_and(|a| a != "[]")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "acknowledged alerts leave the outbox"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(hget(&mut rig.con, &key, "pub_lsn").await, None);
+    assert!(
+        broker
+            .retained(&sku_topic("skusync", "WIDE"), Duration::from_secs(2))
+            .is_empty(),
+        "the state too large for a packet is not published"
+    );
+    assert_eq!(
+        broker
+            .retained(&sku_topic("skusync", "SMALL"), Duration::from_secs(2))
+            .len(),
+        1,
+        "other SKUs are published"
+    );
+    let d = rig.daemon();
+    assert_eq!(
+        d.stderr_count("exceeds the maximum packet size"),
+        1,
+        "logged once, not on every change\n{}",
+        d.stderr_all()
+    );
+}

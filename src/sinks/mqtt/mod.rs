@@ -33,7 +33,8 @@
 //! acknowledged message (non-zero entries only, same shape, locations nested; a first
 //! message's delta is its values); `lsn` and `prev_lsn` (commit LSNs `X/Y` of this and the
 //! previous acknowledged message, `prev_lsn` omitted on the first); `ts` (commit time,
-//! RFC 3339 UTC with milliseconds). Absent features are omitted, never `null`.
+//! RFC 3339 UTC with milliseconds). `v`, `sku` and the three stock totals are always
+//! present (0 without stock tables); other absent features are omitted, never `null`.
 //!
 //! Window values age without new events: SKUs published with a non-zero window value are
 //! rechecked once per minute, round robin, at most `window_republish_per_s` per second,
@@ -83,8 +84,10 @@
 //! size. A state payload is a few hundred bytes plus about 50 bytes per location and 30
 //! per counter or window, each again in `delta` when it changed (all of them in a first
 //! message), so the default fits about 500 locations with short names; a payload that would
-//! exceed `max_packet_bytes` minus topic and header overhead is not sent (logged as an
-//! error and counted as refused), since a partial state would be wrong.
+//! exceed `max_packet_bytes` minus topic and header overhead is not sent, since a partial
+//! state would be wrong: it is counted as refused each time, logged as an error once when
+//! the SKU becomes too large, and the SKU stays unpublished. Its alerts (a few hundred
+//! bytes) are still sent.
 //!
 //! # Logging
 //!
@@ -99,7 +102,10 @@ mod topic;
 mod tracker;
 
 pub use conn::{Broker, PASSWORD_ENV, parse_url};
-pub use payload::{Kind, PendingAlert, StateMessage, alert_payload, parse_alerts, state_message};
+pub use payload::{
+    Kind, PendingAlert, STATE_MEMBERS, StateMessage, alert_payload, parse_alerts, state_message,
+    users_name,
+};
 pub use run::MARK_PUBLISHED;
 pub use sched::{Aging, Scheduler, Want};
 pub use topic::{EMPTY_SKU_LEVEL, decode_sku, encode_sku};

@@ -12,6 +12,24 @@ use crate::sinks::layout;
 /// Payload format version.
 pub const FORMAT_VERSION: u64 = 1;
 
+/// Top-level members of the state payload (and of its `delta`) that are not named after
+/// a counter (`views`, `views_5m`, `views_users_5m`): a counter must not produce one.
+pub const STATE_MEMBERS: &[&str] = &[
+    "v",
+    "sku",
+    "on_hand",
+    "reserved",
+    "available",
+    "locations",
+    "delta",
+    "as_of",
+    "lsn",
+    "prev_lsn",
+    "ts",
+    "sell_rate_per_h",
+    "stockout_eta_s",
+];
+
 /// What the payload is for.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -752,6 +770,51 @@ mod tests {
         let st: BTreeMap<String, i64> = serde_json::from_str(&msg.state).unwrap();
         assert_eq!(st["loc:WH-1:on_hand"], 6);
         assert_eq!(st["views_5m"], 3);
+    }
+
+    #[test]
+    fn every_member_not_named_after_a_counter_is_listed_in_state_members() {
+        let m = layout::minute_of_ms(NOW);
+        let f = fields(&[
+            ("on_hand", "8".into()),
+            ("reserved", "2".into()),
+            ("loc:WH-1:on_hand", "6".into()),
+            ("views", "100".into()),
+            ("purchases", "9".into()),
+            (&layout::bucket_field("views", m), "3".into()),
+            (&layout::bucket_field("purchases", m), "3".into()),
+            ("lsn", "7".into()),
+            ("pub_lsn", "5".into()),
+            ("pub_state", "{\"on_hand\":1}".into()),
+            ("ts", NOW.to_string()),
+        ]);
+        let users = HashMap::from([("views_users_5m".to_string(), 2)]);
+        let spec = spec();
+        let from_counters: Vec<String> = spec
+            .counters
+            .iter()
+            .flat_map(|c| {
+                let mut n = vec![c.name.clone()];
+                for &w in &c.windows_secs {
+                    n.push(layout::window_name(&c.name, w));
+                    n.push(users_name(&c.name, w));
+                }
+                n
+            })
+            .collect();
+        for kind in [Kind::Change, Kind::Aging { as_of_ms: NOW }] {
+            let v = parse(&state_message(&spec, "A", &f, &users, NOW, kind).payload);
+            let mut members: Vec<&String> = v.as_object().unwrap().keys().collect();
+            if let Some(d) = v.get("delta") {
+                members.extend(d.as_object().unwrap().keys());
+            }
+            for k in members {
+                assert!(
+                    from_counters.contains(k) || STATE_MEMBERS.contains(&k.as_str()),
+                    "{k} is neither a counter's nor in STATE_MEMBERS"
+                );
+            }
+        }
     }
 
     #[test]

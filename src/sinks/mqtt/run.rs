@@ -18,7 +18,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use super::payload::{self, Kind, Spec};
 use super::pump::Pump;
@@ -191,6 +191,8 @@ pub(super) struct Task {
     redis_pause_until: Option<Instant>,
     /// Maximum packet size the broker announced in CONNACK.
     broker_max: Option<usize>,
+    /// SKUs whose messages did not fit that size when last built (logged once each).
+    oversized: HashSet<String>,
     next_aging: Instant,
     set_epoch: redis::Script,
 }
@@ -252,6 +254,7 @@ impl Task {
             outstanding: None,
             redis_pause_until: None,
             broker_max: None,
+            oversized: HashSet::new(),
             next_aging: Instant::now(),
             set_epoch: redis::Script::new(SET_EPOCH),
         }
@@ -1035,56 +1038,58 @@ impl Task {
         let max = self.broker_max.map_or(self.cfg.mqtt.max_packet_bytes, |b| {
             b.min(self.cfg.mqtt.max_packet_bytes)
         });
-        // MQTT topics are at most 65535 bytes
-        if topic.len() > usize::from(u16::MAX)
-            || topic.len() + msg.payload.len() + PACKET_OVERHEAD > max
-        {
-            self.shared.stats.refusals.fetch_add(1, Ordering::Relaxed);
-            crate::telemetry::mqtt_refused();
-            error!(
-                bytes = msg.payload.len(),
-                max, "state payload exceeds the maximum packet size; not published"
-            );
-            debug!(sku = %sku, "oversized state payload");
-            self.sched.skipped(sku);
-            self.settle(sku);
-            return;
+        // MQTT topics are at most 65535 bytes; rumqttc drops the connection for a packet
+        // above the maximum, so such a message must never be queued.
+        let fits = |t: &str, p: &str| {
+            t.len() <= usize::from(u16::MAX) && t.len() + p.len() + PACKET_OVERHEAD <= max
+        };
+        let mut messages = 0u32;
+        // Messages too large to send: (kind, bytes).
+        let mut refused: Vec<(&'static str, usize)> = Vec::new();
+        let state_sent = fits(&topic, &msg.payload);
+        if state_sent {
+            if client
+                .try_publish(topic, QoS::AtLeastOnce, true, msg.payload.clone())
+                .is_err()
+            {
+                // the channel is sized above our own in-flight bound; closed only at shutdown
+                self.sched.skipped(sku);
+                self.sched.request(sku, want);
+                return;
+            }
+            self.tracker.queued(Msg::State {
+                sku: sku.to_string(),
+                lsn,
+                state: msg.state.clone(),
+                ts: match kind {
+                    Kind::Change => fields.get("ts").and_then(|v| v.parse().ok()),
+                    Kind::Aging { .. } => None,
+                },
+            });
+            messages += 1;
+        } else {
+            // A partial state would be wrong, so none is sent; the SKU's alerts are small
+            // and still go out below.
+            refused.push(("state", topic.len() + msg.payload.len()));
         }
-        if client
-            .try_publish(topic, QoS::AtLeastOnce, true, msg.payload.clone())
-            .is_err()
-        {
-            // the channel is sized above our own in-flight bound; closed only at shutdown
-            self.sched.skipped(sku);
-            self.sched.request(sku, want);
-            return;
-        }
-        self.tracker.queued(Msg::State {
-            sku: sku.to_string(),
-            lsn,
-            state: msg.state.clone(),
-            ts: match kind {
-                Kind::Change => fields.get("ts").and_then(|v| v.parse().ok()),
-                Kind::Aging { .. } => None,
-            },
-        });
-        let mut messages = 1u32;
         let (alerts, bad) = payload::parse_alerts(fields.get("alerts").map(String::as_str));
         if bad > 0 {
             warn!(malformed = bad, "skipping malformed pending alerts");
         }
-        let more_alerts = alerts.len() > MAX_ALERTS_PER_ROUND;
+        let mut more_alerts = alerts.len() > MAX_ALERTS_PER_ROUND;
+        let alert_topic = super::alert_topic(self.prefix(), sku);
         for a in alerts.iter().take(MAX_ALERTS_PER_ROUND) {
             let body = payload::alert_payload(sku, a);
+            if !fits(&alert_topic, &body) {
+                // stays in the outbox, like the state: only a huge SKU gets here
+                refused.push(("alert", alert_topic.len() + body.len()));
+                continue;
+            }
             if client
-                .try_publish(
-                    super::alert_topic(self.prefix(), sku),
-                    QoS::AtLeastOnce,
-                    false,
-                    body,
-                )
+                .try_publish(alert_topic.clone(), QoS::AtLeastOnce, false, body)
                 .is_err()
             {
+                more_alerts = true;
                 break;
             }
             self.tracker.queued(Msg::Alert {
@@ -1094,12 +1099,26 @@ impl Task {
             });
             messages += 1;
         }
+        if refused.is_empty() {
+            self.oversized.remove(sku);
+        } else {
+            // Logged when the SKU becomes too large, not again on each change after.
+            let first = self.oversized.insert(sku.to_string());
+            for (i, (what, bytes)) in refused.iter().enumerate() {
+                self.shared.stats.refusals.fetch_add(1, Ordering::Relaxed);
+                crate::telemetry::mqtt_too_large(what, *bytes, max, first && i == 0);
+            }
+            debug!(sku = %sku, refused = refused.len(), "messages too large for a packet");
+        }
         debug!(sku = %sku, messages, "published");
         self.sched.sent(sku, lsn, messages, self.mono_ms());
         if more_alerts {
             self.sched.request(sku, Want::Change);
         }
-        if !gone {
+        if !state_sent {
+            // refused: done as far as a full republish is concerned
+            self.settle(sku);
+        } else if !gone {
             self.aging.published(sku, msg.windows, minute);
         } else {
             self.aging.published(sku, None, minute);

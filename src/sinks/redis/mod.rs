@@ -24,9 +24,10 @@ pub enum RedisSinkError {
     /// The meta hash is gone: Redis lost its data; rebuild from a snapshot.
     #[error("Redis lost skusync's data (meta hash missing): a resync is needed")]
     NoMeta,
-    /// A merged entry straddles a SKU's fence: part of it was applied before (the
-    /// horizon was wrong). Nothing was written; replay with a higher horizon.
-    #[error("Redis: {0}")]
+    /// A merged entry straddles the fence of the SKU hash at this key: part of it was
+    /// applied before (the horizon was wrong). Nothing was written; replay with a higher
+    /// horizon. The message leaves the key out (SKUs are logged at debug only).
+    #[error("Redis holds part of a merged entry (SKUSYNC_SPLIT)")]
     Split(String),
     /// Connection trouble; retry.
     #[error("Redis: {0}")]
@@ -37,38 +38,101 @@ pub enum RedisSinkError {
 }
 
 impl RedisSinkError {
+    /// Classify a redis-rs error by its kind and the server's error code. Connection
+    /// trouble and the server's "not now" replies are transient; every other reply is
+    /// definite: Redis answers the same command the same way again, so retrying it
+    /// would loop for ever instead of telling the operator.
     fn from_redis(e: redis::RedisError) -> RedisSinkError {
-        let msg = e.to_string();
-        if msg.contains("SKUSYNC_NOMETA") {
-            return RedisSinkError::NoMeta;
+        use redis::{ErrorKind as K, ServerErrorKind as S};
+        let code = e.code().unwrap_or_default();
+        let msg = describe(&e);
+        // Our own refusals (`redis.error_reply` in apply.lua).
+        match code {
+            "SKUSYNC_NOMETA" => return RedisSinkError::NoMeta,
+            "SKUSYNC_SPLIT" => {
+                let detail = e.detail().unwrap_or_default();
+                let key = detail
+                    .strip_suffix(" holds part of a merged entry")
+                    .unwrap_or(detail);
+                return RedisSinkError::Split(key.to_string());
+            }
+            _ => {}
         }
-        if msg.contains("SKUSYNC_SPLIT") {
-            return RedisSinkError::Split(msg);
+        let transient = match e.kind() {
+            K::Io
+            // garbage on the wire: redis-rs replaces the connection
+            | K::Parse
+            | K::ClusterConnectionNotFound
+            | K::MasterNameNotFoundBySentinel
+            | K::NoValidReplicasFoundBySentinel
+            | K::Server(S::BusyLoading | S::TryAgain | S::MasterDown | S::ClusterDown) => true,
+            // codes redis-rs does not know: another client's script runs (BUSY), or a
+            // primary waits for its replicas (NOREPLICAS, `min-replicas-to-write`)
+            K::Extension => matches!(code, "BUSY" | "NOREPLICAS"),
+            _ => false,
+        };
+        if transient {
+            return RedisSinkError::Transient(msg);
         }
-        if e.is_io_error()
-            || e.is_timeout()
-            || e.is_connection_dropped()
-            || e.is_connection_refusal()
-            || msg.contains("LOADING")
-            || msg.contains("BUSY")
-            || msg.contains("TRYAGAIN")
-        {
-            RedisSinkError::Transient(msg)
-        } else if msg.contains("NOPERM")
-            || msg.contains("WRONGPASS")
-            || msg.contains("NOAUTH")
-            || msg.contains("OOM")
-            || msg.contains("READONLY")
-        {
-            RedisSinkError::Definite(msg)
-        } else {
-            RedisSinkError::Transient(msg)
-        }
+        let hint = match (e.kind(), code) {
+            (K::Server(S::ReadOnly), _) => {
+                "Redis is a read-only replica: point redis.url at the primary"
+            }
+            (_, "OOM") => {
+                "Redis reached maxmemory: raise maxmemory or free memory (keep \
+                 maxmemory-policy noeviction: an evicted key costs a resync)"
+            }
+            (_, "MISCONF") => {
+                "Redis refuses writes because it cannot persist: fix its RDB/AOF errors"
+            }
+            (K::AuthenticationFailed, _) | (_, "NOAUTH" | "WRONGPASS") => {
+                "check the Redis user and password (redis.url or SKUSYNC_REDIS_PASSWORD)"
+            }
+            (K::Server(S::NoPerm), _) => {
+                "the Redis user lacks a permission: allow it skusync's commands and keys"
+            }
+            (_, "WRONGTYPE") => {
+                "a key under redis.prefix holds another type than skusync writes there: \
+                 delete it, then run `skusync resync`"
+            }
+            (K::Server(S::Moved | S::Ask | S::CrossSlot), _) => {
+                "redis.url points at a Redis Cluster, which skusync does not support: use \
+                 a single primary"
+            }
+            (K::Server(S::NoScript), _) => {
+                "Redis forgot the apply script right after loading it (a proxy spreading \
+                 commands over several servers?)"
+            }
+            (K::InvalidClientConfig | K::Client, _) => "check redis.url and redis.ca_file",
+            (K::UnexpectedReturnType, _) => {
+                "Redis replied in a shape skusync does not expect: is redis.url a Redis server?"
+            }
+            _ if e.code().is_some() => {
+                "Redis refused the command; sending it again would get the same answer"
+            }
+            _ => "retrying would not help",
+        };
+        RedisSinkError::Definite(format!("{msg} ({hint})"))
     }
 
     /// Whether retrying can help.
     pub fn is_transient(&self) -> bool {
         matches!(self, RedisSinkError::Transient(_))
+    }
+}
+
+/// A Redis error as the server phrased it (`WRONGTYPE Operation against ...`), or
+/// redis-rs' description when it did not come from the server. Redis echoes the
+/// arguments of an unknown command, which may be row values: that part is cut.
+fn describe(e: &redis::RedisError) -> String {
+    let text = match (e.code(), e.detail()) {
+        (Some(code), Some(detail)) => format!("{code} {detail}"),
+        (Some(code), None) => code.to_string(),
+        _ => e.to_string(),
+    };
+    match text.find(", with args beginning with") {
+        Some(i) => text[..i].to_string(),
+        None => text,
     }
 }
 
@@ -189,7 +253,55 @@ impl Applier {
         quiet: bool,
     ) -> Result<Applied, RedisSinkError> {
         let cmd = encode_entries(&self.settings, entries, end, quiet, self.script.get_hash());
-        self.invoke(cmd).await
+        match self.invoke(cmd).await {
+            Ok(a) => Ok(a),
+            Err(e) if e.code() == Some("WRONGTYPE") => Err(self.wrongtype(e, entries).await),
+            Err(e) => Err(RedisSinkError::from_redis(e)),
+        }
+    }
+
+    /// The definite error for a WRONGTYPE reply, naming the keys of the call that hold
+    /// another type (Redis' reply names none). Only key names and types: no values.
+    async fn wrongtype(&mut self, e: redis::RedisError, entries: &[Entry]) -> RedisSinkError {
+        let prefix = &self.settings.prefix;
+        let mut keys = vec![layout::meta_key(prefix)];
+        let mut seen = std::collections::HashSet::new();
+        keys.extend(
+            entries
+                .iter()
+                .filter(|e| seen.insert(e.sku.as_str()))
+                .map(|e| layout::sku_key(prefix, &e.sku)),
+        );
+        let mut pipe = redis::pipe();
+        for k in &keys {
+            pipe.cmd("TYPE").arg(k);
+        }
+        let types: Vec<String> = match pipe.query_async(&mut self.con).await {
+            Ok(t) => t,
+            // the reply alone still stops the daemon
+            Err(_) => return RedisSinkError::from_redis(e),
+        };
+        let wrong: Vec<String> = keys
+            .iter()
+            .zip(&types)
+            .filter(|(_, t)| !matches!(t.as_str(), "hash" | "none"))
+            .map(|(k, t)| format!("{k:?} ({t})"))
+            .collect();
+        let which = match wrong.len() {
+            0 => format!(
+                "A distinct-user key ({{{}<SKU>}}:u:...) of one of this call's SKUs is not a \
+                 HyperLogLog.",
+                layout::sku_key_prefix(prefix)
+            ),
+            1..=5 => format!("Not a hash: {}.", wrong.join(", ")),
+            n => format!("Not a hash: {} and {} more.", wrong[..5].join(", "), n - 5),
+        };
+        let reply = describe(&e);
+        let stop = if reply.ends_with('.') { "" } else { "." };
+        RedisSinkError::Definite(format!(
+            "{reply}{stop} {which} skusync owns every key under redis.prefix {prefix:?}: \
+             delete those keys, then run `skusync resync`"
+        ))
     }
 
     /// Apply pieces one entry each (no merging: snapshot loads, tests).
@@ -215,7 +327,7 @@ impl Applier {
         self.apply(&Batch::truncate(piece, skus), None, false).await
     }
 
-    async fn invoke(&mut self, cmd: redis::Cmd) -> Result<Applied, RedisSinkError> {
+    async fn invoke(&mut self, cmd: redis::Cmd) -> Result<Applied, redis::RedisError> {
         let r: Result<(u64, u64, u64), redis::RedisError> = cmd.query_async(&mut self.con).await;
         let r = match r {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
@@ -224,13 +336,12 @@ impl Applier {
                     .arg("LOAD")
                     .arg(APPLY_LUA)
                     .query_async::<String>(&mut self.con)
-                    .await
-                    .map_err(RedisSinkError::from_redis)?;
+                    .await?;
                 cmd.query_async(&mut self.con).await
             }
             r => r,
         };
-        let r = r.map_err(RedisSinkError::from_redis)?;
+        let r = r?;
         Ok(Applied {
             applied: r.0,
             fenced: r.1,
@@ -571,4 +682,134 @@ pub async fn reset_all(
         }
     }
     Ok(skus.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The error redis-rs makes of a server's error reply `line`.
+    fn reply(line: &str) -> redis::RedisError {
+        redis::parse_redis_value(format!("-{line}\r\n").as_bytes())
+            .expect("an error reply parses")
+            .extract_error()
+            .expect_err("an error reply is an error")
+    }
+
+    fn classify(line: &str) -> RedisSinkError {
+        RedisSinkError::from_redis(reply(line))
+    }
+
+    #[test]
+    fn replies_that_mean_not_now_are_transient() {
+        for line in [
+            "LOADING Redis is loading the dataset in memory",
+            "BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSCRIPT.",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+            "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+            "CLUSTERDOWN The cluster is down",
+            "NOREPLICAS Not enough good replicas to write.",
+        ] {
+            assert!(classify(line).is_transient(), "{line}");
+        }
+    }
+
+    #[test]
+    fn connection_trouble_is_transient() {
+        for kind in [
+            std::io::ErrorKind::ConnectionReset,
+            std::io::ErrorKind::ConnectionRefused,
+            std::io::ErrorKind::BrokenPipe,
+            std::io::ErrorKind::TimedOut,
+        ] {
+            let e = redis::RedisError::from(std::io::Error::from(kind));
+            assert!(RedisSinkError::from_redis(e).is_transient(), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn any_other_server_reply_is_definite() {
+        for line in [
+            "WRONGTYPE Operation against a key holding the wrong kind of value script: 3f2a, on @user_script:138.",
+            "ERR user_script:138: attempt to index local 'x' (a nil value) script: 3f2a, on @user_script:138.",
+            "ERR Error running script (call to f_3f2a): @user_script:138: bad argument",
+            "CROSSSLOT Keys in request don't hash to the same slot",
+            "MOVED 3999 127.0.0.1:6381",
+            "ASK 3999 127.0.0.1:6381",
+            "NOSCRIPT No matching script. Please use EVAL.",
+            "ERR unknown command 'EVALSHA', with args beginning with: 'abc' '2'",
+            "READONLY You can't write against a read only replica.",
+            "OOM command not allowed when used memory > 'maxmemory'.",
+            "NOPERM User skusync has no permissions to run the 'evalsha' command",
+            "WRONGPASS invalid username-password pair or user is disabled.",
+            "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.",
+            "SOMEFUTURECODE not known to anyone yet",
+        ] {
+            let e = classify(line);
+            assert!(matches!(e, RedisSinkError::Definite(_)), "{line}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn definite_messages_say_what_the_operator_must_do() {
+        let cases = [
+            (
+                "READONLY You can't write against a read only replica.",
+                "point redis.url at the primary",
+            ),
+            (
+                "OOM command not allowed when used memory > 'maxmemory'.",
+                "raise maxmemory",
+            ),
+            (
+                "WRONGTYPE Operation against a key holding the wrong kind of value",
+                "skusync resync",
+            ),
+            (
+                "CROSSSLOT Keys in request don't hash to the same slot",
+                "Redis Cluster",
+            ),
+        ];
+        for (line, fix) in cases {
+            let m = classify(line).to_string();
+            assert!(m.starts_with("Redis: "), "{m}");
+            assert!(
+                m.contains(line.split(' ').next().unwrap()),
+                "code kept: {m}"
+            );
+            assert!(m.contains(fix), "{line}: {m}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_command_reply_does_not_echo_its_arguments() {
+        let m = classify(
+            "ERR unknown command 'EVALSHA', with args beginning with: 'abc' 'SKU-42' 'WH-1'",
+        )
+        .to_string();
+        assert!(m.contains("unknown command 'EVALSHA'"), "{m}");
+        assert!(!m.contains("SKU-42") && !m.contains("WH-1"), "{m}");
+    }
+
+    #[test]
+    fn the_scripts_own_refusals_keep_their_meaning() {
+        assert!(matches!(
+            classify("SKUSYNC_NOMETA meta hash missing: Redis lost its data; a resync is needed"),
+            RedisSinkError::NoMeta
+        ));
+        let split = classify("SKUSYNC_SPLIT p:sku:A B holds part of a merged entry");
+        assert!(
+            matches!(&split, RedisSinkError::Split(key) if key == "p:sku:A B"),
+            "{split:?}"
+        );
+        assert!(!split.is_transient());
+    }
+
+    #[test]
+    fn a_split_message_leaves_the_sku_key_out() {
+        let split = classify("SKUSYNC_SPLIT p:sku:SKU-42 holds part of a merged entry");
+        let m = split.to_string();
+        assert!(m.contains("SKUSYNC_SPLIT"), "{m}");
+        assert!(!m.contains("SKU-42"), "{m}");
+    }
 }

@@ -1,0 +1,52 @@
+//! Redis refusing skusync's writes for good: `skusync run` stops with a message that
+//! says what to fix, instead of retrying the same refused call for ever.
+
+use crate::fold_oracle::*;
+use crate::oracle::*;
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sku_key_of_another_type_stops_the_daemon_naming_wrongtype_and_the_key() {
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.exec("INSERT INTO inventory VALUES ('FINE', 'W1', 3, 0)")
+        .await;
+    rig.start_skusync("").await;
+    // Another application clobbers the key of a SKU skusync is about to write.
+    let key = skusync::sinks::layout::sku_key("skusync", "CLOBBERED");
+    rig.redis.cli(&["SET", &key, "not a hash"]);
+    rig.exec("INSERT INTO inventory VALUES ('CLOBBERED', 'LOC-SECRET-7', 424242, 0)")
+        .await;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = rig.daemon().proc().child.try_wait().expect("try_wait") {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "still running 30 s after Redis refused the write\n{}",
+            rig.daemon().stderr_all()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let log = rig.daemon().stderr_all();
+    assert_eq!(status.code(), Some(1), "a definite error exits 1\n{log}");
+    assert!(log.contains("WRONGTYPE"), "the reply is named\n{log}");
+    assert!(
+        log.contains(&format!("Not a hash: {key:?} (string)")),
+        "the key and its type are named\n{log}"
+    );
+    assert!(log.contains("skusync resync"), "the fix is named\n{log}");
+    let d = rig.daemon();
+    assert!(
+        !d.stderr_contains("Redis apply failed; retrying"),
+        "a definite error is not retried\n{log}"
+    );
+    for value in ["LOC-SECRET-7", "424242"] {
+        assert!(!d.stderr_contains(value), "row value {value} logged\n{log}");
+    }
+    assert_eq!(
+        rig.redis.cli(&["GET", &key]),
+        "not a hash",
+        "the refused call wrote nothing"
+    );
+}
