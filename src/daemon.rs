@@ -97,6 +97,9 @@ pub struct Daemon {
     max_batch_skus: usize,
     /// Transactions up to here replay unmerged (raised when Redis refused a merged entry).
     split_floor: Lsn,
+    /// The relation (OID) and reason of the last rebuild for a changed table identity,
+    /// until that relation is announced matching: the same reason again means a loop.
+    identity_rebuild: Option<(u32, String)>,
     gate: Arc<AtomicU64>,
     mqtt: Option<MqttHandle>,
     mqtt_join: Option<tokio::task::JoinHandle<Result<(), mqtt::MqttError>>>,
@@ -134,6 +137,7 @@ impl Daemon {
             max_changes: rc.max_changes_per_piece,
             max_batch_skus: rc.max_batch_skus,
             split_floor: Lsn(0),
+            identity_rebuild: None,
             gate: Arc::new(AtomicU64::new(0)),
             mqtt: None,
             mqtt_join: None,
@@ -574,9 +578,7 @@ impl Daemon {
                                         "Redis holds an unfinished snapshot load".into(),
                                     ));
                                 }
-                                if !m.tables.is_empty() {
-                                    fold.expect_tables(m.tables.clone());
-                                }
+                                fold.expect_tables(m.tables.clone(), m.row_fields_current);
                                 if m.system_id.is_none() {
                                     rsink::write_meta(
                                         &mut con,
@@ -597,14 +599,33 @@ impl Daemon {
                     }
                     SourceEvent::Reset => fold.reset(),
                     SourceEvent::Event(Event::Relation(r)) => match fold.relation(&r) {
-                        Ok(()) => {}
+                        Ok(()) => {
+                            // The table the last rebuild was for now matches Redis.
+                            if self
+                                .identity_rebuild
+                                .as_ref()
+                                .is_some_and(|(oid, _)| *oid == r.oid)
+                            {
+                                self.identity_rebuild = None;
+                            }
+                        }
                         Err(RelationProblem::Schema(e)) => {
                             return Err(schema_stop(e, fold.current_commit()));
                         }
                         Err(RelationProblem::Changed(why)) => {
                             // Nothing of that table is folded under the new identity: Redis
                             // is rebuilt from a snapshot taken after the change, and the
-                            // slot moves there, so the restart does not meet it again.
+                            // slot moves there, so the restart does not meet it again. If
+                            // it does, the snapshot and the stream describe the table
+                            // differently: rebuilding again would loop.
+                            if self.identity_rebuild.as_ref() == Some(&(r.oid, why.clone())) {
+                                return Err(DaemonError::Definite(format!(
+                                    "{why}, again right after Redis was rebuilt for the same reason: the snapshot \
+                                     and the replication stream describe the table differently (generated columns \
+                                     published by PostgreSQL 18?); stopping instead of rebuilding in a loop"
+                                )));
+                            }
+                            self.identity_rebuild = Some((r.oid, why.clone()));
                             let mut con = applier.connection();
                             rsink::write_meta(
                                 &mut con,
@@ -950,6 +971,7 @@ async fn load_snapshot(
         ("applied_lsn", at.0.to_string()),
         ("fingerprint", mapping.fingerprint.clone()),
         ("tables", tables),
+        ("row_fields", crate::fold::ROW_FIELDS_FORMAT.to_string()),
     ];
     if let Some(s) = system {
         fields.push(("system_id", s.system_id.clone()));

@@ -174,12 +174,14 @@ pub enum SourceError {
     Assemble(#[from] AssembleError),
     /// Replaying the same WAL would meet the same message: definite.
     #[error(
-        "a replication message of {len} bytes after LSN {after} exceeds the {max}-byte cap: one change \
-         carries very large values. skusync reads only the mapped columns: give the publication a column \
-         list without the large ones (ALTER PUBLICATION <publication> SET TABLE <table> (<columns>); \
-         PostgreSQL 15 and later), or take that table out of the publication"
+        "a replication message of {len} bytes ({at}) exceeds postgres.max_message_bytes ({max}): one change \
+         carries very large values. Raise postgres.max_message_bytes (up to 2 GiB), or keep those values \
+         out of the stream: give the publication a column list without the large columns (ALTER \
+         PUBLICATION <publication> SET TABLE <table> (<columns>); PostgreSQL 15 and later; not for a \
+         REPLICA IDENTITY FULL table, whose column list must cover every column), or take that table \
+         out of the publication"
     )]
-    MessageTooLarge { after: Lsn, len: usize, max: usize },
+    MessageTooLarge { at: String, len: usize, max: usize },
     #[error(
         "replication slot {slot:?} does not exist; `skusync run` creates it, or create it with \
          SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');"
@@ -531,11 +533,12 @@ impl Source {
                     Ok(None) => break,
                     Err(PgError::FrameTooLarge { len, max }) => {
                         hand_over(tx, &mut batch).await;
-                        return Err(SourceError::MessageTooLarge {
-                            after: last_lsn,
-                            len,
-                            max,
-                        });
+                        let at = if last_lsn == Lsn::ZERO {
+                            "the first of this session, after the slot's confirmed position".into()
+                        } else {
+                            format!("after LSN {last_lsn}")
+                        };
+                        return Err(SourceError::MessageTooLarge { at, len, max });
                     }
                     Err(e) => {
                         hand_over(tx, &mut batch).await;

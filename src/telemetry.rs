@@ -318,8 +318,9 @@ pub fn fold_progress(now: &crate::fold::FoldStats, seen: &mut crate::fold::FoldS
 pub fn value_skipped(s: &crate::fold::Skipped) {
     counter!(SKIPPED_VALUES).increment(1);
     // A systematic problem (a clock ahead, a column of words) skips every row: log the
-    // first of each table and column, then at most one line per interval with the count.
-    let key = (s.table.clone(), s.column.clone());
+    // first of each table, column and reason, then at most one line per interval with
+    // the number not logged since (the counter has every one).
+    let key = (s.table.clone(), s.column.clone(), s.reason.clone());
     let now = std::time::Instant::now();
     let suppressed = {
         let mut seen = skip_log().lock().unwrap_or_else(|e| e.into_inner());
@@ -338,12 +339,12 @@ pub fn value_skipped(s: &crate::fold::Skipped) {
         also_skipped_since_last_line = suppressed, "value skipped");
 }
 
-/// At most one "value skipped" line per table and column in this interval.
+/// At most one "value skipped" line per table, column and reason in this interval.
 const SKIP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// (table, column) -> (last line, skips not logged since).
+/// (table, column, reason) -> (last line, skips not logged since).
 type SkipLog = std::sync::Mutex<
-    std::collections::HashMap<(String, String), (Option<std::time::Instant>, u64)>,
+    std::collections::HashMap<(String, String, String), (Option<std::time::Instant>, u64)>,
 >;
 
 fn skip_log() -> &'static SkipLog {

@@ -85,9 +85,6 @@ impl Mapping {
             )
             .unwrap_or_default(),
         );
-        // The row field format: 2 names REPLICA IDENTITY FULL rows by a hash of their
-        // values (1 copied the values). Changing it rebuilds Redis once.
-        h.update(b"row-fields:2");
         let fingerprint = hex::encode(&h.finalize()[..12]);
         Ok(Mapping {
             inventory: cfg.inventory.clone(),

@@ -107,20 +107,29 @@ pub struct Skipped {
 /// the application and the database); later times count at the commit time.
 pub const MAX_EVENT_LEAD_MS: i64 = 5 * 60_000;
 
-/// How Redis knows a mapped table's rows: the table's OID and its replica-identity key
-/// columns (row fields are named by their values). Redis built under one identity cannot
-/// follow changes under another: a table swapped in by rename, dropped and created
-/// again, or a REPLICA IDENTITY FULL table that gained or lost a column would leave the
-/// old rows' contributions behind, counted twice beside the new ones.
+/// How Redis knows a mapped stock table's rows: the table's OID and its replica-identity
+/// key columns (row fields are named by their values). Redis built under one identity
+/// cannot follow changes under another: a table swapped in by rename, dropped and created
+/// again, or re-keyed (a column added to a REPLICA IDENTITY FULL table, a key column
+/// retyped, a new primary key) would leave the old rows' contributions behind, counted
+/// twice beside the new ones. Activity tables have no identity: they are counted on
+/// insert and followed by name (rotating them by rename is routine).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TableIdentity {
     pub oid: u32,
-    /// Key column names in tuple order (empty for activity tables: counted, not keyed).
-    pub key: Vec<String>,
+    /// REPLICA IDENTITY FULL (rows named by a hash of all their values).
+    pub full: bool,
+    /// Key columns in tuple order: name, type OID and type modifier (a type decides the
+    /// text form of a value, and so the row's field name).
+    pub key: Vec<(String, u32, i32)>,
 }
 
-/// Mapped tables by configured name (`schema.table`), as Redis was built from them.
+/// Mapped stock tables by configured name (`schema.table`), as Redis was built from them.
 pub type TableIdentities = BTreeMap<String, TableIdentity>;
+
+/// The format of stock row field names this build writes (meta `row_fields`): 2 names
+/// REPLICA IDENTITY FULL rows by a hash of their values (1 copied the values).
+pub const ROW_FIELDS_FORMAT: &str = "2";
 
 /// Why a relation announcement could not be taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -156,9 +165,11 @@ pub struct Fold {
     touched: std::collections::BTreeSet<String>,
     pub stats: FoldStats,
     skipped: Vec<Skipped>,
-    /// Identities of the mapped tables (expected from Redis' meta, or learned from the
-    /// first announcement); kept across [`Fold::reset`].
+    /// Identities of the mapped stock tables (expected from Redis' meta, or learned from
+    /// the first announcement); kept across [`Fold::reset`].
     tables: TableIdentities,
+    /// Redis' FULL-identity rows use an earlier field format (meta `row_fields`).
+    legacy_row_fields: bool,
 }
 
 impl Fold {
@@ -174,27 +185,39 @@ impl Fold {
             stats: FoldStats::default(),
             skipped: Vec::new(),
             tables: TableIdentities::new(),
+            legacy_row_fields: false,
         }
     }
 
-    /// The identities Redis was built from (its meta hash); tables not listed are
-    /// learned from their first announcement.
-    pub fn expect_tables(&mut self, tables: TableIdentities) {
-        self.tables = tables;
+    /// The identities Redis was built from (its meta hash) and whether its FULL-identity
+    /// rows use this build's field format; tables not listed are learned from their first
+    /// announcement. Only stock tables are kept.
+    pub fn expect_tables(&mut self, tables: TableIdentities, row_fields_current: bool) {
+        let stock: BTreeSet<&str> = self
+            .mapping
+            .inventory
+            .iter()
+            .map(|m| m.table.as_str())
+            .collect();
+        self.tables = tables
+            .into_iter()
+            .filter(|(name, _)| stock.contains(name.as_str()))
+            .collect();
+        self.legacy_row_fields = !row_fields_current;
     }
 
-    /// The identities of the mapped tables announced so far (or expected).
+    /// The identities of the mapped stock tables announced so far (or expected).
     pub fn tables(&self) -> &TableIdentities {
         &self.tables
     }
 
     /// A relation was (re)announced: resolve it now so schema problems stop the stream
-    /// before any change of it is applied, and a mapped table that is no longer the one
+    /// before any change of it is applied, and a stock table that is no longer the one
     /// Redis was built from is noticed before any of its changes is folded.
     pub fn relation(&mut self, rel: &RelationDesc) -> Result<(), RelationProblem> {
         let rule = self.mapping.resolve(rel)?;
         let name = rel.qualified_name();
-        let seen = match &rule {
+        match &rule {
             Rule::Unmapped => {
                 if let Some((was, _)) = self.tables.iter().find(|(_, t)| t.oid == rel.oid) {
                     return Err(RelationProblem::Changed(format!(
@@ -202,42 +225,50 @@ impl Fold {
                         rel.oid
                     )));
                 }
-                None
             }
-            Rule::Inventory(r) => Some(TableIdentity {
-                oid: rel.oid,
-                key: r
-                    .key
-                    .iter()
-                    .filter_map(|&i| rel.columns.get(i).map(|c| c.name.clone()))
-                    .collect(),
-            }),
-            Rule::Activity(_) => Some(TableIdentity {
-                oid: rel.oid,
-                key: Vec::new(),
-            }),
-        };
-        if let Some(id) = seen {
-            match self.tables.get(&name) {
-                None => {
-                    self.tables.insert(name, id);
-                }
-                Some(t) if t.oid != id.oid => {
+            Rule::Inventory(r) => {
+                let id = TableIdentity {
+                    oid: rel.oid,
+                    full: r.full,
+                    key: r
+                        .key
+                        .iter()
+                        .filter_map(|&i| rel.columns.get(i))
+                        .map(|c| (c.name.clone(), c.type_oid, c.type_modifier))
+                        .collect(),
+                };
+                if r.full && self.legacy_row_fields {
                     return Err(RelationProblem::Changed(format!(
-                        "mapped table {name} is another table now (oid {} became {}): it was dropped and created \
-                         again, or another table took its name",
-                        t.oid, id.oid
+                        "Redis holds the rows of REPLICA IDENTITY FULL table {name} under an earlier field format"
                     )));
                 }
-                Some(t) if t.key != id.key => {
-                    return Err(RelationProblem::Changed(format!(
-                        "the replica identity of mapped table {name} changed (key columns {:?} became {:?}), so \
-                         rows stored under the old one cannot be matched",
-                        t.key, id.key
-                    )));
+                match self.tables.get(&name) {
+                    None => {
+                        self.tables.insert(name, id);
+                    }
+                    Some(t) if t.oid != id.oid => {
+                        return Err(RelationProblem::Changed(format!(
+                            "mapped table {name} is another table now (oid {} became {}): it was dropped and \
+                             created again, or another table took its name",
+                            t.oid, id.oid
+                        )));
+                    }
+                    Some(t) if t.full != id.full || t.key != id.key => {
+                        let cols = |t: &TableIdentity| {
+                            let names: Vec<&str> = t.key.iter().map(|k| k.0.as_str()).collect();
+                            format!("{}{names:?}", if t.full { "FULL " } else { "" })
+                        };
+                        return Err(RelationProblem::Changed(format!(
+                            "the replica identity of mapped table {name} changed (key columns {} became {}, or \
+                             their types), so rows stored under the old one cannot be matched",
+                            cols(t),
+                            cols(&id)
+                        )));
+                    }
+                    Some(_) => {}
                 }
-                Some(_) => {}
             }
+            Rule::Activity(_) => {}
         }
         self.rules.insert(rel.oid, Arc::new(rule));
         Ok(())

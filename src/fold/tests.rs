@@ -815,7 +815,49 @@ fn columns_outside_the_key_may_come_and_go() {
     let mut act = (*activity()).clone();
     act.columns.push(col("referrer", oid::TEXT, false));
     f.relation(&act).unwrap();
-    assert_eq!(f.tables().len(), 2);
+    assert_eq!(f.tables().len(), 1, "only stock tables have an identity");
+}
+
+#[test]
+fn activity_tables_rotated_by_rename_are_followed_by_name() {
+    let mut f = Fold::new(mapping(), 1000);
+    f.relation(&activity()).unwrap();
+    let mut rotated = (*activity()).clone();
+    rotated.name = "activity_log_20261130".into();
+    f.relation(&rotated).unwrap();
+    let mut fresh = (*activity()).clone();
+    fresh.oid = 42;
+    f.relation(&fresh).unwrap();
+}
+
+#[test]
+fn a_retyped_key_column_is_a_changed_table() {
+    let mut f = Fold::new(mapping(), 1000);
+    f.relation(&inventory(ReplicaIdentity::Default)).unwrap();
+    let mut retyped = (*inventory(ReplicaIdentity::Default)).clone();
+    retyped.columns[1].type_oid = oid::VARCHAR;
+    changed(f.relation(&retyped));
+    // A type modifier decides the text form too (numeric(12,2) vs numeric(12,3)).
+    let mut g = Fold::new(mapping(), 1000);
+    g.relation(&inventory(ReplicaIdentity::Full)).unwrap();
+    let mut scaled = (*inventory(ReplicaIdentity::Full)).clone();
+    scaled.columns[3].type_modifier = 12 << 16 | 3;
+    changed(g.relation(&scaled));
+}
+
+#[test]
+fn full_identity_rows_in_an_earlier_field_format_are_a_changed_table() {
+    let mut f = Fold::new(mapping(), 1000);
+    f.expect_tables(TableIdentities::new(), false);
+    f.relation(&inventory(ReplicaIdentity::Default)).unwrap();
+    let mut g = Fold::new(mapping(), 1000);
+    g.expect_tables(TableIdentities::new(), false);
+    assert!(
+        changed(g.relation(&inventory(ReplicaIdentity::Full))).contains("earlier field format")
+    );
+    let mut h = Fold::new(mapping(), 1000);
+    h.expect_tables(TableIdentities::new(), true);
+    h.relation(&inventory(ReplicaIdentity::Full)).unwrap();
 }
 
 #[test]
@@ -829,13 +871,13 @@ fn identities_expected_from_redis_are_checked_on_first_announcement() {
     let back: TableIdentities = serde_json::from_str(&json).unwrap();
     assert_eq!(back, expected);
     let mut f = Fold::new(mapping(), 1000);
-    f.expect_tables(back);
+    f.expect_tables(back, true);
     let mut swapped = (*inventory(ReplicaIdentity::Default)).clone();
     swapped.oid = 7;
     changed(f.relation(&swapped));
     // The table it was built from is fine; an unmapped table is ignored.
     let mut g = Fold::new(mapping(), 1000);
-    g.expect_tables(expected);
+    g.expect_tables(expected, true);
     g.relation(&inventory(ReplicaIdentity::Default)).unwrap();
     let mut other = (*activity()).clone();
     other.oid = 3;

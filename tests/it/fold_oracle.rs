@@ -962,7 +962,8 @@ async fn a_change_over_the_message_cap_stops_with_the_sql_to_fix_it() {
     assert!(!status.success(), "{status}");
     let log = rig.daemon().stderr_all();
     assert!(
-        log.contains("exceeds the 1048576-byte cap") && log.contains("ALTER PUBLICATION"),
+        log.contains("exceeds postgres.max_message_bytes (1048576)")
+            && log.contains("ALTER PUBLICATION"),
         "{log}"
     );
 }
@@ -1008,4 +1009,98 @@ async fn dropping_a_mapped_column_stops_with_what_to_fix_and_where() {
         Some("5"),
         "the update after the drop was not applied without its column"
     );
+}
+
+/// Activity logs are often rotated by rename. Their rows are counted on insert, so the
+/// new table is followed by name and the lifetime totals keep what was counted before
+/// (a rebuild would recount them from the rows left).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_an_activity_table_by_rename_keeps_its_counters() {
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.start_skusync("").await;
+    rig.exec(
+        "INSERT INTO activity_log (sku, kind, qty) SELECT 'R-1', 'view', 1 FROM generate_series(1, 3);",
+    )
+    .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    rig.exec(
+        "ALTER TABLE activity_log RENAME TO activity_log_old;
+         CREATE TABLE activity_log (LIKE activity_log_old INCLUDING ALL);
+         ALTER PUBLICATION skusync_activity ADD TABLE activity_log;",
+    )
+    .await;
+    rig.exec(
+        "INSERT INTO activity_log (sku, kind, qty) SELECT 'R-1', 'view', 1 FROM generate_series(1, 2);",
+    )
+    .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    let key = skusync::sinks::layout::sku_key("skusync", "R-1");
+    let start = Instant::now();
+    while hget(&mut rig.con, &key, "views").await.as_deref() != Some("5") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "views = {:?}, want 5 (3 before the rotation, 2 after)\n{}",
+            hget(&mut rig.con, &key, "views").await,
+            rig.daemon().stderr_all()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !rig.daemon().stderr_contains("rebuilding"),
+        "{}",
+        rig.daemon().stderr_all()
+    );
+    rig.daemon().assert_alive("after the rotation");
+}
+
+/// Redis built by an earlier release named REPLICA IDENTITY FULL rows by their values;
+/// meeting such a table rebuilds Redis once in the current format, then never again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_identity_rows_from_an_earlier_format_are_rebuilt_once() {
+    let mut oracle = public_oracle(Buckets::Ignore);
+    oracle.inventory.push(InventorySpec {
+        table: "public.loose_stock".into(),
+        sku: "sku_code".into(),
+        location: Some("location".into()),
+        on_hand: "on_hand".into(),
+        reserved: None,
+    });
+    let schema = format!(
+        "{PUBLIC_SCHEMA}
+         CREATE TABLE loose_stock (sku_code text, location text NOT NULL, on_hand int NOT NULL);
+         ALTER TABLE loose_stock REPLICA IDENTITY FULL;
+         ALTER PUBLICATION skusync ADD TABLE loose_stock;"
+    );
+    let mut rig = Rig::new(&schema, oracle).await;
+    rig.start_skusync("").await;
+    rig.exec("INSERT INTO loose_stock SELECT 'L-' || i, 'WH-1', i FROM generate_series(1, 10) i;")
+        .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+    let meta = skusync::sinks::layout::meta_key("skusync");
+    let _: () = redis::cmd("HDEL")
+        .arg(&meta)
+        .arg("row_fields")
+        .query_async(&mut rig.con)
+        .await
+        .expect("HDEL");
+    rig.daemon().spawn();
+    rig.exec("UPDATE loose_stock SET on_hand = on_hand + 1;")
+        .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(60))
+        .await;
+    rig.assert_converges(Duration::from_secs(20)).await;
+    assert_eq!(
+        hget(&mut rig.con, &meta, "row_fields").await.as_deref(),
+        Some("2")
+    );
+    assert!(
+        rig.daemon().stderr_contains("earlier field format"),
+        "{}",
+        rig.daemon().stderr_all()
+    );
+    rig.daemon().assert_alive("after the one rebuild");
 }

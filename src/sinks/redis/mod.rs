@@ -71,6 +71,10 @@ impl RedisSinkError {
             K::Extension => matches!(code, "BUSY" | "NOREPLICAS"),
             _ => false,
         };
+        // Connection slots free up as other clients leave.
+        let transient = transient
+            || e.detail()
+                .is_some_and(|d| d.starts_with("max number of clients reached"));
         if transient {
             return RedisSinkError::Transient(msg);
         }
@@ -577,6 +581,8 @@ pub struct Meta {
     /// The mapped tables' identities at the last snapshot load (absent before 0.1's
     /// table fencing, or unreadable: then learned from the stream).
     pub tables: crate::fold::TableIdentities,
+    /// Its stock row fields use this build's format (`row_fields`).
+    pub row_fields_current: bool,
 }
 
 /// Read the meta hash; `None` when it does not exist.
@@ -602,6 +608,8 @@ pub async fn read_meta(
             .get("tables")
             .and_then(|v| serde_json::from_str(v).ok())
             .unwrap_or_default(),
+        row_fields_current: m.get("row_fields").map(String::as_str)
+            == Some(crate::fold::ROW_FIELDS_FORMAT),
     }))
 }
 
@@ -709,6 +717,7 @@ mod tests {
             "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
             "CLUSTERDOWN The cluster is down",
             "NOREPLICAS Not enough good replicas to write.",
+            "ERR max number of clients reached",
         ] {
             assert!(classify(line).is_transient(), "{line}");
         }
