@@ -1104,3 +1104,46 @@ async fn full_identity_rows_from_an_earlier_format_are_rebuilt_once() {
     );
     rig.daemon().assert_alive("after the one rebuild");
 }
+
+/// One activity row dated far ahead (a typo'd year) must not move the SKU's window
+/// forward: it counts at its commit time, and present events keep counting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_far_future_event_time_counts_at_the_commit_and_keeps_the_window_live() {
+    let mut oracle = public_oracle(Buckets::Ignore);
+    oracle.activity[0].time = Some("at".into());
+    let mut rig = Rig::new(PUBLIC_SCHEMA, oracle).await;
+    rig.start_skusync("").await;
+    rig.exec(
+        "INSERT INTO activity_log (sku, kind, qty, at) VALUES ('F-1', 'view', 1, now() + interval '180 years');",
+    )
+    .await;
+    rig.exec("INSERT INTO activity_log (sku, kind, qty) VALUES ('F-1', 'view', 1);")
+        .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    let key = skusync::sinks::layout::sku_key("skusync", "F-1");
+    let now_min = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 60) as i64;
+    let h = hgetall(&mut rig.con, &key).await;
+    assert_eq!(h.get("views").map(String::as_str), Some("2"), "{h:?}");
+    let wmax: i64 = h["wmax:views"].parse().unwrap();
+    assert!(
+        (now_min - 2..=now_min + 1).contains(&wmax),
+        "wmax {wmax}, now {now_min}: {h:?}"
+    );
+    let in_window: i64 = h
+        .iter()
+        .filter(|(f, _)| f.starts_with("w:views:"))
+        .map(|(_, v)| v.parse::<i64>().unwrap())
+        .sum();
+    assert_eq!(in_window, 2, "both events are in the live window: {h:?}");
+    assert!(
+        rig.daemon()
+            .stderr_contains("more than 5 minutes after the commit"),
+        "{}",
+        rig.daemon().stderr_all()
+    );
+}
