@@ -562,16 +562,15 @@ impl Daemon {
                                 if let Some(sys) = &m.system_id
                                     && *sys != info.system_id
                                 {
-                                    rsink::write_meta(
+                                    return rebuild_next(
                                         &mut con,
                                         self.prefix(),
-                                        &[("bootstrap", "stale".into())],
+                                        format!(
+                                            "Redis was built from another database (system id {sys}, now {})",
+                                            info.system_id
+                                        ),
                                     )
-                                    .await?;
-                                    return Ok(Cycle::Restart(format!(
-                                        "Redis was built from another database (system id {sys}, now {})",
-                                        info.system_id
-                                    )));
+                                    .await;
                                 }
                                 if !m.bootstrap_done {
                                     return Ok(Cycle::Restart(
@@ -626,16 +625,12 @@ impl Daemon {
                                 )));
                             }
                             self.identity_rebuild = Some((r.oid, why.clone()));
-                            let mut con = applier.connection();
-                            rsink::write_meta(
-                                &mut con,
+                            return rebuild_next(
+                                &mut applier.connection(),
                                 self.prefix(),
-                                &[("bootstrap", "stale".into())],
+                                format!("{why}; rebuilding Redis from a fresh snapshot"),
                             )
-                            .await?;
-                            return Ok(Cycle::Restart(format!(
-                                "{why}; rebuilding Redis from a fresh snapshot"
-                            )));
+                            .await;
                         }
                     },
                     SourceEvent::Event(Event::Begin(b)) => fold.begin(&b),
@@ -906,6 +901,16 @@ pub async fn resync_now(cfg: Config) -> Result<(), DaemonError> {
         Some(_) => {}
     }
     d.resync(&mut con, &client, &slot).await
+}
+
+/// Mark Redis stale, so the restarted pipeline rebuilds it from a fresh snapshot.
+async fn rebuild_next(
+    con: &mut redis::aio::ConnectionManager,
+    prefix: &str,
+    why: String,
+) -> Result<Cycle, DaemonError> {
+    rsink::write_meta(con, prefix, &[("bootstrap", "stale".into())]).await?;
+    Ok(Cycle::Restart(why))
 }
 
 /// A schema problem met in the stream: definite, with the transaction it was met in.

@@ -25,7 +25,8 @@
 //!
 //! The meta hash `<prefix>:meta` holds `applied_lsn`, `system_id`, `timeline`,
 //! `fingerprint`, `bootstrap` (`loading`, `done` once a snapshot finished loading, or
-//! `stale` when built from another database), `mqtt_epoch` and `last_publish_ms`.
+//! `stale` when it must be rebuilt), `mqtt_epoch`, `last_publish_ms`, `tables` (the
+//! mapped stock tables' identities, JSON) and `row_fields` (the stock row field format).
 
 /// Fields of a SKU hash with a fixed name, written by the apply script, the snapshot
 /// reset and the MQTT publisher (keep in step with `apply.lua`). Every other field is a

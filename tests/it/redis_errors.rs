@@ -3,7 +3,7 @@
 
 use crate::fold_oracle::*;
 use crate::oracle::*;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sku_key_of_another_type_stops_the_daemon_naming_wrongtype_and_the_key() {
@@ -16,18 +16,10 @@ async fn a_sku_key_of_another_type_stops_the_daemon_naming_wrongtype_and_the_key
     rig.redis.cli(&["SET", &key, "not a hash"]);
     rig.exec("INSERT INTO inventory VALUES ('CLOBBERED', 'LOC-SECRET-7', 424242, 0)")
         .await;
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = rig.daemon().proc().child.try_wait().expect("try_wait") {
-            break st;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "still running 30 s after Redis refused the write\n{}",
-            rig.daemon().stderr_all()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = rig
+        .daemon()
+        .wait_exit(Duration::from_secs(30), "after Redis refused the write")
+        .await;
     let log = rig.daemon().stderr_all();
     assert_eq!(status.code(), Some(1), "a definite error exits 1\n{log}");
     assert!(log.contains("WRONGTYPE"), "the reply is named\n{log}");

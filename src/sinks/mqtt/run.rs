@@ -1077,7 +1077,12 @@ impl Task {
             warn!(malformed = bad, "skipping malformed pending alerts");
         }
         let mut more_alerts = alerts.len() > MAX_ALERTS_PER_ROUND;
-        let alert_topic = super::alert_topic(self.prefix(), sku);
+        // Built only when there are alerts: this runs for every state message.
+        let alert_topic = if alerts.is_empty() {
+            String::new()
+        } else {
+            super::alert_topic(self.prefix(), sku)
+        };
         for a in alerts.iter().take(MAX_ALERTS_PER_ROUND) {
             let body = payload::alert_payload(sku, a);
             if !fits(&alert_topic, &body) {
@@ -1100,7 +1105,9 @@ impl Task {
             messages += 1;
         }
         if refused.is_empty() {
-            self.oversized.remove(sku);
+            if !self.oversized.is_empty() {
+                self.oversized.remove(sku);
+            }
         } else {
             // Logged when the SKU becomes too large, not again on each change after.
             let first = self.oversized.insert(sku.to_string());
