@@ -50,7 +50,8 @@ def entry(k, sku, lsn, steps, activity, minute):
     if steps:
         # flags 32: evaluate alerts after the record; far above any threshold
         trace = b"".join(struct.pack("<BIddddd", 32, 0, 999990 - i, 0, 0, i, 1796054937663) for i in range(steps))
-        e += ["1", f"r:public.inventory:SKU-{sku}\x1fWH-1", "vvv", "WH-1", str(999990 - steps + 1), "0", trace]
+        s = f"SKU-{sku}"  # row field of key (sku, location): see row_field in sinks/layout.rs
+        e += ["1", f"r:16:public.inventory:{len(s)}:{s}4:WH-1", "vvv", "WH-1", str(999990 - steps + 1), "0", trace]
     else:
         e += ["0", b""]
     if activity:
@@ -86,7 +87,7 @@ def main():
             for _ in range(a.calls):
                 keys, args = ["skusync:meta"], []
                 for j in range(skus):
-                    keys.append(f"skusync:sku:SKU-{j}")
+                    keys.append(f"skusync:{{SKU-{j}}}")
                     args += entry(j + 2, j, lsn[0], steps, activity, minute)
                     lsn[0] += 100
                 r("EVALSHA", sha, len(keys), *keys, "60", "5", "0", lsn[0], "2", "purchases", "views", *args)

@@ -298,7 +298,7 @@ class Published:
     """Whether every SKU hash's state was acknowledged by the broker (pub_lsn == lsn):
     the first check scans all hashes, later ones only those still pending."""
 
-    SCAN = ("local out={} local c='0' repeat local r=redis.call('SCAN',c,'MATCH','skusync:sku:*','COUNT',1000) "
+    SCAN = ("local out={} local c='0' repeat local r=redis.call('SCAN',c,'MATCH','skusync:{*}','COUNT',1000) "
             "c=r[1] for _,k in ipairs(r[2]) do local v=redis.call('HMGET',k,'lsn','pub_lsn','gone') "
             "if v[3]~='1' and v[1]~=v[2] then out[#out+1]=k end end until c=='0' return out")
     CHECK = ("local out={} for _,k in ipairs(KEYS) do local v=redis.call('HMGET',k,'lsn','pub_lsn','gone') "

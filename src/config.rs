@@ -53,7 +53,8 @@ pub struct RedisConfig {
     /// `redis://[user:password@]host:port/db` or `rediss://` for TLS. The password may
     /// instead come from `SKUSYNC_REDIS_PASSWORD`.
     pub url: String,
-    /// Key prefix: hashes are `<prefix>:sku:<SKU>`, the meta hash `<prefix>:meta`.
+    /// Key prefix: SKU hashes are `<prefix>:{<SKU>}` (see `sinks::layout`), the meta hash
+    /// `<prefix>:meta`.
     #[serde(default = "default_name")]
     pub prefix: String,
     /// Most changes folded into one piece of a transaction before it is applied; bounds

@@ -17,6 +17,7 @@ use crate::pg::connstr::PgConnectConfig;
 use crate::pg::error::PgError;
 use crate::pg::meta;
 use crate::progress::{BACKLOG_LAG_MS, Ticket};
+use crate::sinks::layout;
 use crate::sinks::mqtt::{self, MqttHandle, PublisherConfig};
 use crate::sinks::redis::{self as rsink, Applier, ApplySettings, RedisSinkError};
 use crate::source::{ProgressHandle, Source, SourceConfig, SourceError, SourceEvent};
@@ -268,6 +269,9 @@ impl Daemon {
                         if m.fingerprint.as_deref() != Some(self.mapping.fingerprint.as_str()) =>
                     {
                         Some("the table mapping changed since Redis was built".into())
+                    }
+                    Some(m) if m.layout.as_deref() != Some(layout::LAYOUT_VERSION) => {
+                        Some(earlier_layout(m.layout.as_deref()))
                     }
                     Some(m) if m.applied_lsn.unwrap_or(Lsn::ZERO) < confirmed => Some(format!(
                         "Redis is behind the slot (applied {} < confirmed {confirmed}): it lost writes",
@@ -577,7 +581,16 @@ impl Daemon {
                                         "Redis holds an unfinished snapshot load".into(),
                                     ));
                                 }
-                                fold.expect_tables(m.tables.clone(), m.row_fields_current);
+                                // A standby that won the slot skipped the startup checks.
+                                if m.layout.as_deref() != Some(layout::LAYOUT_VERSION) {
+                                    return rebuild_next(
+                                        &mut con,
+                                        self.prefix(),
+                                        earlier_layout(m.layout.as_deref()),
+                                    )
+                                    .await;
+                                }
+                                fold.expect_tables(m.tables.clone());
                                 if m.system_id.is_none() {
                                     rsink::write_meta(
                                         &mut con,
@@ -903,6 +916,15 @@ pub async fn resync_now(cfg: Config) -> Result<(), DaemonError> {
     d.resync(&mut con, &client, &slot).await
 }
 
+/// Why a Redis in another key layout is rebuilt (logged once per rebuild).
+fn earlier_layout(found: Option<&str>) -> String {
+    format!(
+        "Redis uses the key layout of an earlier skusync ({}; this build uses {}): rebuilding it once",
+        found.map_or_else(|| "before 3".to_string(), |l| format!("layout {l}")),
+        layout::LAYOUT_VERSION
+    )
+}
+
 /// Mark Redis stale, so the restarted pipeline rebuilds it from a fresh snapshot.
 async fn rebuild_next(
     con: &mut redis::aio::ConnectionManager,
@@ -949,6 +971,14 @@ async fn load_snapshot(
         ],
     )
     .await?;
+    let migrated = rsink::migrate_legacy_keys(&mut con, prefix).await?;
+    if migrated > 0 {
+        tracing::info!(
+            skus = migrated,
+            layout = layout::LAYOUT_VERSION,
+            "moved SKU hashes of an earlier key layout"
+        );
+    }
     let reset = rsink::reset_all(&mut con, prefix, Lsn(at.0.saturating_sub(1))).await?;
     let mut applier = Applier::new(con.clone(), settings.clone());
     let tick = |rows: u64| {
@@ -976,7 +1006,7 @@ async fn load_snapshot(
         ("applied_lsn", at.0.to_string()),
         ("fingerprint", mapping.fingerprint.clone()),
         ("tables", tables),
-        ("row_fields", crate::fold::ROW_FIELDS_FORMAT.to_string()),
+        ("layout", layout::LAYOUT_VERSION.to_string()),
     ];
     if let Some(s) = system {
         fields.push(("system_id", s.system_id.clone()));

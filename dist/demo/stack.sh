@@ -326,7 +326,7 @@ if [[ $quiet -eq 0 ]]; then
   Metrics (Prometheus):
       http://127.0.0.1:$metrics_port/metrics
   Redis state of one SKU:
-      redis-cli -p $redis_port HGETALL skusync:sku:SKU-00007
+      redis-cli -p $redis_port HGETALL 'skusync:{SKU-00007}'
   Logs: $tmp/skusync.log $([[ $load -eq 1 ]] && echo "$tmp/pgbench.log")
 
   Ctrl-C stops everything.

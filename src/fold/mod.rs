@@ -18,6 +18,7 @@ pub use mapping::{Mapping, Rule, SchemaError};
 
 use crate::lsn::Lsn;
 use crate::pgoutput::{Datum, OldKind, Tuple};
+use crate::sinks::layout;
 use crate::txn::{
     Change, Op, RelationDesc, Truncate, TxnBegin, TxnCommit, pg_timestamp_to_unix_micros,
 };
@@ -127,10 +128,6 @@ pub struct TableIdentity {
 /// Mapped stock tables by configured name (`schema.table`), as Redis was built from them.
 pub type TableIdentities = BTreeMap<String, TableIdentity>;
 
-/// The format of stock row field names this build writes (meta `row_fields`): 2 names
-/// REPLICA IDENTITY FULL rows by a hash of their values (1 copied the values).
-pub const ROW_FIELDS_FORMAT: &str = "2";
-
 /// Why a relation announcement could not be taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RelationProblem {
@@ -168,8 +165,6 @@ pub struct Fold {
     /// Identities of the mapped stock tables (expected from Redis' meta, or learned from
     /// the first announcement); kept across [`Fold::reset`].
     tables: TableIdentities,
-    /// Redis' FULL-identity rows use an earlier field format (meta `row_fields`).
-    legacy_row_fields: bool,
 }
 
 impl Fold {
@@ -185,14 +180,12 @@ impl Fold {
             stats: FoldStats::default(),
             skipped: Vec::new(),
             tables: TableIdentities::new(),
-            legacy_row_fields: false,
         }
     }
 
-    /// The identities Redis was built from (its meta hash) and whether its FULL-identity
-    /// rows use this build's field format; tables not listed are learned from their first
-    /// announcement. Only stock tables are kept.
-    pub fn expect_tables(&mut self, tables: TableIdentities, row_fields_current: bool) {
+    /// The identities Redis was built from (its meta hash); tables not listed are learned
+    /// from their first announcement. Only stock tables are kept.
+    pub fn expect_tables(&mut self, tables: TableIdentities) {
         let stock: BTreeSet<&str> = self
             .mapping
             .inventory
@@ -203,7 +196,6 @@ impl Fold {
             .into_iter()
             .filter(|(name, _)| stock.contains(name.as_str()))
             .collect();
-        self.legacy_row_fields = !row_fields_current;
     }
 
     /// The identities of the mapped stock tables announced so far (or expected).
@@ -237,11 +229,6 @@ impl Fold {
                         .map(|c| (c.name.clone(), c.type_oid, c.type_modifier))
                         .collect(),
                 };
-                if r.full && self.legacy_row_fields {
-                    return Err(RelationProblem::Changed(format!(
-                        "Redis holds the rows of REPLICA IDENTITY FULL table {name} under an earlier field format"
-                    )));
-                }
                 match self.tables.get(&name) {
                     None => {
                         self.tables.insert(name, id);
@@ -737,7 +724,6 @@ fn row_identity(
         TextOf::Text(s) => s.to_string(),
         _ => return Err(col_name(r.sku)),
     };
-    let mut field = format!("r:{}:", r.table);
     if r.full {
         // Every column is the key: hash the values, so none of them (free text, personal
         // data) is copied into Redis and field names stay short. Length-prefixed, so no
@@ -754,21 +740,18 @@ fn row_identity(
                 _ => return Err(col_name(i)),
             }
         }
-        field.push('#');
-        field.push_str(&hex::encode(&h.finalize()[..16]));
+        let field = layout::row_field_hashed(&r.table, &hex::encode(&h.finalize()[..16]));
         return Ok((sku, field));
     }
-    for (n, &i) in r.key.iter().enumerate() {
-        if n > 0 {
-            field.push('\u{1f}');
-        }
+    let mut key: Vec<Option<std::borrow::Cow<'_, str>>> = Vec::with_capacity(r.key.len());
+    for &i in &r.key {
         match t.get(i) {
-            Some(Datum::Text(b)) => field.push_str(&String::from_utf8_lossy(b)),
-            // NULL is distinct from every text value (text cannot contain NUL).
-            Some(Datum::Null) => field.push('\0'),
+            Some(Datum::Text(b)) => key.push(Some(String::from_utf8_lossy(b))),
+            Some(Datum::Null) => key.push(None),
             _ => return Err(col_name(i)),
         }
     }
+    let field = layout::row_field(&r.table, key.iter().map(|v| v.as_deref()));
     Ok((sku, field))
 }
 

@@ -168,7 +168,7 @@ impl Store {
         let f = &mut h.fields;
         let mut changed = e.truncate.is_empty();
         for table in &e.truncate {
-            let prefix = format!("r:{table}:");
+            let prefix = crate::sinks::layout::row_field_prefix(table);
             let rows: Vec<String> = f
                 .keys()
                 .filter(|k| k.starts_with(&prefix))

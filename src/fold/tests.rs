@@ -846,21 +846,6 @@ fn a_retyped_key_column_is_a_changed_table() {
 }
 
 #[test]
-fn full_identity_rows_in_an_earlier_field_format_are_a_changed_table() {
-    let mut f = Fold::new(mapping(), 1000);
-    f.expect_tables(TableIdentities::new(), false);
-    f.relation(&inventory(ReplicaIdentity::Default)).unwrap();
-    let mut g = Fold::new(mapping(), 1000);
-    g.expect_tables(TableIdentities::new(), false);
-    assert!(
-        changed(g.relation(&inventory(ReplicaIdentity::Full))).contains("earlier field format")
-    );
-    let mut h = Fold::new(mapping(), 1000);
-    h.expect_tables(TableIdentities::new(), true);
-    h.relation(&inventory(ReplicaIdentity::Full)).unwrap();
-}
-
-#[test]
 fn identities_expected_from_redis_are_checked_on_first_announcement() {
     let mut learned = Fold::new(mapping(), 1000);
     learned
@@ -871,13 +856,13 @@ fn identities_expected_from_redis_are_checked_on_first_announcement() {
     let back: TableIdentities = serde_json::from_str(&json).unwrap();
     assert_eq!(back, expected);
     let mut f = Fold::new(mapping(), 1000);
-    f.expect_tables(back, true);
+    f.expect_tables(back);
     let mut swapped = (*inventory(ReplicaIdentity::Default)).clone();
     swapped.oid = 7;
     changed(f.relation(&swapped));
     // The table it was built from is fine; an unmapped table is ignored.
     let mut g = Fold::new(mapping(), 1000);
-    g.expect_tables(expected, true);
+    g.expect_tables(expected);
     g.relation(&inventory(ReplicaIdentity::Default)).unwrap();
     let mut other = (*activity()).clone();
     other.oid = 3;
@@ -999,7 +984,8 @@ fn full_identity_rows_are_named_by_a_hash_not_their_values() {
     );
     for f in &fields {
         assert!(
-            f.starts_with("r:public.inventory:#") && f.len() == "r:public.inventory:#".len() + 32,
+            f.starts_with("r:16:public.inventory:#")
+                && f.len() == "r:16:public.inventory:#".len() + 32,
             "{f}"
         );
         assert!(!f.contains("Secret"), "{f}");

@@ -1,7 +1,16 @@
 //! The Redis layout shared by the apply script, the snapshot loader and the MQTT
 //! publisher. See the README section "Redis layout".
 //!
-//! One hash per SKU, key `<prefix>:sku:<SKU>`, all integers as decimal strings:
+//! Layout 3 (meta `layout`). Every key a SKU owns carries that SKU as its hash tag, so
+//! Redis Cluster keeps them in one slot and one apply call per slot stays atomic:
+//!
+//! - `<prefix>:{<TAG>}`: the SKU's hash; `<TAG>` is the SKU with `%`, `{` and `}`
+//!   percent-encoded (`%25`, `%7B`, `%7D`) and the empty SKU written `%` (see [`sku_tag`]);
+//! - `<prefix>:{<TAG>}:u:<counter>` and `<prefix>:{<TAG>}:u:<counter>:<minute>`: distinct
+//!   users (HyperLogLogs of HMAC'd ids), lifetime and per minute;
+//! - `<prefix>:meta`: the meta hash.
+//!
+//! The SKU hash, all integers as decimal strings:
 //!
 //! | field | meaning |
 //! |---|---|
@@ -9,7 +18,7 @@
 //! | `loc:<LOC>:on_hand`, `loc:<LOC>:reserved` | per location |
 //! | `<counter>` | lifetime total of an activity counter (e.g. `views`) |
 //! | `w:<counter>:<minute>` | window bucket: events in that minute (unix seconds / 60) |
-//! | `r:<table>:<key>` | one stock row's contribution, JSON `[location, on_hand, reserved]` |
+//! | `r:<n>:<table>:<key>` | one stock row's contribution, JSON `[location, on_hand, reserved]`; see [`row_field`] |
 //! | `lsn`, `piece` | fence: commit LSN (u64) and piece number of the last applied change |
 //! | `ts` | commit time of that transaction, unix milliseconds |
 //! | `threshold` | per-SKU low-stock threshold, when a column maps it |
@@ -19,14 +28,20 @@
 //! | `pub_state` | JSON object of the numeric values in that acknowledged message |
 //! | `gone` | `1` when no stock rows and no counters remain (retained message cleared) |
 //!
-//! Distinct users (HyperLogLog of HMAC'd ids) live beside the hash in keys with a hash
-//! tag naming the hash, so Redis Cluster puts them in the same slot:
-//! `{<prefix>:sku:<SKU>}:u:<counter>` (lifetime) and `{<prefix>:sku:<SKU>}:u:<counter>:<minute>`.
+//! The meta hash holds `applied_lsn`, `system_id`, `timeline`, `fingerprint`, `bootstrap`
+//! (`loading`, `done` once a snapshot finished loading, or `stale` when it must be
+//! rebuilt), `layout` (this layout's version, [`LAYOUT_VERSION`]), `mqtt_epoch`,
+//! `last_publish_ms` and `tables` (the mapped stock tables' identities, JSON).
 //!
-//! The meta hash `<prefix>:meta` holds `applied_lsn`, `system_id`, `timeline`,
-//! `fingerprint`, `bootstrap` (`loading`, `done` once a snapshot finished loading, or
-//! `stale` when it must be rebuilt), `mqtt_epoch`, `last_publish_ms`, `tables` (the
-//! mapped stock tables' identities, JSON) and `row_fields` (the stock row field format).
+//! Layouts before 3 (no meta `layout`) kept SKU hashes at `<prefix>:sku:<SKU>` and users
+//! at `{<prefix>:sku:<SKU>}:u:...`, and joined key values with a byte that text may
+//! contain; such a Redis is rebuilt once (see [`legacy_sku_of_key`]).
+
+use std::borrow::Cow;
+
+/// The key layout this build reads and writes (meta `layout`). A Redis holding another
+/// (or none, before layout 3) is rebuilt from a snapshot once.
+pub const LAYOUT_VERSION: &str = "3";
 
 /// Fields of a SKU hash with a fixed name, written by the apply script, the snapshot
 /// reset and the MQTT publisher (keep in step with `apply.lua`). Every other field is a
@@ -49,19 +64,90 @@ pub const FIXED_FIELDS: &[&str] = &[
     "gone",
 ];
 
-/// Key of a SKU's hash.
-pub fn sku_key(prefix: &str, sku: &str) -> String {
-    format!("{prefix}:sku:{sku}")
+/// A SKU as a hash tag: `%`, `{` and `}` percent-encoded, so the tag ends at the key's
+/// own `}` and every SKU has a distinct one; the empty SKU is `%` (an empty tag would make
+/// Redis Cluster hash the whole key, splitting the SKU's keys over slots).
+pub fn sku_tag(sku: &str) -> Cow<'_, str> {
+    if sku.is_empty() {
+        return Cow::Borrowed("%");
+    }
+    if !sku.contains(['%', '{', '}']) {
+        return Cow::Borrowed(sku);
+    }
+    let mut out = String::with_capacity(sku.len() + 8);
+    for c in sku.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '{' => out.push_str("%7B"),
+            '}' => out.push_str("%7D"),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
 }
 
-/// Prefix of all SKU hash keys (for SCAN with a `*` appended).
-pub fn sku_key_prefix(prefix: &str) -> String {
-    format!("{prefix}:sku:")
+/// The SKU of a tag made by [`sku_tag`]; `None` for anything it cannot have made.
+pub fn sku_of_tag(tag: &str) -> Option<Cow<'_, str>> {
+    if tag == "%" {
+        return Some(Cow::Borrowed(""));
+    }
+    if tag.is_empty() || tag.contains(['{', '}']) {
+        return None;
+    }
+    if !tag.contains('%') {
+        return Some(Cow::Borrowed(tag));
+    }
+    let mut out = String::with_capacity(tag.len());
+    let mut rest = tag;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        let esc = rest.get(i..i + 3)?;
+        out.push(match esc {
+            "%25" => '%',
+            "%7B" => '{',
+            "%7D" => '}',
+            _ => return None,
+        });
+        rest = &rest[i + 3..];
+    }
+    out.push_str(rest);
+    Some(Cow::Owned(out))
+}
+
+/// Key of a SKU's hash: `<prefix>:{<TAG>}`.
+pub fn sku_key(prefix: &str, sku: &str) -> String {
+    format!("{prefix}:{{{}}}", sku_tag(sku))
+}
+
+/// SCAN MATCH pattern of every SKU hash key (the prefix glob-escaped). It can match a
+/// distinct-user key whose counter name ends in `}`: filter with [`sku_of_key`].
+pub fn sku_key_pattern(prefix: &str) -> String {
+    format!("{}:{{*}}", glob_escape(prefix))
+}
+
+/// SCAN MATCH pattern of every distinct-user key.
+pub fn users_key_pattern(prefix: &str) -> String {
+    format!("{}:{{*}}:u:*", glob_escape(prefix))
 }
 
 /// The SKU of a hash key, if it is one.
-pub fn sku_of_key<'a>(prefix: &str, key: &'a str) -> Option<&'a str> {
+pub fn sku_of_key(prefix: &str, key: &str) -> Option<String> {
+    let tag = key
+        .strip_prefix(prefix)?
+        .strip_prefix(":{")?
+        .strip_suffix('}')?;
+    sku_of_tag(tag).map(Cow::into_owned)
+}
+
+/// The SKU of a hash key of layouts before 3 (`<prefix>:sku:<SKU>`), for the one upgrade.
+pub fn legacy_sku_of_key<'a>(prefix: &str, key: &'a str) -> Option<&'a str> {
     key.strip_prefix(prefix)?.strip_prefix(":sku:")
+}
+
+/// SCAN MATCH patterns of the keys of layouts before 3: SKU hashes, distinct users.
+pub fn legacy_key_patterns(prefix: &str) -> [String; 2] {
+    let p = glob_escape(prefix);
+    [format!("{p}:sku:*"), format!("{{{p}:sku:*")]
 }
 
 /// Key of the meta hash.
@@ -69,14 +155,60 @@ pub fn meta_key(prefix: &str) -> String {
     format!("{prefix}:meta")
 }
 
-/// Lifetime distinct-user HyperLogLog of a counter.
+/// Lifetime distinct-user HyperLogLog of a counter (same slot as the SKU's hash).
 pub fn users_key(prefix: &str, sku: &str, counter: &str) -> String {
-    format!("{{{}}}:u:{counter}", sku_key(prefix, sku))
+    format!("{}:u:{counter}", sku_key(prefix, sku))
 }
 
-/// Per-minute distinct-user HyperLogLog of a counter.
+/// Per-minute distinct-user HyperLogLog of a counter (same slot as the SKU's hash).
 pub fn users_minute_key(prefix: &str, sku: &str, counter: &str, minute: i64) -> String {
-    format!("{{{}}}:u:{counter}:{minute}", sku_key(prefix, sku))
+    format!("{}:u:{counter}:{minute}", sku_key(prefix, sku))
+}
+
+/// The start of every row field of a stock table: `r:<n>:<table>:`, with `n` the table
+/// name's length in bytes, so no table's prefix is the start of another's (`inv` and
+/// `inv:x`), and a TRUNCATE clears exactly its own rows.
+pub fn row_field_prefix(table: &str) -> String {
+    format!("r:{}:{table}:", table.len())
+}
+
+/// A stock row's field: [`row_field_prefix`] then its key, encoded so that no two keys
+/// share a field. `key` is one item per replica-identity column (`None` for NULL); each
+/// is written `<len>:<bytes>` (len in bytes) and NULL as `~`, so the column boundaries are
+/// known whatever bytes the values hold.
+pub fn row_field<'a>(table: &str, key: impl IntoIterator<Item = Option<&'a str>>) -> String {
+    let mut f = row_field_prefix(table);
+    for v in key {
+        match v {
+            Some(s) => {
+                f.push_str(&s.len().to_string());
+                f.push(':');
+                f.push_str(s);
+            }
+            None => f.push('~'),
+        }
+    }
+    f
+}
+
+/// A REPLICA IDENTITY FULL row's field: the prefix and `#` with a hash of its values.
+pub fn row_field_hashed(table: &str, hex_digest: &str) -> String {
+    let mut f = row_field_prefix(table);
+    f.push('#');
+    f.push_str(hex_digest);
+    f
+}
+
+/// Escape glob metacharacters for SCAN MATCH.
+pub fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Window bucket field of a counter.
@@ -151,14 +283,80 @@ mod tests {
 
     #[test]
     fn keys_and_fields() {
-        assert_eq!(sku_key("p", "a/b"), "p:sku:a/b");
-        assert_eq!(sku_of_key("p", "p:sku:a:b"), Some("a:b"));
-        assert_eq!(sku_of_key("p", "q:sku:a"), None);
-        assert_eq!(users_key("p", "x", "views"), "{p:sku:x}:u:views");
+        assert_eq!(sku_key("p", "a/b"), "p:{a/b}");
+        assert_eq!(sku_of_key("p", "p:{a:b}").as_deref(), Some("a:b"));
+        assert_eq!(sku_of_key("p", "q:{a}"), None);
+        assert_eq!(sku_of_key("p", "p:{x}:u:views"), None);
+        assert_eq!(sku_of_key("p", "p:{x}:u:v}"), None);
+        assert_eq!(sku_of_key("p", "p:{}"), None);
+        assert_eq!(users_key("p", "x", "views"), "p:{x}:u:views");
+        assert_eq!(users_minute_key("p", "x", "views", 9), "p:{x}:u:views:9");
+        assert_eq!(legacy_sku_of_key("p", "p:sku:a"), Some("a"));
         assert_eq!(bucket_field("views", 7), "w:views:7");
         assert_eq!(minute_of_ms(-1), -1);
         assert_eq!(window_name("views", 300), "views_5m");
         assert_eq!(window_name("purchases", 3600), "purchases_1h");
+    }
+
+    /// Redis Cluster's hash tag rule: the bytes between the first `{` and the first `}`
+    /// after it, if any; else the whole key.
+    fn cluster_tag(key: &str) -> &str {
+        if let Some(i) = key.find('{')
+            && let Some(j) = key[i + 1..].find('}')
+            && j > 0
+        {
+            return &key[i + 1..i + 1 + j];
+        }
+        key
+    }
+
+    #[test]
+    fn a_skus_keys_share_one_hash_tag_whatever_its_bytes() {
+        for sku in [
+            "", "a", "{", "}", "{}", "}{", "a{b}c", "%", "%7D", "%%7B", "x/y+#", "ü{€}",
+        ] {
+            let tag = cluster_tag(&sku_key("skusync", sku)).to_string();
+            assert!(!tag.is_empty(), "{sku:?}");
+            assert_eq!(
+                cluster_tag(&users_key("skusync", sku, "views")),
+                tag,
+                "{sku:?}"
+            );
+            assert_eq!(
+                cluster_tag(&users_minute_key("skusync", sku, "v", -5)),
+                tag,
+                "{sku:?}"
+            );
+            assert_eq!(
+                sku_of_key("skusync", &sku_key("skusync", sku)).as_deref(),
+                Some(sku)
+            );
+        }
+        assert_ne!(sku_key("p", ""), sku_key("p", "%"));
+        assert_ne!(sku_key("p", "%7D"), sku_key("p", "}"));
+    }
+
+    #[test]
+    fn row_fields_are_unambiguous() {
+        // The collision of the joined format: ('W\x1fX', '1') vs ('W', 'X\x1f1').
+        let a = row_field("t", [Some("W\u{1f}X"), Some("1")]);
+        let b = row_field("t", [Some("W"), Some("X\u{1f}1")]);
+        assert_ne!(a, b);
+        assert_ne!(
+            row_field("t", [Some("ab"), Some("")]),
+            row_field("t", [Some("a"), Some("b")])
+        );
+        assert_ne!(row_field("t", [None]), row_field("t", [Some("~")]));
+        assert_ne!(
+            row_field("t", [None, Some("")]),
+            row_field("t", [Some(""), None])
+        );
+        // No table's rows start with another table's prefix.
+        assert!(!row_field("inv:x", [Some("1")]).starts_with(&row_field_prefix("inv")));
+        assert_eq!(
+            row_field("public.inv", [Some("S1"), None]),
+            "r:10:public.inv:2:S1~"
+        );
     }
 
     #[test]

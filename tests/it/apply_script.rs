@@ -14,7 +14,7 @@ use skusync::sinks::layout;
 use skusync::sinks::redis::{self as rsink, Applier, ApplySettings};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-const SKUS: [&str; 5] = ["A", "b/c", "", "ü+#", "x:y z"];
+const SKUS: [&str; 7] = ["A", "b/c", "", "ü+#", "x:y z", "{b}", "%7D}{"];
 const TABLES: [&str; 2] = ["public.inventory", "public.lots"];
 
 fn random_piece(rng: &mut StdRng, lsn: u64, piece: u32, last: bool) -> Piece {
@@ -23,11 +23,10 @@ fn random_piece(rng: &mut StdRng, lsn: u64, piece: u32, last: bool) -> Piece {
         let sku = SKUS[rng.random_range(0..SKUS.len())].to_string();
         let mut d = SkuDelta::default();
         for _ in 0..rng.random_range(0..3) {
-            let field = format!(
-                "r:{}:{}\u{1f}L{}",
+            let lot = format!("L{}", rng.random_range(0..3));
+            let field = layout::row_field(
                 TABLES[rng.random_range(0..2)],
-                sku,
-                rng.random_range(0..3)
+                [Some(sku.as_str()), Some(lot.as_str())],
             );
             let op = if rng.random_bool(0.25) {
                 RowOp::Del
@@ -223,7 +222,7 @@ async fn lua_apply_script_matches_the_model_on_random_pieces() {
                 .map(|h| h.users.clone())
                 .unwrap_or_default()
             {
-                let key = format!("{{{}}}:u:{c}", layout::sku_key("t", sku));
+                let key = layout::users_key("t", sku, &c);
                 let n: u64 = redis::cmd("PFCOUNT")
                     .arg(&key)
                     .query_async(&mut mcon)

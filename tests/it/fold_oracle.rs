@@ -1054,41 +1054,169 @@ async fn rotating_an_activity_table_by_rename_keeps_its_counters() {
     rig.daemon().assert_alive("after the rotation");
 }
 
-/// Redis built by an earlier release named REPLICA IDENTITY FULL rows by their values;
-/// meeting such a table rebuilds Redis once in the current format, then never again.
+/// SCAN keys matching a pattern.
+async fn keys_matching(con: &mut redis::aio::MultiplexedConnection, pattern: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(con)
+            .await
+            .expect("SCAN");
+        out.extend(keys);
+        cursor = next;
+        if cursor == 0 {
+            return out;
+        }
+    }
+}
+
+/// Redis built by a release before key layout 3 (SKU hashes at `<prefix>:sku:<SKU>`,
+/// no meta `layout`) is rebuilt once into the
+/// current layout; the MQTT outbox marks move with each SKU (so a SKU that vanished
+/// meanwhile can still be cleared on the broker) and no key of the old layout is left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn full_identity_rows_from_an_earlier_format_are_rebuilt_once() {
-    let mut rig = full_identity_rig().await;
+async fn a_redis_in_an_earlier_key_layout_is_rebuilt_once() {
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
     rig.start_skusync("").await;
-    rig.exec("INSERT INTO loose_stock SELECT 'L-' || i, 'WH-1', i FROM generate_series(1, 10) i;")
-        .await;
+    rig.exec(
+        "INSERT INTO inventory (sku, location, on_hand, reserved)
+           SELECT 'U-' || i, 'WH-1', i, 0 FROM generate_series(1, 20) i;
+         INSERT INTO activity_log (sku, kind, qty) VALUES ('U-1', 'view', 1);",
+    )
+    .await;
     rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
         .await;
     assert_eq!(rig.daemon().sigterm(), Some(0));
+    // Turn it into what a release before layout 3 left behind.
+    let layout_keys = keys_matching(
+        &mut rig.con,
+        &skusync::sinks::layout::sku_key_pattern("skusync"),
+    )
+    .await;
+    assert!(layout_keys.len() >= 20, "{layout_keys:?}");
+    for k in &layout_keys {
+        let Some(sku) = skusync::sinks::layout::sku_of_key("skusync", k) else {
+            continue;
+        };
+        let _: () = redis::cmd("RENAME")
+            .arg(k)
+            .arg(format!("skusync:sku:{sku}"))
+            .query_async(&mut rig.con)
+            .await
+            .expect("RENAME");
+    }
+    let _: () = redis::cmd("HSET")
+        .arg("skusync:sku:VANISHED")
+        .arg("pub_lsn")
+        .arg("5")
+        .arg("pub_state")
+        .arg("{\"on_hand\":3}")
+        .arg("on_hand")
+        .arg("3")
+        .query_async(&mut rig.con)
+        .await
+        .expect("HSET");
     let meta = skusync::sinks::layout::meta_key("skusync");
     let _: () = redis::cmd("HDEL")
         .arg(&meta)
-        .arg("row_fields")
+        .arg("layout")
         .query_async(&mut rig.con)
         .await
         .expect("HDEL");
     rig.daemon().spawn();
-    rig.exec("UPDATE loose_stock SET on_hand = on_hand + 1;")
+    rig.exec("UPDATE inventory SET on_hand = on_hand + 1 WHERE sku LIKE 'U-%';")
         .await;
     rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(60))
         .await;
     rig.assert_converges(Duration::from_secs(20)).await;
     assert_eq!(
-        hget(&mut rig.con, &meta, "row_fields").await.as_deref(),
-        Some("2")
+        hget(&mut rig.con, &meta, "layout").await.as_deref(),
+        Some("3")
     );
     assert_eq!(
-        rig.daemon().stderr_count("earlier field format"),
+        keys_matching(&mut rig.con, "skusync:sku:*").await,
+        Vec::<String>::new(),
+        "no SKU hash of the old layout is left"
+    );
+    assert_eq!(
+        keys_matching(&mut rig.con, "{skusync:sku:*").await,
+        Vec::<String>::new()
+    );
+    let vanished = skusync::sinks::layout::sku_key("skusync", "VANISHED");
+    assert_eq!(
+        hget(&mut rig.con, &vanished, "pub_lsn").await.as_deref(),
+        Some("5")
+    );
+    assert_eq!(hget(&mut rig.con, &vanished, "on_hand").await, None);
+    assert_eq!(
+        rig.daemon()
+            .stderr_count("key layout of an earlier skusync"),
         1,
-        "one rebuild, not one per announcement\n{}",
+        "one rebuild\n{}",
         rig.daemon().stderr_all()
     );
-    rig.daemon().assert_alive("after the one rebuild");
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+    rig.daemon().spawn();
+    rig.exec("UPDATE inventory SET on_hand = on_hand + 1 WHERE sku = 'U-2';")
+        .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    rig.assert_converges(Duration::from_secs(20)).await;
+    assert_eq!(
+        rig.daemon()
+            .stderr_count("key layout of an earlier skusync"),
+        1,
+        "never again\n{}",
+        rig.daemon().stderr_all()
+    );
+    rig.daemon().assert_alive("after the upgrade");
+}
+
+/// Replica-identity key values may hold any bytes, including the one earlier layouts
+/// joined key columns with (0x1f): rows that only differ in where a value ends are
+/// distinct rows, and each counts once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_values_holding_any_bytes_name_distinct_rows() {
+    let mut oracle = public_oracle(Buckets::Ignore);
+    oracle.inventory.push(InventorySpec {
+        table: "public.bin_stock".into(),
+        sku: "sku".into(),
+        location: None,
+        on_hand: "qty".into(),
+        reserved: None,
+    });
+    let schema = format!(
+        "{PUBLIC_SCHEMA}
+         CREATE TABLE bin_stock (sku text, bin text, lot text, qty int NOT NULL, PRIMARY KEY (sku, bin, lot));
+         ALTER PUBLICATION skusync ADD TABLE bin_stock;
+         INSERT INTO bin_stock VALUES ('S1', E'W\\x1fX', '1', 5), ('S1', 'W', E'X\\x1f1', 7),
+                                      ('S3', '', 'ab', 1), ('S3', 'a', 'b', 2), ('S3', 'ab', '', 4);"
+    );
+    let mut rig = Rig::new(&schema, oracle).await;
+    rig.start_skusync("").await;
+    rig.exec(
+        "INSERT INTO bin_stock VALUES ('S2', E'W\\x1fX', '1', 10), ('S2', 'W', E'X\\x1f1', 20);
+         UPDATE bin_stock SET qty = qty + 100 WHERE sku = 'S1' AND bin = 'W';
+         DELETE FROM bin_stock WHERE sku = 'S3' AND bin = 'a';",
+    )
+    .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    rig.assert_converges(Duration::from_secs(20)).await;
+    for (sku, want) in [("S1", "112"), ("S2", "30"), ("S3", "5")] {
+        let key = skusync::sinks::layout::sku_key("skusync", sku);
+        assert_eq!(
+            hget(&mut rig.con, &key, "on_hand").await.as_deref(),
+            Some(want),
+            "{sku}"
+        );
+    }
 }
 
 /// One activity row dated far ahead (a typo'd year) must not move the SKU's window

@@ -95,7 +95,7 @@ impl Running {
 
 async fn hset(con: &mut ConnectionManager, sku: &str, kv: &[(&str, String)]) {
     let mut c = redis::cmd("HSET");
-    c.arg(format!("{RP}:sku:{sku}"));
+    c.arg(skusync::sinks::layout::sku_key(RP, sku));
     for (k, v) in kv {
         c.arg(*k).arg(v);
     }
@@ -118,7 +118,7 @@ async fn set_hot(con: &mut ConnectionManager, i: u64) {
 
 async fn hget(con: &mut ConnectionManager, sku: &str, f: &str) -> Option<String> {
     redis::cmd("HGET")
-        .arg(format!("{RP}:sku:{sku}"))
+        .arg(skusync::sinks::layout::sku_key(RP, sku))
         .arg(f)
         .query_async(con)
         .await

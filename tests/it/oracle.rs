@@ -338,10 +338,9 @@ impl Oracle {
         t
     }
 
-    /// Every `<prefix>:sku:*` hash (SCAN + HGETALL).
+    /// Every SKU hash (SCAN + HGETALL).
     pub async fn redis_state(&self, con: &mut MultiplexedConnection) -> RedisState {
-        let key_prefix = skusync::sinks::layout::sku_key_prefix(&self.prefix);
-        let pattern = format!("{key_prefix}*");
+        let pattern = skusync::sinks::layout::sku_key_pattern(&self.prefix);
         let mut keys: BTreeSet<Vec<u8>> = BTreeSet::new();
         let mut cursor: u64 = 0;
         loop {

@@ -204,18 +204,6 @@ fn unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Escapes glob metacharacters for SCAN MATCH.
-fn glob_escape(s: &str) -> String {
-    let mut o = String::with_capacity(s.len());
-    for c in s.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            o.push('\\');
-        }
-        o.push(c);
-    }
-    o
-}
-
 impl Task {
     pub(super) fn new(
         cfg: PublisherConfig,
@@ -868,10 +856,7 @@ impl Task {
     async fn scan_page(&mut self, client: &AsyncClient) {
         let Some(scan) = &self.scan else { return };
         let (cursor, force) = (scan.cursor, scan.force);
-        let pattern = format!(
-            "{}*",
-            glob_escape(&layout::sku_key_prefix(&self.cfg.redis_prefix))
-        );
+        let pattern = layout::sku_key_pattern(&self.cfg.redis_prefix);
         let r: Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
             .arg(cursor)
             .arg("MATCH")
@@ -891,7 +876,6 @@ impl Task {
         let skus: Vec<String> = keys
             .iter()
             .filter_map(|k| layout::sku_of_key(&self.cfg.redis_prefix, k))
-            .map(str::to_string)
             .collect();
         if force {
             for sku in &skus {
@@ -1189,15 +1173,5 @@ impl Task {
         self.shared.connected.store(false, Ordering::SeqCst);
         info!("mqtt publisher stopped");
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn glob_is_escaped() {
-        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
     }
 }

@@ -1,13 +1,15 @@
 -- skusync apply script: applies a batch of per-SKU entries, exactly once.
 --
--- KEYS[1] = meta hash; KEYS[2..] = SKU hashes referenced by index.
+-- KEYS[1] = meta hash; KEYS[2..] = SKU hashes referenced by index. A SKU's distinct-user
+-- keys are its hash key plus ':u:...' (same hash tag, see sinks/layout.rs).
 -- ARGV is one flat list of strings, read front to back (no JSON: in Redis' Lua every
 -- decoded value is a new string or table, which cost more than everything else):
 --   keep, low, quiet ('1'|'0'), end LSN ('' for none), ncounters, counter..., entry...
 --   entry = k, f, fp, l, p, t, nx, table..., nr, row..., trace, nc, (counter, n)...,
 --           nb, (counter, minute, n)..., nu, (counter, minute, nids, hmac...)...
 --     k: key index; f/fp and l/p: first and last (commit LSN, piece) merged into the
---     entry; t: commit unix ms of the last; tables: stock tables to clear first (TRUNCATE)
+--     entry; t: commit unix ms of the last; tables: row field prefixes of the stock tables
+--     to clear first (TRUNCATE)
 --   row = field, flags, loc, on, res: a stock row's final state; flags 'D' deletes it,
 --     otherwise one letter each for loc, on, res: 'v' value, 'k' keep what Redis holds
 --   trace = packed records '<BI4ddddd' (flags, row index 0-based, on, res, threshold,
@@ -359,7 +361,7 @@ local function apply_windows(key, e, h)
         h.del[#h.del + 1] = bf
         h.bucket[bf] = nil
         h.pre[bf] = false
-        redis.call('DEL', '{' .. key .. '}:u:' .. c .. ':' .. x)
+        redis.call('DEL', key .. ':u:' .. c .. ':' .. x)
       end
     end
     if newmax ~= wmax then
@@ -379,9 +381,9 @@ local function apply_windows(key, e, h)
   for _ = 1, e.nu do
     local c, ms, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
     local m = tonumber(ms)
-    redis.call('PFADD', '{' .. key .. '}:u:' .. c, unpack(ARGV, a + 3, a + 2 + n))
+    redis.call('PFADD', key .. ':u:' .. c, unpack(ARGV, a + 3, a + 2 + n))
     if cutoffs[c] and m >= cutoffs[c] then
-      local hk = '{' .. key .. '}:u:' .. c .. ':' .. ms
+      local hk = key .. ':u:' .. c .. ':' .. ms
       redis.call('PFADD', hk, unpack(ARGV, a + 3, a + 2 + n))
       redis.call('EXPIREAT', hk, (m + keep + 1) * 60)
     end
@@ -501,8 +503,7 @@ for _, e in ipairs(entries) do
       for f, t in pairs(h.rowt) do
         if t then fields[#fields + 1] = f end
       end
-      for _, tbl in ipairs(e.x) do
-        local pre = 'r:' .. tbl .. ':'
+      for _, pre in ipairs(e.x) do
         for _, f in ipairs(fields) do
           if string.sub(f, 1, #pre) == pre and remove_row(key, h, f) then changed = true end
         end

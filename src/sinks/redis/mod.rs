@@ -293,9 +293,9 @@ impl Applier {
             .collect();
         let which = match wrong.len() {
             0 => format!(
-                "A distinct-user key ({{{}<SKU>}}:u:...) of one of this call's SKUs is not a \
+                "A distinct-user key ({}:u:...) of one of this call's SKUs is not a \
                  HyperLogLog.",
-                layout::sku_key_prefix(prefix)
+                layout::sku_key(prefix, "<SKU>")
             ),
             1..=5 => format!("Not a hash: {}.", wrong.join(", ")),
             n => format!("Not a hash: {} and {} more.", wrong[..5].join(", "), n - 5),
@@ -364,7 +364,7 @@ pub async fn scan_skus(
     con: &mut ConnectionManager,
     prefix: &str,
 ) -> Result<Vec<String>, RedisSinkError> {
-    let pattern = format!("{}*", glob_escape(&layout::sku_key_prefix(prefix)));
+    let pattern = layout::sku_key_pattern(prefix);
     let mut cursor: u64 = 0;
     let mut out = Vec::new();
     loop {
@@ -379,10 +379,7 @@ pub async fn scan_skus(
             .query_async(con)
             .await
             .map_err(RedisSinkError::from_redis)?;
-        out.extend(
-            keys.iter()
-                .filter_map(|k| layout::sku_of_key(prefix, k).map(str::to_string)),
-        );
+        out.extend(keys.iter().filter_map(|k| layout::sku_of_key(prefix, k)));
         cursor = next;
         if cursor == 0 {
             return Ok(out);
@@ -390,17 +387,7 @@ pub async fn scan_skus(
     }
 }
 
-/// Escape glob metacharacters for SCAN MATCH.
-pub fn glob_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
-}
+pub use layout::glob_escape;
 
 /// Encode entries as one EVALSHA of the apply script: KEYS (meta hash, then each SKU
 /// hash once) and the flat ARGV described in `apply.lua`. Arguments go straight into the
@@ -448,7 +435,7 @@ pub fn encode_entries(
             .arg(e.commit_ms)
             .arg(e.truncate.len());
         for t in &e.truncate {
-            c.arg(t);
+            c.arg(layout::row_field_prefix(t));
         }
         c.arg(e.rows.len());
         for (f, op) in &e.rows {
@@ -581,8 +568,8 @@ pub struct Meta {
     /// The mapped tables' identities at the last snapshot load (absent before 0.1's
     /// table fencing, or unreadable: then learned from the stream).
     pub tables: crate::fold::TableIdentities,
-    /// Its stock row fields use this build's format (`row_fields`).
-    pub row_fields_current: bool,
+    /// The key layout it was built in (`layout`; `None` before layout 3).
+    pub layout: Option<String>,
 }
 
 /// Read the meta hash; `None` when it does not exist.
@@ -608,8 +595,7 @@ pub async fn read_meta(
             .get("tables")
             .and_then(|v| serde_json::from_str(v).ok())
             .unwrap_or_default(),
-        row_fields_current: m.get("row_fields").map(String::as_str)
-            == Some(crate::fold::ROW_FIELDS_FORMAT),
+        layout: m.get("layout").cloned(),
     }))
 }
 
@@ -664,14 +650,18 @@ pub async fn reset_all(
             .await
             .map_err(RedisSinkError::from_redis)?;
     }
-    // Distinct-user HyperLogLogs: `{<prefix>:sku:...}:u:...`.
-    let pattern = format!("{{{}*", glob_escape(&layout::sku_key_prefix(prefix)));
+    unlink_matching(con, &layout::users_key_pattern(prefix)).await?;
+    Ok(skus.len())
+}
+
+/// UNLINK every key matching a SCAN pattern.
+async fn unlink_matching(con: &mut ConnectionManager, pattern: &str) -> Result<(), RedisSinkError> {
     let mut cursor: u64 = 0;
     loop {
         let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
             .arg(cursor)
             .arg("MATCH")
-            .arg(&pattern)
+            .arg(pattern)
             .arg("COUNT")
             .arg(1000)
             .query_async(con)
@@ -686,10 +676,70 @@ pub async fn reset_all(
         }
         cursor = next;
         if cursor == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// Move the SKU hashes of layouts before 3 (`<prefix>:sku:<SKU>`) to their layout-3 keys,
+/// keeping only what a rebuild keeps (the MQTT outbox marks, pending alerts and alert
+/// state: so a SKU that vanished meanwhile is still cleared on the broker, and no alert
+/// is lost), and delete the old distinct-user keys. One script call per key pair, atomic:
+/// a crash leaves each SKU in the old place or the new, and running it again finishes
+/// the rest (the old and new key spaces cannot overlap: `:sku:` against `:{`).
+const MIGRATE_LUA: &str = r#"
+local v = redis.call('HMGET', KEYS[1], 'pub_lsn', 'pub_state', 'alerts', 'alert_state')
+local names = {'pub_lsn', 'pub_state', 'alerts', 'alert_state'}
+local w = {}
+for i, name in ipairs(names) do
+  if v[i] then w[#w + 1] = name; w[#w + 1] = v[i] end
+end
+if #w > 0 then redis.call('HSET', KEYS[2], unpack(w)) end
+redis.call('DEL', KEYS[1])
+return #w
+"#;
+
+/// Upgrade the keys of layouts before 3 (see [`MIGRATE_LUA`]); returns how many SKU hashes
+/// moved. Runs before every snapshot load: nothing to do costs one SCAN.
+pub async fn migrate_legacy_keys(
+    con: &mut ConnectionManager,
+    prefix: &str,
+) -> Result<usize, RedisSinkError> {
+    let [skus, users] = layout::legacy_key_patterns(prefix);
+    let script = redis::Script::new(MIGRATE_LUA);
+    let mut moved = 0;
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&skus)
+            .arg("COUNT")
+            .arg(1000)
+            .arg("TYPE")
+            .arg("hash")
+            .query_async(con)
+            .await
+            .map_err(RedisSinkError::from_redis)?;
+        for k in &keys {
+            let Some(sku) = layout::legacy_sku_of_key(prefix, k) else {
+                continue;
+            };
+            let _: i64 = script
+                .key(k)
+                .key(layout::sku_key(prefix, sku))
+                .invoke_async(con)
+                .await
+                .map_err(RedisSinkError::from_redis)?;
+            moved += 1;
+        }
+        cursor = next;
+        if cursor == 0 {
             break;
         }
     }
-    Ok(skus.len())
+    unlink_matching(con, &users).await?;
+    Ok(moved)
 }
 
 #[cfg(test)]
