@@ -36,7 +36,37 @@ pub struct Config {
     /// `[http]`: the monitoring endpoints (off when absent).
     #[serde(default)]
     pub http: Option<HttpConfig>,
+    /// `[limits]`: bounds on what the database's rows can make skusync store.
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
+
+/// `[limits]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Longest SKU (UTF-8 bytes) skusync keeps; rows with a longer one count nowhere and
+    /// are reported as skipped values. Activity rows create SKUs: if an application logs
+    /// SKUs taken from URLs, this bounds what anonymous users can make skusync store.
+    #[serde(default = "default_max_sku_bytes")]
+    pub max_sku_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_sku_bytes: default_max_sku_bytes(),
+        }
+    }
+}
+
+fn default_max_sku_bytes() -> usize {
+    256
+}
+
+/// The largest `max_sku_bytes`: a percent-encoded SKU (3 bytes per byte at worst) must
+/// fit an MQTT topic (65,535 bytes) with its prefix.
+pub const MAX_SKU_BYTES_LIMIT: usize = 16_384;
 
 /// `[http]`: `/metrics`, `/healthz`, `/readyz`.
 #[derive(Debug, Clone, Deserialize)]
@@ -337,6 +367,11 @@ impl Config {
             return Err(ConfigError(
                 "postgres.heartbeat_interval_ms: must be 0 (off) or at least 1000".into(),
             ));
+        }
+        if !(1..=MAX_SKU_BYTES_LIMIT).contains(&self.limits.max_sku_bytes) {
+            return Err(ConfigError(format!(
+                "limits.max_sku_bytes: must be between 1 and {MAX_SKU_BYTES_LIMIT}"
+            )));
         }
         Ok(())
     }

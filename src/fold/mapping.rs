@@ -20,6 +20,8 @@ pub struct Mapping {
     pub activity: Vec<ActivitySpec>,
     /// Default low-stock threshold.
     pub low_stock: i64,
+    /// Longest SKU kept (bytes); rows with longer ones count nowhere.
+    pub max_sku_bytes: usize,
     /// Identifies the mapping; a different one means Redis must be rebuilt.
     pub fingerprint: String,
 }
@@ -85,11 +87,14 @@ impl Mapping {
             )
             .unwrap_or_default(),
         );
+        // Which rows count at all.
+        h.update(cfg.limits.max_sku_bytes.to_be_bytes());
         let fingerprint = hex::encode(&h.finalize()[..12]);
         Ok(Mapping {
             inventory: cfg.inventory.clone(),
             activity,
             low_stock: cfg.alerts.low_stock,
+            max_sku_bytes: cfg.limits.max_sku_bytes,
             fingerprint,
         })
     }

@@ -104,6 +104,9 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// The skip reason of a SKU longer than `max_sku_bytes`.
+pub const SKU_TOO_LONG: &str = "SKU longer than max_sku_bytes";
+
 /// How far an activity row's event time may be after its commit (clock skew between
 /// the application and the database); later times count at the commit time.
 pub const MAX_EVENT_LEAD_MS: i64 = 5 * 60_000;
@@ -501,6 +504,17 @@ impl Fold {
                 ))
             }
         };
+        // A SKU longer than the cap counts nowhere: a row updated to one leaves its old
+        // SKU, and one updated from one (never counted) only arrives.
+        let max_sku = self.mapping.max_sku_bytes;
+        let old_id = old_id.filter(|(s, _)| s.len() <= max_sku);
+        let new_state = match new_state {
+            Some(((s, _), _)) if s.len() > max_sku => {
+                self.skip(&r.table, &m.sku, lsn, SKU_TOO_LONG.into());
+                None
+            }
+            n => n,
+        };
         // Bounded: a bulk load touching more SKUs than this gets alerts for the rest at
         // their next change.
         const MAX_TOUCHED: usize = 20_000;
@@ -572,6 +586,10 @@ impl Fold {
                 return;
             }
         };
+        if sku.len() > self.mapping.max_sku_bytes {
+            self.skip(&r.table, &m.sku, lsn, SKU_TOO_LONG.into());
+            return;
+        }
         let kind = match text(t.get(r.kind)) {
             TextOf::Text(s) => s,
             _ => {

@@ -1003,3 +1003,95 @@ fn full_identity_rows_are_named_by_a_hash_not_their_values() {
     let k = p[0].skus["A"].rows.keys().next().unwrap();
     assert!(fields.contains(&k), "{k}");
 }
+
+#[test]
+fn a_sku_longer_than_the_cap_counts_nowhere_and_is_reported() {
+    let cfg = format!("{CONFIG}[limits]\nmax_sku_bytes = 8\n");
+    let m = Arc::new(Mapping::from_config(&Config::parse(&cfg).unwrap()).unwrap());
+    let mut f = Fold::new(m, 1000);
+    let inv = inventory(ReplicaIdentity::Default);
+    let act = activity();
+    f.relation(&inv).unwrap();
+    f.relation(&act).unwrap();
+    f.begin(&begin(100));
+    let changes = [
+        // at the cap: counts
+        change(
+            &inv,
+            Op::Insert,
+            None,
+            Some(row("EIGHT-88", "W", 1, 0)),
+            0,
+            100,
+        ),
+        // over it: nowhere
+        change(
+            &inv,
+            Op::Insert,
+            None,
+            Some(row("LONG-SKU-1", "W", 5, 0)),
+            1,
+            100,
+        ),
+        // a row renamed to a long SKU leaves its old one
+        change(
+            &inv,
+            Op::Update,
+            Some((OldKind::Key, key("S1", "W"))),
+            Some(row("LONG-SKU-1", "W", 5, 0)),
+            2,
+            100,
+        ),
+        // and one renamed from a long SKU (never counted) only arrives
+        change(
+            &inv,
+            Op::Update,
+            Some((OldKind::Key, key("LONG-SKU-9", "W"))),
+            Some(row("S2", "W", 3, 0)),
+            3,
+            100,
+        ),
+        change(
+            &act,
+            Op::Insert,
+            None,
+            Some(vec![t("1"), t("LONG-SKU-2"), t("view"), t("1")]),
+            4,
+            100,
+        ),
+        change(
+            &act,
+            Op::Insert,
+            None,
+            Some(vec![t("2"), t("S3"), t("view"), t("1")]),
+            5,
+            100,
+        ),
+    ];
+    for c in &changes {
+        assert!(f.change(c).unwrap().is_none());
+    }
+    let p = f.commit(&commit(100)).unwrap();
+    let skus: Vec<&str> = p.skus.keys().map(String::as_str).collect();
+    assert_eq!(skus, ["EIGHT-88", "S1", "S2", "S3"]);
+    assert_eq!(
+        p.skus["S1"].rows.values().collect::<Vec<_>>(),
+        [&RowOp::Del]
+    );
+    assert_eq!(p.skus["S3"].counters.get("views"), Some(&1));
+    let skipped = f.take_skipped();
+    assert_eq!(skipped.len(), 3, "{skipped:?}");
+    assert!(
+        skipped
+            .iter()
+            .all(|s| s.reason == SKU_TOO_LONG && s.column == "sku")
+    );
+}
+
+#[test]
+fn max_sku_bytes_out_of_range_is_a_config_error() {
+    for v in ["0", "16385"] {
+        let e = Config::parse(&format!("{CONFIG}[limits]\nmax_sku_bytes = {v}\n")).unwrap_err();
+        assert!(e.0.contains("max_sku_bytes"), "{e}");
+    }
+}

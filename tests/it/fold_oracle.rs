@@ -1261,3 +1261,40 @@ async fn a_far_future_event_time_counts_at_the_commit_and_keeps_the_window_live(
         rig.daemon().stderr_all()
     );
 }
+
+/// Activity rows create SKUs: one longer than `limits.max_sku_bytes` (a SKU taken from a
+/// URL, say) is skipped and reported, never stored; stock rows alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skus_longer_than_the_cap_are_skipped_and_reported() {
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.start_skusync("\n[limits]\nmax_sku_bytes = 16\n").await;
+    let long = "X".repeat(17);
+    rig.exec(&format!(
+        "INSERT INTO activity_log (sku, kind, qty) VALUES ('{long}', 'view', 1), ('SHORT-1', 'view', 1);
+         INSERT INTO inventory (sku, location, on_hand) VALUES ('{long}', 'WH-1', 5), ('SHORT-1', 'WH-1', 7);"
+    ))
+    .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    let short = skusync::sinks::layout::sku_key("skusync", "SHORT-1");
+    assert_eq!(
+        hget(&mut rig.con, &short, "views").await.as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        hget(&mut rig.con, &short, "on_hand").await.as_deref(),
+        Some("7")
+    );
+    let keys = keys_matching(&mut rig.con, "skusync:{XXXX*").await;
+    assert!(keys.is_empty(), "{keys:?}");
+    assert!(
+        rig.daemon()
+            .stderr_contains("SKU longer than max_sku_bytes"),
+        "{}",
+        rig.daemon().stderr_all()
+    );
+    assert!(
+        !rig.daemon().stderr_contains(&long),
+        "the SKU itself is never logged"
+    );
+}
