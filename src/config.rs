@@ -190,6 +190,11 @@ pub struct ActivityMap {
     pub windows: Vec<String>,
     /// Event kind value -> counter name.
     pub counters: std::collections::BTreeMap<String, String>,
+    /// Count only rows whose SKU has stock rows in a mapped stock table when the event is
+    /// applied; others count nowhere and create nothing (for logs whose SKU comes from
+    /// untrusted input, e.g. a URL).
+    #[serde(default)]
+    pub known_skus_only: bool,
     /// HMAC key for user ids (else `SKUSYNC_USER_KEY`). Never logged.
     #[serde(default)]
     pub user_key: Option<String>,

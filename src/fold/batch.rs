@@ -78,6 +78,8 @@ pub struct Entry {
     pub users: BTreeMap<(String, i64), BTreeSet<String>>,
     /// Row field -> index in `rows`, once there are many.
     row_index: Option<HashMap<String, u32>>,
+    /// It holds activity of a `known_skus_only` table (counter names starting with `?`).
+    guarded: bool,
 }
 
 /// Rows per entry searched linearly before an index is built.
@@ -97,6 +99,7 @@ impl Entry {
             buckets: BTreeMap::new(),
             users: BTreeMap::new(),
             row_index: None,
+            guarded: false,
         }
     }
 
@@ -231,6 +234,8 @@ impl Entry {
                 commit_ms,
             });
         }
+        self.guarded |= d.counters.keys().any(|c| super::model::is_guarded(c))
+            || d.buckets.keys().any(|(c, _)| super::model::is_guarded(c));
         for (c, n) in d.counters {
             let v = self.counters.entry(c).or_default();
             *v = v.saturating_add(n);
@@ -323,7 +328,14 @@ impl Batch {
 
     fn add(&mut self, sku: String, fence: Fence, ms: i64, d: SkuDelta, eval: bool, merge: bool) {
         let before = self.entries.len();
-        let i = match merge.then(|| self.open.get(&sku).copied()).flatten() {
+        let open = merge
+            .then(|| self.open.get(&sku).copied())
+            .flatten()
+            // Guarded activity counts only if the SKU has stock after its own
+            // transaction, and the apply step looks after the entry's rows: a later stock
+            // change must not join it (it starts an entry of its own).
+            .filter(|&i| d.rows.is_empty() || !self.entries[i].guarded);
+        let i = match open {
             Some(i) => i,
             None => {
                 if merge {

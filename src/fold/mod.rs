@@ -652,6 +652,12 @@ impl Fold {
             _ => None,
         };
         let has_windows = !spec.windows_secs.is_empty() || counter == "purchases";
+        // The apply step counts a guarded name only for a SKU with stock rows.
+        let counter = if m.known_skus_only {
+            format!("?{counter}")
+        } else {
+            counter
+        };
         let minute = crate::sinks::layout::minute_of_ms(at_ms);
         let cur = self.cur.as_mut().expect("change inside a transaction");
         let d = cur.skus.entry(sku).or_default();

@@ -298,18 +298,37 @@ impl Store {
                 add_row(f, field, &loc, on, res);
             }
         }
-        for (c, v) in &e.counters {
-            incr(f, c, *v);
+        let stocked = get_i(f, "rows") > 0;
+        let guarded = e.counters.keys().filter(|c| is_guarded(c)).count()
+            + e.buckets.keys().filter(|(c, _)| is_guarded(c)).count()
+            + e.users.keys().filter(|(c, _)| is_guarded(c)).count();
+        let only_guarded = e.truncate.is_empty()
+            && e.rows.is_empty()
+            && e.trace.is_empty()
+            && guarded > 0
+            && guarded == e.counters.len() + e.buckets.len() + e.users.len();
+        if only_guarded && !stocked && fence_of(f).is_none() {
+            // Nothing counts, and an unknown SKU gets no hash.
+            changed = false;
         }
+        for (c, v) in &e.counters {
+            if let Some(c) = counted(c, stocked) {
+                incr(f, c, *v);
+            }
+        }
+        // Grouped by the name as sent: a guarded group is a group of its own.
         let mut by_counter: BTreeMap<&str, Vec<(i64, i64)>> = BTreeMap::new();
         for ((c, m), v) in &e.buckets {
             by_counter.entry(c).or_default().push((*m, *v));
         }
         let mut cutoffs: BTreeMap<String, i64> = BTreeMap::new();
-        for (c, bs) in by_counter {
+        for (raw, bs) in by_counter {
             if params.keep_minutes <= 0 {
                 continue;
             }
+            let Some(c) = counted(raw, stocked) else {
+                continue;
+            };
             let wmax_f = format!("wmax:{c}");
             let old_max = f.get(&wmax_f).and_then(|v| v.parse::<i64>().ok());
             let new_max = bs.iter().map(|(m, _)| *m).chain(old_max).max().unwrap_or(0);
@@ -343,8 +362,11 @@ impl Store {
             cutoffs.insert(c.to_string(), cutoff);
         }
         for ((c, m), us) in &e.users {
+            let Some(c) = counted(c, stocked) else {
+                continue;
+            };
             h.users
-                .entry(c.clone())
+                .entry(c.to_string())
                 .or_default()
                 .extend(us.iter().cloned());
             if cutoffs.get(c).is_some_and(|cut| *m >= *cut) {
@@ -357,6 +379,20 @@ impl Store {
         if changed {
             finish(&mut h.fields, last, e.commit_ms, params);
         }
+    }
+}
+
+/// A counter name of an `[[activity]]` table with `known_skus_only`: `?` + the counter.
+pub fn is_guarded(c: &str) -> bool {
+    c.starts_with('?')
+}
+
+/// The counter a name counts under: itself, or for a guarded name the counter when the
+/// SKU has stock rows, else `None` (not counted).
+fn counted(c: &str, stocked: bool) -> Option<&str> {
+    match c.strip_prefix('?') {
+        None => Some(c),
+        Some(bare) => stocked.then_some(bare),
     }
 }
 

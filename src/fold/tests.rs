@@ -30,6 +30,15 @@ fn mapping() -> Arc<Mapping> {
     Arc::new(Mapping::from_config(&Config::parse(CONFIG).unwrap()).unwrap())
 }
 
+/// The same mapping with the activity table counting only SKUs with stock.
+fn guarded_mapping() -> Arc<Mapping> {
+    let cfg = CONFIG.replace(
+        "windows = [\"5m\"]",
+        "windows = [\"5m\"]\nknown_skus_only = true",
+    );
+    Arc::new(Mapping::from_config(&Config::parse(&cfg).unwrap()).unwrap())
+}
+
 fn col(name: &str, t: u32, key: bool) -> ColumnDesc {
     ColumnDesc {
         name: name.into(),
@@ -653,7 +662,8 @@ proptest! {
     /// Merging whole transactions per SKU (what the daemon sends while backlogged) ends in
     /// the same hashes and raises the same alerts, in order, as applying each piece alone;
     /// and so does a crash after any batch followed by a replay from any earlier
-    /// transaction, with the horizon read from `applied_lsn`.
+    /// transaction, with the horizon read from `applied_lsn`. Also with activity counted
+    /// only for SKUs with stock (`known_skus_only`), which depends on commit order.
     #[test]
     fn merged_batches_and_replays_after_a_crash_match_piece_by_piece(
         txns in proptest::collection::vec(proptest::collection::vec(step(), 0..10), 1..10),
@@ -661,9 +671,10 @@ proptest! {
         sizes in proptest::collection::vec(1usize..12, 1..4),
         crash_after in 0usize..6,
         replay_from in 0usize..10,
+        guarded in any::<bool>(),
     ) {
         let (changes, _) = to_changes(&txns);
-        let mut fold = Fold::new(mapping(), cap);
+        let mut fold = Fold::new(if guarded { guarded_mapping() } else { mapping() }, cap);
         let mut all = Vec::new();
         for (lsn, ch) in &changes {
             all.extend(fold_txn(&mut fold, *lsn, ch));
@@ -1094,4 +1105,39 @@ fn max_sku_bytes_out_of_range_is_a_config_error() {
         let e = Config::parse(&format!("{CONFIG}[limits]\nmax_sku_bytes = {v}\n")).unwrap_err();
         assert!(e.0.contains("max_sku_bytes"), "{e}");
     }
+}
+
+#[test]
+fn guarded_activity_counts_only_for_skus_with_stock() {
+    let inv = inventory(ReplicaIdentity::Default);
+    let act = activity();
+    let mut fold = Fold::new(guarded_mapping(), 1000);
+    fold.relation(&inv).unwrap();
+    fold.relation(&act).unwrap();
+    let view = |seq, sku: &str| {
+        change(
+            &act,
+            Op::Insert,
+            None,
+            Some(vec![t("1"), t(sku), t("view"), t("1")]),
+            seq,
+            0,
+        )
+    };
+    let mut store = Store::default();
+    // A view before the SKU has stock counts nowhere and creates no hash.
+    for p in fold_txn(&mut fold, 100, &[view(0, "A"), view(1, "GHOST")]) {
+        store.apply(&p, &params());
+    }
+    assert!(store.skus.get("GHOST").is_none_or(|h| h.fields.is_empty()));
+    assert!(store.skus.get("A").is_none_or(|h| h.fields.is_empty()));
+    // Stock arrives; a view in the same transaction after it counts.
+    let stock = change(&inv, Op::Insert, None, Some(row("A", "W", 3, 0)), 0, 0);
+    for p in fold_txn(&mut fold, 200, &[stock, view(1, "A")]) {
+        store.apply(&p, &params());
+    }
+    assert_eq!(
+        store.skus["A"].fields.get("views").map(String::as_str),
+        Some("1")
+    );
 }

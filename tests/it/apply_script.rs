@@ -1,5 +1,6 @@
 //! The Lua apply script against its Rust twin (`fold::model`): random pieces, including
-//! replays, truncates, unchanged-TOAST fields and alert evaluation, applied to a real
+//! replays, truncates, unchanged-TOAST fields, alert evaluation and counters that count
+//! only for SKUs with stock (`known_skus_only`), applied to a real
 //! Redis as merged batches and to the model piece by piece must leave identical hashes.
 
 use crate::harness::RedisServer;
@@ -64,7 +65,9 @@ fn random_piece(rng: &mut StdRng, lsn: u64, piece: u32, last: bool) -> Piece {
             d.rows.insert(field, op);
         }
         if rng.random_bool(0.5) {
-            let c = ["views", "purchases"][rng.random_range(0..2)].to_string();
+            // `?`: from an activity table with known_skus_only (counts only with stock)
+            let c =
+                ["views", "purchases", "?views", "?purchases"][rng.random_range(0..4)].to_string();
             let n = rng.random_range(1..4);
             let m = 29_000_000 + rng.random_range(0..12);
             *d.counters.entry(c.clone()).or_default() += n;

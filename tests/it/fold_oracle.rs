@@ -1298,3 +1298,56 @@ async fn skus_longer_than_the_cap_are_skipped_and_reported() {
         "the SKU itself is never logged"
     );
 }
+
+/// `known_skus_only`: an activity table whose SKUs come from untrusted input counts only
+/// SKUs that have stock rows when its transaction is applied; others get no hash at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activity_table_with_known_skus_only_counts_no_unknown_sku() {
+    let schema = format!(
+        "{PUBLIC_SCHEMA}
+         CREATE TABLE url_views (id bigserial PRIMARY KEY, sku text, kind text NOT NULL);
+         ALTER PUBLICATION skusync_activity ADD TABLE url_views;"
+    );
+    let mut rig = Rig::new(&schema, public_oracle(Buckets::Ignore)).await;
+    rig.start_skusync(
+        "\n[[activity]]\ntable = \"public.url_views\"\nsku = \"sku\"\nkind = \"kind\"\n\
+         known_skus_only = true\n[activity.counters]\nview = \"url_views\"\n",
+    )
+    .await;
+    rig.exec(
+        "INSERT INTO inventory (sku, location, on_hand) VALUES ('KNOWN-1', 'WH-1', 5);
+         INSERT INTO url_views (sku, kind) VALUES ('KNOWN-1', 'view'), ('KNOWN-1', 'view'),
+           ('GHOST-1', 'view'), ('GHOST-1', 'view'), ('GHOST-2', 'view');",
+    )
+    .await;
+    rig.exec(
+        "BEGIN;
+         INSERT INTO inventory (sku, location, on_hand) VALUES ('GHOST-2', 'WH-1', 1);
+         INSERT INTO url_views (sku, kind) VALUES ('GHOST-2', 'view');
+         COMMIT;",
+    )
+    .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    let key = |s: &str| skusync::sinks::layout::sku_key("skusync", s);
+    assert_eq!(
+        hget(&mut rig.con, &key("KNOWN-1"), "url_views")
+            .await
+            .as_deref(),
+        Some("2")
+    );
+    assert!(
+        keys_matching(&mut rig.con, &key("GHOST-1"))
+            .await
+            .is_empty(),
+        "no hash for a SKU without stock"
+    );
+    assert_eq!(
+        hget(&mut rig.con, &key("GHOST-2"), "url_views")
+            .await
+            .as_deref(),
+        Some("1"),
+        "the view before its stock existed counts nowhere, the one after it counts"
+    );
+    rig.daemon().assert_alive("after the workload");
+}

@@ -16,6 +16,9 @@
 --     LSN minus f, commit ms): every stock change in commit order, to evaluate low-stock
 --     alerts after each transaction. Flags: 1 delete, 2 keep on, 4 keep res,
 --     8 set threshold, 16 clear threshold, 32 evaluate after it, 64 no row.
+-- A counter name starting with '?' (from an [[activity]] table with known_skus_only)
+-- counts, under the name without it, only when the SKU has stock rows once the entry's
+-- rows are applied; an entry holding nothing else does not create a missing hash.
 -- An entry is fenced per SKU by its range: skipped when the hash holds `l/p` or later,
 -- applied when it holds less than `f/fp`; anything in between refuses the whole call
 -- (SKUSYNC_SPLIT) before writing. The semantics are those of `fold::model` (a
@@ -100,15 +103,24 @@ while a <= nargv do
   end
   e.trace = ARGV[a]
   a = a + 1
+  local guarded = 0
   local nc = tonumber(ARGV[a])
   e.c = a + 1
   e.nc = nc
+  for i = 0, nc - 1 do
+    if string.byte(ARGV[e.c + 2 * i], 1) == 63 then guarded = guarded + 1 end
+  end
   a = a + 1 + 2 * nc
   local nb = tonumber(ARGV[a])
   e.b = a + 1
   e.nb = nb
   for i = 0, nb - 1 do
-    want_field(e.k, 'w:' .. ARGV[e.b + 3 * i] .. ':' .. ARGV[e.b + 3 * i + 1])
+    local c = ARGV[e.b + 3 * i]
+    if string.byte(c, 1) == 63 then
+      guarded = guarded + 1
+      c = string.sub(c, 2)
+    end
+    want_field(e.k, 'w:' .. c .. ':' .. ARGV[e.b + 3 * i + 1])
   end
   a = a + 1 + 3 * nb
   local nu = tonumber(ARGV[a])
@@ -116,8 +128,11 @@ while a <= nargv do
   e.nu = nu
   a = a + 1
   for _ = 1, nu do
+    if string.byte(ARGV[a], 1) == 63 then guarded = guarded + 1 end
     a = a + 3 + tonumber(ARGV[a + 2])
   end
+  e.only_guarded = e.x == nil and nr == 0 and e.trace == '' and guarded > 0
+    and guarded == nc + nb + nu
   entries[#entries + 1] = e
 end
 
@@ -337,55 +352,70 @@ local function bucket_add(h, f, n)
   h.bucket[f] = h.bucket[f] + n
 end
 
--- Window buckets and distinct users (buckets are sorted by counter, minute).
+-- The counter a name counts under: itself, or for a guarded '?name' the name when the
+-- SKU has stock rows, else nil (not counted).
+local function counted(c, stocked)
+  if string.byte(c, 1) ~= 63 then return c end
+  if stocked then return string.sub(c, 2) end
+  return nil
+end
+
+-- Window buckets and distinct users (buckets are sorted by counter, minute; a guarded
+-- group is a group of its own, applied after or before the plain one: the same result).
 local function apply_windows(key, e, h)
+  local stocked = h.rows > 0
   local cutoffs = {}
   local i = 0
   while keep > 0 and i < e.nb do
-    local c = ARGV[e.b + 3 * i]
+    local raw = ARGV[e.b + 3 * i]
+    local c = counted(raw, stocked)
     local j = i
     local newmax = nil
-    while j < e.nb and ARGV[e.b + 3 * j] == c do
+    while j < e.nb and ARGV[e.b + 3 * j] == raw do
       local m = tonumber(ARGV[e.b + 3 * j + 1])
       if not newmax or m > newmax then newmax = m end
       j = j + 1
     end
-    local wmax = h.wmax[c]
-    if wmax and wmax > newmax then newmax = wmax end
-    local cutoff = newmax - keep + 1
-    if wmax then
-      -- Buckets only exist in [old cutoff, old max]: at most `keep` deletions.
-      local upto = math.min(cutoff - 1, wmax)
-      for x = wmax - keep + 1, upto do
-        local bf = 'w:' .. c .. ':' .. x
-        h.del[#h.del + 1] = bf
-        h.bucket[bf] = nil
-        h.pre[bf] = false
-        redis.call('DEL', key .. ':u:' .. c .. ':' .. x)
+    if c then
+      local wmax = h.wmax[c]
+      if wmax and wmax > newmax then newmax = wmax end
+      local cutoff = newmax - keep + 1
+      if wmax then
+        -- Buckets only exist in [old cutoff, old max]: at most `keep` deletions.
+        local upto = math.min(cutoff - 1, wmax)
+        for x = wmax - keep + 1, upto do
+          local bf = 'w:' .. c .. ':' .. x
+          h.del[#h.del + 1] = bf
+          h.bucket[bf] = nil
+          h.pre[bf] = false
+          redis.call('DEL', key .. ':u:' .. c .. ':' .. x)
+        end
       end
-    end
-    if newmax ~= wmax then
-      h.wmax[c] = newmax
-      h.wdirty[c] = true
-    end
-    for k = i, j - 1 do
-      local ms = ARGV[e.b + 3 * k + 1]
-      if tonumber(ms) >= cutoff then
-        bucket_add(h, 'w:' .. c .. ':' .. ms, tonumber(ARGV[e.b + 3 * k + 2]))
+      if newmax ~= wmax then
+        h.wmax[c] = newmax
+        h.wdirty[c] = true
       end
+      for k = i, j - 1 do
+        local ms = ARGV[e.b + 3 * k + 1]
+        if tonumber(ms) >= cutoff then
+          bucket_add(h, 'w:' .. c .. ':' .. ms, tonumber(ARGV[e.b + 3 * k + 2]))
+        end
+      end
+      cutoffs[c] = cutoff
     end
-    cutoffs[c] = cutoff
     i = j
   end
   local a = e.u
   for _ = 1, e.nu do
-    local c, ms, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+    local c, ms, n = counted(ARGV[a], stocked), ARGV[a + 1], tonumber(ARGV[a + 2])
     local m = tonumber(ms)
-    redis.call('PFADD', key .. ':u:' .. c, unpack(ARGV, a + 3, a + 2 + n))
-    if cutoffs[c] and m >= cutoffs[c] then
-      local hk = key .. ':u:' .. c .. ':' .. ms
-      redis.call('PFADD', hk, unpack(ARGV, a + 3, a + 2 + n))
-      redis.call('EXPIREAT', hk, (m + keep + 1) * 60)
+    if c then
+      redis.call('PFADD', key .. ':u:' .. c, unpack(ARGV, a + 3, a + 2 + n))
+      if cutoffs[c] and m >= cutoffs[c] then
+        local hk = key .. ':u:' .. c .. ':' .. ms
+        redis.call('PFADD', hk, unpack(ARGV, a + 3, a + 2 + n))
+        redis.call('EXPIREAT', hk, (m + keep + 1) * 60)
+      end
     end
     a = a + 3 + n
   end
@@ -512,14 +542,21 @@ for _, e in ipairs(entries) do
     end
     if e.trace ~= '' then run_trace(key, h, e) end
     if e.nr > 0 then apply_rows(key, h, e.r, e.nr) end
+    local stocked = h.rows > 0
+    if e.only_guarded and not stocked and not h.lsn then
+      -- Nothing counts, and an unknown SKU gets no hash.
+      changed = false
+    end
     for i = 0, e.nc - 1 do
-      local c = ARGV[e.c + 2 * i]
+      local c = counted(ARGV[e.c + 2 * i], stocked)
       local n = tonumber(ARGV[e.c + 2 * i + 1])
-      if h.counters[c] == nil then
-        h.counters[c] = tonumber(redis.call('HGET', key, c)) or 0
+      if c then
+        if h.counters[c] == nil then
+          h.counters[c] = tonumber(redis.call('HGET', key, c)) or 0
+        end
+        h.counters[c] = h.counters[c] + n
+        h.cdirty[c] = true
       end
-      h.counters[c] = h.counters[c] + n
-      h.cdirty[c] = true
     end
     if e.nb > 0 or e.nu > 0 then apply_windows(key, e, h) end
     if changed then
