@@ -997,7 +997,7 @@ impl Task {
         }
         let lsn: u64 = fields.get("lsn").and_then(|v| v.parse().ok()).unwrap_or(0);
         if !self.sched.in_order(sku, lsn) {
-            debug!(sku = %crate::secret::log_value(&sku), "skipping a publish older than one already sent");
+            debug!(sku = %crate::secret::log_value(sku), "skipping a publish older than one already sent");
             self.sched.skipped(sku);
             self.settle(sku);
             return;
@@ -1115,9 +1115,9 @@ impl Task {
                 self.shared.stats.refusals.fetch_add(1, Ordering::Relaxed);
                 crate::telemetry::mqtt_too_large(what, *bytes, max, first && i == 0);
             }
-            debug!(sku = %crate::secret::log_value(&sku), refused = refused.len(), "messages too large for a packet");
+            debug!(sku = %crate::secret::log_value(sku), refused = refused.len(), "messages too large for a packet");
         }
-        debug!(sku = %crate::secret::log_value(&sku), messages, "published");
+        debug!(sku = %crate::secret::log_value(sku), messages, "published");
         self.sched.sent(sku, lsn, messages, self.mono_ms());
         if more_alerts {
             self.sched.request(sku, Want::Change);
