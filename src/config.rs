@@ -2,6 +2,7 @@
 //! are errors, and every error names the key.
 
 use crate::pg::connstr::PgConnectConfig;
+use crate::secret::{Secret, credential, read_credential, redact_url};
 use crate::sinks::layout;
 use serde::Deserialize;
 use std::path::Path;
@@ -39,6 +40,9 @@ pub struct Config {
     /// `[limits]`: bounds on what the database's rows can make skusync store.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// The HMAC key from the systemd credential `user-key` (not a config key).
+    #[serde(skip)]
+    pub user_key_credential: Option<Secret<String>>,
 }
 
 /// `[limits]`.
@@ -77,7 +81,7 @@ pub struct HttpConfig {
 }
 
 /// `[redis]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://[user:password@]host:port/db` or `rediss://` for TLS. The password may
@@ -101,7 +105,7 @@ pub struct RedisConfig {
 }
 
 /// `[mqtt]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
     /// `mqtt://[user:password@]host:port` or `mqtts://` for TLS. The password may instead
@@ -195,13 +199,20 @@ pub struct ActivityMap {
     /// untrusted input, e.g. a URL).
     #[serde(default)]
     pub known_skus_only: bool,
-    /// HMAC key for user ids (else `SKUSYNC_USER_KEY`). Never logged.
-    #[serde(default)]
-    pub user_key: Option<String>,
+    /// HMAC key for user ids, at least 32 bytes (else the systemd credential `user-key`
+    /// or `SKUSYNC_USER_KEY`). Only in a config file its owner alone can read. Never
+    /// logged; never part of the mapping fingerprint (serialized as null).
+    #[serde(default, serialize_with = "serialize_as_none")]
+    pub user_key: Option<Secret<String>>,
+}
+
+/// Serializes a secret as `null`, so the fingerprint of a mapping never covers it.
+fn serialize_as_none<S: serde::Serializer, T>(_: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_none()
 }
 
 /// `[postgres]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresConfig {
     /// `postgresql://user[:password]@host[:port]/db?sslmode=...`. The password may instead
@@ -235,6 +246,52 @@ pub struct PostgresConfig {
     /// it. Bounds the memory a single change can take.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
+    /// The password from the systemd credential `pg-password` (not a config key).
+    #[serde(skip)]
+    pub credential_password: Option<Secret<String>>,
+}
+
+// Hand-written Debug: the URLs may hold passwords (only scheme, host and port are shown).
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &redact_url(&self.url))
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("proto_version", &self.proto_version)
+            .field("status_interval_ms", &self.status_interval_ms)
+            .field("on_slot_lost", &self.on_slot_lost)
+            .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("credential_password", &self.credential_password)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(&self.url))
+            .field("prefix", &self.prefix)
+            .field("max_changes_per_piece", &self.max_changes_per_piece)
+            .field("max_batch_skus", &self.max_batch_skus)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for MqttConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttConfig")
+            .field("url", &redact_url(&self.url))
+            .field("client_id", &self.client_id)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("min_interval_ms", &self.min_interval_ms)
+            .field("ca_file", &self.ca_file)
+            .field("window_republish_per_s", &self.window_republish_per_s)
+            .field("max_packet_bytes", &self.max_packet_bytes)
+            .finish()
+    }
 }
 
 /// `postgres.on_slot_lost`.
@@ -313,20 +370,116 @@ pub fn parse_window(s: &str) -> Option<u64> {
 }
 
 impl Config {
-    /// Read and validate a config file.
+    /// Read and validate a config file; systemd credentials come from
+    /// `$CREDENTIALS_DIRECTORY` when it is set.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
+        Self::load_with_credentials(path, creds.as_deref())
+    }
+
+    /// [`load`](Self::load) with an explicit credentials directory (`None`: no
+    /// credentials). A credential fills what the file leaves out: `pg-password`,
+    /// `redis-password` and `mqtt-password` the password of a URL that has none,
+    /// `user-key` the HMAC key of mapped user columns without `user_key`.
+    pub fn load_with_credentials(path: &Path, creds: Option<&Path>) -> Result<Config, ConfigError> {
+        let in_file = |m: String| ConfigError(format!("config file {}: {m}", path.display()));
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
-        Self::parse(&text)
-            .map_err(|e| ConfigError(format!("config file {}: {}", path.display(), e.0)))
+        let mut cfg = Self::from_toml(&text).map_err(|e| in_file(e.0))?;
+        cfg.refuse_key_in_readable_file(path)?;
+        if let Some(dir) = creds {
+            cfg.apply_credentials(dir).map_err(in_file)?;
+        }
+        cfg.validate().map_err(|e| in_file(e.0))?;
+        Ok(cfg)
     }
 
     /// Parse and validate config text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config =
-            toml::from_str(text).map_err(|e| ConfigError(e.to_string().trim_end().to_string()))?;
+        let cfg = Self::from_toml(text)?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError(toml_error(text, &e)))
+    }
+
+    /// A `user_key` written in a file that others can read is no secret.
+    fn refuse_key_in_readable_file(&self, path: &Path) -> Result<(), ConfigError> {
+        use std::os::unix::fs::PermissionsExt;
+        let Some(i) = self.activity.iter().position(|a| a.user_key.is_some()) else {
+            return Ok(());
+        };
+        let mode = std::fs::metadata(path)
+            .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(ConfigError(format!(
+                "config file {p}: activity[{i}].user_key: the file can be read by group or others \
+                 (mode {m:04o}), so the HMAC key in it is not secret. Run `chmod 600 {p}`, or \
+                 remove user_key and give the key as the systemd credential {c} or in \
+                 SKUSYNC_USER_KEY",
+                p = path.display(),
+                m = mode & 0o7777,
+                c = credential::USER_KEY,
+            )));
+        }
+        Ok(())
+    }
+
+    /// Fill missing passwords and the HMAC key from the credentials in `dir`.
+    fn apply_credentials(&mut self, dir: &Path) -> Result<(), String> {
+        self.postgres.credential_password = read_credential(dir, credential::PG_PASSWORD)?;
+        if let Some(r) = &mut self.redis
+            && let Some(pw) = read_credential(dir, credential::REDIS_PASSWORD)?
+        {
+            r.url = url_with_password(&r.url, &pw, "redis.url", credential::REDIS_PASSWORD)?;
+        }
+        if let Some(m) = &mut self.mqtt
+            && let Some(pw) = read_credential(dir, credential::MQTT_PASSWORD)?
+        {
+            m.url = url_with_password(&m.url, &pw, "mqtt.url", credential::MQTT_PASSWORD)?;
+        }
+        self.user_key_credential = read_credential(dir, credential::USER_KEY)?;
+        Ok(())
+    }
+
+    /// The HMAC key for activity table `i`'s user column: `None` when no user column is
+    /// mapped. From `user_key`, else the credential `user-key`, else `SKUSYNC_USER_KEY`;
+    /// at least [`MIN_USER_KEY_BYTES`] bytes.
+    pub fn user_key(&self, i: usize) -> Result<Option<Secret<Vec<u8>>>, ConfigError> {
+        let Some(a) = self.activity.get(i).filter(|a| a.user.is_some()) else {
+            return Ok(None);
+        };
+        let env = std::env::var("SKUSYNC_USER_KEY").ok().map(Secret::new);
+        let (key, from) = [
+            (a.user_key.as_ref(), format!("activity[{i}].user_key")),
+            (
+                self.user_key_credential.as_ref(),
+                format!("the systemd credential {}", credential::USER_KEY),
+            ),
+            (env.as_ref(), "SKUSYNC_USER_KEY".to_string()),
+        ]
+        .into_iter()
+        .find_map(|(k, from)| Some((k.filter(|k| !k.expose().is_empty())?, from)))
+        .ok_or_else(|| {
+            ConfigError(format!(
+                "activity[{i}].user: mapping a user column needs an HMAC key of at least \
+                 {MIN_USER_KEY_BYTES} bytes: set activity[{i}].user_key (in a file only its \
+                 owner can read), the systemd credential {}, or SKUSYNC_USER_KEY",
+                credential::USER_KEY
+            ))
+        })?;
+        let n = key.expose().len();
+        if n < MIN_USER_KEY_BYTES {
+            return Err(ConfigError(format!(
+                "activity[{i}].user_key: the HMAC key from {from} is {n} bytes; it needs at \
+                 least {MIN_USER_KEY_BYTES} (e.g. the 64 characters of `openssl rand -hex 32`)"
+            )));
+        }
+        Ok(Some(Secret::new(key.expose().as_bytes().to_vec())))
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -450,16 +603,7 @@ impl Config {
                 }
                 e.2 |= m.user.is_some();
             }
-            if m.user.is_some()
-                && m.user_key.is_none()
-                && std::env::var("SKUSYNC_USER_KEY")
-                    .map(|k| k.is_empty())
-                    .unwrap_or(true)
-            {
-                return err(format!(
-                    "activity[{i}].user: mapping a user column needs an HMAC key: set activity[{i}].user_key or SKUSYNC_USER_KEY"
-                ));
-            }
+            self.user_key(i)?;
         }
         // A counter's window and distinct-user members in the MQTT payload must not
         // collide with another counter's (`views_5m` the counter, and the 5m window of
@@ -525,12 +669,16 @@ impl Config {
         Ok(())
     }
 
-    /// Connection settings for the source database. `SKUSYNC_PG_PASSWORD` fills in a
-    /// password missing from the URL.
+    /// Connection settings for the source database. The systemd credential `pg-password`,
+    /// else `SKUSYNC_PG_PASSWORD`, fills in a password missing from the URL.
     pub fn pg_connect(&self) -> Result<PgConnectConfig, ConfigError> {
         let mut c = PgConnectConfig::from_url(&self.postgres.url)
             .map_err(|e| ConfigError(e.to_string()))?;
-        if let Ok(pw) = std::env::var("SKUSYNC_PG_PASSWORD")
+        let fill = match &self.postgres.credential_password {
+            Some(pw) => Some(pw.expose().clone()),
+            None => std::env::var("SKUSYNC_PG_PASSWORD").ok(),
+        };
+        if let Some(pw) = fill
             && url_has_no_password(&self.postgres.url)
         {
             c.password = Some(crate::pg::connstr::Password::new(pw));
@@ -565,8 +713,135 @@ fn counter_name_problem(c: &str) -> Option<&'static str> {
 
 fn url_has_no_password(url: &str) -> bool {
     url::Url::parse(url)
-        .map(|u| u.password().is_none())
+        .map(|u| u.password().is_none() && !u.query_pairs().any(|(k, _)| k == "password"))
         .unwrap_or(true)
+}
+
+/// Shortest HMAC key accepted for user columns: the SHA-256 output size.
+pub const MIN_USER_KEY_BYTES: usize = 32;
+
+/// `url` with password `pw` from credential `cred` when it has none (a password written
+/// in the URL wins). Errors name `key` and never echo the URL.
+fn url_with_password(
+    url: &str,
+    pw: &Secret<String>,
+    key: &str,
+    cred: &str,
+) -> Result<String, String> {
+    let Ok(mut u) = url::Url::parse(url) else {
+        return Err(format!("{key}: not a valid URL"));
+    };
+    if u.password().is_some() {
+        return Ok(url.to_string());
+    }
+    // Percent-encode every byte but letters and digits: the URL parsers decode it back,
+    // and a '%' in the password cannot be mistaken for an escape.
+    let enc =
+        percent_encoding::utf8_percent_encode(pw.expose(), percent_encoding::NON_ALPHANUMERIC)
+            .to_string();
+    u.set_password(Some(&enc))
+        .map_err(|()| format!("{key}: has no host to give the password of credential {cred} to"))?;
+    Ok(u.to_string())
+}
+
+/// A TOML error as "line L, column C, key K: message", without the source line the
+/// `toml` crate's Display quotes (it may hold a password or key) and without the values
+/// serde's messages quote ("invalid type: integer `3735928559`").
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let mut msg = e.message().trim().replace('\n', "; ");
+    for prefix in ["invalid type: ", "invalid value: ", "unknown variant "] {
+        if let Some(rest) = msg.strip_prefix(prefix)
+            && let Some((_, expected)) = rest.split_once(", expected ")
+        {
+            msg = format!(
+                "{}, expected {expected}",
+                prefix.trim_end_matches([':', ' '])
+            );
+        }
+    }
+    let Some(span) = e.span() else {
+        return msg;
+    };
+    let at = span.start.min(text.len());
+    let at = (0..=at)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
+    let before = &text[..at];
+    let line_no = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    let line = text[line_start..].lines().next().unwrap_or("");
+    // Belt and braces: should a message quote the value of the broken line, cut it out.
+    if let Some((_, value)) = line.split_once('=') {
+        let value = value.trim().trim_matches(['"', '\'']).trim();
+        if value.chars().count() >= 4 && msg.contains(value) {
+            msg = msg.replace(value, "<redacted>");
+        }
+    }
+    let key = match toml_key_at(text, line_start) {
+        Some(k) => format!(", key {k}"),
+        None => String::new(),
+    };
+    format!("line {line_no}, column {column}{key}: {msg}")
+}
+
+/// The dotted key of the line starting at `line_start` (`activity[1].counters.view`), from
+/// the table headers above it; `None` when the line holds no plain key. Only characters
+/// a bare key may have are printed, so this never shows a value.
+fn toml_key_at(text: &str, line_start: usize) -> Option<String> {
+    let bare = |s: &str| {
+        let s = s.trim();
+        (!s.is_empty()
+            && s.len() <= 64
+            && s.split('.').all(|p| {
+                let p = p.trim();
+                !p.is_empty()
+                    && p.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            }))
+        .then(|| s.split('.').map(str::trim).collect::<Vec<_>>().join("."))
+    };
+    let mut arrays: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut table: Option<String> = None;
+    let header = |h: &str, arrays: &std::collections::BTreeMap<String, usize>| {
+        let h = bare(h)?;
+        // `[activity.counters]` after `[[activity]]` belongs to the last activity
+        let first = h.split('.').next().unwrap_or("");
+        Some(match arrays.get(first) {
+            Some(n) => format!("{first}[{}]{}", n - 1, &h[first.len()..]),
+            None => h,
+        })
+    };
+    let mut offset = 0;
+    for l in text.split_inclusive('\n') {
+        let t = l.trim();
+        let this_line = offset == line_start;
+        if let Some(h) = t.strip_prefix("[[").and_then(|t| t.split("]]").next()) {
+            if let Some(name) = bare(h) {
+                *arrays.entry(name.clone()).or_insert(0) += 1;
+                table = header(&name, &arrays);
+            } else {
+                table = None;
+            }
+        } else if let Some(h) = t.strip_prefix('[').and_then(|t| t.split(']').next()) {
+            table = header(h, &arrays);
+        } else if this_line {
+            let k = bare(t.split_once('=')?.0)?;
+            return Some(match &table {
+                Some(tb) => format!("{tb}.{k}"),
+                None => k,
+            });
+        }
+        if this_line {
+            return table;
+        }
+        offset += l.len();
+        if offset > line_start {
+            return None;
+        }
+    }
+    table
 }
 
 #[cfg(test)]
@@ -697,7 +972,7 @@ mod tests {
         );
         let e = activity(
             "\"1h\"",
-            "user = \"uid\"\nuser_key = \"k\"",
+            "user = \"uid\"\nuser_key = \"0123456789abcdef0123456789abcdef\"",
             "view = \"views\"\nseen = \"views_users_1h\"",
         )
         .unwrap_err()
@@ -718,6 +993,235 @@ mod tests {
         .unwrap();
         // the name of a window the counter does not have is free
         activity("\"1h\"", "", "view = \"views\"\nseen = \"views_5m\"").unwrap();
+    }
+
+    const PG_PW: &str = "pg-S3cret-pw";
+    const KEY: &str = "DEADBEEF0123456789abcdefDEADBEEF";
+
+    fn has_no_secret(s: &str) -> bool {
+        !s.contains(PG_PW) && !s.contains("S3cret") && !s.contains(KEY) && !s.contains("DEADBEEF")
+    }
+
+    #[test]
+    fn a_toml_error_never_prints_the_broken_line() {
+        let url = format!("url = \"postgresql://skusync:{PG_PW}@db.example:5432/inv");
+        let cases = [
+            // the URL misses its closing quote
+            (format!("[postgres]\n{url}\n"), "line 2", "postgres.url"),
+            // a key written as a TOML (hex) integer: serde quotes the number
+            (
+                format!(
+                    "[postgres]\n{url}\"\n[[activity]]\ntable = \"public.a\"\nsku = \"s\"\nkind = \"k\"\nuser_key = 0xDEADBEEF\n[activity.counters]\nv = \"views\"\n"
+                ),
+                "line 7",
+                "activity[0].user_key",
+            ),
+            // the key misses its closing quote
+            (
+                format!(
+                    "[postgres]\nurl = \"postgresql://u@h/d\"\n[[activity]]\ntable = \"public.a\"\n[[activity]]\nuser_key = \"{KEY}\n"
+                ),
+                "line 6",
+                "activity[1].user_key",
+            ),
+            // a key where a number belongs
+            (
+                format!("[postgres]\nurl = \"postgresql://u@h/d\"\nproto_version = \"{KEY}\"\n"),
+                "line 3",
+                "postgres.proto_version",
+            ),
+            // an unknown variant
+            (
+                format!("[postgres]\nurl = \"postgresql://u@h/d\"\non_slot_lost = \"{KEY}\"\n"),
+                "line 3",
+                "postgres.on_slot_lost",
+            ),
+        ];
+        for (text, line, key) in cases {
+            let e = Config::parse(&text).unwrap_err().to_string();
+            assert!(has_no_secret(&e), "secret in: {e}");
+            assert!(
+                e.contains(line) && e.contains("column") && e.contains(&format!("key {key}")),
+                "{key}: {e}"
+            );
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+    }
+
+    #[test]
+    fn debug_of_a_config_shows_no_secret() {
+        let text = format!(
+            "[postgres]\nurl = \"postgresql://skusync:{PG_PW}@db.example:5432/inv\"\n\
+             [redis]\nurl = \"redis://:S3cret-r@127.0.0.1:6379/0\"\n\
+             [mqtt]\nurl = \"mqtt://u:S3cret-m@127.0.0.1:1883\"\n\
+             [[activity]]\ntable = \"public.a\"\nsku = \"s\"\nkind = \"k\"\nuser = \"uid\"\n\
+             user_key = \"{KEY}\"\n[activity.counters]\nv = \"views\"\n"
+        );
+        let mut c = Config::parse(&text).unwrap();
+        c.user_key_credential = Some(Secret::new(KEY.into()));
+        c.postgres.credential_password = Some(Secret::new(PG_PW.into()));
+        let d = format!("{c:?} {:#?}", c);
+        assert!(has_no_secret(&d), "{d}");
+        assert!(
+            d.contains("postgresql://db.example:5432") && d.contains("redis://127.0.0.1:6379"),
+            "{d}"
+        );
+        let m = crate::fold::mapping::Mapping::from_config(&c).unwrap();
+        let d = format!("{m:?}");
+        assert!(has_no_secret(&d), "{d}");
+        assert_eq!(
+            m.activity[0].user_key.as_ref().unwrap().expose(),
+            KEY.as_bytes()
+        );
+    }
+
+    #[test]
+    fn the_mapping_fingerprint_does_not_cover_the_user_key() {
+        let with = |key: &str| {
+            let c = activity(
+                "\"5m\"",
+                &format!("user = \"uid\"\nuser_key = \"{key}\""),
+                "view = \"views\"",
+            )
+            .unwrap();
+            crate::fold::mapping::Mapping::from_config(&c)
+                .unwrap()
+                .fingerprint
+        };
+        assert_eq!(with(KEY), with(&"k".repeat(40)));
+        let json = serde_json::to_string(
+            &activity(
+                "\"5m\"",
+                &format!("user = \"uid\"\nuser_key = \"{KEY}\""),
+                "view = \"views\"",
+            )
+            .unwrap()
+            .activity,
+        )
+        .unwrap();
+        assert!(
+            json.contains("\"user_key\":null") && has_no_secret(&json),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn a_short_user_key_is_refused_naming_the_key() {
+        let e = activity(
+            "\"5m\"",
+            "user = \"uid\"\nuser_key = \"0xDEADBEEF\"",
+            "view = \"views\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("activity[0].user_key")
+                && e.contains("10 bytes")
+                && e.contains("at least 32"),
+            "{e}"
+        );
+        assert!(has_no_secret(&e), "{e}");
+    }
+
+    fn write_file(dir: &Path, name: &str, text: &str, mode: u32) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+
+    const ACTIVITY_WITH_USER: &str =
+        "[[activity]]\ntable = \"public.a\"\nsku = \"s\"\nkind = \"k\"\nuser = \"uid\"\n";
+
+    #[test]
+    fn an_inline_user_key_in_a_file_others_can_read_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[postgres]\nurl = \"postgresql://u@h/d\"\n{ACTIVITY_WITH_USER}user_key = \"{KEY}\"\n[activity.counters]\nv = \"views\"\n"
+        );
+        for mode in [0o644, 0o640, 0o604] {
+            let p = write_file(d.path(), "c.toml", &text, mode);
+            let e = Config::load_with_credentials(&p, None)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("activity[0].user_key")
+                    && e.contains("chmod 600")
+                    && e.contains("user-key")
+                    && e.contains("SKUSYNC_USER_KEY"),
+                "{e}"
+            );
+            assert!(has_no_secret(&e), "{e}");
+        }
+        let p = write_file(d.path(), "c.toml", &text, 0o600);
+        let c = Config::load_with_credentials(&p, None).unwrap();
+        assert_eq!(c.user_key(0).unwrap().unwrap().expose(), KEY.as_bytes());
+        // without an inline key a readable file is fine
+        let p = write_file(
+            d.path(),
+            "c.toml",
+            "[postgres]\nurl = \"postgresql://u@h/d\"\n",
+            0o644,
+        );
+        Config::load_with_credentials(&p, None).unwrap();
+    }
+
+    #[test]
+    fn credentials_fill_missing_passwords_and_the_user_key() {
+        let d = tempfile::tempdir().unwrap();
+        let creds = d.path().join("creds");
+        std::fs::create_dir(&creds).unwrap();
+        write_file(&creds, "pg-password", "pg pw:@/%41\n", 0o400);
+        write_file(&creds, "redis-password", "r pw:@/%41\n", 0o400);
+        write_file(&creds, "mqtt-password", "m pw:@/%41\n", 0o400);
+        write_file(&creds, "user-key", &format!("{KEY}\n"), 0o400);
+        let text = format!(
+            "[postgres]\nurl = \"postgresql://skusync@127.0.0.1/inv\"\n\
+             [redis]\nurl = \"redis://127.0.0.1:6379/0\"\n\
+             [mqtt]\nurl = \"mqtt://skusync@127.0.0.1:1883\"\n\
+             {ACTIVITY_WITH_USER}[activity.counters]\nv = \"views\"\n"
+        );
+        let p = write_file(d.path(), "c.toml", &text, 0o644);
+        let c = Config::load_with_credentials(&p, Some(&creds)).unwrap();
+        assert_eq!(
+            c.pg_connect().unwrap().password.unwrap().expose(),
+            "pg pw:@/%41"
+        );
+        let redis = c.redis.as_ref().unwrap();
+        let info = redis::IntoConnectionInfo::into_connection_info(redis.url.as_str()).unwrap();
+        assert_eq!(info.redis_settings().password(), Some("r pw:@/%41"));
+        let broker = crate::sinks::mqtt::parse_url(&c.mqtt.as_ref().unwrap().url, None).unwrap();
+        assert_eq!(broker.password.as_deref(), Some("m pw:@/%41"));
+        assert_eq!(broker.user.as_deref(), Some("skusync"));
+        assert_eq!(c.user_key(0).unwrap().unwrap().expose(), KEY.as_bytes());
+        assert!(has_no_secret(&format!("{c:?}")) && !format!("{c:?}").contains("pw:"));
+        // a password written in a URL wins over the credential
+        let text = text.replace("redis://127", "redis://:inline@127");
+        let p = write_file(d.path(), "c.toml", &text, 0o600);
+        let c = Config::load_with_credentials(&p, Some(&creds)).unwrap();
+        assert!(c.redis.unwrap().url.contains(":inline@"));
+        // without credentials and without a key, the error says where a key may come from
+        if std::env::var_os("SKUSYNC_USER_KEY").is_none() {
+            let e = Config::load_with_credentials(&p, None)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("activity[0].user") && e.contains("user-key"),
+                "{e}"
+            );
+        }
+        // a short key from a credential is refused, naming where it came from
+        write_file(&creds, "user-key", "short\n", 0o600);
+        let e = Config::load_with_credentials(&p, Some(&creds))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("activity[0].user_key")
+                && e.contains("credential user-key")
+                && e.contains("5 bytes"),
+            "{e}"
+        );
     }
 
     #[test]

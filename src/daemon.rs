@@ -747,7 +747,7 @@ impl Daemon {
                 // unmerged. Nothing of the refused call was written. The restart is
                 // logged at WARN, so the SKU goes to its own debug line.
                 if let RedisSinkError::Split(key) = &e {
-                    tracing::debug!(key = %key, last_commit = %f.last_commit, "merged entry refused by this SKU's fence");
+                    tracing::debug!(key = %crate::secret::log_value(key), last_commit = %f.last_commit, "merged entry refused by this SKU's fence");
                 }
                 self.split_floor = self.split_floor.max(f.last_commit);
                 Ok(Some(Cycle::Restart(format!(

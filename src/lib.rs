@@ -16,6 +16,7 @@ pub mod ops;
 pub mod pg;
 pub mod pgoutput;
 pub mod progress;
+pub mod secret;
 pub mod sinks;
 pub mod snapshot;
 pub mod source;

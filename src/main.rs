@@ -40,6 +40,10 @@ enum Command {
         /// Read the configured slot instead, without confirming (the slot does not move).
         #[arg(long)]
         from_slot: bool,
+        /// Print mapped user columns as they are instead of as their HMAC (the value
+        /// skusync counts).
+        #[arg(long)]
+        raw: bool,
     },
     /// Preflight against the real servers: one line per check (ok / WARN / FAIL) with
     /// the SQL or setting that fixes each problem. Exit 0 only when `run` would work.
@@ -234,9 +238,10 @@ fn main() -> ExitCode {
             Command::Resync => skusync::daemon::resync_now(cfg)
                 .await
                 .map_err(|e| e.to_string()),
-            Command::Tail { from_slot } => {
+            Command::Tail { from_slot, raw } => {
                 let opts = skusync::tail::TailOptions {
                     from_slot: *from_slot,
+                    raw: *raw,
                 };
                 let mut out = std::io::stdout();
                 skusync::tail::run(&cfg, &opts, &mut out, shutdown)

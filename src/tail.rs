@@ -3,6 +3,8 @@
 //! exit) or, with `--from-slot`, the configured slot without confirming anything.
 
 use crate::config::Config;
+use crate::pgoutput::{Datum, Tuple};
+use crate::secret::Secret;
 use crate::source::{SlotKind, Source, SourceConfig, SourceError, SourceEvent};
 use crate::txn::{Event, TxnBegin, pg_timestamp_to_rfc3339_millis};
 use serde_json::{Value as Json, json};
@@ -15,6 +17,44 @@ use tokio_util::sync::CancellationToken;
 pub struct TailOptions {
     /// Read the configured slot without acknowledging instead of a temporary slot.
     pub from_slot: bool,
+    /// Print mapped user columns as they are; by default they show as the HMAC skusync
+    /// counts, so a shared terminal or a pasted log carries no user ids.
+    pub raw: bool,
+}
+
+/// The mapped user column of each activity table with its HMAC key: table -> (column, key).
+type UserColumns = std::collections::HashMap<String, (String, Secret<Vec<u8>>)>;
+
+fn user_columns(cfg: &Config) -> Result<UserColumns, SourceError> {
+    let mut out = UserColumns::new();
+    for (i, a) in cfg.activity.iter().enumerate() {
+        let key = cfg
+            .user_key(i)
+            .map_err(|e| SourceError::Pg(crate::pg::PgError::Config(e.0)))?;
+        if let (Some(col), Some(key)) = (&a.user, key) {
+            out.insert(a.table.clone(), (col.clone(), key));
+        }
+    }
+    Ok(out)
+}
+
+/// Replace the user column of `tuple_json` (a `new` or `old` object) by the HMAC of its
+/// text form, as the fold computes it; NULL and unchanged values stay as they are.
+fn hide_user(tuple_json: &mut Json, tuple: Option<&Tuple>, index: usize, col: &str, key: &[u8]) {
+    let Json::Object(m) = tuple_json else {
+        return;
+    };
+    let Some(v) = m.get_mut(col) else {
+        return;
+    };
+    *v = match tuple.and_then(|t| t.get(index)) {
+        Some(Datum::Text(b)) => match std::str::from_utf8(b) {
+            Ok(s) => Json::String(crate::fold::hmac_user(key, s)),
+            Err(_) => Json::String("<not UTF-8>".into()),
+        },
+        Some(Datum::Binary(_)) => Json::String("<binary>".into()),
+        Some(Datum::Null) | Some(Datum::UnchangedToast) | None => return,
+    };
 }
 
 /// Run `tail` until `shutdown` fires or the stream fails; writes JSON lines to `out`.
@@ -27,6 +67,11 @@ pub async fn run(
     let conn = cfg
         .pg_connect()
         .map_err(|e| SourceError::Pg(crate::pg::PgError::Config(e.0)))?;
+    let users = if opts.raw {
+        UserColumns::new()
+    } else {
+        user_columns(cfg)?
+    };
     let mut sc = SourceConfig::new(conn, &cfg.postgres.slot, cfg.postgres.publication.names());
     sc.proto_version = cfg.postgres.proto_version;
     sc.status_interval = cfg.status_interval();
@@ -65,6 +110,14 @@ pub async fn run(
                         }
                         Ok(_) => {}
                         Err(e) => line["error"] = Json::String(e.to_string()),
+                    }
+                    if let Some((col, key)) = users.get(&c.rel.qualified_name())
+                        && let Some(i) = c.rel.column_index(col)
+                    {
+                        let key = key.expose();
+                        hide_user(&mut line["new"], c.new.as_ref(), i, col, key);
+                        let old = c.old.as_ref().map(|(_, t)| t);
+                        hide_user(&mut line["old"], old, i, col, key);
                     }
                     write_failed |= writeln!(out, "{line}").is_err();
                 }

@@ -37,7 +37,7 @@ sku = "sku"
 kind = "kind"
 quantity = "qty"
 user = "uid"
-user_key = "k"
+user_key = "fuzz-key-0123456789abcdef01234567"
 time = "at"
 windows = ["5m", "1h"]
 [activity.counters]

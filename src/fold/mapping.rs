@@ -31,8 +31,8 @@ pub struct Mapping {
 pub struct ActivitySpec {
     pub map: ActivityMap,
     pub windows_secs: Vec<u64>,
-    /// HMAC key for user ids (present iff `user` is mapped).
-    pub user_key: Option<Vec<u8>>,
+    /// HMAC key for user ids (present iff `user` is mapped; redacted in Debug).
+    pub user_key: Option<crate::secret::Secret<Vec<u8>>>,
 }
 
 impl Mapping {
@@ -49,22 +49,7 @@ impl Mapping {
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let user_key = match &a.user {
-                None => None,
-                Some(_) => {
-                    let k = a
-                        .user_key
-                        .clone()
-                        .or_else(|| std::env::var("SKUSYNC_USER_KEY").ok())
-                        .filter(|k| !k.is_empty())
-                        .ok_or_else(|| {
-                            ConfigError(format!(
-                                "activity[{i}].user: mapping a user column needs an HMAC key: set activity[{i}].user_key or SKUSYNC_USER_KEY"
-                            ))
-                        })?;
-                    Some(k.into_bytes())
-                }
-            };
+            let user_key = cfg.user_key(i)?;
             activity.push(ActivitySpec {
                 map: a.clone(),
                 windows_secs,

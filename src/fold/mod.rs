@@ -646,7 +646,7 @@ impl Fold {
         };
         let user = match (r.user, &spec.user_key) {
             (Some(i), Some(key)) => match text(t.get(i)) {
-                TextOf::Text(s) => Some(hmac_user(key, s)),
+                TextOf::Text(s) => Some(hmac_user(key.expose(), s)),
                 _ => None,
             },
             _ => None,

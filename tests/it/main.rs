@@ -12,5 +12,6 @@ mod ops;
 mod oracle;
 mod redis_errors;
 mod replication;
+mod secrets;
 mod support;
 mod telemetry;

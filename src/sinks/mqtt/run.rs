@@ -524,7 +524,7 @@ impl Task {
                     crate::telemetry::mqtt_state_acked(ts);
                 } else {
                     warn!(?reason, "broker refused a state message");
-                    debug!(sku = %sku, ?reason, "refused state message");
+                    debug!(sku = %crate::secret::log_value(&sku), ?reason, "refused state message");
                 }
                 self.sched.acked(&sku);
                 self.settle(&sku);
@@ -545,7 +545,7 @@ impl Task {
                     crate::telemetry::mqtt_alert_acked();
                 } else {
                     warn!(?reason, "broker refused an alert");
-                    debug!(sku = %sku, ?reason, "refused alert");
+                    debug!(sku = %crate::secret::log_value(&sku), ?reason, "refused alert");
                 }
                 self.sched.acked(&sku);
             }
@@ -981,7 +981,7 @@ impl Task {
         }
         let lsn: u64 = fields.get("lsn").and_then(|v| v.parse().ok()).unwrap_or(0);
         if !self.sched.in_order(sku, lsn) {
-            debug!(sku = %sku, "skipping a publish older than one already sent");
+            debug!(sku = %crate::secret::log_value(sku), "skipping a publish older than one already sent");
             self.sched.skipped(sku);
             self.settle(sku);
             return;
@@ -1099,9 +1099,9 @@ impl Task {
                 self.shared.stats.refusals.fetch_add(1, Ordering::Relaxed);
                 crate::telemetry::mqtt_too_large(what, *bytes, max, first && i == 0);
             }
-            debug!(sku = %sku, refused = refused.len(), "messages too large for a packet");
+            debug!(sku = %crate::secret::log_value(sku), refused = refused.len(), "messages too large for a packet");
         }
-        debug!(sku = %sku, messages, "published");
+        debug!(sku = %crate::secret::log_value(sku), messages, "published");
         self.sched.sent(sku, lsn, messages, self.mono_ms());
         if more_alerts {
             self.sched.request(sku, Want::Change);

@@ -289,7 +289,7 @@ impl Applier {
             .iter()
             .zip(&types)
             .filter(|(_, t)| !matches!(t.as_str(), "hash" | "none"))
-            .map(|(k, t)| format!("{k:?} ({t})"))
+            .map(|(k, t)| format!("{:?} ({t})", crate::secret::log_value(k)))
             .collect();
         let which = match wrong.len() {
             0 => format!(
