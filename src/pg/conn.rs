@@ -935,7 +935,7 @@ pub fn server_error(
 }
 
 /// Why `channel_binding=require` cannot be met.
-fn channel_binding_unavailable(tls: bool, end_point: bool) -> String {
+pub(crate) fn channel_binding_unavailable(tls: bool, end_point: bool) -> String {
     let why = if !tls {
         "the connection is not TLS (the server does not have ssl = on, or sslmode=prefer fell back)"
     } else if !end_point {
