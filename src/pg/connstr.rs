@@ -639,6 +639,115 @@ mod tests {
     }
 
     #[test]
+    fn require_auth_follows_libpq_16() {
+        use AuthMethod::*;
+        let r = RequireAuth::parse("scram-sha-256").unwrap();
+        assert!(r.allows(ScramSha256) && !r.allows(Password) && !r.allows(None));
+        let r = RequireAuth::parse("md5,password,none").unwrap();
+        assert!(r.explicitly_allows(Md5) && r.explicitly_allows(Password) && r.allows(None));
+        assert!(!r.allows(ScramSha256));
+        let r = RequireAuth::parse("!password,!md5").unwrap();
+        assert!(r.allows(ScramSha256) && r.allows(None) && !r.allows(Md5));
+        assert!(
+            !r.explicitly_allows(ScramSha256),
+            "a negative list opts in to nothing"
+        );
+        for (bad, says) in [
+            ("scram-sha-256,!md5", "combined"),
+            ("md5,md5", "twice"),
+            ("kerberos", "unknown method"),
+        ] {
+            let e = RequireAuth::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("require_auth") && e.contains(says), "{bad}: {e}");
+        }
+        assert_eq!(RequireAuth::parse("").unwrap(), RequireAuth::default());
+    }
+
+    #[test]
+    fn cleartext_and_md5_need_a_verified_server_a_socket_or_an_explicit_require_auth() {
+        use AuthMethod::*;
+        let ok = |url: &str, m| parse(url, &[]).unwrap().auth_request_allowed(m);
+        for m in [Password, Md5] {
+            for mode in ["disable", "prefer", "require"] {
+                let e = ok(&format!("postgresql://u@db.example/d?sslmode={mode}"), m).unwrap_err();
+                assert!(e.contains(&format!("sslmode={mode}")), "{e}");
+                assert!(e.contains(&format!("require_auth={}", m.name())), "{e}");
+                assert!(e.contains("verify-full"), "{e}");
+            }
+            let url = format!(
+                "postgresql://u@db.example/d?sslmode=require&require_auth={}",
+                m.name()
+            );
+            assert_eq!(ok(&url, m), Ok(()));
+            let url = "postgresql://u@db.example/d?sslmode=verify-full&sslrootcert=/ca";
+            assert_eq!(ok(url, m), Ok(()));
+            assert_eq!(ok("postgresql://u@x/d?host=/run/postgresql", m), Ok(()));
+            let url = "postgresql://u@db.example/d?sslmode=require&require_auth=!none";
+            assert!(ok(url, m).is_err(), "a negative list is not an opt-in");
+        }
+        assert_eq!(
+            ok("postgresql://u@db.example/d?sslmode=disable", ScramSha256),
+            Ok(())
+        );
+        let e = ok(
+            "postgresql://u@h/d?sslmode=verify-full&sslrootcert=/ca&channel_binding=require",
+            Password,
+        )
+        .unwrap_err();
+        assert!(e.contains("channel_binding=require"), "{e}");
+        let e = ok("postgresql://u@h/d?require_auth=scram-sha-256", None).unwrap_err();
+        assert!(e.contains("did not ask"), "{e}");
+    }
+
+    #[test]
+    fn channel_binding_is_parsed_and_checked_against_the_other_settings() {
+        assert_eq!(
+            parse("postgresql://u@h/d", &[]).unwrap().channel_binding,
+            ChannelBinding::Prefer
+        );
+        let c = parse("postgresql://u@h/d?channel_binding=require", &[]).unwrap();
+        assert_eq!(c.channel_binding, ChannelBinding::Require);
+        let e = parse("postgresql://u@h/d?channel_binding=maybe", &[]).unwrap_err();
+        assert!(e.to_string().contains("channel_binding"), "{e}");
+        let e = parse(
+            "postgresql://u@h/d?channel_binding=require&sslmode=disable",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("sslmode=disable"), "{e}");
+        let e = parse(
+            "postgresql://u@h/d?channel_binding=require&require_auth=md5",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("require_auth"), "{e}");
+    }
+
+    #[test]
+    fn sslrootcert_system_means_verify_full_and_refuses_weaker_modes() {
+        let c = parse("postgresql://u@h/d?sslrootcert=system", &[]).unwrap();
+        assert_eq!(c.sslmode, SslMode::VerifyFull);
+        let c = parse("postgresql://u@h/d", &[("PGSSLROOTCERT", "system")]).unwrap();
+        assert_eq!(c.sslmode, SslMode::VerifyFull);
+        for mode in ["disable", "prefer", "require", "verify-ca"] {
+            let e = parse(
+                &format!("postgresql://u@h/d?sslrootcert=system&sslmode={mode}"),
+                &[],
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(&format!("sslmode={mode}")), "{e}");
+            assert!(e.contains("verify-full"), "{e}");
+        }
+        let e = parse(
+            "postgresql://u@h/d?sslrootcert=system",
+            &[("PGSSLMODE", "require")],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("sslrootcert=system"), "{e}");
+    }
+
+    #[test]
     fn debug_never_shows_the_password() {
         let c = parse("postgresql://u:hunter2@h/d", &[]).unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
