@@ -428,6 +428,25 @@ impl PgConnectConfig {
         }
     }
 
+    /// Why the connection to a non-local server is weaker than `verify-full`, if it is:
+    /// for `skusync check`. A Unix socket or a loopback host has no network in between.
+    pub fn weak_tls(&self) -> Option<String> {
+        let local = self.is_unix_socket()
+            || self.host.eq_ignore_ascii_case("localhost")
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        (!local && self.sslmode != SslMode::VerifyFull).then(|| {
+            format!(
+                "{} is not a loopback host and sslmode={}: the server's identity is not fully \
+                 checked, so a man in the middle can read or alter the change stream",
+                self.host,
+                self.sslmode.name()
+            )
+        })
+    }
+
     /// Whether `host` names a Unix socket directory.
     pub fn is_unix_socket(&self) -> bool {
         self.host.starts_with('/')
@@ -745,6 +764,22 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("sslrootcert=system"), "{e}");
+    }
+
+    #[test]
+    fn weak_tls_is_anything_below_verify_full_to_a_remote_host() {
+        let weak = |url: &str| parse(url, &[]).unwrap().weak_tls();
+        assert!(
+            weak("postgresql://u@db.example/d")
+                .unwrap()
+                .contains("sslmode=prefer")
+        );
+        assert!(weak("postgresql://u@10.0.0.5/d?sslmode=verify-ca&sslrootcert=/c").is_some());
+        assert_eq!(weak("postgresql://u@db.example/d?sslrootcert=system"), None);
+        assert_eq!(weak("postgresql://u@127.0.0.1/d?sslmode=disable"), None);
+        assert_eq!(weak("postgresql://u@[::1]/d"), None);
+        assert_eq!(weak("postgresql://u@localhost/d"), None);
+        assert_eq!(weak("postgresql://u@x/d?host=/run/postgresql"), None);
     }
 
     #[test]
