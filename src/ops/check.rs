@@ -109,6 +109,10 @@ pub async fn run(cfg: &Config, out: impl Write) -> bool {
 }
 
 async fn check_postgres<W: Write>(cfg: &Config, r: &mut Report<W>) {
+    if let Some(problem) = cfg.pg_connect().ok().and_then(|c| c.weak_tls()) {
+        let fix = "set sslmode=verify-full&sslrootcert=/path/to/ca.pem (or sslrootcert=system) in postgres.url";
+        r.warn("postgres TLS", &problem, &[fix.into()]);
+    }
     let (client, pgc) = match super::pg_client(cfg).await {
         Ok(c) => c,
         Err(e) => {

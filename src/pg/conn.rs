@@ -2,7 +2,7 @@
 //! (`replication=database`) with TLS, authentication, simple queries, slot commands and
 //! the CopyBoth stream.
 
-use super::connstr::{PgConnectConfig, SslMode};
+use super::connstr::{AuthMethod, ChannelBinding, PgConnectConfig, SslMode};
 use super::error::{PgError, ServerError};
 use super::pace::ReadPacer;
 use super::tls;
@@ -20,6 +20,10 @@ use tokio::net::{TcpStream, UnixStream};
 
 /// Read buffer size.
 const READ_CHUNK: usize = 256 * 1024;
+/// Cap on one server frame until the first ReadyForQuery. Before that the server (or
+/// whoever answers in its place) has proven nothing, and nothing it legitimately sends
+/// (authentication requests, parameter status, errors) comes near this.
+pub const STARTUP_MAX_FRAME: usize = 64 * 1024;
 /// The TCP receive buffer, fixed before connecting (Linux doubles it; autotuning off).
 /// While the slot catches up, reads are paced (see [`ReadPacer`]): the socket is read
 /// once a millisecond, a little less than the walsender sends, so the receive window
@@ -29,7 +33,8 @@ const READ_CHUNK: usize = 256 * 1024;
 /// FIELD-NOTES §10; README, Performance.
 const PACED_RCVBUF: u32 = 256 * 1024;
 
-enum Transport {
+/// The byte stream to the server: TCP, TLS over TCP, or a Unix socket.
+pub(crate) enum Transport {
     Tcp(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     Unix(UnixStream),
@@ -143,7 +148,12 @@ pub struct ReplConnection {
     rbuf: BytesMut,
     wbuf: BytesMut,
     addr: String,
+    /// Frame cap in force: [`STARTUP_MAX_FRAME`] until ReadyForQuery, then
+    /// `max_message_bytes`.
     max_frame: usize,
+    /// `tls-server-end-point` data of the TLS session, when there is one and the
+    /// certificate's signature names a hash.
+    tls_end_point: Option<Vec<u8>>,
     server_version: String,
     backend_pid: i32,
     /// Reads are paced (see [`set_read_batching`](Self::set_read_batching)).
@@ -153,7 +163,7 @@ pub struct ReplConnection {
 
 /// Connect to the first address of `host` that answers, with the receive buffer fixed at
 /// [`PACED_RCVBUF`] before the handshake (it sizes the window scale).
-async fn connect_tcp(host: &str, port: u16) -> std::io::Result<TcpStream> {
+async fn connect_tcp(host: &str, port: u16, paced: bool) -> std::io::Result<TcpStream> {
     let mut last = None;
     for addr in tokio::net::lookup_host((host, port)).await? {
         let sock = if addr.is_ipv4() {
@@ -162,7 +172,9 @@ async fn connect_tcp(host: &str, port: u16) -> std::io::Result<TcpStream> {
             tokio::net::TcpSocket::new_v6()?
         };
         // Best effort: a kernel that refuses keeps autotuning (correct, only costlier).
-        let _ = sock.set_recv_buffer_size(PACED_RCVBUF);
+        if paced {
+            let _ = sock.set_recv_buffer_size(PACED_RCVBUF);
+        }
         match sock.connect(addr).await {
             Ok(s) => return Ok(s),
             Err(e) => last = Some(e),
@@ -174,6 +186,92 @@ async fn connect_tcp(host: &str, port: u16) -> std::io::Result<TcpStream> {
             format!("{host} resolves to no address"),
         )
     }))
+}
+
+impl Transport {
+    /// `tls-server-end-point` data of a TLS session (see [`tls::tls_server_end_point`]).
+    pub(crate) fn tls_end_point(&self) -> Option<Vec<u8>> {
+        match self {
+            Transport::Tls(s) => s
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| tls::tls_server_end_point(c)),
+            _ => None,
+        }
+    }
+}
+
+/// Connect (TCP with keepalives, or the Unix socket) and negotiate TLS per `sslmode`.
+/// `paced` fixes the receive buffer for the replication stream's paced reads.
+pub(crate) async fn open_transport(
+    cfg: &PgConnectConfig,
+    paced: bool,
+) -> Result<Transport, PgError> {
+    let addr = cfg.addr();
+    let io_err = |source| PgError::Io {
+        addr: addr.clone(),
+        source,
+    };
+    if cfg.is_unix_socket() {
+        // As libpq: no TLS over a Unix socket.
+        return Ok(Transport::Unix(
+            UnixStream::connect(cfg.socket_path())
+                .await
+                .map_err(io_err)?,
+        ));
+    }
+    let tcp = connect_tcp(&cfg.host, cfg.port, paced)
+        .await
+        .map_err(io_err)?;
+    tcp.set_nodelay(true).map_err(io_err)?;
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10));
+    let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&ka);
+    negotiate_tls(cfg, tcp).await
+}
+
+async fn negotiate_tls(cfg: &PgConnectConfig, mut tcp: TcpStream) -> Result<Transport, PgError> {
+    let Some(tls_config) = tls::client_config(cfg)? else {
+        return Ok(Transport::Tcp(tcp));
+    };
+    let addr = cfg.addr();
+    let io_err = |source| PgError::Io {
+        addr: addr.clone(),
+        source,
+    };
+    let mut req = BytesMut::new();
+    frontend::ssl_request(&mut req);
+    tcp.write_all(&req).await.map_err(io_err)?;
+    // Exactly one byte: anything more would be plaintext injected before the handshake.
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.map_err(io_err)?;
+    match answer[0] {
+        b'S' => {
+            let name = tls::server_name(&cfg.host)?;
+            let connector = tokio_rustls::TlsConnector::from(tls_config);
+            let stream = connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| PgError::Tls {
+                    addr: addr.clone(),
+                    reason: e.to_string(),
+                })?;
+            Ok(Transport::Tls(Box::new(stream)))
+        }
+        b'N' if cfg.sslmode == SslMode::Prefer => Ok(Transport::Tcp(tcp)),
+        b'N' => Err(PgError::Tls {
+            addr,
+            reason: "the server does not accept TLS connections but sslmode requires TLS \
+                     (set ssl = on in postgresql.conf)"
+                .into(),
+        }),
+        other => Err(PgError::Protocol(format!(
+            "unexpected answer 0x{other:02x} to the TLS request"
+        ))),
+    }
 }
 
 impl ReplConnection {
@@ -192,32 +290,16 @@ impl ReplConnection {
     }
 
     async fn connect_inner(cfg: &PgConnectConfig) -> Result<ReplConnection, PgError> {
+        let io = open_transport(cfg, true).await?;
+        let tls_end_point = io.tls_end_point();
         let addr = cfg.addr();
-        let io_err = |source| PgError::Io {
-            addr: addr.clone(),
-            source,
-        };
-        let io = if cfg.is_unix_socket() {
-            Transport::Unix(
-                UnixStream::connect(cfg.socket_path())
-                    .await
-                    .map_err(io_err)?,
-            )
-        } else {
-            let tcp = connect_tcp(&cfg.host, cfg.port).await.map_err(io_err)?;
-            tcp.set_nodelay(true).map_err(io_err)?;
-            let ka = socket2::TcpKeepalive::new()
-                .with_time(Duration::from_secs(30))
-                .with_interval(Duration::from_secs(10));
-            let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&ka);
-            Self::negotiate_tls(cfg, tcp).await?
-        };
         let mut conn = ReplConnection {
             io,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: BytesMut::with_capacity(1024),
             addr,
-            max_frame: cfg.max_message_bytes,
+            max_frame: STARTUP_MAX_FRAME,
+            tls_end_point,
             server_version: String::new(),
             backend_pid: 0,
             batching: false,
@@ -225,50 +307,6 @@ impl ReplConnection {
         };
         conn.startup(cfg).await?;
         Ok(conn)
-    }
-
-    async fn negotiate_tls(
-        cfg: &PgConnectConfig,
-        mut tcp: TcpStream,
-    ) -> Result<Transport, PgError> {
-        let Some(tls_config) = tls::client_config(cfg)? else {
-            return Ok(Transport::Tcp(tcp));
-        };
-        let addr = cfg.addr();
-        let io_err = |source| PgError::Io {
-            addr: addr.clone(),
-            source,
-        };
-        let mut req = BytesMut::new();
-        frontend::ssl_request(&mut req);
-        tcp.write_all(&req).await.map_err(io_err)?;
-        // Exactly one byte: anything more would be plaintext injected before the handshake.
-        let mut answer = [0u8; 1];
-        tcp.read_exact(&mut answer).await.map_err(io_err)?;
-        match answer[0] {
-            b'S' => {
-                let name = tls::server_name(&cfg.host)?;
-                let connector = tokio_rustls::TlsConnector::from(tls_config);
-                let stream = connector
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| PgError::Tls {
-                        addr: addr.clone(),
-                        reason: e.to_string(),
-                    })?;
-                Ok(Transport::Tls(Box::new(stream)))
-            }
-            b'N' if cfg.sslmode == SslMode::Prefer => Ok(Transport::Tcp(tcp)),
-            b'N' => Err(PgError::Tls {
-                addr,
-                reason: "the server does not accept TLS connections but sslmode requires TLS \
-                         (set ssl = on in postgresql.conf, or use sslmode=prefer)"
-                    .into(),
-            }),
-            other => Err(PgError::Protocol(format!(
-                "unexpected answer 0x{other:02x} to the TLS request"
-            ))),
-        }
     }
 
     async fn startup(&mut self, cfg: &PgConnectConfig) -> Result<(), PgError> {
@@ -301,21 +339,51 @@ impl ReplConnection {
                 )
             })
         };
+        let allowed = |m: AuthMethod| cfg.auth_request_allowed(m).map_err(auth_err);
         let mut scram: Option<sasl::ScramSha256> = None;
+        // Whether the server asked for anything, SCRAM ended with a verified server
+        // signature, and that SCRAM was bound to the TLS channel.
+        let mut asked = false;
+        let mut scram_done = false;
+        let mut bound = false;
         loop {
             match self
                 .read_std()
                 .await
                 .map_err(|e| startup_error(e, &cfg.user))?
             {
-                Message::AuthenticationOk => break,
+                Message::AuthenticationOk => {
+                    if !asked {
+                        allowed(AuthMethod::None)?;
+                    }
+                    // An Ok in the middle of SCRAM would skip the server's proof.
+                    if scram.is_some() && !scram_done {
+                        return Err(auth_err(
+                            "the server ended SCRAM authentication before proving it knows \
+                             the password"
+                                .into(),
+                        ));
+                    }
+                    if cfg.channel_binding == ChannelBinding::Require && !bound {
+                        return Err(auth_err(
+                            "channel_binding=require, but the server did not authenticate with \
+                             SCRAM-SHA-256-PLUS"
+                                .into(),
+                        ));
+                    }
+                    break;
+                }
                 Message::AuthenticationCleartextPassword => {
+                    asked = true;
+                    allowed(AuthMethod::Password)?;
                     let pw = need_password()?;
                     frontend::password_message(pw.expose().as_bytes(), &mut self.wbuf)
                         .map_err(|e| auth_err(e.to_string()))?;
                     self.flush().await?;
                 }
                 Message::AuthenticationMd5Password(body) => {
+                    asked = true;
+                    allowed(AuthMethod::Md5)?;
                     let pw = need_password()?;
                     let hash = md5_hash(cfg.user.as_bytes(), pw.expose().as_bytes(), body.salt());
                     frontend::password_message(hash.as_bytes(), &mut self.wbuf)
@@ -323,31 +391,58 @@ impl ReplConnection {
                     self.flush().await?;
                 }
                 Message::AuthenticationSasl(body) => {
+                    if asked {
+                        return Err(PgError::Protocol(
+                            "the server started a second authentication exchange".into(),
+                        ));
+                    }
+                    asked = true;
+                    allowed(AuthMethod::ScramSha256)?;
                     let pw = need_password()?;
-                    let mut has_scram = false;
+                    let (mut has_scram, mut has_plus) = (false, false);
                     let mut mechs = body.mechanisms();
                     while let Some(m) =
                         mechs.next().map_err(|e| PgError::Protocol(e.to_string()))?
                     {
                         has_scram |= m == sasl::SCRAM_SHA_256;
+                        has_plus |= m == sasl::SCRAM_SHA_256_PLUS;
                     }
-                    if !has_scram {
-                        return Err(auth_err(
-                            "the server offers no SASL mechanism skusync supports (SCRAM-SHA-256)"
-                                .into(),
-                        ));
-                    }
-                    // No channel binding: "n,," is accepted unless the server requires it.
-                    let s = sasl::ScramSha256::new(
-                        pw.expose().as_bytes(),
-                        sasl::ChannelBinding::unsupported(),
-                    );
-                    frontend::sasl_initial_response(
-                        sasl::SCRAM_SHA_256,
-                        s.message(),
-                        &mut self.wbuf,
-                    )
-                    .map_err(|e| auth_err(e.to_string()))?;
+                    let end_point = self
+                        .tls_end_point
+                        .clone()
+                        .filter(|_| cfg.channel_binding != ChannelBinding::Disable);
+                    let (binding, mechanism) = match (end_point, has_plus, has_scram) {
+                        (Some(ep), true, _) => (
+                            sasl::ChannelBinding::tls_server_end_point(ep),
+                            sasl::SCRAM_SHA_256_PLUS,
+                        ),
+                        _ if cfg.channel_binding == ChannelBinding::Require => {
+                            return Err(auth_err(channel_binding_unavailable(
+                                matches!(self.io, Transport::Tls(_)),
+                                self.tls_end_point.is_some(),
+                            )));
+                        }
+                        // "y": we could bind but the server did not offer it. A server
+                        // that does support it then fails the exchange, so a man in the
+                        // middle cannot strip SCRAM-SHA-256-PLUS from the list.
+                        (Some(_), false, true) => {
+                            (sasl::ChannelBinding::unrequested(), sasl::SCRAM_SHA_256)
+                        }
+                        (None, _, true) => {
+                            (sasl::ChannelBinding::unsupported(), sasl::SCRAM_SHA_256)
+                        }
+                        _ => {
+                            return Err(auth_err(
+                                "the server offers no SASL mechanism skusync supports \
+                                 (SCRAM-SHA-256)"
+                                    .into(),
+                            ));
+                        }
+                    };
+                    bound = mechanism == sasl::SCRAM_SHA_256_PLUS;
+                    let s = sasl::ScramSha256::new(pw.expose().as_bytes(), binding);
+                    frontend::sasl_initial_response(mechanism, s.message(), &mut self.wbuf)
+                        .map_err(|e| auth_err(e.to_string()))?;
                     self.flush().await?;
                     scram = Some(s);
                 }
@@ -368,6 +463,7 @@ impl ReplConnection {
                     // Verifies the server's signature: it proves it knows the password too.
                     s.finish(body.data())
                         .map_err(|e| auth_err(format!("SCRAM server signature: {e}")))?;
+                    scram_done = true;
                 }
                 Message::AuthenticationKerberosV5
                 | Message::AuthenticationScmCredential
@@ -399,7 +495,10 @@ impl ReplConnection {
                     }
                 }
                 Message::BackendKeyData(k) => self.backend_pid = k.process_id(),
-                Message::ReadyForQuery(_) => return Ok(()),
+                Message::ReadyForQuery(_) => {
+                    self.max_frame = cfg.max_message_bytes;
+                    return Ok(());
+                }
                 Message::NoticeResponse(_) => {}
                 _ => {
                     return Err(PgError::Protocol(
@@ -453,10 +552,12 @@ impl ReplConnection {
         Ok(())
     }
 
-    /// Room for one large read.
+    /// Room for one large read. Growth follows the bytes already buffered (doubling a
+    /// large partial frame), never a frame's announced length: an unauthenticated
+    /// header cannot make skusync allocate, and a big frame still costs O(n) copying.
     fn reserve_read(&mut self) {
         if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
-            self.rbuf.reserve(READ_CHUNK);
+            self.rbuf.reserve(READ_CHUNK.max(self.rbuf.len()));
         }
     }
 
@@ -833,9 +934,27 @@ pub fn server_error(
     e
 }
 
+/// Why `channel_binding=require` cannot be met.
+pub(crate) fn channel_binding_unavailable(tls: bool, end_point: bool) -> String {
+    let why = if !tls {
+        "the connection is not TLS (the server does not have ssl = on, or sslmode=prefer fell back)"
+    } else if !end_point {
+        "the server certificate's signature algorithm (e.g. Ed25519 or RSA-PSS) has no \
+         tls-server-end-point hash"
+    } else {
+        "the server does not offer SCRAM-SHA-256-PLUS (pg_hba.conf must use scram-sha-256, and \
+         the role's password must be a SCRAM secret)"
+    };
+    format!("channel_binding=require, but {why}; nothing was sent")
+}
+
 /// Auth failures during startup are definite and deserve their own message.
 fn startup_error(e: PgError, user: &str) -> PgError {
     match e {
+        PgError::FrameTooLarge { len, max } => PgError::Protocol(format!(
+            "the server sent a {len}-byte message before the connection was ready (at most \
+             {max} bytes are accepted then): is this a PostgreSQL server?"
+        )),
         PgError::Server(s) if s.code.starts_with("28") => PgError::Auth {
             user: user.to_string(),
             reason: s.message,

@@ -25,6 +25,23 @@ pub enum SslMode {
 }
 
 impl SslMode {
+    /// The libpq spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// Whether the server's certificate chain is checked (so the server is who the CA
+    /// says it is, and a man in the middle cannot answer in its place).
+    pub fn verifies_server(self) -> bool {
+        matches!(self, SslMode::VerifyCa | SslMode::VerifyFull)
+    }
+
     fn parse(s: &str) -> Result<SslMode, PgError> {
         Ok(match s {
             "disable" => SslMode::Disable,
@@ -38,6 +55,169 @@ impl SslMode {
                 )));
             }
         })
+    }
+}
+
+/// libpq's `channel_binding`: whether SCRAM must be bound to the TLS channel
+/// (`SCRAM-SHA-256-PLUS`, `tls-server-end-point`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ChannelBinding {
+    /// Never bind (plain `SCRAM-SHA-256`).
+    Disable,
+    /// Bind when the connection is TLS and the server offers `SCRAM-SHA-256-PLUS` (default).
+    Prefer,
+    /// Authentication must be SCRAM with channel binding; anything else is refused.
+    Require,
+}
+
+impl ChannelBinding {
+    fn parse(s: &str) -> Result<ChannelBinding, PgError> {
+        Ok(match s {
+            "disable" => ChannelBinding::Disable,
+            "prefer" => ChannelBinding::Prefer,
+            "require" => ChannelBinding::Require,
+            other => {
+                return Err(PgError::Config(format!(
+                    "postgres.url: unknown channel_binding {other:?}; use disable, prefer or require"
+                )));
+            }
+        })
+    }
+}
+
+/// An authentication method a server can ask for (libpq's `require_auth` names).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// `password`: the password in cleartext.
+    Password,
+    /// `md5`: an MD5 hash a listener can replay or brute-force.
+    Md5,
+    /// `gss` (skusync never completes it, but the name is accepted as in libpq).
+    Gss,
+    /// `sspi` (as `gss`).
+    Sspi,
+    /// `scram-sha-256` (with or without channel binding).
+    ScramSha256,
+    /// `none`: the server lets the client in without asking for anything.
+    None,
+}
+
+impl AuthMethod {
+    const ALL: [AuthMethod; 6] = [
+        AuthMethod::Password,
+        AuthMethod::Md5,
+        AuthMethod::Gss,
+        AuthMethod::Sspi,
+        AuthMethod::ScramSha256,
+        AuthMethod::None,
+    ];
+
+    /// The `require_auth` spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthMethod::Password => "password",
+            AuthMethod::Md5 => "md5",
+            AuthMethod::Gss => "gss",
+            AuthMethod::Sspi => "sspi",
+            AuthMethod::ScramSha256 => "scram-sha-256",
+            AuthMethod::None => "none",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+/// libpq 16's `require_auth`: which methods the server may use. A comma list allows
+/// exactly those; a list of `!method` allows everything else.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct RequireAuth {
+    allowed: u8,
+    /// Set by a list without `!`: those methods were named as wanted.
+    positive: bool,
+}
+
+impl Default for RequireAuth {
+    fn default() -> Self {
+        RequireAuth {
+            allowed: AuthMethod::ALL.iter().fold(0, |a, m| a | m.bit()),
+            positive: false,
+        }
+    }
+}
+
+impl RequireAuth {
+    /// Parse libpq's syntax (`scram-sha-256`, `md5,password`, `!password,!md5`).
+    pub fn parse(s: &str) -> Result<RequireAuth, PgError> {
+        let bad = |why: String| PgError::Config(format!("postgres.url: require_auth: {why}"));
+        if s.is_empty() {
+            return Ok(RequireAuth::default());
+        }
+        let mut named = 0u8;
+        let mut negated = None;
+        for item in s.split(',') {
+            let (neg, name) = match item.strip_prefix('!') {
+                Some(n) => (true, n),
+                None => (false, item),
+            };
+            if *negated.get_or_insert(neg) != neg {
+                return Err(bad(
+                    "negative (!method) and positive methods cannot be combined".into(),
+                ));
+            }
+            let m = AuthMethod::ALL
+                .into_iter()
+                .find(|m| m.name() == name)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "unknown method {name:?}; use password, md5, gss, sspi, scram-sha-256 or none"
+                    ))
+                })?;
+            if named & m.bit() != 0 {
+                return Err(bad(format!("{name:?} is listed twice")));
+            }
+            named |= m.bit();
+        }
+        Ok(if negated == Some(true) {
+            RequireAuth {
+                allowed: RequireAuth::default().allowed & !named,
+                positive: false,
+            }
+        } else {
+            RequireAuth {
+                allowed: named,
+                positive: true,
+            }
+        })
+    }
+
+    /// Whether the server may use `m`.
+    pub fn allows(&self, m: AuthMethod) -> bool {
+        self.allowed & m.bit() != 0
+    }
+
+    /// Whether `m` was named in a positive list: the operator opted in to it, so a
+    /// cleartext or md5 password may go over a connection whose server is not verified.
+    pub fn explicitly_allows(&self, m: AuthMethod) -> bool {
+        self.positive && self.allows(m)
+    }
+
+    /// The setting as libpq would spell it, for messages.
+    pub fn describe(&self) -> String {
+        if *self == RequireAuth::default() {
+            return "(not set)".into();
+        }
+        let names: Vec<&str> = AuthMethod::ALL
+            .into_iter()
+            .filter(|m| self.allows(*m))
+            .map(AuthMethod::name)
+            .collect();
+        if names.is_empty() {
+            "(nothing allowed)".into()
+        } else {
+            names.join(",")
+        }
     }
 }
 
@@ -83,6 +263,11 @@ pub struct PgConnectConfig {
     pub password: Option<Password>,
     pub sslmode: SslMode,
     pub sslrootcert: Option<RootCert>,
+    /// `channel_binding` (default `prefer`).
+    pub channel_binding: ChannelBinding,
+    /// `require_auth` (default: any method, subject to the cleartext/md5 rule in
+    /// [`PgConnectConfig::password_method_allowed`]).
+    pub require_auth: RequireAuth,
     pub application_name: String,
     pub connect_timeout: Duration,
     /// Cap on one server message on the replication connection (`postgres.max_message_bytes`).
@@ -120,6 +305,8 @@ impl PgConnectConfig {
         let mut application_name = None;
         let mut passfile = None;
         let mut connect_timeout = None;
+        let mut channel_binding = None;
+        let mut require_auth = None;
         for (k, v) in parsed.query_pairs() {
             let v = v.into_owned();
             match k.as_ref() {
@@ -131,6 +318,8 @@ impl PgConnectConfig {
                 "sslmode" => sslmode = Some(SslMode::parse(&v)?),
                 "sslrootcert" => sslrootcert = Some(v),
                 "application_name" => application_name = Some(v),
+                "channel_binding" => channel_binding = Some(ChannelBinding::parse(&v)?),
+                "require_auth" => require_auth = Some(RequireAuth::parse(&v)?),
                 "passfile" => passfile = Some(PathBuf::from(v)),
                 "connect_timeout" => {
                     connect_timeout = Some(
@@ -161,11 +350,8 @@ impl PgConnectConfig {
             .or_else(|| env("PGDATABASE"))
             .unwrap_or_else(|| user.clone());
         let sslmode = match sslmode {
-            Some(m) => m,
-            None => match env("PGSSLMODE") {
-                Some(m) => SslMode::parse(&m)?,
-                None => SslMode::Prefer,
-            },
+            Some(m) => Some(m),
+            None => env("PGSSLMODE").map(|m| SslMode::parse(&m)).transpose()?,
         };
         let sslrootcert = sslrootcert.or_else(|| env("PGSSLROOTCERT")).map(|s| {
             if s == "system" {
@@ -174,12 +360,38 @@ impl PgConnectConfig {
                 RootCert::File(PathBuf::from(s))
             }
         });
-        // libpq: a root certificate given with sslmode=require means verify-ca.
-        let sslmode = if sslmode == SslMode::Require && sslrootcert.is_some() {
-            SslMode::VerifyCa
-        } else {
-            sslmode
+        let sslmode = match (sslmode, &sslrootcert) {
+            // libpq 16+: the public trust store proves nothing without the host name check,
+            // so `system` means verify-full and a weaker explicit mode is an error.
+            (None | Some(SslMode::VerifyFull), Some(RootCert::System)) => SslMode::VerifyFull,
+            (Some(m), Some(RootCert::System)) => {
+                return Err(bad(&format!(
+                    "sslmode={} cannot be used with sslrootcert=system (any publicly trusted \
+                     certificate for any name would pass); use sslmode=verify-full or leave \
+                     sslmode out",
+                    m.name()
+                )));
+            }
+            // libpq: a root certificate given with sslmode=require means verify-ca.
+            (Some(SslMode::Require), Some(_)) => SslMode::VerifyCa,
+            (Some(m), _) => m,
+            (None, _) => SslMode::Prefer,
         };
+        let channel_binding = channel_binding.unwrap_or(ChannelBinding::Prefer);
+        let require_auth = require_auth.unwrap_or_default();
+        if channel_binding == ChannelBinding::Require {
+            if sslmode == SslMode::Disable {
+                return Err(bad(
+                    "channel_binding=require needs TLS, but sslmode=disable; use sslmode=verify-full",
+                ));
+            }
+            if !require_auth.allows(AuthMethod::ScramSha256) {
+                return Err(bad(&format!(
+                    "channel_binding=require needs scram-sha-256, which require_auth={} excludes",
+                    require_auth.describe()
+                )));
+            }
+        }
         if password.is_none() {
             password = env("PGPASSWORD").map(Password);
         }
@@ -199,6 +411,8 @@ impl PgConnectConfig {
             password,
             sslmode,
             sslrootcert,
+            channel_binding,
+            require_auth,
             application_name: application_name.unwrap_or_else(|| "skusync".into()),
             connect_timeout: Duration::from_secs(connect_timeout.unwrap_or(10).max(1)),
             max_message_bytes: crate::pg::wire::DEFAULT_MAX_FRAME,
@@ -214,6 +428,25 @@ impl PgConnectConfig {
         }
     }
 
+    /// Why the connection to a non-local server is weaker than `verify-full`, if it is:
+    /// for `skusync check`. A Unix socket or a loopback host has no network in between.
+    pub fn weak_tls(&self) -> Option<String> {
+        let local = self.is_unix_socket()
+            || self.host.eq_ignore_ascii_case("localhost")
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        (!local && self.sslmode != SslMode::VerifyFull).then(|| {
+            format!(
+                "{} is not a loopback host and sslmode={}: the server's identity is not fully \
+                 checked, so a man in the middle can read or alter the change stream",
+                self.host,
+                self.sslmode.name()
+            )
+        })
+    }
+
     /// Whether `host` names a Unix socket directory.
     pub fn is_unix_socket(&self) -> bool {
         self.host.starts_with('/')
@@ -222,6 +455,58 @@ impl PgConnectConfig {
     /// The Unix socket file (`<dir>/.s.PGSQL.<port>`).
     pub fn socket_path(&self) -> PathBuf {
         Path::new(&self.host).join(format!(".s.PGSQL.{}", self.port))
+    }
+
+    /// Whether to answer a server that asks for authentication method `m` (`None` when it
+    /// lets the client in without asking). `Err` is the reason, naming the setting and
+    /// the fix; nothing has been sent to the server then.
+    ///
+    /// Beyond `require_auth` and `channel_binding`, a cleartext or md5 password goes only
+    /// to a server whose certificate was verified (`verify-ca`, `verify-full`) or over a
+    /// Unix socket (the kernel delivers it to the socket's owner, no network in between),
+    /// unless `require_auth` names the method: without verification a man in the middle
+    /// can answer "no TLS" and ask for it, and an md5 answer can be relayed or
+    /// brute-forced. SCRAM reveals nothing and is always fine.
+    pub fn auth_request_allowed(&self, m: AuthMethod) -> Result<(), String> {
+        if !self.require_auth.allows(m) {
+            return Err(match m {
+                AuthMethod::None => format!(
+                    "the server did not ask for authentication, which require_auth={} does not \
+                     allow (add none to require_auth if that server is meant to trust skusync)",
+                    self.require_auth.describe()
+                ),
+                _ => format!(
+                    "the server asks for {} authentication, which require_auth={} does not \
+                     allow; nothing was sent (check pg_hba.conf on the server, or that you \
+                     reach the right server)",
+                    m.name(),
+                    self.require_auth.describe()
+                ),
+            });
+        }
+        if self.channel_binding == ChannelBinding::Require && m != AuthMethod::ScramSha256 {
+            return Err(format!(
+                "the server asks for {} authentication, but channel_binding=require needs \
+                 SCRAM-SHA-256-PLUS; nothing was sent (use scram-sha-256 in pg_hba.conf)",
+                m.name()
+            ));
+        }
+        if matches!(m, AuthMethod::Password | AuthMethod::Md5)
+            && !self.sslmode.verifies_server()
+            && !self.is_unix_socket()
+            && !self.require_auth.explicitly_allows(m)
+        {
+            return Err(format!(
+                "refusing to send the password with {m} authentication: the server is not \
+                 verified (sslmode={mode}), so a man in the middle could be asking for it. \
+                 Fix one of: use scram-sha-256 on the server (password_encryption and \
+                 pg_hba.conf); or set sslmode=verify-full with sslrootcert in postgres.url; or \
+                 accept the risk with require_auth={m} in postgres.url",
+                m = m.name(),
+                mode = self.sslmode.name()
+            ));
+        }
+        Ok(())
     }
 
     /// The same settings as a tokio-postgres config for ordinary SQL connections.
@@ -237,6 +522,11 @@ impl PgConnectConfig {
                 SslMode::Disable => tokio_postgres::config::SslMode::Disable,
                 SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
                 _ => tokio_postgres::config::SslMode::Require,
+            })
+            .channel_binding(match self.channel_binding {
+                ChannelBinding::Disable => tokio_postgres::config::ChannelBinding::Disable,
+                ChannelBinding::Prefer => tokio_postgres::config::ChannelBinding::Prefer,
+                ChannelBinding::Require => tokio_postgres::config::ChannelBinding::Require,
             });
         if let Some(p) = &self.password {
             c.password(p.expose());
@@ -365,6 +655,131 @@ mod tests {
         assert!(e.to_string().contains("postgresql://"), "{e}");
         let e = parse("postgresql://u@h/d?bogus=1", &[]).unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn require_auth_follows_libpq_16() {
+        use AuthMethod::*;
+        let r = RequireAuth::parse("scram-sha-256").unwrap();
+        assert!(r.allows(ScramSha256) && !r.allows(Password) && !r.allows(None));
+        let r = RequireAuth::parse("md5,password,none").unwrap();
+        assert!(r.explicitly_allows(Md5) && r.explicitly_allows(Password) && r.allows(None));
+        assert!(!r.allows(ScramSha256));
+        let r = RequireAuth::parse("!password,!md5").unwrap();
+        assert!(r.allows(ScramSha256) && r.allows(None) && !r.allows(Md5));
+        assert!(
+            !r.explicitly_allows(ScramSha256),
+            "a negative list opts in to nothing"
+        );
+        for (bad, says) in [
+            ("scram-sha-256,!md5", "combined"),
+            ("md5,md5", "twice"),
+            ("kerberos", "unknown method"),
+        ] {
+            let e = RequireAuth::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("require_auth") && e.contains(says), "{bad}: {e}");
+        }
+        assert_eq!(RequireAuth::parse("").unwrap(), RequireAuth::default());
+    }
+
+    #[test]
+    fn cleartext_and_md5_need_a_verified_server_a_socket_or_an_explicit_require_auth() {
+        use AuthMethod::*;
+        let ok = |url: &str, m| parse(url, &[]).unwrap().auth_request_allowed(m);
+        for m in [Password, Md5] {
+            for mode in ["disable", "prefer", "require"] {
+                let e = ok(&format!("postgresql://u@db.example/d?sslmode={mode}"), m).unwrap_err();
+                assert!(e.contains(&format!("sslmode={mode}")), "{e}");
+                assert!(e.contains(&format!("require_auth={}", m.name())), "{e}");
+                assert!(e.contains("verify-full"), "{e}");
+            }
+            let url = format!(
+                "postgresql://u@db.example/d?sslmode=require&require_auth={}",
+                m.name()
+            );
+            assert_eq!(ok(&url, m), Ok(()));
+            let url = "postgresql://u@db.example/d?sslmode=verify-full&sslrootcert=/ca";
+            assert_eq!(ok(url, m), Ok(()));
+            assert_eq!(ok("postgresql://u@x/d?host=/run/postgresql", m), Ok(()));
+            let url = "postgresql://u@db.example/d?sslmode=require&require_auth=!none";
+            assert!(ok(url, m).is_err(), "a negative list is not an opt-in");
+        }
+        assert_eq!(
+            ok("postgresql://u@db.example/d?sslmode=disable", ScramSha256),
+            Ok(())
+        );
+        let e = ok(
+            "postgresql://u@h/d?sslmode=verify-full&sslrootcert=/ca&channel_binding=require",
+            Password,
+        )
+        .unwrap_err();
+        assert!(e.contains("channel_binding=require"), "{e}");
+        let e = ok("postgresql://u@h/d?require_auth=scram-sha-256", None).unwrap_err();
+        assert!(e.contains("did not ask"), "{e}");
+    }
+
+    #[test]
+    fn channel_binding_is_parsed_and_checked_against_the_other_settings() {
+        assert_eq!(
+            parse("postgresql://u@h/d", &[]).unwrap().channel_binding,
+            ChannelBinding::Prefer
+        );
+        let c = parse("postgresql://u@h/d?channel_binding=require", &[]).unwrap();
+        assert_eq!(c.channel_binding, ChannelBinding::Require);
+        let e = parse("postgresql://u@h/d?channel_binding=maybe", &[]).unwrap_err();
+        assert!(e.to_string().contains("channel_binding"), "{e}");
+        let e = parse(
+            "postgresql://u@h/d?channel_binding=require&sslmode=disable",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("sslmode=disable"), "{e}");
+        let e = parse(
+            "postgresql://u@h/d?channel_binding=require&require_auth=md5",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("require_auth"), "{e}");
+    }
+
+    #[test]
+    fn sslrootcert_system_means_verify_full_and_refuses_weaker_modes() {
+        let c = parse("postgresql://u@h/d?sslrootcert=system", &[]).unwrap();
+        assert_eq!(c.sslmode, SslMode::VerifyFull);
+        let c = parse("postgresql://u@h/d", &[("PGSSLROOTCERT", "system")]).unwrap();
+        assert_eq!(c.sslmode, SslMode::VerifyFull);
+        for mode in ["disable", "prefer", "require", "verify-ca"] {
+            let e = parse(
+                &format!("postgresql://u@h/d?sslrootcert=system&sslmode={mode}"),
+                &[],
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(&format!("sslmode={mode}")), "{e}");
+            assert!(e.contains("verify-full"), "{e}");
+        }
+        let e = parse(
+            "postgresql://u@h/d?sslrootcert=system",
+            &[("PGSSLMODE", "require")],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("sslrootcert=system"), "{e}");
+    }
+
+    #[test]
+    fn weak_tls_is_anything_below_verify_full_to_a_remote_host() {
+        let weak = |url: &str| parse(url, &[]).unwrap().weak_tls();
+        assert!(
+            weak("postgresql://u@db.example/d")
+                .unwrap()
+                .contains("sslmode=prefer")
+        );
+        assert!(weak("postgresql://u@10.0.0.5/d?sslmode=verify-ca&sslrootcert=/c").is_some());
+        assert_eq!(weak("postgresql://u@db.example/d?sslrootcert=system"), None);
+        assert_eq!(weak("postgresql://u@127.0.0.1/d?sslmode=disable"), None);
+        assert_eq!(weak("postgresql://u@[::1]/d"), None);
+        assert_eq!(weak("postgresql://u@localhost/d"), None);
+        assert_eq!(weak("postgresql://u@x/d?host=/run/postgresql"), None);
     }
 
     #[test]

@@ -1,32 +1,192 @@
 //! The ordinary SQL connection (tokio-postgres) beside the replication connection: slot
 //! state, server settings, and later snapshots. Same URL, same TLS rules.
 
-use super::connstr::{PgConnectConfig, SslMode};
+use super::conn::{STARTUP_MAX_FRAME, Transport, channel_binding_unavailable, open_transport};
+use super::connstr::{AuthMethod, ChannelBinding, PgConnectConfig};
 use super::error::PgError;
-use super::tls;
+use super::wire::{FrameGuard, GuardError};
 use crate::lsn::Lsn;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::Client;
+use tokio_postgres::tls::{ChannelBinding as TlsBinding, TlsConnect};
 
 /// Open an ordinary SQL connection; its driver task runs in the background.
+///
+/// skusync opens the socket and negotiates TLS itself (the same code and rules as the
+/// replication connection), then hands tokio-postgres a [`GuardedStream`]: frames above
+/// the cap and authentication requests the URL's `require_auth` / cleartext rules refuse
+/// stop the connection before tokio-postgres can act on them.
 pub async fn connect(cfg: &PgConnectConfig) -> Result<Client, PgError> {
-    let pg = cfg.to_tokio_postgres();
-    let sql_err = |e: tokio_postgres::Error| classify(e, cfg);
-    match tls::client_config(cfg)? {
-        Some(tls_config) if cfg.sslmode != SslMode::Disable => {
-            let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls_config).clone());
-            let (client, conn) = pg.connect(connector).await.map_err(sql_err)?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            Ok(client)
+    tokio::time::timeout(cfg.connect_timeout, connect_inner(cfg))
+        .await
+        .map_err(|_| PgError::Io {
+            addr: cfg.addr(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {:?}", cfg.connect_timeout),
+            ),
+        })?
+}
+
+async fn connect_inner(cfg: &PgConnectConfig) -> Result<Client, PgError> {
+    let io = open_transport(cfg, false).await?;
+    let end_point = io.tls_end_point();
+    if cfg.channel_binding == ChannelBinding::Require && end_point.is_none() {
+        return Err(PgError::Auth {
+            user: cfg.user.clone(),
+            reason: channel_binding_unavailable(matches!(io, Transport::Tls(_)), false),
+        });
+    }
+    let stopped = Arc::new(Mutex::new(None));
+    let stream = GuardedStream {
+        io,
+        guard: FrameGuard::new(STARTUP_MAX_FRAME, cfg.max_message_bytes),
+        cfg: cfg.clone(),
+        asked: false,
+        end_point,
+        stopped: stopped.clone(),
+    };
+    let mut pg = cfg.to_tokio_postgres();
+    // TLS is already negotiated: "direct" makes tokio-postgres take the stream as it is
+    // (no SSLRequest of its own), and through it the channel binding data.
+    pg.ssl_mode(tokio_postgres::config::SslMode::Require)
+        .ssl_negotiation(tokio_postgres::config::SslNegotiation::Direct);
+    let taken = |stopped: &Mutex<Option<PgError>>| stopped.lock().ok().and_then(|mut s| s.take());
+    let (client, conn) = match pg.connect_raw(stream, AsIs).await {
+        Ok(c) => c,
+        Err(e) => return Err(taken(&stopped).unwrap_or_else(|| classify(e, cfg))),
+    };
+    let addr = cfg.addr();
+    tokio::spawn(async move {
+        if conn.await.is_err()
+            && let Some(e) = taken(&stopped)
+        {
+            tracing::warn!(server = %addr, error = %e, "SQL connection stopped");
         }
-        _ => {
-            let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(sql_err)?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            Ok(client)
+    });
+    Ok(client)
+}
+
+/// The plaintext stream under tokio-postgres (TLS already done), with a [`FrameGuard`]
+/// on the read side.
+pub struct GuardedStream {
+    io: Transport,
+    guard: FrameGuard,
+    cfg: PgConnectConfig,
+    /// Whether the server asked for any authentication method yet.
+    asked: bool,
+    end_point: Option<Vec<u8>>,
+    /// The definite error behind a refused read, for [`connect`] to return instead of
+    /// tokio-postgres' generic I/O error.
+    stopped: Arc<Mutex<Option<PgError>>>,
+}
+
+impl GuardedStream {
+    fn check(&mut self, bytes: &[u8]) -> Result<(), PgError> {
+        let cfg = &self.cfg;
+        let asked = &mut self.asked;
+        let auth = |reason: String| PgError::Auth {
+            user: cfg.user.clone(),
+            reason,
+        };
+        let mut on_auth = |code: u32| {
+            let method = match code {
+                0 if *asked => return Ok(()),
+                0 => AuthMethod::None,
+                3 => AuthMethod::Password,
+                5 => AuthMethod::Md5,
+                10 => AuthMethod::ScramSha256,
+                // SASL continue/final; GSS/SSPI and others, which tokio-postgres refuses.
+                _ => return Ok(()),
+            };
+            *asked = true;
+            cfg.auth_request_allowed(method)
+        };
+        self.guard.scan(bytes, &mut on_auth).map_err(|e| match e {
+            GuardError::Refused(reason) => auth(reason),
+            GuardError::TooLarge {
+                len,
+                max,
+                ready: false,
+            } => PgError::Protocol(format!(
+                "the server sent a {len}-byte message before the connection was ready (at most \
+                 {max} bytes are accepted then): is this a PostgreSQL server?"
+            )),
+            GuardError::TooLarge { len, max, .. } => PgError::Sql(format!(
+                "a server message of {len} bytes on the SQL connection exceeds \
+                 postgres.max_message_bytes ({max}); raise it if a row really is that large"
+            )),
+            GuardError::Malformed(m) => PgError::Protocol(m),
+        })
+    }
+}
+
+impl AsyncRead for GuardedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {}
+            other => return other,
         }
+        // On an error the caller does not count these bytes as read (AsyncRead contract,
+        // and tokio-util's FramedRead relies on it), so a refused frame is never parsed.
+        if let Err(e) = this.check(&buf.filled()[before..]) {
+            let msg = e.to_string();
+            if let Ok(mut s) = this.stopped.lock() {
+                *s = Some(e);
+            }
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                msg,
+            )));
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for GuardedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+impl tokio_postgres::tls::TlsStream for GuardedStream {
+    fn channel_binding(&self) -> TlsBinding {
+        match &self.end_point {
+            Some(ep) => TlsBinding::tls_server_end_point(ep.clone()),
+            None => TlsBinding::none(),
+        }
+    }
+}
+
+/// "Connects" by handing the already negotiated stream back.
+struct AsIs;
+
+impl TlsConnect<GuardedStream> for AsIs {
+    type Stream = GuardedStream;
+    type Error = std::io::Error;
+    type Future = std::future::Ready<std::io::Result<GuardedStream>>;
+
+    fn connect(self, stream: GuardedStream) -> Self::Future {
+        std::future::ready(Ok(stream))
     }
 }
 
@@ -48,7 +208,15 @@ pub fn classify(e: tokio_postgres::Error, cfg: &PgConnectConfig) -> PgError {
         }
         return PgError::Server(s);
     }
-    PgError::Sql(format!("{} ({})", e, cfg.addr()))
+    // tokio-postgres' own refusals (e.g. channel_binding=require unmet) are definite.
+    let text = e.to_string();
+    if let Some(reason) = text.strip_prefix("authentication error: ") {
+        return PgError::Auth {
+            user: cfg.user.clone(),
+            reason: reason.to_string(),
+        };
+    }
+    PgError::Sql(format!("{text} ({})", cfg.addr()))
 }
 
 /// A row of `pg_replication_slots`.

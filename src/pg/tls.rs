@@ -207,3 +207,75 @@ impl ServerCertVerifier for ChainOnly {
         self.0.supported_verify_schemes()
     }
 }
+
+/// The `tls-server-end-point` channel binding data (RFC 5929 §4.1) for the server's
+/// end-entity certificate: its hash with the certificate's signature hash, except that
+/// MD5 and SHA-1 are replaced by SHA-256. `None` when the signature algorithm names no
+/// single hash (Ed25519, RSA-PSS) or the certificate does not parse: SCRAM then runs
+/// without channel binding, and `channel_binding=require` refuses.
+pub fn tls_server_end_point(cert_der: &[u8]) -> Option<Vec<u8>> {
+    use sha2::Digest;
+    use x509_cert::der::Decode;
+    use x509_cert::der::oid::db::rfc5912 as oid;
+    let cert = x509_cert::Certificate::from_der(cert_der).ok()?;
+    let alg = cert.signature_algorithm.oid;
+    if [
+        oid::MD_5_WITH_RSA_ENCRYPTION,
+        oid::SHA_1_WITH_RSA_ENCRYPTION,
+        oid::DSA_WITH_SHA_1,
+        oid::SHA_256_WITH_RSA_ENCRYPTION,
+        oid::DSA_WITH_SHA_256,
+        oid::ECDSA_WITH_SHA_256,
+    ]
+    .contains(&alg)
+    {
+        Some(sha2::Sha256::digest(cert_der).to_vec())
+    } else if [
+        oid::SHA_224_WITH_RSA_ENCRYPTION,
+        oid::DSA_WITH_SHA_224,
+        oid::ECDSA_WITH_SHA_224,
+    ]
+    .contains(&alg)
+    {
+        Some(sha2::Sha224::digest(cert_der).to_vec())
+    } else if [oid::SHA_384_WITH_RSA_ENCRYPTION, oid::ECDSA_WITH_SHA_384].contains(&alg) {
+        Some(sha2::Sha384::digest(cert_der).to_vec())
+    } else if [oid::SHA_512_WITH_RSA_ENCRYPTION, oid::ECDSA_WITH_SHA_512].contains(&alg) {
+        Some(sha2::Sha512::digest(cert_der).to_vec())
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::Digest;
+
+    fn cert_with(alg: &'static rcgen::SignatureAlgorithm) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate_for(alg).unwrap();
+        rcgen::CertificateParams::new(vec!["db.example".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap()
+            .der()
+            .to_vec()
+    }
+
+    #[test]
+    fn end_point_hash_follows_the_certificate_signature_hash() {
+        let p256 = cert_with(&rcgen::PKCS_ECDSA_P256_SHA256);
+        assert_eq!(
+            tls_server_end_point(&p256).unwrap(),
+            sha2::Sha256::digest(&p256).to_vec()
+        );
+        let p384 = cert_with(&rcgen::PKCS_ECDSA_P384_SHA384);
+        assert_eq!(
+            tls_server_end_point(&p384).unwrap(),
+            sha2::Sha384::digest(&p384).to_vec()
+        );
+        // Ed25519 names no hash: no binding rather than a guessed one.
+        assert_eq!(tls_server_end_point(&cert_with(&rcgen::PKCS_ED25519)), None);
+        assert_eq!(tls_server_end_point(b"not a certificate"), None);
+    }
+}

@@ -29,6 +29,8 @@ pub enum Frame {
 }
 
 /// Parse one frame from the front of `buf`, or `Ok(None)` when more bytes are needed.
+/// A header announcing more than `max_frame` bytes is an error as soon as its five
+/// bytes are in; `buf` is never grown here.
 pub fn parse_frame(buf: &mut BytesMut, max_frame: usize) -> Result<Option<Frame>, PgError> {
     if buf.len() < 5 {
         return Ok(None);
@@ -49,7 +51,8 @@ pub fn parse_frame(buf: &mut BytesMut, max_frame: usize) -> Result<Option<Frame>
         });
     }
     if buf.len() < total {
-        buf.reserve(total - buf.len());
+        // No reserve of the announced length: the buffer grows as bytes arrive, so a
+        // header alone costs nothing (FIELD-NOTES §2.2).
         return Ok(None);
     }
     match tag {
@@ -74,6 +77,118 @@ pub fn parse_frame(buf: &mut BytesMut, max_frame: usize) -> Result<Option<Frame>
                 tag as char
             ))),
         },
+    }
+}
+
+/// Why a [`FrameGuard`] stopped a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuardError {
+    /// A header announced more than the cap in force.
+    TooLarge { len: usize, max: usize, ready: bool },
+    /// A header with a length below 4, or a truncated authentication request.
+    Malformed(String),
+    /// The authentication request was refused by the caller's check.
+    Refused(String),
+}
+
+/// Watches the server's bytes on a stream another parser consumes (tokio-postgres): frame
+/// by frame, without buffering, it refuses a frame above the cap (a small one until the
+/// first ReadyForQuery, then `max`) and shows each authentication request (`R`) to a
+/// check before its bytes can complete. A refusal happens no later than the read that
+/// completes the request's first 9 bytes, so the consumer never sees a whole request it
+/// should not answer.
+#[derive(Debug)]
+pub struct FrameGuard {
+    startup_max: usize,
+    max: usize,
+    ready: bool,
+    head: [u8; 9],
+    have: usize,
+    body_left: usize,
+}
+
+impl FrameGuard {
+    /// A guard allowing `startup_max` bytes per frame before ReadyForQuery, `max` after.
+    pub fn new(startup_max: usize, max: usize) -> FrameGuard {
+        FrameGuard {
+            startup_max,
+            max,
+            ready: false,
+            head: [0; 9],
+            have: 0,
+            body_left: 0,
+        }
+    }
+
+    /// Look at the next bytes of the stream. `on_auth` gets the code of every
+    /// authentication request (0 = Ok, 3 = cleartext, 5 = md5, 10/11/12 = SASL ...).
+    pub fn scan(
+        &mut self,
+        mut bytes: &[u8],
+        on_auth: &mut dyn FnMut(u32) -> Result<(), String>,
+    ) -> Result<(), GuardError> {
+        while !bytes.is_empty() {
+            if self.body_left > 0 {
+                let n = self.body_left.min(bytes.len());
+                self.body_left -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let need = if self.have >= 5 && self.head[0] == b'R' {
+                9
+            } else {
+                5
+            };
+            let n = (need - self.have).min(bytes.len());
+            self.head[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have < need {
+                continue;
+            }
+            let tag = self.head[0];
+            let len = u32::from_be_bytes([self.head[1], self.head[2], self.head[3], self.head[4]])
+                as usize;
+            if need == 5 {
+                if len < 4 {
+                    return Err(GuardError::Malformed(format!(
+                        "frame {:?} has invalid length {len}",
+                        tag as char
+                    )));
+                }
+                let max = if self.ready {
+                    self.max
+                } else {
+                    self.startup_max
+                };
+                if len + 1 > max {
+                    return Err(GuardError::TooLarge {
+                        len: len + 1,
+                        max,
+                        ready: self.ready,
+                    });
+                }
+                if tag == b'R' {
+                    if len < 8 {
+                        return Err(GuardError::Malformed(
+                            "authentication request without a code".into(),
+                        ));
+                    }
+                    continue; // read the code
+                }
+                if tag == b'Z' {
+                    self.ready = true;
+                }
+                self.body_left = len - 4;
+            } else {
+                let code =
+                    u32::from_be_bytes([self.head[5], self.head[6], self.head[7], self.head[8]]);
+                on_auth(code).map_err(GuardError::Refused)?;
+                self.body_left = len - 8;
+            }
+            self.have = 0;
+        }
+        Ok(())
     }
 }
 
@@ -201,6 +316,95 @@ mod tests {
         ));
         let mut buf = BytesMut::from(&[b'd', 0, 0, 0, 2][..]);
         assert!(parse_frame(&mut buf, 1024).is_err());
+    }
+
+    #[test]
+    fn a_two_gib_header_reserves_nothing_and_fails_under_the_startup_cap() {
+        let mut buf = BytesMut::with_capacity(16);
+        // 'R' announcing 2 GiB: under the startup cap it is refused at once.
+        buf.extend_from_slice(&[b'R', 0x80, 0, 0, 0]);
+        let cap = buf.capacity();
+        match parse_frame(&mut buf, 64 * 1024) {
+            Err(PgError::FrameTooLarge { len, max }) => {
+                assert_eq!((len, max), ((2usize << 30) + 1, 64 * 1024));
+            }
+            _ => panic!("expected FrameTooLarge"),
+        }
+        assert_eq!(buf.capacity(), cap, "nothing reserved");
+        // Under a cap it fits, a partial frame waits without growing the buffer.
+        let mut buf = BytesMut::with_capacity(16);
+        buf.extend_from_slice(&[b'd', 0x7f, 0, 0, 0, 1, 2]);
+        let cap = buf.capacity();
+        assert!(parse_frame(&mut buf, usize::MAX).unwrap().is_none());
+        assert_eq!(
+            buf.capacity(),
+            cap,
+            "nothing reserved for the announced length"
+        );
+    }
+
+    fn scan_all(g: &mut FrameGuard, chunks: &[&[u8]]) -> (Result<(), GuardError>, Vec<u32>) {
+        let mut codes = Vec::new();
+        for c in chunks {
+            let r = g.scan(c, &mut |code| {
+                codes.push(code);
+                if code == 3 {
+                    Err("no cleartext".into())
+                } else {
+                    Ok(())
+                }
+            });
+            if r.is_err() {
+                return (r, codes);
+            }
+        }
+        (Ok(()), codes)
+    }
+
+    #[test]
+    fn the_guard_sees_auth_codes_split_across_reads_and_caps_frames() {
+        // SASL request split mid-code, a parameter status, ReadyForQuery, then a big row.
+        let mut g = FrameGuard::new(64, 1024);
+        let sasl: &[u8] = &[b'R', 0, 0, 0, 23, 0, 0, 0, 10];
+        let (r, codes) = scan_all(
+            &mut g,
+            &[
+                &sasl[..7],
+                &sasl[7..],
+                b"SCRAM-SHA-256\0\0",
+                &[b'R', 0, 0, 0, 8, 0, 0, 0, 0],
+                &[b'S', 0, 0, 0, 6, b'a', 0],
+                &[b'Z', 0, 0, 0, 5, b'I'],
+                &[b'D', 0, 0, 0x01, 0],
+                &[0; 252],
+            ],
+        );
+        assert_eq!(r, Ok(()));
+        assert_eq!(codes, vec![10, 0]);
+        // After ReadyForQuery the larger cap applies.
+        assert!(matches!(
+            g.scan(&[b'D', 0, 0, 0x10, 0], &mut |_| Ok(())),
+            Err(GuardError::TooLarge {
+                max: 1024,
+                ready: true,
+                ..
+            })
+        ));
+        // A cleartext request is refused before its code bytes are all through.
+        let mut g = FrameGuard::new(64, 1024);
+        let (r, codes) = scan_all(&mut g, &[&[b'R', 0, 0, 0, 8, 0, 0], &[0, 3]]);
+        assert_eq!(r, Err(GuardError::Refused("no cleartext".into())));
+        assert_eq!(codes, vec![3]);
+        // Before ReadyForQuery a 2 GiB header is refused by the small cap.
+        let mut g = FrameGuard::new(64, 1024);
+        assert!(matches!(
+            g.scan(&[b'E', 0x80, 0, 0, 0], &mut |_| Ok(())),
+            Err(GuardError::TooLarge {
+                max: 64,
+                ready: false,
+                ..
+            })
+        ));
     }
 
     #[test]

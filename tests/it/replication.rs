@@ -332,10 +332,22 @@ async fn authenticates_with_trust_cleartext_md5_and_scram() {
     ))
     .await
     .expect("trust");
-    identify(&url("clear_user", "clear"))
+    // Cleartext and md5 over a connection with no verified server only when the URL's
+    // require_auth names the method (pg_security.rs covers the refusal in detail).
+    identify(&format!(
+        "{}&require_auth=password",
+        url("clear_user", "clear")
+    ))
+    .await
+    .expect("cleartext");
+    identify(&format!("{}&require_auth=md5", url("md5_user", "md5pass")))
         .await
-        .expect("cleartext");
-    identify(&url("md5_user", "md5pass")).await.expect("md5");
+        .expect("md5");
+    for user in ["clear_user", "md5_user"] {
+        let err = identify(&url(user, "clear")).await.unwrap_err();
+        assert!(matches!(err, PgError::Auth { .. }), "{err}");
+        assert!(err.to_string().contains("require_auth="), "{err}");
+    }
     identify(&url("scram_user", "scr%40m%20pass"))
         .await
         .expect("scram");
@@ -368,7 +380,9 @@ async fn authenticates_with_trust_cleartext_md5_and_scram() {
     assert!(matches!(err, PgError::Auth { .. }), "{err}");
     assert!(!err.is_transient());
     assert!(!err.to_string().contains("wrong-secret"));
-    let err = identify(&url("md5_user", "nope")).await.unwrap_err();
+    let err = identify(&format!("{}&require_auth=md5", url("md5_user", "nope")))
+        .await
+        .unwrap_err();
     assert!(matches!(err, PgError::Auth { .. }), "{err}");
     let err = identify(&format!(
         "postgresql://scram_user@127.0.0.1:{port}/postgres?sslmode=disable&passfile=/nonexistent"
