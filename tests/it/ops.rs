@@ -552,3 +552,93 @@ fn drop_slot_removes_the_slot_and_setup_publications_but_keeps_a_hand_made_one()
         "{out}"
     );
 }
+
+/// Schemas, tables, columns and publications named with reserved words, upper case and
+/// non-ASCII letters.
+const AWKWARD_SCHEMA: &str = r#"
+CREATE SCHEMA "union";
+CREATE TABLE "union"."case" (
+  "order" text NOT NULL, "select" text NOT NULL, "window" int NOT NULL, "desc" int NOT NULL DEFAULT 0,
+  PRIMARY KEY ("order", "select"));
+CREATE SCHEMA "Lager";
+CREATE TABLE "Lager"."Aktivität" (
+  id bigserial PRIMARY KEY, "Artikel" text, "größe" text NOT NULL, "user" numeric);
+INSERT INTO "union"."case" VALUES ('A-1', 'main', 10, 2);
+"#;
+
+#[test]
+fn setup_print_quotes_reserved_upper_case_and_unicode_names_and_the_daemon_streams_them() {
+    let rig = Rig::new(PgOptions::default());
+    rig.pg.psql(AWKWARD_SCHEMA);
+    let text = format!(
+        "[postgres]\nurl = \"postgresql://postgres@127.0.0.1:{port}/postgres?sslmode=disable\"\n\
+         slot = \"select\"\npublication = [\"desc\", \"Order ü\"]\nstatus_interval_ms = 200\n\n\
+         [redis]\nurl = \"{redis}\"\n\n\
+         [[inventory]]\ntable = \"union.case\"\nsku = \"order\"\nlocation = \"select\"\n\
+         on_hand = \"window\"\nreserved = \"desc\"\n\n\
+         [[activity]]\ntable = \"Lager.Aktivität\"\nsku = \"Artikel\"\nkind = \"größe\"\nquantity = \"user\"\n\
+         [activity.counters]\nview = \"views\"\n",
+        port = rig.pg.port(),
+        redis = rig.redis_url,
+    );
+    let cfg = write_config(rig.dir.path(), &text);
+    let (code, sql, err) = skusync_cmd(&["setup", "--print"], &cfg);
+    assert_eq!(code, 0, "{err}");
+    for want in [
+        "CREATE PUBLICATION \"desc\" FOR TABLE \"union\".\"case\" WITH",
+        "CREATE PUBLICATION \"Order ü\" FOR TABLE \"Lager\".\"Aktivität\" WITH",
+        "GRANT USAGE ON SCHEMA \"Lager\" TO postgres;",
+    ] {
+        assert!(sql.contains(want), "{want:?} missing:\n{sql}");
+    }
+    // what a DBA runs: psql with ON_ERROR_STOP (the harness's psql stops on errors)
+    rig.pg.psql(&sql);
+    assert_eq!(
+        rig.pg.psql(
+            "SELECT string_agg(pubname || ':' || schemaname || '.' || tablename, ',' ORDER BY pubname) \
+             FROM pg_publication_tables"
+        ),
+        "Order ü:Lager.Aktivität,desc:union.case"
+    );
+    let (code, out, err) = skusync_cmd(&["check"], &cfg);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ready: 0 failed"), "{out}");
+
+    let mut proc = SkusyncProc::spawn(
+        &["run", "--config", cfg.to_str().expect("utf-8")],
+        rig.dir.path(),
+    );
+    wait_bootstrap(&rig, &mut proc);
+    assert_eq!(rig.redis.cli(&["HGET", "skusync:sku:A-1", "on_hand"]), "10");
+    rig.pg.psql(
+        "INSERT INTO \"union\".\"case\" VALUES ('B-2', 'main', 5, 1);\n\
+         INSERT INTO \"Lager\".\"Aktivität\" (\"Artikel\", \"größe\", \"user\") VALUES ('B-2', 'view', 1);",
+    );
+    let start = Instant::now();
+    while rig.redis.cli(&["HGET", "skusync:sku:B-2", "views"]) != "1"
+        || rig.redis.cli(&["HGET", "skusync:sku:B-2", "on_hand"]) != "5"
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "changes did not reach Redis:\n{}",
+            proc.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    proc.signal_and_wait("TERM", Duration::from_secs(20));
+}
+
+#[test]
+fn keyword_list_covers_the_servers() {
+    let pg = PgServer::start();
+    let words = pg.psql("SELECT word FROM pg_get_keywords() ORDER BY word");
+    let missing: Vec<&str> = words
+        .lines()
+        .filter(|w| skusync::pg::ident::KEYWORDS.binary_search(w).is_err())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "keywords of this server missing from pg::ident::KEYWORDS: {missing:?}"
+    );
+    assert_eq!(skusync::pg::ident::quote_ident("union"), "\"union\"");
+}
