@@ -707,3 +707,76 @@ fn docker_yaml_and_json_files_are_well_formed() {
         }
     }
 }
+
+/// Open descriptors of a process.
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Soft RLIMIT_NOFILE up to the hard limit, so the test itself can hold its sockets.
+fn raise_nofile() -> u64 {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct passed
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
+        l.rlim_cur = l.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
+    }
+    l.rlim_cur
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_idle_http_connections_leave_skusync_streaming_with_bounded_descriptors() {
+    const IDLE: usize = 2000;
+    // the documented cap (README, [http]) and a little for reconnects
+    const BOUND: usize = 64 + 16;
+    let limit = raise_nofile();
+    assert!(limit > IDLE as u64 + 200, "RLIMIT_NOFILE {limit} too low");
+    let mut rig = Rig::new(false).await;
+    let mut p = rig.start(&[]);
+    rig.wait_status(&mut p, "/readyz", 200, Duration::from_secs(40))
+        .await;
+    let pid = p.child.id();
+    let before = fd_count(pid);
+    // idle clients: connect, send nothing, keep the socket
+    let mut idle = Vec::with_capacity(IDLE);
+    for _ in 0..IDLE {
+        match std::net::TcpStream::connect(("127.0.0.1", rig.http_port)) {
+            Ok(s) => idle.push(s),
+            Err(e) => panic!("connect #{}: {e}", idle.len()),
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = fd_count(pid);
+    assert!(
+        during <= before + BOUND,
+        "skusync holds {during} descriptors with {IDLE} idle HTTP clients (before: {before})"
+    );
+    // changes still reach Redis while the idle clients hold their sockets
+    rig.drain(&mut p, Duration::from_secs(20)).await;
+    assert!(fd_count(pid) <= before + BOUND);
+    // once the idle ones have had their deadline, the endpoint answers again, even
+    // though the test still holds every socket
+    let start = Instant::now();
+    while rig.get("/healthz").map(|r| r.0) != Some(200) {
+        p.assert_alive("waiting for /healthz");
+        assert!(
+            start.elapsed() < skusync::http::DEADLINE + Duration::from_secs(10),
+            "/healthz does not answer after the idle connections' deadline"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, scrape) = rig.get("/metrics").expect("/metrics");
+    assert!(
+        sample(&scrape, "skusync_http_rejected_total").unwrap_or(0.0) >= (IDLE - 64) as f64,
+        "{scrape}"
+    );
+    drop(idle);
+    assert_eq!(p.sigterm(Duration::from_secs(20)), Some(0), "{}", p.log());
+}
