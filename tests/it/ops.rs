@@ -1,7 +1,8 @@
 //! The operator commands (`check`, `setup`, `status`, `drop-slot`) against real servers.
 
 use crate::harness::{
-    MosquittoServer, PasswordEncryption, PgOptions, PgServer, RedisOptions, RedisServer, free_port,
+    MosquittoServer, MqttOptions, PasswordEncryption, PgOptions, PgServer, RedisOptions,
+    RedisServer, free_port,
 };
 use crate::support::*;
 use std::path::{Path, PathBuf};
@@ -132,9 +133,15 @@ fn create_app_role(pg: &PgServer, attrs: &str) {
 #[test]
 fn check_passes_on_a_good_setup_made_with_the_printed_sql() {
     let mut rig = Rig::new(PgOptions::default());
-    let mqtt = MosquittoServer::start();
+    let mqtt = MosquittoServer::start_with(MqttOptions {
+        users: vec![("skusync".into(), "pw-skusync".into())],
+        ..Default::default()
+    });
     rig.pg_user = "app".into();
-    rig.extra = format!("\n[mqtt]\nurl = \"{}\"\n", mqtt.url());
+    rig.extra = format!(
+        "\n[mqtt]\nurl = \"mqtt://skusync:pw-skusync@127.0.0.1:{}\"\n",
+        mqtt.port()
+    );
     let (_, sql, _) = rig.skusync(&["setup", "--print"]);
     // the DBA uncomments the least-privilege role section
     let sql: String = sql
@@ -181,6 +188,7 @@ fn check_passes_on_a_good_setup_made_with_the_printed_sql() {
         "redis connection",
         "redis persistence",
         "mqtt connection",
+        "mqtt anonymous clients refused",
     ] {
         assert!(out.contains(c), "no {c:?} check:\n{out}");
     }
@@ -641,4 +649,26 @@ fn keyword_list_covers_the_servers() {
         "keywords of this server missing from pg::ident::KEYWORDS: {missing:?}"
     );
     assert_eq!(skusync::pg::ident::quote_ident("union"), "\"union\"");
+}
+
+#[test]
+fn check_warns_when_the_broker_lets_anonymous_clients_take_skusyncs_client_id() {
+    let mut rig = Rig::new(PgOptions::default());
+    rig.setup_by_print();
+    // skusync has its own account, but the broker also lets anyone in
+    let mqtt = MosquittoServer::start();
+    rig.extra = format!(
+        "\n[mqtt]\nurl = \"mqtt://skusync:pw@127.0.0.1:{}\"\n",
+        mqtt.port()
+    );
+    let (code, out) = rig.check();
+    assert_eq!(code, 0, "a warning does not fail:\n{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("WARN mqtt client id")
+            && l.contains("\"skusync\"")
+            && l.contains("without a password")),
+        "{out}"
+    );
+    assert!(out.contains("allow_anonymous false"), "{out}");
+    assert!(!out.contains("mqtt transport"), "loopback is not in clear:\n{out}");
 }
