@@ -670,5 +670,8 @@ fn check_warns_when_the_broker_lets_anonymous_clients_take_skusyncs_client_id() 
         "{out}"
     );
     assert!(out.contains("allow_anonymous false"), "{out}");
-    assert!(!out.contains("mqtt transport"), "loopback is not in clear:\n{out}");
+    assert!(
+        !out.contains("mqtt transport"),
+        "loopback is not in clear:\n{out}"
+    );
 }
