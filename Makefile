@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all deps test test-browser demo build release fmt fmt-check clippy clean bench bench-smoke
+.PHONY: all deps test test-browser demo build release fmt fmt-check clippy deny clean bench bench-smoke
 
 all: build
 
@@ -12,6 +12,7 @@ deps:
 test: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	./.ci/deny
 	$(CARGO) test --all-targets
 	$(MAKE) test-browser
 	$(MAKE) bench-smoke
@@ -39,6 +40,11 @@ fmt-check:
 
 clippy:
 	$(CARGO) clippy --all-targets -- -D warnings
+
+# Dependency policy (deny.toml): licenses, bans, sources; advisories when a RustSec
+# database is on the machine (see .ci/deny).
+deny:
+	./.ci/deny
 
 clean:
 	$(CARGO) clean

@@ -1,7 +1,13 @@
 //! A tiny HTTP/1.1 server for monitoring: `GET /metrics` (Prometheus text), `GET /healthz`
 //! (200 `ok` while the process runs), `GET /readyz` (200 `ready`, or 503 with a short
 //! reason; see [`crate::telemetry::readiness`]). `HEAD` works too. One request per
-//! connection (`Connection: close`); requests are bounded in size and time.
+//! connection (`Connection: close`).
+//!
+//! The endpoint must never starve the daemon of file descriptors (PostgreSQL, Redis and
+//! MQTT reconnects need them): at most [`MAX_CONNECTIONS`] connections are served at once
+//! and a connection beyond that is closed as soon as it is accepted; each connection
+//! gets [`DEADLINE`] for the whole exchange (request and response) and a request head of
+//! at most [`MAX_REQUEST`] bytes.
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::net::SocketAddr;
@@ -10,10 +16,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-/// Largest request head accepted.
-const MAX_REQUEST: usize = 8 * 1024;
-/// Time a client has to send its request head.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head accepted (bytes).
+pub const MAX_REQUEST: usize = 8 * 1024;
+/// Time one connection may take, from accept to the last byte of the response.
+pub const DEADLINE: Duration = Duration::from_secs(5);
+/// Connections served at once; more are closed on accept.
+pub const MAX_CONNECTIONS: usize = 64;
 
 /// Bind `addr` (errors are returned, so a taken port fails `run` at start) and serve
 /// until `shutdown`.
@@ -24,6 +32,12 @@ pub async fn serve(
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(listen = %listener.local_addr()?, "HTTP endpoints: /metrics /healthz /readyz");
+    metrics::describe_counter!(
+        "skusync_http_rejected_total",
+        "HTTP connections closed on accept because the connection cap was reached."
+    );
+    metrics::counter!("skusync_http_rejected_total").absolute(0);
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     Ok(tokio::spawn(async move {
         loop {
             let (sock, _) = tokio::select! {
@@ -37,11 +51,21 @@ pub async fn serve(
                 },
                 _ = shutdown.cancelled() => return,
             };
+            // closing at once (instead of leaving it in the backlog) tells the client
+            // and frees the descriptor; the slot frees when a served connection ends
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                metrics::counter!("skusync_http_rejected_total").increment(1);
+                drop(sock);
+                continue;
+            };
             let h = handle.clone();
             tokio::spawn(async move {
-                if let Err(e) = connection(sock, &h).await {
-                    tracing::debug!(error = %e, "HTTP connection");
+                match tokio::time::timeout(DEADLINE, connection(sock, &h)).await {
+                    Ok(Err(e)) => tracing::debug!(error = %e, "HTTP connection"),
+                    Err(_) => tracing::debug!("HTTP connection: deadline passed"),
+                    Ok(Ok(())) => {}
                 }
+                drop(permit);
             });
         }
     }))
@@ -49,7 +73,7 @@ pub async fn serve(
 
 async fn connection(mut sock: TcpStream, handle: &PrometheusHandle) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(512);
-    let head = tokio::time::timeout(READ_TIMEOUT, async {
+    let head = tokio::time::timeout(DEADLINE, async {
         let mut chunk = [0u8; 1024];
         loop {
             let n = sock.read(&mut chunk).await?;

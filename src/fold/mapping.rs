@@ -174,7 +174,8 @@ impl Mapping {
                 };
                 return Err(SchemaError(format!(
                     "stock table {name} {why}, so deletes and SKU changes cannot be attributed to a SKU; \
-                     fix it with: ALTER TABLE {name} REPLICA IDENTITY FULL;"
+                     fix it with: ALTER TABLE {} REPLICA IDENTITY FULL;",
+                    crate::pg::ident::quote_table(&name)
                 )));
             }
             return Ok(Rule::Inventory(InventoryRule {

@@ -578,6 +578,20 @@ async fn check_redis<W: Write>(cfg: &Config, r: &mut Report<W>) {
             return;
         }
     };
+    let info = client.get_connection_info();
+    if let redis::ConnectionAddr::Tcp(host, _) = info.addr()
+        && let Some(problem) =
+            cleartext_credentials(false, info.redis_settings().password().is_some(), host)
+    {
+        r.warn(
+            "redis transport",
+            &problem,
+            &[
+                "use rediss:// in redis.url (and redis.ca_file for a private CA)".into(),
+                "# or reach Redis over loopback or a Unix socket".into(),
+            ],
+        );
+    }
     let con = tokio::time::timeout(
         super::CONNECT_TIMEOUT,
         client.get_multiplexed_async_connection(),
@@ -673,24 +687,91 @@ async fn check_mqtt<W: Write>(cfg: &Config, r: &mut Report<W>) {
     let Some(mc) = &cfg.mqtt else {
         return;
     };
-    match mqtt_connect(mc).await {
+    let env_pw = std::env::var(crate::sinks::mqtt::PASSWORD_ENV).ok();
+    let broker = match crate::sinks::mqtt::parse_url(&mc.url, env_pw) {
+        Ok(b) => b,
+        Err(e) => {
+            r.fail("mqtt connection", &e.to_string(), &[]);
+            return;
+        }
+    };
+    if let Some(problem) =
+        cleartext_credentials(broker.tls, broker.password.is_some(), &broker.host)
+    {
+        r.warn(
+            "mqtt transport",
+            &problem,
+            &[
+                "use mqtts:// in mqtt.url (and mqtt.ca_file for a private CA) with a TLS listener"
+                    .into(),
+                "# or run the broker on this machine / reach it over loopback".into(),
+            ],
+        );
+    }
+    let own_id = format!("{}-check-{}", mc.client_id, std::process::id());
+    match mqtt_connect(mc, &broker, &own_id, true).await {
         Ok(()) => r.ok("mqtt connection"),
-        Err((problem, fix)) => r.fail("mqtt connection", &problem, &fix),
+        Err((problem, fix)) => {
+            r.fail("mqtt connection", &problem, &fix);
+            return;
+        }
+    }
+    // A broker that lets anyone in lets anyone connect as skusync's client id, which
+    // disconnects skusync (MQTT session takeover) and publishes its `offline` will.
+    // Accounts the broker does know cannot be probed from here: see the README,
+    // "Securing the broker", for binding client ids to user names.
+    let anon_id = format!("{}-check-anon-{}", mc.client_id, std::process::id());
+    let anonymous = if broker.user.is_none() {
+        true
+    } else {
+        mqtt_connect(mc, &broker, &anon_id, false).await.is_ok()
+    };
+    if anonymous {
+        r.warn(
+            "mqtt client id",
+            &format!(
+                "the broker accepts clients without a password: any of them can connect as \
+                 client id {:?} and disconnect skusync",
+                mc.client_id
+            ),
+            &[
+                "# mosquitto.conf: allow_anonymous false, a password_file, and skusync's own user in mqtt.url".into(),
+                "# and bind client ids to users (README, Securing the broker)".into(),
+            ],
+        );
+    } else {
+        r.ok("mqtt anonymous clients refused");
     }
 }
 
-/// CONNECT/CONNACK with a client id of its own, so a running skusync keeps its session.
-async fn mqtt_connect(mc: &crate::config::MqttConfig) -> Result<(), (String, Vec<String>)> {
+/// The warning for credentials sent without TLS to a host that is not this machine
+/// (decided on the configured name: a loopback address, `localhost` or `*.localhost`).
+fn cleartext_credentials(tls: bool, has_password: bool, host: &str) -> Option<String> {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    let lower = h.to_ascii_lowercase();
+    let local = lower == "localhost"
+        || lower.ends_with(".localhost")
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (!tls && has_password && !local).then(|| {
+        format!("the password goes in clear (no TLS) to {h}, which is not a loopback address")
+    })
+}
+
+/// CONNECT/CONNACK with client id `id` (never skusync's own, so a running skusync keeps
+/// its session), with the configured credentials or none.
+async fn mqtt_connect(
+    mc: &crate::config::MqttConfig,
+    broker: &crate::sinks::mqtt::Broker,
+    id: &str,
+    credentials: bool,
+) -> Result<(), (String, Vec<String>)> {
     use rumqttc::v5::mqttbytes::v5::Packet;
     use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
-    let env_pw = std::env::var(crate::sinks::mqtt::PASSWORD_ENV).ok();
-    let broker =
-        crate::sinks::mqtt::parse_url(&mc.url, env_pw).map_err(|e| (e.to_string(), vec![]))?;
-    let id = format!("{}-check-{}", mc.client_id, std::process::id());
     let mut o = MqttOptions::new(id, broker.host.clone(), broker.port);
     o.set_clean_start(true);
     o.set_connection_timeout(super::CONNECT_TIMEOUT.as_secs());
-    if let Some(u) = &broker.user {
+    if let Some(u) = broker.user.as_ref().filter(|_| credentials) {
         o.set_credentials(u.clone(), broker.password.clone().unwrap_or_default());
     }
     if broker.tls {
@@ -764,4 +845,38 @@ fn mqtt_tls(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, S
     .with_safe_default_protocol_versions()
     .map_err(|e| format!("mqtts: {e}"))
     .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cleartext_credentials;
+
+    #[test]
+    fn a_password_in_clear_to_another_host_is_a_warning() {
+        for host in [
+            "redis.internal",
+            "10.0.0.5",
+            "[2001:db8::1]",
+            "localhost.example",
+        ] {
+            let w = cleartext_credentials(false, true, host).expect(host);
+            assert!(w.contains("in clear"), "{w}");
+        }
+    }
+
+    #[test]
+    fn tls_no_password_or_loopback_is_fine() {
+        assert_eq!(cleartext_credentials(true, true, "redis.internal"), None);
+        assert_eq!(cleartext_credentials(false, false, "redis.internal"), None);
+        for host in [
+            "localhost",
+            "LOCALHOST",
+            "db.localhost",
+            "127.0.0.1",
+            "127.1.2.3",
+            "[::1]",
+        ] {
+            assert_eq!(cleartext_credentials(false, true, host), None, "{host}");
+        }
+    }
 }

@@ -11,7 +11,6 @@ pub mod status;
 
 use crate::config::Config;
 use crate::pg::PgConnectConfig;
-use crate::pg::conn::quote_ident;
 use crate::pg::meta;
 use std::time::Duration;
 use tokio_postgres::Client;
@@ -125,55 +124,10 @@ pub fn create_publication_sql(p: &PubPlan) -> String {
     )
 }
 
-/// An identifier as SQL: bare when that reads the same, else double-quoted.
-pub fn ident(s: &str) -> String {
-    // a few reserved words that make plausible table or role names
-    const RESERVED: [&str; 24] = [
-        "user",
-        "order",
-        "group",
-        "table",
-        "select",
-        "from",
-        "where",
-        "all",
-        "to",
-        "limit",
-        "column",
-        "check",
-        "default",
-        "end",
-        "grant",
-        "analyze",
-        "role",
-        "current_user",
-        "session_user",
-        "offset",
-        "window",
-        "with",
-        "array",
-        "primary",
-    ];
-    let plain = s
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if plain && !RESERVED.contains(&s) {
-        s.to_string()
-    } else {
-        quote_ident(s)
-    }
-}
-
+/// An identifier as SQL (the crate's one quoting rule, see [`crate::pg::ident`]).
+pub use crate::pg::ident::quote_ident as ident;
 /// A configured `schema.table` as SQL.
-pub fn table_ident(t: &str) -> String {
-    match t.split_once('.') {
-        Some((s, n)) => format!("{}.{}", ident(s), ident(n)),
-        None => ident(t),
-    }
-}
+pub use crate::pg::ident::quote_table as table_ident;
 
 /// The schema of a configured `schema.table`.
 pub fn schema_of(t: &str) -> &str {
@@ -227,6 +181,16 @@ mod tests {
     fn identifiers_are_quoted_only_when_needed() {
         assert_eq!(table_ident("public.inventory"), "public.inventory");
         assert_eq!(table_ident("public.order"), "public.\"order\"");
+        assert_eq!(table_ident("union.case"), "\"union\".\"case\"");
+        assert_eq!(
+            create_publication_sql(&PubPlan {
+                name: "desc".into(),
+                tables: vec!["union.case".into()],
+                publish: "insert",
+            }),
+            "CREATE PUBLICATION \"desc\" FOR TABLE \"union\".\"case\" WITH (publish = 'insert');\n\
+             COMMENT ON PUBLICATION \"desc\" IS 'created by skusync setup';"
+        );
         assert_eq!(ident("a\"b"), "\"a\"\"b\"");
     }
 

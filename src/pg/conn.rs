@@ -963,10 +963,7 @@ fn startup_error(e: PgError, user: &str) -> PgError {
     }
 }
 
-/// Quote an identifier for a replication command.
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
+pub use super::ident::quote_ident;
 
 /// Quote a string literal (standard_conforming_strings is always on in supported versions).
 pub fn quote_literal(s: &str) -> String {

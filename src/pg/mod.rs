@@ -9,6 +9,7 @@
 pub mod conn;
 pub mod connstr;
 pub mod error;
+pub mod ident;
 pub mod meta;
 pub mod pace;
 pub mod tls;

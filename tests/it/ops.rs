@@ -1,7 +1,8 @@
 //! The operator commands (`check`, `setup`, `status`, `drop-slot`) against real servers.
 
 use crate::harness::{
-    MosquittoServer, PasswordEncryption, PgOptions, PgServer, RedisOptions, RedisServer, free_port,
+    MosquittoServer, MqttOptions, PasswordEncryption, PgOptions, PgServer, RedisOptions,
+    RedisServer, free_port,
 };
 use crate::support::*;
 use std::path::{Path, PathBuf};
@@ -132,9 +133,15 @@ fn create_app_role(pg: &PgServer, attrs: &str) {
 #[test]
 fn check_passes_on_a_good_setup_made_with_the_printed_sql() {
     let mut rig = Rig::new(PgOptions::default());
-    let mqtt = MosquittoServer::start();
+    let mqtt = MosquittoServer::start_with(MqttOptions {
+        users: vec![("skusync".into(), "pw-skusync".into())],
+        ..Default::default()
+    });
     rig.pg_user = "app".into();
-    rig.extra = format!("\n[mqtt]\nurl = \"{}\"\n", mqtt.url());
+    rig.extra = format!(
+        "\n[mqtt]\nurl = \"mqtt://skusync:pw-skusync@127.0.0.1:{}\"\n",
+        mqtt.port()
+    );
     let (_, sql, _) = rig.skusync(&["setup", "--print"]);
     // the DBA uncomments the least-privilege role section
     let sql: String = sql
@@ -181,6 +188,7 @@ fn check_passes_on_a_good_setup_made_with_the_printed_sql() {
         "redis connection",
         "redis persistence",
         "mqtt connection",
+        "mqtt anonymous clients refused",
     ] {
         assert!(out.contains(c), "no {c:?} check:\n{out}");
     }
@@ -550,5 +558,120 @@ fn drop_slot_removes_the_slot_and_setup_publications_but_keeps_a_hand_made_one()
     assert!(
         out.contains("publication skusync_activity does not exist"),
         "{out}"
+    );
+}
+
+/// Schemas, tables, columns and publications named with reserved words, upper case and
+/// non-ASCII letters.
+const AWKWARD_SCHEMA: &str = r#"
+CREATE SCHEMA "union";
+CREATE TABLE "union"."case" (
+  "order" text NOT NULL, "select" text NOT NULL, "window" int NOT NULL, "desc" int NOT NULL DEFAULT 0,
+  PRIMARY KEY ("order", "select"));
+CREATE SCHEMA "Lager";
+CREATE TABLE "Lager"."Aktivität" (
+  id bigserial PRIMARY KEY, "Artikel" text, "größe" text NOT NULL, "user" numeric);
+INSERT INTO "union"."case" VALUES ('A-1', 'main', 10, 2);
+"#;
+
+#[test]
+fn setup_print_quotes_reserved_upper_case_and_unicode_names_and_the_daemon_streams_them() {
+    let rig = Rig::new(PgOptions::default());
+    rig.pg.psql(AWKWARD_SCHEMA);
+    let text = format!(
+        "[postgres]\nurl = \"postgresql://postgres@127.0.0.1:{port}/postgres?sslmode=disable\"\n\
+         slot = \"select\"\npublication = [\"desc\", \"Order ü\"]\nstatus_interval_ms = 200\n\n\
+         [redis]\nurl = \"{redis}\"\n\n\
+         [[inventory]]\ntable = \"union.case\"\nsku = \"order\"\nlocation = \"select\"\n\
+         on_hand = \"window\"\nreserved = \"desc\"\n\n\
+         [[activity]]\ntable = \"Lager.Aktivität\"\nsku = \"Artikel\"\nkind = \"größe\"\nquantity = \"user\"\n\
+         [activity.counters]\nview = \"views\"\n",
+        port = rig.pg.port(),
+        redis = rig.redis_url,
+    );
+    let cfg = write_config(rig.dir.path(), &text);
+    let (code, sql, err) = skusync_cmd(&["setup", "--print"], &cfg);
+    assert_eq!(code, 0, "{err}");
+    for want in [
+        "CREATE PUBLICATION \"desc\" FOR TABLE \"union\".\"case\" WITH",
+        "CREATE PUBLICATION \"Order ü\" FOR TABLE \"Lager\".\"Aktivität\" WITH",
+        "GRANT USAGE ON SCHEMA \"Lager\" TO postgres;",
+    ] {
+        assert!(sql.contains(want), "{want:?} missing:\n{sql}");
+    }
+    // what a DBA runs: psql with ON_ERROR_STOP (the harness's psql stops on errors)
+    rig.pg.psql(&sql);
+    assert_eq!(
+        rig.pg.psql(
+            "SELECT string_agg(pubname || ':' || schemaname || '.' || tablename, ',' ORDER BY pubname) \
+             FROM pg_publication_tables"
+        ),
+        "Order ü:Lager.Aktivität,desc:union.case"
+    );
+    let (code, out, err) = skusync_cmd(&["check"], &cfg);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ready: 0 failed"), "{out}");
+
+    let mut proc = SkusyncProc::spawn(
+        &["run", "--config", cfg.to_str().expect("utf-8")],
+        rig.dir.path(),
+    );
+    wait_bootstrap(&rig, &mut proc);
+    assert_eq!(rig.redis.cli(&["HGET", "skusync:sku:A-1", "on_hand"]), "10");
+    rig.pg.psql(
+        "INSERT INTO \"union\".\"case\" VALUES ('B-2', 'main', 5, 1);\n\
+         INSERT INTO \"Lager\".\"Aktivität\" (\"Artikel\", \"größe\", \"user\") VALUES ('B-2', 'view', 1);",
+    );
+    let start = Instant::now();
+    while rig.redis.cli(&["HGET", "skusync:sku:B-2", "views"]) != "1"
+        || rig.redis.cli(&["HGET", "skusync:sku:B-2", "on_hand"]) != "5"
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "changes did not reach Redis:\n{}",
+            proc.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    proc.signal_and_wait("TERM", Duration::from_secs(20));
+}
+
+#[test]
+fn keyword_list_covers_the_servers() {
+    let pg = PgServer::start();
+    let words = pg.psql("SELECT word FROM pg_get_keywords() ORDER BY word");
+    let missing: Vec<&str> = words
+        .lines()
+        .filter(|w| skusync::pg::ident::KEYWORDS.binary_search(w).is_err())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "keywords of this server missing from pg::ident::KEYWORDS: {missing:?}"
+    );
+    assert_eq!(skusync::pg::ident::quote_ident("union"), "\"union\"");
+}
+
+#[test]
+fn check_warns_when_the_broker_lets_anonymous_clients_take_skusyncs_client_id() {
+    let mut rig = Rig::new(PgOptions::default());
+    rig.setup_by_print();
+    // skusync has its own account, but the broker also lets anyone in
+    let mqtt = MosquittoServer::start();
+    rig.extra = format!(
+        "\n[mqtt]\nurl = \"mqtt://skusync:pw@127.0.0.1:{}\"\n",
+        mqtt.port()
+    );
+    let (code, out) = rig.check();
+    assert_eq!(code, 0, "a warning does not fail:\n{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("WARN mqtt client id")
+            && l.contains("\"skusync\"")
+            && l.contains("without a password")),
+        "{out}"
+    );
+    assert!(out.contains("allow_anonymous false"), "{out}");
+    assert!(
+        !out.contains("mqtt transport"),
+        "loopback is not in clear:\n{out}"
     );
 }

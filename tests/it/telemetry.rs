@@ -707,3 +707,383 @@ fn docker_yaml_and_json_files_are_well_formed() {
         }
     }
 }
+
+/// Open descriptors of a process.
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Soft RLIMIT_NOFILE up to the hard limit, so the test itself can hold its sockets.
+fn raise_nofile() -> u64 {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct passed
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
+        l.rlim_cur = l.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
+    }
+    l.rlim_cur
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_idle_http_connections_leave_skusync_streaming_with_bounded_descriptors() {
+    const IDLE: usize = 2000;
+    // the documented cap (README, [http]) and a little for reconnects
+    const BOUND: usize = 64 + 16;
+    let limit = raise_nofile();
+    assert!(limit > IDLE as u64 + 200, "RLIMIT_NOFILE {limit} too low");
+    let mut rig = Rig::new(false).await;
+    let mut p = rig.start(&[]);
+    rig.wait_status(&mut p, "/readyz", 200, Duration::from_secs(40))
+        .await;
+    let pid = p.child.id();
+    let before = fd_count(pid);
+    // idle clients: connect, send nothing, keep the socket
+    let mut idle = Vec::with_capacity(IDLE);
+    for _ in 0..IDLE {
+        match std::net::TcpStream::connect(("127.0.0.1", rig.http_port)) {
+            Ok(s) => idle.push(s),
+            Err(e) => panic!("connect #{}: {e}", idle.len()),
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = fd_count(pid);
+    assert!(
+        during <= before + BOUND,
+        "skusync holds {during} descriptors with {IDLE} idle HTTP clients (before: {before})"
+    );
+    // changes still reach Redis while the idle clients hold their sockets
+    rig.drain(&mut p, Duration::from_secs(20)).await;
+    assert!(fd_count(pid) <= before + BOUND);
+    // once the idle ones have had their deadline, the endpoint answers again, even
+    // though the test still holds every socket
+    let start = Instant::now();
+    while rig.get("/healthz").map(|r| r.0) != Some(200) {
+        p.assert_alive("waiting for /healthz");
+        assert!(
+            start.elapsed() < skusync::http::DEADLINE + Duration::from_secs(10),
+            "/healthz does not answer after the idle connections' deadline"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, scrape) = rig.get("/metrics").expect("/metrics");
+    // not an exact count: on a loaded machine opening 2,000 sockets can outlast the
+    // deadline, and the slots the first ones held go to later ones
+    assert!(
+        sample(&scrape, "skusync_http_rejected_total").unwrap_or(0.0) >= 1.0,
+        "{scrape}"
+    );
+    drop(idle);
+    assert_eq!(p.sigterm(Duration::from_secs(20)), Some(0), "{}", p.log());
+}
+
+/// Passwords with a quote, spaces, `$` and a backslash: `make-passwd.sh` must take them
+/// as they are.
+const AWKWARD_SKUSYNC_PW: &str = "it's a $ecret \\ pw";
+const AWKWARD_APP_PW: &str = "app 'pw' $HOME \"x\"";
+
+/// An MQTT 3.1.1 CONNECT packet (clean session, keep-alive 60 s).
+fn mqtt_connect_packet(client_id: &str, user: &str, password: &str) -> Vec<u8> {
+    let field = |v: &mut Vec<u8>, s: &str| {
+        v.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        v.extend_from_slice(s.as_bytes());
+    };
+    let mut body = Vec::new();
+    field(&mut body, "MQTT");
+    body.extend_from_slice(&[4, 0xC2, 0, 60]);
+    field(&mut body, client_id);
+    field(&mut body, user);
+    field(&mut body, password);
+    assert!(body.len() < 128, "one-byte remaining length");
+    let mut p = vec![0x10, body.len() as u8];
+    p.extend_from_slice(&body);
+    p
+}
+
+/// Sends CONNECT on `s` and returns the CONNACK return code (0 = accepted), or None when
+/// the broker closed the connection instead.
+fn mqtt_handshake(s: &mut std::net::TcpStream, id: &str, user: &str, pw: &str) -> Option<u8> {
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(&mqtt_connect_packet(id, user, pw)).ok()?;
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).ok()?;
+    assert_eq!(ack[0], 0x20, "not a CONNACK: {ack:?}");
+    Some(ack[3])
+}
+
+/// True when the MQTT connection `s` still answers a PINGREQ.
+fn mqtt_alive(s: &mut std::net::TcpStream) -> bool {
+    let mut resp = [0u8; 2];
+    s.write_all(&[0xC0, 0]).is_ok() && s.read_exact(&mut resp).is_ok() && resp == [0xD0, 0]
+}
+
+/// CONNECT over MQTT-over-WebSockets; returns the socket and the CONNACK return code.
+fn mqtt_ws_connect(port: u16, id: &str, user: &str, pw: &str) -> (std::net::TcpStream, u8) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("ws connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET /mqtt HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).expect("websocket handshake");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // one masked binary frame (a zero mask leaves the payload as it is)
+    let packet = mqtt_connect_packet(id, user, pw);
+    let mut frame = vec![0x82, 0x80 | packet.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(&packet);
+    s.write_all(&frame).unwrap();
+    let mut hdr = [0u8; 2];
+    s.read_exact(&mut hdr).expect("CONNACK frame");
+    let mut payload = vec![0u8; (hdr[1] & 0x7f) as usize];
+    s.read_exact(&mut payload).expect("CONNACK payload");
+    assert_eq!(payload[0], 0x20, "not a CONNACK: {payload:?}");
+    (s, payload[3])
+}
+
+/// The shipped `docker/mosquitto/mosquitto.conf` with its paths and ports made local;
+/// `edit` may change it further. Returns the broker and its two ports.
+fn shipped_broker(
+    dir: &Path,
+    edit: impl Fn(String) -> String,
+) -> (crate::harness::ChildProc, u16, u16) {
+    let (mqtt, ws) = (free_port(), free_port());
+    let conf = repo_file("docker/mosquitto/mosquitto.conf")
+        .replace("/mosquitto/config/", &format!("{}/", dir.display()))
+        .replace("/mosquitto/data/", &format!("{}/", dir.display()))
+        .replace("listener 1883", &format!("listener {mqtt} 127.0.0.1"))
+        .replace("listener 9001", &format!("listener {ws} 127.0.0.1"));
+    // as root, do not drop to a `mosquitto` user that cannot read the temp dir
+    let conf = format!("user root\n{}", edit(conf));
+    std::fs::write(dir.join("test.conf"), conf).unwrap();
+    std::fs::write(dir.join("acl"), repo_file("docker/mosquitto/acl")).unwrap();
+    let (out, err) = crate::harness::log_stdio(&dir.join("mosquitto.log"));
+    let child = Command::new(crate::harness::mqtt::mosquitto_bin())
+        .arg("-c")
+        .arg(dir.join("test.conf"))
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("spawn mosquitto");
+    let proc = crate::harness::ChildProc::new(child);
+    assert!(
+        crate::harness::wait_until(Duration::from_secs(20), || {
+            crate::harness::port_open(mqtt) && crate::harness::port_open(ws)
+        }),
+        "mosquitto did not start: {}",
+        std::fs::read_to_string(dir.join("mosquitto.log")).unwrap_or_default()
+    );
+    (proc, mqtt, ws)
+}
+
+/// Runs `make-passwd.sh` into `dir` with the awkward passwords.
+fn make_passwd(dir: &Path) {
+    let out = Command::new("sh")
+        .arg(repo_file_path("docker/mosquitto/make-passwd.sh"))
+        .env("MQTT_PASSWD_DIR", dir)
+        .env("SKUSYNC_MQTT_PASSWORD", AWKWARD_SKUSYNC_PW)
+        .env("APP_MQTT_PASSWORD", AWKWARD_APP_PW)
+        .output()
+        .expect("run make-passwd.sh");
+    assert!(
+        out.status.success(),
+        "make-passwd.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn repo_file_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+#[test]
+fn make_passwd_takes_passwords_with_quotes_spaces_and_dollars_and_the_broker_accepts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    make_passwd(dir.path());
+    let passwd = std::fs::read_to_string(dir.path().join("passwd")).unwrap();
+    let apps = std::fs::read_to_string(dir.path().join("passwd-apps")).unwrap();
+    assert!(passwd.starts_with("skusync:$7$"), "{passwd}");
+    assert!(apps.starts_with("app:$7$"), "{apps}");
+    assert!(
+        !passwd.contains("ecret") && !apps.contains("HOME"),
+        "plain text stored"
+    );
+    // without the variables it refuses instead of using a default password
+    let out = Command::new("sh")
+        .arg(repo_file_path("docker/mosquitto/make-passwd.sh"))
+        .env("MQTT_PASSWD_DIR", dir.path())
+        .env_remove("SKUSYNC_MQTT_PASSWORD")
+        .env_remove("APP_MQTT_PASSWORD")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SKUSYNC_MQTT_PASSWORD"));
+    // the shell script passes no password on a command line
+    let script = repo_file("docker/mosquitto/make-passwd.sh");
+    assert!(!script.contains("mosquitto_passwd -b"), "{script}");
+
+    let (_broker, mqtt, ws) = shipped_broker(dir.path(), |c| c);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", mqtt)).unwrap();
+    assert_eq!(
+        mqtt_handshake(&mut s, "skusync", "skusync", AWKWARD_SKUSYNC_PW),
+        Some(0)
+    );
+    let mut wrong = std::net::TcpStream::connect(("127.0.0.1", mqtt)).unwrap();
+    assert_ne!(
+        mqtt_handshake(&mut wrong, "x", "skusync", "it's a"),
+        Some(0)
+    );
+    let (_app, rc) = mqtt_ws_connect(ws, "phone-1", "app", AWKWARD_APP_PW);
+    assert_eq!(rc, 0, "app user refused on the WebSocket listener");
+}
+
+#[test]
+fn with_the_shipped_broker_config_an_app_user_cannot_take_skusyncs_client_id() {
+    let dir = tempfile::tempdir().unwrap();
+    make_passwd(dir.path());
+    // skusync's session on its listener
+    let connect_skusync = |port: u16| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        assert_eq!(
+            mqtt_handshake(&mut s, "skusync", "skusync", AWKWARD_SKUSYNC_PW),
+            Some(0)
+        );
+        s
+    };
+    {
+        let (_broker, mqtt, ws) = shipped_broker(dir.path(), |c| c);
+        let mut skusync = connect_skusync(mqtt);
+        // an app account does not exist on skusync's listener
+        let mut app_tcp = std::net::TcpStream::connect(("127.0.0.1", mqtt)).unwrap();
+        assert_ne!(
+            mqtt_handshake(&mut app_tcp, "skusync", "app", AWKWARD_APP_PW),
+            Some(0),
+            "an app user connected to the skusync listener"
+        );
+        // on the apps' listener its client id becomes its user name
+        let (mut app, rc) = mqtt_ws_connect(ws, "skusync", "app", AWKWARD_APP_PW);
+        assert_eq!(rc, 0);
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            mqtt_alive(&mut skusync),
+            "skusync's session was taken over:\n{}",
+            std::fs::read_to_string(dir.path().join("mosquitto.log")).unwrap_or_default()
+        );
+        let _ = app.flush();
+    }
+    // control: the same broker without use_username_as_clientid lets the app kick skusync,
+    // so the check above can fail
+    let (_broker, mqtt, ws) = shipped_broker(dir.path(), |c| {
+        c.replace("use_username_as_clientid true", "")
+    });
+    let mut skusync = connect_skusync(mqtt);
+    let (_app, rc) = mqtt_ws_connect(ws, "skusync", "app", AWKWARD_APP_PW);
+    assert_eq!(rc, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !mqtt_alive(&mut skusync),
+        "takeover expected without the option"
+    );
+}
+
+#[test]
+fn compose_publishes_ports_on_loopback_unless_told_and_requires_every_password() {
+    let compose = repo_file("docker/compose.yaml");
+    let mut in_ports = false;
+    let mut published = 0;
+    for line in compose.lines() {
+        let t = line.trim();
+        if t.starts_with('#') {
+            continue;
+        }
+        if t == "ports:" {
+            in_ports = true;
+            continue;
+        }
+        if in_ports && t.starts_with("- ") {
+            let spec = t.trim_start_matches("- ").trim_matches('"');
+            published += 1;
+            assert!(
+                spec.starts_with("127.0.0.1:")
+                    || (spec.starts_with("${") && spec.contains(":-127.0.0.1}:")),
+                "port published beyond loopback by default: {spec}"
+            );
+            continue;
+        }
+        in_ports = false;
+        // a password variable has no fallback value: compose stops when it is unset
+        if t.contains("PASSWORD") && t.contains("${") {
+            assert!(t.contains(":?"), "password without `:?`: {t}");
+            assert!(!t.contains(":-"), "password with a fallback: {t}");
+        }
+    }
+    assert!(published >= 7, "found {published} published ports");
+    assert!(
+        compose.contains("${MQTT_WS_PUBLISH_ADDR:-127.0.0.1}:9001:9001"),
+        "{compose}"
+    );
+    let conf = repo_file("docker/mosquitto/mosquitto.conf");
+    assert!(conf.contains("use_username_as_clientid true"), "{conf}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_initdb_login_script_sets_a_password_with_quotes_without_argv() {
+    use crate::harness::{PasswordEncryption, PgOptions};
+    let pg = PgServer::start_with(PgOptions {
+        hba: Some(vec!["host all all 127.0.0.1/32 scram-sha-256".into()]),
+        password_encryption: Some(PasswordEncryption::ScramSha256),
+        ..Default::default()
+    });
+    pg.psql("CREATE ROLE skusync LOGIN;");
+    let pw = "it's a $ecret; DROP ROLE x; --";
+    let out = Command::new("sh")
+        .arg(repo_file_path("docker/initdb/03-skusync-login.sh"))
+        .env("PATH", format!("{}:/usr/bin:/bin", pg.bin_dir().display()))
+        .env("PGHOST", pg.socket_dir())
+        .env("PGPORT", pg.port().to_string())
+        .env("POSTGRES_USER", "postgres")
+        .env("POSTGRES_DB", "postgres")
+        .env("SKUSYNC_PG_PASSWORD", pw)
+        .output()
+        .expect("run 03-skusync-login.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !repo_file("docker/initdb/03-skusync-login.sh").contains("-v pw="),
+        "password on psql's command line"
+    );
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(pg.port())
+        .user("skusync")
+        .dbname("postgres")
+        .password(pw);
+    let (client, conn) = cfg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("log in with the password the script set");
+    tokio::spawn(conn);
+    let row = client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "skusync");
+}
