@@ -90,7 +90,7 @@ def main():
                     keys.append(f"skusync:{{SKU-{j}}}")
                     args += entry(j + 2, j, lsn[0], steps, activity, minute)
                     lsn[0] += 100
-                r("EVALSHA", sha, len(keys), *keys, "60", "5", "0", lsn[0], "2", "purchases", "views", *args)
+                r("EVALSHA", sha, len(keys), *keys, "60", "5", "0", lsn[0], "", "", "2", "purchases", "views", *args)
             for line in r("INFO", "commandstats").splitlines():
                 if line.startswith("cmdstat_evalsha:"):
                     return float(line.split("usec=")[1].split(",")[0]) / (a.calls * skus)

@@ -53,7 +53,14 @@ impl From<PgError> for DaemonError {
 
 impl From<RedisSinkError> for DaemonError {
     fn from(e: RedisSinkError) -> Self {
-        if e.is_transient() || matches!(e, RedisSinkError::NoMeta) {
+        // Fenced and Rollback: the next cycle takes the writer lock and token again, or
+        // waits as a standby, and its startup checks rebuild Redis if it must.
+        if e.is_transient()
+            || matches!(
+                e,
+                RedisSinkError::NoMeta | RedisSinkError::Fenced(_) | RedisSinkError::Rollback(_)
+            )
+        {
             DaemonError::Transient(e.to_string())
         } else {
             DaemonError::Definite(e.to_string())
@@ -105,6 +112,9 @@ pub struct Daemon {
     mqtt: Option<MqttHandle>,
     mqtt_join: Option<tokio::task::JoinHandle<Result<(), mqtt::MqttError>>>,
     mqtt_token: Option<CancellationToken>,
+    /// The session holding the slot's writer lock (a PostgreSQL advisory lock): while it
+    /// lives, this instance is the only one that writes Redis or publishes.
+    lease: Option<tokio_postgres::Client>,
 }
 
 impl Daemon {
@@ -123,11 +133,17 @@ impl Daemon {
         let pgc = cfg.pg_connect().map_err(|e| DaemonError::Definite(e.0))?;
         let redis = rsink::client(&rc.url, rc.ca_file.as_deref())
             .map_err(|e| DaemonError::Definite(e.to_string()))?;
+        let gate = Arc::new(AtomicU64::new(0));
         let settings = ApplySettings {
             prefix: rc.prefix.clone(),
             keep_minutes: mapping.keep_minutes(),
             low_stock: mapping.low_stock,
             counters: mapping.counters().into_iter().map(|(c, _, _)| c).collect(),
+            // What may be confirmed is what Redis holds: below it, Redis lost writes.
+            fence: rsink::WriterFence {
+                token: Default::default(),
+                floor: gate.clone(),
+            },
         };
         Ok(Daemon {
             cfg,
@@ -139,10 +155,11 @@ impl Daemon {
             max_batch_skus: rc.max_batch_skus,
             split_floor: Lsn(0),
             identity_rebuild: None,
-            gate: Arc::new(AtomicU64::new(0)),
+            gate,
             mqtt: None,
             mqtt_join: None,
             mqtt_token: None,
+            lease: None,
         })
     }
 
@@ -186,7 +203,14 @@ impl Daemon {
             }
         };
         monitors.cancel();
-        if let Some(t) = &self.mqtt_token {
+        self.stop_mqtt().await;
+        result
+    }
+
+    /// Stop the MQTT publisher (it drains what is in flight first).
+    async fn stop_mqtt(&mut self) {
+        self.mqtt = None;
+        if let Some(t) = self.mqtt_token.take() {
             t.cancel();
         }
         if let Some(j) = self.mqtt_join.take() {
@@ -198,7 +222,71 @@ impl Daemon {
                 _ => {}
             }
         }
-        result
+    }
+
+    /// Hold the slot's writer lock, waiting as a standby while another instance holds it,
+    /// then take a new fencing token. Returns false on shutdown. The lock (a session-level
+    /// PostgreSQL advisory lock) makes rebuilds and streaming exclusive: PostgreSQL frees
+    /// it when the holder's session ends, whether it stopped, crashed or was cut off. The
+    /// token covers the one gap the lock leaves: a holder cut off from PostgreSQL but not
+    /// from Redis, whose writes after a new holder's claim are refused by Redis.
+    async fn ensure_lease(
+        &mut self,
+        con: &mut redis::aio::ConnectionManager,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, DaemonError> {
+        let key = writer_lock_key(&self.cfg.postgres.slot);
+        let mut waiting = false;
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(false);
+            }
+            if self.lease.as_ref().is_none_or(|c| c.is_closed()) {
+                self.lease = Some(meta::connect(&self.pgc).await?);
+            }
+            let client = self.lease.as_ref().expect("just set");
+            // Re-entrant for the holder: also proves the session still reaches the server.
+            let got = tokio::time::timeout(
+                Duration::from_secs(10),
+                client.query_one("SELECT pg_try_advisory_lock($1)", &[&key]),
+            )
+            .await;
+            match got {
+                Ok(Ok(row)) if row.get::<_, bool>(0) => break,
+                Ok(Ok(_)) => {
+                    if !waiting {
+                        // Never publish or write without the lock.
+                        self.stop_mqtt().await;
+                        telemetry::role(Role::Standby);
+                        tracing::info!(slot = %self.cfg.postgres.slot, "another skusync instance holds the writer lock of this slot; waiting as standby");
+                        waiting = true;
+                    }
+                }
+                Ok(Err(e)) => {
+                    self.lease = None;
+                    return Err(meta::classify(e, &self.pgc).into());
+                }
+                Err(_) => {
+                    self.lease = None;
+                    return Err(DaemonError::Transient(
+                        "the writer lock query got no answer within 10 s".into(),
+                    ));
+                }
+            }
+            for _ in 0..4 {
+                telemetry::heartbeat();
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    _ = shutdown.cancelled() => return Ok(false),
+                }
+            }
+        }
+        let token = rsink::claim_writer(con, self.prefix()).await?;
+        self.settings.fence.token.store(token, Ordering::SeqCst);
+        if waiting {
+            tracing::info!(slot = %self.cfg.postgres.slot, "took the writer lock");
+        }
+        Ok(true)
     }
 
     /// Background monitors until `stop`: the slot-lag poll (every 10 s), a Redis probe
@@ -221,9 +309,12 @@ impl Daemon {
         }
     }
 
-    /// One pass: startup checks, then stream until something ends it.
+    /// One pass: the writer lock, startup checks, then stream until something ends it.
     async fn cycle(&mut self, shutdown: &CancellationToken) -> Result<Cycle, DaemonError> {
         let mut con = rsink::connect(&self.redis).await?;
+        if !self.ensure_lease(&mut con, shutdown).await? {
+            return Ok(Cycle::Shutdown);
+        }
         let client = meta::connect(&self.pgc).await?;
         let slot_name = self.cfg.postgres.slot.clone();
         let mut slot = meta::slot_state(&client, &self.pgc, &slot_name).await?;
@@ -252,8 +343,9 @@ impl Daemon {
         let mut bootstrap = slot.is_none();
         if let Some(s) = &slot {
             if s.active_pid.is_some() {
-                // Another instance streams: wait as a standby without touching Redis; its
-                // owner keeps Redis consistent. Checks run again once we win the slot.
+                // We hold the writer lock, so this is a walsender its former holder left
+                // behind (it lasts until wal_sender_timeout): wait for the slot without
+                // touching Redis. The checks run again once we win the slot.
                 tracing::info!(slot = %slot_name, pid = ?s.active_pid, "slot is held by another process; waiting as standby");
                 telemetry::role(Role::Standby);
             } else {
@@ -507,6 +599,10 @@ impl Daemon {
         // so a backlog over few SKUs becomes fewer entries (Redis' cost is per entry).
         let hold = |p: &Pending| over(p, HOLD_FACTOR);
         let mut last_event = tokio::time::Instant::now();
+        // Redis is checked for lost writes, a new writer and a requested rebuild once the
+        // stream is connected (a first snapshot load runs before that).
+        let mut connected = false;
+        let mut meta_checked = tokio::time::Instant::now();
         loop {
             let full_now = hold(&pending);
             let events = tokio::select! {
@@ -536,12 +632,21 @@ impl Daemon {
                 _ = tick.tick() => {
                     telemetry::heartbeat();
                     telemetry::backlog(rx.len(), pending.batch.len());
+                    if connected && meta_checked.elapsed() >= META_CHECK {
+                        meta_checked = tokio::time::Instant::now();
+                        if let Ok(v) = rsink::writer_view(&mut applier.connection(), self.prefix()).await
+                            && let Some(c) = self.check_writer_view(&v)
+                        {
+                            return Ok(c);
+                        }
+                    }
                     // Keepalive-only progress: record it in Redis before it may be confirmed.
                     let flush = progress.flush_lsn();
                     if pending.is_empty() && flight.is_none() && flush.0 > self.gate.load(Ordering::SeqCst) {
                         match applier.apply(&[], Some(flush), false).await {
                             Ok(_) => { telemetry::redis_ok(); self.gate.fetch_max(flush.0, Ordering::SeqCst) }
                             Err(RedisSinkError::NoMeta) => return Ok(Cycle::Restart("Redis lost its data".into())),
+                            Err(e @ (RedisSinkError::Fenced(_) | RedisSinkError::Rollback(_))) => return Ok(self.writer_lost(e)),
                             // e.g. READONLY: warning on every tick would hide it
                             Err(e) if !e.is_transient() => return Err(e.into()),
                             Err(e) => { telemetry::redis_failed(); tracing::warn!(error = %e, "cannot record progress in Redis"); 0 }
@@ -569,6 +674,7 @@ impl Daemon {
                                     return rebuild_next(
                                         &mut con,
                                         self.prefix(),
+                                        self.settings.fence.token(),
                                         format!(
                                             "Redis was built from another database (system id {sys}, now {})",
                                             info.system_id
@@ -586,15 +692,43 @@ impl Daemon {
                                     return rebuild_next(
                                         &mut con,
                                         self.prefix(),
+                                        self.settings.fence.token(),
                                         earlier_layout(m.layout.as_deref()),
                                     )
                                     .await;
                                 }
+                                if m.fingerprint.as_deref() != Some(self.mapping.fingerprint.as_str()) {
+                                    return rebuild_next(
+                                        &mut con,
+                                        self.prefix(),
+                                        self.settings.fence.token(),
+                                        "the table mapping changed since Redis was built".into(),
+                                    )
+                                    .await;
+                                }
+                                if let Some(lease) = &self.lease
+                                    && let Ok(Some(st)) = meta::slot_state(lease, &self.pgc, &self.cfg.postgres.slot).await
+                                    && let Some(confirmed) = st.confirmed_flush_lsn
+                                    && m.applied_lsn.unwrap_or(Lsn::ZERO) < confirmed
+                                {
+                                    return rebuild_next(
+                                        &mut con,
+                                        self.prefix(),
+                                        self.settings.fence.token(),
+                                        format!(
+                                            "Redis is behind the slot (applied {} < confirmed {confirmed}): it lost writes",
+                                            m.applied_lsn.unwrap_or(Lsn::ZERO)
+                                        ),
+                                    )
+                                    .await;
+                                }
+                                connected = true;
                                 fold.expect_tables(m.tables.clone());
                                 if m.system_id.is_none() {
                                     rsink::write_meta(
                                         &mut con,
                                         self.prefix(),
+                                        self.settings.fence.token(),
                                         &[
                                             ("system_id", info.system_id.clone()),
                                             ("timeline", info.timeline.to_string()),
@@ -641,6 +775,7 @@ impl Daemon {
                             return rebuild_next(
                                 &mut applier.connection(),
                                 self.prefix(),
+                                self.settings.fence.token(),
                                 format!("{why}; rebuilding Redis from a fresh snapshot"),
                             )
                             .await;
@@ -742,6 +877,9 @@ impl Daemon {
             Err(RedisSinkError::NoMeta) => Ok(Some(Cycle::Restart(
                 "Redis lost its data (meta hash missing)".into(),
             ))),
+            Err(e @ (RedisSinkError::Fenced(_) | RedisSinkError::Rollback(_))) => {
+                Ok(Some(self.writer_lost(e)))
+            }
             Err(e @ RedisSinkError::Split(_)) => {
                 // Redis held part of a merged entry: replay everything up to this batch
                 // unmerged. Nothing of the refused call was written. The restart is
@@ -757,6 +895,55 @@ impl Daemon {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// What the periodic look at the meta hash means for the running writer: `None` when
+    /// all is well.
+    fn check_writer_view(&mut self, v: &rsink::WriterView) -> Option<Cycle> {
+        if !v.exists {
+            return Some(Cycle::Restart("Redis lost its data (meta hash missing)".into()));
+        }
+        let ours = self.settings.fence.token();
+        if ours != 0 && v.writer.as_deref() != Some(ours.to_string().as_str()) {
+            let w = v.writer.clone().unwrap_or_else(|| "none".into());
+            return Some(self.writer_lost(RedisSinkError::Fenced(w)));
+        }
+        let floor = self.gate.load(Ordering::SeqCst);
+        if v.applied_lsn.is_none_or(|a| a.0 < floor) {
+            let a = v.applied_lsn.map_or_else(|| "none".into(), |a| a.0.to_string());
+            return Some(self.writer_lost(RedisSinkError::Rollback(a)));
+        }
+        if v.bootstrap.as_deref() != Some("done") {
+            return Some(Cycle::Restart(format!(
+                "a rebuild was requested (meta bootstrap = {})",
+                v.bootstrap.as_deref().unwrap_or("none")
+            )));
+        }
+        None
+    }
+
+    /// Redis refused a write: another writer holds the token, or Redis lost writes. Stop
+    /// writing and restart: the next cycle takes the lock and a token again (or waits as a
+    /// standby), resumes from the slot's confirmed position (what Redis lost past it
+    /// replays, fenced) and rebuilds Redis if it is behind the slot.
+    fn writer_lost(&mut self, e: RedisSinkError) -> Cycle {
+        telemetry::redis_rollback_or_fenced(matches!(e, RedisSinkError::Rollback(_)));
+        // A token below ours means Redis came back older, like a low applied_lsn.
+        let ours = self.settings.fence.token();
+        let rollback = match &e {
+            RedisSinkError::Rollback(_) => true,
+            RedisSinkError::Fenced(w) => w.parse::<u64>().is_ok_and(|w| w < ours) || w == "none",
+            _ => false,
+        };
+        if !rollback {
+            // Someone else took the token: it can only hold the lock if ours is gone.
+            self.lease = None;
+        }
+        Cycle::Restart(if rollback {
+            format!("{e}: resuming from the slot's confirmed position, or rebuilding if Redis is behind it")
+        } else {
+            format!("{e}")
+        })
     }
 
     /// Wait for the call in flight, then apply what is pending, and wait for that too.
@@ -786,6 +973,9 @@ impl Daemon {
 
 /// Most entries per script call (a batch may take several calls).
 const CALL_ENTRIES: usize = 500;
+/// How often a running writer looks at the meta hash for lost writes, another writer or a
+/// requested rebuild (apply calls check the first two on every write as well).
+const META_CHECK: Duration = Duration::from_secs(2);
 /// Most stock steps per apply call, per allowed entry (`max_batch_skus`).
 const STEPS_PER_ENTRY: usize = 5;
 /// While catching up, how long the source may stay quiet before what is pending is
@@ -913,7 +1103,30 @@ pub async fn resync_now(cfg: Config) -> Result<(), DaemonError> {
         }
         Some(_) => {}
     }
+    // The writer lock: no running instance may stream or rebuild meanwhile.
+    let key = writer_lock_key(&slot);
+    let got: bool = client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+        .await
+        .map_err(|e| DaemonError::from(meta::classify(e, &d.pgc)))?
+        .get(0);
+    if !got {
+        return Err(DaemonError::Definite(format!(
+            "another skusync instance holds the writer lock of slot {slot:?}: stop it first, or ask it to \
+             rebuild with `skusync verify --repair`"
+        )));
+    }
+    let token = rsink::claim_writer(&mut con, d.prefix()).await?;
+    d.settings.fence.token.store(token, Ordering::SeqCst);
     d.resync(&mut con, &client, &slot).await
+}
+
+/// The advisory lock key of a slot's writer: a stable 64-bit hash of its name, so every
+/// instance configured for the slot (in this database) contends for the same lock.
+fn writer_lock_key(slot: &str) -> i64 {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(format!("skusync writer {slot}").as_bytes());
+    i64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
 }
 
 /// Why a Redis in another key layout is rebuilt (logged once per rebuild).
@@ -929,9 +1142,10 @@ fn earlier_layout(found: Option<&str>) -> String {
 async fn rebuild_next(
     con: &mut redis::aio::ConnectionManager,
     prefix: &str,
+    token: u64,
     why: String,
 ) -> Result<Cycle, DaemonError> {
-    rsink::write_meta(con, prefix, &[("bootstrap", "stale".into())]).await?;
+    rsink::write_meta(con, prefix, token, &[("bootstrap", "stale".into())]).await?;
     Ok(Cycle::Restart(why))
 }
 
@@ -962,9 +1176,11 @@ async fn load_snapshot(
     let prefix = settings.prefix.as_str();
     let started = std::time::Instant::now();
     telemetry::role(Role::Resyncing);
+    let token = settings.fence.token();
     rsink::write_meta(
         &mut con,
         prefix,
+        token,
         &[
             ("bootstrap", "loading".into()),
             ("fingerprint", mapping.fingerprint.clone()),
@@ -979,8 +1195,13 @@ async fn load_snapshot(
             "moved SKU hashes of an earlier key layout"
         );
     }
-    let reset = rsink::reset_all(&mut con, prefix, Lsn(at.0.saturating_sub(1))).await?;
-    let mut applier = Applier::new(con.clone(), settings.clone());
+    let reset = rsink::reset_all(&mut con, prefix, Lsn(at.0.saturating_sub(1)), token).await?;
+    // Fenced by the token; the floor does not apply: applied_lsn is rewritten at the end.
+    let load_settings = ApplySettings {
+        fence: settings.fence.without_floor(),
+        ..settings.clone()
+    };
+    let mut applier = Applier::new(con.clone(), load_settings);
     let tick = |rows: u64| {
         // a long load (e.g. a resync from `cycle`) is progress for the watchdog too
         telemetry::heartbeat();
@@ -1012,7 +1233,7 @@ async fn load_snapshot(
         fields.push(("system_id", s.system_id.clone()));
         fields.push(("timeline", s.timeline.to_string()));
     }
-    rsink::write_meta(&mut con, prefix, &fields).await?;
+    rsink::write_meta(&mut con, prefix, token, &fields).await?;
     gate.fetch_max(at.0, Ordering::SeqCst);
     tracing::info!(rows = stats.rows, skus_reset = reset, at = %at, seconds = started.elapsed().as_secs_f64(), "snapshot loaded");
     Ok(())

@@ -53,6 +53,9 @@ pub const UNMAPPED_ROWS: &str = "skusync_unmapped_rows_total";
 pub const RECONNECTS: &str = "skusync_reconnects_total";
 /// Rebuilds of Redis from a fresh snapshot (after the first load).
 pub const RESYNCS: &str = "skusync_resyncs_total";
+/// Writes Redis refused, label `reason` = `rollback` (Redis lost writes: its
+/// `applied_lsn` or writer token went back) | `fenced` (another instance took the token).
+pub const WRITER_REFUSED: &str = "skusync_writer_refusals_total";
 /// Batches waiting in the source -> pipeline channel.
 pub const BACKLOG_CHANNEL: &str = "skusync_backlog_channel_batches";
 /// SKU entries in the pipeline's pending apply batch.
@@ -228,6 +231,13 @@ fn describe_all() {
         describe_counter!(name, help);
         counter!(name).absolute(0);
     }
+    describe_counter!(
+        WRITER_REFUSED,
+        "Redis writes refused: rollback (Redis lost writes) or fenced (another writer)."
+    );
+    for r in ["rollback", "fenced"] {
+        counter!(WRITER_REFUSED, "reason" => r).absolute(0);
+    }
     describe_counter!(RECONNECTS, "Reconnects per server.");
     for s in [Server::Postgres, Server::Redis, Server::Mqtt] {
         counter!(RECONNECTS, "server" => s.as_str()).absolute(0);
@@ -389,6 +399,12 @@ pub fn backlog(channel_batches: usize, batch_entries: usize) {
 /// Reconnected to `server`.
 pub fn reconnect(server: Server) {
     counter!(RECONNECTS, "server" => server.as_str()).increment(1);
+}
+
+/// Redis refused a write: it lost writes (`rollback`) or another writer holds the token.
+pub fn redis_rollback_or_fenced(rollback: bool) {
+    let reason = if rollback { "rollback" } else { "fenced" };
+    counter!(WRITER_REFUSED, "reason" => reason).increment(1);
 }
 
 /// Redis was rebuilt from a fresh snapshot.
@@ -556,6 +572,7 @@ mod tests {
             UNMAPPED_ROWS,
             RECONNECTS,
             RESYNCS,
+            WRITER_REFUSED,
             BACKLOG_CHANNEL,
             BACKLOG_BATCH,
             STREAMING,

@@ -118,6 +118,7 @@ async fn lua_apply_script_matches_the_model_on_random_pieces() {
         keep_minutes: 5,
         low_stock: 5,
         counters: vec!["views".into(), "purchases".into()],
+        fence: Default::default(),
     };
     let mut applier = Applier::new(con.clone(), settings.clone());
     let mut mcon = con.clone();
@@ -131,7 +132,7 @@ async fn lua_apply_script_matches_the_model_on_random_pieces() {
         .await
         .unwrap_err();
     assert!(matches!(err, rsink::RedisSinkError::NoMeta), "{err}");
-    rsink::write_meta(&mut mcon, "t", &[("bootstrap", "done".into())])
+    rsink::write_meta(&mut mcon, "t", 0, &[("bootstrap", "done".into())])
         .await
         .unwrap();
 
@@ -263,6 +264,7 @@ async fn a_merged_entry_straddling_the_fence_is_refused_and_writes_nothing() {
         keep_minutes: 5,
         low_stock: 5,
         counters: vec!["views".into(), "purchases".into()],
+        fence: Default::default(),
     };
     let params = ApplyParams {
         keep_minutes: 5,
@@ -272,7 +274,7 @@ async fn a_merged_entry_straddling_the_fence_is_refused_and_writes_nothing() {
     };
     let mut applier = Applier::new(con.clone(), settings);
     let mut mcon = con.clone();
-    rsink::write_meta(&mut mcon, "t", &[("bootstrap", "done".into())])
+    rsink::write_meta(&mut mcon, "t", 0, &[("bootstrap", "done".into())])
         .await
         .unwrap();
     let mut rng = StdRng::seed_from_u64(7);

@@ -617,14 +617,14 @@ fn setup_print_quotes_reserved_upper_case_and_unicode_names_and_the_daemon_strea
         rig.dir.path(),
     );
     wait_bootstrap(&rig, &mut proc);
-    assert_eq!(rig.redis.cli(&["HGET", "skusync:sku:A-1", "on_hand"]), "10");
+    assert_eq!(rig.redis.cli(&["HGET", "skusync:{A-1}", "on_hand"]), "10");
     rig.pg.psql(
         "INSERT INTO \"union\".\"case\" VALUES ('B-2', 'main', 5, 1);\n\
          INSERT INTO \"Lager\".\"Aktivität\" (\"Artikel\", \"größe\", \"user\") VALUES ('B-2', 'view', 1);",
     );
     let start = Instant::now();
-    while rig.redis.cli(&["HGET", "skusync:sku:B-2", "views"]) != "1"
-        || rig.redis.cli(&["HGET", "skusync:sku:B-2", "on_hand"]) != "5"
+    while rig.redis.cli(&["HGET", "skusync:{B-2}", "views"]) != "1"
+        || rig.redis.cli(&["HGET", "skusync:{B-2}", "on_hand"]) != "5"
     {
         assert!(
             start.elapsed() < Duration::from_secs(20),

@@ -310,7 +310,7 @@ fn a_sku_with_a_newline_and_an_ansi_escape_cannot_forge_a_log_line() {
     let log = stderr();
     assert!(exited, "the clobbered key stops skusync:\n{log}");
     assert!(
-        log.contains("Not a hash: \"skusync:sku:EVIL-2\\n2026"),
+        log.contains("Not a hash: \"skusync:{EVIL-2\\n2026"),
         "the key is named, escaped:\n{log}"
     );
     // The forged text only ever appears inside the escaped value, on the line that

@@ -4,7 +4,8 @@
 -- keys are its hash key plus ':u:...' (same hash tag, see sinks/layout.rs).
 -- ARGV is one flat list of strings, read front to back (no JSON: in Redis' Lua every
 -- decoded value is a new string or table, which cost more than everything else):
---   keep, low, quiet ('1'|'0'), end LSN ('' for none), ncounters, counter..., entry...
+--   keep, low, quiet ('1'|'0'), end LSN ('' for none), writer token ('' unfenced),
+--   floor LSN ('' unchecked), ncounters, counter..., entry...
 --   entry = k, f, fp, l, p, t, nx, table..., nr, row..., trace, nc, (counter, n)...,
 --           nb, (counter, minute, n)..., nu, (counter, minute, nids, hmac...)...
 --     k: key index; f/fp and l/p: first and last (commit LSN, piece) merged into the
@@ -36,10 +37,11 @@ local keep = tonumber(ARGV[1])
 local low = tonumber(ARGV[2])
 local quiet = ARGV[3] == '1'
 local batch_end = ARGV[4]
-local ncounters = tonumber(ARGV[5])
+local writer, floor = ARGV[5], ARGV[6]
+local ncounters = tonumber(ARGV[7])
 local counters = {}
-for i = 1, ncounters do counters[i] = ARGV[5 + i] end
-local first_entry = 6 + ncounters
+for i = 1, ncounters do counters[i] = ARGV[7 + i] end
+local first_entry = 8 + ncounters
 local nargv = #ARGV
 
 -- Integers as Redis wants them (Lua would print -0 or 1e+15).
@@ -56,6 +58,19 @@ end
 local function before(al, ap, bl, bp)
   if al == bl then return ap < bp end
   return lsn_lt(al, bl)
+end
+
+-- At most one writer, and a Redis that lost writes is noticed before anything is written:
+-- the writer's token must be meta `writer`, and `applied_lsn` must not be below what this
+-- writer saw Redis hold.
+if writer ~= '' then
+  local m = redis.call('HMGET', KEYS[1], 'writer', 'applied_lsn')
+  if m[1] ~= writer then
+    return redis.error_reply('SKUSYNC_FENCED ' .. tostring(m[1] or 'none'))
+  end
+  if floor ~= '' and (not m[2] or lsn_lt(m[2], floor)) then
+    return redis.error_reply('SKUSYNC_ROLLBACK ' .. tostring(m[2] or 'none'))
+  end
 end
 
 -- Lua's unpack has a stack limit: long argument lists go in chunks.

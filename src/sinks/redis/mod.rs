@@ -5,6 +5,13 @@
 //! transactions reported to the LSN tracker. The script also records the batch's end LSN
 //! in the meta hash (`applied_lsn`), and refuses to run when the meta hash is missing
 //! (FLUSHALL, eviction, a new Redis), which makes the pipeline resync.
+//!
+//! At most one writer: every write (apply calls, meta writes, the reset before a load)
+//! carries the writer's fencing token ([`WriterFence`]) and is refused unless it equals
+//! meta `writer`; a new writer takes the token with [`claim_writer`] only while it holds
+//! the PostgreSQL advisory lock of its slot. Redis that lost recent writes (restarted from
+//! an older RDB or AOF, a lagging replica promoted) is caught by the same check: its
+//! `applied_lsn` is below what this writer saw it hold (the floor), or its token is older.
 
 use crate::fold::batch::{Batch, Entry, TraceOp};
 use crate::fold::{Field, Piece, RowOp};
@@ -29,6 +36,14 @@ pub enum RedisSinkError {
     /// horizon. The message leaves the key out (SKUs are logged at debug only).
     #[error("Redis holds part of a merged entry (SKUSYNC_SPLIT)")]
     Split(String),
+    /// Another writer holds the fencing token (meta `writer` is this value, not ours):
+    /// nothing was written; this instance must stop writing.
+    #[error("Redis is written by another skusync instance (writer token {0}); this one stops writing")]
+    Fenced(String),
+    /// Redis holds less than it held before (meta `applied_lsn` is this, below the floor):
+    /// it lost writes. Nothing was written; resume from the slot or rebuild.
+    #[error("Redis lost recent writes (applied_lsn is {0}, below what it held before)")]
+    Rollback(String),
     /// Connection trouble; retry.
     #[error("Redis: {0}")]
     Transient(String),
@@ -49,6 +64,12 @@ impl RedisSinkError {
         // Our own refusals (`redis.error_reply` in apply.lua).
         match code {
             "SKUSYNC_NOMETA" => return RedisSinkError::NoMeta,
+            "SKUSYNC_FENCED" => {
+                return RedisSinkError::Fenced(e.detail().unwrap_or_default().to_string());
+            }
+            "SKUSYNC_ROLLBACK" => {
+                return RedisSinkError::Rollback(e.detail().unwrap_or_default().to_string());
+            }
             "SKUSYNC_SPLIT" => {
                 let detail = e.detail().unwrap_or_default();
                 let key = detail
@@ -147,6 +168,37 @@ pub struct ApplySettings {
     pub keep_minutes: i64,
     pub low_stock: i64,
     pub counters: Vec<String>,
+    /// The writer's fencing token and floor (unfenced when its token is 0).
+    pub fence: WriterFence,
+}
+
+/// A writer's claim on Redis: its fencing token (meta `writer`; 0 = unfenced, for tools
+/// and tests) and the floor, the highest `applied_lsn` this writer saw Redis hold (0 =
+/// unchecked). Shared by the clones of an [`Applier`] and the daemon.
+#[derive(Clone, Debug, Default)]
+pub struct WriterFence {
+    pub token: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub floor: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl WriterFence {
+    /// The token, 0 when unfenced.
+    pub fn token(&self) -> u64 {
+        self.token.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A fence with the same token and no floor (a snapshot load starts below it).
+    pub fn without_floor(&self) -> WriterFence {
+        WriterFence {
+            token: self.token.clone(),
+            floor: Default::default(),
+        }
+    }
+}
+
+/// A token as sent to the scripts ('' when unfenced).
+fn token_arg(t: u64) -> String {
+    if t == 0 { String::new() } else { t.to_string() }
 }
 
 /// Build a Redis client from the configured URL (`rediss://` uses rustls; `ca_file`
@@ -421,6 +473,10 @@ pub fn encode_entries(
         .arg(s.low_stock)
         .arg(if quiet { "1" } else { "0" })
         .arg(end.map(|e| e.0.to_string()).unwrap_or_default())
+        .arg(token_arg(s.fence.token()))
+        .arg(token_arg(
+            s.fence.floor.load(std::sync::atomic::Ordering::SeqCst),
+        ))
         .arg(s.counters.len());
     for name in &s.counters {
         c.arg(name);
@@ -599,52 +655,137 @@ pub async fn read_meta(
     }))
 }
 
-/// Write meta fields.
+/// Meta fields written by a writer: refused unless meta `writer` is its token or absent
+/// (then it becomes its token). KEYS[1] meta; ARGV[1] token ('' unfenced); field, value...
+const WRITE_META_LUA: &str = r#"
+local t = ARGV[1]
+if t ~= '' then
+  local w = redis.call('HGET', KEYS[1], 'writer')
+  if w and w ~= t then return redis.error_reply('SKUSYNC_FENCED ' .. w) end
+  redis.call('HSET', KEYS[1], 'writer', t)
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+"#;
+
+/// Write meta fields as the writer holding `token` (0: unfenced, for tools and tests).
 pub async fn write_meta(
     con: &mut ConnectionManager,
     prefix: &str,
+    token: u64,
     fields: &[(&str, String)],
 ) -> Result<(), RedisSinkError> {
-    let mut cmd = redis::cmd("HSET");
-    cmd.arg(layout::meta_key(prefix));
+    let script = redis::Script::new(WRITE_META_LUA);
+    let mut inv = script.prepare_invoke();
+    inv.key(layout::meta_key(prefix)).arg(token_arg(token));
     for (k, v) in fields {
-        cmd.arg(*k).arg(v);
+        inv.arg(*k).arg(v);
     }
-    cmd.query_async::<()>(con)
+    inv.invoke_async::<i64>(con)
+        .await
+        .map(|_| ())
+        .map_err(RedisSinkError::from_redis)
+}
+
+/// Take the fencing token (the caller holds its slot's PostgreSQL advisory lock): one
+/// above the last token and at least the current unix ms, so a token given out before
+/// Redis lost its meta hash, or before it came back older, is never given out again.
+/// Written only when the meta hash exists (a missing one means a rebuild, whose first
+/// meta write records the token). KEYS[1] meta; ARGV[1] unix ms.
+const CLAIM_LUA: &str = r#"
+local w = tonumber(redis.call('HGET', KEYS[1], 'writer') or '0') or 0
+local t = math.max(w + 1, tonumber(ARGV[1]))
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'writer', string.format('%d', t))
+end
+return t
+"#;
+
+/// Become the writer (see [`CLAIM_LUA`]); returns the token.
+pub async fn claim_writer(con: &mut ConnectionManager, prefix: &str) -> Result<u64, RedisSinkError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    redis::Script::new(CLAIM_LUA)
+        .key(layout::meta_key(prefix))
+        .arg(now)
+        .invoke_async::<u64>(con)
         .await
         .map_err(RedisSinkError::from_redis)
+}
+
+/// What a running writer checks of the meta hash periodically.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriterView {
+    pub exists: bool,
+    pub writer: Option<String>,
+    pub applied_lsn: Option<Lsn>,
+    pub bootstrap: Option<String>,
+}
+
+/// Read the meta fields a running writer checks (one HMGET).
+pub async fn writer_view(con: &mut ConnectionManager, prefix: &str) -> Result<WriterView, RedisSinkError> {
+    let (writer, applied, bootstrap, fingerprint): (
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    ) = redis::cmd("HMGET")
+        .arg(layout::meta_key(prefix))
+        .arg("writer")
+        .arg("applied_lsn")
+        .arg("bootstrap")
+        .arg("fingerprint")
+        .query_async(con)
+        .await
+        .map_err(RedisSinkError::from_redis)?;
+    Ok(WriterView {
+        exists: writer.is_some() || applied.is_some() || bootstrap.is_some() || fingerprint.is_some(),
+        writer,
+        applied_lsn: applied.and_then(|v| v.parse().ok()).map(Lsn),
+        bootstrap,
+    })
 }
 
 /// Reset a SKU hash before a snapshot load: drop everything derived from the database
 /// (stock rows, totals, counters, buckets, fence) but keep the MQTT outbox marks and
 /// pending alerts, and the key itself. Distinct-user HyperLogLogs are deleted.
 const RESET_LUA: &str = r#"
+if ARGV[2] ~= '' then
+  local w = redis.call('HGET', KEYS[1], 'writer')
+  if w ~= ARGV[2] then return redis.error_reply('SKUSYNC_FENCED ' .. tostring(w)) end
+end
 local keep = {pub_lsn = true, pub_state = true, alerts = true, alert_state = true}
-for i, key in ipairs(KEYS) do
+for i = 2, #KEYS do
+  local key = KEYS[i]
   local fields = redis.call('HKEYS', key)
   for _, f in ipairs(fields) do
     if not keep[f] then redis.call('HDEL', key, f) end
   end
   redis.call('HSET', key, 'lsn', ARGV[1], 'piece', '-1')
 end
-return #KEYS
+return #KEYS - 1
 "#;
 
 /// Reset every SKU hash (see [`RESET_LUA`]) and delete the distinct-user keys, with the
-/// fence set just below the snapshot's consistent point.
+/// fence set just below the snapshot's consistent point; refused unless meta `writer`
+/// is `token` (0: unfenced).
 pub async fn reset_all(
     con: &mut ConnectionManager,
     prefix: &str,
     fence: Lsn,
+    token: u64,
 ) -> Result<usize, RedisSinkError> {
     let skus = scan_skus(con, prefix).await?;
     let script = redis::Script::new(RESET_LUA);
     for chunk in skus.chunks(500) {
         let mut inv = script.prepare_invoke();
+        inv.key(layout::meta_key(prefix));
         for sku in chunk {
             inv.key(layout::sku_key(prefix, sku));
         }
-        inv.arg(fence.0.to_string());
+        inv.arg(fence.0.to_string()).arg(token_arg(token));
         let _: i64 = inv
             .invoke_async(con)
             .await
