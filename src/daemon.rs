@@ -697,7 +697,9 @@ impl Daemon {
                                     )
                                     .await;
                                 }
-                                if m.fingerprint.as_deref() != Some(self.mapping.fingerprint.as_str()) {
+                                if m.fingerprint.as_deref()
+                                    != Some(self.mapping.fingerprint.as_str())
+                                {
                                     return rebuild_next(
                                         &mut con,
                                         self.prefix(),
@@ -707,7 +709,9 @@ impl Daemon {
                                     .await;
                                 }
                                 if let Some(lease) = &self.lease
-                                    && let Ok(Some(st)) = meta::slot_state(lease, &self.pgc, &self.cfg.postgres.slot).await
+                                    && let Ok(Some(st)) =
+                                        meta::slot_state(lease, &self.pgc, &self.cfg.postgres.slot)
+                                            .await
                                     && let Some(confirmed) = st.confirmed_flush_lsn
                                     && m.applied_lsn.unwrap_or(Lsn::ZERO) < confirmed
                                 {
@@ -901,7 +905,9 @@ impl Daemon {
     /// all is well.
     fn check_writer_view(&mut self, v: &rsink::WriterView) -> Option<Cycle> {
         if !v.exists {
-            return Some(Cycle::Restart("Redis lost its data (meta hash missing)".into()));
+            return Some(Cycle::Restart(
+                "Redis lost its data (meta hash missing)".into(),
+            ));
         }
         let ours = self.settings.fence.token();
         if ours != 0 && v.writer.as_deref() != Some(ours.to_string().as_str()) {
@@ -910,7 +916,9 @@ impl Daemon {
         }
         let floor = self.gate.load(Ordering::SeqCst);
         if v.applied_lsn.is_none_or(|a| a.0 < floor) {
-            let a = v.applied_lsn.map_or_else(|| "none".into(), |a| a.0.to_string());
+            let a = v
+                .applied_lsn
+                .map_or_else(|| "none".into(), |a| a.0.to_string());
             return Some(self.writer_lost(RedisSinkError::Rollback(a)));
         }
         if v.bootstrap.as_deref() != Some("done") {
@@ -940,7 +948,9 @@ impl Daemon {
             self.lease = None;
         }
         Cycle::Restart(if rollback {
-            format!("{e}: resuming from the slot's confirmed position, or rebuilding if Redis is behind it")
+            format!(
+                "{e}: resuming from the slot's confirmed position, or rebuilding if Redis is behind it"
+            )
         } else {
             format!("{e}")
         })

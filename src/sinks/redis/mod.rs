@@ -38,7 +38,9 @@ pub enum RedisSinkError {
     Split(String),
     /// Another writer holds the fencing token (meta `writer` is this value, not ours):
     /// nothing was written; this instance must stop writing.
-    #[error("Redis is written by another skusync instance (writer token {0}); this one stops writing")]
+    #[error(
+        "Redis is written by another skusync instance (writer token {0}); this one stops writing"
+    )]
     Fenced(String),
     /// Redis holds less than it held before (meta `applied_lsn` is this, below the floor):
     /// it lost writes. Nothing was written; resume from the slot or rebuild.
@@ -702,7 +704,10 @@ return t
 "#;
 
 /// Become the writer (see [`CLAIM_LUA`]); returns the token.
-pub async fn claim_writer(con: &mut ConnectionManager, prefix: &str) -> Result<u64, RedisSinkError> {
+pub async fn claim_writer(
+    con: &mut ConnectionManager,
+    prefix: &str,
+) -> Result<u64, RedisSinkError> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -725,7 +730,10 @@ pub struct WriterView {
 }
 
 /// Read the meta fields a running writer checks (one HMGET).
-pub async fn writer_view(con: &mut ConnectionManager, prefix: &str) -> Result<WriterView, RedisSinkError> {
+pub async fn writer_view(
+    con: &mut ConnectionManager,
+    prefix: &str,
+) -> Result<WriterView, RedisSinkError> {
     let (writer, applied, bootstrap, fingerprint): (
         Option<String>,
         Option<String>,
@@ -741,7 +749,10 @@ pub async fn writer_view(con: &mut ConnectionManager, prefix: &str) -> Result<Wr
         .await
         .map_err(RedisSinkError::from_redis)?;
     Ok(WriterView {
-        exists: writer.is_some() || applied.is_some() || bootstrap.is_some() || fingerprint.is_some(),
+        exists: writer.is_some()
+            || applied.is_some()
+            || bootstrap.is_some()
+            || fingerprint.is_some(),
         writer,
         applied_lsn: applied.and_then(|v| v.parse().ok()).map(Lsn),
         bootstrap,
