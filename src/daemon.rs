@@ -603,6 +603,8 @@ impl Daemon {
         // stream is connected (a first snapshot load runs before that).
         let mut connected = false;
         let mut meta_checked = tokio::time::Instant::now();
+        // The transaction being read truncated a stock table (alerts at its commit).
+        let mut truncated = false;
         loop {
             let full_now = hold(&pending);
             let events = tokio::select! {
@@ -785,7 +787,10 @@ impl Daemon {
                             .await;
                         }
                     },
-                    SourceEvent::Event(Event::Begin(b)) => fold.begin(&b),
+                    SourceEvent::Event(Event::Begin(b)) => {
+                        truncated = false;
+                        fold.begin(&b);
+                    }
                     SourceEvent::Event(Event::Change(c)) => {
                         if let Some(p) = fold
                             .change(&c)
@@ -822,12 +827,49 @@ impl Daemon {
                             if let Some(m) = &self.mqtt {
                                 m.changed(skus);
                             }
+                            truncated = true;
                         }
                     }
                     SourceEvent::Event(_) => {}
                     SourceEvent::Commit(c, ticket) => {
-                        if let Some(p) = fold.commit(&c) {
+                        let last = fold.commit(&c);
+                        let fence = last.as_ref().map(|p| (p.commit_lsn, p.piece));
+                        if let Some(p) = last {
                             pending.batch.push(p);
+                        }
+                        if std::mem::take(&mut truncated)
+                            && let Some(fence) = fence
+                        {
+                            // Alerts once per transaction: after its final piece, every SKU
+                            // at its final level (a refilled table raises nothing). Before
+                            // this transaction's ticket is queued, so it is not confirmed
+                            // until the evaluation is applied.
+                            if let Some(c) =
+                                self.drain(&applier, &mut pending, flight, progress).await?
+                            {
+                                return Ok(c);
+                            }
+                            let ms = crate::txn::value::pg_timestamp_to_unix_micros(c.commit_ts)
+                                .div_euclid(1000);
+                            let skus = applier.all_skus().await?;
+                            for chunk in skus.chunks(500) {
+                                match applier.evaluate(fence, ms, chunk).await {
+                                    Ok(_) => {}
+                                    Err(RedisSinkError::NoMeta) => {
+                                        return Ok(Cycle::Restart("Redis lost its data".into()));
+                                    }
+                                    Err(
+                                        e @ (RedisSinkError::Fenced(_)
+                                        | RedisSinkError::Rollback(_)),
+                                    ) => {
+                                        return Ok(self.writer_lost(e));
+                                    }
+                                    Err(e) => return Err(e.into()),
+                                }
+                            }
+                            if let Some(m) = &self.mqtt {
+                                m.changed(skus);
+                            }
                         }
                         pending.end = Some(pending.end.map_or(c.end_lsn, |e| e.max(c.end_lsn)));
                         pending.tickets.push(ticket);

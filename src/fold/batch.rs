@@ -315,6 +315,26 @@ impl Batch {
         }
     }
 
+    /// Evaluation-only entries: low-stock alerts of each of `skus` at its current level,
+    /// fenced by a transaction's final piece `fence`. After a transaction that truncated
+    /// a stock table, every SKU is evaluated once, at the end of the transaction (SKUs its
+    /// final piece already evaluated skip them by the fence).
+    pub fn evaluate(fence: Fence, commit_ms: i64, skus: &[String]) -> Vec<Entry> {
+        skus.iter()
+            .map(|s| {
+                let mut e = Entry::new(s.clone(), fence, commit_ms);
+                e.trace.push(TraceRec {
+                    row: 0,
+                    op: TraceOp::None,
+                    eval: true,
+                    lsn: fence.0,
+                    commit_ms,
+                });
+                e
+            })
+            .collect()
+    }
+
     /// Entries clearing `tables` from each of `skus` (a TRUNCATE piece; apply it alone).
     pub fn truncate(p: &Piece, skus: &[String]) -> Vec<Entry> {
         skus.iter()

@@ -179,22 +179,8 @@ impl Store {
                 changed = true;
             }
         }
-        if changed && !e.truncate.is_empty() {
-            let avail = get_i(f, "on_hand") - get_i(f, "reserved");
-            let thr = threshold_of(f, params);
-            let has_stock = f.contains_key("rows");
-            evaluate(
-                &e.sku,
-                f,
-                has_stock,
-                avail,
-                thr,
-                last.0,
-                e.commit_ms,
-                params,
-                alerts,
-            );
-        }
+        // No alert at a TRUNCATE: the transaction may refill the table; its final piece
+        // evaluates every SKU (evaluation-only entries, see `Batch::evaluate`).
         if !e.trace.is_empty() {
             // Alerts after each transaction, from the levels its changes imply.
             let mut avail = get_i(f, "on_hand") - get_i(f, "reserved");
@@ -394,12 +380,6 @@ fn counted(c: &str, stocked: bool) -> Option<&str> {
         None => Some(c),
         Some(bare) => stocked.then_some(bare),
     }
-}
-
-fn threshold_of(f: &BTreeMap<String, String>, params: &ApplyParams) -> i64 {
-    f.get("threshold")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(params.low_stock)
 }
 
 /// Fence, totals and `gone` after a SKU's entry was applied.

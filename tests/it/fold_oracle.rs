@@ -1351,3 +1351,50 @@ async fn an_activity_table_with_known_skus_only_counts_no_unknown_sku() {
     );
     rig.daemon().assert_alive("after the workload");
 }
+
+/// Alerts are evaluated once per transaction: `BEGIN; TRUNCATE; INSERT ...; COMMIT`
+/// that puts the same stock back raises nothing (it used to raise `out_of_stock`, then
+/// `back_in_stock`, for every SKU); a TRUNCATE alone raises `out_of_stock` once per SKU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_truncated_and_refilled_in_one_transaction_raises_no_alert() {
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.start_skusync("").await;
+    rig.exec(
+        "INSERT INTO inventory (sku, location, on_hand) SELECT 'T-' || i, 'WH-1', 100 FROM generate_series(1, 5) i;",
+    )
+    .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    let alerts = async |rig: &mut Rig, sku: &str| -> Vec<String> {
+        let key = skusync::sinks::layout::sku_key("skusync", sku);
+        let raw = hget(&mut rig.con, &key, "alerts")
+            .await
+            .unwrap_or_else(|| "[]".into());
+        let v: Vec<serde_json::Value> = serde_json::from_str(&raw).expect("alerts JSON");
+        v.iter()
+            .map(|a| a["type"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert!(alerts(&mut rig, "T-1").await.is_empty());
+    rig.exec(
+        "BEGIN;
+         TRUNCATE inventory;
+         INSERT INTO inventory (sku, location, on_hand) SELECT 'T-' || i, 'WH-1', 100 FROM generate_series(1, 5) i;
+         COMMIT;",
+    )
+    .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    rig.assert_converges(Duration::from_secs(20)).await;
+    for i in 1..=5 {
+        let sku = format!("T-{i}");
+        assert_eq!(alerts(&mut rig, &sku).await, Vec::<String>::new(), "{sku}");
+    }
+    rig.exec("TRUNCATE inventory;").await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    for i in 1..=5 {
+        let sku = format!("T-{i}");
+        assert_eq!(alerts(&mut rig, &sku).await, ["out_of_stock"], "{sku}");
+    }
+}

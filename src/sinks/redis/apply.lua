@@ -553,7 +553,8 @@ for _, e in ipairs(entries) do
           if string.sub(f, 1, #pre) == pre and remove_row(key, h, f) then changed = true end
         end
       end
-      if changed then evaluate(key, h, h.has_stock, h.on - h.res, e.l, e.t) end
+      -- No alert here: the transaction may refill the table. Its final piece evaluates
+      -- every SKU once (the daemon sends evaluation-only entries after a TRUNCATE).
     end
     if e.trace ~= '' then run_trace(key, h, e) end
     if e.nr > 0 then apply_rows(key, h, e.r, e.nr) end

@@ -376,6 +376,18 @@ impl Applier {
         self.apply(&b.take(), end, quiet).await
     }
 
+    /// Evaluate low-stock alerts of the given SKUs at the end of a transaction that
+    /// truncated a stock table (see [`Batch::evaluate`]).
+    pub async fn evaluate(
+        &mut self,
+        fence: crate::fold::batch::Fence,
+        commit_ms: i64,
+        skus: &[String],
+    ) -> Result<Applied, RedisSinkError> {
+        self.apply(&Batch::evaluate(fence, commit_ms, skus), None, false)
+            .await
+    }
+
     /// Clear truncated tables from the given SKU keys, fenced by the truncate piece.
     pub async fn truncate(
         &mut self,
