@@ -734,7 +734,7 @@ async fn mqtt_connect(mc: &crate::config::MqttConfig) -> Result<(), (String, Vec
 }
 
 /// TLS for `mqtts://`: `mqtt.ca_file` or the system roots (as the publisher does).
-fn mqtt_tls(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+pub(crate) fn mqtt_tls(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
