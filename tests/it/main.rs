@@ -16,3 +16,4 @@ mod replication;
 mod secrets;
 mod support;
 mod telemetry;
+mod verify;
