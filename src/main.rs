@@ -67,6 +67,32 @@ enum Command {
         #[arg(long, default_value_t = skusync::ops::status::DEFAULT_MAX_LAG_BYTES)]
         max_lag_bytes: u64,
     },
+    /// Compare every SKU in Redis (with --mqtt also the retained MQTT state) with the SQL
+    /// aggregate of the mapped tables, on a live database without stopping skusync.
+    /// Prints `DIFF <sku> <field> redis=<v> sql=<v>` lines and a summary. Exit 0 when
+    /// equal, 1 on differences, 2 on configuration/connection errors. Read-only unless
+    /// --repair.
+    Verify {
+        /// Also compare the retained `<topic_prefix>/sku/+` messages with Redis.
+        #[arg(long)]
+        mqtt: bool,
+        /// On differences, make the running skusync rebuild Redis from a fresh snapshot
+        /// (meta `bootstrap=stale`), wait for it, and verify again.
+        #[arg(long)]
+        repair: bool,
+        /// Print one JSON object (for scripts).
+        #[arg(long)]
+        json: bool,
+        /// Longest wait, in seconds, for skusync to apply up to each SQL snapshot.
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+        /// Most rounds; SKUs that change or differ are checked again with a fresh snapshot.
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+        /// Longest wait, in seconds, for the rebuild --repair requests.
+        #[arg(long, default_value_t = 600)]
+        repair_wait: u64,
+    },
     /// Uninstall from the database: drop the slot (terminating a walsender that holds it)
     /// and the publications `skusync setup` created. Stop skusync first. Idempotent.
     DropSlot,
@@ -112,7 +138,7 @@ fn cancel_on_signals(token: CancellationToken) {
     });
 }
 
-/// The operator commands (`check`, `setup`, `status`, `drop-slot`), which choose their own
+/// The operator commands (`check`, `setup`, `status`, `verify`, `drop-slot`), which choose their own
 /// exit codes; `None` for the daemon commands.
 async fn ops_command(command: &Command, cfg: &Config) -> Option<ExitCode> {
     use skusync::ops;
@@ -161,6 +187,41 @@ async fn ops_command(command: &Command, cfg: &Config) -> Option<ExitCode> {
             }
         },
         Command::DropSlot => done(ops::drop_slot::run(cfg, &mut out).await),
+        Command::Verify {
+            mqtt,
+            repair,
+            json,
+            wait,
+            rounds,
+            repair_wait,
+        } => {
+            let opts = ops::verify::Options {
+                wait: std::time::Duration::from_secs(*wait),
+                rounds: *rounds,
+                mqtt: *mqtt,
+                repair: *repair,
+                repair_wait: std::time::Duration::from_secs(*repair_wait),
+            };
+            match ops::verify::run(cfg, &opts).await {
+                Ok(r) => {
+                    let text = if *json {
+                        serde_json::to_string(&r).unwrap_or_default() + "\n"
+                    } else {
+                        ops::verify::render_text(&r)
+                    };
+                    let _ = out.write_all(text.as_bytes());
+                    if r.ok() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
     })
 }
 
@@ -249,9 +310,11 @@ fn main() -> ExitCode {
                     .map_err(|e| e.to_string())
             }
             // handled by ops_command above
-            Command::Check | Command::Setup { .. } | Command::Status { .. } | Command::DropSlot => {
-                Ok(())
-            }
+            Command::Check
+            | Command::Setup { .. }
+            | Command::Status { .. }
+            | Command::Verify { .. }
+            | Command::DropSlot => Ok(()),
         }
     });
     // Dropping the runtime would wait without end for its blocking threads, and the

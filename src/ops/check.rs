@@ -815,7 +815,7 @@ async fn mqtt_connect(
 }
 
 /// TLS for `mqtts://`: `mqtt.ca_file` or the system roots (as the publisher does).
-fn mqtt_tls(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+pub(crate) fn mqtt_tls(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();

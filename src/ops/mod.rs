@@ -1,5 +1,6 @@
 //! Operator commands: `check` (preflight), `setup` (publications), `status` (slot and
-//! Redis progress for monitoring) and `drop-slot` (clean uninstall).
+//! Redis progress for monitoring), `verify` (Redis and MQTT against SQL) and `drop-slot`
+//! (clean uninstall).
 //!
 //! They share the daemon's configuration and connection code, print for a human (or one
 //! JSON object for scripts), and never print passwords or row values.
@@ -8,6 +9,7 @@ pub mod check;
 pub mod drop_slot;
 pub mod setup;
 pub mod status;
+pub mod verify;
 
 use crate::config::Config;
 use crate::pg::PgConnectConfig;

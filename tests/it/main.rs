@@ -16,4 +16,5 @@ mod replication;
 mod secrets;
 mod support;
 mod telemetry;
+mod verify;
 mod writer;
