@@ -758,7 +758,10 @@ impl Source {
                 addr: self.cfg.conn.addr(),
                 source: std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    format!("a status update could not be sent within {} s", limit.as_secs()),
+                    format!(
+                        "a status update could not be sent within {} s",
+                        limit.as_secs()
+                    ),
                 ),
             })?
     }

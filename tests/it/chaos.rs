@@ -367,7 +367,7 @@ impl Env {
                 .map_err(|e| e.to_string())?;
             tokio::spawn(conn);
             c.batch_execute(&format!(
-                    "BEGIN;
+                "BEGIN;
                      INSERT INTO inventory (sku, location, on_hand, reserved)
                        SELECT 'big-' || (i % 997), 'B{k}-' || (i / 997), i % 50, i % 3
                        FROM generate_series(1, 20000) i;
@@ -437,10 +437,7 @@ impl Env {
                         })
                     })
                     .collect();
-                if decoded
-                    .iter()
-                    .any(|j| j["on_hand"].as_i64() == Some(want))
-                {
+                if decoded.iter().any(|j| j["on_hand"].as_i64() == Some(want)) {
                     break;
                 }
                 assert!(
@@ -663,7 +660,10 @@ async fn inject(env: &mut Env, w: &mut Workload, fault: Fault, i: usize, rng: &m
             let t0 = Instant::now();
             let mut pid = active_pid(env);
             while pid == "0" || pid.is_empty() {
-                assert!(t0.elapsed() < Duration::from_secs(30), "no walsender holds the slot");
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "no walsender holds the slot"
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 pid = active_pid(env);
             }

@@ -180,23 +180,16 @@ fn forward(client: TcpStream, target: u16, sh: Arc<Shared>) {
     }
 }
 
-/// Wait while a black hole (or, for data, a stall) is on; returns whether it waited.
-/// A close (`data == false`) only waits for a black hole: a stall passes it on.
-fn wait_while_blocked(sh: &Shared, data: bool) -> bool {
-    let mut waited = false;
-    while (sh.holed.load(Ordering::SeqCst) || (data && sh.stalled.load(Ordering::SeqCst)))
-        && !sh.stop.load(Ordering::SeqCst)
-    {
-        waited = true;
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    waited
-}
-
-/// Wait out a black hole or stall, counting the chunk (or close) as held if it waited.
+/// Wait while a black hole (or, for data, a stall) is on, counting the chunk (or close,
+/// or new connection) as held as soon as it has to wait. A close (`data == false`) only
+/// waits for a black hole: a stall passes it on.
 fn hold(sh: &Shared, data: bool) {
-    if wait_while_blocked(sh, data) {
+    let blocked = || sh.holed.load(Ordering::SeqCst) || (data && sh.stalled.load(Ordering::SeqCst));
+    if blocked() && !sh.stop.load(Ordering::SeqCst) {
         sh.held.fetch_add(1, Ordering::SeqCst);
+    }
+    while blocked() && !sh.stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
