@@ -70,6 +70,11 @@ pub struct SourceConfig {
     /// How long a shutdown waits for in-flight transactions to become durable before
     /// sending the final status update.
     pub drain_timeout: Duration,
+    /// A replication connection on which nothing arrives for this long (but at least two
+    /// status intervals; see [`dead_after`](Self::dead_after)) is taken for dead and
+    /// reopened. After two silent intervals each status update asks the server for a
+    /// reply, so a live server is never silent that long.
+    pub silence_timeout: Duration,
 }
 
 impl std::fmt::Debug for SourceConfig {
@@ -103,9 +108,21 @@ impl SourceConfig {
             bootstrap: None,
             confirm_gate: None,
             drain_timeout: Duration::from_secs(10),
+            silence_timeout: DEFAULT_SILENCE_TIMEOUT,
         }
     }
+
+    /// Silence after which the replication connection counts as dead:
+    /// `max(2 x status_interval, silence_timeout)`.
+    pub fn dead_after(&self) -> Duration {
+        self.silence_timeout.max(self.status_interval * 2)
+    }
 }
+
+/// Default [`SourceConfig::silence_timeout`]. A dropped (black-holed) connection is
+/// detected within this plus one status interval, well before the kernel's TCP
+/// retransmission limit (~15 min) or PostgreSQL's `wal_sender_timeout` (60 s) would act.
+pub const DEFAULT_SILENCE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// What the source hands downstream, in stream order.
 #[derive(Debug)]
@@ -308,6 +325,8 @@ impl Source {
                     } else {
                         tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "replication interrupted; reconnecting");
                         crate::telemetry::reconnect(crate::telemetry::Server::Postgres);
+                        // Not streaming until the next session starts: /readyz says so.
+                        crate::telemetry::role(crate::telemetry::Role::Starting);
                     }
                     self.reconnects += 1;
                     tokio::select! {
@@ -520,6 +539,8 @@ impl Source {
         let clock = std::time::Instant::now();
         // The last message's position, for errors about the next one.
         let mut last_lsn = Lsn::ZERO;
+        // When the server was last heard from (bytes arrived), checked at status ticks.
+        let mut liveness = Liveness::new(conn.bytes_received());
         loop {
             // Drain what is buffered into one batch; only then wait on the socket.
             let mut reply_now = false;
@@ -650,6 +671,8 @@ impl Source {
                         _ = shutdown.cancelled() => return Ok(()),
                     }
                 }
+                // The socket was not read while downstream was busy: that silence is ours.
+                liveness.reset(conn.bytes_received());
             }
             if reply_now {
                 self.send_status(conn, false).await?;
@@ -685,7 +708,29 @@ impl Source {
                         busy.quiet();
                     }
                 }
-                _ = tick.tick() => self.send_status(conn, false).await?,
+                _ = tick.tick() => {
+                    let silent = liveness.silent_for(conn.bytes_received());
+                    let dead_after = self.cfg.dead_after();
+                    if silent >= dead_after {
+                        tracing::warn!(
+                            slot = %self.cfg.slot,
+                            silent_ms = silent.as_millis() as u64,
+                            "nothing received from PostgreSQL; taking the replication connection for dead"
+                        );
+                        return Err(PgError::Io {
+                            addr: self.cfg.conn.addr(),
+                            source: std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!("nothing received for {} s", silent.as_secs()),
+                            ),
+                        }
+                        .into());
+                    }
+                    // An idle walsender whose position is confirmed sends nothing by
+                    // itself: ask for a keepalive so silence means a dead connection.
+                    let probe = silent >= self.cfg.status_interval * 2;
+                    self.send_status(conn, probe).await?
+                }
                 _ = shutdown.cancelled() => return Ok(()),
             }
         }
@@ -705,6 +750,78 @@ impl Source {
         if self.cfg.confirm {
             crate::telemetry::positions(write, flush);
         }
-        conn.send_status(write, flush, flush, reply).await
+        // A write into a dead connection can block once the send buffer is full.
+        let limit = self.cfg.dead_after();
+        tokio::time::timeout(limit, conn.send_status(write, flush, flush, reply))
+            .await
+            .map_err(|_| PgError::Io {
+                addr: self.cfg.conn.addr(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "a status update could not be sent within {} s",
+                        limit.as_secs()
+                    ),
+                ),
+            })?
+    }
+}
+
+/// Tracks when the server was last heard from, by the connection's byte counter.
+struct Liveness {
+    seen: u64,
+    heard: std::time::Instant,
+}
+
+impl Liveness {
+    fn new(received: u64) -> Liveness {
+        Liveness {
+            seen: received,
+            heard: std::time::Instant::now(),
+        }
+    }
+
+    /// Start counting silence from now.
+    fn reset(&mut self, received: u64) {
+        *self = Liveness::new(received);
+    }
+
+    /// How long nothing has arrived, given the connection's byte counter now.
+    fn silent_for(&mut self, received: u64) -> Duration {
+        self.silent_at(received, std::time::Instant::now())
+    }
+
+    fn silent_at(&mut self, received: u64, now: std::time::Instant) -> Duration {
+        if received != self.seen {
+            self.seen = received;
+            self.heard = now;
+        }
+        now.saturating_duration_since(self.heard)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silence_counts_only_while_no_bytes_arrive() {
+        let mut l = Liveness::new(0);
+        let t0 = l.heard;
+        let s = Duration::from_secs;
+        assert_eq!(l.silent_at(0, t0 + s(5)), s(5));
+        assert_eq!(l.silent_at(10, t0 + s(5)), s(0), "bytes arrived: heard now");
+        assert_eq!(l.silent_at(10, t0 + s(8)), s(3));
+        l.reset(10);
+        assert!(l.silent_for(10) < s(1));
+    }
+
+    #[test]
+    fn a_dead_connection_is_declared_after_the_larger_of_two_intervals_and_the_timeout() {
+        let conn = PgConnectConfig::from_url("postgres://u@127.0.0.1/db").expect("url");
+        let mut c = SourceConfig::new(conn, "s", vec!["p".into()]);
+        assert_eq!(c.dead_after(), DEFAULT_SILENCE_TIMEOUT);
+        c.status_interval = Duration::from_secs(10);
+        assert_eq!(c.dead_after(), Duration::from_secs(20));
     }
 }

@@ -159,6 +159,9 @@ pub struct ReplConnection {
     /// Reads are paced (see [`set_read_batching`](Self::set_read_batching)).
     batching: bool,
     pacer: ReadPacer,
+    /// Bytes read from the socket so far: lets the source tell a silent server from a
+    /// quiet one (see [`bytes_received`](Self::bytes_received)).
+    received: u64,
 }
 
 /// Connect to the first address of `host` that answers, with the receive buffer fixed at
@@ -203,6 +206,36 @@ impl Transport {
     }
 }
 
+/// Idle time before the first TCP keepalive probe.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+/// Time between keepalive probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// Unanswered probes before the kernel drops the connection.
+pub const KEEPALIVE_RETRIES: u32 = 3;
+/// `TCP_USER_TIMEOUT`: how long sent data may stay unacknowledged before the kernel
+/// drops the connection.
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Let the kernel notice a peer that silently vanished (packets dropped, not reset): an
+/// idle connection fails after about `KEEPALIVE_IDLE + KEEPALIVE_RETRIES x
+/// KEEPALIVE_INTERVAL` (25 s), one with unacknowledged data after `TCP_USER_TIMEOUT`.
+/// Without these a blocked read or write waits for the kernel's retransmission limit
+/// (~15 min). Best effort: a kernel that refuses an option keeps its default.
+fn set_dead_peer_timeouts(tcp: &TcpStream) {
+    let sock = socket2::SockRef::from(tcp);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    if let Err(e) = sock.set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "TCP keepalive not set");
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(e) = sock.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT)) {
+        tracing::debug!(error = %e, "TCP_USER_TIMEOUT not set");
+    }
+}
+
 /// Connect (TCP with keepalives, or the Unix socket) and negotiate TLS per `sslmode`.
 /// `paced` fixes the receive buffer for the replication stream's paced reads.
 pub(crate) async fn open_transport(
@@ -226,10 +259,7 @@ pub(crate) async fn open_transport(
         .await
         .map_err(io_err)?;
     tcp.set_nodelay(true).map_err(io_err)?;
-    let ka = socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(30))
-        .with_interval(Duration::from_secs(10));
-    let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&ka);
+    set_dead_peer_timeouts(&tcp);
     negotiate_tls(cfg, tcp).await
 }
 
@@ -304,6 +334,7 @@ impl ReplConnection {
             backend_pid: 0,
             batching: false,
             pacer: ReadPacer::default(),
+            received: 0,
         };
         conn.startup(cfg).await?;
         Ok(conn)
@@ -549,7 +580,13 @@ impl ReplConnection {
         if n == 0 {
             return Err(self.closed());
         }
+        self.received += n as u64;
         Ok(())
+    }
+
+    /// Bytes read from the socket since the connection opened.
+    pub fn bytes_received(&self) -> u64 {
+        self.received
     }
 
     /// Room for one large read. Growth follows the bytes already buffered (doubling a
@@ -820,6 +857,7 @@ impl ReplConnection {
             Some(Err(source)) => return Err(self.io_error(source)),
             Some(Ok(_)) | None => {}
         }
+        self.received += got as u64;
         self.pacer.observe(ask, got);
         Ok(got > 0)
     }

@@ -355,19 +355,19 @@ impl Env {
         }
     }
 
-    /// The 20k-row transaction (plus activity rows), on its own connection.
-    fn big_txn(&mut self) -> tokio::task::JoinHandle<()> {
+    /// The 20k-row transaction (plus activity rows), on its own connection; the task's
+    /// result says whether it committed.
+    fn big_txn(&mut self) -> tokio::task::JoinHandle<Result<(), String>> {
         self.big += 1;
         let k = self.big;
         let url = self.rig.pg.url("postgres", "postgres");
         tokio::spawn(async move {
-            let Ok((c, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await else {
-                return;
-            };
+            let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .map_err(|e| e.to_string())?;
             tokio::spawn(conn);
-            let _ = c
-                .batch_execute(&format!(
-                    "BEGIN;
+            c.batch_execute(&format!(
+                "BEGIN;
                      INSERT INTO inventory (sku, location, on_hand, reserved)
                        SELECT 'big-' || (i % 997), 'B{k}-' || (i / 997), i % 50, i % 3
                        FROM generate_series(1, 20000) i;
@@ -375,9 +375,34 @@ impl Env {
                        SELECT 'big-' || (i % 997), 'view', 1 FROM generate_series(1, 2000) i;
                      UPDATE inventory SET on_hand = on_hand + 1 WHERE location = 'B{k}-3';
                      COMMIT;"
-                ))
-                .await;
+            ))
+            .await
+            .map_err(|e| e.to_string())
         })
+    }
+
+    /// `pg_current_wal_lsn()`, as a number.
+    fn wal_lsn(&self) -> u64 {
+        let s = self.rig.pg.psql("SELECT pg_current_wal_lsn()");
+        s.parse::<Lsn>().expect("an LSN").0
+    }
+
+    /// The Redis meta hash's `applied_lsn` (0 when unset).
+    async fn applied_lsn(&mut self) -> u64 {
+        let meta = skusync::sinks::layout::meta_key("skusync");
+        hget(&mut self.rig.con, &meta, "applied_lsn")
+            .await
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The commit LSN that last wrote the SKU hash of `sku` (0 when absent).
+    async fn sku_lsn(&mut self, sku: &str) -> u64 {
+        let key = skusync::sinks::layout::sku_key("skusync", sku);
+        hget(&mut self.rig.con, &key, "lsn")
+            .await
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
     }
 
     async fn reconnect_pg(&mut self) {
@@ -400,10 +425,19 @@ impl Env {
             let want = self.rig.markers as i64;
             loop {
                 let got = b.retained(&topic, Duration::from_millis(300));
-                if got.iter().any(|(_, p)| {
-                    serde_json::from_slice::<serde_json::Value>(p)
-                        .is_ok_and(|j| j["on_hand"].as_i64() == Some(want))
-                }) {
+                let decoded: Vec<serde_json::Value> = got
+                    .iter()
+                    .filter(|(_, p)| !p.is_empty())
+                    .map(|(t, p)| {
+                        serde_json::from_slice(p).unwrap_or_else(|e| {
+                            panic!(
+                                "{t}: retained payload is not JSON ({e}): {:?}",
+                                String::from_utf8_lossy(p)
+                            )
+                        })
+                    })
+                    .collect();
+                if decoded.iter().any(|j| j["on_hand"].as_i64() == Some(want)) {
                     break;
                 }
                 assert!(
@@ -453,6 +487,8 @@ impl Env {
             let (n, v) = c.finish().await;
             samples = n;
             assert!(v.is_empty(), "slot confirmed past Redis: {v:#?}");
+            // a checker that never compared anything proves nothing
+            assert!(n > 0, "the LSN safety sampler took no sample");
         }
         let log = full_log(self.rig.daemon());
         assert!(!log.contains("panicked"), "skusync panicked:\n{log}");
@@ -495,7 +531,22 @@ enum Fault {
     ProxyCutAll,
     ProxyStall,
     ProxyDelay,
+    PgBlackHole,
 }
+
+/// How long the PostgreSQL black hole lasts: long enough for the silence timeout (15 s)
+/// to fire by default, two minutes under `SKUSYNC_CHAOS_FULL=1`.
+fn black_hole_duration() -> Duration {
+    if full() {
+        Duration::from_secs(120)
+    } else {
+        Duration::from_secs(22)
+    }
+}
+
+/// skusync must take a black-holed replication connection for dead within this (its
+/// silence timeout is 15 s, checked at every 1 s status tick).
+const DEAD_CONNECTION_BOUND: Duration = Duration::from_secs(20);
 
 impl Fault {
     fn setup(self) -> Setup {
@@ -510,7 +561,7 @@ impl Fault {
                 s.resyncs = true;
             }
             MqttRestart | MqttPause => s.mqtt = Some(true),
-            ProxyCutAll | ProxyStall | ProxyDelay => {
+            ProxyCutAll | ProxyStall | ProxyDelay | PgBlackHole => {
                 s.proxies = true;
                 s.mqtt = Some(true);
             }
@@ -532,7 +583,10 @@ impl Fault {
                     2
                 }
             }
-            RedisPause | ProxyStall | MqttPause => {
+            // every path once: Redis, PostgreSQL, MQTT
+            ProxyStall => 3,
+            PgBlackHole => 1,
+            RedisPause | MqttPause => {
                 if f {
                     2
                 } else {
@@ -560,17 +614,78 @@ async fn inject(env: &mut Env, w: &mut Workload, fault: Fault, i: usize, rng: &m
             env.rig.daemon().kill9_and_restart();
         }
         Kill9MidBigTxn => {
-            env.big_txn().await.expect("big txn");
-            tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
-            env.rig.daemon().kill9_and_restart();
+            let before = env.wal_lsn();
+            env.big_txn()
+                .await
+                .expect("big txn task")
+                .expect("the 20k-row transaction committed");
+            // Kill once its first piece is in Redis, with the rest still to apply (up to
+            // 20 ms later, so some kills also land between later pieces).
+            let t0 = Instant::now();
+            while env.sku_lsn("big-0").await <= before {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(60),
+                    "skusync never started applying the 20k-row transaction\n{}",
+                    env.rig.daemon().stderr_all()
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..20))).await;
+            let d = env.rig.daemon.as_mut().expect("daemon");
+            let mut p = d.proc.take().expect("running");
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+            drop(p);
+            // The kill hit the apply: one piece of the transaction is in Redis, but the
+            // meta hash never recorded its end (applied_lsn stays at or below its commit).
+            let commit = env.sku_lsn("big-0").await;
+            let applied = env.applied_lsn().await;
+            eprintln!("SIGKILL landed: big txn commit {commit}, applied_lsn {applied}");
+            assert!(
+                commit > before && applied <= commit,
+                "the SIGKILL landed after the 20k-row transaction was fully applied \
+                 (commit {commit}, applied_lsn {applied})"
+            );
+            env.rig.daemon().spawn();
         }
         WalsenderTerminate => {
-            env.rig
-                .exec(
-                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
-                     WHERE slot_name = 'skusync' AND active_pid IS NOT NULL",
+            // Wait for a walsender to hold the slot, terminate it, and check both that it
+            // was terminated and that a new one took its place.
+            let active_pid = |env: &Env| {
+                env.rig.pg.psql(
+                    "SELECT coalesce(active_pid, 0) FROM pg_replication_slots
+                     WHERE slot_name = 'skusync'",
                 )
-                .await;
+            };
+            let t0 = Instant::now();
+            let mut pid = active_pid(env);
+            while pid == "0" || pid.is_empty() {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "no walsender holds the slot"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                pid = active_pid(env);
+            }
+            let done = env
+                .rig
+                .pg
+                .psql(&format!("SELECT pg_terminate_backend({pid})"));
+            assert_eq!(done, "t", "pg_terminate_backend({pid}) terminated nothing");
+            env.workload(w, 20).await;
+            let t0 = Instant::now();
+            loop {
+                let now = active_pid(env);
+                if now != "0" && now != pid {
+                    break;
+                }
+                assert!(
+                    t0.elapsed() < Duration::from_secs(60),
+                    "no new walsender after terminating {pid}\n{}",
+                    env.rig.daemon().stderr_all()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         PgRestartFast | PgRestartImmediate => {
             let mode = if matches!(fault, PgRestartFast) {
@@ -636,29 +751,95 @@ async fn inject(env: &mut Env, w: &mut Workload, fault: Fault, i: usize, rng: &m
             env.broker.as_mut().unwrap().resume();
         }
         ProxyCutAll => {
-            for p in [&env.pg_proxy, &env.redis_proxy, &env.mqtt_proxy]
+            fn proxies(env: &Env) -> [(&'static str, &Option<Proxy>); 3] {
+                [
+                    ("PostgreSQL", &env.pg_proxy),
+                    ("Redis", &env.redis_proxy),
+                    ("MQTT", &env.mqtt_proxy),
+                ]
+            }
+            let accepted: Vec<usize> = proxies(env)
                 .into_iter()
-                .flatten()
-            {
-                p.cut();
+                .map(|(_, p)| p.as_ref().map_or(0, |p| p.accepted()))
+                .collect();
+            for (name, p) in proxies(env) {
+                if let Some(p) = p {
+                    let cut = p.cut();
+                    assert!(cut > 0, "{name}: the cut found no open connection");
+                }
             }
             env.workload(w, 30).await;
             if let Some(p) = &env.pg_proxy {
                 p.cut();
             }
+            env.recover(Duration::from_secs(90)).await;
+            // The cut connections were replaced: each path was dialled again.
+            for ((name, p), before) in proxies(env).into_iter().zip(accepted) {
+                if let Some(p) = p {
+                    assert!(
+                        p.accepted() > before,
+                        "{name}: no new connection after the cut ({before} before)"
+                    );
+                }
+            }
+            return;
         }
         ProxyStall => {
             // one path at a time (round robin), 6 s each
             let p = [&env.redis_proxy, &env.pg_proxy, &env.mqtt_proxy][i % 3]
                 .as_ref()
                 .unwrap();
+            let held = p.held();
             p.set_stalled(true);
             env.workload(w, 60).await;
             tokio::time::sleep(Duration::from_secs(6)).await;
-            [&env.redis_proxy, &env.pg_proxy, &env.mqtt_proxy][i % 3]
+            let p = [&env.redis_proxy, &env.pg_proxy, &env.mqtt_proxy][i % 3]
                 .as_ref()
-                .unwrap()
-                .set_stalled(false);
+                .unwrap();
+            p.set_stalled(false);
+            let path = ["Redis", "PostgreSQL", "MQTT"][i % 3];
+            assert!(
+                p.held() > held,
+                "the {path} stall held no traffic: nothing was stalled"
+            );
+        }
+        PgBlackHole => {
+            let p = env.pg_proxy.as_ref().unwrap();
+            let (held, accepted) = (p.held(), p.accepted());
+            let dead_log = "taking the replication connection for dead";
+            let seen = full_log(env.rig.daemon()).matches(dead_log).count();
+            let hole = black_hole_duration();
+            let t0 = Instant::now();
+            p.set_black_hole(true);
+            env.workload(w, 60).await;
+            let mut detected = None;
+            while t0.elapsed() < hole {
+                if detected.is_none() && full_log(env.rig.daemon()).matches(dead_log).count() > seen
+                {
+                    detected = Some(t0.elapsed());
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let p = env.pg_proxy.as_ref().unwrap();
+            p.set_black_hole(false);
+            eprintln!("black hole {hole:?}: dead connection detected after {detected:?}");
+            assert!(p.held() > held, "the black hole held no traffic");
+            let detected = detected.unwrap_or_else(|| {
+                panic!(
+                    "skusync did not notice the black-holed replication connection within {hole:?}\n{}",
+                    env.rig.daemon().stderr_all()
+                )
+            });
+            assert!(
+                detected < DEAD_CONNECTION_BOUND,
+                "dead connection detected after {detected:?} (bound {DEAD_CONNECTION_BOUND:?})"
+            );
+            env.recover(Duration::from_secs(90)).await;
+            assert!(
+                env.pg_proxy.as_ref().unwrap().accepted() > accepted,
+                "skusync never reconnected through the proxy"
+            );
+            return;
         }
         ProxyDelay => {
             for p in [&env.pg_proxy, &env.redis_proxy, &env.mqtt_proxy]
@@ -788,6 +969,15 @@ async fn chaos_network_stall() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_postgres_black_holed_is_detected_and_loses_nothing() {
+    let name = format!(
+        "proxy: PostgreSQL black hole {} s",
+        black_hole_duration().as_secs()
+    );
+    cell(&name, Fault::PgBlackHole).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_network_delay() {
     cell("proxy: 5-60 ms delay per chunk", Fault::ProxyDelay).await;
 }
@@ -845,8 +1035,9 @@ async fn chaos_slot_invalidated_while_down_stops_or_resyncs() {
         .drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
         .await;
     if let Some(c) = env.checker.take() {
-        let (_, v) = c.finish().await;
+        let (n, v) = c.finish().await;
         assert!(v.is_empty(), "{v:?}");
+        assert!(n > 0, "the LSN safety sampler took no sample");
     }
     lose_the_slot(&mut env).await;
     env.workload(&mut w, statements / 4).await;

@@ -358,7 +358,14 @@ async fn random_workload_drains_to_exactly_the_sql_aggregate() {
 async fn replays_after_sigkill_do_not_double_count() {
     let seed = test_seed("replays_after_sigkill_do_not_double_count");
     let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::SumEqualsTotal)).await;
-    rig.start_skusync("").await;
+    // /metrics shows the replays the fence skipped (per incarnation: scraped before each
+    // kill and at the end)
+    let http = crate::harness::free_port();
+    rig.start_skusync(&format!("\n[http]\nlisten = \"127.0.0.1:{http}\"\n"))
+        .await;
+    let fenced_now =
+        || crate::harness::scrape_metric(http, skusync::telemetry::FENCED).unwrap_or_default();
+    let mut fenced = 0.0;
     let mut w = public_workload(seed);
     // kill points are transaction indices; ~2000 statements are ~300 transactions
     let mut krng = StdRng::seed_from_u64(seed ^ 0x5eed_c0de);
@@ -372,6 +379,7 @@ async fn replays_after_sigkill_do_not_double_count() {
         if at.contains(&i) {
             // let it get somewhere first, at a random moment
             tokio::time::sleep(Duration::from_millis(krng.random_range(0..300))).await;
+            fenced += fenced_now();
             rig.daemon().kill9_and_restart();
             killed += 1;
         }
@@ -381,6 +389,14 @@ async fn replays_after_sigkill_do_not_double_count() {
     rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(40))
         .await;
     rig.assert_converges(Duration::from_secs(10)).await;
+    fenced += fenced_now();
+    eprintln!("{fenced} replayed SKU entries fenced after {killed} SIGKILLs");
+    // Without a replay the test proves nothing about double counting.
+    assert!(
+        fenced > 0.0,
+        "no replay reached the fence after {killed} SIGKILLs\n{}",
+        rig.daemon().stderr_all()
+    );
     let code = rig.daemon().sigterm();
     assert_eq!(code, Some(0), "{}", rig.daemon().stderr_all());
 }

@@ -69,16 +69,28 @@ fn as_i64(v: Option<&String>) -> i64 {
 /// Differences between the retained messages and the Redis hashes.
 pub async fn retained_mismatches(rig: &mut Rig, broker: &MosquittoServer) -> Vec<String> {
     let state = rig.oracle.redis_state(&mut rig.con).await;
-    let retained: BTreeMap<String, serde_json::Value> = broker
-        .retained("skusync/sku/+", Duration::from_secs(5))
-        .into_iter()
-        .filter(|(_, p)| !p.is_empty())
-        .filter_map(|(t, p)| {
-            let sku = decode_sku(t.strip_prefix("skusync/sku/")?)?;
-            Some((sku, serde_json::from_slice(&p).ok()?))
-        })
-        .collect();
     let mut out = Vec::new();
+    let mut retained: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    // An empty payload clears a retained message; anything else must decode, or it is a
+    // difference (never silently skipped).
+    for (t, p) in broker.retained("skusync/sku/+", Duration::from_secs(5)) {
+        if p.is_empty() {
+            continue;
+        }
+        let Some(sku) = t.strip_prefix("skusync/sku/").and_then(decode_sku) else {
+            out.push(format!("{t:?}: topic does not name a SKU"));
+            continue;
+        };
+        match serde_json::from_slice(&p) {
+            Ok(j) => {
+                retained.insert(sku, j);
+            }
+            Err(e) => out.push(format!(
+                "{t:?}: retained payload is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&p)
+            )),
+        }
+    }
     for (sku, h) in &state {
         let gone = h.get("gone").map(String::as_str) == Some("1");
         match (retained.get(sku), gone) {

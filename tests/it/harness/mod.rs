@@ -238,3 +238,28 @@ impl Drop for ChildProc {
         self.kill9();
     }
 }
+
+/// Sum of every series of the metric `name` in skusync's `/metrics` on 127.0.0.1:`port`;
+/// `None` when nothing answers or the metric is missing.
+pub fn scrape_metric(port: u16, name: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let mut found = None;
+    for l in out.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = l.rsplit_once(' ') else {
+            continue;
+        };
+        if series == name
+            || series
+                .strip_prefix(name)
+                .is_some_and(|r| r.starts_with('{'))
+        {
+            *found.get_or_insert(0.0) += value.parse::<f64>().ok()?;
+        }
+    }
+    found
+}

@@ -1,6 +1,8 @@
 //! A small TCP fault proxy: listens on a free loopback port and forwards every connection
 //! to a target port. Faults: a per-chunk delay, a stall (stop forwarding in both directions
-//! without closing anything), cutting all open connections, and (for PostgreSQL, see
+//! without closing anything), a black hole (a stall that also swallows closes and holds
+//! new connections: nothing at all gets through, as when packets are dropped), cutting
+//! all open connections, and (for PostgreSQL, see
 //! [`Proxy::start_pg`]) corrupting the next pgoutput change inside an XLogData frame.
 
 use std::io::{Read, Write};
@@ -13,6 +15,9 @@ use std::time::Duration;
 struct Shared {
     delay_ms: AtomicU64,
     stalled: AtomicBool,
+    holed: AtomicBool,
+    /// Chunks (or closes) that had to wait for a stall or a black hole to end.
+    held: AtomicUsize,
     stop: AtomicBool,
     conns: Mutex<Vec<TcpStream>>,
     accepted: AtomicUsize,
@@ -57,36 +62,12 @@ impl Proxy {
                     break;
                 }
                 let Ok(client) = client else { continue };
-                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
-                    let _ = client.shutdown(Shutdown::Both);
-                    continue;
-                };
-                sh.accepted.fetch_add(1, Ordering::SeqCst);
-                let _ = client.set_nodelay(true);
-                let _ = server.set_nodelay(true);
-                {
-                    let mut c = sh.conns.lock().unwrap();
-                    c.retain(|s| s.peer_addr().is_ok());
-                    c.push(client.try_clone().expect("clone"));
-                    c.push(server.try_clone().expect("clone"));
-                }
-                for (from, to, from_server) in [
-                    (
-                        client.try_clone().expect("clone"),
-                        server.try_clone().expect("clone"),
-                        false,
-                    ),
-                    (server, client, true),
-                ] {
-                    let sh = sh.clone();
-                    std::thread::spawn(move || {
-                        if from_server && sh.pg_frames {
-                            pump_pg_frames(from, to, &sh)
-                        } else {
-                            pump(from, to, &sh)
-                        }
-                    });
-                }
+                let sh = sh.clone();
+                // A black hole holds new connections too (their first bytes go nowhere).
+                std::thread::spawn(move || {
+                    hold(&sh, false);
+                    forward(client, target, sh)
+                });
             }
         });
         Proxy {
@@ -105,7 +86,7 @@ impl Proxy {
         self.target
     }
 
-    /// Connections accepted so far.
+    /// Connections accepted (and forwarded to the target) so far.
     pub fn accepted(&self) -> usize {
         self.shared.accepted.load(Ordering::SeqCst)
     }
@@ -122,11 +103,30 @@ impl Proxy {
         self.shared.stalled.store(stalled, Ordering::SeqCst);
     }
 
+    /// Black hole on or off: nothing is forwarded in either direction, closes are not
+    /// passed on and new connections wait, all without closing a socket (so neither side
+    /// sees an error until its own timeouts fire). Held bytes flow once it is off, as
+    /// retransmissions would.
+    pub fn set_black_hole(&self, on: bool) {
+        self.shared.holed.store(on, Ordering::SeqCst);
+    }
+
+    /// Chunks, closes and new connections that waited for a stall or a black hole: proof
+    /// that one hit live traffic.
+    pub fn held(&self) -> usize {
+        self.shared.held.load(Ordering::SeqCst)
+    }
+
     /// Close every open connection (both sides see a reset/EOF); new ones are accepted.
-    pub fn cut(&self) {
-        for s in self.shared.conns.lock().unwrap().drain(..) {
+    /// Returns how many proxied connections were open (and are now cut).
+    pub fn cut(&self) -> usize {
+        let mut conns = self.shared.conns.lock().unwrap();
+        // sockets are pushed in (client, server) pairs
+        let open = conns.iter().filter(|s| s.peer_addr().is_ok()).count() / 2;
+        for s in conns.drain(..) {
             let _ = s.shutdown(Shutdown::Both);
         }
+        open
     }
 
     /// Corrupt the next Insert/Update on a replication stream: its first tuple column kind
@@ -146,6 +146,53 @@ impl Proxy {
     }
 }
 
+/// Connect to the target and pump both directions of one accepted connection.
+fn forward(client: TcpStream, target: u16, sh: Arc<Shared>) {
+    let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+        let _ = client.shutdown(Shutdown::Both);
+        return;
+    };
+    sh.accepted.fetch_add(1, Ordering::SeqCst);
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    {
+        let mut c = sh.conns.lock().unwrap();
+        c.retain(|s| s.peer_addr().is_ok());
+        c.push(client.try_clone().expect("clone"));
+        c.push(server.try_clone().expect("clone"));
+    }
+    for (from, to, from_server) in [
+        (
+            client.try_clone().expect("clone"),
+            server.try_clone().expect("clone"),
+            false,
+        ),
+        (server, client, true),
+    ] {
+        let sh = sh.clone();
+        std::thread::spawn(move || {
+            if from_server && sh.pg_frames {
+                pump_pg_frames(from, to, &sh)
+            } else {
+                pump(from, to, &sh)
+            }
+        });
+    }
+}
+
+/// Wait while a black hole (or, for data, a stall) is on, counting the chunk (or close,
+/// or new connection) as held as soon as it has to wait. A close (`data == false`) only
+/// waits for a black hole: a stall passes it on.
+fn hold(sh: &Shared, data: bool) {
+    let blocked = || sh.holed.load(Ordering::SeqCst) || (data && sh.stalled.load(Ordering::SeqCst));
+    if blocked() && !sh.stop.load(Ordering::SeqCst) {
+        sh.held.fetch_add(1, Ordering::SeqCst);
+    }
+    while blocked() && !sh.stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn pump(mut from: TcpStream, mut to: TcpStream, sh: &Shared) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -153,9 +200,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, sh: &Shared) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        while sh.stalled.load(Ordering::SeqCst) && !sh.stop.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        hold(sh, true);
         let d = sh.delay_ms.load(Ordering::SeqCst);
         if d > 0 {
             std::thread::sleep(Duration::from_millis(d));
@@ -164,6 +209,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, sh: &Shared) {
             break;
         }
     }
+    hold(sh, false);
     let _ = to.shutdown(Shutdown::Both);
     let _ = from.shutdown(Shutdown::Both);
 }
@@ -180,6 +226,7 @@ fn pump_pg_frames(mut from: TcpStream, mut to: TcpStream, sh: &Shared) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        hold(sh, true);
         pending.extend_from_slice(&buf[..n]);
         let mut done = 0;
         while pending.len() - done >= 5 {
@@ -214,6 +261,7 @@ fn pump_pg_frames(mut from: TcpStream, mut to: TcpStream, sh: &Shared) {
             pending.drain(..done);
         }
     }
+    hold(sh, false);
     let _ = to.shutdown(Shutdown::Both);
     let _ = from.shutdown(Shutdown::Both);
 }
@@ -222,6 +270,7 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.stalled.store(false, Ordering::SeqCst);
+        self.shared.holed.store(false, Ordering::SeqCst);
         self.cut();
         // wake the accept loop
         let _ = TcpStream::connect(("127.0.0.1", self.port));
