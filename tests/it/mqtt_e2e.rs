@@ -405,3 +405,77 @@ async fn alerts_of_a_sku_whose_state_exceeds_the_packet_limit_are_still_publishe
         d.stderr_all()
     );
 }
+
+/// Start `skusync run` with `[redis] max_changes_per_piece` set and `[mqtt]` appended.
+async fn start_with_pieces(rig: &mut Rig, broker: &MosquittoServer, per_piece: u64) {
+    let text = rig
+        .oracle
+        .config_toml(
+            &rig.pg.url("postgres", "postgres"),
+            "skusync",
+            PUBS,
+            &rig.redis.url(),
+        )
+        .replacen(
+            "[redis]\n",
+            &format!("[redis]\nmax_changes_per_piece = {per_piece}\n"),
+            1,
+        )
+        + &mqtt_toml(broker, 0);
+    let cfg = crate::support::write_config(rig.dir.path(), &text);
+    rig.daemon = Some(Daemon::start(rig.dir.path(), cfg));
+    rig.wait_bootstrap(Duration::from_secs(40)).await;
+}
+
+/// Item 1 of the reliability issue: every piece of a transaction applied in several
+/// writes the same `lsn`, so a mark that recorded only the LSN took the state after the
+/// first piece for the final one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_after_the_last_piece_of_a_split_transaction_is_the_one_retained() {
+    let broker = MosquittoServer::start();
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.exec("INSERT INTO inventory VALUES ('HOT', 'W1', 10, 0)")
+        .await;
+    start_with_pieces(&mut rig, &broker, 1000).await;
+    assert_retained_equals_redis(&mut rig, &broker, Duration::from_secs(20)).await;
+    // One transaction of 30k changes, cut into ~30 pieces; HOT changes in the first and
+    // in the last, so the publisher sees (and the broker acknowledges) its state after
+    // piece 0 long before the last piece is applied.
+    rig.exec(
+        "BEGIN;
+         UPDATE inventory SET on_hand = 1 WHERE sku = 'HOT';
+         INSERT INTO inventory SELECT 'B' || (i % 300), 'L' || (i / 300), 1, 0
+           FROM generate_series(0, 29999) i;
+         UPDATE inventory SET on_hand = 99, reserved = 7 WHERE sku = 'HOT';
+         COMMIT;",
+    )
+    .await;
+    rig.drain(&WorkloadTables::public(), "W1", Duration::from_secs(60))
+        .await;
+    rig.assert_converges(Duration::from_secs(30)).await;
+    let key = layout::sku_key("skusync", "HOT");
+    let piece: i64 = hget(&mut rig.con, &key, "piece")
+        .await
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        piece > 0,
+        "HOT's last change landed in a later piece ({piece})"
+    );
+    assert_eq!(
+        hget(&mut rig.con, &key, "on_hand").await.as_deref(),
+        Some("99")
+    );
+    assert_retained_equals_redis(&mut rig, &broker, Duration::from_secs(20)).await;
+    let hot = broker.retained(&sku_topic("skusync", "HOT"), Duration::from_secs(3));
+    let j: serde_json::Value = serde_json::from_slice(&hot[0].1).unwrap();
+    assert_eq!(
+        (j["on_hand"].clone(), j["reserved"].clone()),
+        (99.into(), 7.into())
+    );
+    assert_eq!(
+        j["piece"], piece,
+        "a later piece's state says which piece it is"
+    );
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+}
