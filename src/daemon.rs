@@ -408,7 +408,10 @@ impl Daemon {
         let (tx, rx) = mpsc::channel(8);
         let src = spawn_source(source, tx, src_token.clone());
         let applier = Applier::new(con, self.settings.clone());
-        let result = self.pipeline(rx, applier, progress).await;
+        let result = self.pipeline(rx, applier, progress.clone()).await;
+        // The pipeline is gone with whatever it had not applied: the source must not wait
+        // (10 s) for those tickets before it stops. Confirms only what is durable.
+        progress.release();
         // Whatever ended the pipeline, stop the source (it confirms what is durable).
         src_token.cancel();
         let src_result = match tokio::time::timeout(Duration::from_secs(15), src).await {

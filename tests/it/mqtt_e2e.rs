@@ -479,3 +479,40 @@ async fn the_state_after_the_last_piece_of_a_split_transaction_is_the_one_retain
     );
     assert_eq!(rig.daemon().sigterm(), Some(0));
 }
+
+/// Item 8 of the reliability issue: a pipeline restart used to wait the source's whole
+/// drain timeout (10 s) for the tickets of the batch it had just discarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_restart_does_not_wait_for_the_tickets_it_discarded() {
+    let broker = MosquittoServer::start();
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.exec("INSERT INTO inventory VALUES ('A', 'W1', 5, 0)")
+        .await;
+    rig.start_skusync(&mqtt_toml(&broker, 0)).await;
+    rig.drain(&WorkloadTables::public(), "W1", Duration::from_secs(30))
+        .await;
+    // Redis loses its data; the next transaction's apply call is refused (no meta hash)
+    // with its ticket pending, and the daemon restarts to rebuild Redis.
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut rig.con)
+        .await
+        .unwrap();
+    let start = Instant::now();
+    rig.exec("UPDATE inventory SET on_hand = 6 WHERE sku = 'A'")
+        .await;
+    rig.wait_bootstrap(Duration::from_secs(40)).await;
+    let took = start.elapsed();
+    assert!(
+        rig.daemon().stderr_contains("lost its data"),
+        "the restart was for the lost Redis data\n{}",
+        rig.daemon().stderr_all()
+    );
+    assert!(
+        took < Duration::from_secs(6),
+        "restart and rebuild took {took:?} (the stall was 10 s)\n{}",
+        rig.daemon().stderr_all()
+    );
+    rig.assert_converges(Duration::from_secs(20)).await;
+    assert_retained_equals_redis(&mut rig, &broker, Duration::from_secs(20)).await;
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+}
