@@ -313,8 +313,17 @@ impl Daemon {
             .snapshot_name
             .clone()
             .ok_or_else(|| DaemonError::Transient("no snapshot exported".into()))?;
+        // The publisher must not project Redis while it is reset and reloaded (partial
+        // states with the snapshot's LSN); it resumes right after the load with a full republish. Should
+        // the load fail it stays paused: the next cycle rebuilds again.
+        if let Some(m) = &self.mqtt {
+            m.pause();
+        }
         self.load(con, &snapshot, info.consistent_point, Some(&system))
             .await?;
+        if let Some(m) = &self.mqtt {
+            m.resume();
+        }
         client
             .execute(
                 "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
@@ -324,9 +333,6 @@ impl Daemon {
             .map_err(|e| DaemonError::from(meta::classify(e, &self.pgc)))?;
         drop(repl); // drops the temporary slot
         telemetry::resync();
-        if let Some(m) = &self.mqtt {
-            m.republish_all();
-        }
         Ok(())
     }
 

@@ -516,3 +516,62 @@ async fn a_pipeline_restart_does_not_wait_for_the_tickets_it_discarded() {
     assert_retained_equals_redis(&mut rig, &broker, Duration::from_secs(20)).await;
     assert_eq!(rig.daemon().sigterm(), Some(0));
 }
+
+/// Item 7 of the reliability issue: a SKU the rebuild's snapshot no longer holds is
+/// cleared on the broker (empty retained message), not republished as zeros.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sku_absent_from_a_rebuilds_snapshot_is_cleared_not_published_as_zeros() {
+    let broker = MosquittoServer::start();
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.exec("INSERT INTO inventory VALUES ('GHOST', 'W1', 5, 0), ('KEEP', 'W1', 3, 0)")
+        .await;
+    rig.start_skusync(&mqtt_toml(&broker, 0)).await;
+    assert_retained_equals_redis(&mut rig, &broker, Duration::from_secs(20)).await;
+    assert_eq!(
+        broker
+            .retained(&sku_topic("skusync", "GHOST"), Duration::from_secs(2))
+            .len(),
+        1
+    );
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+    // Deleted while nothing streams; the rebuild moves the slot past the delete, so only
+    // the snapshot can tell that GHOST is gone.
+    rig.exec("DELETE FROM inventory WHERE sku = 'GHOST'; UPDATE inventory SET on_hand = 4 WHERE sku = 'KEEP'")
+        .await;
+    let cfg = rig.daemon().cfg.clone();
+    let out = std::process::Command::new(crate::support::skusync_bin())
+        .args(["resync", "--config", cfg.to_str().unwrap()])
+        .output()
+        .expect("run skusync resync");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    rig.daemon().spawn();
+    rig.drain(&WorkloadTables::public(), "W1", Duration::from_secs(30))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ghost = broker.retained(&sku_topic("skusync", "GHOST"), Duration::from_secs(2));
+        let keep = broker.retained(&sku_topic("skusync", "KEEP"), Duration::from_secs(2));
+        let keep_ok = keep.first().is_some_and(|(_, p)| {
+            serde_json::from_slice::<serde_json::Value>(p).unwrap()["on_hand"] == 4
+        });
+        if ghost.is_empty() && keep_ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "GHOST retained {:?}, KEEP retained {:?}\n{}",
+            ghost
+                .first()
+                .map(|(_, p)| String::from_utf8_lossy(p).into_owned()),
+            keep.first()
+                .map(|(_, p)| String::from_utf8_lossy(p).into_owned()),
+            rig.daemon().stderr_all()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+}

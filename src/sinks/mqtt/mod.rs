@@ -251,6 +251,8 @@ impl Stats {
 
 #[derive(Debug, Default)]
 struct Shared {
+    /// Redis is being rebuilt: publish nothing (its states are partial).
+    paused: AtomicBool,
     changed: Mutex<HashSet<String>>,
     /// `changed` overflowed its cap and was dropped: scan Redis (the outbox) instead.
     overflow: AtomicBool,
@@ -297,6 +299,22 @@ impl MqttHandle {
     pub fn republish_all(&self) {
         self.shared.republish_all.store(true, Ordering::SeqCst);
         self.shared.notify.notify_one();
+    }
+
+    /// Stop publishing states and alerts while Redis is rebuilt (reset and reloaded from
+    /// a snapshot): its hashes are partial meanwhile and carry the snapshot's LSN, which
+    /// the corrected final states share. Acknowledgements of messages already in flight
+    /// are still recorded.
+    pub fn pause(&self) {
+        self.shared.paused.store(true, Ordering::SeqCst);
+        self.shared.notify.notify_one();
+    }
+
+    /// The rebuild finished: republish every SKU from the rebuilt Redis (SKUs the snapshot
+    /// no longer holds are cleared).
+    pub fn resume(&self) {
+        self.shared.paused.store(false, Ordering::SeqCst);
+        self.republish_all();
     }
 
     /// Connected to the broker (CONNACK received, not yet disconnected).

@@ -110,6 +110,14 @@ pub fn piece_num(v: Option<&str>) -> i64 {
     v.and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
+/// Whether the SKU's retained message is to be cleared: the apply script marked it
+/// `gone` (no stock rows, no counters), or a rebuild reset it (`piece` -1) and its
+/// snapshot held nothing of it, so it has no stock and no counters either.
+pub fn is_gone(fields: &HashMap<String, String>) -> bool {
+    fields.get("gone").map(String::as_str) == Some("1")
+        || fields.get("piece").map(String::as_str) == Some("-1")
+}
+
 /// Builds the state message of `sku` from its hash `fields` at `now_ms` (unix ms).
 /// `users` holds the distinct-user counts by payload name (`views_users_5m`), computed by
 /// the caller from the per-minute HyperLogLogs.
@@ -122,7 +130,7 @@ pub fn state_message(
     kind: Kind,
 ) -> StateMessage {
     let lsn = u64_field(fields, "lsn").unwrap_or(0);
-    if fields.get("gone").map(String::as_str) == Some("1") {
+    if is_gone(fields) {
         return StateMessage {
             payload: String::new(),
             lsn,
@@ -467,7 +475,7 @@ mod tests {
             kind: Kind,
         ) -> StateMessage {
             let lsn = u64_field(fields, "lsn").unwrap_or(0);
-            if fields.get("gone").map(String::as_str) == Some("1") {
+            if is_gone(fields) {
                 return StateMessage {
                     payload: String::new(),
                     lsn,

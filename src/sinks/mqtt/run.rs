@@ -352,7 +352,7 @@ impl Task {
         if let Some(t) = self.marks_since {
             d = d.min(t + MARK_LINGER);
         }
-        if !self.connected {
+        if !self.connected || self.shared.paused.load(Ordering::SeqCst) {
             return d;
         }
         if let EpochPhase::Waiting { until, .. } = &self.epoch {
@@ -670,6 +670,10 @@ impl Task {
         // A scan reads the publish marks: it must see every acknowledgement.
         if self.marks_due(now) || (self.scan.is_some() && !self.marks.is_empty()) {
             self.flush_marks().await;
+        }
+        if self.shared.paused.load(Ordering::SeqCst) {
+            // Redis is being rebuilt; `resume` republishes everything afterwards.
+            return;
         }
         if let EpochPhase::Waiting { until, seen } = &mut self.epoch {
             if *until > now {
@@ -1031,7 +1035,7 @@ impl Task {
         } else {
             Kind::Change
         };
-        let gone = fields.get("gone").map(String::as_str) == Some("1");
+        let gone = payload::is_gone(&fields);
         let users = if gone {
             HashMap::new()
         } else {
