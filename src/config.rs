@@ -933,6 +933,7 @@ mod tests {
             "alert_state",
             "alerts",
             "pub_lsn",
+            "pub_piece",
             "pub_state",
             "gone",
             "published",
@@ -944,6 +945,7 @@ mod tests {
             "delta",
             "as_of",
             "prev_lsn",
+            "prev_piece",
             "sell_rate_per_h",
             "stockout_eta_s",
             // not a field name at all

@@ -405,8 +405,17 @@ impl Daemon {
             .snapshot_name
             .clone()
             .ok_or_else(|| DaemonError::Transient("no snapshot exported".into()))?;
+        // The publisher must not project Redis while it is reset and reloaded (partial
+        // states with the snapshot's LSN); it resumes right after the load with a full republish. Should
+        // the load fail it stays paused: the next cycle rebuilds again.
+        if let Some(m) = &self.mqtt {
+            m.pause();
+        }
         self.load(con, &snapshot, info.consistent_point, Some(&system))
             .await?;
+        if let Some(m) = &self.mqtt {
+            m.resume();
+        }
         client
             .execute(
                 "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
@@ -416,9 +425,6 @@ impl Daemon {
             .map_err(|e| DaemonError::from(meta::classify(e, &self.pgc)))?;
         drop(repl); // drops the temporary slot
         telemetry::resync();
-        if let Some(m) = &self.mqtt {
-            m.republish_all();
-        }
         Ok(())
     }
 
@@ -500,7 +506,10 @@ impl Daemon {
         let (tx, rx) = mpsc::channel(8);
         let src = spawn_source(source, tx, src_token.clone());
         let applier = Applier::new(con, self.settings.clone());
-        let result = self.pipeline(rx, applier, progress).await;
+        let result = self.pipeline(rx, applier, progress.clone()).await;
+        // The pipeline is gone with whatever it had not applied: the source must not wait
+        // (10 s) for those tickets before it stops. Confirms only what is durable.
+        progress.release();
         // Whatever ended the pipeline, stop the source (it confirms what is durable).
         src_token.cancel();
         let src_result = match tokio::time::timeout(Duration::from_secs(15), src).await {

@@ -49,6 +49,8 @@ pub struct Progress {
     /// How long before the walsender sent the latest commit it had been committed
     /// (server clock on both sides, so clock skew cannot fake a backlog), in ms.
     stream_lag_ms: i64,
+    /// Downstream stopped for good: no pending ticket will ever come back.
+    released: bool,
 }
 
 impl Progress {
@@ -61,6 +63,7 @@ impl Progress {
             next_seq: 0,
             pending: VecDeque::new(),
             stream_lag_ms: 0,
+            released: false,
         }
     }
 
@@ -161,12 +164,35 @@ impl Progress {
     pub fn pending(&self) -> usize {
         self.pending.len()
     }
+
+    /// Downstream stopped and dropped the tickets it still held (a pipeline restart
+    /// discards its unapplied batch): nothing pending will become durable, so a shutdown
+    /// must not wait for it. The flush LSN stays where it is.
+    pub fn release(&mut self) {
+        self.released = true;
+    }
+
+    /// Whether a shutdown should keep waiting for pending transactions.
+    pub fn awaiting_downstream(&self) -> bool {
+        !self.released && !self.pending.is_empty()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn release_ends_the_wait_without_moving_flush() {
+        let mut p = Progress::new(Lsn(100));
+        p.begin();
+        let _dropped = p.commit(Lsn(200));
+        assert!(p.awaiting_downstream());
+        p.release();
+        assert!(!p.awaiting_downstream());
+        assert_eq!(p.flush_lsn(), Lsn(100));
+    }
 
     #[test]
     fn in_order_durability() {

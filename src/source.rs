@@ -169,6 +169,10 @@ impl ProgressHandle {
     pub fn stream_lag_ms(&self) -> i64 {
         self.lock().stream_lag_ms()
     }
+    /// Downstream is done: tickets it did not return never will (see [`Progress::release`]).
+    pub fn release(&self) {
+        self.lock().release();
+    }
     fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
         // A poisoned lock means a sink thread panicked; its data is still consistent.
         self.0.lock().unwrap_or_else(|p| p.into_inner())
@@ -384,7 +388,7 @@ impl Source {
                 // Shutdown: let downstream finish what it was handed, confirm what is
                 // durable, then end the stream cleanly.
                 let deadline = tokio::time::Instant::now() + self.cfg.drain_timeout;
-                while self.lock().pending() > 0 && tokio::time::Instant::now() < deadline {
+                while self.lock().awaiting_downstream() && tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 let _ = self.send_status(&mut conn, true).await;

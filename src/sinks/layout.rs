@@ -24,7 +24,7 @@
 //! | `threshold` | per-SKU low-stock threshold, when a column maps it |
 //! | `alert_state` | `ok`, `low` or `out` |
 //! | `alerts` | JSON array of alerts not yet acknowledged by the broker |
-//! | `pub_lsn` | LSN of the last state the broker acknowledged (outbox mark) |
+//! | `pub_lsn`, `pub_piece` | LSN and piece of the last state the broker acknowledged (outbox mark) |
 //! | `pub_state` | JSON object of the numeric values in that acknowledged message |
 //! | `gone` | `1` when no stock rows and no counters remain (retained message cleared) |
 //!
@@ -60,6 +60,7 @@ pub const FIXED_FIELDS: &[&str] = &[
     "alert_state",
     "alerts",
     "pub_lsn",
+    "pub_piece",
     "pub_state",
     "gone",
 ];

@@ -349,7 +349,8 @@ async fn publish_marks_move_forward_and_never_recreate_a_hash() {
             cmd.arg(*k);
         }
         for (l, st) in args {
-            cmd.arg(*l).arg(*st);
+            // piece 0: this test is about LSNs (pieces: mqtt_publisher.rs)
+            cmd.arg(*l).arg("0").arg(*st);
         }
         cmd
     };

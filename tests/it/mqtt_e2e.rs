@@ -417,3 +417,173 @@ async fn alerts_of_a_sku_whose_state_exceeds_the_packet_limit_are_still_publishe
         d.stderr_all()
     );
 }
+
+/// Start `skusync run` with `[redis] max_changes_per_piece` set and `[mqtt]` appended.
+async fn start_with_pieces(rig: &mut Rig, broker: &MosquittoServer, per_piece: u64) {
+    let text = rig
+        .oracle
+        .config_toml(
+            &rig.pg.url("postgres", "postgres"),
+            "skusync",
+            PUBS,
+            &rig.redis.url(),
+        )
+        .replacen(
+            "[redis]\n",
+            &format!("[redis]\nmax_changes_per_piece = {per_piece}\n"),
+            1,
+        )
+        + &mqtt_toml(broker, 0);
+    let cfg = crate::support::write_config(rig.dir.path(), &text);
+    rig.daemon = Some(Daemon::start(rig.dir.path(), cfg));
+    rig.wait_bootstrap(Duration::from_secs(40)).await;
+}
+
+/// Item 1 of the reliability issue: every piece of a transaction applied in several
+/// writes the same `lsn`, so a mark that recorded only the LSN took the state after the
+/// first piece for the final one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_after_the_last_piece_of_a_split_transaction_is_the_one_retained() {
+    let broker = MosquittoServer::start();
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.exec("INSERT INTO inventory VALUES ('HOT', 'W1', 10, 0)")
+        .await;
+    start_with_pieces(&mut rig, &broker, 1000).await;
+    assert_retained_equals_redis(&mut rig, &broker, Duration::from_secs(20)).await;
+    // One transaction of 30k changes, cut into ~30 pieces; HOT changes in the first and
+    // in the last, so the publisher sees (and the broker acknowledges) its state after
+    // piece 0 long before the last piece is applied.
+    rig.exec(
+        "BEGIN;
+         UPDATE inventory SET on_hand = 1 WHERE sku = 'HOT';
+         INSERT INTO inventory SELECT 'B' || (i % 300), 'L' || (i / 300), 1, 0
+           FROM generate_series(0, 29999) i;
+         UPDATE inventory SET on_hand = 99, reserved = 7 WHERE sku = 'HOT';
+         COMMIT;",
+    )
+    .await;
+    rig.drain(&WorkloadTables::public(), "W1", Duration::from_secs(60))
+        .await;
+    rig.assert_converges(Duration::from_secs(30)).await;
+    let key = layout::sku_key("skusync", "HOT");
+    let piece: i64 = hget(&mut rig.con, &key, "piece")
+        .await
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        piece > 0,
+        "HOT's last change landed in a later piece ({piece})"
+    );
+    assert_eq!(
+        hget(&mut rig.con, &key, "on_hand").await.as_deref(),
+        Some("99")
+    );
+    assert_retained_equals_redis(&mut rig, &broker, Duration::from_secs(20)).await;
+    let hot = broker.retained(&sku_topic("skusync", "HOT"), Duration::from_secs(3));
+    let j: serde_json::Value = serde_json::from_slice(&hot[0].1).unwrap();
+    assert_eq!(
+        (j["on_hand"].clone(), j["reserved"].clone()),
+        (99.into(), 7.into())
+    );
+    assert_eq!(
+        j["piece"], piece,
+        "a later piece's state says which piece it is"
+    );
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+}
+
+/// Item 8 of the reliability issue: a pipeline restart used to wait the source's whole
+/// drain timeout (10 s) for the tickets of the batch it had just discarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_restart_does_not_wait_for_the_tickets_it_discarded() {
+    let broker = MosquittoServer::start();
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.exec("INSERT INTO inventory VALUES ('A', 'W1', 5, 0)")
+        .await;
+    rig.start_skusync(&mqtt_toml(&broker, 0)).await;
+    rig.drain(&WorkloadTables::public(), "W1", Duration::from_secs(30))
+        .await;
+    // Redis loses its data; the next transaction's apply call is refused (no meta hash)
+    // with its ticket pending, and the daemon restarts to rebuild Redis.
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut rig.con)
+        .await
+        .unwrap();
+    let start = Instant::now();
+    rig.exec("UPDATE inventory SET on_hand = 6 WHERE sku = 'A'")
+        .await;
+    rig.wait_bootstrap(Duration::from_secs(40)).await;
+    let took = start.elapsed();
+    assert!(
+        rig.daemon().stderr_contains("lost its data"),
+        "the restart was for the lost Redis data\n{}",
+        rig.daemon().stderr_all()
+    );
+    assert!(
+        took < Duration::from_secs(6),
+        "restart and rebuild took {took:?} (the stall was 10 s)\n{}",
+        rig.daemon().stderr_all()
+    );
+    rig.assert_converges(Duration::from_secs(20)).await;
+    assert_retained_equals_redis(&mut rig, &broker, Duration::from_secs(20)).await;
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+}
+
+/// Item 7 of the reliability issue: a SKU the rebuild's snapshot no longer holds is
+/// cleared on the broker (empty retained message), not republished as zeros.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sku_absent_from_a_rebuilds_snapshot_is_cleared_not_published_as_zeros() {
+    let broker = MosquittoServer::start();
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.exec("INSERT INTO inventory VALUES ('GHOST', 'W1', 5, 0), ('KEEP', 'W1', 3, 0)")
+        .await;
+    rig.start_skusync(&mqtt_toml(&broker, 0)).await;
+    assert_retained_equals_redis(&mut rig, &broker, Duration::from_secs(20)).await;
+    assert_eq!(
+        broker
+            .retained(&sku_topic("skusync", "GHOST"), Duration::from_secs(2))
+            .len(),
+        1
+    );
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+    // Deleted while nothing streams; the rebuild moves the slot past the delete, so only
+    // the snapshot can tell that GHOST is gone.
+    rig.exec("DELETE FROM inventory WHERE sku = 'GHOST'; UPDATE inventory SET on_hand = 4 WHERE sku = 'KEEP'")
+        .await;
+    let cfg = rig.daemon().cfg.clone();
+    let out = std::process::Command::new(crate::support::skusync_bin())
+        .args(["resync", "--config", cfg.to_str().unwrap()])
+        .output()
+        .expect("run skusync resync");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    rig.daemon().spawn();
+    rig.drain(&WorkloadTables::public(), "W1", Duration::from_secs(30))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ghost = broker.retained(&sku_topic("skusync", "GHOST"), Duration::from_secs(2));
+        let keep = broker.retained(&sku_topic("skusync", "KEEP"), Duration::from_secs(2));
+        let keep_ok = keep.first().is_some_and(|(_, p)| {
+            serde_json::from_slice::<serde_json::Value>(p).unwrap()["on_hand"] == 4
+        });
+        if ghost.is_empty() && keep_ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "GHOST retained {:?}, KEEP retained {:?}\n{}",
+            ghost
+                .first()
+                .map(|(_, p)| String::from_utf8_lossy(p).into_owned()),
+            keep.first()
+                .map(|(_, p)| String::from_utf8_lossy(p).into_owned()),
+            rig.daemon().stderr_all()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+}

@@ -973,3 +973,76 @@ async fn the_pump_carries_publishes_while_their_owner_is_busy() {
         }
     }
 }
+
+/// Item 9 of the reliability issue (confirmed): a publish queued after the connection
+/// failed but before the publisher saw the error stayed in rumqttc's request channel and
+/// went out first on the next connection, so every later `Outgoing::Publish` (and its
+/// PUBACK) was matched to the request queued before it. The pump now drops such requests
+/// before it reconnects: the first publish on the new connection is the first one queued
+/// after the error was handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_queued_before_a_reconnect_is_never_sent_on_the_next_connection() {
+    use rumqttc::Outgoing;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    use skusync::sinks::mqtt::pump::Pump;
+
+    let mut broker = crate::harness::MosquittoServer::start();
+    let mut opts = MqttOptions::new("pump-test", "127.0.0.1", broker.port());
+    opts.set_clean_start(true);
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, el) = AsyncClient::new(opts, 16);
+    let mut pump = Pump::start(el);
+    let next = async |pump: &mut Pump| {
+        tokio::time::timeout(Duration::from_secs(10), pump.next())
+            .await
+            .expect("an event within 10 s")
+    };
+    loop {
+        if let Event::Incoming(Packet::ConnAck(_)) = next(&mut pump).await.expect("connects") {
+            break;
+        }
+    }
+    broker.kill9();
+    // The pump reports the error and waits; the publisher has not handled it yet and
+    // queues one more publish.
+    loop {
+        if next(&mut pump).await.is_err() {
+            break;
+        }
+    }
+    client
+        .try_publish("t/stale", QoS::AtLeastOnce, true, "stale")
+        .unwrap();
+    broker.start_again();
+    pump.resume();
+    let mut outgoing = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut fresh_sent = false;
+    while Instant::now() < deadline {
+        match next(&mut pump).await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                client
+                    .try_publish("t/fresh", QoS::AtLeastOnce, true, "fresh")
+                    .unwrap();
+                fresh_sent = true;
+            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => outgoing.push(pkid),
+            Ok(Event::Incoming(Packet::PubAck(_))) if fresh_sent => break,
+            Ok(_) => {}
+            Err(_) => pump.resume(),
+        }
+    }
+    assert_eq!(
+        outgoing.len(),
+        1,
+        "only the publish queued after the reconnect goes out: {outgoing:?}"
+    );
+    let stale = broker.retained("t/stale", Duration::from_secs(2));
+    assert!(
+        stale.is_empty(),
+        "the stale publish never reached the broker"
+    );
+    assert_eq!(broker.retained("t/fresh", Duration::from_secs(2)).len(), 1);
+}

@@ -32,7 +32,9 @@
 //! nothing is available); `delta`: the numeric values minus those of this SKU's previous
 //! acknowledged message (non-zero entries only, same shape, locations nested; a first
 //! message's delta is its values); `lsn` and `prev_lsn` (commit LSNs `X/Y` of this and the
-//! previous acknowledged message, `prev_lsn` omitted on the first); `ts` (commit time,
+//! previous acknowledged message, `prev_lsn` omitted on the first); `piece` and
+//! `prev_piece` (only when above 0: the state after a later piece of a transaction applied
+//! in several; states order by (`lsn`, `piece`), absent meaning 0); `ts` (commit time,
 //! RFC 3339 UTC with milliseconds). `v`, `sku` and the three stock totals are always
 //! present (0 without stock tables); other absent features are omitted, never `null`.
 //!
@@ -49,10 +51,11 @@
 //!
 //! # Delivery
 //!
-//! A SKU is unpublished while its hash's `lsn` differs from `pub_lsn` or `alerts` is not
-//! empty. After the broker acknowledged (PUBACK success) a state message with LSN `L`, a
-//! Lua script sets `pub_lsn = L` and `pub_state` (the published numeric values, the base of
-//! the next `delta`) unless `pub_lsn` is already at least `L`. After an alert's PUBACK, a
+//! A SKU is unpublished while its hash's (`lsn`, `piece`) differs from (`pub_lsn`,
+//! `pub_piece`) or `alerts` is not empty. After the broker acknowledged (PUBACK success) a
+//! state message read at (`L`, `P`), a Lua script sets `pub_lsn = L`, `pub_piece = P` and
+//! `pub_state` (the published numeric values, the base of the next `delta`) unless the mark
+//! is already at (`L`, `P`) or later. After an alert's PUBACK, a
 //! Lua script removes exactly that alert (matched on `lsn` and `type`) from `alerts`, so
 //! alerts the apply script appends meanwhile stay. After connecting, every unpublished
 //! SKU is found by SCAN and published; a message lost with a connection is published again.
@@ -248,6 +251,8 @@ impl Stats {
 
 #[derive(Debug, Default)]
 struct Shared {
+    /// Redis is being rebuilt: publish nothing (its states are partial).
+    paused: AtomicBool,
     changed: Mutex<HashSet<String>>,
     /// `changed` overflowed its cap and was dropped: scan Redis (the outbox) instead.
     overflow: AtomicBool,
@@ -294,6 +299,22 @@ impl MqttHandle {
     pub fn republish_all(&self) {
         self.shared.republish_all.store(true, Ordering::SeqCst);
         self.shared.notify.notify_one();
+    }
+
+    /// Stop publishing states and alerts while Redis is rebuilt (reset and reloaded from
+    /// a snapshot): its hashes are partial meanwhile and carry the snapshot's LSN, which
+    /// the corrected final states share. Acknowledgements of messages already in flight
+    /// are still recorded.
+    pub fn pause(&self) {
+        self.shared.paused.store(true, Ordering::SeqCst);
+        self.shared.notify.notify_one();
+    }
+
+    /// The rebuild finished: republish every SKU from the rebuilt Redis (SKUs the snapshot
+    /// no longer holds are cleared).
+    pub fn resume(&self) {
+        self.shared.paused.store(false, Ordering::SeqCst);
+        self.republish_all();
     }
 
     /// Connected to the broker (CONNACK received, not yet disconnected).

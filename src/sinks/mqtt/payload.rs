@@ -24,7 +24,9 @@ pub const STATE_MEMBERS: &[&str] = &[
     "delta",
     "as_of",
     "lsn",
+    "piece",
     "prev_lsn",
+    "prev_piece",
     "ts",
     "sell_rate_per_h",
     "stockout_eta_s",
@@ -87,11 +89,33 @@ fn lsn_text(v: u64) -> String {
 }
 
 /// Whether the hash has something the broker has not acknowledged: its `lsn` differs from
-/// `pub_lsn`, or alerts are pending.
-pub fn unpublished(lsn: Option<&str>, pub_lsn: Option<&str>, alerts: Option<&str>) -> bool {
+/// `pub_lsn`/`pub_piece`, or alerts are pending. A transaction applied in several pieces
+/// writes the same `lsn` with each piece, so the piece is part of the state's identity.
+pub fn unpublished(
+    lsn: Option<&str>,
+    piece: Option<&str>,
+    pub_lsn: Option<&str>,
+    pub_piece: Option<&str>,
+    alerts: Option<&str>,
+) -> bool {
     // a hash without `lsn` is published once as LSN 0
     lsn.unwrap_or("0") != pub_lsn.unwrap_or("")
+        || piece_num(piece) != piece_num(pub_piece)
         || alerts.is_some_and(|a| !matches!(a.trim(), "" | "[]"))
+}
+
+/// A piece number as stored (`-1` after a reset); absent (marks written before pieces
+/// were recorded) or malformed counts as 0.
+pub fn piece_num(v: Option<&str>) -> i64 {
+    v.and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// Whether the SKU's retained message is to be cleared: the apply script marked it
+/// `gone` (no stock rows, no counters), or a rebuild reset it (`piece` -1) and its
+/// snapshot held nothing of it, so it has no stock and no counters either.
+pub fn is_gone(fields: &HashMap<String, String>) -> bool {
+    fields.get("gone").map(String::as_str) == Some("1")
+        || fields.get("piece").map(String::as_str) == Some("-1")
 }
 
 /// Builds the state message of `sku` from its hash `fields` at `now_ms` (unix ms).
@@ -106,7 +130,7 @@ pub fn state_message(
     kind: Kind,
 ) -> StateMessage {
     let lsn = u64_field(fields, "lsn").unwrap_or(0);
-    if fields.get("gone").map(String::as_str) == Some("1") {
+    if is_gone(fields) {
         return StateMessage {
             payload: String::new(),
             lsn,
@@ -221,8 +245,18 @@ pub fn state_message(
     if fields.contains_key("lsn") {
         obj.insert("lsn", Member::Str(lsn_text(lsn)));
     }
+    // Only the later pieces of a transaction applied in several carry `piece`: clients
+    // order states by (`lsn`, `piece`), an absent piece being 0.
+    let piece = piece_num(fields.get("piece").map(String::as_str));
+    if piece > 0 {
+        obj.insert("piece", Member::Int(piece));
+    }
     if let Some(p) = u64_field(fields, "pub_lsn") {
         obj.insert("prev_lsn", Member::Str(lsn_text(p)));
+        let pp = piece_num(fields.get("pub_piece").map(String::as_str));
+        if pp > 0 {
+            obj.insert("prev_piece", Member::Int(pp));
+        }
     }
     if let Some(t) = fields
         .get("ts")
@@ -441,7 +475,7 @@ mod tests {
             kind: Kind,
         ) -> StateMessage {
             let lsn = u64_field(fields, "lsn").unwrap_or(0);
-            if fields.get("gone").map(String::as_str) == Some("1") {
+            if is_gone(fields) {
                 return StateMessage {
                     payload: String::new(),
                     lsn,
@@ -550,8 +584,16 @@ mod tests {
             if fields.contains_key("lsn") {
                 obj.insert("lsn".into(), json!(lsn_text(lsn)));
             }
+            let piece = piece_num(fields.get("piece").map(String::as_str));
+            if piece > 0 {
+                obj.insert("piece".into(), json!(piece));
+            }
             if let Some(p) = u64_field(fields, "pub_lsn") {
                 obj.insert("prev_lsn".into(), json!(lsn_text(p)));
+                let pp = piece_num(fields.get("pub_piece").map(String::as_str));
+                if pp > 0 {
+                    obj.insert("prev_piece".into(), json!(pp));
+                }
             }
             if let Some(t) = fields
                 .get("ts")
@@ -615,7 +657,9 @@ mod tests {
             "views",
             "purchases",
             "lsn",
+            "piece",
             "pub_lsn",
+            "pub_piece",
             "ts",
             "gone",
             "sku",
@@ -904,17 +948,48 @@ mod tests {
 
     #[test]
     fn unpublished_rule() {
-        assert!(!unpublished(Some("5"), Some("5"), None));
-        assert!(!unpublished(Some("5"), Some("5"), Some("[]")));
-        assert!(unpublished(Some("5"), Some("4"), None));
-        assert!(unpublished(Some("5"), None, None));
-        assert!(unpublished(None, None, None));
-        assert!(!unpublished(None, Some("0"), None));
-        assert!(unpublished(
+        let u = |l, p, pl, pp, a| unpublished(l, p, pl, pp, a);
+        assert!(!u(Some("5"), None, Some("5"), None, None));
+        assert!(!u(Some("5"), Some("0"), Some("5"), None, Some("[]")));
+        assert!(u(Some("5"), None, Some("4"), None, None));
+        assert!(u(Some("5"), None, None, None, None));
+        assert!(u(None, None, None, None, None));
+        assert!(!u(None, None, Some("0"), None, None));
+        assert!(u(
             Some("5"),
+            None,
             Some("5"),
+            None,
             Some(r#"[{"type":"low_stock"}]"#)
         ));
+        // a later piece of the same transaction is a new state
+        assert!(u(Some("5"), Some("3"), Some("5"), Some("0"), None));
+        assert!(u(Some("5"), Some("3"), Some("5"), None, None));
+        assert!(!u(Some("5"), Some("3"), Some("5"), Some("3"), None));
+        assert!(u(Some("5"), Some("-1"), Some("5"), Some("0"), None));
+    }
+
+    #[test]
+    fn later_pieces_carry_piece_and_prev_piece() {
+        let f = fields(&[
+            ("lsn", "7".into()),
+            ("piece", "2".into()),
+            ("pub_lsn", "7".into()),
+            ("pub_piece", "1".into()),
+            ("on_hand", "3".into()),
+        ]);
+        let v = parse(&state_message(&spec(), "x", &f, &HashMap::new(), NOW, Kind::Change).payload);
+        assert_eq!(
+            (v["piece"].clone(), v["prev_piece"].clone()),
+            (json!(2), json!(1))
+        );
+        let f = fields(&[
+            ("lsn", "7".into()),
+            ("piece", "0".into()),
+            ("on_hand", "3".into()),
+        ]);
+        let v = parse(&state_message(&spec(), "x", &f, &HashMap::new(), NOW, Kind::Change).payload);
+        assert!(v.get("piece").is_none() && v.get("prev_piece").is_none());
     }
 
     #[test]

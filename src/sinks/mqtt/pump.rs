@@ -18,8 +18,9 @@ const PUMP_CAP: usize = 1024;
 
 /// Polls a rumqttc event loop in a task of its own and hands its events over in order.
 /// After a connection error it waits for [`Pump::resume`] before polling again (which
-/// reconnects), so the publisher decides when, and nothing it queued before it saw the
-/// error is sent on a connection it does not know about. Stops when dropped.
+/// reconnects), so the publisher decides when; requests still queued then are dropped,
+/// so nothing it queued before it saw the error is sent on a connection it does not know
+/// about. Stops when dropped.
 pub struct Pump {
     rx: mpsc::Receiver<Result<Event, ConnectionError>>,
     resume: Arc<Notify>,
@@ -41,6 +42,13 @@ impl Pump {
                 }
                 if failed {
                     go.notified().await;
+                    // Requests queued after the error (before the publisher handled it)
+                    // are still in rumqttc's channel and would go out first on the new
+                    // connection, shifting the tracker's pkid mapping by one each. The
+                    // publisher counted them lost: drop them (clean session, nothing
+                    // resumes), so the new connection carries only what it queues next.
+                    el.clean();
+                    el.pending.clear();
                 }
             }
         });

@@ -54,21 +54,29 @@ const PACKET_OVERHEAD: usize = 32;
 /// them (one round trip instead of two); past this they go on their own.
 const MARK_LINGER: Duration = Duration::from_millis(10);
 
-/// Records acknowledged states: per SKU hash, `pub_lsn` and `pub_state`, only moving
-/// forward and never into a hash that no longer exists (it would come back as a ghost).
+/// Records acknowledged states: per SKU hash, `pub_lsn`, `pub_piece` and `pub_state`,
+/// only moving forward by (LSN, piece) and never into a hash that no longer exists (it
+/// would come back as a ghost). The piece matters: every piece of a transaction applied
+/// in several writes the same `lsn`, and the state after its last piece must still count
+/// as unpublished once an earlier piece's state was acknowledged.
 pub const MARK_PUBLISHED: &str = r"
--- KEYS: SKU hashes; ARGV: per key an LSN (u64 decimal) and a pub_state. One call marks a
--- whole flush (a script call per SKU cost Redis more than the marking itself).
+-- KEYS: SKU hashes; ARGV: per key an LSN (u64 decimal), a piece (integer) and a
+-- pub_state. One call marks a whole flush (a script call per SKU cost Redis more than
+-- the marking itself).
 local out = {}
 for i, key in ipairs(KEYS) do
-  local l, st = ARGV[2 * i - 1], ARGV[2 * i]
+  local l, p, st = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
   out[i] = 0
-  local cur = redis.call('HGET', key, 'pub_lsn')
+  local cur = redis.call('HMGET', key, 'pub_lsn', 'pub_piece')
+  local cl, cp = cur[1], tonumber(cur[2] or '0') or 0
+  local pn = tonumber(p) or 0
   -- a marked hash exists; EXISTS only for a first mark (never recreate a deleted hash)
-  if cur or redis.call('EXISTS', key) == 1 then
+  if cl or redis.call('EXISTS', key) == 1 then
     -- u64 decimals without leading zeros: compare by length, then lexically
-    if not (cur and (#cur > #l or (#cur == #l and cur >= l))) then
-      redis.call('HSET', key, 'pub_lsn', l, 'pub_state', st)
+    local ahead = cl and (#cl > #l or (#cl == #l and cl > l))
+    local same = cl == l
+    if not (ahead or (same and cp >= pn)) then
+      redis.call('HSET', key, 'pub_lsn', l, 'pub_piece', tostring(pn), 'pub_state', st)
       out[i] = 1
     end
   end
@@ -110,8 +118,14 @@ end
 return 0
 ";
 
-/// `lsn`, `pub_lsn`, `alerts` of a SKU hash.
-type Marks = (Option<String>, Option<String>, Option<String>);
+/// `lsn`, `piece`, `pub_lsn`, `pub_piece`, `alerts` of a SKU hash.
+type Marks = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
 
 /// What a queued publish was.
 #[derive(Debug)]
@@ -119,6 +133,8 @@ enum Msg {
     State {
         sku: String,
         lsn: u64,
+        /// The hash's `piece` with `lsn`: together they identify the state.
+        piece: i64,
         state: String,
         /// Commit time (hash field `ts`, unix ms) of a change message; `None` for aging.
         ts: Option<i64>,
@@ -336,7 +352,7 @@ impl Task {
         if let Some(t) = self.marks_since {
             d = d.min(t + MARK_LINGER);
         }
-        if !self.connected {
+        if !self.connected || self.shared.paused.load(Ordering::SeqCst) {
             return d;
         }
         if let EpochPhase::Waiting { until, .. } = &self.epoch {
@@ -509,6 +525,7 @@ impl Task {
             Msg::State {
                 sku,
                 lsn,
+                piece,
                 state,
                 ts,
             } => {
@@ -517,6 +534,7 @@ impl Task {
                     self.marks.push(Msg::State {
                         sku: sku.clone(),
                         lsn,
+                        piece,
                         state,
                         ts,
                     });
@@ -653,6 +671,10 @@ impl Task {
         if self.marks_due(now) || (self.scan.is_some() && !self.marks.is_empty()) {
             self.flush_marks().await;
         }
+        if self.shared.paused.load(Ordering::SeqCst) {
+            // Redis is being rebuilt; `resume` republishes everything afterwards.
+            return;
+        }
         if let EpochPhase::Waiting { until, seen } = &mut self.epoch {
             if *until > now {
                 return;
@@ -773,23 +795,27 @@ impl Task {
         let marks = std::mem::take(&mut self.marks);
         self.marks_since = None;
         let mut replies = 0;
-        let states: Vec<(&String, &u64, &String)> = marks
+        let states: Vec<(&String, &u64, &i64, &String)> = marks
             .iter()
             .filter_map(|m| match m {
                 Msg::State {
-                    sku, lsn, state, ..
-                } => Some((sku, lsn, state)),
+                    sku,
+                    lsn,
+                    piece,
+                    state,
+                    ..
+                } => Some((sku, lsn, piece, state)),
                 _ => None,
             })
             .collect();
         let has_states = !states.is_empty();
         if has_states {
             let cmd = pipe.cmd("EVAL").arg(MARK_PUBLISHED).arg(states.len());
-            for (sku, _, _) in &states {
+            for (sku, _, _, _) in &states {
                 cmd.arg(layout::sku_key(&self.cfg.redis_prefix, sku));
             }
-            for (_, lsn, state) in &states {
-                cmd.arg(lsn.to_string()).arg(*state);
+            for (_, lsn, piece, state) in &states {
+                cmd.arg(lsn.to_string()).arg(piece.to_string()).arg(*state);
             }
             replies += 1;
         }
@@ -890,18 +916,22 @@ impl Task {
                 pipe.cmd("HMGET")
                     .arg(layout::sku_key(&self.cfg.redis_prefix, sku))
                     .arg("lsn")
+                    .arg("piece")
                     .arg("pub_lsn")
+                    .arg("pub_piece")
                     .arg("alerts");
             }
             let r: Result<Vec<Marks>, _> = pipe.query_async(&mut self.redis).await;
             match r {
                 Ok(rows) => {
-                    for (sku, (lsn, pub_lsn, alerts)) in skus.iter().zip(rows) {
+                    for (sku, (lsn, piece, pub_lsn, pub_piece, alerts)) in skus.iter().zip(rows) {
                         let exists = lsn.is_some() || pub_lsn.is_some() || alerts.is_some();
                         if exists
                             && payload::unpublished(
                                 lsn.as_deref(),
+                                piece.as_deref(),
                                 pub_lsn.as_deref(),
+                                pub_piece.as_deref(),
                                 alerts.as_deref(),
                             )
                         {
@@ -986,9 +1016,12 @@ impl Task {
             self.settle(sku);
             return;
         }
+        let piece = payload::piece_num(fields.get("piece").map(String::as_str));
         let unpublished = payload::unpublished(
             fields.get("lsn").map(String::as_str),
+            fields.get("piece").map(String::as_str),
             fields.get("pub_lsn").map(String::as_str),
+            fields.get("pub_piece").map(String::as_str),
             fields.get("alerts").map(String::as_str),
         );
         if want == Want::Change && !unpublished {
@@ -1002,7 +1035,7 @@ impl Task {
         } else {
             Kind::Change
         };
-        let gone = fields.get("gone").map(String::as_str) == Some("1");
+        let gone = payload::is_gone(&fields);
         let users = if gone {
             HashMap::new()
         } else {
@@ -1044,6 +1077,7 @@ impl Task {
             self.tracker.queued(Msg::State {
                 sku: sku.to_string(),
                 lsn,
+                piece,
                 state: msg.state.clone(),
                 ts: match kind {
                     Kind::Change => fields.get("ts").and_then(|v| v.parse().ok()),
