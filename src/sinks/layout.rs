@@ -33,6 +33,15 @@
 //! rebuilt), `layout` (this layout's version, [`LAYOUT_VERSION`]), `mqtt_epoch`,
 //! `last_publish_ms` and `tables` (the mapped stock tables' identities, JSON).
 //!
+//! Reserved for stock tables whose rows do not carry the SKU (surrogate keys, lookups
+//! through a variant table): a row index `<prefix>:ri:{<n>:<table>:<bucket>}` (a row's
+//! encoded key -> the SKU and location it contributes to) and lookup state
+//! `<prefix>:ref:{<n>:<table>:<bucket>}` (a referenced row's key -> the value it
+//! resolves to), bucketed so that each hash stays small and each bucket is one cluster
+//! slot. A row's contribution stays a `r:` field of its SKU's hash whatever its identity.
+//! These keys exist only for mappings that need them; adopting such a mapping changes the
+//! mapping fingerprint (one rebuild), not the layout.
+//!
 //! Layouts before 3 (no meta `layout`) kept SKU hashes at `<prefix>:sku:<SKU>` and users
 //! at `{<prefix>:sku:<SKU>}:u:...`, and joined key values with a byte that text may
 //! contain; such a Redis is rebuilt once (see [`legacy_sku_of_key`]).
