@@ -114,8 +114,71 @@ pub struct Daemon {
     mqtt_token: Option<CancellationToken>,
     /// The session holding the slot's writer lock (a PostgreSQL advisory lock): while it
     /// lives, this instance is the only one that writes Redis or publishes.
-    lease: Option<tokio_postgres::Client>,
+    lease: Option<Lease>,
 }
+
+/// The session holding the writer lock, kept alive by pings. The server ends it (and so
+/// frees the lock) when the pings stop for `LEASE_TIMEOUT`, even if its TCP connection
+/// looks alive (a partition behind a proxy or NAT); its holder notices the same silence.
+struct Lease {
+    client: Arc<tokio_postgres::Client>,
+    lost: Arc<std::sync::atomic::AtomicBool>,
+    pinger: tokio::task::JoinHandle<()>,
+}
+
+impl Lease {
+    async fn open(pgc: &PgConnectConfig) -> Result<Lease, DaemonError> {
+        let client = Arc::new(meta::connect(pgc).await?);
+        // Best effort: idle_session_timeout needs PostgreSQL 14; keepalives catch a
+        // black-holed client on every version.
+        let secs = LEASE_TIMEOUT.as_secs();
+        if let Err(e) = client
+            .batch_execute(&format!(
+                "SET idle_session_timeout = '{secs}s'; SET tcp_keepalives_idle = 10; \
+                 SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3"
+            ))
+            .await
+        {
+            tracing::warn!(error = %e, "cannot bound the writer lock session; a cut-off holder keeps the lock until TCP gives up");
+        }
+        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c, l) = (client.clone(), lost.clone());
+        let pinger = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LEASE_PING).await;
+                let ok = tokio::time::timeout(LEASE_PING, c.simple_query("SELECT 1"))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+                if !ok {
+                    l.store(true, Ordering::SeqCst);
+                    return;
+                }
+            }
+        });
+        Ok(Lease {
+            client,
+            lost,
+            pinger,
+        })
+    }
+
+    /// Whether the session may still hold the lock.
+    fn alive(&self) -> bool {
+        !self.client.is_closed() && !self.lost.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.pinger.abort();
+    }
+}
+
+/// The server ends a writer lock session silent for this long (`idle_session_timeout`):
+/// a cut-off holder loses the lock after it, and a standby can take over.
+const LEASE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often the holder pings its lock session (and how long a ping may take).
+const LEASE_PING: Duration = Duration::from_secs(5);
 
 impl Daemon {
     /// Validate everything that can be checked without servers.
@@ -241,10 +304,11 @@ impl Daemon {
             if shutdown.is_cancelled() {
                 return Ok(false);
             }
-            if self.lease.as_ref().is_none_or(|c| c.is_closed()) {
-                self.lease = Some(meta::connect(&self.pgc).await?);
+            if self.lease.as_ref().is_none_or(|l| !l.alive()) {
+                self.lease = None;
+                self.lease = Some(Lease::open(&self.pgc).await?);
             }
-            let client = self.lease.as_ref().expect("just set");
+            let client = &self.lease.as_ref().expect("just set").client;
             // Re-entrant for the holder: also proves the session still reaches the server.
             let got = tokio::time::timeout(
                 Duration::from_secs(10),
@@ -643,6 +707,12 @@ impl Daemon {
                 _ = tick.tick() => {
                     telemetry::heartbeat();
                     telemetry::backlog(rx.len(), pending.batch.len());
+                    if self.lease.as_ref().is_some_and(|l| !l.alive()) {
+                        self.lease = None;
+                        return Ok(Cycle::Restart(
+                            "lost the writer lock session (PostgreSQL unreachable?): stopping writes".into(),
+                        ));
+                    }
                     if connected && meta_checked.elapsed() >= META_CHECK {
                         meta_checked = tokio::time::Instant::now();
                         if let Ok(v) = rsink::writer_view(&mut applier.connection(), self.prefix()).await
@@ -721,7 +791,7 @@ impl Daemon {
                                 }
                                 if let Some(lease) = &self.lease
                                     && let Ok(Some(st)) =
-                                        meta::slot_state(lease, &self.pgc, &self.cfg.postgres.slot)
+                                        meta::slot_state(&lease.client, &self.pgc, &self.cfg.postgres.slot)
                                             .await
                                     && let Some(confirmed) = st.confirmed_flush_lsn
                                     && m.applied_lsn.unwrap_or(Lsn::ZERO) < confirmed
