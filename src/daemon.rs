@@ -790,9 +790,12 @@ impl Daemon {
                                     .await;
                                 }
                                 if let Some(lease) = &self.lease
-                                    && let Ok(Some(st)) =
-                                        meta::slot_state(&lease.client, &self.pgc, &self.cfg.postgres.slot)
-                                            .await
+                                    && let Ok(Some(st)) = meta::slot_state(
+                                        &lease.client,
+                                        &self.pgc,
+                                        &self.cfg.postgres.slot,
+                                    )
+                                    .await
                                     && let Some(confirmed) = st.confirmed_flush_lsn
                                     && m.applied_lsn.unwrap_or(Lsn::ZERO) < confirmed
                                 {
