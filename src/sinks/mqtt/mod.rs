@@ -386,30 +386,6 @@ pub fn parse_epoch(payload: &str) -> (&str, u64) {
     }
 }
 
-#[cfg(test)]
-mod epoch_tests {
-    use super::*;
-
-    #[test]
-    fn an_epoch_payload_reads_back_as_its_token_and_sequence() {
-        assert_eq!(parse_epoch(&epoch_payload("00ab", 42)), ("00ab", 42));
-        assert_eq!(parse_epoch("00ab:0"), ("00ab", 0));
-    }
-
-    #[test]
-    fn a_bare_token_from_before_sequences_reads_as_sequence_zero() {
-        assert_eq!(parse_epoch("0123456789abcdef"), ("0123456789abcdef", 0));
-    }
-
-    #[test]
-    fn a_malformed_epoch_sequence_is_part_of_the_token_so_it_never_matches() {
-        assert_eq!(parse_epoch("ab:"), ("ab:", 0));
-        assert_eq!(parse_epoch("ab:-1"), ("ab:-1", 0));
-        assert_eq!(parse_epoch("ab:99999999999999999999"), ("ab:99999999999999999999", 0));
-        assert_eq!(parse_epoch(""), ("", 0));
-    }
-}
-
 /// The state topic of a SKU.
 pub fn sku_topic(prefix: &str, sku: &str) -> String {
     format!("{prefix}/sku/{}", encode_sku(sku))
@@ -438,4 +414,31 @@ pub async fn spawn(
     let task = run::Task::new(cfg, options, redis, shared, shutdown);
     let join = tokio::spawn(task.run());
     Ok((handle, join))
+}
+
+#[cfg(test)]
+mod epoch_tests {
+    use super::*;
+
+    #[test]
+    fn an_epoch_payload_reads_back_as_its_token_and_sequence() {
+        assert_eq!(parse_epoch(&epoch_payload("00ab", 42)), ("00ab", 42));
+        assert_eq!(parse_epoch("00ab:0"), ("00ab", 0));
+    }
+
+    #[test]
+    fn a_bare_token_from_before_sequences_reads_as_sequence_zero() {
+        assert_eq!(parse_epoch("0123456789abcdef"), ("0123456789abcdef", 0));
+    }
+
+    #[test]
+    fn a_malformed_epoch_sequence_is_part_of_the_token_so_it_never_matches() {
+        assert_eq!(parse_epoch("ab:"), ("ab:", 0));
+        assert_eq!(parse_epoch("ab:-1"), ("ab:-1", 0));
+        assert_eq!(
+            parse_epoch("ab:99999999999999999999"),
+            ("ab:99999999999999999999", 0)
+        );
+        assert_eq!(parse_epoch(""), ("", 0));
+    }
 }

@@ -742,7 +742,10 @@ impl Task {
                     .epoch_rollbacks
                     .fetch_add(1, Ordering::Relaxed);
             } else {
-                debug!(broker_seq, "mqtt epoch matches: publishing unpublished SKUs");
+                debug!(
+                    broker_seq,
+                    "mqtt epoch matches: publishing unpublished SKUs"
+                );
             }
             self.epoch_seq = self.epoch_seq.max(broker_seq);
             self.epoch_token = Some(token.to_string());
