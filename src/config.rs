@@ -935,6 +935,7 @@ mod tests {
             "pub_lsn",
             "pub_piece",
             "pub_state",
+            "pub_seq",
             "gone",
             "published",
             "alerting",

@@ -26,12 +26,13 @@
 //! | `alerts` | JSON array of alerts not yet acknowledged by the broker |
 //! | `pub_lsn`, `pub_piece` | LSN and piece of the last state the broker acknowledged (outbox mark) |
 //! | `pub_state` | JSON object of the numeric values in that acknowledged message |
+//! | `pub_seq` | MQTT epoch sequence when that state was sent (see the MQTT sink's "Broker restarts") |
 //! | `gone` | `1` when no stock rows and no counters remain (retained message cleared) |
 //!
 //! The meta hash holds `applied_lsn`, `system_id`, `timeline`, `fingerprint`, `bootstrap`
 //! (`loading`, `done` once a snapshot finished loading, or `stale` when it must be
 //! rebuilt), `layout` (this layout's version, [`LAYOUT_VERSION`]), `mqtt_epoch`,
-//! `last_publish_ms` and `tables` (the mapped stock tables' identities, JSON).
+//! `mqtt_epoch_seq`, `last_publish_ms` and `tables` (the mapped stock tables' identities, JSON).
 //!
 //! Reserved for stock tables whose rows do not carry the SKU (surrogate keys, lookups
 //! through a variant table): a row index `<prefix>:ri:{<n>:<table>:<bucket>}` (a row's
@@ -71,6 +72,7 @@ pub const FIXED_FIELDS: &[&str] = &[
     "pub_lsn",
     "pub_piece",
     "pub_state",
+    "pub_seq",
     "gone",
 ];
 

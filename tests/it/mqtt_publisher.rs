@@ -348,7 +348,10 @@ async fn late_subscriber_gets_exactly_the_current_state() {
     })
     .await;
     let broker_epoch = m.retained("p/epoch", Duration::from_secs(5));
-    assert_eq!(broker_epoch[0].1, epoch.unwrap().into_bytes());
+    let broker_epoch = String::from_utf8(broker_epoch[0].1.clone()).unwrap();
+    let (token, seq) = mqtt::parse_epoch(&broker_epoch);
+    assert_eq!(Some(token.to_string()), epoch);
+    assert!(seq >= 1, "the epoch carries a sequence: {broker_epoch:?}");
     let stats = p.handle.stats().snapshot();
     assert_eq!(stats.published, 2);
     assert_eq!(stats.refusals, 0);
@@ -1045,4 +1048,247 @@ async fn a_publish_queued_before_a_reconnect_is_never_sent_on_the_next_connectio
         "the stale publish never reached the broker"
     );
     assert_eq!(broker.retained("t/fresh", Duration::from_secs(2)).len(), 1);
+}
+
+async fn meta_field(con: &mut ConnectionManager, f: &str) -> Option<String> {
+    redis::cmd("HGET")
+        .arg(format!("{RP}:meta"))
+        .arg(f)
+        .query_async(con)
+        .await
+        .expect("HGET meta")
+}
+
+/// The retained epoch payload as text.
+fn retained_epoch(m: &MosquittoServer) -> Option<String> {
+    m.retained("p/epoch", Duration::from_secs(5))
+        .into_iter()
+        .next()
+        .map(|(_, p)| String::from_utf8_lossy(&p).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publish_mark_records_the_epoch_sequence_and_only_raises_it() {
+    let r = RedisServer::start();
+    let mut con = redis(&r).await;
+    let key = skusync::sinks::layout::sku_key(RP, "s");
+    hset(&mut con, "s", &[("lsn", "10".into())]).await;
+    let mark = |lsn: &str, seq: Option<&str>| {
+        let mut c = redis::cmd("EVAL");
+        c.arg(mqtt::MARK_PUBLISHED)
+            .arg(1)
+            .arg(&key)
+            .arg(lsn)
+            .arg("0")
+            .arg("{}");
+        if let Some(s) = seq {
+            c.arg(s);
+        }
+        c
+    };
+    let con2 = con.clone();
+    let run = async |lsn: &str, seq: Option<&str>| {
+        mark(lsn, seq)
+            .query_async::<Vec<i64>>(&mut con2.clone())
+            .await
+            .expect("mark")
+    };
+    assert_eq!(run("10", Some("7")).await, vec![1]);
+    assert_eq!(hget(&mut con, "s", "pub_seq").await.as_deref(), Some("7"));
+    // the same state acknowledged again in a later epoch (a republish): raised
+    assert_eq!(run("10", Some("9")).await, vec![0]);
+    assert_eq!(hget(&mut con, "s", "pub_seq").await.as_deref(), Some("9"));
+    // a late acknowledgement from an earlier epoch never lowers it
+    assert_eq!(run("10", Some("8")).await, vec![0]);
+    assert_eq!(hget(&mut con, "s", "pub_seq").await.as_deref(), Some("9"));
+    // an older state is not marked at all
+    assert_eq!(run("9", Some("12")).await, vec![0]);
+    assert_eq!(hget(&mut con, "s", "pub_seq").await.as_deref(), Some("9"));
+    // a newer state takes its own epoch's sequence
+    assert_eq!(run("11", Some("10")).await, vec![1]);
+    assert_eq!(hget(&mut con, "s", "pub_seq").await.as_deref(), Some("10"));
+    // callers without a sequence leave it alone
+    assert_eq!(run("12", None).await, vec![1]);
+    assert_eq!(hget(&mut con, "s", "pub_lsn").await.as_deref(), Some("12"));
+    assert_eq!(hget(&mut con, "s", "pub_seq").await.as_deref(), Some("10"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_epoch_sequence_advances_while_states_are_acknowledged() {
+    let r = RedisServer::start();
+    let m = MosquittoServer::start();
+    let mut con = redis(&r).await;
+    meta(&mut con).await;
+    let want = three_skus(&mut con).await;
+    let p = Running::start(publisher_config(mqtt_config(m.url())), &r).await;
+    for (sku, lsn) in &want {
+        wait_published(&mut con, sku, *lsn).await;
+    }
+    let token = epoch_stored(&con).await;
+    let seq_of = async |con: &mut ConnectionManager| -> u64 {
+        meta_field(con, "mqtt_epoch_seq")
+            .await
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    };
+    let first = seq_of(&mut con).await;
+    assert!(first >= 1, "the new token's epoch has a sequence");
+    hset(
+        &mut con,
+        "a",
+        &[("on_hand", "5".into()), ("lsn", "300".into())],
+    )
+    .await;
+    p.handle.changed(["a".to_string()]);
+    wait_published(&mut con, "a", 300).await;
+    assert_eq!(
+        hget(&mut con, "a", "pub_seq").await,
+        Some(first.to_string()),
+        "marked with the epoch it was sent in"
+    );
+    until("epoch sequence advanced", mqtt::EPOCH_INTERVAL * 3, || {
+        let mut con = con.clone();
+        async move { (seq_of(&mut con).await > first).then_some(()) }
+    })
+    .await;
+    let seq = seq_of(&mut con).await;
+    assert_eq!(epoch_stored(&con).await, token, "same token");
+    assert_eq!(retained_epoch(&m), Some(format!("{token}:{seq}")));
+    // nothing acknowledged since: the sequence stays
+    tokio::time::sleep(mqtt::EPOCH_INTERVAL + Duration::from_secs(1)).await;
+    assert_eq!(seq_of(&mut con).await, seq);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_clean_stop_the_next_start_republishes_nothing() {
+    let r = RedisServer::start();
+    let m = MosquittoServer::start();
+    let mut con = redis(&r).await;
+    meta(&mut con).await;
+    let want = three_skus(&mut con).await;
+    let cfg = publisher_config(mqtt_config(m.url()));
+    let p = Running::start(cfg.clone(), &r).await;
+    for (sku, lsn) in &want {
+        wait_published(&mut con, sku, *lsn).await;
+    }
+    epoch_stored(&con).await;
+    // acknowledged just before the stop, well inside the epoch interval
+    hset(
+        &mut con,
+        "a",
+        &[("on_hand", "5".into()), ("lsn", "300".into())],
+    )
+    .await;
+    p.handle.changed(["a".to_string()]);
+    wait_published(&mut con, "a", 300).await;
+    p.stop().await;
+
+    let p2 = Running::publishing(cfg, &r).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let s = p2.handle.stats().snapshot();
+    assert_eq!(
+        s.published, 0,
+        "the last epoch covered every acknowledged state"
+    );
+    assert_eq!(s.epoch_republishes, 0);
+    assert_eq!(s.epoch_rollbacks, 0);
+    p2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_epoch_written_before_sequences_is_read_without_a_republish() {
+    let r = RedisServer::start();
+    let m = MosquittoServer::start();
+    let mut con = redis(&r).await;
+    meta(&mut con).await;
+    for (i, sku) in ["a", "b"].iter().enumerate() {
+        let lsn = (100 + i).to_string();
+        // acknowledged by an older skusync: no pub_seq
+        hset(
+            &mut con,
+            sku,
+            &[
+                ("on_hand", "1".into()),
+                ("lsn", lsn.clone()),
+                ("pub_lsn", lsn),
+                ("pub_piece", "0".into()),
+            ],
+        )
+        .await;
+    }
+    redis::cmd("HSET")
+        .arg(format!("{RP}:meta"))
+        .arg("mqtt_epoch")
+        .arg("00000000feedface")
+        .query_async::<()>(&mut con)
+        .await
+        .unwrap();
+    m.publish("p/epoch", b"00000000feedface", true);
+    let p = Running::publishing(publisher_config(mqtt_config(m.url())), &r).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = p.handle.stats().snapshot();
+    assert_eq!(s.epoch_republishes, 0, "the bare token matched");
+    assert_eq!(s.published, 0, "nothing republished");
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_holding_an_older_epoch_sequence_gets_only_the_later_skus_again() {
+    let r = RedisServer::start();
+    let m = MosquittoServer::start();
+    let mut con = redis(&r).await;
+    meta(&mut con).await;
+    // "old" was acknowledged in epoch 3, "new" in epoch 5; the broker holds epoch 4
+    for (sku, seq) in [("old", "3"), ("new", "5")] {
+        hset(
+            &mut con,
+            sku,
+            &[
+                ("on_hand", "1".into()),
+                ("lsn", "100".into()),
+                ("pub_lsn", "100".into()),
+                ("pub_piece", "0".into()),
+                ("pub_seq", seq.into()),
+            ],
+        )
+        .await;
+    }
+    redis::cmd("HSET")
+        .arg(format!("{RP}:meta"))
+        .arg("mqtt_epoch")
+        .arg("00000000feedface")
+        .arg("mqtt_epoch_seq")
+        .arg("6")
+        .query_async::<()>(&mut con)
+        .await
+        .unwrap();
+    m.publish("p/epoch", b"00000000feedface:4", true);
+    let p = Running::publishing(publisher_config(mqtt_config(m.url())), &r).await;
+    until("new republished", Duration::from_secs(10), || {
+        let s = p.handle.stats().snapshot();
+        async move { (s.published >= 1).then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = p.handle.stats().snapshot();
+    assert_eq!(
+        s.published, 1,
+        "only the SKU acknowledged at or after epoch 4"
+    );
+    assert_eq!(s.epoch_republishes, 0);
+    assert_eq!(s.epoch_rollbacks, 1);
+    let topics: Vec<String> = retained(&m, "p/sku/#")
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
+    assert_eq!(topics, vec!["p/sku/new".to_string()]);
+    // marked with a sequence above the broker's (the later epochs continue from 6)
+    let seq: u64 = hget(&mut con, "new", "pub_seq")
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(seq >= 6, "pub_seq {seq}");
+    p.stop().await;
 }

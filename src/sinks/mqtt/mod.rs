@@ -10,7 +10,8 @@
 //! * `<topic_prefix>/alerts/<SKU>`: not retained, QoS 1, one message per alert.
 //! * `<topic_prefix>/status`: retained `online` after connecting, `offline` as the Last Will
 //!   and before a clean disconnect.
-//! * `<topic_prefix>/epoch`: retained random token; see "Broker restarts".
+//! * `<topic_prefix>/epoch`: retained `<token>:<seq>` (random token, sequence number);
+//!   see "Broker restarts".
 //!
 //! # SKU topic level
 //!
@@ -55,7 +56,8 @@
 //! `pub_piece`) or `alerts` is not empty. After the broker acknowledged (PUBACK success) a
 //! state message read at (`L`, `P`), a Lua script sets `pub_lsn = L`, `pub_piece = P` and
 //! `pub_state` (the published numeric values, the base of the next `delta`) unless the mark
-//! is already at (`L`, `P`) or later. After an alert's PUBACK, a
+//! is already at (`L`, `P`) or later, and `pub_seq` (see "Broker restarts"). After an
+//! alert's PUBACK, a
 //! Lua script removes exactly that alert (matched on `lsn` and `type`) from `alerts`, so
 //! alerts the apply script appends meanwhile stay. After connecting, every unpublished
 //! SKU is found by SCAN and published; a message lost with a connection is published again.
@@ -75,11 +77,34 @@
 //!
 //! # Broker restarts
 //!
-//! A broker restarted without persistence loses its retained messages. After connecting,
-//! skusync reads the retained `<topic_prefix>/epoch` (waiting up to 1 s) and compares it
-//! with `mqtt_epoch` in the Redis meta hash. When they differ (or either is missing), every
-//! SKU is republished; once all are acknowledged, a new random epoch is published
-//! (retained) and then stored in the meta hash (only if the meta hash exists).
+//! A broker restarted without persistence loses its retained messages; one restarted from
+//! an older persistence file (Mosquitto autosaves every 30 minutes by default, and a crash
+//! loses what came after) has the retained messages of that time. The retained epoch
+//! message `<topic_prefix>/epoch` tells which: its payload is `<token>:<seq>` (a payload
+//! without `:` is a token with sequence 0, the form before sequences).
+//!
+//! * While states are being acknowledged, the epoch is republished (retained, QoS 1) with
+//!   `seq + 1` every [`EPOCH_INTERVAL`]; after its PUBACK, the meta hash's `mqtt_epoch` and
+//!   `mqtt_epoch_seq` are set to it.
+//! * Each acknowledgement mark also sets the SKU hash's `pub_seq` to the sequence of the
+//!   last epoch sent before that state was sent (an acknowledged republish of the same
+//!   state raises it).
+//! * After connecting, skusync reads the retained epoch (waiting up to 1 s) and the meta
+//!   hash. Token missing or different: every SKU is republished; once all are acknowledged,
+//!   a new random token is published (retained) and then stored in the meta hash (only if
+//!   the meta hash exists). Same token, broker sequence `B`: the scan for unpublished SKUs
+//!   also republishes every SKU whose `pub_seq >= B` (when `B` is below `mqtt_epoch_seq`,
+//!   the broker was restored from an older file: logged, and counted in
+//!   [`Stats::epoch_rollbacks`]).
+//!
+//! Why that is enough: a broker handles one client's publishes in order and saves its whole
+//! retained store at once, so a store that holds epoch `B` holds every message skusync
+//! published before epoch `B` (or a later one on the same topic). A state marked with
+//! `pub_seq = k` was sent after epoch `k` and before epoch `k + 1`, so only states with
+//! `pub_seq >= B` can be missing. The cost: every reconnect republishes the SKUs
+//! acknowledged since the last epoch the broker acknowledged (about [`EPOCH_INTERVAL`] of
+//! changes; none after a clean shutdown, which sends a last epoch), and a rollback
+//! republishes the SKUs acknowledged since the restored file was saved.
 //!
 //! # Sizes
 //!
@@ -109,7 +134,7 @@ pub use payload::{
     Kind, PendingAlert, STATE_MEMBERS, StateMessage, alert_payload, parse_alerts, state_message,
     users_name,
 };
-pub use run::MARK_PUBLISHED;
+pub use run::{EPOCH_INTERVAL, MARK_PUBLISHED};
 pub use sched::{Aging, Scheduler, Want};
 pub use topic::{EMPTY_SKU_LEVEL, decode_sku, encode_sku};
 pub use tracker::AckTracker;
@@ -219,6 +244,9 @@ pub struct Stats {
     pub reconnects: AtomicU64,
     /// Full republishes started because the broker's epoch did not match.
     pub epoch_republishes: AtomicU64,
+    /// Connections where the broker held our epoch token with a sequence below the one
+    /// stored in Redis (restored from an older persistence file).
+    pub epoch_rollbacks: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -234,6 +262,8 @@ pub struct StatsSnapshot {
     pub reconnects: u64,
     /// See [`Stats::epoch_republishes`].
     pub epoch_republishes: u64,
+    /// See [`Stats::epoch_rollbacks`].
+    pub epoch_rollbacks: u64,
 }
 
 impl Stats {
@@ -245,6 +275,7 @@ impl Stats {
             refusals: self.refusals.load(Ordering::Relaxed),
             reconnects: self.reconnects.load(Ordering::Relaxed),
             epoch_republishes: self.epoch_republishes.load(Ordering::Relaxed),
+            epoch_rollbacks: self.epoch_rollbacks.load(Ordering::Relaxed),
         }
     }
 }
@@ -336,6 +367,25 @@ pub(crate) fn epoch_topic(prefix: &str) -> String {
     format!("{prefix}/epoch")
 }
 
+/// The epoch message's payload: `<token>:<seq>`.
+pub fn epoch_payload(token: &str, seq: u64) -> String {
+    format!("{token}:{seq}")
+}
+
+/// Reads an epoch payload as (token, seq). A payload without a `:` followed by a decimal
+/// is a bare token (written before sequences existed) with sequence 0.
+pub fn parse_epoch(payload: &str) -> (&str, u64) {
+    match payload.rsplit_once(':') {
+        Some((token, seq)) if !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit()) => {
+            match seq.parse() {
+                Ok(n) => (token, n),
+                Err(_) => (payload, 0),
+            }
+        }
+        _ => (payload, 0),
+    }
+}
+
 /// The state topic of a SKU.
 pub fn sku_topic(prefix: &str, sku: &str) -> String {
     format!("{prefix}/sku/{}", encode_sku(sku))
@@ -364,4 +414,31 @@ pub async fn spawn(
     let task = run::Task::new(cfg, options, redis, shared, shutdown);
     let join = tokio::spawn(task.run());
     Ok((handle, join))
+}
+
+#[cfg(test)]
+mod epoch_tests {
+    use super::*;
+
+    #[test]
+    fn an_epoch_payload_reads_back_as_its_token_and_sequence() {
+        assert_eq!(parse_epoch(&epoch_payload("00ab", 42)), ("00ab", 42));
+        assert_eq!(parse_epoch("00ab:0"), ("00ab", 0));
+    }
+
+    #[test]
+    fn a_bare_token_from_before_sequences_reads_as_sequence_zero() {
+        assert_eq!(parse_epoch("0123456789abcdef"), ("0123456789abcdef", 0));
+    }
+
+    #[test]
+    fn a_malformed_epoch_sequence_is_part_of_the_token_so_it_never_matches() {
+        assert_eq!(parse_epoch("ab:"), ("ab:", 0));
+        assert_eq!(parse_epoch("ab:-1"), ("ab:-1", 0));
+        assert_eq!(
+            parse_epoch("ab:99999999999999999999"),
+            ("ab:99999999999999999999", 0)
+        );
+        assert_eq!(parse_epoch(""), ("", 0));
+    }
 }

@@ -41,6 +41,10 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// How long to wait for the retained epoch after subscribing.
 const EPOCH_WAIT: Duration = Duration::from_secs(1);
+/// How often the epoch sequence advances while states are acknowledged. A broker restored
+/// from an older persistence file gets the SKUs acknowledged since the epoch it holds
+/// republished, so this bounds the republish on a reconnect, not correctness.
+pub const EPOCH_INTERVAL: Duration = Duration::from_secs(5);
 /// Bound on waiting for in-flight acknowledgements at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause after a Redis error before trying again.
@@ -59,15 +63,21 @@ const MARK_LINGER: Duration = Duration::from_millis(10);
 /// would come back as a ghost). The piece matters: every piece of a transaction applied
 /// in several writes the same `lsn`, and the state after its last piece must still count
 /// as unpublished once an earlier piece's state was acknowledged.
+///
+/// An optional last argument, the epoch sequence, goes to `pub_seq` with the mark, and
+/// raises `pub_seq` when the same state was acknowledged again (a republish): the state
+/// the broker holds is then the later copy, which an older broker file may lack.
 pub const MARK_PUBLISHED: &str = r"
 -- KEYS: SKU hashes; ARGV: per key an LSN (u64 decimal), a piece (integer) and a
--- pub_state. One call marks a whole flush (a script call per SKU cost Redis more than
--- the marking itself).
+-- pub_state, then optionally the epoch sequence. One call marks a whole flush (a script
+-- call per SKU cost Redis more than the marking itself).
 local out = {}
+local seq = ARGV[3 * #KEYS + 1]
+local seqn = tonumber(seq or '')
 for i, key in ipairs(KEYS) do
   local l, p, st = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
   out[i] = 0
-  local cur = redis.call('HMGET', key, 'pub_lsn', 'pub_piece')
+  local cur = redis.call('HMGET', key, 'pub_lsn', 'pub_piece', 'pub_seq')
   local cl, cp = cur[1], tonumber(cur[2] or '0') or 0
   local pn = tonumber(p) or 0
   -- a marked hash exists; EXISTS only for a first mark (never recreate a deleted hash)
@@ -77,7 +87,10 @@ for i, key in ipairs(KEYS) do
     local same = cl == l
     if not (ahead or (same and cp >= pn)) then
       redis.call('HSET', key, 'pub_lsn', l, 'pub_piece', tostring(pn), 'pub_state', st)
+      if seqn then redis.call('HSET', key, 'pub_seq', seq) end
       out[i] = 1
+    elseif same and cp == pn and seqn and (tonumber(cur[3] or '') or -1) < seqn then
+      redis.call('HSET', key, 'pub_seq', seq)
     end
   end
 end
@@ -110,16 +123,18 @@ return 1
 ";
 
 const SET_EPOCH: &str = r"
+-- KEYS[1] meta hash; ARGV[1] token, ARGV[2] sequence.
 -- only into an existing meta hash: its absence means Redis is not bootstrapped
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'mqtt_epoch', ARGV[1])
+  redis.call('HSET', KEYS[1], 'mqtt_epoch', ARGV[1], 'mqtt_epoch_seq', ARGV[2])
   return 1
 end
 return 0
 ";
 
-/// `lsn`, `piece`, `pub_lsn`, `pub_piece`, `alerts` of a SKU hash.
+/// `lsn`, `piece`, `pub_lsn`, `pub_piece`, `alerts`, `pub_seq` of a SKU hash.
 type Marks = (
+    Option<String>,
     Option<String>,
     Option<String>,
     Option<String>,
@@ -138,6 +153,8 @@ enum Msg {
         state: String,
         /// Commit time (hash field `ts`, unix ms) of a change message; `None` for aging.
         ts: Option<i64>,
+        /// The epoch sequence when it was sent (its mark's `pub_seq`).
+        seq: u64,
     },
     Alert {
         sku: String,
@@ -145,7 +162,12 @@ enum Msg {
         kind: String,
     },
     Status,
-    Epoch(String),
+    Epoch {
+        token: String,
+        seq: u64,
+        /// The first epoch of a new token (after a full republish).
+        fresh: bool,
+    },
 }
 
 #[derive(Debug)]
@@ -162,8 +184,8 @@ enum EpochPhase {
 /// Marks taken into a pipeline, waiting for its replies.
 struct QueuedMarks {
     marks: Vec<Msg>,
-    /// The states' script call is the first reply.
-    has_states: bool,
+    /// The states' script calls, one per epoch sequence (ascending), are the first replies.
+    state_seqs: Vec<u64>,
     /// Replies the marks' commands take, at the front of the pipeline's.
     replies: usize,
 }
@@ -172,6 +194,8 @@ struct QueuedMarks {
 struct Scan {
     cursor: u64,
     force: bool,
+    /// Also republish SKUs whose `pub_seq` is at least this (the broker's epoch sequence).
+    from_seq: Option<u64>,
 }
 
 pub(super) struct Task {
@@ -211,6 +235,16 @@ pub(super) struct Task {
     oversized: HashSet<String>,
     next_aging: Instant,
     set_epoch: redis::Script,
+    /// The epoch token the broker holds (matched or sent on this connection).
+    epoch_token: Option<String>,
+    /// Sequence of the epoch last sent (or found); marks record it as `pub_seq`. Never
+    /// decreases, so marks only err on the side of republishing.
+    epoch_seq: u64,
+    /// States were sent since the last epoch.
+    epoch_dirty: bool,
+    epoch_in_flight: bool,
+    /// Earliest time of the next periodic epoch.
+    next_epoch: Instant,
 }
 
 fn unix_ms() -> i64 {
@@ -261,6 +295,11 @@ impl Task {
             oversized: HashSet::new(),
             next_aging: Instant::now(),
             set_epoch: redis::Script::new(SET_EPOCH),
+            epoch_token: None,
+            epoch_seq: 0,
+            epoch_dirty: false,
+            epoch_in_flight: false,
+            next_epoch: Instant::now(),
         }
     }
 
@@ -373,6 +412,9 @@ impl Task {
         if !self.aging.is_empty() && self.cfg.mqtt.window_republish_per_s > 0 {
             d = d.min(self.next_aging);
         }
+        if self.epoch_dirty && !self.epoch_in_flight && self.epoch_token.is_some() {
+            d = d.min(self.next_epoch);
+        }
         d
     }
 
@@ -408,6 +450,7 @@ impl Task {
                 self.scan = Some(Scan {
                     cursor: 0,
                     force: false,
+                    from_seq: None,
                 });
             }
         }
@@ -424,6 +467,7 @@ impl Task {
             self.scan = Some(Scan {
                 cursor: 0,
                 force: true,
+                from_seq: None,
             });
         }
     }
@@ -448,12 +492,15 @@ impl Task {
         for m in self.tracker.lose_all() {
             match m {
                 Msg::State { sku, .. } | Msg::Alert { sku, .. } => self.sched.lost(&sku),
-                Msg::Status | Msg::Epoch(_) => {}
+                Msg::Status | Msg::Epoch { .. } => {}
             }
         }
         self.scan = None;
         self.outstanding = None;
         self.epoch = EpochPhase::Decided;
+        // decided again after the next CONNACK, from what that broker holds
+        self.epoch_token = None;
+        self.epoch_in_flight = false;
     }
 
     async fn on_event(&mut self, client: &AsyncClient, ev: Event) {
@@ -528,6 +575,7 @@ impl Task {
                 piece,
                 state,
                 ts,
+                seq,
             } => {
                 if ok {
                     self.marks_since.get_or_insert_with(Instant::now);
@@ -537,6 +585,7 @@ impl Task {
                         piece,
                         state,
                         ts,
+                        seq,
                     });
                     self.shared.stats.published.fetch_add(1, Ordering::Relaxed);
                     crate::telemetry::mqtt_state_acked(ts);
@@ -572,20 +621,25 @@ impl Task {
                     warn!(?reason, "broker refused the status message");
                 }
             }
-            Msg::Epoch(token) => {
+            Msg::Epoch { token, seq, fresh } => {
+                self.epoch_in_flight = false;
                 if ok {
                     let r: Result<i64, _> = self
                         .set_epoch
                         .key(layout::meta_key(&self.cfg.redis_prefix))
                         .arg(&token)
+                        .arg(seq)
                         .invoke_async(&mut self.redis)
                         .await;
                     match r {
-                        Ok(_) => info!("mqtt epoch stored: full republish complete"),
+                        Ok(_) if fresh => info!("mqtt epoch stored: full republish complete"),
+                        Ok(_) => debug!(seq, "mqtt epoch stored"),
                         Err(e) => warn!(error = %e, "storing the mqtt epoch failed"),
                     }
                 } else {
                     warn!(?reason, "broker refused the epoch message");
+                    // the states sent before it still need an epoch the broker holds
+                    self.epoch_dirty = true;
                 }
             }
         }
@@ -605,27 +659,56 @@ impl Task {
         }
         self.outstanding = None;
         let token = format!("{:016x}", rand::random::<u64>());
+        self.send_epoch(client, token, true);
+    }
+
+    /// Publishes the epoch `<token>:<seq + 1>`; states sent from now on are marked with
+    /// the new sequence.
+    fn send_epoch(&mut self, client: &AsyncClient, token: String, fresh: bool) {
+        let seq = self.epoch_seq + 1;
         if client
             .try_publish(
                 super::epoch_topic(self.prefix()),
                 QoS::AtLeastOnce,
                 true,
-                token.clone(),
+                super::epoch_payload(&token, seq),
             )
             .is_ok()
         {
-            self.tracker.queued(Msg::Epoch(token));
+            self.epoch_seq = seq;
+            self.epoch_dirty = false;
+            self.epoch_in_flight = true;
+            self.next_epoch = Instant::now() + EPOCH_INTERVAL;
+            self.epoch_token = Some(token.clone());
+            self.tracker.queued(Msg::Epoch { token, seq, fresh });
+        }
+    }
+
+    /// The periodic epoch: when states were sent since the last one, the broker holds our
+    /// token, no full republish runs and the interval passed (`force`: at shutdown).
+    fn maybe_advance_epoch(&mut self, client: &AsyncClient, force: bool) {
+        if !self.epoch_dirty
+            || self.epoch_in_flight
+            || self.outstanding.is_some()
+            || !matches!(self.epoch, EpochPhase::Decided)
+            || (!force && Instant::now() < self.next_epoch)
+        {
+            return;
+        }
+        if let Some(token) = self.epoch_token.clone() {
+            self.send_epoch(client, token, false);
         }
     }
 
     /// Compares the broker's retained epoch with Redis and starts the scan.
     async fn decide_epoch(&mut self, client: &AsyncClient, broker: Option<String>) {
-        let stored: Result<Option<String>, _> = redis::cmd("HGET")
+        let stored: Result<(Option<String>, Option<String>), _> = redis::cmd("HMGET")
             .arg(layout::meta_key(&self.cfg.redis_prefix))
             .arg("mqtt_epoch")
+            .arg("mqtt_epoch_seq")
             .query_async(&mut self.redis)
             .await;
-        let stored = match stored {
+        let (stored, stored_seq) = match stored {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, "reading the mqtt epoch failed; retrying");
@@ -638,12 +721,39 @@ impl Task {
         };
         self.epoch = EpochPhase::Decided;
         let _ = client.try_unsubscribe(super::epoch_topic(self.prefix()));
-        let matched = broker.is_some() && broker == stored;
-        if matched {
-            debug!("mqtt epoch matches: publishing unpublished SKUs");
+        // An unreadable stored sequence counts as 0: the broker's then decides.
+        let stored_seq: u64 = stored_seq.and_then(|s| s.parse().ok()).unwrap_or(0);
+        self.epoch_seq = self.epoch_seq.max(stored_seq);
+        let stored_token = stored.as_deref().map(|s| super::parse_epoch(s).0);
+        let broker_epoch = broker.as_deref().map(super::parse_epoch);
+        let matched = match (broker_epoch, stored_token) {
+            (Some((b, _)), Some(s)) => b == s && !b.is_empty(),
+            _ => false,
+        };
+        if let (true, Some((token, broker_seq))) = (matched, broker_epoch) {
+            if broker_seq < stored_seq {
+                warn!(
+                    broker_seq,
+                    stored_seq,
+                    "broker holds an older epoch (restored from an older persistence file): republishing SKUs acknowledged since"
+                );
+                self.shared
+                    .stats
+                    .epoch_rollbacks
+                    .fetch_add(1, Ordering::Relaxed);
+            } else {
+                debug!(
+                    broker_seq,
+                    "mqtt epoch matches: publishing unpublished SKUs"
+                );
+            }
+            self.epoch_seq = self.epoch_seq.max(broker_seq);
+            self.epoch_token = Some(token.to_string());
+            // SKUs acknowledged in epoch `broker_seq` or later may be missing on the broker
             self.scan = Some(Scan {
                 cursor: 0,
                 force: false,
+                from_seq: Some(broker_seq),
             });
         } else {
             info!("broker lacks our retained messages (epoch differs): republishing all SKUs");
@@ -654,6 +764,7 @@ impl Task {
             self.scan = Some(Scan {
                 cursor: 0,
                 force: true,
+                from_seq: None,
             });
             self.outstanding = Some(HashSet::new());
         }
@@ -695,6 +806,7 @@ impl Task {
         {
             self.scan_page(client).await;
         }
+        self.maybe_advance_epoch(client, false);
         let rate = self.cfg.mqtt.window_republish_per_s;
         if rate > 0 && !self.aging.is_empty() && self.next_aging <= now {
             let minute = layout::minute_of_ms(unix_ms());
@@ -795,7 +907,7 @@ impl Task {
         let marks = std::mem::take(&mut self.marks);
         self.marks_since = None;
         let mut replies = 0;
-        let states: Vec<(&String, &u64, &i64, &String)> = marks
+        let states: Vec<(&String, &u64, &i64, &String, u64)> = marks
             .iter()
             .filter_map(|m| match m {
                 Msg::State {
@@ -803,22 +915,29 @@ impl Task {
                     lsn,
                     piece,
                     state,
+                    seq,
                     ..
-                } => Some((sku, lsn, piece, state)),
+                } => Some((sku, lsn, piece, state, *seq)),
                 _ => None,
             })
             .collect();
-        let has_states = !states.is_empty();
-        if has_states {
-            let cmd = pipe.cmd("EVAL").arg(MARK_PUBLISHED).arg(states.len());
-            for (sku, _, _, _) in &states {
+        let mut state_seqs: Vec<u64> = states.iter().map(|s| s.4).collect();
+        state_seqs.sort_unstable();
+        state_seqs.dedup();
+        // One call per epoch sequence (nearly always one; two around an epoch change).
+        for &seq in &state_seqs {
+            let group: Vec<_> = states.iter().filter(|s| s.4 == seq).collect();
+            let cmd = pipe.cmd("EVAL").arg(MARK_PUBLISHED).arg(group.len());
+            for (sku, _, _, _, _) in &group {
                 cmd.arg(layout::sku_key(&self.cfg.redis_prefix, sku));
             }
-            for (_, lsn, piece, state) in &states {
+            for (_, lsn, piece, state, _) in &group {
                 cmd.arg(lsn.to_string()).arg(piece.to_string()).arg(*state);
             }
+            cmd.arg(seq);
             replies += 1;
         }
+        let has_states = !states.is_empty();
         for m in &marks {
             if let Msg::Alert { sku, lsn_raw, kind } = m {
                 pipe.cmd("EVAL")
@@ -845,7 +964,7 @@ impl Task {
         }
         QueuedMarks {
             marks,
-            has_states,
+            state_seqs,
             replies,
         }
     }
@@ -855,15 +974,19 @@ impl Task {
     fn settle_marks(&mut self, q: QueuedMarks, replies: Option<Vec<redis::Value>>) {
         let failed =
             |v: Option<&redis::Value>| matches!(v, Some(redis::Value::ServerError(_)) | None);
-        // Whether each mark failed: the states' call first (all or nothing), then one
-        // reply per alert removal.
+        // Whether each mark failed: the states' calls first (each all or nothing), then
+        // one reply per alert removal.
         let mut flags: Vec<bool> = vec![true; q.marks.len()];
         if let Some(vals) = &replies {
             let mut it = vals.iter();
-            let states_failed = q.has_states && failed(it.next());
+            let states_failed: HashMap<u64, bool> = q
+                .state_seqs
+                .iter()
+                .map(|&seq| (seq, failed(it.next())))
+                .collect();
             for (m, f) in q.marks.iter().zip(flags.iter_mut()) {
                 *f = match m {
-                    Msg::State { .. } => states_failed,
+                    Msg::State { seq, .. } => states_failed.get(seq).copied().unwrap_or(true),
                     Msg::Alert { .. } => failed(it.next()),
                     Msg::Status | Msg::Epoch { .. } => false,
                 };
@@ -881,7 +1004,7 @@ impl Task {
 
     async fn scan_page(&mut self, client: &AsyncClient) {
         let Some(scan) = &self.scan else { return };
-        let (cursor, force) = (scan.cursor, scan.force);
+        let (cursor, force, from_seq) = (scan.cursor, scan.force, scan.from_seq);
         let pattern = layout::sku_key_pattern(&self.cfg.redis_prefix);
         let r: Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
             .arg(cursor)
@@ -919,14 +1042,27 @@ impl Task {
                     .arg("piece")
                     .arg("pub_lsn")
                     .arg("pub_piece")
-                    .arg("alerts");
+                    .arg("alerts")
+                    .arg("pub_seq");
             }
             let r: Result<Vec<Marks>, _> = pipe.query_async(&mut self.redis).await;
             match r {
                 Ok(rows) => {
-                    for (sku, (lsn, piece, pub_lsn, pub_piece, alerts)) in skus.iter().zip(rows) {
+                    for (sku, (lsn, piece, pub_lsn, pub_piece, alerts, pub_seq)) in
+                        skus.iter().zip(rows)
+                    {
                         let exists = lsn.is_some() || pub_lsn.is_some() || alerts.is_some();
-                        if exists
+                        // Acknowledged at or after the broker's epoch: its copy may be
+                        // older (absent pub_seq: marked before sequences, kept as is).
+                        let maybe_lost = from_seq.is_some_and(|b| {
+                            pub_seq
+                                .as_deref()
+                                .and_then(|s| s.parse::<u64>().ok())
+                                .is_some_and(|s| s >= b)
+                        });
+                        if exists && maybe_lost {
+                            self.sched.request(sku, Want::Force);
+                        } else if exists
                             && payload::unpublished(
                                 lsn.as_deref(),
                                 piece.as_deref(),
@@ -952,6 +1088,7 @@ impl Task {
                 self.scan = Some(Scan {
                     cursor: 0,
                     force: false,
+                    from_seq: None,
                 });
             }
             self.maybe_publish_epoch(client);
@@ -1074,6 +1211,7 @@ impl Task {
                 self.sched.request(sku, want);
                 return;
             }
+            self.epoch_dirty = true;
             self.tracker.queued(Msg::State {
                 sku: sku.to_string(),
                 lsn,
@@ -1083,6 +1221,7 @@ impl Task {
                     Kind::Change => fields.get("ts").and_then(|v| v.parse().ok()),
                     Kind::Aging { .. } => None,
                 },
+                seq: self.epoch_seq,
             });
             messages += 1;
         } else {
@@ -1178,6 +1317,8 @@ impl Task {
             }
         }
         if self.connected {
+            // A last epoch: after a clean stop, the next start finds nothing to republish.
+            self.maybe_advance_epoch(client, true);
             let status = super::status_topic(self.prefix());
             if client
                 .try_publish(status, QoS::AtLeastOnce, true, "offline")
