@@ -779,7 +779,8 @@ if ARGV[2] ~= '' then
   local w = redis.call('HGET', KEYS[1], 'writer')
   if w ~= ARGV[2] then return redis.error_reply('SKUSYNC_FENCED ' .. tostring(w)) end
 end
-local keep = {pub_lsn = true, pub_state = true, alerts = true, alert_state = true}
+local keep = {pub_lsn = true, pub_piece = true, pub_seq = true, pub_state = true, alerts = true,
+  alert_state = true}
 for i = 2, #KEYS do
   local key = KEYS[i]
   local fields = redis.call('HKEYS', key)
@@ -852,8 +853,8 @@ async fn unlink_matching(con: &mut ConnectionManager, pattern: &str) -> Result<(
 /// a crash leaves each SKU in the old place or the new, and running it again finishes
 /// the rest (the old and new key spaces cannot overlap: `:sku:` against `:{`).
 const MIGRATE_LUA: &str = r#"
-local v = redis.call('HMGET', KEYS[1], 'pub_lsn', 'pub_state', 'alerts', 'alert_state')
-local names = {'pub_lsn', 'pub_state', 'alerts', 'alert_state'}
+local names = {'pub_lsn', 'pub_piece', 'pub_seq', 'pub_state', 'alerts', 'alert_state'}
+local v = redis.call('HMGET', KEYS[1], unpack(names))
 local w = {}
 for i, name in ipairs(names) do
   if v[i] then w[#w + 1] = name; w[#w + 1] = v[i] end
