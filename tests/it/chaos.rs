@@ -1194,6 +1194,33 @@ async fn chaos_slot_invalidated_while_down_stops_or_resyncs() {
     env.rig.daemon().spawn();
     env.recover(Duration::from_secs(90)).await;
     let rec = t0.elapsed();
+    // The marker can reach Redis inside the snapshot load itself, before the load records
+    // its end (`bootstrap = done`, `applied_lsn` = the new slot's start): wait for that.
+    let t1 = Instant::now();
+    loop {
+        let meta = skusync::sinks::layout::meta_key("skusync");
+        let done = hget(&mut env.rig.con, &meta, "bootstrap").await.as_deref() == Some("done");
+        let applied: u64 = hget(&mut env.rig.con, &meta, "applied_lsn")
+            .await
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let confirmed: Option<Lsn> = env
+            .rig
+            .pg
+            .psql(
+                "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'skusync'",
+            )
+            .parse()
+            .ok();
+        if done && confirmed.is_some_and(|c| applied >= c.0) {
+            break;
+        }
+        assert!(
+            t1.elapsed() < Duration::from_secs(60),
+            "the rebuild never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // The LSN sampler restarts only now: while the rebuilt slot's snapshot loads, its
     // confirmed LSN (the snapshot point) is ahead of the old `applied_lsn` in Redis, as on
     // any first bootstrap. A crash in that window is caught at startup ("Redis is behind
