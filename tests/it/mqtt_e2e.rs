@@ -647,7 +647,8 @@ async fn a_broker_restored_from_an_older_persistence_file_gets_the_newer_states_
 
     assert_retained_equals_redis(&mut rig, &broker, Duration::from_secs(30)).await;
     rig.assert_converges(Duration::from_secs(30)).await;
-    assert_retained_equals_redis(&mut rig, &broker, Duration::from_secs(5)).await;
+    // Under a loaded machine a retained read can come back partial: retry for long enough.
+    assert_retained_equals_redis(&mut rig, &broker, Duration::from_secs(30)).await;
     assert!(
         rig.daemon().stderr_contains("broker holds an older epoch"),
         "the rollback was noticed and logged\n{}",
