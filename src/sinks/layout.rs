@@ -31,7 +31,8 @@
 //!
 //! The meta hash holds `applied_lsn`, `system_id`, `timeline`, `fingerprint`, `bootstrap`
 //! (`loading`, `done` once a snapshot finished loading, or `stale` when it must be
-//! rebuilt), `layout` (this layout's version, [`LAYOUT_VERSION`]), `mqtt_epoch`,
+//! rebuilt), `layout` (this layout's version, [`LAYOUT_VERSION`]), `writer` (the
+//! writer's fencing token, see `sinks::redis::WriterFence`), `mqtt_epoch`,
 //! `mqtt_epoch_seq`, `last_publish_ms` and `tables` (the mapped stock tables' identities, JSON).
 //!
 //! Reserved for stock tables whose rows do not carry the SKU (surrogate keys, lookups
