@@ -16,6 +16,7 @@ use crate::pg::conn::{ReplConnection, SnapshotAction};
 use crate::pg::connstr::PgConnectConfig;
 use crate::pg::error::PgError;
 use crate::pg::meta;
+use crate::pg::partitions;
 use crate::progress::{BACKLOG_LAG_MS, Ticket};
 use crate::sinks::layout;
 use crate::sinks::mqtt::{self, MqttHandle, PublisherConfig};
@@ -108,6 +109,8 @@ pub struct Daemon {
     /// The relation (OID) and reason of the last rebuild for a changed table identity,
     /// until that relation is announced matching: the same reason again means a loop.
     identity_rebuild: Option<(u32, String)>,
+    /// The partition fingerprints Redis was built with (meta `partitions`).
+    partitions_built: std::collections::BTreeMap<String, String>,
     gate: Arc<AtomicU64>,
     mqtt: Option<MqttHandle>,
     mqtt_join: Option<tokio::task::JoinHandle<Result<(), mqtt::MqttError>>>,
@@ -218,6 +221,7 @@ impl Daemon {
             max_batch_skus: rc.max_batch_skus,
             split_floor: Lsn(0),
             identity_rebuild: None,
+            partitions_built: Default::default(),
             gate,
             mqtt: None,
             mqtt_join: None,
@@ -676,6 +680,9 @@ impl Daemon {
         // stream is connected (a first snapshot load runs before that).
         let mut connected = false;
         let mut meta_checked = tokio::time::Instant::now();
+        let mut partitions_checked = tokio::time::Instant::now();
+        // Relations the catalog said are no partition of a mapped table (this session).
+        let mut not_partitions: std::collections::HashSet<u32> = Default::default();
         // The transaction being read truncated a stock table (alerts at its commit).
         let mut truncated = false;
         loop {
@@ -719,6 +726,28 @@ impl Daemon {
                             && let Some(c) = self.check_writer_view(&v)
                         {
                             return Ok(c);
+                        }
+                    }
+                    if connected && partitions_checked.elapsed() >= PARTITION_CHECK {
+                        partitions_checked = tokio::time::Instant::now();
+                        match self.read_partitions().await {
+                            Ok(trees) => {
+                                if let Some(why) = self.partition_drift(&trees) {
+                                    return rebuild_next(
+                                        &mut applier.connection(),
+                                        self.prefix(),
+                                        self.settings.fence.token(),
+                                        why,
+                                    )
+                                    .await;
+                                }
+                                for (oid, parent) in trees.parents() {
+                                    if fold.parent_of(oid).is_none() {
+                                        fold.add_partition(oid, parent);
+                                    }
+                                }
+                            }
+                            Err(e) => tracing::warn!(error = %e, "cannot read the mapped tables' partitions"),
                         }
                     }
                     // Keepalive-only progress: record it in Redis before it may be confirmed.
@@ -812,6 +841,19 @@ impl Daemon {
                                 }
                                 connected = true;
                                 fold.expect_tables(m.tables.clone());
+                                self.partitions_built = m.partitions.clone();
+                                let trees = self.read_partitions().await?;
+                                if let Some(why) = self.partition_drift(&trees) {
+                                    return rebuild_next(
+                                        &mut con,
+                                        self.prefix(),
+                                        self.settings.fence.token(),
+                                        why,
+                                    )
+                                    .await;
+                                }
+                                fold.set_partitions(trees.parents());
+                                partitions_checked = tokio::time::Instant::now();
                                 if m.system_id.is_none() {
                                     rsink::write_meta(
                                         &mut con,
@@ -832,43 +874,71 @@ impl Daemon {
                         self.start_mqtt(applier.connection()).await?;
                     }
                     SourceEvent::Reset => fold.reset(),
-                    SourceEvent::Event(Event::Relation(r)) => match fold.relation(&r) {
-                        Ok(()) => {
-                            // The table the last rebuild was for now matches Redis.
-                            if self
-                                .identity_rebuild
-                                .as_ref()
-                                .is_some_and(|(oid, _)| *oid == r.oid)
-                            {
-                                self.identity_rebuild = None;
+                    SourceEvent::Event(Event::Relation(r)) => {
+                        if !fold.knows(&r) && !not_partitions.contains(&r.oid) {
+                            // Named by a partition attached since the partitions were read?
+                            match self.mapped_parent(r.oid).await? {
+                                Some(parent)
+                                    if self.mapping.inventory.iter().any(|m| m.table == parent) =>
+                                {
+                                    // Its rows before the attach never reached the stream.
+                                    return rebuild_next(
+                                        &mut applier.connection(),
+                                        self.prefix(),
+                                        self.settings.fence.token(),
+                                        format!(
+                                            "partition {} of stock table {parent} was attached after Redis was \
+                                             built; rebuilding Redis from a fresh snapshot",
+                                            r.qualified_name()
+                                        ),
+                                    )
+                                    .await;
+                                }
+                                // An activity table's: its inserts count from now on.
+                                Some(parent) => fold.add_partition(r.oid, &parent),
+                                None => {
+                                    not_partitions.insert(r.oid);
+                                }
                             }
                         }
-                        Err(RelationProblem::Schema(e)) => {
-                            return Err(schema_stop(e, fold.current_commit()));
-                        }
-                        Err(RelationProblem::Changed(why)) => {
-                            // Nothing of that table is folded under the new identity: Redis
-                            // is rebuilt from a snapshot taken after the change, and the
-                            // slot moves there, so the restart does not meet it again. If
-                            // it does, the snapshot and the stream describe the table
-                            // differently: rebuilding again would loop.
-                            if self.identity_rebuild.as_ref() == Some(&(r.oid, why.clone())) {
-                                return Err(DaemonError::Definite(format!(
-                                    "{why}, again right after Redis was rebuilt for the same reason: the snapshot \
+                        match fold.relation(&r) {
+                            Ok(()) => {
+                                // The table the last rebuild was for now matches Redis.
+                                if self
+                                    .identity_rebuild
+                                    .as_ref()
+                                    .is_some_and(|(oid, _)| *oid == r.oid)
+                                {
+                                    self.identity_rebuild = None;
+                                }
+                            }
+                            Err(RelationProblem::Schema(e)) => {
+                                return Err(schema_stop(e, fold.current_commit()));
+                            }
+                            Err(RelationProblem::Changed(why)) => {
+                                // Nothing of that table is folded under the new identity: Redis
+                                // is rebuilt from a snapshot taken after the change, and the
+                                // slot moves there, so the restart does not meet it again. If
+                                // it does, the snapshot and the stream describe the table
+                                // differently: rebuilding again would loop.
+                                if self.identity_rebuild.as_ref() == Some(&(r.oid, why.clone())) {
+                                    return Err(DaemonError::Definite(format!(
+                                        "{why}, again right after Redis was rebuilt for the same reason: the snapshot \
                                      and the replication stream describe the table differently (generated columns \
                                      published by PostgreSQL 18?); stopping instead of rebuilding in a loop"
-                                )));
+                                    )));
+                                }
+                                self.identity_rebuild = Some((r.oid, why.clone()));
+                                return rebuild_next(
+                                    &mut applier.connection(),
+                                    self.prefix(),
+                                    self.settings.fence.token(),
+                                    format!("{why}; rebuilding Redis from a fresh snapshot"),
+                                )
+                                .await;
                             }
-                            self.identity_rebuild = Some((r.oid, why.clone()));
-                            return rebuild_next(
-                                &mut applier.connection(),
-                                self.prefix(),
-                                self.settings.fence.token(),
-                                format!("{why}; rebuilding Redis from a fresh snapshot"),
-                            )
-                            .await;
                         }
-                    },
+                    }
                     SourceEvent::Event(Event::Begin(b)) => {
                         truncated = false;
                         fold.begin(&b);
@@ -882,10 +952,22 @@ impl Daemon {
                         }
                     }
                     SourceEvent::Event(Event::Truncate(t)) => {
-                        for p in fold
-                            .truncate(&t)
-                            .map_err(|e| schema_stop(e, fold.current_commit()))?
-                        {
+                        let pieces = match fold.truncate(&t) {
+                            Ok(p) => p,
+                            Err(RelationProblem::Schema(e)) => {
+                                return Err(schema_stop(e, fold.current_commit()));
+                            }
+                            Err(RelationProblem::Changed(why)) => {
+                                return rebuild_next(
+                                    &mut applier.connection(),
+                                    self.prefix(),
+                                    self.settings.fence.token(),
+                                    format!("{why}; rebuilding Redis from a fresh snapshot"),
+                                )
+                                .await;
+                            }
+                        };
+                        for p in pieces {
                             if p.truncate.is_empty() {
                                 pending.batch.push(p);
                                 continue;
@@ -1058,6 +1140,55 @@ impl Daemon {
     /// writing and restart: the next cycle takes the lock and a token again (or waits as a
     /// standby), resumes from the slot's confirmed position (what Redis lost past it
     /// replays, fenced) and rebuilds Redis if it is behind the slot.
+    /// The mapped tables' partitions as the catalog has them now (on the writer lock's
+    /// session when there is one).
+    async fn read_partitions(&self) -> Result<partitions::Trees, DaemonError> {
+        let tables: Vec<String> = self.mapping.tables().map(str::to_string).collect();
+        match &self.lease {
+            Some(l) => Ok(partitions::read(&l.client, &self.pgc, &tables).await?),
+            None => {
+                let client = meta::connect(&self.pgc).await?;
+                Ok(partitions::read(&client, &self.pgc, &tables).await?)
+            }
+        }
+    }
+
+    /// The mapped table a relation the stream names is a partition of, when the
+    /// partitions read before did not list it (attached since).
+    async fn mapped_parent(&self, oid: u32) -> Result<Option<String>, DaemonError> {
+        let tables: Vec<String> = self.mapping.tables().map(str::to_string).collect();
+        match &self.lease {
+            Some(l) => Ok(partitions::mapped_ancestor(&l.client, &self.pgc, oid, &tables).await?),
+            None => {
+                let client = meta::connect(&self.pgc).await?;
+                Ok(partitions::mapped_ancestor(&client, &self.pgc, oid, &tables).await?)
+            }
+        }
+    }
+
+    /// Why Redis no longer matches the stock tables' partitions, if it does not: a
+    /// partition attached with rows, detached, dropped or truncated changes rows the
+    /// stream never carries.
+    fn partition_drift(&self, trees: &partitions::Trees) -> Option<String> {
+        let now = trees.fingerprints(self.mapping.inventory.iter().map(|m| m.table.as_str()));
+        if now == self.partitions_built {
+            return None;
+        }
+        let mut which: Vec<&str> = now
+            .keys()
+            .chain(self.partitions_built.keys())
+            .filter(|t| now.get(*t) != self.partitions_built.get(*t))
+            .map(String::as_str)
+            .collect();
+        which.dedup();
+        Some(format!(
+            "the partitions of stock table {} changed since Redis was built (a partition was attached, \
+             detached, dropped or truncated: changes the stream does not carry); rebuilding Redis from a \
+             fresh snapshot",
+            which.join(", ")
+        ))
+    }
+
     fn writer_lost(&mut self, e: RedisSinkError) -> Cycle {
         telemetry::redis_rollback_or_fenced(matches!(e, RedisSinkError::Rollback(_)));
         // A token below ours means Redis came back older, like a low applied_lsn.
@@ -1110,6 +1241,8 @@ const CALL_ENTRIES: usize = 500;
 /// How often a running writer looks at the meta hash for lost writes, another writer or a
 /// requested rebuild (apply calls check the first two on every write as well).
 const META_CHECK: Duration = Duration::from_secs(2);
+/// How often the mapped tables' partitions are compared with those Redis was built with.
+const PARTITION_CHECK: Duration = Duration::from_secs(5);
 /// Most stock steps per apply call, per allowed entry (`max_batch_skus`).
 const STEPS_PER_ENTRY: usize = 5;
 /// While catching up, how long the source may stay quiet before what is pending is
@@ -1362,6 +1495,10 @@ async fn load_snapshot(
         ("fingerprint", mapping.fingerprint.clone()),
         ("tables", tables),
         ("layout", layout::LAYOUT_VERSION.to_string()),
+        (
+            "partitions",
+            serde_json::to_string(&stats.partitions).unwrap_or_default(),
+        ),
     ];
     if let Some(s) = system {
         fields.push(("system_id", s.system_id.clone()));

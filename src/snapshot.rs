@@ -36,6 +36,8 @@ pub struct LoadStats {
     pub rows: u64,
     pub skus: u64,
     pub tables: crate::fold::TableIdentities,
+    /// Fingerprints of the partitioned stock tables' partitions, as loaded.
+    pub partitions: std::collections::BTreeMap<String, String>,
 }
 
 /// Read the relation as pgoutput would describe it: non-dropped, non-generated columns in
@@ -122,6 +124,13 @@ pub async fn load(
     let mut stats = LoadStats::default();
     let mut seq = 0u64;
     let tables: Vec<String> = mapping.tables().map(str::to_string).collect();
+    // Read in the snapshot: the partitions whose rows this load reads.
+    let stock: Vec<String> = mapping.inventory.iter().map(|m| m.table.clone()).collect();
+    let trees = crate::pg::partitions::read(&client, cfg, &tables).await?;
+    if let Some(problem) = trees.identity_problem(&stock) {
+        return Err(SnapshotError::Schema(problem));
+    }
+    stats.partitions = trees.fingerprints(stock.iter().map(String::as_str));
     for table in tables {
         let rel = describe(&client, cfg, &table)
             .await?

@@ -128,7 +128,12 @@ impl Mapping {
 
     /// Resolve a relation against the mapping.
     pub fn resolve(&self, rel: &RelationDesc) -> Result<Rule, SchemaError> {
-        let name = rel.qualified_name();
+        self.resolve_as(rel, rel.qualified_name())
+    }
+
+    /// Resolve a relation as the mapped table `name` (a partition as its mapped parent:
+    /// its columns are found by name, their positions may differ from the parent's).
+    pub fn resolve_as(&self, rel: &RelationDesc, name: String) -> Result<Rule, SchemaError> {
         if let Some((i, m)) = self
             .inventory
             .iter()

@@ -168,6 +168,8 @@ pub struct Fold {
     /// Identities of the mapped stock tables (expected from Redis' meta, or learned from
     /// the first announcement); kept across [`Fold::reset`].
     tables: TableIdentities,
+    /// Partition OID -> the mapped (partitioned) table it belongs to, from the catalog.
+    partitions: HashMap<u32, String>,
 }
 
 impl Fold {
@@ -183,7 +185,96 @@ impl Fold {
             stats: FoldStats::default(),
             skipped: Vec::new(),
             tables: TableIdentities::new(),
+            partitions: HashMap::new(),
         }
+    }
+
+    /// The partitions of the mapped tables (OID -> mapped parent), read from the catalog.
+    /// Changes the stream names by a partition are folded as the parent's.
+    pub fn set_partitions<'a>(&mut self, parents: impl IntoIterator<Item = (u32, &'a str)>) {
+        self.partitions = parents
+            .into_iter()
+            .map(|(oid, p)| (oid, p.to_string()))
+            .collect();
+        // Rules resolved before may have taken a new partition for unmapped.
+        self.rules.clear();
+    }
+
+    /// One more partition, found after the trees were read (attached since).
+    pub fn add_partition(&mut self, oid: u32, parent: &str) {
+        self.partitions.insert(oid, parent.to_string());
+        self.rules.remove(&oid);
+    }
+
+    /// Whether the relation is mapped by name or is a known partition of a mapped table;
+    /// otherwise the catalog may know it as a partition attached since the trees were read.
+    pub fn knows(&self, rel: &RelationDesc) -> bool {
+        self.partitions.contains_key(&rel.oid) || {
+            let name = rel.qualified_name();
+            self.mapping.tables().any(|t| t == name)
+        }
+    }
+
+    /// The mapped parent of a partition, if the relation is one.
+    pub fn parent_of(&self, oid: u32) -> Option<&str> {
+        self.partitions.get(&oid).map(String::as_str)
+    }
+
+    /// Resolve a relation: by its own name, or as the mapped table it is a partition of.
+    fn resolve(&self, rel: &RelationDesc) -> Result<Rule, SchemaError> {
+        let name = rel.qualified_name();
+        let parent = match self.partitions.get(&rel.oid) {
+            Some(parent) if !self.mapping.tables().any(|t| t == name) => parent,
+            _ => return self.mapping.resolve(rel),
+        };
+        let mut rule = self.mapping.resolve_as(rel, parent.clone())?;
+        if let Rule::Inventory(r) = &mut rule {
+            // A partition is guarded by the catalog's partition fingerprint, not by OID;
+            // but its rows must be named as the parent's are (the same key columns, in the
+            // parent's order: a partition's columns may be in another), or a row would be
+            // stored under one name by the snapshot and looked for under another here.
+            if let Some(t) = self.tables.get(parent) {
+                let key: Vec<&str> = r
+                    .key
+                    .iter()
+                    .filter_map(|&i| rel.columns.get(i))
+                    .map(|c| c.name.as_str())
+                    .collect();
+                let mut mine = key.clone();
+                mine.sort_unstable();
+                let mut want: Vec<&str> = t.key.iter().map(|k| k.0.as_str()).collect();
+                let ordered: Option<Vec<usize>> =
+                    want.iter().map(|n| rel.column_index(n)).collect();
+                want.sort_unstable();
+                match ordered {
+                    Some(ordered) if t.full == r.full && mine == want => r.key = ordered,
+                    _ => {
+                        return Err(SchemaError(format!(
+                            "partition {name} of stock table {parent} has another replica identity than \
+                             {parent} ({} against {}), so its rows cannot be matched with the snapshot's; give \
+                             it the same: ALTER TABLE {} REPLICA IDENTITY {};",
+                            if r.full {
+                                "FULL".to_string()
+                            } else {
+                                format!("key {key:?}")
+                            },
+                            if t.full {
+                                "FULL".to_string()
+                            } else {
+                                format!("key {want:?}")
+                            },
+                            crate::pg::ident::quote_table(&name),
+                            if t.full {
+                                "FULL"
+                            } else {
+                                "DEFAULT  -- or USING INDEX on the same columns"
+                            }
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(rule)
     }
 
     /// The identities Redis was built from (its meta hash); tables not listed are learned
@@ -210,8 +301,12 @@ impl Fold {
     /// before any change of it is applied, and a stock table that is no longer the one
     /// Redis was built from is noticed before any of its changes is folded.
     pub fn relation(&mut self, rel: &RelationDesc) -> Result<(), RelationProblem> {
-        let rule = self.mapping.resolve(rel)?;
+        let rule = self.resolve(rel)?;
         let name = rel.qualified_name();
+        if self.partitions.contains_key(&rel.oid) {
+            self.rules.insert(rel.oid, Arc::new(rule));
+            return Ok(());
+        }
         match &rule {
             Rule::Unmapped => {
                 if let Some((was, _)) = self.tables.iter().find(|(_, t)| t.oid == rel.oid) {
@@ -328,7 +423,7 @@ impl Fold {
         let rule = match self.rules.get(&c.rel.oid) {
             Some(r) => r.clone(),
             None => {
-                let r = Arc::new(self.mapping.resolve(&c.rel)?);
+                let r = Arc::new(self.resolve(&c.rel)?);
                 self.rules.insert(c.rel.oid, r.clone());
                 r
             }
@@ -344,10 +439,20 @@ impl Fold {
     /// A TRUNCATE: stock tables lose all contributions; activity tables are ignored.
     /// The truncate gets a piece of its own (fenced separately from the changes before
     /// and after it), so it returns up to two finished pieces.
-    pub fn truncate(&mut self, t: &Truncate) -> Result<Vec<Piece>, SchemaError> {
+    ///
+    /// A truncate of a stock table's partition cannot be applied by the row names Redis
+    /// holds (they name the parent): it asks for a rebuild ([`RelationProblem::Changed`]).
+    pub fn truncate(&mut self, t: &Truncate) -> Result<Vec<Piece>, RelationProblem> {
         let mut tables = Vec::new();
         for rel in &t.rels {
-            if let Rule::Inventory(r) = self.mapping.resolve(rel)? {
+            if let Rule::Inventory(r) = self.resolve(rel)? {
+                if self.partitions.contains_key(&rel.oid) {
+                    return Err(RelationProblem::Changed(format!(
+                        "partition {} of stock table {} was truncated",
+                        rel.qualified_name(),
+                        r.table
+                    )));
+                }
                 tables.push(r.table);
             }
         }

@@ -1141,3 +1141,97 @@ fn guarded_activity_counts_only_for_skus_with_stock() {
         Some("1")
     );
 }
+
+#[test]
+fn a_partition_named_by_the_stream_folds_as_its_parent_with_rows_named_alike() {
+    let parent = inventory(ReplicaIdentity::Default);
+    // A partition attached from a table whose columns are in another order.
+    let part = Arc::new(RelationDesc {
+        oid: 77,
+        schema: "public".into(),
+        name: "inventory_wh1".into(),
+        replica_identity: ReplicaIdentity::Default,
+        columns: vec![
+            col("reserved", oid::NUMERIC, false),
+            col("on_hand", oid::INT4, false),
+            col("location", oid::TEXT, true),
+            col("sku", oid::TEXT, true),
+        ],
+    });
+    let mut fold = Fold::new(mapping(), 1000);
+    fold.relation(&parent).unwrap();
+    // unknown, it is unmapped (the daemon asks the catalog first)
+    assert!(!fold.knows(&part));
+    fold.set_partitions([(77, "public.inventory")]);
+    assert!(fold.knows(&part));
+    fold.relation(&part).unwrap();
+    let via_parent = fold_txn(
+        &mut fold,
+        10,
+        &[change(
+            &parent,
+            Op::Insert,
+            None,
+            Some(row("A", "W1", 4, 1)),
+            0,
+            10,
+        )],
+    );
+    let via_part = fold_txn(
+        &mut fold,
+        20,
+        &[change(
+            &part,
+            Op::Delete,
+            Some((
+                OldKind::Key,
+                vec![Datum::Null, Datum::Null, t("W1"), t("A")],
+            )),
+            None,
+            0,
+            20,
+        )],
+    );
+    let field = |p: &[Piece]| p[0].skus["A"].rows.keys().next().cloned().unwrap();
+    assert_eq!(field(&via_parent), field(&via_part), "one row, one name");
+    let mut store = Store::default();
+    for p in via_parent.iter().chain(&via_part) {
+        store.apply(p, &params());
+    }
+    assert_eq!(store.skus["A"].fields["on_hand"], "0");
+
+    // A truncate of one partition cannot be applied by row names: it asks for a rebuild.
+    fold.begin(&begin(30));
+    let e = fold
+        .truncate(&Truncate {
+            rels: vec![part.clone()],
+            cascade: false,
+            restart_identity: false,
+            seq: 0,
+            commit_lsn: Lsn(30),
+        })
+        .unwrap_err();
+    assert!(
+        matches!(e, RelationProblem::Changed(ref w) if w.contains("inventory_wh1")),
+        "{e}"
+    );
+
+    // A partition keyed otherwise than its parent is refused with the SQL that fixes it.
+    let other = Arc::new(RelationDesc {
+        oid: 78,
+        name: "inventory_wh2".into(),
+        replica_identity: ReplicaIdentity::Full,
+        columns: part
+            .columns
+            .iter()
+            .map(|c| col(&c.name, c.type_oid, true))
+            .collect(),
+        ..(*part).clone()
+    });
+    fold.add_partition(78, "public.inventory");
+    let e = fold.relation(&other).unwrap_err().to_string();
+    assert!(
+        e.contains("ALTER TABLE public.inventory_wh2 REPLICA IDENTITY DEFAULT"),
+        "{e}"
+    );
+}

@@ -477,8 +477,14 @@ async fn publication_checks<W: Write>(
     // table -> actions published by the configured publications that contain it
     let rows = client
         .query(
-            "SELECT schemaname::text || '.' || tablename::text, pubname::text FROM pg_publication_tables \
-             WHERE pubname = ANY($1)",
+            // A partition published on its own (publish_via_partition_root = false) covers
+            // the partitioned tables above it too.
+            "SELECT coalesce(anc.name, pt.schemaname::text || '.' || pt.tablename::text), pt.pubname::text \
+             FROM pg_publication_tables pt \
+             LEFT JOIN LATERAL (SELECT n.nspname::text || '.' || c.relname::text AS name \
+                  FROM pg_partition_ancestors(format('%I.%I', pt.schemaname, pt.tablename)::regclass) a \
+                  JOIN pg_class c ON c.oid = a.relid JOIN pg_namespace n ON n.oid = c.relnamespace) anc ON true \
+             WHERE pt.pubname = ANY($1)",
             &[&names],
         )
         .await

@@ -12,6 +12,7 @@ pub mod error;
 pub mod ident;
 pub mod meta;
 pub mod pace;
+pub mod partitions;
 pub mod tls;
 pub mod wire;
 

@@ -144,6 +144,28 @@ impl Daemon {
             .sum()
     }
 
+    /// The lines of all incarnations' full stderr that contain `needle`.
+    pub fn stderr_lines(&self, needle: &str) -> String {
+        (0..self.runs)
+            .flat_map(|i| {
+                std::fs::read_dir(self.dir.join(format!("run{i}")))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            })
+            .filter(|e| e.path().extension().is_some_and(|x| x == "stderr"))
+            .flat_map(|e| {
+                std::fs::read_to_string(e.path())
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains(needle))
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Panics (with the logs) when the process exited.
     pub fn assert_alive(&mut self, what: &str) {
         if let Ok(Some(st)) = self.proc().child.try_wait() {

@@ -10,6 +10,7 @@ mod mqtt_e2e;
 mod mqtt_publisher;
 mod ops;
 mod oracle;
+mod partitions;
 mod pg_security;
 mod redis_errors;
 mod replication;

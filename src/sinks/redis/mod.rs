@@ -640,6 +640,9 @@ pub struct Meta {
     pub tables: crate::fold::TableIdentities,
     /// The key layout it was built in (`layout`; `None` before layout 3).
     pub layout: Option<String>,
+    /// Per partitioned stock table, the fingerprint of its partitions at the last
+    /// snapshot load (see `pg::partitions`); empty when none is partitioned.
+    pub partitions: std::collections::BTreeMap<String, String>,
 }
 
 /// Read the meta hash; `None` when it does not exist.
@@ -666,6 +669,10 @@ pub async fn read_meta(
             .and_then(|v| serde_json::from_str(v).ok())
             .unwrap_or_default(),
         layout: m.get("layout").cloned(),
+        partitions: m
+            .get("partitions")
+            .and_then(|v| serde_json::from_str(v).ok())
+            .unwrap_or_default(),
     }))
 }
 
