@@ -168,6 +168,10 @@ pub struct InventoryMap {
     /// Optional per-SKU low-stock threshold column (same types).
     #[serde(default)]
     pub low_stock: Option<String>,
+    /// Row filter: conditions ANDed (`["deleted_at IS NULL"]`); rows that fail count
+    /// nowhere (see `fold::filter`). Omitted from the fingerprint when empty.
+    #[serde(default, rename = "where", skip_serializing_if = "Vec::is_empty")]
+    pub filter: Vec<String>,
 }
 
 /// `[[activity]]`: one append-only activity log.
@@ -199,6 +203,9 @@ pub struct ActivityMap {
     /// untrusted input, e.g. a URL).
     #[serde(default)]
     pub known_skus_only: bool,
+    /// Row filter, as for stock tables: rows that fail are not counted.
+    #[serde(default, rename = "where", skip_serializing_if = "Vec::is_empty")]
+    pub filter: Vec<String>,
     /// HMAC key for user ids, at least 32 bytes (else the systemd credential `user-key`
     /// or `SKUSYNC_USER_KEY`). Only in a config file its owner alone can read. Never
     /// logged; never part of the mapping fingerprint (serialized as null).
@@ -562,6 +569,9 @@ impl Config {
                     return err(format!("inventory[{i}].{k}: empty column name"));
                 }
             }
+            if let Err(e) = crate::fold::filter::Filter::parse(&m.filter) {
+                return err(format!("inventory[{i}].{e}"));
+            }
         }
         // counter -> (first activity index, windows in seconds, counts distinct users),
         // merged over tables as `Mapping::counters` does
@@ -576,6 +586,9 @@ impl Config {
             }
             if !tables.insert(m.table.clone()) {
                 return err(format!("activity[{i}].table: {} is mapped twice", m.table));
+            }
+            if let Err(e) = crate::fold::filter::Filter::parse(&m.filter) {
+                return err(format!("activity[{i}].{e}"));
             }
             if m.counters.is_empty() {
                 return err(format!(

@@ -149,6 +149,7 @@ pub async fn load(
         {
             Rule::Inventory(r) => {
                 let mut v: Vec<usize> = r.key.clone();
+                v.extend(r.filter.iter().flat_map(|f| f.cols.iter().map(|c| c.0)));
                 v.extend(
                     [
                         Some(r.sku),
@@ -165,6 +166,7 @@ pub async fn load(
             Rule::Activity(r) => [Some(r.sku), Some(r.kind), r.quantity, r.user, r.time]
                 .into_iter()
                 .flatten()
+                .chain(r.filter.iter().flat_map(|f| f.cols.iter().map(|c| c.0)))
                 .collect(),
             Rule::Unmapped => continue,
         };
@@ -181,10 +183,25 @@ pub async fn load(
             .map(|&i| crate::pg::conn::quote_ident(&rel.columns[i].name))
             .collect::<Vec<_>>()
             .join(", ");
+        // The mapping's filter, and the publications' row filters (the stream carries
+        // only rows they pass, so the snapshot must load no others).
+        let mut wheres: Vec<String> = mapping
+            .filter_of(&table)
+            .and_then(|f| f.to_sql())
+            .into_iter()
+            .collect();
+        if let Some(f) = publication_row_filter(&client, cfg, &mapping.publications, &rel).await? {
+            wheres.push(format!("({f})"));
+        }
         let copy = format!(
-            "COPY (SELECT {cols} FROM {}.{}) TO STDOUT",
+            "COPY (SELECT {cols} FROM {}.{}{}) TO STDOUT",
             crate::pg::conn::quote_ident(&rel.schema),
-            crate::pg::conn::quote_ident(&rel.name)
+            crate::pg::conn::quote_ident(&rel.name),
+            if wheres.is_empty() {
+                String::new()
+            } else {
+                format!(" WHERE {}", wheres.join(" AND "))
+            }
         );
         let stream = client.copy_out(&copy).await.map_err(sql)?;
         futures::pin_mut!(stream);
@@ -258,6 +275,43 @@ pub async fn load(
     client.batch_execute("COMMIT").await.map_err(sql)?;
     stats.tables = fold.tables().clone();
     Ok(stats)
+}
+
+/// The row filter the configured publications put on a table (PostgreSQL 15+): `None`
+/// when any publication that lists it has none. Publications combine by OR.
+async fn publication_row_filter(
+    client: &tokio_postgres::Client,
+    cfg: &PgConnectConfig,
+    publications: &[String],
+    rel: &RelationDesc,
+) -> Result<Option<String>, PgError> {
+    let sql = |e| meta::classify(e, cfg);
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(sql)?
+        .get(0);
+    if version < 150_000 || publications.is_empty() {
+        return Ok(None);
+    }
+    let rows = client
+        .query(
+            "SELECT rowfilter FROM pg_publication_tables \
+             WHERE pubname = ANY($1) AND schemaname = $2 AND tablename = $3",
+            &[&publications, &rel.schema, &rel.name],
+        )
+        .await
+        .map_err(sql)?;
+    let filters: Option<Vec<String>> = rows.iter().map(|r| r.get::<_, Option<String>>(0)).collect();
+    Ok(match filters {
+        Some(f) if !f.is_empty() => Some(
+            f.iter()
+                .map(|x| format!("({x})"))
+                .collect::<Vec<_>>()
+                .join(" OR "),
+        ),
+        _ => None,
+    })
 }
 
 /// Parse one line of COPY's text format into datums (`\N` is NULL; backslash escapes).

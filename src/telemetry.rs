@@ -49,6 +49,8 @@ pub const SKIPPED_VALUES: &str = "skusync_skipped_values_total";
 pub const UNKNOWN_KINDS: &str = "skusync_unknown_activity_kinds_total";
 /// Row changes of published tables no `[[inventory]]` or `[[activity]]` maps (ignored).
 pub const UNMAPPED_ROWS: &str = "skusync_unmapped_rows_total";
+/// Row changes that failed their table's `where` filter (they count nowhere).
+pub const FILTERED_ROWS: &str = "skusync_filtered_rows_total";
 /// Reconnects, label `server` = `postgres` | `redis` | `mqtt`.
 pub const RECONNECTS: &str = "skusync_reconnects_total";
 /// Rebuilds of Redis from a fresh snapshot (after the first load).
@@ -226,6 +228,10 @@ fn describe_all() {
             UNMAPPED_ROWS,
             "Row changes of published tables that no mapping names (ignored).",
         ),
+        (
+            FILTERED_ROWS,
+            "Row changes that failed their table's where filter (counted nowhere).",
+        ),
         (RESYNCS, "Redis rebuilds from a fresh snapshot."),
     ] {
         describe_counter!(name, help);
@@ -321,6 +327,7 @@ pub fn fold_progress(now: &crate::fold::FoldStats, seen: &mut crate::fold::FoldS
     counter!(ROWS).increment(now.rows.saturating_sub(seen.rows));
     counter!(UNKNOWN_KINDS).increment(now.unknown_kinds.saturating_sub(seen.unknown_kinds));
     counter!(UNMAPPED_ROWS).increment(now.unmapped_changes.saturating_sub(seen.unmapped_changes));
+    counter!(FILTERED_ROWS).increment(now.filtered_rows.saturating_sub(seen.filtered_rows));
     *seen = now.clone();
 }
 
@@ -570,6 +577,7 @@ mod tests {
             SKIPPED_VALUES,
             UNKNOWN_KINDS,
             UNMAPPED_ROWS,
+            FILTERED_ROWS,
             RECONNECTS,
             RESYNCS,
             WRITER_REFUSED,

@@ -3,10 +3,12 @@
 //! dropped mapped column, an unusable type, a replica identity that cannot attribute
 //! deletes. Those stop the stream before anything past them is confirmed.
 
+use super::filter::{Filter, Kind, Resolved};
 use crate::config::{ActivityMap, Config, ConfigError, InventoryMap, parse_window};
 use crate::txn::{RelationDesc, ReplicaIdentity, value::oid};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Whole-number column types for quantities.
 const QUANTITY_TYPES: [u32; 4] = [oid::INT2, oid::INT4, oid::INT8, oid::NUMERIC];
@@ -24,6 +26,10 @@ pub struct Mapping {
     pub max_sku_bytes: usize,
     /// Identifies the mapping; a different one means Redis must be rebuilt.
     pub fingerprint: String,
+    /// Row filters of the stock tables, by index (empty: every row).
+    pub inventory_filters: Vec<Filter>,
+    /// The publications streamed (their row filters apply to the snapshot too).
+    pub publications: Vec<String>,
 }
 
 /// An activity table with parsed windows and its HMAC key.
@@ -33,6 +39,8 @@ pub struct ActivitySpec {
     pub windows_secs: Vec<u64>,
     /// HMAC key for user ids (present iff `user` is mapped; redacted in Debug).
     pub user_key: Option<crate::secret::Secret<Vec<u8>>>,
+    /// Its row filter (empty: every row).
+    pub filter: Filter,
 }
 
 impl Mapping {
@@ -50,10 +58,13 @@ impl Mapping {
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let user_key = cfg.user_key(i)?;
+            let filter =
+                Filter::parse(&a.filter).map_err(|e| ConfigError(format!("activity[{i}].{e}")))?;
             activity.push(ActivitySpec {
                 map: a.clone(),
                 windows_secs,
                 user_key,
+                filter,
             });
         }
         // The fingerprint covers what changes the meaning of stored values, not secrets.
@@ -75,8 +86,18 @@ impl Mapping {
         // Which rows count at all.
         h.update(cfg.limits.max_sku_bytes.to_be_bytes());
         let fingerprint = hex::encode(&h.finalize()[..12]);
+        let inventory_filters = cfg
+            .inventory
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                Filter::parse(&m.filter).map_err(|e| ConfigError(format!("inventory[{i}].{e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Mapping {
             inventory: cfg.inventory.clone(),
+            inventory_filters,
+            publications: cfg.postgres.publication.names(),
             activity,
             low_stock: cfg.alerts.low_stock,
             max_sku_bytes: cfg.limits.max_sku_bytes,
@@ -116,6 +137,22 @@ impl Mapping {
             keep = keep.max(60);
         }
         keep as i64
+    }
+
+    /// The row filter of a mapped table (empty when it has none or is not mapped).
+    pub fn filter_of(&self, table: &str) -> Option<&Filter> {
+        self.inventory
+            .iter()
+            .zip(&self.inventory_filters)
+            .find(|(m, _)| m.table == table)
+            .map(|(_, f)| f)
+            .or_else(|| {
+                self.activity
+                    .iter()
+                    .find(|a| a.map.table == table)
+                    .map(|a| &a.filter)
+            })
+            .filter(|f| !f.conditions.is_empty())
     }
 
     /// All mapped table names.
@@ -167,6 +204,7 @@ impl Mapping {
                 .filter(|(_, c)| c.is_key)
                 .map(|(i, _)| i)
                 .collect();
+            let filter = resolve_filter(rel, &name, &self.inventory_filters[i])?;
             let full = rel.replica_identity == ReplicaIdentity::Full;
             if !full && (key.is_empty() || !key.contains(&sku)) {
                 let why = if key.is_empty() {
@@ -193,6 +231,7 @@ impl Mapping {
                 low_stock,
                 key,
                 full,
+                filter,
             }));
         }
         if let Some((i, a)) = self
@@ -205,8 +244,10 @@ impl Mapping {
             let col = |key: &str, col: &str, types: Option<&[u32]>| {
                 resolve_column(rel, &name, key, col, types)
             };
+            let filter = resolve_filter(rel, &name, &a.filter)?;
             return Ok(Rule::Activity(ActivityRule {
                 index: i,
+                filter,
                 table: name.clone(),
                 sku: col("sku", &m.sku, None)?,
                 kind: col("kind", &m.kind, None)?,
@@ -229,6 +270,31 @@ impl Mapping {
         }
         Ok(Rule::Unmapped)
     }
+}
+
+/// Resolve a row filter's columns: each must be in the row image the stream carries,
+/// and of a type its conditions can be evaluated on.
+fn resolve_filter(
+    rel: &RelationDesc,
+    table: &str,
+    filter: &Filter,
+) -> Result<Option<Arc<Resolved>>, SchemaError> {
+    if filter.conditions.is_empty() {
+        return Ok(None);
+    }
+    let mut cols = Vec::new();
+    for c in filter.columns() {
+        let i = resolve_column(rel, table, "where", c, None)?;
+        let kind = Kind::of(rel.columns[i].type_oid);
+        filter
+            .check_kind(c, kind)
+            .map_err(|e| SchemaError(format!("{table} where: {e}")))?;
+        cols.push((i, kind));
+    }
+    Ok(Some(Arc::new(Resolved {
+        filter: filter.clone(),
+        cols,
+    })))
 }
 
 fn resolve_column(
@@ -289,12 +355,16 @@ pub struct InventoryRule {
     pub key: Vec<usize>,
     /// REPLICA IDENTITY FULL: rows are named by a hash of all their values.
     pub full: bool,
+    /// Its row filter: rows that fail it count nowhere.
+    pub filter: Option<Arc<Resolved>>,
 }
 
 /// Column positions of an activity table.
 #[derive(Debug, Clone)]
 pub struct ActivityRule {
     pub index: usize,
+    /// Its row filter: rows that fail it are not counted.
+    pub filter: Option<Arc<Resolved>>,
     pub table: String,
     pub sku: usize,
     pub kind: usize,

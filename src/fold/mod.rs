@@ -11,6 +11,7 @@
 //! the same pieces: the apply step fences on (commit LSN, piece number).
 
 pub mod batch;
+pub mod filter;
 pub mod mapping;
 pub mod model;
 
@@ -151,6 +152,8 @@ pub struct FoldStats {
     pub unknown_kinds: u64,
     pub ignored_activity_changes: u64,
     pub skipped_values: u64,
+    /// Rows that failed their table's `where` filter.
+    pub filtered_rows: u64,
 }
 
 /// The fold state machine.
@@ -609,6 +612,27 @@ impl Fold {
                 ))
             }
         };
+        // A row that fails the table's filter counts nowhere: whatever it held under its
+        // own name goes (a row that stops matching removes its contribution).
+        let (new_state, filtered_out) = match (&r.filter, new_tuple, new_state) {
+            (Some(f), Some(t), Some(ns)) => match f.passes(t) {
+                Some(true) => (Some(ns), None),
+                Some(false) => {
+                    self.stats.filtered_rows += 1;
+                    (None, Some(ns.0))
+                }
+                None => {
+                    self.skip(
+                        &r.table,
+                        "where",
+                        lsn,
+                        "a filter column was not sent (unchanged TOAST)".into(),
+                    );
+                    return;
+                }
+            },
+            (_, _, ns) => (ns, None),
+        };
         // A SKU longer than the cap counts nowhere: a row updated to one leaves its old
         // SKU, and one updated from one (never counted) only arrives.
         let max_sku = self.mapping.max_sku_bytes;
@@ -632,7 +656,20 @@ impl Fold {
                 self.touched.insert(sku.clone());
             }
         }
+        let filtered_out = filtered_out.filter(|(s, _)| s.len() <= max_sku);
+        if let Some((sku, _)) = &filtered_out
+            && self.touched.len() < MAX_TOUCHED
+        {
+            self.touched.insert(sku.clone());
+        }
         let cur = self.cur.as_mut().expect("change inside a transaction");
+        if let Some((sku, field)) = filtered_out {
+            cur.skus
+                .entry(sku)
+                .or_default()
+                .rows
+                .insert(field, RowOp::Del);
+        }
         if let Some((old_sku, old_field)) = &old_id {
             let moved = new_state
                 .as_ref()
@@ -684,6 +721,24 @@ impl Fold {
         let mapping = self.mapping.clone();
         let spec = &mapping.activity[r.index];
         let m = &spec.map;
+        if let Some(f) = &r.filter {
+            match f.passes(t) {
+                Some(true) => {}
+                Some(false) => {
+                    self.stats.filtered_rows += 1;
+                    return;
+                }
+                None => {
+                    self.skip(
+                        &r.table,
+                        "where",
+                        lsn,
+                        "a filter column was not sent".into(),
+                    );
+                    return;
+                }
+            }
+        }
         let sku = match text(t.get(r.sku)) {
             TextOf::Text(s) => s.to_string(),
             _ => {

@@ -1235,3 +1235,64 @@ fn a_partition_named_by_the_stream_folds_as_its_parent_with_rows_named_alike() {
         "{e}"
     );
 }
+
+#[test]
+fn a_stock_row_that_stops_matching_its_filter_leaves_and_comes_back() {
+    let cfg = CONFIG.replace(
+        "reserved = \"reserved\"\n",
+        "reserved = \"reserved\"\nwhere = [\"deleted_at IS NULL\"]\n",
+    );
+    let m = Arc::new(Mapping::from_config(&Config::parse(&cfg).unwrap()).unwrap());
+    let inv = Arc::new(RelationDesc {
+        columns: inventory(ReplicaIdentity::Default)
+            .columns
+            .iter()
+            .cloned()
+            .chain([col("deleted_at", oid::TIMESTAMPTZ, false)])
+            .collect(),
+        ..(*inventory(ReplicaIdentity::Default)).clone()
+    });
+    let live = |on: i64| {
+        let mut r = row("A", "W1", on, 0);
+        r.push(Datum::Null);
+        r
+    };
+    let deleted = |on: i64| {
+        let mut r = row("A", "W1", on, 0);
+        r.push(t("2026-01-01 00:00:00+00"));
+        r
+    };
+    let mut fold = Fold::new(m, 1000);
+    fold.relation(&inv).unwrap();
+    let mut store = Store::default();
+    let mut run = |fold: &mut Fold, lsn: u64, c: Vec<Change>| {
+        for p in fold_txn(fold, lsn, &c) {
+            store.apply(&p, &params());
+        }
+        store.skus["A"].fields["on_hand"].clone()
+    };
+    let ins = change(&inv, Op::Insert, None, Some(live(5)), 0, 10);
+    assert_eq!(run(&mut fold, 10, vec![ins]), "5");
+    // soft delete: an UPDATE without an old row
+    let del = change(&inv, Op::Update, None, Some(deleted(5)), 0, 20);
+    assert_eq!(run(&mut fold, 20, vec![del]), "0");
+    assert_eq!(fold.stats.filtered_rows, 1);
+    // changed while deleted: still nowhere
+    let upd = change(&inv, Op::Update, None, Some(deleted(9)), 0, 30);
+    assert_eq!(run(&mut fold, 30, vec![upd]), "0");
+    // restored, then deleted and restored again in one transaction
+    let back = change(&inv, Op::Update, None, Some(live(9)), 0, 40);
+    assert_eq!(run(&mut fold, 40, vec![back]), "9");
+    let both = vec![
+        change(&inv, Op::Update, None, Some(deleted(9)), 0, 50),
+        change(&inv, Op::Update, None, Some(live(4)), 1, 50),
+    ];
+    assert_eq!(run(&mut fold, 50, both), "4");
+    // a filter that does not parse is a config error naming the key
+    let bad = CONFIG.replace(
+        "reserved = \"reserved\"\n",
+        "reserved = \"reserved\"\nwhere = [\"deleted_at IS\"]\n",
+    );
+    let e = Config::parse(&bad).err().unwrap().0;
+    assert!(e.starts_with("inventory[0].where[0]"), "{e}");
+}

@@ -186,6 +186,13 @@ fn valid_quantity(col: &str) -> String {
     )
 }
 
+/// A table's `where` filter as SQL (the config was validated, so it parses).
+fn row_filter(items: &[String]) -> Option<String> {
+    crate::fold::filter::Filter::parse(items)
+        .ok()
+        .and_then(|f| f.to_sql())
+}
+
 /// The SKU column qualifies: not NULL and not longer than `max_sku_bytes`.
 fn valid_sku(col: &str, max_sku_bytes: usize) -> String {
     let c = qi(col);
@@ -222,6 +229,9 @@ fn stock_sql(m: &crate::config::InventoryMap, max_sku_bytes: usize, only: bool) 
             valid_quantity(l)
         ));
     }
+    if let Some(w) = row_filter(&m.filter) {
+        filter.push_str(&format!(" AND {w}"));
+    }
     if only {
         filter.push_str(&format!(" AND {sku}::text = ANY($1)"));
     }
@@ -249,6 +259,9 @@ fn activity_sql(a: &crate::config::ActivityMap, max_sku_bytes: usize, only: bool
         }
         None => "count(*)".into(),
     };
+    if let Some(w) = row_filter(&a.filter) {
+        filter.push_str(&format!(" AND {w}"));
+    }
     if only {
         filter.push_str(&format!(" AND {sku}::text = ANY($2)"));
     }
@@ -1150,8 +1163,10 @@ mod tests {
             on_hand: "on_hand".into(),
             reserved: None,
             low_stock: None,
+            filter: vec!["deleted_at IS NULL".into()],
         };
         let sql = stock_sql(&m, 256, true);
+        assert!(sql.contains("AND (deleted_at IS NULL)"), "{sql}");
         assert!(sql.contains("octet_length(\"Sku\"::text) <= 256"), "{sql}");
         assert!(
             sql.contains("abs(on_hand::numeric) <= 9007199254740992"),

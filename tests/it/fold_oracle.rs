@@ -48,6 +48,8 @@ pub fn public_oracle(buckets: Buckets) -> Oracle {
             ],
         }],
         buckets,
+        filters: Default::default(),
+        truth_filters: Default::default(),
     }
 }
 
@@ -502,6 +504,8 @@ async fn other_names_and_types_work_by_config_alone() {
             ],
         }],
         buckets: Buckets::ExactByMinute,
+        filters: Default::default(),
+        truth_filters: Default::default(),
     };
     let mut rig = Rig::new(WMS_SCHEMA, oracle).await;
     // some rows before the start, bootstrapped from the snapshot
@@ -648,6 +652,8 @@ async fn oracle_smoke_workloads_run_and_truth_round_trips() {
             counters: vec![("sold".into(), "purchases".into())],
         }],
         buckets: Buckets::ExactByMinute,
+        filters: Default::default(),
+        truth_filters: Default::default(),
     };
     let mut w2 = Workload::new(
         seed,

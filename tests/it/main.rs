@@ -3,6 +3,7 @@
 
 mod apply_script;
 mod chaos;
+mod filters;
 mod fold_oracle;
 mod harness;
 mod harness_smoke;

@@ -62,6 +62,11 @@ pub struct Oracle {
     pub inventory: Vec<InventorySpec>,
     pub activity: Vec<ActivitySpec>,
     pub buckets: Buckets,
+    /// `where` items per mapped table (`schema.table`): in the config, and ANDed into
+    /// the SQL truth as written.
+    pub filters: BTreeMap<String, Vec<String>>,
+    /// Conditions of the SQL truth only (e.g. a publication's row filter).
+    pub truth_filters: BTreeMap<String, Vec<String>>,
 }
 
 /// One difference between SQL and Redis.
@@ -203,6 +208,7 @@ impl Oracle {
             if let Some(r) = &m.reserved {
                 s.push_str(&format!("reserved = {}\n", tstr(r)));
             }
+            s.push_str(&self.where_toml(&m.table));
         }
         for a in &self.activity {
             s.push_str("\n[[activity]]\n");
@@ -215,6 +221,7 @@ impl Oracle {
             if let Some(t) = &a.time {
                 s.push_str(&format!("time = {}\n", tstr(t)));
             }
+            s.push_str(&self.where_toml(&a.table));
             let w: Vec<String> = a.windows.iter().map(|w| tstr(w)).collect();
             s.push_str(&format!("windows = [{}]\n", w.join(", ")));
             s.push_str("[activity.counters]\n");
@@ -223,6 +230,27 @@ impl Oracle {
             }
         }
         s
+    }
+
+    fn where_toml(&self, table: &str) -> String {
+        match self.filters.get(table) {
+            Some(f) if !f.is_empty() => {
+                let items: Vec<String> = f.iter().map(|w| tstr(w)).collect();
+                format!("where = [{}]\n", items.join(", "))
+            }
+            _ => String::new(),
+        }
+    }
+
+    /// The SQL truth's extra conditions for a table (` AND (...)` each).
+    fn where_sql(&self, table: &str) -> String {
+        self.filters
+            .get(table)
+            .into_iter()
+            .chain(self.truth_filters.get(table))
+            .flatten()
+            .map(|w| format!(" AND ({w})"))
+            .collect()
     }
 
     /// A whole `skusync run` config file.
@@ -269,7 +297,8 @@ impl Oracle {
                 .unwrap_or_else(|| "0".into());
             let sql = format!(
                 "SELECT {sku}::text, {loc}, sum({oh})::text, sum({res})::text FROM {tab} \
-                 WHERE {sku} IS NOT NULL GROUP BY 1, 2",
+                 WHERE {sku} IS NOT NULL{w} GROUP BY 1, 2",
+                w = self.where_sql(&m.table),
                 sku = qident(&m.sku),
                 oh = qident(&m.on_hand),
                 tab = qtable(&m.table),
@@ -316,7 +345,8 @@ impl Oracle {
             };
             let sql = format!(
                 "SELECT {sku}::text, {kind}::text, {minute}, ({val})::text FROM {tab} \
-                 WHERE {sku} IS NOT NULL AND {kind}::text IN ({kinds}) {filter} GROUP BY 1, 2, 3",
+                 WHERE {sku} IS NOT NULL AND {kind}::text IN ({kinds}) {filter}{w} GROUP BY 1, 2, 3",
+                w = self.where_sql(&a.table),
                 sku = qident(&a.sku),
                 kind = qident(&a.kind),
                 tab = qtable(&a.table),
@@ -842,6 +872,8 @@ fn oracle_compare_reports_both_sides() {
             counters: vec![("view".into(), "views".into())],
         }],
         buckets: Buckets::Ignore,
+        filters: Default::default(),
+        truth_filters: Default::default(),
     };
     let mut truth = Truth::default();
     truth.with_stock_rows.insert("only-sql".into());

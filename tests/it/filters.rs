@@ -1,0 +1,99 @@
+//! Row filters (`where`) on stock and activity tables, and a publication's own row
+//! filter: rows that fail count nowhere, in the snapshot and in the stream alike; a stock
+//! row that stops matching (soft-deleted, untracked) leaves its SKU, one that starts
+//! matching (restored) comes back.
+
+use crate::fold_oracle::*;
+use crate::oracle::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::time::Duration;
+
+const SCHEMA: &str = "
+CREATE TABLE inventory (
+  sku text NOT NULL, location text NOT NULL, on_hand int NOT NULL, reserved int NOT NULL DEFAULT 0,
+  deleted_at timestamptz, \"isTracked\" boolean NOT NULL DEFAULT true, grade numeric(4,1) DEFAULT 1.0,
+  PRIMARY KEY (sku, location));
+CREATE TABLE activity_log (
+  id bigserial PRIMARY KEY, sku text, kind text NOT NULL, qty numeric,
+  at timestamptz NOT NULL DEFAULT now(), source text DEFAULT 'app');
+-- the publication's own row filter (on a key column, as PostgreSQL requires for updates)
+CREATE PUBLICATION skusync FOR TABLE inventory WHERE (location <> 'a/b');
+CREATE PUBLICATION skusync_activity FOR TABLE activity_log WITH (publish = 'insert');
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_filters_count_only_matching_rows_in_the_snapshot_and_the_stream() {
+    let seed = test_seed("row_filters_count_only_matching_rows_in_the_snapshot_and_the_stream");
+    let mut oracle = public_oracle(Buckets::Ignore);
+    oracle.filters.insert(
+        "public.inventory".into(),
+        vec![
+            "deleted_at IS NULL".into(),
+            "\"isTracked\" = true".into(),
+            "grade >= 0.5".into(),
+        ],
+    );
+    oracle.filters.insert(
+        "public.activity_log".into(),
+        vec!["source NOT IN ('bot', 'test')".into()],
+    );
+    oracle
+        .truth_filters
+        .insert("public.inventory".into(), vec!["location <> 'a/b'".into()]);
+    let mut rig = Rig::new(SCHEMA, oracle).await;
+    rig.exec(
+        "INSERT INTO inventory (sku, location, on_hand, reserved, deleted_at, \"isTracked\", grade)
+           SELECT 'pre-' || (i % 30), (ARRAY['WH-1', 'WH-2', 'store 3', 'a/b'])[1 + i % 4], i % 50, i % 3,
+                  CASE WHEN i % 5 = 0 THEN now() END, i % 7 <> 0, (i % 3) * 0.4
+           FROM generate_series(0, 299) i ON CONFLICT DO NOTHING;
+         INSERT INTO activity_log (sku, kind, qty, source)
+           SELECT 'pre-' || (i % 30), (ARRAY['view', 'add_to_cart', 'purchase'])[1 + i % 3], i % 4,
+                  (ARRAY['app', 'bot', NULL, 'test', 'web'])[1 + i % 5]
+           FROM generate_series(0, 299) i;",
+    )
+    .await;
+    rig.start_skusync("").await;
+    rig.assert_converges(Duration::from_secs(20)).await;
+
+    let t = WorkloadTables::public();
+    let mut w = public_workload(seed);
+    let mut r = StdRng::seed_from_u64(seed ^ 0xf117e5);
+    let skus = Workload::default_skus();
+    run_workload(&mut rig, &mut w, 1500, async |rig, i| {
+        if i % 3 != 0 {
+            return;
+        }
+        let sku = lit(&skus[r.random_range(0..skus.len())]);
+        let sql = match r.random_range(0..7) {
+            0 => format!("UPDATE inventory SET deleted_at = now() WHERE sku = {sku}"),
+            1 => format!("UPDATE inventory SET deleted_at = NULL WHERE sku = {sku}"),
+            2 => format!("UPDATE inventory SET \"isTracked\" = NOT \"isTracked\" WHERE sku = {sku}"),
+            3 => format!("UPDATE inventory SET grade = {} WHERE sku = {sku}", r.random_range(0..3) as f64 * 0.3),
+            // soft-delete and restore in one transaction, with a stock change between
+            4 => format!(
+                "BEGIN; UPDATE inventory SET deleted_at = now() WHERE sku = {sku};
+                 UPDATE inventory SET on_hand = on_hand + 3 WHERE sku = {sku};
+                 UPDATE inventory SET deleted_at = NULL WHERE sku = {sku}; COMMIT;"
+            ),
+            _ => format!(
+                "INSERT INTO activity_log (sku, kind, qty, source) VALUES ({sku}, 'purchase', 1, {})",
+                ["'bot'", "'test'", "NULL", "'app'"][r.random_range(0..4)]
+            ),
+        };
+        rig.exec(&sql).await;
+    })
+    .await;
+    rig.drain(&t, "WH-1", Duration::from_secs(30)).await;
+    rig.assert_converges(Duration::from_secs(10)).await;
+
+    // A SIGKILL and replay keep it exact.
+    rig.daemon().kill9_and_restart();
+    run_workload(&mut rig, &mut w, 300, async |_, _| {}).await;
+    rig.exec("UPDATE inventory SET deleted_at = now() WHERE location = 'WH-2'")
+        .await;
+    rig.drain(&t, "WH-1", Duration::from_secs(30)).await;
+    rig.assert_converges(Duration::from_secs(10)).await;
+    let code = rig.daemon().sigterm();
+    assert_eq!(code, Some(0), "{}", rig.daemon().stderr_all());
+}
