@@ -160,11 +160,12 @@ pub struct InventoryMap {
     /// Optional location column: stock is kept per (SKU, location) as well.
     #[serde(default)]
     pub location: Option<String>,
-    /// Quantity on hand: int2/int4/int8/numeric holding whole numbers.
-    pub on_hand: String,
-    /// Optional reserved quantity (same types).
+    /// Quantity on hand: int2/int4/int8/numeric holding whole numbers (or a list of
+    /// such columns, summed).
+    pub on_hand: Columns,
+    /// Optional reserved quantity (same types; a list is summed).
     #[serde(default)]
-    pub reserved: Option<String>,
+    pub reserved: Option<Columns>,
     /// Optional per-SKU low-stock threshold column (same types).
     #[serde(default)]
     pub low_stock: Option<String>,
@@ -172,6 +173,37 @@ pub struct InventoryMap {
     /// nowhere (see `fold::filter`). Omitted from the fingerprint when empty.
     #[serde(default, rename = "where", skip_serializing_if = "Vec::is_empty")]
     pub filter: Vec<String>,
+}
+
+/// A quantity: one column, or several whose values are summed
+/// (`reserved = ["reserved_qty", "reserved_qty_for_production"]`, ERPNext's `tabBin`).
+/// A row where any of them is unusable is skipped whole.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(untagged)]
+pub enum Columns {
+    One(String),
+    Sum(Vec<String>),
+}
+
+impl Columns {
+    /// The column names, in order.
+    pub fn names(&self) -> &[String] {
+        match self {
+            Columns::One(c) => std::slice::from_ref(c),
+            Columns::Sum(v) => v,
+        }
+    }
+
+    /// For messages and metrics labels: `a` or `a+b`.
+    pub fn label(&self) -> String {
+        self.names().join("+")
+    }
+}
+
+impl From<&str> for Columns {
+    fn from(c: &str) -> Columns {
+        Columns::One(c.to_string())
+    }
 }
 
 /// `[[activity]]`: one append-only activity log.
@@ -184,9 +216,9 @@ pub struct ActivityMap {
     pub sku: String,
     /// Column whose value names the event kind.
     pub kind: String,
-    /// Optional quantity column (whole numbers); else each row counts 1.
+    /// Optional quantity column (whole numbers; a list is summed); else each row counts 1.
     #[serde(default)]
-    pub quantity: Option<String>,
+    pub quantity: Option<Columns>,
     /// Optional user column: only ever stored as a keyed HMAC (needs a key).
     #[serde(default)]
     pub user: Option<String>,
@@ -560,13 +592,26 @@ impl Config {
             }
             for (k, v) in [
                 ("sku", Some(&m.sku)),
-                ("on_hand", Some(&m.on_hand)),
                 ("location", m.location.as_ref()),
-                ("reserved", m.reserved.as_ref()),
                 ("low_stock", m.low_stock.as_ref()),
-            ] {
+            ]
+            .into_iter()
+            .chain(m.on_hand.names().iter().map(|c| ("on_hand", Some(c))))
+            .chain(
+                m.reserved
+                    .iter()
+                    .flat_map(|r| r.names().iter().map(|c| ("reserved", Some(c)))),
+            ) {
                 if v.is_some_and(|c| c.is_empty()) {
                     return err(format!("inventory[{i}].{k}: empty column name"));
+                }
+            }
+            for (k, v) in [
+                ("on_hand", Some(&m.on_hand)),
+                ("reserved", m.reserved.as_ref()),
+            ] {
+                if v.is_some_and(|c| c.names().is_empty()) {
+                    return err(format!("inventory[{i}].{k}: an empty list of columns"));
                 }
             }
             if let Err(e) = crate::fold::filter::Filter::parse(&m.filter) {

@@ -150,22 +150,15 @@ pub async fn load(
             Rule::Inventory(r) => {
                 let mut v: Vec<usize> = r.key.clone();
                 v.extend(r.filter.iter().flat_map(|f| f.cols.iter().map(|c| c.0)));
-                v.extend(
-                    [
-                        Some(r.sku),
-                        r.location,
-                        Some(r.on_hand),
-                        r.reserved,
-                        r.low_stock,
-                    ]
-                    .into_iter()
-                    .flatten(),
-                );
+                v.extend([Some(r.sku), r.location, r.low_stock].into_iter().flatten());
+                v.extend(&r.on_hand);
+                v.extend(r.reserved.iter().flatten());
                 v
             }
-            Rule::Activity(r) => [Some(r.sku), Some(r.kind), r.quantity, r.user, r.time]
+            Rule::Activity(r) => [Some(r.sku), Some(r.kind), r.user, r.time]
                 .into_iter()
                 .flatten()
+                .chain(r.quantity.iter().flatten().copied())
                 .chain(r.filter.iter().flat_map(|f| f.cols.iter().map(|c| c.0)))
                 .collect(),
             Rule::Unmapped => continue,

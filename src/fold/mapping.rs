@@ -181,7 +181,13 @@ impl Mapping {
                 resolve_column(rel, &name, key, col, types)
             };
             let sku = col("sku", &m.sku, None)?;
-            let on_hand = col("on_hand", &m.on_hand, Some(&QUANTITY_TYPES))?;
+            let cols = |key: &str, c: &crate::config::Columns| {
+                c.names()
+                    .iter()
+                    .map(|n| col(key, n, Some(&QUANTITY_TYPES)))
+                    .collect::<Result<Vec<usize>, _>>()
+            };
+            let on_hand = cols("on_hand", &m.on_hand)?;
             let location = m
                 .location
                 .as_deref()
@@ -189,8 +195,8 @@ impl Mapping {
                 .transpose()?;
             let reserved = m
                 .reserved
-                .as_deref()
-                .map(|c| col("reserved", c, Some(&QUANTITY_TYPES)))
+                .as_ref()
+                .map(|c| cols("reserved", c))
                 .transpose()?;
             let low_stock = m
                 .low_stock
@@ -253,8 +259,13 @@ impl Mapping {
                 kind: col("kind", &m.kind, None)?,
                 quantity: m
                     .quantity
-                    .as_deref()
-                    .map(|c| col("quantity", c, Some(&QUANTITY_TYPES)))
+                    .as_ref()
+                    .map(|c| {
+                        c.names()
+                            .iter()
+                            .map(|n| col("quantity", n, Some(&QUANTITY_TYPES)))
+                            .collect::<Result<Vec<usize>, _>>()
+                    })
                     .transpose()?,
                 user: m
                     .user
@@ -348,8 +359,9 @@ pub struct InventoryRule {
     pub table: String,
     pub sku: usize,
     pub location: Option<usize>,
-    pub on_hand: usize,
-    pub reserved: Option<usize>,
+    /// Summed columns.
+    pub on_hand: Vec<usize>,
+    pub reserved: Option<Vec<usize>>,
     pub low_stock: Option<usize>,
     /// Replica identity key columns (all columns with REPLICA IDENTITY FULL).
     pub key: Vec<usize>,
@@ -368,7 +380,8 @@ pub struct ActivityRule {
     pub table: String,
     pub sku: usize,
     pub kind: usize,
-    pub quantity: Option<usize>,
+    /// Summed columns.
+    pub quantity: Option<Vec<usize>>,
     pub user: Option<usize>,
     pub time: Option<usize>,
 }

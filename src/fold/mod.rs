@@ -554,19 +554,20 @@ impl Fold {
                     }
                 };
                 let old_fill = if old_full { old_tuple } else { None };
-                let on_hand = match quantity(t, old_fill, r.on_hand, &c.rel) {
+                let on_hand = match sum(t, old_fill, &r.on_hand, &c.rel) {
                     Ok(v) => v,
                     Err(e) => {
-                        self.skip(&r.table, &m.on_hand, lsn, e);
+                        self.skip(&r.table, &m.on_hand.label(), lsn, e);
                         return;
                     }
                 };
-                let reserved = match r.reserved {
+                let reserved = match &r.reserved {
                     None => Field::Val(0),
-                    Some(i) => match quantity(t, old_fill, i, &c.rel) {
+                    Some(cols) => match sum(t, old_fill, cols, &c.rel) {
                         Ok(v) => v,
                         Err(e) => {
-                            self.skip(&r.table, m.reserved.as_deref().unwrap_or(""), lsn, e);
+                            let label = m.reserved.as_ref().map(|c| c.label()).unwrap_or_default();
+                            self.skip(&r.table, &label, lsn, e);
                             return;
                         }
                     },
@@ -761,14 +762,15 @@ impl Fold {
             self.stats.unknown_kinds += 1;
             return;
         };
-        let qty = match r.quantity {
+        let qty = match &r.quantity {
             None => 1,
-            Some(i) => match quantity(t, None, i, &c.rel) {
+            Some(cols) => match sum(t, None, cols, &c.rel) {
                 Ok(Field::Val(v)) => v,
-                // `quantity` returns Keep only when given an old row; activity passes none.
+                // An inserted row has no unchanged TOAST values.
                 Ok(Field::Keep) => 0,
                 Err(e) => {
-                    self.skip(&r.table, m.quantity.as_deref().unwrap_or(""), lsn, e);
+                    let label = m.quantity.as_ref().map(|c| c.label()).unwrap_or_default();
+                    self.skip(&r.table, &label, lsn, e);
                     return;
                 }
             },
@@ -886,6 +888,36 @@ fn quantity(
         return Err("outside ±2^53".into());
     }
     Ok(Field::Val(n))
+}
+
+/// The sum of quantity columns; `Keep` when none was sent (unchanged TOAST), an error
+/// when only some were (the sum is unknown) or the sum leaves ±2^53.
+fn sum(
+    t: &Tuple,
+    old_full: Option<&Tuple>,
+    cols: &[usize],
+    rel: &RelationDesc,
+) -> Result<Field<i64>, String> {
+    if let [one] = cols {
+        return quantity(t, old_full, *one, rel);
+    }
+    let (mut total, mut kept) = (0i64, 0usize);
+    for &i in cols {
+        match quantity(t, old_full, i, rel)? {
+            Field::Val(v) => total += v,
+            Field::Keep => kept += 1,
+        }
+    }
+    if kept == cols.len() {
+        return Ok(Field::Keep);
+    }
+    if kept > 0 {
+        return Err("some of the summed columns were not sent (unchanged TOAST)".into());
+    }
+    if total.unsigned_abs() > MAX_QUANTITY {
+        return Err("the sum is outside ±2^53".into());
+    }
+    Ok(Field::Val(total))
 }
 
 /// Largest quantity magnitude the apply step computes exactly (Lua doubles).

@@ -179,11 +179,30 @@ fn qt(t: &str) -> String {
 }
 
 /// `x` is a quantity skusync counts: not NULL, whole, within ±2^53.
-fn valid_quantity(col: &str) -> String {
+fn valid_column(col: &str) -> String {
     let c = qi(col);
     format!(
         "({c} IS NOT NULL AND {c}::numeric = trunc({c}::numeric) AND abs({c}::numeric) <= {MAX_QUANTITY})"
     )
+}
+
+/// Every summed column is a usable quantity, and so is their sum.
+fn valid_quantity(cols: &crate::config::Columns) -> String {
+    let mut parts: Vec<String> = cols.names().iter().map(|c| valid_column(c)).collect();
+    if cols.names().len() > 1 {
+        parts.push(format!("abs({}) <= {MAX_QUANTITY}", quantity_sql(cols)));
+    }
+    format!("({})", parts.join(" AND "))
+}
+
+/// The quantity of a row: a column, or the sum of several, as numeric.
+fn quantity_sql(cols: &crate::config::Columns) -> String {
+    let terms: Vec<String> = cols
+        .names()
+        .iter()
+        .map(|c| format!("{}::numeric", qi(c)))
+        .collect();
+    format!("({})", terms.join(" + "))
 }
 
 /// A table's `where` filter as SQL (the config was validated, so it parses).
@@ -217,17 +236,13 @@ fn stock_sql(m: &crate::config::InventoryMap, max_sku_bytes: usize, only: bool) 
     let res = match &m.reserved {
         Some(r) => {
             filter.push_str(&format!(" AND {}", valid_quantity(r)));
-            format!("sum({}::numeric)", qi(r))
+            format!("sum({})", quantity_sql(r))
         }
         None => "0".into(),
     };
     if let Some(l) = &m.low_stock {
         // a row whose threshold is not usable is skipped whole, NULL means the default
-        filter.push_str(&format!(
-            " AND ({} IS NULL OR {})",
-            qi(l),
-            valid_quantity(l)
-        ));
+        filter.push_str(&format!(" AND ({} IS NULL OR {})", qi(l), valid_column(l)));
     }
     if let Some(w) = row_filter(&m.filter) {
         filter.push_str(&format!(" AND {w}"));
@@ -236,9 +251,9 @@ fn stock_sql(m: &crate::config::InventoryMap, max_sku_bytes: usize, only: bool) 
         filter.push_str(&format!(" AND {sku}::text = ANY($1)"));
     }
     format!(
-        "SELECT {sku}::text, {loc}, sum({oh}::numeric)::text, ({res})::text FROM {tab} \
+        "SELECT {sku}::text, {loc}, sum({oh})::text, ({res})::text FROM {tab} \
          WHERE {filter} GROUP BY 1, 2",
-        oh = qi(&m.on_hand),
+        oh = quantity_sql(&m.on_hand),
         tab = qt(&m.table),
     )
 }
@@ -255,7 +270,7 @@ fn activity_sql(a: &crate::config::ActivityMap, max_sku_bytes: usize, only: bool
     let val = match &a.quantity {
         Some(q) => {
             filter.push_str(&format!(" AND {}", valid_quantity(q)));
-            format!("sum({}::numeric)", qi(q))
+            format!("sum({})", quantity_sql(q))
         }
         None => "count(*)".into(),
     };

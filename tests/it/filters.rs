@@ -97,3 +97,47 @@ async fn row_filters_count_only_matching_rows_in_the_snapshot_and_the_stream() {
     let code = rig.daemon().sigterm();
     assert_eq!(code, Some(0), "{}", rig.daemon().stderr_all());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quantities_summed_from_several_columns_stay_exact() {
+    let seed = test_seed("quantities_summed_from_several_columns_stay_exact");
+    let schema = PUBLIC_SCHEMA.replace(
+        "reserved int NOT NULL DEFAULT 0,",
+        "reserved int NOT NULL DEFAULT 0, reserved_prod bigint NOT NULL DEFAULT 0, inbound numeric(12,0) DEFAULT 0,",
+    );
+    let mut oracle = public_oracle(Buckets::Ignore);
+    oracle.sums.insert(
+        "reserved".into(),
+        vec!["reserved".into(), "reserved_prod".into()],
+    );
+    oracle
+        .sums
+        .insert("on_hand".into(), vec!["on_hand".into(), "inbound".into()]);
+    let mut rig = Rig::new(&schema, oracle).await;
+    rig.exec(
+        "INSERT INTO inventory (sku, location, on_hand, reserved, reserved_prod, inbound)
+           SELECT 'pre-' || (i % 30), 'WH-' || (i % 3), i % 50, i % 3, i % 5, i % 4
+           FROM generate_series(0, 199) i ON CONFLICT DO NOTHING;",
+    )
+    .await;
+    rig.start_skusync("").await;
+    rig.assert_converges(Duration::from_secs(20)).await;
+    let mut w = public_workload(seed);
+    let mut r = StdRng::seed_from_u64(seed ^ 0x5);
+    let skus = Workload::default_skus();
+    run_workload(&mut rig, &mut w, 800, async |rig, i| {
+        if i % 2 == 0 {
+            let sku = lit(&skus[r.random_range(0..skus.len())]);
+            let sql = format!(
+                "UPDATE inventory SET reserved_prod = {}, inbound = {} WHERE sku = {sku}",
+                r.random_range(0..9),
+                r.random_range(0..4)
+            );
+            rig.exec(&sql).await;
+        }
+    })
+    .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    rig.assert_converges(Duration::from_secs(10)).await;
+}

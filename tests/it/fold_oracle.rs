@@ -50,6 +50,7 @@ pub fn public_oracle(buckets: Buckets) -> Oracle {
         buckets,
         filters: Default::default(),
         truth_filters: Default::default(),
+        sums: Default::default(),
     }
 }
 
@@ -506,6 +507,7 @@ async fn other_names_and_types_work_by_config_alone() {
         buckets: Buckets::ExactByMinute,
         filters: Default::default(),
         truth_filters: Default::default(),
+        sums: Default::default(),
     };
     let mut rig = Rig::new(WMS_SCHEMA, oracle).await;
     // some rows before the start, bootstrapped from the snapshot
@@ -654,6 +656,7 @@ async fn oracle_smoke_workloads_run_and_truth_round_trips() {
         buckets: Buckets::ExactByMinute,
         filters: Default::default(),
         truth_filters: Default::default(),
+        sums: Default::default(),
     };
     let mut w2 = Workload::new(
         seed,

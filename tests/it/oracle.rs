@@ -67,6 +67,8 @@ pub struct Oracle {
     pub filters: BTreeMap<String, Vec<String>>,
     /// Conditions of the SQL truth only (e.g. a publication's row filter).
     pub truth_filters: BTreeMap<String, Vec<String>>,
+    /// Quantity names that stand for several summed columns (`reserved = [...]`).
+    pub sums: BTreeMap<String, Vec<String>>,
 }
 
 /// One difference between SQL and Redis.
@@ -204,9 +206,9 @@ impl Oracle {
             if let Some(l) = &m.location {
                 s.push_str(&format!("location = {}\n", tstr(l)));
             }
-            s.push_str(&format!("on_hand = {}\n", tstr(&m.on_hand)));
+            s.push_str(&format!("on_hand = {}\n", self.columns_toml(&m.on_hand)));
             if let Some(r) = &m.reserved {
-                s.push_str(&format!("reserved = {}\n", tstr(r)));
+                s.push_str(&format!("reserved = {}\n", self.columns_toml(r)));
             }
             s.push_str(&self.where_toml(&m.table));
         }
@@ -230,6 +232,27 @@ impl Oracle {
             }
         }
         s
+    }
+
+    fn columns_toml(&self, c: &str) -> String {
+        match self.sums.get(c) {
+            Some(v) => format!(
+                "[{}]",
+                v.iter().map(|c| tstr(c)).collect::<Vec<_>>().join(", ")
+            ),
+            None => tstr(c),
+        }
+    }
+
+    /// A quantity in the SQL truth: the column, or the sum of the columns it stands for.
+    fn column_sql(&self, c: &str) -> String {
+        match self.sums.get(c) {
+            Some(v) => format!(
+                "({})",
+                v.iter().map(|c| qident(c)).collect::<Vec<_>>().join(" + ")
+            ),
+            None => qident(c),
+        }
     }
 
     fn where_toml(&self, table: &str) -> String {
@@ -293,14 +316,14 @@ impl Oracle {
             let res = m
                 .reserved
                 .as_ref()
-                .map(|r| format!("coalesce({}, 0)", qident(r)))
+                .map(|r| format!("coalesce({}, 0)", self.column_sql(r)))
                 .unwrap_or_else(|| "0".into());
             let sql = format!(
                 "SELECT {sku}::text, {loc}, sum({oh})::text, sum({res})::text FROM {tab} \
                  WHERE {sku} IS NOT NULL{w} GROUP BY 1, 2",
                 w = self.where_sql(&m.table),
                 sku = qident(&m.sku),
-                oh = qident(&m.on_hand),
+                oh = self.column_sql(&m.on_hand),
                 tab = qtable(&m.table),
             );
             for row in pg.query(&sql, &[]).await.expect(&sql) {
@@ -874,6 +897,7 @@ fn oracle_compare_reports_both_sides() {
         buckets: Buckets::Ignore,
         filters: Default::default(),
         truth_filters: Default::default(),
+        sums: Default::default(),
     };
     let mut truth = Truth::default();
     truth.with_stock_rows.insert("only-sql".into());
