@@ -173,6 +173,9 @@ pub struct InventoryMap {
     /// nowhere (see `fold::filter`). Omitted from the fingerprint when empty.
     #[serde(default, rename = "where", skip_serializing_if = "Vec::is_empty")]
     pub filter: Vec<String>,
+    /// Fractional digits its quantities may have (0 to 9); absent: whole numbers only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<u32>,
 }
 
 /// A quantity: one column, or several whose values are summed
@@ -238,6 +241,9 @@ pub struct ActivityMap {
     /// Row filter, as for stock tables: rows that fail are not counted.
     #[serde(default, rename = "where", skip_serializing_if = "Vec::is_empty")]
     pub filter: Vec<String>,
+    /// Fractional digits its quantities may have (0 to 9); absent: whole numbers only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<u32>,
     /// HMAC key for user ids, at least 32 bytes (else the systemd credential `user-key`
     /// or `SKUSYNC_USER_KEY`). Only in a config file its owner alone can read. Never
     /// logged; never part of the mapping fingerprint (serialized as null).
@@ -617,6 +623,9 @@ impl Config {
             if let Err(e) = crate::fold::filter::Filter::parse(&m.filter) {
                 return err(format!("inventory[{i}].{e}"));
             }
+            if m.scale.is_some_and(|s| s > 9) {
+                return err(format!("inventory[{i}].scale: must be between 0 and 9"));
+            }
         }
         // counter -> (first activity index, windows in seconds, counts distinct users),
         // merged over tables as `Mapping::counters` does
@@ -634,6 +643,9 @@ impl Config {
             }
             if let Err(e) = crate::fold::filter::Filter::parse(&m.filter) {
                 return err(format!("activity[{i}].{e}"));
+            }
+            if m.scale.is_some_and(|s| s > 9) {
+                return err(format!("activity[{i}].scale: must be between 0 and 9"));
             }
             if m.counters.is_empty() {
                 return err(format!(
@@ -746,6 +758,18 @@ impl Config {
     }
 
     /// The status update interval.
+    /// Decimal places of every stored quantity: the largest `scale` of any mapped table
+    /// (0: whole numbers; see `fold::units`).
+    pub fn quantity_scale(&self) -> u32 {
+        self.inventory
+            .iter()
+            .map(|m| m.scale)
+            .chain(self.activity.iter().map(|a| a.scale))
+            .flatten()
+            .max()
+            .unwrap_or(0)
+    }
+
     pub fn status_interval(&self) -> Duration {
         Duration::from_millis(self.postgres.status_interval_ms)
     }

@@ -204,6 +204,7 @@ impl Daemon {
             prefix: rc.prefix.clone(),
             keep_minutes: mapping.keep_minutes(),
             low_stock: mapping.low_stock,
+            scale: mapping.scale,
             counters: mapping.counters().into_iter().map(|(c, _, _)| c).collect(),
             // What may be confirmed is what Redis holds: below it, Redis lost writes.
             fence: rsink::WriterFence {

@@ -30,6 +30,9 @@ pub struct Mapping {
     pub inventory_filters: Vec<Filter>,
     /// The publications streamed (their row filters apply to the snapshot too).
     pub publications: Vec<String>,
+    /// Decimal places of every stored quantity: the largest `scale` of any table (0:
+    /// whole numbers). Quantities are folded in units of 10^-scale.
+    pub scale: u32,
 }
 
 /// An activity table with parsed windows and its HMAC key.
@@ -98,6 +101,7 @@ impl Mapping {
             inventory: cfg.inventory.clone(),
             inventory_filters,
             publications: cfg.postgres.publication.names(),
+            scale: cfg.quantity_scale(),
             activity,
             low_stock: cfg.alerts.low_stock,
             max_sku_bytes: cfg.limits.max_sku_bytes,
@@ -238,6 +242,7 @@ impl Mapping {
                 key,
                 full,
                 filter,
+                scale: m.scale.unwrap_or(0),
             }));
         }
         if let Some((i, a)) = self
@@ -254,6 +259,7 @@ impl Mapping {
             return Ok(Rule::Activity(ActivityRule {
                 index: i,
                 filter,
+                scale: m.scale.unwrap_or(0),
                 table: name.clone(),
                 sku: col("sku", &m.sku, None)?,
                 kind: col("kind", &m.kind, None)?,
@@ -369,6 +375,8 @@ pub struct InventoryRule {
     pub full: bool,
     /// Its row filter: rows that fail it count nowhere.
     pub filter: Option<Arc<Resolved>>,
+    /// Fractional digits its quantities may have.
+    pub scale: u32,
 }
 
 /// Column positions of an activity table.
@@ -377,6 +385,8 @@ pub struct ActivityRule {
     pub index: usize,
     /// Its row filter: rows that fail it are not counted.
     pub filter: Option<Arc<Resolved>>,
+    /// Fractional digits its quantities may have.
+    pub scale: u32,
     pub table: String,
     pub sku: usize,
     pub kind: usize,

@@ -14,6 +14,7 @@ pub mod batch;
 pub mod filter;
 pub mod mapping;
 pub mod model;
+pub mod units;
 
 pub use mapping::{Mapping, Rule, SchemaError};
 
@@ -554,7 +555,11 @@ impl Fold {
                     }
                 };
                 let old_fill = if old_full { old_tuple } else { None };
-                let on_hand = match sum(t, old_fill, &r.on_hand, &c.rel) {
+                let sc = Scale {
+                    digits: r.scale,
+                    scale: self.mapping.scale,
+                };
+                let on_hand = match sum(t, old_fill, &r.on_hand, &c.rel, sc) {
                     Ok(v) => v,
                     Err(e) => {
                         self.skip(&r.table, &m.on_hand.label(), lsn, e);
@@ -563,7 +568,7 @@ impl Fold {
                 };
                 let reserved = match &r.reserved {
                     None => Field::Val(0),
-                    Some(cols) => match sum(t, old_fill, cols, &c.rel) {
+                    Some(cols) => match sum(t, old_fill, cols, &c.rel, sc) {
                         Ok(v) => v,
                         Err(e) => {
                             let label = m.reserved.as_ref().map(|c| c.label()).unwrap_or_default();
@@ -574,7 +579,7 @@ impl Fold {
                 };
                 let threshold = match r.low_stock {
                     None => Field::Val(None),
-                    Some(i) => match quantity(t, old_fill, i, &c.rel) {
+                    Some(i) => match quantity(t, old_fill, i, &c.rel, sc) {
                         Ok(Field::Val(v)) => Field::Val(Some(v)),
                         Ok(Field::Keep) => Field::Keep,
                         // A NULL threshold means "use the default".
@@ -762,9 +767,13 @@ impl Fold {
             self.stats.unknown_kinds += 1;
             return;
         };
+        let sc = Scale {
+            digits: r.scale,
+            scale: mapping.scale,
+        };
         let qty = match &r.quantity {
-            None => 1,
-            Some(cols) => match sum(t, None, cols, &c.rel) {
+            None => 10i64.pow(mapping.scale),
+            Some(cols) => match sum(t, None, cols, &c.rel, sc) {
                 Ok(Field::Val(v)) => v,
                 // An inserted row has no unchanged TOAST values.
                 Ok(Field::Keep) => 0,
@@ -868,6 +877,7 @@ fn quantity(
     old_full: Option<&Tuple>,
     i: usize,
     rel: &RelationDesc,
+    sc: Scale,
 ) -> Result<Field<i64>, String> {
     let type_oid = rel.columns.get(i).map(|c| c.type_oid).unwrap_or(0);
     let d = match t.get(i) {
@@ -879,9 +889,13 @@ fn quantity(
         None => return Err("column missing from the row".into()),
     };
     let v = crate::txn::parse_value(d, type_oid).map_err(|e| e.to_string())?;
-    let n = v
-        .as_whole_number()
-        .map_err(|e| format!("not a whole number ({e})"))?;
+    let n = v.as_scaled(sc.digits, sc.scale).map_err(|e| {
+        if sc.digits == 0 {
+            format!("not a whole number ({e})")
+        } else {
+            format!("not a usable decimal ({e})")
+        }
+    })?;
     // The apply script computes in Lua numbers (doubles): beyond 2^53 sums would silently
     // lose precision (and the model would overflow), so such values are skipped.
     if n.unsigned_abs() > MAX_QUANTITY {
@@ -897,13 +911,14 @@ fn sum(
     old_full: Option<&Tuple>,
     cols: &[usize],
     rel: &RelationDesc,
+    sc: Scale,
 ) -> Result<Field<i64>, String> {
     if let [one] = cols {
-        return quantity(t, old_full, *one, rel);
+        return quantity(t, old_full, *one, rel, sc);
     }
     let (mut total, mut kept) = (0i64, 0usize);
     for &i in cols {
-        match quantity(t, old_full, i, rel)? {
+        match quantity(t, old_full, i, rel, sc)? {
             Field::Val(v) => total += v,
             Field::Keep => kept += 1,
         }
@@ -920,7 +935,15 @@ fn sum(
     Ok(Field::Val(total))
 }
 
-/// Largest quantity magnitude the apply step computes exactly (Lua doubles).
+/// How a table's quantities are read: at most `digits` fractional digits, folded in
+/// units of 10^-`scale` (the mapping's largest scale).
+#[derive(Clone, Copy, Debug)]
+struct Scale {
+    digits: u32,
+    scale: u32,
+}
+
+/// Largest quantity magnitude the apply step computes exactly (Lua doubles), in units.
 pub const MAX_QUANTITY: u64 = 1 << 53;
 
 /// (SKU, row field) of a stock row from a tuple; `Err(column)` when a needed value is

@@ -29,6 +29,7 @@
 //! After `--rounds` rounds, SKUs still moving are reported as *changing*, not verified.
 
 use crate::config::{Config, MqttConfig};
+use crate::fold::units;
 use crate::lsn::Lsn;
 use crate::secret::log_value;
 use crate::sinks::layout;
@@ -178,19 +179,44 @@ fn qt(t: &str) -> String {
     super::table_ident(t)
 }
 
-/// `x` is a quantity skusync counts: not NULL, whole, within ±2^53.
-fn valid_column(col: &str) -> String {
+/// How quantities are counted: at most `digits` fractional digits (the table's
+/// `scale`), within ±2^53 units of 10^-`scale` (the mapping's).
+#[derive(Clone, Copy)]
+struct Digits {
+    digits: u32,
+    scale: u32,
+}
+
+impl Digits {
+    fn of(table_scale: Option<u32>, scale: u32) -> Digits {
+        Digits {
+            digits: table_scale.unwrap_or(0),
+            scale,
+        }
+    }
+
+    /// The largest magnitude counted, in the column's own unit.
+    fn max(&self) -> String {
+        units::format(MAX_QUANTITY as i64, self.scale)
+    }
+}
+
+/// `x` is a quantity skusync counts: not NULL, with no more fractional digits than the
+/// table's scale, within ±2^53 units.
+fn valid_column(col: &str, d: Digits) -> String {
     let c = qi(col);
     format!(
-        "({c} IS NOT NULL AND {c}::numeric = trunc({c}::numeric) AND abs({c}::numeric) <= {MAX_QUANTITY})"
+        "({c} IS NOT NULL AND {c}::numeric = trunc({c}::numeric, {}) AND abs({c}::numeric) <= {})",
+        d.digits,
+        d.max()
     )
 }
 
 /// Every summed column is a usable quantity, and so is their sum.
-fn valid_quantity(cols: &crate::config::Columns) -> String {
-    let mut parts: Vec<String> = cols.names().iter().map(|c| valid_column(c)).collect();
+fn valid_quantity(cols: &crate::config::Columns, d: Digits) -> String {
+    let mut parts: Vec<String> = cols.names().iter().map(|c| valid_column(c, d)).collect();
     if cols.names().len() > 1 {
-        parts.push(format!("abs({}) <= {MAX_QUANTITY}", quantity_sql(cols)));
+        parts.push(format!("abs({}) <= {}", quantity_sql(cols), d.max()));
     }
     format!("({})", parts.join(" AND "))
 }
@@ -221,7 +247,13 @@ fn valid_sku(col: &str, max_sku_bytes: usize) -> String {
 /// The aggregate of one `[[inventory]]` table: (sku, location, on_hand, reserved) per
 /// SKU and location, over the rows a snapshot counts. `$1` (text[]) restricts the SKUs
 /// when `only`.
-fn stock_sql(m: &crate::config::InventoryMap, max_sku_bytes: usize, only: bool) -> String {
+fn stock_sql(
+    m: &crate::config::InventoryMap,
+    max_sku_bytes: usize,
+    only: bool,
+    scale: u32,
+) -> String {
+    let d = Digits::of(m.scale, scale);
     let sku = qi(&m.sku);
     let loc = m
         .location
@@ -231,18 +263,22 @@ fn stock_sql(m: &crate::config::InventoryMap, max_sku_bytes: usize, only: bool) 
     let mut filter = format!(
         "{} AND {}",
         valid_sku(&m.sku, max_sku_bytes),
-        valid_quantity(&m.on_hand)
+        valid_quantity(&m.on_hand, d)
     );
     let res = match &m.reserved {
         Some(r) => {
-            filter.push_str(&format!(" AND {}", valid_quantity(r)));
+            filter.push_str(&format!(" AND {}", valid_quantity(r, d)));
             format!("sum({})", quantity_sql(r))
         }
         None => "0".into(),
     };
     if let Some(l) = &m.low_stock {
         // a row whose threshold is not usable is skipped whole, NULL means the default
-        filter.push_str(&format!(" AND ({} IS NULL OR {})", qi(l), valid_column(l)));
+        filter.push_str(&format!(
+            " AND ({} IS NULL OR {})",
+            qi(l),
+            valid_column(l, d)
+        ));
     }
     if let Some(w) = row_filter(&m.filter) {
         filter.push_str(&format!(" AND {w}"));
@@ -260,7 +296,13 @@ fn stock_sql(m: &crate::config::InventoryMap, max_sku_bytes: usize, only: bool) 
 
 /// The aggregate of one `[[activity]]` table: (sku, kind, total) for the mapped kinds
 /// (`$1`, text[]); `$2` (text[]) restricts the SKUs when `only`.
-fn activity_sql(a: &crate::config::ActivityMap, max_sku_bytes: usize, only: bool) -> String {
+fn activity_sql(
+    a: &crate::config::ActivityMap,
+    max_sku_bytes: usize,
+    only: bool,
+    scale: u32,
+) -> String {
+    let d = Digits::of(a.scale, scale);
     let sku = qi(&a.sku);
     let kind = qi(&a.kind);
     let mut filter = format!(
@@ -269,7 +311,7 @@ fn activity_sql(a: &crate::config::ActivityMap, max_sku_bytes: usize, only: bool
     );
     let val = match &a.quantity {
         Some(q) => {
-            filter.push_str(&format!(" AND {}", valid_quantity(q)));
+            filter.push_str(&format!(" AND {}", valid_quantity(q, d)));
             format!("sum({})", quantity_sql(q))
         }
         None => "count(*)".into(),
@@ -293,15 +335,23 @@ struct SkuTruth {
     has_rows: bool,
 }
 
-/// A sum as text (`12`, `12.000`) as an integer; the filters admit only whole values.
-fn parse_sum(s: &str) -> Result<i128, String> {
+/// A sum as text (`12`, `12.000`, `2.5`) in units of 10^-`scale`; the filters admit only
+/// values with at most `scale` fractional digits.
+fn parse_sum(s: &str, scale: u32) -> Result<i128, String> {
     let s = s.trim();
-    let whole = match s.split_once('.') {
-        Some((w, frac)) if frac.bytes().all(|b| b == b'0') => w,
-        Some(_) => return Err(format!("not a whole number: {s}")),
-        None => s,
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    let frac = frac.trim_end_matches('0');
+    if frac.len() > scale as usize {
+        return Err(format!("more fractional digits than scale {scale}: {s}"));
+    }
+    let text = if frac.is_empty() {
+        int.to_string()
+    } else {
+        format!("{int}.{frac}")
     };
-    whole.parse().map_err(|e| format!("bad sum {s}: {e}"))
+    units::parse(&text, scale)
+        .map(i128::from)
+        .ok_or_else(|| format!("bad sum {s}"))
 }
 
 /// Snapshot LSN and the SQL totals, read in one REPEATABLE READ snapshot.
@@ -325,10 +375,11 @@ async fn sql_truth(
         let s: String = row.get(0);
         let lsn: Lsn = s.parse().map_err(|e| format!("{e}"))?;
         let max = cfg.limits.max_sku_bytes;
+        let scale = cfg.quantity_scale();
         let only_v: Vec<String> = only.map(<[String]>::to_vec).unwrap_or_default();
         let mut t: BTreeMap<String, SkuTruth> = BTreeMap::new();
         for m in &cfg.inventory {
-            let sql = stock_sql(m, max, only.is_some());
+            let sql = stock_sql(m, max, only.is_some(), scale);
             let rows = if only.is_some() {
                 client.query(&sql, &[&only_v]).await
             } else {
@@ -338,8 +389,8 @@ async fn sql_truth(
             for row in rows {
                 let sku: String = row.get(0);
                 let loc: Option<String> = row.get(1);
-                let oh = parse_sum(&row.get::<_, String>(2))?;
-                let rs = parse_sum(&row.get::<_, String>(3))?;
+                let oh = parse_sum(&row.get::<_, String>(2), scale)?;
+                let rs = parse_sum(&row.get::<_, String>(3), scale)?;
                 let e = t.entry(sku).or_default();
                 e.has_rows = true;
                 let f = &mut e.fields;
@@ -355,7 +406,7 @@ async fn sql_truth(
         }
         for a in &cfg.activity {
             let kinds: Vec<String> = a.counters.keys().cloned().collect();
-            let sql = activity_sql(a, max, only.is_some());
+            let sql = activity_sql(a, max, only.is_some(), scale);
             let rows = if only.is_some() {
                 client.query(&sql, &[&kinds, &only_v]).await
             } else {
@@ -365,7 +416,7 @@ async fn sql_truth(
             for row in rows {
                 let sku: String = row.get(0);
                 let kind: String = row.get(1);
-                let v = parse_sum(&row.get::<_, String>(2))?;
+                let v = parse_sum(&row.get::<_, String>(2), scale)?;
                 if let Some(c) = a.counters.get(&kind) {
                     *t.entry(sku)
                         .or_default()
@@ -512,6 +563,7 @@ fn compare_sku(
     sql: Option<&SkuTruth>,
     redis: Option<&Hash>,
     counters: &BTreeMap<String, bool>,
+    scale: u32,
 ) -> (Vec<Finding>, Vec<Finding>) {
     let mut diffs = Vec::new();
     let mut nv = Vec::new();
@@ -548,13 +600,16 @@ fn compare_sku(
         let raw = h.get(f);
         let got = match raw {
             None => Some(0),
-            Some(v) => v.parse::<i128>().ok(),
+            Some(v) => units::parse(v, scale).map(i128::from),
         };
         if got == Some(want) {
             continue;
         }
         let shown = raw.cloned().unwrap_or_else(|| "absent".into());
-        let x = finding(f, shown, want.to_string());
+        let want_text = i64::try_from(want)
+            .map(|w| units::format(w, scale))
+            .unwrap_or_else(|_| want.to_string());
+        let x = finding(f, shown, want_text);
         match (counters.get(f), got) {
             // retention deleted counted rows: the lifetime total stays, SQL cannot show it
             (Some(_), Some(g)) if g > want => nv.push(x),
@@ -615,7 +670,7 @@ async fn verify_redis(
                 next.push(sku.clone());
                 continue;
             }
-            let (diffs, nv) = compare_sku(sku, truth.get(sku), h, &counters);
+            let (diffs, nv) = compare_sku(sku, truth.get(sku), h, &counters, cfg.quantity_scale());
             if diffs.is_empty() {
                 report.not_verifiable.extend(nv);
             } else if differed.contains(sku) || round == rounds {
@@ -792,6 +847,7 @@ fn compare_retained(
     h: Option<&Hash>,
     payload: Option<&[u8]>,
     counter_names: &[String],
+    scale: u32,
 ) -> Result<Vec<Finding>, ()> {
     let finding = |field: &str, redis: String, value: String| Finding {
         sku: sku.to_string(),
@@ -833,13 +889,18 @@ fn compare_retained(
             out.push(finding("lsn", want, got.to_string()));
         }
     }
-    let int = |f: &str| h.get(f).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
-    let member = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_i64()).unwrap_or(0);
+    // In units (decimals are compared exactly, by their text).
+    let int = |f: &str| h.get(f).and_then(|v| units::parse(v, scale)).unwrap_or(0);
+    let member = |v: Option<&serde_json::Value>| {
+        v.filter(|v| v.is_number())
+            .and_then(|v| units::parse(&v.to_string(), scale))
+            .unwrap_or(0)
+    };
     let on = int("on_hand");
     let res = int("reserved");
     let avail = h
         .get("available")
-        .and_then(|v| v.parse::<i64>().ok())
+        .and_then(|v| units::parse(v, scale))
         .unwrap_or(on - res);
     let mut numbers = vec![
         ("on_hand".to_string(), on),
@@ -852,7 +913,11 @@ fn compare_retained(
     for (f, want) in numbers {
         let got = member(j.get(&f));
         if got != want {
-            out.push(finding(&f, want.to_string(), got.to_string()));
+            out.push(finding(
+                &f,
+                units::format(want, scale),
+                units::format(got, scale),
+            ));
         }
     }
     // locations: the hash's loc fields against the payload's nested object
@@ -866,7 +931,7 @@ fn compare_retained(
                 "reserved" => 1,
                 _ => continue,
             };
-            locs.entry(loc.to_string()).or_default()[i] = v.parse().unwrap_or(0);
+            locs.entry(loc.to_string()).or_default()[i] = units::parse(v, scale).unwrap_or(0);
         }
     }
     let empty = serde_json::Map::new();
@@ -884,10 +949,10 @@ fn compare_retained(
         let got = plocs.get(loc);
         for (i, what) in ["on_hand", "reserved"].iter().enumerate() {
             let w = want
-                .map(|x| x[i].to_string())
+                .map(|x| units::format(x[i], scale))
                 .unwrap_or_else(|| "absent".into());
             let g = got
-                .map(|o| member(o.get(*what)).to_string())
+                .map(|o| units::format(member(o.get(*what)), scale))
                 .unwrap_or_else(|| "absent".into());
             if w != g {
                 out.push(finding(&format!("loc:{loc}:{what}"), w, g));
@@ -946,6 +1011,7 @@ async fn verify_mqtt(
                 hashes.get(sku),
                 msgs.get(sku).map(Vec::as_slice),
                 &counter_names,
+                cfg.quantity_scale(),
             ) {
                 Ok(d) if d.is_empty() => {}
                 Ok(d) => {
@@ -1055,6 +1121,7 @@ mod tests {
             Some(&t),
             Some(&hash(&[("on_hand", "3"), ("views", "7")])),
             &c,
+            0,
         );
         assert!(d.is_empty(), "{d:?}");
         assert_eq!(nv.len(), 1);
@@ -1063,6 +1130,7 @@ mod tests {
             Some(&t),
             Some(&hash(&[("on_hand", "3"), ("views", "4")])),
             &c,
+            0,
         );
         assert_eq!(d[0].field, "views");
     }
@@ -1071,7 +1139,7 @@ mod tests {
     fn a_known_skus_only_counter_is_never_a_difference() {
         let c: BTreeMap<String, bool> = [("views".to_string(), true)].into();
         let t = truth(&[("views", 5)]);
-        let (d, nv) = compare_sku("s", Some(&t), Some(&hash(&[("views", "2")])), &c);
+        let (d, nv) = compare_sku("s", Some(&t), Some(&hash(&[("views", "2")])), &c, 0);
         assert!(d.is_empty());
         assert_eq!(nv.len(), 1);
     }
@@ -1085,21 +1153,21 @@ mod tests {
             ("loc:B:reserved", "1"),
             ("lsn", "9"),
         ]);
-        let (d, nv) = compare_sku("s", Some(&t), Some(&h), &c);
+        let (d, nv) = compare_sku("s", Some(&t), Some(&h), &c, 0);
         assert!(nv.is_empty());
         let f: Vec<&str> = d.iter().map(|x| x.field.as_str()).collect();
         assert_eq!(f, ["loc:B:reserved"]);
-        let (d, _) = compare_sku("s", Some(&t), None, &c);
+        let (d, _) = compare_sku("s", Some(&t), None, &c, 0);
         assert_eq!(d[0].field, "hash");
-        let (d, _) = compare_sku("s", None, Some(&hash(&[("on_hand", "x")])), &c);
+        let (d, _) = compare_sku("s", None, Some(&hash(&[("on_hand", "x")])), &c, 0);
         assert_eq!((d[0].redis.as_str(), d[0].value.as_str()), ("x", "0"));
     }
 
     #[test]
     fn sums_parse_only_as_whole_numbers() {
-        assert_eq!(parse_sum("12.000"), Ok(12));
-        assert_eq!(parse_sum("-3"), Ok(-3));
-        assert!(parse_sum("1.5").is_err());
+        assert_eq!(parse_sum("12.000", 0), Ok(12));
+        assert_eq!(parse_sum("-3", 0), Ok(-3));
+        assert!(parse_sum("1.5", 0).is_err());
     }
 
     #[test]
@@ -1117,11 +1185,11 @@ mod tests {
         ]);
         let good = br#"{"v":1,"sku":"s","on_hand":5,"reserved":1,"available":4,"views":2,"locations":{"W":{"on_hand":5,"reserved":1}},"lsn":"0/64"}"#;
         assert_eq!(
-            compare_retained("s", Some(&h), Some(good), &names),
+            compare_retained("s", Some(&h), Some(good), &names, 0),
             Ok(vec![])
         );
         let bad = br#"{"v":1,"sku":"s","on_hand":6,"reserved":1,"available":4,"views":2,"locations":{"W":{"on_hand":5,"reserved":1}},"lsn":"0/64"}"#;
-        let d = compare_retained("s", Some(&h), Some(bad), &names).unwrap();
+        let d = compare_retained("s", Some(&h), Some(bad), &names, 0).unwrap();
         assert_eq!(d.len(), 1);
         assert_eq!(
             (
@@ -1135,14 +1203,14 @@ mod tests {
         let mut h2 = h.clone();
         h2.insert("lsn".into(), "101".into());
         assert_eq!(
-            compare_retained("s", Some(&h2), Some(good), &names),
+            compare_retained("s", Some(&h2), Some(good), &names, 0),
             Err(())
         );
         // gone in Redis: no retained message allowed
         let g = hash(&[("gone", "1"), ("lsn", "7"), ("pub_lsn", "7")]);
-        assert_eq!(compare_retained("s", Some(&g), None, &names), Ok(vec![]));
+        assert_eq!(compare_retained("s", Some(&g), None, &names, 0), Ok(vec![]));
         assert_eq!(
-            compare_retained("s", Some(&g), Some(good), &names).unwrap()[0].field,
+            compare_retained("s", Some(&g), Some(good), &names, 0).unwrap()[0].field,
             "mqtt:retained"
         );
     }
@@ -1179,8 +1247,9 @@ mod tests {
             reserved: None,
             low_stock: None,
             filter: vec!["deleted_at IS NULL".into()],
+            scale: None,
         };
-        let sql = stock_sql(&m, 256, true);
+        let sql = stock_sql(&m, 256, true, 0);
         assert!(sql.contains("AND (deleted_at IS NULL)"), "{sql}");
         assert!(sql.contains("octet_length(\"Sku\"::text) <= 256"), "{sql}");
         assert!(

@@ -243,11 +243,19 @@ impl<'a> Buckets<'a> {
     /// Takes the field if it is a window bucket (returns whether it was one, even when
     /// its minute or count does not parse and it is skipped).
     pub fn add(&mut self, field: &'a str, value: &str) -> bool {
+        self.add_scaled(field, value, 0)
+    }
+
+    /// [`Buckets::add`] for counts in units of 10^-`scale` (decimal quantities).
+    pub fn add_scaled(&mut self, field: &'a str, value: &str, scale: u32) -> bool {
         let Some(rest) = field.strip_prefix("w:") else {
             return false;
         };
         if let Some((counter, minute)) = rest.rsplit_once(':')
-            && let (Ok(m), Ok(n)) = (minute.parse::<i64>(), value.parse::<i64>())
+            && let (Ok(m), Some(n)) = (
+                minute.parse::<i64>(),
+                crate::fold::units::parse(value, scale),
+            )
         {
             self.0.push((counter, m, n));
         }

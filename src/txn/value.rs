@@ -292,6 +292,9 @@ pub enum NotWholeNumber {
     /// Numeric text that is not a decimal number.
     #[error("numeric text is malformed")]
     Malformed,
+    /// More fractional digits than the table's `scale` allows.
+    #[error("numeric value has more fractional digits than the table's scale ({0})")]
+    TooManyDigits(u32),
 }
 
 impl Value<'_> {
@@ -337,6 +340,64 @@ impl Value<'_> {
             Value::UnchangedToast => Err(NotWholeNumber::UnchangedToast),
             _ => Err(NotWholeNumber::NotNumeric),
         }
+    }
+}
+
+impl Value<'_> {
+    /// The value in units of 10^-`scale` (exact): at most `digits` (≤ `scale`) significant
+    /// fractional digits are accepted; with both 0 this is [`Value::as_whole_number`].
+    pub fn as_scaled(&self, digits: u32, scale: u32) -> Result<i64, NotWholeNumber> {
+        if digits == 0 && scale == 0 {
+            return self.as_whole_number();
+        }
+        let unit = 10i64.pow(scale);
+        match self {
+            Value::Int(i) => i.checked_mul(unit).ok_or(NotWholeNumber::OutOfRange),
+            Value::Numeric(s) => numeric_to_scaled(s, digits, scale),
+            Value::Null => Err(NotWholeNumber::Null),
+            Value::UnchangedToast => Err(NotWholeNumber::UnchangedToast),
+            _ => Err(NotWholeNumber::NotNumeric),
+        }
+    }
+}
+
+fn numeric_to_scaled(s: &str, digits: u32, scale: u32) -> Result<i64, NotWholeNumber> {
+    if matches!(s, "NaN" | "Infinity" | "-Infinity") {
+        return Err(NotWholeNumber::NotFinite);
+    }
+    if !is_numeric_text(s) {
+        return Err(NotWholeNumber::Malformed);
+    }
+    let (neg, body) = match s.as_bytes().first() {
+        Some(b'-') => (true, &s[1..]),
+        Some(b'+') => (false, &s[1..]),
+        _ => (false, s),
+    };
+    let (int, frac) = body.split_once('.').unwrap_or((body, ""));
+    let frac = frac.trim_end_matches('0');
+    if frac.len() > digits as usize {
+        return Err(if digits == 0 {
+            NotWholeNumber::Fractional
+        } else {
+            NotWholeNumber::TooManyDigits(digits)
+        });
+    }
+    // Accumulate negatively so the most negative value is representable.
+    let mut acc: i64 = 0;
+    let padded = frac
+        .bytes()
+        .chain(std::iter::repeat(b'0'))
+        .take(scale as usize);
+    for d in int.bytes().chain(padded) {
+        acc = acc
+            .checked_mul(10)
+            .and_then(|a| a.checked_sub(i64::from(d - b'0')))
+            .ok_or(NotWholeNumber::OutOfRange)?;
+    }
+    if neg {
+        Ok(acc)
+    } else {
+        acc.checked_neg().ok_or(NotWholeNumber::OutOfRange)
     }
 }
 

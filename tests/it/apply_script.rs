@@ -114,6 +114,7 @@ async fn lua_apply_script_matches_the_model_on_random_pieces() {
     let client = rsink::client(&redis.url(), None).unwrap();
     let con = rsink::connect(&client).await.unwrap();
     let settings = ApplySettings {
+        scale: 0,
         prefix: "t".into(),
         keep_minutes: 5,
         low_stock: 5,
@@ -260,6 +261,7 @@ async fn a_merged_entry_straddling_the_fence_is_refused_and_writes_nothing() {
     let client = rsink::client(&redis.url(), None).unwrap();
     let con = rsink::connect(&client).await.unwrap();
     let settings = ApplySettings {
+        scale: 0,
         prefix: "t".into(),
         keep_minutes: 5,
         low_stock: 5,

@@ -51,6 +51,7 @@ pub fn public_oracle(buckets: Buckets) -> Oracle {
         filters: Default::default(),
         truth_filters: Default::default(),
         sums: Default::default(),
+        scale: 0,
     }
 }
 
@@ -508,6 +509,7 @@ async fn other_names_and_types_work_by_config_alone() {
         filters: Default::default(),
         truth_filters: Default::default(),
         sums: Default::default(),
+        scale: 0,
     };
     let mut rig = Rig::new(WMS_SCHEMA, oracle).await;
     // some rows before the start, bootstrapped from the snapshot
@@ -657,6 +659,7 @@ async fn oracle_smoke_workloads_run_and_truth_round_trips() {
         filters: Default::default(),
         truth_filters: Default::default(),
         sums: Default::default(),
+        scale: 0,
     };
     let mut w2 = Workload::new(
         seed,

@@ -3,6 +3,7 @@
 
 mod apply_script;
 mod chaos;
+mod decimals;
 mod filters;
 mod fold_oracle;
 mod harness;

@@ -55,7 +55,7 @@ impl Drop for Subscriber {
     }
 }
 
-fn mqtt_toml(broker: &MosquittoServer, min_interval_ms: u64) -> String {
+pub fn mqtt_toml(broker: &MosquittoServer, min_interval_ms: u64) -> String {
     format!(
         "\n[mqtt]\nurl = \"{}\"\ntopic_prefix = \"skusync\"\nmin_interval_ms = {min_interval_ms}\n",
         broker.url()

@@ -33,6 +33,7 @@ fn mqtt_config(url: String) -> MqttConfig {
 
 fn publisher_config(mqtt: MqttConfig) -> PublisherConfig {
     PublisherConfig {
+        scale: 0,
         mqtt,
         redis_prefix: RP.into(),
         counters: vec![CounterSpec {

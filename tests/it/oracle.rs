@@ -69,6 +69,9 @@ pub struct Oracle {
     pub truth_filters: BTreeMap<String, Vec<String>>,
     /// Quantity names that stand for several summed columns (`reserved = [...]`).
     pub sums: BTreeMap<String, Vec<String>>,
+    /// `scale` of every mapped table (0: whole numbers): quantities are compared in
+    /// units of 10^-scale.
+    pub scale: u32,
 }
 
 /// One difference between SQL and Redis.
@@ -135,6 +138,29 @@ fn tstr(s: &str) -> String {
     serde_json::to_string(s).expect("string")
 }
 
+/// A decimal in units of 10^-`scale` (exact); `None` when it is not one or has more
+/// fractional digits.
+fn try_units(s: &str, scale: u32) -> Option<i128> {
+    let s = s.trim();
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    let frac = frac.trim_end_matches('0');
+    if frac.len() > scale as usize || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let neg = int.starts_with('-');
+    let mut v: i128 = int.trim_start_matches('-').parse().ok()?;
+    for i in 0..scale as usize {
+        v = v * 10 + frac.as_bytes().get(i).map_or(0, |b| i128::from(b - b'0'));
+    }
+    Some(if neg { -v } else { v })
+}
+
+fn parse_units(s: &str, scale: u32) -> i128 {
+    try_units(s, scale)
+        .unwrap_or_else(|| panic!("not a decimal with at most {scale} places: {s:?}"))
+}
+
+#[allow(dead_code)]
 fn parse_int(s: &str) -> i128 {
     // sum() of numeric comes back as e.g. "12" or "12.00"
     let s = s.trim();
@@ -211,6 +237,9 @@ impl Oracle {
                 s.push_str(&format!("reserved = {}\n", self.columns_toml(r)));
             }
             s.push_str(&self.where_toml(&m.table));
+            if self.scale > 0 {
+                s.push_str(&format!("scale = {}\n", self.scale));
+            }
         }
         for a in &self.activity {
             s.push_str("\n[[activity]]\n");
@@ -224,6 +253,9 @@ impl Oracle {
                 s.push_str(&format!("time = {}\n", tstr(t)));
             }
             s.push_str(&self.where_toml(&a.table));
+            if self.scale > 0 {
+                s.push_str(&format!("scale = {}\n", self.scale));
+            }
             let w: Vec<String> = a.windows.iter().map(|w| tstr(w)).collect();
             s.push_str(&format!("windows = [{}]\n", w.join(", ")));
             s.push_str("[activity.counters]\n");
@@ -329,8 +361,8 @@ impl Oracle {
             for row in pg.query(&sql, &[]).await.expect(&sql) {
                 let sku: String = row.get(0);
                 let loc: Option<String> = row.get(1);
-                let oh = parse_int(&row.get::<_, String>(2));
-                let rs = parse_int(&row.get::<_, String>(3));
+                let oh = parse_units(&row.get::<_, String>(2), self.scale);
+                let rs = parse_units(&row.get::<_, String>(3), self.scale);
                 t.with_stock_rows.insert(sku.clone());
                 let f = t.skus.entry(sku).or_default();
                 *f.entry("on_hand".into()).or_default() += oh;
@@ -353,11 +385,15 @@ impl Oracle {
                 Some(q) => (
                     format!("sum({}::numeric)", qident(q)),
                     format!(
-                        "AND {q} IS NOT NULL AND {q}::numeric = trunc({q}::numeric)",
-                        q = qident(q)
+                        "AND {q} IS NOT NULL AND {q}::numeric = trunc({q}::numeric, {s})",
+                        q = qident(q),
+                        s = self.scale
                     ),
                 ),
-                None => ("count(*)".to_string(), String::new()),
+                None => (
+                    format!("count(*) * {}", 10i128.pow(self.scale)),
+                    String::new(),
+                ),
             };
             let minute = match (self.buckets, &a.time) {
                 (Buckets::ExactByMinute, Some(tc)) => {
@@ -379,7 +415,7 @@ impl Oracle {
                 let sku: String = row.get(0);
                 let kind: String = row.get(1);
                 let min: Option<i64> = row.get(2);
-                let v = parse_int(&row.get::<_, String>(3));
+                let v = parse_units(&row.get::<_, String>(3), self.scale);
                 let c = counter_of[kind.as_str()];
                 let f = t.skus.entry(sku).or_default();
                 *f.entry(c.to_string()).or_default() += v;
@@ -474,7 +510,7 @@ impl Oracle {
                 let g = got.get(f);
                 let ok = match g {
                     None => e == 0,
-                    Some(v) => v.parse::<i128>().ok() == Some(e),
+                    Some(v) => try_units(v, self.scale) == Some(e),
                 };
                 if !ok {
                     out.push(Mismatch {
@@ -491,9 +527,9 @@ impl Oracle {
                     let mut sum: i128 = 0;
                     let mut bad = Vec::new();
                     for (f, v) in got.iter().filter(|(f, _)| f.starts_with(&pre)) {
-                        match v.parse::<i128>() {
-                            Ok(n) => sum += n,
-                            Err(_) => bad.push(format!("{f}={v:?}")),
+                        match try_units(v, self.scale) {
+                            Some(n) => sum += n,
+                            None => bad.push(format!("{f}={v:?}")),
                         }
                     }
                     let e = exp.get(c.as_str()).copied().unwrap_or(0);
@@ -898,6 +934,7 @@ fn oracle_compare_reports_both_sides() {
         filters: Default::default(),
         truth_filters: Default::default(),
         sums: Default::default(),
+        scale: 0,
     };
     let mut truth = Truth::default();
     truth.with_stock_rows.insert("only-sql".into());

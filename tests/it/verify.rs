@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// `skusync verify <args> --config <cfg>`: (exit code, stdout, stderr).
-fn verify(cfg: &Path, args: &[&str]) -> (i32, String, String) {
+pub fn verify(cfg: &Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(skusync_bin())
         .arg("verify")
         .args(args)

@@ -168,6 +168,8 @@ pub struct PublisherConfig {
     pub counters: Vec<CounterSpec>,
     /// `purchases` when an activity maps a counter with that name.
     pub sell_counter: Option<String>,
+    /// Decimal places of quantities (the mapping's largest `scale`).
+    pub scale: u32,
 }
 
 /// Name of the counter that gives the sell rate.
@@ -216,6 +218,7 @@ impl PublisherConfig {
                 .unwrap_or_else(|| "skusync".into()),
             counters,
             sell_counter,
+            scale: cfg.quantity_scale(),
         })
     }
 }

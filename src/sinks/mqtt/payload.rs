@@ -3,9 +3,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 
 use super::CounterSpec;
+use crate::fold::units;
 use crate::lsn::Lsn;
 use crate::sinks::layout;
 
@@ -48,6 +49,8 @@ pub struct Spec {
     pub counters: Vec<CounterSpec>,
     /// The counter whose last hour gives `sell_rate_per_h`.
     pub sell_counter: Option<String>,
+    /// Decimal places of quantities (`fold::units`); 0: whole numbers.
+    pub scale: u32,
 }
 
 /// The state message of a SKU.
@@ -63,8 +66,12 @@ pub struct StateMessage {
     pub windows: Option<u64>,
 }
 
-fn int(fields: &HashMap<String, String>, name: &str) -> i64 {
-    fields.get(name).and_then(|v| v.parse().ok()).unwrap_or(0)
+/// A quantity field in units (see `fold::units`); 0 when absent or malformed.
+fn qty(fields: &HashMap<String, String>, name: &str, scale: u32) -> i64 {
+    fields
+        .get(name)
+        .and_then(|v| units::parse(v, scale))
+        .unwrap_or(0)
 }
 
 fn u64_field(fields: &HashMap<String, String>, name: &str) -> Option<u64> {
@@ -138,13 +145,16 @@ pub fn state_message(
             windows: None,
         };
     }
-    // Numeric values: these make up `pub_state` and the delta.
+    // Numeric values, in units of 10^-scale (counts of users and seconds too, so that
+    // every value is written alike): these make up `pub_state` and the delta.
+    let scale = spec.scale;
+    let unit = 10i64.pow(scale);
     let mut values: BTreeMap<String, i64> = BTreeMap::new();
-    let on_hand = int(fields, "on_hand");
-    let reserved = int(fields, "reserved");
+    let on_hand = qty(fields, "on_hand", scale);
+    let reserved = qty(fields, "reserved", scale);
     let available = fields
         .get("available")
-        .and_then(|v| v.parse().ok())
+        .and_then(|v| units::parse(v, scale))
         .unwrap_or(on_hand.saturating_sub(reserved));
     values.insert("on_hand".into(), on_hand);
     values.insert("reserved".into(), reserved);
@@ -155,7 +165,7 @@ pub fn state_message(
     // rescanning every field cost more than the rest).
     let mut buckets = layout::Buckets::default();
     for (f, v) in fields {
-        if buckets.add(f, v) {
+        if buckets.add_scaled(f, v, scale) {
             continue;
         }
         let Some(rest) = f.strip_prefix("loc:") else {
@@ -167,7 +177,7 @@ pub fn state_message(
         if !matches!(what, "on_hand" | "reserved") {
             continue;
         }
-        let n: i64 = v.parse().unwrap_or(0);
+        let n = units::parse(v, scale).unwrap_or(0);
         locations.entry(loc).or_default().insert(what, n);
         values.insert(f.clone(), n);
     }
@@ -181,7 +191,7 @@ pub fn state_message(
     let window_sum = |counter: &str, minutes: i64| buckets.sum(counter, minutes, now_minute);
     let mut window_values: Vec<(String, i64)> = Vec::new();
     for c in &spec.counters {
-        values.insert(c.name.clone(), int(fields, &c.name));
+        values.insert(c.name.clone(), qty(fields, &c.name, scale));
         for &w in &c.windows_secs {
             let minutes = i64::try_from(w / 60).unwrap_or(1).max(1);
             let name = layout::window_name(&c.name, w);
@@ -190,7 +200,7 @@ pub fn state_message(
             if c.distinct_users {
                 let uname = users_name(&c.name, w);
                 let n = users.get(&uname).copied().unwrap_or(0);
-                window_values.push((uname, n));
+                window_values.push((uname, n.saturating_mul(unit)));
             }
         }
     }
@@ -198,8 +208,10 @@ pub fn state_message(
         let rate = window_sum(sc, 60);
         window_values.push(("sell_rate_per_h".into(), rate));
         if rate > 0 && available > 0 {
-            let eta =
-                i64::try_from(i128::from(available) * 3600 / i128::from(rate)).unwrap_or(i64::MAX);
+            // Whole seconds (in units, like every value).
+            let eta = i64::try_from(i128::from(available) * 3600 / i128::from(rate))
+                .unwrap_or(i64::MAX / unit)
+                .saturating_mul(unit);
             window_values.push(("stockout_eta_s".into(), eta));
         }
     }
@@ -220,12 +232,12 @@ pub fn state_message(
     obj.insert("sku", Member::Str(sku.to_string()));
     for (k, v) in &values {
         if !k.starts_with("loc:") {
-            obj.insert(k, Member::Int(*v));
+            obj.insert(k, Member::Units(*v, scale));
         }
     }
     if !locations.is_empty() {
         let mut o = Vec::new();
-        write_nested(&mut o, &locations);
+        write_nested(&mut o, &locations, scale);
         obj.insert("locations", Member::Raw(o));
     }
     match kind {
@@ -234,7 +246,7 @@ pub fn state_message(
                 .get("pub_state")
                 .and_then(|s| serde_json::from_str::<BTreeMap<String, i64>>(s).ok())
                 .unwrap_or_default();
-            obj.insert("delta", Member::Raw(delta(&values, &prev)));
+            obj.insert("delta", Member::Raw(delta(&values, &prev, scale)));
         }
         Kind::Aging { as_of_ms } => {
             if let Some(t) = rfc3339_ms(as_of_ms) {
@@ -280,6 +292,8 @@ pub fn state_message(
 /// A member value of a payload object.
 enum Member {
     Int(i64),
+    /// A quantity in units of 10^-scale, written as a decimal number.
+    Units(i64, u32),
     Str(String),
     /// Already-written JSON.
     Raw(Vec<u8>),
@@ -297,6 +311,13 @@ fn write_int(out: &mut Vec<u8>, n: i64) {
     let _ = write!(out, "{n}");
 }
 
+fn write_units(out: &mut Vec<u8>, n: i64, scale: u32) {
+    if scale == 0 {
+        return write_int(out, n);
+    }
+    out.extend_from_slice(units::format(n, scale).as_bytes());
+}
+
 /// Appends a JSON object of `members` (in key order: compact, like serde_json).
 fn write_object(out: &mut Vec<u8>, members: &BTreeMap<&str, Member>) {
     out.push(b'{');
@@ -308,6 +329,7 @@ fn write_object(out: &mut Vec<u8>, members: &BTreeMap<&str, Member>) {
         out.push(b':');
         match v {
             Member::Int(n) => write_int(out, *n),
+            Member::Units(n, scale) => write_units(out, *n, *scale),
             Member::Str(s) => write_str(out, s),
             Member::Raw(r) => out.extend_from_slice(r),
         }
@@ -319,6 +341,7 @@ fn write_object(out: &mut Vec<u8>, members: &BTreeMap<&str, Member>) {
 fn write_nested<K: AsRef<str>, K2: AsRef<str>>(
     out: &mut Vec<u8>,
     m: &BTreeMap<K, BTreeMap<K2, i64>>,
+    scale: u32,
 ) {
     out.push(b'{');
     for (i, (k, inner)) in m.iter().enumerate() {
@@ -333,7 +356,7 @@ fn write_nested<K: AsRef<str>, K2: AsRef<str>>(
             }
             write_str(out, w.as_ref());
             out.push(b':');
-            write_int(out, *n);
+            write_units(out, *n, scale);
         }
         out.push(b'}');
     }
@@ -349,7 +372,7 @@ pub fn users_name(counter: &str, window_secs: u64) -> String {
 
 /// Current minus previous, non-zero entries only; location values nested under
 /// `locations` like in the payload. Returns the JSON object.
-fn delta(cur: &BTreeMap<String, i64>, prev: &BTreeMap<String, i64>) -> Vec<u8> {
+fn delta(cur: &BTreeMap<String, i64>, prev: &BTreeMap<String, i64>, scale: u32) -> Vec<u8> {
     let mut out: BTreeMap<&str, Member> = BTreeMap::new();
     let mut locs: BTreeMap<&str, BTreeMap<&str, i64>> = BTreeMap::new();
     let keys: std::collections::BTreeSet<&String> = cur.keys().chain(prev.keys()).collect();
@@ -367,13 +390,13 @@ fn delta(cur: &BTreeMap<String, i64>, prev: &BTreeMap<String, i64>) -> Vec<u8> {
                 locs.entry(loc).or_default().insert(what, d);
             }
             None => {
-                out.insert(k, Member::Int(d));
+                out.insert(k, Member::Units(d, scale));
             }
         }
     }
     if !locs.is_empty() {
         let mut o = Vec::new();
-        write_nested(&mut o, &locs);
+        write_nested(&mut o, &locs, scale);
         out.insert("locations", Member::Raw(o));
     }
     let mut w = Vec::with_capacity(128);
@@ -398,8 +421,10 @@ pub struct PendingAlert {
     pub ts: Option<i64>,
 }
 
-/// Parses the `alerts` field; also returns how many entries were malformed (skipped).
-pub fn parse_alerts(field: Option<&str>) -> (Vec<PendingAlert>, usize) {
+/// Parses the `alerts` field, quantities in units of 10^-`scale` (the apply script
+/// stores them as numbers with scale 0, as decimal strings otherwise); also returns how
+/// many entries were malformed (skipped).
+pub fn parse_alerts(field: Option<&str>, scale: u32) -> (Vec<PendingAlert>, usize) {
     let Some(text) = field.filter(|t| !t.trim().is_empty()) else {
         return (Vec::new(), 0);
     };
@@ -419,8 +444,8 @@ pub fn parse_alerts(field: Option<&str>) -> (Vec<PendingAlert>, usize) {
             let lsn = lsn_raw.parse().ok()?;
             Some(PendingAlert {
                 kind,
-                available: it.get("available").and_then(Value::as_i64).unwrap_or(0),
-                threshold: it.get("threshold").and_then(Value::as_i64).unwrap_or(0),
+                available: alert_units(it.get("available"), scale),
+                threshold: alert_units(it.get("threshold"), scale),
                 lsn_raw,
                 lsn,
                 ts: it.get("ts").and_then(Value::as_i64),
@@ -434,30 +459,41 @@ pub fn parse_alerts(field: Option<&str>) -> (Vec<PendingAlert>, usize) {
     (out, bad)
 }
 
+fn alert_units(v: Option<&Value>, scale: u32) -> i64 {
+    match v {
+        Some(Value::String(s)) => units::parse(s, scale).unwrap_or(0),
+        Some(v) => v.as_i64().unwrap_or(0).saturating_mul(10i64.pow(scale)),
+        None => 0,
+    }
+}
+
 /// The stable alert id `"<lsn X/Y>:<type>:<sku>"`.
 pub fn alert_id(sku: &str, a: &PendingAlert) -> String {
     format!("{}:{}:{sku}", lsn_text(a.lsn), a.kind)
 }
 
-/// The alert message payload.
-pub fn alert_payload(sku: &str, a: &PendingAlert) -> String {
-    let mut obj = Map::new();
-    obj.insert("v".into(), json!(FORMAT_VERSION));
-    obj.insert("id".into(), json!(alert_id(sku, a)));
-    obj.insert("type".into(), json!(a.kind));
-    obj.insert("sku".into(), json!(sku));
-    obj.insert("available".into(), json!(a.available));
-    obj.insert("threshold".into(), json!(a.threshold));
-    obj.insert("lsn".into(), json!(lsn_text(a.lsn)));
+/// The alert message payload (quantities in units of 10^-`scale`).
+pub fn alert_payload(sku: &str, a: &PendingAlert, scale: u32) -> String {
+    let mut obj: BTreeMap<&str, Member> = BTreeMap::new();
+    obj.insert("v", Member::Int(FORMAT_VERSION as i64));
+    obj.insert("id", Member::Str(alert_id(sku, a)));
+    obj.insert("type", Member::Str(a.kind.clone()));
+    obj.insert("sku", Member::Str(sku.to_string()));
+    obj.insert("available", Member::Units(a.available, scale));
+    obj.insert("threshold", Member::Units(a.threshold, scale));
+    obj.insert("lsn", Member::Str(lsn_text(a.lsn)));
     if let Some(t) = a.ts.and_then(rfc3339_ms) {
-        obj.insert("ts".into(), json!(t));
+        obj.insert("ts", Member::Str(t));
     }
-    Value::Object(obj).to_string()
+    let mut out = Vec::with_capacity(160);
+    write_object(&mut out, &obj);
+    String::from_utf8(out).unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     const NOW: i64 = 1_764_061_200_123; // 2025-11-25T09:00:00.123Z
 
@@ -465,6 +501,11 @@ mod tests {
     /// for the direct writer: same inputs, byte-identical payloads.
     mod reference {
         use super::super::*;
+        use serde_json::{Map, json};
+
+        fn int(fields: &HashMap<String, String>, name: &str) -> i64 {
+            fields.get(name).and_then(|v| v.parse().ok()).unwrap_or(0)
+        }
 
         pub fn state_message(
             spec: &Spec,
@@ -754,6 +795,7 @@ mod tests {
                 },
             ],
             sell_counter: Some("purchases".into()),
+            scale: 0,
         }
     }
 
@@ -994,20 +1036,59 @@ mod tests {
 
     #[test]
     fn alerts_parse_and_payload() {
-        let (a, bad) = parse_alerts(Some(
-            r#"[{"type":"low_stock","available":3,"threshold":5,"lsn":"123456789","ts":1764061200123},{"type":"x"},{"type":"out_of_stock","available":0,"threshold":5,"lsn":4294967296,"ts":1}]"#,
-        ));
+        let (a, bad) = parse_alerts(
+            Some(
+                r#"[{"type":"low_stock","available":3,"threshold":5,"lsn":"123456789","ts":1764061200123},{"type":"x"},{"type":"out_of_stock","available":0,"threshold":5,"lsn":4294967296,"ts":1}]"#,
+            ),
+            0,
+        );
         assert_eq!(bad, 1);
         assert_eq!(a.len(), 2);
         assert_eq!(a[1].lsn_raw, "4294967296");
-        let v = parse(&alert_payload("S/1", &a[0]));
+        let v = parse(&alert_payload("S/1", &a[0], 0));
         assert_eq!(
             v,
             json!({"v":1,"id":"0/75BCD15:low_stock:S/1","type":"low_stock","sku":"S/1",
                    "available":3,"threshold":5,"lsn":"0/75BCD15","ts":"2025-11-25T09:00:00.123Z"})
         );
-        assert_eq!(parse_alerts(None).0.len(), 0);
-        assert_eq!(parse_alerts(Some("not json")).1, 1);
+        assert_eq!(parse_alerts(None, 0).0.len(), 0);
+        assert_eq!(parse_alerts(Some("not json"), 0).1, 1);
+        // decimals: the apply script stores them as strings
+        let (a, _) = parse_alerts(
+            Some(r#"[{"type":"low_stock","available":"2.5","threshold":"3","lsn":"1"}]"#),
+            3,
+        );
+        assert_eq!((a[0].available, a[0].threshold), (2500, 3000));
+        let body = alert_payload("S", &a[0], 3);
+        assert!(
+            body.contains(r#""available":2.5,"#) && body.contains(r#""threshold":3,"#),
+            "{body}"
+        );
+    }
+
+    #[test]
+    fn decimal_quantities_are_written_as_decimal_numbers() {
+        let spec = Spec { scale: 3, ..spec() };
+        let f = fields(&[
+            ("on_hand", "12.5".into()),
+            ("reserved", "0.125".into()),
+            ("available", "12.375".into()),
+            ("loc:A:on_hand", "12.5".into()),
+            ("loc:A:reserved", "0.125".into()),
+            ("purchases", "1.5".into()),
+            ("w:purchases:29401020", "1.5".into()),
+            ("pub_state", r#"{"on_hand":10000}"#.into()),
+            ("lsn", "7".into()),
+        ]);
+        let m = state_message(&spec, "S", &f, &HashMap::new(), NOW, Kind::Change);
+        let v = parse(&m.payload);
+        assert_eq!(v["on_hand"], json!(12.5));
+        assert_eq!(v["reserved"], json!(0.125));
+        assert_eq!(v["available"], json!(12.375));
+        assert_eq!(v["locations"]["A"]["on_hand"], json!(12.5));
+        assert_eq!(v["purchases"], json!(1.5));
+        assert_eq!(v["delta"]["on_hand"], json!(2.5));
+        assert!(m.payload.contains(r#""on_hand":12.5"#), "{}", m.payload);
     }
 
     #[test]

@@ -265,6 +265,7 @@ impl Task {
         let spec = Spec {
             counters: cfg.counters.clone(),
             sell_counter: cfg.sell_counter.clone(),
+            scale: cfg.scale,
         };
         let sched = Scheduler::new(cfg.mqtt.min_interval_ms);
         Task {
@@ -1229,7 +1230,8 @@ impl Task {
             // and still go out below.
             refused.push(("state", topic.len() + msg.payload.len()));
         }
-        let (alerts, bad) = payload::parse_alerts(fields.get("alerts").map(String::as_str));
+        let (alerts, bad) =
+            payload::parse_alerts(fields.get("alerts").map(String::as_str), self.spec.scale);
         if bad > 0 {
             warn!(malformed = bad, "skipping malformed pending alerts");
         }
@@ -1241,7 +1243,7 @@ impl Task {
             super::alert_topic(self.prefix(), sku)
         };
         for a in alerts.iter().take(MAX_ALERTS_PER_ROUND) {
-            let body = payload::alert_payload(sku, a);
+            let body = payload::alert_payload(sku, a, self.spec.scale);
             if !fits(&alert_topic, &body) {
                 // stays in the outbox, like the state: only a huge SKU gets here
                 refused.push(("alert", alert_topic.len() + body.len()));

@@ -5,7 +5,10 @@
 -- ARGV is one flat list of strings, read front to back (no JSON: in Redis' Lua every
 -- decoded value is a new string or table, which cost more than everything else):
 --   keep, low, quiet ('1'|'0'), end LSN ('' for none), writer token ('' unfenced),
---   floor LSN ('' unchecked), ncounters, counter..., entry...
+--   floor LSN ('' unchecked), scale, ncounters, counter..., entry...
+--     scale: quantities (stock values, counters, buckets, low and thresholds) travel as
+--     integers in units of 10^-scale and are stored in the hash as decimals ('12.5');
+--     with scale 0 (no [[inventory]]/[[activity]] `scale`) they are whole numbers.
 --   entry = k, f, fp, l, p, t, nx, table..., nr, row..., trace, nc, (counter, n)...,
 --           nb, (counter, minute, n)..., nu, (counter, minute, nids, hmac...)...
 --     k: key index; f/fp and l/p: first and last (commit LSN, piece) merged into the
@@ -38,10 +41,11 @@ local low = tonumber(ARGV[2])
 local quiet = ARGV[3] == '1'
 local batch_end = ARGV[4]
 local writer, floor = ARGV[5], ARGV[6]
-local ncounters = tonumber(ARGV[7])
+local scale = tonumber(ARGV[7])
+local ncounters = tonumber(ARGV[8])
 local counters = {}
-for i = 1, ncounters do counters[i] = ARGV[7 + i] end
-local first_entry = 8 + ncounters
+for i = 1, ncounters do counters[i] = ARGV[8 + i] end
+local first_entry = 9 + ncounters
 local nargv = #ARGV
 
 -- Integers as Redis wants them (Lua would print -0 or 1e+15).
@@ -49,6 +53,32 @@ local function int(x)
   return string.format('%d', x)
 end
 
+-- Quantities: `qty` reads a stored decimal into units of 10^-scale, exactly (never
+-- through a fractional double); `dec` writes units back as a decimal. With scale 0 they
+-- are tonumber and int.
+local unit = 1
+local qty, dec = tonumber, int
+if scale > 0 then
+  unit = 10 ^ scale
+  qty = function(s)
+    if not s then return nil end
+    local sign, i, f = string.match(s, '^(-?)(%d*)%.?(%d*)$')
+    if not sign then return nil end
+    f = string.sub(f .. string.rep('0', scale), 1, scale)
+    local v = (tonumber(i) or 0) * unit + (tonumber(f) or 0)
+    if sign == '-' then v = -v end
+    return v
+  end
+  dec = function(x)
+    local sign = ''
+    if x < 0 then sign = '-'; x = -x end
+    local i = math.floor(x / unit)
+    local f = x - i * unit
+    if f == 0 then return sign .. string.format('%d', i) end
+    local fs = string.gsub(string.format('%0' .. scale .. 'd', f), '0+$', '')
+    return sign .. string.format('%d', i) .. '.' .. fs
+  end
+end
 local function lsn_lt(a, b)
   if #a ~= #b then return #a < #b end
   return a < b
@@ -174,7 +204,7 @@ local function load(key, w)
     v = redis.call('HMGET', key, unpack(q))
   end
   local h = {lsn = v[1], piece = tonumber(v[2] or '0') or 0, has_stock = v[3] ~= false,
-             rows = tonumber(v[3]) or 0, on = tonumber(v[4]) or 0, res = tonumber(v[5]) or 0,
+             rows = tonumber(v[3]) or 0, on = qty(v[4]) or 0, res = qty(v[5]) or 0,
              was_gone = v[6] == '1', threshold = v[7] or nil, alert_state = v[8] or nil,
              counters = {}, wmax = {}, cdirty = {}, wdirty = {},
              -- fields read with the hash (false: absent)
@@ -186,7 +216,7 @@ local function load(key, w)
              del = {}, written = false}
   h.had_threshold = h.threshold ~= nil
   for i, c in ipairs(counters) do
-    h.counters[c] = tonumber(v[nbase + 2 * i - 1]) or 0
+    h.counters[c] = qty(v[nbase + 2 * i - 1]) or 0
     h.wmax[c] = tonumber(v[nbase + 2 * i])
   end
   for i, f in ipairs(extra) do h.pre[f] = v[nfixed + i] end
@@ -210,12 +240,12 @@ local function row_get(key, h, f)
   local raw = field(key, h, f)
   if raw then
     -- The common shape without escapes is matched directly (cjson costs more).
-    local l, o, r = string.match(raw, '^%["([^"\\]*)","(-?%d+)","(-?%d+)"%]$')
+    local l, o, r = string.match(raw, '^%["([^"\\]*)","(-?[%d.]+)","(-?[%d.]+)"%]$')
     if l then
-      t = {l, tonumber(o), tonumber(r)}
+      t = {l, qty(o), qty(r)}
     else
       local d = cjson.decode(raw)
-      t = {d[1], tonumber(d[2]), tonumber(d[3])}
+      t = {d[1], qty(d[2]), qty(d[3])}
     end
   else
     t = false
@@ -271,11 +301,11 @@ local alerts_raised = 0
 -- offset: formatting them costs more than the evaluation, so it happens only for alerts.
 local function evaluate(key, h, has_stock, avail, lsn, ms, dl)
   if not has_stock then return end
-  local thr = tonumber(h.threshold or '') or low
+  local thr = qty(h.threshold) or low
   local prev = h.alert_state
   local state
   if avail <= 0 then state = 'out' elseif avail <= thr then state = 'low' else state = 'ok' end
-  local hyst = math.max(1, math.floor(thr / 5))
+  local hyst = math.max(unit, math.floor(thr / 5))
   if prev == 'low' and state == 'ok' and avail <= thr + hyst then state = 'low' end
   local kind = nil
   if prev then
@@ -294,7 +324,10 @@ local function evaluate(key, h, has_stock, avail, lsn, ms, dl)
     end
     local list = h.alerts
     if dl then lsn = lsn_add(lsn, dl); ms = int(ms) end
-    list[#list + 1] = {type = kind, available = avail, threshold = thr, lsn = lsn, ts = tonumber(ms)}
+    -- Decimals as strings: cjson prints numbers with 14 significant digits.
+    local av, th = avail, thr
+    if scale > 0 then av, th = dec(avail), dec(thr) end
+    list[#list + 1] = {type = kind, available = av, threshold = th, lsn = lsn, ts = tonumber(ms)}
     if #list > 50 then table.remove(list, 1) end
     h.alerts_dirty = true
     alerts_raised = alerts_raised + 1
@@ -350,7 +383,7 @@ local function run_trace(key, h, e)
         avail = avail + (on - res) - (oo - orr)
         cur[idx] = {on, res}
         if bit.band(flags, 8) ~= 0 then
-          h.threshold = int(thr); h.thr_dirty = true
+          h.threshold = dec(thr); h.thr_dirty = true
         elseif bit.band(flags, 16) ~= 0 then
           h.threshold = nil; h.thr_dirty = true
         end
@@ -446,9 +479,9 @@ local function write(key, h)
       local l = t[1]
       w[#w + 1] = f
       if string.find(l, '[%c"\\\128-\255/]') then
-        w[#w + 1] = cjson.encode({l, int(t[2]), int(t[3])})
+        w[#w + 1] = cjson.encode({l, dec(t[2]), dec(t[3])})
       else
-        w[#w + 1] = '["' .. l .. '","' .. int(t[2]) .. '","' .. int(t[3]) .. '"]'
+        w[#w + 1] = '["' .. l .. '","' .. dec(t[2]) .. '","' .. dec(t[3]) .. '"]'
       end
     else
       del[#del + 1] = f
@@ -464,10 +497,10 @@ local function write(key, h)
     else
       -- A changed row count may mean a new location: write every field then.
       if d[1] ~= 0 or d[3] ~= 0 then
-        w[#w + 1] = fo; w[#w + 1] = int((tonumber(field(key, h, fo)) or 0) + d[1])
+        w[#w + 1] = fo; w[#w + 1] = dec((qty(field(key, h, fo)) or 0) + d[1])
       end
       if d[2] ~= 0 or d[3] ~= 0 then
-        w[#w + 1] = fr; w[#w + 1] = int((tonumber(field(key, h, fr)) or 0) + d[2])
+        w[#w + 1] = fr; w[#w + 1] = dec((qty(field(key, h, fr)) or 0) + d[2])
       end
       if d[3] ~= 0 then
         w[#w + 1] = fn; w[#w + 1] = int(rows)
@@ -477,17 +510,17 @@ local function write(key, h)
   for _, f in ipairs(h.bucketorder) do
     local n = h.bucket[f]
     if n then
-      w[#w + 1] = f; w[#w + 1] = int((tonumber(field(key, h, f)) or 0) + n)
+      w[#w + 1] = f; w[#w + 1] = dec((qty(field(key, h, f)) or 0) + n)
     end
   end
   if h.has_stock then
     w[#w + 1] = 'rows'; w[#w + 1] = int(h.rows)
-    w[#w + 1] = 'on_hand'; w[#w + 1] = int(h.on)
-    w[#w + 1] = 'reserved'; w[#w + 1] = int(h.res)
-    w[#w + 1] = 'available'; w[#w + 1] = int(h.on - h.res)
+    w[#w + 1] = 'on_hand'; w[#w + 1] = dec(h.on)
+    w[#w + 1] = 'reserved'; w[#w + 1] = dec(h.res)
+    w[#w + 1] = 'available'; w[#w + 1] = dec(h.on - h.res)
   end
   for c, _ in pairs(h.cdirty) do
-    w[#w + 1] = c; w[#w + 1] = int(h.counters[c])
+    w[#w + 1] = c; w[#w + 1] = dec(h.counters[c])
   end
   for c, _ in pairs(h.wdirty) do
     w[#w + 1] = 'wmax:' .. c; w[#w + 1] = int(h.wmax[c])
@@ -568,7 +601,7 @@ for _, e in ipairs(entries) do
       local n = tonumber(ARGV[e.c + 2 * i + 1])
       if c then
         if h.counters[c] == nil then
-          h.counters[c] = tonumber(redis.call('HGET', key, c)) or 0
+          h.counters[c] = qty(redis.call('HGET', key, c)) or 0
         end
         h.counters[c] = h.counters[c] + n
         h.cdirty[c] = true

@@ -168,7 +168,11 @@ fn describe(e: &redis::RedisError) -> String {
 pub struct ApplySettings {
     pub prefix: String,
     pub keep_minutes: i64,
+    /// The default low-stock threshold, in whole units.
     pub low_stock: i64,
+    /// Decimal places of every quantity (0: whole numbers); quantities travel in units
+    /// of 10^-scale (see `fold::qty`).
+    pub scale: u32,
     pub counters: Vec<String>,
     /// The writer's fencing token and floor (unfenced when its token is 0).
     pub fence: WriterFence,
@@ -484,13 +488,14 @@ pub fn encode_entries(
         c.arg(layout::sku_key(&s.prefix, k));
     }
     c.arg(s.keep_minutes)
-        .arg(s.low_stock)
+        .arg(s.low_stock.saturating_mul(10i64.pow(s.scale)))
         .arg(if quiet { "1" } else { "0" })
         .arg(end.map(|e| e.0.to_string()).unwrap_or_default())
         .arg(token_arg(s.fence.token()))
         .arg(token_arg(
             s.fence.floor.load(std::sync::atomic::Ordering::SeqCst),
         ))
+        .arg(s.scale)
         .arg(s.counters.len());
     for name in &s.counters {
         c.arg(name);
