@@ -490,6 +490,15 @@ impl Env {
             eprintln!("{n} distinct alerts observed");
             assert!(bad.is_empty(), "alert violations: {bad:#?}");
         }
+        // `skusync verify`, the operators' oracle, agrees (read-only, with the retained
+        // states when a broker is attached).
+        let cfg = self.rig.daemon().cfg.clone();
+        let mut args = vec!["--rounds", "3"];
+        if self.broker.is_some() {
+            args.push("--mqtt");
+        }
+        let (code, out, err) = crate::verify::verify(&cfg, &args);
+        assert_eq!(code, 0, "skusync verify {args:?}:\n{out}\n{err}");
         let mut samples = 0;
         if let Some(c) = self.checker.take() {
             let (n, v) = c.finish().await;
@@ -1443,6 +1452,73 @@ async fn ha_standby_takes_over_after_sigkill_without_touching_the_broker_before(
             skus,
             mismatches: 0,
             max_recovery: takeover,
+            lsn_samples: samples,
+        },
+    );
+}
+
+/// Defect 2 of the reliability review: a standby present while Redis loses skusync's
+/// data twice (each loss makes the active instance rebuild; the standby must not rebuild
+/// beside it) and the active instance is SIGKILLed (the standby takes over). Nothing is
+/// counted twice: SQL, Redis, the retained states and `skusync verify` agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_standby_present_while_redis_loses_its_data_twice_and_the_active_is_sigkilled() {
+    let seed = test_seed("ha_standby_redis_loses_data_twice_active_sigkilled");
+    let (_, statements) = scale();
+    let s = Setup {
+        redis_persistence: true,
+        mqtt: Some(true),
+        ..Default::default()
+    };
+    let mut env = Env::new(&s, seed).await;
+    env.start(&s).await;
+    let mut w = public_workload(seed);
+    env.workload(&mut w, statements / 4).await;
+    let cfg = env.rig.daemon().cfg.clone();
+    let mut standby = Daemon::start(&env.rig.dir.path().join("standby"), cfg);
+    assert!(
+        wait_log(&standby, "standby", Duration::from_secs(20)).await,
+        "second instance waits as standby\n{}",
+        full_log(&standby)
+    );
+    let mut recoveries = Vec::new();
+    for loss in 0..2 {
+        env.workload(&mut w, statements / 4).await;
+        let t0 = Instant::now();
+        env.rig.redis.cli(&["FLUSHALL"]);
+        env.workload(&mut w, 20).await;
+        env.recover(Duration::from_secs(60)).await;
+        recoveries.push(t0.elapsed());
+        eprintln!("Redis data loss {loss}: rebuilt in {:?}", t0.elapsed());
+    }
+    // The rebuilds were the active instance's: the standby never loaded a snapshot.
+    assert_eq!(
+        full_log(&standby).matches("snapshot loaded").count(),
+        0,
+        "the standby rebuilt beside the active instance\n{}",
+        full_log(&standby)
+    );
+    let mut active = env.rig.daemon.take().unwrap();
+    let loads = full_log(&active).matches("snapshot loaded").count();
+    assert!(loads >= 3, "the first load and two rebuilds: {loads}");
+    let t0 = Instant::now();
+    let _ = active.proc().child.kill();
+    let _ = active.proc().child.wait();
+    env.rig.daemon = Some(standby);
+    env.workload(&mut w, 20).await;
+    env.recover(Duration::from_secs(60)).await;
+    recoveries.push(t0.elapsed());
+    env.workload(&mut w, statements / 4).await;
+    let (skus, samples) = env.verify().await;
+    standby = env.rig.daemon.take().unwrap();
+    assert_eq!(standby.sigterm(), Some(0));
+    record(
+        "HA: standby present, Redis loses its data twice, active SIGKILLed",
+        &Row {
+            runs: 1,
+            skus,
+            mismatches: 0,
+            max_recovery: recoveries.into_iter().max().unwrap_or_default(),
             lsn_samples: samples,
         },
     );

@@ -656,3 +656,47 @@ async fn a_broker_restored_from_an_older_persistence_file_gets_the_newer_states_
     );
     assert_eq!(rig.daemon().sigterm(), Some(0));
 }
+
+/// Whether the broker holds a retained state for `sku`.
+fn retained_state(broker: &MosquittoServer, sku: &str) -> bool {
+    !broker
+        .retained(&sku_topic("skusync", sku), Duration::from_secs(2))
+        .is_empty()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_states_of_skus_redis_does_not_hold_are_cleared_after_a_connect_and_a_rebuild() {
+    let broker = MosquittoServer::start();
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.exec("INSERT INTO inventory VALUES ('KEEP', 'W1', 3, 0)")
+        .await;
+    // A state retained by an earlier deployment whose clear never reached the broker.
+    let ghost = br#"{"v":1,"sku":"OLD/1","on_hand":9,"reserved":0,"available":9}"#;
+    broker.publish(&sku_topic("skusync", "OLD/1"), ghost, true);
+    assert!(retained_state(&broker, "OLD/1"));
+    rig.start_skusync(&mqtt_toml(&broker, 0)).await;
+    let wait_cleared = async |rig: &mut Rig, sku: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while retained_state(&broker, sku) {
+            assert!(
+                Instant::now() < deadline,
+                "{sku} still retained\n{}",
+                rig.daemon().stderr_all()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    wait_cleared(&mut rig, "OLD/1").await;
+    assert!(retained_state(&broker, "KEEP"), "a SKU Redis holds stays");
+
+    // Redis loses its data after a SKU's clear was recorded but before it was published:
+    // the rebuild's snapshot no longer knows the SKU; the sweep after it clears it.
+    broker.publish(&sku_topic("skusync", "LOST"), ghost, true);
+    rig.redis.cli(&["FLUSHALL"]);
+    rig.drain(&WorkloadTables::public(), "W1", Duration::from_secs(40))
+        .await;
+    wait_cleared(&mut rig, "LOST").await;
+    assert!(retained_state(&broker, "KEEP"));
+    assert_retained_equals_redis(&mut rig, &broker, Duration::from_secs(20)).await;
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+}

@@ -190,6 +190,24 @@ struct QueuedMarks {
     replies: usize,
 }
 
+/// A sweep of the broker's retained states: after a connect and after a rebuild, the
+/// retained states of SKUs that Redis does not hold (their clear was lost with Redis'
+/// data, or published to a broker that lost it) are cleared, so that the retained
+/// messages equal Redis, not only where Redis has a hash.
+#[derive(Debug)]
+struct Sweep {
+    /// Retained states arrive right after SUBACK; the sweep ends once they pause.
+    quiet_until: Instant,
+    /// ...or at the latest here.
+    deadline: Instant,
+    skus: Vec<String>,
+}
+
+/// How long a sweep waits for the next retained state before it decides.
+const SWEEP_QUIET: Duration = Duration::from_millis(750);
+/// The longest a sweep collects.
+const SWEEP_MAX: Duration = Duration::from_secs(30);
+
 #[derive(Debug)]
 struct Scan {
     cursor: u64,
@@ -215,6 +233,9 @@ pub(super) struct Task {
     failures: u32,
     draining: bool,
     epoch: EpochPhase,
+    sweep: Option<Sweep>,
+    /// A rebuild finished: sweep again once Redis is readable.
+    restart_sweep: bool,
     scan: Option<Scan>,
     /// Acknowledged messages not yet recorded in Redis (see `flush_marks`).
     marks: Vec<Msg>,
@@ -284,6 +305,8 @@ impl Task {
             failures: 0,
             draining: false,
             epoch: EpochPhase::Decided,
+            sweep: None,
+            restart_sweep: false,
             scan: None,
             marks: Vec::new(),
             marks_since: None,
@@ -395,6 +418,9 @@ impl Task {
         if !self.connected || self.shared.paused.load(Ordering::SeqCst) {
             return d;
         }
+        if let Some(sw) = &self.sweep {
+            d = d.min(sw.quiet_until);
+        }
         if let EpochPhase::Waiting { until, .. } = &self.epoch {
             return (*until).min(d);
         }
@@ -465,6 +491,7 @@ impl Task {
         }
         if self.shared.republish_all.swap(false, Ordering::SeqCst) {
             info!("republishing all SKUs (resync)");
+            self.restart_sweep = true;
             self.scan = Some(Scan {
                 cursor: 0,
                 force: true,
@@ -497,6 +524,7 @@ impl Task {
             }
         }
         self.scan = None;
+        self.sweep = None;
         self.outstanding = None;
         self.epoch = EpochPhase::Decided;
         // decided again after the next CONNACK, from what that broker holds
@@ -535,8 +563,23 @@ impl Task {
                     until: Instant::now() + EPOCH_WAIT,
                     seen: None,
                 };
+                self.start_sweep(client);
             }
             Event::Incoming(Packet::Publish(p)) => {
+                if p.retain
+                    && let Some(sweep) = self.sweep.as_mut()
+                    && !p.payload.is_empty()
+                    && let Ok(topic) = std::str::from_utf8(&p.topic)
+                    && let Some(level) = topic
+                        .strip_prefix(self.cfg.mqtt.topic_prefix.as_str())
+                        .and_then(|t| t.strip_prefix("/sku/"))
+                {
+                    if let Some(sku) = super::decode_sku(level) {
+                        sweep.skus.push(sku);
+                    }
+                    sweep.quiet_until = (Instant::now() + SWEEP_QUIET).min(sweep.deadline);
+                    return;
+                }
                 let epoch_topic = super::epoch_topic(self.prefix());
                 if p.topic.as_ref() == epoch_topic.as_bytes()
                     && let EpochPhase::Waiting { seen, until } = &mut self.epoch
@@ -701,6 +744,67 @@ impl Task {
         }
     }
 
+    /// Subscribe to every retained SKU state, to clear those Redis does not hold.
+    fn start_sweep(&mut self, client: &AsyncClient) {
+        let filter = format!("{}/sku/+", self.prefix());
+        // QoS 0: the broker sends the retained states once, with no acknowledgements to
+        // keep; our own states come back too, but without the retain flag.
+        if client.try_subscribe(filter, QoS::AtMostOnce).is_ok() {
+            let now = Instant::now();
+            self.sweep = Some(Sweep {
+                quiet_until: now + SWEEP_QUIET,
+                deadline: now + SWEEP_MAX,
+                skus: Vec::new(),
+            });
+        }
+    }
+
+    /// The retained states have arrived: clear those of SKUs without a Redis hash. Runs
+    /// only while Redis is not being rebuilt (a loading Redis lacks hashes it will have).
+    async fn finish_sweep(&mut self, client: &AsyncClient) {
+        let Some(sweep) = self.sweep.take() else {
+            return;
+        };
+        let _ = client.try_unsubscribe(format!("{}/sku/+", self.prefix()));
+        let mut cleared = 0usize;
+        for chunk in sweep.skus.chunks(500) {
+            let mut pipe = redis::pipe();
+            for sku in chunk {
+                pipe.cmd("EXISTS")
+                    .arg(layout::sku_key(&self.cfg.redis_prefix, sku));
+            }
+            let exists: Vec<bool> = match pipe.query_async(&mut self.redis).await {
+                Ok(v) => v,
+                Err(e) => {
+                    // the next connect or rebuild sweeps again
+                    warn!(error = %e, "checking retained states against Redis failed");
+                    return;
+                }
+            };
+            for (sku, there) in chunk.iter().zip(exists) {
+                if !there {
+                    // Sent before any later state of the SKU (one connection, in order).
+                    let topic = super::sku_topic(self.prefix(), sku);
+                    if client
+                        .try_publish(topic, QoS::AtLeastOnce, true, Vec::<u8>::new())
+                        .is_ok()
+                    {
+                        cleared += 1;
+                    }
+                }
+            }
+        }
+        if cleared > 0 {
+            info!(
+                cleared,
+                retained = sweep.skus.len(),
+                "cleared retained states of SKUs Redis does not hold"
+            );
+        } else {
+            debug!(retained = sweep.skus.len(), "retained states swept");
+        }
+    }
+
     /// Compares the broker's retained epoch with Redis and starts the scan.
     async fn decide_epoch(&mut self, client: &AsyncClient, broker: Option<String>) {
         let stored: Result<(Option<String>, Option<String>), _> = redis::cmd("HMGET")
@@ -801,6 +905,12 @@ impl Task {
             return;
         }
         self.redis_pause_until = None;
+        if std::mem::take(&mut self.restart_sweep) {
+            self.start_sweep(client);
+        }
+        if self.sweep.as_ref().is_some_and(|s| now >= s.quiet_until) {
+            self.finish_sweep(client).await;
+        }
         if self.scan.is_some()
             && self.tracker.len() < MAX_IN_FLIGHT
             && self.sched.pending() < SCAN_MAX_PENDING
