@@ -212,6 +212,44 @@ pub fn row_field_hashed(table: &str, hex_digest: &str) -> String {
     f
 }
 
+/// Buckets of a table's row index: rows spread over this many hashes, so that no hash
+/// grows with the table and each bucket is one cluster slot.
+pub const ROW_INDEX_BUCKETS: u32 = 256;
+
+/// Key of one bucket of a stock table's row index: `<prefix>:ri:{<n>:<table>:<bucket>}`
+/// (`n` the table name's length; the table escaped like a SKU tag). Its fields are row
+/// fields ([`row_field`]), its values the SKU whose hash holds the row's contribution.
+pub fn row_index_key(prefix: &str, table: &str, bucket: u32) -> String {
+    format!(
+        "{prefix}:ri:{{{}:{}:{bucket}}}",
+        table.len(),
+        sku_tag(table)
+    )
+}
+
+/// The bucket of a row field (FNV-1a: stable across builds and platforms).
+pub fn row_index_bucket(field: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in field.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % ROW_INDEX_BUCKETS
+}
+
+/// The table of a row field made by [`row_field`] (`r:<n>:<table>:...`).
+pub fn table_of_row_field(field: &str) -> Option<&str> {
+    let rest = field.strip_prefix("r:")?;
+    let (n, rest) = rest.split_once(':')?;
+    let n: usize = n.parse().ok()?;
+    rest.get(..n)
+}
+
+/// SCAN MATCH pattern of every row-index key.
+pub fn row_index_pattern(prefix: &str) -> String {
+    format!("{}:ri:{{*}}", glob_escape(prefix))
+}
+
 /// Escape glob metacharacters for SCAN MATCH.
 pub fn glob_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
