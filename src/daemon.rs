@@ -660,6 +660,8 @@ impl Daemon {
         flight: &mut Option<tokio::task::JoinHandle<Flight>>,
     ) -> Result<Cycle, DaemonError> {
         let mut fold = Fold::new(self.mapping.clone(), self.max_changes);
+        // Generations are the new fold's: a previous pipeline's must not make it forget.
+        self.ri_done = 0;
         let mut fold_seen = crate::fold::FoldStats::default();
         let mut pending = Pending::default();
         let mut tick = tokio::time::interval(self.cfg.status_interval());
@@ -791,7 +793,6 @@ impl Daemon {
                         Err(e) => return Err(e.into()),
                     };
                     for (f, h) in fields.into_iter().zip(holders) {
-                        tracing::debug!(field = %f, holder = ?h, "RIDBG read");
                         fold.know_holder(f, h);
                     }
                 }
@@ -1341,9 +1342,6 @@ fn launch(
             // After every SKU entry of the batch: a replay of the batch reads the row
             // index as it was before it, and so folds the same entries (fenced).
             if !ri.is_empty() {
-                for (f, h) in &ri {
-                    tracing::debug!(field = %f, holder = ?h, end = ?end, "RIDBG write");
-                }
                 failpoint("before-row-index");
                 let mut delay = Duration::from_millis(100);
                 loop {

@@ -1445,3 +1445,71 @@ fn surrogate_keyed_rows_are_attributed_through_the_row_index() {
     assert!(p.iter().all(|p| p.skus.is_empty()));
     assert_eq!(fresh.take_skipped().len(), 1);
 }
+
+#[test]
+fn a_batch_launched_mid_transaction_does_not_forget_what_the_transaction_folded() {
+    let inv = surrogate();
+    let mut fold = Fold::new(mapping(), 1000);
+    fold.relation(&inv).unwrap();
+    fold.know_holder(
+        layout::row_field("public.inventory", [Some("2")]),
+        Some("A".into()),
+    );
+    fold.begin(&begin(10));
+    let mv = change(&inv, Op::Update, None, Some(srow("2", "B", 3)), 0, 10);
+    assert!(fold.unresolved(&mv).is_none(), "read before");
+    fold.change(&mv).unwrap();
+    // another batch is launched and applied while this transaction is being read
+    let g = fold.seal();
+    fold.forget(g);
+    let del = change(
+        &inv,
+        Op::Delete,
+        Some((OldKind::Key, skey("2"))),
+        None,
+        1,
+        10,
+    );
+    assert!(
+        fold.unresolved(&del).is_none(),
+        "the overlay still knows the row"
+    );
+    fold.change(&del).unwrap();
+    let p = fold.commit(&commit(10)).unwrap();
+    assert_eq!(p.skus["A"].rows.values().next(), Some(&RowOp::Del));
+    assert_eq!(p.skus["B"].rows.values().next(), Some(&RowOp::Del));
+    // a transaction dropped half-way (a new replication session) leaves what was known
+    fold.forget(u64::MAX);
+    fold.know_holder(
+        layout::row_field("public.inventory", [Some("5")]),
+        Some("C".into()),
+    );
+    fold.begin(&begin(20));
+    fold.change(&change(
+        &inv,
+        Op::Update,
+        None,
+        Some(srow("5", "D", 1)),
+        0,
+        20,
+    ))
+    .unwrap();
+    fold.reset();
+    let again = change(
+        &inv,
+        Op::Delete,
+        Some((OldKind::Key, skey("5"))),
+        None,
+        0,
+        20,
+    );
+    assert!(fold.unresolved(&again).is_none());
+    fold.begin(&begin(20));
+    fold.change(&again).unwrap();
+    let p = fold.commit(&commit(20)).unwrap();
+    assert!(
+        p.skus.contains_key("C") && !p.skus.contains_key("D"),
+        "{:?}",
+        p.skus.keys()
+    );
+}

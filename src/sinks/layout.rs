@@ -35,12 +35,13 @@
 //! writer's fencing token, see `sinks::redis::WriterFence`), `mqtt_epoch`,
 //! `mqtt_epoch_seq`, `last_publish_ms` and `tables` (the mapped stock tables' identities, JSON).
 //!
-//! Reserved for stock tables whose rows do not carry the SKU (surrogate keys, lookups
-//! through a variant table): a row index `<prefix>:ri:{<n>:<table>:<bucket>}` (a row's
-//! encoded key -> the SKU and location it contributes to) and lookup state
-//! `<prefix>:ref:{<n>:<table>:<bucket>}` (a referenced row's key -> the value it
-//! resolves to), bucketed so that each hash stays small and each bucket is one cluster
-//! slot. A row's contribution stays a `r:` field of its SKU's hash whatever its identity.
+//! Stock tables whose key does not contain the SKU (surrogate keys) have a row index
+//! `<prefix>:ri:{<n>:<table>:<bucket>}` ([`row_index_key`]: a row's field -> the SKU whose
+//! hash holds its contribution), bucketed so that each hash stays small and each bucket is
+//! one cluster slot; meta `ri_truncated:<table>` fences the clearing of a truncated
+//! table's index. Reserved for lookups through a variant table: lookup state
+//! `<prefix>:ref:{<n>:<table>:<bucket>}` (a referenced row's key -> the value it resolves
+//! to). A row's contribution stays a `r:` field of its SKU's hash whatever its identity.
 //! These keys exist only for mappings that need them; adopting such a mapping changes the
 //! mapping fingerprint (one rebuild), not the layout.
 //!

@@ -157,7 +157,6 @@ impl SkusyncProc {
         let mut child = Command::new(skusync_bin())
             .args(args)
             .envs(env.iter().copied())
-            .env("RUST_LOG", std::env::var("SKUSYNC_CHILD_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
