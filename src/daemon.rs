@@ -111,6 +111,8 @@ pub struct Daemon {
     identity_rebuild: Option<(u32, String)>,
     /// The partition fingerprints Redis was built with (meta `partitions`).
     partitions_built: std::collections::BTreeMap<String, String>,
+    /// The newest holder generation whose batch (row index writes included) is applied.
+    ri_done: u64,
     gate: Arc<AtomicU64>,
     mqtt: Option<MqttHandle>,
     mqtt_join: Option<tokio::task::JoinHandle<Result<(), mqtt::MqttError>>>,
@@ -223,6 +225,7 @@ impl Daemon {
             split_floor: Lsn(0),
             identity_rebuild: None,
             partitions_built: Default::default(),
+            ri_done: 0,
             gate,
             mqtt: None,
             mqtt_join: None,
@@ -657,6 +660,8 @@ impl Daemon {
         flight: &mut Option<tokio::task::JoinHandle<Flight>>,
     ) -> Result<Cycle, DaemonError> {
         let mut fold = Fold::new(self.mapping.clone(), self.max_changes);
+        // Generations are the new fold's: a previous pipeline's must not make it forget.
+        self.ri_done = 0;
         let mut fold_seen = crate::fold::FoldStats::default();
         let mut pending = Pending::default();
         let mut tick = tokio::time::interval(self.cfg.status_interval());
@@ -702,14 +707,14 @@ impl Daemon {
                     None => {
                         // The source stopped: apply what is left so its final status
                         // confirms it.
-                        if let Some(c) = self.drain(&applier, &mut pending, flight, progress).await? {
+                        if let Some(c) = self.drain(&applier, &mut pending, flight, progress, fold.seal()).await? {
                             return Ok(c);
                         }
                         return Ok(Cycle::Shutdown);
                     }
                 },
                 _ = tokio::time::sleep_until(last_event + LINGER), if flight.is_none() && !pending.is_empty() => {
-                    *flight = Some(launch(&applier, &mut pending, self.mqtt.clone()));
+                    *flight = Some(launch(&applier, &mut pending, self.mqtt.clone(), fold.seal()));
                     None
                 }
                 _ = tick.tick() => {
@@ -768,6 +773,29 @@ impl Daemon {
             };
             if events.is_some() {
                 last_event = tokio::time::Instant::now();
+            }
+            // Rows of indexed stock tables (surrogate keys) are folded under the SKU the row
+            // index holds them at: read the ones the fold does not know, in one round trip.
+            if let Some(evs) = &events {
+                let fields: Vec<String> = evs
+                    .iter()
+                    .filter_map(|ev| match ev {
+                        SourceEvent::Event(Event::Change(c)) => fold.unresolved(c),
+                        _ => None,
+                    })
+                    .collect();
+                if !fields.is_empty() {
+                    let holders = match applier.read_row_index(&fields).await {
+                        Ok(h) => h,
+                        Err(e) if e.is_transient() => {
+                            return Ok(Cycle::Restart(format!("reading the row index: {e}")));
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
+                    for (f, h) in fields.into_iter().zip(holders) {
+                        fold.know_holder(f, h);
+                    }
+                }
             }
             let mut commits = 0u64;
             for ev in events.into_iter().flatten() {
@@ -949,7 +977,7 @@ impl Daemon {
                             .change(&c)
                             .map_err(|e| schema_stop(e, Some(c.commit_lsn)))?
                         {
-                            pending.batch.push(p);
+                            pending.push(p);
                         }
                     }
                     SourceEvent::Event(Event::Truncate(t)) => {
@@ -970,12 +998,13 @@ impl Daemon {
                         };
                         for p in pieces {
                             if p.truncate.is_empty() {
-                                pending.batch.push(p);
+                                pending.push(p);
                                 continue;
                             }
                             // Everything before it first; then the truncate over all SKUs.
-                            if let Some(c) =
-                                self.drain(&applier, &mut pending, flight, progress).await?
+                            if let Some(c) = self
+                                .drain(&applier, &mut pending, flight, progress, fold.seal())
+                                .await?
                             {
                                 return Ok(c);
                             }
@@ -989,6 +1018,12 @@ impl Daemon {
                                     Err(e) => return Err(e.into()),
                                 }
                             }
+                            // The rows are gone, and so is where they were held.
+                            for table in &p.truncate {
+                                applier
+                                    .truncate_row_index(table, (p.commit_lsn, p.piece))
+                                    .await?;
+                            }
                             if let Some(m) = &self.mqtt {
                                 m.changed(skus);
                             }
@@ -1000,7 +1035,7 @@ impl Daemon {
                         let last = fold.commit(&c);
                         let fence = last.as_ref().map(|p| (p.commit_lsn, p.piece));
                         if let Some(p) = last {
-                            pending.batch.push(p);
+                            pending.push(p);
                         }
                         if std::mem::take(&mut truncated)
                             && let Some(fence) = fence
@@ -1009,8 +1044,9 @@ impl Daemon {
                             // at its final level (a refilled table raises nothing). Before
                             // this transaction's ticket is queued, so it is not confirmed
                             // until the evaluation is applied.
-                            if let Some(c) =
-                                self.drain(&applier, &mut pending, flight, progress).await?
+                            if let Some(c) = self
+                                .drain(&applier, &mut pending, flight, progress, fold.seal())
+                                .await?
                             {
                                 return Ok(c);
                             }
@@ -1061,8 +1097,15 @@ impl Daemon {
                 && !pending.is_empty()
                 && (full(&pending) || progress.stream_lag_ms() < BACKLOG_LAG_MS)
             {
-                *flight = Some(launch(&applier, &mut pending, self.mqtt.clone()));
+                *flight = Some(launch(
+                    &applier,
+                    &mut pending,
+                    self.mqtt.clone(),
+                    fold.seal(),
+                ));
             }
+            // Holders whose row index writes are done: Redis answers for them again.
+            fold.forget(self.ri_done);
         }
     }
 
@@ -1079,6 +1122,7 @@ impl Daemon {
                 if let Some(end) = f.end {
                     self.gate.fetch_max(end.0, Ordering::SeqCst);
                 }
+                self.ri_done = self.ri_done.max(f.generation);
                 for t in f.tickets {
                     progress.durable(t);
                 }
@@ -1219,6 +1263,7 @@ impl Daemon {
         pending: &mut Pending,
         flight: &mut Option<tokio::task::JoinHandle<Flight>>,
         progress: &ProgressHandle,
+        generation: u64,
     ) -> Result<Option<Cycle>, DaemonError> {
         for _ in 0..2 {
             if let Some(f) = flight.take() {
@@ -1230,7 +1275,7 @@ impl Daemon {
                 }
             }
             if !pending.is_empty() {
-                *flight = Some(launch(applier, pending, self.mqtt.clone()));
+                *flight = Some(launch(applier, pending, self.mqtt.clone(), generation));
             }
         }
         Ok(None)
@@ -1263,8 +1308,10 @@ fn launch(
     applier: &Applier,
     pending: &mut Pending,
     mqtt: Option<MqttHandle>,
+    generation: u64,
 ) -> tokio::task::JoinHandle<Flight> {
     let entries = pending.batch.take();
+    let ri = std::mem::take(&mut pending.ri);
     let last_commit = entries.iter().map(|e| e.last.0).max().unwrap_or(Lsn(0));
     let end = pending.end.take();
     let tickets = std::mem::take(&mut pending.tickets);
@@ -1284,17 +1331,36 @@ fn launch(
         let result = async {
             let mut total = rsink::Applied::default();
             for (i, chunk) in chunks.into_iter().enumerate() {
-                let chunk_end = if i + 1 == n { end } else { None };
+                // With row index updates, the end LSN is recorded by their last write.
+                let chunk_end = if i + 1 == n && ri.is_empty() { end } else { None };
                 total += apply_retrying(&mut applier, chunk, chunk_end).await?;
                 if let Some(m) = &mqtt {
                     let skus: BTreeSet<&str> = chunk.iter().map(|e| e.sku.as_str()).collect();
                     m.changed(skus.into_iter().map(str::to_string));
                 }
             }
+            // After every SKU entry of the batch: a replay of the batch reads the row
+            // index as it was before it, and so folds the same entries (fenced).
+            if !ri.is_empty() {
+                failpoint("before-row-index");
+                let mut delay = Duration::from_millis(100);
+                loop {
+                    match applier.write_row_index(&ri, end).await {
+                        Err(e) if e.is_transient() => {
+                            telemetry::redis_failed();
+                            tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Redis row index write failed; retrying");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(5));
+                        }
+                        r => break r?,
+                    }
+                }
+            }
             Ok(total)
         }
         .await;
         Flight {
+            generation,
             tickets,
             end,
             last_commit,
@@ -1302,6 +1368,26 @@ fn launch(
             result,
         }
     })
+}
+
+/// A crash point for tests, like a SIGKILL at that point: `SKUSYNC_FAILPOINT=<name>:<n>`
+/// aborts the process the `n`th time `name` is reached (counted per process). Unset in
+/// production; read once.
+fn failpoint(name: &str) {
+    static SPEC: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let spec = SPEC.get_or_init(|| {
+        let v = std::env::var("SKUSYNC_FAILPOINT").ok()?;
+        let (n, k) = v.rsplit_once(':')?;
+        Some((n.to_string(), k.parse().ok()?))
+    });
+    if let Some((n, k)) = spec
+        && n == name
+        && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *k
+    {
+        tracing::error!(failpoint = name, "failpoint reached: aborting");
+        std::process::abort();
+    }
 }
 
 /// One script call; transient Redis errors are retried with backoff (the fence makes
@@ -1329,6 +1415,8 @@ async fn apply_retrying(
 #[derive(Default)]
 struct Pending {
     batch: Batch,
+    /// Row index updates of the batch's pieces, final per row.
+    ri: std::collections::BTreeMap<String, Option<String>>,
     tickets: Vec<Ticket>,
     end: Option<Lsn>,
     /// Commit times (unix ms) of the transactions, for the latency histogram.
@@ -1336,6 +1424,12 @@ struct Pending {
 }
 
 impl Pending {
+    /// Add a folded piece: its SKU entries to the batch, its row index updates here.
+    fn push(&mut self, mut p: crate::fold::Piece) {
+        self.ri.append(&mut p.ri);
+        self.batch.push(p);
+    }
+
     fn is_empty(&self) -> bool {
         self.batch.is_empty() && self.tickets.is_empty()
     }
@@ -1343,6 +1437,8 @@ impl Pending {
 
 /// A finished apply call.
 struct Flight {
+    /// The fold's holder generation this batch sealed (see `Fold::seal`).
+    generation: u64,
     tickets: Vec<Ticket>,
     end: Option<Lsn>,
     last_commit: Lsn,

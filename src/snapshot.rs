@@ -237,8 +237,14 @@ pub async fn load(
                         applier
                             .apply_pieces(std::slice::from_ref(&p), None, true)
                             .await?;
+                        // indexed rows (surrogate keys): where each is held
+                        if !p.ri.is_empty() {
+                            applier.write_row_index(&p.ri, None).await?;
+                        }
                         stats.skus += p.skus.len() as u64;
                     }
+                    let g = fold.seal();
+                    fold.forget(g);
                     tick(stats.rows + table_rows);
                     tracing::info!(table = %table, rows_done = table_rows, rows_estimated = estimate.max(0.0) as u64, "snapshot progress");
                 }
@@ -261,9 +267,16 @@ pub async fn load(
         changes: seq,
     }) {
         stats.skus += last.skus.len() as u64;
-        applier
-            .apply_pieces(std::slice::from_ref(&last), Some(at), true)
-            .await?;
+        if last.ri.is_empty() {
+            applier
+                .apply_pieces(std::slice::from_ref(&last), Some(at), true)
+                .await?;
+        } else {
+            applier
+                .apply_pieces(std::slice::from_ref(&last), None, true)
+                .await?;
+            applier.write_row_index(&last.ri, Some(at)).await?;
+        }
     }
     client.batch_execute("COMMIT").await.map_err(sql)?;
     stats.tables = fold.tables().clone();

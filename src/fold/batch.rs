@@ -437,6 +437,7 @@ mod tests {
             skus: m,
             last,
             eval: if last { eval } else { vec![] },
+            ri: Default::default(),
         }
     }
 

@@ -216,21 +216,16 @@ impl Mapping {
                 .collect();
             let filter = resolve_filter(rel, &name, &self.inventory_filters[i])?;
             let full = rel.replica_identity == ReplicaIdentity::Full;
-            if !full && (key.is_empty() || !key.contains(&sku)) {
-                let why = if key.is_empty() {
-                    "has no replica identity key".to_string()
-                } else {
-                    format!(
-                        "has a replica identity key that does not contain the SKU column {:?}",
-                        m.sku
-                    )
-                };
+            if !full && key.is_empty() {
                 return Err(SchemaError(format!(
-                    "stock table {name} {why}, so deletes and SKU changes cannot be attributed to a SKU; \
-                     fix it with: ALTER TABLE {} REPLICA IDENTITY FULL;",
+                    "stock table {name} has no replica identity key, so deletes cannot be attributed to a \
+                     row; give it a primary key, or fix it with: ALTER TABLE {} REPLICA IDENTITY FULL;",
                     crate::pg::ident::quote_table(&name)
                 )));
             }
+            // A key without the SKU (a surrogate `id`): deletes and updates name the row by
+            // its key alone, and the row index says which SKU holds it.
+            let indexed = !full && !key.contains(&sku);
             return Ok(Rule::Inventory(InventoryRule {
                 index: i,
                 table: name,
@@ -241,6 +236,7 @@ impl Mapping {
                 low_stock,
                 key,
                 full,
+                indexed,
                 filter,
                 scale: m.scale.unwrap_or(0),
             }));
@@ -373,6 +369,9 @@ pub struct InventoryRule {
     pub key: Vec<usize>,
     /// REPLICA IDENTITY FULL: rows are named by a hash of all their values.
     pub full: bool,
+    /// The key does not contain the SKU (a surrogate key): the row index in Redis says
+    /// which SKU holds each row (see `Fold::unresolved`).
+    pub indexed: bool,
     /// Its row filter: rows that fail it count nowhere.
     pub filter: Option<Arc<Resolved>>,
     /// Fractional digits its quantities may have.

@@ -87,12 +87,18 @@ pub struct Piece {
     pub last: bool,
     /// SKUs whose stock the transaction changed (final piece only).
     pub eval: Vec<String>,
+    /// Row index updates of indexed stock tables (row field -> the SKU now holding the
+    /// row, `None`: no SKU), final per row. Written after the piece's SKU entries.
+    pub ri: BTreeMap<String, Option<String>>,
 }
 
 impl Piece {
     /// Whether applying it would change nothing.
     pub fn is_empty(&self) -> bool {
-        self.truncate.is_empty() && self.skus.is_empty() && self.eval.is_empty()
+        self.truncate.is_empty()
+            && self.skus.is_empty()
+            && self.eval.is_empty()
+            && self.ri.is_empty()
     }
 }
 
@@ -174,6 +180,27 @@ pub struct Fold {
     tables: TableIdentities,
     /// Partition OID -> the mapped (partitioned) table it belongs to, from the catalog.
     partitions: HashMap<u32, String>,
+    /// Rows of indexed stock tables (surrogate keys): row field -> the SKU holding it
+    /// (`None`: none), as Redis' row index will say once what was folded is applied, with
+    /// the generation that wrote it. Read from Redis by the caller ([`Fold::unresolved`],
+    /// [`Fold::know_holder`]), kept while batches that change them are in flight, then
+    /// forgotten ([`Fold::forget`]): memory follows the rows of the pending batches.
+    holders: HashMap<String, Holder>,
+    generation: u64,
+}
+
+/// What the fold knows of an indexed row's holder.
+#[derive(Debug)]
+struct Holder {
+    sku: Option<String>,
+    /// The batch generation that will write it to Redis ([`Fold::seal`]); `u64::MAX`
+    /// while the piece that wrote it is still being folded (never forgotten then).
+    generation: u64,
+    /// The piece that wrote it (`None`: read from Redis).
+    writer: Option<(Lsn, u32)>,
+    /// While unstamped: what it replaced (holder and generation), restored when the
+    /// transaction being folded is dropped.
+    prev: Option<(Option<String>, u64)>,
 }
 
 impl Fold {
@@ -190,7 +217,96 @@ impl Fold {
             skipped: Vec::new(),
             tables: TableIdentities::new(),
             partitions: HashMap::new(),
+            holders: HashMap::new(),
+            generation: 1,
         }
+    }
+
+    /// The row field of an indexed stock table's change whose holder must be read from
+    /// Redis' row index before [`Fold::change`] can fold it (`None`: none needed). An
+    /// INSERT needs none: no row with its key exists when it commits.
+    pub fn unresolved(&mut self, c: &Change) -> Option<String> {
+        if c.op == Op::Insert {
+            return None;
+        }
+        let rule = match self.rules.get(&c.rel.oid) {
+            Some(r) => r.clone(),
+            None => {
+                let r = Arc::new(self.resolve(&c.rel).ok()?);
+                self.rules.insert(c.rel.oid, r.clone());
+                r
+            }
+        };
+        let Rule::Inventory(r) = &*rule else {
+            return None;
+        };
+        if !r.indexed {
+            return None;
+        }
+        let t = c.old.as_ref().map(|(_, t)| t).or(c.new.as_ref())?;
+        let field = row_key_field(r, t).ok()?;
+        (!self.holders.contains_key(&field)).then_some(field)
+    }
+
+    /// What Redis' row index holds for a row (read after [`Fold::unresolved`]); ignored
+    /// when the fold already knows newer (a change folded but not yet applied).
+    pub fn know_holder(&mut self, field: String, sku: Option<String>) {
+        let generation = self.generation;
+        self.holders.entry(field).or_insert(Holder {
+            sku,
+            generation,
+            writer: None,
+            prev: None,
+        });
+    }
+
+    /// A piece leaves the fold for the next batch: the holders it wrote (and no later
+    /// piece rewrote) are written to Redis with that batch, so they can be forgotten
+    /// once it is applied.
+    fn hand_over(&mut self, p: &Piece) {
+        let id = (p.commit_lsn, p.piece);
+        for f in p.ri.keys() {
+            if let Some(h) = self.holders.get_mut(f)
+                && h.writer == Some(id)
+            {
+                h.generation = self.generation;
+                h.prev = None;
+            }
+        }
+    }
+
+    /// Close the current generation of holder knowledge (a batch is launched); returns
+    /// it, for [`Fold::forget`] once that batch's row index writes are done.
+    pub fn seal(&mut self) -> u64 {
+        let g = self.generation;
+        self.generation += 1;
+        g
+    }
+
+    /// Forget holders written in generations up to `upto`: Redis' row index has them.
+    pub fn forget(&mut self, upto: u64) {
+        self.holders.retain(|_, h| h.generation > upto);
+    }
+
+    fn set_holder(&mut self, field: String, sku: Option<String>) {
+        let writer = self.cur.as_mut().map(|cur| {
+            cur.ri.insert(field.clone(), sku.clone());
+            (cur.commit_lsn, cur.piece)
+        });
+        let prev = match self.holders.get(&field) {
+            Some(h) if h.generation == u64::MAX => h.prev.clone(),
+            Some(h) => Some((h.sku.clone(), h.generation)),
+            None => None,
+        };
+        self.holders.insert(
+            field,
+            Holder {
+                sku,
+                generation: u64::MAX,
+                writer,
+                prev,
+            },
+        );
     }
 
     /// The partitions of the mapped tables (OID -> mapped parent), read from the catalog.
@@ -366,6 +482,24 @@ impl Fold {
     /// Forget resolved relations (new replication session).
     pub fn reset(&mut self) {
         self.rules.clear();
+        // The transaction being folded is dropped (it is sent again): so is what it wrote.
+        self.holders.retain(|_, h| {
+            if h.generation != u64::MAX {
+                return true;
+            }
+            match h.prev.take() {
+                Some((sku, generation)) => {
+                    *h = Holder {
+                        sku,
+                        generation,
+                        writer: None,
+                        prev: None,
+                    };
+                    true
+                }
+                None => false,
+            }
+        });
         self.cur = None;
         self.in_piece = 0;
         self.touched.clear();
@@ -392,6 +526,7 @@ impl Fold {
             skus: BTreeMap::new(),
             last: false,
             eval: Vec::new(),
+            ri: BTreeMap::new(),
         });
         self.in_piece = 0;
         self.touched.clear();
@@ -408,9 +543,11 @@ impl Fold {
             skus: BTreeMap::new(),
             last: false,
             eval: Vec::new(),
+            ri: BTreeMap::new(),
         };
         self.in_piece = 0;
         let done = std::mem::replace(cur, next);
+        self.hand_over(&done);
         Some(done)
     }
 
@@ -464,6 +601,22 @@ impl Fold {
         if tables.is_empty() || self.cur.is_none() {
             return Ok(out);
         }
+        // The row index of a truncated table is cleared with it (see the daemon).
+        let generation = self.generation;
+        for t in &tables {
+            let pre = layout::row_field_prefix(t);
+            for (f, h) in self.holders.iter_mut() {
+                if f.starts_with(&pre) {
+                    // as the cleared index says, and it is cleared before anything after
+                    *h = Holder {
+                        sku: None,
+                        generation,
+                        writer: None,
+                        prev: None,
+                    };
+                }
+            }
+        }
         if self.cur.as_ref().is_some_and(|p| !p.is_empty()) {
             out.extend(self.cut());
         }
@@ -481,6 +634,7 @@ impl Fold {
         let mut p = self.cur.take()?;
         p.last = true;
         p.eval = std::mem::take(&mut self.touched).into_iter().collect();
+        self.hand_over(&p);
         Some(p)
     }
 
@@ -502,7 +656,42 @@ impl Fold {
         let old_tuple = c.old.as_ref().map(|(_, t)| t);
         let old_full = matches!(c.old, Some((OldKind::Full, _)));
         let new_tuple = c.new.as_ref();
+        // An indexed row (surrogate key) is named by its key alone; its SKU before the
+        // change is the one the row index holds.
+        let indexed_before: Option<String> = if r.indexed {
+            match old_tuple.or(new_tuple).map(|t| row_key_field(r, t)) {
+                Some(Ok(f)) => Some(f),
+                Some(Err(col)) => {
+                    self.skip(&r.table, &col, lsn, "the row's key was not sent".into());
+                    return;
+                }
+                None => return,
+            }
+        } else {
+            None
+        };
         let old_id = match (c.op, old_tuple) {
+            _ if r.indexed => {
+                let f = indexed_before.clone().expect("indexed");
+                let holder = if c.op == Op::Insert {
+                    None
+                } else {
+                    match self.holders.get(&f) {
+                        Some(h) => h.sku.clone(),
+                        None => {
+                            // The caller reads every holder first (`unresolved`).
+                            self.skip(
+                                &r.table,
+                                &m.sku,
+                                lsn,
+                                "internal: the row index was not read for this row".into(),
+                            );
+                            return;
+                        }
+                    }
+                };
+                holder.map(|s| (s, f))
+            }
             (Op::Insert, _) => None,
             (_, Some(t)) => match row_identity(r, t, &c.rel) {
                 Ok(id) => Some(id),
@@ -663,6 +852,26 @@ impl Fold {
             }
         }
         let filtered_out = filtered_out.filter(|(s, _)| s.len() <= max_sku);
+        if let Some(before) = indexed_before {
+            // The row index follows: the row's key before and after (a key update moves it).
+            let after = new_state.as_ref().map(|((s, f), _)| (f.clone(), s.clone()));
+            match after {
+                Some((f, s)) => {
+                    if f != before {
+                        self.set_holder(before, None);
+                    }
+                    self.set_holder(f, Some(s));
+                }
+                None => {
+                    if let Some((_, f)) = &filtered_out
+                        && *f != before
+                    {
+                        self.set_holder(f.clone(), None);
+                    }
+                    self.set_holder(before, None);
+                }
+            }
+        }
         if let Some((sku, _)) = &filtered_out
             && self.touched.len() < MAX_TOUCHED
         {
@@ -992,6 +1201,23 @@ fn row_identity(
     }
     let field = layout::row_field(&r.table, key.iter().map(|v| v.as_deref()));
     Ok((sku, field))
+}
+
+/// The row field of an indexed row from any tuple carrying its key; `Err(column)` when a
+/// key value is missing.
+fn row_key_field(r: &mapping::InventoryRule, t: &Tuple) -> Result<String, String> {
+    let mut key: Vec<Option<std::borrow::Cow<'_, str>>> = Vec::with_capacity(r.key.len());
+    for &i in &r.key {
+        match t.get(i) {
+            Some(Datum::Text(b)) => key.push(Some(String::from_utf8_lossy(b))),
+            Some(Datum::Null) => key.push(None),
+            _ => return Err(format!("key column {i}")),
+        }
+    }
+    Ok(layout::row_field(
+        &r.table,
+        key.iter().map(|v| v.as_deref()),
+    ))
 }
 
 /// HMAC-SHA256 of a user id, hex, truncated to 128 bits (plenty for HyperLogLog).

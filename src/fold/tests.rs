@@ -336,7 +336,7 @@ fn bad_values_are_skipped_with_table_column_and_lsn() {
 }
 
 #[test]
-fn key_without_sku_is_refused_with_the_fix() {
+fn a_key_without_the_sku_is_indexed_and_no_key_is_refused_with_the_fix() {
     let rel = RelationDesc {
         oid: 9,
         schema: "public".into(),
@@ -350,7 +350,13 @@ fn key_without_sku_is_refused_with_the_fix() {
             col("reserved", oid::INT4, false),
         ],
     };
-    let e = mapping().resolve(&rel).unwrap_err();
+    match mapping().resolve(&rel).unwrap() {
+        Rule::Inventory(r) => assert!(r.indexed && !r.full),
+        _ => panic!("a stock table"),
+    }
+    let mut keyless = rel.clone();
+    keyless.columns[0].is_key = false;
+    let e = mapping().resolve(&keyless).unwrap_err();
     assert!(e.0.contains("REPLICA IDENTITY FULL"), "{e}");
     let mut full = rel.clone();
     full.replica_identity = ReplicaIdentity::Full;
@@ -1295,4 +1301,215 @@ fn a_stock_row_that_stops_matching_its_filter_leaves_and_comes_back() {
     );
     let e = Config::parse(&bad).err().unwrap().0;
     assert!(e.starts_with("inventory[0].where[0]"), "{e}");
+}
+
+/// A stock table keyed by a surrogate `id` (columns id, sku, location, on_hand, reserved).
+fn surrogate() -> Arc<RelationDesc> {
+    Arc::new(RelationDesc {
+        oid: 9,
+        schema: "public".into(),
+        name: "inventory".into(),
+        replica_identity: ReplicaIdentity::Default,
+        columns: vec![
+            col("id", oid::INT4, true),
+            col("sku", oid::TEXT, false),
+            col("location", oid::TEXT, false),
+            col("on_hand", oid::INT4, false),
+            col("reserved", oid::INT4, false),
+        ],
+    })
+}
+
+fn srow(id: &str, sku: &str, on: i64) -> Tuple {
+    vec![t(id), t(sku), t("W1"), t(&on.to_string()), t("0")]
+}
+
+fn skey(id: &str) -> Tuple {
+    vec![t(id), Datum::Null, Datum::Null, Datum::Null, Datum::Null]
+}
+
+/// Fold one transaction as the daemon does: read the holders the fold asks for from
+/// `index` (Redis' row index), then apply the pieces to `store` and their row index
+/// updates to `index`.
+fn fold_indexed(
+    fold: &mut Fold,
+    store: &mut Store,
+    index: &mut BTreeMap<String, String>,
+    lsn: u64,
+    changes: &[Change],
+) {
+    for c in changes {
+        if let Some(f) = fold.unresolved(c) {
+            let h = index.get(&f).cloned();
+            fold.know_holder(f, h);
+        }
+    }
+    for p in fold_txn(fold, lsn, changes) {
+        store.apply(&p, &params());
+        for (f, h) in &p.ri {
+            match h {
+                Some(s) => index.insert(f.clone(), s.clone()),
+                None => index.remove(f),
+            };
+        }
+    }
+    let g = fold.seal();
+    fold.forget(g);
+}
+
+#[test]
+fn surrogate_keyed_rows_are_attributed_through_the_row_index() {
+    let inv = surrogate();
+    let mut fold = Fold::new(mapping(), 1000);
+    fold.relation(&inv).unwrap();
+    let (mut store, mut index) = (Store::default(), BTreeMap::new());
+    let on = |store: &Store, sku: &str| store.skus[sku].fields["on_hand"].clone();
+    // two rows of one SKU, one of another
+    let ins = [
+        change(&inv, Op::Insert, None, Some(srow("1", "A", 5)), 0, 10),
+        change(&inv, Op::Insert, None, Some(srow("2", "A", 3)), 1, 10),
+        change(&inv, Op::Insert, None, Some(srow("3", "B", 7)), 2, 10),
+    ];
+    fold_indexed(&mut fold, &mut store, &mut index, 10, &ins);
+    assert_eq!((on(&store, "A"), on(&store, "B")), ("8".into(), "7".into()));
+    // an UPDATE that changes the SKU (no old row sent: the key did not change)
+    let mv = change(&inv, Op::Update, None, Some(srow("2", "B", 3)), 0, 20);
+    fold_indexed(&mut fold, &mut store, &mut index, 20, &[mv]);
+    assert_eq!(
+        (on(&store, "A"), on(&store, "B")),
+        ("5".into(), "10".into())
+    );
+    // a key-only DELETE under the default identity
+    let del = change(
+        &inv,
+        Op::Delete,
+        Some((OldKind::Key, skey("1"))),
+        None,
+        0,
+        30,
+    );
+    fold_indexed(&mut fold, &mut store, &mut index, 30, &[del]);
+    assert_eq!(on(&store, "A"), "0");
+    assert_eq!(store.skus["A"].fields["gone"], "1");
+    // a SKU rename and a stock change of the same row in one transaction, then its
+    // deletion in the next: each sees the one before
+    let txn = [
+        change(&inv, Op::Update, None, Some(srow("3", "C", 7)), 0, 40),
+        change(&inv, Op::Update, None, Some(srow("3", "C", 9)), 1, 40),
+    ];
+    fold_indexed(&mut fold, &mut store, &mut index, 40, &txn);
+    assert_eq!((on(&store, "B"), on(&store, "C")), ("3".into(), "9".into()));
+    let txn = [
+        change(&inv, Op::Update, None, Some(srow("3", "D", 1)), 0, 50),
+        change(
+            &inv,
+            Op::Delete,
+            Some((OldKind::Key, skey("3"))),
+            None,
+            1,
+            50,
+        ),
+    ];
+    fold_indexed(&mut fold, &mut store, &mut index, 50, &txn);
+    assert_eq!(on(&store, "C"), "0");
+    assert_eq!(
+        store.skus.get("D").map(|h| h.fields["on_hand"].clone()),
+        Some("0".into())
+    );
+    // a key change moves the row's name in the index
+    let rekey = change(
+        &inv,
+        Op::Update,
+        Some((OldKind::Key, skey("2"))),
+        Some(srow("20", "B", 4)),
+        0,
+        60,
+    );
+    fold_indexed(&mut fold, &mut store, &mut index, 60, &[rekey]);
+    assert_eq!(on(&store, "B"), "4");
+    assert_eq!(index.len(), 1, "{index:?}");
+    // every holder was forgotten once applied: memory follows pending batches only
+    assert!(fold.holders.is_empty());
+    // a change whose holder was not read is not guessed
+    let mut fresh = Fold::new(mapping(), 1000);
+    fresh.relation(&inv).unwrap();
+    let orphan = change(
+        &inv,
+        Op::Delete,
+        Some((OldKind::Key, skey("20"))),
+        None,
+        0,
+        70,
+    );
+    let p = fold_txn(&mut fresh, 70, &[orphan]);
+    assert!(p.iter().all(|p| p.skus.is_empty()));
+    assert_eq!(fresh.take_skipped().len(), 1);
+}
+
+#[test]
+fn a_batch_launched_mid_transaction_does_not_forget_what_the_transaction_folded() {
+    let inv = surrogate();
+    let mut fold = Fold::new(mapping(), 1000);
+    fold.relation(&inv).unwrap();
+    fold.know_holder(
+        layout::row_field("public.inventory", [Some("2")]),
+        Some("A".into()),
+    );
+    fold.begin(&begin(10));
+    let mv = change(&inv, Op::Update, None, Some(srow("2", "B", 3)), 0, 10);
+    assert!(fold.unresolved(&mv).is_none(), "read before");
+    fold.change(&mv).unwrap();
+    // another batch is launched and applied while this transaction is being read
+    let g = fold.seal();
+    fold.forget(g);
+    let del = change(
+        &inv,
+        Op::Delete,
+        Some((OldKind::Key, skey("2"))),
+        None,
+        1,
+        10,
+    );
+    assert!(
+        fold.unresolved(&del).is_none(),
+        "the overlay still knows the row"
+    );
+    fold.change(&del).unwrap();
+    let p = fold.commit(&commit(10)).unwrap();
+    assert_eq!(p.skus["A"].rows.values().next(), Some(&RowOp::Del));
+    assert_eq!(p.skus["B"].rows.values().next(), Some(&RowOp::Del));
+    // a transaction dropped half-way (a new replication session) leaves what was known
+    fold.forget(u64::MAX);
+    fold.know_holder(
+        layout::row_field("public.inventory", [Some("5")]),
+        Some("C".into()),
+    );
+    fold.begin(&begin(20));
+    fold.change(&change(
+        &inv,
+        Op::Update,
+        None,
+        Some(srow("5", "D", 1)),
+        0,
+        20,
+    ))
+    .unwrap();
+    fold.reset();
+    let again = change(
+        &inv,
+        Op::Delete,
+        Some((OldKind::Key, skey("5"))),
+        None,
+        0,
+        20,
+    );
+    assert!(fold.unresolved(&again).is_none());
+    fold.begin(&begin(20));
+    fold.change(&again).unwrap();
+    let p = fold.commit(&commit(20)).unwrap();
+    assert!(
+        p.skus.contains_key("C") && !p.skus.contains_key("D"),
+        "{:?}",
+        p.skus.keys()
+    );
 }

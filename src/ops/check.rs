@@ -325,8 +325,25 @@ async fn postgres_checks<W: Write>(
         }
     }
 
+    // partitioned stock tables: every leaf keyed like its table
+    let stock: Vec<String> = cfg.inventory.iter().map(|m| m.table.clone()).collect();
+    let all: Vec<String> = mapping.tables().map(str::to_string).collect();
+    let trees = crate::pg::partitions::read(client, pgc, &all)
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(problem) = trees.identity_problem(&stock) {
+        let (p, fix) = problem
+            .split_once("; give it the same identity: ")
+            .map(|(p, f)| (p.to_string(), vec![f.to_string()]))
+            .unwrap_or((problem.clone(), vec![]));
+        r.fail("partitions keyed like their table", &p, &fix);
+    } else if !trees.members.is_empty() {
+        r.ok("partitions keyed like their table");
+    }
+
     // publications
     publication_checks(cfg, client, pgc, &present, r).await?;
+    column_list_checks(cfg, client, pgc, r).await?;
 
     // WAL retention bound
     let keep = get("max_slot_wal_keep_size");
@@ -564,6 +581,88 @@ async fn publication_checks<W: Write>(
                 )],
             );
         }
+    }
+    Ok(())
+}
+
+/// Columns skusync reads from a mapped table (mapping and `where`).
+fn mapped_columns(cfg: &Config, table: &str) -> Vec<String> {
+    let filter_cols = |items: &[String]| -> Vec<String> {
+        crate::fold::filter::Filter::parse(items)
+            .map(|f| f.columns().map(str::to_string).collect())
+            .unwrap_or_default()
+    };
+    let mut cols = Vec::new();
+    for m in cfg.inventory.iter().filter(|m| m.table == table) {
+        cols.push(m.sku.clone());
+        cols.extend(m.location.clone());
+        cols.extend(m.on_hand.names().iter().cloned());
+        cols.extend(m.reserved.iter().flat_map(|c| c.names().iter().cloned()));
+        cols.extend(m.low_stock.clone());
+        cols.extend(filter_cols(&m.filter));
+    }
+    for a in cfg.activity.iter().filter(|a| a.table == table) {
+        cols.push(a.sku.clone());
+        cols.push(a.kind.clone());
+        cols.extend(a.quantity.iter().flat_map(|c| c.names().iter().cloned()));
+        cols.extend(a.user.clone());
+        cols.extend(a.time.clone());
+        cols.extend(filter_cols(&a.filter));
+    }
+    cols.sort();
+    cols.dedup();
+    cols
+}
+
+/// A publication column list (PostgreSQL 15+) that leaves out a column skusync reads:
+/// the stream would not carry it.
+async fn column_list_checks<W: Write>(
+    cfg: &Config,
+    client: &Client,
+    pgc: &PgConnectConfig,
+    r: &mut Report<W>,
+) -> Result<(), String> {
+    let q = |e: tokio_postgres::Error| meta::classify(e, pgc).to_string();
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(q)?
+        .get(0);
+    if version < 150_000 {
+        return Ok(());
+    }
+    let names = cfg.postgres.publication.names();
+    let rows = client
+        .query(
+            "SELECT schemaname::text || '.' || tablename::text, pubname::text, attnames::text[] \
+             FROM pg_publication_tables WHERE pubname = ANY($1)",
+            &[&names],
+        )
+        .await
+        .map_err(q)?;
+    for row in rows {
+        let (table, publication, published): (String, String, Option<Vec<String>>) =
+            (row.get(0), row.get(1), row.get(2));
+        let Some(published) = published else { continue };
+        let missing: Vec<String> = mapped_columns(cfg, &table)
+            .into_iter()
+            .filter(|c| !published.contains(c))
+            .collect();
+        if missing.is_empty() {
+            continue;
+        }
+        r.fail(
+            &format!("publication {publication} publishes the mapped columns of {table}"),
+            &format!(
+                "its column list leaves out {}, which skusync reads (mapping or where)",
+                missing.join(", ")
+            ),
+            &[format!(
+                "ALTER PUBLICATION {p} DROP TABLE {t}; ALTER PUBLICATION {p} ADD TABLE {t};  -- or list those columns too",
+                p = ident(&publication),
+                t = table_ident(&table)
+            )],
+        );
     }
     Ok(())
 }

@@ -35,12 +35,13 @@
 //! writer's fencing token, see `sinks::redis::WriterFence`), `mqtt_epoch`,
 //! `mqtt_epoch_seq`, `last_publish_ms` and `tables` (the mapped stock tables' identities, JSON).
 //!
-//! Reserved for stock tables whose rows do not carry the SKU (surrogate keys, lookups
-//! through a variant table): a row index `<prefix>:ri:{<n>:<table>:<bucket>}` (a row's
-//! encoded key -> the SKU and location it contributes to) and lookup state
-//! `<prefix>:ref:{<n>:<table>:<bucket>}` (a referenced row's key -> the value it
-//! resolves to), bucketed so that each hash stays small and each bucket is one cluster
-//! slot. A row's contribution stays a `r:` field of its SKU's hash whatever its identity.
+//! Stock tables whose key does not contain the SKU (surrogate keys) have a row index
+//! `<prefix>:ri:{<n>:<table>:<bucket>}` ([`row_index_key`]: a row's field -> the SKU whose
+//! hash holds its contribution), bucketed so that each hash stays small and each bucket is
+//! one cluster slot; meta `ri_truncated:<table>` fences the clearing of a truncated
+//! table's index. Reserved for lookups through a variant table: lookup state
+//! `<prefix>:ref:{<n>:<table>:<bucket>}` (a referenced row's key -> the value it resolves
+//! to). A row's contribution stays a `r:` field of its SKU's hash whatever its identity.
 //! These keys exist only for mappings that need them; adopting such a mapping changes the
 //! mapping fingerprint (one rebuild), not the layout.
 //!
@@ -210,6 +211,44 @@ pub fn row_field_hashed(table: &str, hex_digest: &str) -> String {
     f.push('#');
     f.push_str(hex_digest);
     f
+}
+
+/// Buckets of a table's row index: rows spread over this many hashes, so that no hash
+/// grows with the table and each bucket is one cluster slot.
+pub const ROW_INDEX_BUCKETS: u32 = 256;
+
+/// Key of one bucket of a stock table's row index: `<prefix>:ri:{<n>:<table>:<bucket>}`
+/// (`n` the table name's length; the table escaped like a SKU tag). Its fields are row
+/// fields ([`row_field`]), its values the SKU whose hash holds the row's contribution.
+pub fn row_index_key(prefix: &str, table: &str, bucket: u32) -> String {
+    format!(
+        "{prefix}:ri:{{{}:{}:{bucket}}}",
+        table.len(),
+        sku_tag(table)
+    )
+}
+
+/// The bucket of a row field (FNV-1a: stable across builds and platforms).
+pub fn row_index_bucket(field: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in field.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % ROW_INDEX_BUCKETS
+}
+
+/// The table of a row field made by [`row_field`] (`r:<n>:<table>:...`).
+pub fn table_of_row_field(field: &str) -> Option<&str> {
+    let rest = field.strip_prefix("r:")?;
+    let (n, rest) = rest.split_once(':')?;
+    let n: usize = n.parse().ok()?;
+    rest.get(..n)
+}
+
+/// SCAN MATCH pattern of every row-index key.
+pub fn row_index_pattern(prefix: &str) -> String {
+    format!("{}:ri:{{*}}", glob_escape(prefix))
 }
 
 /// Escape glob metacharacters for SCAN MATCH.

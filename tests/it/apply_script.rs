@@ -97,6 +97,7 @@ fn random_piece(rng: &mut StdRng, lsn: u64, piece: u32, last: bool) -> Piece {
         skus,
         last,
         eval,
+        ri: Default::default(),
     }
 }
 
@@ -197,6 +198,7 @@ async fn lua_apply_script_matches_the_model_on_random_pieces() {
                 skus: BTreeMap::new(),
                 last: false,
                 eval: vec![],
+                ri: Default::default(),
             };
             model.apply(&t, &params);
             let skus = applier.all_skus().await.unwrap();

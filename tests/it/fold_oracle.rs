@@ -76,12 +76,18 @@ impl Daemon {
     }
 
     pub fn spawn(&mut self) {
+        self.spawn_env(&[]);
+    }
+
+    /// Start the next incarnation with extra environment variables.
+    pub fn spawn_env(&mut self, env: &[(&str, &str)]) {
         let run_dir = self.dir.join(format!("run{}", self.runs));
         std::fs::create_dir_all(&run_dir).expect("run dir");
         self.runs += 1;
-        self.proc = Some(SkusyncProc::spawn(
+        self.proc = Some(SkusyncProc::spawn_env(
             &["run", "--config", self.cfg.to_str().expect("utf-8 path")],
             &run_dir,
+            env,
         ));
     }
 
@@ -1105,7 +1111,10 @@ async fn rotating_an_activity_table_by_rename_keeps_its_counters() {
 }
 
 /// SCAN keys matching a pattern.
-async fn keys_matching(con: &mut redis::aio::MultiplexedConnection, pattern: &str) -> Vec<String> {
+pub async fn keys_matching(
+    con: &mut redis::aio::MultiplexedConnection,
+    pattern: &str,
+) -> Vec<String> {
     let mut out = Vec::new();
     let mut cursor: u64 = 0;
     loop {

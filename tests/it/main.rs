@@ -18,6 +18,7 @@ mod redis_errors;
 mod replication;
 mod secrets;
 mod support;
+mod surrogate;
 mod telemetry;
 mod verify;
 mod writer;

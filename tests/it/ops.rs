@@ -282,13 +282,22 @@ fn check_fails_for_a_wrong_column_name() {
 }
 
 #[test]
-fn check_fails_for_an_inventory_key_without_the_sku() {
+fn check_accepts_a_surrogate_key_and_fails_a_table_without_any_key() {
     let rig = Rig::new(PgOptions::default());
     rig.pg.psql(
         "DROP TABLE inventory;\n\
          CREATE TABLE inventory (id serial PRIMARY KEY, sku text, location text, on_hand int, reserved int);",
     );
     rig.setup_by_print();
+    // the row index attributes key-only deletes: no REPLICA IDENTITY FULL needed
+    let (_, out) = rig.check();
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("ok") && l.contains("mapping public.inventory")),
+        "{out}"
+    );
+    rig.pg
+        .psql("ALTER TABLE inventory DROP CONSTRAINT inventory_pkey;");
     assert_check_fails(
         &rig,
         "mapping public.inventory",
@@ -673,5 +682,24 @@ fn check_warns_when_the_broker_lets_anonymous_clients_take_skusyncs_client_id() 
     assert!(
         !out.contains("mqtt transport"),
         "loopback is not in clear:\n{out}"
+    );
+}
+
+#[test]
+fn check_fails_for_a_publication_column_list_that_leaves_out_a_mapped_column() {
+    let rig = Rig::new(PgOptions::default());
+    rig.pg.psql(
+        "CREATE PUBLICATION skusync FOR TABLE inventory (sku, location, on_hand);\n\
+         CREATE PUBLICATION skusync_activity FOR TABLE activity_log WITH (publish = 'insert');",
+    );
+    assert_check_fails(
+        &rig,
+        "publication skusync publishes the mapped columns of public.inventory",
+        "ALTER PUBLICATION skusync DROP TABLE public.inventory; ALTER PUBLICATION skusync ADD TABLE public.inventory;",
+    );
+    let (_, out) = rig.check();
+    assert!(
+        out.contains("leaves out reserved,") || out.contains("leaves out reserved "),
+        "{out}"
     );
 }

@@ -147,10 +147,16 @@ pub struct SkusyncProc {
 
 impl SkusyncProc {
     pub fn spawn(args: &[&str], dir: &Path) -> SkusyncProc {
+        Self::spawn_env(args, dir, &[])
+    }
+
+    /// [`SkusyncProc::spawn`] with extra environment variables.
+    pub fn spawn_env(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> SkusyncProc {
         let stderr_path = dir.join(format!("skusync-{}.stderr", std::process::id()));
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
         let mut child = Command::new(skusync_bin())
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)

@@ -401,6 +401,120 @@ impl Applier {
         self.apply(&Batch::truncate(piece, skus), None, false).await
     }
 
+    /// Record where indexed rows are held now (row field -> SKU, `None` to remove), after
+    /// the SKU entries of the same pieces were applied; `end` goes with the last call.
+    pub async fn write_row_index(
+        &mut self,
+        updates: &std::collections::BTreeMap<String, Option<String>>,
+        end: Option<Lsn>,
+    ) -> Result<(), RedisSinkError> {
+        let prefix = self.settings.prefix.clone();
+        let token = token_arg(self.settings.fence.token());
+        let floor = token_arg(
+            self.settings
+                .fence
+                .floor
+                .load(std::sync::atomic::Ordering::SeqCst),
+        );
+        let script = redis::Script::new(ROW_INDEX_LUA);
+        let all: Vec<(&String, &Option<String>)> = updates.iter().collect();
+        let chunks: Vec<&[(&String, &Option<String>)]> = if all.is_empty() {
+            vec![&[]]
+        } else {
+            all.chunks(2000).collect()
+        };
+        let n = chunks.len();
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            // bucket key -> updates
+            let mut by_key: std::collections::BTreeMap<String, Vec<(&String, &Option<String>)>> =
+                Default::default();
+            for &(f, v) in chunk {
+                let table = layout::table_of_row_field(f).unwrap_or("");
+                let key = layout::row_index_key(&prefix, table, layout::row_index_bucket(f));
+                by_key.entry(key).or_default().push((f, v));
+            }
+            let mut inv = script.prepare_invoke();
+            inv.key(layout::meta_key(&prefix));
+            for k in by_key.keys() {
+                inv.key(k);
+            }
+            inv.arg(&token).arg(&floor);
+            inv.arg(if i + 1 == n {
+                end.map(|e| e.0.to_string()).unwrap_or_default()
+            } else {
+                String::new()
+            });
+            for ups in by_key.values() {
+                inv.arg(ups.len());
+                for (f, v) in ups {
+                    inv.arg(f.as_str());
+                    match v {
+                        Some(sku) => inv.arg(format!("={sku}")),
+                        None => inv.arg(""),
+                    };
+                }
+            }
+            let _: i64 = inv
+                .invoke_async(&mut self.con)
+                .await
+                .map_err(RedisSinkError::from_redis)?;
+        }
+        Ok(())
+    }
+
+    /// Which SKU holds each of these indexed rows now (row index reads, pipelined).
+    pub async fn read_row_index(
+        &mut self,
+        fields: &[String],
+    ) -> Result<Vec<Option<String>>, RedisSinkError> {
+        let prefix = self.settings.prefix.clone();
+        let mut out = Vec::with_capacity(fields.len());
+        for chunk in fields.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for f in chunk {
+                let table = layout::table_of_row_field(f).unwrap_or("");
+                pipe.cmd("HGET")
+                    .arg(layout::row_index_key(
+                        &prefix,
+                        table,
+                        layout::row_index_bucket(f),
+                    ))
+                    .arg(f);
+            }
+            let got: Vec<Option<String>> = pipe
+                .query_async(&mut self.con)
+                .await
+                .map_err(RedisSinkError::from_redis)?;
+            out.extend(got);
+        }
+        Ok(out)
+    }
+
+    /// Clear a truncated indexed table's row index (once per truncate, see
+    /// `ROW_INDEX_TRUNCATE_LUA`).
+    pub async fn truncate_row_index(
+        &mut self,
+        table: &str,
+        fence: crate::fold::batch::Fence,
+    ) -> Result<(), RedisSinkError> {
+        let prefix = self.settings.prefix.clone();
+        let script = redis::Script::new(ROW_INDEX_TRUNCATE_LUA);
+        let mut inv = script.prepare_invoke();
+        inv.key(layout::meta_key(&prefix));
+        for b in 0..layout::ROW_INDEX_BUCKETS {
+            inv.key(layout::row_index_key(&prefix, table, b));
+        }
+        inv.arg(token_arg(self.settings.fence.token()))
+            .arg(fence.0.0.to_string())
+            .arg(fence.1)
+            .arg(table);
+        let _: i64 = inv
+            .invoke_async(&mut self.con)
+            .await
+            .map_err(RedisSinkError::from_redis)?;
+        Ok(())
+    }
+
     async fn invoke(&mut self, cmd: redis::Cmd) -> Result<Applied, redis::RedisError> {
         let r: Result<(u64, u64, u64), redis::RedisError> = cmd.query_async(&mut self.con).await;
         let r = match r {
@@ -828,8 +942,72 @@ pub async fn reset_all(
             .map_err(RedisSinkError::from_redis)?;
     }
     unlink_matching(con, &layout::users_key_pattern(prefix)).await?;
+    // The row index describes the rows the reset SKUs held: gone with them.
+    unlink_matching(con, &layout::row_index_pattern(prefix)).await?;
     Ok(skus.len())
 }
+
+/// Writes row index updates (see `fold::Piece::ri`), after the SKU entries they follow
+/// were applied; the last call of a batch records its end LSN. Fenced by the writer's
+/// token and floor like the apply script. KEYS[1] meta, KEYS[2..] buckets; ARGV: token,
+/// floor, end ('' none), then per bucket: n, n x (field, '=' .. SKU | '' to delete).
+const ROW_INDEX_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('SKUSYNC_NOMETA meta hash missing: Redis lost its data; a resync is needed')
+end
+local function lsn_lt(a, b)
+  if #a ~= #b then return #a < #b end
+  return a < b
+end
+if ARGV[1] ~= '' then
+  local m = redis.call('HMGET', KEYS[1], 'writer', 'applied_lsn')
+  if m[1] ~= ARGV[1] then return redis.error_reply('SKUSYNC_FENCED ' .. tostring(m[1] or 'none')) end
+  if ARGV[2] ~= '' and (not m[2] or lsn_lt(m[2], ARGV[2])) then
+    return redis.error_reply('SKUSYNC_ROLLBACK ' .. tostring(m[2] or 'none'))
+  end
+end
+local a = 4
+for k = 2, #KEYS do
+  local n = tonumber(ARGV[a]); a = a + 1
+  local set, del = {}, {}
+  for _ = 1, n do
+    local f, v = ARGV[a], ARGV[a + 1]; a = a + 2
+    if v == '' then del[#del + 1] = f else set[#set + 1] = f; set[#set + 1] = string.sub(v, 2) end
+  end
+  if #del > 0 then redis.call('HDEL', KEYS[k], unpack(del)) end
+  if #set > 0 then redis.call('HSET', KEYS[k], unpack(set)) end
+end
+if ARGV[3] ~= '' then
+  local cur = redis.call('HGET', KEYS[1], 'applied_lsn')
+  if not cur or lsn_lt(cur, ARGV[3]) then redis.call('HSET', KEYS[1], 'applied_lsn', ARGV[3]) end
+end
+return 1
+"#;
+
+/// Clears a truncated table's row index, once: meta `ri_truncated:<table>` records the
+/// truncate's fence, so a replay of it cannot erase what later transactions indexed.
+/// KEYS[1] meta, KEYS[2..] the table's buckets; ARGV: token, commit LSN, piece, table.
+const ROW_INDEX_TRUNCATE_LUA: &str = r#"
+local function lsn_lt(a, b)
+  if #a ~= #b then return #a < #b end
+  return a < b
+end
+if ARGV[1] ~= '' then
+  local w = redis.call('HGET', KEYS[1], 'writer')
+  if w ~= ARGV[1] then return redis.error_reply('SKUSYNC_FENCED ' .. tostring(w or 'none')) end
+end
+local f = 'ri_truncated:' .. ARGV[4]
+local prev = redis.call('HGET', KEYS[1], f)
+if prev then
+  local pl, pp = string.match(prev, '^(%d+):(%d+)$')
+  if pl and (lsn_lt(ARGV[2], pl) or (ARGV[2] == pl and tonumber(ARGV[3]) <= tonumber(pp))) then
+    return 0
+  end
+end
+redis.call('UNLINK', unpack(KEYS, 2))
+redis.call('HSET', KEYS[1], f, ARGV[2] .. ':' .. ARGV[3])
+return 1
+"#;
 
 /// UNLINK every key matching a SCAN pattern.
 async fn unlink_matching(con: &mut ConnectionManager, pattern: &str) -> Result<(), RedisSinkError> {
