@@ -209,6 +209,29 @@ impl From<&str> for Columns {
     }
 }
 
+/// Where an activity row's kind comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(untagged)]
+pub enum KindSource {
+    /// A column whose text is the kind.
+    Column(String),
+    /// The same kind for every row.
+    Value {
+        /// The kind, as a key of `[activity.counters]`.
+        value: String,
+    },
+}
+
+impl KindSource {
+    /// The column, when the kind is read from one.
+    pub fn column(&self) -> Option<&str> {
+        match self {
+            KindSource::Column(c) => Some(c),
+            KindSource::Value { .. } => None,
+        }
+    }
+}
+
 /// `[[activity]]`: one append-only activity log.
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -217,8 +240,9 @@ pub struct ActivityMap {
     pub table: String,
     /// Column whose text form is the SKU.
     pub sku: String,
-    /// Column whose value names the event kind.
-    pub kind: String,
+    /// Column whose value names the event kind, or `{ value = "view" }`: every row of the
+    /// table is that kind (a table per event type).
+    pub kind: KindSource,
     /// Optional quantity column (whole numbers; a list is summed); else each row counts 1.
     #[serde(default)]
     pub quantity: Option<Columns>,
@@ -651,6 +675,17 @@ impl Config {
                 return err(format!(
                     "activity[{i}].counters: map at least one event kind to a counter name"
                 ));
+            }
+            match &m.kind {
+                KindSource::Column(c) if c.is_empty() => {
+                    return err(format!("activity[{i}].kind: empty column name"));
+                }
+                KindSource::Value { value } if !m.counters.contains_key(value) => {
+                    return err(format!(
+                        "activity[{i}].kind: the constant kind {value:?} is not a key of [activity.counters], so no row would count"
+                    ));
+                }
+                _ => {}
             }
             for w in &m.windows {
                 if parse_window(w).is_none() {

@@ -155,12 +155,20 @@ pub async fn load(
                 v.extend(r.reserved.iter().flatten());
                 v
             }
-            Rule::Activity(r) => [Some(r.sku), Some(r.kind), r.user, r.time]
-                .into_iter()
-                .flatten()
-                .chain(r.quantity.iter().flatten().copied())
-                .chain(r.filter.iter().flat_map(|f| f.cols.iter().map(|c| c.0)))
-                .collect(),
+            Rule::Activity(r) => [
+                Some(r.sku),
+                match r.kind {
+                    crate::fold::mapping::Kind::Column(i) => Some(i),
+                    crate::fold::mapping::Kind::Constant(_) => None,
+                },
+                r.user,
+                r.time,
+            ]
+            .into_iter()
+            .flatten()
+            .chain(r.quantity.iter().flatten().copied())
+            .chain(r.filter.iter().flat_map(|f| f.cols.iter().map(|c| c.0)))
+            .collect(),
             Rule::Unmapped => continue,
         };
         let mut needed = needed;

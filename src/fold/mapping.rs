@@ -3,7 +3,7 @@
 //! dropped mapped column, an unusable type, a replica identity that cannot attribute
 //! deletes. Those stop the stream before anything past them is confirmed.
 
-use super::filter::{Filter, Kind, Resolved};
+use super::filter::{Filter, Kind as FilterKind, Resolved};
 use crate::config::{ActivityMap, Config, ConfigError, InventoryMap, parse_window};
 use crate::txn::{RelationDesc, ReplicaIdentity, value::oid};
 use sha2::{Digest, Sha256};
@@ -258,7 +258,10 @@ impl Mapping {
                 scale: m.scale.unwrap_or(0),
                 table: name.clone(),
                 sku: col("sku", &m.sku, None)?,
-                kind: col("kind", &m.kind, None)?,
+                kind: match &m.kind {
+                    crate::config::KindSource::Column(c) => Kind::Column(col("kind", c, None)?),
+                    crate::config::KindSource::Value { value } => Kind::Constant(value.clone()),
+                },
                 quantity: m
                     .quantity
                     .as_ref()
@@ -298,7 +301,7 @@ fn resolve_filter(
     let mut cols = Vec::new();
     for c in filter.columns() {
         let i = resolve_column(rel, table, "where", c, None)?;
-        let kind = Kind::of(rel.columns[i].type_oid);
+        let kind = FilterKind::of(rel.columns[i].type_oid);
         filter
             .check_kind(c, kind)
             .map_err(|e| SchemaError(format!("{table} where: {e}")))?;
@@ -378,6 +381,13 @@ pub struct InventoryRule {
     pub scale: u32,
 }
 
+/// Where an activity row's kind is read.
+#[derive(Debug, Clone)]
+pub enum Kind {
+    Column(usize),
+    Constant(String),
+}
+
 /// Column positions of an activity table.
 #[derive(Debug, Clone)]
 pub struct ActivityRule {
@@ -388,7 +398,7 @@ pub struct ActivityRule {
     pub scale: u32,
     pub table: String,
     pub sku: usize,
-    pub kind: usize,
+    pub kind: Kind,
     /// Summed columns.
     pub quantity: Option<Vec<usize>>,
     pub user: Option<usize>,

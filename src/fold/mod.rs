@@ -965,12 +965,15 @@ impl Fold {
             self.skip(&r.table, &m.sku, lsn, SKU_TOO_LONG.into());
             return;
         }
-        let kind = match text(t.get(r.kind)) {
-            TextOf::Text(s) => s,
-            _ => {
-                self.stats.unknown_kinds += 1;
-                return;
-            }
+        let kind = match &r.kind {
+            mapping::Kind::Constant(k) => k.as_str(),
+            mapping::Kind::Column(i) => match text(t.get(*i)) {
+                TextOf::Text(s) => s,
+                _ => {
+                    self.stats.unknown_kinds += 1;
+                    return;
+                }
+            },
         };
         let Some(counter) = m.counters.get(kind).cloned() else {
             self.stats.unknown_kinds += 1;

@@ -1513,3 +1513,15 @@ fn a_batch_launched_mid_transaction_does_not_forget_what_the_transaction_folded(
         p.skus.keys()
     );
 }
+
+#[test]
+fn a_constant_kind_must_be_a_mapped_kind() {
+    let ok = CONFIG.replace("kind = \"kind\"", "kind = { value = \"view\" }");
+    assert!(Config::parse(&ok).is_ok());
+    let bad = CONFIG.replace("kind = \"kind\"", "kind = { value = \"click\" }");
+    let e = Config::parse(&bad).err().unwrap().0;
+    assert!(
+        e.starts_with("activity[0].kind:") && e.contains("click"),
+        "{e}"
+    );
+}

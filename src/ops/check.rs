@@ -603,7 +603,7 @@ fn mapped_columns(cfg: &Config, table: &str) -> Vec<String> {
     }
     for a in cfg.activity.iter().filter(|a| a.table == table) {
         cols.push(a.sku.clone());
-        cols.push(a.kind.clone());
+        cols.extend(a.kind.column().map(str::to_string));
         cols.extend(a.quantity.iter().flat_map(|c| c.names().iter().cloned()));
         cols.extend(a.user.clone());
         cols.extend(a.time.clone());

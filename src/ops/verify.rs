@@ -304,7 +304,11 @@ fn activity_sql(
 ) -> String {
     let d = Digits::of(a.scale, scale);
     let sku = qi(&a.sku);
-    let kind = qi(&a.kind);
+    // a constant kind is a literal (text the config validated; quoted as SQL text)
+    let kind = match &a.kind {
+        crate::config::KindSource::Column(c) => qi(c),
+        crate::config::KindSource::Value { value } => crate::pg::conn::quote_literal(value),
+    };
     let mut filter = format!(
         "{} AND {kind}::text = ANY($1)",
         valid_sku(&a.sku, max_sku_bytes)

@@ -141,3 +141,49 @@ async fn quantities_summed_from_several_columns_stay_exact() {
         .await;
     rig.assert_converges(Duration::from_secs(10)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activity_table_of_one_event_kind_counts_with_a_constant_kind() {
+    // A table per event type, as many shops log them: no kind column.
+    let schema = "
+CREATE TABLE inventory (sku text NOT NULL, location text NOT NULL, on_hand int NOT NULL,
+  reserved int NOT NULL DEFAULT 0, PRIMARY KEY (sku, location));
+CREATE TABLE product_views (id bigserial PRIMARY KEY, sku text NOT NULL, viewed_at timestamptz DEFAULT now());
+CREATE PUBLICATION skusync FOR TABLE inventory;
+CREATE PUBLICATION skusync_activity FOR TABLE product_views WITH (publish = 'insert');
+INSERT INTO product_views (sku) SELECT 'V-' || (i % 3) FROM generate_series(1, 10) i;
+";
+    let mut oracle = public_oracle(Buckets::Ignore);
+    oracle.activity.clear();
+    let mut rig = Rig::new(schema, oracle).await;
+    rig.start_skusync(
+        "\n[[activity]]\ntable = \"public.product_views\"\nsku = \"sku\"\nkind = { value = \"view\" }\n\
+         [activity.counters]\nview = \"views\"\n",
+    )
+    .await;
+    rig.exec(
+        "INSERT INTO product_views (sku) SELECT 'V-' || (i % 3) FROM generate_series(1, 20) i",
+    )
+    .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    for k in 0..3 {
+        let sku = format!("V-{k}");
+        let want: i64 = rig
+            .client
+            .query_one("SELECT count(*) FROM product_views WHERE sku = $1", &[&sku])
+            .await
+            .unwrap()
+            .get(0);
+        let key = skusync::sinks::layout::sku_key("skusync", &sku);
+        assert_eq!(
+            hget(&mut rig.con, &key, "views").await,
+            Some(want.to_string()),
+            "{sku}"
+        );
+    }
+    // `skusync verify` computes the same with the constant
+    let cfg = rig.daemon().cfg.clone();
+    let (code, out, err) = crate::verify::verify(&cfg, &[]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+}
