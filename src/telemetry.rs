@@ -39,6 +39,9 @@ pub const FENCED: &str = "skusync_fenced_entries_total";
 pub const MQTT_PUBLISHED: &str = "skusync_mqtt_published_total";
 /// Messages the broker refused (PUBACK reason) or that were too large to send.
 pub const MQTT_REFUSED: &str = "skusync_mqtt_refused_total";
+/// Reconnects to a broker that held an older epoch sequence than Redis recorded (restored
+/// from an older persistence file): the SKUs acknowledged since were republished.
+pub const MQTT_EPOCH_ROLLBACKS: &str = "skusync_mqtt_epoch_rollbacks_total";
 /// Low-stock alerts raised by the Redis script.
 pub const ALERTS_RAISED: &str = "skusync_alerts_raised_total";
 /// Alert messages acknowledged by the broker.
@@ -217,6 +220,10 @@ fn describe_all() {
         (FENCED, "SKU entries skipped by the replay fence."),
         (MQTT_PUBLISHED, "State messages acknowledged by the broker."),
         (MQTT_REFUSED, "Messages refused by the broker or too large."),
+        (
+            MQTT_EPOCH_ROLLBACKS,
+            "Brokers found holding an older epoch (an older persistence file); newer states republished.",
+        ),
         (ALERTS_RAISED, "Low-stock alerts raised."),
         (
             ALERTS_PUBLISHED,
@@ -424,6 +431,12 @@ pub fn mqtt_configured() {
     health().mqtt_configured.store(true, Ordering::Relaxed);
 }
 
+/// The broker holds an older epoch than Redis recorded (logged by the publisher with
+/// both sequences).
+pub fn mqtt_epoch_rollback() {
+    counter!(MQTT_EPOCH_ROLLBACKS).increment(1);
+}
+
 /// The MQTT connection went up or down; `reconnect` counts a connection after the first.
 pub fn mqtt_connection(up: bool, reconnect_: bool) {
     health().mqtt_connected.store(up, Ordering::Relaxed);
@@ -572,6 +585,7 @@ mod tests {
             FENCED,
             MQTT_PUBLISHED,
             MQTT_REFUSED,
+            MQTT_EPOCH_ROLLBACKS,
             ALERTS_RAISED,
             ALERTS_PUBLISHED,
             SKIPPED_VALUES,

@@ -606,7 +606,12 @@ async fn a_broker_restored_from_an_older_persistence_file_gets_the_newer_states_
         ..Default::default()
     });
     let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
-    rig.start_skusync(&mqtt_toml(&broker, 50)).await;
+    let http = crate::harness::free_port();
+    rig.start_skusync(&format!(
+        "{}\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
+        mqtt_toml(&broker, 50)
+    ))
+    .await;
     let sub = Subscriber::start(&broker, "skusync/sku/#");
     let mut w = public_workload(seed);
     run_workload(&mut rig, &mut w, 300, async |_: &mut Rig, _: usize| {}).await;
@@ -649,6 +654,12 @@ async fn a_broker_restored_from_an_older_persistence_file_gets_the_newer_states_
     rig.assert_converges(Duration::from_secs(30)).await;
     // Under a loaded machine a retained read can come back partial: retry for long enough.
     assert_retained_equals_redis(&mut rig, &broker, Duration::from_secs(30)).await;
+    assert!(
+        crate::harness::scrape_metric(http, skusync::telemetry::MQTT_EPOCH_ROLLBACKS)
+            .unwrap_or(0.0)
+            >= 1.0,
+        "the rollback is counted"
+    );
     assert!(
         rig.daemon().stderr_contains("broker holds an older epoch"),
         "the rollback was noticed and logged\n{}",

@@ -846,6 +846,7 @@ impl Task {
                     .stats
                     .epoch_rollbacks
                     .fetch_add(1, Ordering::Relaxed);
+                crate::telemetry::mqtt_epoch_rollback();
             } else {
                 debug!(
                     broker_seq,
