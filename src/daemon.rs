@@ -1181,34 +1181,26 @@ impl Daemon {
         None
     }
 
-    /// Redis refused a write: another writer holds the token, or Redis lost writes. Stop
-    /// writing and restart: the next cycle takes the lock and a token again (or waits as a
-    /// standby), resumes from the slot's confirmed position (what Redis lost past it
-    /// replays, fenced) and rebuilds Redis if it is behind the slot.
-    /// The mapped tables' partitions as the catalog has them now (on the writer lock's
-    /// session when there is one).
+    /// A session for catalog reads: the writer lock's when there is one.
+    async fn catalog(&self) -> Result<Arc<tokio_postgres::Client>, DaemonError> {
+        match &self.lease {
+            Some(l) => Ok(l.client.clone()),
+            None => Ok(Arc::new(meta::connect(&self.pgc).await?)),
+        }
+    }
+
+    /// The mapped tables' partitions as the catalog has them now.
     async fn read_partitions(&self) -> Result<partitions::Trees, DaemonError> {
         let tables: Vec<String> = self.mapping.tables().map(str::to_string).collect();
-        match &self.lease {
-            Some(l) => Ok(partitions::read(&l.client, &self.pgc, &tables).await?),
-            None => {
-                let client = meta::connect(&self.pgc).await?;
-                Ok(partitions::read(&client, &self.pgc, &tables).await?)
-            }
-        }
+        Ok(partitions::read(&*self.catalog().await?, &self.pgc, &tables).await?)
     }
 
     /// The mapped table a relation the stream names is a partition of, when the
     /// partitions read before did not list it (attached since).
     async fn mapped_parent(&self, oid: u32) -> Result<Option<String>, DaemonError> {
         let tables: Vec<String> = self.mapping.tables().map(str::to_string).collect();
-        match &self.lease {
-            Some(l) => Ok(partitions::mapped_ancestor(&l.client, &self.pgc, oid, &tables).await?),
-            None => {
-                let client = meta::connect(&self.pgc).await?;
-                Ok(partitions::mapped_ancestor(&client, &self.pgc, oid, &tables).await?)
-            }
-        }
+        let client = self.catalog().await?;
+        Ok(partitions::mapped_ancestor(&client, &self.pgc, oid, &tables).await?)
     }
 
     /// Why Redis no longer matches the stock tables' partitions, if it does not: a
@@ -1234,6 +1226,10 @@ impl Daemon {
         ))
     }
 
+    /// Redis refused a write: another writer holds the token, or Redis lost writes. Stop
+    /// writing and restart: the next cycle takes the lock and a token again (or waits as a
+    /// standby), resumes from the slot's confirmed position (what Redis lost past it
+    /// replays, fenced) and rebuilds Redis if it is behind the slot.
     fn writer_lost(&mut self, e: RedisSinkError) -> Cycle {
         telemetry::redis_rollback_or_fenced(matches!(e, RedisSinkError::Rollback(_)));
         // A token below ours means Redis came back older, like a low applied_lsn.

@@ -402,34 +402,7 @@ fn numeric_to_scaled(s: &str, digits: u32, scale: u32) -> Result<i64, NotWholeNu
 }
 
 fn numeric_to_i64(s: &str) -> Result<i64, NotWholeNumber> {
-    if matches!(s, "NaN" | "Infinity" | "-Infinity") {
-        return Err(NotWholeNumber::NotFinite);
-    }
-    if !is_numeric_text(s) {
-        return Err(NotWholeNumber::Malformed);
-    }
-    let (neg, body) = match s.as_bytes().first() {
-        Some(b'-') => (true, &s[1..]),
-        Some(b'+') => (false, &s[1..]),
-        _ => (false, s),
-    };
-    let (int, frac) = body.split_once('.').unwrap_or((body, ""));
-    if frac.bytes().any(|b| b != b'0') {
-        return Err(NotWholeNumber::Fractional);
-    }
-    // Accumulate negatively so i64::MIN is representable.
-    let mut acc: i64 = 0;
-    for d in int.bytes() {
-        acc = acc
-            .checked_mul(10)
-            .and_then(|a| a.checked_sub(i64::from(d - b'0')))
-            .ok_or(NotWholeNumber::OutOfRange)?;
-    }
-    if neg {
-        Ok(acc)
-    } else {
-        acc.checked_neg().ok_or(NotWholeNumber::OutOfRange)
-    }
+    numeric_to_scaled(s, 0, 0)
 }
 
 /// Microseconds between 1970-01-01 and PostgreSQL's epoch 2000-01-01 (UTC).

@@ -134,8 +134,8 @@ impl Daemon {
         })
     }
 
-    /// How many lines of all incarnations' full stderr contain `needle`.
-    pub fn stderr_count(&self, needle: &str) -> usize {
+    /// Every incarnation's full stderr, one text per file.
+    fn stderr_texts(&self) -> Vec<String> {
         (0..self.runs)
             .flat_map(|i| {
                 std::fs::read_dir(self.dir.join(format!("run{i}")))
@@ -144,30 +144,24 @@ impl Daemon {
                     .flatten()
             })
             .filter(|e| e.path().extension().is_some_and(|x| x == "stderr"))
-            .map(|e| {
-                std::fs::read_to_string(e.path())
-                    .unwrap_or_default()
-                    .lines()
-                    .filter(|l| l.contains(needle))
-                    .count()
-            })
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect()
+    }
+
+    /// How many lines of all incarnations' full stderr contain `needle`.
+    pub fn stderr_count(&self, needle: &str) -> usize {
+        self.stderr_texts()
+            .iter()
+            .map(|t| t.lines().filter(|l| l.contains(needle)).count())
             .sum()
     }
 
     /// The lines of all incarnations' full stderr that contain `needle`.
     pub fn stderr_lines(&self, needle: &str) -> String {
-        (0..self.runs)
-            .flat_map(|i| {
-                std::fs::read_dir(self.dir.join(format!("run{i}")))
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-            })
-            .filter(|e| e.path().extension().is_some_and(|x| x == "stderr"))
-            .flat_map(|e| {
-                std::fs::read_to_string(e.path())
-                    .unwrap_or_default()
-                    .lines()
+        self.stderr_texts()
+            .iter()
+            .flat_map(|t| {
+                t.lines()
                     .filter(|l| l.contains(needle))
                     .map(str::to_string)
                     .collect::<Vec<_>>()
