@@ -802,7 +802,6 @@ impl Daemon {
                 match ev {
                     SourceEvent::Connected(info) => {
                         fold.reset();
-                        telemetry::role(Role::Streaming);
                         let mut con = applier.connection();
                         match rsink::read_meta(&mut con, self.prefix()).await? {
                             None => return Ok(Cycle::Restart("Redis lost its data".into())),
@@ -900,6 +899,9 @@ impl Daemon {
                                 pending.batch.raise_horizon(horizon);
                             }
                         }
+                        // Ready only once the checks above passed (and their Redis writes
+                        // are done): a Redis lost in between restarts, not "streaming".
+                        telemetry::role(Role::Streaming);
                         self.start_mqtt(applier.connection()).await?;
                     }
                     SourceEvent::Reset => fold.reset(),
