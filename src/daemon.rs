@@ -1354,6 +1354,10 @@ fn launch(
                     }
                 }
             }
+            if !entries.is_empty() {
+                // applied, not yet confirmed: the restart replays this batch
+                failpoint("after-apply");
+            }
             Ok(total)
         }
         .await;

@@ -395,13 +395,48 @@ async fn replays_after_sigkill_do_not_double_count() {
     let mut w = public_workload(seed);
     // kill points are transaction indices; ~2000 statements are ~300 transactions
     let mut krng = StdRng::seed_from_u64(seed ^ 0x5eed_c0de);
+    // A SIGKILL at a random moment may land when nothing is in flight, so one crash is
+    // certain to replay: the first incarnation aborts right after its k-th applied
+    // batch, before that batch is confirmed (a failpoint).
+    let first = format!("after-apply:{}", krng.random_range(2..=6));
+    {
+        let d = rig.daemon();
+        let mut p = d.proc.take().expect("running");
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+        d.spawn_env(&[("SKUSYNC_FAILPOINT", &first)]);
+    }
+    let mut aborted = false;
     let kills = krng.random_range(3..=5);
-    let mut at: Vec<usize> = (0..kills).map(|_| krng.random_range(5..280)).collect();
+    let mut at: Vec<usize> = (0..kills).map(|_| krng.random_range(60..280)).collect();
     at.sort_unstable();
     at.dedup();
-    eprintln!("SIGKILL before transactions {at:?}");
+    eprintln!("abort at {first}; SIGKILL before transactions {at:?}");
     let mut killed = 0;
     run_workload(&mut rig, &mut w, 2000, async |rig, i| {
+        if !aborted && let Ok(Some(_)) = rig.daemon().proc().child.try_wait() {
+            // the failpoint fired: restart without it
+            aborted = true;
+            rig.daemon().spawn();
+        }
+        if i < 60 {
+            // paced, so that the first incarnation applies several batches
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if at.contains(&i) && !aborted {
+            // the transactions so far are more than k batches: wait for the abort
+            let start = Instant::now();
+            while !matches!(rig.daemon().proc().child.try_wait(), Ok(Some(_))) {
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "the failpoint {first} was not reached\n{}",
+                    rig.daemon().stderr_all()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            aborted = true;
+            rig.daemon().spawn();
+        }
         if at.contains(&i) {
             // let it get somewhere first, at a random moment
             tokio::time::sleep(Duration::from_millis(krng.random_range(0..300))).await;
@@ -417,6 +452,7 @@ async fn replays_after_sigkill_do_not_double_count() {
     rig.assert_converges(Duration::from_secs(10)).await;
     fenced += fenced_now();
     eprintln!("{fenced} replayed SKU entries fenced after {killed} SIGKILLs");
+    assert!(rig.daemon().stderr_contains("failpoint reached"));
     // Without a replay the test proves nothing about double counting.
     assert!(
         fenced > 0.0,
