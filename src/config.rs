@@ -155,11 +155,12 @@ impl Default for AlertsConfig {
 pub struct InventoryMap {
     /// `schema.table`.
     pub table: String,
-    /// Column whose text form is the SKU.
-    pub sku: String,
-    /// Optional location column: stock is kept per (SKU, location) as well.
+    /// Column whose text form is the SKU, or a lookup through a referenced table
+    /// (`{ from = "public.variant", on = "variant_id", column = "sku" }`).
+    pub sku: ValueSource,
+    /// Optional location column (or lookup): stock is kept per (SKU, location) as well.
     #[serde(default)]
-    pub location: Option<String>,
+    pub location: Option<ValueSource>,
     /// Quantity on hand: int2/int4/int8/numeric holding whole numbers (or a list of
     /// such columns, summed).
     pub on_hand: Columns,
@@ -209,6 +210,128 @@ impl From<&str> for Columns {
     }
 }
 
+/// A value of a mapped row: one of its columns, or a value taken from a referenced row.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(untagged)]
+pub enum ValueSource {
+    /// A column of the mapped table (its text form).
+    Column(String),
+    /// A lookup: `{ from, on, key, column, where, then }`.
+    Lookup(Box<Lookup>),
+}
+
+impl ValueSource {
+    /// The column, when the value is one of the mapped row's own.
+    pub fn column(&self) -> Option<&str> {
+        match self {
+            ValueSource::Column(c) => Some(c),
+            ValueSource::Lookup(_) => None,
+        }
+    }
+
+    /// The lookup, when the value is taken from a referenced row.
+    pub fn lookup(&self) -> Option<&Lookup> {
+        match self {
+            ValueSource::Column(_) => None,
+            ValueSource::Lookup(l) => Some(l),
+        }
+    }
+
+    /// For messages and metric labels: the column, or `on->table.column`.
+    pub fn label(&self) -> String {
+        match self {
+            ValueSource::Column(c) => c.clone(),
+            ValueSource::Lookup(l) => {
+                let mut s = l.on.label();
+                let mut hop = Some(&**l);
+                while let Some(h) = hop {
+                    s.push_str("->");
+                    s.push_str(&h.from);
+                    if let Some(c) = &h.column {
+                        s.push('.');
+                        s.push_str(c);
+                    }
+                    hop = h.then.as_deref();
+                }
+                s
+            }
+        }
+    }
+}
+
+impl From<&str> for ValueSource {
+    fn from(c: &str) -> ValueSource {
+        ValueSource::Column(c.to_string())
+    }
+}
+
+/// One hop of a lookup: the row of `from` whose `key` equals the value of `on`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lookup {
+    /// The referenced table, `schema.table`.
+    pub from: String,
+    /// The column holding the reference: of the mapped table on the first hop, of the
+    /// previous hop's table after it; or `{ json, path }`, a member of a JSON column
+    /// (activity tables, first hop).
+    pub on: RefSource,
+    /// The referenced table's column the reference matches (default: its single-column
+    /// primary key). Must be unique.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// The column whose text is the value (required on the last hop; with `then` the
+    /// value comes from the further hop).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<String>,
+    /// Conditions on the referenced row (as a table's `where`); a row that fails
+    /// resolves to nothing.
+    #[serde(default, rename = "where", skip_serializing_if = "Vec::is_empty")]
+    pub filter: Vec<String>,
+    /// A further hop, whose `on` is a column of this hop's table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub then: Option<Box<Lookup>>,
+}
+
+impl Lookup {
+    /// The hops, first to last.
+    pub fn hops(&self) -> Vec<&Lookup> {
+        let mut v = vec![self];
+        while let Some(n) = v.last().and_then(|h| h.then.as_deref()) {
+            v.push(n);
+        }
+        v
+    }
+}
+
+/// Where a lookup's reference comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(untagged)]
+pub enum RefSource {
+    /// A column (its text form).
+    Column(String),
+    /// A member of a json/jsonb column: `path` is a member name, or several joined by
+    /// `.` (`"product.variant_id"`).
+    Json { json: String, path: String },
+}
+
+impl RefSource {
+    /// The column read (the JSON column for a JSON member).
+    pub fn column(&self) -> &str {
+        match self {
+            RefSource::Column(c) => c,
+            RefSource::Json { json, .. } => json,
+        }
+    }
+
+    /// For messages: `col` or `col.path`.
+    pub fn label(&self) -> String {
+        match self {
+            RefSource::Column(c) => c.clone(),
+            RefSource::Json { json, path } => format!("{json}->{path}"),
+        }
+    }
+}
+
 /// Where an activity row's kind comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(untagged)]
@@ -238,8 +361,9 @@ impl KindSource {
 pub struct ActivityMap {
     /// `schema.table`.
     pub table: String,
-    /// Column whose text form is the SKU.
-    pub sku: String,
+    /// Column whose text form is the SKU, or a lookup (attributed when the row is
+    /// inserted; `on` may be a JSON member: `on = { json = "properties", path = "variant_id" }`).
+    pub sku: ValueSource,
     /// Column whose value names the event kind, or `{ value = "view" }`: every row of the
     /// table is that kind (a table per event type).
     pub kind: KindSource,
@@ -273,6 +397,76 @@ pub struct ActivityMap {
     /// logged; never part of the mapping fingerprint (serialized as null).
     #[serde(default, serialize_with = "serialize_as_none")]
     pub user_key: Option<Secret<String>>,
+}
+
+/// Check a column-or-lookup value (`what` names the key in messages).
+fn validate_source(what: &str, v: &ValueSource, activity: bool) -> Result<(), ConfigError> {
+    let err = |m: String| Err(ConfigError(m));
+    let l = match v {
+        ValueSource::Column(c) if c.is_empty() => return err(format!("{what}: empty column name")),
+        ValueSource::Column(_) => return Ok(()),
+        ValueSource::Lookup(l) => l,
+    };
+    let hops = l.hops();
+    if hops.len() > 4 {
+        return err(format!("{what}: a lookup may have at most 4 hops"));
+    }
+    for (n, h) in hops.iter().enumerate() {
+        let at = if n == 0 {
+            what.to_string()
+        } else {
+            format!("{what}{}", ".then".repeat(n))
+        };
+        let valid_table = h
+            .from
+            .split_once('.')
+            .is_some_and(|(s, t)| !s.is_empty() && !t.is_empty() && !t.contains('.'));
+        if !valid_table {
+            return err(format!("{at}.from: {:?} must be schema.table", h.from));
+        }
+        match &h.on {
+            RefSource::Column(c) if c.is_empty() => {
+                return err(format!("{at}.on: empty column name"));
+            }
+            RefSource::Json { json, path } => {
+                if !activity || n > 0 {
+                    return err(format!(
+                        "{at}.on: a JSON member as the reference is taken on the first hop of an \
+                         [[activity]] table only (a stock row's references must be columns)"
+                    ));
+                }
+                if json.is_empty() || path.is_empty() || path.split('.').any(str::is_empty) {
+                    return err(format!(
+                        "{at}.on: give the JSON column and a member path, e.g. {{ json = \"properties\", path = \"variant_id\" }}"
+                    ));
+                }
+            }
+            RefSource::Column(_) => {}
+        }
+        if h.key.as_deref() == Some("") {
+            return err(format!("{at}.key: empty column name"));
+        }
+        let last = n + 1 == hops.len();
+        match (&h.column, last) {
+            (None, true) => {
+                return err(format!(
+                    "{at}.column: name the column of {} whose value is taken",
+                    h.from
+                ));
+            }
+            (Some(_), false) => {
+                return err(format!(
+                    "{at}.column: a hop followed by `then` takes no column (the value comes from the last hop)"
+                ));
+            }
+            (Some(c), true) if c.is_empty() => return err(format!("{at}.column: empty column name")),
+            _ => {}
+        }
+        if let Err(e) = crate::fold::filter::Filter::parse(&h.filter) {
+            return err(format!("{at}.{e}"));
+        }
+    }
+    Ok(())
 }
 
 /// Serializes a secret as `null`, so the fingerprint of a mapping never covers it.
@@ -620,11 +814,12 @@ impl Config {
             if !tables.insert(m.table.clone()) {
                 return err(format!("inventory[{i}].table: {} is mapped twice", m.table));
             }
-            for (k, v) in [
-                ("sku", Some(&m.sku)),
-                ("location", m.location.as_ref()),
-                ("low_stock", m.low_stock.as_ref()),
-            ]
+            for (k, v) in [("sku", Some(&m.sku)), ("location", m.location.as_ref())] {
+                if let Some(v) = v {
+                    validate_source(&format!("inventory[{i}].{k}"), v, false)?;
+                }
+            }
+            for (k, v) in [("low_stock", m.low_stock.as_ref())]
             .into_iter()
             .chain(m.on_hand.names().iter().map(|c| ("on_hand", Some(c))))
             .chain(
@@ -668,6 +863,7 @@ impl Config {
             if let Err(e) = crate::fold::filter::Filter::parse(&m.filter) {
                 return err(format!("activity[{i}].{e}"));
             }
+            validate_source(&format!("activity[{i}].sku"), &m.sku, true)?;
             if m.scale.is_some_and(|s| s > 9) {
                 return err(format!("activity[{i}].scale: must be between 0 and 9"));
             }
@@ -709,6 +905,32 @@ impl Config {
                 e.2 |= m.user.is_some();
             }
             self.user_key(i)?;
+        }
+        // A referenced table is followed as a lookup, never counted itself.
+        for (what, m) in self
+            .inventory
+            .iter()
+            .enumerate()
+            .flat_map(|(i, m)| {
+                [("sku", Some(&m.sku)), ("location", m.location.as_ref())]
+                    .into_iter()
+                    .filter_map(move |(k, v)| Some((format!("inventory[{i}].{k}"), v?)))
+            })
+            .chain(
+                self.activity
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| (format!("activity[{i}].sku"), &a.sku)),
+            )
+        {
+            for h in m.lookup().map(|l| l.hops()).unwrap_or_default() {
+                if tables.contains(&h.from) {
+                    return err(format!(
+                        "{what}: {} is a mapped table; a lookup must read another table",
+                        h.from
+                    ));
+                }
+            }
         }
         // A counter's window and distinct-user members in the MQTT payload must not
         // collide with another counter's (`views_5m` the counter, and the 5m window of

@@ -774,27 +774,23 @@ impl Daemon {
             if events.is_some() {
                 last_event = tokio::time::Instant::now();
             }
-            // Rows of indexed stock tables (surrogate keys) are folded under the SKU the row
-            // index holds them at: read the ones the fold does not know, in one round trip.
+            // Rows of indexed stock tables (surrogate keys, lookups) are folded with what
+            // Redis' index holds for them: read what the fold does not know, in one round
+            // trip per link of state.
             if let Some(evs) = &events {
-                let fields: Vec<String> = evs
+                let changes: Vec<&crate::txn::Change> = evs
                     .iter()
                     .filter_map(|ev| match ev {
-                        SourceEvent::Event(Event::Change(c)) => fold.unresolved(c),
+                        SourceEvent::Event(Event::Change(c)) => Some(c),
                         _ => None,
                     })
                     .collect();
-                if !fields.is_empty() {
-                    let holders = match applier.read_row_index(&fields).await {
-                        Ok(h) => h,
-                        Err(e) if e.is_transient() => {
-                            return Ok(Cycle::Restart(format!("reading the row index: {e}")));
-                        }
-                        Err(e) => return Err(e.into()),
-                    };
-                    for (f, h) in fields.into_iter().zip(holders) {
-                        fold.know_holder(f, h);
+                match applier.read_needs(&mut fold, &changes).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_transient() => {
+                        return Ok(Cycle::Restart(format!("reading the row index: {e}")));
                     }
+                    Err(e) => return Err(e.into()),
                 }
             }
             let mut commits = 0u64;
@@ -975,6 +971,14 @@ impl Daemon {
                         fold.begin(&b);
                     }
                     SourceEvent::Event(Event::Change(c)) => {
+                        // what an earlier change of this chunk made it need (rare)
+                        match applier.read_needs(&mut fold, &[&c]).await {
+                            Ok(()) => {}
+                            Err(e) if e.is_transient() => {
+                                return Ok(Cycle::Restart(format!("reading the row index: {e}")));
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
                         if let Some(p) = fold
                             .change(&c)
                             .map_err(|e| schema_stop(e, Some(c.commit_lsn)))?

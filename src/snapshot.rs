@@ -124,6 +124,13 @@ pub async fn load(
     let mut stats = LoadStats::default();
     let mut seq = 0u64;
     let tables: Vec<String> = mapping.tables().map(str::to_string).collect();
+    // Tables read by lookups load first: the mapped rows resolve through them.
+    let load_order: Vec<String> = mapping
+        .lookup_tables()
+        .into_iter()
+        .map(str::to_string)
+        .chain(tables.iter().cloned())
+        .collect();
     // Read in the snapshot: the partitions whose rows this load reads.
     let stock: Vec<String> = mapping.inventory.iter().map(|m| m.table.clone()).collect();
     let trees = crate::pg::partitions::read(&client, cfg, &tables).await?;
@@ -131,7 +138,7 @@ pub async fn load(
         return Err(SnapshotError::Schema(problem));
     }
     stats.partitions = trees.fingerprints(stock.iter().map(String::as_str));
-    for table in tables {
+    for table in load_order {
         let rel = describe(&client, cfg, &table)
             .await?
             .ok_or_else(|| {
@@ -147,28 +154,9 @@ pub async fn load(
             .resolve(&rel)
             .map_err(|e| SnapshotError::Schema(e.0))?
         {
-            Rule::Inventory(r) => {
-                let mut v: Vec<usize> = r.key.clone();
-                v.extend(r.filter.iter().flat_map(|f| f.cols.iter().map(|c| c.0)));
-                v.extend([Some(r.sku), r.location, r.low_stock].into_iter().flatten());
-                v.extend(&r.on_hand);
-                v.extend(r.reserved.iter().flatten());
-                v
-            }
-            Rule::Activity(r) => [
-                Some(r.sku),
-                match r.kind {
-                    crate::fold::mapping::Kind::Column(i) => Some(i),
-                    crate::fold::mapping::Kind::Constant(_) => None,
-                },
-                r.user,
-                r.time,
-            ]
-            .into_iter()
-            .flatten()
-            .chain(r.quantity.iter().flatten().copied())
-            .chain(r.filter.iter().flat_map(|f| f.cols.iter().map(|c| c.0)))
-            .collect(),
+            Rule::Inventory(r) => r.columns(),
+            Rule::Activity(r) => r.columns(),
+            Rule::Lookup(l) => l.columns(),
             Rule::Unmapped => continue,
         };
         let mut needed = needed;
@@ -210,6 +198,8 @@ pub async fn load(
         let started = Instant::now();
         let mut table_rows = 0u64;
         let mut pending: Vec<crate::fold::Piece> = Vec::new();
+        // Rows are folded in runs, after one read of the index state they need (lookups).
+        let mut run: Vec<crate::txn::Change> = Vec::new();
         loop {
             let chunk = stream.next().await.transpose().map_err(sql)?;
             let done = chunk.is_none();
@@ -224,22 +214,20 @@ pub async fn load(
                 for (i, f) in needed.iter().zip(fields) {
                     tuple[*i] = f;
                 }
-                let change = crate::txn::Change {
+                run.push(crate::txn::Change {
                     op: Op::Insert,
                     rel: rel.clone(),
                     old: None,
                     new: Some(tuple),
                     seq,
                     commit_lsn: fence,
-                };
+                });
                 seq += 1;
                 table_rows += 1;
-                if let Some(p) = fold
-                    .change(&change)
-                    .map_err(|e| SnapshotError::Schema(e.0))?
-                {
-                    pending.push(p);
+                if run.len() < 512 {
+                    continue;
                 }
+                fold_run(&mut fold, applier, &mut run, &mut pending).await?;
                 if !pending.is_empty() {
                     for p in pending.drain(..) {
                         applier
@@ -258,6 +246,18 @@ pub async fn load(
                 }
             }
             if done {
+                fold_run(&mut fold, applier, &mut run, &mut pending).await?;
+                for p in pending.drain(..) {
+                    applier
+                        .apply_pieces(std::slice::from_ref(&p), None, true)
+                        .await?;
+                    if !p.ri.is_empty() {
+                        applier.write_row_index(&p.ri, None).await?;
+                    }
+                    stats.skus += p.skus.len() as u64;
+                }
+                let g = fold.seal();
+                fold.forget(g);
                 break;
             }
         }
@@ -289,6 +289,27 @@ pub async fn load(
     client.batch_execute("COMMIT").await.map_err(sql)?;
     stats.tables = fold.tables().clone();
     Ok(stats)
+}
+
+/// Fold a run of snapshot rows after reading the index state they need.
+async fn fold_run(
+    fold: &mut Fold,
+    applier: &mut Applier,
+    run: &mut Vec<crate::txn::Change>,
+    pending: &mut Vec<crate::fold::Piece>,
+) -> Result<(), SnapshotError> {
+    let refs: Vec<&crate::txn::Change> = run.iter().collect();
+    applier.read_needs(fold, &refs).await?;
+    for change in run.drain(..) {
+        applier.read_needs(fold, &[&change]).await?;
+        if let Some(p) = fold
+            .change(&change)
+            .map_err(|e| SnapshotError::Schema(e.0))?
+        {
+            pending.push(p);
+        }
+    }
+    Ok(())
 }
 
 /// The row filter the configured publications put on a table (PostgreSQL 15+): `None`

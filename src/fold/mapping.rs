@@ -33,6 +33,34 @@ pub struct Mapping {
     /// Decimal places of every stored quantity: the largest `scale` of any table (0:
     /// whole numbers). Quantities are folded in units of 10^-scale.
     pub scale: u32,
+    /// Every hop of every lookup, numbered in config order (inventory `sku`, `location`,
+    /// then activity `sku`); a hop's number names its lookup state in Redis.
+    pub hops: Vec<HopSpec>,
+}
+
+/// One hop of a lookup: rows of `from`, keyed by `key`, each resolving to the text of
+/// `column` (the last hop) or to a reference into the next hop (`next`'s `on` column of
+/// this table), when it passes `filter`.
+#[derive(Debug, Clone)]
+pub struct HopSpec {
+    pub id: usize,
+    pub from: String,
+    /// Where the reference into this hop is read (a column of the mapped table or of the
+    /// previous hop's table).
+    pub on: crate::config::RefSource,
+    pub key: Option<String>,
+    pub column: Option<String>,
+    pub filter: Filter,
+    /// The next hop, if any.
+    pub next: Option<usize>,
+    /// The previous hop (`None`: the first, read from the mapped table).
+    pub prev: Option<usize>,
+    /// The config key it belongs to, for messages (`inventory[0].sku`).
+    pub owner: String,
+    /// The mapped table it serves.
+    pub table: String,
+    /// Whether the mapped table is a stock table (its rows follow the lookup's changes).
+    pub stock: bool,
 }
 
 /// An activity table with parsed windows and its HMAC key.
@@ -97,7 +125,45 @@ impl Mapping {
                 Filter::parse(&m.filter).map_err(|e| ConfigError(format!("inventory[{i}].{e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let mut hops = Vec::new();
+        let sources = cfg
+            .inventory
+            .iter()
+            .enumerate()
+            .flat_map(|(i, m)| {
+                [("sku", Some(&m.sku)), ("location", m.location.as_ref())]
+                    .into_iter()
+                    .filter_map(move |(k, v)| {
+                        Some((format!("inventory[{i}].{k}"), m.table.clone(), true, v?))
+                    })
+            })
+            .chain(cfg.activity.iter().enumerate().map(|(i, a)| {
+                (format!("activity[{i}].sku"), a.table.clone(), false, &a.sku)
+            }));
+        for (owner, table, stock, v) in sources {
+            let Some(l) = v.lookup() else { continue };
+            let chain = l.hops();
+            let first = hops.len();
+            for (n, h) in chain.iter().enumerate() {
+                let filter = Filter::parse(&h.filter)
+                    .map_err(|e| ConfigError(format!("{owner}: {e}")))?;
+                hops.push(HopSpec {
+                    id: first + n,
+                    from: h.from.clone(),
+                    on: h.on.clone(),
+                    key: h.key.clone(),
+                    column: h.column.clone(),
+                    filter,
+                    next: (n + 1 < chain.len()).then_some(first + n + 1),
+                    prev: n.checked_sub(1).map(|p| first + p),
+                    owner: owner.clone(),
+                    table: table.clone(),
+                    stock,
+                });
+            }
+        }
         Ok(Mapping {
+            hops,
             inventory: cfg.inventory.clone(),
             inventory_filters,
             publications: cfg.postgres.publication.names(),
@@ -167,6 +233,125 @@ impl Mapping {
             .chain(self.activity.iter().map(|a| a.map.table.as_str()))
     }
 
+    /// Tables read by lookups (each once, in hop order).
+    pub fn lookup_tables(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for h in &self.hops {
+            if !out.contains(&h.from.as_str()) {
+                out.push(&h.from);
+            }
+        }
+        out
+    }
+
+    /// Whether a stock table takes a value through a lookup.
+    pub fn has_lookups(&self, inventory_index: usize) -> bool {
+        let m = &self.inventory[inventory_index];
+        m.sku.lookup().is_some() || m.location.as_ref().is_some_and(|l| l.lookup().is_some())
+    }
+
+    /// The first hop of a mapped table's lookup for a config key (`sku`, `location`).
+    fn first_hop(&self, table: &str, key: &str) -> Option<usize> {
+        self.hops
+            .iter()
+            .find(|h| h.prev.is_none() && h.table == table && h.owner.ends_with(&format!(".{key}")))
+            .map(|h| h.id)
+    }
+
+    /// Resolve a referenced table's relation: its hops' key, value and filter columns.
+    fn resolve_lookup(&self, rel: &RelationDesc, name: &str) -> Result<Rule, SchemaError> {
+        let mut hops = Vec::new();
+        let identity: Vec<usize> = rel
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is_key)
+            .map(|(i, _)| i)
+            .collect();
+        let full = rel.replica_identity == ReplicaIdentity::Full;
+        for h in self.hops.iter().filter(|h| h.from == name) {
+            let what = format!("{} lookup in {}", h.owner, name);
+            let key = match &h.key {
+                Some(k) => resolve_column(rel, name, &format!("{}.key", h.owner), k, None)?,
+                None => match identity.as_slice() {
+                    [one] if !full => *one,
+                    _ => {
+                        return Err(SchemaError(format!(
+                            "{what}: {name} has no single-column primary key to match the reference; \
+                             name the referenced column with `key = \"...\"`"
+                        )));
+                    }
+                },
+            };
+            if !full && !identity.contains(&key) {
+                return Err(SchemaError(format!(
+                    "{what}: its key column {} is not in the replica identity of {name}, so a deleted row \
+                     cannot be matched; fix it with: ALTER TABLE {} REPLICA IDENTITY USING INDEX <a unique \
+                     index on that column>;",
+                    rel.columns[key].name,
+                    crate::pg::ident::quote_table(name)
+                )));
+            }
+            let value = match (&h.column, h.next) {
+                (Some(c), None) => resolve_column(rel, name, &format!("{}.column", h.owner), c, None)?,
+                (_, Some(next)) => {
+                    let on = self.hops[next].on.column();
+                    resolve_column(rel, name, &format!("{}.then.on", h.owner), on, None)?
+                }
+                (None, None) => {
+                    return Err(SchemaError(format!("{what}: no column to take")));
+                }
+            };
+            let filter = resolve_filter(rel, name, &h.filter)?;
+            hops.push(HopRule {
+                hop: h.id,
+                key,
+                value,
+                filter,
+            });
+        }
+        Ok(Rule::Lookup(LookupRule {
+            table: name.to_string(),
+            hops,
+        }))
+    }
+
+    /// A mapped row's value source resolved against its relation.
+    fn resolve_attr(
+        &self,
+        rel: &RelationDesc,
+        table: &str,
+        key: &str,
+        v: &crate::config::ValueSource,
+    ) -> Result<Attr, SchemaError> {
+        match v {
+            crate::config::ValueSource::Column(c) => {
+                Ok(Attr::Column(resolve_column(rel, table, key, c, None)?))
+            }
+            crate::config::ValueSource::Lookup(l) => {
+                let hop = self.first_hop(table, key).ok_or_else(|| {
+                    SchemaError(format!("internal: no lookup hop for {table} {key}"))
+                })?;
+                let on = match &l.on {
+                    crate::config::RefSource::Column(c) => {
+                        RefCol::Column(resolve_column(rel, table, &format!("{key}.on"), c, None)?)
+                    }
+                    crate::config::RefSource::Json { json, path } => {
+                        let i = resolve_column(rel, table, &format!("{key}.on.json"), json, None)?;
+                        let t = rel.columns[i].type_oid;
+                        if t != oid::JSON && t != oid::JSONB {
+                            return Err(SchemaError(format!(
+                                "mapped column {table}.{json} (config key {key}.on.json) has type oid {t}; it must be json or jsonb"
+                            )));
+                        }
+                        RefCol::Json(i, path.split('.').map(str::to_string).collect())
+                    }
+                };
+                Ok(Attr::Lookup { hop, on })
+            }
+        }
+    }
+
     /// Resolve a relation against the mapping.
     pub fn resolve(&self, rel: &RelationDesc) -> Result<Rule, SchemaError> {
         self.resolve_as(rel, rel.qualified_name())
@@ -184,7 +369,7 @@ impl Mapping {
             let col = |key: &str, col: &str, types: Option<&[u32]>| {
                 resolve_column(rel, &name, key, col, types)
             };
-            let sku = col("sku", &m.sku, None)?;
+            let sku = self.resolve_attr(rel, &name, "sku", &m.sku)?;
             let cols = |key: &str, c: &crate::config::Columns| {
                 c.names()
                     .iter()
@@ -194,8 +379,8 @@ impl Mapping {
             let on_hand = cols("on_hand", &m.on_hand)?;
             let location = m
                 .location
-                .as_deref()
-                .map(|c| col("location", c, None))
+                .as_ref()
+                .map(|v| self.resolve_attr(rel, &name, "location", v))
                 .transpose()?;
             let reserved = m
                 .reserved
@@ -224,8 +409,18 @@ impl Mapping {
                 )));
             }
             // A key without the SKU (a surrogate `id`): deletes and updates name the row by
-            // its key alone, and the row index says which SKU holds it.
-            let indexed = !full && !key.contains(&sku);
+            // its key alone, and the row index says which SKU holds it. A row whose SKU or
+            // location is looked up is indexed whatever its key: the index keeps its
+            // references and values, which a change of a referenced row moves.
+            let records = matches!(sku, Attr::Lookup { .. })
+                || matches!(location, Some(Attr::Lookup { .. }));
+            if records && full {
+                return Err(SchemaError(format!(
+                    "stock table {name} takes its SKU or location through a lookup, which needs its rows named \
+                     by a key; give it a primary key (REPLICA IDENTITY DEFAULT) instead of REPLICA IDENTITY FULL"
+                )));
+            }
+            let indexed = !full && (records || !matches!(sku, Attr::Column(c) if key.contains(&c)));
             return Ok(Rule::Inventory(InventoryRule {
                 index: i,
                 table: name,
@@ -237,6 +432,7 @@ impl Mapping {
                 key,
                 full,
                 indexed,
+                records,
                 filter,
                 scale: m.scale.unwrap_or(0),
             }));
@@ -257,7 +453,7 @@ impl Mapping {
                 filter,
                 scale: m.scale.unwrap_or(0),
                 table: name.clone(),
-                sku: col("sku", &m.sku, None)?,
+                sku: self.resolve_attr(rel, &name, "sku", &m.sku)?,
                 kind: match &m.kind {
                     crate::config::KindSource::Column(c) => Kind::Column(col("kind", c, None)?),
                     crate::config::KindSource::Value { value } => Kind::Constant(value.clone()),
@@ -283,6 +479,9 @@ impl Mapping {
                     .map(|c| col("time", c, Some(&TIME_TYPES)))
                     .transpose()?,
             }));
+        }
+        if self.hops.iter().any(|h| h.from == name) {
+            return self.resolve_lookup(rel, &name);
         }
         Ok(Rule::Unmapped)
     }
@@ -353,8 +552,112 @@ pub struct SchemaError(pub String);
 pub enum Rule {
     Inventory(InventoryRule),
     Activity(ActivityRule),
+    /// A table read by lookups: its rows resolve references of mapped rows.
+    Lookup(LookupRule),
     /// In the publication but not mapped: ignored (and counted).
     Unmapped,
+}
+
+/// A mapped row's SKU or location: a column, or a lookup starting at `hop`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attr {
+    Column(usize),
+    Lookup { hop: usize, on: RefCol },
+}
+
+impl Attr {
+    /// The column of the mapped row it reads.
+    pub fn column(&self) -> usize {
+        match self {
+            Attr::Column(i)
+            | Attr::Lookup {
+                on: RefCol::Column(i) | RefCol::Json(i, _),
+                ..
+            } => *i,
+        }
+    }
+}
+
+impl InventoryRule {
+    /// Every column its rows are folded from (key, SKU, location, quantities, filter).
+    pub fn columns(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = self.key.clone();
+        v.extend(self.filter.iter().flat_map(|f| f.cols.iter().map(|c| c.0)));
+        v.push(self.sku.column());
+        v.extend(self.location.as_ref().map(Attr::column));
+        v.extend(self.low_stock);
+        v.extend(&self.on_hand);
+        v.extend(self.reserved.iter().flatten());
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
+
+impl ActivityRule {
+    /// Every column its rows are counted from.
+    pub fn columns(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = [
+            Some(self.sku.column()),
+            match self.kind {
+                Kind::Column(i) => Some(i),
+                Kind::Constant(_) => None,
+            },
+            self.user,
+            self.time,
+        ]
+        .into_iter()
+        .flatten()
+        .chain(self.quantity.iter().flatten().copied())
+        .chain(self.filter.iter().flat_map(|f| f.cols.iter().map(|c| c.0)))
+        .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
+
+impl LookupRule {
+    /// Every column its hops read (keys, values, filters).
+    pub fn columns(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = self
+            .hops
+            .iter()
+            .flat_map(|h| {
+                [h.key, h.value]
+                    .into_iter()
+                    .chain(h.filter.iter().flat_map(|f| f.cols.iter().map(|c| c.0)))
+            })
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
+
+/// Where a reference is read in the mapped row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefCol {
+    Column(usize),
+    /// A JSON column and the member path.
+    Json(usize, Vec<String>),
+}
+
+/// Column positions of a referenced table, per hop it serves.
+#[derive(Debug, Clone)]
+pub struct LookupRule {
+    pub table: String,
+    pub hops: Vec<HopRule>,
+}
+
+/// One hop's columns in its table.
+#[derive(Debug, Clone)]
+pub struct HopRule {
+    pub hop: usize,
+    pub key: usize,
+    /// The value column (last hop) or the next hop's reference column.
+    pub value: usize,
+    pub filter: Option<Arc<Resolved>>,
 }
 
 /// Column positions of a stock table.
@@ -362,8 +665,8 @@ pub enum Rule {
 pub struct InventoryRule {
     pub index: usize,
     pub table: String,
-    pub sku: usize,
-    pub location: Option<usize>,
+    pub sku: Attr,
+    pub location: Option<Attr>,
     /// Summed columns.
     pub on_hand: Vec<usize>,
     pub reserved: Option<Vec<usize>>,
@@ -373,8 +676,11 @@ pub struct InventoryRule {
     /// REPLICA IDENTITY FULL: rows are named by a hash of all their values.
     pub full: bool,
     /// The key does not contain the SKU (a surrogate key): the row index in Redis says
-    /// which SKU holds each row (see `Fold::unresolved`).
+    /// which SKU holds each row (see `Fold::needs`).
     pub indexed: bool,
+    /// Its SKU or location is looked up: the row index keeps each row's record (where it
+    /// counts, its references and values; see `layout::RowRecord`).
+    pub records: bool,
     /// Its row filter: rows that fail it count nowhere.
     pub filter: Option<Arc<Resolved>>,
     /// Fractional digits its quantities may have.
@@ -397,7 +703,7 @@ pub struct ActivityRule {
     /// Fractional digits its quantities may have.
     pub scale: u32,
     pub table: String,
-    pub sku: usize,
+    pub sku: Attr,
     pub kind: Kind,
     /// Summed columns.
     pub quantity: Option<Vec<usize>>,

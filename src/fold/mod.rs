@@ -12,10 +12,12 @@
 
 pub mod batch;
 pub mod filter;
+mod lookup;
 pub mod mapping;
 pub mod model;
 pub mod units;
 
+pub use lookup::Need;
 pub use mapping::{Mapping, Rule, SchemaError};
 
 use crate::lsn::Lsn;
@@ -161,6 +163,12 @@ pub struct FoldStats {
     pub skipped_values: u64,
     /// Rows that failed their table's `where` filter.
     pub filtered_rows: u64,
+    /// Stock rows placed nowhere because a lookup did not resolve (a missing or
+    /// filtered-out referenced row, a NULL reference), and activity rows not counted for
+    /// that reason.
+    pub unresolved_rows: u64,
+    /// Changes of referenced rows that changed what they resolve to.
+    pub lookup_changes: u64,
 }
 
 /// The fold state machine.
@@ -186,6 +194,9 @@ pub struct Fold {
     /// [`Fold::know_holder`]), kept while batches that change them are in flight, then
     /// forgotten ([`Fold::forget`]): memory follows the rows of the pending batches.
     holders: HashMap<String, Holder>,
+    /// Referenced rows whose dependents were read from Redis (into `holders`), with the
+    /// generation of that read: forgotten with it.
+    deps_known: HashMap<(usize, String), u64>,
     generation: u64,
 }
 
@@ -218,37 +229,25 @@ impl Fold {
             tables: TableIdentities::new(),
             partitions: HashMap::new(),
             holders: HashMap::new(),
+            deps_known: HashMap::new(),
             generation: 1,
         }
     }
 
-    /// The row field of an indexed stock table's change whose holder must be read from
-    /// Redis' row index before [`Fold::change`] can fold it (`None`: none needed). An
-    /// INSERT needs none: no row with its key exists when it commits.
-    pub fn unresolved(&mut self, c: &Change) -> Option<String> {
-        if c.op == Op::Insert {
-            return None;
-        }
-        let rule = match self.rules.get(&c.rel.oid) {
+    /// The rule of a change's relation (resolved and kept on first use); `None` when it
+    /// cannot be resolved (the change itself reports why).
+    fn rule_of(&mut self, c: &Change) -> Option<Arc<Rule>> {
+        Some(match self.rules.get(&c.rel.oid) {
             Some(r) => r.clone(),
             None => {
                 let r = Arc::new(self.resolve(&c.rel).ok()?);
                 self.rules.insert(c.rel.oid, r.clone());
                 r
             }
-        };
-        let Rule::Inventory(r) = &*rule else {
-            return None;
-        };
-        if !r.indexed {
-            return None;
-        }
-        let t = c.old.as_ref().map(|(_, t)| t).or(c.new.as_ref())?;
-        let field = row_key_field(r, t).ok()?;
-        (!self.holders.contains_key(&field)).then_some(field)
+        })
     }
 
-    /// What Redis' row index holds for a row (read after [`Fold::unresolved`]); ignored
+    /// What Redis' row index holds for a row (read after [`Fold::needs`]); ignored
     /// when the fold already knows newer (a change folded but not yet applied).
     pub fn know_holder(&mut self, field: String, sku: Option<String>) {
         let generation = self.generation;
@@ -286,6 +285,7 @@ impl Fold {
     /// Forget holders written in generations up to `upto`: Redis' row index has them.
     pub fn forget(&mut self, upto: u64) {
         self.holders.retain(|_, h| h.generation > upto);
+        self.deps_known.retain(|_, g| *g > upto);
     }
 
     fn set_holder(&mut self, field: String, sku: Option<String>) {
@@ -473,7 +473,7 @@ impl Fold {
                     Some(_) => {}
                 }
             }
-            Rule::Activity(_) => {}
+            Rule::Activity(_) | Rule::Lookup(_) => {}
         }
         self.rules.insert(rel.oid, Arc::new(rule));
         Ok(())
@@ -571,8 +571,10 @@ impl Fold {
         };
         match &*rule {
             Rule::Unmapped => self.stats.unmapped_changes += 1,
+            Rule::Inventory(r) if r.records => self.fold_stock_records(r, c),
             Rule::Inventory(r) => self.fold_stock(r, c),
             Rule::Activity(r) => self.fold_activity(r, c),
+            Rule::Lookup(l) => self.fold_lookup(l, c),
         }
         Ok(out)
     }
@@ -586,7 +588,15 @@ impl Fold {
     pub fn truncate(&mut self, t: &Truncate) -> Result<Vec<Piece>, RelationProblem> {
         let mut tables = Vec::new();
         for rel in &t.rels {
-            if let Rule::Inventory(r) = self.resolve(rel)? {
+            let rule = self.resolve(rel)?;
+            if let Rule::Lookup(l) = &rule {
+                // Every dependent would move at once: rebuilt instead.
+                return Err(RelationProblem::Changed(format!(
+                    "table {} read by lookups was truncated",
+                    l.table
+                )));
+            }
+            if let Rule::Inventory(r) = rule {
                 if self.partitions.contains_key(&rel.oid) {
                     return Err(RelationProblem::Changed(format!(
                         "partition {} of stock table {} was truncated",
@@ -682,7 +692,7 @@ impl Fold {
                             // The caller reads every holder first (`unresolved`).
                             self.skip(
                                 &r.table,
-                                &m.sku,
+                                &m.sku.label(),
                                 lsn,
                                 "internal: the row index was not read for this row".into(),
                             );
@@ -706,7 +716,7 @@ impl Fold {
                 }
             },
             (Op::Delete, None) => {
-                self.skip(&r.table, &m.sku, lsn, "delete without an old row".into());
+                self.skip(&r.table, &m.sku.label(), lsn, "delete without an old row".into());
                 return;
             }
             (_, None) => None,
@@ -781,14 +791,15 @@ impl Fold {
                 };
                 let location = match r.location {
                     None => Field::Val(String::new()),
-                    Some(i) => match text(t.get(i)) {
+                    Some(mapping::Attr::Lookup { .. }) => unreachable!("records path"),
+                    Some(mapping::Attr::Column(i)) => match text(t.get(i)) {
                         TextOf::Text(s) => Field::Val(s.to_string()),
                         TextOf::Null => Field::Val(String::new()),
                         TextOf::Unchanged => Field::Keep,
                         TextOf::Bad => {
                             self.skip(
                                 &r.table,
-                                m.location.as_deref().unwrap_or(""),
+                                &m.location.as_ref().map(|l| l.label()).unwrap_or_default(),
                                 lsn,
                                 "location is not UTF-8 text".into(),
                             );
@@ -834,7 +845,7 @@ impl Fold {
         let old_id = old_id.filter(|(s, _)| s.len() <= max_sku);
         let new_state = match new_state {
             Some(((s, _), _)) if s.len() > max_sku => {
-                self.skip(&r.table, &m.sku, lsn, SKU_TOO_LONG.into());
+                self.skip(&r.table, &m.sku.label(), lsn, SKU_TOO_LONG.into());
                 None
             }
             n => n,
@@ -954,15 +965,24 @@ impl Fold {
                 }
             }
         }
-        let sku = match text(t.get(r.sku)) {
-            TextOf::Text(s) => s.to_string(),
-            _ => {
-                self.skip(&r.table, &m.sku, lsn, "SKU is NULL or not text".into());
+        let sku = match self.activity_sku(&r.sku, t) {
+            Ok(Some(s)) => s,
+            Ok(None) if matches!(r.sku, mapping::Attr::Lookup { .. }) => {
+                // the reference is NULL, missing or filtered out: counted nowhere
+                self.stats.unresolved_rows += 1;
+                return;
+            }
+            Ok(None) => {
+                self.skip(&r.table, &m.sku.label(), lsn, "SKU is NULL or not text".into());
+                return;
+            }
+            Err(why) => {
+                self.skip(&r.table, &m.sku.label(), lsn, why.into());
                 return;
             }
         };
         if sku.len() > self.mapping.max_sku_bytes {
-            self.skip(&r.table, &m.sku, lsn, SKU_TOO_LONG.into());
+            self.skip(&r.table, &m.sku.label(), lsn, SKU_TOO_LONG.into());
             return;
         }
         let kind = match &r.kind {
@@ -1171,9 +1191,12 @@ fn row_identity(
             .map(|c| c.name.clone())
             .unwrap_or_default()
     };
-    let sku = match text(t.get(r.sku)) {
+    let mapping::Attr::Column(sku_col) = r.sku else {
+        return Err("SKU lookup".into());
+    };
+    let sku = match text(t.get(sku_col)) {
         TextOf::Text(s) => s.to_string(),
-        _ => return Err(col_name(r.sku)),
+        _ => return Err(col_name(sku_col)),
     };
     if r.full {
         // Every column is the key: hash the values, so none of them (free text, personal

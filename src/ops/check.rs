@@ -593,21 +593,44 @@ fn mapped_columns(cfg: &Config, table: &str) -> Vec<String> {
             .unwrap_or_default()
     };
     let mut cols = Vec::new();
+    let read = |v: &crate::config::ValueSource| match v {
+        crate::config::ValueSource::Column(c) => c.clone(),
+        crate::config::ValueSource::Lookup(l) => l.on.column().to_string(),
+    };
     for m in cfg.inventory.iter().filter(|m| m.table == table) {
-        cols.push(m.sku.clone());
-        cols.extend(m.location.clone());
+        cols.push(read(&m.sku));
+        cols.extend(m.location.as_ref().map(read));
         cols.extend(m.on_hand.names().iter().cloned());
         cols.extend(m.reserved.iter().flat_map(|c| c.names().iter().cloned()));
         cols.extend(m.low_stock.clone());
         cols.extend(filter_cols(&m.filter));
     }
     for a in cfg.activity.iter().filter(|a| a.table == table) {
-        cols.push(a.sku.clone());
+        cols.push(read(&a.sku));
         cols.extend(a.kind.column().map(str::to_string));
         cols.extend(a.quantity.iter().flat_map(|c| c.names().iter().cloned()));
         cols.extend(a.user.clone());
         cols.extend(a.time.clone());
         cols.extend(filter_cols(&a.filter));
+    }
+    // as a referenced table: each hop's key, value (or next reference) and filter
+    let sources = cfg
+        .inventory
+        .iter()
+        .flat_map(|m| [Some(&m.sku), m.location.as_ref()])
+        .chain(cfg.activity.iter().map(|a| Some(&a.sku)))
+        .flatten();
+    for v in sources {
+        let Some(l) = v.lookup() else { continue };
+        let hops = l.hops();
+        for (n, h) in hops.iter().enumerate().filter(|(_, h)| h.from == table) {
+            cols.extend(h.key.clone());
+            cols.extend(h.column.clone());
+            if let Some(next) = hops.get(n + 1) {
+                cols.push(next.on.column().to_string());
+            }
+            cols.extend(filter_cols(&h.filter));
+        }
     }
     cols.sort();
     cols.dedup();

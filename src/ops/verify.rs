@@ -244,6 +244,108 @@ fn valid_sku(col: &str, max_sku_bytes: usize) -> String {
     format!("{c} IS NOT NULL AND octet_length({c}::text) <= {max_sku_bytes}")
 }
 
+/// A mapped row's SKU or location as SQL over the row aliased `__t`: its column, or a
+/// scalar subquery per lookup hop (the hop's `where` names the referenced table's
+/// columns, which an unqualified name finds first).
+fn source_sql(v: &crate::config::ValueSource) -> String {
+    use crate::config::{RefSource, ValueSource};
+    let l = match v {
+        ValueSource::Column(c) => return format!("__t.{}", qi(c)),
+        ValueSource::Lookup(l) => l,
+    };
+    let hops = l.hops();
+    // innermost first: the last hop's value, then wrap outwards
+    let mut expr = String::new();
+    for (n, h) in hops.iter().enumerate().rev() {
+        let alias = format!("__h{n}");
+        let value = match &h.column {
+            Some(c) if n + 1 == hops.len() => format!("{alias}.{}", qi(c)),
+            _ => format!("({expr})"),
+        };
+        let reference = match (&h.on, n) {
+            (RefSource::Column(c), 0) => format!("__t.{}", qi(c)),
+            (RefSource::Column(c), _) => format!("__h{}.{}", n - 1, qi(c)),
+            (RefSource::Json { json, path }, _) => {
+                let mut e = format!("__t.{}", qi(json));
+                let parts: Vec<&str> = path.split('.').collect();
+                for (i, p) in parts.iter().enumerate() {
+                    let op = if i + 1 == parts.len() { "->>" } else { "->" };
+                    e = format!("({e} {op} {})", crate::pg::conn::quote_literal(p));
+                }
+                e
+            }
+        };
+        // named by `with_lookup_keys`
+        let key = qi(h.key.as_deref().unwrap_or("id"));
+        let key = format!("{alias}.{key}");
+        // a JSON member is text: compare text forms (as skusync does)
+        let cond = if matches!(h.on, RefSource::Json { .. }) {
+            format!("{key}::text = {reference}")
+        } else {
+            format!("{key} = {reference}")
+        };
+        let mut filter = format!("WHERE {cond}");
+        if let Some(w) = row_filter(&h.filter) {
+            filter.push_str(&format!(" AND {w}"));
+        }
+        expr = format!("SELECT {value} FROM {} {alias} {filter}", qt(&h.from));
+    }
+    format!("({expr})")
+}
+
+/// The mapped tables with every lookup hop's `key` named: a hop without one matches the
+/// referenced table's primary key, read from the catalog.
+async fn with_lookup_keys(
+    client: &tokio_postgres::Client,
+    cfg: &Config,
+) -> Result<(Vec<crate::config::InventoryMap>, Vec<crate::config::ActivityMap>), String> {
+    async fn fill(
+        client: &tokio_postgres::Client,
+        v: &mut crate::config::ValueSource,
+    ) -> Result<(), String> {
+        let crate::config::ValueSource::Lookup(l) = v else {
+            return Ok(());
+        };
+        let mut hop = Some(&mut **l);
+        while let Some(h) = hop {
+            if h.key.is_none() {
+                let rows = client
+                    .query(
+                        "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a \
+                         ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+                         WHERE i.indrelid = to_regclass($1) AND i.indisprimary",
+                        &[&super::table_ident(&h.from)],
+                    )
+                    .await
+                    .map_err(|e| format!("reading the primary key of {}: {e}", h.from))?;
+                match rows.as_slice() {
+                    [one] => h.key = Some(one.get(0)),
+                    _ => {
+                        return Err(format!(
+                            "{} has no single-column primary key; name the lookup's key",
+                            h.from
+                        ));
+                    }
+                }
+            }
+            hop = h.then.as_deref_mut();
+        }
+        Ok(())
+    }
+    let mut inventory = cfg.inventory.clone();
+    for m in &mut inventory {
+        fill(client, &mut m.sku).await?;
+        if let Some(l) = &mut m.location {
+            fill(client, l).await?;
+        }
+    }
+    let mut activity = cfg.activity.clone();
+    for a in &mut activity {
+        fill(client, &mut a.sku).await?;
+    }
+    Ok((inventory, activity))
+}
+
 /// The aggregate of one `[[inventory]]` table: (sku, location, on_hand, reserved) per
 /// SKU and location, over the rows a snapshot counts. `$1` (text[]) restricts the SKUs
 /// when `only`.
@@ -254,21 +356,17 @@ fn stock_sql(
     scale: u32,
 ) -> String {
     let d = Digits::of(m.scale, scale);
-    let sku = qi(&m.sku);
+    let sku = source_sql(&m.sku);
     let loc = m
         .location
         .as_ref()
-        .map(|l| format!("{}::text", qi(l)))
+        .map(|l| format!("{}::text", source_sql(l)))
         .unwrap_or_else(|| "NULL::text".into());
-    let mut filter = format!(
-        "{} AND {}",
-        valid_sku(&m.sku, max_sku_bytes),
-        valid_quantity(&m.on_hand, d)
-    );
+    let mut filter = valid_quantity(&m.on_hand, d);
     let res = match &m.reserved {
         Some(r) => {
             filter.push_str(&format!(" AND {}", valid_quantity(r, d)));
-            format!("sum({})", quantity_sql(r))
+            quantity_sql(r)
         }
         None => "0".into(),
     };
@@ -283,12 +381,18 @@ fn stock_sql(
     if let Some(w) = row_filter(&m.filter) {
         filter.push_str(&format!(" AND {w}"));
     }
+    let mut outer = valid_sku("s", max_sku_bytes);
+    if m.location.as_ref().is_some_and(|l| l.lookup().is_some()) {
+        // a location that does not resolve places the row nowhere
+        outer.push_str(" AND l IS NOT NULL");
+    }
     if only {
-        filter.push_str(&format!(" AND {sku}::text = ANY($1)"));
+        outer.push_str(" AND s::text = ANY($1)");
     }
     format!(
-        "SELECT {sku}::text, {loc}, sum({oh})::text, ({res})::text FROM {tab} \
-         WHERE {filter} GROUP BY 1, 2",
+        "SELECT s::text, l, sum(oh)::text, sum(res)::text FROM \
+         (SELECT {sku} AS s, {loc} AS l, {oh} AS oh, {res} AS res FROM {tab} __t WHERE {filter}) __x \
+         WHERE {outer} GROUP BY 1, 2",
         oh = quantity_sql(&m.on_hand),
         tab = qt(&m.table),
     )
@@ -303,31 +407,31 @@ fn activity_sql(
     scale: u32,
 ) -> String {
     let d = Digits::of(a.scale, scale);
-    let sku = qi(&a.sku);
+    let sku = source_sql(&a.sku);
     // a constant kind is a literal (text the config validated; quoted as SQL text)
     let kind = match &a.kind {
         crate::config::KindSource::Column(c) => qi(c),
         crate::config::KindSource::Value { value } => crate::pg::conn::quote_literal(value),
     };
-    let mut filter = format!(
-        "{} AND {kind}::text = ANY($1)",
-        valid_sku(&a.sku, max_sku_bytes)
-    );
+    let mut filter = format!("{kind}::text = ANY($1)");
     let val = match &a.quantity {
         Some(q) => {
             filter.push_str(&format!(" AND {}", valid_quantity(q, d)));
-            format!("sum({})", quantity_sql(q))
+            quantity_sql(q)
         }
-        None => "count(*)".into(),
+        None => "1".into(),
     };
     if let Some(w) = row_filter(&a.filter) {
         filter.push_str(&format!(" AND {w}"));
     }
+    let mut outer = valid_sku("s", max_sku_bytes);
     if only {
-        filter.push_str(&format!(" AND {sku}::text = ANY($2)"));
+        outer.push_str(" AND s::text = ANY($2)");
     }
     format!(
-        "SELECT {sku}::text, {kind}::text, ({val})::text FROM {tab} WHERE {filter} GROUP BY 1, 2",
+        "SELECT s::text, k::text, sum(v)::text FROM \
+         (SELECT {sku} AS s, {kind} AS k, {val} AS v FROM {tab} __t WHERE {filter}) __x \
+         WHERE {outer} GROUP BY 1, 2",
         tab = qt(&a.table),
     )
 }
@@ -382,7 +486,8 @@ async fn sql_truth(
         let scale = cfg.quantity_scale();
         let only_v: Vec<String> = only.map(<[String]>::to_vec).unwrap_or_default();
         let mut t: BTreeMap<String, SkuTruth> = BTreeMap::new();
-        for m in &cfg.inventory {
+        let (inventory, activity) = with_lookup_keys(client, cfg).await?;
+        for m in &inventory {
             let sql = stock_sql(m, max, only.is_some(), scale);
             let rows = if only.is_some() {
                 client.query(&sql, &[&only_v]).await
@@ -408,7 +513,7 @@ async fn sql_truth(
                 }
             }
         }
-        for a in &cfg.activity {
+        for a in &activity {
             let kinds: Vec<String> = a.counters.keys().cloned().collect();
             let sql = activity_sql(a, max, only.is_some(), scale);
             let rows = if only.is_some() {

@@ -251,6 +251,143 @@ pub fn row_index_pattern(prefix: &str) -> String {
     format!("{}:ri:{{*}}", glob_escape(prefix))
 }
 
+/// Append `<len>:<bytes>` (or `~` for none): items whose boundaries are known whatever
+/// bytes they hold.
+fn push_item(out: &mut String, v: Option<&str>) {
+    match v {
+        Some(s) => {
+            out.push_str(&s.len().to_string());
+            out.push(':');
+            out.push_str(s);
+        }
+        None => out.push('~'),
+    }
+}
+
+/// Read one item written by [`push_item`]; returns it and the rest.
+fn take_item(s: &str) -> Option<(Option<&str>, &str)> {
+    if let Some(rest) = s.strip_prefix('~') {
+        return Some((None, rest));
+    }
+    let (n, rest) = s.split_once(':')?;
+    let n: usize = n.parse().ok()?;
+    let v = rest.get(..n)?;
+    Some((Some(v), &rest[n..]))
+}
+
+/// The fold's name for a lookup value: `k:<hop>:<reference>` (see [`state_slot`]).
+pub fn lookup_field(hop: usize, reference: &str) -> String {
+    format!("k:{hop}:{reference}")
+}
+
+/// The fold's name for one dependent of a referenced row: `d:<hop>:<len>:<reference><member>`,
+/// where a member is a stock row's field (first hop) or a key of the previous hop.
+pub fn dep_field(hop: usize, reference: &str, member: &str) -> String {
+    let mut f = dep_prefix(hop, reference);
+    f.push_str(member);
+    f
+}
+
+/// The start of every [`dep_field`] of one referenced row.
+pub fn dep_prefix(hop: usize, reference: &str) -> String {
+    let mut f = format!("d:{hop}:");
+    push_item(&mut f, Some(reference));
+    f
+}
+
+/// Where a piece of index state lives in Redis: (key, field). Row fields (`r:`) live in
+/// their table's row index; lookup values (`k:`) in `<prefix>:ref:{<hop>:<bucket>}`,
+/// field the reference's text, value what it resolves to (the last hop's value, or the
+/// reference into the next hop), absent when the row is missing or filtered out;
+/// dependents (`d:`) in `<prefix>:dep:{<hop>:<bucket of the reference>}`, field
+/// `<len>:<reference><member>`, value `1`, so all dependents of one referenced row are
+/// in one hash (HSCAN with its prefix).
+pub fn state_slot(prefix: &str, field: &str) -> Option<(String, String)> {
+    if field.starts_with("r:") {
+        let table = table_of_row_field(field)?;
+        return Some((
+            row_index_key(prefix, table, row_index_bucket(field)),
+            field.to_string(),
+        ));
+    }
+    if let Some(rest) = field.strip_prefix("k:") {
+        let (hop, reference) = rest.split_once(':')?;
+        let b = row_index_bucket(reference);
+        return Some((format!("{prefix}:ref:{{{hop}:{b}}}"), reference.to_string()));
+    }
+    let rest = field.strip_prefix("d:")?;
+    let (hop, item) = rest.split_once(':')?;
+    let (reference, _) = take_item(item)?;
+    Some((dep_key(prefix, hop.parse().ok()?, reference?), item.to_string()))
+}
+
+/// The hash holding the dependents of a referenced row of `hop`.
+pub fn dep_key(prefix: &str, hop: usize, reference: &str) -> String {
+    format!("{prefix}:dep:{{{hop}:{}}}", row_index_bucket(reference))
+}
+
+/// SCAN MATCH patterns of every lookup-state key (values and dependents).
+pub fn lookup_patterns(prefix: &str) -> [String; 2] {
+    let p = glob_escape(prefix);
+    [format!("{p}:ref:{{*}}"), format!("{p}:dep:{{*}}")]
+}
+
+/// What the row index holds for a row of a stock table whose SKU or location is looked
+/// up: where it counts now (`holder`: the SKU whose hash holds its contribution, `None`
+/// when its lookups do not resolve), its inputs (the SKU and location column texts, or
+/// the references they are looked up by) and its quantities in units. A change of a
+/// referenced row moves the row by this record alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowRecord {
+    pub holder: Option<String>,
+    /// The SKU column's text or the SKU lookup's reference (`None`: NULL).
+    pub sku_in: Option<String>,
+    /// The location column's text or the location lookup's reference.
+    pub loc_in: Option<String>,
+    pub on_hand: i64,
+    pub reserved: i64,
+    pub threshold: Option<i64>,
+}
+
+impl RowRecord {
+    /// `R1` then the items length-prefixed.
+    pub fn encode(&self) -> String {
+        let mut s = String::from("R1");
+        push_item(&mut s, self.holder.as_deref());
+        push_item(&mut s, self.sku_in.as_deref());
+        push_item(&mut s, self.loc_in.as_deref());
+        push_item(&mut s, Some(&self.on_hand.to_string()));
+        push_item(&mut s, Some(&self.reserved.to_string()));
+        push_item(&mut s, self.threshold.map(|t| t.to_string()).as_deref());
+        s
+    }
+
+    /// `None` when it is not a record this build wrote.
+    pub fn decode(s: &str) -> Option<RowRecord> {
+        let rest = s.strip_prefix("R1")?;
+        let (holder, rest) = take_item(rest)?;
+        let (sku_in, rest) = take_item(rest)?;
+        let (loc_in, rest) = take_item(rest)?;
+        let (on, rest) = take_item(rest)?;
+        let (res, rest) = take_item(rest)?;
+        let (thr, rest) = take_item(rest)?;
+        if !rest.is_empty() {
+            return None;
+        }
+        Some(RowRecord {
+            holder: holder.map(str::to_string),
+            sku_in: sku_in.map(str::to_string),
+            loc_in: loc_in.map(str::to_string),
+            on_hand: on?.parse().ok()?,
+            reserved: res?.parse().ok()?,
+            threshold: match thr {
+                Some(t) => Some(t.parse().ok()?),
+                None => None,
+            },
+        })
+    }
+}
+
 /// Escape glob metacharacters for SCAN MATCH.
 pub fn glob_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -394,6 +531,49 @@ mod tests {
         }
         assert_ne!(sku_key("p", ""), sku_key("p", "%"));
         assert_ne!(sku_key("p", "%7D"), sku_key("p", "}"));
+    }
+
+    #[test]
+    fn row_records_round_trip_whatever_bytes_they_hold() {
+        for r in [
+            RowRecord {
+                holder: Some("A:1~".into()),
+                sku_in: Some("7".into()),
+                loc_in: None,
+                on_hand: -5,
+                reserved: 0,
+                threshold: Some(3),
+            },
+            RowRecord {
+                holder: None,
+                sku_in: Some(String::new()),
+                loc_in: Some("~2:x".into()),
+                on_hand: 1 << 52,
+                reserved: 9,
+                threshold: None,
+            },
+        ] {
+            assert_eq!(RowRecord::decode(&r.encode()), Some(r.clone()));
+            assert_eq!(RowRecord::decode(&(r.encode() + "x")), None);
+        }
+        assert_eq!(RowRecord::decode("SKU-1"), None);
+    }
+
+    #[test]
+    fn lookup_state_lives_in_one_hash_per_referenced_row_bucket() {
+        let (k, f) = state_slot("p", &lookup_field(2, "a:b")).unwrap();
+        assert_eq!(f, "a:b");
+        assert!(k.starts_with("p:ref:{2:"));
+        // every dependent of one reference is in the same hash, under its prefix
+        let d1 = dep_field(0, "42", "r:5:t.inv:1:7");
+        let d2 = dep_field(0, "42", "r:5:t.inv:1:8");
+        let (k1, f1) = state_slot("p", &d1).unwrap();
+        let (k2, f2) = state_slot("p", &d2).unwrap();
+        assert_eq!(k1, k2);
+        assert_eq!(k1, dep_key("p", 0, "42"));
+        assert!(f1.starts_with("2:42") && f2.starts_with("2:42"));
+        // a reference that is a prefix of another is not confused with it
+        assert!(!dep_field(0, "421", "x").starts_with(&dep_prefix(0, "42")));
     }
 
     #[test]

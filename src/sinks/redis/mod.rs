@@ -426,12 +426,13 @@ impl Applier {
         let n = chunks.len();
         for (i, chunk) in chunks.into_iter().enumerate() {
             // bucket key -> updates
-            let mut by_key: std::collections::BTreeMap<String, Vec<(&String, &Option<String>)>> =
+            let mut by_key: std::collections::BTreeMap<String, Vec<(String, &Option<String>)>> =
                 Default::default();
             for &(f, v) in chunk {
-                let table = layout::table_of_row_field(f).unwrap_or("");
-                let key = layout::row_index_key(&prefix, table, layout::row_index_bucket(f));
-                by_key.entry(key).or_default().push((f, v));
+                let Some((key, field)) = layout::state_slot(&prefix, f) else {
+                    continue;
+                };
+                by_key.entry(key).or_default().push((field, v));
             }
             let mut inv = script.prepare_invoke();
             inv.key(layout::meta_key(&prefix));
@@ -462,32 +463,95 @@ impl Applier {
         Ok(())
     }
 
-    /// Which SKU holds each of these indexed rows now (row index reads, pipelined).
-    pub async fn read_row_index(
+    /// Read the index state the fold needs for these changes (row holders and records,
+    /// lookup values, dependents) and hand it over, in rounds until it needs nothing
+    /// more: one pipelined round trip per round, and a state chain (a referenced row, its
+    /// dependents, their records) takes a round per link.
+    pub async fn read_needs(
         &mut self,
-        fields: &[String],
-    ) -> Result<Vec<Option<String>>, RedisSinkError> {
-        let prefix = self.settings.prefix.clone();
-        let mut out = Vec::with_capacity(fields.len());
-        for chunk in fields.chunks(1000) {
-            let mut pipe = redis::pipe();
-            for f in chunk {
-                let table = layout::table_of_row_field(f).unwrap_or("");
-                pipe.cmd("HGET")
-                    .arg(layout::row_index_key(
-                        &prefix,
-                        table,
-                        layout::row_index_bucket(f),
-                    ))
-                    .arg(f);
+        fold: &mut crate::fold::Fold,
+        changes: &[&crate::txn::Change],
+    ) -> Result<(), RedisSinkError> {
+        use crate::fold::Need;
+        for _ in 0..16 {
+            let mut needs: Vec<Need> = changes.iter().flat_map(|c| fold.needs(c)).collect();
+            if needs.is_empty() {
+                return Ok(());
             }
-            let got: Vec<Option<String>> = pipe
+            needs.sort();
+            needs.dedup();
+            let prefix = self.settings.prefix.clone();
+            let fields: Vec<(String, String, String)> = needs
+                .iter()
+                .filter_map(|n| match n {
+                    Need::Field(f) => {
+                        let (k, rf) = layout::state_slot(&prefix, f)?;
+                        Some((f.clone(), k, rf))
+                    }
+                    Need::Deps { .. } => None,
+                })
+                .collect();
+            for chunk in fields.chunks(1000) {
+                let mut pipe = redis::pipe();
+                for (_, k, rf) in chunk {
+                    pipe.cmd("HGET").arg(k).arg(rf);
+                }
+                let got: Vec<Option<String>> = pipe
+                    .query_async(&mut self.con)
+                    .await
+                    .map_err(RedisSinkError::from_redis)?;
+                for ((f, _, _), v) in chunk.iter().zip(got) {
+                    fold.know(f.clone(), v);
+                }
+            }
+            for n in &needs {
+                if let Need::Deps { hop, reference } = n {
+                    let members = self.read_deps(*hop, reference).await?;
+                    fold.know_deps(*hop, reference, members);
+                }
+            }
+        }
+        Err(RedisSinkError::Definite(
+            "internal: the fold kept asking for index state after 16 reads".into(),
+        ))
+    }
+
+    /// Every dependent of a referenced row (HSCAN of its dependents hash by prefix).
+    async fn read_deps(
+        &mut self,
+        hop: usize,
+        reference: &str,
+    ) -> Result<Vec<String>, RedisSinkError> {
+        let prefix = self.settings.prefix.clone();
+        let key = layout::dep_key(&prefix, hop, reference);
+        // the hash field of a dependent is the dep field after `d:<hop>:`
+        let full = layout::dep_prefix(hop, reference);
+        let start = full.find(':').and_then(|i| full[i + 1..].find(':').map(|j| i + j + 2));
+        let field_prefix = &full[start.unwrap_or(0)..];
+        let pattern = format!("{}*", layout::glob_escape(field_prefix));
+        let mut cursor: u64 = 0;
+        let mut out = Vec::new();
+        loop {
+            let (next, items): (u64, Vec<String>) = redis::cmd("HSCAN")
+                .arg(&key)
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
                 .query_async(&mut self.con)
                 .await
                 .map_err(RedisSinkError::from_redis)?;
-            out.extend(got);
+            for pair in items.chunks(2) {
+                if let Some(m) = pair[0].strip_prefix(field_prefix) {
+                    out.push(m.to_string());
+                }
+            }
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
         }
-        Ok(out)
     }
 
     /// Clear a truncated indexed table's row index (once per truncate, see
@@ -944,6 +1008,9 @@ pub async fn reset_all(
     unlink_matching(con, &layout::users_key_pattern(prefix)).await?;
     // The row index describes the rows the reset SKUs held: gone with them.
     unlink_matching(con, &layout::row_index_pattern(prefix)).await?;
+    for p in layout::lookup_patterns(prefix) {
+        unlink_matching(con, &p).await?;
+    }
     Ok(skus.len())
 }
 
