@@ -459,7 +459,9 @@ fn validate_source(what: &str, v: &ValueSource, activity: bool) -> Result<(), Co
                     "{at}.column: a hop followed by `then` takes no column (the value comes from the last hop)"
                 ));
             }
-            (Some(c), true) if c.is_empty() => return err(format!("{at}.column: empty column name")),
+            (Some(c), true) if c.is_empty() => {
+                return err(format!("{at}.column: empty column name"));
+            }
             _ => {}
         }
         if let Err(e) = crate::fold::filter::Filter::parse(&h.filter) {
@@ -820,13 +822,14 @@ impl Config {
                 }
             }
             for (k, v) in [("low_stock", m.low_stock.as_ref())]
-            .into_iter()
-            .chain(m.on_hand.names().iter().map(|c| ("on_hand", Some(c))))
-            .chain(
-                m.reserved
-                    .iter()
-                    .flat_map(|r| r.names().iter().map(|c| ("reserved", Some(c)))),
-            ) {
+                .into_iter()
+                .chain(m.on_hand.names().iter().map(|c| ("on_hand", Some(c))))
+                .chain(
+                    m.reserved
+                        .iter()
+                        .flat_map(|r| r.names().iter().map(|c| ("reserved", Some(c)))),
+                )
+            {
                 if v.is_some_and(|c| c.is_empty()) {
                     return err(format!("inventory[{i}].{k}: empty column name"));
                 }

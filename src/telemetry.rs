@@ -54,6 +54,11 @@ pub const UNKNOWN_KINDS: &str = "skusync_unknown_activity_kinds_total";
 pub const UNMAPPED_ROWS: &str = "skusync_unmapped_rows_total";
 /// Row changes that failed their table's `where` filter (they count nowhere).
 pub const FILTERED_ROWS: &str = "skusync_filtered_rows_total";
+/// Rows placed nowhere because a lookup did not resolve (a missing or filtered-out
+/// referenced row, a NULL reference); they count once it resolves.
+pub const UNRESOLVED_ROWS: &str = "skusync_unresolved_rows_total";
+/// Changes of referenced rows that changed what they resolve to (their dependents move).
+pub const LOOKUP_CHANGES: &str = "skusync_lookup_changes_total";
 /// Reconnects, label `server` = `postgres` | `redis` | `mqtt`.
 pub const RECONNECTS: &str = "skusync_reconnects_total";
 /// Rebuilds of Redis from a fresh snapshot (after the first load).
@@ -239,6 +244,14 @@ fn describe_all() {
             FILTERED_ROWS,
             "Row changes that failed their table's where filter (counted nowhere).",
         ),
+        (
+            UNRESOLVED_ROWS,
+            "Rows placed nowhere because a lookup did not resolve.",
+        ),
+        (
+            LOOKUP_CHANGES,
+            "Changes of referenced rows that changed what they resolve to.",
+        ),
         (RESYNCS, "Redis rebuilds from a fresh snapshot."),
     ] {
         describe_counter!(name, help);
@@ -335,6 +348,8 @@ pub fn fold_progress(now: &crate::fold::FoldStats, seen: &mut crate::fold::FoldS
     counter!(UNKNOWN_KINDS).increment(now.unknown_kinds.saturating_sub(seen.unknown_kinds));
     counter!(UNMAPPED_ROWS).increment(now.unmapped_changes.saturating_sub(seen.unmapped_changes));
     counter!(FILTERED_ROWS).increment(now.filtered_rows.saturating_sub(seen.filtered_rows));
+    counter!(UNRESOLVED_ROWS).increment(now.unresolved_rows.saturating_sub(seen.unresolved_rows));
+    counter!(LOOKUP_CHANGES).increment(now.lookup_changes.saturating_sub(seen.lookup_changes));
     *seen = now.clone();
 }
 
@@ -592,6 +607,8 @@ mod tests {
             UNKNOWN_KINDS,
             UNMAPPED_ROWS,
             FILTERED_ROWS,
+            UNRESOLVED_ROWS,
+            LOOKUP_CHANGES,
             RECONNECTS,
             RESYNCS,
             WRITER_REFUSED,

@@ -63,7 +63,11 @@ enum Input {
 
 fn input(t: &Tuple, a: &Attr) -> Input {
     let (i, path) = match a {
-        Attr::Column(i) | Attr::Lookup { on: RefCol::Column(i), .. } => (*i, None),
+        Attr::Column(i)
+        | Attr::Lookup {
+            on: RefCol::Column(i),
+            ..
+        } => (*i, None),
         Attr::Lookup {
             on: RefCol::Json(i, path),
             ..
@@ -252,11 +256,7 @@ impl Fold {
 
     /// The (key, new value) pairs a change of a referenced table makes for one hop: one,
     /// or two when the key itself changed (the old key resolves to nothing).
-    fn hop_changes(
-        &self,
-        hr: &HopRule,
-        c: &Change,
-    ) -> Result<Vec<(String, Option<String>)>, Need> {
+    fn hop_changes(&self, hr: &HopRule, c: &Change) -> Result<Vec<(String, Option<String>)>, Need> {
         let key_of = |t: &Tuple| match cell(t, hr.key) {
             Input::Val(Some(k)) => Some(k),
             _ => None,
@@ -478,7 +478,13 @@ impl Fold {
         let lsn = c.commit_lsn;
         let via = Via::of(r);
         let key_of = |t: &Tuple| super::row_key_field(r, t);
-        let old_field = match c.old.as_ref().map(|(_, t)| t).or(c.new.as_ref()).map(key_of) {
+        let old_field = match c
+            .old
+            .as_ref()
+            .map(|(_, t)| t)
+            .or(c.new.as_ref())
+            .map(key_of)
+        {
             Some(Ok(f)) => f,
             Some(Err(col)) => {
                 self.skip(&r.table, &col, lsn, "the row's key was not sent".into());

@@ -126,27 +126,29 @@ impl Mapping {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut hops = Vec::new();
-        let sources = cfg
-            .inventory
-            .iter()
-            .enumerate()
-            .flat_map(|(i, m)| {
-                [("sku", Some(&m.sku)), ("location", m.location.as_ref())]
-                    .into_iter()
-                    .filter_map(move |(k, v)| {
-                        Some((format!("inventory[{i}].{k}"), m.table.clone(), true, v?))
-                    })
-            })
-            .chain(cfg.activity.iter().enumerate().map(|(i, a)| {
-                (format!("activity[{i}].sku"), a.table.clone(), false, &a.sku)
-            }));
+        let sources =
+            cfg.inventory
+                .iter()
+                .enumerate()
+                .flat_map(|(i, m)| {
+                    [("sku", Some(&m.sku)), ("location", m.location.as_ref())]
+                        .into_iter()
+                        .filter_map(move |(k, v)| {
+                            Some((format!("inventory[{i}].{k}"), m.table.clone(), true, v?))
+                        })
+                })
+                .chain(
+                    cfg.activity.iter().enumerate().map(|(i, a)| {
+                        (format!("activity[{i}].sku"), a.table.clone(), false, &a.sku)
+                    }),
+                );
         for (owner, table, stock, v) in sources {
             let Some(l) = v.lookup() else { continue };
             let chain = l.hops();
             let first = hops.len();
             for (n, h) in chain.iter().enumerate() {
-                let filter = Filter::parse(&h.filter)
-                    .map_err(|e| ConfigError(format!("{owner}: {e}")))?;
+                let filter =
+                    Filter::parse(&h.filter).map_err(|e| ConfigError(format!("{owner}: {e}")))?;
                 hops.push(HopSpec {
                     id: first + n,
                     from: h.from.clone(),
@@ -293,7 +295,9 @@ impl Mapping {
                 )));
             }
             let value = match (&h.column, h.next) {
-                (Some(c), None) => resolve_column(rel, name, &format!("{}.column", h.owner), c, None)?,
+                (Some(c), None) => {
+                    resolve_column(rel, name, &format!("{}.column", h.owner), c, None)?
+                }
                 (_, Some(next)) => {
                     let on = self.hops[next].on.column();
                     resolve_column(rel, name, &format!("{}.then.on", h.owner), on, None)?
@@ -412,8 +416,8 @@ impl Mapping {
             // its key alone, and the row index says which SKU holds it. A row whose SKU or
             // location is looked up is indexed whatever its key: the index keeps its
             // references and values, which a change of a referenced row moves.
-            let records = matches!(sku, Attr::Lookup { .. })
-                || matches!(location, Some(Attr::Lookup { .. }));
+            let records =
+                matches!(sku, Attr::Lookup { .. }) || matches!(location, Some(Attr::Lookup { .. }));
             if records && full {
                 return Err(SchemaError(format!(
                     "stock table {name} takes its SKU or location through a lookup, which needs its rows named \

@@ -716,7 +716,12 @@ impl Fold {
                 }
             },
             (Op::Delete, None) => {
-                self.skip(&r.table, &m.sku.label(), lsn, "delete without an old row".into());
+                self.skip(
+                    &r.table,
+                    &m.sku.label(),
+                    lsn,
+                    "delete without an old row".into(),
+                );
                 return;
             }
             (_, None) => None,
@@ -973,7 +978,12 @@ impl Fold {
                 return;
             }
             Ok(None) => {
-                self.skip(&r.table, &m.sku.label(), lsn, "SKU is NULL or not text".into());
+                self.skip(
+                    &r.table,
+                    &m.sku.label(),
+                    lsn,
+                    "SKU is NULL or not text".into(),
+                );
                 return;
             }
             Err(why) => {

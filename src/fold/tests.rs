@@ -1339,9 +1339,10 @@ fn fold_indexed(
     changes: &[Change],
 ) {
     for c in changes {
-        if let Some(f) = fold.unresolved(c) {
+        for n in fold.needs(c) {
+            let Need::Field(f) = n else { panic!("{n:?}") };
             let h = index.get(&f).cloned();
-            fold.know_holder(f, h);
+            fold.know(f, h);
         }
     }
     for p in fold_txn(fold, lsn, changes) {
@@ -1457,7 +1458,7 @@ fn a_batch_launched_mid_transaction_does_not_forget_what_the_transaction_folded(
     );
     fold.begin(&begin(10));
     let mv = change(&inv, Op::Update, None, Some(srow("2", "B", 3)), 0, 10);
-    assert!(fold.unresolved(&mv).is_none(), "read before");
+    assert!(fold.needs(&mv).is_empty(), "read before");
     fold.change(&mv).unwrap();
     // another batch is launched and applied while this transaction is being read
     let g = fold.seal();
@@ -1471,7 +1472,7 @@ fn a_batch_launched_mid_transaction_does_not_forget_what_the_transaction_folded(
         10,
     );
     assert!(
-        fold.unresolved(&del).is_none(),
+        fold.needs(&del).is_empty(),
         "the overlay still knows the row"
     );
     fold.change(&del).unwrap();
@@ -1503,7 +1504,7 @@ fn a_batch_launched_mid_transaction_does_not_forget_what_the_transaction_folded(
         0,
         20,
     );
-    assert!(fold.unresolved(&again).is_none());
+    assert!(fold.needs(&again).is_empty());
     fold.begin(&begin(20));
     fold.change(&again).unwrap();
     let p = fold.commit(&commit(20)).unwrap();
@@ -1524,4 +1525,485 @@ fn a_constant_kind_must_be_a_mapped_kind() {
         e.starts_with("activity[0].kind:") && e.contains("click"),
         "{e}"
     );
+}
+
+const LOOKUP_CONFIG: &str = r#"
+[postgres]
+url = "postgresql://u@h/d"
+[[inventory]]
+table = "public.stock"
+sku = { from = "public.variant", on = "variant_id", column = "sku", where = ["deleted_at IS NULL"] }
+location = { from = "public.warehouse", on = "warehouse_id", column = "slug" }
+on_hand = "quantity"
+reserved = "allocated"
+[[activity]]
+table = "public.events"
+sku = { from = "public.variant", on = { json = "properties", path = "variant_id" }, column = "sku" }
+kind = { value = "view" }
+[activity.counters]
+view = "views"
+"#;
+
+fn lookup_mapping() -> Arc<Mapping> {
+    Arc::new(Mapping::from_config(&Config::parse(LOOKUP_CONFIG).unwrap()).unwrap())
+}
+
+fn rel(oid: u32, name: &str, cols: &[(&str, u32, bool)]) -> Arc<RelationDesc> {
+    Arc::new(RelationDesc {
+        oid,
+        schema: "public".into(),
+        name: name.into(),
+        replica_identity: ReplicaIdentity::Default,
+        columns: cols.iter().map(|(n, t, k)| col(n, *t, *k)).collect(),
+    })
+}
+
+/// stock(id, variant_id, warehouse_id, quantity, allocated), variant(id, sku,
+/// deleted_at), warehouse(id, slug), events(id, properties jsonb).
+struct Shop {
+    stock: Arc<RelationDesc>,
+    variant: Arc<RelationDesc>,
+    warehouse: Arc<RelationDesc>,
+    events: Arc<RelationDesc>,
+}
+
+fn shop() -> Shop {
+    Shop {
+        stock: rel(
+            21,
+            "stock",
+            &[
+                ("id", oid::INT4, true),
+                ("variant_id", oid::INT4, false),
+                ("warehouse_id", oid::INT4, false),
+                ("quantity", oid::INT4, false),
+                ("allocated", oid::INT4, false),
+            ],
+        ),
+        variant: rel(
+            22,
+            "variant",
+            &[
+                ("id", oid::INT4, true),
+                ("sku", oid::TEXT, false),
+                ("deleted_at", oid::TIMESTAMPTZ, false),
+            ],
+        ),
+        warehouse: rel(
+            23,
+            "warehouse",
+            &[("id", oid::INT4, true), ("slug", oid::TEXT, false)],
+        ),
+        events: rel(
+            24,
+            "events",
+            &[("id", oid::INT8, true), ("properties", oid::JSONB, false)],
+        ),
+    }
+}
+
+fn opt(v: Option<&str>) -> Datum {
+    v.map(t).unwrap_or(Datum::Null)
+}
+
+/// Fold transactions as the daemon does against a stand-in for Redis' index state
+/// (`state`: fold field -> value): answer every need, fold, apply the pieces to `store`
+/// and their index writes to `state`.
+struct Rig {
+    fold: Fold,
+    store: Store,
+    state: BTreeMap<String, String>,
+    lsn: u64,
+}
+
+impl Rig {
+    fn new(m: Arc<Mapping>, rels: &[&Arc<RelationDesc>]) -> Rig {
+        let mut fold = Fold::new(m, 1000);
+        for r in rels {
+            fold.relation(r).unwrap();
+        }
+        Rig {
+            fold,
+            store: Store::default(),
+            state: BTreeMap::new(),
+            lsn: 0,
+        }
+    }
+
+    fn answer(&mut self, c: &Change) {
+        for _ in 0..10 {
+            let needs = self.fold.needs(c);
+            if needs.is_empty() {
+                return;
+            }
+            for n in needs {
+                match n {
+                    Need::Field(f) => {
+                        let v = self.state.get(&f).cloned();
+                        self.fold.know(f, v);
+                    }
+                    Need::Deps { hop, reference } => {
+                        let pre = layout::dep_prefix(hop, &reference);
+                        let members = self
+                            .state
+                            .range(pre.clone()..)
+                            .take_while(|(k, _)| k.starts_with(&pre))
+                            .map(|(k, _)| k[pre.len()..].to_string())
+                            .collect();
+                        self.fold.know_deps(hop, &reference, members);
+                    }
+                }
+            }
+        }
+        panic!("needs did not settle");
+    }
+
+    fn txn(&mut self, changes: &[Change]) {
+        self.lsn += 10;
+        let lsn = self.lsn;
+        let mut pieces = Vec::new();
+        self.fold.begin(&begin(lsn));
+        for c in changes {
+            let mut c = c.clone();
+            c.commit_lsn = Lsn(lsn);
+            self.answer(&c);
+            pieces.extend(self.fold.change(&c).unwrap());
+        }
+        pieces.extend(self.fold.commit(&commit(lsn)));
+        for p in &pieces {
+            self.store.apply(p, &params_views());
+            for (f, v) in &p.ri {
+                match v {
+                    Some(v) => self.state.insert(f.clone(), v.clone()),
+                    None => self.state.remove(f),
+                };
+            }
+        }
+        let g = self.fold.seal();
+        self.fold.forget(g);
+        let skipped = self.fold.take_skipped();
+        assert!(
+            skipped.iter().all(|s| !s.reason.starts_with("internal")),
+            "{skipped:?}"
+        );
+    }
+
+    fn field(&self, sku: &str, f: &str) -> Option<String> {
+        self.store
+            .skus
+            .get(sku)
+            .and_then(|h| h.fields.get(f).cloned())
+    }
+
+    fn on(&self, sku: &str) -> i64 {
+        self.field(sku, "on_hand")
+            .map(|v| v.parse().unwrap())
+            .unwrap_or(0)
+    }
+}
+
+fn params_views() -> ApplyParams {
+    ApplyParams {
+        keep_minutes: 5,
+        low_stock: 5,
+        counters: vec!["views".into()],
+        quiet: false,
+    }
+}
+
+fn ins(r: &Arc<RelationDesc>, row: Tuple) -> Change {
+    change(r, Op::Insert, None, Some(row), 0, 0)
+}
+
+fn upd(r: &Arc<RelationDesc>, row: Tuple) -> Change {
+    change(r, Op::Update, None, Some(row), 0, 0)
+}
+
+fn del(r: &Arc<RelationDesc>, key: Tuple) -> Change {
+    change(r, Op::Delete, Some((OldKind::Key, key)), None, 0, 0)
+}
+
+fn stock_row(id: &str, variant: &str, wh: &str, q: i64) -> Tuple {
+    vec![t(id), t(variant), t(wh), t(&q.to_string()), t("0")]
+}
+
+fn stock_key(id: &str) -> Tuple {
+    vec![t(id), Datum::Null, Datum::Null, Datum::Null, Datum::Null]
+}
+
+fn variant_row(id: &str, sku: Option<&str>, deleted: bool) -> Tuple {
+    vec![
+        t(id),
+        opt(sku),
+        if deleted {
+            t("2026-01-01 00:00:00+00")
+        } else {
+            Datum::Null
+        },
+    ]
+}
+
+fn id_key(id: &str, n: usize) -> Tuple {
+    let mut v = vec![Datum::Null; n];
+    v[0] = t(id);
+    v
+}
+
+#[test]
+fn stock_rows_count_under_the_sku_their_variant_resolves_to_now() {
+    let s = shop();
+    let mut rig = Rig::new(lookup_mapping(), &[&s.stock, &s.variant, &s.warehouse]);
+    rig.txn(&[
+        ins(&s.warehouse, vec![t("1"), t("north")]),
+        ins(&s.variant, variant_row("7", Some("A"), false)),
+        ins(&s.stock, stock_row("100", "7", "1", 5)),
+    ]);
+    assert_eq!(rig.on("A"), 5);
+    assert_eq!(rig.field("A", "loc:north:on_hand").as_deref(), Some("5"));
+    // a variant inserted after its stock rows: they count once it exists
+    rig.txn(&[ins(&s.stock, stock_row("101", "8", "1", 3))]);
+    assert_eq!(rig.on("B"), 0);
+    assert_eq!(rig.fold.stats.unresolved_rows, 1);
+    rig.txn(&[ins(&s.variant, variant_row("8", Some("B"), false))]);
+    assert_eq!(rig.on("B"), 3);
+    // a rename and a stock change of the same variant in one transaction, in either order
+    rig.txn(&[
+        upd(&s.variant, variant_row("7", Some("A2"), false)),
+        upd(&s.stock, stock_row("100", "7", "1", 6)),
+    ]);
+    assert_eq!((rig.on("A"), rig.on("A2")), (0, 6));
+    assert_eq!(rig.field("A", "gone").as_deref(), Some("1"));
+    rig.txn(&[
+        upd(&s.stock, stock_row("100", "7", "1", 4)),
+        upd(&s.variant, variant_row("7", Some("A3"), false)),
+    ]);
+    assert_eq!((rig.on("A2"), rig.on("A3")), (0, 4));
+    // two variants share a SKU; one soft-deleted and restored
+    rig.txn(&[upd(&s.variant, variant_row("8", Some("A3"), false))]);
+    assert_eq!((rig.on("B"), rig.on("A3")), (0, 7));
+    rig.txn(&[upd(&s.variant, variant_row("8", Some("A3"), true))]);
+    assert_eq!(rig.on("A3"), 4);
+    rig.txn(&[upd(&s.variant, variant_row("8", Some("A3"), false))]);
+    assert_eq!(rig.on("A3"), 7);
+    // a NULL SKU places nowhere; a key-only DELETE under the default identity
+    rig.txn(&[upd(&s.variant, variant_row("8", None, false))]);
+    assert_eq!(rig.on("A3"), 4);
+    rig.txn(&[del(&s.stock, stock_key("100"))]);
+    assert_eq!(rig.on("A3"), 0);
+    // a location rename republishes per-location totals under the new name
+    rig.txn(&[
+        upd(&s.variant, variant_row("8", Some("C"), false)),
+        upd(&s.warehouse, vec![t("1"), t("south")]),
+    ]);
+    assert_eq!(rig.field("C", "loc:south:on_hand").as_deref(), Some("3"));
+    assert_eq!(rig.field("C", "loc:north:on_hand"), None);
+    // a stock row moving to another variant, and a variant deleted outright
+    rig.txn(&[
+        ins(&s.variant, variant_row("9", Some("D"), false)),
+        upd(&s.stock, stock_row("101", "9", "1", 3)),
+    ]);
+    assert_eq!((rig.on("C"), rig.on("D")), (0, 3));
+    rig.txn(&[del(&s.variant, id_key("9", 3))]);
+    assert_eq!(rig.on("D"), 0);
+    rig.txn(&[ins(&s.variant, variant_row("9", Some("E"), false))]);
+    assert_eq!(rig.on("E"), 3);
+    // nothing is kept in memory once applied
+    assert!(rig.fold.holders.is_empty(), "{:?}", rig.fold.holders.keys());
+}
+
+#[test]
+fn an_activity_row_is_attributed_by_its_json_reference_when_inserted() {
+    let s = shop();
+    let mut rig = Rig::new(lookup_mapping(), &[&s.variant, &s.events]);
+    let ev = |id: &str, props: &str| ins(&s.events, vec![t(id), t(props)]);
+    rig.txn(&[
+        ins(&s.variant, variant_row("7", Some("A"), false)),
+        ev("1", r#"{"variant_id": 7}"#),
+        ev("2", r#"{"variant_id": "7"}"#),
+        ev("3", r#"{"other": 1}"#),
+        ev("4", r#"{"variant_id": 99}"#),
+        ev("5", "not json"),
+    ]);
+    assert_eq!(rig.field("A", "views").as_deref(), Some("2"));
+    assert_eq!(rig.fold.stats.unresolved_rows, 2);
+    assert_eq!(
+        rig.fold.take_skipped().len(),
+        0,
+        "skipped were checked by txn"
+    );
+    // later renames do not move past events
+    rig.txn(&[
+        upd(&s.variant, variant_row("7", Some("B"), false)),
+        ev("6", r#"{"variant_id": 7}"#),
+    ]);
+    assert_eq!(rig.field("A", "views").as_deref(), Some("2"));
+    assert_eq!(rig.field("B", "views").as_deref(), Some("1"));
+}
+
+#[test]
+fn lookup_configs_are_checked_with_the_key_named() {
+    let bad = |from: &str, to: &str, want: &str| {
+        let cfg = LOOKUP_CONFIG.replace(from, to);
+        let e = Config::parse(&cfg).err().map(|e| e.0).unwrap_or_default();
+        assert!(e.contains(want), "{to}: {e}");
+    };
+    bad(
+        r#"column = "sku", where = ["deleted_at IS NULL"]"#,
+        r#"where = ["deleted_at IS NULL"]"#,
+        "inventory[0].sku.column",
+    );
+    bad(
+        r#"where = ["deleted_at IS NULL"]"#,
+        r#"where = ["deleted_at IS"]"#,
+        "inventory[0].sku.where",
+    );
+    bad(
+        r#"from = "public.warehouse""#,
+        r#"from = "warehouse""#,
+        "inventory[0].location.from",
+    );
+    bad(
+        r#"from = "public.warehouse""#,
+        r#"from = "public.events""#,
+        "is a mapped table",
+    );
+    bad(
+        r#"on = "variant_id""#,
+        r#"on = { json = "p", path = "v" }"#,
+        "inventory[0].sku.on",
+    );
+}
+
+#[test]
+fn a_two_hop_lookup_follows_both_hops() {
+    let cfg = r#"
+[postgres]
+url = "postgresql://u@h/d"
+[[inventory]]
+table = "public.movements"
+sku = { from = "public.items", on = "item_id", then = { from = "public.variant", on = "variant_id", column = "sku" } }
+on_hand = "quantity"
+"#;
+    let m = Arc::new(Mapping::from_config(&Config::parse(cfg).unwrap()).unwrap());
+    let s = shop();
+    let mv = rel(
+        31,
+        "movements",
+        &[
+            ("id", oid::INT4, true),
+            ("item_id", oid::INT4, false),
+            ("quantity", oid::INT4, false),
+        ],
+    );
+    let items = rel(
+        32,
+        "items",
+        &[("id", oid::INT4, true), ("variant_id", oid::INT4, false)],
+    );
+    let mut rig = Rig::new(m, &[&mv, &items, &s.variant]);
+    rig.txn(&[
+        ins(&s.variant, variant_row("7", Some("A"), false)),
+        ins(&s.variant, variant_row("8", Some("B"), false)),
+        ins(&items, vec![t("1"), t("7")]),
+        ins(&mv, vec![t("10"), t("1"), t("5")]),
+        ins(&mv, vec![t("11"), t("1"), t("2")]),
+    ]);
+    assert_eq!(rig.on("A"), 7);
+    // the far hop renamed
+    rig.txn(&[upd(&s.variant, variant_row("7", Some("A2"), false))]);
+    assert_eq!((rig.on("A"), rig.on("A2")), (0, 7));
+    // the near hop re-pointed
+    rig.txn(&[upd(&items, vec![t("1"), t("8")])]);
+    assert_eq!((rig.on("A2"), rig.on("B")), (0, 7));
+    rig.txn(&[del(&items, id_key("1", 2))]);
+    assert_eq!(rig.on("B"), 0);
+    rig.txn(&[ins(&items, vec![t("1"), t("7")])]);
+    assert_eq!(rig.on("A2"), 7);
+}
+
+/// The shop's truth: per SKU, the sum of the stock rows whose variant exists, is not
+/// deleted and has a SKU (what a SQL join says).
+#[derive(Clone, Debug, Default)]
+struct ShopTruth {
+    variants: BTreeMap<u8, (Option<String>, bool)>,
+    rows: BTreeMap<u8, (u8, i64)>,
+}
+
+impl ShopTruth {
+    fn totals(&self) -> BTreeMap<String, i64> {
+        let mut out = BTreeMap::new();
+        for (v, q) in self.rows.values() {
+            if let Some((Some(sku), false)) = self.variants.get(v) {
+                *out.entry(sku.clone()).or_default() += q;
+            }
+        }
+        out
+    }
+}
+
+#[derive(Clone, Debug)]
+enum ShopOp {
+    SetVariant(u8, Option<u8>, bool),
+    DropVariant(u8),
+    SetRow(u8, u8, i64),
+    DropRow(u8),
+}
+
+fn shop_op() -> impl Strategy<Value = ShopOp> {
+    prop_oneof![
+        (0u8..5, proptest::option::of(0u8..3), any::<bool>())
+            .prop_map(|(v, s, d)| ShopOp::SetVariant(v, s, d)),
+        (0u8..5).prop_map(ShopOp::DropVariant),
+        (0u8..8, 0u8..6, -3i64..20).prop_map(|(r, v, q)| ShopOp::SetRow(r, v, q)),
+        (0u8..8).prop_map(ShopOp::DropRow),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+    /// Any sequence of transactions over variants and stock rows leaves every SKU equal
+    /// to the join.
+    #[test]
+    fn lookups_stay_equal_to_the_join(txns in proptest::collection::vec(
+        proptest::collection::vec(shop_op(), 1..5), 1..12)) {
+        let s = shop();
+        let mut rig = Rig::new(lookup_mapping(), &[&s.stock, &s.variant, &s.warehouse]);
+        rig.txn(&[ins(&s.warehouse, vec![t("1"), t("w")])]);
+        let mut truth = ShopTruth::default();
+        for ops in txns {
+            let mut changes = Vec::new();
+            for op in ops {
+                match op {
+                    ShopOp::SetVariant(v, sku, deleted) => {
+                        let sku = sku.map(|n| format!("S{n}"));
+                        let row = variant_row(&v.to_string(), sku.as_deref(), deleted);
+                        let exists = truth.variants.insert(v, (sku, deleted)).is_some();
+                        changes.push(if exists { upd(&s.variant, row) } else { ins(&s.variant, row) });
+                    }
+                    ShopOp::DropVariant(v) => {
+                        if truth.variants.remove(&v).is_some() {
+                            changes.push(del(&s.variant, id_key(&v.to_string(), 3)));
+                        }
+                    }
+                    ShopOp::SetRow(r, v, q) => {
+                        let row = stock_row(&r.to_string(), &v.to_string(), "1", q);
+                        let exists = truth.rows.insert(r, (v, q)).is_some();
+                        changes.push(if exists { upd(&s.stock, row) } else { ins(&s.stock, row) });
+                    }
+                    ShopOp::DropRow(r) => {
+                        if truth.rows.remove(&r).is_some() {
+                            changes.push(del(&s.stock, stock_key(&r.to_string())));
+                        }
+                    }
+                }
+            }
+            rig.txn(&changes);
+            let want = truth.totals();
+            for n in 0..3 {
+                let sku = format!("S{n}");
+                prop_assert_eq!(rig.on(&sku), want.get(&sku).copied().unwrap_or(0), "{}", sku);
+            }
+        }
+        prop_assert!(rig.fold.holders.is_empty());
+    }
 }

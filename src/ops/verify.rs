@@ -298,7 +298,13 @@ fn source_sql(v: &crate::config::ValueSource) -> String {
 async fn with_lookup_keys(
     client: &tokio_postgres::Client,
     cfg: &Config,
-) -> Result<(Vec<crate::config::InventoryMap>, Vec<crate::config::ActivityMap>), String> {
+) -> Result<
+    (
+        Vec<crate::config::InventoryMap>,
+        Vec<crate::config::ActivityMap>,
+    ),
+    String,
+> {
     async fn fill(
         client: &tokio_postgres::Client,
         v: &mut crate::config::ValueSource,

@@ -318,7 +318,10 @@ pub fn state_slot(prefix: &str, field: &str) -> Option<(String, String)> {
     let rest = field.strip_prefix("d:")?;
     let (hop, item) = rest.split_once(':')?;
     let (reference, _) = take_item(item)?;
-    Some((dep_key(prefix, hop.parse().ok()?, reference?), item.to_string()))
+    Some((
+        dep_key(prefix, hop.parse().ok()?, reference?),
+        item.to_string(),
+    ))
 }
 
 /// The hash holding the dependents of a referenced row of `hop`.

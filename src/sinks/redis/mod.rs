@@ -526,7 +526,9 @@ impl Applier {
         let key = layout::dep_key(&prefix, hop, reference);
         // the hash field of a dependent is the dep field after `d:<hop>:`
         let full = layout::dep_prefix(hop, reference);
-        let start = full.find(':').and_then(|i| full[i + 1..].find(':').map(|j| i + j + 2));
+        let start = full
+            .find(':')
+            .and_then(|i| full[i + 1..].find(':').map(|j| i + j + 2));
         let field_prefix = &full[start.unwrap_or(0)..];
         let pattern = format!("{}*", layout::glob_escape(field_prefix));
         let mut cursor: u64 = 0;
