@@ -747,6 +747,25 @@ impl Config {
         Ok(Some(Secret::new(key.expose().as_bytes().to_vec())))
     }
 
+    /// Tables read by lookups (each once, in config order).
+    pub fn lookup_tables(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        let sources = self
+            .inventory
+            .iter()
+            .flat_map(|m| [Some(&m.sku), m.location.as_ref()])
+            .chain(self.activity.iter().map(|a| Some(&a.sku)))
+            .flatten();
+        for v in sources {
+            for h in v.lookup().map(|l| l.hops()).unwrap_or_default() {
+                if !out.contains(&h.from) {
+                    out.push(h.from.clone());
+                }
+            }
+        }
+        out
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let p = &self.postgres;
         self.pg_connect()?;

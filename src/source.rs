@@ -391,6 +391,13 @@ impl Source {
                 while self.lock().awaiting_downstream() && tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
+                if self.lock().awaiting_downstream() {
+                    tracing::warn!(
+                        pending = self.lock().pending(),
+                        "shutdown: transactions still not durable after {} s; confirming what is",
+                        self.cfg.drain_timeout.as_secs()
+                    );
+                }
                 let _ = self.send_status(&mut conn, true).await;
                 if let Err(e) = conn.finish().await {
                     tracing::debug!(error = %e, "stream did not end cleanly");
@@ -672,7 +679,18 @@ impl Source {
                             }
                             out = Some(b);
                         }
-                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = shutdown.cancelled() => {
+                            // `b`'s commits hold tickets registered in `Progress` that the
+                            // shutdown drain in `session` waits for: dropping `b` left that
+                            // wait running its full `drain_timeout` for tickets no one holds.
+                            // Downstream reads until the channel closes, so hand `b` over
+                            // (bounded); if that fails, stop waiting for tickets at all.
+                            let sent = tokio::time::timeout(self.cfg.drain_timeout, tx.send(b)).await;
+                            if !matches!(sent, Ok(Ok(()))) {
+                                self.lock().release();
+                            }
+                            return Ok(());
+                        }
                     }
                 }
                 // The socket was not read while downstream was busy: that silence is ours.

@@ -83,7 +83,13 @@ pub fn plan_publications(cfg: &Config) -> Result<Vec<PubPlan>, String> {
     let names = cfg.postgres.publication.names();
     let mut plans = vec![PubPlan {
         name: names[0].clone(),
-        tables: cfg.inventory.iter().map(|m| m.table.clone()).collect(),
+        // tables read by lookups are followed in every change, like stock tables
+        tables: cfg
+            .inventory
+            .iter()
+            .map(|m| m.table.clone())
+            .chain(cfg.lookup_tables())
+            .collect(),
         publish: STOCK_PUBLISH,
     }];
     match names.get(1) {
