@@ -150,10 +150,15 @@ pub async fn load(
         let rel = Arc::new(rel);
         fold.relation(&rel)
             .map_err(|e| SnapshotError::Schema(e.to_string()))?;
-        let needed: Vec<usize> = match mapping
+        let rule = mapping
             .resolve(&rel)
-            .map_err(|e| SnapshotError::Schema(e.0))?
-        {
+            .map_err(|e| SnapshotError::Schema(e.0))?;
+        if let Some((problem, fix)) = lookup_key_problem(&client, cfg, &rule, &rel).await? {
+            return Err(SnapshotError::Schema(format!(
+                "{problem}; fix it with: {fix}"
+            )));
+        }
+        let needed: Vec<usize> = match rule {
             Rule::Inventory(r) => r.columns(),
             Rule::Activity(r) => r.columns(),
             Rule::Lookup(l) => l.columns(),
@@ -289,6 +294,49 @@ pub async fn load(
     client.batch_execute("COMMIT").await.map_err(sql)?;
     stats.tables = fold.tables().clone();
     Ok(stats)
+}
+
+/// A lookup's key must be unique in its table (a reference matches one row): `Some`
+/// with the problem and the SQL that fixes it when no unique index or constraint covers
+/// exactly that column.
+pub async fn lookup_key_problem(
+    client: &tokio_postgres::Client,
+    cfg: &PgConnectConfig,
+    rule: &Rule,
+    rel: &RelationDesc,
+) -> Result<Option<(String, String)>, SnapshotError> {
+    let Rule::Lookup(l) = rule else {
+        return Ok(None);
+    };
+    for h in &l.hops {
+        let col = &rel.columns[h.key].name;
+        let unique: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a \
+                   ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+                 WHERE i.indrelid = $1 AND i.indisunique AND i.indnkeyatts = 1 \
+                   AND i.indpred IS NULL AND a.attname = $2)",
+                &[&rel.oid, col],
+            )
+            .await
+            .map_err(|e| meta::classify(e, cfg))?
+            .get(0);
+        if !unique {
+            return Ok(Some((
+                format!(
+                    "the lookup key {col} of {} is not unique (no unique index on exactly that column), so a \
+                     reference could match several rows",
+                    l.table
+                ),
+                format!(
+                    "ALTER TABLE {} ADD UNIQUE ({});  -- or name a unique column with the lookup's `key`",
+                    crate::pg::ident::quote_table(&l.table),
+                    crate::pg::conn::quote_ident(col)
+                ),
+            )));
+        }
+    }
+    Ok(None)
 }
 
 /// Fold a run of snapshot rows after reading the index state they need.

@@ -284,8 +284,20 @@ impl Fold {
 
     /// Forget holders written in generations up to `upto`: Redis' row index has them.
     pub fn forget(&mut self, upto: u64) {
-        self.holders.retain(|_, h| h.generation > upto);
+        // A dependents list read while an earlier batch was in flight lacks that batch's
+        // writes, which the overlay supplied until now: read it again when needed.
+        let mut stale: Vec<(usize, String)> = Vec::new();
+        self.holders.retain(|f, h| {
+            let keep = h.generation > upto;
+            if !keep && let Some((hop, r)) = layout::dep_field_parts(f) {
+                stale.push((hop, r.to_string()));
+            }
+            keep
+        });
         self.deps_known.retain(|_, g| *g > upto);
+        for k in stale {
+            self.deps_known.remove(&k);
+        }
     }
 
     fn set_holder(&mut self, field: String, sku: Option<String>) {

@@ -1659,6 +1659,13 @@ impl Rig {
     }
 
     fn txn(&mut self, changes: &[Change]) {
+        let pieces = self.fold_only(changes);
+        let g = self.fold.seal();
+        self.apply(&pieces, g);
+    }
+
+    /// Fold a transaction whose pieces are not applied yet (a batch in flight).
+    fn fold_only(&mut self, changes: &[Change]) -> Vec<Piece> {
         self.lsn += 10;
         let lsn = self.lsn;
         let mut pieces = Vec::new();
@@ -1670,7 +1677,12 @@ impl Rig {
             pieces.extend(self.fold.change(&c).unwrap());
         }
         pieces.extend(self.fold.commit(&commit(lsn)));
-        for p in &pieces {
+        pieces
+    }
+
+    /// Apply a sealed batch's pieces (generation `g`) to the store and the index state.
+    fn apply(&mut self, pieces: &[Piece], g: u64) {
+        for p in pieces {
             self.store.apply(p, &params_views());
             for (f, v) in &p.ri {
                 match v {
@@ -1679,7 +1691,6 @@ impl Rig {
                 };
             }
         }
-        let g = self.fold.seal();
         self.fold.forget(g);
         let skipped = self.fold.take_skipped();
         assert!(
@@ -1809,6 +1820,34 @@ fn stock_rows_count_under_the_sku_their_variant_resolves_to_now() {
     assert_eq!(rig.on("E"), 3);
     // nothing is kept in memory once applied
     assert!(rig.fold.holders.is_empty(), "{:?}", rig.fold.holders.keys());
+}
+
+#[test]
+fn dependents_read_while_a_batch_is_in_flight_are_read_again_once_it_is_applied() {
+    let s = shop();
+    let mut rig = Rig::new(lookup_mapping(), &[&s.stock, &s.variant, &s.warehouse]);
+    rig.txn(&[
+        ins(&s.warehouse, vec![t("1"), t("north")]),
+        ins(&s.warehouse, vec![t("2"), t("south")]),
+        ins(&s.variant, variant_row("7", Some("A"), false)),
+        ins(&s.stock, stock_row("100", "7", "1", 5)),
+    ]);
+    // batch 1 (in flight): the row moves to warehouse 2
+    let b1 = rig.fold_only(&[upd(&s.stock, stock_row("100", "7", "2", 5))]);
+    let g1 = rig.fold.seal();
+    // batch 2 reads warehouse 2's dependents from Redis, which lacks batch 1
+    let b2 = rig.fold_only(&[upd(&s.warehouse, vec![t("2"), t("east")])]);
+    let g2 = rig.fold.seal();
+    rig.apply(&b1, g1);
+    // batch 3, folded while batch 2 is in flight, needs them again: what batch 1 wrote
+    // is in Redis now, and no longer in memory
+    let b3 = rig.fold_only(&[upd(&s.warehouse, vec![t("2"), t("west")])]);
+    let g3 = rig.fold.seal();
+    rig.apply(&b2, g2);
+    assert_eq!(rig.field("A", "loc:east:on_hand").as_deref(), Some("5"));
+    rig.apply(&b3, g3);
+    assert_eq!(rig.field("A", "loc:west:on_hand").as_deref(), Some("5"));
+    assert_eq!(rig.field("A", "loc:east:on_hand"), None);
 }
 
 #[test]

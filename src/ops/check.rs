@@ -262,7 +262,8 @@ async fn postgres_checks<W: Write>(
     // tables: existence, privileges, mapped columns and replica identity
     let mapping = Mapping::from_config(cfg).map_err(|e| e.to_string())?;
     let mut present = BTreeSet::new();
-    for table in mapping.tables() {
+    let lookups = mapping.lookup_tables();
+    for table in mapping.tables().chain(lookups.iter().copied()) {
         let desc = snapshot::describe(client, pgc, table)
             .await
             .map_err(|e| e.to_string())?;
@@ -309,7 +310,11 @@ async fn postgres_checks<W: Write>(
             );
         }
         match mapping.resolve(&desc) {
-            Ok(_) => r.ok(&format!("mapping {table}")),
+            Ok(rule) => match snapshot::lookup_key_problem(client, pgc, &rule, &desc).await {
+                Ok(None) => r.ok(&format!("mapping {table}")),
+                Ok(Some((problem, fix))) => r.fail(&format!("mapping {table}"), &problem, &[fix]),
+                Err(e) => return Err(e.to_string()),
+            },
             Err(e) => {
                 // the message carries its fix after "fix it with: "; show it as a fix line
                 let msg = e.to_string();
@@ -515,10 +520,13 @@ async fn publication_checks<W: Write>(
             e[i] |= acts[i];
         }
     }
+    let lookups = cfg.lookup_tables();
     let wanted = cfg
         .inventory
         .iter()
         .map(|m| (m.table.as_str(), true))
+        // referenced tables: every change of theirs moves what depends on them
+        .chain(lookups.iter().map(|t| (t.as_str(), true)))
         .chain(cfg.activity.iter().map(|a| (a.table.as_str(), false)));
     for (table, stock) in wanted {
         if !present.contains(table) {

@@ -295,6 +295,14 @@ pub fn dep_prefix(hop: usize, reference: &str) -> String {
     f
 }
 
+/// The hop and reference of a [`dep_field`].
+pub fn dep_field_parts(field: &str) -> Option<(usize, &str)> {
+    let rest = field.strip_prefix("d:")?;
+    let (hop, item) = rest.split_once(':')?;
+    let (reference, _) = take_item(item)?;
+    Some((hop.parse().ok()?, reference?))
+}
+
 /// Where a piece of index state lives in Redis: (key, field). Row fields (`r:`) live in
 /// their table's row index; lookup values (`k:`) in `<prefix>:ref:{<hop>:<bucket>}`,
 /// field the reference's text, value what it resolves to (the last hop's value, or the

@@ -8,6 +8,7 @@ mod filters;
 mod fold_oracle;
 mod harness;
 mod harness_smoke;
+mod lookups;
 mod mqtt_e2e;
 mod mqtt_publisher;
 mod ops;

@@ -1,0 +1,306 @@
+//! Lookups on a real commerce schema: Saleor's stock rows name their variant and
+//! warehouse by id; the SKU and the location are taken from those rows. After a seeded
+//! workload of renames, deletes, moves and faults, Redis and the retained MQTT states
+//! equal a SQL join of the same tables.
+
+use crate::fold_oracle::*;
+use crate::harness::MosquittoServer;
+use crate::mqtt_e2e::{mqtt_toml, retained_mismatches};
+use crate::oracle::*;
+use crate::support::write_config;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// Saleor 3.23.28's warehouse and product tables (see the file's header).
+const SALEOR_SCHEMA: &str = include_str!("schemas/saleor.sql");
+
+/// The mapping of `dist/examples/saleor.toml`, as a test writes it.
+const SALEOR_MAPPING: &str = r#"
+[[inventory]]
+table    = "public.warehouse_stock"
+sku      = { from = "public.product_productvariant", on = "product_variant_id", column = "sku" }
+location = { from = "public.warehouse_warehouse", on = "warehouse_id", column = "slug" }
+on_hand  = "quantity"
+reserved = "quantity_allocated"
+"#;
+
+/// The truth: the join the mapping describes.
+const SALEOR_TRUTH: &str = "
+SELECT v.sku::text, w.slug::text, sum(s.quantity)::text, sum(s.quantity_allocated)::text
+FROM warehouse_stock s
+JOIN product_productvariant v ON v.id = s.product_variant_id
+JOIN warehouse_warehouse w ON w.id = s.warehouse_id
+WHERE v.sku IS NOT NULL
+GROUP BY 1, 2";
+
+/// An oracle with no mapping of its own: the config comes from the test, the truth from
+/// a join ([`join_truth`]); its `compare` and `redis_state` are reused.
+fn lookup_oracle() -> Oracle {
+    let mut o = public_oracle(Buckets::Ignore);
+    o.inventory.clear();
+    o.activity.clear();
+    o
+}
+
+/// Per SKU: totals and per-location totals from rows (sku, location, on_hand, reserved).
+async fn join_truth(client: &tokio_postgres::Client, sql: &str) -> Truth {
+    let mut t = Truth::default();
+    for row in client.query(sql, &[]).await.expect(sql) {
+        let sku: String = row.get(0);
+        let loc: Option<String> = row.get(1);
+        let oh: i128 = row.get::<_, String>(2).parse().expect("sum");
+        let rs: i128 = row.get::<_, String>(3).parse().expect("sum");
+        t.with_stock_rows.insert(sku.clone());
+        let f = t.skus.entry(sku).or_default();
+        *f.entry("on_hand".into()).or_default() += oh;
+        *f.entry("reserved".into()).or_default() += rs;
+        *f.entry("available".into()).or_default() += oh - rs;
+        if let Some(l) = loc.filter(|l| !l.is_empty()) {
+            *f.entry(format!("loc:{l}:on_hand")).or_default() += oh;
+            *f.entry(format!("loc:{l}:reserved")).or_default() += rs;
+        }
+    }
+    t
+}
+
+async fn assert_join_converges(rig: &mut Rig, truth_sql: &str, timeout: Duration) {
+    let start = Instant::now();
+    loop {
+        let truth = join_truth(&rig.client, truth_sql).await;
+        let state = rig.oracle.redis_state(&mut rig.con).await;
+        let m = rig.oracle.compare(&truth, &state);
+        if m.is_empty() {
+            return;
+        }
+        rig.daemon().assert_alive("converging");
+        if start.elapsed() > timeout {
+            panic!(
+                "Redis differs from the SQL join after {timeout:?}:\n{}\n{}",
+                format_mismatches(&m, 60),
+                rig.daemon().stderr_all()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Insert a marker variant with one stock row of quantity `n` and wait until its SKU
+/// holds it: everything committed before is applied.
+async fn saleor_drain(rig: &mut Rig, n: i64) {
+    let sku = format!("zz-drain-{n}");
+    rig.exec(&format!(
+        "BEGIN;
+         INSERT INTO product_productvariant (id, sku, name, product_id, track_inventory, is_preorder,
+           created_at, updated_at) VALUES ({id}, '{sku}', '', 1, true, false, now(), now());
+         INSERT INTO warehouse_stock (warehouse_id, product_variant_id, quantity, quantity_allocated)
+           SELECT id, {id}, {n}, 0 FROM warehouse_warehouse ORDER BY slug LIMIT 1;
+         COMMIT;",
+        id = 900_000 + n
+    ))
+    .await;
+    let key = skusync::sinks::layout::sku_key("skusync", &sku);
+    let start = Instant::now();
+    loop {
+        rig.daemon().assert_alive("draining");
+        if hget(&mut rig.con, &key, "on_hand").await == Some(n.to_string()) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "drain marker {sku} not applied\n{}",
+            rig.daemon().stderr_all()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+const SALEOR_SEED: &str = "
+INSERT INTO account_address (first_name, last_name, company_name, street_address_1, street_address_2,
+  city, city_area, postal_code, country, country_area, phone)
+  VALUES ('', '', 'Shop', 'Main St 1', '', 'Berlin', '', '10115', 'DE', '', '');
+INSERT INTO product_producttype (id, name, has_variants, is_shipping_required, weight, is_digital, slug, kind)
+  VALUES (1, 'Shirts', true, true, 0, false, 'shirts', 'normal');
+INSERT INTO product_product (id, name, slug, description_plaintext, search_document, search_index_dirty,
+  product_type_id, created_at, updated_at)
+  SELECT i, 'Product ' || i, 'product-' || i, '', '', false, 1, now(), now() FROM generate_series(1, 5) i;
+INSERT INTO warehouse_warehouse (id, name, email, address_id, slug, click_and_collect_option, is_private)
+  SELECT ('00000000-0000-0000-0000-00000000000' || i)::uuid, 'Warehouse ' || i, '', 1, 'wh-' || i,
+    'disabled', false FROM generate_series(1, 4) i;
+-- variants 1..40; every 7th has no SKU (Saleor allows NULL)
+INSERT INTO product_productvariant (id, sku, name, product_id, track_inventory, is_preorder, created_at, updated_at)
+  SELECT i, CASE WHEN i % 7 = 0 THEN NULL ELSE 'SKU-' || i END, '', 1 + i % 5, true, false, now(), now()
+  FROM generate_series(1, 40) i;
+INSERT INTO warehouse_stock (warehouse_id, product_variant_id, quantity, quantity_allocated)
+  SELECT ('00000000-0000-0000-0000-00000000000' || (1 + (i % 3)))::uuid, 1 + i % 40, 10 + i % 17, i % 4
+  FROM generate_series(0, 79) i ON CONFLICT DO NOTHING;
+";
+
+/// One random Saleor transaction (what the dashboard and checkout do to these tables).
+fn saleor_txn(rng: &mut StdRng, serial: &mut u64) -> String {
+    let mut sql = String::from("BEGIN;\n");
+    for _ in 0..rng.random_range(1..=3) {
+        *serial += 1;
+        let g = *serial;
+        let v = rng.random_range(1..=48);
+        let w = rng.random_range(1..=4);
+        let wid = format!("'00000000-0000-0000-0000-00000000000{w}'");
+        sql.push_str(&match rng.random_range(0..100) {
+            // stock levels change (the hot path)
+            0..=39 => format!(
+                "UPDATE warehouse_stock SET quantity = quantity + {}, quantity_allocated = {} \
+                 WHERE product_variant_id = {v};\n",
+                rng.random_range(-5..=8),
+                rng.random_range(0..=3)
+            ),
+            40..=51 => format!(
+                "INSERT INTO warehouse_stock (warehouse_id, product_variant_id, quantity, quantity_allocated) \
+                 SELECT {wid}, {v}, {}, 0 WHERE EXISTS (SELECT 1 FROM product_productvariant WHERE id = {v}) \
+                 ON CONFLICT DO NOTHING;\n",
+                rng.random_range(0..30)
+            ),
+            52..=57 => format!(
+                "DELETE FROM warehouse_stock WHERE product_variant_id = {v} AND warehouse_id = {wid};\n"
+            ),
+            // a row moves to another warehouse
+            58..=62 => format!(
+                "UPDATE warehouse_stock s SET warehouse_id = {wid} WHERE s.product_variant_id = {v} \
+                 AND s.id = (SELECT min(id) FROM warehouse_stock WHERE product_variant_id = {v}) \
+                 AND NOT EXISTS (SELECT 1 FROM warehouse_stock x WHERE x.product_variant_id = {v} AND x.warehouse_id = {wid});\n"
+            ),
+            // a SKU renamed, or cleared
+            63..=74 => format!(
+                "UPDATE product_productvariant SET sku = {}, updated_at = now() WHERE id = {v};\n",
+                if rng.random_bool(0.15) {
+                    "NULL".to_string()
+                } else {
+                    format!("'SKU-{v}-r{g}'")
+                }
+            ),
+            // a change of a variant that is not its SKU
+            75..=79 => format!("UPDATE product_productvariant SET name = 'n{g}' WHERE id = {v};\n"),
+            // a variant deleted as Django does (its stock rows first), or created
+            80..=85 => format!(
+                "DELETE FROM warehouse_stock WHERE product_variant_id = {v};\n\
+                 UPDATE product_product SET default_variant_id = NULL WHERE default_variant_id = {v};\n\
+                 DELETE FROM product_productvariant WHERE id = {v};\n"
+            ),
+            86..=93 => format!(
+                "INSERT INTO product_productvariant (id, sku, name, product_id, track_inventory, is_preorder, \
+                 created_at, updated_at) VALUES ({v}, 'SKU-{v}-n{g}', '', 1, true, false, now(), now()) \
+                 ON CONFLICT DO NOTHING;\n\
+                 INSERT INTO warehouse_stock (warehouse_id, product_variant_id, quantity, quantity_allocated) \
+                 SELECT {wid}, {v}, {}, 1 WHERE EXISTS (SELECT 1 FROM product_productvariant WHERE id = {v}) \
+                 ON CONFLICT DO NOTHING;\n",
+                rng.random_range(1..20)
+            ),
+            // a warehouse's slug renamed
+            _ => format!("UPDATE warehouse_warehouse SET slug = 'wh-{w}-r{g}' WHERE id = {wid};\n"),
+        });
+    }
+    sql.push_str(if rng.random_bool(0.05) {
+        "ROLLBACK;\n"
+    } else {
+        "COMMIT;\n"
+    });
+    sql
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saleor_stock_follows_variant_and_warehouse_lookups_through_faults() {
+    let seed = test_seed("saleor_stock_follows_variant_and_warehouse_lookups_through_faults");
+    let mut rig = Rig::new(SALEOR_SCHEMA, lookup_oracle()).await;
+    rig.exec(SALEOR_SEED).await;
+    // `check` names the referenced tables a publication lacks; `setup` adds them
+    let broker = MosquittoServer::start();
+    let extra = format!("{SALEOR_MAPPING}{}", mqtt_toml(&broker, 0));
+    rig.exec("CREATE PUBLICATION skusync FOR TABLE warehouse_stock;")
+        .await;
+    let cfg_text = format!(
+        "{}{extra}",
+        rig.oracle.config_toml(
+            &rig.pg.url("postgres", "postgres"),
+            "skusync",
+            &["skusync"],
+            &rig.redis.url()
+        )
+    );
+    let cfg = write_config(rig.dir.path(), &cfg_text);
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_skusync"))
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .expect("skusync")
+    };
+    let check = run(&["check"]);
+    let out = String::from_utf8_lossy(&check.stdout).to_string();
+    assert!(!check.status.success(), "{out}");
+    assert!(
+        out.contains("FAIL")
+            && out.contains("product_productvariant")
+            && out.contains("ALTER PUBLICATION"),
+        "{out}"
+    );
+    let setup = run(&["setup"]);
+    assert!(setup.status.success(), "{:?}", setup);
+    let check = run(&["check"]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+
+    // the existing rows, loaded by the first start's snapshot
+    rig.daemon = Some(Daemon::start(rig.dir.path(), cfg));
+    rig.wait_bootstrap(Duration::from_secs(40)).await;
+    assert_join_converges(&mut rig, SALEOR_TRUTH, Duration::from_secs(20)).await;
+
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut serial = 0u64;
+    let kills = [rng.random_range(20..120), rng.random_range(150..250)];
+    let flush_at = rng.random_range(270..330);
+    eprintln!("SIGKILL before transactions {kills:?}, FLUSHALL before {flush_at}");
+    for i in 0..400 {
+        if kills.contains(&i) {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..150))).await;
+            rig.daemon().kill9_and_restart();
+        }
+        if i == flush_at {
+            rig.redis.cli(&["FLUSHALL"]);
+        }
+        let sql = saleor_txn(&mut rng, &mut serial);
+        rig.exec(&sql).await;
+    }
+    saleor_drain(&mut rig, 1).await;
+    assert_join_converges(&mut rig, SALEOR_TRUTH, Duration::from_secs(20)).await;
+    // the referenced rows' changes were followed, not only re-read by the rebuild
+    let lookups = rig.daemon().stderr_all();
+    // the retained MQTT states equal Redis
+    let start = Instant::now();
+    loop {
+        let m = retained_mismatches(&mut rig, &broker).await;
+        if m.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "retained messages differ from Redis:\n{}\n{lookups}",
+            m.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // one more stretch without faults, so renames are applied by the stream alone
+    for _ in 0..150 {
+        let sql = saleor_txn(&mut rng, &mut serial);
+        rig.exec(&sql).await;
+    }
+    saleor_drain(&mut rig, 2).await;
+    assert_join_converges(&mut rig, SALEOR_TRUTH, Duration::from_secs(20)).await;
+    let state: BTreeMap<_, _> = rig.oracle.redis_state(&mut rig.con).await;
+    assert!(state.len() > 20, "{} SKUs", state.len());
+    let code = rig.daemon().sigterm();
+    assert_eq!(code, Some(0), "{}", rig.daemon().stderr_all());
+}
