@@ -155,7 +155,7 @@ fn try_units(s: &str, scale: u32) -> Option<i128> {
     Some(if neg { -v } else { v })
 }
 
-fn parse_units(s: &str, scale: u32) -> i128 {
+pub fn parse_units(s: &str, scale: u32) -> i128 {
     try_units(s, scale)
         .unwrap_or_else(|| panic!("not a decimal with at most {scale} places: {s:?}"))
 }
