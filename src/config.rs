@@ -928,7 +928,11 @@ impl Config {
             }
             self.user_key(i)?;
         }
-        // A referenced table is followed as a lookup, never counted itself.
+        // A referenced table is followed in all its changes: an activity table (insert
+        // only) cannot be one; a stock table can (Solidus stock items are counted, and
+        // stock movements look up their variant through them).
+        let activity_tables: std::collections::BTreeSet<&str> =
+            self.activity.iter().map(|a| a.table.as_str()).collect();
         for (what, m) in self
             .inventory
             .iter()
@@ -946,9 +950,10 @@ impl Config {
             )
         {
             for h in m.lookup().map(|l| l.hops()).unwrap_or_default() {
-                if tables.contains(&h.from) {
+                if activity_tables.contains(h.from.as_str()) {
                     return err(format!(
-                        "{what}: {} is a mapped table; a lookup must read another table",
+                        "{what}: {} is an [[activity]] table, whose updates and deletes are not \
+                         streamed; a lookup must read a table followed in all its changes",
                         h.from
                     ));
                 }

@@ -157,6 +157,11 @@ impl Fold {
             super::Rule::Lookup(l) => self.lookup_needs(l, c, &mut out),
             _ => {}
         }
+        if matches!(&*rule, super::Rule::Inventory(_))
+            && let Some(l) = self.also_of(&c.rel)
+        {
+            self.lookup_needs(&l, c, &mut out);
+        }
         out.sort();
         out.dedup();
         out

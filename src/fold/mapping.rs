@@ -260,6 +260,23 @@ impl Mapping {
             .map(|h| h.id)
     }
 
+    /// The hops a mapped stock table also serves as a referenced table (a Solidus stock
+    /// item is counted, and stock movements look up their variant through it): `None`
+    /// when it serves none.
+    pub fn lookup_rule(
+        &self,
+        rel: &RelationDesc,
+        name: &str,
+    ) -> Result<Option<LookupRule>, SchemaError> {
+        if !self.hops.iter().any(|h| h.from == name) {
+            return Ok(None);
+        }
+        match self.resolve_lookup(rel, name)? {
+            Rule::Lookup(l) => Ok(Some(l)),
+            _ => Ok(None),
+        }
+    }
+
     /// Resolve a referenced table's relation: its hops' key, value and filter columns.
     fn resolve_lookup(&self, rel: &RelationDesc, name: &str) -> Result<Rule, SchemaError> {
         let mut hops = Vec::new();

@@ -194,6 +194,8 @@ pub struct Fold {
     /// [`Fold::know_holder`]), kept while batches that change them are in flight, then
     /// forgotten ([`Fold::forget`]): memory follows the rows of the pending batches.
     holders: HashMap<String, Holder>,
+    /// Stock tables that are also referenced tables: their lookup rule (`None`: not one).
+    also: HashMap<u32, Option<Arc<mapping::LookupRule>>>,
     /// Referenced rows whose dependents were read from Redis (into `holders`), with the
     /// generation of that read: forgotten with it.
     deps_known: HashMap<(usize, String), u64>,
@@ -230,8 +232,24 @@ impl Fold {
             partitions: HashMap::new(),
             holders: HashMap::new(),
             deps_known: HashMap::new(),
+            also: HashMap::new(),
             generation: 1,
         }
+    }
+
+    /// The lookup rule of a stock table that is also a referenced table.
+    fn also_of(&mut self, rel: &RelationDesc) -> Option<Arc<mapping::LookupRule>> {
+        if let Some(r) = self.also.get(&rel.oid) {
+            return r.clone();
+        }
+        let r = self
+            .mapping
+            .lookup_rule(rel, &rel.qualified_name())
+            .ok()
+            .flatten()
+            .map(Arc::new);
+        self.also.insert(rel.oid, r.clone());
+        r
     }
 
     /// The rule of a change's relation (resolved and kept on first use); `None` when it
@@ -330,12 +348,14 @@ impl Fold {
             .collect();
         // Rules resolved before may have taken a new partition for unmapped.
         self.rules.clear();
+        self.also.clear();
     }
 
     /// One more partition, found after the trees were read (attached since).
     pub fn add_partition(&mut self, oid: u32, parent: &str) {
         self.partitions.insert(oid, parent.to_string());
         self.rules.remove(&oid);
+        self.also.remove(&oid);
     }
 
     /// Whether the relation is mapped by name or is a known partition of a mapped table;
@@ -487,6 +507,13 @@ impl Fold {
             }
             Rule::Activity(_) | Rule::Lookup(_) => {}
         }
+        if matches!(rule, Rule::Inventory(_)) {
+            let also = self
+                .mapping
+                .lookup_rule(rel, &rel.qualified_name())?
+                .map(Arc::new);
+            self.also.insert(rel.oid, also);
+        }
         self.rules.insert(rel.oid, Arc::new(rule));
         Ok(())
     }
@@ -494,6 +521,7 @@ impl Fold {
     /// Forget resolved relations (new replication session).
     pub fn reset(&mut self) {
         self.rules.clear();
+        self.also.clear();
         // The transaction being folded is dropped (it is sent again): so is what it wrote.
         self.holders.retain(|_, h| {
             if h.generation != u64::MAX {
@@ -587,6 +615,11 @@ impl Fold {
             Rule::Inventory(r) => self.fold_stock(r, c),
             Rule::Activity(r) => self.fold_activity(r, c),
             Rule::Lookup(l) => self.fold_lookup(l, c),
+        }
+        if matches!(&*rule, Rule::Inventory(_))
+            && let Some(l) = self.also_of(&c.rel)
+        {
+            self.fold_lookup(&l, c);
         }
         Ok(out)
     }

@@ -1904,7 +1904,7 @@ fn lookup_configs_are_checked_with_the_key_named() {
     bad(
         r#"from = "public.warehouse""#,
         r#"from = "public.events""#,
-        "is a mapped table",
+        "is an [[activity]] table",
     );
     bad(
         r#"on = "variant_id""#,

@@ -262,8 +262,13 @@ async fn postgres_checks<W: Write>(
     // tables: existence, privileges, mapped columns and replica identity
     let mapping = Mapping::from_config(cfg).map_err(|e| e.to_string())?;
     let mut present = BTreeSet::new();
-    let lookups = mapping.lookup_tables();
-    for table in mapping.tables().chain(lookups.iter().copied()) {
+    let mut all_tables: Vec<&str> = mapping.tables().collect();
+    for t in mapping.lookup_tables() {
+        if !all_tables.contains(&t) {
+            all_tables.push(t);
+        }
+    }
+    for table in all_tables {
         let desc = snapshot::describe(client, pgc, table)
             .await
             .map_err(|e| e.to_string())?;
@@ -526,7 +531,12 @@ async fn publication_checks<W: Write>(
         .iter()
         .map(|m| (m.table.as_str(), true))
         // referenced tables: every change of theirs moves what depends on them
-        .chain(lookups.iter().map(|t| (t.as_str(), true)))
+        .chain(
+            lookups
+                .iter()
+                .filter(|t| !cfg.inventory.iter().any(|m| &m.table == *t))
+                .map(|t| (t.as_str(), true)),
+        )
         .chain(cfg.activity.iter().map(|a| (a.table.as_str(), false)));
     for (table, stock) in wanted {
         if !present.contains(table) {

@@ -65,10 +65,32 @@ async fn join_truth(client: &tokio_postgres::Client, sql: &str, scale: u32) -> T
     t
 }
 
-async fn assert_join_converges(rig: &mut Rig, truth_sql: &str, timeout: Duration) {
+async fn assert_join_converges(
+    rig: &mut Rig,
+    truth_sql: &str,
+    counters_sql: &str,
+    timeout: Duration,
+) {
     let start = Instant::now();
     loop {
-        let truth = join_truth(&rig.client, truth_sql, rig.oracle.scale).await;
+        let mut truth = join_truth(&rig.client, truth_sql, rig.oracle.scale).await;
+        if !counters_sql.is_empty() {
+            for row in rig
+                .client
+                .query(counters_sql, &[])
+                .await
+                .expect(counters_sql)
+            {
+                let (sku, counter): (String, String) = (row.get(0), row.get(1));
+                let v = parse_units(&row.get::<_, String>(2), rig.oracle.scale);
+                *truth
+                    .skus
+                    .entry(sku)
+                    .or_default()
+                    .entry(counter)
+                    .or_default() += v;
+            }
+        }
         let state = rig.oracle.redis_state(&mut rig.con).await;
         let m = rig.oracle.compare(&truth, &state);
         if m.is_empty() {
@@ -116,6 +138,8 @@ struct Shop {
     published: &'static str,
     mapping: &'static str,
     truth: &'static str,
+    /// Activity truth: rows (sku, counter, total); empty: no activity tables.
+    counters: &'static str,
     scale: u32,
     txn: fn(&mut StdRng, &mut u64) -> String,
     drain: fn(i64) -> String,
@@ -128,6 +152,7 @@ async fn run_shop(test: &str, shop: Shop) {
     let seed = test_seed(test);
     let mut oracle = lookup_oracle();
     oracle.scale = shop.scale;
+
     let mut rig = Rig::new(shop.schema, oracle).await;
     rig.exec(shop.seed).await;
     let broker = MosquittoServer::start();
@@ -148,6 +173,16 @@ async fn run_shop(test: &str, shop: Shop) {
         mqtt_toml(&broker, 0)
     );
     let cfg = write_config(rig.dir.path(), &cfg_text);
+    if !shop.counters.is_empty() {
+        // only its counter names matter (`compare` compares those fields); set after the
+        // config was written, which is the test's own
+        let mut a = public_oracle(Buckets::Ignore).activity;
+        a[0].counters = ["views", "carts", "moved"]
+            .iter()
+            .map(|c| (c.to_string(), c.to_string()))
+            .collect();
+        rig.oracle.activity = a;
+    }
     let run = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_skusync"))
             .args(args)
@@ -175,7 +210,7 @@ async fn run_shop(test: &str, shop: Shop) {
     // the existing rows, loaded by the first start's snapshot
     rig.daemon = Some(Daemon::start(rig.dir.path(), cfg));
     rig.wait_bootstrap(Duration::from_secs(40)).await;
-    assert_join_converges(&mut rig, shop.truth, Duration::from_secs(20)).await;
+    assert_join_converges(&mut rig, shop.truth, shop.counters, Duration::from_secs(20)).await;
 
     let mut rng = StdRng::seed_from_u64(seed);
     let mut serial = 0u64;
@@ -194,7 +229,7 @@ async fn run_shop(test: &str, shop: Shop) {
         rig.exec(&sql).await;
     }
     drain_marker(&mut rig, 1, &(shop.drain)(1)).await;
-    assert_join_converges(&mut rig, shop.truth, Duration::from_secs(20)).await;
+    assert_join_converges(&mut rig, shop.truth, shop.counters, Duration::from_secs(20)).await;
     let start = Instant::now();
     loop {
         let m = retained_mismatches(&mut rig, &broker).await;
@@ -215,9 +250,9 @@ async fn run_shop(test: &str, shop: Shop) {
         rig.exec(&sql).await;
     }
     drain_marker(&mut rig, 2, &(shop.drain)(2)).await;
-    assert_join_converges(&mut rig, shop.truth, Duration::from_secs(20)).await;
+    assert_join_converges(&mut rig, shop.truth, shop.counters, Duration::from_secs(20)).await;
     let state: BTreeMap<_, _> = rig.oracle.redis_state(&mut rig.con).await;
-    assert!(state.len() > 20, "{} SKUs", state.len());
+    assert!(state.len() > 10, "{} SKUs", state.len());
     let code = rig.daemon().sigterm();
     assert_eq!(code, Some(0), "{}", rig.daemon().stderr_all());
 }
@@ -335,6 +370,7 @@ async fn saleor_stock_follows_variant_and_warehouse_lookups_through_faults() {
             published: "warehouse_stock",
             mapping: SALEOR_MAPPING,
             truth: SALEOR_TRUTH,
+            counters: "",
             scale: 0,
             txn: saleor_txn,
             drain: saleor_drain,
@@ -485,9 +521,199 @@ async fn odoo_quants_follow_product_and_filtered_location_lookups_in_decimals() 
             published: "stock_quant",
             mapping: ODOO_MAPPING,
             truth: ODOO_TRUTH,
+            counters: "",
             scale: 3,
             txn: odoo_txn,
             drain: odoo_drain,
+        },
+    )
+    .await;
+}
+
+/// Solidus 4.7's stock tables and the Ahoy 5.5 events table (see the file's header).
+const SOLIDUS_SCHEMA: &str = include_str!("schemas/solidus.sql");
+
+/// The mapping of `dist/examples/solidus.toml`: soft deletes, a where on each lookup, a
+/// two-hop lookup (stock movement -> stock item -> variant) and a JSON reference.
+const SOLIDUS_MAPPING: &str = r#"
+[[inventory]]
+table    = "public.spree_stock_items"
+sku      = { from = "public.spree_variants", on = "variant_id", column = "sku", where = ["deleted_at IS NULL", "track_inventory = true"] }
+location = { from = "public.spree_stock_locations", on = "stock_location_id", column = "name", where = ["active = true"] }
+on_hand  = "count_on_hand"
+where    = ["deleted_at IS NULL"]
+
+[[activity]]
+table    = "public.spree_stock_movements"
+sku      = { from = "public.spree_stock_items", on = "stock_item_id", then = { from = "public.spree_variants", on = "variant_id", column = "sku" } }
+kind     = { value = "movement" }
+quantity = "quantity"
+[activity.counters]
+movement = "moved"
+
+[[activity]]
+table   = "public.ahoy_events"
+sku     = { from = "public.spree_variants", on = { json = "properties", path = "variant_id" }, column = "sku" }
+kind    = "name"
+time    = "time"
+windows = ["5m", "1h"]
+[activity.counters]
+"Viewed product" = "views"
+"Added to cart"  = "carts"
+"#;
+
+const SOLIDUS_TRUTH: &str = "
+SELECT v.sku::text, l.name::text, sum(i.count_on_hand)::text, '0'
+FROM spree_stock_items i
+JOIN spree_variants v ON v.id = i.variant_id AND v.deleted_at IS NULL AND v.track_inventory = true
+JOIN spree_stock_locations l ON l.id = i.stock_location_id AND l.active = true
+WHERE i.deleted_at IS NULL AND l.name IS NOT NULL
+GROUP BY 1, 2";
+
+/// Events and movements reference variants 1-10, which are never renamed or deleted, so
+/// the join with today's SKUs is what was attributed at insert (and by a rebuild).
+const SOLIDUS_COUNTERS: &str = "
+SELECT v.sku::text, 'moved', sum(m.quantity)::text
+FROM spree_stock_movements m JOIN spree_stock_items i ON i.id = m.stock_item_id
+JOIN spree_variants v ON v.id = i.variant_id
+WHERE m.quantity IS NOT NULL GROUP BY 1
+UNION ALL
+SELECT v.sku::text, CASE e.name WHEN 'Viewed product' THEN 'views' ELSE 'carts' END, count(*)::text
+FROM ahoy_events e JOIN spree_variants v ON v.id::text = e.properties ->> 'variant_id'
+WHERE e.name IN ('Viewed product', 'Added to cart') GROUP BY 1, 2";
+
+const SOLIDUS_SEED: &str = "
+INSERT INTO spree_shipping_categories (id, name) VALUES (1, 'Default');
+INSERT INTO spree_products (id, name, slug, shipping_category_id, created_at, updated_at)
+  SELECT i, 'Product ' || i, 'product-' || i, 1, now(), now() FROM generate_series(1, 8) i;
+-- variants 1..40; masters (every 8th) keep the default empty SKU; 12 and 13 share one
+INSERT INTO spree_variants (id, sku, product_id, is_master, created_at, updated_at)
+  SELECT i, CASE WHEN i % 8 = 0 THEN '' WHEN i = 13 THEN 'TEE-12' ELSE 'TEE-' || i END,
+    1 + i % 8, i % 8 = 0, now(), now() FROM generate_series(1, 40) i;
+INSERT INTO spree_stock_locations (id, name, code, active, created_at, updated_at)
+  VALUES (1, 'Berlin', 'BER', true, now(), now()), (2, 'Hamburg', NULL, true, now(), now()),
+         (3, 'Returns', 'RET', false, now(), now());
+INSERT INTO spree_stock_items (id, stock_location_id, variant_id, count_on_hand, created_at, updated_at)
+  SELECT i, 1 + i % 3, 1 + i % 40, i % 13, now(), now() FROM generate_series(1, 100) i
+  WHERE i <= 40 OR i % 3 <> 0;
+SELECT setval('spree_stock_items_id_seq', 1000);
+INSERT INTO spree_stock_movements (stock_item_id, quantity, action, created_at, updated_at)
+  SELECT 1 + i % 10, 1 + i % 4, 'received', now(), now() FROM generate_series(1, 30) i;
+INSERT INTO ahoy_events (visit_id, user_id, name, properties, time)
+  SELECT i, i % 7, CASE WHEN i % 3 = 0 THEN 'Added to cart' ELSE 'Viewed product' END,
+    jsonb_build_object('variant_id', 1 + i % 10), now() FROM generate_series(1, 40) i;
+";
+
+/// One random Solidus transaction.
+fn solidus_txn(rng: &mut StdRng, serial: &mut u64) -> String {
+    let mut sql = String::from("BEGIN;\n");
+    for _ in 0..rng.random_range(1..=3) {
+        *serial += 1;
+        let g = *serial;
+        // variants 1..10 carry events; 11..44 are renamed, deleted and created
+        let ev = rng.random_range(1..=10);
+        let v = rng.random_range(11..=44);
+        let l = rng.random_range(1..=3);
+        let d = rng.random_range(-4..=9);
+        sql.push_str(&match rng.random_range(0..100) {
+            // stock moves: the item's count and a movement row (Spree::StockItem#adjust_count_on_hand)
+            0..=29 => {
+                let var = if rng.random_bool(0.5) { ev } else { v };
+                format!(
+                    "UPDATE spree_stock_items SET count_on_hand = count_on_hand + {d}, updated_at = now() \
+                     WHERE id = (SELECT min(id) FROM spree_stock_items WHERE variant_id = {var} AND deleted_at IS NULL);\n\
+                     INSERT INTO spree_stock_movements (stock_item_id, quantity, action, created_at, updated_at) \
+                     SELECT min(id), {d}, 'adjust', now(), now() FROM spree_stock_items \
+                     WHERE variant_id = {ev} AND deleted_at IS NULL HAVING min(id) IS NOT NULL;\n"
+                )
+            }
+            30..=39 => format!(
+                "INSERT INTO spree_stock_items (stock_location_id, variant_id, count_on_hand, created_at, updated_at) \
+                 SELECT {l}, {v}, {}, now(), now() WHERE EXISTS (SELECT 1 FROM spree_variants WHERE id = {v}) \
+                 AND NOT EXISTS (SELECT 1 FROM spree_stock_items WHERE variant_id = {v} AND stock_location_id = {l} \
+                 AND deleted_at IS NULL);\n",
+                rng.random_range(0..20)
+            ),
+            // a stock item soft-deleted (paranoia)
+            40..=44 => format!(
+                "UPDATE spree_stock_items SET deleted_at = now() WHERE variant_id = {v} AND stock_location_id = {l} \
+                 AND deleted_at IS NULL;\n"
+            ),
+            // SKU edits: renamed, emptied, or made a duplicate
+            45..=56 => format!(
+                "UPDATE spree_variants SET sku = {}, updated_at = now() WHERE id = {v};\n",
+                match rng.random_range(0..10) {
+                    0 => "''".to_string(),
+                    1 | 2 => format!("'TEE-{}'", rng.random_range(11..=14)),
+                    _ => format!("'TEE-{v}-r{g}'"),
+                }
+            ),
+            // a variant soft-deleted with its stock items, or restored; tracking switched
+            57..=62 => format!(
+                "UPDATE spree_variants SET deleted_at = now() WHERE id = {v};\n\
+                 UPDATE spree_stock_items SET deleted_at = now() WHERE variant_id = {v} AND deleted_at IS NULL;\n"
+            ),
+            63..=66 => format!("UPDATE spree_variants SET deleted_at = NULL WHERE id = {v};\n"),
+            67..=69 => format!("UPDATE spree_variants SET track_inventory = NOT track_inventory WHERE id = {v};\n"),
+            // hard deletes (no FKs in Solidus: the application removes the items), and new variants
+            70..=73 => format!(
+                "DELETE FROM spree_stock_items WHERE variant_id = {v};\nDELETE FROM spree_variants WHERE id = {v};\n"
+            ),
+            74..=79 => format!(
+                "INSERT INTO spree_variants (id, sku, product_id, created_at, updated_at) \
+                 VALUES ({v}, 'TEE-{v}-n{g}', 1, now(), now()) ON CONFLICT DO NOTHING;\n"
+            ),
+            // locations renamed or (de)activated
+            80..=83 => format!("UPDATE spree_stock_locations SET name = 'Store {g}' WHERE id = {l};\n"),
+            84..=86 => format!("UPDATE spree_stock_locations SET active = NOT active WHERE id = {l};\n"),
+            // storefront events (Ahoy), some for no or an unknown variant
+            _ => format!(
+                "INSERT INTO ahoy_events (visit_id, user_id, name, properties, time) VALUES ({g}, {}, '{}', '{}', now());\n",
+                g % 5,
+                if rng.random_bool(0.7) { "Viewed product" } else { "Added to cart" },
+                match rng.random_range(0..10) {
+                    0 => r#"{"page": "home"}"#.to_string(),
+                    1 => r#"{"variant_id": 9999}"#.to_string(),
+                    _ => format!(r#"{{"variant_id": {ev}}}"#),
+                }
+            ),
+        });
+    }
+    sql.push_str(if rng.random_bool(0.05) {
+        "ROLLBACK;\n"
+    } else {
+        "COMMIT;\n"
+    });
+    sql
+}
+
+fn solidus_drain(n: i64) -> String {
+    format!(
+        "BEGIN;
+         INSERT INTO spree_variants (id, sku, product_id, created_at, updated_at)
+           VALUES ({id}, 'zz-drain-{n}', 1, now(), now());
+         INSERT INTO spree_stock_items (stock_location_id, variant_id, count_on_hand, created_at, updated_at)
+           VALUES (1, {id}, {n}, now(), now());
+         UPDATE spree_stock_locations SET active = true WHERE id = 1;
+         COMMIT;",
+        id = 900_000 + n
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn solidus_stock_and_ahoy_events_follow_soft_deletes_two_hops_and_json_references() {
+    run_shop(
+        "solidus_stock_and_ahoy_events_follow_soft_deletes_two_hops_and_json_references",
+        Shop {
+            schema: SOLIDUS_SCHEMA,
+            seed: SOLIDUS_SEED,
+            published: "spree_stock_items, spree_variants",
+            mapping: SOLIDUS_MAPPING,
+            truth: SOLIDUS_TRUTH,
+            counters: SOLIDUS_COUNTERS,
+            scale: 0,
+            txn: solidus_txn,
+            drain: solidus_drain,
         },
     )
     .await;
