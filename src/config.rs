@@ -1274,6 +1274,19 @@ mod tests {
         assert!(c.http.is_some() && c.mqtt.is_some() && c.redis.is_some());
     }
 
+    #[test]
+    fn the_commerce_examples_in_dist_parse_with_their_lookups() {
+        for (name, text) in [
+            ("saleor", include_str!("../dist/examples/saleor.toml")),
+            ("odoo", include_str!("../dist/examples/odoo.toml")),
+            ("solidus", include_str!("../dist/examples/solidus.toml")),
+        ] {
+            let c = Config::parse(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(c.inventory[0].sku.lookup().is_some(), "{name}");
+            assert!(!c.lookup_tables().is_empty(), "{name}");
+        }
+    }
+
     /// A config with one activity table: `windows` (TOML array body), extra keys, and
     /// its counters (`kind = "name"` lines).
     fn activity(windows: &str, extra: &str, counters: &str) -> Result<Config, ConfigError> {

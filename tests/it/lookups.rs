@@ -17,14 +17,7 @@ use std::time::{Duration, Instant};
 const SALEOR_SCHEMA: &str = include_str!("schemas/saleor.sql");
 
 /// The mapping of `dist/examples/saleor.toml`, as a test writes it.
-const SALEOR_MAPPING: &str = r#"
-[[inventory]]
-table    = "public.warehouse_stock"
-sku      = { from = "public.product_productvariant", on = "product_variant_id", column = "sku" }
-location = { from = "public.warehouse_warehouse", on = "warehouse_id", column = "slug" }
-on_hand  = "quantity"
-reserved = "quantity_allocated"
-"#;
+const SALEOR_MAPPING: &str = include_str!("../../dist/examples/saleor.toml");
 
 /// The truth: the join the mapping describes.
 const SALEOR_TRUTH: &str = "
@@ -129,6 +122,14 @@ async fn drain_marker(rig: &mut Rig, n: i64, sql: &str) {
     }
 }
 
+/// The mapping part of an example configuration (after its `# ---- mapping ----` line).
+fn mapping_of(example: &str) -> &str {
+    example
+        .split_once("# ---- mapping ----")
+        .map(|(_, m)| m)
+        .expect("an example has a mapping section")
+}
+
 /// A commerce schema under test: its DDL, existing rows, the mapping, the join that is
 /// the truth, a random transaction and a drain marker.
 struct Shop {
@@ -169,7 +170,8 @@ async fn run_shop(test: &str, shop: Shop) {
             &["skusync", "skusync_activity"],
             &rig.redis.url()
         ),
-        shop.mapping,
+        // the example's mapping, after its connection settings
+        mapping_of(shop.mapping),
         mqtt_toml(&broker, 0)
     );
     let cfg = write_config(rig.dir.path(), &cfg_text);
@@ -384,15 +386,7 @@ const ODOO_SCHEMA: &str = include_str!("schemas/odoo.sql");
 
 /// The mapping of `dist/examples/odoo.toml`: two lookups, a filter on the location's,
 /// decimals.
-const ODOO_MAPPING: &str = r#"
-[[inventory]]
-table    = "public.stock_quant"
-sku      = { from = "public.product_product", on = "product_id", column = "default_code" }
-location = { from = "public.stock_location", on = "location_id", column = "complete_name", where = ["usage IN ('internal', 'transit')"] }
-on_hand  = "quantity"
-reserved = "reserved_quantity"
-scale    = 3
-"#;
+const ODOO_MAPPING: &str = include_str!("../../dist/examples/odoo.toml");
 
 const ODOO_TRUTH: &str = "
 SELECT p.default_code::text, l.complete_name::text, sum(q.quantity)::text, sum(q.reserved_quantity)::text
@@ -535,32 +529,7 @@ const SOLIDUS_SCHEMA: &str = include_str!("schemas/solidus.sql");
 
 /// The mapping of `dist/examples/solidus.toml`: soft deletes, a where on each lookup, a
 /// two-hop lookup (stock movement -> stock item -> variant) and a JSON reference.
-const SOLIDUS_MAPPING: &str = r#"
-[[inventory]]
-table    = "public.spree_stock_items"
-sku      = { from = "public.spree_variants", on = "variant_id", column = "sku", where = ["deleted_at IS NULL", "track_inventory = true"] }
-location = { from = "public.spree_stock_locations", on = "stock_location_id", column = "name", where = ["active = true"] }
-on_hand  = "count_on_hand"
-where    = ["deleted_at IS NULL"]
-
-[[activity]]
-table    = "public.spree_stock_movements"
-sku      = { from = "public.spree_stock_items", on = "stock_item_id", then = { from = "public.spree_variants", on = "variant_id", column = "sku" } }
-kind     = { value = "movement" }
-quantity = "quantity"
-[activity.counters]
-movement = "moved"
-
-[[activity]]
-table   = "public.ahoy_events"
-sku     = { from = "public.spree_variants", on = { json = "properties", path = "variant_id" }, column = "sku" }
-kind    = "name"
-time    = "time"
-windows = ["5m", "1h"]
-[activity.counters]
-"Viewed product" = "views"
-"Added to cart"  = "carts"
-"#;
+const SOLIDUS_MAPPING: &str = include_str!("../../dist/examples/solidus.toml");
 
 const SOLIDUS_TRUTH: &str = "
 SELECT v.sku::text, l.name::text, sum(i.count_on_hand)::text, '0'
@@ -598,7 +567,7 @@ INSERT INTO spree_stock_items (id, stock_location_id, variant_id, count_on_hand,
   WHERE i <= 40 OR i % 3 <> 0;
 SELECT setval('spree_stock_items_id_seq', 1000);
 INSERT INTO spree_stock_movements (stock_item_id, quantity, action, created_at, updated_at)
-  SELECT 1 + i % 10, 1 + i % 4, 'received', now(), now() FROM generate_series(1, 30) i;
+  SELECT 1 + i % 9, 1 + i % 4, 'received', now(), now() FROM generate_series(1, 30) i; -- items of variants 2-10
 INSERT INTO ahoy_events (visit_id, user_id, name, properties, time)
   SELECT i, i % 7, CASE WHEN i % 3 = 0 THEN 'Added to cart' ELSE 'Viewed product' END,
     jsonb_build_object('variant_id', 1 + i % 10), now() FROM generate_series(1, 40) i;
