@@ -621,6 +621,234 @@ def latency(exe, rate, quick):
         st.stop()
 
 
+# Saleor's stock tables (tests/it/schemas/saleor.sql, release 3.23.28), seeded with one
+# warehouse, `skus` variants and one stock row each; the flat twin keys its stock rows by
+# (sku, location) and carries the SKU text.
+SALEOR_SEED = """
+INSERT INTO account_address (first_name, last_name, company_name, street_address_1, street_address_2, city, city_area,
+  postal_code, country, country_area, phone) VALUES ('', '', 'Shop', 'Main St 1', '', 'Berlin', '', '10115', 'DE', '', '');
+INSERT INTO product_producttype (id, name, has_variants, is_shipping_required, weight, is_digital, slug, kind)
+  VALUES (1, 'T', true, true, 0, false, 't', 'normal');
+INSERT INTO product_product (id, name, slug, description_plaintext, search_document, search_index_dirty, product_type_id,
+  created_at, updated_at) VALUES (1, 'P', 'p', '', '', false, 1, now(), now());
+INSERT INTO warehouse_warehouse (id, name, email, address_id, slug, click_and_collect_option, is_private)
+  VALUES ('00000000-0000-0000-0000-000000000001', 'W', '', 1, 'wh-1', 'disabled', false);
+INSERT INTO product_productvariant (id, sku, name, product_id, track_inventory, is_preorder, created_at, updated_at)
+  SELECT g, 'SKU-' || g, '', 1, true, false, now(), now() FROM generate_series(1, {skus}) g;
+INSERT INTO warehouse_stock (warehouse_id, product_variant_id, quantity, quantity_allocated)
+  SELECT '00000000-0000-0000-0000-000000000001', 1 + (g - 1) % {skus}, 1000000, 0 FROM generate_series(1, {rows}) g
+  ON CONFLICT DO NOTHING;
+CREATE PUBLICATION skusync FOR TABLE warehouse_stock, product_productvariant, warehouse_warehouse;
+CREATE PUBLICATION skusync_activity WITH (publish = 'insert');
+"""
+
+FLAT_STOCK = """
+CREATE TABLE inventory (sku text, location text, on_hand int NOT NULL, reserved int NOT NULL DEFAULT 0,
+  PRIMARY KEY (sku, location));
+INSERT INTO inventory SELECT 'SKU-' || g, 'wh-1', 1000000, 0 FROM generate_series(1, {skus}) g;
+CREATE PUBLICATION skusync FOR TABLE inventory;
+CREATE PUBLICATION skusync_activity WITH (publish = 'insert');
+"""
+
+MAPPINGS = {
+    "flat": """
+[[inventory]]
+table = "public.inventory"
+sku = "sku"
+location = "location"
+on_hand = "on_hand"
+reserved = "reserved"
+""",
+    "saleor": open(os.path.join(ROOT, "dist/examples/saleor.toml")).read().split("# ---- mapping ----")[1],
+}
+
+STOCK_UPDATE = {
+    "flat": "UPDATE inventory SET on_hand = on_hand - 1 WHERE sku = 'SKU-' || :s AND location = 'wh-1';\n",
+    "saleor": "UPDATE warehouse_stock SET quantity = quantity - 1 WHERE product_variant_id = :s;\n",
+}
+
+
+def stock_config(st, mapping, min_interval_ms=100, http_port=None):
+    http = f"[http]\nlisten = \"127.0.0.1:{http_port}\"\n" if http_port else ""
+    return http + f"""
+[postgres]
+url = "postgresql://postgres@127.0.0.1:{st.pg_port}/postgres?sslmode=disable"
+publication = ["skusync", "skusync_activity"]
+[redis]
+url = "redis://127.0.0.1:{st.redis_port}/0"
+[mqtt]
+url = "mqtt://127.0.0.1:{st.mqtt_port}"
+min_interval_ms = {min_interval_ms}
+""" + MAPPINGS[mapping]
+
+
+def stock_stack(mapping, skus, rows):
+    st = Stack()
+    st.start()
+    if mapping == "saleor":
+        with open(os.path.join(ROOT, "tests/it/schemas/saleor.sql")) as f:
+            path = os.path.join(st.dir, "saleor.sql")
+            with open(path, "w") as out:
+                out.write(f.read())
+        subprocess.run([f"{st.bin}/psql", "-h", st.dir, "-p", str(st.pg_port), "-U", "postgres", "-X", "-q",
+                        "-v", "ON_ERROR_STOP=1", "-f", path], check=True, stdout=subprocess.DEVNULL)
+        st.psql(SALEOR_SEED.format(skus=skus, rows=rows))
+    else:
+        st.psql(FLAT_STOCK.format(skus=skus))
+    return st
+
+
+def stock_catch_up(exe, mapping, quick):
+    """The same backlog of single-row stock updates over 10k SKUs, drained by skusync with
+    the flat mapping or Saleor's (SKU and location looked up)."""
+    skus = 1000 if quick else 10000
+    txns = 4000 if quick else 400000
+    st = stock_stack(mapping, skus, skus)
+    try:
+        s = Skusync(exe, st, stock_config(st, mapping), "skusync")
+        wait(lambda: st.redis("HGET", "skusync:meta", "bootstrap") == "done", 120, "bootstrap", s.log_path)
+        wait(lambda: all_published(st), 120, "initial publish")
+        s.stop()
+        script = os.path.join(st.dir, "backlog.sql")
+        with open(script, "w") as f:
+            f.write(f"\\set s random(1, {skus})\n" + STOCK_UPDATE[mapping])
+        subprocess.run([f"{st.bin}/pgbench", "-h", st.dir, "-p", str(st.pg_port), "-U", "postgres", "-n", "-c", "4",
+                        "-j", "2", "-t", str(txns // 4), "-f", script, "postgres"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        end_i = lsn_int(st.psql("SELECT pg_current_wal_lsn()"))
+        t0 = time.time()
+        s = Skusync(exe, st, stock_config(st, mapping), "skusync-measured")
+        rc = Resp(st.redis_port)
+        peak = [0.0]
+
+        def drained():
+            try:
+                peak[0] = max(peak[0], s.stats()[1])
+            except OSError:
+                pass
+            a = rc("HGET", "skusync:meta", "applied_lsn")
+            return a is not None and int(a) >= end_i
+
+        wait(drained, 900, "skusync drain", s.log_path)
+        wait(Published(st.redis_port), 300, "MQTT acknowledged")
+        took = time.time() - t0
+        cpu, hwm = s.stats()
+        s.stop()
+        return {"mapping": mapping, "transactions": txns, "skus": skus, "skusync_s": round(took, 3),
+                "skusync_rows_per_s": round(txns / took), "skusync_cpu_us_per_row": round(cpu * 1e6 / txns, 2),
+                "skusync_peak_rss_mib": round(max(hwm, peak[0]), 1)}
+    finally:
+        st.stop()
+
+
+def stock_latency(exe, mapping, rate, quick):
+    """Commit -> subscriber at a fixed rate of single-row stock updates (open loop)."""
+    skus = 10000
+    secs = 3 if quick else 15
+    st = stock_stack(mapping, skus, skus)
+    try:
+        s = Skusync(exe, st, stock_config(st, mapping, 100, free_port()), "skusync-measured")
+        wait(lambda: st.redis("HGET", "skusync:meta", "bootstrap") == "done", 120, "bootstrap", s.log_path)
+        wait(lambda: all_published(st), 120, "initial publish")
+        sub_out = os.path.join(st.dir, f"sub-{mapping}.txt")
+        sub = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(st.mqtt_port), "-t", "skusync/sku/+",
+                                "-q", "0", "-R", "-W", str(secs + 4), "-F", "%U %t %p"], stdout=open(sub_out, "w"),
+                               stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+        script = os.path.join(st.dir, "latency.sql")
+        with open(script, "w") as f:
+            f.write(f"\\set s random(1, {skus})\n" + STOCK_UPDATE[mapping])
+        subprocess.run([f"{st.bin}/pgbench", "-h", st.dir, "-p", str(st.pg_port), "-U", "postgres", "-n", "-c", "4",
+                        "-j", "2", "-R", str(rate), "-T", str(secs), "-f", script, "postgres"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sub.wait(timeout=30)
+        s.stop()
+        lats = []
+        for line in open(sub_out).read().splitlines():
+            try:
+                recv, _topic, payload = line.split(" ", 2)
+                j = json.loads(payload)
+            except ValueError:
+                continue
+            if "ts" not in j or "as_of" in j:
+                continue
+            commit_ms = time.mktime(time.strptime(j["ts"][:19], "%Y-%m-%dT%H:%M:%S")) * 1000 - time.timezone * 1000 \
+                + int(j["ts"][20:23])
+            lats.append(float(recv) * 1000 - commit_ms)
+        return {"mapping": mapping, "rate_tx_per_s": rate, "seconds": secs, "messages": len(lats),
+                "p50_ms": pct(lats, 50), "p99_ms": pct(lats, 99), "max_ms": pct(lats, 100)}
+    finally:
+        st.stop()
+
+
+def lookup_memory(exe, quick):
+    """1M variants and 2M stock rows (Saleor's tables, two warehouses): peak RSS of the
+    snapshot load and of streaming stock updates and SKU renames afterwards."""
+    skus = 20000 if quick else 1000000
+    rows = 2 * skus
+    st = Stack()
+    st.start()
+    try:
+        with open(os.path.join(ROOT, "tests/it/schemas/saleor.sql")) as f:
+            path = os.path.join(st.dir, "saleor.sql")
+            with open(path, "w") as out:
+                out.write(f.read())
+        subprocess.run([f"{st.bin}/psql", "-h", st.dir, "-p", str(st.pg_port), "-U", "postgres", "-X", "-q",
+                        "-v", "ON_ERROR_STOP=1", "-f", path], check=True, stdout=subprocess.DEVNULL)
+        st.psql(SALEOR_SEED.format(skus=skus, rows=skus))
+        # a second warehouse holding every variant: 2 stock rows per variant
+        st.psql("INSERT INTO warehouse_warehouse (id, name, email, address_id, slug, click_and_collect_option, "
+                "is_private) VALUES ('00000000-0000-0000-0000-000000000002', 'W2', '', 1, 'wh-2', 'disabled', false); "
+                "INSERT INTO warehouse_stock (warehouse_id, product_variant_id, quantity, quantity_allocated) "
+                f"SELECT '00000000-0000-0000-0000-000000000002', g, 5, 0 FROM generate_series(1, {skus}) g;")
+        t0 = time.time()
+        s = Skusync(exe, st, stock_config(st, "saleor"), "skusync-measured")
+        peak = [0.0]
+
+        def sample():
+            try:
+                peak[0] = max(peak[0], s.stats()[1])
+            except OSError:
+                pass
+
+        def loaded():
+            sample()
+            return st.redis("HGET", "skusync:meta", "bootstrap") == "done"
+
+        wait(loaded, 3600, "snapshot load", s.log_path)
+        load_s = time.time() - t0
+        load_peak = max(peak[0], s.stats()[1])
+        # streaming: stock updates over all variants, and SKU renames (each moves 2 rows)
+        script = os.path.join(st.dir, "stream.sql")
+        with open(script, "w") as f:
+            f.write(f"\\set v random(1, {skus})\n"
+                    "UPDATE warehouse_stock SET quantity = quantity + 1 WHERE product_variant_id = :v;\n"
+                    "UPDATE product_productvariant SET sku = 'SKU-' || :v || '-' || random() WHERE id = :v;\n")
+        txns = 2000 if quick else 100000
+        subprocess.run([f"{st.bin}/pgbench", "-h", st.dir, "-p", str(st.pg_port), "-U", "postgres", "-n", "-c", "4",
+                        "-j", "2", "-t", str(txns // 4), "-f", script, "postgres"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        end_i = lsn_int(st.psql("SELECT pg_current_wal_lsn()"))
+        rc = Resp(st.redis_port)
+
+        def drained():
+            sample()
+            a = rc("HGET", "skusync:meta", "applied_lsn")
+            return a is not None and int(a) >= end_i
+
+        wait(drained, 3600, "stream drain", s.log_path)
+        cpu, hwm = s.stats()
+        s.stop()
+        used = st.redis("INFO", "memory")
+        redis_mib = next((int(l.split(":")[1]) / 2**20 for l in used.splitlines() if l.startswith("used_memory:")), 0)
+        return {"variants": skus, "stock_rows": rows, "snapshot_load_s": round(load_s, 1),
+                "snapshot_rows_per_s": round((rows + skus) / load_s), "peak_rss_mib_after_load": round(load_peak, 1),
+                "streamed_transactions": txns, "peak_rss_mib": round(max(hwm, peak[0]), 1),
+                "redis_used_mib": round(redis_mib, 1)}
+    finally:
+        st.stop()
+
+
 def main():
     global BROKER_WINDOW
     ap = argparse.ArgumentParser()
@@ -641,6 +869,15 @@ def main():
         results["catch_up"] = catch_up(a.skusync, a.quick)
     if "bulk" in only:
         results["bulk_1m"] = bulk(a.skusync, a.quick)
+    if "lookups" in only:
+        # the same backlog with the flat mapping and Saleor's, side by side
+        flat = stock_catch_up(a.skusync, "flat", a.quick)
+        saleor = stock_catch_up(a.skusync, "saleor", a.quick)
+        results["lookups"] = {"flat": flat, "saleor": saleor,
+                              "saleor_vs_flat": round(saleor["skusync_rows_per_s"] / flat["skusync_rows_per_s"], 2),
+                              "latency_1k": [stock_latency(a.skusync, m, 1000, a.quick) for m in ("flat", "saleor")]}
+    if "lookups_memory" in only:
+        results["lookups_memory"] = lookup_memory(a.skusync, a.quick)
     if "latency" in only:
         results["latency"] = [dict(latency(a.skusync, r, a.quick), run=i + 1)
                               for r in map(int, a.rates.split(",")) for i in range(a.latency_runs)]
@@ -660,6 +897,21 @@ def main():
         print(f"bulk       pg_recvlogical {b['pg_recvlogical_rows_per_s']:>8} rows/s | skusync (Redis) "
               f"{b['skusync_rows_per_s']:>8} rows/s | ratio {b['ratio_vs_pg_recvlogical']}x | peak RSS "
               f"{b['skusync_peak_rss_mib']} MiB | idle RSS {b['skusync_idle_rss_mib']} MiB")
+    lk = results.get("lookups")
+    if lk:
+        f, sl = lk["flat"], lk["saleor"]
+        print(f"lookups    catch-up flat {f['skusync_rows_per_s']} rows/s ({f['skusync_cpu_us_per_row']} us CPU/row) | "
+              f"Saleor mapping {sl['skusync_rows_per_s']} rows/s ({sl['skusync_cpu_us_per_row']} us CPU/row) | "
+              f"ratio {lk['saleor_vs_flat']}x | peak RSS {f['skusync_peak_rss_mib']} / {sl['skusync_peak_rss_mib']} MiB")
+        for l in lk["latency_1k"]:
+            print(f"lookups    {l['mapping']:>6} 1000 tx/s commit->subscriber p50 {l['p50_ms']} p99 {l['p99_ms']} "
+                  f"max {l['max_ms']} ms ({l['messages']} msgs)")
+    lm = results.get("lookups_memory")
+    if lm:
+        print(f"lookups    {lm['variants']} variants, {lm['stock_rows']} stock rows: snapshot {lm['snapshot_load_s']} s "
+              f"({lm['snapshot_rows_per_s']} rows/s), peak RSS {lm['peak_rss_mib_after_load']} MiB after the load, "
+              f"{lm['peak_rss_mib']} MiB after streaming {lm['streamed_transactions']} transactions | Redis "
+              f"{lm['redis_used_mib']} MiB")
     for l in results.get("latency", []):
         i = l["immediate"]
         run = f" (run {l['run']})" if a.latency_runs > 1 else ""

@@ -308,6 +308,23 @@ pub async fn lookup_key_problem(
     let Rule::Lookup(l) = rule else {
         return Ok(None);
     };
+    let kind: i8 = client
+        .query_one(
+            "SELECT relkind::\"char\" FROM pg_class WHERE oid = $1",
+            &[&rel.oid],
+        )
+        .await
+        .map_err(|e| meta::classify(e, cfg))?
+        .get(0);
+    if kind == b'p' as i8 {
+        return Ok(Some((
+            format!(
+                "{} is partitioned; a table read by lookups cannot be (its changes arrive under its partitions' names)",
+                l.table
+            ),
+            "-- look up through a table that is not partitioned".into(),
+        )));
+    }
     for h in &l.hops {
         let col = &rel.columns[h.key].name;
         let unique: bool = client

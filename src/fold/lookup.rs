@@ -647,7 +647,17 @@ impl Fold {
         // Out of the old place (under the old key), then into the new.
         let old_holder = old.as_ref().and_then(|o| o.holder.clone());
         let field_changed = new_field.as_deref().is_some_and(|f| f != old_field);
-        if let Some(o) = &old {
+        // Dependents change only with a reference (the hot path, a quantity update,
+        // writes none).
+        let same_refs = |o: &RowRecord, n: &RowRecord| {
+            (via.sku.is_none() || o.sku_in == n.sku_in)
+                && (via.loc.flatten().is_none() || o.loc_in == n.loc_in)
+        };
+        let deps_unchanged =
+            !field_changed && matches!((&old, &new), (Some(o), Some(n)) if same_refs(o, n));
+        if let Some(o) = &old
+            && !deps_unchanged
+        {
             self.set_dep(via.sku, o.sku_in.as_deref(), &old_field, false);
             self.set_dep(via.loc.flatten(), o.loc_in.as_deref(), &old_field, false);
         }
@@ -672,8 +682,10 @@ impl Fold {
                 old_holder.as_deref()
             };
             let rec = self.place_row(&field, prior, rec, placed);
-            self.set_dep(via.sku, rec.sku_in.as_deref(), &field, true);
-            self.set_dep(via.loc.flatten(), rec.loc_in.as_deref(), &field, true);
+            if !deps_unchanged {
+                self.set_dep(via.sku, rec.sku_in.as_deref(), &field, true);
+                self.set_dep(via.loc.flatten(), rec.loc_in.as_deref(), &field, true);
+            }
             self.set_holder(field, Some(rec.encode()));
         }
     }

@@ -1366,11 +1366,38 @@ mod tests {
         };
         let sql = stock_sql(&m, 256, true, 0);
         assert!(sql.contains("AND (deleted_at IS NULL)"), "{sql}");
-        assert!(sql.contains("octet_length(\"Sku\"::text) <= 256"), "{sql}");
+        assert!(sql.contains("__t.\"Sku\" AS s"), "{sql}");
+        assert!(sql.contains("octet_length(s::text) <= 256"), "{sql}");
         assert!(
             sql.contains("abs(on_hand::numeric) <= 9007199254740992"),
             "{sql}"
         );
         assert!(sql.contains("= ANY($1)"), "{sql}");
+    }
+
+    #[test]
+    fn a_lookup_is_a_scalar_subquery_per_hop_with_its_where() {
+        let cfg = crate::config::Config::parse(
+            r#"
+[postgres]
+url = "postgresql://u@h/d"
+[[inventory]]
+table = "public.movements"
+sku = { from = "public.items", on = "itemId", key = "id", then = { from = "public.variants", on = "variant_id", key = "id", column = "sku", where = ["deleted_at IS NULL"] } }
+location = { from = "public.wh", on = "wh_id", key = "id", column = "slug" }
+on_hand = "qty"
+"#,
+        )
+        .unwrap();
+        let sql = stock_sql(&cfg.inventory[0], 256, false, 0);
+        assert!(
+            sql.contains(
+                "(SELECT (SELECT __h1.sku FROM public.variants __h1 WHERE __h1.id = __h0.variant_id AND \
+                 (deleted_at IS NULL)) FROM public.items __h0 WHERE __h0.id = __t.\"itemId\")"
+            ),
+            "{sql}"
+        );
+        // a location that does not resolve places the row nowhere
+        assert!(sql.contains("AND l IS NOT NULL"), "{sql}");
     }
 }

@@ -210,7 +210,7 @@ async fn run_shop(test: &str, shop: Shop) {
     );
 
     // the existing rows, loaded by the first start's snapshot
-    rig.daemon = Some(Daemon::start(rig.dir.path(), cfg));
+    rig.daemon = Some(Daemon::start(rig.dir.path(), cfg.clone()));
     rig.wait_bootstrap(Duration::from_secs(40)).await;
     assert_join_converges(&mut rig, shop.truth, shop.counters, Duration::from_secs(20)).await;
 
@@ -255,6 +255,14 @@ async fn run_shop(test: &str, shop: Shop) {
     assert_join_converges(&mut rig, shop.truth, shop.counters, Duration::from_secs(20)).await;
     let state: BTreeMap<_, _> = rig.oracle.redis_state(&mut rig.con).await;
     assert!(state.len() > 10, "{} SKUs", state.len());
+    // `skusync verify` (its own SQL, joined through the lookups) agrees, MQTT included
+    let verify = run(&["verify", "--mqtt", "--rounds", "3"]);
+    assert!(
+        verify.status.success(),
+        "verify: {}\n{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
     let code = rig.daemon().sigterm();
     assert_eq!(code, Some(0), "{}", rig.daemon().stderr_all());
 }
