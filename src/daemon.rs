@@ -40,6 +40,10 @@ pub enum DaemonError {
     /// Worth retrying after a back-off.
     #[error("{0}")]
     Transient(String),
+    /// The mapping does not fit the database (a missing table or column, a lookup key
+    /// that is not unique), found before anything was written: exit 2, like a config error.
+    #[error("{0}")]
+    Config(String),
 }
 
 impl From<PgError> for DaemonError {
@@ -111,6 +115,8 @@ pub struct Daemon {
     identity_rebuild: Option<(u32, String)>,
     /// The partition fingerprints Redis was built with (meta `partitions`).
     partitions_built: std::collections::BTreeMap<String, String>,
+    /// The mapping was checked against the database (once, before the first write).
+    preflight_done: bool,
     /// The newest holder generation whose batch (row index writes included) is applied.
     ri_done: u64,
     gate: Arc<AtomicU64>,
@@ -225,6 +231,7 @@ impl Daemon {
             split_floor: Lsn(0),
             identity_rebuild: None,
             partitions_built: Default::default(),
+            preflight_done: false,
             ri_done: 0,
             gate,
             mqtt: None,
@@ -382,7 +389,57 @@ impl Daemon {
     }
 
     /// One pass: the writer lock, startup checks, then stream until something ends it.
+    /// Every mapped and referenced table exists and fits the mapping, and every lookup's
+    /// key is unique, checked before anything is written (a slot, Redis): a problem is the
+    /// operator's to fix ([`DaemonError::Config`]).
+    async fn preflight(&mut self) -> Result<(), DaemonError> {
+        let client = meta::connect(&self.pgc).await?;
+        let mut tables: Vec<String> = self.mapping.tables().map(str::to_string).collect();
+        for t in self.mapping.lookup_tables() {
+            if !tables.iter().any(|x| x == t) {
+                tables.push(t.to_string());
+            }
+        }
+        let problem = |e: crate::snapshot::SnapshotError| match e {
+            crate::snapshot::SnapshotError::Schema(s) => DaemonError::Config(s),
+            e => DaemonError::from(e),
+        };
+        for t in tables {
+            let Some(rel) = crate::snapshot::describe(&client, &self.pgc, &t).await? else {
+                return Err(DaemonError::Config(format!(
+                    "table {t}, named in the mapping, does not exist (or its schema is not visible to this \
+                     role): create it, or fix the name in the configuration"
+                )));
+            };
+            let rule = self
+                .mapping
+                .resolve(&rel)
+                .map_err(|e| DaemonError::Config(e.0))?;
+            let also = self
+                .mapping
+                .lookup_rule(&rel, &t)
+                .map_err(|e| DaemonError::Config(e.0))?;
+            for r in [Some(rule), also.map(crate::fold::Rule::Lookup)]
+                .into_iter()
+                .flatten()
+            {
+                if let Some((p, fix)) =
+                    crate::snapshot::lookup_key_problem(&client, &self.pgc, &r, &rel)
+                        .await
+                        .map_err(problem)?
+                {
+                    return Err(DaemonError::Config(format!("{p}; fix it with: {fix}")));
+                }
+            }
+        }
+        self.preflight_done = true;
+        Ok(())
+    }
+
     async fn cycle(&mut self, shutdown: &CancellationToken) -> Result<Cycle, DaemonError> {
+        if !self.preflight_done {
+            self.preflight().await?;
+        }
         let mut con = rsink::connect(&self.redis).await?;
         if !self.ensure_lease(&mut con, shutdown).await? {
             return Ok(Cycle::Shutdown);

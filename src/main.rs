@@ -274,6 +274,7 @@ fn main() -> ExitCode {
     if let Some(code) = rt.block_on(ops_command(&cli.command, &cfg)) {
         return code;
     }
+    let config_problem = std::cell::Cell::new(false);
     let result = rt.block_on(async {
         let shutdown = CancellationToken::new();
         cancel_on_signals(shutdown.clone());
@@ -292,9 +293,14 @@ fn main() -> ExitCode {
                 let _watchdog = skusync::telemetry::spawn_watchdog();
                 skusync::telemetry::ignore_sighup();
                 let _ = skusync::notify::status("starting");
-                let r = daemon.run(shutdown).await.map_err(|e| e.to_string());
+                let r = daemon.run(shutdown).await;
                 let _ = skusync::notify::stopping();
-                r
+                if let Err(skusync::daemon::DaemonError::Config(e)) = &r {
+                    // the mapping does not fit the database: exit 2, as for a bad config
+                    config_problem.set(true);
+                    return Err(e.clone());
+                }
+                r.map_err(|e| e.to_string())
             }
             Command::Resync => skusync::daemon::resync_now(cfg)
                 .await
@@ -326,7 +332,11 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            if config_problem.get() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

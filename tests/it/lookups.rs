@@ -695,3 +695,70 @@ async fn solidus_stock_and_ahoy_events_follow_soft_deletes_two_hops_and_json_ref
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_that_does_not_fit_the_database_exits_2_before_writing_anything() {
+    let mut rig = Rig::new(SALEOR_SCHEMA, lookup_oracle()).await;
+    rig.exec(SALEOR_SEED).await;
+    rig.exec("CREATE PUBLICATION skusync FOR TABLE warehouse_stock, product_productvariant, warehouse_warehouse; \
+              CREATE PUBLICATION skusync_activity WITH (publish = 'insert');")
+        .await;
+    let base = rig.oracle.config_toml(
+        &rig.pg.url("postgres", "postgres"),
+        "skusync",
+        &["skusync", "skusync_activity"],
+        &rig.redis.url(),
+    );
+    let mapping = mapping_of(SALEOR_MAPPING);
+    for (full, bad, want) in [
+        // a key a key-only delete does not carry
+        (
+            false,
+            mapping.replace(r#"column = "slug" }"#, r#"key = "name", column = "slug" }"#),
+            "not in the replica identity",
+        ),
+        // a column the referenced table does not have
+        (
+            false,
+            mapping.replace(r#"column = "sku""#, r#"column = "code""#),
+            "product_productvariant.code",
+        ),
+        // a referenced table that does not exist
+        (
+            false,
+            mapping.replace("public.warehouse_warehouse", "public.warehouses"),
+            "public.warehouses",
+        ),
+        // with REPLICA IDENTITY FULL a delete carries every column, but the key must
+        // still be unique (variant names repeat)
+        (
+            true,
+            mapping.replace(r#"column = "sku" }"#, r#"key = "name", column = "sku" }"#),
+            "not unique",
+        ),
+    ] {
+        if full {
+            rig.exec("ALTER TABLE product_productvariant REPLICA IDENTITY FULL;")
+                .await;
+        }
+        let cfg = write_config(rig.dir.path(), &format!("{base}{bad}"));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_skusync"))
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .output()
+            .expect("skusync");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{want}: {err}");
+        assert!(err.contains(want), "{want}: {err}");
+        // nothing written: no slot, no Redis data
+        let slots: i64 = rig
+            .client
+            .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(slots, 0, "{want}");
+        let keys = crate::fold_oracle::keys_matching(&mut rig.con, "*").await;
+        assert!(keys.is_empty(), "{want}: {keys:?}");
+    }
+}
