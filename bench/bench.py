@@ -702,7 +702,7 @@ def stock_catch_up(exe, mapping, quick):
     """The same backlog of single-row stock updates over 10k SKUs, drained by skusync with
     the flat mapping or Saleor's (SKU and location looked up)."""
     skus = 1000 if quick else 10000
-    txns = 4000 if quick else 400000
+    txns = 4000 if quick else int(os.environ.get("SKUSYNC_BENCH_TXNS", 400000))
     st = stock_stack(mapping, skus, skus)
     try:
         s = Skusync(exe, st, stock_config(st, mapping), "skusync")

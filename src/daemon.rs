@@ -1489,7 +1489,14 @@ struct Pending {
 impl Pending {
     /// Add a folded piece: its SKU entries to the batch, its row index updates here.
     fn push(&mut self, mut p: crate::fold::Piece) {
-        self.ri.append(&mut p.ri);
+        // Not `append`: it rebuilds the whole map (O(n + m)), quadratic over a batch of
+        // small transactions.
+        let ri = std::mem::take(&mut p.ri);
+        if self.ri.is_empty() {
+            self.ri = ri;
+        } else {
+            self.ri.extend(ri);
+        }
         self.batch.push(p);
     }
 
