@@ -140,7 +140,7 @@ impl Fold {
                     .map(|(_, t)| t)
                     .or(c.new.as_ref())
                     .and_then(|t| super::row_key_field(r, t).ok())
-                    && !self.holders.contains_key(&f)
+                    && self.held(&f).is_none()
                 {
                     out.push(Need::Field(f));
                 }
@@ -299,8 +299,8 @@ impl Fold {
     /// A lookup value as Redis will hold it once what was folded is applied.
     fn lookup_value(&self, hop: usize, reference: &str) -> Result<Option<String>, Need> {
         let f = layout::lookup_field(hop, reference);
-        match self.holders.get(&f) {
-            Some(h) => Ok(h.sku.clone()),
+        match self.held(&f) {
+            Some(v) => Ok(v),
             None => Err(Need::Field(f)),
         }
     }
@@ -333,8 +333,8 @@ impl Fold {
 
     /// A stock row's record as Redis will hold it (`None`: no such row counted).
     fn record(&self, field: &str) -> Result<Option<RowRecord>, Need> {
-        match self.holders.get(field) {
-            Some(h) => Ok(h.sku.as_deref().and_then(RowRecord::decode)),
+        match self.held(field) {
+            Some(v) => Ok(v.as_deref().and_then(RowRecord::decode)),
             None => Err(Need::Field(field.to_string())),
         }
     }

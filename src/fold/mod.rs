@@ -117,6 +117,9 @@ pub struct Skipped {
 /// The skip reason of a SKU longer than `max_sku_bytes`.
 pub const SKU_TOO_LONG: &str = "SKU longer than max_sku_bytes";
 
+/// Most entries of the fold's cache of applied index state (about 150 bytes each).
+pub const CACHE_ENTRIES: usize = 50_000;
+
 /// How far an activity row's event time may be after its commit (clock skew between
 /// the application and the database); later times count at the commit time.
 pub const MAX_EVENT_LEAD_MS: i64 = 5 * 60_000;
@@ -194,6 +197,11 @@ pub struct Fold {
     /// [`Fold::know_holder`]), kept while batches that change them are in flight, then
     /// forgotten ([`Fold::forget`]): memory follows the rows of the pending batches.
     holders: HashMap<String, Holder>,
+    /// Index state that batches already applied wrote or that was read (row holders and
+    /// records, lookup values), kept after it left `holders` so hot rows and variants are
+    /// not read again every batch: Redis holds the same, as this fold is its only writer
+    /// (a rebuild or a lost Redis starts a new fold). Bounded by [`CACHE_ENTRIES`].
+    cache: HashMap<String, Option<String>>,
     /// Stock tables that are also referenced tables: their lookup rule (`None`: not one).
     also: HashMap<u32, Option<Arc<mapping::LookupRule>>>,
     /// Referenced rows whose dependents were read from Redis (into `holders`), with the
@@ -232,6 +240,7 @@ impl Fold {
             partitions: HashMap::new(),
             holders: HashMap::new(),
             deps_known: HashMap::new(),
+            cache: HashMap::new(),
             also: HashMap::new(),
             generation: 1,
         }
@@ -250,6 +259,15 @@ impl Fold {
             .map(Arc::new);
         self.also.insert(rel.oid, r.clone());
         r
+    }
+
+    /// What the fold knows of an index field: in flight, or applied and cached (`None`:
+    /// unknown, read it from Redis).
+    fn held(&self, field: &str) -> Option<Option<String>> {
+        match self.holders.get(field) {
+            Some(h) => Some(h.sku.clone()),
+            None => self.cache.get(field).cloned(),
+        }
     }
 
     /// The rule of a change's relation (resolved and kept on first use); `None` when it
@@ -305,10 +323,19 @@ impl Fold {
         // A dependents list read while an earlier batch was in flight lacks that batch's
         // writes, which the overlay supplied until now: read it again when needed.
         let mut stale: Vec<(usize, String)> = Vec::new();
+        let cache = &mut self.cache;
         self.holders.retain(|f, h| {
             let keep = h.generation > upto;
-            if !keep && let Some((hop, r)) = layout::dep_field_parts(f) {
-                stale.push((hop, r.to_string()));
+            if !keep {
+                if let Some((hop, r)) = layout::dep_field_parts(f) {
+                    stale.push((hop, r.to_string()));
+                } else {
+                    if cache.len() >= CACHE_ENTRIES {
+                        // crude but O(1) per entry: hot entries come back with one read
+                        cache.clear();
+                    }
+                    cache.insert(f.clone(), h.sku.take());
+                }
             }
             keep
         });
@@ -660,6 +687,7 @@ impl Fold {
         let generation = self.generation;
         for t in &tables {
             let pre = layout::row_field_prefix(t);
+            self.cache.retain(|f, _| !f.starts_with(&pre));
             for (f, h) in self.holders.iter_mut() {
                 if f.starts_with(&pre) {
                     // as the cleared index says, and it is cleared before anything after
@@ -731,8 +759,8 @@ impl Fold {
                 let holder = if c.op == Op::Insert {
                     None
                 } else {
-                    match self.holders.get(&f) {
-                        Some(h) => h.sku.clone(),
+                    match self.held(&f) {
+                        Some(h) => h,
                         None => {
                             // The caller reads every holder first (`unresolved`).
                             self.skip(
