@@ -851,6 +851,7 @@ impl Daemon {
                 }
             }
             let mut commits = 0u64;
+            let mut recheck = false;
             for ev in events.into_iter().flatten() {
                 match ev {
                     SourceEvent::Connected(info) => {
@@ -1028,13 +1029,19 @@ impl Daemon {
                         fold.begin(&b);
                     }
                     SourceEvent::Event(Event::Change(c)) => {
-                        // what an earlier change of this chunk made it need (rare)
-                        match applier.read_needs(&mut fold, &[&c]).await {
-                            Ok(()) => {}
-                            Err(e) if e.is_transient() => {
-                                return Ok(Cycle::Restart(format!("reading the row index: {e}")));
+                        // After a change of a referenced table, later changes of the chunk
+                        // may need state the chunk's read did not foresee (rare).
+                        recheck |= fold.changes_lookups(&c);
+                        if recheck {
+                            match applier.read_needs(&mut fold, &[&c]).await {
+                                Ok(()) => {}
+                                Err(e) if e.is_transient() => {
+                                    return Ok(Cycle::Restart(format!(
+                                        "reading the row index: {e}"
+                                    )));
+                                }
+                                Err(e) => return Err(e.into()),
                             }
-                            Err(e) => return Err(e.into()),
                         }
                         if let Some(p) = fold
                             .change(&c)
@@ -1479,7 +1486,7 @@ async fn apply_retrying(
 struct Pending {
     batch: Batch,
     /// Row index updates of the batch's pieces, final per row.
-    ri: std::collections::BTreeMap<String, Option<String>>,
+    ri: std::collections::HashMap<String, Option<String>>,
     tickets: Vec<Ticket>,
     end: Option<Lsn>,
     /// Commit times (unix ms) of the transactions, for the latency histogram.
@@ -1491,12 +1498,7 @@ impl Pending {
     fn push(&mut self, mut p: crate::fold::Piece) {
         // Not `append`: it rebuilds the whole map (O(n + m)), quadratic over a batch of
         // small transactions.
-        let ri = std::mem::take(&mut p.ri);
-        if self.ri.is_empty() {
-            self.ri = ri;
-        } else {
-            self.ri.extend(ri);
-        }
+        self.ri.extend(std::mem::take(&mut p.ri));
         self.batch.push(p);
     }
 

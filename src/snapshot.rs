@@ -365,8 +365,12 @@ async fn fold_run(
 ) -> Result<(), SnapshotError> {
     let refs: Vec<&crate::txn::Change> = run.iter().collect();
     applier.read_needs(fold, &refs).await?;
+    let mut recheck = false;
     for change in run.drain(..) {
-        applier.read_needs(fold, &[&change]).await?;
+        recheck |= fold.changes_lookups(&change);
+        if recheck {
+            applier.read_needs(fold, &[&change]).await?;
+        }
         if let Some(p) = fold
             .change(&change)
             .map_err(|e| SnapshotError::Schema(e.0))?

@@ -169,31 +169,32 @@ impl Fold {
 
     fn stock_needs(&self, r: &InventoryRule, c: &Change, out: &mut Vec<Need>) {
         let old_t = c.old.as_ref().map(|(_, t)| t);
-        let mut old_rec = None;
+        let mut field = None;
         if c.op != Op::Insert
             && let Some(Ok(f)) = old_t.or(c.new.as_ref()).map(|t| super::row_key_field(r, t))
         {
-            match self.record(&f) {
-                Ok(rec) => old_rec = rec,
-                Err(n) => out.push(n),
+            if self.held(&f).is_none() {
+                out.push(Need::Field(f));
+                return; // its references may be needed: known next round
             }
+            field = Some(f);
         }
         let Some(t) = c.new.as_ref() else { return };
         let via = Via::of(r);
-        for (attr, hop, was) in [
-            (Some(&r.sku), via.sku, old_rec.as_ref().map(|o| &o.sku_in)),
-            (
-                r.location.as_ref(),
-                via.loc.flatten(),
-                old_rec.as_ref().map(|o| &o.loc_in),
-            ),
+        for (attr, hop, is_sku) in [
+            (Some(&r.sku), via.sku, true),
+            (r.location.as_ref(), via.loc.flatten(), false),
         ] {
             let (Some(attr), Some(hop)) = (attr, hop) else {
                 continue;
             };
             let reference = match input(t, attr) {
                 Input::Val(v) => v,
-                Input::Keep => was.cloned().flatten(),
+                // unchanged (TOAST): the record's (rare; decoded only then)
+                Input::Keep => field
+                    .as_deref()
+                    .and_then(|f| self.record(f).ok().flatten())
+                    .and_then(|o| if is_sku { o.sku_in } else { o.loc_in }),
                 Input::Bad(_) => None,
             };
             if let Err(n) = self.follow(hop, reference.as_deref(), &[]) {
@@ -298,10 +299,13 @@ impl Fold {
 
     /// A lookup value as Redis will hold it once what was folded is applied.
     fn lookup_value(&self, hop: usize, reference: &str) -> Result<Option<String>, Need> {
-        let f = layout::lookup_field(hop, reference);
+        // formatted into a reused buffer: this runs several times for every row
+        let mut f = self.scratch.borrow_mut();
+        f.clear();
+        layout::push_lookup_field(&mut f, hop, reference);
         match self.held(&f) {
-            Some(v) => Ok(v),
-            None => Err(Need::Field(f)),
+            Some(v) => Ok(v.map(str::to_string)),
+            None => Err(Need::Field(f.clone())),
         }
     }
 
@@ -334,7 +338,7 @@ impl Fold {
     /// A stock row's record as Redis will hold it (`None`: no such row counted).
     fn record(&self, field: &str) -> Result<Option<RowRecord>, Need> {
         match self.held(field) {
-            Some(v) => Ok(v.as_deref().and_then(RowRecord::decode)),
+            Some(v) => Ok(v.and_then(RowRecord::decode)),
             None => Err(Need::Field(field.to_string())),
         }
     }

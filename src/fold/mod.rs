@@ -202,6 +202,8 @@ pub struct Fold {
     /// not read again every batch: Redis holds the same, as this fold is its only writer
     /// (a rebuild or a lost Redis starts a new fold). Bounded by [`CACHE_ENTRIES`].
     cache: HashMap<String, Option<String>>,
+    /// A reused buffer for state field names (lookups run several times per row).
+    scratch: std::cell::RefCell<String>,
     /// Stock tables that are also referenced tables: their lookup rule (`None`: not one).
     also: HashMap<u32, Option<Arc<mapping::LookupRule>>>,
     /// Referenced rows whose dependents were read from Redis (into `holders`), with the
@@ -241,6 +243,7 @@ impl Fold {
             holders: HashMap::new(),
             deps_known: HashMap::new(),
             cache: HashMap::new(),
+            scratch: Default::default(),
             also: HashMap::new(),
             generation: 1,
         }
@@ -263,10 +266,20 @@ impl Fold {
 
     /// What the fold knows of an index field: in flight, or applied and cached (`None`:
     /// unknown, read it from Redis).
-    fn held(&self, field: &str) -> Option<Option<String>> {
+    fn held(&self, field: &str) -> Option<Option<&str>> {
         match self.holders.get(field) {
-            Some(h) => Some(h.sku.clone()),
-            None => self.cache.get(field).cloned(),
+            Some(h) => Some(h.sku.as_deref()),
+            None => self.cache.get(field).map(Option::as_deref),
+        }
+    }
+
+    /// Whether a change is of a referenced table: folding it can make later changes need
+    /// state that was not read for them (the caller checks each change after it).
+    pub fn changes_lookups(&mut self, c: &Change) -> bool {
+        match self.rule_of(c).as_deref() {
+            Some(Rule::Lookup(_)) => true,
+            Some(Rule::Inventory(_)) => self.also_of(&c.rel).is_some(),
+            _ => false,
         }
     }
 
@@ -760,7 +773,7 @@ impl Fold {
                     None
                 } else {
                     match self.held(&f) {
-                        Some(h) => h,
+                        Some(h) => h.map(str::to_string),
                         None => {
                             // The caller reads every holder first (`unresolved`).
                             self.skip(

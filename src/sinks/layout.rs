@@ -277,7 +277,16 @@ fn take_item(s: &str) -> Option<(Option<&str>, &str)> {
 
 /// The fold's name for a lookup value: `k:<hop>:<reference>` (see [`state_slot`]).
 pub fn lookup_field(hop: usize, reference: &str) -> String {
-    format!("k:{hop}:{reference}")
+    let mut f = String::with_capacity(reference.len() + 6);
+    push_lookup_field(&mut f, hop, reference);
+    f
+}
+
+/// [`lookup_field`] appended to a buffer.
+pub fn push_lookup_field(out: &mut String, hop: usize, reference: &str) {
+    use std::fmt::Write;
+    let _ = write!(out, "k:{hop}:");
+    out.push_str(reference);
 }
 
 /// The fold's name for one dependent of a referenced row: `d:<hop>:<len>:<reference><member>`,

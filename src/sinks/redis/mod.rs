@@ -403,9 +403,9 @@ impl Applier {
 
     /// Record where indexed rows are held now (row field -> SKU, `None` to remove), after
     /// the SKU entries of the same pieces were applied; `end` goes with the last call.
-    pub async fn write_row_index(
+    pub async fn write_row_index<'a>(
         &mut self,
-        updates: &std::collections::BTreeMap<String, Option<String>>,
+        updates: impl IntoIterator<Item = (&'a String, &'a Option<String>)>,
         end: Option<Lsn>,
     ) -> Result<(), RedisSinkError> {
         let prefix = self.settings.prefix.clone();
@@ -417,7 +417,7 @@ impl Applier {
                 .load(std::sync::atomic::Ordering::SeqCst),
         );
         let script = redis::Script::new(ROW_INDEX_LUA);
-        let all: Vec<(&String, &Option<String>)> = updates.iter().collect();
+        let all: Vec<(&String, &Option<String>)> = updates.into_iter().collect();
         let chunks: Vec<&[(&String, &Option<String>)]> = if all.is_empty() {
             vec![&[]]
         } else {
