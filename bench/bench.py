@@ -729,12 +729,15 @@ def stock_catch_up(exe, mapping, quick):
             a = rc("HGET", "skusync:meta", "applied_lsn")
             return a is not None and int(a) >= end_i
 
+        redis_cpu0 = proc_stats(st.procs[0].pid)[0]
         wait(drained, 900, "skusync drain", s.log_path)
         wait(Published(st.redis_port), 300, "MQTT acknowledged")
         took = time.time() - t0
         cpu, hwm = s.stats()
+        redis_cpu = proc_stats(st.procs[0].pid)[0] - redis_cpu0
         s.stop()
         return {"mapping": mapping, "transactions": txns, "skus": skus, "skusync_s": round(took, 3),
+                "redis_cpu_us_per_row": round(redis_cpu * 1e6 / txns, 2),
                 "skusync_rows_per_s": round(txns / took), "skusync_cpu_us_per_row": round(cpu * 1e6 / txns, 2),
                 "skusync_peak_rss_mib": round(max(hwm, peak[0]), 1)}
     finally:
@@ -900,8 +903,9 @@ def main():
     lk = results.get("lookups")
     if lk:
         f, sl = lk["flat"], lk["saleor"]
-        print(f"lookups    catch-up flat {f['skusync_rows_per_s']} rows/s ({f['skusync_cpu_us_per_row']} us CPU/row) | "
-              f"Saleor mapping {sl['skusync_rows_per_s']} rows/s ({sl['skusync_cpu_us_per_row']} us CPU/row) | "
+        print(f"lookups    catch-up flat {f['skusync_rows_per_s']} rows/s ({f['skusync_cpu_us_per_row']} us CPU/row, "
+              f"Redis {f['redis_cpu_us_per_row']}) | Saleor mapping {sl['skusync_rows_per_s']} rows/s "
+              f"({sl['skusync_cpu_us_per_row']} us CPU/row, Redis {sl['redis_cpu_us_per_row']}) | "
               f"ratio {lk['saleor_vs_flat']}x | peak RSS {f['skusync_peak_rss_mib']} / {sl['skusync_peak_rss_mib']} MiB")
         for l in lk["latency_1k"]:
             print(f"lookups    {l['mapping']:>6} 1000 tx/s commit->subscriber p50 {l['p50_ms']} p99 {l['p99_ms']} "
