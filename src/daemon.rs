@@ -1377,7 +1377,9 @@ fn launch(
     generation: u64,
 ) -> tokio::task::JoinHandle<Flight> {
     let entries = pending.batch.take();
-    let ri = std::mem::take(&mut pending.ri);
+    let mut ri = std::mem::take(&mut pending.ri);
+    let write = std::mem::take(&mut pending.ri_write);
+    ri.retain(|k, _| write.contains(k));
     let last_commit = entries.iter().map(|e| e.last.0).max().unwrap_or(Lsn(0));
     let end = pending.end.take();
     let tickets = std::mem::take(&mut pending.tickets);
@@ -1487,6 +1489,9 @@ struct Pending {
     batch: Batch,
     /// Row index updates of the batch's pieces, final per row.
     ri: std::collections::HashMap<String, Option<String>>,
+    /// Fields of `ri` some piece changed beyond quantities (`Piece::ri_local`): only
+    /// these are written.
+    ri_write: std::collections::HashSet<String>,
     tickets: Vec<Ticket>,
     end: Option<Lsn>,
     /// Commit times (unix ms) of the transactions, for the latency histogram.
@@ -1498,7 +1503,13 @@ impl Pending {
     fn push(&mut self, mut p: crate::fold::Piece) {
         // Not `append`: it rebuilds the whole map (O(n + m)), quadratic over a batch of
         // small transactions.
-        self.ri.extend(std::mem::take(&mut p.ri));
+        let local = std::mem::take(&mut p.ri_local);
+        for (k, v) in std::mem::take(&mut p.ri) {
+            if !local.contains(&k) {
+                self.ri_write.insert(k.clone());
+            }
+            self.ri.insert(k, v);
+        }
         self.batch.push(p);
     }
 

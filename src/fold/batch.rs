@@ -438,6 +438,7 @@ mod tests {
             last,
             eval: if last { eval } else { vec![] },
             ri: Default::default(),
+            ri_local: Default::default(),
         }
     }
 

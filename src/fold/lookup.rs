@@ -690,7 +690,14 @@ impl Fold {
                 self.set_dep(via.sku, rec.sku_in.as_deref(), &field, true);
                 self.set_dep(via.loc.flatten(), rec.loc_in.as_deref(), &field, true);
             }
-            self.set_holder(field, Some(rec.encode()));
+            // Only quantities of a row that stays where it counts: Redis' record need not
+            // change (the holder's hash has them); the hot path writes no index.
+            let local = deps_unchanged
+                && rec.holder.is_some()
+                && old
+                    .as_ref()
+                    .is_some_and(|o| o.holder == rec.holder && o.threshold == rec.threshold);
+            self.put_holder(field, Some(rec.encode()), local);
         }
     }
 

@@ -92,6 +92,10 @@ pub struct Piece {
     /// Row index updates of indexed stock tables (row field -> the SKU now holding the
     /// row, `None`: no SKU), final per row. Written after the piece's SKU entries.
     pub ri: BTreeMap<String, Option<String>>,
+    /// Fields of `ri` whose change in this piece only moved quantities of a row that
+    /// stays where it counts: Redis' index need not be written for them (its holder's SKU
+    /// hash has the values, which a read of the record takes from there).
+    pub ri_local: BTreeSet<String>,
 }
 
 impl Piece {
@@ -359,7 +363,20 @@ impl Fold {
     }
 
     fn set_holder(&mut self, field: String, sku: Option<String>) {
+        self.put_holder(field, sku, false);
+    }
+
+    /// Record index state; `local`: only quantities of a row that stays where it counts
+    /// changed (see [`Piece::ri_local`]).
+    fn put_holder(&mut self, field: String, sku: Option<String>, local: bool) {
         let writer = self.cur.as_mut().map(|cur| {
+            // local only while every change of the field in this piece is
+            let was_written = cur.ri.contains_key(&field) && !cur.ri_local.contains(&field);
+            if local && !was_written {
+                cur.ri_local.insert(field.clone());
+            } else {
+                cur.ri_local.remove(&field);
+            }
             cur.ri.insert(field.clone(), sku.clone());
             (cur.commit_lsn, cur.piece)
         });
@@ -607,6 +624,7 @@ impl Fold {
             last: false,
             eval: Vec::new(),
             ri: BTreeMap::new(),
+            ri_local: BTreeSet::new(),
         });
         self.in_piece = 0;
         self.touched.clear();
@@ -624,6 +642,7 @@ impl Fold {
             last: false,
             eval: Vec::new(),
             ri: BTreeMap::new(),
+            ri_local: BTreeSet::new(),
         };
         self.in_piece = 0;
         let done = std::mem::replace(cur, next);

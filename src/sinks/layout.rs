@@ -382,6 +382,25 @@ impl RowRecord {
         s
     }
 
+    /// The record with the quantities of its contribution in the holder's SKU hash
+    /// (`r:` field, JSON `[location, on_hand, reserved]`, decimals of `scale`): a record
+    /// is written only when where the row counts changes, so while it counts somewhere
+    /// its quantities live there (see `fold::Piece::ri_local`).
+    pub fn with_contribution(mut self, contribution: &str, scale: u32) -> Option<RowRecord> {
+        let v: serde_json::Value = serde_json::from_str(contribution).ok()?;
+        let q = |i: usize| {
+            let x = v.get(i)?;
+            let s = x
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| x.to_string());
+            crate::fold::units::parse(&s, scale)
+        };
+        self.on_hand = q(1)?;
+        self.reserved = q(2)?;
+        Some(self)
+    }
+
     /// `None` when it is not a record this build wrote.
     pub fn decode(s: &str) -> Option<RowRecord> {
         let rest = s.strip_prefix("R1")?;

@@ -98,6 +98,7 @@ fn random_piece(rng: &mut StdRng, lsn: u64, piece: u32, last: bool) -> Piece {
         last,
         eval,
         ri: Default::default(),
+        ri_local: Default::default(),
     }
 }
 
@@ -199,6 +200,7 @@ async fn lua_apply_script_matches_the_model_on_random_pieces() {
                 last: false,
                 eval: vec![],
                 ri: Default::default(),
+                ri_local: Default::default(),
             };
             model.apply(&t, &params);
             let skus = applier.all_skus().await.unwrap();

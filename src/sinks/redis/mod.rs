@@ -500,6 +500,34 @@ impl Applier {
                     .query_async(&mut self.con)
                     .await
                     .map_err(RedisSinkError::from_redis)?;
+                // A row record names the SKU holding the row; its quantities are that
+                // hash's (the record is not rewritten for quantity-only changes).
+                let mut patch = Vec::new();
+                for (i, v) in got.iter().enumerate() {
+                    if let Some(rec) = v.as_deref().and_then(layout::RowRecord::decode)
+                        && let Some(h) = &rec.holder
+                    {
+                        patch.push((i, layout::sku_key(&prefix, h), rec));
+                    }
+                }
+                let mut got = got;
+                if !patch.is_empty() {
+                    let mut pipe = redis::pipe();
+                    for (i, key, _) in &patch {
+                        pipe.cmd("HGET").arg(key).arg(&chunk[*i].0);
+                    }
+                    let contributions: Vec<Option<String>> = pipe
+                        .query_async(&mut self.con)
+                        .await
+                        .map_err(RedisSinkError::from_redis)?;
+                    for ((i, _, rec), c) in patch.into_iter().zip(contributions) {
+                        if let Some(r) =
+                            c.and_then(|c| rec.with_contribution(&c, self.settings.scale))
+                        {
+                            got[i] = Some(r.encode());
+                        }
+                    }
+                }
                 for ((f, _, _), v) in chunk.iter().zip(got) {
                     fold.know(f.clone(), v);
                 }
