@@ -1488,10 +1488,10 @@ async fn apply_retrying(
 struct Pending {
     batch: Batch,
     /// Row index updates of the batch's pieces, final per row.
-    ri: std::collections::HashMap<String, Option<String>>,
+    ri: std::collections::HashMap<String, Option<String>, foldhash::fast::RandomState>,
     /// Fields of `ri` some piece changed beyond quantities (`Piece::ri_local`): only
     /// these are written.
-    ri_write: std::collections::HashSet<String>,
+    ri_write: std::collections::HashSet<String, foldhash::fast::RandomState>,
     tickets: Vec<Ticket>,
     end: Option<Lsn>,
     /// Commit times (unix ms) of the transactions, for the latency histogram.
@@ -1507,8 +1507,12 @@ impl Pending {
         for (k, v) in std::mem::take(&mut p.ri) {
             if !local.contains(&k) {
                 self.ri_write.insert(k.clone());
+                self.ri.insert(k, v);
+            } else if let Some(w) = self.ri.get_mut(&k) {
+                // written anyway for an earlier piece: with the latest quantities
+                *w = v;
             }
-            self.ri.insert(k, v);
+            // else: only quantities moved; nothing to write (the hot path)
         }
         self.batch.push(p);
     }

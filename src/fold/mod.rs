@@ -200,12 +200,12 @@ pub struct Fold {
     /// the generation that wrote it. Read from Redis by the caller ([`Fold::unresolved`],
     /// [`Fold::know_holder`]), kept while batches that change them are in flight, then
     /// forgotten ([`Fold::forget`]): memory follows the rows of the pending batches.
-    holders: HashMap<String, Holder>,
+    holders: HashMap<String, Holder, foldhash::fast::RandomState>,
     /// Index state that batches already applied wrote or that was read (row holders and
     /// records, lookup values), kept after it left `holders` so hot rows and variants are
     /// not read again every batch: Redis holds the same, as this fold is its only writer
     /// (a rebuild or a lost Redis starts a new fold). Bounded by [`CACHE_ENTRIES`].
-    cache: HashMap<String, Option<String>>,
+    cache: HashMap<String, Option<String>, foldhash::fast::RandomState>,
     /// A reused buffer for state field names (lookups run several times per row).
     scratch: std::cell::RefCell<String>,
     /// Stock tables that are also referenced tables: their lookup rule (`None`: not one).
@@ -244,9 +244,9 @@ impl Fold {
             skipped: Vec::new(),
             tables: TableIdentities::new(),
             partitions: HashMap::new(),
-            holders: HashMap::new(),
+            holders: HashMap::default(),
             deps_known: HashMap::new(),
-            cache: HashMap::new(),
+            cache: HashMap::default(),
             scratch: Default::default(),
             also: HashMap::new(),
             generation: 1,
