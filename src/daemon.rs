@@ -220,13 +220,20 @@ impl Daemon {
                 floor: gate.clone(),
             },
         };
+        let max_changes = if mapping.hops.is_empty() {
+            rc.max_changes_per_piece
+        } else {
+            (rc.max_changes_per_piece / 4).max(100)
+        };
         Ok(Daemon {
             cfg,
             mapping,
             pgc,
             redis,
             settings,
-            max_changes: rc.max_changes_per_piece,
+            // A change of a table with lookups writes about four pieces of state (its
+            // entry, its record, its dependents): smaller pieces keep memory where it was.
+            max_changes,
             max_batch_skus: rc.max_batch_skus,
             split_floor: Lsn(0),
             identity_rebuild: None,

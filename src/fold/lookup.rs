@@ -89,7 +89,8 @@ fn input(t: &Tuple, a: &Attr) -> Input {
     for p in path {
         match cur.get(p.as_str()) {
             Some(n) => cur = n,
-            None => return Input::Val(None),
+            // skipped and counted per table, column and reason (a JSON null is a NULL)
+            None => return Input::Bad("the JSON member is missing"),
         }
     }
     match cur {

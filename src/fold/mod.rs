@@ -122,7 +122,7 @@ pub struct Skipped {
 pub const SKU_TOO_LONG: &str = "SKU longer than max_sku_bytes";
 
 /// Most entries of the fold's cache of applied index state (about 150 bytes each).
-pub const CACHE_ENTRIES: usize = 50_000;
+pub const CACHE_ENTRIES: usize = 20_000;
 
 /// How far an activity row's event time may be after its commit (clock skew between
 /// the application and the database); later times count at the commit time.

@@ -39,11 +39,12 @@
 //! `<prefix>:ri:{<n>:<table>:<bucket>}` ([`row_index_key`]: a row's field -> the SKU whose
 //! hash holds its contribution), bucketed so that each hash stays small and each bucket is
 //! one cluster slot; meta `ri_truncated:<table>` fences the clearing of a truncated
-//! table's index. Reserved for lookups through a variant table: lookup state
-//! `<prefix>:ref:{<n>:<table>:<bucket>}` (a referenced row's key -> the value it resolves
-//! to). A row's contribution stays a `r:` field of its SKU's hash whatever its identity.
-//! These keys exist only for mappings that need them; adopting such a mapping changes the
-//! mapping fingerprint (one rebuild), not the layout.
+//! table's index. For a table whose SKU or location is looked up, the value is the row's
+//! [`RowRecord`]. Lookups keep per hop `<prefix>:ref:{<hop>:<bucket>}` (a referenced
+//! row's key -> what it resolves to) and `<prefix>:dep:{<hop>:<bucket>}` (its
+//! dependents); see [`state_slot`]. A row's contribution stays a `r:` field of its SKU's
+//! hash whatever its identity. These keys exist only for mappings that need them;
+//! adopting such a mapping changes the mapping fingerprint (one rebuild), not the layout.
 //!
 //! Layouts before 3 (no meta `layout`) kept SKU hashes at `<prefix>:sku:<SKU>` and users
 //! at `{<prefix>:sku:<SKU>}:u:...`, and joined key values with a byte that text may
@@ -341,9 +342,18 @@ pub fn state_slot(prefix: &str, field: &str) -> Option<(String, String)> {
     ))
 }
 
+/// Buckets of one hop's dependents: reading a referenced row's dependents scans its
+/// bucket, so buckets stay small (2M stock rows over 1M variants: about 120 per bucket).
+pub const DEP_BUCKETS: u32 = 16_384;
+
 /// The hash holding the dependents of a referenced row of `hop`.
 pub fn dep_key(prefix: &str, hop: usize, reference: &str) -> String {
-    format!("{prefix}:dep:{{{hop}:{}}}", row_index_bucket(reference))
+    let mut h: u32 = 0x811c_9dc5;
+    for b in reference.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{prefix}:dep:{{{hop}:{}}}", h % DEP_BUCKETS)
 }
 
 /// SCAN MATCH patterns of every lookup-state key (values and dependents).

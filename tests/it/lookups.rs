@@ -476,9 +476,15 @@ fn odoo_txn(rng: &mut StdRng, serial: &mut u64) -> String {
             78..=82 => format!(
                 "DELETE FROM stock_quant WHERE product_id = {p};\nDELETE FROM product_product WHERE id = {p};\n"
             ),
-            83..=89 => format!(
+            83..=87 => format!(
                 "INSERT INTO product_product (id, default_code, active, product_tmpl_id) \
                  VALUES ({p}, 'FURN-{p}-n{g}', true, 1) ON CONFLICT DO NOTHING;\n"
+            ),
+            // a template without stock deleted: the database cascades to its products
+            88..=89 => format!(
+                "DELETE FROM product_template t WHERE t.id = {} AND NOT EXISTS (SELECT 1 FROM stock_quant q \
+                 JOIN product_product pp ON pp.id = q.product_id WHERE pp.product_tmpl_id = t.id);\n",
+                rng.random_range(2..=10)
             ),
             // a location renamed, or turned from internal into another usage and back
             90..=94 => format!(
