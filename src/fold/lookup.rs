@@ -312,18 +312,18 @@ impl Fold {
 
     /// Follow a reference from `hop` to the last hop's value (`None`: it does not
     /// resolve). `over`: values to use instead of the state's, (hop, key, value).
-    fn follow(
-        &self,
+    fn follow<'a>(
+        &'a self,
         mut hop: usize,
-        reference: Option<&str>,
-        over: &[(usize, String, Option<String>)],
-    ) -> Result<Option<String>, Need> {
-        let mut reference = reference.map(str::to_string);
+        reference: Option<&'a str>,
+        over: &'a [(usize, String, Option<String>)],
+    ) -> Result<Option<&'a str>, Need> {
+        let mut reference = reference;
         for _ in 0..=self.mapping.hops.len() {
             let Some(r) = reference else { return Ok(None) };
-            let v = match over.iter().find(|(h, k, _)| *h == hop && *k == r) {
-                Some((_, _, v)) => v.clone(),
-                None => self.lookup_value(hop, &r)?,
+            let v = match over.iter().find(|(h, k, _)| *h == hop && k == r) {
+                Some((_, _, v)) => v.as_deref(),
+                None => self.lookup_ref(hop, r)?,
             };
             match self.mapping.hops[hop].next {
                 None => return Ok(v),
@@ -334,6 +334,17 @@ impl Fold {
             }
         }
         Ok(None)
+    }
+
+    /// [`Fold::lookup_value`], borrowed (no allocation on the hot path).
+    fn lookup_ref(&self, hop: usize, reference: &str) -> Result<Option<&str>, Need> {
+        let mut f = self.scratch.borrow_mut();
+        f.clear();
+        layout::push_lookup_field(&mut f, hop, reference);
+        match self.held(&f) {
+            Some(v) => Ok(v),
+            None => Err(Need::Field(f.clone())),
+        }
     }
 
     /// A stock row's record as Redis will hold it (`None`: no such row counted).
@@ -417,12 +428,16 @@ impl Fold {
     ) -> Result<Option<(String, String)>, Need> {
         let sku = match via.sku {
             None => rec.sku_in.clone(),
-            Some(hop) => self.follow(hop, rec.sku_in.as_deref(), over)?,
+            Some(hop) => self
+                .follow(hop, rec.sku_in.as_deref(), over)?
+                .map(str::to_string),
         };
         let loc = match via.loc {
             None => Some(String::new()),
             Some(None) => Some(rec.loc_in.clone().unwrap_or_default()),
-            Some(Some(hop)) => self.follow(hop, rec.loc_in.as_deref(), over)?,
+            Some(Some(hop)) => self
+                .follow(hop, rec.loc_in.as_deref(), over)?
+                .map(str::to_string),
         };
         Ok(match (sku, loc) {
             (Some(s), Some(l)) if s.len() <= self.mapping.max_sku_bytes => Some((s, l)),
@@ -790,6 +805,7 @@ impl Fold {
         match input(t, a) {
             Input::Val(r) => self
                 .follow(*hop, r.as_deref(), &[])
+                .map(|v| v.map(str::to_string))
                 .map_err(|_| "internal: the lookup state was not read for this row"),
             Input::Keep => Ok(None),
             Input::Bad(why) => Err(why),
