@@ -1,5 +1,5 @@
 //! The Redis layout shared by the apply script, the snapshot loader and the MQTT
-//! publisher. See the README section "Redis layout".
+//! publisher. See docs/redis-layout.md.
 //!
 //! Layout 3 (meta `layout`). Every key a SKU owns carries that SKU as its hash tag, so
 //! Redis Cluster keeps them in one slot and one apply call per slot stays atomic:
