@@ -117,7 +117,8 @@ CREATE PUBLICATION skusync_activity FOR TABLE activity_log WITH (publish = 'inse
 """
 
 
-def config(st, min_interval_ms=100, http_port=None):
+def connection(st, min_interval_ms=100, http_port=None):
+    """The servers' part of a config: PostgreSQL, Redis, MQTT (and /metrics)."""
     http = f"[http]\nlisten = \"127.0.0.1:{http_port}\"\n" if http_port else ""
     return http + f"""
 [postgres]
@@ -128,6 +129,11 @@ url = "redis://127.0.0.1:{st.redis_port}/0"
 [mqtt]
 url = "mqtt://127.0.0.1:{st.mqtt_port}"
 min_interval_ms = {min_interval_ms}
+"""
+
+
+def config(st, min_interval_ms=100, http_port=None):
+    return connection(st, min_interval_ms, http_port) + f"""
 [[inventory]]
 table = "public.inventory"
 sku = "sku"
@@ -669,17 +675,7 @@ STOCK_UPDATE = {
 
 
 def stock_config(st, mapping, min_interval_ms=100, http_port=None):
-    http = f"[http]\nlisten = \"127.0.0.1:{http_port}\"\n" if http_port else ""
-    return http + f"""
-[postgres]
-url = "postgresql://postgres@127.0.0.1:{st.pg_port}/postgres?sslmode=disable"
-publication = ["skusync", "skusync_activity"]
-[redis]
-url = "redis://127.0.0.1:{st.redis_port}/0"
-[mqtt]
-url = "mqtt://127.0.0.1:{st.mqtt_port}"
-min_interval_ms = {min_interval_ms}
-""" + MAPPINGS[mapping]
+    return connection(st, min_interval_ms, http_port) + MAPPINGS[mapping]
 
 
 def stock_stack(mapping, skus, rows):

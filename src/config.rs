@@ -747,16 +747,34 @@ impl Config {
         Ok(Some(Secret::new(key.expose().as_bytes().to_vec())))
     }
 
+    /// Every value that may be a lookup, in config order (inventory `sku` and `location`,
+    /// then activity `sku`): (config key, mapped table, whether a stock table, value).
+    /// The order numbers the lookups' hops (see `fold::mapping::HopSpec`).
+    pub fn value_sources(&self) -> impl Iterator<Item = (String, &str, bool, &ValueSource)> {
+        self.inventory
+            .iter()
+            .enumerate()
+            .flat_map(|(i, m)| {
+                [("sku", Some(&m.sku)), ("location", m.location.as_ref())]
+                    .into_iter()
+                    .filter_map(move |(k, v)| {
+                        Some((format!("inventory[{i}].{k}"), m.table.as_str(), true, v?))
+                    })
+            })
+            .chain(self.activity.iter().enumerate().map(|(i, a)| {
+                (
+                    format!("activity[{i}].sku"),
+                    a.table.as_str(),
+                    false,
+                    &a.sku,
+                )
+            }))
+    }
+
     /// Tables read by lookups (each once, in config order).
     pub fn lookup_tables(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
-        let sources = self
-            .inventory
-            .iter()
-            .flat_map(|m| [Some(&m.sku), m.location.as_ref()])
-            .chain(self.activity.iter().map(|a| Some(&a.sku)))
-            .flatten();
-        for v in sources {
+        for (_, _, _, v) in self.value_sources() {
             for h in v.lookup().map(|l| l.hops()).unwrap_or_default() {
                 if !out.contains(&h.from) {
                     out.push(h.from.clone());
@@ -933,22 +951,7 @@ impl Config {
         // stock movements look up their variant through them).
         let activity_tables: std::collections::BTreeSet<&str> =
             self.activity.iter().map(|a| a.table.as_str()).collect();
-        for (what, m) in self
-            .inventory
-            .iter()
-            .enumerate()
-            .flat_map(|(i, m)| {
-                [("sku", Some(&m.sku)), ("location", m.location.as_ref())]
-                    .into_iter()
-                    .filter_map(move |(k, v)| Some((format!("inventory[{i}].{k}"), v?)))
-            })
-            .chain(
-                self.activity
-                    .iter()
-                    .enumerate()
-                    .map(|(i, a)| (format!("activity[{i}].sku"), &a.sku)),
-            )
-        {
+        for (what, _, _, m) in self.value_sources() {
             for h in m.lookup().map(|l| l.hops()).unwrap_or_default() {
                 if activity_tables.contains(h.from.as_str()) {
                     return err(format!(

@@ -234,35 +234,14 @@ pub async fn load(
                 }
                 fold_run(&mut fold, applier, &mut run, &mut pending).await?;
                 if !pending.is_empty() {
-                    for p in pending.drain(..) {
-                        applier
-                            .apply_pieces(std::slice::from_ref(&p), None, true)
-                            .await?;
-                        // indexed rows (surrogate keys): where each is held
-                        if !p.ri.is_empty() {
-                            applier.write_row_index(&p.ri, None).await?;
-                        }
-                        stats.skus += p.skus.len() as u64;
-                    }
-                    let g = fold.seal();
-                    fold.forget(g);
+                    stats.skus += apply_pending(&mut fold, applier, &mut pending).await?;
                     tick(stats.rows + table_rows);
                     tracing::info!(table = %table, rows_done = table_rows, rows_estimated = estimate.max(0.0) as u64, "snapshot progress");
                 }
             }
             if done {
                 fold_run(&mut fold, applier, &mut run, &mut pending).await?;
-                for p in pending.drain(..) {
-                    applier
-                        .apply_pieces(std::slice::from_ref(&p), None, true)
-                        .await?;
-                    if !p.ri.is_empty() {
-                        applier.write_row_index(&p.ri, None).await?;
-                    }
-                    stats.skus += p.skus.len() as u64;
-                }
-                let g = fold.seal();
-                fold.forget(g);
+                stats.skus += apply_pending(&mut fold, applier, &mut pending).await?;
                 break;
             }
         }
@@ -354,6 +333,29 @@ pub async fn lookup_key_problem(
         }
     }
     Ok(None)
+}
+
+/// Apply finished pieces, then their index state (where each indexed row is held, lookup
+/// values and dependents), and let the fold forget what Redis now holds. Returns the SKU
+/// entries applied.
+async fn apply_pending(
+    fold: &mut Fold,
+    applier: &mut Applier,
+    pending: &mut Vec<crate::fold::Piece>,
+) -> Result<u64, SnapshotError> {
+    let mut skus = 0;
+    for p in pending.drain(..) {
+        applier
+            .apply_pieces(std::slice::from_ref(&p), None, true)
+            .await?;
+        if !p.ri.is_empty() {
+            applier.write_row_index(&p.ri, None).await?;
+        }
+        skus += p.skus.len() as u64;
+    }
+    let g = fold.seal();
+    fold.forget(g);
+    Ok(skus)
 }
 
 /// Fold a run of snapshot rows after reading the index state they need.

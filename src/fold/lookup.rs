@@ -300,14 +300,7 @@ impl Fold {
 
     /// A lookup value as Redis will hold it once what was folded is applied.
     fn lookup_value(&self, hop: usize, reference: &str) -> Result<Option<String>, Need> {
-        // formatted into a reused buffer: this runs several times for every row
-        let mut f = self.scratch.borrow_mut();
-        f.clear();
-        layout::push_lookup_field(&mut f, hop, reference);
-        match self.held(&f) {
-            Some(v) => Ok(v.map(str::to_string)),
-            None => Err(Need::Field(f.clone())),
-        }
+        Ok(self.lookup_ref(hop, reference)?.map(str::to_string))
     }
 
     /// Follow a reference from `hop` to the last hop's value (`None`: it does not
@@ -338,6 +331,7 @@ impl Fold {
 
     /// [`Fold::lookup_value`], borrowed (no allocation on the hot path).
     fn lookup_ref(&self, hop: usize, reference: &str) -> Result<Option<&str>, Need> {
+        // formatted into a reused buffer: this runs several times for every row
         let mut f = self.scratch.borrow_mut();
         f.clear();
         layout::push_lookup_field(&mut f, hop, reference);
@@ -402,19 +396,13 @@ impl Fold {
     fn via_of_row(&self, field: &str) -> Option<Via> {
         let table = layout::table_of_row_field(field)?;
         let m = self.mapping.inventory.iter().find(|m| m.table == table)?;
-        let first = |key: &str| {
-            self.mapping
-                .hops
-                .iter()
-                .find(|h| h.prev.is_none() && h.table == table && h.owner.ends_with(key))
-                .map(|h| h.id)
-        };
+        let first = |key: &str| self.mapping.first_hop(table, key);
         Some(Via {
-            sku: m.sku.lookup().and(first(".sku")),
+            sku: m.sku.lookup().and(first("sku")),
             loc: m
                 .location
                 .as_ref()
-                .map(|l| l.lookup().and(first(".location"))),
+                .map(|l| l.lookup().and(first("location"))),
         })
     }
 
@@ -455,11 +443,8 @@ impl Fold {
         placed: Option<(String, String)>,
     ) -> RowRecord {
         let new_holder = placed.as_ref().map(|(s, _)| s.clone());
-        const MAX_TOUCHED: usize = 20_000;
         for s in old_holder.into_iter().chain(new_holder.as_deref()) {
-            if self.touched.len() < MAX_TOUCHED && !self.touched.contains(s) {
-                self.touched.insert(s.to_string());
-            }
+            self.touch(s);
         }
         if placed.is_none() {
             self.stats.unresolved_rows += 1;
@@ -689,9 +674,7 @@ impl Fold {
                     .or_default()
                     .rows
                     .insert(old_field.clone(), RowOp::Del);
-                if self.touched.len() < 20_000 {
-                    self.touched.insert(h.clone());
-                }
+                self.touch(h);
             }
             self.set_holder(old_field.clone(), None);
         }

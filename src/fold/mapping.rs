@@ -126,23 +126,7 @@ impl Mapping {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut hops = Vec::new();
-        let sources =
-            cfg.inventory
-                .iter()
-                .enumerate()
-                .flat_map(|(i, m)| {
-                    [("sku", Some(&m.sku)), ("location", m.location.as_ref())]
-                        .into_iter()
-                        .filter_map(move |(k, v)| {
-                            Some((format!("inventory[{i}].{k}"), m.table.clone(), true, v?))
-                        })
-                })
-                .chain(
-                    cfg.activity.iter().enumerate().map(|(i, a)| {
-                        (format!("activity[{i}].sku"), a.table.clone(), false, &a.sku)
-                    }),
-                );
-        for (owner, table, stock, v) in sources {
+        for (owner, table, stock, v) in cfg.value_sources() {
             let Some(l) = v.lookup() else { continue };
             let chain = l.hops();
             let first = hops.len();
@@ -159,7 +143,7 @@ impl Mapping {
                     next: (n + 1 < chain.len()).then_some(first + n + 1),
                     prev: n.checked_sub(1).map(|p| first + p),
                     owner: owner.clone(),
-                    table: table.clone(),
+                    table: table.to_string(),
                     stock,
                 });
             }
@@ -253,7 +237,7 @@ impl Mapping {
     }
 
     /// The first hop of a mapped table's lookup for a config key (`sku`, `location`).
-    fn first_hop(&self, table: &str, key: &str) -> Option<usize> {
+    pub(crate) fn first_hop(&self, table: &str, key: &str) -> Option<usize> {
         self.hops
             .iter()
             .find(|h| h.prev.is_none() && h.table == table && h.owner.ends_with(&format!(".{key}")))

@@ -753,6 +753,16 @@ impl Fold {
         Some(p)
     }
 
+    /// A SKU whose stock this transaction changed, for alert evaluation at commit.
+    /// Bounded: a bulk load touching more SKUs than this gets alerts for the rest at
+    /// their next change.
+    fn touch(&mut self, sku: &str) {
+        const MAX_TOUCHED: usize = 20_000;
+        if self.touched.len() < MAX_TOUCHED && !self.touched.contains(sku) {
+            self.touched.insert(sku.to_string());
+        }
+    }
+
     fn skip(&mut self, table: &str, column: &str, lsn: Lsn, reason: String) {
         self.stats.skipped_values += 1;
         self.skipped.push(Skipped {
@@ -960,17 +970,12 @@ impl Fold {
             }
             n => n,
         };
-        // Bounded: a bulk load touching more SKUs than this gets alerts for the rest at
-        // their next change.
-        const MAX_TOUCHED: usize = 20_000;
         for sku in old_id
             .iter()
             .map(|(s, _)| s)
             .chain(new_state.iter().map(|((s, _), _)| s))
         {
-            if self.touched.len() < MAX_TOUCHED && !self.touched.contains(sku) {
-                self.touched.insert(sku.clone());
-            }
+            self.touch(sku);
         }
         let filtered_out = filtered_out.filter(|(s, _)| s.len() <= max_sku);
         if let Some(before) = indexed_before {
@@ -993,10 +998,8 @@ impl Fold {
                 }
             }
         }
-        if let Some((sku, _)) = &filtered_out
-            && self.touched.len() < MAX_TOUCHED
-        {
-            self.touched.insert(sku.clone());
+        if let Some((sku, _)) = &filtered_out {
+            self.touch(sku);
         }
         let cur = self.cur.as_mut().expect("change inside a transaction");
         if let Some((sku, field)) = filtered_out {

@@ -632,13 +632,7 @@ fn mapped_columns(cfg: &Config, table: &str) -> Vec<String> {
         cols.extend(filter_cols(&a.filter));
     }
     // as a referenced table: each hop's key, value (or next reference) and filter
-    let sources = cfg
-        .inventory
-        .iter()
-        .flat_map(|m| [Some(&m.sku), m.location.as_ref()])
-        .chain(cfg.activity.iter().map(|a| Some(&a.sku)))
-        .flatten();
-    for v in sources {
+    for (_, _, _, v) in cfg.value_sources() {
         let Some(l) = v.lookup() else { continue };
         let hops = l.hops();
         for (n, h) in hops.iter().enumerate().filter(|(_, h)| h.from == table) {

@@ -229,14 +229,19 @@ pub fn row_index_key(prefix: &str, table: &str, bucket: u32) -> String {
     )
 }
 
-/// The bucket of a row field (FNV-1a: stable across builds and platforms).
-pub fn row_index_bucket(field: &str) -> u32 {
+/// FNV-1a of a text: stable across builds and platforms.
+fn fnv1a(s: &str) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
-    for b in field.bytes() {
+    for b in s.bytes() {
         h ^= u32::from(b);
         h = h.wrapping_mul(0x0100_0193);
     }
-    h % ROW_INDEX_BUCKETS
+    h
+}
+
+/// The bucket of a row field.
+pub fn row_index_bucket(field: &str) -> u32 {
+    fnv1a(field) % ROW_INDEX_BUCKETS
 }
 
 /// The table of a row field made by [`row_field`] (`r:<n>:<table>:...`).
@@ -348,12 +353,7 @@ pub const DEP_BUCKETS: u32 = 16_384;
 
 /// The hash holding the dependents of a referenced row of `hop`.
 pub fn dep_key(prefix: &str, hop: usize, reference: &str) -> String {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in reference.bytes() {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    format!("{prefix}:dep:{{{hop}:{}}}", h % DEP_BUCKETS)
+    format!("{prefix}:dep:{{{hop}:{}}}", fnv1a(reference) % DEP_BUCKETS)
 }
 
 /// SCAN MATCH patterns of every lookup-state key (values and dependents).
