@@ -37,6 +37,9 @@ pub struct Config {
     /// `[http]`: the monitoring endpoints (off when absent).
     #[serde(default)]
     pub http: Option<HttpConfig>,
+    /// `[api]`: the clients' read-only catch-up endpoints (off when absent).
+    #[serde(default)]
+    pub api: Option<ApiConfig>,
     /// `[limits]`: bounds on what the database's rows can make skusync store.
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -78,6 +81,68 @@ pub const MAX_SKU_BYTES_LIMIT: usize = 16_384;
 pub struct HttpConfig {
     /// Address to listen on, e.g. `127.0.0.1:9187`.
     pub listen: std::net::SocketAddr,
+}
+
+/// `[api]`: `/v1/sku`, `/v1/changes`, `/v1/alerts` for clients (see docs/mobile.md).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address to listen on, e.g. `0.0.0.0:8080`.
+    pub listen: std::net::SocketAddr,
+    /// Static bearer tokens accepted (any of them). With neither this nor `token_key_file`,
+    /// the API is open.
+    #[serde(default)]
+    pub tokens: Vec<String>,
+    /// File holding the HMAC-SHA256 key of signed tokens (`skusync token` issues them).
+    #[serde(default)]
+    pub token_key_file: Option<std::path::PathBuf>,
+    /// Requests per second allowed per client (token subject, else address), sustained.
+    #[serde(default = "default_api_rate")]
+    pub rate_per_s: f64,
+    /// Requests a client may make at once above the rate.
+    #[serde(default = "default_api_burst")]
+    pub burst: u32,
+    /// `Access-Control-Allow-Origin` sent to browsers (`"*"` or one origin); none when absent.
+    #[serde(default)]
+    pub cors_origin: Option<String>,
+    /// Connections served at once; more are closed on accept.
+    #[serde(default = "default_api_connections")]
+    pub max_connections: usize,
+}
+
+fn default_api_rate() -> f64 {
+    10.0
+}
+fn default_api_burst() -> u32 {
+    40
+}
+fn default_api_connections() -> usize {
+    256
+}
+
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("listen", &self.listen)
+            .field("tokens", &format_args!("[{} redacted]", self.tokens.len()))
+            .field("token_key_file", &self.token_key_file)
+            .field("rate_per_s", &self.rate_per_s)
+            .field("burst", &self.burst)
+            .field("cors_origin", &self.cors_origin)
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+/// `[mqtt] format`: how payloads are encoded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadFormat {
+    /// Compact JSON (`application/json`).
+    #[default]
+    Json,
+    /// CBOR, RFC 8949, with the same members (`application/cbor`).
+    Cbor,
 }
 
 /// `[redis]`.
@@ -129,6 +194,9 @@ pub struct MqttConfig {
     /// Largest MQTT packet skusync sends or accepts.
     #[serde(default = "default_max_packet")]
     pub max_packet_bytes: usize,
+    /// Payload encoding: `json` or `cbor`.
+    #[serde(default)]
+    pub format: PayloadFormat,
 }
 
 /// `[alerts]`.
@@ -139,12 +207,34 @@ pub struct AlertsConfig {
     /// inventory table's `low_stock` column when mapped).
     #[serde(default = "default_low_stock")]
     pub low_stock: i64,
+    /// Most alerts kept in the alert history (`/v1/alerts`, webhooks).
+    #[serde(default = "default_alert_history")]
+    pub history: u64,
+    /// Oldest alert kept in the history, in seconds (0: bounded by count only).
+    #[serde(default = "default_alert_history_age")]
+    pub history_max_age_s: u64,
+    /// MQTT message expiry of alert messages, in seconds (0: none).
+    #[serde(default = "default_alert_expiry")]
+    pub mqtt_expiry_s: u32,
+}
+
+fn default_alert_history() -> u64 {
+    10_000
+}
+fn default_alert_history_age() -> u64 {
+    7 * 86_400
+}
+fn default_alert_expiry() -> u32 {
+    3600
 }
 
 impl Default for AlertsConfig {
     fn default() -> Self {
         AlertsConfig {
             low_stock: default_low_stock(),
+            history: default_alert_history(),
+            history_max_age_s: default_alert_history_age(),
+            mqtt_expiry_s: default_alert_expiry(),
         }
     }
 }
@@ -555,6 +645,7 @@ impl std::fmt::Debug for MqttConfig {
             .field("ca_file", &self.ca_file)
             .field("window_republish_per_s", &self.window_republish_per_s)
             .field("max_packet_bytes", &self.max_packet_bytes)
+            .field("format", &self.format)
             .finish()
     }
 }
@@ -1021,6 +1112,30 @@ impl Config {
             }
             if !(1024..=256 * 1024 * 1024).contains(&m.max_packet_bytes) {
                 return err("mqtt.max_packet_bytes: must be between 1024 and 268435456".into());
+            }
+        }
+        if !(100..=1_000_000).contains(&self.alerts.history) {
+            return err("alerts.history: must be between 100 and 1000000".into());
+        }
+        if let Some(a) = &self.api {
+            if !(a.rate_per_s.is_finite() && a.rate_per_s > 0.0) {
+                return err("api.rate_per_s: must be a positive number".into());
+            }
+            if a.burst == 0 {
+                return err("api.burst: must be at least 1".into());
+            }
+            if a.max_connections == 0 {
+                return err("api.max_connections: must be at least 1".into());
+            }
+            if a.tokens.iter().any(|t| t.len() < 16 || t.contains(char::is_whitespace)) {
+                return err(
+                    "api.tokens: each token must be at least 16 characters, without spaces".into(),
+                );
+            }
+            if let Some(o) = &a.cors_origin
+                && (o.is_empty() || o.contains(['\r', '\n']))
+            {
+                return err("api.cors_origin: must be \"*\" or one origin".into());
             }
         }
         Ok(())

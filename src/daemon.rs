@@ -214,6 +214,8 @@ impl Daemon {
             low_stock: mapping.low_stock,
             scale: mapping.scale,
             counters: mapping.counters().into_iter().map(|(c, _, _)| c).collect(),
+            alert_history: cfg.alerts.history,
+            alert_history_age_ms: cfg.alerts.history_max_age_s.saturating_mul(1000),
             // What may be confirmed is what Redis holds: below it, Redis lost writes.
             fence: rsink::WriterFence {
                 token: Default::default(),
@@ -511,8 +513,18 @@ impl Daemon {
                     tracing::warn!(reason = %why, "rebuilding Redis from a fresh snapshot");
                     self.resync(&mut con, &client, &slot_name).await?;
                 } else if let Some(m) = &meta {
-                    self.gate
-                        .store(m.applied_lsn.unwrap_or(Lsn::ZERO).0, Ordering::SeqCst);
+                    let applied = m.applied_lsn.unwrap_or(Lsn::ZERO);
+                    self.gate.store(applied.0, Ordering::SeqCst);
+                    if m.changes_from.is_none() {
+                        let n = rsink::backfill_changes(
+                            &mut con,
+                            self.prefix(),
+                            self.settings.fence.token(),
+                            applied,
+                        )
+                        .await?;
+                        tracing::info!(skus = n, "built the change index of an earlier release's Redis");
+                    }
                 }
             }
         } else {
@@ -1683,6 +1695,9 @@ async fn load_snapshot(
     let mut fields = vec![
         ("bootstrap", "done".to_string()),
         ("applied_lsn", at.0.to_string()),
+        // Catch-up tokens from before this load answer 410: the reset changed SKUs
+        // the change index does not show.
+        ("changes_from", at.0.to_string()),
         ("fingerprint", mapping.fingerprint.clone()),
         ("tables", tables),
         ("layout", layout::LAYOUT_VERSION.to_string()),

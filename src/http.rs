@@ -23,6 +23,118 @@ pub const DEADLINE: Duration = Duration::from_secs(5);
 /// Connections served at once; more are closed on accept.
 pub const MAX_CONNECTIONS: usize = 64;
 
+/// A parsed request head.
+#[derive(Debug)]
+pub struct Request {
+    /// `GET`, `HEAD`, `OPTIONS`, ...
+    pub method: String,
+    /// The path, still percent-encoded.
+    pub path: String,
+    /// The query string (after `?`), still percent-encoded; empty when none.
+    pub query: String,
+    /// Header names lower-cased, values trimmed.
+    pub headers: Vec<(String, String)>,
+    /// The client's address.
+    pub peer: SocketAddr,
+}
+
+impl Request {
+    /// A header's value (first of that name).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// A query parameter, percent-decoded; `Err` when its encoding is invalid.
+    pub fn param(&self, name: &str) -> Result<Option<String>, ()> {
+        for pair in self.query.split('&') {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if k == name {
+                return percent_encoding::percent_decode_str(v)
+                    .decode_utf8()
+                    .map(|c| Some(c.into_owned()))
+                    .map_err(|_| ());
+            }
+        }
+        Ok(None)
+    }
+
+    /// Parses a request head; `None` when it is not one.
+    pub fn parse(head: &[u8], peer: SocketAddr) -> Option<Request> {
+        let text = std::str::from_utf8(head).ok()?;
+        let mut lines = text.split('\n').map(|l| l.trim_end_matches('\r'));
+        let mut parts = lines.next()?.split(' ');
+        let (method, target) = (parts.next()?, parts.next()?);
+        if method.is_empty() || !target.starts_with('/') {
+            return None;
+        }
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        let mut headers = Vec::new();
+        for l in lines {
+            if l.is_empty() {
+                break;
+            }
+            let (n, v) = l.split_once(':')?;
+            headers.push((n.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+        Some(Request {
+            method: method.to_string(),
+            path: path.to_string(),
+            query: query.to_string(),
+            headers,
+            peer,
+        })
+    }
+}
+
+/// A response: status, content type, extra headers, body.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+    /// Send the head only (`HEAD`, `304`).
+    pub head_only: bool,
+}
+
+impl Response {
+    /// A response with a body.
+    pub fn new(status: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Response {
+        Response {
+            status,
+            content_type,
+            headers: Vec::new(),
+            body: body.into(),
+            head_only: false,
+        }
+    }
+
+    /// Adds a header.
+    pub fn with(mut self, name: &'static str, value: impl Into<String>) -> Response {
+        self.headers.push((name, value.into()));
+        self
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        204 => "No Content",
+        304 => "Not Modified",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        410 => "Gone",
+        429 => "Too Many Requests",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
 /// Bind `addr` (errors are returned, so a taken port fails `run` at start) and serve
 /// until `shutdown`.
 pub async fn serve(
@@ -37,10 +149,37 @@ pub async fn serve(
         "HTTP connections closed on accept because the connection cap was reached."
     );
     metrics::counter!("skusync_http_rejected_total").absolute(0);
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    Ok(tokio::spawn(async move {
+    let handle = std::sync::Arc::new(handle);
+    Ok(serve_with(
+        listener,
+        MAX_CONNECTIONS,
+        "skusync_http_rejected_total",
+        shutdown,
+        move |req| {
+            let h = handle.clone();
+            async move { route(&req, &h) }
+        },
+    ))
+}
+
+/// Serve `listener` with `handler` until `shutdown`: at most `max` connections at once
+/// (one more is closed on accept and counted in `rejected`), [`DEADLINE`] per connection,
+/// request heads of at most [`MAX_REQUEST`] bytes, one request per connection.
+pub fn serve_with<F, Fut>(
+    listener: TcpListener,
+    max: usize,
+    rejected: &'static str,
+    shutdown: CancellationToken,
+    handler: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(Request) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response> + Send,
+{
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max));
+    tokio::spawn(async move {
         loop {
-            let (sock, _) = tokio::select! {
+            let (sock, peer) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(s) => s,
                     Err(e) => {
@@ -54,13 +193,13 @@ pub async fn serve(
             // closing at once (instead of leaving it in the backlog) tells the client
             // and frees the descriptor; the slot frees when a served connection ends
             let Ok(permit) = slots.clone().try_acquire_owned() else {
-                metrics::counter!("skusync_http_rejected_total").increment(1);
+                metrics::counter!(rejected).increment(1);
                 drop(sock);
                 continue;
             };
-            let h = handle.clone();
+            let h = handler.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(DEADLINE, connection(sock, &h)).await {
+                match tokio::time::timeout(DEADLINE, connection(sock, peer, h)).await {
                     Ok(Err(e)) => tracing::debug!(error = %e, "HTTP connection"),
                     Err(_) => tracing::debug!("HTTP connection: deadline passed"),
                     Ok(Ok(())) => {}
@@ -68,79 +207,83 @@ pub async fn serve(
                 drop(permit);
             });
         }
-    }))
+    })
 }
 
-async fn connection(mut sock: TcpStream, handle: &PrometheusHandle) -> std::io::Result<()> {
+async fn connection<F, Fut>(mut sock: TcpStream, peer: SocketAddr, handler: F) -> std::io::Result<()>
+where
+    F: Fn(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     let mut buf = Vec::with_capacity(512);
-    let head = tokio::time::timeout(DEADLINE, async {
+    let complete = {
         let mut chunk = [0u8; 1024];
         loop {
             let n = sock.read(&mut chunk).await?;
             if n == 0 {
-                return Ok::<_, std::io::Error>(false);
+                break false;
             }
             buf.extend_from_slice(&chunk[..n]);
             if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
-                return Ok(true);
+                break true;
             }
             if buf.len() > MAX_REQUEST {
-                return Ok(false);
+                break false;
             }
         }
-    })
-    .await;
-    let complete = matches!(head, Ok(Ok(true)));
-    let (status, ctype, body, head_only) = if !complete {
-        (400, "text/plain", "bad request\n".to_string(), false)
-    } else {
-        route(&buf, handle)
     };
-    let reason = match status {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        503 => "Service Unavailable",
-        _ => "Bad Request",
+    let req = if complete { Request::parse(&buf, peer) } else { None };
+    let mut resp = match req {
+        Some(r) => {
+            let head = r.method == "HEAD";
+            let mut resp = handler(r).await;
+            resp.head_only |= head;
+            resp
+        }
+        None => Response::new(400, "text/plain", "bad request\n"),
     };
+    if resp.status == 304 || resp.status == 204 {
+        resp.head_only = true;
+    }
     let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    if !head_only {
-        out.extend_from_slice(body.as_bytes());
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n",
+        resp.status,
+        reason(resp.status),
+        resp.content_type,
+        resp.body.len()
+    );
+    for (n, v) in &resp.headers {
+        out.push_str(n);
+        out.push_str(": ");
+        out.push_str(v);
+        out.push_str("\r\n");
+    }
+    out.push_str("\r\n");
+    let mut out = out.into_bytes();
+    if !resp.head_only {
+        out.extend_from_slice(&resp.body);
     }
     sock.write_all(&out).await?;
     sock.shutdown().await
 }
 
-/// `(status, content type, body, HEAD)` for a request head.
-fn route(head: &[u8], handle: &PrometheusHandle) -> (u16, &'static str, String, bool) {
-    let text = String::from_utf8_lossy(head);
-    let line = text.lines().next().unwrap_or("");
-    let mut parts = line.split_whitespace();
-    let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
-        return (400, "text/plain", "bad request\n".into(), false);
-    };
-    let head_only = method == "HEAD";
-    if method != "GET" && !head_only {
-        return (405, "text/plain", "method not allowed\n".into(), false);
+/// The monitoring routes.
+fn route(req: &Request, handle: &PrometheusHandle) -> Response {
+    if req.method != "GET" && req.method != "HEAD" {
+        return Response::new(405, "text/plain", "method not allowed\n");
     }
-    let path = target.split('?').next().unwrap_or("");
-    match path {
-        "/metrics" => (
+    match req.path.as_str() {
+        "/metrics" => Response::new(
             200,
             "text/plain; version=0.0.4; charset=utf-8",
             handle.render(),
-            head_only,
         ),
-        "/healthz" => (200, "text/plain", "ok\n".into(), head_only),
+        "/healthz" => Response::new(200, "text/plain", "ok\n"),
         "/readyz" => match crate::telemetry::readiness() {
-            Ok(()) => (200, "text/plain", "ready\n".into(), head_only),
-            Err(why) => (503, "text/plain", format!("{why}\n"), head_only),
+            Ok(()) => Response::new(200, "text/plain", "ready\n"),
+            Err(why) => Response::new(503, "text/plain", format!("{why}\n")),
         },
-        _ => (404, "text/plain", "not found\n".into(), head_only),
+        _ => Response::new(404, "text/plain", "not found\n"),
     }
 }
 
@@ -153,10 +296,29 @@ mod tests {
         let h = metrics_exporter_prometheus::PrometheusBuilder::new()
             .build_recorder()
             .handle();
-        assert_eq!(route(b"GET /healthz HTTP/1.1\r\n\r\n", &h).0, 200);
-        assert_eq!(route(b"GET /nope HTTP/1.1\r\n\r\n", &h).0, 404);
-        assert_eq!(route(b"POST /metrics HTTP/1.1\r\n\r\n", &h).0, 405);
-        assert_eq!(route(b"GET /metrics?x=1 HTTP/1.1\r\n\r\n", &h).0, 200);
-        assert_eq!(route(b"garbage\r\n\r\n", &h).0, 400);
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let r = |head: &[u8]| Request::parse(head, peer).map(|q| route(&q, &h).status);
+        assert_eq!(r(b"GET /healthz HTTP/1.1\r\n\r\n"), Some(200));
+        assert_eq!(r(b"GET /nope HTTP/1.1\r\n\r\n"), Some(404));
+        assert_eq!(r(b"POST /metrics HTTP/1.1\r\n\r\n"), Some(405));
+        assert_eq!(r(b"GET /metrics?x=1 HTTP/1.1\r\n\r\n"), Some(200));
+        assert_eq!(r(b"garbage\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn request_heads_parse_headers_and_query() {
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let q = Request::parse(
+            b"GET /v1/changes?since=ab%2Fc&limit=5 HTTP/1.1\r\nAuthorization: Bearer x\r\nIf-None-Match:  \"e\" \r\n\r\n",
+            peer,
+        )
+        .unwrap();
+        assert_eq!(q.path, "/v1/changes");
+        assert_eq!(q.param("since"), Ok(Some("ab/c".into())));
+        assert_eq!(q.param("limit"), Ok(Some("5".into())));
+        assert_eq!(q.param("nope"), Ok(None));
+        assert_eq!(q.header("authorization"), Some("Bearer x"));
+        assert_eq!(q.header("if-none-match"), Some("\"e\""));
+        assert!(Request::parse(b"GET /x?a=%FF HTTP/1.1\r\n\r\n", peer).unwrap().param("a").is_err());
     }
 }

@@ -6,6 +6,7 @@
 //! pg (wire, conn, stream) -> pgoutput (decode) -> txn (assemble) -> [fold -> redis -> mqtt] -> progress (LSN ack)
 //! ```
 
+pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod fold;

@@ -93,6 +93,15 @@ enum Command {
         #[arg(long, default_value_t = 600)]
         repair_wait: u64,
     },
+    /// Print a signed bearer token for the `[api]` endpoints (needs `api.token_key_file`).
+    Token {
+        /// Who the token is for (1-64 of A-Z a-z 0-9 _ -); each subject has its own rate limit.
+        #[arg(long)]
+        subject: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 86_400)]
+        ttl: u64,
+    },
     /// Uninstall from the database: drop the slot (terminating a walsender that holds it)
     /// and the publications `skusync setup` created. Stop skusync first. Idempotent.
     DropSlot,
@@ -155,6 +164,18 @@ async fn ops_command(command: &Command, cfg: &Config) -> Option<ExitCode> {
     };
     Some(match command {
         Command::Run | Command::Resync | Command::Tail { .. } => return None,
+        Command::Token { subject, ttl } => {
+            let Some(f) = cfg.api.as_ref().and_then(|a| a.token_key_file.as_ref()) else {
+                eprintln!("error: `token` needs api.token_key_file in the configuration");
+                return Some(ExitCode::from(2));
+            };
+            done(
+                skusync::api::issue_token(f, subject, std::time::Duration::from_secs(*ttl))
+                    .map(|t| {
+                        let _ = writeln!(out, "{t}");
+                    }),
+            )
+        }
         Command::Check => {
             if ops::check::run(cfg, &mut out).await {
                 ExitCode::SUCCESS
@@ -284,6 +305,11 @@ fn main() -> ExitCode {
             Command::Run => {
                 // READY=1 is sent by the daemon once it streams or waits as a standby.
                 let http = cfg.http.clone();
+                let api = if cfg.api.is_some() {
+                    Some(skusync::api::serve(&cfg, shutdown.clone()).await?)
+                } else {
+                    None
+                };
                 let daemon = skusync::daemon::Daemon::new(cfg).map_err(|e| e.to_string())?;
                 let metrics = skusync::telemetry::install();
                 let _upkeep = skusync::telemetry::spawn_upkeep(metrics.clone());
@@ -296,6 +322,7 @@ fn main() -> ExitCode {
                 skusync::telemetry::ignore_sighup();
                 let _ = skusync::notify::status("starting");
                 let r = daemon.run(shutdown).await;
+                drop(api);
                 let _ = skusync::notify::stopping();
                 if let Err(skusync::daemon::DaemonError::Config(e)) = &r {
                     // the mapping does not fit the database: exit 2, as for a bad config
@@ -322,6 +349,7 @@ fn main() -> ExitCode {
             | Command::Setup { .. }
             | Command::Status { .. }
             | Command::Verify { .. }
+            | Command::Token { .. }
             | Command::DropSlot => Ok(()),
         }
     });

@@ -170,6 +170,23 @@ pub fn meta_key(prefix: &str) -> String {
     format!("{prefix}:meta")
 }
 
+/// Key of the change index: a sorted set of SKU hash keys scored by the commit LSN of
+/// their last change (the clients' catch-up, `/v1/changes`). Written by the apply script.
+pub fn changes_key(prefix: &str) -> String {
+    format!("{prefix}:changes")
+}
+
+/// Key of the alert history: a stream of every alert raised, bounded by count and age
+/// (`/v1/alerts`, webhooks). Written by the apply script.
+pub fn alerts_key(prefix: &str) -> String {
+    format!("{prefix}:alerts")
+}
+
+/// Key of a webhook's delivery state (its cursor into the alert history).
+pub fn webhook_key(prefix: &str, name: &str) -> String {
+    format!("{prefix}:webhook:{name}")
+}
+
 /// Lifetime distinct-user HyperLogLog of a counter (same slot as the SKU's hash).
 pub fn users_key(prefix: &str, sku: &str, counter: &str) -> String {
     format!("{}:u:{counter}", sku_key(prefix, sku))

@@ -121,6 +121,8 @@ async fn lua_apply_script_matches_the_model_on_random_pieces() {
         keep_minutes: 5,
         low_stock: 5,
         counters: vec!["views".into(), "purchases".into()],
+        alert_history: 1000,
+        alert_history_age_ms: 0,
         fence: Default::default(),
     };
     let mut applier = Applier::new(con.clone(), settings.clone());
@@ -270,6 +272,8 @@ async fn a_merged_entry_straddling_the_fence_is_refused_and_writes_nothing() {
         keep_minutes: 5,
         low_stock: 5,
         counters: vec!["views".into(), "purchases".into()],
+        alert_history: 1000,
+        alert_history_age_ms: 0,
         fence: Default::default(),
     };
     let params = ApplyParams {

@@ -122,7 +122,7 @@
 //! Logs carry no payload values and no user ids; SKUs only at debug level.
 
 mod conn;
-mod payload;
+pub mod payload;
 pub mod pump;
 mod run;
 mod sched;
@@ -170,6 +170,57 @@ pub struct PublisherConfig {
     pub sell_counter: Option<String>,
     /// Decimal places of quantities (the mapping's largest `scale`).
     pub scale: u32,
+    /// The default low-stock threshold (`[alerts] low_stock`), whole units.
+    pub low_stock: i64,
+    /// MQTT message expiry of alerts, seconds (0: none).
+    pub alert_expiry_s: u32,
+}
+
+/// The payload spec of a configuration (also used by the HTTP API, with or without
+/// `[mqtt]`).
+pub fn payload_spec(cfg: &crate::config::Config) -> payload::Spec {
+    let (counters, sell_counter) = counter_specs(cfg);
+    payload::Spec {
+        counters,
+        sell_counter,
+        scale: cfg.quantity_scale(),
+        low_stock: cfg.alerts.low_stock,
+    }
+}
+
+/// Every activity counter (merged over tables: union of windows; distinct users if any
+/// maps a user) and the sell counter when mapped.
+fn counter_specs(cfg: &crate::config::Config) -> (Vec<CounterSpec>, Option<String>) {
+    let mut counters: Vec<CounterSpec> = Vec::new();
+    for a in &cfg.activity {
+        let mut windows: Vec<u64> = a
+            .windows
+            .iter()
+            .filter_map(|w| crate::config::parse_window(w))
+            .collect();
+        windows.sort_unstable();
+        windows.dedup();
+        for name in a.counters.values() {
+            match counters.iter_mut().find(|c| &c.name == name) {
+                Some(c) => {
+                    c.windows_secs.extend(&windows);
+                    c.windows_secs.sort_unstable();
+                    c.windows_secs.dedup();
+                    c.distinct_users |= a.user.is_some();
+                }
+                None => counters.push(CounterSpec {
+                    name: name.clone(),
+                    windows_secs: windows.clone(),
+                    distinct_users: a.user.is_some(),
+                }),
+            }
+        }
+    }
+    let sell_counter = counters
+        .iter()
+        .any(|c| c.name == SELL_COUNTER)
+        .then(|| SELL_COUNTER.to_string());
+    (counters, sell_counter)
 }
 
 /// Name of the counter that gives the sell rate.
@@ -180,35 +231,7 @@ impl PublisherConfig {
     /// activity tables are merged (union of windows; distinct users if any maps a user).
     pub fn from_config(cfg: &crate::config::Config) -> Option<PublisherConfig> {
         let mqtt = cfg.mqtt.clone()?;
-        let mut counters: Vec<CounterSpec> = Vec::new();
-        for a in &cfg.activity {
-            let mut windows: Vec<u64> = a
-                .windows
-                .iter()
-                .filter_map(|w| crate::config::parse_window(w))
-                .collect();
-            windows.sort_unstable();
-            windows.dedup();
-            for name in a.counters.values() {
-                match counters.iter_mut().find(|c| &c.name == name) {
-                    Some(c) => {
-                        c.windows_secs.extend(&windows);
-                        c.windows_secs.sort_unstable();
-                        c.windows_secs.dedup();
-                        c.distinct_users |= a.user.is_some();
-                    }
-                    None => counters.push(CounterSpec {
-                        name: name.clone(),
-                        windows_secs: windows.clone(),
-                        distinct_users: a.user.is_some(),
-                    }),
-                }
-            }
-        }
-        let sell_counter = counters
-            .iter()
-            .any(|c| c.name == SELL_COUNTER)
-            .then(|| SELL_COUNTER.to_string());
+        let (counters, sell_counter) = counter_specs(cfg);
         Some(PublisherConfig {
             mqtt,
             redis_prefix: cfg
@@ -219,6 +242,8 @@ impl PublisherConfig {
             counters,
             sell_counter,
             scale: cfg.quantity_scale(),
+            low_stock: cfg.alerts.low_stock,
+            alert_expiry_s: cfg.alerts.mqtt_expiry_s,
         })
     }
 }

@@ -10,8 +10,8 @@ use crate::fold::units;
 use crate::lsn::Lsn;
 use crate::sinks::layout;
 
-/// Payload format version.
-pub const FORMAT_VERSION: u64 = 1;
+/// Payload format version (docs/mobile.md).
+pub const FORMAT_VERSION: u64 = 2;
 
 /// Top-level members of the state payload (and of its `delta`) that are not named after
 /// a counter (`views`, `views_5m`, `views_users_5m`): a counter must not produce one.
@@ -31,7 +31,113 @@ pub const STATE_MEMBERS: &[&str] = &[
     "ts",
     "sell_rate_per_h",
     "stockout_eta_s",
+    "rev",
+    "delta_from",
+    "threshold",
+    "alert_state",
+    "gone",
 ];
+
+/// A payload as sent: JSON as is, or the same members as CBOR (RFC 8949). An empty
+/// payload (a cleared SKU) stays empty.
+pub fn encode(format: crate::config::PayloadFormat, json: &str) -> bytes::Bytes {
+    use crate::config::PayloadFormat;
+    if json.is_empty() || format == PayloadFormat::Json {
+        return bytes::Bytes::copy_from_slice(json.as_bytes());
+    }
+    let mut out = Vec::with_capacity(json.len());
+    match serde_json::from_str::<Value>(json) {
+        // writing into a Vec cannot fail; a payload we built always parses
+        Ok(v) if ciborium::into_writer(&v, &mut out).is_ok() => bytes::Bytes::from(out),
+        _ => bytes::Bytes::copy_from_slice(json.as_bytes()),
+    }
+}
+
+/// MQTT 5 properties of a message: content type, payload format indicator (1: UTF-8
+/// JSON), the ordering user property (`rev` on states, `seq` on alerts; omitted when
+/// empty) and an optional expiry in seconds.
+pub fn properties(
+    format: crate::config::PayloadFormat,
+    (name, value): (&str, &str),
+    expiry_s: Option<u32>,
+) -> rumqttc::v5::mqttbytes::v5::PublishProperties {
+    use crate::config::PayloadFormat;
+    let (ctype, indicator) = match format {
+        PayloadFormat::Json => ("application/json", 1),
+        PayloadFormat::Cbor => ("application/cbor", 0),
+    };
+    rumqttc::v5::mqttbytes::v5::PublishProperties {
+        payload_format_indicator: Some(indicator),
+        content_type: Some(ctype.into()),
+        message_expiry_interval: expiry_s,
+        user_properties: if value.is_empty() {
+            Vec::new()
+        } else {
+            vec![(name.to_string(), value.to_string())]
+        },
+        ..Default::default()
+    }
+}
+
+/// The stored version of a state: 16 hex digits of the commit LSN and 8 of the piece
+/// (`delta_from`, and the first 24 digits of a `rev`).
+pub fn base(lsn: u64, piece: i64) -> String {
+    format!("{lsn:016x}{:08x}", piece.clamp(0, i64::from(u32::MAX)))
+}
+
+/// The ordering token of a message read at `read_ms` (docs/mobile.md): [`base`] and 11 hex
+/// digits of the unix milliseconds, so string order is message order per SKU.
+pub fn rev(lsn: u64, piece: i64, read_ms: i64) -> String {
+    format!("{}{:011x}", base(lsn, piece), read_ms.clamp(0, 0xfff_ffff_ffff))
+}
+
+/// The ordering token of a SKU hash read at `now_ms`.
+pub fn rev_of(fields: &HashMap<String, String>, now_ms: i64) -> String {
+    rev(
+        u64_field(fields, "lsn").unwrap_or(0),
+        piece_num(fields.get("piece").map(String::as_str)),
+        now_ms,
+    )
+}
+
+/// What a gone SKU is over HTTP: `{"v":2,"sku":..,"gone":true,"rev":..}`.
+pub fn gone_object(sku: &str, rev: &str) -> String {
+    let mut obj: BTreeMap<&str, Member> = BTreeMap::new();
+    obj.insert("v", Member::Int(FORMAT_VERSION as i64));
+    obj.insert("sku", Member::Str(sku.to_string()));
+    obj.insert("gone", Member::Raw(b"true".to_vec()));
+    obj.insert("rev", Member::Str(rev.to_string()));
+    let mut out = Vec::with_capacity(96);
+    write_object(&mut out, &obj);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Whether a `pub_state`/values key is stored in Redis (stock totals, locations, lifetime
+/// counters): only those go into `delta`; windows and derived values are absolute only.
+fn is_stored(spec: &Spec, k: &str) -> bool {
+    matches!(k, "on_hand" | "reserved" | "available")
+        || k.starts_with("loc:")
+        || spec.counters.iter().any(|c| c.name == k)
+}
+
+/// `threshold` and `alert_state` of a SKU with stock (`None` without stock rows).
+fn alert_members(spec: &Spec, fields: &HashMap<String, String>) -> Option<(i64, String)> {
+    let stocked = fields.contains_key("alert_state")
+        || fields.get("rows").is_some_and(|r| r != "0");
+    if !stocked {
+        return None;
+    }
+    let thr = fields
+        .get("threshold")
+        .and_then(|v| units::parse(v, spec.scale))
+        .unwrap_or_else(|| spec.low_stock.saturating_mul(10i64.pow(spec.scale)));
+    let st = fields
+        .get("alert_state")
+        .filter(|s| matches!(s.as_str(), "ok" | "low" | "out"))
+        .cloned()
+        .unwrap_or_else(|| "ok".into());
+    Some((thr, st))
+}
 
 /// What the payload is for.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -40,6 +146,8 @@ pub enum Kind {
     Change,
     /// Only time passed: carries `as_of` (this unix-ms time) and no `delta`.
     Aging { as_of_ms: i64 },
+    /// The current state read for a client over HTTP: neither `delta` nor `as_of`.
+    Current,
 }
 
 /// The payload-relevant part of the configuration.
@@ -51,6 +159,8 @@ pub struct Spec {
     pub sell_counter: Option<String>,
     /// Decimal places of quantities (`fold::units`); 0: whole numbers.
     pub scale: u32,
+    /// The default low-stock threshold, in whole units (`[alerts] low_stock`).
+    pub low_stock: i64,
 }
 
 /// The state message of a SKU.
@@ -64,6 +174,8 @@ pub struct StateMessage {
     pub state: String,
     /// Fingerprint of the window values when any is non-zero (they will age).
     pub windows: Option<u64>,
+    /// The ordering token (docs/mobile.md).
+    pub rev: String,
 }
 
 /// A quantity field in units (see `fold::units`); 0 when absent or malformed.
@@ -137,12 +249,14 @@ pub fn state_message(
     kind: Kind,
 ) -> StateMessage {
     let lsn = u64_field(fields, "lsn").unwrap_or(0);
+    let rev = rev_of(fields, now_ms);
     if is_gone(fields) {
         return StateMessage {
             payload: String::new(),
             lsn,
             state: "{}".into(),
             windows: None,
+            rev,
         };
     }
     // Numeric values, in units of 10^-scale (counts of users and seconds too, so that
@@ -240,36 +354,43 @@ pub fn state_message(
         write_nested(&mut o, &locations, scale);
         obj.insert("locations", Member::Raw(o));
     }
+    if let Some((thr, st)) = alert_members(spec, fields) {
+        obj.insert("threshold", Member::Units(thr, scale));
+        obj.insert("alert_state", Member::Str(st));
+    }
     match kind {
         Kind::Change => {
-            let prev = fields
-                .get("pub_state")
-                .and_then(|s| serde_json::from_str::<BTreeMap<String, i64>>(s).ok())
-                .unwrap_or_default();
-            obj.insert("delta", Member::Raw(delta(&values, &prev, scale)));
+            // Only against a state the broker acknowledged: its stored version is the base.
+            if let Some(p) = u64_field(fields, "pub_lsn") {
+                let prev = fields
+                    .get("pub_state")
+                    .and_then(|s| serde_json::from_str::<BTreeMap<String, i64>>(s).ok())
+                    .unwrap_or_default();
+                let stored = |m: &BTreeMap<String, i64>| -> BTreeMap<String, i64> {
+                    m.iter()
+                        .filter(|(k, _)| is_stored(spec, k))
+                        .map(|(k, v)| (k.clone(), *v))
+                        .collect()
+                };
+                obj.insert(
+                    "delta",
+                    Member::Raw(delta(&stored(&values), &stored(&prev), scale)),
+                );
+                let pp = piece_num(fields.get("pub_piece").map(String::as_str));
+                obj.insert("delta_from", Member::Str(base(p, pp)));
+            }
         }
         Kind::Aging { as_of_ms } => {
             if let Some(t) = rfc3339_ms(as_of_ms) {
                 obj.insert("as_of", Member::Str(t));
             }
         }
+        Kind::Current => {}
     }
     if fields.contains_key("lsn") {
         obj.insert("lsn", Member::Str(lsn_text(lsn)));
     }
-    // Only the later pieces of a transaction applied in several carry `piece`: clients
-    // order states by (`lsn`, `piece`), an absent piece being 0.
-    let piece = piece_num(fields.get("piece").map(String::as_str));
-    if piece > 0 {
-        obj.insert("piece", Member::Int(piece));
-    }
-    if let Some(p) = u64_field(fields, "pub_lsn") {
-        obj.insert("prev_lsn", Member::Str(lsn_text(p)));
-        let pp = piece_num(fields.get("pub_piece").map(String::as_str));
-        if pp > 0 {
-            obj.insert("prev_piece", Member::Int(pp));
-        }
-    }
+    obj.insert("rev", Member::Str(rev.clone()));
     if let Some(t) = fields
         .get("ts")
         .and_then(|v| v.parse::<i64>().ok())
@@ -286,6 +407,7 @@ pub fn state_message(
         lsn,
         state,
         windows,
+        rev,
     }
 }
 
@@ -363,6 +485,34 @@ fn write_nested<K: AsRef<str>, K2: AsRef<str>>(
     out.push(b'}');
 }
 
+/// Adds to `pipe` one `PFCOUNT` per (counter, window) with distinct users of `sku` at
+/// `now_ms` (the union of the per-minute HyperLogLogs) and returns their payload names,
+/// in the order of the replies.
+pub fn users_queries(
+    spec: &Spec,
+    prefix: &str,
+    sku: &str,
+    now_ms: i64,
+    pipe: &mut redis::Pipeline,
+) -> Vec<String> {
+    let minute = layout::minute_of_ms(now_ms);
+    let mut names = Vec::new();
+    for c in &spec.counters {
+        if !c.distinct_users {
+            continue;
+        }
+        for &w in &c.windows_secs {
+            let minutes = i64::try_from(w / 60).unwrap_or(1).max(1);
+            let cmd = pipe.cmd("PFCOUNT");
+            for m in (minute - minutes + 1)..=minute {
+                cmd.arg(layout::users_minute_key(prefix, sku, &c.name, m));
+            }
+            names.push(users_name(&c.name, w));
+        }
+    }
+    names
+}
+
 /// Payload name of a counter's distinct users over a window: `views_users_5m`.
 pub fn users_name(counter: &str, window_secs: u64) -> String {
     let w = layout::window_name(counter, window_secs);
@@ -419,6 +569,8 @@ pub struct PendingAlert {
     pub lsn: u64,
     /// Commit time, unix ms.
     pub ts: Option<i64>,
+    /// Position in the alert history (a stream id), when recorded there.
+    pub seq: Option<String>,
 }
 
 /// Parses the `alerts` field, quantities in units of 10^-`scale` (the apply script
@@ -449,6 +601,7 @@ pub fn parse_alerts(field: Option<&str>, scale: u32) -> (Vec<PendingAlert>, usiz
                 lsn_raw,
                 lsn,
                 ts: it.get("ts").and_then(Value::as_i64),
+                seq: it.get("seq").and_then(Value::as_str).map(str::to_string),
             })
         })();
         match parsed {
@@ -482,6 +635,9 @@ pub fn alert_payload(sku: &str, a: &PendingAlert, scale: u32) -> String {
     obj.insert("available", Member::Units(a.available, scale));
     obj.insert("threshold", Member::Units(a.threshold, scale));
     obj.insert("lsn", Member::Str(lsn_text(a.lsn)));
+    if let Some(q) = &a.seq {
+        obj.insert("seq", Member::Str(q.clone()));
+    }
     if let Some(t) = a.ts.and_then(rfc3339_ms) {
         obj.insert("ts", Member::Str(t));
     }
@@ -516,12 +672,14 @@ mod tests {
             kind: Kind,
         ) -> StateMessage {
             let lsn = u64_field(fields, "lsn").unwrap_or(0);
+            let rev = rev_of(fields, now_ms);
             if is_gone(fields) {
                 return StateMessage {
                     payload: String::new(),
                     lsn,
                     state: "{}".into(),
                     windows: None,
+                    rev,
                 };
             }
             // Numeric values: these make up `pub_state` and the delta.
@@ -608,34 +766,41 @@ mod tests {
                     .collect();
                 obj.insert("locations".into(), Value::Object(l));
             }
+            if let Some((thr, st)) = alert_members(spec, fields) {
+                obj.insert("threshold".into(), json!(thr));
+                obj.insert("alert_state".into(), json!(st));
+            }
             match kind {
                 Kind::Change => {
-                    let prev = fields
-                        .get("pub_state")
-                        .and_then(|s| serde_json::from_str::<BTreeMap<String, i64>>(s).ok())
-                        .unwrap_or_default();
-                    obj.insert("delta".into(), delta(&values, &prev));
+                    if let Some(p) = u64_field(fields, "pub_lsn") {
+                        let prev: BTreeMap<String, i64> = fields
+                            .get("pub_state")
+                            .and_then(|s| serde_json::from_str::<BTreeMap<String, i64>>(s).ok())
+                            .unwrap_or_default()
+                            .into_iter()
+                            .filter(|(k, _)| is_stored(spec, k))
+                            .collect();
+                        let cur: BTreeMap<String, i64> = values
+                            .iter()
+                            .filter(|(k, _)| is_stored(spec, k))
+                            .map(|(k, v)| (k.clone(), *v))
+                            .collect();
+                        obj.insert("delta".into(), delta(&cur, &prev));
+                        let pp = piece_num(fields.get("pub_piece").map(String::as_str));
+                        obj.insert("delta_from".into(), json!(base(p, pp)));
+                    }
                 }
                 Kind::Aging { as_of_ms } => {
                     if let Some(t) = rfc3339_ms(as_of_ms) {
                         obj.insert("as_of".into(), json!(t));
                     }
                 }
+                Kind::Current => {}
             }
             if fields.contains_key("lsn") {
                 obj.insert("lsn".into(), json!(lsn_text(lsn)));
             }
-            let piece = piece_num(fields.get("piece").map(String::as_str));
-            if piece > 0 {
-                obj.insert("piece".into(), json!(piece));
-            }
-            if let Some(p) = u64_field(fields, "pub_lsn") {
-                obj.insert("prev_lsn".into(), json!(lsn_text(p)));
-                let pp = piece_num(fields.get("pub_piece").map(String::as_str));
-                if pp > 0 {
-                    obj.insert("prev_piece".into(), json!(pp));
-                }
-            }
+            obj.insert("rev".into(), json!(rev));
             if let Some(t) = fields
                 .get("ts")
                 .and_then(|v| v.parse::<i64>().ok())
@@ -649,6 +814,7 @@ mod tests {
                 lsn,
                 state,
                 windows,
+                rev,
             }
         }
 

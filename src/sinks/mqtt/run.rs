@@ -52,8 +52,9 @@ const REDIS_PAUSE: Duration = Duration::from_millis(500);
 /// Keys per SCAN page; SKUs wanted at most before scanning further.
 const SCAN_COUNT: usize = 500;
 const SCAN_MAX_PENDING: usize = 10_000;
-/// MQTT fixed header, topic length and properties, generously.
-const PACKET_OVERHEAD: usize = 32;
+/// MQTT fixed header, topic length and properties (content type, format indicator,
+/// expiry, the `rev`/`seq` user property), generously.
+const PACKET_OVERHEAD: usize = 160;
 /// How long acknowledgements may wait to be recorded in Redis for a read round to carry
 /// them (one round trip instead of two); past this they go on their own.
 const MARK_LINGER: Duration = Duration::from_millis(10);
@@ -287,6 +288,7 @@ impl Task {
             counters: cfg.counters.clone(),
             sell_counter: cfg.sell_counter.clone(),
             scale: cfg.scale,
+            low_stock: cfg.low_stock,
         };
         let sched = Scheduler::new(cfg.mqtt.min_interval_ms);
         Task {
@@ -1215,27 +1217,9 @@ impl Task {
         sku: &str,
         now_ms: i64,
     ) -> Result<HashMap<String, i64>, redis::RedisError> {
-        let minute = layout::minute_of_ms(now_ms);
-        let mut names = Vec::new();
         let mut pipe = redis::pipe();
-        for c in &self.spec.counters {
-            if !c.distinct_users {
-                continue;
-            }
-            for &w in &c.windows_secs {
-                let minutes = i64::try_from(w / 60).unwrap_or(1).max(1);
-                let cmd = pipe.cmd("PFCOUNT");
-                for m in (minute - minutes + 1)..=minute {
-                    cmd.arg(layout::users_minute_key(
-                        &self.cfg.redis_prefix,
-                        sku,
-                        &c.name,
-                        m,
-                    ));
-                }
-                names.push(payload::users_name(&c.name, w));
-            }
-        }
+        let names =
+            payload::users_queries(&self.spec, &self.cfg.redis_prefix, sku, now_ms, &mut pipe);
         if names.is_empty() {
             return Ok(HashMap::new());
         }
@@ -1306,16 +1290,24 @@ impl Task {
         });
         // MQTT topics are at most 65535 bytes; rumqttc drops the connection for a packet
         // above the maximum, so such a message must never be queued.
-        let fits = |t: &str, p: &str| {
-            t.len() <= usize::from(u16::MAX) && t.len() + p.len() + PACKET_OVERHEAD <= max
+        let t_fits = |t: &str, n: usize| {
+            t.len() <= usize::from(u16::MAX) && t.len() + n + PACKET_OVERHEAD <= max
         };
         let mut messages = 0u32;
         // Messages too large to send: (kind, bytes).
         let mut refused: Vec<(&'static str, usize)> = Vec::new();
-        let state_sent = fits(&topic, &msg.payload);
+        let format = self.cfg.mqtt.format;
+        let body = payload::encode(format, &msg.payload);
+        let state_sent = t_fits(&topic, body.len());
         if state_sent {
             if client
-                .try_publish(topic, QoS::AtLeastOnce, true, msg.payload.clone())
+                .try_publish_with_properties(
+                    topic,
+                    QoS::AtLeastOnce,
+                    true,
+                    body,
+                    payload::properties(format, ("rev", &msg.rev), None),
+                )
                 .is_err()
             {
                 // the channel is sized above our own in-flight bound; closed only at shutdown
@@ -1331,7 +1323,7 @@ impl Task {
                 state: msg.state.clone(),
                 ts: match kind {
                     Kind::Change => fields.get("ts").and_then(|v| v.parse().ok()),
-                    Kind::Aging { .. } => None,
+                    Kind::Aging { .. } | Kind::Current => None,
                 },
                 seq: self.epoch_seq,
             });
@@ -1339,7 +1331,7 @@ impl Task {
         } else {
             // A partial state would be wrong, so none is sent; the SKU's alerts are small
             // and still go out below.
-            refused.push(("state", topic.len() + msg.payload.len()));
+            refused.push(("state", topic.len() + body.len()));
         }
         let (alerts, bad) =
             payload::parse_alerts(fields.get("alerts").map(String::as_str), self.spec.scale);
@@ -1353,15 +1345,21 @@ impl Task {
         } else {
             super::alert_topic(self.prefix(), sku)
         };
+        let expiry = (self.cfg.alert_expiry_s > 0).then_some(self.cfg.alert_expiry_s);
         for a in alerts.iter().take(MAX_ALERTS_PER_ROUND) {
-            let body = payload::alert_payload(sku, a, self.spec.scale);
-            if !fits(&alert_topic, &body) {
+            let body = payload::encode(format, &payload::alert_payload(sku, a, self.spec.scale));
+            if !t_fits(&alert_topic, body.len()) {
                 // stays in the outbox, like the state: only a huge SKU gets here
                 refused.push(("alert", alert_topic.len() + body.len()));
                 continue;
             }
+            let props = payload::properties(
+                format,
+                ("seq", a.seq.as_deref().unwrap_or("")),
+                expiry,
+            );
             if client
-                .try_publish(alert_topic.clone(), QoS::AtLeastOnce, false, body)
+                .try_publish_with_properties(alert_topic.clone(), QoS::AtLeastOnce, false, body, props)
                 .is_err()
             {
                 more_alerts = true;

@@ -1,11 +1,14 @@
 -- skusync apply script: applies a batch of per-SKU entries, exactly once.
 --
--- KEYS[1] = meta hash; KEYS[2..] = SKU hashes referenced by index. A SKU's distinct-user
--- keys are its hash key plus ':u:...' (same hash tag, see sinks/layout.rs).
+-- KEYS[1] = meta hash; KEYS[2..n-2] = SKU hashes referenced by index; KEYS[n-1] = the
+-- change index (sorted set: SKU hash key -> commit LSN of its last change, for the
+-- clients' catch-up, `/v1/changes`); KEYS[n] = the alert history (stream). A SKU's
+-- distinct-user keys are its hash key plus ':u:...' (same hash tag, see sinks/layout.rs).
 -- ARGV is one flat list of strings, read front to back (no JSON: in Redis' Lua every
 -- decoded value is a new string or table, which cost more than everything else):
 --   keep, low, quiet ('1'|'0'), end LSN ('' for none), writer token ('' unfenced),
---   floor LSN ('' unchecked), scale, ncounters, counter..., entry...
+--   floor LSN ('' unchecked), scale, alert history count, alert history age (ms),
+--   ncounters, counter..., entry...
 --     scale: quantities (stock values, counters, buckets, low and thresholds) travel as
 --     integers in units of 10^-scale and are stored in the hash as decimals ('12.5');
 --     with scale 0 (no [[inventory]]/[[activity]] `scale`) they are whole numbers.
@@ -42,10 +45,12 @@ local quiet = ARGV[3] == '1'
 local batch_end = ARGV[4]
 local writer, floor = ARGV[5], ARGV[6]
 local scale = tonumber(ARGV[7])
-local ncounters = tonumber(ARGV[8])
+local history, history_ms = ARGV[8], tonumber(ARGV[9])
+local ncounters = tonumber(ARGV[10])
 local counters = {}
-for i = 1, ncounters do counters[i] = ARGV[8 + i] end
-local first_entry = 9 + ncounters
+for i = 1, ncounters do counters[i] = ARGV[10 + i] end
+local first_entry = 11 + ncounters
+local changes_key, alerts_key = KEYS[#KEYS - 1], KEYS[#KEYS]
 local nargv = #ARGV
 
 -- Integers as Redis wants them (Lua would print -0 or 1e+15).
@@ -327,7 +332,14 @@ local function evaluate(key, h, has_stock, avail, lsn, ms, dl)
     -- Decimals as strings: cjson prints numbers with 14 significant digits.
     local av, th = avail, thr
     if scale > 0 then av, th = dec(avail), dec(thr) end
-    list[#list + 1] = {type = kind, available = av, threshold = th, lsn = lsn, ts = tonumber(ms)}
+    -- The history (a stream: its ids order alerts for `/v1/alerts?since=` and webhooks)
+    -- gets the alert exactly once, like the hash: the entry is fenced with it.
+    local seq = redis.call('XADD', alerts_key, 'MAXLEN', '~', history, '*', 'key', key,
+      'type', kind, 'available', scale > 0 and av or int(av),
+      'threshold', scale > 0 and th or int(th), 'lsn', lsn,
+      'ts', tostring(ms))
+    list[#list + 1] = {type = kind, available = av, threshold = th, lsn = lsn, ts = tonumber(ms),
+      seq = seq}
     if #list > 50 then table.remove(list, 1) end
     h.alerts_dirty = true
     alerts_raised = alerts_raised + 1
@@ -615,10 +627,27 @@ for _, e in ipairs(entries) do
   end
 end
 
--- Pass 3: write back.
+-- Pass 3: write back, and index what changed (score: the commit LSN; only ever raised,
+-- so a replay changes nothing; doubles are exact below 2^53 bytes of WAL).
+local changed_list = {}
 for _, ki in ipairs(order) do
   local h = hs[ki]
-  if h.written then write(KEYS[ki], h) end
+  if h.written then
+    write(KEYS[ki], h)
+    changed_list[#changed_list + 1] = h.lsn
+    changed_list[#changed_list + 1] = KEYS[ki]
+  end
+end
+local ci = 1
+while ci <= #changed_list do
+  local cj = math.min(#changed_list, ci + CHUNK - 1)
+  redis.call('ZADD', changes_key, 'GT', unpack(changed_list, ci, cj))
+  ci = cj + 1
+end
+if alerts_raised > 0 and history_ms > 0 then
+  local t = redis.call('TIME')
+  local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - history_ms
+  if cutoff > 0 then redis.call('XTRIM', alerts_key, 'MINID', '~', string.format('%d', cutoff)) end
 end
 
 if batch_end ~= '' then

@@ -174,6 +174,10 @@ pub struct ApplySettings {
     /// of 10^-scale (see `fold::qty`).
     pub scale: u32,
     pub counters: Vec<String>,
+    /// Most alerts kept in the alert history (`[alerts] history`).
+    pub alert_history: u64,
+    /// Oldest alert kept in the history, in ms (`[alerts] history_max_age_s`; 0: no limit).
+    pub alert_history_age_ms: u64,
     /// The writer's fencing token and floor (unfenced when its token is 0).
     pub fence: WriterFence,
 }
@@ -690,11 +694,13 @@ pub fn encode_entries(
         .collect();
     let mut c = redis::cmd("EVALSHA");
     c.arg(sha)
-        .arg(keys.len() + 1)
+        .arg(keys.len() + 3)
         .arg(layout::meta_key(&s.prefix));
     for k in &keys {
         c.arg(layout::sku_key(&s.prefix, k));
     }
+    c.arg(layout::changes_key(&s.prefix))
+        .arg(layout::alerts_key(&s.prefix));
     c.arg(s.keep_minutes)
         .arg(s.low_stock.saturating_mul(10i64.pow(s.scale)))
         .arg(if quiet { "1" } else { "0" })
@@ -704,6 +710,8 @@ pub fn encode_entries(
             s.fence.floor.load(std::sync::atomic::Ordering::SeqCst),
         ))
         .arg(s.scale)
+        .arg(s.alert_history.max(1))
+        .arg(s.alert_history_age_ms)
         .arg(s.counters.len());
     for name in &s.counters {
         c.arg(name);
@@ -856,6 +864,9 @@ pub struct Meta {
     /// Per partitioned stock table, the fingerprint of its partitions at the last
     /// snapshot load (see `pg::partitions`); empty when none is partitioned.
     pub partitions: std::collections::BTreeMap<String, String>,
+    /// Since when the change index is complete (`changes_from`; absent before the index
+    /// existed: see [`backfill_changes`]).
+    pub changes_from: Option<Lsn>,
 }
 
 /// Read the meta hash; `None` when it does not exist.
@@ -886,7 +897,43 @@ pub async fn read_meta(
             .get("partitions")
             .and_then(|v| serde_json::from_str(v).ok())
             .unwrap_or_default(),
+        changes_from: m.get("changes_from").and_then(|v| v.parse().ok()).map(Lsn),
     }))
+}
+
+/// Build the change index of a Redis written by a release without it: every SKU hash
+/// scored by its `lsn`, then meta `changes_from` = `applied`, so older catch-up tokens
+/// (there are none) get 410 and newer ones are exact. Runs before streaming starts.
+pub async fn backfill_changes(
+    con: &mut ConnectionManager,
+    prefix: &str,
+    token: u64,
+    applied: Lsn,
+) -> Result<usize, RedisSinkError> {
+    let skus = scan_skus(con, prefix).await?;
+    let zkey = layout::changes_key(prefix);
+    for chunk in skus.chunks(500) {
+        let keys: Vec<String> = chunk.iter().map(|s| layout::sku_key(prefix, s)).collect();
+        let mut pipe = redis::pipe();
+        for k in &keys {
+            pipe.cmd("HGET").arg(k).arg("lsn");
+        }
+        let lsns: Vec<Option<u64>> = pipe
+            .query_async(con)
+            .await
+            .map_err(RedisSinkError::from_redis)?;
+        let mut z = redis::cmd("ZADD");
+        z.arg(&zkey).arg("GT");
+        for (k, l) in keys.iter().zip(lsns) {
+            z.arg(l.unwrap_or(0)).arg(k);
+        }
+        let _: i64 = z
+            .query_async(con)
+            .await
+            .map_err(RedisSinkError::from_redis)?;
+    }
+    write_meta(con, prefix, token, &[("changes_from", applied.0.to_string())]).await?;
+    Ok(skus.len())
 }
 
 /// Meta fields written by a writer: refused unless meta `writer` is its token or absent

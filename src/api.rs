@@ -1,0 +1,842 @@
+//! The clients' catch-up API (`[api]`; the contract is docs/mobile.md): `GET /v1/sku/<SKU>`,
+//! `GET /v1/changes?since=`, `GET /v1/alerts?since=`. Read-only and answered from Redis
+//! (the SKU hashes, the change index and the alert history the apply script writes),
+//! never from PostgreSQL; so a standby instance serves it as well as the active one.
+//!
+//! Errors are one-line JSON objects and never 500: a Redis that cannot be reached or is
+//! being rebuilt answers 503 with `Retry-After`.
+//!
+//! **Change tokens.** The change index scores each SKU hash key by the commit LSN of its
+//! last change. A finished listing hands out `W - 1` (hex), `W` being meta `applied_lsn`
+//! when the listing began: every transaction committed below `W` was applied then, so
+//! every SKU it changed was listed (or is listed by the next call). A listing cut by
+//! `limit` hands out a page token `S.W.L.M` (hex): continue after score `L`, member `M`
+//! (ranks are recomputed from that value on every call, so SKUs moving meanwhile neither
+//! shift nor hide others). A token below meta `changes_from` (the last rebuild) answers
+//! 410.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, KeyInit, Mac};
+use redis::aio::ConnectionManager;
+use sha2::Sha256;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ApiConfig, Config};
+use crate::http::{Request, Response};
+use crate::sinks::layout;
+use crate::sinks::mqtt::payload::{self, Kind, PendingAlert, Spec};
+
+/// Default and largest `limit`.
+pub const DEFAULT_LIMIT: usize = 500;
+pub const MAX_LIMIT: usize = 1000;
+/// Rate-limit buckets kept at most (clients idle longest are forgotten first).
+const MAX_CLIENTS: usize = 10_000;
+/// How long a Redis round trip of one request may take.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One page of the change index after a position (see the module docs). KEYS[1] the
+/// index; ARGV: since score, cursor score ('' for none), cursor member, count. Members of
+/// one score are ordered bytewise, as Redis orders them (Lua's `<` follows the locale).
+const PAGE_LUA: &str = r"
+local k = KEYS[1]
+local function lt(a, b)
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+local start
+if ARGV[2] ~= '' then
+  local lo = redis.call('ZCOUNT', k, '-inf', '(' .. ARGV[2])
+  local hi = lo + redis.call('ZCOUNT', k, ARGV[2], ARGV[2])
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    local m = redis.call('ZRANGE', k, mid, mid)[1]
+    if lt(ARGV[3], m) then hi = mid else lo = mid + 1 end
+  end
+  start = lo
+else
+  start = redis.call('ZCOUNT', k, '-inf', ARGV[1])
+end
+return redis.call('ZRANGE', k, start, start + tonumber(ARGV[4]) - 1, 'WITHSCORES')
+";
+
+/// Everything a request needs.
+struct Api {
+    cfg: ApiConfig,
+    spec: Spec,
+    prefix: String,
+    redis: redis::Client,
+    con: tokio::sync::Mutex<Option<ConnectionManager>>,
+    key: Option<Vec<u8>>,
+    limiter: Mutex<Limiter>,
+    page: redis::Script,
+}
+
+/// Bind `[api] listen` and serve until `shutdown`.
+pub async fn serve(
+    cfg: &Config,
+    shutdown: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    let Some(ac) = cfg.api.clone() else {
+        return Err("no [api] section".into());
+    };
+    let rc = cfg
+        .redis
+        .as_ref()
+        .ok_or("the [api] endpoints need a [redis] section")?;
+    let redis =
+        crate::sinks::redis::client(&rc.url, rc.ca_file.as_deref()).map_err(|e| e.to_string())?;
+    let key = match &ac.token_key_file {
+        Some(p) => Some(read_key(p)?),
+        None => None,
+    };
+    if key.is_none() && ac.tokens.is_empty() && !ac.listen.ip().is_loopback() {
+        tracing::warn!(listen = %ac.listen, "the [api] endpoints accept anyone: set api.tokens or api.token_key_file");
+    }
+    let listener = TcpListener::bind(ac.listen)
+        .await
+        .map_err(|e| format!("api.listen {}: {e}", ac.listen))?;
+    tracing::info!(listen = %ac.listen, "client API: /v1/sku /v1/changes /v1/alerts");
+    metrics::describe_counter!(
+        "skusync_api_rejected_total",
+        "Client API connections closed on accept because api.max_connections was reached."
+    );
+    metrics::describe_counter!(
+        "skusync_api_requests_total",
+        "Client API requests answered, by status."
+    );
+    metrics::counter!("skusync_api_rejected_total").absolute(0);
+    let max = ac.max_connections;
+    let api = Arc::new(Api {
+        limiter: Mutex::new(Limiter::new(ac.rate_per_s, ac.burst)),
+        cfg: ac,
+        spec: crate::sinks::mqtt::payload_spec(cfg),
+        prefix: rc.prefix.clone(),
+        redis,
+        con: tokio::sync::Mutex::new(None),
+        key,
+        page: redis::Script::new(PAGE_LUA),
+    });
+    Ok(crate::http::serve_with(
+        listener,
+        max,
+        "skusync_api_rejected_total",
+        shutdown,
+        move |req| {
+            let api = api.clone();
+            async move {
+                let r = api.handle(req).await;
+                metrics::counter!("skusync_api_requests_total", "status" => r.status.to_string())
+                    .increment(1);
+                r
+            }
+        },
+    ))
+}
+
+fn read_key(p: &std::path::Path) -> Result<Vec<u8>, String> {
+    let text = std::fs::read_to_string(p)
+        .map_err(|e| format!("api.token_key_file {}: {e}", p.display()))?;
+    let k = text.trim();
+    if k.len() < 32 {
+        return Err(format!(
+            "api.token_key_file {}: the key must be at least 32 characters (e.g. `openssl rand -hex 32`)",
+            p.display()
+        ));
+    }
+    Ok(k.as_bytes().to_vec())
+}
+
+/// A signed bearer token: `v1.<subject>.<expiry unix s>.<hex HMAC-SHA256 of the rest>`.
+pub fn sign_token(key: &[u8], subject: &str, expires_unix: u64) -> String {
+    let body = format!("v1.{subject}.{expires_unix}");
+    format!("{body}.{}", hex::encode(mac(key, &body)))
+}
+
+/// Issue a token with the key in `key_file` (the `skusync token` command).
+pub fn issue_token(key_file: &std::path::Path, subject: &str, ttl: Duration) -> Result<String, String> {
+    if !valid_subject(subject) {
+        return Err("the subject must be 1-64 characters of A-Z a-z 0-9 _ -".into());
+    }
+    let key = read_key(key_file)?;
+    let exp = unix_ms() as u64 / 1000 + ttl.as_secs();
+    Ok(sign_token(&key, subject, exp))
+}
+
+fn valid_subject(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn mac(key: &[u8], body: &str) -> Vec<u8> {
+    // any key length is valid for HMAC
+    let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key");
+    m.update(body.as_bytes());
+    m.finalize().into_bytes().to_vec()
+}
+
+/// Constant-time equality (tokens).
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Who is asking, for the rate limit: `Err` is the 401.
+fn authorize(
+    tokens: &[String],
+    key: Option<&[u8]>,
+    header: Option<&str>,
+    peer: SocketAddr,
+    now_s: u64,
+) -> Result<String, &'static str> {
+    if tokens.is_empty() && key.is_none() {
+        return Ok(format!("ip:{}", peer.ip()));
+    }
+    let Some(h) = header else {
+        return Err("missing bearer token");
+    };
+    let Some((scheme, token)) = h.split_once(' ') else {
+        return Err("bad authorization header");
+    };
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+        return Err("bad authorization header");
+    }
+    for t in tokens {
+        if ct_eq(t.as_bytes(), token.as_bytes()) {
+            let id = hex::encode(&mac(b"skusync-client", t)[..6]);
+            return Ok(format!("token:{id}"));
+        }
+    }
+    if let Some(key) = key {
+        let parts: Vec<&str> = token.split('.').collect();
+        if let [v, subject, exp, sig] = parts[..]
+            && v == "v1"
+            && valid_subject(subject)
+        {
+            let body = format!("v1.{subject}.{exp}");
+            let good = hex::decode(sig).is_ok_and(|s| ct_eq(&s, &mac(key, &body)));
+            if good {
+                return match exp.parse::<u64>() {
+                    Ok(e) if e > now_s => Ok(format!("sub:{subject}")),
+                    _ => Err("token expired"),
+                };
+            }
+        }
+    }
+    Err("bad token")
+}
+
+/// Token buckets per client.
+struct Limiter {
+    rate: f64,
+    burst: f64,
+    buckets: HashMap<String, (f64, Instant)>,
+}
+
+impl Limiter {
+    fn new(rate: f64, burst: u32) -> Limiter {
+        Limiter {
+            rate,
+            burst: f64::from(burst),
+            buckets: HashMap::new(),
+        }
+    }
+
+    /// `Ok` to serve; `Err(seconds)` until the next request is allowed.
+    fn take(&mut self, client: &str, now: Instant) -> Result<(), u64> {
+        if self.buckets.len() >= MAX_CLIENTS && !self.buckets.contains_key(client) {
+            // Forget clients whose buckets refilled (they lose nothing), then the oldest.
+            let (rate, burst) = (self.rate, self.burst);
+            self.buckets.retain(|_, (t, at)| {
+                *t + now.duration_since(*at).as_secs_f64() * rate < burst
+            });
+            if self.buckets.len() >= MAX_CLIENTS
+                && let Some(k) = self
+                    .buckets
+                    .iter()
+                    .min_by_key(|(_, (_, at))| *at)
+                    .map(|(k, _)| k.clone())
+            {
+                self.buckets.remove(&k);
+            }
+        }
+        let (tokens, at) = self
+            .buckets
+            .entry(client.to_string())
+            .or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - *tokens) / self.rate).ceil().max(1.0) as u64)
+        }
+    }
+}
+
+fn json_error(status: u16, msg: &str) -> Response {
+    let body = serde_json::json!({ "error": msg }).to_string();
+    Response::new(status, "application/json", body)
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A change token (see the module docs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ChangeToken {
+    /// Exclusive lower bound (a commit LSN); 0: the full listing.
+    since: u64,
+    /// Continue after (score, member), with the watermark of the listing's start.
+    page: Option<(u64, u64, Vec<u8>)>,
+}
+
+impl ChangeToken {
+    fn parse(s: &str) -> Option<ChangeToken> {
+        let hex_u64 = |p: &str| {
+            (!p.is_empty() && p.len() <= 16)
+                .then(|| u64::from_str_radix(p, 16).ok())
+                .flatten()
+        };
+        let parts: Vec<&str> = s.split('.').collect();
+        match parts[..] {
+            [a] => Some(ChangeToken {
+                since: hex_u64(a)?,
+                page: None,
+            }),
+            [a, w, l, m] => Some(ChangeToken {
+                since: hex_u64(a)?,
+                page: Some((hex_u64(w)?, hex_u64(l)?, hex::decode(m).ok()?)),
+            }),
+            _ => None,
+        }
+    }
+
+    fn encode(&self) -> String {
+        match &self.page {
+            None => format!("{:x}", self.since),
+            Some((w, l, m)) => format!("{:x}.{w:x}.{l:x}.{}", self.since, hex::encode(m)),
+        }
+    }
+}
+
+/// `limit`: default, or 1..=MAX_LIMIT.
+fn parse_limit(req: &Request) -> Result<usize, Response> {
+    match req.param("limit") {
+        Err(()) => Err(json_error(400, "limit: bad encoding")),
+        Ok(None) => Ok(DEFAULT_LIMIT),
+        Ok(Some(v)) => match v.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+            _ => Err(json_error(
+                400,
+                &format!("limit: must be a whole number from 1 to {MAX_LIMIT}"),
+            )),
+        },
+    }
+}
+
+/// A stream id `<ms>-<n>`.
+fn parse_stream_id(s: &str) -> Option<(u64, u64)> {
+    let (a, b) = s.split_once('-')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+impl Api {
+    async fn handle(&self, req: Request) -> Response {
+        let resp = self.dispatch(&req).await;
+        match &self.cfg.cors_origin {
+            Some(o) => resp
+                .with("Access-Control-Allow-Origin", o.clone())
+                .with("Vary", "Origin"),
+            None => resp,
+        }
+    }
+
+    async fn dispatch(&self, req: &Request) -> Response {
+        if req.method == "OPTIONS" {
+            // CORS preflight: the browser asks before sending Authorization
+            return Response::new(204, "text/plain", "")
+                .with("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS")
+                .with(
+                    "Access-Control-Allow-Headers",
+                    "Authorization, If-None-Match",
+                )
+                .with("Access-Control-Max-Age", "600");
+        }
+        if req.method != "GET" && req.method != "HEAD" {
+            return json_error(405, "method not allowed: the API is read-only")
+                .with("Allow", "GET, HEAD, OPTIONS");
+        }
+        let client = match authorize(
+            &self.cfg.tokens,
+            self.key.as_deref(),
+            req.header("authorization"),
+            req.peer,
+            unix_ms() as u64 / 1000,
+        ) {
+            Ok(c) => c,
+            Err(why) => return json_error(401, why).with("WWW-Authenticate", "Bearer"),
+        };
+        let limited = self
+            .limiter
+            .lock()
+            .map(|mut l| l.take(&client, Instant::now()))
+            .unwrap_or(Ok(()));
+        if let Err(wait) = limited {
+            return json_error(429, "rate limit: slow down").with("Retry-After", wait.to_string());
+        }
+        let result = if let Some(enc) = req.path.strip_prefix("/v1/sku/") {
+            self.sku(req, enc).await
+        } else if req.path == "/v1/changes" {
+            self.changes(req).await
+        } else if req.path == "/v1/alerts" {
+            self.alerts(req).await
+        } else {
+            Ok(json_error(404, "no such endpoint: /v1/sku/<SKU>, /v1/changes, /v1/alerts"))
+        };
+        result.unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "client API: Redis");
+            json_error(503, "Redis unavailable: try again").with("Retry-After", "1")
+        })
+    }
+
+    /// A connection (made on first use, kept).
+    async fn con(&self) -> Result<ConnectionManager, redis::RedisError> {
+        let mut g = self.con.lock().await;
+        if let Some(c) = &*g {
+            return Ok(c.clone());
+        }
+        let c = tokio::time::timeout(REDIS_TIMEOUT, ConnectionManager::new(self.redis.clone()))
+            .await
+            .map_err(|_| {
+                redis::RedisError::from((redis::ErrorKind::Io, "connect timed out"))
+            })??;
+        *g = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, redis::RedisError> {
+        let mut con = self.con().await?;
+        tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async(&mut con))
+            .await
+            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))?
+    }
+
+    /// Builds the JSON of each SKU from its hash (`None`: no hash), reading distinct
+    /// users in one more round trip.
+    async fn render(
+        &self,
+        items: Vec<(String, HashMap<String, String>)>,
+        now_ms: i64,
+    ) -> Result<Vec<Option<(String, String)>>, redis::RedisError> {
+        let mut pipe = redis::pipe();
+        let mut names = Vec::with_capacity(items.len());
+        for (sku, fields) in &items {
+            let n = if fields.is_empty() || payload::is_gone(fields) {
+                Vec::new()
+            } else {
+                payload::users_queries(&self.spec, &self.prefix, sku, now_ms, &mut pipe)
+            };
+            names.push(n);
+        }
+        let counts: Vec<i64> = if names.iter().all(Vec::is_empty) {
+            Vec::new()
+        } else {
+            self.query(&pipe).await?
+        };
+        let mut counts = counts.into_iter();
+        let mut out = Vec::with_capacity(items.len());
+        for ((sku, fields), names) in items.into_iter().zip(names) {
+            if fields.is_empty() {
+                out.push(None);
+                continue;
+            }
+            if payload::is_gone(&fields) {
+                let rev = payload::rev_of(&fields, now_ms);
+                out.push(Some((payload::gone_object(&sku, &rev), rev)));
+                continue;
+            }
+            let users: HashMap<String, i64> = names
+                .into_iter()
+                .map(|n| (n, counts.next().unwrap_or(0)))
+                .collect();
+            let msg =
+                payload::state_message(&self.spec, &sku, &fields, &users, now_ms, Kind::Current);
+            // the ETag: everything but the read time
+            let tag = format!("{}-{:016x}", &msg.rev[..24], fnv(msg.payload.as_bytes(), &msg.rev));
+            out.push(Some((msg.payload, tag)));
+        }
+        Ok(out)
+    }
+
+    /// Meta `bootstrap`, `applied_lsn`, `changes_from`; `Err(503)` while rebuilding.
+    async fn meta(&self) -> Result<Result<(u64, u64), Response>, redis::RedisError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HMGET")
+            .arg(layout::meta_key(&self.prefix))
+            .arg("bootstrap")
+            .arg("applied_lsn")
+            .arg("changes_from");
+        let (m,): ((Option<String>, Option<u64>, Option<u64>),) = self.query(&pipe).await?;
+        if m.0.as_deref() != Some("done") {
+            return Ok(Err(json_error(
+                503,
+                "Redis is being rebuilt from a snapshot: try again",
+            )
+            .with("Retry-After", "5")));
+        }
+        Ok(Ok((m.1.unwrap_or(0), m.2.unwrap_or(0))))
+    }
+
+    async fn sku(&self, req: &Request, enc: &str) -> Result<Response, redis::RedisError> {
+        let Some(sku) = crate::sinks::mqtt::decode_sku(enc) else {
+            return Ok(json_error(
+                400,
+                "the SKU in the path is not percent-encoded UTF-8 (encode it as in the topic)",
+            ));
+        };
+        if let Err(r) = self.meta().await? {
+            return Ok(r);
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGETALL").arg(layout::sku_key(&self.prefix, &sku));
+        let (fields,): (HashMap<String, String>,) = self.query(&pipe).await?;
+        let now = unix_ms();
+        let Some((body, tag)) = self.render(vec![(sku, fields)], now).await?.pop().flatten()
+        else {
+            return Ok(json_error(404, "unknown SKU"));
+        };
+        let etag = format!("\"{tag}\"");
+        let matches = req.header("if-none-match").is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim() == etag || t.trim() == format!("W/{etag}") || t.trim() == "*")
+        });
+        let status = if matches { 304 } else { 200 };
+        Ok(Response::new(status, "application/json", body).with("ETag", etag))
+    }
+
+    async fn changes(&self, req: &Request) -> Result<Response, redis::RedisError> {
+        let limit = match parse_limit(req) {
+            Ok(l) => l,
+            Err(r) => return Ok(r),
+        };
+        let token = match req.param("since") {
+            Err(()) => return Ok(json_error(400, "since: bad encoding")),
+            Ok(None) => None,
+            Ok(Some(t)) => match ChangeToken::parse(&t) {
+                Some(t) => Some(t),
+                None => {
+                    return Ok(json_error(
+                        400,
+                        "since: not a token from /v1/changes (send `next` back unchanged)",
+                    ));
+                }
+            },
+        };
+        let (applied, from) = match self.meta().await? {
+            Ok(m) => m,
+            Err(r) => return Ok(r),
+        };
+        let token = token.unwrap_or(ChangeToken {
+            since: 0,
+            page: None,
+        });
+        if token.since != 0 && token.since.saturating_add(1) < from {
+            return Ok(json_error(
+                410,
+                "token older than the change index (Redis was rebuilt): take the full state, GET /v1/changes without since",
+            ));
+        }
+        let watermark = token.page.as_ref().map_or(applied, |p| p.0);
+        let mut inv = self.page.prepare_invoke();
+        inv.key(layout::changes_key(&self.prefix)).arg(token.since);
+        match &token.page {
+            Some((_, l, m)) => inv.arg(*l).arg(&m[..]),
+            None => inv.arg("").arg(""),
+        };
+        inv.arg(limit + 1);
+        let mut con = self.con().await?;
+        let raw: Vec<(Vec<u8>, f64)> =
+            tokio::time::timeout(REDIS_TIMEOUT, inv.invoke_async(&mut con))
+                .await
+                .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))??;
+        let more = raw.len() > limit;
+        let page: Vec<(Vec<u8>, u64)> = raw
+            .into_iter()
+            .take(limit)
+            .map(|(m, s)| (m, s as u64))
+            .collect();
+        let mut items = Vec::with_capacity(page.len());
+        let mut pipe = redis::pipe();
+        for (member, _) in &page {
+            let key = String::from_utf8_lossy(member).into_owned();
+            let sku = layout::sku_of_key(&self.prefix, &key);
+            if let Some(sku) = sku {
+                pipe.cmd("HGETALL").arg(&key);
+                items.push(sku);
+            }
+        }
+        let hashes: Vec<HashMap<String, String>> = if items.is_empty() {
+            Vec::new()
+        } else {
+            self.query(&pipe).await?
+        };
+        let now = unix_ms();
+        let rendered = self.render(items.into_iter().zip(hashes).collect(), now).await?;
+        let next = match (more, page.last()) {
+            (true, Some((m, l))) => ChangeToken {
+                since: token.since,
+                page: Some((watermark, *l, m.clone())),
+            },
+            _ => ChangeToken {
+                since: watermark.saturating_sub(1).max(token.since),
+                page: None,
+            },
+        };
+        let mut body = String::with_capacity(64 + rendered.len() * 300);
+        body.push_str("{\"changes\":[");
+        let mut first = true;
+        for (json, _) in rendered.into_iter().flatten() {
+            if !first {
+                body.push(',');
+            }
+            first = false;
+            body.push_str(&json);
+        }
+        body.push_str("],\"next\":");
+        body.push_str(&serde_json::Value::from(next.encode()).to_string());
+        body.push_str(",\"more\":");
+        body.push_str(if more { "true" } else { "false" });
+        body.push('}');
+        Ok(Response::new(200, "application/json", body))
+    }
+
+    async fn alerts(&self, req: &Request) -> Result<Response, redis::RedisError> {
+        let limit = match parse_limit(req) {
+            Ok(l) => l,
+            Err(r) => return Ok(r),
+        };
+        let since = match req.param("since") {
+            Err(()) => return Ok(json_error(400, "since: bad encoding")),
+            Ok(None) => None,
+            Ok(Some(t)) => match parse_stream_id(&t) {
+                Some(id) => Some(id),
+                None => {
+                    return Ok(json_error(
+                        400,
+                        "since: not an alert seq (`<ms>-<n>`, from an alert or `next`)",
+                    ));
+                }
+            },
+        };
+        let key = layout::alerts_key(&self.prefix);
+        let mut pipe = redis::pipe();
+        pipe.cmd("EXISTS").arg(&key);
+        let start = match since {
+            Some((a, b)) => format!("({a}-{b}"),
+            None => "-".into(),
+        };
+        pipe.cmd("XRANGE")
+            .arg(&key)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit + 1);
+        type Entry = (String, Vec<(String, String)>);
+        let (exists, entries): (bool, Vec<Entry>) = self.query(&pipe).await?;
+        if let Some(s) = since
+            && exists
+        {
+            // Entries after `since` were trimmed: the client missed them.
+            let mut p = redis::pipe();
+            p.cmd("XINFO").arg("STREAM").arg(&key);
+            let (info,): (HashMap<String, redis::Value>,) = self.query(&p).await?;
+            let deleted = info
+                .get("max-deleted-entry-id")
+                .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
+                .and_then(|v| parse_stream_id(&v))
+                .unwrap_or((0, 0));
+            if deleted > s {
+                return Ok(json_error(
+                    410,
+                    "alerts after since were dropped from the history (bounded by alerts.history and history_max_age_s)",
+                ));
+            }
+        }
+        let more = entries.len() > limit;
+        let mut body = String::from("{\"alerts\":[");
+        let mut last = since.map(|(a, b)| format!("{a}-{b}"));
+        let mut first = true;
+        for (id, fields) in entries.into_iter().take(limit) {
+            let f: HashMap<String, String> = fields.into_iter().collect();
+            last = Some(id.clone());
+            let Some(a) = history_alert(&self.prefix, &id, &f, self.spec.scale) else {
+                continue;
+            };
+            if !first {
+                body.push(',');
+            }
+            first = false;
+            body.push_str(&payload::alert_payload(&a.0, &a.1, self.spec.scale));
+        }
+        body.push_str("],\"next\":");
+        body.push_str(&serde_json::Value::from(last.unwrap_or_else(|| "0-0".into())).to_string());
+        body.push_str(",\"more\":");
+        body.push_str(if more { "true" } else { "false" });
+        body.push('}');
+        Ok(Response::new(200, "application/json", body))
+    }
+}
+
+/// An alert of the history stream: (SKU, alert); `None` when malformed.
+pub fn history_alert(
+    prefix: &str,
+    id: &str,
+    f: &HashMap<String, String>,
+    scale: u32,
+) -> Option<(String, PendingAlert)> {
+    let sku = layout::sku_of_key(prefix, f.get("key")?)?;
+    let lsn_raw = f.get("lsn")?.clone();
+    let q = |n: &str| {
+        f.get(n)
+            .and_then(|v| crate::fold::units::parse(v, scale))
+            .unwrap_or(0)
+    };
+    Some((
+        sku,
+        PendingAlert {
+            kind: f.get("type")?.clone(),
+            available: q("available"),
+            threshold: q("threshold"),
+            lsn: lsn_raw.parse().ok()?,
+            lsn_raw,
+            ts: f.get("ts").and_then(|v| v.parse().ok()),
+            seq: Some(id.to_string()),
+        },
+    ))
+}
+
+/// FNV-1a of the payload without its `rev` (the ETag ignores when it was read).
+fn fnv(payload: &[u8], rev: &str) -> u64 {
+    let needle = format!("\"rev\":\"{rev}\"");
+    let text = String::from_utf8_lossy(payload).replacen(&needle, "", 1);
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> SocketAddr {
+        "10.0.0.7:5555".parse().unwrap()
+    }
+
+    #[test]
+    fn open_api_limits_by_address() {
+        assert_eq!(authorize(&[], None, None, peer(), 0), Ok("ip:10.0.0.7".into()));
+    }
+
+    #[test]
+    fn static_tokens_and_signed_tokens_are_checked() {
+        let tokens = vec!["0123456789abcdef-static".to_string()];
+        let key = b"k".repeat(32);
+        let ok = authorize(&tokens, Some(&key), Some("Bearer 0123456789abcdef-static"), peer(), 0);
+        assert!(ok.unwrap().starts_with("token:"));
+        assert_eq!(
+            authorize(&tokens, Some(&key), Some("Bearer nope"), peer(), 0),
+            Err("bad token")
+        );
+        assert_eq!(authorize(&tokens, None, None, peer(), 0), Err("missing bearer token"));
+        assert_eq!(
+            authorize(&tokens, None, Some("Basic abc"), peer(), 0),
+            Err("bad authorization header")
+        );
+        let t = sign_token(&key, "phone-1", 2_000);
+        assert_eq!(
+            authorize(&[], Some(&key), Some(&format!("bearer {t}")), peer(), 1_999),
+            Ok("sub:phone-1".into())
+        );
+        assert_eq!(
+            authorize(&[], Some(&key), Some(&format!("Bearer {t}")), peer(), 2_000),
+            Err("token expired")
+        );
+        // another key, a changed subject or expiry: bad
+        let other = sign_token(&b"x".repeat(32), "phone-1", 2_000);
+        assert_eq!(
+            authorize(&[], Some(&key), Some(&format!("Bearer {other}")), peer(), 0),
+            Err("bad token")
+        );
+        let forged = t.replace(".2000.", ".9999.");
+        assert_eq!(
+            authorize(&[], Some(&key), Some(&format!("Bearer {forged}")), peer(), 0),
+            Err("bad token")
+        );
+    }
+
+    #[test]
+    fn buckets_refill_at_the_rate() {
+        let mut l = Limiter::new(2.0, 3);
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert!(l.take("a", t0).is_ok());
+        }
+        assert_eq!(l.take("a", t0), Err(1));
+        assert!(l.take("b", t0).is_ok(), "clients are limited apart");
+        assert!(l.take("a", t0 + Duration::from_millis(600)).is_ok());
+    }
+
+    #[test]
+    fn the_limiter_forgets_clients_beyond_its_cap() {
+        let mut l = Limiter::new(1.0, 1);
+        let t0 = Instant::now();
+        for i in 0..MAX_CLIENTS + 5 {
+            let _ = l.take(&format!("c{i}"), t0);
+        }
+        assert!(l.buckets.len() <= MAX_CLIENTS);
+    }
+
+    #[test]
+    fn change_tokens_round_trip_and_reject_junk() {
+        let t = ChangeToken {
+            since: 0x1a3f2c8,
+            page: Some((0x1a40000, 0x1a3f000, b"p:{a.b}".to_vec())),
+        };
+        assert_eq!(ChangeToken::parse(&t.encode()), Some(t));
+        let f = ChangeToken {
+            since: 5,
+            page: None,
+        };
+        assert_eq!(ChangeToken::parse("5"), Some(f));
+        for junk in ["", "x", "1.2", "1.2.3.zz", "11111111111111111", "-1", "1..2.3"] {
+            assert_eq!(ChangeToken::parse(junk), None, "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn stream_ids_parse() {
+        assert_eq!(parse_stream_id("1764061200123-0"), Some((1_764_061_200_123, 0)));
+        assert_eq!(parse_stream_id("17640"), None);
+        assert_eq!(parse_stream_id("a-1"), None);
+    }
+}
