@@ -162,7 +162,11 @@ pub fn sign_token(key: &[u8], subject: &str, expires_unix: u64) -> String {
 }
 
 /// Issue a token with the key in `key_file` (the `skusync token` command).
-pub fn issue_token(key_file: &std::path::Path, subject: &str, ttl: Duration) -> Result<String, String> {
+pub fn issue_token(
+    key_file: &std::path::Path,
+    subject: &str,
+    ttl: Duration,
+) -> Result<String, String> {
     if !valid_subject(subject) {
         return Err("the subject must be 1-64 characters of A-Z a-z 0-9 _ -".into());
     }
@@ -173,7 +177,8 @@ pub fn issue_token(key_file: &std::path::Path, subject: &str, ttl: Duration) -> 
 
 fn valid_subject(s: &str) -> bool {
     (1..=64).contains(&s.len())
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn mac(key: &[u8], body: &str) -> Vec<u8> {
@@ -255,9 +260,8 @@ impl Limiter {
         if self.buckets.len() >= MAX_CLIENTS && !self.buckets.contains_key(client) {
             // Forget clients whose buckets refilled (they lose nothing), then the oldest.
             let (rate, burst) = (self.rate, self.burst);
-            self.buckets.retain(|_, (t, at)| {
-                *t + now.duration_since(*at).as_secs_f64() * rate < burst
-            });
+            self.buckets
+                .retain(|_, (t, at)| *t + now.duration_since(*at).as_secs_f64() * rate < burst);
             if self.buckets.len() >= MAX_CLIENTS
                 && let Some(k) = self
                     .buckets
@@ -405,7 +409,10 @@ impl Api {
         } else if req.path == "/v1/alerts" {
             self.alerts(req).await
         } else {
-            Ok(json_error(404, "no such endpoint: /v1/sku/<SKU>, /v1/changes, /v1/alerts"))
+            Ok(json_error(
+                404,
+                "no such endpoint: /v1/sku/<SKU>, /v1/changes, /v1/alerts",
+            ))
         };
         result.unwrap_or_else(|e| {
             tracing::debug!(error = %e, "client API: Redis");
@@ -421,9 +428,7 @@ impl Api {
         }
         let c = tokio::time::timeout(REDIS_TIMEOUT, ConnectionManager::new(self.redis.clone()))
             .await
-            .map_err(|_| {
-                redis::RedisError::from((redis::ErrorKind::Io, "connect timed out"))
-            })??;
+            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "connect timed out")))??;
         *g = Some(c.clone());
         Ok(c)
     }
@@ -479,7 +484,11 @@ impl Api {
             let msg =
                 payload::state_message(&self.spec, &sku, &fields, &users, now_ms, Kind::Current);
             // the ETag: everything but the read time
-            let tag = format!("{}-{:016x}", &msg.rev[..24], fnv(msg.payload.as_bytes(), &msg.rev));
+            let tag = format!(
+                "{}-{:016x}",
+                &msg.rev[..24],
+                fnv(msg.payload.as_bytes(), &msg.rev)
+            );
             out.push(Some((msg.payload, tag)));
         }
         Ok(out)
@@ -518,8 +527,7 @@ impl Api {
         pipe.cmd("HGETALL").arg(layout::sku_key(&self.prefix, &sku));
         let (fields,): (HashMap<String, String>,) = self.query(&pipe).await?;
         let now = unix_ms();
-        let Some((body, tag)) = self.render(vec![(sku, fields)], now).await?.pop().flatten()
-        else {
+        let Some((body, tag)) = self.render(vec![(sku, fields)], now).await?.pop().flatten() else {
             return Ok(json_error(404, "unknown SKU"));
         };
         let etag = format!("\"{tag}\"");
@@ -598,7 +606,9 @@ impl Api {
             self.query(&pipe).await?
         };
         let now = unix_ms();
-        let rendered = self.render(items.into_iter().zip(hashes).collect(), now).await?;
+        let rendered = self
+            .render(items.into_iter().zip(hashes).collect(), now)
+            .await?;
         let next = match (more, page.last()) {
             (true, Some((m, l))) => ChangeToken {
                 since: token.since,
@@ -754,20 +764,32 @@ mod tests {
 
     #[test]
     fn open_api_limits_by_address() {
-        assert_eq!(authorize(&[], None, None, peer(), 0), Ok("ip:10.0.0.7".into()));
+        assert_eq!(
+            authorize(&[], None, None, peer(), 0),
+            Ok("ip:10.0.0.7".into())
+        );
     }
 
     #[test]
     fn static_tokens_and_signed_tokens_are_checked() {
         let tokens = vec!["0123456789abcdef-static".to_string()];
         let key = b"k".repeat(32);
-        let ok = authorize(&tokens, Some(&key), Some("Bearer 0123456789abcdef-static"), peer(), 0);
+        let ok = authorize(
+            &tokens,
+            Some(&key),
+            Some("Bearer 0123456789abcdef-static"),
+            peer(),
+            0,
+        );
         assert!(ok.unwrap().starts_with("token:"));
         assert_eq!(
             authorize(&tokens, Some(&key), Some("Bearer nope"), peer(), 0),
             Err("bad token")
         );
-        assert_eq!(authorize(&tokens, None, None, peer(), 0), Err("missing bearer token"));
+        assert_eq!(
+            authorize(&tokens, None, None, peer(), 0),
+            Err("missing bearer token")
+        );
         assert_eq!(
             authorize(&tokens, None, Some("Basic abc"), peer(), 0),
             Err("bad authorization header")
@@ -789,7 +811,13 @@ mod tests {
         );
         let forged = t.replace(".2000.", ".9999.");
         assert_eq!(
-            authorize(&[], Some(&key), Some(&format!("Bearer {forged}")), peer(), 0),
+            authorize(
+                &[],
+                Some(&key),
+                Some(&format!("Bearer {forged}")),
+                peer(),
+                0
+            ),
             Err("bad token")
         );
     }
@@ -828,14 +856,25 @@ mod tests {
             page: None,
         };
         assert_eq!(ChangeToken::parse("5"), Some(f));
-        for junk in ["", "x", "1.2", "1.2.3.zz", "11111111111111111", "-1", "1..2.3"] {
+        for junk in [
+            "",
+            "x",
+            "1.2",
+            "1.2.3.zz",
+            "11111111111111111",
+            "-1",
+            "1..2.3",
+        ] {
             assert_eq!(ChangeToken::parse(junk), None, "{junk:?}");
         }
     }
 
     #[test]
     fn stream_ids_parse() {
-        assert_eq!(parse_stream_id("1764061200123-0"), Some((1_764_061_200_123, 0)));
+        assert_eq!(
+            parse_stream_id("1764061200123-0"),
+            Some((1_764_061_200_123, 0))
+        );
         assert_eq!(parse_stream_id("17640"), None);
         assert_eq!(parse_stream_id("a-1"), None);
     }

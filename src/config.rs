@@ -1127,7 +1127,10 @@ impl Config {
             if a.max_connections == 0 {
                 return err("api.max_connections: must be at least 1".into());
             }
-            if a.tokens.iter().any(|t| t.len() < 16 || t.contains(char::is_whitespace)) {
+            if a.tokens
+                .iter()
+                .any(|t| t.len() < 16 || t.contains(char::is_whitespace))
+            {
                 return err(
                     "api.tokens: each token must be at least 16 characters, without spaces".into(),
                 );

@@ -523,7 +523,10 @@ impl Daemon {
                             applied,
                         )
                         .await?;
-                        tracing::info!(skus = n, "built the change index of an earlier release's Redis");
+                        tracing::info!(
+                            skus = n,
+                            "built the change index of an earlier release's Redis"
+                        );
                     }
                 }
             }

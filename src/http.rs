@@ -210,7 +210,11 @@ where
     })
 }
 
-async fn connection<F, Fut>(mut sock: TcpStream, peer: SocketAddr, handler: F) -> std::io::Result<()>
+async fn connection<F, Fut>(
+    mut sock: TcpStream,
+    peer: SocketAddr,
+    handler: F,
+) -> std::io::Result<()>
 where
     F: Fn(Request) -> Fut,
     Fut: std::future::Future<Output = Response>,
@@ -232,7 +236,11 @@ where
             }
         }
     };
-    let req = if complete { Request::parse(&buf, peer) } else { None };
+    let req = if complete {
+        Request::parse(&buf, peer)
+    } else {
+        None
+    };
     let mut resp = match req {
         Some(r) => {
             let head = r.method == "HEAD";
@@ -319,6 +327,11 @@ mod tests {
         assert_eq!(q.param("nope"), Ok(None));
         assert_eq!(q.header("authorization"), Some("Bearer x"));
         assert_eq!(q.header("if-none-match"), Some("\"e\""));
-        assert!(Request::parse(b"GET /x?a=%FF HTTP/1.1\r\n\r\n", peer).unwrap().param("a").is_err());
+        assert!(
+            Request::parse(b"GET /x?a=%FF HTTP/1.1\r\n\r\n", peer)
+                .unwrap()
+                .param("a")
+                .is_err()
+        );
     }
 }

@@ -170,10 +170,11 @@ async fn ops_command(command: &Command, cfg: &Config) -> Option<ExitCode> {
                 return Some(ExitCode::from(2));
             };
             done(
-                skusync::api::issue_token(f, subject, std::time::Duration::from_secs(*ttl))
-                    .map(|t| {
+                skusync::api::issue_token(f, subject, std::time::Duration::from_secs(*ttl)).map(
+                    |t| {
                         let _ = writeln!(out, "{t}");
-                    }),
+                    },
+                ),
             )
         }
         Command::Check => {

@@ -990,7 +990,7 @@ fn compare_retained(
         return Ok(vec![finding("retained", what.into(), "present".into())]);
     }
     let h = h.ok_or(())?;
-    let Ok(j) = serde_json::from_slice::<serde_json::Value>(payload) else {
+    let Some(j) = crate::sinks::mqtt::payload::decode(payload) else {
         return Ok(vec![finding("payload", "state".into(), "not JSON".into())]);
     };
     let mut out = Vec::new();

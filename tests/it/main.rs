@@ -1,6 +1,7 @@
 //! Integration tests against real PostgreSQL, Redis and Mosquitto servers that the
 //! harness starts on free loopback ports.
 
+mod api;
 mod apply_script;
 mod chaos;
 mod decimals;

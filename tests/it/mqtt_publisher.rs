@@ -28,6 +28,7 @@ fn mqtt_config(url: String) -> MqttConfig {
         ca_file: None,
         window_republish_per_s: 50,
         max_packet_bytes: 64 * 1024,
+        format: Default::default(),
     }
 }
 
@@ -42,6 +43,8 @@ fn publisher_config(mqtt: MqttConfig) -> PublisherConfig {
             distinct_users: false,
         }],
         sell_counter: Some("purchases".into()),
+        low_stock: 5,
+        alert_expiry_s: 3600,
     }
 }
 
@@ -290,17 +293,23 @@ async fn late_subscriber_gets_exactly_the_current_state() {
     let got = retained(&m, "p/sku/#");
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].0, "p/sku/A%2F1");
-    let v = &got[0].1;
+    let mut v = got[0].1.clone();
+    let rev = v.as_object_mut().unwrap().remove("rev").unwrap();
+    assert!(
+        rev.as_str()
+            .unwrap()
+            .starts_with("000000010000000100000000"),
+        "{rev}"
+    );
     assert_eq!(
         v,
-        &json!({
-            "v": 1, "sku": "A/1", "on_hand": 8, "reserved": 2, "available": 6,
+        json!({
+            "v": 2, "sku": "A/1", "on_hand": 8, "reserved": 2, "available": 6,
             "locations": {"WH-1": {"on_hand": 8, "reserved": 2}},
             "purchases": 4, "purchases_1h": 0, "sell_rate_per_h": 0,
-            "delta": {"on_hand": 8, "reserved": 2, "available": 6, "purchases": 4,
-                      "locations": {"WH-1": {"on_hand": 8, "reserved": 2}}},
             "lsn": "1/1", "ts": "2025-11-25T09:00:00.123Z"
-        })
+        }),
+        "the first state has no base: no delta"
     );
     let st: Value =
         serde_json::from_str(&hget(&mut con, "A/1", "pub_state").await.unwrap()).unwrap();
@@ -326,7 +335,8 @@ async fn late_subscriber_gets_exactly_the_current_state() {
     let v = &got[0].1;
     assert_eq!(v["on_hand"], 5);
     assert_eq!(v["lsn"], "1/4");
-    assert_eq!(v["prev_lsn"], "1/1");
+    assert_eq!(v["delta_from"], "000000010000000100000000");
+    assert!(v["rev"].as_str().unwrap() > rev.as_str().unwrap());
     assert_eq!(
         v["delta"],
         json!({"on_hand": -3, "available": -3, "locations": {"WH-1": {"on_hand": -3}}})
@@ -462,9 +472,15 @@ async fn back_to_back_states_carry_deltas_against_the_message_before() {
     for v in &hot {
         let on = v["on_hand"].as_i64().unwrap();
         match prev {
-            None => assert_eq!(v["delta"]["on_hand"], on, "first: {v}"),
+            None => {}
             Some(pv) => {
-                assert_eq!(v["prev_lsn"], pv["lsn"], "{v} after {pv}");
+                let held = pv["rev"].as_str().unwrap();
+                assert!(v["rev"].as_str().unwrap() > held, "{v} after {pv}");
+                assert_eq!(
+                    v["delta_from"].as_str(),
+                    Some(&held[..24]),
+                    "{v} after {pv}"
+                );
                 let want = on - pv["on_hand"].as_i64().unwrap();
                 assert_eq!(
                     v["delta"]["on_hand"].as_i64().unwrap_or(0),
@@ -588,7 +604,7 @@ async fn pending_alerts_are_published_once_and_removed_after_ack_while_a_new_one
     assert_eq!(msgs.len(), 2, "each alert once");
     assert_eq!(
         json_of(&msgs[0]),
-        json!({"v":1,"id":"0/75BCD15:low_stock:S 1","type":"low_stock","sku":"S 1",
+        json!({"v":2,"id":"0/75BCD15:low_stock:S 1","type":"low_stock","sku":"S 1",
                "available":3,"threshold":5,"lsn":"0/75BCD15","ts":"2025-11-25T09:00:00.123Z"})
     );
     assert_eq!(json_of(&msgs[1])["id"], "0/75BCD16:out_of_stock:S 1");

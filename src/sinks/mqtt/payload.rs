@@ -53,6 +53,15 @@ pub fn encode(format: crate::config::PayloadFormat, json: &str) -> bytes::Bytes 
     }
 }
 
+/// A payload read back (tools, tests): JSON, or CBOR when it does not start like a JSON
+/// object (a CBOR map starts with a byte 0xA0-0xBF).
+pub fn decode(payload: &[u8]) -> Option<Value> {
+    if payload.first() == Some(&b'{') {
+        return serde_json::from_slice(payload).ok();
+    }
+    ciborium::from_reader(payload).ok()
+}
+
 /// MQTT 5 properties of a message: content type, payload format indicator (1: UTF-8
 /// JSON), the ordering user property (`rev` on states, `seq` on alerts; omitted when
 /// empty) and an optional expiry in seconds.
@@ -88,7 +97,11 @@ pub fn base(lsn: u64, piece: i64) -> String {
 /// The ordering token of a message read at `read_ms` (docs/mobile.md): [`base`] and 11 hex
 /// digits of the unix milliseconds, so string order is message order per SKU.
 pub fn rev(lsn: u64, piece: i64, read_ms: i64) -> String {
-    format!("{}{:011x}", base(lsn, piece), read_ms.clamp(0, 0xfff_ffff_ffff))
+    format!(
+        "{}{:011x}",
+        base(lsn, piece),
+        read_ms.clamp(0, 0xfff_ffff_ffff)
+    )
 }
 
 /// The ordering token of a SKU hash read at `now_ms`.
@@ -122,8 +135,8 @@ fn is_stored(spec: &Spec, k: &str) -> bool {
 
 /// `threshold` and `alert_state` of a SKU with stock (`None` without stock rows).
 fn alert_members(spec: &Spec, fields: &HashMap<String, String>) -> Option<(i64, String)> {
-    let stocked = fields.contains_key("alert_state")
-        || fields.get("rows").is_some_and(|r| r != "0");
+    let stocked =
+        fields.contains_key("alert_state") || fields.get("rows").is_some_and(|r| r != "0");
     if !stocked {
         return None;
     }
@@ -962,6 +975,7 @@ mod tests {
             ],
             sell_counter: Some("purchases".into()),
             scale: 0,
+            low_stock: 5,
         }
     }
 
@@ -1004,18 +1018,32 @@ mod tests {
         assert_eq!(
             v,
             json!({
-                "v": 1, "sku": "A/1", "on_hand": 8, "reserved": 2, "available": 6,
+                "v": 2, "sku": "A/1", "on_hand": 8, "reserved": 2, "available": 6,
                 "locations": {"WH-1": {"on_hand": 6, "reserved": 2}, "WH:2": {"on_hand": 2, "reserved": 0}},
                 "views": 100, "purchases": 9,
                 "views_5m": 3, "views_1h": 7, "views_users_5m": 2, "views_users_1h": 5,
                 "purchases_1h": 3, "sell_rate_per_h": 3, "stockout_eta_s": 7200,
-                "delta": {"on_hand": 8, "reserved": 2, "available": 6, "views": 100, "purchases": 9,
-                          "views_5m": 3, "views_1h": 7, "views_users_5m": 2, "views_users_1h": 5,
-                          "purchases_1h": 3, "sell_rate_per_h": 3, "stockout_eta_s": 7200,
-                          "locations": {"WH-1": {"on_hand": 6, "reserved": 2}, "WH:2": {"on_hand": 2}}},
+                "rev": "00000001000000010000000019aba3dbefb",
                 "lsn": "1/1", "ts": "2025-11-25T09:00:00.123Z"
-            })
+            }),
+            "no acknowledged state yet: no delta, no delta_from"
         );
+        assert_eq!(msg.rev.len(), 35);
+        // with an acknowledged base: the delta has stored values only
+        let mut g = f.clone();
+        g.insert("pub_lsn".into(), "4294967296".into());
+        g.insert("pub_piece".into(), "2".into());
+        g.insert(
+            "pub_state".into(),
+            r#"{"on_hand":9,"views":90,"views_5m":1,"sell_rate_per_h":1,"stockout_eta_s":9,"loc:WH-1:on_hand":7}"#.into(),
+        );
+        let v = parse(&state_message(&spec(), "A/1", &g, &users, NOW, Kind::Change).payload);
+        assert_eq!(
+            v["delta"],
+            json!({"on_hand": -1, "reserved": 2, "available": 6, "views": 10, "purchases": 9,
+                   "locations": {"WH-1": {"on_hand": -1, "reserved": 2}, "WH:2": {"on_hand": 2}}})
+        );
+        assert_eq!(v["delta_from"], json!("000000010000000000000002"));
         assert!(!msg.payload.contains(' '), "compact");
         assert!(msg.windows.is_some());
         assert_eq!(msg.lsn, 4_294_967_297);
@@ -1092,10 +1120,12 @@ mod tests {
         let v = parse(&msg.payload);
         assert_eq!(
             v["delta"],
-            json!({"on_hand": -3, "available": -3, "gone_counter": -1})
+            json!({"on_hand": -3, "available": -3}),
+            "a value no longer mapped (gone_counter) is not a stored value"
         );
-        assert_eq!(v["prev_lsn"], json!("0/A"));
+        assert_eq!(v["delta_from"], json!("000000000000000a00000000"));
         assert_eq!(v["lsn"], json!("0/14"));
+        assert!(v.get("prev_lsn").is_none(), "format 2 dropped prev_lsn");
         // no features configured: no nulls, no windows, no sell rate, no ts
         for k in [
             "locations",
@@ -1178,7 +1208,7 @@ mod tests {
     }
 
     #[test]
-    fn later_pieces_carry_piece_and_prev_piece() {
+    fn later_pieces_order_by_rev_and_delta_from_names_the_piece() {
         let f = fields(&[
             ("lsn", "7".into()),
             ("piece", "2".into()),
@@ -1186,18 +1216,31 @@ mod tests {
             ("pub_piece", "1".into()),
             ("on_hand", "3".into()),
         ]);
-        let v = parse(&state_message(&spec(), "x", &f, &HashMap::new(), NOW, Kind::Change).payload);
-        assert_eq!(
-            (v["piece"].clone(), v["prev_piece"].clone()),
-            (json!(2), json!(1))
-        );
-        let f = fields(&[
+        let later = state_message(&spec(), "x", &f, &HashMap::new(), NOW, Kind::Change);
+        let v = parse(&later.payload);
+        assert_eq!(v["delta_from"], json!("000000000000000700000001"));
+        assert!(v.get("piece").is_none() && v.get("prev_piece").is_none());
+        let f0 = fields(&[
             ("lsn", "7".into()),
             ("piece", "0".into()),
             ("on_hand", "3".into()),
         ]);
-        let v = parse(&state_message(&spec(), "x", &f, &HashMap::new(), NOW, Kind::Change).payload);
-        assert!(v.get("piece").is_none() && v.get("prev_piece").is_none());
+        // read later, but an earlier piece: still older
+        let earlier = state_message(&spec(), "x", &f0, &HashMap::new(), NOW + 1000, Kind::Change);
+        assert!(earlier.rev < later.rev);
+        // an aging republish of the same state read later is newer
+        let aged = state_message(
+            &spec(),
+            "x",
+            &f,
+            &HashMap::new(),
+            NOW + 1,
+            Kind::Aging { as_of_ms: NOW + 1 },
+        );
+        assert!(aged.rev > later.rev && aged.rev[..24] == later.rev[..24]);
+        // a later transaction is newer whatever the clocks say
+        let f2 = fields(&[("lsn", "8".into()), ("on_hand", "3".into())]);
+        assert!(state_message(&spec(), "x", &f2, &HashMap::new(), 0, Kind::Change).rev > aged.rev);
     }
 
     #[test]
@@ -1214,7 +1257,7 @@ mod tests {
         let v = parse(&alert_payload("S/1", &a[0], 0));
         assert_eq!(
             v,
-            json!({"v":1,"id":"0/75BCD15:low_stock:S/1","type":"low_stock","sku":"S/1",
+            json!({"v":2,"id":"0/75BCD15:low_stock:S/1","type":"low_stock","sku":"S/1",
                    "available":3,"threshold":5,"lsn":"0/75BCD15","ts":"2025-11-25T09:00:00.123Z"})
         );
         assert_eq!(parse_alerts(None, 0).0.len(), 0);
@@ -1244,6 +1287,7 @@ mod tests {
             ("purchases", "1.5".into()),
             ("w:purchases:29401020", "1.5".into()),
             ("pub_state", r#"{"on_hand":10000}"#.into()),
+            ("pub_lsn", "6".into()),
             ("lsn", "7".into()),
         ]);
         let m = state_message(&spec, "S", &f, &HashMap::new(), NOW, Kind::Change);
@@ -1255,6 +1299,86 @@ mod tests {
         assert_eq!(v["purchases"], json!(1.5));
         assert_eq!(v["delta"]["on_hand"], json!(2.5));
         assert!(m.payload.contains(r#""on_hand":12.5"#), "{}", m.payload);
+    }
+
+    #[test]
+    fn cbor_has_the_same_members_and_decodes_back() {
+        use crate::config::PayloadFormat;
+        let f = fields(&[
+            ("on_hand", "8".into()),
+            ("loc:W/1:on_hand", "8".into()),
+            ("rows", "1".into()),
+            ("alert_state", "ok".into()),
+            ("lsn", "7".into()),
+        ]);
+        let scaled = Spec { scale: 3, ..spec() };
+        let mut f2 = f.clone();
+        f2.insert("on_hand".into(), "8.25".into());
+        for (spec, f) in [(spec(), f), (scaled, f2)] {
+            let m = state_message(&spec, "ü/1", &f, &HashMap::new(), NOW, Kind::Change);
+            let cbor = encode(PayloadFormat::Cbor, &m.payload);
+            assert!((0xa0..=0xbf).contains(&cbor[0]), "a CBOR map");
+            assert!(
+                cbor.len() < m.payload.len(),
+                "{} vs {}",
+                cbor.len(),
+                m.payload.len()
+            );
+            assert_eq!(decode(&cbor), Some(parse(&m.payload)));
+            assert_eq!(
+                encode(PayloadFormat::Json, &m.payload),
+                m.payload.as_bytes()
+            );
+        }
+        assert!(
+            encode(PayloadFormat::Cbor, "").is_empty(),
+            "a clear stays empty"
+        );
+        let p = properties(PayloadFormat::Cbor, ("rev", "abc"), Some(60));
+        assert_eq!(p.content_type.as_deref(), Some("application/cbor"));
+        assert_eq!(p.payload_format_indicator, Some(0));
+        assert_eq!(
+            p.user_properties,
+            vec![("rev".to_string(), "abc".to_string())]
+        );
+        assert_eq!(p.message_expiry_interval, Some(60));
+        let p = properties(PayloadFormat::Json, ("seq", ""), None);
+        assert_eq!(p.payload_format_indicator, Some(1));
+        assert!(p.user_properties.is_empty());
+    }
+
+    #[test]
+    fn threshold_and_alert_state_tell_a_late_joiner() {
+        let f = fields(&[
+            ("on_hand", "3".into()),
+            ("rows", "1".into()),
+            ("alert_state", "low".into()),
+        ]);
+        let v = parse(&state_message(&spec(), "x", &f, &HashMap::new(), NOW, Kind::Change).payload);
+        assert_eq!(
+            (v["threshold"].clone(), v["alert_state"].clone()),
+            (json!(5), json!("low"))
+        );
+        let f = fields(&[
+            ("on_hand", "3".into()),
+            ("rows", "1".into()),
+            ("threshold", "2".into()),
+        ]);
+        let v =
+            parse(&state_message(&spec(), "x", &f, &HashMap::new(), NOW, Kind::Current).payload);
+        assert_eq!(
+            (v["threshold"].clone(), v["alert_state"].clone()),
+            (json!(2), json!("ok"))
+        );
+        assert!(v.get("delta").is_none() && v.get("as_of").is_none());
+        // no stock rows: no alert members
+        let f = fields(&[("views", "3".into())]);
+        let v = parse(&state_message(&spec(), "x", &f, &HashMap::new(), NOW, Kind::Change).payload);
+        assert!(v.get("threshold").is_none() && v.get("alert_state").is_none());
+        assert_eq!(
+            gone_object("a\"b", "00ff"),
+            r#"{"gone":true,"rev":"00ff","sku":"a\"b","v":2}"#
+        );
     }
 
     #[test]

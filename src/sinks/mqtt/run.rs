@@ -1353,13 +1353,16 @@ impl Task {
                 refused.push(("alert", alert_topic.len() + body.len()));
                 continue;
             }
-            let props = payload::properties(
-                format,
-                ("seq", a.seq.as_deref().unwrap_or("")),
-                expiry,
-            );
+            let props =
+                payload::properties(format, ("seq", a.seq.as_deref().unwrap_or("")), expiry);
             if client
-                .try_publish_with_properties(alert_topic.clone(), QoS::AtLeastOnce, false, body, props)
+                .try_publish_with_properties(
+                    alert_topic.clone(),
+                    QoS::AtLeastOnce,
+                    false,
+                    body,
+                    props,
+                )
                 .is_err()
             {
                 more_alerts = true;

@@ -932,7 +932,13 @@ pub async fn backfill_changes(
             .await
             .map_err(RedisSinkError::from_redis)?;
     }
-    write_meta(con, prefix, token, &[("changes_from", applied.0.to_string())]).await?;
+    write_meta(
+        con,
+        prefix,
+        token,
+        &[("changes_from", applied.0.to_string())],
+    )
+    .await?;
     Ok(skus.len())
 }
 
