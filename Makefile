@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all deps test test-browser demo build release fmt fmt-check clippy deny clean bench bench-smoke
+.PHONY: all deps test test-js test-browser demo build release fmt fmt-check clippy deny clean bench bench-smoke
 
 all: build
 
@@ -14,8 +14,16 @@ test: deps
 	$(CARGO) clippy --all-targets -- -D warnings
 	./.ci/deny
 	$(CARGO) test --all-targets
+	$(MAKE) test-js
 	$(MAKE) test-browser
 	$(MAKE) bench-smoke
+
+# The TypeScript client library (clients/js): tsc build, unit tests (node --test, no broker
+# or server needed; one test uses mosquitto when installed) and a check that the committed
+# dist/ is what tsc makes of src/.
+test-js:
+	@command -v npm >/dev/null || { echo "test-js: node/npm missing (as root: apt-get install -y nodejs npm)" >&2; exit 1; }
+	cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm test
 
 # The live demo page in headless Chromium against a throwaway stack (debug build).
 test-browser: deps build

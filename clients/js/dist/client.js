@@ -38,6 +38,12 @@ class Client {
     #running = null;
     #full = null;
     #wake = null;
+    // MQTT connections so far, the one whose SUBACK came, and whether live alerts are
+    // contiguous with the last alert catch-up (see #catchUpOnce)
+    #connected = false;
+    #epoch = 0;
+    #subscribed = 0;
+    #live = false;
     constructor(o) {
         this.#o = o;
         this.#prefix = o.prefix ?? 'skusync';
@@ -45,8 +51,7 @@ class Client {
         this.#store = new Store({ alertIdLimit: o.alertIdLimit });
         this.#fetch = o.fetch ?? ((...a) => globalThis.fetch(...a));
         this.#tokensLoaded = this.#loadTokens();
-        // connect asynchronously so listeners registered right after createClient see
-        // everything, and so the default connect may import mqtt.js
+        // asynchronous: the default connect may have to import mqtt.js
         void this.#start();
     }
     // ---- public -------------------------------------------------------------------
@@ -69,12 +74,19 @@ class Client {
         this.#abort.abort();
         this.#wake?.();
         const m = this.#mqtt;
-        if (m)
-            await new Promise((resolve) => { m.end(false, {}, () => resolve()); });
+        if (m) {
+            // a clean DISCONNECT, unless the broker does not answer in time
+            await new Promise((resolve) => {
+                const t = setTimeout(() => { m.end(true, {}, () => { }); resolve(); }, 2000);
+                m.end(false, {}, () => { clearTimeout(t); resolve(); });
+            });
+        }
         await this.#running?.catch(() => { });
     }
     // ---- MQTT -----------------------------------------------------------------------
     async #start() {
+        // first let the caller register its listeners
+        await Promise.resolve();
         let connect;
         try {
             connect = this.#o.connect ?? (await defaultConnect());
@@ -96,18 +108,26 @@ class Client {
         });
         this.#mqtt = m;
         m.on('connect', (connack) => this.#onConnect(m, connack));
-        m.on('close', () => { if (!this.#closed)
-            this.#emit(this.#on.connection, 'offline'); });
+        m.on('close', () => {
+            this.#connected = false;
+            this.#live = false;
+            if (!this.#closed)
+                this.#emit(this.#on.connection, 'offline');
+        });
         m.on('error', (e) => this.#error(e instanceof Error ? e : new Error(errText(e))));
         m.on('message', (topic, payload, packet) => this.#onMessage(topic, payload, packet?.properties ?? {}));
     }
     #onConnect(m, connack) {
         if (this.#closed)
             return;
+        this.#connected = true;
+        this.#live = false;
+        const epoch = ++this.#epoch;
         this.#emit(this.#on.connection, 'connected');
         // a resumed session still has our subscriptions; the messages queued for it may
         // have been dropped though, so catch up anyway
         if (connack?.sessionPresent) {
+            this.#subscribed = epoch;
             this.#requestCatchUp(true);
             return;
         }
@@ -117,6 +137,8 @@ class Client {
         topics.push(`${this.#prefix}/status`);
         // catch up once subscribed, so no change falls between the two
         m.subscribe(topics, { qos: 1 }, (err, granted) => {
+            if (epoch === this.#epoch)
+                this.#subscribed = epoch;
             if (err)
                 this.#error(new Error(`subscribe failed: ${errText(err)}`));
             else if (Array.isArray(granted) && granted.some((g) => typeof g?.qos === 'number' && g.qos >= 128)) {
@@ -148,8 +170,11 @@ class Client {
                 if (!this.#wanted(msg.sku))
                     return;
                 if (msg.kind === 'alert') {
-                    if (this.#store.applyAlert(msg.alert))
+                    const cursor = this.#store.alertsSince;
+                    if (this.#store.applyAlert(msg.alert, this.#live))
                         this.#emit(this.#on.alert, msg.alert);
+                    if (this.#store.alertsSince !== cursor)
+                        void this.#persist('alerts', this.#store.alertsSince);
                 }
                 else {
                     this.#change(this.#store.applyState(msg.state));
@@ -183,36 +208,42 @@ class Client {
         // a (re)connect ends a back-off that waited for the network, not one the server asked for
         if (connected)
             this.#wake?.();
-        if (!this.#running) {
-            this.#running = this.#catchUpLoop().finally(() => { this.#running = null; });
-        }
+        if (!this.#running)
+            this.#running = this.#catchUpLoop();
     }
     async #catchUpLoop() {
-        await this.#tokensLoaded;
-        let failures = 0;
-        while (this.#pending && !this.#closed) {
-            this.#pending = false;
-            try {
-                const r = await this.#catchUpOnce();
-                failures = 0;
-                this.#emit(this.#on.catchUp, r);
+        try {
+            await this.#tokensLoaded; // always suspends first, so #running is set before the finally
+            let failures = 0;
+            while (this.#pending && !this.#closed) {
+                this.#pending = false;
+                try {
+                    const r = await this.#catchUpOnce();
+                    failures = 0;
+                    this.#emit(this.#on.catchUp, r);
+                }
+                catch (e) {
+                    if (this.#closed)
+                        return;
+                    const err = e instanceof Error ? e : new Error(errText(e));
+                    this.#error(err);
+                    // 400/401/404: retrying will not help; the next (re)connect or gap tries again
+                    if (!(err instanceof ApiError && err.retryable))
+                        continue;
+                    failures++;
+                    const min = this.#o.retry?.minMs ?? 1000;
+                    const max = this.#o.retry?.maxMs ?? 30_000;
+                    const backoff = Math.min(max, min * 2 ** Math.min(failures - 1, 20)) * (0.8 + 0.4 * Math.random());
+                    const serverSaid = err.retryAfterMs !== null;
+                    await this.#sleep(serverSaid ? Math.max(err.retryAfterMs, min) : backoff, !serverSaid);
+                    this.#pending = true;
+                }
             }
-            catch (e) {
-                if (this.#closed)
-                    return;
-                const err = e instanceof Error ? e : new Error(errText(e));
-                this.#error(err);
-                // 400/401/404: retrying will not help; the next (re)connect or gap tries again
-                if (!(err instanceof ApiError && err.retryable))
-                    continue;
-                failures++;
-                const min = this.#o.retry?.minMs ?? 1000;
-                const max = this.#o.retry?.maxMs ?? 30_000;
-                const backoff = Math.min(max, min * 2 ** Math.min(failures - 1, 20)) * (0.8 + 0.4 * Math.random());
-                const serverSaid = err.retryAfterMs !== null;
-                await this.#sleep(serverSaid ? Math.max(err.retryAfterMs, min) : backoff, !serverSaid);
-                this.#pending = true;
-            }
+        }
+        finally {
+            // cleared in the same step that saw no pending request: a `.finally()` on the
+            // promise (or an outer await) would run a step later and miss a request made between
+            this.#running = null;
         }
     }
     async #catchUpOnce() {
@@ -267,16 +298,19 @@ class Client {
             this.#full = null;
             result.full = true;
         }
-        // /v1/alerts: likewise, deduped by id
+        // /v1/alerts: likewise, deduped by id. When this listing started after the current
+        // connection's SUBACK and that connection is still up at the end, every later alert
+        // arrives over MQTT: from then on live alerts may move the cursor.
+        const epoch = this.#connected && this.#subscribed === this.#epoch ? this.#epoch : 0;
         for (;;) {
-            const since = this.#store.alertSeq;
+            const since = this.#store.alertsSince;
             const body = await this.#get('/v1/alerts', since);
             if (this.#closed)
                 return result;
             if (body === 'gone') {
                 if (since === null)
                     throw new ApiError('/v1/alerts without since answered 410', 410, false);
-                this.#store.resetAlertSeq();
+                this.#store.resetAlertsSince();
                 await this.#persist('alerts', null);
                 continue;
             }
@@ -292,21 +326,19 @@ class Client {
                     this.#error(new Error(`/v1/alerts: dropped alert: ${errText(e)}`));
                     continue;
                 }
-                if (!this.#wanted(alert.sku)) {
-                    if (alert.seq)
-                        this.#store.noteAlertSeq(alert.seq);
+                if (!this.#wanted(alert.sku))
                     continue;
-                }
                 if (this.#store.applyAlert(alert)) {
                     result.alerts++;
                     this.#emit(this.#on.alert, alert);
                 }
             }
-            this.#store.noteAlertSeq(body.next);
-            await this.#persist('alerts', this.#store.alertSeq);
+            this.#store.noteAlertsNext(body.next);
+            await this.#persist('alerts', this.#store.alertsSince);
             if (body.more !== true)
                 break;
         }
+        this.#live = epoch !== 0 && epoch === this.#epoch && epoch === this.#subscribed && this.#connected;
         return result;
     }
     // One GET: the parsed JSON answer, 'gone' for 410, or an ApiError.
@@ -381,7 +413,7 @@ class Client {
             if (changes)
                 this.#store.changesToken = changes;
             if (alerts)
-                this.#store.noteAlertSeq(alerts);
+                this.#store.noteAlertsNext(alerts);
         }
         catch (e) {
             this.#error(new Error(`storage: ${errText(e)}`));

@@ -80,14 +80,22 @@ export declare class Store {
     /**
      * An alert from MQTT or HTTP: true when its id is new (deliver it), false for a
      * duplicate. Remembers the last `alertIdLimit` ids and the greatest `seq`.
+     * `contiguous`: every alert before this one was seen too (it arrived live after a
+     * completed catch-up), so the catch-up cursor may move past it.
      */
-    applyAlert(alert: Alert): boolean;
-    /** The greatest alert seq seen (the `since` of the next `/v1/alerts`). */
+    applyAlert(alert: Alert, contiguous?: boolean): boolean;
+    /** The greatest alert seq seen. */
     get alertSeq(): string | null;
-    /** Takes `seq` when it is greater than the one held (see compareSeq). */
-    noteAlertSeq(seq: string): void;
-    /** Forgets the alert seq (after a 410: the history restarted). */
-    resetAlertSeq(): void;
+    /**
+     * The `since` of the next `/v1/alerts`. Not simply the greatest seq seen: an alert
+     * that arrives over MQTT right after a reconnect, before the catch-up, would skip the
+     * ones missed while offline.
+     */
+    get alertsSince(): string | null;
+    /** The `next` of a `/v1/alerts` page (or a stored one): taken when greater. */
+    noteAlertsNext(next: string): void;
+    /** Forgets the cursor (after a 410: list the whole history again). */
+    resetAlertsSince(): void;
 }
 /**
  * Orders alert seqs `<ms>-<n>` numerically by both parts (as strings, "9-0" would come

@@ -7,6 +7,7 @@ export class Store {
     #alertIds = new Set();
     #alertIdLimit;
     #alertSeq = null;
+    #alertsSince = null;
     /** The `next` of the last `/v1/changes` page (null: none yet, or it became too old). */
     changesToken = null;
     constructor(options = {}) {
@@ -94,10 +95,15 @@ export class Store {
     /**
      * An alert from MQTT or HTTP: true when its id is new (deliver it), false for a
      * duplicate. Remembers the last `alertIdLimit` ids and the greatest `seq`.
+     * `contiguous`: every alert before this one was seen too (it arrived live after a
+     * completed catch-up), so the catch-up cursor may move past it.
      */
-    applyAlert(alert) {
-        if (typeof alert.seq === 'string')
-            this.noteAlertSeq(alert.seq);
+    applyAlert(alert, contiguous = false) {
+        if (typeof alert.seq === 'string') {
+            this.#alertSeq = maxSeq(this.#alertSeq, alert.seq);
+            if (contiguous)
+                this.#alertsSince = maxSeq(this.#alertsSince, alert.seq);
+        }
         if (this.#alertIds.has(alert.id))
             return false;
         this.#alertIds.add(alert.id);
@@ -107,19 +113,29 @@ export class Store {
         }
         return true;
     }
-    /** The greatest alert seq seen (the `since` of the next `/v1/alerts`). */
+    /** The greatest alert seq seen. */
     get alertSeq() {
         return this.#alertSeq;
     }
-    /** Takes `seq` when it is greater than the one held (see compareSeq). */
-    noteAlertSeq(seq) {
-        if (this.#alertSeq === null || compareSeq(seq, this.#alertSeq) > 0)
-            this.#alertSeq = seq;
+    /**
+     * The `since` of the next `/v1/alerts`. Not simply the greatest seq seen: an alert
+     * that arrives over MQTT right after a reconnect, before the catch-up, would skip the
+     * ones missed while offline.
+     */
+    get alertsSince() {
+        return this.#alertsSince;
     }
-    /** Forgets the alert seq (after a 410: the history restarted). */
-    resetAlertSeq() {
-        this.#alertSeq = null;
+    /** The `next` of a `/v1/alerts` page (or a stored one): taken when greater. */
+    noteAlertsNext(next) {
+        this.#alertsSince = maxSeq(this.#alertsSince, next);
     }
+    /** Forgets the cursor (after a 410: list the whole history again). */
+    resetAlertsSince() {
+        this.#alertsSince = null;
+    }
+}
+function maxSeq(held, seq) {
+    return held === null || compareSeq(seq, held) > 0 ? seq : held;
 }
 /**
  * Orders alert seqs `<ms>-<n>` numerically by both parts (as strings, "9-0" would come

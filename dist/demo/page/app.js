@@ -1,67 +1,35 @@
-// skusync live page. The first part is a complete, minimal MQTT consumer of skusync's
-// topics, written to be read as a sample by mobile developers; the rest only draws it.
-'use strict';
+// skusync live page. The consumer is skusync's client library (clients/js, copied to
+// skusync-client/ by stack.sh): it orders states by `rev`, drops duplicate alerts and
+// catches up over the [api] HTTP endpoints after every reconnect (docs/mobile.md). This
+// file only wires it up (the first part, a sample for app developers) and draws.
+import { createClient } from './skusync-client/index.js';
 
-const { url, prefix } = window.SKUSYNC_DEMO; // from config.js, e.g. "ws://127.0.0.1:9001", "shop"
+// from config.js: e.g. "ws://127.0.0.1:9001", "http://127.0.0.1:8081", "shop"
+const { url, api, prefix } = window.SKUSYNC_DEMO;
 
-// ============================ MQTT consumer (the sample) ============================
-//
-// Topics (see skusync's src/sinks/mqtt/mod.rs):
-//   <prefix>/sku/<SKU>     retained JSON state of one SKU; an empty payload = SKU deleted
-//   <prefix>/alerts/<SKU>  low_stock / out_of_stock / back_in_stock events (at least once)
-//   <prefix>/status        retained "online" / "offline" (skusync's last will)
+// ============================ the consumer (the sample) ============================
 
-// A topic level holds the SKU percent-encoded: "%XX" is one byte, everything else is
-// printable ASCII, and "%" alone is the empty SKU. The bytes are UTF-8.
-function decodeSku(level) {
-  if (level === '%') return '';
-  const bytes = [];
-  for (let i = 0; i < level.length; i++) {
-    if (level[i] === '%') { bytes.push(parseInt(level.slice(i + 1, i + 3), 16)); i += 2; }
-    else bytes.push(level.charCodeAt(i));
-  }
-  return new TextDecoder().decode(new Uint8Array(bytes));
-}
-
-// LSNs "X/Y" (two hex halves) order messages; compare them as 64-bit numbers.
-const lsnValue = (s) => { const [hi, lo] = s.split('/'); return (BigInt('0x' + hi) << 32n) | BigInt('0x' + lo); };
-
-const held = new Map(); // SKU -> { lsn: BigInt, state: the last JSON payload }
-const seenAlerts = new Set(); // alert ids (alerts may be delivered twice)
-
-const client = mqtt.connect(url, { clean: true, reconnectPeriod: 1000 });
-client.on('connect', () => {
-  onConnection('connected');
+const client = createClient({
+  mqttUrl: url, // MQTT over WebSocket
+  apiUrl: api, // skusync's [api]: catch-up after every (re)connect
+  prefix,
+  // mqtt.js's browser bundle (mqtt.min.js) defines the global `mqtt`
+  connect: (u, options) => window.mqtt.connect(u, options),
   // One retained message per SKU arrives right after subscribing: thousands at once. At
   // QoS 1 the broker queues them per client (mosquitto: max_queued_messages, default
-  // 1000, drops the rest), so size that limit for your catalogue.
-  client.subscribe([`${prefix}/status`, `${prefix}/sku/+`, `${prefix}/alerts/+`], { qos: 1 });
+  // 1000, drops the rest), so size that limit for your catalogue; the catch-up over
+  // HTTP fills in what was dropped.
+  mqtt: { reconnectPeriod: 1000 },
 });
-client.on('close', () => onConnection('offline'));
-
-client.on('message', (topic, payload) => {
-  const text = new TextDecoder().decode(payload);
-  const [kind, level] = topic.slice(prefix.length + 1).split('/');
-  if (kind === 'status') return onStatus(text);
-  const sku = decodeSku(level);
-  if (kind === 'alerts') {
-    const alert = JSON.parse(text);
-    if (seenAlerts.has(alert.id)) return; // duplicate delivery
-    seenAlerts.add(alert.id);
-    return onAlert(sku, alert);
-  }
-  if (kind !== 'sku') return;
-  if (text === '') { held.delete(sku); return onDeleted(sku); } // retained state cleared
-  const state = JSON.parse(text);
-  const before = held.get(sku);
-  const lsn = lsnValue(state.lsn);
-  if (before && lsn < before.lsn) return; // older than what we show: a late redelivery
-  // Values are absolute, so a message is always safe to take as is. Its `delta` is
-  // relative to `prev_lsn`: only meaningful when that is the state we hold.
-  const delta = before && state.prev_lsn && lsnValue(state.prev_lsn) === before.lsn ? state.delta : null;
-  held.set(sku, { lsn, state });
-  onState(sku, state, before ? before.state : null, delta);
-});
+client.onConnection((state) => onConnection(state));
+client.onStatus((text) => onStatus(text)); // <prefix>/status: online / offline
+// every accepted change, in rev order; state null: the SKU is gone
+client.onState((sku, state, info) => (state ? onState(sku, state, info) : onDeleted(sku)));
+client.onAlert((alert) => onAlert(alert)); // each alert once, live or from the history
+client.onError((e) => console.warn('skusync client:', e.message)); // retried / dropped, not fatal
+let catchUps = 0;
+client.onCatchUp(() => { catchUps++; });
+window.demo = { client, get catchUps() { return catchUps; } }; // for the console and the browser test
 
 // ================================== drawing ==================================
 
@@ -70,10 +38,9 @@ const TOP = 20; // busiest SKUs shown below the pinned ones
 const names = {}; // SKU -> product name (products.json, optional)
 const pins = [];
 const rows = new Map(); // SKU -> <tr> currently in the table
-const alertState = new Map(); // SKU -> low | out | ok, from alerts
 let locations = []; // warehouse columns
 let messages = 0;
-const lags = []; // commit -> page latencies of recent messages (ms)
+const lags = []; // commit -> page latencies of recent live messages (ms)
 
 $('#topics').textContent = `${prefix}/sku/+, ${prefix}/alerts/+, ${prefix}/status`;
 fetch('products.json').then((r) => r.json()).then((m) => { Object.assign(names, m || {}); relabel(); }).catch(() => {});
@@ -81,7 +48,8 @@ fetch('products.json').then((r) => r.json()).then((m) => { Object.assign(names, 
 function onConnection(state) {
   const el = $('#conn');
   el.dataset.state = state;
-  el.textContent = state === 'connected' ? `broker: connected (${url})` : 'broker: offline, reconnecting…';
+  el.textContent = state === 'connected' ? `broker: connected (${url})`
+    : state === 'connecting' ? 'broker: connecting…' : 'broker: offline, reconnecting…';
 }
 function onStatus(text) {
   const el = $('#daemon');
@@ -89,16 +57,17 @@ function onStatus(text) {
   el.textContent = `skusync: ${text}`;
 }
 
-function onState(sku, state, before, delta) {
+function onState(sku, state, info) {
   messages++;
-  if (!state.as_of && state.ts && state.prev_lsn) { lags.push(Date.now() - Date.parse(state.ts)); if (lags.length > 50) lags.shift(); }
+  // latency only of live changes following the state we held (not retained or HTTP ones)
+  if (info.delta && state.ts) { lags.push(Date.now() - Date.parse(state.ts)); if (lags.length > 50) lags.shift(); }
   let newLoc = false;
   for (const loc of Object.keys(state.locations || {})) {
     if (!locations.includes(loc)) { locations.push(loc); newLoc = true; }
   }
   if (newLoc) { locations.sort(); rebuild(); }
   const tr = rows.get(sku);
-  if (tr) fill(tr, state, before, delta);
+  if (tr) fill(tr, state, info.previous, info.delta);
   else if (rows.size < TOP + pins.length && !arrangeSoon) arrangeSoon = setTimeout(() => { arrangeSoon = null; arrange(); }, 300);
 }
 let arrangeSoon = null;
@@ -109,10 +78,7 @@ function onDeleted(sku) {
   else if (tr) fill(tr, null, null, null);
 }
 
-function onAlert(sku, a) {
-  alertState.set(sku, { low_stock: 'low', out_of_stock: 'out', back_in_stock: 'ok' }[a.type] || 'ok');
-  const tr = rows.get(sku);
-  if (tr) tr.dataset.alert = alertState.get(sku);
+function onAlert(a) {
   const li = document.createElement('li');
   li.className = a.type;
   const label = { low_stock: 'low stock', out_of_stock: 'out of stock', back_in_stock: 'back in stock' }[a.type] || a.type;
@@ -120,7 +86,7 @@ function onAlert(sku, a) {
   li.querySelector('.t').textContent = label;
   li.querySelector('.s').textContent = `${a.sku}${names[a.sku] ? ' · ' + names[a.sku] : ''}`;
   li.querySelector('small').textContent =
-    `available ${a.available}${a.threshold != null ? ` (threshold ${a.threshold})` : ''} · ${time(a.ts)}`;
+    `available ${a.available}${a.threshold != null ? ` (threshold ${a.threshold})` : ''} · ${time(a.ts)} UTC`;
   const list = $('#alerts');
   list.prepend(li);
   while (list.children.length > 100) list.lastChild.remove();
@@ -131,8 +97,9 @@ function columns() {
   return [
     ['sku', 'SKU'], ['available', 'available'], ['on_hand', 'on hand'], ['reserved', 'reserved'],
     ...locations.map((l) => [`loc:${l}`, l]),
+    // sold 1h is also the sell rate per hour (sell_rate_per_h): one column for both
     ['views_5m', 'views 5m'], ['carts_1h', 'carts 1h'], ['purchases_1h', 'sold 1h'],
-    ['sell_rate_per_h', 'sell rate/h'], ['stockout_eta_s', 'stockout in'], ['ts', 'updated'],
+    ['stockout_eta_s', 'stockout in'], ['ts', 'updated (UTC)'],
   ];
 }
 
@@ -161,9 +128,7 @@ function makeRow(sku) {
     } else if (field.startsWith('loc:')) td.className = 'loc';
     tr.append(td);
   }
-  if (alertState.has(sku)) tr.dataset.alert = alertState.get(sku);
-  const h = held.get(sku);
-  fill(tr, h ? h.state : null, null, null);
+  fill(tr, client.state(sku), null, null);
   return tr;
 }
 
@@ -185,6 +150,8 @@ function setCell(td, text, dir) {
   td.classList.add(dir > 0 ? 'flash-up' : dir < 0 ? 'flash-down' : 'flash');
 }
 
+const sold1h = (s) => s.purchases_1h ?? s.sell_rate_per_h;
+
 function fill(tr, s, before, delta) {
   const num = (st, f) => (st && typeof st[f] === 'number' ? st[f] : null);
   const dirOf = (f) => {
@@ -203,18 +170,19 @@ function fill(tr, s, before, delta) {
       setCell(td, text, l && b ? Math.sign((l.on_hand - l.reserved) - (b.on_hand - b.reserved)) : 0);
     } else if (f === 'stockout_eta_s') {
       setCell(td, s.stockout_eta_s != null ? duration(s.stockout_eta_s) : '–', 0);
-    } else if (f === 'sell_rate_per_h') {
-      setCell(td, s.sell_rate_per_h != null ? String(s.sell_rate_per_h) : '–', dirOf(f));
+    } else if (f === 'purchases_1h') {
+      const v = sold1h(s), b = before && sold1h(before);
+      setCell(td, v != null ? String(v) : '0', v != null && b != null ? Math.sign(v - b) : 0);
     } else if (f === 'ts') {
       td.textContent = time(s.ts); // no flash: changes with every message
     } else {
       setCell(td, s[f] != null ? String(s[f]) : '0', dirOf(f));
     }
   }
-  if (s) {
-    const a = alertState.get(tr.dataset.sku);
-    tr.dataset.alert = s.available <= 0 ? 'out' : a === 'out' ? 'ok' : a || 'ok';
-  }
+  // what the last alert moved the SKU to, as skusync holds it: also right for a SKU that
+  // recovered without an alert (low -> ok) and on a page opened after the alert
+  if (s) tr.dataset.alert = s.alert_state || 'ok';
+  else delete tr.dataset.alert;
 }
 
 // Which rows to show: pinned SKUs, then the busiest ones. Re-ranked every 2 s so rows
@@ -223,9 +191,9 @@ function score(s) {
   return (s.purchases_1h || 0) * 10 + (s.carts_1h || 0) * 3 + (s.views_5m || 0);
 }
 function arrange() {
-  const busiest = [...held.entries()]
+  const busiest = [...client.states()]
     .filter(([sku]) => !pins.includes(sku))
-    .sort((a, b) => score(b[1].state) - score(a[1].state) || (a[0] < b[0] ? -1 : 1))
+    .sort((a, b) => score(b[1]) - score(a[1]) || (a[0] < b[0] ? -1 : 1))
     .slice(0, TOP)
     .map(([sku]) => sku);
   const want = [...pins, ...busiest];
@@ -249,7 +217,11 @@ $('#pin-form').addEventListener('submit', (e) => { e.preventDefault(); pin($('#p
 new URLSearchParams(location.search).getAll('pin').forEach((p) => p.split(',').forEach(pin));
 
 // helpers
-function time(ts) { return ts ? new Date(ts).toLocaleTimeString() : ''; }
+// UTC, 24-hour, like every other time skusync shows
+function time(ts) {
+  const d = new Date(ts ?? NaN);
+  return Number.isNaN(d.getTime()) ? '' : d.toISOString().slice(11, 19);
+}
 function duration(sec) {
   if (sec < 60) return `${Math.round(sec)} s`;
   if (sec < 3600) return `${Math.round(sec / 60)} min`;
@@ -262,7 +234,7 @@ setInterval(() => {
   arrange();
   const rate = (messages - lastCount) / 2;
   lastCount = messages;
-  $('#stats').textContent = `${held.size} SKUs · ${rate.toFixed(1)} msg/s` +
+  $('#stats').textContent = `${client.states().size} SKUs · ${rate.toFixed(1)} msg/s` +
     (lags.length ? ` · commit→page median ${[...lags].sort((a, b) => a - b)[lags.length >> 1]} ms` : '');
 }, 2000);
 rebuild();
