@@ -340,7 +340,7 @@ impl ChangeToken {
 /// `limit`: default, or 1..=MAX_LIMIT.
 fn parse_limit(req: &Request) -> Result<usize, Response> {
     match req.param("limit") {
-        Err(()) => Err(json_error(400, "limit: bad encoding")),
+        Err(crate::http::BadEncoding) => Err(json_error(400, "limit: bad encoding")),
         Ok(None) => Ok(DEFAULT_LIMIT),
         Ok(Some(v)) => match v.parse::<usize>() {
             Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
@@ -545,7 +545,7 @@ impl Api {
             Err(r) => return Ok(r),
         };
         let token = match req.param("since") {
-            Err(()) => return Ok(json_error(400, "since: bad encoding")),
+            Err(crate::http::BadEncoding) => return Ok(json_error(400, "since: bad encoding")),
             Ok(None) => None,
             Ok(Some(t)) => match ChangeToken::parse(&t) {
                 Some(t) => Some(t),
@@ -643,7 +643,7 @@ impl Api {
             Err(r) => return Ok(r),
         };
         let since = match req.param("since") {
-            Err(()) => return Ok(json_error(400, "since: bad encoding")),
+            Err(crate::http::BadEncoding) => return Ok(json_error(400, "since: bad encoding")),
             Ok(None) => None,
             Ok(Some(t)) => match parse_stream_id(&t) {
                 Some(id) => Some(id),

@@ -40,6 +40,9 @@ pub struct Config {
     /// `[api]`: the clients' read-only catch-up endpoints (off when absent).
     #[serde(default)]
     pub api: Option<ApiConfig>,
+    /// `[[webhook]]`: HTTP receivers of every alert (push bridges).
+    #[serde(default)]
+    pub webhook: Vec<crate::sinks::webhook::WebhookConfig>,
     /// `[limits]`: bounds on what the database's rows can make skusync store.
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -1112,6 +1115,13 @@ impl Config {
             }
             if !(1024..=256 * 1024 * 1024).contains(&m.max_packet_bytes) {
                 return err("mqtt.max_packet_bytes: must be between 1024 and 268435456".into());
+            }
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, w) in self.webhook.iter().enumerate() {
+            w.validate(&format!("webhook[{i}]"))?;
+            if !names.insert(w.name.as_str()) {
+                return err(format!("webhook[{i}].name: {:?} is used twice", w.name));
             }
         }
         if !(100..=1_000_000).contains(&self.alerts.history) {

@@ -48,14 +48,14 @@ impl Request {
     }
 
     /// A query parameter, percent-decoded; `Err` when its encoding is invalid.
-    pub fn param(&self, name: &str) -> Result<Option<String>, ()> {
+    pub fn param(&self, name: &str) -> Result<Option<String>, BadEncoding> {
         for pair in self.query.split('&') {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             if k == name {
                 return percent_encoding::percent_decode_str(v)
                     .decode_utf8()
                     .map(|c| Some(c.into_owned()))
-                    .map_err(|_| ());
+                    .map_err(|_| BadEncoding);
             }
         }
         Ok(None)
@@ -88,6 +88,10 @@ impl Request {
         })
     }
 }
+
+/// A query parameter that is not percent-encoded UTF-8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadEncoding;
 
 /// A response: status, content type, extra headers, body.
 #[derive(Debug)]

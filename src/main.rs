@@ -311,6 +311,7 @@ fn main() -> ExitCode {
                 } else {
                     None
                 };
+                let webhooks = skusync::sinks::webhook::spawn(&cfg, shutdown.clone())?;
                 let daemon = skusync::daemon::Daemon::new(cfg).map_err(|e| e.to_string())?;
                 let metrics = skusync::telemetry::install();
                 let _upkeep = skusync::telemetry::spawn_upkeep(metrics.clone());
@@ -324,6 +325,7 @@ fn main() -> ExitCode {
                 let _ = skusync::notify::status("starting");
                 let r = daemon.run(shutdown).await;
                 drop(api);
+                drop(webhooks);
                 let _ = skusync::notify::stopping();
                 if let Err(skusync::daemon::DaemonError::Config(e)) = &r {
                     // the mapping does not fit the database: exit 2, as for a bad config

@@ -9,3 +9,4 @@
 pub mod layout;
 pub mod mqtt;
 pub mod redis;
+pub mod webhook;

@@ -23,4 +23,5 @@ mod support;
 mod surrogate;
 mod telemetry;
 mod verify;
+mod webhook;
 mod writer;

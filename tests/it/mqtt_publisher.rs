@@ -419,12 +419,14 @@ async fn a_flash_sale_on_one_sku_is_throttled_to_one_message_per_interval() {
     let last = json_of(hot.last().unwrap());
     assert_eq!(last["on_hand"], 9000);
     assert_eq!(last["lsn"], "0/7D0");
-    // the coalesced deltas add up to the whole change
-    let sum: i64 = hot
+    // the coalesced deltas add up to the whole change after the first state (which has
+    // no acknowledged base, so no delta)
+    assert!(json_of(&hot[0]).get("delta").is_none());
+    let sum: i64 = hot[1..]
         .iter()
-        .map(|p| json_of(p)["delta"]["on_hand"].as_i64().unwrap())
+        .map(|p| json_of(p)["delta"]["on_hand"].as_i64().unwrap_or(0))
         .sum();
-    assert_eq!(sum, 9000);
+    assert_eq!(sum, 9000 - json_of(&hot[0])["on_hand"].as_i64().unwrap());
     let got = retained(&m, "p/sku/HOT");
     assert_eq!(got[0].1["on_hand"], 9000);
     assert_eq!(sub.on("p/sku/COLD").len(), 1);
@@ -857,7 +859,7 @@ async fn states_above_10_kib_are_published_and_above_the_packet_limit_refused() 
     let p = Running::start(publisher_config(mqtt_config(m.url())), &r).await;
     wait_published(&mut con, "BIG", 1).await;
     let got = m.retained("p/sku/BIG", Duration::from_secs(5));
-    assert!(got[0].1.len() > 20 * 1024, "{} bytes", got[0].1.len());
+    assert!(got[0].1.len() > 10 * 1024, "{} bytes", got[0].1.len());
     assert_eq!(
         json_of(&got[0].1)["locations"].as_object().unwrap().len(),
         400
