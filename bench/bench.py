@@ -6,7 +6,7 @@ because these machines are noisy. Prints a table and writes target/bench/results
 Usage: bench/bench.py [--quick] [--skusync PATH]
   --quick   a few-second smoke version (CI runs it to prove the benchmark still works)
 """
-import argparse, json, os, pwd, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, struct, pwd, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -550,8 +550,54 @@ def pct(xs, p):
     return round(xs[min(len(xs) - 1, int(p / 100 * len(xs)))], 2)
 
 
-def latency(exe, rate, quick):
-    """Fixed-rate load (open loop, pgbench -R) and a subscriber timing each message."""
+def cbor_decode(b):
+    """A CBOR item (RFC 8949: the subset skusync writes: maps, arrays, text, integers,
+    floats, booleans), enough to read `ts` from a state."""
+    def item(i):
+        ib = b[i]
+        major, info = ib >> 5, ib & 31
+        i += 1
+        if major == 7:
+            if info in (20, 21):
+                return info == 21, i
+            if info == 22:
+                return None, i
+            n = {25: 2, 26: 4, 27: 8}[info]
+            fmt = {2: ">e", 4: ">f", 8: ">d"}[n]
+            return struct.unpack(fmt, b[i:i + n])[0], i + n
+        if info < 24:
+            arg = info
+        else:
+            n = {24: 1, 25: 2, 26: 4, 27: 8}[info]
+            arg = int.from_bytes(b[i:i + n], "big")
+            i += n
+        if major == 0:
+            return arg, i
+        if major == 1:
+            return -1 - arg, i
+        if major in (2, 3):
+            v = b[i:i + arg]
+            return (v.decode() if major == 3 else v), i + arg
+        if major == 4:
+            out = []
+            for _ in range(arg):
+                v, i = item(i)
+                out.append(v)
+            return out, i
+        if major == 5:
+            out = {}
+            for _ in range(arg):
+                k, i = item(i)
+                v, i = item(i)
+                out[k] = v
+            return out, i
+        raise ValueError(f"CBOR major type {major}")
+    return item(0)[0]
+
+
+def latency(exe, rate, quick, fmt="json"):
+    """Fixed-rate load (open loop, pgbench -R) and a subscriber timing each message;
+    `fmt` is the payload format (`json` or `cbor`)."""
     skus = 10000
     secs = 3 if quick else 15
     min_interval = 100
@@ -560,7 +606,8 @@ def latency(exe, rate, quick):
     try:
         st.psql(SCHEMA.format(skus=skus))
         http_port = free_port()
-        s = Skusync(exe, st, config(st, min_interval, http_port), "skusync-measured")
+        cfg = config(st, min_interval, http_port).replace("[[inventory]]", f'format = "{fmt}"\n[[inventory]]', 1)
+        s = Skusync(exe, st, cfg, "skusync-measured")
         wait(lambda: st.redis("HGET", "skusync:meta", "bootstrap") == "done", 60, "bootstrap", s.log_path)
         wait(lambda: all_published(st), 120, "initial publish")
         before = histogram(http_port, "skusync_commit_to_redis_seconds")
@@ -571,7 +618,7 @@ def latency(exe, rate, quick):
         # receive timestamps.
         sub_out = os.path.join(st.dir, f"sub-{rate}.txt")
         sub = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(st.mqtt_port), "-t", "skusync/sku/+",
-                                "-q", "0", "-R", "-W", str(secs + 4), "-F", "%U %t %p"], stdout=open(sub_out, "w"),
+                                "-q", "0", "-R", "-W", str(secs + 4), "-F", "%U %t %x"], stdout=open(sub_out, "w"),
                                stderr=subprocess.DEVNULL)  # -W says "Timed out" when it exits
         time.sleep(1.0)
         script = os.path.join(st.dir, "latency.sql")
@@ -599,8 +646,9 @@ def latency(exe, rate, quick):
         for line in out.splitlines():
             try:
                 recv, topic, payload = line.split(" ", 2)
-                j = json.loads(payload)
-            except ValueError:
+                raw = bytes.fromhex(payload)
+                j = cbor_decode(raw) if fmt == "cbor" else json.loads(raw)
+            except (ValueError, KeyError, IndexError, struct.error):
                 continue
             if "ts" not in j or "as_of" in j:
                 continue
@@ -613,7 +661,7 @@ def latency(exe, rate, quick):
             # sent less than min_interval before this commit.
             (held if prev is not None and commit_ms - prev < min_interval else immediate).append(lat)
             last_send[topic] = recv_ms
-        return {"rate_tx_per_s": rate, "seconds": secs, "skus": skus, "min_interval_ms": min_interval,
+        return {"rate_tx_per_s": rate, "format": fmt, "seconds": secs, "skus": skus, "min_interval_ms": min_interval,
                 "messages": len(immediate) + len(held),
                 "immediate": {"n": len(immediate), "p50_ms": pct(immediate, 50), "p95_ms": pct(immediate, 95),
                               "p99_ms": pct(immediate, 99), "max_ms": pct(immediate, 100)},
@@ -855,6 +903,7 @@ def main():
     ap.add_argument("--skusync", default=os.path.join(ROOT, "target/release/skusync"))
     ap.add_argument("--only", default="catchup,bulk,latency")
     ap.add_argument("--rates", default="1000,5000", help="latency: transactions/s to run, comma-separated")
+    ap.add_argument("--formats", default="json", help="latency: payload formats to run (json,cbor)")
     ap.add_argument("--latency-runs", type=int, default=1,
                     help="latency: runs per rate (single runs on these machines vary a lot)")
     ap.add_argument("--broker-window", type=int, default=BROKER_WINDOW,
@@ -878,7 +927,8 @@ def main():
     if "lookups_memory" in only:
         results["lookups_memory"] = lookup_memory(a.skusync, a.quick)
     if "latency" in only:
-        results["latency"] = [dict(latency(a.skusync, r, a.quick), run=i + 1)
+        results["latency"] = [dict(latency(a.skusync, r, a.quick, fmt), run=i + 1)
+                              for fmt in a.formats.split(",")
                               for r in map(int, a.rates.split(",")) for i in range(a.latency_runs)]
     os.makedirs(os.path.join(ROOT, "target/bench"), exist_ok=True)
     with open(os.path.join(ROOT, "target/bench/results.json"), "w") as f:
@@ -917,15 +967,17 @@ def main():
         run = f" (run {l['run']})" if a.latency_runs > 1 else ""
         r = l["commit_to_redis"]
         ack = l["commit_to_puback"]
-        print(f"latency    {l['rate_tx_per_s']:>5} tx/s{run}  commit->subscriber p50 {i['p50_ms']} p95 {i['p95_ms']} "
+        print(f"latency    {l['format']:>4} {l['rate_tx_per_s']:>5} tx/s{run}  commit->subscriber p50 {i['p50_ms']} p95 {i['p95_ms']} "
               f"p99 {i['p99_ms']} max {i['max_ms']} ms ({i['n']} msgs; {l['throttled']['n']} throttled by design) | "
               f"commit->Redis p50 <= {r['p50_ms_at_most']} p95 <= {r['p95_ms_at_most']} p99 <= {r['p99_ms_at_most']} ms | "
               f"commit->PUBACK (throttled too) p50 <= {ack['p50_ms_at_most']} p95 <= {ack['p95_ms_at_most']} "
               f"p99 <= {ack['p99_ms_at_most']} ms")
     if a.latency_runs > 1:
-        for rate in map(int, a.rates.split(",")):
-            p99s = sorted(l["immediate"]["p99_ms"] for l in results["latency"] if l["rate_tx_per_s"] == rate)
-            print(f"latency    {rate:>5} tx/s  commit->subscriber p99 over {len(p99s)} runs: median "
+        for fmt in a.formats.split(","):
+          for rate in map(int, a.rates.split(",")):
+            p99s = sorted(l["immediate"]["p99_ms"] for l in results["latency"]
+                          if l["rate_tx_per_s"] == rate and l["format"] == fmt)
+            print(f"latency    {fmt:>4} {rate:>5} tx/s  commit->subscriber p99 over {len(p99s)} runs: median "
                   f"{statistics.median(p99s)} ms, {p99s[0]} to {p99s[-1]} ms")
 
 if __name__ == "__main__":
