@@ -61,6 +61,7 @@ clean:
 # 1k and 5k tx/s. Prints a table and writes target/bench/results.json.
 bench: deps release
 	$(CARGO) bench --bench decode
+	$(CARGO) bench --bench payload_sizes
 	python3 bench/bench.py
 
 # A few-second version that proves the benchmark still runs (CI; debug build, no timing
