@@ -165,7 +165,15 @@ pub fn options(cfg: &MqttConfig, broker: &Broker) -> Result<MqttOptions, MqttErr
         "offline",
         QoS::AtLeastOnce,
         true,
-        None,
+        Some(rumqttc::v5::mqttbytes::v5::LastWillProperties {
+            delay_interval: None,
+            payload_format_indicator: Some(1),
+            message_expiry_interval: None,
+            content_type: Some("text/plain".into()),
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        }),
     ));
     if let Some(u) = &broker.user {
         o.set_credentials(u.clone(), broker.password.clone().unwrap_or_default());

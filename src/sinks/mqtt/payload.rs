@@ -88,6 +88,15 @@ pub fn properties(
     }
 }
 
+/// MQTT 5 properties of the plain-text messages (`status`, `epoch`).
+pub fn text_properties() -> rumqttc::v5::mqttbytes::v5::PublishProperties {
+    rumqttc::v5::mqttbytes::v5::PublishProperties {
+        payload_format_indicator: Some(1),
+        content_type: Some("text/plain".into()),
+        ..Default::default()
+    }
+}
+
 /// The stored version of a state: 16 hex digits of the commit LSN and 8 of the piece
 /// (`delta_from`, and the first 24 digits of a `rev`).
 pub fn base(lsn: u64, piece: i64) -> String {

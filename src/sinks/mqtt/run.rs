@@ -555,7 +555,13 @@ impl Task {
                 }
                 let status = super::status_topic(self.prefix());
                 if client
-                    .try_publish(status, QoS::AtLeastOnce, true, "online")
+                    .try_publish_with_properties(
+                        status,
+                        QoS::AtLeastOnce,
+                        true,
+                        "online",
+                        payload::text_properties(),
+                    )
                     .is_ok()
                 {
                     self.tracker.queued(Msg::Status);
@@ -713,11 +719,12 @@ impl Task {
     fn send_epoch(&mut self, client: &AsyncClient, token: String, fresh: bool) {
         let seq = self.epoch_seq + 1;
         if client
-            .try_publish(
+            .try_publish_with_properties(
                 super::epoch_topic(self.prefix()),
                 QoS::AtLeastOnce,
                 true,
                 super::epoch_payload(&token, seq),
+                payload::text_properties(),
             )
             .is_ok()
         {
@@ -788,7 +795,13 @@ impl Task {
                     // Sent before any later state of the SKU (one connection, in order).
                     let topic = super::sku_topic(self.prefix(), sku);
                     if client
-                        .try_publish(topic, QoS::AtLeastOnce, true, Vec::<u8>::new())
+                        .try_publish_with_properties(
+                            topic,
+                            QoS::AtLeastOnce,
+                            true,
+                            Vec::<u8>::new(),
+                            payload::properties(self.cfg.mqtt.format, ("rev", ""), None),
+                        )
                         .is_ok()
                     {
                         cleared += 1;
@@ -1435,7 +1448,13 @@ impl Task {
             self.maybe_advance_epoch(client, true);
             let status = super::status_topic(self.prefix());
             if client
-                .try_publish(status, QoS::AtLeastOnce, true, "offline")
+                .try_publish_with_properties(
+                    status,
+                    QoS::AtLeastOnce,
+                    true,
+                    "offline",
+                    payload::text_properties(),
+                )
                 .is_ok()
             {
                 self.tracker.queued(Msg::Status);
