@@ -896,6 +896,26 @@ impl Daemon {
                                     )
                                     .await;
                                 }
+                                // A new timeline: the server was promoted from a standby or
+                                // recovered to a point in time. Transactions Redis holds may
+                                // not exist on it (lost with the old primary), so Redis is
+                                // rebuilt; PostgreSQL before 17 drops logical slots on
+                                // failover anyway, which rebuilds too.
+                                if let Some(t) = &m.timeline
+                                    && m.system_id.as_deref() == Some(info.system_id.as_str())
+                                    && *t != info.timeline.to_string()
+                                {
+                                    return rebuild_next(
+                                        &mut con,
+                                        self.prefix(),
+                                        self.settings.fence.token(),
+                                        format!(
+                                            "PostgreSQL is on timeline {} but Redis was built on timeline {t} (a failover or point-in-time recovery may have dropped transactions Redis holds)",
+                                            info.timeline
+                                        ),
+                                    )
+                                    .await;
+                                }
                                 if !m.bootstrap_done {
                                     return Ok(Cycle::Restart(
                                         "Redis holds an unfinished snapshot load".into(),
@@ -958,7 +978,7 @@ impl Daemon {
                                 }
                                 fold.set_partitions(trees.parents());
                                 partitions_checked = tokio::time::Instant::now();
-                                if m.system_id.is_none() {
+                                if m.system_id.is_none() || m.timeline.is_none() {
                                     rsink::write_meta(
                                         &mut con,
                                         self.prefix(),

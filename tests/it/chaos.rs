@@ -235,6 +235,8 @@ struct Setup {
     redis_persistence: bool,
     mqtt: Option<bool>, // Some(persistence)
     proxies: bool,
+    /// Redis only behind a proxy (its address survives a failover), the LSN checker too.
+    redis_proxy: bool,
     resyncs: bool, // buckets are not comparable after a resync
     pg_conf: Vec<String>,
     pg_extra: String,
@@ -293,6 +295,8 @@ impl Env {
                 Some(Proxy::start(rig.redis.port())),
                 broker.as_ref().map(|b| Proxy::start(b.port())),
             )
+        } else if s.redis_proxy {
+            (None, Some(Proxy::start(rig.redis.port())), None)
         } else {
             (None, None, None)
         };
@@ -348,9 +352,15 @@ impl Env {
         if let Some(b) = &self.broker {
             self.sub = Some(Subscriber::start(b, "skusync/alerts/#"));
         }
+        let redis_url = self.rig.redis.url();
+        let redis_url = match (&self.redis_proxy, s.redis_proxy) {
+            // the address that survives a failover
+            (Some(p), true) => p.url(&redis_url),
+            _ => redis_url,
+        };
         self.checker = Some(LsnChecker::start(
             self.rig.pg.url("postgres", "postgres"),
-            self.rig.redis.url(),
+            redis_url,
             self.seed ^ 0x15,
         ));
     }
@@ -547,6 +557,9 @@ enum Fault {
     /// Restarted from an RDB dump taken a workload earlier (RDB only): Redis comes back
     /// older while the slot has confirmed past it.
     RedisOlderDump,
+    /// The primary SIGKILLed and a replica that fell behind promoted behind the same
+    /// address (a proxy): Redis comes back older, through a failover.
+    RedisReplicaPromoted,
     RedisPause,
     MqttRestart,
     MqttPause,
@@ -588,6 +601,12 @@ impl Fault {
             }
             RedisOlderDump => {
                 s.redis_persistence = false;
+                s.mqtt = Some(true);
+                s.resyncs = true;
+            }
+            RedisReplicaPromoted => {
+                s.redis_persistence = false;
+                s.redis_proxy = true;
                 s.mqtt = Some(true);
                 s.resyncs = true;
             }
@@ -826,6 +845,66 @@ async fn inject(env: &mut Env, w: &mut Workload, fault: Fault, i: usize, rng: &m
             env.recover(Duration::from_secs(90)).await;
             excuse(env, false);
         }
+        RedisReplicaPromoted => {
+            let excuse = |env: &Env, on: bool| {
+                if let Some(c) = &env.checker {
+                    c.excused.store(on, Ordering::SeqCst);
+                }
+            };
+            let lost = |env: &mut Env| {
+                full_log(env.rig.daemon())
+                    .matches("Redis lost recent writes")
+                    .count()
+            };
+            let mut replica = RedisServer::start();
+            replica.cli(&["REPLICAOF", "127.0.0.1", &env.rig.redis.port().to_string()]);
+            let t0 = Instant::now();
+            while !replica
+                .cli(&["INFO", "replication"])
+                .contains("master_link_status:up")
+            {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(20),
+                    "the replica never synced"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            env.workload(w, 30).await;
+            env.recover(Duration::from_secs(60)).await;
+            // The replica stops following (as one that lags does) and the primary moves on.
+            let at_split = env.applied_lsn().await;
+            replica.cli(&["REPLICAOF", "NO", "ONE"]);
+            env.workload(w, 50).await;
+            env.recover(Duration::from_secs(60)).await;
+            let before_kill = env.applied_lsn().await;
+            assert!(before_kill > at_split, "work after the split");
+            let refused = lost(env);
+            excuse(env, true);
+            // Failover: the primary dies, the replica takes its address.
+            env.rig.redis.kill9();
+            let p = env.redis_proxy.as_ref().expect("redis behind a proxy");
+            p.retarget(replica.port());
+            let cut = p.cut();
+            std::mem::swap(&mut env.rig.redis, &mut replica);
+            env.reconnect_redis().await;
+            let back = env.applied_lsn().await;
+            assert!(
+                back < before_kill || lost(env) > refused,
+                "the promoted replica is at applied_lsn {back}, not older than {before_kill} (cut {cut})"
+            );
+            let t0 = Instant::now();
+            while lost(env) == refused {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(20),
+                    "the promoted, older replica was never noticed\n{}",
+                    env.rig.daemon().stderr_all()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            env.recover(Duration::from_secs(90)).await;
+            excuse(env, false);
+            // `replica` now holds the dead primary: dropped here.
+        }
         RedisPause => {
             env.rig.redis.pause();
             let t = Instant::now();
@@ -1058,6 +1137,15 @@ async fn chaos_redis_restarted_from_an_older_dump() {
     cell(
         "Redis back from an older RDB dump, MQTT attached",
         Fault::RedisOlderDump,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_redis_replica_promoted_behind_the_same_address() {
+    cell(
+        "Redis replica that fell behind promoted (primary SIGKILLed), MQTT attached",
+        Fault::RedisReplicaPromoted,
     )
     .await;
 }
@@ -1681,4 +1769,61 @@ async fn chaos_corrupted_frame_on_the_wire_stops_with_lsn_and_relation_and_loses
         .as_deref(),
         Some("7")
     );
+}
+
+/// Item 9 of the reliability issue: the timeline recorded in meta is compared at every
+/// connect. A server on another timeline than Redis was built on (a promoted standby that
+/// kept the slot, as PostgreSQL 17's failover slots do, or a point-in-time recovery) may
+/// lack transactions Redis holds: Redis is rebuilt. Simulated by recording another
+/// timeline in meta, since PostgreSQL 15 drops logical slots on failover (which rebuilds
+/// anyway: the slot is gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_built_on_another_postgres_timeline_is_rebuilt() {
+    let seed = test_seed("redis_built_on_another_postgres_timeline_is_rebuilt");
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.start_skusync("").await;
+    let mut w = public_workload(seed);
+    run_workload(&mut rig, &mut w, 200, async |_, _| {}).await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    let meta = skusync::sinks::layout::meta_key("skusync");
+    assert_eq!(
+        hget(&mut rig.con, &meta, "timeline").await.as_deref(),
+        Some("1")
+    );
+    let _: () = redis::cmd("HSET")
+        .arg(&meta)
+        .arg("timeline")
+        .arg("7")
+        .query_async(&mut rig.con)
+        .await
+        .unwrap();
+    rig.daemon().kill9_and_restart();
+    let t0 = Instant::now();
+    while !rig
+        .daemon()
+        .stderr_contains("PostgreSQL is on timeline 1 but Redis was built on timeline 7")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{}",
+            rig.daemon().stderr_all()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    run_workload(&mut rig, &mut w, 200, async |_, _| {}).await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(60))
+        .await;
+    rig.assert_converges(Duration::from_secs(30)).await;
+    assert_eq!(
+        hget(&mut rig.con, &meta, "timeline").await.as_deref(),
+        Some("1"),
+        "the rebuild recorded the server's timeline"
+    );
+    assert_eq!(
+        rig.daemon().stderr_count("but Redis was built on timeline"),
+        1,
+        "rebuilt once, not in a loop"
+    );
+    assert_eq!(rig.daemon().sigterm(), Some(0));
 }

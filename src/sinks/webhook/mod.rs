@@ -172,6 +172,9 @@ pub struct Queue {
     /// The last id read from the history (`>= cursor`).
     read: StreamId,
     items: BTreeMap<StreamId, Item>,
+    /// Finished ids above the cursor (the cursor moves to the greatest one below the
+    /// oldest unfinished alert).
+    done: std::collections::BTreeSet<StreamId>,
     window: usize,
 }
 
@@ -182,6 +185,7 @@ impl Queue {
             cursor,
             read: cursor,
             items: BTreeMap::new(),
+            done: Default::default(),
             window: window.max(1),
         }
     }
@@ -217,6 +221,7 @@ impl Queue {
     pub fn skip(&mut self, id: StreamId) {
         if id > self.read {
             self.read = id;
+            self.done.insert(id);
         }
     }
 
@@ -248,7 +253,9 @@ impl Queue {
 
     /// The receiver accepted `id`.
     pub fn delivered(&mut self, id: StreamId) {
-        self.items.remove(&id);
+        if self.items.remove(&id).is_some() {
+            self.done.insert(id);
+        }
     }
 
     /// An attempt at `id` failed at `now_ms`; `delay` is the back-off before the next.
@@ -265,6 +272,7 @@ impl Queue {
         it.in_flight = false;
         if it.attempts >= max_attempts {
             self.items.remove(&id);
+            self.done.insert(id);
             return Failed::Dropped;
         }
         it.due_ms = now_ms.saturating_add(delay.as_millis() as u64);
@@ -276,22 +284,21 @@ impl Queue {
         self.items.get(&id).map_or(0, |i| i.attempts)
     }
 
-    /// Moves the cursor past every finished alert; returns it when it moved.
+    /// Moves the cursor past every finished alert before the oldest unfinished one;
+    /// returns it when it moved.
     pub fn advance(&mut self) -> Option<StreamId> {
-        let next = match self.items.keys().next() {
-            // everything before the oldest unfinished alert is finished
-            Some(first) => {
-                if *first <= self.cursor {
-                    return None;
-                }
-                predecessor(*first).max(self.cursor)
+        let first = self.items.keys().next().copied();
+        let mut next = None;
+        while let Some(&d) = self.done.first() {
+            if first.is_some_and(|f| d > f) {
+                break;
             }
-            None => self.read,
-        };
-        (next > self.cursor).then(|| {
-            self.cursor = next;
-            next
-        })
+            self.done.pop_first();
+            next = Some(d);
+        }
+        let next = next.filter(|n| *n > self.cursor)?;
+        self.cursor = next;
+        Some(next)
     }
 
     /// The cursor.
@@ -302,17 +309,6 @@ impl Queue {
     /// Alerts not finished.
     pub fn pending(&self) -> usize {
         self.items.len()
-    }
-}
-
-/// The greatest stream id below `id`.
-fn predecessor(id: StreamId) -> StreamId {
-    if id.1 > 0 {
-        (id.0, id.1 - 1)
-    } else if id.0 > 0 {
-        (id.0 - 1, u64::MAX)
-    } else {
-        (0, 0)
     }
 }
 
@@ -389,12 +385,11 @@ mod tests {
         );
         let _ = q.due(0, 5);
         q.delivered((6, 0));
-        assert_eq!(q.advance(), Some((7, 1)));
+        assert_eq!(q.advance(), Some((6, 0)));
         q.delivered((7, 2));
         assert_eq!(q.advance(), Some((7, 2)));
         q.skip((9, 0));
         assert_eq!(q.advance(), Some((9, 0)), "skipped entries are finished");
-        assert_eq!(predecessor((8, 0)), (7, u64::MAX));
     }
 
     #[test]

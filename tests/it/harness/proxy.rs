@@ -7,12 +7,14 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 #[derive(Default)]
 struct Shared {
+    /// Where new connections go (see [`Proxy::retarget`]).
+    target: AtomicU16,
     delay_ms: AtomicU64,
     stalled: AtomicBool,
     holed: AtomicBool,
@@ -53,6 +55,7 @@ impl Proxy {
         let port = listener.local_addr().expect("addr").port();
         let shared = Arc::new(Shared {
             pg_frames,
+            target: AtomicU16::new(target),
             ..Default::default()
         });
         let sh = shared.clone();
@@ -66,6 +69,7 @@ impl Proxy {
                 // A black hole holds new connections too (their first bytes go nowhere).
                 std::thread::spawn(move || {
                     hold(&sh, false);
+                    let target = sh.target.load(Ordering::SeqCst);
                     forward(client, target, sh)
                 });
             }
@@ -84,6 +88,12 @@ impl Proxy {
 
     pub fn target(&self) -> u16 {
         self.target
+    }
+
+    /// Send new connections to `port` from now on (a failover behind one address); open
+    /// ones stay where they are until [`cut`](Self::cut).
+    pub fn retarget(&self, port: u16) {
+        self.shared.target.store(port, Ordering::SeqCst);
     }
 
     /// Connections accepted (and forwarded to the target) so far.
