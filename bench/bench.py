@@ -934,6 +934,9 @@ def main():
     with open(os.path.join(ROOT, "target/bench/results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print(json.dumps(results, indent=2))
+    if a.quick:
+        print("\nSMOKE RUN (--quick): proves the benchmark still runs; tiny backlog, possibly a debug build. "
+              "The figures below are not measurements; `make bench` measures.")
     c = results.get("catch_up")
     if c:
         print(f"\ncatch-up   pg_recvlogical {c['pg_recvlogical_rows_per_s']:>8} rows/s (Unix socket "
