@@ -32,12 +32,12 @@ use crate::sinks::layout;
 use crate::sinks::mqtt::payload::{self, Kind, PendingAlert, Spec};
 
 /// Default and largest `limit`.
-pub const DEFAULT_LIMIT: usize = 500;
-pub const MAX_LIMIT: usize = 1000;
+pub const DEFAULT_LIMIT: usize = 100;
+pub const MAX_LIMIT: usize = 500;
 /// Rate-limit buckets kept at most (clients idle longest are forgotten first).
 const MAX_CLIENTS: usize = 10_000;
 /// How long a Redis round trip of one request may take.
-const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
+const REDIS_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// One page of the change index after a position (see the module docs). KEYS[1] the
 /// index; ARGV: since score, cursor score ('' for none), cursor member, count. Members of

@@ -227,7 +227,7 @@ test('a page opened after an alert made a SKU low shows it low at once', { timeo
   await until(async () => (await apiState(SKU_LATE)).alert_state === 'low', `${SKU_LATE} low`);
   // the alert is in the history too
   await until(async () => {
-    const r = await (await fetch(`${info.API_URL}/v1/alerts?limit=1000`)).json();
+    const r = await (await fetch(`${info.API_URL}/v1/alerts?limit=500`)).json();
     return r.alerts.some((a) => a.sku === SKU_LATE && a.type === 'low_stock' && a.available === low);
   }, `the low_stock alert of ${SKU_LATE} in /v1/alerts`);
 

@@ -38,7 +38,7 @@ export interface ClientOptions {
         minMs?: number;
         maxMs?: number;
     };
-    /** `limit` of each `/v1/...` page (default: the server's, 500). */
+    /** `limit` of each `/v1/...` page (default: the server's, 100). */
     pageSize?: number;
     /** How many alert ids to remember for dedupe (default 10,000). */
     alertIdLimit?: number;

@@ -47,7 +47,7 @@ export interface ClientOptions {
   fetch?: typeof fetch;
   /** Catch-up retry back-off (network errors, 5xx, 429): from minMs doubling to maxMs. */
   retry?: { minMs?: number; maxMs?: number };
-  /** `limit` of each `/v1/...` page (default: the server's, 500). */
+  /** `limit` of each `/v1/...` page (default: the server's, 100). */
   pageSize?: number;
   /** How many alert ids to remember for dedupe (default 10,000). */
   alertIdLimit?: number;
