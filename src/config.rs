@@ -176,9 +176,10 @@ pub struct RedisConfig {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
-    /// `mqtt://[user:password@]host:port` or `mqtts://` for TLS. The password may instead
-    /// come from `SKUSYNC_MQTT_PASSWORD`.
-    pub url: String,
+    /// `mqtt://[user:password@]host:port` or `mqtts://` for TLS, or a list of them for
+    /// failover (the first that answers is used). The password may instead come from
+    /// `SKUSYNC_MQTT_PASSWORD`.
+    pub url: BrokerUrls,
     /// MQTT client id (one active skusync per id).
     #[serde(default = "default_name")]
     pub client_id: String,
@@ -200,6 +201,49 @@ pub struct MqttConfig {
     /// Payload encoding: `json` or `cbor`.
     #[serde(default)]
     pub format: PayloadFormat,
+}
+
+/// `mqtt.url`: one broker URL or a list (failover, in order). Dereferences to the first,
+/// which tools that talk to one broker (`check`, `verify`) use.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BrokerUrls(Vec<String>);
+
+impl BrokerUrls {
+    /// Every URL, in order (at least one).
+    pub fn all(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl From<String> for BrokerUrls {
+    fn from(s: String) -> BrokerUrls {
+        BrokerUrls(vec![s])
+    }
+}
+
+impl std::ops::Deref for BrokerUrls {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.0.first().map_or("", String::as_str)
+    }
+}
+
+impl<'de> Deserialize<'de> for BrokerUrls {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<BrokerUrls, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        match OneOrMany::deserialize(d)? {
+            OneOrMany::One(s) => Ok(BrokerUrls(vec![s])),
+            OneOrMany::Many(v) if v.is_empty() => Err(serde::de::Error::custom(
+                "a list of at least one broker URL",
+            )),
+            OneOrMany::Many(v) => Ok(BrokerUrls(v)),
+        }
+    }
 }
 
 /// `[alerts]`.
@@ -640,8 +684,9 @@ impl std::fmt::Debug for RedisConfig {
 
 impl std::fmt::Debug for MqttConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<String> = self.url.all().iter().map(|u| redact_url(u)).collect();
         f.debug_struct("MqttConfig")
-            .field("url", &redact_url(&self.url))
+            .field("url", &urls)
             .field("client_id", &self.client_id)
             .field("topic_prefix", &self.topic_prefix)
             .field("min_interval_ms", &self.min_interval_ms)
@@ -799,7 +844,13 @@ impl Config {
         if let Some(m) = &mut self.mqtt
             && let Some(pw) = read_credential(dir, credential::MQTT_PASSWORD)?
         {
-            m.url = url_with_password(&m.url, &pw, "mqtt.url", credential::MQTT_PASSWORD)?;
+            let urls = m
+                .url
+                .all()
+                .iter()
+                .map(|u| url_with_password(u, &pw, "mqtt.url", credential::MQTT_PASSWORD))
+                .collect::<Result<Vec<_>, _>>()?;
+            m.url = BrokerUrls(urls);
         }
         self.user_key_credential = read_credential(dir, credential::USER_KEY)?;
         Ok(())
@@ -1098,8 +1149,15 @@ impl Config {
             }
         }
         if let Some(m) = &self.mqtt {
-            if !(m.url.starts_with("mqtt://") || m.url.starts_with("mqtts://")) {
-                return err("mqtt.url: must start with mqtt:// or mqtts://".into());
+            for (i, u) in m.url.all().iter().enumerate() {
+                if !(u.starts_with("mqtt://") || u.starts_with("mqtts://")) {
+                    let at = if m.url.all().len() > 1 {
+                        format!("mqtt.url[{i}]")
+                    } else {
+                        "mqtt.url".into()
+                    };
+                    return err(format!("{at}: must start with mqtt:// or mqtts://"));
+                }
             }
             if m.topic_prefix.is_empty()
                 || m.topic_prefix.contains(['+', '#'])
@@ -1344,6 +1402,23 @@ fn toml_key_at(text: &str, line_start: usize) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mqtt_url_is_one_broker_or_a_failover_list() {
+        let base = "[postgres]\nurl = \"postgresql://u@h/d\"\n[mqtt]\n";
+        let one = Config::parse(&format!("{base}url = \"mqtt://a:1\"\n")).unwrap();
+        let m = one.mqtt.unwrap();
+        assert_eq!(m.url.all(), ["mqtt://a:1"]);
+        assert_eq!(&*m.url, "mqtt://a:1");
+        let two =
+            Config::parse(&format!("{base}url = [\"mqtt://a:1\", \"mqtts://b:2\"]\n")).unwrap();
+        assert_eq!(two.mqtt.unwrap().url.all(), ["mqtt://a:1", "mqtts://b:2"]);
+        assert!(Config::parse(&format!("{base}url = []\n")).is_err());
+        let e = Config::parse(&format!("{base}url = [\"mqtt://a:1\", \"http://b\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mqtt.url[1]"), "{e}");
+    }
 
     #[test]
     fn minimal_config_gets_defaults() {

@@ -712,3 +712,52 @@ async fn retained_states_of_skus_redis_does_not_hold_are_cleared_after_a_connect
     assert_retained_equals_redis(&mut rig, &broker, Duration::from_secs(20)).await;
     assert_eq!(rig.daemon().sigterm(), Some(0));
 }
+
+/// `[mqtt] url` as a list: skusync publishes to the first broker that answers, moves on
+/// when it dies, and the broker it moves to (which holds none of skusync's states) gets
+/// every SKU's state through the epoch check; and back again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_list_fails_over_and_the_next_broker_gets_every_state() {
+    let seed = test_seed("a_broker_list_fails_over_and_the_next_broker_gets_every_state");
+    let mut a = MosquittoServer::start();
+    let mut b = MosquittoServer::start();
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.start_skusync(&format!(
+        "\n[mqtt]\nurl = [\"{}\", \"{}\"]\ntopic_prefix = \"skusync\"\nmin_interval_ms = 20\n",
+        a.url(),
+        b.url()
+    ))
+    .await;
+    let mut w = public_workload(seed);
+    run_workload(&mut rig, &mut w, 150, async |_, _| {}).await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    assert_retained_equals_redis(&mut rig, &a, Duration::from_secs(30)).await;
+    assert!(
+        b.retained("skusync/sku/+", Duration::from_secs(2))
+            .is_empty(),
+        "the second broker is not used while the first answers"
+    );
+
+    // The first broker dies: the second takes over and gets everything.
+    a.kill9();
+    run_workload(&mut rig, &mut w, 150, async |_, _| {}).await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    assert_retained_equals_redis(&mut rig, &b, Duration::from_secs(30)).await;
+    assert!(rig.daemon().stderr_contains("mqtt: trying the next broker"));
+    assert!(
+        rig.daemon().stderr_contains("broker=mqtt.url[0]"),
+        "the failing broker is named"
+    );
+
+    // And back: the first comes back empty, the second dies.
+    a.start_again();
+    b.kill9();
+    run_workload(&mut rig, &mut w, 150, async |_, _| {}).await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    rig.assert_converges(Duration::from_secs(30)).await;
+    assert_retained_equals_redis(&mut rig, &a, Duration::from_secs(30)).await;
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+}

@@ -21,7 +21,7 @@ const TP: &str = "p"; // topic prefix
 
 fn mqtt_config(url: String) -> MqttConfig {
     MqttConfig {
-        url,
+        url: url.into(),
         client_id: format!("skusync-test-{}", free_port()),
         topic_prefix: TP.into(),
         min_interval_ms: 100,

@@ -433,8 +433,16 @@ pub async fn spawn(
     shutdown: CancellationToken,
 ) -> Result<(MqttHandle, tokio::task::JoinHandle<Result<(), MqttError>>), MqttError> {
     let env_pw = std::env::var(PASSWORD_ENV).ok();
-    let broker = conn::parse_url(&cfg.mqtt.url, env_pw)?;
-    let options = conn::options(&cfg.mqtt, &broker)?;
+    let mut options = Vec::new();
+    for (i, url) in cfg.mqtt.url.all().iter().enumerate() {
+        let broker = conn::parse_url(url, env_pw.clone()).map_err(|e| match e {
+            MqttError::Config(m) if cfg.mqtt.url.all().len() > 1 => {
+                MqttError::Config(m.replacen("mqtt.url", &format!("mqtt.url[{i}]"), 1))
+            }
+            e => e,
+        })?;
+        options.push(conn::options(&cfg.mqtt, &broker)?);
+    }
     let shared = Arc::new(Shared::default());
     let handle = MqttHandle {
         shared: shared.clone(),

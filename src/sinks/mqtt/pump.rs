@@ -7,9 +7,9 @@
 //! published 200-600 messages per second. The pump keeps polling meanwhile and queues
 //! the events for the publisher, which handles them in order as before.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use rumqttc::v5::{ConnectionError, Event, EventLoop};
+use rumqttc::v5::{ConnectionError, Event, EventLoop, MqttOptions};
 use tokio::sync::{Notify, mpsc};
 
 /// Events the pump hands over at most before it waits for the publisher (back-pressure:
@@ -24,6 +24,8 @@ const PUMP_CAP: usize = 1024;
 pub struct Pump {
     rx: mpsc::Receiver<Result<Event, ConnectionError>>,
     resume: Arc<Notify>,
+    /// Options (another broker) for the next connection, taken on resume.
+    next: Arc<Mutex<Option<MqttOptions>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -33,6 +35,8 @@ impl Pump {
         let (tx, rx) = mpsc::channel(PUMP_CAP);
         let resume = Arc::new(Notify::new());
         let go = resume.clone();
+        let next: Arc<Mutex<Option<MqttOptions>>> = Arc::default();
+        let take = next.clone();
         let task = tokio::spawn(async move {
             loop {
                 let ev = el.poll().await;
@@ -49,10 +53,18 @@ impl Pump {
                     // resumes), so the new connection carries only what it queues next.
                     el.clean();
                     el.pending.clear();
+                    if let Some(o) = take.lock().ok().and_then(|mut g| g.take()) {
+                        el.options = o;
+                    }
                 }
             }
         });
-        Pump { rx, resume, task }
+        Pump {
+            rx,
+            resume,
+            next,
+            task,
+        }
     }
 
     /// The next event, in order; an error means the connection was lost (call
@@ -72,6 +84,14 @@ impl Pump {
 
     /// Poll again after an error (reconnect).
     pub fn resume(&self) {
+        self.resume.notify_one();
+    }
+
+    /// Poll again after an error, connecting with `options` (another broker).
+    pub fn resume_with(&self, options: MqttOptions) {
+        if let Ok(mut g) = self.next.lock() {
+            *g = Some(options);
+        }
         self.resume.notify_one();
     }
 }

@@ -220,7 +220,10 @@ struct Scan {
 pub(super) struct Task {
     cfg: PublisherConfig,
     spec: Spec,
-    options: MqttOptions,
+    /// One per broker of `mqtt.url`, in order (failover).
+    options: Vec<MqttOptions>,
+    /// The broker connected to or tried last.
+    broker: usize,
     redis: ConnectionManager,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
@@ -279,7 +282,7 @@ fn unix_ms() -> i64 {
 impl Task {
     pub(super) fn new(
         cfg: PublisherConfig,
-        options: MqttOptions,
+        options: Vec<MqttOptions>,
         redis: ConnectionManager,
         shared: Arc<Shared>,
         shutdown: CancellationToken,
@@ -295,6 +298,7 @@ impl Task {
             cfg,
             spec,
             options,
+            broker: 0,
             redis,
             shared,
             shutdown,
@@ -338,7 +342,7 @@ impl Task {
     }
 
     pub(super) async fn run(mut self) -> Result<(), MqttError> {
-        let (client, el) = AsyncClient::new(self.options.clone(), CHANNEL_CAP);
+        let (client, el) = AsyncClient::new(self.options[0].clone(), CHANNEL_CAP);
         let mut el = Pump::start(el);
         let mut backoff = BACKOFF_MIN;
         info!(client_id = %self.cfg.mqtt.client_id, "mqtt publisher starting");
@@ -399,14 +403,24 @@ impl Task {
         self.marks_since.is_some_and(|t| now >= t + MARK_LINGER)
     }
 
-    /// Wait before reconnecting, then let the pump poll again. False on shutdown.
-    async fn back_off(&self, el: &Pump, backoff: &mut Duration) -> bool {
+    /// Wait before reconnecting, then let the pump poll again. False on shutdown. A
+    /// connection that was up is retried on the same broker first; a connect that failed
+    /// moves on to the next broker of `mqtt.url` (the first that answers is used; the
+    /// epoch check then republishes what the new broker lacks).
+    async fn back_off(&mut self, el: &Pump, backoff: &mut Duration) -> bool {
         tokio::select! {
             _ = self.shutdown.cancelled() => return false,
             _ = tokio::time::sleep(*backoff) => {}
         }
         *backoff = (*backoff * 2).min(BACKOFF_MAX);
-        el.resume();
+        if self.options.len() > 1 && self.failures > 0 {
+            self.broker = (self.broker + 1) % self.options.len();
+            let (host, port) = self.options[self.broker].broker_address();
+            info!(broker = %format!("mqtt.url[{}]", self.broker), host = %host, port, "mqtt: trying the next broker");
+            el.resume_with(self.options[self.broker].clone());
+        } else {
+            el.resume();
+        }
         true
     }
 
@@ -509,10 +523,15 @@ impl Task {
         } else {
             self.failures += 1;
             // visible, but not once per back-off step
-            if self.failures == 1 || self.failures.is_multiple_of(20) {
-                warn!(error = %why, attempts = self.failures, "mqtt connect failed; retrying");
+            let setting = if self.options.len() > 1 {
+                format!("mqtt.url[{}]", self.broker)
             } else {
-                debug!(error = %why, attempts = self.failures, "mqtt connect failed");
+                "mqtt.url".into()
+            };
+            if self.failures == 1 || self.failures.is_multiple_of(20) {
+                warn!(error = %why, broker = %setting, attempts = self.failures, "mqtt connect failed; retrying");
+            } else {
+                debug!(error = %why, broker = %setting, attempts = self.failures, "mqtt connect failed");
             }
         }
         self.connected = false;
