@@ -761,3 +761,89 @@ async fn a_broker_list_fails_over_and_the_next_broker_gets_every_state() {
     assert_retained_equals_redis(&mut rig, &a, Duration::from_secs(30)).await;
     assert_eq!(rig.daemon().sigterm(), Some(0));
 }
+
+/// The fan-out topology of the README: skusync publishes to a core broker (with
+/// persistence), two edge brokers bridge `<prefix>/#` from it (stock Mosquitto bridges with
+/// persistent sessions), subscribers connect to the edges. Both edges hold every SKU's
+/// retained state and carry live changes; after an edge restarts empty, and after the core
+/// restarts while a SKU is deleted (its clear is queued for the bridges' sessions), both
+/// converge to Redis again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_bridged_from_a_core_broker_converge_to_redis() {
+    let seed = test_seed("edges_bridged_from_a_core_broker_converge_to_redis");
+    let mut core = MosquittoServer::start_with(MqttOptions {
+        persistence: true,
+        ..Default::default()
+    });
+    let edge = |n: usize, core_port: u16| {
+        MosquittoServer::start_with(MqttOptions {
+            extra_conf: vec![
+                format!("connection core-to-edge-{n}"),
+                format!("address 127.0.0.1:{core_port}"),
+                "topic skusync/# in 1".into(),
+                // a session the core keeps (and queues for) while the bridge is away
+                "cleansession false".into(),
+                format!("remote_clientid edge-{n}"),
+                "restart_timeout 1".into(),
+            ],
+            ..Default::default()
+        })
+    };
+    let mut e1 = edge(1, core.port());
+    let e2 = edge(2, core.port());
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.exec("INSERT INTO inventory VALUES ('FAN/OUT', 'WH-1', 50, 0), ('GOES', 'WH-1', 5, 0)")
+        .await;
+    rig.start_skusync(&mqtt_toml(&core, 20)).await;
+    let live = Subscriber::start(&e2, "skusync/sku/+");
+    let mut w = public_workload(seed);
+    run_workload(&mut rig, &mut w, 150, async |_, _| {}).await;
+    rig.exec("UPDATE inventory SET on_hand = 77 WHERE sku = 'FAN/OUT'")
+        .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    for (what, b) in [("core", &core), ("edge 1", &e1), ("edge 2", &e2)] {
+        eprintln!("checking {what}");
+        assert_retained_equals_redis(&mut rig, b, Duration::from_secs(30)).await;
+    }
+    let t0 = Instant::now();
+    while !live
+        .messages()
+        .iter()
+        .any(|(t, p)| t == "skusync/sku/FAN%2FOUT" && p.contains("\"on_hand\":77"))
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "a live change reached the edge's subscriber"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // An edge restarts empty: its bridge brings every retained state back.
+    e1.restart();
+    run_workload(&mut rig, &mut w, 100, async |_, _| {}).await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    assert_retained_equals_redis(&mut rig, &e1, Duration::from_secs(30)).await;
+
+    // The core restarts, and a SKU is deleted meanwhile: skusync publishes its clear once
+    // the core is back, and the core queues it for each bridge's session.
+    core.stop();
+    rig.exec("DELETE FROM inventory WHERE sku = 'GOES'").await;
+    run_workload(&mut rig, &mut w, 100, async |_, _| {}).await;
+    core.start_again();
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    rig.assert_converges(Duration::from_secs(30)).await;
+    for (what, b) in [("core", &core), ("edge 1", &e1), ("edge 2", &e2)] {
+        eprintln!("checking {what} after the core restarted");
+        assert_retained_equals_redis(&mut rig, b, Duration::from_secs(30)).await;
+    }
+    assert!(
+        e2.retained("skusync/sku/GOES", Duration::from_secs(2))
+            .iter()
+            .all(|(_, p)| p.is_empty()),
+        "the deleted SKU is cleared on the edges too"
+    );
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+}

@@ -27,6 +27,8 @@ pub struct MqttOptions {
     pub acl: Option<String>,
     /// TLS on the main listener (`cafile`/`certfile`/`keyfile`).
     pub tls: Option<TlsFiles>,
+    /// Lines appended last to `mosquitto.conf` (a bridge `connection` section).
+    pub extra_conf: Vec<String>,
 }
 
 /// A running (or stopped) throwaway Mosquitto. Dropping it kills the process
@@ -147,6 +149,7 @@ impl MosquittoServer {
         c.push("log_type warning".into());
         c.push("log_type notice".into());
         c.push("log_type information".into());
+        c.extend(self.opts.extra_conf.iter().cloned());
         fs::write(self.path("mosquitto.conf"), c.join("\n") + "\n").expect("write conf");
     }
 
