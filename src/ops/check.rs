@@ -467,8 +467,30 @@ async fn publication_checks<W: Write>(
     let names = cfg.postgres.publication.names();
     let plans: Vec<PubPlan> = match plan_publications(cfg) {
         Ok(p) => p,
-        Err(e) => {
-            r.fail("publications", &e, &[]);
+        Err(_) => {
+            // One publication for stock and activity tables works (skusync reads only
+            // the activity logs' inserts), but it publishes their updates and deletes:
+            // the application's own UPDATE/DELETE on an activity log without a replica
+            // identity key then fail, and the WAL decoded for them is wasted.
+            let first = &names[0];
+            let second = format!("{first}_activity");
+            let tables: Vec<String> = cfg.activity.iter().map(|a| table_ident(&a.table)).collect();
+            r.warn(
+                "publications",
+                &format!(
+                    "one publication ({first}) carries the activity tables with every action; skusync works with it, \
+                     but an insert-only publication of their own keeps the application's UPDATE/DELETE on them working"
+                ),
+                &[
+                    format!(
+                        "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert');",
+                        ident(&second),
+                        tables.join(", ")
+                    ),
+                    format!("ALTER PUBLICATION {} DROP TABLE {};", ident(first), tables.join(", ")),
+                    format!("-- and in the config: publication = [{first:?}, {second:?}]"),
+                ],
+            );
             Vec::new()
         }
     };

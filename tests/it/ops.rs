@@ -194,6 +194,33 @@ fn check_passes_on_a_good_setup_made_with_the_printed_sql() {
     }
 }
 
+/// One publication for stock and activity tables with every action (a DBA's existing
+/// `FOR ALL TABLES`, say) works for `run`: `check` warns and prints the two-publication
+/// SQL instead of failing.
+#[test]
+fn check_warns_but_passes_for_one_publication_carrying_stock_and_activity_tables() {
+    let rig = Rig::new(PgOptions::default());
+    rig.pg
+        .psql("CREATE PUBLICATION skusync FOR TABLE inventory, activity_log;");
+    let cfg = rig.config();
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "publication = [\"skusync\", \"skusync_activity\"]",
+        "publication = \"skusync\"",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let (code, out, err) = skusync_cmd(&["check"], &cfg);
+    assert_eq!(code, 0, "a warning, not a failure:\n{out}{err}");
+    assert!(out.contains("WARN publications"), "{out}");
+    assert!(
+        out.contains("CREATE PUBLICATION skusync_activity FOR TABLE public.activity_log WITH (publish = 'insert');"),
+        "{out}"
+    );
+    assert!(
+        out.contains("ok   publication covers public.activity_log"),
+        "{out}"
+    );
+}
+
 #[test]
 fn check_fails_with_wal_level_replica() {
     let rig = Rig::new(PgOptions {
