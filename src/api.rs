@@ -28,8 +28,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ApiConfig, Config};
 use crate::http::{Request, Response};
-use crate::sinks::layout;
-use crate::sinks::mqtt::payload::{self, Kind, PendingAlert, Spec};
+use crate::sinks::mqtt::payload::{self, Kind, Spec};
+use crate::sinks::{history, layout};
 
 /// Default and largest `limit`.
 pub const DEFAULT_LIMIT: usize = 100;
@@ -171,7 +171,7 @@ pub fn issue_token(
         return Err("the subject must be 1-64 characters of A-Z a-z 0-9 _ -".into());
     }
     let key = read_key(key_file)?;
-    let exp = unix_ms() as u64 / 1000 + ttl.as_secs();
+    let exp = crate::telemetry::unix_ms() as u64 / 1000 + ttl.as_secs();
     Ok(sign_token(&key, subject, exp))
 }
 
@@ -292,13 +292,6 @@ fn json_error(status: u16, msg: &str) -> Response {
     Response::new(status, "application/json", body)
 }
 
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// A change token (see the module docs).
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct ChangeToken {
@@ -352,12 +345,6 @@ fn parse_limit(req: &Request) -> Result<usize, Response> {
     }
 }
 
-/// A stream id `<ms>-<n>`.
-fn parse_stream_id(s: &str) -> Option<(u64, u64)> {
-    let (a, b) = s.split_once('-')?;
-    Some((a.parse().ok()?, b.parse().ok()?))
-}
-
 impl Api {
     async fn handle(&self, req: Request) -> Response {
         let resp = self.dispatch(&req).await;
@@ -389,7 +376,7 @@ impl Api {
             self.key.as_deref(),
             req.header("authorization"),
             req.peer,
-            unix_ms() as u64 / 1000,
+            crate::telemetry::unix_ms() as u64 / 1000,
         ) {
             Ok(c) => c,
             Err(why) => return json_error(401, why).with("WWW-Authenticate", "Bearer"),
@@ -484,11 +471,8 @@ impl Api {
             let msg =
                 payload::state_message(&self.spec, &sku, &fields, &users, now_ms, Kind::Current);
             // the ETag: everything but the read time
-            let tag = format!(
-                "{}-{:016x}",
-                &msg.rev[..24],
-                fnv(msg.payload.as_bytes(), &msg.rev)
-            );
+            let unread = msg.payload.replacen(&msg.rev, "", 1);
+            let tag = format!("{}-{:08x}", &msg.rev[..24], layout::fnv1a(&unread));
             out.push(Some((msg.payload, tag)));
         }
         Ok(out)
@@ -526,7 +510,7 @@ impl Api {
         let mut pipe = redis::pipe();
         pipe.cmd("HGETALL").arg(layout::sku_key(&self.prefix, &sku));
         let (fields,): (HashMap<String, String>,) = self.query(&pipe).await?;
-        let now = unix_ms();
+        let now = crate::telemetry::unix_ms();
         let Some((body, tag)) = self.render(vec![(sku, fields)], now).await?.pop().flatten() else {
             return Ok(json_error(404, "unknown SKU"));
         };
@@ -605,7 +589,7 @@ impl Api {
         } else {
             self.query(&pipe).await?
         };
-        let now = unix_ms();
+        let now = crate::telemetry::unix_ms();
         let rendered = self
             .render(items.into_iter().zip(hashes).collect(), now)
             .await?;
@@ -645,7 +629,7 @@ impl Api {
         let since = match req.param("since") {
             Err(crate::http::BadEncoding) => return Ok(json_error(400, "since: bad encoding")),
             Ok(None) => None,
-            Ok(Some(t)) => match parse_stream_id(&t) {
+            Ok(Some(t)) => match history::parse_id(&t) {
                 Some(id) => Some(id),
                 None => {
                     return Ok(json_error(
@@ -677,11 +661,7 @@ impl Api {
             let mut p = redis::pipe();
             p.cmd("XINFO").arg("STREAM").arg(&key);
             let (info,): (HashMap<String, redis::Value>,) = self.query(&p).await?;
-            let deleted = info
-                .get("max-deleted-entry-id")
-                .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
-                .and_then(|v| parse_stream_id(&v))
-                .unwrap_or((0, 0));
+            let deleted = history::max_deleted_id(&info);
             if deleted > s {
                 return Ok(json_error(
                     410,
@@ -696,7 +676,7 @@ impl Api {
         for (id, fields) in entries.into_iter().take(limit) {
             let f: HashMap<String, String> = fields.into_iter().collect();
             last = Some(id.clone());
-            let Some(a) = history_alert(&self.prefix, &id, &f, self.spec.scale) else {
+            let Some(a) = history::alert_of_entry(&self.prefix, &id, &f, self.spec.scale) else {
                 continue;
             };
             if !first {
@@ -712,46 +692,6 @@ impl Api {
         body.push('}');
         Ok(Response::new(200, "application/json", body))
     }
-}
-
-/// An alert of the history stream: (SKU, alert); `None` when malformed.
-pub fn history_alert(
-    prefix: &str,
-    id: &str,
-    f: &HashMap<String, String>,
-    scale: u32,
-) -> Option<(String, PendingAlert)> {
-    let sku = layout::sku_of_key(prefix, f.get("key")?)?;
-    let lsn_raw = f.get("lsn")?.clone();
-    let q = |n: &str| {
-        f.get(n)
-            .and_then(|v| crate::fold::units::parse(v, scale))
-            .unwrap_or(0)
-    };
-    Some((
-        sku,
-        PendingAlert {
-            kind: f.get("type")?.clone(),
-            available: q("available"),
-            threshold: q("threshold"),
-            lsn: lsn_raw.parse().ok()?,
-            lsn_raw,
-            ts: f.get("ts").and_then(|v| v.parse().ok()),
-            seq: Some(id.to_string()),
-        },
-    ))
-}
-
-/// FNV-1a of the payload without its `rev` (the ETag ignores when it was read).
-fn fnv(payload: &[u8], rev: &str) -> u64 {
-    let needle = format!("\"rev\":\"{rev}\"");
-    let text = String::from_utf8_lossy(payload).replacen(&needle, "", 1);
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    h
 }
 
 #[cfg(test)]
@@ -867,15 +807,5 @@ mod tests {
         ] {
             assert_eq!(ChangeToken::parse(junk), None, "{junk:?}");
         }
-    }
-
-    #[test]
-    fn stream_ids_parse() {
-        assert_eq!(
-            parse_stream_id("1764061200123-0"),
-            Some((1_764_061_200_123, 0))
-        );
-        assert_eq!(parse_stream_id("17640"), None);
-        assert_eq!(parse_stream_id("a-1"), None);
     }
 }

@@ -165,7 +165,8 @@ fn mono_ms() -> u64 {
         + 1
 }
 
-fn unix_ms() -> i64 {
+/// Now, in unix milliseconds (0 before 1970).
+pub fn unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

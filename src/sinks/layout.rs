@@ -247,7 +247,7 @@ pub fn row_index_key(prefix: &str, table: &str, bucket: u32) -> String {
 }
 
 /// FNV-1a of a text: stable across builds and platforms.
-fn fnv1a(s: &str) -> u32 {
+pub fn fnv1a(s: &str) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
     for b in s.bytes() {
         h ^= u32::from(b);

@@ -6,6 +6,7 @@
 //! confirmed LSN. Redis is durable when its apply script returned; MQTT never holds the
 //! slot back, because Redis marks what is unpublished and MQTT catches up from it.
 
+pub mod history;
 pub mod layout;
 pub mod mqtt;
 pub mod redis;

@@ -272,13 +272,6 @@ pub(super) struct Task {
     next_epoch: Instant,
 }
 
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 impl Task {
     pub(super) fn new(
         cfg: PublisherConfig,
@@ -955,7 +948,7 @@ impl Task {
         self.maybe_advance_epoch(client, false);
         let rate = self.cfg.mqtt.window_republish_per_s;
         if rate > 0 && !self.aging.is_empty() && self.next_aging <= now {
-            let minute = layout::minute_of_ms(unix_ms());
+            let minute = layout::minute_of_ms(crate::telemetry::unix_ms());
             match self.aging.next(minute) {
                 Some(sku) => {
                     self.sched.request(&sku, Want::Aging);
@@ -1104,7 +1097,7 @@ impl Task {
                 .arg("if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'last_publish_ms', ARGV[1]) end return 0")
                 .arg(1)
                 .arg(layout::meta_key(&self.cfg.redis_prefix))
-                .arg(unix_ms());
+                .arg(crate::telemetry::unix_ms());
             self.last_publish_stamp = Some(Instant::now());
             replies += 1;
         }
@@ -1293,7 +1286,7 @@ impl Task {
             self.sched.skipped(sku);
             return;
         }
-        let now_ms = unix_ms();
+        let now_ms = crate::telemetry::unix_ms();
         let minute = layout::minute_of_ms(now_ms);
         let kind = if want == Want::Aging && !unpublished {
             Kind::Aging { as_of_ms: now_ms }

@@ -26,19 +26,7 @@ use std::time::Duration;
 
 use crate::config::ConfigError;
 
-/// An id of the alert history: a Redis stream id `<ms>-<n>`.
-pub type StreamId = (u64, u64);
-
-/// Parses `<ms>-<n>`.
-pub fn parse_id(s: &str) -> Option<StreamId> {
-    let (a, b) = s.split_once('-')?;
-    Some((a.parse().ok()?, b.parse().ok()?))
-}
-
-/// Formats a stream id.
-pub fn format_id(id: StreamId) -> String {
-    format!("{}-{}", id.0, id.1)
-}
+pub use crate::sinks::history::{StreamId, format_id, parse_id};
 
 /// `[[webhook]]`.
 #[derive(Clone, Deserialize)]

@@ -272,11 +272,7 @@ impl Task {
                 .arg(alerts)
                 .query_async(con)
                 .await?;
-            let deleted = info
-                .get("max-deleted-entry-id")
-                .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
-                .and_then(|v| parse_id(&v))
-                .unwrap_or((0, 0));
+            let deleted = crate::sinks::history::max_deleted_id(&info);
             if deleted > from && deleted > *trimmed_seen {
                 *trimmed_seen = deleted;
                 metrics::counter!("skusync_webhook_trimmed_total", "webhook" => self.cfg.name.clone())
@@ -289,7 +285,7 @@ impl Task {
         for (id, fields) in entries {
             let Some(sid) = parse_id(&id) else { continue };
             let f: HashMap<String, String> = fields.into_iter().collect();
-            match crate::api::history_alert(&self.prefix, &id, &f, self.scale) {
+            match crate::sinks::history::alert_of_entry(&self.prefix, &id, &f, self.scale) {
                 Some((sku, a)) => q.offer(
                     sid,
                     crate::sinks::mqtt::payload::alert_payload(&sku, &a, self.scale),
