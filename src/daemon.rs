@@ -978,6 +978,32 @@ impl Daemon {
                                 }
                                 fold.set_partitions(trees.parents());
                                 partitions_checked = tokio::time::Instant::now();
+                                // A new fold reads its hot index state in bulk rather than
+                                // row by row behind the apply calls of the catch-up.
+                                if flight.is_none() && pending.is_empty() && fold.is_cold() {
+                                    let tables: Vec<&str> = self
+                                        .mapping
+                                        .inventory
+                                        .iter()
+                                        .map(|t| t.table.as_str())
+                                        .collect();
+                                    let limit = crate::fold::CACHE_ENTRIES * 3 / 4;
+                                    match applier
+                                        .warm(&mut fold, &tables, self.mapping.hops.len(), limit)
+                                        .await
+                                    {
+                                        Ok(n) => tracing::debug!(
+                                            entries = n,
+                                            "read the row index and lookup state ahead"
+                                        ),
+                                        Err(e) if e.is_transient() => {
+                                            return Ok(Cycle::Restart(format!(
+                                                "reading the row index: {e}"
+                                            )));
+                                        }
+                                        Err(e) => return Err(e.into()),
+                                    }
+                                }
                                 if m.system_id.is_none() || m.timeline.is_none() {
                                     rsink::write_meta(
                                         &mut con,
@@ -1238,7 +1264,12 @@ impl Daemon {
                 for t in f.tickets {
                     progress.durable(t);
                 }
-                telemetry::redis_applied(&applied, &f.commit_ms);
+                telemetry::redis_applied(
+                    applied.applied,
+                    applied.fenced,
+                    applied.alerts,
+                    &f.commit_ms,
+                );
                 Ok(None)
             }
             Err(RedisSinkError::NoMeta) => Ok(Some(Cycle::Restart(

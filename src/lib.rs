@@ -9,9 +9,11 @@
 pub mod api;
 pub mod config;
 pub mod daemon;
+pub mod filter;
 pub mod fold;
 pub mod http;
 pub mod lsn;
+pub mod names;
 pub mod notify;
 pub mod ops;
 pub mod pg;
@@ -24,3 +26,4 @@ pub mod source;
 pub mod tail;
 pub mod telemetry;
 pub mod txn;
+pub mod units;

@@ -392,11 +392,12 @@ fn skip_log() -> &'static SkipLog {
     L.get_or_init(Default::default)
 }
 
-/// The Redis apply script returned for transactions committed at `commit_unix_ms`.
-pub fn redis_applied(applied: &crate::sinks::redis::Applied, commit_unix_ms: &[i64]) {
-    counter!(SKU_UPDATES).increment(applied.applied);
-    counter!(FENCED).increment(applied.fenced);
-    counter!(ALERTS_RAISED).increment(applied.alerts);
+/// The Redis apply script returned for transactions committed at `commit_unix_ms`:
+/// `sku_updates` SKU entries applied, `fenced` skipped as replays, `alerts` raised.
+pub fn redis_applied(sku_updates: u64, fenced: u64, alerts: u64, commit_unix_ms: &[i64]) {
+    counter!(SKU_UPDATES).increment(sku_updates);
+    counter!(FENCED).increment(fenced);
+    counter!(ALERTS_RAISED).increment(alerts);
     let now = unix_ms();
     // One registry lookup per call, not per transaction (this runs for every commit).
     let h = histogram!(COMMIT_TO_REDIS);

@@ -3,8 +3,8 @@
 //! dropped mapped column, an unusable type, a replica identity that cannot attribute
 //! deletes. Those stop the stream before anything past them is confirmed.
 
-use super::filter::{Filter, Kind as FilterKind, Resolved};
 use crate::config::{ActivityMap, Config, ConfigError, InventoryMap, parse_window};
+use crate::filter::{Filter, Kind as FilterKind, Resolved};
 use crate::txn::{RelationDesc, ReplicaIdentity, value::oid};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;

@@ -11,11 +11,10 @@
 //! the same pieces: the apply step fences on (commit LSN, piece number).
 
 pub mod batch;
-pub mod filter;
+mod cache;
 mod lookup;
 pub mod mapping;
 pub mod model;
-pub mod units;
 
 pub use lookup::Need;
 pub use mapping::{Mapping, Rule, SchemaError};
@@ -122,7 +121,7 @@ pub struct Skipped {
 pub const SKU_TOO_LONG: &str = "SKU longer than max_sku_bytes";
 
 /// Most entries of the fold's cache of applied index state (about 150 bytes each).
-pub const CACHE_ENTRIES: usize = 20_000;
+pub const CACHE_ENTRIES: usize = 40_000;
 
 /// How far an activity row's event time may be after its commit (clock skew between
 /// the application and the database); later times count at the commit time.
@@ -205,7 +204,7 @@ pub struct Fold {
     /// records, lookup values), kept after it left `holders` so hot rows and variants are
     /// not read again every batch: Redis holds the same, as this fold is its only writer
     /// (a rebuild or a lost Redis starts a new fold). Bounded by [`CACHE_ENTRIES`].
-    cache: HashMap<String, Option<String>, foldhash::fast::RandomState>,
+    cache: cache::StateCache,
     /// A reused buffer for state field names (lookups run several times per row).
     scratch: std::cell::RefCell<String>,
     /// Stock tables that are also referenced tables: their lookup rule (`None`: not one).
@@ -246,7 +245,7 @@ impl Fold {
             partitions: HashMap::new(),
             holders: HashMap::default(),
             deps_known: HashMap::new(),
-            cache: HashMap::default(),
+            cache: cache::StateCache::new(CACHE_ENTRIES),
             scratch: Default::default(),
             also: HashMap::new(),
             generation: 1,
@@ -274,6 +273,19 @@ impl Fold {
         match self.holders.get(field) {
             Some(h) => Some(h.sku.as_deref()),
             None => self.cache.get(field).map(Option::as_deref),
+        }
+    }
+
+    /// Whether the fold knows no index state yet (a new fold, nothing folded or read).
+    pub fn is_cold(&self) -> bool {
+        self.holders.is_empty() && self.cache.len() == 0
+    }
+
+    /// Index state read ahead from Redis while nothing is applied: cached as applied
+    /// (ignored when the fold already holds the field).
+    pub fn warm(&mut self, field: String, value: Option<String>) {
+        if !self.holders.contains_key(&field) {
+            self.cache.insert(field, value);
         }
     }
 
@@ -347,10 +359,6 @@ impl Fold {
                 if let Some((hop, r)) = layout::dep_field_parts(f) {
                     stale.push((hop, r.to_string()));
                 } else {
-                    if cache.len() >= CACHE_ENTRIES {
-                        // crude but O(1) per entry: hot entries come back with one read
-                        cache.clear();
-                    }
                     cache.insert(f.clone(), h.sku.take());
                 }
             }
@@ -719,7 +727,7 @@ impl Fold {
         let generation = self.generation;
         for t in &tables {
             let pre = layout::row_field_prefix(t);
-            self.cache.retain(|f, _| !f.starts_with(&pre));
+            self.cache.retain(|f| !f.starts_with(&pre));
             for (f, h) in self.holders.iter_mut() {
                 if f.starts_with(&pre) {
                     // as the cleared index says, and it is cleared before anything after

@@ -628,7 +628,7 @@ async fn publication_checks<W: Write>(
 /// Columns skusync reads from a mapped table (mapping and `where`).
 fn mapped_columns(cfg: &Config, table: &str) -> Vec<String> {
     let filter_cols = |items: &[String]| -> Vec<String> {
-        crate::fold::filter::Filter::parse(items)
+        crate::filter::Filter::parse(items)
             .map(|f| f.columns().map(str::to_string).collect())
             .unwrap_or_default()
     };

@@ -29,11 +29,11 @@
 //! After `--rounds` rounds, SKUs still moving are reported as *changing*, not verified.
 
 use crate::config::{Config, MqttConfig};
-use crate::fold::units;
 use crate::lsn::Lsn;
 use crate::secret::log_value;
 use crate::sinks::layout;
 use crate::sinks::redis as rsink;
+use crate::units;
 use redis::aio::ConnectionManager;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -233,7 +233,7 @@ fn quantity_sql(cols: &crate::config::Columns) -> String {
 
 /// A table's `where` filter as SQL (the config was validated, so it parses).
 fn row_filter(items: &[String]) -> Option<String> {
-    crate::fold::filter::Filter::parse(items)
+    crate::filter::Filter::parse(items)
         .ok()
         .and_then(|f| f.to_sql())
 }

@@ -43,7 +43,7 @@ pub fn alert_of_entry(
     let lsn_raw = f.get("lsn")?.clone();
     let q = |n: &str| {
         f.get(n)
-            .and_then(|v| crate::fold::units::parse(v, scale))
+            .and_then(|v| crate::units::parse(v, scale))
             .unwrap_or(0)
     };
     Some((

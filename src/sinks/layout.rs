@@ -56,29 +56,6 @@ use std::borrow::Cow;
 /// (or none, before layout 3) is rebuilt from a snapshot once.
 pub const LAYOUT_VERSION: &str = "3";
 
-/// Fields of a SKU hash with a fixed name, written by the apply script, the snapshot
-/// reset and the MQTT publisher (keep in step with `apply.lua`). Every other field is a
-/// counter's lifetime total (`<counter>`) or has a prefix ending in `:` (`loc:`, `r:`,
-/// `w:`, `wmax:`), which counter names cannot contain: so a counter must not take one
-/// of these names.
-pub const FIXED_FIELDS: &[&str] = &[
-    "on_hand",
-    "reserved",
-    "available",
-    "rows",
-    "lsn",
-    "piece",
-    "ts",
-    "threshold",
-    "alert_state",
-    "alerts",
-    "pub_lsn",
-    "pub_piece",
-    "pub_state",
-    "pub_seq",
-    "gone",
-];
-
 /// A SKU as a hash tag: `%`, `{` and `}` percent-encoded, so the tag ends at the key's
 /// own `}` and every SKU has a distinct one; the empty SKU is `%` (an empty tag would make
 /// Redis Cluster hash the whole key, splitting the SKU's keys over slots).
@@ -352,8 +329,11 @@ pub fn state_slot(prefix: &str, field: &str) -> Option<(String, String)> {
     }
     if let Some(rest) = field.strip_prefix("k:") {
         let (hop, reference) = rest.split_once(':')?;
-        let b = row_index_bucket(reference);
-        return Some((format!("{prefix}:ref:{{{hop}:{b}}}"), reference.to_string()));
+        let hop = hop.parse().ok()?;
+        return Some((
+            ref_key(prefix, hop, row_index_bucket(reference)),
+            reference.to_string(),
+        ));
     }
     let rest = field.strip_prefix("d:")?;
     let (hop, item) = rest.split_once(':')?;
@@ -362,6 +342,11 @@ pub fn state_slot(prefix: &str, field: &str) -> Option<(String, String)> {
         dep_key(prefix, hop.parse().ok()?, reference?),
         item.to_string(),
     ))
+}
+
+/// The hash holding one bucket of a hop's lookup values (field: the reference).
+pub fn ref_key(prefix: &str, hop: usize, bucket: u32) -> String {
+    format!("{prefix}:ref:{{{hop}:{bucket}}}")
 }
 
 /// Buckets of one hop's dependents: reading a referenced row's dependents scans its
@@ -421,7 +406,7 @@ impl RowRecord {
                 .as_str()
                 .map(str::to_string)
                 .unwrap_or_else(|| x.to_string());
-            crate::fold::units::parse(&s, scale)
+            crate::units::parse(&s, scale)
         };
         self.on_hand = q(1)?;
         self.reserved = q(2)?;
@@ -494,10 +479,7 @@ impl<'a> Buckets<'a> {
             return false;
         };
         if let Some((counter, minute)) = rest.rsplit_once(':')
-            && let (Ok(m), Some(n)) = (
-                minute.parse::<i64>(),
-                crate::fold::units::parse(value, scale),
-            )
+            && let (Ok(m), Some(n)) = (minute.parse::<i64>(), crate::units::parse(value, scale))
         {
             self.0.push((counter, m, n));
         }
@@ -531,15 +513,6 @@ pub fn window_sum<'a>(
     b.sum(counter, window_minutes, now_minute)
 }
 
-/// A window's name in payloads: `views_5m`, `purchases_1h`.
-pub fn window_name(counter: &str, window_secs: u64) -> String {
-    if window_secs.is_multiple_of(3600) {
-        format!("{counter}_{}h", window_secs / 3600)
-    } else {
-        format!("{counter}_{}m", window_secs / 60)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -557,8 +530,8 @@ mod tests {
         assert_eq!(legacy_sku_of_key("p", "p:sku:a"), Some("a"));
         assert_eq!(bucket_field("views", 7), "w:views:7");
         assert_eq!(minute_of_ms(-1), -1);
-        assert_eq!(window_name("views", 300), "views_5m");
-        assert_eq!(window_name("purchases", 3600), "purchases_1h");
+        assert_eq!(crate::names::window_name("views", 300), "views_5m");
+        assert_eq!(crate::names::window_name("purchases", 3600), "purchases_1h");
     }
 
     /// Redis Cluster's hash tag rule: the bytes between the first `{` and the first `}`

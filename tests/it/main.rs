@@ -2,6 +2,7 @@
 //! harness starts on free loopback ports.
 
 mod api;
+mod architecture;
 mod apply_script;
 mod chaos;
 mod decimals;

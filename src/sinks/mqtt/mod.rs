@@ -130,10 +130,7 @@ mod topic;
 mod tracker;
 
 pub use conn::{Broker, PASSWORD_ENV, parse_url};
-pub use payload::{
-    Kind, PendingAlert, STATE_MEMBERS, StateMessage, alert_payload, parse_alerts, state_message,
-    users_name,
-};
+pub use payload::{Kind, PendingAlert, StateMessage, alert_payload, parse_alerts, state_message};
 pub use run::{EPOCH_INTERVAL, MARK_PUBLISHED};
 pub use sched::{Aging, Scheduler, Want};
 pub use topic::{EMPTY_SKU_LEVEL, decode_sku, encode_sku};

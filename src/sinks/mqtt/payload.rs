@@ -6,37 +6,13 @@ use std::hash::{Hash, Hasher};
 use serde_json::Value;
 
 use super::CounterSpec;
-use crate::fold::units;
 use crate::lsn::Lsn;
+use crate::names::{users_name, window_name};
 use crate::sinks::layout;
+use crate::units;
 
 /// Payload format version (docs/mobile.md).
 pub const FORMAT_VERSION: u64 = 2;
-
-/// Top-level members of the state payload (and of its `delta`) that are not named after
-/// a counter (`views`, `views_5m`, `views_users_5m`): a counter must not produce one.
-pub const STATE_MEMBERS: &[&str] = &[
-    "v",
-    "sku",
-    "on_hand",
-    "reserved",
-    "available",
-    "locations",
-    "delta",
-    "as_of",
-    "lsn",
-    "piece",
-    "prev_lsn",
-    "prev_piece",
-    "ts",
-    "sell_rate_per_h",
-    "stockout_eta_s",
-    "rev",
-    "delta_from",
-    "threshold",
-    "alert_state",
-    "gone",
-];
 
 /// A payload as sent: JSON as is, or the same members as CBOR (RFC 8949). An empty
 /// payload (a cleared SKU) stays empty.
@@ -179,7 +155,7 @@ pub struct Spec {
     pub counters: Vec<CounterSpec>,
     /// The counter whose last hour gives `sell_rate_per_h`.
     pub sell_counter: Option<String>,
-    /// Decimal places of quantities (`fold::units`); 0: whole numbers.
+    /// Decimal places of quantities (`units`); 0: whole numbers.
     pub scale: u32,
     /// The default low-stock threshold, in whole units (`[alerts] low_stock`).
     pub low_stock: i64,
@@ -200,7 +176,7 @@ pub struct StateMessage {
     pub rev: String,
 }
 
-/// A quantity field in units (see `fold::units`); 0 when absent or malformed.
+/// A quantity field in units (see `units`); 0 when absent or malformed.
 fn qty(fields: &HashMap<String, String>, name: &str, scale: u32) -> i64 {
     fields
         .get(name)
@@ -330,7 +306,7 @@ pub fn state_message(
         values.insert(c.name.clone(), qty(fields, &c.name, scale));
         for &w in &c.windows_secs {
             let minutes = i64::try_from(w / 60).unwrap_or(1).max(1);
-            let name = layout::window_name(&c.name, w);
+            let name = window_name(&c.name, w);
             let sum = window_sum(&c.name, minutes);
             window_values.push((name, sum));
             if c.distinct_users {
@@ -533,13 +509,6 @@ pub fn users_queries(
         }
     }
     names
-}
-
-/// Payload name of a counter's distinct users over a window: `views_users_5m`.
-pub fn users_name(counter: &str, window_secs: u64) -> String {
-    let w = layout::window_name(counter, window_secs);
-    let suffix = &w[counter.len()..];
-    format!("{counter}_users{suffix}")
 }
 
 /// Current minus previous, non-zero entries only; location values nested under
@@ -745,7 +714,7 @@ mod tests {
                 values.insert(c.name.clone(), int(fields, &c.name));
                 for &w in &c.windows_secs {
                     let minutes = i64::try_from(w / 60).unwrap_or(1).max(1);
-                    let name = layout::window_name(&c.name, w);
+                    let name = window_name(&c.name, w);
                     let sum = layout::window_sum(pairs(), &c.name, minutes, now_minute);
                     window_values.push((name, sum));
                     if c.distinct_users {
@@ -1085,7 +1054,7 @@ mod tests {
             .flat_map(|c| {
                 let mut n = vec![c.name.clone()];
                 for &w in &c.windows_secs {
-                    n.push(layout::window_name(&c.name, w));
+                    n.push(window_name(&c.name, w));
                     n.push(users_name(&c.name, w));
                 }
                 n
@@ -1099,7 +1068,7 @@ mod tests {
             }
             for k in members {
                 assert!(
-                    from_counters.contains(k) || STATE_MEMBERS.contains(&k.as_str()),
+                    from_counters.contains(k) || crate::names::STATE_MEMBERS.contains(&k.as_str()),
                     "{k} is neither a counter's nor in STATE_MEMBERS"
                 );
             }

@@ -504,34 +504,9 @@ impl Applier {
                     .query_async(&mut self.con)
                     .await
                     .map_err(RedisSinkError::from_redis)?;
-                // A row record names the SKU holding the row; its quantities are that
-                // hash's (the record is not rewritten for quantity-only changes).
-                let mut patch = Vec::new();
-                for (i, v) in got.iter().enumerate() {
-                    if let Some(rec) = v.as_deref().and_then(layout::RowRecord::decode)
-                        && let Some(h) = &rec.holder
-                    {
-                        patch.push((i, layout::sku_key(&prefix, h), rec));
-                    }
-                }
-                let mut got = got;
-                if !patch.is_empty() {
-                    let mut pipe = redis::pipe();
-                    for (i, key, _) in &patch {
-                        pipe.cmd("HGET").arg(key).arg(&chunk[*i].0);
-                    }
-                    let contributions: Vec<Option<String>> = pipe
-                        .query_async(&mut self.con)
-                        .await
-                        .map_err(RedisSinkError::from_redis)?;
-                    for ((i, _, rec), c) in patch.into_iter().zip(contributions) {
-                        if let Some(r) =
-                            c.and_then(|c| rec.with_contribution(&c, self.settings.scale))
-                        {
-                            got[i] = Some(r.encode());
-                        }
-                    }
-                }
+                let got = self
+                    .with_contributions(chunk.iter().map(|(f, _, _)| f.as_str()), got)
+                    .await?;
                 for ((f, _, _), v) in chunk.iter().zip(got) {
                     fold.know(f.clone(), v);
                 }
@@ -546,6 +521,100 @@ impl Applier {
         Err(RedisSinkError::Definite(
             "internal: the fold kept asking for index state after 16 reads".into(),
         ))
+    }
+
+    /// Row records as the fold uses them: a record names the SKU holding the row and its
+    /// quantities are that hash's (the record is not rewritten for quantity-only
+    /// changes), so each record read gets its contribution from the holder's hash.
+    /// `fields[i]` is the row field `values[i]` was read for; other values pass as read.
+    async fn with_contributions<'a>(
+        &mut self,
+        fields: impl Iterator<Item = &'a str>,
+        mut values: Vec<Option<String>>,
+    ) -> Result<Vec<Option<String>>, RedisSinkError> {
+        let mut patch = Vec::new();
+        for (i, f) in fields.enumerate() {
+            if let Some(rec) = values[i].as_deref().and_then(layout::RowRecord::decode)
+                && let Some(h) = &rec.holder
+            {
+                patch.push((i, layout::sku_key(&self.settings.prefix, h), f, rec));
+            }
+        }
+        if patch.is_empty() {
+            return Ok(values);
+        }
+        let mut pipe = redis::pipe();
+        for (_, key, f, _) in &patch {
+            pipe.cmd("HGET").arg(key).arg(*f);
+        }
+        let contributions: Vec<Option<String>> = pipe
+            .query_async(&mut self.con)
+            .await
+            .map_err(RedisSinkError::from_redis)?;
+        for ((i, _, _, rec), c) in patch.into_iter().zip(contributions) {
+            if let Some(r) = c.and_then(|c| rec.with_contribution(&c, self.settings.scale)) {
+                values[i] = Some(r.encode());
+            }
+        }
+        Ok(values)
+    }
+
+    /// Read index state ahead into a new fold's cache, up to `limit` entries: the row
+    /// index of `tables` (holders or records) and the lookup values of `hops` hops, one
+    /// bucket hash per round trip. A restart then folds its backlog without a read per
+    /// cold row (each waits behind the apply call in flight); what does not fit is read
+    /// when needed, as before. Call only while nothing is applied (no batch in flight).
+    pub async fn warm(
+        &mut self,
+        fold: &mut crate::fold::Fold,
+        tables: &[&str],
+        hops: usize,
+        limit: usize,
+    ) -> Result<usize, RedisSinkError> {
+        let prefix = self.settings.prefix.clone();
+        let mut keys: Vec<(String, Option<usize>)> = Vec::new();
+        for t in tables {
+            for b in 0..layout::ROW_INDEX_BUCKETS {
+                keys.push((layout::row_index_key(&prefix, t, b), None));
+            }
+        }
+        for hop in 0..hops {
+            for b in 0..layout::ROW_INDEX_BUCKETS {
+                keys.push((layout::ref_key(&prefix, hop, b), Some(hop)));
+            }
+        }
+        let mut n = 0;
+        for (key, hop) in keys {
+            if n >= limit {
+                break;
+            }
+            let all: Vec<(String, String)> = redis::cmd("HGETALL")
+                .arg(&key)
+                .query_async(&mut self.con)
+                .await
+                .map_err(RedisSinkError::from_redis)?;
+            let all = &all[..all.len().min(limit - n)];
+            let fields: Vec<String> = all
+                .iter()
+                .map(|(f, _)| match hop {
+                    None => f.clone(),
+                    Some(h) => layout::lookup_field(h, f),
+                })
+                .collect();
+            let values: Vec<Option<String>> = all.iter().map(|(_, v)| Some(v.clone())).collect();
+            let values = match hop {
+                None => {
+                    self.with_contributions(fields.iter().map(String::as_str), values)
+                        .await?
+                }
+                Some(_) => values,
+            };
+            for (f, v) in fields.into_iter().zip(values) {
+                fold.warm(f, v);
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Every dependent of a referenced row (HSCAN of its dependents hash by prefix).

@@ -1,9 +1,11 @@
 //! The TOML configuration. Every key is documented here and in the README; unknown keys
 //! are errors, and every error names the key.
 
+pub mod webhook;
+
+use crate::names;
 use crate::pg::connstr::PgConnectConfig;
 use crate::secret::{Secret, credential, read_credential, redact_url};
-use crate::sinks::layout;
 use serde::Deserialize;
 use std::path::Path;
 use std::time::Duration;
@@ -42,7 +44,7 @@ pub struct Config {
     pub api: Option<ApiConfig>,
     /// `[[webhook]]`: HTTP receivers of every alert (push bridges).
     #[serde(default)]
-    pub webhook: Vec<crate::sinks::webhook::WebhookConfig>,
+    pub webhook: Vec<webhook::WebhookConfig>,
     /// `[limits]`: bounds on what the database's rows can make skusync store.
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -308,7 +310,7 @@ pub struct InventoryMap {
     #[serde(default)]
     pub low_stock: Option<String>,
     /// Row filter: conditions ANDed (`["deleted_at IS NULL"]`); rows that fail count
-    /// nowhere (see `fold::filter`). Omitted from the fingerprint when empty.
+    /// nowhere (see `filter`). Omitted from the fingerprint when empty.
     #[serde(default, rename = "where", skip_serializing_if = "Vec::is_empty")]
     pub filter: Vec<String>,
     /// Fractional digits its quantities may have (0 to 9); absent: whole numbers only.
@@ -601,7 +603,7 @@ fn validate_source(what: &str, v: &ValueSource, activity: bool) -> Result<(), Co
             }
             _ => {}
         }
-        if let Err(e) = crate::fold::filter::Filter::parse(&h.filter) {
+        if let Err(e) = crate::filter::Filter::parse(&h.filter) {
             return err(format!("{at}.{e}"));
         }
     }
@@ -1024,7 +1026,7 @@ impl Config {
                     return err(format!("inventory[{i}].{k}: an empty list of columns"));
                 }
             }
-            if let Err(e) = crate::fold::filter::Filter::parse(&m.filter) {
+            if let Err(e) = crate::filter::Filter::parse(&m.filter) {
                 return err(format!("inventory[{i}].{e}"));
             }
             if m.scale.is_some_and(|s| s > 9) {
@@ -1045,7 +1047,7 @@ impl Config {
             if !tables.insert(m.table.clone()) {
                 return err(format!("activity[{i}].table: {} is mapped twice", m.table));
             }
-            if let Err(e) = crate::fold::filter::Filter::parse(&m.filter) {
+            if let Err(e) = crate::filter::Filter::parse(&m.filter) {
                 return err(format!("activity[{i}].{e}"));
             }
             validate_source(&format!("activity[{i}].sku"), &m.sku, true)?;
@@ -1115,12 +1117,12 @@ impl Config {
         for (c, (i, windows, users)) in &counters {
             let mut names = vec![(c.clone(), format!("counter {c:?}"))];
             for &w in windows {
-                let window = layout::window_name(c, w);
+                let window = names::window_name(c, w);
                 let span = window[c.len() + 1..].to_string();
                 names.push((window, format!("the {span} window of counter {c:?}")));
                 if *users {
                     names.push((
-                        crate::sinks::mqtt::users_name(c, w),
+                        names::users_name(c, w),
                         format!("the {span} distinct users of counter {c:?}"),
                     ));
                 }
@@ -1232,7 +1234,7 @@ impl Config {
 
     /// The status update interval.
     /// Decimal places of every stored quantity: the largest `scale` of any mapped table
-    /// (0: whole numbers; see `fold::units`).
+    /// (0: whole numbers; see `units`).
     pub fn quantity_scale(&self) -> u32 {
         self.inventory
             .iter()
@@ -1255,11 +1257,11 @@ fn counter_name_problem(c: &str) -> Option<&'static str> {
         Some("it is empty")
     } else if c.contains(':') {
         Some("it contains ':' (the separator of prefixed SKU hash fields and keys)")
-    } else if layout::FIXED_FIELDS.contains(&c) || c.starts_with("pub") || c.starts_with("alert") {
+    } else if names::FIXED_FIELDS.contains(&c) || c.starts_with("pub") || c.starts_with("alert") {
         Some(
             "skusync keeps a field of that name in each SKU hash (names starting with \"pub\" or \"alert\" are reserved too)",
         )
-    } else if crate::sinks::mqtt::STATE_MEMBERS.contains(&c) {
+    } else if names::STATE_MEMBERS.contains(&c) {
         Some("the MQTT state payload has a member of that name")
     } else {
         None
@@ -1475,7 +1477,7 @@ mod tests {
 
     #[test]
     fn the_example_config_in_dist_parses() {
-        let text = include_str!("../dist/skusync.toml");
+        let text = include_str!("../../dist/skusync.toml");
         let c = Config::parse(text).unwrap_or_else(|e| panic!("dist/skusync.toml: {e}"));
         assert!(c.http.is_some() && c.mqtt.is_some() && c.redis.is_some());
     }
@@ -1483,9 +1485,9 @@ mod tests {
     #[test]
     fn the_commerce_examples_in_dist_parse_with_their_lookups() {
         for (name, text) in [
-            ("saleor", include_str!("../dist/examples/saleor.toml")),
-            ("odoo", include_str!("../dist/examples/odoo.toml")),
-            ("solidus", include_str!("../dist/examples/solidus.toml")),
+            ("saleor", include_str!("../../dist/examples/saleor.toml")),
+            ("odoo", include_str!("../../dist/examples/odoo.toml")),
+            ("solidus", include_str!("../../dist/examples/solidus.toml")),
         ] {
             let c = Config::parse(text).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(c.inventory[0].sku.lookup().is_some(), "{name}");
