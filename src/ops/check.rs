@@ -922,8 +922,8 @@ async fn check_mqtt<W: Write>(cfg: &Config, r: &mut Report<W>) {
     }
     // A broker that lets anyone in lets anyone connect as skusync's client id, which
     // disconnects skusync (MQTT session takeover) and publishes its `offline` will.
-    // Accounts the broker does know cannot be probed from here: see the README,
-    // "Securing the broker", for binding client ids to user names.
+    // Accounts the broker does know cannot be probed from here: see docs/security.md,
+    // "Securing the broker for mobile clients", for binding client ids to user names.
     let anon_id = format!("{}-check-anon-{}", mc.client_id, std::process::id());
     let anonymous = if broker.user.is_none() {
         true
@@ -940,7 +940,7 @@ async fn check_mqtt<W: Write>(cfg: &Config, r: &mut Report<W>) {
             ),
             &[
                 "# mosquitto.conf: allow_anonymous false, a password_file, and skusync's own user in mqtt.url".into(),
-                "# and bind client ids to users (README, Securing the broker)".into(),
+                "# and bind client ids to users (docs/security.md, Securing the broker for mobile clients)".into(),
             ],
         );
     } else {
