@@ -5,6 +5,7 @@ mod api;
 mod apply_script;
 mod chaos;
 mod decimals;
+mod docs_commands;
 mod filters;
 mod fold_oracle;
 mod harness;
