@@ -1,5 +1,6 @@
-//! The TOML configuration. Every key is documented here and in the README; unknown keys
-//! are errors, and every error names the key.
+//! The TOML configuration. Every key is documented here and in docs/configuration.md (the
+//! test `tests/it/config_reference.rs` checks it); unknown keys are errors, and every error
+//! names the key.
 
 use crate::pg::connstr::PgConnectConfig;
 use crate::secret::{Secret, credential, read_credential, redact_url};

@@ -4,6 +4,7 @@
 mod api;
 mod apply_script;
 mod chaos;
+mod config_reference;
 mod decimals;
 mod docs_commands;
 mod filters;
