@@ -151,18 +151,22 @@ async fn check_postgres<W: Write>(cfg: &Config, r: &mut Report<W>) {
                 ));
                 fix
             };
+            let password = || -> Vec<String> {
+                vec![
+                    "set the password in postgres.url, SKUSYNC_PG_PASSWORD, PGPASSWORD or the passfile,".into(),
+                    "and check the role's pg_hba.conf line (logical replication matches the database column)".into(),
+                ]
+            };
             let fix = match e.kind {
                 ConnectFailureKind::MissingRole => create_role(),
-                ConnectFailureKind::Auth => {
+                ConnectFailureKind::PasswordRefused => {
                     // under a password method the server does not say whether the role exists
-                    let mut fix = vec![
-                        "set the password in postgres.url, SKUSYNC_PG_PASSWORD, PGPASSWORD or the passfile,".into(),
-                        "and check the role's pg_hba.conf line (logical replication matches the database column)".into(),
-                        format!("-- if role {user} does not exist yet:"),
-                    ];
+                    let mut fix = password();
+                    fix.push(format!("-- if role {user} does not exist yet:"));
                     fix.extend(create_role());
                     fix
                 }
+                ConnectFailureKind::Auth => password(),
                 ConnectFailureKind::Other => vec![],
             };
             r.fail("postgres connection", &e.message, &fix);

@@ -38,7 +38,10 @@ pub enum ConnectFailureKind {
     /// The configured role does not exist (as the server says under trust or peer
     /// authentication).
     MissingRole,
-    /// Any other refused login: password, `pg_hba.conf`, TLS or channel binding.
+    /// The server refused the password (under a password method it says the same for a
+    /// role that does not exist).
+    PasswordRefused,
+    /// Any other refused login: `pg_hba.conf`, TLS, channel binding, `require_auth`.
     Auth,
     /// Unreachable, timed out, or a bad connection setting.
     Other,
@@ -65,6 +68,8 @@ pub async fn pg_client_or_why(cfg: &Config) -> Result<(Client, PgConnectConfig),
         Ok(Err(e)) => {
             let kind = if e.is_missing_role() {
                 ConnectFailureKind::MissingRole
+            } else if e.is_password_refused() {
+                ConnectFailureKind::PasswordRefused
             } else if matches!(e, crate::pg::PgError::Auth { .. }) {
                 ConnectFailureKind::Auth
             } else {

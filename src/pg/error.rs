@@ -90,6 +90,13 @@ impl PgError {
             if reason.starts_with("role \"") && reason.ends_with("\" does not exist"))
     }
 
+    /// True when the server refused the password. Under a password method a role that
+    /// does not exist is refused the same way.
+    pub fn is_password_refused(&self) -> bool {
+        matches!(self, PgError::Auth { reason, .. }
+            if reason.starts_with("password authentication failed"))
+    }
+
     /// True when the slot is being streamed by another connection (SQLSTATE 55006):
     /// a second instance waits as a standby instead of failing.
     pub fn is_slot_in_use(&self) -> bool {
@@ -146,6 +153,8 @@ mod tests {
         };
         assert!(auth("role \"app\" does not exist").is_missing_role());
         assert!(!auth("password authentication failed for user \"app\"").is_missing_role());
+        assert!(auth("password authentication failed for user \"app\"").is_password_refused());
+        assert!(!auth("role \"app\" does not exist").is_password_refused());
         assert!(!server("28000").is_missing_role());
     }
 }

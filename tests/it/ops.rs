@@ -361,6 +361,11 @@ fn check_fails_for_a_wrong_postgres_password_without_echoing_it() {
     );
     let (_, out) = rig.check();
     assert!(!out.contains("hunter2wrong"), "password echoed:\n{out}");
+    // the server does not say whether the role exists: the CREATE ROLE is offered too
+    assert!(
+        out.contains("-- if role app does not exist yet:\n     CREATE ROLE app LOGIN REPLICATION"),
+        "{out}"
+    );
 }
 
 #[test]
