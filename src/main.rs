@@ -184,7 +184,7 @@ async fn ops_command(command: &Command, cfg: &Config) -> Option<ExitCode> {
                 ExitCode::FAILURE
             }
         }
-        Command::Setup { print: true } => done(ops::setup::print_sql(cfg).map(|sql| {
+        Command::Setup { print: true } => done(ops::setup::print_sql(cfg).await.map(|sql| {
             let _ = out.write_all(sql.as_bytes());
         })),
         Command::Setup { print: false } => done(ops::setup::run(cfg, &mut out).await),
@@ -279,6 +279,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Only what counts distinct users needs their HMAC key; the other commands work
+    // without one (`check` reports it missing).
+    if matches!(cli.command, Command::Run | Command::Resync)
+        && let Err(e) = cfg.require_user_keys()
+    {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     // One worker: the pipeline holds one apply call in flight and the publisher is one
     // task, so more workers bought no throughput, only cross-thread wake-ups (p99 at
     // 5k tx/s: 39 ms with two workers on two cores, 16 ms with one). The replication

@@ -22,16 +22,27 @@ pub struct TailOptions {
     pub raw: bool,
 }
 
-/// The mapped user column of each activity table with its HMAC key: table -> (column, key).
-type UserColumns = std::collections::HashMap<String, (String, Secret<Vec<u8>>)>;
+/// The mapped user column of each activity table with its HMAC key, when one is set:
+/// table -> (column, key).
+type UserColumns = std::collections::HashMap<String, (String, Option<Secret<Vec<u8>>>)>;
+
+/// What `tail` prints for a user column when no HMAC key is set: never the user id itself.
+pub const HIDDEN_USER: &str = "<hidden: no HMAC key set>";
 
 fn user_columns(cfg: &Config) -> Result<UserColumns, SourceError> {
     let mut out = UserColumns::new();
     for (i, a) in cfg.activity.iter().enumerate() {
         let key = cfg
-            .user_key(i)
+            .user_key_if_set(i)
             .map_err(|e| SourceError::Pg(crate::pg::PgError::Config(e.0)))?;
-        if let (Some(col), Some(key)) = (&a.user, key) {
+        if let Some(col) = &a.user {
+            if key.is_none() {
+                tracing::warn!(
+                    "activity[{i}].user: no HMAC key is set, so {}.{col} prints as {HIDDEN_USER:?} \
+                     (set SKUSYNC_USER_KEY to see the HMAC skusync counts, or pass --raw)",
+                    a.table
+                );
+            }
             out.insert(a.table.clone(), (col.clone(), key));
         }
     }
@@ -39,8 +50,15 @@ fn user_columns(cfg: &Config) -> Result<UserColumns, SourceError> {
 }
 
 /// Replace the user column of `tuple_json` (a `new` or `old` object) by the HMAC of its
-/// text form, as the fold computes it; NULL and unchanged values stay as they are.
-fn hide_user(tuple_json: &mut Json, tuple: Option<&Tuple>, index: usize, col: &str, key: &[u8]) {
+/// text form, as the fold computes it, or by [`HIDDEN_USER`] without a key; NULL and
+/// unchanged values stay as they are.
+fn hide_user(
+    tuple_json: &mut Json,
+    tuple: Option<&Tuple>,
+    index: usize,
+    col: &str,
+    key: Option<&[u8]>,
+) {
     let Json::Object(m) = tuple_json else {
         return;
     };
@@ -48,9 +66,12 @@ fn hide_user(tuple_json: &mut Json, tuple: Option<&Tuple>, index: usize, col: &s
         return;
     };
     *v = match tuple.and_then(|t| t.get(index)) {
-        Some(Datum::Text(b)) => match std::str::from_utf8(b) {
-            Ok(s) => Json::String(crate::fold::hmac_user(key, s)),
-            Err(_) => Json::String("<not UTF-8>".into()),
+        Some(Datum::Text(_)) | Some(Datum::Binary(_)) if key.is_none() => {
+            Json::String(HIDDEN_USER.into())
+        }
+        Some(Datum::Text(b)) => match (std::str::from_utf8(b), key) {
+            (Ok(s), Some(key)) => Json::String(crate::fold::hmac_user(key, s)),
+            _ => Json::String("<not UTF-8>".into()),
         },
         Some(Datum::Binary(_)) => Json::String("<binary>".into()),
         Some(Datum::Null) | Some(Datum::UnchangedToast) | None => return,
@@ -114,7 +135,7 @@ pub async fn run(
                     if let Some((col, key)) = users.get(&c.rel.qualified_name())
                         && let Some(i) = c.rel.column_index(col)
                     {
-                        let key = key.expose();
+                        let key = key.as_ref().map(|k| k.expose().as_slice());
                         hide_user(&mut line["new"], c.new.as_ref(), i, col, key);
                         let old = c.old.as_ref().map(|(_, t)| t);
                         hide_user(&mut line["old"], old, i, col, key);

@@ -14,8 +14,9 @@
 # DEMO_RATE (pgbench transactions/s, default 40), DEMO_SKUS (catalogue size, default 3000),
 # SKUSYNC_PG_BIN (PostgreSQL bin dir).
 #
-# Prints machine-readable `DEMO_<NAME>=<value>` lines and then `DEMO_READY` once the page
-# is served and skusync has published its snapshot. Ctrl-C / SIGTERM / exit stops
+# Prints machine-readable `DEMO_<NAME>=<value>` lines (DEMO_CONFIG is skusync's config,
+# DEMO_USER_KEY_FILE the file holding its SKUSYNC_USER_KEY) and then `DEMO_READY` once the
+# page is served and skusync has published its snapshot. Ctrl-C / SIGTERM / exit stops
 # everything and removes the temp directory.
 set -euo pipefail
 
@@ -254,8 +255,11 @@ view = "views"
 add_to_cart = "carts"
 purchase = "purchases"
 EOF
-# the HMAC key for user ids comes from the environment, never the config file
-SKUSYNC_USER_KEY="demo-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')" \
+# the HMAC key for user ids comes from the environment, never the config file; kept in a
+# file only this user can read, so `skusync status/tail/check` from another shell can use
+# the same key (printed below as an export line that reads it)
+(umask 077 && echo "demo-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')" >"$tmp/user-key")
+SKUSYNC_USER_KEY="$(cat "$tmp/user-key")" \
     "$bin" run --config "$tmp/skusync.toml" >"$tmp/skusync.log" 2>&1 &
 skusync_pid=$!
 pids=("$skusync_pid" "${pids[@]}")
@@ -322,6 +326,8 @@ DEMO_METRICS_URL=http://127.0.0.1:$metrics_port/metrics
 DEMO_API_URL=$api_url
 DEMO_PAGE_URL=$page_url
 DEMO_PREFIX=$prefix
+DEMO_CONFIG=$tmp/skusync.toml
+DEMO_USER_KEY_FILE=$tmp/user-key
 DEMO_READY
 EOF
 
@@ -342,6 +348,9 @@ if [[ $quiet -eq 0 ]]; then
       curl '$api_url/v1/sku/SKU-00007'    curl '$api_url/v1/changes?limit=5'
   Redis state of one SKU:
       redis-cli -p $redis_port HGETALL 'skusync:{SKU-00007}'
+  skusync's own commands on the demo (config $tmp/skusync.toml), from another shell:
+      export SKUSYNC_CONFIG=$tmp/skusync.toml SKUSYNC_USER_KEY="\$(cat $tmp/user-key)"
+      $bin status    # or: tail, check, verify
   Logs: $tmp/skusync.log $([[ $load -eq 1 ]] && echo "$tmp/pgbench.log")
 
   Ctrl-C stops everything.

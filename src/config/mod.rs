@@ -1,5 +1,6 @@
-//! The TOML configuration. Every key is documented here and in the README; unknown keys
-//! are errors, and every error names the key.
+//! The TOML configuration. Every key is documented here and in docs/configuration.md (the
+//! test `tests/it/config_reference.rs` checks it); unknown keys are errors, and every error
+//! names the key.
 
 pub mod webhook;
 
@@ -859,14 +860,39 @@ impl Config {
     }
 
     /// The HMAC key for activity table `i`'s user column: `None` when no user column is
-    /// mapped. From `user_key`, else the credential `user-key`, else `SKUSYNC_USER_KEY`;
-    /// at least [`MIN_USER_KEY_BYTES`] bytes.
+    /// mapped, an error when one is mapped and no key is set. From `user_key`, else the
+    /// credential `user-key`, else `SKUSYNC_USER_KEY`; at least [`MIN_USER_KEY_BYTES`]
+    /// bytes. Only what counts users needs it (`run`, `resync`): other commands use
+    /// [`user_key_if_set`](Self::user_key_if_set).
     pub fn user_key(&self, i: usize) -> Result<Option<Secret<Vec<u8>>>, ConfigError> {
+        if self.activity.get(i).is_none_or(|a| a.user.is_none()) {
+            return Ok(None);
+        }
+        self.user_key_if_set(i)?.map(Some).ok_or_else(|| {
+            ConfigError(format!(
+                "activity[{i}].user: mapping a user column needs an HMAC key of at least \
+                 {MIN_USER_KEY_BYTES} bytes: set activity[{i}].user_key (in a file only its \
+                 owner can read), the systemd credential {}, or SKUSYNC_USER_KEY",
+                credential::USER_KEY
+            ))
+        })
+    }
+
+    /// Every mapped user column's HMAC key ([`user_key`](Self::user_key) for each activity
+    /// table): the check `run` and `resync` make before they start.
+    pub fn require_user_keys(&self) -> Result<(), ConfigError> {
+        (0..self.activity.len()).try_for_each(|i| self.user_key(i).map(|_| ()))
+    }
+
+    /// The HMAC key for activity table `i`'s user column when one is set (`None` when no
+    /// user column is mapped or no key is given); a key that is set but too short is an
+    /// error wherever it comes from.
+    pub fn user_key_if_set(&self, i: usize) -> Result<Option<Secret<Vec<u8>>>, ConfigError> {
         let Some(a) = self.activity.get(i).filter(|a| a.user.is_some()) else {
             return Ok(None);
         };
         let env = std::env::var("SKUSYNC_USER_KEY").ok().map(Secret::new);
-        let (key, from) = [
+        let Some((key, from)) = [
             (a.user_key.as_ref(), format!("activity[{i}].user_key")),
             (
                 self.user_key_credential.as_ref(),
@@ -875,15 +901,9 @@ impl Config {
             (env.as_ref(), "SKUSYNC_USER_KEY".to_string()),
         ]
         .into_iter()
-        .find_map(|(k, from)| Some((k.filter(|k| !k.expose().is_empty())?, from)))
-        .ok_or_else(|| {
-            ConfigError(format!(
-                "activity[{i}].user: mapping a user column needs an HMAC key of at least \
-                 {MIN_USER_KEY_BYTES} bytes: set activity[{i}].user_key (in a file only its \
-                 owner can read), the systemd credential {}, or SKUSYNC_USER_KEY",
-                credential::USER_KEY
-            ))
-        })?;
+        .find_map(|(k, from)| Some((k.filter(|k| !k.expose().is_empty())?, from))) else {
+            return Ok(None);
+        };
         let n = key.expose().len();
         if n < MIN_USER_KEY_BYTES {
             return Err(ConfigError(format!(
@@ -1091,7 +1111,9 @@ impl Config {
                 }
                 e.2 |= m.user.is_some();
             }
-            self.user_key(i)?;
+            // a key that is set must be usable; a missing one only stops `run` and
+            // `resync` (`require_user_keys`), the commands that count users
+            self.user_key_if_set(i)?;
         }
         // A referenced table is followed in all its changes: an activity table (insert
         // only) cannot be one; a stock table can (Solidus stock items are counted, and
@@ -1791,15 +1813,20 @@ mod tests {
         let p = write_file(d.path(), "c.toml", &text, 0o600);
         let c = Config::load_with_credentials(&p, Some(&creds)).unwrap();
         assert!(c.redis.unwrap().url.contains(":inline@"));
-        // without credentials and without a key, the error says where a key may come from
+        // without credentials and without a key the file loads (status, tail, check do
+        // not need the key), and what needs it says where a key may come from
         if std::env::var_os("SKUSYNC_USER_KEY").is_none() {
-            let e = Config::load_with_credentials(&p, None)
-                .unwrap_err()
-                .to_string();
+            let c = Config::load_with_credentials(&p, None).unwrap();
+            assert!(c.user_key_if_set(0).unwrap().is_none());
+            let e = c.require_user_keys().unwrap_err().to_string();
             assert!(
-                e.contains("activity[0].user") && e.contains("user-key"),
+                e.contains("activity[0].user: mapping a user column needs an HMAC key")
+                    && e.contains("user-key")
+                    && e.contains("SKUSYNC_USER_KEY"),
                 "{e}"
             );
+            assert!(crate::fold::mapping::Mapping::from_config(&c).is_err());
+            crate::fold::mapping::Mapping::without_user_keys(&c).unwrap();
         }
         // a short key from a credential is refused, naming where it came from
         write_file(&creds, "user-key", "short\n", 0o600);

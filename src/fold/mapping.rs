@@ -68,15 +68,29 @@ pub struct HopSpec {
 pub struct ActivitySpec {
     pub map: ActivityMap,
     pub windows_secs: Vec<u64>,
-    /// HMAC key for user ids (present iff `user` is mapped; redacted in Debug).
+    /// HMAC key for user ids (present iff `user` is mapped, in a mapping built by
+    /// [`Mapping::from_config`]; redacted in Debug).
     pub user_key: Option<crate::secret::Secret<Vec<u8>>>,
     /// Its row filter (empty: every row).
     pub filter: Filter,
 }
 
 impl Mapping {
-    /// Build from the config (already validated by `Config::parse`).
+    /// Build from the config (already validated by `Config::parse`), with the HMAC key of
+    /// every mapped user column: an error names the column whose key is missing. What the
+    /// daemon folds with.
     pub fn from_config(cfg: &Config) -> Result<Mapping, ConfigError> {
+        Self::build(cfg, true)
+    }
+
+    /// [`from_config`](Self::from_config) without reading any HMAC key (every
+    /// `user_key` is `None`), for commands that only resolve the mapping against the
+    /// catalog (`check`): they work before a key is set. Never fold with it.
+    pub fn without_user_keys(cfg: &Config) -> Result<Mapping, ConfigError> {
+        Self::build(cfg, false)
+    }
+
+    fn build(cfg: &Config, with_keys: bool) -> Result<Mapping, ConfigError> {
         let mut activity = Vec::new();
         for (i, a) in cfg.activity.iter().enumerate() {
             let windows_secs = a
@@ -88,7 +102,7 @@ impl Mapping {
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let user_key = cfg.user_key(i)?;
+            let user_key = if with_keys { cfg.user_key(i)? } else { None };
             let filter =
                 Filter::parse(&a.filter).map_err(|e| ConfigError(format!("activity[{i}].{e}")))?;
             activity.push(ActivitySpec {
@@ -172,7 +186,7 @@ impl Mapping {
                         e.0.push(*w);
                     }
                 }
-                e.1 |= a.user_key.is_some();
+                e.1 |= a.map.user.is_some();
             }
         }
         out.into_iter().map(|(k, (w, u))| (k, w, u)).collect()

@@ -7,8 +7,8 @@
 //! losing its data).
 
 use super::{
-    PubPlan, STOCK_PUBLISH, create_publication_sql, ident, plan_publications, schema_of,
-    table_ident,
+    ConnectFailureKind, PubPlan, STOCK_PUBLISH, create_publication_sql, ident, plan_publications,
+    schema_of, table_ident,
 };
 use crate::config::Config;
 use crate::fold::Mapping;
@@ -96,6 +96,7 @@ impl<W: Write> Report<W> {
 /// Run every check; returns true when `run` would work (no failures).
 pub async fn run(cfg: &Config, out: impl Write) -> bool {
     let mut r = Report::new(out);
+    check_user_keys(cfg, &mut r);
     check_postgres(cfg, &mut r).await;
     check_redis(cfg, &mut r).await;
     check_mqtt(cfg, &mut r).await;
@@ -108,23 +109,67 @@ pub async fn run(cfg: &Config, out: impl Write) -> bool {
     f == 0
 }
 
+/// Each mapped user column has its HMAC key (`run` refuses to start without it; the other
+/// commands do not need it).
+fn check_user_keys<W: Write>(cfg: &Config, r: &mut Report<W>) {
+    for (i, a) in cfg.activity.iter().enumerate() {
+        if a.user.is_none() {
+            continue;
+        }
+        let check = format!("activity[{i}].user HMAC key");
+        match cfg.user_key(i) {
+            Ok(_) => r.ok(&check),
+            Err(e) => r.fail(
+                &check,
+                &e.0,
+                &[
+                    format!(
+                        "export SKUSYNC_USER_KEY=...   # at least {} bytes, e.g. from `openssl rand -hex 32`",
+                        crate::config::MIN_USER_KEY_BYTES
+                    ),
+                    "# or the systemd credential user-key (dist/skusync.service); keep the key: users".into(),
+                    "# are counted as HMACs with it, and a new key counts a user seen before as new".into(),
+                ],
+            ),
+        }
+    }
+}
+
 async fn check_postgres<W: Write>(cfg: &Config, r: &mut Report<W>) {
     if let Some(problem) = cfg.pg_connect().ok().and_then(|c| c.weak_tls()) {
         let fix = "set sslmode=verify-full&sslrootcert=/path/to/ca.pem (or sslrootcert=system) in postgres.url";
         r.warn("postgres TLS", &problem, &[fix.into()]);
     }
-    let (client, pgc) = match super::pg_client(cfg).await {
+    let (client, pgc) = match super::pg_client_or_why(cfg).await {
         Ok(c) => c,
         Err(e) => {
-            let fix = if e.contains("authentication") {
+            let user = cfg.pg_connect().map(|c| c.user).unwrap_or_default();
+            let create_role = || {
+                let mut fix = super::role_sql(cfg, &user, false);
+                fix.push(format!(
+                    "-- as a superuser; then a pg_hba.conf line for {user} (logical replication matches the database column)"
+                ));
+                fix
+            };
+            let password = || -> Vec<String> {
                 vec![
                     "set the password in postgres.url, SKUSYNC_PG_PASSWORD, PGPASSWORD or the passfile,".into(),
                     "and check the role's pg_hba.conf line (logical replication matches the database column)".into(),
                 ]
-            } else {
-                vec![]
             };
-            r.fail("postgres connection", &e, &fix);
+            let fix = match e.kind {
+                ConnectFailureKind::MissingRole => create_role(),
+                ConnectFailureKind::PasswordRefused => {
+                    // under a password method the server does not say whether the role exists
+                    let mut fix = password();
+                    fix.push(format!("-- if role {user} does not exist yet:"));
+                    fix.extend(create_role());
+                    fix
+                }
+                ConnectFailureKind::Auth => password(),
+                ConnectFailureKind::Other => vec![],
+            };
+            r.fail("postgres connection", &e.message, &fix);
             return;
         }
     };
@@ -260,7 +305,8 @@ async fn postgres_checks<W: Write>(
     }
 
     // tables: existence, privileges, mapped columns and replica identity
-    let mapping = Mapping::from_config(cfg).map_err(|e| e.to_string())?;
+    // the catalog check needs no HMAC key (its absence is reported on its own line)
+    let mapping = Mapping::without_user_keys(cfg).map_err(|e| e.to_string())?;
     let mut present = BTreeSet::new();
     let mut all_tables: Vec<&str> = mapping.tables().collect();
     for t in mapping.lookup_tables() {
@@ -880,8 +926,8 @@ async fn check_mqtt<W: Write>(cfg: &Config, r: &mut Report<W>) {
     }
     // A broker that lets anyone in lets anyone connect as skusync's client id, which
     // disconnects skusync (MQTT session takeover) and publishes its `offline` will.
-    // Accounts the broker does know cannot be probed from here: see the README,
-    // "Securing the broker", for binding client ids to user names.
+    // Accounts the broker does know cannot be probed from here: see docs/security.md,
+    // "Securing the broker for mobile clients", for binding client ids to user names.
     let anon_id = format!("{}-check-anon-{}", mc.client_id, std::process::id());
     let anonymous = if broker.user.is_none() {
         true
@@ -898,7 +944,7 @@ async fn check_mqtt<W: Write>(cfg: &Config, r: &mut Report<W>) {
             ),
             &[
                 "# mosquitto.conf: allow_anonymous false, a password_file, and skusync's own user in mqtt.url".into(),
-                "# and bind client ids to users (README, Securing the broker)".into(),
+                "# and bind client ids to users (docs/security.md, Securing the broker for mobile clients)".into(),
             ],
         );
     } else {

@@ -28,16 +28,118 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Open the ordinary SQL connection, with errors that name the config key.
 pub async fn pg_client(cfg: &Config) -> Result<(Client, PgConnectConfig), String> {
-    let pgc = cfg.pg_connect().map_err(|e| e.to_string())?;
+    pg_client_or_why(cfg).await.map_err(|f| f.message)
+}
+
+/// Why the SQL connection could not be opened, for the advice `check` and `setup --print`
+/// give.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailureKind {
+    /// The configured role does not exist (as the server says under trust or peer
+    /// authentication).
+    MissingRole,
+    /// The server refused the password (under a password method it says the same for a
+    /// role that does not exist).
+    PasswordRefused,
+    /// Any other refused login: `pg_hba.conf`, TLS, channel binding, `require_auth`.
+    Auth,
+    /// Unreachable, timed out, or a bad connection setting.
+    Other,
+}
+
+/// A failed [`pg_client`]: the message (naming `postgres.url`) and its kind.
+#[derive(Debug, Clone)]
+pub struct ConnectFailure {
+    /// One line for the operator, naming the config key; never a password.
+    pub message: String,
+    /// What kind of failure it was.
+    pub kind: ConnectFailureKind,
+}
+
+/// [`pg_client`], telling a missing role and a refused login from other failures.
+pub async fn pg_client_or_why(cfg: &Config) -> Result<(Client, PgConnectConfig), ConnectFailure> {
+    let other = |message: String| ConnectFailure {
+        message,
+        kind: ConnectFailureKind::Other,
+    };
+    let pgc = cfg.pg_connect().map_err(|e| other(e.to_string()))?;
     match tokio::time::timeout(CONNECT_TIMEOUT, meta::connect(&pgc)).await {
         Ok(Ok(c)) => Ok((c, pgc)),
-        Ok(Err(e)) => Err(format!("postgres.url: {}", explain(&pgc, e).await)),
-        Err(_) => Err(format!(
+        Ok(Err(e)) => {
+            let kind = if e.is_missing_role() {
+                ConnectFailureKind::MissingRole
+            } else if e.is_password_refused() {
+                ConnectFailureKind::PasswordRefused
+            } else if matches!(e, crate::pg::PgError::Auth { .. }) {
+                ConnectFailureKind::Auth
+            } else {
+                ConnectFailureKind::Other
+            };
+            Err(ConnectFailure {
+                message: format!("postgres.url: {}", explain(&pgc, e).await),
+                kind,
+            })
+        }
+        Err(_) => Err(other(format!(
             "postgres.url: no connection to {} within {} s",
             pgc.addr(),
             CONNECT_TIMEOUT.as_secs()
-        )),
+        ))),
     }
+}
+
+/// Every mapped table (`schema.table`): stock tables, the tables lookups read, activity
+/// logs; each once, in config order. The role skusync logs in as must read them all.
+pub fn mapped_tables(cfg: &Config) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let all = cfg
+        .inventory
+        .iter()
+        .map(|m| m.table.clone())
+        .chain(cfg.lookup_tables())
+        .chain(cfg.activity.iter().map(|a| a.table.clone()));
+    for t in all {
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    out
+}
+
+/// The least-privilege role for skusync as SQL: `CREATE ROLE ... LOGIN REPLICATION`
+/// (unless `exists`), schema `USAGE` and `SELECT` on every mapped table. One statement a
+/// line, the password left for the DBA to fill in.
+pub fn role_sql(cfg: &Config, role: &str, exists: bool) -> Vec<String> {
+    let tables = mapped_tables(cfg);
+    let mut schemas: Vec<&str> = tables.iter().map(|t| schema_of(t)).collect();
+    schemas.sort_unstable();
+    schemas.dedup();
+    let mut out = Vec::new();
+    if !exists {
+        out.push(format!(
+            "CREATE ROLE {} LOGIN REPLICATION PASSWORD '...';",
+            ident(role)
+        ));
+    }
+    for s in schemas {
+        out.push(format!(
+            "GRANT USAGE ON SCHEMA {} TO {};",
+            ident(s),
+            ident(role)
+        ));
+    }
+    if !tables.is_empty() {
+        out.push(format!(
+            "GRANT SELECT ON {} TO {};",
+            tables
+                .iter()
+                .map(|t| table_ident(t))
+                .collect::<Vec<_>>()
+                .join(", "),
+            ident(role)
+        ));
+    }
+    out
 }
 
 /// tokio-postgres reports a refused or unresolvable server as a bare "error connecting to

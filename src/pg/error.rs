@@ -82,6 +82,21 @@ impl PgError {
         }
     }
 
+    /// True when the server refused the login because the role does not exist. Servers
+    /// say so under `trust` and `peer` authentication; under a password method they report
+    /// a failed password instead, so as not to reveal which roles exist.
+    pub fn is_missing_role(&self) -> bool {
+        matches!(self, PgError::Auth { reason, .. }
+            if reason.starts_with("role \"") && reason.ends_with("\" does not exist"))
+    }
+
+    /// True when the server refused the password. Under a password method a role that
+    /// does not exist is refused the same way.
+    pub fn is_password_refused(&self) -> bool {
+        matches!(self, PgError::Auth { reason, .. }
+            if reason.starts_with("password authentication failed"))
+    }
+
     /// True when the slot is being streamed by another connection (SQLSTATE 55006):
     /// a second instance waits as a standby instead of failing.
     pub fn is_slot_in_use(&self) -> bool {
@@ -128,5 +143,18 @@ mod tests {
         assert!(!server("28P01").is_transient()); // bad password
         assert!(!server("55000").is_transient()); // slot invalidated
         assert!(!server("42501").is_transient()); // permission denied
+    }
+
+    #[test]
+    fn a_missing_role_is_told_from_a_failed_password() {
+        let auth = |reason: &str| PgError::Auth {
+            user: "app".into(),
+            reason: reason.into(),
+        };
+        assert!(auth("role \"app\" does not exist").is_missing_role());
+        assert!(!auth("password authentication failed for user \"app\"").is_missing_role());
+        assert!(auth("password authentication failed for user \"app\"").is_password_refused());
+        assert!(!auth("role \"app\" does not exist").is_password_refused());
+        assert!(!server("28000").is_missing_role());
     }
 }

@@ -103,6 +103,7 @@ fn skusync_cmd(args: &[&str], cfg: &Path) -> (i32, String, String) {
         .arg("--config")
         .arg(cfg)
         .env_remove("RUST_LOG")
+        .env_remove("SKUSYNC_USER_KEY")
         .output()
         .expect("run skusync");
     (
@@ -360,6 +361,11 @@ fn check_fails_for_a_wrong_postgres_password_without_echoing_it() {
     );
     let (_, out) = rig.check();
     assert!(!out.contains("hunter2wrong"), "password echoed:\n{out}");
+    // the server does not say whether the role exists: the CREATE ROLE is offered too
+    assert!(
+        out.contains("-- if role app does not exist yet:\n     CREATE ROLE app LOGIN REPLICATION"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -631,7 +637,8 @@ fn setup_print_quotes_reserved_upper_case_and_unicode_names_and_the_daemon_strea
     for want in [
         "CREATE PUBLICATION \"desc\" FOR TABLE \"union\".\"case\" WITH",
         "CREATE PUBLICATION \"Order ü\" FOR TABLE \"Lager\".\"Aktivität\" WITH",
-        "GRANT USAGE ON SCHEMA \"Lager\" TO postgres;",
+        // the superuser the config logs in as is not proposed as skusync's role
+        "GRANT USAGE ON SCHEMA \"Lager\" TO skusync;",
     ] {
         assert!(sql.contains(want), "{want:?} missing:\n{sql}");
     }
@@ -729,4 +736,182 @@ fn check_fails_for_a_publication_column_list_that_leaves_out_a_mapped_column() {
         out.contains("leaves out reserved,") || out.contains("leaves out reserved "),
         "{out}"
     );
+}
+
+/// `setup --print` as the superuser on a database where the publications partly exist:
+/// it proposes a `skusync` role, names what exists, adds only what is missing, and the
+/// SQL runs as printed.
+#[test]
+fn setup_print_proposes_a_skusync_role_and_names_the_publications_that_exist() {
+    let rig = Rig::new(PgOptions::default());
+    rig.pg.psql(
+        "CREATE PUBLICATION skusync FOR TABLE inventory;\n\
+         CREATE PUBLICATION skusync_activity WITH (publish = 'insert');",
+    );
+    let (code, sql, err) = rig.skusync(&["setup", "--print"]);
+    assert_eq!(code, 0, "{err}");
+    for want in [
+        "-- CREATE ROLE skusync LOGIN REPLICATION PASSWORD '...';",
+        "-- GRANT SELECT ON public.inventory, public.activity_log TO skusync;",
+        "postgres.url logs in as postgres, a superuser",
+        "-- publication skusync exists and contains public.inventory\n",
+        "-- publication skusync_activity exists; it lacks public.activity_log:\n\
+         ALTER PUBLICATION skusync_activity ADD TABLE public.activity_log;\n",
+    ] {
+        assert!(sql.contains(want), "{want:?} missing:\n{sql}");
+    }
+    assert!(!sql.contains("CREATE PUBLICATION"), "{sql}");
+    assert!(
+        !sql.contains("ROLE postgres") && !sql.contains("TO postgres"),
+        "{sql}"
+    );
+    // the DBA creates the proposed role too, and skusync logs in as it
+    let sql: String = sql
+        .lines()
+        .map(|l| {
+            l.strip_prefix("-- ")
+                .filter(|r| r.starts_with("CREATE ROLE") || r.starts_with("GRANT"))
+                .map(|r| r.replace("PASSWORD '...'", ""))
+                .unwrap_or_else(|| l.to_string())
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    rig.pg.psql(&sql);
+    let cfg = rig.config();
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("postgresql://postgres@", "postgresql://skusync@");
+    std::fs::write(&cfg, text).unwrap();
+    let (code, out, err) = skusync_cmd(&["check"], &cfg);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("ok   postgres role skusync can replicate"),
+        "{out}"
+    );
+    // now the configured role exists and is no superuser: its grants, no CREATE
+    let (code, sql, err) = skusync_cmd(&["setup", "--print"], &cfg);
+    assert_eq!(code, 0, "{err}");
+    assert!(sql.contains("-- role skusync exists\n"), "{sql}");
+    assert!(
+        !sql.contains("CREATE ROLE") && !sql.contains("ALTER ROLE"),
+        "{sql}"
+    );
+    assert!(
+        sql.contains("-- publication skusync_activity exists and contains public.activity_log"),
+        "{sql}"
+    );
+}
+
+/// A role that does not exist is a `CREATE ROLE` with its grants, not a password to set.
+#[test]
+fn check_suggests_creating_a_role_that_does_not_exist() {
+    let mut rig = Rig::new(PgOptions::default());
+    rig.setup_by_print();
+    rig.pg_user = "app".into();
+    assert_check_fails(
+        &rig,
+        "postgres connection: postgres.url: authentication as \"app\" failed: role \"app\" does not exist",
+        "CREATE ROLE app LOGIN REPLICATION PASSWORD '...';",
+    );
+    let (_, out) = rig.check();
+    for want in [
+        "GRANT USAGE ON SCHEMA public TO app;",
+        "GRANT SELECT ON public.inventory, public.activity_log TO app;",
+        "pg_hba.conf",
+    ] {
+        assert!(out.contains(want), "{want:?} missing:\n{out}");
+    }
+    assert!(!out.contains("set the password"), "{out}");
+}
+
+/// With `user = ...` mapped and no HMAC key set, only `run` (and `resync`) refuse to
+/// start; `check` reports the key as one FAIL among its other checks, `status`,
+/// `setup --print` and `tail` work (tail hides the user column).
+#[test]
+fn only_run_needs_the_hmac_key_of_a_mapped_user_column() {
+    let rig = Rig::new(PgOptions::default());
+    rig.pg
+        .psql("ALTER TABLE activity_log ADD COLUMN user_id text");
+    rig.setup_by_print();
+    let cfg = rig.config();
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("windows = [", "user = \"user_id\"\nwindows = [");
+    std::fs::write(&cfg, text).unwrap();
+    let missing = "activity[0].user: mapping a user column needs an HMAC key";
+
+    let (code, out, err) = skusync_cmd(&["check"], &cfg);
+    assert_eq!(code, 1, "{out}{err}");
+    let fails: Vec<&str> = out.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert_eq!(fails.len(), 1, "{out}");
+    assert!(
+        fails[0].starts_with("FAIL activity[0].user HMAC key") && fails[0].contains(missing),
+        "{out}"
+    );
+    assert!(out.contains("export SKUSYNC_USER_KEY="), "{out}");
+    for other in [
+        "ok   postgres connection",
+        "ok   mapping public.activity_log",
+        "ok   redis connection",
+    ] {
+        assert!(
+            out.contains(other),
+            "the other checks run too: {other:?}\n{out}"
+        );
+    }
+
+    let (code, out, err) = skusync_cmd(&["status"], &cfg);
+    assert_eq!(code, 1, "no slot yet is 1, not a config error:\n{out}{err}");
+    let (code, _, err) = skusync_cmd(&["setup", "--print"], &cfg);
+    assert_eq!(code, 0, "{err}");
+
+    let (code, _, err) = skusync_cmd(&["run"], &cfg);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(missing) && err.contains("SKUSYNC_USER_KEY"),
+        "{err}"
+    );
+    let (code, _, err) = skusync_cmd(&["resync"], &cfg);
+    assert_eq!(code, 2, "{err}");
+
+    let cfg_arg = cfg.to_str().expect("utf-8");
+    let mut tail = SkusyncProc::spawn_env(
+        &["tail", "--config", cfg_arg],
+        rig.dir.path(),
+        &[("SKUSYNC_USER_KEY", "")],
+    );
+    let ready = crate::harness::wait_until(Duration::from_secs(20), || {
+        rig.pg.psql(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'skusync_tail_%' AND active",
+        ) == "1"
+    });
+    assert!(ready, "tail started: {}", tail.stderr());
+    rig.pg.psql(
+        "INSERT INTO activity_log (sku, kind, user_id) VALUES ('A-1', 'view', 'alice@example.com')",
+    );
+    let line = tail
+        .next_line(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("tail output: {}", tail.stderr()));
+    let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+    assert_eq!(v["new"]["user_id"], skusync::tail::HIDDEN_USER, "{line}");
+    assert!(!line.contains("alice"), "{line}");
+    assert!(
+        tail.stderr().contains("activity[0].user: no HMAC key"),
+        "{}",
+        tail.stderr()
+    );
+    assert_eq!(
+        tail.signal_and_wait("INT", Duration::from_secs(10)),
+        Some(0)
+    );
+
+    // with a key, check is ready
+    let out = Command::new(skusync_bin())
+        .args(["check", "--config", cfg_arg])
+        .env("SKUSYNC_USER_KEY", "0123456789abcdef0123456789abcdef")
+        .output()
+        .expect("run skusync");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("ok   activity[0].user HMAC key"), "{text}");
 }
