@@ -30,7 +30,7 @@ pub const STARTUP_MAX_FRAME: usize = 64 * 1024;
 /// stays nearly closed and the walsender's one-`send`-per-message leaves as a few large
 /// segments. A fixed, modest buffer keeps that window small; with autotuning, or fixed
 /// only after the handshake, runs fell back to a segment per message more often.
-/// FIELD-NOTES §10; docs/performance.md.
+/// See docs/performance.md.
 const PACED_RCVBUF: u32 = 256 * 1024;
 
 /// The byte stream to the server: TCP, TLS over TCP, or a Unix socket.

@@ -52,7 +52,7 @@ pub fn parse_frame(buf: &mut BytesMut, max_frame: usize) -> Result<Option<Frame>
     }
     if buf.len() < total {
         // No reserve of the announced length: the buffer grows as bytes arrive, so a
-        // header alone costs nothing (FIELD-NOTES §2.2).
+        // header alone (a peer announcing a huge frame) costs nothing.
         return Ok(None);
     }
     match tag {

@@ -106,7 +106,10 @@ fn path(
 #[test]
 fn the_modules_import_each_other_without_cycles() {
     let g = graph();
-    assert!(g.contains_key("fold") && g.contains_key("sinks::mqtt"), "{g:?}");
+    assert!(
+        g.contains_key("fold") && g.contains_key("sinks::mqtt"),
+        "{g:?}"
+    );
     let mut cycles = Vec::new();
     for (m, deps) in &g {
         for d in deps {
@@ -122,11 +125,19 @@ fn the_modules_import_each_other_without_cycles() {
 fn the_cycle_check_sees_a_cycle() {
     // the checker itself: a back edge is found
     let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    g.entry("config".into()).or_default().insert("sinks::mqtt".into());
-    g.entry("sinks::mqtt".into()).or_default().insert("config".into());
+    g.entry("config".into())
+        .or_default()
+        .insert("sinks::mqtt".into());
+    g.entry("sinks::mqtt".into())
+        .or_default()
+        .insert("config".into());
     assert!(path(&g, "sinks::mqtt", "config", &mut BTreeSet::new()).is_some());
     assert_eq!(
-        uses("use crate::sinks::mqtt::payload;\n// crate::telemetry\nlet x = crate::fold::Fold::new;"),
-        ["fold".to_string(), "sinks::mqtt".to_string()].into_iter().collect()
+        uses(
+            "use crate::sinks::mqtt::payload;\n// crate::telemetry\nlet x = crate::fold::Fold::new;"
+        ),
+        ["fold".to_string(), "sinks::mqtt".to_string()]
+            .into_iter()
+            .collect()
     );
 }

@@ -138,7 +138,7 @@ fn deserialize_types(dir: &Path) -> BTreeMap<String, Vec<TypeDef>> {
 }
 
 /// The names of the types a field's type mentions, with the module path written before
-/// each (`crate::sinks::webhook` for `crate::sinks::webhook::WebhookConfig`), generic
+/// each (`webhook` for `webhook::WebhookConfig`), generic
 /// arguments included (`Option<Vec<X>>` mentions `Option`, `Vec` and `X`).
 fn mentioned_types(ty: &syn::Type, out: &mut Vec<(String, Vec<String>)>) {
     match ty {
@@ -326,8 +326,8 @@ fn config_keys() -> (Vec<(String, bool, String)>, BTreeSet<Key>) {
     let types = deserialize_types(&src);
     let config = types
         .get("Config")
-        .and_then(|d| d.iter().find(|d| d.file.ends_with("src/config.rs")))
-        .expect("struct Config in src/config.rs");
+        .and_then(|d| d.iter().find(|d| d.file.ends_with("src/config/mod.rs")))
+        .expect("struct Config in src/config/mod.rs");
     let mut w = Walker {
         types: &types,
         keys: BTreeSet::new(),

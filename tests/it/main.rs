@@ -2,8 +2,8 @@
 //! harness starts on free loopback ports.
 
 mod api;
-mod architecture;
 mod apply_script;
+mod architecture;
 mod chaos;
 mod config_reference;
 mod decimals;

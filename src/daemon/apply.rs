@@ -1,0 +1,190 @@
+//! Redis apply: a batch of folded pieces becomes script calls (each SKU entry fenced),
+//! then its row index writes, in a task of its own; its tickets become durable when it
+//! returned, which is what lets the slot confirm past it.
+
+use super::*;
+
+/// Most entries per script call (a batch may take several calls).
+pub(super) const CALL_ENTRIES: usize = 500;
+/// How often a running writer looks at the meta hash for lost writes, another writer or a
+/// requested rebuild (apply calls check the first two on every write as well).
+pub(super) const META_CHECK: Duration = Duration::from_secs(2);
+/// How often the mapped tables' partitions are compared with those Redis was built with.
+pub(super) const PARTITION_CHECK: Duration = Duration::from_secs(5);
+/// Most stock steps per apply call, per allowed entry (`max_batch_skus`).
+pub(super) const STEPS_PER_ENTRY: usize = 5;
+/// While catching up, how long the source may stay quiet before what is pending is
+/// applied anyway.
+pub(super) const LINGER: Duration = Duration::from_millis(20);
+/// Most transactions per apply call, per allowed entry (their tickets wait in memory).
+pub(super) const TXNS_PER_ENTRY: usize = 10;
+/// While a batch is applied, the next may merge this many times the step and transaction
+/// caps before the stream is paused.
+pub(super) const HOLD_FACTOR: usize = 4;
+
+/// Start one apply call for everything pending; transient Redis errors are retried
+/// inside (the fence makes retrying the same call safe). MQTT learns a call's SKUs as
+/// soon as that call returned: publishing what Redis holds needs no confirmed LSN, and
+/// the broker's work then overlaps the batch's later calls instead of following them.
+pub(super) fn launch(
+    applier: &Applier,
+    pending: &mut Pending,
+    mqtt: Option<MqttHandle>,
+    generation: u64,
+) -> tokio::task::JoinHandle<Flight> {
+    let entries = pending.batch.take();
+    let mut ri = std::mem::take(&mut pending.ri);
+    let write = std::mem::take(&mut pending.ri_write);
+    ri.retain(|k, _| write.contains(k));
+    let last_commit = entries.iter().map(|e| e.last.0).max().unwrap_or(Lsn(0));
+    let end = pending.end.take();
+    let tickets = std::mem::take(&mut pending.tickets);
+    let commit_ms = std::mem::take(&mut pending.commit_ms);
+    let mut applier = applier.clone();
+    tokio::spawn(async move {
+        // Script calls of at most CALL_ENTRIES entries, in order: each SKU's entry is
+        // applied whole (its fence makes that exact), the encoded command stays small and
+        // Redis is never blocked long for its other clients. The batch's end LSN is
+        // recorded only by the last call.
+        let chunks: Vec<&[crate::fold::batch::Entry]> = if entries.is_empty() {
+            vec![&[]] // a keepalive-only batch still records its end LSN
+        } else {
+            entries.chunks(CALL_ENTRIES).collect()
+        };
+        let n = chunks.len();
+        let result = async {
+            let mut total = rsink::Applied::default();
+            for (i, chunk) in chunks.into_iter().enumerate() {
+                // With row index updates, the end LSN is recorded by their last write.
+                let chunk_end = if i + 1 == n && ri.is_empty() { end } else { None };
+                total += apply_retrying(&mut applier, chunk, chunk_end).await?;
+                if let Some(m) = &mqtt {
+                    let skus: BTreeSet<&str> = chunk.iter().map(|e| e.sku.as_str()).collect();
+                    m.changed(skus.into_iter().map(str::to_string));
+                }
+            }
+            // After every SKU entry of the batch: a replay of the batch reads the row
+            // index as it was before it, and so folds the same entries (fenced).
+            if !ri.is_empty() {
+                failpoint("before-row-index");
+                let mut delay = Duration::from_millis(100);
+                loop {
+                    match applier.write_row_index(&ri, end).await {
+                        Err(e) if e.is_transient() => {
+                            telemetry::redis_failed();
+                            tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Redis row index write failed; retrying");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(5));
+                        }
+                        r => break r?,
+                    }
+                }
+            }
+            if !entries.is_empty() {
+                // applied, not yet confirmed: the restart replays this batch
+                failpoint("after-apply");
+            }
+            Ok(total)
+        }
+        .await;
+        Flight {
+            generation,
+            tickets,
+            end,
+            last_commit,
+            commit_ms,
+            result,
+        }
+    })
+}
+
+/// A crash point for tests, like a SIGKILL at that point: `SKUSYNC_FAILPOINT=<name>:<n>`
+/// aborts the process the `n`th time `name` is reached (counted per process). Unset in
+/// production; read once.
+pub(super) fn failpoint(name: &str) {
+    static SPEC: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let spec = SPEC.get_or_init(|| {
+        let v = std::env::var("SKUSYNC_FAILPOINT").ok()?;
+        let (n, k) = v.rsplit_once(':')?;
+        Some((n.to_string(), k.parse().ok()?))
+    });
+    if let Some((n, k)) = spec
+        && n == name
+        && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *k
+    {
+        tracing::error!(failpoint = name, "failpoint reached: aborting");
+        std::process::abort();
+    }
+}
+
+/// One script call; transient Redis errors are retried with backoff (the fence makes
+/// sending the same call again safe).
+pub(super) async fn apply_retrying(
+    applier: &mut Applier,
+    entries: &[crate::fold::batch::Entry],
+    end: Option<Lsn>,
+) -> Result<rsink::Applied, RedisSinkError> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match applier.apply(entries, end, false).await {
+            Err(e) if e.is_transient() => {
+                telemetry::redis_failed();
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Redis apply failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// The batch being filled, with the tickets its transactions complete.
+#[derive(Default)]
+pub(super) struct Pending {
+    pub(super) batch: Batch,
+    /// Row index updates of the batch's pieces, final per row.
+    pub(super) ri: std::collections::HashMap<String, Option<String>, foldhash::fast::RandomState>,
+    /// Fields of `ri` some piece changed beyond quantities (`Piece::ri_local`): only
+    /// these are written.
+    pub(super) ri_write: std::collections::HashSet<String, foldhash::fast::RandomState>,
+    pub(super) tickets: Vec<Ticket>,
+    pub(super) end: Option<Lsn>,
+    /// Commit times (unix ms) of the transactions, for the latency histogram.
+    pub(super) commit_ms: Vec<i64>,
+}
+
+impl Pending {
+    /// Add a folded piece: its SKU entries to the batch, its row index updates here.
+    pub(super) fn push(&mut self, mut p: crate::fold::Piece) {
+        // Not `append`: it rebuilds the whole map (O(n + m)), quadratic over a batch of
+        // small transactions.
+        let local = std::mem::take(&mut p.ri_local);
+        for (k, v) in std::mem::take(&mut p.ri) {
+            if !local.contains(&k) {
+                self.ri_write.insert(k.clone());
+                self.ri.insert(k, v);
+            } else if let Some(w) = self.ri.get_mut(&k) {
+                // written anyway for an earlier piece: with the latest quantities
+                *w = v;
+            }
+            // else: only quantities moved; nothing to write (the hot path)
+        }
+        self.batch.push(p);
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.batch.is_empty() && self.tickets.is_empty()
+    }
+}
+
+/// A finished apply call.
+pub(super) struct Flight {
+    /// The fold's holder generation this batch sealed (see `Fold::seal`).
+    pub(super) generation: u64,
+    pub(super) tickets: Vec<Ticket>,
+    pub(super) end: Option<Lsn>,
+    pub(super) last_commit: Lsn,
+    pub(super) commit_ms: Vec<i64>,
+    pub(super) result: Result<rsink::Applied, RedisSinkError>,
+}

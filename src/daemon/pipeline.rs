@@ -1,0 +1,839 @@
+//! The pipeline: events from the source are folded into pieces, batched, and applied
+//! to Redis one batch at a time (see `apply`), while the stream keeps being read; the
+//! checks a (re)connection and the status tick run live here too.
+
+use super::apply::*;
+use super::*;
+
+impl Daemon {
+    pub(super) async fn pipeline_loop(
+        &mut self,
+        rx: &mut mpsc::Receiver<Vec<SourceEvent>>,
+        mut applier: Applier,
+        progress: &ProgressHandle,
+        flight: &mut Option<tokio::task::JoinHandle<Flight>>,
+    ) -> Result<Cycle, DaemonError> {
+        let mut fold = Fold::new(self.mapping.clone(), self.max_changes);
+        // Generations are the new fold's: a previous pipeline's must not make it forget.
+        self.ri_done = 0;
+        let mut fold_seen = crate::fold::FoldStats::default();
+        let mut pending = Pending::default();
+        let mut tick = tokio::time::interval(self.cfg.status_interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let max_entries = self.max_batch_skus;
+        let max_steps = self.max_batch_skus.saturating_mul(STEPS_PER_ENTRY);
+        let max_txns = self.max_batch_skus.saturating_mul(TXNS_PER_ENTRY);
+        // At `k` times the step and transaction caps (the entry cap bounds memory per SKU
+        // and never stretches).
+        let over = |p: &Pending, k: usize| {
+            p.batch.len() >= max_entries
+                || p.batch.steps() >= max_steps.saturating_mul(k)
+                || p.tickets.len() >= max_txns.saturating_mul(k)
+        };
+        let full = |p: &Pending| over(p, 1);
+        // Reading stops (back-pressure) only at a multiple of the launch caps: while a
+        // full batch is applied, the next keeps merging instead of stalling the stream,
+        // so a backlog over few SKUs becomes fewer entries (Redis' cost is per entry).
+        let hold = |p: &Pending| over(p, HOLD_FACTOR);
+        let mut last_event = tokio::time::Instant::now();
+        // Redis is checked for lost writes, a new writer and a requested rebuild once the
+        // stream is connected (a first snapshot load runs before that).
+        let mut connected = false;
+        let mut meta_checked = tokio::time::Instant::now();
+        let mut partitions_checked = tokio::time::Instant::now();
+        // Relations the catalog said are no partition of a mapped table (this session).
+        let mut not_partitions: std::collections::HashSet<u32> = Default::default();
+        // The transaction being read truncated a stock table (alerts at its commit).
+        let mut truncated = false;
+        loop {
+            let full_now = hold(&pending);
+            let events = tokio::select! {
+                done = async { flight.as_mut().expect("guarded").await }, if flight.is_some() => {
+                    *flight = None;
+                    let done = done.map_err(|e| DaemonError::Transient(format!("apply task: {e}")))?;
+                    if let Some(c) = self.complete(done, progress)? {
+                        return Ok(c);
+                    }
+                    None
+                }
+                e = rx.recv(), if !full_now => match e {
+                    Some(e) => Some(e),
+                    None => {
+                        // The source stopped: apply what is left so its final status
+                        // confirms it.
+                        if let Some(c) = self.drain(&applier, &mut pending, flight, progress, fold.seal()).await? {
+                            return Ok(c);
+                        }
+                        return Ok(Cycle::Shutdown);
+                    }
+                },
+                _ = tokio::time::sleep_until(last_event + LINGER), if flight.is_none() && !pending.is_empty() => {
+                    *flight = Some(launch(&applier, &mut pending, self.mqtt.clone(), fold.seal()));
+                    None
+                }
+                _ = tick.tick() => {
+                    let backlog = rx.len();
+                    if let Some(c) = self
+                        .on_tick(
+                            &mut fold,
+                            &mut applier,
+                            &pending,
+                            flight.is_none(),
+                            progress,
+                            backlog,
+                            connected,
+                            &mut meta_checked,
+                            &mut partitions_checked,
+                        )
+                        .await?
+                    {
+                        return Ok(c);
+                    }
+                    None
+                }
+            };
+            if events.is_some() {
+                last_event = tokio::time::Instant::now();
+            }
+            // Rows of indexed stock tables (surrogate keys, lookups) are folded with what
+            // Redis' index holds for them: read what the fold does not know, in one round
+            // trip per link of state.
+            if let Some(evs) = &events {
+                let changes: Vec<&crate::txn::Change> = evs
+                    .iter()
+                    .filter_map(|ev| match ev {
+                        SourceEvent::Event(Event::Change(c)) => Some(c),
+                        _ => None,
+                    })
+                    .collect();
+                match applier.read_needs(&mut fold, &changes).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_transient() => {
+                        return Ok(Cycle::Restart(format!("reading the row index: {e}")));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let mut commits = 0u64;
+            let mut recheck = false;
+            for ev in events.into_iter().flatten() {
+                match ev {
+                    SourceEvent::Connected(info) => {
+                        if let Some(c) = self
+                            .on_connected(
+                                &info,
+                                &mut fold,
+                                &mut applier,
+                                &mut pending,
+                                flight.is_none(),
+                            )
+                            .await?
+                        {
+                            return Ok(c);
+                        }
+                        connected = true;
+                        partitions_checked = tokio::time::Instant::now();
+                    }
+                    SourceEvent::Reset => fold.reset(),
+                    SourceEvent::Event(Event::Relation(r)) => {
+                        if let Some(c) = self
+                            .on_relation(&r, &mut fold, &applier, &mut not_partitions)
+                            .await?
+                        {
+                            return Ok(c);
+                        }
+                    }
+                    SourceEvent::Event(Event::Begin(b)) => {
+                        truncated = false;
+                        fold.begin(&b);
+                    }
+                    SourceEvent::Event(Event::Change(c)) => {
+                        // After a change of a referenced table, later changes of the chunk
+                        // may need state the chunk's read did not foresee (rare).
+                        recheck |= fold.changes_lookups(&c);
+                        if recheck {
+                            match applier.read_needs(&mut fold, &[&c]).await {
+                                Ok(()) => {}
+                                Err(e) if e.is_transient() => {
+                                    return Ok(Cycle::Restart(format!(
+                                        "reading the row index: {e}"
+                                    )));
+                                }
+                                Err(e) => return Err(e.into()),
+                            }
+                        }
+                        if let Some(p) = fold
+                            .change(&c)
+                            .map_err(|e| schema_stop(e, Some(c.commit_lsn)))?
+                        {
+                            pending.push(p);
+                        }
+                    }
+                    SourceEvent::Event(Event::Truncate(t)) => {
+                        if let Some(c) = self
+                            .on_truncate(
+                                &t,
+                                &mut fold,
+                                &mut applier,
+                                &mut pending,
+                                flight,
+                                progress,
+                                &mut truncated,
+                            )
+                            .await?
+                        {
+                            return Ok(c);
+                        }
+                    }
+                    SourceEvent::Event(_) => {}
+                    SourceEvent::Commit(c, ticket) => {
+                        let last = fold.commit(&c);
+                        let fence = last.as_ref().map(|p| (p.commit_lsn, p.piece));
+                        if let Some(p) = last {
+                            pending.push(p);
+                        }
+                        if std::mem::take(&mut truncated)
+                            && let Some(fence) = fence
+                            && let Some(c) = self
+                                .evaluate_after_truncate(
+                                    fence,
+                                    c.commit_ts,
+                                    &mut fold,
+                                    &mut applier,
+                                    &mut pending,
+                                    flight,
+                                    progress,
+                                )
+                                .await?
+                        {
+                            return Ok(c);
+                        }
+                        pending.end = Some(pending.end.map_or(c.end_lsn, |e| e.max(c.end_lsn)));
+                        pending.tickets.push(ticket);
+                        pending.commit_ms.push(
+                            crate::txn::value::pg_timestamp_to_unix_micros(c.commit_ts)
+                                .div_euclid(1000),
+                        );
+                        commits += 1;
+                    }
+                }
+                for s in fold.take_skipped() {
+                    telemetry::value_skipped(&s);
+                }
+            }
+            telemetry::transactions(commits);
+            telemetry::fold_progress(&fold.stats, &mut fold_seen);
+            telemetry::backlog(rx.len(), pending.batch.len());
+            // Apply as soon as Redis is free: quiet streams get low latency. While the
+            // slot is catching up (the walsender sends commits long after they happened)
+            // keep merging until a cap, or until the source goes quiet (`LINGER`):
+            // Redis' cost is per SKU entry, so fewer, larger calls leave the machine's
+            // cores to decoding.
+            if flight.is_none()
+                && !pending.is_empty()
+                && (full(&pending) || progress.stream_lag_ms() < BACKLOG_LAG_MS)
+            {
+                *flight = Some(launch(
+                    &applier,
+                    &mut pending,
+                    self.mqtt.clone(),
+                    fold.seal(),
+                ));
+            }
+            // Holders whose row index writes are done: Redis answers for them again.
+            fold.forget(self.ri_done);
+        }
+    }
+
+    /// The stream (re)connected: Redis must have been built from this database, on this
+    /// timeline, with this layout and mapping, and hold everything the slot confirmed;
+    /// otherwise it is rebuilt (`Some(cycle)`). Then the fold learns the tables and
+    /// partitions Redis was built with, and MQTT starts. `idle`: no batch in flight.
+    async fn on_connected(
+        &mut self,
+        info: &crate::source::StreamInfo,
+        fold: &mut Fold,
+        applier: &mut Applier,
+        pending: &mut Pending,
+        idle: bool,
+    ) -> Result<Option<Cycle>, DaemonError> {
+        fold.reset();
+        let mut con = applier.connection();
+        match rsink::read_meta(&mut con, self.prefix()).await? {
+            None => return Ok(Some(Cycle::Restart("Redis lost its data".into()))),
+            Some(m) => {
+                if let Some(sys) = &m.system_id
+                    && *sys != info.system_id
+                {
+                    return rebuild_next(
+                        &mut con,
+                        self.prefix(),
+                        self.settings.fence.token(),
+                        format!(
+                            "Redis was built from another database (system id {sys}, now {})",
+                            info.system_id
+                        ),
+                    )
+                    .await
+                    .map(Some);
+                }
+                // A new timeline: the server was promoted from a standby or
+                // recovered to a point in time. Transactions Redis holds may
+                // not exist on it (lost with the old primary), so Redis is
+                // rebuilt; PostgreSQL before 17 drops logical slots on
+                // failover anyway, which rebuilds too.
+                if let Some(t) = &m.timeline
+                    && m.system_id.as_deref() == Some(info.system_id.as_str())
+                    && *t != info.timeline.to_string()
+                {
+                    return rebuild_next(
+                        &mut con,
+                        self.prefix(),
+                        self.settings.fence.token(),
+                        format!(
+                            "PostgreSQL is on timeline {} but Redis was built on timeline {t} (a failover or point-in-time recovery may have dropped transactions Redis holds)",
+                            info.timeline
+                        ),
+                    )
+                    .await.map(Some);
+                }
+                if !m.bootstrap_done {
+                    return Ok(Some(Cycle::Restart(
+                        "Redis holds an unfinished snapshot load".into(),
+                    )));
+                }
+                // A standby that won the slot skipped the startup checks.
+                if m.layout.as_deref() != Some(layout::LAYOUT_VERSION) {
+                    return rebuild_next(
+                        &mut con,
+                        self.prefix(),
+                        self.settings.fence.token(),
+                        earlier_layout(m.layout.as_deref()),
+                    )
+                    .await
+                    .map(Some);
+                }
+                if m.fingerprint.as_deref() != Some(self.mapping.fingerprint.as_str()) {
+                    return rebuild_next(
+                        &mut con,
+                        self.prefix(),
+                        self.settings.fence.token(),
+                        "the table mapping changed since Redis was built".into(),
+                    )
+                    .await
+                    .map(Some);
+                }
+                if let Some(lease) = &self.lease
+                    && let Ok(Some(st)) =
+                        meta::slot_state(&lease.client, &self.pgc, &self.cfg.postgres.slot).await
+                    && let Some(confirmed) = st.confirmed_flush_lsn
+                    && m.applied_lsn.unwrap_or(Lsn::ZERO) < confirmed
+                {
+                    return rebuild_next(
+                        &mut con,
+                        self.prefix(),
+                        self.settings.fence.token(),
+                        format!(
+                            "Redis is behind the slot (applied {} < confirmed {confirmed}): it lost writes",
+                            m.applied_lsn.unwrap_or(Lsn::ZERO)
+                        ),
+                    )
+                    .await.map(Some);
+                }
+                fold.expect_tables(m.tables.clone());
+                self.partitions_built = m.partitions.clone();
+                let trees = self.read_partitions().await?;
+                if let Some(why) = self.partition_drift(&trees) {
+                    return rebuild_next(&mut con, self.prefix(), self.settings.fence.token(), why)
+                        .await
+                        .map(Some);
+                }
+                fold.set_partitions(trees.parents());
+                // A new fold reads its hot index state in bulk rather than
+                // row by row behind the apply calls of the catch-up.
+                if idle && pending.is_empty() && fold.is_cold() {
+                    let tables: Vec<&str> = self
+                        .mapping
+                        .inventory
+                        .iter()
+                        .map(|t| t.table.as_str())
+                        .collect();
+                    let limit = crate::fold::CACHE_ENTRIES * 3 / 4;
+                    match applier
+                        .warm(fold, &tables, self.mapping.hops.len(), limit)
+                        .await
+                    {
+                        Ok(n) => tracing::debug!(
+                            entries = n,
+                            "read the row index and lookup state ahead"
+                        ),
+                        Err(e) if e.is_transient() => {
+                            return Ok(Some(Cycle::Restart(format!("reading the row index: {e}"))));
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                if m.system_id.is_none() || m.timeline.is_none() {
+                    rsink::write_meta(
+                        &mut con,
+                        self.prefix(),
+                        self.settings.fence.token(),
+                        &[
+                            ("system_id", info.system_id.clone()),
+                            ("timeline", info.timeline.to_string()),
+                        ],
+                    )
+                    .await?;
+                }
+                // Transactions Redis may hold already replay unmerged.
+                let horizon = m.applied_lsn.unwrap_or(Lsn(0)).max(self.split_floor);
+                pending.batch.raise_horizon(horizon);
+            }
+        }
+        // Ready only once the checks above passed (and their Redis writes
+        // are done): a Redis lost in between restarts, not "streaming".
+        telemetry::role(Role::Streaming);
+        self.start_mqtt(applier.connection()).await?;
+        Ok(None)
+    }
+
+    /// A relation announced by the stream: a partition attached to a stock table since
+    /// Redis was built, or a stock table whose identity changed, rebuilds Redis
+    /// (`Some(cycle)`); a schema the mapping cannot use stops. `not_partitions`: relations
+    /// the catalog said are no partition of a mapped table (this session).
+    async fn on_relation(
+        &mut self,
+        r: &crate::txn::RelationDesc,
+        fold: &mut Fold,
+        applier: &Applier,
+        not_partitions: &mut std::collections::HashSet<u32>,
+    ) -> Result<Option<Cycle>, DaemonError> {
+        if !fold.knows(r) && !not_partitions.contains(&r.oid) {
+            // Named by a partition attached since the partitions were read?
+            match self.mapped_parent(r.oid).await? {
+                Some(parent) if self.mapping.inventory.iter().any(|m| m.table == parent) => {
+                    // Its rows before the attach never reached the stream.
+                    return rebuild_next(
+                        &mut applier.connection(),
+                        self.prefix(),
+                        self.settings.fence.token(),
+                        format!(
+                            "partition {} of stock table {parent} was attached after Redis was \
+                             built; rebuilding Redis from a fresh snapshot",
+                            r.qualified_name()
+                        ),
+                    )
+                    .await
+                    .map(Some);
+                }
+                // An activity table's: its inserts count from now on.
+                Some(parent) => fold.add_partition(r.oid, &parent),
+                None => {
+                    not_partitions.insert(r.oid);
+                }
+            }
+        }
+        match fold.relation(r) {
+            Ok(()) => {
+                // The table the last rebuild was for now matches Redis.
+                if self
+                    .identity_rebuild
+                    .as_ref()
+                    .is_some_and(|(oid, _)| *oid == r.oid)
+                {
+                    self.identity_rebuild = None;
+                }
+            }
+            Err(RelationProblem::Schema(e)) => {
+                return Err(schema_stop(e, fold.current_commit()));
+            }
+            Err(RelationProblem::Changed(why)) => {
+                // Nothing of that table is folded under the new identity: Redis
+                // is rebuilt from a snapshot taken after the change, and the
+                // slot moves there, so the restart does not meet it again. If
+                // it does, the snapshot and the stream describe the table
+                // differently: rebuilding again would loop.
+                if self.identity_rebuild.as_ref() == Some(&(r.oid, why.clone())) {
+                    return Err(DaemonError::Definite(format!(
+                        "{why}, again right after Redis was rebuilt for the same reason: the snapshot \
+                     and the replication stream describe the table differently (generated columns \
+                     published by PostgreSQL 18?); stopping instead of rebuilding in a loop"
+                    )));
+                }
+                self.identity_rebuild = Some((r.oid, why.clone()));
+                return rebuild_next(
+                    &mut applier.connection(),
+                    self.prefix(),
+                    self.settings.fence.token(),
+                    format!("{why}; rebuilding Redis from a fresh snapshot"),
+                )
+                .await
+                .map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    /// A TRUNCATE: everything pending is applied first, then the truncated tables' rows
+    /// leave every SKU and the row index. `truncated` is set when a stock table was
+    /// (its transaction's commit evaluates alerts over all SKUs).
+    #[allow(clippy::too_many_arguments)]
+    async fn on_truncate(
+        &mut self,
+        t: &crate::txn::Truncate,
+        fold: &mut Fold,
+        applier: &mut Applier,
+        pending: &mut Pending,
+        flight: &mut Option<tokio::task::JoinHandle<Flight>>,
+        progress: &ProgressHandle,
+        truncated: &mut bool,
+    ) -> Result<Option<Cycle>, DaemonError> {
+        let pieces = match fold.truncate(t) {
+            Ok(p) => p,
+            Err(RelationProblem::Schema(e)) => {
+                return Err(schema_stop(e, fold.current_commit()));
+            }
+            Err(RelationProblem::Changed(why)) => {
+                return rebuild_next(
+                    &mut applier.connection(),
+                    self.prefix(),
+                    self.settings.fence.token(),
+                    format!("{why}; rebuilding Redis from a fresh snapshot"),
+                )
+                .await
+                .map(Some);
+            }
+        };
+        for p in pieces {
+            if p.truncate.is_empty() {
+                pending.push(p);
+                continue;
+            }
+            // Everything before it first; then the truncate over all SKUs.
+            if let Some(c) = self
+                .drain(applier, pending, flight, progress, fold.seal())
+                .await?
+            {
+                return Ok(Some(c));
+            }
+            let skus = applier.all_skus().await?;
+            for chunk in skus.chunks(500) {
+                match applier.truncate(&p, chunk).await {
+                    Ok(_) => {}
+                    Err(RedisSinkError::NoMeta) => {
+                        return Ok(Some(Cycle::Restart("Redis lost its data".into())));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            // The rows are gone, and so is where they were held.
+            for table in &p.truncate {
+                applier
+                    .truncate_row_index(table, (p.commit_lsn, p.piece))
+                    .await?;
+            }
+            if let Some(m) = &self.mqtt {
+                m.changed(skus);
+            }
+            *truncated = true;
+        }
+        Ok(None)
+    }
+
+    /// The status tick: heartbeat and backlog gauges; the writer lock, Redis' writer view
+    /// and the partitions checked at their intervals; keepalive-only progress recorded
+    /// in Redis before it may be confirmed. `idle`: no batch in flight.
+    #[allow(clippy::too_many_arguments)]
+    async fn on_tick(
+        &mut self,
+        fold: &mut Fold,
+        applier: &mut Applier,
+        pending: &Pending,
+        idle: bool,
+        progress: &ProgressHandle,
+        backlog: usize,
+        connected: bool,
+        meta_checked: &mut tokio::time::Instant,
+        partitions_checked: &mut tokio::time::Instant,
+    ) -> Result<Option<Cycle>, DaemonError> {
+        telemetry::heartbeat();
+        telemetry::backlog(backlog, pending.batch.len());
+        if self.lease.as_ref().is_some_and(|l| !l.alive()) {
+            self.lease = None;
+            return Ok(Some(Cycle::Restart(
+                "lost the writer lock session (PostgreSQL unreachable?): stopping writes".into(),
+            )));
+        }
+        if connected && meta_checked.elapsed() >= META_CHECK {
+            *meta_checked = tokio::time::Instant::now();
+            if let Ok(v) = rsink::writer_view(&mut applier.connection(), self.prefix()).await
+                && let Some(c) = self.check_writer_view(&v)
+            {
+                return Ok(Some(c));
+            }
+        }
+        if connected && partitions_checked.elapsed() >= PARTITION_CHECK {
+            *partitions_checked = tokio::time::Instant::now();
+            match self.read_partitions().await {
+                Ok(trees) => {
+                    if let Some(why) = self.partition_drift(&trees) {
+                        return rebuild_next(
+                            &mut applier.connection(),
+                            self.prefix(),
+                            self.settings.fence.token(),
+                            why,
+                        )
+                        .await
+                        .map(Some);
+                    }
+                    for (oid, parent) in trees.parents() {
+                        if fold.parent_of(oid).is_none() {
+                            fold.add_partition(oid, parent);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read the mapped tables' partitions"),
+            }
+        }
+        // Keepalive-only progress: record it in Redis before it may be confirmed.
+        let flush = progress.flush_lsn();
+        if pending.is_empty() && idle && flush.0 > self.gate.load(Ordering::SeqCst) {
+            match applier.apply(&[], Some(flush), false).await {
+                Ok(_) => {
+                    telemetry::redis_ok();
+                    self.gate.fetch_max(flush.0, Ordering::SeqCst)
+                }
+                Err(RedisSinkError::NoMeta) => {
+                    return Ok(Some(Cycle::Restart("Redis lost its data".into())));
+                }
+                Err(e @ (RedisSinkError::Fenced(_) | RedisSinkError::Rollback(_))) => {
+                    return Ok(Some(self.writer_lost(e)));
+                }
+                // e.g. READONLY: warning on every tick would hide it
+                Err(e) if !e.is_transient() => return Err(e.into()),
+                Err(e) => {
+                    telemetry::redis_failed();
+                    tracing::warn!(error = %e, "cannot record progress in Redis");
+                    0
+                }
+            };
+        }
+        Ok(None)
+    }
+
+    /// Alerts once per transaction that truncated a stock table: after its final piece
+    /// (`fence`), every SKU at its final level (a refilled table raises nothing).
+    #[allow(clippy::too_many_arguments)]
+    async fn evaluate_after_truncate(
+        &mut self,
+        fence: (Lsn, u32),
+        commit_ts: i64,
+        fold: &mut Fold,
+        applier: &mut Applier,
+        pending: &mut Pending,
+        flight: &mut Option<tokio::task::JoinHandle<Flight>>,
+        progress: &ProgressHandle,
+    ) -> Result<Option<Cycle>, DaemonError> {
+        // Alerts once per transaction: after its final piece, every SKU
+        // at its final level (a refilled table raises nothing). Before
+        // this transaction's ticket is queued, so it is not confirmed
+        // until the evaluation is applied.
+        if let Some(c) = self
+            .drain(applier, pending, flight, progress, fold.seal())
+            .await?
+        {
+            return Ok(Some(c));
+        }
+        let ms = crate::txn::value::pg_timestamp_to_unix_micros(commit_ts).div_euclid(1000);
+        let skus = applier.all_skus().await?;
+        for chunk in skus.chunks(500) {
+            match applier.evaluate(fence, ms, chunk).await {
+                Ok(_) => {}
+                Err(RedisSinkError::NoMeta) => {
+                    return Ok(Some(Cycle::Restart("Redis lost its data".into())));
+                }
+                Err(e @ (RedisSinkError::Fenced(_) | RedisSinkError::Rollback(_))) => {
+                    return Ok(Some(self.writer_lost(e)));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if let Some(m) = &self.mqtt {
+            m.changed(skus);
+        }
+        Ok(None)
+    }
+
+    /// Record a finished apply call: its transactions become durable (confirmable; MQTT
+    /// learned its SKUs call by call, see [`launch`]). Returns a restart when the call
+    /// failed for good.
+    fn complete(
+        &mut self,
+        f: Flight,
+        progress: &ProgressHandle,
+    ) -> Result<Option<Cycle>, DaemonError> {
+        match f.result {
+            Ok(applied) => {
+                if let Some(end) = f.end {
+                    self.gate.fetch_max(end.0, Ordering::SeqCst);
+                }
+                self.ri_done = self.ri_done.max(f.generation);
+                for t in f.tickets {
+                    progress.durable(t);
+                }
+                telemetry::redis_applied(
+                    applied.applied,
+                    applied.fenced,
+                    applied.alerts,
+                    &f.commit_ms,
+                );
+                Ok(None)
+            }
+            Err(RedisSinkError::NoMeta) => Ok(Some(Cycle::Restart(
+                "Redis lost its data (meta hash missing)".into(),
+            ))),
+            Err(e @ (RedisSinkError::Fenced(_) | RedisSinkError::Rollback(_))) => {
+                Ok(Some(self.writer_lost(e)))
+            }
+            Err(e @ RedisSinkError::Split(_)) => {
+                // Redis held part of a merged entry: replay everything up to this batch
+                // unmerged. Nothing of the refused call was written. The restart is
+                // logged at WARN, so the SKU goes to its own debug line.
+                if let RedisSinkError::Split(key) = &e {
+                    tracing::debug!(key = %crate::secret::log_value(key), last_commit = %f.last_commit, "merged entry refused by this SKU's fence");
+                }
+                self.split_floor = self.split_floor.max(f.last_commit);
+                Ok(Some(Cycle::Restart(format!(
+                    "{e}; replaying without merging up to {} (the SKU is logged at debug)",
+                    f.last_commit
+                ))))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// What the periodic look at the meta hash means for the running writer: `None` when
+    /// all is well.
+    fn check_writer_view(&mut self, v: &rsink::WriterView) -> Option<Cycle> {
+        if !v.exists {
+            return Some(Cycle::Restart(
+                "Redis lost its data (meta hash missing)".into(),
+            ));
+        }
+        let ours = self.settings.fence.token();
+        if ours != 0 && v.writer.as_deref() != Some(ours.to_string().as_str()) {
+            let w = v.writer.clone().unwrap_or_else(|| "none".into());
+            return Some(self.writer_lost(RedisSinkError::Fenced(w)));
+        }
+        let floor = self.gate.load(Ordering::SeqCst);
+        if v.applied_lsn.is_none_or(|a| a.0 < floor) {
+            let a = v
+                .applied_lsn
+                .map_or_else(|| "none".into(), |a| a.0.to_string());
+            return Some(self.writer_lost(RedisSinkError::Rollback(a)));
+        }
+        if v.bootstrap.as_deref() != Some("done") {
+            return Some(Cycle::Restart(format!(
+                "a rebuild was requested (meta bootstrap = {})",
+                v.bootstrap.as_deref().unwrap_or("none")
+            )));
+        }
+        None
+    }
+
+    /// A session for catalog reads: the writer lock's when there is one.
+    async fn catalog(&self) -> Result<Arc<tokio_postgres::Client>, DaemonError> {
+        match &self.lease {
+            Some(l) => Ok(l.client.clone()),
+            None => Ok(Arc::new(meta::connect(&self.pgc).await?)),
+        }
+    }
+
+    /// The mapped tables' partitions as the catalog has them now.
+    async fn read_partitions(&self) -> Result<partitions::Trees, DaemonError> {
+        let tables: Vec<String> = self.mapping.tables().map(str::to_string).collect();
+        Ok(partitions::read(&*self.catalog().await?, &self.pgc, &tables).await?)
+    }
+
+    /// The mapped table a relation the stream names is a partition of, when the
+    /// partitions read before did not list it (attached since).
+    async fn mapped_parent(&self, oid: u32) -> Result<Option<String>, DaemonError> {
+        let tables: Vec<String> = self.mapping.tables().map(str::to_string).collect();
+        let client = self.catalog().await?;
+        Ok(partitions::mapped_ancestor(&client, &self.pgc, oid, &tables).await?)
+    }
+
+    /// Why Redis no longer matches the stock tables' partitions, if it does not: a
+    /// partition attached with rows, detached, dropped or truncated changes rows the
+    /// stream never carries.
+    fn partition_drift(&self, trees: &partitions::Trees) -> Option<String> {
+        let now = trees.fingerprints(self.mapping.inventory.iter().map(|m| m.table.as_str()));
+        if now == self.partitions_built {
+            return None;
+        }
+        let mut which: Vec<&str> = now
+            .keys()
+            .chain(self.partitions_built.keys())
+            .filter(|t| now.get(*t) != self.partitions_built.get(*t))
+            .map(String::as_str)
+            .collect();
+        which.dedup();
+        Some(format!(
+            "the partitions of stock table {} changed since Redis was built (a partition was attached, \
+             detached, dropped or truncated: changes the stream does not carry); rebuilding Redis from a \
+             fresh snapshot",
+            which.join(", ")
+        ))
+    }
+
+    /// Redis refused a write: another writer holds the token, or Redis lost writes. Stop
+    /// writing and restart: the next cycle takes the lock and a token again (or waits as a
+    /// standby), resumes from the slot's confirmed position (what Redis lost past it
+    /// replays, fenced) and rebuilds Redis if it is behind the slot.
+    fn writer_lost(&mut self, e: RedisSinkError) -> Cycle {
+        telemetry::redis_rollback_or_fenced(matches!(e, RedisSinkError::Rollback(_)));
+        // A token below ours means Redis came back older, like a low applied_lsn.
+        let ours = self.settings.fence.token();
+        let rollback = match &e {
+            RedisSinkError::Rollback(_) => true,
+            RedisSinkError::Fenced(w) => w.parse::<u64>().is_ok_and(|w| w < ours) || w == "none",
+            _ => false,
+        };
+        if !rollback {
+            // Someone else took the token: it can only hold the lock if ours is gone.
+            self.lease = None;
+        }
+        Cycle::Restart(if rollback {
+            format!(
+                "{e}: resuming from the slot's confirmed position, or rebuilding if Redis is behind it"
+            )
+        } else {
+            format!("{e}")
+        })
+    }
+
+    /// Wait for the call in flight, then apply what is pending, and wait for that too.
+    async fn drain(
+        &mut self,
+        applier: &Applier,
+        pending: &mut Pending,
+        flight: &mut Option<tokio::task::JoinHandle<Flight>>,
+        progress: &ProgressHandle,
+        generation: u64,
+    ) -> Result<Option<Cycle>, DaemonError> {
+        for _ in 0..2 {
+            if let Some(f) = flight.take() {
+                let f = f
+                    .await
+                    .map_err(|e| DaemonError::Transient(format!("apply task: {e}")))?;
+                if let Some(c) = self.complete(f, progress)? {
+                    return Ok(Some(c));
+                }
+            }
+            if !pending.is_empty() {
+                *flight = Some(launch(applier, pending, self.mqtt.clone(), generation));
+            }
+        }
+        Ok(None)
+    }
+}
