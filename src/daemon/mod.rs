@@ -455,6 +455,7 @@ impl Daemon {
             self.preflight().await?;
         }
         let mut con = rsink::connect(&self.redis).await?;
+        rsink::refuse_cluster(&mut con).await?;
         if !self.ensure_lease(&mut con, shutdown).await? {
             return Ok(Cycle::Shutdown);
         }

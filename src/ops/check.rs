@@ -835,6 +835,15 @@ async fn check_redis<W: Write>(cfg: &Config, r: &mut Report<W>) {
             return;
         }
     }
+    if let Ok(info) = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async::<String>(&mut con)
+        .await
+        && crate::sinks::redis::is_cluster(&info)
+    {
+        r.fail("redis mode", crate::sinks::redis::CLUSTER_REFUSED, &[]);
+        return;
+    }
     let config_get = |key: &'static str| {
         let mut con = con.clone();
         async move {

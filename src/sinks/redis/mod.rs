@@ -263,6 +263,33 @@ pub async fn connect(client: &redis::Client) -> Result<ConnectionManager, RedisS
     .map_err(RedisSinkError::from_redis)
 }
 
+/// Redis Cluster is not supported yet: the apply script's calls name SKU hashes of many
+/// slots, and the change index, alert history, webhook cursors and meta hash are not
+/// SKU-tagged. A cluster node would answer CROSSSLOT or MOVED in the middle of the
+/// stream; instead skusync refuses it up front (definite: the operator must point
+/// `redis.url` at a standalone primary).
+pub async fn refuse_cluster(con: &mut ConnectionManager) -> Result<(), RedisSinkError> {
+    let info: String = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async(con)
+        .await
+        .map_err(RedisSinkError::from_redis)?;
+    if is_cluster(&info) {
+        return Err(RedisSinkError::Definite(CLUSTER_REFUSED.into()));
+    }
+    Ok(())
+}
+
+/// What `refuse_cluster` and `check` say about a cluster node.
+pub const CLUSTER_REFUSED: &str = "redis.url names a Redis Cluster node (cluster_enabled:1): \
+     Redis Cluster is not supported yet; point redis.url at a standalone primary (see \
+     docs/redis-layout.md)";
+
+/// Whether `INFO cluster` says the server runs in cluster mode.
+pub fn is_cluster(info: &str) -> bool {
+    info.lines().any(|l| l.trim() == "cluster_enabled:1")
+}
+
 /// The apply script bound to a connection.
 #[derive(Clone)]
 pub struct Applier {
@@ -1319,6 +1346,13 @@ pub async fn migrate_legacy_keys(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_node_is_recognised_by_its_info() {
+        assert!(is_cluster("# Cluster\r\ncluster_enabled:1\r\n"));
+        assert!(!is_cluster("# Cluster\r\ncluster_enabled:0\r\n"));
+        assert!(!is_cluster(""));
+    }
 
     /// The error redis-rs makes of a server's error reply `line`.
     fn reply(line: &str) -> redis::RedisError {

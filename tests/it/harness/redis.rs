@@ -16,6 +16,8 @@ pub struct RedisOptions {
     pub password: Option<String>,
     /// Serve TLS only (`--port 0 --tls-port P`, client certs not required).
     pub tls: Option<TlsFiles>,
+    /// `--cluster-enabled yes` (a lone node without slots: enough to be recognised).
+    pub cluster: bool,
 }
 
 /// A running (or stopped) throwaway Redis. Dropping it kills the process and
@@ -89,6 +91,10 @@ impl RedisServer {
         }
         if let Some(pw) = &self.opts.password {
             c.args(["--requirepass", pw]);
+        }
+        if self.opts.cluster {
+            c.args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                .arg(self.dir.path().join("nodes.conf"));
         }
         let (out, err) = log_stdio(&self.log_path());
         c.stdin(Stdio::null()).stdout(out).stderr(err);
