@@ -7,7 +7,7 @@ use crate::fold_oracle::*;
 use crate::harness::MosquittoServer;
 use crate::mqtt_e2e::{mqtt_toml, retained_mismatches};
 use crate::oracle::*;
-use crate::support::write_config;
+use crate::support::{skusync_output, write_config};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
@@ -185,14 +185,7 @@ async fn run_shop(test: &str, shop: Shop) {
             .collect();
         rig.oracle.activity = a;
     }
-    let run = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_skusync"))
-            .args(args)
-            .arg("--config")
-            .arg(&cfg)
-            .output()
-            .expect("skusync")
-    };
+    let run = |args: &[&str]| skusync_output(args, &cfg);
     let check = run(&["check"]);
     let out = String::from_utf8_lossy(&check.stdout).to_string();
     assert!(!check.status.success(), "{out}");
@@ -748,11 +741,7 @@ async fn a_lookup_that_does_not_fit_the_database_exits_2_before_writing_anything
                 .await;
         }
         let cfg = write_config(rig.dir.path(), &format!("{base}{bad}"));
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_skusync"))
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .output()
-            .expect("skusync");
+        let out = skusync_output(&["run"], &cfg);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{want}: {err}");
         assert!(err.contains(want), "{want}: {err}");
@@ -789,11 +778,7 @@ async fn a_restart_reads_the_row_index_ahead_with_the_quantities_redis_holds() {
         mapping_of(SALEOR_MAPPING)
     );
     let cfg = write_config(rig.dir.path(), &cfg_text);
-    let setup = std::process::Command::new(env!("CARGO_BIN_EXE_skusync"))
-        .args(["setup", "--config"])
-        .arg(&cfg)
-        .output()
-        .expect("skusync setup");
+    let setup = skusync_output(&["setup"], &cfg);
     assert!(setup.status.success(), "{setup:?}");
     rig.daemon = Some(Daemon::start(rig.dir.path(), cfg.clone()));
     rig.wait_bootstrap(Duration::from_secs(40)).await;

@@ -62,15 +62,7 @@ async fn a_redis_cluster_node_is_refused_up_front_by_check_and_run() {
             &cluster.url(),
         ),
     );
-    let run = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_skusync"))
-            .args(args)
-            .arg("--config")
-            .arg(&cfg)
-            .output()
-            .expect("skusync")
-    };
-    let check = run(&["check"]);
+    let check = crate::support::skusync_output(&["check"], &cfg);
     let out = String::from_utf8_lossy(&check.stdout);
     assert!(!check.status.success(), "{out}");
     assert!(

@@ -138,6 +138,16 @@ pub fn skusync_bin() -> &'static str {
     env!("CARGO_BIN_EXE_skusync")
 }
 
+/// Run `skusync <args> --config <cfg>` to completion (a subcommand that exits on its own).
+pub fn skusync_output(args: &[&str], cfg: &Path) -> std::process::Output {
+    std::process::Command::new(skusync_bin())
+        .args(args)
+        .arg("--config")
+        .arg(cfg)
+        .output()
+        .expect("run skusync")
+}
+
 /// A running `skusync` process whose stdout lines arrive on a channel.
 pub struct SkusyncProc {
     pub child: Child,
