@@ -110,7 +110,8 @@ max_wal_size = 4GB
 SCHEMA = """
 CREATE TABLE inventory (sku text, location text, on_hand int NOT NULL, reserved int NOT NULL DEFAULT 0,
   PRIMARY KEY (sku, location));
-CREATE TABLE activity_log (id bigserial PRIMARY KEY, sku text, kind text, qty int, at timestamptz DEFAULT now());
+CREATE TABLE activity_log (id bigserial PRIMARY KEY, sku text, kind text, qty int, user_id text,
+  at timestamptz DEFAULT now());
 INSERT INTO inventory SELECT 'SKU-' || g, 'WH-1', 1000000, 0 FROM generate_series(1, {skus}) g;
 CREATE PUBLICATION skusync FOR TABLE inventory;
 CREATE PUBLICATION skusync_activity FOR TABLE activity_log WITH (publish = 'insert');
@@ -132,8 +133,25 @@ min_interval_ms = {min_interval_ms}
 """
 
 
-def config(st, min_interval_ms=100, http_port=None):
-    return connection(st, min_interval_ms, http_port) + f"""
+# The catch-up mappings (`--catchup-mappings`): `light` is one stock table without
+# locations and one counter (no windows, no users); `medium` adds locations, a second
+# counter and 5m/1h windows; `full` is the demo's (dist/demo): also distinct users
+# through an HMAC of the user column, and three counters.
+CATCHUP_MAPPINGS = {
+    "light": """
+[[inventory]]
+table = "public.inventory"
+sku = "sku"
+on_hand = "on_hand"
+reserved = "reserved"
+[[activity]]
+table = "public.activity_log"
+sku = "sku"
+kind = "kind"
+[activity.counters]
+view = "views"
+""",
+    "medium": """
 [[inventory]]
 table = "public.inventory"
 sku = "sku"
@@ -149,7 +167,32 @@ windows = ["5m", "1h"]
 [activity.counters]
 view = "views"
 purchase = "purchases"
-"""
+""",
+    "full": """
+[[inventory]]
+table = "public.inventory"
+sku = "sku"
+location = "location"
+on_hand = "on_hand"
+reserved = "reserved"
+[[activity]]
+table = "public.activity_log"
+sku = "sku"
+kind = "kind"
+quantity = "qty"
+user = "user_id"
+user_key = "bench-user-key-0123456789abcdef0123456789abcdef"
+windows = ["5m", "1h"]
+[activity.counters]
+view = "views"
+add_to_cart = "carts"
+purchase = "purchases"
+""",
+}
+
+
+def config(st, min_interval_ms=100, http_port=None, mapping="medium"):
+    return connection(st, min_interval_ms, http_port) + CATCHUP_MAPPINGS[mapping]
 
 
 def backlog(st, skus, txns):
@@ -158,7 +201,8 @@ def backlog(st, skus, txns):
     script = os.path.join(st.dir, "backlog.sql")
     with open(script, "w") as f:
         f.write(f"\\set s random(1, {skus})\n"
-                "INSERT INTO activity_log (sku, kind, qty) VALUES ('SKU-' || :s, 'view', 1);\n"
+                "\\set u random(1, 50000)\n"
+                "INSERT INTO activity_log (sku, kind, qty, user_id) VALUES ('SKU-' || :s, 'view', 1, 'user-' || :u);\n"
                 "UPDATE inventory SET on_hand = on_hand - 1 WHERE sku = 'SKU-' || :s AND location = 'WH-1';\n")
     subprocess.run([f"{st.bin}/pgbench", "-h", st.dir, "-p", str(st.pg_port), "-U", "postgres", "-n", "-c", "4",
                     "-j", "2", "-t", str(txns // 8), "-f", script, "postgres"], check=True,
@@ -208,6 +252,7 @@ class Skusync:
         self.cfg = os.path.join(st.dir, f"{name}.toml")
         with open(self.cfg, "w") as f:
             f.write(cfg_text)
+        os.chmod(self.cfg, 0o600)  # the full mapping's config holds an HMAC key
         # SKUSYNC_BENCH_LOG=info|debug keeps more of the log (target/bench/<name>.log).
         self.log_path = os.path.join(ROOT, "target/bench", f"{name}.log")
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
@@ -386,8 +431,9 @@ class WalsenderCpu:
         return round(self.cpu, 2)
 
 
-def catch_up(exe, quick):
-    """Backlog of single-row transactions (half activity inserts, half stock updates)."""
+def catch_up(exe, quick, mapping="medium"):
+    """Backlog of single-row transactions (half activity inserts, half stock updates),
+    drained with one of the `MAPPINGS`."""
     skus = 1000 if quick else 10000
     txns = 4000 if quick else 400000
     st = Stack()
@@ -396,7 +442,7 @@ def catch_up(exe, quick):
         st.psql(SCHEMA.format(skus=skus))
         # skusync creates its slot (and loads the empty snapshot), then stops: its slot
         # now waits at the same point as the others.
-        s = Skusync(exe, st, config(st), "skusync")
+        s = Skusync(exe, st, config(st, mapping=mapping), "skusync")
         wait(lambda: st.redis("HGET", "skusync:meta", "bootstrap") == "done", 60, "bootstrap", s.log_path)
         wait(lambda: all_published(st), 60, "initial publish")
         s.stop()
@@ -407,7 +453,7 @@ def catch_up(exe, quick):
         gen_s = time.time() - t0
         end = st.psql("SELECT pg_current_wal_lsn()")
         rows = txns
-        res = {"transactions": txns, "rows": rows, "skus": skus, "backlog_generation_s": round(gen_s, 2)}
+        res = {"mapping": mapping, "transactions": txns, "rows": rows, "skus": skus, "backlog_generation_s": round(gen_s, 2)}
 
         # Baseline: pg_recvlogical draining its slot to /dev/null, over TCP like skusync
         # (the ratio's baseline), then over the Unix socket (cheaper for its walsender).
@@ -430,7 +476,7 @@ def catch_up(exe, quick):
         st.redis("CONFIG", "RESETSTAT")  # commandstats of the measured drain only
         t0 = time.time()
         perf_all = perf_all_start()  # the measured drain
-        s = Skusync(exe, st, config(st), "skusync-measured")
+        s = Skusync(exe, st, config(st, mapping=mapping), "skusync-measured")
         ws = WalsenderCpu(st, "skusync")
         peak = [0.0]
         rc = Resp(st.redis_port)
@@ -723,7 +769,7 @@ STOCK_UPDATE = {
 
 
 def stock_config(st, mapping, min_interval_ms=100, http_port=None):
-    return connection(st, min_interval_ms, http_port) + MAPPINGS[mapping]
+    return connection(st, min_interval_ms, http_port) + CATCHUP_MAPPINGS[mapping]
 
 
 def stock_stack(mapping, skus, rows):
@@ -902,6 +948,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skusync", default=os.path.join(ROOT, "target/release/skusync"))
     ap.add_argument("--only", default="catchup,bulk,latency")
+    ap.add_argument("--catchup-mappings", default="light,full",
+                    help="catch-up: the mappings to drain the backlog with (light, medium, full)")
     ap.add_argument("--rates", default="1000,5000", help="latency: transactions/s to run, comma-separated")
     ap.add_argument("--formats", default="json", help="latency: payload formats to run (json,cbor)")
     ap.add_argument("--latency-runs", type=int, default=1,
@@ -914,7 +962,7 @@ def main():
                "broker_window": BROKER_WINDOW}
     only = a.only.split(",")
     if "catchup" in only:
-        results["catch_up"] = catch_up(a.skusync, a.quick)
+        results["catch_up"] = [catch_up(a.skusync, a.quick, m) for m in a.catchup_mappings.split(",")]
     if "bulk" in only:
         results["bulk_1m"] = bulk(a.skusync, a.quick)
     if "lookups" in only:
@@ -937,9 +985,8 @@ def main():
     if a.quick:
         print("\nSMOKE RUN (--quick): proves the benchmark still runs; tiny backlog, possibly a debug build. "
               "The figures below are not measurements; `make bench` measures.")
-    c = results.get("catch_up")
-    if c:
-        print(f"\ncatch-up   pg_recvlogical {c['pg_recvlogical_rows_per_s']:>8} rows/s (Unix socket "
+    for c in results.get("catch_up", []):
+        print(f"\ncatch-up   {c['mapping']:>6} pg_recvlogical {c['pg_recvlogical_rows_per_s']:>8} rows/s (Unix socket "
               f"{c['pg_recvlogical_unix_rows_per_s']}) | skusync (Redis+MQTT acked) {c['skusync_rows_per_s']:>8} rows/s | "
               f"ratio {c['ratio_vs_pg_recvlogical']}x (vs Unix socket {c['ratio_vs_pg_recvlogical_unix']}x) | ceiling "
               f"{c['server_decode_ceiling_rows_per_s']} rows/s | {c['skusync_cpu_us_per_row']} us CPU/row | "
