@@ -245,6 +245,16 @@ impl Daemon {
         }
     }
 
+    /// Mark Redis for a rebuild from a fresh snapshot (meta `bootstrap = stale`) and
+    /// restart the pipeline, saying why.
+    async fn rebuild(
+        &self,
+        con: &mut redis::aio::ConnectionManager,
+        why: String,
+    ) -> Result<Cycle, DaemonError> {
+        rebuild_next(con, self.prefix(), self.settings.fence.token(), why).await
+    }
+
     /// The stream (re)connected: Redis must have been built from this database, on this
     /// timeline, with this layout and mapping, and hold everything the slot confirmed;
     /// otherwise it is rebuilt (`Some(cycle)`). Then the fold learns the tables and
@@ -265,17 +275,16 @@ impl Daemon {
                 if let Some(sys) = &m.system_id
                     && *sys != info.system_id
                 {
-                    return rebuild_next(
-                        &mut con,
-                        self.prefix(),
-                        self.settings.fence.token(),
-                        format!(
-                            "Redis was built from another database (system id {sys}, now {})",
-                            info.system_id
-                        ),
-                    )
-                    .await
-                    .map(Some);
+                    return self
+                        .rebuild(
+                            &mut con,
+                            format!(
+                                "Redis was built from another database (system id {sys}, now {})",
+                                info.system_id
+                            ),
+                        )
+                        .await
+                        .map(Some);
                 }
                 // A new timeline: the server was promoted from a standby or
                 // recovered to a point in time. Transactions Redis holds may
@@ -286,16 +295,10 @@ impl Daemon {
                     && m.system_id.as_deref() == Some(info.system_id.as_str())
                     && *t != info.timeline.to_string()
                 {
-                    return rebuild_next(
-                        &mut con,
-                        self.prefix(),
-                        self.settings.fence.token(),
-                        format!(
+                    return self.rebuild(&mut con, format!(
                             "PostgreSQL is on timeline {} but Redis was built on timeline {t} (a failover or point-in-time recovery may have dropped transactions Redis holds)",
                             info.timeline
-                        ),
-                    )
-                    .await.map(Some);
+                        )).await.map(Some);
                 }
                 if !m.bootstrap_done {
                     return Ok(Some(Cycle::Restart(
@@ -304,24 +307,19 @@ impl Daemon {
                 }
                 // A standby that won the slot skipped the startup checks.
                 if m.layout.as_deref() != Some(layout::LAYOUT_VERSION) {
-                    return rebuild_next(
-                        &mut con,
-                        self.prefix(),
-                        self.settings.fence.token(),
-                        earlier_layout(m.layout.as_deref()),
-                    )
-                    .await
-                    .map(Some);
+                    return self
+                        .rebuild(&mut con, earlier_layout(m.layout.as_deref()))
+                        .await
+                        .map(Some);
                 }
                 if m.fingerprint.as_deref() != Some(self.mapping.fingerprint.as_str()) {
-                    return rebuild_next(
-                        &mut con,
-                        self.prefix(),
-                        self.settings.fence.token(),
-                        "the table mapping changed since Redis was built".into(),
-                    )
-                    .await
-                    .map(Some);
+                    return self
+                        .rebuild(
+                            &mut con,
+                            "the table mapping changed since Redis was built".into(),
+                        )
+                        .await
+                        .map(Some);
                 }
                 if let Some(lease) = &self.lease
                     && let Ok(Some(st)) =
@@ -329,24 +327,16 @@ impl Daemon {
                     && let Some(confirmed) = st.confirmed_flush_lsn
                     && m.applied_lsn.unwrap_or(Lsn::ZERO) < confirmed
                 {
-                    return rebuild_next(
-                        &mut con,
-                        self.prefix(),
-                        self.settings.fence.token(),
-                        format!(
+                    return self.rebuild(&mut con, format!(
                             "Redis is behind the slot (applied {} < confirmed {confirmed}): it lost writes",
                             m.applied_lsn.unwrap_or(Lsn::ZERO)
-                        ),
-                    )
-                    .await.map(Some);
+                        )).await.map(Some);
                 }
                 fold.expect_tables(m.tables.clone());
                 self.partitions_built = m.partitions.clone();
                 let trees = self.read_partitions().await?;
                 if let Some(why) = self.partition_drift(&trees) {
-                    return rebuild_next(&mut con, self.prefix(), self.settings.fence.token(), why)
-                        .await
-                        .map(Some);
+                    return self.rebuild(&mut con, why).await.map(Some);
                 }
                 fold.set_partitions(trees.parents());
                 // A new fold reads its hot index state in bulk rather than
@@ -413,18 +403,17 @@ impl Daemon {
             match self.mapped_parent(r.oid).await? {
                 Some(parent) if self.mapping.inventory.iter().any(|m| m.table == parent) => {
                     // Its rows before the attach never reached the stream.
-                    return rebuild_next(
-                        &mut applier.connection(),
-                        self.prefix(),
-                        self.settings.fence.token(),
-                        format!(
-                            "partition {} of stock table {parent} was attached after Redis was \
+                    return self
+                        .rebuild(
+                            &mut applier.connection(),
+                            format!(
+                                "partition {} of stock table {parent} was attached after Redis was \
                              built; rebuilding Redis from a fresh snapshot",
-                            r.qualified_name()
-                        ),
-                    )
-                    .await
-                    .map(Some);
+                                r.qualified_name()
+                            ),
+                        )
+                        .await
+                        .map(Some);
                 }
                 // An activity table's: its inserts count from now on.
                 Some(parent) => fold.add_partition(r.oid, &parent),
@@ -461,14 +450,13 @@ impl Daemon {
                     )));
                 }
                 self.identity_rebuild = Some((r.oid, why.clone()));
-                return rebuild_next(
-                    &mut applier.connection(),
-                    self.prefix(),
-                    self.settings.fence.token(),
-                    format!("{why}; rebuilding Redis from a fresh snapshot"),
-                )
-                .await
-                .map(Some);
+                return self
+                    .rebuild(
+                        &mut applier.connection(),
+                        format!("{why}; rebuilding Redis from a fresh snapshot"),
+                    )
+                    .await
+                    .map(Some);
             }
         }
         Ok(None)
@@ -494,14 +482,13 @@ impl Daemon {
                 return Err(schema_stop(e, fold.current_commit()));
             }
             Err(RelationProblem::Changed(why)) => {
-                return rebuild_next(
-                    &mut applier.connection(),
-                    self.prefix(),
-                    self.settings.fence.token(),
-                    format!("{why}; rebuilding Redis from a fresh snapshot"),
-                )
-                .await
-                .map(Some);
+                return self
+                    .rebuild(
+                        &mut applier.connection(),
+                        format!("{why}; rebuilding Redis from a fresh snapshot"),
+                    )
+                    .await
+                    .map(Some);
             }
         };
         for p in pieces {
@@ -577,14 +564,7 @@ impl Daemon {
             match self.read_partitions().await {
                 Ok(trees) => {
                     if let Some(why) = self.partition_drift(&trees) {
-                        return rebuild_next(
-                            &mut applier.connection(),
-                            self.prefix(),
-                            self.settings.fence.token(),
-                            why,
-                        )
-                        .await
-                        .map(Some);
+                        return self.rebuild(&mut applier.connection(), why).await.map(Some);
                     }
                     for (oid, parent) in trees.parents() {
                         if fold.parent_of(oid).is_none() {
