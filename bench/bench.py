@@ -435,7 +435,7 @@ def catch_up(exe, quick, mapping="medium"):
     """Backlog of single-row transactions (half activity inserts, half stock updates),
     drained with one of the `MAPPINGS`."""
     skus = 1000 if quick else 10000
-    txns = 4000 if quick else 400000
+    txns = 4000 if quick else int(os.environ.get("SKUSYNC_BENCH_TXNS", 400000))
     st = Stack()
     st.start()
     try:
