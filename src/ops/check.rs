@@ -835,13 +835,10 @@ async fn check_redis<W: Write>(cfg: &Config, r: &mut Report<W>) {
             return;
         }
     }
-    if let Ok(info) = redis::cmd("INFO")
-        .arg("cluster")
-        .query_async::<String>(&mut con)
-        .await
-        && crate::sinks::redis::is_cluster(&info)
+    if let Err(crate::sinks::redis::RedisSinkError::Definite(why)) =
+        crate::sinks::redis::refuse_cluster(&mut con).await
     {
-        r.fail("redis mode", crate::sinks::redis::CLUSTER_REFUSED, &[]);
+        r.fail("redis mode", &why, &[]);
         return;
     }
     let config_get = |key: &'static str| {

@@ -267,26 +267,27 @@ pub async fn connect(client: &redis::Client) -> Result<ConnectionManager, RedisS
 /// slots, and the change index, alert history, webhook cursors and meta hash are not
 /// SKU-tagged. A cluster node would answer CROSSSLOT or MOVED in the middle of the
 /// stream; instead skusync refuses it up front (definite: the operator must point
-/// `redis.url` at a standalone primary).
-pub async fn refuse_cluster(con: &mut ConnectionManager) -> Result<(), RedisSinkError> {
+/// `redis.url` at a standalone primary); `check` reports the same refusal.
+pub async fn refuse_cluster(
+    con: &mut impl redis::aio::ConnectionLike,
+) -> Result<(), RedisSinkError> {
     let info: String = redis::cmd("INFO")
         .arg("cluster")
         .query_async(con)
         .await
         .map_err(RedisSinkError::from_redis)?;
     if is_cluster(&info) {
-        return Err(RedisSinkError::Definite(CLUSTER_REFUSED.into()));
+        return Err(RedisSinkError::Definite(
+            "redis.url names a Redis Cluster node (cluster_enabled:1): Redis Cluster is not \
+             supported yet; point redis.url at a standalone primary (see docs/redis-layout.md)"
+                .into(),
+        ));
     }
     Ok(())
 }
 
-/// What `refuse_cluster` and `check` say about a cluster node.
-pub const CLUSTER_REFUSED: &str = "redis.url names a Redis Cluster node (cluster_enabled:1): \
-     Redis Cluster is not supported yet; point redis.url at a standalone primary (see \
-     docs/redis-layout.md)";
-
 /// Whether `INFO cluster` says the server runs in cluster mode.
-pub fn is_cluster(info: &str) -> bool {
+fn is_cluster(info: &str) -> bool {
     info.lines().any(|l| l.trim() == "cluster_enabled:1")
 }
 
