@@ -137,57 +137,32 @@ min_interval_ms = {min_interval_ms}
 # locations and one counter (no windows, no users); `medium` adds locations, a second
 # counter and 5m/1h windows; `full` is the demo's (dist/demo): also distinct users
 # through an HMAC of the user column, and three counters.
+def catchup_mapping(location, activity, counters):
+    """A catch-up mapping: the stock table (with or without locations), then the activity
+    table's extra keys and counters."""
+    loc = 'location = "location"\n' if location else ""
+    return f"""
+[[inventory]]
+table = "public.inventory"
+sku = "sku"
+{loc}on_hand = "on_hand"
+reserved = "reserved"
+[[activity]]
+table = "public.activity_log"
+sku = "sku"
+kind = "kind"
+{activity}[activity.counters]
+{counters}"""
+
+
+WINDOWS = 'quantity = "qty"\nwindows = ["5m", "1h"]\n'
 CATCHUP_MAPPINGS = {
-    "light": """
-[[inventory]]
-table = "public.inventory"
-sku = "sku"
-on_hand = "on_hand"
-reserved = "reserved"
-[[activity]]
-table = "public.activity_log"
-sku = "sku"
-kind = "kind"
-[activity.counters]
-view = "views"
-""",
-    "medium": """
-[[inventory]]
-table = "public.inventory"
-sku = "sku"
-location = "location"
-on_hand = "on_hand"
-reserved = "reserved"
-[[activity]]
-table = "public.activity_log"
-sku = "sku"
-kind = "kind"
-quantity = "qty"
-windows = ["5m", "1h"]
-[activity.counters]
-view = "views"
-purchase = "purchases"
-""",
-    "full": """
-[[inventory]]
-table = "public.inventory"
-sku = "sku"
-location = "location"
-on_hand = "on_hand"
-reserved = "reserved"
-[[activity]]
-table = "public.activity_log"
-sku = "sku"
-kind = "kind"
-quantity = "qty"
-user = "user_id"
-user_key = "bench-user-key-0123456789abcdef0123456789abcdef"
-windows = ["5m", "1h"]
-[activity.counters]
-view = "views"
-add_to_cart = "carts"
-purchase = "purchases"
-""",
+    "light": catchup_mapping(False, "", 'view = "views"\n'),
+    "medium": catchup_mapping(True, WINDOWS, 'view = "views"\npurchase = "purchases"\n'),
+    "full": catchup_mapping(
+        True,
+        WINDOWS + 'user = "user_id"\nuser_key = "bench-user-key-0123456789abcdef0123456789abcdef"\n',
+        'view = "views"\nadd_to_cart = "carts"\npurchase = "purchases"\n'),
 }
 
 
