@@ -21,35 +21,59 @@ fn module_of(rel: &Path) -> Option<String> {
     }
 }
 
-/// `crate::<module>` paths in code (comments and unit tests left out).
+/// `crate::<module>` paths in code (comments and unit tests left out), grouped imports
+/// (`crate::{a, b}`, `crate::sinks::{mqtt, redis}`, over several lines) included.
 fn uses(src: &str) -> BTreeSet<String> {
     let code = src.split("#[cfg(test)]\nmod tests").next().unwrap_or(src);
+    let code: String = code
+        .lines()
+        .map(|l| l.split("//").next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n");
     let mut out = BTreeSet::new();
-    for line in code.lines() {
-        let line = line.split("//").next().unwrap_or("");
-        for (i, _) in line.match_indices("crate::") {
-            let rest = &line[i + 7..];
-            let name: String = rest
-                .chars()
-                .take_while(|c| c.is_alphanumeric() || *c == '_')
-                .collect();
-            if name == "sinks" {
-                let sub: String = rest[7..]
-                    .trim_start_matches(':')
-                    .chars()
-                    .take_while(|c| c.is_alphanumeric() || *c == '_')
-                    .collect();
-                if sub.starts_with(|c: char| c.is_lowercase()) {
-                    out.insert(format!("sinks::{sub}"));
-                    continue;
-                }
-            }
-            if !name.is_empty() {
-                out.insert(name);
-            }
-        }
+    for (i, _) in code.match_indices("crate::") {
+        paths(&code[i + 7..], "", &mut out);
     }
     out
+}
+
+/// The modules named at the start of `rest` (what follows `crate::` or `crate::sinks::`):
+/// one identifier, or each item of a `{...}` group. `under` is `sinks::` inside the sinks.
+fn paths(rest: &str, under: &str, out: &mut BTreeSet<String>) {
+    let rest = rest.trim_start();
+    if let Some(group) = rest.strip_prefix('{') {
+        let mut depth = 0;
+        let mut start = 0;
+        for (i, c) in group.char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' if depth == 0 => {
+                    paths(&group[start..i], under, out);
+                    return;
+                }
+                '}' => depth -= 1,
+                ',' if depth == 0 => {
+                    paths(&group[start..i], under, out);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        return;
+    }
+    let name: String = rest
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect();
+    if name == "self" || !name.starts_with(|c: char| c.is_lowercase()) {
+        return;
+    }
+    match rest[name.len()..].strip_prefix("::") {
+        Some(sub) if under.is_empty() && name == "sinks" => paths(sub, "sinks::", out),
+        _ => {
+            out.insert(format!("{under}{name}"));
+        }
+    }
 }
 
 fn graph() -> BTreeMap<String, BTreeSet<String>> {
@@ -139,5 +163,17 @@ fn the_cycle_check_sees_a_cycle() {
         ["fold".to_string(), "sinks::mqtt".to_string()]
             .into_iter()
             .collect()
+    );
+    // grouped imports, over lines, nested
+    let want: BTreeSet<String> = ["config", "fold", "sinks::history", "sinks::layout", "units"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        uses(
+            "use crate::{\n    config::{Config, webhook},\n    fold,\n};\n\
+             use crate::sinks::{history, layout::{self, sku_key}};\nuse crate::units;"
+        ),
+        want
     );
 }
