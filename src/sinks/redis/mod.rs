@@ -621,15 +621,17 @@ impl Applier {
                 .query_async(&mut self.con)
                 .await
                 .map_err(RedisSinkError::from_redis)?;
-            let all = &all[..all.len().min(limit - n)];
-            let fields: Vec<String> = all
-                .iter()
-                .map(|(f, _)| match hop {
-                    None => f.clone(),
-                    Some(h) => layout::lookup_field(h, f),
+            let (fields, values): (Vec<String>, Vec<Option<String>>) = all
+                .into_iter()
+                .take(limit - n)
+                .map(|(f, v)| {
+                    let f = match hop {
+                        None => f,
+                        Some(h) => layout::lookup_field(h, &f),
+                    };
+                    (f, Some(v))
                 })
-                .collect();
-            let values: Vec<Option<String>> = all.iter().map(|(_, v)| Some(v.clone())).collect();
+                .unzip();
             let values = match hop {
                 None => {
                     self.with_contributions(fields.iter().map(String::as_str), values)
