@@ -725,7 +725,7 @@ CREATE PUBLICATION skusync FOR TABLE inventory;
 CREATE PUBLICATION skusync_activity WITH (publish = 'insert');
 """
 
-MAPPINGS = {
+STOCK_MAPPINGS = {
     "flat": """
 [[inventory]]
 table = "public.inventory"
@@ -744,7 +744,7 @@ STOCK_UPDATE = {
 
 
 def stock_config(st, mapping, min_interval_ms=100, http_port=None):
-    return connection(st, min_interval_ms, http_port) + CATCHUP_MAPPINGS[mapping]
+    return connection(st, min_interval_ms, http_port) + STOCK_MAPPINGS[mapping]
 
 
 def stock_stack(mapping, skus, rows):

@@ -358,28 +358,23 @@ async fn apply_pending(
     Ok(skus)
 }
 
-/// Fold a run of snapshot rows after reading the index state they need.
+/// Fold a run of snapshot rows, reading the index state they need as the fold asks.
 async fn fold_run(
     fold: &mut Fold,
     applier: &mut Applier,
     run: &mut Vec<crate::txn::Change>,
     pending: &mut Vec<crate::fold::Piece>,
 ) -> Result<(), SnapshotError> {
-    let refs: Vec<&crate::txn::Change> = run.iter().collect();
-    applier.read_needs(fold, &refs).await?;
-    let mut recheck = false;
-    for change in run.drain(..) {
-        recheck |= fold.changes_lookups(&change);
-        if recheck {
-            applier.read_needs(fold, &[&change]).await?;
-        }
-        if let Some(p) = fold
-            .change(&change)
+    for (i, change) in run.iter().enumerate() {
+        if let Some(p) = applier
+            .fold_change(fold, change, run[i + 1..].iter())
+            .await?
             .map_err(|e| SnapshotError::Schema(e.0))?
         {
             pending.push(p);
         }
     }
+    run.clear();
     Ok(())
 }
 

@@ -95,28 +95,9 @@ impl Daemon {
             if events.is_some() {
                 last_event = tokio::time::Instant::now();
             }
-            // Rows of indexed stock tables (surrogate keys, lookups) are folded with what
-            // Redis' index holds for them: read what the fold does not know, in one round
-            // trip per link of state.
-            if let Some(evs) = &events {
-                let changes: Vec<&crate::txn::Change> = evs
-                    .iter()
-                    .filter_map(|ev| match ev {
-                        SourceEvent::Event(Event::Change(c)) => Some(c),
-                        _ => None,
-                    })
-                    .collect();
-                match applier.read_needs(&mut fold, &changes).await {
-                    Ok(()) => {}
-                    Err(e) if e.is_transient() => {
-                        return Ok(Cycle::Restart(format!("reading the row index: {e}")));
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
             let mut commits = 0u64;
-            let mut recheck = false;
-            for ev in events.into_iter().flatten() {
+            let mut evs = events.unwrap_or_default().into_iter();
+            while let Some(ev) = evs.next() {
                 match ev {
                     SourceEvent::Connected(info) => {
                         if let Some(c) = self
@@ -148,25 +129,21 @@ impl Daemon {
                         fold.begin(&b);
                     }
                     SourceEvent::Event(Event::Change(c)) => {
-                        // After a change of a referenced table, later changes of the chunk
-                        // may need state the chunk's read did not foresee (rare).
-                        recheck |= fold.changes_lookups(&c);
-                        if recheck {
-                            match applier.read_needs(&mut fold, &[&c]).await {
-                                Ok(()) => {}
-                                Err(e) if e.is_transient() => {
-                                    return Ok(Cycle::Restart(format!(
-                                        "reading the row index: {e}"
-                                    )));
-                                }
-                                Err(e) => return Err(e.into()),
+                        // Rows of indexed stock tables (surrogate keys, lookups) are folded
+                        // with what Redis' index holds for them: what the fold does not
+                        // know is read for the rest of the chunk at once.
+                        let ahead = evs.as_slice().iter().filter_map(|ev| match ev {
+                            SourceEvent::Event(Event::Change(c)) => Some(c),
+                            _ => None,
+                        });
+                        match applier.fold_change(&mut fold, &c, ahead).await {
+                            Ok(Ok(Some(p))) => pending.push(p),
+                            Ok(Ok(None)) => {}
+                            Ok(Err(e)) => return Err(schema_stop(e, Some(c.commit_lsn))),
+                            Err(e) if e.is_transient() => {
+                                return Ok(Cycle::Restart(format!("reading the row index: {e}")));
                             }
-                        }
-                        if let Some(p) = fold
-                            .change(&c)
-                            .map_err(|e| schema_stop(e, Some(c.commit_lsn)))?
-                        {
-                            pending.push(p);
+                            Err(e) => return Err(e.into()),
                         }
                     }
                     SourceEvent::Event(Event::Truncate(t)) => {

@@ -16,7 +16,8 @@
 //! it over with [`Fold::know`] and [`Fold::know_deps`], then folds the change.
 
 use super::mapping::{Attr, HopRule, InventoryRule, LookupRule, RefCol};
-use super::{Field, Fold, RowOp, SKU_TOO_LONG, TextOf, sum, text};
+use super::{Field, Fold, FoldError, RowOp, SKU_TOO_LONG, TextOf, sum, text};
+use crate::lsn::Lsn;
 use crate::pgoutput::{Datum, Tuple};
 use crate::sinks::layout::{self, RowRecord};
 use crate::txn::{Change, Op};
@@ -51,6 +52,39 @@ impl Via {
             loc: r.location.as_ref().map(hop),
         }
     }
+}
+
+/// A stock row change of a looked-up table, worked out before it is folded
+/// ([`Fold::plan_stock_records`]).
+#[derive(Debug)]
+// Lives on the stack for one change; boxing the large variant would allocate per row.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum StockPlan {
+    /// No row to fold.
+    Nothing,
+    /// A value that cannot be used: skipped and counted.
+    Skip {
+        table: String,
+        column: String,
+        lsn: Lsn,
+        reason: String,
+    },
+    Fold {
+        lsn: Lsn,
+        /// The row's field under its key before the change (or its only key).
+        old_field: String,
+        /// Its record before (`None`: a new row or one not counted).
+        old: Option<RowRecord>,
+        /// Its field after (`None`: deleted).
+        new_field: Option<String>,
+        /// Its record after (`None`: gone or filtered out).
+        new: Option<RowRecord>,
+        /// Where it counts now: (SKU, location).
+        placed: Option<(String, String)>,
+        filtered: bool,
+        /// The SKU column's text is longer than the SKU limit.
+        too_long: bool,
+    },
 }
 
 /// A value read from a mapped row for a SKU, location or reference.
@@ -483,71 +517,63 @@ impl Fold {
         }
     }
 
-    /// A change of a stock table whose SKU or location is looked up.
-    pub(super) fn fold_stock_records(&mut self, r: &InventoryRule, c: &Change) {
+    /// Work out a change of a stock table whose SKU or location is looked up, reading
+    /// only: [`FoldError::Unread`] when the row's record or a lookup it resolves through
+    /// is not known (nothing is folded then).
+    pub(super) fn plan_stock_records(
+        &self,
+        r: &InventoryRule,
+        c: &Change,
+    ) -> Result<StockPlan, FoldError> {
         let lsn = c.commit_lsn;
-        let via = Via::of(r);
-        let key_of = |t: &Tuple| super::row_key_field(r, t);
-        let old_field = match c
-            .old
-            .as_ref()
-            .map(|(_, t)| t)
-            .or(c.new.as_ref())
-            .map(key_of)
-        {
+        let skip = |column: String, reason: &str| {
+            Ok(StockPlan::Skip {
+                table: r.table.clone(),
+                column,
+                lsn,
+                reason: reason.to_string(),
+            })
+        };
+        const NO_KEY: &str = "the row's key was not sent";
+        let old_t = c.old.as_ref().map(|(_, t)| t);
+        let old_field = match old_t.or(c.new.as_ref()).map(|t| super::row_key_field(r, t)) {
             Some(Ok(f)) => f,
-            Some(Err(col)) => {
-                self.skip(&r.table, &col, lsn, "the row's key was not sent".into());
-                return;
-            }
-            None => return,
+            Some(Err(col)) => return skip(col, NO_KEY),
+            None => return Ok(StockPlan::Nothing),
         };
         let old = if c.op == Op::Insert {
             None
         } else {
-            match self.record(&old_field) {
-                Ok(rec) => rec,
-                Err(_) => {
-                    self.skip(
-                        &r.table,
-                        "key",
-                        lsn,
-                        "internal: the row index was not read for this row".into(),
-                    );
-                    return;
-                }
-            }
+            self.record(&old_field).map_err(|_| FoldError::Unread)?
         };
-        let new_field = match c.new.as_ref().map(key_of) {
-            Some(Ok(f)) => Some(f),
-            Some(Err(col)) => {
-                self.skip(&r.table, &col, lsn, "the row's key was not sent".into());
-                return;
-            }
-            None => None,
+        // Computed once when the key comes from the new row alone (the hot path).
+        let new_field = match (old_t, c.new.as_ref()) {
+            (_, None) => None,
+            (None, Some(_)) => Some(old_field.clone()),
+            (Some(_), Some(t)) => match super::row_key_field(r, t) {
+                Ok(f) => Some(f),
+                Err(col) => return skip(col, NO_KEY),
+            },
         };
-        let mapping = self.mapping.clone();
-        let m = &mapping.inventory[r.index];
+        let m = &self.mapping.inventory[r.index];
         // The row as it is now, or `None` when it is gone or fails the table's filter.
         let mut new = None;
+        let mut filtered = false;
         if let (Some(t), Some(_)) = (c.new.as_ref(), &new_field) {
             let passes = match &r.filter {
                 None => true,
                 Some(f) => match f.passes(t) {
                     Some(p) => p,
                     None => {
-                        self.skip(
-                            &r.table,
-                            "where",
-                            lsn,
-                            "a filter column was not sent (unchanged TOAST)".into(),
+                        return skip(
+                            "where".into(),
+                            "a filter column was not sent (unchanged TOAST)",
                         );
-                        return;
                     }
                 },
             };
             if !passes {
-                self.stats.filtered_rows += 1;
+                filtered = true;
             } else {
                 let take = |a: Option<&Attr>, was: Option<&Option<String>>| match a {
                     None => Ok(None),
@@ -561,14 +587,11 @@ impl Fold {
                 let loc_in = take(r.location.as_ref(), old.as_ref().map(|o| &o.loc_in));
                 let (sku_in, loc_in) = match (sku_in, loc_in) {
                     (Ok(s), Ok(l)) => (s, l),
-                    (Err(why), _) | (_, Err(why)) => {
-                        self.skip(&r.table, &m.sku.label(), lsn, why.into());
-                        return;
-                    }
+                    (Err(why), _) | (_, Err(why)) => return skip(m.sku.label(), why),
                 };
                 let sc = super::Scale {
                     digits: r.scale,
-                    scale: mapping.scale,
+                    scale: self.mapping.scale,
                 };
                 let kept = |f: Field<i64>, was: Option<i64>| match f {
                     Field::Val(v) => Some(v),
@@ -576,10 +599,7 @@ impl Fold {
                 };
                 let on_hand = match sum(t, None, &r.on_hand, &c.rel, sc) {
                     Ok(v) => kept(v, old.as_ref().map(|o| o.on_hand)),
-                    Err(e) => {
-                        self.skip(&r.table, &m.on_hand.label(), lsn, e);
-                        return;
-                    }
+                    Err(e) => return skip(m.on_hand.label(), &e),
                 };
                 let reserved = match &r.reserved {
                     None => Some(0),
@@ -587,8 +607,7 @@ impl Fold {
                         Ok(v) => kept(v, old.as_ref().map(|o| o.reserved)),
                         Err(e) => {
                             let label = m.reserved.as_ref().map(|c| c.label()).unwrap_or_default();
-                            self.skip(&r.table, &label, lsn, e);
-                            return;
+                            return skip(label, &e);
                         }
                     },
                 };
@@ -598,22 +617,16 @@ impl Fold {
                         Ok(Field::Val(v)) => Some(Some(v)),
                         Ok(Field::Keep) => old.as_ref().map(|o| o.threshold),
                         Err(_) if matches!(t.get(i), Some(Datum::Null)) => Some(None),
-                        Err(e) => {
-                            self.skip(&r.table, m.low_stock.as_deref().unwrap_or(""), lsn, e);
-                            return;
-                        }
+                        Err(e) => return skip(m.low_stock.clone().unwrap_or_default(), &e),
                     },
                 };
                 let (Some(on_hand), Some(reserved), Some(threshold)) =
                     (on_hand, reserved, threshold)
                 else {
-                    self.skip(
-                        &r.table,
-                        &m.on_hand.label(),
-                        lsn,
-                        "an unchanged (TOAST) value of a row the index does not hold".into(),
+                    return skip(
+                        m.on_hand.label(),
+                        "an unchanged (TOAST) value of a row the index does not hold",
                     );
-                    return;
                 };
                 new = Some(RowRecord {
                     holder: None,
@@ -625,30 +638,66 @@ impl Fold {
                 });
             }
         }
-        let placed = match &new {
-            None => None,
-            Some(rec) => match self.place(via, rec, &[]) {
-                Ok(p) => {
-                    if p.is_none()
-                        && let Some(s) = &rec.sku_in
-                        && via.sku.is_none()
-                        && s.len() > mapping.max_sku_bytes
-                    {
-                        self.skip(&r.table, &m.sku.label(), lsn, SKU_TOO_LONG.into());
-                    }
-                    p
-                }
-                Err(_) => {
-                    self.skip(
-                        &r.table,
-                        &m.sku.label(),
-                        lsn,
-                        "internal: the lookup state was not read for this row".into(),
-                    );
-                    return;
-                }
-            },
+        let via = Via::of(r);
+        let (placed, too_long) = match &new {
+            None => (None, false),
+            Some(rec) => {
+                let p = self.place(via, rec, &[]).map_err(|_| FoldError::Unread)?;
+                let too_long = p.is_none()
+                    && via.sku.is_none()
+                    && rec
+                        .sku_in
+                        .as_ref()
+                        .is_some_and(|s| s.len() > self.mapping.max_sku_bytes);
+                (p, too_long)
+            }
         };
+        Ok(StockPlan::Fold {
+            lsn,
+            old_field,
+            old,
+            new_field,
+            new,
+            placed,
+            filtered,
+            too_long,
+        })
+    }
+
+    /// Fold a planned change of a stock table whose SKU or location is looked up.
+    pub(super) fn fold_stock_records(&mut self, r: &InventoryRule, plan: StockPlan) {
+        let (old_field, old, new_field, new, placed) = match plan {
+            StockPlan::Nothing => return,
+            StockPlan::Skip {
+                table,
+                column,
+                lsn,
+                reason,
+            } => {
+                self.skip(&table, &column, lsn, reason);
+                return;
+            }
+            StockPlan::Fold {
+                lsn,
+                old_field,
+                old,
+                new_field,
+                new,
+                placed,
+                filtered,
+                too_long,
+            } => {
+                if filtered {
+                    self.stats.filtered_rows += 1;
+                }
+                if too_long {
+                    let label = self.mapping.inventory[r.index].sku.label();
+                    self.skip(&r.table, &label, lsn, SKU_TOO_LONG.into());
+                }
+                (old_field, old, new_field, new, placed)
+            }
+        };
+        let via = Via::of(r);
         // Out of the old place (under the old key), then into the new.
         let old_holder = old.as_ref().and_then(|o| o.holder.clone());
         let field_changed = new_field.as_deref().is_some_and(|f| f != old_field);

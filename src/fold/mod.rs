@@ -29,6 +29,19 @@ use hmac::{Hmac, KeyInit, Mac};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+/// Why a change was not folded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FoldError {
+    /// A schema problem that stops the stream.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    /// Index or lookup state the change needs is not known yet: nothing was folded. Read
+    /// what [`Fold::needs`] asks for (for it and the changes after it, in one round trip)
+    /// and fold it again.
+    #[error("internal: the index state this change needs was not read")]
+    Unread,
+}
+
 /// A field value in a row update: unchanged-TOAST values keep what Redis holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Field<T> {
@@ -286,16 +299,6 @@ impl Fold {
     pub fn warm(&mut self, field: String, value: Option<String>) {
         if !self.holders.contains_key(&field) {
             self.cache.insert(field, value);
-        }
-    }
-
-    /// Whether a change is of a referenced table: folding it can make later changes need
-    /// state that was not read for them (the caller checks each change after it).
-    pub fn changes_lookups(&mut self, c: &Change) -> bool {
-        match self.rule_of(c).as_deref() {
-            Some(Rule::Lookup(_)) => true,
-            Some(Rule::Inventory(_)) => self.also_of(&c.rel).is_some(),
-            _ => false,
         }
     }
 
@@ -659,14 +662,12 @@ impl Fold {
     }
 
     /// Fold one change; returns a finished piece when the cap was reached.
-    pub fn change(&mut self, c: &Change) -> Result<Option<Piece>, SchemaError> {
-        let out = if self.in_piece >= self.max_changes {
-            self.cut()
-        } else {
-            None
-        };
-        self.in_piece += 1;
-        self.stats.rows += 1;
+    ///
+    /// A change that needs index or lookup state the fold does not know is not folded
+    /// ([`FoldError::Unread`]): the caller reads it and folds the change again. Checking
+    /// here, not in a pass before, works out the hot path (a stock row of a looked-up
+    /// table) once.
+    pub fn change(&mut self, c: &Change) -> Result<Option<Piece>, FoldError> {
         // Shared, not cloned: this runs for every row.
         let rule = match self.rules.get(&c.rel.oid) {
             Some(r) => r.clone(),
@@ -676,19 +677,49 @@ impl Fold {
                 r
             }
         };
+        // Everything read before anything is folded: an unread change leaves no trace.
+        let also = match &*rule {
+            Rule::Inventory(_) => self.also_of(&c.rel),
+            _ => None,
+        };
+        let plan = match &*rule {
+            Rule::Inventory(r) if r.records => Some(self.plan_stock_records(r, c)?),
+            _ => None,
+        };
+        if (also.is_some() || Self::may_need(&rule)) && !self.needs(c).is_empty() {
+            return Err(FoldError::Unread);
+        }
+        let out = if self.in_piece >= self.max_changes {
+            self.cut()
+        } else {
+            None
+        };
+        self.in_piece += 1;
+        self.stats.rows += 1;
         match &*rule {
             Rule::Unmapped => self.stats.unmapped_changes += 1,
-            Rule::Inventory(r) if r.records => self.fold_stock_records(r, c),
+            Rule::Inventory(r) if r.records => {
+                self.fold_stock_records(r, plan.expect("planned above"))
+            }
             Rule::Inventory(r) => self.fold_stock(r, c),
             Rule::Activity(r) => self.fold_activity(r, c),
             Rule::Lookup(l) => self.fold_lookup(l, c),
         }
-        if matches!(&*rule, Rule::Inventory(_))
-            && let Some(l) = self.also_of(&c.rel)
-        {
+        if let Some(l) = also {
             self.fold_lookup(&l, c);
         }
         Ok(out)
+    }
+
+    /// Whether changes under `rule` (other than a looked-up stock table's, which are
+    /// planned) can need index or lookup state.
+    fn may_need(rule: &Rule) -> bool {
+        match rule {
+            Rule::Inventory(r) => r.indexed && !r.records,
+            Rule::Activity(r) => matches!(r.sku, mapping::Attr::Lookup { .. }),
+            Rule::Lookup(_) => true,
+            Rule::Unmapped => false,
+        }
     }
 
     /// A TRUNCATE: stock tables lose all contributions; activity tables are ignored.
@@ -1358,18 +1389,16 @@ fn row_identity(
 /// The row field of an indexed row from any tuple carrying its key; `Err(column)` when a
 /// key value is missing.
 fn row_key_field(r: &mapping::InventoryRule, t: &Tuple) -> Result<String, String> {
-    let mut key: Vec<Option<std::borrow::Cow<'_, str>>> = Vec::with_capacity(r.key.len());
+    // written straight into the field (as `layout::row_field`): this runs for every row
+    let mut f = layout::row_field_prefix(&r.table);
     for &i in &r.key {
         match t.get(i) {
-            Some(Datum::Text(b)) => key.push(Some(String::from_utf8_lossy(b))),
-            Some(Datum::Null) => key.push(None),
+            Some(Datum::Text(b)) => layout::push_item(&mut f, Some(&String::from_utf8_lossy(b))),
+            Some(Datum::Null) => layout::push_item(&mut f, None),
             _ => return Err(format!("key column {i}")),
         }
     }
-    Ok(layout::row_field(
-        &r.table,
-        key.iter().map(|v| v.as_deref()),
-    ))
+    Ok(f)
 }
 
 /// HMAC-SHA256 of a user id, hex, truncated to 128 bits (plenty for HyperLogLog).

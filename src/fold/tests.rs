@@ -952,6 +952,26 @@ proptest! {
 }
 
 #[test]
+fn a_row_key_field_is_the_layouts_row_field() {
+    let inv = surrogate();
+    let fold = {
+        let mut f = Fold::new(mapping(), 1000);
+        f.relation(&inv).unwrap();
+        f
+    };
+    let Some(Rule::Inventory(r)) = fold.rules.get(&inv.oid).map(|r| (**r).clone()) else {
+        panic!("a stock rule")
+    };
+    for key in ["1", "", "ünï:~2", "12:34"] {
+        let row = srow(key, "A", 1);
+        assert_eq!(
+            row_key_field(&r, &row).unwrap(),
+            layout::row_field(&r.table, [Some(key)])
+        );
+    }
+}
+
+#[test]
 fn full_identity_rows_are_named_by_a_hash_not_their_values() {
     let inv = inventory(ReplicaIdentity::Full);
     let mut fold = Fold::new(mapping(), 1000);
@@ -1431,7 +1451,7 @@ fn surrogate_keyed_rows_are_attributed_through_the_row_index() {
     assert_eq!(index.len(), 1, "{index:?}");
     // every holder was forgotten once applied: memory follows pending batches only
     assert!(fold.holders.is_empty());
-    // a change whose holder was not read is not guessed
+    // a change whose holder was not read is not guessed: not folded at all until read
     let mut fresh = Fold::new(mapping(), 1000);
     fresh.relation(&inv).unwrap();
     let orphan = change(
@@ -1442,9 +1462,12 @@ fn surrogate_keyed_rows_are_attributed_through_the_row_index() {
         0,
         70,
     );
-    let p = fold_txn(&mut fresh, 70, &[orphan]);
-    assert!(p.iter().all(|p| p.skus.is_empty()));
-    assert_eq!(fresh.take_skipped().len(), 1);
+    fresh.begin(&begin(70));
+    assert_eq!(fresh.change(&orphan), Err(FoldError::Unread));
+    assert_eq!(fresh.stats.rows, 0, "an unread change is not counted");
+    let p = fresh.commit(&commit(70)).unwrap();
+    assert!(p.skus.is_empty() && p.ri.is_empty());
+    assert!(fresh.take_skipped().is_empty());
 }
 
 #[test]
@@ -1680,8 +1703,14 @@ impl Rig {
         for c in changes {
             let mut c = c.clone();
             c.commit_lsn = Lsn(lsn);
-            self.answer(&c);
-            pieces.extend(self.fold.change(&c).unwrap());
+            // as the daemon does: fold, and read only when the fold asks
+            match self.fold.change(&c) {
+                Err(FoldError::Unread) => {
+                    self.answer(&c);
+                    pieces.extend(self.fold.change(&c).unwrap());
+                }
+                r => pieces.extend(r.unwrap()),
+            }
         }
         pieces.extend(self.fold.commit(&commit(lsn)));
         pieces
@@ -1766,6 +1795,51 @@ fn id_key(id: &str, n: usize) -> Tuple {
     let mut v = vec![Datum::Null; n];
     v[0] = t(id);
     v
+}
+
+#[test]
+fn a_looked_up_stock_row_the_fold_has_not_read_is_not_folded_until_it_is() {
+    let s = shop();
+    let mut rig = Rig::new(lookup_mapping(), &[&s.stock, &s.variant, &s.warehouse]);
+    rig.txn(&[
+        ins(&s.warehouse, vec![t("1"), t("north")]),
+        ins(&s.variant, variant_row("7", Some("A"), false)),
+        ins(&s.stock, stock_row("100", "7", "1", 5)),
+    ]);
+    let g = rig.fold.seal();
+    rig.fold.forget(g);
+    rig.fold.cache.clear();
+    // a quantity update: its record is unknown, then (once read) its variant's SKU
+    let c = upd(&s.stock, stock_row("100", "7", "1", 2));
+    rig.fold.begin(&begin(1000));
+    let before = rig.fold.stats.clone();
+    for _ in 0..2 {
+        assert_eq!(rig.fold.change(&c), Err(FoldError::Unread));
+        assert_eq!(rig.fold.stats, before, "nothing counted");
+        assert!(rig.fold.take_skipped().is_empty());
+        let needs = rig.fold.needs(&c);
+        assert!(!needs.is_empty());
+        for n in needs {
+            let Need::Field(f) = n else { panic!("{n:?}") };
+            let v = rig.state.get(&f).cloned();
+            let v = match v.as_deref().and_then(layout::RowRecord::decode) {
+                // the record's quantities are its holder's contribution
+                Some(rec) => {
+                    let h = rec.holder.clone().unwrap();
+                    let c = rig.store.skus[&h].fields[&f].clone();
+                    rec.with_contribution(&c, 0).map(|r| r.encode())
+                }
+                None => v,
+            };
+            rig.fold.know(f, v);
+        }
+    }
+    assert!(rig.fold.needs(&c).is_empty());
+    let mut pieces: Vec<Piece> = rig.fold.change(&c).unwrap().into_iter().collect();
+    pieces.extend(rig.fold.commit(&commit(1000)));
+    let g = rig.fold.seal();
+    rig.apply(&pieces, g);
+    assert_eq!(rig.on("A"), 2);
 }
 
 #[test]

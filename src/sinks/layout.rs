@@ -178,7 +178,18 @@ pub fn users_minute_key(prefix: &str, sku: &str, counter: &str, minute: i64) -> 
 /// name's length in bytes, so no table's prefix is the start of another's (`inv` and
 /// `inv:x`), and a TRUNCATE clears exactly its own rows.
 pub fn row_field_prefix(table: &str) -> String {
-    format!("r:{}:{table}:", table.len())
+    let mut f = String::with_capacity(table.len() + 16);
+    f.push_str("r:");
+    push_len(&mut f, table.len());
+    f.push(':');
+    f.push_str(table);
+    f.push(':');
+    f
+}
+
+/// Append a length in decimal (no allocation: this runs for every row).
+fn push_len(out: &mut String, n: usize) {
+    out.push_str(itoa::Buffer::new().format(n));
 }
 
 /// A stock row's field: [`row_field_prefix`] then its key, encoded so that no two keys
@@ -188,14 +199,7 @@ pub fn row_field_prefix(table: &str) -> String {
 pub fn row_field<'a>(table: &str, key: impl IntoIterator<Item = Option<&'a str>>) -> String {
     let mut f = row_field_prefix(table);
     for v in key {
-        match v {
-            Some(s) => {
-                f.push_str(&s.len().to_string());
-                f.push(':');
-                f.push_str(s);
-            }
-            None => f.push('~'),
-        }
+        push_item(&mut f, v);
     }
     f
 }
@@ -253,10 +257,10 @@ pub fn row_index_pattern(prefix: &str) -> String {
 
 /// Append `<len>:<bytes>` (or `~` for none): items whose boundaries are known whatever
 /// bytes they hold.
-fn push_item(out: &mut String, v: Option<&str>) {
+pub(crate) fn push_item(out: &mut String, v: Option<&str>) {
     match v {
         Some(s) => {
-            out.push_str(&s.len().to_string());
+            push_len(out, s.len());
             out.push(':');
             out.push_str(s);
         }
@@ -284,8 +288,9 @@ pub fn lookup_field(hop: usize, reference: &str) -> String {
 
 /// [`lookup_field`] appended to a buffer.
 pub fn push_lookup_field(out: &mut String, hop: usize, reference: &str) {
-    use std::fmt::Write;
-    let _ = write!(out, "k:{hop}:");
+    out.push_str("k:");
+    push_len(out, hop);
+    out.push(':');
     out.push_str(reference);
 }
 

@@ -551,6 +551,33 @@ impl Applier {
         ))
     }
 
+    /// Fold `c`, first reading the index state it needs when the fold does not know it
+    /// (with what the changes `ahead` of it in the same chunk need, in the same round
+    /// trips: a cold fold reads once per chunk, a warm one never). The outer error is
+    /// Redis', the inner one the schema's.
+    pub async fn fold_change<'a>(
+        &mut self,
+        fold: &mut crate::fold::Fold,
+        c: &'a crate::txn::Change,
+        ahead: impl Iterator<Item = &'a crate::txn::Change>,
+    ) -> Result<Result<Option<crate::fold::Piece>, crate::fold::SchemaError>, RedisSinkError> {
+        use crate::fold::FoldError;
+        match fold.change(c) {
+            Ok(p) => return Ok(Ok(p)),
+            Err(FoldError::Schema(e)) => return Ok(Err(e)),
+            Err(FoldError::Unread) => {}
+        }
+        let chunk: Vec<&crate::txn::Change> = std::iter::once(c).chain(ahead).collect();
+        self.read_needs(fold, &chunk).await?;
+        match fold.change(c) {
+            Ok(p) => Ok(Ok(p)),
+            Err(FoldError::Schema(e)) => Ok(Err(e)),
+            Err(FoldError::Unread) => Err(RedisSinkError::Definite(
+                "internal: the fold asked for index state again after reading it".into(),
+            )),
+        }
+    }
+
     /// Row records as the fold uses them: a record names the SKU holding the row and its
     /// quantities are that hash's (the record is not rewritten for quantity-only
     /// changes), so each record read gets its contribution from the holder's hash.
