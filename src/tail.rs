@@ -70,7 +70,7 @@ fn hide_user(
             Json::String(HIDDEN_USER.into())
         }
         Some(Datum::Text(b)) => match (std::str::from_utf8(b), key) {
-            (Ok(s), Some(key)) => Json::String(crate::fold::hmac_user(key, s)),
+            (Ok(s), Some(key)) => Json::String(crate::fold::hmac_user(key, s).to_string()),
             _ => Json::String("<not UTF-8>".into()),
         },
         Some(Datum::Binary(_)) => Json::String("<binary>".into()),

@@ -75,7 +75,7 @@ pub struct Entry {
     /// (counter, minute) -> summed bucket increment.
     pub buckets: BTreeMap<(String, i64), i64>,
     /// (counter, minute) -> HMAC'd user ids seen.
-    pub users: BTreeMap<(String, i64), BTreeSet<String>>,
+    pub users: BTreeMap<(String, i64), BTreeSet<super::UserId>>,
     /// Row field -> index in `rows`, once there are many.
     row_index: Option<HashMap<String, u32>>,
     /// It holds activity of a `known_skus_only` table (counter names starting with `?`).

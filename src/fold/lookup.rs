@@ -12,8 +12,11 @@
 //!   and its quantities, so a referenced row's change moves its dependents by their
 //!   records alone (the old SKU loses, the new one gains, in that transaction's apply).
 //!
-//! Pure: the caller asks [`Fold::needs`] what a change needs, reads it from Redis, hands
-//! it over with [`Fold::know`] and [`Fold::know_deps`], then folds the change.
+//! Pure: when [`Fold::change`] says a change needs state it has not read
+//! ([`super::FoldError::Unread`], nothing folded), the caller asks [`Fold::needs`] what
+//! (for that change and the rest of its chunk), reads it from Redis, hands it over with
+//! [`Fold::know`] and [`Fold::know_deps`], and folds the change again. A warm fold (the
+//! state cached) never asks.
 
 use super::mapping::{Attr, HopRule, InventoryRule, LookupRule, RefCol};
 use super::{Field, Fold, FoldError, RowOp, SKU_TOO_LONG, TextOf, sum, text};

@@ -354,12 +354,12 @@ impl Store {
             h.users
                 .entry(c.to_string())
                 .or_default()
-                .extend(us.iter().cloned());
+                .extend(us.iter().map(|u| u.to_string()));
             if cutoffs.get(c).is_some_and(|cut| *m >= *cut) {
                 h.users
                     .entry(format!("{c}:{m}"))
                     .or_default()
-                    .extend(us.iter().cloned());
+                    .extend(us.iter().map(|u| u.to_string()));
             }
         }
         if changed {

@@ -75,7 +75,7 @@ fn random_piece(rng: &mut StdRng, lsn: u64, piece: u32, last: bool) -> Piece {
             d.users
                 .entry((c, m))
                 .or_insert_with(BTreeSet::new)
-                .insert(format!("u{}", rng.random_range(0..5)));
+                .insert(skusync::fold::UserId([rng.random_range(0..5u8); 16]));
         }
         skus.insert(sku, d);
     }

@@ -196,7 +196,7 @@ fn tail_prints_the_hmac_of_a_mapped_user_column_unless_raw() {
         pg.url("postgres", "postgres")
     );
     let cfg = write(dir.path(), "skusync.toml", &text, 0o600);
-    let expected = skusync::fold::hmac_user(KEY.as_bytes(), "alice@example.com");
+    let expected = skusync::fold::hmac_user(KEY.as_bytes(), "alice@example.com").to_string();
     for (raw, want) in [(false, expected.as_str()), (true, "alice@example.com")] {
         let mut args = vec!["tail", "--config", cfg.to_str().unwrap()];
         if raw {

@@ -902,11 +902,11 @@ pub fn encode_entries(
         let chunks: usize = e.users.values().map(|ids| ids.len().div_ceil(500)).sum();
         c.arg(chunks);
         for ((k, m), ids) in &e.users {
-            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let ids: Vec<&crate::fold::UserId> = ids.iter().collect();
             for chunk in ids.chunks(500) {
                 c.arg(k).arg(*m).arg(chunk.len());
                 for id in chunk {
-                    c.arg(*id);
+                    c.arg(&id.hex()[..]);
                 }
             }
         }
