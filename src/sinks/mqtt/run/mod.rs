@@ -699,9 +699,20 @@ impl Task {
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
             let marks = self.queue_marks(&mut pipe);
+            // Each SKU's hash, then its distinct-user counts (per-minute HyperLogLogs), in
+            // the same round trip: one read per group, not one more per SKU.
+            let now_ms = crate::telemetry::unix_ms();
+            let mut user_names = Vec::with_capacity(group.len());
             for (sku, _) in &group {
                 pipe.cmd("HGETALL")
                     .arg(layout::sku_key(&self.cfg.redis_prefix, sku));
+                user_names.push(payload::users_queries(
+                    &self.spec,
+                    &self.cfg.redis_prefix,
+                    sku,
+                    now_ms,
+                    &mut pipe,
+                ));
             }
             let read: Result<Vec<redis::Value>, _> = pipe.query_async(&mut self.redis).await;
             match read {
@@ -710,10 +721,25 @@ impl Task {
                     self.settle_marks(marks, Some(all));
                     let mut failed = false;
                     let mut reads = reads.into_iter();
-                    for (sku, want) in group {
+                    for ((sku, want), names) in group.into_iter().zip(user_names) {
                         let v = if failed { None } else { reads.next() };
-                        match v.map(redis::from_redis_value::<HashMap<String, String>>) {
-                            Some(Ok(fields)) => self.publish_sku(client, &sku, want, fields).await,
+                        let counts: Vec<redis::Value> = reads.by_ref().take(names.len()).collect();
+                        let read = v.map(|v| {
+                            let fields = redis::from_redis_value::<HashMap<String, String>>(v)?;
+                            let counts = counts
+                                .into_iter()
+                                .map(redis::from_redis_value::<i64>)
+                                .collect::<Result<Vec<i64>, _>>()?;
+                            Ok::<_, redis::ParsingError>((
+                                fields,
+                                names.into_iter().zip(counts).collect(),
+                            ))
+                        });
+                        match read {
+                            Some(Ok((fields, users))) => {
+                                self.publish_sku(client, &sku, want, fields, users, now_ms)
+                                    .await
+                            }
                             Some(Err(e)) => {
                                 self.redis_failed(&sku, want, &redis::RedisError::from(e));
                                 failed = true;
@@ -742,30 +768,16 @@ impl Task {
         }
     }
 
-    /// Distinct users per (counter, window) from the per-minute HyperLogLogs.
-    async fn distinct_users(
-        &mut self,
-        sku: &str,
-        now_ms: i64,
-    ) -> Result<HashMap<String, i64>, redis::RedisError> {
-        let mut pipe = redis::pipe();
-        let names =
-            payload::users_queries(&self.spec, &self.cfg.redis_prefix, sku, now_ms, &mut pipe);
-        if names.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let counts: Vec<i64> = pipe.query_async(&mut self.redis).await?;
-        Ok(names.into_iter().zip(counts).collect())
-    }
-
-    /// Publish one SKU from its hash (read for a whole group of SKUs in one pipelined
-    /// round trip by [`work`](Self::work)).
+    /// Publish one SKU from its hash and its distinct-user counts at `now_ms` (read for a
+    /// whole group of SKUs in one pipelined round trip by [`work`](Self::work)).
     async fn publish_sku(
         &mut self,
         client: &AsyncClient,
         sku: &str,
         want: Want,
         fields: HashMap<String, String>,
+        users: HashMap<String, i64>,
+        now_ms: i64,
     ) {
         if fields.is_empty() {
             // no hash (never existed or removed): nothing to project
@@ -792,7 +804,6 @@ impl Task {
             self.sched.skipped(sku);
             return;
         }
-        let now_ms = crate::telemetry::unix_ms();
         let minute = layout::minute_of_ms(now_ms);
         let kind = if want == Want::Aging && !unpublished {
             Kind::Aging { as_of_ms: now_ms }
@@ -800,14 +811,7 @@ impl Task {
             Kind::Change
         };
         let gone = payload::is_gone(&fields);
-        let users = if gone {
-            HashMap::new()
-        } else {
-            match self.distinct_users(sku, now_ms).await {
-                Ok(u) => u,
-                Err(e) => return self.redis_failed(sku, want, &e),
-            }
-        };
+        let users = if gone { HashMap::new() } else { users };
         let msg = payload::state_message(&self.spec, sku, &fields, &users, now_ms, kind);
         if matches!(kind, Kind::Aging { .. }) && msg.windows == self.aging.fingerprint(sku) {
             // window values did not move: nothing to republish
