@@ -435,6 +435,8 @@ async fn start_with_pieces(rig: &mut Rig, broker: &MosquittoServer, per_piece: u
         )
         + &mqtt_toml(broker, 0);
     let cfg = crate::support::write_config(rig.dir.path(), &text);
+    // it holds the HMAC key
+    std::fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     rig.daemon = Some(Daemon::start(rig.dir.path(), cfg));
     rig.wait_bootstrap(Duration::from_secs(40)).await;
 }
@@ -845,5 +847,68 @@ async fn edges_bridged_from_a_core_broker_converge_to_redis() {
             .all(|(_, p)| p.is_empty()),
         "the deleted SKU is cleared on the edges too"
     );
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+}
+
+/// A counter whose table maps a user column publishes its distinct users per window
+/// (`views_users_5m`) in the state message, counted from Redis' per-minute HyperLogLogs
+/// of HMAC'd ids and read in the same round trip as the SKU's hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distinct_users_per_window_are_published_in_the_state() {
+    let broker = MosquittoServer::start();
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.exec("ALTER TABLE activity_log ADD COLUMN user_id text")
+        .await;
+    let text = rig
+        .oracle
+        .config_toml(
+            &rig.pg.url("postgres", "postgres"),
+            "skusync",
+            PUBS,
+            &rig.redis.url(),
+        )
+        .replace(
+            "windows = [",
+            "user = \"user_id\"\nuser_key = \"0123456789abcdef0123456789abcdef\"\nwindows = [",
+        )
+        + &mqtt_toml(&broker, 0);
+    let cfg = crate::support::write_config(rig.dir.path(), &text);
+    // it holds the HMAC key
+    std::fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    rig.daemon = Some(Daemon::start(rig.dir.path(), cfg));
+    rig.wait_bootstrap(Duration::from_secs(40)).await;
+    rig.exec(
+        "INSERT INTO inventory VALUES ('U/1', 'W1', 5, 0), ('U/2', 'W1', 1, 0); \
+         INSERT INTO activity_log (sku, kind, qty, user_id) VALUES \
+         ('U/1', 'view', 1, 'alice'), ('U/1', 'view', 1, 'bob'), ('U/1', 'view', 1, 'alice'), \
+         ('U/2', 'view', 1, 'carol'), ('U/2', 'view', 1, NULL)",
+    )
+    .await;
+    let want = [("U/1", 3, 2), ("U/2", 2, 1)];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got: Vec<(i64, i64, i64)> = want
+            .iter()
+            .map(|(sku, _, _)| {
+                let r = broker.retained(&sku_topic("skusync", sku), Duration::from_secs(2));
+                let j: serde_json::Value = r
+                    .first()
+                    .and_then(|(_, p)| serde_json::from_slice(p).ok())
+                    .unwrap_or_default();
+                let n = |k: &str| j[k].as_i64().unwrap_or(-1);
+                (n("views_5m"), n("views_users_5m"), n("views_users_1h"))
+            })
+            .collect();
+        let expected: Vec<(i64, i64, i64)> = want.iter().map(|(_, v, u)| (*v, *u, *u)).collect();
+        if got == expected {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "(views_5m, views_users_5m, views_users_1h) of U/1, U/2: {got:?}, want {expected:?}\n{}",
+            rig.daemon().stderr_all()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     assert_eq!(rig.daemon().sigterm(), Some(0));
 }
