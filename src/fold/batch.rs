@@ -17,9 +17,10 @@
 //! stream connected). Replays below the horizon and pieces of large transactions keep an
 //! entry each, fenced exactly as before.
 
+use super::vecmap::{VecMap, insert_sorted};
 use super::{Field, Piece, RowOp, SkuDelta};
 use crate::lsn::Lsn;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 
 /// (commit LSN, piece number): the fence unit.
 pub type Fence = (Lsn, u32);
@@ -71,11 +72,11 @@ pub struct Entry {
     /// Stock changes and alert evaluations, in commit order.
     pub trace: Vec<TraceRec>,
     /// Summed lifetime counter increments.
-    pub counters: BTreeMap<String, i64>,
+    pub counters: VecMap<String, i64>,
     /// (counter, minute) -> summed bucket increment.
-    pub buckets: BTreeMap<(String, i64), i64>,
-    /// (counter, minute) -> HMAC'd user ids seen.
-    pub users: BTreeMap<(String, i64), BTreeSet<super::UserId>>,
+    pub buckets: VecMap<(String, i64), i64>,
+    /// (counter, minute) -> HMAC'd user ids seen, sorted, no duplicates.
+    pub users: VecMap<(String, i64), Vec<super::UserId>>,
     /// Row field -> index in `rows`, once there are many.
     row_index: Option<HashMap<String, u32>>,
     /// It holds activity of a `known_skus_only` table (counter names starting with `?`).
@@ -95,9 +96,9 @@ impl Entry {
             truncate: Vec::new(),
             rows: Vec::new(),
             trace: Vec::new(),
-            counters: BTreeMap::new(),
-            buckets: BTreeMap::new(),
-            users: BTreeMap::new(),
+            counters: VecMap::default(),
+            buckets: VecMap::default(),
+            users: VecMap::default(),
             row_index: None,
             guarded: false,
         }
@@ -237,15 +238,18 @@ impl Entry {
         self.guarded |= d.counters.keys().any(|c| super::model::is_guarded(c))
             || d.buckets.keys().any(|(c, _)| super::model::is_guarded(c));
         for (c, n) in d.counters {
-            let v = self.counters.entry(c).or_default();
+            let v = self.counters.entry_or_default(c);
             *v = v.saturating_add(n);
         }
         for (k, n) in d.buckets {
-            let v = self.buckets.entry(k).or_default();
+            let v = self.buckets.entry_or_default(k);
             *v = v.saturating_add(n);
         }
         for (k, ids) in d.users {
-            self.users.entry(k).or_default().extend(ids);
+            let set = self.users.entry_or_default(k);
+            for id in ids {
+                insert_sorted(set, id);
+            }
         }
         self.trace.len() - before
     }
@@ -405,6 +409,7 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn piece(lsn: u64, n: u32, last: bool, skus: &[(&str, i64, Option<i64>)]) -> Piece {
         let mut m = BTreeMap::new();
@@ -453,7 +458,7 @@ mod tests {
         let a = &b.entries()[0];
         assert_eq!((a.first, a.last), ((Lsn(20), 0), (Lsn(30), 0)));
         assert_eq!(a.counters["views"], 4);
-        assert_eq!(a.buckets[&("views".to_string(), 7)], 4);
+        assert_eq!(*a.buckets.get(&("views".to_string(), 7)).unwrap(), 4);
         assert_eq!(a.trace.len(), 1);
         assert!(a.trace[0].eval);
         let bb = &b.entries()[1];

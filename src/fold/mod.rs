@@ -15,6 +15,7 @@ mod cache;
 mod lookup;
 pub mod mapping;
 pub mod model;
+pub mod vecmap;
 
 pub use lookup::Need;
 pub use mapping::{Mapping, Rule, SchemaError};
