@@ -1655,37 +1655,45 @@ impl Rig {
 
     fn answer(&mut self, c: &Change) {
         for _ in 0..10 {
-            let needs = self.fold.needs(c);
-            if needs.is_empty() {
+            if !self.answer_once(c) {
                 return;
-            }
-            for n in needs {
-                match n {
-                    Need::Field(f) => {
-                        let mut v = self.state.get(&f).cloned();
-                        // as the daemon reads a record: its quantities from the holder
-                        if let Some(rec) = v.as_deref().and_then(layout::RowRecord::decode)
-                            && let Some(h) = &rec.holder
-                            && let Some(c) = self.store.skus.get(h).and_then(|s| s.fields.get(&f))
-                        {
-                            v = rec.with_contribution(c, 0).map(|r| r.encode());
-                        }
-                        self.fold.know(f, v);
-                    }
-                    Need::Deps { hop, reference } => {
-                        let pre = layout::dep_prefix(hop, &reference);
-                        let members = self
-                            .state
-                            .range(pre.clone()..)
-                            .take_while(|(k, _)| k.starts_with(&pre))
-                            .map(|(k, _)| k[pre.len()..].to_string())
-                            .collect();
-                        self.fold.know_deps(hop, &reference, members);
-                    }
-                }
             }
         }
         panic!("needs did not settle");
+    }
+
+    /// Answer what the fold needs for `c` now (one round of reads); false when nothing.
+    fn answer_once(&mut self, c: &Change) -> bool {
+        let needs = self.fold.needs(c);
+        if needs.is_empty() {
+            return false;
+        }
+        for n in needs {
+            match n {
+                Need::Field(f) => {
+                    let mut v = self.state.get(&f).cloned();
+                    // as the daemon reads a record: its quantities from the holder
+                    if let Some(rec) = v.as_deref().and_then(layout::RowRecord::decode)
+                        && let Some(h) = &rec.holder
+                        && let Some(c) = self.store.skus.get(h).and_then(|s| s.fields.get(&f))
+                    {
+                        v = rec.with_contribution(c, 0).map(|r| r.encode());
+                    }
+                    self.fold.know(f, v);
+                }
+                Need::Deps { hop, reference } => {
+                    let pre = layout::dep_prefix(hop, &reference);
+                    let members = self
+                        .state
+                        .range(pre.clone()..)
+                        .take_while(|(k, _)| k.starts_with(&pre))
+                        .map(|(k, _)| k[pre.len()..].to_string())
+                        .collect();
+                    self.fold.know_deps(hop, &reference, members);
+                }
+            }
+        }
+        true
     }
 
     fn txn(&mut self, changes: &[Change]) {
@@ -1817,22 +1825,7 @@ fn a_looked_up_stock_row_the_fold_has_not_read_is_not_folded_until_it_is() {
         assert_eq!(rig.fold.change(&c), Err(FoldError::Unread));
         assert_eq!(rig.fold.stats, before, "nothing counted");
         assert!(rig.fold.take_skipped().is_empty());
-        let needs = rig.fold.needs(&c);
-        assert!(!needs.is_empty());
-        for n in needs {
-            let Need::Field(f) = n else { panic!("{n:?}") };
-            let v = rig.state.get(&f).cloned();
-            let v = match v.as_deref().and_then(layout::RowRecord::decode) {
-                // the record's quantities are its holder's contribution
-                Some(rec) => {
-                    let h = rec.holder.clone().unwrap();
-                    let c = rig.store.skus[&h].fields[&f].clone();
-                    rec.with_contribution(&c, 0).map(|r| r.encode())
-                }
-                None => v,
-            };
-            rig.fold.know(f, v);
-        }
+        assert!(rig.answer_once(&c), "the fold names what it needs");
     }
     assert!(rig.fold.needs(&c).is_empty());
     let mut pieces: Vec<Piece> = rig.fold.change(&c).unwrap().into_iter().collect();

@@ -25,9 +25,12 @@ impl<K: Ord, V> VecMap<K, V> {
         let i = match self.0.binary_search_by(|(x, _)| x.cmp(&k)) {
             Ok(i) => i,
             Err(i) => {
-                if self.0.len() == self.0.capacity() {
-                    // grow by one: these stay small, and amortised doubling wastes memory
-                    self.0.reserve_exact(1);
+                let n = self.0.len();
+                if n == self.0.capacity() {
+                    // Exactly while small (most hold one to three keys; doubling would
+                    // leave most of each vector empty), by half beyond (an entry merging
+                    // hours of window buckets would otherwise reallocate on every key).
+                    self.0.reserve_exact(if n < 8 { 1 } else { n / 2 });
                 }
                 self.0.insert(i, (k, V::default()));
                 i

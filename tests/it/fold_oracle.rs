@@ -244,16 +244,27 @@ impl Rig {
 
     /// Write the config and start `skusync run`; wait until bootstrap is done.
     pub async fn start_skusync(&mut self, extra_toml: &str) {
-        let text = format!(
-            "{}{extra_toml}",
-            self.oracle.config_toml(
-                &self.pg.url("postgres", "postgres"),
-                "skusync",
-                PUBS,
-                &self.redis.url()
-            )
-        );
-        let cfg = write_config(self.dir.path(), &text);
+        let text = format!("{}{extra_toml}", self.config_text());
+        self.start_with_config(&text).await;
+    }
+
+    /// The whole `skusync run` config of this rig's oracle, to edit before
+    /// [`Rig::start_with_config`].
+    pub fn config_text(&self) -> String {
+        self.oracle.config_toml(
+            &self.pg.url("postgres", "postgres"),
+            "skusync",
+            PUBS,
+            &self.redis.url(),
+        )
+    }
+
+    /// Start `skusync run` with config file `text` (mode 0600: it may hold an HMAC key)
+    /// and wait for its bootstrap.
+    pub async fn start_with_config(&mut self, text: &str) {
+        let cfg = write_config(self.dir.path(), text);
+        std::fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod config");
         self.daemon = Some(Daemon::start(self.dir.path(), cfg));
         self.wait_bootstrap(Duration::from_secs(40)).await;
     }
@@ -1025,21 +1036,11 @@ async fn a_change_over_the_message_cap_stops_with_the_sql_to_fix_it() {
          ALTER PUBLICATION skusync ADD TABLE product_notes;"
     );
     let mut rig = Rig::new(&schema, public_oracle(Buckets::Ignore)).await;
-    let text = rig
-        .oracle
-        .config_toml(
-            &rig.pg.url("postgres", "postgres"),
-            "skusync",
-            PUBS,
-            &rig.redis.url(),
-        )
-        .replace(
-            "status_interval_ms = 200\n",
-            "status_interval_ms = 200\nmax_message_bytes = 1048576\n",
-        );
-    let cfg = write_config(rig.dir.path(), &text);
-    rig.daemon = Some(Daemon::start(rig.dir.path(), cfg));
-    rig.wait_bootstrap(Duration::from_secs(40)).await;
+    let text = rig.config_text().replace(
+        "status_interval_ms = 200\n",
+        "status_interval_ms = 200\nmax_message_bytes = 1048576\n",
+    );
+    rig.start_with_config(&text).await;
     // Random bytes in hex: TOAST compression cannot shrink it below the cap.
     rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
         .await;

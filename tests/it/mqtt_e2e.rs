@@ -420,25 +420,12 @@ async fn alerts_of_a_sku_whose_state_exceeds_the_packet_limit_are_still_publishe
 
 /// Start `skusync run` with `[redis] max_changes_per_piece` set and `[mqtt]` appended.
 async fn start_with_pieces(rig: &mut Rig, broker: &MosquittoServer, per_piece: u64) {
-    let text = rig
-        .oracle
-        .config_toml(
-            &rig.pg.url("postgres", "postgres"),
-            "skusync",
-            PUBS,
-            &rig.redis.url(),
-        )
-        .replacen(
-            "[redis]\n",
-            &format!("[redis]\nmax_changes_per_piece = {per_piece}\n"),
-            1,
-        )
-        + &mqtt_toml(broker, 0);
-    let cfg = crate::support::write_config(rig.dir.path(), &text);
-    // it holds the HMAC key
-    std::fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    rig.daemon = Some(Daemon::start(rig.dir.path(), cfg));
-    rig.wait_bootstrap(Duration::from_secs(40)).await;
+    let text = rig.config_text().replacen(
+        "[redis]\n",
+        &format!("[redis]\nmax_changes_per_piece = {per_piece}\n"),
+        1,
+    ) + &mqtt_toml(broker, 0);
+    rig.start_with_config(&text).await;
 }
 
 /// Item 1 of the reliability issue: every piece of a transaction applied in several
@@ -859,24 +846,11 @@ async fn distinct_users_per_window_are_published_in_the_state() {
     let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
     rig.exec("ALTER TABLE activity_log ADD COLUMN user_id text")
         .await;
-    let text = rig
-        .oracle
-        .config_toml(
-            &rig.pg.url("postgres", "postgres"),
-            "skusync",
-            PUBS,
-            &rig.redis.url(),
-        )
-        .replace(
-            "windows = [",
-            "user = \"user_id\"\nuser_key = \"0123456789abcdef0123456789abcdef\"\nwindows = [",
-        )
-        + &mqtt_toml(&broker, 0);
-    let cfg = crate::support::write_config(rig.dir.path(), &text);
-    // it holds the HMAC key
-    std::fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    rig.daemon = Some(Daemon::start(rig.dir.path(), cfg));
-    rig.wait_bootstrap(Duration::from_secs(40)).await;
+    let text = rig.config_text().replace(
+        "windows = [",
+        "user = \"user_id\"\nuser_key = \"0123456789abcdef0123456789abcdef\"\nwindows = [",
+    ) + &mqtt_toml(&broker, 0);
+    rig.start_with_config(&text).await;
     rig.exec(
         "INSERT INTO inventory VALUES ('U/1', 'W1', 5, 0), ('U/2', 'W1', 1, 0); \
          INSERT INTO activity_log (sku, kind, qty, user_id) VALUES \
