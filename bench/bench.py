@@ -6,7 +6,7 @@ because these machines are noisy. Prints a table and writes target/bench/results
 Usage: bench/bench.py [--quick] [--skusync PATH]
   --quick   a few-second smoke version (CI runs it to prove the benchmark still works)
 """
-import argparse, json, os, struct, pwd, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, re, struct, pwd, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -364,6 +364,24 @@ class Published:
         return not self.pending
 
 
+def last_state_arrival(path):
+    """When the last SKU's final state reached the subscriber (unix seconds): per
+    topic, the first arrival of the `lsn` its last message carries."""
+    first = {}  # topic -> (lsn, arrival of the first message with it)
+    lsn_re = re.compile(r'"lsn":"([0-9A-F]+/[0-9A-F]+)"')
+    with open(path, errors="replace") as f:
+        for line in f:
+            parts = line.split(" ", 2)
+            if len(parts) < 3:
+                continue
+            m = lsn_re.search(parts[2])
+            lsn = m.group(1) if m else ""
+            prev = first.get(parts[1])
+            if prev is None or prev[0] != lsn:
+                first[parts[1]] = (lsn, float(parts[0]))
+    return max((t for _, t in first.values()), default=None), len(first)
+
+
 def all_published(st):
     p = Published(st.redis_port)
     try:
@@ -468,6 +486,13 @@ def catch_up(exe, quick, mapping="medium"):
 
         # skusync: Redis applied and every SKU's final state acknowledged by the broker.
         st.redis("CONFIG", "RESETSTAT")  # commandstats of the measured drain only
+        # A subscriber: the clock stops when the last state reaches it. Line-buffered into
+        # a file, so that killing it loses nothing and its timestamps are not delayed.
+        sub_out = os.path.join(st.dir, "sub-catchup.txt")
+        sub = subprocess.Popen(["stdbuf", "-oL", "mosquitto_sub", "-h", "127.0.0.1", "-p", str(st.mqtt_port),
+                                "-t", "skusync/sku/+", "-q", "0", "-R", "-F", "%U %t %p"],
+                               stdout=open(sub_out, "w"), stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
         t0 = time.time()
         perf_all = perf_all_start()  # the measured drain
         s = Skusync(exe, st, config(st, mapping=mapping), "skusync-measured")
@@ -487,10 +512,23 @@ def catch_up(exe, quick, mapping="medium"):
 
         wait(drained, 900, "skusync drain")
         redis_s = time.time() - t0
+        # CPU of each process from Redis applied to the last state acknowledged: the tail
+        tail0 = [proc_stats(p)[0] for p in (s.p.pid, st.procs[0].pid, st.procs[1].pid)]
         res["skusync_walsender_cpu_s"] = ws.stop()
         res["skusync_walsender_tcp_segments"] = ws.segs
         wait(Published(st.redis_port), 300, "MQTT acknowledged")
-        sk_s = time.time() - t0
+        acked_s = time.time() - t0
+        tail1 = [proc_stats(p)[0] for p in (s.p.pid, st.procs[0].pid, st.procs[1].pid)]
+        time.sleep(0.2)
+        sub.kill()
+        sub.wait()
+        last, topics = last_state_arrival(sub_out)
+        if topics < skus:
+            raise RuntimeError(f"the subscriber saw {topics} of {skus} SKUs")
+        sk_s = last - t0
+        res["skusync_outbox_acked_s"] = round(acked_s, 3)
+        res["tail_s"] = round(sk_s - redis_s, 3)
+        res["tail_cpu_s"] = dict(zip(("skusync", "redis", "broker"), (round(b - a, 2) for a, b in zip(tail0, tail1))))
         perf_all_stop(perf_all)
         cpu, hwm = s.stats()
         s.stop()
@@ -971,7 +1009,8 @@ def main():
               f"{c['pg_recvlogical_unix_rows_per_s']}) | skusync (Redis+MQTT acked) {c['skusync_rows_per_s']:>8} rows/s | "
               f"ratio {c['ratio_vs_pg_recvlogical']}x (vs Unix socket {c['ratio_vs_pg_recvlogical_unix']}x) | ceiling "
               f"{c['server_decode_ceiling_rows_per_s']} rows/s | {c['skusync_cpu_us_per_row']} us CPU/row | "
-              f"peak RSS {c['skusync_peak_rss_mib']} MiB")
+              f"peak RSS {c['skusync_peak_rss_mib']} MiB | last state {c['tail_s']} s after Redis applied (CPU s "
+              f"{c['tail_cpu_s']})")
     b = results.get("bulk_1m")
     if b:
         print(f"bulk       pg_recvlogical {b['pg_recvlogical_rows_per_s']:>8} rows/s | skusync (Redis) "

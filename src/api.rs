@@ -441,13 +441,13 @@ impl Api {
         let mut names = Vec::with_capacity(items.len());
         for (sku, fields) in &items {
             let n = if fields.is_empty() || payload::is_gone(fields) {
-                Vec::new()
+                payload::UsersQueries::default()
             } else {
-                payload::users_queries(&self.spec, &self.prefix, sku, now_ms, &mut pipe)
+                payload::users_queries(&self.spec, &self.prefix, sku, fields, now_ms, &mut pipe)
             };
             names.push(n);
         }
-        let counts: Vec<i64> = if names.iter().all(Vec::is_empty) {
+        let counts: Vec<i64> = if names.iter().all(|n| n.replies() == 0) {
             Vec::new()
         } else {
             self.query(&pipe).await?
@@ -464,10 +464,7 @@ impl Api {
                 out.push(Some((payload::gone_object(&sku, &rev), rev)));
                 continue;
             }
-            let users: HashMap<String, i64> = names
-                .into_iter()
-                .map(|n| (n, counts.next().unwrap_or(0)))
-                .collect();
+            let users = names.counts(&mut counts);
             let msg =
                 payload::state_message(&self.spec, &sku, &fields, &users, now_ms, Kind::Current);
             // the ETag: everything but the read time

@@ -483,32 +483,94 @@ fn write_nested<K: AsRef<str>, K2: AsRef<str>>(
     out.push(b'}');
 }
 
+/// The distinct-user counts of one state, as queued by [`users_queries`].
+#[derive(Debug, Default)]
+pub struct UsersQueries {
+    /// Payload name of each (counter, window) with distinct users, and whether a
+    /// `PFCOUNT` was queued for it (`false`: no events in the window, the count is 0).
+    names: Vec<(String, bool)>,
+}
+
+impl UsersQueries {
+    /// Replies this state's queries take from the pipeline.
+    pub fn replies(&self) -> usize {
+        self.names.iter().filter(|(_, q)| *q).count()
+    }
+
+    /// The counts by payload name, taking [`replies`](Self::replies) counts in order.
+    pub fn counts(self, replies: &mut impl Iterator<Item = i64>) -> HashMap<String, i64> {
+        self.names
+            .into_iter()
+            .map(|(n, q)| {
+                let c = if q { replies.next().unwrap_or(0) } else { 0 };
+                (n, c)
+            })
+            .collect()
+    }
+}
+
 /// Adds to `pipe` one `PFCOUNT` per (counter, window) with distinct users of `sku` at
-/// `now_ms` (the union of the per-minute HyperLogLogs) and returns their payload names,
-/// in the order of the replies.
+/// `now_ms`: the union of the per-minute HyperLogLogs of the minutes in the window that
+/// have events. A minute's HyperLogLog exists only beside its window bucket
+/// `w:<counter>:<minute>` in `fields` (the SKU's hash): the apply script writes and prunes
+/// the two together. So a window without buckets queues nothing (its count is 0), and a
+/// window with one busy minute reads that key's cached count instead of merging 60 keys
+/// (a multi-key `PFCOUNT` builds and counts a 16 KiB register array).
 pub fn users_queries(
     spec: &Spec,
     prefix: &str,
     sku: &str,
+    fields: &HashMap<String, String>,
     now_ms: i64,
     pipe: &mut redis::Pipeline,
-) -> Vec<String> {
+) -> UsersQueries {
     let minute = layout::minute_of_ms(now_ms);
-    let mut names = Vec::new();
+    let mut out = UsersQueries::default();
+    let mut key = Vec::new();
+    let mut num = itoa::Buffer::new();
+    let mut minutes: Vec<i64> = Vec::new();
     for c in &spec.counters {
-        if !c.distinct_users {
+        if !c.distinct_users || c.windows_secs.is_empty() {
             continue;
         }
+        minutes.clear();
+        minutes.extend(fields.keys().filter_map(|f| {
+            f.strip_prefix("w:")?
+                .strip_prefix(c.name.as_str())?
+                .strip_prefix(':')?
+                .parse::<i64>()
+                .ok()
+        }));
+        minutes.sort_unstable();
         for &w in &c.windows_secs {
-            let minutes = i64::try_from(w / 60).unwrap_or(1).max(1);
-            let cmd = pipe.cmd("PFCOUNT");
-            for m in (minute - minutes + 1)..=minute {
-                cmd.arg(layout::users_minute_key(prefix, sku, &c.name, m));
+            let span = i64::try_from(w / 60).unwrap_or(1).max(1);
+            let from = minute - span + 1;
+            let mut inside = minutes
+                .iter()
+                .filter(|&&m| m >= from && m <= minute)
+                .peekable();
+            let queued = inside.peek().is_some();
+            if queued {
+                let cmd = pipe.cmd("PFCOUNT");
+                if key.is_empty() {
+                    key.extend_from_slice(layout::sku_key(prefix, sku).as_bytes());
+                    key.extend_from_slice(b":u:");
+                }
+                let base = key.len();
+                key.extend_from_slice(c.name.as_bytes());
+                key.push(b':');
+                let stem = key.len();
+                for &m in inside {
+                    key.truncate(stem);
+                    key.extend_from_slice(num.format(m).as_bytes());
+                    cmd.arg(&key[..]);
+                }
+                key.truncate(base);
             }
-            names.push(users_name(&c.name, w));
+            out.names.push((users_name(&c.name, w), queued));
         }
     }
-    names
+    out
 }
 
 /// Current minus previous, non-zero entries only; location values nested under
@@ -955,6 +1017,46 @@ mod tests {
             scale: 0,
             low_stock: 5,
         }
+    }
+
+    #[test]
+    fn users_queries_count_the_minute_keys_beside_the_windows_buckets() {
+        let m = layout::minute_of_ms(NOW);
+        // views: buckets 2 and 20 minutes ago (and one an hour and more ago); purchases
+        // has no users
+        let f = fields(&[
+            (&layout::bucket_field("views", m - 2), "1".into()),
+            (&layout::bucket_field("views", m - 20), "0".into()),
+            (&layout::bucket_field("views", m - 60), "4".into()),
+            (&layout::bucket_field("purchases", m), "3".into()),
+        ]);
+        let mut pipe = redis::pipe();
+        let q = users_queries(&spec(), "p", "a{b}", &f, NOW, &mut pipe);
+        assert_eq!(q.replies(), 2);
+        let keys = |ms: &[i64]| {
+            let mut c = redis::cmd("PFCOUNT");
+            for &x in ms {
+                c.arg(layout::users_minute_key("p", "a{b}", "views", x));
+            }
+            c.get_packed_command()
+        };
+        let mut sent = pipe.get_packed_pipeline();
+        let (a, b) = (keys(&[m - 2]), keys(&[m - 20, m - 2]));
+        assert!(sent.starts_with(&a), "the 5m window reads one key");
+        assert_eq!(sent.split_off(a.len()), b, "the 1h window reads two keys");
+        let counts = q.counts(&mut [7, 9].into_iter());
+        assert_eq!(counts["views_users_5m"], 7);
+        assert_eq!(counts["views_users_1h"], 9);
+
+        // no buckets in any window: nothing is asked, every count is 0
+        let mut pipe = redis::pipe();
+        let old = fields(&[(&layout::bucket_field("views", m - 61), "1".into())]);
+        let q = users_queries(&spec(), "p", "x", &old, NOW, &mut pipe);
+        assert_eq!(q.replies(), 0);
+        assert!(pipe.get_packed_pipeline().is_empty());
+        let counts = q.counts(&mut std::iter::empty());
+        assert_eq!(counts["views_users_5m"], 0);
+        assert_eq!(counts["views_users_1h"], 0);
     }
 
     fn fields(pairs: &[(&str, String)]) -> HashMap<String, String> {

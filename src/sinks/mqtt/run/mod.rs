@@ -699,64 +699,13 @@ impl Task {
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
             let marks = self.queue_marks(&mut pipe);
-            // Each SKU's hash, then its distinct-user counts (per-minute HyperLogLogs), in
-            // the same round trip: one read per group, not one more per SKU.
-            let now_ms = crate::telemetry::unix_ms();
-            let mut user_names = Vec::with_capacity(group.len());
             for (sku, _) in &group {
                 pipe.cmd("HGETALL")
                     .arg(layout::sku_key(&self.cfg.redis_prefix, sku));
-                user_names.push(payload::users_queries(
-                    &self.spec,
-                    &self.cfg.redis_prefix,
-                    sku,
-                    now_ms,
-                    &mut pipe,
-                ));
             }
             let read: Result<Vec<redis::Value>, _> = pipe.query_async(&mut self.redis).await;
-            match read {
-                Ok(mut all) => {
-                    let reads = all.split_off(marks.replies.min(all.len()));
-                    self.settle_marks(marks, Some(all));
-                    let mut failed = false;
-                    let mut reads = reads.into_iter();
-                    for ((sku, want), names) in group.into_iter().zip(user_names) {
-                        let v = if failed { None } else { reads.next() };
-                        let counts: Vec<redis::Value> = reads.by_ref().take(names.len()).collect();
-                        let read = v.map(|v| {
-                            let fields = redis::from_redis_value::<HashMap<String, String>>(v)?;
-                            let counts = counts
-                                .into_iter()
-                                .map(redis::from_redis_value::<i64>)
-                                .collect::<Result<Vec<i64>, _>>()?;
-                            Ok::<_, redis::ParsingError>((
-                                fields,
-                                names.into_iter().zip(counts).collect(),
-                            ))
-                        });
-                        match read {
-                            Some(Ok((fields, users))) => {
-                                self.publish_sku(client, &sku, want, fields, users, now_ms)
-                                    .await
-                            }
-                            Some(Err(e)) => {
-                                self.redis_failed(&sku, want, &redis::RedisError::from(e));
-                                failed = true;
-                            }
-                            None => {
-                                // after a failed read (or a missing reply), like a failed
-                                // round: again later
-                                self.sched.skipped(&sku);
-                                self.sched.request(&sku, want);
-                                failed = true;
-                            }
-                        }
-                    }
-                    if failed {
-                        break;
-                    }
-                }
+            let mut all = match read {
+                Ok(all) => all,
                 Err(e) => {
                     self.settle_marks(marks, None);
                     for (sku, want) in group {
@@ -764,6 +713,80 @@ impl Task {
                     }
                     break;
                 }
+            };
+            let reads = all.split_off(marks.replies.min(all.len()));
+            self.settle_marks(marks, Some(all));
+            // The hashes, up to the first that failed (or is missing): the rest are
+            // requested again, like after a failed round.
+            let mut hashes = Vec::with_capacity(group.len());
+            let mut reads = reads.into_iter();
+            let mut failed = false;
+            let mut group = group.into_iter();
+            for (sku, want) in group.by_ref() {
+                match reads
+                    .next()
+                    .map(redis::from_redis_value::<HashMap<String, String>>)
+                {
+                    Some(Ok(fields)) => hashes.push((sku, want, fields)),
+                    Some(Err(e)) => {
+                        self.redis_failed(&sku, want, &redis::RedisError::from(e));
+                        failed = true;
+                        break;
+                    }
+                    None => {
+                        self.sched.skipped(&sku);
+                        self.sched.request(&sku, want);
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            for (sku, want) in group {
+                self.sched.skipped(&sku);
+                self.sched.request(&sku, want);
+            }
+            // Then the distinct-user counts, which depend on the buckets the hashes hold
+            // (a second round trip per group, only when some window has events).
+            let now_ms = crate::telemetry::unix_ms();
+            let mut pipe = redis::pipe();
+            let queries: Vec<payload::UsersQueries> = hashes
+                .iter()
+                .map(|(sku, _, fields)| {
+                    if payload::is_gone(fields) {
+                        payload::UsersQueries::default()
+                    } else {
+                        payload::users_queries(
+                            &self.spec,
+                            &self.cfg.redis_prefix,
+                            sku,
+                            fields,
+                            now_ms,
+                            &mut pipe,
+                        )
+                    }
+                })
+                .collect();
+            let counts: Vec<i64> = if queries.iter().all(|q| q.replies() == 0) {
+                Vec::new()
+            } else {
+                match pipe.query_async(&mut self.redis).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        for (sku, want, _) in hashes {
+                            self.redis_failed(&sku, want, &e);
+                        }
+                        break;
+                    }
+                }
+            };
+            let mut counts = counts.into_iter();
+            for ((sku, want, fields), q) in hashes.into_iter().zip(queries) {
+                let users = q.counts(&mut counts);
+                self.publish_sku(client, &sku, want, fields, users, now_ms)
+                    .await;
+            }
+            if failed {
+                break;
             }
         }
     }
