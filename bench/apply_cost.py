@@ -90,7 +90,11 @@ def main():
                     keys.append(f"skusync:{{SKU-{j}}}")
                     args += entry(j + 2, j, lsn[0], steps, activity, minute)
                     lsn[0] += 100
-                r("EVALSHA", sha, len(keys), *keys, "60", "5", "0", lsn[0], "", "", "2", "purchases", "views", *args)
+                keys += ["skusync:changes", "skusync:alerts"]
+                # keep, low, quiet, end, writer, floor, scale, alert history count and age,
+                # counters (the header of apply.lua)
+                r("EVALSHA", sha, len(keys), *keys, "60", "5", "0", lsn[0], "", "", "0", "1000", "86400000",
+                  "2", "purchases", "views", *args)
             for line in r("INFO", "commandstats").splitlines():
                 if line.startswith("cmdstat_evalsha:"):
                     return float(line.split("usec=")[1].split(",")[0]) / (a.calls * skus)

@@ -35,11 +35,11 @@ pub use marks::MARK_PUBLISHED;
 
 /// Messages queued or in flight at most (the request channel is larger, so queueing
 /// never blocks the task that must also drive the event loop).
-const MAX_IN_FLIGHT: usize = 256;
+const MAX_IN_FLIGHT: usize = 512;
 /// Most MQTT events handled before the loop's Redis work.
 const EVENT_BURST: usize = 512;
 /// SKU hashes read per pipelined round trip.
-const READ_GROUP: usize = 64;
+const READ_GROUP: usize = 256;
 const CHANNEL_CAP: usize = MAX_IN_FLIGHT + MAX_ALERTS_PER_ROUND + 16;
 /// Alerts of one SKU sent per publish round; more go in the next round.
 const MAX_ALERTS_PER_ROUND: usize = 32;
@@ -130,7 +130,7 @@ enum Msg {
 
 pub(super) struct Task {
     cfg: PublisherConfig,
-    spec: Spec,
+    spec: Arc<Spec>,
     /// One per broker of `mqtt.url`, in order (failover).
     options: Vec<MqttOptions>,
     /// The broker connected to or tried last.
@@ -191,12 +191,12 @@ impl Task {
         shared: Arc<Shared>,
         shutdown: CancellationToken,
     ) -> Task {
-        let spec = Spec {
+        let spec = Arc::new(Spec {
             counters: cfg.counters.clone(),
             sell_counter: cfg.sell_counter.clone(),
             scale: cfg.scale,
             low_stock: cfg.low_stock,
-        };
+        });
         let sched = Scheduler::new(cfg.mqtt.min_interval_ms);
         Task {
             cfg,
@@ -681,114 +681,131 @@ impl Task {
                 None => self.next_aging = now + Duration::from_secs(1),
             }
         }
-        while self.tracker.len() < MAX_IN_FLIGHT && self.redis_pause_until.is_none() {
-            // Claim a group of ready SKUs and read their hashes in one round trip.
-            let mut group = Vec::new();
-            while group.len() < READ_GROUP && self.tracker.len() + group.len() < MAX_IN_FLIGHT {
-                match self.sched.pop_ready(self.mono_ms()) {
-                    Some(x) => group.push(x),
+        // Groups overlap: while one group's states are built and published, the next
+        // group's hashes are read. A group's read is sent only after the previous group's
+        // hashes came back, so Redis runs the rounds in order: marks recorded by one
+        // round come before the hashes read by the next.
+        let mut queue: std::collections::VecDeque<GroupRead> = Default::default();
+        let mut reading = 0;
+        loop {
+            while self.redis_pause_until.is_none() {
+                if let Some(rx) = queue.back_mut().and_then(|r| r.read.take()) {
+                    // an error or a dropped task counts as done too
+                    let _ = rx.await;
+                }
+                match self.start_read(reading) {
+                    Some(r) => {
+                        reading += r.group.len();
+                        queue.push_back(r);
+                    }
                     None => break,
                 }
             }
-            if group.is_empty() {
-                break;
-            }
-            // Waiting acknowledgements are recorded first, in the same round trip:
-            // Redis runs the pipeline in order, so the deltas below are computed against
-            // the last acknowledged states.
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            let marks = self.queue_marks(&mut pipe);
-            for (sku, _) in &group {
-                pipe.cmd("HGETALL")
-                    .arg(layout::sku_key(&self.cfg.redis_prefix, sku));
-            }
-            let read: Result<Vec<redis::Value>, _> = pipe.query_async(&mut self.redis).await;
-            let mut all = match read {
-                Ok(all) => all,
-                Err(e) => {
-                    self.settle_marks(marks, None);
-                    for (sku, want) in group {
-                        self.redis_failed(&sku, want, &e);
-                    }
-                    break;
+            let Some(r) = queue.pop_front() else { break };
+            reading -= r.group.len();
+            if !self.finish_read(client, r).await {
+                // a failed round: what is already being read is still published
+                while let Some(r) = queue.pop_front() {
+                    self.finish_read(client, r).await;
                 }
-            };
-            let reads = all.split_off(marks.replies.min(all.len()));
-            self.settle_marks(marks, Some(all));
-            // The hashes, up to the first that failed (or is missing): the rest are
-            // requested again, like after a failed round.
-            let mut hashes = Vec::with_capacity(group.len());
-            let mut reads = reads.into_iter();
-            let mut failed = false;
-            let mut group = group.into_iter();
-            for (sku, want) in group.by_ref() {
-                match reads
-                    .next()
-                    .map(redis::from_redis_value::<HashMap<String, String>>)
-                {
-                    Some(Ok(fields)) => hashes.push((sku, want, fields)),
-                    Some(Err(e)) => {
-                        self.redis_failed(&sku, want, &redis::RedisError::from(e));
-                        failed = true;
-                        break;
-                    }
-                    None => {
-                        self.sched.skipped(&sku);
-                        self.sched.request(&sku, want);
-                        failed = true;
-                        break;
-                    }
-                }
-            }
-            for (sku, want) in group {
-                self.sched.skipped(&sku);
-                self.sched.request(&sku, want);
-            }
-            // Then the distinct-user counts, which depend on the buckets the hashes hold
-            // (a second round trip per group, only when some window has events).
-            let now_ms = crate::telemetry::unix_ms();
-            let mut pipe = redis::pipe();
-            let queries: Vec<payload::UsersQueries> = hashes
-                .iter()
-                .map(|(sku, _, fields)| {
-                    if payload::is_gone(fields) {
-                        payload::UsersQueries::default()
-                    } else {
-                        payload::users_queries(
-                            &self.spec,
-                            &self.cfg.redis_prefix,
-                            sku,
-                            fields,
-                            now_ms,
-                            &mut pipe,
-                        )
-                    }
-                })
-                .collect();
-            let counts: Vec<i64> = if queries.iter().all(|q| q.replies() == 0) {
-                Vec::new()
-            } else {
-                match pipe.query_async(&mut self.redis).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        for (sku, want, _) in hashes {
-                            self.redis_failed(&sku, want, &e);
-                        }
-                        break;
-                    }
-                }
-            };
-            let mut counts = counts.into_iter();
-            for ((sku, want, fields), q) in hashes.into_iter().zip(queries) {
-                let users = q.counts(&mut counts);
-                self.publish_sku(client, &sku, want, fields, users, now_ms)
-                    .await;
-            }
-            if failed {
                 break;
             }
         }
+    }
+
+    /// Wait for a group's read and publish it; false when the round failed.
+    async fn finish_read(&mut self, client: &AsyncClient, r: GroupRead) -> bool {
+        let out = r.task.await.unwrap_or_else(|e| {
+            Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "reading SKU hashes",
+                e.to_string(),
+            )))
+        });
+        self.publish_group(client, r.group, r.marks, out).await
+    }
+
+    /// Claim a group of ready SKUs (room permitting, `reading` SKUs being read already)
+    /// and start reading their hashes and distinct-user counts on a task of its own.
+    fn start_read(&mut self, reading: usize) -> Option<GroupRead> {
+        let mut group = Vec::new();
+        while group.len() < READ_GROUP && self.tracker.len() + reading + group.len() < MAX_IN_FLIGHT
+        {
+            match self.sched.pop_ready(self.mono_ms()) {
+                Some(x) => group.push(x),
+                None => break,
+            }
+        }
+        if group.is_empty() {
+            return None;
+        }
+        // Waiting acknowledgements are recorded first, in the same round trip: Redis runs
+        // the pipeline in order, so the deltas are computed against the last acknowledged
+        // states.
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        let marks = self.queue_marks(&mut pipe);
+        let skus: Vec<(String, Want)> = group.clone();
+        let (read_tx, read) = tokio::sync::oneshot::channel();
+        let job = ReadJob {
+            marks: marks.replies,
+            skus,
+            spec: Arc::clone(&self.spec),
+            prefix: self.cfg.redis_prefix.clone(),
+            format: self.cfg.mqtt.format,
+        };
+        let task = tokio::spawn(read_group(read_tx, self.redis.clone(), pipe, job));
+        Some(GroupRead {
+            group,
+            marks,
+            read: Some(read),
+            task,
+        })
+    }
+
+    /// Publish a group read by [`start_read`](Self::start_read). False when the round
+    /// failed (its SKUs are requested again, after a pause).
+    async fn publish_group(
+        &mut self,
+        client: &AsyncClient,
+        group: Vec<(String, Want)>,
+        marks: marks::QueuedMarks,
+        out: Result<ReadOut, redis::RedisError>,
+    ) -> bool {
+        let (marks_replies, hashes, now_ms) = match out {
+            Ok(x) => x,
+            Err(e) => {
+                self.settle_marks(marks, None);
+                for (sku, want) in group {
+                    self.redis_failed(&sku, want, &e);
+                }
+                return false;
+            }
+        };
+        self.settle_marks(marks, Some(marks_replies));
+        let mut failed = false;
+        let mut hashes = hashes.into_iter();
+        for (sku, want) in group {
+            if failed {
+                // after a failed read (or a missing reply), like a failed round: again later
+                self.sched.skipped(&sku);
+                self.sched.request(&sku, want);
+                continue;
+            }
+            match hashes.next() {
+                Some(Ok(read)) => self.publish_sku(client, &sku, want, read, now_ms).await,
+                Some(Err(e)) => {
+                    self.redis_failed(&sku, want, &e);
+                    failed = true;
+                }
+                None => {
+                    self.sched.skipped(&sku);
+                    self.sched.request(&sku, want);
+                    failed = true;
+                }
+            }
+        }
+        !failed
     }
 
     /// Publish one SKU from its hash and its distinct-user counts at `now_ms` (read for a
@@ -798,10 +815,10 @@ impl Task {
         client: &AsyncClient,
         sku: &str,
         want: Want,
-        fields: HashMap<String, String>,
-        users: HashMap<String, i64>,
+        read: Read,
         now_ms: i64,
     ) {
+        let Read { fields, built } = read;
         if fields.is_empty() {
             // no hash (never existed or removed): nothing to project
             self.sched.skipped(sku);
@@ -816,26 +833,13 @@ impl Task {
             return;
         }
         let piece = payload::piece_num(fields.get("piece").map(String::as_str));
-        let unpublished = payload::unpublished(
-            fields.get("lsn").map(String::as_str),
-            fields.get("piece").map(String::as_str),
-            fields.get("pub_lsn").map(String::as_str),
-            fields.get("pub_piece").map(String::as_str),
-            fields.get("alerts").map(String::as_str),
-        );
-        if want == Want::Change && !unpublished {
+        let Some(Built { kind, msg, body }) = built else {
+            // Redis says the broker has it already
             self.sched.skipped(sku);
             return;
-        }
-        let minute = layout::minute_of_ms(now_ms);
-        let kind = if want == Want::Aging && !unpublished {
-            Kind::Aging { as_of_ms: now_ms }
-        } else {
-            Kind::Change
         };
+        let minute = layout::minute_of_ms(now_ms);
         let gone = payload::is_gone(&fields);
-        let users = if gone { HashMap::new() } else { users };
-        let msg = payload::state_message(&self.spec, sku, &fields, &users, now_ms, kind);
         if matches!(kind, Kind::Aging { .. }) && msg.windows == self.aging.fingerprint(sku) {
             // window values did not move: nothing to republish
             self.aging.checked(sku, minute);
@@ -855,7 +859,6 @@ impl Task {
         // Messages too large to send: (kind, bytes).
         let mut refused: Vec<(&'static str, usize)> = Vec::new();
         let format = self.cfg.mqtt.format;
-        let body = payload::encode(format, &msg.payload);
         let state_sent = t_fits(&topic, body.len());
         if state_sent {
             if client
@@ -1027,4 +1030,149 @@ impl Task {
         info!("mqtt publisher stopped");
         Ok(())
     }
+}
+
+/// A group of SKUs whose hashes are being read.
+struct GroupRead {
+    group: Vec<(String, Want)>,
+    marks: marks::QueuedMarks,
+    /// Fires once the marks and hashes round trip returned.
+    read: Option<tokio::sync::oneshot::Receiver<()>>,
+    task: tokio::task::JoinHandle<Result<ReadOut, redis::RedisError>>,
+}
+
+/// What [`read_group`] reads and builds with.
+struct ReadJob {
+    /// Replies the marks queued in front of the hashes take.
+    marks: usize,
+    skus: Vec<(String, Want)>,
+    spec: Arc<Spec>,
+    prefix: String,
+    format: crate::config::PayloadFormat,
+}
+
+/// A SKU's hash as read, and its state message when Redis says one is due.
+struct Read {
+    fields: HashMap<String, String>,
+    built: Option<Built>,
+}
+
+/// A state message built off the publisher task.
+struct Built {
+    kind: Kind,
+    msg: payload::StateMessage,
+    /// The payload in the configured format.
+    body: bytes::Bytes,
+}
+
+/// The marks' replies; per SKU of the group, in order, its hash and state message
+/// (ending early at a hash that could not be read); the time they are for.
+type ReadOut = (Vec<redis::Value>, Vec<Result<Read, redis::RedisError>>, i64);
+
+/// The state message of a SKU read for `want`, unless Redis says the broker has it (a
+/// change already acknowledged) or there is no hash.
+fn build(
+    spec: &Spec,
+    format: crate::config::PayloadFormat,
+    sku: &str,
+    want: Want,
+    fields: &HashMap<String, String>,
+    users: &HashMap<String, i64>,
+    now_ms: i64,
+) -> Option<Built> {
+    if fields.is_empty() {
+        return None;
+    }
+    let unpublished = payload::unpublished(
+        fields.get("lsn").map(String::as_str),
+        fields.get("piece").map(String::as_str),
+        fields.get("pub_lsn").map(String::as_str),
+        fields.get("pub_piece").map(String::as_str),
+        fields.get("alerts").map(String::as_str),
+    );
+    if want == Want::Change && !unpublished {
+        return None;
+    }
+    let kind = if want == Want::Aging && !unpublished {
+        Kind::Aging { as_of_ms: now_ms }
+    } else {
+        Kind::Change
+    };
+    let msg = payload::state_message(spec, sku, fields, users, now_ms, kind);
+    let body = payload::encode(format, &msg.payload);
+    Some(Built { kind, msg, body })
+}
+
+/// Read a group: the marks and the hashes in one round trip, then the distinct-user
+/// counts, which depend on the window buckets the hashes hold (a second round trip, only
+/// when some window has events). The state messages are built on a blocking thread: the
+/// publisher task shares the runtime's one worker with the pipeline, and building is
+/// most of a publish's CPU.
+async fn read_group(
+    read: tokio::sync::oneshot::Sender<()>,
+    mut redis: ConnectionManager,
+    mut pipe: redis::Pipeline,
+    job: ReadJob,
+) -> Result<ReadOut, redis::RedisError> {
+    let ReadJob {
+        marks,
+        skus,
+        spec,
+        prefix,
+        format,
+    } = job;
+    for (sku, _) in &skus {
+        pipe.cmd("HGETALL").arg(layout::sku_key(&prefix, sku));
+    }
+    let all: Result<Vec<redis::Value>, _> = pipe.query_async(&mut redis).await;
+    let _ = read.send(());
+    let mut all = all?;
+    let reads = all.split_off(marks.min(all.len()));
+    let now_ms = crate::telemetry::unix_ms();
+    let mut hashes = Vec::with_capacity(skus.len());
+    let mut users = redis::pipe();
+    let mut queries = Vec::with_capacity(skus.len());
+    // A hash that cannot be read ends the group: it and the SKUs after it are read again.
+    let mut bad = None;
+    for ((sku, _), v) in skus.iter().zip(reads) {
+        match redis::from_redis_value::<HashMap<String, String>>(v) {
+            Ok(fields) => {
+                queries.push(if payload::is_gone(&fields) {
+                    payload::UsersQueries::default()
+                } else {
+                    payload::users_queries(&spec, &prefix, sku, &fields, now_ms, &mut users)
+                });
+                hashes.push(fields);
+            }
+            Err(e) => {
+                bad = Some(redis::RedisError::from(e));
+                break;
+            }
+        }
+    }
+    let counts: Vec<i64> = if queries.iter().all(|q| q.replies() == 0) {
+        Vec::new()
+    } else {
+        users.query_async(&mut redis).await?
+    };
+    let built = tokio::task::spawn_blocking(move || {
+        let mut counts = counts.into_iter();
+        let mut out: Vec<Result<Read, redis::RedisError>> = hashes
+            .into_iter()
+            .zip(queries)
+            .zip(&skus)
+            .map(|((fields, q), (sku, want))| {
+                let users = q.counts(&mut counts);
+                let built = build(&spec, format, sku, *want, &fields, &users, now_ms);
+                Ok(Read { fields, built })
+            })
+            .collect();
+        out.extend(bad.map(Err));
+        out
+    })
+    .await
+    .map_err(|e| {
+        redis::RedisError::from((redis::ErrorKind::Io, "building states", e.to_string()))
+    })?;
+    Ok((all, built, now_ms))
 }
