@@ -440,12 +440,14 @@ impl Api {
         let mut pipe = redis::pipe();
         let mut names = Vec::with_capacity(items.len());
         for (sku, fields) in &items {
-            let n = if fields.is_empty() || payload::is_gone(fields) {
-                payload::UsersQueries::default()
-            } else {
-                payload::users_queries(&self.spec, &self.prefix, sku, fields, now_ms, &mut pipe)
-            };
-            names.push(n);
+            names.push(payload::users_queries(
+                &self.spec,
+                &self.prefix,
+                sku,
+                fields,
+                now_ms,
+                &mut pipe,
+            ));
         }
         let counts: Vec<i64> = if names.iter().all(|n| n.replies() == 0) {
             Vec::new()

@@ -515,7 +515,8 @@ impl UsersQueries {
 /// `w:<counter>:<minute>` in `fields` (the SKU's hash): the apply script writes and prunes
 /// the two together. So a window without buckets queues nothing (its count is 0), and a
 /// window with one busy minute reads that key's cached count instead of merging 60 keys
-/// (a multi-key `PFCOUNT` builds and counts a 16 KiB register array).
+/// (a multi-key `PFCOUNT` builds and counts a 16 KiB register array). A gone SKU (see
+/// [`is_gone`]) publishes no counts and queues nothing.
 pub fn users_queries(
     spec: &Spec,
     prefix: &str,
@@ -526,6 +527,9 @@ pub fn users_queries(
 ) -> UsersQueries {
     let minute = layout::minute_of_ms(now_ms);
     let mut out = UsersQueries::default();
+    if is_gone(fields) {
+        return out;
+    }
     let mut key = Vec::new();
     let mut num = itoa::Buffer::new();
     let mut minutes: Vec<i64> = Vec::new();
@@ -1057,6 +1061,14 @@ mod tests {
         let counts = q.counts(&mut std::iter::empty());
         assert_eq!(counts["views_users_5m"], 0);
         assert_eq!(counts["views_users_1h"], 0);
+
+        // a gone SKU publishes no counts, whatever buckets it kept
+        let mut pipe = redis::pipe();
+        let mut gone = f.clone();
+        gone.insert("gone".into(), "1".into());
+        let q = users_queries(&spec(), "p", "x", &gone, NOW, &mut pipe);
+        assert_eq!(q.replies(), 0);
+        assert!(pipe.get_packed_pipeline().is_empty());
     }
 
     fn fields(pairs: &[(&str, String)]) -> HashMap<String, String> {

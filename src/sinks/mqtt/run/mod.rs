@@ -745,6 +745,7 @@ impl Task {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         let marks = self.queue_marks(&mut pipe);
+        // The task gets a copy: if it panicked, the group kept here is requested again.
         let skus: Vec<(String, Want)> = group.clone();
         let (read_tx, read) = tokio::sync::oneshot::channel();
         let job = ReadJob {
@@ -808,8 +809,8 @@ impl Task {
         !failed
     }
 
-    /// Publish one SKU from its hash and its distinct-user counts at `now_ms` (read for a
-    /// whole group of SKUs in one pipelined round trip by [`work`](Self::work)).
+    /// Publish one SKU from its hash and the state message built from it (read and
+    /// built for a whole group by [`read_group`]).
     async fn publish_sku(
         &mut self,
         client: &AsyncClient,
@@ -1137,11 +1138,9 @@ async fn read_group(
     for ((sku, _), v) in skus.iter().zip(reads) {
         match redis::from_redis_value::<HashMap<String, String>>(v) {
             Ok(fields) => {
-                queries.push(if payload::is_gone(&fields) {
-                    payload::UsersQueries::default()
-                } else {
-                    payload::users_queries(&spec, &prefix, sku, &fields, now_ms, &mut users)
-                });
+                queries.push(payload::users_queries(
+                    &spec, &prefix, sku, &fields, now_ms, &mut users,
+                ));
                 hashes.push(fields);
             }
             Err(e) => {
@@ -1150,10 +1149,15 @@ async fn read_group(
             }
         }
     }
+    // From here on the marks are recorded: a failure fails the group's SKUs (read again
+    // after a pause), not the marks' replies.
     let counts: Vec<i64> = if queries.iter().all(|q| q.replies() == 0) {
         Vec::new()
     } else {
-        users.query_async(&mut redis).await?
+        match users.query_async(&mut redis).await {
+            Ok(c) => c,
+            Err(e) => return Ok((all, vec![Err(e)], now_ms)),
+        }
     };
     let built = tokio::task::spawn_blocking(move || {
         let mut counts = counts.into_iter();
@@ -1171,8 +1175,12 @@ async fn read_group(
         out
     })
     .await
-    .map_err(|e| {
-        redis::RedisError::from((redis::ErrorKind::Io, "building states", e.to_string()))
-    })?;
+    .unwrap_or_else(|e| {
+        vec![Err(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "building states",
+            e.to_string(),
+        )))]
+    });
     Ok((all, built, now_ms))
 }
