@@ -520,7 +520,19 @@ impl Daemon {
                     self.resync(&mut con, &client, &slot_name).await?;
                 } else if let Some(m) = &meta {
                     let applied = m.applied_lsn.unwrap_or(Lsn::ZERO);
-                    self.gate.store(applied.0, Ordering::SeqCst);
+                    // A cycle restarted by a lost connection can find Redis back older
+                    // (restarted from a dump, a lagging replica promoted) before any write
+                    // was refused: still at or past the slot, so replaying from the slot
+                    // repairs it, but the operator should hear that writes were lost.
+                    let floor = self.gate.swap(applied.0, Ordering::SeqCst);
+                    if applied.0 < floor {
+                        telemetry::redis_rollback_or_fenced(true);
+                        tracing::warn!(
+                            error = %RedisSinkError::Rollback(applied.0.to_string()),
+                            floor,
+                            "replaying from the slot's confirmed position, which Redis still holds"
+                        );
+                    }
                     if m.changes_from.is_none() {
                         let n = rsink::backfill_changes(
                             &mut con,

@@ -524,6 +524,15 @@ impl Env {
 }
 
 /// Every incarnation's complete stderr.
+/// How many times the daemon said Redis lost writes: refused by the floor while running
+/// ("Redis lost recent writes"), or found on a restarted cycle, below the floor it held
+/// (same words) or behind the slot ("Redis is behind the slot", which rebuilds).
+fn lost_writes_noticed(d: &Daemon) -> usize {
+    let log = full_log(d);
+    log.matches("Redis lost recent writes").count()
+        + log.matches("Redis is behind the slot").count()
+}
+
 fn full_log(d: &Daemon) -> String {
     let mut s = String::new();
     for i in 0..d.runs {
@@ -811,9 +820,7 @@ async fn inject(env: &mut Env, w: &mut Workload, fault: Fault, i: usize, rng: &m
             env.recover(Duration::from_secs(60)).await;
             let before_kill = env.applied_lsn().await;
             assert!(before_kill > saved, "work after the dump");
-            let refused = full_log(env.rig.daemon())
-                .matches("Redis lost recent writes")
-                .count();
+            let refused = lost_writes_noticed(env.rig.daemon());
             excuse(env, true);
             env.rig.redis.kill9();
             env.rig.redis.start_again();
@@ -821,19 +828,11 @@ async fn inject(env: &mut Env, w: &mut Workload, fault: Fault, i: usize, rng: &m
             // The fault landed: Redis came back older (unless skusync already noticed).
             let back = env.applied_lsn().await;
             assert!(
-                back < before_kill
-                    || full_log(env.rig.daemon())
-                        .matches("Redis lost recent writes")
-                        .count()
-                        > refused,
+                back < before_kill || lost_writes_noticed(env.rig.daemon()) > refused,
                 "Redis came back at applied_lsn {back}, not older than {before_kill}"
             );
             let t0 = Instant::now();
-            while full_log(env.rig.daemon())
-                .matches("Redis lost recent writes")
-                .count()
-                == refused
-            {
+            while lost_writes_noticed(env.rig.daemon()) == refused {
                 assert!(
                     t0.elapsed() < Duration::from_secs(20),
                     "the older Redis was never noticed\n{}",
@@ -851,11 +850,7 @@ async fn inject(env: &mut Env, w: &mut Workload, fault: Fault, i: usize, rng: &m
                     c.excused.store(on, Ordering::SeqCst);
                 }
             };
-            let lost = |env: &mut Env| {
-                full_log(env.rig.daemon())
-                    .matches("Redis lost recent writes")
-                    .count()
-            };
+            let lost = |env: &mut Env| lost_writes_noticed(env.rig.daemon());
             let mut replica = RedisServer::start();
             replica.cli(&["REPLICAOF", "127.0.0.1", &env.rig.redis.port().to_string()]);
             let t0 = Instant::now();

@@ -325,10 +325,13 @@ impl MosquittoServer {
                 let _ = sub.wait();
                 panic!("retained({topic_filter}): mosquitto_sub did not finish");
             }
-            // QoS 0, best effort: the subscriber may not be subscribed yet.
+            // Best effort: the subscriber may not be subscribed yet. QoS 1, so that the
+            // broker queues it behind the retained states still waiting for an in-flight
+            // slot (Mosquitto sends 20 at a time); a QoS 0 sentinel overtook them and cut
+            // the list short when the subscriber was slow to acknowledge.
             let _ = Command::new("mosquitto_pub")
                 .args(self.client_args())
-                .args(["-t", &sentinel, "-n"])
+                .args(["-q", "1", "-t", &sentinel, "-n"])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
