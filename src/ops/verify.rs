@@ -692,7 +692,8 @@ fn compare_sku(
     let has_rows = sql.is_some_and(|t| t.has_rows);
     match redis {
         None if has_rows => diffs.push(finding("hash", "absent".into(), "present".into())),
-        Some(h) if has_rows && h.get("gone").map(String::as_str) == Some("1") => {
+        // gone, or reset by a rebuild whose snapshot did not reload it (piece -1)
+        Some(h) if has_rows && crate::sinks::mqtt::payload::is_gone(h) => {
             diffs.push(finding("gone", "1".into(), "0".into()))
         }
         _ => {}
@@ -971,7 +972,8 @@ fn compare_retained(
         source: "mqtt",
         value,
     };
-    let gone = h.is_none_or(|h| h.get("gone").map(String::as_str) == Some("1"));
+    // the publisher clears a SKU Redis holds nothing for (gone, or reset by a rebuild)
+    let gone = h.is_none_or(crate::sinks::mqtt::payload::is_gone);
     if let Some(h) = h {
         let lsn = h.get("lsn").map(String::as_str).unwrap_or("0");
         if Some(lsn) != h.get("pub_lsn").map(String::as_str) {
@@ -1321,13 +1323,21 @@ mod tests {
             compare_retained("s", Some(&h2), Some(good), &names, 0),
             Err(())
         );
-        // gone in Redis: no retained message allowed
+        // gone in Redis, or reset by a rebuild and not reloaded: no retained message allowed
         let g = hash(&[("gone", "1"), ("lsn", "7"), ("pub_lsn", "7")]);
-        assert_eq!(compare_retained("s", Some(&g), None, &names, 0), Ok(vec![]));
-        assert_eq!(
-            compare_retained("s", Some(&g), Some(good), &names, 0).unwrap()[0].field,
-            "mqtt:retained"
-        );
+        let reset = hash(&[
+            ("lsn", "7"),
+            ("piece", "-1"),
+            ("pub_lsn", "7"),
+            ("pub_piece", "-1"),
+        ]);
+        for g in [g, reset] {
+            assert_eq!(compare_retained("s", Some(&g), None, &names, 0), Ok(vec![]));
+            assert_eq!(
+                compare_retained("s", Some(&g), Some(good), &names, 0).unwrap()[0].field,
+                "mqtt:retained"
+            );
+        }
     }
 
     #[test]

@@ -112,7 +112,7 @@ async fn held_mismatches(rig: &mut Rig, held: &Held) -> Vec<String> {
     let live = held.live();
     let mut out = Vec::new();
     for (sku, h) in &state {
-        let gone = h.get("gone").map(String::as_str) == Some("1");
+        let gone = crate::oracle::redis_says_gone(h);
         match (live.get(sku), gone) {
             (None, true) => {}
             (Some(_), true) => out.push(format!("{sku:?}: gone in Redis, held by the client")),

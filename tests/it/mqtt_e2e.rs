@@ -92,7 +92,7 @@ pub async fn retained_mismatches(rig: &mut Rig, broker: &MosquittoServer) -> Vec
         }
     }
     for (sku, h) in &state {
-        let gone = h.get("gone").map(String::as_str) == Some("1");
+        let gone = crate::oracle::redis_says_gone(h);
         match (retained.get(sku), gone) {
             (None, true) => {}
             (Some(_), true) => out.push(format!("{sku:?}: gone in Redis but still retained")),
@@ -197,7 +197,7 @@ async fn retained_state_equals_redis_after_workload_with_broker_restarts_and_sig
         .redis_state(&mut rig.con)
         .await
         .into_iter()
-        .find(|(_, h)| h.get("gone").is_none())
+        .find(|(_, h)| !crate::oracle::redis_says_gone(h))
         .map(|(s, _)| s)
         .unwrap();
     let late = broker.retained(&sku_topic("skusync", &some_sku), Duration::from_secs(5));

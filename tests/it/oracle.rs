@@ -117,6 +117,14 @@ pub struct Truth {
 /// Redis state: SKU -> field -> value.
 pub type RedisState = BTreeMap<String, BTreeMap<String, String>>;
 
+/// Whether a SKU hash holds nothing to project: `gone` is `1` (its last row and counter
+/// went), or `piece` is `-1` (a rebuild reset it and the snapshot did not reload it; the
+/// hash stays for its fence and outbox marks). Publishers clear such a SKU.
+pub fn redis_says_gone(h: &BTreeMap<String, String>) -> bool {
+    h.get("gone").map(String::as_str) == Some("1")
+        || h.get("piece").map(String::as_str) == Some("-1")
+}
+
 /// `"schema"."table"` from `schema.table`.
 pub fn qtable(t: &str) -> String {
     let (s, n) = t.split_once('.').expect("schema.table");
