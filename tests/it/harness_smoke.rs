@@ -5,8 +5,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::harness::{
-    MosquittoServer, MqttOptions, PasswordEncryption, PgOptions, PgServer, RedisOptions,
-    RedisServer, StopMode, TestCa, port_open,
+    MosquittoServer, MqttOptions, PasswordEncryption, PgOptions, PgServer, RedisCluster,
+    RedisOptions, RedisServer, StopMode, TestCa, port_open,
 };
 
 #[test]
@@ -150,6 +150,46 @@ fn redis_server_answers_and_persists_across_restart() {
     let dir: PathBuf = r.dir().to_path_buf();
     drop(r);
     assert!(!dir.exists());
+}
+
+#[test]
+fn redis_cluster_of_three_primaries_survives_a_reshard_a_failover_and_a_primary_sigkill() {
+    let mut c = RedisCluster::start(3, 1);
+    assert_eq!(c.nodes.len(), 6);
+    // keys spread over every primary; each write reaches its replica before a fault
+    let keys: Vec<String> = (0..48).map(|i| format!("k{{{i}}}")).collect();
+    for (i, k) in keys.iter().enumerate() {
+        c.cli_c(&["SET", k, &i.to_string()]);
+    }
+    let all_present = |c: &RedisCluster| {
+        keys.iter()
+            .enumerate()
+            .all(|(i, k)| c.cli_c(&["GET", k]) == i.to_string())
+    };
+    let primaries = c.primaries();
+    for &p in &primaries {
+        let n: u64 = c.nodes[p].cli(&["DBSIZE"]).parse().unwrap();
+        assert!(n > 0, "primary {p} holds no key");
+        c.nodes[p].cli(&["WAIT", "1", "5000"]);
+    }
+    assert_eq!(c.dbsize_total(), 48);
+
+    c.reshard(primaries[0], primaries[1], 2000);
+    assert!(all_present(&c), "a key was lost by the reshard");
+    assert_eq!(c.dbsize_total(), 48);
+
+    let r = c.replica_of(primaries[1]).expect("a replica");
+    c.failover(r);
+    assert!(c.primaries().contains(&r), "the replica is a primary now");
+    assert!(!c.primaries().contains(&primaries[1]));
+    assert!(all_present(&c), "a key was lost by the failover");
+
+    let victim = primaries[2];
+    let heir = c.replica_of(victim).expect("a replica");
+    c.kill9(victim);
+    assert!(c.primaries().contains(&heir), "the replica took over");
+    assert_eq!(c.primaries().len(), 3);
+    assert!(all_present(&c), "a key was lost with the killed primary");
 }
 
 #[test]

@@ -43,47 +43,70 @@ async fn a_sku_key_of_another_type_stops_the_daemon_naming_wrongtype_and_the_key
     );
 }
 
-/// A Redis Cluster node would answer CROSSSLOT or MOVED in the middle of the stream:
-/// `check` fails and `run` stops before writing anything, both naming the fix.
+/// A Redis Cluster would answer CROSSSLOT or MOVED in the middle of the stream: `check`
+/// fails and `run` stops before writing anything or creating the slot, both naming the
+/// fix, whether `redis.url` names a lone cluster node or a seed of a real cluster (3
+/// primaries, 3 replicas).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_cluster_node_is_refused_up_front_by_check_and_run() {
-    use crate::harness::{RedisOptions, RedisServer};
+    use crate::harness::{RedisCluster, RedisOptions, RedisServer};
     let rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
-    let cluster = RedisServer::start_with(RedisOptions {
+    let lone = RedisServer::start_with(RedisOptions {
         cluster: true,
         ..Default::default()
     });
-    let cfg = crate::support::write_config(
-        rig.dir.path(),
-        &rig.oracle.config_toml(
-            &rig.pg.url("postgres", "postgres"),
-            "skusync",
-            &["skusync", "skusync_activity"],
-            &cluster.url(),
-        ),
-    );
-    let check = crate::support::skusync_output(&["check"], &cfg);
-    let out = String::from_utf8_lossy(&check.stdout);
-    assert!(!check.status.success(), "{out}");
-    assert!(
-        out.contains("FAIL") && out.contains("Redis Cluster is not supported yet"),
-        "{out}"
-    );
-    // `run` must stop on its own (a daemon that retried would never exit): killed after 30 s
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_skusync"))
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("skusync run");
-    let start = std::time::Instant::now();
-    while child.try_wait().expect("wait").is_none() && start.elapsed() < Duration::from_secs(30) {
-        std::thread::sleep(Duration::from_millis(100));
+    let cluster = RedisCluster::start(3, 1);
+    for (what, url) in [
+        ("a lone cluster node", lone.url()),
+        ("a seed of a 3-primary cluster", cluster.seed_url()),
+    ] {
+        let cfg = crate::support::write_config(
+            rig.dir.path(),
+            &rig.oracle.config_toml(
+                &rig.pg.url("postgres", "postgres"),
+                "skusync",
+                &["skusync", "skusync_activity"],
+                &url,
+            ),
+        );
+        let check = crate::support::skusync_output(&["check"], &cfg);
+        let out = String::from_utf8_lossy(&check.stdout);
+        assert!(!check.status.success(), "{what}: {out}");
+        assert!(
+            out.contains("FAIL") && out.contains("Redis Cluster is not supported yet"),
+            "{what}: {out}"
+        );
+        // `run` must stop on its own (a daemon that retried would never exit): killed
+        // after 30 s
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_skusync"))
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("skusync run");
+        let start = std::time::Instant::now();
+        while child.try_wait().expect("wait").is_none() && start.elapsed() < Duration::from_secs(30)
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let daemon = child.wait_with_output().expect("output");
+        let err = String::from_utf8_lossy(&daemon.stderr);
+        assert_eq!(daemon.status.code(), Some(1), "{what}: {err}");
+        assert!(
+            err.contains("Redis Cluster is not supported yet"),
+            "{what}: {err}"
+        );
+        assert!(
+            err.contains("redis.url"),
+            "{what}: names the setting: {err}"
+        );
     }
-    let _ = child.kill();
-    let daemon = child.wait_with_output().expect("output");
-    let err = String::from_utf8_lossy(&daemon.stderr);
-    assert_eq!(daemon.status.code(), Some(1), "{err}");
-    assert!(err.contains("Redis Cluster is not supported yet"), "{err}");
-    assert_eq!(cluster.cli(&["DBSIZE"]).trim(), "0", "nothing written");
+    assert_eq!(lone.cli(&["DBSIZE"]).trim(), "0", "nothing written");
+    assert_eq!(cluster.dbsize_total(), 0, "nothing written to the cluster");
+    assert_eq!(
+        rig.pg.psql("SELECT count(*) FROM pg_replication_slots"),
+        "0",
+        "no slot holds WAL for a pipeline that cannot run"
+    );
 }

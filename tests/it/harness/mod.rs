@@ -13,12 +13,14 @@ pub mod pg;
 pub mod ports;
 pub mod proxy;
 pub mod redis;
+pub mod redis_cluster;
 pub mod tls;
 
 pub use mqtt::{MosquittoServer, MqttOptions};
 pub use pg::{PasswordEncryption, PgOptions, PgServer, StopMode};
 pub use ports::free_port;
 pub use redis::{RedisOptions, RedisServer};
+pub use redis_cluster::RedisCluster;
 pub use tls::{TestCa, TlsFiles};
 
 use std::fs;

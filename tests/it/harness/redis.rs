@@ -16,7 +16,10 @@ pub struct RedisOptions {
     pub password: Option<String>,
     /// Serve TLS only (`--port 0 --tls-port P`, client certs not required).
     pub tls: Option<TlsFiles>,
-    /// `--cluster-enabled yes` (a lone node without slots: enough to be recognised).
+    /// `--cluster-enabled yes` (a lone node without slots: enough to be recognised; see
+    /// [`RedisCluster`](super::RedisCluster) for a whole cluster), with a free cluster bus
+    /// port of its own (the default, port + 10000, may be taken or out of range) and a
+    /// 2 s node timeout, so failovers in tests take seconds.
     pub cluster: bool,
 }
 
@@ -25,6 +28,7 @@ pub struct RedisOptions {
 pub struct RedisServer {
     dir: tempfile::TempDir,
     port: u16,
+    bus_port: u16,
     opts: RedisOptions,
     proc: ChildProc,
 }
@@ -44,12 +48,14 @@ impl RedisServer {
         let mut r = RedisServer {
             dir,
             port: 0,
+            bus_port: 0,
             opts,
             proc: ChildProc::default(),
         };
         let mut last = String::new();
         for _ in 0..5 {
             r.port = free_port();
+            r.bus_port = free_port();
             match r.try_start() {
                 Ok(()) => return r,
                 Err(e) => last = e,
@@ -94,7 +100,9 @@ impl RedisServer {
         }
         if self.opts.cluster {
             c.args(["--cluster-enabled", "yes", "--cluster-config-file"])
-                .arg(self.dir.path().join("nodes.conf"));
+                .arg(self.dir.path().join("nodes.conf"))
+                .args(["--cluster-port", &self.bus_port.to_string()])
+                .args(["--cluster-node-timeout", "2000"]);
         }
         let (out, err) = log_stdio(&self.log_path());
         c.stdin(Stdio::null()).stdout(out).stderr(err);

@@ -1,0 +1,236 @@
+//! A throwaway Redis Cluster on loopback: primaries and their replicas, each a
+//! [`RedisServer`] with `--cluster-enabled yes`, joined by `redis-cli --cluster create`,
+//! with the faults the cluster tests need (a manual failover, a primary SIGKILLed until its
+//! replica takes over, a live reshard).
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use super::{RedisOptions, RedisServer, wait_until};
+
+/// A running cluster. Dropping it kills every node.
+pub struct RedisCluster {
+    /// Every node, primaries and replicas, in start order. Roles change with failovers:
+    /// ask [`primaries`](Self::primaries) and [`replica_of`](Self::replica_of).
+    pub nodes: Vec<RedisServer>,
+    /// Nodes that were SIGKILLed (skipped by every query).
+    down: Vec<bool>,
+}
+
+impl RedisCluster {
+    /// `primaries` primaries with `replicas` replicas each (the test layout: 3 and 1),
+    /// every slot assigned, every node agreeing; panics with the creation output or the
+    /// node logs otherwise.
+    pub fn start(primaries: usize, replicas: usize) -> Self {
+        let n = primaries * (1 + replicas);
+        let nodes: Vec<RedisServer> = (0..n)
+            .map(|_| {
+                RedisServer::start_with(RedisOptions {
+                    cluster: true,
+                    ..Default::default()
+                })
+            })
+            .collect();
+        let mut c = Command::new("redis-cli");
+        c.arg("--cluster").arg("create");
+        for node in &nodes {
+            c.arg(format!("127.0.0.1:{}", node.port()));
+        }
+        c.args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]);
+        let out = c
+            .stdin(Stdio::null())
+            .output()
+            .expect("spawn redis-cli --cluster create");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && text.contains("All 16384 slots covered"),
+            "redis-cli --cluster create failed:\n{text}"
+        );
+        let cluster = RedisCluster {
+            down: vec![false; n],
+            nodes,
+        };
+        cluster.wait_agreed(Duration::from_secs(30));
+        assert_eq!(
+            cluster.primaries().len(),
+            primaries,
+            "primaries after create"
+        );
+        cluster
+    }
+
+    fn up(&self) -> impl Iterator<Item = (usize, &RedisServer)> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !self.down[*i])
+    }
+
+    /// `redis://127.0.0.1:P/0` of the first running node: a seed for cluster clients.
+    pub fn seed_url(&self) -> String {
+        self.up().next().expect("a running node").1.url()
+    }
+
+    /// The node ID of node `i` (`CLUSTER MYID`).
+    pub fn id(&self, i: usize) -> String {
+        self.nodes[i].cli(&["CLUSTER", "MYID"]).trim().to_string()
+    }
+
+    /// Running nodes that are primaries owning slots, by index.
+    pub fn primaries(&self) -> Vec<usize> {
+        self.up()
+            .filter(|(_, n)| role(n) == "master" && owns_slots(n))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// The running replica following primary `p`.
+    pub fn replica_of(&self, p: usize) -> Option<usize> {
+        let port = self.nodes[p].port().to_string();
+        self.up()
+            .find(|(_, n)| {
+                role(n) == "slave"
+                    && n.cli(&["INFO", "replication"])
+                        .lines()
+                        .any(|l| l.trim() == format!("master_port:{port}"))
+            })
+            .map(|(i, _)| i)
+    }
+
+    /// Runs `redis-cli -c` (following MOVED and ASK) against a running primary.
+    pub fn cli_c(&self, args: &[&str]) -> String {
+        let p = self.primaries()[0];
+        let out = Command::new("redis-cli")
+            .args([
+                "-c",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.nodes[p].port().to_string(),
+            ])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("spawn redis-cli -c");
+        assert!(out.status.success(), "redis-cli -c {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+    }
+
+    /// Keys on every running primary.
+    pub fn dbsize_total(&self) -> u64 {
+        self.primaries()
+            .into_iter()
+            .map(|i| {
+                self.nodes[i]
+                    .cli(&["DBSIZE"])
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    /// `CLUSTER FAILOVER` on `replica` (a coordinated switch, no writes lost); returns once
+    /// it is a primary and every node agrees again.
+    pub fn failover(&self, replica: usize) {
+        self.nodes[replica].cli(&["CLUSTER", "FAILOVER"]);
+        assert!(
+            wait_until(Duration::from_secs(30), || role(&self.nodes[replica])
+                == "master"),
+            "node {replica} never became a primary:\n{}",
+            self.nodes[replica].log_tail()
+        );
+        self.wait_agreed(Duration::from_secs(30));
+    }
+
+    /// SIGKILL node `i`; when it was a primary, returns once its replica took over (after
+    /// the 2 s node timeout) and the cluster serves every slot again.
+    pub fn kill9(&mut self, i: usize) {
+        let replica = (role(&self.nodes[i]) == "master")
+            .then(|| self.replica_of(i))
+            .flatten();
+        self.nodes[i].kill9();
+        self.down[i] = true;
+        if let Some(r) = replica {
+            assert!(
+                wait_until(Duration::from_secs(30), || role(&self.nodes[r]) == "master"),
+                "replica {r} was not promoted:\n{}",
+                self.nodes[r].log_tail()
+            );
+        }
+        self.wait_ok(Duration::from_secs(30));
+    }
+
+    /// Moves `slots` slots from primary `from` to primary `to` with
+    /// `redis-cli --cluster reshard` (keys migrate with MIGRATE; clients see ASK and MOVED
+    /// meanwhile). Blocks until done.
+    pub fn reshard(&self, from: usize, to: usize, slots: usize) {
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "reshard"])
+            .arg(format!("127.0.0.1:{}", self.nodes[from].port()))
+            .args(["--cluster-from", &self.id(from)])
+            .args(["--cluster-to", &self.id(to)])
+            .args(["--cluster-slots", &slots.to_string()])
+            .args(["--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("spawn redis-cli --cluster reshard");
+        assert!(
+            out.status.success(),
+            "reshard failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.wait_agreed(Duration::from_secs(30));
+    }
+
+    /// Every running node says `cluster_state:ok`.
+    pub fn wait_ok(&self, timeout: Duration) {
+        let ok = wait_until(timeout, || {
+            self.up().all(|(_, n)| {
+                n.try_cli(&["CLUSTER", "INFO"])
+                    .is_ok_and(|s| s.contains("cluster_state:ok"))
+            })
+        });
+        assert!(ok, "cluster never reached cluster_state:ok");
+    }
+
+    /// `cluster_state:ok` everywhere and `redis-cli --cluster check` passes (every slot
+    /// covered, all nodes agree on the configuration, no slot left open).
+    pub fn wait_agreed(&self, timeout: Duration) {
+        self.wait_ok(timeout);
+        let port = self.up().next().expect("a running node").1.port();
+        let mut last = String::new();
+        let ok = wait_until(timeout, || {
+            let out = Command::new("redis-cli")
+                .args(["--cluster", "check", &format!("127.0.0.1:{port}")])
+                .stdin(Stdio::null())
+                .output()
+                .expect("spawn redis-cli --cluster check");
+            last = String::from_utf8_lossy(&out.stdout).to_string();
+            out.status.success() && !last.contains("[WARNING]") && !last.contains("[ERR]")
+        });
+        assert!(ok, "the nodes never agreed:\n{last}");
+    }
+}
+
+/// `master` or `slave`, from `ROLE` (empty when the node does not answer).
+fn role(n: &RedisServer) -> String {
+    n.try_cli(&["ROLE"])
+        .ok()
+        .and_then(|s| s.lines().next().map(|l| l.trim().to_string()))
+        .unwrap_or_default()
+}
+
+/// Whether the node's own line in `CLUSTER NODES` lists slots.
+fn owns_slots(n: &RedisServer) -> bool {
+    n.try_cli(&["CLUSTER", "NODES"]).is_ok_and(|s| {
+        s.lines()
+            .find(|l| l.contains("myself"))
+            .is_some_and(|l| l.split_whitespace().count() > 8)
+    })
+}
