@@ -699,6 +699,11 @@ async fn retained_states_of_skus_redis_does_not_hold_are_cleared_after_a_connect
     wait_cleared(&mut rig, "LOST").await;
     assert!(retained_state(&broker, "KEEP"));
     assert_retained_equals_redis(&mut rig, &broker, Duration::from_secs(20)).await;
+    // The clears were acknowledged as clears: an untracked one would have shifted every
+    // later acknowledgement onto the wrong message (a state marked as acknowledged before
+    // the broker had it).
+    let log = rig.daemon().stderr_all();
+    assert!(!log.contains("untracked outgoing publish"), "{log}");
     assert_eq!(rig.daemon().sigterm(), Some(0));
 }
 

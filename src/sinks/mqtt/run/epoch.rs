@@ -152,6 +152,7 @@ impl Task {
                         )
                         .is_ok()
                     {
+                        self.tracker.queued(Msg::Clear { sku: sku.clone() });
                         cleared += 1;
                     }
                 }

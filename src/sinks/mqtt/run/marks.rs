@@ -161,7 +161,7 @@ impl Task {
                 *f = match m {
                     Msg::State { seq, .. } => states_failed.get(seq).copied().unwrap_or(true),
                     Msg::Alert { .. } => failed(it.next()),
-                    Msg::Status | Msg::Epoch { .. } => false,
+                    Msg::Status | Msg::Clear { .. } | Msg::Epoch { .. } => false,
                 };
             }
         }

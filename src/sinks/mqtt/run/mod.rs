@@ -120,6 +120,10 @@ enum Msg {
         kind: String,
     },
     Status,
+    /// A sweep's empty retained message for a SKU Redis does not hold.
+    Clear {
+        sku: String,
+    },
     Epoch {
         token: String,
         seq: u64,
@@ -445,7 +449,8 @@ impl Task {
         for m in self.tracker.lose_all() {
             match m {
                 Msg::State { sku, .. } | Msg::Alert { sku, .. } => self.sched.lost(&sku),
-                Msg::Status | Msg::Epoch { .. } => {}
+                // the sweep after the next connect clears it again
+                Msg::Status | Msg::Clear { .. } | Msg::Epoch { .. } => {}
             }
         }
         self.scan = None;
@@ -522,7 +527,9 @@ impl Task {
             }
             // the guard records the mapping; it is false for every tracked publish
             Event::Outgoing(Outgoing::Publish(pkid)) if !self.tracker.sent(pkid) => {
-                debug!(pkid, "untracked outgoing publish");
+                // Every publish is queued in the tracker: one that is not shifts the
+                // acknowledgements of all later messages onto the wrong ones.
+                warn!(pkid, "untracked outgoing publish");
             }
             Event::Incoming(Packet::PubAck(ack)) => {
                 let ok = matches!(
@@ -594,6 +601,12 @@ impl Task {
             Msg::Status => {
                 if !ok {
                     warn!(?reason, "broker refused the status message");
+                }
+            }
+            Msg::Clear { sku } => {
+                if !ok {
+                    warn!(?reason, "broker refused clearing a retained state");
+                    debug!(sku = %crate::secret::log_value(&sku), ?reason, "refused clear");
                 }
             }
             Msg::Epoch { token, seq, fresh } => {
