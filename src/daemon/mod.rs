@@ -494,6 +494,23 @@ impl Daemon {
                 telemetry::role(Role::Standby);
             } else {
                 let confirmed = s.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
+                // Redis can come back older (restarted from a dump, a lagging replica
+                // promoted) while a lost connection restarts the cycle before any write
+                // was refused: the operator hears it all the same, whether the replay
+                // from the slot repairs it or Redis is behind the slot and is rebuilt. (A
+                // writer that caught it itself lowered the floor to what Redis held.)
+                if let Some(m) = meta.as_ref().filter(|m| m.bootstrap_done) {
+                    let applied = m.applied_lsn.unwrap_or(Lsn::ZERO).0;
+                    let floor = self.gate.load(Ordering::SeqCst);
+                    if applied < floor {
+                        telemetry::redis_rollback_or_fenced(true);
+                        tracing::warn!(
+                            error = %RedisSinkError::Rollback(applied.to_string()),
+                            floor,
+                            "Redis came back older than this writer left it"
+                        );
+                    }
+                }
                 let why = match &meta {
                     None => Some(
                         "Redis has no skusync data (a new, flushed or evicted Redis)".to_string(),
@@ -520,19 +537,7 @@ impl Daemon {
                     self.resync(&mut con, &client, &slot_name).await?;
                 } else if let Some(m) = &meta {
                     let applied = m.applied_lsn.unwrap_or(Lsn::ZERO);
-                    // A cycle restarted by a lost connection can find Redis back older
-                    // (restarted from a dump, a lagging replica promoted) before any write
-                    // was refused: still at or past the slot, so replaying from the slot
-                    // repairs it, but the operator should hear that writes were lost.
-                    let floor = self.gate.swap(applied.0, Ordering::SeqCst);
-                    if applied.0 < floor {
-                        telemetry::redis_rollback_or_fenced(true);
-                        tracing::warn!(
-                            error = %RedisSinkError::Rollback(applied.0.to_string()),
-                            floor,
-                            "replaying from the slot's confirmed position, which Redis still holds"
-                        );
-                    }
+                    self.gate.store(applied.0, Ordering::SeqCst);
                     if m.changes_from.is_none() {
                         let n = rsink::backfill_changes(
                             &mut con,
@@ -909,7 +914,9 @@ async fn load_snapshot(
         fields.push(("timeline", s.timeline.to_string()));
     }
     rsink::write_meta(&mut con, prefix, token, &fields).await?;
-    gate.fetch_max(at.0, Ordering::SeqCst);
+    // Redis holds exactly `at` now, even below an earlier floor (a rebuild from a server
+    // that is behind the one before, after a PostgreSQL failover).
+    gate.store(at.0, Ordering::SeqCst);
     tracing::info!(rows = stats.rows, skus_reset = reset, at = %at, seconds = started.elapsed().as_secs_f64(), "snapshot loaded");
     Ok(())
 }

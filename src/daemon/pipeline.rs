@@ -760,6 +760,13 @@ impl Daemon {
             // Someone else took the token: it can only hold the lock if ours is gone.
             self.lease = None;
         }
+        if let RedisSinkError::Rollback(a) = &e {
+            // The floor is what Redis holds now: nothing past it may be confirmed to the
+            // slot (so the lost stretch can replay), and the next cycle does not count
+            // this rollback a second time.
+            self.gate
+                .store(a.parse::<u64>().unwrap_or(0), Ordering::SeqCst);
+        }
         Cycle::Restart(if rollback {
             format!(
                 "{e}: resuming from the slot's confirmed position, or rebuilding if Redis is behind it"

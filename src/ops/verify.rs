@@ -694,7 +694,12 @@ fn compare_sku(
         None if has_rows => diffs.push(finding("hash", "absent".into(), "present".into())),
         // gone, or reset by a rebuild whose snapshot did not reload it (piece -1)
         Some(h) if has_rows && crate::sinks::mqtt::payload::is_gone(h) => {
-            diffs.push(finding("gone", "1".into(), "0".into()))
+            let redis = if h.get("gone").map(String::as_str) == Some("1") {
+                "1"
+            } else {
+                "reset (piece -1)"
+            };
+            diffs.push(finding("gone", redis.into(), "0".into()))
         }
         _ => {}
     }

@@ -170,7 +170,7 @@ fn redis_cluster_of_three_primaries_survives_a_reshard_a_failover_and_a_primary_
     for &p in &primaries {
         let n: u64 = c.nodes[p].cli(&["DBSIZE"]).parse().unwrap();
         assert!(n > 0, "primary {p} holds no key");
-        c.nodes[p].cli(&["WAIT", "1", "5000"]);
+        assert_eq!(c.nodes[p].cli(&["WAIT", "1", "5000"]), "1", "replicated");
     }
     assert_eq!(c.dbsize_total(), 48);
 

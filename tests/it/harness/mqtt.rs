@@ -329,13 +329,22 @@ impl MosquittoServer {
             // broker queues it behind the retained states still waiting for an in-flight
             // slot (Mosquitto sends 20 at a time); a QoS 0 sentinel overtook them and cut
             // the list short when the subscriber was slow to acknowledge.
-            let _ = Command::new("mosquitto_pub")
+            // Bounded: a paused broker never acknowledges it.
+            if let Ok(mut p) = Command::new("mosquitto_pub")
                 .args(self.client_args())
                 .args(["-q", "1", "-t", &sentinel, "-n"])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
-                .status();
+                .spawn()
+            {
+                let until = std::time::Instant::now() + Duration::from_secs(1);
+                while p.try_wait().ok().flatten().is_none() && std::time::Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let _ = p.kill();
+                let _ = p.wait();
+            }
             std::thread::sleep(Duration::from_millis(50));
         };
         let mut stderr = String::new();

@@ -19,7 +19,8 @@ pub struct RedisOptions {
     /// `--cluster-enabled yes` (a lone node without slots: enough to be recognised; see
     /// [`RedisCluster`](super::RedisCluster) for a whole cluster), with a free cluster bus
     /// port of its own (the default, port + 10000, may be taken or out of range) and a
-    /// 2 s node timeout, so failovers in tests take seconds.
+    /// 5 s node timeout (failovers in tests take seconds; shorter ones failed nodes over
+    /// on their own on a loaded 2-core machine).
     pub cluster: bool,
 }
 
@@ -102,7 +103,7 @@ impl RedisServer {
             c.args(["--cluster-enabled", "yes", "--cluster-config-file"])
                 .arg(self.dir.path().join("nodes.conf"))
                 .args(["--cluster-port", &self.bus_port.to_string()])
-                .args(["--cluster-node-timeout", "2000"]);
+                .args(["--cluster-node-timeout", "5000"]);
         }
         let (out, err) = log_stdio(&self.log_path());
         c.stdin(Stdio::null()).stdout(out).stderr(err);

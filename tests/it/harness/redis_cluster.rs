@@ -60,6 +60,17 @@ impl RedisCluster {
             primaries,
             "primaries after create"
         );
+        // A replica that has not synced cannot take over (a manual failover times out).
+        let synced = wait_until(Duration::from_secs(30), || {
+            cluster
+                .up()
+                .filter(|(_, n)| role(n) == "slave")
+                .all(|(_, n)| {
+                    n.try_cli(&["INFO", "replication"])
+                        .is_ok_and(|s| s.contains("master_link_status:up"))
+                })
+        });
+        assert!(synced, "the replicas never synced with their primaries");
         cluster
     }
 
@@ -148,11 +159,17 @@ impl RedisCluster {
     }
 
     /// SIGKILL node `i`; when it was a primary, returns once its replica took over (after
-    /// the 2 s node timeout) and the cluster serves every slot again.
+    /// the 5 s node timeout) and the cluster serves every slot again. Panics for a primary
+    /// without a replica (its slots would stay uncovered).
     pub fn kill9(&mut self, i: usize) {
-        let replica = (role(&self.nodes[i]) == "master")
-            .then(|| self.replica_of(i))
-            .flatten();
+        let replica = if role(&self.nodes[i]) == "master" {
+            Some(
+                self.replica_of(i)
+                    .expect("kill9: a primary without a replica"),
+            )
+        } else {
+            None
+        };
         self.nodes[i].kill9();
         self.down[i] = true;
         if let Some(r) = replica {

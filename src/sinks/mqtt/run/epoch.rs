@@ -124,7 +124,7 @@ impl Task {
         };
         let _ = client.try_unsubscribe(format!("{}/sku/+", self.prefix()));
         let mut cleared = 0usize;
-        for chunk in sweep.skus.chunks(500) {
+        'chunks: for chunk in sweep.skus.chunks(500) {
             let mut pipe = redis::pipe();
             for sku in chunk {
                 pipe.cmd("EXISTS")
@@ -154,6 +154,12 @@ impl Task {
                     {
                         self.tracker.queued(Msg::Clear { sku: sku.clone() });
                         cleared += 1;
+                    } else {
+                        // The request channel is full (more clears than it holds): sweep
+                        // again once these are acknowledged, for the rest.
+                        debug!(cleared, "request channel full; sweeping again for the rest");
+                        self.restart_sweep = true;
+                        break 'chunks;
                     }
                 }
             }
