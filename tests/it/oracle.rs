@@ -507,6 +507,17 @@ impl Oracle {
                     got: "absent".into(),
                 });
             }
+            if let Some(g) = got
+                && truth.with_stock_rows.contains(sku)
+                && redis_says_gone(g)
+            {
+                out.push(Mismatch {
+                    sku: sku.clone(),
+                    field: "<gone>".into(),
+                    expected: "not gone (SKU has stock rows)".into(),
+                    got: "gone or reset (piece -1)".into(),
+                });
+            }
             let got = got.unwrap_or(&empty_r);
             let fields: BTreeSet<&str> = exp
                 .keys()
