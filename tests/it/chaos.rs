@@ -523,7 +523,6 @@ impl Env {
     }
 }
 
-/// Every incarnation's complete stderr.
 /// How many times the daemon said Redis lost writes: refused by the floor while running
 /// ("Redis lost recent writes"), or found on a restarted cycle, below the floor it held
 /// (same words) or behind the slot ("Redis is behind the slot", which rebuilds).
@@ -533,6 +532,7 @@ fn lost_writes_noticed(d: &Daemon) -> usize {
         + log.matches("Redis is behind the slot").count()
 }
 
+/// Every incarnation's complete stderr.
 fn full_log(d: &Daemon) -> String {
     let mut s = String::new();
     for i in 0..d.runs {

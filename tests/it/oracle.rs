@@ -119,7 +119,9 @@ pub type RedisState = BTreeMap<String, BTreeMap<String, String>>;
 
 /// Whether a SKU hash holds nothing to project: `gone` is `1` (its last row and counter
 /// went), or `piece` is `-1` (a rebuild reset it and the snapshot did not reload it; the
-/// hash stays for its fence and outbox marks). Publishers clear such a SKU.
+/// hash stays for its fence and outbox marks). Publishers clear such a SKU. Written out
+/// here rather than calling skusync's `payload::is_gone`, so the oracle does not share
+/// a mistake in it.
 pub fn redis_says_gone(h: &BTreeMap<String, String>) -> bool {
     h.get("gone").map(String::as_str) == Some("1")
         || h.get("piece").map(String::as_str) == Some("-1")

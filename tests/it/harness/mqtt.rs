@@ -328,8 +328,8 @@ impl MosquittoServer {
             // Best effort: the subscriber may not be subscribed yet. QoS 1, so that the
             // broker queues it behind the retained states still waiting for an in-flight
             // slot (Mosquitto sends 20 at a time); a QoS 0 sentinel overtook them and cut
-            // the list short when the subscriber was slow to acknowledge.
-            // Bounded: a paused broker never acknowledges it.
+            // the list short when the subscriber was slow to acknowledge. Waited for at
+            // most 1 s: a paused broker never acknowledges it.
             if let Ok(mut p) = Command::new("mosquitto_pub")
                 .args(self.client_args())
                 .args(["-q", "1", "-t", &sentinel, "-n"])

@@ -31,23 +31,13 @@ impl RedisCluster {
                 })
             })
             .collect();
-        let mut c = Command::new("redis-cli");
-        c.arg("--cluster").arg("create");
-        for node in &nodes {
-            c.arg(format!("127.0.0.1:{}", node.port()));
-        }
-        c.args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]);
-        let out = c
-            .stdin(Stdio::null())
-            .output()
-            .expect("spawn redis-cli --cluster create");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut args = vec!["--cluster".to_string(), "create".to_string()];
+        args.extend(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())));
+        args.extend(["--cluster-replicas".into(), replicas.to_string()]);
+        args.push("--cluster-yes".into());
+        let (ok, text) = redis_cli(&args);
         assert!(
-            out.status.success() && text.contains("All 16384 slots covered"),
+            ok && text.contains("All 16384 slots covered"),
             "redis-cli --cluster create failed:\n{text}"
         );
         let cluster = RedisCluster {
@@ -114,21 +104,12 @@ impl RedisCluster {
 
     /// Runs `redis-cli -c` (following MOVED and ASK) against a running primary.
     pub fn cli_c(&self, args: &[&str]) -> String {
-        let p = self.primaries()[0];
-        let out = Command::new("redis-cli")
-            .args([
-                "-c",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.nodes[p].port().to_string(),
-            ])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("spawn redis-cli -c");
-        assert!(out.status.success(), "redis-cli -c {args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+        let port = self.nodes[self.primaries()[0]].port().to_string();
+        let mut all = vec!["-c", "-h", "127.0.0.1", "-p", &port];
+        all.extend_from_slice(args);
+        let (ok, out) = redis_cli(&all);
+        assert!(ok, "redis-cli -c {args:?}: {out}");
+        out.trim_end().to_string()
     }
 
     /// Keys on every running primary.
@@ -186,22 +167,19 @@ impl RedisCluster {
     /// `redis-cli --cluster reshard` (keys migrate with MIGRATE; clients see ASK and MOVED
     /// meanwhile). Blocks until done.
     pub fn reshard(&self, from: usize, to: usize, slots: usize) {
-        let out = Command::new("redis-cli")
-            .args(["--cluster", "reshard"])
-            .arg(format!("127.0.0.1:{}", self.nodes[from].port()))
-            .args(["--cluster-from", &self.id(from)])
-            .args(["--cluster-to", &self.id(to)])
-            .args(["--cluster-slots", &slots.to_string()])
-            .args(["--cluster-yes"])
-            .stdin(Stdio::null())
-            .output()
-            .expect("spawn redis-cli --cluster reshard");
-        assert!(
-            out.status.success(),
-            "reshard failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (ok, out) = redis_cli(&[
+            "--cluster".to_string(),
+            "reshard".into(),
+            format!("127.0.0.1:{}", self.nodes[from].port()),
+            "--cluster-from".into(),
+            self.id(from),
+            "--cluster-to".into(),
+            self.id(to),
+            "--cluster-slots".into(),
+            slots.to_string(),
+            "--cluster-yes".into(),
+        ]);
+        assert!(ok, "reshard failed:\n{out}");
         self.wait_agreed(Duration::from_secs(30));
     }
 
@@ -223,16 +201,27 @@ impl RedisCluster {
         let port = self.up().next().expect("a running node").1.port();
         let mut last = String::new();
         let ok = wait_until(timeout, || {
-            let out = Command::new("redis-cli")
-                .args(["--cluster", "check", &format!("127.0.0.1:{port}")])
-                .stdin(Stdio::null())
-                .output()
-                .expect("spawn redis-cli --cluster check");
-            last = String::from_utf8_lossy(&out.stdout).to_string();
-            out.status.success() && !last.contains("[WARNING]") && !last.contains("[ERR]")
+            let ok;
+            (ok, last) = redis_cli(&["--cluster", "check", &format!("127.0.0.1:{port}")]);
+            ok && !last.contains("[WARNING]") && !last.contains("[ERR]")
         });
         assert!(ok, "the nodes never agreed:\n{last}");
     }
+}
+
+/// Runs `redis-cli` with `args`: whether it succeeded, and its stdout and stderr.
+fn redis_cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String) {
+    let out = Command::new("redis-cli")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn redis-cli");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
 }
 
 /// `master` or `slave`, from `ROLE` (empty when the node does not answer).
