@@ -20,8 +20,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::sinks::redis::RedisCon;
 use hmac::{Hmac, KeyInit, Mac};
-use redis::aio::ConnectionManager;
 use sha2::Sha256;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -73,8 +73,8 @@ struct Api {
     cfg: ApiConfig,
     spec: Spec,
     prefix: String,
-    redis: redis::Client,
-    con: tokio::sync::Mutex<Option<ConnectionManager>>,
+    redis: crate::sinks::redis::RedisClient,
+    con: tokio::sync::Mutex<Option<RedisCon>>,
     key: Option<Vec<u8>>,
     limiter: Mutex<Limiter>,
     page: redis::Script,
@@ -92,8 +92,8 @@ pub async fn serve(
         .redis
         .as_ref()
         .ok_or("the [api] endpoints need a [redis] section")?;
-    let redis =
-        crate::sinks::redis::client(&rc.url, rc.ca_file.as_deref()).map_err(|e| e.to_string())?;
+    let redis = crate::sinks::redis::client(rc.url.all(), rc.cluster, rc.ca_file.as_deref())
+        .map_err(|e| e.to_string())?;
     let key = match &ac.token_key_file {
         Some(p) => Some(read_key(p)?),
         None => None,
@@ -408,12 +408,12 @@ impl Api {
     }
 
     /// A connection (made on first use, kept).
-    async fn con(&self) -> Result<ConnectionManager, redis::RedisError> {
+    async fn con(&self) -> Result<RedisCon, redis::RedisError> {
         let mut g = self.con.lock().await;
         if let Some(c) = &*g {
             return Ok(c.clone());
         }
-        let c = tokio::time::timeout(REDIS_TIMEOUT, ConnectionManager::new(self.redis.clone()))
+        let c = tokio::time::timeout(REDIS_TIMEOUT, self.redis.open())
             .await
             .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "connect timed out")))??;
         *g = Some(c.clone());

@@ -108,9 +108,22 @@ enum Command {
 }
 
 fn init_logging(cli: &Cli) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // redis-rs' cluster client logs every reconnect attempt of a failover at WARN, many
+    // times a second; skusync logs its own retries once per backoff. Unless the filter
+    // names `redis` itself, only redis-rs' errors pass.
+    let quiet = |f: tracing_subscriber::EnvFilter, spec: &str| {
+        if spec.contains("redis") {
+            f
+        } else {
+            f.add_directive("redis=error".parse().expect("a valid directive"))
+        }
+    };
+    let filter = match tracing_subscriber::EnvFilter::try_from_default_env() {
+        Ok(f) => quiet(f, &std::env::var("RUST_LOG").unwrap_or_default()),
+        Err(_) => tracing_subscriber::EnvFilter::try_new(&cli.log)
+            .map(|f| quiet(f, &cli.log))
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,redis=error")),
+    };
     // Colour only for a terminal: log files and journald get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -156,8 +156,12 @@ pub enum PayloadFormat {
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://[user:password@]host:port/db` or `rediss://` for TLS. The password may
-    /// instead come from `SKUSYNC_REDIS_PASSWORD`.
-    pub url: String,
+    /// instead come from `SKUSYNC_REDIS_PASSWORD`. With `cluster = true`, one seed node of
+    /// the cluster or a list of them.
+    pub url: Urls,
+    /// `url` names a Redis Cluster (its seed nodes): SKU entries are applied per slot.
+    #[serde(default)]
+    pub cluster: bool,
     /// Key prefix: SKU hashes are `<prefix>:{<SKU>}` (see `sinks::layout`), the meta hash
     /// `<prefix>:meta`.
     #[serde(default = "default_name")]
@@ -182,7 +186,7 @@ pub struct MqttConfig {
     /// `mqtt://[user:password@]host:port` or `mqtts://` for TLS, or a list of them for
     /// failover (the first that answers is used). The password may instead come from
     /// `SKUSYNC_MQTT_PASSWORD`.
-    pub url: BrokerUrls,
+    pub url: Urls,
     /// MQTT client id (one active skusync per id).
     #[serde(default = "default_name")]
     pub client_id: String,
@@ -206,33 +210,34 @@ pub struct MqttConfig {
     pub format: PayloadFormat,
 }
 
-/// `mqtt.url`: one broker URL or a list (failover, in order). Dereferences to the first,
-/// which tools that talk to one broker (`check`, `verify`) use.
+/// `mqtt.url` and `redis.url`: one URL or a list (brokers for failover, in order; the seed
+/// nodes of a Redis Cluster). Dereferences to the first, which tools that talk to one
+/// broker (`check`, `verify`) use.
 #[derive(Clone, PartialEq, Eq)]
-pub struct BrokerUrls(Vec<String>);
+pub struct Urls(Vec<String>);
 
-impl BrokerUrls {
+impl Urls {
     /// Every URL, in order (at least one).
     pub fn all(&self) -> &[String] {
         &self.0
     }
 }
 
-impl From<String> for BrokerUrls {
-    fn from(s: String) -> BrokerUrls {
-        BrokerUrls(vec![s])
+impl From<String> for Urls {
+    fn from(s: String) -> Urls {
+        Urls(vec![s])
     }
 }
 
-impl std::ops::Deref for BrokerUrls {
+impl std::ops::Deref for Urls {
     type Target = str;
     fn deref(&self) -> &str {
         self.0.first().map_or("", String::as_str)
     }
 }
 
-impl<'de> Deserialize<'de> for BrokerUrls {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<BrokerUrls, D::Error> {
+impl<'de> Deserialize<'de> for Urls {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Urls, D::Error> {
         #[derive(Deserialize)]
         #[serde(untagged)]
         enum OneOrMany {
@@ -240,11 +245,11 @@ impl<'de> Deserialize<'de> for BrokerUrls {
             Many(Vec<String>),
         }
         match OneOrMany::deserialize(d)? {
-            OneOrMany::One(s) => Ok(BrokerUrls(vec![s])),
-            OneOrMany::Many(v) if v.is_empty() => Err(serde::de::Error::custom(
-                "a list of at least one broker URL",
-            )),
-            OneOrMany::Many(v) => Ok(BrokerUrls(v)),
+            OneOrMany::One(s) => Ok(Urls(vec![s])),
+            OneOrMany::Many(v) if v.is_empty() => {
+                Err(serde::de::Error::custom("a list of at least one URL"))
+            }
+            OneOrMany::Many(v) => Ok(Urls(v)),
         }
     }
 }
@@ -675,8 +680,10 @@ impl std::fmt::Debug for PostgresConfig {
 
 impl std::fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<String> = self.url.all().iter().map(|u| redact_url(u)).collect();
         f.debug_struct("RedisConfig")
-            .field("url", &redact_url(&self.url))
+            .field("url", &urls)
+            .field("cluster", &self.cluster)
             .field("prefix", &self.prefix)
             .field("max_changes_per_piece", &self.max_changes_per_piece)
             .field("max_batch_skus", &self.max_batch_skus)
@@ -842,7 +849,13 @@ impl Config {
         if let Some(r) = &mut self.redis
             && let Some(pw) = read_credential(dir, credential::REDIS_PASSWORD)?
         {
-            r.url = url_with_password(&r.url, &pw, "redis.url", credential::REDIS_PASSWORD)?;
+            let urls = r
+                .url
+                .all()
+                .iter()
+                .map(|u| url_with_password(u, &pw, "redis.url", credential::REDIS_PASSWORD))
+                .collect::<Result<Vec<_>, _>>()?;
+            r.url = Urls(urls);
         }
         if let Some(m) = &mut self.mqtt
             && let Some(pw) = read_credential(dir, credential::MQTT_PASSWORD)?
@@ -853,7 +866,7 @@ impl Config {
                 .iter()
                 .map(|u| url_with_password(u, &pw, "mqtt.url", credential::MQTT_PASSWORD))
                 .collect::<Result<Vec<_>, _>>()?;
-            m.url = BrokerUrls(urls);
+            m.url = Urls(urls);
         }
         self.user_key_credential = read_credential(dir, credential::USER_KEY)?;
         Ok(())
@@ -1159,8 +1172,23 @@ impl Config {
             }
         }
         if let Some(r) = &self.redis {
-            if !(r.url.starts_with("redis://") || r.url.starts_with("rediss://")) {
-                return err("redis.url: must start with redis:// or rediss://".into());
+            if let Some(u) = r
+                .url
+                .all()
+                .iter()
+                .find(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
+            {
+                return err(format!(
+                    "redis.url: {:?} must start with redis:// or rediss://",
+                    redact_url(u)
+                ));
+            }
+            if !r.cluster && r.url.all().len() > 1 {
+                return err(
+                    "redis.url: a list of URLs names the seed nodes of a Redis Cluster: \
+                     set redis.cluster = true, or give one URL"
+                        .into(),
+                );
             }
             if r.prefix.is_empty() || r.prefix.contains(['{', '}']) {
                 return err("redis.prefix: must be non-empty and contain no braces".into());
@@ -1801,7 +1829,7 @@ mod tests {
             "pg pw:@/%41"
         );
         let redis = c.redis.as_ref().unwrap();
-        let info = redis::IntoConnectionInfo::into_connection_info(redis.url.as_str()).unwrap();
+        let info = redis::IntoConnectionInfo::into_connection_info(&*redis.url).unwrap();
         assert_eq!(info.redis_settings().password(), Some("r pw:@/%41"));
         let broker = crate::sinks::mqtt::parse_url(&c.mqtt.as_ref().unwrap().url, None).unwrap();
         assert_eq!(broker.password.as_deref(), Some("m pw:@/%41"));

@@ -109,7 +109,7 @@ pub struct Daemon {
     cfg: Config,
     mapping: Arc<Mapping>,
     pgc: PgConnectConfig,
-    redis: redis::Client,
+    redis: crate::sinks::redis::RedisClient,
     settings: ApplySettings,
     max_changes: u64,
     max_batch_skus: usize,
@@ -210,7 +210,7 @@ impl Daemon {
             .clone()
             .ok_or_else(|| DaemonError::Definite("`run` needs a [redis] section".into()))?;
         let pgc = cfg.pg_connect().map_err(|e| DaemonError::Definite(e.0))?;
-        let redis = rsink::client(&rc.url, rc.ca_file.as_deref())
+        let redis = rsink::client(rc.url.all(), rc.cluster, rc.ca_file.as_deref())
             .map_err(|e| DaemonError::Definite(e.to_string()))?;
         let gate = Arc::new(AtomicU64::new(0));
         let settings = ApplySettings {
@@ -225,6 +225,7 @@ impl Daemon {
             fence: rsink::WriterFence {
                 token: Default::default(),
                 floor: gate.clone(),
+                slots: Default::default(),
             },
         };
         let max_changes = if mapping.hops.is_empty() {
@@ -324,7 +325,7 @@ impl Daemon {
     /// from Redis, whose writes after a new holder's claim are refused by Redis.
     async fn ensure_lease(
         &mut self,
-        con: &mut redis::aio::ConnectionManager,
+        con: &mut crate::sinks::redis::RedisCon,
         shutdown: &CancellationToken,
     ) -> Result<bool, DaemonError> {
         let key = writer_lock_key(&self.cfg.postgres.slot);
@@ -455,7 +456,7 @@ impl Daemon {
             self.preflight().await?;
         }
         let mut con = rsink::connect(&self.redis).await?;
-        rsink::refuse_cluster(&mut con).await?;
+        rsink::check_topology(&mut con).await?;
         if !self.ensure_lease(&mut con, shutdown).await? {
             return Ok(Cycle::Shutdown);
         }
@@ -564,7 +565,7 @@ impl Daemon {
     /// Rebuild Redis from a temporary slot's snapshot, then move the main slot to it.
     async fn resync(
         &mut self,
-        con: &mut redis::aio::ConnectionManager,
+        con: &mut crate::sinks::redis::RedisCon,
         client: &tokio_postgres::Client,
         slot: &str,
     ) -> Result<(), DaemonError> {
@@ -605,7 +606,7 @@ impl Daemon {
     /// Reset Redis and load a snapshot at `at` (shared by bootstrap and resync).
     async fn load(
         &self,
-        con: &mut redis::aio::ConnectionManager,
+        con: &mut crate::sinks::redis::RedisCon,
         snapshot: &str,
         at: Lsn,
         system: Option<&crate::pg::SystemInfo>,
@@ -626,7 +627,7 @@ impl Daemon {
 
     async fn stream(
         &mut self,
-        con: redis::aio::ConnectionManager,
+        con: crate::sinks::redis::RedisCon,
         bootstrap: bool,
         shutdown: &CancellationToken,
     ) -> Result<Cycle, DaemonError> {
@@ -709,7 +710,7 @@ impl Daemon {
         }
     }
 
-    async fn start_mqtt(&mut self, con: redis::aio::ConnectionManager) -> Result<(), DaemonError> {
+    async fn start_mqtt(&mut self, con: crate::sinks::redis::RedisCon) -> Result<(), DaemonError> {
         if self.mqtt.is_some() {
             return Ok(());
         }
@@ -813,7 +814,7 @@ fn earlier_layout(found: Option<&str>) -> String {
 
 /// Mark Redis stale, so the restarted pipeline rebuilds it from a fresh snapshot.
 async fn rebuild_next(
-    con: &mut redis::aio::ConnectionManager,
+    con: &mut crate::sinks::redis::RedisCon,
     prefix: &str,
     token: u64,
     why: String,
@@ -840,7 +841,7 @@ async fn load_snapshot(
     mapping: &Arc<Mapping>,
     settings: &ApplySettings,
     max_changes: u64,
-    mut con: redis::aio::ConnectionManager,
+    mut con: crate::sinks::redis::RedisCon,
     snapshot: &str,
     at: Lsn,
     system: Option<&crate::pg::SystemInfo>,
@@ -850,6 +851,8 @@ async fn load_snapshot(
     let started = std::time::Instant::now();
     telemetry::role(Role::Resyncing);
     let token = settings.fence.token();
+    // the slots' meta copies start over (reset_all): so do this writer's floors for them
+    settings.fence.slots.clear();
     rsink::write_meta(
         &mut con,
         prefix,
@@ -949,8 +952,8 @@ async fn poll_slot_lag(pgc: PgConnectConfig, slot: String) {
 }
 
 /// PING Redis every 2 s so `/readyz` sees an outage even while no data flows.
-async fn probe_redis(redis: redis::Client) {
-    let mut con: Option<redis::aio::ConnectionManager> = None;
+async fn probe_redis(redis: crate::sinks::redis::RedisClient) {
+    let mut con: Option<crate::sinks::redis::RedisCon> = None;
     let mut t = tokio::time::interval(Duration::from_secs(2));
     loop {
         t.tick().await;

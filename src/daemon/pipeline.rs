@@ -226,7 +226,7 @@ impl Daemon {
     /// restart the pipeline, saying why.
     async fn rebuild(
         &self,
-        con: &mut redis::aio::ConnectionManager,
+        con: &mut crate::sinks::redis::RedisCon,
         why: String,
     ) -> Result<Cycle, DaemonError> {
         rebuild_next(con, self.prefix(), self.settings.fence.token(), why).await
@@ -534,6 +534,15 @@ impl Daemon {
                 && let Some(c) = self.check_writer_view(&v)
             {
                 return Ok(Some(c));
+            }
+            // a cluster slot that lost its last writes and is not written again
+            if let Ok(Some(e)) = applier.clone().check_slots().await {
+                return Ok(Some(match e {
+                    RedisSinkError::NoMeta => Cycle::Restart(
+                        "a Redis Cluster node lost its data (a slot's meta copy is missing)".into(),
+                    ),
+                    e => self.writer_lost(e),
+                }));
             }
         }
         if connected && partitions_checked.elapsed() >= PARTITION_CHECK {

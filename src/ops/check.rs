@@ -779,15 +779,16 @@ async fn check_redis<W: Write>(cfg: &Config, r: &mut Report<W>) {
         );
         return;
     };
-    let client = match crate::sinks::redis::client(&rc.url, rc.ca_file.as_deref()) {
+    let client = match crate::sinks::redis::client(rc.url.all(), rc.cluster, rc.ca_file.as_deref())
+    {
         Ok(c) => c,
         Err(e) => {
             r.fail("redis connection", &strip_redis_prefix(&e.to_string()), &[]);
             return;
         }
     };
-    let info = client.get_connection_info();
-    if let redis::ConnectionAddr::Tcp(host, _) = info.addr()
+    if let Ok(info) = redis::IntoConnectionInfo::into_connection_info(&*rc.url)
+        && let redis::ConnectionAddr::Tcp(host, _) = info.addr()
         && let Some(problem) =
             cleartext_credentials(false, info.redis_settings().password().is_some(), host)
     {
@@ -802,18 +803,24 @@ async fn check_redis<W: Write>(cfg: &Config, r: &mut Report<W>) {
     }
     let con = tokio::time::timeout(
         super::CONNECT_TIMEOUT,
-        client.get_multiplexed_async_connection(),
+        crate::sinks::redis::connect(&client),
     )
     .await;
     let mut con = match con {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            let fix = if e.to_string().contains("WRONGPASS") || e.to_string().contains("NOAUTH") {
+            let e = strip_redis_prefix(&e.to_string());
+            let fix = if e.contains("WRONGPASS") || e.contains("NOAUTH") {
                 vec!["set the password in redis.url or SKUSYNC_REDIS_PASSWORD".into()]
             } else {
                 vec![]
             };
-            r.fail("redis connection", &format!("redis.url: {e}"), &fix);
+            let e = if e.starts_with("redis.") {
+                e
+            } else {
+                format!("redis.url: {e}")
+            };
+            r.fail("redis connection", &e, &fix);
             return;
         }
         Err(_) => {
@@ -835,21 +842,39 @@ async fn check_redis<W: Write>(cfg: &Config, r: &mut Report<W>) {
             return;
         }
     }
-    if let Err(crate::sinks::redis::RedisSinkError::Definite(why)) =
-        crate::sinks::redis::refuse_cluster(&mut con).await
-    {
-        r.fail("redis mode", &why, &[]);
-        return;
+    match crate::sinks::redis::check_topology(&mut con).await {
+        Ok(()) if con.is_cluster() => r.ok("redis cluster: every slot served"),
+        Ok(()) => {}
+        Err(e) => {
+            r.fail("redis mode", &strip_redis_prefix(&e.to_string()), &[]);
+            return;
+        }
     }
+    // every primary of a cluster is asked; the first that differs is reported
+    let nodes: Vec<Option<(String, u16)>> = match con.primaries().await {
+        Ok(p) if !p.is_empty() => p.into_iter().map(Some).collect(),
+        _ => vec![None],
+    };
     let config_get = |key: &'static str| {
         let mut con = con.clone();
+        let nodes = nodes.clone();
         async move {
-            redis::cmd("CONFIG")
-                .arg("GET")
-                .arg(key)
-                .query_async::<Vec<String>>(&mut con)
-                .await
-                .map(|v| v.get(1).cloned().unwrap_or_default())
+            let mut first: Option<String> = None;
+            for n in &nodes {
+                let v = con
+                    .on_node::<Vec<String>>(
+                        n.as_ref(),
+                        redis::cmd("CONFIG").arg("GET").arg(key).to_owned(),
+                    )
+                    .await
+                    .map(|v| v.get(1).cloned().unwrap_or_default())?;
+                match &first {
+                    Some(f) if *f != v => return Ok(v),
+                    None => first = Some(v),
+                    _ => {}
+                }
+            }
+            Ok::<String, redis::RedisError>(first.unwrap_or_default())
         }
     };
     match config_get("maxmemory-policy").await {

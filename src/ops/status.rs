@@ -99,7 +99,7 @@ pub async fn gather(cfg: &Config, max_lag_bytes: u64) -> Result<Status, String> 
         }
     }
     if let Some(rc) = &cfg.redis {
-        match read_meta(&rc.url, rc.ca_file.as_deref(), &rc.prefix).await {
+        match read_meta(rc).await {
             Ok(m) => {
                 st.applied_lsn = m
                     .get("applied_lsn")
@@ -118,19 +118,14 @@ pub async fn gather(cfg: &Config, max_lag_bytes: u64) -> Result<Status, String> 
     Ok(st)
 }
 
-async fn read_meta(
-    url: &str,
-    ca: Option<&std::path::Path>,
-    prefix: &str,
-) -> Result<HashMap<String, String>, String> {
-    let client = crate::sinks::redis::client(url, ca).map_err(|e| e.to_string())?;
-    let mut con = tokio::time::timeout(
-        super::CONNECT_TIMEOUT,
-        client.get_multiplexed_async_connection(),
-    )
-    .await
-    .map_err(|_| "redis.url: no connection".to_string())?
-    .map_err(|e| format!("redis.url: {e}"))?;
+async fn read_meta(rc: &crate::config::RedisConfig) -> Result<HashMap<String, String>, String> {
+    let prefix = &rc.prefix;
+    let client = crate::sinks::redis::client(rc.url.all(), rc.cluster, rc.ca_file.as_deref())
+        .map_err(|e| e.to_string())?;
+    let mut con = tokio::time::timeout(super::CONNECT_TIMEOUT, client.open())
+        .await
+        .map_err(|_| "redis.url: no connection".to_string())?
+        .map_err(|e| format!("redis.url: {e}"))?;
     redis::cmd("HGETALL")
         .arg(layout::meta_key(prefix))
         .query_async(&mut con)

@@ -33,8 +33,8 @@ use crate::lsn::Lsn;
 use crate::secret::log_value;
 use crate::sinks::layout;
 use crate::sinks::redis as rsink;
+use crate::sinks::redis::RedisCon;
 use crate::units;
-use redis::aio::ConnectionManager;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
@@ -124,7 +124,8 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, String> {
         return Err("--mqtt: the config has no [mqtt] section".into());
     }
     let (client, _) = super::pg_client(cfg).await?;
-    let rclient = rsink::client(&rc.url, rc.ca_file.as_deref()).map_err(|e| e.to_string())?;
+    let rclient = rsink::client(rc.url.all(), rc.cluster, rc.ca_file.as_deref())
+        .map_err(|e| e.to_string())?;
     let mut con = rsink::connect(&rclient)
         .await
         .map_err(|e| format!("redis.url: {e}"))?;
@@ -147,7 +148,7 @@ async fn verify_once(
     cfg: &Config,
     opts: &Options,
     client: &Client,
-    con: &mut ConnectionManager,
+    con: &mut RedisCon,
 ) -> Result<Report, String> {
     let mut report = verify_redis(cfg, opts, client, con).await?;
     if let Some(mc) = cfg.mqtt.as_ref().filter(|_| opts.mqtt) {
@@ -554,7 +555,7 @@ async fn sql_truth(
 
 type Hash = HashMap<String, String>;
 
-async fn read_meta(con: &mut ConnectionManager, prefix: &str) -> Result<Hash, String> {
+async fn read_meta(con: &mut RedisCon, prefix: &str) -> Result<Hash, String> {
     redis::cmd("HGETALL")
         .arg(layout::meta_key(prefix))
         .query_async(con)
@@ -567,7 +568,7 @@ async fn read_meta(con: &mut ConnectionManager, prefix: &str) -> Result<Hash, St
 async fn wait_applied(
     cfg: &Config,
     client: &Client,
-    con: &mut ConnectionManager,
+    con: &mut RedisCon,
     prefix: &str,
     lsn: Lsn,
     wait: Duration,
@@ -623,7 +624,7 @@ async fn wait_applied(
 
 /// The hashes of `skus` (absent ones left out), pipelined.
 async fn read_hashes(
-    con: &mut ConnectionManager,
+    con: &mut RedisCon,
     prefix: &str,
     skus: &[String],
 ) -> Result<BTreeMap<String, Hash>, String> {
@@ -746,7 +747,7 @@ async fn verify_redis(
     cfg: &Config,
     opts: &Options,
     client: &Client,
-    con: &mut ConnectionManager,
+    con: &mut RedisCon,
 ) -> Result<Report, String> {
     let prefix = cfg.redis.as_ref().map(|r| r.prefix.as_str()).unwrap_or("");
     let counters = counters(cfg);
@@ -816,7 +817,7 @@ async fn verify_redis(
 // ---------------------------------------------------------------------------------------
 // --repair
 
-async fn request_rebuild(con: &mut ConnectionManager, prefix: &str) -> Result<(), String> {
+async fn request_rebuild(con: &mut RedisCon, prefix: &str) -> Result<(), String> {
     let meta = layout::meta_key(prefix);
     // only an existing meta hash: creating one would make it look bootstrapped
     let set: i64 = redis::Script::new(
@@ -834,11 +835,7 @@ async fn request_rebuild(con: &mut ConnectionManager, prefix: &str) -> Result<()
     }
 }
 
-async fn wait_rebuilt(
-    con: &mut ConnectionManager,
-    prefix: &str,
-    wait: Duration,
-) -> Result<(), String> {
+async fn wait_rebuilt(con: &mut RedisCon, prefix: &str, wait: Duration) -> Result<(), String> {
     let start = Instant::now();
     loop {
         let meta = read_meta(con, prefix).await?;
@@ -1090,7 +1087,7 @@ async fn verify_mqtt(
     cfg: &Config,
     mc: &MqttConfig,
     prefix: &str,
-    con: &mut ConnectionManager,
+    con: &mut RedisCon,
     rounds: u32,
 ) -> Result<(usize, Vec<Finding>, Vec<String>), String> {
     let (client, inbox) = subscribe(mc).await?;

@@ -147,6 +147,55 @@ pub fn meta_key(prefix: &str) -> String {
     format!("{prefix}:meta")
 }
 
+/// Slots of a Redis Cluster.
+pub const SLOTS: usize = 16384;
+
+/// The cluster slot of a key: CRC16 (XMODEM) of its hash tag (the text between its first
+/// `{` and the next `}`, when not empty), else of the whole key; as Redis computes it.
+pub fn slot_of(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &key[open + 1..];
+        let close = rest.iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(key)) % SLOTS as u16
+}
+
+/// A Redis Cluster slot's copy of the meta hash's fence (`writer`, `applied_lsn`):
+/// `<prefix>:meta:{<t>}` with `t` the shortest decimal number that hashes to `slot`, so an
+/// apply call names keys of one slot only. Only a cluster has them.
+pub fn slot_meta_key(prefix: &str, slot: u16) -> String {
+    format!("{prefix}:meta:{{{}}}", slot_tag(slot))
+}
+
+/// SCAN MATCH pattern of every slot's meta copy.
+pub fn slot_meta_pattern(prefix: &str) -> String {
+    format!("{}:meta:{{*}}", glob_escape(prefix))
+}
+
+/// The shortest decimal number (as text) whose CRC16 puts a hash tag in `slot`.
+pub fn slot_tag(slot: u16) -> &'static str {
+    static TAGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        let n = SLOTS;
+        let mut tags = vec![String::new(); n];
+        let mut left = n;
+        let mut i: u64 = 0;
+        // every slot is reached well below 10^6 (checked by a test)
+        while left > 0 {
+            let t = i.to_string();
+            let s = slot_of(t.as_bytes()) as usize;
+            if tags[s].is_empty() {
+                tags[s] = t;
+                left -= 1;
+            }
+            i += 1;
+        }
+        tags
+    });
+    &tags[slot as usize % tags.len()]
+}
+
 /// Key of the change index: a sorted set of SKU hash keys scored by the commit LSN of
 /// their last change (the clients' catch-up, `/v1/changes`). Written by the apply script.
 pub fn changes_key(prefix: &str) -> String {
@@ -520,6 +569,26 @@ pub fn window_sum<'a>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn slots_follow_the_hash_tag_as_redis_does() {
+        // values from `CLUSTER KEYSLOT` on Redis 7.0
+        assert_eq!(slot_of(b"foo"), 12182);
+        assert_eq!(slot_of(b"{user1000}.following"), slot_of(b"user1000"));
+        assert_eq!(slot_of(b"foo{}{bar}"), slot_of(b"foo{}{bar}")); // empty tag: whole key
+        assert_ne!(slot_of(b"foo{}{bar}"), slot_of(b"bar"));
+        assert_eq!(slot_of(b"foo{{bar}}zap"), slot_of(b"{bar"));
+        // the CRC16-XMODEM check value, below 16384 already
+        assert_eq!(slot_of(b"123456789"), 0x31C3);
+    }
+
+    #[test]
+    fn every_slot_has_a_meta_copy_in_that_slot() {
+        for s in 0..SLOTS as u16 {
+            let k = slot_meta_key("skusync", s);
+            assert_eq!(slot_of(k.as_bytes()), s, "{k}");
+        }
+    }
+
     use super::*;
 
     #[test]

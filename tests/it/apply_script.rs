@@ -121,12 +121,7 @@ fn normalize(v: &str) -> String {
 }
 
 /// Every pending alert's `seq` names an entry of the alert history with its type and LSN.
-async fn assert_alerts_in_history(
-    con: &mut redis::aio::ConnectionManager,
-    prefix: &str,
-    sku: &str,
-    raw: &str,
-) {
+async fn assert_alerts_in_history(con: &mut rsink::RedisCon, prefix: &str, sku: &str, raw: &str) {
     let items: Vec<serde_json::Value> = serde_json::from_str(raw).unwrap();
     for a in items {
         let seq = a["seq"]
@@ -151,7 +146,7 @@ async fn assert_alerts_in_history(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lua_apply_script_matches_the_model_on_random_pieces() {
     let redis = RedisServer::start();
-    let client = rsink::client(&redis.url(), None).unwrap();
+    let client = rsink::client(&[redis.url()], false, None).unwrap();
     let con = rsink::connect(&client).await.unwrap();
     let settings = ApplySettings {
         scale: 0,
@@ -305,7 +300,7 @@ async fn lua_apply_script_matches_the_model_on_random_pieces() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_merged_entry_straddling_the_fence_is_refused_and_writes_nothing() {
     let redis = RedisServer::start();
-    let client = rsink::client(&redis.url(), None).unwrap();
+    let client = rsink::client(&[redis.url()], false, None).unwrap();
     let con = rsink::connect(&client).await.unwrap();
     let settings = ApplySettings {
         scale: 0,
@@ -350,7 +345,7 @@ async fn a_merged_entry_straddling_the_fence_is_refused_and_writes_nothing() {
         .apply_pieces(std::slice::from_ref(&p100), Some(Lsn(101)), false)
         .await
         .unwrap();
-    let dump = |mut c: redis::aio::ConnectionManager| async move {
+    let dump = |mut c: rsink::RedisCon| async move {
         let mut all = BTreeMap::new();
         for sku in SKUS.iter().chain(["B"].iter()) {
             let h: HashMap<String, String> = redis::cmd("HGETALL")
@@ -390,8 +385,8 @@ async fn a_merged_entry_straddling_the_fence_is_refused_and_writes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_marks_move_forward_and_never_recreate_a_hash() {
     let redis = RedisServer::start();
-    let client = rsink::client(&redis.url(), None).unwrap();
-    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let client = rsink::client(&[redis.url()], false, None).unwrap();
+    let mut con = client.open().await.unwrap();
     let mark = |keys: &[&str], args: &[(&str, &str)]| {
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(skusync::sinks::mqtt::MARK_PUBLISHED)

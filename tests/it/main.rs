@@ -5,6 +5,7 @@ mod api;
 mod apply_script;
 mod architecture;
 mod chaos;
+mod cluster;
 mod config_reference;
 mod decimals;
 mod docs_commands;

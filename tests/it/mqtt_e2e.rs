@@ -69,6 +69,11 @@ fn as_i64(v: Option<&String>) -> i64 {
 /// Differences between the retained messages and the Redis hashes.
 pub async fn retained_mismatches(rig: &mut Rig, broker: &MosquittoServer) -> Vec<String> {
     let state = rig.oracle.redis_state(&mut rig.con).await;
+    retained_differences(&state, broker)
+}
+
+/// Differences between the retained messages and a Redis state (every SKU hash).
+pub fn retained_differences(state: &RedisState, broker: &MosquittoServer) -> Vec<String> {
     let mut out = Vec::new();
     let mut retained: BTreeMap<String, serde_json::Value> = BTreeMap::new();
     // An empty payload clears a retained message; anything else must decode, or it is a
@@ -91,7 +96,7 @@ pub async fn retained_mismatches(rig: &mut Rig, broker: &MosquittoServer) -> Vec
             )),
         }
     }
-    for (sku, h) in &state {
+    for (sku, h) in state {
         let gone = crate::oracle::redis_says_gone(h);
         match (retained.get(sku), gone) {
             (None, true) => {}

@@ -7,10 +7,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
 use serde_json::{Value, json};
 use skusync::config::MqttConfig;
 use skusync::sinks::mqtt::{self, CounterSpec, MqttError, MqttHandle, PublisherConfig};
+use skusync::sinks::redis::RedisCon as ConnectionManager;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -49,11 +49,13 @@ fn publisher_config(mqtt: MqttConfig) -> PublisherConfig {
 }
 
 async fn redis(r: &RedisServer) -> ConnectionManager {
-    redis::Client::open(r.url())
-        .expect("redis url")
-        .get_connection_manager()
-        .await
-        .expect("redis connect")
+    ConnectionManager::Single(
+        redis::Client::open(r.url())
+            .expect("redis url")
+            .get_connection_manager()
+            .await
+            .expect("redis connect"),
+    )
 }
 
 struct Running {

@@ -199,7 +199,10 @@ pub async fn redis_connect(url: &str) -> MultiplexedConnection {
 }
 
 /// `HGETALL key` as strings (lossy); empty when the key is absent.
-pub async fn hgetall(con: &mut MultiplexedConnection, key: &str) -> BTreeMap<String, String> {
+pub async fn hgetall(
+    con: &mut impl redis::aio::ConnectionLike,
+    key: &str,
+) -> BTreeMap<String, String> {
     let pairs: Vec<(Vec<u8>, Vec<u8>)> = redis::cmd("HGETALL")
         .arg(key)
         .query_async(con)
@@ -217,7 +220,11 @@ pub async fn hgetall(con: &mut MultiplexedConnection, key: &str) -> BTreeMap<Str
 }
 
 /// `HGET key field`.
-pub async fn hget(con: &mut MultiplexedConnection, key: &str, field: &str) -> Option<String> {
+pub async fn hget(
+    con: &mut impl redis::aio::ConnectionLike,
+    key: &str,
+    field: &str,
+) -> Option<String> {
     redis::cmd("HGET")
         .arg(key)
         .arg(field)
@@ -576,7 +583,10 @@ impl Oracle {
     }
 
     /// The meta hash checks: `bootstrap` = `done`, `applied_lsn` a u64.
-    pub async fn meta_mismatches(&self, con: &mut MultiplexedConnection) -> Vec<Mismatch> {
+    pub async fn meta_mismatches(
+        &self,
+        con: &mut impl redis::aio::ConnectionLike,
+    ) -> Vec<Mismatch> {
         let meta = hgetall(con, &skusync::sinks::layout::meta_key(&self.prefix)).await;
         let mut out = Vec::new();
         if meta.get("bootstrap").map(String::as_str) != Some("done") {

@@ -426,7 +426,7 @@ pub fn alert_topic(prefix: &str, sku: &str) -> String {
 /// to a few seconds and publishing `offline`) or on a definite error.
 pub async fn spawn(
     cfg: PublisherConfig,
-    redis: redis::aio::ConnectionManager,
+    redis: crate::sinks::redis::RedisCon,
     shutdown: CancellationToken,
 ) -> Result<(MqttHandle, tokio::task::JoinHandle<Result<(), MqttError>>), MqttError> {
     let env_pw = std::env::var(PASSWORD_ENV).ok();

@@ -4,11 +4,14 @@
 -- change index (sorted set: SKU hash key -> commit LSN of its last change, for the
 -- clients' catch-up, `/v1/changes`); KEYS[n] = the alert history (stream). A SKU's
 -- distinct-user keys are its hash key plus ':u:...' (same hash tag, see sinks/layout.rs).
+-- On a Redis Cluster (cluster = '1') every key of a call is in one slot: KEYS[1] is that
+-- slot's copy of the meta hash (writer, applied_lsn), KEYS[2..n] the SKU hashes, and the
+-- change index and alert history (other slots) are written by the caller from the reply.
 -- ARGV is one flat list of strings, read front to back (no JSON: in Redis' Lua every
 -- decoded value is a new string or table, which cost more than everything else):
 --   keep, low, quiet ('1'|'0'), end LSN ('' for none), writer token ('' unfenced),
 --   floor LSN ('' unchecked), scale, alert history count, alert history age (ms),
---   ncounters, counter..., entry...
+--   cluster ('1'|'0'), ncounters, counter..., entry...
 --     scale: quantities (stock values, counters, buckets, low and thresholds) travel as
 --     integers in units of 10^-scale and are stored in the hash as decimals ('12.5');
 --     with scale 0 (no [[inventory]]/[[activity]] `scale`) they are whole numbers.
@@ -46,11 +49,15 @@ local batch_end = ARGV[4]
 local writer, floor = ARGV[5], ARGV[6]
 local scale = tonumber(ARGV[7])
 local history, history_ms = ARGV[8], tonumber(ARGV[9])
-local ncounters = tonumber(ARGV[10])
+local cluster = ARGV[10] == '1'
+local ncounters = tonumber(ARGV[11])
 local counters = {}
-for i = 1, ncounters do counters[i] = ARGV[10 + i] end
-local first_entry = 11 + ncounters
+for i = 1, ncounters do counters[i] = ARGV[11 + i] end
+local first_entry = 12 + ncounters
 local changes_key, alerts_key = KEYS[#KEYS - 1], KEYS[#KEYS]
+-- cluster: alerts raised, for the caller to add to the history (key, type, available,
+-- threshold, lsn, ts per alert)
+local raised = {}
 local nargv = #ARGV
 
 -- Integers as Redis wants them (Lua would print -0 or 1e+15).
@@ -334,10 +341,16 @@ local function evaluate(key, h, has_stock, avail, lsn, ms, dl)
     if scale > 0 then av, th = dec(avail), dec(thr) end
     -- The history (a stream: its ids order alerts for `/v1/alerts?since=` and webhooks)
     -- gets the alert exactly once, like the hash: the entry is fenced with it.
-    local seq = redis.call('XADD', alerts_key, 'MAXLEN', '~', history, '*', 'key', key,
-      'type', kind, 'available', scale > 0 and av or int(av),
-      'threshold', scale > 0 and th or int(th), 'lsn', lsn,
-      'ts', tostring(ms))
+    local avs, ths = scale > 0 and av or int(av), scale > 0 and th or int(th)
+    local seq
+    if cluster then
+      local n = #raised
+      raised[n + 1] = key; raised[n + 2] = kind; raised[n + 3] = avs; raised[n + 4] = ths
+      raised[n + 5] = lsn; raised[n + 6] = tostring(ms)
+    else
+      seq = redis.call('XADD', alerts_key, 'MAXLEN', '~', history, '*', 'key', key,
+        'type', kind, 'available', avs, 'threshold', ths, 'lsn', lsn, 'ts', tostring(ms))
+    end
     list[#list + 1] = {type = kind, available = av, threshold = th, lsn = lsn, ts = tonumber(ms),
       seq = seq}
     if #list > 50 then table.remove(list, 1) end
@@ -634,20 +647,26 @@ for _, ki in ipairs(order) do
   local h = hs[ki]
   if h.written then
     write(KEYS[ki], h)
+  end
+  -- cluster: every fenced hash is reported, written now or by an earlier call whose
+  -- caller crashed before indexing it (its replay is skipped here)
+  if h.written or (cluster and h.lsn) then
     changed_list[#changed_list + 1] = h.lsn
     changed_list[#changed_list + 1] = KEYS[ki]
   end
 end
-local ci = 1
-while ci <= #changed_list do
-  local cj = math.min(#changed_list, ci + CHUNK - 1)
-  redis.call('ZADD', changes_key, 'GT', unpack(changed_list, ci, cj))
-  ci = cj + 1
-end
-if alerts_raised > 0 and history_ms > 0 then
-  local t = redis.call('TIME')
-  local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - history_ms
-  if cutoff > 0 then redis.call('XTRIM', alerts_key, 'MINID', '~', string.format('%d', cutoff)) end
+if not cluster then
+  local ci = 1
+  while ci <= #changed_list do
+    local cj = math.min(#changed_list, ci + CHUNK - 1)
+    redis.call('ZADD', changes_key, 'GT', unpack(changed_list, ci, cj))
+    ci = cj + 1
+  end
+  if alerts_raised > 0 and history_ms > 0 then
+    local t = redis.call('TIME')
+    local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - history_ms
+    if cutoff > 0 then redis.call('XTRIM', alerts_key, 'MINID', '~', string.format('%d', cutoff)) end
+  end
 end
 
 if batch_end ~= '' then
@@ -657,4 +676,7 @@ if batch_end ~= '' then
   end
 end
 
+if cluster then
+  return {applied, skipped, alerts_raised, changed_list, raised}
+end
 return {applied, skipped, alerts_raised}

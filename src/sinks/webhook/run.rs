@@ -4,9 +4,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::sinks::redis::RedisCon;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -49,8 +49,8 @@ pub fn spawn(
         .redis
         .as_ref()
         .ok_or("[[webhook]] needs a [redis] section")?;
-    let redis =
-        crate::sinks::redis::client(&rc.url, rc.ca_file.as_deref()).map_err(|e| e.to_string())?;
+    let redis = crate::sinks::redis::client(rc.url.all(), rc.cluster, rc.ca_file.as_deref())
+        .map_err(|e| e.to_string())?;
     metrics::describe_counter!(
         "skusync_webhook_deliveries_total",
         "Webhook attempts by result: delivered, failed (retried) or dropped (retry budget spent)."
@@ -106,7 +106,7 @@ struct Task {
     cfg: WebhookConfig,
     secret: Arc<Vec<u8>>,
     http: reqwest::Client,
-    redis: redis::Client,
+    redis: crate::sinks::redis::RedisClient,
     prefix: String,
     scale: u32,
 }
@@ -164,7 +164,7 @@ impl Task {
     /// Deliver until shutdown (`Ok`) or the role is lost (`Ok` after a pause: the loop
     /// above waits), or Redis fails (`Err`).
     async fn deliver(&self, shutdown: &CancellationToken) -> Result<(), redis::RedisError> {
-        let mut con = ConnectionManager::new(self.redis.clone()).await?;
+        let mut con = self.redis.open().await?;
         let key = layout::webhook_key(&self.prefix, &self.cfg.name);
         let alerts = layout::alerts_key(&self.prefix);
         let cursor = redis::cmd("HGET")
@@ -220,7 +220,7 @@ impl Task {
 
     /// Sets the cursor of a webhook that has none to the history's last id.
     async fn init_cursor(&self) -> Result<(), redis::RedisError> {
-        let mut con = ConnectionManager::new(self.redis.clone()).await?;
+        let mut con = self.redis.open().await?;
         let key = layout::webhook_key(&self.prefix, &self.cfg.name);
         let last: Vec<(String, HashMap<String, String>)> = redis::cmd("XREVRANGE")
             .arg(layout::alerts_key(&self.prefix))
@@ -248,7 +248,7 @@ impl Task {
 
     async fn read(
         &self,
-        con: &mut ConnectionManager,
+        con: &mut RedisCon,
         alerts: &str,
         q: &mut Queue,
         trimmed_seen: &mut StreamId,
@@ -379,7 +379,7 @@ impl Task {
 
     async fn store_cursor(
         &self,
-        con: &mut ConnectionManager,
+        con: &mut RedisCon,
         key: &str,
         c: StreamId,
     ) -> Result<(), redis::RedisError> {

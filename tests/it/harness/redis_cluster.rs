@@ -13,7 +13,7 @@ pub struct RedisCluster {
     /// Every node, primaries and replicas, in start order. Roles change with failovers:
     /// ask [`primaries`](Self::primaries) and [`replica_of`](Self::replica_of).
     pub nodes: Vec<RedisServer>,
-    /// Nodes that were SIGKILLed (skipped by every query).
+    /// Nodes that were SIGKILLed or are frozen (skipped by every query).
     down: Vec<bool>,
 }
 
@@ -160,6 +160,38 @@ impl RedisCluster {
                 self.nodes[r].log_tail()
             );
         }
+        self.wait_ok(Duration::from_secs(30));
+    }
+
+    /// SIGSTOP the replica of `primary` and cut its replication link, so it gets none of
+    /// the writes from now on (what was already sent reaches it on waking); returns it.
+    pub fn freeze_replica(&mut self, primary: usize) -> usize {
+        let r = self.replica_of(primary).expect("freeze_replica: a replica");
+        self.nodes[r].pause();
+        self.nodes[primary].cli(&["CLIENT", "KILL", "TYPE", "replica"]);
+        // skipped by every query meanwhile: a frozen node never answers
+        self.down[r] = true;
+        r
+    }
+
+    /// The failover that loses writes: SIGKILL `primary`, wake its frozen `replica` and
+    /// make it take over (`CLUSTER FAILOVER TAKEOVER`, no agreement needed) with the
+    /// data it had when frozen; returns once the cluster serves every slot again.
+    pub fn kill9_and_promote_stale_replica(&mut self, primary: usize, replica: usize) {
+        self.nodes[primary].kill9();
+        self.down[primary] = true;
+        self.nodes[replica].resume();
+        self.down[replica] = false;
+        let promoted = wait_until(Duration::from_secs(30), || {
+            let _ = self.nodes[replica].try_cli(&["CLUSTER", "FAILOVER", "TAKEOVER"]);
+            std::thread::sleep(Duration::from_millis(300));
+            role(&self.nodes[replica]) == "master"
+        });
+        assert!(
+            promoted,
+            "replica {replica} did not take over:\n{}",
+            self.nodes[replica].log_tail()
+        );
         self.wait_ok(Duration::from_secs(30));
     }
 

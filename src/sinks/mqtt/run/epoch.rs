@@ -46,6 +46,8 @@ pub(super) const SWEEP_MAX: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub(super) struct Scan {
     pub(super) cursor: u64,
+    /// The cluster primary being scanned (0 on a standalone Redis).
+    pub(super) node: usize,
     pub(super) force: bool,
     /// Also republish SKUs whose `pub_seq` is at least this (the broker's epoch sequence).
     pub(super) from_seq: Option<u64>,
@@ -230,6 +232,7 @@ impl Task {
             // SKUs acknowledged in epoch `broker_seq` or later may be missing on the broker
             self.scan = Some(Scan {
                 cursor: 0,
+                node: 0,
                 force: false,
                 from_seq: Some(broker_seq),
             });
@@ -241,6 +244,7 @@ impl Task {
                 .fetch_add(1, Ordering::Relaxed);
             self.scan = Some(Scan {
                 cursor: 0,
+                node: 0,
                 force: true,
                 from_seq: None,
             });
@@ -250,15 +254,11 @@ impl Task {
 
     pub(super) async fn scan_page(&mut self, client: &AsyncClient) {
         let Some(scan) = &self.scan else { return };
-        let (cursor, force, from_seq) = (scan.cursor, scan.force, scan.from_seq);
+        let (cursor, node, force, from_seq) = (scan.cursor, scan.node, scan.force, scan.from_seq);
         let pattern = layout::sku_key_pattern(&self.cfg.redis_prefix);
-        let r: Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(SCAN_COUNT)
-            .query_async(&mut self.redis)
+        let r = self
+            .redis
+            .scan_page(node, cursor, &pattern, SCAN_COUNT)
             .await;
         let (next, keys) = match r {
             Ok(v) => v,
@@ -328,18 +328,22 @@ impl Task {
                 }
             }
         }
-        if next == 0 {
+        let Some((node, next)) = next else {
             self.scan = None;
             if std::mem::take(&mut self.rescan) {
                 self.scan = Some(Scan {
                     cursor: 0,
+                    node: 0,
                     force: false,
                     from_seq: None,
                 });
             }
             self.maybe_publish_epoch(client);
-        } else if let Some(s) = &mut self.scan {
+            return;
+        };
+        if let Some(s) = &mut self.scan {
             s.cursor = next;
+            s.node = node;
         }
     }
 }

@@ -45,8 +45,9 @@ return out
 /// Marks taken into a pipeline, waiting for its replies.
 pub(super) struct QueuedMarks {
     pub(super) marks: Vec<Msg>,
-    /// The states' script calls, one per epoch sequence (ascending), are the first replies.
-    pub(super) state_seqs: Vec<u64>,
+    /// The states' script calls, one per epoch sequence and group (ascending), are the
+    /// first replies; see [`Task::mark_group`].
+    pub(super) state_seqs: Vec<(u64, u16)>,
     /// Replies the marks' commands take, at the front of the pipeline's.
     pub(super) replies: usize,
 }
@@ -94,12 +95,20 @@ impl Task {
                 _ => None,
             })
             .collect();
-        let mut state_seqs: Vec<u64> = states.iter().map(|s| s.4).collect();
+        let groups: Vec<(u64, u16)> = states.iter().map(|s| (s.4, self.mark_group(s.0))).collect();
+        let mut state_seqs = groups.clone();
         state_seqs.sort_unstable();
         state_seqs.dedup();
-        // One call per epoch sequence (nearly always one; two around an epoch change).
-        for &seq in &state_seqs {
-            let group: Vec<_> = states.iter().filter(|s| s.4 == seq).collect();
+        // One call per epoch sequence (nearly always one; two around an epoch change), and
+        // on a cluster per slot.
+        for &g in &state_seqs {
+            let group: Vec<_> = states
+                .iter()
+                .zip(&groups)
+                .filter(|(_, sg)| **sg == g)
+                .map(|(s, _)| s)
+                .collect();
+            let seq = g.0;
             let cmd = pipe.cmd("EVAL").arg(MARK_PUBLISHED).arg(group.len());
             for (sku, _, _, _, _) in &group {
                 cmd.arg(layout::sku_key(&self.cfg.redis_prefix, sku));
@@ -142,6 +151,16 @@ impl Task {
         }
     }
 
+    /// The group of a SKU's mark: one script call names keys of one cluster slot, so on a
+    /// cluster it is the slot of the SKU's hash; 0 on a standalone Redis (one call).
+    pub(super) fn mark_group(&self, sku: &str) -> u16 {
+        if self.redis.is_cluster() {
+            layout::slot_of(layout::sku_key(&self.cfg.redis_prefix, sku).as_bytes())
+        } else {
+            0
+        }
+    }
+
     /// Handles the replies to [`queue_marks`](Self::queue_marks)' commands (`None`: the
     /// round trip failed): a mark Redis did not record is published again.
     pub(super) fn settle_marks(&mut self, q: QueuedMarks, replies: Option<Vec<redis::Value>>) {
@@ -152,14 +171,17 @@ impl Task {
         let mut flags: Vec<bool> = vec![true; q.marks.len()];
         if let Some(vals) = &replies {
             let mut it = vals.iter();
-            let states_failed: HashMap<u64, bool> = q
+            let states_failed: HashMap<(u64, u16), bool> = q
                 .state_seqs
                 .iter()
-                .map(|&seq| (seq, failed(it.next())))
+                .map(|&g| (g, failed(it.next())))
                 .collect();
             for (m, f) in q.marks.iter().zip(flags.iter_mut()) {
                 *f = match m {
-                    Msg::State { seq, .. } => states_failed.get(seq).copied().unwrap_or(true),
+                    Msg::State { seq, sku, .. } => states_failed
+                        .get(&(*seq, self.mark_group(sku)))
+                        .copied()
+                        .unwrap_or(true),
                     Msg::Alert { .. } => failed(it.next()),
                     Msg::Status | Msg::Clear { .. } | Msg::Epoch { .. } => false,
                 };

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
+use crate::sinks::redis::RedisCon;
 use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
@@ -139,7 +139,7 @@ pub(super) struct Task {
     options: Vec<MqttOptions>,
     /// The broker connected to or tried last.
     broker: usize,
-    redis: ConnectionManager,
+    redis: RedisCon,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     start: Instant,
@@ -191,7 +191,7 @@ impl Task {
     pub(super) fn new(
         cfg: PublisherConfig,
         options: Vec<MqttOptions>,
-        redis: ConnectionManager,
+        redis: RedisCon,
         shared: Arc<Shared>,
         shutdown: CancellationToken,
     ) -> Task {
@@ -400,6 +400,7 @@ impl Task {
             } else {
                 self.scan = Some(Scan {
                     cursor: 0,
+                    node: 0,
                     force: false,
                     from_seq: None,
                 });
@@ -418,6 +419,7 @@ impl Task {
             self.restart_sweep = true;
             self.scan = Some(Scan {
                 cursor: 0,
+                node: 0,
                 force: true,
                 from_seq: None,
             });
@@ -1124,7 +1126,7 @@ fn build(
 /// most of a publish's CPU.
 async fn read_group(
     read: tokio::sync::oneshot::Sender<()>,
-    mut redis: ConnectionManager,
+    mut redis: RedisCon,
     mut pipe: redis::Pipeline,
     job: ReadJob,
 ) -> Result<ReadOut, redis::RedisError> {

@@ -1,0 +1,330 @@
+//! skusync on a Redis Cluster: 3 primaries and 3 replicas on loopback
+//! (`harness::RedisCluster`), `[redis] cluster = true` with a list of seed nodes. The
+//! workload keeps writing while the cluster reshards, fails over and loses a primary to
+//! SIGKILL; after the drain Redis (read node by node) equals the SQL aggregate and the
+//! retained messages equal Redis.
+
+use crate::fold_oracle::*;
+use crate::harness::{MosquittoServer, PgServer, RedisCluster};
+use crate::mqtt_e2e::{mqtt_toml, retained_differences};
+use crate::oracle::*;
+use crate::support::*;
+use redis::aio::MultiplexedConnection;
+use std::time::{Duration, Instant};
+
+/// PostgreSQL with the public schema, a 3+3 cluster, a broker, and skusync's config.
+struct ClusterRig {
+    pg: PgServer,
+    cluster: RedisCluster,
+    broker: MosquittoServer,
+    client: tokio_postgres::Client,
+    oracle: Oracle,
+    daemon: Option<Daemon>,
+    dir: tempfile::TempDir,
+    markers: u64,
+}
+
+impl ClusterRig {
+    async fn new() -> ClusterRig {
+        let pg = PgServer::start();
+        pg.psql(PUBLIC_SCHEMA);
+        let cluster = RedisCluster::start(3, 1);
+        let broker = MosquittoServer::start();
+        let client = pg.client("postgres").await;
+        ClusterRig {
+            pg,
+            cluster,
+            broker,
+            client,
+            oracle: public_oracle(Buckets::SumEqualsTotal),
+            daemon: None,
+            dir: tempfile::tempdir().expect("tempdir"),
+            markers: 0,
+        }
+    }
+
+    /// The config: the oracle's mapping, two seed nodes, `cluster = true`, the broker.
+    fn config_text(&self) -> String {
+        let seed = self.cluster.seed_url();
+        let text =
+            self.oracle
+                .config_toml(&self.pg.url("postgres", "postgres"), "skusync", PUBS, &seed);
+        let second = self.cluster.nodes[self.cluster.primaries()[1]].url();
+        let with = text.replacen(
+            &format!("[redis]\nurl = \"{seed}\""),
+            &format!("[redis]\ncluster = true\nurl = [\"{seed}\", \"{second}\"]"),
+            1,
+        );
+        assert_ne!(with, text, "the [redis] section was not found:\n{text}");
+        format!("{with}{}", mqtt_toml(&self.broker, 0))
+    }
+
+    async fn start(&mut self) {
+        let cfg = write_config(self.dir.path(), &self.config_text());
+        self.daemon = Some(Daemon::start(self.dir.path(), cfg));
+        let meta = skusync::sinks::layout::meta_key(&self.oracle.prefix);
+        let start = Instant::now();
+        loop {
+            self.daemon().assert_alive("bootstrapping on the cluster");
+            if hget(&mut self.con().await, &meta, "bootstrap")
+                .await
+                .as_deref()
+                == Some("done")
+            {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "no bootstrap on the cluster\n{}",
+                self.daemon().stderr_all()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn daemon(&mut self) -> &mut Daemon {
+        self.daemon.as_mut().expect("skusync started")
+    }
+
+    /// A cluster connection (following MOVED and ASK) for single keys.
+    async fn con(&self) -> redis::cluster_async::ClusterConnection {
+        let seeds: Vec<String> = self
+            .cluster
+            .primaries()
+            .into_iter()
+            .map(|p| self.cluster.nodes[p].url())
+            .collect();
+        // bounded: a frozen node accepts connections and never answers
+        redis::cluster::ClusterClientBuilder::new(seeds)
+            .connection_timeout(Duration::from_secs(2))
+            .response_timeout(Duration::from_secs(5))
+            .build()
+            .expect("cluster client")
+            .get_async_connection()
+            .await
+            .expect("connect to the cluster")
+    }
+
+    /// Every SKU hash, read primary by primary (SCAN is per node).
+    async fn redis_state(&self) -> RedisState {
+        let mut all = RedisState::new();
+        for p in self.cluster.primaries() {
+            let mut con: MultiplexedConnection = redis_connect(&self.cluster.nodes[p].url()).await;
+            for (sku, h) in self.oracle.redis_state(&mut con).await {
+                let dup = all.insert(sku.clone(), h);
+                assert!(dup.is_none(), "{sku:?} has a hash on two primaries");
+            }
+        }
+        all
+    }
+
+    async fn mismatches(&self) -> Vec<Mismatch> {
+        let truth = self.oracle.truth(&self.client).await;
+        let state = self.redis_state().await;
+        let mut m = self.oracle.meta_mismatches(&mut self.con().await).await;
+        m.extend(self.oracle.compare(&truth, &state));
+        m
+    }
+
+    /// Insert a drain marker and wait until Redis has it.
+    async fn drain(&mut self, timeout: Duration) {
+        self.markers += 1;
+        let n = self.markers;
+        self.client
+            .batch_execute(&WorkloadTables::public().marker_sql(n, "WH-1"))
+            .await
+            .expect("marker");
+        let key = skusync::sinks::layout::sku_key(&self.oracle.prefix, &marker_sku(n));
+        let start = Instant::now();
+        loop {
+            self.daemon().assert_alive("draining");
+            if hget(&mut self.con().await, &key, "on_hand").await == Some(n.to_string()) {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "drain marker {key} not applied after {timeout:?}\n{}",
+                self.daemon().stderr_all()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Redis equals SQL, and the retained messages equal Redis, within `timeout`.
+    async fn assert_converges(&mut self, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let m = self.mismatches().await;
+            let r = if m.is_empty() {
+                retained_differences(&self.redis_state().await, &self.broker)
+            } else {
+                Vec::new()
+            };
+            if m.is_empty() && r.is_empty() {
+                return;
+            }
+            self.daemon().assert_alive("converging");
+            if start.elapsed() > timeout {
+                panic!(
+                    "the cluster differs after {timeout:?}:\n{}\nretained: {r:#?}\n{}",
+                    format_mismatches(&m, 60),
+                    self.daemon().stderr_all()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// The default SKUs and SKUs with the bytes that delimit hash tags.
+fn cluster_skus() -> Vec<String> {
+    let mut v = Workload::default_skus();
+    v.extend(["{", "}", "{}", "a{b}c", "{x}y", "}{"].map(String::from));
+    v
+}
+
+/// Transactions from `w` on a connection of its own until `stop` is set; returns the
+/// workload.
+fn spawn_workload(
+    pg_url: String,
+    mut w: Workload,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Workload> {
+    tokio::spawn(async move {
+        let (client, conn) = tokio_postgres::connect(&pg_url, tokio_postgres::NoTls)
+            .await
+            .expect("workload connection");
+        tokio::spawn(conn);
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let sql = w.next_txn();
+            client
+                .batch_execute(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("workload SQL failed: {e:?}\n{sql}"));
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        w
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_stays_exact_through_a_reshard_a_failover_and_a_primary_sigkill() {
+    let seed =
+        test_seed("a_redis_cluster_stays_exact_through_a_reshard_a_failover_and_a_primary_sigkill");
+    let mut rig = ClusterRig::new().await;
+    // a snapshot to load: some rows before skusync starts
+    let mut w = Workload::new(
+        seed,
+        WorkloadTables::public(),
+        cluster_skus(),
+        Workload::default_locations(),
+    );
+    for _ in 0..40 {
+        let sql = w.next_txn();
+        rig.client.batch_execute(&sql).await.expect("seed rows");
+    }
+    rig.start().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let work = spawn_workload(rig.pg.url("postgres", "postgres"), w, stop.clone());
+    let pause = || tokio::time::sleep(Duration::from_millis(1500));
+    pause().await;
+
+    let primaries = rig.cluster.primaries();
+    tokio::task::block_in_place(|| rig.cluster.reshard(primaries[0], primaries[1], 3000));
+    pause().await;
+    let r = rig.cluster.replica_of(primaries[1]).expect("a replica");
+    tokio::task::block_in_place(|| rig.cluster.failover(r));
+    pause().await;
+    let victim = rig.cluster.primaries()[2];
+    tokio::task::block_in_place(|| rig.cluster.kill9(victim));
+    pause().await;
+
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let w = work.await.expect("workload task");
+    eprintln!(
+        "workload: {} statements in {} transactions ({} rolled back)",
+        w.statements, w.txns, w.rollbacks
+    );
+    assert!(
+        w.txns > 100,
+        "the workload ran during the faults: {}",
+        w.txns
+    );
+    rig.drain(Duration::from_secs(90)).await;
+    rig.assert_converges(Duration::from_secs(60)).await;
+    // every key skusync wrote is in a slot of its SKU's tag: reading each SKU's hash and
+    // its users through `redis-cli -c` works (the docs' example)
+    let key = skusync::sinks::layout::sku_key("skusync", "a{b}c");
+    assert!(
+        rig.cluster
+            .cli_c(&["HGET", &key, "lsn"])
+            .parse::<u64>()
+            .is_ok()
+            || !rig
+                .oracle
+                .truth(&rig.client)
+                .await
+                .skus
+                .contains_key("a{b}c"),
+        "{key} readable with redis-cli -c"
+    );
+    eprintln!("skusync warnings:\n{}", rig.daemon().stderr_lines("WARN"));
+    let code = rig.daemon().sigterm();
+    assert_eq!(
+        code,
+        Some(0),
+        "SIGTERM exits 0\n{}",
+        rig.daemon().stderr_all()
+    );
+}
+
+/// A primary that dies with writes its replica never got: the replica takes over older.
+/// The slots it serves hold less than skusync recorded there (their meta copies' floor),
+/// which skusync notices and repairs with a rebuild; Redis and the broker end exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_failover_that_loses_writes_is_noticed_and_rebuilt() {
+    let seed = test_seed("a_cluster_failover_that_loses_writes_is_noticed_and_rebuilt");
+    let mut rig = ClusterRig::new().await;
+    let mut w = Workload::new(
+        seed,
+        WorkloadTables::public(),
+        cluster_skus(),
+        Workload::default_locations(),
+    );
+    rig.start().await;
+    eprintln!("step: started");
+    let run = async |rig: &mut ClusterRig, w: &mut Workload, n: usize| {
+        for _ in 0..n {
+            let sql = w.next_txn();
+            rig.client.batch_execute(&sql).await.expect("workload");
+        }
+    };
+    run(&mut rig, &mut w, 100).await;
+    rig.drain(Duration::from_secs(30)).await;
+    eprintln!("step: first drain");
+    let victim = rig.cluster.primaries()[0];
+    let heir = rig.cluster.freeze_replica(victim);
+    eprintln!("step: frozen");
+    run(&mut rig, &mut w, 200).await;
+    eprintln!("step: written");
+    rig.drain(Duration::from_secs(30)).await;
+    tokio::task::block_in_place(|| rig.cluster.kill9_and_promote_stale_replica(victim, heir));
+    eprintln!("step: promoted");
+    run(&mut rig, &mut w, 100).await;
+    rig.drain(Duration::from_secs(120)).await;
+    eprintln!("step: drained");
+    rig.assert_converges(Duration::from_secs(60)).await;
+    assert!(
+        rig.daemon()
+            .stderr_contains("a Redis Cluster slot lost recent writes"),
+        "the lost writes were noticed\n{}",
+        rig.daemon().stderr_all()
+    );
+    let code = rig.daemon().sigterm();
+    assert_eq!(
+        code,
+        Some(0),
+        "SIGTERM exits 0\n{}",
+        rig.daemon().stderr_all()
+    );
+}
