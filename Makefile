@@ -57,7 +57,8 @@ deny:
 clean:
 	$(CARGO) clean
 
-# Benchmarks (not tests): catch-up vs pg_recvlogical, the 1M-row transaction, latency at
+# Benchmarks (not tests): catch-up vs pg_recvlogical, the 1M-row transaction, a single
+# Redis against a 3-primary cluster on the same backlog, latency at
 # 1k and 5k tx/s. Prints a table and writes target/bench/results.json.
 bench: deps release
 	$(CARGO) bench --bench decode
@@ -67,7 +68,7 @@ bench: deps release
 # A few-second version that proves the benchmark still runs (CI; debug build, no timing
 # asserted).
 bench-smoke: build
-	python3 bench/bench.py --quick --only catchup --skusync $(CURDIR)/target/debug/skusync
+	python3 bench/bench.py --quick --only catchup,cluster --skusync $(CURDIR)/target/debug/skusync
 
 # Full fault matrix (more runs per cell, longer workloads); prints and writes
 # target/chaos/results.md. Under 30 minutes on 2 cores.

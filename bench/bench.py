@@ -554,6 +554,85 @@ def catch_up(exe, quick, mapping="medium"):
         st.stop()
 
 
+def start_cluster(st, n):
+    """`n` cluster-enabled redis-servers (no replicas: the bench measures the primaries)
+    joined by `redis-cli --cluster create`; returns their ports and processes."""
+    ports, procs = [], []
+    for i in range(n):
+        port, bus = free_port(), free_port()
+        d = os.path.join(st.dir, f"cluster-{i}")
+        os.makedirs(d)
+        procs.append(subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                       "--appendonly", "no", "--dir", d, "--cluster-enabled", "yes",
+                                       "--cluster-config-file", "nodes.conf", "--cluster-port", str(bus),
+                                       "--cluster-node-timeout", "5000"], stdout=subprocess.DEVNULL))
+        ports.append(port)
+    for p in ports:
+        wait(lambda: subprocess.run(["redis-cli", "-p", str(p), "PING"], capture_output=True,
+                                    text=True).stdout.strip() == "PONG", 10, "a cluster node")
+    subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports], "--cluster-replicas", "0",
+                    "--cluster-yes"], check=True, stdout=subprocess.DEVNULL)
+    for p in ports:
+        wait(lambda: "cluster_state:ok" in subprocess.run(["redis-cli", "-p", str(p), "CLUSTER", "INFO"],
+                                                          capture_output=True, text=True).stdout, 30, "cluster ok")
+    return ports, procs
+
+
+def cluster_catch_up(exe, quick, mapping="light"):
+    """The catch-up backlog drained twice, side by side: into the stack's single Redis and
+    into a 3-primary Redis Cluster (each skusync from its own slot at the same point);
+    the clock stops when Redis (the meta hash) holds the backlog's end."""
+    skus = 1000 if quick else 10000
+    txns = 4000 if quick else int(os.environ.get("SKUSYNC_BENCH_TXNS", 400000))
+    st = Stack()
+    st.start()
+    procs = []
+    try:
+        ports, procs = start_cluster(st, 3)
+        st.psql(SCHEMA.format(skus=skus))
+        single_cfg = config(st, mapping=mapping)
+        cluster_cfg = single_cfg.replace(
+            f'[redis]\nurl = "redis://127.0.0.1:{st.redis_port}/0"',
+            '[redis]\ncluster = true\nurl = [' + ", ".join(f'"redis://127.0.0.1:{p}/0"' for p in ports) + "]"
+        ).replace("[postgres]\n", '[postgres]\nslot = "skusync_cluster"\n')
+        assert "cluster = true" in cluster_cfg and "skusync_cluster" in cluster_cfg
+        cli_c = lambda *a: subprocess.run(["redis-cli", "-c", "-p", str(ports[0]), *a], capture_output=True,
+                                          text=True).stdout.strip()
+        for name, cfg, get in (("single", single_cfg, st.redis), ("cluster", cluster_cfg, cli_c)):
+            s = Skusync(exe, st, cfg, f"skusync-{name}-boot")
+            wait(lambda: get("HGET", "skusync:meta", "bootstrap") == "done", 60, "bootstrap", s.log_path)
+            s.stop()
+        backlog(st, skus, txns)
+        end_i = lsn_int(st.psql("SELECT pg_current_wal_lsn()"))
+        res = {"mapping": mapping, "transactions": txns, "rows": txns, "skus": skus, "primaries": len(ports)}
+        for name, cfg, get, pids in (("single", single_cfg, st.redis, [st.procs[0].pid]),
+                                     ("cluster", cluster_cfg, cli_c, [p.pid for p in procs])):
+            cpu0 = [proc_stats(p)[0] for p in pids]
+            t0 = time.time()
+            s = Skusync(exe, st, cfg, f"skusync-{name}-measured")
+
+            def applied():
+                a = get("HGET", "skusync:meta", "applied_lsn")
+                return a.isdigit() and int(a) >= end_i
+
+            wait(applied, 900, f"{name} drain", s.log_path)
+            took = time.time() - t0
+            cpu, _ = s.stats()
+            s.stop()
+            redis_cpu = [round(proc_stats(p)[0] - c, 2) for p, c in zip(pids, cpu0)]
+            res[name] = {"s": round(took, 3), "rows_per_s": round(txns / took),
+                         "skusync_cpu_us_per_row": round(cpu * 1e6 / txns, 2),
+                         "redis_cpu_s": redis_cpu,
+                         "redis_cpu_us_per_row_per_primary": [round(c * 1e6 / txns, 2) for c in redis_cpu]}
+        res["cluster_vs_single"] = round(res["single"]["s"] / res["cluster"]["s"], 2)
+        return res
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        st.stop()
+
+
 def bulk(exe, quick):
     """One transaction of 1M rows (stock inserts), streamed with bounded memory."""
     n = int(os.environ.get("SKUSYNC_BENCH_BULK_ROWS", 20000 if quick else 1000000))
@@ -966,7 +1045,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skusync", default=os.path.join(ROOT, "target/release/skusync"))
-    ap.add_argument("--only", default="catchup,bulk,latency")
+    ap.add_argument("--only", default="catchup,bulk,cluster,latency")
     ap.add_argument("--catchup-mappings", default="light,full",
                     help="catch-up: the mappings to drain the backlog with (light, medium, full)")
     ap.add_argument("--rates", default="1000,5000", help="latency: transactions/s to run, comma-separated")
@@ -984,6 +1063,8 @@ def main():
         results["catch_up"] = [catch_up(a.skusync, a.quick, m) for m in a.catchup_mappings.split(",")]
     if "bulk" in only:
         results["bulk_1m"] = bulk(a.skusync, a.quick)
+    if "cluster" in only:
+        results["cluster"] = cluster_catch_up(a.skusync, a.quick)
     if "lookups" in only:
         # the same backlog with the flat mapping and Saleor's, side by side
         flat = stock_catch_up(a.skusync, "flat", a.quick)
@@ -1016,6 +1097,14 @@ def main():
         print(f"bulk       pg_recvlogical {b['pg_recvlogical_rows_per_s']:>8} rows/s | skusync (Redis) "
               f"{b['skusync_rows_per_s']:>8} rows/s | ratio {b['ratio_vs_pg_recvlogical']}x | peak RSS "
               f"{b['skusync_peak_rss_mib']} MiB | idle RSS {b['skusync_idle_rss_mib']} MiB")
+    cl = results.get("cluster")
+    if cl:
+        si, cu = cl["single"], cl["cluster"]
+        print(f"cluster    {cl['mapping']} catch-up to Redis: single Redis {si['rows_per_s']} rows/s | "
+              f"{cl['primaries']}-primary cluster {cu['rows_per_s']} rows/s | ratio {cl['cluster_vs_single']}x | "
+              f"Redis CPU us/row {si['redis_cpu_us_per_row_per_primary']} vs per primary "
+              f"{cu['redis_cpu_us_per_row_per_primary']} | skusync CPU us/row {si['skusync_cpu_us_per_row']} vs "
+              f"{cu['skusync_cpu_us_per_row']}")
     lk = results.get("lookups")
     if lk:
         f, sl = lk["flat"], lk["saleor"]

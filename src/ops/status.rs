@@ -33,6 +33,9 @@ pub struct Status {
     pub bootstrap: Option<String>,
     /// Last MQTT publish (meta `last_publish_ms`) as RFC 3339.
     pub last_publish: Option<String>,
+    /// With `[redis] cluster = true`: the primaries serving the cluster's slots (null for a
+    /// standalone Redis, or when it could not be read).
+    pub redis_primaries: Option<usize>,
     /// Why Redis could not be read (null when it was read, or not configured).
     pub redis_error: Option<String>,
     /// Problems that make the exit code 1.
@@ -99,7 +102,7 @@ pub async fn gather(cfg: &Config, max_lag_bytes: u64) -> Result<Status, String> 
         }
     }
     if let Some(rc) = &cfg.redis {
-        match read_meta(rc).await {
+        match read_meta(rc, &mut st).await {
             Ok(m) => {
                 st.applied_lsn = m
                     .get("applied_lsn")
@@ -118,7 +121,12 @@ pub async fn gather(cfg: &Config, max_lag_bytes: u64) -> Result<Status, String> 
     Ok(st)
 }
 
-async fn read_meta(rc: &crate::config::RedisConfig) -> Result<HashMap<String, String>, String> {
+/// The meta hash; on a cluster also its primaries, and a problem when it does not serve
+/// every slot.
+async fn read_meta(
+    rc: &crate::config::RedisConfig,
+    st: &mut Status,
+) -> Result<HashMap<String, String>, String> {
     let prefix = &rc.prefix;
     let client = crate::sinks::redis::client(rc.url.all(), rc.cluster, rc.ca_file.as_deref())
         .map_err(|e| e.to_string())?;
@@ -126,6 +134,12 @@ async fn read_meta(rc: &crate::config::RedisConfig) -> Result<HashMap<String, St
         .await
         .map_err(|_| "redis.url: no connection".to_string())?
         .map_err(|e| format!("redis.url: {e}"))?;
+    if con.is_cluster() {
+        st.redis_primaries = con.primaries().await.ok().map(|p| p.len());
+        if let Err(e) = crate::sinks::redis::check_topology(&mut con).await {
+            st.problems.push(e.to_string());
+        }
+    }
     redis::cmd("HGETALL")
         .arg(layout::meta_key(prefix))
         .query_async(&mut con)
@@ -169,6 +183,9 @@ pub fn render_text(st: &Status) -> String {
     line("applied lsn:", o(&st.applied_lsn));
     line("bootstrap:", o(&st.bootstrap));
     line("last publish:", o(&st.last_publish));
+    if let Some(n) = st.redis_primaries {
+        line("redis:", format!("cluster of {n} primaries"));
+    }
     if let Some(e) = &st.redis_error {
         line("redis error:", e.clone());
     }

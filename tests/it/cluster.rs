@@ -268,7 +268,16 @@ async fn a_redis_cluster_stays_exact_through_a_reshard_a_failover_and_a_primary_
                 .contains_key("a{b}c"),
         "{key} readable with redis-cli -c"
     );
-    eprintln!("skusync warnings:\n{}", rig.daemon().stderr_lines("WARN"));
+    // `status` and `check` understand the cluster
+    let cfg = rig.daemon().cfg.clone();
+    let status = skusync_output(&["status", "--json"], &cfg);
+    let j: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status --json");
+    assert_eq!(j["redis_primaries"], 3, "{j}");
+    assert_eq!(j["bootstrap"], "done", "{j}");
+    let check = skusync_output(&["check"], &cfg);
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(out.contains("redis cluster: every slot served"), "{out}");
+    assert!(!out.contains("FAIL"), "{out}");
     let code = rig.daemon().sigterm();
     assert_eq!(
         code,

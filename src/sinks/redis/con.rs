@@ -19,8 +19,61 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 #[derive(Clone)]
 pub enum RedisCon {
     Single(ConnectionManager),
-    /// The connection, and the first seed node's host (for nodes that do not know theirs).
-    Cluster(ClusterConnection, std::sync::Arc<str>),
+    Cluster(std::sync::Arc<Cluster>),
+}
+
+/// A cluster connection that is replaced when it stops answering: redis-rs' cluster
+/// connection can stay stuck after a node died (every call then times out), so a timeout
+/// makes a fresh one, in the background, which every clone uses from then on.
+pub struct Cluster {
+    con: std::sync::RwLock<ClusterConnection>,
+    client: redis::cluster::ClusterClient,
+    /// The first seed node's host, for nodes that do not know their own.
+    seed_host: std::sync::Arc<str>,
+    renewing: std::sync::atomic::AtomicBool,
+}
+
+impl Cluster {
+    /// Connect to the cluster through `client`.
+    pub async fn connect(
+        client: redis::cluster::ClusterClient,
+        seed_host: std::sync::Arc<str>,
+    ) -> redis::RedisResult<RedisCon> {
+        let con = client.get_async_connection().await?;
+        Ok(RedisCon::Cluster(std::sync::Arc::new(Cluster {
+            con: std::sync::RwLock::new(con),
+            client,
+            seed_host,
+            renewing: Default::default(),
+        })))
+    }
+
+    fn current(&self) -> ClusterConnection {
+        self.con.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// After a timed-out call, replace the connection (once at a time).
+    fn renew_after(self: &std::sync::Arc<Self>, e: &redis::RedisError) {
+        use std::sync::atomic::Ordering;
+        if !e.is_timeout() || self.renewing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let fresh = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                me.client.get_async_connection(),
+            )
+            .await;
+            if let Ok(Ok(c)) = fresh {
+                *me.con.write().unwrap_or_else(|p| p.into_inner()) = c;
+                tracing::warn!(
+                    "a Redis Cluster call timed out: the cluster connection was replaced"
+                );
+            }
+            me.renewing.store(false, Ordering::SeqCst);
+        });
+    }
 }
 
 impl RedisCon {
@@ -32,10 +85,11 @@ impl RedisCon {
     /// The primaries' addresses (one per shard, from `CLUSTER SLOTS`); empty for a
     /// standalone connection.
     pub async fn primaries(&mut self) -> redis::RedisResult<Vec<(String, u16)>> {
-        let RedisCon::Cluster(c, seed_host) = self else {
+        let RedisCon::Cluster(cl) = self else {
             return Ok(Vec::new());
         };
-        let slots: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(c).await?;
+        let seed_host = cl.seed_host.clone();
+        let slots: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(self).await?;
         let mut out: Vec<(String, u16)> = Vec::new();
         if let Value::Array(ranges) = slots {
             for r in ranges {
@@ -144,8 +198,9 @@ impl RedisCon {
         cmd: Cmd,
     ) -> redis::RedisResult<T> {
         match (self, node) {
-            (RedisCon::Cluster(c, _), Some((host, port))) => {
-                let v = c
+            (RedisCon::Cluster(cl), Some((host, port))) => {
+                let r = cl
+                    .current()
                     .route_command(
                         cmd,
                         RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
@@ -153,8 +208,11 @@ impl RedisCon {
                             port: *port,
                         }),
                     )
-                    .await?;
-                redis::from_redis_value(v).map_err(Into::into)
+                    .await;
+                if let Err(e) = &r {
+                    cl.renew_after(e);
+                }
+                redis::from_redis_value(r?).map_err(Into::into)
             }
             (con, _) => cmd.query_async(con).await,
         }
@@ -165,7 +223,16 @@ impl ConnectionLike for RedisCon {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             RedisCon::Single(c) => c.req_packed_command(cmd),
-            RedisCon::Cluster(c, _) => c.req_packed_command(cmd),
+            RedisCon::Cluster(cl) => {
+                let cl = cl.clone();
+                Box::pin(async move {
+                    let r = cl.current().req_packed_command(cmd).await;
+                    if let Err(e) = &r {
+                        cl.renew_after(e);
+                    }
+                    r
+                })
+            }
         }
     }
 
@@ -177,13 +244,22 @@ impl ConnectionLike for RedisCon {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             RedisCon::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            RedisCon::Cluster(c, _) => {
-                if pipeline.is_transaction() {
-                    // a transaction must name one slot anyway; redis-rs routes it by that
-                    c.req_packed_commands(pipeline, offset, count)
-                } else {
-                    Box::pin(split_pipeline(c.clone(), pipeline))
-                }
+            RedisCon::Cluster(cl) => {
+                let cl = cl.clone();
+                Box::pin(async move {
+                    let r = if pipeline.is_transaction() {
+                        // a transaction must name one slot anyway; redis-rs routes it by that
+                        cl.current()
+                            .req_packed_commands(pipeline, offset, count)
+                            .await
+                    } else {
+                        split_pipeline(cl.current(), pipeline).await
+                    };
+                    if let Err(e) = &r {
+                        cl.renew_after(e);
+                    }
+                    r
+                })
             }
         }
     }
@@ -191,7 +267,7 @@ impl ConnectionLike for RedisCon {
     fn get_db(&self) -> i64 {
         match self {
             RedisCon::Single(c) => c.get_db(),
-            RedisCon::Cluster(c, _) => c.get_db(),
+            RedisCon::Cluster(cl) => cl.current().get_db(),
         }
     }
 }

@@ -347,10 +347,7 @@ impl RedisClient {
             RedisClient::Single(c) => redis::aio::ConnectionManager::new(c.clone())
                 .await
                 .map(RedisCon::Single),
-            RedisClient::Cluster(c, seed) => c
-                .get_async_connection()
-                .await
-                .map(|con| RedisCon::Cluster(con, seed.clone())),
+            RedisClient::Cluster(c, seed) => con::Cluster::connect(c.clone(), seed.clone()).await,
         }
     }
 }
@@ -371,10 +368,7 @@ pub async fn connect(client: &RedisClient) -> Result<RedisCon, RedisSinkError> {
                     .await
                     .map(RedisCon::Single)
             }
-            RedisClient::Cluster(c, seed) => c
-                .get_async_connection()
-                .await
-                .map(|con| RedisCon::Cluster(con, seed.clone())),
+            RedisClient::Cluster(c, seed) => con::Cluster::connect(c.clone(), seed.clone()).await,
         }
     };
     match tokio::time::timeout(Duration::from_secs(10), con).await {
