@@ -268,6 +268,21 @@ async fn a_redis_cluster_stays_exact_through_a_reshard_a_failover_and_a_primary_
                 .contains_key("a{b}c"),
         "{key} readable with redis-cli -c"
     );
+    // the change index (written after each slot's call) scores every SKU hash by its LSN
+    let index: Vec<(String, f64)> = redis::cmd("ZRANGE")
+        .arg(skusync::sinks::layout::changes_key("skusync"))
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(&mut rig.con().await)
+        .await
+        .expect("ZRANGE");
+    let index: std::collections::BTreeMap<String, f64> = index.into_iter().collect();
+    for (sku, h) in rig.redis_state().await {
+        let key = skusync::sinks::layout::sku_key("skusync", &sku);
+        let lsn: f64 = h.get("lsn").and_then(|l| l.parse().ok()).unwrap_or(-1.0);
+        assert_eq!(index.get(&key), Some(&lsn), "{key} in the change index");
+    }
     // `status` and `check` understand the cluster
     let cfg = rig.daemon().cfg.clone();
     let status = skusync_output(&["status", "--json"], &cfg);

@@ -648,9 +648,11 @@ for _, ki in ipairs(order) do
   if h.written then
     write(KEYS[ki], h)
   end
-  -- cluster: every fenced hash is reported, written now or by an earlier call whose
-  -- caller crashed before indexing it (its replay is skipped here)
-  if h.written or (cluster and h.lsn) then
+  if cluster then
+    -- every fenced hash's LSN, in KEYS order ('' for none): written now or by an earlier
+    -- call whose caller crashed before indexing it (its replay is skipped here)
+    changed_list[#changed_list + 1] = h.lsn or ''
+  elseif h.written then
     changed_list[#changed_list + 1] = h.lsn
     changed_list[#changed_list + 1] = KEYS[ki]
   end

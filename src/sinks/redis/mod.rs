@@ -567,13 +567,14 @@ impl Applier {
                 (slot, mark, group, r)
             });
         }
-        let mut results = futures::stream::iter(calls).buffer_unordered(64);
+        let mut results = futures::stream::iter(calls).buffer_unordered(CLUSTER_CALLS_IN_FLIGHT);
         let mut total = Applied::default();
         let mut changes: Vec<(u64, String)> = Vec::new();
         let mut alerts: Vec<[String; 6]> = Vec::new();
         let mut failed = None;
         while let Some((slot, mark, group, r)) = results.next().await {
-            match r.and_then(|v| parse_cluster_reply(v, &mut changes, &mut alerts)) {
+            match r.and_then(|v| parse_cluster_reply(v, &prefix, &group, &mut changes, &mut alerts))
+            {
                 Ok(a) => {
                     total += a;
                     settings.fence.slots.raise(slot, mark.0);
@@ -1216,17 +1217,25 @@ async fn invoke_value(
 }
 
 /// A cluster apply call's reply: its counts, and the change index and alert history
-/// entries it reports (added to `changes` and `alerts`).
+/// entries it reports (added to `changes` and `alerts`). The call's SKU hashes report
+/// their LSNs in the order the call named them (first appearance in `group`).
 fn parse_cluster_reply(
     v: redis::Value,
+    prefix: &str,
+    group: &[&Entry],
     changes: &mut Vec<(u64, String)>,
     alerts: &mut Vec<[String; 6]>,
 ) -> Result<Applied, redis::RedisError> {
-    let (applied, fenced, n, flat, raised): (u64, u64, u64, Vec<String>, Vec<String>) =
+    let (applied, fenced, n, lsns, raised): (u64, u64, u64, Vec<String>, Vec<String>) =
         redis::from_redis_value(v)?;
-    for pair in flat.chunks_exact(2) {
-        if let Ok(lsn) = pair[0].parse::<u64>() {
-            changes.push((lsn, pair[1].clone()));
+    let mut seen = std::collections::HashSet::with_capacity(group.len());
+    let skus = group
+        .iter()
+        .map(|e| e.sku.as_str())
+        .filter(|s| seen.insert(*s));
+    for (sku, lsn) in skus.zip(&lsns) {
+        if let Ok(lsn) = lsn.parse::<u64>() {
+            changes.push((lsn, layout::sku_key(prefix, sku)));
         }
     }
     for a in raised.chunks_exact(6) {
@@ -1280,6 +1289,10 @@ pub fn encode_entries(
     let all: Vec<&Entry> = entries.iter().collect();
     encode_call(s, &Call::Single, &all, end, floor, quiet, sha)
 }
+
+/// Most apply calls in flight at once on a cluster (one per slot; redis-rs pipelines
+/// them per node).
+const CLUSTER_CALLS_IN_FLIGHT: usize = 256;
 
 /// Where an apply call goes.
 enum Call {
