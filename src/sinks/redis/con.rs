@@ -31,7 +31,12 @@ pub struct Cluster {
     /// The first seed node's host, for nodes that do not know their own.
     seed_host: std::sync::Arc<str>,
     renewing: std::sync::atomic::AtomicBool,
+    /// Slot -> primary, from `CLUSTER SLOTS`; dropped on any redirection or node error.
+    slot_map: std::sync::RwLock<Option<SlotMap>>,
 }
+
+/// Each slot's primary (`None`: unassigned).
+type SlotMap = std::sync::Arc<Vec<Option<(String, u16)>>>;
 
 impl Cluster {
     /// Connect to the cluster through `client`.
@@ -45,7 +50,32 @@ impl Cluster {
             client,
             seed_host,
             renewing: Default::default(),
+            slot_map: Default::default(),
         })))
+    }
+
+    /// The slot map, read from the cluster when there is none.
+    async fn slot_map(&self) -> redis::RedisResult<SlotMap> {
+        if let Some(m) = &*self.slot_map.read().unwrap_or_else(|p| p.into_inner()) {
+            return Ok(m.clone());
+        }
+        let slots: Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut self.current())
+            .await?;
+        let mut map: Vec<Option<(String, u16)>> = vec![None; crate::sinks::layout::SLOTS];
+        for (start, end, node) in slot_ranges(&slots, &self.seed_host) {
+            for slot in start..=end.min(crate::sinks::layout::SLOTS as u16 - 1) {
+                map[slot as usize] = Some(node.clone());
+            }
+        }
+        let map = std::sync::Arc::new(map);
+        *self.slot_map.write().unwrap_or_else(|p| p.into_inner()) = Some(map.clone());
+        Ok(map)
+    }
+
+    fn forget_slot_map(&self) {
+        *self.slot_map.write().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     fn current(&self) -> ClusterConnection {
@@ -91,30 +121,9 @@ impl RedisCon {
         let seed_host = cl.seed_host.clone();
         let slots: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(self).await?;
         let mut out: Vec<(String, u16)> = Vec::new();
-        if let Value::Array(ranges) = slots {
-            for r in ranges {
-                let Value::Array(parts) = r else { continue };
-                // [start, end, [host, port, id, ...], replicas...]
-                if let Some(Value::Array(node)) = parts.get(2)
-                    && let (Some(h), Some(Value::Int(p))) = (node.first(), node.get(1))
-                {
-                    let host = match h {
-                        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-                        Value::SimpleString(s) => s.clone(),
-                        _ => continue,
-                    };
-                    // a node that never met another does not know its address: it is the
-                    // one that answered, a seed
-                    let host = if host.is_empty() {
-                        seed_host.to_string()
-                    } else {
-                        host
-                    };
-                    let a = (host, *p as u16);
-                    if !out.contains(&a) {
-                        out.push(a);
-                    }
-                }
+        for (_, _, node) in slot_ranges(&slots, &seed_host) {
+            if !out.contains(&node) {
+                out.push(node);
             }
         }
         Ok(out)
@@ -253,7 +262,7 @@ impl ConnectionLike for RedisCon {
                             .req_packed_commands(pipeline, offset, count)
                             .await
                     } else {
-                        split_pipeline(cl.current(), pipeline).await
+                        split_pipeline(&cl, pipeline).await
                     };
                     if let Err(e) = &r {
                         cl.renew_after(e);
@@ -272,23 +281,69 @@ impl ConnectionLike for RedisCon {
     }
 }
 
-/// A pipeline over a cluster: one sub-pipeline per slot (keeping each slot's commands in
-/// order), sent concurrently; keyless commands go one by one. Replies in input order.
-async fn split_pipeline(
-    c: ClusterConnection,
-    pipeline: &Pipeline,
-) -> redis::RedisResult<Vec<Value>> {
-    let mut groups: Vec<(Option<u16>, Pipeline, Vec<usize>)> = Vec::new();
-    let mut by_route: std::collections::HashMap<u16, usize> = Default::default();
+/// The ranges of a `CLUSTER SLOTS` reply: (first slot, last slot, primary). A node that
+/// never met another does not know its address: it is the one that answered, a seed.
+fn slot_ranges(slots: &Value, seed_host: &str) -> Vec<(u16, u16, (String, u16))> {
+    let mut out = Vec::new();
+    let Value::Array(ranges) = slots else {
+        return out;
+    };
+    for r in ranges {
+        let Value::Array(parts) = r else { continue };
+        // [start, end, [host, port, id, ...], replicas...]
+        let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(node))) =
+            (parts.first(), parts.get(1), parts.get(2))
+        else {
+            continue;
+        };
+        let (Some(h), Some(Value::Int(port))) = (node.first(), node.get(1)) else {
+            continue;
+        };
+        let host = match h {
+            Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            Value::SimpleString(s) => s.clone(),
+            _ => continue,
+        };
+        let host = if host.is_empty() {
+            seed_host.to_string()
+        } else {
+            host
+        };
+        out.push((*start as u16, *end as u16, (host, *port as u16)));
+    }
+    out
+}
+
+/// Where a command of a split pipeline goes.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Dest {
+    /// The primary serving its slot, as the slot map says.
+    Node(String, u16),
+    /// Its slot, routed by redis-rs (the slot map does not know it).
+    Slot(u16),
+    /// A keyless command (its index): on its own.
+    Alone(usize),
+}
+
+/// A pipeline over a cluster: one sub-pipeline per primary (each keeping its commands'
+/// order, so a key's commands keep theirs), sent concurrently. Replies in input order.
+async fn split_pipeline(cl: &Cluster, pipeline: &Pipeline) -> redis::RedisResult<Vec<Value>> {
+    let map = cl.slot_map().await.ok();
+    let mut groups: Vec<(Dest, Pipeline, Vec<usize>)> = Vec::new();
+    let mut by_dest: std::collections::HashMap<Dest, usize> = Default::default();
     for (i, cmd) in pipeline.cmd_iter().enumerate() {
-        let route = key_of(cmd).map(slot_of);
-        let g = match route.and_then(|r| by_route.get(&r).copied()) {
-            Some(g) => g,
+        let dest = match key_of(cmd).map(slot_of) {
+            None => Dest::Alone(i),
+            Some(slot) => match map.as_ref().and_then(|m| m[slot as usize].clone()) {
+                Some((host, port)) => Dest::Node(host, port),
+                None => Dest::Slot(slot),
+            },
+        };
+        let g = match by_dest.get(&dest) {
+            Some(g) => *g,
             None => {
-                groups.push((route, Pipeline::new(), Vec::new()));
-                if let Some(r) = route {
-                    by_route.insert(r, groups.len() - 1);
-                }
+                groups.push((dest.clone(), Pipeline::new(), Vec::new()));
+                by_dest.insert(dest, groups.len() - 1);
                 groups.len() - 1
             }
         };
@@ -296,14 +351,26 @@ async fn split_pipeline(
         groups[g].2.push(i);
     }
     let n = pipeline.cmd_iter().count();
-    let replies = futures::future::join_all(groups.iter().map(|(_, p, _)| {
+    let c = cl.current();
+    let replies = futures::future::join_all(groups.iter().map(|(dest, p, _)| {
         let mut c = c.clone();
-        async move { c.req_packed_commands(p, 0, p.len()).await }
+        async move {
+            match dest {
+                Dest::Node(host, port) => {
+                    let route = SingleNodeRoutingInfo::ByAddress {
+                        host: host.clone(),
+                        port: *port,
+                    };
+                    c.route_pipeline(p.clone(), 0, p.len(), route).await
+                }
+                _ => c.req_packed_commands(p, 0, p.len()).await,
+            }
+        }
     }))
     .await;
     let mut out = vec![Value::Nil; n];
     let mut again = Vec::new();
-    for ((_, _, idx), r) in groups.iter().zip(replies) {
+    for ((dest, _, idx), r) in groups.iter().zip(replies) {
         match r {
             Ok(values) => {
                 for (i, v) in idx.iter().zip(values) {
@@ -313,16 +380,20 @@ async fn split_pipeline(
                     out[*i] = v;
                 }
             }
-            // the whole sub-pipeline was refused for its slot
-            Err(e) if redirect_kind(e.kind()) => again.extend(idx.iter().copied()),
+            // refused for its slot, or its node is gone (a failover): the slot map is
+            // stale; each command goes again through redis-rs' routing
+            Err(e) if redirect_kind(e.kind()) || matches!(dest, Dest::Node(..)) => {
+                again.extend(idx.iter().copied())
+            }
             Err(e) => return Err(e),
         }
     }
-    // During a live reshard redis-rs returns MOVED and ASK inside a pipeline instead of
-    // following them: such a command did not run, so it is sent again on its own, which
-    // follows the redirection. One at a time, in the pipeline's order (a key's commands
-    // keep theirs).
+    // During a live reshard (or with a stale map) a node answers MOVED or ASK inside a
+    // pipeline, which redis-rs does not follow there: such a command did not run, so it
+    // is sent again on its own, which follows the redirection. One at a time, in the
+    // pipeline's order (a key's commands keep theirs).
     if !again.is_empty() {
+        cl.forget_slot_map();
         again.sort_unstable();
         let cmds: Vec<&Cmd> = pipeline.cmd_iter().collect();
         let mut c = c;

@@ -533,7 +533,6 @@ impl Applier {
         end: Option<Lsn>,
         quiet: bool,
     ) -> Result<Applied, RedisSinkError> {
-        use futures::StreamExt;
         let prefix = self.settings.prefix.clone();
         let mut groups: std::collections::BTreeMap<u16, Vec<&Entry>> = Default::default();
         for e in entries {
@@ -542,37 +541,56 @@ impl Applier {
         }
         let sha = self.script.get_hash().to_string();
         let settings = &self.settings.clone();
-        let con = &self.con.clone();
-        // futures built in a loop, not a closure: a closure over borrowed entries is not
-        // `Send` for every lifetime, which the spawned apply task needs
+        let mut con = self.con.clone();
+        // One pipeline of every slot's call: split per primary (each node's calls in one
+        // round trip, in slot order), replies in the same order.
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
         let mut calls = Vec::with_capacity(groups.len());
         for (slot, group) in groups {
-            let mut con = con.clone();
-            let sha = sha.as_str();
-            calls.push(async move {
-                // what the slot's meta copy records: no LSN of the call is above it
-                let mark =
-                    end.unwrap_or_else(|| group.iter().map(|e| e.last.0).max().unwrap_or(Lsn(0)));
-                let floor = settings.fence.slots.get(slot);
-                let cmd = encode_call(
-                    settings,
-                    &Call::Slot(slot),
-                    &group,
-                    Some(mark),
-                    floor,
-                    quiet,
-                    sha,
-                );
-                let r = invoke_value(&mut con, cmd).await;
-                (slot, mark, group, r)
-            });
+            // what the slot's meta copy records: no LSN of the call is above it
+            let mark =
+                end.unwrap_or_else(|| group.iter().map(|e| e.last.0).max().unwrap_or(Lsn(0)));
+            let floor = settings.fence.slots.get(slot);
+            pipe.add_command(encode_call(
+                settings,
+                &Call::Slot(slot),
+                &group,
+                Some(mark),
+                floor,
+                quiet,
+                &sha,
+            ));
+            calls.push((slot, mark, group));
         }
-        let mut results = futures::stream::iter(calls).buffer_unordered(CLUSTER_CALLS_IN_FLIGHT);
+        let replies: Vec<redis::Value> = pipe
+            .query_async(&mut con)
+            .await
+            .map_err(RedisSinkError::from_redis)?;
         let mut total = Applied::default();
         let mut changes: Vec<(u64, String)> = Vec::new();
         let mut alerts: Vec<[String; 6]> = Vec::new();
         let mut failed = None;
-        while let Some((slot, mark, group, r)) = results.next().await {
+        for ((slot, mark, group), v) in calls.into_iter().zip(replies) {
+            let r = match v.extract_error() {
+                // a primary that never ran the script (new, or promoted): load it, again
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    let floor = settings.fence.slots.get(slot);
+                    let cmd = encode_call(
+                        settings,
+                        &Call::Slot(slot),
+                        &group,
+                        Some(mark),
+                        floor,
+                        quiet,
+                        &sha,
+                    );
+                    invoke_value(&mut con, cmd).await
+                }
+                r => r,
+            };
             match r.and_then(|v| parse_cluster_reply(v, &prefix, &group, &mut changes, &mut alerts))
             {
                 Ok(a) => {
@@ -585,7 +603,6 @@ impl Applier {
                 Err(e) => failed = Some((slot, group, e)),
             }
         }
-        drop(results);
         // Indexed even when a call failed: what the others applied is in Redis.
         self.index_cluster(changes, alerts).await?;
         if let Some((slot, group, e)) = failed {
@@ -1289,10 +1306,6 @@ pub fn encode_entries(
     let all: Vec<&Entry> = entries.iter().collect();
     encode_call(s, &Call::Single, &all, end, floor, quiet, sha)
 }
-
-/// Most apply calls in flight at once on a cluster (one per slot; redis-rs pipelines
-/// them per node).
-const CLUSTER_CALLS_IN_FLIGHT: usize = 256;
 
 /// Where an apply call goes.
 enum Call {
