@@ -4,9 +4,10 @@
 //! On a cluster, redis-rs routes a command (and a script call) by its key's slot and
 //! follows MOVED, ASK, TRYAGAIN and CLUSTERDOWN itself; what it does not do is split a
 //! pipeline whose commands name several slots. [`RedisCon`] does: a pipeline becomes one
-//! sub-pipeline per slot, sent concurrently, each in its commands' order, and the replies
-//! come back in the pipeline's order. A script call must still name keys of one slot
-//! only: callers group their keys with [`slot_of`] (see `sinks::layout`).
+//! sub-pipeline per primary (from a cached slot map), sent concurrently, each in its
+//! commands' order, and the replies come back in the pipeline's order. A script call must
+//! still name keys of one slot only: callers group their keys with [`slot_of`] (see
+//! `sinks::layout`).
 
 use crate::sinks::layout::slot_of;
 use redis::aio::{ConnectionLike, ConnectionManager};

@@ -1,5 +1,8 @@
 //! The Redis sink: applies folded pieces with one Lua script call per batch, exactly once
-//! (fenced per SKU by commit LSN and piece), and keeps the meta hash.
+//! (fenced per SKU by commit LSN and piece), and keeps the meta hash. On a Redis Cluster
+//! (`[redis] cluster = true`) a batch is one call per slot, fenced by that slot's copy of
+//! the meta hash's writer token and `applied_lsn` (see [`Applier::apply`] and
+//! docs/redis-layout.md, "Redis Cluster").
 //!
 //! Durability contract: a batch is durable when the script returned; only then are its
 //! transactions reported to the LSN tracker. The script also records the batch's end LSN
