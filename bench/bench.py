@@ -1048,6 +1048,8 @@ def main():
     ap.add_argument("--only", default="catchup,bulk,cluster,latency")
     ap.add_argument("--catchup-mappings", default="light,full",
                     help="catch-up: the mappings to drain the backlog with (light, medium, full)")
+    ap.add_argument("--cluster-mapping", default="light", choices=sorted(CATCHUP_MAPPINGS),
+                    help="cluster: the catch-up mapping drained into a single Redis and a 3-primary cluster")
     ap.add_argument("--rates", default="1000,5000", help="latency: transactions/s to run, comma-separated")
     ap.add_argument("--formats", default="json", help="latency: payload formats to run (json,cbor)")
     ap.add_argument("--latency-runs", type=int, default=1,
@@ -1064,7 +1066,7 @@ def main():
     if "bulk" in only:
         results["bulk_1m"] = bulk(a.skusync, a.quick)
     if "cluster" in only:
-        results["cluster"] = cluster_catch_up(a.skusync, a.quick)
+        results["cluster"] = cluster_catch_up(a.skusync, a.quick, a.cluster_mapping)
     if "lookups" in only:
         # the same backlog with the flat mapping and Saleor's, side by side
         flat = stock_catch_up(a.skusync, "flat", a.quick)
