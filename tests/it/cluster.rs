@@ -316,7 +316,6 @@ async fn a_cluster_failover_that_loses_writes_is_noticed_and_rebuilt() {
         Workload::default_locations(),
     );
     rig.start().await;
-    eprintln!("step: started");
     let run = async |rig: &mut ClusterRig, w: &mut Workload, n: usize| {
         for _ in 0..n {
             let sql = w.next_txn();
@@ -325,18 +324,13 @@ async fn a_cluster_failover_that_loses_writes_is_noticed_and_rebuilt() {
     };
     run(&mut rig, &mut w, 100).await;
     rig.drain(Duration::from_secs(30)).await;
-    eprintln!("step: first drain");
     let victim = rig.cluster.primaries()[0];
     let heir = rig.cluster.freeze_replica(victim);
-    eprintln!("step: frozen");
     run(&mut rig, &mut w, 200).await;
-    eprintln!("step: written");
     rig.drain(Duration::from_secs(30)).await;
     tokio::task::block_in_place(|| rig.cluster.kill9_and_promote_stale_replica(victim, heir));
-    eprintln!("step: promoted");
     run(&mut rig, &mut w, 100).await;
     rig.drain(Duration::from_secs(120)).await;
-    eprintln!("step: drained");
     rig.assert_converges(Duration::from_secs(60)).await;
     assert!(
         rig.daemon()

@@ -547,6 +547,18 @@ impl Applier {
         let mut con = self.con.clone();
         // One pipeline of every slot's call: split per primary (each node's calls in one
         // round trip, in slot order), replies in the same order.
+        let slot_call = |slot: u16, group: &[&Entry], mark: Lsn| {
+            let floor = settings.fence.slots.get(slot);
+            encode_call(
+                settings,
+                &Call::Slot(slot),
+                group,
+                Some(mark),
+                floor,
+                quiet,
+                &sha,
+            )
+        };
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         let mut calls = Vec::with_capacity(groups.len());
@@ -554,16 +566,7 @@ impl Applier {
             // what the slot's meta copy records: no LSN of the call is above it
             let mark =
                 end.unwrap_or_else(|| group.iter().map(|e| e.last.0).max().unwrap_or(Lsn(0)));
-            let floor = settings.fence.slots.get(slot);
-            pipe.add_command(encode_call(
-                settings,
-                &Call::Slot(slot),
-                &group,
-                Some(mark),
-                floor,
-                quiet,
-                &sha,
-            ));
+            pipe.add_command(slot_call(slot, &group, mark));
             calls.push((slot, mark, group));
         }
         let replies: Vec<redis::Value> = pipe
@@ -580,17 +583,7 @@ impl Applier {
                 Err(e)
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
                 {
-                    let floor = settings.fence.slots.get(slot);
-                    let cmd = encode_call(
-                        settings,
-                        &Call::Slot(slot),
-                        &group,
-                        Some(mark),
-                        floor,
-                        quiet,
-                        &sha,
-                    );
-                    invoke_value(&mut con, cmd).await
+                    invoke_value(&mut con, slot_call(slot, &group, mark)).await
                 }
                 r => r,
             };
