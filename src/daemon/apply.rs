@@ -11,6 +11,9 @@ pub(super) const CALL_ENTRIES: usize = 500;
 pub(super) const META_CHECK: Duration = Duration::from_secs(2);
 /// How often the mapped tables' partitions are compared with those Redis was built with.
 pub(super) const PARTITION_CHECK: Duration = Duration::from_secs(5);
+/// How long a relation of a streamed transaction waits for the transaction to become
+/// visible to the catalog before the cycle restarts (see `await_xact_ended`).
+pub(super) const XACT_VISIBLE_WAIT: Duration = Duration::from_secs(10);
 /// Most stock steps per apply call, per allowed entry (`max_batch_skus`).
 pub(super) const STEPS_PER_ENTRY: usize = 5;
 /// While catching up, how long the source may stay quiet before what is pending is

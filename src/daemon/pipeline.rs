@@ -45,6 +45,8 @@ impl Daemon {
         let mut not_partitions: std::collections::HashSet<u32> = Default::default();
         // The transaction being read truncated a stock table (alerts at its commit).
         let mut truncated = false;
+        // The xid of the transaction being read (its relations may be new partitions).
+        let mut xid: Option<u32> = None;
         loop {
             let full_now = hold(&pending);
             let events = tokio::select! {
@@ -118,7 +120,7 @@ impl Daemon {
                     SourceEvent::Reset => fold.reset(),
                     SourceEvent::Event(Event::Relation(r)) => {
                         if let Some(c) = self
-                            .on_relation(&r, &mut fold, &applier, &mut not_partitions)
+                            .on_relation(&r, xid, &mut fold, &applier, &mut not_partitions)
                             .await?
                         {
                             return Ok(c);
@@ -126,6 +128,7 @@ impl Daemon {
                     }
                     SourceEvent::Event(Event::Begin(b)) => {
                         truncated = false;
+                        xid = Some(b.xid);
                         fold.begin(&b);
                     }
                     SourceEvent::Event(Event::Change(c)) => {
@@ -371,13 +374,22 @@ impl Daemon {
     async fn on_relation(
         &mut self,
         r: &crate::txn::RelationDesc,
+        xid: Option<u32>,
         fold: &mut Fold,
         applier: &Applier,
         not_partitions: &mut std::collections::HashSet<u32>,
     ) -> Result<Option<Cycle>, DaemonError> {
         if !fold.knows(r) && !not_partitions.contains(&r.oid) {
             // Named by a partition attached since the partitions were read?
-            match self.mapped_parent(r.oid).await? {
+            let mut parent = self.mapped_parent(r.oid).await?;
+            if parent.is_none()
+                && let Some(xid) = xid
+                && self.await_xact_ended(xid).await?
+            {
+                // created by this very transaction, which the catalog did not show yet
+                parent = self.mapped_parent(r.oid).await?;
+            }
+            match parent {
                 Some(parent) if self.mapping.inventory.iter().any(|m| m.table == parent) => {
                     // Its rows before the attach never reached the stream.
                     return self
@@ -727,6 +739,29 @@ impl Daemon {
         let tables: Vec<String> = self.mapping.tables().map(str::to_string).collect();
         let client = self.catalog().await?;
         Ok(partitions::mapped_ancestor(&client, &self.pgc, oid, &tables).await?)
+    }
+
+    /// Wait until transaction `xid`, which the stream is delivering, has ended for new
+    /// snapshots (see [`partitions::xact_ended`]); true when it had not at first. Bounded:
+    /// past [`XACT_VISIBLE_WAIT`] the cycle restarts and the transaction replays, rather
+    /// than its relations being taken for unmapped tables.
+    async fn await_xact_ended(&self, xid: u32) -> Result<bool, DaemonError> {
+        let client = self.catalog().await?;
+        let start = tokio::time::Instant::now();
+        let mut waited = false;
+        while !partitions::xact_ended(&client, &self.pgc, xid).await? {
+            if start.elapsed() >= XACT_VISIBLE_WAIT {
+                return Err(DaemonError::Transient(format!(
+                    "transaction {xid} was streamed {XACT_VISIBLE_WAIT:?} ago but new snapshots do not \
+                     see it yet (a synchronous standby holding its commit?), so the catalog cannot say \
+                     whether a relation it uses is a new partition of a mapped table; restarting to \
+                     read it again"
+                )));
+            }
+            waited = true;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok(waited)
     }
 
     /// Why Redis no longer matches the stock tables' partitions, if it does not: a

@@ -194,9 +194,68 @@ pub async fn mapped_ancestor(
         .find(|name| tables.contains(name)))
 }
 
+/// Whether transaction `xid` (the 32 bits a pgoutput Begin carries) has ended for a
+/// snapshot taken now. The walsender may send a transaction as soon as its commit record
+/// is flushed, before the committing backend leaves the proc array (a synchronous standby
+/// can hold it there for long): until then a catalog query does not see what it created,
+/// such as a new partition.
+pub async fn xact_ended(
+    client: &tokio_postgres::Client,
+    cfg: &PgConnectConfig,
+    xid: u32,
+) -> Result<bool, PgError> {
+    let row = client
+        .query_one(
+            "SELECT pg_snapshot_xmax(s)::text, ARRAY(SELECT x::text FROM pg_snapshot_xip(s) x) \
+             FROM pg_current_snapshot() s",
+            &[],
+        )
+        .await
+        .map_err(|e| meta::classify(e, cfg))?;
+    let xmax: String = row.get(0);
+    let xip: Vec<String> = row.get(1);
+    let num = |t: &str| {
+        t.parse::<u64>()
+            .map_err(|_| PgError::Protocol(format!("pg_current_snapshot gave xid {t:?}")))
+    };
+    let xip = xip
+        .iter()
+        .map(|t| num(t))
+        .collect::<Result<Vec<u64>, _>>()?;
+    Ok(ended_in_snapshot(xid, num(&xmax)?, &xip))
+}
+
+/// Whether 32-bit `xid` has ended in a snapshot with 64-bit `xmax` and in-progress list
+/// `xip`: it precedes `xmax` (modulo 2^32: a transaction just streamed is far less than
+/// 2^31 transactions old) and is not in progress.
+pub fn ended_in_snapshot(xid: u32, xmax: u64, xip: &[u64]) -> bool {
+    // the low 32 bits of a 64-bit xid are the xid itself
+    let low = |x: u64| x as u32;
+    let precedes = (xid.wrapping_sub(low(xmax)) as i32) < 0;
+    precedes && !xip.iter().any(|&x| low(x) == xid)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_transaction_has_ended_below_xmax_and_outside_the_in_progress_list() {
+        assert!(ended_in_snapshot(100, 105, &[101, 103]));
+        assert!(!ended_in_snapshot(101, 105, &[101, 103]));
+        // xmax and later: not even started for the snapshot
+        assert!(!ended_in_snapshot(105, 105, &[]));
+        assert!(!ended_in_snapshot(106, 105, &[]));
+        // across an epoch: the xid8 of xid 4294967290 in epoch 1, xmax in epoch 2
+        let epoch2 = 2u64 << 32;
+        assert!(ended_in_snapshot(4_294_967_290, epoch2 + 5, &[]));
+        assert!(!ended_in_snapshot(
+            4_294_967_290,
+            epoch2 + 5,
+            &[(1u64 << 32) + 4_294_967_290]
+        ));
+        assert!(!ended_in_snapshot(7, epoch2 + 5, &[]));
+    }
 
     fn m(parent: &str, oid: u32, leaf: bool, node: u32) -> Member {
         Member {
