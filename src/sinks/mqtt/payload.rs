@@ -364,15 +364,9 @@ pub fn state_message(
                     .get("pub_state")
                     .and_then(|s| serde_json::from_str::<BTreeMap<String, i64>>(s).ok())
                     .unwrap_or_default();
-                let stored = |m: &BTreeMap<String, i64>| -> BTreeMap<String, i64> {
-                    m.iter()
-                        .filter(|(k, _)| is_stored(spec, k))
-                        .map(|(k, v)| (k.clone(), *v))
-                        .collect()
-                };
                 obj.insert(
                     "delta",
-                    Member::Raw(delta(&stored(&values), &stored(&prev), scale)),
+                    Member::Raw(delta(&values, &prev, |k| is_stored(spec, k), scale)),
                 );
                 let pp = piece_num(fields.get("pub_piece").map(String::as_str));
                 obj.insert("delta_from", Member::Str(base(p, pp)));
@@ -577,19 +571,45 @@ pub fn users_queries(
     out
 }
 
-/// Current minus previous, non-zero entries only; location values nested under
-/// `locations` like in the payload. Returns the JSON object.
-fn delta(cur: &BTreeMap<String, i64>, prev: &BTreeMap<String, i64>, scale: u32) -> Vec<u8> {
+/// Current minus previous over the keys `keep` accepts, non-zero entries only; location
+/// values nested under `locations` like in the payload. Returns the JSON object.
+fn delta(
+    cur: &BTreeMap<String, i64>,
+    prev: &BTreeMap<String, i64>,
+    keep: impl Fn(&str) -> bool,
+    scale: u32,
+) -> Vec<u8> {
     let mut out: BTreeMap<&str, Member> = BTreeMap::new();
     let mut locs: BTreeMap<&str, BTreeMap<&str, i64>> = BTreeMap::new();
-    let keys: std::collections::BTreeSet<&String> = cur.keys().chain(prev.keys()).collect();
-    for k in keys {
-        let d = cur
-            .get(k)
-            .copied()
-            .unwrap_or(0)
-            .saturating_sub(prev.get(k).copied().unwrap_or(0));
-        if d == 0 {
+    // Both maps are sorted: walk them together (every key once, absent meaning 0).
+    let mut a = cur.iter().peekable();
+    let mut b = prev.iter().peekable();
+    loop {
+        let (k, d) = match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some((ka, va)), Some((kb, vb))) if ka == kb => {
+                let r = (*ka, va.saturating_sub(**vb));
+                a.next();
+                b.next();
+                r
+            }
+            (Some((ka, va)), Some((kb, _))) if ka < kb => {
+                let r = (*ka, **va);
+                a.next();
+                r
+            }
+            (Some((ka, va)), None) => {
+                let r = (*ka, **va);
+                a.next();
+                r
+            }
+            (_, Some((kb, vb))) => {
+                let r = (*kb, 0i64.saturating_sub(**vb));
+                b.next();
+                r
+            }
+        };
+        if d == 0 || !keep(k) {
             continue;
         }
         match k.strip_prefix("loc:").and_then(|r| r.rsplit_once(':')) {

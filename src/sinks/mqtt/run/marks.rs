@@ -31,8 +31,11 @@ for i, key in ipairs(KEYS) do
     local ahead = cl and (#cl > #l or (#cl == #l and cl > l))
     local same = cl == l
     if not (ahead or (same and cp >= pn)) then
-      redis.call('HSET', key, 'pub_lsn', l, 'pub_piece', tostring(pn), 'pub_state', st)
-      if seqn then redis.call('HSET', key, 'pub_seq', seq) end
+      if seqn then
+        redis.call('HSET', key, 'pub_lsn', l, 'pub_piece', tostring(pn), 'pub_state', st, 'pub_seq', seq)
+      else
+        redis.call('HSET', key, 'pub_lsn', l, 'pub_piece', tostring(pn), 'pub_state', st)
+      end
       out[i] = 1
     elseif same and cp == pn and seqn and (tonumber(cur[3] or '') or -1) < seqn then
       redis.call('HSET', key, 'pub_seq', seq)

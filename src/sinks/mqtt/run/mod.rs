@@ -40,6 +40,9 @@ const MAX_IN_FLIGHT: usize = 512;
 const EVENT_BURST: usize = 512;
 /// SKU hashes read per pipelined round trip.
 const READ_GROUP: usize = 256;
+/// Groups of at most this many SKUs are built on the publisher's own task, larger ones
+/// on a blocking thread (see `read_group`).
+const BUILD_INLINE: usize = 32;
 const CHANNEL_CAP: usize = MAX_IN_FLIGHT + MAX_ALERTS_PER_ROUND + 16;
 /// Alerts of one SKU sent per publish round; more go in the next round.
 const MAX_ALERTS_PER_ROUND: usize = 32;
@@ -1166,6 +1169,7 @@ async fn read_group(
     }
     // From here on the marks are recorded: a failure fails the group's SKUs (read again
     // after a pause), not the marks' replies.
+    let hashes_len = hashes.len();
     let counts: Vec<i64> = if queries.iter().all(|q| q.replies() == 0) {
         Vec::new()
     } else {
@@ -1174,7 +1178,7 @@ async fn read_group(
             Err(e) => return Ok((all, vec![Err(e)], now_ms)),
         }
     };
-    let built = tokio::task::spawn_blocking(move || {
+    let build_all = move || {
         let mut counts = counts.into_iter();
         let mut out: Vec<Result<Read, redis::RedisError>> = hashes
             .into_iter()
@@ -1188,14 +1192,21 @@ async fn read_group(
             .collect();
         out.extend(bad.map(Err));
         out
-    })
-    .await
-    .unwrap_or_else(|e| {
-        vec![Err(redis::RedisError::from((
-            redis::ErrorKind::Io,
-            "building states",
-            e.to_string(),
-        )))]
-    });
+    };
+    // A small group is built here: handing it to another thread and back costs more
+    // than building it (two wake-ups per group, most groups at live rates).
+    let built = if hashes_len <= BUILD_INLINE {
+        build_all()
+    } else {
+        tokio::task::spawn_blocking(build_all)
+            .await
+            .unwrap_or_else(|e| {
+                vec![Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "building states",
+                    e.to_string(),
+                )))]
+            })
+    };
     Ok((all, built, now_ms))
 }
