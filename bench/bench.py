@@ -443,6 +443,80 @@ class WalsenderCpu:
         return round(self.cpu, 2)
 
 
+class CpuByProcess:
+    """CPU seconds per kind of process while a load runs, sampled from /proc every 0.2 s
+    (a process that exits keeps its last sample, so pgbench's short-lived backends count):
+    the walsender, other PostgreSQL backends (pgbench's sessions), pgbench, skusync, Redis,
+    the broker, the subscriber, and the machine's whole busy time from /proc/stat."""
+
+    def __init__(self, st, skusync_pid):
+        import threading
+        self.own = {st.procs[0].pid: "redis", st.procs[1].pid: "broker", skusync_pid: "skusync"}
+        self.first, self.last, self.kind = {}, {}, {}
+        self.busy0 = self.busy()
+        self.t0 = time.time()
+        self.stop_ = False
+        self.initial = True
+        self.sample()
+        self.initial = False
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+
+    @staticmethod
+    def busy():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+    def classify(self, pid, comm):
+        if pid in self.own:
+            return self.own[pid]
+        if comm == "postgres":
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                return None
+            if "walsender" in cmd:
+                return "walsender"
+            return "postgres_backends" if "[local]" in cmd or "127.0.0.1" in cmd else "postgres_other"
+        return {"pgbench": "pgbench", "mosquitto_sub": "subscriber"}.get(comm)
+
+    def sample(self):
+        tick = os.sysconf("SC_CLK_TCK")
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            pid = int(d)
+            try:
+                raw = open(f"/proc/{pid}/stat").read()
+            except OSError:
+                continue
+            comm = raw[raw.index("(") + 1:raw.rindex(")")]
+            parts = raw.rsplit(")", 1)[1].split()
+            cpu = (int(parts[11]) + int(parts[12])) / tick
+            if pid not in self.kind:
+                self.kind[pid] = self.classify(pid, comm)
+                self.first[pid] = cpu if self.initial else 0.0
+            self.last[pid] = cpu
+
+    def run(self):
+        while not self.stop_:
+            time.sleep(0.2)
+            self.sample()
+
+    def stop(self):
+        self.stop_ = True
+        self.t.join()
+        self.sample()
+        out = {}
+        for pid, k in self.kind.items():
+            if k is not None:
+                out[k] = out.get(k, 0.0) + self.last[pid] - self.first[pid]
+        out["machine_busy"] = self.busy() - self.busy0
+        out["wall"] = time.time() - self.t0
+        return out
+
+
 def catch_up(exe, quick, mapping="medium"):
     """Backlog of single-row transactions (half activity inserts, half stock updates),
     drained with one of the `MAPPINGS`."""
@@ -752,9 +826,11 @@ def cbor_decode(b):
     return item(0)[0]
 
 
-def latency(exe, rate, quick, fmt="json"):
+def latency(exe, rate, quick, fmt="json", pg_protocol="prepared"):
     """Fixed-rate load (open loop, pgbench -R) and a subscriber timing each message;
-    `fmt` is the payload format (`json` or `cbor`)."""
+    `fmt` is the payload format (`json` or `cbor`); `pg_protocol` is pgbench's query mode
+    (`prepared`, as an application with a connection pool sends its statements, or
+    `simple`: each statement parsed and planned again, about 30% more PostgreSQL CPU)."""
     skus = 10000
     secs = 3 if quick else 15
     min_interval = 100
@@ -774,8 +850,11 @@ def latency(exe, rate, quick, fmt="json"):
         # Into a file, not a pipe: a full pipe would block the subscriber and delay its
         # receive timestamps.
         sub_out = os.path.join(st.dir, f"sub-{rate}.txt")
+        # JSON as it came (one line: compact JSON has no newline); CBOR in hex. The
+        # subscriber shares the two cores: hex-formatting JSON cost it about twice the CPU.
+        sub_format = "%U %t %x" if fmt == "cbor" else "%U %t %p"
         sub = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(st.mqtt_port), "-t", "skusync/sku/+",
-                                "-q", "0", "-R", "-W", str(secs + 4), "-F", "%U %t %x"], stdout=open(sub_out, "w"),
+                                "-q", "0", "-R", "-W", str(secs + 4), "-F", sub_format], stdout=open(sub_out, "w"),
                                stderr=subprocess.DEVNULL)  # -W says "Timed out" when it exits
         time.sleep(1.0)
         script = os.path.join(st.dir, "latency.sql")
@@ -784,14 +863,19 @@ def latency(exe, rate, quick, fmt="json"):
                     "UPDATE inventory SET on_hand = on_hand - 1 WHERE sku = 'SKU-' || :s AND location = 'WH-1';\n")
         perf_all = perf_all_start(f"-{rate}")  # the load
         st.redis("CONFIG", "RESETSTAT")
-        cpu0 = {"skusync": s.stats()[0], "redis": proc_stats(st.procs[0].pid)[0]}
-        subprocess.run([f"{st.bin}/pgbench", "-h", st.dir, "-p", str(st.pg_port), "-U", "postgres", "-n", "-c", "4",
-                        "-j", "2", "-R", str(rate), "-T", str(secs), "-f", script, "postgres"], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cpu = CpuByProcess(st, s.p.pid)
+        pgb = subprocess.run([f"{st.bin}/pgbench", "-h", st.dir, "-p", str(st.pg_port), "-U", "postgres", "-n", "-c",
+                              "4", "-j", "2", "-M", pg_protocol, "-R", str(rate), "-T", str(secs), "-f", script, "postgres"], check=True,
+                             capture_output=True, text=True)
+        cpu = cpu.stop()
         perf_all_stop(perf_all)
-        # CPU seconds per 1k transactions during the load (where the machine's cores go).
-        cpu = {"skusync": s.stats()[0] - cpu0["skusync"], "redis": proc_stats(st.procs[0].pid)[0] - cpu0["redis"]}
-        cpu_per_1k = {k: round(v * 1000 / (rate * secs), 3) for k, v in cpu.items()}
+        done = re.search(r"number of transactions actually processed: (\d+)", pgb.stdout)
+        done = int(done.group(1)) if done else rate * secs
+        # Where the machine's two cores went during the load: µs of CPU per transaction,
+        # per kind of process, and the share of both cores in use.
+        cpu_us_per_tx = {k: round(v * 1e6 / done, 1) for k, v in cpu.items() if k not in ("wall", "machine_busy")}
+        cpu_us_per_tx["machine"] = round(cpu["machine_busy"] * 1e6 / done, 1)
+        busy_share = round(cpu["machine_busy"] / (cpu["wall"] * (os.cpu_count() or 1)), 3)
         top = redis_top_commands(st)
         sub.wait(timeout=30)
         out = open(sub_out).read()
@@ -802,12 +886,12 @@ def latency(exe, rate, quick, fmt="json"):
         for line in out.splitlines():
             try:
                 recv, topic, payload = line.split(" ", 2)
-                raw = bytes.fromhex(payload)
+                raw = bytes.fromhex(payload) if fmt == "cbor" else payload
                 messages.append((recv, topic, cbor_decode(raw) if fmt == "cbor" else json.loads(raw)))
             except (ValueError, KeyError, IndexError, struct.error):
                 continue
         immediate, held = split_latencies(messages, min_interval)
-        return {"rate_tx_per_s": rate, "format": fmt, "seconds": secs, "skus": skus, "min_interval_ms": min_interval,
+        return {"rate_tx_per_s": rate, "format": fmt, "pg_protocol": pg_protocol, "seconds": secs, "skus": skus, "min_interval_ms": min_interval,
                 "messages": len(immediate) + len(held),
                 "immediate": {"n": len(immediate), "p50_ms": pct(immediate, 50), "p95_ms": pct(immediate, 95),
                               "p99_ms": pct(immediate, 99), "max_ms": pct(immediate, 100)},
@@ -816,7 +900,8 @@ def latency(exe, rate, quick, fmt="json"):
                 # the broker's acknowledgement, as skusync sees it (the subscriber's own
                 # receive follows it)
                 "commit_to_puback": hist_percentiles(before_ack, after_ack),
-                "cpu_s_per_1k_tx": cpu_per_1k, "redis_top_commands": top}
+                "transactions": done, "cpu_us_per_tx": cpu_us_per_tx, "cores_busy_share": busy_share,
+                "redis_top_commands": top}
     finally:
         st.stop()
 
@@ -1052,6 +1137,8 @@ def main():
                     help="cluster: the catch-up mapping drained into a single Redis and a 3-primary cluster")
     ap.add_argument("--rates", default="1000,5000", help="latency: transactions/s to run, comma-separated")
     ap.add_argument("--formats", default="json", help="latency: payload formats to run (json,cbor)")
+    ap.add_argument("--pg-protocol", default="prepared", choices=["prepared", "simple"],
+                    help="latency: pgbench's query mode for the load (-M)")
     ap.add_argument("--latency-runs", type=int, default=1,
                     help="latency: runs per rate (single runs on these machines vary a lot)")
     ap.add_argument("--broker-window", type=int, default=BROKER_WINDOW,
@@ -1077,7 +1164,7 @@ def main():
     if "lookups_memory" in only:
         results["lookups_memory"] = lookup_memory(a.skusync, a.quick)
     if "latency" in only:
-        results["latency"] = [dict(latency(a.skusync, r, a.quick, fmt), run=i + 1)
+        results["latency"] = [dict(latency(a.skusync, r, a.quick, fmt, a.pg_protocol), run=i + 1)
                               for fmt in a.formats.split(",")
                               for r in map(int, a.rates.split(",")) for i in range(a.latency_runs)]
     os.makedirs(os.path.join(ROOT, "target/bench"), exist_ok=True)
@@ -1133,6 +1220,10 @@ def main():
               f"commit->Redis p50 <= {r['p50_ms_at_most']} p95 <= {r['p95_ms_at_most']} p99 <= {r['p99_ms_at_most']} ms | "
               f"commit->PUBACK (throttled too) p50 <= {ack['p50_ms_at_most']} p95 <= {ack['p95_ms_at_most']} "
               f"p99 <= {ack['p99_ms_at_most']} ms")
+        print(f"latency    {l['format']:>4} {l['rate_tx_per_s']:>5} tx/s{run}  {l['transactions']} transactions "
+              f"(pgbench -M {l['pg_protocol']}); cores "
+              f"{round(l['cores_busy_share'] * 100)}% busy; CPU us per transaction: "
+              + ", ".join(f"{k} {v}" for k, v in sorted(l["cpu_us_per_tx"].items(), key=lambda kv: -kv[1])))
     if a.latency_runs > 1:
         for fmt in a.formats.split(","):
           for rate in map(int, a.rates.split(",")):
