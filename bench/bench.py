@@ -877,6 +877,9 @@ def latency(exe, rate, quick, fmt="json", pg_protocol="prepared"):
         cpu_us_per_tx["machine"] = round(cpu["machine_busy"] * 1e6 / done, 1)
         busy_share = round(cpu["machine_busy"] / (cpu["wall"] * (os.cpu_count() or 1)), 3)
         top = redis_top_commands(st)
+        # Redis' read and write events (about one per client round trip each)
+        stats = dict(l.split(":", 1) for l in st.redis("INFO", "stats").splitlines() if ":" in l)
+        round_trips = {k: round(int(stats.get(f"total_{k}_processed", 0)) / done, 2) for k in ("reads", "writes")}
         sub.wait(timeout=30)
         out = open(sub_out).read()
         after = histogram(http_port, "skusync_commit_to_redis_seconds")
@@ -901,7 +904,7 @@ def latency(exe, rate, quick, fmt="json", pg_protocol="prepared"):
                 # receive follows it)
                 "commit_to_puback": hist_percentiles(before_ack, after_ack),
                 "transactions": done, "cpu_us_per_tx": cpu_us_per_tx, "cores_busy_share": busy_share,
-                "redis_top_commands": top}
+                "redis_top_commands": top, "redis_events_per_tx": round_trips}
     finally:
         st.stop()
 
