@@ -22,13 +22,39 @@ impl Ticket {
     pub fn end_lsn(&self) -> Lsn {
         self.end_lsn
     }
+
+    /// Its sequence number: tickets are numbered in the order [`Progress::commit`] gave
+    /// them out, so a batch of consecutive transactions is a range of them (see
+    /// [`Progress::durable_seqs`]).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
 }
 
+/// A received transaction awaiting its sinks: 16 bytes, since a catch-up keeps one per
+/// transaction of the batches in flight (100k and more).
 #[derive(Clone, Copy, Debug)]
 struct Pending {
-    seq: u64,
+    /// The ticket's sequence number, with [`DURABLE`] set once the sinks finished it.
+    seq_flags: u64,
     end_lsn: Lsn,
-    durable: bool,
+}
+
+/// The flag bit of [`Pending::seq_flags`] (sequence numbers stay far below 2^63).
+const DURABLE: u64 = 1 << 63;
+
+impl Pending {
+    fn seq(&self) -> u64 {
+        self.seq_flags & !DURABLE
+    }
+
+    fn durable(&self) -> bool {
+        self.seq_flags & DURABLE != 0
+    }
+
+    fn mark_durable(&mut self) {
+        self.seq_flags |= DURABLE;
+    }
 }
 
 /// Commit-to-send delay (server clock) above which the slot counts as catching up: the
@@ -84,9 +110,8 @@ impl Progress {
             return ticket;
         }
         let p = Pending {
-            seq,
+            seq_flags: seq,
             end_lsn,
-            durable: false,
         };
         // In one session end LSNs rise, so this is a push_back (checked first: this runs
         // for every transaction); a replay after reconnect may land earlier and is
@@ -96,7 +121,7 @@ impl Progress {
         } else {
             let at = self
                 .pending
-                .partition_point(|p| (p.end_lsn, p.seq) <= (end_lsn, seq));
+                .partition_point(|p| (p.end_lsn, p.seq()) <= (end_lsn, seq));
             self.pending.insert(at, p);
         }
         ticket
@@ -123,16 +148,43 @@ impl Progress {
         let key = (ticket.end_lsn, ticket.seq);
         // Tickets mostly come back in order: the front is the common case.
         let i = match self.pending.front() {
-            Some(f) if (f.end_lsn, f.seq) == key => Ok(0),
+            Some(f) if (f.end_lsn, f.seq()) == key => Ok(0),
             _ => self
                 .pending
-                .binary_search_by(|p| (p.end_lsn, p.seq).cmp(&key)),
+                .binary_search_by(|p| (p.end_lsn, p.seq()).cmp(&key)),
         };
         if let Ok(i) = i {
-            self.pending[i].durable = true;
+            self.pending[i].mark_durable();
         }
+        self.advance();
+    }
+
+    /// Sinks finished every transaction whose ticket's sequence number is in
+    /// `first..=last`: the same as [`Progress::durable`] for each of those tickets, so a
+    /// sink need not keep a ticket per transaction. Unknown numbers are ignored.
+    pub fn durable_seqs(&mut self, first: u64, last: u64) {
+        if first > last {
+            return;
+        }
+        let want = last - first + 1;
+        let mut found = 0u64;
+        // A batch's transactions are nearly always the oldest pending ones: the front.
+        for p in self.pending.iter_mut() {
+            if (first..=last).contains(&p.seq()) {
+                p.mark_durable();
+                found += 1;
+                if found == want {
+                    break;
+                }
+            }
+        }
+        self.advance();
+    }
+
+    /// Fold the durable prefix into the flush LSN.
+    fn advance(&mut self) {
         while let Some(p) = self.pending.front() {
-            if !p.durable {
+            if !p.durable() {
                 break;
             }
             self.flush = self.flush.max(p.end_lsn);
@@ -301,10 +353,39 @@ mod tests {
         assert_eq!((p.flush_lsn(), p.pending()), (Lsn(200), 0));
     }
 
+    #[test]
+    fn a_range_of_sequence_numbers_is_exactly_its_tickets_also_around_a_replay() {
+        let mut p = Progress::new(Lsn(0));
+        let a = p.commit(Lsn(100));
+        let b = p.commit(Lsn(200));
+        p.abort_open();
+        // replayed after a reconnect: sorted in between the first copies
+        let a2 = p.commit(Lsn(100));
+        let b2 = p.commit(Lsn(200));
+        assert_eq!((a2.seq(), b2.seq()), (a.seq() + 2, a.seq() + 3));
+        p.durable_seqs(a2.seq(), b2.seq());
+        assert_eq!(
+            p.flush_lsn(),
+            Lsn(0),
+            "the first copies are still in flight"
+        );
+        assert_eq!(p.pending(), 4);
+        p.durable_seqs(a.seq(), a.seq());
+        assert_eq!((p.flush_lsn(), p.pending()), (Lsn(100), 2));
+        // numbers no transaction holds, and an empty range, change nothing
+        p.durable_seqs(50, 60);
+        p.durable_seqs(b.seq() + 1, b.seq());
+        assert_eq!((p.flush_lsn(), p.pending()), (Lsn(100), 2));
+        p.durable_seqs(b.seq(), b.seq());
+        assert_eq!((p.flush_lsn(), p.pending()), (Lsn(200), 0));
+    }
+
     #[derive(Clone, Debug)]
     enum Op {
         Commit(u64),
         Durable(usize),
+        /// Tickets `i..i + n` (in the order given out) at once, by sequence numbers.
+        DurableRange(usize, usize),
         Keepalive(u64),
         Begin,
     }
@@ -314,6 +395,7 @@ mod tests {
             prop_oneof![
                 3 => (1u64..100).prop_map(Op::Commit),
                 3 => any::<usize>().prop_map(Op::Durable),
+                2 => (any::<usize>(), 1usize..6).prop_map(|(i, n)| Op::DurableRange(i, n)),
                 1 => (0u64..150).prop_map(Op::Keepalive),
                 1 => Just(Op::Begin),
             ],
@@ -353,6 +435,16 @@ mod tests {
                             let i = i % tickets.len();
                             tickets[i].1 = true;
                             p.durable(tickets[i].0);
+                        }
+                    }
+                    Op::DurableRange(i, n) => {
+                        if !tickets.is_empty() {
+                            let i = i % tickets.len();
+                            let j = (i + n).min(tickets.len());
+                            for t in &mut tickets[i..j] {
+                                t.1 = true;
+                            }
+                            p.durable_seqs(tickets[i].0.seq(), tickets[j - 1].0.seq());
                         }
                     }
                     Op::Keepalive(ahead) => {

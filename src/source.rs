@@ -160,6 +160,11 @@ impl ProgressHandle {
     pub fn durable(&self, ticket: Ticket) {
         self.lock().durable(ticket);
     }
+    /// The transactions of tickets numbered `first..=last` are durable in every sink
+    /// (see [`Progress::durable_seqs`]).
+    pub fn durable_seqs(&self, first: u64, last: u64) {
+        self.lock().durable_seqs(first, last);
+    }
     /// The flush LSN the slot may be confirmed to.
     pub fn flush_lsn(&self) -> Lsn {
         self.lock().flush_lsn()

@@ -392,17 +392,19 @@ fn skip_log() -> &'static SkipLog {
     L.get_or_init(Default::default)
 }
 
-/// The Redis apply script returned for transactions committed at `commit_unix_ms`:
-/// `sku_updates` SKU entries applied, `fenced` skipped as replays, `alerts` raised.
-pub fn redis_applied(sku_updates: u64, fenced: u64, alerts: u64, commit_unix_ms: &[i64]) {
+/// The Redis apply script returned for transactions committed at `commit_unix_ms`
+/// (commit time, how many transactions committed then): `sku_updates` SKU entries
+/// applied, `fenced` skipped as replays, `alerts` raised.
+pub fn redis_applied(sku_updates: u64, fenced: u64, alerts: u64, commit_unix_ms: &[(i64, u32)]) {
     counter!(SKU_UPDATES).increment(sku_updates);
     counter!(FENCED).increment(fenced);
     counter!(ALERTS_RAISED).increment(alerts);
     let now = unix_ms();
     // One registry lookup per call, not per transaction (this runs for every commit).
     let h = histogram!(COMMIT_TO_REDIS);
-    for &c in commit_unix_ms {
-        h.record((now - c).max(0) as f64 / 1000.0);
+    // (commit time, transactions committed then)
+    for &(c, n) in commit_unix_ms {
+        h.record_many((now - c).max(0) as f64 / 1000.0, n as usize);
     }
     redis_ok();
 }

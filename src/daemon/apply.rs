@@ -151,10 +151,65 @@ pub(super) struct Pending {
     /// Fields of `ri` some piece changed beyond quantities (`Piece::ri_local`): only
     /// these are written.
     pub(super) ri_write: std::collections::HashSet<String, foldhash::fast::RandomState>,
-    pub(super) tickets: Vec<Ticket>,
+    pub(super) tickets: Tickets,
     pub(super) end: Option<Lsn>,
     /// Commit times (unix ms) of the transactions, for the latency histogram.
-    pub(super) commit_ms: Vec<i64>,
+    pub(super) commit_ms: CommitTimes,
+}
+
+/// A batch's tickets as runs of consecutive sequence numbers: a batch over 10k SKUs may
+/// complete 100k transactions or more, and a ticket each was 16 bytes per transaction
+/// held (`Progress` still keeps a record per transaction until it is durable).
+#[derive(Default, Debug)]
+pub(super) struct Tickets {
+    runs: Vec<(u64, u64)>,
+    len: usize,
+}
+
+impl Tickets {
+    pub(super) fn push(&mut self, t: Ticket) {
+        let s = t.seq();
+        match self.runs.last_mut() {
+            Some((_, last)) if last.checked_add(1) == Some(s) => *last = s,
+            _ => self.runs.push((s, s)),
+        }
+        self.len += 1;
+    }
+
+    /// Transactions held.
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Report every transaction held durable.
+    pub(super) fn durable(self, progress: &ProgressHandle) {
+        for (first, last) in self.runs {
+            progress.durable_seqs(first, last);
+        }
+    }
+}
+
+/// Commit times (unix ms) of a batch's transactions, as runs of equal times (a backlog
+/// has dozens of commits per millisecond).
+#[derive(Default, Debug)]
+pub(super) struct CommitTimes(Vec<(i64, u32)>);
+
+impl CommitTimes {
+    pub(super) fn push(&mut self, ms: i64) {
+        match self.0.last_mut() {
+            Some((t, n)) if *t == ms && *n < u32::MAX => *n += 1,
+            _ => self.0.push((ms, 1)),
+        }
+    }
+
+    /// (commit time, transactions) pairs.
+    pub(super) fn runs(&self) -> &[(i64, u32)] {
+        &self.0
+    }
 }
 
 impl Pending {
@@ -185,9 +240,9 @@ impl Pending {
 pub(super) struct Flight {
     /// The fold's holder generation this batch sealed (see `Fold::seal`).
     pub(super) generation: u64,
-    pub(super) tickets: Vec<Ticket>,
+    pub(super) tickets: Tickets,
     pub(super) end: Option<Lsn>,
     pub(super) last_commit: Lsn,
-    pub(super) commit_ms: Vec<i64>,
+    pub(super) commit_ms: CommitTimes,
     pub(super) result: Result<rsink::Applied, RedisSinkError>,
 }

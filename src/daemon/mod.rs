@@ -748,9 +748,7 @@ impl Daemon {
             && let Ok(f) = f.await
             && f.result.is_ok()
         {
-            for t in f.tickets {
-                progress.durable(t);
-            }
+            f.tickets.durable(&progress);
         }
         r
     }

@@ -656,14 +656,12 @@ impl Daemon {
                     self.gate.fetch_max(end.0, Ordering::SeqCst);
                 }
                 self.ri_done = self.ri_done.max(f.generation);
-                for t in f.tickets {
-                    progress.durable(t);
-                }
+                f.tickets.durable(progress);
                 telemetry::redis_applied(
                     applied.applied,
                     applied.fenced,
                     applied.alerts,
-                    &f.commit_ms,
+                    f.commit_ms.runs(),
                 );
                 Ok(None)
             }
