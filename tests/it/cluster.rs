@@ -86,6 +86,28 @@ impl ClusterRig {
         self.daemon.as_mut().expect("skusync started")
     }
 
+    /// `n` transactions of `w`, one after another.
+    async fn run(&mut self, w: &mut Workload, n: usize) {
+        for _ in 0..n {
+            let sql = w.next_txn();
+            self.client
+                .batch_execute(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("workload SQL failed: {e:?}\n{sql}"));
+        }
+    }
+
+    /// SIGTERM skusync; it must exit 0.
+    fn stop_cleanly(&mut self) {
+        let code = self.daemon().sigterm();
+        assert_eq!(
+            code,
+            Some(0),
+            "SIGTERM exits 0\n{}",
+            self.daemon().stderr_all()
+        );
+    }
+
     /// A cluster connection (following MOVED and ASK) for single keys.
     async fn con(&self) -> redis::cluster_async::ClusterConnection {
         let seeds: Vec<String> = self
@@ -183,6 +205,16 @@ fn cluster_skus() -> Vec<String> {
     v
 }
 
+/// The seeded workload of these tests: the public tables with [`cluster_skus`].
+fn cluster_workload(seed: u64) -> Workload {
+    Workload::new(
+        seed,
+        WorkloadTables::public(),
+        cluster_skus(),
+        Workload::default_locations(),
+    )
+}
+
 /// Transactions from `w` on a connection of its own until `stop` is set; returns the
 /// workload.
 fn spawn_workload(
@@ -213,16 +245,8 @@ async fn a_redis_cluster_stays_exact_through_a_reshard_a_failover_and_a_primary_
         test_seed("a_redis_cluster_stays_exact_through_a_reshard_a_failover_and_a_primary_sigkill");
     let mut rig = ClusterRig::new().await;
     // a snapshot to load: some rows before skusync starts
-    let mut w = Workload::new(
-        seed,
-        WorkloadTables::public(),
-        cluster_skus(),
-        Workload::default_locations(),
-    );
-    for _ in 0..40 {
-        let sql = w.next_txn();
-        rig.client.batch_execute(&sql).await.expect("seed rows");
-    }
+    let mut w = cluster_workload(seed);
+    rig.run(&mut w, 40).await;
     rig.start().await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let work = spawn_workload(rig.pg.url("postgres", "postgres"), w, stop.clone());
@@ -293,13 +317,7 @@ async fn a_redis_cluster_stays_exact_through_a_reshard_a_failover_and_a_primary_
     let out = String::from_utf8_lossy(&check.stdout);
     assert!(out.contains("redis cluster: every slot served"), "{out}");
     assert!(!out.contains("FAIL"), "{out}");
-    let code = rig.daemon().sigterm();
-    assert_eq!(
-        code,
-        Some(0),
-        "SIGTERM exits 0\n{}",
-        rig.daemon().stderr_all()
-    );
+    rig.stop_cleanly();
 }
 
 /// A primary that dies with writes its replica never got: the replica takes over older.
@@ -309,27 +327,16 @@ async fn a_redis_cluster_stays_exact_through_a_reshard_a_failover_and_a_primary_
 async fn a_cluster_failover_that_loses_writes_is_noticed_and_rebuilt() {
     let seed = test_seed("a_cluster_failover_that_loses_writes_is_noticed_and_rebuilt");
     let mut rig = ClusterRig::new().await;
-    let mut w = Workload::new(
-        seed,
-        WorkloadTables::public(),
-        cluster_skus(),
-        Workload::default_locations(),
-    );
+    let mut w = cluster_workload(seed);
     rig.start().await;
-    let run = async |rig: &mut ClusterRig, w: &mut Workload, n: usize| {
-        for _ in 0..n {
-            let sql = w.next_txn();
-            rig.client.batch_execute(&sql).await.expect("workload");
-        }
-    };
-    run(&mut rig, &mut w, 100).await;
+    rig.run(&mut w, 100).await;
     rig.drain(Duration::from_secs(30)).await;
     let victim = rig.cluster.primaries()[0];
     let heir = rig.cluster.freeze_replica(victim);
-    run(&mut rig, &mut w, 200).await;
+    rig.run(&mut w, 200).await;
     rig.drain(Duration::from_secs(30)).await;
     tokio::task::block_in_place(|| rig.cluster.kill9_and_promote_stale_replica(victim, heir));
-    run(&mut rig, &mut w, 100).await;
+    rig.run(&mut w, 100).await;
     rig.drain(Duration::from_secs(120)).await;
     rig.assert_converges(Duration::from_secs(60)).await;
     assert!(
@@ -338,13 +345,7 @@ async fn a_cluster_failover_that_loses_writes_is_noticed_and_rebuilt() {
         "the lost writes were noticed\n{}",
         rig.daemon().stderr_all()
     );
-    let code = rig.daemon().sigterm();
-    assert_eq!(
-        code,
-        Some(0),
-        "SIGTERM exits 0\n{}",
-        rig.daemon().stderr_all()
-    );
+    rig.stop_cleanly();
 }
 
 /// SIGKILLs of skusync while it applies to the cluster: a batch's calls go to three
@@ -358,12 +359,7 @@ async fn sigkills_between_a_batchs_calls_to_different_primaries_lose_and_double_
         test_seed("sigkills_between_a_batchs_calls_to_different_primaries_lose_and_double_nothing");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut rig = ClusterRig::new().await;
-    let w = Workload::new(
-        seed,
-        WorkloadTables::public(),
-        cluster_skus(),
-        Workload::default_locations(),
-    );
+    let w = cluster_workload(seed);
     rig.start().await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let work = spawn_workload(rig.pg.url("postgres", "postgres"), w, stop.clone());
@@ -381,11 +377,5 @@ async fn sigkills_between_a_batchs_calls_to_different_primaries_lose_and_double_
     );
     rig.drain(Duration::from_secs(90)).await;
     rig.assert_converges(Duration::from_secs(60)).await;
-    let code = rig.daemon().sigterm();
-    assert_eq!(
-        code,
-        Some(0),
-        "SIGTERM exits 0\n{}",
-        rig.daemon().stderr_all()
-    );
+    rig.stop_cleanly();
 }
