@@ -198,7 +198,7 @@ impl Store {
             let mut thr = f.get("threshold").cloned();
             for rec in &e.trace {
                 let i = rec.row as usize;
-                match &rec.op {
+                match rec.op() {
                     TraceOp::None => {}
                     TraceOp::Del => {
                         has_stock = true;
@@ -215,11 +215,11 @@ impl Store {
                         let (oo, or) = cur[i].unwrap_or((0, 0));
                         let on = match on_hand {
                             Field::Keep => oo,
-                            Field::Val(v) => *v,
+                            Field::Val(v) => v,
                         };
                         let res = match reserved {
                             Field::Keep => or,
-                            Field::Val(v) => *v,
+                            Field::Val(v) => v,
                         };
                         avail += (on - res) - (oo - or);
                         cur[i] = Some((on, res));

@@ -1452,7 +1452,7 @@ fn encode_trace(out: &mut Vec<u8>, e: &Entry) {
     out.reserve(e.trace.len() * 45);
     for r in &e.trace {
         let (mut flags, mut on, mut res, mut thr) = (0u8, 0i64, 0i64, 0i64);
-        match &r.op {
+        match r.op() {
             TraceOp::None => flags |= T_NO_ROW,
             TraceOp::Del => flags |= T_DEL,
             TraceOp::Set {
@@ -1462,18 +1462,18 @@ fn encode_trace(out: &mut Vec<u8>, e: &Entry) {
             } => {
                 match on_hand {
                     Field::Keep => flags |= T_ON_KEEP,
-                    Field::Val(v) => on = *v,
+                    Field::Val(v) => on = v,
                 }
                 match reserved {
                     Field::Keep => flags |= T_RES_KEEP,
-                    Field::Val(v) => res = *v,
+                    Field::Val(v) => res = v,
                 }
                 match threshold {
                     Field::Keep => {}
                     Field::Val(None) => flags |= T_THR_CLEAR,
                     Field::Val(Some(t)) => {
                         flags |= T_THR_SET;
-                        thr = *t;
+                        thr = t;
                     }
                 }
             }
