@@ -132,65 +132,64 @@ local entries = {}
 local want = {}
 local function want_field(k, f)
   local w = want[k]
-  if not w then w = {list = {}, set = {}}; want[k] = w end
-  if not w.set[f] then w.set[f] = true; w.list[#w.list + 1] = f end
+  if not w then w = {}; want[k] = w end
+  if not w[f] then w[f] = true; w[#w + 1] = f end
 end
 local a = first_entry
 while a <= nargv do
-  local e = {k = tonumber(ARGV[a]), f = ARGV[a + 1], fp = tonumber(ARGV[a + 2]), l = ARGV[a + 3],
-             p = tonumber(ARGV[a + 4]), t = ARGV[a + 5]}
+  local k, f, fp, l, p, t = tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3],
+    tonumber(ARGV[a + 4]), ARGV[a + 5]
   local nx = tonumber(ARGV[a + 6])
   a = a + 7
+  local x = nil
   if nx > 0 then
-    e.x = {}
-    for i = 1, nx do e.x[i] = ARGV[a + i - 1] end
+    x = {}
+    for i = 1, nx do x[i] = ARGV[a + i - 1] end
     a = a + nx
   end
   local nr = tonumber(ARGV[a])
-  e.r = a + 1
-  e.nr = nr
+  local r = a + 1
   a = a + 1
   for _ = 1, nr do
-    want_field(e.k, ARGV[a])
-    if ARGV[a + 1] ~= 'D' and string.sub(ARGV[a + 1], 1, 1) == 'v' and ARGV[a + 2] ~= '' then
+    want_field(k, ARGV[a])
+    local flags = ARGV[a + 1]
+    if flags ~= 'D' and string.byte(flags, 1) == 118 and ARGV[a + 2] ~= '' then
       local pre = 'loc:' .. ARGV[a + 2] .. ':'
-      want_field(e.k, pre .. 'on_hand'); want_field(e.k, pre .. 'reserved'); want_field(e.k, pre .. 'rows')
+      want_field(k, pre .. 'on_hand'); want_field(k, pre .. 'reserved'); want_field(k, pre .. 'rows')
     end
     a = a + 5
   end
-  e.trace = ARGV[a]
+  local trace = ARGV[a]
   a = a + 1
   local guarded = 0
   local nc = tonumber(ARGV[a])
-  e.c = a + 1
-  e.nc = nc
+  local c0 = a + 1
   for i = 0, nc - 1 do
-    if string.byte(ARGV[e.c + 2 * i], 1) == 63 then guarded = guarded + 1 end
+    if string.byte(ARGV[c0 + 2 * i], 1) == 63 then guarded = guarded + 1 end
   end
   a = a + 1 + 2 * nc
   local nb = tonumber(ARGV[a])
-  e.b = a + 1
-  e.nb = nb
+  local b0 = a + 1
   for i = 0, nb - 1 do
-    local c = ARGV[e.b + 3 * i]
+    local c = ARGV[b0 + 3 * i]
     if string.byte(c, 1) == 63 then
       guarded = guarded + 1
       c = string.sub(c, 2)
     end
-    want_field(e.k, 'w:' .. c .. ':' .. ARGV[e.b + 3 * i + 1])
+    want_field(k, 'w:' .. c .. ':' .. ARGV[b0 + 3 * i + 1])
   end
   a = a + 1 + 3 * nb
   local nu = tonumber(ARGV[a])
-  e.u = a + 1
-  e.nu = nu
+  local u0 = a + 1
   a = a + 1
   for _ = 1, nu do
     if string.byte(ARGV[a], 1) == 63 then guarded = guarded + 1 end
     a = a + 3 + tonumber(ARGV[a + 2])
   end
-  e.only_guarded = e.x == nil and nr == 0 and e.trace == '' and guarded > 0
-    and guarded == nc + nb + nu
-  entries[#entries + 1] = e
+  entries[#entries + 1] = {k = k, f = f, fp = fp, l = l, p = p, t = t, x = x, r = r, nr = nr,
+    trace = trace, c = c0, nc = nc, b = b0, nb = nb, u = u0, nu = nu,
+    only_guarded = x == nil and nr == 0 and trace == '' and guarded > 0
+      and guarded == nc + nb + nu}
 end
 
 local base_fields = {'lsn', 'piece', 'rows', 'on_hand', 'reserved', 'gone', 'threshold', 'alert_state'}
@@ -198,41 +197,41 @@ local nbase = #base_fields
 
 -- The fields every hash is read with, built once per call.
 local fixed = {}
-for i, f in ipairs(base_fields) do fixed[i] = f end
-for _, c in ipairs(counters) do
-  fixed[#fixed + 1] = c
-  fixed[#fixed + 1] = 'wmax:' .. c
+for i = 1, nbase do fixed[i] = base_fields[i] end
+for i = 1, ncounters do
+  fixed[nbase + 2 * i - 1] = counters[i]
+  fixed[nbase + 2 * i] = 'wmax:' .. counters[i]
 end
 local nfixed = #fixed
 
+-- A hash's state in the call. Tables most entries never need are made on first use (a
+-- Lua table costs more than the HMGET's fields): rowt (row field -> {loc, on, res} or
+-- false), roworder (rows changed, in order, and as keys), loc (locations changed, in
+-- order, and location -> {on, res, rows} deltas), bucket (bucket fields, in order, and
+-- field -> increment), cdirty, wdirty, del (fields to delete).
 local function load(key, w)
-  local extra = w and #w.list <= CHUNK and w.list or {}
+  local nextra = w and #w <= CHUNK and #w or 0
   local v
-  if #extra == 0 then
+  if nextra == 0 then
     v = redis.call('HMGET', key, unpack(fixed))
   else
     local q = {unpack(fixed)}
-    for i, f in ipairs(extra) do q[nfixed + i] = f end
+    for i = 1, nextra do q[nfixed + i] = w[i] end
     v = redis.call('HMGET', key, unpack(q))
   end
-  local h = {lsn = v[1], piece = tonumber(v[2] or '0') or 0, has_stock = v[3] ~= false,
-             rows = tonumber(v[3]) or 0, on = qty(v[4]) or 0, res = qty(v[5]) or 0,
-             was_gone = v[6] == '1', threshold = v[7] or nil, alert_state = v[8] or nil,
-             counters = {}, wmax = {}, cdirty = {}, wdirty = {},
-             -- fields read with the hash (false: absent)
-             pre = {},
-             -- row field -> {loc, on, res} or false; rows changed, in order
-             rowt = {}, rowdirty = {}, roworder = {},
-             -- location -> {on, res, rows} deltas; bucket field -> increment
-             loc = {}, locorder = {}, bucket = {}, bucketorder = {},
-             del = {}, written = false}
-  h.had_threshold = h.threshold ~= nil
-  for i, c in ipairs(counters) do
-    h.counters[c] = qty(v[nbase + 2 * i - 1]) or 0
-    h.wmax[c] = tonumber(v[nbase + 2 * i])
+  local t = v[7] or nil
+  local cs, wm, pre = {}, {}, {}
+  for i = 1, ncounters do
+    local c = counters[i]
+    cs[c] = qty(v[nbase + 2 * i - 1]) or 0
+    wm[c] = tonumber(v[nbase + 2 * i])
   end
-  for i, f in ipairs(extra) do h.pre[f] = v[nfixed + i] end
-  return h
+  -- fields read with the hash (false: absent)
+  for i = 1, nextra do pre[w[i]] = v[nfixed + i] end
+  return {lsn = v[1], piece = tonumber(v[2] or '0') or 0, has_stock = v[3] ~= false,
+          rows = tonumber(v[3]) or 0, on = qty(v[4]) or 0, res = qty(v[5]) or 0,
+          was_gone = v[6] == '1', threshold = t, had_threshold = t ~= nil,
+          alert_state = v[8] or nil, counters = cs, wmax = wm, pre = pre, written = false}
 end
 
 -- A field read with the hash, or read now.
@@ -247,8 +246,15 @@ end
 
 -- The row's current contribution {loc, on, res}, or false.
 local function row_get(key, h, f)
-  local t = h.rowt[f]
-  if t ~= nil then return t end
+  local rt = h.rowt
+  if rt then
+    local t = rt[f]
+    if t ~= nil then return t end
+  else
+    rt = {}
+    h.rowt = rt
+  end
+  local t
   local raw = field(key, h, f)
   if raw then
     -- The common shape without escapes is matched directly (cjson costs more).
@@ -262,22 +268,28 @@ local function row_get(key, h, f)
   else
     t = false
   end
-  h.rowt[f] = t
+  rt[f] = t
   return t
 end
 
 local function row_put(h, f, t)
-  if not h.rowdirty[f] then
-    h.rowdirty[f] = true
-    h.roworder[#h.roworder + 1] = f
+  local ro = h.roworder
+  if not ro then ro = {}; h.roworder = ro end
+  if not ro[f] then
+    ro[f] = true
+    ro[#ro + 1] = f
   end
-  h.rowt[f] = t
+  local rt = h.rowt
+  if not rt then rt = {}; h.rowt = rt end
+  rt[f] = t
 end
 
 local function loc_add(h, loc, on, res, rows)
   if loc == '' then return end
-  local d = h.loc[loc]
-  if not d then d = {0, 0, 0}; h.loc[loc] = d; h.locorder[#h.locorder + 1] = loc end
+  local lt = h.loc
+  if not lt then lt = {}; h.loc = lt end
+  local d = lt[loc]
+  if not d then d = {0, 0, 0}; lt[loc] = d; lt[#lt + 1] = loc end
   d[1] = d[1] + on; d[2] = d[2] + res; d[3] = d[3] + rows
 end
 
@@ -421,8 +433,11 @@ local function run_trace(key, h, e)
 end
 
 local function bucket_add(h, f, n)
-  if h.bucket[f] == nil then h.bucket[f] = 0; h.bucketorder[#h.bucketorder + 1] = f end
-  h.bucket[f] = h.bucket[f] + n
+  local bt = h.bucket
+  if not bt then bt = {}; h.bucket = bt end
+  local v = bt[f]
+  if v == nil then v = 0; bt[#bt + 1] = f end
+  bt[f] = v + n
 end
 
 -- The counter a name counts under: itself, or for a guarded '?name' the name when the
@@ -458,14 +473,17 @@ local function apply_windows(key, e, h)
         local upto = math.min(cutoff - 1, wmax)
         for x = wmax - keep + 1, upto do
           local bf = 'w:' .. c .. ':' .. x
-          h.del[#h.del + 1] = bf
-          h.bucket[bf] = nil
+          local del = h.del
+          if not del then del = {}; h.del = del end
+          del[#del + 1] = bf
+          if h.bucket then h.bucket[bf] = nil end
           h.pre[bf] = false
           redis.call('DEL', key .. ':u:' .. c .. ':' .. x)
         end
       end
       if newmax ~= wmax then
         h.wmax[c] = newmax
+        if not h.wdirty then h.wdirty = {} end
         h.wdirty[c] = true
       end
       for k = i, j - 1 do
@@ -497,9 +515,11 @@ end
 -- Write a changed hash back: one HSET, one HDEL for fields that disappear.
 local function write(key, h)
   local w = {'lsn', h.lsn, 'piece', tostring(h.piece), 'ts', h.ts}
-  local del = h.del
-  for _, f in ipairs(h.roworder) do
-    local t = h.rowt[f]
+  local del = h.del or {}
+  local ro, rt = h.roworder or {}, h.rowt
+  for i = 1, #ro do
+    local f = ro[i]
+    local t = rt[f]
     if t then
       local l = t[1]
       w[#w + 1] = f
@@ -512,8 +532,10 @@ local function write(key, h)
       del[#del + 1] = f
     end
   end
-  for _, loc in ipairs(h.locorder) do
-    local d = h.loc[loc]
+  local lt = h.loc or {}
+  for i = 1, #lt do
+    local loc = lt[i]
+    local d = lt[loc]
     local pre = 'loc:' .. loc .. ':'
     local fo, fr, fn = pre .. 'on_hand', pre .. 'reserved', pre .. 'rows'
     local rows = (tonumber(field(key, h, fn)) or 0) + d[3]
@@ -532,8 +554,10 @@ local function write(key, h)
       end
     end
   end
-  for _, f in ipairs(h.bucketorder) do
-    local n = h.bucket[f]
+  local bt = h.bucket or {}
+  for i = 1, #bt do
+    local f = bt[i]
+    local n = bt[f]
     if n then
       w[#w + 1] = f; w[#w + 1] = dec((qty(field(key, h, f)) or 0) + n)
     end
@@ -544,10 +568,10 @@ local function write(key, h)
     w[#w + 1] = 'reserved'; w[#w + 1] = dec(h.res)
     w[#w + 1] = 'available'; w[#w + 1] = dec(h.on - h.res)
   end
-  for c, _ in pairs(h.cdirty) do
+  for c, _ in pairs(h.cdirty or {}) do
     w[#w + 1] = c; w[#w + 1] = dec(h.counters[c])
   end
-  for c, _ in pairs(h.wdirty) do
+  for c, _ in pairs(h.wdirty or {}) do
     w[#w + 1] = 'wmax:' .. c; w[#w + 1] = int(h.wmax[c])
   end
   if h.thr_dirty then
@@ -578,7 +602,8 @@ end
 
 -- Pass 1: read each hash once; refuse if an entry's range straddles the fence.
 local hs, order = {}, {}
-for _, e in ipairs(entries) do
+for i = 1, #entries do
+  local e = entries[i]
   local h = hs[e.k]
   if not h then
     h = load(KEYS[e.k], want[e.k])
@@ -593,7 +618,8 @@ end
 
 -- Pass 2: apply in order, in memory.
 local applied, skipped = 0, 0
-for _, e in ipairs(entries) do
+for i = 1, #entries do
+  local e = entries[i]
   local key, h = KEYS[e.k], hs[e.k]
   if h.lsn and not before(h.lsn, h.piece, e.l, e.p) then
     skipped = skipped + 1
@@ -603,7 +629,7 @@ for _, e in ipairs(entries) do
     if e.x then
       -- Truncate: clear the tables' rows (those in Redis and those set in this call).
       local fields = redis.call('HKEYS', key)
-      for f, t in pairs(h.rowt) do
+      for f, t in pairs(h.rowt or {}) do
         if t then fields[#fields + 1] = f end
       end
       for _, pre in ipairs(e.x) do
@@ -629,6 +655,7 @@ for _, e in ipairs(entries) do
           h.counters[c] = qty(redis.call('HGET', key, c)) or 0
         end
         h.counters[c] = h.counters[c] + n
+        if not h.cdirty then h.cdirty = {} end
         h.cdirty[c] = true
       end
     end
@@ -643,7 +670,8 @@ end
 -- Pass 3: write back, and index what changed (score: the commit LSN; only ever raised,
 -- so a replay changes nothing; doubles are exact below 2^53 bytes of WAL).
 local changed_list = {}
-for _, ki in ipairs(order) do
+for i = 1, #order do
+  local ki = order[i]
   local h = hs[ki]
   if h.written then
     write(KEYS[ki], h)
