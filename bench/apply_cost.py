@@ -68,6 +68,8 @@ def main():
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--steps", type=int, default=7, help="stock changes merged into a stock entry")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--script", default=os.path.join(ROOT, "src/sinks/redis/apply.lua"),
+                    help="the script to measure (a variant of apply.lua)")
     ap.add_argument("--redis-config", action="append", default=[], metavar="NAME=VALUE",
                     help="CONFIG SET before the run (e.g. hash-max-listpack-entries=0); repeatable")
     a = ap.parse_args()
@@ -76,7 +78,7 @@ def main():
         for kv in a.redis_config:
             name, value = kv.split("=", 1)
             r("CONFIG", "SET", name, value)
-        sha = r("SCRIPT", "LOAD", open(os.path.join(ROOT, "src/sinks/redis/apply.lua")).read())
+        sha = r("SCRIPT", "LOAD", open(a.script).read())
         r("HSET", "skusync:meta", "bootstrap", "done")
         minute = int(time.time() // 60)
         lsn = [1000]

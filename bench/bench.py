@@ -721,6 +721,8 @@ def bulk(exe, quick):
         st.psql("SELECT pg_create_logical_replication_slot('recvlogical', 'pgoutput')")
         st.psql(f"INSERT INTO inventory SELECT 'B-' || g, 'WH-' || (g % 5), g % 1000, 0 FROM generate_series(1, {n}) g")
         end = st.psql("SELECT pg_current_wal_lsn()")
+        st.redis("CONFIG", "RESETSTAT")  # commandstats of the measured drain only
+        redis_cpu0 = proc_stats(st.procs[0].pid)[0]
         t0 = time.time()
         peak = [0.0]
         rc = Resp(st.redis_port)
@@ -734,6 +736,8 @@ def bulk(exe, quick):
         wait(drained, 900, "bulk drain")
         sk_s = time.time() - t0
         cpu, hwm = s.stats()
+        redis_cpu = proc_stats(st.procs[0].pid)[0] - redis_cpu0
+        top = redis_top_commands(st)
         s.stop()
         t0 = time.time()
         pg_recvlogical(st, "127.0.0.1", "recvlogical", end)  # over TCP, like skusync
@@ -741,7 +745,8 @@ def bulk(exe, quick):
         return {"rows": n, "skusync_redis_applied_s": round(sk_s, 3), "skusync_rows_per_s": round(n / sk_s),
                 "pg_recvlogical_s": round(rl_s, 3), "pg_recvlogical_rows_per_s": round(n / rl_s),
                 "ratio_vs_pg_recvlogical": round(rl_s / sk_s, 2), "skusync_peak_rss_mib": round(max(hwm, peak[0]), 1),
-                "skusync_idle_rss_mib": round(idle_rss, 1), "skusync_cpu_us_per_row": round(cpu * 1e6 / n, 2)}
+                "skusync_idle_rss_mib": round(idle_rss, 1), "skusync_cpu_us_per_row": round(cpu * 1e6 / n, 2),
+                "redis_cpu_us_per_row": round(redis_cpu * 1e6 / n, 2), "redis_top_commands": top}
     finally:
         st.stop()
 
