@@ -161,6 +161,8 @@ pub struct Entry {
     /// (counter, minute) -> HMAC'd user ids seen, sorted, no duplicates.
     pub users: VecMap<(String, i64), Vec<super::UserId>>,
     /// Row field -> index in `rows`, once there are many.
+    // boxed for the entry's size (8 bytes instead of 48), not the map's
+    #[allow(clippy::box_collection)]
     row_index: Option<Box<HashMap<String, u32>>>,
     /// It holds activity of a `known_skus_only` table (counter names starting with `?`).
     guarded: bool,
