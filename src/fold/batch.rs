@@ -45,63 +45,70 @@ pub enum TraceOp {
 /// intermediate level, not only the final one).
 ///
 /// A batch holds one per stock change (hundreds of thousands while catching up), so the
-/// operation is packed: 48 bytes instead of 72 with a [`TraceOp`] inside.
+/// operation is packed as the apply script reads it ([`trace_flags`] and three values):
+/// 48 bytes instead of 72 with a [`TraceOp`] inside.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TraceRec {
     pub lsn: Lsn,
     /// Commit time, unix milliseconds.
     pub commit_ms: i64,
-    on_hand: i64,
-    reserved: i64,
-    threshold: i64,
+    /// on_hand, reserved and threshold; 0 where the flags say there is no value.
+    pub values: [i64; 3],
     /// Index into the entry's `rows` (unused for `TraceOp::None`).
     pub row: u32,
-    /// `OP_*` bits.
-    op: u8,
+    /// [`trace_flags`] of the operation (`EVAL` is `eval`).
+    pub flags: u8,
     /// Evaluate alerts after this record (the last record of a transaction).
     pub eval: bool,
 }
 
-const OP_DEL: u8 = 1;
-const OP_NONE: u8 = 2;
-const OP_KEEP_ON: u8 = 4;
-const OP_KEEP_RES: u8 = 8;
-const OP_KEEP_THR: u8 = 16;
-const OP_THR_NONE: u8 = 32;
+/// A trace record's flags, the bits `apply.lua` reads. Without `THR_SET` or `THR_CLEAR`
+/// the threshold is kept.
+pub mod trace_flags {
+    pub const DEL: u8 = 1;
+    pub const ON_KEEP: u8 = 2;
+    pub const RES_KEEP: u8 = 4;
+    pub const THR_SET: u8 = 8;
+    pub const THR_CLEAR: u8 = 16;
+    pub const EVAL: u8 = 32;
+    pub const NO_ROW: u8 = 64;
+}
 
 impl TraceRec {
     /// A record of `op` on row `row` by the transaction committed at `lsn`.
     pub fn new(row: u32, op: TraceOp, eval: bool, lsn: Lsn, commit_ms: i64) -> TraceRec {
+        use trace_flags::*;
         let mut rec = TraceRec {
             lsn,
             commit_ms,
-            on_hand: 0,
-            reserved: 0,
-            threshold: 0,
+            values: [0; 3],
             row,
-            op: 0,
+            flags: 0,
             eval,
         };
         match op {
-            TraceOp::Del => rec.op = OP_DEL,
-            TraceOp::None => rec.op = OP_NONE,
+            TraceOp::Del => rec.flags = DEL,
+            TraceOp::None => rec.flags = NO_ROW,
             TraceOp::Set {
                 on_hand,
                 reserved,
                 threshold,
             } => {
                 match on_hand {
-                    Field::Keep => rec.op |= OP_KEEP_ON,
-                    Field::Val(v) => rec.on_hand = v,
+                    Field::Keep => rec.flags |= ON_KEEP,
+                    Field::Val(v) => rec.values[0] = v,
                 }
                 match reserved {
-                    Field::Keep => rec.op |= OP_KEEP_RES,
-                    Field::Val(v) => rec.reserved = v,
+                    Field::Keep => rec.flags |= RES_KEEP,
+                    Field::Val(v) => rec.values[1] = v,
                 }
                 match threshold {
-                    Field::Keep => rec.op |= OP_KEEP_THR,
-                    Field::Val(None) => rec.op |= OP_THR_NONE,
-                    Field::Val(Some(v)) => rec.threshold = v,
+                    Field::Keep => {}
+                    Field::Val(None) => rec.flags |= THR_CLEAR,
+                    Field::Val(Some(v)) => {
+                        rec.flags |= THR_SET;
+                        rec.values[2] = v;
+                    }
                 }
             }
         }
@@ -110,28 +117,29 @@ impl TraceRec {
 
     /// What the transaction did to the row.
     pub fn op(&self) -> TraceOp {
-        if self.op & OP_DEL != 0 {
+        use trace_flags::*;
+        if self.flags & DEL != 0 {
             return TraceOp::Del;
         }
-        if self.op & OP_NONE != 0 {
+        if self.flags & NO_ROW != 0 {
             return TraceOp::None;
         }
         let val = |keep: u8, v: i64| {
-            if self.op & keep != 0 {
+            if self.flags & keep != 0 {
                 Field::Keep
             } else {
                 Field::Val(v)
             }
         };
         TraceOp::Set {
-            on_hand: val(OP_KEEP_ON, self.on_hand),
-            reserved: val(OP_KEEP_RES, self.reserved),
-            threshold: if self.op & OP_KEEP_THR != 0 {
-                Field::Keep
-            } else if self.op & OP_THR_NONE != 0 {
+            on_hand: val(ON_KEEP, self.values[0]),
+            reserved: val(RES_KEEP, self.values[1]),
+            threshold: if self.flags & THR_SET != 0 {
+                Field::Val(Some(self.values[2]))
+            } else if self.flags & THR_CLEAR != 0 {
                 Field::Val(None)
             } else {
-                Field::Val(Some(self.threshold))
+                Field::Keep
             },
         }
     }

@@ -16,7 +16,7 @@
 //! an older RDB or AOF, a lagging replica promoted) is caught by the same check: its
 //! `applied_lsn` is below what this writer saw it hold (the floor), or its token is older.
 
-use crate::fold::batch::{Batch, Entry, TraceOp};
+use crate::fold::batch::{Batch, Entry, trace_flags};
 use crate::fold::{Field, Piece, RowOp};
 use crate::lsn::Lsn;
 use crate::sinks::layout;
@@ -1435,15 +1435,6 @@ fn encode_call(
     c
 }
 
-/// Trace record flags (see `apply.lua`).
-const T_DEL: u8 = 1;
-const T_ON_KEEP: u8 = 2;
-const T_RES_KEEP: u8 = 4;
-const T_THR_SET: u8 = 8;
-const T_THR_CLEAR: u8 = 16;
-const T_EVAL: u8 = 32;
-const T_NO_ROW: u8 = 64;
-
 /// An entry's trace as packed records (`<BI4ddddd`: flags, row index, on_hand, reserved,
 /// threshold, LSN minus the entry's first LSN, commit ms). Binary, because the script
 /// unpacks numbers without creating a Lua string per value; quantities are within
@@ -1451,38 +1442,11 @@ const T_NO_ROW: u8 = 64;
 fn encode_trace(out: &mut Vec<u8>, e: &Entry) {
     out.reserve(e.trace.len() * 45);
     for r in &e.trace {
-        let (mut flags, mut on, mut res, mut thr) = (0u8, 0i64, 0i64, 0i64);
-        match r.op() {
-            TraceOp::None => flags |= T_NO_ROW,
-            TraceOp::Del => flags |= T_DEL,
-            TraceOp::Set {
-                on_hand,
-                reserved,
-                threshold,
-            } => {
-                match on_hand {
-                    Field::Keep => flags |= T_ON_KEEP,
-                    Field::Val(v) => on = v,
-                }
-                match reserved {
-                    Field::Keep => flags |= T_RES_KEEP,
-                    Field::Val(v) => res = v,
-                }
-                match threshold {
-                    Field::Keep => {}
-                    Field::Val(None) => flags |= T_THR_CLEAR,
-                    Field::Val(Some(t)) => {
-                        flags |= T_THR_SET;
-                        thr = t;
-                    }
-                }
-            }
-        }
-        if r.eval {
-            flags |= T_EVAL;
-        }
-        out.push(flags);
+        // the record holds the script's own flags (`fold::batch::trace_flags`)
+        let eval = if r.eval { trace_flags::EVAL } else { 0 };
+        out.push(r.flags | eval);
         out.extend_from_slice(&r.row.to_le_bytes());
+        let [on, res, thr] = r.values;
         for v in [
             on as f64,
             res as f64,
