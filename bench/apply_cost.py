@@ -6,9 +6,12 @@ directly with synthetic entries shaped like a catch-up batch's (one stock row pe
 trace of `--steps` stock changes, two counters and two window buckets), on hashes that
 already hold a row. Prints Redis' own time per entry (INFO commandstats, which includes
 the commands the script calls) for four shapes, interleaved and repeated: the cheapest
-and the median of `--reps`. No skusync involved; change the script and compare.
+and the median of `--reps`, beside the same for `--baseline` (bench/apply_floor.lua: the
+fence check and the writes alone) and the ratio. No skusync involved; change the script
+and compare.
 
-Usage: bench/apply_cost.py [--entries 500] [--calls 20] [--steps 7] [--reps 5]
+Usage: bench/apply_cost.py [--entries 500] [--calls 20] [--steps 7] [--reps 5] [--script FILE]
+                           [--baseline FILE]
                            [--redis-config NAME=VALUE ...]
 """
 import argparse, os, shutil, statistics, struct, subprocess, sys, tempfile, time
@@ -70,6 +73,8 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--script", default=os.path.join(ROOT, "src/sinks/redis/apply.lua"),
                     help="the script to measure (a variant of apply.lua)")
+    ap.add_argument("--baseline", default=os.path.join(ROOT, "bench/apply_floor.lua"),
+                    help="measured side by side: the fence check and writes alone ('' for none)")
     ap.add_argument("--redis-config", action="append", default=[], metavar="NAME=VALUE",
                     help="CONFIG SET before the run (e.g. hash-max-listpack-entries=0); repeatable")
     a = ap.parse_args()
@@ -79,12 +84,13 @@ def main():
             name, value = kv.split("=", 1)
             r("CONFIG", "SET", name, value)
         sha = r("SCRIPT", "LOAD", open(a.script).read())
+        base = r("SCRIPT", "LOAD", open(a.baseline).read()) if a.baseline else None
         r("HSET", "skusync:meta", "bootstrap", "done")
         minute = int(time.time() // 60)
         lsn = [1000]
         skus = a.entries
 
-        def run(steps, activity):
+        def run(steps, activity, sha=sha):
             r("CONFIG", "RESETSTAT")
             for _ in range(a.calls):
                 keys, args = ["skusync:meta"], []
@@ -106,13 +112,21 @@ def main():
         shapes = [("fence, load and write only", 0, False), (f"+ {a.steps} stock steps", a.steps, False),
                   ("+ 2 counters, 2 buckets", 0, True), ("both (a catch-up entry)", a.steps, True)]
         got = {name: [] for name, _, _ in shapes}
+        floor = {name: [] for name, _, _ in shapes}
         for _ in range(a.reps):
             for name, steps, activity in shapes:
                 got[name].append(run(steps, activity))
-        print(f"apply.lua, {a.entries} entries per call, Redis time per entry (min / median of {a.reps}):")
+                if base:
+                    floor[name].append(run(steps, activity, base))
+        print(f"{os.path.basename(a.script)}, {a.entries} entries per call, Redis time per entry "
+              f"(min / median of {a.reps})" + (f"; {os.path.basename(a.baseline)} in the same runs:" if base else ":"))
         for name, _, _ in shapes:
             v = got[name]
-            print(f"  {name:32s} {min(v):6.1f} / {statistics.median(v):6.1f} us")
+            line = f"  {name:32s} {min(v):6.1f} / {statistics.median(v):6.1f} us"
+            if base:
+                f = floor[name]
+                line += f" | {min(f):5.1f} / {statistics.median(f):5.1f} us: {statistics.median(v) / statistics.median(f):4.1f}x"
+            print(line)
     finally:
         r.stop()
 

@@ -7,7 +7,8 @@ local ch = {}
 for i = 2, #KEYS - 2 do
   local k = KEYS[i]
   local v = redis.call('HMGET', k, 'lsn', 'piece')
-  redis.call('HSET', k, 'lsn', ARGV[4], 'piece', '0', 'ts', '1796054937663',
+  -- (the fence fields under other names: apply.lua runs on the same hashes in between)
+  redis.call('HSET', k, 'floor_lsn', ARGV[4], 'floor_piece', '0', 'ts', '1796054937663',
     'r:16:public.inventory:8:SKU-12344:WH-1', '["WH-1","999983","0"]',
     'loc:WH-1:on_hand', '999983', 'loc:WH-1:reserved', '0', 'loc:WH-1:rows', '1',
     'rows', '1', 'on_hand', '999983', 'reserved', '0', 'available', '999983',
