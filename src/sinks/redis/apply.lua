@@ -393,40 +393,42 @@ local function apply_rows(key, h, a, nr)
 end
 
 -- Walk an entry's trace: the level after each change, alerts where a transaction ends.
+local band, sunpack = bit.band, struct.unpack
+
 local function run_trace(key, h, e)
   local tr = e.trace
   local avail = h.on - h.res
   local has = h.has_stock
-  local cur = {}
+  -- each row's level so far (on, res; both false: no row), row index -> value
+  local con, cres = {}, {}
   local pos, n = 1, #tr
   while pos <= n do
     local flags, idx, on, res, thr, dl, ms
-    flags, idx, on, res, thr, dl, ms, pos = struct.unpack('<BI4ddddd', tr, pos)
-    if bit.band(flags, 64) == 0 then
+    flags, idx, on, res, thr, dl, ms, pos = sunpack('<BI4ddddd', tr, pos)
+    if band(flags, 64) == 0 then
       has = true
-      local c = cur[idx]
-      if c == nil then
+      local oo, orr = con[idx], cres[idx]
+      if oo == nil then
         local t = row_get(key, h, ARGV[e.r + 5 * idx])
-        c = t and {t[2], t[3]} or false
+        if t then oo, orr = t[2], t[3] else oo, orr = false, false end
       end
-      if bit.band(flags, 1) ~= 0 then
-        if c then avail = avail - (c[1] - c[2]) end
-        cur[idx] = false
+      if band(flags, 1) ~= 0 then
+        if oo then avail = avail - (oo - orr) end
+        con[idx] = false; cres[idx] = false
       else
-        local oo, orr = 0, 0
-        if c then oo, orr = c[1], c[2] end
-        if bit.band(flags, 2) ~= 0 then on = oo end
-        if bit.band(flags, 4) ~= 0 then res = orr end
+        if not oo then oo, orr = 0, 0 end
+        if band(flags, 2) ~= 0 then on = oo end
+        if band(flags, 4) ~= 0 then res = orr end
         avail = avail + (on - res) - (oo - orr)
-        cur[idx] = {on, res}
-        if bit.band(flags, 8) ~= 0 then
+        con[idx] = on; cres[idx] = res
+        if band(flags, 8) ~= 0 then
           h.threshold = dec(thr); h.thr_dirty = true
-        elseif bit.band(flags, 16) ~= 0 then
+        elseif band(flags, 16) ~= 0 then
           h.threshold = nil; h.thr_dirty = true
         end
       end
     end
-    if bit.band(flags, 32) ~= 0 then
+    if band(flags, 32) ~= 0 then
       evaluate(key, h, has, avail, e.f, ms, dl)
     end
   end
