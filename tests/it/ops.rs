@@ -568,19 +568,12 @@ fn drop_slot_removes_the_slot_and_setup_publications_but_keeps_a_hand_made_one()
     );
     wait_bootstrap(&rig, &mut proc);
     // bootstrap=done is written before START_REPLICATION: wait for the walsender
-    let start = Instant::now();
-    while rig
-        .pg
-        .psql("SELECT count(*) FROM pg_replication_slots WHERE active")
-        != "1"
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "slot never active:\n{}",
-            proc.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let active = crate::harness::wait_until(Duration::from_secs(20), || {
+        rig.pg
+            .psql("SELECT count(*) FROM pg_replication_slots WHERE active")
+            == "1"
+    });
+    assert!(active, "slot never active:\n{}", proc.stderr());
     // a frozen daemon keeps its walsender (and the slot) busy
     crate::harness::signal(proc.pid(), "STOP");
     let (code, out, err) = rig.skusync(&["drop-slot"]);
