@@ -204,6 +204,9 @@ for i = 1, ncounters do
 end
 local nfixed = #fixed
 
+-- Read-only stand-in for a table not made yet (never written to).
+local NONE = {}
+
 -- A hash's state in the call. Tables most entries never need are made on first use (a
 -- Lua table costs more than the HMGET's fields): rowt (row field -> {loc, on, res} or
 -- false), roworder (rows changed, in order, and as keys), loc (locations changed, in
@@ -518,7 +521,7 @@ end
 local function write(key, h)
   local w = {'lsn', h.lsn, 'piece', tostring(h.piece), 'ts', h.ts}
   local del = h.del or {}
-  local ro, rt = h.roworder or {}, h.rowt
+  local ro, rt = h.roworder or NONE, h.rowt
   for i = 1, #ro do
     local f = ro[i]
     local t = rt[f]
@@ -534,7 +537,7 @@ local function write(key, h)
       del[#del + 1] = f
     end
   end
-  local lt = h.loc or {}
+  local lt = h.loc or NONE
   for i = 1, #lt do
     local loc = lt[i]
     local d = lt[loc]
@@ -556,7 +559,7 @@ local function write(key, h)
       end
     end
   end
-  local bt = h.bucket or {}
+  local bt = h.bucket or NONE
   for i = 1, #bt do
     local f = bt[i]
     local n = bt[f]
@@ -570,10 +573,10 @@ local function write(key, h)
     w[#w + 1] = 'reserved'; w[#w + 1] = dec(h.res)
     w[#w + 1] = 'available'; w[#w + 1] = dec(h.on - h.res)
   end
-  for c, _ in pairs(h.cdirty or {}) do
+  for c, _ in pairs(h.cdirty or NONE) do
     w[#w + 1] = c; w[#w + 1] = dec(h.counters[c])
   end
-  for c, _ in pairs(h.wdirty or {}) do
+  for c, _ in pairs(h.wdirty or NONE) do
     w[#w + 1] = 'wmax:' .. c; w[#w + 1] = int(h.wmax[c])
   end
   if h.thr_dirty then
@@ -631,7 +634,7 @@ for i = 1, #entries do
     if e.x then
       -- Truncate: clear the tables' rows (those in Redis and those set in this call).
       local fields = redis.call('HKEYS', key)
-      for f, t in pairs(h.rowt or {}) do
+      for f, t in pairs(h.rowt or NONE) do
         if t then fields[#fields + 1] = f end
       end
       for _, pre in ipairs(e.x) do
