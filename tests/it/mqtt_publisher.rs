@@ -941,24 +941,23 @@ async fn aged_window_values_are_republished_with_as_of_and_no_delta() {
     p.stop().await;
 }
 
-/// The rumqttc event loop is polled by the pump alone: 300 QoS 1 publishes go through
-/// the broker's 20-message window (Mosquitto's default) while their owner reads no
-/// event at all (as while it waits on a long Redis call). Polled only by its owner, the
-/// loop would have sent none of them.
+/// The broker link runs on its own: 300 QoS 1 publishes go through the broker's
+/// 20-message window (Mosquitto's default) while their owner reads no event at all (as
+/// while it waits on a long Redis call). Driven only by its owner, the connection would
+/// have sent none of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_pump_carries_publishes_while_their_owner_is_busy() {
+async fn the_link_carries_publishes_while_their_owner_is_busy() {
+    use rumqttc::v5::Event;
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::mqttbytes::v5::Packet;
-    use rumqttc::v5::{AsyncClient, Event};
-    use skusync::sinks::mqtt::pump::Pump;
+    use skusync::sinks::mqtt::link::Link;
 
     let m = MosquittoServer::start();
-    let opts = rumqttc::v5::MqttOptions::new("pump-test", "127.0.0.1", m.port());
-    let (client, el) = AsyncClient::new(opts, 512);
-    let mut pump = Pump::start(el);
+    let opts = rumqttc::v5::MqttOptions::new("link-test", "127.0.0.1", m.port());
+    let (client, mut link) = Link::start(opts, 512);
     let connack = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            match pump.next().await {
+            match link.next().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => return,
                 Ok(_) => {}
                 Err(e) => panic!("connecting: {e}"),
@@ -969,7 +968,7 @@ async fn the_pump_carries_publishes_while_their_owner_is_busy() {
     const N: usize = 300;
     for i in 0..N {
         client
-            .try_publish(format!("pump/{i}"), QoS::AtLeastOnce, true, "x")
+            .try_publish(format!("link/{i}"), QoS::AtLeastOnce, true, "x")
             .expect("request channel has room");
     }
     // The owner reads nothing now (a blocking wait); the broker must still get every
@@ -977,15 +976,15 @@ async fn the_pump_carries_publishes_while_their_owner_is_busy() {
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut got = 0;
     while got < N && Instant::now() < deadline {
-        got = m.retained("pump/#", Duration::from_secs(5)).len();
+        got = m.retained("link/#", Duration::from_secs(5)).len();
     }
     assert_eq!(got, N, "retained messages at the broker");
     // Then the owner finds every event, in order: N publishes and N acknowledgements.
     let (mut published, mut acked) = (0, 0);
     while published < N || acked < N {
-        let ev = tokio::time::timeout(Duration::from_secs(5), pump.next())
+        let ev = tokio::time::timeout(Duration::from_secs(5), link.next())
             .await
-            .expect("events queued by the pump")
+            .expect("events queued by the link")
             .expect("no connection error");
         match ev {
             Event::Outgoing(rumqttc::Outgoing::Publish(_)) => {
@@ -1001,7 +1000,7 @@ async fn the_pump_carries_publishes_while_their_owner_is_busy() {
 /// Item 9 of the reliability issue (confirmed): a publish queued after the connection
 /// failed but before the publisher saw the error stayed in rumqttc's request channel and
 /// went out first on the next connection, so every later `Outgoing::Publish` (and its
-/// PUBACK) was matched to the request queued before it. The pump now drops such requests
+/// PUBACK) was matched to the request queued before it. The link drops such requests
 /// before it reconnects: the first publish on the new connection is the first one queued
 /// after the error was handled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1009,30 +1008,29 @@ async fn a_publish_queued_before_a_reconnect_is_never_sent_on_the_next_connectio
     use rumqttc::Outgoing;
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::mqttbytes::v5::Packet;
-    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-    use skusync::sinks::mqtt::pump::Pump;
+    use rumqttc::v5::{Event, MqttOptions};
+    use skusync::sinks::mqtt::link::Link;
 
     let mut broker = crate::harness::MosquittoServer::start();
-    let mut opts = MqttOptions::new("pump-test", "127.0.0.1", broker.port());
+    let mut opts = MqttOptions::new("link-test", "127.0.0.1", broker.port());
     opts.set_clean_start(true);
     opts.set_keep_alive(Duration::from_secs(5));
-    let (client, el) = AsyncClient::new(opts, 16);
-    let mut pump = Pump::start(el);
-    let next = async |pump: &mut Pump| {
-        tokio::time::timeout(Duration::from_secs(10), pump.next())
+    let (client, mut link) = Link::start(opts, 16);
+    let next = async |link: &mut Link| {
+        tokio::time::timeout(Duration::from_secs(10), link.next())
             .await
             .expect("an event within 10 s")
     };
     loop {
-        if let Event::Incoming(Packet::ConnAck(_)) = next(&mut pump).await.expect("connects") {
+        if let Event::Incoming(Packet::ConnAck(_)) = next(&mut link).await.expect("connects") {
             break;
         }
     }
     broker.kill9();
-    // The pump reports the error and waits; the publisher has not handled it yet and
+    // The link reports the error and waits; the publisher has not handled it yet and
     // queues one more publish.
     loop {
-        if next(&mut pump).await.is_err() {
+        if next(&mut link).await.is_err() {
             break;
         }
     }
@@ -1040,12 +1038,12 @@ async fn a_publish_queued_before_a_reconnect_is_never_sent_on_the_next_connectio
         .try_publish("t/stale", QoS::AtLeastOnce, true, "stale")
         .unwrap();
     broker.start_again();
-    pump.resume();
+    link.resume();
     let mut outgoing = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut fresh_sent = false;
     while Instant::now() < deadline {
-        match next(&mut pump).await {
+        match next(&mut link).await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 client
                     .try_publish("t/fresh", QoS::AtLeastOnce, true, "fresh")
@@ -1055,7 +1053,7 @@ async fn a_publish_queued_before_a_reconnect_is_never_sent_on_the_next_connectio
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => outgoing.push(pkid),
             Ok(Event::Incoming(Packet::PubAck(_))) if fresh_sent => break,
             Ok(_) => {}
-            Err(_) => pump.resume(),
+            Err(_) => link.resume(),
         }
     }
     assert_eq!(

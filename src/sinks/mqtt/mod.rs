@@ -122,8 +122,8 @@
 //! Logs carry no payload values and no user ids; SKUs only at debug level.
 
 mod conn;
+pub mod link;
 pub mod payload;
-pub mod pump;
 mod run;
 mod sched;
 mod topic;

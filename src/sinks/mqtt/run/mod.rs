@@ -4,8 +4,9 @@
 //! matches the order of the tracker, and nothing is queued between a connection error
 //! and the next CONNACK (rumqttc drops what it held then).
 //!
-//! The rumqttc event loop is polled by a [`Pump`] (its own task), which hands the
-//! events over in order.
+//! The broker connection is a [`Link`] (its own task: rumqttc's protocol state machine
+//! with I/O that writes every queued request at once), which hands the events over in
+//! order.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -20,8 +21,8 @@ use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::link::Link;
 use super::payload::{self, Kind, Spec};
-use super::pump::Pump;
 use super::sched::{Aging, Scheduler, Want};
 use super::tracker::AckTracker;
 use super::{MqttError, PublisherConfig, Shared};
@@ -253,8 +254,7 @@ impl Task {
     }
 
     pub(super) async fn run(mut self) -> Result<(), MqttError> {
-        let (client, el) = AsyncClient::new(self.options[0].clone(), CHANNEL_CAP);
-        let mut el = Pump::start(el);
+        let (client, mut el) = Link::start(self.options[0].clone(), CHANNEL_CAP);
         let mut backoff = BACKOFF_MIN;
         info!(client_id = %self.cfg.mqtt.client_id, "mqtt publisher starting");
         loop {
@@ -314,11 +314,11 @@ impl Task {
         self.marks_since.is_some_and(|t| now >= t + MARK_LINGER)
     }
 
-    /// Wait before reconnecting, then let the pump poll again. False on shutdown. A
+    /// Wait before reconnecting, then let the link connect again. False on shutdown. A
     /// connection that was up is retried on the same broker first; a connect that failed
     /// moves on to the next broker of `mqtt.url` (the first that answers is used; the
     /// epoch check then republishes what the new broker lacks).
-    async fn back_off(&mut self, el: &Pump, backoff: &mut Duration) -> bool {
+    async fn back_off(&mut self, el: &Link, backoff: &mut Duration) -> bool {
         tokio::select! {
             _ = self.shutdown.cancelled() => return false,
             _ = tokio::time::sleep(*backoff) => {}
@@ -992,7 +992,7 @@ impl Task {
 
     /// Shutdown: no new publishes; wait (bounded) for in-flight acknowledgements, then
     /// publish `offline` and disconnect cleanly.
-    async fn drain(&mut self, client: &AsyncClient, el: &mut Pump) -> Result<(), MqttError> {
+    async fn drain(&mut self, client: &AsyncClient, el: &mut Link) -> Result<(), MqttError> {
         self.draining = true;
         if !self.connected {
             return Ok(());
