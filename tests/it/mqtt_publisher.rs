@@ -997,6 +997,50 @@ async fn the_link_carries_publishes_while_their_owner_is_busy() {
     }
 }
 
+/// The link pings the broker on its own: with a 5 s keep-alive (rumqttc's least) and no
+/// traffic for 12 s (Mosquitto drops a client silent for 1.5 keep-alives), the
+/// connection stays up, and a publish afterwards is acknowledged on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_link_keeps_its_connection_with_pings() {
+    use rumqttc::v5::Event;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use skusync::sinks::mqtt::link::Link;
+
+    let m = MosquittoServer::start();
+    let mut opts = rumqttc::v5::MqttOptions::new("link-idle", "127.0.0.1", m.port());
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut link) = Link::start(opts, 16);
+    let mut pings = 0;
+    let deadline = Instant::now() + Duration::from_secs(12);
+    let mut connacks = 0;
+    while Instant::now() < deadline {
+        match tokio::time::timeout_at(deadline.into(), link.next()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => connacks += 1,
+            Ok(Ok(Event::Incoming(Packet::PingResp(_)))) => pings += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("the idle connection failed: {e}"),
+            Err(_) => break,
+        }
+    }
+    assert_eq!(connacks, 1, "one connection");
+    assert!(pings >= 2, "pings answered while idle: {pings}");
+    client
+        .publish("idle/after", QoS::AtLeastOnce, true, "x")
+        .await
+        .unwrap();
+    let acked = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match link.next().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return,
+                Ok(_) => {}
+                Err(e) => panic!("after idling: {e}"),
+            }
+        }
+    });
+    acked.await.expect("PUBACK on the same connection");
+}
+
 /// Item 9 of the reliability issue (confirmed): a publish queued after the connection
 /// failed but before the publisher saw the error stayed in rumqttc's request channel and
 /// went out first on the next connection, so every later `Outgoing::Publish` (and its
