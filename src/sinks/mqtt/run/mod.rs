@@ -1,4 +1,4 @@
-//! The publisher task: the only part that does I/O (rumqttc event loop, Redis).
+//! The publisher task: the only part that does I/O (the broker link, Redis).
 //!
 //! One task queues every request itself, so the order of `Outgoing::Publish` events
 //! matches the order of the tracker, and nothing is queued between a connection error
@@ -35,7 +35,7 @@ use epoch::{EpochPhase, SET_EPOCH, SWEEP_QUIET, Scan, Sweep};
 pub use marks::MARK_PUBLISHED;
 
 /// Messages queued or in flight at most (the request channel is larger, so queueing
-/// never blocks the task that must also drive the event loop).
+/// never blocks the publisher, which must also take the link's events).
 const MAX_IN_FLIGHT: usize = 512;
 /// Most MQTT events handled before the loop's Redis work.
 const EVENT_BURST: usize = 512;
@@ -650,7 +650,7 @@ impl Task {
         if self.draining {
             return;
         }
-        // also here: a busy event loop can starve the notify branch of the select
+        // also here: a busy link can starve the notify branch of the select
         self.take_requests();
         let now = Instant::now();
         // A scan reads the publish marks: it must see every acknowledgement.
