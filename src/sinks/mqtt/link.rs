@@ -219,22 +219,25 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     if let Err(e) = state.handle_incoming_packet(Packet::ConnAck(connack)) {
         return e.into();
     }
+    // A zero keep-alive (ours or the broker's) means no pings at all.
+    let pinging = !keep_alive.is_zero();
     let ping = tokio::time::sleep(keep_alive);
     tokio::pin!(ping);
     loop {
-        // Events first (the CONNACK's, then each pass's): a publish's `Outgoing` event
-        // reaches the publisher before its acknowledgement can.
-        if !state.events.is_empty() {
-            let evs: Vec<Event> = state.events.drain(..).collect();
-            if tx.send(Ok(evs)).await.is_err() {
-                return ConnectionError::RequestsDone;
-            }
-        }
+        // The pass's bytes, then its events (the CONNACK's first). A publish's `Outgoing`
+        // event still reaches the publisher before its acknowledgement can: that is read
+        // by this task, in a later pass.
         if !wbuf.is_empty() {
             match timeout(wait, io.write_all(&wbuf)).await {
                 Ok(Ok(())) => wbuf.clear(),
                 Ok(Err(e)) => return e.into(),
                 Err(e) => return e.into(),
+            }
+        }
+        if !state.events.is_empty() {
+            let evs: Vec<Event> = state.events.drain(..).collect();
+            if tx.send(Ok(evs)).await.is_err() {
+                return ConnectionError::RequestsDone;
             }
         }
         let room = state.inflight() < window && state.collision.is_none();
@@ -261,7 +264,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 Ok(()) => incoming(&mut state, &mut rbuf, &mut wbuf, max_in, max_out),
                 Err(e) => Err(e),
             },
-            _ = &mut ping => {
+            _ = &mut ping, if pinging => {
                 ping.as_mut().reset(Instant::now() + keep_alive);
                 outgoing(&mut state, Request::PingReq, &mut wbuf, max_out)
             }
@@ -403,6 +406,29 @@ mod tests {
             .collect()
     }
 
+    /// CONNACK properties with nothing set.
+    fn props() -> ConnAckProperties {
+        ConnAckProperties {
+            session_expiry_interval: None,
+            receive_max: None,
+            max_qos: None,
+            retain_available: None,
+            max_packet_size: None,
+            assigned_client_identifier: None,
+            topic_alias_max: None,
+            reason_string: None,
+            user_properties: Vec::new(),
+            wildcard_subscription_available: None,
+            subscription_identifiers_available: None,
+            shared_subscription_available: None,
+            server_keep_alive: None,
+            response_information: None,
+            server_reference: None,
+            authentication_method: None,
+            authentication_data: None,
+        }
+    }
+
     async fn write(peer: &mut DuplexStream, ps: &[Packet]) {
         let mut b = BytesMut::new();
         for p in ps {
@@ -435,23 +461,8 @@ mod tests {
         let first = read_packets(&mut peer, &mut buf).await;
         assert!(matches!(first[..], [Packet::Connect(..)]), "{first:?}");
         let props = ConnAckProperties {
-            session_expiry_interval: None,
             receive_max: Some(20),
-            max_qos: None,
-            retain_available: None,
-            max_packet_size: None,
-            assigned_client_identifier: None,
-            topic_alias_max: None,
-            reason_string: None,
-            user_properties: Vec::new(),
-            wildcard_subscription_available: None,
-            subscription_identifiers_available: None,
-            shared_subscription_available: None,
-            server_keep_alive: None,
-            response_information: None,
-            server_reference: None,
-            authentication_method: None,
-            authentication_data: None,
+            ..props()
         };
         let connack = ConnAck {
             session_present: false,
@@ -503,6 +514,52 @@ mod tests {
             matches!(e, ConnectionError::MqttState(StateError::ConnectionAborted)),
             "{e}"
         );
+    }
+
+    /// A 5 s keep-alive pings every 5 s of idle time; a broker that answers with a
+    /// Server Keep Alive of 0 (MQTT 5: no keep-alive) gets no pings, where a timer of zero
+    /// would fire on every pass.
+    #[tokio::test(start_paused = true)]
+    async fn pings_follow_the_keep_alive_and_none_when_the_broker_sets_zero() {
+        for (server, want) in [(None, 2usize), (Some(0u16), 0)] {
+            let (ours, mut peer) = tokio::io::duplex(1 << 16);
+            let (_req_tx, req_rx) = flume::bounded::<Request>(4);
+            let (tx, _rx) = mpsc::channel(BATCHES_CAP);
+            let mut opts = MqttOptions::new("link-unit", "localhost", 1883);
+            opts.set_keep_alive(Duration::from_secs(5));
+            let task = tokio::spawn(async move {
+                drive(ours, &opts, &req_rx, &tx, Duration::from_secs(60)).await
+            });
+            let mut buf = BytesMut::new();
+            read_packets(&mut peer, &mut buf).await;
+            let connack = ConnAck {
+                session_present: false,
+                code: ConnectReturnCode::Success,
+                properties: server.map(|k| ConnAckProperties {
+                    server_keep_alive: Some(k),
+                    ..props()
+                }),
+            };
+            write(&mut peer, &[Packet::ConnAck(connack)]).await;
+            // 12 s of idle (paused) time: count the pings, answering each
+            let mut pings = 0;
+            let until = Instant::now() + Duration::from_secs(12);
+            while let Ok(ps) =
+                tokio::time::timeout_at(until, read_packets(&mut peer, &mut buf)).await
+            {
+                for p in ps {
+                    assert!(matches!(p, Packet::PingReq(_)), "{p:?}");
+                    pings += 1;
+                    write(
+                        &mut peer,
+                        &[Packet::PingResp(rumqttc::v5::mqttbytes::v5::PingResp)],
+                    )
+                    .await;
+                }
+            }
+            assert_eq!(pings, want, "server keep-alive {server:?}");
+            task.abort();
+        }
     }
 
     /// A broker that refuses the CONNECT is an error naming the reason.
