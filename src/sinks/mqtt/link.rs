@@ -474,18 +474,15 @@ mod tests {
         let w1 = publishes(&read_packets(&mut peer, &mut buf).await);
         assert_eq!(w1.len(), 20, "{w1:?}");
         // Acknowledged in one write: the next 20 come in one write again.
-        let acks: Vec<Packet> = w1
-            .iter()
-            .map(|&id| Packet::PubAck(PubAck::new(id, None)))
-            .collect();
-        write(&mut peer, &acks).await;
+        let acks = |ids: &[u16]| -> Vec<Packet> {
+            ids.iter()
+                .map(|&id| Packet::PubAck(PubAck::new(id, None)))
+                .collect()
+        };
+        write(&mut peer, &acks(&w1)).await;
         let w2 = publishes(&read_packets(&mut peer, &mut buf).await);
         assert_eq!(w2.len(), 20, "{w2:?}");
-        let acks: Vec<Packet> = w2
-            .iter()
-            .map(|&id| Packet::PubAck(PubAck::new(id, None)))
-            .collect();
-        write(&mut peer, &acks).await;
+        write(&mut peer, &acks(&w2)).await;
         let w3 = publishes(&read_packets(&mut peer, &mut buf).await);
         assert_eq!(w3.len(), 10, "the rest: {w3:?}");
         // The publisher sees CONNACK, then every publish before its acknowledgement.
