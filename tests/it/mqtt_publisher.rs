@@ -955,16 +955,10 @@ async fn the_link_carries_publishes_while_their_owner_is_busy() {
     let m = MosquittoServer::start();
     let opts = rumqttc::v5::MqttOptions::new("link-test", "127.0.0.1", m.port());
     let (client, mut link) = Link::start(opts, 512);
-    let connack = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match link.next().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => return,
-                Ok(_) => {}
-                Err(e) => panic!("connecting: {e}"),
-            }
-        }
-    });
-    connack.await.expect("CONNACK within 10 s");
+    link_event(&mut link, "CONNACK", |ev| {
+        matches!(ev, Event::Incoming(Packet::ConnAck(_)))
+    })
+    .await;
     const N: usize = 300;
     for i in 0..N {
         client
@@ -1029,16 +1023,31 @@ async fn an_idle_link_keeps_its_connection_with_pings() {
         .publish("idle/after", QoS::AtLeastOnce, true, "x")
         .await
         .unwrap();
-    let acked = tokio::time::timeout(Duration::from_secs(5), async {
+    link_event(&mut link, "PUBACK on the same connection", |ev| {
+        matches!(ev, Event::Incoming(Packet::PubAck(_)))
+    })
+    .await;
+}
+
+/// Waits (10 s at most) for the link's first event that `is` accepts; a connection
+/// error fails the test.
+async fn link_event(
+    link: &mut skusync::sinks::mqtt::link::Link,
+    what: &str,
+    is: impl Fn(&rumqttc::v5::Event) -> bool,
+) {
+    let found = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match link.next().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => return,
+                Ok(ev) if is(&ev) => return,
                 Ok(_) => {}
-                Err(e) => panic!("after idling: {e}"),
+                Err(e) => panic!("waiting for {what}: {e}"),
             }
         }
     });
-    acked.await.expect("PUBACK on the same connection");
+    found
+        .await
+        .unwrap_or_else(|_| panic!("no {what} within 10 s"));
 }
 
 /// Item 9 of the reliability issue (confirmed): a publish queued after the connection

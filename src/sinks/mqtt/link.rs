@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttc::v5::StateError;
+use rumqttc::v5::mqttbytes;
 use rumqttc::v5::mqttbytes::v5::{ConnAck, Connect, ConnectReturnCode, Packet};
-use rumqttc::v5::mqttbytes::{self};
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions, MqttState, Request};
 use rumqttc::{TlsConfiguration, Transport};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -195,17 +195,17 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut wbuf = BytesMut::with_capacity(READ_CHUNK);
     let max_in = options.max_packet_size();
-    let (connack, mut keep_alive) =
-        match timeout(wait, handshake(&mut io, options, &mut rbuf, &mut wbuf)).await {
-            Ok(Ok(x)) => x,
-            Ok(Err(e)) => return e,
-            Err(e) => return e.into(),
-        };
+    let connack = match timeout(wait, handshake(&mut io, options, &mut rbuf, &mut wbuf)).await {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => return e,
+        Err(e) => return e.into(),
+    };
     let props = connack.properties.as_ref();
     let max_out = props.and_then(|p| p.max_packet_size);
-    if let Some(k) = props.and_then(|p| p.server_keep_alive) {
-        keep_alive = Duration::from_secs(u64::from(k));
-    }
+    // the broker's Server Keep Alive, where it sends one, replaces ours
+    let keep_alive = props
+        .and_then(|p| p.server_keep_alive)
+        .map_or(options.keep_alive(), |k| Duration::from_secs(u64::from(k)));
     let upper = options
         .get_outgoing_inflight_upper_limit()
         .unwrap_or(u16::MAX);
@@ -234,11 +234,8 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 Err(e) => return e.into(),
             }
         }
-        if !state.events.is_empty() {
-            let evs: Vec<Event> = state.events.drain(..).collect();
-            if tx.send(Ok(evs)).await.is_err() {
-                return ConnectionError::RequestsDone;
-            }
+        if !hand_over(&mut state, tx).await {
+            return ConnectionError::RequestsDone;
         }
         let room = state.inflight() < window && state.collision.is_none();
         let step: Result<(), ConnectionError> = tokio::select! {
@@ -271,27 +268,32 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         };
         if let Err(e) = step {
             // what the state machine saw before the error still goes to the publisher
-            if !state.events.is_empty() {
-                let evs: Vec<Event> = state.events.drain(..).collect();
-                let _ = tx.send(Ok(evs)).await;
-            }
+            hand_over(&mut state, tx).await;
             return e;
         }
     }
 }
 
-/// Sends CONNECT and waits for a successful CONNACK; returns it and the keep-alive.
+/// The state machine's events so far, as one batch; false when the publisher is gone.
+async fn hand_over(state: &mut MqttState, tx: &mpsc::Sender<Batch>) -> bool {
+    if state.events.is_empty() {
+        return true;
+    }
+    let evs: Vec<Event> = state.events.drain(..).collect();
+    tx.send(Ok(evs)).await.is_ok()
+}
+
+/// Sends CONNECT and waits for a successful CONNACK.
 async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
     options: &MqttOptions,
     rbuf: &mut BytesMut,
     wbuf: &mut BytesMut,
-) -> Result<(ConnAck, Duration), ConnectionError> {
-    let keep_alive = options.keep_alive();
+) -> Result<ConnAck, ConnectionError> {
     let connect = Packet::Connect(
         Connect {
             client_id: options.client_id(),
-            keep_alive: u16::try_from(keep_alive.as_secs()).unwrap_or(u16::MAX),
+            keep_alive: u16::try_from(options.keep_alive().as_secs()).unwrap_or(u16::MAX),
             clean_start: options.clean_start(),
             properties: options.connect_properties(),
         },
@@ -305,9 +307,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     wbuf.clear();
     loop {
         match Packet::read(rbuf, options.max_packet_size()) {
-            Ok(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => {
-                return Ok((ack, keep_alive));
-            }
+            Ok(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => return Ok(ack),
             Ok(Packet::ConnAck(ack)) => return Err(ConnectionError::ConnectionRefused(ack.code)),
             Ok(p) => return Err(ConnectionError::NotConnAck(Box::new(p))),
             Err(mqttbytes::Error::InsufficientBytes(_)) => read_some(io, rbuf).await?,
@@ -379,7 +379,48 @@ mod tests {
     use rumqttc::Outgoing;
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::mqttbytes::v5::{ConnAckProperties, PubAck};
-    use tokio::io::DuplexStream;
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll};
+    use tokio::io::{DuplexStream, ReadBuf};
+
+    /// The link's end of an in-memory connection, counting the writes made on it (a
+    /// broker's end reads whatever is buffered at once, so one read cannot tell one
+    /// write from twenty).
+    struct Counted {
+        io: DuplexStream,
+        writes: Arc<AtomicUsize>,
+    }
+
+    impl AsyncRead for Counted {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Counted {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let r = Pin::new(&mut self.io).poll_write(cx, buf);
+            if matches!(r, Poll::Ready(Ok(_))) {
+                self.writes.fetch_add(1, Ordering::SeqCst);
+            }
+            r
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
 
     /// The packets one read brings the broker's end (at least one).
     async fn read_packets(peer: &mut DuplexStream, buf: &mut BytesMut) -> Vec<Packet> {
@@ -443,6 +484,11 @@ mod tests {
     #[tokio::test]
     async fn queued_publishes_leave_in_one_write_per_window() {
         let (ours, mut peer) = tokio::io::duplex(1 << 20);
+        let writes = Arc::new(AtomicUsize::new(0));
+        let ours = Counted {
+            io: ours,
+            writes: writes.clone(),
+        };
         let (req_tx, req_rx) = flume::bounded(64);
         let client = AsyncClient::from_senders(req_tx);
         for i in 0..50 {
@@ -470,9 +516,10 @@ mod tests {
             properties: Some(props),
         };
         write(&mut peer, &[Packet::ConnAck(connack)]).await;
-        // The whole window in the first read: one write.
+        // The whole window, in one write (the CONNECT was the first).
         let w1 = publishes(&read_packets(&mut peer, &mut buf).await);
         assert_eq!(w1.len(), 20, "{w1:?}");
+        assert_eq!(writes.load(Ordering::SeqCst), 2, "writes so far");
         // Acknowledged in one write: the next 20 come in one write again.
         let acks = |ids: &[u16]| -> Vec<Packet> {
             ids.iter()
@@ -482,9 +529,11 @@ mod tests {
         write(&mut peer, &acks(&w1)).await;
         let w2 = publishes(&read_packets(&mut peer, &mut buf).await);
         assert_eq!(w2.len(), 20, "{w2:?}");
+        assert_eq!(writes.load(Ordering::SeqCst), 3, "writes so far");
         write(&mut peer, &acks(&w2)).await;
         let w3 = publishes(&read_packets(&mut peer, &mut buf).await);
         assert_eq!(w3.len(), 10, "the rest: {w3:?}");
+        assert_eq!(writes.load(Ordering::SeqCst), 4, "writes so far");
         // The publisher sees CONNACK, then every publish before its acknowledgement.
         let mut events = Vec::new();
         while events.len() < 1 + 50 + 40 {
