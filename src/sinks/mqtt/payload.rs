@@ -76,17 +76,27 @@ pub fn text_properties() -> rumqttc::v5::mqttbytes::v5::PublishProperties {
 /// The stored version of a state: 16 hex digits of the commit LSN and 8 of the piece
 /// (`delta_from`, and the first 24 digits of a `rev`).
 pub fn base(lsn: u64, piece: i64) -> String {
-    format!("{lsn:016x}{:08x}", piece.clamp(0, i64::from(u32::MAX)))
+    let mut s = String::with_capacity(35);
+    push_hex(&mut s, lsn, 16);
+    push_hex(&mut s, piece.clamp(0, i64::from(u32::MAX)) as u64, 8);
+    s
+}
+
+/// Appends the low `digits` hex digits of `v`, zero-padded (what `{:0N}x` writes for a
+/// value that fits; every caller clamps to fit).
+fn push_hex(out: &mut String, v: u64, digits: u32) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for i in (0..digits).rev() {
+        out.push(char::from(HEX[((v >> (4 * i)) & 0xf) as usize]));
+    }
 }
 
 /// The ordering token of a message read at `read_ms` (docs/mobile.md): [`base`] and 11 hex
 /// digits of the unix milliseconds, so string order is message order per SKU.
 pub fn rev(lsn: u64, piece: i64, read_ms: i64) -> String {
-    format!(
-        "{}{:011x}",
-        base(lsn, piece),
-        read_ms.clamp(0, 0xfff_ffff_ffff)
-    )
+    let mut s = base(lsn, piece);
+    push_hex(&mut s, read_ms.clamp(0, 0xfff_ffff_ffff) as u64, 11);
+    s
 }
 
 /// The ordering token of a SKU hash read at `now_ms`.
@@ -392,7 +402,7 @@ pub fn state_message(
     }
     let mut out = Vec::with_capacity(256);
     write_object(&mut out, &obj);
-    let state = serde_json::to_string(&values).unwrap_or_else(|_| "{}".into());
+    let state = values_json(&values);
     StateMessage {
         // only valid UTF-8 was written (str input, JSON punctuation, digits)
         payload: String::from_utf8(out).unwrap_or_default(),
@@ -401,6 +411,23 @@ pub fn state_message(
         windows,
         rev,
     }
+}
+
+/// `values` as a compact JSON object of integers, as serde_json writes a map (`pub_state`).
+fn values_json(values: &BTreeMap<String, i64>) -> String {
+    let mut out = Vec::with_capacity(16 * values.len() + 2);
+    out.push(b'{');
+    for (i, (k, v)) in values.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(&mut out, k);
+        out.push(b':');
+        write_int(&mut out, *v);
+    }
+    out.push(b'}');
+    // only valid UTF-8 was written (str input, JSON punctuation, digits)
+    String::from_utf8(out).unwrap_or_else(|_| "{}".into())
 }
 
 /// A member value of a payload object.
@@ -413,16 +440,23 @@ enum Member {
     Raw(Vec<u8>),
 }
 
-/// Appends `s` as a JSON string, escaped exactly as serde_json escapes it.
+/// Appends `s` as a JSON string, escaped exactly as serde_json escapes it (only `"`, `\\`
+/// and control characters; most names and values have none, and are copied as they are).
 fn write_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
     use serde::Serializer;
     // writing into a Vec cannot fail
     let _ = serde_json::Serializer::new(&mut *out).serialize_str(s);
 }
 
 fn write_int(out: &mut Vec<u8>, n: i64) {
-    use std::io::Write;
-    let _ = write!(out, "{n}");
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 fn write_units(out: &mut Vec<u8>, n: i64, scale: u32) {
@@ -885,7 +919,7 @@ mod tests {
             {
                 obj.insert("ts".into(), json!(t));
             }
-            let state = serde_json::to_string(&values).unwrap_or_else(|_| "{}".into());
+            let state = values_json(&values);
             StateMessage {
                 payload: Value::Object(obj).to_string(),
                 lsn,
@@ -1020,6 +1054,52 @@ mod tests {
             let new = state_message(&spec(), sku, &f, &users, NOW, kind);
             let old = reference::state_message(&spec(), sku, &f, &users, NOW, kind);
             proptest::prop_assert_eq!(new, old);
+        }
+
+        #[test]
+        fn strings_and_values_are_written_as_serde_json_writes_them(
+            s in "(?s).{0,24}",
+            values in proptest::collection::btree_map("(?s).{0,12}", proptest::prelude::any::<i64>(), 0..6),
+        ) {
+            let mut out = Vec::new();
+            write_str(&mut out, &s);
+            proptest::prop_assert_eq!(out, serde_json::to_vec(&s).unwrap());
+            proptest::prop_assert_eq!(values_json(&values), serde_json::to_string(&values).unwrap());
+        }
+    }
+
+    #[test]
+    fn revs_are_fixed_width_hex_as_format_writes_them() {
+        for (lsn, piece, ms) in [
+            (0u64, 0i64, 0i64),
+            (0x16_B374_D848, 3, NOW),
+            (u64::MAX, i64::MAX, i64::MAX),
+            (1, -5, -1),
+        ] {
+            let want = format!(
+                "{lsn:016x}{:08x}{:011x}",
+                piece.clamp(0, i64::from(u32::MAX)),
+                ms.clamp(0, 0xfff_ffff_ffff)
+            );
+            assert_eq!(rev(lsn, piece, ms), want);
+            assert_eq!(base(lsn, piece), want[..24]);
+        }
+    }
+
+    #[test]
+    fn names_that_need_escapes_are_escaped_like_serde_json() {
+        for s in [
+            "a\"b",
+            "back\\slash",
+            "tab\tnl\n",
+            "\u{1}\u{1f}",
+            "del\u{7f}",
+            "/ü🏬",
+            "",
+        ] {
+            let mut out = Vec::new();
+            write_str(&mut out, s);
+            assert_eq!(out, serde_json::to_vec(s).unwrap(), "{s:?}");
         }
     }
 
