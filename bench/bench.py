@@ -6,7 +6,7 @@ because these machines are noisy. Prints a table and writes target/bench/results
 Usage: bench/bench.py [--quick] [--skusync PATH]
   --quick   a few-second smoke version (CI runs it to prove the benchmark still works)
 """
-import argparse, json, os, re, struct, pwd, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+import argparse, json, math, os, re, struct, pwd, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -380,6 +380,24 @@ class Published:
         return not self.pending
 
 
+def arrivals_per_100ms(path, since, before_s=1.0):
+    """Messages the subscriber received per 100 ms, from `before_s` before `since` (unix
+    seconds: Redis applied the last batch) to the last: whether the tail is a steady
+    stream (publish throughput) or waits (a stall). The first count is of [-1.0, -0.9)."""
+    counts = {}
+    with open(path, errors="replace") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            try:
+                b = math.floor((float(head) - since) * 10)
+            except ValueError:
+                continue
+            if b >= -round(before_s * 10):  # the second before, and the tail
+                counts[b] = counts.get(b, 0) + 1
+    start = -round(before_s * 10)
+    return [counts.get(b, 0) for b in range(start, max(counts, default=start - 1) + 1)]
+
+
 def last_state_arrival(path):
     """When the last SKU's final state reached the subscriber (unix seconds): per
     topic, the first arrival of the `lsn` its last message carries."""
@@ -646,6 +664,7 @@ def catch_up(exe, quick, mapping="medium"):
         # when the bench confirmed it (after the subscriber had been quiet for a while)
         res["skusync_outbox_checked_s"] = round(acked_s, 3)
         res["tail_s"] = round(sk_s - redis_s, 3)
+        res["tail_arrivals_per_100ms"] = arrivals_per_100ms(sub_out, t0 + redis_s)
         # the publisher's Redis work for the last states (hash reads, distinct users, marks)
         res["tail_redis_top_commands"] = top_commands(tail_stats1, tail_stats0)
         res["tail_cpu_s"] = dict(zip(("skusync", "redis", "broker"), (round(b - a, 2) for a, b in zip(tail0, tail1))))
