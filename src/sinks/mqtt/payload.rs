@@ -919,7 +919,7 @@ mod tests {
             {
                 obj.insert("ts".into(), json!(t));
             }
-            let state = values_json(&values);
+            let state = serde_json::to_string(&values).unwrap_or_else(|_| "{}".into());
             StateMessage {
                 payload: Value::Object(obj).to_string(),
                 lsn,
