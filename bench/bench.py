@@ -385,6 +385,7 @@ def arrivals_per_100ms(path, since, before_s=1.0):
     seconds: when the benchmark saw Redis hold the last batch, within its 20 ms polling)
     to the last: whether the tail is a steady stream (publish throughput) or waits (a
     stall). The first count is of [-1.0, -0.9)."""
+    start = -round(before_s * 10)
     counts = {}
     with open(path, errors="replace") as f:
         for line in f:
@@ -393,9 +394,8 @@ def arrivals_per_100ms(path, since, before_s=1.0):
                 b = math.floor((float(head) - since) * 10)
             except (ValueError, OverflowError):
                 continue
-            if b >= -round(before_s * 10):  # the second before, and the tail
+            if b >= start:  # the second before, and the tail
                 counts[b] = counts.get(b, 0) + 1
-    start = -round(before_s * 10)
     return [counts.get(b, 0) for b in range(start, max(counts, default=start - 1) + 1)]
 
 
