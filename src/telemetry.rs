@@ -31,10 +31,13 @@ pub const COMMIT_TO_PUBACK: &str = "skusync_commit_to_puback_seconds";
 pub const TRANSACTIONS: &str = "skusync_transactions_total";
 /// Row changes (insert/update/delete) of mapped and unmapped tables received.
 pub const ROWS: &str = "skusync_rows_total";
-/// SKU entries applied by the Redis script (`applied`).
+/// SKU entries applied in Redis (`applied`), by the apply script or thin.
 pub const SKU_UPDATES: &str = "skusync_sku_updates_total";
 /// SKU entries the Redis fence skipped as replays (`fenced`).
 pub const FENCED: &str = "skusync_fenced_entries_total";
+/// Of the applied entries, those worked out by skusync and written thin
+/// (`sinks::redis::thin`).
+pub const THIN_ENTRIES: &str = "skusync_thin_entries_total";
 /// State messages acknowledged by the broker.
 pub const MQTT_PUBLISHED: &str = "skusync_mqtt_published_total";
 /// Messages the broker refused (PUBACK reason) or that were too large to send.
@@ -224,6 +227,10 @@ fn describe_all() {
         (ROWS, "Row changes received."),
         (SKU_UPDATES, "SKU entries applied in Redis."),
         (FENCED, "SKU entries skipped by the replay fence."),
+        (
+            THIN_ENTRIES,
+            "SKU entries worked out by skusync and written thin.",
+        ),
         (MQTT_PUBLISHED, "State messages acknowledged by the broker."),
         (MQTT_REFUSED, "Messages refused by the broker or too large."),
         (
@@ -395,9 +402,16 @@ fn skip_log() -> &'static SkipLog {
 /// The Redis apply script returned for transactions committed at `commit_unix_ms`
 /// (commit time, how many transactions committed then): `sku_updates` SKU entries
 /// applied, `fenced` skipped as replays, `alerts` raised.
-pub fn redis_applied(sku_updates: u64, fenced: u64, alerts: u64, commit_unix_ms: &[(i64, u32)]) {
+pub fn redis_applied(
+    sku_updates: u64,
+    fenced: u64,
+    thin: u64,
+    alerts: u64,
+    commit_unix_ms: &[(i64, u32)],
+) {
     counter!(SKU_UPDATES).increment(sku_updates);
     counter!(FENCED).increment(fenced);
+    counter!(THIN_ENTRIES).increment(thin);
     counter!(ALERTS_RAISED).increment(alerts);
     let now = unix_ms();
     // One registry lookup per call, not per transaction (this runs for every commit).
@@ -602,6 +616,7 @@ mod tests {
             ROWS,
             SKU_UPDATES,
             FENCED,
+            THIN_ENTRIES,
             MQTT_PUBLISHED,
             MQTT_REFUSED,
             MQTT_EPOCH_ROLLBACKS,

@@ -660,6 +660,7 @@ impl Daemon {
                 telemetry::redis_applied(
                     applied.applied,
                     applied.fenced,
+                    applied.thin,
                     applied.alerts,
                     f.commit_ms.runs(),
                 );

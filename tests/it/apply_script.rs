@@ -1,7 +1,9 @@
 //! The Lua apply script against its Rust twin (`fold::model`): random pieces, including
 //! replays, truncates, unchanged-TOAST fields, alert evaluation and counters that count
 //! only for SKUs with stock (`known_skus_only`), applied to a real
-//! Redis as merged batches and to the model piece by piece must leave identical hashes.
+//! Redis as merged batches and to the model piece by piece must leave identical hashes;
+//! and the thin apply (`sinks::redis::thin`) must leave byte for byte what the script
+//! leaves.
 
 use crate::harness::RedisServer;
 use crate::oracle::hget;
@@ -19,6 +21,11 @@ const SKUS: [&str; 7] = ["A", "b/c", "", "ü+#", "x:y z", "{b}", "%7D}{"];
 const TABLES: [&str; 2] = ["public.inventory", "public.lots"];
 
 fn random_piece(rng: &mut StdRng, lsn: u64, piece: u32, last: bool) -> Piece {
+    random_piece_with(rng, lsn, piece, last, 0.5)
+}
+
+/// A random piece whose SKUs have activity with probability `activity`.
+fn random_piece_with(rng: &mut StdRng, lsn: u64, piece: u32, last: bool, activity: f64) -> Piece {
     let mut skus = BTreeMap::new();
     for _ in 0..rng.random_range(0..4) {
         let sku = SKUS[rng.random_range(0..SKUS.len())].to_string();
@@ -44,7 +51,9 @@ fn random_piece(rng: &mut StdRng, lsn: u64, piece: u32, last: bool) -> Piece {
                         Field::Keep
                     } else {
                         Field::Val(
-                            ["", "W1", "W/2", "W\"3\\", "Wé"][rng.random_range(0..5)].to_string(),
+                            ["", "W1", "W/2", "W\"3\\", "Wé", "W\t\u{1}\u{7f}"]
+                                [rng.random_range(0..6)]
+                            .to_string(),
                         )
                     },
                     on_hand: {
@@ -64,7 +73,7 @@ fn random_piece(rng: &mut StdRng, lsn: u64, piece: u32, last: bool) -> Piece {
             };
             d.rows.insert(field, op);
         }
-        if rng.random_bool(0.5) {
+        if rng.random_bool(activity) {
             // `?`: from an activity table with known_skus_only (counts only with stock)
             let c =
                 ["views", "purchases", "?views", "?purchases"][rng.random_range(0..4)].to_string();
@@ -449,4 +458,260 @@ async fn publish_marks_move_forward_and_never_recreate_a_hash() {
         Some("1000")
     );
     assert_eq!(hget(&mut con, "b", "pub_lsn").await.as_deref(), Some("5"));
+}
+
+/// Everything the apply step leaves for a SKU: the hash (pending alerts without their
+/// history ids), its change index score, its distinct-user counts.
+async fn sku_state(con: &mut rsink::RedisCon, prefix: &str, sku: &str) -> String {
+    let mut h: BTreeMap<String, String> = redis::cmd("HGETALL")
+        .arg(layout::sku_key(prefix, sku))
+        .query_async::<HashMap<String, String>>(con)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    if let Some(a) = h.get_mut("alerts") {
+        *a = normalize(a);
+    }
+    let score: Option<String> = redis::cmd("ZSCORE")
+        .arg(layout::changes_key(prefix))
+        .arg(layout::sku_key(prefix, sku))
+        .query_async(con)
+        .await
+        .unwrap();
+    let mut users = Vec::new();
+    for c in ["views", "purchases"] {
+        let n: u64 = redis::cmd("PFCOUNT")
+            .arg(layout::users_key(prefix, sku, c))
+            .query_async(con)
+            .await
+            .unwrap();
+        users.push(n);
+    }
+    format!("{h:?} {score:?} {users:?}")
+}
+
+/// Random batches, mostly stock-only (thin), with activity, replays, merges, quiet
+/// batches and truncates, applied to one prefix with thin entries and to another by the
+/// script alone: every hash, change index score, alert history length and `applied_lsn`
+/// must be identical, for whole numbers and for decimals (scale 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thin_apply_leaves_exactly_what_the_script_leaves() {
+    let redis = RedisServer::start();
+    let client = rsink::client(&[redis.url()], false, None).unwrap();
+    let con = rsink::connect(&client).await.unwrap();
+    let mut mcon = con.clone();
+    let seed: u64 = std::env::var("SKUSYNC_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("seed {seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    for scale in [0u32, 2] {
+        let settings = |prefix: &str| ApplySettings {
+            scale,
+            prefix: prefix.into(),
+            keep_minutes: 5,
+            low_stock: 5,
+            counters: vec!["views".into(), "purchases".into()],
+            alert_history: 1000,
+            alert_history_age_ms: 0,
+            fence: Default::default(),
+        };
+        let (tp, sp) = (format!("thin{scale}"), format!("script{scale}"));
+        let mut thin = Applier::new(con.clone(), settings(&tp));
+        let mut script = Applier::new(con.clone(), settings(&sp)).script_only();
+        for p in [&tp, &sp] {
+            rsink::write_meta(&mut mcon, p, 0, &[("bootstrap", "done".into())])
+                .await
+                .unwrap();
+        }
+        let mut history: Vec<Piece> = Vec::new();
+        let mut lsn: u64 = (1 << 62) + 100;
+        let (mut written_thin, mut applied) = (0, 0);
+        for round in 0..200 {
+            let horizon = Lsn(lsn);
+            let mut pieces = Vec::new();
+            if !history.is_empty() && rng.random_bool(0.2) {
+                let from = rng.random_range(0..history.len());
+                pieces.extend(history[from..].iter().take(4).cloned());
+            }
+            let fresh = pieces.len();
+            for _ in 0..rng.random_range(1..6) {
+                lsn += 10;
+                let n = if rng.random_bool(0.8) { 1 } else { 2 };
+                for p in 0..n {
+                    pieces.push(random_piece_with(&mut rng, lsn, p, p + 1 == n, 0.1));
+                }
+            }
+            let mut batch = Batch::new(horizon);
+            for p in &pieces {
+                batch.push(p.clone());
+            }
+            let entries = batch.take();
+            let quiet = rng.random_bool(0.1);
+            let a = thin.apply(&entries, Some(Lsn(lsn)), quiet).await.unwrap();
+            let b = script.apply(&entries, Some(Lsn(lsn)), quiet).await.unwrap();
+            assert_eq!(b.thin, 0, "script_only writes nothing thin");
+            assert_eq!(
+                (a.applied, a.fenced, a.alerts),
+                (b.applied, b.fenced, b.alerts),
+                "seed {seed}, scale {scale}, round {round}"
+            );
+            written_thin += a.thin;
+            applied += a.applied;
+            history.extend(pieces.drain(fresh..));
+            if round % 50 == 49 {
+                lsn += 10;
+                let t = Piece {
+                    commit_lsn: Lsn(lsn),
+                    piece: 0,
+                    commit_ms: 1,
+                    truncate: vec![TABLES[0].to_string()],
+                    skus: BTreeMap::new(),
+                    last: false,
+                    eval: vec![],
+                    ri: Default::default(),
+                    ri_local: Default::default(),
+                };
+                for ap in [&mut thin, &mut script] {
+                    let skus = ap.all_skus().await.unwrap();
+                    ap.truncate(&t, &skus).await.unwrap();
+                }
+            }
+            for sku in SKUS {
+                assert_eq!(
+                    sku_state(&mut mcon, &tp, sku).await,
+                    sku_state(&mut mcon, &sp, sku).await,
+                    "seed {seed}, scale {scale}, round {round}, SKU {sku:?}"
+                );
+            }
+            let meta = |p: &str| {
+                let mut c = mcon.clone();
+                let p = p.to_string();
+                async move {
+                    let applied: Option<String> =
+                        hget(&mut c, &layout::meta_key(&p), "applied_lsn").await;
+                    let alerts: u64 = redis::cmd("XLEN")
+                        .arg(layout::alerts_key(&p))
+                        .query_async(&mut c)
+                        .await
+                        .unwrap();
+                    (applied, alerts)
+                }
+            };
+            assert_eq!(
+                meta(&tp).await,
+                meta(&sp).await,
+                "seed {seed}, round {round}"
+            );
+        }
+        // Not vacuous: many entries went thin (the others here are mostly evaluations,
+        // replays, merges with activity, alerts, deletes), and some did not.
+        assert!(
+            written_thin * 100 > applied * 8 && written_thin < applied,
+            "{written_thin} of {applied} entries thin"
+        );
+    }
+}
+
+/// `thin.lua` writes an entry only where the hash still holds the fence skusync read:
+/// any other is reported back, left as it is, and `applied_lsn` does not move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thin_write_whose_fence_moved_is_left_to_the_script() {
+    let redis = RedisServer::start();
+    let client = rsink::client(&[redis.url()], false, None).unwrap();
+    let mut con = client.open().await.unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg("t:meta")
+        .arg("applied_lsn")
+        .arg("5")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg("t:{A}")
+        .arg("lsn")
+        .arg("10")
+        .arg("piece")
+        .arg("0")
+        .arg("on_hand")
+        .arg("7")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    // A (KEYS[2]) expects the given fence, B (KEYS[3]) the given one too.
+    let call = |a: (&str, &str), b: (&str, &str)| {
+        let mut c = redis::cmd("EVAL");
+        c.arg(rsink::THIN_LUA)
+            .arg(4)
+            .arg("t:meta")
+            .arg("t:{A}")
+            .arg("t:{B}")
+            .arg("t:changes")
+            .arg("20")
+            .arg("")
+            .arg("");
+        c.arg(2).arg(a.0).arg(a.1).arg("20").arg(2);
+        c.arg("lsn")
+            .arg("20")
+            .arg("on_hand")
+            .arg("8")
+            .arg(1)
+            .arg("gone");
+        c.arg(3)
+            .arg(b.0)
+            .arg(b.1)
+            .arg("20")
+            .arg(1)
+            .arg("lsn")
+            .arg("20")
+            .arg(0);
+        c
+    };
+    // A holds 10/0, not 9/0: only B (new) is written, and `applied_lsn` stays.
+    let (n, missed): (u64, Vec<u64>) = call(("9", "0"), ("", ""))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!((n, missed), (1, vec![0]));
+    assert_eq!(
+        hget(&mut con, "t:{A}", "on_hand").await.as_deref(),
+        Some("7")
+    );
+    assert_eq!(
+        hget(&mut con, "t:meta", "applied_lsn").await.as_deref(),
+        Some("5")
+    );
+    // A's own fence: A is written; B is no longer new.
+    let (n, missed): (u64, Vec<u64>) = call(("10", "0"), ("", ""))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!((n, missed), (1, vec![1]));
+    assert_eq!(
+        hget(&mut con, "t:{A}", "on_hand").await.as_deref(),
+        Some("8")
+    );
+    assert_eq!(
+        hget(&mut con, "t:meta", "applied_lsn").await.as_deref(),
+        Some("5")
+    );
+    // Both fences as they are now: both written, and `applied_lsn` moves.
+    let (n, missed): (u64, Vec<u64>) = call(("20", "0"), ("20", ""))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!((n, missed), (2, vec![]));
+    assert_eq!(
+        hget(&mut con, "t:meta", "applied_lsn").await.as_deref(),
+        Some("20")
+    );
+    let score: f64 = redis::cmd("ZSCORE")
+        .arg("t:changes")
+        .arg("t:{A}")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(score, 20.0);
 }

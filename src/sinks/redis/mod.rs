@@ -25,11 +25,15 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 mod con;
+pub mod thin;
 pub use con::RedisCon;
 pub use layout::{SLOTS, slot_of};
 
 /// The apply script (see `apply.lua`).
 pub const APPLY_LUA: &str = include_str!("apply.lua");
+
+/// The thin apply script (see [`thin`]).
+pub const THIN_LUA: &str = include_str!("thin.lua");
 
 /// Errors of the Redis sink.
 #[derive(Debug, thiserror::Error)]
@@ -463,6 +467,9 @@ fn is_cluster(info: &str) -> bool {
 pub struct Applier {
     con: RedisCon,
     script: redis::Script,
+    thin: redis::Script,
+    /// Stock-only entries are worked out here and written by `thin.lua` (see [`thin`]).
+    use_thin: bool,
     settings: ApplySettings,
 }
 
@@ -475,6 +482,8 @@ pub struct Applied {
     pub fenced: u64,
     /// Low-stock alerts raised.
     pub alerts: u64,
+    /// Of `applied`, the entries written thin (worked out by skusync, see [`thin`]).
+    pub thin: u64,
 }
 
 impl std::ops::AddAssign for Applied {
@@ -482,6 +491,7 @@ impl std::ops::AddAssign for Applied {
         self.applied += o.applied;
         self.fenced += o.fenced;
         self.alerts += o.alerts;
+        self.thin += o.thin;
     }
 }
 
@@ -491,8 +501,16 @@ impl Applier {
         Applier {
             con,
             script: redis::Script::new(APPLY_LUA),
+            thin: redis::Script::new(THIN_LUA),
+            use_thin: true,
             settings,
         }
+    }
+
+    /// Every entry through the apply script, none thin (to compare the two).
+    pub fn script_only(mut self) -> Applier {
+        self.use_thin = false;
+        self
     }
 
     /// The connection, for other commands.
@@ -516,12 +534,165 @@ impl Applier {
         if self.con.is_cluster() {
             return self.apply_cluster(entries, end, quiet).await;
         }
-        let cmd = encode_entries(&self.settings, entries, end, quiet, self.script.get_hash());
+        if self.use_thin {
+            return self.apply_thin(entries, end, quiet).await;
+        }
+        let all: Vec<&Entry> = entries.iter().collect();
+        self.apply_script(&all, end, quiet).await
+    }
+
+    /// `entries` (in order) through the apply script, in one call.
+    async fn apply_script(
+        &mut self,
+        entries: &[&Entry],
+        end: Option<Lsn>,
+        quiet: bool,
+    ) -> Result<Applied, RedisSinkError> {
+        let floor = self
+            .settings
+            .fence
+            .floor
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let cmd = encode_call(
+            &self.settings,
+            &Call::Single,
+            entries,
+            end,
+            floor,
+            quiet,
+            self.script.get_hash(),
+        );
         match self.invoke(cmd).await {
             Ok(a) => Ok(a),
             Err(e) if e.code() == Some("WRONGTYPE") => Err(self.wrongtype(e, entries).await),
             Err(e) => Err(RedisSinkError::from_redis(e)),
         }
+    }
+
+    /// [`Applier::apply`] with stock-only entries applied thin ([`thin`]): one pipelined
+    /// HMGET per such SKU, then the script for the other entries (without `end`), then
+    /// `thin.lua` for the planned ones (with `end`), then the script again for any whose
+    /// hash changed in between (with `end`). Each write is fenced per SKU, so a crash or
+    /// an error between the calls replays as after any partial apply.
+    async fn apply_thin(
+        &mut self,
+        entries: &[Entry],
+        end: Option<Lsn>,
+        quiet: bool,
+    ) -> Result<Applied, RedisSinkError> {
+        // A SKU with more than one entry in the call (a truncate's) stays with the script.
+        let mut per_sku: HashMap<&str, u32> = HashMap::with_capacity(entries.len());
+        for e in entries {
+            *per_sku.entry(e.sku.as_str()).or_default() += 1;
+        }
+        let reads: Vec<(usize, Vec<String>)> = entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| per_sku[e.sku.as_str()] == 1)
+            .filter_map(|(i, e)| thin::reads(e, &self.settings).map(|f| (i, f)))
+            .collect();
+        let mut planned: Vec<(usize, thin::ThinWrite)> = Vec::new();
+        if !reads.is_empty() {
+            let mut pipe = redis::pipe();
+            for (i, f) in &reads {
+                pipe.cmd("HMGET")
+                    .arg(layout::sku_key(&self.settings.prefix, &entries[*i].sku))
+                    .arg(f);
+            }
+            let values: Vec<redis::Value> = match pipe.query_async(&mut self.con).await {
+                Ok(v) => v,
+                Err(e) if e.code() == Some("WRONGTYPE") => {
+                    let all: Vec<&Entry> = entries.iter().collect();
+                    return Err(self.wrongtype(e, &all).await);
+                }
+                Err(e) => return Err(RedisSinkError::from_redis(e)),
+            };
+            for ((i, f), v) in reads.iter().zip(values) {
+                // a value that is not text is the script's to judge
+                let Ok(v) = redis::from_redis_value::<Vec<Option<String>>>(v) else {
+                    continue;
+                };
+                if let Some(w) = thin::plan(&entries[*i], f, &v, &self.settings, quiet) {
+                    planned.push((*i, w));
+                }
+            }
+        }
+        let mut is_thin = vec![false; entries.len()];
+        for (i, _) in &planned {
+            is_thin[*i] = true;
+        }
+        let rest: Vec<&Entry> = entries
+            .iter()
+            .zip(&is_thin)
+            .filter(|(_, t)| !**t)
+            .map(|(e, _)| e)
+            .collect();
+        if planned.is_empty() {
+            return self.apply_script(&rest, end, quiet).await;
+        }
+        let mut applied = Applied::default();
+        if !rest.is_empty() {
+            applied += self.apply_script(&rest, None, quiet).await?;
+        }
+        let cmd = self.encode_thin(entries, &planned, end);
+        let (written, missed): (u64, Vec<usize>) =
+            match invoke_value(&mut self.con, cmd, THIN_LUA).await {
+                Ok(v) => redis::from_redis_value(v)
+                    .map_err(|e| RedisSinkError::from_redis(redis::RedisError::from(e)))?,
+                Err(e) if e.code() == Some("WRONGTYPE") => {
+                    let all: Vec<&Entry> = planned.iter().map(|(i, _)| &entries[*i]).collect();
+                    return Err(self.wrongtype(e, &all).await);
+                }
+                Err(e) => return Err(RedisSinkError::from_redis(e)),
+            };
+        applied.applied += written;
+        applied.thin += written;
+        if !missed.is_empty() {
+            let again: Vec<&Entry> = missed
+                .iter()
+                .filter_map(|p| planned.get(*p))
+                .map(|(i, _)| &entries[*i])
+                .collect();
+            applied += self.apply_script(&again, end, quiet).await?;
+        }
+        Ok(applied)
+    }
+
+    /// One `thin.lua` call for the planned entries.
+    fn encode_thin(
+        &self,
+        entries: &[Entry],
+        planned: &[(usize, thin::ThinWrite)],
+        end: Option<Lsn>,
+    ) -> redis::Cmd {
+        let s = &self.settings;
+        let floor = s.fence.floor.load(std::sync::atomic::Ordering::SeqCst);
+        let mut c = redis::cmd("EVALSHA");
+        c.arg(self.thin.get_hash())
+            .arg(planned.len() + 2)
+            .arg(layout::meta_key(&s.prefix));
+        for (i, _) in planned {
+            c.arg(layout::sku_key(&s.prefix, &entries[*i].sku));
+        }
+        c.arg(layout::changes_key(&s.prefix))
+            .arg(end.map(|e| e.0.to_string()).unwrap_or_default())
+            .arg(token_arg(s.fence.token()))
+            .arg(token_arg(floor));
+        for (k, (_, w)) in planned.iter().enumerate() {
+            c.arg(k + 2)
+                .arg(w.expect_lsn.as_deref().unwrap_or(""))
+                .arg(w.expect_piece.as_deref().unwrap_or(""))
+                .arg(&w.lsn)
+                .arg(w.set.len());
+            for (f, v) in &w.set {
+                c.arg(f).arg(v);
+            }
+            c.arg(w.del.len());
+            for f in &w.del {
+                c.arg(f);
+            }
+        }
+        c
     }
 
     /// [`Applier::apply`] on a Redis Cluster: one call per slot (in the entries' order
@@ -583,7 +754,7 @@ impl Applier {
                 Err(e)
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
                 {
-                    invoke_value(&mut con, slot_call(slot, &group, mark)).await
+                    invoke_value(&mut con, slot_call(slot, &group, mark), APPLY_LUA).await
                 }
                 r => r,
             };
@@ -603,8 +774,7 @@ impl Applier {
         self.index_cluster(changes, alerts).await?;
         if let Some((slot, group, e)) = failed {
             if e.code() == Some("WRONGTYPE") {
-                let owned: Vec<Entry> = group.into_iter().cloned().collect();
-                return Err(self.wrongtype(e, &owned).await);
+                return Err(self.wrongtype(e, &group).await);
             }
             return Err(self.slot_failed(slot, RedisSinkError::from_redis(e)).await);
         }
@@ -765,7 +935,7 @@ impl Applier {
 
     /// The definite error for a WRONGTYPE reply, naming the keys of the call that hold
     /// another type (Redis' reply names none). Only key names and types: no values.
-    async fn wrongtype(&mut self, e: redis::RedisError, entries: &[Entry]) -> RedisSinkError {
+    async fn wrongtype(&mut self, e: redis::RedisError, entries: &[&Entry]) -> RedisSinkError {
         let prefix = &self.settings.prefix;
         let mut keys = vec![layout::meta_key(prefix)];
         let mut seen = std::collections::HashSet::new();
@@ -1195,12 +1365,13 @@ impl Applier {
     }
 
     async fn invoke(&mut self, cmd: redis::Cmd) -> Result<Applied, redis::RedisError> {
-        let r = invoke_value(&mut self.con, cmd).await?;
+        let r = invoke_value(&mut self.con, cmd, APPLY_LUA).await?;
         let (applied, fenced, alerts): (u64, u64, u64) = redis::from_redis_value(r)?;
         Ok(Applied {
             applied,
             fenced,
             alerts,
+            thin: 0,
         })
     }
 
@@ -1215,12 +1386,13 @@ impl Applier {
 async fn invoke_value(
     con: &mut RedisCon,
     cmd: redis::Cmd,
+    script: &str,
 ) -> Result<redis::Value, redis::RedisError> {
     match cmd.query_async(con).await {
         Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
             redis::cmd("SCRIPT")
                 .arg("LOAD")
-                .arg(APPLY_LUA)
+                .arg(script)
                 .query_async::<redis::Value>(con)
                 .await?;
             cmd.query_async(con).await
@@ -1265,6 +1437,7 @@ fn parse_cluster_reply(
         applied,
         fenced,
         alerts: n,
+        thin: 0,
     })
 }
 

@@ -1,0 +1,71 @@
+-- skusync thin apply: writes stock-only entries worked out by skusync (sinks/redis/thin.rs),
+-- each only if its SKU hash still holds the fence skusync read.
+--
+-- KEYS[1] = meta hash; KEYS[2..n-1] = SKU hashes; KEYS[n] = the change index.
+-- ARGV: end LSN ('' for none), writer token ('' unfenced), floor LSN ('' unchecked), then
+-- per entry: k (key index), expected lsn, expected piece ('' where the read found none),
+-- new lsn, nset, (field, value)..., ndel, field...
+-- An entry whose hash holds another fence is not written: its position (0-based) is
+-- returned, and skusync applies it with the apply script. `end` is recorded only when
+-- every entry was written. Reply: {written, {missed position...}}.
+
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('SKUSYNC_NOMETA meta hash missing: Redis lost its data; a resync is needed')
+end
+
+local batch_end, writer, floor = ARGV[1], ARGV[2], ARGV[3]
+
+local function lsn_lt(a, b)
+  if #a ~= #b then return #a < #b end
+  return a < b
+end
+
+-- The writer fence, as in apply.lua.
+if writer ~= '' then
+  local m = redis.call('HMGET', KEYS[1], 'writer', 'applied_lsn')
+  if m[1] ~= writer then
+    return redis.error_reply('SKUSYNC_FENCED ' .. tostring(m[1] or 'none'))
+  end
+  if floor ~= '' and (not m[2] or lsn_lt(m[2], floor)) then
+    return redis.error_reply('SKUSYNC_ROLLBACK ' .. tostring(m[2] or 'none'))
+  end
+end
+
+local missed, changed = {}, {}
+local a, pos, nargv = 4, 0, #ARGV
+while a <= nargv do
+  local key = KEYS[tonumber(ARGV[a])]
+  local el, ep, nl = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local ns = tonumber(ARGV[a + 4])
+  local s0 = a + 5
+  local nd = tonumber(ARGV[s0 + 2 * ns])
+  local d0 = s0 + 2 * ns + 1
+  a = d0 + nd
+  local v = redis.call('HMGET', key, 'lsn', 'piece')
+  if (v[1] or '') == el and (v[2] or '') == ep then
+    if nd > 0 then redis.call('HDEL', key, unpack(ARGV, d0, d0 + nd - 1)) end
+    redis.call('HSET', key, unpack(ARGV, s0, s0 + 2 * ns - 1))
+    changed[#changed + 1] = nl
+    changed[#changed + 1] = key
+  else
+    missed[#missed + 1] = pos
+  end
+  pos = pos + 1
+end
+
+-- The change index (score: the commit LSN; only ever raised), in chunks for unpack.
+local i = 1
+while i <= #changed do
+  local j = math.min(#changed, i + 3999)
+  redis.call('ZADD', KEYS[#KEYS], 'GT', unpack(changed, i, j))
+  i = j + 1
+end
+
+if batch_end ~= '' and #missed == 0 then
+  local cur = redis.call('HGET', KEYS[1], 'applied_lsn')
+  if not cur or lsn_lt(cur, batch_end) then
+    redis.call('HSET', KEYS[1], 'applied_lsn', batch_end)
+  end
+end
+
+return {#changed / 2, missed}

@@ -1,0 +1,469 @@
+//! Thin apply: stock-only entries worked out here, written by a fenced compare-and-set.
+//!
+//! The apply script (`apply.lua`) reads each SKU hash, folds the entry into it and
+//! writes it back; its cost is the Lua interpreter, about 30-75 µs of Redis CPU per
+//! entry, and Redis is single-threaded. For the commonest entries, stock rows only (no
+//! activity, no TRUNCATE), the same arithmetic runs here instead, on the fields one
+//! pipelined HMGET per SKU read ([`reads`]), and `thin.lua` only checks that the hash
+//! still holds the fence (`lsn`, `piece`) that read saw before it writes the result
+//! (HDEL, HSET, the change index): a few µs per entry.
+//!
+//! Exactness: each hash's write carries its new fence in the same HSET, so a replay
+//! skips it as before. Whatever this module cannot decide exactly as the script would
+//! ([`plan`] returns `None`) goes to the script: an alert to raise (its history entry
+//! and `alerts` list are the script's), a row whose location needs JSON escapes, a
+//! stored value that is not canonical, a field the read did not fetch, a fence at or
+//! past the entry (replays and refused merges). A hash that changed between the read
+//! and the write (its fence differs) is left alone by `thin.lua` and applied by the
+//! script. The semantics are `apply.lua`'s, line for line (the property test in
+//! `tests/it/apply_script.rs` compares both with `fold::model`).
+//!
+//! Sans-IO: the caller reads and writes (`Applier::apply`).
+
+use super::ApplySettings;
+use crate::fold::batch::{Entry, trace_flags};
+use crate::fold::{Field, RowOp};
+use crate::units;
+
+/// The fields every thin read asks for, in this order (then the counters, then the
+/// entry's rows and locations).
+const BASE: [&str; 8] = [
+    "lsn",
+    "piece",
+    "rows",
+    "on_hand",
+    "reserved",
+    "gone",
+    "threshold",
+    "alert_state",
+];
+
+/// A SKU hash's fields written per entry at most (Lua's `unpack` has a stack limit).
+const MAX_FIELDS: usize = 1000;
+
+/// The fields to read for `e` if it may be applied thin, else `None`.
+pub fn reads(e: &Entry, s: &ApplySettings) -> Option<Vec<String>> {
+    if !e.truncate.is_empty()
+        || !e.counters.is_empty()
+        || !e.buckets.is_empty()
+        || !e.users.is_empty()
+        || e.rows.is_empty()
+        || e.rows.len() * 4 > MAX_FIELDS
+    {
+        return None;
+    }
+    let mut f: Vec<String> = BASE.iter().map(|s| s.to_string()).collect();
+    f.extend(s.counters.iter().cloned());
+    for (field, _) in &e.rows {
+        f.push(field.clone());
+    }
+    for (_, op) in &e.rows {
+        if let RowOp::Set {
+            location: Field::Val(loc),
+            ..
+        } = op
+            && !loc.is_empty()
+        {
+            for what in ["on_hand", "reserved", "rows"] {
+                let name = loc_field(loc, what);
+                if !f.contains(&name) {
+                    f.push(name);
+                }
+            }
+        }
+    }
+    Some(f)
+}
+
+/// What `thin.lua` writes for one entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ThinWrite {
+    /// The fence the read saw (`None`: no hash, or no such field).
+    pub expect_lsn: Option<String>,
+    pub expect_piece: Option<String>,
+    /// The entry's fence, the change index's score.
+    pub lsn: String,
+    /// Fields to set (field, value).
+    pub set: Vec<(String, String)>,
+    /// Fields to delete.
+    pub del: Vec<String>,
+}
+
+fn loc_field(loc: &str, what: &str) -> String {
+    format!("loc:{loc}:{what}")
+}
+
+/// The state of the hash as the script's `load` sees it, and the changes so far.
+struct Hash<'a> {
+    fields: &'a [String],
+    values: &'a [Option<String>],
+    rows: i64,
+    on: i64,
+    res: i64,
+    has_stock: bool,
+    threshold: Option<String>,
+    had_threshold: bool,
+    thr_dirty: bool,
+    alert_state: Option<String>,
+    state_dirty: bool,
+    /// Rows changed, in order: (field, new contribution or `None` when removed).
+    rowt: Vec<(String, Option<Row>)>,
+    /// Locations changed, in order, with (on, res, rows) deltas.
+    locs: Vec<(String, [i64; 3])>,
+}
+
+/// A stock row's contribution: (location, on_hand, reserved) in units.
+type Row = (String, i64, i64);
+
+impl Hash<'_> {
+    /// A field the read fetched: `Some(None)` when the hash has none, `None` when it was
+    /// not read (the entry goes to the script).
+    fn read(&self, f: &str) -> Option<Option<&str>> {
+        let i = self.fields.iter().position(|x| x == f)?;
+        Some(self.values.get(i)?.as_deref())
+    }
+
+    /// The row's current contribution (`Some(None)`: no row).
+    fn row_get(&self, f: &str, scale: u32) -> Option<Option<Row>> {
+        if let Some((_, t)) = self.rowt.iter().find(|(k, _)| k == f) {
+            return Some(t.clone());
+        }
+        match self.read(f)? {
+            None => Some(None),
+            Some(raw) => {
+                let (l, o, r): (String, String, String) = serde_json::from_str(raw).ok()?;
+                Some(Some((l, qty(&o, scale)?, qty(&r, scale)?)))
+            }
+        }
+    }
+
+    fn row_put(&mut self, f: &str, t: Option<Row>) {
+        match self.rowt.iter_mut().find(|(k, _)| k == f) {
+            Some(slot) => slot.1 = t,
+            None => self.rowt.push((f.to_string(), t)),
+        }
+    }
+
+    fn loc_add(&mut self, loc: &str, d: [i64; 3]) {
+        if loc.is_empty() {
+            return;
+        }
+        let i = match self.locs.iter().position(|(l, _)| l == loc) {
+            Some(i) => i,
+            None => {
+                self.locs.push((loc.to_string(), [0; 3]));
+                self.locs.len() - 1
+            }
+        };
+        for (a, b) in self.locs[i].1.iter_mut().zip(d) {
+            *a += b;
+        }
+    }
+
+    fn remove_row(&mut self, f: &str, scale: u32) -> Option<Option<Row>> {
+        let old = self.row_get(f, scale)?;
+        if let Some((loc, on, res)) = &old {
+            self.on -= on;
+            self.res -= res;
+            self.rows -= 1;
+            self.loc_add(loc, [-on, -res, -1]);
+            self.row_put(f, None);
+        }
+        Some(old)
+    }
+}
+
+/// Appends `s` as the script's JSON library (lua-cjson) writes a string's contents: `"`,
+/// `\` and `/` escaped with a backslash, control characters as `\b \t \n \f \r` or
+/// `\u00XX` (DEL too), every other byte (UTF-8 included) as it is.
+fn cjson_escape(out: &mut String, s: &str) {
+    if !s
+        .bytes()
+        .any(|b| b < 0x20 || b == 0x7f || matches!(b, b'"' | b'\\' | b'/'))
+    {
+        out.push_str(s);
+        return;
+    }
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '/' => out.push_str("\\/"),
+            '\u{8}' => out.push_str("\\b"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\u{c}' => out.push_str("\\f"),
+            '\r' => out.push_str("\\r"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\u{:04x}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+}
+
+/// A stored quantity (a decimal in units of 10^-scale), or `None` where the script might
+/// read it otherwise (the entry goes to the script).
+fn qty(s: &str, scale: u32) -> Option<i64> {
+    let v = units::parse(s, scale)?;
+    // exact in Lua's doubles, like every value the fold sends
+    (v.unsigned_abs() < 1 << 53).then_some(v)
+}
+
+/// A stored integer written by the script itself (`rows`, `piece`).
+fn int(s: &str) -> Option<i64> {
+    let v: i64 = s.parse().ok()?;
+    (v.to_string() == s).then_some(v)
+}
+
+/// Work out the writes of a stock-only entry from what [`reads`] fetched (`values` in
+/// the order of `fields`), exactly as `apply.lua` would; `None` sends it to the script.
+pub fn plan(
+    e: &Entry,
+    fields: &[String],
+    values: &[Option<String>],
+    s: &ApplySettings,
+    quiet: bool,
+) -> Option<ThinWrite> {
+    let scale = s.scale;
+    let unit = 10i64.checked_pow(scale)?;
+    let low = s.low_stock.checked_mul(unit)?;
+    let get = |i: usize| values.get(i).and_then(|v| v.as_deref());
+    // The fence: only an entry wholly after what the hash holds (replays and straddles
+    // are the script's).
+    let expect_lsn = get(0).map(str::to_string);
+    let expect_piece = get(1).map(str::to_string);
+    if let Some(l) = &expect_lsn {
+        let lsn: u64 = l.parse().ok()?;
+        if lsn.to_string() != *l {
+            return None;
+        }
+        let piece = match &expect_piece {
+            Some(p) => u32::try_from(int(p)?).ok()?,
+            None => 0,
+        };
+        if (lsn, piece) >= (e.first.0.0, e.first.1) {
+            return None;
+        }
+    }
+    let counters = s
+        .counters
+        .iter()
+        .enumerate()
+        .map(|(i, _)| get(BASE.len() + i).map_or(Some(0), |v| qty(v, scale)))
+        .collect::<Option<Vec<i64>>>()?;
+    let threshold = get(6).map(str::to_string);
+    let mut h = Hash {
+        fields,
+        values,
+        rows: get(2).map_or(Some(0), int)?,
+        on: get(3).map_or(Some(0), |v| qty(v, scale))?,
+        res: get(4).map_or(Some(0), |v| qty(v, scale))?,
+        has_stock: get(2).is_some(),
+        had_threshold: threshold.is_some(),
+        threshold,
+        thr_dirty: false,
+        alert_state: get(7).map(str::to_string),
+        state_dirty: false,
+        rowt: Vec::new(),
+        locs: Vec::new(),
+    };
+    let was_gone = get(5) == Some("1");
+
+    // The trace: the level after each change, alerts where a transaction ends
+    // (`run_trace`).
+    if !e.trace.is_empty() {
+        let mut avail = h.on - h.res;
+        let mut has = h.has_stock;
+        // each row's level so far: None = not yet looked up, Some(None) = no row
+        let mut cur: Vec<Option<Option<(i64, i64)>>> = vec![None; e.rows.len()];
+        for rec in &e.trace {
+            let flags = rec.flags;
+            if flags & trace_flags::NO_ROW == 0 {
+                has = true;
+                let idx = rec.row as usize;
+                let now = match cur.get(idx)? {
+                    Some(c) => *c,
+                    None => h
+                        .row_get(&e.rows.get(idx)?.0, scale)?
+                        .map(|(_, o, r)| (o, r)),
+                };
+                if flags & trace_flags::DEL != 0 {
+                    if let Some((oo, orr)) = now {
+                        avail -= oo - orr;
+                    }
+                    cur[idx] = Some(None);
+                } else {
+                    let (oo, orr) = now.unwrap_or((0, 0));
+                    let [mut on, mut res, thr] = rec.values;
+                    if flags & trace_flags::ON_KEEP != 0 {
+                        on = oo;
+                    }
+                    if flags & trace_flags::RES_KEEP != 0 {
+                        res = orr;
+                    }
+                    avail += (on - res) - (oo - orr);
+                    cur[idx] = Some(Some((on, res)));
+                    if flags & trace_flags::THR_SET != 0 {
+                        h.threshold = Some(units::format(thr, scale));
+                        h.thr_dirty = true;
+                    } else if flags & trace_flags::THR_CLEAR != 0 {
+                        h.threshold = None;
+                        h.thr_dirty = true;
+                    }
+                }
+            }
+            if rec.eval && has {
+                // `evaluate`: an alert to raise is the script's (history, `alerts`).
+                let thr = match &h.threshold {
+                    Some(t) => qty(t, scale)?,
+                    None => low,
+                };
+                let prev = h.alert_state.as_deref();
+                let mut state = if avail <= 0 {
+                    "out"
+                } else if avail <= thr {
+                    "low"
+                } else {
+                    "ok"
+                };
+                let hyst = unit.max(thr.div_euclid(5));
+                if prev == Some("low") && state == "ok" && avail <= thr + hyst {
+                    state = "low";
+                }
+                let alert = match prev {
+                    None => false,
+                    Some(p) => {
+                        (state == "out" && p != "out")
+                            || (p == "out" && state != "out")
+                            || (p == "ok" && state == "low")
+                    }
+                };
+                if alert && !quiet {
+                    return None;
+                }
+                if prev != Some(state) {
+                    h.alert_state = Some(state.to_string());
+                    h.state_dirty = true;
+                }
+            }
+        }
+    }
+
+    // The final rows (`apply_rows`).
+    h.has_stock = true;
+    for (f, op) in &e.rows {
+        let old = h.remove_row(f, scale)?;
+        if let RowOp::Set {
+            location,
+            on_hand,
+            reserved,
+            ..
+        } = op
+        {
+            let (ol, oo, orr) = old.unwrap_or_default();
+            let loc = match location {
+                Field::Val(v) => v.clone(),
+                Field::Keep => ol,
+            };
+            let on = match on_hand {
+                Field::Val(v) => *v,
+                Field::Keep => oo,
+            };
+            let res = match reserved {
+                Field::Val(v) => *v,
+                Field::Keep => orr,
+            };
+            h.on += on;
+            h.res += res;
+            h.rows += 1;
+            h.loc_add(&loc, [on, res, 1]);
+            h.row_put(f, Some((loc, on, res)));
+        }
+    }
+
+    // Beyond 2^53 the script's doubles are inexact: leave such sums to it.
+    if [h.on, h.res, h.on - h.res]
+        .iter()
+        .any(|v| v.unsigned_abs() >= 1 << 53)
+    {
+        return None;
+    }
+
+    // The write-back (`write`).
+    let dec = |x: i64| units::format(x, scale);
+    let mut set: Vec<(String, String)> = vec![
+        ("lsn".into(), e.last.0.0.to_string()),
+        ("piece".into(), e.last.1.to_string()),
+        ("ts".into(), e.commit_ms.to_string()),
+    ];
+    let mut del: Vec<String> = Vec::new();
+    for (f, t) in &h.rowt {
+        match t {
+            Some((l, on, res)) => {
+                let mut v = String::with_capacity(l.len() + 32);
+                v.push_str("[\"");
+                cjson_escape(&mut v, l);
+                v.push_str("\",\"");
+                units::write(&mut v, *on, scale);
+                v.push_str("\",\"");
+                units::write(&mut v, *res, scale);
+                v.push_str("\"]");
+                set.push((f.clone(), v));
+            }
+            None => del.push(f.clone()),
+        }
+    }
+    for (loc, d) in &h.locs {
+        let (fo, fr, fn_) = (
+            loc_field(loc, "on_hand"),
+            loc_field(loc, "reserved"),
+            loc_field(loc, "rows"),
+        );
+        let rows = h.read(&fn_)?.map_or(Some(0), int)? + d[2];
+        if rows <= 0 {
+            del.extend([fo, fr, fn_]);
+        } else {
+            if d[0] != 0 || d[2] != 0 {
+                let v = h.read(&fo)?.map_or(Some(0), |v| qty(v, scale))? + d[0];
+                set.push((fo, dec(v)));
+            }
+            if d[1] != 0 || d[2] != 0 {
+                let v = h.read(&fr)?.map_or(Some(0), |v| qty(v, scale))? + d[1];
+                set.push((fr, dec(v)));
+            }
+            if d[2] != 0 {
+                set.push((fn_, rows.to_string()));
+            }
+        }
+    }
+    set.push(("rows".into(), h.rows.to_string()));
+    set.push(("on_hand".into(), dec(h.on)));
+    set.push(("reserved".into(), dec(h.res)));
+    set.push(("available".into(), dec(h.on - h.res)));
+    if h.thr_dirty {
+        match &h.threshold {
+            Some(t) => set.push(("threshold".into(), t.clone())),
+            None if h.had_threshold => del.push("threshold".into()),
+            None => {}
+        }
+    }
+    if h.state_dirty {
+        set.push(("alert_state".into(), h.alert_state.clone()?));
+    }
+    if h.rows <= 0 && counters.iter().all(|c| *c == 0) {
+        set.push(("gone".into(), "1".into()));
+    } else if was_gone {
+        del.push("gone".into());
+    }
+    if set.len() + del.len() > MAX_FIELDS {
+        return None;
+    }
+    Some(ThinWrite {
+        expect_lsn,
+        expect_piece,
+        lsn: e.last.0.0.to_string(),
+        set,
+        del,
+    })
+}
