@@ -585,7 +585,7 @@ impl Applier {
         for e in entries {
             *per_sku.entry(e.sku.as_str()).or_default() += 1;
         }
-        let reads: Vec<(usize, Vec<String>)> = entries
+        let reads: Vec<(usize, Vec<std::borrow::Cow<str>>)> = entries
             .iter()
             .enumerate()
             .filter(|(_, e)| per_sku[e.sku.as_str()] == 1)
@@ -595,9 +595,12 @@ impl Applier {
         if !reads.is_empty() {
             let mut pipe = redis::pipe();
             for (i, f) in &reads {
-                pipe.cmd("HMGET")
-                    .arg(layout::sku_key(&self.settings.prefix, &entries[*i].sku))
-                    .arg(f);
+                let c = pipe
+                    .cmd("HMGET")
+                    .arg(layout::sku_key(&self.settings.prefix, &entries[*i].sku));
+                for x in f {
+                    c.arg(x.as_ref());
+                }
             }
             let values: Vec<redis::Value> = match pipe.query_async(&mut self.con).await {
                 Ok(v) => v,
@@ -685,11 +688,11 @@ impl Applier {
                 .arg(&w.lsn)
                 .arg(w.set.len());
             for (f, v) in &w.set {
-                c.arg(f).arg(v);
+                c.arg(f.as_ref()).arg(v);
             }
             c.arg(w.del.len());
             for f in &w.del {
-                c.arg(f);
+                c.arg(f.as_ref());
             }
         }
         c

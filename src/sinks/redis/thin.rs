@@ -24,6 +24,7 @@ use super::ApplySettings;
 use crate::fold::batch::{Entry, trace_flags};
 use crate::fold::{Field, RowOp};
 use crate::units;
+use std::borrow::Cow;
 
 /// The fields every thin read asks for, in this order (then the counters, then the
 /// entry's rows and locations).
@@ -42,7 +43,7 @@ const BASE: [&str; 8] = [
 const MAX_FIELDS: usize = 1000;
 
 /// The fields to read for `e` if it may be applied thin, else `None`.
-pub fn reads(e: &Entry, s: &ApplySettings) -> Option<Vec<String>> {
+pub fn reads<'a>(e: &'a Entry, s: &'a ApplySettings) -> Option<Vec<Cow<'a, str>>> {
     if !e.truncate.is_empty()
         || !e.counters.is_empty()
         || !e.buckets.is_empty()
@@ -52,10 +53,10 @@ pub fn reads(e: &Entry, s: &ApplySettings) -> Option<Vec<String>> {
     {
         return None;
     }
-    let mut f: Vec<String> = BASE.iter().map(|s| s.to_string()).collect();
-    f.extend(s.counters.iter().cloned());
+    let mut f: Vec<Cow<'a, str>> = BASE.iter().map(|s| Cow::Borrowed(*s)).collect();
+    f.extend(s.counters.iter().map(|c| Cow::Borrowed(c.as_str())));
     for (field, _) in &e.rows {
-        f.push(field.clone());
+        f.push(Cow::Borrowed(field.as_str()));
     }
     for (_, op) in &e.rows {
         if let RowOp::Set {
@@ -66,8 +67,8 @@ pub fn reads(e: &Entry, s: &ApplySettings) -> Option<Vec<String>> {
         {
             for what in ["on_hand", "reserved", "rows"] {
                 let name = loc_field(loc, what);
-                if !f.contains(&name) {
-                    f.push(name);
+                if !f.iter().any(|x| *x == name) {
+                    f.push(Cow::Owned(name));
                 }
             }
         }
@@ -75,18 +76,19 @@ pub fn reads(e: &Entry, s: &ApplySettings) -> Option<Vec<String>> {
     Some(f)
 }
 
-/// What `thin.lua` writes for one entry.
+/// What `thin.lua` writes for one entry (field names borrowed from the entry where they
+/// can be: this runs for most entries).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ThinWrite {
+pub struct ThinWrite<'a> {
     /// The fence the read saw (`None`: no hash, or no such field).
     pub expect_lsn: Option<String>,
     pub expect_piece: Option<String>,
     /// The entry's fence, the change index's score.
     pub lsn: String,
     /// Fields to set (field, value).
-    pub set: Vec<(String, String)>,
+    pub set: Vec<(Cow<'a, str>, String)>,
     /// Fields to delete.
-    pub del: Vec<String>,
+    pub del: Vec<Cow<'a, str>>,
 }
 
 fn loc_field(loc: &str, what: &str) -> String {
@@ -94,9 +96,9 @@ fn loc_field(loc: &str, what: &str) -> String {
 }
 
 /// The state of the hash as the script's `load` sees it, and the changes so far.
-struct Hash<'a> {
-    fields: &'a [String],
-    values: &'a [Option<String>],
+struct Hash<'a, 'r> {
+    fields: &'r [Cow<'r, str>],
+    values: &'r [Option<String>],
     rows: i64,
     on: i64,
     res: i64,
@@ -107,7 +109,7 @@ struct Hash<'a> {
     alert_state: Option<String>,
     state_dirty: bool,
     /// Rows changed, in order: (field, new contribution or `None` when removed).
-    rowt: Vec<(String, Option<Row>)>,
+    rowt: Vec<(&'a str, Option<Row>)>,
     /// Locations changed, in order, with (on, res, rows) deltas.
     locs: Vec<(String, [i64; 3])>,
 }
@@ -115,7 +117,7 @@ struct Hash<'a> {
 /// A stock row's contribution: (location, on_hand, reserved) in units.
 type Row = (String, i64, i64);
 
-impl Hash<'_> {
+impl<'a> Hash<'a, '_> {
     /// A field the read fetched: `Some(None)` when the hash has none, `None` when it was
     /// not read (the entry goes to the script).
     fn read(&self, f: &str) -> Option<Option<&str>> {
@@ -125,7 +127,7 @@ impl Hash<'_> {
 
     /// The row's current contribution (`Some(None)`: no row).
     fn row_get(&self, f: &str, scale: u32) -> Option<Option<Row>> {
-        if let Some((_, t)) = self.rowt.iter().find(|(k, _)| k == f) {
+        if let Some((_, t)) = self.rowt.iter().find(|(k, _)| *k == f) {
             return Some(t.clone());
         }
         match self.read(f)? {
@@ -137,10 +139,10 @@ impl Hash<'_> {
         }
     }
 
-    fn row_put(&mut self, f: &str, t: Option<Row>) {
-        match self.rowt.iter_mut().find(|(k, _)| k == f) {
+    fn row_put(&mut self, f: &'a str, t: Option<Row>) {
+        match self.rowt.iter_mut().find(|(k, _)| *k == f) {
             Some(slot) => slot.1 = t,
-            None => self.rowt.push((f.to_string(), t)),
+            None => self.rowt.push((f, t)),
         }
     }
 
@@ -160,7 +162,7 @@ impl Hash<'_> {
         }
     }
 
-    fn remove_row(&mut self, f: &str, scale: u32) -> Option<Option<Row>> {
+    fn remove_row(&mut self, f: &'a str, scale: u32) -> Option<Option<Row>> {
         let old = self.row_get(f, scale)?;
         if let Some((loc, on, res)) = &old {
             self.on -= on;
@@ -218,13 +220,13 @@ fn int(s: &str) -> Option<i64> {
 
 /// Work out the writes of a stock-only entry from what [`reads`] fetched (`values` in
 /// the order of `fields`), exactly as `apply.lua` would; `None` sends it to the script.
-pub fn plan(
-    e: &Entry,
-    fields: &[String],
+pub fn plan<'a>(
+    e: &'a Entry,
+    fields: &[Cow<'_, str>],
     values: &[Option<String>],
     s: &ApplySettings,
     quiet: bool,
-) -> Option<ThinWrite> {
+) -> Option<ThinWrite<'a>> {
     let scale = s.scale;
     let unit = 10i64.checked_pow(scale)?;
     let low = s.low_stock.checked_mul(unit)?;
@@ -392,12 +394,11 @@ pub fn plan(
 
     // The write-back (`write`).
     let dec = |x: i64| units::format(x, scale);
-    let mut set: Vec<(String, String)> = vec![
-        ("lsn".into(), e.last.0.0.to_string()),
-        ("piece".into(), e.last.1.to_string()),
-        ("ts".into(), e.commit_ms.to_string()),
-    ];
-    let mut del: Vec<String> = Vec::new();
+    let mut set: Vec<(Cow<'a, str>, String)> = Vec::with_capacity(8 + 2 * h.rowt.len());
+    set.push(("lsn".into(), e.last.0.0.to_string()));
+    set.push(("piece".into(), e.last.1.to_string()));
+    set.push(("ts".into(), e.commit_ms.to_string()));
+    let mut del: Vec<Cow<'a, str>> = Vec::new();
     for (f, t) in &h.rowt {
         match t {
             Some((l, on, res)) => {
@@ -409,9 +410,9 @@ pub fn plan(
                 v.push_str("\",\"");
                 units::write(&mut v, *res, scale);
                 v.push_str("\"]");
-                set.push((f.clone(), v));
+                set.push(((*f).into(), v));
             }
-            None => del.push(f.clone()),
+            None => del.push((*f).into()),
         }
     }
     for (loc, d) in &h.locs {
@@ -422,18 +423,18 @@ pub fn plan(
         );
         let rows = h.read(&fn_)?.map_or(Some(0), int)? + d[2];
         if rows <= 0 {
-            del.extend([fo, fr, fn_]);
+            del.extend([fo.into(), fr.into(), fn_.into()]);
         } else {
             if d[0] != 0 || d[2] != 0 {
                 let v = h.read(&fo)?.map_or(Some(0), |v| qty(v, scale))? + d[0];
-                set.push((fo, dec(v)));
+                set.push((fo.into(), dec(v)));
             }
             if d[1] != 0 || d[2] != 0 {
                 let v = h.read(&fr)?.map_or(Some(0), |v| qty(v, scale))? + d[1];
-                set.push((fr, dec(v)));
+                set.push((fr.into(), dec(v)));
             }
             if d[2] != 0 {
-                set.push((fn_, rows.to_string()));
+                set.push((fn_.into(), rows.to_string()));
             }
         }
     }
