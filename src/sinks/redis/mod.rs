@@ -604,11 +604,15 @@ impl Applier {
             }
             let values: Vec<redis::Value> = match pipe.query_async(&mut self.con).await {
                 Ok(v) => v,
-                Err(e) if e.code() == Some("WRONGTYPE") => {
-                    let all: Vec<&Entry> = entries.iter().collect();
-                    return Err(self.wrongtype(e, &all).await);
+                Err(e) => {
+                    let e = RedisSinkError::from_redis(e);
+                    if e.is_transient() {
+                        return Err(e);
+                    }
+                    // Refused (a key of another type, say): the script's call hits the
+                    // same refusal and names it (`wrongtype`).
+                    Vec::new()
                 }
-                Err(e) => return Err(RedisSinkError::from_redis(e)),
             };
             for ((i, f), v) in reads.iter().zip(values) {
                 // a value that is not text is the script's to judge

@@ -468,3 +468,229 @@ pub fn plan<'a>(
         del,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fold::batch::Batch;
+    use crate::fold::{Piece, SkuDelta};
+    use crate::lsn::Lsn;
+
+    fn settings() -> ApplySettings {
+        ApplySettings {
+            prefix: "t".into(),
+            keep_minutes: 5,
+            low_stock: 5,
+            scale: 0,
+            counters: vec!["views".into()],
+            alert_history: 10,
+            alert_history_age_ms: 0,
+            fence: Default::default(),
+        }
+    }
+
+    /// One entry for SKU `A`: row `r` set to (loc, on, res) at LSN 100, evaluated.
+    fn entry(loc: &str, on: i64, res: i64, views: i64) -> Entry {
+        let mut d = SkuDelta::default();
+        d.rows.insert(
+            "r".into(),
+            RowOp::Set {
+                location: Field::Val(loc.into()),
+                on_hand: Field::Val(on),
+                reserved: Field::Val(res),
+                threshold: Field::Keep,
+            },
+        );
+        if views > 0 {
+            d.counters.insert("views".into(), views);
+        }
+        let mut b = Batch::new(Lsn(0));
+        b.push(Piece {
+            commit_lsn: Lsn(100),
+            piece: 0,
+            commit_ms: 1_700_000_000_000,
+            truncate: vec![],
+            skus: [("A".to_string(), d)].into(),
+            last: true,
+            eval: vec!["A".into()],
+            ri: Default::default(),
+            ri_local: Default::default(),
+        });
+        b.take().remove(0)
+    }
+
+    fn fields(w: &ThinWrite) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = w
+            .set
+            .iter()
+            .map(|(f, v)| (f.to_string(), v.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn only_stock_only_entries_are_read_thin() {
+        let s = settings();
+        assert!(reads(&entry("W1", 5, 1, 1), &s).is_none(), "activity");
+        let e = entry("W1", 5, 1, 0);
+        let f = reads(&e, &s).unwrap();
+        let names: Vec<&str> = f.iter().map(|x| x.as_ref()).collect();
+        assert_eq!(
+            names,
+            [
+                "lsn",
+                "piece",
+                "rows",
+                "on_hand",
+                "reserved",
+                "gone",
+                "threshold",
+                "alert_state",
+                "views",
+                "r",
+                "loc:W1:on_hand",
+                "loc:W1:reserved",
+                "loc:W1:rows"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_new_sku_gets_the_fields_the_script_writes() {
+        let (s, e) = (settings(), entry("W/1", 9, 2, 0));
+        let f = reads(&e, &s).unwrap();
+        let w = plan(&e, &f, &vec![None; f.len()], &s, false).unwrap();
+        assert_eq!((w.expect_lsn.as_deref(), w.lsn.as_str()), (None, "100"));
+        assert!(w.del.is_empty());
+        let want: Vec<(String, String)> = [
+            ("alert_state", "ok"),
+            ("available", "7"),
+            ("loc:W/1:on_hand", "9"),
+            ("loc:W/1:reserved", "2"),
+            ("loc:W/1:rows", "1"),
+            ("lsn", "100"),
+            ("on_hand", "9"),
+            ("piece", "0"),
+            ("r", r#"["W\/1","9","2"]"#),
+            ("reserved", "2"),
+            ("rows", "1"),
+            ("ts", "1700000000000"),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        assert_eq!(fields(&w), want);
+    }
+
+    /// What the hash holds for `A` with row `r` at W1 (7 on hand), fence 50/0, `ok`.
+    fn held(f: &[Cow<str>], lsn: &str, views: &str) -> Vec<Option<String>> {
+        f.iter()
+            .map(|x| {
+                let v = match x.as_ref() {
+                    "lsn" => lsn,
+                    "piece" => "0",
+                    "rows" => "1",
+                    "on_hand" | "loc:W1:on_hand" => "7",
+                    "reserved" | "loc:W1:reserved" => "0",
+                    "loc:W1:rows" => "1",
+                    "alert_state" => "ok",
+                    "views" => views,
+                    "r" => r#"["W1","7","0"]"#,
+                    _ => return None,
+                };
+                Some(v.to_string())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_update_moves_totals_and_locations() {
+        let (s, e) = (settings(), entry("W1", 6, 0, 0));
+        let f = reads(&e, &s).unwrap();
+        let w = plan(&e, &f, &held(&f, "50", "0"), &s, false).unwrap();
+        assert_eq!(
+            (w.expect_lsn.as_deref(), w.expect_piece.as_deref()),
+            (Some("50"), Some("0"))
+        );
+        let got = fields(&w);
+        for (k, v) in [
+            ("on_hand", "6"),
+            ("loc:W1:on_hand", "6"),
+            ("available", "6"),
+        ] {
+            assert!(got.contains(&(k.into(), v.into())), "{k}={v} in {got:?}");
+        }
+        // unchanged reserved and row count of the location are not rewritten
+        assert!(
+            !got.iter()
+                .any(|(k, _)| k == "loc:W1:rows" || k == "loc:W1:reserved")
+        );
+        assert!(!got.iter().any(|(k, _)| k == "alert_state"), "still ok");
+    }
+
+    #[test]
+    fn a_raised_alert_or_a_fence_at_the_entry_goes_to_the_script() {
+        let s = settings();
+        // 7 -> 3 on hand: ok -> low raises an alert
+        let e = entry("W1", 3, 0, 0);
+        let f = reads(&e, &s).unwrap();
+        assert!(plan(&e, &f, &held(&f, "50", "0"), &s, false).is_none());
+        // quiet (a snapshot load): the state moves, nothing is raised
+        let w = plan(&e, &f, &held(&f, "50", "0"), &s, true).unwrap();
+        assert!(fields(&w).contains(&("alert_state".into(), "low".into())));
+        // the hash holds the entry already (a replay), or more
+        for lsn in ["100", "150"] {
+            assert!(plan(&e, &f, &held(&f, lsn, "0"), &s, false).is_none());
+        }
+        // not canonical: the script's to judge
+        assert!(plan(&e, &f, &held(&f, "050", "0"), &s, false).is_none());
+        assert!(plan(&e, &f, &held(&f, "50", "1e2"), &s, false).is_none());
+    }
+
+    #[test]
+    fn a_row_emptied_to_nothing_marks_the_sku_gone_unless_a_counter_counts() {
+        let s = settings();
+        let mut d = SkuDelta::default();
+        d.rows.insert("r".into(), RowOp::Del);
+        let mut b = Batch::new(Lsn(0));
+        b.push(Piece {
+            commit_lsn: Lsn(100),
+            piece: 0,
+            commit_ms: 1,
+            truncate: vec![],
+            skus: [("A".to_string(), d)].into(),
+            last: false,
+            eval: vec![],
+            ri: Default::default(),
+            ri_local: Default::default(),
+        });
+        let e = b.take().remove(0);
+        let mut f = reads(&e, &s).unwrap();
+        // a deleted row's location is not read with it: the script's
+        assert!(plan(&e, &f, &held(&f, "50", "0"), &s, false).is_none());
+        for w in ["on_hand", "reserved", "rows"] {
+            f.push(Cow::Owned(format!("loc:W1:{w}")));
+        }
+        let w = plan(&e, &f, &held(&f, "50", "0"), &s, false).unwrap();
+        assert!(fields(&w).contains(&("gone".into(), "1".into())));
+        let mut del: Vec<&str> = w.del.iter().map(|x| x.as_ref()).collect();
+        del.sort();
+        assert_eq!(
+            del,
+            ["loc:W1:on_hand", "loc:W1:reserved", "loc:W1:rows", "r"]
+        );
+        let w = plan(&e, &f, &held(&f, "50", "3"), &s, false).unwrap();
+        assert!(!fields(&w).iter().any(|(k, _)| k == "gone"));
+    }
+
+    #[test]
+    fn locations_are_escaped_as_cjson_escapes_them() {
+        let mut out = String::new();
+        cjson_escape(&mut out, "a/b\"c\\d\ne\u{1}\u{7f}é");
+        assert_eq!(out, r#"a\/b\"c\\d\ne\u0001\u007fé"#);
+        out.clear();
+        cjson_escape(&mut out, "plain W1");
+        assert_eq!(out, "plain W1");
+    }
+}
