@@ -674,7 +674,8 @@ impl Daemon {
             }
             Err(e @ RedisSinkError::Split(_)) => {
                 // Redis held part of a merged entry: replay everything up to this batch
-                // unmerged. Nothing of the refused call was written. The restart is
+                // unmerged. Nothing of the refused call was written (entries of the batch
+                // written before it, thin ones, are fenced and skipped). The restart is
                 // logged at WARN, so the SKU goes to its own debug line.
                 if let RedisSinkError::Split(key) = &e {
                     tracing::debug!(key = %crate::secret::log_value(key), last_commit = %f.last_commit, "merged entry refused by this SKU's fence");

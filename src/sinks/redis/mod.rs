@@ -655,11 +655,17 @@ impl Applier {
         applied.applied += written;
         applied.thin += written;
         if !missed.is_empty() {
-            let again: Vec<&Entry> = missed
+            let again: Option<Vec<&Entry>> = missed
                 .iter()
-                .filter_map(|p| planned.get(*p))
-                .map(|(i, _)| &entries[*i])
+                .map(|p| planned.get(*p).map(|(i, _)| &entries[*i]))
                 .collect();
+            let Some(again) = again else {
+                return Err(RedisSinkError::Definite(
+                    "the thin apply script named an entry it was not sent: is redis.url a \
+                     Redis server?"
+                        .into(),
+                ));
+            };
             applied += self.apply_script(&again, end, quiet).await?;
         }
         Ok(applied)

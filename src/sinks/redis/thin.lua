@@ -31,26 +31,36 @@ if writer ~= '' then
   end
 end
 
-local missed, changed = {}, {}
+-- Every fence is read before anything is written (as in apply.lua): a refused read
+-- leaves the whole call unwritten.
+local missed, ok = {}, {}
 local a, pos, nargv = 4, 0, #ARGV
 while a <= nargv do
-  local key = KEYS[tonumber(ARGV[a])]
-  local el, ep, nl = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local k = tonumber(ARGV[a])
+  local el, ep = ARGV[a + 1], ARGV[a + 2]
   local ns = tonumber(ARGV[a + 4])
-  local s0 = a + 5
-  local nd = tonumber(ARGV[s0 + 2 * ns])
-  local d0 = s0 + 2 * ns + 1
-  a = d0 + nd
-  local v = redis.call('HMGET', key, 'lsn', 'piece')
+  local nd = tonumber(ARGV[a + 5 + 2 * ns])
+  local v = redis.call('HMGET', KEYS[k], 'lsn', 'piece')
   if (v[1] or '') == el and (v[2] or '') == ep then
-    if nd > 0 then redis.call('HDEL', key, unpack(ARGV, d0, d0 + nd - 1)) end
-    redis.call('HSET', key, unpack(ARGV, s0, s0 + 2 * ns - 1))
-    changed[#changed + 1] = nl
-    changed[#changed + 1] = key
+    ok[#ok + 1] = a
   else
     missed[#missed + 1] = pos
   end
+  a = a + 6 + 2 * ns + nd
   pos = pos + 1
+end
+
+local changed = {}
+for _, e in ipairs(ok) do
+  local key = KEYS[tonumber(ARGV[e])]
+  local ns = tonumber(ARGV[e + 4])
+  local s0 = e + 5
+  local nd = tonumber(ARGV[s0 + 2 * ns])
+  local d0 = s0 + 2 * ns + 1
+  if nd > 0 then redis.call('HDEL', key, unpack(ARGV, d0, d0 + nd - 1)) end
+  redis.call('HSET', key, unpack(ARGV, s0, s0 + 2 * ns - 1))
+  changed[#changed + 1] = ARGV[e + 3]
+  changed[#changed + 1] = key
 end
 
 -- The change index (score: the commit LSN; only ever raised), in chunks for unpack.

@@ -146,9 +146,9 @@ impl<'a> Hash<'a, '_> {
         }
     }
 
-    fn loc_add(&mut self, loc: &str, d: [i64; 3]) {
+    fn loc_add(&mut self, loc: &str, d: [i64; 3]) -> Option<()> {
         if loc.is_empty() {
-            return;
+            return Some(());
         }
         let i = match self.locs.iter().position(|(l, _)| l == loc) {
             Some(i) => i,
@@ -158,17 +158,18 @@ impl<'a> Hash<'a, '_> {
             }
         };
         for (a, b) in self.locs[i].1.iter_mut().zip(d) {
-            *a += b;
+            *a = exact(*a + b)?;
         }
+        Some(())
     }
 
     fn remove_row(&mut self, f: &'a str, scale: u32) -> Option<Option<Row>> {
         let old = self.row_get(f, scale)?;
         if let Some((loc, on, res)) = &old {
-            self.on -= on;
-            self.res -= res;
-            self.rows -= 1;
-            self.loc_add(loc, [-on, -res, -1]);
+            self.on = exact(self.on - on)?;
+            self.res = exact(self.res - res)?;
+            self.rows = exact(self.rows - 1)?;
+            self.loc_add(loc, [-on, -res, -1])?;
             self.row_put(f, None);
         }
         Some(old)
@@ -204,18 +205,23 @@ fn cjson_escape(out: &mut String, s: &str) {
     }
 }
 
+/// `v` if Lua's doubles hold it exactly (every value and every intermediate result of
+/// the script's arithmetic must be: beyond 2^53 the script rounds, so such an entry is
+/// left to it).
+fn exact(v: i64) -> Option<i64> {
+    (v.unsigned_abs() < 1 << 53).then_some(v)
+}
+
 /// A stored quantity (a decimal in units of 10^-scale), or `None` where the script might
 /// read it otherwise (the entry goes to the script).
 fn qty(s: &str, scale: u32) -> Option<i64> {
-    let v = units::parse(s, scale)?;
-    // exact in Lua's doubles, like every value the fold sends
-    (v.unsigned_abs() < 1 << 53).then_some(v)
+    exact(units::parse(s, scale)?)
 }
 
 /// A stored integer written by the script itself (`rows`, `piece`).
 fn int(s: &str) -> Option<i64> {
     let v: i64 = s.parse().ok()?;
-    (v.to_string() == s).then_some(v)
+    (v.to_string() == s).then_some(exact(v)?)
 }
 
 /// Work out the writes of a stock-only entry from what [`reads`] fetched (`values` in
@@ -229,7 +235,7 @@ pub fn plan<'a>(
 ) -> Option<ThinWrite<'a>> {
     let scale = s.scale;
     let unit = 10i64.checked_pow(scale)?;
-    let low = s.low_stock.checked_mul(unit)?;
+    let low = exact(s.low_stock.checked_mul(unit)?)?;
     let get = |i: usize| values.get(i).and_then(|v| v.as_deref());
     // The fence: only an entry wholly after what the hash holds (replays and straddles
     // are the script's).
@@ -275,7 +281,7 @@ pub fn plan<'a>(
     // The trace: the level after each change, alerts where a transaction ends
     // (`run_trace`).
     if !e.trace.is_empty() {
-        let mut avail = h.on - h.res;
+        let mut avail = exact(h.on - h.res)?;
         let mut has = h.has_stock;
         // each row's level so far: None = not yet looked up, Some(None) = no row
         let mut cur: Vec<Option<Option<(i64, i64)>>> = vec![None; e.rows.len()];
@@ -292,22 +298,24 @@ pub fn plan<'a>(
                 };
                 if flags & trace_flags::DEL != 0 {
                     if let Some((oo, orr)) = now {
-                        avail -= oo - orr;
+                        avail = exact(avail - exact(oo - orr)?)?;
                     }
                     cur[idx] = Some(None);
                 } else {
                     let (oo, orr) = now.unwrap_or((0, 0));
-                    let [mut on, mut res, thr] = rec.values;
+                    let [on, res, thr] = rec.values.map(exact);
+                    let (mut on, mut res) = (on?, res?);
                     if flags & trace_flags::ON_KEEP != 0 {
                         on = oo;
                     }
                     if flags & trace_flags::RES_KEEP != 0 {
                         res = orr;
                     }
-                    avail += (on - res) - (oo - orr);
+                    // as the script evaluates `avail + (on - res) - (oo - orr)`
+                    avail = exact(exact(avail + exact(on - res)?)? - exact(oo - orr)?)?;
                     cur[idx] = Some(Some((on, res)));
                     if flags & trace_flags::THR_SET != 0 {
-                        h.threshold = Some(units::format(thr, scale));
+                        h.threshold = Some(units::format(thr?, scale));
                         h.thr_dirty = true;
                     } else if flags & trace_flags::THR_CLEAR != 0 {
                         h.threshold = None;
@@ -330,7 +338,7 @@ pub fn plan<'a>(
                     "ok"
                 };
                 let hyst = unit.max(thr.div_euclid(5));
-                if prev == Some("low") && state == "ok" && avail <= thr + hyst {
+                if prev == Some("low") && state == "ok" && avail <= exact(thr + hyst)? {
                     state = "low";
                 }
                 let alert = match prev {
@@ -376,21 +384,16 @@ pub fn plan<'a>(
                 Field::Val(v) => *v,
                 Field::Keep => orr,
             };
-            h.on += on;
-            h.res += res;
-            h.rows += 1;
-            h.loc_add(&loc, [on, res, 1]);
+            let (on, res) = (exact(on)?, exact(res)?);
+            h.on = exact(h.on + on)?;
+            h.res = exact(h.res + res)?;
+            h.rows = exact(h.rows + 1)?;
+            h.loc_add(&loc, [on, res, 1])?;
             h.row_put(f, Some((loc, on, res)));
         }
     }
 
-    // Beyond 2^53 the script's doubles are inexact: leave such sums to it.
-    if [h.on, h.res, h.on - h.res]
-        .iter()
-        .any(|v| v.unsigned_abs() >= 1 << 53)
-    {
-        return None;
-    }
+    let available = exact(h.on - h.res)?;
 
     // The write-back (`write`).
     let dec = |x: i64| units::format(x, scale);
@@ -421,16 +424,16 @@ pub fn plan<'a>(
             loc_field(loc, "reserved"),
             loc_field(loc, "rows"),
         );
-        let rows = h.read(&fn_)?.map_or(Some(0), int)? + d[2];
+        let rows = exact(h.read(&fn_)?.map_or(Some(0), int)? + d[2])?;
         if rows <= 0 {
             del.extend([fo.into(), fr.into(), fn_.into()]);
         } else {
             if d[0] != 0 || d[2] != 0 {
-                let v = h.read(&fo)?.map_or(Some(0), |v| qty(v, scale))? + d[0];
+                let v = exact(h.read(&fo)?.map_or(Some(0), |v| qty(v, scale))? + d[0])?;
                 set.push((fo.into(), dec(v)));
             }
             if d[1] != 0 || d[2] != 0 {
-                let v = h.read(&fr)?.map_or(Some(0), |v| qty(v, scale))? + d[1];
+                let v = exact(h.read(&fr)?.map_or(Some(0), |v| qty(v, scale))? + d[1])?;
                 set.push((fr.into(), dec(v)));
             }
             if d[2] != 0 {
@@ -441,7 +444,7 @@ pub fn plan<'a>(
     set.push(("rows".into(), h.rows.to_string()));
     set.push(("on_hand".into(), dec(h.on)));
     set.push(("reserved".into(), dec(h.res)));
-    set.push(("available".into(), dec(h.on - h.res)));
+    set.push(("available".into(), dec(available)));
     if h.thr_dirty {
         match &h.threshold {
             Some(t) => set.push(("threshold".into(), t.clone())),
@@ -682,6 +685,25 @@ mod tests {
         );
         let w = plan(&e, &f, &held(&f, "50", "3"), &s, false).unwrap();
         assert!(!fields(&w).iter().any(|(k, _)| k == "gone"));
+    }
+
+    /// Lua's doubles round past 2^53: a location (or any running sum) that would pass it
+    /// is the script's, even when the totals stay in range.
+    #[test]
+    fn sums_beyond_2_53_are_left_to_the_script() {
+        let s = settings();
+        let e = entry("W1", 2, 0, 0);
+        let f = reads(&e, &s).unwrap();
+        let big = ((1i64 << 53) - 1).to_string();
+        let mut v = held(&f, "50", "0");
+        let at = |name: &str| f.iter().position(|x| x == name).unwrap();
+        v[at("loc:W1:on_hand")] = Some(big.clone());
+        assert!(plan(&e, &f, &v, &s, false).is_none());
+        v[at("loc:W1:on_hand")] = Some("7".into());
+        v[at("rows")] = Some(big);
+        assert!(plan(&e, &f, &v, &s, false).is_none());
+        v[at("rows")] = Some("9223372036854775807".into());
+        assert!(plan(&e, &f, &v, &s, false).is_none(), "no overflow either");
     }
 
     #[test]
