@@ -1,8 +1,8 @@
 //! Thin apply: stock-only entries worked out here, written by a fenced compare-and-set.
 //!
 //! The apply script (`apply.lua`) reads each SKU hash, folds the entry into it and
-//! writes it back; its cost is the Lua interpreter, about 30-75 µs of Redis CPU per
-//! entry, and Redis is single-threaded. For the commonest entries, stock rows only (no
+//! writes it back; its cost is the Lua interpreter, 20-85 µs of Redis CPU per entry
+//! on the benchmark machines, and Redis is single-threaded. For the commonest entries, stock rows only (no
 //! activity, no TRUNCATE), the same arithmetic runs here instead, on the fields one
 //! pipelined HMGET per SKU read ([`reads`]), and `thin.lua` only checks that the hash
 //! still holds the fence (`lsn`, `piece`) that read saw before it writes the result
