@@ -50,6 +50,16 @@ pub enum Field<T> {
     Val(T),
 }
 
+impl<T: Clone> Field<T> {
+    /// The new value, or for `Keep` what the row held before (`old`).
+    pub fn or(&self, old: T) -> T {
+        match self {
+            Field::Val(v) => v.clone(),
+            Field::Keep => old,
+        }
+    }
+}
+
 /// The final state of one stock row within a piece.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RowOp {

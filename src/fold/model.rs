@@ -213,14 +213,7 @@ impl Store {
                     } => {
                         has_stock = true;
                         let (oo, or) = cur[i].unwrap_or((0, 0));
-                        let on = match on_hand {
-                            Field::Keep => oo,
-                            Field::Val(v) => v,
-                        };
-                        let res = match reserved {
-                            Field::Keep => or,
-                            Field::Val(v) => v,
-                        };
+                        let (on, res) = (on_hand.or(oo), reserved.or(or));
                         avail += (on - res) - (oo - or);
                         cur[i] = Some((on, res));
                         match threshold {
@@ -269,18 +262,7 @@ impl Store {
             } = op
             {
                 let (ol, oo, or) = old.unwrap_or_default();
-                let loc = match location {
-                    Field::Keep => ol,
-                    Field::Val(v) => v.clone(),
-                };
-                let on = match on_hand {
-                    Field::Keep => oo,
-                    Field::Val(v) => *v,
-                };
-                let res = match reserved {
-                    Field::Keep => or,
-                    Field::Val(v) => *v,
-                };
+                let (loc, on, res) = (location.or(ol), on_hand.or(oo), reserved.or(or));
                 add_row(f, field, &loc, on, res);
             }
         }

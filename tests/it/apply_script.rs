@@ -669,43 +669,28 @@ async fn a_thin_write_whose_fence_moved_is_left_to_the_script() {
             .arg(0);
         c
     };
+    // One call, then (written, missed positions, A's on_hand, `applied_lsn`).
+    let mut step = async |a: (&str, &str), b: (&str, &str)| {
+        let (n, missed): (u64, Vec<u64>) = call(a, b).query_async(&mut con).await.unwrap();
+        let on_hand = hget(&mut con, "t:{A}", "on_hand").await;
+        let applied = hget(&mut con, "t:meta", "applied_lsn").await;
+        (n, missed, on_hand, applied)
+    };
+    let s = |v: &str| Some(v.to_string());
     // A holds 10/0, not 9/0: only B (new) is written, and `applied_lsn` stays.
-    let (n, missed): (u64, Vec<u64>) = call(("9", "0"), ("", ""))
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    assert_eq!((n, missed), (1, vec![0]));
     assert_eq!(
-        hget(&mut con, "t:{A}", "on_hand").await.as_deref(),
-        Some("7")
-    );
-    assert_eq!(
-        hget(&mut con, "t:meta", "applied_lsn").await.as_deref(),
-        Some("5")
+        step(("9", "0"), ("", "")).await,
+        (1, vec![0], s("7"), s("5"))
     );
     // A's own fence: A is written; B is no longer new.
-    let (n, missed): (u64, Vec<u64>) = call(("10", "0"), ("", ""))
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    assert_eq!((n, missed), (1, vec![1]));
     assert_eq!(
-        hget(&mut con, "t:{A}", "on_hand").await.as_deref(),
-        Some("8")
-    );
-    assert_eq!(
-        hget(&mut con, "t:meta", "applied_lsn").await.as_deref(),
-        Some("5")
+        step(("10", "0"), ("", "")).await,
+        (1, vec![1], s("8"), s("5"))
     );
     // Both fences as they are now: both written, and `applied_lsn` moves.
-    let (n, missed): (u64, Vec<u64>) = call(("20", "0"), ("20", ""))
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    assert_eq!((n, missed), (2, vec![]));
     assert_eq!(
-        hget(&mut con, "t:meta", "applied_lsn").await.as_deref(),
-        Some("20")
+        step(("20", "0"), ("20", "")).await,
+        (2, vec![], s("8"), s("20"))
     );
     let score: f64 = redis::cmd("ZSCORE")
         .arg("t:changes")

@@ -548,20 +548,7 @@ impl Applier {
         end: Option<Lsn>,
         quiet: bool,
     ) -> Result<Applied, RedisSinkError> {
-        let floor = self
-            .settings
-            .fence
-            .floor
-            .load(std::sync::atomic::Ordering::SeqCst);
-        let cmd = encode_call(
-            &self.settings,
-            &Call::Single,
-            entries,
-            end,
-            floor,
-            quiet,
-            self.script.get_hash(),
-        );
+        let cmd = encode_entries(&self.settings, entries, end, quiet, self.script.get_hash());
         match self.invoke(cmd).await {
             Ok(a) => Ok(a),
             Err(e) if e.code() == Some("WRONGTYPE") => Err(self.wrongtype(e, entries).await),
@@ -1477,16 +1464,15 @@ pub use layout::glob_escape;
 /// Encode entries as one EVALSHA of the apply script: KEYS (meta hash, then each SKU
 /// hash once) and the flat ARGV described in `apply.lua`. Arguments go straight into the
 /// command's buffer: this runs for every batch.
-pub fn encode_entries(
+fn encode_entries(
     s: &ApplySettings,
-    entries: &[Entry],
+    entries: &[&Entry],
     end: Option<Lsn>,
     quiet: bool,
     sha: &str,
 ) -> redis::Cmd {
     let floor = s.fence.floor.load(std::sync::atomic::Ordering::SeqCst);
-    let all: Vec<&Entry> = entries.iter().collect();
-    encode_call(s, &Call::Single, &all, end, floor, quiet, sha)
+    encode_call(s, &Call::Single, entries, end, floor, quiet, sha)
 }
 
 /// Where an apply call goes.

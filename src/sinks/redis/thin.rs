@@ -372,18 +372,7 @@ pub fn plan<'a>(
         } = op
         {
             let (ol, oo, orr) = old.unwrap_or_default();
-            let loc = match location {
-                Field::Val(v) => v.clone(),
-                Field::Keep => ol,
-            };
-            let on = match on_hand {
-                Field::Val(v) => *v,
-                Field::Keep => oo,
-            };
-            let res = match reserved {
-                Field::Val(v) => *v,
-                Field::Keep => orr,
-            };
+            let (loc, on, res) = (location.or(ol), on_hand.or(oo), reserved.or(orr));
             let (on, res) = (exact(on)?, exact(res)?);
             h.on = exact(h.on + on)?;
             h.res = exact(h.res + res)?;
