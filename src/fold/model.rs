@@ -357,7 +357,7 @@ pub fn is_guarded(c: &str) -> bool {
 
 /// The counter a name counts under: itself, or for a guarded name the counter when the
 /// SKU has stock rows, else `None` (not counted).
-fn counted(c: &str, stocked: bool) -> Option<&str> {
+pub fn counted(c: &str, stocked: bool) -> Option<&str> {
     match c.strip_prefix('?') {
         None => Some(c),
         Some(bare) => stocked.then_some(bare),

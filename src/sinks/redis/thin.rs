@@ -1,27 +1,29 @@
-//! Thin apply: stock-only entries worked out here, written by a fenced compare-and-set.
+//! Thin apply: entries worked out here, written by a fenced compare-and-set.
 //!
 //! The apply script (`apply.lua`) reads each SKU hash, folds the entry into it and
-//! writes it back; its cost is the Lua interpreter, 20-85 µs of Redis CPU per entry
-//! on the benchmark machines, and Redis is single-threaded. For the commonest entries, stock rows only (no
-//! activity, no TRUNCATE), the same arithmetic runs here instead, on the fields one
-//! pipelined HMGET per SKU read ([`reads`]), and `thin.lua` only checks that the hash
-//! still holds the fence (`lsn`, `piece`) that read saw before it writes the result
-//! (HDEL, HSET, the change index): a few µs per entry.
+//! writes it back; its cost is the Lua interpreter, 20-85 µs of Redis CPU per entry on
+//! the benchmark machines, and Redis is single-threaded. For the commonest entries,
+//! stock rows and lifetime counters (no window buckets, no distinct users, no
+//! TRUNCATE), the same arithmetic runs here instead, on the fields one pipelined HMGET
+//! per SKU read ([`reads`]), and `thin.lua` only checks that the hash still holds the
+//! fence (`lsn`, `piece`) that read saw before it writes the result (HDEL, HSET, the
+//! change index): a few µs per entry.
 //!
 //! Exactness: each hash's write carries its new fence in the same HSET, so a replay
 //! skips it as before. Whatever this module cannot decide exactly as the script would
 //! ([`plan`] returns `None`) goes to the script: an alert to raise (its history entry
-//! and `alerts` list are the script's), a row whose location needs JSON escapes, a
-//! stored value that is not canonical, a field the read did not fetch, a fence at or
-//! past the entry (replays and refused merges). A hash that changed between the read
-//! and the write (its fence differs) is left alone by `thin.lua` and applied by the
-//! script. The semantics are `apply.lua`'s, line for line (the property test in
-//! `tests/it/apply_script.rs` compares both with `fold::model`).
+//! and `alerts` list are the script's), a stored value that is not canonical, a field
+//! the read did not fetch, a counter the mapping does not name, a fence at or past the
+//! entry (replays and refused merges), guarded activity alone for a SKU without a hash.
+//! A hash that changed between the read and the write (its fence differs) is left alone
+//! by `thin.lua` and applied by the script. The semantics are `apply.lua`'s, line for
+//! line (the property test in `tests/it/apply_script.rs` compares both byte for byte).
 //!
 //! Sans-IO: the caller reads and writes (`Applier::apply`).
 
 use super::ApplySettings;
 use crate::fold::batch::{Entry, trace_flags};
+use crate::fold::model::{counted, is_guarded};
 use crate::fold::{Field, RowOp};
 use crate::units;
 use std::borrow::Cow;
@@ -45,11 +47,18 @@ const MAX_FIELDS: usize = 1000;
 /// The fields to read for `e` if it may be applied thin, else `None`.
 pub fn reads<'a>(e: &'a Entry, s: &'a ApplySettings) -> Option<Vec<Cow<'a, str>>> {
     if !e.truncate.is_empty()
-        || !e.counters.is_empty()
         || !e.buckets.is_empty()
         || !e.users.is_empty()
-        || e.rows.is_empty()
         || e.rows.len() * 4 > MAX_FIELDS
+    {
+        return None;
+    }
+    // A counter the mapping does not name is read by the script one by one.
+    let configured = |c: &str| s.counters.iter().any(|x| x == c);
+    if !e
+        .counters
+        .keys()
+        .all(|c| configured(c.strip_prefix('?').unwrap_or(c)))
     {
         return None;
     }
@@ -254,7 +263,7 @@ pub fn plan<'a>(
             return None;
         }
     }
-    let counters = s
+    let mut counters = s
         .counters
         .iter()
         .enumerate()
@@ -361,7 +370,9 @@ pub fn plan<'a>(
     }
 
     // The final rows (`apply_rows`).
-    h.has_stock = true;
+    if !e.rows.is_empty() {
+        h.has_stock = true;
+    }
     for (f, op) in &e.rows {
         let old = h.remove_row(f, scale)?;
         if let RowOp::Set {
@@ -380,6 +391,26 @@ pub fn plan<'a>(
             h.loc_add(&loc, [on, res, 1])?;
             h.row_put(f, Some((loc, on, res)));
         }
+    }
+
+    // The counters (guarded ones count only for a SKU with stock rows).
+    let stocked = h.rows > 0;
+    let guarded = e.counters.keys().filter(|c| is_guarded(c)).count();
+    let only_guarded =
+        e.rows.is_empty() && e.trace.is_empty() && guarded > 0 && guarded == e.counters.len();
+    if only_guarded && !stocked && expect_lsn.is_none() {
+        // Nothing counts, and an unknown SKU gets no hash: nothing to write.
+        return None;
+    }
+    // the counters written, by index in `s.counters`, named as the entry names them
+    let mut dirty: Vec<Option<&'a str>> = vec![None; counters.len()];
+    for (c, n) in &e.counters {
+        let Some(name) = counted(c, stocked) else {
+            continue;
+        };
+        let i = s.counters.iter().position(|x| x == name)?;
+        counters[i] = exact(counters[i] + exact(*n)?)?;
+        dirty[i] = Some(name);
     }
 
     let available = exact(h.on - h.res)?;
@@ -430,10 +461,17 @@ pub fn plan<'a>(
             }
         }
     }
-    set.push(("rows".into(), h.rows.to_string()));
-    set.push(("on_hand".into(), dec(h.on)));
-    set.push(("reserved".into(), dec(h.res)));
-    set.push(("available".into(), dec(available)));
+    if h.has_stock {
+        set.push(("rows".into(), h.rows.to_string()));
+        set.push(("on_hand".into(), dec(h.on)));
+        set.push(("reserved".into(), dec(h.res)));
+        set.push(("available".into(), dec(available)));
+    }
+    for (name, v) in dirty.iter().zip(&counters) {
+        if let Some(name) = name {
+            set.push(((*name).into(), dec(*v)));
+        }
+    }
     if h.thr_dirty {
         match &h.threshold {
             Some(t) => set.push(("threshold".into(), t.clone())),
@@ -522,9 +560,17 @@ mod tests {
     }
 
     #[test]
-    fn only_stock_only_entries_are_read_thin() {
+    fn entries_with_buckets_users_or_unnamed_counters_are_not_read_thin() {
         let s = settings();
-        assert!(reads(&entry("W1", 5, 1, 1), &s).is_none(), "activity");
+        let mut e = entry("W1", 5, 1, 1);
+        assert!(reads(&e, &s).is_some(), "a named counter");
+        *e.counters.entry_or_default("?views".into()) += 1;
+        assert!(reads(&e, &s).is_some(), "a guarded named counter");
+        *e.counters.entry_or_default("carts".into()) += 1;
+        assert!(reads(&e, &s).is_none(), "a counter not in the mapping");
+        let mut e = entry("W1", 5, 1, 1);
+        *e.buckets.entry_or_default(("views".into(), 7)) += 1;
+        assert!(reads(&e, &s).is_none(), "window buckets");
         let e = entry("W1", 5, 1, 0);
         let f = reads(&e, &s).unwrap();
         let names: Vec<&str> = f.iter().map(|x| x.as_ref()).collect();
@@ -693,6 +739,66 @@ mod tests {
         assert!(plan(&e, &f, &v, &s, false).is_none());
         v[at("rows")] = Some("9223372036854775807".into());
         assert!(plan(&e, &f, &v, &s, false).is_none(), "no overflow either");
+    }
+
+    /// An entry of activity alone for `A` at LSN 100: `counters` as (name, increment).
+    fn activity(counters: &[(&str, i64)]) -> Entry {
+        let mut d = SkuDelta::default();
+        for (c, n) in counters {
+            d.counters.insert(c.to_string(), *n);
+        }
+        let mut b = Batch::new(Lsn(0));
+        b.push(Piece {
+            commit_lsn: Lsn(100),
+            piece: 0,
+            commit_ms: 5,
+            truncate: vec![],
+            skus: [("A".to_string(), d)].into(),
+            last: false,
+            eval: vec![],
+            ri: Default::default(),
+            ri_local: Default::default(),
+        });
+        b.take().remove(0)
+    }
+
+    #[test]
+    fn counters_add_to_what_the_hash_holds_and_leave_stock_as_it_was() {
+        let s = settings();
+        let e = activity(&[("views", 2), ("?views", 3)]);
+        let f = reads(&e, &s).unwrap();
+        // stocked: the guarded views count too; the totals are rewritten as the script does
+        let got = fields(&plan(&e, &f, &held(&f, "50", "4"), &s, false).unwrap());
+        for (k, v) in [
+            ("views", "9"),
+            ("on_hand", "7"),
+            ("available", "7"),
+            ("rows", "1"),
+        ] {
+            assert!(got.contains(&(k.into(), v.into())), "{k}={v} in {got:?}");
+        }
+        // a new SKU: views only (no stock fields, not gone)
+        let got = fields(&plan(&e, &f, &vec![None; f.len()], &s, false).unwrap());
+        let names: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["lsn", "piece", "ts", "views"]);
+        assert!(got.contains(&("views".into(), "2".into())), "{got:?}");
+    }
+
+    #[test]
+    fn guarded_activity_alone_counts_only_with_stock() {
+        let s = settings();
+        let e = activity(&[("?views", 3)]);
+        let f = reads(&e, &s).unwrap();
+        // unknown SKU: the script writes nothing for it
+        assert!(plan(&e, &f, &vec![None; f.len()], &s, false).is_none());
+        // a hash without stock rows: the fence moves, nothing counts
+        let mut v = vec![None; f.len()];
+        v[0] = Some("50".into());
+        v[1] = Some("0".into());
+        let w = plan(&e, &f, &v, &s, false).unwrap();
+        let got = fields(&w);
+        assert!(!got.iter().any(|(k, _)| k == "views"), "{got:?}");
+        assert!(got.contains(&("gone".into(), "1".into())), "{got:?}");
     }
 
     #[test]
