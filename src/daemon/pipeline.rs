@@ -661,6 +661,7 @@ impl Daemon {
                     applied.applied,
                     applied.fenced,
                     applied.thin,
+                    applied.unread,
                     applied.alerts,
                     f.commit_ms.runs(),
                 );

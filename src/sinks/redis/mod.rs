@@ -468,9 +468,13 @@ pub struct Applier {
     con: RedisCon,
     script: redis::Script,
     thin: redis::Script,
-    /// Stock-only entries are worked out here and written by `thin.lua` (see [`thin`]).
+    /// Entries without window buckets or users are worked out here and written by
+    /// `thin.lua` (see [`thin`]).
     use_thin: bool,
-    settings: ApplySettings,
+    /// What thin writes left in SKU hashes (shared by the clones that carry each call).
+    images: std::sync::Arc<std::sync::Mutex<thin::Images>>,
+    /// Shared: thin apply's reads borrow it across the calls that write.
+    settings: std::sync::Arc<ApplySettings>,
 }
 
 /// Result of one apply call.
@@ -484,6 +488,8 @@ pub struct Applied {
     pub alerts: u64,
     /// Of `applied`, the entries written thin (worked out by skusync, see [`thin`]).
     pub thin: u64,
+    /// Of `thin`, those planned from the image of an earlier thin write, without a read.
+    pub unread: u64,
 }
 
 impl std::ops::AddAssign for Applied {
@@ -492,6 +498,7 @@ impl std::ops::AddAssign for Applied {
         self.fenced += o.fenced;
         self.alerts += o.alerts;
         self.thin += o.thin;
+        self.unread += o.unread;
     }
 }
 
@@ -503,7 +510,8 @@ impl Applier {
             script: redis::Script::new(APPLY_LUA),
             thin: redis::Script::new(THIN_LUA),
             use_thin: true,
-            settings,
+            images: Default::default(),
+            settings: std::sync::Arc::new(settings),
         }
     }
 
@@ -572,16 +580,28 @@ impl Applier {
         for e in entries {
             *per_sku.entry(e.sku.as_str()).or_default() += 1;
         }
+        let settings = self.settings.clone();
         let reads: Vec<(usize, Vec<std::borrow::Cow<str>>)> = entries
             .iter()
             .enumerate()
             .filter(|(_, e)| per_sku[e.sku.as_str()] == 1)
-            .filter_map(|(i, e)| thin::reads(e, &self.settings).map(|f| (i, f)))
+            .filter_map(|(i, e)| thin::reads(e, &settings).map(|f| (i, f)))
             .collect();
-        let mut planned: Vec<(usize, thin::ThinWrite)> = Vec::new();
-        if !reads.is_empty() {
+        // What each read would return: from the image of an earlier thin write (checked by
+        // thin.lua's fence like any read), else read now.
+        let mut known: Vec<Option<Vec<Option<String>>>> = {
+            let images = self.images.lock().unwrap_or_else(|p| p.into_inner());
+            reads
+                .iter()
+                .map(|(i, f)| images.get(&entries[*i].sku, f))
+                .collect()
+        };
+        let unread: Vec<bool> = known.iter().map(Option::is_some).collect();
+        let to_read: Vec<usize> = (0..reads.len()).filter(|k| known[*k].is_none()).collect();
+        if !to_read.is_empty() {
             let mut pipe = redis::pipe();
-            for (i, f) in &reads {
+            for k in &to_read {
+                let (i, f) = &reads[*k];
                 let c = pipe
                     .cmd("HMGET")
                     .arg(layout::sku_key(&self.settings.prefix, &entries[*i].sku));
@@ -601,18 +621,22 @@ impl Applier {
                     Vec::new()
                 }
             };
-            for ((i, f), v) in reads.iter().zip(values) {
+            for (k, v) in to_read.iter().zip(values) {
                 // a value that is not text is the script's to judge
-                let Ok(v) = redis::from_redis_value::<Vec<Option<String>>>(v) else {
-                    continue;
-                };
-                if let Some(w) = thin::plan(&entries[*i], f, &v, &self.settings, quiet) {
-                    planned.push((*i, w));
-                }
+                known[*k] = redis::from_redis_value::<Vec<Option<String>>>(v).ok();
+            }
+        }
+        // (entry, write, position in `reads`)
+        let mut planned: Vec<(usize, thin::ThinWrite, usize)> = Vec::new();
+        for (k, ((i, f), v)) in reads.iter().zip(&known).enumerate() {
+            if let Some(v) = v
+                && let Some(w) = thin::plan(&entries[*i], f, v, &settings, quiet)
+            {
+                planned.push((*i, w, k));
             }
         }
         let mut is_thin = vec![false; entries.len()];
-        for (i, _) in &planned {
+        for (i, _, _) in &planned {
             is_thin[*i] = true;
         }
         let rest: Vec<&Entry> = entries
@@ -621,6 +645,13 @@ impl Applier {
             .filter(|(_, t)| !**t)
             .map(|(e, _)| e)
             .collect();
+        {
+            // the script writes these: their images would be stale
+            let mut images = self.images.lock().unwrap_or_else(|p| p.into_inner());
+            for e in &rest {
+                images.forget(&e.sku);
+            }
+        }
         if planned.is_empty() {
             return self.apply_script(&rest, end, quiet).await;
         }
@@ -634,17 +665,30 @@ impl Applier {
                 Ok(v) => redis::from_redis_value(v)
                     .map_err(|e| RedisSinkError::from_redis(redis::RedisError::from(e)))?,
                 Err(e) if e.code() == Some("WRONGTYPE") => {
-                    let all: Vec<&Entry> = planned.iter().map(|(i, _)| &entries[*i]).collect();
+                    let all: Vec<&Entry> = planned.iter().map(|(i, _, _)| &entries[*i]).collect();
                     return Err(self.wrongtype(e, &all).await);
                 }
                 Err(e) => return Err(RedisSinkError::from_redis(e)),
             };
         applied.applied += written;
         applied.thin += written;
+        {
+            let mut images = self.images.lock().unwrap_or_else(|p| p.into_inner());
+            for (p, (i, w, k)) in planned.iter().enumerate() {
+                let sku = &entries[*i].sku;
+                match &known[*k] {
+                    Some(v) if !missed.contains(&p) => {
+                        images.put(sku, &reads[*k].1, v, w);
+                        applied.unread += u64::from(unread[*k]);
+                    }
+                    _ => images.forget(sku),
+                }
+            }
+        }
         if !missed.is_empty() {
             let again: Option<Vec<&Entry>> = missed
                 .iter()
-                .map(|p| planned.get(*p).map(|(i, _)| &entries[*i]))
+                .map(|p| planned.get(*p).map(|(i, _, _)| &entries[*i]))
                 .collect();
             let Some(again) = again else {
                 return Err(RedisSinkError::Definite(
@@ -662,7 +706,7 @@ impl Applier {
     fn encode_thin(
         &self,
         entries: &[Entry],
-        planned: &[(usize, thin::ThinWrite)],
+        planned: &[(usize, thin::ThinWrite, usize)],
         end: Option<Lsn>,
     ) -> redis::Cmd {
         let s = &self.settings;
@@ -671,14 +715,14 @@ impl Applier {
         c.arg(self.thin.get_hash())
             .arg(planned.len() + 2)
             .arg(layout::meta_key(&s.prefix));
-        for (i, _) in planned {
+        for (i, _, _) in planned {
             c.arg(layout::sku_key(&s.prefix, &entries[*i].sku));
         }
         c.arg(layout::changes_key(&s.prefix))
             .arg(end.map(|e| e.0.to_string()).unwrap_or_default())
             .arg(token_arg(s.fence.token()))
             .arg(token_arg(floor));
-        for (k, (_, w)) in planned.iter().enumerate() {
+        for (k, (_, w, _)) in planned.iter().enumerate() {
             c.arg(k + 2)
                 .arg(w.expect_lsn.as_deref().unwrap_or(""))
                 .arg(w.expect_piece.as_deref().unwrap_or(""))
@@ -1372,6 +1416,7 @@ impl Applier {
             fenced,
             alerts,
             thin: 0,
+            unread: 0,
         })
     }
 
@@ -1438,6 +1483,7 @@ fn parse_cluster_reply(
         fenced,
         alerts: n,
         thin: 0,
+        unread: 0,
     })
 }
 

@@ -499,6 +499,151 @@ pub fn plan<'a>(
     })
 }
 
+/// SKUs whose images [`Images`] keeps at most: a few hundred bytes each, so a few MiB.
+pub const IMAGES_CAP: usize = 16_384;
+
+/// What skusync last wrote thin to SKU hashes, per SKU: the fields it read and wrote,
+/// with their values after the write (absent fields too), so that the SKU's next entry
+/// is planned without a read.
+///
+/// An image is a guess, never trusted alone: `thin.lua` writes only where the hash still
+/// holds the fence the image names, and a hash written by anything else (the apply
+/// script, a rebuild, a Redis that came back older) holds another fence, so the entry
+/// goes to the script and the image is dropped ([`Images::forget`]). Bounded by
+/// [`IMAGES_CAP`] SKUs; one arbitrary image makes room for the next.
+#[derive(Debug)]
+pub struct Images {
+    map: std::collections::HashMap<String, Box<[u8]>>,
+    cap: usize,
+}
+
+impl Default for Images {
+    fn default() -> Images {
+        Images::with_cap(IMAGES_CAP)
+    }
+}
+
+impl Images {
+    /// Images of at most `cap` SKUs.
+    pub fn with_cap(cap: usize) -> Images {
+        Images {
+            map: Default::default(),
+            cap,
+        }
+    }
+
+    /// SKUs with an image.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// No image at all.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// The values of `fields` as the image of `sku` holds them, or `None` when there is
+    /// no image or it lacks one of them (the SKU is read).
+    pub fn get(&self, sku: &str, fields: &[Cow<'_, str>]) -> Option<Vec<Option<String>>> {
+        let img = self.map.get(sku)?;
+        let all: Vec<(&str, Option<&str>)> = decode_image(img)?;
+        fields
+            .iter()
+            .map(|f| {
+                all.iter()
+                    .find(|(n, _)| *n == f.as_ref())
+                    .map(|(_, v)| v.map(str::to_string))
+            })
+            .collect()
+    }
+
+    /// Record `sku`'s hash after `w` was written over what `fields` read as `values`.
+    pub fn put(
+        &mut self,
+        sku: &str,
+        fields: &[Cow<'_, str>],
+        values: &[Option<String>],
+        w: &ThinWrite<'_>,
+    ) {
+        let mut all: Vec<(&str, Option<&str>)> = fields
+            .iter()
+            .zip(values)
+            .map(|(f, v)| (f.as_ref(), v.as_deref()))
+            .collect();
+        for (f, v) in &w.set {
+            match all.iter_mut().find(|(n, _)| *n == f.as_ref()) {
+                Some(slot) => slot.1 = Some(v.as_str()),
+                None => all.push((f.as_ref(), Some(v.as_str()))),
+            }
+        }
+        for f in &w.del {
+            match all.iter_mut().find(|(n, _)| *n == f.as_ref()) {
+                Some(slot) => slot.1 = None,
+                None => all.push((f.as_ref(), None)),
+            }
+        }
+        let img = encode_image(&all);
+        if !self.map.contains_key(sku)
+            && self.map.len() >= self.cap
+            && let Some(k) = self.map.keys().next().cloned()
+        {
+            self.map.remove(&k);
+        }
+        self.map.insert(sku.to_string(), img);
+    }
+
+    /// Drop `sku`'s image (its hash is written by something else).
+    pub fn forget(&mut self, sku: &str) {
+        self.map.remove(sku);
+    }
+
+    /// Drop every image.
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+}
+
+/// (name, value or absent) pairs as one buffer: per field the name's length (u32 LE),
+/// the name, 0 (absent) or 1 and the value's length and the value.
+fn encode_image(all: &[(&str, Option<&str>)]) -> Box<[u8]> {
+    let n: usize = all
+        .iter()
+        .map(|(f, v)| 9 + f.len() + v.map_or(0, str::len))
+        .sum();
+    let mut b = Vec::with_capacity(n);
+    for (f, v) in all {
+        b.extend_from_slice(&(f.len() as u32).to_le_bytes());
+        b.extend_from_slice(f.as_bytes());
+        match v {
+            None => b.push(0),
+            Some(v) => {
+                b.push(1);
+                b.extend_from_slice(&(v.len() as u32).to_le_bytes());
+                b.extend_from_slice(v.as_bytes());
+            }
+        }
+    }
+    b.into_boxed_slice()
+}
+
+fn decode_image(mut b: &[u8]) -> Option<Vec<(&str, Option<&str>)>> {
+    fn take<'b>(b: &mut &'b [u8]) -> Option<&'b str> {
+        let n = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
+        let s = std::str::from_utf8(b.get(4..4 + n)?).ok()?;
+        *b = &b[4 + n..];
+        Some(s)
+    }
+    let mut out = Vec::with_capacity(16);
+    while !b.is_empty() {
+        let f = take(&mut b)?;
+        let (&tag, rest) = b.split_first()?;
+        b = rest;
+        let v = if tag == 1 { Some(take(&mut b)?) } else { None };
+        out.push((f, v));
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -799,6 +944,51 @@ mod tests {
         let got = fields(&w);
         assert!(!got.iter().any(|(k, _)| k == "views"), "{got:?}");
         assert!(got.contains(&("gone".into(), "1".into())), "{got:?}");
+    }
+
+    #[test]
+    fn an_image_holds_what_was_read_and_written_and_nothing_else() {
+        let (s, e) = (settings(), entry("W\u{0}/é", 6, 0, 0));
+        let f = reads(&e, &s).unwrap();
+        let v = vec![None; f.len()];
+        let w = plan(&e, &f, &v, &s, false).unwrap();
+        let mut img = Images::default();
+        assert_eq!(img.get("A", &f), None);
+        img.put("A", &f, &v, &w);
+        let got = img.get("A", &f).unwrap();
+        // what the write set, and what was read absent and stays so
+        let at = |name: &str| got[f.iter().position(|x| x == name).unwrap()].clone();
+        assert_eq!(at("lsn").as_deref(), Some("100"));
+        assert_eq!(at("on_hand").as_deref(), Some("6"));
+        assert_eq!(at("loc:W\u{0}/é:rows").as_deref(), Some("1"));
+        assert_eq!(at("threshold"), None);
+        // a field neither read nor written: the SKU is read
+        assert_eq!(img.get("A", &[Cow::Borrowed("other")]), None);
+        assert_eq!(img.get("B", &f), None);
+        // deleted fields are known absent
+        let mut del = w.clone();
+        del.set.clear();
+        del.del.push("views".into());
+        img.put("A", &f, &got, &del);
+        assert_eq!(img.get("A", &[Cow::Borrowed("views")]), Some(vec![None]));
+        img.forget("A");
+        assert!(img.is_empty());
+    }
+
+    #[test]
+    fn images_stay_within_their_cap() {
+        let (s, e) = (settings(), entry("W1", 6, 0, 0));
+        let f = reads(&e, &s).unwrap();
+        let v = vec![None; f.len()];
+        let w = plan(&e, &f, &v, &s, false).unwrap();
+        let mut img = Images::with_cap(3);
+        for sku in ["A", "B", "C", "D", "E", "A"] {
+            img.put(sku, &f, &v, &w);
+            assert!(img.len() <= 3);
+        }
+        assert!(img.get("A", &f).is_some(), "the latest put is kept");
+        img.clear();
+        assert!(img.is_empty());
     }
 
     #[test]
