@@ -564,8 +564,9 @@ impl Applier {
         }
     }
 
-    /// [`Applier::apply`] with stock-only entries applied thin ([`thin`]): one pipelined
-    /// HMGET per such SKU, then the script for the other entries (without `end`), then
+    /// [`Applier::apply`] with entries without windows or users applied thin ([`thin`]):
+    /// one pipelined HMGET per such SKU whose image ([`thin::Images`]) lacks a field the
+    /// entry needs, then the script for the other entries (without `end`), then
     /// `thin.lua` for the planned ones (with `end`), then the script again for any whose
     /// hash changed in between (with `end`). Each write is fenced per SKU, so a crash or
     /// an error between the calls replays as after any partial apply.

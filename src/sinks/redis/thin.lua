@@ -1,4 +1,4 @@
--- skusync thin apply: writes stock-only entries worked out by skusync (sinks/redis/thin.rs),
+-- skusync thin apply: writes entries worked out by skusync (sinks/redis/thin.rs),
 -- each only if its SKU hash still holds the fence skusync read.
 --
 -- KEYS[1] = meta hash; KEYS[2..n-1] = SKU hashes; KEYS[n] = the change index.

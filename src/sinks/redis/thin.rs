@@ -233,7 +233,7 @@ fn int(s: &str) -> Option<i64> {
     (v.to_string() == s).then_some(exact(v)?)
 }
 
-/// Work out the writes of a stock-only entry from what [`reads`] fetched (`values` in
+/// Work out the writes of an entry [`reads`] accepted from what it fetched (`values` in
 /// the order of `fields`), exactly as `apply.lua` would; `None` sends it to the script.
 pub fn plan<'a>(
     e: &'a Entry,
@@ -547,12 +547,18 @@ impl Images {
     pub fn get(&self, sku: &str, fields: &[Cow<'_, str>]) -> Option<Vec<Option<String>>> {
         let img = self.map.get(sku)?;
         let all: Vec<(&str, Option<&str>)> = decode_image(img)?;
+        // The image starts with the fields of the read that made it, usually in the order
+        // asked now: look from just after the last match.
+        let mut at = 0;
         fields
             .iter()
             .map(|f| {
-                all.iter()
-                    .find(|(n, _)| *n == f.as_ref())
-                    .map(|(_, v)| v.map(str::to_string))
+                let n = all.len();
+                let k = (0..n)
+                    .map(|d| (at + d) % n)
+                    .find(|k| all[*k].0 == f.as_ref())?;
+                at = k + 1;
+                Some(all[k].1.map(str::to_string))
             })
             .collect()
     }
@@ -583,8 +589,11 @@ impl Images {
             }
         }
         let img = encode_image(&all);
-        if !self.map.contains_key(sku)
-            && self.map.len() >= self.cap
+        if let Some(slot) = self.map.get_mut(sku) {
+            *slot = img;
+            return;
+        }
+        if self.map.len() >= self.cap
             && let Some(k) = self.map.keys().next().cloned()
         {
             self.map.remove(&k);
