@@ -510,7 +510,7 @@ pub const IMAGES_CAP: usize = 16_384;
 /// holds the fence the image names, and a hash written by anything else (the apply
 /// script, a rebuild, a Redis that came back older) holds another fence, so the entry
 /// goes to the script and the image is dropped ([`Images::forget`]). Bounded by
-/// [`IMAGES_CAP`] SKUs; one arbitrary image makes room for the next.
+/// [`IMAGES_CAP`] SKUs: when full, every image is dropped.
 #[derive(Debug)]
 pub struct Images {
     map: std::collections::HashMap<String, Box<[u8]>>,
@@ -593,10 +593,10 @@ impl Images {
             *slot = img;
             return;
         }
-        if self.map.len() >= self.cap
-            && let Some(k) = self.map.keys().next().cloned()
-        {
-            self.map.remove(&k);
+        if self.map.len() >= self.cap {
+            // Full: start again (amortised O(1), and a stream of ever new SKUs, whose
+            // images would not be used, does not pay for choosing what to evict).
+            self.map.clear();
         }
         self.map.insert(sku.to_string(), img);
     }
@@ -991,11 +991,12 @@ mod tests {
         let v = vec![None; f.len()];
         let w = plan(&e, &f, &v, &s, false).unwrap();
         let mut img = Images::with_cap(3);
-        for sku in ["A", "B", "C", "D", "E", "A"] {
+        for sku in ["A", "B", "C", "C", "D", "E", "A"] {
             img.put(sku, &f, &v, &w);
             assert!(img.len() <= 3);
         }
         assert!(img.get("A", &f).is_some(), "the latest put is kept");
+        assert_eq!(img.len(), 3, "D, E, A");
         img.clear();
         assert!(img.is_empty());
     }
