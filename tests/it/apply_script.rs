@@ -779,6 +779,15 @@ async fn an_image_of_a_hash_that_came_back_older_is_not_trusted() {
             (u64::from(thin), 0),
             "a read, then thin"
         );
+        let a = ap
+            .apply(&stock_entry("b/c", 150, 15), None, false)
+            .await
+            .unwrap();
+        assert_eq!(
+            (a.thin, a.unread),
+            (u64::from(thin), 0),
+            "a SKU that was new gets no image: read again"
+        );
         let saved: Vec<u8> = redis::cmd("DUMP")
             .arg(&key)
             .query_async(&mut mcon)
@@ -793,7 +802,7 @@ async fn an_image_of_a_hash_that_came_back_older_is_not_trusted() {
             (u64::from(thin), u64::from(thin)),
             "from the image"
         );
-        // Redis comes back with the hash as it was after LSN 100
+        // Redis comes back with the hash as it was after LSN 150
         let _: () = redis::cmd("RESTORE")
             .arg(&key)
             .arg(0)

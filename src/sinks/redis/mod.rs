@@ -678,8 +678,12 @@ impl Applier {
             for (p, (i, w, k)) in planned.iter().enumerate() {
                 let sku = &entries[*i].sku;
                 match &known[*k] {
+                    // A SKU new to Redis gets no image: a bulk load of new SKUs would
+                    // fill them with images never used.
                     Some(v) if !missed.contains(&p) => {
-                        images.put(sku, &reads[*k].1, v, w);
+                        if w.expect_lsn.is_some() {
+                            images.put(sku, &reads[*k].1, v, w);
+                        }
                         applied.unread += u64::from(unread[*k]);
                     }
                     _ => images.forget(sku),

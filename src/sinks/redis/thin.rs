@@ -504,7 +504,7 @@ pub const IMAGES_CAP: usize = 16_384;
 
 /// What skusync last wrote thin to SKU hashes, per SKU: the fields it read and wrote,
 /// with their values after the write (absent fields too), so that the SKU's next entry
-/// is planned without a read.
+/// is planned without a read. (The caller keeps none for a SKU the write created.)
 ///
 /// An image is a guess, never trusted alone: `thin.lua` writes only where the hash still
 /// holds the fence the image names, and a hash written by anything else (the apply
