@@ -38,8 +38,6 @@ pub const FENCED: &str = "skusync_fenced_entries_total";
 /// Of the applied entries, those worked out by skusync and written thin
 /// (`sinks::redis::thin`).
 pub const THIN_ENTRIES: &str = "skusync_thin_entries_total";
-/// Of the thin entries, those planned from skusync's image of the hash, without a read.
-pub const THIN_UNREAD: &str = "skusync_thin_unread_entries_total";
 /// State messages acknowledged by the broker.
 pub const MQTT_PUBLISHED: &str = "skusync_mqtt_published_total";
 /// Messages the broker refused (PUBACK reason) or that were too large to send.
@@ -233,10 +231,6 @@ fn describe_all() {
             THIN_ENTRIES,
             "SKU entries worked out by skusync and written thin.",
         ),
-        (
-            THIN_UNREAD,
-            "Thin entries planned from the image of an earlier write, without a read.",
-        ),
         (MQTT_PUBLISHED, "State messages acknowledged by the broker."),
         (MQTT_REFUSED, "Messages refused by the broker or too large."),
         (
@@ -407,20 +401,17 @@ fn skip_log() -> &'static SkipLog {
 
 /// The Redis apply script returned for transactions committed at `commit_unix_ms`
 /// (commit time, how many transactions committed then): `sku_updates` SKU entries
-/// applied, `fenced` skipped as replays, `alerts` raised; of those applied, `thin`
-/// written thin and `unread` of those without a read.
+/// applied, `fenced` skipped as replays, `alerts` raised.
 pub fn redis_applied(
     sku_updates: u64,
     fenced: u64,
     thin: u64,
-    unread: u64,
     alerts: u64,
     commit_unix_ms: &[(i64, u32)],
 ) {
     counter!(SKU_UPDATES).increment(sku_updates);
     counter!(FENCED).increment(fenced);
     counter!(THIN_ENTRIES).increment(thin);
-    counter!(THIN_UNREAD).increment(unread);
     counter!(ALERTS_RAISED).increment(alerts);
     let now = unix_ms();
     // One registry lookup per call, not per transaction (this runs for every commit).

@@ -661,7 +661,6 @@ impl Daemon {
                     applied.applied,
                     applied.fenced,
                     applied.thin,
-                    applied.unread,
                     applied.alerts,
                     f.commit_ms.runs(),
                 );

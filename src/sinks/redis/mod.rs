@@ -471,10 +471,7 @@ pub struct Applier {
     /// Entries without window buckets or users are worked out here and written by
     /// `thin.lua` (see [`thin`]).
     use_thin: bool,
-    /// What thin writes left in SKU hashes (shared by the clones that carry each call).
-    images: std::sync::Arc<std::sync::Mutex<thin::Images>>,
-    /// Shared: thin apply's reads borrow it across the calls that write.
-    settings: std::sync::Arc<ApplySettings>,
+    settings: ApplySettings,
 }
 
 /// Result of one apply call.
@@ -488,8 +485,6 @@ pub struct Applied {
     pub alerts: u64,
     /// Of `applied`, the entries written thin (worked out by skusync, see [`thin`]).
     pub thin: u64,
-    /// Of `thin`, those planned from the image of an earlier thin write, without a read.
-    pub unread: u64,
 }
 
 impl std::ops::AddAssign for Applied {
@@ -498,7 +493,6 @@ impl std::ops::AddAssign for Applied {
         self.fenced += o.fenced;
         self.alerts += o.alerts;
         self.thin += o.thin;
-        self.unread += o.unread;
     }
 }
 
@@ -510,8 +504,7 @@ impl Applier {
             script: redis::Script::new(APPLY_LUA),
             thin: redis::Script::new(THIN_LUA),
             use_thin: true,
-            images: Default::default(),
-            settings: std::sync::Arc::new(settings),
+            settings,
         }
     }
 
@@ -565,10 +558,9 @@ impl Applier {
     }
 
     /// [`Applier::apply`] with entries without windows or users applied thin ([`thin`]):
-    /// one pipelined HMGET per such SKU whose image ([`thin::Images`]) lacks a field the
-    /// entry needs, then the script for the other entries (without `end`), then
-    /// `thin.lua` for the planned ones (with `end`), then the script again for any whose
-    /// hash changed in between (with `end`). Each write is fenced per SKU, so a crash or
+    /// one pipelined HMGET per such SKU, then the script for the other entries (without
+    /// `end`), then `thin.lua` for the planned ones (with `end`), then the script again
+    /// for any whose hash changed in between (with `end`). Each write is fenced per SKU, so a crash or
     /// an error between the calls replays as after any partial apply.
     async fn apply_thin(
         &mut self,
@@ -581,28 +573,16 @@ impl Applier {
         for e in entries {
             *per_sku.entry(e.sku.as_str()).or_default() += 1;
         }
-        let settings = self.settings.clone();
         let reads: Vec<(usize, Vec<std::borrow::Cow<str>>)> = entries
             .iter()
             .enumerate()
             .filter(|(_, e)| per_sku[e.sku.as_str()] == 1)
-            .filter_map(|(i, e)| thin::reads(e, &settings).map(|f| (i, f)))
+            .filter_map(|(i, e)| thin::reads(e, &self.settings).map(|f| (i, f)))
             .collect();
-        // What each read would return: from the image of an earlier thin write (checked by
-        // thin.lua's fence like any read), else read now.
-        let mut known: Vec<Option<Vec<Option<String>>>> = {
-            let images = self.images.lock().unwrap_or_else(|p| p.into_inner());
-            reads
-                .iter()
-                .map(|(i, f)| images.get(&entries[*i].sku, f))
-                .collect()
-        };
-        let unread: Vec<bool> = known.iter().map(Option::is_some).collect();
-        let to_read: Vec<usize> = (0..reads.len()).filter(|k| known[*k].is_none()).collect();
-        if !to_read.is_empty() {
+        let mut planned: Vec<(usize, thin::ThinWrite)> = Vec::new();
+        if !reads.is_empty() {
             let mut pipe = redis::pipe();
-            for k in &to_read {
-                let (i, f) = &reads[*k];
+            for (i, f) in &reads {
                 let c = pipe
                     .cmd("HMGET")
                     .arg(layout::sku_key(&self.settings.prefix, &entries[*i].sku));
@@ -622,22 +602,18 @@ impl Applier {
                     Vec::new()
                 }
             };
-            for (k, v) in to_read.iter().zip(values) {
+            for ((i, f), v) in reads.iter().zip(values) {
                 // a value that is not text is the script's to judge
-                known[*k] = redis::from_redis_value::<Vec<Option<String>>>(v).ok();
-            }
-        }
-        // (entry, write, position in `reads`)
-        let mut planned: Vec<(usize, thin::ThinWrite, usize)> = Vec::new();
-        for (k, ((i, f), v)) in reads.iter().zip(&known).enumerate() {
-            if let Some(v) = v
-                && let Some(w) = thin::plan(&entries[*i], f, v, &settings, quiet)
-            {
-                planned.push((*i, w, k));
+                let Ok(v) = redis::from_redis_value::<Vec<Option<String>>>(v) else {
+                    continue;
+                };
+                if let Some(w) = thin::plan(&entries[*i], f, &v, &self.settings, quiet) {
+                    planned.push((*i, w));
+                }
             }
         }
         let mut is_thin = vec![false; entries.len()];
-        for (i, _, _) in &planned {
+        for (i, _) in &planned {
             is_thin[*i] = true;
         }
         let rest: Vec<&Entry> = entries
@@ -646,13 +622,6 @@ impl Applier {
             .filter(|(_, t)| !**t)
             .map(|(e, _)| e)
             .collect();
-        {
-            // the script writes these: their images would be stale
-            let mut images = self.images.lock().unwrap_or_else(|p| p.into_inner());
-            for e in &rest {
-                images.forget(&e.sku);
-            }
-        }
         if planned.is_empty() {
             return self.apply_script(&rest, end, quiet).await;
         }
@@ -666,34 +635,17 @@ impl Applier {
                 Ok(v) => redis::from_redis_value(v)
                     .map_err(|e| RedisSinkError::from_redis(redis::RedisError::from(e)))?,
                 Err(e) if e.code() == Some("WRONGTYPE") => {
-                    let all: Vec<&Entry> = planned.iter().map(|(i, _, _)| &entries[*i]).collect();
+                    let all: Vec<&Entry> = planned.iter().map(|(i, _)| &entries[*i]).collect();
                     return Err(self.wrongtype(e, &all).await);
                 }
                 Err(e) => return Err(RedisSinkError::from_redis(e)),
             };
         applied.applied += written;
         applied.thin += written;
-        {
-            let mut images = self.images.lock().unwrap_or_else(|p| p.into_inner());
-            for (p, (i, w, k)) in planned.iter().enumerate() {
-                let sku = &entries[*i].sku;
-                match &known[*k] {
-                    // A SKU new to Redis gets no image: a bulk load of new SKUs would
-                    // fill them with images never used.
-                    Some(v) if !missed.contains(&p) => {
-                        if w.expect_lsn.is_some() {
-                            images.put(sku, &reads[*k].1, v, w);
-                        }
-                        applied.unread += u64::from(unread[*k]);
-                    }
-                    _ => images.forget(sku),
-                }
-            }
-        }
         if !missed.is_empty() {
             let again: Option<Vec<&Entry>> = missed
                 .iter()
-                .map(|p| planned.get(*p).map(|(i, _, _)| &entries[*i]))
+                .map(|p| planned.get(*p).map(|(i, _)| &entries[*i]))
                 .collect();
             let Some(again) = again else {
                 return Err(RedisSinkError::Definite(
@@ -711,7 +663,7 @@ impl Applier {
     fn encode_thin(
         &self,
         entries: &[Entry],
-        planned: &[(usize, thin::ThinWrite, usize)],
+        planned: &[(usize, thin::ThinWrite)],
         end: Option<Lsn>,
     ) -> redis::Cmd {
         let s = &self.settings;
@@ -720,14 +672,14 @@ impl Applier {
         c.arg(self.thin.get_hash())
             .arg(planned.len() + 2)
             .arg(layout::meta_key(&s.prefix));
-        for (i, _, _) in planned {
+        for (i, _) in planned {
             c.arg(layout::sku_key(&s.prefix, &entries[*i].sku));
         }
         c.arg(layout::changes_key(&s.prefix))
             .arg(end.map(|e| e.0.to_string()).unwrap_or_default())
             .arg(token_arg(s.fence.token()))
             .arg(token_arg(floor));
-        for (k, (_, w, _)) in planned.iter().enumerate() {
+        for (k, (_, w)) in planned.iter().enumerate() {
             c.arg(k + 2)
                 .arg(w.expect_lsn.as_deref().unwrap_or(""))
                 .arg(w.expect_piece.as_deref().unwrap_or(""))
@@ -1421,7 +1373,6 @@ impl Applier {
             fenced,
             alerts,
             thin: 0,
-            unread: 0,
         })
     }
 
@@ -1488,7 +1439,6 @@ fn parse_cluster_reply(
         fenced,
         alerts: n,
         thin: 0,
-        unread: 0,
     })
 }
 
