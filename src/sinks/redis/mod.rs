@@ -557,17 +557,14 @@ impl Applier {
         }
     }
 
-    /// [`Applier::apply`] with entries without windows or users applied thin ([`thin`]):
-    /// one pipelined HMGET per such SKU, then the script for the other entries (without
-    /// `end`), then `thin.lua` for the planned ones (with `end`), then the script again
-    /// for any whose hash changed in between (with `end`). Each write is fenced per SKU, so a crash or
-    /// an error between the calls replays as after any partial apply.
-    async fn apply_thin(
+    /// The entries of `entries` that can be applied thin, with their writes (by index in
+    /// `entries`): one pipelined HMGET per candidate SKU, then [`thin::plan`]. A read the
+    /// server refuses leaves every entry to the script.
+    async fn plan_thin<'e>(
         &mut self,
-        entries: &[Entry],
-        end: Option<Lsn>,
+        entries: &'e [Entry],
         quiet: bool,
-    ) -> Result<Applied, RedisSinkError> {
+    ) -> Result<Vec<(usize, thin::ThinWrite<'e>)>, RedisSinkError> {
         // A SKU with more than one entry in the call (a truncate's) stays with the script.
         let mut per_sku: HashMap<&str, u32> = HashMap::with_capacity(entries.len());
         for e in entries {
@@ -612,6 +609,21 @@ impl Applier {
                 }
             }
         }
+        Ok(planned)
+    }
+
+    /// [`Applier::apply`] with entries without windows or users applied thin ([`thin`]):
+    /// one pipelined HMGET per such SKU, then the script for the other entries (without
+    /// `end`), then `thin.lua` for the planned ones (with `end`), then the script again
+    /// for any whose hash changed in between (with `end`). Each write is fenced per SKU, so a crash or
+    /// an error between the calls replays as after any partial apply.
+    async fn apply_thin(
+        &mut self,
+        entries: &[Entry],
+        end: Option<Lsn>,
+        quiet: bool,
+    ) -> Result<Applied, RedisSinkError> {
+        let planned = self.plan_thin(entries, quiet).await?;
         let mut is_thin = vec![false; entries.len()];
         for (i, _) in &planned {
             is_thin[*i] = true;
@@ -629,7 +641,8 @@ impl Applier {
         if !rest.is_empty() {
             applied += self.apply_script(&rest, None, quiet).await?;
         }
-        let cmd = self.encode_thin(entries, &planned, end);
+        let all: Vec<&(usize, thin::ThinWrite)> = planned.iter().collect();
+        let cmd = self.encode_thin(&Call::Single, entries, &all, end);
         let (written, missed): (u64, Vec<usize>) =
             match invoke_value(&mut self.con, cmd, THIN_LUA).await {
                 Ok(v) => redis::from_redis_value(v)
@@ -659,26 +672,42 @@ impl Applier {
         Ok(applied)
     }
 
-    /// One `thin.lua` call for the planned entries.
+    /// One `thin.lua` call for `planned` (entries by index in `entries`, with their
+    /// writes): on a standalone Redis (`Call::Single`) or on one slot of a cluster.
     fn encode_thin(
         &self,
+        call: &Call,
         entries: &[Entry],
-        planned: &[(usize, thin::ThinWrite)],
+        planned: &[&(usize, thin::ThinWrite)],
         end: Option<Lsn>,
     ) -> redis::Cmd {
         let s = &self.settings;
-        let floor = s.fence.floor.load(std::sync::atomic::Ordering::SeqCst);
+        let (meta, floor, cluster) = match call {
+            Call::Single => (
+                layout::meta_key(&s.prefix),
+                s.fence.floor.load(std::sync::atomic::Ordering::SeqCst),
+                false,
+            ),
+            Call::Slot(slot) => (
+                layout::slot_meta_key(&s.prefix, *slot),
+                s.fence.slots.get(*slot),
+                true,
+            ),
+        };
         let mut c = redis::cmd("EVALSHA");
         c.arg(self.thin.get_hash())
-            .arg(planned.len() + 2)
-            .arg(layout::meta_key(&s.prefix));
+            .arg(planned.len() + if cluster { 1 } else { 2 })
+            .arg(meta);
         for (i, _) in planned {
             c.arg(layout::sku_key(&s.prefix, &entries[*i].sku));
         }
-        c.arg(layout::changes_key(&s.prefix))
-            .arg(end.map(|e| e.0.to_string()).unwrap_or_default())
+        if !cluster {
+            c.arg(layout::changes_key(&s.prefix));
+        }
+        c.arg(end.map(|e| e.0.to_string()).unwrap_or_default())
             .arg(token_arg(s.fence.token()))
-            .arg(token_arg(floor));
+            .arg(token_arg(floor))
+            .arg(if cluster { "1" } else { "0" });
         for (k, (_, w)) in planned.iter().enumerate() {
             c.arg(k + 2)
                 .arg(w.expect_lsn.as_deref().unwrap_or(""))
@@ -709,8 +738,17 @@ impl Applier {
         quiet: bool,
     ) -> Result<Applied, RedisSinkError> {
         let prefix = self.settings.prefix.clone();
+        let mut total = Applied::default();
+        let mut changes: Vec<(u64, String)> = Vec::new();
+        let mut alerts: Vec<[String; 6]> = Vec::new();
+        let done = if self.use_thin {
+            self.apply_cluster_thin(entries, end, quiet, &mut total, &mut changes)
+                .await?
+        } else {
+            vec![false; entries.len()]
+        };
         let mut groups: std::collections::BTreeMap<u16, Vec<&Entry>> = Default::default();
-        for e in entries {
+        for (e, _) in entries.iter().zip(&done).filter(|(_, d)| !**d) {
             let slot = slot_of(layout::sku_key(&prefix, &e.sku).as_bytes());
             groups.entry(slot).or_default().push(e);
         }
@@ -741,13 +779,13 @@ impl Applier {
             pipe.add_command(slot_call(slot, &group, mark));
             calls.push((slot, mark, group));
         }
-        let replies: Vec<redis::Value> = pipe
-            .query_async(&mut con)
-            .await
-            .map_err(RedisSinkError::from_redis)?;
-        let mut total = Applied::default();
-        let mut changes: Vec<(u64, String)> = Vec::new();
-        let mut alerts: Vec<[String; 6]> = Vec::new();
+        let replies: Vec<redis::Value> = if calls.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut con)
+                .await
+                .map_err(RedisSinkError::from_redis)?
+        };
         let mut failed = None;
         for ((slot, mark, group), v) in calls.into_iter().zip(replies) {
             let r = match v.extract_error() {
@@ -783,6 +821,128 @@ impl Applier {
             self.raise_applied(end).await?;
         }
         Ok(total)
+    }
+
+    /// Thin apply on a Redis Cluster, before the slots' script calls: [`Applier::plan_thin`],
+    /// then one `thin.lua` call per slot with planned entries (pipelined, split per
+    /// primary), fenced by the slot's meta copy like the script's calls. A slot whose
+    /// entries in this call were all written records its mark there (`end`, or its
+    /// highest LSN) and raises its floor; the others record it with their script call.
+    /// Returns which entries were written (their changes go to `changes`); what a call
+    /// missed, and every other entry, is the script's.
+    async fn apply_cluster_thin(
+        &mut self,
+        entries: &[Entry],
+        end: Option<Lsn>,
+        quiet: bool,
+        total: &mut Applied,
+        changes: &mut Vec<(u64, String)>,
+    ) -> Result<Vec<bool>, RedisSinkError> {
+        let mut done = vec![false; entries.len()];
+        let planned = self.plan_thin(entries, quiet).await?;
+        if planned.is_empty() {
+            return Ok(done);
+        }
+        let prefix = self.settings.prefix.clone();
+        // per slot: entries in the call, their highest LSN, the planned ones (positions)
+        let mut slots: std::collections::BTreeMap<u16, (usize, Lsn, Vec<usize>)> =
+            Default::default();
+        let slot_of_entry = |e: &Entry| slot_of(layout::sku_key(&prefix, &e.sku).as_bytes());
+        for e in entries {
+            let v = slots
+                .entry(slot_of_entry(e))
+                .or_insert((0, Lsn(0), Vec::new()));
+            v.0 += 1;
+            v.1 = v.1.max(e.last.0);
+        }
+        for (p, (i, _)) in planned.iter().enumerate() {
+            if let Some(v) = slots.get_mut(&slot_of_entry(&entries[*i])) {
+                v.2.push(p);
+            }
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        let mut calls = Vec::new();
+        for (slot, (n, max, ps)) in slots {
+            if ps.is_empty() {
+                continue;
+            }
+            let mark = end.unwrap_or(max);
+            let whole = ps.len() == n;
+            let items: Vec<&(usize, thin::ThinWrite)> = ps.iter().map(|p| &planned[*p]).collect();
+            pipe.add_command(self.encode_thin(
+                &Call::Slot(slot),
+                entries,
+                &items,
+                whole.then_some(mark),
+            ));
+            calls.push((slot, mark, whole, ps));
+        }
+        let mut con = self.con.clone();
+        let replies: Vec<redis::Value> = pipe
+            .query_async(&mut con)
+            .await
+            .map_err(RedisSinkError::from_redis)?;
+        let mut failed = None;
+        for ((slot, mark, whole, ps), v) in calls.into_iter().zip(replies) {
+            let r = match v.extract_error() {
+                // a primary that never ran the script (new, or promoted): load it, again
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    let items: Vec<&(usize, thin::ThinWrite)> =
+                        ps.iter().map(|p| &planned[*p]).collect();
+                    let cmd =
+                        self.encode_thin(&Call::Slot(slot), entries, &items, whole.then_some(mark));
+                    invoke_value(&mut con, cmd, THIN_LUA).await
+                }
+                r => r,
+            };
+            let r = r.and_then(|v| {
+                redis::from_redis_value::<(u64, Vec<usize>)>(v).map_err(redis::RedisError::from)
+            });
+            match r {
+                Ok((_, missed)) if missed.iter().any(|k| *k >= ps.len()) => {
+                    return Err(RedisSinkError::Definite(
+                        "the thin apply script named an entry it was not sent: is redis.url a \
+                         Redis server?"
+                            .into(),
+                    ));
+                }
+                Ok((written, missed)) => {
+                    for (k, p) in ps.iter().enumerate() {
+                        let (i, w) = &planned[*p];
+                        if missed.contains(&k) {
+                            continue;
+                        }
+                        done[*i] = true;
+                        if let Ok(lsn) = w.lsn.parse::<u64>() {
+                            changes.push((lsn, layout::sku_key(&prefix, &entries[*i].sku)));
+                        }
+                    }
+                    total.applied += written;
+                    total.thin += written;
+                    if whole && missed.is_empty() {
+                        self.settings.fence.slots.raise(slot, mark.0);
+                    }
+                }
+                Err(e) if failed.is_some() => {
+                    tracing::debug!(error = %describe(&e), "another slot's thin apply call failed too");
+                }
+                Err(e) => failed = Some((slot, ps, e)),
+            }
+        }
+        if let Some((slot, ps, e)) = failed {
+            // what the other calls wrote is in Redis: index it
+            self.index_cluster(std::mem::take(changes), Vec::new())
+                .await?;
+            if e.code() == Some("WRONGTYPE") {
+                let all: Vec<&Entry> = ps.iter().map(|p| &entries[planned[*p].0]).collect();
+                return Err(self.wrongtype(e, &all).await);
+            }
+            return Err(self.slot_failed(slot, RedisSinkError::from_redis(e)).await);
+        }
+        Ok(done)
     }
 
     /// A cluster call's error. A slot whose meta copy is below what this writer recorded

@@ -1,10 +1,13 @@
 -- skusync thin apply: writes entries worked out by skusync (sinks/redis/thin.rs),
 -- each only if its SKU hash still holds the fence skusync read.
 --
--- KEYS[1] = meta hash; KEYS[2..n-1] = SKU hashes; KEYS[n] = the change index.
--- ARGV: end LSN ('' for none), writer token ('' unfenced), floor LSN ('' unchecked), then
--- per entry: k (key index), expected lsn, expected piece ('' where the read found none),
--- new lsn, nset, (field, value)..., ndel, field...
+-- KEYS[1] = meta hash; KEYS[2..n-1] = SKU hashes; KEYS[n] = the change index. On a Redis
+-- Cluster (cluster = '1') every key is in one slot: KEYS[1] is the slot's meta copy,
+-- KEYS[2..n] the SKU hashes, and the caller indexes the changes (another slot).
+-- ARGV: end LSN ('' for none; on a cluster the slot's mark), writer token ('' unfenced),
+-- floor LSN ('' unchecked), cluster ('1'|'0'), then per entry: k (key index), expected
+-- lsn, expected piece ('' where the read found none), new lsn, nset, (field, value)...,
+-- ndel, field...
 -- An entry whose hash holds another fence is not written: its position (0-based) is
 -- returned, and skusync applies it with the apply script. `end` is recorded only when
 -- every entry was written. Reply: {written, {missed position...}}.
@@ -14,6 +17,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 
 local batch_end, writer, floor = ARGV[1], ARGV[2], ARGV[3]
+local cluster = ARGV[4] == '1'
 
 local function lsn_lt(a, b)
   if #a ~= #b then return #a < #b end
@@ -34,7 +38,7 @@ end
 -- Every fence is read before anything is written (as in apply.lua): a refused read
 -- leaves the whole call unwritten.
 local missed, ok = {}, {}
-local a, pos, nargv = 4, 0, #ARGV
+local a, pos, nargv = 5, 0, #ARGV
 while a <= nargv do
   local k = tonumber(ARGV[a])
   local el, ep = ARGV[a + 1], ARGV[a + 2]
@@ -65,7 +69,7 @@ end
 
 -- The change index (score: the commit LSN; only ever raised), in chunks for unpack.
 local i = 1
-while i <= #changed do
+while not cluster and i <= #changed do
   local j = math.min(#changed, i + 3999)
   redis.call('ZADD', KEYS[#KEYS], 'GT', unpack(changed, i, j))
   i = j + 1
