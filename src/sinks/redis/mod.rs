@@ -725,8 +725,9 @@ impl Applier {
         c
     }
 
-    /// [`Applier::apply`] on a Redis Cluster: one call per slot (in the entries' order
-    /// within it), the slots concurrently. Each call is fenced by its slot's meta copy
+    /// [`Applier::apply`] on a Redis Cluster: thin apply's calls first
+    /// ([`Applier::apply_cluster_thin`]), then one script call per slot for the rest (in
+    /// the entries' order within it), the slots concurrently. Each call is fenced by its slot's meta copy
     /// (writer token, slot floor) and records its highest LSN there; then the change index
     /// and the alert history get what the calls reported, and `end` goes to the meta hash.
     /// A crash between calls leaves each slot applied or not: the replay skips the first
