@@ -749,9 +749,15 @@ impl Applier {
             vec![false; entries.len()]
         };
         let mut groups: std::collections::BTreeMap<u16, Vec<&Entry>> = Default::default();
-        for (e, _) in entries.iter().zip(&done).filter(|(_, d)| !**d) {
+        // each slot's highest LSN in the call, thin entries included
+        let mut highest: HashMap<u16, Lsn> = HashMap::new();
+        for (e, d) in entries.iter().zip(&done) {
             let slot = slot_of(layout::sku_key(&prefix, &e.sku).as_bytes());
-            groups.entry(slot).or_default().push(e);
+            let h = highest.entry(slot).or_insert(Lsn(0));
+            *h = (*h).max(e.last.0);
+            if !*d {
+                groups.entry(slot).or_default().push(e);
+            }
         }
         let sha = self.script.get_hash().to_string();
         let settings = &self.settings.clone();
@@ -775,8 +781,7 @@ impl Applier {
         let mut calls = Vec::with_capacity(groups.len());
         for (slot, group) in groups {
             // what the slot's meta copy records: no LSN of the call is above it
-            let mark =
-                end.unwrap_or_else(|| group.iter().map(|e| e.last.0).max().unwrap_or(Lsn(0)));
+            let mark = end.unwrap_or(highest[&slot]);
             pipe.add_command(slot_call(slot, &group, mark));
             calls.push((slot, mark, group));
         }
