@@ -615,8 +615,8 @@ impl Applier {
     /// [`Applier::apply`] with entries without windows or users applied thin ([`thin`]):
     /// one pipelined HMGET per such SKU, then the script for the other entries (without
     /// `end`), then `thin.lua` for the planned ones (with `end`), then the script again
-    /// for any whose hash changed in between (with `end`). Each write is fenced per SKU, so a crash or
-    /// an error between the calls replays as after any partial apply.
+    /// for any whose hash changed in between (with `end`). Each write is fenced per SKU,
+    /// so a crash or an error between the calls replays as after any partial apply.
     async fn apply_thin(
         &mut self,
         entries: &[Entry],
@@ -727,9 +727,10 @@ impl Applier {
 
     /// [`Applier::apply`] on a Redis Cluster: thin apply's calls first
     /// ([`Applier::apply_cluster_thin`]), then one script call per slot for the rest (in
-    /// the entries' order within it), the slots concurrently. Each call is fenced by its slot's meta copy
-    /// (writer token, slot floor) and records its highest LSN there; then the change index
-    /// and the alert history get what the calls reported, and `end` goes to the meta hash.
+    /// the entries' order within it), the slots concurrently. Each call is fenced by its
+    /// slot's meta copy (writer token, slot floor) and records its mark there (`end`, or
+    /// the slot's highest LSN, thin entries included); then the change index and the
+    /// alert history get what the calls reported, and `end` goes to the meta hash.
     /// A crash between calls leaves each slot applied or not: the replay skips the first
     /// (fenced per SKU, and still reported for the change index) and applies the rest.
     async fn apply_cluster(
@@ -739,25 +740,28 @@ impl Applier {
         quiet: bool,
     ) -> Result<Applied, RedisSinkError> {
         let prefix = self.settings.prefix.clone();
+        let slots: Vec<u16> = entries
+            .iter()
+            .map(|e| slot_of(layout::sku_key(&prefix, &e.sku).as_bytes()))
+            .collect();
+        // what each slot's meta copy records: no LSN of the call (thin or not) is above it
+        let mut marks: HashMap<u16, Lsn> = HashMap::new();
+        for (e, slot) in entries.iter().zip(&slots) {
+            let m = marks.entry(*slot).or_insert(Lsn(0));
+            *m = end.unwrap_or((*m).max(e.last.0));
+        }
         let mut total = Applied::default();
         let mut changes: Vec<(u64, String)> = Vec::new();
         let mut alerts: Vec<[String; 6]> = Vec::new();
         let done = if self.use_thin {
-            self.apply_cluster_thin(entries, end, quiet, &mut total, &mut changes)
+            self.apply_cluster_thin(entries, &slots, &marks, quiet, &mut total, &mut changes)
                 .await?
         } else {
             vec![false; entries.len()]
         };
         let mut groups: std::collections::BTreeMap<u16, Vec<&Entry>> = Default::default();
-        // each slot's highest LSN in the call, thin entries included
-        let mut highest: HashMap<u16, Lsn> = HashMap::new();
-        for (e, d) in entries.iter().zip(&done) {
-            let slot = slot_of(layout::sku_key(&prefix, &e.sku).as_bytes());
-            let h = highest.entry(slot).or_insert(Lsn(0));
-            *h = (*h).max(e.last.0);
-            if !*d {
-                groups.entry(slot).or_default().push(e);
-            }
+        for ((e, slot), _) in entries.iter().zip(&slots).zip(&done).filter(|(_, d)| !**d) {
+            groups.entry(*slot).or_default().push(e);
         }
         let sha = self.script.get_hash().to_string();
         let settings = &self.settings.clone();
@@ -780,8 +784,7 @@ impl Applier {
         pipe.ignore_errors();
         let mut calls = Vec::with_capacity(groups.len());
         for (slot, group) in groups {
-            // what the slot's meta copy records: no LSN of the call is above it
-            let mark = end.unwrap_or(highest[&slot]);
+            let mark = marks[&slot];
             pipe.add_command(slot_call(slot, &group, mark));
             calls.push((slot, mark, group));
         }
@@ -829,17 +832,19 @@ impl Applier {
         Ok(total)
     }
 
-    /// Thin apply on a Redis Cluster, before the slots' script calls: [`Applier::plan_thin`],
-    /// then one `thin.lua` call per slot with planned entries (pipelined, split per
-    /// primary), fenced by the slot's meta copy like the script's calls. A slot whose
-    /// entries in this call were all written records its mark there (`end`, or its
-    /// highest LSN) and raises its floor; the others record it with their script call.
-    /// Returns which entries were written (their changes go to `changes`); what a call
-    /// missed, and every other entry, is the script's.
+    /// Thin apply on a Redis Cluster, before the slots' script calls (`slots`: each
+    /// entry's slot; `marks`: each slot's mark): [`Applier::plan_thin`], then one
+    /// `thin.lua` call per slot with planned entries (pipelined, split per primary),
+    /// fenced by the slot's meta copy like the script's calls. A slot whose entries in
+    /// this call were all written records its mark there and raises its floor; the others
+    /// record it with their script call. Returns which entries were written (their
+    /// changes go to `changes`); what a call missed, and every other entry, is the
+    /// script's.
     async fn apply_cluster_thin(
         &mut self,
         entries: &[Entry],
-        end: Option<Lsn>,
+        slots: &[u16],
+        marks: &HashMap<u16, Lsn>,
         quiet: bool,
         total: &mut Applied,
         changes: &mut Vec<(u64, String)>,
@@ -850,30 +855,24 @@ impl Applier {
             return Ok(done);
         }
         let prefix = self.settings.prefix.clone();
-        // per slot: entries in the call, their highest LSN, the planned ones (positions)
-        let mut slots: std::collections::BTreeMap<u16, (usize, Lsn, Vec<usize>)> =
-            Default::default();
-        let slot_of_entry = |e: &Entry| slot_of(layout::sku_key(&prefix, &e.sku).as_bytes());
-        for e in entries {
-            let v = slots
-                .entry(slot_of_entry(e))
-                .or_insert((0, Lsn(0), Vec::new()));
-            v.0 += 1;
-            v.1 = v.1.max(e.last.0);
+        // per slot: its entries in the call, and the planned ones (positions in `planned`)
+        let mut by_slot: std::collections::BTreeMap<u16, (usize, Vec<usize>)> = Default::default();
+        for slot in slots {
+            by_slot.entry(*slot).or_default().0 += 1;
         }
         for (p, (i, _)) in planned.iter().enumerate() {
-            if let Some(v) = slots.get_mut(&slot_of_entry(&entries[*i])) {
-                v.2.push(p);
+            if let Some(v) = by_slot.get_mut(&slots[*i]) {
+                v.1.push(p);
             }
         }
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         let mut calls = Vec::new();
-        for (slot, (n, max, ps)) in slots {
+        for (slot, (n, ps)) in by_slot {
             if ps.is_empty() {
                 continue;
             }
-            let mark = end.unwrap_or(max);
+            let mark = marks[&slot];
             let whole = ps.len() == n;
             let items: Vec<&(usize, thin::ThinWrite)> = ps.iter().map(|p| &planned[*p]).collect();
             pipe.add_command(self.encode_thin(
