@@ -519,6 +519,24 @@ mod tests {
         }
     }
 
+    /// The entry a one-piece transaction at LSN 100 makes of `d` for SKU `A` (`evaluated`:
+    /// its last piece, which evaluates `A`'s alerts).
+    fn one_entry(d: SkuDelta, commit_ms: i64, evaluated: bool) -> Entry {
+        let mut b = Batch::new(Lsn(0));
+        b.push(Piece {
+            commit_lsn: Lsn(100),
+            piece: 0,
+            commit_ms,
+            truncate: vec![],
+            skus: [("A".to_string(), d)].into(),
+            last: evaluated,
+            eval: if evaluated { vec!["A".into()] } else { vec![] },
+            ri: Default::default(),
+            ri_local: Default::default(),
+        });
+        b.take().remove(0)
+    }
+
     /// One entry for SKU `A`: row `r` set to (loc, on, res) at LSN 100, evaluated.
     fn entry(loc: &str, on: i64, res: i64, views: i64) -> Entry {
         let mut d = SkuDelta::default();
@@ -534,19 +552,7 @@ mod tests {
         if views > 0 {
             d.counters.insert("views".into(), views);
         }
-        let mut b = Batch::new(Lsn(0));
-        b.push(Piece {
-            commit_lsn: Lsn(100),
-            piece: 0,
-            commit_ms: 1_700_000_000_000,
-            truncate: vec![],
-            skus: [("A".to_string(), d)].into(),
-            last: true,
-            eval: vec!["A".into()],
-            ri: Default::default(),
-            ri_local: Default::default(),
-        });
-        b.take().remove(0)
+        one_entry(d, 1_700_000_000_000, true)
     }
 
     fn fields(w: &ThinWrite) -> Vec<(String, String)> {
@@ -691,19 +697,7 @@ mod tests {
         let s = settings();
         let mut d = SkuDelta::default();
         d.rows.insert("r".into(), RowOp::Del);
-        let mut b = Batch::new(Lsn(0));
-        b.push(Piece {
-            commit_lsn: Lsn(100),
-            piece: 0,
-            commit_ms: 1,
-            truncate: vec![],
-            skus: [("A".to_string(), d)].into(),
-            last: false,
-            eval: vec![],
-            ri: Default::default(),
-            ri_local: Default::default(),
-        });
-        let e = b.take().remove(0);
+        let e = one_entry(d, 1, false);
         let mut f = reads(&e, &s).unwrap();
         // a deleted row's location is not read with it: the script's
         assert!(plan(&e, &f, &held(&f, "50", "0"), &s, false).is_none());
@@ -747,19 +741,7 @@ mod tests {
         for (c, n) in counters {
             d.counters.insert(c.to_string(), *n);
         }
-        let mut b = Batch::new(Lsn(0));
-        b.push(Piece {
-            commit_lsn: Lsn(100),
-            piece: 0,
-            commit_ms: 5,
-            truncate: vec![],
-            skus: [("A".to_string(), d)].into(),
-            last: false,
-            eval: vec![],
-            ri: Default::default(),
-            ri_local: Default::default(),
-        });
-        b.take().remove(0)
+        one_entry(d, 5, false)
     }
 
     #[test]
