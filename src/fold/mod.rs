@@ -29,6 +29,7 @@ use crate::txn::{
 use hmac::{Hmac, KeyInit, Mac};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use vecmap::VecMap;
 
 /// Why a change was not folded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -80,11 +81,11 @@ pub struct SkuDelta {
     /// Row field name (`r:<table>:<key>`) -> final state in this piece.
     pub rows: BTreeMap<String, RowOp>,
     /// Lifetime counter increments.
-    pub counters: BTreeMap<String, i64>,
+    pub counters: VecMap<String, i64>,
     /// (counter, minute) -> increment of that window bucket.
-    pub buckets: BTreeMap<(String, i64), i64>,
-    /// (counter, minute) -> HMAC'd user ids seen.
-    pub users: BTreeMap<(String, i64), BTreeSet<UserId>>,
+    pub buckets: VecMap<(String, i64), i64>,
+    /// (counter, minute) -> HMAC'd user ids seen (sorted, no duplicates).
+    pub users: VecMap<(String, i64), Vec<UserId>>,
 }
 
 /// A user as counted: the first 128 bits of the HMAC-SHA256 of its id (plenty for
@@ -1255,14 +1256,14 @@ impl Fold {
         let cur = self.cur.as_mut().expect("change inside a transaction");
         let d = cur.skus.entry(sku).or_default();
         // Saturating: each quantity is within ±2^53, but a piece sums many.
-        let c = d.counters.entry(counter.clone()).or_default();
+        let c = d.counters.entry_or_default(counter.clone());
         *c = c.saturating_add(qty);
         if has_windows {
-            let b = d.buckets.entry((counter.clone(), minute)).or_default();
+            let b = d.buckets.entry_or_default((counter.clone(), minute));
             *b = b.saturating_add(qty);
         }
         if let Some(u) = user {
-            d.users.entry((counter, minute)).or_default().insert(u);
+            vecmap::insert_sorted(d.users.entry_or_default((counter, minute)), u);
         }
     }
 }

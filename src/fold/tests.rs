@@ -921,11 +921,12 @@ fn event_times_far_after_the_commit_count_at_the_commit_time() {
     ];
     let pieces = fold_txn(&mut fold, 100, &ch);
     let d = &pieces.last().unwrap().skus["A"];
-    let want: BTreeMap<(String, i64), i64> = [
+    let want: vecmap::VecMap<(String, i64), i64> = [
         (("views".to_string(), commit_min), 1),
         (("views".to_string(), commit_min + 4), 1),
     ]
-    .into();
+    .into_iter()
+    .collect();
     assert_eq!(
         d.buckets, want,
         "within the lead as given; beyond it at the commit"

@@ -39,6 +39,17 @@ impl<K: Ord, V> VecMap<K, V> {
         &mut self.0[i].1
     }
 
+    /// Set `k` to `v`; the value it replaced.
+    pub fn insert(&mut self, k: K, v: V) -> Option<V> {
+        match self.0.binary_search_by(|(x, _)| x.cmp(&k)) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, v)),
+            Err(i) => {
+                self.0.insert(i, (k, v));
+                None
+            }
+        }
+    }
+
     /// The value of `k`.
     pub fn get<Q>(&self, k: &Q) -> Option<&V>
     where
@@ -82,6 +93,25 @@ impl<'a, K: Ord, V> IntoIterator for &'a VecMap<K, V> {
     type IntoIter = std::iter::Map<std::slice::Iter<'a, (K, V)>, fn(&'a (K, V)) -> (&'a K, &'a V)>;
     fn into_iter(self) -> Self::IntoIter {
         self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
+impl<K, V> IntoIterator for VecMap<K, V> {
+    type Item = (K, V);
+    type IntoIter = std::vec::IntoIter<(K, V)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl<K: Ord, V> FromIterator<(K, V)> for VecMap<K, V> {
+    /// Later pairs replace earlier ones of the same key, as in a `BTreeMap`.
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(it: I) -> Self {
+        let mut m = VecMap::default();
+        for (k, v) in it {
+            m.insert(k, v);
+        }
+        m
     }
 }
 

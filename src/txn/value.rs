@@ -430,30 +430,56 @@ pub fn pg_timestamp_to_rfc3339_millis(micros_since_2000: i64) -> String {
         i64::MIN => return "-infinity".into(),
         _ => {}
     }
-    // i128: the i64 range shifted by the epoch offset must not overflow.
-    let unix_ms =
-        (i128::from(micros_since_2000) + i128::from(PG_EPOCH_UNIX_MICROS)).div_euclid(1000);
-    const MS_PER_DAY: i128 = 86_400_000;
+    // The epoch offset is whole milliseconds, so flooring first and adding it after is
+    // the same floor, and stays within i64.
+    let unix_ms = micros_since_2000.div_euclid(1000) + PG_EPOCH_UNIX_MICROS / 1000;
+    const MS_PER_DAY: i64 = 86_400_000;
     let days = unix_ms.div_euclid(MS_PER_DAY);
     let ms_of_day = unix_ms.rem_euclid(MS_PER_DAY);
     let (y, m, d) = civil_from_unix_days(days);
     let (h, rest) = (ms_of_day / 3_600_000, ms_of_day % 3_600_000);
     let (min, rest) = (rest / 60_000, rest % 60_000);
     let (sec, ms) = (rest / 1000, rest % 1000);
-    let year = if (0..=9999).contains(&y) {
-        format!("{y:04}")
+    // Digit by digit (what `{:04}`, `{:+07}` and `{:02}` write): each state message
+    // formats one or two of these, and `format!` was most of their cost.
+    let mut out = String::with_capacity(30);
+    if (0..=9999).contains(&y) {
+        push_digits(&mut out, y.unsigned_abs(), 4);
     } else {
-        format!("{y:+07}")
-    };
-    format!("{year}-{m:02}-{d:02}T{h:02}:{min:02}:{sec:02}.{ms:03}Z")
+        out.push(if y < 0 { '-' } else { '+' });
+        push_digits(&mut out, y.unsigned_abs(), 6);
+    }
+    for (sep, v, width) in [
+        ('-', u64::from(m), 2),
+        ('-', u64::from(d), 2),
+        ('T', h as u64, 2),
+        (':', min as u64, 2),
+        (':', sec as u64, 2),
+        ('.', ms as u64, 3),
+    ] {
+        out.push(sep);
+        push_digits(&mut out, v, width);
+    }
+    out.push('Z');
+    out
+}
+
+/// Appends `v` in decimal, zero-padded to at least `width` digits.
+fn push_digits(out: &mut String, v: u64, width: usize) {
+    let mut buf = itoa::Buffer::new();
+    let digits = buf.format(v);
+    for _ in digits.len()..width {
+        out.push('0');
+    }
+    out.push_str(digits);
 }
 
 /// Days since 1970-01-01 to proleptic Gregorian (year, month, day).
 ///
 /// Works in 400-year eras (146 097 days each, the Gregorian cycle) counted from
 /// 0000-03-01, so the leap day falls at the end of each computed year.
-fn civil_from_unix_days(days: i128) -> (i128, u32, u32) {
-    const DAYS_PER_ERA: i128 = 146_097;
+fn civil_from_unix_days(days: i64) -> (i64, u32, u32) {
+    const DAYS_PER_ERA: i64 = 146_097;
     // 0000-03-01 is 719 468 days before 1970-01-01.
     let z = days + 719_468;
     let era = z.div_euclid(DAYS_PER_ERA);
@@ -464,7 +490,7 @@ fn civil_from_unix_days(days: i128) -> (i128, u32, u32) {
     let mp = (5 * doy + 2) / 153; // month index from March, 0..=11
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = era * 400 + yoe + i128::from(month <= 2);
+    let year = era * 400 + yoe + i64::from(month <= 2);
     // month and day are small by construction.
     (year, month as u32, day as u32)
 }
@@ -794,8 +820,31 @@ mod tests {
     proptest! {
         #[test]
         fn civil_matches_naive(days in -800_000i64..800_000) {
-            let (y, m, d) = civil_from_unix_days(i128::from(days));
-            prop_assert_eq!((y as i64, m, d), naive_civil(days));
+            let (y, m, d) = civil_from_unix_days(days);
+            prop_assert_eq!((y, m, d), naive_civil(days));
+        }
+
+        #[test]
+        fn timestamps_are_written_as_format_writes_them(micros in any::<i64>()) {
+            // the formatting this replaced, with i128 arithmetic
+            let reference = |micros: i64| -> String {
+                match micros {
+                    i64::MAX => return "infinity".into(),
+                    i64::MIN => return "-infinity".into(),
+                    _ => {}
+                }
+                let unix_ms = (i128::from(micros) + i128::from(PG_EPOCH_UNIX_MICROS)).div_euclid(1000);
+                let (days, ms_of_day) = (unix_ms.div_euclid(86_400_000), unix_ms.rem_euclid(86_400_000));
+                let (y, m, d) = civil_from_unix_days(days as i64);
+                let (h, min) = (ms_of_day / 3_600_000, ms_of_day % 3_600_000 / 60_000);
+                let (sec, ms) = (ms_of_day % 60_000 / 1000, ms_of_day % 1000);
+                let year = if (0..=9999).contains(&y) { format!("{y:04}") } else { format!("{y:+07}") };
+                format!("{year}-{m:02}-{d:02}T{h:02}:{min:02}:{sec:02}.{ms:03}Z")
+            };
+            prop_assert_eq!(pg_timestamp_to_rfc3339_millis(micros), reference(micros));
+            // and around the epoch, where the years are four digits
+            let near = micros % 400_000_000_000_000_000;
+            prop_assert_eq!(pg_timestamp_to_rfc3339_millis(near), reference(near));
         }
 
         #[test]

@@ -11,6 +11,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use skusync::fold::batch::Batch;
 use skusync::fold::model::{ApplyParams, Store};
+use skusync::fold::vecmap::insert_sorted;
 use skusync::fold::{Field, Piece, RowOp, SkuDelta};
 use skusync::lsn::Lsn;
 use skusync::sinks::layout;
@@ -81,15 +82,15 @@ fn random_piece_with(rng: &mut StdRng, lsn: u64, piece: u32, last: bool, activit
             let m = 29_000_000 + rng.random_range(0..12);
             // as mappings send them: counters only, with window buckets, with users too
             let shape = rng.random_range(0..3);
-            *d.counters.entry(c.clone()).or_default() += n;
+            *d.counters.entry_or_default(c.clone()) += n;
             if shape > 0 {
-                *d.buckets.entry((c.clone(), m)).or_default() += n;
+                *d.buckets.entry_or_default((c.clone(), m)) += n;
             }
             if shape > 1 {
-                d.users
-                    .entry((c, m))
-                    .or_insert_with(BTreeSet::new)
-                    .insert(skusync::fold::UserId([rng.random_range(0..5u8); 16]));
+                insert_sorted(
+                    d.users.entry_or_default((c, m)),
+                    skusync::fold::UserId([rng.random_range(0..5u8); 16]),
+                );
             }
         }
         skus.insert(sku, d);

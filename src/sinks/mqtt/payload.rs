@@ -1,5 +1,6 @@
 //! Message payloads built from a SKU hash's fields, without I/O.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 
@@ -112,11 +113,11 @@ pub fn rev_of(fields: &HashMap<String, String>, now_ms: i64) -> String {
 pub fn gone_object(sku: &str, rev: &str) -> String {
     let mut obj: BTreeMap<&str, Member> = BTreeMap::new();
     obj.insert("v", Member::Int(FORMAT_VERSION as i64));
-    obj.insert("sku", Member::Str(sku.to_string()));
+    obj.insert("sku", Member::Str(sku.into()));
     obj.insert("gone", Member::Raw(b"true".to_vec()));
-    obj.insert("rev", Member::Str(rev.to_string()));
+    obj.insert("rev", Member::Str(rev.into()));
     let mut out = Vec::with_capacity(96);
-    write_object(&mut out, &obj);
+    write_object(&mut out, obj.iter().map(|(k, v)| (*k, v)));
     String::from_utf8(out).unwrap_or_default()
 }
 
@@ -268,21 +269,24 @@ pub fn state_message(
         };
     }
     // Numeric values, in units of 10^-scale (counts of users and seconds too, so that
-    // every value is written alike): these make up `pub_state` and the delta.
+    // every value is written alike): these make up `pub_state` and the delta. Collected
+    // in one vector and sorted once (`sorted`): a few dozen small keys, for which a
+    // `BTreeMap`'s nodes, key copies and comparisons were most of this function's cost.
     let scale = spec.scale;
     let unit = 10i64.pow(scale);
-    let mut values: BTreeMap<String, i64> = BTreeMap::new();
+    let mut values: Vec<(&str, i64)> = Vec::with_capacity(fields.len() + 16);
     let on_hand = qty(fields, "on_hand", scale);
     let reserved = qty(fields, "reserved", scale);
     let available = fields
         .get("available")
         .and_then(|v| units::parse(v, scale))
         .unwrap_or(on_hand.saturating_sub(reserved));
-    values.insert("on_hand".into(), on_hand);
-    values.insert("reserved".into(), reserved);
-    values.insert("available".into(), available);
+    values.push(("on_hand", on_hand));
+    values.push(("reserved", reserved));
+    values.push(("available", available));
 
-    let mut locations: BTreeMap<&str, BTreeMap<&str, i64>> = BTreeMap::new();
+    // (location, 0 on hand / 1 reserved, value)
+    let mut locations: Vec<(&str, u8, i64)> = Vec::new();
     // Window buckets, collected in the same pass over the hash (summing each window by
     // rescanning every field cost more than the rest).
     let mut buckets = layout::Buckets::default();
@@ -296,24 +300,23 @@ pub fn state_message(
         let Some((loc, what)) = rest.rsplit_once(':') else {
             continue;
         };
-        if !matches!(what, "on_hand" | "reserved") {
-            continue;
-        }
+        let i = match what {
+            "on_hand" => 0,
+            "reserved" => 1,
+            _ => continue,
+        };
         let n = units::parse(v, scale).unwrap_or(0);
-        locations.entry(loc).or_default().insert(what, n);
-        values.insert(f.clone(), n);
+        locations.push((loc, i, n));
+        values.push((f, n));
     }
-    for m in locations.values_mut() {
-        // both keys always, so apps need no defaults
-        m.entry("on_hand").or_insert(0);
-        m.entry("reserved").or_insert(0);
-    }
+    // a hash's field names are unique, so each (location, value) comes once
+    locations.sort_unstable();
 
     let now_minute = layout::minute_of_ms(now_ms);
     let window_sum = |counter: &str, minutes: i64| buckets.sum(counter, minutes, now_minute);
     let mut window_values: Vec<(String, i64)> = Vec::new();
     for c in &spec.counters {
-        values.insert(c.name.clone(), qty(fields, &c.name, scale));
+        values.push((&c.name, qty(fields, &c.name, scale)));
         for &w in &c.windows_secs {
             let minutes = i64::try_from(w / 60).unwrap_or(1).max(1);
             let name = window_name(&c.name, w);
@@ -342,29 +345,48 @@ pub fn state_message(
         window_values.hash(&mut h);
         h.finish()
     });
-    for (k, v) in &window_values {
-        values.insert(k.clone(), *v);
-    }
+    values.extend(window_values.iter().map(|(k, v)| (k.as_str(), *v)));
+    let values = sorted(values);
 
     // Members in the order serde_json's map would have taken them (a later insert
     // replaces an earlier one of the same name), written straight into the payload:
     // building a `serde_json::Value` tree cost about half of each publish.
-    let mut obj: BTreeMap<&str, Member> = BTreeMap::new();
-    obj.insert("v", Member::Int(FORMAT_VERSION as i64));
-    obj.insert("sku", Member::Str(sku.to_string()));
+    let mut obj: Vec<(&str, Member)> = Vec::with_capacity(values.len() + 12);
+    obj.push(("v", Member::Int(FORMAT_VERSION as i64)));
+    obj.push(("sku", Member::Str(sku.into())));
     for (k, v) in &values {
         if !k.starts_with("loc:") {
-            obj.insert(k, Member::Units(*v, scale));
+            obj.push((k, Member::Units(*v, scale)));
         }
     }
     if !locations.is_empty() {
-        let mut o = Vec::new();
-        write_nested(&mut o, &locations, scale);
-        obj.insert("locations", Member::Raw(o));
+        let mut o = Vec::with_capacity(40 * locations.len());
+        o.push(b'{');
+        let mut i = 0;
+        while i < locations.len() {
+            let loc = locations[i].0;
+            // both keys always, so apps need no defaults
+            let mut q = [0i64; 2];
+            while i < locations.len() && locations[i].0 == loc {
+                q[usize::from(locations[i].1)] = locations[i].2;
+                i += 1;
+            }
+            if o.len() > 1 {
+                o.push(b',');
+            }
+            write_str(&mut o, loc);
+            o.extend_from_slice(b":{\"on_hand\":");
+            write_units(&mut o, q[0], scale);
+            o.extend_from_slice(b",\"reserved\":");
+            write_units(&mut o, q[1], scale);
+            o.push(b'}');
+        }
+        o.push(b'}');
+        obj.push(("locations", Member::Raw(o)));
     }
     if let Some((thr, st)) = alert_members(spec, fields) {
-        obj.insert("threshold", Member::Units(thr, scale));
-        obj.insert("alert_state", Member::Str(st));
+        obj.push(("threshold", Member::Units(thr, scale)));
+        obj.push(("alert_state", Member::Str(st.into())));
     }
     match kind {
         Kind::Change => {
@@ -372,37 +394,37 @@ pub fn state_message(
             if let Some(p) = u64_field(fields, "pub_lsn") {
                 let prev = fields
                     .get("pub_state")
-                    .and_then(|s| serde_json::from_str::<BTreeMap<String, i64>>(s).ok())
+                    .map(|s| parse_state(s))
                     .unwrap_or_default();
-                obj.insert(
+                obj.push((
                     "delta",
                     Member::Raw(delta(&values, &prev, |k| is_stored(spec, k), scale)),
-                );
+                ));
                 let pp = piece_num(fields.get("pub_piece").map(String::as_str));
-                obj.insert("delta_from", Member::Str(base(p, pp)));
+                obj.push(("delta_from", Member::Str(base(p, pp).into())));
             }
         }
         Kind::Aging { as_of_ms } => {
             if let Some(t) = rfc3339_ms(as_of_ms) {
-                obj.insert("as_of", Member::Str(t));
+                obj.push(("as_of", Member::Str(t.into())));
             }
         }
         Kind::Current => {}
     }
     if fields.contains_key("lsn") {
-        obj.insert("lsn", Member::Str(lsn_text(lsn)));
+        obj.push(("lsn", Member::Str(lsn_text(lsn).into())));
     }
-    obj.insert("rev", Member::Str(rev.clone()));
+    obj.push(("rev", Member::Str(rev.as_str().into())));
     if let Some(t) = fields
         .get("ts")
         .and_then(|v| v.parse::<i64>().ok())
         .and_then(rfc3339_ms)
     {
-        obj.insert("ts", Member::Str(t));
+        obj.push(("ts", Member::Str(t.into())));
     }
     let mut out = Vec::with_capacity(256);
-    write_object(&mut out, &obj);
-    let state = values_json(&values);
+    write_object(&mut out, sorted(obj).iter().map(|(k, v)| (*k, v)));
+    let state = values_json(values.iter().map(|(k, v)| (*k, *v)));
     StateMessage {
         // only valid UTF-8 was written (str input, JSON punctuation, digits)
         payload: String::from_utf8(out).unwrap_or_default(),
@@ -413,17 +435,94 @@ pub fn state_message(
     }
 }
 
+/// `pairs` sorted by key, a later pair replacing an earlier one of the same key: what
+/// inserting them into a `BTreeMap` in order leaves, in one vector.
+fn sorted<K: Ord, V>(mut pairs: Vec<(K, V)>) -> Vec<(K, V)> {
+    // stable: pairs of one key stay in insertion order, and the last is kept
+    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out: Vec<(K, V)> = Vec::with_capacity(pairs.len());
+    for (k, v) in pairs {
+        match out.last_mut() {
+            Some(last) if last.0 == k => last.1 = v,
+            _ => out.push((k, v)),
+        }
+    }
+    out
+}
+
+/// A stored `pub_state` (a JSON object of integers) as sorted pairs, as serde_json reads
+/// it into a `BTreeMap<String, i64>`; empty when it does not parse. The compact form
+/// `values_json` writes, keys without escapes, is read here without serde_json; anything
+/// else goes through serde_json.
+fn parse_state(s: &str) -> Vec<(Cow<'_, str>, i64)> {
+    if let Some(pairs) = parse_state_compact(s) {
+        return sorted(pairs);
+    }
+    serde_json::from_str::<BTreeMap<String, i64>>(s)
+        .map(|m| m.into_iter().map(|(k, v)| (Cow::Owned(k), v)).collect())
+        .unwrap_or_default()
+}
+
+/// `{"k":-1,"l":2}` exactly (no whitespace, no escapes, integers without leading zeros
+/// that fit an i64, no `-0`), else `None`.
+fn parse_state_compact(s: &str) -> Option<Vec<(Cow<'_, str>, i64)>> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len() / 12);
+    let mut i = 1;
+    if b.first() != Some(&b'{') {
+        return None;
+    }
+    if b.get(1) == Some(&b'}') {
+        return (b.len() == 2).then_some(out);
+    }
+    loop {
+        if b.get(i) != Some(&b'"') {
+            return None;
+        }
+        let start = i + 1;
+        let len = b[start..].iter().position(|&c| c == b'"')?;
+        let key = &s[start..start + len];
+        if key.bytes().any(|c| c < 0x20 || c == b'\\') {
+            return None;
+        }
+        i = start + len + 1;
+        if b.get(i) != Some(&b':') {
+            return None;
+        }
+        i += 1;
+        let num_start = i;
+        if b.get(i) == Some(&b'-') {
+            i += 1;
+        }
+        let digits = i;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        // serde_json reads `-0` as a float, which is no i64
+        if i == digits || (b[digits] == b'0' && (i > digits + 1 || digits > num_start)) {
+            return None;
+        }
+        let n: i64 = s[num_start..i].parse().ok()?;
+        out.push((Cow::Borrowed(key), n));
+        match b.get(i) {
+            Some(b',') => i += 1,
+            Some(b'}') if i + 1 == b.len() => return Some(out),
+            _ => return None,
+        }
+    }
+}
+
 /// `values` as a compact JSON object of integers, as serde_json writes a map (`pub_state`).
-fn values_json(values: &BTreeMap<String, i64>) -> String {
+fn values_json<'k>(values: impl ExactSizeIterator<Item = (&'k str, i64)>) -> String {
     let mut out = Vec::with_capacity(16 * values.len() + 2);
     out.push(b'{');
-    for (i, (k, v)) in values.iter().enumerate() {
+    for (i, (k, v)) in values.enumerate() {
         if i > 0 {
             out.push(b',');
         }
         write_str(&mut out, k);
         out.push(b':');
-        write_int(&mut out, *v);
+        write_int(&mut out, v);
     }
     out.push(b'}');
     // only valid UTF-8 was written (str input, JSON punctuation, digits)
@@ -431,11 +530,11 @@ fn values_json(values: &BTreeMap<String, i64>) -> String {
 }
 
 /// A member value of a payload object.
-enum Member {
+enum Member<'a> {
     Int(i64),
     /// A quantity in units of 10^-scale, written as a decimal number.
     Units(i64, u32),
-    Str(String),
+    Str(Cow<'a, str>),
     /// Already-written JSON.
     Raw(Vec<u8>),
 }
@@ -443,7 +542,11 @@ enum Member {
 /// Appends `s` as a JSON string, escaped exactly as serde_json escapes it (only `"`, `\\`
 /// and control characters; most names and values have none, and are copied as they are).
 fn write_str(out: &mut Vec<u8>, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    // without an early exit, so the check runs over many bytes at a time
+    let plain = s
+        .bytes()
+        .fold(true, |ok, b| ok & (b >= 0x20) & (b != b'"') & (b != b'\\'));
+    if plain {
         out.reserve(s.len() + 2);
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
@@ -467,9 +570,12 @@ fn write_units(out: &mut Vec<u8>, n: i64, scale: u32) {
 }
 
 /// Appends a JSON object of `members` (in key order: compact, like serde_json).
-fn write_object(out: &mut Vec<u8>, members: &BTreeMap<&str, Member>) {
+fn write_object<'m, 'a: 'm>(
+    out: &mut Vec<u8>,
+    members: impl IntoIterator<Item = (&'m str, &'m Member<'a>)>,
+) {
     out.push(b'{');
-    for (i, (k, v)) in members.iter().enumerate() {
+    for (i, (k, v)) in members.into_iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
@@ -481,32 +587,6 @@ fn write_object(out: &mut Vec<u8>, members: &BTreeMap<&str, Member>) {
             Member::Str(s) => write_str(out, s),
             Member::Raw(r) => out.extend_from_slice(r),
         }
-    }
-    out.push(b'}');
-}
-
-/// Appends `{"<loc>":{"<what>":n,...},...}`.
-fn write_nested<K: AsRef<str>, K2: AsRef<str>>(
-    out: &mut Vec<u8>,
-    m: &BTreeMap<K, BTreeMap<K2, i64>>,
-    scale: u32,
-) {
-    out.push(b'{');
-    for (i, (k, inner)) in m.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        write_str(out, k.as_ref());
-        out.extend_from_slice(b":{");
-        for (j, (w, n)) in inner.iter().enumerate() {
-            if j > 0 {
-                out.push(b',');
-            }
-            write_str(out, w.as_ref());
-            out.push(b':');
-            write_units(out, *n, scale);
-        }
-        out.push(b'}');
     }
     out.push(b'}');
 }
@@ -608,60 +688,72 @@ pub fn users_queries(
 /// Current minus previous over the keys `keep` accepts, non-zero entries only; location
 /// values nested under `locations` like in the payload. Returns the JSON object.
 fn delta(
-    cur: &BTreeMap<String, i64>,
-    prev: &BTreeMap<String, i64>,
+    cur: &[(&str, i64)],
+    prev: &[(Cow<'_, str>, i64)],
     keep: impl Fn(&str) -> bool,
     scale: u32,
 ) -> Vec<u8> {
-    let mut out: BTreeMap<&str, Member> = BTreeMap::new();
-    let mut locs: BTreeMap<&str, BTreeMap<&str, i64>> = BTreeMap::new();
-    // Both maps are sorted: walk them together (every key once, absent meaning 0).
-    let mut a = cur.iter().peekable();
-    let mut b = prev.iter().peekable();
+    let mut out: Vec<(&str, Member)> = Vec::new();
+    // (location, value name, difference)
+    let mut locs: Vec<(&str, &str, i64)> = Vec::new();
+    // Both are sorted: walk them together (every key once, absent meaning 0).
+    let mut a = cur.iter().map(|(k, v)| (*k, *v)).peekable();
+    let mut b = prev.iter().map(|(k, v)| (k.as_ref(), *v)).peekable();
     loop {
         let (k, d) = match (a.peek(), b.peek()) {
             (None, None) => break,
-            (Some((ka, va)), Some((kb, vb))) if ka == kb => {
-                let r = (*ka, va.saturating_sub(**vb));
+            (Some(&(ka, va)), Some(&(kb, vb))) if ka == kb => {
                 a.next();
                 b.next();
-                r
+                (ka, va.saturating_sub(vb))
             }
-            (Some((ka, va)), Some((kb, _))) if ka < kb => {
-                let r = (*ka, **va);
+            (Some(&(ka, va)), Some(&(kb, _))) if ka < kb => {
                 a.next();
-                r
+                (ka, va)
             }
-            (Some((ka, va)), None) => {
-                let r = (*ka, **va);
+            (Some(&(ka, va)), None) => {
                 a.next();
-                r
+                (ka, va)
             }
-            (_, Some((kb, vb))) => {
-                let r = (*kb, 0i64.saturating_sub(**vb));
+            (_, Some(&(kb, vb))) => {
                 b.next();
-                r
+                (kb, 0i64.saturating_sub(vb))
             }
         };
         if d == 0 || !keep(k) {
             continue;
         }
         match k.strip_prefix("loc:").and_then(|r| r.rsplit_once(':')) {
-            Some((loc, what)) => {
-                locs.entry(loc).or_default().insert(what, d);
-            }
-            None => {
-                out.insert(k, Member::Units(d, scale));
-            }
+            Some((loc, what)) => locs.push((loc, what, d)),
+            // keys come once each, in order
+            None => out.push((k, Member::Units(d, scale))),
         }
     }
     if !locs.is_empty() {
-        let mut o = Vec::new();
-        write_nested(&mut o, &locs, scale);
-        out.insert("locations", Member::Raw(o));
+        // each (location, name) comes once: its key did
+        locs.sort_unstable_by(|x, y| (x.0, x.1).cmp(&(y.0, y.1)));
+        let mut o = Vec::with_capacity(40 * locs.len());
+        o.push(b'{');
+        for (i, (loc, what, d)) in locs.iter().enumerate() {
+            let first = i == 0 || locs[i - 1].0 != *loc;
+            if first {
+                if i > 0 {
+                    o.extend_from_slice(b"},");
+                }
+                write_str(&mut o, loc);
+                o.extend_from_slice(b":{");
+            } else {
+                o.push(b',');
+            }
+            write_str(&mut o, what);
+            o.push(b':');
+            write_units(&mut o, *d, scale);
+        }
+        o.extend_from_slice(b"}}");
+        out.push(("locations", Member::Raw(o)));
     }
     let mut w = Vec::with_capacity(128);
-    write_object(&mut w, &out);
+    write_object(&mut w, sorted(out).iter().map(|(k, v)| (*k, v)));
     w
 }
 
@@ -740,20 +832,20 @@ pub fn alert_id(sku: &str, a: &PendingAlert) -> String {
 pub fn alert_payload(sku: &str, a: &PendingAlert, scale: u32) -> String {
     let mut obj: BTreeMap<&str, Member> = BTreeMap::new();
     obj.insert("v", Member::Int(FORMAT_VERSION as i64));
-    obj.insert("id", Member::Str(alert_id(sku, a)));
-    obj.insert("type", Member::Str(a.kind.clone()));
-    obj.insert("sku", Member::Str(sku.to_string()));
+    obj.insert("id", Member::Str(alert_id(sku, a).into()));
+    obj.insert("type", Member::Str(a.kind.as_str().into()));
+    obj.insert("sku", Member::Str(sku.into()));
     obj.insert("available", Member::Units(a.available, scale));
     obj.insert("threshold", Member::Units(a.threshold, scale));
-    obj.insert("lsn", Member::Str(lsn_text(a.lsn)));
+    obj.insert("lsn", Member::Str(lsn_text(a.lsn).into()));
     if let Some(q) = &a.seq {
-        obj.insert("seq", Member::Str(q.clone()));
+        obj.insert("seq", Member::Str(q.as_str().into()));
     }
     if let Some(t) = a.ts.and_then(rfc3339_ms) {
-        obj.insert("ts", Member::Str(t));
+        obj.insert("ts", Member::Str(t.into()));
     }
     let mut out = Vec::with_capacity(160);
-    write_object(&mut out, &obj);
+    write_object(&mut out, obj.iter().map(|(k, v)| (*k, v)));
     String::from_utf8(out).unwrap_or_default()
 }
 
@@ -1006,6 +1098,9 @@ mod tests {
                 "on_hand",
                 "available",
                 "loc:WH-1:on_hand",
+                "loc:WH:2:reserved",
+                "loc:WH:2:rows",
+                "loc::on_hand",
                 "views_5m",
                 "old",
             ]),
@@ -1064,7 +1159,77 @@ mod tests {
             let mut out = Vec::new();
             write_str(&mut out, &s);
             proptest::prop_assert_eq!(out, serde_json::to_vec(&s).unwrap());
-            proptest::prop_assert_eq!(values_json(&values), serde_json::to_string(&values).unwrap());
+            proptest::prop_assert_eq!(
+                values_json(values.iter().map(|(k, v)| (k.as_str(), *v))),
+                serde_json::to_string(&values).unwrap()
+            );
+        }
+
+        #[test]
+        fn stored_states_are_read_as_serde_json_reads_them(
+            values in proptest::collection::btree_map("(?s).{0,12}", proptest::prelude::any::<i64>(), 0..6),
+            cut in 0usize..64,
+            junk in "[-0-9a-z\"{}:,. \\\\]{0,6}",
+        ) {
+            let serde = |s: &str| -> Vec<(String, i64)> {
+                serde_json::from_str::<BTreeMap<String, i64>>(s)
+                    .map(|m| m.into_iter().collect())
+                    .unwrap_or_default()
+            };
+            let ours = |s: &str| -> Vec<(String, i64)> {
+                parse_state(s).into_iter().map(|(k, v)| (k.into_owned(), v)).collect()
+            };
+            let written = values_json(values.iter().map(|(k, v)| (k.as_str(), *v)));
+            proptest::prop_assert_eq!(ours(&written), serde(&written));
+            // and whatever else a hash might hold: cut short, spliced, spaced, reordered
+            let mut chars: Vec<char> = written.chars().collect();
+            let at = cut.min(chars.len());
+            chars.splice(at..at, junk.chars());
+            let spliced: String = chars.iter().collect();
+            proptest::prop_assert_eq!(ours(&spliced), serde(&spliced));
+            let short: String = written.chars().take(cut).collect();
+            proptest::prop_assert_eq!(ours(&short), serde(&short));
+        }
+    }
+
+    #[test]
+    fn sorted_pairs_keep_the_last_of_a_key_as_a_btree_map_does() {
+        let pairs = vec![("b", 1), ("a", 2), ("b", 3), ("c", 4), ("a", 5), ("b", 6)];
+        let map: BTreeMap<&str, i32> = pairs.iter().copied().collect();
+        assert_eq!(sorted(pairs), map.into_iter().collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn stored_states_with_odd_numbers_and_keys_are_read_as_serde_json_reads_them() {
+        for s in [
+            "{}",
+            "{ }",
+            "{\"a\":01}",
+            "{\"a\":-0}",
+            "{\"a\":1.0}",
+            "{\"a\":1e3}",
+            "{\"a\":9223372036854775807}",
+            "{\"a\":9223372036854775808}",
+            "{\"a\":-9223372036854775808}",
+            "{\"b\":1,\"a\":2}",
+            "{\"a\":1,\"a\":2}",
+            "{\"a\\u0041\":1}",
+            "{\"a\":1,}",
+            "{\"a\":1} ",
+            "{\"a\":-}",
+            "{\"\":5}",
+            "{\"ü\":3}",
+            "[]",
+            "",
+        ] {
+            let ours: Vec<(String, i64)> = parse_state(s)
+                .into_iter()
+                .map(|(k, v)| (k.into_owned(), v))
+                .collect();
+            let serde: Vec<(String, i64)> = serde_json::from_str::<BTreeMap<String, i64>>(s)
+                .map(|m| m.into_iter().collect())
+                .unwrap_or_default();
+            assert_eq!(ours, serde, "{s}");
         }
     }
 
