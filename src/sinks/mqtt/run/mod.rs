@@ -1154,7 +1154,7 @@ async fn read_group(
     // A hash that cannot be read ends the group: it and the SKUs after it are read again.
     let mut bad = None;
     for ((sku, _), v) in skus.iter().zip(reads) {
-        match redis::from_redis_value::<HashMap<String, String>>(v) {
+        match payload::field_map(v) {
             Ok(fields) => {
                 queries.push(payload::users_queries(
                     &spec, &prefix, sku, &fields, now_ms, &mut users,

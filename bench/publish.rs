@@ -1,0 +1,67 @@
+//! CPU of the publisher's work per state that involves no I/O, part by part: the
+//! HGETALL reply parsed by redis-rs, turned into the field map, the state message built
+//! and encoded. `cargo bench --bench publish`.
+
+use std::collections::HashMap;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use skusync::config::PayloadFormat;
+use skusync::sinks::mqtt::payload::{self, Kind};
+
+#[path = "fixture/sku_hash.rs"]
+mod fixture;
+use fixture::{NOW, fields, spec};
+
+/// The RESP2 reply of an HGETALL of `f` (what Redis 7 sends to a RESP2 client).
+fn reply(f: &HashMap<String, String>) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", f.len() * 2).into_bytes();
+    for (k, v) in f {
+        for s in [k, v] {
+            out.extend_from_slice(format!("${}\r\n{s}\r\n", s.len()).as_bytes());
+        }
+    }
+    out
+}
+
+fn bench(c: &mut Criterion) {
+    let users = HashMap::from([
+        ("views_users_5m".to_string(), 9),
+        ("views_users_1h".to_string(), 57),
+    ]);
+    let spec = spec();
+    let replies: Vec<Vec<u8>> = (0..64).map(|n| reply(&fields(n))).collect();
+    let mut g = c.benchmark_group("publish");
+    let mut i = 0;
+    g.bench_function("parse the HGETALL reply", |b| {
+        b.iter(|| {
+            i = (i + 1) % replies.len();
+            redis::parse_redis_value(&replies[i]).expect("a reply")
+        })
+    });
+    let values: Vec<redis::Value> = replies
+        .iter()
+        .map(|r| redis::parse_redis_value(r).expect("a reply"))
+        .collect();
+    g.bench_function("parse and turn into the field map", |b| {
+        b.iter(|| {
+            i = (i + 1) % replies.len();
+            let v = redis::parse_redis_value(&replies[i]).expect("a reply");
+            payload::field_map(v).expect("a map")
+        })
+    });
+    let maps: Vec<HashMap<String, String>> = values
+        .into_iter()
+        .map(|v| redis::from_redis_value(v).expect("a map"))
+        .collect();
+    g.bench_function("state message and its JSON payload", |b| {
+        b.iter(|| {
+            i = (i + 1) % maps.len();
+            let m = payload::state_message(&spec, "SKU-00042", &maps[i], &users, NOW, Kind::Change);
+            payload::encode(PayloadFormat::Json, &m.payload)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
