@@ -455,16 +455,17 @@ pub fn state_message(
 /// `pairs` sorted by key, a later pair replacing an earlier one of the same key: what
 /// inserting them into a `BTreeMap` in order leaves, in one vector.
 fn sorted<K: Ord, V>(mut pairs: Vec<(K, V)>) -> Vec<(K, V)> {
-    // stable: pairs of one key stay in insertion order, and the last is kept
+    // stable: pairs of one key stay in insertion order
     pairs.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut out: Vec<(K, V)> = Vec::with_capacity(pairs.len());
-    for (k, v) in pairs {
-        match out.last_mut() {
-            Some(last) if last.0 == k => last.1 = v,
-            _ => out.push((k, v)),
+    // in place; `dedup_by` keeps the first of a run, so each later value moves into it
+    pairs.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            std::mem::swap(&mut later.1, &mut kept.1);
         }
-    }
-    out
+        same
+    });
+    pairs
 }
 
 /// A stored `pub_state` (a JSON object of integers) as sorted pairs, as serde_json reads
