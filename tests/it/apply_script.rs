@@ -79,7 +79,8 @@ fn random_piece_with(rng: &mut StdRng, lsn: u64, piece: u32, last: bool, activit
             let c =
                 ["views", "purchases", "?views", "?purchases"][rng.random_range(0..4)].to_string();
             let n = rng.random_range(1..4);
-            let m = 29_000_000 + rng.random_range(0..12);
+            // minutes in 2046: their distinct-user keys expire after the test
+            let m = 40_000_000 + rng.random_range(0..12);
             // as mappings send them: counters only, with window buckets, with users too
             let shape = rng.random_range(0..3);
             *d.counters.entry_or_default(c.clone()) += n;
@@ -486,13 +487,17 @@ async fn sku_state(con: &mut rsink::RedisCon, prefix: &str, sku: &str) -> String
         .query_async(con)
         .await
         .unwrap();
+    // distinct users: lifetime, and each minute's with its expiry (random pieces'
+    // minutes are 40,000,000 to 40,000,011)
     let mut users = Vec::new();
     for c in ["views", "purchases"] {
-        let n: u64 = redis::cmd("PFCOUNT")
-            .arg(layout::users_key(prefix, sku, c))
-            .query_async(con)
-            .await
-            .unwrap();
+        let mut p = redis::pipe();
+        p.cmd("PFCOUNT").arg(layout::users_key(prefix, sku, c));
+        for m in 40_000_000..40_000_012 {
+            let k = layout::users_minute_key(prefix, sku, c, m);
+            p.cmd("PFCOUNT").arg(&k).cmd("EXPIRETIME").arg(&k);
+        }
+        let n: Vec<i64> = p.query_async(con).await.unwrap();
         users.push(n);
     }
     format!("{h:?} {score:?} {users:?}")
@@ -566,7 +571,7 @@ async fn thin_and_script_leave_the_same(con: rsink::RedisCon, rounds: usize) {
                 lsn += 10;
                 let n = if rng.random_bool(0.8) { 1 } else { 2 };
                 for p in 0..n {
-                    // activity: counters (thin), buckets and users (the script's)
+                    // activity: counters, buckets and users
                     let activity = if round % 2 == 0 { 0.1 } else { 0.5 };
                     pieces.push(random_piece_with(&mut rng, lsn, p, p + 1 == n, activity));
                 }
@@ -688,6 +693,16 @@ async fn a_thin_write_whose_fence_moved_is_left_to_the_script() {
             .arg("8")
             .arg(1)
             .arg("gone");
+        // A's distinct users: two added to its lifetime key, a minute key expiring
+        c.arg(8)
+            .arg("p")
+            .arg(":u:views")
+            .arg(2)
+            .arg("u1")
+            .arg("u2")
+            .arg("e")
+            .arg(":u:views")
+            .arg("4102444800");
         c.arg(3)
             .arg(b.0)
             .arg(b.1)
@@ -695,31 +710,41 @@ async fn a_thin_write_whose_fence_moved_is_left_to_the_script() {
             .arg(1)
             .arg("lsn")
             .arg("20")
+            .arg(0)
             .arg(0);
         c
     };
-    // One call, then (written, missed positions, A's on_hand, `applied_lsn`).
+    // One call, then (written, missed positions, A's on_hand, `applied_lsn`, A's
+    // distinct users and their key's expiry).
     let mut step = async |a: (&str, &str), b: (&str, &str)| {
         let (n, missed): (u64, Vec<u64>) = call(a, b).query_async(&mut con).await.unwrap();
         let on_hand = hget(&mut con, "t:{A}", "on_hand").await;
         let applied = hget(&mut con, "t:meta", "applied_lsn").await;
-        (n, missed, on_hand, applied)
+        let users: (u64, i64) = redis::pipe()
+            .cmd("PFCOUNT")
+            .arg("t:{A}:u:views")
+            .cmd("EXPIRETIME")
+            .arg("t:{A}:u:views")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        (n, missed, on_hand, applied, users)
     };
     let s = |v: &str| Some(v.to_string());
     // A holds 10/0, not 9/0: only B (new) is written, and `applied_lsn` stays.
     assert_eq!(
         step(("9", "0"), ("", "")).await,
-        (1, vec![0], s("7"), s("5"))
+        (1, vec![0], s("7"), s("5"), (0, -2))
     );
-    // A's own fence: A is written; B is no longer new.
+    // A's own fence: A is written, its users too; B is no longer new.
     assert_eq!(
         step(("10", "0"), ("", "")).await,
-        (1, vec![1], s("8"), s("5"))
+        (1, vec![1], s("8"), s("5"), (2, 4102444800))
     );
     // Both fences as they are now: both written, and `applied_lsn` moves.
     assert_eq!(
         step(("20", "0"), ("20", "")).await,
-        (2, vec![], s("8"), s("20"))
+        (2, vec![], s("8"), s("20"), (2, 4102444800))
     );
     let score: f64 = redis::cmd("ZSCORE")
         .arg("t:changes")

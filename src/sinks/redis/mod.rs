@@ -468,7 +468,7 @@ pub struct Applier {
     con: RedisCon,
     script: redis::Script,
     thin: redis::Script,
-    /// Entries without window buckets or users are worked out here and written by
+    /// Entries without a TRUNCATE are worked out here where they can be and written by
     /// `thin.lua` (see [`thin`]).
     use_thin: bool,
     settings: ApplySettings,
@@ -599,11 +599,12 @@ impl Applier {
                     Vec::new()
                 }
             };
-            for ((i, f), v) in reads.iter().zip(values) {
-                // a value that is not text is the script's to judge
-                let Ok(v) = redis::from_redis_value::<Vec<Option<String>>>(v) else {
+            let mut v: Vec<Option<&str>> = Vec::new();
+            for ((i, f), reply) in reads.iter().zip(&values) {
+                // a reply that is not text is the script's to judge
+                if !hmget_reply(reply, &mut v) {
                     continue;
-                };
+                }
                 if let Some(w) = thin::plan(&entries[*i], f, &v, &self.settings, quiet) {
                     planned.push((*i, w));
                 }
@@ -612,8 +613,8 @@ impl Applier {
         Ok(planned)
     }
 
-    /// [`Applier::apply`] with entries without windows or users applied thin ([`thin`]):
-    /// one pipelined HMGET per such SKU, then the script for the other entries (without
+    /// [`Applier::apply`] with the entries [`thin`] can work out applied thin: one
+    /// pipelined HMGET per such SKU, then the script for the other entries (without
     /// `end`), then `thin.lua` for the planned ones (with `end`), then the script again
     /// for any whose hash changed in between (with `end`). Each write is fenced per SKU,
     /// so a crash or an error between the calls replays as after any partial apply.
@@ -721,6 +722,7 @@ impl Applier {
             for f in &w.del {
                 c.arg(f.as_ref());
             }
+            encode_key_ops(&mut c, &w.keys);
         }
         c
     }
@@ -1773,6 +1775,59 @@ fn encode_call(
     c
 }
 
+/// An HMGET reply's values into `out` (borrowed, not copied: this runs for every thin
+/// entry), or `false` for anything but an array of UTF-8 strings and nils.
+fn hmget_reply<'v>(reply: &'v redis::Value, out: &mut Vec<Option<&'v str>>) -> bool {
+    out.clear();
+    let redis::Value::Array(items) = reply else {
+        return false;
+    };
+    for x in items {
+        out.push(match x {
+            redis::Value::Nil => None,
+            redis::Value::BulkString(b) => match std::str::from_utf8(b) {
+                Ok(s) => Some(s),
+                Err(_) => return false,
+            },
+            _ => return false,
+        });
+    }
+    true
+}
+
+/// A thin entry's distinct-user writes for `thin.lua`: the number of arguments that
+/// follow, then `d <suffix>`, `p <suffix> <n> <id>...` (at most 500 ids: Lua's `unpack`
+/// has a stack limit) or `e <suffix> <unix s>` each.
+fn encode_key_ops(c: &mut redis::Cmd, ops: &[thin::KeyOp]) {
+    let n: usize = ops
+        .iter()
+        .map(|op| match op {
+            thin::KeyOp::Del(_) => 2,
+            thin::KeyOp::ExpireAt(..) => 3,
+            thin::KeyOp::Add(_, ids) => ids.len().div_ceil(500) * 3 + ids.len(),
+        })
+        .sum();
+    c.arg(n);
+    for op in ops {
+        match op {
+            thin::KeyOp::Del(k) => {
+                c.arg("d").arg(k);
+            }
+            thin::KeyOp::ExpireAt(k, at) => {
+                c.arg("e").arg(k).arg(*at);
+            }
+            thin::KeyOp::Add(k, ids) => {
+                for chunk in ids.chunks(500) {
+                    c.arg("p").arg(k).arg(chunk.len());
+                    for id in chunk {
+                        c.arg(&id.hex()[..]);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// An entry's trace as packed records (`<BI4ddddd`: flags, row index, on_hand, reserved,
 /// threshold, LSN minus the entry's first LSN, commit ms). Binary, because the script
 /// unpacks numbers without creating a Lua string per value; quantities are within
@@ -2275,6 +2330,29 @@ pub async fn migrate_legacy_keys(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hmget_replies_are_read_as_redis_rs_reads_them_or_refused() {
+        use redis::Value::{Array, BulkString, Int, Nil, SimpleString};
+        let mut out = Vec::new();
+        let ok = Array(vec![
+            BulkString(b"7".to_vec()),
+            Nil,
+            BulkString(b"".to_vec()),
+        ]);
+        assert!(hmget_reply(&ok, &mut out));
+        let theirs: Vec<Option<String>> = redis::from_redis_value(ok.clone()).unwrap();
+        let theirs: Vec<Option<&str>> = theirs.iter().map(|x| x.as_deref()).collect();
+        assert_eq!(out, theirs);
+        for refused in [
+            Array(vec![BulkString(vec![0xff])]),
+            Array(vec![Int(1)]),
+            Nil,
+            SimpleString("OK".into()),
+        ] {
+            assert!(!hmget_reply(&refused, &mut Vec::new()), "{refused:?}");
+        }
+    }
 
     #[test]
     fn a_cluster_node_is_recognised_by_its_info() {

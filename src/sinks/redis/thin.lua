@@ -7,7 +7,9 @@
 -- ARGV: end LSN ('' for none; on a cluster the slot's mark), writer token ('' unfenced),
 -- floor LSN ('' unchecked), cluster ('1'|'0'), then per entry: k (key index), expected
 -- lsn, expected piece ('' where the read found none), new lsn, nset, (field, value)...,
--- ndel, field...
+-- ndel, field..., nkeyargs, then the SKU's distinct-user keys (suffixes to the SKU
+-- key, so in its slot), nkeyargs arguments of: 'd' suffix (DEL), 'p' suffix n id...
+-- (PFADD), 'e' suffix unix-seconds (EXPIREAT).
 -- An entry whose hash holds another fence is not written: its position (0-based) is
 -- returned, and skusync applies it with the apply script. `end` is recorded only when
 -- every entry was written. Reply: {written, {missed position...}}.
@@ -44,13 +46,14 @@ while a <= nargv do
   local el, ep = ARGV[a + 1], ARGV[a + 2]
   local ns = tonumber(ARGV[a + 4])
   local nd = tonumber(ARGV[a + 5 + 2 * ns])
+  local nk = tonumber(ARGV[a + 6 + 2 * ns + nd])
   local v = redis.call('HMGET', KEYS[k], 'lsn', 'piece')
   if (v[1] or '') == el and (v[2] or '') == ep then
     ok[#ok + 1] = a
   else
     missed[#missed + 1] = pos
   end
-  a = a + 6 + 2 * ns + nd
+  a = a + 7 + 2 * ns + nd + nk
   pos = pos + 1
 end
 
@@ -63,6 +66,23 @@ for _, e in ipairs(ok) do
   local d0 = s0 + 2 * ns + 1
   if nd > 0 then redis.call('HDEL', key, unpack(ARGV, d0, d0 + nd - 1)) end
   redis.call('HSET', key, unpack(ARGV, s0, s0 + 2 * ns - 1))
+  local p = d0 + nd
+  local stop = p + tonumber(ARGV[p])
+  p = p + 1
+  while p <= stop do
+    local op, uk = ARGV[p], key .. ARGV[p + 1]
+    if op == 'p' then
+      local n = tonumber(ARGV[p + 2])
+      redis.call('PFADD', uk, unpack(ARGV, p + 3, p + 2 + n))
+      p = p + 3 + n
+    elseif op == 'e' then
+      redis.call('EXPIREAT', uk, ARGV[p + 2])
+      p = p + 3
+    else
+      redis.call('DEL', uk)
+      p = p + 2
+    end
+  end
   changed[#changed + 1] = ARGV[e + 3]
   changed[#changed + 1] = key
 end

@@ -3,17 +3,18 @@
 //! The apply script (`apply.lua`) reads each SKU hash, folds the entry into it and
 //! writes it back; its cost is the Lua interpreter, 20-85 µs of Redis CPU per entry on
 //! the benchmark machines, and Redis is single-threaded. For the commonest entries,
-//! stock rows and lifetime counters (no window buckets, no distinct users, no
-//! TRUNCATE), the same arithmetic runs here instead, on the fields one pipelined HMGET
-//! per SKU read ([`reads`]), and `thin.lua` only checks that the hash still holds the
-//! fence (`lsn`, `piece`) that read saw before it writes the result (HDEL, HSET, the
-//! change index): a few µs per entry.
+//! stock rows, counters, window buckets and distinct users (no TRUNCATE), the same
+//! arithmetic runs here instead, on the fields one pipelined HMGET per SKU read
+//! ([`reads`]), and `thin.lua` only checks that the hash still holds the fence (`lsn`,
+//! `piece`) that read saw before it writes the result (HDEL, HSET, the distinct-user
+//! HyperLogLogs' PFADD, DEL and EXPIREAT, the change index): a few µs per entry.
 //!
 //! Exactness: each hash's write carries its new fence in the same HSET, so a replay
 //! skips it as before. Whatever this module cannot decide exactly as the script would
 //! ([`plan`] returns `None`) goes to the script: an alert to raise (its history entry
 //! and `alerts` list are the script's), a stored value that is not canonical, a field
-//! the read did not fetch, a counter the mapping does not name, a fence at or past the
+//! the read did not fetch, a counter or window the mapping does not name, a minute
+//! beyond 10^12, a fence at or past the
 //! entry (replays and refused merges), guarded activity alone for a SKU without a hash.
 //! A hash that changed between the read and the write (its fence differs) is left alone
 //! by `thin.lua` and applied by the script. The semantics are `apply.lua`'s, line for
@@ -24,7 +25,7 @@
 use super::ApplySettings;
 use crate::fold::batch::{Entry, trace_flags};
 use crate::fold::model::{counted, is_guarded};
-use crate::fold::{Field, RowOp};
+use crate::fold::{Field, RowOp, UserId};
 use crate::units;
 use std::borrow::Cow;
 
@@ -46,24 +47,34 @@ const MAX_FIELDS: usize = 1000;
 
 /// The fields to read for `e` if it may be applied thin, else `None`.
 pub fn reads<'a>(e: &'a Entry, s: &'a ApplySettings) -> Option<Vec<Cow<'a, str>>> {
-    if !e.truncate.is_empty()
-        || !e.buckets.is_empty()
-        || !e.users.is_empty()
-        || e.rows.len() * 4 > MAX_FIELDS
-    {
+    if !e.truncate.is_empty() || (e.rows.len() + e.buckets.len()) * 4 > MAX_FIELDS {
         return None;
     }
-    // A counter the mapping does not name is read by the script one by one.
-    let configured = |c: &str| s.counters.iter().any(|x| x == c);
-    if !e
-        .counters
-        .keys()
-        .all(|c| configured(c.strip_prefix('?').unwrap_or(c)))
+    // A counter the mapping does not name is read by the script one by one (and its
+    // window's high-water mark is not read at all).
+    let configured = |c: &String| {
+        let c = c.strip_prefix('?').unwrap_or(c);
+        s.counters.iter().any(|x| x == c)
+    };
+    if !e.counters.keys().all(configured)
+        || !e.buckets.keys().all(|(c, _)| configured(c))
+        || !e.users.keys().all(|(c, _)| configured(c))
     {
         return None;
     }
     let mut f: Vec<Cow<'a, str>> = BASE.iter().map(|s| Cow::Borrowed(*s)).collect();
     f.extend(s.counters.iter().map(|c| Cow::Borrowed(c.as_str())));
+    if !e.buckets.is_empty() {
+        // the high-water mark of each window the entry adds to, and its buckets
+        for ((c, m), _) in &e.buckets {
+            let c = c.strip_prefix('?').unwrap_or(c);
+            for name in [wmax_field(c), bucket_field(c, *m)] {
+                if !f.contains(&Cow::Borrowed(name.as_str())) {
+                    f.push(Cow::Owned(name));
+                }
+            }
+        }
+    }
     for (field, _) in &e.rows {
         f.push(Cow::Borrowed(field.as_str()));
     }
@@ -98,16 +109,45 @@ pub struct ThinWrite<'a> {
     pub set: Vec<(Cow<'a, str>, String)>,
     /// Fields to delete.
     pub del: Vec<Cow<'a, str>>,
+    /// The entry's distinct-user keys, written after the hash, in this order.
+    pub keys: Vec<KeyOp<'a>>,
+}
+
+/// A write to one of the SKU's distinct-user HyperLogLogs, named by its suffix to the
+/// SKU hash's key (`:u:<counter>` or `:u:<counter>:<minute>`, the same slot).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyOp<'a> {
+    /// DEL: a minute that left the window.
+    Del(String),
+    /// PFADD of these users (never empty).
+    Add(String, &'a [UserId]),
+    /// EXPIREAT, in unix seconds: a minute's users outlive its window by a minute.
+    ExpireAt(String, i64),
 }
 
 fn loc_field(loc: &str, what: &str) -> String {
     format!("loc:{loc}:{what}")
 }
 
+fn wmax_field(counter: &str) -> String {
+    format!("wmax:{counter}")
+}
+
+fn bucket_field(counter: &str, minute: i64) -> String {
+    format!("w:{counter}:{minute}")
+}
+
+/// Minutes the script names and computes with as it would integers: Lua 5.1 writes a
+/// number into a key or field name with `%.14g`, which is the integer itself only below
+/// 10^14 (real minutes are about 3 * 10^7; `(minute + keep + 1) * 60` must fit too).
+fn minute(m: i64) -> Option<i64> {
+    (m.unsigned_abs() < 1_000_000_000_000).then_some(m)
+}
+
 /// The state of the hash as the script's `load` sees it, and the changes so far.
-struct Hash<'a, 'r> {
+struct Hash<'a, 'r, V> {
     fields: &'r [Cow<'r, str>],
-    values: &'r [Option<String>],
+    values: &'r [Option<V>],
     rows: i64,
     on: i64,
     res: i64,
@@ -126,12 +166,12 @@ struct Hash<'a, 'r> {
 /// A stock row's contribution: (location, on_hand, reserved) in units.
 type Row = (String, i64, i64);
 
-impl<'a> Hash<'a, '_> {
+impl<'a, V: AsRef<str>> Hash<'a, '_, V> {
     /// A field the read fetched: `Some(None)` when the hash has none, `None` when it was
     /// not read (the entry goes to the script).
     fn read(&self, f: &str) -> Option<Option<&str>> {
         let i = self.fields.iter().position(|x| x == f)?;
-        Some(self.values.get(i)?.as_deref())
+        Some(self.values.get(i)?.as_ref().map(|v| v.as_ref()))
     }
 
     /// The row's current contribution (`Some(None)`: no row).
@@ -235,17 +275,17 @@ fn int(s: &str) -> Option<i64> {
 
 /// Work out the writes of an entry [`reads`] accepted from what it fetched (`values` in
 /// the order of `fields`), exactly as `apply.lua` would; `None` sends it to the script.
-pub fn plan<'a>(
+pub fn plan<'a, V: AsRef<str>>(
     e: &'a Entry,
     fields: &[Cow<'_, str>],
-    values: &[Option<String>],
+    values: &[Option<V>],
     s: &ApplySettings,
     quiet: bool,
 ) -> Option<ThinWrite<'a>> {
     let scale = s.scale;
     let unit = 10i64.checked_pow(scale)?;
     let low = exact(s.low_stock.checked_mul(unit)?)?;
-    let get = |i: usize| values.get(i).and_then(|v| v.as_deref());
+    let get = |i: usize| values.get(i).and_then(|v| v.as_ref().map(|v| v.as_ref()));
     // The fence: only an entry wholly after what the hash holds (replays and straddles
     // are the script's).
     let expect_lsn = get(0).map(str::to_string);
@@ -413,6 +453,9 @@ pub fn plan<'a>(
         dirty[i] = Some(name);
     }
 
+    // Window buckets and distinct users (`apply_windows`).
+    let win = windows(e, &h, s, stocked)?;
+
     let available = exact(h.on - h.res)?;
 
     // The write-back (`write`).
@@ -479,6 +522,15 @@ pub fn plan<'a>(
             None => {}
         }
     }
+    for (f, v) in win.buckets {
+        if let Some(v) = v {
+            set.push((f.into(), dec(v)));
+        }
+    }
+    for (c, m) in win.wmax {
+        set.push((wmax_field(c).into(), m.to_string()));
+    }
+    del.extend(win.del.into_iter().map(Cow::Owned));
     if h.state_dirty {
         set.push(("alert_state".into(), h.alert_state.clone()?));
     }
@@ -496,7 +548,119 @@ pub fn plan<'a>(
         lsn: e.last.0.0.to_string(),
         set,
         del,
+        keys: win.keys,
     })
+}
+
+/// What an entry's buckets and users write: bucket fields with their new values (`None`:
+/// added, then deleted by a later group of the same counter), high-water marks changed,
+/// bucket fields deleted, and the distinct-user keys.
+#[derive(Default)]
+struct Windows<'a> {
+    buckets: Vec<(String, Option<i64>)>,
+    wmax: Vec<(&'a str, i64)>,
+    del: Vec<String>,
+    keys: Vec<KeyOp<'a>>,
+}
+
+/// The script's `apply_windows` for `e` on the hash as read (`stocked`: it has stock
+/// rows after the entry's rows), or `None` where it is the script's to do.
+fn windows<'a, V: AsRef<str>>(
+    e: &'a Entry,
+    h: &Hash<'_, '_, V>,
+    s: &ApplySettings,
+    stocked: bool,
+) -> Option<Windows<'a>> {
+    let mut w = Windows::default();
+    if e.buckets.is_empty() && e.users.is_empty() {
+        return Some(w);
+    }
+    let keep = s.keep_minutes;
+    let scale = s.scale;
+    // (counter, cutoff): the oldest minute the window keeps, per counter with buckets
+    let mut cutoffs: Vec<(&'a str, i64)> = Vec::new();
+    let buckets: Vec<(&'a (String, i64), &'a i64)> = e.buckets.iter().collect();
+    let mut i = 0;
+    while keep > 0 && i < buckets.len() {
+        let raw = buckets[i].0.0.as_str();
+        let j = i + buckets[i..].iter().take_while(|b| b.0.0 == raw).count();
+        let group = &buckets[i..j];
+        i = j;
+        let Some(c) = counted(raw, stocked) else {
+            continue;
+        };
+        let mut newmax = group.iter().map(|b| b.0.1).max()?;
+        minute(newmax)?;
+        let wmax = match w.wmax.iter().find(|(x, _)| *x == c) {
+            Some((_, m)) => Some(*m),
+            None => match h.read(&wmax_field(c))? {
+                Some(v) => Some(minute(int(v)?)?),
+                None => None,
+            },
+        };
+        if let Some(m) = wmax {
+            newmax = newmax.max(m);
+        }
+        let cutoff = minute(newmax - keep + 1)?;
+        if let Some(wmax) = wmax {
+            // Buckets only exist in [old cutoff, old max]: at most `keep` deletions.
+            for x in minute(wmax - keep + 1)?..=(cutoff - 1).min(wmax) {
+                let f = bucket_field(c, x);
+                if let Some(b) = w.buckets.iter_mut().find(|(k, _)| *k == f) {
+                    b.1 = None;
+                }
+                w.del.push(f);
+                w.keys.push(KeyOp::Del(format!(":u:{c}:{x}")));
+            }
+        }
+        if Some(newmax) != wmax {
+            match w.wmax.iter_mut().find(|(x, _)| *x == c) {
+                Some(slot) => slot.1 = newmax,
+                None => w.wmax.push((c, newmax)),
+            }
+        }
+        for ((_, m), n) in group {
+            if *m < cutoff {
+                continue;
+            }
+            let f = bucket_field(c, *m);
+            let slot = match w.buckets.iter().position(|(k, _)| *k == f) {
+                Some(p) => p,
+                None => {
+                    // what the hash holds (a deleted field was never re-added: it is
+                    // older than every later cutoff)
+                    let held = h.read(&f)?.map_or(Some(0), |v| qty(v, scale))?;
+                    w.buckets.push((f, Some(held)));
+                    w.buckets.len() - 1
+                }
+            };
+            let v = w.buckets[slot].1?;
+            w.buckets[slot].1 = Some(exact(v + exact(**n)?)?);
+        }
+        match cutoffs.iter_mut().find(|(x, _)| *x == c) {
+            Some(slot) => slot.1 = cutoff,
+            None => cutoffs.push((c, cutoff)),
+        }
+    }
+    for ((raw, m), ids) in &e.users {
+        let Some(c) = counted(raw, stocked) else {
+            continue;
+        };
+        if ids.is_empty() {
+            // the script is sent no group for it
+            continue;
+        }
+        w.keys.push(KeyOp::Add(format!(":u:{c}"), ids));
+        if let Some((_, cutoff)) = cutoffs.iter().find(|(x, _)| *x == c)
+            && *m >= *cutoff
+        {
+            let m = minute(*m)?;
+            let k = format!(":u:{c}:{m}");
+            w.keys.push(KeyOp::Add(k.clone(), ids));
+            w.keys.push(KeyOp::ExpireAt(k, (m + keep + 1) * 60));
+        }
+    }
+    Some(w)
 }
 
 #[cfg(test)]
@@ -566,7 +730,7 @@ mod tests {
     }
 
     #[test]
-    fn entries_with_buckets_users_or_unnamed_counters_are_not_read_thin() {
+    fn entries_with_unnamed_counters_are_not_read_thin() {
         let s = settings();
         let mut e = entry("W1", 5, 1, 1);
         assert!(reads(&e, &s).is_some(), "a named counter");
@@ -575,8 +739,22 @@ mod tests {
         *e.counters.entry_or_default("carts".into()) += 1;
         assert!(reads(&e, &s).is_none(), "a counter not in the mapping");
         let mut e = entry("W1", 5, 1, 1);
-        *e.buckets.entry_or_default(("views".into(), 7)) += 1;
-        assert!(reads(&e, &s).is_none(), "window buckets");
+        *e.buckets.entry_or_default(("?views".into(), 7)) += 1;
+        let f = reads(&e, &s).unwrap();
+        assert!(
+            f.iter().any(|x| x == "wmax:views") && f.iter().any(|x| x == "w:views:7"),
+            "window buckets"
+        );
+        *e.buckets.entry_or_default(("carts".into(), 7)) += 1;
+        assert!(reads(&e, &s).is_none(), "a window not in the mapping");
+        let mut e = entry("W1", 5, 1, 1);
+        e.users
+            .entry_or_default(("carts".into(), 7))
+            .push(UserId([1; 16]));
+        assert!(
+            reads(&e, &s).is_none(),
+            "users of a counter not in the mapping"
+        );
         let e = entry("W1", 5, 1, 0);
         let f = reads(&e, &s).unwrap();
         let names: Vec<&str> = f.iter().map(|x| x.as_ref()).collect();
@@ -604,7 +782,7 @@ mod tests {
     fn a_new_sku_gets_the_fields_the_script_writes() {
         let (s, e) = (settings(), entry("W/1", 9, 2, 0));
         let f = reads(&e, &s).unwrap();
-        let w = plan(&e, &f, &vec![None; f.len()], &s, false).unwrap();
+        let w = plan(&e, &f, &vec![None::<&str>; f.len()], &s, false).unwrap();
         assert_eq!((w.expect_lsn.as_deref(), w.lsn.as_str()), (None, "100"));
         assert!(w.del.is_empty());
         let want: Vec<(String, String)> = [
@@ -625,6 +803,60 @@ mod tests {
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect();
         assert_eq!(fields(&w), want);
+    }
+
+    /// Views at minutes 11 and 12 (keep 5) on a hash whose window ends at minute 10:
+    /// the window moves to 8..12, minutes 6 and 7 leave it (bucket fields and users'
+    /// keys), minute 10's bucket adds up, a user at minute 12 counts for its minute.
+    #[test]
+    fn window_buckets_move_the_window_and_users_go_to_their_keys() {
+        let s = settings();
+        let mut d = SkuDelta::default();
+        d.counters.insert("views".into(), 3);
+        d.buckets.insert(("views".into(), 10), 1);
+        d.buckets.insert(("views".into(), 12), 2);
+        d.users.insert(("views".into(), 12), vec![UserId([7; 16])]);
+        d.users.insert(("views".into(), 5), vec![UserId([8; 16])]);
+        let e = one_entry(d, 1_700_000_000_000, false);
+        let f = reads(&e, &s).unwrap();
+        let v: Vec<Option<String>> = f
+            .iter()
+            .map(|x| match x.as_ref() {
+                "lsn" => Some("50".into()),
+                "views" => Some("4".into()),
+                "wmax:views" => Some("10".into()),
+                "w:views:10" => Some("2".into()),
+                _ => None,
+            })
+            .collect();
+        let w = plan(&e, &f, &v, &s, false).unwrap();
+        let set = fields(&w);
+        let get = |k: &str| set.iter().find(|(f, _)| f == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("views"), Some("7"));
+        assert_eq!(get("w:views:10"), Some("3"));
+        assert_eq!(get("w:views:12"), Some("2"));
+        assert_eq!(get("wmax:views"), Some("12"));
+        assert_eq!(w.del, ["w:views:6", "w:views:7"]);
+        let (a, b) = (UserId([7; 16]), UserId([8; 16]));
+        assert_eq!(
+            w.keys,
+            [
+                KeyOp::Del(":u:views:6".into()),
+                KeyOp::Del(":u:views:7".into()),
+                // minute 5 is before the window: its user counts for the lifetime only
+                KeyOp::Add(":u:views".into(), std::slice::from_ref(&b)),
+                KeyOp::Add(":u:views".into(), std::slice::from_ref(&a)),
+                KeyOp::Add(":u:views:12".into(), std::slice::from_ref(&a)),
+                KeyOp::ExpireAt(":u:views:12".into(), 18 * 60),
+            ]
+        );
+        // a high-water mark the script would read otherwise is left to it
+        let odd: Vec<Option<String>> = f
+            .iter()
+            .zip(&v)
+            .map(|(x, v)| (x == "wmax:views").then(|| "1e1".into()).or(v.clone()))
+            .collect();
+        assert!(plan(&e, &f, &odd, &s, false).is_none());
     }
 
     /// What the hash holds for `A` with row `r` at W1 (7 on hand), fence 50/0, `ok`.
@@ -760,7 +992,7 @@ mod tests {
             assert!(got.contains(&(k.into(), v.into())), "{k}={v} in {got:?}");
         }
         // a new SKU: views only (no stock fields, not gone)
-        let got = fields(&plan(&e, &f, &vec![None; f.len()], &s, false).unwrap());
+        let got = fields(&plan(&e, &f, &vec![None::<&str>; f.len()], &s, false).unwrap());
         let names: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(names, ["lsn", "piece", "ts", "views"]);
         assert!(got.contains(&("views".into(), "2".into())), "{got:?}");
@@ -772,9 +1004,9 @@ mod tests {
         let e = activity(&[("?views", 3)]);
         let f = reads(&e, &s).unwrap();
         // unknown SKU: the script writes nothing for it
-        assert!(plan(&e, &f, &vec![None; f.len()], &s, false).is_none());
+        assert!(plan(&e, &f, &vec![None::<&str>; f.len()], &s, false).is_none());
         // a hash without stock rows: the fence moves, nothing counts
-        let mut v = vec![None; f.len()];
+        let mut v: Vec<Option<String>> = vec![None; f.len()];
         v[0] = Some("50".into());
         v[1] = Some("0".into());
         let w = plan(&e, &f, &v, &s, false).unwrap();
