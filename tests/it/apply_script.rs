@@ -15,8 +15,10 @@ use skusync::fold::vecmap::insert_sorted;
 use skusync::fold::{Field, Piece, RowOp, SkuDelta};
 use skusync::lsn::Lsn;
 use skusync::sinks::layout;
-use skusync::sinks::redis::{self as rsink, Applier, ApplySettings};
+use skusync::sinks::redis::{self as rsink, Applier, ApplySettings, ThinRace};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 const SKUS: [&str; 7] = ["A", "b/c", "", "ü+#", "x:y z", "{b}", "%7D}{"];
 const TABLES: [&str; 2] = ["public.inventory", "public.lots"];
@@ -545,7 +547,36 @@ async fn thin_and_script_leave_the_same(con: rsink::RedisCon, rounds: usize) {
             fence: Default::default(),
         };
         let (tp, sp) = (format!("thin{scale}"), format!("script{scale}"));
-        let mut thin = Applier::new(con.clone(), settings(&tp));
+        // In a third of the rounds a racing writer rewrites the fence of every hash thin
+        // apply read, to an equal but differently written piece ("1" -> "01"), before
+        // thin apply writes: its compare-and-set must then leave each to the script.
+        let racing = Arc::new(AtomicBool::new(false));
+        let raced = Arc::new(AtomicU64::new(0));
+        let race: ThinRace = {
+            let (con, racing, raced) = (con.clone(), racing.clone(), raced.clone());
+            Arc::new(move |keys: Vec<String>| {
+                let (mut con, racing, raced) = (con.clone(), racing.clone(), raced.clone());
+                Box::pin(async move {
+                    if !racing.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    for k in keys {
+                        let piece: Option<String> = hget(&mut con, &k, "piece").await;
+                        if let Some(p) = piece {
+                            let _: () = redis::cmd("HSET")
+                                .arg(&k)
+                                .arg("piece")
+                                .arg(format!("0{p}"))
+                                .query_async(&mut con)
+                                .await
+                                .unwrap();
+                            raced.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                })
+            })
+        };
+        let mut thin = Applier::new(con.clone(), settings(&tp)).with_thin_race(race);
         let mut script = Applier::new(con.clone(), settings(&sp)).script_only();
         for p in [&tp, &sp] {
             rsink::write_meta(&mut mcon, p, 0, &[("bootstrap", "done".into())])
@@ -582,6 +613,7 @@ async fn thin_and_script_leave_the_same(con: rsink::RedisCon, rounds: usize) {
             }
             let entries = batch.take();
             let quiet = rng.random_bool(0.1);
+            racing.store(round % 3 == 1, Ordering::SeqCst);
             let a = thin.apply(&entries, Some(Lsn(lsn)), quiet).await.unwrap();
             let b = script.apply(&entries, Some(Lsn(lsn)), quiet).await.unwrap();
             assert_eq!(b.thin, 0, "script_only writes nothing thin");
@@ -640,7 +672,9 @@ async fn thin_and_script_leave_the_same(con: rsink::RedisCon, rounds: usize) {
         }
         // Not vacuous: many entries went thin (the others here are mostly evaluations,
         // replays, merges with activity, alerts, deletes), and some did not.
-        eprintln!("scale {scale}: {written_thin} of {applied} entries thin");
+        let raced = raced.load(Ordering::SeqCst);
+        eprintln!("scale {scale}: {written_thin} of {applied} entries thin, {raced} raced");
+        assert!(raced > 0, "no thin write raced");
         assert!(
             written_thin * 100 > applied * 8 && written_thin < applied,
             "{written_thin} of {applied} entries thin"

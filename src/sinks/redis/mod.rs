@@ -472,7 +472,18 @@ pub struct Applier {
     /// `thin.lua` (see [`thin`]).
     use_thin: bool,
     settings: ApplySettings,
+    /// Tests only: runs between thin apply's read and its write (see
+    /// [`Applier::with_thin_race`]).
+    race: Option<ThinRace>,
 }
+
+/// A test's writer racing thin apply: called with the SKU keys thin apply read and is
+/// about to write, before it writes them.
+pub type ThinRace = std::sync::Arc<
+    dyn Fn(Vec<String>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// Result of one apply call.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -505,7 +516,16 @@ impl Applier {
             thin: redis::Script::new(THIN_LUA),
             use_thin: true,
             settings,
+            race: None,
         }
+    }
+
+    /// For tests: `race` runs between every thin read and its write, so a test can change
+    /// the hashes in between (the compare-and-set must then leave them to the script).
+    #[doc(hidden)]
+    pub fn with_thin_race(mut self, race: ThinRace) -> Applier {
+        self.race = Some(race);
+        self
     }
 
     /// Every entry through the apply script, none thin (to compare the two).
@@ -609,6 +629,15 @@ impl Applier {
                     planned.push((*i, w));
                 }
             }
+        }
+        if let Some(race) = &self.race
+            && !planned.is_empty()
+        {
+            let keys = planned
+                .iter()
+                .map(|(i, _)| layout::sku_key(&self.settings.prefix, &entries[*i].sku))
+                .collect();
+            race(keys).await;
         }
         Ok(planned)
     }
