@@ -14,8 +14,8 @@
 //! ([`plan`] returns `None`) goes to the script: an alert to raise (its history entry
 //! and `alerts` list are the script's), a stored value that is not canonical, a field
 //! the read did not fetch, a counter or window the mapping does not name, a minute
-//! beyond 10^12, a fence at or past the
-//! entry (replays and refused merges), guarded activity alone for a SKU without a hash.
+//! beyond 10^12, a fence at or past the entry (replays and refused merges), guarded
+//! activity alone for a SKU without a hash.
 //! A hash that changed between the read and the write (its fence differs) is left alone
 //! by `thin.lua` and applied by the script. The semantics are `apply.lua`'s, line for
 //! line (the property test in `tests/it/apply_script.rs` compares both byte for byte).
