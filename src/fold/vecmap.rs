@@ -86,6 +86,11 @@ impl<K: Ord, V> VecMap<K, V> {
     pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
         self.0.iter().map(|(k, v)| (k, v))
     }
+
+    /// The pairs in key order, as a slice (to walk runs of keys).
+    pub fn as_slice(&self) -> &[(K, V)] {
+        &self.0
+    }
 }
 
 impl<'a, K: Ord, V> IntoIterator for &'a VecMap<K, V> {

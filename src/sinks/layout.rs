@@ -215,12 +215,22 @@ pub fn webhook_key(prefix: &str, name: &str) -> String {
 
 /// Lifetime distinct-user HyperLogLog of a counter (same slot as the SKU's hash).
 pub fn users_key(prefix: &str, sku: &str, counter: &str) -> String {
-    format!("{}:u:{counter}", sku_key(prefix, sku))
+    sku_key(prefix, sku) + &users_suffix(counter)
 }
 
 /// Per-minute distinct-user HyperLogLog of a counter (same slot as the SKU's hash).
 pub fn users_minute_key(prefix: &str, sku: &str, counter: &str, minute: i64) -> String {
-    format!("{}:u:{counter}:{minute}", sku_key(prefix, sku))
+    sku_key(prefix, sku) + &users_minute_suffix(counter, minute)
+}
+
+/// What [`users_key`] appends to the SKU hash's key (thin apply sends suffixes).
+pub fn users_suffix(counter: &str) -> String {
+    format!(":u:{counter}")
+}
+
+/// What [`users_minute_key`] appends to the SKU hash's key.
+pub fn users_minute_suffix(counter: &str, minute: i64) -> String {
+    format!(":u:{counter}:{minute}")
 }
 
 /// The start of every row field of a stock table: `r:<n>:<table>:`, with `n` the table
@@ -508,6 +518,11 @@ pub fn glob_escape(s: &str) -> String {
 /// Window bucket field of a counter.
 pub fn bucket_field(counter: &str, minute: i64) -> String {
     format!("w:{counter}:{minute}")
+}
+
+/// A counter's window high-water mark: the newest minute its buckets reached.
+pub fn wmax_field(counter: &str) -> String {
+    format!("wmax:{counter}")
 }
 
 /// The minute (unix seconds / 60) of a unix-millisecond time.

@@ -1788,12 +1788,14 @@ fn encode_call(
         for ((k, m), v) in &e.buckets {
             c.arg(k).arg(*m).arg(*v);
         }
-        // Lua's unpack has a stack limit: keep each PFADD modest.
-        let chunks: usize = e.users.values().map(|ids| ids.len().div_ceil(500)).sum();
+        let chunks: usize = e
+            .users
+            .values()
+            .map(|ids| ids.len().div_ceil(USERS_PER_PFADD))
+            .sum();
         c.arg(chunks);
         for ((k, m), ids) in &e.users {
-            let ids: Vec<&crate::fold::UserId> = ids.iter().collect();
-            for chunk in ids.chunks(500) {
+            for chunk in ids.chunks(USERS_PER_PFADD) {
                 c.arg(k).arg(*m).arg(chunk.len());
                 for id in chunk {
                     c.arg(&id.hex()[..]);
@@ -1803,6 +1805,10 @@ fn encode_call(
     }
     c
 }
+
+/// Most user ids in one PFADD of a script (Lua's `unpack` has a stack limit): the apply
+/// script's user groups and thin apply's PFADDs are sent in chunks of this many.
+const USERS_PER_PFADD: usize = 500;
 
 /// An HMGET reply's values into `out` (borrowed, not copied: this runs for every thin
 /// entry), or `false` for anything but an array of UTF-8 strings and nils.
@@ -1825,15 +1831,15 @@ fn hmget_reply<'v>(reply: &'v redis::Value, out: &mut Vec<Option<&'v str>>) -> b
 }
 
 /// A thin entry's distinct-user writes for `thin.lua`: the number of arguments that
-/// follow, then `d <suffix>`, `p <suffix> <n> <id>...` (at most 500 ids: Lua's `unpack`
-/// has a stack limit) or `e <suffix> <unix s>` each.
+/// follow, then `d <suffix>`, `p <suffix> <n> <id>...` (at most [`USERS_PER_PFADD`] ids)
+/// or `e <suffix> <unix s>` each.
 fn encode_key_ops(c: &mut redis::Cmd, ops: &[thin::KeyOp]) {
     let n: usize = ops
         .iter()
         .map(|op| match op {
             thin::KeyOp::Del(_) => 2,
             thin::KeyOp::ExpireAt(..) => 3,
-            thin::KeyOp::Add(_, ids) => ids.len().div_ceil(500) * 3 + ids.len(),
+            thin::KeyOp::Add(_, ids) => ids.len().div_ceil(USERS_PER_PFADD) * 3 + ids.len(),
         })
         .sum();
     c.arg(n);
@@ -1846,7 +1852,7 @@ fn encode_key_ops(c: &mut redis::Cmd, ops: &[thin::KeyOp]) {
                 c.arg("e").arg(k).arg(*at);
             }
             thin::KeyOp::Add(k, ids) => {
-                for chunk in ids.chunks(500) {
+                for chunk in ids.chunks(USERS_PER_PFADD) {
                     c.arg("p").arg(k).arg(chunk.len());
                     for id in chunk {
                         c.arg(&id.hex()[..]);

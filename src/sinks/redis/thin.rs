@@ -26,6 +26,7 @@ use super::ApplySettings;
 use crate::fold::batch::{Entry, trace_flags};
 use crate::fold::model::{counted, is_guarded};
 use crate::fold::{Field, RowOp, UserId};
+use crate::sinks::layout::{bucket_field, users_minute_suffix, users_suffix, wmax_field};
 use crate::units;
 use std::borrow::Cow;
 
@@ -64,14 +65,12 @@ pub fn reads<'a>(e: &'a Entry, s: &'a ApplySettings) -> Option<Vec<Cow<'a, str>>
     }
     let mut f: Vec<Cow<'a, str>> = BASE.iter().map(|s| Cow::Borrowed(*s)).collect();
     f.extend(s.counters.iter().map(|c| Cow::Borrowed(c.as_str())));
-    if !e.buckets.is_empty() {
-        // the high-water mark of each window the entry adds to, and its buckets
-        for ((c, m), _) in &e.buckets {
-            let c = c.strip_prefix('?').unwrap_or(c);
-            for name in [wmax_field(c), bucket_field(c, *m)] {
-                if !f.contains(&Cow::Borrowed(name.as_str())) {
-                    f.push(Cow::Owned(name));
-                }
+    // the high-water mark of each window the entry adds to, and its buckets
+    for ((c, m), _) in &e.buckets {
+        let c = c.strip_prefix('?').unwrap_or(c);
+        for name in [wmax_field(c), bucket_field(c, *m)] {
+            if !f.contains(&Cow::Borrowed(name.as_str())) {
+                f.push(Cow::Owned(name));
             }
         }
     }
@@ -127,14 +126,6 @@ pub enum KeyOp<'a> {
 
 fn loc_field(loc: &str, what: &str) -> String {
     format!("loc:{loc}:{what}")
-}
-
-fn wmax_field(counter: &str) -> String {
-    format!("wmax:{counter}")
-}
-
-fn bucket_field(counter: &str, minute: i64) -> String {
-    format!("w:{counter}:{minute}")
 }
 
 /// Minutes the script names and computes with as it would integers: Lua 5.1 writes a
@@ -579,7 +570,7 @@ fn windows<'a, V: AsRef<str>>(
     let scale = s.scale;
     // (counter, cutoff): the oldest minute the window keeps, per counter with buckets
     let mut cutoffs: Vec<(&'a str, i64)> = Vec::new();
-    let buckets: Vec<(&'a (String, i64), &'a i64)> = e.buckets.iter().collect();
+    let buckets = e.buckets.as_slice();
     let mut i = 0;
     while keep > 0 && i < buckets.len() {
         let raw = buckets[i].0.0.as_str();
@@ -610,7 +601,7 @@ fn windows<'a, V: AsRef<str>>(
                     b.1 = None;
                 }
                 w.del.push(f);
-                w.keys.push(KeyOp::Del(format!(":u:{c}:{x}")));
+                w.keys.push(KeyOp::Del(users_minute_suffix(c, x)));
             }
         }
         if Some(newmax) != wmax {
@@ -635,7 +626,7 @@ fn windows<'a, V: AsRef<str>>(
                 }
             };
             let v = w.buckets[slot].1?;
-            w.buckets[slot].1 = Some(exact(v + exact(**n)?)?);
+            w.buckets[slot].1 = Some(exact(v + exact(*n)?)?);
         }
         match cutoffs.iter_mut().find(|(x, _)| *x == c) {
             Some(slot) => slot.1 = cutoff,
@@ -650,12 +641,12 @@ fn windows<'a, V: AsRef<str>>(
             // the script is sent no group for it
             continue;
         }
-        w.keys.push(KeyOp::Add(format!(":u:{c}"), ids));
+        w.keys.push(KeyOp::Add(users_suffix(c), ids));
         if let Some((_, cutoff)) = cutoffs.iter().find(|(x, _)| *x == c)
             && *m >= *cutoff
         {
             let m = minute(*m)?;
-            let k = format!(":u:{c}:{m}");
+            let k = users_minute_suffix(c, m);
             w.keys.push(KeyOp::Add(k.clone(), ids));
             w.keys.push(KeyOp::ExpireAt(k, (m + keep + 1) * 60));
         }
