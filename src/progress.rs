@@ -31,29 +31,213 @@ impl Ticket {
     }
 }
 
-/// A received transaction awaiting its sinks: 16 bytes, since a catch-up keeps one per
-/// transaction of the batches in flight (100k and more).
-#[derive(Clone, Copy, Debug)]
-struct Pending {
-    /// The ticket's sequence number, with [`DURABLE`] set once the sinks finished it.
-    seq_flags: u64,
-    end_lsn: Lsn,
+/// Transactions received and not yet folded into the flush LSN, in (end_lsn, seq) order,
+/// packed 8 bytes each into sorted chunks. A catch-up keeps hundreds of thousands pending
+/// while one batch is applied and the next merges: a 16-byte record each was 8 MB of its
+/// peak heap. Chunks also keep a replay after a reconnect cheap: its transactions sort
+/// between the first copies (same end LSN, later sequence number), and each is inserted
+/// into one bounded chunk instead of shifting every pending transaction.
+#[derive(Clone, Debug)]
+struct Queue {
+    chunks: VecDeque<Chunk>,
+    /// Transactions held and not yet folded (the chunks' lengths less their `done`).
+    len: usize,
+    /// Most transactions per chunk: bounds an insert's shift, and a folded front chunk
+    /// is freed as a whole.
+    chunk_len: usize,
 }
 
-/// The flag bit of [`Pending::seq_flags`] (sequence numbers stay far below 2^63).
-const DURABLE: u64 = 1 << 63;
+/// Sorted transactions, each packed as its end LSN less `base_lsn` (high 32 bits), a
+/// durable bit and its sequence number less `base_seq` (low 31 bits).
+#[derive(Clone, Debug)]
+struct Chunk {
+    base_lsn: Lsn,
+    base_seq: u64,
+    entries: Vec<u64>,
+    /// The first `done` entries are folded into flush (only the front chunk has any).
+    done: usize,
+}
 
-impl Pending {
-    fn seq(&self) -> u64 {
-        self.seq_flags & !DURABLE
+/// Transactions per chunk (64 KiB).
+const CHUNK_LEN: usize = 8 * 1024;
+const DURABLE_BIT: u64 = 1 << 31;
+const SEQ_MASK: u64 = DURABLE_BIT - 1;
+
+impl Chunk {
+    fn new(end_lsn: Lsn, seq: u64) -> Self {
+        Chunk {
+            base_lsn: end_lsn,
+            base_seq: seq,
+            entries: vec![0],
+            done: 0,
+        }
     }
 
-    fn durable(&self) -> bool {
-        self.seq_flags & DURABLE != 0
+    fn key(&self, i: usize) -> (Lsn, u64) {
+        self.key_of(self.entries[i])
     }
 
-    fn mark_durable(&mut self) {
-        self.seq_flags |= DURABLE;
+    fn last_key(&self) -> (Lsn, u64) {
+        self.key(self.entries.len() - 1)
+    }
+
+    fn durable(&self, i: usize) -> bool {
+        self.entries[i] & DURABLE_BIT != 0
+    }
+
+    /// The entry for this key, if it fits the chunk's bases.
+    fn pack(&self, end_lsn: Lsn, seq: u64) -> Option<u64> {
+        let l = end_lsn.0.checked_sub(self.base_lsn.0)?;
+        let q = seq.checked_sub(self.base_seq)?;
+        (l <= u64::from(u32::MAX) && q <= SEQ_MASK).then_some(l << 32 | q)
+    }
+
+    /// Index of the first entry from `done` on that does not sort below `key` (folded
+    /// entries end at or below the flush LSN, below any key still inserted or marked).
+    fn position(&self, key: (Lsn, u64)) -> usize {
+        self.done + self.entries[self.done..].partition_point(|&e| self.key_of(e) < key)
+    }
+
+    fn key_of(&self, e: u64) -> (Lsn, u64) {
+        (
+            Lsn(self.base_lsn.0 + (e >> 32)),
+            self.base_seq + (e & SEQ_MASK),
+        )
+    }
+
+    /// Entries `at..` (`at` above `done`) as a chunk of their own, with the same bases.
+    fn split_at(&mut self, at: usize) -> Chunk {
+        debug_assert!(at > self.done && at < self.entries.len());
+        Chunk {
+            base_lsn: self.base_lsn,
+            base_seq: self.base_seq,
+            entries: self.entries.split_off(at),
+            done: 0,
+        }
+    }
+}
+
+impl Queue {
+    fn new(chunk_len: usize) -> Self {
+        Queue {
+            chunks: VecDeque::new(),
+            len: 0,
+            chunk_len: chunk_len.max(2),
+        }
+    }
+
+    /// Adds a transaction above the flush LSN (its key is new).
+    fn push(&mut self, seq: u64, end_lsn: Lsn) {
+        let key = (end_lsn, seq);
+        self.len += 1;
+        // In one session end LSNs rise: the back chunk takes it at its end (checked
+        // first: this runs for every transaction).
+        if let Some(b) = self.chunks.back_mut()
+            && b.last_key() < key
+            && b.entries.len() < self.chunk_len
+            && let Some(e) = b.pack(end_lsn, seq)
+        {
+            b.entries.push(e);
+            return;
+        }
+        // The first chunk whose last transaction sorts after this one.
+        let c = self.chunks.partition_point(|ch| ch.last_key() < key);
+        let inside = c < self.chunks.len() && self.chunks[c].key(self.chunks[c].done) < key;
+        if !inside {
+            // Between two chunks (or after the last): at the end of the one before, or
+            // a chunk of its own.
+            if c > 0
+                && self.chunks[c - 1].entries.len() < self.chunk_len
+                && let Some(e) = self.chunks[c - 1].pack(end_lsn, seq)
+            {
+                self.chunks[c - 1].entries.push(e);
+            } else {
+                self.chunks.insert(c, Chunk::new(end_lsn, seq));
+            }
+            return;
+        }
+        if self.chunks[c].pack(end_lsn, seq).is_none() {
+            // Beyond the chunk's bases: split it where the key sorts, and start a chunk.
+            let at = self.chunks[c].position(key);
+            let upper = self.chunks[c].split_at(at);
+            self.chunks.insert(c + 1, upper);
+            self.chunks.insert(c + 1, Chunk::new(end_lsn, seq));
+            return;
+        }
+        let c = if self.chunks[c].entries.len() >= self.chunk_len {
+            let ch = &mut self.chunks[c];
+            let upper = ch.split_at(ch.done + (ch.entries.len() - ch.done) / 2);
+            let to_upper = upper.key(0) < key;
+            self.chunks.insert(c + 1, upper);
+            if to_upper { c + 1 } else { c }
+        } else {
+            c
+        };
+        let ch = &mut self.chunks[c];
+        let i = ch.position(key);
+        let e = ch
+            .pack(end_lsn, seq)
+            .expect("checked above: the chunk's bases fit");
+        ch.entries.insert(i, e);
+    }
+
+    /// Marks the transaction with this key durable, if it is held.
+    fn mark(&mut self, end_lsn: Lsn, seq: u64) {
+        let key = (end_lsn, seq);
+        let c = self.chunks.partition_point(|ch| ch.last_key() < key);
+        let Some(ch) = self.chunks.get_mut(c) else {
+            return;
+        };
+        // the entry itself if held: the first from `done` on not sorting below it
+        let i = ch.position(key);
+        if i < ch.entries.len() && ch.key(i) == key {
+            ch.entries[i] |= DURABLE_BIT;
+        }
+    }
+
+    /// Marks every held transaction whose sequence number is in `first..=last` durable.
+    fn mark_seqs(&mut self, first: u64, last: u64) {
+        let want = last - first + 1;
+        let mut found = 0u64;
+        // A batch's transactions are nearly always the oldest pending ones: the front.
+        for ch in self.chunks.iter_mut() {
+            let (lo, hi) = (
+                first.saturating_sub(ch.base_seq),
+                last.checked_sub(ch.base_seq),
+            );
+            let Some(hi) = hi else { continue };
+            for e in &mut ch.entries[ch.done..] {
+                let q = *e & SEQ_MASK;
+                if q >= lo && q <= hi {
+                    *e |= DURABLE_BIT;
+                    found += 1;
+                    if found == want {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Folds the durable prefix away; returns the highest end LSN folded, if any.
+    fn pop_durable(&mut self) -> Option<Lsn> {
+        let mut top = None;
+        while let Some(ch) = self.chunks.front_mut() {
+            let n = ch.entries.len();
+            let before = ch.done;
+            while ch.done < n && ch.durable(ch.done) {
+                ch.done += 1;
+            }
+            if ch.done > before {
+                self.len -= ch.done - before;
+                top = Some(ch.key(ch.done - 1).0);
+            }
+            if ch.done < n {
+                break;
+            }
+            self.chunks.pop_front();
+        }
+        top
     }
 }
 
@@ -71,7 +255,7 @@ pub struct Progress {
     next_seq: u64,
     /// Received, not yet folded into `flush`; sorted by (end_lsn, seq). Only the durable
     /// prefix is ever removed, so this holds exactly the transactions awaiting sinks.
-    pending: VecDeque<Pending>,
+    pending: Queue,
     /// How long before the walsender sent the latest commit it had been committed
     /// (server clock on both sides, so clock skew cannot fake a backlog), in ms.
     stream_lag_ms: i64,
@@ -82,12 +266,16 @@ pub struct Progress {
 impl Progress {
     /// Starts at `start`, the slot's confirmed flush LSN.
     pub fn new(start: Lsn) -> Self {
+        Self::with_chunk_len(start, CHUNK_LEN)
+    }
+
+    fn with_chunk_len(start: Lsn, chunk_len: usize) -> Self {
         Progress {
             flush: start,
             received: start,
             open: false,
             next_seq: 0,
-            pending: VecDeque::new(),
+            pending: Queue::new(chunk_len),
             stream_lag_ms: 0,
             released: false,
         }
@@ -109,21 +297,7 @@ impl Progress {
         if end_lsn <= self.flush {
             return ticket;
         }
-        let p = Pending {
-            seq_flags: seq,
-            end_lsn,
-        };
-        // In one session end LSNs rise, so this is a push_back (checked first: this runs
-        // for every transaction); a replay after reconnect may land earlier and is
-        // inserted in order so flush can never skip past it.
-        if self.pending.back().is_none_or(|b| b.end_lsn <= end_lsn) {
-            self.pending.push_back(p);
-        } else {
-            let at = self
-                .pending
-                .partition_point(|p| (p.end_lsn, p.seq()) <= (end_lsn, seq));
-            self.pending.insert(at, p);
-        }
+        self.pending.push(seq, end_lsn);
         ticket
     }
 
@@ -145,17 +319,7 @@ impl Progress {
 
     /// Sinks finished the transaction. Unknown or repeated tickets are ignored.
     pub fn durable(&mut self, ticket: Ticket) {
-        let key = (ticket.end_lsn, ticket.seq);
-        // Tickets mostly come back in order: the front is the common case.
-        let i = match self.pending.front() {
-            Some(f) if (f.end_lsn, f.seq()) == key => Ok(0),
-            _ => self
-                .pending
-                .binary_search_by(|p| (p.end_lsn, p.seq()).cmp(&key)),
-        };
-        if let Ok(i) = i {
-            self.pending[i].mark_durable();
-        }
+        self.pending.mark(ticket.end_lsn, ticket.seq);
         self.advance();
     }
 
@@ -166,29 +330,14 @@ impl Progress {
         if first > last {
             return;
         }
-        let want = last - first + 1;
-        let mut found = 0u64;
-        // A batch's transactions are nearly always the oldest pending ones: the front.
-        for p in self.pending.iter_mut() {
-            if (first..=last).contains(&p.seq()) {
-                p.mark_durable();
-                found += 1;
-                if found == want {
-                    break;
-                }
-            }
-        }
+        self.pending.mark_seqs(first, last);
         self.advance();
     }
 
     /// Fold the durable prefix into the flush LSN.
     fn advance(&mut self) {
-        while let Some(p) = self.pending.front() {
-            if !p.durable() {
-                break;
-            }
-            self.flush = self.flush.max(p.end_lsn);
-            self.pending.pop_front();
+        if let Some(l) = self.pending.pop_durable() {
+            self.flush = self.flush.max(l);
         }
     }
 
@@ -197,7 +346,7 @@ impl Progress {
     /// to us. A keepalive while busy is dropped; the next one will come.
     pub fn keepalive(&mut self, wal_end: Lsn) {
         self.received = self.received.max(wal_end);
-        if !self.open && self.pending.is_empty() {
+        if !self.open && self.pending.len == 0 {
             self.flush = self.flush.max(wal_end);
         }
     }
@@ -214,7 +363,7 @@ impl Progress {
 
     /// Transactions received but not yet folded into the flush LSN.
     pub fn pending(&self) -> usize {
-        self.pending.len()
+        self.pending.len
     }
 
     /// Downstream stopped and dropped the tickets it still held (a pipeline restart
@@ -226,7 +375,7 @@ impl Progress {
 
     /// Whether a shutdown should keep waiting for pending transactions.
     pub fn awaiting_downstream(&self) -> bool {
-        !self.released && !self.pending.is_empty()
+        !self.released && self.pending.len > 0
     }
 }
 
@@ -378,6 +527,188 @@ mod tests {
         assert_eq!((p.flush_lsn(), p.pending()), (Lsn(100), 2));
         p.durable_seqs(b.seq(), b.seq());
         assert_eq!((p.flush_lsn(), p.pending()), (Lsn(200), 0));
+    }
+
+    #[test]
+    fn a_replay_beyond_its_chunks_sequence_base_starts_a_chunk_in_order() {
+        let mut p = Progress::with_chunk_len(Lsn(0), 8);
+        let t: Vec<_> = [10, 20, 30].iter().map(|&l| p.commit(Lsn(l))).collect();
+        // 2^31 transactions later (never this many pending in practice; each one
+        // folded), the copy of the second comes again: its sequence number does not fit
+        // the first chunk's 31 bits
+        p.next_seq += 1 << 31;
+        p.abort_open();
+        let r = p.commit(Lsn(20));
+        assert_eq!(p.pending.chunks.len(), 3, "split around a chunk of its own");
+        let keys: Vec<_> = p
+            .pending
+            .chunks
+            .iter()
+            .flat_map(|c| (c.done..c.entries.len()).map(move |i| c.key(i)))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                (Lsn(10), t[0].seq()),
+                (Lsn(20), t[1].seq()),
+                (Lsn(20), r.seq()),
+                (Lsn(30), t[2].seq()),
+            ]
+        );
+        p.durable(t[0]);
+        p.durable(t[1]);
+        p.durable(t[2]);
+        assert_eq!(
+            (p.flush_lsn(), p.pending()),
+            (Lsn(20), 2),
+            "the replay holds 30 back"
+        );
+        p.durable(r);
+        assert_eq!((p.flush_lsn(), p.pending()), (Lsn(30), 0));
+    }
+
+    /// The pending transactions as a plain sorted list: what [`Queue`] packs.
+    struct Model {
+        flush: Lsn,
+        open: bool,
+        next_seq: u64,
+        pending: Vec<(Lsn, u64, bool)>,
+    }
+
+    impl Model {
+        fn commit(&mut self, l: Lsn) -> Ticket {
+            self.open = false;
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            if l > self.flush {
+                let at = self.pending.partition_point(|p| (p.0, p.1) < (l, seq));
+                self.pending.insert(at, (l, seq, false));
+            }
+            Ticket { seq, end_lsn: l }
+        }
+
+        fn advance(&mut self) {
+            while let Some(&(l, _, true)) = self.pending.first() {
+                self.flush = self.flush.max(l);
+                self.pending.remove(0);
+            }
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Begin,
+        /// A commit `step` past the highest so far; a step past 2^32 leaves every
+        /// chunk's LSN base behind.
+        Commit(u64),
+        /// A reconnect's replay: the stream breaks and the transaction committed
+        /// `back` before the last comes again.
+        Replay(usize),
+        Durable(usize),
+        DurableRange(usize, usize),
+        Keepalive(u64),
+    }
+
+    fn steps() -> impl Strategy<Value = Vec<Step>> {
+        proptest::collection::vec(
+            prop_oneof![
+                1 => Just(Step::Begin),
+                4 => (1u64..50).prop_map(Step::Commit),
+                1 => (1u64 << 32..1u64 << 33).prop_map(Step::Commit),
+                3 => any::<usize>().prop_map(Step::Replay),
+                3 => any::<usize>().prop_map(Step::Durable),
+                3 => (any::<usize>(), 1usize..12).prop_map(|(i, n)| Step::DurableRange(i, n)),
+                1 => (0u64..100).prop_map(Step::Keepalive),
+            ],
+            0..200,
+        )
+    }
+
+    proptest! {
+        /// Chunks of 2 to 5 transactions, replays sorted between first copies, LSN jumps
+        /// past a chunk's base: the flush LSN and the pending count are the plain
+        /// sorted list's after every step.
+        #[test]
+        fn packed_chunks_hold_what_a_sorted_list_holds(
+            start in 0u64..1000,
+            chunk_len in 2usize..6,
+            steps in steps(),
+        ) {
+            let mut p = Progress::with_chunk_len(Lsn(start), chunk_len);
+            let mut m = Model { flush: Lsn(start), open: false, next_seq: 0, pending: Vec::new() };
+            let mut tickets: Vec<Ticket> = Vec::new();
+            let mut commits: Vec<Lsn> = Vec::new();
+            let mut top = start;
+            for step in steps {
+                match step {
+                    Step::Begin => {
+                        p.begin();
+                        m.open = true;
+                    }
+                    Step::Commit(d) => {
+                        top += d;
+                        p.begin();
+                        let t = p.commit(Lsn(top));
+                        prop_assert_eq!(t, m.commit(Lsn(top)));
+                        tickets.push(t);
+                        commits.push(Lsn(top));
+                    }
+                    Step::Replay(back) => {
+                        if !commits.is_empty() {
+                            let l = commits[commits.len() - 1 - back % commits.len()];
+                            p.abort_open();
+                            p.begin();
+                            let t = p.commit(l);
+                            prop_assert_eq!(t, m.commit(l));
+                            tickets.push(t);
+                        }
+                    }
+                    Step::Durable(i) => {
+                        if !tickets.is_empty() {
+                            let t = tickets[i % tickets.len()];
+                            p.durable(t);
+                            if let Some(e) = m.pending.iter_mut().find(|e| (e.0, e.1) == (t.end_lsn, t.seq)) {
+                                e.2 = true;
+                            }
+                            m.advance();
+                        }
+                    }
+                    Step::DurableRange(i, n) => {
+                        if !tickets.is_empty() {
+                            let first = tickets[i % tickets.len()].seq();
+                            let last = first + n as u64 - 1;
+                            p.durable_seqs(first, last);
+                            for e in &mut m.pending {
+                                if (first..=last).contains(&e.1) {
+                                    e.2 = true;
+                                }
+                            }
+                            m.advance();
+                        }
+                    }
+                    Step::Keepalive(ahead) => {
+                        let w = Lsn(top + ahead);
+                        p.keepalive(w);
+                        if !m.open && m.pending.is_empty() {
+                            m.flush = m.flush.max(w);
+                        }
+                    }
+                }
+                prop_assert_eq!(p.flush_lsn(), m.flush);
+                prop_assert_eq!(p.pending(), m.pending.len());
+                prop_assert_eq!(p.awaiting_downstream(), !m.pending.is_empty());
+                let held: usize = p.pending.chunks.iter().map(|c| c.entries.len() - c.done).sum();
+                prop_assert_eq!(held, m.pending.len());
+                for c in &p.pending.chunks {
+                    prop_assert!(c.entries.len() <= chunk_len.max(1) && c.done < c.entries.len());
+                }
+                let keys: Vec<(Lsn, u64)> = p.pending.chunks.iter()
+                    .flat_map(|c| (c.done..c.entries.len()).map(move |i| c.key(i)))
+                    .collect();
+                let want: Vec<(Lsn, u64)> = m.pending.iter().map(|e| (e.0, e.1)).collect();
+                prop_assert_eq!(keys, want);
+            }
+        }
     }
 
     #[derive(Clone, Debug)]
