@@ -54,7 +54,8 @@ struct Chunk {
     base_lsn: Lsn,
     base_seq: u64,
     entries: Vec<u64>,
-    /// The first `done` entries are folded into flush (only the front chunk has any).
+    /// The first `done` entries are folded into flush already (kept until the chunk is
+    /// freed as a whole).
     done: usize,
 }
 
@@ -157,7 +158,9 @@ impl Queue {
             return;
         }
         if self.chunks[c].pack(end_lsn, seq).is_none() {
-            // Beyond the chunk's bases: split it where the key sorts, and start a chunk.
+            // Past the chunk's sequence base (a key inside a chunk always fits its LSN
+            // base): only after 2^31 transactions while the chunk's oldest is pending.
+            // Split it where the key sorts, and start a chunk: correct, if less packed.
             let at = self.chunks[c].position(key);
             let upper = self.chunks[c].split_at(at);
             self.chunks.insert(c + 1, upper);
@@ -601,12 +604,19 @@ mod tests {
         /// A commit `step` past the highest so far; a step past 2^32 leaves every
         /// chunk's LSN base behind.
         Commit(u64),
+        /// A commit anywhere between the flush LSN and the highest so far (a replay of
+        /// a transaction whose first copy is folded or pending, or none).
+        CommitBetween(u64),
         /// A reconnect's replay: the stream breaks and the transaction committed
         /// `back` before the last comes again.
         Replay(usize),
+        /// About 2^31 sequence numbers handed out and folded elsewhere: the next ones
+        /// fall at the edge of (or past) their chunk's sequence base.
+        SkipSeqs(u64),
         Durable(usize),
         DurableRange(usize, usize),
         Keepalive(u64),
+        Release,
     }
 
     fn steps() -> impl Strategy<Value = Vec<Step>> {
@@ -614,11 +624,15 @@ mod tests {
             prop_oneof![
                 1 => Just(Step::Begin),
                 4 => (1u64..50).prop_map(Step::Commit),
-                1 => (1u64 << 32..1u64 << 33).prop_map(Step::Commit),
+                1 => (0u64..3).prop_map(|k| Step::Commit((1 << 32) - 1 + k)),
+                1 => (1u64 << 32..1u64 << 34).prop_map(Step::Commit),
+                2 => any::<u64>().prop_map(Step::CommitBetween),
                 3 => any::<usize>().prop_map(Step::Replay),
+                1 => (0u64..4).prop_map(|k| Step::SkipSeqs((1 << 31) - 2 + k)),
                 3 => any::<usize>().prop_map(Step::Durable),
                 3 => (any::<usize>(), 1usize..12).prop_map(|(i, n)| Step::DurableRange(i, n)),
                 1 => (0u64..100).prop_map(Step::Keepalive),
+                1 => Just(Step::Release),
             ],
             0..200,
         )
@@ -639,6 +653,8 @@ mod tests {
             let mut tickets: Vec<Ticket> = Vec::new();
             let mut commits: Vec<Lsn> = Vec::new();
             let mut top = start;
+            let mut released = false;
+            let mut received = Lsn(start);
             for step in steps {
                 match step {
                     Step::Begin => {
@@ -652,6 +668,22 @@ mod tests {
                         prop_assert_eq!(t, m.commit(Lsn(top)));
                         tickets.push(t);
                         commits.push(Lsn(top));
+                    }
+                    Step::CommitBetween(x) => {
+                        let l = Lsn(m.flush.0 + 1 + x % (top.saturating_sub(m.flush.0)).max(1));
+                        top = top.max(l.0);
+                        p.begin();
+                        let t = p.commit(l);
+                        prop_assert_eq!(t, m.commit(l));
+                        tickets.push(t);
+                    }
+                    Step::SkipSeqs(n) => {
+                        p.next_seq += n;
+                        m.next_seq += n;
+                    }
+                    Step::Release => {
+                        p.release();
+                        released = true;
                     }
                     Step::Replay(back) => {
                         if !commits.is_empty() {
@@ -688,6 +720,7 @@ mod tests {
                     }
                     Step::Keepalive(ahead) => {
                         let w = Lsn(top + ahead);
+                        received = received.max(w);
                         p.keepalive(w);
                         if !m.open && m.pending.is_empty() {
                             m.flush = m.flush.max(w);
@@ -696,16 +729,21 @@ mod tests {
                 }
                 prop_assert_eq!(p.flush_lsn(), m.flush);
                 prop_assert_eq!(p.pending(), m.pending.len());
-                prop_assert_eq!(p.awaiting_downstream(), !m.pending.is_empty());
+                prop_assert_eq!(p.awaiting_downstream(), !released && !m.pending.is_empty());
+                received = received.max(Lsn(top));
+                prop_assert_eq!(p.received_lsn(), received);
                 let held: usize = p.pending.chunks.iter().map(|c| c.entries.len() - c.done).sum();
                 prop_assert_eq!(held, m.pending.len());
                 for c in &p.pending.chunks {
                     prop_assert!(c.entries.len() <= chunk_len.max(1) && c.done < c.entries.len());
                 }
-                let keys: Vec<(Lsn, u64)> = p.pending.chunks.iter()
-                    .flat_map(|c| (c.done..c.entries.len()).map(move |i| c.key(i)))
+                let keys: Vec<(Lsn, u64, bool)> = p.pending.chunks.iter()
+                    .flat_map(|c| (c.done..c.entries.len()).map(move |i| {
+                        let (l, q) = c.key(i);
+                        (l, q, c.durable(i))
+                    }))
                     .collect();
-                let want: Vec<(Lsn, u64)> = m.pending.iter().map(|e| (e.0, e.1)).collect();
+                let want = m.pending.clone();
                 prop_assert_eq!(keys, want);
             }
         }
