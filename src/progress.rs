@@ -639,8 +639,10 @@ mod tests {
     }
 
     proptest! {
-        /// Chunks of 2 to 5 transactions, replays sorted between first copies, LSN jumps
-        /// past a chunk's base: the flush LSN and the pending count are the plain
+        /// Chunks of 2 to 5 transactions, replays sorted between first copies, commits
+        /// anywhere above the flush LSN, LSN steps at and past a chunk's 32-bit base,
+        /// sequence numbers at and past its 31-bit base: the flush and received LSNs,
+        /// the pending count and every pending key with its durable flag are the plain
         /// sorted list's after every step.
         #[test]
         fn packed_chunks_hold_what_a_sorted_list_holds(
