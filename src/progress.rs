@@ -157,7 +157,7 @@ impl Queue {
             }
             return;
         }
-        if self.chunks[c].pack(end_lsn, seq).is_none() {
+        let Some(e) = self.chunks[c].pack(end_lsn, seq) else {
             // Past the chunk's sequence base (a key inside a chunk always fits its LSN
             // base): only after 2^31 transactions while the chunk's oldest is pending.
             // Split it where the key sorts, and start a chunk: correct, if less packed.
@@ -166,7 +166,9 @@ impl Queue {
             self.chunks.insert(c + 1, upper);
             self.chunks.insert(c + 1, Chunk::new(end_lsn, seq));
             return;
-        }
+        };
+        // A full chunk splits in half first; both halves keep its bases, so `e` fits
+        // either.
         let c = if self.chunks[c].entries.len() >= self.chunk_len {
             let ch = &mut self.chunks[c];
             let upper = ch.split_at(ch.done + (ch.entries.len() - ch.done) / 2);
@@ -178,9 +180,6 @@ impl Queue {
         };
         let ch = &mut self.chunks[c];
         let i = ch.position(key);
-        let e = ch
-            .pack(end_lsn, seq)
-            .expect("checked above: the chunk's bases fit");
         ch.entries.insert(i, e);
     }
 
