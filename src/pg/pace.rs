@@ -22,8 +22,8 @@
 //! core delayed, ran below the walsender's pace with the two cores partly idle. Runs of
 //! 4 double it in about 12; on the benchmark backlog that drained 1.70-1.79x
 //! `pg_recvlogical` against 1.27-1.42x, with as few segments (1.6-3.4k against
-//! 1.6-2.0k) and less walsender CPU (bench/history.md, twelfth session). Shorter runs
-//! drain the socket more often: at 2, 4-6k segments; on every full read, 18k.
+//! 1.6-2.0k) and the same walsender CPU (bench/history.md, twelfth session). Shorter
+//! runs drain the socket more often: at 2, 4.4-6.1k segments.
 
 /// First ask after catching up starts.
 pub const START: usize = 32 * 1024;
@@ -160,23 +160,35 @@ mod tests {
         assert_eq!(p.ask(), MAX);
     }
 
+    /// Socket buffer of the sender model: the replication socket's receive buffer
+    /// (`PACED_RCVBUF` in `pg::conn`, 256 KiB), which the kernel doubles.
+    const SOCKET: usize = 512 * 1024;
+
+    /// One round of the sender model: the sender adds up to `rate` bytes to the socket's
+    /// `queued` (never past `SOCKET`), then one paced read takes what it asks for.
+    /// Returns the bytes read.
+    fn sender_round(p: &mut ReadPacer, queued: &mut usize, rate: usize) -> usize {
+        *queued += rate.min(SOCKET - *queued);
+        let got = (*queued).min(p.ask());
+        p.observe(p.ask(), got);
+        *queued -= got;
+        got
+    }
+
     /// A sender with a backlog that can put `rate` bytes per round into a socket holding
     /// at most `SOCKET`: the reader settles near the sender's pace (taking most of what
     /// it could send), and reads that drain the socket stay a minority (each one lets the
     /// window open wide; at a fifth of the reads the benchmark's segments did not rise).
     #[test]
     fn the_ask_follows_a_steady_sender() {
-        const SOCKET: usize = 512 * 1024;
         for rate in [20_000usize, 50_000, 200_000] {
             let mut p = ReadPacer::default();
             let (mut queued, mut taken, mut drained) = (0usize, 0usize, 0usize);
             let rounds = 20_000;
             for _ in 0..rounds {
-                queued += rate.min(SOCKET - queued);
-                let got = queued.min(p.ask());
-                drained += usize::from(got < p.ask());
-                p.observe(p.ask(), got);
-                queued -= got;
+                let asked = p.ask();
+                let got = sender_round(&mut p, &mut queued, rate);
+                drained += usize::from(got < asked);
                 taken += got;
             }
             let per_round = taken / rounds;
@@ -196,16 +208,12 @@ mod tests {
     /// hundreds, or the stream runs below it while the cores idle.
     #[test]
     fn the_ask_catches_up_with_a_fast_sender_within_dozens_of_reads() {
-        const SOCKET: usize = 512 * 1024;
         let rate = 4 * START;
         let mut p = ReadPacer::default();
         let mut queued = 0usize;
         let mut reads = 0;
         while p.ask() < rate {
-            queued += rate.min(SOCKET - queued);
-            let got = queued.min(p.ask());
-            p.observe(p.ask(), got);
-            queued -= got;
+            sender_round(&mut p, &mut queued, rate);
             reads += 1;
             assert!(reads <= 40, "ask {} after {reads} reads", p.ask());
         }
