@@ -1,12 +1,13 @@
 //! CPU of the publisher's work per state that involves no I/O, part by part: the
-//! HGETALL reply parsed by redis-rs, turned into the field map, the state message built
-//! and encoded. `cargo bench --bench publish`.
+//! HGETALL reply parsed by skusync's reader (and, for comparison, by redis-rs into its
+//! values and a map), the state message built and encoded. `cargo bench --bench publish`.
 
 use std::collections::HashMap;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use skusync::config::PayloadFormat;
 use skusync::sinks::mqtt::payload::{self, Kind};
+use skusync::sinks::redis::resp;
 
 #[path = "fixture/sku_hash.rs"]
 mod fixture;
@@ -38,28 +39,55 @@ fn bench(c: &mut Criterion) {
             redis::parse_redis_value(&replies[i]).expect("a reply")
         })
     });
+    g.bench_function("parse into a flat hash (skusync's reader)", |b| {
+        b.iter(|| {
+            i = (i + 1) % replies.len();
+            let n = resp::reply_len(&replies[i])
+                .expect("a reply")
+                .expect("whole");
+            resp::FlatHash::parse(&replies[i][..n]).expect("a hash")
+        })
+    });
     let values: Vec<redis::Value> = replies
         .iter()
         .map(|r| redis::parse_redis_value(r).expect("a reply"))
         .collect();
-    g.bench_function("parse and turn into the field map", |b| {
+    g.bench_function("parse and turn into the field map (redis-rs)", |b| {
         b.iter(|| {
             i = (i + 1) % replies.len();
             let v = redis::parse_redis_value(&replies[i]).expect("a reply");
-            payload::field_map(v).expect("a map")
+            redis::from_redis_value::<HashMap<String, String>>(v).expect("a map")
         })
     });
     let maps: Vec<HashMap<String, String>> = values
         .into_iter()
         .map(|v| redis::from_redis_value(v).expect("a map"))
         .collect();
-    g.bench_function("state message and its JSON payload", |b| {
+    g.bench_function("state message and its JSON payload (from a map)", |b| {
         b.iter(|| {
             i = (i + 1) % maps.len();
             let m = payload::state_message(&spec, "SKU-00042", &maps[i], &users, NOW, Kind::Change);
             payload::encode(PayloadFormat::Json, &m.payload)
         })
     });
+    let flats: Vec<resp::FlatHash> = maps.iter().map(resp::FlatHash::from).collect();
+    g.bench_function(
+        "state message and its JSON payload (from a flat hash)",
+        |b| {
+            b.iter(|| {
+                i = (i + 1) % flats.len();
+                let m = payload::state_message(
+                    &spec,
+                    "SKU-00042",
+                    &flats[i],
+                    &users,
+                    NOW,
+                    Kind::Change,
+                );
+                payload::encode(PayloadFormat::Json, &m.payload)
+            })
+        },
+    );
     g.finish();
 }
 

@@ -719,7 +719,10 @@ impl Daemon {
         };
         // The publisher has its own lifetime: it drains in-flight messages on shutdown.
         let token = CancellationToken::new();
-        let (h, j) = mqtt::spawn(pc, con, token.clone())
+        let reader = self.cfg.redis.as_ref().and_then(|rc| {
+            crate::sinks::redis::reader::for_config(rc.url.all(), rc.cluster, rc.ca_file.as_deref())
+        });
+        let (h, j) = mqtt::spawn(pc, con, reader, token.clone())
             .await
             .map_err(|e| DaemonError::Definite(e.to_string()))?;
         telemetry::mqtt_configured();

@@ -21,6 +21,7 @@ mod oracle;
 mod partitions;
 mod pg_security;
 mod redis_errors;
+mod redis_reader;
 mod replication;
 mod secrets;
 mod support;

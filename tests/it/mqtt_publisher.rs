@@ -67,7 +67,13 @@ struct Running {
 impl Running {
     async fn start(cfg: PublisherConfig, r: &RedisServer) -> Running {
         let shutdown = CancellationToken::new();
-        let (handle, join) = mqtt::spawn(cfg, redis(r).await, shutdown.clone())
+        // the publisher's hash reads on its own reader, as the daemon runs it
+        let reader = skusync::sinks::redis::reader::for_config(&[r.url()], false, None);
+        assert!(
+            reader.is_some(),
+            "a standalone Redis is read by skusync's reader"
+        );
+        let (handle, join) = mqtt::spawn(cfg, redis(r).await, reader, shutdown.clone())
             .await
             .expect("spawn publisher");
         Running {
@@ -766,6 +772,50 @@ async fn tls_with_password_auth_delivers_state_to_a_subscriber() {
     })
     .await;
     assert_eq!(json_of(&got)["on_hand"], 2);
+    p.stop().await;
+}
+
+/// The publisher reads its hashes on its own reader; through a TLS Redis with a
+/// password, as through the redis-rs connection it keeps for everything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_redis_with_a_password_is_read_and_published_from() {
+    let mut ca = TestCa::new();
+    let r = RedisServer::start_with(crate::harness::RedisOptions {
+        password: Some("s3cret".into()),
+        tls: Some(ca.issue_server_cert(&["localhost"])),
+        ..Default::default()
+    });
+    let ca_file = ca.ca_cert().to_path_buf();
+    let client = skusync::sinks::redis::client(&[r.url()], false, Some(&ca_file)).unwrap();
+    let mut con = skusync::sinks::redis::connect(&client).await.unwrap();
+    meta(&mut con).await;
+    let m = MosquittoServer::start();
+    let sub = Sub::start(&m, "p/sku/#");
+    hset(
+        &mut con,
+        "T1",
+        &[("on_hand", "7".into()), ("lsn", "3".into())],
+    )
+    .await;
+    let reader = skusync::sinks::redis::reader::for_config(&[r.url()], false, Some(&ca_file));
+    assert!(reader.is_some());
+    let shutdown = CancellationToken::new();
+    let cfg = publisher_config(mqtt_config(m.url()));
+    let (handle, join) = mqtt::spawn(cfg, con.clone(), reader, shutdown.clone())
+        .await
+        .expect("spawn publisher");
+    let p = Running {
+        handle,
+        join,
+        shutdown,
+    };
+    wait_published(&mut con, "T1", 3).await;
+    let got = until("state delivered", Duration::from_secs(10), || {
+        let v = sub.on("p/sku/T1");
+        async move { v.first().cloned() }
+    })
+    .await;
+    assert_eq!(json_of(&got)["on_hand"], 7);
     p.stop().await;
 }
 

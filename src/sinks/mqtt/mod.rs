@@ -427,6 +427,7 @@ pub fn alert_topic(prefix: &str, sku: &str) -> String {
 pub async fn spawn(
     cfg: PublisherConfig,
     redis: crate::sinks::redis::RedisCon,
+    reader: Option<Arc<crate::sinks::redis::reader::HashReader>>,
     shutdown: CancellationToken,
 ) -> Result<(MqttHandle, tokio::task::JoinHandle<Result<(), MqttError>>), MqttError> {
     let env_pw = std::env::var(PASSWORD_ENV).ok();
@@ -444,7 +445,7 @@ pub async fn spawn(
     let handle = MqttHandle {
         shared: shared.clone(),
     };
-    let task = run::Task::new(cfg, options, redis, shared, shutdown);
+    let task = run::Task::new(cfg, options, redis, reader, shared, shutdown);
     let join = tokio::spawn(task.run());
     Ok((handle, join))
 }

@@ -10,6 +10,7 @@ use super::CounterSpec;
 use crate::lsn::Lsn;
 use crate::names::{users_name, window_name};
 use crate::sinks::layout;
+pub use crate::sinks::redis::resp::FlatHash;
 use crate::units;
 
 /// Payload format version (docs/mobile.md).
@@ -101,10 +102,10 @@ pub fn rev(lsn: u64, piece: i64, read_ms: i64) -> String {
 }
 
 /// The ordering token of a SKU hash read at `now_ms`.
-pub fn rev_of(fields: &HashMap<String, String>, now_ms: i64) -> String {
+pub fn rev_of(fields: &impl Fields, now_ms: i64) -> String {
     rev(
         u64_field(fields, "lsn").unwrap_or(0),
-        piece_num(fields.get("piece").map(String::as_str)),
+        piece_num(fields.field("piece")),
         now_ms,
     )
 }
@@ -130,21 +131,21 @@ fn is_stored(spec: &Spec, k: &str) -> bool {
 }
 
 /// `threshold` and `alert_state` of a SKU with stock (`None` without stock rows).
-fn alert_members(spec: &Spec, fields: &HashMap<String, String>) -> Option<(i64, String)> {
+fn alert_members(spec: &Spec, fields: &impl Fields) -> Option<(i64, String)> {
     let stocked =
-        fields.contains_key("alert_state") || fields.get("rows").is_some_and(|r| r != "0");
+        fields.field("alert_state").is_some() || fields.field("rows").is_some_and(|r| r != "0");
     if !stocked {
         return None;
     }
     let thr = fields
-        .get("threshold")
+        .field("threshold")
         .and_then(|v| units::parse(v, spec.scale))
         .unwrap_or_else(|| spec.low_stock.saturating_mul(10i64.pow(spec.scale)));
     let st = fields
-        .get("alert_state")
-        .filter(|s| matches!(s.as_str(), "ok" | "low" | "out"))
-        .cloned()
-        .unwrap_or_else(|| "ok".into());
+        .field("alert_state")
+        .filter(|s| matches!(*s, "ok" | "low" | "out"))
+        .unwrap_or("ok")
+        .to_string();
     Some((thr, st))
 }
 
@@ -188,15 +189,15 @@ pub struct StateMessage {
 }
 
 /// A quantity field in units (see `units`); 0 when absent or malformed.
-fn qty(fields: &HashMap<String, String>, name: &str, scale: u32) -> i64 {
+fn qty(fields: &impl Fields, name: &str, scale: u32) -> i64 {
     fields
-        .get(name)
+        .field(name)
         .and_then(|v| units::parse(v, scale))
         .unwrap_or(0)
 }
 
-fn u64_field(fields: &HashMap<String, String>, name: &str) -> Option<u64> {
-    fields.get(name).and_then(|v| v.parse().ok())
+fn u64_field(fields: &impl Fields, name: &str) -> Option<u64> {
+    fields.field(name).and_then(|v| v.parse().ok())
 }
 
 /// Unix milliseconds as RFC 3339 UTC with milliseconds; `None` when out of range.
@@ -238,29 +239,50 @@ pub fn piece_num(v: Option<&str>) -> i64 {
     v.and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
-/// A SKU hash as HGETALL returns it (fields and values alternating in RESP2, a map in
-/// RESP3) as the field map the payload is built from, sized once: redis-rs' own
-/// conversion grows the map pair by pair, rehashing it four times for a typical hash.
-pub fn field_map(v: redis::Value) -> Result<HashMap<String, String>, redis::ParsingError> {
-    match v {
-        redis::Value::Array(items) if items.len() % 2 == 0 => {
-            let mut map = HashMap::with_capacity(items.len() / 2);
-            let mut it = items.into_iter();
-            while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                map.insert(redis::from_redis_value(k)?, redis::from_redis_value(v)?);
-            }
-            Ok(map)
-        }
-        other => redis::from_redis_value(other),
+/// A SKU hash's fields, as the payload is built from them: the publisher's flat hash
+/// ([`FlatHash`], parsed straight from the reply) or a map (the HTTP API, tests).
+pub trait Fields {
+    /// The value of field `name`.
+    fn field(&self, name: &str) -> Option<&str>;
+    /// Every (name, value), in no particular order.
+    fn pairs(&self) -> impl Iterator<Item = (&str, &str)>;
+    /// The number of fields.
+    fn len(&self) -> usize;
+    /// Whether there is none (HGETALL of a missing key).
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Fields for FlatHash {
+    fn field(&self, name: &str) -> Option<&str> {
+        self.get(name)
+    }
+    fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.iter()
+    }
+    fn len(&self) -> usize {
+        FlatHash::len(self)
+    }
+}
+
+impl Fields for HashMap<String, String> {
+    fn field(&self, name: &str) -> Option<&str> {
+        self.get(name).map(String::as_str)
+    }
+    fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+    fn len(&self) -> usize {
+        HashMap::len(self)
     }
 }
 
 /// Whether the SKU's retained message is to be cleared: the apply script marked it
 /// `gone` (no stock rows, no counters), or a rebuild reset it (`piece` -1) and its
 /// snapshot held nothing of it, so it has no stock and no counters either.
-pub fn is_gone(fields: &HashMap<String, String>) -> bool {
-    fields.get("gone").map(String::as_str) == Some("1")
-        || fields.get("piece").map(String::as_str) == Some("-1")
+pub fn is_gone(fields: &impl Fields) -> bool {
+    fields.field("gone") == Some("1") || fields.field("piece") == Some("-1")
 }
 
 /// Builds the state message of `sku` from its hash `fields` at `now_ms` (unix ms).
@@ -269,7 +291,7 @@ pub fn is_gone(fields: &HashMap<String, String>) -> bool {
 pub fn state_message(
     spec: &Spec,
     sku: &str,
-    fields: &HashMap<String, String>,
+    fields: &impl Fields,
     users: &HashMap<String, i64>,
     now_ms: i64,
     kind: Kind,
@@ -295,7 +317,7 @@ pub fn state_message(
     let on_hand = qty(fields, "on_hand", scale);
     let reserved = qty(fields, "reserved", scale);
     let available = fields
-        .get("available")
+        .field("available")
         .and_then(|v| units::parse(v, scale))
         .unwrap_or(on_hand.saturating_sub(reserved));
     values.push(("on_hand", on_hand));
@@ -307,7 +329,7 @@ pub fn state_message(
     // Window buckets, collected in the same pass over the hash (summing each window by
     // rescanning every field cost more than the rest).
     let mut buckets = layout::Buckets::default();
-    for (f, v) in fields {
+    for (f, v) in fields.pairs() {
         if buckets.add_scaled(f, v, scale) {
             continue;
         }
@@ -410,14 +432,14 @@ pub fn state_message(
             // Only against a state the broker acknowledged: its stored version is the base.
             if let Some(p) = u64_field(fields, "pub_lsn") {
                 let prev = fields
-                    .get("pub_state")
-                    .map(|s| parse_state(s))
+                    .field("pub_state")
+                    .map(parse_state)
                     .unwrap_or_default();
                 obj.push((
                     "delta",
                     Member::Raw(delta(&values, &prev, |k| is_stored(spec, k), scale)),
                 ));
-                let pp = piece_num(fields.get("pub_piece").map(String::as_str));
+                let pp = piece_num(fields.field("pub_piece"));
                 obj.push(("delta_from", Member::Str(base(p, pp).into())));
             }
         }
@@ -428,12 +450,12 @@ pub fn state_message(
         }
         Kind::Current => {}
     }
-    if fields.contains_key("lsn") {
+    if fields.field("lsn").is_some() {
         obj.push(("lsn", Member::Str(lsn_text(lsn).into())));
     }
     obj.push(("rev", Member::Str(rev.as_str().into())));
     if let Some(t) = fields
-        .get("ts")
+        .field("ts")
         .and_then(|v| v.parse::<i64>().ok())
         .and_then(rfc3339_ms)
     {
@@ -647,7 +669,7 @@ pub fn users_queries(
     spec: &Spec,
     prefix: &str,
     sku: &str,
-    fields: &HashMap<String, String>,
+    fields: &impl Fields,
     now_ms: i64,
     pipe: &mut redis::Pipeline,
 ) -> UsersQueries {
@@ -664,7 +686,7 @@ pub fn users_queries(
             continue;
         }
         minutes.clear();
-        minutes.extend(fields.keys().filter_map(|f| {
+        minutes.extend(fields.pairs().filter_map(|(f, _)| {
             f.strip_prefix("w:")?
                 .strip_prefix(c.name.as_str())?
                 .strip_prefix(':')?
@@ -1211,7 +1233,7 @@ mod tests {
     }
 
     #[test]
-    fn field_maps_are_what_redis_rs_converts_a_hash_reply_into() {
+    fn flat_hashes_hold_what_redis_rs_converts_a_hash_reply_into() {
         use redis::Value;
         let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
         let replies = [
@@ -1231,12 +1253,12 @@ mod tests {
             Value::Array(vec![bulk("a"), Value::Int(7)]),
         ];
         for v in replies {
-            let ours = field_map(v.clone()).map_err(|e| e.to_string());
+            let ours = FlatHash::from_value(v.clone()).map_err(|e| e.to_string());
             let theirs = redis::from_redis_value::<HashMap<String, String>>(v.clone())
                 .map_err(|e| e.to_string());
             assert_eq!(ours.is_ok(), theirs.is_ok(), "{v:?}");
             if let (Ok(a), Ok(b)) = (ours, theirs) {
-                assert_eq!(a, b, "{v:?}");
+                assert_eq!(a, FlatHash::from(&b), "{v:?}");
             }
         }
     }

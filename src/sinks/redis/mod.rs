@@ -25,6 +25,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 mod con;
+pub mod reader;
+pub mod resp;
 pub mod thin;
 pub use con::RedisCon;
 pub use layout::{SLOTS, slot_of};

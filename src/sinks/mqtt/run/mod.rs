@@ -14,6 +14,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::sinks::redis::RedisCon;
+use crate::sinks::redis::reader::HashReader;
+use crate::sinks::redis::resp::{self, FlatHash};
 use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
@@ -144,6 +146,8 @@ pub(super) struct Task {
     /// The broker connected to or tried last.
     broker: usize,
     redis: RedisCon,
+    /// The hash reads' own connections (`None`: through `redis`; see `HashReader`).
+    reader: Option<Arc<HashReader>>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     start: Instant,
@@ -196,6 +200,7 @@ impl Task {
         cfg: PublisherConfig,
         options: Vec<MqttOptions>,
         redis: RedisCon,
+        reader: Option<Arc<HashReader>>,
         shared: Arc<Shared>,
         shutdown: CancellationToken,
     ) -> Task {
@@ -212,6 +217,7 @@ impl Task {
             options,
             broker: 0,
             redis,
+            reader,
             shared,
             shutdown,
             start: Instant::now(),
@@ -773,7 +779,13 @@ impl Task {
             prefix: self.cfg.redis_prefix.clone(),
             format: self.cfg.mqtt.format,
         };
-        let task = tokio::spawn(read_group(read_tx, self.redis.clone(), pipe, job));
+        let task = tokio::spawn(read_group(
+            read_tx,
+            self.redis.clone(),
+            self.reader.clone(),
+            pipe,
+            job,
+        ));
         Some(GroupRead {
             group,
             marks,
@@ -851,7 +863,7 @@ impl Task {
             self.settle(sku);
             return;
         }
-        let piece = payload::piece_num(fields.get("piece").map(String::as_str));
+        let piece = payload::piece_num(fields.get("piece"));
         let Some(Built { kind, msg, body }) = built else {
             // Redis says the broker has it already
             self.sched.skipped(sku);
@@ -913,8 +925,7 @@ impl Task {
             // and still go out below.
             refused.push(("state", topic.len() + body.len()));
         }
-        let (alerts, bad) =
-            payload::parse_alerts(fields.get("alerts").map(String::as_str), self.spec.scale);
+        let (alerts, bad) = payload::parse_alerts(fields.get("alerts"), self.spec.scale);
         if bad > 0 {
             warn!(malformed = bad, "skipping malformed pending alerts");
         }
@@ -1060,6 +1071,15 @@ struct GroupRead {
     task: tokio::task::JoinHandle<Result<ReadOut, redis::RedisError>>,
 }
 
+/// A reply our reader could not use, as the error redis-rs' parse would have given.
+fn resp_error(e: resp::RespError) -> redis::RedisError {
+    let kind = match e {
+        resp::RespError::Server(_) => redis::ErrorKind::UnexpectedReturnType,
+        _ => redis::ErrorKind::Parse,
+    };
+    redis::RedisError::from((kind, "Redis reply", e.to_string()))
+}
+
 /// What [`read_group`] reads and builds with.
 struct ReadJob {
     /// Replies the marks queued in front of the hashes take.
@@ -1072,7 +1092,7 @@ struct ReadJob {
 
 /// A SKU's hash as read, and its state message when Redis says one is due.
 struct Read {
-    fields: HashMap<String, String>,
+    fields: FlatHash,
     built: Option<Built>,
 }
 
@@ -1095,7 +1115,7 @@ fn build(
     format: crate::config::PayloadFormat,
     sku: &str,
     want: Want,
-    fields: &HashMap<String, String>,
+    fields: &FlatHash,
     users: &HashMap<String, i64>,
     now_ms: i64,
 ) -> Option<Built> {
@@ -1103,11 +1123,11 @@ fn build(
         return None;
     }
     let unpublished = payload::unpublished(
-        fields.get("lsn").map(String::as_str),
-        fields.get("piece").map(String::as_str),
-        fields.get("pub_lsn").map(String::as_str),
-        fields.get("pub_piece").map(String::as_str),
-        fields.get("alerts").map(String::as_str),
+        fields.get("lsn"),
+        fields.get("piece"),
+        fields.get("pub_lsn"),
+        fields.get("pub_piece"),
+        fields.get("alerts"),
     );
     if want == Want::Change && !unpublished {
         return None;
@@ -1130,6 +1150,7 @@ fn build(
 async fn read_group(
     read: tokio::sync::oneshot::Sender<()>,
     mut redis: RedisCon,
+    reader: Option<Arc<HashReader>>,
     mut pipe: redis::Pipeline,
     job: ReadJob,
 ) -> Result<ReadOut, redis::RedisError> {
@@ -1143,18 +1164,41 @@ async fn read_group(
     for (sku, _) in &skus {
         pipe.cmd("HGETALL").arg(layout::sku_key(&prefix, sku));
     }
-    let all: Result<Vec<redis::Value>, _> = pipe.query_async(&mut redis).await;
-    let _ = read.send(());
-    let mut all = all?;
-    let reads = all.split_off(marks.min(all.len()));
+    // The marks' replies, then the hashes (ours or redis-rs' parse, see `HashReader`).
+    let (all, reads): (Vec<redis::Value>, Vec<Result<FlatHash, redis::RedisError>>) = match &reader
+    {
+        Some(r) => {
+            let replies = r.round(&pipe.get_packed_pipeline(), pipe.len()).await;
+            let _ = read.send(());
+            let replies = replies?;
+            let all = (0..marks.min(replies.len()))
+                .map(|i| replies.value(i))
+                .collect::<Result<Vec<_>, _>>()?;
+            let reads = (all.len()..replies.len())
+                .map(|i| FlatHash::parse(replies.get(i)).map_err(resp_error))
+                .collect();
+            (all, reads)
+        }
+        None => {
+            let all: Result<Vec<redis::Value>, _> = pipe.query_async(&mut redis).await;
+            let _ = read.send(());
+            let mut all = all?;
+            let reads = all.split_off(marks.min(all.len()));
+            let reads = reads
+                .into_iter()
+                .map(|v| FlatHash::from_value(v).map_err(redis::RedisError::from))
+                .collect();
+            (all, reads)
+        }
+    };
     let now_ms = crate::telemetry::unix_ms();
     let mut hashes = Vec::with_capacity(skus.len());
     let mut users = redis::pipe();
     let mut queries = Vec::with_capacity(skus.len());
     // A hash that cannot be read ends the group: it and the SKUs after it are read again.
     let mut bad = None;
-    for ((sku, _), v) in skus.iter().zip(reads) {
-        match payload::field_map(v) {
+    for ((sku, _), r) in skus.iter().zip(reads) {
+        match r {
             Ok(fields) => {
                 queries.push(payload::users_queries(
                     &spec, &prefix, sku, &fields, now_ms, &mut users,
@@ -1162,7 +1206,7 @@ async fn read_group(
                 hashes.push(fields);
             }
             Err(e) => {
-                bad = Some(redis::RedisError::from(e));
+                bad = Some(e);
                 break;
             }
         }
@@ -1173,7 +1217,18 @@ async fn read_group(
     let counts: Vec<i64> = if queries.iter().all(|q| q.replies() == 0) {
         Vec::new()
     } else {
-        match users.query_async(&mut redis).await {
+        let counts = match &reader {
+            Some(r) => r
+                .round(&users.get_packed_pipeline(), users.len())
+                .await
+                .and_then(|replies| {
+                    (0..replies.len())
+                        .map(|i| resp::int_of(replies.get(i)).map_err(resp_error))
+                        .collect()
+                }),
+            None => users.query_async(&mut redis).await,
+        };
+        match counts {
             Ok(c) => c,
             Err(e) => return Ok((all, vec![Err(e)], now_ms)),
         }

@@ -1,0 +1,489 @@
+//! RESP2 replies without redis-rs' parser, for the publisher's reads (sans-IO: functions
+//! take bytes; [`reader`](super::reader) is the one module that adapts them to a socket).
+//!
+//! Why: the publisher reads a SKU's whole hash (HGETALL, about 60 reply elements for the
+//! demo's mapping) for every state message. redis-rs parses each element into a
+//! `Value` of its own (an allocation per element, through a combinator parser), and the
+//! field map made from them costs as much again: 21 µs per hash on machine R (`cargo
+//! bench --bench publish`), more than building the message. Here a reply is first
+//! delimited ([`reply_len`]), then a hash becomes one [`FlatHash`]: all its strings in one
+//! buffer, checked as UTF-8 once, and a sorted index of spans.
+
+use std::ops::Range;
+
+/// A malformed or unexpected reply. The connection it came from is not to be reused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RespError {
+    /// Bytes that are not RESP2 (or a RESP3 type this reader never asks for).
+    #[error("malformed Redis reply at byte {at}: {what}")]
+    Malformed { at: usize, what: &'static str },
+    /// An error reply (`-ERR ...`, `-WRONGTYPE ...`).
+    #[error("{0}")]
+    Server(String),
+    /// A well-formed reply of another type than the command returns.
+    #[error("unexpected Redis reply: {0}")]
+    Unexpected(&'static str),
+}
+
+/// Deepest nesting accepted (the publisher's commands reply at depth 2 at most).
+const MAX_DEPTH: usize = 8;
+
+/// Largest element count or bulk length accepted (Redis' own bulk limit is 512 MB).
+const MAX_LEN: i64 = 512 * 1024 * 1024;
+
+/// The length in bytes of the first complete reply in `buf`; `None` when `buf` holds
+/// only part of it.
+pub fn reply_len(buf: &[u8]) -> Result<Option<usize>, RespError> {
+    let mut at = 0;
+    // elements still to read at each open array level
+    let mut open: [i64; MAX_DEPTH] = [0; MAX_DEPTH];
+    let mut depth = 0;
+    loop {
+        let Some((kind, n, next)) = header(buf, at)? else {
+            return Ok(None);
+        };
+        at = next;
+        match kind {
+            b'+' | b'-' | b':' => {}
+            b'$' if n < 0 => {}
+            b'$' => {
+                let end = at + n as usize;
+                if buf.len() < end + 2 {
+                    return Ok(None);
+                }
+                if &buf[end..end + 2] != b"\r\n" {
+                    return Err(RespError::Malformed {
+                        at: end,
+                        what: "bulk string not ended by CRLF",
+                    });
+                }
+                at = end + 2;
+            }
+            b'*' if n > 0 => {
+                if depth == MAX_DEPTH {
+                    return Err(RespError::Malformed {
+                        at,
+                        what: "arrays nested too deep",
+                    });
+                }
+                open[depth] = n;
+                depth += 1;
+                continue;
+            }
+            b'*' => {}
+            _ => {
+                return Err(RespError::Malformed {
+                    at: at.saturating_sub(1),
+                    what: "unknown reply type",
+                });
+            }
+        }
+        // one element done: close the arrays it completes
+        loop {
+            if depth == 0 {
+                return Ok(Some(at));
+            }
+            open[depth - 1] -= 1;
+            if open[depth - 1] > 0 {
+                break;
+            }
+            depth -= 1;
+        }
+    }
+}
+
+/// The reply line at `at`: its type byte, its number (the count or length for `*`, `$`
+/// and `:`; 0 for `+` and `-`), and where the next line starts. `None`: incomplete.
+fn header(buf: &[u8], at: usize) -> Result<Option<(u8, i64, usize)>, RespError> {
+    let Some(&kind) = buf.get(at) else {
+        return Ok(None);
+    };
+    let Some(nl) = memchr_crlf(&buf[at..]) else {
+        return Ok(None);
+    };
+    let line = &buf[at + 1..at + nl];
+    let next = at + nl + 2;
+    let n = match kind {
+        b'+' | b'-' => 0,
+        b':' | b'$' | b'*' => {
+            let n = parse_int(line).ok_or(RespError::Malformed {
+                at,
+                what: "bad number in a reply header",
+            })?;
+            if kind != b':' && !(-1..=MAX_LEN).contains(&n) {
+                return Err(RespError::Malformed {
+                    at,
+                    what: "length out of range",
+                });
+            }
+            n
+        }
+        _ => {
+            return Err(RespError::Malformed {
+                at,
+                what: "unknown reply type",
+            });
+        }
+    };
+    Ok(Some((kind, n, next)))
+}
+
+/// Where `\r\n` starts in `b`.
+fn memchr_crlf(b: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = b[from..].iter().position(|&c| c == b'\r') {
+        let i = from + i;
+        match b.get(i + 1) {
+            Some(b'\n') => return Some(i),
+            Some(_) => from = i + 1,
+            None => return None,
+        }
+    }
+    None
+}
+
+fn parse_int(s: &[u8]) -> Option<i64> {
+    let (neg, digits) = match s.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, s),
+    };
+    if digits.is_empty() || digits.len() > 18 {
+        return None;
+    }
+    let mut n: i64 = 0;
+    for &c in digits {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        n = n * 10 + (c - b'0') as i64;
+    }
+    Some(if neg { -n } else { n })
+}
+
+/// The error text of an error reply (`None`: not an error reply). `reply` is one whole
+/// reply as [`reply_len`] delimits it.
+pub fn error_of(reply: &[u8]) -> Option<String> {
+    let rest = reply.strip_prefix(b"-")?;
+    let end = rest.len().saturating_sub(2);
+    Some(String::from_utf8_lossy(&rest[..end]).into_owned())
+}
+
+/// An integer reply (`:n`); an error reply is [`RespError::Server`].
+pub fn int_of(reply: &[u8]) -> Result<i64, RespError> {
+    if let Some(e) = error_of(reply) {
+        return Err(RespError::Server(e));
+    }
+    match header(reply, 0)? {
+        Some((b':', n, _)) => Ok(n),
+        _ => Err(RespError::Unexpected("not an integer")),
+    }
+}
+
+/// A Redis hash as HGETALL returned it: every field name and value in one string, and
+/// per field the spans of its name and value, sorted by name (field names are unique).
+/// Two are equal when they hold the same fields, whatever the order they came in.
+#[derive(Debug, Clone, Default)]
+pub struct FlatHash {
+    text: String,
+    /// (name, value) byte ranges into `text`, by name.
+    spans: Vec<(Range<u32>, Range<u32>)>,
+}
+
+impl FlatHash {
+    /// Parse one HGETALL reply (`reply`, as [`reply_len`] delimits it): an array of
+    /// alternating names and values. An error reply is [`RespError::Server`]; a name or
+    /// value that is not UTF-8 is malformed (skusync writes only UTF-8).
+    pub fn parse(reply: &[u8]) -> Result<FlatHash, RespError> {
+        if let Some(e) = error_of(reply) {
+            return Err(RespError::Server(e));
+        }
+        let Some((b'*', n, mut at)) = header(reply, 0)? else {
+            return Err(RespError::Unexpected(
+                "an HGETALL reply that is not an array",
+            ));
+        };
+        if n < 0 || n % 2 != 0 {
+            return Err(RespError::Unexpected("an HGETALL reply with an odd count"));
+        }
+        // The strings' bytes are at most the reply's length: one allocation.
+        let mut bytes = Vec::with_capacity(reply.len());
+        let mut spans = Vec::with_capacity(n as usize / 2);
+        let mut name = 0..0;
+        for i in 0..n {
+            let Some((b'$', len, start)) = header(reply, at)? else {
+                return Err(RespError::Unexpected(
+                    "an HGETALL element that is not a string",
+                ));
+            };
+            if len < 0 || start + len as usize + 2 > reply.len() {
+                return Err(RespError::Malformed {
+                    at,
+                    what: "bulk string past the reply's end",
+                });
+            }
+            let from = bytes.len() as u32;
+            bytes.extend_from_slice(&reply[start..start + len as usize]);
+            let span = from..bytes.len() as u32;
+            if i % 2 == 0 {
+                name = span;
+            } else {
+                spans.push((name.clone(), span));
+            }
+            at = start + len as usize + 2;
+        }
+        let text = String::from_utf8(bytes).map_err(|e| RespError::Malformed {
+            at: e.utf8_error().valid_up_to(),
+            what: "a hash field that is not UTF-8",
+        })?;
+        // a span boundary inside a multi-byte character would make a slice panic: each
+        // span must start and end on a character boundary of the whole text
+        let on_boundary = |r: &Range<u32>| {
+            text.is_char_boundary(r.start as usize) && text.is_char_boundary(r.end as usize)
+        };
+        if !spans.iter().all(|(k, v)| on_boundary(k) && on_boundary(v)) {
+            return Err(RespError::Malformed {
+                at: 0,
+                what: "a hash field that is not UTF-8",
+            });
+        }
+        Ok(FlatHash::sorted(text, spans))
+    }
+
+    /// From (name, value) pairs (redis-rs' replies, tests). A repeated name keeps its
+    /// last value, as a map would.
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> FlatHash {
+        let mut text = String::new();
+        let mut spans = Vec::new();
+        for (k, v) in pairs {
+            let a = text.len() as u32;
+            text.push_str(k);
+            let b = text.len() as u32;
+            text.push_str(v);
+            spans.push((a..b, b..text.len() as u32));
+        }
+        FlatHash::sorted(text, spans)
+    }
+
+    fn sorted(text: String, mut spans: Vec<(Range<u32>, Range<u32>)>) -> FlatHash {
+        let s = |r: &Range<u32>| &text.as_bytes()[r.start as usize..r.end as usize];
+        // stable: for a repeated name the last pair ends up last, and `get` takes it
+        spans.sort_by(|a, b| s(&a.0).cmp(s(&b.0)));
+        spans.dedup_by(|later, earlier| {
+            let same = s(&later.0) == s(&earlier.0);
+            if same {
+                std::mem::swap(later, earlier);
+            }
+            same
+        });
+        FlatHash { text, spans }
+    }
+
+    fn str(&self, r: &Range<u32>) -> &str {
+        &self.text[r.start as usize..r.end as usize]
+    }
+
+    /// The value of field `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.spans
+            .binary_search_by(|(k, _)| self.str(k).cmp(name))
+            .ok()
+            .map(|i| self.str(&self.spans[i].1))
+    }
+
+    /// Every (name, value), by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.spans.iter().map(|(k, v)| (self.str(k), self.str(v)))
+    }
+
+    /// The number of fields.
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    /// Whether the hash has no field (HGETALL of a missing key).
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// From a reply redis-rs parsed (an array of names and values in RESP2, a map in
+    /// RESP3): for connections the publisher does not read itself.
+    pub fn from_value(v: redis::Value) -> Result<FlatHash, redis::ParsingError> {
+        use redis::Value;
+        let text =
+            |v: &Value| -> Result<String, redis::ParsingError> { redis::from_redis_value_ref(v) };
+        match v {
+            Value::Array(items) if items.len() % 2 == 0 => {
+                let mut pairs = Vec::with_capacity(items.len() / 2);
+                for kv in items.chunks(2) {
+                    pairs.push((text(&kv[0])?, text(&kv[1])?));
+                }
+                Ok(FlatHash::from_pairs(
+                    pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                ))
+            }
+            Value::Map(items) => {
+                let mut pairs = Vec::with_capacity(items.len());
+                for (k, v) in &items {
+                    pairs.push((text(k)?, text(v)?));
+                }
+                Ok(FlatHash::from_pairs(
+                    pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                ))
+            }
+            other => {
+                let m: std::collections::HashMap<String, String> = redis::from_redis_value(other)?;
+                Ok(FlatHash::from_pairs(
+                    m.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                ))
+            }
+        }
+    }
+}
+
+impl PartialEq for FlatHash {
+    fn eq(&self, other: &FlatHash) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for FlatHash {}
+
+/// A hash from a map (tests, the HTTP API's reads).
+impl From<&std::collections::HashMap<String, String>> for FlatHash {
+    fn from(m: &std::collections::HashMap<String, String>) -> FlatHash {
+        FlatHash::from_pairs(m.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    fn hgetall(pairs: &[(&str, &str)]) -> Vec<u8> {
+        let mut out = format!("*{}\r\n", pairs.len() * 2).into_bytes();
+        for (k, v) in pairs {
+            for s in [k, v] {
+                out.extend_from_slice(format!("${}\r\n{s}\r\n", s.len()).as_bytes());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_reply_is_delimited_whole_or_not_at_all() {
+        let r = b"*2\r\n*2\r\n:1\r\n$3\r\nab\n\r\n+OK\r\n-ERR x\r\n".to_vec();
+        // the first reply: an array holding an array (an int, a bulk with a newline) and OK
+        assert_eq!(reply_len(&r).unwrap(), Some(r.len() - 8));
+        for cut in 0..r.len() - 8 {
+            assert_eq!(reply_len(&r[..cut]).unwrap(), None, "cut at {cut}");
+        }
+        assert_eq!(reply_len(b"$-1\r\n").unwrap(), Some(5));
+        assert_eq!(reply_len(b"*0\r\n:5\r\n").unwrap(), Some(4));
+        assert_eq!(reply_len(b"*-1\r\n").unwrap(), Some(5));
+        assert_eq!(reply_len(b"-ERR x\r\n").unwrap(), Some(8));
+    }
+
+    #[test]
+    fn malformed_replies_are_errors_not_panics() {
+        for bad in [
+            &b"?x\r\n"[..],
+            b"$abc\r\n",
+            b"$3\r\nabcd\r\n",
+            b"*99999999999999999999\r\n",
+            b"$-2\r\n",
+            b"*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n:1\r\n",
+        ] {
+            assert!(
+                reply_len(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn a_hash_reads_back_field_by_field() {
+        let h = FlatHash::parse(&hgetall(&[
+            ("on_hand", "12"),
+            ("loc:WH/1:on_hand", "7"),
+            ("ü", ""),
+            ("b:views:29", "3"),
+        ]))
+        .unwrap();
+        assert_eq!(h.len(), 4);
+        assert_eq!(h.get("on_hand"), Some("12"));
+        assert_eq!(h.get("loc:WH/1:on_hand"), Some("7"));
+        assert_eq!(h.get("ü"), Some(""));
+        assert_eq!(h.get("reserved"), None);
+        assert!(FlatHash::parse(b"*0\r\n").unwrap().is_empty());
+    }
+
+    #[test]
+    fn error_and_odd_replies_are_refused_by_the_hash_parser() {
+        assert_eq!(
+            FlatHash::parse(b"-WRONGTYPE Operation against a key\r\n"),
+            Err(RespError::Server(
+                "WRONGTYPE Operation against a key".into()
+            ))
+        );
+        assert!(FlatHash::parse(b"*1\r\n$1\r\na\r\n").is_err());
+        assert!(FlatHash::parse(b":3\r\n").is_err());
+        assert!(FlatHash::parse(b"*2\r\n$1\r\na\r\n:1\r\n").is_err());
+        // a name that is not UTF-8, and one whose bytes would split a character
+        assert!(FlatHash::parse(b"*2\r\n$1\r\n\xff\r\n$0\r\n\r\n").is_err());
+        assert!(
+            FlatHash::parse(b"*4\r\n$1\r\n\xc3\r\n$1\r\n\xbc\r\n$0\r\n\r\n$0\r\n\r\n").is_err()
+        );
+    }
+
+    #[test]
+    fn integers_and_errors_read_back() {
+        assert_eq!(int_of(b":-42\r\n"), Ok(-42));
+        assert_eq!(
+            int_of(b"-ERR no\r\n"),
+            Err(RespError::Server("ERR no".into()))
+        );
+        assert!(int_of(b"+OK\r\n").is_err());
+        assert_eq!(error_of(b"+OK\r\n"), None);
+    }
+
+    proptest! {
+        /// The flat hash holds what redis-rs' parser and map conversion make of the same
+        /// bytes, and the delimiter finds the reply's end in any stream of them.
+        #[test]
+        fn a_flat_hash_equals_redis_rs_map(
+            m in proptest::collection::hash_map("[a-z:/{}ü%_0-9]{0,12}", "[-0-9.a-zé\r\n]{0,10}", 0..40),
+            tail in proptest::collection::vec(any::<u8>(), 0..8),
+        ) {
+            let pairs: Vec<(&str, &str)> = m.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let bytes = hgetall(&pairs);
+            let mut stream = bytes.clone();
+            stream.extend_from_slice(&tail);
+            prop_assert_eq!(reply_len(&stream).unwrap(), Some(bytes.len()));
+            let ours = FlatHash::parse(&bytes).unwrap();
+            let theirs: HashMap<String, String> =
+                redis::from_redis_value(redis::parse_redis_value(&bytes).unwrap()).unwrap();
+            let ours_map: HashMap<String, String> =
+                ours.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            prop_assert_eq!(&ours_map, &theirs);
+            for (k, v) in &theirs {
+                prop_assert_eq!(ours.get(k), Some(v.as_str()));
+            }
+            prop_assert_eq!(FlatHash::from(&theirs), ours.clone());
+            prop_assert_eq!(
+                FlatHash::from_value(redis::parse_redis_value(&bytes).unwrap()).unwrap(),
+                ours
+            );
+        }
+
+        /// Arbitrary bytes never panic the delimiter or the hash parser.
+        #[test]
+        fn arbitrary_bytes_do_not_panic(b in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = reply_len(&b);
+            let _ = FlatHash::parse(&b);
+            let _ = int_of(&b);
+        }
+    }
+}
