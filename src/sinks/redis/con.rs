@@ -229,6 +229,47 @@ impl RedisCon {
     }
 }
 
+/// For the publisher's reader (`reader.rs`), which sends a cluster pipeline's commands to
+/// their primaries itself.
+impl RedisCon {
+    /// Per command of `pipeline`, the primary serving its key's slot in the cached slot
+    /// map (`None`: a keyless command, or a slot the map does not place); `None` for a
+    /// standalone connection.
+    pub(crate) async fn primaries_of(
+        &self,
+        pipeline: &Pipeline,
+    ) -> Option<Vec<Option<(String, u16)>>> {
+        let RedisCon::Cluster(cl) = self else {
+            return None;
+        };
+        let map = cl.slot_map().await.ok();
+        Some(
+            pipeline
+                .cmd_iter()
+                .map(|cmd| {
+                    let slot = slot_of(key_of(cmd)?);
+                    map.as_ref()?[slot as usize].clone()
+                })
+                .collect(),
+        )
+    }
+
+    /// Drop the cached slot map (a node redirected a command, or went away).
+    pub(crate) fn forget_slot_map(&self) {
+        if let RedisCon::Cluster(cl) = self {
+            cl.forget_slot_map();
+        }
+    }
+}
+
+/// Whether an error reply's text redirects the command (it did not run): MOVED, ASK,
+/// TRYAGAIN, CLUSTERDOWN.
+pub(crate) fn redirect_text(e: &str) -> bool {
+    ["MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN"]
+        .iter()
+        .any(|p| e.starts_with(p))
+}
+
 impl ConnectionLike for RedisCon {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {

@@ -274,14 +274,11 @@ pub enum RedisClient {
     Cluster(redis::cluster::ClusterClient, std::sync::Arc<str>),
 }
 
-/// Build a Redis client from the configured URLs (`rediss://` uses rustls; `ca_file`
-/// replaces the system roots; `SKUSYNC_REDIS_PASSWORD` fills a missing password). With
-/// `cluster`, the URLs are seed nodes of a Redis Cluster.
-pub fn client(
+/// The configured URLs as redis-rs reads them, `SKUSYNC_REDIS_PASSWORD` filling a
+/// missing password.
+pub(crate) fn connection_infos(
     urls: &[String],
-    cluster: bool,
-    ca_file: Option<&std::path::Path>,
-) -> Result<RedisClient, RedisSinkError> {
+) -> Result<Vec<redis::ConnectionInfo>, RedisSinkError> {
     let bad = |e: redis::RedisError| RedisSinkError::Definite(format!("redis.url: {e}"));
     let mut infos = Vec::new();
     for url in urls {
@@ -294,6 +291,19 @@ pub fn client(
         }
         infos.push(info);
     }
+    Ok(infos)
+}
+
+/// Build a Redis client from the configured URLs (`rediss://` uses rustls; `ca_file`
+/// replaces the system roots; `SKUSYNC_REDIS_PASSWORD` fills a missing password). With
+/// `cluster`, the URLs are seed nodes of a Redis Cluster.
+pub fn client(
+    urls: &[String],
+    cluster: bool,
+    ca_file: Option<&std::path::Path>,
+) -> Result<RedisClient, RedisSinkError> {
+    let bad = |e: redis::RedisError| RedisSinkError::Definite(format!("redis.url: {e}"));
+    let infos = connection_infos(urls)?;
     let tls = urls.first().is_some_and(|u| u.starts_with("rediss://"));
     let root = match (tls, ca_file) {
         (true, Some(ca)) => Some(std::fs::read(ca).map_err(|e| {

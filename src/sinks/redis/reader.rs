@@ -2,22 +2,27 @@
 //! the replies come back delimited by [`resp`](super::resp) instead of parsed by
 //! redis-rs (see that module for why). The one module that adapts `resp` to sockets.
 //!
-//! For a standalone Redis over TCP, a Unix socket or TLS (verified against
-//! `redis.ca_file` or the system's roots). Not for a Redis Cluster (its reads follow the
-//! slot map, which only redis-rs' connection knows) nor for `rediss://...#insecure`:
-//! there [`HashReader::new`] says `None` and the publisher reads through redis-rs.
+//! For a standalone Redis and for a Redis Cluster, over TCP, a Unix socket or TLS
+//! (verified against `redis.ca_file` or the system's roots). On a cluster a round is
+//! split per primary by the slot map of the publisher's redis-rs connection; a command
+//! a node redirects (MOVED, ASK, TRYAGAIN, CLUSTERDOWN: it did not run) or whose node
+//! cannot be reached goes again through that connection, which follows redirections.
+//! `rediss://...#insecure` is left to redis-rs ([`HashReader::new`] says `None`).
 //!
-//! Connections are pooled (one per read in flight), opened on demand with the URL's
-//! user, password and database, and dropped after any error: the caller's round fails
-//! like a redis-rs round that failed, and is read again after a pause.
+//! Connections are pooled per node (one per read in flight, a few kept idle), opened on
+//! demand with the URL's user, password and database, and dropped after any error: the
+//! round fails like a redis-rs round that failed, and is read again after a pause.
 
-use super::RedisClient;
-use super::resp::{self, RespError};
+use super::RedisCon;
+use super::resp::{self, FlatHash, RespError};
+use redis::Pipeline;
+use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// Idle connections kept for the next round.
+/// Idle connections kept per node for the next round.
 const POOL: usize = 4;
 
 /// Connecting (TCP, TLS, AUTH, SELECT) must finish within this, as redis-rs' must.
@@ -29,26 +34,21 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Reads at least this much room per socket read.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// Where and how to connect.
-struct Target {
-    addr: Addr,
-    tls: Option<(
-        Arc<rustls::ClientConfig>,
-        rustls::pki_types::ServerName<'static>,
-    )>,
-    /// AUTH and SELECT, packed, with the number of replies they take.
-    hello: Option<(Vec<u8>, usize)>,
-}
-
+/// A node's address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Addr {
     Tcp(String, u16),
     Unix(std::path::PathBuf),
 }
 
-/// The publisher's reader of a standalone Redis.
+/// The publisher's reader of a standalone Redis or a Redis Cluster.
 pub struct HashReader {
-    target: Target,
-    idle: Mutex<Vec<Conn>>,
+    /// The standalone server (`None` on a cluster: the nodes come from the slot map).
+    single: Option<Addr>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// AUTH and SELECT, packed, with the number of replies they take.
+    hello: Option<(Vec<u8>, usize)>,
+    idle: Mutex<HashMap<Addr, Vec<Conn>>>,
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -59,46 +59,89 @@ struct Conn {
     buf: Vec<u8>,
 }
 
-/// One round's replies, in order.
+/// One round's replies, in the order of its commands.
 pub struct Replies {
-    buf: Vec<u8>,
-    ends: Vec<usize>,
+    bufs: Vec<Vec<u8>>,
+    items: Vec<Item>,
+}
+
+enum Item {
+    /// A reply as bytes: `bufs[.0][.1]`.
+    Raw(usize, Range<usize>),
+    /// A reply redis-rs parsed (a command sent again through its connection).
+    Parsed(redis::Value),
+    /// Sent again and failed.
+    Failed(redis::RedisError),
 }
 
 impl Replies {
-    /// Reply `i` as bytes (one whole RESP reply).
-    pub fn get(&self, i: usize) -> &[u8] {
-        let start = if i == 0 { 0 } else { self.ends[i - 1] };
-        &self.buf[start..self.ends[i]]
-    }
-
     /// The number of replies.
     pub fn len(&self) -> usize {
-        self.ends.len()
+        self.items.len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
+        self.items.is_empty()
     }
 
-    /// Reply `i` as redis-rs would have returned it (for the few replies whose handling
-    /// is shared with redis-rs' connections).
-    /// An error reply is `Value::ServerError`, as in a pipeline that ignores errors.
+    /// Reply `i` as bytes (one whole RESP reply), when it came through this reader.
+    pub fn raw(&self, i: usize) -> Option<&[u8]> {
+        match &self.items[i] {
+            Item::Raw(b, r) => Some(&self.bufs[*b][r.clone()]),
+            _ => None,
+        }
+    }
+
+    /// Reply `i` as redis-rs returns it in a pipeline that ignores errors (an error reply
+    /// is `Value::ServerError`), for the replies whose handling is shared with redis-rs'
+    /// connections.
     pub fn value(&self, i: usize) -> redis::RedisResult<redis::Value> {
-        redis::parse_redis_value(self.get(i))
+        match &self.items[i] {
+            Item::Raw(..) => redis::parse_redis_value(self.raw(i).unwrap_or_default()),
+            Item::Parsed(v) => Ok(v.clone()),
+            Item::Failed(e) => Err(e.clone()),
+        }
+    }
+
+    /// Reply `i`, an HGETALL's, as a flat hash.
+    pub fn hash(&self, i: usize) -> redis::RedisResult<FlatHash> {
+        match &self.items[i] {
+            Item::Raw(..) => FlatHash::parse(self.raw(i).unwrap_or_default()).map_err(resp_error),
+            Item::Parsed(v) => FlatHash::from_value(v.clone()).map_err(Into::into),
+            Item::Failed(e) => Err(e.clone()),
+        }
+    }
+
+    /// Reply `i`, an integer.
+    pub fn int(&self, i: usize) -> redis::RedisResult<i64> {
+        match &self.items[i] {
+            Item::Raw(..) => resp::int_of(self.raw(i).unwrap_or_default()).map_err(resp_error),
+            Item::Parsed(v) => redis::from_redis_value_ref(v).map_err(Into::into),
+            Item::Failed(e) => Err(e.clone()),
+        }
     }
 }
 
+/// A reply this reader could not use, as the error redis-rs' parse would have given.
+fn resp_error(e: RespError) -> redis::RedisError {
+    let kind = match e {
+        RespError::Server(_) => redis::ErrorKind::UnexpectedReturnType,
+        _ => redis::ErrorKind::Parse,
+    };
+    redis::RedisError::from((kind, "Redis reply", e.to_string()))
+}
+
 impl HashReader {
-    /// A reader for `client` (`ca_file`: `redis.ca_file`), or `None` where redis-rs'
-    /// connection must be used (a cluster, TLS without verification, a root store that
-    /// cannot be loaded).
-    pub fn new(client: &RedisClient, ca_file: Option<&std::path::Path>) -> Option<HashReader> {
-        let RedisClient::Single(c) = client else {
-            return None;
-        };
-        let info = c.get_connection_info();
+    /// A reader for the configured Redis (`info`: the first URL's settings; `cluster`:
+    /// `redis.cluster`; `ca_file`: `redis.ca_file`), or `None` where redis-rs'
+    /// connection must be used (TLS without verification, a root store that cannot be
+    /// loaded, an address redis-rs alone knows how to reach).
+    pub fn new(
+        info: &redis::ConnectionInfo,
+        cluster: bool,
+        ca_file: Option<&std::path::Path>,
+    ) -> Option<HashReader> {
         let (addr, tls) = match info.addr() {
             redis::ConnectionAddr::Tcp(h, p) => (Addr::Tcp(h.clone(), *p), None),
             redis::ConnectionAddr::Unix(p) => (Addr::Unix(p.clone()), None),
@@ -118,69 +161,173 @@ impl HashReader {
                     .ok()?
                     .with_root_certificates(roots)
                     .with_no_client_auth();
-                let name = rustls::pki_types::ServerName::try_from(host.clone()).ok()?;
-                (Addr::Tcp(host.clone(), *port), Some((Arc::new(cfg), name)))
+                (Addr::Tcp(host.clone(), *port), Some(Arc::new(cfg)))
             }
             _ => return None,
         };
         let s = info.redis_settings();
         let mut hello = redis::pipe();
-        let mut n = 0;
         if let Some(pw) = s.password() {
             let auth = hello.cmd("AUTH");
             if let Some(user) = s.username() {
                 auth.arg(user);
             }
             auth.arg(pw);
-            n += 1;
         }
-        if s.db() != 0 {
+        // a cluster has database 0 only
+        if s.db() != 0 && !cluster {
             hello.cmd("SELECT").arg(s.db());
-            n += 1;
         }
         Some(HashReader {
-            target: Target {
-                addr,
-                tls,
-                hello: (n > 0).then(|| (hello.get_packed_pipeline(), n)),
-            },
-            idle: Mutex::new(Vec::new()),
+            single: (!cluster).then_some(addr),
+            tls,
+            hello: (!hello.is_empty()).then(|| (hello.get_packed_pipeline(), hello.len())),
+            idle: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Send `packed` (commands packed by redis-rs) and read `replies` replies. An error
-    /// reply is a reply (see [`resp::error_of`]); a connection or protocol error fails
-    /// the round.
-    pub async fn round(&self, packed: &[u8], replies: usize) -> Result<Replies, redis::RedisError> {
-        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+    /// Run `pipe`'s commands and return their replies (an error reply is a reply). `con`
+    /// is the publisher's redis-rs connection: on a cluster its slot map places the
+    /// commands, and it takes those a node redirected. A connection or protocol error
+    /// fails the round.
+    pub async fn round(&self, con: &RedisCon, pipe: &Pipeline) -> redis::RedisResult<Replies> {
+        let Some(addr) = &self.single else {
+            return self.cluster_round(con, pipe).await;
+        };
+        let (buf, ends) = self
+            .node_round(addr, &pipe.get_packed_pipeline(), pipe.len())
+            .await?;
+        let mut start = 0;
+        let items = ends
+            .into_iter()
+            .map(|end| Item::Raw(0, std::mem::replace(&mut start, end)..end))
+            .collect();
+        Ok(Replies {
+            bufs: vec![buf],
+            items,
+        })
+    }
+
+    async fn cluster_round(&self, con: &RedisCon, pipe: &Pipeline) -> redis::RedisResult<Replies> {
+        let placed = con.primaries_of(pipe).await.unwrap_or_default();
+        let cmds: Vec<&redis::Cmd> = pipe.cmd_iter().collect();
+        // per node, its commands' indices (in the pipeline's order)
+        let mut groups: Vec<(Addr, Vec<usize>)> = Vec::new();
+        let mut again: Vec<usize> = Vec::new();
+        for i in 0..cmds.len() {
+            match placed.get(i).cloned().flatten() {
+                Some((h, p)) => {
+                    let a = Addr::Tcp(h, p);
+                    match groups.iter_mut().find(|(g, _)| *g == a) {
+                        Some((_, idx)) => idx.push(i),
+                        None => groups.push((a, vec![i])),
+                    }
+                }
+                None => again.push(i),
+            }
+        }
+        let sent = futures::future::join_all(groups.iter().map(|(addr, idx)| {
+            let mut packed = Vec::new();
+            for &i in idx {
+                packed.extend_from_slice(&cmds[i].get_packed_command());
+            }
+            async move { self.node_round(addr, &packed, idx.len()).await }
+        }))
+        .await;
+        let mut items: Vec<Option<Item>> = (0..cmds.len()).map(|_| None).collect();
+        let mut bufs = Vec::new();
+        for ((_, idx), r) in groups.iter().zip(sent) {
+            let Ok((buf, ends)) = r else {
+                // the node went away (a failover): the slot map is stale
+                again.extend(idx.iter().copied());
+                continue;
+            };
+            let b = bufs.len();
+            let mut start = 0;
+            for (&i, end) in idx.iter().zip(ends) {
+                let range = std::mem::replace(&mut start, end)..end;
+                match resp::error_of(&buf[range.clone()]) {
+                    Some(e) if super::con::redirect_text(&e) => again.push(i),
+                    _ => items[i] = Some(Item::Raw(b, range)),
+                }
+            }
+            bufs.push(buf);
+        }
+        if !again.is_empty() {
+            // one at a time in the pipeline's order, through redis-rs' routing
+            con.forget_slot_map();
+            again.sort_unstable();
+            let mut c = con.clone();
+            for i in again {
+                items[i] = Some(
+                    match redis::aio::ConnectionLike::req_packed_command(&mut c, cmds[i]).await {
+                        Ok(v) => Item::Parsed(v),
+                        Err(e) if e.kind() == redis::ErrorKind::Io || e.is_timeout() => {
+                            return Err(e);
+                        }
+                        Err(e) => Item::Failed(e),
+                    },
+                );
+            }
+        }
+        Ok(Replies {
+            bufs,
+            items: items
+                .into_iter()
+                .map(|i| i.unwrap_or_else(|| Item::Parsed(redis::Value::Nil)))
+                .collect(),
+        })
+    }
+
+    /// One node's part of a round: its replies' bytes and where each ends.
+    async fn node_round(
+        &self,
+        addr: &Addr,
+        packed: &[u8],
+        replies: usize,
+    ) -> redis::RedisResult<(Vec<u8>, Vec<usize>)> {
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(addr)
+            .and_then(Vec::pop);
         let mut conn = match idle {
             Some(c) => c,
-            None => tokio::time::timeout(CONNECT_TIMEOUT, self.connect())
+            None => tokio::time::timeout(CONNECT_TIMEOUT, self.connect(addr))
                 .await
-                .map_err(|_| io_error("connecting to Redis timed out".into()))??,
+                .map_err(|_| io_error("connecting to Redis timed out"))??,
         };
         let out = tokio::time::timeout(RESPONSE_TIMEOUT, conn.round(packed, replies))
             .await
-            .map_err(|_| io_error("Redis did not answer within 30 s".into()))??;
+            .map_err(|_| io_error("Redis did not answer within 30 s"))??;
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < POOL {
-            idle.push(conn);
+        let pool = idle.entry(addr.clone()).or_default();
+        if pool.len() < POOL {
+            pool.push(conn);
         }
         Ok(out)
     }
 
-    async fn connect(&self) -> Result<Conn, redis::RedisError> {
-        let io: Box<dyn Io> = match (&self.target.addr, &self.target.tls) {
+    async fn connect(&self, addr: &Addr) -> redis::RedisResult<Conn> {
+        let io: Box<dyn Io> = match (addr, &self.tls) {
             (Addr::Tcp(h, p), None) => {
                 let s = tokio::net::TcpStream::connect((h.as_str(), *p)).await?;
                 s.set_nodelay(true)?;
                 Box::new(s)
             }
-            (Addr::Tcp(h, p), Some((cfg, name))) => {
+            (Addr::Tcp(h, p), Some(cfg)) => {
+                let name = rustls::pki_types::ServerName::try_from(h.clone()).map_err(|e| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::InvalidClientConfig,
+                        "Redis TLS server name",
+                        e.to_string(),
+                    ))
+                })?;
                 let s = tokio::net::TcpStream::connect((h.as_str(), *p)).await?;
                 s.set_nodelay(true)?;
                 let tls = tokio_rustls::TlsConnector::from(cfg.clone());
-                Box::new(tls.connect(name.clone(), s).await?)
+                Box::new(tls.connect(name, s).await?)
             }
             (Addr::Unix(p), _) => Box::new(tokio::net::UnixStream::connect(p).await?),
         };
@@ -188,10 +335,11 @@ impl HashReader {
             io,
             buf: Vec::new(),
         };
-        if let Some((packed, n)) = &self.target.hello {
-            let r = conn.round(packed, *n).await?;
-            for i in 0..r.len() {
-                if let Some(e) = resp::error_of(r.get(i)) {
+        if let Some((packed, n)) = &self.hello {
+            let (buf, ends) = conn.round(packed, *n).await?;
+            let mut start = 0;
+            for end in ends {
+                if let Some(e) = resp::error_of(&buf[std::mem::replace(&mut start, end)..end]) {
                     let kind = if e.starts_with("WRONGPASS") || e.starts_with("NOAUTH") {
                         redis::ErrorKind::AuthenticationFailed
                     } else {
@@ -206,7 +354,12 @@ impl HashReader {
 }
 
 impl Conn {
-    async fn round(&mut self, packed: &[u8], replies: usize) -> Result<Replies, redis::RedisError> {
+    /// Send `packed` and read `replies` replies: their bytes and where each ends.
+    async fn round(
+        &mut self,
+        packed: &[u8],
+        replies: usize,
+    ) -> redis::RedisResult<(Vec<u8>, Vec<usize>)> {
         self.io.write_all(packed).await?;
         self.io.flush().await?;
         let mut ends = Vec::with_capacity(replies);
@@ -221,7 +374,7 @@ impl Conn {
                 self.buf.reserve(READ_CHUNK);
             }
             if self.io.read_buf(&mut self.buf).await? == 0 {
-                return Err(io_error("Redis closed the connection".into()));
+                return Err(io_error("Redis closed the connection"));
             }
         }
         if pos != self.buf.len() {
@@ -231,15 +384,12 @@ impl Conn {
                 what: "more replies than commands",
             }));
         }
-        Ok(Replies {
-            buf: std::mem::take(&mut self.buf),
-            ends,
-        })
+        Ok((std::mem::take(&mut self.buf), ends))
     }
 }
 
-fn io_error(what: String) -> redis::RedisError {
-    redis::RedisError::from(std::io::Error::other(what))
+fn io_error(what: &str) -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::other(what.to_string()))
 }
 
 fn protocol(e: RespError) -> redis::RedisError {
@@ -247,14 +397,14 @@ fn protocol(e: RespError) -> redis::RedisError {
 }
 
 /// The publisher's reader for the configured Redis (see [`HashReader::new`]); `None`
-/// also when the settings do not make a client (the pipeline reports those).
+/// also when the settings do not parse (the pipeline reports those).
 pub fn for_config(
     urls: &[String],
     cluster: bool,
     ca_file: Option<&std::path::Path>,
 ) -> Option<Arc<HashReader>> {
-    let client = super::client(urls, cluster, ca_file).ok()?;
-    HashReader::new(&client, ca_file).map(Arc::new)
+    let infos = super::connection_infos(urls).ok()?;
+    HashReader::new(infos.first()?, cluster, ca_file).map(Arc::new)
 }
 
 #[cfg(test)]
@@ -262,15 +412,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_error_reply_reads_as_a_server_error_as_in_a_pipeline_that_ignores_errors() {
+    fn replies_read_as_redis_rs_reads_them_in_a_pipeline_that_ignores_errors() {
         let r = Replies {
-            buf: b":1\r\n-ERR boom\r\n*0\r\n".to_vec(),
-            ends: vec![4, 15, 19],
+            bufs: vec![b":1\r\n-ERR boom\r\n*2\r\n$1\r\na\r\n$1\r\n1\r\n".to_vec()],
+            items: vec![
+                Item::Raw(0, 0..4),
+                Item::Raw(0, 4..15),
+                Item::Raw(0, 15..35),
+                Item::Parsed(redis::Value::Int(7)),
+            ],
         };
-        assert_eq!(r.len(), 3);
-        assert_eq!(r.get(1), b"-ERR boom\r\n");
+        assert_eq!(r.len(), 4);
+        assert_eq!(r.raw(1), Some(&b"-ERR boom\r\n"[..]));
         assert!(matches!(r.value(0), Ok(redis::Value::Int(1))));
         assert!(matches!(r.value(1), Ok(redis::Value::ServerError(_))));
-        assert!(matches!(r.value(2), Ok(redis::Value::Array(a)) if a.is_empty()));
+        assert_eq!(r.int(0).unwrap(), 1);
+        assert!(r.int(1).is_err());
+        assert_eq!(r.hash(2).unwrap().get("a"), Some("1"));
+        assert!(r.hash(1).is_err());
+        assert_eq!(r.int(3).unwrap(), 7);
+        assert_eq!(r.raw(3), None);
     }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::sinks::redis::RedisCon;
 use crate::sinks::redis::reader::HashReader;
-use crate::sinks::redis::resp::{self, FlatHash};
+use crate::sinks::redis::resp::FlatHash;
 use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
@@ -1071,15 +1071,6 @@ struct GroupRead {
     task: tokio::task::JoinHandle<Result<ReadOut, redis::RedisError>>,
 }
 
-/// A reply our reader could not use, as the error redis-rs' parse would have given.
-fn resp_error(e: resp::RespError) -> redis::RedisError {
-    let kind = match e {
-        resp::RespError::Server(_) => redis::ErrorKind::UnexpectedReturnType,
-        _ => redis::ErrorKind::Parse,
-    };
-    redis::RedisError::from((kind, "Redis reply", e.to_string()))
-}
-
 /// What [`read_group`] reads and builds with.
 struct ReadJob {
     /// Replies the marks queued in front of the hashes take.
@@ -1168,14 +1159,14 @@ async fn read_group(
     let (all, reads): (Vec<redis::Value>, Vec<Result<FlatHash, redis::RedisError>>) = match &reader
     {
         Some(r) => {
-            let replies = r.round(&pipe.get_packed_pipeline(), pipe.len()).await;
+            let replies = r.round(&redis, &pipe).await;
             let _ = read.send(());
             let replies = replies?;
             let all = (0..marks.min(replies.len()))
                 .map(|i| replies.value(i))
                 .collect::<Result<Vec<_>, _>>()?;
             let reads = (all.len()..replies.len())
-                .map(|i| FlatHash::parse(replies.get(i)).map_err(resp_error))
+                .map(|i| replies.hash(i))
                 .collect();
             (all, reads)
         }
@@ -1219,13 +1210,9 @@ async fn read_group(
     } else {
         let counts = match &reader {
             Some(r) => r
-                .round(&users.get_packed_pipeline(), users.len())
+                .round(&redis, &users)
                 .await
-                .and_then(|replies| {
-                    (0..replies.len())
-                        .map(|i| resp::int_of(replies.get(i)).map_err(resp_error))
-                        .collect()
-                }),
+                .and_then(|replies| (0..replies.len()).map(|i| replies.int(i)).collect()),
             None => users.query_async(&mut redis).await,
         };
         match counts {
