@@ -207,7 +207,9 @@ impl FlatHash {
         }
         // The strings' bytes are at most the reply's length: one allocation.
         let mut bytes = Vec::with_capacity(reply.len());
-        let mut spans = Vec::with_capacity(n as usize / 2);
+        // a pair takes at least 12 bytes (`$0\r\n\r\n` twice): a count the reply cannot
+        // hold allocates nothing for it
+        let mut spans = Vec::with_capacity((n as usize / 2).min(reply.len() / 12));
         let mut name = 0..0;
         for i in 0..n {
             let Some((b'$', len, start)) = header(reply, at)? else {
@@ -430,6 +432,8 @@ mod tests {
         );
         assert!(FlatHash::parse(b"*1\r\n$1\r\na\r\n").is_err());
         assert!(FlatHash::parse(b":3\r\n").is_err());
+        // a count far beyond the bytes: refused without allocating for it
+        assert!(FlatHash::parse(b"*536870912\r\n$1\r\na\r\n").is_err());
         assert!(FlatHash::parse(b"*2\r\n$1\r\na\r\n:1\r\n").is_err());
         // a name that is not UTF-8, and one whose bytes would split a character
         assert!(FlatHash::parse(b"*2\r\n$1\r\n\xff\r\n$0\r\n\r\n").is_err());
