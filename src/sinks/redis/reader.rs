@@ -31,6 +31,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A round's replies must all arrive within this (redis-rs' response timeout here).
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// An idle connection older than this is dropped rather than used (a server's or a
+/// NAT's idle timeout may have closed it without a word).
+const IDLE_MAX: Duration = Duration::from_secs(30);
+
 /// Reads at least this much room per socket read.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -48,7 +52,8 @@ pub struct HashReader {
     tls: Option<Arc<rustls::ClientConfig>>,
     /// AUTH and SELECT, packed, with the number of replies they take.
     hello: Option<(Vec<u8>, usize)>,
-    idle: Mutex<HashMap<Addr, Vec<Conn>>>,
+    /// Per node, idle connections and since when, the most recent last.
+    idle: Mutex<HashMap<Addr, Vec<(Conn, std::time::Instant)>>>,
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -237,10 +242,14 @@ impl HashReader {
         let mut items: Vec<Option<Item>> = (0..cmds.len()).map(|_| None).collect();
         let mut bufs = Vec::new();
         for ((_, idx), r) in groups.iter().zip(sent) {
-            let Ok((buf, ends)) = r else {
-                // the node went away (a failover): the slot map is stale
-                again.extend(idx.iter().copied());
-                continue;
+            let (buf, ends) = match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // the node went away (a failover): the slot map is stale
+                    node_failed(&e);
+                    again.extend(idx.iter().copied());
+                    continue;
+                }
             };
             let b = bufs.len();
             let mut start = 0;
@@ -279,34 +288,81 @@ impl HashReader {
         })
     }
 
-    /// One node's part of a round: its replies' bytes and where each ends.
+    /// One node's part of a round: its replies' bytes and where each ends. A pooled
+    /// connection the server closed while it sat idle (a restart, Redis' `timeout`, a
+    /// NAT that forgot it) fails with an I/O error: its pool goes with it, and the round
+    /// runs once more on a fresh connection (reads, and marks that only move forward,
+    /// are safe to run twice).
     async fn node_round(
         &self,
         addr: &Addr,
         packed: &[u8],
         replies: usize,
     ) -> redis::RedisResult<(Vec<u8>, Vec<usize>)> {
-        let idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(addr)
-            .and_then(Vec::pop);
-        let mut conn = match idle {
+        let pooled = self.take_idle(addr);
+        let reused = pooled.is_some();
+        let mut conn = match pooled {
             Some(c) => c,
-            None => tokio::time::timeout(CONNECT_TIMEOUT, self.connect(addr))
-                .await
-                .map_err(|_| io_error("connecting to Redis timed out"))??,
+            None => self.open(addr).await?,
         };
-        let out = tokio::time::timeout(RESPONSE_TIMEOUT, conn.round(packed, replies))
+        let out = match timed_round(&mut conn, packed, replies).await {
+            Ok(out) => out,
+            Err(e) if reused && e.kind() == redis::ErrorKind::Io && !e.is_timeout() => {
+                self.forget(addr);
+                conn = self.open(addr).await?;
+                timed_round(&mut conn, packed, replies)
+                    .await
+                    .inspect_err(|_| self.forget(addr))?
+            }
+            Err(e) => {
+                self.forget(addr);
+                return Err(e);
+            }
+        };
+        self.give_back(addr, conn);
+        Ok(out)
+    }
+
+    async fn open(&self, addr: &Addr) -> redis::RedisResult<Conn> {
+        tokio::time::timeout(CONNECT_TIMEOUT, self.connect(addr))
             .await
-            .map_err(|_| io_error("Redis did not answer within 30 s"))??;
+            .map_err(|_| io_error("connecting to Redis timed out"))?
+    }
+
+    /// The most recently used idle connection to `addr`, unless it idled too long (then
+    /// every idle one to it is older still, and all are dropped).
+    fn take_idle(&self, addr: &Addr) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let pool = idle.get_mut(addr)?;
+        match pool.pop() {
+            Some((c, since)) if since.elapsed() < IDLE_MAX => Some(c),
+            _ => {
+                idle.remove(addr);
+                None
+            }
+        }
+    }
+
+    /// Keep `conn` for the next round; drop every pool that idled too long (a cluster's
+    /// nodes come and go with failovers).
+    fn give_back(&self, addr: &Addr, conn: Conn) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|_, pool| {
+            pool.last()
+                .is_some_and(|(_, since)| since.elapsed() < IDLE_MAX)
+        });
         let pool = idle.entry(addr.clone()).or_default();
         if pool.len() < POOL {
-            pool.push(conn);
+            pool.push((conn, std::time::Instant::now()));
         }
-        Ok(out)
+    }
+
+    /// Drop the idle connections to `addr` (one failed: the others likely did too).
+    fn forget(&self, addr: &Addr) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(addr);
     }
 
     async fn connect(&self, addr: &Addr) -> redis::RedisResult<Conn> {
@@ -353,6 +409,17 @@ impl HashReader {
     }
 }
 
+/// `conn.round`, failing after [`RESPONSE_TIMEOUT`].
+async fn timed_round(
+    conn: &mut Conn,
+    packed: &[u8],
+    replies: usize,
+) -> redis::RedisResult<(Vec<u8>, Vec<usize>)> {
+    tokio::time::timeout(RESPONSE_TIMEOUT, conn.round(packed, replies))
+        .await
+        .map_err(|_| io_error("Redis did not answer within 30 s"))?
+}
+
 impl Conn {
     /// Send `packed` and read `replies` replies: their bytes and where each ends.
     async fn round(
@@ -388,6 +455,27 @@ impl Conn {
     }
 }
 
+/// A cluster node this reader could not read: its commands went through redis-rs
+/// instead (slower, not wrong). Said at most every 10 s, so that a node that keeps
+/// failing (its TLS name, its password) does not go unnoticed nor flood the log.
+fn node_failed(e: &redis::RedisError) {
+    static LAST_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+    let now = crate::telemetry::unix_ms();
+    let last = LAST_MS.load(std::sync::atomic::Ordering::Relaxed);
+    if now - last >= 10_000
+        && LAST_MS
+            .compare_exchange(
+                last,
+                now,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+    {
+        tracing::warn!(error = %e, "the publisher could not read a Redis Cluster node on its own connection; its reads went through redis-rs");
+    }
+}
+
 fn io_error(what: &str) -> redis::RedisError {
     redis::RedisError::from(std::io::Error::other(what.to_string()))
 }
@@ -418,7 +506,7 @@ mod tests {
             items: vec![
                 Item::Raw(0, 0..4),
                 Item::Raw(0, 4..15),
-                Item::Raw(0, 15..35),
+                Item::Raw(0, 15..33),
                 Item::Parsed(redis::Value::Int(7)),
             ],
         };

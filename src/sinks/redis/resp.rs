@@ -98,11 +98,18 @@ fn header(buf: &[u8], at: usize) -> Result<Option<(u8, i64, usize)>, RespError> 
     let Some(&kind) = buf.get(at) else {
         return Ok(None);
     };
-    let Some(nl) = memchr_crlf(&buf[at..]) else {
+    if !matches!(kind, b'+' | b'-' | b':' | b'$' | b'*') {
+        return Err(RespError::Malformed {
+            at,
+            what: "unknown reply type",
+        });
+    }
+    // the line after the type byte
+    let Some(nl) = memchr_crlf(&buf[at + 1..]) else {
         return Ok(None);
     };
-    let line = &buf[at + 1..at + nl];
-    let next = at + nl + 2;
+    let line = &buf[at + 1..at + 1 + nl];
+    let next = at + 1 + nl + 2;
     let n = match kind {
         b'+' | b'-' => 0,
         b':' | b'$' | b'*' => {
@@ -147,17 +154,18 @@ fn parse_int(s: &[u8]) -> Option<i64> {
         Some((b'-', rest)) => (true, rest),
         _ => (false, s),
     };
-    if digits.is_empty() || digits.len() > 18 {
+    if digits.is_empty() || digits.len() > 19 {
         return None;
     }
-    let mut n: i64 = 0;
+    // 19 digits fit an i128; the range check is i64's
+    let mut n: i128 = 0;
     for &c in digits {
         if !c.is_ascii_digit() {
             return None;
         }
-        n = n * 10 + (c - b'0') as i64;
+        n = n * 10 + i128::from(c - b'0');
     }
-    Some(if neg { -n } else { n })
+    i64::try_from(if neg { -n } else { n }).ok()
 }
 
 /// The error text of an error reply (`None`: not an error reply). `reply` is one whole
@@ -232,6 +240,12 @@ impl FlatHash {
                 spans.push((name.clone(), span));
             }
             at = start + len as usize + 2;
+        }
+        if u32::try_from(bytes.len()).is_err() {
+            return Err(RespError::Malformed {
+                at: 0,
+                what: "a hash of 4 GiB or more",
+            });
         }
         let text = String::from_utf8(bytes).map_err(|e| RespError::Malformed {
             at: e.utf8_error().valid_up_to(),
@@ -390,7 +404,10 @@ mod tests {
     #[test]
     fn malformed_replies_are_errors_not_panics() {
         for bad in [
-            &b"?x\r\n"[..],
+            &b"\r\n"[..],
+            b"*1\r\n\r\n",
+            b"*2\r\n$1\r\na\r\n\r\n",
+            b"?x\r\n",
             b"$abc\r\n",
             b"$3\r\nabcd\r\n",
             b"*99999999999999999999\r\n",
@@ -445,6 +462,9 @@ mod tests {
     #[test]
     fn integers_and_errors_read_back() {
         assert_eq!(int_of(b":-42\r\n"), Ok(-42));
+        assert_eq!(int_of(b":9223372036854775807\r\n"), Ok(i64::MAX));
+        assert_eq!(int_of(b":-9223372036854775808\r\n"), Ok(i64::MIN));
+        assert!(int_of(b":9223372036854775808\r\n").is_err());
         assert_eq!(
             int_of(b"-ERR no\r\n"),
             Err(RespError::Server("ERR no".into()))
@@ -480,6 +500,21 @@ mod tests {
                 FlatHash::from_value(redis::parse_redis_value(&bytes).unwrap()).unwrap(),
                 ours
             );
+        }
+
+        /// Sequences of RESP's own tokens (what random bytes rarely make: a CRLF where a
+        /// type byte belongs, counts without elements) never panic either.
+        #[test]
+        fn token_soup_does_not_panic(tokens in proptest::collection::vec(
+            proptest::sample::select(vec![
+                "\r\n", "*1", "*2", "*0", "*-1", "$1", "$0", "$-1", ":", "+", "-", "a", "0", "-1", "\r", "\n",
+            ]),
+            0..24,
+        )) {
+            let b = tokens.concat().into_bytes();
+            let _ = reply_len(&b);
+            let _ = FlatHash::parse(&b);
+            let _ = int_of(&b);
         }
 
         /// Arbitrary bytes never panic the delimiter or the hash parser.
