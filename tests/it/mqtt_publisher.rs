@@ -272,6 +272,16 @@ fn json_of(p: &[u8]) -> Value {
     serde_json::from_slice(p).expect("JSON payload")
 }
 
+/// The first state the subscriber got on `topic`, within 10 s.
+async fn first_state(sub: &Sub, topic: &str) -> Value {
+    let got = until("state delivered", Duration::from_secs(10), || {
+        let v = sub.on(topic);
+        async move { v.first().cloned() }
+    })
+    .await;
+    json_of(&got)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_subscriber_gets_exactly_the_current_state() {
     let r = RedisServer::start();
@@ -766,12 +776,7 @@ async fn tls_with_password_auth_delivers_state_to_a_subscriber() {
     cfg.ca_file = Some(ca.ca_cert().to_path_buf());
     let p = Running::start(publisher_config(cfg), &r).await;
     wait_published(&mut con, "T", 3).await;
-    let got = until("state delivered", Duration::from_secs(10), || {
-        let v = sub.on("p/sku/T");
-        async move { v.first().cloned() }
-    })
-    .await;
-    assert_eq!(json_of(&got)["on_hand"], 2);
+    assert_eq!(first_state(&sub, "p/sku/T").await["on_hand"], 2);
     p.stop().await;
 }
 
@@ -810,12 +815,7 @@ async fn a_tls_redis_with_a_password_is_read_and_published_from() {
         shutdown,
     };
     wait_published(&mut con, "T1", 3).await;
-    let got = until("state delivered", Duration::from_secs(10), || {
-        let v = sub.on("p/sku/T1");
-        async move { v.first().cloned() }
-    })
-    .await;
-    assert_eq!(json_of(&got)["on_hand"], 7);
+    assert_eq!(first_state(&sub, "p/sku/T1").await["on_hand"], 7);
     p.stop().await;
 }
 
