@@ -262,14 +262,6 @@ impl RedisCon {
     }
 }
 
-/// Whether an error reply's text redirects the command (it did not run): MOVED, ASK,
-/// TRYAGAIN, CLUSTERDOWN.
-pub(crate) fn redirect_text(e: &str) -> bool {
-    ["MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN"]
-        .iter()
-        .any(|p| e.starts_with(p))
-}
-
 impl ConnectionLike for RedisCon {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
@@ -469,7 +461,7 @@ fn key_of(cmd: &Cmd) -> Option<&[u8]> {
 }
 
 /// A reply that redirects the command to another node (it did not run).
-fn redirected(v: &Value) -> bool {
+pub(crate) fn redirected(v: &Value) -> bool {
     use redis::ServerErrorKind as K;
     matches!(v, Value::ServerError(e)
         if matches!(e.kind(), Some(K::Moved | K::Ask | K::TryAgain | K::ClusterDown)))

@@ -255,9 +255,14 @@ impl HashReader {
             let mut start = 0;
             for (&i, end) in idx.iter().zip(ends) {
                 let range = std::mem::replace(&mut start, end)..end;
-                match resp::error_of(&buf[range.clone()]) {
-                    Some(e) if super::con::redirect_text(&e) => again.push(i),
-                    _ => items[i] = Some(Item::Raw(b, range)),
+                // an error reply is read the way the split pipeline reads its own
+                let moved = buf[range.start] == b'-'
+                    && redis::parse_redis_value(&buf[range.clone()])
+                        .is_ok_and(|v| super::con::redirected(&v));
+                if moved {
+                    again.push(i);
+                } else {
+                    items[i] = Some(Item::Raw(b, range));
                 }
             }
             bufs.push(buf);
