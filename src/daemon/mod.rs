@@ -680,7 +680,7 @@ impl Daemon {
         // walsender through TCP instead.
         let (tx, rx) = mpsc::channel(8);
         let src = spawn_source(source, tx, src_token.clone());
-        let applier = Applier::new(con, self.settings.clone());
+        let applier = Applier::new(con, self.settings.clone()).with_reader(self.thin_reader());
         let result = self.pipeline(rx, applier, progress.clone()).await;
         // The pipeline is gone with whatever it had not applied: the source must not wait
         // (10 s) for those tickets before it stops. Confirms only what is durable.
@@ -708,6 +708,13 @@ impl Daemon {
             (Ok(Cycle::Shutdown), Err(e)) => Err(e.into()),
             (Ok(Cycle::Shutdown), Ok(())) => Ok(Cycle::Shutdown),
         }
+    }
+
+    /// Connections of thin apply's reads (see `Applier::with_reader`); `None`: they go
+    /// on the apply connection.
+    fn thin_reader(&self) -> Option<std::sync::Arc<crate::sinks::redis::reader::HashReader>> {
+        let rc = self.cfg.redis.as_ref()?;
+        crate::sinks::redis::reader::for_config(rc.url.all(), rc.cluster, rc.ca_file.as_deref())
     }
 
     async fn start_mqtt(&mut self, con: crate::sinks::redis::RedisCon) -> Result<(), DaemonError> {

@@ -513,7 +513,19 @@ async fn sku_state(con: &mut rsink::RedisCon, prefix: &str, sku: &str) -> String
 async fn thin_apply_leaves_exactly_what_the_script_leaves() {
     let redis = RedisServer::start();
     let client = rsink::client(&[redis.url()], false, None).unwrap();
-    thin_and_script_leave_the_same(rsink::connect(&client).await.unwrap(), 200).await;
+    // thin apply's reads on their own connections, as the daemon sends them
+    let reader = rsink::reader::for_config(&[redis.url()], false, None);
+    assert!(reader.is_some());
+    thin_and_script_leave_the_same(rsink::connect(&client).await.unwrap(), 200, reader).await;
+}
+
+/// The same with thin apply's reads on the apply connection, parsed by redis-rs (TLS
+/// without verification, `rediss://...#insecure`, reads that way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thin_apply_read_through_redis_rs_leaves_exactly_what_the_script_leaves() {
+    let redis = RedisServer::start();
+    let client = rsink::client(&[redis.url()], false, None).unwrap();
+    thin_and_script_leave_the_same(rsink::connect(&client).await.unwrap(), 60, None).await;
 }
 
 /// The same on a Redis Cluster, where thin apply makes one `thin.lua` call per slot
@@ -522,12 +534,19 @@ async fn thin_apply_leaves_exactly_what_the_script_leaves() {
 async fn thin_apply_on_a_cluster_leaves_exactly_what_the_script_leaves() {
     let cluster = crate::harness::RedisCluster::start(3, 0);
     let client = rsink::client(&[cluster.seed_url()], true, None).unwrap();
-    thin_and_script_leave_the_same(rsink::connect(&client).await.unwrap(), 60).await;
+    let reader = rsink::reader::for_config(&[cluster.seed_url()], true, None);
+    assert!(reader.is_some());
+    thin_and_script_leave_the_same(rsink::connect(&client).await.unwrap(), 60, reader).await;
 }
 
-/// `rounds` random batches applied thin under one prefix and by the script alone under
-/// another; compared after every round.
-async fn thin_and_script_leave_the_same(con: rsink::RedisCon, rounds: usize) {
+/// `rounds` random batches applied thin under one prefix (its reads on `reader`'s
+/// connections, or on `con`) and by the script alone under another; compared after
+/// every round.
+async fn thin_and_script_leave_the_same(
+    con: rsink::RedisCon,
+    rounds: usize,
+    reader: Option<Arc<rsink::reader::HashReader>>,
+) {
     let mut mcon = con.clone();
     let seed: u64 = std::env::var("SKUSYNC_TEST_SEED")
         .ok()
@@ -576,7 +595,9 @@ async fn thin_and_script_leave_the_same(con: rsink::RedisCon, rounds: usize) {
                 })
             })
         };
-        let mut thin = Applier::new(con.clone(), settings(&tp)).with_thin_race(race);
+        let mut thin = Applier::new(con.clone(), settings(&tp))
+            .with_thin_race(race)
+            .with_reader(reader.clone());
         let mut script = Applier::new(con.clone(), settings(&sp)).script_only();
         for p in [&tp, &sp] {
             rsink::write_meta(&mut mcon, p, 0, &[("bootstrap", "done".into())])

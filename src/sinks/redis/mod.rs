@@ -487,6 +487,15 @@ pub struct Applier {
     /// Tests only: runs between thin apply's read and its write (see
     /// [`Applier::with_thin_race`]).
     race: Option<ThinRace>,
+    /// Thin apply's HMGETs go out on these connections and are read without redis-rs'
+    /// parser (`None`: on `con`; see [`reader`]).
+    reader: Option<std::sync::Arc<reader::HashReader>>,
+}
+
+/// Thin apply's HMGET replies: read by [`reader`], or parsed by redis-rs.
+enum ThinReads {
+    Ours(reader::Replies),
+    Parsed(Vec<redis::Value>),
 }
 
 /// A test's writer racing thin apply: called with the SKU keys thin apply read and is
@@ -529,7 +538,16 @@ impl Applier {
             use_thin: true,
             settings,
             race: None,
+            reader: None,
         }
+    }
+
+    /// Send thin apply's reads on `reader`'s connections (see [`reader`]). They read what
+    /// every call awaited before them wrote, as on `con`: Redis runs a command only after
+    /// those it answered before.
+    pub fn with_reader(mut self, reader: Option<std::sync::Arc<reader::HashReader>>) -> Applier {
+        self.reader = reader;
+        self
     }
 
     /// For tests: `race` runs between every thin read and its write, so a test can change
@@ -619,8 +637,12 @@ impl Applier {
                     c.arg(x.as_ref());
                 }
             }
-            let values: Vec<redis::Value> = match pipe.query_async(&mut self.con).await {
-                Ok(v) => v,
+            let read = match &self.reader {
+                Some(r) => r.round(&self.con, &pipe).await.map(ThinReads::Ours),
+                None => pipe.query_async(&mut self.con).await.map(ThinReads::Parsed),
+            };
+            let read = match read {
+                Ok(r) => r,
                 Err(e) => {
                     let e = RedisSinkError::from_redis(e);
                     if e.is_transient() {
@@ -628,13 +650,19 @@ impl Applier {
                     }
                     // Refused (a key of another type, say): the script's call hits the
                     // same refusal and names it (`wrongtype`).
-                    Vec::new()
+                    ThinReads::Parsed(Vec::new())
                 }
             };
             let mut v: Vec<Option<&str>> = Vec::new();
-            for ((i, f), reply) in reads.iter().zip(&values) {
+            for (k, (i, f)) in reads.iter().enumerate() {
                 // a reply that is not text is the script's to judge
-                if !hmget_reply(reply, &mut v) {
+                let text = match &read {
+                    ThinReads::Ours(r) => k < r.len() && r.strings(k, &mut v),
+                    ThinReads::Parsed(values) => {
+                        values.get(k).is_some_and(|x| hmget_reply(x, &mut v))
+                    }
+                };
+                if !text {
                     continue;
                 }
                 if let Some(w) = thin::plan(&entries[*i], f, &v, &self.settings, quiet) {

@@ -1,6 +1,7 @@
-//! The publisher's read connections: commands packed by redis-rs go out as bytes, and
-//! the replies come back delimited by [`resp`](super::resp) instead of parsed by
-//! redis-rs (see that module for why). The one module that adapts `resp` to sockets.
+//! Read connections for the publisher (its marks, hashes and distinct-user counts) and
+//! for thin apply (its HMGETs): commands packed by redis-rs go out as bytes, and the
+//! replies come back delimited by [`resp`](super::resp) instead of parsed by redis-rs
+//! (see that module for why). The one module that adapts `resp` to sockets.
 //!
 //! For a standalone Redis and for a Redis Cluster, over TCP, a Unix socket or TLS
 //! (verified against `redis.ca_file` or the system's roots). On a cluster a round is
@@ -115,6 +116,19 @@ impl Replies {
             Item::Raw(..) => FlatHash::parse(self.raw(i).unwrap_or_default()).map_err(resp_error),
             Item::Parsed(v) => FlatHash::from_value(v.clone()).map_err(Into::into),
             Item::Failed(e) => Err(e.clone()),
+        }
+    }
+
+    /// Reply `i`, an HMGET's, into `out` (borrowed, not copied), or `false` for anything
+    /// but an array of UTF-8 strings and nils (an error reply too): thin apply's reads.
+    pub fn strings<'a>(&'a self, i: usize, out: &mut Vec<Option<&'a str>>) -> bool {
+        match &self.items[i] {
+            Item::Raw(..) => resp::strings_of(self.raw(i).unwrap_or_default(), out).is_ok(),
+            Item::Parsed(v) => super::hmget_reply(v, out),
+            Item::Failed(_) => {
+                out.clear();
+                false
+            }
         }
     }
 

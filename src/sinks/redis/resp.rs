@@ -187,6 +187,57 @@ pub fn int_of(reply: &[u8]) -> Result<i64, RespError> {
     }
 }
 
+/// An HMGET reply's values, borrowed from `reply` (one whole reply as [`reply_len`]
+/// delimits it), into `out`: a string per field asked for, `None` where the hash has no
+/// such field or there is no hash. Thin apply reads every SKU of a batch this way, so
+/// nothing is copied. An error reply is [`RespError::Server`]; a value that is not UTF-8
+/// is malformed (skusync writes only UTF-8); on any error `out` is left empty.
+pub fn strings_of<'a>(reply: &'a [u8], out: &mut Vec<Option<&'a str>>) -> Result<(), RespError> {
+    out.clear();
+    let r = strings_into(reply, out);
+    if r.is_err() {
+        out.clear();
+    }
+    r
+}
+
+fn strings_into<'a>(reply: &'a [u8], out: &mut Vec<Option<&'a str>>) -> Result<(), RespError> {
+    if let Some(e) = error_of(reply) {
+        return Err(RespError::Server(e));
+    }
+    let Some((b'*', n, mut at)) = header(reply, 0)? else {
+        return Err(RespError::Unexpected("an HMGET reply that is not an array"));
+    };
+    // a nil takes 5 bytes at least: a count the reply cannot hold reserves nothing more
+    out.reserve((n.max(0) as usize).min(reply.len() / 5));
+    for _ in 0..n {
+        let Some((b'$', len, start)) = header(reply, at)? else {
+            return Err(RespError::Unexpected(
+                "an HMGET element that is not a string",
+            ));
+        };
+        if len < 0 {
+            out.push(None);
+            at = start;
+            continue;
+        }
+        let end = start + len as usize;
+        if end + 2 > reply.len() {
+            return Err(RespError::Malformed {
+                at,
+                what: "bulk string past the reply's end",
+            });
+        }
+        let s = std::str::from_utf8(&reply[start..end]).map_err(|_| RespError::Malformed {
+            at: start,
+            what: "a hash value that is not UTF-8",
+        })?;
+        out.push(Some(s));
+        at = end + 2;
+    }
+    Ok(())
+}
+
 /// A Redis hash as HGETALL returned it: every field name and value in one string, and
 /// per field the spans of its name and value, sorted by name (field names are unique).
 /// Two are equal when they hold the same fields, whatever the order they came in.
@@ -473,6 +524,31 @@ mod tests {
         assert_eq!(error_of(b"+OK\r\n"), None);
     }
 
+    #[test]
+    fn hmget_values_read_back_borrowed_or_refused() {
+        let mut out = Vec::new();
+        strings_of(b"*3\r\n$2\r\n12\r\n$-1\r\n$2\r\n\xc3\xbc\r\n", &mut out).unwrap();
+        assert_eq!(out, vec![Some("12"), None, Some("ü")]);
+        strings_of(b"*0\r\n", &mut out).unwrap();
+        assert!(out.is_empty());
+        for bad in [
+            &b"-WRONGTYPE Operation against a key\r\n"[..],
+            b":1\r\n",
+            b"*2\r\n$1\r\na\r\n:1\r\n",
+            b"*1\r\n$1\r\n\xff\r\n",
+            b"*1\r\n$5\r\nab\r\n",
+            b"*536870912\r\n$1\r\na\r\n",
+        ] {
+            out.push(Some("stale"));
+            assert!(
+                strings_of(bad, &mut out).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+            assert!(out.is_empty());
+        }
+    }
+
     proptest! {
         /// The flat hash holds what redis-rs' parser and map conversion make of the same
         /// bytes, and the delimiter finds the reply's end in any stream of them.
@@ -502,6 +578,27 @@ mod tests {
             );
         }
 
+        /// HMGET values are what redis-rs makes of the same bytes.
+        #[test]
+        fn hmget_values_equal_redis_rs(
+            vals in proptest::collection::vec(proptest::option::of("[-0-9.a-zé:{}\r\n]{0,10}"), 0..40),
+        ) {
+            let mut bytes = format!("*{}\r\n", vals.len()).into_bytes();
+            for v in &vals {
+                match v {
+                    Some(s) => bytes.extend_from_slice(format!("${}\r\n{s}\r\n", s.len()).as_bytes()),
+                    None => bytes.extend_from_slice(b"$-1\r\n"),
+                }
+            }
+            prop_assert_eq!(reply_len(&bytes).unwrap(), Some(bytes.len()));
+            let mut ours = Vec::new();
+            strings_of(&bytes, &mut ours).unwrap();
+            let theirs: Vec<Option<String>> =
+                redis::from_redis_value(redis::parse_redis_value(&bytes).unwrap()).unwrap();
+            let ours: Vec<Option<String>> = ours.iter().map(|v| v.map(str::to_string)).collect();
+            prop_assert_eq!(ours, theirs);
+        }
+
         /// Sequences of RESP's own tokens (what random bytes rarely make: a CRLF where a
         /// type byte belongs, counts without elements) never panic either.
         #[test]
@@ -515,6 +612,7 @@ mod tests {
             let _ = reply_len(&b);
             let _ = FlatHash::parse(&b);
             let _ = int_of(&b);
+            let _ = strings_of(&b, &mut Vec::new());
         }
 
         /// Arbitrary bytes never panic the delimiter or the hash parser.
@@ -523,6 +621,7 @@ mod tests {
             let _ = reply_len(&b);
             let _ = FlatHash::parse(&b);
             let _ = int_of(&b);
+            let _ = strings_of(&b, &mut Vec::new());
         }
     }
 }
