@@ -534,9 +534,19 @@ async fn thin_apply_read_through_redis_rs_leaves_exactly_what_the_script_leaves(
 async fn thin_apply_on_a_cluster_leaves_exactly_what_the_script_leaves() {
     let cluster = crate::harness::RedisCluster::start(3, 0);
     let client = rsink::client(&[cluster.seed_url()], true, None).unwrap();
+    // reads and slot calls on the reader's connections, as the daemon sends them
     let reader = rsink::reader::for_config(&[cluster.seed_url()], true, None);
     assert!(reader.is_some());
     thin_and_script_leave_the_same(rsink::connect(&client).await.unwrap(), 60, reader).await;
+}
+
+/// The same with every cluster call split per primary by redis-rs' connection (TLS
+/// without verification, `rediss://...#insecure`, goes that way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thin_apply_on_a_cluster_through_redis_rs_leaves_exactly_what_the_script_leaves() {
+    let cluster = crate::harness::RedisCluster::start(3, 0);
+    let client = rsink::client(&[cluster.seed_url()], true, None).unwrap();
+    thin_and_script_leave_the_same(rsink::connect(&client).await.unwrap(), 30, None).await;
 }
 
 /// `rounds` random batches applied thin under one prefix (its reads on `reader`'s

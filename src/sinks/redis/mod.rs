@@ -859,16 +859,14 @@ impl Applier {
             pipe.add_command(slot_call(slot, &group, mark));
             calls.push((slot, mark, group));
         }
-        let replies: Vec<redis::Value> = if calls.is_empty() {
+        let replies = if calls.is_empty() {
             Vec::new()
         } else {
-            pipe.query_async(&mut con)
-                .await
-                .map_err(RedisSinkError::from_redis)?
+            self.slot_calls(&pipe).await?
         };
         let mut failed = None;
-        for ((slot, mark, group), v) in calls.into_iter().zip(replies) {
-            let r = match v.extract_error() {
+        for ((slot, mark, group), r) in calls.into_iter().zip(replies) {
+            let r = match r {
                 // a primary that never ran the script (new, or promoted): load it, again
                 Err(e)
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
@@ -955,13 +953,10 @@ impl Applier {
             calls.push((slot, mark, whole, ps));
         }
         let mut con = self.con.clone();
-        let replies: Vec<redis::Value> = pipe
-            .query_async(&mut con)
-            .await
-            .map_err(RedisSinkError::from_redis)?;
+        let replies = self.slot_calls(&pipe).await?;
         let mut failed = None;
-        for ((slot, mark, whole, ps), v) in calls.into_iter().zip(replies) {
-            let r = match v.extract_error() {
+        for ((slot, mark, whole, ps), r) in calls.into_iter().zip(replies) {
+            let r = match r {
                 // a primary that never ran the script (new, or promoted): load it, again
                 Err(e)
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
@@ -1019,6 +1014,32 @@ impl Applier {
             return Err(self.slot_failed(slot, RedisSinkError::from_redis(e)).await);
         }
         Ok(done)
+    }
+
+    /// A pipeline of per-slot calls on a cluster, each reply or the error it was, in
+    /// order: on the reader's connections when there is one (each primary's calls in one
+    /// round trip, replies read without redis-rs' cluster connection; a redirected call
+    /// goes again through it, see [`reader`]), else split per primary on `con`. A call
+    /// the reader sends twice (its pooled connection had been closed) is fenced like any
+    /// replay.
+    async fn slot_calls(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<Vec<redis::RedisResult<redis::Value>>, RedisSinkError> {
+        if let Some(r) = &self.reader {
+            let replies = r
+                .round(&self.con, pipe)
+                .await
+                .map_err(RedisSinkError::from_redis)?;
+            return Ok((0..replies.len())
+                .map(|i| replies.value(i).and_then(|v| v.extract_error()))
+                .collect());
+        }
+        let values: Vec<redis::Value> = pipe
+            .query_async(&mut self.con.clone())
+            .await
+            .map_err(RedisSinkError::from_redis)?;
+        Ok(values.into_iter().map(|v| v.extract_error()).collect())
     }
 
     /// A cluster call's error. A slot whose meta copy is below what this writer recorded

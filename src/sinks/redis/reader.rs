@@ -1,7 +1,8 @@
-//! Read connections for the publisher (its marks, hashes and distinct-user counts) and
-//! for thin apply (its HMGETs): commands packed by redis-rs go out as bytes, and the
-//! replies come back delimited by [`resp`](super::resp) instead of parsed by redis-rs
-//! (see that module for why). The one module that adapts `resp` to sockets.
+//! Connections of our own for the publisher's reads (its marks, hashes and distinct-user
+//! counts), thin apply's reads (its HMGETs) and, on a Redis Cluster, the apply calls per
+//! slot: commands packed by redis-rs go out as bytes, and the replies come back delimited
+//! by [`resp`](super::resp) instead of parsed by redis-rs (see that module for why). The
+//! one module that adapts `resp` to sockets.
 //!
 //! For a standalone Redis and for a Redis Cluster, over TCP, a Unix socket or TLS
 //! (verified against `redis.ca_file` or the system's roots). On a cluster a round is
@@ -491,7 +492,7 @@ fn node_failed(e: &redis::RedisError) {
             )
             .is_ok()
     {
-        tracing::warn!(error = %e, "the publisher could not read a Redis Cluster node on its own connection; its reads went through redis-rs");
+        tracing::warn!(error = %e, "a Redis Cluster node could not be reached on skusync's own connections; its commands went through redis-rs");
     }
 }
 
