@@ -1,6 +1,8 @@
 //! CPU of the publisher's work per state that involves no I/O, part by part: the
 //! HGETALL reply parsed by skusync's reader (and, for comparison, by redis-rs into its
-//! values and a map), the state message built and encoded. `cargo bench --bench publish`.
+//! values and a map), the state message built and encoded. Then thin apply's reads: a
+//! batch's HMGET replies read by skusync's reader and by redis-rs.
+//! `cargo bench --bench publish`.
 
 use std::collections::HashMap;
 
@@ -88,6 +90,74 @@ fn bench(c: &mut Criterion) {
             })
         },
     );
+    g.finish();
+    thin_reads(c);
+}
+
+/// One apply call's thin reads: 500 HMGET replies of 25 fields each (the full mapping's
+/// base fields, three counters, a window's high-water mark and bucket, a row and its
+/// location's fields; a few absent), delimited and read into borrowed values by
+/// skusync's reader, or parsed by redis-rs and borrowed the same way (`hmget_reply`).
+fn thin_reads(c: &mut Criterion) {
+    let mut batch = Vec::new();
+    for n in 0..500 {
+        let f = fields(n);
+        let mut vals: Vec<Option<&String>> = f.values().take(22).map(Some).collect();
+        vals.extend([None, None, None]);
+        batch.extend_from_slice(format!("*{}\r\n", vals.len()).as_bytes());
+        for v in vals {
+            match v {
+                Some(s) => batch.extend_from_slice(format!("${}\r\n{s}\r\n", s.len()).as_bytes()),
+                None => batch.extend_from_slice(b"$-1\r\n"),
+            }
+        }
+    }
+    let mut g = c.benchmark_group("thin reads (500 HMGETs)");
+    g.bench_function("delimit and borrow (skusync's reader)", |b| {
+        let mut out = Vec::new();
+        b.iter(|| {
+            let (mut at, mut n) = (0, 0);
+            while at < batch.len() {
+                let len = resp::reply_len(&batch[at..])
+                    .expect("a reply")
+                    .expect("whole");
+                resp::strings_of(&batch[at..at + len], &mut out).expect("strings");
+                n += out.len();
+                at += len;
+            }
+            n
+        })
+    });
+    g.bench_function("parse (redis-rs) and borrow", |b| {
+        b.iter(|| {
+            // as the apply did: every reply parsed into values, then each borrowed
+            let mut values = Vec::with_capacity(500);
+            let mut at = 0;
+            while at < batch.len() {
+                let len = resp::reply_len(&batch[at..])
+                    .expect("a reply")
+                    .expect("whole");
+                values.push(redis::parse_redis_value(&batch[at..at + len]).expect("a reply"));
+                at += len;
+            }
+            let mut out: Vec<Option<&str>> = Vec::new();
+            let mut n = 0;
+            for v in &values {
+                let redis::Value::Array(items) = v else {
+                    panic!("an array")
+                };
+                out.clear();
+                for x in items {
+                    out.push(match x {
+                        redis::Value::BulkString(b) => Some(std::str::from_utf8(b).expect("text")),
+                        _ => None,
+                    });
+                }
+                n += out.len();
+            }
+            n
+        })
+    });
     g.finish();
 }
 
