@@ -662,7 +662,8 @@ impl Applier {
                         values.get(k).is_some_and(|x| hmget_reply(x, &mut v))
                     }
                 };
-                if !text {
+                // (a value per field asked for, or the script's too)
+                if !text || v.len() != f.len() {
                     continue;
                 }
                 if let Some(w) = thin::plan(&entries[*i], f, &v, &self.settings, quiet) {

@@ -205,11 +205,11 @@ fn strings_into<'a>(reply: &'a [u8], out: &mut Vec<Option<&'a str>>) -> Result<(
     if let Some(e) = error_of(reply) {
         return Err(RespError::Server(e));
     }
-    let Some((b'*', n, mut at)) = header(reply, 0)? else {
+    let Some((b'*', n @ 0.., mut at)) = header(reply, 0)? else {
         return Err(RespError::Unexpected("an HMGET reply that is not an array"));
     };
     // a nil takes 5 bytes at least: a count the reply cannot hold reserves nothing more
-    out.reserve((n.max(0) as usize).min(reply.len() / 5));
+    out.reserve((n as usize).min(reply.len() / 5));
     for _ in 0..n {
         let Some((b'$', len, start)) = header(reply, at)? else {
             return Err(RespError::Unexpected(
@@ -537,6 +537,7 @@ mod tests {
             b"*2\r\n$1\r\na\r\n:1\r\n",
             b"*1\r\n$1\r\n\xff\r\n",
             b"*1\r\n$5\r\nab\r\n",
+            b"*-1\r\n",
             b"*536870912\r\n$1\r\na\r\n",
         ] {
             out.push(Some("stale"));
