@@ -528,6 +528,72 @@ async fn thin_apply_read_through_redis_rs_leaves_exactly_what_the_script_leaves(
     thin_and_script_leave_the_same(rsink::connect(&client).await.unwrap(), 60, None).await;
 }
 
+/// A batch of more thin candidates than one read round holds (thin apply reads in rounds
+/// of bounded size) is read and written thin in full, each SKU with its own values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_a_read_round_is_applied_thin_in_full() {
+    let redis = RedisServer::start();
+    let client = rsink::client(&[redis.url()], false, None).unwrap();
+    let con = rsink::connect(&client).await.unwrap();
+    let mut mcon = con.clone();
+    let settings = ApplySettings {
+        scale: 0,
+        prefix: "big".into(),
+        keep_minutes: 5,
+        low_stock: 5,
+        counters: vec!["views".into()],
+        alert_history: 1000,
+        alert_history_age_ms: 0,
+        fence: Default::default(),
+    };
+    rsink::write_meta(&mut mcon, "big", 0, &[("bootstrap", "done".into())])
+        .await
+        .unwrap();
+    let reader = rsink::reader::for_config(&[redis.url()], false, None);
+    let mut applier = Applier::new(con.clone(), settings).with_reader(reader);
+    let n = 2500;
+    for (round, lsn) in [(0u64, 1000u64), (1, 2000)] {
+        let mut batch = Batch::new(Lsn(0));
+        for k in 0..n {
+            let sku = format!("S{k:05}");
+            let mut d = SkuDelta::default();
+            d.rows.insert(
+                layout::row_field(TABLES[0], [Some(sku.as_str()), Some("L")]),
+                RowOp::Set {
+                    location: Field::Val("W1".into()),
+                    on_hand: Field::Val(100 + k as i64 + round as i64),
+                    reserved: Field::Val(0),
+                    threshold: Field::Keep,
+                },
+            );
+            batch.push(Piece {
+                commit_lsn: Lsn(lsn + k as u64),
+                piece: 0,
+                commit_ms: 1,
+                truncate: vec![],
+                skus: BTreeMap::from([(sku.clone(), d)]),
+                last: true,
+                eval: vec![sku],
+                ri: Default::default(),
+                ri_local: Default::default(),
+            });
+        }
+        let entries = batch.take();
+        assert_eq!(entries.len(), n);
+        let a = applier
+            .apply(&entries, Some(Lsn(lsn + n as u64)), false)
+            .await
+            .unwrap();
+        // new hashes in the first round, updates of them in the second
+        assert_eq!((a.applied, a.thin), (n as u64, n as u64), "round {round}");
+        for k in [0, 255, 256, 1000, 1001, n - 1] {
+            let key = layout::sku_key("big", &format!("S{k:05}"));
+            let on: Option<String> = hget(&mut mcon, &key, "on_hand").await;
+            assert_eq!(on, Some((100 + k as u64 + round).to_string()), "{key}");
+        }
+    }
+}
+
 /// The same on a Redis Cluster, where thin apply makes one `thin.lua` call per slot
 /// before the slots' script calls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

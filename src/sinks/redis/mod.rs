@@ -492,6 +492,9 @@ pub struct Applier {
     reader: Option<std::sync::Arc<reader::HashReader>>,
 }
 
+/// Most HMGETs in one round of thin apply's reads.
+const THIN_READS_PER_ROUND: usize = 256;
+
 /// Thin apply's HMGET replies: read by [`reader`], or parsed by redis-rs.
 enum ThinReads {
     Ours(reader::Replies),
@@ -627,9 +630,11 @@ impl Applier {
             .filter_map(|(i, e)| thin::reads(e, &self.settings).map(|f| (i, f)))
             .collect();
         let mut planned: Vec<(usize, thin::ThinWrite)> = Vec::new();
-        if !reads.is_empty() {
+        // In rounds of a bounded size: a batch of 10k SKUs would otherwise send and read
+        // back megabytes at once (memory follows the round, not the batch).
+        for reads in reads.chunks(THIN_READS_PER_ROUND) {
             let mut pipe = redis::pipe();
-            for (i, f) in &reads {
+            for (i, f) in reads {
                 let c = pipe
                     .cmd("HMGET")
                     .arg(layout::sku_key(&self.settings.prefix, &entries[*i].sku));
