@@ -594,6 +594,63 @@ async fn a_batch_larger_than_a_read_round_is_applied_thin_in_full() {
     }
 }
 
+/// Thin apply's own connections failing while the apply connection works (their TLS or
+/// ACL, say) costs only speed: the reads go through the apply connection instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thin_reads_go_through_the_apply_connection_when_the_reader_cannot_connect() {
+    let redis = RedisServer::start();
+    let client = rsink::client(&[redis.url()], false, None).unwrap();
+    let con = rsink::connect(&client).await.unwrap();
+    let mut mcon = con.clone();
+    let settings = ApplySettings {
+        scale: 0,
+        prefix: "fb".into(),
+        keep_minutes: 5,
+        low_stock: 5,
+        counters: vec!["views".into()],
+        alert_history: 1000,
+        alert_history_age_ms: 0,
+        fence: Default::default(),
+    };
+    rsink::write_meta(&mut mcon, "fb", 0, &[("bootstrap", "done".into())])
+        .await
+        .unwrap();
+    // nothing listens there
+    let dead = format!("redis://127.0.0.1:{}", crate::harness::free_port());
+    let reader = rsink::reader::for_config(&[dead], false, None);
+    assert!(reader.is_some());
+    let mut applier = Applier::new(con.clone(), settings).with_reader(reader);
+    let mut d = SkuDelta::default();
+    d.rows.insert(
+        layout::row_field(TABLES[0], [Some("A"), Some("L")]),
+        RowOp::Set {
+            location: Field::Val("W1".into()),
+            on_hand: Field::Val(42),
+            reserved: Field::Val(0),
+            threshold: Field::Keep,
+        },
+    );
+    let mut batch = Batch::new(Lsn(0));
+    batch.push(Piece {
+        commit_lsn: Lsn(100),
+        piece: 0,
+        commit_ms: 1,
+        truncate: vec![],
+        skus: BTreeMap::from([("A".to_string(), d)]),
+        last: true,
+        eval: vec!["A".into()],
+        ri: Default::default(),
+        ri_local: Default::default(),
+    });
+    let a = applier
+        .apply(&batch.take(), Some(Lsn(100)), false)
+        .await
+        .unwrap();
+    assert_eq!((a.applied, a.thin), (1, 1));
+    let on: Option<String> = hget(&mut mcon, &layout::sku_key("fb", "A"), "on_hand").await;
+    assert_eq!(on.as_deref(), Some("42"));
+}
+
 /// The same on a Redis Cluster, where thin apply makes one `thin.lua` call per slot
 /// before the slots' script calls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

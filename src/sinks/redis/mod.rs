@@ -490,6 +490,8 @@ pub struct Applier {
     /// Thin apply's HMGETs go out on these connections and are read without redis-rs'
     /// parser (`None`: on `con`; see [`reader`]).
     reader: Option<std::sync::Arc<reader::HashReader>>,
+    /// Unix ms until which `reader` is left out after one of its rounds failed.
+    reader_pause: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// Most HMGETs in one round of thin apply's reads.
@@ -542,12 +544,14 @@ impl Applier {
             settings,
             race: None,
             reader: None,
+            reader_pause: Default::default(),
         }
     }
 
-    /// Send thin apply's reads on `reader`'s connections (see [`reader`]). They read what
-    /// every call awaited before them wrote, as on `con`: Redis runs a command only after
-    /// those it answered before.
+    /// Send thin apply's reads (and a cluster's per-slot calls) on `reader`'s connections
+    /// (see [`reader`]). They read what every call awaited before them wrote, as on
+    /// `con`: Redis runs a command only after those it answered before. A round that
+    /// fails there goes through `con`, and so do the next 30 s of rounds.
     pub fn with_reader(mut self, reader: Option<std::sync::Arc<reader::HashReader>>) -> Applier {
         self.reader = reader;
         self
@@ -642,9 +646,18 @@ impl Applier {
                     c.arg(x.as_ref());
                 }
             }
-            let read = match &self.reader {
-                Some(r) => r.round(&self.con, &pipe).await.map(ThinReads::Ours),
-                None => pipe.query_async(&mut self.con).await.map(ThinReads::Parsed),
+            let ours = match self.live_reader() {
+                // Redis down, or only these connections failing (their TLS or ACL): the
+                // apply connection decides
+                Some(r) => r
+                    .round(&self.con, &pipe)
+                    .await
+                    .map_err(|e| self.reader_failed(&e)),
+                None => Err(()),
+            };
+            let read = match ours {
+                Ok(r) => Ok(ThinReads::Ours(r)),
+                Err(()) => pipe.query_async(&mut self.con).await.map(ThinReads::Parsed),
             };
             let read = match read {
                 Ok(r) => r,
@@ -1025,27 +1038,48 @@ impl Applier {
     /// A pipeline of per-slot calls on a cluster, each reply or the error it was, in
     /// order: on the reader's connections when there is one (each primary's calls in one
     /// round trip, replies read without redis-rs' cluster connection; a redirected call
-    /// goes again through it, see [`reader`]), else split per primary on `con`. A call
-    /// the reader sends twice (its pooled connection had been closed) is fenced like any
-    /// replay.
+    /// goes again through it, see [`reader`]), else split per primary on `con`, and so
+    /// when the reader's round failed. A call sent twice (the reader's pooled connection
+    /// had been closed, or its round failed after the call ran) is fenced like any replay.
     async fn slot_calls(
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<Vec<redis::RedisResult<redis::Value>>, RedisSinkError> {
-        if let Some(r) = &self.reader {
-            let replies = r
-                .round(&self.con, pipe)
-                .await
-                .map_err(RedisSinkError::from_redis)?;
-            return Ok((0..replies.len())
-                .map(|i| replies.value(i).and_then(|v| v.extract_error()))
-                .collect());
+        if let Some(r) = self.live_reader() {
+            match r.round(&self.con, pipe).await {
+                Ok(replies) => {
+                    return Ok((0..replies.len())
+                        .map(|i| replies.value(i).and_then(|v| v.extract_error()))
+                        .collect());
+                }
+                // Redis down, or only these connections failing: the split pipeline
+                // decides (the calls that had run are skipped by their fences)
+                Err(e) => self.reader_failed(&e),
+            }
         }
         let values: Vec<redis::Value> = pipe
             .query_async(&mut self.con.clone())
             .await
             .map_err(RedisSinkError::from_redis)?;
         Ok(values.into_iter().map(|v| v.extract_error()).collect())
+    }
+
+    /// The reader, unless one of its rounds failed in the last 30 s: then the apply
+    /// connection serves (a reader that cannot connect would otherwise cost its connect
+    /// timeout on every call).
+    fn live_reader(&self) -> Option<&std::sync::Arc<reader::HashReader>> {
+        let paused = self.reader_pause.load(std::sync::atomic::Ordering::Relaxed);
+        self.reader
+            .as_ref()
+            .filter(|_| crate::telemetry::unix_ms() >= paused)
+    }
+
+    fn reader_failed(&self, e: &redis::RedisError) {
+        reader::node_failed(e);
+        self.reader_pause.store(
+            crate::telemetry::unix_ms() + 30_000,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// A cluster call's error. A slot whose meta copy is below what this writer recorded

@@ -311,8 +311,9 @@ impl HashReader {
     /// One node's part of a round: its replies' bytes and where each ends. A pooled
     /// connection the server closed while it sat idle (a restart, Redis' `timeout`, a
     /// NAT that forgot it) fails with an I/O error: its pool goes with it, and the round
-    /// runs once more on a fresh connection (reads, and marks that only move forward,
-    /// are safe to run twice).
+    /// runs once more on a fresh connection (reads, marks that only move forward, and
+    /// the cluster's fenced apply calls are safe to run twice: a call that had run is
+    /// skipped by its fence, and what it reported, its alerts for the history, is lost).
     async fn node_round(
         &self,
         addr: &Addr,
@@ -475,10 +476,10 @@ impl Conn {
     }
 }
 
-/// A cluster node this reader could not read: its commands went through redis-rs
-/// instead (slower, not wrong). Said at most every 10 s, so that a node that keeps
-/// failing (its TLS name, its password) does not go unnoticed nor flood the log.
-fn node_failed(e: &redis::RedisError) {
+/// A node (or a whole round) this reader could not serve: its commands went through
+/// redis-rs instead (slower, not wrong). Said at most every 10 s, so that a node that
+/// keeps failing (its TLS name, its password) does not go unnoticed nor flood the log.
+pub(crate) fn node_failed(e: &redis::RedisError) {
     static LAST_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
     let now = crate::telemetry::unix_ms();
     let last = LAST_MS.load(std::sync::atomic::Ordering::Relaxed);
@@ -492,7 +493,7 @@ fn node_failed(e: &redis::RedisError) {
             )
             .is_ok()
     {
-        tracing::warn!(error = %e, "a Redis Cluster node could not be reached on skusync's own connections; its commands went through redis-rs");
+        tracing::warn!(error = %e, "Redis could not be reached on skusync's own connections; the commands went through redis-rs");
     }
 }
 
