@@ -768,6 +768,11 @@ async fn thin_and_script_leave_the_same(
             let entries = batch.take();
             let quiet = rng.random_bool(0.1);
             racing.store(round % 3 == 1, Ordering::SeqCst);
+            if round % 20 == 10 {
+                // every node forgets the scripts: the next calls come back NOSCRIPT (on
+                // the reader's connections too) and load them again
+                flush_scripts(&mut mcon).await;
+            }
             let a = thin.apply(&entries, Some(Lsn(lsn)), quiet).await.unwrap();
             let b = script.apply(&entries, Some(Lsn(lsn)), quiet).await.unwrap();
             assert_eq!(b.thin, 0, "script_only writes nothing thin");
@@ -833,6 +838,31 @@ async fn thin_and_script_leave_the_same(
             written_thin * 100 > applied * 8 && written_thin < applied,
             "{written_thin} of {applied} entries thin"
         );
+    }
+    // the reader served the rounds (it falls back to redis-rs only when it fails)
+    if let Some(r) = &reader {
+        assert!(r.served() > rounds as u64, "{} replies", r.served());
+    }
+}
+
+/// `SCRIPT FLUSH` on the server, or on every primary of a cluster.
+async fn flush_scripts(con: &mut rsink::RedisCon) {
+    let nodes = con.primaries().await.unwrap();
+    if nodes.is_empty() {
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(con)
+            .await
+            .unwrap();
+    }
+    for (host, port) in nodes {
+        let client = redis::Client::open(format!("redis://{host}:{port}")).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut c)
+            .await
+            .unwrap();
     }
 }
 
