@@ -528,17 +528,19 @@ async fn thin_apply_read_through_redis_rs_leaves_exactly_what_the_script_leaves(
     thin_and_script_leave_the_same(rsink::connect(&client).await.unwrap(), 60, None).await;
 }
 
-/// A batch of more thin candidates than one read round holds (thin apply reads in rounds
-/// of bounded size) is read and written thin in full, each SKU with its own values.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_larger_than_a_read_round_is_applied_thin_in_full() {
-    let redis = RedisServer::start();
+/// An applier of thin entries under `prefix` on `redis` (meta hash bootstrapped), its
+/// reads on a reader of `reader_url`, and a connection for checking.
+async fn stock_applier(
+    redis: &RedisServer,
+    prefix: &str,
+    reader_url: String,
+) -> (Applier, rsink::RedisCon) {
     let client = rsink::client(&[redis.url()], false, None).unwrap();
     let con = rsink::connect(&client).await.unwrap();
     let mut mcon = con.clone();
     let settings = ApplySettings {
         scale: 0,
-        prefix: "big".into(),
+        prefix: prefix.into(),
         keep_minutes: 5,
         low_stock: 5,
         counters: vec!["views".into()],
@@ -546,37 +548,52 @@ async fn a_batch_larger_than_a_read_round_is_applied_thin_in_full() {
         alert_history_age_ms: 0,
         fence: Default::default(),
     };
-    rsink::write_meta(&mut mcon, "big", 0, &[("bootstrap", "done".into())])
+    rsink::write_meta(&mut mcon, prefix, 0, &[("bootstrap", "done".into())])
         .await
         .unwrap();
-    let reader = rsink::reader::for_config(&[redis.url()], false, None);
-    let mut applier = Applier::new(con.clone(), settings).with_reader(reader);
+    let reader = rsink::reader::for_config(&[reader_url], false, None);
+    assert!(reader.is_some());
+    (Applier::new(con, settings).with_reader(reader), mcon)
+}
+
+/// A whole transaction setting `sku`'s one stock row to `on_hand` (no alert: above the
+/// low-stock level), committed at `lsn`.
+fn stock_piece(sku: &str, on_hand: i64, lsn: u64) -> Piece {
+    let mut d = SkuDelta::default();
+    d.rows.insert(
+        layout::row_field(TABLES[0], [Some(sku), Some("L")]),
+        RowOp::Set {
+            location: Field::Val("W1".into()),
+            on_hand: Field::Val(on_hand),
+            reserved: Field::Val(0),
+            threshold: Field::Keep,
+        },
+    );
+    Piece {
+        commit_lsn: Lsn(lsn),
+        piece: 0,
+        commit_ms: 1,
+        truncate: vec![],
+        skus: BTreeMap::from([(sku.to_string(), d)]),
+        last: true,
+        eval: vec![sku.to_string()],
+        ri: Default::default(),
+        ri_local: Default::default(),
+    }
+}
+
+/// A batch of more thin candidates than one read round holds (thin apply reads in rounds
+/// of bounded size) is read and written thin in full, each SKU with its own values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_a_read_round_is_applied_thin_in_full() {
+    let redis = RedisServer::start();
+    let (mut applier, mut mcon) = stock_applier(&redis, "big", redis.url()).await;
     let n = 2500;
     for (round, lsn) in [(0u64, 1000u64), (1, 2000)] {
         let mut batch = Batch::new(Lsn(0));
         for k in 0..n {
-            let sku = format!("S{k:05}");
-            let mut d = SkuDelta::default();
-            d.rows.insert(
-                layout::row_field(TABLES[0], [Some(sku.as_str()), Some("L")]),
-                RowOp::Set {
-                    location: Field::Val("W1".into()),
-                    on_hand: Field::Val(100 + k as i64 + round as i64),
-                    reserved: Field::Val(0),
-                    threshold: Field::Keep,
-                },
-            );
-            batch.push(Piece {
-                commit_lsn: Lsn(lsn + k as u64),
-                piece: 0,
-                commit_ms: 1,
-                truncate: vec![],
-                skus: BTreeMap::from([(sku.clone(), d)]),
-                last: true,
-                eval: vec![sku],
-                ri: Default::default(),
-                ri_local: Default::default(),
-            });
+            let on_hand = 100 + k as i64 + round as i64;
+            batch.push(stock_piece(&format!("S{k:05}"), on_hand, lsn + k as u64));
         }
         let entries = batch.take();
         assert_eq!(entries.len(), n);
@@ -599,49 +616,11 @@ async fn a_batch_larger_than_a_read_round_is_applied_thin_in_full() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thin_reads_go_through_the_apply_connection_when_the_reader_cannot_connect() {
     let redis = RedisServer::start();
-    let client = rsink::client(&[redis.url()], false, None).unwrap();
-    let con = rsink::connect(&client).await.unwrap();
-    let mut mcon = con.clone();
-    let settings = ApplySettings {
-        scale: 0,
-        prefix: "fb".into(),
-        keep_minutes: 5,
-        low_stock: 5,
-        counters: vec!["views".into()],
-        alert_history: 1000,
-        alert_history_age_ms: 0,
-        fence: Default::default(),
-    };
-    rsink::write_meta(&mut mcon, "fb", 0, &[("bootstrap", "done".into())])
-        .await
-        .unwrap();
     // nothing listens there
     let dead = format!("redis://127.0.0.1:{}", crate::harness::free_port());
-    let reader = rsink::reader::for_config(&[dead], false, None);
-    assert!(reader.is_some());
-    let mut applier = Applier::new(con.clone(), settings).with_reader(reader);
-    let mut d = SkuDelta::default();
-    d.rows.insert(
-        layout::row_field(TABLES[0], [Some("A"), Some("L")]),
-        RowOp::Set {
-            location: Field::Val("W1".into()),
-            on_hand: Field::Val(42),
-            reserved: Field::Val(0),
-            threshold: Field::Keep,
-        },
-    );
+    let (mut applier, mut mcon) = stock_applier(&redis, "fb", dead).await;
     let mut batch = Batch::new(Lsn(0));
-    batch.push(Piece {
-        commit_lsn: Lsn(100),
-        piece: 0,
-        commit_ms: 1,
-        truncate: vec![],
-        skus: BTreeMap::from([("A".to_string(), d)]),
-        last: true,
-        eval: vec!["A".into()],
-        ri: Default::default(),
-        ri_local: Default::default(),
-    });
+    batch.push(stock_piece("A", 42, 100));
     let a = applier
         .apply(&batch.take(), Some(Lsn(100)), false)
         .await
