@@ -55,12 +55,32 @@ pub(super) fn launch(
             entries.chunks(CALL_ENTRIES).collect()
         };
         let n = chunks.len();
+        // A call's reads go out ahead of the previous call's write, so that skusync plans
+        // it while Redis runs that write; not where a SKU has entries in two calls (the
+        // read would miss the write before it, and the entry would go to the script).
+        let read_ahead = n > 1 && applier.reads_ahead() && distinct_skus(&entries);
+        let mut reader = applier.clone();
         let result = async {
             let mut total = rsink::Applied::default();
-            for (i, chunk) in chunks.into_iter().enumerate() {
+            let mut ahead = None;
+            for (i, &chunk) in chunks.iter().enumerate() {
                 // With row index updates, the end LSN is recorded by their last write.
                 let chunk_end = if i + 1 == n && ri.is_empty() { end } else { None };
-                total += apply_retrying(&mut applier, chunk, chunk_end).await?;
+                let plan = ahead.take();
+                let applied = match chunks.get(i + 1).filter(|_| read_ahead) {
+                    Some(&next) => {
+                        // `join` polls the read first: its HMGETs reach Redis before the write
+                        let (next_plan, applied) = futures::future::join(
+                            reader.plan_ahead(next),
+                            apply_retrying(&mut applier, chunk, chunk_end, plan),
+                        )
+                        .await;
+                        ahead = next_plan;
+                        applied
+                    }
+                    None => apply_retrying(&mut applier, chunk, chunk_end, plan).await,
+                };
+                total += applied?;
                 if let Some(m) = &mqtt {
                     let skus: BTreeSet<&str> = chunk.iter().map(|e| e.sku.as_str()).collect();
                     m.changed(skus.into_iter().map(str::to_string));
@@ -123,14 +143,24 @@ pub(super) fn failpoint(name: &str) {
 
 /// One script call; transient Redis errors are retried with backoff (the fence makes
 /// sending the same call again safe).
+/// Whether no SKU has two entries in `entries` (a TRUNCATE's can).
+fn distinct_skus(entries: &[crate::fold::batch::Entry]) -> bool {
+    let mut seen: std::collections::HashSet<&str, foldhash::fast::RandomState> =
+        std::collections::HashSet::with_capacity_and_hasher(entries.len(), Default::default());
+    entries.iter().all(|e| seen.insert(e.sku.as_str()))
+}
+
+/// One apply call, retried on transient errors; `plan`, the call's thin reads made ahead
+/// ([`Applier::plan_ahead`]), serves the first try only (a retry reads again).
 pub(super) async fn apply_retrying(
     applier: &mut Applier,
     entries: &[crate::fold::batch::Entry],
     end: Option<Lsn>,
+    mut plan: Option<rsink::ThinPlan<'_>>,
 ) -> Result<rsink::Applied, RedisSinkError> {
     let mut delay = Duration::from_millis(100);
     loop {
-        match applier.apply(entries, end, false).await {
+        match applier.apply_planned(entries, end, plan.take()).await {
             Err(e) if e.is_transient() => {
                 telemetry::redis_failed();
                 tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Redis apply failed; retrying");

@@ -611,6 +611,73 @@ async fn a_batch_larger_than_a_read_round_is_applied_thin_in_full() {
     }
 }
 
+/// A call's reads made ahead of its write (the daemon reads the next call while Redis
+/// runs the previous one): written thin where the hash is as read, and through the script
+/// where it changed in between; a plan made for other entries is not used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_read_ahead_is_written_thin_unless_its_hash_changed_since() {
+    let redis = RedisServer::start();
+    let (mut applier, mut mcon) = stock_applier(&redis, "ahead", redis.url()).await;
+    let first = |lsn| {
+        let mut b = Batch::new(Lsn(0));
+        for (k, sku) in ["A", "B", "C"].into_iter().enumerate() {
+            b.push(stock_piece(sku, 10 + k as i64, lsn + k as u64));
+        }
+        b.take()
+    };
+    let a = applier
+        .apply(&first(100), Some(Lsn(102)), false)
+        .await
+        .unwrap();
+    assert_eq!((a.applied, a.thin), (3, 3));
+    let next = first(300);
+    let plan = applier.plan_ahead(&next).await;
+    assert!(
+        plan.is_some(),
+        "a standalone Redis with thin apply plans ahead"
+    );
+    // another call writes B after the read (as the call before would, had B been in it)
+    let mut b = Batch::new(Lsn(0));
+    b.push(stock_piece("B", 77, 200));
+    applier
+        .apply(&b.take(), Some(Lsn(200)), false)
+        .await
+        .unwrap();
+    let a = applier
+        .apply_planned(&next, Some(Lsn(302)), plan)
+        .await
+        .unwrap();
+    // A and C as planned; B's fence moved, so the script applied it (its LSN is later)
+    assert_eq!((a.applied, a.thin, a.fenced), (3, 2, 0));
+    for (sku, on_hand, at) in [("A", "10", "300"), ("B", "11", "301"), ("C", "12", "302")] {
+        let key = layout::sku_key("ahead", sku);
+        let on: Option<String> = hget(&mut mcon, &key, "on_hand").await;
+        assert_eq!(on.as_deref(), Some(on_hand), "{key}");
+        let lsn: Option<String> = hget(&mut mcon, &key, "lsn").await;
+        assert_eq!(lsn.as_deref(), Some(at), "{key}");
+    }
+    // a plan of other entries (equal, but not these) is read again, not trusted
+    let (x, y) = (first(400), first(400));
+    let plan = applier.plan_ahead(&x).await;
+    let mut b = Batch::new(Lsn(0));
+    b.push(stock_piece("C", 5, 350));
+    applier
+        .apply(&b.take(), Some(Lsn(350)), false)
+        .await
+        .unwrap();
+    let a = applier
+        .apply_planned(&y, Some(Lsn(402)), plan)
+        .await
+        .unwrap();
+    assert_eq!(
+        (a.applied, a.thin),
+        (3, 3),
+        "read afresh, so C's new fence was seen"
+    );
+    let lsn: Option<String> = hget(&mut mcon, &layout::sku_key("ahead", "C"), "lsn").await;
+    assert_eq!(lsn.as_deref(), Some("402"));
+}
+
 /// Thin apply's own connections failing while the apply connection works (their TLS or
 /// ACL, say) costs only speed: the reads go through the apply connection instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

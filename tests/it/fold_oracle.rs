@@ -844,9 +844,10 @@ async fn resync_command_refuses_while_streaming_and_rebuilds_redis_when_stopped(
     assert!(m.is_empty(), "{}", format_mismatches(&m, 20));
 }
 
-/// A transaction over 7,000 SKUs goes out as several script calls (2,000 entries each);
-/// a SIGKILL soon after it (wherever it lands: before, between or after those calls) and
-/// the replay that follows still converge to the SQL aggregate.
+/// A transaction over 7,000 SKUs goes out as several apply calls (500 entries each, each
+/// read ahead of the write before it); a SIGKILL soon after it (wherever it lands:
+/// before, between or after those calls) and the replay that follows still converge to
+/// the SQL aggregate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_wider_than_one_script_call_converge_after_a_kill() {
     let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::SumEqualsTotal)).await;

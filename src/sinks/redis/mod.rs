@@ -478,8 +478,9 @@ fn is_cluster(info: &str) -> bool {
 #[derive(Clone)]
 pub struct Applier {
     con: RedisCon,
-    script: redis::Script,
-    thin: redis::Script,
+    // shared: the daemon clones its applier per batch, and the scripts are kilobytes
+    script: std::sync::Arc<redis::Script>,
+    thin: std::sync::Arc<redis::Script>,
     /// Entries without a TRUNCATE are worked out here where they can be and written by
     /// `thin.lua` (see [`thin`]).
     use_thin: bool,
@@ -495,7 +496,14 @@ pub struct Applier {
 }
 
 /// Most HMGETs in one round of thin apply's reads.
-const THIN_READS_PER_ROUND: usize = 256;
+const THIN_READS_PER_ROUND: usize = 512;
+
+/// A call's thin reads and plan, made ahead of its write ([`Applier::plan_ahead`]).
+pub struct ThinPlan<'e> {
+    /// The call's entries (the plan's indices point into them).
+    entries: &'e [Entry],
+    planned: Vec<(usize, thin::ThinWrite<'e>)>,
+}
 
 /// Thin apply's HMGET replies: read by [`reader`], or parsed by redis-rs.
 enum ThinReads {
@@ -538,8 +546,8 @@ impl Applier {
     pub fn new(con: RedisCon, settings: ApplySettings) -> Applier {
         Applier {
             con,
-            script: redis::Script::new(APPLY_LUA),
-            thin: redis::Script::new(THIN_LUA),
+            script: std::sync::Arc::new(redis::Script::new(APPLY_LUA)),
+            thin: std::sync::Arc::new(redis::Script::new(THIN_LUA)),
             use_thin: true,
             settings,
             race: None,
@@ -713,6 +721,54 @@ impl Applier {
         quiet: bool,
     ) -> Result<Applied, RedisSinkError> {
         let planned = self.plan_thin(entries, quiet).await?;
+        self.write_thin(entries, planned, end, quiet).await
+    }
+
+    /// Reads and plans `entries` thin (see [`Applier::apply`]) without writing, for
+    /// [`Applier::apply_planned`]: the daemon sends a call's reads ahead of the previous
+    /// call's write, so that skusync plans while Redis writes. `None` where the call
+    /// would not go thin (a cluster, the script only) or the read failed: the call then
+    /// reads for itself. A hash written between this read and the write (a SKU in both
+    /// calls) fails thin.lua's compare-and-set and goes to the script, as always.
+    pub async fn plan_ahead<'e>(&mut self, entries: &'e [Entry]) -> Option<ThinPlan<'e>> {
+        if !self.reads_ahead() {
+            return None;
+        }
+        let planned = self.plan_thin(entries, false).await.ok()?;
+        Some(ThinPlan { entries, planned })
+    }
+
+    /// Whether [`Applier::plan_ahead`] plans (thin apply on a standalone Redis).
+    pub fn reads_ahead(&self) -> bool {
+        self.use_thin && !self.con.is_cluster()
+    }
+
+    /// [`Applier::apply`] (not quiet) with the reads and plan `plan` made for these
+    /// `entries` by [`Applier::plan_ahead`] (`None`, or a plan of other entries: read
+    /// now).
+    pub async fn apply_planned(
+        &mut self,
+        entries: &[Entry],
+        end: Option<Lsn>,
+        plan: Option<ThinPlan<'_>>,
+    ) -> Result<Applied, RedisSinkError> {
+        match plan {
+            Some(p) if std::ptr::eq(p.entries, entries) && self.reads_ahead() => {
+                self.write_thin(entries, p.planned, end, false).await
+            }
+            _ => self.apply(entries, end, false).await,
+        }
+    }
+
+    /// The writes of [`Applier::apply_thin`]: the script for the entries not in
+    /// `planned`, `thin.lua` for those planned, the script for any it missed.
+    async fn write_thin<'e>(
+        &mut self,
+        entries: &'e [Entry],
+        planned: Vec<(usize, thin::ThinWrite<'e>)>,
+        end: Option<Lsn>,
+        quiet: bool,
+    ) -> Result<Applied, RedisSinkError> {
         let mut is_thin = vec![false; entries.len()];
         for (i, _) in &planned {
             is_thin[*i] = true;
