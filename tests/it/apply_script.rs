@@ -428,12 +428,24 @@ async fn publish_marks_move_forward_and_never_recreate_a_hash() {
             .await
             .unwrap();
     }
-    // first marks: a exists (set), gone does not (left absent)
-    let r: Vec<i64> = mark(&["a", "gone"], &[("100", "{\"x\":1}"), ("7", "{}")])
+    // a hash without `lsn` (its fields written by another path) still exists
+    let _: () = redis::cmd("HSET")
+        .arg("c")
+        .arg("on_hand")
+        .arg("1")
         .query_async(&mut con)
         .await
         .unwrap();
-    assert_eq!(r, vec![1, 0]);
+    // first marks: a and c exist (set), gone does not (left absent)
+    let r: Vec<i64> = mark(
+        &["a", "gone", "c"],
+        &[("100", "{\"x\":1}"), ("7", "{}"), ("9", "{}")],
+    )
+    .query_async(&mut con)
+    .await
+    .unwrap();
+    assert_eq!(r, vec![1, 0, 1]);
+    assert_eq!(hget(&mut con, "c", "pub_lsn").await.as_deref(), Some("9"));
     assert_eq!(hget(&mut con, "a", "pub_lsn").await.as_deref(), Some("100"));
     assert_eq!(
         hget(&mut con, "a", "pub_state").await.as_deref(),

@@ -22,11 +22,12 @@ local seqn = tonumber(seq or '')
 for i, key in ipairs(KEYS) do
   local l, p, st = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
   out[i] = 0
-  local cur = redis.call('HMGET', key, 'pub_lsn', 'pub_piece', 'pub_seq')
+  local cur = redis.call('HMGET', key, 'pub_lsn', 'pub_piece', 'pub_seq', 'lsn')
   local cl, cp = cur[1], tonumber(cur[2] or '0') or 0
   local pn = tonumber(p) or 0
-  -- a marked hash exists; EXISTS only for a first mark (never recreate a deleted hash)
-  if cl or redis.call('EXISTS', key) == 1 then
+  -- a marked or applied hash exists; EXISTS only for a first mark of a hash without
+  -- `lsn` (never recreate a deleted hash)
+  if cl or cur[4] or redis.call('EXISTS', key) == 1 then
     -- u64 decimals without leading zeros: compare by length, then lexically
     local ahead = cl and (#cl > #l or (#cl == #l and cl > l))
     local same = cl == l
