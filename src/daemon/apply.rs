@@ -141,8 +141,6 @@ pub(super) fn failpoint(name: &str) {
     }
 }
 
-/// One script call; transient Redis errors are retried with backoff (the fence makes
-/// sending the same call again safe).
 /// Whether no SKU has two entries in `entries` (a TRUNCATE's can).
 fn distinct_skus(entries: &[crate::fold::batch::Entry]) -> bool {
     let mut seen: std::collections::HashSet<&str, foldhash::fast::RandomState> =
@@ -150,8 +148,9 @@ fn distinct_skus(entries: &[crate::fold::batch::Entry]) -> bool {
     entries.iter().all(|e| seen.insert(e.sku.as_str()))
 }
 
-/// One apply call, retried on transient errors; `plan`, the call's thin reads made ahead
-/// ([`Applier::plan_ahead`]), serves the first try only (a retry reads again).
+/// One apply call; transient Redis errors are retried with backoff (the fence makes
+/// sending the same call again safe). `plan`, the call's thin reads made ahead
+/// ([`Applier::plan_ahead`]), serves the first try only: a retry reads again.
 pub(super) async fn apply_retrying(
     applier: &mut Applier,
     entries: &[crate::fold::batch::Entry],

@@ -39,17 +39,19 @@ end
 
 -- Every fence is read before anything is written (as in apply.lua): a refused read
 -- leaves the whole call unwritten.
-local missed, ok = {}, {}
+-- (each entry's key and counts are kept from this pass for the writes)
+local missed, ok, oks, ons, ond = {}, {}, {}, {}, {}
 local a, pos, nargv = 5, 0, #ARGV
 while a <= nargv do
-  local k = tonumber(ARGV[a])
+  local key = KEYS[tonumber(ARGV[a])]
   local el, ep = ARGV[a + 1], ARGV[a + 2]
   local ns = tonumber(ARGV[a + 4])
   local nd = tonumber(ARGV[a + 5 + 2 * ns])
   local nk = tonumber(ARGV[a + 6 + 2 * ns + nd])
-  local v = redis.call('HMGET', KEYS[k], 'lsn', 'piece')
+  local v = redis.call('HMGET', key, 'lsn', 'piece')
   if (v[1] or '') == el and (v[2] or '') == ep then
-    ok[#ok + 1] = a
+    local n = #ok + 1
+    ok[n], oks[n], ons[n], ond[n] = a, key, ns, nd
   else
     missed[#missed + 1] = pos
   end
@@ -57,12 +59,10 @@ while a <= nargv do
   pos = pos + 1
 end
 
-local changed = {}
-for _, e in ipairs(ok) do
-  local key = KEYS[tonumber(ARGV[e])]
-  local ns = tonumber(ARGV[e + 4])
+local changed, nc = {}, 0
+for i, e in ipairs(ok) do
+  local key, ns, nd = oks[i], ons[i], ond[i]
   local s0 = e + 5
-  local nd = tonumber(ARGV[s0 + 2 * ns])
   local d0 = s0 + 2 * ns + 1
   if nd > 0 then redis.call('HDEL', key, unpack(ARGV, d0, d0 + nd - 1)) end
   redis.call('HSET', key, unpack(ARGV, s0, s0 + 2 * ns - 1))
@@ -83,14 +83,14 @@ for _, e in ipairs(ok) do
       p = p + 2
     end
   end
-  changed[#changed + 1] = ARGV[e + 3]
-  changed[#changed + 1] = key
+  changed[nc + 1], changed[nc + 2] = ARGV[e + 3], key
+  nc = nc + 2
 end
 
 -- The change index (score: the commit LSN; only ever raised), in chunks for unpack.
 local i = 1
-while not cluster and i <= #changed do
-  local j = math.min(#changed, i + 3999)
+while not cluster and i <= nc do
+  local j = math.min(nc, i + 3999)
   redis.call('ZADD', KEYS[#KEYS], 'GT', unpack(changed, i, j))
   i = j + 1
 end
@@ -102,4 +102,4 @@ if batch_end ~= '' and #missed == 0 then
   end
 end
 
-return {#changed / 2, missed}
+return {nc / 2, missed}
