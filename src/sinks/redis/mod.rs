@@ -495,7 +495,9 @@ pub struct Applier {
     reader_pause: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
-/// Most HMGETs in one round of thin apply's reads.
+/// Most HMGETs in one round of thin apply's reads: a whole call of the daemon's (500
+/// entries) in one, so that a call read ahead is answered before the previous call's
+/// write runs, not half of it after (a round waits for its replies before the next).
 const THIN_READS_PER_ROUND: usize = 512;
 
 /// A call's thin reads and plan, made ahead of its write ([`Applier::plan_ahead`]).
