@@ -38,6 +38,9 @@ pub const FENCED: &str = "skusync_fenced_entries_total";
 /// Of the applied entries, those worked out by skusync and written thin
 /// (`sinks::redis::thin`).
 pub const THIN_ENTRIES: &str = "skusync_thin_entries_total";
+/// Apply calls written with thin reads sent ahead of the previous call's write
+/// (`Applier::plan_ahead`).
+pub const READ_AHEAD_CALLS: &str = "skusync_read_ahead_calls_total";
 /// State messages acknowledged by the broker.
 pub const MQTT_PUBLISHED: &str = "skusync_mqtt_published_total";
 /// Messages the broker refused (PUBACK reason) or that were too large to send.
@@ -231,6 +234,10 @@ fn describe_all() {
             THIN_ENTRIES,
             "SKU entries worked out by skusync and written thin.",
         ),
+        (
+            READ_AHEAD_CALLS,
+            "Apply calls whose thin reads went out ahead of the previous call's write.",
+        ),
         (MQTT_PUBLISHED, "State messages acknowledged by the broker."),
         (MQTT_REFUSED, "Messages refused by the broker or too large."),
         (
@@ -397,6 +404,11 @@ type SkipLog = std::sync::Mutex<
 fn skip_log() -> &'static SkipLog {
     static L: OnceLock<SkipLog> = OnceLock::new();
     L.get_or_init(Default::default)
+}
+
+/// An apply call was written with the thin reads made ahead of it.
+pub fn read_ahead_used() {
+    counter!(READ_AHEAD_CALLS).increment(1);
 }
 
 /// The Redis apply script returned for transactions committed at `commit_unix_ms`
@@ -617,6 +629,7 @@ mod tests {
             SKU_UPDATES,
             FENCED,
             THIN_ENTRIES,
+            READ_AHEAD_CALLS,
             MQTT_PUBLISHED,
             MQTT_REFUSED,
             MQTT_EPOCH_ROLLBACKS,

@@ -67,9 +67,13 @@ pub(super) fn launch(
                 // With row index updates, the end LSN is recorded by their last write.
                 let chunk_end = if i + 1 == n && ri.is_empty() { end } else { None };
                 let plan = ahead.take();
+                if plan.is_some() {
+                    telemetry::read_ahead_used();
+                }
                 let applied = match chunks.get(i + 1).filter(|_| read_ahead) {
                     Some(&next) => {
-                        // `join` polls the read first: its HMGETs reach Redis before the write
+                        // `join` polls the read first, so its HMGETs usually leave before
+                        // the write (on another connection: an order hoped for, not relied on)
                         let (next_plan, applied) = futures::future::join(
                             reader.plan_ahead(next),
                             apply_retrying(&mut applier, chunk, chunk_end, plan),

@@ -436,7 +436,13 @@ async fn publish_marks_move_forward_and_never_recreate_a_hash() {
         .query_async(&mut con)
         .await
         .unwrap();
-    // first marks: a and c exist (set), gone does not (left absent)
+    // first marks: a and c exist (set), gone does not (left absent); only c and gone,
+    // without `lsn`, ask EXISTS
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut con)
+        .await
+        .unwrap();
     let r: Vec<i64> = mark(
         &["a", "gone", "c"],
         &[("100", "{\"x\":1}"), ("7", "{}"), ("9", "{}")],
@@ -445,6 +451,17 @@ async fn publish_marks_move_forward_and_never_recreate_a_hash() {
     .await
     .unwrap();
     assert_eq!(r, vec![1, 0, 1]);
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let exists_calls = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_exists:calls="))
+        .and_then(|r| r.split(',').next())
+        .and_then(|n| n.parse::<u64>().ok());
+    assert_eq!(exists_calls, Some(2), "{stats}");
     assert_eq!(hget(&mut con, "c", "pub_lsn").await.as_deref(), Some("9"));
     assert_eq!(hget(&mut con, "a", "pub_lsn").await.as_deref(), Some("100"));
     assert_eq!(
@@ -457,6 +474,26 @@ async fn publish_marks_move_forward_and_never_recreate_a_hash() {
         .await
         .unwrap();
     assert_eq!(exists, 0, "a late mark must not recreate a hash");
+    // nor one that was marked, then deleted (its SKU gone)
+    let _: () = redis::cmd("DEL")
+        .arg("c")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let r: Vec<i64> = mark(&["c"], &[("10", "{}")])
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(r, vec![0]);
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg("c")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(
+        exists, 0,
+        "a mark after the delete must not recreate the hash"
+    );
     // older (shorter and same-length smaller) marks are ignored; a longer one wins
     let r: Vec<i64> = mark(
         &["a", "a"],
@@ -630,10 +667,18 @@ async fn a_batch_larger_than_a_read_round_is_applied_thin_in_full() {
 async fn a_plan_read_ahead_is_written_thin_unless_its_hash_changed_since() {
     let redis = RedisServer::start();
     let (mut applier, mut mcon) = stock_applier(&redis, "ahead", redis.url()).await;
+    // a stock row and one view: a write lost or applied twice shows in `views`
+    let viewed = |sku: &str, on_hand: i64, lsn: u64| {
+        let mut p = stock_piece(sku, on_hand, lsn);
+        for d in p.skus.values_mut() {
+            *d.counters.entry_or_default("views".to_string()) += 1;
+        }
+        p
+    };
     let first = |lsn| {
         let mut b = Batch::new(Lsn(0));
         for (k, sku) in ["A", "B", "C"].into_iter().enumerate() {
-            b.push(stock_piece(sku, 10 + k as i64, lsn + k as u64));
+            b.push(viewed(sku, 10 + k as i64, lsn + k as u64));
         }
         b.take()
     };
@@ -650,7 +695,7 @@ async fn a_plan_read_ahead_is_written_thin_unless_its_hash_changed_since() {
     );
     // another call writes B after the read (as the call before would, had B been in it)
     let mut b = Batch::new(Lsn(0));
-    b.push(stock_piece("B", 77, 200));
+    b.push(viewed("B", 77, 200));
     applier
         .apply(&b.take(), Some(Lsn(200)), false)
         .await
@@ -661,18 +706,24 @@ async fn a_plan_read_ahead_is_written_thin_unless_its_hash_changed_since() {
         .unwrap();
     // A and C as planned; B's fence moved, so the script applied it (its LSN is later)
     assert_eq!((a.applied, a.thin, a.fenced), (3, 2, 0));
-    for (sku, on_hand, at) in [("A", "10", "300"), ("B", "11", "301"), ("C", "12", "302")] {
+    for (sku, on_hand, at, views) in [
+        ("A", "10", "300", "2"),
+        ("B", "11", "301", "3"),
+        ("C", "12", "302", "2"),
+    ] {
         let key = layout::sku_key("ahead", sku);
         let on: Option<String> = hget(&mut mcon, &key, "on_hand").await;
         assert_eq!(on.as_deref(), Some(on_hand), "{key}");
         let lsn: Option<String> = hget(&mut mcon, &key, "lsn").await;
         assert_eq!(lsn.as_deref(), Some(at), "{key}");
+        let v: Option<String> = hget(&mut mcon, &key, "views").await;
+        assert_eq!(v.as_deref(), Some(views), "{key}: every view counted once");
     }
     // a plan of other entries (equal, but not these) is read again, not trusted
     let (x, y) = (first(400), first(400));
     let plan = applier.plan_ahead(&x).await;
     let mut b = Batch::new(Lsn(0));
-    b.push(stock_piece("C", 5, 350));
+    b.push(viewed("C", 5, 350));
     applier
         .apply(&b.take(), Some(Lsn(350)), false)
         .await
@@ -686,8 +737,11 @@ async fn a_plan_read_ahead_is_written_thin_unless_its_hash_changed_since() {
         (3, 3),
         "read afresh, so C's new fence was seen"
     );
-    let lsn: Option<String> = hget(&mut mcon, &layout::sku_key("ahead", "C"), "lsn").await;
+    let key = layout::sku_key("ahead", "C");
+    let lsn: Option<String> = hget(&mut mcon, &key, "lsn").await;
     assert_eq!(lsn.as_deref(), Some("402"));
+    let v: Option<String> = hget(&mut mcon, &key, "views").await;
+    assert_eq!(v.as_deref(), Some("4"));
 }
 
 /// Thin apply's own connections failing while the apply connection works (their TLS or

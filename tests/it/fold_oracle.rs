@@ -851,7 +851,9 @@ async fn resync_command_refuses_while_streaming_and_rebuilds_redis_when_stopped(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_wider_than_one_script_call_converge_after_a_kill() {
     let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::SumEqualsTotal)).await;
-    rig.start_skusync("").await;
+    let http = crate::harness::free_port();
+    rig.start_skusync(&format!("\n[http]\nlisten = \"127.0.0.1:{http}\"\n"))
+        .await;
     rig.exec(
         "BEGIN;
          INSERT INTO inventory SELECT 'wide-' || g, 'WH-' || (g % 3), g % 40, g % 4
@@ -875,6 +877,9 @@ async fn batches_wider_than_one_script_call_converge_after_a_kill() {
     rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(60))
         .await;
     rig.assert_converges(Duration::from_secs(20)).await;
+    // the restarted daemon read ahead (each round's 2,500 SKUs are five calls)
+    let ahead = crate::harness::scrape_metric(http, skusync::telemetry::READ_AHEAD_CALLS);
+    assert!(ahead.unwrap_or(0.0) >= 1.0, "read ahead: {ahead:?}");
     let code = rig.daemon().sigterm();
     assert_eq!(code, Some(0), "{}", rig.daemon().stderr_all());
 }

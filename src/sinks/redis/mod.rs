@@ -736,8 +736,14 @@ impl Applier {
         if !self.reads_ahead() {
             return None;
         }
-        let planned = self.plan_thin(entries, false).await.ok()?;
-        Some(ThinPlan { entries, planned })
+        match self.plan_thin(entries, false).await {
+            Ok(planned) => Some(ThinPlan { entries, planned }),
+            Err(e) => {
+                // the call reads for itself, and reports what it meets
+                tracing::debug!(error = %e, "thin reads ahead failed");
+                None
+            }
+        }
     }
 
     /// Whether [`Applier::plan_ahead`] plans (thin apply on a standalone Redis).
