@@ -660,6 +660,22 @@ async fn a_batch_larger_than_a_read_round_is_applied_thin_in_full() {
     }
 }
 
+/// Applies `racing` (one whole transaction) on its own, then `entries` (ending at their
+/// last LSN) with `plan`, made before `racing` was written.
+async fn write_then_apply_planned(
+    applier: &mut Applier,
+    racing: Piece,
+    entries: &[skusync::fold::batch::Entry],
+    plan: Option<rsink::ThinPlan<'_>>,
+) -> rsink::Applied {
+    let at = racing.commit_lsn;
+    let mut b = Batch::new(Lsn(0));
+    b.push(racing);
+    applier.apply(&b.take(), Some(at), false).await.unwrap();
+    let end = entries.iter().map(|e| e.last.0).max();
+    applier.apply_planned(entries, end, plan).await.unwrap()
+}
+
 /// A call's reads made ahead of its write (the daemon reads the next call while Redis
 /// runs the previous one): written thin where the hash is as read, and through the script
 /// where it changed in between; a plan made for other entries is not used.
@@ -694,16 +710,7 @@ async fn a_plan_read_ahead_is_written_thin_unless_its_hash_changed_since() {
         "a standalone Redis with thin apply plans ahead"
     );
     // another call writes B after the read (as the call before would, had B been in it)
-    let mut b = Batch::new(Lsn(0));
-    b.push(viewed("B", 77, 200));
-    applier
-        .apply(&b.take(), Some(Lsn(200)), false)
-        .await
-        .unwrap();
-    let a = applier
-        .apply_planned(&next, Some(Lsn(302)), plan)
-        .await
-        .unwrap();
+    let a = write_then_apply_planned(&mut applier, viewed("B", 77, 200), &next, plan).await;
     // A and C as planned; B's fence moved, so the script applied it (its LSN is later)
     assert_eq!((a.applied, a.thin, a.fenced), (3, 2, 0));
     for (sku, on_hand, at, views) in [
@@ -722,16 +729,7 @@ async fn a_plan_read_ahead_is_written_thin_unless_its_hash_changed_since() {
     // a plan of other entries (equal, but not these) is read again, not trusted
     let (x, y) = (first(400), first(400));
     let plan = applier.plan_ahead(&x).await;
-    let mut b = Batch::new(Lsn(0));
-    b.push(viewed("C", 5, 350));
-    applier
-        .apply(&b.take(), Some(Lsn(350)), false)
-        .await
-        .unwrap();
-    let a = applier
-        .apply_planned(&y, Some(Lsn(402)), plan)
-        .await
-        .unwrap();
+    let a = write_then_apply_planned(&mut applier, viewed("C", 5, 350), &y, plan).await;
     assert_eq!(
         (a.applied, a.thin),
         (3, 3),
