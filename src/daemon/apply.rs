@@ -59,7 +59,8 @@ pub(super) fn launch(
         // it while Redis runs that write; not where a SKU has entries in two calls (the
         // read would miss the write before it, and the entry would go to the script).
         let read_ahead = n > 1 && applier.reads_ahead() && distinct_skus(&entries);
-        let mut reader = applier.clone();
+        // (a second applier only then: a live batch is one call, cloned per transaction)
+        let mut reader = read_ahead.then(|| applier.clone());
         let result = async {
             let mut total = rsink::Applied::default();
             let mut ahead = None;
@@ -70,8 +71,8 @@ pub(super) fn launch(
                 if plan.is_some() {
                     telemetry::read_ahead_used();
                 }
-                let applied = match chunks.get(i + 1).filter(|_| read_ahead) {
-                    Some(&next) => {
+                let applied = match (chunks.get(i + 1), reader.as_mut()) {
+                    (Some(&next), Some(reader)) => {
                         // `join` polls the read first, so its HMGETs usually leave before
                         // the write (on another connection: an order hoped for, not relied on)
                         let (next_plan, applied) = futures::future::join(
@@ -82,7 +83,7 @@ pub(super) fn launch(
                         ahead = next_plan;
                         applied
                     }
-                    None => apply_retrying(&mut applier, chunk, chunk_end, plan).await,
+                    _ => apply_retrying(&mut applier, chunk, chunk_end, plan).await,
                 };
                 total += applied?;
                 if let Some(m) = &mqtt {
