@@ -1710,8 +1710,8 @@ mod tests {
         let d = format!("{m:?}");
         assert!(has_no_secret(&d), "{d}");
         assert_eq!(
-            m.activity[0].user_key.as_ref().unwrap().expose(),
-            KEY.as_bytes()
+            m.activity[0].user_key.as_ref().unwrap().expose().hash("u"),
+            crate::fold::hmac_user(KEY.as_bytes(), "u")
         );
     }
 

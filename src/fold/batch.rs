@@ -163,11 +163,11 @@ pub struct Entry {
     /// Stock changes and alert evaluations, in commit order.
     pub trace: Vec<TraceRec>,
     /// Summed lifetime counter increments.
-    pub counters: VecMap<String, i64>,
+    pub counters: VecMap<super::Name, i64>,
     /// (counter, minute) -> summed bucket increment.
-    pub buckets: VecMap<(String, i64), i64>,
+    pub buckets: VecMap<(super::Name, i64), i64>,
     /// (counter, minute) -> HMAC'd user ids seen, sorted, no duplicates.
-    pub users: VecMap<(String, i64), Vec<super::UserId>>,
+    pub users: VecMap<(super::Name, i64), Vec<super::UserId>>,
     /// Row field -> index in `rows`, once there are many.
     // boxed for the entry's size (8 bytes instead of 48), not the map's
     #[allow(clippy::box_collection)]
@@ -541,7 +541,7 @@ mod tests {
         let a = &b.entries()[0];
         assert_eq!((a.first, a.last), ((Lsn(20), 0), (Lsn(30), 0)));
         assert_eq!(a.counters["views"], 4);
-        assert_eq!(*a.buckets.get(&("views".to_string(), 7)).unwrap(), 4);
+        assert_eq!(*a.buckets.get(&("views".into(), 7)).unwrap(), 4);
         assert_eq!(a.trace.len(), 1);
         assert!(a.trace[0].eval);
         let bb = &b.entries()[1];

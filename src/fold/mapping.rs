@@ -68,11 +68,24 @@ pub struct HopSpec {
 pub struct ActivitySpec {
     pub map: ActivityMap,
     pub windows_secs: Vec<u64>,
-    /// HMAC key for user ids (present iff `user` is mapped, in a mapping built by
+    /// The HMAC of user ids, keyed (present iff `user` is mapped, in a mapping built by
     /// [`Mapping::from_config`]; redacted in Debug).
-    pub user_key: Option<crate::secret::Secret<Vec<u8>>>,
+    pub user_key: Option<crate::secret::Secret<super::UserHasher>>,
     /// Its row filter (empty: every row).
     pub filter: Filter,
+    /// Kind -> the counter its rows count into, as entries name it.
+    pub names: BTreeMap<String, CounterName>,
+}
+
+/// A counter as the fold writes it.
+#[derive(Debug, Clone)]
+pub struct CounterName {
+    /// The name in entries: `?<counter>` for a `known_skus_only` table (the apply step
+    /// counts such a name only for a SKU with stock rows).
+    pub name: super::Name,
+    /// Whether it has window buckets (a window is configured, or it is `purchases`,
+    /// whose hour the state messages report).
+    pub buckets: bool,
 }
 
 impl Mapping {
@@ -102,14 +115,37 @@ impl Mapping {
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let user_key = if with_keys { cfg.user_key(i)? } else { None };
+            let user_key = if with_keys {
+                cfg.user_key(i)?
+                    .map(|k| crate::secret::Secret::new(super::UserHasher::new(k.expose())))
+            } else {
+                None
+            };
             let filter =
                 Filter::parse(&a.filter).map_err(|e| ConfigError(format!("activity[{i}].{e}")))?;
+            let names = a
+                .counters
+                .iter()
+                .map(|(kind, counter)| {
+                    let name = if a.known_skus_only {
+                        format!("?{counter}")
+                    } else {
+                        counter.clone()
+                    };
+                    let buckets = !windows_secs.is_empty() || counter == "purchases";
+                    let name = CounterName {
+                        name: name.into(),
+                        buckets,
+                    };
+                    (kind.clone(), name)
+                })
+                .collect();
             activity.push(ActivitySpec {
                 map: a.clone(),
                 windows_secs,
                 user_key,
                 filter,
+                names,
             });
         }
         // The fingerprint covers what changes the meaning of stored values, not secrets.

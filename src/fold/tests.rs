@@ -150,6 +150,21 @@ fn fold_txn(fold: &mut Fold, lsn: u64, changes: &[Change]) -> Vec<Piece> {
 }
 
 #[test]
+fn user_ids_are_the_first_128_bits_of_hmac_sha256_with_the_key_hashed_once() {
+    // RFC 4231, test case 2
+    let want = "5bdcc146bf60754e6a042426089575c7";
+    assert_eq!(
+        hmac_user(b"Jefe", "what do ya want for nothing?").to_string(),
+        want
+    );
+    let h = UserHasher::new(b"Jefe");
+    for _ in 0..2 {
+        assert_eq!(h.hash("what do ya want for nothing?").to_string(), want);
+    }
+    assert_ne!(h.hash("alice"), h.hash("bob"));
+}
+
+#[test]
 fn stock_rows_sum_per_sku_and_location_and_deletes_subtract() {
     let inv = inventory(ReplicaIdentity::Default);
     let mut fold = Fold::new(mapping(), 1000);
@@ -921,9 +936,9 @@ fn event_times_far_after_the_commit_count_at_the_commit_time() {
     ];
     let pieces = fold_txn(&mut fold, 100, &ch);
     let d = &pieces.last().unwrap().skus["A"];
-    let want: vecmap::VecMap<(String, i64), i64> = [
-        (("views".to_string(), commit_min), 1),
-        (("views".to_string(), commit_min + 4), 1),
+    let want: vecmap::VecMap<(Name, i64), i64> = [
+        (("views".into(), commit_min), 1),
+        (("views".into(), commit_min + 4), 1),
     ]
     .into_iter()
     .collect();

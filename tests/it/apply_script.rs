@@ -78,8 +78,8 @@ fn random_piece_with(rng: &mut StdRng, lsn: u64, piece: u32, last: bool, activit
         }
         if rng.random_bool(activity) {
             // `?`: from an activity table with known_skus_only (counts only with stock)
-            let c =
-                ["views", "purchases", "?views", "?purchases"][rng.random_range(0..4)].to_string();
+            let c: skusync::fold::Name =
+                ["views", "purchases", "?views", "?purchases"][rng.random_range(0..4)].into();
             let n = rng.random_range(1..4);
             // minutes in 2046: their distinct-user keys expire after the test
             let m = 40_000_000 + rng.random_range(0..12);
@@ -687,7 +687,7 @@ async fn a_plan_read_ahead_is_written_thin_unless_its_hash_changed_since() {
     let viewed = |sku: &str, on_hand: i64, lsn: u64| {
         let mut p = stock_piece(sku, on_hand, lsn);
         for d in p.skus.values_mut() {
-            *d.counters.entry_or_default("views".to_string()) += 1;
+            *d.counters.entry_or_default("views".into()) += 1;
         }
         p
     };

@@ -1947,11 +1947,11 @@ fn encode_call(
         c.arg(&trace[..]);
         c.arg(e.counters.len());
         for (k, v) in &e.counters {
-            c.arg(k).arg(*v);
+            c.arg(&**k).arg(*v);
         }
         c.arg(e.buckets.len());
         for ((k, m), v) in &e.buckets {
-            c.arg(k).arg(*m).arg(*v);
+            c.arg(&**k).arg(*m).arg(*v);
         }
         let chunks: usize = e
             .users
@@ -1961,7 +1961,7 @@ fn encode_call(
         c.arg(chunks);
         for ((k, m), ids) in &e.users {
             for chunk in ids.chunks(USERS_PER_PFADD) {
-                c.arg(k).arg(*m).arg(chunk.len());
+                c.arg(&**k).arg(*m).arg(chunk.len());
                 for id in chunk {
                     c.arg(&id.hex()[..]);
                 }

@@ -53,7 +53,7 @@ pub fn reads<'a>(e: &'a Entry, s: &'a ApplySettings) -> Option<Vec<Cow<'a, str>>
     }
     // A counter the mapping does not name is read by the script one by one (and its
     // window's high-water mark is not read at all).
-    let configured = |c: &String| {
+    let configured = |c: &crate::fold::Name| {
         let c = c.strip_prefix('?').unwrap_or(c);
         s.counters.iter().any(|x| x == c)
     };
@@ -573,8 +573,8 @@ fn windows<'a, V: AsRef<str>>(
     let buckets = e.buckets.as_slice();
     let mut i = 0;
     while keep > 0 && i < buckets.len() {
-        let raw = buckets[i].0.0.as_str();
-        let j = i + buckets[i..].iter().take_while(|b| b.0.0 == raw).count();
+        let raw: &str = &buckets[i].0.0;
+        let j = i + buckets[i..].iter().take_while(|b| &*b.0.0 == raw).count();
         let group = &buckets[i..j];
         i = j;
         let Some(c) = counted(raw, stocked) else {
@@ -962,7 +962,7 @@ mod tests {
     fn activity(counters: &[(&str, i64)]) -> Entry {
         let mut d = SkuDelta::default();
         for (c, n) in counters {
-            d.counters.insert(c.to_string(), *n);
+            d.counters.insert((*c).into(), *n);
         }
         one_entry(d, 5, false)
     }
