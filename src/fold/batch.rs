@@ -20,7 +20,9 @@
 use super::vecmap::{VecMap, insert_sorted};
 use super::{Field, Piece, RowOp, SkuDelta};
 use crate::lsn::Lsn;
+use hashbrown::hash_table::{Entry as Slot, HashTable};
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 
 /// (commit LSN, piece number): the fence unit.
 pub type Fence = (Lsn, u32);
@@ -292,7 +294,7 @@ impl Entry {
         self.commit_ms = commit_ms;
         let before = self.trace.len();
         let n = d.rows.len();
-        if self.trace.is_empty() {
+        if self.trace.is_empty() && (n > 0 || eval) {
             // Sized exactly for the first piece (see `merge_row`); merging grows it.
             self.trace.reserve_exact(n.max(1));
         }
@@ -325,18 +327,31 @@ impl Entry {
         }
         self.guarded |= d.counters.keys().any(|c| super::model::is_guarded(c))
             || d.buckets.keys().any(|(c, _)| super::model::is_guarded(c));
-        for (c, n) in d.counters {
-            let v = self.counters.entry_or_default(c);
-            *v = v.saturating_add(n);
+        // The first piece's maps become the entry's (most entries hold one piece).
+        if self.counters.is_empty() {
+            self.counters = d.counters;
+        } else {
+            for (c, n) in d.counters {
+                let v = self.counters.entry_or_default(c);
+                *v = v.saturating_add(n);
+            }
         }
-        for (k, n) in d.buckets {
-            let v = self.buckets.entry_or_default(k);
-            *v = v.saturating_add(n);
+        if self.buckets.is_empty() {
+            self.buckets = d.buckets;
+        } else {
+            for (k, n) in d.buckets {
+                let v = self.buckets.entry_or_default(k);
+                *v = v.saturating_add(n);
+            }
         }
-        for (k, ids) in d.users {
-            let set = self.users.entry_or_default(k);
-            for id in ids {
-                insert_sorted(set, id);
+        if self.users.is_empty() {
+            self.users = d.users;
+        } else {
+            for (k, ids) in d.users {
+                let set = self.users.entry_or_default(k);
+                for id in ids {
+                    insert_sorted(set, id);
+                }
             }
         }
         self.trace.len() - before
@@ -355,7 +370,10 @@ fn inherit<T>(new: Field<T>, prev: Field<T>) -> Field<T> {
 pub struct Batch {
     entries: Vec<Entry>,
     /// SKU -> index of the entry later pieces may merge into.
-    open: HashMap<String, usize, foldhash::fast::RandomState>,
+    /// Indices into `entries`, hashed by their SKU: the key is the entry's own, so
+    /// opening an entry does not copy its SKU.
+    open: HashTable<usize>,
+    hasher: foldhash::fast::RandomState,
     horizon: Lsn,
     steps: usize,
 }
@@ -435,8 +453,10 @@ impl Batch {
 
     fn add(&mut self, sku: String, fence: Fence, ms: i64, d: SkuDelta, eval: bool, merge: bool) {
         let before = self.entries.len();
+        let hash = self.hasher.hash_one(sku.as_str());
+        let entries = &self.entries;
         let open = merge
-            .then(|| self.open.get(&sku).copied())
+            .then(|| self.open.find(hash, |&i| entries[i].sku == sku).copied())
             .flatten()
             // Guarded activity counts only if the SKU has stock after its own
             // transaction, and the apply step looks after the entry's rows: a later stock
@@ -445,10 +465,17 @@ impl Batch {
         let i = match open {
             Some(i) => i,
             None => {
-                if merge {
-                    self.open.insert(sku.clone(), before);
-                } else {
-                    self.open.remove(&sku);
+                let entries = &self.entries;
+                let hasher = |&i: &usize| self.hasher.hash_one(entries[i].sku.as_str());
+                match self.open.entry(hash, |&i| entries[i].sku == sku, hasher) {
+                    Slot::Occupied(mut o) if merge => *o.get_mut() = before,
+                    Slot::Occupied(o) => {
+                        o.remove();
+                    }
+                    Slot::Vacant(v) if merge => {
+                        v.insert(before);
+                    }
+                    Slot::Vacant(_) => {}
                 }
                 self.entries.push(Entry::new(sku, fence, ms));
                 before
