@@ -14,10 +14,6 @@
 -- returned, and skusync applies it with the apply script. `end` is recorded only when
 -- every entry was written. Reply: {written, {missed position...}}.
 
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  return redis.error_reply('SKUSYNC_NOMETA meta hash missing: Redis lost its data; a resync is needed')
-end
-
 local batch_end, writer, floor = ARGV[1], ARGV[2], ARGV[3]
 local cluster = ARGV[4] == '1'
 
@@ -26,15 +22,27 @@ local function lsn_lt(a, b)
   return a < b
 end
 
--- The writer fence, as in apply.lua.
+local function no_meta()
+  return redis.error_reply('SKUSYNC_NOMETA meta hash missing: Redis lost its data; a resync is needed')
+end
+
+-- The writer fence, as in apply.lua. A missing meta hash has no writer either, so the
+-- common case reads the meta hash once (a call per slot on a cluster makes that count),
+-- and `applied_lsn` as read here is what the batch end is compared with below: nothing
+-- in this call writes it before then.
+local applied, read = false, false
 if writer ~= '' then
   local m = redis.call('HMGET', KEYS[1], 'writer', 'applied_lsn')
   if m[1] ~= writer then
+    if redis.call('EXISTS', KEYS[1]) == 0 then return no_meta() end
     return redis.error_reply('SKUSYNC_FENCED ' .. tostring(m[1] or 'none'))
   end
   if floor ~= '' and (not m[2] or lsn_lt(m[2], floor)) then
     return redis.error_reply('SKUSYNC_ROLLBACK ' .. tostring(m[2] or 'none'))
   end
+  applied, read = m[2], true
+elseif redis.call('EXISTS', KEYS[1]) == 0 then
+  return no_meta()
 end
 
 -- Every fence is read before anything is written (as in apply.lua): a refused read
@@ -96,8 +104,8 @@ while not cluster and i <= nc do
 end
 
 if batch_end ~= '' and #missed == 0 then
-  local cur = redis.call('HGET', KEYS[1], 'applied_lsn')
-  if not cur or lsn_lt(cur, batch_end) then
+  if not read then applied = redis.call('HGET', KEYS[1], 'applied_lsn') end
+  if not applied or lsn_lt(applied, batch_end) then
     redis.call('HSET', KEYS[1], 'applied_lsn', batch_end)
   end
 end
