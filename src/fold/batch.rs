@@ -327,33 +327,14 @@ impl Entry {
         }
         self.guarded |= d.counters.keys().any(|c| super::model::is_guarded(c))
             || d.buckets.keys().any(|(c, _)| super::model::is_guarded(c));
-        // The first piece's maps become the entry's (most entries hold one piece).
-        if self.counters.is_empty() {
-            self.counters = d.counters;
-        } else {
-            for (c, n) in d.counters {
-                let v = self.counters.entry_or_default(c);
-                *v = v.saturating_add(n);
+        let sum = |v: &mut i64, n: i64| *v = v.saturating_add(n);
+        self.counters.absorb(d.counters, sum);
+        self.buckets.absorb(d.buckets, sum);
+        self.users.absorb(d.users, |set, ids| {
+            for id in ids {
+                insert_sorted(set, id);
             }
-        }
-        if self.buckets.is_empty() {
-            self.buckets = d.buckets;
-        } else {
-            for (k, n) in d.buckets {
-                let v = self.buckets.entry_or_default(k);
-                *v = v.saturating_add(n);
-            }
-        }
-        if self.users.is_empty() {
-            self.users = d.users;
-        } else {
-            for (k, ids) in d.users {
-                let set = self.users.entry_or_default(k);
-                for id in ids {
-                    insert_sorted(set, id);
-                }
-            }
-        }
+        });
         self.trace.len() - before
     }
 }
@@ -369,9 +350,8 @@ fn inherit<T>(new: Field<T>, prev: Field<T>) -> Field<T> {
 #[derive(Debug, Default)]
 pub struct Batch {
     entries: Vec<Entry>,
-    /// SKU -> index of the entry later pieces may merge into.
-    /// Indices into `entries`, hashed by their SKU: the key is the entry's own, so
-    /// opening an entry does not copy its SKU.
+    /// The entries later pieces may merge into: indices into `entries`, hashed by the
+    /// entry's own SKU, so opening an entry does not copy its SKU.
     open: HashTable<usize>,
     hasher: foldhash::fast::RandomState,
     horizon: Lsn,

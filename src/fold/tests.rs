@@ -150,7 +150,7 @@ fn fold_txn(fold: &mut Fold, lsn: u64, changes: &[Change]) -> Vec<Piece> {
 }
 
 #[test]
-fn user_ids_are_the_first_128_bits_of_hmac_sha256_with_the_key_hashed_once() {
+fn user_ids_are_the_first_128_bits_of_hmac_sha256_and_a_keyed_hasher_is_reusable() {
     // RFC 4231, test case 2
     let want = "5bdcc146bf60754e6a042426089575c7";
     assert_eq!(

@@ -87,6 +87,22 @@ impl<K: Ord, V> VecMap<K, V> {
         self.0.iter().map(|(k, v)| (k, v))
     }
 
+    /// Merge `other` in: each of its values is combined into this map's value of its key
+    /// (`V::default()` when absent) by `merge`. An empty map takes `other` whole, vector
+    /// and all (most batch entries hold one piece).
+    pub fn absorb(&mut self, other: VecMap<K, V>, mut merge: impl FnMut(&mut V, V))
+    where
+        V: Default,
+    {
+        if self.is_empty() {
+            *self = other;
+            return;
+        }
+        for (k, v) in other {
+            merge(self.entry_or_default(k), v);
+        }
+    }
+
     /// The pairs in key order, as a slice (to walk runs of keys).
     pub fn as_slice(&self) -> &[(K, V)] {
         &self.0
@@ -157,6 +173,28 @@ mod tests {
             for (k, n) in &b {
                 prop_assert_eq!(v.get(k.as_str()), Some(n));
             }
+        }
+
+        #[test]
+        fn absorbing_a_map_sums_as_merging_btree_maps_does(
+            a in proptest::collection::vec((0u8..10, -5i64..5), 0..20),
+            b in proptest::collection::vec((0u8..10, -5i64..5), 0..20),
+        ) {
+            let build = |ops: &[(u8, i64)]| {
+                let mut v: VecMap<u8, i64> = VecMap::default();
+                for &(k, n) in ops {
+                    *v.entry_or_default(k) += n;
+                }
+                v
+            };
+            let mut want = std::collections::BTreeMap::<u8, i64>::new();
+            for &(k, n) in a.iter().chain(&b) {
+                *want.entry(k).or_default() += n;
+            }
+            let mut v = build(&a);
+            v.absorb(build(&b), |x, n| *x += n);
+            let got: Vec<(u8, i64)> = v.iter().map(|(k, n)| (*k, *n)).collect();
+            prop_assert_eq!(got, want.into_iter().collect::<Vec<_>>());
         }
 
         #[test]
