@@ -22,6 +22,8 @@ struct ClusterRig {
     daemon: Option<Daemon>,
     dir: tempfile::TempDir,
     markers: u64,
+    /// The daemon's metrics port.
+    http: u16,
 }
 
 impl ClusterRig {
@@ -40,6 +42,7 @@ impl ClusterRig {
             daemon: None,
             dir: tempfile::tempdir().expect("tempdir"),
             markers: 0,
+            http: crate::harness::free_port(),
         }
     }
 
@@ -56,7 +59,11 @@ impl ClusterRig {
             1,
         );
         assert_ne!(with, text, "the [redis] section was not found:\n{text}");
-        format!("{with}{}", mqtt_toml(&self.broker, 0))
+        format!(
+            "{with}{}\n[http]\nlisten = \"127.0.0.1:{}\"\n",
+            mqtt_toml(&self.broker, 0),
+            self.http
+        )
     }
 
     async fn start(&mut self) {
@@ -276,6 +283,15 @@ async fn a_redis_cluster_stays_exact_through_a_reshard_a_failover_and_a_primary_
     );
     rig.drain(Duration::from_secs(90)).await;
     rig.assert_converges(Duration::from_secs(60)).await;
+    // thin apply wrote a primary's slots in one call (and went one call per slot when
+    // the reshard, the failover or the kill refused one)
+    let node_calls = crate::harness::scrape_metric(rig.http, skusync::telemetry::NODE_CALLS);
+    let refused = crate::harness::scrape_metric(rig.http, skusync::telemetry::NODE_CALLS_REFUSED);
+    eprintln!("node calls: {node_calls:?}, refused: {refused:?}");
+    assert!(
+        node_calls.unwrap_or(0.0) >= 1.0,
+        "node calls: {node_calls:?}"
+    );
     // every key skusync wrote is in a slot of its SKU's tag: reading each SKU's hash and
     // its users through `redis-cli -c` works (the docs' example)
     let key = skusync::sinks::layout::sku_key("skusync", "a{b}c");
