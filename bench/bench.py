@@ -747,8 +747,13 @@ def cluster_catch_up(exe, quick, mapping="light"):
         backlog(st, skus, txns)
         end_i = lsn_int(st.psql("SELECT pg_current_wal_lsn()"))
         res = {"mapping": mapping, "transactions": txns, "rows": txns, "skus": skus, "primaries": len(ports)}
+        node_cli = lambda port, *a: subprocess.run(["redis-cli", "-p", str(port), *a], capture_output=True,
+                                                   text=True).stdout
         for name, cfg, get, pids in (("single", single_cfg, st.redis, [st.procs[0].pid]),
                                      ("cluster", cluster_cfg, cli_c, [p.pid for p in procs])):
+            nodes = [st.redis_port] if name == "single" else ports
+            for port in nodes:
+                node_cli(port, "CONFIG", "RESETSTAT")  # commandstats of the measured drain only
             cpu0 = [proc_stats(p)[0] for p in pids]
             t0 = time.time()
             s = Skusync(exe, st, cfg, f"skusync-{name}-measured")
@@ -762,10 +767,21 @@ def cluster_catch_up(exe, quick, mapping="light"):
             cpu, _ = s.stats()
             s.stop()
             redis_cpu = [round(proc_stats(p)[0] - c, 2) for p, c in zip(pids, cpu0)]
+            # every node's commands together: calls and Redis' own time in them
+            stats = {}
+            for port in nodes:
+                for line in node_cli(port, "INFO", "commandstats").splitlines():
+                    if line.startswith("cmdstat_"):
+                        cmd, kv = line[8:].split(":", 1)
+                        d = dict(x.split("=") for x in kv.split(","))
+                        t = stats.setdefault(cmd, {"calls": 0, "usec": 0})
+                        t["calls"] += int(d["calls"])
+                        t["usec"] += int(d["usec"])
             res[name] = {"s": round(took, 3), "rows_per_s": round(txns / took),
                          "skusync_cpu_us_per_row": round(cpu * 1e6 / txns, 2),
                          "redis_cpu_s": redis_cpu,
-                         "redis_cpu_us_per_row_per_primary": [round(c * 1e6 / txns, 2) for c in redis_cpu]}
+                         "redis_cpu_us_per_row_per_primary": [round(c * 1e6 / txns, 2) for c in redis_cpu],
+                         "redis_top_commands": top_commands(stats)}
         res["cluster_vs_single"] = round(res["single"]["s"] / res["cluster"]["s"], 2)
         return res
     finally:
@@ -1270,6 +1286,10 @@ def main():
               f"Redis CPU us/row {si['redis_cpu_us_per_row_per_primary']} vs per primary "
               f"{cu['redis_cpu_us_per_row_per_primary']} | skusync CPU us/row {si['skusync_cpu_us_per_row']} vs "
               f"{cu['skusync_cpu_us_per_row']}")
+        for name, r in (("single", si), ("cluster", cu)):
+            top = ", ".join(f"{c} {v['calls']} calls {v['usec'] / 1e6:.2f} s"
+                            for c, v in r.get("redis_top_commands", {}).items())
+            print(f"cluster    {cl['mapping']} {name:>7} Redis commands: {top}")
     lk = results.get("lookups")
     if lk:
         f, sl = lk["flat"], lk["saleor"]

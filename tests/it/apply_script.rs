@@ -407,17 +407,13 @@ async fn publish_marks_move_forward_and_never_recreate_a_hash() {
     let client = rsink::client(&[redis.url()], false, None).unwrap();
     let mut con = client.open().await.unwrap();
     let mark = |keys: &[&str], args: &[(&str, &str)]| {
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(skusync::sinks::mqtt::MARK_PUBLISHED)
-            .arg(keys.len());
-        for k in keys {
-            cmd.arg(*k);
-        }
-        for (l, st) in args {
-            // piece 0: this test is about LSNs (pieces: mqtt_publisher.rs)
-            cmd.arg(*l).arg("0").arg(*st);
-        }
-        cmd
+        // piece 0: this test is about LSNs (pieces: mqtt_publisher.rs)
+        let marks: Vec<(&str, u64, i64, &str)> = keys
+            .iter()
+            .zip(args)
+            .map(|(k, (l, st))| (*k, l.parse().unwrap(), 0, *st))
+            .collect();
+        skusync::sinks::mqtt::mark_published_cmd(marks.iter().copied(), None)
     };
     for (key, lsn) in [("a", "100"), ("b", "5")] {
         let _: () = redis::cmd("HSET")
@@ -517,6 +513,18 @@ async fn publish_marks_move_forward_and_never_recreate_a_hash() {
         Some("1000")
     );
     assert_eq!(hget(&mut con, "b", "pub_lsn").await.as_deref(), Some("5"));
+    // every hash is read before any is written, yet a second mark of a hash in the same
+    // call compares with the first: no step back
+    let r: Vec<i64> = mark(&["b", "b"], &[("7", "{\"b\":7}"), ("6", "{\"b\":6}")])
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(r, vec![1, 0]);
+    assert_eq!(hget(&mut con, "b", "pub_lsn").await.as_deref(), Some("7"));
+    assert_eq!(
+        hget(&mut con, "b", "pub_state").await.as_deref(),
+        Some("{\"b\":7}")
+    );
 }
 
 /// Everything the apply step leaves for a SKU: the hash (pending alerts without their
