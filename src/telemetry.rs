@@ -41,12 +41,6 @@ pub const THIN_ENTRIES: &str = "skusync_thin_entries_total";
 /// Apply calls written with thin reads sent ahead of the previous call's write
 /// (`Applier::plan_ahead`).
 pub const READ_AHEAD_CALLS: &str = "skusync_read_ahead_calls_total";
-/// Thin apply calls on a Redis Cluster that covered several slots of one primary
-/// (`Applier::thin_slot_calls`).
-pub const NODE_CALLS: &str = "skusync_redis_node_calls_total";
-/// Of those, the calls refused (a slot moved or migrating, a fence, a new primary) and
-/// sent again one call per slot.
-pub const NODE_CALLS_REFUSED: &str = "skusync_redis_node_calls_refused_total";
 /// State messages acknowledged by the broker.
 pub const MQTT_PUBLISHED: &str = "skusync_mqtt_published_total";
 /// Messages the broker refused (PUBACK reason) or that were too large to send.
@@ -415,22 +409,6 @@ fn skip_log() -> &'static SkipLog {
 /// An apply call was written with the thin reads made ahead of it.
 pub fn read_ahead_used() {
     counter!(READ_AHEAD_CALLS).increment(1);
-}
-
-/// A thin apply call covered several slots of one cluster primary.
-pub fn redis_node_call() {
-    counter!(NODE_CALLS).increment(1);
-}
-
-/// A thin apply call for `slots` slots of one primary was refused (`why`: the error,
-/// which names no row data) and goes again one call per slot.
-pub fn redis_node_call_refused(slots: usize, why: &str) {
-    tracing::debug!(
-        slots,
-        error = why,
-        "a call for several slots of one Redis node was refused; one call per slot for a while"
-    );
-    counter!(NODE_CALLS_REFUSED).increment(1);
 }
 
 /// The Redis apply script returned for transactions committed at `commit_unix_ms`

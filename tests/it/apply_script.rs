@@ -407,13 +407,17 @@ async fn publish_marks_move_forward_and_never_recreate_a_hash() {
     let client = rsink::client(&[redis.url()], false, None).unwrap();
     let mut con = client.open().await.unwrap();
     let mark = |keys: &[&str], args: &[(&str, &str)]| {
-        // piece 0: this test is about LSNs (pieces: mqtt_publisher.rs)
-        let marks: Vec<(&str, u64, i64, &str)> = keys
-            .iter()
-            .zip(args)
-            .map(|(k, (l, st))| (*k, l.parse().unwrap(), 0, *st))
-            .collect();
-        skusync::sinks::mqtt::mark_published_cmd(marks.iter().copied(), None)
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(skusync::sinks::mqtt::MARK_PUBLISHED)
+            .arg(keys.len());
+        for k in keys {
+            cmd.arg(*k);
+        }
+        for (l, st) in args {
+            // piece 0: this test is about LSNs (pieces: mqtt_publisher.rs)
+            cmd.arg(*l).arg("0").arg(*st);
+        }
+        cmd
     };
     for (key, lsn) in [("a", "100"), ("b", "5")] {
         let _: () = redis::cmd("HSET")
@@ -513,18 +517,6 @@ async fn publish_marks_move_forward_and_never_recreate_a_hash() {
         Some("1000")
     );
     assert_eq!(hget(&mut con, "b", "pub_lsn").await.as_deref(), Some("5"));
-    // every hash is read before any is written, yet a second mark of a hash in the same
-    // call compares with the first: no step back
-    let r: Vec<i64> = mark(&["b", "b"], &[("7", "{\"b\":7}"), ("6", "{\"b\":6}")])
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    assert_eq!(r, vec![1, 0]);
-    assert_eq!(hget(&mut con, "b", "pub_lsn").await.as_deref(), Some("7"));
-    assert_eq!(
-        hget(&mut con, "b", "pub_state").await.as_deref(),
-        Some("{\"b\":7}")
-    );
 }
 
 /// Everything the apply step leaves for a SKU: the hash (pending alerts without their
@@ -790,87 +782,6 @@ async fn thin_apply_on_a_cluster_through_redis_rs_leaves_exactly_what_the_script
     thin_and_script_leave_the_same(rsink::connect(&client).await.unwrap(), 30, None).await;
 }
 
-/// On a Redis Cluster thin apply writes the slots a primary serves in one call; when
-/// such a call is refused (here one slot's meta copy is gone, as after a failover that
-/// lost writes), nothing of it was written and its slots go again one call each: every
-/// other slot is written, and the refused slot's error is the apply's.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cluster_nodes_slots_go_in_one_thin_call_and_alone_when_it_is_refused() {
-    let cluster = crate::harness::RedisCluster::start(3, 0);
-    let client = rsink::client(&[cluster.seed_url()], true, None).unwrap();
-    let con = rsink::connect(&client).await.unwrap();
-    let mut mcon = con.clone();
-    let reader = rsink::reader::for_config(&[cluster.seed_url()], true, None);
-    let settings = ApplySettings {
-        scale: 0,
-        prefix: "node".into(),
-        keep_minutes: 5,
-        low_stock: 5,
-        counters: vec!["views".into()],
-        alert_history: 1000,
-        alert_history_age_ms: 0,
-        fence: Default::default(),
-    };
-    rsink::write_meta(&mut mcon, "node", 0, &[("bootstrap", "done".into())])
-        .await
-        .unwrap();
-    let mut applier = Applier::new(con, settings).with_reader(reader);
-    let skus: Vec<String> = (0..60).map(|k| format!("S{k:02}")).collect();
-    let batch_of = |lsn: u64, on_hand: i64| {
-        let mut batch = Batch::new(Lsn(0));
-        for (k, sku) in skus.iter().enumerate() {
-            batch.push(stock_piece(sku, on_hand, lsn + k as u64));
-        }
-        batch.take()
-    };
-    rsink::reset_all(&mut mcon, "node", Lsn(1), 0)
-        .await
-        .unwrap();
-    // new primaries have no script yet: their node calls come back NOSCRIPT, and the
-    // slot calls load it
-    let a = applier
-        .apply(&batch_of(500, 5), Some(Lsn(600)), false)
-        .await
-        .unwrap();
-    assert_eq!((a.applied, a.thin), (60, 60));
-    let (sent0, refused0) = applier.node_calls_made();
-    assert!(
-        sent0 >= 1 && refused0 == sent0,
-        "{sent0} sent, {refused0} refused"
-    );
-    let a = applier
-        .apply(&batch_of(1000, 10), Some(Lsn(1100)), false)
-        .await
-        .unwrap();
-    assert_eq!((a.applied, a.thin), (60, 60));
-    let (sent, refused) = applier.node_calls_made();
-    // 60 SKUs in about 60 slots of 3 primaries: one node call each
-    assert_eq!((sent - sent0, refused), (3, refused0));
-    // S07's slot loses its meta copy; the others keep theirs
-    let lost = layout::slot_of(layout::sku_key("node", "S07").as_bytes());
-    let _: () = redis::cmd("DEL")
-        .arg(layout::slot_meta_key("node", lost))
-        .query_async(&mut mcon)
-        .await
-        .unwrap();
-    let r = applier
-        .apply(&batch_of(2000, 20), Some(Lsn(2100)), false)
-        .await;
-    assert!(r.is_err(), "the slot without its meta copy refuses");
-    let (_, refused) = applier.node_calls_made();
-    assert!(refused >= 1, "the node call with that slot was refused");
-    for sku in &skus {
-        let key = layout::sku_key("node", sku);
-        let on: Option<String> = hget(&mut mcon, &key, "on_hand").await;
-        let expect = if layout::slot_of(key.as_bytes()) == lost {
-            "10"
-        } else {
-            "20"
-        };
-        assert_eq!(on.as_deref(), Some(expect), "{key}");
-    }
-}
-
 /// `rounds` random batches applied thin under one prefix (its reads on `reader`'s
 /// connections, or on `con`) and by the script alone under another; compared after
 /// every round.
@@ -1033,12 +944,6 @@ async fn thin_and_script_leave_the_same(
         let raced = raced.load(Ordering::SeqCst);
         eprintln!("scale {scale}: {written_thin} of {applied} entries thin, {raced} raced");
         assert!(raced > 0, "no thin write raced");
-        if mcon.is_cluster() {
-            // several slots of a primary in one call (shape '2' of thin.lua)
-            let (sent, refused) = thin.node_calls_made();
-            eprintln!("scale {scale}: {sent} node calls, {refused} refused");
-            assert!(sent > 0, "no node call");
-        }
         assert!(
             written_thin * 100 > applied * 8 && written_thin < applied,
             "{written_thin} of {applied} entries thin"

@@ -1196,10 +1196,17 @@ async fn the_publish_mark_records_the_epoch_sequence_and_only_raises_it() {
     let key = skusync::sinks::layout::sku_key(RP, "s");
     hset(&mut con, "s", &[("lsn", "10".into())]).await;
     let mark = |lsn: &str, seq: Option<&str>| {
-        mqtt::mark_published_cmd(
-            [(key.as_str(), lsn.parse().unwrap(), 0, "{}")],
-            seq.map(|s| s.parse().unwrap()),
-        )
+        let mut c = redis::cmd("EVAL");
+        c.arg(mqtt::MARK_PUBLISHED)
+            .arg(1)
+            .arg(&key)
+            .arg(lsn)
+            .arg("0")
+            .arg("{}");
+        if let Some(s) = seq {
+            c.arg(s);
+        }
+        c
     };
     let con2 = con.clone();
     let run = async |lsn: &str, seq: Option<&str>| {

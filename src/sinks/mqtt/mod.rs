@@ -131,7 +131,7 @@ mod tracker;
 
 pub use conn::{Broker, PASSWORD_ENV, parse_url};
 pub use payload::{Kind, PendingAlert, StateMessage, alert_payload, parse_alerts, state_message};
-pub use run::{EPOCH_INTERVAL, MARK_PUBLISHED, mark_published_cmd};
+pub use run::{EPOCH_INTERVAL, MARK_PUBLISHED};
 pub use sched::{Aging, Scheduler, Want};
 pub use topic::{EMPTY_SKU_LEVEL, decode_sku, encode_sku};
 pub use tracker::AckTracker;

@@ -254,27 +254,6 @@ impl RedisCon {
         )
     }
 
-    /// On a cluster, each slot's primary by the cached slot map (read when there is
-    /// none); `None` on a standalone server or when the map cannot be read.
-    pub(crate) async fn slot_nodes(&self) -> Option<SlotMap> {
-        let RedisCon::Cluster(cl) = self else {
-            return None;
-        };
-        cl.slot_map().await.ok()
-    }
-
-    /// On a cluster, each slot's primary by the cached slot map, without reading one
-    /// when there is none.
-    pub(crate) fn cached_slot_nodes(&self) -> Option<SlotMap> {
-        let RedisCon::Cluster(cl) = self else {
-            return None;
-        };
-        cl.slot_map
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
     /// Drop the cached slot map (a node redirected a command, or went away).
     pub(crate) fn forget_slot_map(&self) {
         if let RedisCon::Cluster(cl) = self {

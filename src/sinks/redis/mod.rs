@@ -493,22 +493,7 @@ pub struct Applier {
     reader: Option<std::sync::Arc<reader::HashReader>>,
     /// Unix ms until which `reader` is left out after one of its rounds failed.
     reader_pause: std::sync::Arc<std::sync::atomic::AtomicI64>,
-    /// On a cluster, thin apply sends the slots of one primary in one call (see
-    /// [`Applier::thin_slot_calls`]); `false`: one call per slot.
-    node_calls: bool,
-    /// Unix ms until which node calls are left out after one was refused.
-    node_pause: std::sync::Arc<std::sync::atomic::AtomicI64>,
-    /// Node calls sent and node calls refused (see [`Applier::node_calls_made`]).
-    node_stats: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
 }
-
-/// One cluster slot's thin writes: the slot, its mark (`None`: its script call records
-/// it) and its planned entries (indices into the call's entries, with their writes).
-type SlotWrites<'p, 'e> = (u16, Option<Lsn>, Vec<&'p (usize, thin::ThinWrite<'e>)>);
-
-/// How long thin apply sends one call per slot after a call for several slots of a node
-/// was refused (a resharding or failover is usually over by then).
-const NODE_CALL_PAUSE_MS: i64 = 10_000;
 
 /// Most HMGETs in one round of thin apply's reads: a whole call of the daemon's (500
 /// entries) in one, so that a call read ahead is answered before the previous call's
@@ -570,9 +555,6 @@ impl Applier {
             race: None,
             reader: None,
             reader_pause: Default::default(),
-            node_calls: true,
-            node_pause: Default::default(),
-            node_stats: Default::default(),
         }
     }
 
@@ -591,24 +573,6 @@ impl Applier {
     pub fn with_thin_race(mut self, race: ThinRace) -> Applier {
         self.race = Some(race);
         self
-    }
-
-    /// On a cluster, thin apply's calls one per slot, never several slots of a node in
-    /// one (to compare the two).
-    pub fn per_slot_calls(mut self) -> Applier {
-        self.node_calls = false;
-        self
-    }
-
-    /// On a cluster, how many thin apply calls covered several slots of one primary, and
-    /// how many of them were refused and sent again one call per slot (this applier and
-    /// its clones; the metrics count every applier's).
-    pub fn node_calls_made(&self) -> (u64, u64) {
-        let [sent, refused] = &*self.node_stats;
-        (
-            sent.load(std::sync::atomic::Ordering::Relaxed),
-            refused.load(std::sync::atomic::Ordering::Relaxed),
-        )
     }
 
     /// Every entry through the apply script, none thin (to compare the two).
@@ -898,34 +862,19 @@ impl Applier {
             .arg(token_arg(floor))
             .arg(if cluster { "1" } else { "0" });
         for (k, (_, w)) in planned.iter().enumerate() {
-            c.arg(k + 2);
-            encode_thin_write(&mut c, w);
-        }
-        c
-    }
-
-    /// One `thin.lua` call of shape '2' for several slots of one cluster node: per
-    /// slot, its planned entries and its mark (`None`: the slot's script call records
-    /// it). Routed by the first slot's meta copy, its one declared key.
-    fn encode_thin_node(&self, entries: &[Entry], slots: &[SlotWrites<'_, '_>]) -> redis::Cmd {
-        let s = &self.settings;
-        let mut c = redis::cmd("EVALSHA");
-        c.arg(self.thin.get_hash())
-            .arg(1)
-            .arg(layout::slot_meta_key(&s.prefix, slots[0].0))
-            .arg("")
-            .arg(token_arg(s.fence.token()))
-            .arg("")
-            .arg("2");
-        for (slot, mark, planned) in slots {
-            c.arg(layout::slot_meta_key(&s.prefix, *slot))
-                .arg(mark.map(|m| m.0.to_string()).unwrap_or_default())
-                .arg(token_arg(s.fence.slots.get(*slot)))
-                .arg(planned.len());
-            for (i, w) in planned {
-                c.arg(layout::sku_key(&s.prefix, &entries[*i].sku));
-                encode_thin_write(&mut c, w);
+            c.arg(k + 2)
+                .arg(w.expect_lsn.as_deref().unwrap_or(""))
+                .arg(w.expect_piece.as_deref().unwrap_or(""))
+                .arg(&w.lsn)
+                .arg(w.set.len());
+            for (f, v) in &w.set {
+                c.arg(f.as_ref()).arg(v);
             }
+            c.arg(w.del.len());
+            for f in &w.del {
+                c.arg(f.as_ref());
+            }
+            encode_key_ops(&mut c, &w.keys);
         }
         c
     }
@@ -1068,6 +1017,8 @@ impl Applier {
                 v.1.push(p);
             }
         }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
         let mut calls = Vec::new();
         for (slot, (n, ps)) in by_slot {
             if ps.is_empty() {
@@ -1075,17 +1026,17 @@ impl Applier {
             }
             let mark = marks[&slot];
             let whole = ps.len() == n;
+            let items: Vec<&(usize, thin::ThinWrite)> = ps.iter().map(|p| &planned[*p]).collect();
+            pipe.add_command(self.encode_thin(
+                &Call::Slot(slot),
+                entries,
+                &items,
+                whole.then_some(mark),
+            ));
             calls.push((slot, mark, whole, ps));
         }
-        let slot_writes: Vec<SlotWrites> = calls
-            .iter()
-            .map(|(slot, mark, whole, ps)| {
-                let items = ps.iter().map(|p| &planned[*p]).collect();
-                (*slot, whole.then_some(*mark), items)
-            })
-            .collect();
         let mut con = self.con.clone();
-        let replies = self.thin_slot_calls(entries, &slot_writes).await?;
+        let replies = self.slot_calls(&pipe).await?;
         let mut failed = None;
         for ((slot, mark, whole, ps), r) in calls.into_iter().zip(replies) {
             let r = match r {
@@ -1146,115 +1097,6 @@ impl Applier {
             return Err(self.slot_failed(slot, RedisSinkError::from_redis(e)).await);
         }
         Ok(done)
-    }
-
-    /// Thin apply's calls on a cluster (`slot_writes`: per slot, its mark and planned
-    /// entries), each slot's reply or error in order. The slots a primary serves go in
-    /// one call of shape '2' (see `thin.lua`), which saves Redis and skusync a script
-    /// call's fixed cost per slot: the SKUs of a batch sit in about as many slots as
-    /// there are SKUs, since each SKU is its own hash tag. A node call that fails for any
-    /// reason (a slot that moved or is migrating, a fence that refuses, a new primary
-    /// without the script, a proxy that refuses keys it was not told of) wrote nothing,
-    /// since the script reads every fence first; its slots then go again one call each,
-    /// which reports and handles each slot's error as before, and node calls pause for
-    /// [`NODE_CALL_PAUSE_MS`].
-    async fn thin_slot_calls(
-        &self,
-        entries: &[Entry],
-        slot_writes: &[SlotWrites<'_, '_>],
-    ) -> Result<Vec<redis::RedisResult<redis::Value>>, RedisSinkError> {
-        let per_slot = |k: usize| {
-            let (slot, mark, items) = &slot_writes[k];
-            self.encode_thin(&Call::Slot(*slot), entries, items, *mark)
-        };
-        let paused = self.node_pause.load(std::sync::atomic::Ordering::Relaxed);
-        let map =
-            if self.node_calls && slot_writes.len() > 1 && crate::telemetry::unix_ms() >= paused {
-                self.con.slot_nodes().await
-            } else {
-                None
-            };
-        // per node, the positions of its slots in `slot_writes` (one each without a map)
-        let mut nodes: Vec<Vec<usize>> = Vec::new();
-        let mut at: HashMap<&(String, u16), usize> = HashMap::new();
-        for (k, (slot, ..)) in slot_writes.iter().enumerate() {
-            match map.as_ref().and_then(|m| m.get(*slot as usize)?.as_ref()) {
-                Some(node) => {
-                    let g = *at.entry(node).or_insert_with(|| {
-                        nodes.push(Vec::new());
-                        nodes.len() - 1
-                    });
-                    nodes[g].push(k);
-                }
-                None => nodes.push(vec![k]),
-            }
-        }
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for ks in &nodes {
-            if let [k] = ks.as_slice() {
-                pipe.add_command(per_slot(*k));
-            } else {
-                let group: Vec<_> = ks.iter().map(|k| slot_writes[*k].clone()).collect();
-                pipe.add_command(self.encode_thin_node(entries, &group));
-            }
-        }
-        let replies = self.slot_calls(&pipe).await?;
-        let mut out: Vec<Option<redis::RedisResult<redis::Value>>> =
-            (0..slot_writes.len()).map(|_| None).collect();
-        let mut again = Vec::new();
-        for (ks, r) in nodes.iter().zip(replies) {
-            if let [k] = ks.as_slice() {
-                out[*k] = Some(r);
-                continue;
-            }
-            crate::telemetry::redis_node_call();
-            self.node_stats[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            match r {
-                Ok(redis::Value::Array(vs)) if vs.len() == ks.len() => {
-                    for (k, v) in ks.iter().zip(vs) {
-                        out[*k] = Some(Ok(v));
-                    }
-                }
-                r => {
-                    let why = match &r {
-                        Err(e) => describe(e),
-                        Ok(_) => "an unexpected reply".into(),
-                    };
-                    crate::telemetry::redis_node_call_refused(ks.len(), &why);
-                    self.node_stats[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    // A node without the script, or a slot's fence, is the slot calls'
-                    // to handle, and says nothing about the next node call; anything
-                    // else (a slot that moved, a proxy that refuses the keys) may
-                    // happen again, so node calls pause.
-                    let passing = r.as_ref().err().is_some_and(|e| {
-                        e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
-                            || e.code().is_some_and(|c| c.starts_with("SKUSYNC_"))
-                    });
-                    if !passing {
-                        self.node_pause.store(
-                            crate::telemetry::unix_ms() + NODE_CALL_PAUSE_MS,
-                            std::sync::atomic::Ordering::Relaxed,
-                        );
-                    }
-                    again.extend(ks.iter().copied());
-                }
-            }
-        }
-        if !again.is_empty() {
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for k in &again {
-                pipe.add_command(per_slot(*k));
-            }
-            for (k, r) in again.iter().zip(self.slot_calls(&pipe).await?) {
-                out[*k] = Some(r);
-            }
-        }
-        Ok(out
-            .into_iter()
-            .map(|r| r.unwrap_or(Ok(redis::Value::Nil)))
-            .collect())
     }
 
     /// A pipeline of per-slot calls on a cluster, each reply or the error it was, in
@@ -2156,23 +1998,6 @@ fn hmget_reply<'v>(reply: &'v redis::Value, out: &mut Vec<Option<&'v str>>) -> b
 /// A thin entry's distinct-user writes for `thin.lua`: the number of arguments that
 /// follow, then `d <suffix>`, `p <suffix> <n> <id>...` (at most [`USERS_PER_PFADD`] ids)
 /// or `e <suffix> <unix s>` each.
-/// One thin entry's arguments for `thin.lua` after its key (or key index): expected
-/// fence, new fence, fields to set and delete, distinct-user writes.
-fn encode_thin_write(c: &mut redis::Cmd, w: &thin::ThinWrite) {
-    c.arg(w.expect_lsn.as_deref().unwrap_or(""))
-        .arg(w.expect_piece.as_deref().unwrap_or(""))
-        .arg(&w.lsn)
-        .arg(w.set.len());
-    for (f, v) in &w.set {
-        c.arg(f.as_ref()).arg(v);
-    }
-    c.arg(w.del.len());
-    for f in &w.del {
-        c.arg(f.as_ref());
-    }
-    encode_key_ops(c, &w.keys);
-}
-
 fn encode_key_ops(c: &mut redis::Cmd, ops: &[thin::KeyOp]) {
     let n: usize = ops
         .iter()

@@ -34,7 +34,7 @@ mod epoch;
 mod marks;
 
 use epoch::{EpochPhase, SET_EPOCH, SWEEP_QUIET, Scan, Sweep};
-pub use marks::{MARK_PUBLISHED, mark_published_cmd};
+pub use marks::MARK_PUBLISHED;
 
 /// Messages queued or in flight at most (the request channel is larger, so queueing
 /// never blocks the publisher, which must also take the link's events).
@@ -177,9 +177,6 @@ pub(super) struct Task {
     /// SKUs of a full republish not yet acknowledged (epoch mismatch).
     outstanding: Option<HashSet<String>>,
     redis_pause_until: Option<Instant>,
-    /// On a Redis Cluster, when a call marking a node's hashes last failed (the marks
-    /// then go per slot for a while; see [`Task::mark_groups`]).
-    node_marks_pause: Option<Instant>,
     /// Maximum packet size the broker announced in CONNACK.
     broker_max: Option<usize>,
     /// SKUs whose messages did not fit that size when last built (logged once each).
@@ -242,7 +239,6 @@ impl Task {
             prune_at: 4096,
             outstanding: None,
             redis_pause_until: None,
-            node_marks_pause: None,
             broker_max: None,
             oversized: HashSet::new(),
             next_aging: Instant::now(),
