@@ -983,6 +983,25 @@ def latency(exe, rate, quick, fmt="json", pg_protocol="prepared"):
             except (ValueError, KeyError, IndexError, struct.error):
                 continue
         immediate, held = split_latencies(messages, min_interval)
+        if os.environ.get("SKUSYNC_BENCH_SERIES"):
+            # SKUSYNC_BENCH_SERIES=1: the worst commit -> subscriber latency per 500 ms of
+            # receive time, to tell a steady queue from stalls
+            # (messages held back by the throttle left out, as in the percentiles)
+            worst, last_send = {}, {}
+            for recv, topic, j in messages:
+                if "ts" not in j or "as_of" in j:
+                    continue
+                t = float(recv)
+                commit = time.mktime(time.strptime(j["ts"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone \
+                    + int(j["ts"][20:23]) / 1000
+                prev = last_send.get(topic)
+                last_send[topic] = t
+                if prev is not None and (commit - prev) * 1000 < min_interval:
+                    continue
+                b = int(t * 2)
+                worst[b] = max(worst.get(b, 0), round((t - commit) * 1000))
+            first = min(worst) if worst else 0
+            print("series " + " ".join(f"{(b - first) / 2:.1f}:{worst[b]}" for b in sorted(worst)), file=sys.stderr)
         return {"rate_tx_per_s": rate, "format": fmt, "pg_protocol": pg_protocol, "seconds": secs, "skus": skus, "min_interval_ms": min_interval,
                 "messages": len(immediate) + len(held),
                 "immediate": {"n": len(immediate), "p50_ms": pct(immediate, 50), "p95_ms": pct(immediate, 95),
