@@ -127,8 +127,28 @@ impl RedisCluster {
     }
 
     /// `CLUSTER FAILOVER` on `replica` (a coordinated switch, no writes lost); returns once
-    /// it is a primary and every node agrees again.
+    /// it is a primary and every node agrees again. It starts only once the replica's view
+    /// gives its primary the slots the primary says it owns: a replica takes over the
+    /// slots it knows of, and one that missed a reshard's last slot would leave it
+    /// uncovered.
     pub fn failover(&self, replica: usize) {
+        if let Some(p) = self
+            .primaries()
+            .into_iter()
+            .find(|p| self.replica_of(*p) == Some(replica))
+        {
+            let id = self.id(p);
+            let known = wait_until(Duration::from_secs(30), || {
+                let own = slots_in_view(&self.nodes[p].cli(&["CLUSTER", "NODES"]), &id);
+                let seen = slots_in_view(&self.nodes[replica].cli(&["CLUSTER", "NODES"]), &id);
+                !own.is_empty() && own == seen
+            });
+            assert!(
+                known,
+                "replica {replica} never saw its primary's slots:\n{}",
+                self.views()
+            );
+        }
         self.nodes[replica].cli(&["CLUSTER", "FAILOVER"]);
         assert!(
             wait_until(Duration::from_secs(30), || role(&self.nodes[replica])
@@ -237,8 +257,33 @@ impl RedisCluster {
             (ok, last) = redis_cli(&["--cluster", "check", &format!("127.0.0.1:{port}")]);
             ok && !last.contains("[WARNING]") && !last.contains("[ERR]")
         });
-        assert!(ok, "the nodes never agreed:\n{last}");
+        assert!(ok, "the nodes never agreed:\n{last}\n{}", self.views());
     }
+
+    /// Every running node's `CLUSTER NODES`, for a failure message.
+    fn views(&self) -> String {
+        self.up()
+            .map(|(i, n)| {
+                let view = n.try_cli(&["CLUSTER", "NODES"]).unwrap_or_else(|e| e);
+                format!("--- node {i} (port {}):\n{view}", n.port())
+            })
+            .collect()
+    }
+}
+
+/// The slots (and slot ranges) the node with ID `id` serves in one node's `CLUSTER
+/// NODES` output, leaving out slots being migrated or imported.
+fn slots_in_view(view: &str, id: &str) -> Vec<String> {
+    view.lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .map(|l| {
+            l.split_whitespace()
+                .skip(8)
+                .filter(|f| !f.starts_with('['))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Runs `redis-cli` with `args`: whether it succeeded, and its stdout and stderr.
