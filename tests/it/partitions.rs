@@ -150,8 +150,24 @@ async fn a_partition_streamed_before_its_creating_transaction_is_visible_still_c
     rig.exec("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
         .await;
     rig.exec("SELECT pg_reload_conf()").await;
-    // a new session reads the configuration as it starts
-    let held = rig.pg.client("postgres").await;
+    // A new session reads the configuration as it starts, once the postmaster has
+    // reloaded it (a signal, handled in its own time): wait for a session that sees it.
+    let start = std::time::Instant::now();
+    let held = loop {
+        let c = rig.pg.client("postgres").await;
+        let row = c
+            .query_one("SHOW synchronous_standby_names", &[])
+            .await
+            .expect("SHOW");
+        if row.get::<_, String>(0) == "nobody" {
+            break c;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the configuration was never reloaded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let commit = tokio::spawn(async move {
         held.batch_execute(
             "CREATE TABLE activity_log_2100 PARTITION OF activity_log FOR VALUES FROM ('2100-01-01') TO ('2200-01-01');
