@@ -193,12 +193,11 @@ def pg_recvlogical(st, host, slot, end):
                    check=True)
 
 
-def split_latencies(messages, min_interval):
-    """Commit -> receive latencies (ms) of state messages `(recv seconds, topic, payload)`,
-    split into (immediate, held): held back by the per-SKU throttle when the previous
-    message for that SKU was sent less than `min_interval` ms before this commit (they
-    wait by design and are reported apart)."""
-    immediate, held = [], []
+def classify_latencies(messages, min_interval):
+    """Per state message `(recv seconds, topic, payload)`: (recv seconds, commit -> receive
+    ms, held), held when the throttle held it back: the previous message for that SKU was
+    sent less than `min_interval` ms before this commit (it waits by design)."""
+    out = []
     last_send = {}
     for recv, topic, j in messages:
         if "ts" not in j or "as_of" in j:
@@ -207,8 +206,17 @@ def split_latencies(messages, min_interval):
         commit_ms = time.mktime(time.strptime(j["ts"][:19], "%Y-%m-%dT%H:%M:%S")) * 1000 - time.timezone * 1000 \
             + int(j["ts"][20:23])
         prev = last_send.get(topic)
-        (held if prev is not None and commit_ms - prev < min_interval else immediate).append(recv_ms - commit_ms)
+        out.append((float(recv), recv_ms - commit_ms, prev is not None and commit_ms - prev < min_interval))
         last_send[topic] = recv_ms
+    return out
+
+
+def split_latencies(messages, min_interval):
+    """Commit -> receive latencies (ms) of state messages, split into (immediate, held):
+    see `classify_latencies` (held ones are reported apart)."""
+    immediate, held = [], []
+    for _, lat, h in classify_latencies(messages, min_interval):
+        (held if h else immediate).append(lat)
     return immediate, held
 
 
@@ -284,15 +292,21 @@ def wait(pred, timeout, what, log=None):
         time.sleep(0.02)
 
 
-def redis_command_stats(st):
-    """{command: {calls, usec}} since the last CONFIG RESETSTAT."""
-    stats = {}
-    for line in st.redis("INFO", "commandstats").splitlines():
+def add_command_stats(stats, info):
+    """Adds an `INFO commandstats` reply's {command: {calls, usec}} into `stats`."""
+    for line in info.splitlines():
         if line.startswith("cmdstat_"):
             name, kv = line[8:].split(":", 1)
             d = dict(x.split("=") for x in kv.split(","))
-            stats[name] = {"calls": int(d["calls"]), "usec": int(d["usec"])}
+            t = stats.setdefault(name, {"calls": 0, "usec": 0})
+            t["calls"] += int(d["calls"])
+            t["usec"] += int(d["usec"])
     return stats
+
+
+def redis_command_stats(st):
+    """{command: {calls, usec}} since the last CONFIG RESETSTAT."""
+    return add_command_stats({}, st.redis("INFO", "commandstats"))
 
 
 def top_commands(stats, since=None):
@@ -770,13 +784,7 @@ def cluster_catch_up(exe, quick, mapping="light"):
             # every node's commands together: calls and Redis' own time in them
             stats = {}
             for port in nodes:
-                for line in node_cli(port, "INFO", "commandstats").splitlines():
-                    if line.startswith("cmdstat_"):
-                        cmd, kv = line[8:].split(":", 1)
-                        d = dict(x.split("=") for x in kv.split(","))
-                        t = stats.setdefault(cmd, {"calls": 0, "usec": 0})
-                        t["calls"] += int(d["calls"])
-                        t["usec"] += int(d["usec"])
+                add_command_stats(stats, node_cli(port, "INFO", "commandstats"))
             res[name] = {"s": round(took, 3), "rows_per_s": round(txns / took),
                          "skusync_cpu_us_per_row": round(cpu * 1e6 / txns, 2),
                          "redis_cpu_s": redis_cpu,
@@ -987,19 +995,11 @@ def latency(exe, rate, quick, fmt="json", pg_protocol="prepared"):
             # SKUSYNC_BENCH_SERIES=1: the worst commit -> subscriber latency per 500 ms of
             # receive time, to tell a steady queue from stalls
             # (messages held back by the throttle left out, as in the percentiles)
-            worst, last_send = {}, {}
-            for recv, topic, j in messages:
-                if "ts" not in j or "as_of" in j:
-                    continue
-                t = float(recv)
-                commit = time.mktime(time.strptime(j["ts"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone \
-                    + int(j["ts"][20:23]) / 1000
-                prev = last_send.get(topic)
-                last_send[topic] = t
-                if prev is not None and (commit - prev) * 1000 < min_interval:
-                    continue
-                b = int(t * 2)
-                worst[b] = max(worst.get(b, 0), round((t - commit) * 1000))
+            worst = {}
+            for recv, lat, h in classify_latencies(messages, min_interval):
+                if not h:
+                    b = int(recv * 2)
+                    worst[b] = max(worst.get(b, 0), round(lat))
             first = min(worst) if worst else 0
             print("series " + " ".join(f"{(b - first) / 2:.1f}:{worst[b]}" for b in sorted(worst)), file=sys.stderr)
         return {"rate_tx_per_s": rate, "format": fmt, "pg_protocol": pg_protocol, "seconds": secs, "skus": skus, "min_interval_ms": min_interval,
