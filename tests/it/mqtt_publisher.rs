@@ -1319,6 +1319,67 @@ async fn after_a_clean_stop_the_next_start_republishes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marks_go_by_sha_and_a_flushed_script_cache_loses_no_mark_and_republishes_nothing() {
+    let r = RedisServer::start();
+    let m = MosquittoServer::start();
+    let mut con = redis(&r).await;
+    meta(&mut con).await;
+    let want = three_skus(&mut con).await;
+    let p = Running::start(publisher_config(mqtt_config(m.url())), &r).await;
+    for (sku, lsn) in &want {
+        wait_published(&mut con, sku, *lsn).await;
+    }
+    epoch_stored(&con).await;
+    // Redis forgets every script (as a restarted node or a promoted replica has none)
+    redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async::<()>(&mut con)
+        .await
+        .unwrap();
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async::<()>(&mut con)
+        .await
+        .unwrap();
+    let before = p.handle.stats().snapshot().published;
+    hset(
+        &mut con,
+        "a",
+        &[("on_hand", "9".into()), ("lsn", "300".into())],
+    )
+    .await;
+    p.handle.changed(["a".to_string()]);
+    wait_published(&mut con, "a", 300).await;
+    let errors: String = redis::cmd("INFO")
+        .arg("errorstats")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(
+        errors.contains("errorstat_NOSCRIPT"),
+        "the mark went by SHA and was refused: {errors}"
+    );
+    let sha = redis::Script::new(mqtt::MARK_PUBLISHED)
+        .get_hash()
+        .to_string();
+    let cached: Vec<i64> = redis::cmd("SCRIPT")
+        .arg("EXISTS")
+        .arg(&sha)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(cached, vec![1], "the retry sent the script itself");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        p.handle.stats().snapshot().published - before,
+        1,
+        "only the changed SKU was published: the refused mark was recorded, not republished"
+    );
+    assert!(hget(&mut con, "a", "pub_state").await.is_some());
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_epoch_written_before_sequences_is_read_without_a_republish() {
     let r = RedisServer::start();
     let m = MosquittoServer::start();

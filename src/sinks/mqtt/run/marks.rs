@@ -61,18 +61,21 @@ impl Task {
     /// queued marks in one pipelined round trip. Read rounds carry the marks themselves
     /// (see [`work`](Self::work)); this sends them on their own.
     pub(super) async fn flush_marks(&mut self) {
-        if self.marks.is_empty() {
-            return;
-        }
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        let marks = self.queue_marks(&mut pipe);
-        let r: Result<Vec<redis::Value>, _> = pipe.query_async(&mut self.redis).await;
-        match r {
-            Ok(vals) => self.settle_marks(marks, Some(vals)),
-            Err(e) => {
-                warn!(error = %e, "recording published SKUs in Redis failed; they will be published again");
-                self.settle_marks(marks, None);
+        // twice at most: marks a node answered NOSCRIPT to go again with the script
+        for _ in 0..2 {
+            if self.marks.is_empty() {
+                return;
+            }
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            let marks = self.queue_marks(&mut pipe);
+            let r: Result<Vec<redis::Value>, _> = pipe.query_async(&mut self.redis).await;
+            match r {
+                Ok(vals) => self.settle_marks(marks, Some(vals)),
+                Err(e) => {
+                    warn!(error = %e, "recording published SKUs in Redis failed; they will be published again");
+                    self.settle_marks(marks, None);
+                }
             }
         }
     }
@@ -113,7 +116,12 @@ impl Task {
                 .map(|(s, _)| s)
                 .collect();
             let seq = g.0;
-            let cmd = pipe.cmd("EVAL").arg(MARK_PUBLISHED).arg(group.len());
+            let cmd = if self.mark_by_sha {
+                pipe.cmd("EVALSHA").arg(&self.mark_sha)
+            } else {
+                pipe.cmd("EVAL").arg(MARK_PUBLISHED)
+            };
+            let cmd = cmd.arg(group.len());
             for (sku, _, _, _, _) in &group {
                 cmd.arg(layout::sku_key(&self.cfg.redis_prefix, sku));
             }
@@ -172,26 +180,43 @@ impl Task {
             |v: Option<&redis::Value>| matches!(v, Some(redis::Value::ServerError(_)) | None);
         // Whether each mark failed: the states' calls first (each all or nothing), then
         // one reply per alert removal.
+        // A node that lacks the script (NOSCRIPT) recorded nothing: its marks go again in
+        // the next round, with the script itself.
+        let noscript = |v: Option<&redis::Value>| matches!(v, Some(redis::Value::ServerError(e)) if e.code() == "NOSCRIPT");
         let mut flags: Vec<bool> = vec![true; q.marks.len()];
+        let mut again: Vec<bool> = vec![false; q.marks.len()];
         if let Some(vals) = &replies {
             let mut it = vals.iter();
-            let states_failed: HashMap<(u64, u16), bool> = q
+            let states: HashMap<(u64, u16), (bool, bool)> = q
                 .state_seqs
                 .iter()
-                .map(|&g| (g, failed(it.next())))
+                .map(|&g| {
+                    let v = it.next();
+                    (g, (failed(v), noscript(v)))
+                })
                 .collect();
-            for (m, f) in q.marks.iter().zip(flags.iter_mut()) {
-                *f = match m {
-                    Msg::State { seq, sku, .. } => states_failed
+            if states.values().any(|s| s.1) {
+                self.mark_by_sha = false;
+            } else if !states.is_empty() {
+                self.mark_by_sha = true;
+            }
+            for ((m, f), a) in q.marks.iter().zip(flags.iter_mut()).zip(again.iter_mut()) {
+                (*f, *a) = match m {
+                    Msg::State { seq, sku, .. } => states
                         .get(&(*seq, self.mark_group(sku)))
                         .copied()
-                        .unwrap_or(true),
-                    Msg::Alert { .. } => failed(it.next()),
-                    Msg::Status | Msg::Clear { .. } | Msg::Epoch { .. } => false,
+                        .unwrap_or((true, false)),
+                    Msg::Alert { .. } => (failed(it.next()), false),
+                    Msg::Status | Msg::Clear { .. } | Msg::Epoch { .. } => (false, false),
                 };
             }
         }
-        for (m, failed) in q.marks.into_iter().zip(flags) {
+        for ((m, failed), again) in q.marks.into_iter().zip(flags).zip(again) {
+            if again {
+                self.marks.push(m);
+                self.marks_since.get_or_insert_with(Instant::now);
+                continue;
+            }
             // Still unpublished in Redis: publish again once Redis answers.
             if let Msg::State { sku, .. } | Msg::Alert { sku, .. } = &m
                 && failed

@@ -183,6 +183,13 @@ pub(super) struct Task {
     oversized: HashSet<String>,
     next_aging: Instant,
     set_epoch: redis::Script,
+    /// [`MARK_PUBLISHED`]'s SHA1, for EVALSHA: the script's 1.4 kB would otherwise go to
+    /// Redis, and be hashed there, with every mark call (one per slot on a cluster).
+    mark_sha: String,
+    /// Whether the mark calls may go by SHA: false at first and after a node answered
+    /// NOSCRIPT (a restart, a promoted replica), when the next round sends the script
+    /// itself, which caches it on the nodes it reaches.
+    mark_by_sha: bool,
     /// The epoch token the broker holds (matched or sent on this connection).
     epoch_token: Option<String>,
     /// Sequence of the epoch last sent (or found); marks record it as `pub_seq`. Never
@@ -243,6 +250,8 @@ impl Task {
             oversized: HashSet::new(),
             next_aging: Instant::now(),
             set_epoch: redis::Script::new(SET_EPOCH),
+            mark_sha: redis::Script::new(MARK_PUBLISHED).get_hash().to_string(),
+            mark_by_sha: false,
             epoch_token: None,
             epoch_seq: 0,
             epoch_dirty: false,
