@@ -320,6 +320,73 @@ async fn a_redis_cluster_stays_exact_through_a_reshard_a_failover_and_a_primary_
     rig.stop_cleanly();
 }
 
+/// A start claims every slot's meta copy for its writer token (so a replaced instance's
+/// writes are refused in every slot), in a few script calls per primary rather than one
+/// per slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_claims_every_slots_meta_copy_in_a_few_calls_per_primary() {
+    let seed = test_seed("a_restart_claims_every_slots_meta_copy_in_a_few_calls_per_primary");
+    let mut rig = ClusterRig::new().await;
+    let mut w = cluster_workload(seed);
+    rig.start().await;
+    rig.run(&mut w, 30).await;
+    rig.drain(Duration::from_secs(30)).await;
+    rig.stop_cleanly();
+    for p in rig.cluster.primaries() {
+        rig.cluster.nodes[p].cli(&["CONFIG", "RESETSTAT"]);
+    }
+    rig.start().await;
+    let meta = skusync::sinks::layout::meta_key(&rig.oracle.prefix);
+    let token = hget(&mut rig.con().await, &meta, "writer")
+        .await
+        .expect("a writer token");
+    let pattern = skusync::sinks::layout::slot_meta_pattern(&rig.oracle.prefix);
+    let (mut copies, mut evals) = (0, 0u64);
+    for p in rig.cluster.primaries() {
+        let mut con: MultiplexedConnection = redis_connect(&rig.cluster.nodes[p].url()).await;
+        let keys: Vec<String> = {
+            let mut it = redis::AsyncCommands::scan_match::<_, String>(&mut con, &pattern)
+                .await
+                .expect("SCAN");
+            let mut keys = Vec::new();
+            while let Some(k) = futures::StreamExt::next(&mut it).await {
+                keys.push(k.expect("a key"));
+            }
+            keys
+        };
+        let mut pipe = redis::pipe();
+        for k in &keys {
+            pipe.hget(k, "writer");
+        }
+        let writers: Vec<Option<String>> = pipe.query_async(&mut con).await.expect("HGETs");
+        for (k, got) in keys.iter().zip(writers) {
+            assert_eq!(
+                got.as_deref(),
+                Some(token.as_str()),
+                "{k} holds the new token"
+            );
+        }
+        copies += keys.len();
+        let stats = rig.cluster.nodes[p].cli(&["INFO", "commandstats"]);
+        evals += stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_eval:calls="))
+            .and_then(|r| r.split(',').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    assert_eq!(
+        copies,
+        skusync::sinks::layout::SLOTS,
+        "every slot has its copy"
+    );
+    assert!(
+        evals < 200,
+        "the claim went a primary's slots at a time, not one call per slot: {evals} EVALs"
+    );
+    rig.stop_cleanly();
+}
+
 /// A primary that dies with writes its replica never got: the replica takes over older.
 /// The slots it serves hold less than skusync recorded there (their meta copies' floor),
 /// which skusync notices and repairs with a rebuild; Redis and the broker end exact.

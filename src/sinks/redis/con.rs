@@ -36,8 +36,26 @@ pub struct Cluster {
     slot_map: std::sync::RwLock<Option<SlotMap>>,
 }
 
-/// Each slot's primary (`None`: unassigned).
-type SlotMap = std::sync::Arc<Vec<Option<(String, u16)>>>;
+/// Each slot's primary, as an index into the primaries' addresses (one allocation per
+/// node, not per command that asks).
+pub(crate) struct SlotTable {
+    /// The primaries' addresses.
+    pub(crate) nodes: Vec<(String, u16)>,
+    /// Per slot, its primary's index in `nodes` (`u16::MAX`: unassigned).
+    of_slot: Vec<u16>,
+}
+
+impl SlotTable {
+    /// The index in `nodes` of the primary serving `slot`.
+    pub(crate) fn node(&self, slot: u16) -> Option<usize> {
+        match self.of_slot.get(slot as usize) {
+            Some(&n) if n != u16::MAX => Some(n as usize),
+            _ => None,
+        }
+    }
+}
+
+type SlotMap = std::sync::Arc<SlotTable>;
 
 impl Cluster {
     /// Connect to the cluster through `client`.
@@ -64,10 +82,20 @@ impl Cluster {
             .arg("SLOTS")
             .query_async(&mut self.current())
             .await?;
-        let mut map: Vec<Option<(String, u16)>> = vec![None; crate::sinks::layout::SLOTS];
+        let mut map = SlotTable {
+            nodes: Vec::new(),
+            of_slot: vec![u16::MAX; crate::sinks::layout::SLOTS],
+        };
         for (start, end, node) in slot_ranges(&slots, &self.seed_host) {
+            let n = match map.nodes.iter().position(|x| *x == node) {
+                Some(n) => n,
+                None => {
+                    map.nodes.push(node);
+                    map.nodes.len() - 1
+                }
+            };
             for slot in start..=end.min(crate::sinks::layout::SLOTS as u16 - 1) {
-                map[slot as usize] = Some(node.clone());
+                map.of_slot[slot as usize] = n as u16;
             }
         }
         let map = std::sync::Arc::new(map);
@@ -232,26 +260,38 @@ impl RedisCon {
 /// For the publisher's reader (`reader.rs`), which sends a cluster pipeline's commands to
 /// their primaries itself.
 impl RedisCon {
-    /// Per command of `pipeline`, the primary serving its key's slot in the cached slot
-    /// map (`None`: a keyless command, or a slot the map does not place); `None` for a
-    /// standalone connection.
+    /// The cached slot map and, per command of `pipeline`, the index of the primary
+    /// serving its key's slot in it (`None`: a keyless command, or a slot the map does
+    /// not place); `None` for a standalone connection, or when the map cannot be read.
     pub(crate) async fn primaries_of(
         &self,
         pipeline: &Pipeline,
-    ) -> Option<Vec<Option<(String, u16)>>> {
+    ) -> Option<(SlotMap, Vec<Option<usize>>)> {
         let RedisCon::Cluster(cl) = self else {
             return None;
         };
-        let map = cl.slot_map().await.ok();
-        Some(
-            pipeline
-                .cmd_iter()
-                .map(|cmd| {
-                    let slot = slot_of(key_of(cmd)?);
-                    map.as_ref()?[slot as usize].clone()
-                })
-                .collect(),
-        )
+        let map = cl.slot_map().await.ok()?;
+        let placed = pipeline
+            .cmd_iter()
+            .map(|cmd| map.node(slot_of(key_of(cmd)?)))
+            .collect();
+        Some((map, placed))
+    }
+
+    /// Every slot grouped by the primary serving it, from the cached slot map: `None` for
+    /// a standalone connection, or when the map cannot be read or leaves a slot
+    /// unassigned (callers then go slot by slot, through redis-rs' routing).
+    pub(crate) async fn slots_by_primary(&self) -> Option<Vec<((String, u16), Vec<u16>)>> {
+        let RedisCon::Cluster(cl) = self else {
+            return None;
+        };
+        let map = cl.slot_map().await.ok()?;
+        let mut out: Vec<((String, u16), Vec<u16>)> =
+            map.nodes.iter().map(|n| (n.clone(), Vec::new())).collect();
+        for slot in 0..crate::sinks::layout::SLOTS as u16 {
+            out[map.node(slot)?].1.push(slot);
+        }
+        Some(out)
     }
 
     /// Drop the cached slot map (a node redirected a command, or went away).
@@ -351,8 +391,8 @@ fn slot_ranges(slots: &Value, seed_host: &str) -> Vec<(u16, u16, (String, u16))>
 /// Where a command of a split pipeline goes.
 #[derive(Clone, PartialEq, Eq, Hash)]
 enum Dest {
-    /// The primary serving its slot, as the slot map says.
-    Node(String, u16),
+    /// The primary serving its slot, as the slot map says (its index there).
+    Node(usize),
     /// Its slot, routed by redis-rs (the slot map does not know it).
     Slot(u16),
     /// A keyless command (its index): on its own.
@@ -368,8 +408,8 @@ async fn split_pipeline(cl: &Cluster, pipeline: &Pipeline) -> redis::RedisResult
     for (i, cmd) in pipeline.cmd_iter().enumerate() {
         let dest = match key_of(cmd).map(slot_of) {
             None => Dest::Alone(i),
-            Some(slot) => match map.as_ref().and_then(|m| m[slot as usize].clone()) {
-                Some((host, port)) => Dest::Node(host, port),
+            Some(slot) => match map.as_ref().and_then(|m| m.node(slot)) {
+                Some(n) => Dest::Node(n),
                 None => Dest::Slot(slot),
             },
         };
@@ -386,15 +426,14 @@ async fn split_pipeline(cl: &Cluster, pipeline: &Pipeline) -> redis::RedisResult
     }
     let n = pipeline.cmd_iter().count();
     let c = cl.current();
+    let nodes = map.as_ref().map(|m| &m.nodes);
     let replies = futures::future::join_all(groups.iter().map(|(dest, p, _)| {
         let mut c = c.clone();
         async move {
             match dest {
-                Dest::Node(host, port) => {
-                    let route = SingleNodeRoutingInfo::ByAddress {
-                        host: host.clone(),
-                        port: *port,
-                    };
+                Dest::Node(n) => {
+                    let (host, port) = nodes.map(|m| m[*n].clone()).unwrap_or_default();
+                    let route = SingleNodeRoutingInfo::ByAddress { host, port };
                     c.route_pipeline(p.clone(), 0, p.len(), route).await
                 }
                 _ => c.req_packed_commands(p, 0, p.len()).await,
@@ -441,22 +480,22 @@ async fn split_pipeline(cl: &Cluster, pipeline: &Pipeline) -> redis::RedisResult
 /// The key a command is routed by: its first key (after `numkeys` for scripts); `None`
 /// for the keyless commands skusync pipelines (none today) and scripts without keys.
 fn key_of(cmd: &Cmd) -> Option<&[u8]> {
-    let args: Vec<&[u8]> = cmd
-        .args_iter()
-        .take(4)
-        .map(|a| match a {
-            redis::Arg::Simple(b) => b,
-            _ => &b""[..],
-        })
-        .collect();
-    let name = args.first()?.to_ascii_uppercase();
-    match name.as_slice() {
-        b"EVAL" | b"EVALSHA" | b"FCALL" | b"EVAL_RO" | b"EVALSHA_RO" => {
-            let n: usize = std::str::from_utf8(args.get(2)?).ok()?.parse().ok()?;
-            if n == 0 { None } else { args.get(3).copied() }
-        }
-        b"PING" | b"INFO" | b"TIME" | b"SCAN" | b"SCRIPT" | b"CLUSTER" | b"CONFIG" => None,
-        _ => args.get(1).copied(),
+    // (no allocation: this runs for every command of every cluster pipeline)
+    let mut args = cmd.args_iter().map(|a| match a {
+        redis::Arg::Simple(b) => b,
+        _ => &b""[..],
+    });
+    let name = args.next()?;
+    let is = |n: &[&str]| n.iter().any(|x| name.eq_ignore_ascii_case(x.as_bytes()));
+    if is(&["EVAL", "EVALSHA", "FCALL", "EVAL_RO", "EVALSHA_RO"]) {
+        let n: usize = std::str::from_utf8(args.nth(1)?).ok()?.parse().ok()?;
+        if n == 0 { None } else { args.next() }
+    } else if is(&[
+        "PING", "INFO", "TIME", "SCAN", "SCRIPT", "CLUSTER", "CONFIG",
+    ]) {
+        None
+    } else {
+        args.next()
     }
 }
 

@@ -239,27 +239,33 @@ impl HashReader {
     }
 
     async fn cluster_round(&self, con: &RedisCon, pipe: &Pipeline) -> redis::RedisResult<Replies> {
-        let placed = con.primaries_of(pipe).await.unwrap_or_default();
         let cmds: Vec<&redis::Cmd> = pipe.cmd_iter().collect();
         // per node, its commands' indices (in the pipeline's order)
         let mut groups: Vec<(Addr, Vec<usize>)> = Vec::new();
         let mut again: Vec<usize> = Vec::new();
-        for i in 0..cmds.len() {
-            match placed.get(i).cloned().flatten() {
-                Some((h, p)) => {
-                    let a = Addr::Tcp(h, p);
-                    match groups.iter_mut().find(|(g, _)| *g == a) {
-                        Some((_, idx)) => idx.push(i),
-                        None => groups.push((a, vec![i])),
+        match con.primaries_of(pipe).await {
+            Some((map, placed)) => {
+                // by node index first: one address per node, not one per command
+                let mut by_node: Vec<Vec<usize>> = vec![Vec::new(); map.nodes.len()];
+                for (i, n) in placed.into_iter().enumerate() {
+                    match n {
+                        Some(n) => by_node[n].push(i),
+                        None => again.push(i),
                     }
                 }
-                None => again.push(i),
+                for (n, idx) in by_node.into_iter().enumerate() {
+                    if !idx.is_empty() {
+                        let (h, p) = map.nodes[n].clone();
+                        groups.push((Addr::Tcp(h, p), idx));
+                    }
+                }
             }
+            None => again.extend(0..cmds.len()),
         }
         let sent = futures::future::join_all(groups.iter().map(|(addr, idx)| {
             let mut packed = Vec::new();
             for &i in idx {
-                packed.extend_from_slice(&cmds[i].get_packed_command());
+                cmds[i].write_packed_command(&mut packed);
             }
             async move { self.node_round(addr, &packed, idx.len()).await }
         }))
