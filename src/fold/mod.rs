@@ -1423,7 +1423,15 @@ fn row_identity(
 /// key value is missing.
 fn row_key_field(r: &mapping::InventoryRule, t: &Tuple) -> Result<String, String> {
     // written straight into the field (as `layout::row_field`): this runs for every row
-    let mut f = layout::row_field_prefix(&r.table);
+    let more = r
+        .key
+        .iter()
+        .map(|&i| match t.get(i) {
+            Some(Datum::Text(b)) => b.len() + 4,
+            _ => 1,
+        })
+        .sum();
+    let mut f = layout::row_field_with(&r.table, more);
     for &i in &r.key {
         match t.get(i) {
             Some(Datum::Text(b)) => layout::push_item(&mut f, Some(&String::from_utf8_lossy(b))),

@@ -108,7 +108,14 @@ pub fn sku_of_tag(tag: &str) -> Option<Cow<'_, str>> {
 
 /// Key of a SKU's hash: `<prefix>:{<TAG>}`.
 pub fn sku_key(prefix: &str, sku: &str) -> String {
-    format!("{prefix}:{{{}}}", sku_tag(sku))
+    // sized once (format! grows it): this runs several times per entry
+    let tag = sku_tag(sku);
+    let mut k = String::with_capacity(prefix.len() + tag.len() + 3);
+    k.push_str(prefix);
+    k.push_str(":{");
+    k.push_str(&tag);
+    k.push('}');
+    k
 }
 
 /// SCAN MATCH pattern of every SKU hash key (the prefix glob-escaped). It can match a
@@ -237,7 +244,12 @@ pub fn users_minute_suffix(counter: &str, minute: i64) -> String {
 /// name's length in bytes, so no table's prefix is the start of another's (`inv` and
 /// `inv:x`), and a TRUNCATE clears exactly its own rows.
 pub fn row_field_prefix(table: &str) -> String {
-    let mut f = String::with_capacity(table.len() + 16);
+    row_field_with(table, 0)
+}
+
+/// [`row_field_prefix`] with room for `more` bytes of key (sized once: every row has one).
+pub(crate) fn row_field_with(table: &str, more: usize) -> String {
+    let mut f = String::with_capacity(table.len() + 8 + more);
     f.push_str("r:");
     push_len(&mut f, table.len());
     f.push(':');
@@ -255,8 +267,13 @@ fn push_len(out: &mut String, n: usize) {
 /// share a field. `key` is one item per replica-identity column (`None` for NULL); each
 /// is written `<len>:<bytes>` (len in bytes) and NULL as `~`, so the column boundaries are
 /// known whatever bytes the values hold.
-pub fn row_field<'a>(table: &str, key: impl IntoIterator<Item = Option<&'a str>>) -> String {
-    let mut f = row_field_prefix(table);
+pub fn row_field<'a, K>(table: &str, key: K) -> String
+where
+    K: IntoIterator<Item = Option<&'a str>>,
+    K::IntoIter: Clone,
+{
+    let key = key.into_iter();
+    let mut f = row_field_with(table, key.clone().map(item_len).sum());
     for v in key {
         push_item(&mut f, v);
     }
@@ -316,6 +333,14 @@ pub fn row_index_pattern(prefix: &str) -> String {
 
 /// Append `<len>:<bytes>` (or `~` for none): items whose boundaries are known whatever
 /// bytes they hold.
+/// Bytes [`push_item`] writes for `v`.
+pub(crate) fn item_len(v: Option<&str>) -> usize {
+    match v {
+        Some(s) => itoa::Buffer::new().format(s.len()).len() + 1 + s.len(),
+        None => 1,
+    }
+}
+
 pub(crate) fn push_item(out: &mut String, v: Option<&str>) {
     match v {
         Some(s) => {

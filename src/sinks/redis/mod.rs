@@ -643,18 +643,21 @@ impl Applier {
             .filter(|(_, e)| per_sku[e.sku.as_str()] == 1)
             .filter_map(|(i, e)| thin::reads(e, &self.settings).map(|f| (i, f)))
             .collect();
-        let mut planned: Vec<(usize, thin::ThinWrite)> = Vec::new();
+        let mut planned: Vec<(usize, thin::ThinWrite)> = Vec::with_capacity(reads.len());
         // In rounds of a bounded size: a batch of 10k SKUs would otherwise send and read
         // back megabytes at once (memory follows the round, not the batch).
         for reads in reads.chunks(THIN_READS_PER_ROUND) {
             let mut pipe = redis::pipe();
             for (i, f) in reads {
-                let c = pipe
-                    .cmd("HMGET")
-                    .arg(layout::sku_key(&self.settings.prefix, &entries[*i].sku));
+                let key = layout::sku_key(&self.settings.prefix, &entries[*i].sku);
+                // sized once: a command per entry
+                let data = 5 + key.len() + f.iter().map(|x| x.len()).sum::<usize>();
+                let mut c = redis::Cmd::with_capacity(f.len() + 2, data);
+                c.arg("HMGET").arg(key);
                 for x in f {
                     c.arg(x.as_ref());
                 }
+                pipe.add_command(c);
             }
             let ours = match self.live_reader() {
                 // Redis down, or only these connections failing (their TLS or ACL): the
@@ -847,7 +850,16 @@ impl Applier {
                 true,
             ),
         };
-        let mut c = redis::cmd("EVALSHA");
+        // sized once (it grows to hundreds of kB): the arguments' count and bytes, about
+        let (mut nargs, mut bytes) = (8 + 2 * planned.len(), 128 + meta.len());
+        for (i, w) in planned {
+            nargs += 7 + 2 * w.set.len() + w.del.len() + 4 * w.keys.len();
+            bytes += s.prefix.len() + entries[*i].sku.len() + 48 + w.lsn.len();
+            bytes += w.set.iter().map(|(f, v)| f.len() + v.len()).sum::<usize>();
+            bytes += w.del.iter().map(|f| f.len()).sum::<usize>() + 32 * w.keys.len();
+        }
+        let mut c = redis::Cmd::with_capacity(nargs, bytes);
+        c.arg("EVALSHA");
         c.arg(self.thin.get_hash())
             .arg(planned.len() + if cluster { 1 } else { 2 })
             .arg(meta);

@@ -63,7 +63,9 @@ pub fn reads<'a>(e: &'a Entry, s: &'a ApplySettings) -> Option<Vec<Cow<'a, str>>
     {
         return None;
     }
-    let mut f: Vec<Cow<'a, str>> = BASE.iter().map(|s| Cow::Borrowed(*s)).collect();
+    let mut f: Vec<Cow<'a, str>> =
+        Vec::with_capacity(BASE.len() + s.counters.len() + 2 * e.buckets.len() + 4 * e.rows.len());
+    f.extend(BASE.iter().map(|s| Cow::Borrowed(*s)));
     f.extend(s.counters.iter().map(|c| Cow::Borrowed(c.as_str())));
     // the high-water mark of each window the entry adds to, and its buckets
     for ((c, m), _) in &e.buckets {
