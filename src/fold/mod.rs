@@ -1427,8 +1427,8 @@ fn row_key_field(r: &mapping::InventoryRule, t: &Tuple) -> Result<String, String
         .key
         .iter()
         .map(|&i| match t.get(i) {
-            Some(Datum::Text(b)) => b.len() + 4,
-            _ => 1,
+            Some(Datum::Text(b)) => layout::item_len(Some(b.len())),
+            _ => layout::item_len(None),
         })
         .sum();
     let mut f = layout::row_field_with(&r.table, more);

@@ -273,7 +273,7 @@ where
     K::IntoIter: Clone,
 {
     let key = key.into_iter();
-    let mut f = row_field_with(table, key.clone().map(item_len).sum());
+    let mut f = row_field_with(table, key.clone().map(|v| item_len(v.map(str::len))).sum());
     for v in key {
         push_item(&mut f, v);
     }
@@ -331,16 +331,16 @@ pub fn row_index_pattern(prefix: &str) -> String {
     format!("{}:ri:{{*}}", glob_escape(prefix))
 }
 
-/// Append `<len>:<bytes>` (or `~` for none): items whose boundaries are known whatever
-/// bytes they hold.
-/// Bytes [`push_item`] writes for `v`.
-pub(crate) fn item_len(v: Option<&str>) -> usize {
-    match v {
-        Some(s) => itoa::Buffer::new().format(s.len()).len() + 1 + s.len(),
+/// Bytes [`push_item`] writes for an item of `len` bytes (`None`: no item).
+pub(crate) fn item_len(len: Option<usize>) -> usize {
+    match len {
+        Some(n) => itoa::Buffer::new().format(n).len() + 1 + n,
         None => 1,
     }
 }
 
+/// Append `<len>:<bytes>` (or `~` for none): items whose boundaries are known whatever
+/// bytes they hold.
 pub(crate) fn push_item(out: &mut String, v: Option<&str>) {
     match v {
         Some(s) => {

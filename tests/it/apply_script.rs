@@ -7,6 +7,7 @@
 
 use crate::harness::RedisServer;
 use crate::oracle::hget;
+use crate::support::command_calls;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use skusync::fold::batch::Batch;
@@ -456,12 +457,7 @@ async fn publish_marks_move_forward_and_never_recreate_a_hash() {
         .query_async(&mut con)
         .await
         .unwrap();
-    let exists_calls = stats
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_exists:calls="))
-        .and_then(|r| r.split(',').next())
-        .and_then(|n| n.parse::<u64>().ok());
-    assert_eq!(exists_calls, Some(2), "{stats}");
+    assert_eq!(command_calls(&stats, "exists"), Some(2), "{stats}");
     assert_eq!(hget(&mut con, "c", "pub_lsn").await.as_deref(), Some("9"));
     assert_eq!(hget(&mut con, "a", "pub_lsn").await.as_deref(), Some("100"));
     assert_eq!(

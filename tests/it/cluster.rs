@@ -368,12 +368,7 @@ async fn a_restart_claims_every_slots_meta_copy_in_a_few_calls_per_primary() {
         }
         copies += keys.len();
         let stats = rig.cluster.nodes[p].cli(&["INFO", "commandstats"]);
-        evals += stats
-            .lines()
-            .find_map(|l| l.strip_prefix("cmdstat_eval:calls="))
-            .and_then(|r| r.split(',').next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0);
+        evals += command_calls(&stats, "eval").unwrap_or(0);
     }
     assert_eq!(
         copies,

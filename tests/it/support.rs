@@ -310,3 +310,13 @@ pub fn http_request(port: u16, method: &str, target: &str, headers: &[(&str, &st
 pub fn http_get(port: u16, target: &str, headers: &[(&str, &str)]) -> HttpReply {
     http_request(port, "GET", target, headers)
 }
+
+/// Calls of `command` in an `INFO commandstats` reply (`scan`, `eval`, `script|load`);
+/// `None` when Redis has not run it since its stats were reset.
+pub fn command_calls(commandstats: &str, command: &str) -> Option<u64> {
+    commandstats
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|r| r.split(',').next())
+        .and_then(|n| n.parse().ok())
+}

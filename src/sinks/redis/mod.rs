@@ -2226,7 +2226,7 @@ pub async fn claim_writer(con: &mut RedisCon, prefix: &str) -> Result<u64, Redis
             let mut pipe = redis::pipe();
             for &slot in chunk {
                 pipe.cmd("EVAL")
-                    .arg(CLAIM_SLOT_LUA)
+                    .arg(CLAIM_COPIES_LUA)
                     .arg(1)
                     .arg(layout::slot_meta_key(prefix, slot))
                     .arg(token)
@@ -2241,7 +2241,7 @@ pub async fn claim_writer(con: &mut RedisCon, prefix: &str) -> Result<u64, Redis
 }
 
 /// Claims every slot's meta copy, each primary's slots in calls of up to
-/// [`CLAIM_PER_CALL`] (see [`CLAIM_NODE_LUA`]); false when any call failed (a node that
+/// [`CLAIM_PER_CALL`] (see [`CLAIM_COPIES_LUA`]); false when any call failed (a node that
 /// no longer serves a slot refuses it), and the caller claims slot by slot. A call that
 /// failed half way wrote only tokens the slot-by-slot claim writes again.
 async fn claim_by_primary(con: &mut RedisCon, prefix: &str, token: u64) -> bool {
@@ -2251,7 +2251,7 @@ async fn claim_by_primary(con: &mut RedisCon, prefix: &str, token: u64) -> bool 
     for (node, slots) in &nodes {
         for chunk in slots.chunks(CLAIM_PER_CALL) {
             let mut cmd = redis::cmd("EVAL");
-            cmd.arg(CLAIM_NODE_LUA).arg(0).arg(token);
+            cmd.arg(CLAIM_COPIES_LUA).arg(0).arg(token);
             for &slot in chunk {
                 cmd.arg(layout::slot_meta_key(prefix, slot));
             }
@@ -2269,28 +2269,20 @@ async fn claim_by_primary(con: &mut RedisCon, prefix: &str, token: u64) -> bool 
 /// about a millisecond.
 const CLAIM_PER_CALL: usize = 1024;
 
-/// Slots' meta copies take the writer's token, where they exist. No declared keys: the
-/// call is sent to the primary that serves the copies (ARGV[2..]), which refuses one it
-/// does not serve. ARGV[1] the token.
-const CLAIM_NODE_LUA: &str = r#"
+/// Slots' meta copies take the writer's token (ARGV[1]), where they exist: KEYS (one
+/// slot's copy, routed by redis-rs) and ARGV[2..] (a primary's copies, undeclared: the
+/// call is sent to that primary, which refuses one it does not serve).
+const CLAIM_COPIES_LUA: &str = r#"
 local n = 0
-for i = 2, #ARGV do
-  if redis.call('EXISTS', ARGV[i]) == 1 then
-    redis.call('HSET', ARGV[i], 'writer', ARGV[1])
+local function claim(k)
+  if redis.call('EXISTS', k) == 1 then
+    redis.call('HSET', k, 'writer', ARGV[1])
     n = n + 1
   end
 end
+for _, k in ipairs(KEYS) do claim(k) end
+for i = 2, #ARGV do claim(ARGV[i]) end
 return n
-"#;
-
-/// A cluster slot's meta copy takes the writer's token, when it exists. KEYS[1] the copy;
-/// ARGV[1] the token.
-const CLAIM_SLOT_LUA: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'writer', ARGV[1])
-  return 1
-end
-return 0
 "#;
 
 /// What a running writer checks of the meta hash periodically.
