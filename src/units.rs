@@ -33,16 +33,17 @@ pub fn parse(s: &str, scale: u32) -> Option<i64> {
 
 /// Write units as a decimal without trailing zeros (`12.5`, `3`, `-0.25`).
 pub fn format(n: i64, scale: u32) -> String {
-    let mut out = String::new();
+    let mut out = String::with_capacity(24);
     write(&mut out, n, scale);
     out
 }
 
 /// Append units as a decimal to `out`.
 pub fn write(out: &mut String, n: i64, scale: u32) {
-    use std::fmt::Write;
+    // itoa rather than `write!`: this runs for most values the apply writes
+    let mut b = itoa::Buffer::new();
     if scale == 0 {
-        let _ = write!(out, "{n}");
+        out.push_str(b.format(n));
         return;
     }
     let unit = 10u64.pow(scale);
@@ -51,10 +52,14 @@ pub fn write(out: &mut String, n: i64, scale: u32) {
     if n < 0 {
         out.push('-');
     }
-    let _ = write!(out, "{int}");
+    out.push_str(b.format(int));
     if frac > 0 {
-        let f = format!("{frac:0w$}", w = scale as usize);
+        let f = b.format(frac);
         out.push('.');
+        // the fraction's leading zeros, then its digits without trailing ones
+        for _ in f.len()..scale as usize {
+            out.push('0');
+        }
         out.push_str(f.trim_end_matches('0'));
     }
 }
@@ -78,6 +83,10 @@ mod tests {
         assert_eq!(format(700, 2), "7");
         assert_eq!(format(-5, 0), "-5");
         assert_eq!(format(0, 9), "0");
+        // a fraction's leading zeros stay, its trailing ones go
+        assert_eq!(format(1_005, 3), "1.005");
+        assert_eq!(format(-50, 3), "-0.05");
+        assert_eq!(format(i64::MIN, 2), "-92233720368547758.08");
     }
 
     proptest! {

@@ -232,12 +232,22 @@ pub fn users_minute_key(prefix: &str, sku: &str, counter: &str, minute: i64) -> 
 
 /// What [`users_key`] appends to the SKU hash's key (thin apply sends suffixes).
 pub fn users_suffix(counter: &str) -> String {
-    format!(":u:{counter}")
+    concat(&[":u:", counter])
 }
 
 /// What [`users_minute_key`] appends to the SKU hash's key.
 pub fn users_minute_suffix(counter: &str, minute: i64) -> String {
-    format!(":u:{counter}:{minute}")
+    concat(&[":u:", counter, ":", itoa::Buffer::new().format(minute)])
+}
+
+/// `parts` joined, sized once: field and key names are made several times per entry,
+/// and `format!` both grows its string and goes through the formatting machinery.
+pub fn concat(parts: &[&str]) -> String {
+    let mut s = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        s.push_str(p);
+    }
+    s
 }
 
 /// The start of every row field of a stock table: `r:<n>:<table>:`, with `n` the table
@@ -542,12 +552,12 @@ pub fn glob_escape(s: &str) -> String {
 
 /// Window bucket field of a counter.
 pub fn bucket_field(counter: &str, minute: i64) -> String {
-    format!("w:{counter}:{minute}")
+    concat(&["w:", counter, ":", itoa::Buffer::new().format(minute)])
 }
 
 /// A counter's window high-water mark: the newest minute its buckets reached.
 pub fn wmax_field(counter: &str) -> String {
-    format!("wmax:{counter}")
+    concat(&["wmax:", counter])
 }
 
 /// The minute (unix seconds / 60) of a unix-millisecond time.

@@ -30,7 +30,7 @@ struct Entry {
 #[derive(Debug)]
 pub struct Scheduler {
     min_interval: u64,
-    skus: HashMap<String, Entry>,
+    skus: HashMap<String, Entry, foldhash::fast::RandomState>,
     timers: BTreeSet<(u64, String)>,
 }
 
@@ -39,7 +39,7 @@ impl Scheduler {
     pub fn new(min_interval_ms: u64) -> Self {
         Scheduler {
             min_interval: min_interval_ms,
-            skus: HashMap::new(),
+            skus: HashMap::default(),
             timers: BTreeSet::new(),
         }
     }

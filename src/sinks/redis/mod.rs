@@ -633,7 +633,8 @@ impl Applier {
         quiet: bool,
     ) -> Result<Vec<(usize, thin::ThinWrite<'e>)>, RedisSinkError> {
         // A SKU with more than one entry in the call (a truncate's) stays with the script.
-        let mut per_sku: HashMap<&str, u32> = HashMap::with_capacity(entries.len());
+        let mut per_sku: HashMap<&str, u32, foldhash::fast::RandomState> =
+            HashMap::with_capacity_and_hasher(entries.len(), Default::default());
         for e in entries {
             *per_sku.entry(e.sku.as_str()).or_default() += 1;
         }
@@ -1870,7 +1871,8 @@ fn encode_call(
     quiet: bool,
     sha: &str,
 ) -> redis::Cmd {
-    let mut index: HashMap<&str, usize> = HashMap::with_capacity(entries.len());
+    let mut index: HashMap<&str, usize, foldhash::fast::RandomState> =
+        HashMap::with_capacity_and_hasher(entries.len(), Default::default());
     let mut keys: Vec<&str> = Vec::with_capacity(entries.len());
     let key_idx: Vec<usize> = entries
         .iter()

@@ -26,7 +26,7 @@ use super::ApplySettings;
 use crate::fold::batch::{Entry, trace_flags};
 use crate::fold::model::{counted, is_guarded};
 use crate::fold::{Field, RowOp, UserId};
-use crate::sinks::layout::{bucket_field, users_minute_suffix, users_suffix, wmax_field};
+use crate::sinks::layout::{bucket_field, concat, users_minute_suffix, users_suffix, wmax_field};
 use crate::units;
 use std::borrow::Cow;
 
@@ -127,7 +127,7 @@ pub enum KeyOp<'a> {
 }
 
 fn loc_field(loc: &str, what: &str) -> String {
-    format!("loc:{loc}:{what}")
+    concat(&["loc:", loc, ":", what])
 }
 
 /// Minutes the script names and computes with as it would integers: Lua 5.1 writes a
@@ -263,7 +263,7 @@ fn qty(s: &str, scale: u32) -> Option<i64> {
 /// A stored integer written by the script itself (`rows`, `piece`).
 fn int(s: &str) -> Option<i64> {
     let v: i64 = s.parse().ok()?;
-    (v.to_string() == s).then_some(exact(v)?)
+    (itoa::Buffer::new().format(v) == s).then_some(exact(v)?)
 }
 
 /// Work out the writes of an entry [`reads`] accepted from what it fetched (`values` in
@@ -285,7 +285,7 @@ pub fn plan<'a, V: AsRef<str>>(
     let expect_piece = get(1).map(str::to_string);
     if let Some(l) = &expect_lsn {
         let lsn: u64 = l.parse().ok()?;
-        if lsn.to_string() != *l {
+        if itoa::Buffer::new().format(lsn) != l {
             return None;
         }
         let piece = match &expect_piece {
