@@ -545,11 +545,16 @@ impl Assembler {
                 kind: AssembleErrorKind::OutsideTransaction { what },
             });
         };
-        let rel = self.relations.get(oid).cloned().ok_or(AssembleError {
-            lsn,
-            relation: Some(format!("oid {oid}")),
-            kind: AssembleErrorKind::UnknownRelation { oid },
-        })?;
+        // (the error built only when needed: this runs for every change)
+        let rel = self
+            .relations
+            .get(oid)
+            .cloned()
+            .ok_or_else(|| AssembleError {
+                lsn,
+                relation: Some(format!("oid {oid}")),
+                kind: AssembleErrorKind::UnknownRelation { oid },
+            })?;
         Ok((rel, open.changes, open.final_lsn))
     }
 

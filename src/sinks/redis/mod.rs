@@ -855,8 +855,7 @@ impl Applier {
         let (mut nargs, mut bytes) = (8 + 2 * planned.len(), 128 + meta.len());
         for (i, w) in planned {
             nargs += 7 + 2 * w.set.len() + w.del.len() + 4 * w.keys.len();
-            bytes += s.prefix.len() + entries[*i].sku.len() + 48 + w.lsn.len();
-            bytes += w.set.iter().map(|(f, v)| f.len() + v.len()).sum::<usize>();
+            bytes += s.prefix.len() + entries[*i].sku.len() + 88 + w.set.bytes();
             bytes += w.del.iter().map(|f| f.len()).sum::<usize>() + 32 * w.keys.len();
         }
         let mut c = redis::Cmd::with_capacity(nargs, bytes);
@@ -875,13 +874,19 @@ impl Applier {
             .arg(token_arg(floor))
             .arg(if cluster { "1" } else { "0" });
         for (k, (_, w)) in planned.iter().enumerate() {
-            c.arg(k + 2)
-                .arg(w.expect_lsn.as_deref().unwrap_or(""))
-                .arg(w.expect_piece.as_deref().unwrap_or(""))
-                .arg(&w.lsn)
-                .arg(w.set.len());
-            for (f, v) in &w.set {
-                c.arg(f.as_ref()).arg(v);
+            c.arg(k + 2);
+            // '' where the read found no fence (an Option's None would be no argument)
+            match w.expect_lsn {
+                Some(l) => c.arg(l),
+                None => c.arg(""),
+            };
+            match w.expect_piece {
+                Some(p) => c.arg(p),
+                None => c.arg(""),
+            };
+            c.arg(w.lsn).arg(w.set.len());
+            for (f, v) in w.set.iter() {
+                c.arg(f).arg(v);
             }
             c.arg(w.del.len());
             for f in &w.del {
@@ -1083,9 +1088,7 @@ impl Applier {
                             continue;
                         }
                         done[*i] = true;
-                        if let Ok(lsn) = w.lsn.parse::<u64>() {
-                            changes.push((lsn, layout::sku_key(&prefix, &entries[*i].sku)));
-                        }
+                        changes.push((w.lsn, layout::sku_key(&prefix, &entries[*i].sku)));
                     }
                     total.applied += written;
                     total.thin += written;

@@ -98,41 +98,54 @@ fn header(buf: &[u8], at: usize) -> Result<Option<(u8, i64, usize)>, RespError> 
     let Some(&kind) = buf.get(at) else {
         return Ok(None);
     };
-    if !matches!(kind, b'+' | b'-' | b':' | b'$' | b'*') {
-        return Err(RespError::Malformed {
-            at,
-            what: "unknown reply type",
-        });
-    }
-    // the line after the type byte
-    let Some(nl) = memchr_crlf(&buf[at + 1..]) else {
-        return Ok(None);
-    };
-    let line = &buf[at + 1..at + 1 + nl];
-    let next = at + 1 + nl + 2;
-    let n = match kind {
-        b'+' | b'-' => 0,
+    let bad = |what| RespError::Malformed { at, what };
+    match kind {
+        b'+' | b'-' => {
+            let Some(nl) = memchr_crlf(&buf[at + 1..]) else {
+                return Ok(None);
+            };
+            Ok(Some((kind, 0, at + 1 + nl + 2)))
+        }
         b':' | b'$' | b'*' => {
-            let n = parse_int(line).ok_or(RespError::Malformed {
-                at,
-                what: "bad number in a reply header",
-            })?;
-            if kind != b':' && !(-1..=MAX_LEN).contains(&n) {
-                return Err(RespError::Malformed {
-                    at,
-                    what: "length out of range",
-                });
+            // The number read as it is scanned for its `\r` (one pass: this runs for
+            // every element of every reply, a few bytes each).
+            let mut i = at + 1;
+            let neg = buf.get(i) == Some(&b'-');
+            i += usize::from(neg);
+            let digits = i;
+            let mut v: u64 = 0;
+            loop {
+                match buf.get(i) {
+                    None => return Ok(None),
+                    Some(b'\r') => break,
+                    Some(&c) if c.is_ascii_digit() => {
+                        v = (v.checked_mul(10))
+                            .and_then(|v| v.checked_add(u64::from(c - b'0')))
+                            .ok_or_else(|| bad("bad number in a reply header"))?;
+                        i += 1;
+                    }
+                    Some(_) => return Err(bad("bad number in a reply header")),
+                }
             }
-            n
+            match buf.get(i + 1) {
+                None => return Ok(None),
+                Some(b'\n') => {}
+                Some(_) => return Err(bad("bad number in a reply header")),
+            }
+            let n = match (neg, i - digits) {
+                (_, 0) => None,
+                (false, _) => i64::try_from(v).ok(),
+                // i64::MIN's magnitude is one above i64::MAX
+                (true, _) => (v <= 1 << 63).then(|| (v as i64).wrapping_neg()),
+            }
+            .ok_or_else(|| bad("bad number in a reply header"))?;
+            if kind != b':' && !(-1..=MAX_LEN).contains(&n) {
+                return Err(bad("length out of range"));
+            }
+            Ok(Some((kind, n, i + 2)))
         }
-        _ => {
-            return Err(RespError::Malformed {
-                at,
-                what: "unknown reply type",
-            });
-        }
-    };
-    Ok(Some((kind, n, next)))
+        _ => Err(bad("unknown reply type")),
+    }
 }
 
 /// Where `\r\n` starts in `b`.
@@ -147,25 +160,6 @@ fn memchr_crlf(b: &[u8]) -> Option<usize> {
         }
     }
     None
-}
-
-fn parse_int(s: &[u8]) -> Option<i64> {
-    let (neg, digits) = match s.split_first() {
-        Some((b'-', rest)) => (true, rest),
-        _ => (false, s),
-    };
-    if digits.is_empty() || digits.len() > 19 {
-        return None;
-    }
-    // 19 digits fit an i128; the range check is i64's
-    let mut n: i128 = 0;
-    for &c in digits {
-        if !c.is_ascii_digit() {
-            return None;
-        }
-        n = n * 10 + i128::from(c - b'0');
-    }
-    i64::try_from(if neg { -n } else { n }).ok()
 }
 
 /// The error text of an error reply (`None`: not an error reply). `reply` is one whole
@@ -463,6 +457,11 @@ mod tests {
             b"$3\r\nabcd\r\n",
             b"*99999999999999999999\r\n",
             b"$-2\r\n",
+            b":-\r\n",
+            b":\r\n",
+            b":1x\r\n",
+            b"$1\rx",
+            b":-9223372036854775809\r\n",
             b"*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n:1\r\n",
         ] {
             assert!(
@@ -516,6 +515,7 @@ mod tests {
         assert_eq!(int_of(b":9223372036854775807\r\n"), Ok(i64::MAX));
         assert_eq!(int_of(b":-9223372036854775808\r\n"), Ok(i64::MIN));
         assert!(int_of(b":9223372036854775808\r\n").is_err());
+        assert_eq!(int_of(b":007\r\n"), Ok(7));
         assert_eq!(
             int_of(b"-ERR no\r\n"),
             Err(RespError::Server("ERR no".into()))
