@@ -209,6 +209,11 @@ impl HashReader {
         })
     }
 
+    /// Whether this reader serves a single Redis (not a cluster).
+    pub fn is_single(&self) -> bool {
+        self.single.is_some()
+    }
+
     /// How many replies came back on this reader's own connections (MOVED and ASK
     /// replies among them; what it then got through redis-rs is not counted): tests
     /// show with it which path served their rounds.
@@ -224,9 +229,29 @@ impl HashReader {
         let Some(addr) = &self.single else {
             return self.cluster_round(con, pipe).await;
         };
-        let (buf, ends) = self
-            .node_round(addr, &pipe.get_packed_pipeline(), pipe.len())
-            .await?;
+        self.single_round(addr, &pipe.get_packed_pipeline(), pipe.len())
+            .await
+    }
+
+    /// [`HashReader::round`] of `n` commands the caller packed itself
+    /// ([`resp::pack_command`]), without a redis-rs pipeline: on a single Redis only
+    /// (`None` on a cluster, where commands are placed by slot).
+    pub async fn round_packed(
+        &self,
+        packed: &[u8],
+        n: usize,
+    ) -> Option<redis::RedisResult<Replies>> {
+        let addr = self.single.as_ref()?;
+        Some(self.single_round(addr, packed, n).await)
+    }
+
+    async fn single_round(
+        &self,
+        addr: &Addr,
+        packed: &[u8],
+        n: usize,
+    ) -> redis::RedisResult<Replies> {
+        let (buf, ends) = self.node_round(addr, packed, n).await?;
         let mut start = 0;
         let items = ends
             .into_iter()

@@ -148,6 +148,23 @@ fn header(buf: &[u8], at: usize) -> Result<Option<(u8, i64, usize)>, RespError> 
     }
 }
 
+/// Appends one command, its arguments as RESP bulk strings, to `out` (what redis-rs'
+/// `Cmd` packs, without building one: thin apply's reads make a command per SKU).
+/// `n` is the number of arguments `args` yields.
+pub fn pack_command<'a>(out: &mut Vec<u8>, n: usize, args: impl IntoIterator<Item = &'a [u8]>) {
+    let mut b = itoa::Buffer::new();
+    out.push(b'*');
+    out.extend_from_slice(b.format(n).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for a in args {
+        out.push(b'$');
+        out.extend_from_slice(b.format(a.len()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
 /// Where `\r\n` starts in `b`.
 fn memchr_crlf(b: &[u8]) -> Option<usize> {
     let mut from = 0;
@@ -507,6 +524,18 @@ mod tests {
         assert!(
             FlatHash::parse(b"*4\r\n$1\r\n\xc3\r\n$1\r\n\xbc\r\n$0\r\n\r\n$0\r\n\r\n").is_err()
         );
+    }
+
+    #[test]
+    fn a_packed_command_is_what_redis_rs_packs() {
+        let args: [&[u8]; 4] = [b"HMGET", b"p:{a b}", b"", "loc:\u{e9}\r\n".as_bytes()];
+        let mut ours = b"junk".to_vec();
+        pack_command(&mut ours, args.len(), args);
+        let mut c = redis::cmd("HMGET");
+        for a in &args[1..] {
+            c.arg(*a);
+        }
+        assert_eq!(&ours[4..], &c.get_packed_command()[..]);
     }
 
     #[test]
