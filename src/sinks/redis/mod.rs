@@ -687,11 +687,7 @@ impl Applier {
                         }
                         r.round_packed(&packed, reads.len()).await
                     } else {
-                        None
-                    };
-                    let replies = match replies {
-                        Some(replies) => replies,
-                        None => r.round(&self.con, &pipeline()).await,
+                        r.round(&self.con, &pipeline()).await
                     };
                     replies.map_err(|e| self.reader_failed(&e))
                 }

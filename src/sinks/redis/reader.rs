@@ -235,14 +235,14 @@ impl HashReader {
 
     /// [`HashReader::round`] of `n` commands the caller packed itself
     /// ([`resp::pack_command`]), without a redis-rs pipeline: on a single Redis only
-    /// (`None` on a cluster, where commands are placed by slot).
-    pub async fn round_packed(
-        &self,
-        packed: &[u8],
-        n: usize,
-    ) -> Option<redis::RedisResult<Replies>> {
-        let addr = self.single.as_ref()?;
-        Some(self.single_round(addr, packed, n).await)
+    /// ([`HashReader::is_single`]; a cluster places commands by slot, and refuses this).
+    pub async fn round_packed(&self, packed: &[u8], n: usize) -> redis::RedisResult<Replies> {
+        let Some(addr) = &self.single else {
+            return Err(io_error(
+                "packed commands are for a single Redis, not a cluster",
+            ));
+        };
+        self.single_round(addr, packed, n).await
     }
 
     async fn single_round(

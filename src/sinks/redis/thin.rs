@@ -26,7 +26,7 @@ use super::ApplySettings;
 use crate::fold::batch::{Entry, trace_flags};
 use crate::fold::model::{counted, is_guarded};
 use crate::fold::{Field, RowOp, UserId};
-use crate::sinks::layout::{bucket_field, concat, users_minute_suffix, users_suffix, wmax_field};
+use crate::sinks::layout::{bucket_field, users_minute_suffix, users_suffix, wmax_field};
 use crate::units;
 use std::borrow::Cow;
 
@@ -210,7 +210,9 @@ impl<'a> Sets<'a> {
 }
 
 fn loc_field(loc: &str, what: &str) -> String {
-    concat(&["loc:", loc, ":", what])
+    let mut f = String::with_capacity(loc.len() + what.len() + 5);
+    loc_name(&mut f, loc, what);
+    f
 }
 
 /// Appends [`loc_field`]'s name to `out`.
@@ -360,8 +362,14 @@ fn qty(s: &str, scale: u32) -> Option<i64> {
 
 /// A stored integer written by the script itself (`rows`, `piece`).
 fn int(s: &str) -> Option<i64> {
-    let v: i64 = s.parse().ok()?;
-    (itoa::Buffer::new().format(v) == s).then_some(exact(v)?)
+    exact(canonical(s)?)
+}
+
+/// `s` as a `T` where it is the decimal `T` prints as (what skusync and the script
+/// write), so that it prints back to the very string read.
+fn canonical<T: std::str::FromStr + itoa::Integer + Copy>(s: &str) -> Option<T> {
+    let v: T = s.parse().ok()?;
+    (itoa::Buffer::new().format(v) == s).then_some(v)
 }
 
 /// Work out the writes of an entry [`reads`] accepted from what it fetched (`values` in
@@ -379,16 +387,12 @@ pub fn plan<'a, V: AsRef<str>>(
     let get = |i: usize| values.get(i).and_then(|v| v.as_ref().map(|v| v.as_ref()));
     // The fence: only an entry wholly after what the hash holds (replays and straddles
     // are the script's).
-    let expect_lsn = match get(0) {
-        Some(l) => {
-            let lsn: u64 = l.parse().ok()?;
-            (itoa::Buffer::new().format(lsn) == l).then_some(lsn)?;
-            Some(lsn)
-        }
+    let expect_lsn: Option<u64> = match get(0) {
+        Some(l) => Some(canonical(l)?),
         None => None,
     };
-    let expect_piece = match get(1) {
-        Some(p) => Some(u32::try_from(int(p)?).ok()?),
+    let expect_piece: Option<u32> = match get(1) {
+        Some(p) => Some(canonical(p)?),
         None => None,
     };
     if let Some(lsn) = expect_lsn
