@@ -823,9 +823,8 @@ impl Applier {
             applied += self.apply_script(&rest, None, quiet).await?;
         }
         let all: Vec<&(usize, thin::ThinWrite)> = planned.iter().collect();
-        let cmd = self.encode_thin(&Call::Single, entries, &all, end);
         let (written, missed): (u64, Vec<usize>) =
-            match invoke_value(&mut self.con, cmd, THIN_LUA).await {
+            match self.invoke_thin(entries, &all, end).await {
                 Ok(v) => redis::from_redis_value(v)
                     .map_err(|e| RedisSinkError::from_redis(redis::RedisError::from(e)))?,
                 Err(e) if e.code() == Some("WRONGTYPE") => {
@@ -853,6 +852,34 @@ impl Applier {
         Ok(applied)
     }
 
+    /// The `thin.lua` call for `planned` on a standalone Redis: packed here and sent on
+    /// the reader's connection (in the 1M-row transaction's profile, building the call as
+    /// a `Cmd` and having redis-rs pack it again was 17% of skusync's instructions), or,
+    /// without a live reader, a forgotten script, or a reader that failed, through the
+    /// apply connection. A call sent twice is harmless: the first one's writes moved
+    /// their hashes' fences, so the second misses those entries, and the script then
+    /// skips them as replays.
+    async fn invoke_thin(
+        &mut self,
+        entries: &[Entry],
+        planned: &[&(usize, thin::ThinWrite<'_>)],
+        end: Option<Lsn>,
+    ) -> Result<redis::Value, redis::RedisError> {
+        if let Some(r) = self.live_reader().filter(|r| r.is_single()) {
+            let mut packed = self.pack_thin(&Call::Single, entries, planned, end);
+            match r.round_packed(packed.finish(), 1).await {
+                Ok(replies) => match replies.value(0).and_then(|v| v.extract_error()) {
+                    Err(e)
+                        if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {}
+                    r => return r,
+                },
+                Err(e) => self.reader_failed(&e),
+            }
+        }
+        let cmd = self.encode_thin(&Call::Single, entries, planned, end);
+        invoke_value(&mut self.con, cmd, THIN_LUA).await
+    }
+
     /// One `thin.lua` call for `planned` (entries by index in `entries`, with their
     /// writes): on a standalone Redis (`Call::Single`) or on one slot of a cluster.
     fn encode_thin(
@@ -862,6 +889,35 @@ impl Applier {
         planned: &[&(usize, thin::ThinWrite)],
         end: Option<Lsn>,
     ) -> redis::Cmd {
+        let (nargs, bytes) = thin_size(&self.settings.prefix, entries, planned);
+        let mut c = redis::Cmd::with_capacity(nargs, bytes);
+        self.encode_thin_into(&mut c, call, entries, planned, end);
+        c
+    }
+
+    /// [`Applier::encode_thin`] packed as RESP bytes, for the reader's connection.
+    fn pack_thin(
+        &self,
+        call: &Call,
+        entries: &[Entry],
+        planned: &[&(usize, thin::ThinWrite)],
+        end: Option<Lsn>,
+    ) -> resp::Packer {
+        let (nargs, bytes) = thin_size(&self.settings.prefix, entries, planned);
+        // each argument's `$<len>` header and CRLFs
+        let mut p = resp::Packer::with_capacity(bytes + 8 * nargs);
+        self.encode_thin_into(&mut p, call, entries, planned, end);
+        p
+    }
+
+    fn encode_thin_into<A: resp::Args>(
+        &self,
+        c: &mut A,
+        call: &Call,
+        entries: &[Entry],
+        planned: &[&(usize, thin::ThinWrite)],
+        end: Option<Lsn>,
+    ) {
         let s = &self.settings;
         let (meta, floor, cluster) = match call {
             Call::Single => (
@@ -875,50 +931,52 @@ impl Applier {
                 true,
             ),
         };
-        // sized once (it grows to hundreds of kB): the arguments' count and bytes, about
-        let (mut nargs, mut bytes) = (8 + 2 * planned.len(), 128 + meta.len());
-        for (i, w) in planned {
-            nargs += 7 + 2 * w.set.len() + w.del.len() + 4 * w.keys.len();
-            bytes += s.prefix.len() + entries[*i].sku.len() + 88 + w.set.bytes();
-            bytes += w.del.iter().map(|f| f.len()).sum::<usize>() + 32 * w.keys.len();
-        }
-        let mut c = redis::Cmd::with_capacity(nargs, bytes);
-        c.arg("EVALSHA");
-        c.arg(self.thin.get_hash())
-            .arg(planned.len() + if cluster { 1 } else { 2 })
-            .arg(meta);
+        c.bytes(b"EVALSHA");
+        c.bytes(self.thin.get_hash().as_bytes());
+        c.int(planned.len() + if cluster { 1 } else { 2 });
+        c.bytes(meta.as_bytes());
         for (i, _) in planned {
-            c.arg(layout::sku_key(&s.prefix, &entries[*i].sku));
+            let tag = layout::sku_tag(&entries[*i].sku);
+            c.parts(&[s.prefix.as_bytes(), b":{", tag.as_bytes(), b"}"]);
         }
         if !cluster {
-            c.arg(layout::changes_key(&s.prefix));
+            c.bytes(layout::changes_key(&s.prefix).as_bytes());
         }
-        c.arg(end.map(|e| e.0.to_string()).unwrap_or_default())
-            .arg(token_arg(s.fence.token()))
-            .arg(token_arg(floor))
-            .arg(if cluster { "1" } else { "0" });
+        match end {
+            Some(e) => c.int(e.0),
+            None => c.bytes(b""),
+        }
+        // the writer token and the floor: '' for none
+        for t in [s.fence.token(), floor] {
+            match t {
+                0 => c.bytes(b""),
+                t => c.int(t),
+            }
+        }
+        c.bytes(if cluster { b"1" } else { b"0" });
         for (k, (_, w)) in planned.iter().enumerate() {
-            c.arg(k + 2);
-            // '' where the read found no fence (an Option's None would be no argument)
+            c.int(k + 2);
+            // '' where the read found no fence
             match w.expect_lsn {
-                Some(l) => c.arg(l),
-                None => c.arg(""),
+                Some(l) => c.int(l),
+                None => c.bytes(b""),
             };
             match w.expect_piece {
-                Some(p) => c.arg(p),
-                None => c.arg(""),
+                Some(p) => c.int(p),
+                None => c.bytes(b""),
             };
-            c.arg(w.lsn).arg(w.set.len());
+            c.int(w.lsn);
+            c.int(w.set.len());
             for (f, v) in w.set.iter() {
-                c.arg(f).arg(v);
+                c.bytes(f.as_bytes());
+                c.bytes(v.as_bytes());
             }
-            c.arg(w.del.len());
+            c.int(w.del.len());
             for f in &w.del {
-                c.arg(f.as_ref());
+                c.bytes(f.as_bytes());
             }
-            encode_key_ops(&mut c, &w.keys);
+            encode_key_ops(c, &w.keys);
         }
-        c
     }
 
     /// [`Applier::apply`] on a Redis Cluster: thin apply's calls first
@@ -2039,7 +2097,19 @@ fn hmget_reply<'v>(reply: &'v redis::Value, out: &mut Vec<Option<&'v str>>) -> b
 /// A thin entry's distinct-user writes for `thin.lua`: the number of arguments that
 /// follow, then `d <suffix>`, `p <suffix> <n> <id>...` (at most [`USERS_PER_PFADD`] ids)
 /// or `e <suffix> <unix s>` each.
-fn encode_key_ops(c: &mut redis::Cmd, ops: &[thin::KeyOp]) {
+/// A thin call's arguments' count and bytes, about (it grows to hundreds of kB: sized
+/// once).
+fn thin_size(prefix: &str, entries: &[Entry], planned: &[&(usize, thin::ThinWrite)]) -> (usize, usize) {
+    let (mut nargs, mut bytes) = (8 + 2 * planned.len(), 256 + 2 * prefix.len());
+    for (i, w) in planned {
+        nargs += 7 + 2 * w.set.len() + w.del.len() + 4 * w.keys.len();
+        bytes += prefix.len() + entries[*i].sku.len() + 88 + w.set.bytes();
+        bytes += w.del.iter().map(|f| f.len()).sum::<usize>() + 32 * w.keys.len();
+    }
+    (nargs, bytes)
+}
+
+fn encode_key_ops<A: resp::Args>(c: &mut A, ops: &[thin::KeyOp]) {
     let n: usize = ops
         .iter()
         .map(|op| match op {
@@ -2048,20 +2118,25 @@ fn encode_key_ops(c: &mut redis::Cmd, ops: &[thin::KeyOp]) {
             thin::KeyOp::Add(_, ids) => ids.len().div_ceil(USERS_PER_PFADD) * 3 + ids.len(),
         })
         .sum();
-    c.arg(n);
+    c.int(n);
     for op in ops {
         match op {
             thin::KeyOp::Del(k) => {
-                c.arg("d").arg(k);
+                c.bytes(b"d");
+                c.bytes(k.as_bytes());
             }
             thin::KeyOp::ExpireAt(k, at) => {
-                c.arg("e").arg(k).arg(*at);
+                c.bytes(b"e");
+                c.bytes(k.as_bytes());
+                c.int(*at);
             }
             thin::KeyOp::Add(k, ids) => {
                 for chunk in ids.chunks(USERS_PER_PFADD) {
-                    c.arg("p").arg(k).arg(chunk.len());
+                    c.bytes(b"p");
+                    c.bytes(k.as_bytes());
+                    c.int(chunk.len());
                     for id in chunk {
-                        c.arg(&id.hex()[..]);
+                        c.bytes(&id.hex());
                     }
                 }
             }

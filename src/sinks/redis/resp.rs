@@ -94,7 +94,29 @@ pub fn reply_len(buf: &[u8]) -> Result<Option<usize>, RespError> {
 
 /// The reply line at `at`: its type byte, its number (the count or length for `*`, `$`
 /// and `:`; 0 for `+` and `-`), and where the next line starts. `None`: incomplete.
+#[inline]
 fn header(buf: &[u8], at: usize) -> Result<Option<(u8, i64, usize)>, RespError> {
+    // Most lines are a nil or a length of one or two digits (every element of an HMGET's
+    // or HGETALL's reply): read those in place, the rest in `header_line`.
+    if let Some(&[kind @ (b'$' | b'*' | b':'), a, b, c, d]) = buf.get(at..at + 5) {
+        let digit = |x: u8| x.is_ascii_digit().then(|| i64::from(x - b'0'));
+        if b == b'\r' && c == b'\n' {
+            if let Some(n) = digit(a) {
+                return Ok(Some((kind, n, at + 4)));
+            }
+        } else if c == b'\r' && d == b'\n' {
+            if a == b'-' && b == b'1' {
+                return Ok(Some((kind, -1, at + 5)));
+            }
+            if let (Some(t), Some(u)) = (digit(a), digit(b)) {
+                return Ok(Some((kind, 10 * t + u, at + 5)));
+            }
+        }
+    }
+    header_line(buf, at)
+}
+
+fn header_line(buf: &[u8], at: usize) -> Result<Option<(u8, i64, usize)>, RespError> {
     let Some(&kind) = buf.get(at) else {
         return Ok(None);
     };
@@ -152,16 +174,110 @@ fn header(buf: &[u8], at: usize) -> Result<Option<(u8, i64, usize)>, RespError> 
 /// `Cmd` packs, without building one: thin apply's reads make a command per SKU).
 /// `n` is the number of arguments `args` yields.
 pub fn pack_command<'a>(out: &mut Vec<u8>, n: usize, args: impl IntoIterator<Item = &'a [u8]>) {
-    let mut b = itoa::Buffer::new();
     out.push(b'*');
-    out.extend_from_slice(b.format(n).as_bytes());
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
     out.extend_from_slice(b"\r\n");
     for a in args {
+        put_bulk(out, a.len(), &[a]);
+    }
+}
+
+/// Appends one bulk string, `parts` joined (`len` bytes in all). Most arguments are
+/// under 100 bytes: their `$<len>\r\n` is written as one fixed-size copy, not through
+/// itoa and a copy of its digits (this runs for every argument of every thin call).
+fn put_bulk(out: &mut Vec<u8>, len: usize, parts: &[&[u8]]) {
+    out.reserve(len + 24);
+    if len < 10 {
+        out.extend_from_slice(&[b'$', b'0' + len as u8, b'\r', b'\n']);
+    } else if len < 100 {
+        let (t, u) = ((len / 10) as u8, (len % 10) as u8);
+        out.extend_from_slice(&[b'$', b'0' + t, b'0' + u, b'\r', b'\n']);
+    } else {
         out.push(b'$');
-        out.extend_from_slice(b.format(a.len()).as_bytes());
+        out.extend_from_slice(itoa::Buffer::new().format(len).as_bytes());
         out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
+    }
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Where a command's arguments go, one at a time: a redis-rs `Cmd`, or a [`Packer`]'s
+/// RESP bytes. One encoder writes both (thin apply's write is packed here on a single
+/// Redis, and built as a `Cmd` where redis-rs routes it).
+pub trait Args {
+    /// One argument: `parts` joined (a key made of a prefix and a tag, without a copy).
+    fn parts(&mut self, parts: &[&[u8]]);
+
+    /// One argument.
+    fn bytes(&mut self, a: &[u8]) {
+        self.parts(&[a]);
+    }
+
+    /// One argument: a number in decimal (as redis-rs writes integers).
+    fn int<T: itoa::Integer>(&mut self, v: T) {
+        self.bytes(itoa::Buffer::new().format(v).as_bytes());
+    }
+}
+
+impl Args for redis::Cmd {
+    fn parts(&mut self, parts: &[&[u8]]) {
+        use redis::RedisWrite;
+        use std::io::Write;
+        let mut w = self.writer_for_next_arg();
+        for p in parts {
+            // writing into the command's own Vec cannot fail
+            let _ = w.write_all(p);
+        }
+    }
+
+    fn bytes(&mut self, a: &[u8]) {
+        redis::RedisWrite::write_arg(self, a);
+    }
+}
+
+/// Room before a [`Packer`]'s arguments for its `*<count>\r\n`, written once the count
+/// is known (a usize has 20 digits at most).
+const COUNT_ROOM: usize = 23;
+
+/// One command packed as RESP, argument by argument, its count written at the end: a
+/// thin write's count is known only once its entries are written, and this way nothing
+/// is copied twice (a `Cmd` keeps its arguments, then packs them into another buffer).
+pub struct Packer {
+    buf: Vec<u8>,
+    n: usize,
+}
+
+impl Packer {
+    /// A packer with room for about `bytes` of arguments (their headers included).
+    pub fn with_capacity(bytes: usize) -> Packer {
+        let mut buf = Vec::with_capacity(COUNT_ROOM + bytes);
+        buf.resize(COUNT_ROOM, 0);
+        Packer { buf, n: 0 }
+    }
+
+    /// The packed command (as `Cmd::get_packed_command` packs it).
+    pub fn finish(&mut self) -> &[u8] {
+        let mut b = itoa::Buffer::new();
+        let count = b.format(self.n).as_bytes();
+        let start = COUNT_ROOM - count.len() - 3;
+        self.buf[start] = b'*';
+        self.buf[start + 1..start + 1 + count.len()].copy_from_slice(count);
+        self.buf[COUNT_ROOM - 2..COUNT_ROOM].copy_from_slice(b"\r\n");
+        &self.buf[start..]
+    }
+}
+
+impl Args for Packer {
+    fn parts(&mut self, parts: &[&[u8]]) {
+        put_bulk(&mut self.buf, parts.iter().map(|p| p.len()).sum(), parts);
+        self.n += 1;
+    }
+
+    fn bytes(&mut self, a: &[u8]) {
+        put_bulk(&mut self.buf, a.len(), &[a]);
+        self.n += 1;
     }
 }
 
@@ -539,6 +655,47 @@ mod tests {
     }
 
     #[test]
+    fn a_packer_packs_what_redis_rs_packs() {
+        let mut p = Packer::with_capacity(4);
+        let mut c = redis::Cmd::new();
+        for a in [&mut p as &mut dyn ArgsDyn, &mut c] {
+            a.put_all();
+        }
+        assert_eq!(p.finish(), &c.get_packed_command()[..]);
+        // no arguments, and counts of one and of several digits
+        assert_eq!(Packer::with_capacity(0).finish(), b"*0\r\n");
+        let mut many = Packer::with_capacity(0);
+        let mut c = redis::Cmd::new();
+        for i in 0..1234u32 {
+            many.int(i);
+            c.arg(i);
+        }
+        assert_eq!(many.finish(), &c.get_packed_command()[..]);
+    }
+
+    /// The same arguments through either [`Args`] (a test's way to call both alike).
+    trait ArgsDyn {
+        fn put_all(&mut self);
+    }
+
+    impl<A: Args> ArgsDyn for A {
+        fn put_all(&mut self) {
+            self.bytes(b"EVALSHA");
+            self.bytes(b"");
+            self.parts(&[b"p", b":{", "\u{e9}\r\n".as_bytes(), b"}"]);
+            self.parts(&[]);
+            self.int(0u64);
+            self.int(u64::MAX);
+            self.int(-7i64);
+            self.int(42usize);
+            // each way a length is written: one digit, two, and itoa's
+            for n in [9, 10, 99, 100, 1000] {
+                self.bytes(&vec![b'x'; n]);
+            }
+        }
+    }
+
+    #[test]
     fn integers_and_errors_read_back() {
         assert_eq!(int_of(b":-42\r\n"), Ok(-42));
         assert_eq!(int_of(b":9223372036854775807\r\n"), Ok(i64::MAX));
@@ -652,6 +809,20 @@ mod tests {
             let _ = FlatHash::parse(&b);
             let _ = int_of(&b);
             let _ = strings_of(&b, &mut Vec::new());
+        }
+
+        /// The in-place read of short lines says what the full one does, on lines made
+        /// of the bytes that matter (types, digits, signs, CR, LF) and on any bytes.
+        #[test]
+        fn short_lines_read_as_the_full_parse_reads_them(
+            b in proptest::collection::vec(proptest::sample::select(
+                b"$*:+-0123456789\r\nx".to_vec()), 0..8),
+            any_bytes in proptest::collection::vec(any::<u8>(), 0..8),
+            at in 0usize..3,
+        ) {
+            for b in [&b, &any_bytes] {
+                prop_assert_eq!(header(b, at), header_line(b, at));
+            }
         }
     }
 }
