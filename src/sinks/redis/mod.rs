@@ -823,16 +823,16 @@ impl Applier {
             applied += self.apply_script(&rest, None, quiet).await?;
         }
         let all: Vec<&(usize, thin::ThinWrite)> = planned.iter().collect();
-        let (written, missed): (u64, Vec<usize>) =
-            match self.invoke_thin(entries, &all, end).await {
-                Ok(v) => redis::from_redis_value(v)
-                    .map_err(|e| RedisSinkError::from_redis(redis::RedisError::from(e)))?,
-                Err(e) if e.code() == Some("WRONGTYPE") => {
-                    let all: Vec<&Entry> = planned.iter().map(|(i, _)| &entries[*i]).collect();
-                    return Err(self.wrongtype(e, &all).await);
-                }
-                Err(e) => return Err(RedisSinkError::from_redis(e)),
-            };
+        let (written, missed): (u64, Vec<usize>) = match self.invoke_thin(entries, &all, end).await
+        {
+            Ok(v) => redis::from_redis_value(v)
+                .map_err(|e| RedisSinkError::from_redis(redis::RedisError::from(e)))?,
+            Err(e) if e.code() == Some("WRONGTYPE") => {
+                let all: Vec<&Entry> = planned.iter().map(|(i, _)| &entries[*i]).collect();
+                return Err(self.wrongtype(e, &all).await);
+            }
+            Err(e) => return Err(RedisSinkError::from_redis(e)),
+        };
         applied.applied += written;
         applied.thin += written;
         if !missed.is_empty() {
@@ -870,7 +870,8 @@ impl Applier {
             match r.round_packed(packed.finish(), 1).await {
                 Ok(replies) => match replies.value(0).and_then(|v| v.extract_error()) {
                     Err(e)
-                        if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {}
+                        if e.kind()
+                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {}
                     r => return r,
                 },
                 Err(e) => self.reader_failed(&e),
@@ -2099,7 +2100,11 @@ fn hmget_reply<'v>(reply: &'v redis::Value, out: &mut Vec<Option<&'v str>>) -> b
 /// or `e <suffix> <unix s>` each.
 /// A thin call's arguments' count and bytes, about (it grows to hundreds of kB: sized
 /// once).
-fn thin_size(prefix: &str, entries: &[Entry], planned: &[&(usize, thin::ThinWrite)]) -> (usize, usize) {
+fn thin_size(
+    prefix: &str,
+    entries: &[Entry],
+    planned: &[&(usize, thin::ThinWrite)],
+) -> (usize, usize) {
     let (mut nargs, mut bytes) = (8 + 2 * planned.len(), 256 + 2 * prefix.len());
     for (i, w) in planned {
         nargs += 7 + 2 * w.set.len() + w.del.len() + 4 * w.keys.len();

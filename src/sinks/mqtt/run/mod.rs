@@ -762,9 +762,11 @@ impl Task {
     /// and start reading their hashes and distinct-user counts on a task of its own.
     fn start_read(&mut self, reading: usize) -> Option<GroupRead> {
         let mut group = Vec::new();
+        // one clock read for the group (a read per SKU showed in the profile)
+        let now = self.mono_ms();
         while group.len() < READ_GROUP && self.tracker.len() + reading + group.len() < MAX_IN_FLIGHT
         {
-            match self.sched.pop_ready(self.mono_ms()) {
+            match self.sched.pop_ready(now) {
                 Some(x) => group.push(x),
                 None => break,
             }
