@@ -1,8 +1,9 @@
 //! Connections of our own for the publisher's reads (its marks, hashes and distinct-user
-//! counts), thin apply's reads (its HMGETs) and, on a Redis Cluster, the apply calls per
-//! slot: commands packed by redis-rs go out as bytes, and the replies come back delimited
-//! by [`resp`](super::resp) instead of parsed by redis-rs (see that module for why). The
-//! one module that adapts `resp` to sockets.
+//! counts), thin apply's reads (its HMGETs) and writes (thin.lua's call, on a single
+//! Redis) and, on a Redis Cluster, the apply calls per slot: commands packed by redis-rs
+//! or by [`resp`](super::resp) go out as bytes, and the replies come back delimited by
+//! `resp` instead of parsed by redis-rs (see that module for why). The one module that
+//! adapts `resp` to sockets.
 //!
 //! For a standalone Redis and for a Redis Cluster, over TCP, a Unix socket or TLS
 //! (verified against `redis.ca_file` or the system's roots). On a cluster a round is
