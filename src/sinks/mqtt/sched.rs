@@ -3,7 +3,7 @@
 //!
 //! Times are milliseconds on a monotonic clock the caller owns.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// Why a SKU should be published. Requests merge to the strongest.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -23,7 +23,8 @@ struct Entry {
     in_flight: u32,
     last_sent_at: Option<u64>,
     last_lsn: Option<u64>,
-    due: Option<u64>,
+    /// Its timer's key in [`Scheduler::timers`]: (due, sequence).
+    timer: Option<(u64, u64)>,
 }
 
 /// The per-SKU state machines and their timers.
@@ -31,7 +32,12 @@ struct Entry {
 pub struct Scheduler {
     min_interval: u64,
     skus: HashMap<String, Entry, foldhash::fast::RandomState>,
-    timers: BTreeSet<(u64, String)>,
+    /// SKUs with a publish wanted, by (due, sequence): SKUs due at the same time go in
+    /// the order they were scheduled, and a timer is found and removed by two integers
+    /// (keyed by the SKU's name, every insert and removal compared strings and the
+    /// removal allocated a copy of the name: a thousand SKUs due at once in a backlog).
+    timers: BTreeMap<(u64, u64), String>,
+    seq: u64,
 }
 
 impl Scheduler {
@@ -40,7 +46,8 @@ impl Scheduler {
         Scheduler {
             min_interval: min_interval_ms,
             skus: HashMap::default(),
-            timers: BTreeSet::new(),
+            timers: BTreeMap::new(),
+            seq: 0,
         }
     }
 
@@ -67,32 +74,33 @@ impl Scheduler {
         } else {
             None
         };
-        if e.due != due {
-            if let Some(old) = e.due.take() {
-                self.timers.remove(&(old, sku.to_string()));
+        if e.timer.map(|(d, _)| d) != due {
+            if let Some(old) = e.timer.take() {
+                self.timers.remove(&old);
             }
             if let Some(d) = due {
-                self.timers.insert((d, sku.to_string()));
+                self.seq += 1;
+                e.timer = Some((d, self.seq));
+                self.timers.insert((d, self.seq), sku.to_string());
             }
-            e.due = due;
         }
     }
 
     /// When the next SKU becomes ready (may be in the past).
     pub fn next_due(&self) -> Option<u64> {
-        self.timers.first().map(|(d, _)| *d)
+        self.timers.first_key_value().map(|((d, _), _)| *d)
     }
 
     /// Takes a ready SKU and claims it: the caller must follow up with [`sent`](Self::sent)
     /// or [`skipped`](Self::skipped).
     pub fn pop_ready(&mut self, now: u64) -> Option<(String, Want)> {
-        let (due, _) = self.timers.first()?;
+        let ((due, _), _) = self.timers.first_key_value()?;
         if *due > now {
             return None;
         }
         let (_, sku) = self.timers.pop_first()?;
         let e = self.skus.get_mut(&sku)?;
-        e.due = None;
+        e.timer = None;
         e.in_flight += 1;
         let want = e.want.take().unwrap_or(Want::Change);
         Some((sku, want))
@@ -156,7 +164,7 @@ impl Scheduler {
         self.skus.retain(|_, e| {
             e.want.is_some()
                 || e.in_flight > 0
-                || e.due.is_some()
+                || e.timer.is_some()
                 || e.last_sent_at.is_some_and(|t| t.saturating_add(min) > now)
         });
     }
@@ -281,6 +289,27 @@ mod tests {
             "b not delayed"
         );
         assert_eq!(s.pop_ready(100), Some(("a".into(), Want::Change)));
+    }
+
+    #[test]
+    fn skus_due_together_go_in_the_order_they_were_requested() {
+        let mut s = Scheduler::new(100);
+        for sku in ["c", "a", "b"] {
+            s.request(sku, Want::Change);
+        }
+        // a request that does not move its timer keeps its place
+        s.request("c", Want::Force);
+        let order: Vec<String> = std::iter::from_fn(|| s.pop_ready(0).map(|(k, _)| k)).collect();
+        assert_eq!(order, ["c", "a", "b"]);
+        assert_eq!(s.pending(), 0);
+        // back in the queue once acknowledged, behind what was requested meanwhile
+        s.sent("a", 1, 1, 0);
+        s.request("a", Want::Change);
+        s.request("d", Want::Change);
+        s.acked("a");
+        assert_eq!(s.pop_ready(0).map(|(k, _)| k).as_deref(), Some("d"));
+        assert_eq!(s.pop_ready(99), None, "a is throttled");
+        assert_eq!(s.pop_ready(100).map(|(k, _)| k).as_deref(), Some("a"));
     }
 
     #[test]
