@@ -866,7 +866,7 @@ impl Applier {
         end: Option<Lsn>,
     ) -> Result<redis::Value, redis::RedisError> {
         if let Some(r) = self.live_reader().filter(|r| r.is_single()) {
-            let mut packed = self.pack_thin(&Call::Single, entries, planned, end);
+            let mut packed: resp::Packer = self.thin_call(&Call::Single, entries, planned, end);
             match r.round_packed(packed.finish(), 1).await {
                 Ok(replies) => match replies.value(0).and_then(|v| v.extract_error()) {
                     Err(e)
@@ -877,38 +877,24 @@ impl Applier {
                 Err(e) => self.reader_failed(&e),
             }
         }
-        let cmd = self.encode_thin(&Call::Single, entries, planned, end);
+        let cmd = self.thin_call(&Call::Single, entries, planned, end);
         invoke_value(&mut self.con, cmd, THIN_LUA).await
     }
 
     /// One `thin.lua` call for `planned` (entries by index in `entries`, with their
-    /// writes): on a standalone Redis (`Call::Single`) or on one slot of a cluster.
-    fn encode_thin(
+    /// writes): on a standalone Redis (`Call::Single`) or on one slot of a cluster; as a
+    /// redis-rs `Cmd`, or packed as RESP bytes for the reader's connection.
+    fn thin_call<A: resp::Args>(
         &self,
         call: &Call,
         entries: &[Entry],
         planned: &[&(usize, thin::ThinWrite)],
         end: Option<Lsn>,
-    ) -> redis::Cmd {
+    ) -> A {
         let (nargs, bytes) = thin_size(&self.settings.prefix, entries, planned);
-        let mut c = redis::Cmd::with_capacity(nargs, bytes);
+        let mut c = A::sized(nargs, bytes);
         self.encode_thin_into(&mut c, call, entries, planned, end);
         c
-    }
-
-    /// [`Applier::encode_thin`] packed as RESP bytes, for the reader's connection.
-    fn pack_thin(
-        &self,
-        call: &Call,
-        entries: &[Entry],
-        planned: &[&(usize, thin::ThinWrite)],
-        end: Option<Lsn>,
-    ) -> resp::Packer {
-        let (nargs, bytes) = thin_size(&self.settings.prefix, entries, planned);
-        // each argument's `$<len>` header and CRLFs
-        let mut p = resp::Packer::with_capacity(bytes + 8 * nargs);
-        self.encode_thin_into(&mut p, call, entries, planned, end);
-        p
     }
 
     fn encode_thin_into<A: resp::Args>(
@@ -947,13 +933,8 @@ impl Applier {
             Some(e) => c.int(e.0),
             None => c.bytes(b""),
         }
-        // the writer token and the floor: '' for none
-        for t in [s.fence.token(), floor] {
-            match t {
-                0 => c.bytes(b""),
-                t => c.int(t),
-            }
-        }
+        c.bytes(token_arg(s.fence.token()).as_bytes());
+        c.bytes(token_arg(floor).as_bytes());
         c.bytes(if cluster { b"1" } else { b"0" });
         for (k, (_, w)) in planned.iter().enumerate() {
             c.int(k + 2);
@@ -1128,7 +1109,7 @@ impl Applier {
             let mark = marks[&slot];
             let whole = ps.len() == n;
             let items: Vec<&(usize, thin::ThinWrite)> = ps.iter().map(|p| &planned[*p]).collect();
-            pipe.add_command(self.encode_thin(
+            pipe.add_command(self.thin_call(
                 &Call::Slot(slot),
                 entries,
                 &items,
@@ -1147,8 +1128,8 @@ impl Applier {
                 {
                     let items: Vec<&(usize, thin::ThinWrite)> =
                         ps.iter().map(|p| &planned[*p]).collect();
-                    let cmd =
-                        self.encode_thin(&Call::Slot(slot), entries, &items, whole.then_some(mark));
+                    let cmd: redis::Cmd =
+                        self.thin_call(&Call::Slot(slot), entries, &items, whole.then_some(mark));
                     invoke_value(&mut con, cmd, THIN_LUA).await
                 }
                 r => r,
@@ -2095,9 +2076,6 @@ fn hmget_reply<'v>(reply: &'v redis::Value, out: &mut Vec<Option<&'v str>>) -> b
     true
 }
 
-/// A thin entry's distinct-user writes for `thin.lua`: the number of arguments that
-/// follow, then `d <suffix>`, `p <suffix> <n> <id>...` (at most [`USERS_PER_PFADD`] ids)
-/// or `e <suffix> <unix s>` each.
 /// A thin call's arguments' count and bytes, about (it grows to hundreds of kB: sized
 /// once).
 fn thin_size(
@@ -2114,6 +2092,9 @@ fn thin_size(
     (nargs, bytes)
 }
 
+/// A thin entry's distinct-user writes for `thin.lua`: the number of arguments that
+/// follow, then `d <suffix>`, `p <suffix> <n> <id>...` (at most [`USERS_PER_PFADD`] ids)
+/// or `e <suffix> <unix s>` each.
 fn encode_key_ops<A: resp::Args>(c: &mut A, ops: &[thin::KeyOp]) {
     let n: usize = ops
         .iter()
