@@ -78,6 +78,11 @@ pub const BACKLOG_CHANNEL: &str = "skusync_backlog_channel_batches";
 pub const BACKLOG_BATCH: &str = "skusync_backlog_batch_entries";
 /// 1 while streaming from the slot, else 0.
 pub const STREAMING: &str = "skusync_streaming_bool";
+/// 1 while the apply is backed up (it is applying a full batch: the stream brings changes
+/// faster than Redis takes them) and the publisher spaces its rounds out, else 0.
+pub const APPLY_BACKED_UP: &str = "skusync_apply_backed_up_bool";
+/// Times the apply became backed up (a large transaction, a backlog).
+pub const APPLY_BACKED_UP_SPELLS: &str = "skusync_apply_backed_up_total";
 
 /// Histogram buckets in seconds, for both latency histograms.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -268,6 +273,10 @@ fn describe_all() {
             "Changes of referenced rows that changed what they resolve to.",
         ),
         (RESYNCS, "Redis rebuilds from a fresh snapshot."),
+        (
+            APPLY_BACKED_UP_SPELLS,
+            "Times the apply became backed up (the publisher then spaces its rounds out).",
+        ),
     ] {
         describe_counter!(name, help);
         counter!(name).absolute(0);
@@ -286,6 +295,10 @@ fn describe_all() {
     describe_gauge!(BACKLOG_CHANNEL, "Batches waiting in the source channel.");
     describe_gauge!(BACKLOG_BATCH, "SKU entries in the pending apply batch.");
     describe_gauge!(STREAMING, "1 while streaming from the slot.");
+    describe_gauge!(
+        APPLY_BACKED_UP,
+        "1 while the apply is backed up and the publisher spaces its rounds out."
+    );
     for g in [
         RECEIVED_LSN,
         CONFIRMED_LSN,
@@ -293,6 +306,7 @@ fn describe_all() {
         BACKLOG_CHANNEL,
         BACKLOG_BATCH,
         STREAMING,
+        APPLY_BACKED_UP,
     ] {
         gauge!(g).set(0.0);
     }
@@ -453,6 +467,18 @@ pub fn redis_failed() {
 pub fn backlog(channel_batches: usize, batch_entries: usize) {
     gauge!(BACKLOG_CHANNEL).set(channel_batches as f64);
     gauge!(BACKLOG_BATCH).set(batch_entries as f64);
+}
+
+/// The apply became backed up (`on`) or caught up again.
+pub fn apply_backed_up(on: bool) {
+    gauge!(APPLY_BACKED_UP).set(if on { 1.0 } else { 0.0 });
+    if on {
+        counter!(APPLY_BACKED_UP_SPELLS).increment(1);
+    }
+    tracing::debug!(
+        backed_up = on,
+        "apply backed up: publisher rounds spaced out"
+    );
 }
 
 /// Reconnected to `server`.
@@ -647,6 +673,8 @@ mod tests {
             BACKLOG_CHANNEL,
             BACKLOG_BATCH,
             STREAMING,
+            APPLY_BACKED_UP,
+            APPLY_BACKED_UP_SPELLS,
         ] {
             assert!(n.starts_with("skusync_"), "{n}");
             assert!(

@@ -202,6 +202,11 @@ pub struct MqttConfig {
     /// Most republishes per second of SKUs whose window values aged (no new events).
     #[serde(default = "default_age_rate")]
     pub window_republish_per_s: u32,
+    /// While the apply is backed up (a large transaction, a backlog), the publisher
+    /// starts a round of reads at most this often, leaving the cores to the apply; `0`
+    /// publishes at full speed regardless.
+    #[serde(default = "default_backed_up_round")]
+    pub backed_up_round_ms: u64,
     /// Largest MQTT packet skusync sends or accepts.
     #[serde(default = "default_max_packet")]
     pub max_packet_bytes: usize,
@@ -702,6 +707,7 @@ impl std::fmt::Debug for MqttConfig {
             .field("min_interval_ms", &self.min_interval_ms)
             .field("ca_file", &self.ca_file)
             .field("window_republish_per_s", &self.window_republish_per_s)
+            .field("backed_up_round_ms", &self.backed_up_round_ms)
             .field("max_packet_bytes", &self.max_packet_bytes)
             .field("format", &self.format)
             .finish()
@@ -761,6 +767,9 @@ fn default_min_interval() -> u64 {
 }
 fn default_age_rate() -> u32 {
     200
+}
+fn default_backed_up_round() -> u64 {
+    100
 }
 fn default_max_packet() -> usize {
     64 * 1024

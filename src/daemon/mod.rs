@@ -760,6 +760,11 @@ impl Daemon {
         {
             f.tickets.durable(&progress);
         }
+        // Whatever stopped the loop, nothing is backed up behind it any more.
+        telemetry::apply_backed_up(false);
+        if let Some(m) = &self.mqtt {
+            m.set_backed_up(false);
+        }
         r
     }
 }

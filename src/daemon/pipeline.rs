@@ -36,6 +36,11 @@ impl Daemon {
         // so a backlog over few SKUs becomes fewer entries (Redis' cost is per entry).
         let hold = |p: &Pending| over(p, HOLD_FACTOR);
         let mut last_event = tokio::time::Instant::now();
+        // The batch in flight was launched full: the stream brings changes faster than
+        // Redis takes them. The publisher then spaces its rounds out (see
+        // `MqttHandle::set_backed_up`); `backed_up` is what it was last told.
+        let mut launched_full = false;
+        let mut backed_up = false;
         // Redis is checked for lost writes, a new writer and a requested rebuild once the
         // stream is connected (a first snapshot load runs before that).
         let mut connected = false;
@@ -70,6 +75,7 @@ impl Daemon {
                     }
                 },
                 _ = tokio::time::sleep_until(last_event + LINGER), if flight.is_none() && !pending.is_empty() => {
+                    launched_full = false;
                     *flight = Some(launch(&applier, &mut pending, self.mqtt.clone(), fold.seal()));
                     None
                 }
@@ -213,12 +219,21 @@ impl Daemon {
                 && !pending.is_empty()
                 && (full(&pending) || progress.stream_lag_ms() < BACKLOG_LAG_MS)
             {
+                launched_full = full(&pending);
                 *flight = Some(launch(
                     &applier,
                     &mut pending,
                     self.mqtt.clone(),
                     fold.seal(),
                 ));
+            }
+            let now_backed_up = launched_full && flight.is_some();
+            if now_backed_up != backed_up {
+                backed_up = now_backed_up;
+                telemetry::apply_backed_up(backed_up);
+                if let Some(m) = &self.mqtt {
+                    m.set_backed_up(backed_up);
+                }
             }
             // Holders whose row index writes are done: Redis answers for them again.
             fold.forget(self.ri_done);

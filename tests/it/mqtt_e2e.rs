@@ -896,3 +896,143 @@ async fn distinct_users_per_window_are_published_in_the_state() {
     }
     assert_eq!(rig.daemon().sigterm(), Some(0));
 }
+
+/// `skusync_apply_backed_up_bool`, `skusync_apply_backed_up_total` and
+/// `skusync_mqtt_published_total` from one scrape (`None` while nothing answers).
+fn backed_up_sample(port: u16) -> Option<(bool, f64, f64)> {
+    use skusync::telemetry::{APPLY_BACKED_UP, APPLY_BACKED_UP_SPELLS, MQTT_PUBLISHED};
+    let body = crate::harness::scrape_body(port)?;
+    let v = |name: &str| crate::harness::metric_in(&body, name);
+    Some((
+        v(APPLY_BACKED_UP)? == 1.0,
+        v(APPLY_BACKED_UP_SPELLS)?,
+        v(MQTT_PUBLISHED).unwrap_or(0.0),
+    ))
+}
+
+/// A transaction larger than the apply takes at once backs the apply up: while it is,
+/// the publisher starts a round of reads (at most `READ_GROUP` SKUs) at most every
+/// `mqtt.backed_up_round_ms`, so the cores go to the apply, and it still publishes (it never stops).
+/// Once the apply is through, the rest is published: the retained messages end equal
+/// to Redis, and nothing stays backed up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backed_up_apply_spaces_the_publisher_out_and_the_retained_states_converge() {
+    use skusync::sinks::mqtt::READ_GROUP;
+    // Mosquitto queues at most 1000 messages per client by default: the harness' retained
+    // listing of 40k SKUs needs more.
+    let broker = MosquittoServer::start_with(MqttOptions {
+        extra_conf: vec!["max_queued_messages 0".into()],
+        ..Default::default()
+    });
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    // A round a second while backed up: far below what the publisher does unchecked,
+    // even in a debug build.
+    let round = Duration::from_secs(1);
+    let http = crate::harness::free_port();
+    // batches of 100 SKUs: the transaction below is 400 full batches
+    let text = rig.config_text().replacen(
+        "prefix = \"skusync\"\n",
+        "prefix = \"skusync\"\nmax_batch_skus = 100\n",
+        1,
+    );
+    assert!(text.contains("max_batch_skus = 100"), "{text}");
+    rig.start_with_config(&format!(
+        "{text}{}backed_up_round_ms = {}\n\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
+        mqtt_toml(&broker, 100),
+        round.as_millis()
+    ))
+    .await;
+    // the first connect republishes everything (an empty Redis): let that finish first
+    let t = Instant::now();
+    while !rig.daemon().stderr_contains("mqtt epoch stored") {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{}",
+            rig.daemon().stderr_all()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let start = Instant::now();
+    let (backed, spells0, _) = loop {
+        if let Some(s) = backed_up_sample(http) {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no /metrics");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!backed, "backed up before any load");
+    rig.exec(
+        "INSERT INTO inventory SELECT 'BULK-' || g, 'W1', g % 100, 0 FROM generate_series(1, 40000) g",
+    )
+    .await;
+    // Spans between two scrapes that both saw the same spell of being backed up: the
+    // states published in them, and their length.
+    let (mut published, mut span, mut longest) = (0.0, Duration::ZERO, Duration::ZERO);
+    let mut prev: Option<(Instant, bool, f64, f64)> = None;
+    let mut spell_start: Option<Instant> = None;
+    let mut spells;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let Some((b, n, p)) = backed_up_sample(http) else {
+            panic!("/metrics stopped answering\n{}", rig.daemon().stderr_all());
+        };
+        let now = Instant::now();
+        if let Some((t0, b0, n0, p0)) = prev
+            && b0
+            && b
+            && n0 == n
+        {
+            published += p - p0;
+            span += now - t0;
+            longest = longest.max(now - spell_start.unwrap_or(t0));
+        }
+        if b && prev.is_none_or(|(_, b0, n0, _)| !b0 || n0 != n) {
+            spell_start = Some(now);
+        }
+        prev = Some((now, b, n, p));
+        spells = n;
+        if !b && n > spells0 && hlen_of(&mut rig, "BULK-40000").await {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "apply not through after 120 s (backed up {b}, spells {n})\n{}",
+            rig.daemon().stderr_all()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "backed up {} times, {span:?} between scrapes (longest spell {longest:?}): {published} states published meanwhile",
+        spells - spells0
+    );
+    assert!(spells > spells0, "a 40k-row transaction backs the apply up");
+    assert!(
+        longest >= Duration::from_millis(500),
+        "the apply was backed up only for {longest:?}: too short to tell"
+    );
+    // Rounds that start within `span`, plus the in-flight ones started before it.
+    let rounds = span.as_secs_f64() / round.as_secs_f64() + 2.0 * (spells - spells0 + 1.0);
+    let bound = rounds * READ_GROUP as f64;
+    assert!(
+        published <= bound,
+        "{published} states published in {span:?} of backed-up apply (bound {bound})"
+    );
+    assert!(
+        published > 0.0,
+        "the publisher never stops while the apply is backed up"
+    );
+    rig.drain(&WorkloadTables::public(), "W1", Duration::from_secs(60))
+        .await;
+    assert_retained_equals_redis(&mut rig, &broker, Duration::from_secs(60)).await;
+    assert_eq!(backed_up_sample(http).map(|s| s.0), Some(false));
+}
+
+/// Whether the SKU's hash exists in Redis yet.
+async fn hlen_of(rig: &mut Rig, sku: &str) -> bool {
+    let n: i64 = redis::cmd("HLEN")
+        .arg(layout::sku_key("skusync", sku))
+        .query_async(&mut rig.con)
+        .await
+        .unwrap_or(0);
+    n > 0
+}

@@ -28,6 +28,7 @@ fn mqtt_config(url: String) -> MqttConfig {
         min_interval_ms: 100,
         ca_file: None,
         window_republish_per_s: 50,
+        backed_up_round_ms: 100,
         max_packet_bytes: 64 * 1024,
         format: Default::default(),
     }

@@ -292,6 +292,8 @@ async fn metrics_endpoint_reports_every_named_metric_with_sane_values_after_a_wo
         "skusync_backlog_channel_batches",
         "skusync_backlog_batch_entries",
         "skusync_streaming_bool",
+        "skusync_apply_backed_up_bool",
+        "skusync_apply_backed_up_total",
     ] {
         assert!(
             sample(&scrape, name).is_some(),

@@ -131,7 +131,7 @@ mod tracker;
 
 pub use conn::{Broker, PASSWORD_ENV, parse_url};
 pub use payload::{Kind, PendingAlert, StateMessage, alert_payload, parse_alerts, state_message};
-pub use run::{EPOCH_INTERVAL, MARK_PUBLISHED};
+pub use run::{EPOCH_INTERVAL, MARK_PUBLISHED, READ_GROUP};
 pub use sched::{Aging, Scheduler, Want};
 pub use topic::{EMPTY_SKU_LEVEL, decode_sku, encode_sku};
 pub use tracker::AckTracker;
@@ -316,6 +316,9 @@ struct Shared {
     connected: AtomicBool,
     notify: Notify,
     stats: Stats,
+    /// The apply is backed up (see [`MqttHandle::set_backed_up`]): publish rounds are
+    /// spaced out.
+    backed_up: AtomicBool,
 }
 
 /// Most SKUs remembered between publisher turns before falling back to a Redis scan.
@@ -349,6 +352,17 @@ impl MqttHandle {
             }
         }
         self.shared.notify.notify_one();
+    }
+
+    /// Whether the apply is backed up: the stream brings changes faster than Redis takes
+    /// them (a large transaction, a backlog). The publisher then starts a round of
+    /// reads at most every `mqtt.backed_up_round_ms`, leaving the cores (its own, Redis' and
+    /// the broker's share) to the apply: the slot moves sooner, and what the broker
+    /// lacks meanwhile is published from Redis once the apply is through.
+    pub fn set_backed_up(&self, on: bool) {
+        if self.shared.backed_up.swap(on, Ordering::Relaxed) && !on {
+            self.shared.notify.notify_one();
+        }
     }
 
     /// Republish every SKU hash (after Redis was rebuilt by a resync).

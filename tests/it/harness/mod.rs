@@ -244,12 +244,22 @@ impl Drop for ChildProc {
 /// Sum of every series of the metric `name` in skusync's `/metrics` on 127.0.0.1:`port`;
 /// `None` when nothing answers or the metric is missing.
 pub fn scrape_metric(port: u16, name: &str) -> Option<f64> {
+    metric_in(&scrape_body(port)?, name)
+}
+
+/// skusync's whole `/metrics` answer on 127.0.0.1:`port` (`None` when nothing answers).
+pub fn scrape_body(port: u16) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(s, "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// Sum of every series of the metric `name` in a `/metrics` answer; `None` when missing.
+pub fn metric_in(out: &str, name: &str) -> Option<f64> {
     let mut found = None;
     for l in out.lines().filter(|l| !l.starts_with('#')) {
         let Some((series, value)) = l.rsplit_once(' ') else {

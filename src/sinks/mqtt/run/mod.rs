@@ -42,7 +42,7 @@ const MAX_IN_FLIGHT: usize = 512;
 /// Most MQTT events handled before the loop's Redis work.
 const EVENT_BURST: usize = 512;
 /// SKU hashes read per pipelined round trip.
-const READ_GROUP: usize = 256;
+pub const READ_GROUP: usize = 256;
 /// Groups of at most this many SKUs are built on the publisher's own task, larger ones
 /// on a blocking thread (see `read_group`).
 const BUILD_INLINE: usize = 32;
@@ -200,6 +200,8 @@ pub(super) struct Task {
     epoch_in_flight: bool,
     /// Earliest time of the next periodic epoch.
     next_epoch: Instant,
+    /// When the last round of reads started (spaced out while the apply is backed up).
+    last_round: Option<Instant>,
 }
 
 impl Task {
@@ -257,6 +259,7 @@ impl Task {
             epoch_dirty: false,
             epoch_in_flight: false,
             next_epoch: Instant::now(),
+            last_round: None,
         }
     }
 
@@ -350,6 +353,16 @@ impl Task {
         true
     }
 
+    /// While the apply is backed up: when the next round of reads may start
+    /// (`mqtt.backed_up_round_ms` after the last).
+    fn yield_until(&self) -> Option<Instant> {
+        let gap = self.cfg.mqtt.backed_up_round_ms;
+        if gap == 0 || !self.shared.backed_up.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.last_round.map(|t| t + Duration::from_millis(gap))
+    }
+
     /// When the loop must wake up without an event.
     fn next_deadline(&self) -> Instant {
         let now = Instant::now();
@@ -375,7 +388,11 @@ impl Task {
                 return now;
             }
             if let Some(due) = self.sched.next_due() {
-                d = d.min(self.start + Duration::from_millis(due));
+                let mut at = self.start + Duration::from_millis(due);
+                if let Some(gap_end) = self.yield_until() {
+                    at = at.max(gap_end);
+                }
+                d = d.min(at);
             }
         }
         if !self.aging.is_empty() && self.cfg.mqtt.window_republish_per_s > 0 {
@@ -761,6 +778,9 @@ impl Task {
     /// Claim a group of ready SKUs (room permitting, `reading` SKUs being read already)
     /// and start reading their hashes and distinct-user counts on a task of its own.
     fn start_read(&mut self, reading: usize) -> Option<GroupRead> {
+        if self.yield_until().is_some_and(|t| t > Instant::now()) {
+            return None;
+        }
         let mut group = Vec::new();
         // one clock read for the group (a read per SKU showed in the profile)
         let now = self.mono_ms();
@@ -774,6 +794,7 @@ impl Task {
         if group.is_empty() {
             return None;
         }
+        self.last_round = Some(Instant::now());
         // Waiting acknowledgements are recorded first, in the same round trip: Redis runs
         // the pipeline in order, so the deltas are computed against the last acknowledged
         // states.
