@@ -118,6 +118,12 @@ CREATE PUBLICATION skusync_activity FOR TABLE activity_log WITH (publish = 'inse
 """
 
 
+# SKUSYNC_BENCH_BACKED_UP_ROUND_MS sets `[mqtt] backed_up_round_ms` (how often the
+# publisher starts a round while the apply is backed up; 0: never holds back).
+BACKED_UP_ROUND = (f"backed_up_round_ms = {int(os.environ['SKUSYNC_BENCH_BACKED_UP_ROUND_MS'])}\n"
+                   if os.environ.get("SKUSYNC_BENCH_BACKED_UP_ROUND_MS") else "")
+
+
 def connection(st, min_interval_ms=100, http_port=None):
     """The servers' part of a config: PostgreSQL, Redis, MQTT (and /metrics)."""
     http = f"[http]\nlisten = \"127.0.0.1:{http_port}\"\n" if http_port else ""
@@ -130,7 +136,7 @@ url = "redis://127.0.0.1:{st.redis_port}/0"
 [mqtt]
 url = "mqtt://127.0.0.1:{st.mqtt_port}"
 min_interval_ms = {min_interval_ms}
-"""
+""" + BACKED_UP_ROUND
 
 
 # The catch-up mappings (`--catchup-mappings`): `light` is one stock table without
@@ -806,7 +812,8 @@ def bulk(exe, quick):
     st.start()
     try:
         st.psql(SCHEMA.format(skus=0))
-        s = Skusync(exe, st, config(st), "skusync-measured")
+        http = free_port()
+        s = Skusync(exe, st, config(st, http_port=http), "skusync-measured")
         wait(lambda: st.redis("HGET", "skusync:meta", "bootstrap") == "done", 60, "bootstrap", s.log_path)
         time.sleep(0.5)
         idle_rss = s.stats()[1]
@@ -830,6 +837,11 @@ def bulk(exe, quick):
         cpu, hwm = s.stats()
         redis_cpu = proc_stats(st.procs[0].pid)[0] - redis_cpu0
         top = redis_top_commands(st)
+        # The publisher may publish much of it after the apply (it yields to a backed-up
+        # apply): when the broker had acknowledged a state of every SKU.
+        wait(lambda: metric(http, "skusync_mqtt_published_total") >= n, 900, "bulk publish", s.log_path)
+        pub_s = time.time() - t0
+        hwm = max(hwm, s.stats()[1])  # VmHWM: the peak over the publishing too
         s.stop()
         t0 = time.time()
         pg_recvlogical(st, "127.0.0.1", "recvlogical", end)  # over TCP, like skusync
@@ -838,9 +850,21 @@ def bulk(exe, quick):
                 "pg_recvlogical_s": round(rl_s, 3), "pg_recvlogical_rows_per_s": round(n / rl_s),
                 "ratio_vs_pg_recvlogical": round(rl_s / sk_s, 2), "skusync_peak_rss_mib": round(max(hwm, peak[0]), 1),
                 "skusync_idle_rss_mib": round(idle_rss, 1), "skusync_cpu_us_per_row": round(cpu * 1e6 / n, 2),
+                "skusync_all_published_s": round(pub_s, 3),
                 "redis_cpu_us_per_row": round(redis_cpu * 1e6 / n, 2), "redis_top_commands": top}
     finally:
         st.stop()
+
+
+def metric(port, name):
+    """A counter's or gauge's value (summed over its series) from /metrics; 0 when absent."""
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def histogram(port, name):
@@ -1296,7 +1320,8 @@ def main():
     if b:
         print(f"bulk       pg_recvlogical {b['pg_recvlogical_rows_per_s']:>8} rows/s | skusync (Redis) "
               f"{b['skusync_rows_per_s']:>8} rows/s | ratio {b['ratio_vs_pg_recvlogical']}x | peak RSS "
-              f"{b['skusync_peak_rss_mib']} MiB | idle RSS {b['skusync_idle_rss_mib']} MiB")
+              f"{b['skusync_peak_rss_mib']} MiB | idle RSS {b['skusync_idle_rss_mib']} MiB | every state acknowledged "
+              f"after {b['skusync_all_published_s']} s")
     cl = results.get("cluster")
     if cl:
         si, cu = cl["single"], cl["cluster"]

@@ -332,14 +332,28 @@ async fn a_restart_claims_every_slots_meta_copy_in_a_few_calls_per_primary() {
     rig.run(&mut w, 30).await;
     rig.drain(Duration::from_secs(30)).await;
     rig.stop_cleanly();
+    let meta = skusync::sinks::layout::meta_key(&rig.oracle.prefix);
+    let old = hget(&mut rig.con().await, &meta, "writer").await;
     for p in rig.cluster.primaries() {
         rig.cluster.nodes[p].cli(&["CONFIG", "RESETSTAT"]);
     }
     rig.start().await;
-    let meta = skusync::sinks::layout::meta_key(&rig.oracle.prefix);
-    let token = hget(&mut rig.con().await, &meta, "writer")
-        .await
-        .expect("a writer token");
+    // `start` returns once Redis is bootstrapped, which the first instance already did:
+    // read at once, the token raced the claim and could be the old one. The claim
+    // writes the meta hash, then the copies, then the instance streams.
+    rig.daemon().wait_streaming(Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let token = loop {
+        let t = hget(&mut rig.con().await, &meta, "writer").await;
+        if let Some(t) = t.filter(|t| Some(t) != old.as_ref()) {
+            break t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted instance never claimed the writer token"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let pattern = skusync::sinks::layout::slot_meta_pattern(&rig.oracle.prefix);
     let (mut copies, mut evals) = (0, 0u64);
     for p in rig.cluster.primaries() {
