@@ -475,10 +475,11 @@ pub fn apply_backed_up(on: bool) {
     if on {
         counter!(APPLY_BACKED_UP_SPELLS).increment(1);
     }
-    tracing::debug!(
-        backed_up = on,
-        "apply backed up: publisher rounds spaced out"
-    );
+    if on {
+        tracing::debug!("apply backed up: publisher rounds spaced out");
+    } else {
+        tracing::debug!("apply not backed up: publisher at full speed");
+    }
 }
 
 /// Reconnected to `server`.
