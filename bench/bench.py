@@ -856,12 +856,16 @@ def bulk(exe, quick):
         st.stop()
 
 
+def scrape(port):
+    """skusync's /metrics text on 127.0.0.1:`port`."""
+    import urllib.request
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
 def metric(port, name):
     """A counter's or gauge's value (summed over its series) from /metrics; 0 when absent."""
-    import urllib.request
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     total = 0.0
-    for line in text.splitlines():
+    for line in scrape(port).splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
             total += float(line.rsplit(" ", 1)[1])
     return total
@@ -869,10 +873,8 @@ def metric(port, name):
 
 def histogram(port, name):
     """Cumulative bucket counts {le: count} of a Prometheus histogram from /metrics."""
-    import urllib.request
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     out = {}
-    for line in text.splitlines():
+    for line in scrape(port).splitlines():
         if line.startswith(name + "_bucket{"):
             le = line.split('le="', 1)[1].split('"', 1)[0]
             out[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])

@@ -991,7 +991,7 @@ async fn a_backed_up_apply_spaces_the_publisher_out_and_the_retained_states_conv
         }
         prev = Some((now, b, n, p));
         spells = n;
-        if !b && n > spells0 && hlen_of(&mut rig, "BULK-40000").await {
+        if !b && n > spells0 && sku_hash_exists(&mut rig, "BULK-40000").await {
             break;
         }
         assert!(
@@ -1028,7 +1028,7 @@ async fn a_backed_up_apply_spaces_the_publisher_out_and_the_retained_states_conv
 }
 
 /// Whether the SKU's hash exists in Redis yet.
-async fn hlen_of(rig: &mut Rig, sku: &str) -> bool {
+async fn sku_hash_exists(rig: &mut Rig, sku: &str) -> bool {
     let n: i64 = redis::cmd("HLEN")
         .arg(layout::sku_key("skusync", sku))
         .query_async(&mut rig.con)

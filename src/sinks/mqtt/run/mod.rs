@@ -200,8 +200,9 @@ pub(super) struct Task {
     epoch_in_flight: bool,
     /// Earliest time of the next periodic epoch.
     next_epoch: Instant,
-    /// When the last round of reads started (spaced out while the apply is backed up).
-    last_round: Option<Instant>,
+    /// When the last round of reads started, on the scheduler's clock ([`Self::mono_ms`]);
+    /// rounds are spaced out while the apply is backed up.
+    last_round_ms: Option<u64>,
 }
 
 impl Task {
@@ -259,7 +260,7 @@ impl Task {
             epoch_dirty: false,
             epoch_in_flight: false,
             next_epoch: Instant::now(),
-            last_round: None,
+            last_round_ms: None,
         }
     }
 
@@ -354,13 +355,13 @@ impl Task {
     }
 
     /// While the apply is backed up: when the next round of reads may start
-    /// (`mqtt.backed_up_round_ms` after the last).
-    fn yield_until(&self) -> Option<Instant> {
+    /// (`mqtt.backed_up_round_ms` after the last), on the scheduler's clock.
+    fn next_round_ms(&self) -> Option<u64> {
         let gap = self.cfg.mqtt.backed_up_round_ms;
         if gap == 0 || !self.shared.backed_up.load(Ordering::Relaxed) {
             return None;
         }
-        self.last_round.map(|t| t + Duration::from_millis(gap))
+        self.last_round_ms.map(|t| t.saturating_add(gap))
     }
 
     /// When the loop must wake up without an event.
@@ -388,11 +389,8 @@ impl Task {
                 return now;
             }
             if let Some(due) = self.sched.next_due() {
-                let mut at = self.start + Duration::from_millis(due);
-                if let Some(gap_end) = self.yield_until() {
-                    at = at.max(gap_end);
-                }
-                d = d.min(at);
+                let due = due.max(self.next_round_ms().unwrap_or(0));
+                d = d.min(self.start + Duration::from_millis(due));
             }
         }
         if !self.aging.is_empty() && self.cfg.mqtt.window_republish_per_s > 0 {
@@ -778,12 +776,12 @@ impl Task {
     /// Claim a group of ready SKUs (room permitting, `reading` SKUs being read already)
     /// and start reading their hashes and distinct-user counts on a task of its own.
     fn start_read(&mut self, reading: usize) -> Option<GroupRead> {
-        if self.yield_until().is_some_and(|t| t > Instant::now()) {
+        // one clock read for the group (a read per SKU showed in the profile)
+        let now = self.mono_ms();
+        if self.next_round_ms().is_some_and(|t| t > now) {
             return None;
         }
         let mut group = Vec::new();
-        // one clock read for the group (a read per SKU showed in the profile)
-        let now = self.mono_ms();
         while group.len() < READ_GROUP && self.tracker.len() + reading + group.len() < MAX_IN_FLIGHT
         {
             match self.sched.pop_ready(now) {
@@ -794,7 +792,7 @@ impl Task {
         if group.is_empty() {
             return None;
         }
-        self.last_round = Some(Instant::now());
+        self.last_round_ms = Some(now);
         // Waiting acknowledgements are recorded first, in the same round trip: Redis runs
         // the pipeline in order, so the deltas are computed against the last acknowledged
         // states.
