@@ -16,7 +16,7 @@ use skusync::fold::vecmap::insert_sorted;
 use skusync::fold::{Field, Piece, RowOp, SkuDelta};
 use skusync::lsn::Lsn;
 use skusync::sinks::layout;
-use skusync::sinks::redis::{self as rsink, Applier, ApplySettings, ThinRace};
+use skusync::sinks::redis::{self as rsink, Applier, ApplySettings, ThinRace, WholeReads};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -561,7 +561,13 @@ async fn thin_apply_leaves_exactly_what_the_script_leaves() {
     // thin apply's reads on their own connections, as the daemon sends them
     let reader = rsink::reader::for_config(&[redis.url()], false, None);
     assert!(reader.is_some());
-    thin_and_script_leave_the_same(rsink::connect(&client).await.unwrap(), 200, reader).await;
+    thin_and_script_leave_the_same(
+        rsink::connect(&client).await.unwrap(),
+        200,
+        reader,
+        WholeReads::Never,
+    )
+    .await;
 }
 
 /// The same with thin apply's reads on the apply connection, parsed by redis-rs (TLS
@@ -570,7 +576,40 @@ async fn thin_apply_leaves_exactly_what_the_script_leaves() {
 async fn thin_apply_read_through_redis_rs_leaves_exactly_what_the_script_leaves() {
     let redis = RedisServer::start();
     let client = rsink::client(&[redis.url()], false, None).unwrap();
-    thin_and_script_leave_the_same(rsink::connect(&client).await.unwrap(), 60, None).await;
+    thin_and_script_leave_the_same(
+        rsink::connect(&client).await.unwrap(),
+        60,
+        None,
+        WholeReads::Never,
+    )
+    .await;
+}
+
+/// The same with thin apply reading whole hashes (HGETALL) and picking the fields it
+/// needs, as it does while most SKUs are new: on hashes of every kind (windows, users,
+/// locations, alerts, decimals) it must leave what the script leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thin_apply_reading_whole_hashes_leaves_exactly_what_the_script_leaves() {
+    let redis = RedisServer::start();
+    let client = rsink::client(&[redis.url()], false, None).unwrap();
+    let reader = rsink::reader::for_config(&[redis.url()], false, None);
+    thin_and_script_leave_the_same(
+        rsink::connect(&client).await.unwrap(),
+        120,
+        reader,
+        WholeReads::Always,
+    )
+    .await;
+    // and through redis-rs' parser (on a Redis of its own: the prefixes start empty)
+    let redis = RedisServer::start();
+    let client = rsink::client(&[redis.url()], false, None).unwrap();
+    thin_and_script_leave_the_same(
+        rsink::connect(&client).await.unwrap(),
+        40,
+        None,
+        WholeReads::Always,
+    )
+    .await;
 }
 
 /// An applier of thin entries under `prefix` on `redis` (meta hash bootstrapped), its
@@ -652,6 +691,66 @@ async fn a_batch_larger_than_a_read_round_is_applied_thin_in_full() {
             let key = layout::sku_key("big", &format!("S{k:05}"));
             let on: Option<String> = hget(&mut mcon, &key, "on_hand").await;
             assert_eq!(on, Some((100 + k as u64 + round).to_string()), "{key}");
+        }
+    }
+}
+
+/// Thin apply reads whole hashes while most SKUs it reads are new (an HGETALL of a
+/// missing hash is a third of a many-field HMGET's Redis CPU) and goes back to reading
+/// fields once most exist: an import of new SKUs switches after its first read round,
+/// the next batch's updates switch back after theirs, and every value is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_mostly_new_skus_take_whole_hashes_until_most_exist() {
+    let redis = RedisServer::start();
+    let (mut applier, mut mcon) = stock_applier(&redis, "imp", redis.url()).await;
+    assert_eq!(applier.whole_reads(), WholeReads::Fields);
+    let n = 2000;
+    let calls = |mut c: rsink::RedisCon| async move {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        command_calls(&info, "hgetall").unwrap_or(0)
+    };
+    calls(mcon.clone()).await;
+    for (round, lsn) in [(0u64, 1000u64), (1, 5000)] {
+        let mut batch = Batch::new(Lsn(0));
+        for k in 0..n {
+            batch.push(stock_piece(
+                &format!("N{k:05}"),
+                100 + k as i64 + round as i64,
+                lsn + k as u64,
+            ));
+        }
+        let entries = batch.take();
+        // the daemon's calls: 500 entries each
+        for chunk in entries.chunks(500) {
+            let end = chunk.iter().map(|e| e.last.0).max();
+            let a = applier.apply(chunk, end, false).await.unwrap();
+            assert_eq!((a.applied, a.thin), (500, 500), "round {round}");
+        }
+        let whole = calls(mcon.clone()).await;
+        if round == 0 {
+            // the first call read fields and found no hash: the other three read whole
+            assert_eq!(whole, 1500, "HGETALLs of the import");
+            assert_eq!(applier.whole_reads(), WholeReads::Whole);
+        } else {
+            // the first call read whole and found every hash: the others read fields
+            assert_eq!(whole, 500, "HGETALLs of the updates");
+            assert_eq!(applier.whole_reads(), WholeReads::Fields);
+        }
+        for k in [0, 499, 500, 1999] {
+            let key = layout::sku_key("imp", &format!("N{k:05}"));
+            let on: Option<String> = hget(&mut mcon, &key, "on_hand").await;
+            assert_eq!(on, Some((100 + k as u64 + round).to_string()), "{key}");
+            let l: Option<String> = hget(&mut mcon, &key, "lsn").await;
+            assert_eq!(l, Some((lsn + k as u64).to_string()), "{key}");
         }
     }
 }
@@ -766,7 +865,13 @@ async fn thin_apply_on_a_cluster_leaves_exactly_what_the_script_leaves() {
     // reads and slot calls on the reader's connections, as the daemon sends them
     let reader = rsink::reader::for_config(&[cluster.seed_url()], true, None);
     assert!(reader.is_some());
-    thin_and_script_leave_the_same(rsink::connect(&client).await.unwrap(), 60, reader).await;
+    thin_and_script_leave_the_same(
+        rsink::connect(&client).await.unwrap(),
+        60,
+        reader,
+        WholeReads::Always,
+    )
+    .await;
 }
 
 /// The same with every cluster call split per primary by redis-rs' connection (TLS
@@ -775,7 +880,13 @@ async fn thin_apply_on_a_cluster_leaves_exactly_what_the_script_leaves() {
 async fn thin_apply_on_a_cluster_through_redis_rs_leaves_exactly_what_the_script_leaves() {
     let cluster = crate::harness::RedisCluster::start(3, 0);
     let client = rsink::client(&[cluster.seed_url()], true, None).unwrap();
-    thin_and_script_leave_the_same(rsink::connect(&client).await.unwrap(), 30, None).await;
+    thin_and_script_leave_the_same(
+        rsink::connect(&client).await.unwrap(),
+        30,
+        None,
+        WholeReads::Never,
+    )
+    .await;
 }
 
 /// `rounds` random batches applied thin under one prefix (its reads on `reader`'s
@@ -785,6 +896,7 @@ async fn thin_and_script_leave_the_same(
     con: rsink::RedisCon,
     rounds: usize,
     reader: Option<Arc<rsink::reader::HashReader>>,
+    whole: WholeReads,
 ) {
     let mut mcon = con.clone();
     let seed: u64 = std::env::var("SKUSYNC_TEST_SEED")
@@ -836,7 +948,8 @@ async fn thin_and_script_leave_the_same(
         };
         let mut thin = Applier::new(con.clone(), settings(&tp))
             .with_thin_race(race)
-            .with_reader(reader.clone());
+            .with_reader(reader.clone())
+            .with_whole_reads(whole);
         let mut script = Applier::new(con.clone(), settings(&sp)).script_only();
         for p in [&tp, &sp] {
             rsink::write_meta(&mut mcon, p, 0, &[("bootstrap", "done".into())])
