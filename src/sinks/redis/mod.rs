@@ -500,11 +500,11 @@ pub struct Applier {
 
 /// How thin apply reads a SKU hash. A hash that does not exist answers a many-field HMGET
 /// with a nil per field, and Redis parses every field name first: about 2.5 times the
-/// Redis CPU of an HGETALL's empty reply (`bench/thin_reads.py`). So
-/// while most SKUs read are new (an import, a first load) the whole hash is read instead,
-/// and the fields asked for are picked from it; an existing hash read whole can cost more
-/// than the fields asked for (its window buckets, its locations), so once most exist the
-/// reads go back to HMGET. Both answer the same values for the fields asked for.
+/// Redis CPU of an HGETALL's empty reply (`bench/thin_reads.py`). So while most SKUs read
+/// are new (an import, a first load) the whole hash is read instead, and the fields asked
+/// for are picked from it; an existing hash read whole can cost more than the fields
+/// asked for (its window buckets, its locations), so once most exist the reads go back
+/// to HMGET. Both answer the same values for the fields asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum WholeReads {
@@ -716,8 +716,8 @@ impl Applier {
             let keys: Vec<String> = (reads.iter())
                 .map(|(i, _)| layout::sku_key(&self.settings.prefix, &entries[*i].sku))
                 .collect();
-            // A pipeline of HMGETs for redis-rs (a cluster's slot map places them; the
-            // apply connection takes them when the reader's own fail).
+            // A pipeline of HMGETs (or HGETALLs) for redis-rs (a cluster's slot map places
+            // them; the apply connection takes them when the reader's own fail).
             let whole = matches!(self.whole_reads(), WholeReads::Whole | WholeReads::Always);
             let pipeline = || {
                 let mut pipe = redis::pipe();
@@ -2140,8 +2140,6 @@ fn encode_call(
 /// script's user groups and thin apply's PFADDs are sent in chunks of this many.
 const USERS_PER_PFADD: usize = 500;
 
-/// An HMGET reply's values into `out` (borrowed, not copied: this runs for every thin
-/// entry), or `false` for anything but an array of UTF-8 strings and nils.
 /// The values of the fields `f` from an HGETALL reply's `flat` list (name, value, ...),
 /// into `out` (`None` where the hash has no such field, and for all of them where there
 /// is no hash), as an HMGET of `f` answers. False if `flat` is not such a list.
@@ -2171,6 +2169,9 @@ fn pick_fields<'a>(
     true
 }
 
+/// An HMGET reply's values into `out` (borrowed, not copied: this runs for every thin
+/// entry), or `false` for anything but an array of UTF-8 strings and nils (an HGETALL
+/// reply, a flat list of names and values, reads the same way).
 fn hmget_reply<'v>(reply: &'v redis::Value, out: &mut Vec<Option<&'v str>>) -> bool {
     out.clear();
     let redis::Value::Array(items) = reply else {
