@@ -101,19 +101,25 @@ def watch_multi(c, prefix, n):
         assert isinstance(r, list), r
 
 
-def main():
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 200000
-    n -= n % BATCH
+def start_server():
+    """A throwaway redis-server on a free loopback port (nothing saved), and a client of it."""
     port = free_port()
     server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    for _ in range(50):
+        try:
+            return server, Client(port)
+        except OSError:
+            time.sleep(0.1)
+    server.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+def main():
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 200000
+    n -= n % BATCH
+    server, c = start_server()
     try:
-        for _ in range(50):
-            try:
-                c = Client(port)
-                break
-            except OSError:
-                time.sleep(0.1)
         with open(os.path.join(HERE, "..", "src", "sinks", "redis", "thin.lua")) as f:
             sha = c.cmd("SCRIPT", "LOAD", f.read()).decode()
         c.cmd("HSET", "m:meta", "writer", "7", "applied_lsn", "1")

@@ -11,12 +11,10 @@ skusync sends them. Only Redis' CPU (INFO cpu) is compared. The experiment behin
     python3 bench/thin_reads.py [reads per variant, default 200000]
 """
 import os
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from redis_write_paths import BATCH, Client, fields, free_port, pack  # noqa: E402
+from redis_write_paths import BATCH, fields, pack, start_server  # noqa: E402
 
 ASKED = ["lsn", "piece", "rows", "on_hand", "reserved", "gone", "threshold", "alert_state", "views", "purchases",
          "r:9:inventory:B-0|WH-1", "loc:WH-1:on_hand", "loc:WH-1:reserved", "loc:WH-1:rows"]
@@ -43,16 +41,8 @@ def fill(c, prefix, n):
 def main():
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 200000
     n -= n % BATCH
-    port = free_port()
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    server, c = start_server()
     try:
-        for _ in range(50):
-            try:
-                c = Client(port)
-                break
-            except OSError:
-                time.sleep(0.1)
         fill(c, "e", n)
         for rnd in (1, 2):
             for kind, prefix in (("new SKUs", "n"), ("existing", "e")):

@@ -474,8 +474,6 @@ pub fn apply_backed_up(on: bool) {
     gauge!(APPLY_BACKED_UP).set(if on { 1.0 } else { 0.0 });
     if on {
         counter!(APPLY_BACKED_UP_SPELLS).increment(1);
-    }
-    if on {
         tracing::debug!("apply backed up: publisher rounds spaced out");
     } else {
         tracing::debug!("apply not backed up: publisher at full speed");

@@ -761,11 +761,17 @@ impl Daemon {
             f.tickets.durable(&progress);
         }
         // Whatever stopped the loop, nothing is backed up behind it any more.
-        telemetry::apply_backed_up(false);
-        if let Some(m) = &self.mqtt {
-            m.set_backed_up(false);
-        }
+        self.tell_backed_up(false);
         r
+    }
+
+    /// Whether the apply is backed up, to telemetry and to the publisher (which spaces
+    /// its rounds out meanwhile: `MqttHandle::set_backed_up`).
+    fn tell_backed_up(&self, on: bool) {
+        telemetry::apply_backed_up(on);
+        if let Some(m) = &self.mqtt {
+            m.set_backed_up(on);
+        }
     }
 }
 

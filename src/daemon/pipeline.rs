@@ -230,10 +230,7 @@ impl Daemon {
             let now_backed_up = launched_full && flight.is_some();
             if now_backed_up != backed_up {
                 backed_up = now_backed_up;
-                telemetry::apply_backed_up(backed_up);
-                if let Some(m) = &self.mqtt {
-                    m.set_backed_up(backed_up);
-                }
+                self.tell_backed_up(backed_up);
             }
             // Holders whose row index writes are done: Redis answers for them again.
             fold.forget(self.ri_done);

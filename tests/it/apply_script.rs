@@ -561,13 +561,8 @@ async fn thin_apply_leaves_exactly_what_the_script_leaves() {
     // thin apply's reads on their own connections, as the daemon sends them
     let reader = rsink::reader::for_config(&[redis.url()], false, None);
     assert!(reader.is_some());
-    thin_and_script_leave_the_same(
-        rsink::connect(&client).await.unwrap(),
-        200,
-        reader,
-        WholeReads::Never,
-    )
-    .await;
+    thin_and_script_leave_the_same(rsink::connect(&client).await.unwrap(), 200, reader, false)
+        .await;
 }
 
 /// The same with thin apply's reads on the apply connection, parsed by redis-rs (TLS
@@ -576,13 +571,7 @@ async fn thin_apply_leaves_exactly_what_the_script_leaves() {
 async fn thin_apply_read_through_redis_rs_leaves_exactly_what_the_script_leaves() {
     let redis = RedisServer::start();
     let client = rsink::client(&[redis.url()], false, None).unwrap();
-    thin_and_script_leave_the_same(
-        rsink::connect(&client).await.unwrap(),
-        60,
-        None,
-        WholeReads::Never,
-    )
-    .await;
+    thin_and_script_leave_the_same(rsink::connect(&client).await.unwrap(), 60, None, false).await;
 }
 
 /// The same with thin apply reading whole hashes (HGETALL) and picking the fields it
@@ -593,23 +582,11 @@ async fn thin_apply_reading_whole_hashes_leaves_exactly_what_the_script_leaves()
     let redis = RedisServer::start();
     let client = rsink::client(&[redis.url()], false, None).unwrap();
     let reader = rsink::reader::for_config(&[redis.url()], false, None);
-    thin_and_script_leave_the_same(
-        rsink::connect(&client).await.unwrap(),
-        120,
-        reader,
-        WholeReads::Always,
-    )
-    .await;
+    thin_and_script_leave_the_same(rsink::connect(&client).await.unwrap(), 120, reader, true).await;
     // and through redis-rs' parser (on a Redis of its own: the prefixes start empty)
     let redis = RedisServer::start();
     let client = rsink::client(&[redis.url()], false, None).unwrap();
-    thin_and_script_leave_the_same(
-        rsink::connect(&client).await.unwrap(),
-        40,
-        None,
-        WholeReads::Always,
-    )
-    .await;
+    thin_and_script_leave_the_same(rsink::connect(&client).await.unwrap(), 40, None, true).await;
 }
 
 /// An applier of thin entries under `prefix` on `redis` (meta hash bootstrapped), its
@@ -865,13 +842,7 @@ async fn thin_apply_on_a_cluster_leaves_exactly_what_the_script_leaves() {
     // reads and slot calls on the reader's connections, as the daemon sends them
     let reader = rsink::reader::for_config(&[cluster.seed_url()], true, None);
     assert!(reader.is_some());
-    thin_and_script_leave_the_same(
-        rsink::connect(&client).await.unwrap(),
-        60,
-        reader,
-        WholeReads::Always,
-    )
-    .await;
+    thin_and_script_leave_the_same(rsink::connect(&client).await.unwrap(), 60, reader, true).await;
 }
 
 /// The same with every cluster call split per primary by redis-rs' connection (TLS
@@ -880,13 +851,7 @@ async fn thin_apply_on_a_cluster_leaves_exactly_what_the_script_leaves() {
 async fn thin_apply_on_a_cluster_through_redis_rs_leaves_exactly_what_the_script_leaves() {
     let cluster = crate::harness::RedisCluster::start(3, 0);
     let client = rsink::client(&[cluster.seed_url()], true, None).unwrap();
-    thin_and_script_leave_the_same(
-        rsink::connect(&client).await.unwrap(),
-        30,
-        None,
-        WholeReads::Never,
-    )
-    .await;
+    thin_and_script_leave_the_same(rsink::connect(&client).await.unwrap(), 30, None, false).await;
 }
 
 /// `rounds` random batches applied thin under one prefix (its reads on `reader`'s
@@ -896,7 +861,7 @@ async fn thin_and_script_leave_the_same(
     con: rsink::RedisCon,
     rounds: usize,
     reader: Option<Arc<rsink::reader::HashReader>>,
-    whole: WholeReads,
+    whole: bool,
 ) {
     let mut mcon = con.clone();
     let seed: u64 = std::env::var("SKUSYNC_TEST_SEED")
@@ -948,8 +913,10 @@ async fn thin_and_script_leave_the_same(
         };
         let mut thin = Applier::new(con.clone(), settings(&tp))
             .with_thin_race(race)
-            .with_reader(reader.clone())
-            .with_whole_reads(whole);
+            .with_reader(reader.clone());
+        if whole {
+            thin = thin.always_whole_reads();
+        }
         let mut script = Applier::new(con.clone(), settings(&sp)).script_only();
         for p in [&tp, &sp] {
             rsink::write_meta(&mut mcon, p, 0, &[("bootstrap", "done".into())])

@@ -514,8 +514,6 @@ pub enum WholeReads {
     Whole = 1,
     /// Always HGETALL (tests: the picking on hashes of every kind).
     Always = 2,
-    /// Always HMGET.
-    Never = 3,
 }
 
 /// Share of a read round's SKUs (in quarters) without a hash from which the next rounds
@@ -605,12 +603,14 @@ impl Applier {
         self
     }
 
-    /// For tests: how thin apply reads ([`WholeReads::Always`], [`WholeReads::Never`];
-    /// it starts at [`WholeReads::Fields`] and follows what it finds).
+    /// For tests: thin apply always reads whole hashes ([`WholeReads::Always`]; it
+    /// starts at [`WholeReads::Fields`] and follows what it finds).
     #[doc(hidden)]
-    pub fn with_whole_reads(self, w: WholeReads) -> Applier {
-        self.whole
-            .store(w as u8, std::sync::atomic::Ordering::Relaxed);
+    pub fn always_whole_reads(self) -> Applier {
+        self.whole.store(
+            WholeReads::Always as u8,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self
     }
 
@@ -619,7 +619,6 @@ impl Applier {
         match self.whole.load(std::sync::atomic::Ordering::Relaxed) {
             1 => WholeReads::Whole,
             2 => WholeReads::Always,
-            3 => WholeReads::Never,
             _ => WholeReads::Fields,
         }
     }
