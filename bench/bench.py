@@ -19,6 +19,31 @@ def free_port():
     return p
 
 
+def machine_info():
+    """What a figure in the docs must name: the CPU as the VM reports it (its name, family
+    and model tell the VMs of these sessions apart), cores, memory, kernel."""
+    cpu = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                k = k.strip()
+                if k in ("model name", "cpu family", "model") and k not in cpu:
+                    cpu[k] = v.strip()
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem_gib = round(int(line.split()[1]) / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"cores": os.cpu_count(), "cpu": cpu.get("model name"), "cpu_family": cpu.get("cpu family"),
+            "cpu_model": cpu.get("model"), "memory_gib": mem_gib, "kernel": os.uname().release}
+
+
 def pg_bin():
     if os.environ.get("SKUSYNC_PG_BIN"):
         return os.environ["SKUSYNC_PG_BIN"]
@@ -1282,7 +1307,8 @@ def main():
                     help="Mosquitto's max_inflight_messages (its default is 20)")
     a = ap.parse_args()
     BROKER_WINDOW = a.broker_window
-    results = {"machine": {"cores": os.cpu_count(), "kernel": os.uname().release}, "quick": a.quick,
+    results = {"machine": machine_info(), "skusync": os.path.realpath(a.skusync),
+               "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "quick": a.quick,
                "broker_window": BROKER_WINDOW}
     only = a.only.split(",")
     if "catchup" in only:
@@ -1304,6 +1330,7 @@ def main():
         results["latency"] = [dict(latency(a.skusync, r, a.quick, fmt, a.pg_protocol), run=i + 1)
                               for fmt in a.formats.split(",")
                               for r in map(int, a.rates.split(",")) for i in range(a.latency_runs)]
+    results["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     os.makedirs(os.path.join(ROOT, "target/bench"), exist_ok=True)
     with open(os.path.join(ROOT, "target/bench/results.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -1311,6 +1338,10 @@ def main():
     if a.quick:
         print("\nSMOKE RUN (--quick): proves the benchmark still runs; tiny backlog, possibly a debug build. "
               "The figures below are not measurements; `make bench` measures.")
+    m = results["machine"]
+    print(f"\nmachine    {m['cpu']} (family {m['cpu_family']}, model {m['cpu_model']}), {m['cores']} cores, "
+          f"{m['memory_gib']} GiB, kernel {m['kernel']} | {results['started_utc']} to {results['finished_utc']} UTC | "
+          f"{results['skusync']}")
     for c in results.get("catch_up", []):
         print(f"\ncatch-up   {c['mapping']:>6} pg_recvlogical {c['pg_recvlogical_rows_per_s']:>8} rows/s (Unix socket "
               f"{c['pg_recvlogical_unix_rows_per_s']}) | skusync (Redis+MQTT acked) {c['skusync_rows_per_s']:>8} rows/s | "
