@@ -44,6 +44,11 @@ def machine_info():
             "cpu_model": cpu.get("model"), "memory_gib": mem_gib, "kernel": os.uname().release}
 
 
+def utc_now():
+    """The time now, as results.json and the printed table give a run's start and end."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+
+
 def pg_bin():
     if os.environ.get("SKUSYNC_PG_BIN"):
         return os.environ["SKUSYNC_PG_BIN"]
@@ -1308,7 +1313,7 @@ def main():
     a = ap.parse_args()
     BROKER_WINDOW = a.broker_window
     results = {"machine": machine_info(), "skusync": os.path.realpath(a.skusync),
-               "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "quick": a.quick,
+               "started_utc": utc_now(), "quick": a.quick,
                "broker_window": BROKER_WINDOW}
     only = a.only.split(",")
     if "catchup" in only:
@@ -1330,7 +1335,7 @@ def main():
         results["latency"] = [dict(latency(a.skusync, r, a.quick, fmt, a.pg_protocol), run=i + 1)
                               for fmt in a.formats.split(",")
                               for r in map(int, a.rates.split(",")) for i in range(a.latency_runs)]
-    results["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    results["finished_utc"] = utc_now()
     os.makedirs(os.path.join(ROOT, "target/bench"), exist_ok=True)
     with open(os.path.join(ROOT, "target/bench/results.json"), "w") as f:
         json.dump(results, f, indent=2)
