@@ -338,12 +338,11 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-    let (a, al_a) = run(&mapping, &evs, 1_000_000);
+    let (a, mut al_a) = run(&mapping, &evs, 1_000_000);
     let cap = 1 + u64::from(data.first().copied().unwrap_or(0) % 3);
     let (b, mut al_b) = run(&mapping, &evs, cap);
     // One transaction's alerts for different SKUs have no defined order (see the module
     // comment); each SKU's own keep theirs (the sort is stable).
-    let mut al_a = al_a;
     al_a.sort_by_key(|x| (x.lsn, x.sku.clone()));
     al_b.sort_by_key(|x| (x.lsn, x.sku.clone()));
     assert_eq!(
