@@ -14,11 +14,10 @@
 //! same alerts either way; `fuzz/regressions/fold-alert-order-across-skus`, found on
 //! 2026-12-07).
 //!
-//! Open (found 2026-12-07, not fixed): `fuzz/regressions/fold-open-alert-available-by-cut`
-//! still fails. One SKU's `out_of_stock` alert reports `available` 0 with one piece and
-//! -92 with a cap of 3; the alerts' kinds, LSNs and the SKU's counters and rows agree. The
-//! transaction updates a row whose `reserved` is an unchanged TOAST value after a delete of
-//! that SKU's row in the same transaction; the cause is not established yet.
+//! A row deleted and then updated in one transaction, with a quantity sent as unchanged
+//! TOAST, kept the deleted row's quantity when the whole transaction was one piece and
+//! nothing when the delete fell in an earlier piece (found 2026-12-07; fixed in the fold's
+//! merge, `fuzz/regressions/fold-kept-quantity-after-delete`).
 #![no_main]
 
 use bytes::Bytes;

@@ -1121,6 +1121,23 @@ impl Fold {
                     reserved: keep_or(reserved, r0),
                     threshold: keep_or(threshold, t0),
                 },
+                // Deleted earlier in this transaction: nothing of the row is left to keep
+                // (as when the delete is applied in an earlier piece; the batch's merge
+                // agrees). The threshold belongs to the SKU, not the row, so it stays kept.
+                (
+                    Some(RowOp::Del),
+                    RowOp::Set {
+                        location,
+                        on_hand,
+                        reserved,
+                        threshold,
+                    },
+                ) => RowOp::Set {
+                    location: keep_or(location, Field::Val(String::new())),
+                    on_hand: keep_or(on_hand, Field::Val(0)),
+                    reserved: keep_or(reserved, Field::Val(0)),
+                    threshold,
+                },
                 (_, op) => op,
             };
             rows.insert(field, merged);
