@@ -1738,7 +1738,12 @@ struct Rig {
 
 impl Rig {
     fn new(m: Arc<Mapping>, rels: &[&Arc<RelationDesc>]) -> Rig {
-        let mut fold = Fold::new(m, 1000);
+        Rig::with_cap(m, rels, 1000)
+    }
+
+    /// A rig whose fold cuts a transaction into pieces of at most `cap` changes.
+    fn with_cap(m: Arc<Mapping>, rels: &[&Arc<RelationDesc>], cap: u64) -> Rig {
+        let mut fold = Fold::new(m, cap);
         for r in rels {
             fold.relation(r).unwrap();
         }
@@ -2195,12 +2200,13 @@ fn shop_op() -> impl Strategy<Value = ShopOp> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
     /// Any sequence of transactions over variants and stock rows leaves every SKU equal
-    /// to the join.
+    /// to the join, however the transactions are cut into pieces.
     #[test]
     fn lookups_stay_equal_to_the_join(txns in proptest::collection::vec(
-        proptest::collection::vec(shop_op(), 1..5), 1..12), cold in any::<bool>()) {
+        proptest::collection::vec(shop_op(), 1..5), 1..12), cold in any::<bool>(),
+        cap in prop_oneof![Just(1u64), Just(2), Just(1000)]) {
         let s = shop();
-        let mut rig = Rig::new(lookup_mapping(), &[&s.stock, &s.variant, &s.warehouse]);
+        let mut rig = Rig::with_cap(lookup_mapping(), &[&s.stock, &s.variant, &s.warehouse], cap);
         rig.txn(&[ins(&s.warehouse, vec![t("1"), t("w")])]);
         let mut truth = ShopTruth::default();
         for ops in txns {
