@@ -742,12 +742,17 @@ impl Fold {
                 self.set_dep(via.loc.flatten(), rec.loc_in.as_deref(), &field, true);
             }
             // Only quantities of a row that stays where it counts: Redis' record need not
-            // change (the holder's hash has them); the hot path writes no index.
+            // change (the holder's hash has them); the hot path writes no index. A plain
+            // SKU or location column is an input too: the record must keep its new text
+            // (a later change of a lookup moves the row by the record alone).
             let local = deps_unchanged
                 && rec.holder.is_some()
-                && old
-                    .as_ref()
-                    .is_some_and(|o| o.holder == rec.holder && o.threshold == rec.threshold);
+                && old.as_ref().is_some_and(|o| {
+                    o.holder == rec.holder
+                        && o.threshold == rec.threshold
+                        && o.sku_in == rec.sku_in
+                        && o.loc_in == rec.loc_in
+                });
             self.put_holder(field, Some(rec.encode()), local);
         }
     }

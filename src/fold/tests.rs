@@ -1937,6 +1937,39 @@ fn a_looked_up_stock_row_the_fold_has_not_read_is_not_folded_until_it_is() {
     assert_eq!(rig.on("A"), 2);
 }
 
+/// Regression (review): with the SKU looked up and the location a plain column, a change
+/// of the location alone rewrites the row's record, so a later change of its variant moves
+/// the row with the location it has now, also when the record is read back from Redis.
+#[test]
+fn a_location_column_change_of_a_looked_up_row_is_kept_in_its_record() {
+    let cfg = LOOKUP_CONFIG.replace(
+        r#"location = { from = "public.warehouse", on = "warehouse_id", column = "slug" }"#,
+        r#"location = "warehouse_id""#,
+    );
+    let m = Arc::new(Mapping::from_config(&Config::parse(&cfg).unwrap()).unwrap());
+    let s = shop();
+    for cap in [1000, 1] {
+        let mut rig = Rig::with_cap(m.clone(), &[&s.stock, &s.variant, &s.warehouse], cap);
+        rig.txn(&[
+            ins(&s.variant, variant_row("7", Some("A"), false)),
+            ins(&s.stock, stock_row("100", "7", "1", 5)),
+        ]);
+        assert_eq!(rig.field("A", "loc:1:on_hand").as_deref(), Some("5"));
+        rig.txn(&[upd(&s.stock, stock_row("100", "7", "2", 5))]);
+        assert_eq!(rig.field("A", "loc:2:on_hand").as_deref(), Some("5"));
+        // as after a restart: the record comes back from "Redis"
+        rig.fold.cache.clear();
+        rig.txn(&[upd(&s.variant, variant_row("7", Some("B"), false))]);
+        assert_eq!(rig.on("B"), 5, "cap {cap}");
+        assert_eq!(
+            rig.field("B", "loc:2:on_hand").as_deref(),
+            Some("5"),
+            "cap {cap}"
+        );
+        assert_eq!(rig.field("B", "loc:1:on_hand"), None, "cap {cap}");
+    }
+}
+
 #[test]
 fn stock_rows_count_under_the_sku_their_variant_resolves_to_now() {
     let s = shop();

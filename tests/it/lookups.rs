@@ -800,3 +800,63 @@ async fn a_restart_reads_the_row_index_ahead_with_the_quantities_redis_holds() {
     let state = rig.oracle.redis_state(&mut rig.con).await;
     assert!(state.keys().any(|k| k.ends_with("-renamed")), "{state:?}");
 }
+
+/// With the SKU looked up and the location a plain column, a row moved to another
+/// location (its SKU and quantities unchanged) must have its record rewritten: after a
+/// restart the record is all skusync knows of the row, and a rename moves the row with
+/// the location the record holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_moved_by_a_location_column_moves_with_it_after_a_restart_and_a_rename() {
+    const LOC_LOOKUP: &str = r#"location = { from = "public.warehouse_warehouse", on = "warehouse_id", column = "slug" }"#;
+    const TRUTH: &str = "
+SELECT v.sku::text, s.warehouse_id::text, sum(s.quantity)::text, sum(s.quantity_allocated)::text
+FROM warehouse_stock s
+JOIN product_productvariant v ON v.id = s.product_variant_id
+WHERE v.sku IS NOT NULL
+GROUP BY 1, 2";
+    let mapping = mapping_of(SALEOR_MAPPING);
+    assert!(
+        mapping.contains(LOC_LOOKUP),
+        "the Saleor example maps the warehouse's slug"
+    );
+    let mapping = mapping.replace(LOC_LOOKUP, r#"location = "warehouse_id""#);
+    let mut rig = Rig::new(SALEOR_SCHEMA, lookup_oracle()).await;
+    rig.exec(SALEOR_SEED).await;
+    rig.exec("CREATE PUBLICATION skusync FOR TABLE warehouse_stock;")
+        .await;
+    let cfg_text = format!(
+        "{}{}",
+        rig.oracle.config_toml(
+            &rig.pg.url("postgres", "postgres"),
+            "skusync",
+            &["skusync", "skusync_activity"],
+            &rig.redis.url()
+        ),
+        mapping
+    );
+    let cfg = write_config(rig.dir.path(), &cfg_text);
+    let setup = skusync_output(&["setup"], &cfg);
+    assert!(setup.status.success(), "{setup:?}");
+    rig.daemon = Some(Daemon::start(rig.dir.path(), cfg.clone()));
+    rig.wait_bootstrap(Duration::from_secs(40)).await;
+    assert_join_converges(&mut rig, TRUTH, "", Duration::from_secs(20)).await;
+
+    // the first warehouse's rows move to the fourth (which holds none): only the location
+    // column changes
+    rig.exec(
+        "UPDATE warehouse_stock SET warehouse_id = '00000000-0000-0000-0000-000000000004' \
+         WHERE warehouse_id = '00000000-0000-0000-0000-000000000001';",
+    )
+    .await;
+    drain_marker(&mut rig, 1, &saleor_drain(1)).await;
+    assert_join_converges(&mut rig, TRUTH, "", Duration::from_secs(20)).await;
+    // stopped cleanly: the new process knows the rows only from their records in Redis
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+    rig.daemon = Some(Daemon::start(rig.dir.path(), cfg.clone()));
+    rig.exec("UPDATE product_productvariant SET sku = sku || '-renamed';")
+        .await;
+    drain_marker(&mut rig, 2, &saleor_drain(2)).await;
+    assert_join_converges(&mut rig, TRUTH, "", Duration::from_secs(20)).await;
+    let state = rig.oracle.redis_state(&mut rig.con).await;
+    assert!(state.keys().any(|k| k.ends_with("-renamed")), "{state:?}");
+}
