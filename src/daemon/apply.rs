@@ -39,6 +39,15 @@ pub(super) fn launch(
     let mut ri = std::mem::take(&mut pending.ri);
     let write = std::mem::take(&mut pending.ri_write);
     ri.retain(|k, _| write.contains(k));
+    // A batch that changes lookup state (lookup values, dependents, row records) cannot
+    // be replayed exactly once part of it is written: moves read what other SKU hashes
+    // and the index hold, and its writes span several calls. It is marked in the meta
+    // hash while in flight; a start that finds the mark rebuilds Redis.
+    let guard = ri.iter().any(|(f, v)| {
+        f.starts_with("k:")
+            || f.starts_with("d:")
+            || v.as_deref().is_some_and(|v| v.starts_with("R1"))
+    });
     let last_commit = entries.iter().map(|e| e.last.0).max().unwrap_or(Lsn(0));
     let end = pending.end.take();
     let tickets = std::mem::take(&mut pending.tickets);
@@ -63,10 +72,17 @@ pub(super) fn launch(
         let mut reader = read_ahead.then(|| applier.clone());
         let result = async {
             let mut total = rsink::Applied::default();
+            if guard {
+                index_retrying(&mut applier, IndexWrite::Mark(true)).await?;
+            }
             let mut ahead = None;
             for (i, &chunk) in chunks.iter().enumerate() {
                 // With row index updates, the end LSN is recorded by their last write.
-                let chunk_end = if i + 1 == n && ri.is_empty() { end } else { None };
+                let chunk_end = if i + 1 == n && ri.is_empty() {
+                    end
+                } else {
+                    None
+                };
                 let plan = ahead.take();
                 if plan.is_some() {
                     telemetry::read_ahead_used();
@@ -86,6 +102,9 @@ pub(super) fn launch(
                     _ => apply_retrying(&mut applier, chunk, chunk_end, plan).await,
                 };
                 total += applied?;
+                if i + 1 < n {
+                    failpoint("between-calls");
+                }
                 if let Some(m) = &mqtt {
                     let skus: BTreeSet<&str> = chunk.iter().map(|e| e.sku.as_str()).collect();
                     m.changed(skus.into_iter().map(str::to_string));
@@ -95,17 +114,9 @@ pub(super) fn launch(
             // index as it was before it, and so folds the same entries (fenced).
             if !ri.is_empty() {
                 failpoint("before-row-index");
-                let mut delay = Duration::from_millis(100);
-                loop {
-                    match applier.write_row_index(&ri, end).await {
-                        Err(e) if e.is_transient() => {
-                            telemetry::redis_failed();
-                            tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Redis row index write failed; retrying");
-                            tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(Duration::from_secs(5));
-                        }
-                        r => break r?,
-                    }
+                index_retrying(&mut applier, IndexWrite::Rows(&ri, end)).await?;
+                if guard {
+                    index_retrying(&mut applier, IndexWrite::Mark(false)).await?;
                 }
             }
             if !entries.is_empty() {
@@ -176,12 +187,47 @@ pub(super) async fn apply_retrying(
     }
 }
 
+/// A batch's writes besides its SKU entries.
+enum IndexWrite<'a> {
+    /// Set or clear the meta hash's mark of a batch changing lookup state.
+    Mark(bool),
+    /// The row index and lookup state, with the batch's end LSN.
+    Rows(&'a RowIndexUpdates, Option<Lsn>),
+}
+
+type RowIndexUpdates =
+    std::collections::HashMap<String, Option<String>, foldhash::fast::RandomState>;
+
+/// One of them until it succeeds or fails definitely; transient Redis errors back off.
+async fn index_retrying(applier: &mut Applier, w: IndexWrite<'_>) -> Result<(), RedisSinkError> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let r = match &w {
+            IndexWrite::Mark(on) => applier.mark_index_pending(*on).await,
+            IndexWrite::Rows(ri, end) => applier.write_row_index(ri.iter(), *end).await,
+        };
+        match r {
+            Err(e) if e.is_transient() => {
+                telemetry::redis_failed();
+                let what = match w {
+                    IndexWrite::Mark(_) => "lookup index mark",
+                    IndexWrite::Rows(..) => "row index write",
+                };
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Redis {what} failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// The batch being filled, with the tickets its transactions complete.
 #[derive(Default)]
 pub(super) struct Pending {
     pub(super) batch: Batch,
     /// Row index updates of the batch's pieces, final per row.
-    pub(super) ri: std::collections::HashMap<String, Option<String>, foldhash::fast::RandomState>,
+    pub(super) ri: RowIndexUpdates,
     /// Fields of `ri` some piece changed beyond quantities (`Piece::ri_local`): only
     /// these are written.
     pub(super) ri_write: std::collections::HashSet<String, foldhash::fast::RandomState>,

@@ -519,6 +519,12 @@ impl Daemon {
                     Some(m) if !m.bootstrap_done => {
                         Some("a previous snapshot load did not finish".into())
                     }
+                    Some(m) if m.index_pending => Some(
+                        "a batch that changed lookup state (lookup values, dependents, row \
+                         records) was interrupted between its Redis writes; a replay cannot \
+                         repair that state"
+                            .into(),
+                    ),
                     Some(m)
                         if m.fingerprint.as_deref() != Some(self.mapping.fingerprint.as_str()) =>
                     {
@@ -919,6 +925,7 @@ async fn load_snapshot(
         .map_err(|e| DaemonError::Definite(format!("encoding table identities: {e}")))?;
     let mut fields = vec![
         ("bootstrap", "done".to_string()),
+        ("index_pending", String::new()),
         ("applied_lsn", at.0.to_string()),
         // Catch-up tokens from before this load answer 410: the reset changed SKUs
         // the change index does not show.

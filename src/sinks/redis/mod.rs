@@ -1537,6 +1537,20 @@ impl Applier {
         self.apply(&Batch::truncate(piece, skus), None, false).await
     }
 
+    /// Mark (or clear) in the meta hash that a batch changing lookup state is being
+    /// written (`index_pending`): found at a start, Redis is rebuilt (see
+    /// `daemon::apply::launch`).
+    pub async fn mark_index_pending(&mut self, on: bool) -> Result<(), RedisSinkError> {
+        let v = if on { "1" } else { "" };
+        write_meta(
+            &mut self.con,
+            &self.settings.prefix,
+            self.settings.fence.token(),
+            &[("index_pending", v.to_string())],
+        )
+        .await
+    }
+
     /// Record where indexed rows are held now (row field -> SKU, `None` to remove), after
     /// the SKU entries of the same pieces were applied; `end` goes with the last call.
     pub async fn write_row_index<'a>(
@@ -2286,6 +2300,9 @@ pub struct Meta {
     /// Since when the change index is complete (`changes_from`; absent before the index
     /// existed: see [`backfill_changes`]).
     pub changes_from: Option<Lsn>,
+    /// A batch changing lookup state was being written and did not finish
+    /// (`index_pending`): its replay cannot repair the lookup state.
+    pub index_pending: bool,
 }
 
 /// Read the meta hash; `None` when it does not exist.
@@ -2314,6 +2331,7 @@ pub async fn read_meta(con: &mut RedisCon, prefix: &str) -> Result<Option<Meta>,
             .and_then(|v| serde_json::from_str(v).ok())
             .unwrap_or_default(),
         changes_from: m.get("changes_from").and_then(|v| v.parse().ok()).map(Lsn),
+        index_pending: m.get("index_pending").is_some_and(|v| !v.is_empty()),
     }))
 }
 
