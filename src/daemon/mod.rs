@@ -646,23 +646,33 @@ impl Daemon {
         sc.status_interval = self.cfg.status_interval();
         sc.confirm_gate = Some(self.gate.clone());
         if bootstrap {
-            let (pgc, mapping, settings, max_changes, con2, gate) = (
+            let (pgc, mapping, settings, max_changes, con2, gate, mqtt) = (
                 self.pgc.clone(),
                 self.mapping.clone(),
                 self.settings.clone(),
                 self.max_changes,
                 con.clone(),
                 self.gate.clone(),
+                self.mqtt.clone(),
             );
             sc.bootstrap = Some(Arc::new(move |snapshot: String, at: Lsn| {
-                let (pgc, mapping, settings, con2, gate) = (
+                let (pgc, mapping, settings, con2, gate, mqtt) = (
                     pgc.clone(),
                     mapping.clone(),
                     settings.clone(),
                     con2.clone(),
                     gate.clone(),
+                    mqtt.clone(),
                 );
                 Box::pin(async move {
+                    // As in `resync`: the publisher (it outlives cycles, so it may be
+                    // connected now: a slot dropped after it lost WAL, or missing after a
+                    // failover) must not project Redis while it is reset and reloaded;
+                    // it resumes with a full republish. A failed load leaves it paused
+                    // for the next cycle's rebuild.
+                    if let Some(m) = &mqtt {
+                        m.pause();
+                    }
                     load_snapshot(
                         &pgc,
                         &mapping,
@@ -675,7 +685,11 @@ impl Daemon {
                         &gate,
                     )
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string())?;
+                    if let Some(m) = &mqtt {
+                        m.resume();
+                    }
+                    Ok(())
                 })
             }));
         }

@@ -60,6 +60,10 @@ impl Task {
             return;
         }
         self.outstanding = None;
+        if !std::mem::take(&mut self.outstanding_full) {
+            // a partial republish settled: the epoch may advance under the same token
+            return;
+        }
         let token = format!("{:016x}", rand::random::<u64>());
         self.send_epoch(client, token, true);
     }
@@ -229,13 +233,18 @@ impl Task {
             }
             self.epoch_seq = self.epoch_seq.max(broker_seq);
             self.epoch_token = Some(token.to_string());
-            // SKUs acknowledged in epoch `broker_seq` or later may be missing on the broker
+            // SKUs acknowledged in epoch `broker_seq` or later may be missing on the broker.
+            // Until each is acknowledged again the epoch must not advance: a later
+            // sequence on the broker would hide them from the next connect's scan (a
+            // crash or a lost link mid-scan).
             self.scan = Some(Scan {
                 cursor: 0,
                 node: 0,
                 force: false,
                 from_seq: Some(broker_seq),
             });
+            self.outstanding = Some(HashSet::new());
+            self.outstanding_full = false;
         } else {
             info!("broker lacks our retained messages (epoch differs): republishing all SKUs");
             self.shared
@@ -249,6 +258,7 @@ impl Task {
                 from_seq: None,
             });
             self.outstanding = Some(HashSet::new());
+            self.outstanding_full = true;
         }
     }
 
@@ -308,6 +318,9 @@ impl Task {
                         });
                         if exists && maybe_lost {
                             self.sched.request(sku, Want::Force);
+                            if let Some(o) = &mut self.outstanding {
+                                o.insert(sku.clone());
+                            }
                         } else if exists
                             && payload::unpublished(
                                 lsn.as_deref(),

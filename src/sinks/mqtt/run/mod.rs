@@ -174,8 +174,13 @@ pub(super) struct Task {
     rescan: bool,
     /// Scheduler size above which idle SKUs are pruned next.
     prune_at: usize,
-    /// SKUs of a full republish not yet acknowledged (epoch mismatch).
+    /// SKUs of a republish not yet acknowledged: every SKU after an epoch mismatch, or
+    /// those acknowledged since the broker's epoch sequence when the token matched. The
+    /// epoch does not advance meanwhile.
     outstanding: Option<HashSet<String>>,
+    /// The republish under way is a full one: settled, it publishes a new epoch token
+    /// (a partial one lets the epoch advance under the same token).
+    outstanding_full: bool,
     redis_pause_until: Option<Instant>,
     /// Maximum packet size the broker announced in CONNACK.
     broker_max: Option<usize>,
@@ -248,6 +253,7 @@ impl Task {
             rescan: false,
             prune_at: 4096,
             outstanding: None,
+            outstanding_full: false,
             redis_pause_until: None,
             broker_max: None,
             oversized: HashSet::new(),
