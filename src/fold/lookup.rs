@@ -317,7 +317,14 @@ impl Fold {
             (Op::Delete, _, Some(o)) => out.push((o, None)),
             (Op::Insert | Op::Update, Some(k), _) => {
                 let t = c.new.as_ref().expect("a new row");
-                let passes = hr.filter.as_ref().is_none_or(|f| f.passes(t) == Some(true));
+                let passes = match hr.filter.as_ref().map(|f| f.passes(t)) {
+                    None | Some(Some(true)) => true,
+                    Some(Some(false)) => false,
+                    // A filter column sent as unchanged TOAST is unchanged: the row keeps
+                    // what it was (whether it resolved), rather than every row that
+                    // looks it up dropping out.
+                    Some(None) => self.lookup_value(hr.hop, &k)?.is_some(),
+                };
                 let v = if !passes {
                     None
                 } else {

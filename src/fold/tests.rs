@@ -1937,6 +1937,39 @@ fn a_looked_up_stock_row_the_fold_has_not_read_is_not_folded_until_it_is() {
     assert_eq!(rig.on("A"), 2);
 }
 
+/// Regression (review): a referenced row whose filter column is sent as unchanged TOAST
+/// (a large value stored out of line) keeps resolving as it did; before, every stock row
+/// looking it up dropped out.
+#[test]
+fn a_lookup_filter_column_sent_as_unchanged_toast_keeps_the_row_resolving() {
+    let s = shop();
+    for cold in [false, true] {
+        let mut rig = Rig::new(lookup_mapping(), &[&s.stock, &s.variant, &s.warehouse]);
+        rig.txn(&[
+            ins(&s.warehouse, vec![t("1"), t("north")]),
+            ins(&s.variant, variant_row("7", Some("A"), false)),
+            ins(&s.stock, stock_row("100", "7", "1", 5)),
+        ]);
+        if cold {
+            rig.fold.cache.clear();
+        }
+        // the SKU renamed; `deleted_at` (the filter's column) not sent
+        rig.txn(&[upd(
+            &s.variant,
+            vec![t("7"), t("A2"), Datum::UnchangedToast],
+        )]);
+        assert_eq!((rig.on("A"), rig.on("A2")), (0, 5), "cold {cold}");
+        // a deleted variant stays filtered out the same way
+        rig.txn(&[upd(&s.variant, variant_row("7", Some("A2"), true))]);
+        assert_eq!(rig.on("A2"), 0);
+        rig.txn(&[upd(
+            &s.variant,
+            vec![t("7"), t("A3"), Datum::UnchangedToast],
+        )]);
+        assert_eq!((rig.on("A2"), rig.on("A3")), (0, 0), "cold {cold}");
+    }
+}
+
 /// Regression (review): with the SKU looked up and the location a plain column, a change
 /// of the location alone rewrites the row's record, so a later change of its variant moves
 /// the row with the location it has now, also when the record is read back from Redis.
