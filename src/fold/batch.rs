@@ -225,43 +225,9 @@ impl Entry {
         };
         match self.row_slot(&field) {
             Some(i) => {
+                // (the stored ops' thresholds are all `Keep`: they travel in the trace)
                 let prev = std::mem::replace(&mut self.rows[i].1, RowOp::Del);
-                self.rows[i].1 = match (prev, final_op) {
-                    (_, RowOp::Del) => RowOp::Del,
-                    (
-                        RowOp::Set {
-                            location: pl,
-                            on_hand: po,
-                            reserved: pr,
-                            ..
-                        },
-                        RowOp::Set {
-                            location,
-                            on_hand,
-                            reserved,
-                            threshold,
-                        },
-                    ) => RowOp::Set {
-                        location: inherit(location, pl),
-                        on_hand: inherit(on_hand, po),
-                        reserved: inherit(reserved, pr),
-                        threshold,
-                    },
-                    (
-                        RowOp::Del,
-                        RowOp::Set {
-                            location,
-                            on_hand,
-                            reserved,
-                            threshold,
-                        },
-                    ) => RowOp::Set {
-                        location: inherit(location, Field::Val(String::new())),
-                        on_hand: inherit(on_hand, Field::Val(0)),
-                        reserved: inherit(reserved, Field::Val(0)),
-                        threshold,
-                    },
-                };
+                self.rows[i].1 = final_op.after(prev);
                 i as u32
             }
             None => {
@@ -336,13 +302,6 @@ impl Entry {
             }
         });
         self.trace.len() - before
-    }
-}
-
-fn inherit<T>(new: Field<T>, prev: Field<T>) -> Field<T> {
-    match new {
-        Field::Keep => prev,
-        v => v,
     }
 }
 

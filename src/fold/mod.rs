@@ -75,6 +75,52 @@ pub enum RowOp {
     Del,
 }
 
+impl RowOp {
+    /// This op merged over `prev`, what the same row had earlier (in the same piece, or in
+    /// an earlier piece of the same entry): `Keep` inherits `prev`'s value, or after a
+    /// delete what a fresh row holds (nothing of the deleted row is left to keep, as when
+    /// the delete was applied on its own). The threshold belongs to the SKU, not the
+    /// row: after a delete a kept one stays kept.
+    pub(crate) fn after(self, prev: RowOp) -> RowOp {
+        match (prev, self) {
+            (_, RowOp::Del) => RowOp::Del,
+            (
+                RowOp::Set {
+                    location: l0,
+                    on_hand: o0,
+                    reserved: r0,
+                    threshold: t0,
+                },
+                RowOp::Set {
+                    location,
+                    on_hand,
+                    reserved,
+                    threshold,
+                },
+            ) => RowOp::Set {
+                location: keep_or(location, l0),
+                on_hand: keep_or(on_hand, o0),
+                reserved: keep_or(reserved, r0),
+                threshold: keep_or(threshold, t0),
+            },
+            (
+                RowOp::Del,
+                RowOp::Set {
+                    location,
+                    on_hand,
+                    reserved,
+                    threshold,
+                },
+            ) => RowOp::Set {
+                location: keep_or(location, Field::Val(String::new())),
+                on_hand: keep_or(on_hand, Field::Val(0)),
+                reserved: keep_or(reserved, Field::Val(0)),
+                threshold,
+            },
+        }
+    }
+}
+
 /// Everything one piece does to one SKU.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SkuDelta {
@@ -1101,44 +1147,9 @@ impl Fold {
         }
         if let Some(((sku, field), op)) = new_state {
             let rows = &mut cur.skus.entry(sku).or_default().rows;
-            let merged = match (rows.remove(&field), op) {
-                (
-                    Some(RowOp::Set {
-                        location: l0,
-                        on_hand: o0,
-                        reserved: r0,
-                        threshold: t0,
-                    }),
-                    RowOp::Set {
-                        location,
-                        on_hand,
-                        reserved,
-                        threshold,
-                    },
-                ) => RowOp::Set {
-                    location: keep_or(location, l0),
-                    on_hand: keep_or(on_hand, o0),
-                    reserved: keep_or(reserved, r0),
-                    threshold: keep_or(threshold, t0),
-                },
-                // Deleted earlier in this transaction: nothing of the row is left to keep
-                // (as when the delete is applied in an earlier piece; the batch's merge
-                // agrees). The threshold belongs to the SKU, not the row, so it stays kept.
-                (
-                    Some(RowOp::Del),
-                    RowOp::Set {
-                        location,
-                        on_hand,
-                        reserved,
-                        threshold,
-                    },
-                ) => RowOp::Set {
-                    location: keep_or(location, Field::Val(String::new())),
-                    on_hand: keep_or(on_hand, Field::Val(0)),
-                    reserved: keep_or(reserved, Field::Val(0)),
-                    threshold,
-                },
-                (_, op) => op,
+            let merged = match rows.remove(&field) {
+                Some(prev) => op.after(prev),
+                None => op,
             };
             rows.insert(field, merged);
         }

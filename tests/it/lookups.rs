@@ -758,15 +758,15 @@ async fn a_lookup_that_does_not_fit_the_database_exits_2_before_writing_anything
     }
 }
 
-/// A restarted skusync reads the row index and lookup state ahead, in bulk: the row
-/// records it caches must carry the quantities Redis holds now (a quantity-only change
-/// does not rewrite a record), or a later rename would move stale quantities.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_reads_the_row_index_ahead_with_the_quantities_redis_holds() {
+/// Saleor's schema and seed plus `extra` SQL, the stock table published, `mapping` set
+/// up and skusync started with its first snapshot loaded; the config's path.
+async fn start_saleor(mapping: &str, extra: &str) -> (Rig, std::path::PathBuf) {
     let mut rig = Rig::new(SALEOR_SCHEMA, lookup_oracle()).await;
     rig.exec(SALEOR_SEED).await;
-    rig.exec("CREATE PUBLICATION skusync FOR TABLE warehouse_stock;")
-        .await;
+    rig.exec(&format!(
+        "{extra}\nCREATE PUBLICATION skusync FOR TABLE warehouse_stock;"
+    ))
+    .await;
     let cfg_text = format!(
         "{}{}",
         rig.oracle.config_toml(
@@ -775,13 +775,22 @@ async fn a_restart_reads_the_row_index_ahead_with_the_quantities_redis_holds() {
             &["skusync", "skusync_activity"],
             &rig.redis.url()
         ),
-        mapping_of(SALEOR_MAPPING)
+        mapping
     );
     let cfg = write_config(rig.dir.path(), &cfg_text);
     let setup = skusync_output(&["setup"], &cfg);
     assert!(setup.status.success(), "{setup:?}");
     rig.daemon = Some(Daemon::start(rig.dir.path(), cfg.clone()));
     rig.wait_bootstrap(Duration::from_secs(40)).await;
+    (rig, cfg)
+}
+
+/// A restarted skusync reads the row index and lookup state ahead, in bulk: the row
+/// records it caches must carry the quantities Redis holds now (a quantity-only change
+/// does not rewrite a record), or a later rename would move stale quantities.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_reads_the_row_index_ahead_with_the_quantities_redis_holds() {
+    let (mut rig, cfg) = start_saleor(mapping_of(SALEOR_MAPPING), "").await;
     assert_join_converges(&mut rig, SALEOR_TRUTH, "", Duration::from_secs(20)).await;
 
     // quantity-only changes: the records in Redis keep their old quantities
@@ -820,25 +829,7 @@ GROUP BY 1, 2";
         "the Saleor example maps the warehouse's slug"
     );
     let mapping = mapping.replace(LOC_LOOKUP, r#"location = "warehouse_id""#);
-    let mut rig = Rig::new(SALEOR_SCHEMA, lookup_oracle()).await;
-    rig.exec(SALEOR_SEED).await;
-    rig.exec("CREATE PUBLICATION skusync FOR TABLE warehouse_stock;")
-        .await;
-    let cfg_text = format!(
-        "{}{}",
-        rig.oracle.config_toml(
-            &rig.pg.url("postgres", "postgres"),
-            "skusync",
-            &["skusync", "skusync_activity"],
-            &rig.redis.url()
-        ),
-        mapping
-    );
-    let cfg = write_config(rig.dir.path(), &cfg_text);
-    let setup = skusync_output(&["setup"], &cfg);
-    assert!(setup.status.success(), "{setup:?}");
-    rig.daemon = Some(Daemon::start(rig.dir.path(), cfg.clone()));
-    rig.wait_bootstrap(Duration::from_secs(40)).await;
+    let (mut rig, cfg) = start_saleor(&mapping, "").await;
     assert_join_converges(&mut rig, TRUTH, "", Duration::from_secs(20)).await;
 
     // the first warehouse's rows move to the fourth (which holds none): only the location
@@ -867,33 +858,16 @@ GROUP BY 1, 2";
 /// after the crash finds the mark and rebuilds Redis, which then equals the join.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_inside_a_batch_that_moves_rows_by_a_lookup_rebuilds_and_converges() {
-    let mut rig = Rig::new(SALEOR_SCHEMA, lookup_oracle()).await;
-    rig.exec(SALEOR_SEED).await;
     // 700 more variants with a stock row each: a rename of all is over 1,400 SKU entries
-    rig.exec(
+    let (mut rig, _) = start_saleor(
+        mapping_of(SALEOR_MAPPING),
         "INSERT INTO product_productvariant (id, sku, name, product_id, track_inventory, is_preorder,
            created_at, updated_at)
            SELECT i, 'BULK-' || i, '', 1, true, false, now(), now() FROM generate_series(1001, 1700) i;
          INSERT INTO warehouse_stock (warehouse_id, product_variant_id, quantity, quantity_allocated)
-           SELECT '00000000-0000-0000-0000-000000000001', i, 3, 0 FROM generate_series(1001, 1700) i;
-         CREATE PUBLICATION skusync FOR TABLE warehouse_stock;",
+           SELECT '00000000-0000-0000-0000-000000000001', i, 3, 0 FROM generate_series(1001, 1700) i;",
     )
     .await;
-    let cfg_text = format!(
-        "{}{}",
-        rig.oracle.config_toml(
-            &rig.pg.url("postgres", "postgres"),
-            "skusync",
-            &["skusync", "skusync_activity"],
-            &rig.redis.url()
-        ),
-        mapping_of(SALEOR_MAPPING)
-    );
-    let cfg = write_config(rig.dir.path(), &cfg_text);
-    let setup = skusync_output(&["setup"], &cfg);
-    assert!(setup.status.success(), "{setup:?}");
-    rig.daemon = Some(Daemon::start(rig.dir.path(), cfg.clone()));
-    rig.wait_bootstrap(Duration::from_secs(40)).await;
     // quantities only: the row records in Redis keep the old ones
     rig.exec("UPDATE warehouse_stock SET quantity = quantity + 7;")
         .await;
