@@ -583,6 +583,69 @@ async fn a_sku_absent_from_a_rebuilds_snapshot_is_cleared_not_published_as_zeros
     assert_eq!(rig.daemon().sigterm(), Some(0));
 }
 
+/// A failover to a standby whose LSNs are behind the old primary's: the outbox marks
+/// (`pub_lsn`) Redis kept from the old history are ahead of every LSN the rebuilt hashes
+/// carry, and the mark script never moves a mark back. Simulated by a mark set far ahead
+/// before a rebuild (PostgreSQL 15 drops logical slots on failover, so the slot is rebuilt
+/// anyway). The rebuild drops such marks: the SKU is republished once and marked, not
+/// left unmarked behind a mark no LSN of this server reaches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marks_ahead_of_a_rebuilt_servers_lsns_are_dropped_and_the_skus_marked_again() {
+    let broker = MosquittoServer::start();
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.exec("INSERT INTO inventory VALUES ('AHEAD', 'W1', 5, 0), ('KEEP', 'W1', 3, 0)")
+        .await;
+    rig.start_skusync(&mqtt_toml(&broker, 0)).await;
+    assert_retained_equals_redis(&mut rig, &broker, Duration::from_secs(20)).await;
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+    let key = layout::sku_key("skusync", "AHEAD");
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("pub_lsn")
+        .arg("18446744073709551000")
+        .arg("pub_piece")
+        .arg("0")
+        .query_async(&mut rig.con)
+        .await
+        .unwrap();
+    rig.exec("UPDATE inventory SET on_hand = 9 WHERE sku = 'AHEAD'")
+        .await;
+    let cfg = rig.daemon().cfg.clone();
+    let out = std::process::Command::new(crate::support::skusync_bin())
+        .args(["resync", "--config", cfg.to_str().unwrap()])
+        .output()
+        .expect("run skusync resync");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    rig.daemon().spawn();
+    rig.drain(&WorkloadTables::public(), "W1", Duration::from_secs(30))
+        .await;
+    assert_retained_equals_redis(&mut rig, &broker, Duration::from_secs(20)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let lsn = hget(&mut rig.con, &key, "lsn").await;
+        let pub_lsn = hget(&mut rig.con, &key, "pub_lsn").await;
+        if lsn.is_some() && lsn == pub_lsn {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "AHEAD: lsn {lsn:?}, pub_lsn {pub_lsn:?}: the state was never marked\n{}",
+            rig.daemon().stderr_all()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let retained = broker.retained(&sku_topic("skusync", "AHEAD"), Duration::from_secs(2));
+    let on_hand = retained
+        .first()
+        .map(|(_, p)| serde_json::from_slice::<serde_json::Value>(p).unwrap()["on_hand"].clone());
+    assert_eq!(on_hand, Some(serde_json::json!(9)));
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+}
+
 /// `mqtt_epoch_seq` from the meta hash (0 when absent).
 async fn stored_epoch_seq(rig: &mut Rig) -> u64 {
     hget(&mut rig.con, &layout::meta_key("skusync"), "mqtt_epoch_seq")

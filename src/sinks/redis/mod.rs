@@ -2545,6 +2545,13 @@ pub async fn writer_view(con: &mut RedisCon, prefix: &str) -> Result<WriterView,
 /// Reset a SKU hash before a snapshot load: drop everything derived from the database
 /// (stock rows, totals, counters, buckets, fence) but keep the MQTT outbox marks and
 /// pending alerts, and the key itself. Distinct-user HyperLogLogs are deleted.
+///
+/// A mark ahead of the fence (`ARGV[1]`, just below the new snapshot's consistent point)
+/// comes from another history: a failover to a standby whose LSNs are behind the old
+/// primary's. The mark script never moves a mark back, so such a SKU would stay unmarked
+/// (and be republished over and over) until its LSN passed the old one: its marks are
+/// dropped instead, costing one republish without a delta. On the same server every mark
+/// is below a new slot's consistent point.
 const RESET_LUA: &str = r#"
 if ARGV[2] ~= '' then
   local w = redis.call('HGET', KEYS[1], 'writer')
@@ -2552,13 +2559,19 @@ if ARGV[2] ~= '' then
 end
 local keep = {pub_lsn = true, pub_piece = true, pub_seq = true, pub_state = true, alerts = true,
   alert_state = true}
+local at = ARGV[1]
 for i = 2, #KEYS do
   local key = KEYS[i]
   local fields = redis.call('HKEYS', key)
   for _, f in ipairs(fields) do
     if not keep[f] then redis.call('HDEL', key, f) end
   end
-  redis.call('HSET', key, 'lsn', ARGV[1], 'piece', '-1')
+  -- u64 decimals without leading zeros: compare by length, then lexically
+  local pl = redis.call('HGET', key, 'pub_lsn')
+  if pl and (#pl > #at or (#pl == #at and pl > at)) then
+    redis.call('HDEL', key, 'pub_lsn', 'pub_piece', 'pub_seq', 'pub_state')
+  end
+  redis.call('HSET', key, 'lsn', at, 'piece', '-1')
 end
 return #KEYS - 1
 "#;
