@@ -4,9 +4,11 @@
 //! with two different piece caps must give the same model state (except the `piece` fence
 //! field) and the same alerts.
 //!
-//! The `low_stock` threshold column is not mapped here: with several rows of one SKU
-//! carrying different thresholds in one transaction, the SKU's threshold depends on where
-//! pieces are cut (known limitation, see `fuzz/regressions/fold-threshold-piece-order`).
+//! The `low_stock` threshold column is mapped: a SKU's threshold is the one written last
+//! (in change order, by a row the transaction then deletes too), whatever the cut. With
+//! several rows of one SKU carrying different thresholds in one transaction it used to
+//! depend on where pieces were cut (`fuzz/regressions/fold-threshold-piece-order`; fixed
+//! 2026-12-07: the piece's threshold rides on its last trace record).
 //!
 //! Alerts are compared per transaction and SKU, not across SKUs: when a transaction
 //! truncates a stock table, its final piece evaluates every SKU, those the piece itself
@@ -42,6 +44,7 @@ sku = "sku"
 location = "location"
 on_hand = "on_hand"
 reserved = "reserved"
+low_stock = "low"
 [[activity]]
 table = "public.activity_log"
 sku = "sku"

@@ -104,17 +104,38 @@ impl TraceRec {
                     Field::Keep => rec.flags |= RES_KEEP,
                     Field::Val(v) => rec.values[1] = v,
                 }
-                match threshold {
-                    Field::Keep => {}
-                    Field::Val(None) => rec.flags |= THR_CLEAR,
-                    Field::Val(Some(v)) => {
-                        rec.flags |= THR_SET;
-                        rec.values[2] = v;
-                    }
-                }
+                rec.set_threshold(&threshold);
             }
         }
         rec
+    }
+
+    /// Make the record write `t` as the SKU's threshold (after its row change, before an
+    /// evaluation), whatever its operation: a piece's threshold rides on its last record.
+    pub fn set_threshold(&mut self, t: &Field<Option<i64>>) {
+        use trace_flags::*;
+        self.flags &= !(THR_SET | THR_CLEAR);
+        self.values[2] = 0;
+        match t {
+            Field::Keep => {}
+            Field::Val(None) => self.flags |= THR_CLEAR,
+            Field::Val(Some(v)) => {
+                self.flags |= THR_SET;
+                self.values[2] = *v;
+            }
+        }
+    }
+
+    /// The threshold the record writes (`Keep`: none), whatever its operation.
+    pub fn threshold(&self) -> Field<Option<i64>> {
+        use trace_flags::*;
+        if self.flags & THR_SET != 0 {
+            Field::Val(Some(self.values[2]))
+        } else if self.flags & THR_CLEAR != 0 {
+            Field::Val(None)
+        } else {
+            Field::Keep
+        }
     }
 
     /// What the transaction did to the row.
@@ -136,13 +157,7 @@ impl TraceRec {
         TraceOp::Set {
             on_hand: val(ON_KEEP, self.values[0]),
             reserved: val(RES_KEEP, self.values[1]),
-            threshold: if self.flags & THR_SET != 0 {
-                Field::Val(Some(self.values[2]))
-            } else if self.flags & THR_CLEAR != 0 {
-                Field::Val(None)
-            } else {
-                Field::Keep
-            },
+            threshold: self.threshold(),
         }
     }
 }
@@ -266,17 +281,17 @@ impl Entry {
         }
         for (k, (field, op)) in d.rows.into_iter().enumerate() {
             let row = self.merge_row(field, &op);
+            // The rows' own thresholds are the piece's changes in key order, without a
+            // row's the piece then deleted: the piece's threshold (`d.threshold`, in
+            // change order) rides on its last record instead.
             let op = match op {
                 RowOp::Del => TraceOp::Del,
                 RowOp::Set {
-                    on_hand,
-                    reserved,
-                    threshold,
-                    ..
+                    on_hand, reserved, ..
                 } => TraceOp::Set {
                     on_hand,
                     reserved,
-                    threshold,
+                    threshold: Field::Keep,
                 },
             };
             self.trace.push(TraceRec::new(
@@ -287,9 +302,14 @@ impl Entry {
                 commit_ms,
             ));
         }
-        if n == 0 && eval {
+        if n == 0 && (eval || d.threshold != Field::Keep) {
             self.trace
-                .push(TraceRec::new(0, TraceOp::None, true, fence.0, commit_ms));
+                .push(TraceRec::new(0, TraceOp::None, eval, fence.0, commit_ms));
+        }
+        if self.trace.len() > before
+            && let Some(last) = self.trace.last_mut()
+        {
+            last.set_threshold(&d.threshold);
         }
         self.guarded |= d.counters.keys().any(|c| super::model::is_guarded(c))
             || d.buckets.keys().any(|(c, _)| super::model::is_guarded(c));

@@ -500,11 +500,10 @@ impl Fold {
             cur.skus
                 .entry(old.to_string())
                 .or_default()
-                .rows
-                .insert(field.to_string(), RowOp::Del);
+                .put_row(field.to_string(), RowOp::Del);
         }
         if let Some((sku, loc)) = placed {
-            cur.skus.entry(sku).or_default().rows.insert(
+            cur.skus.entry(sku).or_default().put_row(
                 field.to_string(),
                 RowOp::Set {
                     location: Field::Val(loc),
@@ -731,8 +730,7 @@ impl Fold {
                 cur.skus
                     .entry(h.clone())
                     .or_default()
-                    .rows
-                    .insert(old_field.clone(), RowOp::Del);
+                    .put_row(old_field.clone(), RowOp::Del);
                 self.touch(h);
             }
             self.set_holder(old_field.clone(), None);

@@ -45,8 +45,9 @@ pub enum FoldError {
 }
 
 /// A field value in a row update: unchanged-TOAST values keep what Redis holds.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Field<T> {
+    #[default]
     Keep,
     Val(T),
 }
@@ -132,6 +133,11 @@ pub struct SkuDelta {
     pub buckets: VecMap<(Name, i64), i64>,
     /// (counter, minute) -> HMAC'd user ids seen (sorted, no duplicates).
     pub users: VecMap<(Name, i64), Vec<UserId>>,
+    /// The SKU's threshold as the piece leaves it: the one its last stock change that
+    /// wrote one wrote (in change order; `Keep`: none did). `rows` hold each row's final
+    /// state in key order and drop a row's write when the piece then deletes the row, so
+    /// the threshold travels here, the same whichever way a transaction is cut.
+    pub threshold: Field<Option<i64>>,
 }
 
 /// A counter's name as entries hold it: shared with the mapping, so counting a row
@@ -168,6 +174,23 @@ impl SkuDelta {
             && self.counters.is_empty()
             && self.buckets.is_empty()
             && self.users.is_empty()
+    }
+
+    /// Record a change of a stock row: merged over what the piece did to the row before
+    /// ([`RowOp::after`]); a threshold it writes becomes the piece's.
+    pub(crate) fn put_row(&mut self, field: String, op: RowOp) {
+        if let RowOp::Set {
+            threshold: t @ Field::Val(_),
+            ..
+        } = &op
+        {
+            self.threshold = t.clone();
+        }
+        let merged = match self.rows.remove(&field) {
+            Some(prev) => op.after(prev),
+            None => op,
+        };
+        self.rows.insert(field, merged);
     }
 }
 
@@ -1069,7 +1092,9 @@ impl Fold {
                 Some(true) => (Some(ns), None),
                 Some(false) => {
                     self.stats.filtered_rows += 1;
-                    (None, Some(ns.0))
+                    // an inserted row held nothing to remove (a snapshot of a stock
+                    // table that is also looked up reads the rows its `where` fails)
+                    (None, (c.op != Op::Insert).then_some(ns.0))
                 }
                 None => {
                     self.skip(
@@ -1127,11 +1152,7 @@ impl Fold {
         }
         let cur = self.cur.as_mut().expect("change inside a transaction");
         if let Some((sku, field)) = filtered_out {
-            cur.skus
-                .entry(sku)
-                .or_default()
-                .rows
-                .insert(field, RowOp::Del);
+            cur.skus.entry(sku).or_default().put_row(field, RowOp::Del);
         }
         if let Some((old_sku, old_field)) = &old_id {
             let moved = new_state
@@ -1141,17 +1162,11 @@ impl Fold {
                 cur.skus
                     .entry(old_sku.clone())
                     .or_default()
-                    .rows
-                    .insert(old_field.clone(), RowOp::Del);
+                    .put_row(old_field.clone(), RowOp::Del);
             }
         }
         if let Some(((sku, field), op)) = new_state {
-            let rows = &mut cur.skus.entry(sku).or_default().rows;
-            let merged = match rows.remove(&field) {
-                Some(prev) => op.after(prev),
-                None => op,
-            };
-            rows.insert(field, merged);
+            cur.skus.entry(sku).or_default().put_row(field, op);
         }
     }
 

@@ -207,21 +207,20 @@ impl Store {
                         }
                     }
                     TraceOp::Set {
-                        on_hand,
-                        reserved,
-                        threshold,
+                        on_hand, reserved, ..
                     } => {
                         has_stock = true;
                         let (oo, or) = cur[i].unwrap_or((0, 0));
                         let (on, res) = (on_hand.or(oo), reserved.or(or));
                         avail += (on - res) - (oo - or);
                         cur[i] = Some((on, res));
-                        match threshold {
-                            Field::Val(Some(t)) => thr = Some(t.to_string()),
-                            Field::Val(None) => thr = None,
-                            Field::Keep => {}
-                        }
                     }
+                }
+                // any record may write the threshold (a piece's rides on its last)
+                match rec.threshold() {
+                    Field::Val(Some(t)) => thr = Some(t.to_string()),
+                    Field::Val(None) => thr = None,
+                    Field::Keep => {}
                 }
                 if rec.eval {
                     let t = thr

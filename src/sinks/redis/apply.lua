@@ -25,7 +25,8 @@
 --   trace = packed records '<BI4ddddd' (flags, row index 0-based, on, res, threshold,
 --     LSN minus f, commit ms): every stock change in commit order, to evaluate low-stock
 --     alerts after each transaction. Flags: 1 delete, 2 keep on, 4 keep res,
---     8 set threshold, 16 clear threshold, 32 evaluate after it, 64 no row.
+--     8 set threshold, 16 clear threshold (on any record: a piece's threshold, in change
+--     order, rides on its last), 32 evaluate after it, 64 no row.
 -- A counter name starting with '?' (from an [[activity]] table with known_skus_only)
 -- counts, under the name without it, only when the SKU has stock rows once the entry's
 -- rows are applied; an entry holding nothing else does not create a missing hash.
@@ -424,12 +425,13 @@ local function run_trace(key, h, e)
         if band(flags, 4) ~= 0 then res = orr end
         avail = avail + (on - res) - (oo - orr)
         con[idx] = on; cres[idx] = res
-        if band(flags, 8) ~= 0 then
-          h.threshold = dec(thr); h.thr_dirty = true
-        elseif band(flags, 16) ~= 0 then
-          h.threshold = nil; h.thr_dirty = true
-        end
       end
+    end
+    -- any record may write the threshold (a piece's rides on its last)
+    if band(flags, 8) ~= 0 then
+      h.threshold = dec(thr); h.thr_dirty = true
+    elseif band(flags, 16) ~= 0 then
+      h.threshold = nil; h.thr_dirty = true
     end
     if band(flags, 32) ~= 0 then
       evaluate(key, h, has, avail, e.f, ms, dl)

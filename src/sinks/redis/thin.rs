@@ -449,7 +449,7 @@ pub fn plan<'a, V: AsRef<str>>(
                     cur[idx] = Some(None);
                 } else {
                     let (oo, orr) = now.unwrap_or((0, 0));
-                    let [on, res, thr] = rec.values.map(exact);
+                    let [on, res, _] = rec.values.map(exact);
                     let (mut on, mut res) = (on?, res?);
                     if flags & trace_flags::ON_KEEP != 0 {
                         on = oo;
@@ -460,14 +460,15 @@ pub fn plan<'a, V: AsRef<str>>(
                     // as the script evaluates `avail + (on - res) - (oo - orr)`
                     avail = exact(exact(avail + exact(on - res)?)? - exact(oo - orr)?)?;
                     cur[idx] = Some(Some((on, res)));
-                    if flags & trace_flags::THR_SET != 0 {
-                        h.threshold = Some(units::format(thr?, scale));
-                        h.thr_dirty = true;
-                    } else if flags & trace_flags::THR_CLEAR != 0 {
-                        h.threshold = None;
-                        h.thr_dirty = true;
-                    }
                 }
+            }
+            // any record may write the threshold (a piece's rides on its last)
+            if flags & trace_flags::THR_SET != 0 {
+                h.threshold = Some(units::format(exact(rec.values[2])?, scale));
+                h.thr_dirty = true;
+            } else if flags & trace_flags::THR_CLEAR != 0 {
+                h.threshold = None;
+                h.thr_dirty = true;
             }
             if rec.eval && has {
                 // `evaluate`: an alert to raise is the script's (history, `alerts`).
