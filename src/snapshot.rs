@@ -125,12 +125,18 @@ pub async fn load(
     let mut seq = 0u64;
     let tables: Vec<String> = mapping.tables().map(str::to_string).collect();
     // Tables read by lookups load first: the mapped rows resolve through them.
-    let load_order: Vec<String> = mapping
+    // A stock table that is also looked up (a movement -> its stock item) loads once, in
+    // the first place: its rows feed both, as in the stream.
+    let mut load_order: Vec<String> = Vec::new();
+    for t in mapping
         .lookup_tables()
         .into_iter()
-        .map(str::to_string)
-        .chain(tables.iter().cloned())
-        .collect();
+        .chain(tables.iter().map(String::as_str))
+    {
+        if !load_order.iter().any(|l| l == t) {
+            load_order.push(t.to_string());
+        }
+    }
     // Read in the snapshot: the partitions whose rows this load reads.
     let stock: Vec<String> = mapping.inventory.iter().map(|m| m.table.clone()).collect();
     let trees = crate::pg::partitions::read(&client, cfg, &tables).await?;
@@ -158,8 +164,21 @@ pub async fn load(
                 "{problem}; fix it with: {fix}"
             )));
         }
+        // A stock table other tables look rows up through: the fold feeds its rows to the
+        // lookup too (with the lookup's columns and `where`s), so every row is read and the
+        // stock `where` is left to the fold, which applies it as it does to the stream.
+        let also = match &rule {
+            Rule::Inventory(_) => mapping
+                .lookup_rule(&rel, &rel.qualified_name())
+                .map_err(|e| SnapshotError::Schema(e.0))?,
+            _ => None,
+        };
         let needed: Vec<usize> = match rule {
-            Rule::Inventory(r) => r.columns(),
+            Rule::Inventory(r) => r
+                .columns()
+                .into_iter()
+                .chain(also.iter().flat_map(|l| l.columns()))
+                .collect(),
             Rule::Activity(r) => r.columns(),
             Rule::Lookup(l) => l.columns(),
             Rule::Unmapped => continue,
@@ -181,6 +200,7 @@ pub async fn load(
         // only rows they pass, so the snapshot must load no others).
         let mut wheres: Vec<String> = mapping
             .filter_of(&table)
+            .filter(|_| also.is_none())
             .and_then(|f| f.to_sql())
             .into_iter()
             .collect();

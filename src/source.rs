@@ -9,7 +9,7 @@
 //! reach the sinks, which fence them (the Redis apply script does).
 
 use crate::lsn::Lsn;
-use crate::pg::conn::{ReplConnection, ReplicationOptions, SnapshotAction, StreamItem};
+use crate::pg::conn::{ReplConnection, ReplicationOptions, SnapshotAction, StreamItem, SystemInfo};
 use crate::pg::connstr::PgConnectConfig;
 use crate::pg::error::PgError;
 use crate::pg::meta;
@@ -37,9 +37,12 @@ pub enum SlotKind {
 }
 
 /// Loads a snapshot exported by a newly created slot: `(snapshot name, consistent
-/// point)`. Runs while the replication connection waits, so the snapshot stays valid.
+/// point, the server it came from)`. Runs while the replication connection waits, so the
+/// snapshot stays valid.
 pub type BootstrapHook = Arc<
-    dyn Fn(String, Lsn) -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync,
+    dyn Fn(String, Lsn, SystemInfo) -> futures::future::BoxFuture<'static, Result<(), String>>
+        + Send
+        + Sync,
 >;
 
 /// Settings of the source.
@@ -213,6 +216,14 @@ pub enum SourceError {
          SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');"
     )]
     SlotMissing { slot: String },
+    /// The slot was there when this source first streamed and is gone at a reconnect (a
+    /// PostgreSQL failover before version 17, or dropped): the daemon rebuilds in a new
+    /// cycle, never inside a pipeline that still holds the old stream's state.
+    #[error(
+        "replication slot {slot:?} vanished while streaming (a PostgreSQL failover, or the slot \
+         was dropped)"
+    )]
+    SlotVanished { slot: String },
     #[error(
         "replication slot {slot:?} has lost required WAL (wal_status = lost) and can no longer \
          stream; drop it (SELECT pg_drop_replication_slot('{slot}');) and resync"
@@ -279,6 +290,8 @@ pub struct Source {
     /// Inside a transaction that was delivered before a reconnect and is being skipped.
     skipping: bool,
     reconnects: u64,
+    /// A session of this source has streamed: a slot missing now vanished under it.
+    streamed: bool,
 }
 
 enum SessionEnd {
@@ -295,6 +308,7 @@ impl Source {
             delivered: Lsn::ZERO,
             skipping: false,
             reconnects: 0,
+            streamed: false,
         }
     }
 
@@ -370,6 +384,7 @@ impl Source {
         let mut assembler = Assembler::new();
         let mut conn = match self.open(shutdown).await {
             Ok(Some((conn, info))) => {
+                self.streamed = true;
                 if tx.send(vec![SourceEvent::Connected(info)]).await.is_err() {
                     return SessionEnd::Error(SourceError::Downstream);
                 }
@@ -431,6 +446,7 @@ impl Source {
         shutdown: &CancellationToken,
     ) -> Result<Option<(ReplConnection, StreamInfo)>, SourceError> {
         let cfg = &self.cfg;
+        let streamed = self.streamed;
         let connect = async {
             let mut conn = ReplConnection::connect(&cfg.conn).await?;
             let system = conn.identify_system().await?;
@@ -444,6 +460,11 @@ impl Source {
                     let client = meta::connect(&cfg.conn).await?;
                     let state = match meta::slot_state(&client, &cfg.conn, &cfg.slot).await? {
                         Some(s) => s,
+                        None if streamed => {
+                            return Err(SourceError::SlotVanished {
+                                slot: cfg.slot.clone(),
+                            });
+                        }
                         None => {
                             let Some(hook) = &cfg.bootstrap else {
                                 return Err(SourceError::SlotMissing {
@@ -461,7 +482,7 @@ impl Source {
                             tracing::info!(slot = %cfg.slot, consistent_point = %slot.consistent_point, "created the replication slot; loading its snapshot");
                             // The replication connection stays idle meanwhile, which keeps
                             // the exported snapshot valid.
-                            hook(snapshot, slot.consistent_point)
+                            hook(snapshot, slot.consistent_point, system.clone())
                                 .await
                                 .map_err(SourceError::Bootstrap)?;
                             meta::slot_state(&client, &cfg.conn, &cfg.slot)

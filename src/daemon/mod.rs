@@ -98,6 +98,21 @@ impl From<crate::snapshot::SnapshotError> for DaemonError {
     }
 }
 
+/// Why Redis is rebuilt when the pieces are cut at another size than Redis' were: a
+/// transaction applied in part before the restart replays cut differently, and its pieces'
+/// fences (their numbers) would skip changes not applied or apply some twice.
+fn piece_changes_why(was: Option<u64>, now: u64) -> String {
+    format!(
+        "redis.max_changes_per_piece changed: Redis' pieces were cut at {} changes, now {now} \
+         (a transaction applied in part before the restart would replay cut differently)",
+        was.map_or_else(|| "?".into(), |p| p.to_string())
+    )
+}
+
+/// Why Redis is rebuilt when meta `index_pending` is set at a start.
+const INDEX_PENDING: &str = "a batch that changed lookup state (lookup values, dependents, row \
+     records) was interrupted between its Redis writes; a replay cannot repair that state";
+
 enum Cycle {
     Shutdown,
     /// Run the startup checks again (e.g. Redis lost its data).
@@ -519,12 +534,10 @@ impl Daemon {
                     Some(m) if !m.bootstrap_done => {
                         Some("a previous snapshot load did not finish".into())
                     }
-                    Some(m) if m.index_pending => Some(
-                        "a batch that changed lookup state (lookup values, dependents, row \
-                         records) was interrupted between its Redis writes; a replay cannot \
-                         repair that state"
-                            .into(),
-                    ),
+                    Some(m) if m.index_pending => Some(INDEX_PENDING.into()),
+                    Some(m) if m.piece_changes.is_some_and(|p| p != self.max_changes) => {
+                        Some(piece_changes_why(m.piece_changes, self.max_changes))
+                    }
                     Some(m)
                         if m.fingerprint.as_deref() != Some(self.mapping.fingerprint.as_str()) =>
                     {
@@ -545,6 +558,16 @@ impl Daemon {
                 } else if let Some(m) = &meta {
                     let applied = m.applied_lsn.unwrap_or(Lsn::ZERO);
                     self.gate.store(applied.0, Ordering::SeqCst);
+                    if m.piece_changes.is_none() {
+                        // a Redis built before the size was recorded: cut as configured now
+                        rsink::write_meta(
+                            &mut con,
+                            self.prefix(),
+                            self.settings.fence.token(),
+                            &[("piece_changes", self.max_changes.to_string())],
+                        )
+                        .await?;
+                    }
                     if m.changes_from.is_none() {
                         let n = rsink::backfill_changes(
                             &mut con,
@@ -590,7 +613,7 @@ impl Daemon {
         // states with the snapshot's LSN); it resumes right after the load with a full republish. Should
         // the load fail it stays paused: the next cycle rebuilds again.
         if let Some(m) = &self.mqtt {
-            m.pause();
+            m.pause().await;
         }
         self.load(con, &snapshot, info.consistent_point, Some(&system))
             .await?;
@@ -655,7 +678,7 @@ impl Daemon {
                 self.gate.clone(),
                 self.mqtt.clone(),
             );
-            sc.bootstrap = Some(Arc::new(move |snapshot: String, at: Lsn| {
+            sc.bootstrap = Some(Arc::new(move |snapshot: String, at: Lsn, system| {
                 let (pgc, mapping, settings, con2, gate, mqtt) = (
                     pgc.clone(),
                     mapping.clone(),
@@ -671,7 +694,7 @@ impl Daemon {
                     // it resumes with a full republish. A failed load leaves it paused
                     // for the next cycle's rebuild.
                     if let Some(m) = &mqtt {
-                        m.pause();
+                        m.pause().await;
                     }
                     load_snapshot(
                         &pgc,
@@ -681,7 +704,8 @@ impl Daemon {
                         con2,
                         &snapshot,
                         at,
-                        None,
+                        // recorded, so the stream's check finds the server it was built from
+                        Some(&system),
                         &gate,
                     )
                     .await
@@ -725,6 +749,9 @@ impl Daemon {
             (Ok(Cycle::Shutdown), Err(SourceError::Bootstrap(e))) => {
                 Ok(Cycle::Restart(format!("snapshot load failed: {e}")))
             }
+            (Ok(Cycle::Shutdown), Err(e @ SourceError::SlotVanished { .. })) => Ok(Cycle::Restart(
+                format!("{e}: rebuilding from a new slot's snapshot"),
+            )),
             (Ok(Cycle::Shutdown), Err(e)) => Err(e.into()),
             (Ok(Cycle::Shutdown), Ok(())) => Ok(Cycle::Shutdown),
         }
@@ -945,6 +972,7 @@ async fn load_snapshot(
         // the change index does not show.
         ("changes_from", at.0.to_string()),
         ("fingerprint", mapping.fingerprint.clone()),
+        ("piece_changes", max_changes.to_string()),
         ("tables", tables),
         ("layout", layout::LAYOUT_VERSION.to_string()),
         (

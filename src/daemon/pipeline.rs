@@ -297,7 +297,24 @@ impl Daemon {
                         "Redis holds an unfinished snapshot load".into(),
                     )));
                 }
-                // A standby that won the slot skipped the startup checks.
+                // A standby that won the slot skipped the startup checks. A batch of ours
+                // that changed lookup state would be in flight (`idle` false); with none,
+                // the mark is another writer's batch cut off between its calls.
+                if m.piece_changes.is_some_and(|p| p != self.max_changes) {
+                    return self
+                        .rebuild(
+                            &mut con,
+                            super::piece_changes_why(m.piece_changes, self.max_changes),
+                        )
+                        .await
+                        .map(Some);
+                }
+                if m.index_pending && idle {
+                    return self
+                        .rebuild(&mut con, super::INDEX_PENDING.into())
+                        .await
+                        .map(Some);
+                }
                 if m.layout.as_deref() != Some(layout::LAYOUT_VERSION) {
                     return self
                         .rebuild(&mut con, earlier_layout(m.layout.as_deref()))
@@ -367,6 +384,11 @@ impl Daemon {
                     )
                     .await?;
                 }
+                // What Redis holds is what may be confirmed, and the floor a rollback is
+                // judged by (the startup checks seed it, but a standby that won the slot
+                // skipped them); never lowered here.
+                self.gate
+                    .fetch_max(m.applied_lsn.unwrap_or(Lsn::ZERO).0, Ordering::SeqCst);
                 // Transactions Redis may hold already replay unmerged.
                 let horizon = m.applied_lsn.unwrap_or(Lsn(0)).max(self.split_floor);
                 pending.batch.raise_horizon(horizon);

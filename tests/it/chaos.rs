@@ -1766,6 +1766,137 @@ async fn chaos_corrupted_frame_on_the_wire_stops_with_lsn_and_relation_and_loses
     );
 }
 
+/// A PostgreSQL failover before version 17 drops the logical slot: the running
+/// skusync's reconnect finds it gone. It rebuilds once, in a new cycle (never inside the
+/// pipeline that holds the old stream's state), and records the server it loaded from,
+/// so the stream's check does not rebuild a second time. The failover to another
+/// timeline is simulated by recording another timeline in meta before the slot is
+/// dropped under the running process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_dropped_while_streaming_is_rebuilt_once_and_the_server_recorded() {
+    let seed = test_seed("a_slot_dropped_while_streaming_is_rebuilt_once");
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.start_skusync("").await;
+    let mut w = public_workload(seed);
+    run_workload(&mut rig, &mut w, 100, async |_, _| {}).await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    let meta = skusync::sinks::layout::meta_key("skusync");
+    let _: () = redis::cmd("HSET")
+        .arg(&meta)
+        .arg("timeline")
+        .arg("7")
+        .query_async(&mut rig.con)
+        .await
+        .unwrap();
+    // end the walsender and drop the slot before skusync's reconnect takes it again
+    let t0 = Instant::now();
+    loop {
+        let _ = rig
+            .client
+            .simple_query(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                 WHERE slot_name = 'skusync' AND active_pid IS NOT NULL",
+            )
+            .await;
+        if rig
+            .client
+            .simple_query("SELECT pg_drop_replication_slot('skusync')")
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the slot stayed busy"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t0 = Instant::now();
+    while !rig.daemon().stderr_contains("vanished while streaming") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{}",
+            rig.daemon().stderr_all()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    run_workload(&mut rig, &mut w, 100, async |_, _| {}).await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(60))
+        .await;
+    rig.assert_converges(Duration::from_secs(30)).await;
+    rig.daemon().assert_alive("after the slot vanished");
+    assert_eq!(
+        hget(&mut rig.con, &meta, "timeline").await.as_deref(),
+        Some("1"),
+        "the load recorded the server's timeline"
+    );
+    assert_eq!(
+        rig.daemon().stderr_count("snapshot loaded"),
+        2,
+        "the first start's load and one rebuild, not two:\n{}",
+        rig.daemon().stderr_all()
+    );
+    assert_eq!(
+        rig.daemon().stderr_count("but Redis was built on timeline"),
+        0
+    );
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+}
+
+/// The pieces of a transaction replayed after a restart are fenced by their number, so a
+/// start that cuts them at another `max_changes_per_piece` than Redis' were cut at would
+/// skip or double what a half-applied transaction held: Redis records the size and is
+/// rebuilt once when it changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_piece_size_rebuilds_redis_once_at_the_next_start() {
+    let seed = test_seed("a_changed_piece_size_rebuilds_redis_once_at_the_next_start");
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.start_skusync("").await;
+    let mut w = public_workload(seed);
+    run_workload(&mut rig, &mut w, 100, async |_, _| {}).await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    let meta = skusync::sinks::layout::meta_key("skusync");
+    assert_eq!(
+        hget(&mut rig.con, &meta, "piece_changes").await.as_deref(),
+        Some("10000")
+    );
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+    let text = rig
+        .config_text()
+        .replacen("[redis]\n", "[redis]\nmax_changes_per_piece = 200\n", 1);
+    rig.daemon().cfg = write_config(rig.dir.path(), &text);
+    rig.daemon().spawn();
+    let why = "redis.max_changes_per_piece changed";
+    let t0 = Instant::now();
+    while !rig.daemon().stderr_contains(why) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{}",
+            rig.daemon().stderr_all()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    run_workload(&mut rig, &mut w, 100, async |_, _| {}).await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(60))
+        .await;
+    rig.assert_converges(Duration::from_secs(30)).await;
+    assert_eq!(
+        hget(&mut rig.con, &meta, "piece_changes").await.as_deref(),
+        Some("200")
+    );
+    // the same size again: no rebuild
+    rig.daemon().kill9_and_restart();
+    run_workload(&mut rig, &mut w, 50, async |_, _| {}).await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(60))
+        .await;
+    rig.assert_converges(Duration::from_secs(30)).await;
+    assert_eq!(rig.daemon().stderr_count(why), 1);
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+}
+
 /// Item 9 of the reliability issue: the timeline recorded in meta is compared at every
 /// connect. A server on another timeline than Redis was built on (a promoted standby that
 /// kept the slot, as PostgreSQL 17's failover slots do, or a point-in-time recovery) may

@@ -695,6 +695,89 @@ async fn solidus_stock_and_ahoy_events_follow_soft_deletes_two_hops_and_json_ref
     .await;
 }
 
+/// A stock table that is also looked up: Solidus' stock items carry the stock (`where
+/// deleted_at IS NULL`) and are the first hop of a movement's SKU (no `where`). The
+/// stream keeps counting movements of a soft-deleted item; a rebuild must read that
+/// item too (for the lookup, not for the stock), or its movements stop counting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_keeps_counting_movements_of_soft_deleted_stock_items() {
+    let mut rig = Rig::new(SOLIDUS_SCHEMA, lookup_oracle()).await;
+    rig.exec(SOLIDUS_SEED).await;
+    rig.exec("CREATE PUBLICATION skusync FOR TABLE spree_stock_items, spree_variants;")
+        .await;
+    let cfg_text = format!(
+        "{}{}",
+        rig.oracle.config_toml(
+            &rig.pg.url("postgres", "postgres"),
+            "skusync",
+            &["skusync", "skusync_activity"],
+            &rig.redis.url()
+        ),
+        mapping_of(SOLIDUS_MAPPING)
+    );
+    let cfg = write_config(rig.dir.path(), &cfg_text);
+    let mut a = public_oracle(Buckets::Ignore).activity;
+    a[0].counters = ["views", "carts", "moved"]
+        .iter()
+        .map(|c| (c.to_string(), c.to_string()))
+        .collect();
+    rig.oracle.activity = a;
+    let setup = skusync_output(&["setup"], &cfg);
+    assert!(setup.status.success(), "{setup:?}");
+    rig.daemon = Some(Daemon::start(rig.dir.path(), cfg.clone()));
+    rig.wait_bootstrap(Duration::from_secs(40)).await;
+    assert_join_converges(
+        &mut rig,
+        SOLIDUS_TRUTH,
+        SOLIDUS_COUNTERS,
+        Duration::from_secs(20),
+    )
+    .await;
+
+    // item 2 (variant 3, with seeded movements) soft-deleted, then moved again
+    rig.exec(
+        "UPDATE spree_stock_items SET deleted_at = now() WHERE id = 2;
+         INSERT INTO spree_stock_movements (stock_item_id, quantity, action, created_at, updated_at)
+           VALUES (2, 5, 'adjust', now(), now());",
+    )
+    .await;
+    drain_marker(&mut rig, 1, &solidus_drain(1)).await;
+    assert_join_converges(
+        &mut rig,
+        SOLIDUS_TRUTH,
+        SOLIDUS_COUNTERS,
+        Duration::from_secs(20),
+    )
+    .await;
+    let key = skusync::sinks::layout::sku_key("skusync", "TEE-3");
+    let moved = hget(&mut rig.con, &key, "moved").await;
+    assert!(moved.is_some(), "TEE-3 counts its movements");
+
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+    let out = skusync_output(&["resync"], &cfg);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    rig.daemon().spawn();
+    rig.wait_bootstrap(Duration::from_secs(40)).await;
+    drain_marker(&mut rig, 2, &solidus_drain(2)).await;
+    assert_eq!(
+        hget(&mut rig.con, &key, "moved").await,
+        moved,
+        "a rebuild counts the movements of a soft-deleted stock item as the stream did"
+    );
+    assert_join_converges(
+        &mut rig,
+        SOLIDUS_TRUTH,
+        SOLIDUS_COUNTERS,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lookup_that_does_not_fit_the_database_exits_2_before_writing_anything() {
     let mut rig = Rig::new(SALEOR_SCHEMA, lookup_oracle()).await;
@@ -901,4 +984,93 @@ async fn a_crash_inside_a_batch_that_moves_rows_by_a_lookup_rebuilds_and_converg
     );
     let state = rig.oracle.redis_state(&mut rig.con).await;
     assert!(state.keys().any(|k| k.starts_with("z-")), "{state:?}");
+}
+
+/// A standby that wins the slot skips the startup checks and runs them when it
+/// connects: among them the mark of a batch that changed lookup state and was cut off
+/// between its Redis calls (`index_pending`, set here as such a crash leaves it). The
+/// slot is held by another replication client while skusync starts, as a walsender its
+/// former holder left behind holds it until `wal_sender_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_that_wins_a_held_slot_rebuilds_after_an_interrupted_lookup_batch() {
+    let (mut rig, _cfg) = start_saleor(mapping_of(SALEOR_MAPPING), "").await;
+    assert_join_converges(&mut rig, SALEOR_TRUTH, "", Duration::from_secs(20)).await;
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+    let mut holder =
+        std::process::Command::new(crate::harness::pg::find_bin_dir().join("pg_recvlogical"))
+            .args([
+                "-d",
+                &rig.pg.url("postgres", "postgres"),
+                "--slot",
+                "skusync",
+                "--start",
+                "-f",
+                "/dev/null",
+                "-o",
+                "proto_version=1",
+                "-o",
+                "publication_names=skusync",
+            ])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn pg_recvlogical");
+    let t0 = Instant::now();
+    loop {
+        let active: bool = rig
+            .client
+            .query_one(
+                "SELECT coalesce(bool_or(active), false) FROM pg_replication_slots WHERE slot_name = 'skusync'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if active {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "pg_recvlogical never took the slot"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let meta = skusync::sinks::layout::meta_key("skusync");
+    let _: () = redis::cmd("HSET")
+        .arg(&meta)
+        .arg("index_pending")
+        .arg("1")
+        .query_async(&mut rig.con)
+        .await
+        .unwrap();
+    rig.daemon().spawn();
+    let t0 = Instant::now();
+    while !rig.daemon().stderr_contains("waiting as standby") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{}",
+            rig.daemon().stderr_all()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let t0 = Instant::now();
+    while !rig
+        .daemon()
+        .stderr_contains("was interrupted between its Redis writes")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the connect did not rebuild after the interrupted batch\n{}",
+            rig.daemon().stderr_all()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drain_marker(&mut rig, 1, &saleor_drain(1)).await;
+    assert_join_converges(&mut rig, SALEOR_TRUTH, "", Duration::from_secs(20)).await;
+    assert_eq!(
+        hget(&mut rig.con, &meta, "index_pending").await.as_deref(),
+        Some("")
+    );
+    assert_eq!(rig.daemon().sigterm(), Some(0));
 }

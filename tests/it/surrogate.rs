@@ -122,3 +122,88 @@ async fn a_crash_between_the_sku_entries_and_the_row_index_loses_and_doubles_not
     );
     assert!(rig.daemon().stderr_contains("failpoint reached"));
 }
+
+/// Entries in the row index's buckets (one hash field per row).
+async fn row_index_entries(rig: &mut Rig) -> i64 {
+    let mut n = 0;
+    for k in crate::fold_oracle::keys_matching(&mut rig.con, "skusync:ri:*").await {
+        let len: i64 = redis::cmd("HLEN")
+            .arg(&k)
+            .query_async(&mut rig.con)
+            .await
+            .unwrap();
+        n += len;
+    }
+    n
+}
+
+/// A rebuild starts the change index and the row index's truncation marks over: both
+/// come from the history Redis held, whose LSNs may be ahead of the server loaded now
+/// (a failover to a standby that was behind; simulated by a mark and a score set far
+/// ahead). A mark ahead skipped a later TRUNCATE's clearing of the row index; a score
+/// ahead kept its SKU in every catch-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_starts_the_change_index_and_truncation_marks_over() {
+    let mut rig = Rig::new(SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.exec(
+        "INSERT INTO inventory (sku, location, on_hand)
+           SELECT 'pre-' || i, 'WH-1', i FROM generate_series(1, 20) i;",
+    )
+    .await;
+    rig.start_skusync("").await;
+    rig.assert_converges(Duration::from_secs(20)).await;
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+    let meta = skusync::sinks::layout::meta_key("skusync");
+    let changes = skusync::sinks::layout::changes_key("skusync");
+    let ahead = skusync::sinks::layout::sku_key("skusync", "pre-1");
+    let _: () = redis::cmd("HSET")
+        .arg(&meta)
+        .arg("ri_truncated:public.inventory")
+        .arg("18446744073709551000:0")
+        .query_async(&mut rig.con)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("ZADD")
+        .arg(&changes)
+        .arg("1e19")
+        .arg(&ahead)
+        .query_async(&mut rig.con)
+        .await
+        .unwrap();
+    let cfg = rig.daemon().cfg.clone();
+    let out = crate::support::skusync_output(&["resync"], &cfg);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        hget(&mut rig.con, &meta, "ri_truncated:public.inventory").await,
+        None
+    );
+    let score: Option<f64> = redis::cmd("ZSCORE")
+        .arg(&changes)
+        .arg(&ahead)
+        .query_async(&mut rig.con)
+        .await
+        .unwrap();
+    assert!(score.is_some_and(|s| s < 1e18), "score {score:?}");
+
+    rig.daemon().spawn();
+    rig.exec("TRUNCATE inventory;").await;
+    let t = WorkloadTables::public();
+    rig.drain(&t, "WH-1", Duration::from_secs(30)).await;
+    rig.assert_converges(Duration::from_secs(10)).await;
+    let rows: i64 = rig
+        .client
+        .query_one("SELECT count(*) FROM inventory", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        row_index_entries(&mut rig).await,
+        rows,
+        "the TRUNCATE cleared the row index"
+    );
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+}

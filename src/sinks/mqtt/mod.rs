@@ -305,10 +305,17 @@ impl Stats {
     }
 }
 
+/// Longest [`MqttHandle::pause`] waits for the publisher's round to finish.
+const PAUSE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Debug, Default)]
 struct Shared {
     /// Redis is being rebuilt: publish nothing (its states are partial).
     paused: AtomicBool,
+    /// Pauses asked for, and the last the loop saw between its turns (`pause_ack`).
+    pause_asked: std::sync::atomic::AtomicU64,
+    pause_seen: std::sync::atomic::AtomicU64,
+    pause_ack: Notify,
     changed: Mutex<HashSet<String>>,
     /// `changed` overflowed its cap and was dropped: scan Redis (the outbox) instead.
     overflow: AtomicBool,
@@ -375,9 +382,31 @@ impl MqttHandle {
     /// a snapshot): its hashes are partial meanwhile and carry the snapshot's LSN, which
     /// the corrected final states share. Acknowledgements of messages already in flight
     /// are still recorded.
-    pub fn pause(&self) {
+    ///
+    /// Returns once the publisher is between turns: a round of reads and publishes under
+    /// way finishes first (its hashes were read before the reset), so nothing it reads
+    /// afterwards comes from a Redis being reset. Bounded: a publisher stuck on its broker
+    /// must not hold the rebuild up (it checks the pause before its next round).
+    pub async fn pause(&self) {
+        let asked = self.shared.pause_asked.fetch_add(1, Ordering::SeqCst) + 1;
         self.shared.paused.store(true, Ordering::SeqCst);
         self.shared.notify.notify_one();
+        let deadline = tokio::time::Instant::now() + PAUSE_WAIT;
+        loop {
+            // registered before the check: an acknowledgement in between still wakes it
+            let ack = self.shared.pause_ack.notified();
+            // disconnected, the loop is not in a round (it only runs one connected)
+            if self.shared.pause_seen.load(Ordering::SeqCst) >= asked || !self.is_connected() {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, ack).await.is_err() {
+                tracing::warn!(
+                    waited_ms = PAUSE_WAIT.as_millis() as u64,
+                    "the mqtt publisher did not pause in time; the rebuild goes on (its next round sees the pause)"
+                );
+                return;
+            }
+        }
     }
 
     /// The rebuild finished: republish every SKU from the rebuilt Redis (SKUs the snapshot

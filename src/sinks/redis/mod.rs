@@ -2303,6 +2303,10 @@ pub struct Meta {
     /// A batch changing lookup state was being written and did not finish
     /// (`index_pending`): its replay cannot repair the lookup state.
     pub index_pending: bool,
+    /// The most changes per piece Redis' pieces were cut with (`piece_changes`; absent
+    /// before it was recorded): the pieces of a transaction replayed after a restart are
+    /// fenced by their number, so they must be cut the same way.
+    pub piece_changes: Option<u64>,
 }
 
 /// Read the meta hash; `None` when it does not exist.
@@ -2332,6 +2336,7 @@ pub async fn read_meta(con: &mut RedisCon, prefix: &str) -> Result<Option<Meta>,
             .unwrap_or_default(),
         changes_from: m.get("changes_from").and_then(|v| v.parse().ok()).map(Lsn),
         index_pending: m.get("index_pending").is_some_and(|v| !v.is_empty()),
+        piece_changes: m.get("piece_changes").and_then(|v| v.parse().ok()),
     }))
 }
 
@@ -2639,8 +2644,44 @@ pub async fn reset_all(
     for p in layout::lookup_patterns(prefix) {
         unlink_matching(con, &p).await?;
     }
+    // The change index and the row index's truncation marks come from the history Redis
+    // held, whose LSNs may be ahead of the server loaded now (a failover to a standby that
+    // was behind): a score ahead would keep its SKU in every catch-up, a mark ahead would
+    // skip a TRUNCATE's clearing. Catch-up tokens from before the load answer 410
+    // (`changes_from`), so nothing older is needed. (A cluster's slot meta copies, which
+    // hold its marks, were rewritten above.)
+    if !con.is_cluster() {
+        let _: i64 = redis::Script::new(DROP_TRUNCATE_MARKS_LUA)
+            .key(layout::meta_key(prefix))
+            .arg(token_arg(token))
+            .invoke_async(con)
+            .await
+            .map_err(RedisSinkError::from_redis)?;
+    }
+    let _: i64 = redis::cmd("UNLINK")
+        .arg(layout::changes_key(prefix))
+        .query_async(con)
+        .await
+        .map_err(RedisSinkError::from_redis)?;
     Ok(skus.len())
 }
+
+/// Delete the meta hash's `ri_truncated:<table>` marks. KEYS[1] meta; ARGV[1] the writer
+/// token ('' unfenced).
+const DROP_TRUNCATE_MARKS_LUA: &str = r#"
+if ARGV[1] ~= '' then
+  local w = redis.call('HGET', KEYS[1], 'writer')
+  if w ~= ARGV[1] then return redis.error_reply('SKUSYNC_FENCED ' .. tostring(w or 'none')) end
+end
+local n = 0
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(f, 1, 13) == 'ri_truncated:' then
+    redis.call('HDEL', KEYS[1], f)
+    n = n + 1
+  end
+end
+return n
+"#;
 
 /// Rewrite every slot's meta copy of a cluster: only the writer's token (a rebuild starts).
 async fn reset_slot_metas(

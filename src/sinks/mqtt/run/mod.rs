@@ -283,6 +283,7 @@ impl Task {
         let mut backoff = BACKOFF_MIN;
         info!(client_id = %self.cfg.mqtt.client_id, "mqtt publisher starting");
         loop {
+            self.ack_pause();
             let deadline = self.next_deadline();
             tokio::select! {
                 biased;
@@ -330,6 +331,17 @@ impl Task {
                 self.work(&client).await;
             } else if self.marks_due(Instant::now()) {
                 self.flush_marks().await;
+            }
+        }
+    }
+
+    /// Between turns: tell a waiting [`MqttHandle::pause`](super::MqttHandle::pause)
+    /// that no round is under way.
+    fn ack_pause(&self) {
+        if self.shared.paused.load(Ordering::SeqCst) {
+            let asked = self.shared.pause_asked.load(Ordering::SeqCst);
+            if self.shared.pause_seen.swap(asked, Ordering::SeqCst) < asked {
+                self.shared.pause_ack.notify_waiters();
             }
         }
     }
@@ -742,7 +754,8 @@ impl Task {
         let mut queue: std::collections::VecDeque<GroupRead> = Default::default();
         let mut reading = 0;
         loop {
-            while self.redis_pause_until.is_none() {
+            // no new reads once a rebuild asked for a pause (what is read is published)
+            while self.redis_pause_until.is_none() && !self.shared.paused.load(Ordering::SeqCst) {
                 if let Some(rx) = queue.back_mut().and_then(|r| r.read.take()) {
                     // an error or a dropped task counts as done too
                     let _ = rx.await;
