@@ -752,6 +752,15 @@ impl Daemon {
             (Ok(Cycle::Shutdown), Err(e @ SourceError::SlotVanished { .. })) => Ok(Cycle::Restart(
                 format!("{e}: rebuilding from a new slot's snapshot"),
             )),
+            // Gone between the startup checks and the first connect (a standby that waited
+            // for a walsender its former holder left, on a server that then failed over):
+            // the next cycle's checks create it and rebuild.
+            (Ok(Cycle::Shutdown), Err(SourceError::SlotMissing { slot })) => {
+                Ok(Cycle::Restart(format!(
+                    "replication slot {slot:?} vanished before streaming started (a PostgreSQL \
+                     failover, or dropped): rebuilding from a new slot's snapshot"
+                )))
+            }
             (Ok(Cycle::Shutdown), Err(e)) => Err(e.into()),
             (Ok(Cycle::Shutdown), Ok(())) => Ok(Cycle::Shutdown),
         }

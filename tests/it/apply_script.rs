@@ -401,7 +401,8 @@ async fn a_merged_entry_straddling_the_fence_is_refused_and_writes_nothing() {
 }
 
 /// The publisher's mark script: `pub_lsn` only moves forward (u64 decimals of any
-/// length), and a hash that is gone is never recreated by a late acknowledgement.
+/// length) and never past the hash's `lsn`, and a hash that is gone is never recreated
+/// by a late acknowledgement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_marks_move_forward_and_never_recreate_a_hash() {
     let redis = RedisServer::start();
@@ -503,6 +504,21 @@ async fn publish_marks_move_forward_and_never_recreate_a_hash() {
         hget(&mut con, "a", "pub_state").await.as_deref(),
         Some("{\"x\":1}")
     );
+    // a state past the hash's own LSN (read before a rebuild onto lower LSNs, as after
+    // a failover to a standby that was behind) is not marked
+    let r: Vec<i64> = mark(&["a"], &[("1000", "{\"stale\":1}")])
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(r, vec![0]);
+    assert_eq!(hget(&mut con, "a", "pub_lsn").await.as_deref(), Some("100"));
+    let _: () = redis::cmd("HSET")
+        .arg("a")
+        .arg("lsn")
+        .arg("1000")
+        .query_async(&mut con)
+        .await
+        .unwrap();
     let r: Vec<i64> = mark(&["a", "b"], &[("1000", "{\"new\":1}"), ("5", "{\"b\":1}")])
         .query_async(&mut con)
         .await

@@ -1237,7 +1237,8 @@ async fn the_publish_mark_records_the_epoch_sequence_and_only_raises_it() {
     // an older state is not marked at all
     assert_eq!(run("9", Some("12")).await, vec![0]);
     assert_eq!(hget(&mut con, "s", "pub_seq").await.as_deref(), Some("9"));
-    // a newer state takes its own epoch's sequence
+    // a newer state (the hash moved on) takes its own epoch's sequence
+    hset(&mut con, "s", &[("lsn", "12".into())]).await;
     assert_eq!(run("11", Some("10")).await, vec![1]);
     assert_eq!(hget(&mut con, "s", "pub_seq").await.as_deref(), Some("10"));
     // callers without a sequence leave it alone

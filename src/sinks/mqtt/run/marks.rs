@@ -4,7 +4,8 @@
 use super::*;
 
 /// Records acknowledged states: per SKU hash, `pub_lsn`, `pub_piece` and `pub_state`,
-/// only moving forward by (LSN, piece) and never into a hash that no longer exists (it
+/// only moving forward by (LSN, piece), never past the hash's own `lsn` (a state read
+/// before a rebuild onto lower LSNs), and never into a hash that no longer exists (it
 /// would come back as a ghost). The piece matters: every piece of a transaction applied
 /// in several writes the same `lsn`, and the state after its last piece must still count
 /// as unpublished once an earlier piece's state was acknowledged.
@@ -31,7 +32,11 @@ for i, key in ipairs(KEYS) do
     -- u64 decimals without leading zeros: compare by length, then lexically
     local ahead = cl and (#cl > #l or (#cl == #l and cl > l))
     local same = cl == l
-    if not (ahead or (same and cp >= pn)) then
+    -- a state past the hash's own LSN was read before a rebuild onto lower LSNs (a
+    -- failover to a standby that was behind): its late acknowledgement is not a mark
+    local hl = cur[4]
+    local stale = hl and (#l > #hl or (#l == #hl and l > hl))
+    if not (ahead or stale or (same and cp >= pn)) then
       if seqn then
         redis.call('HSET', key, 'pub_lsn', l, 'pub_piece', tostring(pn), 'pub_state', st, 'pub_seq', seq)
       else
