@@ -299,6 +299,10 @@ struct ChangeToken {
     since: u64,
     /// Continue after (score, member), with the watermark of the listing's start.
     page: Option<(u64, u64, Vec<u8>)>,
+    /// Meta `changes_from` when the token was given out (`~<hex>` at its end; absent in
+    /// tokens of releases before it): a token from before a rebuild is refused, also
+    /// when the rebuilt server's LSNs are lower (a failover to a standby that was behind).
+    from: Option<u64>,
 }
 
 impl ChangeToken {
@@ -308,24 +312,31 @@ impl ChangeToken {
                 .then(|| u64::from_str_radix(p, 16).ok())
                 .flatten()
         };
+        let (s, from) = match s.split_once('~') {
+            Some((s, f)) => (s, Some(hex_u64(f)?)),
+            None => (s, None),
+        };
         let parts: Vec<&str> = s.split('.').collect();
         match parts[..] {
             [a] => Some(ChangeToken {
                 since: hex_u64(a)?,
                 page: None,
+                from,
             }),
             [a, w, l, m] => Some(ChangeToken {
                 since: hex_u64(a)?,
                 page: Some((hex_u64(w)?, hex_u64(l)?, hex::decode(m).ok()?)),
+                from,
             }),
             _ => None,
         }
     }
 
     fn encode(&self) -> String {
+        let from = self.from.map(|f| format!("~{f:x}")).unwrap_or_default();
         match &self.page {
-            None => format!("{:x}", self.since),
-            Some((w, l, m)) => format!("{:x}.{w:x}.{l:x}.{}", self.since, hex::encode(m)),
+            None => format!("{:x}{from}", self.since),
+            Some((w, l, m)) => format!("{:x}.{w:x}.{l:x}.{}{from}", self.since, hex::encode(m)),
         }
     }
 }
@@ -477,7 +488,8 @@ impl Api {
         Ok(out)
     }
 
-    /// Meta `bootstrap`, `applied_lsn`, `changes_from`; `Err(503)` while rebuilding.
+    /// Meta `bootstrap`, `applied_lsn`, `changes_from`; `Err(503)` while rebuilding (or
+    /// while a Redis of a release before the change index gets it built).
     async fn meta(&self) -> Result<Result<(u64, u64), Response>, redis::RedisError> {
         let mut pipe = redis::pipe();
         pipe.cmd("HMGET")
@@ -493,7 +505,14 @@ impl Api {
             )
             .with("Retry-After", "5")));
         }
-        Ok(Ok((m.1.unwrap_or(0), m.2.unwrap_or(0))))
+        let Some(from) = m.2 else {
+            return Ok(Err(json_error(
+                503,
+                "the change index is being built: try again",
+            )
+            .with("Retry-After", "5")));
+        };
+        Ok(Ok((m.1.unwrap_or(0), from)))
     }
 
     async fn sku(&self, req: &Request, enc: &str) -> Result<Response, redis::RedisError> {
@@ -547,8 +566,11 @@ impl Api {
         let token = token.unwrap_or(ChangeToken {
             since: 0,
             page: None,
+            from: Some(from),
         });
-        if token.since != 0 && token.since.saturating_add(1) < from {
+        if token.from.is_some_and(|f| f != from)
+            || (token.since != 0 && token.since.saturating_add(1) < from)
+        {
             return Ok(json_error(
                 410,
                 "token older than the change index (Redis was rebuilt): take the full state, GET /v1/changes without since",
@@ -596,10 +618,12 @@ impl Api {
             (true, Some((m, l))) => ChangeToken {
                 since: token.since,
                 page: Some((watermark, *l, m.clone())),
+                from: Some(from),
             },
             _ => ChangeToken {
                 since: watermark.saturating_sub(1).max(token.since),
                 page: None,
+                from: Some(from),
             },
         };
         let mut body = String::with_capacity(64 + rendered.len() * 300);
@@ -788,13 +812,22 @@ mod tests {
         let t = ChangeToken {
             since: 0x1a3f2c8,
             page: Some((0x1a40000, 0x1a3f000, b"p:{a.b}".to_vec())),
+            from: Some(0x1a00000),
         };
         assert_eq!(ChangeToken::parse(&t.encode()), Some(t));
         let f = ChangeToken {
             since: 5,
             page: None,
+            from: None,
         };
+        // a token of a release before `~<changes_from>`
         assert_eq!(ChangeToken::parse("5"), Some(f));
+        let g = ChangeToken {
+            since: 5,
+            page: None,
+            from: Some(3),
+        };
+        assert_eq!(ChangeToken::parse("5~3"), Some(g));
         for junk in [
             "",
             "x",
@@ -803,6 +836,9 @@ mod tests {
             "11111111111111111",
             "-1",
             "1..2.3",
+            "5~",
+            "5~x",
+            "5~1~2",
         ] {
             assert_eq!(ChangeToken::parse(junk), None, "{junk:?}");
         }

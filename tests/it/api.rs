@@ -449,6 +449,43 @@ async fn the_api_answers_bad_requests_with_one_line_json_errors_and_never_500() 
     let r = check(get("/v1/changes"), 200, "full state after the rebuild");
     let n = r.json()["changes"].as_array().unwrap().len();
     assert!(n >= 6, "{n}");
+    // A rebuild onto lower LSNs (a failover to a standby that was behind; simulated by
+    // lowering `changes_from`): tokens from before it answer 410 too, though their LSNs
+    // are above the new start, and so do page tokens of a full listing.
+    let last = r.json()["next"].as_str().unwrap().to_string();
+    let r = check(get("/v1/changes?limit=1"), 200, "a first page");
+    assert_eq!(r.json()["more"], serde_json::json!(true));
+    let page = r.json()["next"].as_str().unwrap().to_string();
+    let from_now = hget(&mut rig.con, &meta, "changes_from").await.unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(&meta)
+        .arg("changes_from")
+        .arg("1")
+        .query_async(&mut rig.con)
+        .await
+        .unwrap();
+    check(
+        get(&format!("/v1/changes?since={last}")),
+        410,
+        "a token from before a rebuild onto lower LSNs",
+    );
+    check(
+        get(&format!("/v1/changes?since={page}")),
+        410,
+        "a page token from before it",
+    );
+    let _: () = redis::cmd("HSET")
+        .arg(&meta)
+        .arg("changes_from")
+        .arg(&from_now)
+        .query_async(&mut rig.con)
+        .await
+        .unwrap();
+    check(
+        get(&format!("/v1/changes?since={last}")),
+        200,
+        "the token again after",
+    );
 
     // The rate limit: a burst beyond it answers 429 with Retry-After.
     assert!(statuses.iter().all(|s| *s < 500), "{statuses:?}");

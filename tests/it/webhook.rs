@@ -296,3 +296,67 @@ async fn every_alert_reaches_the_webhook_at_least_once_across_an_outage_and_a_si
     );
     assert_eq!(rig.daemon().sigterm(), Some(0));
 }
+
+/// The webhook task pauses while skusync is not streaming (another instance may take
+/// over) and goes on when it streams again: a PostgreSQL reconnect, which every brief
+/// outage causes, used to end the task for good (no webhook until a restart, nothing
+/// logged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_go_on_after_a_postgresql_reconnect() {
+    const SECRET: &str = "a-webhook-secret-of-at-least-32-chars!";
+    let rx = Receiver::start(SECRET).await;
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.exec("INSERT INTO inventory VALUES ('W-1', 'WH-1', 50, 0), ('W-2', 'WH-1', 50, 0)")
+        .await;
+    let secret_file = rig.dir.path().join("webhook.secret");
+    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    rig.start_skusync(&format!(
+        "\n[[webhook]]\nname = \"push\"\nurl = \"http://127.0.0.1:{}/hook\"\nsecret_file = \"{}\"\ntimeout_ms = 300\nbackoff_ms = 100\n",
+        rx.port,
+        secret_file.display()
+    ))
+    .await;
+    let wait_for = async |rig: &mut Rig, sku: &str| {
+        let start = Instant::now();
+        loop {
+            let ids: Vec<String> = history_ids(&mut rig.con)
+                .await
+                .into_iter()
+                .filter(|(s, _)| s == sku)
+                .map(|(_, id)| id)
+                .collect();
+            let got = rx.got.lock().unwrap().accepted.clone();
+            if ids.len() == 3 && ids.iter().all(|i| got.contains_key(i)) {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{sku}: not delivered: {ids:?}\n{got:?}\n{}",
+                rig.daemon().stderr_all()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    moves(&rig, "W-1").await;
+    wait_for(&mut rig, "W-1").await;
+    // the walsender ends: skusync reconnects (not streaming meanwhile)
+    rig.exec(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = 'skusync'",
+    )
+    .await;
+    let start = Instant::now();
+    while !rig
+        .daemon()
+        .stderr_contains("replication interrupted; reconnecting")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{}",
+            rig.daemon().stderr_all()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    moves(&rig, "W-2").await;
+    wait_for(&mut rig, "W-2").await;
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+}

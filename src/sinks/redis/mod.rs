@@ -496,6 +496,17 @@ pub struct Applier {
     /// How thin apply reads: [`WholeReads`]. Shared by the clones (the daemon clones its
     /// applier per batch), so each batch starts from what the last round found.
     whole: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    /// A cluster's change index and alert history entries whose write failed after their
+    /// slots' calls succeeded: a retry's calls skip those entries (fenced) and report no
+    /// alerts, so the entries wait here for the next write. Shared by the clones.
+    unindexed: std::sync::Arc<std::sync::Mutex<Unindexed>>,
+}
+
+/// See [`Applier::unindexed`].
+#[derive(Debug, Default)]
+struct Unindexed {
+    changes: Vec<(u64, String)>,
+    alerts: Vec<[String; 6]>,
 }
 
 /// How thin apply reads a SKU hash. A hash that does not exist answers a many-field HMGET
@@ -582,6 +593,7 @@ impl Applier {
             race: None,
             reader: None,
             reader_pause: Default::default(),
+            unindexed: Default::default(),
             whole: Default::default(),
         }
     }
@@ -1070,11 +1082,25 @@ impl Applier {
             *m = end.unwrap_or((*m).max(e.last.0));
         }
         let mut total = Applied::default();
-        let mut changes: Vec<(u64, String)> = Vec::new();
-        let mut alerts: Vec<[String; 6]> = Vec::new();
+        // what an earlier call could not index goes with this one's
+        let (mut changes, mut alerts) = {
+            let mut u = self.unindexed.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                std::mem::take(&mut u.changes),
+                std::mem::take(&mut u.alerts),
+            )
+        };
         let done = if self.use_thin {
-            self.apply_cluster_thin(entries, &slots, &marks, quiet, &mut total, &mut changes)
-                .await?
+            match self
+                .apply_cluster_thin(entries, &slots, &marks, quiet, &mut total, &mut changes)
+                .await
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    self.keep_unindexed(changes, alerts);
+                    return Err(e);
+                }
+            }
         } else {
             vec![false; entries.len()]
         };
@@ -1136,7 +1162,10 @@ impl Applier {
             }
         }
         // Indexed even when a call failed: what the others applied is in Redis.
-        self.index_cluster(changes, alerts).await?;
+        if let Err(e) = self.index_cluster(&changes, &mut alerts).await {
+            self.keep_unindexed(changes, alerts);
+            return Err(e);
+        }
         if let Some((slot, group, e)) = failed {
             if e.code() == Some("WRONGTYPE") {
                 return Err(self.wrongtype(e, &group).await);
@@ -1250,9 +1279,10 @@ impl Applier {
             }
         }
         if let Some((slot, ps, e)) = failed {
-            // what the other calls wrote is in Redis: index it
-            self.index_cluster(std::mem::take(changes), Vec::new())
-                .await?;
+            // what the other calls wrote is in Redis: index it (kept for the retry if
+            // that fails too: see `unindexed`)
+            self.index_cluster(changes, &mut []).await?;
+            changes.clear();
             if e.code() == Some("WRONGTYPE") {
                 let all: Vec<&Entry> = ps.iter().map(|p| &entries[planned[*p].0]).collect();
                 return Err(self.wrongtype(e, &all).await);
@@ -1332,11 +1362,18 @@ impl Applier {
         e
     }
 
+    /// Keep a cluster call's index entries for the next call (see `unindexed`).
+    fn keep_unindexed(&self, changes: Vec<(u64, String)>, alerts: Vec<[String; 6]>) {
+        let mut u = self.unindexed.lock().unwrap_or_else(|p| p.into_inner());
+        u.changes = changes;
+        u.alerts = alerts;
+    }
+
     /// The change index and alert history entries reported by cluster apply calls.
     async fn index_cluster(
         &mut self,
-        changes: Vec<(u64, String)>,
-        mut alerts: Vec<[String; 6]>,
+        changes: &[(u64, String)],
+        alerts: &mut [[String; 6]],
     ) -> Result<(), RedisSinkError> {
         let prefix = &self.settings.prefix;
         for chunk in changes.chunks(1000) {
@@ -1357,7 +1394,7 @@ impl Applier {
         alerts.sort_by_key(|a| a[4].parse::<u64>().unwrap_or(0));
         let history = self.settings.alert_history.max(1);
         let mut pipe = redis::pipe();
-        for [key, kind, avail, thr, lsn, ts] in &alerts {
+        for [key, kind, avail, thr, lsn, ts] in alerts.iter() {
             pipe.cmd("XADD")
                 .arg(layout::alerts_key(prefix))
                 .arg("MAXLEN")
@@ -1871,7 +1908,9 @@ impl Applier {
         let prefix = self.settings.prefix.clone();
         let script = redis::Script::new(ROW_INDEX_TRUNCATE_LUA);
         if self.con.is_cluster() {
-            // per bucket, each fenced by its slot's copy of `ri_truncated:<table>`
+            // per bucket, each fenced by its slot's copy of `ri_truncated:<table>:<bucket>`
+            // (per bucket: buckets share slots, and one mark per table and slot made the
+            // second bucket's call skip as a replay)
             for b in 0..layout::ROW_INDEX_BUCKETS {
                 let k = layout::row_index_key(&prefix, table, b);
                 let _: i64 = script
@@ -1880,7 +1919,7 @@ impl Applier {
                     .arg(token_arg(self.settings.fence.token()))
                     .arg(fence.0.0.to_string())
                     .arg(fence.1)
-                    .arg(table)
+                    .arg(format!("{table}:{b}"))
                     .invoke_async(&mut self.con)
                     .await
                     .map_err(RedisSinkError::from_redis)?;

@@ -148,7 +148,8 @@ impl Task {
                 }
             }
             match self.deliver(&shutdown).await {
-                Ok(()) => return,
+                // shut down, or no longer streaming: the loop above waits for the role
+                Ok(()) => backoff = Duration::from_millis(200),
                 Err(e) => {
                     warn!(webhook = %self.cfg.name, error = %e, "webhook: Redis failed; retrying");
                     tokio::select! {
