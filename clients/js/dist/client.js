@@ -36,7 +36,10 @@ class Client {
     // catch-up: one at a time; a request while one runs makes it run once more
     #pending = false;
     #running = null;
+    /** A full listing under way; `reset`: it follows a 410 (see `Store.applyState`). */
     #full = null;
+    /** `/v1/changes` answered 410: the next full listing replaces what is held. */
+    #afterGone = false;
     #wake = null;
     // MQTT connections so far, the one whose SUBACK came, and whether live alerts are
     // contiguous with the last alert catch-up (see #catchUpOnce)
@@ -251,8 +254,9 @@ class Client {
         // /v1/changes: page while `more`; on 410 list everything again
         for (;;) {
             const since = this.#store.changesToken;
-            if (since === null && !this.#full)
-                this.#full = { mark: this.#store.markFull(), listed: new Set() };
+            if (since === null && !this.#full) {
+                this.#full = { mark: this.#store.markFull(), listed: new Set(), reset: this.#afterGone };
+            }
             const body = await this.#get('/v1/changes', since);
             if (this.#closed)
                 return result;
@@ -261,6 +265,7 @@ class Client {
                     throw new ApiError('/v1/changes without since answered 410', 410, false);
                 this.#store.changesToken = null;
                 this.#full = null;
+                this.#afterGone = true;
                 await this.#persist('changes', null);
                 continue;
             }
@@ -279,7 +284,11 @@ class Client {
                 if (!this.#wanted(item.sku))
                     continue;
                 this.#full?.listed.add(item.sku);
-                const c = this.#store.applyItem(item);
+                // after a 410, what was held before the listing (unchanged since it started) is
+                // replaced even by a lower rev: a rebuild onto lower LSNs starts revs lower
+                const f = this.#full;
+                const replace = f !== null && f.reset && f.mark.get(item.sku) === this.#store.rev(item.sku);
+                const c = this.#store.applyItem(item, replace);
                 if (c)
                     result.changes++;
                 this.#change(c);
@@ -296,6 +305,7 @@ class Client {
                 this.#change(c);
             }
             this.#full = null;
+            this.#afterGone = false;
             result.full = true;
         }
         // /v1/alerts: likewise, deduped by id. When this listing started after the current

@@ -54,17 +54,19 @@ export declare class Store {
     /**
      * A state from MQTT or HTTP. Taken when its rev is greater than the one held (string
      * order), else ignored (null). Its delta is reported only when the held rev starts with
-     * `delta_from`; a `delta_from` that does not match the held rev is a gap.
+     * `delta_from`; a `delta_from` that does not match the held rev is a gap. `replace`:
+     * also taken when its rev is lower (a full listing after a 410 replaces what was held
+     * before it: after a rebuild onto lower LSNs, revs start lower); an equal rev is not.
      */
-    applyState(state: State): Change | null;
+    applyState(state: State, replace?: boolean): Change | null;
     /**
      * A gone SKU: an empty MQTT payload (rev from its user property, null when absent) or
      * an HTTP gone object. With a rev it is ordered like a state; without one it removes
      * what is held. Returns a change only when a state was held.
      */
-    applyGone(sku: string, rev: string | null): Change | null;
-    /** An item of `/v1/changes`: a state or a gone object. */
-    applyItem(item: State | GoneObject): Change | null;
+    applyGone(sku: string, rev: string | null, replace?: boolean): Change | null;
+    /** An item of `/v1/changes`: a state or a gone object (`replace`: see `applyState`). */
+    applyItem(item: State | GoneObject, replace?: boolean): Change | null;
     state(sku: string): State | null;
     /** The present SKUs and their states (a new Map). */
     states(): Map<string, State>;

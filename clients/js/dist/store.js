@@ -16,11 +16,13 @@ export class Store {
     /**
      * A state from MQTT or HTTP. Taken when its rev is greater than the one held (string
      * order), else ignored (null). Its delta is reported only when the held rev starts with
-     * `delta_from`; a `delta_from` that does not match the held rev is a gap.
+     * `delta_from`; a `delta_from` that does not match the held rev is a gap. `replace`:
+     * also taken when its rev is lower (a full listing after a 410 replaces what was held
+     * before it: after a rebuild onto lower LSNs, revs start lower); an equal rev is not.
      */
-    applyState(state) {
+    applyState(state, replace = false) {
         const held = this.#held.get(state.sku);
-        if (held && !(state.rev > held.rev))
+        if (held && !(state.rev > held.rev) && !(replace && state.rev < held.rev))
             return null;
         let delta = null;
         let gap = false;
@@ -38,9 +40,9 @@ export class Store {
      * an HTTP gone object. With a rev it is ordered like a state; without one it removes
      * what is held. Returns a change only when a state was held.
      */
-    applyGone(sku, rev) {
+    applyGone(sku, rev, replace = false) {
         const held = this.#held.get(sku);
-        if (rev !== null && held && !(rev > held.rev))
+        if (rev !== null && held && !(rev > held.rev) && !(replace && rev < held.rev))
             return null;
         const newRev = rev ?? held?.rev;
         if (newRev === undefined)
@@ -50,9 +52,11 @@ export class Store {
             return null;
         return { sku, state: null, info: { delta: null, gap: false, previous: held.state } };
     }
-    /** An item of `/v1/changes`: a state or a gone object. */
-    applyItem(item) {
-        return item.gone === true ? this.applyGone(item.sku, item.rev) : this.applyState(item);
+    /** An item of `/v1/changes`: a state or a gone object (`replace`: see `applyState`). */
+    applyItem(item, replace = false) {
+        return item.gone === true
+            ? this.applyGone(item.sku, item.rev, replace)
+            : this.applyState(item, replace);
     }
     state(sku) {
         return this.#held.get(sku)?.state ?? null;

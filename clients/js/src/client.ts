@@ -130,7 +130,10 @@ class Client implements SkusyncClient {
   // catch-up: one at a time; a request while one runs makes it run once more
   #pending = false;
   #running: Promise<void> | null = null;
-  #full: { mark: FullMark; listed: Set<string> } | null = null;
+  /** A full listing under way; `reset`: it follows a 410 (see `Store.applyState`). */
+  #full: { mark: FullMark; listed: Set<string>; reset: boolean } | null = null;
+  /** `/v1/changes` answered 410: the next full listing replaces what is held. */
+  #afterGone = false;
   #wake: (() => void) | null = null;
   // MQTT connections so far, the one whose SUBACK came, and whether live alerts are
   // contiguous with the last alert catch-up (see #catchUpOnce)
@@ -337,13 +340,16 @@ class Client implements SkusyncClient {
     // /v1/changes: page while `more`; on 410 list everything again
     for (;;) {
       const since = this.#store.changesToken;
-      if (since === null && !this.#full) this.#full = { mark: this.#store.markFull(), listed: new Set() };
+      if (since === null && !this.#full) {
+        this.#full = { mark: this.#store.markFull(), listed: new Set(), reset: this.#afterGone };
+      }
       const body = await this.#get('/v1/changes', since);
       if (this.#closed) return result;
       if (body === 'gone') {
         if (since === null) throw new ApiError('/v1/changes without since answered 410', 410, false);
         this.#store.changesToken = null;
         this.#full = null;
+        this.#afterGone = true;
         await this.#persist('changes', null);
         continue;
       }
@@ -360,7 +366,11 @@ class Client implements SkusyncClient {
         }
         if (!this.#wanted(item.sku)) continue;
         this.#full?.listed.add(item.sku);
-        const c = this.#store.applyItem(item);
+        // after a 410, what was held before the listing (unchanged since it started) is
+        // replaced even by a lower rev: a rebuild onto lower LSNs starts revs lower
+        const f = this.#full;
+        const replace = f !== null && f.reset && f.mark.get(item.sku) === this.#store.rev(item.sku);
+        const c = this.#store.applyItem(item, replace);
         if (c) result.changes++;
         this.#change(c);
       }
@@ -375,6 +385,7 @@ class Client implements SkusyncClient {
         this.#change(c);
       }
       this.#full = null;
+      this.#afterGone = false;
       result.full = true;
     }
     // /v1/alerts: likewise, deduped by id. When this listing started after the current

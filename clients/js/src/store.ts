@@ -77,11 +77,13 @@ export class Store {
   /**
    * A state from MQTT or HTTP. Taken when its rev is greater than the one held (string
    * order), else ignored (null). Its delta is reported only when the held rev starts with
-   * `delta_from`; a `delta_from` that does not match the held rev is a gap.
+   * `delta_from`; a `delta_from` that does not match the held rev is a gap. `replace`:
+   * also taken when its rev is lower (a full listing after a 410 replaces what was held
+   * before it: after a rebuild onto lower LSNs, revs start lower); an equal rev is not.
    */
-  applyState(state: State): Change | null {
+  applyState(state: State, replace = false): Change | null {
     const held = this.#held.get(state.sku);
-    if (held && !(state.rev > held.rev)) return null;
+    if (held && !(state.rev > held.rev) && !(replace && state.rev < held.rev)) return null;
     let delta: Delta | null = null;
     let gap = false;
     if (held && typeof state.delta_from === 'string') {
@@ -97,9 +99,9 @@ export class Store {
    * an HTTP gone object. With a rev it is ordered like a state; without one it removes
    * what is held. Returns a change only when a state was held.
    */
-  applyGone(sku: string, rev: string | null): Change | null {
+  applyGone(sku: string, rev: string | null, replace = false): Change | null {
     const held = this.#held.get(sku);
-    if (rev !== null && held && !(rev > held.rev)) return null;
+    if (rev !== null && held && !(rev > held.rev) && !(replace && rev < held.rev)) return null;
     const newRev = rev ?? held?.rev;
     if (newRev === undefined) return null; // nothing held, nothing to order by
     this.#held.set(sku, { rev: newRev, state: null });
@@ -107,9 +109,11 @@ export class Store {
     return { sku, state: null, info: { delta: null, gap: false, previous: held.state } };
   }
 
-  /** An item of `/v1/changes`: a state or a gone object. */
-  applyItem(item: State | GoneObject): Change | null {
-    return item.gone === true ? this.applyGone(item.sku, item.rev) : this.applyState(item as State);
+  /** An item of `/v1/changes`: a state or a gone object (`replace`: see `applyState`). */
+  applyItem(item: State | GoneObject, replace = false): Change | null {
+    return item.gone === true
+      ? this.applyGone(item.sku, item.rev, replace)
+      : this.applyState(item as State, replace);
   }
 
   state(sku: string): State | null {

@@ -202,6 +202,28 @@ test('410: a token from before the index was rebuilt takes the full state again'
   assert.equal(storage.get(`skusync:${P}:alerts`), '200-0');
 });
 
+test('410 after a rebuild onto lower LSNs: the full listing replaces the newer-looking states', async () => {
+  start({ pageSize: 10 }); // one page: the fake's page tokens would be older than its rebuild
+  for (const s of [state('A', rev(100)), state('B', rev(101)), state('C', rev(102))]) change(s);
+  await waitFor(() => broker.client, 'connect');
+  let done = nextCatchUp(client);
+  broker.up();
+  await done;
+  assert.deepEqual(snapshot(client), { A: rev(100), B: rev(101), C: rev(102) });
+  broker.down();
+  // a failover to a standby that was behind: the rebuild republishes lower revs
+  change(state('A', rev(50), { available: 7 }));
+  change(state('B', rev(51)));
+  api.rebuild();
+  done = nextCatchUp(client);
+  broker.up({ sessionPresent: true });
+  const r = await done;
+  assert.equal(r.full, true);
+  // C was not rebuilt lower (its rev stands); A and B are the rebuilt states
+  assert.deepEqual(snapshot(client), { A: rev(50), B: rev(51), C: rev(102) });
+  assert.equal(client.states().get('A').available, 7);
+});
+
 test('stored tokens: a restarted client continues from them', async () => {
   api.set(state('A', rev(1)), state('B', rev(2)));
   api.alerts.push(alert('A', '5-0'), alert('B', '6-0'));
