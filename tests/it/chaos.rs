@@ -1813,15 +1813,9 @@ async fn a_slot_dropped_while_streaming_is_rebuilt_once_and_the_server_recorded(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let t0 = Instant::now();
-    while !rig.daemon().stderr_contains("vanished while streaming") {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "{}",
-            rig.daemon().stderr_all()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    rig.daemon()
+        .wait_stderr("vanished while streaming", Duration::from_secs(30))
+        .await;
     run_workload(&mut rig, &mut w, 100, async |_, _| {}).await;
     rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(60))
         .await;
@@ -1870,15 +1864,7 @@ async fn a_changed_piece_size_rebuilds_redis_once_at_the_next_start() {
     rig.daemon().cfg = write_config(rig.dir.path(), &text);
     rig.daemon().spawn();
     let why = "redis.max_changes_per_piece changed";
-    let t0 = Instant::now();
-    while !rig.daemon().stderr_contains(why) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "{}",
-            rig.daemon().stderr_all()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    rig.daemon().wait_stderr(why, Duration::from_secs(30)).await;
     run_workload(&mut rig, &mut w, 100, async |_, _| {}).await;
     rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(60))
         .await;

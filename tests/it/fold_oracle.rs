@@ -166,6 +166,20 @@ impl Daemon {
             .collect()
     }
 
+    /// Wait until any incarnation's stderr contains `needle`; panics with the logs after
+    /// `timeout`.
+    pub async fn wait_stderr(&self, needle: &str, timeout: Duration) {
+        let t0 = Instant::now();
+        while !self.stderr_contains(needle) {
+            assert!(
+                t0.elapsed() < timeout,
+                "no {needle:?} in the log within {timeout:?}\n{}",
+                self.stderr_all()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// How many lines of all incarnations' full stderr contain `needle`.
     pub fn stderr_count(&self, needle: &str) -> usize {
         self.stderr_texts()

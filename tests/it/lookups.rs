@@ -1043,29 +1043,18 @@ async fn a_standby_that_wins_a_held_slot_rebuilds_after_an_interrupted_lookup_ba
         .await
         .unwrap();
     rig.daemon().spawn();
-    let t0 = Instant::now();
-    while !rig.daemon().stderr_contains("waiting as standby") {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "{}",
-            rig.daemon().stderr_all()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    rig.daemon()
+        .wait_stderr("waiting as standby", Duration::from_secs(20))
+        .await;
     let _ = holder.kill();
     let _ = holder.wait();
-    let t0 = Instant::now();
-    while !rig
-        .daemon()
-        .stderr_contains("was interrupted between its Redis writes")
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "the connect did not rebuild after the interrupted batch\n{}",
-            rig.daemon().stderr_all()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // the connect rebuilds after the interrupted batch
+    rig.daemon()
+        .wait_stderr(
+            "was interrupted between its Redis writes",
+            Duration::from_secs(30),
+        )
+        .await;
     drain_marker(&mut rig, 1, &saleor_drain(1)).await;
     assert_join_converges(&mut rig, SALEOR_TRUTH, "", Duration::from_secs(20)).await;
     assert_eq!(

@@ -545,16 +545,7 @@ async fn a_sku_absent_from_a_rebuilds_snapshot_is_cleared_not_published_as_zeros
     // the snapshot can tell that GHOST is gone.
     rig.exec("DELETE FROM inventory WHERE sku = 'GHOST'; UPDATE inventory SET on_hand = 4 WHERE sku = 'KEEP'")
         .await;
-    let cfg = rig.daemon().cfg.clone();
-    let out = std::process::Command::new(crate::support::skusync_bin())
-        .args(["resync", "--config", cfg.to_str().unwrap()])
-        .output()
-        .expect("run skusync resync");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    resync(&mut rig);
     rig.daemon().spawn();
     rig.drain(&WorkloadTables::public(), "W1", Duration::from_secs(30))
         .await;
@@ -610,16 +601,7 @@ async fn marks_ahead_of_a_rebuilt_servers_lsns_are_dropped_and_the_skus_marked_a
         .unwrap();
     rig.exec("UPDATE inventory SET on_hand = 9 WHERE sku = 'AHEAD'")
         .await;
-    let cfg = rig.daemon().cfg.clone();
-    let out = std::process::Command::new(crate::support::skusync_bin())
-        .args(["resync", "--config", cfg.to_str().unwrap()])
-        .output()
-        .expect("run skusync resync");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    resync(&mut rig);
     rig.daemon().spawn();
     rig.drain(&WorkloadTables::public(), "W1", Duration::from_secs(30))
         .await;
@@ -644,6 +626,20 @@ async fn marks_ahead_of_a_rebuilt_servers_lsns_are_dropped_and_the_skus_marked_a
         .map(|(_, p)| serde_json::from_slice::<serde_json::Value>(p).unwrap()["on_hand"].clone());
     assert_eq!(on_hand, Some(serde_json::json!(9)));
     assert_eq!(rig.daemon().sigterm(), Some(0));
+}
+
+/// `skusync resync` with the rig's config (skusync stopped).
+fn resync(rig: &mut Rig) {
+    let cfg = rig.daemon().cfg.clone();
+    let out = std::process::Command::new(crate::support::skusync_bin())
+        .args(["resync", "--config", cfg.to_str().unwrap()])
+        .output()
+        .expect("run skusync resync");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `mqtt_epoch_seq` from the meta hash (0 when absent).

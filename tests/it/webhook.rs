@@ -344,18 +344,12 @@ async fn webhooks_go_on_after_a_postgresql_reconnect() {
         "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = 'skusync'",
     )
     .await;
-    let start = Instant::now();
-    while !rig
-        .daemon()
-        .stderr_contains("replication interrupted; reconnecting")
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "{}",
-            rig.daemon().stderr_all()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    rig.daemon()
+        .wait_stderr(
+            "replication interrupted; reconnecting",
+            Duration::from_secs(20),
+        )
+        .await;
     moves(&rig, "W-2").await;
     wait_for(&mut rig, "W-2").await;
     assert_eq!(rig.daemon().sigterm(), Some(0));
