@@ -143,9 +143,8 @@ pub async fn serve(
 }
 
 fn read_key(p: &std::path::Path) -> Result<Vec<u8>, String> {
-    let text = std::fs::read_to_string(p)
-        .map_err(|e| format!("api.token_key_file {}: {e}", p.display()))?;
-    let k = text.trim();
+    let text = crate::secret::read_key_file(p, "api.token_key_file")?;
+    let k = text.as_str();
     if k.len() < 32 {
         return Err(format!(
             "api.token_key_file {}: the key must be at least 32 characters (e.g. `openssl rand -hex 32`)",

@@ -103,6 +103,26 @@ pub mod credential {
     pub const USER_KEY: &str = "user-key";
 }
 
+/// Read a key file (`what` names its setting in errors): refused when group or others
+/// can read it, since a key others can read is no secret (as libpq refuses such a
+/// `passfile`). The content is trimmed; errors never include it.
+pub fn read_key_file(path: &Path, what: &str) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{what} {p}: the file can be read by group or others (mode {m:04o}), so the key in \
+             it is not secret; run `chmod 600 {p}` (as the user skusync runs as)",
+            p = path.display(),
+            m = mode & 0o7777,
+        ));
+    }
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    Ok(text.trim().to_string())
+}
+
 /// Read credential `name` from `dir` (systemd's `$CREDENTIALS_DIRECTORY`): `None` when the
 /// file does not exist. One trailing newline is removed (`echo secret > file` works);
 /// an empty or non-UTF-8 file is an error naming the credential, never its content.
@@ -130,6 +150,26 @@ pub fn read_credential(dir: &Path, name: &str) -> Result<Option<Secret<String>>,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_file_others_can_read_is_refused_without_showing_the_key() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("key");
+        std::fs::write(&p, "s3cret-key-0123456789abcdef0123456789\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_key_file(&p, "api.token_key_file").unwrap_err();
+        assert!(
+            e.contains("api.token_key_file") && e.contains("chmod 600"),
+            "{e}"
+        );
+        assert!(!e.contains("s3cret"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            read_key_file(&p, "api.token_key_file").unwrap(),
+            "s3cret-key-0123456789abcdef0123456789"
+        );
+    }
 
     #[test]
     fn a_secret_never_shows_in_debug() {

@@ -567,12 +567,15 @@ fn validate_source(what: &str, v: &ValueSource, activity: bool) -> Result<(), Co
         } else {
             format!("{what}{}", ".then".repeat(n))
         };
-        let valid_table = h
-            .from
-            .split_once('.')
-            .is_some_and(|(s, t)| !s.is_empty() && !t.is_empty() && !t.contains('.'));
+        let valid_table = !h.from.chars().any(char::is_control)
+            && h.from
+                .split_once('.')
+                .is_some_and(|(s, t)| !s.is_empty() && !t.is_empty() && !t.contains('.'));
         if !valid_table {
-            return err(format!("{at}.from: {:?} must be schema.table", h.from));
+            return err(format!(
+                "{at}.from: {:?} must be schema.table (no control characters)",
+                h.from
+            ));
         }
         match &h.on {
             RefSource::Column(c) if c.is_empty() => {
@@ -1028,14 +1031,17 @@ impl Config {
     fn validate_mapping(&self) -> Result<(), ConfigError> {
         let err = |m: String| Err(ConfigError(m));
         let mut tables = std::collections::BTreeSet::new();
+        // no control characters: names are printed into SQL (comments of `setup --print`
+        // included, which a line break would end)
         let valid_table = |t: &str| {
-            t.split_once('.')
-                .is_some_and(|(s, n)| !s.is_empty() && !n.is_empty() && !n.contains('.'))
+            !t.chars().any(char::is_control)
+                && t.split_once('.')
+                    .is_some_and(|(s, n)| !s.is_empty() && !n.is_empty() && !n.contains('.'))
         };
         for (i, m) in self.inventory.iter().enumerate() {
             if !valid_table(&m.table) {
                 return err(format!(
-                    "inventory[{i}].table: {:?} must be schema.table",
+                    "inventory[{i}].table: {:?} must be schema.table (no control characters)",
                     m.table
                 ));
             }
@@ -1082,7 +1088,7 @@ impl Config {
         for (i, m) in self.activity.iter().enumerate() {
             if !valid_table(&m.table) {
                 return err(format!(
-                    "activity[{i}].table: {:?} must be schema.table",
+                    "activity[{i}].table: {:?} must be schema.table (no control characters)",
                     m.table
                 ));
             }
@@ -1479,6 +1485,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("mqtt.url[1]"), "{e}");
+    }
+
+    #[test]
+    fn table_names_with_control_characters_are_refused() {
+        // `setup --print` writes names into SQL comments, which a line break would end
+        let base = "[postgres]\nurl = \"postgresql://u@h/d\"\n[[inventory]]\nsku = \"sku\"\non_hand = \"q\"\n";
+        let bad = Config::parse(&format!(
+            "{base}table = \"public.x\\nDROP TABLE public.orders;--\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            bad.contains("inventory[0].table") && bad.contains("control"),
+            "{bad}"
+        );
+        assert!(Config::parse(&format!("{base}table = \"public.x\"\n")).is_ok());
     }
 
     #[test]

@@ -273,6 +273,12 @@ async fn the_api_answers_bad_requests_with_one_line_json_errors_and_never_500() 
         "0123456789abcdef0123456789abcdef0123456789abcdef\n",
     )
     .unwrap();
+    // a key others can read is refused (`secret::read_key_file`)
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
     rig.exec("INSERT INTO inventory VALUES ('a/b', 'WH-1', 9, 1), ('{x}', 'WH-1', 3, 0), ('ünï', 'WH-2', 4, 0), ('', 'WH-1', 2, 0), ('plain', 'WH-1', 5, 0)")
         .await;

@@ -184,6 +184,11 @@ async fn every_alert_reaches_the_webhook_at_least_once_across_an_outage_and_a_si
         .await;
     let secret_file = rig.dir.path().join("webhook.secret");
     std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    std::fs::set_permissions(
+        &secret_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let metrics_port = free_port();
     rig.start_skusync(&format!(
         "\n[http]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[[webhook]]\nname = \"push\"\nurl = \"http://127.0.0.1:{}/hook?token=gateway-token\"\nsecret_file = \"{}\"\ntimeout_ms = 300\nmax_attempts = 4\nbackoff_ms = 100\nmax_backoff_ms = 400\nconcurrency = 3\n",
@@ -310,6 +315,11 @@ async fn webhooks_go_on_after_a_postgresql_reconnect() {
         .await;
     let secret_file = rig.dir.path().join("webhook.secret");
     std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    std::fs::set_permissions(
+        &secret_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     rig.start_skusync(&format!(
         "\n[[webhook]]\nname = \"push\"\nurl = \"http://127.0.0.1:{}/hook\"\nsecret_file = \"{}\"\ntimeout_ms = 300\nbackoff_ms = 100\n",
         rx.port,

@@ -66,9 +66,11 @@ pub fn spawn(
     let scale = cfg.quantity_scale();
     let mut out = Vec::new();
     for w in &cfg.webhook {
-        let secret = std::fs::read_to_string(&w.secret_file)
-            .map_err(|e| format!("{}: secret_file {}: {e}", w.name, w.secret_file.display()))?;
-        let secret = secret.trim().as_bytes().to_vec();
+        let secret = crate::secret::read_key_file(
+            &w.secret_file,
+            &format!("webhook {:?}: secret_file", w.name),
+        )?
+        .into_bytes();
         if secret.len() < 32 {
             return Err(format!(
                 "webhook {:?}: secret_file {} must hold at least 32 characters (e.g. `openssl rand -hex 32`)",
