@@ -225,6 +225,15 @@ impl Daemon {
             .clone()
             .ok_or_else(|| DaemonError::Definite("`run` needs a [redis] section".into()))?;
         let pgc = cfg.pg_connect().map_err(|e| DaemonError::Definite(e.0))?;
+        // as `check` reports it: a non-loopback server whose identity is not checked
+        // (libpq's default sslmode, `prefer`, even falls back to plaintext)
+        if let Some(problem) = pgc.weak_tls() {
+            tracing::warn!(
+                problem = %problem,
+                fix = "set sslmode=verify-full&sslrootcert=/path/to/ca.pem (or sslrootcert=system) in postgres.url",
+                "postgres TLS does not verify the server"
+            );
+        }
         let redis = rsink::client(rc.url.all(), rc.cluster, rc.ca_file.as_deref())
             .map_err(|e| DaemonError::Definite(e.to_string()))?;
         let gate = Arc::new(AtomicU64::new(0));
