@@ -567,11 +567,7 @@ fn validate_source(what: &str, v: &ValueSource, activity: bool) -> Result<(), Co
         } else {
             format!("{what}{}", ".then".repeat(n))
         };
-        let valid_table = !h.from.chars().any(char::is_control)
-            && h.from
-                .split_once('.')
-                .is_some_and(|(s, t)| !s.is_empty() && !t.is_empty() && !t.contains('.'));
-        if !valid_table {
+        if !schema_table(&h.from) {
             return err(format!(
                 "{at}.from: {:?} must be schema.table (no control characters)",
                 h.from
@@ -1031,15 +1027,8 @@ impl Config {
     fn validate_mapping(&self) -> Result<(), ConfigError> {
         let err = |m: String| Err(ConfigError(m));
         let mut tables = std::collections::BTreeSet::new();
-        // no control characters: names are printed into SQL (comments of `setup --print`
-        // included, which a line break would end)
-        let valid_table = |t: &str| {
-            !t.chars().any(char::is_control)
-                && t.split_once('.')
-                    .is_some_and(|(s, n)| !s.is_empty() && !n.is_empty() && !n.contains('.'))
-        };
         for (i, m) in self.inventory.iter().enumerate() {
-            if !valid_table(&m.table) {
+            if !schema_table(&m.table) {
                 return err(format!(
                     "inventory[{i}].table: {:?} must be schema.table (no control characters)",
                     m.table
@@ -1086,7 +1075,7 @@ impl Config {
         let mut counters: std::collections::BTreeMap<String, (usize, Vec<u64>, bool)> =
             std::collections::BTreeMap::new();
         for (i, m) in self.activity.iter().enumerate() {
-            if !valid_table(&m.table) {
+            if !schema_table(&m.table) {
                 return err(format!(
                     "activity[{i}].table: {:?} must be schema.table (no control characters)",
                     m.table
@@ -1464,6 +1453,14 @@ fn toml_key_at(text: &str, line_start: usize) -> Option<String> {
         }
     }
     table
+}
+
+/// A mapped or referenced table's name: `schema.table`, without control characters (names
+/// are printed into SQL, comments of `setup --print` included, which a line break ends).
+fn schema_table(t: &str) -> bool {
+    !t.chars().any(char::is_control)
+        && t.split_once('.')
+            .is_some_and(|(s, n)| !s.is_empty() && !n.is_empty() && !n.contains('.'))
 }
 
 #[cfg(test)]

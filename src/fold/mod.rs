@@ -83,41 +83,35 @@ impl RowOp {
     /// the delete was applied on its own). The threshold belongs to the SKU, not the
     /// row: after a delete a kept one stays kept.
     pub(crate) fn after(self, prev: RowOp) -> RowOp {
-        match (prev, self) {
-            (_, RowOp::Del) => RowOp::Del,
-            (
-                RowOp::Set {
-                    location: l0,
-                    on_hand: o0,
-                    reserved: r0,
-                    threshold: t0,
-                },
-                RowOp::Set {
-                    location,
-                    on_hand,
-                    reserved,
-                    threshold,
-                },
-            ) => RowOp::Set {
-                location: keep_or(location, l0),
-                on_hand: keep_or(on_hand, o0),
-                reserved: keep_or(reserved, r0),
-                threshold: keep_or(threshold, t0),
-            },
-            (
-                RowOp::Del,
-                RowOp::Set {
-                    location,
-                    on_hand,
-                    reserved,
-                    threshold,
-                },
-            ) => RowOp::Set {
-                location: keep_or(location, Field::Val(String::new())),
-                on_hand: keep_or(on_hand, Field::Val(0)),
-                reserved: keep_or(reserved, Field::Val(0)),
+        let RowOp::Set {
+            location,
+            on_hand,
+            reserved,
+            threshold,
+        } = self
+        else {
+            return RowOp::Del;
+        };
+        // after a delete: what a fresh row holds, and the SKU's threshold as it was
+        let (l0, o0, r0, t0) = match prev {
+            RowOp::Set {
+                location,
+                on_hand,
+                reserved,
                 threshold,
-            },
+            } => (location, on_hand, reserved, threshold),
+            RowOp::Del => (
+                Field::Val(String::new()),
+                Field::Val(0),
+                Field::Val(0),
+                Field::Keep,
+            ),
+        };
+        RowOp::Set {
+            location: keep_or(location, l0),
+            on_hand: keep_or(on_hand, o0),
+            reserved: keep_or(reserved, r0),
+            threshold: keep_or(threshold, t0),
         }
     }
 }

@@ -149,6 +149,27 @@ struct Shop {
 /// Existing rows, `check` (FAIL: referenced tables not published) then `setup`, a first
 /// start, then a seeded workload with two SIGKILLs and a FLUSHALL; after each drain Redis
 /// equals the join and the retained MQTT states equal Redis.
+/// The rig's connection settings, then an example's mapping.
+fn config_with(rig: &Rig, mapping: &str) -> String {
+    rig.oracle.config_toml(
+        &rig.pg.url("postgres", "postgres"),
+        "skusync",
+        &["skusync", "skusync_activity"],
+        &rig.redis.url(),
+    ) + mapping
+}
+
+/// The oracle compares the shops' counters: only their names matter (`compare` compares
+/// those fields); set after the config was written, which is the test's own.
+fn compare_shop_counters(rig: &mut Rig) {
+    let mut a = public_oracle(Buckets::Ignore).activity;
+    a[0].counters = ["views", "carts", "moved"]
+        .iter()
+        .map(|c| (c.to_string(), c.to_string()))
+        .collect();
+    rig.oracle.activity = a;
+}
+
 async fn run_shop(test: &str, shop: Shop) {
     let seed = test_seed(test);
     let mut oracle = lookup_oracle();
@@ -162,28 +183,10 @@ async fn run_shop(test: &str, shop: Shop) {
         shop.published
     ))
     .await;
-    let cfg_text = format!(
-        "{}{}{}",
-        rig.oracle.config_toml(
-            &rig.pg.url("postgres", "postgres"),
-            "skusync",
-            &["skusync", "skusync_activity"],
-            &rig.redis.url()
-        ),
-        // the example's mapping, after its connection settings
-        mapping_of(shop.mapping),
-        mqtt_toml(&broker, 0)
-    );
+    let cfg_text = config_with(&rig, mapping_of(shop.mapping)) + &mqtt_toml(&broker, 0);
     let cfg = write_config(rig.dir.path(), &cfg_text);
     if !shop.counters.is_empty() {
-        // only its counter names matter (`compare` compares those fields); set after the
-        // config was written, which is the test's own
-        let mut a = public_oracle(Buckets::Ignore).activity;
-        a[0].counters = ["views", "carts", "moved"]
-            .iter()
-            .map(|c| (c.to_string(), c.to_string()))
-            .collect();
-        rig.oracle.activity = a;
+        compare_shop_counters(&mut rig);
     }
     let run = |args: &[&str]| skusync_output(args, &cfg);
     let check = run(&["check"]);
@@ -705,23 +708,11 @@ async fn a_rebuild_keeps_counting_movements_of_soft_deleted_stock_items() {
     rig.exec(SOLIDUS_SEED).await;
     rig.exec("CREATE PUBLICATION skusync FOR TABLE spree_stock_items, spree_variants;")
         .await;
-    let cfg_text = format!(
-        "{}{}",
-        rig.oracle.config_toml(
-            &rig.pg.url("postgres", "postgres"),
-            "skusync",
-            &["skusync", "skusync_activity"],
-            &rig.redis.url()
-        ),
-        mapping_of(SOLIDUS_MAPPING)
+    let cfg = write_config(
+        rig.dir.path(),
+        &config_with(&rig, mapping_of(SOLIDUS_MAPPING)),
     );
-    let cfg = write_config(rig.dir.path(), &cfg_text);
-    let mut a = public_oracle(Buckets::Ignore).activity;
-    a[0].counters = ["views", "carts", "moved"]
-        .iter()
-        .map(|c| (c.to_string(), c.to_string()))
-        .collect();
-    rig.oracle.activity = a;
+    compare_shop_counters(&mut rig);
     let setup = skusync_output(&["setup"], &cfg);
     assert!(setup.status.success(), "{setup:?}");
     rig.daemon = Some(Daemon::start(rig.dir.path(), cfg.clone()));
@@ -850,17 +841,7 @@ async fn start_saleor(mapping: &str, extra: &str) -> (Rig, std::path::PathBuf) {
         "{extra}\nCREATE PUBLICATION skusync FOR TABLE warehouse_stock;"
     ))
     .await;
-    let cfg_text = format!(
-        "{}{}",
-        rig.oracle.config_toml(
-            &rig.pg.url("postgres", "postgres"),
-            "skusync",
-            &["skusync", "skusync_activity"],
-            &rig.redis.url()
-        ),
-        mapping
-    );
-    let cfg = write_config(rig.dir.path(), &cfg_text);
+    let cfg = write_config(rig.dir.path(), &config_with(&rig, mapping));
     let setup = skusync_output(&["setup"], &cfg);
     assert!(setup.status.success(), "{setup:?}");
     rig.daemon = Some(Daemon::start(rig.dir.path(), cfg.clone()));

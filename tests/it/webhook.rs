@@ -160,6 +160,14 @@ async fn history_ids(con: &mut redis::aio::MultiplexedConnection) -> Vec<(String
         .collect()
 }
 
+/// The webhook's secret file in the rig's directory (mode 0600: others may not read it).
+fn secret_file(rig: &Rig, secret: &str) -> std::path::PathBuf {
+    let p = rig.dir.path().join("webhook.secret");
+    std::fs::write(&p, format!("{secret}\n")).unwrap();
+    std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    p
+}
+
 /// Three transactions: low_stock, out_of_stock, back_in_stock (alerts are per transaction).
 async fn moves(rig: &Rig, sku: &str) {
     for q in [3, 0, 40] {
@@ -182,13 +190,7 @@ async fn every_alert_reaches_the_webhook_at_least_once_across_an_outage_and_a_si
         .collect();
     rig.exec(&format!("INSERT INTO inventory VALUES {}", rows.join(", ")))
         .await;
-    let secret_file = rig.dir.path().join("webhook.secret");
-    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
-    std::fs::set_permissions(
-        &secret_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
+    let secret_file = secret_file(&rig, SECRET);
     let metrics_port = free_port();
     rig.start_skusync(&format!(
         "\n[http]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[[webhook]]\nname = \"push\"\nurl = \"http://127.0.0.1:{}/hook?token=gateway-token\"\nsecret_file = \"{}\"\ntimeout_ms = 300\nmax_attempts = 4\nbackoff_ms = 100\nmax_backoff_ms = 400\nconcurrency = 3\n",
@@ -313,13 +315,7 @@ async fn webhooks_go_on_after_a_postgresql_reconnect() {
     let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
     rig.exec("INSERT INTO inventory VALUES ('W-1', 'WH-1', 50, 0), ('W-2', 'WH-1', 50, 0)")
         .await;
-    let secret_file = rig.dir.path().join("webhook.secret");
-    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
-    std::fs::set_permissions(
-        &secret_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
+    let secret_file = secret_file(&rig, SECRET);
     rig.start_skusync(&format!(
         "\n[[webhook]]\nname = \"push\"\nurl = \"http://127.0.0.1:{}/hook\"\nsecret_file = \"{}\"\ntimeout_ms = 300\nbackoff_ms = 100\n",
         rx.port,
