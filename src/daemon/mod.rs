@@ -401,6 +401,16 @@ impl Daemon {
         }
         let token = rsink::claim_writer(con, self.prefix()).await?;
         self.settings.fence.token.store(token, Ordering::SeqCst);
+        // A cluster slot that lost writes while no writer ran is caught by the first
+        // check of the floors recorded before (a rebuild, like one lost while running).
+        let floors =
+            rsink::load_slot_floors(con, self.prefix(), &self.settings.fence.slots).await?;
+        if floors > 0 {
+            tracing::debug!(
+                slots = floors,
+                "read the Redis Cluster slots' recorded floors"
+            );
+        }
         if waiting {
             tracing::info!(slot = %self.cfg.postgres.slot, "took the writer lock");
         }

@@ -424,6 +424,60 @@ async fn a_cluster_failover_that_loses_writes_is_noticed_and_rebuilt() {
     rig.stop_cleanly();
 }
 
+/// The same failover while skusync is stopped: the restarted process has written nothing
+/// to those slots, so only the floors recorded in the meta hash with `applied_lsn`
+/// (`floor:<slot>`) show that they hold less than was confirmed. The victim is a primary
+/// that does not serve the meta hash (whose own loss a restart catches anyway).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_failover_that_loses_writes_while_skusync_is_stopped_is_noticed_at_restart() {
+    use skusync::sinks::layout;
+    let seed = test_seed(
+        "a_cluster_failover_that_loses_writes_while_skusync_is_stopped_is_noticed_at_restart",
+    );
+    let mut rig = ClusterRig::new().await;
+    let mut w = cluster_workload(seed);
+    rig.start().await;
+    rig.run(&mut w, 100).await;
+    rig.drain(Duration::from_secs(30)).await;
+    let meta = layout::meta_key(&rig.oracle.prefix);
+    let victim = rig
+        .cluster
+        .primaries()
+        .into_iter()
+        .find(|p| {
+            // the primary serving the meta hash answers EXISTS; the others say MOVED
+            rig.cluster.nodes[*p]
+                .try_cli(&["EXISTS", &meta])
+                .is_ok_and(|r| r.contains("MOVED"))
+        })
+        .expect("a primary that does not serve the meta hash");
+    let heir = rig.cluster.freeze_replica(victim);
+    rig.run(&mut w, 200).await;
+    rig.drain(Duration::from_secs(30)).await;
+    let recorded: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(&meta)
+        .query_async(&mut rig.con().await)
+        .await
+        .expect("HGETALL meta");
+    assert!(
+        recorded.keys().any(|f| f.starts_with("floor:")),
+        "the slots' floors are recorded in the meta hash: {:?}",
+        recorded.keys().collect::<Vec<_>>()
+    );
+    rig.stop_cleanly();
+    tokio::task::block_in_place(|| rig.cluster.kill9_and_promote_stale_replica(victim, heir));
+    rig.daemon().spawn();
+    rig.drain(Duration::from_secs(120)).await;
+    rig.assert_converges(Duration::from_secs(60)).await;
+    assert!(
+        rig.daemon()
+            .stderr_contains("a Redis Cluster slot lost recent writes"),
+        "the lost writes were noticed at the restart\n{}",
+        rig.daemon().stderr_all()
+    );
+    rig.stop_cleanly();
+}
+
 /// SIGKILLs of skusync while it applies to the cluster: a batch's calls go to three
 /// primaries at once, so a kill leaves some slots applied and others not. The restart
 /// replays the batch: the applied slots skip it (fence), the others apply it, and nothing
@@ -519,4 +573,114 @@ async fn a_truncate_clears_every_row_index_bucket_of_a_cluster_slot() {
             .unwrap();
         assert_eq!(n, 0, "bucket {b} of the pair {pair:?} was cleared");
     }
+}
+
+/// Row index and lookup writes on a cluster record the batch's end in their slots' meta
+/// copies and raise those slots' floors, also for a slot only an earlier piece of the
+/// transaction wrote; the floors reach the meta hash with `applied_lsn`, and a restart
+/// reads them back. A failover that loses only such writes is then caught by the slots'
+/// check, as one that loses SKU hashes is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_index_writes_raise_their_slots_floors_which_a_restart_reads_back() {
+    use skusync::lsn::Lsn;
+    use skusync::sinks::layout;
+    use skusync::sinks::redis as rsink;
+    let cluster = RedisCluster::start(3, 0);
+    let seeds: Vec<String> = cluster
+        .primaries()
+        .into_iter()
+        .map(|p| cluster.nodes[p].url())
+        .collect();
+    let client = rsink::client(&seeds, true, None).unwrap();
+    let mut con = client.open().await.unwrap();
+    let p = "skusync";
+    let _: () = redis::cmd("HSET")
+        .arg(layout::meta_key(p))
+        .arg("bootstrap")
+        .arg("done")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let token = rsink::claim_writer(&mut con, p).await.unwrap();
+    rsink::reset_all(&mut con, p, Lsn(1), token).await.unwrap();
+    let fence = || rsink::WriterFence {
+        token: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(token)),
+        ..Default::default()
+    };
+    let settings = rsink::ApplySettings {
+        scale: 0,
+        prefix: p.into(),
+        keep_minutes: 5,
+        low_stock: 5,
+        counters: vec![],
+        alert_history: 1000,
+        alert_history_age_ms: 0,
+        fence: fence(),
+    };
+    let slot_of_field = |f: &str| {
+        let (key, _) = layout::state_slot(p, f).expect("a row field");
+        layout::slot_of(key.as_bytes())
+    };
+    let early = layout::row_field("public.stock", [Some("1")]);
+    let late = (2..)
+        .map(|i| layout::row_field("public.stock", [Some(i.to_string().as_str())]))
+        .find(|f| slot_of_field(f) != slot_of_field(&early))
+        .expect("a row in another slot");
+    let mut applier = rsink::Applier::new(con.clone(), settings.clone());
+    // a transaction in two pieces: the first writes `early`, the last `late` and the end
+    applier
+        .write_row_index([(&early, &Some("A".to_string()))], None)
+        .await
+        .unwrap();
+    applier
+        .write_row_index([(&late, &Some("B".to_string()))], Some(Lsn(500)))
+        .await
+        .unwrap();
+    for f in [&early, &late] {
+        let slot = slot_of_field(f);
+        assert_eq!(settings.fence.slots.get(slot), 500, "slot {slot}'s floor");
+        let copy: Option<String> = redis::cmd("HGET")
+            .arg(layout::slot_meta_key(p, slot))
+            .arg("applied_lsn")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert_eq!(copy.as_deref(), Some("500"), "slot {slot}'s meta copy");
+        let recorded: Option<String> = redis::cmd("HGET")
+            .arg(layout::meta_key(p))
+            .arg(format!("floor:{slot}"))
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert_eq!(
+            recorded.as_deref(),
+            Some("500"),
+            "slot {slot}'s recorded floor"
+        );
+    }
+    // A restarted writer reads the floors back; the early slot's primary then fails over
+    // to a replica that holds only an older mark.
+    let restarted = rsink::ApplySettings {
+        fence: fence(),
+        ..settings
+    };
+    let read = rsink::load_slot_floors(&mut con, p, &restarted.fence.slots)
+        .await
+        .unwrap();
+    assert_eq!(read, 2, "two slots' floors read back");
+    let _: () = redis::cmd("HSET")
+        .arg(layout::slot_meta_key(p, slot_of_field(&early)))
+        .arg("applied_lsn")
+        .arg("400")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let found = rsink::Applier::new(con.clone(), restarted)
+        .check_slots()
+        .await
+        .unwrap();
+    assert!(
+        matches!(found, Some(rsink::RedisSinkError::Rollback(_))),
+        "the lost mark is caught: {found:?}"
+    );
 }

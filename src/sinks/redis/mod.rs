@@ -209,35 +209,74 @@ pub struct WriterFence {
 }
 
 /// Per-slot floors (see [`WriterFence::slots`]); empty until the first write to a slot.
+/// The floors raised since they were last recorded in the meta hash (fields
+/// `floor:<slot>`, written with `applied_lsn`: [`Applier::raise_applied`]) are dirty; a
+/// restart reads them back ([`load_slot_floors`]), so a failover that loses a slot's
+/// writes while skusync is down is caught too.
 #[derive(Clone, Debug, Default)]
-pub struct SlotFloors(std::sync::Arc<std::sync::Mutex<HashMap<u16, u64>>>);
+pub struct SlotFloors(std::sync::Arc<std::sync::Mutex<FloorMap>>);
+
+#[derive(Debug, Default)]
+pub struct FloorMap {
+    floors: HashMap<u16, u64>,
+    dirty: std::collections::BTreeSet<u16>,
+}
 
 impl SlotFloors {
     /// The floor of `slot` (0: unchecked).
     pub fn get(&self, slot: u16) -> u64 {
-        self.lock().get(&slot).copied().unwrap_or(0)
+        self.lock().floors.get(&slot).copied().unwrap_or(0)
     }
 
-    /// Raise the floor of `slot` to `lsn`.
+    /// Raise the floor of `slot` to `lsn` (dirty when it rose).
     pub fn raise(&self, slot: u16, lsn: u64) {
         let mut m = self.lock();
-        let f = m.entry(slot).or_insert(0);
-        *f = (*f).max(lsn);
+        let f = m.floors.entry(slot).or_insert(0);
+        if lsn > *f {
+            *f = lsn;
+            m.dirty.insert(slot);
+        }
+    }
+
+    /// Raise floors read back from the meta hash (not dirty: recorded there already).
+    pub fn load(&self, floors: impl IntoIterator<Item = (u16, u64)>) {
+        let mut m = self.lock();
+        for (slot, lsn) in floors {
+            let f = m.floors.entry(slot).or_insert(0);
+            *f = (*f).max(lsn);
+        }
+    }
+
+    /// The dirty floors, now clean; [`SlotFloors::redirty`] them when recording failed.
+    pub fn take_dirty(&self) -> Vec<(u16, u64)> {
+        let mut m = self.lock();
+        let dirty = std::mem::take(&mut m.dirty);
+        dirty
+            .into_iter()
+            .map(|s| (s, m.floors.get(&s).copied().unwrap_or(0)))
+            .collect()
+    }
+
+    /// Mark floors dirty again (their recording failed).
+    pub fn redirty(&self, slots: impl IntoIterator<Item = u16>) {
+        self.lock().dirty.extend(slots);
     }
 
     /// Every slot with a floor.
     pub fn all(&self) -> Vec<(u16, u64)> {
-        let mut v: Vec<(u16, u64)> = self.lock().iter().map(|(s, f)| (*s, *f)).collect();
+        let mut v: Vec<(u16, u64)> = self.lock().floors.iter().map(|(s, f)| (*s, *f)).collect();
         v.sort_unstable();
         v
     }
 
     /// Forget every floor (a rebuild rewrote the slots' meta copies).
     pub fn clear(&self) {
-        self.lock().clear();
+        let mut m = self.lock();
+        m.floors.clear();
+        m.dirty.clear();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u16, u64>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FloorMap> {
         // a panic while holding it cannot leave the map inconsistent
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -507,6 +546,9 @@ pub struct Applier {
 struct Unindexed {
     changes: Vec<(u64, String)>,
     alerts: Vec<[String; 6]>,
+    /// Slots whose row index or lookup state a piece wrote before its transaction's end:
+    /// they get the end's mark (and floor) with the end's call, as the slots it writes do.
+    unmarked: std::collections::BTreeSet<u16>,
 }
 
 /// How thin apply reads a SKU hash. A hash that does not exist answers a many-field HMGET
@@ -1173,6 +1215,7 @@ impl Applier {
             return Err(self.slot_failed(slot, RedisSinkError::from_redis(e)).await);
         }
         if let Some(end) = end {
+            self.mark_unmarked(end).await?;
             self.raise_applied(end).await?;
         }
         Ok(total)
@@ -1443,14 +1486,35 @@ impl Applier {
             .fence
             .floor
             .load(std::sync::atomic::Ordering::SeqCst);
-        let _: i64 = redis::Script::new(ROW_INDEX_LUA)
-            .key(layout::meta_key(&self.settings.prefix))
+        let meta = layout::meta_key(&self.settings.prefix);
+        let script = redis::Script::new(ROW_INDEX_LUA);
+        let mut inv = script.prepare_invoke();
+        inv.key(&meta)
             .arg(token_arg(self.settings.fence.token()))
             .arg(token_arg(floor))
-            .arg(end.0.to_string())
-            .invoke_async(&mut self.con)
-            .await
-            .map_err(RedisSinkError::from_redis)?;
+            .arg(end.0.to_string());
+        // On a cluster, the slots' floors raised since the last call go with applied_lsn,
+        // in the same call: whatever the slot confirms past, a restart can check.
+        let dirty = if self.con.is_cluster() {
+            self.settings.fence.slots.take_dirty()
+        } else {
+            Vec::new()
+        };
+        if !dirty.is_empty() {
+            inv.key(&meta).arg(dirty.len());
+            for (slot, lsn) in &dirty {
+                inv.arg(format!("{FLOOR_FIELD}{slot}"))
+                    .arg(format!("={lsn}"));
+            }
+        }
+        let r: Result<i64, _> = inv.invoke_async(&mut self.con).await;
+        if let Err(e) = r {
+            self.settings
+                .fence
+                .slots
+                .redirty(dirty.into_iter().map(|(s, _)| s));
+            return Err(RedisSinkError::from_redis(e));
+        }
         Ok(())
     }
 
@@ -1622,14 +1686,17 @@ impl Applier {
                 by_key.entry(key).or_default().push((field, v));
             }
             if self.con.is_cluster() {
-                // one call per bucket, fenced by its slot's meta copy
+                // One call per bucket, fenced by its slot's meta copy. With the batch's end
+                // each records it there and raises the slot's floor, so a failover that
+                // loses only these writes is caught like one that loses SKU hashes.
+                let mark = end.map(|e| e.0.to_string()).unwrap_or_default();
                 for (k, ups) in &by_key {
                     let slot = slot_of(k.as_bytes());
                     let mut inv = script.prepare_invoke();
                     inv.key(layout::slot_meta_key(&prefix, slot)).key(k);
                     inv.arg(&token)
                         .arg(token_arg(self.settings.fence.slots.get(slot)))
-                        .arg("")
+                        .arg(&mark)
                         .arg(ups.len());
                     for (f, v) in ups {
                         inv.arg(f.as_str());
@@ -1641,6 +1708,16 @@ impl Applier {
                     let r: Result<i64, _> = inv.invoke_async(&mut self.con).await;
                     if let Err(e) = r {
                         return Err(self.slot_failed(slot, RedisSinkError::from_redis(e)).await);
+                    }
+                    match end {
+                        Some(e) => self.settings.fence.slots.raise(slot, e.0),
+                        None => {
+                            self.unindexed
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .unmarked
+                                .insert(slot);
+                        }
                     }
                 }
                 continue;
@@ -1674,7 +1751,47 @@ impl Applier {
         if self.con.is_cluster()
             && let Some(end) = end
         {
+            self.mark_unmarked(end).await?;
             self.raise_applied(end).await?;
+        }
+        Ok(())
+    }
+
+    /// On a cluster, record `end` in the meta copies of the slots whose lookup state
+    /// earlier pieces of the transaction wrote (see [`Unindexed::unmarked`]) and raise
+    /// their floors: one mark-only call each, fenced like the writes.
+    async fn mark_unmarked(&mut self, end: Lsn) -> Result<(), RedisSinkError> {
+        let slots = std::mem::take(
+            &mut self
+                .unindexed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .unmarked,
+        );
+        let prefix = self.settings.prefix.clone();
+        let token = token_arg(self.settings.fence.token());
+        let script = redis::Script::new(ROW_INDEX_LUA);
+        for (i, &slot) in slots.iter().enumerate() {
+            if self.settings.fence.slots.get(slot) >= end.0 {
+                continue;
+            }
+            let r: Result<i64, _> = script
+                .key(layout::slot_meta_key(&prefix, slot))
+                .arg(&token)
+                .arg(token_arg(self.settings.fence.slots.get(slot)))
+                .arg(end.0.to_string())
+                .invoke_async(&mut self.con)
+                .await;
+            if let Err(e) = r {
+                // the rest wait for the next end
+                self.unindexed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .unmarked
+                    .extend(slots.iter().skip(i).copied());
+                return Err(self.slot_failed(slot, RedisSinkError::from_redis(e)).await);
+            }
+            self.settings.fence.slots.raise(slot, end.0);
         }
         Ok(())
     }
@@ -2530,6 +2647,38 @@ async fn claim_by_primary(con: &mut RedisCon, prefix: &str, token: u64) -> bool 
     true
 }
 
+/// Meta hash field prefix of a cluster slot's recorded floor (`floor:<slot>` = LSN).
+const FLOOR_FIELD: &str = "floor:";
+
+/// On a Redis Cluster, read the slots' floors recorded in the meta hash (the highest
+/// mark a writer saw each slot's meta copy hold, up to its last `applied_lsn`) into
+/// `floors`; [`Applier::check_slots`] then compares them with the copies. Returns how
+/// many were read (0 on a standalone Redis).
+pub async fn load_slot_floors(
+    con: &mut RedisCon,
+    prefix: &str,
+    floors: &SlotFloors,
+) -> Result<usize, RedisSinkError> {
+    if !con.is_cluster() {
+        return Ok(0);
+    }
+    let meta: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(layout::meta_key(prefix))
+        .query_async(con)
+        .await
+        .map_err(RedisSinkError::from_redis)?;
+    let read: Vec<(u16, u64)> = meta
+        .iter()
+        .filter_map(|(f, v)| {
+            let slot = f.strip_prefix(FLOOR_FIELD)?.parse::<u16>().ok()?;
+            Some((slot, v.parse::<u64>().ok()?))
+        })
+        .filter(|(slot, _)| (*slot as usize) < SLOTS)
+        .collect();
+    floors.load(read.iter().copied());
+    Ok(read.len())
+}
+
 /// Slots per claim call: Redis runs nothing else during a script, and this many take it
 /// about a millisecond.
 const CLAIM_PER_CALL: usize = 1024;
@@ -2630,6 +2779,16 @@ pub async fn reset_all(
     token: u64,
 ) -> Result<usize, RedisSinkError> {
     let skus = scan_skus(con, prefix).await?;
+    // The row index's truncation marks come from the history Redis held, whose LSNs may be
+    // ahead of the server loaded now (a failover to a standby that was behind): a mark
+    // ahead would skip a TRUNCATE's clearing. A cluster's recorded slot floors describe
+    // the slot meta copies rewritten below. Both go first.
+    let _: i64 = redis::Script::new(DROP_TRUNCATE_MARKS_LUA)
+        .key(layout::meta_key(prefix))
+        .arg(token_arg(token))
+        .invoke_async(con)
+        .await
+        .map_err(RedisSinkError::from_redis)?;
     let script = redis::Script::new(RESET_LUA);
     // On a cluster, each slot's meta copy starts over with this writer's token (no
     // applied_lsn: the load and the stream record theirs), and each call names one slot.
@@ -2683,20 +2842,10 @@ pub async fn reset_all(
     for p in layout::lookup_patterns(prefix) {
         unlink_matching(con, &p).await?;
     }
-    // The change index and the row index's truncation marks come from the history Redis
-    // held, whose LSNs may be ahead of the server loaded now (a failover to a standby that
-    // was behind): a score ahead would keep its SKU in every catch-up, a mark ahead would
-    // skip a TRUNCATE's clearing. Catch-up tokens from before the load answer 410
-    // (`changes_from`), so nothing older is needed. (A cluster's slot meta copies, which
-    // hold its marks, were rewritten above.)
-    if !con.is_cluster() {
-        let _: i64 = redis::Script::new(DROP_TRUNCATE_MARKS_LUA)
-            .key(layout::meta_key(prefix))
-            .arg(token_arg(token))
-            .invoke_async(con)
-            .await
-            .map_err(RedisSinkError::from_redis)?;
-    }
+    // The change index comes from the history Redis held, whose LSNs may be ahead of the
+    // server loaded now (a failover to a standby that was behind): a score ahead would
+    // keep its SKU in every catch-up. Catch-up tokens from before the load answer 410
+    // (`changes_from`), so nothing older is needed.
     let _: i64 = redis::cmd("UNLINK")
         .arg(layout::changes_key(prefix))
         .query_async(con)
@@ -2705,8 +2854,8 @@ pub async fn reset_all(
     Ok(skus.len())
 }
 
-/// Delete the meta hash's `ri_truncated:<table>` marks. KEYS[1] meta; ARGV[1] the writer
-/// token ('' unfenced).
+/// Delete the meta hash's `ri_truncated:<table>` marks and a cluster's recorded slot
+/// floors (`floor:<slot>`). KEYS[1] meta; ARGV[1] the writer token ('' unfenced).
 const DROP_TRUNCATE_MARKS_LUA: &str = r#"
 if ARGV[1] ~= '' then
   local w = redis.call('HGET', KEYS[1], 'writer')
@@ -2714,7 +2863,7 @@ if ARGV[1] ~= '' then
 end
 local n = 0
 for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
-  if string.sub(f, 1, 13) == 'ri_truncated:' then
+  if string.sub(f, 1, 13) == 'ri_truncated:' or string.sub(f, 1, 6) == 'floor:' then
     redis.call('HDEL', KEYS[1], f)
     n = n + 1
   end
