@@ -37,7 +37,10 @@ pub const MAX_LIMIT: usize = 500;
 /// Rate-limit buckets kept at most (clients idle longest are forgotten first).
 const MAX_CLIENTS: usize = 10_000;
 /// How long a Redis round trip of one request may take.
-const REDIS_TIMEOUT: Duration = Duration::from_secs(4);
+const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long all of one request's Redis round trips may take: well inside the
+/// connection's deadline ([`crate::http::DEADLINE`]), so a slow Redis gets a 503.
+const REQUEST_BUDGET: Duration = Duration::from_secs(3);
 
 /// One page of the change index after a position (see the module docs). KEYS[1] the
 /// index; ARGV: since score, cursor score ('' for none), cursor member, count. Members of
@@ -399,18 +402,30 @@ impl Api {
         if let Err(wait) = limited {
             return json_error(429, "rate limit: slow down").with("Retry-After", wait.to_string());
         }
-        let result = if let Some(enc) = req.path.strip_prefix("/v1/sku/") {
-            self.sku(req, enc).await
-        } else if req.path == "/v1/changes" {
-            self.changes(req).await
-        } else if req.path == "/v1/alerts" {
-            self.alerts(req).await
-        } else {
-            Ok(json_error(
-                404,
-                "no such endpoint: /v1/sku/<SKU>, /v1/changes, /v1/alerts",
-            ))
+        let routed = async {
+            if let Some(enc) = req.path.strip_prefix("/v1/sku/") {
+                self.sku(req, enc).await
+            } else if req.path == "/v1/changes" {
+                self.changes(req).await
+            } else if req.path == "/v1/alerts" {
+                self.alerts(req).await
+            } else {
+                Ok(json_error(
+                    404,
+                    "no such endpoint: /v1/sku/<SKU>, /v1/changes, /v1/alerts",
+                ))
+            }
         };
+        // Each round trip has REDIS_TIMEOUT, and a request makes up to four: the budget
+        // makes a slow Redis answer 503 before the connection's deadline cuts it off.
+        let result = tokio::time::timeout(REQUEST_BUDGET, routed)
+            .await
+            .unwrap_or_else(|_| {
+                Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "the request's Redis budget ran out",
+                )))
+            });
         result.unwrap_or_else(|e| {
             tracing::debug!(error = %e, "client API: Redis");
             json_error(503, "Redis unavailable: try again").with("Retry-After", "1")

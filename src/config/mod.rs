@@ -1215,6 +1215,22 @@ impl Config {
                     return err(format!("{at}: must start with mqtt:// or mqtts://"));
                 }
             }
+            // A failover must not drop TLS: the next broker would get the password (one
+            // credential or SKUSYNC_MQTT_PASSWORD fills every URL) and the data in clear.
+            let urls = m.url.all();
+            if urls.iter().any(|u| u.starts_with("mqtts://")) {
+                for (i, u) in urls.iter().enumerate() {
+                    let host = url::Url::parse(u)
+                        .ok()
+                        .and_then(|u| u.host_str().map(str::to_string))
+                        .unwrap_or_default();
+                    if u.starts_with("mqtt://") && !local_host(&host) {
+                        return err(format!(
+                            "mqtt.url[{i}]: a plaintext mqtt:// broker that is not on loopback in                              a list with mqtts:// brokers; a failover to it would send the                              password and the data in clear: use mqtts:// for every broker"
+                        ));
+                    }
+                }
+            }
             if m.topic_prefix.is_empty()
                 || m.topic_prefix.contains(['+', '#'])
                 || m.topic_prefix.ends_with('/')
@@ -1320,6 +1336,17 @@ fn counter_name_problem(c: &str) -> Option<&'static str> {
     } else {
         None
     }
+}
+
+/// Whether `host` (a URL's host, IPv6 in brackets or not) names this machine: a loopback
+/// address, `localhost` or `*.localhost`. Decided on the name, never by resolving it.
+pub fn local_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    let lower = h.to_ascii_lowercase();
+    lower == "localhost"
+        || lower.ends_with(".localhost")
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn url_has_no_password(url: &str) -> bool {
@@ -1468,15 +1495,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_failover_list_that_would_drop_tls_is_refused() {
+        let base = "[postgres]\nurl = \"postgresql://u@h/d\"\n[mqtt]\n";
+        let parse = |urls: &str| Config::parse(&format!("{base}url = {urls}\n"));
+        let e = parse("[\"mqtts://core:8883\", \"mqtt://u:secret@edge:1883\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mqtt.url[1]") && e.contains("mqtts://"), "{e}");
+        assert!(!e.contains("secret"), "the error shows no password: {e}");
+        // plaintext on this machine, or plaintext everywhere (check warns), is the
+        // operator's choice
+        assert!(parse("[\"mqtts://core:8883\", \"mqtt://localhost:1883\"]").is_ok());
+        assert!(parse("[\"mqtts://core:8883\", \"mqtt://[::1]:1883\"]").is_ok());
+        assert!(parse("[\"mqtt://a:1883\", \"mqtt://b:1883\"]").is_ok());
+    }
+
+    #[test]
     fn mqtt_url_is_one_broker_or_a_failover_list() {
         let base = "[postgres]\nurl = \"postgresql://u@h/d\"\n[mqtt]\n";
         let one = Config::parse(&format!("{base}url = \"mqtt://a:1\"\n")).unwrap();
         let m = one.mqtt.unwrap();
         assert_eq!(m.url.all(), ["mqtt://a:1"]);
         assert_eq!(&*m.url, "mqtt://a:1");
-        let two =
-            Config::parse(&format!("{base}url = [\"mqtt://a:1\", \"mqtts://b:2\"]\n")).unwrap();
-        assert_eq!(two.mqtt.unwrap().url.all(), ["mqtt://a:1", "mqtts://b:2"]);
+        let two = Config::parse(&format!(
+            "{base}url = [\"mqtt://127.0.0.1:1\", \"mqtts://b:2\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            two.mqtt.unwrap().url.all(),
+            ["mqtt://127.0.0.1:1", "mqtts://b:2"]
+        );
         assert!(Config::parse(&format!("{base}url = []\n")).is_err());
         let e = Config::parse(&format!("{base}url = [\"mqtt://a:1\", \"http://b\"]\n"))
             .unwrap_err()

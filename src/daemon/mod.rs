@@ -403,6 +403,10 @@ impl Daemon {
         self.settings.fence.token.store(token, Ordering::SeqCst);
         // A cluster slot that lost writes while no writer ran is caught by the first
         // check of the floors recorded before (a rebuild, like one lost while running).
+        // What the meta hash records replaces what this process held: another writer may
+        // have rebuilt Redis meanwhile, and floors it never recorded cover only writes
+        // that were not confirmed, which the stream replays anyway.
+        self.settings.fence.slots.clear();
         let floors =
             rsink::load_slot_floors(con, self.prefix(), &self.settings.fence.slots).await?;
         if floors > 0 {

@@ -927,25 +927,29 @@ async fn check_mqtt<W: Write>(cfg: &Config, r: &mut Report<W>) {
         return;
     };
     let env_pw = std::env::var(crate::sinks::mqtt::PASSWORD_ENV).ok();
-    let broker = match crate::sinks::mqtt::parse_url(&mc.url, env_pw) {
+    let broker = match crate::sinks::mqtt::parse_url(&mc.url, env_pw.clone()) {
         Ok(b) => b,
         Err(e) => {
             r.fail("mqtt connection", &e.to_string(), &[]);
             return;
         }
     };
-    if let Some(problem) =
-        cleartext_credentials(broker.tls, broker.password.is_some(), &broker.host)
-    {
-        r.warn(
-            "mqtt transport",
-            &problem,
-            &[
-                "use mqtts:// in mqtt.url (and mqtt.ca_file for a private CA) with a TLS listener"
-                    .into(),
-                "# or run the broker on this machine / reach it over loopback".into(),
-            ],
-        );
+    // every broker of a failover list: each may get the password
+    for url in mc.url.all() {
+        let Ok(b) = crate::sinks::mqtt::parse_url(url, env_pw.clone()) else {
+            continue;
+        };
+        if let Some(problem) = cleartext_credentials(b.tls, b.password.is_some(), &b.host) {
+            r.warn(
+                "mqtt transport",
+                &problem,
+                &[
+                    "use mqtts:// in mqtt.url (and mqtt.ca_file for a private CA) with a TLS listener"
+                        .into(),
+                    "# or run the broker on this machine / reach it over loopback".into(),
+                ],
+            );
+        }
     }
     let own_id = format!("{}-check-{}", mc.client_id, std::process::id());
     match mqtt_connect(mc, &broker, &own_id, true).await {
@@ -987,12 +991,7 @@ async fn check_mqtt<W: Write>(cfg: &Config, r: &mut Report<W>) {
 /// (decided on the configured name: a loopback address, `localhost` or `*.localhost`).
 fn cleartext_credentials(tls: bool, has_password: bool, host: &str) -> Option<String> {
     let h = host.trim_start_matches('[').trim_end_matches(']');
-    let lower = h.to_ascii_lowercase();
-    let local = lower == "localhost"
-        || lower.ends_with(".localhost")
-        || h.parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    (!tls && has_password && !local).then(|| {
+    (!tls && has_password && !crate::config::local_host(h)).then(|| {
         format!("the password goes in clear (no TLS) to {h}, which is not a loopback address")
     })
 }

@@ -703,3 +703,45 @@ async fn cbor_payloads_carry_the_same_members_and_mqtt5_properties_order_them() 
     assert_eq!(http["alert_state"], "ok");
     assert_eq!(rig.daemon().sigterm(), Some(0));
 }
+
+/// A Redis slower than the request's budget: `/v1/changes` makes three or four round
+/// trips, each under its own timeout but together past the connection's 5 s deadline,
+/// which used to cut the client off with no answer. It gets a 503 with `Retry-After`
+/// instead, and answers again once Redis is quick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_gets_a_503_before_the_connections_deadline() {
+    let port = free_port();
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.exec("INSERT INTO inventory VALUES ('plain', 'WH-1', 5, 0)")
+        .await;
+    let proxy = crate::harness::proxy::Proxy::start(rig.redis.port());
+    let url = rig.redis.url();
+    let text = rig.config_text();
+    assert!(text.contains(&url), "the config names Redis' URL");
+    let text = text.replace(&url, &proxy.url(&url))
+        + &api_toml(port, "tokens = [\"static-token-0123456789\"]\n");
+    rig.start_with_config(&text).await;
+    let auth = [("Authorization", "Bearer static-token-0123456789")];
+    assert_eq!(http_get(port, "/v1/changes", &auth).status, 200);
+    // each chunk waits 1 s each way: about 2 s per round trip
+    proxy.set_delay(Duration::from_millis(1000));
+    let t0 = Instant::now();
+    let r = http_get(port, "/v1/changes", &auth);
+    let took = t0.elapsed();
+    proxy.set_delay(Duration::ZERO);
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(
+        r.header("retry-after").is_some(),
+        "503 comes with Retry-After"
+    );
+    assert!(took < Duration::from_secs(5), "answered in {took:?}");
+    let start = Instant::now();
+    while http_get(port, "/v1/changes", &auth).status != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "answers again once Redis is quick"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+}

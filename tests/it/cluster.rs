@@ -60,7 +60,15 @@ impl ClusterRig {
     }
 
     async fn start(&mut self) {
-        let cfg = write_config(self.dir.path(), &self.config_text());
+        self.start_with(|t| t).await;
+    }
+
+    /// [`ClusterRig::start`] with the config text edited by `edit`.
+    async fn start_with(&mut self, edit: impl FnOnce(String) -> String) {
+        let cfg = write_config(self.dir.path(), &edit(self.config_text()));
+        // it may hold an HMAC key
+        std::fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod config");
         self.daemon = Some(Daemon::start(self.dir.path(), cfg));
         let meta = skusync::sinks::layout::meta_key(&self.oracle.prefix);
         let start = Instant::now();
@@ -478,6 +486,97 @@ async fn a_cluster_failover_that_loses_writes_while_skusync_is_stopped_is_notice
     rig.stop_cleanly();
 }
 
+/// The primary serving `slot` and its node id, from `CLUSTER NODES`.
+fn slot_owner(cluster: &RedisCluster, slot: u16) -> usize {
+    let nodes = cluster.nodes[cluster.primaries()[0]].cli(&["CLUSTER", "NODES"]);
+    let owner = nodes
+        .lines()
+        .find(|l| {
+            l.split(' ').skip(8).any(|r| {
+                let (a, b) = r.split_once('-').unwrap_or((r, r));
+                matches!((a.parse::<u16>(), b.parse::<u16>()), (Ok(a), Ok(b)) if (a..=b).contains(&slot))
+            })
+        })
+        .and_then(|l| l.split(' ').next())
+        .unwrap_or_else(|| panic!("no node serves slot {slot}:\n{nodes}"));
+    cluster
+        .primaries()
+        .into_iter()
+        .find(|p| cluster.id(*p) == owner)
+        .expect("a primary of the harness")
+}
+
+/// A live reshard that reaches a slot while its SKU gets its first distinct users: the
+/// scripts touch a new HyperLogLog key there, which the migrating node no longer serves
+/// (Redis: "access a non local key"). The scripts write those keys before any hash, so
+/// the call is sent again until the slot settles: skusync neither stops nor loses a user
+/// or counts an event twice. The slot is held migrating by hand (`CLUSTER SETSLOT`), as
+/// `redis-cli --cluster reshard` holds each slot while it moves the slot's keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_distinct_user_key_in_a_migrating_slot_waits_for_the_slot_and_loses_nothing() {
+    use skusync::sinks::layout;
+    let mut rig = ClusterRig::new().await;
+    rig.client
+        .batch_execute("ALTER TABLE activity_log ADD COLUMN user_id text")
+        .await
+        .expect("user column");
+    rig.start_with(|t| {
+        t.replace(
+            "windows = [",
+            "user = \"user_id\"\nuser_key = \"0123456789abcdef0123456789abcdef\"\nwindows = [",
+        )
+    })
+    .await;
+    let sku = "RS/{1}";
+    let key = layout::sku_key(&rig.oracle.prefix, sku);
+    rig.client
+        .batch_execute(&format!(
+            "INSERT INTO inventory VALUES ('{sku}', 'WH-1', 5, 0)"
+        ))
+        .await
+        .unwrap();
+    rig.drain(Duration::from_secs(30)).await;
+    let slot = layout::slot_of(key.as_bytes());
+    let src = slot_owner(&rig.cluster, slot);
+    let dst = rig
+        .cluster
+        .primaries()
+        .into_iter()
+        .find(|p| *p != src)
+        .unwrap();
+    let s = slot.to_string();
+    rig.cluster.nodes[dst].cli(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &rig.cluster.id(src)]);
+    rig.cluster.nodes[src].cli(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &rig.cluster.id(dst)]);
+    rig.client
+        .batch_execute(&format!(
+            "INSERT INTO activity_log (sku, kind, qty, user_id) VALUES \
+             ('{sku}', 'view', 1, 'alice'), ('{sku}', 'view', 1, 'bob'), \
+             ('{sku}', 'view', 1, 'alice'), ('{sku}', 'view', 1, 'carol')"
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    rig.daemon()
+        .assert_alive("a slot migrating under a new distinct-user key");
+    assert!(
+        rig.daemon().stderr_contains("non local key"),
+        "the call met the migrating slot and is retried\n{}",
+        rig.daemon().stderr_all()
+    );
+    for n in [src, dst] {
+        rig.cluster.nodes[n].cli(&["CLUSTER", "SETSLOT", &s, "STABLE"]);
+    }
+    rig.drain(Duration::from_secs(60)).await;
+    rig.assert_converges(Duration::from_secs(60)).await;
+    let users: i64 = redis::cmd("PFCOUNT")
+        .arg(format!("{key}:u:views"))
+        .query_async(&mut rig.con().await)
+        .await
+        .unwrap();
+    assert_eq!(users, 3, "alice, bob and carol, once each");
+    rig.stop_cleanly();
+}
+
 /// SIGKILLs of skusync while it applies to the cluster: a batch's calls go to three
 /// primaries at once, so a kill leaves some slots applied and others not. The restart
 /// replays the batch: the applied slots skip it (fence), the others apply it, and nothing
@@ -658,24 +757,47 @@ async fn row_index_writes_raise_their_slots_floors_which_a_restart_reads_back() 
             "slot {slot}'s recorded floor"
         );
     }
-    // A restarted writer reads the floors back; the early slot's primary then fails over
-    // to a replica that holds only an older mark.
-    let restarted = rsink::ApplySettings {
-        fence: fence(),
-        ..settings
-    };
-    let read = rsink::load_slot_floors(&mut con, p, &restarted.fence.slots)
+    // A TRUNCATE's clearing of each row index bucket is marked with the batch's end too.
+    applier
+        .truncate_row_index("public.stock", (Lsn(600), 0))
         .await
         .unwrap();
-    assert_eq!(read, 2, "two slots' floors read back");
+    applier
+        .write_row_index(std::iter::empty(), Some(Lsn(600)))
+        .await
+        .unwrap();
+    let bucket_slot = |b| layout::slot_of(layout::row_index_key(p, "public.stock", b).as_bytes());
+    for b in [0, 17, 255] {
+        assert_eq!(
+            settings.fence.slots.get(bucket_slot(b)),
+            600,
+            "truncated bucket {b}'s slot"
+        );
+    }
+    // A restarted writer reads the floors back: every copy holds its floor, until the
+    // early slot's primary fails over to a replica that holds only an older mark.
+    let restarted = || rsink::ApplySettings {
+        fence: fence(),
+        ..settings.clone()
+    };
+    let again = restarted();
+    let read = rsink::load_slot_floors(&mut con, p, &again.fence.slots)
+        .await
+        .unwrap();
+    assert!(read > 2, "the row slots' and the buckets' floors: {read}");
+    let found = rsink::Applier::new(con.clone(), again.clone())
+        .check_slots()
+        .await
+        .unwrap();
+    assert!(found.is_none(), "nothing lost yet: {found:?}");
     let _: () = redis::cmd("HSET")
         .arg(layout::slot_meta_key(p, slot_of_field(&early)))
         .arg("applied_lsn")
-        .arg("400")
+        .arg("450")
         .query_async(&mut con)
         .await
         .unwrap();
-    let found = rsink::Applier::new(con.clone(), restarted)
+    let found = rsink::Applier::new(con.clone(), again)
         .check_slots()
         .await
         .unwrap();
@@ -683,4 +805,19 @@ async fn row_index_writes_raise_their_slots_floors_which_a_restart_reads_back() 
         matches!(found, Some(rsink::RedisSinkError::Rollback(_))),
         "the lost mark is caught: {found:?}"
     );
+    // A batch that raised the floors of more slots than one Lua call can record (a
+    // snapshot load, a catch-up over many SKUs) records them all.
+    for slot in 0..6000u16 {
+        settings.fence.slots.raise(slot, 650);
+    }
+    applier
+        .write_row_index(std::iter::empty(), Some(Lsn(700)))
+        .await
+        .unwrap();
+    let big = restarted();
+    let read = rsink::load_slot_floors(&mut con, p, &big.fence.slots)
+        .await
+        .unwrap();
+    assert!(read >= 6000, "{read} floors recorded and read back");
+    assert_eq!(big.fence.slots.get(5999), 650);
 }

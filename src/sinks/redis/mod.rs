@@ -108,10 +108,15 @@ impl RedisSinkError {
             K::Extension => matches!(code, "BUSY" | "NOREPLICAS"),
             _ => false,
         };
-        // Connection slots free up as other clients leave.
+        // Connection slots free up as other clients leave. A script that touched a
+        // distinct-user key its node does not hold while the slot migrates (a live
+        // reshard) wrote only what can be sent again: the scripts write those keys before
+        // any hash (apply.lua: in its pass 2; thin.lua: before each entry's hash), so the
+        // call goes again once the slot has moved.
         let transient = transient
             || e.detail()
-                .is_some_and(|d| d.starts_with("max number of clients reached"));
+                .is_some_and(|d| d.starts_with("max number of clients reached"))
+            || msg.contains("access a non local key");
         if transient {
             return RedisSinkError::Transient(msg);
         }
@@ -399,12 +404,19 @@ pub fn client(
 }
 
 impl RedisClient {
-    /// A connection with redis-rs' defaults (readers: the API, webhooks).
+    /// A connection for readers (the API, webhooks): each reply within 3 s (redis-rs'
+    /// default of 0.5 s fails reads queued behind a catch-up's script calls); a request
+    /// bounds its round trips together itself.
     pub async fn open(&self) -> redis::RedisResult<RedisCon> {
         match self {
-            RedisClient::Single(c) => redis::aio::ConnectionManager::new(c.clone())
-                .await
-                .map(RedisCon::Single),
+            RedisClient::Single(c) => {
+                let cfg = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(3)))
+                    .set_response_timeout(Some(Duration::from_secs(3)));
+                c.get_connection_manager_with_config(cfg)
+                    .await
+                    .map(RedisCon::Single)
+            }
             RedisClient::Cluster(c, seed) => con::Cluster::connect(c.clone(), seed.clone()).await,
         }
     }
@@ -1487,33 +1499,46 @@ impl Applier {
             .floor
             .load(std::sync::atomic::Ordering::SeqCst);
         let meta = layout::meta_key(&self.settings.prefix);
-        let script = redis::Script::new(ROW_INDEX_LUA);
-        let mut inv = script.prepare_invoke();
-        inv.key(&meta)
-            .arg(token_arg(self.settings.fence.token()))
-            .arg(token_arg(floor))
-            .arg(end.0.to_string());
-        // On a cluster, the slots' floors raised since the last call go with applied_lsn,
-        // in the same call: whatever the slot confirms past, a restart can check.
+        let token = token_arg(self.settings.fence.token());
+        // On a cluster, the slots' floors raised since the last call go with applied_lsn
+        // (the last chunk in the same call): whatever the slot confirms past, a restart
+        // can check. Chunks, as Lua unpacks at most about 8,000 values at once; an early
+        // chunk records true floors, which is safe whatever follows.
         let dirty = if self.con.is_cluster() {
             self.settings.fence.slots.take_dirty()
         } else {
             Vec::new()
         };
-        if !dirty.is_empty() {
-            inv.key(&meta).arg(dirty.len());
-            for (slot, lsn) in &dirty {
-                inv.arg(format!("{FLOOR_FIELD}{slot}"))
-                    .arg(format!("={lsn}"));
+        let script = redis::Script::new(ROW_INDEX_LUA);
+        let chunks: Vec<&[(u16, u64)]> = if dirty.is_empty() {
+            vec![&[]]
+        } else {
+            dirty.chunks(FLOORS_PER_CALL).collect()
+        };
+        let n = chunks.len();
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let mut inv = script.prepare_invoke();
+            inv.key(&meta).arg(&token).arg(token_arg(floor));
+            inv.arg(if i + 1 == n {
+                end.0.to_string()
+            } else {
+                String::new()
+            });
+            if !chunk.is_empty() {
+                inv.key(&meta).arg(chunk.len());
+                for (slot, lsn) in chunk {
+                    inv.arg(format!("{FLOOR_FIELD}{slot}"))
+                        .arg(format!("={lsn}"));
+                }
             }
-        }
-        let r: Result<i64, _> = inv.invoke_async(&mut self.con).await;
-        if let Err(e) = r {
-            self.settings
-                .fence
-                .slots
-                .redirty(dirty.into_iter().map(|(s, _)| s));
-            return Err(RedisSinkError::from_redis(e));
+            let r: Result<i64, _> = inv.invoke_async(&mut self.con).await;
+            if let Err(e) = r {
+                self.settings
+                    .fence
+                    .slots
+                    .redirty(dirty.iter().map(|(s, _)| *s));
+                return Err(RedisSinkError::from_redis(e));
+            }
         }
         Ok(())
     }
@@ -1711,13 +1736,7 @@ impl Applier {
                     }
                     match end {
                         Some(e) => self.settings.fence.slots.raise(slot, e.0),
-                        None => {
-                            self.unindexed
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .unmarked
-                                .insert(slot);
-                        }
+                        None => self.keep_unmarked(&[slot]),
                     }
                 }
                 continue;
@@ -1761,39 +1780,64 @@ impl Applier {
     /// earlier pieces of the transaction wrote (see [`Unindexed::unmarked`]) and raise
     /// their floors: one mark-only call each, fenced like the writes.
     async fn mark_unmarked(&mut self, end: Lsn) -> Result<(), RedisSinkError> {
-        let slots = std::mem::take(
+        let slots: Vec<u16> = std::mem::take(
             &mut self
                 .unindexed
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .unmarked,
-        );
+        )
+        .into_iter()
+        .filter(|s| self.settings.fence.slots.get(*s) < end.0)
+        .collect();
+        if slots.is_empty() {
+            return Ok(());
+        }
         let prefix = self.settings.prefix.clone();
         let token = token_arg(self.settings.fence.token());
-        let script = redis::Script::new(ROW_INDEX_LUA);
-        for (i, &slot) in slots.iter().enumerate() {
-            if self.settings.fence.slots.get(slot) >= end.0 {
-                continue;
-            }
-            let r: Result<i64, _> = script
-                .key(layout::slot_meta_key(&prefix, slot))
+        // one pipeline, split per primary (EVAL: a primary may not have the script)
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for &slot in &slots {
+            pipe.cmd("EVAL")
+                .arg(ROW_INDEX_LUA)
+                .arg(1)
+                .arg(layout::slot_meta_key(&prefix, slot))
                 .arg(&token)
                 .arg(token_arg(self.settings.fence.slots.get(slot)))
-                .arg(end.0.to_string())
-                .invoke_async(&mut self.con)
-                .await;
-            if let Err(e) = r {
-                // the rest wait for the next end
-                self.unindexed
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .unmarked
-                    .extend(slots.iter().skip(i).copied());
-                return Err(self.slot_failed(slot, RedisSinkError::from_redis(e)).await);
+                .arg(end.0.to_string());
+        }
+        let replies = match self.slot_calls(&pipe).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.keep_unmarked(&slots);
+                return Err(e);
             }
-            self.settings.fence.slots.raise(slot, end.0);
+        };
+        let mut failed = None;
+        for (&slot, r) in slots.iter().zip(replies) {
+            match r {
+                Ok(_) => self.settings.fence.slots.raise(slot, end.0),
+                Err(e) => {
+                    // it waits for the next end
+                    self.keep_unmarked(&[slot]);
+                    failed.get_or_insert((slot, e));
+                }
+            }
+        }
+        if let Some((slot, e)) = failed {
+            return Err(self.slot_failed(slot, RedisSinkError::from_redis(e)).await);
         }
         Ok(())
+    }
+
+    /// Slots to mark with the next end (see [`Unindexed::unmarked`]).
+    fn keep_unmarked(&self, slots: &[u16]) {
+        self.unindexed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unmarked
+            .extend(slots.iter().copied());
     }
 
     /// Read the index state the fold needs for these changes (row holders and records,
@@ -2040,6 +2084,8 @@ impl Applier {
                     .invoke_async(&mut self.con)
                     .await
                     .map_err(RedisSinkError::from_redis)?;
+                // its clearing gets the batch's end mark and floor, like any index write
+                self.keep_unmarked(&[slot_of(k.as_bytes())]);
             }
             return Ok(());
         }
@@ -2649,6 +2695,9 @@ async fn claim_by_primary(con: &mut RedisCon, prefix: &str, token: u64) -> bool 
 
 /// Meta hash field prefix of a cluster slot's recorded floor (`floor:<slot>` = LSN).
 const FLOOR_FIELD: &str = "floor:";
+
+/// Floors recorded per call (two Lua values each, far below what `unpack` takes).
+const FLOORS_PER_CALL: usize = 1000;
 
 /// On a Redis Cluster, read the slots' floors recorded in the meta hash (the highest
 /// mark a writer saw each slot's meta copy hold, up to its last `applied_lsn`) into

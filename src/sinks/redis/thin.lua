@@ -72,8 +72,9 @@ for i, e in ipairs(ok) do
   local key, ns, nd = oks[i], ons[i], ond[i]
   local s0 = e + 5
   local d0 = s0 + 2 * ns + 1
-  if nd > 0 then redis.call('HDEL', key, unpack(ARGV, d0, d0 + nd - 1)) end
-  redis.call('HSET', key, unpack(ARGV, s0, s0 + 2 * ns - 1))
+  -- The distinct-user keys first: on a cluster a new key of a slot being migrated
+  -- fails the script (a live reshard), and these ops can be sent again; the hash write,
+  -- which moves the fence, comes after them.
   local p = d0 + nd
   local stop = p + tonumber(ARGV[p])
   p = p + 1
@@ -91,6 +92,8 @@ for i, e in ipairs(ok) do
       p = p + 2
     end
   end
+  if nd > 0 then redis.call('HDEL', key, unpack(ARGV, d0, d0 + nd - 1)) end
+  redis.call('HSET', key, unpack(ARGV, s0, s0 + 2 * ns - 1))
   changed[nc + 1], changed[nc + 2] = ARGV[e + 3], key
   nc = nc + 2
 end
