@@ -1226,7 +1226,7 @@ impl Config {
                         .unwrap_or_default();
                     if u.starts_with("mqtt://") && !local_host(&host) {
                         return err(format!(
-                            "mqtt.url[{i}]: a plaintext mqtt:// broker that is not on loopback in                              a list with mqtts:// brokers; a failover to it would send the                              password and the data in clear: use mqtts:// for every broker"
+                            "mqtt.url[{i}]: a plaintext mqtt:// broker that is not on loopback in a list with mqtts:// brokers; a failover to it would send the password and the data in clear: use mqtts:// for every broker"
                         ));
                     }
                 }

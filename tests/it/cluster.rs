@@ -507,11 +507,12 @@ fn slot_owner(cluster: &RedisCluster, slot: u16) -> usize {
 }
 
 /// A live reshard that reaches a slot while its SKU gets its first distinct users: the
-/// scripts touch a new HyperLogLog key there, which the migrating node no longer serves
-/// (Redis: "access a non local key"). The scripts write those keys before any hash, so
-/// the call is sent again until the slot settles: skusync neither stops nor loses a user
-/// or counts an event twice. The slot is held migrating by hand (`CLUSTER SETSLOT`), as
-/// `redis-cli --cluster reshard` holds each slot while it moves the slot's keys.
+/// calls name a new HyperLogLog key there, which the migrating node does not hold.
+/// Declared, Redis answers TRYAGAIN before the script runs (undeclared, the script failed
+/// half way: "access a non local key"), and the call is sent again until the slot
+/// settles: skusync neither stops nor loses a user or counts an event twice. The slot is
+/// held migrating by hand (`CLUSTER SETSLOT`), as `redis-cli --cluster reshard` holds
+/// each slot while it moves the slot's keys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_distinct_user_key_in_a_migrating_slot_waits_for_the_slot_and_loses_nothing() {
     use skusync::sinks::layout;
@@ -558,22 +559,139 @@ async fn a_new_distinct_user_key_in_a_migrating_slot_waits_for_the_slot_and_lose
     tokio::time::sleep(Duration::from_secs(3)).await;
     rig.daemon()
         .assert_alive("a slot migrating under a new distinct-user key");
-    assert!(
-        rig.daemon().stderr_contains("non local key"),
-        "the call met the migrating slot and is retried\n{}",
-        rig.daemon().stderr_all()
+    let users_key = format!("{key}:u:views");
+    let users = |con: redis::cluster_async::ClusterConnection| {
+        let k = users_key.clone();
+        async move {
+            let mut con = con;
+            let n: i64 = redis::cmd("PFCOUNT")
+                .arg(k)
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            n
+        }
+    };
+    assert_eq!(
+        users(rig.con().await).await,
+        0,
+        "the call waits while the slot migrates"
     );
     for n in [src, dst] {
         rig.cluster.nodes[n].cli(&["CLUSTER", "SETSLOT", &s, "STABLE"]);
     }
     rig.drain(Duration::from_secs(60)).await;
     rig.assert_converges(Duration::from_secs(60)).await;
-    let users: i64 = redis::cmd("PFCOUNT")
+    assert_eq!(
+        users(rig.con().await).await,
+        3,
+        "alice, bob and carol, once each"
+    );
+    rig.stop_cleanly();
+}
+
+/// The other half of a live reshard: the slot's SKU hash and meta copy have moved to the
+/// importing node and its distinct-user keys not yet. A call is then answered ASK;
+/// undeclared, the user key would be created anew on the importing node (the script runs
+/// there under the caller's ASKING) while the old node still held it, and moving the old
+/// one would fail (BUSYKEY). Declared, Redis answers TRYAGAIN until they have moved too:
+/// the reshard completes, and every user counts once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reshard_that_moved_a_skus_hash_before_its_user_keys_completes_and_loses_nothing() {
+    use skusync::sinks::layout;
+    let mut rig = ClusterRig::new().await;
+    rig.client
+        .batch_execute("ALTER TABLE activity_log ADD COLUMN user_id text")
+        .await
+        .expect("user column");
+    rig.start_with(|t| {
+        t.replace(
+            "windows = [",
+            "user = \"user_id\"\nuser_key = \"0123456789abcdef0123456789abcdef\"\nwindows = [",
+        )
+    })
+    .await;
+    let sku = "RS/{2}";
+    let key = layout::sku_key(&rig.oracle.prefix, sku);
+    rig.client
+        .batch_execute(&format!(
+            "INSERT INTO inventory VALUES ('{sku}', 'WH-1', 5, 0); \
+             INSERT INTO activity_log (sku, kind, qty, user_id) VALUES \
+             ('{sku}', 'view', 1, 'alice'), ('{sku}', 'view', 1, 'bob')"
+        ))
+        .await
+        .unwrap();
+    rig.drain(Duration::from_secs(30)).await;
+    let slot = layout::slot_of(key.as_bytes());
+    let src = slot_owner(&rig.cluster, slot);
+    let dst = rig
+        .cluster
+        .primaries()
+        .into_iter()
+        .find(|p| *p != src)
+        .unwrap();
+    let s = slot.to_string();
+    let (src_id, dst_id) = (rig.cluster.id(src), rig.cluster.id(dst));
+    let dst_port = rig.cluster.nodes[dst].port().to_string();
+    rig.cluster.nodes[dst].cli(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &src_id]);
+    rig.cluster.nodes[src].cli(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &dst_id]);
+    let keys_in_slot = |c: &RedisCluster| -> Vec<String> {
+        c.nodes[src]
+            .cli(&["CLUSTER", "GETKEYSINSLOT", &s, "1000"])
+            .lines()
+            .map(str::to_string)
+            .filter(|k| !k.is_empty())
+            .collect()
+    };
+    let migrate = |c: &RedisCluster, keys: &[String]| {
+        let mut args = vec!["MIGRATE", "127.0.0.1", &dst_port, "", "0", "5000", "KEYS"];
+        args.extend(keys.iter().map(String::as_str));
+        c.nodes[src].cli(&args)
+    };
+    let (users, first): (Vec<String>, Vec<String>) = keys_in_slot(&rig.cluster)
+        .into_iter()
+        .partition(|k| k.contains(":u:"));
+    assert!(
+        !users.is_empty() && first.contains(&key),
+        "{users:?} {first:?}"
+    );
+    assert_eq!(
+        migrate(&rig.cluster, &first),
+        "OK",
+        "the hash and the meta copy move first"
+    );
+    rig.client
+        .batch_execute(&format!(
+            "INSERT INTO activity_log (sku, kind, qty, user_id) VALUES \
+             ('{sku}', 'view', 1, 'alice'), ('{sku}', 'view', 1, 'carol'), \
+             ('{sku}', 'view', 1, 'dave')"
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    rig.daemon().assert_alive("a slot half moved");
+    // the rest of the reshard: the user keys (a BUSYKEY here is the bug), then the owner
+    assert_eq!(
+        migrate(&rig.cluster, &keys_in_slot(&rig.cluster)),
+        "OK",
+        "the user keys move too"
+    );
+    for n in [dst, src] {
+        rig.cluster.nodes[n].cli(&["CLUSTER", "SETSLOT", &s, "NODE", &dst_id]);
+    }
+    for n in rig.cluster.primaries() {
+        if n != src && n != dst {
+            rig.cluster.nodes[n].cli(&["CLUSTER", "SETSLOT", &s, "NODE", &dst_id]);
+        }
+    }
+    rig.drain(Duration::from_secs(60)).await;
+    rig.assert_converges(Duration::from_secs(60)).await;
+    let counted: i64 = redis::cmd("PFCOUNT")
         .arg(format!("{key}:u:views"))
         .query_async(&mut rig.con().await)
         .await
         .unwrap();
-    assert_eq!(users, 3, "alice, bob and carol, once each");
+    assert_eq!(counted, 4, "alice, bob, carol and dave, once each");
     rig.stop_cleanly();
 }
 

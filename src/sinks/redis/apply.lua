@@ -5,8 +5,10 @@
 -- clients' catch-up, `/v1/changes`); KEYS[n] = the alert history (stream). A SKU's
 -- distinct-user keys are its hash key plus ':u:...' (same hash tag, see sinks/layout.rs).
 -- On a Redis Cluster (cluster = '1') every key of a call is in one slot: KEYS[1] is that
--- slot's copy of the meta hash (writer, applied_lsn), KEYS[2..n] the SKU hashes, and the
--- change index and alert history (other slots) are written by the caller from the reply.
+-- slot's copy of the meta hash (writer, applied_lsn), then the SKU hashes, then the
+-- distinct-user keys the call may PFADD (declared for the cluster's routing only), and
+-- the change index and alert history (other slots) are written by the caller from the
+-- reply.
 -- ARGV is one flat list of strings, read front to back (no JSON: in Redis' Lua every
 -- decoded value is a new string or table, which cost more than everything else):
 --   keep, low, quiet ('1'|'0'), end LSN ('' for none), writer token ('' unfenced),
@@ -485,7 +487,9 @@ local function apply_windows(key, e, h)
           del[#del + 1] = bf
           if h.bucket then h.bucket[bf] = nil end
           h.pre[bf] = false
-          redis.call('DEL', key .. ':u:' .. c .. ':' .. x)
+          -- (on a cluster the key is left to its EXPIREAT: the caller declares the keys
+          -- the call writes, and cannot know these)
+          if not cluster then redis.call('DEL', key .. ':u:' .. c .. ':' .. x) end
         end
       end
       if newmax ~= wmax then

@@ -1067,13 +1067,42 @@ impl Applier {
                 true,
             ),
         };
+        // On a cluster the distinct-user keys are declared too (after the SKU hashes;
+        // the script names them itself): see `user_keys`.
+        let users: Vec<(usize, &str)> = if cluster {
+            let mut v: Vec<(usize, &str)> = planned
+                .iter()
+                .flat_map(|(i, w)| {
+                    w.keys.iter().map(move |op| match op {
+                        thin::KeyOp::Del(k)
+                        | thin::KeyOp::Add(k, _)
+                        | thin::KeyOp::ExpireAt(k, _) => (*i, k.as_str()),
+                    })
+                })
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        } else {
+            Vec::new()
+        };
         c.bytes(b"EVALSHA");
         c.bytes(self.thin.get_hash().as_bytes());
-        c.int(planned.len() + if cluster { 1 } else { 2 });
+        c.int(planned.len() + users.len() + if cluster { 1 } else { 2 });
         c.bytes(meta.as_bytes());
         for (i, _) in planned {
             let tag = layout::sku_tag(&entries[*i].sku);
             c.parts(&[s.prefix.as_bytes(), b":{", tag.as_bytes(), b"}"]);
+        }
+        for (i, suffix) in &users {
+            let tag = layout::sku_tag(&entries[*i].sku);
+            c.parts(&[
+                s.prefix.as_bytes(),
+                b":{",
+                tag.as_bytes(),
+                b"}",
+                suffix.as_bytes(),
+            ]);
         }
         if !cluster {
             c.bytes(layout::changes_key(&s.prefix).as_bytes());
@@ -2251,13 +2280,22 @@ fn encode_call(
         .collect();
     let mut c = redis::cmd("EVALSHA");
     let cluster = matches!(call, Call::Slot(_));
-    c.arg(sha).arg(keys.len() + if cluster { 1 } else { 3 });
+    let users = if cluster {
+        user_keys(&s.prefix, entries)
+    } else {
+        Vec::new()
+    };
+    c.arg(sha)
+        .arg(keys.len() + users.len() + if cluster { 1 } else { 3 });
     match call {
         Call::Single => c.arg(layout::meta_key(&s.prefix)),
         Call::Slot(slot) => c.arg(layout::slot_meta_key(&s.prefix, *slot)),
     };
     for k in &keys {
         c.arg(layout::sku_key(&s.prefix, k));
+    }
+    for k in &users {
+        c.arg(k);
     }
     if !cluster {
         c.arg(layout::changes_key(&s.prefix))
@@ -2414,11 +2452,40 @@ fn thin_size(
 ) -> (usize, usize) {
     let (mut nargs, mut bytes) = (8 + 2 * planned.len(), 256 + 2 * prefix.len());
     for (i, w) in planned {
-        nargs += 7 + 2 * w.set.len() + w.del.len() + 4 * w.keys.len();
+        // (a cluster's declared distinct-user keys: one more argument each)
+        nargs += 7 + 2 * w.set.len() + w.del.len() + 5 * w.keys.len();
         bytes += prefix.len() + entries[*i].sku.len() + 88 + w.set.bytes();
-        bytes += w.del.iter().map(|f| f.len()).sum::<usize>() + 32 * w.keys.len();
+        bytes += w.del.iter().map(|f| f.len()).sum::<usize>()
+            + (32 + prefix.len() + entries[*i].sku.len()) * w.keys.len();
     }
     (nargs, bytes)
+}
+
+/// On a Redis Cluster, the distinct-user keys the apply script may write for `entries`
+/// (PFADD: each users group's counter and minute), declared after the SKU hashes though
+/// the script names them itself. Declared, a key of a slot being migrated that is not on
+/// the node the call reaches makes Redis answer TRYAGAIN or ASK before the script runs;
+/// undeclared, the script ran on the importing node under the caller's ASKING and
+/// created the key there while the old node still held it (a later MIGRATE of it then
+/// fails with BUSYKEY). Keys it may DEL are not declared: on a cluster the script leaves
+/// a pruned minute's key to its EXPIREAT instead.
+fn user_keys(prefix: &str, entries: &[&Entry]) -> Vec<String> {
+    let mut v: Vec<String> = entries
+        .iter()
+        .flat_map(|e| {
+            e.users.keys().flat_map(move |(raw, minute)| {
+                // a guarded '?name' counts under its name
+                let c = raw.strip_prefix('?').unwrap_or(raw);
+                [
+                    layout::users_key(prefix, &e.sku, c),
+                    layout::users_minute_key(prefix, &e.sku, c, *minute),
+                ]
+            })
+        })
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 /// A thin entry's distinct-user writes for `thin.lua`: the number of arguments that
@@ -2716,11 +2783,18 @@ pub async fn load_slot_floors(
         .query_async(con)
         .await
         .map_err(RedisSinkError::from_redis)?;
+    // A floor above applied_lsn was recorded by an earlier chunk of a call whose last
+    // chunk failed: writes never confirmed, which a replay restores. Capped, so that
+    // losing them costs no rebuild.
+    let applied = meta
+        .get("applied_lsn")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
     let read: Vec<(u16, u64)> = meta
         .iter()
         .filter_map(|(f, v)| {
             let slot = f.strip_prefix(FLOOR_FIELD)?.parse::<u16>().ok()?;
-            Some((slot, v.parse::<u64>().ok()?))
+            Some((slot, v.parse::<u64>().ok()?.min(applied)))
         })
         .filter(|(slot, _)| (*slot as usize) < SLOTS)
         .collect();

@@ -3,7 +3,8 @@
 --
 -- KEYS[1] = meta hash; KEYS[2..n-1] = SKU hashes; KEYS[n] = the change index. On a Redis
 -- Cluster (cluster = '1') every key is in one slot: KEYS[1] is the slot's meta copy,
--- KEYS[2..n] the SKU hashes, and the caller indexes the changes (another slot).
+-- then the SKU hashes, then the distinct-user keys the entries write (declared for the
+-- cluster's routing only), and the caller indexes the changes (another slot).
 -- ARGV: end LSN ('' for none; on a cluster the slot's mark), writer token ('' unfenced),
 -- floor LSN ('' unchecked), cluster ('1'|'0'), then per entry: k (key index), expected
 -- lsn, expected piece ('' where the read found none), new lsn, nset, (field, value)...,

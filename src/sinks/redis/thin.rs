@@ -112,7 +112,7 @@ pub struct ThinWrite<'a> {
     pub set: Sets<'a>,
     /// Fields to delete.
     pub del: Vec<Cow<'a, str>>,
-    /// The entry's distinct-user keys, written after the hash, in this order.
+    /// The entry's distinct-user keys, written before the hash (see thin.lua), in this order.
     pub keys: Vec<KeyOp<'a>>,
 }
 
