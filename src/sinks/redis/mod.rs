@@ -1073,10 +1073,12 @@ impl Applier {
             let mut v: Vec<(usize, &str)> = planned
                 .iter()
                 .flat_map(|(i, w)| {
-                    w.keys.iter().map(move |op| match op {
-                        thin::KeyOp::Del(k)
-                        | thin::KeyOp::Add(k, _)
-                        | thin::KeyOp::ExpireAt(k, _) => (*i, k.as_str()),
+                    // (no Del: see `encode_key_ops`)
+                    w.keys.iter().filter_map(move |op| match op {
+                        thin::KeyOp::Del(_) => None,
+                        thin::KeyOp::Add(k, _) | thin::KeyOp::ExpireAt(k, _) => {
+                            Some((*i, k.as_str()))
+                        }
                     })
                 })
                 .collect();
@@ -1135,7 +1137,7 @@ impl Applier {
             for f in &w.del {
                 c.bytes(f.as_bytes());
             }
-            encode_key_ops(c, &w.keys);
+            encode_key_ops(c, &w.keys, cluster);
         }
     }
 
@@ -2491,9 +2493,14 @@ fn user_keys(prefix: &str, entries: &[&Entry]) -> Vec<String> {
 /// A thin entry's distinct-user writes for `thin.lua`: the number of arguments that
 /// follow, then `d <suffix>`, `p <suffix> <n> <id>...` (at most [`USERS_PER_PFADD`] ids)
 /// or `e <suffix> <unix s>` each.
-fn encode_key_ops<A: resp::Args>(c: &mut A, ops: &[thin::KeyOp]) {
-    let n: usize = ops
+fn encode_key_ops<A: resp::Args>(c: &mut A, ops: &[thin::KeyOp], cluster: bool) {
+    // On a cluster a pruned minute's key is left to its EXPIREAT, as apply.lua leaves it
+    // (see `user_keys`).
+    let ops = ops
         .iter()
+        .filter(|op| !(cluster && matches!(op, thin::KeyOp::Del(_))));
+    let n: usize = ops
+        .clone()
         .map(|op| match op {
             thin::KeyOp::Del(_) => 2,
             thin::KeyOp::ExpireAt(..) => 3,
