@@ -635,7 +635,7 @@ async fn stock_applier(
 
 /// A whole transaction setting `sku`'s one stock row to `on_hand` (no alert: above the
 /// low-stock level), committed at `lsn`.
-fn stock_piece(sku: &str, on_hand: i64, lsn: u64) -> Piece {
+pub fn stock_piece(sku: &str, on_hand: i64, lsn: u64) -> Piece {
     let mut d = SkuDelta::default();
     d.rows.insert(
         layout::row_field(TABLES[0], [Some(sku), Some("L")]),

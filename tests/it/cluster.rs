@@ -939,3 +939,100 @@ async fn row_index_writes_raise_their_slots_floors_which_a_restart_reads_back() 
     assert!(read >= 6000, "{read} floors recorded and read back");
     assert_eq!(big.fence.slots.get(5999), 650);
 }
+
+/// The change index's writes on a cluster record their highest LSN in its slot's meta
+/// copy and raise that slot's floor, which goes to the meta hash with `applied_lsn`: a
+/// failover that loses only change-index entries (a catch-up would then miss SKUs that
+/// changed) is caught like one that loses SKU hashes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_index_writes_raise_their_slots_floor() {
+    use crate::apply_script::stock_piece;
+    use skusync::fold::batch::Batch;
+    use skusync::lsn::Lsn;
+    use skusync::sinks::layout;
+    use skusync::sinks::redis as rsink;
+    let cluster = RedisCluster::start(3, 0);
+    let seeds: Vec<String> = cluster
+        .primaries()
+        .into_iter()
+        .map(|p| cluster.nodes[p].url())
+        .collect();
+    let client = rsink::client(&seeds, true, None).unwrap();
+    let mut con = client.open().await.unwrap();
+    let p = "cix";
+    let _: () = redis::cmd("HSET")
+        .arg(layout::meta_key(p))
+        .arg("bootstrap")
+        .arg("done")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let token = rsink::claim_writer(&mut con, p).await.unwrap();
+    rsink::reset_all(&mut con, p, Lsn(1), token).await.unwrap();
+    let settings = rsink::ApplySettings {
+        scale: 0,
+        prefix: p.into(),
+        keep_minutes: 5,
+        low_stock: 5,
+        counters: vec!["views".into()],
+        alert_history: 1000,
+        alert_history_age_ms: 0,
+        fence: rsink::WriterFence {
+            token: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(token)),
+            ..Default::default()
+        },
+    };
+    let mut applier = rsink::Applier::new(con.clone(), settings.clone());
+    let mut batch = Batch::new(Lsn(0));
+    for (k, lsn) in [(0, 800u64), (1, 801), (2, 802)] {
+        batch.push(stock_piece(&format!("C{k}"), 10, lsn));
+    }
+    let entries = batch.take();
+    applier
+        .apply(&entries, Some(Lsn(900)), false)
+        .await
+        .unwrap();
+    let changes = layout::changes_key(p);
+    let slot = layout::slot_of(changes.as_bytes());
+    let indexed: i64 = redis::cmd("ZCARD")
+        .arg(&changes)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(indexed, 3, "every SKU indexed");
+    assert!(
+        settings.fence.slots.get(slot) >= 802,
+        "the change index's slot {slot} has a floor: {}",
+        settings.fence.slots.get(slot)
+    );
+    let copy: Option<u64> = redis::cmd("HGET")
+        .arg(layout::slot_meta_key(p, slot))
+        .arg("applied_lsn")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(copy.is_some_and(|c| c >= 802), "its meta copy: {copy:?}");
+    let recorded: Option<u64> = redis::cmd("HGET")
+        .arg(layout::meta_key(p))
+        .arg(format!("floor:{slot}"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(
+        recorded.is_some_and(|r| r >= 802),
+        "recorded with applied_lsn: {recorded:?}"
+    );
+    // a failover that lost the change index's last writes (and its copy's mark)
+    let _: () = redis::cmd("HSET")
+        .arg(layout::slot_meta_key(p, slot))
+        .arg("applied_lsn")
+        .arg("700")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let found = applier.check_slots().await.unwrap();
+    assert!(
+        matches!(found, Some(rsink::RedisSinkError::Rollback(_))),
+        "caught: {found:?}"
+    );
+}

@@ -1461,17 +1461,30 @@ impl Applier {
         changes: &[(u64, String)],
         alerts: &mut [[String; 6]],
     ) -> Result<(), RedisSinkError> {
-        let prefix = &self.settings.prefix;
+        let prefix = self.settings.prefix.clone();
+        let prefix = &prefix;
+        // Each chunk in one call with a mark in the change index's slot's meta copy, as
+        // the other writes: a failover that loses only these raises that slot's floor
+        // alarm too (the change index would miss SKUs that changed, for every catch-up).
+        let changes_key = layout::changes_key(prefix);
+        let slot = slot_of(changes_key.as_bytes());
+        let script = redis::Script::new(CHANGES_LUA);
         for chunk in changes.chunks(1000) {
-            let mut z = redis::cmd("ZADD");
-            z.arg(layout::changes_key(prefix)).arg("GT");
+            let mark = chunk.iter().map(|(lsn, _)| *lsn).max().unwrap_or(0);
+            let mut inv = script.prepare_invoke();
+            inv.key(layout::slot_meta_key(prefix, slot))
+                .key(&changes_key)
+                .arg(token_arg(self.settings.fence.token()))
+                .arg(token_arg(self.settings.fence.slots.get(slot)))
+                .arg(mark);
             for (lsn, key) in chunk {
-                z.arg(*lsn).arg(key);
+                inv.arg(*lsn).arg(key);
             }
-            let _: i64 = z
-                .query_async(&mut self.con)
-                .await
-                .map_err(RedisSinkError::from_redis)?;
+            let r: Result<i64, _> = inv.invoke_async(&mut self.con).await;
+            if let Err(e) = r {
+                return Err(self.slot_failed(slot, RedisSinkError::from_redis(e)).await);
+            }
+            self.settings.fence.slots.raise(slot, mark);
         }
         if alerts.is_empty() {
             return Ok(());
@@ -3060,6 +3073,31 @@ if ARGV[3] ~= '' then
   local cur = redis.call('HGET', KEYS[1], 'applied_lsn')
   if not cur or lsn_lt(cur, ARGV[3]) then redis.call('HSET', KEYS[1], 'applied_lsn', ARGV[3]) end
 end
+return 1
+"#;
+
+/// Adds a cluster's change index entries (`ZADD GT`: only ever raised) and records their
+/// highest LSN in the change index's slot's meta copy, fenced by that copy like every
+/// apply call. KEYS[1] the meta copy, KEYS[2] the change index; ARGV: token ('' unfenced),
+/// the slot's floor ('' unchecked), the mark, then (score, member) pairs.
+const CHANGES_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('SKUSYNC_NOMETA meta hash missing: Redis lost its data; a resync is needed')
+end
+local function lsn_lt(a, b)
+  if #a ~= #b then return #a < #b end
+  return a < b
+end
+if ARGV[1] ~= '' then
+  local m = redis.call('HMGET', KEYS[1], 'writer', 'applied_lsn')
+  if m[1] ~= ARGV[1] then return redis.error_reply('SKUSYNC_FENCED ' .. tostring(m[1] or 'none')) end
+  if ARGV[2] ~= '' and (not m[2] or lsn_lt(m[2], ARGV[2])) then
+    return redis.error_reply('SKUSYNC_ROLLBACK ' .. tostring(m[2] or 'none'))
+  end
+end
+if #ARGV > 3 then redis.call('ZADD', KEYS[2], 'GT', unpack(ARGV, 4)) end
+local cur = redis.call('HGET', KEYS[1], 'applied_lsn')
+if not cur or lsn_lt(cur, ARGV[3]) then redis.call('HSET', KEYS[1], 'applied_lsn', ARGV[3]) end
 return 1
 "#;
 
