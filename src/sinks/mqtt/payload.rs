@@ -665,12 +665,13 @@ impl UsersQueries {
 
 /// Adds to `pipe` one `PFCOUNT` per (counter, window) with distinct users of `sku` at
 /// `now_ms`: the union of the per-minute HyperLogLogs of the minutes in the window that
-/// have events. A minute's HyperLogLog exists only beside its window bucket
-/// `w:<counter>:<minute>` in `fields` (the SKU's hash): the apply script writes and prunes
-/// the two together. So a window without buckets queues nothing (its count is 0), and a
-/// window with one busy minute reads that key's cached count instead of merging 60 keys
-/// (a multi-key `PFCOUNT` builds and counts a 16 KiB register array). A gone SKU (see
-/// [`is_gone`]) publishes no counts and queues nothing.
+/// have events. A minute's HyperLogLog is read only beside its window bucket
+/// `w:<counter>:<minute>` in `fields` (the SKU's hash): the apply scripts write the two
+/// together and prune the bucket with the minute (on a Redis Cluster the HyperLogLog is
+/// left to its EXPIREAT, unread). So a window without buckets queues nothing (its count
+/// is 0), and a window with one busy minute reads that key's cached count instead of
+/// merging 60 keys (a multi-key `PFCOUNT` builds and counts a 16 KiB register array). A
+/// gone SKU (see [`is_gone`]) publishes no counts and queues nothing.
 pub fn users_queries(
     spec: &Spec,
     prefix: &str,
