@@ -792,6 +792,77 @@ async fn a_truncate_clears_every_row_index_bucket_of_a_cluster_slot() {
     }
 }
 
+/// A 3-primary cluster (no replicas) rebuilt for a writer under `prefix`: the meta hash,
+/// every slot's meta copy with the writer's token, and apply settings fenced by it (each
+/// call gets a fence of its own: a restarted writer's floors start empty).
+struct FencedCluster {
+    /// Runs while this lives.
+    _cluster: RedisCluster,
+    con: skusync::sinks::redis::RedisCon,
+    settings: skusync::sinks::redis::ApplySettings,
+    token: u64,
+}
+
+impl FencedCluster {
+    async fn start(prefix: &str) -> FencedCluster {
+        use skusync::sinks::layout;
+        use skusync::sinks::redis as rsink;
+        let cluster = RedisCluster::start(3, 0);
+        let seeds: Vec<String> = cluster
+            .primaries()
+            .into_iter()
+            .map(|p| cluster.nodes[p].url())
+            .collect();
+        let client = rsink::client(&seeds, true, None).unwrap();
+        let mut con = client.open().await.unwrap();
+        let _: () = redis::cmd("HSET")
+            .arg(layout::meta_key(prefix))
+            .arg("bootstrap")
+            .arg("done")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        let token = rsink::claim_writer(&mut con, prefix).await.unwrap();
+        rsink::reset_all(&mut con, prefix, skusync::lsn::Lsn(1), token)
+            .await
+            .unwrap();
+        let settings = rsink::ApplySettings {
+            scale: 0,
+            prefix: prefix.into(),
+            keep_minutes: 5,
+            low_stock: 5,
+            counters: vec!["views".into()],
+            alert_history: 1000,
+            alert_history_age_ms: 0,
+            fence: Default::default(),
+        };
+        let mut f = FencedCluster {
+            _cluster: cluster,
+            con,
+            settings,
+            token,
+        };
+        f.settings.fence = f.fence();
+        f
+    }
+
+    /// A fresh fence with the writer's token and no floors.
+    fn fence(&self) -> skusync::sinks::redis::WriterFence {
+        skusync::sinks::redis::WriterFence {
+            token: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(self.token)),
+            ..Default::default()
+        }
+    }
+
+    /// The settings with a fresh fence (what a restarted writer starts with).
+    fn restarted(&self) -> skusync::sinks::redis::ApplySettings {
+        skusync::sinks::redis::ApplySettings {
+            fence: self.fence(),
+            ..self.settings.clone()
+        }
+    }
+}
+
 /// Row index and lookup writes on a cluster record the batch's end in their slots' meta
 /// copies and raise those slots' floors, also for a slot only an earlier piece of the
 /// transaction wrote; the floors reach the meta hash with `applied_lsn`, and a restart
@@ -802,38 +873,10 @@ async fn row_index_writes_raise_their_slots_floors_which_a_restart_reads_back() 
     use skusync::lsn::Lsn;
     use skusync::sinks::layout;
     use skusync::sinks::redis as rsink;
-    let cluster = RedisCluster::start(3, 0);
-    let seeds: Vec<String> = cluster
-        .primaries()
-        .into_iter()
-        .map(|p| cluster.nodes[p].url())
-        .collect();
-    let client = rsink::client(&seeds, true, None).unwrap();
-    let mut con = client.open().await.unwrap();
     let p = "skusync";
-    let _: () = redis::cmd("HSET")
-        .arg(layout::meta_key(p))
-        .arg("bootstrap")
-        .arg("done")
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    let token = rsink::claim_writer(&mut con, p).await.unwrap();
-    rsink::reset_all(&mut con, p, Lsn(1), token).await.unwrap();
-    let fence = || rsink::WriterFence {
-        token: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(token)),
-        ..Default::default()
-    };
-    let settings = rsink::ApplySettings {
-        scale: 0,
-        prefix: p.into(),
-        keep_minutes: 5,
-        low_stock: 5,
-        counters: vec![],
-        alert_history: 1000,
-        alert_history_age_ms: 0,
-        fence: fence(),
-    };
+    let fc = FencedCluster::start(p).await;
+    let mut con = fc.con.clone();
+    let settings = fc.settings.clone();
     let slot_of_field = |f: &str| {
         let (key, _) = layout::state_slot(p, f).expect("a row field");
         layout::slot_of(key.as_bytes())
@@ -894,11 +937,7 @@ async fn row_index_writes_raise_their_slots_floors_which_a_restart_reads_back() 
     }
     // A restarted writer reads the floors back: every copy holds its floor, until the
     // early slot's primary fails over to a replica that holds only an older mark.
-    let restarted = || rsink::ApplySettings {
-        fence: fence(),
-        ..settings.clone()
-    };
-    let again = restarted();
+    let again = fc.restarted();
     let read = rsink::load_slot_floors(&mut con, p, &again.fence.slots)
         .await
         .unwrap();
@@ -932,7 +971,7 @@ async fn row_index_writes_raise_their_slots_floors_which_a_restart_reads_back() 
         .write_row_index(std::iter::empty(), Some(Lsn(700)))
         .await
         .unwrap();
-    let big = restarted();
+    let big = fc.restarted();
     let read = rsink::load_slot_floors(&mut con, p, &big.fence.slots)
         .await
         .unwrap();
@@ -951,37 +990,10 @@ async fn change_index_writes_raise_their_slots_floor() {
     use skusync::lsn::Lsn;
     use skusync::sinks::layout;
     use skusync::sinks::redis as rsink;
-    let cluster = RedisCluster::start(3, 0);
-    let seeds: Vec<String> = cluster
-        .primaries()
-        .into_iter()
-        .map(|p| cluster.nodes[p].url())
-        .collect();
-    let client = rsink::client(&seeds, true, None).unwrap();
-    let mut con = client.open().await.unwrap();
     let p = "cix";
-    let _: () = redis::cmd("HSET")
-        .arg(layout::meta_key(p))
-        .arg("bootstrap")
-        .arg("done")
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    let token = rsink::claim_writer(&mut con, p).await.unwrap();
-    rsink::reset_all(&mut con, p, Lsn(1), token).await.unwrap();
-    let settings = rsink::ApplySettings {
-        scale: 0,
-        prefix: p.into(),
-        keep_minutes: 5,
-        low_stock: 5,
-        counters: vec!["views".into()],
-        alert_history: 1000,
-        alert_history_age_ms: 0,
-        fence: rsink::WriterFence {
-            token: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(token)),
-            ..Default::default()
-        },
-    };
+    let fc = FencedCluster::start(p).await;
+    let mut con = fc.con.clone();
+    let settings = fc.settings.clone();
     let mut applier = rsink::Applier::new(con.clone(), settings.clone());
     let mut batch = Batch::new(Lsn(0));
     for (k, lsn) in [(0, 800u64), (1, 801), (2, 802)] {

@@ -3039,12 +3039,13 @@ async fn reset_slot_metas(
     Ok(())
 }
 
-/// Writes row index updates (see `fold::Piece::ri`), after the SKU entries they follow
-/// were applied; the last call of a batch records its end LSN. Fenced by the writer's
-/// token and floor like the apply script. KEYS[1] meta, KEYS[2..] buckets; ARGV: token,
-/// floor, end ('' none), then per bucket: n, n x (field, '=' .. SKU | '' to delete).
-const ROW_INDEX_LUA: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then
+/// The fence every meta-marking script starts with: KEYS[1] a meta hash (or a cluster
+/// slot's copy) that must exist; ARGV[1] the writer token ('' unfenced) it must hold,
+/// ARGV[2] the floor ('' unchecked) its `applied_lsn` must not be below; and `lsn_lt`.
+/// (A macro, so that `concat!` makes each script one literal.)
+macro_rules! fenced_by_meta {
+    () => {
+        r#"if redis.call('EXISTS', KEYS[1]) == 0 then
   return redis.error_reply('SKUSYNC_NOMETA meta hash missing: Redis lost its data; a resync is needed')
 end
 local function lsn_lt(a, b)
@@ -3058,6 +3059,17 @@ if ARGV[1] ~= '' then
     return redis.error_reply('SKUSYNC_ROLLBACK ' .. tostring(m[2] or 'none'))
   end
 end
+"#
+    };
+}
+
+/// Writes row index updates (see `fold::Piece::ri`), after the SKU entries they follow
+/// were applied; the last call of a batch records its end LSN. Fenced by the writer's
+/// token and floor like the apply script. KEYS[1] meta, KEYS[2..] buckets; ARGV: token,
+/// floor, end ('' none), then per bucket: n, n x (field, '=' .. SKU | '' to delete).
+const ROW_INDEX_LUA: &str = concat!(
+    fenced_by_meta!(),
+    r#"
 local a = 4
 for k = 2, #KEYS do
   local n = tonumber(ARGV[a]); a = a + 1
@@ -3074,32 +3086,22 @@ if ARGV[3] ~= '' then
   if not cur or lsn_lt(cur, ARGV[3]) then redis.call('HSET', KEYS[1], 'applied_lsn', ARGV[3]) end
 end
 return 1
-"#;
+"#
+);
 
 /// Adds a cluster's change index entries (`ZADD GT`: only ever raised) and records their
 /// highest LSN in the change index's slot's meta copy, fenced by that copy like every
 /// apply call. KEYS[1] the meta copy, KEYS[2] the change index; ARGV: token ('' unfenced),
 /// the slot's floor ('' unchecked), the mark, then (score, member) pairs.
-const CHANGES_LUA: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  return redis.error_reply('SKUSYNC_NOMETA meta hash missing: Redis lost its data; a resync is needed')
-end
-local function lsn_lt(a, b)
-  if #a ~= #b then return #a < #b end
-  return a < b
-end
-if ARGV[1] ~= '' then
-  local m = redis.call('HMGET', KEYS[1], 'writer', 'applied_lsn')
-  if m[1] ~= ARGV[1] then return redis.error_reply('SKUSYNC_FENCED ' .. tostring(m[1] or 'none')) end
-  if ARGV[2] ~= '' and (not m[2] or lsn_lt(m[2], ARGV[2])) then
-    return redis.error_reply('SKUSYNC_ROLLBACK ' .. tostring(m[2] or 'none'))
-  end
-end
+const CHANGES_LUA: &str = concat!(
+    fenced_by_meta!(),
+    r#"
 if #ARGV > 3 then redis.call('ZADD', KEYS[2], 'GT', unpack(ARGV, 4)) end
 local cur = redis.call('HGET', KEYS[1], 'applied_lsn')
 if not cur or lsn_lt(cur, ARGV[3]) then redis.call('HSET', KEYS[1], 'applied_lsn', ARGV[3]) end
 return 1
-"#;
+"#
+);
 
 /// Clears a truncated table's row index, once: meta `ri_truncated:<table>` records the
 /// truncate's fence, so a replay of it cannot erase what later transactions indexed.
