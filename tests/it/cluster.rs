@@ -63,6 +63,22 @@ impl ClusterRig {
         self.start_with(|t| t).await;
     }
 
+    /// [`ClusterRig::start`] with distinct users counted: `activity_log` gets a user
+    /// column, mapped with an HMAC key.
+    async fn start_counting_users(&mut self) {
+        self.client
+            .batch_execute("ALTER TABLE activity_log ADD COLUMN user_id text")
+            .await
+            .expect("user column");
+        self.start_with(|t| {
+            t.replace(
+                "windows = [",
+                "user = \"user_id\"\nuser_key = \"0123456789abcdef0123456789abcdef\"\nwindows = [",
+            )
+        })
+        .await;
+    }
+
     /// [`ClusterRig::start`] with the config text edited by `edit`.
     async fn start_with(&mut self, edit: impl FnOnce(String) -> String) {
         let cfg = write_config(self.dir.path(), &edit(self.config_text()));
@@ -178,6 +194,18 @@ impl ClusterRig {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// [`ClusterRig::assert_converges`] after a failover that lost a slot's writes, which
+    /// skusync must have noticed (`what` says when).
+    async fn assert_converges_after_a_lost_slot(&mut self, what: &str) {
+        self.assert_converges(Duration::from_secs(60)).await;
+        assert!(
+            self.daemon()
+                .stderr_contains("a Redis Cluster slot lost recent writes"),
+            "{what}\n{}",
+            self.daemon().stderr_all()
+        );
     }
 
     /// Redis equals SQL, and the retained messages equal Redis, within `timeout`.
@@ -422,13 +450,8 @@ async fn a_cluster_failover_that_loses_writes_is_noticed_and_rebuilt() {
     tokio::task::block_in_place(|| rig.cluster.kill9_and_promote_stale_replica(victim, heir));
     rig.run(&mut w, 100).await;
     rig.drain(Duration::from_secs(120)).await;
-    rig.assert_converges(Duration::from_secs(60)).await;
-    assert!(
-        rig.daemon()
-            .stderr_contains("a Redis Cluster slot lost recent writes"),
-        "the lost writes were noticed\n{}",
-        rig.daemon().stderr_all()
-    );
+    rig.assert_converges_after_a_lost_slot("the lost writes were noticed")
+        .await;
     rig.stop_cleanly();
 }
 
@@ -476,13 +499,8 @@ async fn a_cluster_failover_that_loses_writes_while_skusync_is_stopped_is_notice
     tokio::task::block_in_place(|| rig.cluster.kill9_and_promote_stale_replica(victim, heir));
     rig.daemon().spawn();
     rig.drain(Duration::from_secs(120)).await;
-    rig.assert_converges(Duration::from_secs(60)).await;
-    assert!(
-        rig.daemon()
-            .stderr_contains("a Redis Cluster slot lost recent writes"),
-        "the lost writes were noticed at the restart\n{}",
-        rig.daemon().stderr_all()
-    );
+    rig.assert_converges_after_a_lost_slot("the lost writes were noticed at the restart")
+        .await;
     rig.stop_cleanly();
 }
 
@@ -506,6 +524,22 @@ fn slot_owner(cluster: &RedisCluster, slot: u16) -> usize {
         .expect("a primary of the harness")
 }
 
+/// Start moving `slot` from the primary serving it to another one, as `redis-cli
+/// --cluster reshard` does before it moves the slot's keys (`CLUSTER SETSLOT` IMPORTING
+/// on the target, MIGRATING on the source); returns (source, target).
+fn begin_migration(cluster: &RedisCluster, slot: u16) -> (usize, usize) {
+    let src = slot_owner(cluster, slot);
+    let dst = cluster
+        .primaries()
+        .into_iter()
+        .find(|p| *p != src)
+        .expect("another primary");
+    let s = slot.to_string();
+    cluster.nodes[dst].cli(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &cluster.id(src)]);
+    cluster.nodes[src].cli(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &cluster.id(dst)]);
+    (src, dst)
+}
+
 /// A live reshard that reaches a slot while its SKU gets its first distinct users: the
 /// calls name a new HyperLogLog key there, which the migrating node does not hold.
 /// Declared, Redis answers TRYAGAIN before the script runs (undeclared, the script failed
@@ -517,17 +551,7 @@ fn slot_owner(cluster: &RedisCluster, slot: u16) -> usize {
 async fn a_new_distinct_user_key_in_a_migrating_slot_waits_for_the_slot_and_loses_nothing() {
     use skusync::sinks::layout;
     let mut rig = ClusterRig::new().await;
-    rig.client
-        .batch_execute("ALTER TABLE activity_log ADD COLUMN user_id text")
-        .await
-        .expect("user column");
-    rig.start_with(|t| {
-        t.replace(
-            "windows = [",
-            "user = \"user_id\"\nuser_key = \"0123456789abcdef0123456789abcdef\"\nwindows = [",
-        )
-    })
-    .await;
+    rig.start_counting_users().await;
     let sku = "RS/{1}";
     let key = layout::sku_key(&rig.oracle.prefix, sku);
     rig.client
@@ -538,16 +562,8 @@ async fn a_new_distinct_user_key_in_a_migrating_slot_waits_for_the_slot_and_lose
         .unwrap();
     rig.drain(Duration::from_secs(30)).await;
     let slot = layout::slot_of(key.as_bytes());
-    let src = slot_owner(&rig.cluster, slot);
-    let dst = rig
-        .cluster
-        .primaries()
-        .into_iter()
-        .find(|p| *p != src)
-        .unwrap();
+    let (src, dst) = begin_migration(&rig.cluster, slot);
     let s = slot.to_string();
-    rig.cluster.nodes[dst].cli(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &rig.cluster.id(src)]);
-    rig.cluster.nodes[src].cli(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &rig.cluster.id(dst)]);
     rig.client
         .batch_execute(&format!(
             "INSERT INTO activity_log (sku, kind, qty, user_id) VALUES \
@@ -600,17 +616,7 @@ async fn a_new_distinct_user_key_in_a_migrating_slot_waits_for_the_slot_and_lose
 async fn a_reshard_that_moved_a_skus_hash_before_its_user_keys_completes_and_loses_nothing() {
     use skusync::sinks::layout;
     let mut rig = ClusterRig::new().await;
-    rig.client
-        .batch_execute("ALTER TABLE activity_log ADD COLUMN user_id text")
-        .await
-        .expect("user column");
-    rig.start_with(|t| {
-        t.replace(
-            "windows = [",
-            "user = \"user_id\"\nuser_key = \"0123456789abcdef0123456789abcdef\"\nwindows = [",
-        )
-    })
-    .await;
+    rig.start_counting_users().await;
     let sku = "RS/{2}";
     let key = layout::sku_key(&rig.oracle.prefix, sku);
     rig.client
@@ -623,18 +629,10 @@ async fn a_reshard_that_moved_a_skus_hash_before_its_user_keys_completes_and_los
         .unwrap();
     rig.drain(Duration::from_secs(30)).await;
     let slot = layout::slot_of(key.as_bytes());
-    let src = slot_owner(&rig.cluster, slot);
-    let dst = rig
-        .cluster
-        .primaries()
-        .into_iter()
-        .find(|p| *p != src)
-        .unwrap();
+    let (src, dst) = begin_migration(&rig.cluster, slot);
     let s = slot.to_string();
-    let (src_id, dst_id) = (rig.cluster.id(src), rig.cluster.id(dst));
+    let dst_id = rig.cluster.id(dst);
     let dst_port = rig.cluster.nodes[dst].port().to_string();
-    rig.cluster.nodes[dst].cli(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &src_id]);
-    rig.cluster.nodes[src].cli(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &dst_id]);
     let keys_in_slot = |c: &RedisCluster| -> Vec<String> {
         c.nodes[src]
             .cli(&["CLUSTER", "GETKEYSINSLOT", &s, "1000"])
