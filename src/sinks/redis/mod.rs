@@ -222,7 +222,7 @@ pub struct WriterFence {
 pub struct SlotFloors(std::sync::Arc<std::sync::Mutex<FloorMap>>);
 
 #[derive(Debug, Default)]
-pub struct FloorMap {
+struct FloorMap {
     floors: HashMap<u16, u64>,
     dirty: std::collections::BTreeSet<u16>,
 }
