@@ -9,6 +9,7 @@
 pub mod api;
 pub mod config;
 pub mod daemon;
+pub mod failpoint;
 pub mod filter;
 pub mod fold;
 pub mod http;

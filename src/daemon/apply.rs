@@ -103,7 +103,7 @@ pub(super) fn launch(
                 };
                 total += applied?;
                 if i + 1 < n {
-                    failpoint("between-calls");
+                    crate::failpoint::hit("between-calls");
                 }
                 if let Some(m) = &mqtt {
                     let skus: BTreeSet<&str> = chunk.iter().map(|e| e.sku.as_str()).collect();
@@ -113,7 +113,7 @@ pub(super) fn launch(
             // After every SKU entry of the batch: a replay of the batch reads the row
             // index as it was before it, and so folds the same entries (fenced).
             if !ri.is_empty() {
-                failpoint("before-row-index");
+                crate::failpoint::hit("before-row-index");
                 index_retrying(&mut applier, IndexWrite::Rows(&ri, end)).await?;
                 if guard {
                     index_retrying(&mut applier, IndexWrite::Mark(false)).await?;
@@ -121,7 +121,7 @@ pub(super) fn launch(
             }
             if !entries.is_empty() {
                 // applied, not yet confirmed: the restart replays this batch
-                failpoint("after-apply");
+                crate::failpoint::hit("after-apply");
             }
             Ok(total)
         }
@@ -135,26 +135,6 @@ pub(super) fn launch(
             result,
         }
     })
-}
-
-/// A crash point for tests, like a SIGKILL at that point: `SKUSYNC_FAILPOINT=<name>:<n>`
-/// aborts the process the `n`th time `name` is reached (counted per process). Unset in
-/// production; read once.
-pub(super) fn failpoint(name: &str) {
-    static SPEC: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
-    static HITS: AtomicU64 = AtomicU64::new(0);
-    let spec = SPEC.get_or_init(|| {
-        let v = std::env::var("SKUSYNC_FAILPOINT").ok()?;
-        let (n, k) = v.rsplit_once(':')?;
-        Some((n.to_string(), k.parse().ok()?))
-    });
-    if let Some((n, k)) = spec
-        && n == name
-        && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *k
-    {
-        tracing::error!(failpoint = name, "failpoint reached: aborting");
-        std::process::abort();
-    }
 }
 
 /// Whether no SKU has two entries in `entries` (a TRUNCATE's can).
@@ -173,17 +153,31 @@ pub(super) async fn apply_retrying(
     end: Option<Lsn>,
     mut plan: Option<rsink::ThinPlan<'_>>,
 ) -> Result<rsink::Applied, RedisSinkError> {
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = Backoff::default();
     loop {
         match applier.apply_planned(entries, end, plan.take()).await {
-            Err(e) if e.is_transient() => {
-                telemetry::redis_failed();
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Redis apply failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
+            Err(e) if e.is_transient() => backoff.wait("apply", &e).await,
             r => return r,
         }
+    }
+}
+
+/// The wait after a transient Redis error before sending a write again (every write
+/// skusync retries is fenced, so sending it again is safe): 100 ms, doubling up to 5 s.
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(Duration::from_millis(100))
+    }
+}
+
+impl Backoff {
+    async fn wait(&mut self, what: &str, e: &RedisSinkError) {
+        telemetry::redis_failed();
+        tracing::warn!(error = %e, retry_in_ms = self.0.as_millis() as u64, "Redis {what} failed; retrying");
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -198,25 +192,19 @@ enum IndexWrite<'a> {
 type RowIndexUpdates =
     std::collections::HashMap<String, Option<String>, foldhash::fast::RandomState>;
 
-/// One of them until it succeeds or fails definitely; transient Redis errors back off.
+/// One of them until it succeeds or fails definitely (see [`Backoff`]).
 async fn index_retrying(applier: &mut Applier, w: IndexWrite<'_>) -> Result<(), RedisSinkError> {
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = Backoff::default();
     loop {
-        let r = match &w {
-            IndexWrite::Mark(on) => applier.mark_index_pending(*on).await,
-            IndexWrite::Rows(ri, end) => applier.write_row_index(ri.iter(), *end).await,
+        let (r, what) = match &w {
+            IndexWrite::Mark(on) => (applier.mark_index_pending(*on).await, "lookup index mark"),
+            IndexWrite::Rows(ri, end) => (
+                applier.write_row_index(ri.iter(), *end).await,
+                "row index write",
+            ),
         };
         match r {
-            Err(e) if e.is_transient() => {
-                telemetry::redis_failed();
-                let what = match w {
-                    IndexWrite::Mark(_) => "lookup index mark",
-                    IndexWrite::Rows(..) => "row index write",
-                };
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Redis {what} failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
+            Err(e) if e.is_transient() => backoff.wait(what, &e).await,
             r => return r,
         }
     }

@@ -1046,3 +1046,74 @@ async fn change_index_writes_raise_their_slots_floor() {
         "caught: {found:?}"
     );
 }
+
+/// On a cluster the alert history is written after the slots' apply calls. An alert whose
+/// writer dies before writing it reaches the history at the restart, and one whose writer
+/// dies after writing it (before the batch is confirmed) is not added again: the replay's
+/// calls, skipped by the fence, report the alerts still in their hashes, and the history's
+/// slot copy records the LSNs it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_whose_writer_dies_around_the_history_write_is_in_the_history_once() {
+    use skusync::sinks::layout;
+    let mut rig = ClusterRig::new().await;
+    rig.start().await;
+    let skus = ["A{1}", "B/2+#"];
+    for sku in skus {
+        rig.client
+            .execute(
+                "INSERT INTO inventory (sku, location, on_hand) VALUES ($1, 'WH-1', 10)",
+                &[&sku],
+            )
+            .await
+            .expect("stock");
+    }
+    rig.drain(Duration::from_secs(30)).await;
+    for (sku, point) in skus
+        .iter()
+        .zip(["before-cluster-alerts:1", "after-cluster-alerts:1"])
+    {
+        let d = rig.daemon();
+        let mut p = d.proc.take().expect("running");
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+        d.spawn_env(&[("SKUSYNC_FAILPOINT", point)]);
+        d.wait_streaming(Duration::from_secs(30)).await;
+        let runs = d.runs;
+        // out of stock: one alert
+        rig.client
+            .execute("UPDATE inventory SET on_hand = 0 WHERE sku = $1", &[sku])
+            .await
+            .expect("sell out");
+        let start = Instant::now();
+        while !matches!(rig.daemon().proc().child.try_wait(), Ok(Some(_))) {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the failpoint {point} was not reached\n{}",
+                rig.daemon().stderr_all()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(rig.daemon().stderr_contains("failpoint reached"));
+        assert_eq!(rig.daemon().runs, runs);
+        rig.daemon().spawn();
+        rig.drain(Duration::from_secs(60)).await;
+    }
+    let history: Vec<(String, std::collections::HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg(layout::alerts_key(&rig.oracle.prefix))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut rig.con().await)
+        .await
+        .expect("XRANGE");
+    for sku in skus {
+        let key = layout::sku_key(&rig.oracle.prefix, sku);
+        let got: Vec<&str> = history
+            .iter()
+            .filter(|(_, a)| a.get("key") == Some(&key))
+            .map(|(_, a)| a["type"].as_str())
+            .collect();
+        assert_eq!(got, ["out_of_stock"], "{sku}'s alerts in {history:#?}");
+    }
+    rig.assert_converges(Duration::from_secs(60)).await;
+    rig.stop_cleanly();
+}

@@ -8,7 +8,8 @@
 -- slot's copy of the meta hash (writer, applied_lsn), then the SKU hashes, then the
 -- distinct-user keys the call may PFADD (declared for the cluster's routing only), and
 -- the change index and alert history (other slots) are written by the caller from the
--- reply.
+-- reply. A skipped entry reports again what the caller may not have written: its hash's
+-- LSN, and the alerts in its range still in the hash's `alert_history`.
 -- ARGV is one flat list of strings, read front to back (no JSON: in Redis' Lua every
 -- decoded value is a new string or table, which cost more than everything else):
 --   keep, low, quiet ('1'|'0'), end LSN ('' for none), writer token ('' unfenced),
@@ -362,9 +363,14 @@ local function evaluate(key, h, has_stock, avail, lsn, ms, dl)
     local avs, ths = scale > 0 and av or int(av), scale > 0 and th or int(th)
     local seq
     if cluster then
-      local n = #raised
+      local n, mss = #raised, tostring(ms)
       raised[n + 1] = key; raised[n + 2] = kind; raised[n + 3] = avs; raised[n + 4] = ths
-      raised[n + 5] = lsn; raised[n + 6] = tostring(ms)
+      raised[n + 5] = lsn; raised[n + 6] = mss
+      -- kept in the hash until the next call that raises one: a replay of this entry
+      -- (skipped by the fence) reports it again, in case the caller died before adding it
+      -- to the history (which skips what it already holds)
+      if not h.hist then h.hist = {} end
+      h.hist[#h.hist + 1] = {kind, avs, ths, lsn, mss}
     else
       seq = redis.call('XADD', alerts_key, 'MAXLEN', '~', history, '*', 'key', key,
         'type', kind, 'available', avs, 'threshold', ths, 'lsn', lsn, 'ts', tostring(ms))
@@ -374,6 +380,21 @@ local function evaluate(key, h, has_stock, avail, lsn, ms, dl)
     if #list > 50 then table.remove(list, 1) end
     h.alerts_dirty = true
     alerts_raised = alerts_raised + 1
+  end
+end
+
+-- Cluster: the alerts an earlier call raised in a skipped entry's range (the hash's
+-- `alert_history`, written by the last call that raised one), reported again.
+local function report_again(key, e)
+  local raw = redis.call('HGET', key, 'alert_history')
+  if not raw then return end
+  for _, a in ipairs(cjson.decode(raw)) do
+    local lsn = a[4]
+    if not lsn_lt(lsn, e.f) and not lsn_lt(e.l, lsn) then
+      local n = #raised
+      raised[n + 1] = key; raised[n + 2] = a[1]; raised[n + 3] = a[2]; raised[n + 4] = a[3]
+      raised[n + 5] = lsn; raised[n + 6] = a[5]
+    end
   end
 end
 
@@ -598,6 +619,9 @@ local function write(key, h)
   if h.alerts_dirty then
     w[#w + 1] = 'alerts'; w[#w + 1] = cjson.encode(h.alerts)
   end
+  if h.hist then
+    w[#w + 1] = 'alert_history'; w[#w + 1] = cjson.encode(h.hist)
+  end
   local any_counter = false
   for _, v in pairs(h.counters) do
     if v ~= 0 then any_counter = true break end
@@ -634,6 +658,7 @@ for i = 1, #entries do
   local key, h = KEYS[e.k], hs[e.k]
   if h.lsn and not before(h.lsn, h.piece, e.l, e.p) then
     skipped = skipped + 1
+    if cluster then report_again(key, e) end
   else
     applied = applied + 1
     local changed = e.x == nil

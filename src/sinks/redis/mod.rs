@@ -547,9 +547,10 @@ pub struct Applier {
     /// How thin apply reads: [`WholeReads`]. Shared by the clones (the daemon clones its
     /// applier per batch), so each batch starts from what the last round found.
     whole: std::sync::Arc<std::sync::atomic::AtomicU8>,
-    /// A cluster's change index and alert history entries whose write failed after their
-    /// slots' calls succeeded: a retry's calls skip those entries (fenced) and report no
-    /// alerts, so the entries wait here for the next write. Shared by the clones.
+    /// A cluster's change index entries whose write failed after their slots' calls
+    /// succeeded, for the next write. Shared by the clones. (A retry's calls skip those
+    /// entries, fenced, and report their alerts again from the hashes, so alerts need no
+    /// such list: see `ALERTS_LUA`.)
     unindexed: std::sync::Arc<std::sync::Mutex<Unindexed>>,
 }
 
@@ -557,7 +558,6 @@ pub struct Applier {
 #[derive(Debug, Default)]
 struct Unindexed {
     changes: Vec<(u64, String)>,
-    alerts: Vec<[String; 6]>,
     /// Slots whose row index or lookup state a piece wrote before its transaction's end:
     /// they get the end's mark (and floor) with the end's call, as the slots it writes do.
     unmarked: std::collections::BTreeSet<u16>,
@@ -1168,13 +1168,11 @@ impl Applier {
         }
         let mut total = Applied::default();
         // what an earlier call could not index goes with this one's
-        let (mut changes, mut alerts) = {
+        let mut changes = {
             let mut u = self.unindexed.lock().unwrap_or_else(|p| p.into_inner());
-            (
-                std::mem::take(&mut u.changes),
-                std::mem::take(&mut u.alerts),
-            )
+            std::mem::take(&mut u.changes)
         };
+        let mut alerts = Vec::new();
         let done = if self.use_thin {
             match self
                 .apply_cluster_thin(entries, &slots, &marks, quiet, &mut total, &mut changes)
@@ -1182,7 +1180,7 @@ impl Applier {
             {
                 Ok(d) => d,
                 Err(e) => {
-                    self.keep_unindexed(changes, alerts);
+                    self.keep_unindexed(changes);
                     return Err(e);
                 }
             }
@@ -1247,8 +1245,8 @@ impl Applier {
             }
         }
         // Indexed even when a call failed: what the others applied is in Redis.
-        if let Err(e) = self.index_cluster(&changes, &mut alerts).await {
-            self.keep_unindexed(changes, alerts);
+        if let Err(e) = self.index_cluster(&changes, &alerts).await {
+            self.keep_unindexed(changes);
             return Err(e);
         }
         if let Some((slot, group, e)) = failed {
@@ -1367,7 +1365,7 @@ impl Applier {
         if let Some((slot, ps, e)) = failed {
             // what the other calls wrote is in Redis: index it (kept for the retry if
             // that fails too: see `unindexed`)
-            self.index_cluster(changes, &mut []).await?;
+            self.index_cluster(changes, &[]).await?;
             changes.clear();
             if e.code() == Some("WRONGTYPE") {
                 let all: Vec<&Entry> = ps.iter().map(|p| &entries[planned[*p].0]).collect();
@@ -1449,17 +1447,16 @@ impl Applier {
     }
 
     /// Keep a cluster call's index entries for the next call (see `unindexed`).
-    fn keep_unindexed(&self, changes: Vec<(u64, String)>, alerts: Vec<[String; 6]>) {
+    fn keep_unindexed(&self, changes: Vec<(u64, String)>) {
         let mut u = self.unindexed.lock().unwrap_or_else(|p| p.into_inner());
         u.changes = changes;
-        u.alerts = alerts;
     }
 
     /// The change index and alert history entries reported by cluster apply calls.
     async fn index_cluster(
         &mut self,
         changes: &[(u64, String)],
-        alerts: &mut [[String; 6]],
+        alerts: &[[String; 6]],
     ) -> Result<(), RedisSinkError> {
         let prefix = self.settings.prefix.clone();
         let prefix = &prefix;
@@ -1489,49 +1486,59 @@ impl Applier {
         if alerts.is_empty() {
             return Ok(());
         }
-        // in commit order, as one call would have added them
-        alerts.sort_by_key(|a| a[4].parse::<u64>().unwrap_or(0));
-        let history = self.settings.alert_history.max(1);
-        let mut pipe = redis::pipe();
-        for [key, kind, avail, thr, lsn, ts] in alerts.iter() {
-            pipe.cmd("XADD")
-                .arg(layout::alerts_key(prefix))
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(history)
-                .arg("*")
-                .arg("key")
-                .arg(key)
-                .arg("type")
-                .arg(kind)
-                .arg("available")
-                .arg(avail)
-                .arg("threshold")
-                .arg(thr)
-                .arg("lsn")
-                .arg(lsn)
-                .arg("ts")
-                .arg(ts)
-                .ignore();
-        }
+        crate::failpoint::hit("before-cluster-alerts");
+        // In commit order, as one call would have added them; once each (the calls of a
+        // retry or a replay report again what they raised).
+        let lsn_of = |a: &[String; 6]| a[4].parse::<u64>().unwrap_or(0);
+        let mut alerts = alerts.to_vec();
+        alerts.sort_by(|a, b| (lsn_of(a), &a[0], &a[1]).cmp(&(lsn_of(b), &b[0], &b[1])));
+        alerts.dedup_by(|a, b| a[4] == b[4] && a[0] == b[0] && a[1] == b[1]);
+        let alerts_key = layout::alerts_key(prefix);
+        let slot = slot_of(alerts_key.as_bytes());
+        let history = self.settings.alert_history.max(1).to_string();
         let age = self.settings.alert_history_age_ms;
-        if age > 0 {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
-            if now > age {
-                pipe.cmd("XTRIM")
-                    .arg(layout::alerts_key(prefix))
-                    .arg("MINID")
-                    .arg("~")
-                    .arg(now - age)
-                    .ignore();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let cutoff = if age > 0 && now > age {
+            (now - age).to_string()
+        } else {
+            String::new()
+        };
+        let script = redis::Script::new(ALERTS_LUA);
+        let mut rest = &alerts[..];
+        while !rest.is_empty() {
+            // chunks end where the LSN changes: the script skips what its slot's copy
+            // records as added, per LSN, so one transaction's alerts go in one call
+            let mut n = rest.len().min(ALERTS_PER_CALL);
+            while n < rest.len() && rest[n][4] == rest[n - 1][4] {
+                n += 1;
             }
+            let (chunk, tail) = rest.split_at(n);
+            rest = tail;
+            let mark = chunk.iter().map(lsn_of).max().unwrap_or(0);
+            let mut inv = script.prepare_invoke();
+            inv.key(layout::slot_meta_key(prefix, slot))
+                .key(&alerts_key)
+                .arg(token_arg(self.settings.fence.token()))
+                .arg(token_arg(self.settings.fence.slots.get(slot)))
+                .arg(mark)
+                .arg(&history)
+                .arg(&cutoff);
+            for a in chunk {
+                for x in a {
+                    inv.arg(x);
+                }
+            }
+            let r: Result<i64, _> = inv.invoke_async(&mut self.con).await;
+            if let Err(e) = r {
+                return Err(self.slot_failed(slot, RedisSinkError::from_redis(e)).await);
+            }
+            self.settings.fence.slots.raise(slot, mark);
         }
-        pipe.query_async::<()>(&mut self.con)
-            .await
-            .map_err(RedisSinkError::from_redis)
+        crate::failpoint::hit("after-cluster-alerts");
+        Ok(())
     }
 
     /// Record `end` as the applied LSN in the meta hash (a cluster's batch ends after all
@@ -3102,6 +3109,38 @@ if not cur or lsn_lt(cur, ARGV[3]) then redis.call('HSET', KEYS[1], 'applied_lsn
 return 1
 "#
 );
+
+/// Adds a cluster's alerts to the history (a stream), each once: the history's slot's
+/// meta copy records in `alerts_lsn` the highest commit LSN whose alerts it holds, and a
+/// call adds only alerts past it (a replay's calls report again what they raised, in case
+/// their caller died before adding it). It records its highest LSN in that copy, fenced by
+/// it like every apply call. KEYS[1] the meta copy, KEYS[2] the history; ARGV: token (''
+/// unfenced), the slot's floor ('' unchecked), the mark, the history's length, its MINID
+/// cutoff ('' none), then (key, type, available, threshold, LSN, ts) per alert, in LSN
+/// order, every alert of an LSN in the same call.
+const ALERTS_LUA: &str = concat!(
+    fenced_by_meta!(),
+    r#"
+local done = redis.call('HGET', KEYS[1], 'alerts_lsn')
+local top = done
+for a = 6, #ARGV, 6 do
+  local lsn = ARGV[a + 4]
+  if not done or lsn_lt(done, lsn) then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'key', ARGV[a], 'type', ARGV[a + 1],
+      'available', ARGV[a + 2], 'threshold', ARGV[a + 3], 'lsn', lsn, 'ts', ARGV[a + 5])
+    if not top or lsn_lt(top, lsn) then top = lsn end
+  end
+end
+if top and top ~= done then redis.call('HSET', KEYS[1], 'alerts_lsn', top) end
+if ARGV[5] ~= '' then redis.call('XTRIM', KEYS[2], 'MINID', '~', ARGV[5]) end
+local cur = redis.call('HGET', KEYS[1], 'applied_lsn')
+if not cur or lsn_lt(cur, ARGV[3]) then redis.call('HSET', KEYS[1], 'applied_lsn', ARGV[3]) end
+return 1
+"#
+);
+
+/// Alerts per history call (more when one LSN has more).
+const ALERTS_PER_CALL: usize = 1000;
 
 /// Clears a truncated table's row index, once: meta `ri_truncated:<table>` records the
 /// truncate's fence, so a replay of it cannot erase what later transactions indexed.
