@@ -100,8 +100,8 @@ def main():
                     lsn[0] += 100
                 keys += ["skusync:changes", "skusync:alerts"]
                 # keep, low, quiet, end, writer, floor, scale, alert history count and age,
-                # cluster (no), counters (the header of apply.lua)
-                r("EVALSHA", sha, len(keys), *keys, "60", "5", "0", lsn[0], "", "", "0", "1000", "86400000", "0",
+                # indexed ('': a standalone Redis), counters (the header of apply.lua)
+                r("EVALSHA", sha, len(keys), *keys, "60", "5", "0", lsn[0], "", "", "0", "1000", "86400000", "",
                   "2", "purchases", "views", *args)
             for line in r("INFO", "commandstats").splitlines():
                 if line.startswith("cmdstat_evalsha:"):

@@ -62,9 +62,9 @@ def main():
                     args = entry(2, 7, lsn[0], 1, False, minute)
                     lsn[0] += 100
                     # keep, low, quiet, end, writer, floor, scale, history count and age,
-                    # cluster (no), counters (the header of apply.lua)
+                    # indexed ('': a standalone Redis), counters (the header of apply.lua)
                     r("EVALSHA", sha, 4, "skusync:meta", "skusync:{SKU-7}", "skusync:changes", "skusync:alerts",
-                      "60", "5", "0", str(lsn[0]), "", "", "0", "1000", "86400000", "0", "2", "purchases", "views",
+                      "60", "5", "0", str(lsn[0]), "", "", "0", "1000", "86400000", "", "2", "purchases", "views",
                       *args)
                 got.append(usec(r, "evalsha", a.calls))
             print(f"  {name:32s} {min(got):6.1f} / {statistics.median(got):6.1f} us")

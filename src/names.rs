@@ -20,6 +20,7 @@ pub const FIXED_FIELDS: &[&str] = &[
     "threshold",
     "alert_state",
     "alerts",
+    "alert_history",
     "pub_lsn",
     "pub_piece",
     "pub_state",

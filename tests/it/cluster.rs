@@ -1051,22 +1051,28 @@ async fn change_index_writes_raise_their_slots_floor() {
 /// writer dies before writing it reaches the history at the restart, and one whose writer
 /// dies after writing it (before the batch is confirmed) is not added again: the replay's
 /// calls, skipped by the fence, report the alerts still in their hashes, and the history's
-/// slot copy records the LSNs it holds.
+/// slot copy records which it added. A backlog applied in two calls, whose first holds a
+/// later transaction's alerts than the second (entries go in order of first change) and
+/// both one transaction's, loses none either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alert_whose_writer_dies_around_the_history_write_is_in_the_history_once() {
     use skusync::sinks::layout;
     let mut rig = ClusterRig::new().await;
     rig.start().await;
     let skus = ["A{1}", "B/2+#"];
-    for sku in skus {
-        rig.client
-            .execute(
-                "INSERT INTO inventory (sku, location, on_hand) VALUES ($1, 'WH-1', 10)",
-                &[&sku],
-            )
-            .await
-            .expect("stock");
-    }
+    let many: Vec<String> = (0..601).map(|i| format!("M-{i}")).collect();
+    rig.client
+        .execute(
+            "INSERT INTO inventory (sku, location, on_hand) \
+             SELECT s, 'WH-1', 10 FROM unnest($1::text[]) s",
+            &[&skus
+                .iter()
+                .map(|s| s.to_string())
+                .chain(many.clone())
+                .collect::<Vec<_>>()],
+        )
+        .await
+        .expect("stock");
     rig.drain(Duration::from_secs(30)).await;
     for (sku, point) in skus
         .iter()
@@ -1098,6 +1104,18 @@ async fn an_alert_whose_writer_dies_around_the_history_write_is_in_the_history_o
         rig.daemon().spawn();
         rig.drain(Duration::from_secs(60)).await;
     }
+    // A backlog: M-0..M-599 change first, M-600 sells out, then M-0..M-599 sell out in
+    // one transaction; M-600's entry and the last 100 of the others go in the second call.
+    rig.stop_cleanly();
+    for sql in [
+        "UPDATE inventory SET on_hand = 9 WHERE sku ~ '^M-' AND sku <> 'M-600'",
+        "UPDATE inventory SET on_hand = 0 WHERE sku = 'M-600'",
+        "UPDATE inventory SET on_hand = 0 WHERE sku ~ '^M-' AND sku <> 'M-600'",
+    ] {
+        rig.client.batch_execute(sql).await.expect("backlog");
+    }
+    rig.daemon().spawn();
+    rig.drain(Duration::from_secs(60)).await;
     let history: Vec<(String, std::collections::HashMap<String, String>)> = redis::cmd("XRANGE")
         .arg(layout::alerts_key(&rig.oracle.prefix))
         .arg("-")
@@ -1105,14 +1123,21 @@ async fn an_alert_whose_writer_dies_around_the_history_write_is_in_the_history_o
         .query_async(&mut rig.con().await)
         .await
         .expect("XRANGE");
-    for sku in skus {
+    let mut by_key: std::collections::HashMap<&str, Vec<&str>> = Default::default();
+    for (_, a) in &history {
+        by_key
+            .entry(a["key"].as_str())
+            .or_default()
+            .push(a["type"].as_str());
+    }
+    for sku in skus.iter().copied().chain(many.iter().map(String::as_str)) {
         let key = layout::sku_key(&rig.oracle.prefix, sku);
-        let got: Vec<&str> = history
-            .iter()
-            .filter(|(_, a)| a.get("key") == Some(&key))
-            .map(|(_, a)| a["type"].as_str())
-            .collect();
-        assert_eq!(got, ["out_of_stock"], "{sku}'s alerts in {history:#?}");
+        assert_eq!(
+            by_key.get(key.as_str()).map(Vec::as_slice),
+            Some(&["out_of_stock"][..]),
+            "{sku}'s alerts ({} in the history)",
+            history.len()
+        );
     }
     rig.assert_converges(Duration::from_secs(60)).await;
     rig.stop_cleanly();

@@ -9,12 +9,13 @@
 -- distinct-user keys the call may PFADD (declared for the cluster's routing only), and
 -- the change index and alert history (other slots) are written by the caller from the
 -- reply. A skipped entry reports again what the caller may not have written: its hash's
--- LSN, and the alerts in its range still in the hash's `alert_history`.
+-- LSN, and the alerts its hash's `alert_history` holds past `indexed`.
 -- ARGV is one flat list of strings, read front to back (no JSON: in Redis' Lua every
 -- decoded value is a new string or table, which cost more than everything else):
 --   keep, low, quiet ('1'|'0'), end LSN ('' for none), writer token ('' unfenced),
 --   floor LSN ('' unchecked), scale, alert history count, alert history age (ms),
---   cluster ('1'|'0'), ncounters, counter..., entry...
+--   indexed ('' on a standalone Redis; on a Redis Cluster the LSN through which every
+--   alert raised is in the alert history), ncounters, counter..., entry...
 --     scale: quantities (stock values, counters, buckets, low and thresholds) travel as
 --     integers in units of 10^-scale and are stored in the hash as decimals ('12.5');
 --     with scale 0 (no [[inventory]]/[[activity]] `scale`) they are whole numbers.
@@ -53,7 +54,8 @@ local batch_end = ARGV[4]
 local writer, floor = ARGV[5], ARGV[6]
 local scale = tonumber(ARGV[7])
 local history, history_ms = ARGV[8], tonumber(ARGV[9])
-local cluster = ARGV[10] == '1'
+local indexed = ARGV[10]
+local cluster = indexed ~= ''
 local ncounters = tonumber(ARGV[11])
 local counters = {}
 for i = 1, ncounters do counters[i] = ARGV[11 + i] end
@@ -324,6 +326,29 @@ local function lsn_add(base, delta)
   return table.concat(digits)
 end
 
+-- Cluster: the alerts of the hash's `alert_history` that may not be in the history yet
+-- (past `indexed`), each {type, available, threshold, lsn, ts}.
+local function unindexed_alerts(key, h)
+  local raw = field(key, h, 'alert_history')
+  local out = {}
+  if raw then
+    for _, a in ipairs(cjson.decode(raw)) do
+      if lsn_lt(indexed, a[4]) then out[#out + 1] = a end
+    end
+  end
+  return out
+end
+
+-- Cluster: a skipped entry reports them again (its caller may have died before adding
+-- them to the history).
+local function report_again(key, h)
+  for _, a in ipairs(h.hist or unindexed_alerts(key, h)) do
+    local n = #raised
+    raised[n + 1] = key; raised[n + 2] = a[1]; raised[n + 3] = a[2]; raised[n + 4] = a[3]
+    raised[n + 5] = a[4]; raised[n + 6] = a[5]
+  end
+end
+
 local alerts_raised = 0
 
 -- Low-stock alert detection after a transaction, at level `avail` (see
@@ -366,10 +391,10 @@ local function evaluate(key, h, has_stock, avail, lsn, ms, dl)
       local n, mss = #raised, tostring(ms)
       raised[n + 1] = key; raised[n + 2] = kind; raised[n + 3] = avs; raised[n + 4] = ths
       raised[n + 5] = lsn; raised[n + 6] = mss
-      -- kept in the hash until the next call that raises one: a replay of this entry
-      -- (skipped by the fence) reports it again, in case the caller died before adding it
-      -- to the history (which skips what it already holds)
-      if not h.hist then h.hist = {} end
+      -- kept in the hash (with those not yet in the history) until a later call finds it
+      -- in the history: a replay of this entry (skipped by the fence) reports it again, in
+      -- case the caller died before adding it (the history skips what it holds)
+      if not h.hist then h.hist = unindexed_alerts(key, h) end
       h.hist[#h.hist + 1] = {kind, avs, ths, lsn, mss}
     else
       seq = redis.call('XADD', alerts_key, 'MAXLEN', '~', history, '*', 'key', key,
@@ -380,21 +405,6 @@ local function evaluate(key, h, has_stock, avail, lsn, ms, dl)
     if #list > 50 then table.remove(list, 1) end
     h.alerts_dirty = true
     alerts_raised = alerts_raised + 1
-  end
-end
-
--- Cluster: the alerts an earlier call raised in a skipped entry's range (the hash's
--- `alert_history`, written by the last call that raised one), reported again.
-local function report_again(key, e)
-  local raw = redis.call('HGET', key, 'alert_history')
-  if not raw then return end
-  for _, a in ipairs(cjson.decode(raw)) do
-    local lsn = a[4]
-    if not lsn_lt(lsn, e.f) and not lsn_lt(e.l, lsn) then
-      local n = #raised
-      raised[n + 1] = key; raised[n + 2] = a[1]; raised[n + 3] = a[2]; raised[n + 4] = a[3]
-      raised[n + 5] = lsn; raised[n + 6] = a[5]
-    end
   end
 end
 
@@ -658,7 +668,7 @@ for i = 1, #entries do
   local key, h = KEYS[e.k], hs[e.k]
   if h.lsn and not before(h.lsn, h.piece, e.l, e.p) then
     skipped = skipped + 1
-    if cluster then report_again(key, e) end
+    if cluster then report_again(key, h) end
   else
     applied = applied + 1
     local changed = e.x == nil

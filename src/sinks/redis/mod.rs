@@ -1506,17 +1506,14 @@ impl Applier {
         } else {
             String::new()
         };
+        let indexed = self
+            .settings
+            .fence
+            .floor
+            .load(std::sync::atomic::Ordering::SeqCst)
+            .to_string();
         let script = redis::Script::new(ALERTS_LUA);
-        let mut rest = &alerts[..];
-        while !rest.is_empty() {
-            // chunks end where the LSN changes: the script skips what its slot's copy
-            // records as added, per LSN, so one transaction's alerts go in one call
-            let mut n = rest.len().min(ALERTS_PER_CALL);
-            while n < rest.len() && rest[n][4] == rest[n - 1][4] {
-                n += 1;
-            }
-            let (chunk, tail) = rest.split_at(n);
-            rest = tail;
+        for chunk in alerts.chunks(ALERTS_PER_CALL) {
             let mark = chunk.iter().map(lsn_of).max().unwrap_or(0);
             let mut inv = script.prepare_invoke();
             inv.key(layout::slot_meta_key(prefix, slot))
@@ -1525,7 +1522,8 @@ impl Applier {
                 .arg(token_arg(self.settings.fence.slots.get(slot)))
                 .arg(mark)
                 .arg(&history)
-                .arg(&cutoff);
+                .arg(&cutoff)
+                .arg(&indexed);
             for a in chunk {
                 for x in a {
                     inv.arg(x);
@@ -2332,7 +2330,15 @@ fn encode_call(
         .arg(s.scale)
         .arg(s.alert_history.max(1))
         .arg(s.alert_history_age_ms)
-        .arg(if cluster { "1" } else { "0" })
+        .arg(if cluster {
+            // every alert up to the writer's floor is in the history (see ALERTS_LUA)
+            s.fence
+                .floor
+                .load(std::sync::atomic::Ordering::SeqCst)
+                .to_string()
+        } else {
+            String::new()
+        })
         .arg(s.counters.len());
     for name in &s.counters {
         c.arg(name);
@@ -3110,28 +3116,39 @@ return 1
 "#
 );
 
-/// Adds a cluster's alerts to the history (a stream), each once: the history's slot's
-/// meta copy records in `alerts_lsn` the highest commit LSN whose alerts it holds, and a
-/// call adds only alerts past it (a replay's calls report again what they raised, in case
-/// their caller died before adding it). It records its highest LSN in that copy, fenced by
-/// it like every apply call. KEYS[1] the meta copy, KEYS[2] the history; ARGV: token (''
-/// unfenced), the slot's floor ('' unchecked), the mark, the history's length, its MINID
-/// cutoff ('' none), then (key, type, available, threshold, LSN, ts) per alert, in LSN
-/// order, every alert of an LSN in the same call.
+/// Adds a cluster's alerts to the history (a stream), each once. The calls of a retry or
+/// a replay report again the alerts their hashes hold past `indexed` (the writer's floor:
+/// every alert up to it is in the history), in no LSN order across calls, so the
+/// history's slot's meta copy records each alert past `indexed` it added, as a field
+/// `alert:<lsn>:<type>:<SKU hash key>`, and drops those at or below `indexed` when that
+/// moves (`alerts_indexed`): it holds the alerts of the batches not yet recorded. The call
+/// records its highest LSN in that copy, fenced by it like every apply call. KEYS[1] the
+/// meta copy, KEYS[2] the history; ARGV: token ('' unfenced), the slot's floor (''
+/// unchecked), the mark, the history's length, its MINID cutoff ('' none), `indexed`,
+/// then (key, type, available, threshold, LSN, ts) per alert, in LSN order.
 const ALERTS_LUA: &str = concat!(
     fenced_by_meta!(),
     r#"
-local done = redis.call('HGET', KEYS[1], 'alerts_lsn')
-local top = done
-for a = 6, #ARGV, 6 do
+local indexed = ARGV[6]
+if redis.call('HGET', KEYS[1], 'alerts_indexed') ~= indexed then
+  local drop = {}
+  for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+    local l = string.match(f, '^alert:(%d+):')
+    if l and not lsn_lt(indexed, l) then drop[#drop + 1] = f end
+  end
+  for i = 1, #drop, 1000 do
+    redis.call('HDEL', KEYS[1], unpack(drop, i, math.min(#drop, i + 999)))
+  end
+  redis.call('HSET', KEYS[1], 'alerts_indexed', indexed)
+end
+for a = 7, #ARGV, 6 do
   local lsn = ARGV[a + 4]
-  if not done or lsn_lt(done, lsn) then
+  if lsn_lt(indexed, lsn)
+      and redis.call('HSETNX', KEYS[1], 'alert:' .. lsn .. ':' .. ARGV[a + 1] .. ':' .. ARGV[a], '1') == 1 then
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'key', ARGV[a], 'type', ARGV[a + 1],
       'available', ARGV[a + 2], 'threshold', ARGV[a + 3], 'lsn', lsn, 'ts', ARGV[a + 5])
-    if not top or lsn_lt(top, lsn) then top = lsn end
   end
 end
-if top and top ~= done then redis.call('HSET', KEYS[1], 'alerts_lsn', top) end
 if ARGV[5] ~= '' then redis.call('XTRIM', KEYS[2], 'MINID', '~', ARGV[5]) end
 local cur = redis.call('HGET', KEYS[1], 'applied_lsn')
 if not cur or lsn_lt(cur, ARGV[3]) then redis.call('HSET', KEYS[1], 'applied_lsn', ARGV[3]) end
@@ -3139,7 +3156,7 @@ return 1
 "#
 );
 
-/// Alerts per history call (more when one LSN has more).
+/// Alerts per history call.
 const ALERTS_PER_CALL: usize = 1000;
 
 /// Clears a truncated table's row index, once: meta `ri_truncated:<table>` records the
