@@ -1142,3 +1142,61 @@ async fn an_alert_whose_writer_dies_around_the_history_write_is_in_the_history_o
     rig.assert_converges(Duration::from_secs(60)).await;
     rig.stop_cleanly();
 }
+
+/// The alert history's record of what it added on a cluster goes by the highest writer's
+/// floor it was given. After the floor is lowered (the meta hash's node came back older),
+/// a replay's calls, skipped by the fence, report again alerts the history already holds
+/// (their hashes keep them past the lowered floor), and none is added twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_after_the_writers_floor_was_lowered_adds_no_alert_twice() {
+    use crate::apply_script::stock_piece;
+    use skusync::fold::Piece;
+    use skusync::fold::batch::Batch;
+    use skusync::lsn::Lsn;
+    use skusync::sinks::layout;
+    use skusync::sinks::redis as rsink;
+    use std::sync::atomic::Ordering::SeqCst;
+    async fn apply(applier: &mut rsink::Applier, pieces: Vec<Piece>, end: u64) {
+        let mut batch = Batch::new(Lsn(0));
+        for p in pieces {
+            batch.push(p);
+        }
+        let entries = batch.take();
+        applier
+            .apply(&entries, Some(Lsn(end)), false)
+            .await
+            .unwrap();
+    }
+    let p = "alr";
+    let fc = FencedCluster::start(p).await;
+    let settings = fc.settings.clone();
+    let floor = settings.fence.floor.clone();
+    let mut applier = rsink::Applier::new(fc.con.clone(), settings);
+    apply(
+        &mut applier,
+        vec![stock_piece("X", 10, 100), stock_piece("Y{1}", 10, 101)],
+        110,
+    )
+    .await;
+    floor.store(110, SeqCst);
+    apply(&mut applier, vec![stock_piece("X", 0, 200)], 210).await;
+    // the next batch's history write drops its record of X's alert (at or below the floor)
+    floor.store(210, SeqCst);
+    apply(&mut applier, vec![stock_piece("Y{1}", 0, 300)], 310).await;
+    // lowered, and X's transaction replayed: skipped, its alert reported again
+    floor.store(110, SeqCst);
+    apply(&mut applier, vec![stock_piece("X", 0, 200)], 210).await;
+    let history: Vec<(String, std::collections::HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg(layout::alerts_key(p))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut fc.con.clone())
+        .await
+        .expect("XRANGE");
+    let got: Vec<(&str, &str)> = history
+        .iter()
+        .map(|(_, a)| (a["key"].as_str(), a["lsn"].as_str()))
+        .collect();
+    let (x, y) = (layout::sku_key(p, "X"), layout::sku_key(p, "Y{1}"));
+    assert_eq!(got, [(x.as_str(), "200"), (y.as_str(), "300")]);
+}

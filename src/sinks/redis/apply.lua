@@ -4,7 +4,7 @@
 -- change index (sorted set: SKU hash key -> commit LSN of its last change, for the
 -- clients' catch-up, `/v1/changes`); KEYS[n] = the alert history (stream). A SKU's
 -- distinct-user keys are its hash key plus ':u:...' (same hash tag, see sinks/layout.rs).
--- On a Redis Cluster (cluster = '1') every key of a call is in one slot: KEYS[1] is that
+-- On a Redis Cluster (`indexed` not '') every key of a call is in one slot: KEYS[1] is that
 -- slot's copy of the meta hash (writer, applied_lsn), then the SKU hashes, then the
 -- distinct-user keys the call may PFADD (declared for the cluster's routing only), and
 -- the change index and alert history (other slots) are written by the caller from the

@@ -3121,7 +3121,9 @@ return 1
 /// every alert up to it is in the history), in no LSN order across calls, so the
 /// history's slot's meta copy records each alert past `indexed` it added, as a field
 /// `alert:<lsn>:<type>:<SKU hash key>`, and drops those at or below `indexed` when that
-/// moves (`alerts_indexed`): it holds the alerts of the batches not yet recorded. The call
+/// rises (`alerts_indexed`, never lowered: a floor lowered after Redis came back older
+/// replays alerts this history holds): it holds the alerts of the batches not yet
+/// recorded. The call
 /// records its highest LSN in that copy, fenced by it like every apply call. KEYS[1] the
 /// meta copy, KEYS[2] the history; ARGV: token ('' unfenced), the slot's floor (''
 /// unchecked), the mark, the history's length, its MINID cutoff ('' none), `indexed`,
@@ -3130,7 +3132,11 @@ const ALERTS_LUA: &str = concat!(
     fenced_by_meta!(),
     r#"
 local indexed = ARGV[6]
-if redis.call('HGET', KEYS[1], 'alerts_indexed') ~= indexed then
+local before = redis.call('HGET', KEYS[1], 'alerts_indexed')
+-- a floor lowered since (Redis came back older: the replay reports again alerts this
+-- history holds) does not lower what it holds
+if before and lsn_lt(indexed, before) then indexed = before end
+if before ~= indexed then
   local drop = {}
   for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
     local l = string.match(f, '^alert:(%d+):')
