@@ -969,6 +969,16 @@ async fn load_snapshot(
             "moved SKU hashes of an earlier key layout"
         );
     }
+    // (before the reset drops the hashes' record of them)
+    let unindexed = Applier::new(con.clone(), settings.clone())
+        .add_unindexed_alerts()
+        .await?;
+    if unindexed > 0 {
+        tracing::info!(
+            alerts = unindexed,
+            "added the alerts a stopped process had not added to the alert history"
+        );
+    }
     let reset = rsink::reset_all(&mut con, prefix, Lsn(at.0.saturating_sub(1)), token).await?;
     // Fenced by the token; the floor does not apply: applied_lsn is rewritten at the end.
     let load_settings = ApplySettings {

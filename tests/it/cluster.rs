@@ -1200,3 +1200,85 @@ async fn a_replay_after_the_writers_floor_was_lowered_adds_no_alert_twice() {
     let (x, y) = (layout::sku_key(p, "X"), layout::sku_key(p, "Y{1}"));
     assert_eq!(got, [(x.as_str(), "200"), (y.as_str(), "300")]);
 }
+
+/// An alert whose writer dies before adding it to the history, when the restart rebuilds
+/// Redis instead of replaying (here Redis was marked stale meanwhile): the rebuild first
+/// adds to the history what the SKU hashes hold past the recorded `applied_lsn`, once,
+/// before it resets them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_whose_writer_dies_before_the_history_reaches_it_through_a_rebuild() {
+    use skusync::sinks::layout;
+    let mut rig = ClusterRig::new().await;
+    rig.start().await;
+    for sku in ["R/1", "S{2}"] {
+        rig.client
+            .execute(
+                "INSERT INTO inventory (sku, location, on_hand) VALUES ($1, 'WH-1', 10)",
+                &[&sku],
+            )
+            .await
+            .expect("stock");
+    }
+    rig.drain(Duration::from_secs(30)).await;
+    // S{2}'s alert is in the history before the kill; R/1's is not
+    rig.client
+        .batch_execute("UPDATE inventory SET on_hand = 0 WHERE sku = 'S{2}'")
+        .await
+        .expect("sell out");
+    rig.drain(Duration::from_secs(30)).await;
+    {
+        let d = rig.daemon();
+        let mut p = d.proc.take().expect("running");
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+        d.spawn_env(&[("SKUSYNC_FAILPOINT", "before-cluster-alerts:1")]);
+        d.wait_streaming(Duration::from_secs(30)).await;
+    }
+    rig.client
+        .batch_execute("UPDATE inventory SET on_hand = 0 WHERE sku = 'R/1'")
+        .await
+        .expect("sell out");
+    let start = Instant::now();
+    while !matches!(rig.daemon().proc().child.try_wait(), Ok(Some(_))) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the failpoint was not reached\n{}",
+            rig.daemon().stderr_all()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let meta = layout::meta_key(&rig.oracle.prefix);
+    let _: () = redis::cmd("HSET")
+        .arg(&meta)
+        .arg("bootstrap")
+        .arg("stale")
+        .query_async(&mut rig.con().await)
+        .await
+        .expect("mark stale");
+    rig.daemon().spawn();
+    rig.daemon()
+        .wait_stderr(
+            "rebuilding Redis from a fresh snapshot",
+            Duration::from_secs(30),
+        )
+        .await;
+    rig.drain(Duration::from_secs(90)).await;
+    let history: Vec<(String, std::collections::HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg(layout::alerts_key(&rig.oracle.prefix))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut rig.con().await)
+        .await
+        .expect("XRANGE");
+    for sku in ["R/1", "S{2}"] {
+        let key = layout::sku_key(&rig.oracle.prefix, sku);
+        let got: Vec<&str> = history
+            .iter()
+            .filter(|(_, a)| a.get("key") == Some(&key))
+            .map(|(_, a)| a["type"].as_str())
+            .collect();
+        assert_eq!(got, ["out_of_stock"], "{sku}'s alerts in {history:#?}");
+    }
+    rig.assert_converges(Duration::from_secs(60)).await;
+    rig.stop_cleanly();
+}

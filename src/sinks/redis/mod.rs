@@ -1539,6 +1539,64 @@ impl Applier {
         Ok(())
     }
 
+    /// On a Redis Cluster, before a rebuild resets the SKU hashes: add to the alert
+    /// history the alerts they hold past the writer's floor, raised by a batch whose
+    /// process died before adding them (a replay would add them; a rebuild replays
+    /// nothing). The history's record of what it added (see `ALERTS_LUA`) keeps any from
+    /// going in twice. Returns how many were reported.
+    pub async fn add_unindexed_alerts(&mut self) -> Result<usize, RedisSinkError> {
+        if !self.con.is_cluster() {
+            return Ok(0);
+        }
+        let prefix = self.settings.prefix.clone();
+        // every alert up to what the meta hash records is in the history (a rebuild at
+        // startup runs before the writer's floor is seeded from it)
+        let recorded: Option<u64> = redis::cmd("HGET")
+            .arg(layout::meta_key(&prefix))
+            .arg("applied_lsn")
+            .query_async(&mut self.con)
+            .await
+            .map_err(RedisSinkError::from_redis)?;
+        let floor = self
+            .settings
+            .fence
+            .floor
+            .load(std::sync::atomic::Ordering::SeqCst)
+            .max(recorded.unwrap_or(0));
+        let skus = scan_skus(&mut self.con, &prefix).await?;
+        let mut alerts: Vec<[String; 6]> = Vec::new();
+        for chunk in skus.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for sku in chunk {
+                pipe.cmd("HGET")
+                    .arg(layout::sku_key(&prefix, sku))
+                    .arg("alert_history");
+            }
+            let got: Vec<Option<String>> = pipe
+                .query_async(&mut self.con)
+                .await
+                .map_err(RedisSinkError::from_redis)?;
+            for (sku, raw) in chunk.iter().zip(got) {
+                // [[type, available, threshold, lsn, ts], ...] (apply.lua)
+                let Some(list) =
+                    raw.and_then(|r| serde_json::from_str::<Vec<[String; 5]>>(&r).ok())
+                else {
+                    continue;
+                };
+                for [kind, avail, thr, lsn, ts] in list {
+                    if lsn.parse::<u64>().is_ok_and(|l| l > floor) {
+                        alerts.push([layout::sku_key(&prefix, sku), kind, avail, thr, lsn, ts]);
+                    }
+                }
+            }
+        }
+        let n = alerts.len();
+        if n > 0 {
+            self.index_cluster(&[], &alerts).await?;
+        }
+        Ok(n)
+    }
+
     /// Record `end` as the applied LSN in the meta hash (a cluster's batch ends after all
     /// its slots' calls), fenced by the writer's token and floor.
     async fn raise_applied(&mut self, end: Lsn) -> Result<(), RedisSinkError> {
