@@ -970,15 +970,24 @@ async fn load_snapshot(
         );
     }
     // (before the reset drops the hashes' record of them)
-    let unindexed = Applier::new(con.clone(), settings.clone())
+    // Best effort: the rebuild goes on without them (a history slot whose meta copy is
+    // gone, say, would otherwise stop it for good; MQTT has those alerts anyway).
+    match Applier::new(con.clone(), settings.clone())
         .add_unindexed_alerts()
-        .await?;
-    if unindexed > 0 {
-        tracing::info!(
-            alerts = unindexed,
+        .await
+    {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            alerts = n,
             "added the alerts a stopped process had not added to the alert history"
-        );
+        ),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "could not add the alerts a stopped process had left to the alert history; they reached MQTT, not the history"
+        ),
     }
+    // (that write raised the history slot's floor, which the reset below starts over)
+    settings.fence.slots.clear();
     let reset = rsink::reset_all(&mut con, prefix, Lsn(at.0.saturating_sub(1)), token).await?;
     // Fenced by the token; the floor does not apply: applied_lsn is rewritten at the end.
     let load_settings = ApplySettings {

@@ -1565,6 +1565,8 @@ impl Applier {
             .max(recorded.unwrap_or(0));
         let skus = scan_skus(&mut self.con, &prefix).await?;
         let mut alerts: Vec<[String; 6]> = Vec::new();
+        let mut holders: Vec<String> = Vec::new();
+        let mut unreadable = 0usize;
         for chunk in skus.chunks(1000) {
             let mut pipe = redis::pipe();
             for sku in chunk {
@@ -1577,22 +1579,41 @@ impl Applier {
                 .await
                 .map_err(RedisSinkError::from_redis)?;
             for (sku, raw) in chunk.iter().zip(got) {
+                let Some(raw) = raw else { continue };
                 // [[type, available, threshold, lsn, ts], ...] (apply.lua)
-                let Some(list) =
-                    raw.and_then(|r| serde_json::from_str::<Vec<[String; 5]>>(&r).ok())
-                else {
+                let Ok(list) = serde_json::from_str::<Vec<[String; 5]>>(&raw) else {
+                    unreadable += 1;
                     continue;
                 };
+                let key = layout::sku_key(&prefix, sku);
                 for [kind, avail, thr, lsn, ts] in list {
                     if lsn.parse::<u64>().is_ok_and(|l| l > floor) {
-                        alerts.push([layout::sku_key(&prefix, sku), kind, avail, thr, lsn, ts]);
+                        alerts.push([key.clone(), kind, avail, thr, lsn, ts]);
                     }
                 }
+                holders.push(key);
             }
+        }
+        if unreadable > 0 {
+            tracing::warn!(
+                hashes = unreadable,
+                "SKU hashes hold an alert_history field that is not skusync's JSON; skipped"
+            );
         }
         let n = alerts.len();
         if n > 0 {
             self.index_cluster(&[], &alerts).await?;
+        }
+        // The hashes' record goes now, before the reset starts the history's record of
+        // what it added over: a rebuild stopped in between must not add them again.
+        for chunk in holders.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for key in chunk {
+                pipe.cmd("HDEL").arg(key).arg("alert_history").ignore();
+            }
+            pipe.query_async::<()>(&mut self.con)
+                .await
+                .map_err(RedisSinkError::from_redis)?;
         }
         Ok(n)
     }
