@@ -1299,3 +1299,71 @@ async fn an_alert_whose_writer_dies_before_the_history_reaches_it_through_a_rebu
     rig.assert_converges(Duration::from_secs(60)).await;
     rig.stop_cleanly();
 }
+
+/// The rebuild's first step (adding the alerts a killed process left in the SKU hashes)
+/// is best effort: when it fails, here because the alert history's slot lost its meta
+/// copy, the rebuild warns and goes on (it was a transient error retried forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_whose_alert_step_fails_warns_and_goes_on() {
+    use skusync::sinks::layout;
+    let mut rig = ClusterRig::new().await;
+    rig.start().await;
+    rig.client
+        .batch_execute("INSERT INTO inventory (sku, location, on_hand) VALUES ('T', 'WH-1', 10)")
+        .await
+        .expect("stock");
+    rig.drain(Duration::from_secs(30)).await;
+    {
+        let d = rig.daemon();
+        let mut p = d.proc.take().expect("running");
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+        d.spawn_env(&[("SKUSYNC_FAILPOINT", "before-cluster-alerts:1")]);
+        d.wait_streaming(Duration::from_secs(30)).await;
+    }
+    rig.client
+        .batch_execute("UPDATE inventory SET on_hand = 0 WHERE sku = 'T'")
+        .await
+        .expect("sell out");
+    let start = Instant::now();
+    while !matches!(rig.daemon().proc().child.try_wait(), Ok(Some(_))) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the failpoint was not reached\n{}",
+            rig.daemon().stderr_all()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let prefix = rig.oracle.prefix.clone();
+    let slot = layout::slot_of(layout::alerts_key(&prefix).as_bytes());
+    let mut con = rig.con().await;
+    let _: () = redis::cmd("DEL")
+        .arg(layout::slot_meta_key(&prefix, slot))
+        .query_async(&mut con)
+        .await
+        .expect("drop the history slot's meta copy");
+    let _: () = redis::cmd("HSET")
+        .arg(layout::meta_key(&prefix))
+        .arg("bootstrap")
+        .arg("stale")
+        .query_async(&mut con)
+        .await
+        .expect("mark stale");
+    rig.daemon().spawn();
+    rig.daemon()
+        .wait_stderr(
+            "could not add the alerts a stopped process had left",
+            Duration::from_secs(30),
+        )
+        .await;
+    rig.drain(Duration::from_secs(90)).await;
+    rig.assert_converges(Duration::from_secs(60)).await;
+    assert_eq!(
+        rig.daemon()
+            .stderr_count("rebuilding Redis from a fresh snapshot"),
+        1,
+        "{}",
+        rig.daemon().stderr_all()
+    );
+    rig.stop_cleanly();
+}
