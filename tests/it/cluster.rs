@@ -1226,6 +1226,23 @@ async fn an_alert_whose_writer_dies_before_the_history_reaches_it_through_a_rebu
         .await
         .expect("sell out");
     rig.drain(Duration::from_secs(30)).await;
+    // (the drain marker's hash can be written before its batch's history write)
+    let start = Instant::now();
+    loop {
+        let n: usize = redis::cmd("XLEN")
+            .arg(layout::alerts_key(&rig.oracle.prefix))
+            .query_async(&mut rig.con().await)
+            .await
+            .expect("XLEN");
+        if n == 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "S{{2}}'s alert: {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     {
         let d = rig.daemon();
         let mut p = d.proc.take().expect("running");
