@@ -110,6 +110,65 @@ impl ClusterRig {
         self.daemon.as_mut().expect("skusync started")
     }
 
+    /// Restart skusync with `SKUSYNC_FAILPOINT=<point>`, run `sql` and wait until the
+    /// failpoint aborts it (it stays stopped).
+    async fn abort_at(&mut self, point: &str, sql: &str) {
+        let d = self.daemon();
+        let mut p = d.proc.take().expect("running");
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+        d.spawn_env(&[("SKUSYNC_FAILPOINT", point)]);
+        d.wait_streaming(Duration::from_secs(30)).await;
+        self.client
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        let start = Instant::now();
+        while !matches!(self.daemon().proc().child.try_wait(), Ok(Some(_))) {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the failpoint {point} was not reached\n{}",
+                self.daemon().stderr_all()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(self.daemon().stderr_contains("failpoint reached"));
+    }
+
+    /// Mark Redis stale (meta `bootstrap`), as after a lost slot: the next start rebuilds.
+    async fn mark_stale(&self) {
+        let _: () = redis::cmd("HSET")
+            .arg(skusync::sinks::layout::meta_key(&self.oracle.prefix))
+            .arg("bootstrap")
+            .arg("stale")
+            .query_async(&mut self.con().await)
+            .await
+            .expect("mark stale");
+    }
+
+    /// The alert history's entries (XRANGE), each as its fields, oldest first.
+    async fn alert_history(&self) -> Vec<std::collections::HashMap<String, String>> {
+        let v: Vec<(String, std::collections::HashMap<String, String>)> = redis::cmd("XRANGE")
+            .arg(skusync::sinks::layout::alerts_key(&self.oracle.prefix))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut self.con().await)
+            .await
+            .expect("XRANGE");
+        v.into_iter().map(|(_, a)| a).collect()
+    }
+
+    /// The alert types the history holds for `sku`, oldest first.
+    async fn alerts_of(&self, sku: &str) -> Vec<String> {
+        let key = skusync::sinks::layout::sku_key(&self.oracle.prefix, sku);
+        self.alert_history()
+            .await
+            .into_iter()
+            .filter(|a| a.get("key") == Some(&key))
+            .map(|a| a["type"].clone())
+            .collect()
+    }
+
     /// `n` transactions of `w`, one after another.
     async fn run(&mut self, w: &mut Workload, n: usize) {
         for _ in 0..n {
@@ -1078,29 +1137,12 @@ async fn an_alert_whose_writer_dies_around_the_history_write_is_in_the_history_o
         .iter()
         .zip(["before-cluster-alerts:1", "after-cluster-alerts:1"])
     {
-        let d = rig.daemon();
-        let mut p = d.proc.take().expect("running");
-        let _ = p.child.kill();
-        let _ = p.child.wait();
-        d.spawn_env(&[("SKUSYNC_FAILPOINT", point)]);
-        d.wait_streaming(Duration::from_secs(30)).await;
-        let runs = d.runs;
         // out of stock: one alert
-        rig.client
-            .execute("UPDATE inventory SET on_hand = 0 WHERE sku = $1", &[sku])
-            .await
-            .expect("sell out");
-        let start = Instant::now();
-        while !matches!(rig.daemon().proc().child.try_wait(), Ok(Some(_))) {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "the failpoint {point} was not reached\n{}",
-                rig.daemon().stderr_all()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(rig.daemon().stderr_contains("failpoint reached"));
-        assert_eq!(rig.daemon().runs, runs);
+        rig.abort_at(
+            point,
+            &format!("UPDATE inventory SET on_hand = 0 WHERE sku = '{sku}'"),
+        )
+        .await;
         rig.daemon().spawn();
         rig.drain(Duration::from_secs(60)).await;
     }
@@ -1116,15 +1158,9 @@ async fn an_alert_whose_writer_dies_around_the_history_write_is_in_the_history_o
     }
     rig.daemon().spawn();
     rig.drain(Duration::from_secs(60)).await;
-    let history: Vec<(String, std::collections::HashMap<String, String>)> = redis::cmd("XRANGE")
-        .arg(layout::alerts_key(&rig.oracle.prefix))
-        .arg("-")
-        .arg("+")
-        .query_async(&mut rig.con().await)
-        .await
-        .expect("XRANGE");
+    let history = rig.alert_history().await;
     let mut by_key: std::collections::HashMap<&str, Vec<&str>> = Default::default();
-    for (_, a) in &history {
+    for a in &history {
         by_key
             .entry(a["key"].as_str())
             .or_default()
@@ -1207,7 +1243,6 @@ async fn a_replay_after_the_writers_floor_was_lowered_adds_no_alert_twice() {
 /// before it resets them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alert_whose_writer_dies_before_the_history_reaches_it_through_a_rebuild() {
-    use skusync::sinks::layout;
     let mut rig = ClusterRig::new().await;
     rig.start().await;
     for sku in ["R/1", "S{2}"] {
@@ -1228,50 +1263,16 @@ async fn an_alert_whose_writer_dies_before_the_history_reaches_it_through_a_rebu
     rig.drain(Duration::from_secs(30)).await;
     // (the drain marker's hash can be written before its batch's history write)
     let start = Instant::now();
-    loop {
-        let n: usize = redis::cmd("XLEN")
-            .arg(layout::alerts_key(&rig.oracle.prefix))
-            .query_async(&mut rig.con().await)
-            .await
-            .expect("XLEN");
-        if n == 1 {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "S{{2}}'s alert: {n}"
-        );
+    while rig.alerts_of("S{2}").await.is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(10), "S{{2}}'s alert");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    {
-        let d = rig.daemon();
-        let mut p = d.proc.take().expect("running");
-        let _ = p.child.kill();
-        let _ = p.child.wait();
-        d.spawn_env(&[("SKUSYNC_FAILPOINT", "before-cluster-alerts:1")]);
-        d.wait_streaming(Duration::from_secs(30)).await;
-    }
-    rig.client
-        .batch_execute("UPDATE inventory SET on_hand = 0 WHERE sku = 'R/1'")
-        .await
-        .expect("sell out");
-    let start = Instant::now();
-    while !matches!(rig.daemon().proc().child.try_wait(), Ok(Some(_))) {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the failpoint was not reached\n{}",
-            rig.daemon().stderr_all()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let meta = layout::meta_key(&rig.oracle.prefix);
-    let _: () = redis::cmd("HSET")
-        .arg(&meta)
-        .arg("bootstrap")
-        .arg("stale")
-        .query_async(&mut rig.con().await)
-        .await
-        .expect("mark stale");
+    rig.abort_at(
+        "before-cluster-alerts:1",
+        "UPDATE inventory SET on_hand = 0 WHERE sku = 'R/1'",
+    )
+    .await;
+    rig.mark_stale().await;
     rig.daemon().spawn();
     rig.daemon()
         .wait_stderr(
@@ -1297,21 +1298,8 @@ async fn an_alert_whose_writer_dies_before_the_history_reaches_it_through_a_rebu
         "{}",
         rig.daemon().stderr_all()
     );
-    let history: Vec<(String, std::collections::HashMap<String, String>)> = redis::cmd("XRANGE")
-        .arg(layout::alerts_key(&rig.oracle.prefix))
-        .arg("-")
-        .arg("+")
-        .query_async(&mut rig.con().await)
-        .await
-        .expect("XRANGE");
     for sku in ["R/1", "S{2}"] {
-        let key = layout::sku_key(&rig.oracle.prefix, sku);
-        let got: Vec<&str> = history
-            .iter()
-            .filter(|(_, a)| a.get("key") == Some(&key))
-            .map(|(_, a)| a["type"].as_str())
-            .collect();
-        assert_eq!(got, ["out_of_stock"], "{sku}'s alerts in {history:#?}");
+        assert_eq!(rig.alerts_of(sku).await, ["out_of_stock"], "{sku}");
     }
     rig.assert_converges(Duration::from_secs(60)).await;
     rig.stop_cleanly();
@@ -1330,27 +1318,11 @@ async fn a_rebuild_whose_alert_step_fails_warns_and_goes_on() {
         .await
         .expect("stock");
     rig.drain(Duration::from_secs(30)).await;
-    {
-        let d = rig.daemon();
-        let mut p = d.proc.take().expect("running");
-        let _ = p.child.kill();
-        let _ = p.child.wait();
-        d.spawn_env(&[("SKUSYNC_FAILPOINT", "before-cluster-alerts:1")]);
-        d.wait_streaming(Duration::from_secs(30)).await;
-    }
-    rig.client
-        .batch_execute("UPDATE inventory SET on_hand = 0 WHERE sku = 'T'")
-        .await
-        .expect("sell out");
-    let start = Instant::now();
-    while !matches!(rig.daemon().proc().child.try_wait(), Ok(Some(_))) {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the failpoint was not reached\n{}",
-            rig.daemon().stderr_all()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    rig.abort_at(
+        "before-cluster-alerts:1",
+        "UPDATE inventory SET on_hand = 0 WHERE sku = 'T'",
+    )
+    .await;
     let prefix = rig.oracle.prefix.clone();
     let slot = layout::slot_of(layout::alerts_key(&prefix).as_bytes());
     let mut con = rig.con().await;
@@ -1359,13 +1331,7 @@ async fn a_rebuild_whose_alert_step_fails_warns_and_goes_on() {
         .query_async(&mut con)
         .await
         .expect("drop the history slot's meta copy");
-    let _: () = redis::cmd("HSET")
-        .arg(layout::meta_key(&prefix))
-        .arg("bootstrap")
-        .arg("stale")
-        .query_async(&mut con)
-        .await
-        .expect("mark stale");
+    rig.mark_stale().await;
     rig.daemon().spawn();
     rig.daemon()
         .wait_stderr(
