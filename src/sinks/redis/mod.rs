@@ -3202,11 +3202,11 @@ return 1
 /// `alert:<lsn>:<type>:<SKU hash key>`, and drops those at or below `indexed` when that
 /// rises (`alerts_indexed`, never lowered: a floor lowered after Redis came back older
 /// replays alerts this history holds): it holds the alerts of the batches not yet
-/// recorded. The call
-/// records its highest LSN in that copy, fenced by it like every apply call. KEYS[1] the
-/// meta copy, KEYS[2] the history; ARGV: token ('' unfenced), the slot's floor (''
-/// unchecked), the mark, the history's length, its MINID cutoff ('' none), `indexed`,
-/// then (key, type, available, threshold, LSN, ts) per alert, in LSN order.
+/// recorded. The call records its highest LSN in that copy, fenced by it like every
+/// apply call. KEYS[1] the meta copy, KEYS[2] the history; ARGV: token ('' unfenced), the
+/// slot's floor ('' unchecked), the mark, the history's length, its MINID cutoff (''
+/// none), `indexed`, then (key, type, available, threshold, LSN, ts) per alert, in LSN
+/// order.
 const ALERTS_LUA: &str = concat!(
     fenced_by_meta!(),
     r#"
