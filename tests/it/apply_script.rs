@@ -168,16 +168,7 @@ async fn lua_apply_script_matches_the_model_on_random_pieces() {
     let redis = RedisServer::start();
     let client = rsink::client(&[redis.url()], false, None).unwrap();
     let con = rsink::connect(&client).await.unwrap();
-    let settings = ApplySettings {
-        scale: 0,
-        prefix: "t".into(),
-        keep_minutes: 5,
-        low_stock: 5,
-        counters: vec!["views".into(), "purchases".into()],
-        alert_history: 1000,
-        alert_history_age_ms: 0,
-        fence: Default::default(),
-    };
+    let settings = test_settings("t", &["views", "purchases"]);
     let mut applier = Applier::new(con.clone(), settings.clone());
     let mut mcon = con.clone();
     // Without the meta hash the script refuses.
@@ -322,16 +313,7 @@ async fn a_merged_entry_straddling_the_fence_is_refused_and_writes_nothing() {
     let redis = RedisServer::start();
     let client = rsink::client(&[redis.url()], false, None).unwrap();
     let con = rsink::connect(&client).await.unwrap();
-    let settings = ApplySettings {
-        scale: 0,
-        prefix: "t".into(),
-        keep_minutes: 5,
-        low_stock: 5,
-        counters: vec!["views".into(), "purchases".into()],
-        alert_history: 1000,
-        alert_history_age_ms: 0,
-        fence: Default::default(),
-    };
+    let settings = test_settings("t", &["views", "purchases"]);
     let params = ApplyParams {
         keep_minutes: 5,
         low_stock: 5,
@@ -615,16 +597,7 @@ async fn stock_applier(
     let client = rsink::client(&[redis.url()], false, None).unwrap();
     let con = rsink::connect(&client).await.unwrap();
     let mut mcon = con.clone();
-    let settings = ApplySettings {
-        scale: 0,
-        prefix: prefix.into(),
-        keep_minutes: 5,
-        low_stock: 5,
-        counters: vec!["views".into()],
-        alert_history: 1000,
-        alert_history_age_ms: 0,
-        fence: Default::default(),
-    };
+    let settings = test_settings(prefix, &["views"]);
     rsink::write_meta(&mut mcon, prefix, 0, &[("bootstrap", "done".into())])
         .await
         .unwrap();
@@ -635,6 +608,21 @@ async fn stock_applier(
 
 /// A whole transaction setting `sku`'s one stock row to `on_hand` (no alert: above the
 /// low-stock level), committed at `lsn`.
+/// The apply settings the sink tests use: scale 0, low stock 5, five minutes of window
+/// buckets, unfenced.
+pub fn test_settings(prefix: &str, counters: &[&str]) -> ApplySettings {
+    ApplySettings {
+        scale: 0,
+        prefix: prefix.into(),
+        keep_minutes: 5,
+        low_stock: 5,
+        counters: counters.iter().map(|c| c.to_string()).collect(),
+        alert_history: 1000,
+        alert_history_age_ms: 0,
+        fence: Default::default(),
+    }
+}
+
 pub fn stock_piece(sku: &str, on_hand: i64, lsn: u64) -> Piece {
     let mut d = SkuDelta::default();
     d.rows.insert(
@@ -889,13 +877,7 @@ async fn thin_and_script_leave_the_same(
     for scale in [0u32, 2] {
         let settings = |prefix: &str| ApplySettings {
             scale,
-            prefix: prefix.into(),
-            keep_minutes: 5,
-            low_stock: 5,
-            counters: vec!["views".into(), "purchases".into()],
-            alert_history: 1000,
-            alert_history_age_ms: 0,
-            fence: Default::default(),
+            ..test_settings(prefix, &["views", "purchases"])
         };
         let (tp, sp) = (format!("thin{scale}"), format!("script{scale}"));
         // In a third of the rounds a racing writer rewrites the fence of every hash thin

@@ -146,6 +146,15 @@ impl ClusterRig {
             .expect("mark stale");
     }
 
+    /// The distinct users a SKU hash's `views` HyperLogLog counts (PFCOUNT).
+    async fn users_counted(&self, key: &str) -> i64 {
+        redis::cmd("PFCOUNT")
+            .arg(format!("{key}:u:views"))
+            .query_async(&mut self.con().await)
+            .await
+            .expect("PFCOUNT")
+    }
+
     /// The alert history's entries (XRANGE), each as its fields, oldest first.
     async fn alert_history(&self) -> Vec<std::collections::HashMap<String, String>> {
         let v: Vec<(String, std::collections::HashMap<String, String>)> = redis::cmd("XRANGE")
@@ -634,21 +643,8 @@ async fn a_new_distinct_user_key_in_a_migrating_slot_waits_for_the_slot_and_lose
     tokio::time::sleep(Duration::from_secs(3)).await;
     rig.daemon()
         .assert_alive("a slot migrating under a new distinct-user key");
-    let users_key = format!("{key}:u:views");
-    let users = |con: redis::cluster_async::ClusterConnection| {
-        let k = users_key.clone();
-        async move {
-            let mut con = con;
-            let n: i64 = redis::cmd("PFCOUNT")
-                .arg(k)
-                .query_async(&mut con)
-                .await
-                .unwrap();
-            n
-        }
-    };
     assert_eq!(
-        users(rig.con().await).await,
+        rig.users_counted(&key).await,
         0,
         "the call waits while the slot migrates"
     );
@@ -658,7 +654,7 @@ async fn a_new_distinct_user_key_in_a_migrating_slot_waits_for_the_slot_and_lose
     rig.drain(Duration::from_secs(60)).await;
     rig.assert_converges(Duration::from_secs(60)).await;
     assert_eq!(
-        users(rig.con().await).await,
+        rig.users_counted(&key).await,
         3,
         "alice, bob and carol, once each"
     );
@@ -743,12 +739,11 @@ async fn a_reshard_that_moved_a_skus_hash_before_its_user_keys_completes_and_los
     }
     rig.drain(Duration::from_secs(60)).await;
     rig.assert_converges(Duration::from_secs(60)).await;
-    let counted: i64 = redis::cmd("PFCOUNT")
-        .arg(format!("{key}:u:views"))
-        .query_async(&mut rig.con().await)
-        .await
-        .unwrap();
-    assert_eq!(counted, 4, "alice, bob, carol and dave, once each");
+    assert_eq!(
+        rig.users_counted(&key).await,
+        4,
+        "alice, bob, carol and dave, once each"
+    );
     rig.stop_cleanly();
 }
 
@@ -824,16 +819,7 @@ async fn a_truncate_clears_every_row_index_bucket_of_a_cluster_slot() {
             .await
             .unwrap();
     }
-    let settings = rsink::ApplySettings {
-        scale: 0,
-        prefix: "skusync".into(),
-        keep_minutes: 5,
-        low_stock: 5,
-        counters: vec![],
-        alert_history: 1000,
-        alert_history_age_ms: 0,
-        fence: Default::default(),
-    };
+    let settings = crate::apply_script::test_settings("skusync", &[]);
     let mut applier = rsink::Applier::new(con.clone(), settings);
     applier
         .truncate_row_index(table, (skusync::lsn::Lsn(100), 0))
@@ -883,16 +869,7 @@ impl FencedCluster {
         rsink::reset_all(&mut con, prefix, skusync::lsn::Lsn(1), token)
             .await
             .unwrap();
-        let settings = rsink::ApplySettings {
-            scale: 0,
-            prefix: prefix.into(),
-            keep_minutes: 5,
-            low_stock: 5,
-            counters: vec!["views".into()],
-            alert_history: 1000,
-            alert_history_age_ms: 0,
-            fence: Default::default(),
-        };
+        let settings = crate::apply_script::test_settings(prefix, &["views"]);
         let mut f = FencedCluster {
             _cluster: cluster,
             con,

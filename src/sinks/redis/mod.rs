@@ -870,7 +870,13 @@ impl Applier {
                     continue;
                 }
                 new += usize::from(v.iter().all(Option::is_none));
-                if let Some(w) = thin::plan(&entries[*i], f, &v, &self.settings, quiet) {
+                if let Some(mut w) = thin::plan(&entries[*i], f, &v, &self.settings, quiet) {
+                    if self.con.is_cluster() {
+                        // A pruned minute's users key is left to its EXPIREAT, as apply.lua
+                        // leaves it there: its name depends on the hash, so a call cannot
+                        // declare it (see `user_keys`).
+                        w.keys.retain(|op| !matches!(op, thin::KeyOp::Del(_)));
+                    }
                     planned.push((*i, w));
                 }
             }
@@ -1073,7 +1079,7 @@ impl Applier {
             let mut v: Vec<(usize, &str)> = planned
                 .iter()
                 .flat_map(|(i, w)| {
-                    // (no Del: see `encode_key_ops`)
+                    // (no Del on a cluster: see `plan_thin`)
                     w.keys.iter().filter_map(move |op| match op {
                         thin::KeyOp::Del(_) => None,
                         thin::KeyOp::Add(k, _) | thin::KeyOp::ExpireAt(k, _) => {
@@ -1137,7 +1143,7 @@ impl Applier {
             for f in &w.del {
                 c.bytes(f.as_bytes());
             }
-            encode_key_ops(c, &w.keys, cluster);
+            encode_key_ops(c, &w.keys);
         }
     }
 
@@ -1468,20 +1474,11 @@ impl Applier {
         let script = redis::Script::new(CHANGES_LUA);
         for chunk in changes.chunks(1000) {
             let mark = chunk.iter().map(|(lsn, _)| *lsn).max().unwrap_or(0);
-            let mut inv = script.prepare_invoke();
-            inv.key(layout::slot_meta_key(prefix, slot))
-                .key(&changes_key)
-                .arg(token_arg(self.settings.fence.token()))
-                .arg(token_arg(self.settings.fence.slots.get(slot)))
-                .arg(mark);
+            let mut inv = self.slot_marked(&script, slot, &changes_key, mark);
             for (lsn, key) in chunk {
                 inv.arg(*lsn).arg(key);
             }
-            let r: Result<i64, _> = inv.invoke_async(&mut self.con).await;
-            if let Err(e) = r {
-                return Err(self.slot_failed(slot, RedisSinkError::from_redis(e)).await);
-            }
-            self.settings.fence.slots.raise(slot, mark);
+            self.invoke_slot_marked(inv, slot, mark).await?;
         }
         if alerts.is_empty() {
             return Ok(());
@@ -1515,27 +1512,50 @@ impl Applier {
         let script = redis::Script::new(ALERTS_LUA);
         for chunk in alerts.chunks(ALERTS_PER_CALL) {
             let mark = chunk.iter().map(lsn_of).max().unwrap_or(0);
-            let mut inv = script.prepare_invoke();
-            inv.key(layout::slot_meta_key(prefix, slot))
-                .key(&alerts_key)
-                .arg(token_arg(self.settings.fence.token()))
-                .arg(token_arg(self.settings.fence.slots.get(slot)))
-                .arg(mark)
-                .arg(&history)
-                .arg(&cutoff)
-                .arg(&indexed);
+            let mut inv = self.slot_marked(&script, slot, &alerts_key, mark);
+            inv.arg(&history).arg(&cutoff).arg(&indexed);
             for a in chunk {
                 for x in a {
                     inv.arg(x);
                 }
             }
-            let r: Result<i64, _> = inv.invoke_async(&mut self.con).await;
-            if let Err(e) = r {
-                return Err(self.slot_failed(slot, RedisSinkError::from_redis(e)).await);
-            }
-            self.settings.fence.slots.raise(slot, mark);
+            self.invoke_slot_marked(inv, slot, mark).await?;
         }
         crate::failpoint::hit("after-cluster-alerts");
+        Ok(())
+    }
+
+    /// A call of `script` (one starting with `fenced_by_meta!` that records `mark` as its
+    /// slot copy's `applied_lsn`) on `key` of `slot`: KEYS the slot's meta copy and `key`,
+    /// ARGV the writer's token, the slot's floor and `mark`; the caller adds the rest.
+    fn slot_marked<'s>(
+        &self,
+        script: &'s redis::Script,
+        slot: u16,
+        key: &str,
+        mark: u64,
+    ) -> redis::ScriptInvocation<'s> {
+        let mut inv = script.prepare_invoke();
+        inv.key(layout::slot_meta_key(&self.settings.prefix, slot))
+            .key(key)
+            .arg(token_arg(self.settings.fence.token()))
+            .arg(token_arg(self.settings.fence.slots.get(slot)))
+            .arg(mark);
+        inv
+    }
+
+    /// Run a [`Applier::slot_marked`] call; its slot's floor rises to `mark`.
+    async fn invoke_slot_marked(
+        &mut self,
+        inv: redis::ScriptInvocation<'_>,
+        slot: u16,
+        mark: u64,
+    ) -> Result<(), RedisSinkError> {
+        let r: Result<i64, _> = inv.invoke_async(&mut self.con).await;
+        if let Err(e) = r {
+            return Err(self.slot_failed(slot, RedisSinkError::from_redis(e)).await);
+        }
+        self.settings.fence.slots.raise(slot, mark);
         Ok(())
     }
 
@@ -2598,14 +2618,9 @@ fn user_keys(prefix: &str, entries: &[&Entry]) -> Vec<String> {
 /// A thin entry's distinct-user writes for `thin.lua`: the number of arguments that
 /// follow, then `d <suffix>`, `p <suffix> <n> <id>...` (at most [`USERS_PER_PFADD`] ids)
 /// or `e <suffix> <unix s>` each.
-fn encode_key_ops<A: resp::Args>(c: &mut A, ops: &[thin::KeyOp], cluster: bool) {
-    // On a cluster a pruned minute's key is left to its EXPIREAT, as apply.lua leaves it
-    // (see `user_keys`).
-    let ops = ops
-        .iter()
-        .filter(|op| !(cluster && matches!(op, thin::KeyOp::Del(_))));
+fn encode_key_ops<A: resp::Args>(c: &mut A, ops: &[thin::KeyOp]) {
     let n: usize = ops
-        .clone()
+        .iter()
         .map(|op| match op {
             thin::KeyOp::Del(_) => 2,
             thin::KeyOp::ExpireAt(..) => 3,
