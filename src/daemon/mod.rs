@@ -969,9 +969,9 @@ async fn load_snapshot(
             "moved SKU hashes of an earlier key layout"
         );
     }
-    // (before the reset drops the hashes' record of them)
-    // Best effort: the rebuild goes on without them (a history slot whose meta copy is
-    // gone, say, would otherwise stop it for good; MQTT has those alerts anyway).
+    // Before the reset drops the hashes' record of them. Best effort: the rebuild goes on
+    // without them (a history slot whose meta copy is gone, say, would otherwise stop it
+    // for good; MQTT has those alerts anyway).
     match Applier::new(con.clone(), settings.clone())
         .add_unindexed_alerts()
         .await
