@@ -16,7 +16,7 @@
 //! 410.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -78,6 +78,8 @@ struct Api {
     redis: crate::sinks::redis::RedisClient,
     con: tokio::sync::Mutex<Option<RedisCon>>,
     key: Option<Vec<u8>>,
+    /// `api.trusted_proxies`.
+    trusted: Vec<ipnet::IpNet>,
     limiter: Mutex<Limiter>,
     page: redis::Script,
 }
@@ -109,17 +111,25 @@ pub async fn serve(
     tracing::info!(listen = %ac.listen, "client API: /v1/sku /v1/changes /v1/alerts");
     metrics::describe_counter!(
         "skusync_api_rejected_total",
-        "Client API connections closed on accept because api.max_connections was reached."
+        "Client API connections closed on accept, by the limit reached (api.max_connections, api.max_connections_per_address)."
     );
     metrics::describe_counter!(
         "skusync_api_requests_total",
         "Client API requests answered, by status."
     );
-    metrics::counter!("skusync_api_rejected_total").absolute(0);
-    let max = ac.max_connections;
+    for limit in ["max_connections", "max_connections_per_address"] {
+        metrics::counter!("skusync_api_rejected_total", "limit" => limit).absolute(0);
+    }
+    let trusted = ac.trusted();
+    let limits = crate::http::Limits {
+        max: ac.max_connections,
+        per_address: Some(ac.max_connections_per_address),
+        exempt: trusted.clone(),
+    };
     let api = Arc::new(Api {
         limiter: Mutex::new(Limiter::new(ac.rate_per_s, ac.burst)),
         cfg: ac,
+        trusted,
         spec: crate::sinks::mqtt::payload_spec(cfg),
         prefix: rc.prefix.clone(),
         redis,
@@ -129,8 +139,14 @@ pub async fn serve(
     });
     Ok(crate::http::serve_with(
         listener,
-        max,
-        "skusync_api_rejected_total",
+        limits,
+        |r| {
+            let limit = match r {
+                crate::http::Rejected::Total => "max_connections",
+                crate::http::Rejected::PerAddress => "max_connections_per_address",
+            };
+            metrics::counter!("skusync_api_rejected_total", "limit" => limit).increment(1);
+        },
         shutdown,
         move |req| {
             let api = api.clone();
@@ -194,16 +210,49 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The client's address: the peer's, or when the peer is a trusted proxy, the right-most
+/// `X-Forwarded-For` entry that is not one (each proxy appends the address it was
+/// reached from, so only entries a trusted proxy appended can be believed). An entry
+/// that is not an address ends the walk at the last hop believed.
+fn client_address(req: &Request, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    let mut client = req.peer.ip().to_canonical();
+    if !is_trusted(&client) {
+        return client;
+    }
+    let forwarded: Vec<&str> = req
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "x-forwarded-for")
+        .flat_map(|(_, v)| v.split(','))
+        .collect();
+    for entry in forwarded.iter().rev() {
+        let e = entry.trim();
+        let Some(ip) = e
+            .parse::<IpAddr>()
+            .ok()
+            .or_else(|| e.parse::<SocketAddr>().ok().map(|a| a.ip()))
+        else {
+            break;
+        };
+        client = ip.to_canonical();
+        if !is_trusted(&client) {
+            break;
+        }
+    }
+    client
+}
+
 /// Who is asking, for the rate limit: `Err` is the 401.
 fn authorize(
     tokens: &[String],
     key: Option<&[u8]>,
     header: Option<&str>,
-    peer: SocketAddr,
+    client: IpAddr,
     now_s: u64,
 ) -> Result<String, &'static str> {
     if tokens.is_empty() && key.is_none() {
-        return Ok(format!("ip:{}", peer.ip()));
+        return Ok(format!("ip:{client}"));
     }
     let Some(h) = header else {
         return Err("missing bearer token");
@@ -387,7 +436,7 @@ impl Api {
             &self.cfg.tokens,
             self.key.as_deref(),
             req.header("authorization"),
-            req.peer,
+            client_address(req, &self.trusted),
             crate::telemetry::unix_ms() as u64 / 1000,
         ) {
             Ok(c) => c,
@@ -727,8 +776,57 @@ impl Api {
 mod tests {
     use super::*;
 
-    fn peer() -> SocketAddr {
-        "10.0.0.7:5555".parse().unwrap()
+    fn peer() -> IpAddr {
+        "10.0.0.7".parse().unwrap()
+    }
+
+    fn via(peer: &str, forwarded: &[&str], trusted: &[&str]) -> String {
+        let mut head = "GET /v1/changes HTTP/1.1\r\n".to_string();
+        for f in forwarded {
+            head.push_str(&format!("X-Forwarded-For: {f}\r\n"));
+        }
+        head.push_str("\r\n");
+        let req = Request::parse(head.as_bytes(), peer.parse().unwrap()).unwrap();
+        let trusted: Vec<ipnet::IpNet> = trusted.iter().map(|t| t.parse().unwrap()).collect();
+        client_address(&req, &trusted).to_string()
+    }
+
+    #[test]
+    fn forwarded_addresses_are_believed_only_from_trusted_proxies() {
+        // untrusted peer: its header is ignored
+        assert_eq!(via("203.0.113.9:1", &["198.51.100.1"], &[]), "203.0.113.9");
+        assert_eq!(
+            via("203.0.113.9:1", &["198.51.100.1"], &["10.0.0.0/8"]),
+            "203.0.113.9"
+        );
+        // a trusted proxy names the client; a spoofed left part is skipped
+        assert_eq!(
+            via("10.0.0.2:1", &["1.2.3.4, 198.51.100.1"], &["10.0.0.0/8"]),
+            "198.51.100.1"
+        );
+        // proxies in a chain, over several header lines, with a port, IPv4 in IPv6
+        assert_eq!(
+            via(
+                "10.0.0.2:1",
+                &["1.2.3.4", "198.51.100.1:443, 10.0.0.3"],
+                &["10.0.0.0/8"]
+            ),
+            "198.51.100.1"
+        );
+        assert_eq!(
+            via("[::ffff:10.0.0.2]:1", &["2001:db8::1"], &["10.0.0.2/32"]),
+            "2001:db8::1"
+        );
+        // garbage ends the walk at the last hop believed; no header: the proxy
+        assert_eq!(
+            via("10.0.0.2:1", &["198.51.100.1, nonsense"], &["10.0.0.0/8"]),
+            "10.0.0.2"
+        );
+        assert_eq!(
+            via("10.0.0.2:1", &["nonsense, 10.0.0.5"], &["10.0.0.0/8"]),
+            "10.0.0.5"
+        );
+        assert_eq!(via("10.0.0.2:1", &[], &["10.0.0.0/8"]), "10.0.0.2");
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! at most [`MAX_REQUEST`] bytes.
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -156,8 +156,8 @@ pub async fn serve(
     let handle = std::sync::Arc::new(handle);
     Ok(serve_with(
         listener,
-        MAX_CONNECTIONS,
-        "skusync_http_rejected_total",
+        Limits::total(MAX_CONNECTIONS),
+        |_| metrics::counter!("skusync_http_rejected_total").increment(1),
         shutdown,
         move |req| {
             let h = handle.clone();
@@ -166,13 +166,77 @@ pub async fn serve(
     ))
 }
 
-/// Serve `listener` with `handler` until `shutdown`: at most `max` connections at once
-/// (one more is closed on accept and counted in `rejected`), [`DEADLINE`] per connection,
-/// request heads of at most [`MAX_REQUEST`] bytes, one request per connection.
+/// How many connections [`serve_with`] serves at once.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections served at once.
+    pub max: usize,
+    /// Connections from one address at once; `None`: no such limit. A client trickling
+    /// request heads (slowloris) holds a slot for up to [`DEADLINE`]: this keeps one
+    /// address from holding them all.
+    pub per_address: Option<usize>,
+    /// Peers `per_address` does not apply to (trusted proxies: they speak for many).
+    pub exempt: Vec<ipnet::IpNet>,
+}
+
+impl Limits {
+    /// Only a limit on all connections.
+    pub fn total(max: usize) -> Limits {
+        Limits {
+            max,
+            per_address: None,
+            exempt: Vec::new(),
+        }
+    }
+}
+
+/// Which limit closed a connection on accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejected {
+    /// [`Limits::max`].
+    Total,
+    /// [`Limits::per_address`].
+    PerAddress,
+}
+
+/// Connections open per address (only addresses with one open: at most `Limits::max`
+/// entries). A guard gives its count back when its connection ends.
+#[derive(Default)]
+struct PerAddress(std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>);
+
+struct AddressGuard(std::sync::Arc<PerAddress>, IpAddr);
+
+impl PerAddress {
+    fn take(this: &std::sync::Arc<PerAddress>, ip: IpAddr, cap: usize) -> Option<AddressGuard> {
+        let mut m = this.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(AddressGuard(this.clone(), ip))
+    }
+}
+
+impl Drop for AddressGuard {
+    fn drop(&mut self) {
+        let mut m = (self.0).0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// Serve `listener` with `handler` until `shutdown`: at most `limits` connections at once
+/// (one more is closed on accept and reported to `rejected`), [`DEADLINE`] per
+/// connection, request heads of at most [`MAX_REQUEST`] bytes, one request per connection.
 pub fn serve_with<F, Fut>(
     listener: TcpListener,
-    max: usize,
-    rejected: &'static str,
+    limits: Limits,
+    rejected: fn(Rejected),
     shutdown: CancellationToken,
     handler: F,
 ) -> tokio::task::JoinHandle<()>
@@ -180,7 +244,8 @@ where
     F: Fn(Request) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response> + Send,
 {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max));
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max));
+    let open = std::sync::Arc::new(PerAddress::default());
     tokio::spawn(async move {
         loop {
             let (sock, peer) = tokio::select! {
@@ -196,8 +261,22 @@ where
             };
             // closing at once (instead of leaving it in the backlog) tells the client
             // and frees the descriptor; the slot frees when a served connection ends
+            let ip = peer.ip().to_canonical();
+            let guard = match limits.per_address {
+                Some(cap) if !limits.exempt.iter().any(|n| n.contains(&ip)) => {
+                    match PerAddress::take(&open, ip, cap) {
+                        Some(g) => Some(g),
+                        None => {
+                            rejected(Rejected::PerAddress);
+                            drop(sock);
+                            continue;
+                        }
+                    }
+                }
+                _ => None,
+            };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
-                metrics::counter!(rejected).increment(1);
+                rejected(Rejected::Total);
                 drop(sock);
                 continue;
             };
@@ -209,6 +288,7 @@ where
                     Ok(Ok(())) => {}
                 }
                 drop(permit);
+                drop(guard);
             });
         }
     })

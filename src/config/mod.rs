@@ -114,6 +114,33 @@ pub struct ApiConfig {
     /// Connections served at once; more are closed on accept.
     #[serde(default = "default_api_connections")]
     pub max_connections: usize,
+    /// Connections from one address at once (trusted proxies excepted); more are closed
+    /// on accept.
+    #[serde(default = "default_api_connections_per_address")]
+    pub max_connections_per_address: usize,
+    /// Proxies (addresses or CIDR blocks) whose `X-Forwarded-For` names the client, for
+    /// the rate limit and the per-address connection limit.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+}
+
+impl ApiConfig {
+    /// `trusted_proxies` parsed (validated at load, so entries that do not parse are
+    /// never here).
+    pub fn trusted(&self) -> Vec<ipnet::IpNet> {
+        self.trusted_proxies
+            .iter()
+            .filter_map(|t| parse_net(t))
+            .collect()
+    }
+}
+
+/// An address (`10.0.0.1`, `::1`) or a CIDR block (`10.0.0.0/8`).
+fn parse_net(t: &str) -> Option<ipnet::IpNet> {
+    let t = t.trim();
+    t.parse::<ipnet::IpNet>()
+        .or_else(|_| t.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .ok()
 }
 
 fn default_api_rate() -> f64 {
@@ -124,6 +151,9 @@ fn default_api_burst() -> u32 {
 }
 fn default_api_connections() -> usize {
     256
+}
+fn default_api_connections_per_address() -> usize {
+    32
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -136,6 +166,11 @@ impl std::fmt::Debug for ApiConfig {
             .field("burst", &self.burst)
             .field("cors_origin", &self.cors_origin)
             .field("max_connections", &self.max_connections)
+            .field(
+                "max_connections_per_address",
+                &self.max_connections_per_address,
+            )
+            .field("trusted_proxies", &self.trusted_proxies)
             .finish()
     }
 }
@@ -1266,6 +1301,14 @@ impl Config {
             }
             if a.max_connections == 0 {
                 return err("api.max_connections: must be at least 1".into());
+            }
+            if a.max_connections_per_address == 0 {
+                return err("api.max_connections_per_address: must be at least 1".into());
+            }
+            if let Some(bad) = a.trusted_proxies.iter().find(|t| parse_net(t).is_none()) {
+                return err(format!(
+                    "api.trusted_proxies: {bad:?} is neither an address nor a CIDR block (e.g. \"10.0.0.0/8\")"
+                ));
             }
             if a.tokens
                 .iter()

@@ -745,3 +745,92 @@ async fn a_slow_redis_gets_a_503_before_the_connections_deadline() {
     }
     assert_eq!(rig.daemon().sigterm(), Some(0));
 }
+
+/// Connect to the API on 127.0.0.1:`port` from the loopback address `src` (Linux routes
+/// all of 127.0.0.0/8 to lo, so each stands for a different client).
+async fn connect_from(src: &str, port: u16) -> tokio::net::TcpStream {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind(format!("{src}:0").parse().unwrap()).unwrap();
+    s.connect(([127, 0, 0, 1], port).into()).await.unwrap()
+}
+
+/// One request from `src`; the status, or `None` when the connection was closed without
+/// an answer (closed on accept).
+async fn status_from(src: &str, port: u16, headers: &[(&str, &str)]) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = connect_from(src, port).await;
+    let mut req = "GET /v1/alerts HTTP/1.1\r\nHost: x\r\n".to_string();
+    for (n, v) in headers {
+        req.push_str(&format!("{n}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    let _ = s.write_all(req.as_bytes()).await;
+    let mut raw = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await;
+    assert!(read.is_ok(), "no answer and not closed within 10 s");
+    String::from_utf8_lossy(&raw)
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_from_one_address_leaves_the_api_to_others_and_proxies_name_their_clients() {
+    use tokio::io::AsyncWriteExt;
+    let port = free_port();
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.start_skusync(&format!(
+        "\n[api]\nlisten = \"127.0.0.1:{port}\"\nrate_per_s = 0.01\nburst = 2\nmax_connections = 16\nmax_connections_per_address = 3\ntrusted_proxies = [\"127.0.0.3\"]\n"
+    ))
+    .await;
+    // An attacker at 127.0.0.2 trickles request heads: it holds three slots, no more.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = connect_from("127.0.0.2", port).await;
+        s.write_all(b"GET /v1/al").await.unwrap();
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        status_from("127.0.0.2", port, &[]).await,
+        None,
+        "a fourth connection from the same address is closed on accept"
+    );
+    assert_eq!(
+        status_from("127.0.0.1", port, &[]).await,
+        Some(200),
+        "another address is served"
+    );
+    // A trusted proxy holds more than three, and its X-Forwarded-For names the client
+    // for the rate limit: each client gets its own bucket of two.
+    let mut proxied = Vec::new();
+    for _ in 0..4 {
+        let mut s = connect_from("127.0.0.3", port).await;
+        s.write_all(b"GET /v1/al").await.unwrap();
+        proxied.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut codes = Vec::new();
+    for client in [
+        "198.51.100.1",
+        "198.51.100.1",
+        "198.51.100.1",
+        "198.51.100.2",
+    ] {
+        let xff = format!("203.0.113.66, {client}");
+        codes.push(status_from("127.0.0.3", port, &[("X-Forwarded-For", &xff)]).await);
+    }
+    assert_eq!(
+        codes,
+        [Some(200), Some(200), Some(429), Some(200)],
+        "per forwarded client"
+    );
+    // An untrusted peer's X-Forwarded-For is ignored: one bucket for the address.
+    let mut codes = Vec::new();
+    for client in ["198.51.100.3", "198.51.100.4", "198.51.100.5"] {
+        codes.push(status_from("127.0.0.4", port, &[("X-Forwarded-For", client)]).await);
+    }
+    assert_eq!(codes, [Some(200), Some(200), Some(429)], "per address");
+    drop((held, proxied));
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+}
