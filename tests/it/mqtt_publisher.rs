@@ -1480,3 +1480,189 @@ async fn a_broker_holding_an_older_epoch_sequence_gets_only_the_later_skus_again
     assert!(seq >= 6, "pub_seq {seq}");
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_the_broker_refused_is_sent_again_once_it_is_allowed_and_no_epoch_covers_it() {
+    let acl = |sku_rule: &str| {
+        format!(
+            "user skusync\ntopic readwrite p/status\ntopic readwrite p/epoch\ntopic write p/alerts/#\n{sku_rule}"
+        )
+    };
+    let mut m = MosquittoServer::start_with(MqttOptions {
+        users: vec![("skusync".into(), "pw".into())],
+        acl: Some(acl("")),
+        ..Default::default()
+    });
+    let r = RedisServer::start();
+    let mut con = redis(&r).await;
+    meta(&mut con).await;
+    // Published to an earlier broker: Redis marks it published, so only a republish
+    // that does not trust the mark sends it here.
+    hset(
+        &mut con,
+        "X",
+        &[
+            ("on_hand", "2".into()),
+            ("lsn", "3".into()),
+            ("pub_lsn", "3".into()),
+            ("pub_seq", "0".into()),
+        ],
+    )
+    .await;
+    let url = m.url().replace("mqtt://", "mqtt://skusync:pw@");
+    let p = Running::start(publisher_config(mqtt_config(url)), &r).await;
+    until("refusal counted", Duration::from_secs(15), || {
+        let n = p.handle.stats().snapshot().refusals;
+        async move { (n >= 1).then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        meta_field(&mut con, "mqtt_epoch").await,
+        None,
+        "no epoch says the broker holds every state while one is refused"
+    );
+    assert!(retained(&m, "p/sku/#").is_empty());
+    // The operator fixes the ACL; the broker reloads it, the connection stays.
+    m.set_acl(&acl("topic readwrite p/sku/#\n"));
+    until(
+        "the refused state retained",
+        Duration::from_secs(20),
+        || {
+            let got = retained(&m, "p/sku/X");
+            async move { got.first().map(|(_, v)| v["on_hand"] == 2).filter(|ok| *ok) }
+        },
+    )
+    .await;
+    until("the epoch stored", Duration::from_secs(10), || {
+        let mut con = con.clone();
+        async move { meta_field(&mut con, "mqtt_epoch").await }
+    })
+    .await;
+    assert!(p.handle.stats().snapshot().refusals >= 1);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_onto_lower_lsns_in_the_same_process_is_published() {
+    let r = RedisServer::start();
+    let m = MosquittoServer::start();
+    let mut con = redis(&r).await;
+    meta(&mut con).await;
+    hset(
+        &mut con,
+        "X",
+        &[("on_hand", "1".into()), ("lsn", "1000".into())],
+    )
+    .await;
+    let p = Running::start(publisher_config(mqtt_config(m.url())), &r).await;
+    wait_published(&mut con, "X", 1000).await;
+    // A PostgreSQL failover to a standby that was behind: Redis is rebuilt from its
+    // snapshot, at an LSN below the one published.
+    p.handle.pause().await;
+    redis::cmd("DEL")
+        .arg(skusync::sinks::layout::sku_key(RP, "X"))
+        .query_async::<()>(&mut con)
+        .await
+        .unwrap();
+    hset(
+        &mut con,
+        "X",
+        &[("on_hand", "7".into()), ("lsn", "500".into())],
+    )
+    .await;
+    p.handle.resume();
+    wait_published(&mut con, "X", 500).await;
+    let got = retained(&m, "p/sku/X");
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].1["on_hand"], 7,
+        "the rebuilt state, not the lost one"
+    );
+    p.stop().await;
+}
+
+/// Broker A took an epoch whose store in Redis a kill cut off (here: Redis' sequence is
+/// lowered by one after a clean stop), then skusync worked on broker B (listed second),
+/// where one SKU's topic is denied, so no epoch was sent there and X's change went out
+/// marked with Redis' sequence. Back on A, whose token matches, the scan must start from
+/// Redis' sequence, not A's higher one, or X's change stays missing on A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn states_sent_to_another_broker_after_an_unrecorded_epoch_reach_the_first_again() {
+    let mut a = MosquittoServer::start();
+    let b = MosquittoServer::start_with(MqttOptions {
+        users: vec![("skusync".into(), "pw".into())],
+        acl: Some(
+            "user skusync\ntopic readwrite p/status\ntopic readwrite p/epoch\ntopic readwrite p/sku/X\ntopic write p/alerts/#\n"
+                .into(),
+        ),
+        ..Default::default()
+    });
+    let r = RedisServer::start();
+    let mut con = redis(&r).await;
+    meta(&mut con).await;
+    hset(
+        &mut con,
+        "X",
+        &[("on_hand", "1".into()), ("lsn", "3".into())],
+    )
+    .await;
+    hset(
+        &mut con,
+        "Y",
+        &[("on_hand", "5".into()), ("lsn", "4".into())],
+    )
+    .await;
+    let p = Running::start(publisher_config(mqtt_config(a.url())), &r).await;
+    wait_published(&mut con, "X", 3).await;
+    wait_published(&mut con, "Y", 4).await;
+    p.stop().await;
+    let k: u64 = meta_field(&mut con, "mqtt_epoch_seq")
+        .await
+        .expect("an epoch stored at the clean stop")
+        .parse()
+        .unwrap();
+    assert!(k >= 1);
+    redis::cmd("HSET")
+        .arg(format!("{RP}:meta"))
+        .arg("mqtt_epoch_seq")
+        .arg(k - 1)
+        .query_async::<()>(&mut con)
+        .await
+        .unwrap();
+    a.stop();
+    let both: skusync::config::Urls = serde_json::from_value(json!([
+        a.url(),
+        b.url().replace("mqtt://", "mqtt://skusync:pw@")
+    ]))
+    .unwrap();
+    let mut cfg = mqtt_config(String::new());
+    cfg.url = both;
+    let p = Running::start(publisher_config(cfg), &r).await;
+    until("Y refused on B", Duration::from_secs(30), || {
+        let n = p.handle.stats().snapshot().refusals;
+        async move { (n >= 1).then_some(()) }
+    })
+    .await;
+    hset(
+        &mut con,
+        "X",
+        &[("on_hand", "9".into()), ("lsn", "10".into())],
+    )
+    .await;
+    p.handle.changed(["X".to_string()]);
+    wait_published(&mut con, "X", 10).await;
+    assert_eq!(
+        hget(&mut con, "X", "pub_seq").await,
+        Some((k - 1).to_string()),
+        "marked on B with Redis' sequence"
+    );
+    drop(b);
+    a.start_again();
+    until("X's change on A", Duration::from_secs(30), || {
+        let got = retained(&a, "p/sku/X");
+        async move { got.first().map(|(_, v)| v["on_hand"] == 9).filter(|ok| *ok) }
+    })
+    .await;
+    p.stop().await;
+}

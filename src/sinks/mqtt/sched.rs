@@ -5,6 +5,11 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+/// The first retry after a refused message (ms).
+pub const REFUSED_FIRST_MS: u64 = 1_000;
+/// The longest wait between retries of a refused message (ms).
+pub const REFUSED_MAX_MS: u64 = 60_000;
+
 /// Why a SKU should be published. Requests merge to the strongest.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Want {
@@ -23,6 +28,10 @@ struct Entry {
     in_flight: u32,
     last_sent_at: Option<u64>,
     last_lsn: Option<u64>,
+    /// Not due before this (a refused message's back-off).
+    not_before: Option<u64>,
+    /// Refusals in a row (the back-off doubles with each).
+    refusals: u32,
     /// Its timer's key in [`Scheduler::timers`]: (due, sequence).
     timer: Option<(u64, u64)>,
 }
@@ -67,10 +76,10 @@ impl Scheduler {
             return;
         };
         let due = if e.want.is_some() && e.in_flight == 0 {
-            Some(
-                e.last_sent_at
-                    .map_or(0, |t| t.saturating_add(self.min_interval)),
-            )
+            let throttled = e
+                .last_sent_at
+                .map_or(0, |t| t.saturating_add(self.min_interval));
+            Some(throttled.max(e.not_before.unwrap_or(0)))
         } else {
             None
         };
@@ -136,7 +145,38 @@ impl Scheduler {
 
     /// A message of `sku` was acknowledged.
     pub fn acked(&mut self, sku: &str) {
+        if let Some(e) = self.skus.get_mut(sku) {
+            e.refusals = 0;
+            e.not_before = None;
+        }
         self.skipped(sku);
+    }
+
+    /// A message of `sku` was refused by the broker (a PUBACK reason code of 0x80 or
+    /// more: an ACL, a quota, a full queue). Whatever the broker holds for it may be
+    /// older, and Redis does not say so (its publish mark is another broker's, or none):
+    /// send it again, unconditionally, after [`REFUSED_FIRST_MS`] doubling up to
+    /// [`REFUSED_MAX_MS`] while refusals go on.
+    pub fn refused(&mut self, sku: &str, now: u64) {
+        if let Some(e) = self.skus.get_mut(sku) {
+            e.in_flight = e.in_flight.saturating_sub(1);
+            e.want = e.want.max(Some(Want::Force));
+            let wait = REFUSED_FIRST_MS
+                .saturating_mul(1 << e.refusals.min(16))
+                .min(REFUSED_MAX_MS);
+            e.refusals = e.refusals.saturating_add(1);
+            e.not_before = Some(now.saturating_add(wait));
+        }
+        self.reschedule(sku);
+    }
+
+    /// Forget the LSN each SKU was last sent with: after Redis was rebuilt at an LSN
+    /// below them (a PostgreSQL failover to a standby that was behind), the rebuilt
+    /// states are the newer ones.
+    pub fn forget_order(&mut self) {
+        for e in self.skus.values_mut() {
+            e.last_lsn = None;
+        }
     }
 
     /// A message of `sku` was lost with the connection: publish again.
@@ -214,6 +254,13 @@ impl Aging {
                         },
                     );
                     self.ring.push_back((sku.to_string(), self.generation));
+                    // Entries of forgotten SKUs leave the ring only as `next` passes
+                    // them, and nothing calls it while aging republishes are off.
+                    if self.ring.len() > 2 * self.entries.len() + 64 {
+                        let entries = &self.entries;
+                        self.ring
+                            .retain(|(s, g)| entries.get(s).is_some_and(|e| e.generation == *g));
+                    }
                 }
             }
         }
@@ -333,6 +380,66 @@ mod tests {
         assert_eq!(s.pop_ready(0), Some(("a".into(), Want::Change)));
         assert!(!s.in_order("a", 4));
         assert!(s.in_order("a", 5));
+    }
+
+    #[test]
+    fn a_refused_state_is_sent_again_unconditionally_with_a_doubling_back_off() {
+        let mut s = Scheduler::new(100);
+        s.request("x", Want::Change);
+        assert_eq!(s.pop_ready(0), Some(("x".into(), Want::Change)));
+        s.sent("x", 7, 1, 0);
+        s.refused("x", 10);
+        assert_eq!(s.next_due(), Some(10 + REFUSED_FIRST_MS));
+        assert_eq!(s.pop_ready(10 + REFUSED_FIRST_MS - 1), None);
+        let again = s.pop_ready(10 + REFUSED_FIRST_MS);
+        assert_eq!(
+            again,
+            Some(("x".into(), Want::Force)),
+            "whatever Redis marks"
+        );
+        assert!(s.in_order("x", 7), "the same LSN again");
+        s.sent("x", 7, 1, 2_000);
+        s.refused("x", 2_000);
+        assert_eq!(s.next_due(), Some(2_000 + 2 * REFUSED_FIRST_MS));
+        for i in 0..30 {
+            let now = 10_000_000 * (i + 1);
+            assert!(s.pop_ready(now).is_some());
+            s.sent("x", 7, 1, now);
+            s.refused("x", now);
+            assert!(s.next_due().unwrap() <= now + REFUSED_MAX_MS);
+        }
+        // taken at last: the next change goes out at the throttle's pace again
+        let now = 400_000_000;
+        assert!(s.pop_ready(now).is_some());
+        s.sent("x", 8, 1, now);
+        s.acked("x");
+        s.request("x", Want::Change);
+        assert_eq!(s.next_due(), Some(now + 100));
+    }
+
+    #[test]
+    fn forgetting_the_order_lets_a_rebuilt_lower_lsn_through() {
+        let mut s = Scheduler::new(0);
+        s.request("x", Want::Change);
+        s.pop_ready(0).unwrap();
+        s.sent("x", 1_000, 1, 0);
+        s.acked("x");
+        assert!(!s.in_order("x", 500));
+        s.forget_order();
+        assert!(s.in_order("x", 500));
+    }
+
+    #[test]
+    fn the_aging_ring_stays_bounded_while_nothing_visits_it() {
+        let mut a = Aging::default();
+        for i in 0..10_000 {
+            let sku = format!("s{}", i % 3);
+            a.published(&sku, Some(1), 0);
+            a.published(&sku, None, 0);
+        }
+        a.published("kept", Some(1), 0);
+        assert!(a.ring.len() <= 2 * a.entries.len() + 65, "{}", a.ring.len());
+        assert_eq!(a.next(1), Some("kept".into()));
     }
 
     #[test]

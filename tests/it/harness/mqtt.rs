@@ -206,6 +206,15 @@ impl MosquittoServer {
         self.proc.kill9();
     }
 
+    /// Rewrite the ACL file and make the running broker reload it (SIGHUP): connected
+    /// clients keep their sessions.
+    pub fn set_acl(&mut self, acl: &str) {
+        self.opts.acl = Some(acl.to_string());
+        self.write_auth_files();
+        let pid = self.proc.pid().expect("mosquitto is running");
+        super::signal(pid, "HUP");
+    }
+
     /// SIGSTOP: the port stays open but nothing answers.
     pub fn pause(&mut self) {
         self.proc.pause();

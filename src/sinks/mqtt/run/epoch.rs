@@ -236,12 +236,14 @@ impl Task {
             // SKUs acknowledged in epoch `broker_seq` or later may be missing on the broker.
             // Until each is acknowledged again the epoch must not advance: a later
             // sequence on the broker would hide them from the next connect's scan (a
-            // crash or a lost link mid-scan).
+            // crash or a lost link mid-scan). From the stored sequence when that is lower:
+            // the broker took an epoch Redis never recorded (a kill before the store),
+            // and states since were marked from the stored one, maybe on another broker.
             self.scan = Some(Scan {
                 cursor: 0,
                 node: 0,
                 force: false,
-                from_seq: Some(broker_seq),
+                from_seq: Some(broker_seq.min(stored_seq)),
             });
             self.outstanding = Some(HashSet::new());
             self.outstanding_full = false;

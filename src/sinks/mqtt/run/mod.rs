@@ -467,6 +467,8 @@ impl Task {
         }
         if self.shared.republish_all.swap(false, Ordering::SeqCst) {
             info!("republishing all SKUs (resync)");
+            // the rebuilt hashes may carry LSNs below those sent before
+            self.sched.forget_order();
             self.restart_sweep = true;
             self.scan = Some(Scan {
                 cursor: 0,
@@ -625,8 +627,16 @@ impl Task {
                     self.shared.stats.published.fetch_add(1, Ordering::Relaxed);
                     crate::telemetry::mqtt_state_acked(ts);
                 } else {
-                    warn!(?reason, "broker refused a state message");
+                    warn!(
+                        ?reason,
+                        "broker refused a state message; sending it again later"
+                    );
                     debug!(sku = %crate::secret::log_value(&sku), ?reason, "refused state message");
+                    // Not settled: a full republish is not complete (and no epoch says
+                    // the broker holds it) until the broker takes this state.
+                    let now = self.mono_ms();
+                    self.sched.refused(&sku, now);
+                    return;
                 }
                 self.sched.acked(&sku);
                 self.settle(&sku);
