@@ -969,13 +969,15 @@ async fn load_snapshot(
             "moved SKU hashes of an earlier key layout"
         );
     }
-    // Before the reset drops the hashes' record of them. Best effort: the rebuild goes on
-    // without them (a history slot whose meta copy is gone, say, would otherwise stop it
-    // for good; MQTT has those alerts anyway).
+    // Before the reset drops the hashes' record of them. A transient error (a failover or
+    // a reshard under way) fails the rebuild, which is tried again with the hashes as they
+    // are; any other goes on without them (a history slot whose meta copy is gone, say,
+    // would otherwise stop it for good; MQTT has those alerts anyway).
     match Applier::new(con.clone(), settings.clone())
         .add_unindexed_alerts()
         .await
     {
+        Err(e) if e.is_transient() => return Err(e.into()),
         Ok(0) => {}
         Ok(n) => tracing::info!(
             alerts = n,
@@ -989,6 +991,7 @@ async fn load_snapshot(
     // (that write raised the history slot's floor, which the reset below starts over)
     settings.fence.slots.clear();
     let reset = rsink::reset_all(&mut con, prefix, Lsn(at.0.saturating_sub(1)), token).await?;
+    crate::failpoint::pause("after-rebuild-reset").await;
     // Fenced by the token; the floor does not apply: applied_lsn is rewritten at the end.
     let load_settings = ApplySettings {
         fence: settings.fence.without_floor(),
@@ -1034,6 +1037,11 @@ async fn load_snapshot(
     if let Some(s) = system {
         fields.push(("system_id", s.system_id.clone()));
         fields.push(("timeline", s.timeline.to_string()));
+    }
+    // A slot whose primary lost the load's writes to it (a failover to a replica that was
+    // behind) must not be marked done: the stream would build on a partial slot.
+    if let Some(e) = applier.check_slots().await? {
+        return Err(e.into());
     }
     rsink::write_meta(&mut con, prefix, token, &fields).await?;
     // Redis holds exactly `at` now, even below an earlier floor (a rebuild from a server

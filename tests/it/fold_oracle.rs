@@ -180,6 +180,20 @@ impl Daemon {
         }
     }
 
+    /// Waits until more than `seen` lines of all incarnations' stderr contain `needle`
+    /// (a line an earlier incarnation logged does not count again).
+    pub async fn wait_stderr_beyond(&self, needle: &str, seen: usize, timeout: Duration) {
+        let t0 = Instant::now();
+        while self.stderr_count(needle) <= seen {
+            assert!(
+                t0.elapsed() < timeout,
+                "no new {needle:?} in the log within {timeout:?}\n{}",
+                self.stderr_all()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// How many lines of all incarnations' full stderr contain `needle`.
     pub fn stderr_count(&self, needle: &str) -> usize {
         self.stderr_texts()

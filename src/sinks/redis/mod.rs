@@ -293,12 +293,16 @@ impl WriterFence {
         self.token.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// A fence with the same token and no floor (a snapshot load starts below it).
+    /// A fence with the same token and no floor (a snapshot load starts below it). The
+    /// per-slot floors are shared: the load starts them over (its reset cleared the slots'
+    /// meta copies), and what it raises them to is what the stream's calls and the slots'
+    /// check then hold those copies to, so a failover that loses the load's writes to a
+    /// slot is noticed.
     pub fn without_floor(&self) -> WriterFence {
         WriterFence {
             token: self.token.clone(),
             floor: Default::default(),
-            slots: Default::default(),
+            slots: self.slots.clone(),
         }
     }
 }
@@ -3029,6 +3033,7 @@ pub async fn reset_all(
     token: u64,
 ) -> Result<usize, RedisSinkError> {
     let skus = scan_skus(con, prefix).await?;
+    crate::failpoint::pause("after-rebuild-scan").await;
     // The row index's truncation marks come from the history Redis held, whose LSNs may be
     // ahead of the server loaded now (a failover to a standby that was behind): a mark
     // ahead would skip a TRUNCATE's clearing. A cluster's recorded slot floors describe
@@ -3039,13 +3044,67 @@ pub async fn reset_all(
         .invoke_async(con)
         .await
         .map_err(RedisSinkError::from_redis)?;
-    let script = redis::Script::new(RESET_LUA);
     // On a cluster, each slot's meta copy starts over with this writer's token (no
-    // applied_lsn: the load and the stream record theirs), and each call names one slot.
-    let groups: Vec<(String, Vec<&String>)> = if con.is_cluster() {
+    // applied_lsn: the load and the stream record theirs).
+    if con.is_cluster() {
         reset_slot_metas(con, prefix, token).await?;
+    }
+    reset_hashes(con, prefix, &skus, fence, token).await?;
+    let mut reset = skus.len();
+    if con.is_cluster() {
+        // A live reshard can hide a hash from a scan (moved from a node not scanned yet to
+        // one scanned already); left as it was, the load would add to its counters. Scan
+        // again until a pass finds no hash the reset has not seen.
+        let mut seen: std::collections::HashSet<String> = skus.into_iter().collect();
+        loop {
+            let missed: Vec<String> = scan_skus(con, prefix)
+                .await?
+                .into_iter()
+                .filter(|s| !seen.contains(s))
+                .collect();
+            if missed.is_empty() {
+                break;
+            }
+            tracing::info!(
+                hashes = missed.len(),
+                "resetting SKU hashes an earlier scan missed (a live reshard)"
+            );
+            reset_hashes(con, prefix, &missed, fence, token).await?;
+            reset += missed.len();
+            seen.extend(missed);
+        }
+    }
+    unlink_matching(con, &layout::users_key_pattern(prefix)).await?;
+    // The row index describes the rows the reset SKUs held: gone with them.
+    unlink_matching(con, &layout::row_index_pattern(prefix)).await?;
+    for p in layout::lookup_patterns(prefix) {
+        unlink_matching(con, &p).await?;
+    }
+    // The change index comes from the history Redis held, whose LSNs may be ahead of the
+    // server loaded now (a failover to a standby that was behind): a score ahead would
+    // keep its SKU in every catch-up. Catch-up tokens from before the load answer 410
+    // (`changes_from`), so nothing older is needed.
+    let _: i64 = redis::cmd("UNLINK")
+        .arg(layout::changes_key(prefix))
+        .query_async(con)
+        .await
+        .map_err(RedisSinkError::from_redis)?;
+    Ok(reset)
+}
+
+/// Reset these SKU hashes to `fence` (RESET_LUA): on a cluster one call per slot, named
+/// with the slot's meta copy; on one server 500 per call.
+async fn reset_hashes(
+    con: &mut RedisCon,
+    prefix: &str,
+    skus: &[String],
+    fence: Lsn,
+    token: u64,
+) -> Result<(), RedisSinkError> {
+    let script = redis::Script::new(RESET_LUA);
+    let groups: Vec<(String, Vec<&String>)> = if con.is_cluster() {
         let mut by_slot: std::collections::BTreeMap<u16, Vec<&String>> = Default::default();
-        for sku in &skus {
+        for sku in skus {
             by_slot
                 .entry(slot_of(layout::sku_key(prefix, sku).as_bytes()))
                 .or_default()
@@ -3086,22 +3145,7 @@ pub async fn reset_all(
             .await
             .map_err(RedisSinkError::from_redis)?;
     }
-    unlink_matching(con, &layout::users_key_pattern(prefix)).await?;
-    // The row index describes the rows the reset SKUs held: gone with them.
-    unlink_matching(con, &layout::row_index_pattern(prefix)).await?;
-    for p in layout::lookup_patterns(prefix) {
-        unlink_matching(con, &p).await?;
-    }
-    // The change index comes from the history Redis held, whose LSNs may be ahead of the
-    // server loaded now (a failover to a standby that was behind): a score ahead would
-    // keep its SKU in every catch-up. Catch-up tokens from before the load answer 410
-    // (`changes_from`), so nothing older is needed.
-    let _: i64 = redis::cmd("UNLINK")
-        .arg(layout::changes_key(prefix))
-        .query_async(con)
-        .await
-        .map_err(RedisSinkError::from_redis)?;
-    Ok(skus.len())
+    Ok(())
 }
 
 /// Delete the meta hash's `ri_truncated:<table>` marks and a cluster's recorded slot
