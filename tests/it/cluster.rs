@@ -1491,13 +1491,13 @@ async fn a_rebuild_resets_a_hash_its_first_scan_missed() {
     rig.daemon()
         .wait_stderr_beyond("snapshot loaded", loaded, Duration::from_secs(60))
         .await;
+    rig.drain(Duration::from_secs(60)).await;
+    rig.assert_converges(Duration::from_secs(60)).await;
     assert!(
         rig.daemon()
             .stderr_contains("resetting SKU hashes an earlier scan missed"),
         "{}",
         rig.daemon().stderr_all()
     );
-    rig.drain(Duration::from_secs(60)).await;
-    rig.assert_converges(Duration::from_secs(60)).await;
     rig.stop_cleanly();
 }

@@ -1589,7 +1589,10 @@ async fn a_rebuild_onto_lower_lsns_in_the_same_process_is_published() {
 /// Redis' sequence, not A's higher one, or X's change stays missing on A.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn states_sent_to_another_broker_after_an_unrecorded_epoch_reach_the_first_again() {
-    let mut a = MosquittoServer::start();
+    let mut a = MosquittoServer::start_with(MqttOptions {
+        persistence: true,
+        ..Default::default()
+    });
     let b = MosquittoServer::start_with(MqttOptions {
         users: vec![("skusync".into(), "pw".into())],
         acl: Some(
