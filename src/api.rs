@@ -146,6 +146,9 @@ pub async fn serve(
                 crate::http::Rejected::PerAddress => "max_connections_per_address",
             };
             metrics::counter!("skusync_api_rejected_total", "limit" => limit).increment(1);
+            if r == crate::http::Rejected::PerAddress {
+                warn_per_address();
+            }
         },
         shutdown,
         move |req| {
@@ -158,6 +161,28 @@ pub async fn serve(
             }
         },
     ))
+}
+
+/// Logs, at most once a minute, that one address reached its connection cap: a slow or
+/// greedy client, or a proxy not listed as one (all its clients share its address).
+fn warn_per_address() {
+    static LAST_S: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = crate::telemetry::unix_ms() as u64 / 1000;
+    let last = LAST_S.load(std::sync::atomic::Ordering::Relaxed);
+    if (last == 0 || now >= last + 60)
+        && LAST_S
+            .compare_exchange(
+                last,
+                now,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+    {
+        tracing::warn!(
+            "connections from one address reached api.max_connections_per_address; if a proxy sits in front of the API, list it in api.trusted_proxies"
+        );
+    }
 }
 
 fn read_key(p: &std::path::Path) -> Result<Vec<u8>, String> {
@@ -252,7 +277,7 @@ fn authorize(
     now_s: u64,
 ) -> Result<String, &'static str> {
     if tokens.is_empty() && key.is_none() {
-        return Ok(format!("ip:{client}"));
+        return Ok(format!("ip:{}", crate::http::address_key(client)));
     }
     let Some(h) = header else {
         return Err("missing bearer token");

@@ -190,6 +190,19 @@ impl Limits {
     }
 }
 
+/// The address a client is counted by (connections, rate): IPv4 as is (an IPv4-mapped
+/// IPv6 address as IPv4), IPv6 by its /64, the block one host or home network gets, so a
+/// client cannot take a fresh count from every address of its own block.
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
 /// Which limit closed a connection on accept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejected {
@@ -264,7 +277,7 @@ where
             let ip = peer.ip().to_canonical();
             let guard = match limits.per_address {
                 Some(cap) if !limits.exempt.iter().any(|n| n.contains(&ip)) => {
-                    match PerAddress::take(&open, ip, cap) {
+                    match PerAddress::take(&open, address_key(ip), cap) {
                         Some(g) => Some(g),
                         None => {
                             rejected(Rejected::PerAddress);
@@ -395,6 +408,16 @@ mod tests {
         assert_eq!(r(b"POST /metrics HTTP/1.1\r\n\r\n"), Some(405));
         assert_eq!(r(b"GET /metrics?x=1 HTTP/1.1\r\n\r\n"), Some(200));
         assert_eq!(r(b"garbage\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn clients_are_counted_by_ipv4_address_and_ipv6_slash_64() {
+        let k = |a: &str| address_key(a.parse().unwrap()).to_string();
+        assert_eq!(k("10.1.2.3"), "10.1.2.3");
+        assert_eq!(k("::ffff:10.1.2.3"), "10.1.2.3");
+        assert_eq!(k("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::");
+        assert_eq!(k("2001:db8:1:2:bbbb::9"), k("2001:db8:1:2::5"));
+        assert_ne!(k("2001:db8:1:3::1"), k("2001:db8:1:2::1"));
     }
 
     #[test]

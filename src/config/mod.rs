@@ -118,8 +118,8 @@ pub struct ApiConfig {
     /// on accept.
     #[serde(default = "default_api_connections_per_address")]
     pub max_connections_per_address: usize,
-    /// Proxies (addresses or CIDR blocks) whose `X-Forwarded-For` names the client, for
-    /// the rate limit and the per-address connection limit.
+    /// Proxies (addresses or CIDR blocks) whose `X-Forwarded-For` names the client for the
+    /// rate limit; they are exempt from `max_connections_per_address`.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
 }
@@ -135,12 +135,23 @@ impl ApiConfig {
     }
 }
 
-/// An address (`10.0.0.1`, `::1`) or a CIDR block (`10.0.0.0/8`).
+/// An address (`10.0.0.1`, `::1`) or a CIDR block (`10.0.0.0/8`). An IPv4-mapped IPv6
+/// block (`::ffff:10.0.0.0/104`) becomes the IPv4 one: peers are compared as IPv4.
 fn parse_net(t: &str) -> Option<ipnet::IpNet> {
     let t = t.trim();
-    t.parse::<ipnet::IpNet>()
+    let net = t
+        .parse::<ipnet::IpNet>()
         .or_else(|_| t.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-        .ok()
+        .ok()?;
+    Some(match net {
+        ipnet::IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .map(ipnet::IpNet::V4)
+                .unwrap_or(net),
+            None => net,
+        },
+        _ => net,
+    })
 }
 
 fn default_api_rate() -> f64 {

@@ -831,6 +831,11 @@ async fn a_slowloris_from_one_address_leaves_the_api_to_others_and_proxies_name_
         codes.push(status_from("127.0.0.4", port, &[("X-Forwarded-For", client)]).await);
     }
     assert_eq!(codes, [Some(200), Some(200), Some(429)], "per address");
+    assert!(
+        rig.daemon()
+            .stderr_contains("list it in api.trusted_proxies"),
+        "the cap's first refusal says what a proxy needs"
+    );
     drop((held, proxied));
     assert_eq!(rig.daemon().sigterm(), Some(0));
 }

@@ -47,6 +47,10 @@ pub struct Scheduler {
     /// removal allocated a copy of the name: a thousand SKUs due at once in a backlog).
     timers: BTreeMap<(u64, u64), String>,
     seq: u64,
+    /// SKUs whose last state was refused and not taken since (their back-off timers do
+    /// not count as [`pending`](Self::pending) work: a broker refusing thousands for
+    /// good must not hold up the rest).
+    refused: usize,
 }
 
 impl Scheduler {
@@ -57,6 +61,7 @@ impl Scheduler {
             skus: HashMap::default(),
             timers: BTreeMap::new(),
             seq: 0,
+            refused: 0,
         }
     }
 
@@ -143,9 +148,17 @@ impl Scheduler {
         self.reschedule(sku);
     }
 
-    /// A message of `sku` was acknowledged.
+    /// A message of `sku` was acknowledged (or refused: an alert).
     pub fn acked(&mut self, sku: &str) {
+        self.skipped(sku);
+    }
+
+    /// A state of `sku` was acknowledged: a refusal's back-off ends.
+    pub fn state_acked(&mut self, sku: &str) {
         if let Some(e) = self.skus.get_mut(sku) {
+            if e.refusals > 0 {
+                self.refused = self.refused.saturating_sub(1);
+            }
             e.refusals = 0;
             e.not_before = None;
         }
@@ -164,6 +177,9 @@ impl Scheduler {
             let wait = REFUSED_FIRST_MS
                 .saturating_mul(1 << e.refusals.min(16))
                 .min(REFUSED_MAX_MS);
+            if e.refusals == 0 {
+                self.refused += 1;
+            }
             e.refusals = e.refusals.saturating_add(1);
             e.not_before = Some(now.saturating_add(wait));
         }
@@ -201,17 +217,24 @@ impl Scheduler {
     /// Forget SKUs with nothing wanted, nothing in flight and no throttle running.
     pub fn prune(&mut self, now: u64) {
         let min = self.min_interval;
+        let mut refused_gone = 0;
         self.skus.retain(|_, e| {
-            e.want.is_some()
+            let keep = e.want.is_some()
                 || e.in_flight > 0
                 || e.timer.is_some()
-                || e.last_sent_at.is_some_and(|t| t.saturating_add(min) > now)
+                || e.last_sent_at.is_some_and(|t| t.saturating_add(min) > now);
+            if !keep && e.refusals > 0 {
+                refused_gone += 1;
+            }
+            keep
         });
+        self.refused = self.refused.saturating_sub(refused_gone);
     }
 
-    /// SKUs with a publish wanted (for shutdown/diagnostics).
+    /// SKUs with a publish wanted, but for refused ones waiting out their back-off (the
+    /// scheduler's backlog, which gates taking more).
     pub fn pending(&self) -> usize {
-        self.timers.len()
+        self.timers.len().saturating_sub(self.refused)
     }
 }
 
@@ -408,13 +431,23 @@ mod tests {
             s.refused("x", now);
             assert!(s.next_due().unwrap() <= now + REFUSED_MAX_MS);
         }
-        // taken at last: the next change goes out at the throttle's pace again
+        // A state and its alert: the state refused again, the alert's ack does not end
+        // the back-off, which is no pending work either.
         let now = 400_000_000;
         assert!(s.pop_ready(now).is_some());
-        s.sent("x", 8, 1, now);
+        s.sent("x", 8, 2, now);
+        s.refused("x", now);
         s.acked("x");
+        assert_eq!(s.next_due(), Some(now + REFUSED_MAX_MS));
+        assert_eq!(s.pending(), 0);
+        // taken at last: the next change goes out at the throttle's pace again
+        let now = now + REFUSED_MAX_MS;
+        assert!(s.pop_ready(now).is_some());
+        s.sent("x", 8, 1, now);
+        s.state_acked("x");
         s.request("x", Want::Change);
         assert_eq!(s.next_due(), Some(now + 100));
+        assert_eq!(s.pending(), 1);
     }
 
     #[test]

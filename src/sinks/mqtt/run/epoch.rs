@@ -202,7 +202,8 @@ impl Task {
         };
         self.epoch = EpochPhase::Decided;
         let _ = client.try_unsubscribe(crate::sinks::mqtt::epoch_topic(self.prefix()));
-        // An unreadable stored sequence counts as 0: the broker's then decides.
+        // An unreadable stored sequence counts as 0: a matching broker then gets every SKU
+        // marked with a sequence again (once; the next epoch is stored).
         let stored_seq: u64 = stored_seq.and_then(|s| s.parse().ok()).unwrap_or(0);
         self.epoch_seq = self.epoch_seq.max(stored_seq);
         let stored_token = stored

@@ -632,13 +632,19 @@ impl Task {
                         "broker refused a state message; sending it again later"
                     );
                     debug!(sku = %crate::secret::log_value(&sku), ?reason, "refused state message");
-                    // Not settled: a full republish is not complete (and no epoch says
-                    // the broker holds it) until the broker takes this state.
                     let now = self.mono_ms();
                     self.sched.refused(&sku, now);
+                    // Its mark may say published (another broker's, or this state's
+                    // before the broker lost it), which a scan after the next epoch
+                    // would trust: unmarked, every scan finds it, so it no longer holds
+                    // a full republish (and the epoch) up. Marked still, it does.
+                    if self.unmark(&sku).await {
+                        self.settle(&sku);
+                        self.maybe_publish_epoch(client);
+                    }
                     return;
                 }
-                self.sched.acked(&sku);
+                self.sched.state_acked(&sku);
                 self.settle(&sku);
                 self.maybe_publish_epoch(client);
             }
@@ -692,6 +698,29 @@ impl Task {
                     // the states sent before it still need an epoch the broker holds
                     self.epoch_dirty = true;
                 }
+            }
+        }
+    }
+
+    /// Make Redis say `sku`'s state is not published (the broker refused it): the marks
+    /// queued before go first, so none lands after. False when Redis could not be told.
+    async fn unmark(&mut self, sku: &str) -> bool {
+        self.flush_marks().await;
+        if !self.marks.is_empty() {
+            return false;
+        }
+        let r: Result<i64, _> = redis::cmd("HDEL")
+            .arg(layout::sku_key(&self.cfg.redis_prefix, sku))
+            .arg("pub_lsn")
+            .arg("pub_piece")
+            .arg("pub_seq")
+            .query_async(&mut self.redis)
+            .await;
+        match r {
+            Ok(_) => true,
+            Err(e) => {
+                warn!(error = %e, "could not mark a refused state unpublished; it holds the republish up until the broker takes it");
+                false
             }
         }
     }
