@@ -2,35 +2,50 @@
 //! `n`th time `name` is reached (counted per process), like a SIGKILL at that point;
 //! `<name>:<n>:<ms>` pauses there for `ms` milliseconds instead (at the points reached
 //! through [`pause`], which are async), so a test can act on the servers in between.
-//! Unset in production, where a check costs one read of a `OnceLock`.
+//! Several, comma-separated, act each at its own point. Unset in production, where a
+//! check costs one read of a `OnceLock`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// The point named, its hit, and the pause in ms (`None`: abort).
-type Spec = (String, u64, Option<u64>);
+/// A point named, its hit, the pause in ms (`None`: abort), and the hits counted.
+struct Spec {
+    name: String,
+    n: u64,
+    pause_ms: Option<u64>,
+    hits: AtomicU64,
+}
 
-fn spec() -> &'static Option<Spec> {
-    static SPEC: std::sync::OnceLock<Option<Spec>> = std::sync::OnceLock::new();
-    SPEC.get_or_init(|| {
-        let v = std::env::var("SKUSYNC_FAILPOINT").ok()?;
-        let mut parts = v.split(':');
-        let name = parts.next()?.to_string();
-        let n = parts.next()?.parse().ok()?;
-        let ms = match parts.next() {
-            Some(ms) => Some(ms.parse().ok()?),
-            None => None,
+fn specs() -> &'static [Spec] {
+    static SPECS: std::sync::OnceLock<Vec<Spec>> = std::sync::OnceLock::new();
+    SPECS.get_or_init(|| {
+        let Ok(v) = std::env::var("SKUSYNC_FAILPOINT") else {
+            return Vec::new();
         };
-        Some((name, n, ms))
+        v.split(',')
+            .filter_map(|one| {
+                let mut parts = one.trim().split(':');
+                let name = parts.next()?.to_string();
+                let n = parts.next()?.parse().ok()?;
+                let pause_ms = match parts.next() {
+                    Some(ms) => Some(ms.parse().ok()?),
+                    None => None,
+                };
+                Some(Spec {
+                    name,
+                    n,
+                    pause_ms,
+                    hits: AtomicU64::new(0),
+                })
+            })
+            .collect()
     })
 }
 
-/// What to do at `name` now, if this is the named hit.
+/// What to do at `name` now, if this is a named hit: `Some(None)` abort, `Some(Some(ms))`
+/// pause.
 fn reached(name: &str) -> Option<Option<u64>> {
-    static HITS: AtomicU64 = AtomicU64::new(0);
-    match spec() {
-        Some((n, k, ms)) if n == name && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *k => Some(*ms),
-        _ => None,
-    }
+    let s = specs().iter().find(|s| s.name == name)?;
+    (s.hits.fetch_add(1, Ordering::SeqCst) + 1 == s.n).then_some(s.pause_ms)
 }
 
 fn abort(name: &str) -> ! {

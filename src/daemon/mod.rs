@@ -990,7 +990,14 @@ async fn load_snapshot(
     }
     // (that write raised the history slot's floor, which the reset below starts over)
     settings.fence.slots.clear();
-    let reset = rsink::reset_all(&mut con, prefix, Lsn(at.0.saturating_sub(1)), token).await?;
+    let reset = rsink::reset_all(
+        &mut con,
+        prefix,
+        Lsn(at.0.saturating_sub(1)),
+        token,
+        Some(&settings.fence.slots),
+    )
+    .await?;
     crate::failpoint::pause("after-rebuild-reset").await;
     // Fenced by the token; the floor does not apply: applied_lsn is rewritten at the end.
     let load_settings = ApplySettings {
@@ -1043,6 +1050,8 @@ async fn load_snapshot(
     if let Some(e) = applier.check_slots().await? {
         return Err(e.into());
     }
+    // (before `done`: a rebuild stopped in between is redone, and its reset drops them)
+    applier.record_load_floors(at).await?;
     rsink::write_meta(&mut con, prefix, token, &fields).await?;
     // Redis holds exactly `at` now, even below an earlier floor (a rebuild from a server
     // that is behind the one before, after a PostgreSQL failover).

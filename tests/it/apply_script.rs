@@ -922,7 +922,9 @@ async fn thin_and_script_leave_the_same(
                 .unwrap();
             if mcon.is_cluster() {
                 // each slot's meta copy (the cluster calls' fence)
-                rsink::reset_all(&mut mcon, p, Lsn(1), 0).await.unwrap();
+                rsink::reset_all(&mut mcon, p, Lsn(1), 0, None)
+                    .await
+                    .unwrap();
             }
         }
         let mut history: Vec<Piece> = Vec::new();

@@ -866,7 +866,7 @@ impl FencedCluster {
             .await
             .unwrap();
         let token = rsink::claim_writer(&mut con, prefix).await.unwrap();
-        rsink::reset_all(&mut con, prefix, skusync::lsn::Lsn(1), token)
+        rsink::reset_all(&mut con, prefix, skusync::lsn::Lsn(1), token, None)
             .await
             .unwrap();
         let settings = crate::apply_script::test_settings(prefix, &["views"]);
@@ -1499,5 +1499,116 @@ async fn a_rebuild_resets_a_hash_its_first_scan_missed() {
         "{}",
         rig.daemon().stderr_all()
     );
+    rig.stop_cleanly();
+}
+
+/// The same loss while skusync is down, killed right after the rebuild, before the stream
+/// recorded anything: the load's floors were recorded in the meta hash with the rebuild,
+/// so the restart checks the slots against them and rebuilds again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_that_loses_a_rebuilds_writes_while_skusync_is_down_is_noticed_at_restart() {
+    use skusync::sinks::layout;
+    let seed = test_seed(
+        "a_failover_that_loses_a_rebuilds_writes_while_skusync_is_down_is_noticed_at_restart",
+    );
+    let mut rig = ClusterRig::new().await;
+    let mut w = cluster_workload(seed);
+    rig.start().await;
+    rig.run(&mut w, 100).await;
+    rig.drain(Duration::from_secs(30)).await;
+    let meta = layout::meta_key(&rig.oracle.prefix);
+    let victim = rig
+        .cluster
+        .primaries()
+        .into_iter()
+        .find(|p| {
+            rig.cluster.nodes[*p]
+                .try_cli(&["EXISTS", &meta])
+                .is_ok_and(|r| r.contains("MOVED"))
+        })
+        .expect("a primary that does not serve the meta hash");
+    rig.stop_cleanly();
+    rig.mark_stale().await;
+    let loaded = rig.daemon().stderr_count("snapshot loaded");
+    rig.daemon()
+        .spawn_env(&[("SKUSYNC_FAILPOINT", "after-rebuild-reset:1:4000")]);
+    rig.daemon()
+        .wait_stderr("failpoint reached: pausing", Duration::from_secs(60))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let heir = rig.cluster.freeze_replica(victim);
+    rig.daemon()
+        .wait_stderr_beyond("snapshot loaded", loaded, Duration::from_secs(60))
+        .await;
+    // killed before the stream records anything (a clean stop records the floors)
+    let mut p = rig.daemon().proc.take().expect("running");
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+    tokio::task::block_in_place(|| rig.cluster.kill9_and_promote_stale_replica(victim, heir));
+    rig.daemon().spawn();
+    rig.run(&mut w, 100).await;
+    rig.drain(Duration::from_secs(120)).await;
+    rig.assert_converges_after_a_lost_slot("the lost load was noticed at the restart")
+        .await;
+    rig.stop_cleanly();
+}
+
+/// A replica that missed a rebuild's reset takes over before the load: its slots hold
+/// the meta copies and SKU hashes from before the reset. The reset wrote its own LSN into
+/// every copy and started the writer's floor there for the slots holding SKU hashes, so
+/// the load's first call to the victim's slots is refused and Redis is rebuilt again;
+/// without that, the load lands on the old hashes (lifetime counters counted twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_between_a_rebuilds_reset_and_its_load_is_noticed_and_rebuilt_again() {
+    use skusync::sinks::layout;
+    let seed =
+        test_seed("a_failover_between_a_rebuilds_reset_and_its_load_is_noticed_and_rebuilt_again");
+    let mut rig = ClusterRig::new().await;
+    let mut w = cluster_workload(seed);
+    rig.start().await;
+    rig.run(&mut w, 150).await;
+    rig.drain(Duration::from_secs(30)).await;
+    let meta = layout::meta_key(&rig.oracle.prefix);
+    let victim = rig
+        .cluster
+        .primaries()
+        .into_iter()
+        .find(|p| {
+            rig.cluster.nodes[*p]
+                .try_cli(&["EXISTS", &meta])
+                .is_ok_and(|r| r.contains("MOVED"))
+        })
+        .expect("a primary that does not serve the meta hash");
+    rig.stop_cleanly();
+    rig.mark_stale().await;
+    let pauses = rig.daemon().stderr_count("failpoint reached: pausing");
+    rig.daemon().spawn_env(&[(
+        "SKUSYNC_FAILPOINT",
+        "after-rebuild-scan:1:3000,after-rebuild-reset:1:15000",
+    )]);
+    // before the reset: the victim's replica (with the new writer's claim) stops following,
+    // still answering
+    rig.daemon()
+        .wait_stderr_beyond(
+            "failpoint reached: pausing",
+            pauses,
+            Duration::from_secs(60),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let heir = rig.cluster.unfollow_replica(victim);
+    // after the reset, before the load: it takes over
+    rig.daemon()
+        .wait_stderr_beyond(
+            "failpoint reached: pausing",
+            pauses + 1,
+            Duration::from_secs(60),
+        )
+        .await;
+    tokio::task::block_in_place(|| rig.cluster.kill9_and_promote_stale_replica(victim, heir));
+    rig.run(&mut w, 100).await;
+    rig.drain(Duration::from_secs(120)).await;
+    rig.assert_converges_after_a_lost_slot("the reset the replica missed was noticed")
+        .await;
     rig.stop_cleanly();
 }

@@ -1642,6 +1642,16 @@ impl Applier {
         Ok(n)
     }
 
+    /// After a snapshot load on a cluster: record the slots' floors its calls raised in
+    /// the meta hash (`floor:<slot>`, with `applied_lsn` raised to `at`), so a restart
+    /// before the stream's first batch still checks the slots against them.
+    pub async fn record_load_floors(&mut self, at: Lsn) -> Result<(), RedisSinkError> {
+        if !self.con.is_cluster() {
+            return Ok(());
+        }
+        self.raise_applied(at).await
+    }
+
     /// Record `end` as the applied LSN in the meta hash (a cluster's batch ends after all
     /// its slots' calls), fenced by the writer's token and floor.
     async fn raise_applied(&mut self, end: Lsn) -> Result<(), RedisSinkError> {
@@ -3031,6 +3041,7 @@ pub async fn reset_all(
     prefix: &str,
     fence: Lsn,
     token: u64,
+    floors: Option<&SlotFloors>,
 ) -> Result<usize, RedisSinkError> {
     let skus = scan_skus(con, prefix).await?;
     crate::failpoint::pause("after-rebuild-scan").await;
@@ -3044,10 +3055,17 @@ pub async fn reset_all(
         .invoke_async(con)
         .await
         .map_err(RedisSinkError::from_redis)?;
-    // On a cluster, each slot's meta copy starts over with this writer's token (no
-    // applied_lsn: the load and the stream record theirs).
+    // On a cluster, each slot's meta copy starts over with this writer's token and the
+    // reset's LSN as its applied_lsn; the writer's floor for each slot that holds SKU
+    // hashes starts there, so a replica that missed the reset and took over before the
+    // load (its copy older) is refused at the load's first call there.
     if con.is_cluster() {
-        reset_slot_metas(con, prefix, token).await?;
+        reset_slot_metas(con, prefix, token, fence).await?;
+        if let Some(f) = floors {
+            for sku in &skus {
+                f.raise(slot_of(layout::sku_key(prefix, sku).as_bytes()), fence.0);
+            }
+        }
     }
     reset_hashes(con, prefix, &skus, fence, token).await?;
     let mut reset = skus.len();
@@ -3070,6 +3088,11 @@ pub async fn reset_all(
                 "resetting SKU hashes an earlier scan missed (a live reshard)"
             );
             reset_hashes(con, prefix, &missed, fence, token).await?;
+            if let Some(f) = floors {
+                for sku in &missed {
+                    f.raise(slot_of(layout::sku_key(prefix, sku).as_bytes()), fence.0);
+                }
+            }
             reset += missed.len();
             seen.extend(missed);
         }
@@ -3165,11 +3188,13 @@ end
 return n
 "#;
 
-/// Rewrite every slot's meta copy of a cluster: only the writer's token (a rebuild starts).
+/// Rewrite every slot's meta copy of a cluster: the writer's token and `fence` as its
+/// `applied_lsn` (a rebuild starts; its load and the stream raise it).
 async fn reset_slot_metas(
     con: &mut RedisCon,
     prefix: &str,
     token: u64,
+    fence: Lsn,
 ) -> Result<(), RedisSinkError> {
     let slots: Vec<u16> = (0..SLOTS as u16).collect();
     for chunk in slots.chunks(2048) {
@@ -3181,6 +3206,8 @@ async fn reset_slot_metas(
                 .arg(&k)
                 .arg("writer")
                 .arg(token_arg(token).as_str())
+                .arg("applied_lsn")
+                .arg(fence.0)
                 .ignore();
         }
         pipe.query_async::<()>(con)

@@ -194,6 +194,19 @@ impl RedisCluster {
         r
     }
 
+    /// Make the replica of `primary` stop following while it keeps answering: the
+    /// primary refuses its resync (an ACL without PSYNC and SYNC for the default user) and
+    /// drops the link; returns it. (A frozen replica, as [`freeze_replica`] makes, hangs
+    /// the calls redis-rs sends every node, such as SCRIPT LOAD.)
+    pub fn unfollow_replica(&mut self, primary: usize) -> usize {
+        let r = self
+            .replica_of(primary)
+            .expect("unfollow_replica: a replica");
+        self.nodes[primary].cli(&["ACL", "SETUSER", "default", "-psync", "-sync"]);
+        self.nodes[primary].cli(&["CLIENT", "KILL", "TYPE", "replica"]);
+        r
+    }
+
     /// The failover that loses writes: SIGKILL `primary`, wake its frozen `replica` and
     /// make it take over (`CLUSTER FAILOVER TAKEOVER`, no agreement needed) with the
     /// data it had when frozen; returns once the cluster serves every slot again.
