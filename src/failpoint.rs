@@ -21,21 +21,32 @@ fn specs() -> &'static [Spec] {
         let Ok(v) = std::env::var("SKUSYNC_FAILPOINT") else {
             return Vec::new();
         };
+        let parse = |one: &str| -> Option<Spec> {
+            let mut parts = one.trim().split(':');
+            let name = parts.next()?.to_string();
+            let n = parts.next()?.parse().ok()?;
+            let pause_ms = match parts.next() {
+                Some(ms) => Some(ms.parse().ok()?),
+                None => None,
+            };
+            parts.next().is_none().then_some(Spec {
+                name,
+                n,
+                pause_ms,
+                hits: AtomicU64::new(0),
+            })
+        };
         v.split(',')
             .filter_map(|one| {
-                let mut parts = one.trim().split(':');
-                let name = parts.next()?.to_string();
-                let n = parts.next()?.parse().ok()?;
-                let pause_ms = match parts.next() {
-                    Some(ms) => Some(ms.parse().ok()?),
-                    None => None,
-                };
-                Some(Spec {
-                    name,
-                    n,
-                    pause_ms,
-                    hits: AtomicU64::new(0),
-                })
+                let spec = parse(one);
+                if spec.is_none() {
+                    // a test whose failpoint never fires must not pass unnoticed
+                    tracing::error!(
+                        spec = one,
+                        "SKUSYNC_FAILPOINT: not <name>:<n>[:<ms>]; ignored"
+                    );
+                }
+                spec
             })
             .collect()
     })
@@ -44,8 +55,14 @@ fn specs() -> &'static [Spec] {
 /// What to do at `name` now, if this is a named hit: `Some(None)` abort, `Some(Some(ms))`
 /// pause.
 fn reached(name: &str) -> Option<Option<u64>> {
-    let s = specs().iter().find(|s| s.name == name)?;
-    (s.hits.fetch_add(1, Ordering::SeqCst) + 1 == s.n).then_some(s.pause_ms)
+    // every spec of the point counts the hit (two may name one point at different hits)
+    let mut due = None;
+    for s in specs().iter().filter(|s| s.name == name) {
+        if s.hits.fetch_add(1, Ordering::SeqCst) + 1 == s.n && due.is_none() {
+            due = Some(s.pause_ms);
+        }
+    }
+    due
 }
 
 fn abort(name: &str) -> ! {
