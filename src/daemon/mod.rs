@@ -1035,6 +1035,10 @@ async fn load_snapshot(
         ("fingerprint", mapping.fingerprint.clone()),
         ("piece_changes", max_changes.to_string()),
         ("tables", tables),
+        (
+            rsink::REBUILD_FIELD,
+            settings.fence.slots.rebuild_mark().unwrap_or_default(),
+        ),
         ("layout", layout::LAYOUT_VERSION.to_string()),
         (
             "partitions",

@@ -1612,3 +1612,75 @@ async fn a_failover_between_a_rebuilds_reset_and_its_load_is_noticed_and_rebuilt
         .await;
     rig.stop_cleanly();
 }
+
+/// As above, after a PostgreSQL failover to a standby that was behind: the old copies'
+/// `applied_lsn` is above the rebuild's LSN (written by hand here, for the victim's slots,
+/// standing in for the old server's history), so the floor cannot tell them from reset
+/// ones. The rebuild's mark can: the reset writes it into every copy, and the slots'
+/// check before `done` refuses a copy without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_missed_the_reset_is_noticed_by_the_rebuilds_mark_when_lsns_went_back() {
+    use skusync::sinks::layout;
+    let seed = test_seed(
+        "a_replica_that_missed_the_reset_is_noticed_by_the_rebuilds_mark_when_lsns_went_back",
+    );
+    let mut rig = ClusterRig::new().await;
+    let mut w = cluster_workload(seed);
+    rig.start().await;
+    rig.run(&mut w, 150).await;
+    rig.drain(Duration::from_secs(30)).await;
+    let prefix = rig.oracle.prefix.clone();
+    let meta = layout::meta_key(&prefix);
+    let victim = rig
+        .cluster
+        .primaries()
+        .into_iter()
+        .find(|p| {
+            rig.cluster.nodes[*p]
+                .try_cli(&["EXISTS", &meta])
+                .is_ok_and(|r| r.contains("MOVED"))
+        })
+        .expect("a primary that does not serve the meta hash");
+    rig.stop_cleanly();
+    let mut con = rig.con().await;
+    for sku in cluster_skus() {
+        let slot = layout::slot_of(layout::sku_key(&prefix, &sku).as_bytes());
+        if slot_owner(&rig.cluster, slot) == victim {
+            let _: () = redis::cmd("HSET")
+                .arg(layout::slot_meta_key(&prefix, slot))
+                .arg("applied_lsn")
+                .arg("999999999999")
+                .query_async(&mut con)
+                .await
+                .expect("a copy ahead");
+        }
+    }
+    rig.mark_stale().await;
+    let pauses = rig.daemon().stderr_count("failpoint reached: pausing");
+    rig.daemon().spawn_env(&[(
+        "SKUSYNC_FAILPOINT",
+        "after-rebuild-scan:1:3000,after-rebuild-reset:1:15000",
+    )]);
+    rig.daemon()
+        .wait_stderr_beyond(
+            "failpoint reached: pausing",
+            pauses,
+            Duration::from_secs(60),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let heir = rig.cluster.unfollow_replica(victim);
+    rig.daemon()
+        .wait_stderr_beyond(
+            "failpoint reached: pausing",
+            pauses + 1,
+            Duration::from_secs(60),
+        )
+        .await;
+    tokio::task::block_in_place(|| rig.cluster.kill9_and_promote_stale_replica(victim, heir));
+    rig.run(&mut w, 100).await;
+    rig.drain(Duration::from_secs(120)).await;
+    rig.assert_converges_after_a_lost_slot("the copies from before the reset were noticed")
+        .await;
+    rig.stop_cleanly();
+}

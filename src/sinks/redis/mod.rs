@@ -225,6 +225,9 @@ pub struct SlotFloors(std::sync::Arc<std::sync::Mutex<FloorMap>>);
 struct FloorMap {
     floors: HashMap<u16, u64>,
     dirty: std::collections::BTreeSet<u16>,
+    /// The last rebuild's mark, which its reset wrote into every slot's meta copy (and
+    /// its `done` into the meta hash): a copy without it is from before that reset.
+    rebuild: Option<String>,
 }
 
 impl SlotFloors {
@@ -279,6 +282,18 @@ impl SlotFloors {
         let mut m = self.lock();
         m.floors.clear();
         m.dirty.clear();
+        m.rebuild = None;
+    }
+
+    /// The mark every slot's meta copy must hold (see [`reset_all`]); `None`: unchecked
+    /// (Redis rebuilt before marks existed).
+    pub fn rebuild_mark(&self) -> Option<String> {
+        self.lock().rebuild.clone()
+    }
+
+    /// Set the mark the copies must hold.
+    pub fn set_rebuild_mark(&self, mark: Option<String>) {
+        self.lock().rebuild = mark;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, FloorMap> {
@@ -1720,14 +1735,27 @@ impl Applier {
                 pipe.cmd("HMGET")
                     .arg(layout::slot_meta_key(&self.settings.prefix, *slot))
                     .arg("applied_lsn")
-                    .arg("writer");
+                    .arg("writer")
+                    .arg(REBUILD_FIELD);
             }
-            let got: Vec<(Option<u64>, Option<String>)> = pipe
+            let got: Vec<(Option<u64>, Option<String>, Option<String>)> = pipe
                 .query_async(&mut self.con)
                 .await
                 .map_err(RedisSinkError::from_redis)?;
             let ours = self.settings.fence.token().to_string();
-            for ((slot, floor), (held, writer)) in chunk.iter().zip(got) {
+            let mark = self.settings.fence.slots.rebuild_mark();
+            for ((slot, floor), (held, writer, rebuilt)) in chunk.iter().zip(got) {
+                if let Some(m) = &mark
+                    && held.is_some()
+                    && rebuilt.as_deref() != Some(m.as_str())
+                {
+                    // a copy from before the last rebuild's reset: its node missed it
+                    let e = RedisSinkError::Rollback(format!(
+                        "{} (a meta copy from before the last rebuild)",
+                        held.unwrap_or(0)
+                    ));
+                    return Ok(Some(self.slot_failed(*slot, e).await));
+                }
                 if held.is_none() && writer.is_none() {
                     return Ok(Some(self.slot_failed(*slot, RedisSinkError::NoMeta).await));
                 }
@@ -2903,6 +2931,8 @@ async fn claim_by_primary(con: &mut RedisCon, prefix: &str, token: u64) -> bool 
 
 /// Meta hash field prefix of a cluster slot's recorded floor (`floor:<slot>` = LSN).
 const FLOOR_FIELD: &str = "floor:";
+/// The meta hash's and the slots' copies' field holding the last rebuild's mark.
+pub const REBUILD_FIELD: &str = "rebuild";
 
 /// Floors recorded per call (two Lua values each, far below what `unpack` takes).
 const FLOORS_PER_CALL: usize = 1000;
@@ -2940,6 +2970,7 @@ pub async fn load_slot_floors(
         .filter(|(slot, _)| (*slot as usize) < SLOTS)
         .collect();
     floors.load(read.iter().copied());
+    floors.set_rebuild_mark(meta.get(REBUILD_FIELD).filter(|m| !m.is_empty()).cloned());
     Ok(read.len())
 }
 
@@ -3060,8 +3091,12 @@ pub async fn reset_all(
     // hashes starts there, so a replica that missed the reset and took over before the
     // load (its copy older) is refused at the load's first call there.
     if con.is_cluster() {
-        reset_slot_metas(con, prefix, token, fence).await?;
+        let mark = format!("{token}:{}", fence.0);
+        reset_slot_metas(con, prefix, token, fence, &mark).await?;
         if let Some(f) = floors {
+            // an equal mark, where the LSN alone cannot tell (a rebuild after a
+            // PostgreSQL failover starts below the old copies' LSNs)
+            f.set_rebuild_mark(Some(mark));
             for sku in &skus {
                 f.raise(slot_of(layout::sku_key(prefix, sku).as_bytes()), fence.0);
             }
@@ -3195,6 +3230,7 @@ async fn reset_slot_metas(
     prefix: &str,
     token: u64,
     fence: Lsn,
+    mark: &str,
 ) -> Result<(), RedisSinkError> {
     let slots: Vec<u16> = (0..SLOTS as u16).collect();
     for chunk in slots.chunks(2048) {
@@ -3208,6 +3244,8 @@ async fn reset_slot_metas(
                 .arg(token_arg(token).as_str())
                 .arg("applied_lsn")
                 .arg(fence.0)
+                .arg(REBUILD_FIELD)
+                .arg(mark)
                 .ignore();
         }
         pipe.query_async::<()>(con)
