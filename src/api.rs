@@ -166,19 +166,8 @@ pub async fn serve(
 /// Logs, at most once a minute, that one address reached its connection cap: a slow or
 /// greedy client, or a proxy not listed as one (all its clients share its address).
 fn warn_per_address() {
-    static LAST_S: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let now = crate::telemetry::unix_ms() as u64 / 1000;
-    let last = LAST_S.load(std::sync::atomic::Ordering::Relaxed);
-    if (last == 0 || now >= last + 60)
-        && LAST_S
-            .compare_exchange(
-                last,
-                now,
-                std::sync::atomic::Ordering::Relaxed,
-                std::sync::atomic::Ordering::Relaxed,
-            )
-            .is_ok()
-    {
+    static LAST_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+    if crate::telemetry::due(&LAST_MS, 60_000) {
         tracing::warn!(
             "connections from one address reached api.max_connections_per_address; if a proxy sits in front of the API, list it in api.trusted_proxies"
         );

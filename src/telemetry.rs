@@ -176,6 +176,18 @@ fn mono_ms() -> u64 {
         + 1
 }
 
+/// For log lines said at most every `every_ms`: true (and `last_ms` moved to now) when
+/// that long has passed since the last time it was true; one caller wins a race.
+pub fn due(last_ms: &std::sync::atomic::AtomicI64, every_ms: i64) -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    let now = unix_ms();
+    let last = last_ms.load(Relaxed);
+    now - last >= every_ms
+        && last_ms
+            .compare_exchange(last, now, Relaxed, Relaxed)
+            .is_ok()
+}
+
 /// Now, in unix milliseconds (0 before 1970).
 pub fn unix_ms() -> i64 {
     std::time::SystemTime::now()

@@ -525,18 +525,7 @@ impl Conn {
 /// keeps failing (its TLS name, its password) does not go unnoticed nor flood the log.
 pub(crate) fn node_failed(e: &redis::RedisError) {
     static LAST_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
-    let now = crate::telemetry::unix_ms();
-    let last = LAST_MS.load(std::sync::atomic::Ordering::Relaxed);
-    if now - last >= 10_000
-        && LAST_MS
-            .compare_exchange(
-                last,
-                now,
-                std::sync::atomic::Ordering::Relaxed,
-                std::sync::atomic::Ordering::Relaxed,
-            )
-            .is_ok()
-    {
+    if crate::telemetry::due(&LAST_MS, 10_000) {
         tracing::warn!(error = %e, "Redis could not be reached on skusync's own connections; the commands went through redis-rs");
     }
 }
