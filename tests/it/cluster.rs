@@ -135,6 +135,21 @@ impl ClusterRig {
         assert!(self.daemon().stderr_contains("failpoint reached"));
     }
 
+    /// A primary that does not serve the meta hash (whose own loss a restart catches
+    /// anyway): the one serving it answers EXISTS, the others say MOVED.
+    fn primary_without_the_meta_hash(&self) -> usize {
+        let meta = skusync::sinks::layout::meta_key(&self.oracle.prefix);
+        self.cluster
+            .primaries()
+            .into_iter()
+            .find(|p| {
+                self.cluster.nodes[*p]
+                    .try_cli(&["EXISTS", &meta])
+                    .is_ok_and(|r| r.contains("MOVED"))
+            })
+            .expect("a primary that does not serve the meta hash")
+    }
+
     /// Mark Redis stale (meta `bootstrap`), as after a lost slot: the next start rebuilds.
     async fn mark_stale(&self) {
         let _: () = redis::cmd("HSET")
@@ -539,17 +554,7 @@ async fn a_cluster_failover_that_loses_writes_while_skusync_is_stopped_is_notice
     rig.run(&mut w, 100).await;
     rig.drain(Duration::from_secs(30)).await;
     let meta = layout::meta_key(&rig.oracle.prefix);
-    let victim = rig
-        .cluster
-        .primaries()
-        .into_iter()
-        .find(|p| {
-            // the primary serving the meta hash answers EXISTS; the others say MOVED
-            rig.cluster.nodes[*p]
-                .try_cli(&["EXISTS", &meta])
-                .is_ok_and(|r| r.contains("MOVED"))
-        })
-        .expect("a primary that does not serve the meta hash");
+    let victim = rig.primary_without_the_meta_hash();
     let heir = rig.cluster.freeze_replica(victim);
     rig.run(&mut w, 200).await;
     rig.drain(Duration::from_secs(30)).await;
@@ -1400,7 +1405,6 @@ async fn a_rebuild_whose_alert_step_meets_a_reshard_waits_for_it_and_loses_no_al
 /// again; otherwise the stream went on over the reset hashes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_that_loses_a_rebuilds_writes_to_a_slot_is_noticed_and_rebuilt_again() {
-    use skusync::sinks::layout;
     let seed =
         test_seed("a_failover_that_loses_a_rebuilds_writes_to_a_slot_is_noticed_and_rebuilt_again");
     let mut rig = ClusterRig::new().await;
@@ -1408,17 +1412,7 @@ async fn a_failover_that_loses_a_rebuilds_writes_to_a_slot_is_noticed_and_rebuil
     rig.start().await;
     rig.run(&mut w, 100).await;
     rig.drain(Duration::from_secs(30)).await;
-    let meta = layout::meta_key(&rig.oracle.prefix);
-    let victim = rig
-        .cluster
-        .primaries()
-        .into_iter()
-        .find(|p| {
-            rig.cluster.nodes[*p]
-                .try_cli(&["EXISTS", &meta])
-                .is_ok_and(|r| r.contains("MOVED"))
-        })
-        .expect("a primary that does not serve the meta hash");
+    let victim = rig.primary_without_the_meta_hash();
     rig.stop_cleanly();
     rig.mark_stale().await;
     let loaded = rig.daemon().stderr_count("snapshot loaded");
@@ -1507,7 +1501,6 @@ async fn a_rebuild_resets_a_hash_its_first_scan_missed() {
 /// so the restart checks the slots against them and rebuilds again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_that_loses_a_rebuilds_writes_while_skusync_is_down_is_noticed_at_restart() {
-    use skusync::sinks::layout;
     let seed = test_seed(
         "a_failover_that_loses_a_rebuilds_writes_while_skusync_is_down_is_noticed_at_restart",
     );
@@ -1516,17 +1509,7 @@ async fn a_failover_that_loses_a_rebuilds_writes_while_skusync_is_down_is_notice
     rig.start().await;
     rig.run(&mut w, 100).await;
     rig.drain(Duration::from_secs(30)).await;
-    let meta = layout::meta_key(&rig.oracle.prefix);
-    let victim = rig
-        .cluster
-        .primaries()
-        .into_iter()
-        .find(|p| {
-            rig.cluster.nodes[*p]
-                .try_cli(&["EXISTS", &meta])
-                .is_ok_and(|r| r.contains("MOVED"))
-        })
-        .expect("a primary that does not serve the meta hash");
+    let victim = rig.primary_without_the_meta_hash();
     rig.stop_cleanly();
     rig.mark_stale().await;
     let loaded = rig.daemon().stderr_count("snapshot loaded");
@@ -1560,7 +1543,6 @@ async fn a_failover_that_loses_a_rebuilds_writes_while_skusync_is_down_is_notice
 /// without that, the load lands on the old hashes (lifetime counters counted twice).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_between_a_rebuilds_reset_and_its_load_is_noticed_and_rebuilt_again() {
-    use skusync::sinks::layout;
     let seed =
         test_seed("a_failover_between_a_rebuilds_reset_and_its_load_is_noticed_and_rebuilt_again");
     let mut rig = ClusterRig::new().await;
@@ -1568,17 +1550,7 @@ async fn a_failover_between_a_rebuilds_reset_and_its_load_is_noticed_and_rebuilt
     rig.start().await;
     rig.run(&mut w, 150).await;
     rig.drain(Duration::from_secs(30)).await;
-    let meta = layout::meta_key(&rig.oracle.prefix);
-    let victim = rig
-        .cluster
-        .primaries()
-        .into_iter()
-        .find(|p| {
-            rig.cluster.nodes[*p]
-                .try_cli(&["EXISTS", &meta])
-                .is_ok_and(|r| r.contains("MOVED"))
-        })
-        .expect("a primary that does not serve the meta hash");
+    let victim = rig.primary_without_the_meta_hash();
     rig.stop_cleanly();
     rig.mark_stale().await;
     let pauses = rig.daemon().stderr_count("failpoint reached: pausing");
@@ -1630,17 +1602,7 @@ async fn a_replica_that_missed_the_reset_is_noticed_by_the_rebuilds_mark_when_ls
     rig.run(&mut w, 150).await;
     rig.drain(Duration::from_secs(30)).await;
     let prefix = rig.oracle.prefix.clone();
-    let meta = layout::meta_key(&prefix);
-    let victim = rig
-        .cluster
-        .primaries()
-        .into_iter()
-        .find(|p| {
-            rig.cluster.nodes[*p]
-                .try_cli(&["EXISTS", &meta])
-                .is_ok_and(|r| r.contains("MOVED"))
-        })
-        .expect("a primary that does not serve the meta hash");
+    let victim = rig.primary_without_the_meta_hash();
     rig.stop_cleanly();
     let mut con = rig.con().await;
     for sku in cluster_skus() {
