@@ -81,17 +81,17 @@ export declare class Store {
     sweepFull(mark: FullMark, listed: Set<string>): Change[];
     /**
      * An alert from MQTT or HTTP: true when its id is new (deliver it), false for a
-     * duplicate. Remembers the last `alertIdLimit` ids and the greatest `seq`.
-     * `contiguous`: every alert before this one was seen too (it arrived live after a
-     * completed catch-up), so the catch-up cursor may move past it.
+     * duplicate. Remembers the last `alertIdLimit` ids and the greatest `seq`. Never moves
+     * the catch-up cursor (see `alertsSince`).
      */
-    applyAlert(alert: Alert, contiguous?: boolean): boolean;
+    applyAlert(alert: Alert): boolean;
     /** The greatest alert seq seen. */
     get alertSeq(): string | null;
     /**
-     * The `since` of the next `/v1/alerts`. Not simply the greatest seq seen: an alert
-     * that arrives over MQTT right after a reconnect, before the catch-up, would skip the
-     * ones missed while offline.
+     * The `since` of the next `/v1/alerts`: the `next` of the last page. Not the greatest
+     * seq seen: MQTT delivers different SKUs' alerts in no seq order (each waits for its
+     * SKU's publish round), so an alert seen live may follow one that a lost connection
+     * never delivered.
      */
     get alertsSince(): string | null;
     /** The `next` of a `/v1/alerts` page (or a stored one): taken when greater. */

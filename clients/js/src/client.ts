@@ -135,12 +135,12 @@ class Client implements SkusyncClient {
   /** `/v1/changes` answered 410: the next full listing replaces what is held. */
   #afterGone = false;
   #wake: (() => void) | null = null;
-  // MQTT connections so far, the one whose SUBACK came, and whether live alerts are
-  // contiguous with the last alert catch-up (see #catchUpOnce)
+  // MQTT connections so far, and the one whose SUBACK came
   #connected = false;
   #epoch = 0;
   #subscribed = 0;
-  #live = false;
+  /** This process subscribed at least once (a resumed session alone sends no retained states). */
+  #everSubscribed = false;
 
   constructor(o: ClientOptions) {
     this.#o = o;
@@ -211,7 +211,6 @@ class Client implements SkusyncClient {
     m.on('connect', (connack?: { sessionPresent?: boolean }) => this.#onConnect(m, connack));
     m.on('close', () => {
       this.#connected = false;
-      this.#live = false;
       if (!this.#closed) this.#emit(this.#on.connection, 'offline');
     });
     m.on('error', (e: unknown) => this.#error(e instanceof Error ? e : new Error(errText(e))));
@@ -222,12 +221,13 @@ class Client implements SkusyncClient {
   #onConnect(m: MqttClientLike, connack?: { sessionPresent?: boolean }): void {
     if (this.#closed) return;
     this.#connected = true;
-    this.#live = false;
     const epoch = ++this.#epoch;
     this.#emit(this.#on.connection, 'connected');
     // a resumed session still has our subscriptions; the messages queued for it may
-    // have been dropped though, so catch up anyway
-    if (connack?.sessionPresent) {
+    // have been dropped though, so catch up anyway. Not on this process's first connect:
+    // its store starts empty, and only a SUBSCRIBE makes the broker send the retained
+    // states (a catch-up from a stored token lists only what changed since).
+    if (connack?.sessionPresent && this.#everSubscribed) {
       this.#subscribed = epoch;
       this.#requestCatchUp(true);
       return;
@@ -239,6 +239,7 @@ class Client implements SkusyncClient {
     // catch up once subscribed, so no change falls between the two
     m.subscribe(topics, { qos: 1 }, (err, granted) => {
       if (epoch === this.#epoch) this.#subscribed = epoch;
+      if (!err) this.#everSubscribed = true;
       if (err) this.#error(new Error(`subscribe failed: ${errText(err)}`));
       else if (Array.isArray(granted) && granted.some((g) => typeof g?.qos === 'number' && g.qos >= 128)) {
         this.#error(new Error('subscribe refused by the broker for some topics'));
@@ -267,9 +268,10 @@ class Client implements SkusyncClient {
         }
         if (!this.#wanted(msg.sku)) return;
         if (msg.kind === 'alert') {
-          const cursor = this.#store.alertsSince;
-          if (this.#store.applyAlert(msg.alert, this.#live)) this.#emit(this.#on.alert, msg.alert);
-          if (this.#store.alertsSince !== cursor) void this.#persist('alerts', this.#store.alertsSince);
+          // never moves the alert cursor: live alerts of different SKUs arrive in no
+          // seq order (each waits for its SKU's publish round), so one missed offline
+          // may lie below a later one seen live
+          if (this.#store.applyAlert(msg.alert)) this.#emit(this.#on.alert, msg.alert);
         } else {
           this.#change(this.#store.applyState(msg.state));
         }
@@ -388,10 +390,7 @@ class Client implements SkusyncClient {
       this.#afterGone = false;
       result.full = true;
     }
-    // /v1/alerts: likewise, deduped by id. When this listing started after the current
-    // connection's SUBACK and that connection is still up at the end, every later alert
-    // arrives over MQTT: from then on live alerts may move the cursor.
-    const epoch = this.#connected && this.#subscribed === this.#epoch ? this.#epoch : 0;
+    // /v1/alerts: likewise, deduped by id. Only its pages move the cursor.
     for (;;) {
       const since = this.#store.alertsSince;
       const body = await this.#get('/v1/alerts', since);
@@ -423,7 +422,6 @@ class Client implements SkusyncClient {
       await this.#persist('alerts', this.#store.alertsSince);
       if (body.more !== true) break;
     }
-    this.#live = epoch !== 0 && epoch === this.#epoch && epoch === this.#subscribed && this.#connected;
     return result;
   }
 

@@ -155,15 +155,11 @@ export class Store {
 
   /**
    * An alert from MQTT or HTTP: true when its id is new (deliver it), false for a
-   * duplicate. Remembers the last `alertIdLimit` ids and the greatest `seq`.
-   * `contiguous`: every alert before this one was seen too (it arrived live after a
-   * completed catch-up), so the catch-up cursor may move past it.
+   * duplicate. Remembers the last `alertIdLimit` ids and the greatest `seq`. Never moves
+   * the catch-up cursor (see `alertsSince`).
    */
-  applyAlert(alert: Alert, contiguous = false): boolean {
-    if (typeof alert.seq === 'string') {
-      this.#alertSeq = maxSeq(this.#alertSeq, alert.seq);
-      if (contiguous) this.#alertsSince = maxSeq(this.#alertsSince, alert.seq);
-    }
+  applyAlert(alert: Alert): boolean {
+    if (typeof alert.seq === 'string') this.#alertSeq = maxSeq(this.#alertSeq, alert.seq);
     if (this.#alertIds.has(alert.id)) return false;
     this.#alertIds.add(alert.id);
     if (this.#alertIds.size > this.#alertIdLimit) {
@@ -179,9 +175,10 @@ export class Store {
   }
 
   /**
-   * The `since` of the next `/v1/alerts`. Not simply the greatest seq seen: an alert
-   * that arrives over MQTT right after a reconnect, before the catch-up, would skip the
-   * ones missed while offline.
+   * The `since` of the next `/v1/alerts`: the `next` of the last page. Not the greatest
+   * seq seen: MQTT delivers different SKUs' alerts in no seq order (each waits for its
+   * SKU's publish round), so an alert seen live may follow one that a lost connection
+   * never delivered.
    */
   get alertsSince(): string | null {
     return this.#alertsSince;

@@ -147,7 +147,8 @@ test('alerts: one arriving live right after a reconnect does not skip those miss
   let done = nextCatchUp(client);
   broker.up();
   await done;
-  // live after a catch-up: the cursor follows
+  const cursor = '0-0'; // the first catch-up's page: no alerts yet
+  // live after a catch-up: seen, the cursor stays
   const a1 = alert('A', '1000-0');
   api.alerts.push(a1);
   broker.publishAlert(P, a1);
@@ -161,8 +162,58 @@ test('alerts: one arriving live right after a reconnect does not skip those miss
   broker.publishAlert(P, a3); // arrives before the catch-up asks /v1/alerts
   await done;
   const q = api.requests.slice(before).find((r) => r.path === '/v1/alerts');
-  assert.equal(q.since, a1.seq);
+  assert.equal(q.since, cursor);
   assert.deepEqual(log.alerts, [a1.id, a3.id, a2.id]);
+});
+
+test('alerts: a live alert does not move the cursor past an earlier one of another SKU still on its way', async () => {
+  const storage = new Map();
+  const log = start({ storage: { get: (k) => storage.get(k), set: (k, v) => { storage.set(k, v); } } });
+  const a0 = alert('Z', '50-0');
+  api.alerts.push(a0);
+  await waitFor(() => broker.client, 'connect');
+  let done = nextCatchUp(client);
+  broker.up();
+  await done;
+  assert.equal(storage.get(`skusync:${P}:alerts`), '50-0');
+  // A raises first but waits out its publish round; B's alert goes out at once
+  const aA = alert('A', '100-0');
+  const aB = alert('B', '101-0');
+  api.alerts.push(aA, aB);
+  broker.publishAlert(P, aB);
+  assert.deepEqual(log.alerts, [a0.id, aB.id]);
+  assert.equal(storage.get(`skusync:${P}:alerts`), '50-0', 'a live alert is not a position');
+  // the connection is lost before A's round: the broker keeps nothing for a clean session
+  broker.down();
+  const before = api.requests.length;
+  done = nextCatchUp(client);
+  broker.up();
+  await done;
+  const q = api.requests.slice(before).find((r) => r.path === '/v1/alerts');
+  assert.equal(q.since, '50-0');
+  assert.deepEqual(log.alerts, [a0.id, aB.id, aA.id], 'A fetched once, B not again');
+  assert.equal(storage.get(`skusync:${P}:alerts`), '101-0');
+});
+
+test('a restarted process resuming a persistent session subscribes again for the retained states', async () => {
+  change(state('A', rev(1)));
+  change(state('B', rev(2)));
+  api.alerts.push(alert('A', '5-0'));
+  const storage = { [`skusync:${P}:changes`]: 'c2', [`skusync:${P}:alerts`]: '5-0' };
+  start({ mqtt: { clean: false }, storage: { get: async (k) => storage[k], set: async (k, v) => { storage[k] = v; } } });
+  await waitFor(() => broker.client, 'connect');
+  let done = nextCatchUp(client);
+  broker.up({ sessionPresent: true }); // the broker kept the session of the last process
+  await done;
+  await waitFor(() => client.states().size === 2, 'retained states');
+  assert.deepEqual(snapshot(client), expected(), 'the unchanged SKUs come from the retained messages');
+  assert.equal(broker.subscriptions.length, 1);
+  // a later resumed session of the same process keeps its subscriptions
+  broker.down();
+  done = nextCatchUp(client);
+  broker.up({ sessionPresent: true });
+  await done;
+  assert.equal(broker.subscriptions.length, 1);
 });
 
 test('410: a token from before the index was rebuilt takes the full state again', async () => {
