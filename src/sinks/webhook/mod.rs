@@ -37,6 +37,23 @@ pub fn signature(key: &[u8], unix_s: u64, body: &[u8]) -> String {
     format!("t={unix_s},v1={}", hex::encode(m.finalize().into_bytes()))
 }
 
+/// The alert `id` as the `Idempotency-Key` and `X-Skusync-Alert-Id` headers carry it:
+/// every byte outside visible ASCII (`!`..`~`), and `%`, percent-encoded (`%0A`, `%C3%A9`).
+/// A SKU may hold a control character, which no header value can; the body keeps the id
+/// as it is, and ids of plain SKUs read the same in both.
+pub fn header_id(id: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(id.len());
+    for &b in id.as_bytes() {
+        if (0x21..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
 /// What became of an attempt that failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failed {
@@ -217,6 +234,34 @@ mod tests {
             backoff_ms: 100,
             max_backoff_ms: 250,
             concurrency: 2,
+        }
+    }
+
+    #[test]
+    fn header_ids_encode_what_no_header_value_can_hold() {
+        assert_eq!(
+            header_id("0/16B3748:low_stock:SKU-1"),
+            "0/16B3748:low_stock:SKU-1"
+        );
+        assert_eq!(header_id("0/1:out_of_stock:A\nB"), "0/1:out_of_stock:A%0AB");
+        assert_eq!(
+            header_id("0/1:low_stock:café 50%"),
+            "0/1:low_stock:caf%C3%A9%2050%25"
+        );
+        assert_eq!(header_id("0/1:low_stock:\u{7f}\t"), "0/1:low_stock:%7F%09");
+        for id in [
+            "0/1:low_stock:",
+            "0/1:low_stock:{x}/#+?",
+            "0/1:low_stock:\u{1}\u{1b}[31m",
+        ] {
+            let h = header_id(id);
+            assert!(reqwest::header::HeaderValue::from_str(&h).is_ok(), "{h}");
+            assert_eq!(
+                percent_encoding::percent_decode_str(&h)
+                    .decode_utf8()
+                    .unwrap(),
+                id
+            );
         }
     }
 

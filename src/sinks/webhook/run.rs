@@ -316,7 +316,7 @@ impl Task {
                 .unwrap_or(0);
             let alert_id = serde_json::from_str::<serde_json::Value>(&body)
                 .ok()
-                .and_then(|v| v["id"].as_str().map(str::to_string))
+                .and_then(|v| v["id"].as_str().map(super::header_id))
                 .unwrap_or_default();
             let sig = signature(&secret, unix, body.as_bytes());
             let r = http
@@ -341,6 +341,10 @@ impl Task {
                 }
                 Err(e) if e.is_timeout() => Attempt::Err("timed out".into(), None),
                 Err(e) if e.is_connect() => Attempt::Err("connection failed".into(), None),
+                // not the receiver's doing (e.g. a header value): logged apart from it
+                Err(e) if e.is_builder() => {
+                    Attempt::Err("the request could not be built".into(), None)
+                }
                 Err(_) => Attempt::Err("request failed".into(), None),
             };
             (id, outcome)
