@@ -52,7 +52,8 @@ pub(super) fn launch(
     let end = pending.end.take();
     let tickets = std::mem::take(&mut pending.tickets);
     let commit_ms = std::mem::take(&mut pending.commit_ms);
-    let mut applier = applier.clone();
+    // the stream's calls, one flight at a time: chained (see `rsink::CallChain`)
+    let mut applier = applier.clone().chained();
     tokio::spawn(async move {
         // Script calls of at most CALL_ENTRIES entries, in order: each SKU's entry is
         // applied whole (its fence makes that exact), the encoded command stays small and
@@ -103,7 +104,7 @@ pub(super) fn launch(
                 };
                 total += applied?;
                 if i + 1 < n {
-                    crate::failpoint::hit("between-calls");
+                    crate::failpoint::pause("between-calls").await;
                 }
                 if let Some(m) = &mqtt {
                     let skus: BTreeSet<&str> = chunk.iter().map(|e| e.sku.as_str()).collect();

@@ -250,6 +250,7 @@ impl Daemon {
                 token: Default::default(),
                 floor: gate.clone(),
                 slots: Default::default(),
+                chain: Default::default(),
             },
         };
         let max_changes = if mapping.hops.is_empty() {
@@ -401,6 +402,7 @@ impl Daemon {
         }
         let token = rsink::claim_writer(con, self.prefix()).await?;
         self.settings.fence.token.store(token, Ordering::SeqCst);
+        self.settings.fence.chain.restart();
         // A cluster slot that lost writes while no writer ran is caught by the first
         // check of the floors recorded before (a rebuild, like one lost while running).
         // What the meta hash records replaces what this process held: another writer may
@@ -890,6 +892,7 @@ pub async fn resync_now(cfg: Config) -> Result<(), DaemonError> {
     }
     let token = rsink::claim_writer(&mut con, d.prefix()).await?;
     d.settings.fence.token.store(token, Ordering::SeqCst);
+    d.settings.fence.chain.restart();
     d.resync(&mut con, &client, &slot).await
 }
 

@@ -71,6 +71,54 @@ async fn a_redis_that_comes_back_older_is_caught_and_rebuilt() {
     rig.daemon().assert_alive("after the repair");
 }
 
+/// A standalone Redis that loses one call of a batch, as a failover to a replica that
+/// missed that call would: here restarted from a dump saved after the batch's first call,
+/// while skusync waits after its second. The batch's next call is refused (the chain of
+/// the stream's calls, `CallChain`) and the batch replays. Before, that call found
+/// `applied_lsn` at the floor (only a batch's last call records its end), the end was
+/// recorded over the hole, and the lost call's SKUs kept their old values for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_loses_one_call_of_a_batch_is_caught_by_the_next_call() {
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::SumEqualsTotal)).await;
+    rig.exec(
+        "INSERT INTO inventory (sku, location, on_hand, reserved)
+           SELECT 'C-' || i, 'WH-1', 10, 0 FROM generate_series(1, 1500) i",
+    )
+    .await;
+    rig.start_skusync("").await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+    rig.daemon().spawn_env(&[(
+        "SKUSYNC_FAILPOINT",
+        "between-calls:1:3000,between-calls:2:8000",
+    )]);
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    // one transaction over 1,500 SKUs: one batch of three calls
+    rig.exec("UPDATE inventory SET on_hand = on_hand + 1 WHERE sku LIKE 'C-%'")
+        .await;
+    let pausing = "failpoint reached: pausing";
+    rig.daemon()
+        .wait_stderr_beyond(pausing, 0, Duration::from_secs(30))
+        .await;
+    rig.redis.cli(&["SAVE"]);
+    rig.daemon()
+        .wait_stderr_beyond(pausing, 1, Duration::from_secs(30))
+        .await;
+    // the second call is lost: Redis comes back with the dump from before it
+    rig.redis.kill9();
+    rig.redis.start_again();
+    rig.con = redis_connect(&rig.redis.url()).await;
+    rig.assert_converges(Duration::from_secs(60)).await;
+    assert!(
+        rig.daemon().stderr_contains("Redis lost recent writes"),
+        "the third call was refused\n{}",
+        rig.daemon().stderr_all()
+    );
+    rig.daemon().assert_alive("after the repair");
+}
+
 /// Two instances started at the same moment on an empty Redis: one takes the writer
 /// lock and loads the snapshot, the other waits as a standby; nothing is loaded twice
 /// and counters are exact. Then the active one is SIGKILLed: the standby takes over.

@@ -13,7 +13,7 @@
 -- ARGV is one flat list of strings, read front to back (no JSON: in Redis' Lua every
 -- decoded value is a new string or table, which cost more than everything else):
 --   keep, low, quiet ('1'|'0'), end LSN ('' for none), writer token ('' unfenced),
---   floor LSN ('' unchecked), scale, alert history count, alert history age (ms),
+--   floor (LSN, '' unchecked; or chained, see below), scale, alert history count, alert history age (ms),
 --   indexed ('' on a standalone Redis; on a Redis Cluster the LSN through which every
 --   alert raised is in the alert history), ncounters, counter..., entry...
 --     scale: quantities (stock values, counters, buckets, low and thresholds) travel as
@@ -51,7 +51,10 @@ local keep = tonumber(ARGV[1])
 local low = tonumber(ARGV[2])
 local quiet = ARGV[3] == '1'
 local batch_end = ARGV[4]
-local writer, floor = ARGV[5], ARGV[6]
+-- The floor argument: an LSN ('' unchecked), or on a standalone Redis 'LSN|last|this',
+-- the numbers of the writer's last call that returned ('' none) and of this call.
+local writer = ARGV[5]
+local floor, chain_last, chain_this = string.match(ARGV[6], '^([^|]*)|?([^|]*)|?([^|]*)$')
 local scale = tonumber(ARGV[7])
 local history, history_ms = ARGV[8], tonumber(ARGV[9])
 local indexed = ARGV[10]
@@ -118,6 +121,17 @@ if writer ~= '' then
   end
   if floor ~= '' and (not m[2] or lsn_lt(m[2], floor)) then
     return redis.error_reply('SKUSYNC_ROLLBACK ' .. tostring(m[2] or 'none'))
+  end
+  -- the stream's call chain on a standalone Redis (see `CallChain` in mod.rs): Redis must
+  -- hold the writer's last call that returned; this call's number is kept at the highest
+  if chain_this ~= '' then
+    local held = tonumber(redis.call('HGET', KEYS[1], 'chain') or '')
+    if chain_last ~= '' and (not held or held < tonumber(chain_last)) then
+      return redis.error_reply('SKUSYNC_ROLLBACK ' .. tostring(m[2] or 'none'))
+    end
+    if chain_last == '' or not held or held < tonumber(chain_this) then
+      redis.call('HSET', KEYS[1], 'chain', chain_this)
+    end
   end
 end
 

@@ -211,6 +211,48 @@ pub struct WriterFence {
     /// recorded in the slot's meta copy (a failover that lost a slot's last writes shows
     /// there first).
     pub slots: SlotFloors,
+    /// On a standalone Redis, the chain of the stream's calls (see [`CallChain`]).
+    pub chain: CallChain,
+}
+
+/// The stream's calls to a standalone Redis, numbered: each records its number in meta
+/// `chain` (kept at the highest), and refuses to run (`SKUSYNC_ROLLBACK`) when Redis
+/// holds less than the last call that returned. Only a batch's last call records its
+/// end LSN, which the floor covers; a failover to a replica that missed an earlier call
+/// of the batch (or of a transaction's earlier batches, which record no end) is caught
+/// by the next call instead of losing that call's writes for good. Numbers restart at 1
+/// with each token: the first call of a writer checks nothing.
+#[derive(Clone, Debug, Default)]
+pub struct CallChain {
+    next: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl CallChain {
+    /// Start over (a new token: what Redis holds is checked by the cycle's start).
+    pub fn restart(&self) {
+        self.next.store(0, std::sync::atomic::Ordering::SeqCst);
+        self.ok.store(0, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// A call's floor argument, `floor|last|this` (the scripts' `chained_floor`), and its
+    /// number for [`CallChain::returned`].
+    fn link(&self, floor: u64) -> (String, u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let this = self.next.fetch_add(1, SeqCst) + 1;
+        let last = match self.ok.load(SeqCst) {
+            0 => String::new(),
+            n => n.to_string(),
+        };
+        (format!("{}|{last}|{this}", token_arg(floor)), this)
+    }
+
+    /// Call `n` returned: Redis held it then.
+    fn returned(&self, n: u64) {
+        if n > 0 {
+            self.ok.fetch_max(n, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 }
 
 /// Per-slot floors (see [`WriterFence::slots`]); empty until the first write to a slot.
@@ -318,6 +360,7 @@ impl WriterFence {
             token: self.token.clone(),
             floor: Default::default(),
             slots: self.slots.clone(),
+            chain: Default::default(),
         }
     }
 }
@@ -571,6 +614,9 @@ pub struct Applier {
     /// entries, fenced, and report their alerts again from the hashes, so alerts need no
     /// such list: see `ALERTS_LUA`.)
     unindexed: std::sync::Arc<std::sync::Mutex<Unindexed>>,
+    /// This applier's standalone calls are the stream's, one at a time: they link into
+    /// the fence's [`CallChain`] ([`Applier::chained`]).
+    chained: bool,
 }
 
 /// See [`Applier::unindexed`].
@@ -668,6 +714,27 @@ impl Applier {
             reader_pause: Default::default(),
             unindexed: Default::default(),
             whole: Default::default(),
+            chained: false,
+        }
+    }
+
+    /// This applier's apply, thin and row index calls on a standalone Redis link into the
+    /// fence's [`CallChain`]. For the stream's batches only, which run one at a time and
+    /// in order: calls made beside them (keepalive progress, the periodic checks) stay
+    /// out of it.
+    pub fn chained(mut self) -> Applier {
+        self.chained = true;
+        self
+    }
+
+    /// The floor argument of a standalone call, and its number in the chain (0: none).
+    fn single_floor(&self) -> (String, u64) {
+        let f = &self.settings.fence;
+        let floor = f.floor.load(std::sync::atomic::Ordering::SeqCst);
+        if self.chained && f.token() != 0 {
+            f.chain.link(floor)
+        } else {
+            (token_arg(floor), 0)
         }
     }
 
@@ -765,9 +832,21 @@ impl Applier {
         end: Option<Lsn>,
         quiet: bool,
     ) -> Result<Applied, RedisSinkError> {
-        let cmd = encode_entries(&self.settings, entries, end, quiet, self.script.get_hash());
+        let (floor, link) = self.single_floor();
+        let cmd = encode_call(
+            &self.settings,
+            &Call::Single,
+            entries,
+            end,
+            &floor,
+            quiet,
+            self.script.get_hash(),
+        );
         match self.invoke(cmd).await {
-            Ok(a) => Ok(a),
+            Ok(a) => {
+                self.settings.fence.chain.returned(link);
+                Ok(a)
+            }
             Err(e) if e.code() == Some("WRONGTYPE") => Err(self.wrongtype(e, entries).await),
             Err(e) => Err(RedisSinkError::from_redis(e)),
         }
@@ -1039,35 +1118,50 @@ impl Applier {
         planned: &[&(usize, thin::ThinWrite<'_>)],
         end: Option<Lsn>,
     ) -> Result<redis::Value, redis::RedisError> {
+        // one link for both sends: the second runs only where the first did not
+        let (floor, link) = self.single_floor();
+        let call = Call::Single;
         if let Some(r) = self.live_reader().filter(|r| r.is_single()) {
-            let mut packed: resp::Packer = self.thin_call(&Call::Single, entries, planned, end);
+            let mut packed: resp::Packer = self.thin_call(&call, entries, planned, end, &floor);
             match r.round_packed(packed.finish(), 1).await {
                 Ok(replies) => match replies.value(0).and_then(|v| v.extract_error()) {
                     Err(e)
                         if e.kind()
                             == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {}
-                    r => return r,
+                    r => {
+                        if r.is_ok() {
+                            self.settings.fence.chain.returned(link);
+                        }
+                        return r;
+                    }
                 },
                 Err(e) => self.reader_failed(&e),
             }
         }
-        let cmd = self.thin_call(&Call::Single, entries, planned, end);
-        invoke_value(&mut self.con, cmd, THIN_LUA).await
+        let cmd = self.thin_call(&call, entries, planned, end, &floor);
+        let r = invoke_value(&mut self.con, cmd, THIN_LUA).await;
+        if r.is_ok() {
+            self.settings.fence.chain.returned(link);
+        }
+        r
     }
 
     /// One `thin.lua` call for `planned` (entries by index in `entries`, with their
     /// writes): on a standalone Redis (`Call::Single`) or on one slot of a cluster; as a
     /// redis-rs `Cmd`, or packed as RESP bytes for the reader's connection.
+    /// `floor`: the call's floor argument (for a slot, its floor; standalone, see
+    /// [`Applier::single_floor`]).
     fn thin_call<A: resp::Args>(
         &self,
         call: &Call,
         entries: &[Entry],
         planned: &[&(usize, thin::ThinWrite)],
         end: Option<Lsn>,
+        floor: &str,
     ) -> A {
         let (nargs, bytes) = thin_size(&self.settings.prefix, entries, planned);
         let mut c = A::sized(nargs, bytes);
-        self.encode_thin_into(&mut c, call, entries, planned, end);
+        self.encode_thin_into(&mut c, call, entries, planned, end, floor);
         c
     }
 
@@ -1078,19 +1172,12 @@ impl Applier {
         entries: &[Entry],
         planned: &[&(usize, thin::ThinWrite)],
         end: Option<Lsn>,
+        floor: &str,
     ) {
         let s = &self.settings;
-        let (meta, floor, cluster) = match call {
-            Call::Single => (
-                layout::meta_key(&s.prefix),
-                s.fence.floor.load(std::sync::atomic::Ordering::SeqCst),
-                false,
-            ),
-            Call::Slot(slot) => (
-                layout::slot_meta_key(&s.prefix, *slot),
-                s.fence.slots.get(*slot),
-                true,
-            ),
+        let (meta, cluster) = match call {
+            Call::Single => (layout::meta_key(&s.prefix), false),
+            Call::Slot(slot) => (layout::slot_meta_key(&s.prefix, *slot), true),
         };
         // On a cluster the distinct-user keys are declared too (after the SKU hashes;
         // the script names them itself): see `user_keys`.
@@ -1139,7 +1226,7 @@ impl Applier {
             None => c.bytes(b""),
         }
         c.bytes(token_arg(s.fence.token()).as_bytes());
-        c.bytes(token_arg(floor).as_bytes());
+        c.bytes(floor.as_bytes());
         c.bytes(if cluster { b"1" } else { b"0" });
         for (k, (_, w)) in planned.iter().enumerate() {
             c.int(k + 2);
@@ -1222,13 +1309,13 @@ impl Applier {
         // One pipeline of every slot's call: split per primary (each node's calls in one
         // round trip, in slot order), replies in the same order.
         let slot_call = |slot: u16, group: &[&Entry], mark: Lsn| {
-            let floor = settings.fence.slots.get(slot);
+            let floor = token_arg(settings.fence.slots.get(slot));
             encode_call(
                 settings,
                 &Call::Slot(slot),
                 group,
                 Some(mark),
-                floor,
+                &floor,
                 quiet,
                 &sha,
             )
@@ -1335,6 +1422,7 @@ impl Applier {
                 entries,
                 &items,
                 whole.then_some(mark),
+                &token_arg(self.settings.fence.slots.get(slot)),
             ));
             calls.push((slot, mark, whole, ps));
         }
@@ -1349,8 +1437,13 @@ impl Applier {
                 {
                     let items: Vec<&(usize, thin::ThinWrite)> =
                         ps.iter().map(|p| &planned[*p]).collect();
-                    let cmd: redis::Cmd =
-                        self.thin_call(&Call::Slot(slot), entries, &items, whole.then_some(mark));
+                    let cmd: redis::Cmd = self.thin_call(
+                        &Call::Slot(slot),
+                        entries,
+                        &items,
+                        whole.then_some(mark),
+                        &token_arg(self.settings.fence.slots.get(slot)),
+                    );
                     invoke_value(&mut con, cmd, THIN_LUA).await
                 }
                 r => r,
@@ -1876,12 +1969,6 @@ impl Applier {
     ) -> Result<(), RedisSinkError> {
         let prefix = self.settings.prefix.clone();
         let token = token_arg(self.settings.fence.token());
-        let floor = token_arg(
-            self.settings
-                .fence
-                .floor
-                .load(std::sync::atomic::Ordering::SeqCst),
-        );
         let script = redis::Script::new(ROW_INDEX_LUA);
         let all: Vec<(&String, &Option<String>)> = updates.into_iter().collect();
         let chunks: Vec<&[(&String, &Option<String>)]> = if all.is_empty() {
@@ -1931,6 +2018,7 @@ impl Applier {
                 }
                 continue;
             }
+            let (floor, link) = self.single_floor();
             let mut inv = script.prepare_invoke();
             inv.key(layout::meta_key(&prefix));
             for k in by_key.keys() {
@@ -1956,6 +2044,7 @@ impl Applier {
                 .invoke_async(&mut self.con)
                 .await
                 .map_err(RedisSinkError::from_redis)?;
+            self.settings.fence.chain.returned(link);
         }
         if self.con.is_cluster()
             && let Some(end) = end
@@ -2392,20 +2481,6 @@ pub async fn scan_skus(con: &mut RedisCon, prefix: &str) -> Result<Vec<String>, 
 
 pub use layout::glob_escape;
 
-/// Encode entries as one EVALSHA of the apply script: KEYS (meta hash, then each SKU
-/// hash once) and the flat ARGV described in `apply.lua`. Arguments go straight into the
-/// command's buffer: this runs for every batch.
-fn encode_entries(
-    s: &ApplySettings,
-    entries: &[&Entry],
-    end: Option<Lsn>,
-    quiet: bool,
-    sha: &str,
-) -> redis::Cmd {
-    let floor = s.fence.floor.load(std::sync::atomic::Ordering::SeqCst);
-    encode_call(s, &Call::Single, entries, end, floor, quiet, sha)
-}
-
 /// Where an apply call goes.
 enum Call {
     /// A standalone Redis: the meta hash, the change index and the alert history are
@@ -2416,14 +2491,16 @@ enum Call {
     Slot(u16),
 }
 
-/// Encode one apply call (see `apply.lua`); `floor` is checked against the call's meta
-/// hash (or slot copy).
+/// Encode one apply call (see `apply.lua`) as one EVALSHA: KEYS (meta hash, then each
+/// SKU hash once) and the flat ARGV; arguments go straight into the command's buffer.
+/// `floor` (the floor argument: an LSN, or a chained one, see [`CallChain`]) is checked
+/// against the call's meta hash (or slot copy).
 fn encode_call(
     s: &ApplySettings,
     call: &Call,
     entries: &[&Entry],
     end: Option<Lsn>,
-    floor: u64,
+    floor: &str,
     quiet: bool,
     sha: &str,
 ) -> redis::Cmd {
@@ -2467,7 +2544,7 @@ fn encode_call(
         .arg(if quiet { "1" } else { "0" })
         .arg(end.map(|e| e.0.to_string()).unwrap_or_default())
         .arg(token_arg(s.fence.token()))
-        .arg(token_arg(floor))
+        .arg(floor)
         .arg(s.scale)
         .arg(s.alert_history.max(1))
         .arg(s.alert_history_age_ms)
@@ -3268,11 +3345,24 @@ local function lsn_lt(a, b)
   if #a ~= #b then return #a < #b end
   return a < b
 end
+-- ARGV[2]: an LSN, or 'LSN|last|this' (a standalone Redis's call chain, see `CallChain`)
+local floor, chain_last, chain_this = string.match(ARGV[2], '^([^|]*)|?([^|]*)|?([^|]*)$')
 if ARGV[1] ~= '' then
   local m = redis.call('HMGET', KEYS[1], 'writer', 'applied_lsn')
   if m[1] ~= ARGV[1] then return redis.error_reply('SKUSYNC_FENCED ' .. tostring(m[1] or 'none')) end
-  if ARGV[2] ~= '' and (not m[2] or lsn_lt(m[2], ARGV[2])) then
+  if floor ~= '' and (not m[2] or lsn_lt(m[2], floor)) then
     return redis.error_reply('SKUSYNC_ROLLBACK ' .. tostring(m[2] or 'none'))
+  end
+  -- the stream's call chain on a standalone Redis (see `CallChain` in mod.rs): Redis must
+  -- hold the writer's last call that returned; this call's number is kept at the highest
+  if chain_this ~= '' then
+    local held = tonumber(redis.call('HGET', KEYS[1], 'chain') or '')
+    if chain_last ~= '' and (not held or held < tonumber(chain_last)) then
+      return redis.error_reply('SKUSYNC_ROLLBACK ' .. tostring(m[2] or 'none'))
+    end
+    if chain_last == '' or not held or held < tonumber(chain_this) then
+      redis.call('HSET', KEYS[1], 'chain', chain_this)
+    end
   end
 end
 "#

@@ -15,7 +15,10 @@
 -- returned, and skusync applies it with the apply script. `end` is recorded only when
 -- every entry was written. Reply: {written, {missed position...}}.
 
-local batch_end, writer, floor = ARGV[1], ARGV[2], ARGV[3]
+-- The floor argument: an LSN ('' unchecked), or on a standalone Redis 'LSN|last|this',
+-- the numbers of the writer's last call that returned ('' none) and of this call.
+local batch_end, writer = ARGV[1], ARGV[2]
+local floor, chain_last, chain_this = string.match(ARGV[3], '^([^|]*)|?([^|]*)|?([^|]*)$')
 local cluster = ARGV[4] == '1'
 
 local function lsn_lt(a, b)
@@ -40,6 +43,17 @@ if writer ~= '' then
   end
   if floor ~= '' and (not m[2] or lsn_lt(m[2], floor)) then
     return redis.error_reply('SKUSYNC_ROLLBACK ' .. tostring(m[2] or 'none'))
+  end
+  -- the stream's call chain on a standalone Redis (see `CallChain` in mod.rs): Redis must
+  -- hold the writer's last call that returned; this call's number is kept at the highest
+  if chain_this ~= '' then
+    local held = tonumber(redis.call('HGET', KEYS[1], 'chain') or '')
+    if chain_last ~= '' and (not held or held < tonumber(chain_last)) then
+      return redis.error_reply('SKUSYNC_ROLLBACK ' .. tostring(m[2] or 'none'))
+    end
+    if chain_last == '' or not held or held < tonumber(chain_this) then
+      redis.call('HSET', KEYS[1], 'chain', chain_this)
+    end
   end
   applied, read = m[2], true
 elseif redis.call('EXISTS', KEYS[1]) == 0 then
