@@ -777,6 +777,12 @@ impl Daemon {
             (Ok(Cycle::Shutdown), Err(e @ SourceError::SlotVanished { .. })) => Ok(Cycle::Restart(
                 format!("{e}: rebuilding from a new slot's snapshot"),
             )),
+            // Invalidated while streaming (`max_slot_wal_keep_size` passed while the slot
+            // could not advance): the next cycle's checks apply `postgres.on_slot_lost`
+            // (stop with the SQL to fix it, or drop the slot and rebuild).
+            (Ok(Cycle::Shutdown), Err(e @ SourceError::SlotLost { .. })) => Ok(Cycle::Restart(
+                format!("{e}: applying postgres.on_slot_lost"),
+            )),
             // Gone between the startup checks and the first connect (a standby that waited
             // for a walsender its former holder left, on a server that then failed over):
             // the next cycle's checks create it and rebuild.

@@ -1200,6 +1200,11 @@ const TINY_WAL: &[&str] = &[
 /// Stop skusync, then generate WAL until the slot is `lost`.
 async fn lose_the_slot(env: &mut Env) {
     assert_eq!(env.rig.daemon().sigterm(), Some(0));
+    fill_wal_until_the_slot_is_lost(env).await;
+}
+
+/// Generate WAL until the slot is `lost` (the slot must not advance meanwhile).
+async fn fill_wal_until_the_slot_is_lost(env: &mut Env) {
     for i in 0..200 {
         env.rig
             .exec(&format!(
@@ -1221,6 +1226,45 @@ async fn lose_the_slot(env: &mut Env) {
         }
     }
     panic!("slot never became lost");
+}
+
+/// The slot invalidated while skusync runs: Redis stalls (SIGSTOP), so the slot cannot
+/// advance, and WAL passes `max_slot_wal_keep_size`; the walsender is terminated and the
+/// reconnect finds the slot lost. With `on_slot_lost = "resync"` the next cycle drops it
+/// and rebuilds. Before, the reconnect's error ended the process with the "stop" advice
+/// although resync was configured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_slot_invalidated_while_running_resyncs() {
+    let seed = test_seed("chaos_slot_invalidated_while_running_resyncs");
+    let (_, statements) = scale();
+    let s = Setup {
+        pg_conf: TINY_WAL.iter().map(|s| s.to_string()).collect(),
+        redis_persistence: true,
+        resyncs: true,
+        pg_extra: "on_slot_lost = \"resync\"\n".into(),
+        ..Default::default()
+    };
+    let mut env = Env::new(&s, seed).await;
+    env.start(&s).await;
+    let mut w = public_workload(seed);
+    env.workload(&mut w, statements / 4).await;
+    env.rig
+        .drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    // the sampler reads Redis, which stalls now; a rebuild's slot starts ahead of it
+    if let Some(c) = env.checker.take() {
+        let (_, v) = c.finish().await;
+        assert!(v.is_empty(), "{v:?}");
+    }
+    env.rig.redis.pause();
+    env.workload(&mut w, statements / 8).await;
+    fill_wal_until_the_slot_is_lost(&mut env).await;
+    env.rig.redis.resume();
+    env.workload(&mut w, statements / 8).await;
+    env.verify().await;
+    let log = full_log(env.rig.daemon());
+    assert!(log.contains("slot lost WAL"), "resync logged\n{log}");
+    env.rig.daemon().assert_alive("after the resync");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
