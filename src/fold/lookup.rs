@@ -437,6 +437,13 @@ impl Fold {
     }
 
     /// How a row field's table places its rows (from the mapping).
+    /// Whether the stock table of a row field maps `low_stock` (unknown: as it did).
+    fn maps_threshold(&self, field: &str) -> bool {
+        layout::table_of_row_field(field)
+            .and_then(|t| self.mapping.inventory.iter().find(|m| m.table == t))
+            .is_none_or(|m| m.low_stock.is_some())
+    }
+
     fn via_of_row(&self, field: &str) -> Option<Via> {
         let table = layout::table_of_row_field(field)?;
         let m = self.mapping.inventory.iter().find(|m| m.table == table)?;
@@ -503,13 +510,20 @@ impl Fold {
                 .put_row(field.to_string(), RowOp::Del);
         }
         if let Some((sku, loc)) = placed {
+            // a table without thresholds leaves the one another table's rows set
+            let threshold = if self.maps_threshold(field) {
+                Field::Val(rec.threshold)
+            } else {
+                Field::Keep
+            };
+            let cur = self.cur.as_mut().expect("change inside a transaction");
             cur.skus.entry(sku).or_default().put_row(
                 field.to_string(),
                 RowOp::Set {
                     location: Field::Val(loc),
                     on_hand: Field::Val(rec.on_hand),
                     reserved: Field::Val(rec.reserved),
-                    threshold: Field::Val(rec.threshold),
+                    threshold,
                 },
             );
         }

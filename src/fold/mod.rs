@@ -1038,7 +1038,8 @@ impl Fold {
                     },
                 };
                 let threshold = match r.low_stock {
-                    None => Field::Val(None),
+                    // a table without thresholds leaves the one another table's rows set
+                    None => Field::Keep,
                     Some(i) => match quantity(t, old_fill, i, &c.rel, sc) {
                         Ok(Field::Val(v)) => Field::Val(Some(v)),
                         Ok(Field::Keep) => Field::Keep,

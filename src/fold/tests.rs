@@ -2528,6 +2528,73 @@ fn stored_threshold(s: &Store, sku: &str) -> Option<String> {
 }
 
 #[test]
+fn a_stock_table_without_thresholds_leaves_the_one_another_table_set() {
+    // inventory maps low_stock; a second stock table of the same SKUs does not
+    let cfg = CONFIG.replace(
+        "reserved = \"reserved\"\n[[activity]]",
+        "reserved = \"reserved\"\nlow_stock = \"low\"\n[[inventory]]\ntable = \"public.store_stock\"\nsku = \"sku\"\nlocation = \"store\"\non_hand = \"qty\"\n[[activity]]",
+    );
+    let mapping = Arc::new(Mapping::from_config(&Config::parse(&cfg).unwrap()).unwrap());
+    let inv = inventory_with_low();
+    let store_stock = Arc::new(RelationDesc {
+        oid: 7,
+        schema: "public".into(),
+        name: "store_stock".into(),
+        replica_identity: ReplicaIdentity::Default,
+        columns: vec![
+            col("sku", oid::TEXT, true),
+            col("store", oid::TEXT, true),
+            col("qty", oid::INT4, false),
+        ],
+    });
+    let a = |o: &str| vec![t("A"), t("W1"), t(o), t("0"), t("7")];
+    let b = |q: &str| vec![t("A"), t("S1"), t(q)];
+    let txns = [
+        (
+            1000,
+            vec![change(&inv, Op::Insert, None, Some(a("20")), 0, 1000)],
+        ),
+        (
+            1010,
+            vec![change(
+                &store_stock,
+                Op::Insert,
+                None,
+                Some(b("3")),
+                0,
+                1010,
+            )],
+        ),
+        (
+            1020,
+            vec![change(
+                &store_stock,
+                Op::Update,
+                None,
+                Some(b("4")),
+                0,
+                1020,
+            )],
+        ),
+    ];
+    for cap in [1, 1000] {
+        let mut fold = Fold::new(mapping.clone(), cap);
+        let mut store = Store::default();
+        for (lsn, ch) in &txns {
+            for p in fold_txn(&mut fold, *lsn, ch) {
+                store.apply(&p, &params());
+            }
+        }
+        assert_eq!(
+            stored_threshold(&store, "A").as_deref(),
+            Some("7"),
+            "cap {cap}"
+        );
+        assert_eq!(store.skus["A"].fields["on_hand"], "24", "cap {cap}");
+    }
+}
+
+#[test]
 fn a_threshold_written_by_a_row_the_transaction_then_deletes_stays_in_force_in_any_cut() {
     // one transaction inserts A@W0 with threshold 9 and deletes it: 9 was written last
     // (a whole-transaction piece merged the row to a delete and lost it)
