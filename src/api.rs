@@ -351,6 +351,21 @@ impl Limiter {
     }
 }
 
+/// The SKU of a `/v1/sku/<SKU>` path segment: exactly `%` is the empty SKU (as in topic
+/// levels), anything else standard percent-decoding (either hex case, any byte escaped
+/// or not), so the topic level, `encodeURIComponent` and a URL library's own escaping all
+/// name the same SKU; `None` unless the bytes are UTF-8. (A `%` without two hex digits
+/// stays a `%`.)
+fn sku_of_path(enc: &str) -> Option<String> {
+    if enc == crate::sinks::mqtt::EMPTY_SKU_LEVEL {
+        return Some(String::new());
+    }
+    percent_encoding::percent_decode_str(enc)
+        .decode_utf8()
+        .ok()
+        .map(|s| s.into_owned())
+}
+
 fn json_error(status: u16, msg: &str) -> Response {
     let body = serde_json::json!({ "error": msg }).to_string();
     Response::new(status, "application/json", body)
@@ -588,7 +603,7 @@ impl Api {
     }
 
     async fn sku(&self, req: &Request, enc: &str) -> Result<Response, redis::RedisError> {
-        let Some(sku) = crate::sinks::mqtt::decode_sku(enc) else {
+        let Some(sku) = sku_of_path(enc) else {
             return Ok(json_error(
                 400,
                 "the SKU in the path is not percent-encoded UTF-8 (encode it as in the topic)",

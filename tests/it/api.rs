@@ -280,7 +280,7 @@ async fn the_api_answers_bad_requests_with_one_line_json_errors_and_never_500() 
     )
     .unwrap();
     let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
-    rig.exec("INSERT INTO inventory VALUES ('a/b', 'WH-1', 9, 1), ('{x}', 'WH-1', 3, 0), ('ünï', 'WH-2', 4, 0), ('', 'WH-1', 2, 0), ('plain', 'WH-1', 5, 0)")
+    rig.exec("INSERT INTO inventory VALUES ('a/b', 'WH-1', 9, 1), ('{x}', 'WH-1', 3, 0), ('ünï', 'WH-2', 4, 0), ('', 'WH-1', 2, 0), ('plain', 'WH-1', 5, 0), ('q?1 %', 'WH-1', 1, 0)")
         .await;
     let extra = format!(
         "tokens = [\"static-token-0123456789\"]\ntoken_key_file = \"{}\"\n",
@@ -371,6 +371,19 @@ async fn the_api_answers_bad_requests_with_one_line_json_errors_and_never_500() 
         assert_eq!(j["v"], 2);
         assert!(j.get("delta").is_none(), "no delta over HTTP");
         assert!(j["alert_state"].as_str().is_some(), "{j}");
+    }
+    // Any standard percent-encoding names the same SKU: what URL libraries send (fetch
+    // escapes `{`, encodeURIComponent escapes more, some write lower-case hex).
+    for (path, sku) in [
+        ("/v1/sku/%7Bx%7D", "{x}"),
+        ("/v1/sku/%7bx%7d", "{x}"),
+        ("/v1/sku/a%2fb", "a/b"),
+        ("/v1/sku/%c3%bcn%C3%AF", "ünï"),
+        ("/v1/sku/q%3F1%20%25", "q?1 %"),
+        ("/v1/sku/%70lain", "plain"),
+    ] {
+        let r = check(get(path), 200, path);
+        assert_eq!(r.json()["sku"], sku, "{path}");
     }
     let r = check(get("/v1/sku/a%2Fb"), 200, "a/b");
     assert_eq!(

@@ -14,6 +14,6 @@ export {
   type TokenStorage,
 } from './client.js';
 export { Store, compareSeq, type State, type Alert, type Delta, type GoneObject, type Info, type Change, type FullMark } from './store.js';
-export { encodeSku, decodeSku, parseTopic, skuTopic, alertTopic, type Topic } from './topic.js';
+export { encodeSku, decodeSku, skuPath, parseTopic, skuTopic, alertTopic, type Topic } from './topic.js';
 export { parseMessage, decodeBody, userProperty, checkState, checkItem, checkAlert, type Message, type MessageProperties } from './message.js';
 export { decodeCbor, CborError } from './cbor.js';

@@ -20,6 +20,15 @@ export function encodeSku(sku: string): string {
 }
 
 /**
+ * The path segment of a SKU for skusync's `/v1/sku/<SKU>`: `encodeURIComponent` of it
+ * (URL libraries would cut a topic level at a raw `?`, or turn `\` into `/`); the empty
+ * SKU is `%`. skusync decodes any standard percent-encoding.
+ */
+export function skuPath(sku: string): string {
+  return sku === '' ? '%' : encodeURIComponent(sku);
+}
+
+/**
  * The SKU of a topic level: exactly `%` is the empty SKU, anything else is standard
  * percent-decoding. Throws URIError on a malformed level (a bad `%XX` or invalid UTF-8).
  */

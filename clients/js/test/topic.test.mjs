@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { encodeSku, decodeSku, parseTopic, skuTopic, alertTopic } from '../build/index.js';
+import { encodeSku, decodeSku, skuPath, parseTopic, skuTopic, alertTopic } from '../build/index.js';
 
 test('encodeSku: the examples of docs/mobile.md', () => {
   assert.equal(encodeSku('a/b'), 'a%2Fb');
@@ -52,4 +52,16 @@ test('parseTopic: kinds and SKUs under a prefix, also one with a slash', () => {
   assert.deepEqual(parseTopic('eu/shop', 'eu/shop/sku/%C3%BCn%C3%AF'), { kind: 'sku', sku: 'ünï' });
   assert.equal(skuTopic('shop', 'a/b'), 'shop/sku/a%2Fb');
   assert.equal(alertTopic('shop', ''), 'shop/alerts/%');
+});
+
+test('skuPath: survives URL parsing, and decodes to the SKU', () => {
+  for (const sku of ['plain', 'a/b', '{x}', 'q?1 %', 'a\\b', '#5', 'ünï', 'A.1', '^|`"<>']) {
+    const seg = skuPath(sku);
+    const url = new URL('http://api.test/v1/sku/' + seg);
+    assert.equal(url.pathname, '/v1/sku/' + seg, sku);
+    assert.equal(url.search + url.hash, '', sku);
+    assert.equal(decodeURIComponent(url.pathname.slice('/v1/sku/'.length)), sku);
+  }
+  assert.equal(skuPath(''), '%');
+  assert.equal(new URL('http://api.test/v1/sku/' + skuPath('')).pathname, '/v1/sku/%');
 });
