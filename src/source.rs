@@ -124,7 +124,8 @@ impl SourceConfig {
 
 /// Default [`SourceConfig::silence_timeout`]. A dropped (black-holed) connection is
 /// detected within this plus one status interval, well before the kernel's TCP
-/// retransmission limit (~15 min) or PostgreSQL's `wal_sender_timeout` (60 s) would act.
+/// retransmission limit (~15 min) would act. The daemon raises it to the server's
+/// `wal_sender_timeout` (see `daemon::silence_timeout`).
 pub const DEFAULT_SILENCE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// What the source hands downstream, in stream order.

@@ -679,6 +679,27 @@ impl Daemon {
         .await
     }
 
+    /// The server's `wal_sender_timeout` (`None`: unknown, or 0 = disabled), read on the
+    /// writer lock's session when there is one.
+    async fn wal_sender_timeout(&self) -> Option<Duration> {
+        let owned;
+        let client = match &self.lease {
+            Some(l) => &*l.client,
+            None => {
+                owned = meta::connect(&self.pgc).await.ok()?;
+                &owned
+            }
+        };
+        match meta::wal_sender_timeout_ms(client, &self.pgc).await {
+            Ok(0) => None,
+            Ok(ms) => Some(Duration::from_millis(ms)),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read wal_sender_timeout; silence timeout left at its default");
+                None
+            }
+        }
+    }
+
     async fn stream(
         &mut self,
         con: crate::sinks::redis::RedisCon,
@@ -693,6 +714,7 @@ impl Daemon {
         sc.proto_version = self.cfg.postgres.proto_version;
         sc.status_interval = self.cfg.status_interval();
         sc.confirm_gate = Some(self.gate.clone());
+        sc.silence_timeout = silence_timeout(self.wal_sender_timeout().await, sc.status_interval);
         if bootstrap {
             let (pgc, mapping, settings, max_changes, con2, gate, mqtt) = (
                 self.pgc.clone(),
@@ -900,6 +922,17 @@ pub async fn resync_now(cfg: Config) -> Result<(), DaemonError> {
     d.settings.fence.token.store(token, Ordering::SeqCst);
     d.settings.fence.chain.restart();
     d.resync(&mut con, &client, &slot).await
+}
+
+/// How long the replication connection may stay silent before it is taken for dead: the
+/// default, but at least the server's `wal_sender_timeout` and a status interval. While a
+/// walsender decodes a large transaction that publishes nothing (a retention DELETE of an
+/// unpublished table, say) it reads our status updates, and answers their reply requests,
+/// only about every `wal_sender_timeout / 2`, and sends nothing else; cut earlier, the
+/// transaction would be decoded again at every reconnect and the slot never pass it.
+fn silence_timeout(wal_sender_timeout: Option<Duration>, status_interval: Duration) -> Duration {
+    let floor = wal_sender_timeout.map_or(Duration::ZERO, |t| t + status_interval);
+    crate::source::DEFAULT_SILENCE_TIMEOUT.max(floor)
 }
 
 /// The advisory lock key of a slot's writer: a stable 64-bit hash of its name, so every
@@ -1179,4 +1212,29 @@ fn spawn_source(
             })?;
         rt.block_on(source.run(tx, token))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_silence_timeout_covers_wal_sender_timeout() {
+        let tick = Duration::from_secs(1);
+        // PostgreSQL's default 60 s: a decoding walsender may be silent ~30 s
+        assert_eq!(
+            silence_timeout(Some(Duration::from_secs(60)), tick),
+            Duration::from_secs(61)
+        );
+        // lowered below the default: the default (a black hole is caught in 15 s)
+        assert_eq!(
+            silence_timeout(Some(Duration::from_secs(5)), tick),
+            crate::source::DEFAULT_SILENCE_TIMEOUT
+        );
+        // disabled (0) or unknown: the walsender answers every status update at once
+        assert_eq!(
+            silence_timeout(None, tick),
+            crate::source::DEFAULT_SILENCE_TIMEOUT
+        );
+    }
 }

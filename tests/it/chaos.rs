@@ -578,8 +578,8 @@ enum Fault {
     PgBlackHole,
 }
 
-/// How long the PostgreSQL black hole lasts: long enough for the silence timeout (15 s)
-/// to fire by default, two minutes under `SKUSYNC_CHAOS_FULL=1`.
+/// How long the PostgreSQL black hole lasts: long enough for the silence timeout (15 s
+/// with the cell's wal_sender_timeout of 10 s) to fire by default, two minutes under `SKUSYNC_CHAOS_FULL=1`.
 fn black_hole_duration() -> Duration {
     if full() {
         Duration::from_secs(120)
@@ -620,9 +620,17 @@ impl Fault {
                 s.resyncs = true;
             }
             MqttRestart | MqttPause => s.mqtt = Some(true),
-            ProxyCutAll | ProxyStall | ProxyDelay | PgBlackHole => {
+            ProxyCutAll | ProxyStall | ProxyDelay => {
                 s.proxies = true;
                 s.mqtt = Some(true);
+            }
+            PgBlackHole => {
+                s.proxies = true;
+                s.mqtt = Some(true);
+                // skusync allows the server's wal_sender_timeout of silence (see
+                // `silence_within_wal_sender_timeout_keeps_the_replication_connection`):
+                // at 10 s its own 15 s applies
+                s.pg_conf = vec!["wal_sender_timeout = '10s'".into()];
             }
             _ => {}
         }
@@ -1226,6 +1234,41 @@ async fn fill_wal_until_the_slot_is_lost(env: &mut Env) {
         }
     }
     panic!("slot never became lost");
+}
+
+/// A walsender decoding a large transaction that publishes nothing (a retention DELETE of
+/// an unpublished table) reads status updates, and answers their reply requests, only
+/// about every `wal_sender_timeout / 2`, and sends nothing else. skusync allows the
+/// server's `wal_sender_timeout` (60 s here) of silence: 20 s of a stalled PostgreSQL path
+/// pass without a reconnect. Before, 15 s cut the connection, and a transaction whose
+/// decoding took longer was decoded again at every reconnect, the slot never passing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silence_within_wal_sender_timeout_keeps_the_replication_connection() {
+    let seed = test_seed("silence_within_wal_sender_timeout_keeps_the_replication_connection");
+    let s = Setup {
+        proxies: true,
+        pg_conf: vec!["wal_sender_timeout = '60s'".into()],
+        ..Default::default()
+    };
+    let mut env = Env::new(&s, seed).await;
+    env.start(&s).await;
+    let mut w = public_workload(seed);
+    env.workload(&mut w, 50).await;
+    env.rig
+        .drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    let p = env.pg_proxy.as_ref().unwrap();
+    p.set_stalled(true);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    env.pg_proxy.as_ref().unwrap().set_stalled(false);
+    env.workload(&mut w, 50).await;
+    env.verify().await;
+    let log = full_log(env.rig.daemon());
+    assert!(
+        !log.contains("taking the replication connection for dead"),
+        "20 s of silence under a 60 s wal_sender_timeout cut the connection\n{log}"
+    );
+    env.rig.daemon().assert_alive("after the silence");
 }
 
 /// The slot invalidated while skusync runs: Redis stalls (SIGSTOP), so the slot cannot
