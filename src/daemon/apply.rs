@@ -300,8 +300,28 @@ impl Pending {
         self.batch.push(p);
     }
 
+    /// Nothing to apply. Row index updates count: a large transaction whose pieces only
+    /// change lookup state (variants imported before their stock, stock rows whose
+    /// variant does not exist yet) has no SKU entry and no ticket until its commit.
     pub(super) fn is_empty(&self) -> bool {
-        self.batch.is_empty() && self.tickets.is_empty()
+        self.batch.is_empty() && self.tickets.is_empty() && self.ri.is_empty()
+    }
+
+    /// At the launch caps (`k` = 1) or a multiple of the step, transaction and row index
+    /// caps (the entry cap bounds memory per SKU and never stretches). Row index updates
+    /// are capped like entries: without it, they (and the fold's holders, forgotten
+    /// only once a batch is sealed) grew with such a transaction until its commit.
+    pub(super) fn over(
+        &self,
+        max_entries: usize,
+        max_steps: usize,
+        max_txns: usize,
+        k: usize,
+    ) -> bool {
+        self.batch.len() >= max_entries
+            || self.batch.steps() >= max_steps.saturating_mul(k)
+            || self.tickets.len() >= max_txns.saturating_mul(k)
+            || self.ri.len() >= max_entries.saturating_mul(k)
     }
 }
 
@@ -314,4 +334,23 @@ pub(super) struct Flight {
     pub(super) last_commit: Lsn,
     pub(super) commit_ms: CommitTimes,
     pub(super) result: Result<rsink::Applied, RedisSinkError>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_index_updates_alone_are_work_and_are_capped() {
+        let mut p = Pending::default();
+        assert!(p.is_empty());
+        for i in 0..10 {
+            p.ri.insert(format!("r:3:inv:{i}"), Some("R1...".into()));
+        }
+        assert!(!p.is_empty(), "a lookup-only piece is launched, not held");
+        assert!(!p.over(11, 100, 100, 1));
+        assert!(p.over(10, 100, 100, 1), "capped like entries");
+        assert!(!p.over(3, 100, 100, 4), "the hold factor stretches it");
+        assert!(p.over(3, 100, 100, 3));
+    }
 }

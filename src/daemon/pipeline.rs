@@ -25,11 +25,7 @@ impl Daemon {
         let max_txns = self.max_batch_skus.saturating_mul(TXNS_PER_ENTRY);
         // At `k` times the step and transaction caps (the entry cap bounds memory per SKU
         // and never stretches).
-        let over = |p: &Pending, k: usize| {
-            p.batch.len() >= max_entries
-                || p.batch.steps() >= max_steps.saturating_mul(k)
-                || p.tickets.len() >= max_txns.saturating_mul(k)
-        };
+        let over = |p: &Pending, k: usize| p.over(max_entries, max_steps, max_txns, k);
         let full = |p: &Pending| over(p, 1);
         // Reading stops (back-pressure) only at a multiple of the launch caps: while a
         // full batch is applied, the next keeps merging instead of stalling the stream,

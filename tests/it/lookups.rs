@@ -916,6 +916,33 @@ GROUP BY 1, 2";
     assert!(state.keys().any(|k| k.ends_with("-renamed")), "{state:?}");
 }
 
+/// A catalog import of more variants than a batch holds (`max_batch_skus`, 10,000), with
+/// no stock yet, in one transaction: its pieces change only lookup state, so they carry
+/// no SKU entry and no ticket until the commit. They are launched at the batch caps like
+/// entries (before, they were held, with the fold's holders, until the commit), and the
+/// rows stocked and renamed afterwards still count exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_only_import_larger_than_a_batch_is_applied_in_batches_and_converges() {
+    let (mut rig, _) = start_saleor(mapping_of(SALEOR_MAPPING), "").await;
+    assert_join_converges(&mut rig, SALEOR_TRUTH, "", Duration::from_secs(20)).await;
+    rig.exec(
+        "INSERT INTO product_productvariant (id, sku, name, product_id, track_inventory, is_preorder,
+           created_at, updated_at)
+           SELECT i, 'IMP-' || i, '', 1, true, false, now(), now() FROM generate_series(5001, 17000) i;",
+    )
+    .await;
+    rig.exec(
+        "INSERT INTO warehouse_stock (warehouse_id, product_variant_id, quantity, quantity_allocated)
+           SELECT '00000000-0000-0000-0000-000000000001', i, 4, 1 FROM generate_series(16901, 17000) i;
+         UPDATE product_productvariant SET sku = sku || '-x' WHERE id BETWEEN 16951 AND 17000;",
+    )
+    .await;
+    drain_marker(&mut rig, 1, &saleor_drain(1)).await;
+    assert_join_converges(&mut rig, SALEOR_TRUTH, "", Duration::from_secs(30)).await;
+    let state = rig.oracle.redis_state(&mut rig.con).await;
+    assert!(state.keys().any(|k| k.ends_with("-x")), "{state:?}");
+}
+
 /// A crash between the Redis calls of one batch that moves rows by a lookup (here after
 /// its first call of 500 SKU entries): SKU hashes already written no longer hold what the
 /// moves read, so a replay cannot repair it. The batch was marked in flight; the start
