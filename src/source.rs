@@ -293,6 +293,8 @@ pub struct Source {
     reconnects: u64,
     /// A session of this source has streamed: a slot missing now vanished under it.
     streamed: bool,
+    /// Where the current session started: the slot's confirmed position then.
+    session_start: Lsn,
 }
 
 enum SessionEnd {
@@ -310,6 +312,7 @@ impl Source {
             skipping: false,
             reconnects: 0,
             streamed: false,
+            session_start: Lsn::ZERO,
         }
     }
 
@@ -386,6 +389,7 @@ impl Source {
         let mut conn = match self.open(shutdown).await {
             Ok(Some((conn, info))) => {
                 self.streamed = true;
+                self.session_start = info.start_lsn;
                 if tx.send(vec![SourceEvent::Connected(info)]).await.is_err() {
                     return SessionEnd::Error(SourceError::Downstream);
                 }
@@ -790,11 +794,9 @@ impl Source {
             let p = self.lock();
             (p.received_lsn(), p.flush_lsn())
         };
-        let flush = match (&self.cfg.confirm_gate, self.cfg.confirm) {
-            (_, false) => Lsn::ZERO,
-            (Some(gate), true) => flush.min(Lsn(gate.load(std::sync::atomic::Ordering::SeqCst))),
-            (None, true) => flush,
-        };
+        let gate = (self.cfg.confirm_gate.as_ref())
+            .map(|g| Lsn(g.load(std::sync::atomic::Ordering::SeqCst)));
+        let flush = status_flush(flush, gate, self.cfg.confirm, self.session_start);
         let write = write.max(flush);
         if self.cfg.confirm {
             crate::telemetry::positions(write, flush);
@@ -813,6 +815,24 @@ impl Source {
                     ),
                 ),
             })?
+    }
+}
+
+/// The flush position a status update reports: what is durable, at most the gate (what
+/// the sink recorded), and none at all (0, which the server ignores) when that is below
+/// where the session started. A sink that lost writes lowers its gate below the slot's
+/// confirmed position; some PostgreSQL releases take any flush position as the new
+/// confirmed one, which would hide the loss from the next start's check (Redis behind
+/// the slot) and skip the commits between.
+fn status_flush(durable: Lsn, gate: Option<Lsn>, confirm: bool, session_start: Lsn) -> Lsn {
+    if !confirm {
+        return Lsn::ZERO;
+    }
+    let flush = gate.map_or(durable, |g| durable.min(g));
+    if flush < session_start {
+        Lsn::ZERO
+    } else {
+        flush
     }
 }
 
@@ -851,6 +871,30 @@ impl Liveness {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_status_never_reports_a_flush_below_the_sessions_start() {
+        use super::{Lsn, status_flush};
+        let start = Lsn(1000);
+        assert_eq!(
+            status_flush(Lsn(1500), Some(Lsn(1200)), true, start),
+            Lsn(1200)
+        );
+        assert_eq!(status_flush(Lsn(1500), None, true, start), Lsn(1500));
+        // the sink lost writes: its gate fell below where the slot stood
+        assert_eq!(
+            status_flush(Lsn(1500), Some(Lsn(900)), true, start),
+            Lsn::ZERO
+        );
+        assert_eq!(
+            status_flush(Lsn(1000), Some(Lsn(1000)), true, start),
+            Lsn(1000)
+        );
+        assert_eq!(
+            status_flush(Lsn(1500), Some(Lsn(1200)), false, start),
+            Lsn::ZERO
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -326,10 +326,14 @@ impl Daemon {
                         .await
                         .map(Some);
                 }
-                if let Some(lease) = &self.lease
-                    && let Ok(Some(st)) =
-                        meta::slot_state(&lease.client, &self.pgc, &self.cfg.postgres.slot).await
-                    && let Some(confirmed) = st.confirmed_flush_lsn
+                // (a failed read is no pass: the cycle restarts and checks again)
+                let st = match &self.lease {
+                    Some(lease) => {
+                        meta::slot_state(&lease.client, &self.pgc, &self.cfg.postgres.slot).await?
+                    }
+                    None => None,
+                };
+                if let Some(confirmed) = st.and_then(|s| s.confirmed_flush_lsn)
                     && m.applied_lsn.unwrap_or(Lsn::ZERO) < confirmed
                 {
                     return self.rebuild(&mut con, format!(
@@ -605,7 +609,9 @@ impl Daemon {
         }
         // Keepalive-only progress: record it in Redis before it may be confirmed.
         let flush = progress.flush_lsn();
-        if pending.is_empty() && idle && flush.0 > self.gate.load(Ordering::SeqCst) {
+        // Not before the session's checks ran (`on_connected`): a Redis that lost writes
+        // would be given the slot's position first, and the loss hidden.
+        if connected && pending.is_empty() && idle && flush.0 > self.gate.load(Ordering::SeqCst) {
             match applier.apply(&[], Some(flush), false).await {
                 Ok(_) => {
                     telemetry::redis_ok();
