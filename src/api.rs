@@ -125,6 +125,9 @@ pub async fn serve(
         max: ac.max_connections,
         per_address: Some(ac.max_connections_per_address),
         exempt: trusted.clone(),
+        // a path holds a SKU percent-encoded (3 bytes per byte at worst), a page token
+        // its hash key in hex (2 per byte of a tag that escapes `{`, `}`, `%` as 3)
+        head_bytes: crate::http::MAX_REQUEST + 6 * cfg.limits.max_sku_bytes,
     };
     let api = Arc::new(Api {
         limiter: Mutex::new(Limiter::new(ac.rate_per_s, ac.burst)),
@@ -441,6 +444,8 @@ impl Api {
         match &self.cfg.cors_origin {
             Some(o) => resp
                 .with("Access-Control-Allow-Origin", o.clone())
+                // without it a page's script cannot read them (back-off, revalidation)
+                .with("Access-Control-Expose-Headers", "ETag, Retry-After")
                 .with("Vary", "Origin"),
             None => resp,
         }

@@ -177,6 +177,9 @@ pub struct Limits {
     pub per_address: Option<usize>,
     /// Peers `per_address` does not apply to (trusted proxies: they speak for many).
     pub exempt: Vec<ipnet::IpNet>,
+    /// Largest request head accepted (bytes); [`MAX_REQUEST`] unless a path or query must
+    /// hold more (the client API's SKUs and page tokens).
+    pub head_bytes: usize,
 }
 
 impl Limits {
@@ -186,6 +189,7 @@ impl Limits {
             max,
             per_address: None,
             exempt: Vec::new(),
+            head_bytes: MAX_REQUEST,
         }
     }
 }
@@ -245,7 +249,7 @@ impl Drop for AddressGuard {
 
 /// Serve `listener` with `handler` until `shutdown`: at most `limits` connections at once
 /// (one more is closed on accept and reported to `rejected`), [`DEADLINE`] per
-/// connection, request heads of at most [`MAX_REQUEST`] bytes, one request per connection.
+/// connection, request heads of at most `limits.head_bytes`, one request per connection.
 pub fn serve_with<F, Fut>(
     listener: TcpListener,
     limits: Limits,
@@ -294,8 +298,9 @@ where
                 continue;
             };
             let h = handler.clone();
+            let head_bytes = limits.head_bytes;
             tokio::spawn(async move {
-                match tokio::time::timeout(DEADLINE, connection(sock, peer, h)).await {
+                match tokio::time::timeout(DEADLINE, connection(sock, peer, h, head_bytes)).await {
                     Ok(Err(e)) => tracing::debug!(error = %e, "HTTP connection"),
                     Err(_) => tracing::debug!("HTTP connection: deadline passed"),
                     Ok(Ok(())) => {}
@@ -311,6 +316,7 @@ async fn connection<F, Fut>(
     mut sock: TcpStream,
     peer: SocketAddr,
     handler: F,
+    head_bytes: usize,
 ) -> std::io::Result<()>
 where
     F: Fn(Request) -> Fut,
@@ -328,7 +334,7 @@ where
             if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
                 break true;
             }
-            if buf.len() > MAX_REQUEST {
+            if buf.len() > head_bytes {
                 break false;
             }
         }
@@ -345,7 +351,12 @@ where
             resp.head_only |= head;
             resp
         }
-        None => Response::new(400, "text/plain", "bad request\n"),
+        // JSON like every other answer of the client API
+        None => Response::new(
+            400,
+            "application/json",
+            "{\"error\":\"malformed or oversized request head\"}\n",
+        ),
     };
     if resp.status == 304 || resp.status == 204 {
         resp.head_only = true;

@@ -403,7 +403,17 @@ async fn the_api_answers_bad_requests_with_one_line_json_errors_and_never_500() 
     assert_eq!(r.status, 200, "changed: the old ETag no longer matches");
     assert_eq!(r.json()["on_hand"], 10);
 
+    // A browser's script may read the back-off and the validator.
+    assert_eq!(
+        get("/v1/sku/plain").header("access-control-expose-headers"),
+        Some("ETag, Retry-After")
+    );
     // Bad input.
+    check(
+        get(&format!("/v1/sku/{}", "x".repeat(20_000))),
+        400,
+        "a head over the limit",
+    );
     check(get("/v1/sku/nope"), 404, "unknown SKU");
     check(get("/v1/sku/%FF%FE"), 400, "not UTF-8");
     check(get("/v1/changes?since=zz"), 400, "malformed token");
@@ -851,4 +861,50 @@ async fn a_slowloris_from_one_address_leaves_the_api_to_others_and_proxies_name_
     );
     drop((held, proxied));
     assert_eq!(rig.daemon().sigterm(), Some(0));
+}
+
+/// A SKU near `limits.max_sku_bytes` (4,000 `{`, whose hash key escapes each as `%7B`): its
+/// path and the `/v1/changes` page token that ends at it outgrow 8 KiB. The request head
+/// limit follows `max_sku_bytes`; before, such a SKU could not be fetched and paging
+/// stopped at it for good (a 400 the client does not retry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sku_near_max_sku_bytes_is_fetched_and_paged_past() {
+    let port = free_port();
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.exec(
+        "INSERT INTO inventory VALUES (repeat('{', 4000), 'WH-1', 3, 0), ('after', 'WH-1', 1, 0)",
+    )
+    .await;
+    rig.start_skusync(&format!(
+        "\n[limits]\nmax_sku_bytes = 4096\n{}",
+        api_toml(port, "")
+    ))
+    .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    let long = "{".repeat(4000);
+    let r = http_get(port, &format!("/v1/sku/{}", "%7B".repeat(4000)), &[]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["sku"], long.as_str());
+    // page by one: every SKU is listed, the long one too, and paging goes on past it
+    let mut seen = Vec::new();
+    let mut next: Option<String> = None;
+    for _ in 0..20 {
+        let q = match &next {
+            Some(t) => format!("/v1/changes?limit=1&since={t}"),
+            None => "/v1/changes?limit=1".to_string(),
+        };
+        let r = http_get(port, &q, &[]);
+        assert_eq!(r.status, 200, "{q:.80}: {}", r.body);
+        let j = r.json();
+        for c in j["changes"].as_array().unwrap() {
+            seen.push(c["sku"].as_str().unwrap().to_string());
+        }
+        next = Some(j["next"].as_str().unwrap().to_string());
+        if j["more"] != true {
+            break;
+        }
+    }
+    assert!(seen.contains(&long), "the long SKU was listed");
+    assert!(seen.contains(&"after".to_string()), "{seen:.100?}");
 }
