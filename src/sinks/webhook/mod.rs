@@ -12,7 +12,8 @@
 //!
 //! Deliveries run concurrently, so an alert the receiver keeps refusing (any non-2xx,
 //! timeouts, connection errors) is retried with back-off until its attempts run out
-//! without holding up the others; it is then logged once and counted as dropped.
+//! without holding up the others (up to the queue's window of later alerts: memory stays
+//! bounded); it is then logged once and counted as dropped.
 //!
 //! [`Queue`] is the delivery state machine (no I/O); `run` drives it.
 
@@ -103,9 +104,12 @@ impl Queue {
         self.read
     }
 
-    /// How many more alerts may be read.
+    /// How many more alerts may be read: the window holds the unfinished alerts and the
+    /// finished ones past the cursor, so an alert retried for long (the oldest unfinished
+    /// holds the cursor) lets `window` others through, not an unbounded number.
     pub fn room(&self) -> usize {
-        self.window.saturating_sub(self.items.len())
+        self.window
+            .saturating_sub(self.items.len() + self.done.len())
     }
 
     /// An alert read from the history (in id order, after [`read_from`](Self::read_from)).
@@ -235,6 +239,35 @@ mod tests {
             max_backoff_ms: 250,
             concurrency: 2,
         }
+    }
+
+    #[test]
+    fn alerts_finished_behind_a_retried_one_count_in_the_window() {
+        let c = cfg();
+        let mut q = Queue::new((10, 0), 3);
+        for n in 1..=3 {
+            q.offer((10, n), format!("a{n}"), 0);
+        }
+        let sent = q.due(0, 3);
+        assert_eq!(sent.len(), 3);
+        // the oldest is refused, the others delivered: the cursor waits for it
+        assert!(matches!(
+            q.failed((10, 1), 0, c.max_attempts, c.backoff(1)),
+            Failed::RetryAt(_)
+        ));
+        q.delivered((10, 2));
+        q.delivered((10, 3));
+        assert_eq!(q.advance(), None);
+        assert_eq!(
+            q.room(),
+            0,
+            "two finished and one unfinished fill the window"
+        );
+        // once it is finished, the cursor passes all three and the window empties
+        q.due(1000, 3);
+        q.delivered((10, 1));
+        assert_eq!(q.advance(), Some((10, 3)));
+        assert_eq!(q.room(), 3);
     }
 
     #[test]
