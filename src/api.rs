@@ -781,9 +781,20 @@ impl Api {
                 ));
             }
         }
+        let mut last = since.map(|(a, b)| format!("{a}-{b}"));
+        if since.is_none() && exists && entries.is_empty() {
+            // Every alert was trimmed: `next` is past them, or the next call (`since`
+            // 0-0, below what was dropped) would answer 410 again and again.
+            let mut p = redis::pipe();
+            p.cmd("XINFO").arg("STREAM").arg(&key);
+            let (info,): (HashMap<String, redis::Value>,) = self.query(&p).await?;
+            let deleted = history::max_deleted_id(&info);
+            if deleted > (0, 0) {
+                last = Some(history::format_id(deleted));
+            }
+        }
         let more = entries.len() > limit;
         let mut body = String::from("{\"alerts\":[");
-        let mut last = since.map(|(a, b)| format!("{a}-{b}"));
         let mut first = true;
         for (id, fields) in entries.into_iter().take(limit) {
             let f: HashMap<String, String> = fields.into_iter().collect();

@@ -421,6 +421,25 @@ async fn the_api_answers_bad_requests_with_one_line_json_errors_and_never_500() 
     check(get("/v1/changes?limit=100000"), 400, "huge limit");
     check(get("/v1/changes?limit=0"), 400, "zero limit");
     check(get("/v1/changes?limit=-5"), 400, "negative limit");
+    // A history that exists but was trimmed empty: `next` is past what was dropped, so
+    // the next catch-up from it is no 410.
+    rig.redis.cli(&["DEL", "skusync:alerts"]);
+    rig.redis
+        .cli(&["XADD", "skusync:alerts", "5-1", "bogus", "1"]);
+    rig.redis.cli(&["XDEL", "skusync:alerts", "5-1"]);
+    let r = check(get("/v1/alerts"), 200, "an emptied history");
+    let next = r.json()["next"].as_str().unwrap().to_string();
+    assert_ne!(next, "0-0");
+    check(
+        get(&format!("/v1/alerts?since={next}")),
+        200,
+        "from an emptied history",
+    );
+    check(
+        get("/v1/alerts?since=0-0"),
+        410,
+        "from before what was dropped",
+    );
     check(get("/v1/alerts?since=abc"), 400, "malformed seq");
     check(get("/v1/alerts?since=%ZZ"), 400, "bad encoding");
     check(get("/v2/anything"), 404, "unknown path");
@@ -907,4 +926,72 @@ async fn a_sku_near_max_sku_bytes_is_fetched_and_paged_past() {
     }
     assert!(seen.contains(&long), "the long SKU was listed");
     assert!(seen.contains(&"after".to_string()), "{seen:.100?}");
+}
+
+/// The alert history keeps `[alerts] history` alerts; a client whose `since` is older than
+/// what is kept gets 410 (and lists the history again), one within it 200. Redis' own
+/// trimming records nothing a reader can compare with (`max-deleted-entry-id` stays 0-0
+/// after XTRIM), so the scripts trim exactly and record the greatest id they drop (XSETID
+/// MAXDELETEDID). Before, such a client got 200 with the kept alerts and silently missed
+/// the dropped ones, and a webhook never logged alerts trimmed before delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_since_older_than_the_kept_alert_history_answers_410() {
+    let port = free_port();
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.exec("INSERT INTO inventory VALUES ('H-1', 'WH-1', 50, 0)")
+        .await;
+    rig.start_skusync(&format!(
+        "\n[alerts]\nhistory = 100\n{}",
+        api_toml(port, "")
+    ))
+    .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    // out of stock, back in stock, ...: 105 alerts, one per transaction
+    for i in 0..105 {
+        let q = if i % 2 == 0 { 0 } else { 40 };
+        rig.exec(&format!(
+            "UPDATE inventory SET on_hand = {q} WHERE sku = 'H-1'"
+        ))
+        .await;
+    }
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    let xlen = rig.redis.cli(&["XLEN", "skusync:alerts"]);
+    assert_eq!(xlen, "100", "trimmed to [alerts] history exactly");
+    let first = rig
+        .redis
+        .cli(&["XRANGE", "skusync:alerts", "-", "+", "COUNT", "1"]);
+    let first = first.lines().next().unwrap().to_string();
+    // the last alert dropped, as the scripts recorded it
+    let info = rig.redis.cli(&["XINFO", "STREAM", "skusync:alerts"]);
+    let mut lines = info.lines();
+    let dropped = loop {
+        match lines.next() {
+            Some("max-deleted-entry-id") => break lines.next().unwrap().to_string(),
+            Some(_) => {}
+            None => panic!("no max-deleted-entry-id: {info}"),
+        }
+    };
+    assert_ne!(dropped, "0-0", "the trims recorded what they dropped");
+    let (ms, n) = dropped.split_once('-').unwrap();
+    let (ms, n): (u64, u64) = (ms.parse().unwrap(), n.parse().unwrap());
+    assert!(
+        (ms, n) < {
+            let (a, b) = first.split_once('-').unwrap();
+            (a.parse().unwrap(), b.parse().unwrap())
+        }
+    );
+    // seen up to the last alert dropped: nothing was missed
+    let r = http_get(port, &format!("/v1/alerts?since={dropped}&limit=500"), &[]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["alerts"].as_array().unwrap().len(), 100);
+    // seen only up to an earlier one: the last one dropped was missed
+    let before = if n > 0 {
+        format!("{ms}-{}", n - 1)
+    } else {
+        format!("{}-99", ms - 1)
+    };
+    let r = http_get(port, &format!("/v1/alerts?since={before}"), &[]);
+    assert_eq!(r.status, 410, "{}", r.body);
 }

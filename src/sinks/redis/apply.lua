@@ -363,6 +363,38 @@ local function report_again(key, h)
   end
 end
 
+-- Trim the alert history exactly (at most `keep` entries; none older than `cutoff` unix
+-- ms, 0 for no age limit) and record the greatest id dropped as the stream's
+-- max-deleted-entry-id (XSETID): Redis' own trimming records none, and readers
+-- (`/v1/alerts?since=`, webhooks) compare their position with it to learn they missed
+-- alerts.
+local function trim_history(key, keep, cutoff)
+  local dropped
+  local over = redis.call('XLEN', key) - keep
+  if over > 0 then
+    local r = redis.call('XRANGE', key, '-', '+', 'COUNT', over)
+    dropped = r[#r][1]
+    redis.call('XTRIM', key, 'MAXLEN', keep)
+  end
+  if cutoff > 0 then
+    local c = string.format('%d', cutoff)
+    local r = redis.call('XREVRANGE', key, '(' .. c .. '-0', '-', 'COUNT', 1)
+    if #r > 0 then
+      -- newer than any dropped by count (those were the oldest)
+      dropped = r[1][1]
+      redis.call('XTRIM', key, 'MINID', c)
+    end
+  end
+  if dropped then
+    local info = redis.call('XINFO', 'STREAM', key)
+    for i = 1, #info, 2 do
+      if info[i] == 'last-generated-id' then
+        redis.call('XSETID', key, info[i + 1], 'MAXDELETEDID', dropped)
+      end
+    end
+  end
+end
+
 local alerts_raised = 0
 
 -- Low-stock alert detection after a transaction, at level `avail` (see
@@ -411,7 +443,7 @@ local function evaluate(key, h, has_stock, avail, lsn, ms, dl)
       if not h.hist then h.hist = unindexed_alerts(key, h) end
       h.hist[#h.hist + 1] = {kind, avs, ths, lsn, mss}
     else
-      seq = redis.call('XADD', alerts_key, 'MAXLEN', '~', history, '*', 'key', key,
+      seq = redis.call('XADD', alerts_key, '*', 'key', key,
         'type', kind, 'available', avs, 'threshold', ths, 'lsn', lsn, 'ts', tostring(ms))
     end
     list[#list + 1] = {type = kind, available = av, threshold = th, lsn = lsn, ts = tonumber(ms),
@@ -752,10 +784,13 @@ if not cluster then
     redis.call('ZADD', changes_key, 'GT', unpack(changed_list, ci, cj))
     ci = cj + 1
   end
-  if alerts_raised > 0 and history_ms > 0 then
-    local t = redis.call('TIME')
-    local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - history_ms
-    if cutoff > 0 then redis.call('XTRIM', alerts_key, 'MINID', '~', string.format('%d', cutoff)) end
+  if alerts_raised > 0 then
+    local cutoff = 0
+    if history_ms > 0 then
+      local t = redis.call('TIME')
+      cutoff = math.max(0, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - history_ms)
+    end
+    trim_history(alerts_key, tonumber(history), cutoff)
   end
 end
 

@@ -3424,6 +3424,37 @@ return 1
 const ALERTS_LUA: &str = concat!(
     fenced_by_meta!(),
     r#"
+-- Trim the alert history exactly (at most `keep` entries; none older than `cutoff` unix
+-- ms, 0 for no age limit) and record the greatest id dropped as the stream's
+-- max-deleted-entry-id (XSETID): Redis' own trimming records none, and readers
+-- (`/v1/alerts?since=`, webhooks) compare their position with it to learn they missed
+-- alerts.
+local function trim_history(key, keep, cutoff)
+  local dropped
+  local over = redis.call('XLEN', key) - keep
+  if over > 0 then
+    local r = redis.call('XRANGE', key, '-', '+', 'COUNT', over)
+    dropped = r[#r][1]
+    redis.call('XTRIM', key, 'MAXLEN', keep)
+  end
+  if cutoff > 0 then
+    local c = string.format('%d', cutoff)
+    local r = redis.call('XREVRANGE', key, '(' .. c .. '-0', '-', 'COUNT', 1)
+    if #r > 0 then
+      -- newer than any dropped by count (those were the oldest)
+      dropped = r[1][1]
+      redis.call('XTRIM', key, 'MINID', c)
+    end
+  end
+  if dropped then
+    local info = redis.call('XINFO', 'STREAM', key)
+    for i = 1, #info, 2 do
+      if info[i] == 'last-generated-id' then
+        redis.call('XSETID', key, info[i + 1], 'MAXDELETEDID', dropped)
+      end
+    end
+  end
+end
 local indexed = ARGV[6]
 local before = redis.call('HGET', KEYS[1], 'alerts_indexed')
 -- a floor lowered since (Redis came back older: the replay reports again alerts this
@@ -3444,11 +3475,11 @@ for a = 7, #ARGV, 6 do
   local lsn = ARGV[a + 4]
   if lsn_lt(indexed, lsn)
       and redis.call('HSETNX', KEYS[1], 'alert:' .. lsn .. ':' .. ARGV[a + 1] .. ':' .. ARGV[a], '1') == 1 then
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'key', ARGV[a], 'type', ARGV[a + 1],
+    redis.call('XADD', KEYS[2], '*', 'key', ARGV[a], 'type', ARGV[a + 1],
       'available', ARGV[a + 2], 'threshold', ARGV[a + 3], 'lsn', lsn, 'ts', ARGV[a + 5])
   end
 end
-if ARGV[5] ~= '' then redis.call('XTRIM', KEYS[2], 'MINID', '~', ARGV[5]) end
+trim_history(KEYS[2], tonumber(ARGV[4]), tonumber(ARGV[5]) or 0)
 local cur = redis.call('HGET', KEYS[1], 'applied_lsn')
 if not cur or lsn_lt(cur, ARGV[3]) then redis.call('HSET', KEYS[1], 'applied_lsn', ARGV[3]) end
 return 1
