@@ -118,6 +118,9 @@ impl Daemon {
                         }
                         connected = true;
                         partitions_checked = tokio::time::Instant::now();
+                        // what the catalog said in an earlier session may have changed
+                        // (a table attached as a partition since)
+                        not_partitions.clear();
                     }
                     SourceEvent::Reset => fold.reset(),
                     SourceEvent::Event(Event::Relation(r)) => {
