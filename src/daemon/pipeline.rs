@@ -530,8 +530,10 @@ impl Daemon {
                 return Ok(Some(c));
             }
             let skus = applier.all_skus().await?;
+            // the stream's calls, after the drain: in the chain (see `rsink::CallChain`)
+            let mut chained = applier.clone().chained();
             for chunk in skus.chunks(500) {
-                match applier.truncate(&p, chunk).await {
+                match chained.truncate(&p, chunk).await {
                     Ok(_) => {}
                     Err(RedisSinkError::NoMeta) => {
                         return Ok(Some(Cycle::Restart("Redis lost its data".into())));
@@ -541,7 +543,7 @@ impl Daemon {
             }
             // The rows are gone, and so is where they were held.
             for table in &p.truncate {
-                applier
+                chained
                     .truncate_row_index(table, (p.commit_lsn, p.piece))
                     .await?;
             }
@@ -663,8 +665,10 @@ impl Daemon {
         }
         let ms = crate::txn::value::pg_timestamp_to_unix_micros(commit_ts).div_euclid(1000);
         let skus = applier.all_skus().await?;
+        // after the drain: in the chain (see `rsink::CallChain`)
+        let mut chained = applier.clone().chained();
         for chunk in skus.chunks(500) {
-            match applier.evaluate(fence, ms, chunk).await {
+            match chained.evaluate(fence, ms, chunk).await {
                 Ok(_) => {}
                 Err(RedisSinkError::NoMeta) => {
                     return Ok(Some(Cycle::Restart("Redis lost its data".into())));

@@ -42,6 +42,12 @@ export interface ClientOptions {
     pageSize?: number;
     /** How many alert ids to remember for dedupe (default 10,000). */
     alertIdLimit?: number;
+    /**
+     * After a live alert, a catch-up this many ms later (default 2000) moves the stored
+     * alert position past it: live alerts never move it themselves (they arrive in no seq
+     * order), and a restarted process would report them again from an older position.
+     */
+    alertFollowMs?: number;
 }
 export type StateListener = (sku: string, state: State | null, info: Info) => void;
 export type AlertListener = (alert: Alert) => void;

@@ -47,6 +47,8 @@ class Client {
     #subscribed = 0;
     /** This process subscribed at least once (a resumed session alone sends no retained states). */
     #everSubscribed = false;
+    /** The catch-up that follows live alerts (see `alertFollowMs`), when one is due. */
+    #alertFollow = null;
     constructor(o) {
         this.#o = o;
         this.#prefix = o.prefix ?? 'skusync';
@@ -74,6 +76,8 @@ class Client {
         if (this.#closed)
             return;
         this.#closed = true;
+        if (this.#alertFollow)
+            clearTimeout(this.#alertFollow);
         this.#abort.abort();
         this.#wake?.();
         const m = this.#mqtt;
@@ -178,8 +182,10 @@ class Client {
                     // never moves the alert cursor: live alerts of different SKUs arrive in no
                     // seq order (each waits for its SKU's publish round), so one missed offline
                     // may lie below a later one seen live
-                    if (this.#store.applyAlert(msg.alert))
+                    if (this.#store.applyAlert(msg.alert)) {
                         this.#emit(this.#on.alert, msg.alert);
+                        this.#followAlerts();
+                    }
                 }
                 else {
                     this.#change(this.#store.applyState(msg.state));
@@ -206,6 +212,15 @@ class Client {
         return this.#skus === null || this.#skus.has(sku);
     }
     // ---- catch-up over HTTP -------------------------------------------------------------
+    /** One catch-up a little after live alerts: its `/v1/alerts` pages move the position. */
+    #followAlerts() {
+        if (!this.#o.apiUrl || this.#closed || this.#alertFollow)
+            return;
+        this.#alertFollow = setTimeout(() => {
+            this.#alertFollow = null;
+            this.#requestCatchUp();
+        }, this.#o.alertFollowMs ?? 2000);
+    }
     #requestCatchUp(connected = false) {
         if (!this.#o.apiUrl || this.#closed)
             return;

@@ -51,6 +51,12 @@ export interface ClientOptions {
   pageSize?: number;
   /** How many alert ids to remember for dedupe (default 10,000). */
   alertIdLimit?: number;
+  /**
+   * After a live alert, a catch-up this many ms later (default 2000) moves the stored
+   * alert position past it: live alerts never move it themselves (they arrive in no seq
+   * order), and a restarted process would report them again from an older position.
+   */
+  alertFollowMs?: number;
 }
 
 export type StateListener = (sku: string, state: State | null, info: Info) => void;
@@ -141,6 +147,8 @@ class Client implements SkusyncClient {
   #subscribed = 0;
   /** This process subscribed at least once (a resumed session alone sends no retained states). */
   #everSubscribed = false;
+  /** The catch-up that follows live alerts (see `alertFollowMs`), when one is due. */
+  #alertFollow: ReturnType<typeof setTimeout> | null = null;
 
   constructor(o: ClientOptions) {
     this.#o = o;
@@ -172,6 +180,7 @@ class Client implements SkusyncClient {
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
+    if (this.#alertFollow) clearTimeout(this.#alertFollow);
     this.#abort.abort();
     this.#wake?.();
     const m = this.#mqtt;
@@ -271,7 +280,10 @@ class Client implements SkusyncClient {
           // never moves the alert cursor: live alerts of different SKUs arrive in no
           // seq order (each waits for its SKU's publish round), so one missed offline
           // may lie below a later one seen live
-          if (this.#store.applyAlert(msg.alert)) this.#emit(this.#on.alert, msg.alert);
+          if (this.#store.applyAlert(msg.alert)) {
+            this.#emit(this.#on.alert, msg.alert);
+            this.#followAlerts();
+          }
         } else {
           this.#change(this.#store.applyState(msg.state));
         }
@@ -296,6 +308,15 @@ class Client implements SkusyncClient {
   }
 
   // ---- catch-up over HTTP -------------------------------------------------------------
+
+  /** One catch-up a little after live alerts: its `/v1/alerts` pages move the position. */
+  #followAlerts(): void {
+    if (!this.#o.apiUrl || this.#closed || this.#alertFollow) return;
+    this.#alertFollow = setTimeout(() => {
+      this.#alertFollow = null;
+      this.#requestCatchUp();
+    }, this.#o.alertFollowMs ?? 2000);
+  }
 
   #requestCatchUp(connected = false): void {
     if (!this.#o.apiUrl || this.#closed) return;

@@ -438,3 +438,27 @@ test('close: ends MQTT and stops a retrying catch-up', async () => {
   assert.equal(broker.ended, true);
   client = null;
 });
+
+test('live alerts are followed by an /v1/alerts page: a restarted process does not report them again', async () => {
+  const storage = new Map();
+  const store = { get: (k) => storage.get(k), set: (k, v) => { storage.set(k, v); } };
+  let log = start({ storage: store, alertFollowMs: 20 });
+  await waitFor(() => broker.client, 'connect');
+  const done = nextCatchUp(client);
+  broker.up();
+  await done;
+  const a1 = alert('A', '100-0');
+  api.alerts.push(a1);
+  broker.publishAlert(P, a1);
+  assert.deepEqual(log.alerts, [a1.id]);
+  await waitFor(() => storage.get(`skusync:${P}:alerts`) === '100-0', 'the position follows the page');
+  await client.close();
+  // the process restarts: its dedupe memory is empty, the stored position is past a1
+  broker = new FakeBroker();
+  log = start({ storage: store });
+  await waitFor(() => broker.client, 'connect');
+  const again = nextCatchUp(client);
+  broker.up();
+  await again;
+  assert.deepEqual(log.alerts, [], 'a1 is not reported twice');
+});

@@ -1951,13 +1951,28 @@ impl Applier {
     /// `daemon::apply::launch`).
     pub async fn mark_index_pending(&mut self, on: bool) -> Result<(), RedisSinkError> {
         let v = if on { "1" } else { "" };
-        write_meta(
-            &mut self.con,
-            &self.settings.prefix,
-            self.settings.fence.token(),
-            &[("index_pending", v.to_string())],
-        )
-        .await
+        if self.con.is_cluster() {
+            return write_meta(
+                &mut self.con,
+                &self.settings.prefix,
+                self.settings.fence.token(),
+                &[("index_pending", v.to_string())],
+            )
+            .await;
+        }
+        // fenced and chained like the batch's other calls: a Redis that lost the mark
+        // refuses the batch's next call
+        let (floor, link) = self.single_floor();
+        let _: i64 = redis::Script::new(INDEX_MARK_LUA)
+            .key(layout::meta_key(&self.settings.prefix))
+            .arg(token_arg(self.settings.fence.token()))
+            .arg(floor)
+            .arg(v)
+            .invoke_async(&mut self.con)
+            .await
+            .map_err(RedisSinkError::from_redis)?;
+        self.settings.fence.chain.returned(link);
+        Ok(())
     }
 
     /// Record where indexed rows are held now (row field -> SKU, `None` to remove), after
@@ -2373,14 +2388,17 @@ impl Applier {
         for b in 0..layout::ROW_INDEX_BUCKETS {
             inv.key(layout::row_index_key(&prefix, table, b));
         }
+        let (floor, link) = self.single_floor();
         inv.arg(token_arg(self.settings.fence.token()))
             .arg(fence.0.0.to_string())
             .arg(fence.1)
-            .arg(table);
+            .arg(table)
+            .arg(floor);
         let _: i64 = inv
             .invoke_async(&mut self.con)
             .await
             .map_err(RedisSinkError::from_redis)?;
+        self.settings.fence.chain.returned(link);
         Ok(())
     }
 
@@ -3489,6 +3507,16 @@ return 1
 /// Alerts per history call.
 const ALERTS_PER_CALL: usize = 1000;
 
+/// Sets or clears meta `index_pending` on a standalone Redis, fenced like the apply calls
+/// (token, floor, chain). KEYS[1] meta; ARGV: token, floor argument, value ('' clears).
+const INDEX_MARK_LUA: &str = concat!(
+    fenced_by_meta!(),
+    r#"
+redis.call('HSET', KEYS[1], 'index_pending', ARGV[3])
+return 1
+"#
+);
+
 /// Clears a truncated table's row index, once: meta `ri_truncated:<table>` records the
 /// truncate's fence, so a replay of it cannot erase what later transactions indexed.
 /// KEYS[1] meta, KEYS[2..] the table's buckets; ARGV: token, commit LSN, piece, table.
@@ -3497,9 +3525,23 @@ local function lsn_lt(a, b)
   if #a ~= #b then return #a < #b end
   return a < b
 end
+-- ARGV[5] (standalone): the floor argument, an LSN or 'LSN|last|this' (see `CallChain`)
+local floor, chain_last, chain_this = string.match(ARGV[5] or '', '^([^|]*)|?([^|]*)|?([^|]*)$')
 if ARGV[1] ~= '' then
-  local w = redis.call('HGET', KEYS[1], 'writer')
-  if w ~= ARGV[1] then return redis.error_reply('SKUSYNC_FENCED ' .. tostring(w or 'none')) end
+  local m = redis.call('HMGET', KEYS[1], 'writer', 'applied_lsn')
+  if m[1] ~= ARGV[1] then return redis.error_reply('SKUSYNC_FENCED ' .. tostring(m[1] or 'none')) end
+  if floor ~= '' and (not m[2] or lsn_lt(m[2], floor)) then
+    return redis.error_reply('SKUSYNC_ROLLBACK ' .. tostring(m[2] or 'none'))
+  end
+  if chain_this ~= '' then
+    local held = tonumber(redis.call('HGET', KEYS[1], 'chain') or '')
+    if chain_last ~= '' and (not held or held < tonumber(chain_last)) then
+      return redis.error_reply('SKUSYNC_ROLLBACK ' .. tostring(m[2] or 'none'))
+    end
+    if chain_last == '' or not held or held < tonumber(chain_this) then
+      redis.call('HSET', KEYS[1], 'chain', chain_this)
+    end
+  end
 end
 local f = 'ri_truncated:' .. ARGV[4]
 local prev = redis.call('HGET', KEYS[1], f)
