@@ -436,7 +436,6 @@ impl Fold {
         }
     }
 
-    /// How a row field's table places its rows (from the mapping).
     /// Whether the stock table of a row field maps `low_stock` (unknown: as it did).
     fn maps_threshold(&self, field: &str) -> bool {
         layout::table_of_row_field(field)
@@ -444,6 +443,7 @@ impl Fold {
             .is_none_or(|m| m.low_stock.is_some())
     }
 
+    /// How a row field's table places its rows (from the mapping).
     fn via_of_row(&self, field: &str) -> Option<Via> {
         let table = layout::table_of_row_field(field)?;
         let m = self.mapping.inventory.iter().find(|m| m.table == table)?;
