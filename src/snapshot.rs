@@ -204,7 +204,15 @@ pub async fn load(
             .and_then(|f| f.to_sql())
             .into_iter()
             .collect();
-        if let Some(f) = publication_row_filter(&client, cfg, &mapping.publications, &rel).await? {
+        if let Some(f) = crate::pg::publication::row_filter(
+            &client,
+            cfg,
+            &mapping.publications,
+            &rel.schema,
+            &rel.name,
+        )
+        .await?
+        {
             wheres.push(format!("({f})"));
         }
         let copy = format!(
@@ -239,6 +247,7 @@ pub async fn load(
                 for (i, f) in needed.iter().zip(fields) {
                     tuple[*i] = f;
                 }
+                crate::txn::trim_padded(&rel, &mut tuple);
                 run.push(crate::txn::Change {
                     op: Op::Insert,
                     rel: rel.clone(),
@@ -253,6 +262,7 @@ pub async fn load(
                     continue;
                 }
                 fold_run(&mut fold, applier, &mut run, &mut pending).await?;
+                report_skipped(&mut fold);
                 if !pending.is_empty() {
                     stats.skus += apply_pending(&mut fold, applier, &mut pending).await?;
                     tick(stats.rows + table_rows);
@@ -266,9 +276,7 @@ pub async fn load(
             }
         }
         stats.rows += table_rows;
-        for skipped in fold.take_skipped() {
-            tracing::warn!(table = %skipped.table, column = %skipped.column, reason = %skipped.reason, "snapshot value skipped");
-        }
+        report_skipped(&mut fold);
         tracing::info!(table = %table, rows = table_rows, seconds = started.elapsed().as_secs_f64(), "snapshot table loaded");
     }
     if let Some(last) = fold.commit(&TxnCommit {
@@ -398,41 +406,12 @@ async fn fold_run(
     Ok(())
 }
 
-/// The row filter the configured publications put on a table (PostgreSQL 15+): `None`
-/// when any publication that lists it has none. Publications combine by OR.
-async fn publication_row_filter(
-    client: &tokio_postgres::Client,
-    cfg: &PgConnectConfig,
-    publications: &[String],
-    rel: &RelationDesc,
-) -> Result<Option<String>, PgError> {
-    let sql = |e| meta::classify(e, cfg);
-    let version: i32 = client
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await
-        .map_err(sql)?
-        .get(0);
-    if version < 150_000 || publications.is_empty() {
-        return Ok(None);
+/// Counts and logs (rate-limited) the values the fold skipped, as the stream does: held
+/// per run of rows, never per table, so a table of bad values costs no memory.
+fn report_skipped(fold: &mut Fold) {
+    for s in fold.take_skipped() {
+        crate::telemetry::value_skipped(&s);
     }
-    let rows = client
-        .query(
-            "SELECT rowfilter FROM pg_publication_tables \
-             WHERE pubname = ANY($1) AND schemaname = $2 AND tablename = $3",
-            &[&publications, &rel.schema, &rel.name],
-        )
-        .await
-        .map_err(sql)?;
-    let filters: Option<Vec<String>> = rows.iter().map(|r| r.get::<_, Option<String>>(0)).collect();
-    Ok(match filters {
-        Some(f) if !f.is_empty() => Some(
-            f.iter()
-                .map(|x| format!("({x})"))
-                .collect::<Vec<_>>()
-                .join(" OR "),
-        ),
-        _ => None,
-    })
 }
 
 /// Parse one line of COPY's text format into datums (`\N` is NULL; backslash escapes).

@@ -239,10 +239,34 @@ pub enum SourceError {
          CREATE PUBLICATION {publication} FOR TABLE <tables>;"
     )]
     PublicationMissing { publication: String },
+    /// The publication exists now but not at the slot's position (PostgreSQL before 18
+    /// reads publications as of each decoded change): definite, the slot cannot pass it.
+    #[error(
+        "the walsender cannot stream from slot {slot:?}: {message}, although it exists now. PostgreSQL \
+         before 18 reads publications as they were when each change was made, so a publication created \
+         (or dropped and created again) after the slot's position does not exist for the changes before \
+         it. Rebuild from a new slot: stop skusync, run SELECT pg_drop_replication_slot('{slot}'); and \
+         start it again (it loads a fresh snapshot); or list in postgres.publication only publications \
+         older than the slot's position"
+    )]
+    PublicationNewerThanSlot { slot: String, message: String },
     #[error("downstream stopped")]
     Downstream,
     #[error("loading the initial snapshot failed: {0}")]
     Bootstrap(String),
+}
+
+/// A walsender's "publication ... does not exist" (SQLSTATE 42704) for a publication
+/// the catalog holds now: its message, else `None`.
+fn publication_newer_than_slot(e: &SourceError) -> Option<String> {
+    match e {
+        SourceError::Pg(PgError::Server(se))
+            if se.code == "42704" && se.message.starts_with("publication ") =>
+        {
+            Some(se.message.clone())
+        }
+        _ => None,
+    }
 }
 
 impl SourceError {
@@ -436,7 +460,7 @@ impl Source {
                 if open_txn && tx.send(vec![SourceEvent::Reset]).await.is_err() {
                     return SessionEnd::Error(SourceError::Downstream);
                 }
-                SessionEnd::Error(e)
+                SessionEnd::Error(self.explain(e))
             }
         }
     }
@@ -560,6 +584,17 @@ impl Source {
             "streaming"
         );
         Ok(Some((conn, info)))
+    }
+
+    /// A stream error as the operator should read it.
+    fn explain(&self, e: SourceError) -> SourceError {
+        match publication_newer_than_slot(&e) {
+            Some(message) => SourceError::PublicationNewerThanSlot {
+                slot: self.cfg.slot.clone(),
+                message,
+            },
+            None => e,
+        }
     }
 
     async fn stream(

@@ -1,10 +1,13 @@
-//! Telemetry as a spec: every metric skusync exports is named here, and every event the
+//! Telemetry as a spec: the pipeline's metrics are named here, and every event the
 //! daemon reports goes through one function below that counts it (and logs it where a
-//! log line is useful).
+//! log line is useful). The HTTP server's, the client API's and the webhooks' own metrics
+//! are named in their modules (`http`, `api`, `sinks::webhook`); docs/operations.md lists
+//! them all.
 //!
-//! Names follow `skusync_<noun>_<unit>[_total]`. Labels are bounded: the only label is
-//! `server` (`postgres`, `redis`, `mqtt`) on reconnects. No SKU, table, row value, user id
-//! or password ever becomes a label or a log field here.
+//! Names follow `skusync_<noun>_<unit>[_total]`. Labels are bounded: `server`
+//! (`postgres`, `redis`, `mqtt`) on reconnects, `reason` on writer refusals, and in the
+//! other modules an HTTP status, a limit's name or a configured webhook's name. No SKU,
+//! table, row value, user id or password ever becomes a label or a log field here.
 //!
 //! Besides metrics this module keeps the process [`Health`] (what `/readyz` and the
 //! systemd watchdog look at) and sends the systemd notifications (`READY=1`, `STATUS=`,
@@ -400,20 +403,8 @@ pub fn value_skipped(s: &crate::fold::Skipped) {
     // A systematic problem (a clock ahead, a column of words) skips every row: log the
     // first of each table, column and reason, then at most one line per interval with
     // the number not logged since (the counter has every one).
-    let key = (s.table.clone(), s.column.clone(), s.reason.clone());
-    let now = std::time::Instant::now();
-    let suppressed = {
-        let mut seen = skip_log().lock().unwrap_or_else(|e| e.into_inner());
-        let e = seen.entry(key).or_insert((None, 0));
-        if e.0
-            .is_some_and(|t| now.duration_since(t) < SKIP_LOG_INTERVAL)
-        {
-            e.1 += 1;
-            return;
-        }
-        let n = e.1;
-        *e = (Some(now), 0);
-        n
+    let Some(suppressed) = rate_limit((s.table.clone(), s.column.clone(), s.reason.clone())) else {
+        return;
     };
     tracing::warn!(table = %s.table, column = %s.column, lsn = %s.lsn, reason = %s.reason,
         also_skipped_since_last_line = suppressed, "value skipped");
@@ -426,6 +417,23 @@ const SKIP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 type SkipLog = std::sync::Mutex<
     std::collections::HashMap<(String, String, String), (Option<std::time::Instant>, u64)>,
 >;
+
+/// `None` when a line of `key` was logged within [`SKIP_LOG_INTERVAL`] (counted as not
+/// logged); else the number not logged since the last line.
+fn rate_limit(key: (String, String, String)) -> Option<u64> {
+    let now = std::time::Instant::now();
+    let mut seen = skip_log().lock().unwrap_or_else(|e| e.into_inner());
+    let e = seen.entry(key).or_insert((None, 0));
+    if e.0
+        .is_some_and(|t| now.duration_since(t) < SKIP_LOG_INTERVAL)
+    {
+        e.1 += 1;
+        return None;
+    }
+    let n = e.1;
+    *e = (Some(now), 0);
+    Some(n)
+}
 
 fn skip_log() -> &'static SkipLog {
     static L: OnceLock<SkipLog> = OnceLock::new();
@@ -527,6 +535,17 @@ pub fn mqtt_connection(up: bool, reconnect_: bool) {
     }
 }
 
+/// The publisher's read of a SKU hash failed (it pauses and retries): a round reads up
+/// to hundreds of SKUs, so a Redis that is down logs a line per interval, not per SKU.
+pub fn publisher_read_failed(e: &redis::RedisError) {
+    let Some(suppressed) = rate_limit(("mqtt".into(), "read".into(), format!("{:?}", e.kind())))
+    else {
+        return;
+    };
+    tracing::warn!(error = %e, also_failed_since_last_line = suppressed,
+        "reading a SKU hash for MQTT failed; retrying");
+}
+
 /// A state message was acknowledged; `commit_unix_ms` is the SKU hash's `ts` for state
 /// changes (`None` for aging republishes, whose commit may be long past).
 pub fn mqtt_state_acked(commit_unix_ms: Option<i64>) {
@@ -542,8 +561,20 @@ pub fn mqtt_alert_acked() {
 }
 
 /// The broker refused a message.
-pub fn mqtt_refused() {
+pub fn mqtt_refused(what: &'static str, reason: &str) {
     counter!(MQTT_REFUSED).increment(1);
+    // An ACL that denies skusync's writes refuses every message of every SKU: log the
+    // first of each kind and reason, then at most one line per interval with the number
+    // not logged since (the counter has every one). States are sent again later.
+    let Some(suppressed) = rate_limit(("mqtt".into(), what.into(), reason.into())) else {
+        return;
+    };
+    tracing::warn!(
+        message_kind = what,
+        reason,
+        also_refused_since_last_line = suppressed,
+        "broker refused a message (states are sent again later)"
+    );
 }
 
 /// A SKU's `what` message (`state` or `alert`) of `bytes` (topic and payload) exceeds

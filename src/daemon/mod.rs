@@ -133,6 +133,9 @@ pub struct Daemon {
     /// The relation (OID) and reason of the last rebuild for a changed table identity,
     /// until that relation is announced matching: the same reason again means a loop.
     identity_rebuild: Option<(u32, String)>,
+    /// What the publications let through to the mapped tables, read at this cycle's
+    /// start ([`crate::pg::publication::fingerprint`]; meta `publications`).
+    publications: String,
     /// The partition fingerprints Redis was built with (meta `partitions`).
     partitions_built: std::collections::BTreeMap<String, String>,
     /// The mapping was checked against the database (once, before the first write).
@@ -270,6 +273,7 @@ impl Daemon {
             max_batch_skus: rc.max_batch_skus,
             split_floor: Lsn(0),
             identity_rebuild: None,
+            publications: String::new(),
             partitions_built: Default::default(),
             preflight_done: false,
             ri_done: 0,
@@ -501,8 +505,30 @@ impl Daemon {
             return Ok(Cycle::Shutdown);
         }
         let client = meta::connect(&self.pgc).await?;
+        // Checked at every cycle: a publication altered while skusync runs (an action
+        // dropped, a partition added outside it) must stop it, not leave Redis drifting.
+        if let Some(gap) = crate::ops::check::publication_gap(&self.cfg, &client, &self.pgc).await?
+        {
+            return Err(DaemonError::Config(gap));
+        }
+        self.publications = self.read_publications(&client).await?;
         let slot_name = self.cfg.postgres.slot.clone();
         let mut slot = meta::slot_state(&client, &self.pgc, &slot_name).await?;
+        if let Some(s) = &slot {
+            let db: String = client
+                .query_one("SELECT current_database()::text", &[])
+                .await
+                .map_err(|e| DaemonError::from(meta::classify(e, &self.pgc)))?
+                .get(0);
+            if s.database.as_deref().is_some_and(|d| d != db) {
+                return Err(DaemonError::Config(format!(
+                    "replication slot {slot_name:?} (postgres.slot) belongs to database {:?}, not {db:?}: \
+                     another skusync (or another tool) uses that name on this server. Give this instance \
+                     its own slot name in postgres.slot",
+                    s.database.as_deref().unwrap_or_default()
+                )));
+            }
+        }
         if let Some(s) = &slot
             && s.wal_status.as_deref() == Some("lost")
         {
@@ -571,6 +597,13 @@ impl Daemon {
                     Some(m) if m.layout.as_deref() != Some(layout::LAYOUT_VERSION) => {
                         Some(earlier_layout(m.layout.as_deref()))
                     }
+                    Some(m)
+                        if m.publications
+                            .as_deref()
+                            .is_some_and(|p| p != self.publications) =>
+                    {
+                        Some(PUBLICATIONS_CHANGED.into())
+                    }
                     Some(m) if m.applied_lsn.unwrap_or(Lsn::ZERO) < confirmed => Some(format!(
                         "Redis is behind the slot (applied {} < confirmed {confirmed}): it lost writes",
                         m.applied_lsn.unwrap_or(Lsn::ZERO)
@@ -581,6 +614,10 @@ impl Daemon {
                     tracing::warn!(reason = %why, "rebuilding Redis from a fresh snapshot");
                     self.resync(&mut con, &client, &slot_name).await?;
                 } else if let Some(m) = &meta {
+                    if m.publications.is_none() {
+                        // built before they were recorded (or just bootstrapped)
+                        self.record_publications(&mut con).await?;
+                    }
                     let applied = m.applied_lsn.unwrap_or(Lsn::ZERO);
                     self.gate.store(applied.0, Ordering::SeqCst);
                     if m.piece_changes.is_none() {
@@ -614,6 +651,39 @@ impl Daemon {
         }
         drop(client);
         self.stream(con, bootstrap, shutdown).await
+    }
+
+    /// What the publications let through to the mapped tables now.
+    async fn read_publications(
+        &self,
+        client: &tokio_postgres::Client,
+    ) -> Result<String, DaemonError> {
+        let tables: Vec<String> = crate::ops::check::wanted_tables(&self.cfg)
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect();
+        Ok(crate::pg::publication::fingerprint(
+            client,
+            &self.pgc,
+            &self.cfg.postgres.publication.names(),
+            &tables,
+        )
+        .await?)
+    }
+
+    /// Record in meta what the publications let through (`publications`).
+    async fn record_publications(
+        &self,
+        con: &mut crate::sinks::redis::RedisCon,
+    ) -> Result<(), DaemonError> {
+        rsink::write_meta(
+            con,
+            self.prefix(),
+            self.settings.fence.token(),
+            &[("publications", self.publications.clone())],
+        )
+        .await?;
+        Ok(())
     }
 
     /// Rebuild Redis from a temporary slot's snapshot, then move the main slot to it.
@@ -675,6 +745,7 @@ impl Daemon {
             at,
             system,
             &self.gate,
+            &self.publications,
         )
         .await
     }
@@ -716,7 +787,7 @@ impl Daemon {
         sc.confirm_gate = Some(self.gate.clone());
         sc.silence_timeout = silence_timeout(self.wal_sender_timeout().await, sc.status_interval);
         if bootstrap {
-            let (pgc, mapping, settings, max_changes, con2, gate, mqtt) = (
+            let (pgc, mapping, settings, max_changes, con2, gate, mqtt, pubs) = (
                 self.pgc.clone(),
                 self.mapping.clone(),
                 self.settings.clone(),
@@ -724,15 +795,17 @@ impl Daemon {
                 con.clone(),
                 self.gate.clone(),
                 self.mqtt.clone(),
+                self.publications.clone(),
             );
             sc.bootstrap = Some(Arc::new(move |snapshot: String, at: Lsn, system| {
-                let (pgc, mapping, settings, con2, gate, mqtt) = (
+                let (pgc, mapping, settings, con2, gate, mqtt, pubs) = (
                     pgc.clone(),
                     mapping.clone(),
                     settings.clone(),
                     con2.clone(),
                     gate.clone(),
                     mqtt.clone(),
+                    pubs.clone(),
                 );
                 Box::pin(async move {
                     // As in `resync`: the publisher (it outlives cycles, so it may be
@@ -754,6 +827,7 @@ impl Daemon {
                         // recorded, so the stream's check finds the server it was built from
                         Some(&system),
                         &gate,
+                        &pubs,
                     )
                     .await
                     .map_err(|e| e.to_string())?;
@@ -921,6 +995,10 @@ pub async fn resync_now(cfg: Config) -> Result<(), DaemonError> {
     let token = rsink::claim_writer(&mut con, d.prefix()).await?;
     d.settings.fence.token.store(token, Ordering::SeqCst);
     d.settings.fence.chain.restart();
+    if let Some(gap) = crate::ops::check::publication_gap(&d.cfg, &client, &d.pgc).await? {
+        return Err(DaemonError::Config(gap));
+    }
+    d.publications = d.read_publications(&client).await?;
     d.resync(&mut con, &client, &slot).await
 }
 
@@ -963,6 +1041,9 @@ async fn rebuild_next(
     Ok(Cycle::Restart(why))
 }
 
+/// Why Redis is rebuilt when the publications' names or row filters changed.
+const PUBLICATIONS_CHANGED: &str = "the publications (their names or the row filters they put on mapped tables) changed since Redis was built";
+
 /// A schema problem met in the stream: definite, with the transaction it was met in.
 fn schema_stop(e: crate::fold::SchemaError, commit: Option<Lsn>) -> DaemonError {
     match commit {
@@ -986,6 +1067,7 @@ async fn load_snapshot(
     at: Lsn,
     system: Option<&crate::pg::SystemInfo>,
     gate: &Arc<AtomicU64>,
+    publications: &str,
 ) -> Result<(), DaemonError> {
     let prefix = settings.prefix.as_str();
     let started = std::time::Instant::now();
@@ -1087,6 +1169,9 @@ async fn load_snapshot(
             serde_json::to_string(&stats.partitions).unwrap_or_default(),
         ),
     ];
+    if !publications.is_empty() {
+        fields.push(("publications", publications.to_string()));
+    }
     if let Some(s) = system {
         fields.push(("system_id", s.system_id.clone()));
         fields.push(("timeline", s.timeline.to_string()));

@@ -320,6 +320,15 @@ impl Daemon {
                         .await
                         .map(Some);
                 }
+                if m.publications
+                    .as_deref()
+                    .is_some_and(|p| p != self.publications)
+                {
+                    return self
+                        .rebuild(&mut con, super::PUBLICATIONS_CHANGED.into())
+                        .await
+                        .map(Some);
+                }
                 if m.fingerprint.as_deref() != Some(self.mapping.fingerprint.as_str()) {
                     return self
                         .rebuild(
@@ -529,16 +538,24 @@ impl Daemon {
             {
                 return Ok(Some(c));
             }
-            let skus = applier.all_skus().await?;
             // the stream's calls, after the drain: in the chain (see `rsink::CallChain`)
             let mut chained = applier.clone().chained();
-            for chunk in skus.chunks(500) {
-                match chained.truncate(&p, chunk).await {
-                    Ok(_) => {}
-                    Err(RedisSinkError::NoMeta) => {
-                        return Ok(Some(Cycle::Restart("Redis lost its data".into())));
+            // a page of SKUs at a time: memory follows the page, not every SKU in Redis
+            let mut at = Some((0, 0));
+            while let Some(pos) = at {
+                let (next, skus) = applier.sku_page(pos).await?;
+                at = next;
+                for chunk in skus.chunks(500) {
+                    match chained.truncate(&p, chunk).await {
+                        Ok(_) => {}
+                        Err(RedisSinkError::NoMeta) => {
+                            return Ok(Some(Cycle::Restart("Redis lost its data".into())));
+                        }
+                        Err(e) => return Err(e.into()),
                     }
-                    Err(e) => return Err(e.into()),
+                }
+                if let Some(m) = &self.mqtt {
+                    m.changed(skus);
                 }
             }
             // The rows are gone, and so is where they were held.
@@ -546,9 +563,6 @@ impl Daemon {
                 chained
                     .truncate_row_index(table, (p.commit_lsn, p.piece))
                     .await?;
-            }
-            if let Some(m) = &self.mqtt {
-                m.changed(skus);
             }
             *truncated = true;
         }
@@ -664,23 +678,27 @@ impl Daemon {
             return Ok(Some(c));
         }
         let ms = crate::txn::value::pg_timestamp_to_unix_micros(commit_ts).div_euclid(1000);
-        let skus = applier.all_skus().await?;
-        // after the drain: in the chain (see `rsink::CallChain`)
+        // after the drain: in the chain (see `rsink::CallChain`); a page at a time
         let mut chained = applier.clone().chained();
-        for chunk in skus.chunks(500) {
-            match chained.evaluate(fence, ms, chunk).await {
-                Ok(_) => {}
-                Err(RedisSinkError::NoMeta) => {
-                    return Ok(Some(Cycle::Restart("Redis lost its data".into())));
+        let mut at = Some((0, 0));
+        while let Some(pos) = at {
+            let (next, skus) = applier.sku_page(pos).await?;
+            at = next;
+            for chunk in skus.chunks(500) {
+                match chained.evaluate(fence, ms, chunk).await {
+                    Ok(_) => {}
+                    Err(RedisSinkError::NoMeta) => {
+                        return Ok(Some(Cycle::Restart("Redis lost its data".into())));
+                    }
+                    Err(e @ (RedisSinkError::Fenced(_) | RedisSinkError::Rollback(_))) => {
+                        return Ok(Some(self.writer_lost(e)));
+                    }
+                    Err(e) => return Err(e.into()),
                 }
-                Err(e @ (RedisSinkError::Fenced(_) | RedisSinkError::Rollback(_))) => {
-                    return Ok(Some(self.writer_lost(e)));
-                }
-                Err(e) => return Err(e.into()),
             }
-        }
-        if let Some(m) = &self.mqtt {
-            m.changed(skus);
+            if let Some(m) = &self.mqtt {
+                m.changed(skus);
+            }
         }
         Ok(None)
     }

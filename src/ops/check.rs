@@ -236,10 +236,27 @@ async fn postgres_checks<W: Write>(
         .map_err(q)?
         .get(0);
     let max_slots = int("max_replication_slots");
-    if slot.is_some() {
+    if slot.is_some() && used_slots < max_slots {
         r.ok_note(
             "postgres max_replication_slots",
             &format!("slot {slot_name} exists ({used_slots} of {max_slots} used)"),
+        );
+    } else if slot.is_some() {
+        // A rebuild loads its snapshot from a temporary slot of its own; without room for
+        // it the rebuild would wait (and the slot's WAL grow) until a slot is freed.
+        r.warn(
+            "postgres max_replication_slots",
+            &format!(
+                "slot {slot_name} exists, but all {max_slots} slots are in use: a rebuild of Redis \
+                 needs a second, temporary slot and would wait for one"
+            ),
+            &[
+                format!(
+                    "ALTER SYSTEM SET max_replication_slots = {};",
+                    used_slots + 2
+                ),
+                "-- then restart PostgreSQL".into(),
+            ],
         );
     } else if used_slots < max_slots {
         r.ok_note(
@@ -261,7 +278,9 @@ async fn postgres_checks<W: Write>(
     }
     let used_senders: i64 = client
         .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'",
+            // pg_stat_activity hides other roles' backend types from a role without
+            // pg_read_all_stats; the WAL senders' own view does not
+            "SELECT count(*) FROM pg_stat_get_wal_senders()",
             &[],
         )
         .await
@@ -509,7 +528,6 @@ async fn publication_checks<W: Write>(
     present: &BTreeSet<String>,
     r: &mut Report<W>,
 ) -> Result<(), String> {
-    let q = |e: tokio_postgres::Error| meta::classify(e, pgc).to_string();
     let names = cfg.postgres.publication.names();
     let plans: Vec<PubPlan> = match plan_publications(cfg) {
         Ok(p) => p,
@@ -540,18 +558,9 @@ async fn publication_checks<W: Write>(
             Vec::new()
         }
     };
-    let rows = client
-        .query(
-            "SELECT pubname::text, pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication \
-             WHERE pubname = ANY($1)",
-            &[&names],
-        )
+    let pubs = crate::pg::publication::actions(client, pgc, &names)
         .await
-        .map_err(q)?;
-    let pubs: BTreeMap<String, [bool; 4]> = rows
-        .iter()
-        .map(|r| (r.get(0), [r.get(1), r.get(2), r.get(3), r.get(4)]))
-        .collect();
+        .map_err(|e| e.to_string())?;
     for n in &names {
         if pubs.contains_key(n) {
             r.ok(&format!("publication {n} exists"));
@@ -569,106 +578,171 @@ async fn publication_checks<W: Write>(
             r.fail(&format!("publication {n}"), "does not exist", &fix);
         }
     }
-    // table -> actions published by the configured publications that contain it
-    let rows = client
-        .query(
-            // A partition published on its own (publish_via_partition_root = false) covers
-            // the partitioned tables above it too.
-            "SELECT coalesce(anc.name, pt.schemaname::text || '.' || pt.tablename::text), pt.pubname::text \
-             FROM pg_publication_tables pt \
-             LEFT JOIN LATERAL (SELECT n.nspname::text || '.' || c.relname::text AS name \
-                  FROM pg_partition_ancestors(format('%I.%I', pt.schemaname, pt.tablename)::regclass) a \
-                  JOIN pg_class c ON c.oid = a.relid JOIN pg_namespace n ON n.oid = c.relnamespace) anc ON true \
-             WHERE pt.pubname = ANY($1)",
-            &[&names],
-        )
-        .await
-        .map_err(q)?;
-    let mut published: BTreeMap<String, [bool; 4]> = BTreeMap::new();
-    for row in &rows {
-        let (t, p): (String, String) = (row.get(0), row.get(1));
-        let acts = pubs.get(&p).copied().unwrap_or_default();
-        let e = published.entry(t).or_default();
-        for i in 0..4 {
-            e[i] |= acts[i];
-        }
-    }
-    let lookups = cfg.lookup_tables();
-    let wanted = cfg
-        .inventory
-        .iter()
-        .map(|m| (m.table.as_str(), true))
-        // referenced tables: every change of theirs moves what depends on them
-        .chain(
-            lookups
-                .iter()
-                .filter(|t| !cfg.inventory.iter().any(|m| &m.table == *t))
-                .map(|t| (t.as_str(), true)),
-        )
-        .chain(cfg.activity.iter().map(|a| (a.table.as_str(), false)));
-    for (table, stock) in wanted {
-        if !present.contains(table) {
+    for (table, stock) in wanted_tables(cfg) {
+        if !present.contains(&table) {
             continue; // already reported as missing
         }
-        // the publication setup would put it in
-        let target = plans
-            .get(if stock { 0 } else { 1 })
-            .map(|p| p.name.clone())
-            .unwrap_or_else(|| names[0].clone());
+        let table = table.as_str();
+        let target = target_publication(cfg, &plans, stock);
         let check = format!("publication covers {table}");
-        let Some(acts) = published.get(table) else {
-            let fix = if pubs.contains_key(&target) {
-                format!(
-                    "ALTER PUBLICATION {} ADD TABLE {};",
-                    ident(&target),
-                    table_ident(table)
-                )
-            } else {
-                format!("-- create publication {target} (above); it includes {table}")
-            };
-            r.fail(
-                &check,
-                &format!(
-                    "{table} is in none of the publications {}",
-                    names.join(", ")
-                ),
-                &[fix],
-            );
+        let cov = crate::pg::publication::coverage(client, pgc, &names, &pubs, table)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(cov) = cov else {
+            continue; // dropped since
+        };
+        if let Some((problem, fix)) = coverage_problem(
+            table,
+            stock,
+            &cov,
+            &names,
+            &target,
+            pubs.contains_key(&target),
+        ) {
+            r.fail(&check, &problem, &fix);
             continue;
-        };
-        let need = if stock {
-            [true, true, true, true]
-        } else {
-            [true, false, false, false]
-        };
-        let missing: Vec<&str> = ["insert", "update", "delete", "truncate"]
-            .iter()
-            .zip(need.iter().zip(acts.iter()))
-            .filter(|(_, (n, a))| **n && !**a)
-            .map(|(name, _)| *name)
-            .collect();
-        if missing.is_empty() {
-            r.ok(&check);
-        } else {
-            let kind = if stock { "a stock" } else { "an activity" };
-            r.fail(
-                &check,
-                &format!(
-                    "{kind} table needs {} published, but no configured publication containing it publishes {}",
-                    if stock { STOCK_PUBLISH } else { "insert" },
-                    missing.join(", ")
-                ),
-                &[format!(
-                    "ALTER PUBLICATION {} SET (publish = '{}');  -- if {table} is in it; else ALTER PUBLICATION {} ADD TABLE {};",
-                    ident(&target),
-                    if stock { STOCK_PUBLISH } else { "insert" },
-                    ident(&target),
-                    table_ident(table)
-                )],
-            );
         }
+        r.ok(&check);
     }
     Ok(())
+}
+
+/// The tables skusync streams, each with whether it needs every action (stock and
+/// referenced tables: every change of theirs moves what depends on them) or only inserts
+/// (activity logs).
+pub(crate) fn wanted_tables(cfg: &Config) -> Vec<(String, bool)> {
+    let mut out: Vec<(String, bool)> = cfg
+        .inventory
+        .iter()
+        .map(|m| (m.table.clone(), true))
+        .collect();
+    for t in cfg.lookup_tables() {
+        if !out.iter().any(|(x, _)| *x == t) {
+            out.push((t, true));
+        }
+    }
+    for a in &cfg.activity {
+        if !out.iter().any(|(x, _)| *x == a.table) {
+            out.push((a.table.clone(), false));
+        }
+    }
+    out
+}
+
+/// The publication `setup` would put a table in.
+fn target_publication(cfg: &Config, plans: &[PubPlan], stock: bool) -> String {
+    plans
+        .get(if stock { 0 } else { 1 })
+        .map(|p| p.name.clone())
+        .unwrap_or_else(|| cfg.postgres.publication.names()[0].clone())
+}
+
+/// The first mapped table the configured publications do not publish as skusync needs,
+/// as an error naming the SQL that fixes it. `run` checks this at every cycle's start:
+/// a change the slot never carries is one Redis never sees.
+pub(crate) async fn publication_gap(
+    cfg: &Config,
+    client: &Client,
+    pgc: &PgConnectConfig,
+) -> Result<Option<String>, crate::pg::PgError> {
+    let names = cfg.postgres.publication.names();
+    let plans = plan_publications(cfg).unwrap_or_default();
+    let pubs = crate::pg::publication::actions(client, pgc, &names).await?;
+    for (table, stock) in wanted_tables(cfg) {
+        let target = target_publication(cfg, &plans, stock);
+        let Some(cov) =
+            crate::pg::publication::coverage(client, pgc, &names, &pubs, &table).await?
+        else {
+            continue; // a missing table is the preflight's to report
+        };
+        if let Some((problem, fix)) = coverage_problem(
+            &table,
+            stock,
+            &cov,
+            &names,
+            &target,
+            pubs.contains_key(&target),
+        ) {
+            return Ok(Some(format!(
+                "{problem}; fix it with: {} (or run `skusync check` for every problem)",
+                fix.join(" ")
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// What is wrong with a mapped table's coverage by the publications, and the SQL that
+/// fixes it; `None` when it is published as skusync needs (`stock`: every action, else
+/// inserts). `target`: the publication `setup` would put it in (`exists`: it does).
+pub(crate) fn coverage_problem(
+    table: &str,
+    stock: bool,
+    cov: &crate::pg::publication::Coverage,
+    names: &[String],
+    target: &str,
+    exists: bool,
+) -> Option<(String, Vec<String>)> {
+    use crate::pg::publication::Coverage;
+    let add = |t: &str| {
+        if exists {
+            format!(
+                "ALTER PUBLICATION {} ADD TABLE {};",
+                ident(target),
+                table_ident(t)
+            )
+        } else {
+            format!("-- create publication {target} (skusync setup --print); it includes {t}")
+        }
+    };
+    match cov {
+        Coverage::NotPublished => Some((
+            format!("{table} is in none of the publications {}", names.join(", ")),
+            vec![add(table)],
+        )),
+        Coverage::PartitionsMissing(leaves) => Some((
+            format!(
+                "partitions of {table} are in none of the publications {}: {} (their changes would never reach skusync)",
+                names.join(", "),
+                leaves.join(", ")
+            ),
+            vec![
+                add(table),
+                "-- (a partitioned table in a publication publishes every partition, including later ones)".into(),
+            ],
+        )),
+        Coverage::PartitionFilters(leaves) => Some((
+            format!(
+                "partitions of {table} carry publication row filters of their own ({}); skusync reads {table} as one table and cannot apply them",
+                leaves.join(", ")
+            ),
+            vec![format!(
+                "-- drop the partitions' filters, or publish {} with publish_via_partition_root = true and one filter on {table}",
+                ident(target)
+            )],
+        )),
+        Coverage::Covered(_) => {
+            let need = if stock { [true; 4] } else { [true, false, false, false] };
+            let missing = cov.missing_actions(need);
+            if missing.is_empty() {
+                return None;
+            }
+            let kind = if stock { "a stock" } else { "an activity" };
+            let want = if stock { STOCK_PUBLISH } else { "insert" };
+            Some((
+                format!(
+                    "{kind} table needs {want} published, but no configured publication containing it publishes {}",
+                    missing.join(", ")
+                ),
+                vec![format!(
+                    "ALTER PUBLICATION {} SET (publish = '{want}');  -- if {table} is in it; else ALTER PUBLICATION {} ADD TABLE {};",
+                    ident(target),
+                    ident(target),
+                    table_ident(table)
+                )],
+            ))
+        }
+    }
 }
 
 /// Columns skusync reads from a mapped table (mapping and `where`).

@@ -315,7 +315,51 @@ pub async fn run(cfg: &Config, out: &mut impl Write) -> Result<(), String> {
         )
     };
     for p in &plans {
-        match publication_state(&client, &pgc, p).await? {
+        let state = publication_state(&client, &pgc, p).await?;
+        // Publishing updates and deletes of a table without a replica identity makes the
+        // application's own UPDATE and DELETE on it fail: refuse before adding it.
+        if p.publish != "insert" {
+            let adds: Vec<String> = match &state {
+                PubState::Missing => p.tables.clone(),
+                PubState::Exists {
+                    all_tables: false,
+                    missing,
+                    ..
+                } => missing.clone(),
+                PubState::Exists { .. } => Vec::new(),
+            };
+            let bare = tables_without_identity(&client, &pgc, &adds).await?;
+            if !bare.is_empty() {
+                return Err(format!(
+                    "{} {} no replica identity (no primary key, or REPLICA IDENTITY NOTHING): once it is in \
+                     publication {}, which publishes updates and deletes, the application's UPDATE and DELETE \
+                     on it fail. Give it one first, then run setup again: {}",
+                    bare.join(", "),
+                    if bare.len() == 1 { "has" } else { "have" },
+                    p.name,
+                    bare.iter()
+                        .map(|t| format!(
+                            "ALTER TABLE {} ADD PRIMARY KEY (...); -- or REPLICA IDENTITY FULL",
+                            table_ident(t)
+                        ))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ));
+            }
+        }
+        if let PubState::Exists { actions, .. } = &state
+            && let Some(keep) = publish_fix(p, *actions)
+        {
+            client
+                .batch_execute(&format!(
+                    "ALTER PUBLICATION {} SET (publish = '{keep}');",
+                    ident(&p.name)
+                ))
+                .await
+                .map_err(|e| hint(meta::classify(e, &pgc)))?;
+            let _ = writeln!(out, "publication {} exists: now publishes {keep}", p.name);
+        }
+        match state {
             PubState::Missing => {
                 client
                     .batch_execute(&format!("BEGIN;\n{}\nCOMMIT;", create_publication_sql(p)))
@@ -365,6 +409,54 @@ pub async fn run(cfg: &Config, out: &mut impl Write) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The `publish` list an existing publication needs (what it has plus what the plan
+/// needs), or `None` when it publishes everything the plan needs.
+fn publish_fix(p: &PubPlan, actions: [bool; 4]) -> Option<String> {
+    let need: Vec<&str> = p.publish.split(", ").collect();
+    if ACTIONS
+        .iter()
+        .zip(actions)
+        .all(|(a, has)| has || !need.contains(a))
+    {
+        return None;
+    }
+    let keep: Vec<&str> = ACTIONS
+        .iter()
+        .zip(actions)
+        .filter(|(a, has)| *has || need.contains(a))
+        .map(|(a, _)| *a)
+        .collect();
+    Some(keep.join(", "))
+}
+
+/// The tables of `tables` (`schema.name`) with no replica identity: DEFAULT without a
+/// primary key, or NOTHING.
+async fn tables_without_identity(
+    client: &tokio_postgres::Client,
+    pgc: &crate::pg::PgConnectConfig,
+    tables: &[String],
+) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for t in tables {
+        let (schema, name) = t.split_once('.').unwrap_or(("public", t));
+        let bare: Option<bool> = client
+            .query_opt(
+                "SELECT c.relkind <> 'p' AND (c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS \
+                    (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))) \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2",
+                &[&schema, &name],
+            )
+            .await
+            .map_err(|e| meta::classify(e, pgc).to_string())?
+            .map(|r| r.get(0));
+        if bare == Some(true) {
+            out.push(t.clone());
+        }
+    }
+    Ok(out)
 }
 
 /// Tables of the plan that the (existing) publication does not contain yet.

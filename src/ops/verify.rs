@@ -361,6 +361,7 @@ fn stock_sql(
     max_sku_bytes: usize,
     only: bool,
     scale: u32,
+    pub_filter: Option<&str>,
 ) -> String {
     let d = Digits::of(m.scale, scale);
     let sku = source_sql(&m.sku);
@@ -388,6 +389,10 @@ fn stock_sql(
     if let Some(w) = row_filter(&m.filter) {
         filter.push_str(&format!(" AND {w}"));
     }
+    if let Some(w) = pub_filter {
+        // the publications' row filter: the stream and the snapshot see no other rows
+        filter.push_str(&format!(" AND ({w})"));
+    }
     let mut outer = valid_sku("s", max_sku_bytes);
     if m.location.as_ref().is_some_and(|l| l.lookup().is_some()) {
         // a location that does not resolve places the row nowhere
@@ -412,6 +417,7 @@ fn activity_sql(
     max_sku_bytes: usize,
     only: bool,
     scale: u32,
+    pub_filter: Option<&str>,
 ) -> String {
     let d = Digits::of(a.scale, scale);
     let sku = source_sql(&a.sku);
@@ -430,6 +436,9 @@ fn activity_sql(
     };
     if let Some(w) = row_filter(&a.filter) {
         filter.push_str(&format!(" AND {w}"));
+    }
+    if let Some(w) = pub_filter {
+        filter.push_str(&format!(" AND ({w})"));
     }
     let mut outer = valid_sku("s", max_sku_bytes);
     if only {
@@ -470,6 +479,14 @@ fn parse_sum(s: &str, scale: u32) -> Result<i128, String> {
 }
 
 /// Snapshot LSN and the SQL totals, read in one REPEATABLE READ snapshot.
+/// The row filter the configured publications put on a mapped table.
+async fn pub_filter(cfg: &Config, client: &Client, table: &str) -> Result<Option<String>, String> {
+    let (schema, name) = table.split_once('.').unwrap_or(("public", table));
+    crate::pg::publication::row_filter_sql(client, &cfg.postgres.publication.names(), schema, name)
+        .await
+        .map_err(|e| format!("reading the publications' row filter of {table}: {e}"))
+}
+
 async fn sql_truth(
     cfg: &Config,
     client: &Client,
@@ -495,7 +512,8 @@ async fn sql_truth(
         let mut t: BTreeMap<String, SkuTruth> = BTreeMap::new();
         let (inventory, activity) = with_lookup_keys(client, cfg).await?;
         for m in &inventory {
-            let sql = stock_sql(m, max, only.is_some(), scale);
+            let pf = pub_filter(cfg, client, &m.table).await?;
+            let sql = stock_sql(m, max, only.is_some(), scale, pf.as_deref());
             let rows = if only.is_some() {
                 client.query(&sql, &[&only_v]).await
             } else {
@@ -522,7 +540,8 @@ async fn sql_truth(
         }
         for a in &activity {
             let kinds: Vec<String> = a.counters.keys().cloned().collect();
-            let sql = activity_sql(a, max, only.is_some(), scale);
+            let pf = pub_filter(cfg, client, &a.table).await?;
+            let sql = activity_sql(a, max, only.is_some(), scale, pf.as_deref());
             let rows = if only.is_some() {
                 client.query(&sql, &[&kinds, &only_v]).await
             } else {
@@ -1376,7 +1395,7 @@ mod tests {
             filter: vec!["deleted_at IS NULL".into()],
             scale: None,
         };
-        let sql = stock_sql(&m, 256, true, 0);
+        let sql = stock_sql(&m, 256, true, 0, None);
         assert!(sql.contains("AND (deleted_at IS NULL)"), "{sql}");
         assert!(sql.contains("__t.\"Sku\" AS s"), "{sql}");
         assert!(sql.contains("octet_length(s::text) <= 256"), "{sql}");
@@ -1401,7 +1420,7 @@ on_hand = "qty"
 "#,
         )
         .unwrap();
-        let sql = stock_sql(&cfg.inventory[0], 256, false, 0);
+        let sql = stock_sql(&cfg.inventory[0], 256, false, 0, None);
         assert!(
             sql.contains(
                 "(SELECT (SELECT __h1.sku FROM public.variants __h1 WHERE __h1.id = __h0.variant_id AND \

@@ -596,6 +596,13 @@ impl ReplConnection {
         if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
             self.rbuf.reserve(READ_CHUNK.max(self.rbuf.len()));
         }
+        // One huge row (a large value in any published table) grew the buffer; once it
+        // is consumed, a small one takes over, so the peak is not kept until a reconnect.
+        if self.rbuf.capacity() > 16 * READ_CHUNK && self.rbuf.len() < READ_CHUNK {
+            let mut fresh = BytesMut::with_capacity(READ_CHUNK);
+            fresh.extend_from_slice(&self.rbuf);
+            self.rbuf = fresh;
+        }
     }
 
     /// A socket error, naming the server.

@@ -13,6 +13,7 @@ pub mod ident;
 pub mod meta;
 pub mod pace;
 pub mod partitions;
+pub mod publication;
 pub mod tls;
 pub mod wire;
 

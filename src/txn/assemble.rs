@@ -94,6 +94,22 @@ fn value_at<'a>(
 }
 
 /// Builds `{column: value}` for a tuple, collecting unchanged-TOAST columns separately.
+/// `char(n)` values without their pad spaces, as PostgreSQL compares them and casts
+/// them to text: a SKU `'A1'` in a `char(12)` column is the SKU `A1`, the same as in a
+/// `varchar` column elsewhere. The snapshot trims the same way.
+pub fn trim_padded(rel: &RelationDesc, t: &mut Tuple) {
+    for (c, d) in rel.columns.iter().zip(t.iter_mut()) {
+        if c.type_oid == super::value::oid::BPCHAR
+            && let Datum::Text(b) = d
+        {
+            let n = b.iter().rposition(|&x| x != b' ').map_or(0, |i| i + 1);
+            if n < b.len() {
+                b.truncate(n);
+            }
+        }
+    }
+}
+
 fn tuple_json(
     rel: &RelationDesc,
     tuple: &[Datum],
@@ -405,9 +421,10 @@ impl Assembler {
                 self.relations.insert(Arc::clone(&desc));
                 Ok(Some(Event::Relation(desc)))
             }
-            Message::Insert { rel, new, .. } => {
+            Message::Insert { rel, mut new, .. } => {
                 let (rel, seq, commit_lsn) = self.change_target(rel, "insert", lsn)?;
                 check_len(&rel, &new, "new", lsn)?;
+                trim_padded(&rel, &mut new);
                 self.bump();
                 Ok(Some(Event::Change(Change {
                     op: Op::Insert,
@@ -418,12 +435,19 @@ impl Assembler {
                     commit_lsn,
                 })))
             }
-            Message::Update { rel, old, new, .. } => {
+            Message::Update {
+                rel,
+                mut old,
+                mut new,
+                ..
+            } => {
                 let (rel, seq, commit_lsn) = self.change_target(rel, "update", lsn)?;
-                if let Some((_, o)) = &old {
+                if let Some((_, o)) = &mut old {
                     check_len(&rel, o, "old", lsn)?;
+                    trim_padded(&rel, o);
                 }
                 check_len(&rel, &new, "new", lsn)?;
+                trim_padded(&rel, &mut new);
                 self.bump();
                 Ok(Some(Event::Change(Change {
                     op: Op::Update,
@@ -434,9 +458,10 @@ impl Assembler {
                     commit_lsn,
                 })))
             }
-            Message::Delete { rel, old, .. } => {
+            Message::Delete { rel, mut old, .. } => {
                 let (rel, seq, commit_lsn) = self.change_target(rel, "delete", lsn)?;
                 check_len(&rel, &old.1, "old", lsn)?;
+                trim_padded(&rel, &mut old.1);
                 self.bump();
                 Ok(Some(Event::Change(Change {
                     op: Op::Delete,
@@ -647,6 +672,44 @@ mod tests {
             rel: oid,
             new,
         }
+    }
+
+    #[test]
+    fn char_n_values_lose_their_pad_spaces_and_other_types_keep_theirs() {
+        let desc = |oids: &[u32]| RelationDesc {
+            oid: 1,
+            schema: "public".into(),
+            name: "t".into(),
+            replica_identity: crate::txn::ReplicaIdentity::Default,
+            columns: oids
+                .iter()
+                .map(|&t| crate::txn::ColumnDesc {
+                    name: "c".into(),
+                    type_oid: t,
+                    type_modifier: -1,
+                    is_key: false,
+                })
+                .collect(),
+        };
+        let r = desc(&[1042, 1042, 25, 1042, 1042]);
+        let mut t = vec![
+            txt("A1   "),
+            txt("   "),
+            txt("B2  "),
+            Datum::Null,
+            Datum::UnchangedToast,
+        ];
+        trim_padded(&r, &mut t);
+        assert_eq!(
+            t,
+            vec![
+                txt("A1"),
+                txt(""),
+                txt("B2  "),
+                Datum::Null,
+                Datum::UnchangedToast
+            ]
+        );
     }
 
     fn ready() -> Assembler {

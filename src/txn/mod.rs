@@ -10,6 +10,7 @@ pub mod value;
 
 pub use assemble::{
     AssembleError, AssembleErrorKind, Assembler, Change, Event, Op, Truncate, TxnBegin, TxnCommit,
+    trim_padded,
 };
 pub use relcache::{ColumnDesc, RelationCache, RelationDesc, RelationError, ReplicaIdentity};
 pub use value::{

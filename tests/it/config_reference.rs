@@ -519,3 +519,54 @@ fn docs_configuration_md_documents_every_config_key() {
         missing.join("\n  ")
     );
 }
+
+/// Every string literal `"skusync_..."` in `src/`, with the file it is in.
+fn metric_literals(dir: &Path, out: &mut BTreeMap<String, PathBuf>) {
+    for e in std::fs::read_dir(dir).expect("read src") {
+        let p = e.expect("dir entry").path();
+        if p.is_dir() {
+            metric_literals(&p, out);
+            continue;
+        }
+        if p.extension().and_then(|x| x.to_str()) != Some("rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&p).expect("read source");
+        for (i, _) in text.match_indices("\"skusync_") {
+            let rest = &text[i + 1..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(rest.len());
+            // a literal ending there (not a format string such as a slot name's prefix)
+            if rest[end..].starts_with('"') && end > "skusync_".len() {
+                out.insert(rest[..end].to_string(), p.clone());
+            }
+        }
+    }
+}
+
+/// Telemetry as a spec: each metric the code names follows `skusync_<noun>_<unit>` and
+/// has a row in the metrics table of docs/operations.md.
+#[test]
+fn every_metric_in_the_code_is_named_by_the_convention_and_documented() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut names = BTreeMap::new();
+    metric_literals(&root.join("src"), &mut names);
+    assert!(names.len() > 20, "found only {names:?}");
+    let ops = std::fs::read_to_string(root.join("docs/operations.md")).expect("operations.md");
+    let units = [
+        "_total", "_bytes", "_seconds", "_bool", "_batches", "_entries", "_alerts",
+    ];
+    for (name, file) in &names {
+        assert!(
+            units.iter().any(|u| name.ends_with(u)),
+            "{name} ({}) ends in none of the units {units:?}",
+            file.display()
+        );
+        assert!(
+            ops.contains(&format!("| `{name}")),
+            "{name} ({}) has no row in docs/operations.md's metrics table",
+            file.display()
+        );
+    }
+}

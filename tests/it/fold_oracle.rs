@@ -1545,3 +1545,80 @@ async fn a_table_truncated_and_refilled_in_one_transaction_raises_no_alert() {
         assert_eq!(alerts(&mut rig, &sku).await, ["out_of_stock"], "{sku}");
     }
 }
+
+/// A TRUNCATE over more SKUs than one SCAN page (the daemon clears and evaluates a page
+/// at a time, so its memory follows the page): every SKU is cleared and alerted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncate_over_several_pages_of_skus_clears_and_alerts_every_one() {
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.exec(
+        "INSERT INTO inventory (sku, location, on_hand) SELECT 'P-' || i, 'WH-1', 50 FROM generate_series(1, 3500) i;",
+    )
+    .await;
+    rig.start_skusync("").await;
+    rig.assert_converges(Duration::from_secs(30)).await;
+    rig.exec("TRUNCATE inventory;").await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(60))
+        .await;
+    rig.assert_converges(Duration::from_secs(30)).await;
+    let mut missing = Vec::new();
+    for i in 1..=3500 {
+        let key = skusync::sinks::layout::sku_key("skusync", &format!("P-{i}"));
+        let raw = hget(&mut rig.con, &key, "alerts").await.unwrap_or_default();
+        if !raw.contains("out_of_stock") {
+            missing.push(i);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "no out_of_stock alert for P-{missing:?}"
+    );
+}
+
+/// A `char(n)` SKU is the SKU without its pad spaces, as PostgreSQL compares and casts it:
+/// stock in a `char(12)` column and activity in a `text` column land in one SKU, in the
+/// snapshot and in the stream, and key-only deletes find their rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn char_n_skus_are_the_skus_without_their_pad_spaces() {
+    let schema = PUBLIC_SCHEMA.replace(
+        "CREATE TABLE inventory (\n  sku text NOT NULL, location text NOT NULL,",
+        "CREATE TABLE inventory (\n  sku char(12) NOT NULL, location char(8) NOT NULL,",
+    );
+    assert!(schema.contains("char(12)"));
+    let mut rig = Rig::new(&schema, public_oracle(Buckets::Ignore)).await;
+    rig.exec(
+        "INSERT INTO inventory (sku, location, on_hand) VALUES ('A1', 'WH-1', 7), ('B2', 'WH-1', 3);
+         INSERT INTO activity_log (sku, kind, qty) VALUES ('A1', 'view', 1);",
+    )
+    .await;
+    rig.start_skusync("").await;
+    rig.exec(
+        "INSERT INTO inventory (sku, location, on_hand) VALUES ('A1', 'WH-2', 5);
+         DELETE FROM inventory WHERE sku = 'B2';
+         INSERT INTO activity_log (sku, kind, qty) VALUES ('A1', 'view', 1);",
+    )
+    .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    let key = |s: &str| skusync::sinks::layout::sku_key("skusync", s);
+    assert_eq!(
+        hget(&mut rig.con, &key("A1"), "on_hand").await.as_deref(),
+        Some("12")
+    );
+    assert_eq!(
+        hget(&mut rig.con, &key("A1"), "views").await.as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        hget(&mut rig.con, &key("A1"), "loc:WH-2:on_hand")
+            .await
+            .as_deref(),
+        Some("5")
+    );
+    assert_eq!(
+        hget(&mut rig.con, &key("B2"), "on_hand").await.as_deref(),
+        Some("0")
+    );
+    let padded = keys_matching(&mut rig.con, "skusync:{A1 *").await;
+    assert!(padded.is_empty(), "padded SKU keys: {padded:?}");
+}

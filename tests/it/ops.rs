@@ -283,18 +283,123 @@ fn check_fails_for_a_mapped_table_not_in_the_publication() {
     );
 }
 
+/// `skusync run` until it exits (killed after `timeout`): (exit code, stderr).
+fn run_until_exit(rig: &Rig, timeout: Duration) -> (Option<i32>, String) {
+    let cfg = rig.config();
+    let mut proc = SkusyncProc::spawn(
+        &["run", "--config", cfg.to_str().expect("utf-8")],
+        rig.dir.path(),
+    );
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if let Ok(Some(st)) = proc.child.try_wait() {
+            return (st.code(), proc.stderr());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (
+        proc.signal_and_wait("KILL", Duration::from_secs(5))
+            .map(|_| -1),
+        proc.stderr(),
+    )
+}
+
+/// `run` stops with exit code 2 and an error containing `want`, before it made a slot
+/// or wrote Redis.
+fn assert_run_refuses(rig: &Rig, want: &str) {
+    let (code, err) = run_until_exit(rig, Duration::from_secs(20));
+    assert_eq!(code, Some(2), "run should refuse:\n{err}");
+    assert!(err.contains(want), "{want:?} missing:\n{err}");
+    assert_eq!(
+        rig.pg
+            .psql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'skusync'"),
+        "0"
+    );
+    assert_eq!(rig.redis.cli(&["EXISTS", "skusync:meta"]), "0");
+}
+
 #[test]
-fn check_fails_for_a_stock_table_in_an_insert_only_publication() {
+fn a_stock_table_in_an_insert_only_publication_fails_check_and_stops_run() {
     let rig = Rig::new(PgOptions::default());
     rig.pg.psql(
         "CREATE PUBLICATION skusync FOR TABLE inventory WITH (publish = 'insert');\n\
          CREATE PUBLICATION skusync_activity FOR TABLE activity_log WITH (publish = 'insert');",
     );
+    let fix = "ALTER PUBLICATION skusync SET (publish = 'insert, update, delete, truncate');";
+    assert_check_fails(&rig, "publication covers public.inventory", fix);
+    // run would never see an UPDATE or DELETE: it must not start
+    assert_run_refuses(&rig, fix);
+    // setup mends the actions it needs, and run then streams
+    let (code, out, err) = rig.skusync(&["setup"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("publication skusync exists: now publishes insert, update, delete, truncate"),
+        "{out}"
+    );
+    let (code, out) = rig.check();
+    assert_eq!(code, 0, "{out}");
+}
+
+const PARTITIONED: &str = "
+DROP TABLE inventory;
+CREATE TABLE inventory (
+  sku text NOT NULL, location text NOT NULL, on_hand int NOT NULL, reserved int NOT NULL DEFAULT 0,
+  PRIMARY KEY (sku, location)) PARTITION BY LIST (location);
+CREATE TABLE inventory_main PARTITION OF inventory FOR VALUES IN ('main');
+CREATE TABLE inventory_east PARTITION OF inventory FOR VALUES IN ('east');
+CREATE PUBLICATION skusync_activity FOR TABLE activity_log WITH (publish = 'insert');
+";
+
+#[test]
+fn a_partitioned_stock_table_with_a_partition_left_out_fails_check_and_stops_run() {
+    let rig = Rig::new(PgOptions::default());
+    rig.pg.psql(PARTITIONED);
+    // the DBA published the partition that exists today; a later one is left out
+    rig.pg
+        .psql("CREATE PUBLICATION skusync FOR TABLE inventory_main;");
+    let fix = "ALTER PUBLICATION skusync ADD TABLE public.inventory;";
     assert_check_fails(
         &rig,
-        "publication covers public.inventory",
-        "ALTER PUBLICATION skusync SET (publish = 'insert, update, delete, truncate');",
+        "partitions of public.inventory are in none of the publications skusync, skusync_activity: public.inventory_east",
+        fix,
     );
+    assert_run_refuses(&rig, "public.inventory_east");
+    rig.pg.psql(fix);
+    let (code, out) = rig.check();
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn row_filters_on_partitions_of_a_stock_table_fail_check_and_stop_run() {
+    let rig = Rig::new(PgOptions::default());
+    rig.pg.psql(PARTITIONED);
+    rig.pg.psql(
+        "CREATE PUBLICATION skusync FOR TABLE inventory_main WHERE (on_hand > 0), inventory_east;",
+    );
+    assert_check_fails(
+        &rig,
+        "partitions of public.inventory carry publication row filters of their own (public.inventory_main)",
+        "publish_via_partition_root = true",
+    );
+    assert_run_refuses(&rig, "row filters of their own");
+}
+
+#[test]
+fn a_slot_of_the_same_name_in_another_database_stops_run() {
+    let rig = Rig::new(PgOptions::default());
+    rig.setup_by_print();
+    rig.pg.create_db("other");
+    rig.pg.psql_db(
+        "other",
+        "SELECT 1 FROM pg_create_logical_replication_slot('skusync', 'pgoutput');",
+    );
+    let (code, err) = run_until_exit(&rig, Duration::from_secs(20));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("belongs to database \"other\", not \"postgres\""),
+        "{err}"
+    );
+    assert_eq!(rig.redis.cli(&["EXISTS", "skusync:meta"]), "0");
 }
 
 #[test]
@@ -921,4 +1026,85 @@ fn only_run_needs_the_hmac_key_of_a_mapped_user_column() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("ok   activity[0].user HMAC key"), "{text}");
+}
+
+#[test]
+fn setup_refuses_to_publish_a_table_without_a_replica_identity() {
+    let rig = Rig::new(PgOptions::default());
+    rig.pg
+        .psql("ALTER TABLE inventory DROP CONSTRAINT inventory_pkey;");
+    let (code, out, err) = rig.skusync(&["setup"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("public.inventory has no replica identity")
+            && err.contains("ALTER TABLE public.inventory ADD PRIMARY KEY"),
+        "{err}"
+    );
+    // nothing published it, so the application's writes still work
+    assert_eq!(
+        rig.pg
+            .psql("SELECT count(*) FROM pg_publication_tables WHERE tablename = 'inventory'"),
+        "0"
+    );
+    rig.pg
+        .psql("UPDATE inventory SET on_hand = 11 WHERE sku = 'A-1';");
+}
+
+#[test]
+fn a_publication_made_again_after_the_slots_position_stops_run_saying_how_to_rebuild() {
+    let rig = Rig::new(PgOptions::default());
+    rig.setup_by_print();
+    let cfg = rig.config();
+    let mut proc = SkusyncProc::spawn(
+        &["run", "--config", cfg.to_str().expect("utf-8")],
+        rig.dir.path(),
+    );
+    wait_bootstrap(&rig, &mut proc);
+    assert_eq!(
+        proc.signal_and_wait("TERM", Duration::from_secs(30)),
+        Some(0)
+    );
+    // the publication dropped, a change the slot has not passed, the publication made
+    // again: it does not exist as of that change
+    rig.pg.psql(
+        "DROP PUBLICATION skusync_activity;\n\
+         INSERT INTO inventory VALUES ('B-2', 'main', 5, 0);\n\
+         CREATE PUBLICATION skusync_activity FOR TABLE activity_log WITH (publish = 'insert');",
+    );
+    let (code, err) = run_until_exit(&rig, Duration::from_secs(30));
+    assert!(matches!(code, Some(c) if c > 0), "{code:?}\n{err}");
+    assert!(
+        err.contains("PostgreSQL before 18 reads publications as they were")
+            && err.contains("SELECT pg_drop_replication_slot('skusync');"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_warns_when_no_slot_is_left_for_a_rebuilds_temporary_slot() {
+    let mut opts = PgOptions::default();
+    opts.extra_conf.push("max_replication_slots = 1".into());
+    let rig = Rig::new(opts);
+    rig.setup_by_print();
+    let cfg = rig.config();
+    let mut proc = SkusyncProc::spawn(
+        &["run", "--config", cfg.to_str().expect("utf-8")],
+        rig.dir.path(),
+    );
+    wait_bootstrap(&rig, &mut proc);
+    assert_eq!(
+        proc.signal_and_wait("TERM", Duration::from_secs(30)),
+        Some(0)
+    );
+    let (code, out) = rig.check();
+    assert_eq!(code, 0, "warnings do not fail:\n{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("WARN")
+            && l.contains("a rebuild of Redis needs a second, temporary slot")),
+        "{out}"
+    );
+    assert!(
+        out.contains("ALTER SYSTEM SET max_replication_slots = 3;"),
+        "{out}"
+    );
 }

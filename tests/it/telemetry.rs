@@ -1100,3 +1100,30 @@ async fn docker_initdb_login_script_sets_a_password_with_quotes_without_argv() {
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "skusync");
 }
+
+/// Values a snapshot skips are counted and logged as the stream's are: every one in
+/// `skusync_skipped_values_total`, a line per table, column and reason at most every 10 s
+/// (not a line per row), and held per run of rows rather than per table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_skips_are_counted_and_rate_limited_like_the_streams() {
+    let rig = Rig::new(false).await;
+    // fractional quantities: skusync counts whole units only
+    rig.exec(
+        "INSERT INTO activity_log (sku, kind, qty)
+           SELECT 'S-' || (i % 10), 'purchase', 0.5 FROM generate_series(1, 5000) i",
+    )
+    .await;
+    let mut p = rig.start(&[]);
+    rig.wait_status(&mut p, "/readyz", 200, Duration::from_secs(40))
+        .await;
+    let (status, scrape) = rig.get("/metrics").expect("/metrics answers");
+    assert_eq!(status, 200);
+    assert_eq!(
+        sample(&scrape, "skusync_skipped_values_total"),
+        Some(5000.0),
+        "{scrape}"
+    );
+    let log = p.log();
+    let lines = log.matches("value skipped").count();
+    assert!(lines <= 2, "{lines} lines for 5000 skips:\n{log}");
+}

@@ -204,6 +204,7 @@ impl RedisCon {
         cursor: u64,
         pattern: &str,
         count: usize,
+        kind: Option<&str>,
     ) -> redis::RedisResult<(Option<(usize, u64)>, Vec<String>)> {
         let mut cmd = redis::cmd("SCAN");
         cmd.arg(cursor)
@@ -211,6 +212,9 @@ impl RedisCon {
             .arg(pattern)
             .arg("COUNT")
             .arg(count);
+        if let Some(k) = kind {
+            cmd.arg("TYPE").arg(k);
+        }
         if !self.is_cluster() {
             let (next, keys): (u64, Vec<String>) = cmd.query_async(self).await?;
             return Ok(((next != 0).then_some((0, next)), keys));

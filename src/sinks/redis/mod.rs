@@ -2413,9 +2413,37 @@ impl Applier {
         })
     }
 
-    /// All SKUs with a hash (SCAN; for truncates and republishing).
+    /// All SKUs with a hash, in one list (SCAN; for tools and tests: the daemon pages
+    /// with [`Applier::sku_page`]).
     pub async fn all_skus(&mut self) -> Result<Vec<String>, RedisSinkError> {
         scan_skus(&mut self.con, &self.settings.prefix).await
+    }
+
+    /// One page of the SKUs Redis holds, from `at` (start with `(0, 0)`): the next
+    /// position (`None`: done) and up to about a thousand SKUs. SCAN may name a SKU on
+    /// two pages (and, on a cluster, a key a live reshard moves): callers' writes must be
+    /// fenced. Memory follows the page, not every SKU ever seen.
+    pub async fn sku_page(
+        &mut self,
+        at: (usize, u64),
+    ) -> Result<(Option<(usize, u64)>, Vec<String>), RedisSinkError> {
+        let prefix = &self.settings.prefix;
+        let (next, keys) = self
+            .con
+            .scan_page(
+                at.0,
+                at.1,
+                &layout::sku_key_pattern(prefix),
+                1000,
+                Some("hash"),
+            )
+            .await
+            .map_err(RedisSinkError::from_redis)?;
+        let skus = keys
+            .iter()
+            .filter_map(|k| layout::sku_of_key(prefix, k))
+            .collect();
+        Ok((next, skus))
     }
 }
 
@@ -2840,6 +2868,10 @@ pub struct Meta {
     /// before it was recorded): the pieces of a transaction replayed after a restart are
     /// fenced by their number, so they must be cut the same way.
     pub piece_changes: Option<u64>,
+    /// The fingerprint of the publications Redis was built through (`publications`:
+    /// their names and the row filters they put on mapped tables; absent before it was
+    /// recorded).
+    pub publications: Option<String>,
 }
 
 /// Read the meta hash; `None` when it does not exist.
@@ -2870,6 +2902,7 @@ pub async fn read_meta(con: &mut RedisCon, prefix: &str) -> Result<Option<Meta>,
         changes_from: m.get("changes_from").and_then(|v| v.parse().ok()).map(Lsn),
         index_pending: m.get("index_pending").is_some_and(|v| !v.is_empty()),
         piece_changes: m.get("piece_changes").and_then(|v| v.parse().ok()),
+        publications: m.get("publications").cloned(),
     }))
 }
 

@@ -60,7 +60,7 @@ pub fn spawn(
         "Times the alert history dropped alerts a webhook had not delivered yet."
     );
     metrics::describe_gauge!(
-        "skusync_webhook_pending",
+        "skusync_webhook_pending_alerts",
         "Alerts read from the history and not yet delivered or dropped."
     );
     let scale = cfg.quantity_scale();
@@ -213,7 +213,7 @@ impl Task {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.cancelled() => return Ok(()),
             }
-            metrics::gauge!("skusync_webhook_pending", "webhook" => self.cfg.name.clone())
+            metrics::gauge!("skusync_webhook_pending_alerts", "webhook" => self.cfg.name.clone())
                 .set(q.pending() as f64);
             if let Some(c) = q.advance() {
                 self.store_cursor(&mut con, &key, c).await?;

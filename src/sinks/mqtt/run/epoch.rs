@@ -271,7 +271,7 @@ impl Task {
         let pattern = layout::sku_key_pattern(&self.cfg.redis_prefix);
         let r = self
             .redis
-            .scan_page(node, cursor, &pattern, SCAN_COUNT)
+            .scan_page(node, cursor, &pattern, SCAN_COUNT, None)
             .await;
         let (next, keys) = match r {
             Ok(v) => v,

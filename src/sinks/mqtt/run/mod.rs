@@ -138,6 +138,19 @@ enum Msg {
     },
 }
 
+impl Msg {
+    /// What it is, for logs and metrics.
+    fn kind(&self) -> &'static str {
+        match self {
+            Msg::State { .. } => "state",
+            Msg::Alert { .. } => "alert",
+            Msg::Status => "status",
+            Msg::Clear { .. } => "clear",
+            Msg::Epoch { .. } => "epoch",
+        }
+    }
+}
+
 pub(super) struct Task {
     cfg: PublisherConfig,
     spec: Arc<Spec>,
@@ -603,7 +616,7 @@ impl Task {
     async fn on_ack(&mut self, client: &AsyncClient, m: Msg, ok: bool, reason: PubAckReason) {
         if !ok {
             self.shared.stats.refusals.fetch_add(1, Ordering::Relaxed);
-            crate::telemetry::mqtt_refused();
+            crate::telemetry::mqtt_refused(m.kind(), &format!("{reason:?}"));
         }
         match m {
             Msg::State {
@@ -627,10 +640,6 @@ impl Task {
                     self.shared.stats.published.fetch_add(1, Ordering::Relaxed);
                     crate::telemetry::mqtt_state_acked(ts);
                 } else {
-                    warn!(
-                        ?reason,
-                        "broker refused a state message; sending it again later"
-                    );
                     debug!(sku = %crate::secret::log_value(&sku), ?reason, "refused state message");
                     let now = self.mono_ms();
                     self.sched.refused(&sku, now);
@@ -662,19 +671,15 @@ impl Task {
                         .fetch_add(1, Ordering::Relaxed);
                     crate::telemetry::mqtt_alert_acked();
                 } else {
-                    warn!(?reason, "broker refused an alert");
                     debug!(sku = %crate::secret::log_value(&sku), ?reason, "refused alert");
                 }
                 self.sched.acked(&sku);
             }
             Msg::Status => {
-                if !ok {
-                    warn!(?reason, "broker refused the status message");
-                }
+                // refusal logged above
             }
             Msg::Clear { sku } => {
                 if !ok {
-                    warn!(?reason, "broker refused clearing a retained state");
                     debug!(sku = %crate::secret::log_value(&sku), ?reason, "refused clear");
                 }
             }
@@ -694,7 +699,6 @@ impl Task {
                         Err(e) => warn!(error = %e, "storing the mqtt epoch failed"),
                     }
                 } else {
-                    warn!(?reason, "broker refused the epoch message");
                     // the states sent before it still need an epoch the broker holds
                     self.epoch_dirty = true;
                 }
@@ -1083,7 +1087,7 @@ impl Task {
     }
 
     fn redis_failed(&mut self, sku: &str, want: Want, e: &redis::RedisError) {
-        warn!(error = %e, "reading a SKU hash failed; retrying");
+        crate::telemetry::publisher_read_failed(e);
         self.redis_pause_until = Some(Instant::now() + REDIS_PAUSE);
         self.sched.skipped(sku);
         self.sched.request(sku, want);
