@@ -82,13 +82,16 @@ pub async fn describe(
             is_key: r.get::<_, Option<bool>>(5).unwrap_or(false),
         })
         .collect();
-    Ok(Some(RelationDesc {
+    let mut desc = RelationDesc {
         oid,
         schema: schema.to_string(),
         name: name.to_string(),
         replica_identity,
         columns,
-    }))
+    };
+    // as the stream reads them (see `Assembler::set_domains`)
+    desc.resolve_domains(&meta::domain_bases(client, cfg).await?);
+    Ok(Some(desc))
 }
 
 /// Load every mapped table from `snapshot` into Redis, fenced just below `at`. Calls

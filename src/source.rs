@@ -319,6 +319,8 @@ pub struct Source {
     streamed: bool,
     /// Where the current session started: the slot's confirmed position then.
     session_start: Lsn,
+    /// Domain OID -> base type OID, read at each session's start.
+    domains: Arc<std::collections::HashMap<u32, u32>>,
 }
 
 enum SessionEnd {
@@ -337,6 +339,7 @@ impl Source {
             reconnects: 0,
             streamed: false,
             session_start: Lsn::ZERO,
+            domains: Default::default(),
         }
     }
 
@@ -412,6 +415,7 @@ impl Source {
         let mut assembler = Assembler::new();
         let mut conn = match self.open(shutdown).await {
             Ok(Some((conn, info))) => {
+                assembler.set_domains(self.domains.clone());
                 self.streamed = true;
                 self.session_start = info.start_lsn;
                 if tx.send(vec![SourceEvent::Connected(info)]).await.is_err() {
@@ -562,12 +566,15 @@ impl Source {
                 start_lsn,
                 backend_pid: conn.backend_pid(),
             };
-            Ok::<_, SourceError>((conn, info))
+            // read per session: a domain created since (ALTER COLUMN ... TYPE) is known
+            let domains = meta::domain_bases(&meta::connect(&cfg.conn).await?, &cfg.conn).await?;
+            Ok::<_, SourceError>((conn, info, domains))
         };
-        let (conn, info) = tokio::select! {
+        let (conn, info, domains) = tokio::select! {
             r = connect => r?,
             _ = shutdown.cancelled() => return Ok(None),
         };
+        self.domains = Arc::new(domains);
         {
             let mut p = self.lock();
             // The tracker starts at the slot's position (first session only: later the

@@ -263,6 +263,27 @@ pub async fn slot_state(
     }))
 }
 
+/// Each domain's base type (through domains over domains): columns typed with a domain
+/// (`CREATE DOMAIN qty AS integer CHECK (VALUE >= 0)`) carry the domain's type OID in
+/// the catalog and in pgoutput, and are read as their base type.
+pub async fn domain_bases(
+    client: &Client,
+    cfg: &PgConnectConfig,
+) -> Result<std::collections::HashMap<u32, u32>, PgError> {
+    let rows = client
+        .query(
+            "WITH RECURSIVE d(oid, base) AS ( \
+                 SELECT oid, typbasetype FROM pg_type WHERE typtype = 'd' \
+                 UNION ALL \
+                 SELECT d.oid, t.typbasetype FROM d JOIN pg_type t ON t.oid = d.base AND t.typtype = 'd') \
+             SELECT d.oid, d.base FROM d JOIN pg_type b ON b.oid = d.base WHERE b.typtype <> 'd'",
+            &[],
+        )
+        .await
+        .map_err(|e| classify(e, cfg))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 /// `wal_sender_timeout` in milliseconds (0 = disabled). Read on the ordinary connection
 /// because some managed services refuse SHOW on replication connections.
 pub async fn wal_sender_timeout_ms(client: &Client, cfg: &PgConnectConfig) -> Result<u64, PgError> {

@@ -327,12 +327,20 @@ struct OpenTxn {
 pub struct Assembler {
     relations: RelationCache,
     open: Option<OpenTxn>,
+    /// Domain OID -> base type OID (read by the caller from the catalog).
+    domains: Arc<std::collections::HashMap<u32, u32>>,
 }
 
 impl Assembler {
     /// An assembler with an empty relation cache and no open transaction.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Read columns typed with a domain as its base type (see
+    /// [`RelationDesc::resolve_domains`]).
+    pub fn set_domains(&mut self, domains: Arc<std::collections::HashMap<u32, u32>>) {
+        self.domains = domains;
     }
 
     /// Clears the relation cache and any open transaction (on reconnect).
@@ -415,8 +423,9 @@ impl Assembler {
             }
             Message::Origin { .. } | Message::Type { .. } => Ok(None),
             Message::Relation(r) => {
-                let desc = RelationDesc::from_message(&r)
+                let mut desc = RelationDesc::from_message(&r)
                     .map_err(|e| err(Some(format!("oid {}", r.oid)), e.into()))?;
+                desc.resolve_domains(&self.domains);
                 let desc = Arc::new(desc);
                 self.relations.insert(Arc::clone(&desc));
                 Ok(Some(Event::Relation(desc)))

@@ -63,6 +63,21 @@ pub struct RelationDesc {
     pub columns: Vec<ColumnDesc>,
 }
 
+impl RelationDesc {
+    /// Columns typed with a domain take the domain's base type (`bases`: domain OID ->
+    /// base type OID, from [`crate::pg::meta::domain_bases`]).
+    pub fn resolve_domains(&mut self, bases: &std::collections::HashMap<u32, u32>) {
+        if bases.is_empty() {
+            return;
+        }
+        for c in &mut self.columns {
+            if let Some(&b) = bases.get(&c.type_oid) {
+                c.type_oid = b;
+            }
+        }
+    }
+}
+
 /// Why a `Relation` message could not be turned into a [`RelationDesc`].
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RelationError {

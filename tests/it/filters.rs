@@ -230,3 +230,39 @@ async fn a_changed_publication_row_filter_rebuilds_redis_at_the_next_start() {
         .await;
     rig.assert_converges(Duration::from_secs(10)).await;
 }
+
+/// Columns typed with a domain (`CREATE DOMAIN qty AS integer CHECK (...)`, and a domain
+/// over it) are read as their base type, in the snapshot and the stream, and a filter on
+/// one compares numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn columns_typed_with_domains_are_read_as_their_base_types() {
+    let seed = test_seed("columns_typed_with_domains_are_read_as_their_base_types");
+    let schema = format!(
+        "CREATE DOMAIN qty AS integer CHECK (VALUE > -1000000000);
+         CREATE DOMAIN stock_qty AS qty;
+         CREATE DOMAIN amount AS numeric(12, 2);
+         {}",
+        PUBLIC_SCHEMA
+            .replace("on_hand int NOT NULL", "on_hand stock_qty NOT NULL")
+            .replace("qty numeric,", "qty amount,")
+    );
+    assert!(schema.contains("on_hand stock_qty") && schema.contains("qty amount"));
+    let mut oracle = public_oracle(Buckets::Ignore);
+    oracle
+        .filters
+        .insert("public.inventory".into(), vec!["on_hand < 45".into()]);
+    let mut rig = Rig::new(&schema, oracle).await;
+    rig.exec(
+        "INSERT INTO inventory (sku, location, on_hand, reserved)
+           SELECT 'pre-' || (i % 30), 'WH-' || (i % 3), i % 50, i % 3
+           FROM generate_series(0, 199) i ON CONFLICT DO NOTHING;",
+    )
+    .await;
+    rig.start_skusync("").await;
+    rig.assert_converges(Duration::from_secs(20)).await;
+    let mut w = public_workload(seed);
+    run_workload(&mut rig, &mut w, 600, async |_, _| {}).await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    rig.assert_converges(Duration::from_secs(10)).await;
+}
