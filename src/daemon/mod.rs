@@ -136,6 +136,9 @@ pub struct Daemon {
     /// What the publications let through to the mapped tables, read at this cycle's
     /// start ([`crate::pg::publication::fingerprint`]; meta `publications`).
     publications: String,
+    /// A column skusync reads is a `char(n)` (read at this cycle's start): a Redis built
+    /// before meta `publications` was recorded holds its values padded.
+    reads_char_n: bool,
     /// The partition fingerprints Redis was built with (meta `partitions`).
     partitions_built: std::collections::BTreeMap<String, String>,
     /// The mapping was checked against the database (once, before the first write).
@@ -274,6 +277,7 @@ impl Daemon {
             split_floor: Lsn(0),
             identity_rebuild: None,
             publications: String::new(),
+            reads_char_n: false,
             partitions_built: Default::default(),
             preflight_done: false,
             ri_done: 0,
@@ -512,6 +516,7 @@ impl Daemon {
             return Err(DaemonError::Config(gap));
         }
         self.publications = self.read_publications(&client).await?;
+        self.reads_char_n = crate::ops::check::reads_char_n(&self.cfg, &client, &self.pgc).await?;
         let slot_name = self.cfg.postgres.slot.clone();
         let mut slot = meta::slot_state(&client, &self.pgc, &slot_name).await?;
         if let Some(s) = &slot {
@@ -604,6 +609,12 @@ impl Daemon {
                     {
                         Some(PUBLICATIONS_CHANGED.into())
                     }
+                    // built by a release that kept char(n) pad spaces
+                    Some(m) if m.publications.is_none() && self.reads_char_n => Some(
+                        "char(n) values are now read without their pad spaces, and this Redis was built \
+                         with them"
+                            .into(),
+                    ),
                     Some(m) if m.applied_lsn.unwrap_or(Lsn::ZERO) < confirmed => Some(format!(
                         "Redis is behind the slot (applied {} < confirmed {confirmed}): it lost writes",
                         m.applied_lsn.unwrap_or(Lsn::ZERO)

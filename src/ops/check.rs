@@ -629,6 +629,28 @@ pub(crate) fn wanted_tables(cfg: &Config) -> Vec<(String, bool)> {
     out
 }
 
+/// Whether a column skusync reads (mapped, filtered on, a lookup hop's, or a key) is a
+/// `char(n)`: its values are read without their pad spaces since 2026-12-08, so a Redis
+/// built before holds them padded.
+pub(crate) async fn reads_char_n(
+    cfg: &Config,
+    client: &Client,
+    pgc: &PgConnectConfig,
+) -> Result<bool, crate::pg::PgError> {
+    for (table, _) in wanted_tables(cfg) {
+        let Some(rel) = snapshot::describe(client, pgc, &table).await? else {
+            continue;
+        };
+        let read = mapped_columns(cfg, &table);
+        if rel.columns.iter().any(|c| {
+            c.type_oid == crate::txn::value::oid::BPCHAR && (c.is_key || read.contains(&c.name))
+        }) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// The publication `setup` would put a table in.
 fn target_publication(cfg: &Config, plans: &[PubPlan], stock: bool) -> String {
     plans
@@ -746,7 +768,7 @@ pub(crate) fn coverage_problem(
 }
 
 /// Columns skusync reads from a mapped table (mapping and `where`).
-fn mapped_columns(cfg: &Config, table: &str) -> Vec<String> {
+pub(crate) fn mapped_columns(cfg: &Config, table: &str) -> Vec<String> {
     let filter_cols = |items: &[String]| -> Vec<String> {
         crate::filter::Filter::parse(items)
             .map(|f| f.columns().map(str::to_string).collect())

@@ -319,7 +319,7 @@ pub async fn run(cfg: &Config, out: &mut impl Write) -> Result<(), String> {
         // Publishing updates and deletes of a table without a replica identity makes the
         // application's own UPDATE and DELETE on it fail: refuse before adding it.
         if p.publish != "insert" {
-            let adds: Vec<String> = match &state {
+            let mut check: Vec<String> = match &state {
                 PubState::Missing => p.tables.clone(),
                 PubState::Exists {
                     all_tables: false,
@@ -328,14 +328,40 @@ pub async fn run(cfg: &Config, out: &mut impl Write) -> Result<(), String> {
                 } => missing.clone(),
                 PubState::Exists { .. } => Vec::new(),
             };
-            let bare = tables_without_identity(&client, &pgc, &adds).await?;
+            let widens =
+                matches!(&state, PubState::Exists { actions, .. } if widens_updates(p, *actions));
+            if widens {
+                if matches!(
+                    &state,
+                    PubState::Exists {
+                        all_tables: true,
+                        ..
+                    }
+                ) {
+                    return Err(format!(
+                        "publication {} is FOR ALL TABLES and does not publish updates or deletes: setup will \
+                         not make it publish them for every table of the database (each one without a replica \
+                         identity would fail the application's UPDATE and DELETE). Give skusync its own \
+                         publication (skusync setup --print shows one)",
+                        p.name
+                    ));
+                }
+                // every table already in it starts publishing updates and deletes too
+                check.extend(members(&client, &pgc, &p.name).await?);
+            }
+            let bare = tables_without_identity(&client, &pgc, &check).await?;
             if !bare.is_empty() {
                 return Err(format!(
-                    "{} {} no replica identity (no primary key, or REPLICA IDENTITY NOTHING): once it is in \
+                    "{} {} no replica identity (no primary key, or REPLICA IDENTITY NOTHING): once {} \
                      publication {}, which publishes updates and deletes, the application's UPDATE and DELETE \
                      on it fail. Give it one first, then run setup again: {}",
                     bare.join(", "),
                     if bare.len() == 1 { "has" } else { "have" },
+                    if widens {
+                        "it publishes them in"
+                    } else {
+                        "it is in"
+                    },
                     p.name,
                     bare.iter()
                         .map(|t| format!(
@@ -431,29 +457,59 @@ fn publish_fix(p: &PubPlan, actions: [bool; 4]) -> Option<String> {
     Some(keep.join(", "))
 }
 
-/// The tables of `tables` (`schema.name`) with no replica identity: DEFAULT without a
-/// primary key, or NOTHING.
+/// Whether the `publish` list the plan needs adds updates or deletes to what an existing
+/// publication publishes.
+fn widens_updates(p: &PubPlan, actions: [bool; 4]) -> bool {
+    publish_fix(p, actions).is_some()
+        && (p.publish.contains("update") && !actions[1]
+            || p.publish.contains("delete") && !actions[2])
+}
+
+/// The tables an existing publication lists (`schema.name`).
+async fn members(
+    client: &tokio_postgres::Client,
+    pgc: &crate::pg::PgConnectConfig,
+    publication: &str,
+) -> Result<Vec<String>, String> {
+    let rows = client
+        .query(
+            "SELECT schemaname::text || '.' || tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(|e| meta::classify(e, pgc).to_string())?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// The tables of `tables` (`schema.name`; a partitioned table stands for its partitions)
+/// with no replica identity: DEFAULT without a primary key, or NOTHING.
 async fn tables_without_identity(
     client: &tokio_postgres::Client,
     pgc: &crate::pg::PgConnectConfig,
     tables: &[String],
 ) -> Result<Vec<String>, String> {
-    let mut out = Vec::new();
+    let mut out: Vec<String> = Vec::new();
     for t in tables {
         let (schema, name) = t.split_once('.').unwrap_or(("public", t));
-        let bare: Option<bool> = client
-            .query_opt(
-                "SELECT c.relkind <> 'p' AND (c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS \
-                    (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))) \
+        let rows = client
+            .query(
+                "SELECT ln.nspname::text || '.' || lc.relname::text \
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE n.nspname = $1 AND c.relname = $2",
+                 JOIN LATERAL (SELECT relid FROM pg_partition_tree(c.oid) WHERE isleaf \
+                               UNION SELECT c.oid WHERE c.relkind <> 'p') l ON true \
+                 JOIN pg_class lc ON lc.oid = l.relid JOIN pg_namespace ln ON ln.oid = lc.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2 \
+                   AND (lc.relreplident = 'n' OR (lc.relreplident = 'd' AND NOT EXISTS \
+                        (SELECT 1 FROM pg_index i WHERE i.indrelid = lc.oid AND i.indisprimary)))",
                 &[&schema, &name],
             )
             .await
-            .map_err(|e| meta::classify(e, pgc).to_string())?
-            .map(|r| r.get(0));
-        if bare == Some(true) {
-            out.push(t.clone());
+            .map_err(|e| meta::classify(e, pgc).to_string())?;
+        for r in rows {
+            let leaf: String = r.get(0);
+            if !out.contains(&leaf) {
+                out.push(leaf);
+            }
         }
     }
     Ok(out)

@@ -248,7 +248,7 @@ fn valid_sku(col: &str, max_sku_bytes: usize) -> String {
 /// A mapped row's SKU or location as SQL over the row aliased `__t`: its column, or a
 /// scalar subquery per lookup hop (the hop's `where` names the referenced table's
 /// columns, which an unqualified name finds first).
-fn source_sql(v: &crate::config::ValueSource) -> String {
+fn source_sql(v: &crate::config::ValueSource, pubf: &PubFilters) -> String {
     use crate::config::{RefSource, ValueSource};
     let l = match v {
         ValueSource::Column(c) => return format!("__t.{}", qi(c)),
@@ -288,6 +288,10 @@ fn source_sql(v: &crate::config::ValueSource) -> String {
         let mut filter = format!("WHERE {cond}");
         if let Some(w) = row_filter(&h.filter) {
             filter.push_str(&format!(" AND {w}"));
+        }
+        if let Some(w) = pubf.get(&h.from) {
+            // the referenced table's publication filter: the snapshot loads no other rows
+            filter.push_str(&format!(" AND ({w})"));
         }
         expr = format!("SELECT {value} FROM {} {alias} {filter}", qt(&h.from));
     }
@@ -361,14 +365,14 @@ fn stock_sql(
     max_sku_bytes: usize,
     only: bool,
     scale: u32,
-    pub_filter: Option<&str>,
+    pubf: &PubFilters,
 ) -> String {
     let d = Digits::of(m.scale, scale);
-    let sku = source_sql(&m.sku);
+    let sku = source_sql(&m.sku, pubf);
     let loc = m
         .location
         .as_ref()
-        .map(|l| format!("{}::text", source_sql(l)))
+        .map(|l| format!("{}::text", source_sql(l, pubf)))
         .unwrap_or_else(|| "NULL::text".into());
     let mut filter = valid_quantity(&m.on_hand, d);
     let res = match &m.reserved {
@@ -389,7 +393,7 @@ fn stock_sql(
     if let Some(w) = row_filter(&m.filter) {
         filter.push_str(&format!(" AND {w}"));
     }
-    if let Some(w) = pub_filter {
+    if let Some(w) = pubf.get(&m.table) {
         // the publications' row filter: the stream and the snapshot see no other rows
         filter.push_str(&format!(" AND ({w})"));
     }
@@ -417,10 +421,10 @@ fn activity_sql(
     max_sku_bytes: usize,
     only: bool,
     scale: u32,
-    pub_filter: Option<&str>,
+    pubf: &PubFilters,
 ) -> String {
     let d = Digits::of(a.scale, scale);
-    let sku = source_sql(&a.sku);
+    let sku = source_sql(&a.sku, pubf);
     // a constant kind is a literal (text the config validated; quoted as SQL text)
     let kind = match &a.kind {
         crate::config::KindSource::Column(c) => qi(c),
@@ -437,7 +441,7 @@ fn activity_sql(
     if let Some(w) = row_filter(&a.filter) {
         filter.push_str(&format!(" AND {w}"));
     }
-    if let Some(w) = pub_filter {
+    if let Some(w) = pubf.get(&a.table) {
         filter.push_str(&format!(" AND ({w})"));
     }
     let mut outer = valid_sku("s", max_sku_bytes);
@@ -479,12 +483,27 @@ fn parse_sum(s: &str, scale: u32) -> Result<i128, String> {
 }
 
 /// Snapshot LSN and the SQL totals, read in one REPEATABLE READ snapshot.
-/// The row filter the configured publications put on a mapped table.
-async fn pub_filter(cfg: &Config, client: &Client, table: &str) -> Result<Option<String>, String> {
-    let (schema, name) = table.split_once('.').unwrap_or(("public", table));
-    crate::pg::publication::row_filter_sql(client, &cfg.postgres.publication.names(), schema, name)
+/// The row filters the configured publications put on the tables skusync reads (mapped
+/// and referenced), by configured table name.
+type PubFilters = BTreeMap<String, String>;
+
+async fn pub_filters(cfg: &Config, client: &Client) -> Result<PubFilters, String> {
+    let mut out = PubFilters::new();
+    for (table, _) in super::check::wanted_tables(cfg) {
+        let (schema, name) = table.split_once('.').unwrap_or(("public", &table));
+        let f = crate::pg::publication::row_filter_sql(
+            client,
+            &cfg.postgres.publication.names(),
+            schema,
+            name,
+        )
         .await
-        .map_err(|e| format!("reading the publications' row filter of {table}: {e}"))
+        .map_err(|e| format!("reading the publications' row filter of {table}: {e}"))?;
+        if let Some(f) = f {
+            out.insert(table, f);
+        }
+    }
+    Ok(out)
 }
 
 async fn sql_truth(
@@ -511,9 +530,9 @@ async fn sql_truth(
         let only_v: Vec<String> = only.map(<[String]>::to_vec).unwrap_or_default();
         let mut t: BTreeMap<String, SkuTruth> = BTreeMap::new();
         let (inventory, activity) = with_lookup_keys(client, cfg).await?;
+        let pubf = pub_filters(cfg, client).await?;
         for m in &inventory {
-            let pf = pub_filter(cfg, client, &m.table).await?;
-            let sql = stock_sql(m, max, only.is_some(), scale, pf.as_deref());
+            let sql = stock_sql(m, max, only.is_some(), scale, &pubf);
             let rows = if only.is_some() {
                 client.query(&sql, &[&only_v]).await
             } else {
@@ -540,8 +559,7 @@ async fn sql_truth(
         }
         for a in &activity {
             let kinds: Vec<String> = a.counters.keys().cloned().collect();
-            let pf = pub_filter(cfg, client, &a.table).await?;
-            let sql = activity_sql(a, max, only.is_some(), scale, pf.as_deref());
+            let sql = activity_sql(a, max, only.is_some(), scale, &pubf);
             let rows = if only.is_some() {
                 client.query(&sql, &[&kinds, &only_v]).await
             } else {
@@ -1395,7 +1413,7 @@ mod tests {
             filter: vec!["deleted_at IS NULL".into()],
             scale: None,
         };
-        let sql = stock_sql(&m, 256, true, 0, None);
+        let sql = stock_sql(&m, 256, true, 0, &PubFilters::new());
         assert!(sql.contains("AND (deleted_at IS NULL)"), "{sql}");
         assert!(sql.contains("__t.\"Sku\" AS s"), "{sql}");
         assert!(sql.contains("octet_length(s::text) <= 256"), "{sql}");
@@ -1420,7 +1438,7 @@ on_hand = "qty"
 "#,
         )
         .unwrap();
-        let sql = stock_sql(&cfg.inventory[0], 256, false, 0, None);
+        let sql = stock_sql(&cfg.inventory[0], 256, false, 0, &PubFilters::new());
         assert!(
             sql.contains(
                 "(SELECT (SELECT __h1.sku FROM public.variants __h1 WHERE __h1.id = __h0.variant_id AND \
@@ -1430,5 +1448,16 @@ on_hand = "qty"
         );
         // a location that does not resolve places the row nowhere
         assert!(sql.contains("AND l IS NOT NULL"), "{sql}");
+        // the publications' row filters, on the mapped table and on a referenced one
+        let pubf = PubFilters::from([
+            ("public.movements".to_string(), "(qty <> 0)".to_string()),
+            ("public.wh".to_string(), "(active)".to_string()),
+        ]);
+        let sql = stock_sql(&cfg.inventory[0], 256, false, 0, &pubf);
+        assert!(
+            sql.contains("FROM public.wh __h0 WHERE __h0.id = __t.wh_id AND ((active))"),
+            "{sql}"
+        );
+        assert!(sql.contains("AND ((qty <> 0))) __x"), "{sql}");
     }
 }

@@ -27,9 +27,10 @@ pub struct Leaf {
     pub name: String,
     /// The configured publications that publish it.
     pub publications: Vec<String>,
-    /// Whether a publication lists the leaf itself (not the mapped table) with a row
-    /// filter: a partitioned table's snapshot reads through the mapped table and cannot
-    /// apply a filter that differs per partition.
+    /// Whether every publication that publishes the leaf does so through a row filter
+    /// on a relation below the mapped table (the leaf, or a partitioned table between):
+    /// the mapped table's snapshot reads it as one and cannot apply a filter that differs
+    /// per partition. (One publication without such a filter publishes every row.)
     pub own_filter: bool,
 }
 
@@ -154,30 +155,41 @@ pub async fn coverage(
         return Ok(None);
     };
     let (oid, partitioned): (u32, bool) = (root.get(0), root.get(1));
+    // row filters exist from PostgreSQL 15 (pg_publication_tables.rowfilter)
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(sql)?
+        .get(0);
+    let rowfilter = if version >= 150_000 {
+        "p.rowfilter"
+    } else {
+        "NULL::text"
+    };
     // Each leaf under the table (the table itself when it has no partitions), with the
     // publications that list it or a partitioned table between it and the mapped one.
-    let rows = client
-        .query(
-            // (both partition functions return no rows for a table that is no partition)
-            "WITH t0 AS (SELECT relid, isleaf FROM pg_partition_tree($1::oid::regclass)), \
+    let query = format!(
+        // (both partition functions return no rows for a table that is no partition)
+        "WITH t0 AS (SELECT relid, isleaf FROM pg_partition_tree($1::oid::regclass)), \
                   tree AS (SELECT relid, isleaf FROM t0 \
                            UNION ALL SELECT $1::oid::regclass, true WHERE NOT EXISTS (SELECT 1 FROM t0)) \
              SELECT ln.nspname::text || '.' || lc.relname::text, \
-                    coalesce(array_agg(DISTINCT pt.pubname::text) FILTER (WHERE pt.pubname IS NOT NULL), '{}'), \
-                    coalesce(bool_or(pt.relid = l.relid AND pt.rowfilter IS NOT NULL), false) \
+                    coalesce(array_agg(DISTINCT pt.pubname::text) FILTER (WHERE pt.pubname IS NOT NULL), '{{}}'), \
+                    coalesce(bool_and(pt.relid <> $1::oid::regclass AND pt.rowfilter IS NOT NULL), false) \
              FROM tree l \
              JOIN pg_class lc ON lc.oid = l.relid JOIN pg_namespace ln ON ln.oid = lc.relnamespace \
              LEFT JOIN LATERAL ( \
-                  SELECT p.pubname, a.relid, p.rowfilter \
+                  SELECT p.pubname, a.relid, {rowfilter} AS rowfilter \
                   FROM (SELECT relid FROM pg_partition_ancestors(l.relid) UNION SELECT l.relid) a \
                   JOIN tree t ON t.relid = a.relid \
                   JOIN pg_class ac ON ac.oid = a.relid JOIN pg_namespace an ON an.oid = ac.relnamespace \
                   JOIN pg_publication_tables p ON p.schemaname = an.nspname AND p.tablename = ac.relname \
                   WHERE p.pubname = ANY($2)) pt ON true \
              WHERE l.isleaf \
-             GROUP BY 1 ORDER BY 1",
-            &[&oid, &publications],
-        )
+             GROUP BY 1 ORDER BY 1"
+    );
+    let rows = client
+        .query(&query, &[&oid, &publications])
         .await
         .map_err(sql)?;
     let leaves: Vec<Leaf> = rows
@@ -251,8 +263,9 @@ pub async fn row_filter_sql(
     }
     let rows = client
         .query(
+            // ordered: the text is part of the fingerprint Redis records
             "SELECT rowfilter FROM pg_publication_tables \
-             WHERE pubname = ANY($1) AND schemaname = $2 AND tablename = $3",
+             WHERE pubname = ANY($1) AND schemaname = $2 AND tablename = $3 ORDER BY pubname",
             &[&publications, &schema, &name],
         )
         .await?;

@@ -213,6 +213,22 @@ async fn a_changed_publication_row_filter_rebuilds_redis_at_the_next_start() {
     rig.assert_converges(Duration::from_secs(20)).await;
     assert_eq!(rig.daemon().sigterm(), Some(0));
 
+    // A Redis of a release that did not record them (no char(n) columns) records them
+    // at the next start, without a rebuild.
+    let recorded = rig.redis.cli(&["HGET", "skusync:meta", "publications"]);
+    assert_eq!(recorded.len(), 24, "{recorded:?}");
+    rig.redis.cli(&["HDEL", "skusync:meta", "publications"]);
+    rig.daemon().spawn();
+    rig.daemon().wait_streaming(Duration::from_secs(30)).await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        rig.redis.cli(&["HGET", "skusync:meta", "publications"]),
+        recorded
+    );
+    assert_eq!(rig.daemon().stderr_count("rebuilding Redis"), 0);
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+
     rig.exec("ALTER PUBLICATION skusync SET TABLE inventory")
         .await;
     rig.oracle.truth_filters.clear();

@@ -1621,4 +1621,23 @@ async fn char_n_skus_are_the_skus_without_their_pad_spaces() {
     );
     let padded = keys_matching(&mut rig.con, "skusync:{A1 *").await;
     assert!(padded.is_empty(), "padded SKU keys: {padded:?}");
+
+    // A Redis built by a release that kept the pad spaces (no meta `publications`) is
+    // rebuilt at the next start.
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+    rig.redis.cli(&["HDEL", "skusync:meta", "publications"]);
+    rig.daemon().spawn();
+    rig.daemon()
+        .wait_stderr(
+            "char(n) values are now read without their pad spaces",
+            Duration::from_secs(30),
+        )
+        .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        hget(&mut rig.con, &key("A1"), "on_hand").await.as_deref(),
+        Some("12")
+    );
+    assert_ne!(rig.redis.cli(&["HGET", "skusync:meta", "publications"]), "");
 }

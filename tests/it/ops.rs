@@ -1108,3 +1108,27 @@ fn check_warns_when_no_slot_is_left_for_a_rebuilds_temporary_slot() {
         "{out}"
     );
 }
+
+#[test]
+fn setup_refuses_to_widen_a_publication_holding_a_table_without_a_replica_identity() {
+    let rig = Rig::new(PgOptions::default());
+    // a DBA's insert-only publication, with a keyless log table of the application in it
+    rig.pg.psql(
+        "CREATE TABLE audit_log (at timestamptz, note text);\n\
+         CREATE PUBLICATION skusync FOR TABLE inventory, audit_log WITH (publish = 'insert');",
+    );
+    let (code, out, err) = rig.skusync(&["setup"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("public.audit_log has no replica identity")
+            && err.contains("once it publishes them in publication skusync"),
+        "{err}"
+    );
+    assert_eq!(
+        rig.pg
+            .psql("SELECT pubupdate FROM pg_publication WHERE pubname = 'skusync'"),
+        "f"
+    );
+    rig.pg
+        .psql("UPDATE audit_log SET note = 'x'; DELETE FROM audit_log;");
+}
