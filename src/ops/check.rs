@@ -482,6 +482,16 @@ async fn postgres_checks<W: Write>(
                     ],
                 );
             }
+            if s.wal_status.as_deref() == Some("unreserved") {
+                // past max_slot_wal_keep_size: the next checkpoint may remove WAL it needs
+                fine = false;
+                r.warn(
+                    &format!("slot {slot_name}"),
+                    "is about to lose WAL it needs (wal_status = unreserved: it is behind by more than \
+                     max_slot_wal_keep_size); start or unblock skusync now",
+                    &["-- or raise max_slot_wal_keep_size (ALTER SYSTEM SET ...; SELECT pg_reload_conf();)".into()],
+                );
+            }
             if let Some(pid) = s.active_pid {
                 fine = false;
                 let who = client

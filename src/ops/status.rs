@@ -70,6 +70,12 @@ pub async fn gather(cfg: &Config, max_lag_bytes: u64) -> Result<Status, String> 
                     "replication slot {slot_name} lost WAL (wal_status = lost)"
                 ));
             }
+            if s.wal_status.as_deref() == Some("unreserved") {
+                st.problems.push(format!(
+                    "replication slot {slot_name} is about to lose WAL (wal_status = unreserved: behind by \
+                     more than max_slot_wal_keep_size)"
+                ));
+            }
             // pg_current_wal_lsn() fails on a standby; lag then stays unknown
             if let Ok(row) = client
                 .query_one(

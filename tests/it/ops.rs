@@ -1132,3 +1132,39 @@ fn setup_refuses_to_widen_a_publication_holding_a_table_without_a_replica_identi
     rig.pg
         .psql("UPDATE audit_log SET note = 'x'; DELETE FROM audit_log;");
 }
+
+#[test]
+fn status_and_check_report_a_slot_about_to_lose_wal() {
+    let mut opts = PgOptions::default();
+    // the smallest retention: one segment behind makes the slot unreserved
+    opts.extra_conf
+        .push("max_slot_wal_keep_size = '1MB'".into());
+    opts.extra_conf.push("checkpoint_timeout = '1h'".into());
+    opts.extra_conf.push("max_wal_size = '1GB'".into());
+    let rig = Rig::new(opts);
+    rig.setup_by_print();
+    rig.pg
+        .psql("SELECT 1 FROM pg_create_logical_replication_slot('skusync', 'pgoutput');");
+    rig.pg.psql(
+        "CREATE TABLE filler (x text);\n\
+         INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 40000);\n\
+         SELECT pg_switch_wal();",
+    );
+    assert_eq!(
+        rig.pg
+            .psql("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'skusync'"),
+        "unreserved"
+    );
+    let (code, out, err) = rig.skusync(&["status"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("is about to lose WAL (wal_status = unreserved"),
+        "{out}"
+    );
+    let (_, out) = rig.check();
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("WARN") && l.contains("is about to lose WAL it needs")),
+        "{out}"
+    );
+}
