@@ -214,6 +214,31 @@ async fn postgres_checks<W: Write>(
         .await
         .map_err(|e| e.to_string())?;
 
+    // a standby cannot make a logical slot before PostgreSQL 16, and skusync's slot on
+    // one would not survive a promotion anyway: attach to the primary
+    let (standby, version): (bool, i32) = client
+        .query_one(
+            "SELECT pg_is_in_recovery(), current_setting('server_version_num')::int",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .map_err(q)?;
+    if standby && version < 160_000 {
+        r.fail(
+            "postgres server",
+            "is a standby (in recovery): PostgreSQL before 16 makes no logical slot there",
+            &["-- point postgres.url at the primary".into()],
+        );
+    } else if standby {
+        r.warn(
+            "postgres server",
+            "is a standby (in recovery): `skusync verify` needs the primary, and a slot made here does not \
+             follow a failover",
+            &["-- point postgres.url at the primary, unless streaming from this standby is meant".into()],
+        );
+    }
+
     // wal_level
     let wal_level = get("wal_level");
     if wal_level == "logical" {
