@@ -31,6 +31,12 @@ use crate::http::{Request, Response};
 use crate::sinks::mqtt::payload::{self, Kind, Spec};
 use crate::sinks::{history, layout};
 
+/// SKU hashes read and rendered at a time for a `/v1/changes` page.
+const CHANGES_CHUNK: usize = 50;
+/// A `/v1/changes` page ends at the chunk that takes its body past this many bytes (its
+/// `next` continues from there).
+const CHANGES_BODY_BUDGET: usize = 1 << 20;
+
 /// Default and largest `limit`.
 pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 500;
@@ -678,32 +684,53 @@ impl Api {
         inv.arg(limit + 1);
         let mut con = self.con().await?;
         let raw: Vec<(Vec<u8>, f64)> = inv.invoke_async(&mut con).await?;
-        let more = raw.len() > limit;
+        let mut more = raw.len() > limit;
         let page: Vec<(Vec<u8>, u64)> = raw
             .into_iter()
             .take(limit)
             .map(|(m, s)| (m, s as u64))
             .collect();
-        let mut items = Vec::with_capacity(page.len());
-        let mut pipe = redis::pipe();
-        for (member, _) in &page {
-            let key = String::from_utf8_lossy(member).into_owned();
-            let sku = layout::sku_of_key(&self.prefix, &key);
-            if let Some(sku) = sku {
-                pipe.cmd("HGETALL").arg(&key);
-                items.push(sku);
-            }
-        }
-        let hashes: Vec<HashMap<String, String>> = if items.is_empty() {
-            Vec::new()
-        } else {
-            self.query(&pipe).await?
-        };
+        // SKU hashes are read and rendered a chunk at a time, and the page ends early
+        // once the body passes its budget: a request's memory follows the chunk and the
+        // budget, not `limit` times the largest hash (a SKU with thousands of rows).
+        let mut jsons: Vec<String> = Vec::new();
+        let mut body_bytes = 0usize;
+        let mut last: Option<usize> = None;
         let now = crate::telemetry::unix_ms();
-        let rendered = self
-            .render(items.into_iter().zip(hashes).collect(), now)
-            .await?;
-        let next = match (more, page.last()) {
+        for (c, chunk) in page.chunks(CHANGES_CHUNK).enumerate() {
+            if body_bytes > CHANGES_BODY_BUDGET {
+                break;
+            }
+            let mut items = Vec::with_capacity(chunk.len());
+            let mut pipe = redis::pipe();
+            for (member, _) in chunk {
+                let key = String::from_utf8_lossy(member).into_owned();
+                if let Some(sku) = layout::sku_of_key(&self.prefix, &key) {
+                    pipe.cmd("HGETALL").arg(&key);
+                    items.push(sku);
+                }
+            }
+            let hashes: Vec<HashMap<String, String>> = if items.is_empty() {
+                Vec::new()
+            } else {
+                self.query(&pipe).await?
+            };
+            let rendered = self
+                .render(items.into_iter().zip(hashes).collect(), now)
+                .await?;
+            for (json, _) in rendered.into_iter().flatten() {
+                body_bytes += json.len() + 1;
+                jsons.push(json);
+            }
+            last = Some(c * CHANGES_CHUNK + chunk.len() - 1);
+        }
+        if let Some(l) = last
+            && l + 1 < page.len()
+        {
+            more = true;
+        }
+        let page_end = last.and_then(|l| page.get(l));
+        let next = match (more, page_end) {
             (true, Some((m, l))) => ChangeToken {
                 since: token.since,
                 page: Some((watermark, *l, m.clone())),
@@ -715,10 +742,10 @@ impl Api {
                 from: Some(from),
             },
         };
-        let mut body = String::with_capacity(64 + rendered.len() * 300);
+        let mut body = String::with_capacity(64 + body_bytes);
         body.push_str("{\"changes\":[");
         let mut first = true;
-        for (json, _) in rendered.into_iter().flatten() {
+        for json in jsons {
             if !first {
                 body.push(',');
             }

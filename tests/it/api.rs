@@ -995,3 +995,36 @@ async fn a_since_older_than_the_kept_alert_history_answers_410() {
     let r = http_get(port, &format!("/v1/alerts?since={before}"), &[]);
     assert_eq!(r.status, 410, "{}", r.body);
 }
+
+/// A `/v1/changes` page stops at about 1 MiB of body whatever its `limit` (SKUs with
+/// hundreds of locations), and its `next` goes on from there: every SKU is listed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changes_page_past_its_byte_budget_ends_early_and_paging_lists_every_sku() {
+    let port = free_port();
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.exec(
+        "INSERT INTO inventory (sku, location, on_hand)
+           SELECT 'BIG-' || s, 'store-' || l, 1 + l % 7 FROM generate_series(1, 400) s, generate_series(1, 100) l",
+    )
+    .await;
+    rig.start_skusync(&api_toml(port, "")).await;
+    let r = http_get(port, "/v1/changes?limit=500", &[]);
+    assert_eq!(r.status, 200);
+    assert!(r.body.len() < 2 << 20, "a page of {} bytes", r.body.len());
+    let j = r.json();
+    let first = j["changes"].as_array().unwrap().len();
+    assert!(
+        first < 400 && j["more"] == true,
+        "{first} SKUs, more = {}",
+        j["more"]
+    );
+    let mut held = Held::default();
+    let (_, pages) = catch_up(port, None, 500, &mut held);
+    assert!(pages >= 2, "{pages} pages");
+    let live = held.live();
+    let big: Vec<_> = live.keys().filter(|k| k.starts_with("BIG-")).collect();
+    assert_eq!(big.len(), 400, "{} SKUs listed", big.len());
+    for (_, v) in live.iter().filter(|(k, _)| k.starts_with("BIG-")) {
+        assert_eq!(v["on_hand"], 397, "{v}");
+    }
+}
