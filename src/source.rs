@@ -15,7 +15,7 @@ use crate::pg::error::PgError;
 use crate::pg::meta;
 use crate::pg::pace::Busy;
 use crate::pg::wire::ReplMessage;
-use crate::pgoutput::Decoder;
+use crate::pgoutput::{Decoder, Message};
 use crate::progress::{BACKLOG_LAG_MS, Progress, Ticket};
 use crate::txn::{AssembleError, Assembler, Event, TxnCommit};
 use std::sync::{Arc, Mutex};
@@ -256,6 +256,13 @@ pub enum SourceError {
     Bootstrap(String),
 }
 
+/// Domain OID -> base type OID, on an ordinary connection of its own.
+async fn read_domains(
+    conn: &PgConnectConfig,
+) -> Result<std::collections::HashMap<u32, u32>, PgError> {
+    meta::domain_bases(&meta::connect(conn).await?, conn).await
+}
+
 /// A walsender's "publication ... does not exist" (SQLSTATE 42704) for a publication
 /// the catalog holds now: its message, else `None`.
 fn publication_newer_than_slot(e: &SourceError) -> Option<String> {
@@ -481,6 +488,17 @@ impl Source {
         let cfg = &self.cfg;
         let streamed = self.streamed;
         let connect = async {
+            // Columns typed with a domain, read per session and before the replication
+            // starts (a Type message for one created since reads them again). `tail`'s
+            // temporary slot does without them when the role may not open a session.
+            let domains = match read_domains(&cfg.conn).await {
+                Ok(d) => d,
+                Err(e) if cfg.slot_kind == SlotKind::Temporary => {
+                    tracing::warn!(error = %e, "could not read the database's domains; columns typed with one read as text");
+                    Default::default()
+                }
+                Err(e) => return Err(e.into()),
+            };
             let mut conn = ReplConnection::connect(&cfg.conn).await?;
             let system = conn.identify_system().await?;
             let start_lsn = match cfg.slot_kind {
@@ -566,8 +584,6 @@ impl Source {
                 start_lsn,
                 backend_pid: conn.backend_pid(),
             };
-            // read per session: a domain created since (ALTER COLUMN ... TYPE) is known
-            let domains = meta::domain_bases(&meta::connect(&cfg.conn).await?, &cfg.conn).await?;
             Ok::<_, SourceError>((conn, info, domains))
         };
         let (conn, info, domains) = tokio::select! {
@@ -677,6 +693,13 @@ impl Source {
                                 relation: relation_of(&data, decoder.in_stream, assembler),
                                 source,
                             })?;
+                        if let Message::Type { oid, .. } = &msg
+                            && !self.domains.contains_key(oid)
+                        {
+                            // a type the session's map lacks (a domain created since)
+                            self.domains = Arc::new(read_domains(&self.cfg.conn).await?);
+                            assembler.set_domains(self.domains.clone());
+                        }
                         let Some(event) = assembler.push(msg, lsn)? else {
                             continue;
                         };

@@ -281,4 +281,18 @@ async fn columns_typed_with_domains_are_read_as_their_base_types() {
     rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
         .await;
     rig.assert_converges(Duration::from_secs(10)).await;
+    // a domain made while skusync streams: its Type message makes the source read the
+    // domains again, so the column's new type is known without a restart
+    rig.exec(
+        "CREATE DOMAIN held_qty AS bigint;
+         ALTER TABLE inventory ALTER COLUMN reserved TYPE held_qty;
+         UPDATE inventory SET reserved = reserved + 1 WHERE location = 'WH-1';",
+    )
+    .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    rig.assert_converges(Duration::from_secs(10)).await;
+    let runs = rig.daemon().runs;
+    assert_eq!(runs, 1, "{}", rig.daemon().stderr_all());
+    rig.daemon().assert_alive("after the new domain");
 }
