@@ -194,13 +194,15 @@ impl Resolved {
 }
 
 impl Condition {
+    /// The SQL of the condition, comparing as the stream does (see [`compared_sql`]).
     fn to_sql(&self) -> String {
         let col = crate::pg::ident::quote_ident(&self.column);
         match &self.test {
             Test::IsNull => format!("{col} IS NULL"),
             Test::IsNotNull => format!("{col} IS NOT NULL"),
             Test::Cmp(op, l) => format!(
-                "{col} {} {}",
+                "{} {} {}",
+                compared_sql(&col, std::slice::from_ref(l)),
                 match op {
                     CmpOp::Eq => "=",
                     CmpOp::Ne => "<>",
@@ -211,9 +213,26 @@ impl Condition {
                 },
                 l.to_sql()
             ),
-            Test::In(v) => format!("{col} IN ({})", list_sql(v)),
-            Test::NotIn(v) => format!("{col} NOT IN ({})", list_sql(v)),
+            Test::In(v) => format!("{} IN ({})", compared_sql(&col, v), list_sql(v)),
+            Test::NotIn(v) => format!("{} NOT IN ({})", compared_sql(&col, v), list_sql(v)),
         }
+    }
+}
+
+/// The column as SQL compares it with these literals, so that the snapshot's COPY (and
+/// `verify`) agree with the stream's evaluation of the printed text, whatever the
+/// column's type: text literals compare bytes of the printed text (`::text COLLATE "C"`;
+/// `citext`'s or a nondeterministic collation's `=` would ignore case), numbers compare
+/// the printed decimal (`::text::numeric`; a `real` 0.1 is not `= 0.1` in SQL, whose
+/// comparison widens it to double precision). `char(n)`'s `::text` drops its pad
+/// spaces, as the stream does. Booleans compare natively.
+fn compared_sql(col: &str, lits: &[Literal]) -> String {
+    if lits.iter().all(|l| matches!(l, Literal::Text(_))) {
+        format!("{col}::text COLLATE \"C\"")
+    } else if lits.iter().all(|l| matches!(l, Literal::Number(_))) {
+        format!("{col}::text::numeric")
+    } else {
+        col.to_string()
     }
 }
 
@@ -282,9 +301,18 @@ impl Test {
     }
 }
 
-/// Compare two decimal numbers exactly (`-0012.50` vs `12.5`); other forms (exponents,
-/// NaN, Infinity) by their f64 value, NaN comparing with nothing.
+/// Compare two decimal numbers exactly (`-0012.50` vs `12.5`); NaN as PostgreSQL's
+/// numeric orders it; other forms (exponents, Infinity) by their f64 value.
 pub fn cmp_numbers(a: &str, b: &str) -> Option<Ordering> {
+    // as PostgreSQL's numeric (the snapshot compares `::text::numeric`): NaN equals NaN
+    // and is above every other number
+    let nan = |s: &str| s.trim().eq_ignore_ascii_case("nan");
+    match (nan(a), nan(b)) {
+        (true, true) => return Some(Ordering::Equal),
+        (true, false) => return Some(Ordering::Greater),
+        (false, true) => return Some(Ordering::Less),
+        (false, false) => {}
+    }
     match (Decimal::parse(a), Decimal::parse(b)) {
         (Some(x), Some(y)) => Some(x.cmp(&y)),
         _ => {
@@ -602,8 +630,10 @@ mod tests {
         ]);
         assert_eq!(
             x.to_sql().unwrap(),
-            "(deleted_at IS NULL) AND (tracked = true) AND (usage IN ('internal', 'transit')) AND \
-             (\"deletedAt\" IS NOT NULL) AND (qty >= -2.5) AND (kind NOT IN ('it''s')) AND (status <> 'x')"
+            "(deleted_at IS NULL) AND (tracked = true) AND \
+             (usage::text COLLATE \"C\" IN ('internal', 'transit')) AND (\"deletedAt\" IS NOT NULL) AND \
+             (qty::text::numeric >= -2.5) AND (kind::text COLLATE \"C\" NOT IN ('it''s')) AND \
+             (status::text COLLATE \"C\" <> 'x')"
         );
         assert_eq!(x.columns().collect::<Vec<_>>()[3], "deletedAt");
     }
@@ -665,6 +695,15 @@ mod tests {
         assert_eq!(qv("10.51"), Some(false));
         assert_eq!(qv("5.0"), Some(false));
         assert_eq!(qv("NaN"), Some(false));
+        // NaN as numeric orders it (the snapshot compares `::text::numeric`), infinities
+        // as PostgreSQL prints them
+        let g = f(&["qty > 2"]);
+        let gv = |v: &str| eval(&g, &[("qty", Some(v), Kind::Number)]);
+        assert_eq!(gv("NaN"), Some(true));
+        assert_eq!(gv("Infinity"), Some(true));
+        assert_eq!(gv("-Infinity"), Some(false));
+        assert_eq!(gv("1e+20"), Some(true));
+        assert_eq!(cmp_numbers("NaN", "nan"), Some(Ordering::Equal));
         // an unchanged TOAST value is unknown
         let t = Datum::UnchangedToast;
         assert_eq!(x.eval(|_| Some((&t, Kind::Text))), None);

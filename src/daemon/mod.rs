@@ -515,6 +515,10 @@ impl Daemon {
         {
             return Err(DaemonError::Config(gap));
         }
+        // a literal no value can equal would silently filter nothing (or everything)
+        if let Some(e) = crate::ops::filters::filter_refusal(&self.cfg, &client, &self.pgc).await? {
+            return Err(DaemonError::Config(e));
+        }
         self.publications = self.read_publications(&client).await?;
         self.reads_char_n = crate::ops::check::reads_char_n(&self.cfg, &client, &self.pgc).await?;
         let slot_name = self.cfg.postgres.slot.clone();
@@ -1008,6 +1012,9 @@ pub async fn resync_now(cfg: Config) -> Result<(), DaemonError> {
     d.settings.fence.chain.restart();
     if let Some(gap) = crate::ops::check::publication_gap(&d.cfg, &client, &d.pgc).await? {
         return Err(DaemonError::Config(gap));
+    }
+    if let Some(e) = crate::ops::filters::filter_refusal(&d.cfg, &client, &d.pgc).await? {
+        return Err(DaemonError::Config(e));
     }
     d.publications = d.read_publications(&client).await?;
     d.resync(&mut con, &client, &slot).await

@@ -444,6 +444,17 @@ async fn postgres_checks<W: Write>(
     // publications
     publication_checks(cfg, client, pgc, &present, r).await?;
     column_list_checks(cfg, client, pgc, r).await?;
+    let problems = crate::ops::filters::filter_problems(cfg, client, pgc)
+        .await
+        .map_err(|e| e.to_string())?;
+    for p in &problems {
+        let check = format!("{} against the column's type", p.at);
+        if p.fatal {
+            r.fail(&check, &p.problem, std::slice::from_ref(&p.fix));
+        } else {
+            r.warn(&check, &p.problem, std::slice::from_ref(&p.fix));
+        }
+    }
 
     // WAL retention bound
     let keep = get("max_slot_wal_keep_size");

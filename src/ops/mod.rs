@@ -7,6 +7,7 @@
 
 pub mod check;
 pub mod drop_slot;
+pub mod filters;
 pub mod setup;
 pub mod status;
 pub mod verify;

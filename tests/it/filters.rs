@@ -296,3 +296,93 @@ async fn columns_typed_with_domains_are_read_as_their_base_types() {
     assert_eq!(runs, 1, "{}", rig.daemon().stderr_all());
     rig.daemon().assert_alive("after the new domain");
 }
+
+/// A filter compares the text PostgreSQL prints, in the snapshot as in the stream, so
+/// Redis does not depend on which of them saw a row: on a `citext` column `<> 'gone'`
+/// keeps `'Gone'` (SQL's citext `<>` drops it), and a `real` 0.1 is `IN (0.1, 0.5)`
+/// (SQL widens it to double precision, where it is not 0.1). Before, the snapshot's SQL
+/// dropped rows the stream keeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_compare_printed_values_in_the_snapshot_as_in_the_stream() {
+    let seed = test_seed("filters_compare_printed_values_in_the_snapshot_as_in_the_stream");
+    let schema = format!(
+        "CREATE EXTENSION citext;
+         {}",
+        PUBLIC_SCHEMA.replace(
+            "reserved int NOT NULL DEFAULT 0,",
+            "reserved int NOT NULL DEFAULT 0, state citext NOT NULL DEFAULT 'active', \
+             factor real NOT NULL DEFAULT 0.5,"
+        )
+    );
+    assert!(schema.contains("factor real"));
+    let mut oracle = public_oracle(Buckets::Ignore);
+    oracle.config_filters.insert(
+        "public.inventory".into(),
+        vec!["state <> 'gone'".into(), "factor IN (0.1, 0.5)".into()],
+    );
+    // the truth as skusync evaluates it
+    oracle.filters.insert(
+        "public.inventory".into(),
+        vec![
+            "state::text <> 'gone'".into(),
+            "factor::text IN ('0.1', '0.5')".into(),
+        ],
+    );
+    let mut rig = Rig::new(&schema, oracle).await;
+    rig.exec(
+        "INSERT INTO inventory (sku, location, on_hand, reserved, state, factor)
+           SELECT 'pre-' || (i % 30), 'WH-' || (i % 3), 1 + i % 50, i % 3,
+                  (ARRAY['active', 'Active', 'gone', 'Gone'])[1 + i % 4],
+                  (ARRAY[0.1, 0.5, 1])[1 + (i / 4) % 3]
+           FROM generate_series(0, 199) i ON CONFLICT DO NOTHING;",
+    )
+    .await;
+    // SQL's own comparison is narrower here, or the test proves nothing
+    let narrower: i64 = rig
+        .client
+        .query_one(
+            "SELECT count(*) FROM inventory WHERE (state::text <> 'gone' AND factor::text IN ('0.1', '0.5')) \
+             AND NOT (state <> 'gone' AND factor IN (0.1, 0.5))",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert!(narrower >= 5, "{narrower}");
+    rig.start_skusync("").await;
+    rig.assert_converges(Duration::from_secs(20)).await;
+
+    let mut w = public_workload(seed);
+    let mut r = StdRng::seed_from_u64(seed ^ 0xc17e);
+    let skus = Workload::default_skus();
+    run_workload(&mut rig, &mut w, 900, async |rig, i| {
+        if i % 3 != 0 {
+            return;
+        }
+        let sku = lit(&skus[r.random_range(0..skus.len())]);
+        let sql = match r.random_range(0..3) {
+            0 => format!(
+                "UPDATE inventory SET state = {} WHERE sku = {sku}",
+                ["'active'", "'Gone'", "'gone'"][r.random_range(0..3)]
+            ),
+            1 => format!(
+                "UPDATE inventory SET factor = {} WHERE sku = {sku}",
+                ["0.1", "0.5", "'NaN'"][r.random_range(0..3)]
+            ),
+            _ => format!("UPDATE inventory SET on_hand = on_hand + 1 WHERE sku = {sku}"),
+        };
+        rig.exec(&sql).await;
+    })
+    .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    rig.assert_converges(Duration::from_secs(10)).await;
+    // verify's SQL aggregate compares as the stream did
+    let cfg = rig.daemon().cfg.clone();
+    let (code, out, err) = crate::verify::verify(&cfg, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    rig.daemon().kill9_and_restart();
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(30))
+        .await;
+    rig.assert_converges(Duration::from_secs(10)).await;
+}

@@ -50,6 +50,7 @@ pub fn public_oracle(buckets: Buckets) -> Oracle {
         buckets,
         filters: Default::default(),
         truth_filters: Default::default(),
+        config_filters: Default::default(),
         sums: Default::default(),
         scale: 0,
     }
@@ -605,6 +606,7 @@ async fn other_names_and_types_work_by_config_alone() {
         buckets: Buckets::ExactByMinute,
         filters: Default::default(),
         truth_filters: Default::default(),
+        config_filters: Default::default(),
         sums: Default::default(),
         scale: 0,
     };
@@ -755,6 +757,7 @@ async fn oracle_smoke_workloads_run_and_truth_round_trips() {
         buckets: Buckets::ExactByMinute,
         filters: Default::default(),
         truth_filters: Default::default(),
+        config_filters: Default::default(),
         sums: Default::default(),
         scale: 0,
     };

@@ -29,6 +29,8 @@ struct Rig {
     redis_url: String,
     /// Replaces the inventory mapping's `sku` column.
     sku_column: String,
+    /// More keys of the inventory mapping (`where = [...]`).
+    inventory_extra: String,
     extra: String,
 }
 
@@ -52,6 +54,7 @@ impl Rig {
             pg_user: "postgres".into(),
             redis_url,
             sku_column: "sku".into(),
+            inventory_extra: String::new(),
             extra: String::new(),
         }
     }
@@ -62,13 +65,14 @@ impl Rig {
              slot = \"skusync\"\npublication = [\"skusync\", \"skusync_activity\"]\nstatus_interval_ms = 200\n\n\
              [redis]\nurl = \"{redis}\"\n\n\
              [[inventory]]\ntable = \"public.inventory\"\nsku = \"{sku}\"\nlocation = \"location\"\n\
-             on_hand = \"on_hand\"\nreserved = \"reserved\"\n\n\
+             on_hand = \"on_hand\"\nreserved = \"reserved\"\n{inventory_extra}\n\
              [[activity]]\ntable = \"public.activity_log\"\nsku = \"sku\"\nkind = \"kind\"\nquantity = \"qty\"\n\
              windows = [\"5m\"]\n[activity.counters]\nview = \"views\"\n{extra}",
             user = self.pg_user,
             port = self.pg.port(),
             redis = self.redis_url,
             sku = self.sku_column,
+            inventory_extra = self.inventory_extra,
             extra = self.extra,
         );
         write_config(self.dir.path(), &text)
@@ -338,6 +342,58 @@ fn a_stock_table_in_an_insert_only_publication_fails_check_and_stops_run() {
     );
     let (code, out) = rig.check();
     assert_eq!(code, 0, "{out}");
+}
+
+/// A text literal compares with the text PostgreSQL prints: one the column's type prints
+/// otherwise (an upper-case uuid) or cannot read (an enum label that does not exist)
+/// could never equal a value, so `check` fails naming the item and the printed form, and
+/// `run` refuses to start; a `citext` column, whose `=` ignores case, gets a warning.
+#[test]
+fn a_filter_literal_the_column_type_prints_otherwise_fails_check_and_stops_run() {
+    let mut rig = Rig::new(PgOptions::default());
+    rig.pg.psql(
+        "CREATE EXTENSION citext;
+         CREATE TYPE stock_usage AS ENUM ('sale', 'internal');
+         CREATE DOMAIN site AS uuid;
+         ALTER TABLE inventory ADD COLUMN warehouse site, ADD COLUMN usage stock_usage,
+           ADD COLUMN state citext, ADD COLUMN bin char(4);",
+    );
+    rig.setup_by_print();
+    rig.inventory_extra =
+        "where = [\"bin = 'B1'\", \"warehouse <> '5C0E2F6A-8B1D-4E7C-9A3B-2D4F6E8A0C1B'\"]\n"
+            .into();
+    assert_check_fails(
+        &rig,
+        "inventory[0].where[1] against the column's type",
+        "write it as '5c0e2f6a-8b1d-4e7c-9a3b-2d4f6e8a0c1b' in inventory[0].where[1]",
+    );
+    assert_run_refuses(
+        &rig,
+        "inventory[0].where[1]: public.inventory.warehouse is site",
+    );
+    rig.inventory_extra = "where = [\"usage IN ('sale', 'transit')\"]\n".into();
+    assert_check_fails(
+        &rig,
+        "'transit' is no value of public.inventory.usage",
+        "inventory[0].where[0]",
+    );
+    assert_run_refuses(&rig, "invalid input value for enum stock_usage");
+    // the printed forms pass; the citext comparison warns
+    rig.inventory_extra = "where = [\"warehouse <> '5c0e2f6a-8b1d-4e7c-9a3b-2d4f6e8a0c1b'\", \
+                           \"usage IN ('sale')\", \"state = 'active'\", \"bin = 'B1'\"]\n"
+        .into();
+    let (code, out) = rig.check();
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("WARN")
+            && l.contains("inventory[0].where[2]")
+            && l.contains("ignores case")),
+        "{out}"
+    );
+    assert!(
+        !out.contains("where[0] against") && !out.contains("where[3]"),
+        "{out}"
+    );
 }
 
 const PARTITIONED: &str = "

@@ -67,6 +67,9 @@ pub struct Oracle {
     pub filters: BTreeMap<String, Vec<String>>,
     /// Conditions of the SQL truth only (e.g. a publication's row filter).
     pub truth_filters: BTreeMap<String, Vec<String>>,
+    /// `where` items of the config only, replacing `filters` there (the truth keeps
+    /// `filters`): for a condition SQL evaluates otherwise than skusync does.
+    pub config_filters: BTreeMap<String, Vec<String>>,
     /// Quantity names that stand for several summed columns (`reserved = [...]`).
     pub sums: BTreeMap<String, Vec<String>>,
     /// `scale` of every mapped table (0: whole numbers): quantities are compared in
@@ -305,7 +308,11 @@ impl Oracle {
     }
 
     fn where_toml(&self, table: &str) -> String {
-        match self.filters.get(table) {
+        match self
+            .config_filters
+            .get(table)
+            .or_else(|| self.filters.get(table))
+        {
             Some(f) if !f.is_empty() => {
                 let items: Vec<String> = f.iter().map(|w| tstr(w)).collect();
                 format!("where = [{}]\n", items.join(", "))
@@ -964,6 +971,7 @@ fn oracle_compare_reports_both_sides() {
         buckets: Buckets::Ignore,
         filters: Default::default(),
         truth_filters: Default::default(),
+        config_filters: Default::default(),
         sums: Default::default(),
         scale: 0,
     };
