@@ -26,7 +26,8 @@
 //! later changed after the snapshot: it is checked again in the next round with a fresh
 //! snapshot. A SKU that differs is also checked again, and reported only when it still
 //! differs (a commit can be in the WAL before `S` yet not yet visible to the snapshot).
-//! After `--rounds` rounds, SKUs still moving are reported as *changing*, not verified.
+//! After `--rounds` rounds, SKUs still moving are reported as *changing*, not verified; a
+//! SKU that first differed in the last round gets one round more.
 
 use crate::config::{Config, MqttConfig};
 use crate::lsn::Lsn;
@@ -49,7 +50,8 @@ const MAX_QUANTITY: u64 = crate::fold::MAX_QUANTITY;
 pub struct Options {
     /// Longest wait for skusync to apply up to a snapshot's LSN.
     pub wait: Duration,
-    /// Most rounds (the first checks every SKU, later ones those still moving or differing).
+    /// Most rounds (the first checks every SKU, later ones those still moving or
+    /// differing), plus one that checks again SKUs that first differed in the last.
     pub rounds: u32,
     /// Also compare the retained MQTT state messages with Redis.
     pub mqtt: bool,
@@ -794,7 +796,10 @@ async fn verify_redis(
     let mut differed: BTreeSet<String> = BTreeSet::new();
     let mut moving: BTreeSet<String> = BTreeSet::new();
     let rounds = opts.rounds.max(1);
-    for round in 1..=rounds {
+    // One round more than asked, for SKUs that first differed in the last: a difference
+    // seen once may be a commit in the WAL before the snapshot's LSN yet not visible to it
+    // (its transaction still ending, or waiting for a synchronous standby).
+    for round in 1..=rounds + 1 {
         report.rounds = round;
         let (lsn, truth) = sql_truth(cfg, client, pending.as_deref()).await?;
         wait_applied(cfg, client, con, prefix, lsn, opts.wait).await?;
@@ -816,7 +821,10 @@ async fn verify_redis(
         let hashes = read_hashes(con, prefix, &skus).await?;
         let mut next = Vec::new();
         let mut now_differ = BTreeSet::new();
-        moving.clear();
+        if round <= rounds {
+            // (the confirming round keeps what the last one found moving)
+            moving.clear();
+        }
         for sku in &skus {
             let h = hashes.get(sku);
             let fence = h
@@ -832,7 +840,7 @@ async fn verify_redis(
             let (diffs, nv) = compare_sku(sku, truth.get(sku), h, &counters, cfg.quantity_scale());
             if diffs.is_empty() {
                 report.not_verifiable.extend(nv);
-            } else if differed.contains(sku) || round == rounds {
+            } else if differed.contains(sku) {
                 // differed twice with a settled fence: a real difference
                 report.differences.extend(diffs);
                 report.not_verifiable.extend(nv);
@@ -842,6 +850,10 @@ async fn verify_redis(
             }
         }
         differed = now_differ;
+        if round >= rounds {
+            // past the rounds asked for, only first differences are checked again
+            next.retain(|s| differed.contains(s));
+        }
         if next.is_empty() {
             break;
         }
