@@ -471,8 +471,8 @@ pub struct Lookup {
     /// previous hop's table after it; or `{ json, path }`, a member of a JSON column
     /// (activity tables, first hop).
     pub on: RefSource,
-    /// The referenced table's column the reference matches (default: its single-column
-    /// primary key). Must be unique.
+    /// The referenced table's column the reference matches (default: the single column
+    /// of its replica identity's key, usually the primary key). Must be unique.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
     /// The column whose text is the value (required on the last hop; with `then` the

@@ -330,8 +330,8 @@ impl Mapping {
                     [one] if !full => *one,
                     _ => {
                         return Err(SchemaError(format!(
-                            "{what}: {name} has no single-column primary key to match the reference; \
-                             name the referenced column with `key = \"...\"`"
+                            "{what}: {name} has no single-column primary key (or replica identity index) \
+                             to match the reference; name the referenced column with `key = \"...\"`"
                         )));
                     }
                 },

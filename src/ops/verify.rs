@@ -234,6 +234,17 @@ fn quantity_sql(cols: &crate::config::Columns) -> String {
     format!("({})", terms.join(" + "))
 }
 
+/// The server's message of a driver error (its `Display` says only "db error").
+fn pg_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => match std::error::Error::source(e) {
+            Some(s) => format!("{e}: {s}"),
+            None => e.to_string(),
+        },
+    }
+}
+
 /// A table's `where` filter as SQL (the config was validated, so it parses).
 fn row_filter(items: &[String]) -> Option<String> {
     crate::filter::Filter::parse(items)
@@ -322,20 +333,24 @@ async fn with_lookup_keys(
         let mut hop = Some(&mut **l);
         while let Some(h) = hop {
             if h.key.is_none() {
+                // the replica identity's key, as the fold takes it (the stream knows no
+                // other): the primary key, or the index REPLICA IDENTITY USING INDEX names
                 let rows = client
                     .query(
-                        "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a \
-                         ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
-                         WHERE i.indrelid = to_regclass($1) AND i.indisprimary",
+                        "SELECT a.attname::text FROM pg_class c JOIN pg_index i ON i.indrelid = c.oid \
+                           AND ((c.relreplident = 'd' AND i.indisprimary) \
+                             OR (c.relreplident = 'i' AND i.indisreplident)) \
+                         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY(i.indkey) \
+                         WHERE c.oid = to_regclass($1)",
                         &[&super::table_ident(&h.from)],
                     )
                     .await
-                    .map_err(|e| format!("reading the primary key of {}: {e}", h.from))?;
+                    .map_err(|e| format!("reading the replica identity of {}: {}", h.from, pg_text(&e)))?;
                 match rows.as_slice() {
                     [one] => h.key = Some(one.get(0)),
                     _ => {
                         return Err(format!(
-                            "{} has no single-column primary key; name the lookup's key",
+                            "{} has no single-column replica identity key; name the lookup's key",
                             h.from
                         ));
                     }
@@ -500,7 +515,12 @@ async fn pub_filters(cfg: &Config, client: &Client) -> Result<PubFilters, String
             name,
         )
         .await
-        .map_err(|e| format!("reading the publications' row filter of {table}: {e}"))?;
+        .map_err(|e| {
+            format!(
+                "reading the publications' row filter of {table}: {}",
+                pg_text(&e)
+            )
+        })?;
         if let Some(f) = f {
             out.insert(table, f);
         }
@@ -513,7 +533,7 @@ async fn sql_truth(
     client: &Client,
     only: Option<&[String]>,
 ) -> Result<(Lsn, BTreeMap<String, SkuTruth>), String> {
-    let sql_err = |what: &str, e: tokio_postgres::Error| format!("{what}: {e}");
+    let sql_err = |what: &str, e: tokio_postgres::Error| format!("{what}: {}", pg_text(&e));
     client
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await
@@ -642,7 +662,7 @@ async fn wait_applied(
                 &[&cfg.postgres.slot],
             )
             .await
-            .map_err(|e| format!("reading the slot: {e}"))?
+            .map_err(|e| format!("reading the slot: {}", pg_text(&e)))?
             .and_then(|r| r.get(0));
         if confirmed
             .and_then(|c| c.parse::<Lsn>().ok())

@@ -1073,3 +1073,64 @@ async fn a_standby_that_wins_a_held_slot_rebuilds_after_an_interrupted_lookup_ba
     );
     assert_eq!(rig.daemon().sigterm(), Some(0));
 }
+
+/// A referenced table whose replica identity is a unique index other than its primary
+/// key (`REPLICA IDENTITY USING INDEX`): a lookup without `key` matches that index's
+/// column, in the stream and in `verify`'s SQL alike (verify took the primary key and
+/// failed comparing a bigint id with the text reference).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_without_a_key_matches_the_replica_identity_index_in_verify_too() {
+    const SCHEMA: &str = "
+CREATE TABLE catalog_item (id bigserial PRIMARY KEY, code text NOT NULL, sku text);
+CREATE UNIQUE INDEX catalog_item_code ON catalog_item (code);
+ALTER TABLE catalog_item REPLICA IDENTITY USING INDEX catalog_item_code;
+CREATE TABLE stock_level (
+  item_code text NOT NULL, site text NOT NULL, qty int NOT NULL, held int NOT NULL DEFAULT 0,
+  PRIMARY KEY (item_code, site));
+CREATE PUBLICATION skusync FOR TABLE catalog_item, stock_level;
+CREATE PUBLICATION skusync_activity WITH (publish = 'insert');
+INSERT INTO catalog_item (code, sku) SELECT 'C' || i, 'SKU-' || i FROM generate_series(1, 20) i;
+INSERT INTO stock_level SELECT 'C' || (1 + i % 20), 'site-' || (i % 3), i, i % 4 FROM generate_series(1, 60) i;
+";
+    const MAPPING: &str = r#"
+[[inventory]]
+table    = "public.stock_level"
+sku      = { from = "public.catalog_item", on = "item_code", column = "sku" }
+location = "site"
+on_hand  = "qty"
+reserved = "held"
+"#;
+    const TRUTH: &str = "
+SELECT c.sku::text, s.site::text, sum(s.qty)::text, sum(s.held)::text
+FROM stock_level s JOIN catalog_item c ON c.code = s.item_code
+WHERE c.sku IS NOT NULL GROUP BY 1, 2";
+    let mut rig = Rig::new(SCHEMA, lookup_oracle()).await;
+    let cfg = write_config(rig.dir.path(), &config_with(&rig, MAPPING));
+    rig.daemon = Some(Daemon::start(rig.dir.path(), cfg.clone()));
+    rig.wait_bootstrap(Duration::from_secs(40)).await;
+    assert_join_converges(&mut rig, TRUTH, "", Duration::from_secs(20)).await;
+    // renames, a new item, a deleted one (its delete carries only the code)
+    rig.exec(
+        "UPDATE catalog_item SET sku = sku || '-b' WHERE id % 3 = 0;
+         INSERT INTO catalog_item (code, sku) VALUES ('C21', 'SKU-21');
+         INSERT INTO stock_level VALUES ('C21', 'site-1', 5, 1);
+         DELETE FROM catalog_item WHERE code = 'C2';
+         UPDATE stock_level SET qty = qty + 1 WHERE site = 'site-0';",
+    )
+    .await;
+    drain_marker(
+        &mut rig,
+        1,
+        "INSERT INTO catalog_item (code, sku) VALUES ('D1', 'zz-drain-1');
+         INSERT INTO stock_level VALUES ('D1', 'site-0', 1, 0);",
+    )
+    .await;
+    assert_join_converges(&mut rig, TRUTH, "", Duration::from_secs(20)).await;
+    let verify = skusync_output(&["verify", "--rounds", "3"], &cfg);
+    assert!(
+        verify.status.success(),
+        "verify: {}\n{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}
