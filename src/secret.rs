@@ -103,19 +103,28 @@ pub mod credential {
     pub const USER_KEY: &str = "user-key";
 }
 
+/// The file's mode when others than its owner may read or write it: any access by
+/// others, or by the group unless the file is root's and the group may only read (0640,
+/// the rule PostgreSQL applies to its server key: root keeps the file, the service's
+/// group reads it).
+pub fn readable_by_others(meta: &std::fs::Metadata) -> Option<u32> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mode = meta.permissions().mode() & 0o7777;
+    let allowed = if meta.uid() == 0 { 0o040 } else { 0 };
+    (mode & 0o077 & !allowed != 0).then_some(mode)
+}
+
 /// Read a key file (`what` names its setting in errors): refused when group or others
-/// can read it, since a key others can read is no secret (as libpq refuses such a
-/// `passfile`). The content is trimmed; errors never include it.
+/// can read it (see [`readable_by_others`]), since a key others can read is no secret
+/// (as libpq refuses such a `passfile`). The content is trimmed; errors never include it.
 pub fn read_key_file(path: &Path, what: &str) -> Result<String, String> {
-    use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
-    let mode = meta.permissions().mode();
-    if mode & 0o077 != 0 {
+    if let Some(m) = readable_by_others(&meta) {
         return Err(format!(
             "{what} {p}: the file can be read by group or others (mode {m:04o}), so the key in \
-             it is not secret; run `chmod 600 {p}` (as the user skusync runs as)",
+             it is not secret; run `chmod 600 {p}` (as the user skusync runs as; 640 when root \
+             owns it)",
             p = path.display(),
-            m = mode & 0o7777,
         ));
     }
     let text =

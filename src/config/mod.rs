@@ -873,28 +873,62 @@ impl Config {
         toml::from_str(text).map_err(|e| ConfigError(toml_error(text, &e)))
     }
 
-    /// A `user_key` written in a file that others can read is no secret.
+    /// A secret written in the file (a `user_key`, a password in a URL) is no secret when
+    /// others can read the file: refused, naming the first and where else to put it.
     fn refuse_key_in_readable_file(&self, path: &Path) -> Result<(), ConfigError> {
-        use std::os::unix::fs::PermissionsExt;
-        let Some(i) = self.activity.iter().position(|a| a.user_key.is_some()) else {
+        let Some((key, instead)) = self.first_inline_secret() else {
             return Ok(());
         };
-        let mode = std::fs::metadata(path)
-            .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
+        let meta = std::fs::metadata(path)
+            .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+        if let Some(mode) = crate::secret::readable_by_others(&meta) {
             return Err(ConfigError(format!(
-                "config file {p}: activity[{i}].user_key: the file can be read by group or others \
-                 (mode {m:04o}), so the HMAC key in it is not secret. Run `chmod 600 {p}`, or \
-                 remove user_key and give the key as the systemd credential {c} or in \
-                 SKUSYNC_USER_KEY",
+                "config file {p}: {key}: the file can be read by group or others (mode {mode:04o}), so \
+                 the secret in it is not secret. Run `chmod 600 {p}` (or 640, owned by root), or \
+                 remove it and give it {instead}",
                 p = path.display(),
-                m = mode & 0o7777,
-                c = credential::USER_KEY,
             )));
         }
         Ok(())
+    }
+
+    /// The first secret written in the config itself: its key, and where else it can come
+    /// from.
+    fn first_inline_secret(&self) -> Option<(String, String)> {
+        if let Some(i) = self.activity.iter().position(|a| a.user_key.is_some()) {
+            return Some((
+                format!("activity[{i}].user_key"),
+                format!(
+                    "as the systemd credential {} or in SKUSYNC_USER_KEY",
+                    credential::USER_KEY
+                ),
+            ));
+        }
+        let elsewhere =
+            |cred: &str, env: &str| format!("as the systemd credential {cred} or in {env}");
+        if !url_has_no_password(&self.postgres.url) || self.postgres.url.contains("password=") {
+            return Some((
+                "postgres.url".into(),
+                elsewhere(credential::PG_PASSWORD, "SKUSYNC_PG_PASSWORD"),
+            ));
+        }
+        if let Some(r) = &self.redis
+            && r.url.all().iter().any(|u| !url_has_no_password(u))
+        {
+            return Some((
+                "redis.url".into(),
+                elsewhere(credential::REDIS_PASSWORD, "SKUSYNC_REDIS_PASSWORD"),
+            ));
+        }
+        if let Some(m) = &self.mqtt
+            && m.url.all().iter().any(|u| !url_has_no_password(u))
+        {
+            return Some((
+                "mqtt.url".into(),
+                elsewhere(credential::MQTT_PASSWORD, "SKUSYNC_MQTT_PASSWORD"),
+            ));
+        }
+        None
     }
 
     /// Fill missing passwords and the HMAC key from the credentials in `dir`.
@@ -1910,7 +1944,7 @@ mod tests {
         let text = format!(
             "[postgres]\nurl = \"postgresql://u@h/d\"\n{ACTIVITY_WITH_USER}user_key = \"{KEY}\"\n[activity.counters]\nv = \"views\"\n"
         );
-        for mode in [0o644, 0o640, 0o604] {
+        for mode in [0o644, 0o660, 0o604] {
             let p = write_file(d.path(), "c.toml", &text, mode);
             let e = Config::load_with_credentials(&p, None)
                 .unwrap_err()
@@ -1927,6 +1961,10 @@ mod tests {
         let p = write_file(d.path(), "c.toml", &text, 0o600);
         let c = Config::load_with_credentials(&p, None).unwrap();
         assert_eq!(c.user_key(0).unwrap().unwrap().expose(), KEY.as_bytes());
+        // 0640 only when root owns the file (root keeps it, the service's group reads it)
+        let p = write_file(d.path(), "c.toml", &text, 0o640);
+        let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&p).unwrap()) == 0;
+        assert_eq!(Config::load_with_credentials(&p, None).is_ok(), root);
         // without an inline key a readable file is fine
         let p = write_file(
             d.path(),
@@ -1935,6 +1973,48 @@ mod tests {
             0o644,
         );
         Config::load_with_credentials(&p, None).unwrap();
+    }
+
+    #[test]
+    fn a_password_in_a_url_of_a_file_others_can_read_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        for (text, key, cred) in [
+            (
+                "[postgres]\nurl = \"postgresql://u:hunter2@h/d\"\n".to_string(),
+                "postgres.url",
+                "pg-password",
+            ),
+            (
+                "[postgres]\nurl = \"postgresql://u@h/d?password=hunter2\"\n".to_string(),
+                "postgres.url",
+                "pg-password",
+            ),
+            (
+                "[postgres]\nurl = \"postgresql://u@h/d\"\n[redis]\nurl = \"redis://:hunter2@127.0.0.1:6379\"\n"
+                    .to_string(),
+                "redis.url",
+                "redis-password",
+            ),
+            (
+                "[postgres]\nurl = \"postgresql://u@h/d\"\n[mqtt]\n\
+                 url = [\"mqtt://127.0.0.1:1883\", \"mqtt://s:hunter2@127.0.0.1:1884\"]\n"
+                    .to_string(),
+                "mqtt.url",
+                "mqtt-password",
+            ),
+        ] {
+            let p = write_file(d.path(), "c.toml", &text, 0o644);
+            let e = Config::load_with_credentials(&p, None)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(key) && e.contains("chmod 600") && e.contains(cred),
+                "{e}"
+            );
+            assert!(!e.contains("hunter2"), "{e}");
+            let p = write_file(d.path(), "c.toml", &text, 0o600);
+            Config::load_with_credentials(&p, None).unwrap();
+        }
     }
 
     #[test]

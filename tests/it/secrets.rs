@@ -139,6 +139,34 @@ fn a_short_or_readable_inline_user_key_exits_2_saying_how_to_fix_it() {
     assert_eq!(code, 0, "chmod 600 fixes it: {err}");
 }
 
+/// A password written in a URL of a config file others can read is no secret: every
+/// command exits 2 naming the setting and the credential to use instead, never the
+/// password; `chmod 600` fixes it.
+#[test]
+fn a_password_in_a_url_of_a_readable_config_exits_2_saying_how_to_fix_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[postgres]\nurl = \"postgresql://u:{PG_PW}@127.0.0.1:1/d\"\npublication = [\"skusync\", \"skusync_activity\"]\n\
+         {ACTIVITY_WITH_USER}[activity.counters]\nview = \"views\"\n"
+    );
+    let cfg = write(dir.path(), "skusync.toml", &text, 0o644);
+    for cmd in [&["setup", "--print"][..], &["run"][..]] {
+        let (code, out, err) = run(cmd, &cfg, &[("SKUSYNC_USER_KEY", KEY)]);
+        assert_eq!(code, 2, "{cmd:?}: {err}");
+        assert!(
+            err.contains("postgres.url")
+                && err.contains(&format!("chmod 600 {}", cfg.display()))
+                && err.contains("credential pg-password")
+                && err.contains("SKUSYNC_PG_PASSWORD"),
+            "{err}"
+        );
+        assert!(!err.contains(PG_PW) && !out.contains(PG_PW), "{err}");
+    }
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, _, err) = run(&["setup", "--print"], &cfg, &[("SKUSYNC_USER_KEY", KEY)]);
+    assert_eq!(code, 0, "chmod 600 fixes it: {err}");
+}
+
 #[test]
 fn a_pg_password_credential_logs_in_where_the_url_has_no_password() {
     let pg = PgServer::start_with(PgOptions {

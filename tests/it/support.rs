@@ -130,6 +130,9 @@ pub fn source_config(url: &str, slot: &str, publication: &str) -> SourceConfig {
 pub fn write_config(dir: &Path, text: &str) -> PathBuf {
     let p = dir.join("skusync.toml");
     std::fs::write(&p, text).expect("write config");
+    // it may hold a password: skusync refuses a readable file then
+    std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod config");
     p
 }
 
