@@ -1437,10 +1437,10 @@ async fn a_failover_that_loses_a_rebuilds_writes_to_a_slot_is_noticed_and_rebuil
 
 /// A rebuild's reset must reach every SKU hash, but a live reshard can hide one from a
 /// scan (moved from a primary not scanned yet to one scanned already). Here the hash is
-/// away while the reset scans (deleted) and back right after (restored as it was, the
-/// process paused after its scan): the reset scans again until it finds no hash it has
-/// not seen, so the load starts from a reset hash (left as it was, the load adds its
-/// lifetime counters to the old ones).
+/// away while the reset's first pass runs (deleted) and back right after (restored as it
+/// was, the process paused after that pass): the reset passes again until a pass finds
+/// no hash left to reset, so the load starts from a reset hash (left as it was, the load
+/// adds its lifetime counters to the old ones).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_resets_a_hash_its_first_scan_missed() {
     use skusync::sinks::layout;
@@ -1471,7 +1471,7 @@ async fn a_rebuild_resets_a_hash_its_first_scan_missed() {
     rig.mark_stale().await;
     let loaded = rig.daemon().stderr_count("snapshot loaded");
     rig.daemon()
-        .spawn_env(&[("SKUSYNC_FAILPOINT", "after-rebuild-scan:1:3000")]);
+        .spawn_env(&[("SKUSYNC_FAILPOINT", "after-rebuild-first-pass:1:3000")]);
     rig.daemon()
         .wait_stderr("failpoint reached: pausing", Duration::from_secs(60))
         .await;
@@ -1489,7 +1489,7 @@ async fn a_rebuild_resets_a_hash_its_first_scan_missed() {
     rig.assert_converges(Duration::from_secs(60)).await;
     assert!(
         rig.daemon()
-            .stderr_contains("resetting SKU hashes an earlier scan missed"),
+            .stderr_contains("reset SKU hashes an earlier scan missed"),
         "{}",
         rig.daemon().stderr_all()
     );
@@ -1556,7 +1556,7 @@ async fn a_failover_between_a_rebuilds_reset_and_its_load_is_noticed_and_rebuilt
     let pauses = rig.daemon().stderr_count("failpoint reached: pausing");
     rig.daemon().spawn_env(&[(
         "SKUSYNC_FAILPOINT",
-        "after-rebuild-scan:1:3000,after-rebuild-reset:1:15000",
+        "before-rebuild-reset:1:3000,after-rebuild-reset:1:15000",
     )]);
     // before the reset: the victim's replica (with the new writer's claim) stops following,
     // still answering
@@ -1621,7 +1621,7 @@ async fn a_replica_that_missed_the_reset_is_noticed_by_the_rebuilds_mark_when_ls
     let pauses = rig.daemon().stderr_count("failpoint reached: pausing");
     rig.daemon().spawn_env(&[(
         "SKUSYNC_FAILPOINT",
-        "after-rebuild-scan:1:3000,after-rebuild-reset:1:15000",
+        "before-rebuild-reset:1:3000,after-rebuild-reset:1:15000",
     )]);
     rig.daemon()
         .wait_stderr_beyond(

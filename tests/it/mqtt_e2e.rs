@@ -3,7 +3,7 @@
 //! or restarted on the way.
 
 use crate::fold_oracle::*;
-use crate::harness::{MosquittoServer, MqttOptions};
+use crate::harness::{MosquittoServer, MqttOptions, free_port};
 use crate::oracle::*;
 use skusync::sinks::layout;
 use skusync::sinks::mqtt::{decode_sku, sku_topic};
@@ -768,6 +768,76 @@ async fn retained_states_of_skus_redis_does_not_hold_are_cleared_after_a_connect
     // the broker had it).
     let log = rig.daemon().stderr_all();
     assert!(!log.contains("untracked outgoing publish"), "{log}");
+    assert_eq!(rig.daemon().sigterm(), Some(0));
+}
+
+/// Publish retained messages over one MQTT connection (QoS 1), all acknowledged on return
+/// (mosquitto_pub per message is too slow for thousands).
+async fn publish_retained_many(broker: &MosquittoServer, msgs: Vec<(String, Vec<u8>)>) {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let mut o = MqttOptions::new(
+        format!("ghosts-{}", free_port()),
+        "127.0.0.1",
+        broker.port(),
+    );
+    o.set_clean_start(true);
+    let (client, mut el) = AsyncClient::new(o, 256);
+    let n = msgs.len();
+    let sender = tokio::spawn(async move {
+        for (t, p) in msgs {
+            client
+                .publish(t, QoS::AtLeastOnce, true, p)
+                .await
+                .expect("queue publish");
+        }
+        client
+    });
+    let mut acked = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked < n {
+        assert!(Instant::now() < deadline, "{acked} of {n} acknowledged");
+        match tokio::time::timeout(Duration::from_secs(10), el.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("publishing ghosts: {e:?}"),
+            Err(_) => panic!("no progress publishing ghosts ({acked} of {n})"),
+        }
+    }
+    let client = sender.await.expect("sender");
+    let _ = client.disconnect().await;
+}
+
+/// A broker holding more retained states than the sweep checks at once (500): it checks
+/// them a chunk at a time as they arrive (memory follows the chunk), and every state of a
+/// SKU Redis does not hold is cleared, none Redis holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_over_more_retained_states_than_a_chunk_clears_every_ghost() {
+    let broker = MosquittoServer::start();
+    let mut rig = Rig::new(PUBLIC_SCHEMA, public_oracle(Buckets::Ignore)).await;
+    rig.exec(
+        "INSERT INTO inventory SELECT 'KEEP-' || i, 'W1', i, 0 FROM generate_series(1, 100) i",
+    )
+    .await;
+    let ghost = br#"{"v":1,"sku":"x","on_hand":9,"reserved":0,"available":9}"#.to_vec();
+    // (the harness reads at most about 1,020 retained states: Mosquitto's queue for its
+    // QoS 1 subscriber)
+    let ghosts: Vec<(String, Vec<u8>)> = (0..900)
+        .map(|i| (sku_topic("skusync", &format!("GHOST/{i}")), ghost.clone()))
+        .collect();
+    publish_retained_many(&broker, ghosts).await;
+    assert_eq!(
+        broker
+            .retained("skusync/sku/+", Duration::from_secs(20))
+            .len(),
+        900
+    );
+    rig.start_skusync(&mqtt_toml(&broker, 0)).await;
+    assert_retained_equals_redis(&mut rig, &broker, Duration::from_secs(60)).await;
+    let left = broker.retained("skusync/sku/+", Duration::from_secs(20));
+    assert_eq!(left.len(), 100, "only the KEEP states are retained");
+    assert!(left.iter().all(|(t, _)| t.contains("KEEP-")));
     assert_eq!(rig.daemon().sigterm(), Some(0));
 }
 

@@ -1695,22 +1695,17 @@ impl Applier {
             .floor
             .load(std::sync::atomic::Ordering::SeqCst)
             .max(recorded.unwrap_or(0));
-        let skus = scan_skus(&mut self.con, &prefix).await?;
+        // A SCAN page at a time (memory follows the page and the alerts past the floor,
+        // which only the last batch can have raised). A hash on two pages is read twice;
+        // the history's record keeps its alerts from going in twice.
         let mut alerts: Vec<[String; 6]> = Vec::new();
-        let mut holders: Vec<String> = Vec::new();
         let mut unreadable = 0usize;
-        for chunk in skus.chunks(1000) {
-            let mut pipe = redis::pipe();
-            for sku in chunk {
-                pipe.cmd("HGET")
-                    .arg(layout::sku_key(&prefix, sku))
-                    .arg("alert_history");
-            }
-            let got: Vec<Option<String>> = pipe
-                .query_async(&mut self.con)
-                .await
-                .map_err(RedisSinkError::from_redis)?;
-            for (sku, raw) in chunk.iter().zip(got) {
+        let mut at = Some((0, 0));
+        while let Some(pos) = at {
+            let (next, skus) = sku_page(&mut self.con, &prefix, pos).await?;
+            at = next;
+            let got = hget_each(&mut self.con, &prefix, &skus, "alert_history").await?;
+            for (sku, raw) in skus.iter().zip(got) {
                 let Some(raw) = raw else { continue };
                 // [[type, available, threshold, lsn, ts], ...] (apply.lua)
                 let Ok(list) = serde_json::from_str::<Vec<[String; 5]>>(&raw) else {
@@ -1723,29 +1718,38 @@ impl Applier {
                         alerts.push([key.clone(), kind, avail, thr, lsn, ts]);
                     }
                 }
-                holders.push(key);
             }
+        }
+        let n = alerts.len();
+        if n > 0 {
+            // in commit order, all at once
+            self.index_cluster(&[], &alerts).await?;
+        }
+        // The hashes' record goes now, before the reset starts the history's record of
+        // what it added over: a rebuild stopped in between must not add them again.
+        let mut at = Some((0, 0));
+        while let Some(pos) = at {
+            let (next, skus) = sku_page(&mut self.con, &prefix, pos).await?;
+            at = next;
+            if skus.is_empty() {
+                continue;
+            }
+            let mut pipe = redis::pipe();
+            for sku in &skus {
+                pipe.cmd("HDEL")
+                    .arg(layout::sku_key(&prefix, sku))
+                    .arg("alert_history")
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut self.con)
+                .await
+                .map_err(RedisSinkError::from_redis)?;
         }
         if unreadable > 0 {
             tracing::warn!(
                 hashes = unreadable,
                 "SKU hashes hold an alert_history field that is not skusync's JSON; skipped"
             );
-        }
-        let n = alerts.len();
-        if n > 0 {
-            self.index_cluster(&[], &alerts).await?;
-        }
-        // The hashes' record goes now, before the reset starts the history's record of
-        // what it added over: a rebuild stopped in between must not add them again.
-        for chunk in holders.chunks(1000) {
-            let mut pipe = redis::pipe();
-            for key in chunk {
-                pipe.cmd("HDEL").arg(key).arg("alert_history").ignore();
-            }
-            pipe.query_async::<()>(&mut self.con)
-                .await
-                .map_err(RedisSinkError::from_redis)?;
         }
         Ok(n)
     }
@@ -2427,24 +2431,31 @@ impl Applier {
         &mut self,
         at: (usize, u64),
     ) -> Result<(Option<(usize, u64)>, Vec<String>), RedisSinkError> {
-        let prefix = &self.settings.prefix;
-        let (next, keys) = self
-            .con
-            .scan_page(
-                at.0,
-                at.1,
-                &layout::sku_key_pattern(prefix),
-                1000,
-                Some("hash"),
-            )
-            .await
-            .map_err(RedisSinkError::from_redis)?;
-        let skus = keys
-            .iter()
-            .filter_map(|k| layout::sku_of_key(prefix, k))
-            .collect();
-        Ok((next, skus))
+        sku_page(&mut self.con, &self.settings.prefix, at).await
     }
+}
+
+/// One page of the SKUs Redis holds (see [`Applier::sku_page`]).
+pub async fn sku_page(
+    con: &mut RedisCon,
+    prefix: &str,
+    at: (usize, u64),
+) -> Result<(Option<(usize, u64)>, Vec<String>), RedisSinkError> {
+    let (next, keys) = con
+        .scan_page(
+            at.0,
+            at.1,
+            &layout::sku_key_pattern(prefix),
+            1000,
+            Some("hash"),
+        )
+        .await
+        .map_err(RedisSinkError::from_redis)?;
+    let skus = keys
+        .iter()
+        .filter_map(|k| layout::sku_of_key(prefix, k))
+        .collect();
+    Ok((next, skus))
 }
 
 /// Send an apply call; a Redis that forgot the script (restarted, flushed, a new cluster
@@ -2505,6 +2516,27 @@ fn parse_cluster_reply(
         alerts: n,
         thin: 0,
     })
+}
+
+/// `HGET <field>` of each SKU's hash, in one pipeline.
+async fn hget_each(
+    con: &mut RedisCon,
+    prefix: &str,
+    skus: &[String],
+    field: &str,
+) -> Result<Vec<Option<String>>, RedisSinkError> {
+    if skus.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    for sku in skus {
+        pipe.cmd("HGET")
+            .arg(layout::sku_key(prefix, sku))
+            .arg(field);
+    }
+    pipe.query_async(con)
+        .await
+        .map_err(RedisSinkError::from_redis)
 }
 
 /// SCAN every SKU hash key and return the SKUs (on every primary of a cluster).
@@ -2915,8 +2947,34 @@ pub async fn backfill_changes(
     token: u64,
     applied: Lsn,
 ) -> Result<usize, RedisSinkError> {
-    let skus = scan_skus(con, prefix).await?;
     let zkey = layout::changes_key(prefix);
+    // a page at a time: memory follows the page, not every SKU (a SKU on two pages is
+    // scored twice, alike: ZADD GT)
+    let mut n = 0;
+    let mut at = Some((0, 0));
+    while let Some(pos) = at {
+        let (next, skus) = sku_page(con, prefix, pos).await?;
+        at = next;
+        n += skus.len();
+        backfill_page(con, prefix, &zkey, &skus).await?;
+    }
+    write_meta(
+        con,
+        prefix,
+        token,
+        &[("changes_from", applied.0.to_string())],
+    )
+    .await?;
+    Ok(n)
+}
+
+/// Score one page of SKU hashes in the change index by their `lsn`.
+async fn backfill_page(
+    con: &mut RedisCon,
+    prefix: &str,
+    zkey: &str,
+    skus: &[String],
+) -> Result<(), RedisSinkError> {
     for chunk in skus.chunks(500) {
         let keys: Vec<String> = chunk.iter().map(|s| layout::sku_key(prefix, s)).collect();
         let mut pipe = redis::pipe();
@@ -2928,7 +2986,7 @@ pub async fn backfill_changes(
             .await
             .map_err(RedisSinkError::from_redis)?;
         let mut z = redis::cmd("ZADD");
-        z.arg(&zkey).arg("GT");
+        z.arg(zkey).arg("GT");
         for (k, l) in keys.iter().zip(lsns) {
             z.arg(l.unwrap_or(0)).arg(k);
         }
@@ -2937,14 +2995,7 @@ pub async fn backfill_changes(
             .await
             .map_err(RedisSinkError::from_redis)?;
     }
-    write_meta(
-        con,
-        prefix,
-        token,
-        &[("changes_from", applied.0.to_string())],
-    )
-    .await?;
-    Ok(skus.len())
+    Ok(())
 }
 
 /// Meta fields written by a writer: refused unless meta `writer` is its token or absent
@@ -3176,12 +3227,19 @@ end
 local keep = {pub_lsn = true, pub_piece = true, pub_seq = true, pub_state = true, alerts = true,
   alert_state = true}
 local at = ARGV[1]
+local changed = 0
 for i = 2, #KEYS do
   local key = KEYS[i]
   local fields = redis.call('HKEYS', key)
+  local was = redis.call('HMGET', key, 'lsn', 'piece')
+  local dropped = false
   for _, f in ipairs(fields) do
-    if not keep[f] then redis.call('HDEL', key, f) end
+    if not keep[f] and f ~= 'lsn' and f ~= 'piece' then
+      redis.call('HDEL', key, f)
+      dropped = true
+    end
   end
+  if dropped or was[1] ~= at or was[2] ~= '-1' then changed = changed + 1 end
   -- u64 decimals without leading zeros: compare by length, then lexically
   local pl = redis.call('HGET', key, 'pub_lsn')
   if pl and (#pl > #at or (#pl == #at and pl > at)) then
@@ -3189,7 +3247,7 @@ for i = 2, #KEYS do
   end
   redis.call('HSET', key, 'lsn', at, 'piece', '-1')
 end
-return #KEYS - 1
+return changed
 "#;
 
 /// Reset every SKU hash (see [`RESET_LUA`]) and delete the distinct-user keys, with the
@@ -3202,8 +3260,7 @@ pub async fn reset_all(
     token: u64,
     floors: Option<&SlotFloors>,
 ) -> Result<usize, RedisSinkError> {
-    let skus = scan_skus(con, prefix).await?;
-    crate::failpoint::pause("after-rebuild-scan").await;
+    crate::failpoint::pause("before-rebuild-reset").await;
     // The row index's truncation marks come from the history Redis held, whose LSNs may be
     // ahead of the server loaded now (a failover to a standby that was behind): a mark
     // ahead would skip a TRUNCATE's clearing. A cluster's recorded slot floors describe
@@ -3225,39 +3282,40 @@ pub async fn reset_all(
             // an equal mark, where the LSN alone cannot tell (a rebuild after a
             // PostgreSQL failover starts below the old copies' LSNs)
             f.set_rebuild_mark(Some(mark));
-            for sku in &skus {
-                f.raise(slot_of(layout::sku_key(prefix, sku).as_bytes()), fence.0);
-            }
         }
     }
-    reset_hashes(con, prefix, &skus, fence, token).await?;
-    let mut reset = skus.len();
-    if con.is_cluster() {
-        // A live reshard can hide a hash from a scan (moved from a node not scanned yet to
-        // one scanned already); left as it was, the load would add to its counters. Scan
-        // again until a pass finds no hash the reset has not seen.
-        let mut seen: std::collections::HashSet<String> = skus.into_iter().collect();
-        loop {
-            let missed: Vec<String> = scan_skus(con, prefix)
-                .await?
-                .into_iter()
-                .filter(|s| !seen.contains(s))
-                .collect();
-            if missed.is_empty() {
-                break;
-            }
-            tracing::info!(
-                hashes = missed.len(),
-                "resetting SKU hashes an earlier scan missed (a live reshard)"
-            );
-            reset_hashes(con, prefix, &missed, fence, token).await?;
-            if let Some(f) = floors {
-                for sku in &missed {
+    // A SCAN page at a time, so memory follows the page, not every SKU Redis holds. One
+    // server: a SCAN returns every key that exists throughout it, and nothing else writes
+    // SKU hashes now. A cluster: a live reshard can hide a hash from a pass (moved from a
+    // node not scanned yet to one scanned already); left as it was, the load would add to
+    // its counters. Passes go on until one finds no hash left to reset (the script
+    // counts the hashes it changed; resetting one twice changes nothing).
+    let mut reset = 0;
+    for pass in 0.. {
+        let mut changed = 0;
+        let mut at = Some((0, 0));
+        while let Some(pos) = at {
+            let (next, skus) = sku_page(con, prefix, pos).await?;
+            at = next;
+            if let Some(f) = floors.filter(|_| con.is_cluster()) {
+                for sku in &skus {
                     f.raise(slot_of(layout::sku_key(prefix, sku).as_bytes()), fence.0);
                 }
             }
-            reset += missed.len();
-            seen.extend(missed);
+            changed += reset_hashes(con, prefix, &skus, fence, token).await?;
+        }
+        if pass == 0 {
+            crate::failpoint::pause("after-rebuild-first-pass").await;
+        }
+        reset += changed;
+        if !con.is_cluster() || changed == 0 {
+            break;
+        }
+        if pass > 0 {
+            tracing::info!(
+                hashes = changed,
+                "reset SKU hashes an earlier scan missed (a live reshard)"
+            );
         }
     }
     unlink_matching(con, &layout::users_key_pattern(prefix)).await?;
@@ -3279,14 +3337,15 @@ pub async fn reset_all(
 }
 
 /// Reset these SKU hashes to `fence` (RESET_LUA): on a cluster one call per slot, named
-/// with the slot's meta copy; on one server 500 per call.
+/// with the slot's meta copy; on one server 500 per call. Returns how many it changed
+/// (a hash reset already is not).
 async fn reset_hashes(
     con: &mut RedisCon,
     prefix: &str,
     skus: &[String],
     fence: Lsn,
     token: u64,
-) -> Result<(), RedisSinkError> {
+) -> Result<usize, RedisSinkError> {
     let script = redis::Script::new(RESET_LUA);
     let groups: Vec<(String, Vec<&String>)> = if con.is_cluster() {
         let mut by_slot: std::collections::BTreeMap<u16, Vec<&String>> = Default::default();
@@ -3314,6 +3373,7 @@ async fn reset_hashes(
             .await
             .map_err(RedisSinkError::from_redis)?;
     }
+    let mut changed = 0;
     for chunk in groups.chunks(256) {
         let mut pipe = redis::pipe();
         for (meta, group) in chunk {
@@ -3325,13 +3385,15 @@ async fn reset_hashes(
             for sku in group {
                 c.arg(layout::sku_key(prefix, sku));
             }
-            c.arg(fence.0.to_string()).arg(token_arg(token)).ignore();
+            c.arg(fence.0.to_string()).arg(token_arg(token));
         }
-        pipe.query_async::<()>(con)
+        let n: Vec<usize> = pipe
+            .query_async(con)
             .await
             .map_err(RedisSinkError::from_redis)?;
+        changed += n.iter().sum::<usize>();
     }
-    Ok(())
+    Ok(changed)
 }
 
 /// Delete the meta hash's `ri_truncated:<table>` marks and a cluster's recorded slot

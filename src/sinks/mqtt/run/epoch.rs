@@ -35,8 +35,19 @@ pub(super) struct Sweep {
     pub(super) quiet_until: Instant,
     /// ...or at the latest here.
     pub(super) deadline: Instant,
+    /// Retained SKUs not checked yet (checked a chunk at a time: memory follows the
+    /// chunk, not every retained state the broker holds).
     pub(super) skus: Vec<String>,
+    /// Retained states seen, and cleared, so far.
+    pub(super) seen: usize,
+    pub(super) cleared: usize,
 }
+
+/// Retained SKUs checked against Redis at once.
+pub(super) const SWEEP_CHUNK: usize = 500;
+/// The most a sweep holds while it may not check (Redis being rebuilt): past it, the sweep
+/// stops and starts again once Redis is readable.
+pub(super) const SWEEP_HOLD_MAX: usize = 10_000;
 
 /// How long a sweep waits for the next retained state before it decides.
 pub(super) const SWEEP_QUIET: Duration = Duration::from_millis(750);
@@ -118,19 +129,63 @@ impl Task {
                 quiet_until: now + SWEEP_QUIET,
                 deadline: now + SWEEP_MAX,
                 skus: Vec::new(),
+                seen: 0,
+                cleared: 0,
             });
         }
     }
 
-    /// The retained states have arrived: clear those of SKUs without a Redis hash. Runs
-    /// only while Redis is not being rebuilt (a loading Redis lacks hashes it will have).
-    pub(super) async fn finish_sweep(&mut self, client: &AsyncClient) {
-        let Some(sweep) = self.sweep.take() else {
+    /// A retained state arrived during a sweep: check a full chunk now, if Redis may be
+    /// read (not while it is rebuilt: a loading Redis lacks hashes it will have); past
+    /// [`SWEEP_HOLD_MAX`] unchecked, stop and sweep again later.
+    pub(super) async fn sweep_retained(&mut self, client: &AsyncClient, sku: String) {
+        let Some(sweep) = self.sweep.as_mut() else {
             return;
         };
+        sweep.skus.push(sku);
+        sweep.seen += 1;
+        sweep.quiet_until = (Instant::now() + SWEEP_QUIET).min(sweep.deadline);
+        let held = sweep.skus.len();
+        if held < SWEEP_CHUNK {
+            return;
+        }
+        if self.may_read_redis() {
+            if !self.sweep_chunk(client).await {
+                self.stop_sweep(client);
+            }
+        } else if held >= SWEEP_HOLD_MAX {
+            debug!(
+                held,
+                "sweep stopped while Redis is rebuilt; it runs again afterwards"
+            );
+            self.stop_sweep(client);
+        }
+    }
+
+    /// Whether the sweep may read Redis now.
+    fn may_read_redis(&self) -> bool {
+        !self.shared.paused.load(std::sync::atomic::Ordering::SeqCst)
+            && self.redis_pause_until.is_none_or(|p| p <= Instant::now())
+    }
+
+    /// End the sweep unfinished; it starts again when the publisher next may read Redis.
+    fn stop_sweep(&mut self, client: &AsyncClient) {
+        self.sweep = None;
         let _ = client.try_unsubscribe(format!("{}/sku/+", self.prefix()));
+        self.restart_sweep = true;
+    }
+
+    /// Check the sweep's unchecked SKUs against Redis and clear the retained states of
+    /// those without a hash. `false` when the sweep must stop (Redis failed, or the
+    /// request channel is full).
+    async fn sweep_chunk(&mut self, client: &AsyncClient) -> bool {
+        let Some(sweep) = self.sweep.as_mut() else {
+            return true;
+        };
+        let skus = std::mem::take(&mut sweep.skus);
         let mut cleared = 0usize;
-        'chunks: for chunk in sweep.skus.chunks(500) {
+        let mut ok = true;
+        'chunks: for chunk in skus.chunks(SWEEP_CHUNK) {
             let mut pipe = redis::pipe();
             for sku in chunk {
                 pipe.cmd("EXISTS")
@@ -141,7 +196,8 @@ impl Task {
                 Err(e) => {
                     // the next connect or rebuild sweeps again
                     warn!(error = %e, "checking retained states against Redis failed");
-                    return;
+                    ok = false;
+                    break;
                 }
             };
             for (sku, there) in chunk.iter().zip(exists) {
@@ -165,19 +221,34 @@ impl Task {
                         // again once these are acknowledged, for the rest.
                         debug!(cleared, "request channel full; sweeping again for the rest");
                         self.restart_sweep = true;
+                        ok = false;
                         break 'chunks;
                     }
                 }
             }
         }
-        if cleared > 0 {
+        if let Some(sweep) = self.sweep.as_mut() {
+            sweep.cleared += cleared;
+        }
+        ok
+    }
+
+    /// The retained states have arrived: clear those of SKUs without a Redis hash. Runs
+    /// only while Redis is not being rebuilt (a loading Redis lacks hashes it will have).
+    pub(super) async fn finish_sweep(&mut self, client: &AsyncClient) {
+        self.sweep_chunk(client).await;
+        let Some(sweep) = self.sweep.take() else {
+            return;
+        };
+        let _ = client.try_unsubscribe(format!("{}/sku/+", self.prefix()));
+        if sweep.cleared > 0 {
             info!(
-                cleared,
-                retained = sweep.skus.len(),
+                cleared = sweep.cleared,
+                retained = sweep.seen,
                 "cleared retained states of SKUs Redis does not hold"
             );
         } else {
-            debug!(retained = sweep.skus.len(), "retained states swept");
+            debug!(retained = sweep.seen, "retained states swept");
         }
     }
 

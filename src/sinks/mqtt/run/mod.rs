@@ -578,10 +578,12 @@ impl Task {
                         .strip_prefix(self.cfg.mqtt.topic_prefix.as_str())
                         .and_then(|t| t.strip_prefix("/sku/"))
                 {
-                    if let Some(sku) = super::decode_sku(level) {
-                        sweep.skus.push(sku);
+                    match super::decode_sku(level) {
+                        Some(sku) => self.sweep_retained(client, sku).await,
+                        None => {
+                            sweep.quiet_until = (Instant::now() + SWEEP_QUIET).min(sweep.deadline);
+                        }
                     }
-                    sweep.quiet_until = (Instant::now() + SWEEP_QUIET).min(sweep.deadline);
                     return;
                 }
                 let epoch_topic = super::epoch_topic(self.prefix());
