@@ -877,19 +877,33 @@ async fn column_list_checks<W: Write>(
         return Ok(());
     }
     let names = cfg.postgres.publication.names();
+    // A partition published on its own (publish_via_partition_root off) may carry a
+    // column list of its own: its columns are those of the mapped partitioned table at
+    // the top of its tree. Joined by names, as the rest of check: no regclass cast, which
+    // a least-privilege role may not be allowed.
     let rows = client
         .query(
-            "SELECT schemaname::text || '.' || tablename::text, pubname::text, attnames::text[] \
-             FROM pg_publication_tables WHERE pubname = ANY($1)",
+            "SELECT pt.schemaname::text || '.' || pt.tablename::text, pt.pubname::text, pt.attnames::text[], \
+                    rn.nspname::text || '.' || r.relname::text \
+             FROM pg_publication_tables pt \
+             JOIN pg_namespace n ON n.nspname = pt.schemaname \
+             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename \
+             LEFT JOIN pg_class r ON r.oid = pg_partition_root(c.oid) \
+             LEFT JOIN pg_namespace rn ON rn.oid = r.relnamespace \
+             WHERE pt.pubname = ANY($1)",
             &[&names],
         )
         .await
         .map_err(q)?;
     for row in rows {
-        let (table, publication, published): (String, String, Option<Vec<String>>) =
-            (row.get(0), row.get(1), row.get(2));
+        let (table, publication, published, root): (
+            String,
+            String,
+            Option<Vec<String>>,
+            Option<String>,
+        ) = (row.get(0), row.get(1), row.get(2), row.get(3));
         let Some(published) = published else { continue };
-        let missing: Vec<String> = mapped_columns(cfg, &table)
+        let missing: Vec<String> = mapped_columns(cfg, root.as_deref().unwrap_or(&table))
             .into_iter()
             .filter(|c| !published.contains(c))
             .collect();

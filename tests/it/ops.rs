@@ -425,6 +425,23 @@ fn a_partitioned_stock_table_with_a_partition_left_out_fails_check_and_stops_run
     assert_eq!(code, 0, "{out}");
 }
 
+/// A column list set on the partitions of a mapped partitioned table (published one by
+/// one) is checked against the mapped table's columns.
+#[test]
+fn a_column_list_on_partitions_leaving_out_a_mapped_column_fails_check() {
+    let rig = Rig::new(PgOptions::default());
+    rig.pg.psql(PARTITIONED);
+    rig.pg.psql(
+        "CREATE PUBLICATION skusync FOR TABLE inventory_main (sku, location, on_hand), \
+         inventory_east (sku, location, on_hand);",
+    );
+    assert_check_fails(
+        &rig,
+        "publication skusync publishes the mapped columns of public.inventory_main: its column list leaves out reserved",
+        "ALTER PUBLICATION skusync DROP TABLE public.inventory_main;",
+    );
+}
+
 #[test]
 fn row_filters_on_partitions_of_a_stock_table_fail_check_and_stop_run() {
     let rig = Rig::new(PgOptions::default());
