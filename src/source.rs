@@ -263,8 +263,8 @@ async fn read_domains(
     meta::domain_bases(&meta::connect(conn).await?, conn).await
 }
 
-/// A walsender's "publication ... does not exist" (SQLSTATE 42704) for a publication
-/// the catalog holds now: its message, else `None`.
+/// A walsender's "publication ... does not exist" (SQLSTATE 42704): its message, else
+/// `None`.
 fn publication_newer_than_slot(e: &SourceError) -> Option<String> {
     match e {
         SourceError::Pg(PgError::Server(se))
@@ -471,7 +471,7 @@ impl Source {
                 if open_txn && tx.send(vec![SourceEvent::Reset]).await.is_err() {
                     return SessionEnd::Error(SourceError::Downstream);
                 }
-                SessionEnd::Error(self.explain(e))
+                SessionEnd::Error(self.explain(e).await)
             }
         }
     }
@@ -609,14 +609,35 @@ impl Source {
         Ok(Some((conn, info)))
     }
 
-    /// A stream error as the operator should read it.
-    fn explain(&self, e: SourceError) -> SourceError {
-        match publication_newer_than_slot(&e) {
-            Some(message) => SourceError::PublicationNewerThanSlot {
-                slot: self.cfg.slot.clone(),
-                message,
-            },
-            None => e,
+    /// A stream error as the operator should read it: a walsender's "publication ... does
+    /// not exist" names a publication dropped (the catalog lacks it now) or one newer than
+    /// the slot's position (the catalog has it).
+    async fn explain(&self, e: SourceError) -> SourceError {
+        let Some(message) = publication_newer_than_slot(&e) else {
+            return e;
+        };
+        // `publication "name" does not exist`
+        if let Some(name) = message.split('"').nth(1) {
+            let exists = async {
+                let client = meta::connect(&self.cfg.conn).await.ok()?;
+                let row = client
+                    .query_one(
+                        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1)",
+                        &[&name],
+                    )
+                    .await
+                    .ok()?;
+                Some(row.get::<_, bool>(0))
+            };
+            if exists.await == Some(false) {
+                return SourceError::PublicationMissing {
+                    publication: name.to_string(),
+                };
+            }
+        }
+        SourceError::PublicationNewerThanSlot {
+            slot: self.cfg.slot.clone(),
+            message,
         }
     }
 

@@ -1153,6 +1153,44 @@ fn a_publication_made_again_after_the_slots_position_stops_run_saying_how_to_reb
     );
 }
 
+/// A publication dropped while skusync streams: the walsender fails at the next change,
+/// and `run` stops saying the publication does not exist (not that it is newer than the
+/// slot, which needs a rebuild).
+#[test]
+fn a_publication_dropped_while_streaming_stops_run_saying_it_does_not_exist() {
+    let rig = Rig::new(PgOptions::default());
+    rig.setup_by_print();
+    let cfg = rig.config();
+    let mut proc = SkusyncProc::spawn(
+        &["run", "--config", cfg.to_str().expect("utf-8")],
+        rig.dir.path(),
+    );
+    wait_bootstrap(&rig, &mut proc);
+    rig.pg.psql(
+        "DROP PUBLICATION skusync_activity;\n\
+         INSERT INTO inventory VALUES ('B-3', 'main', 5, 0);",
+    );
+    let start = Instant::now();
+    let code = loop {
+        if let Ok(Some(st)) = proc.child.try_wait() {
+            break st.code();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "run did not stop:\n{}",
+            proc.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let err = proc.stderr();
+    assert!(matches!(code, Some(c) if c > 0), "{code:?}\n{err}");
+    assert!(
+        err.contains("skusync_activity") && err.contains("does not exist; create it"),
+        "{err}"
+    );
+    assert!(!err.contains("although it exists now"), "{err}");
+}
+
 #[test]
 fn check_warns_when_no_slot_is_left_for_a_rebuilds_temporary_slot() {
     let mut opts = PgOptions::default();
