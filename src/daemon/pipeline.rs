@@ -425,6 +425,24 @@ impl Daemon {
         applier: &Applier,
         not_partitions: &mut std::collections::HashSet<u32>,
     ) -> Result<Option<Cycle>, DaemonError> {
+        // A publication altered while streaming (a row filter changed, a table moved to
+        // another publication) makes the walsender announce the table again before its
+        // next change: Redis must hold what the publications let through now, so a change
+        // rebuilds at once (before that change is applied), as at a start.
+        if fold.knows(r)
+            && let Some(lease) = &self.lease
+        {
+            let now = self.read_publications(&lease.client).await?;
+            if now != self.publications {
+                return self
+                    .rebuild(
+                        &mut applier.connection(),
+                        super::PUBLICATIONS_CHANGED.into(),
+                    )
+                    .await
+                    .map(Some);
+            }
+        }
         if !fold.knows(r) && !not_partitions.contains(&r.oid) {
             // Named by a partition attached since the partitions were read?
             let mut parent = self.mapped_parent(r.oid).await?;

@@ -247,6 +247,41 @@ async fn a_changed_publication_row_filter_rebuilds_redis_at_the_next_start() {
     rig.assert_converges(Duration::from_secs(10)).await;
 }
 
+/// A publication's row filter changed while skusync streams: the walsender announces the
+/// table again before its next change, and skusync rebuilds Redis then (not at the next
+/// start), so the rows the old filter held back count from that change on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_row_filter_changed_while_streaming_rebuilds_redis_at_once() {
+    let mut oracle = public_oracle(Buckets::Ignore);
+    oracle
+        .truth_filters
+        .insert("public.inventory".into(), vec!["location <> 'a/b'".into()]);
+    let mut rig = Rig::new(SCHEMA, oracle).await;
+    rig.exec(
+        "INSERT INTO inventory (sku, location, on_hand)
+           SELECT 'pre-' || (i % 20), (ARRAY['WH-1', 'a/b'])[1 + i % 2], 1 + i % 9
+           FROM generate_series(0, 99) i ON CONFLICT DO NOTHING;",
+    )
+    .await;
+    rig.start_skusync("").await;
+    rig.assert_converges(Duration::from_secs(20)).await;
+    rig.exec("ALTER PUBLICATION skusync SET TABLE inventory")
+        .await;
+    rig.oracle.truth_filters.clear();
+    rig.exec("UPDATE inventory SET on_hand = on_hand + 1 WHERE location = 'a/b'")
+        .await;
+    rig.daemon()
+        .wait_stderr(
+            "the publications (their names or the row filters",
+            Duration::from_secs(30),
+        )
+        .await;
+    rig.drain(&WorkloadTables::public(), "WH-1", Duration::from_secs(60))
+        .await;
+    rig.assert_converges(Duration::from_secs(30)).await;
+    rig.daemon().assert_alive("after the rebuild");
+}
+
 /// Columns typed with a domain (`CREATE DOMAIN qty AS integer CHECK (...)`, and a domain
 /// over it) are read as their base type, in the snapshot and the stream, and a filter on
 /// one compares numbers.
