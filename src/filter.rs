@@ -340,6 +340,18 @@ impl Decimal {
             b'+' => (false, &s[1..]),
             _ => (false, s),
         };
+        // an exponent (`1e+16`, as floats print): the point moves, exactly
+        let (s, exp) = match s.split_once(['e', 'E']) {
+            Some((m, e)) => {
+                let e: i32 = e.parse().ok()?;
+                // float8 stays within about ±330; farther is no value skusync compares
+                if e.unsigned_abs() > 1000 {
+                    return None;
+                }
+                (m, e)
+            }
+            None => (s, 0),
+        };
         let (i, f) = s.split_once('.').unwrap_or((s, ""));
         if (i.is_empty() && f.is_empty())
             || !i.bytes().all(|b| b.is_ascii_digit())
@@ -347,6 +359,7 @@ impl Decimal {
         {
             return None;
         }
+        let (i, f) = shift_point(i, f, exp);
         let int = i.trim_start_matches('0').to_string();
         let frac = f.trim_end_matches('0').to_string();
         let zero = int.is_empty() && frac.is_empty();
@@ -363,6 +376,22 @@ impl Decimal {
             .cmp(&o.int.len())
             .then_with(|| self.int.cmp(&o.int))
             .then_with(|| self.frac.cmp(&o.frac))
+    }
+}
+
+/// The digits `i.f` times 10^`exp`, as integer and fraction digits.
+fn shift_point(i: &str, f: &str, exp: i32) -> (String, String) {
+    let digits = format!("{i}{f}");
+    let point = i.len() as i64 + i64::from(exp);
+    if point <= 0 {
+        let zeros = "0".repeat(point.unsigned_abs() as usize);
+        (String::new(), format!("{zeros}{digits}"))
+    } else if point as usize >= digits.len() {
+        let zeros = "0".repeat(point as usize - digits.len());
+        (format!("{digits}{zeros}"), String::new())
+    } else {
+        let (a, b) = digits.split_at(point as usize);
+        (a.to_string(), b.to_string())
     }
 }
 
@@ -743,5 +772,41 @@ mod tests {
             let want = (i128::from(a) * 10i128.pow(sb)).cmp(&(i128::from(b) * 10i128.pow(sa)));
             prop_assert_eq!(cmp_numbers(&show(a, sa), &show(b, sb)), Some(want));
         }
+
+        #[test]
+        fn exponent_forms_compare_exactly(a in -100_000i64..100_000, ea in -10i32..10, b in -100_000i64..100_000, sb in 0u32..4) {
+            // a * 10^ea, as a float prints it (`1.2345e+16`), vs b / 10^sb
+            let d = a.unsigned_abs().to_string();
+            let (h, t) = d.split_at(1);
+            let shown = format!(
+                "{}{h}.{t}e{:+}",
+                if a < 0 { "-" } else { "" },
+                ea + t.len() as i32
+            );
+            let p = 10i64.pow(sb);
+            let bv = b.unsigned_abs() as i64;
+            let other = format!(
+                "{}{}.{:0w$}",
+                if b < 0 { "-" } else { "" },
+                bv / p,
+                bv % p,
+                w = sb as usize
+            );
+            // both times 10^(sb + 20): integers
+            let lhs = i128::from(a) * 10i128.pow((ea + sb as i32 + 20) as u32);
+            let rhs = i128::from(b) * 10i128.pow(20);
+            prop_assert_eq!(cmp_numbers(&shown, &other), Some(lhs.cmp(&rhs)));
+        }
+    }
+
+    #[test]
+    fn float_exponents_compare_exactly_with_long_literals() {
+        assert_eq!(
+            cmp_numbers("1e+16", "10000000000000001"),
+            Some(Ordering::Less)
+        );
+        assert_eq!(cmp_numbers("1.5e-3", "0.0015"), Some(Ordering::Equal));
+        assert_eq!(cmp_numbers("-2E+2", "-200.0"), Some(Ordering::Equal));
+        assert_eq!(cmp_numbers("1e+400", "1"), Some(Ordering::Greater));
     }
 }

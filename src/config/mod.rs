@@ -906,7 +906,7 @@ impl Config {
         }
         let elsewhere =
             |cred: &str, env: &str| format!("as the systemd credential {cred} or in {env}");
-        if !url_has_no_password(&self.postgres.url) || self.postgres.url.contains("password=") {
+        if !url_has_no_password(&self.postgres.url) {
             return Some((
                 "postgres.url".into(),
                 elsewhere(credential::PG_PASSWORD, "SKUSYNC_PG_PASSWORD"),

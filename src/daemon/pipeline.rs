@@ -559,7 +559,7 @@ impl Daemon {
             // the stream's calls, after the drain: in the chain (see `rsink::CallChain`)
             let mut chained = applier.clone().chained();
             // a page of SKUs at a time: memory follows the page, not every SKU in Redis
-            let mut at = Some((0, 0));
+            let mut at = Some(crate::sinks::redis::ScanAt::default());
             while let Some(pos) = at {
                 let (next, skus) = applier.sku_page(pos).await?;
                 at = next;
@@ -698,7 +698,7 @@ impl Daemon {
         let ms = crate::txn::value::pg_timestamp_to_unix_micros(commit_ts).div_euclid(1000);
         // after the drain: in the chain (see `rsink::CallChain`); a page at a time
         let mut chained = applier.clone().chained();
-        let mut at = Some((0, 0));
+        let mut at = Some(crate::sinks::redis::ScanAt::default());
         while let Some(pos) = at {
             let (next, skus) = applier.sku_page(pos).await?;
             at = next;

@@ -312,7 +312,7 @@ fn source_sql(v: &crate::config::ValueSource, pubf: &PubFilters) -> String {
 }
 
 /// The mapped tables with every lookup hop's `key` named: a hop without one matches the
-/// referenced table's primary key, read from the catalog.
+/// referenced table's replica identity key (as the fold does), read from the catalog.
 async fn with_lookup_keys(
     client: &tokio_postgres::Client,
     cfg: &Config,

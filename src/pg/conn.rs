@@ -18,6 +18,13 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
+/// Startup `options` of every connection: output functions run with these settings, so
+/// the walsender's values and the ordinary sessions' (snapshot, filter checks, `verify`)
+/// print alike: ISO dates, timestamps in UTC, round-trippable floats, PostgreSQL
+/// intervals, whatever the server's or the role's defaults.
+pub const TEXT_FORMS: &str =
+    "-c datestyle=ISO,YMD -c timezone=UTC -c extra_float_digits=3 -c intervalstyle=postgres";
+
 /// Read buffer size.
 const READ_CHUNK: usize = 256 * 1024;
 /// Cap on one server frame until the first ReadyForQuery. Before that the server (or
@@ -349,10 +356,7 @@ impl ReplConnection {
             ("application_name", cfg.application_name.as_str()),
             // Output functions run in the walsender with these settings: pin the text forms
             // the decoder relies on (ISO timestamps in UTC, round-trippable floats).
-            (
-                "options",
-                "-c datestyle=ISO,YMD -c timezone=UTC -c extra_float_digits=3 -c intervalstyle=postgres",
-            ),
+            ("options", TEXT_FORMS),
         ];
         frontend::startup_message(params.iter().copied(), &mut self.wbuf)
             .map_err(|e| PgError::Config(format!("startup message: {e}")))?;

@@ -517,6 +517,7 @@ impl PgConnectConfig {
             .user(&self.user)
             .dbname(&self.dbname)
             .application_name(&self.application_name)
+            .options(super::conn::TEXT_FORMS)
             .connect_timeout(self.connect_timeout)
             .ssl_mode(match self.sslmode {
                 SslMode::Disable => tokio_postgres::config::SslMode::Disable,

@@ -356,7 +356,10 @@ fn a_filter_literal_the_column_type_prints_otherwise_fails_check_and_stops_run()
          CREATE TYPE stock_usage AS ENUM ('sale', 'internal');
          CREATE DOMAIN site AS uuid;
          ALTER TABLE inventory ADD COLUMN warehouse site, ADD COLUMN usage stock_usage,
-           ADD COLUMN state citext, ADD COLUMN bin char(4);",
+           ADD COLUMN state citext, ADD COLUMN bin char(4), ADD COLUMN counted_at timestamptz,
+           ADD COLUMN ip inet;
+         -- the role's sessions print times in Berlin; skusync's pin UTC, as the stream does
+         ALTER DATABASE postgres SET timezone TO 'Europe/Berlin';",
     );
     rig.setup_by_print();
     rig.inventory_extra =
@@ -378,9 +381,18 @@ fn a_filter_literal_the_column_type_prints_otherwise_fails_check_and_stops_run()
         "inventory[0].where[0]",
     );
     assert_run_refuses(&rig, "invalid input value for enum stock_usage");
-    // the printed forms pass; the citext comparison warns
+    // an inet's text cast adds the mask its replicated value lacks
+    rig.inventory_extra = "where = [\"ip = '10.0.0.1'\"]\n".into();
+    assert_check_fails(
+        &rig,
+        "whose text cast adds a mask",
+        "publication row filter",
+    );
+    // the printed forms pass (a time as the stream prints it: UTC); the citext
+    // comparison warns
     rig.inventory_extra = "where = [\"warehouse <> '5c0e2f6a-8b1d-4e7c-9a3b-2d4f6e8a0c1b'\", \
-                           \"usage IN ('sale')\", \"state = 'active'\", \"bin = 'B1'\"]\n"
+                           \"usage IN ('sale')\", \"state = 'active'\", \"bin = 'B1'\", \
+                           \"counted_at <> '2025-01-01 00:00:00+00'\"]\n"
         .into();
     let (code, out) = rig.check();
     assert_eq!(code, 0, "{out}");

@@ -135,6 +135,15 @@ impl Cluster {
     }
 }
 
+/// Where a paged SCAN ([`RedisCon::scan_page`]) goes on.
+#[derive(Debug, Clone, Default)]
+pub struct ScanAt {
+    /// A cluster's primaries, fixed at the first page.
+    nodes: Option<Vec<(String, u16)>>,
+    node: usize,
+    cursor: u64,
+}
+
 impl RedisCon {
     /// Whether this is a cluster connection.
     pub fn is_cluster(&self) -> bool {
@@ -196,18 +205,19 @@ impl RedisCon {
     }
 
     /// One page of a SCAN over the server or every primary of a cluster (in address
-    /// order): `node` and `cursor` start at 0; the reply holds where to go on (`None`
-    /// when done) and the page's keys.
+    /// order): start with `ScanAt::default()`; the reply holds where to go on (`None`
+    /// when done) and the page's keys. A cluster's primaries are read at the first page
+    /// and kept: read again per page, a failover or a node added mid-scan would shift the
+    /// node a cursor belongs to. A node gone since fails the page (the caller retries).
     pub async fn scan_page(
         &mut self,
-        node: usize,
-        cursor: u64,
+        mut at: ScanAt,
         pattern: &str,
         count: usize,
         kind: Option<&str>,
-    ) -> redis::RedisResult<(Option<(usize, u64)>, Vec<String>)> {
+    ) -> redis::RedisResult<(Option<ScanAt>, Vec<String>)> {
         let mut cmd = redis::cmd("SCAN");
-        cmd.arg(cursor)
+        cmd.arg(at.cursor)
             .arg("MATCH")
             .arg(pattern)
             .arg("COUNT")
@@ -217,18 +227,28 @@ impl RedisCon {
         }
         if !self.is_cluster() {
             let (next, keys): (u64, Vec<String>) = cmd.query_async(self).await?;
-            return Ok(((next != 0).then_some((0, next)), keys));
+            at.cursor = next;
+            return Ok(((next != 0).then_some(at), keys));
         }
-        let mut nodes = self.primaries().await?;
-        nodes.sort();
-        let Some(addr) = nodes.get(node) else {
+        if at.nodes.is_none() {
+            let mut nodes = self.primaries().await?;
+            nodes.sort();
+            at.nodes = Some(nodes);
+        }
+        let nodes = at.nodes.as_deref().unwrap_or_default();
+        let Some(addr) = nodes.get(at.node).cloned() else {
             return Ok((None, Vec::new()));
         };
-        let (next, keys): (u64, Vec<String>) = self.on_node(Some(addr), cmd).await?;
+        let (next, keys): (u64, Vec<String>) = self.on_node(Some(&addr), cmd).await?;
+        let last = at.node + 1 >= nodes.len();
         let on = match next {
-            0 if node + 1 < nodes.len() => Some((node + 1, 0)),
-            0 => None,
-            n => Some((node, n)),
+            0 if last => None,
+            0 => Some(ScanAt {
+                node: at.node + 1,
+                cursor: 0,
+                ..at
+            }),
+            n => Some(ScanAt { cursor: n, ..at }),
         };
         Ok((on, keys))
     }

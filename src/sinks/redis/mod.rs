@@ -28,7 +28,7 @@ mod con;
 pub mod reader;
 pub mod resp;
 pub mod thin;
-pub use con::RedisCon;
+pub use con::{RedisCon, ScanAt};
 pub use layout::{SLOTS, slot_of};
 
 /// The apply script (see `apply.lua`).
@@ -1700,7 +1700,7 @@ impl Applier {
         // the history's record keeps its alerts from going in twice.
         let mut alerts: Vec<[String; 6]> = Vec::new();
         let mut unreadable = 0usize;
-        let mut at = Some((0, 0));
+        let mut at = Some(ScanAt::default());
         while let Some(pos) = at {
             let (next, skus) = sku_page(&mut self.con, &prefix, pos).await?;
             at = next;
@@ -1727,7 +1727,7 @@ impl Applier {
         }
         // The hashes' record goes now, before the reset starts the history's record of
         // what it added over: a rebuild stopped in between must not add them again.
-        let mut at = Some((0, 0));
+        let mut at = Some(ScanAt::default());
         while let Some(pos) = at {
             let (next, skus) = sku_page(&mut self.con, &prefix, pos).await?;
             at = next;
@@ -2429,8 +2429,8 @@ impl Applier {
     /// fenced. Memory follows the page, not every SKU ever seen.
     pub async fn sku_page(
         &mut self,
-        at: (usize, u64),
-    ) -> Result<(Option<(usize, u64)>, Vec<String>), RedisSinkError> {
+        at: ScanAt,
+    ) -> Result<(Option<ScanAt>, Vec<String>), RedisSinkError> {
         sku_page(&mut self.con, &self.settings.prefix, at).await
     }
 }
@@ -2439,16 +2439,10 @@ impl Applier {
 pub async fn sku_page(
     con: &mut RedisCon,
     prefix: &str,
-    at: (usize, u64),
-) -> Result<(Option<(usize, u64)>, Vec<String>), RedisSinkError> {
+    at: ScanAt,
+) -> Result<(Option<ScanAt>, Vec<String>), RedisSinkError> {
     let (next, keys) = con
-        .scan_page(
-            at.0,
-            at.1,
-            &layout::sku_key_pattern(prefix),
-            1000,
-            Some("hash"),
-        )
+        .scan_page(at, &layout::sku_key_pattern(prefix), 1000, Some("hash"))
         .await
         .map_err(RedisSinkError::from_redis)?;
     let skus = keys
@@ -2951,7 +2945,7 @@ pub async fn backfill_changes(
     // a page at a time: memory follows the page, not every SKU (a SKU on two pages is
     // scored twice, alike: ZADD GT)
     let mut n = 0;
-    let mut at = Some((0, 0));
+    let mut at = Some(ScanAt::default());
     while let Some(pos) = at {
         let (next, skus) = sku_page(con, prefix, pos).await?;
         at = next;
@@ -3293,7 +3287,7 @@ pub async fn reset_all(
     let mut reset = 0;
     for pass in 0.. {
         let mut changed = 0;
-        let mut at = Some((0, 0));
+        let mut at = Some(ScanAt::default());
         while let Some(pos) = at {
             let (next, skus) = sku_page(con, prefix, pos).await?;
             at = next;

@@ -56,9 +56,8 @@ pub(super) const SWEEP_MAX: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 pub(super) struct Scan {
-    pub(super) cursor: u64,
-    /// The cluster primary being scanned (0 on a standalone Redis).
-    pub(super) node: usize,
+    /// Where the SCAN goes on (on a cluster: the primaries as at its first page).
+    pub(super) at: crate::sinks::redis::ScanAt,
     pub(super) force: bool,
     /// Also republish SKUs whose `pub_seq` is at least this (the broker's epoch sequence).
     pub(super) from_seq: Option<u64>,
@@ -122,8 +121,10 @@ impl Task {
     pub(super) fn start_sweep(&mut self, client: &AsyncClient) {
         let filter = format!("{}/sku/+", self.prefix());
         // QoS 0: the broker sends the retained states once, with no acknowledgements to
-        // keep; our own states come back too, but without the retain flag.
-        if client.try_subscribe(filter, QoS::AtMostOnce).is_ok() {
+        // keep; our own states come back too, but without the retain flag. A full request
+        // channel: tried again at the next turn.
+        self.restart_sweep = client.try_subscribe(filter, QoS::AtMostOnce).is_err();
+        if !self.restart_sweep {
             let now = Instant::now();
             self.sweep = Some(Sweep {
                 quiet_until: now + SWEEP_QUIET,
@@ -139,6 +140,10 @@ impl Task {
     /// read (not while it is rebuilt: a loading Redis lacks hashes it will have); past
     /// [`SWEEP_HOLD_MAX`] unchecked, stop and sweep again later.
     pub(super) async fn sweep_retained(&mut self, client: &AsyncClient, sku: String) {
+        if self.draining {
+            // shutting down: no new clears
+            return;
+        }
         let Some(sweep) = self.sweep.as_mut() else {
             return;
         };
@@ -168,7 +173,9 @@ impl Task {
             && self.redis_pause_until.is_none_or(|p| p <= Instant::now())
     }
 
-    /// End the sweep unfinished; it starts again when the publisher next may read Redis.
+    /// End the sweep unfinished; it starts again when the publisher next may read Redis
+    /// (a subscription left by a full request channel is harmless: only retained states
+    /// are swept, and a new subscribe sends them again).
     fn stop_sweep(&mut self, client: &AsyncClient) {
         self.sweep = None;
         let _ = client.try_unsubscribe(format!("{}/sku/+", self.prefix()));
@@ -194,8 +201,10 @@ impl Task {
             let exists: Vec<bool> = match pipe.query_async(&mut self.redis).await {
                 Ok(v) => v,
                 Err(e) => {
-                    // the next connect or rebuild sweeps again
+                    // swept again once Redis answers (not at once: each try makes the
+                    // broker send every retained state)
                     warn!(error = %e, "checking retained states against Redis failed");
+                    self.redis_pause_until = Some(Instant::now() + REDIS_PAUSE * 4);
                     ok = false;
                     break;
                 }
@@ -236,7 +245,10 @@ impl Task {
     /// The retained states have arrived: clear those of SKUs without a Redis hash. Runs
     /// only while Redis is not being rebuilt (a loading Redis lacks hashes it will have).
     pub(super) async fn finish_sweep(&mut self, client: &AsyncClient) {
-        self.sweep_chunk(client).await;
+        if !self.sweep_chunk(client).await {
+            self.stop_sweep(client);
+            return;
+        }
         let Some(sweep) = self.sweep.take() else {
             return;
         };
@@ -312,8 +324,7 @@ impl Task {
             // the broker took an epoch Redis never recorded (a kill before the store),
             // and states since were marked from the stored one, maybe on another broker.
             self.scan = Some(Scan {
-                cursor: 0,
-                node: 0,
+                at: Default::default(),
                 force: false,
                 from_seq: Some(broker_seq.min(stored_seq)),
             });
@@ -326,8 +337,7 @@ impl Task {
                 .epoch_republishes
                 .fetch_add(1, Ordering::Relaxed);
             self.scan = Some(Scan {
-                cursor: 0,
-                node: 0,
+                at: Default::default(),
                 force: true,
                 from_seq: None,
             });
@@ -338,12 +348,9 @@ impl Task {
 
     pub(super) async fn scan_page(&mut self, client: &AsyncClient) {
         let Some(scan) = &self.scan else { return };
-        let (cursor, node, force, from_seq) = (scan.cursor, scan.node, scan.force, scan.from_seq);
+        let (at, force, from_seq) = (scan.at.clone(), scan.force, scan.from_seq);
         let pattern = layout::sku_key_pattern(&self.cfg.redis_prefix);
-        let r = self
-            .redis
-            .scan_page(node, cursor, &pattern, SCAN_COUNT, None)
-            .await;
+        let r = self.redis.scan_page(at, &pattern, SCAN_COUNT, None).await;
         let (next, keys) = match r {
             Ok(v) => v,
             Err(e) => {
@@ -415,12 +422,11 @@ impl Task {
                 }
             }
         }
-        let Some((node, next)) = next else {
+        let Some(next) = next else {
             self.scan = None;
             if std::mem::take(&mut self.rescan) {
                 self.scan = Some(Scan {
-                    cursor: 0,
-                    node: 0,
+                    at: Default::default(),
                     force: false,
                     from_seq: None,
                 });
@@ -429,8 +435,7 @@ impl Task {
             return;
         };
         if let Some(s) = &mut self.scan {
-            s.cursor = next;
-            s.node = node;
+            s.at = next;
         }
     }
 }

@@ -463,8 +463,7 @@ impl Task {
                 self.rescan = true;
             } else {
                 self.scan = Some(Scan {
-                    cursor: 0,
-                    node: 0,
+                    at: Default::default(),
                     force: false,
                     from_seq: None,
                 });
@@ -484,8 +483,7 @@ impl Task {
             self.sched.forget_order();
             self.restart_sweep = true;
             self.scan = Some(Scan {
-                cursor: 0,
-                node: 0,
+                at: Default::default(),
                 force: true,
                 from_seq: None,
             });
