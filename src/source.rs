@@ -616,8 +616,14 @@ impl Source {
         let Some(message) = publication_newer_than_slot(&e) else {
             return e;
         };
-        // `publication "name" does not exist`
-        if let Some(name) = message.split('"').nth(1) {
+        // `publication "name" does not exist` (the name printed as it is: matched against
+        // the configured ones, which may hold a quote)
+        if let Some(name) = self
+            .cfg
+            .publications
+            .iter()
+            .find(|n| message.contains(&format!("\"{n}\"")))
+        {
             let exists = async {
                 let client = meta::connect(&self.cfg.conn).await.ok()?;
                 let row = client

@@ -904,6 +904,14 @@ impl Config {
                 ),
             ));
         }
+        if self.api.as_ref().is_some_and(|a| !a.tokens.is_empty()) {
+            return Some((
+                "api.tokens".into(),
+                "up: use signed tokens instead (api.token_key_file, a file mode 0600 or a \
+                 systemd credential; `skusync token` issues them)"
+                    .into(),
+            ));
+        }
         let elsewhere =
             |cred: &str, env: &str| format!("as the systemd credential {cred} or in {env}");
         if !url_has_no_password(&self.postgres.url) {

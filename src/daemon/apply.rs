@@ -11,6 +11,9 @@ pub(super) const CALL_ENTRIES: usize = 500;
 pub(super) const META_CHECK: Duration = Duration::from_secs(2);
 /// How often the mapped tables' partitions are compared with those Redis was built with.
 pub(super) const PARTITION_CHECK: Duration = Duration::from_secs(5);
+/// How often a streaming cycle reads the publications again (see
+/// `Daemon::publications_moved`).
+pub(super) const PUBLICATION_CHECK: Duration = Duration::from_secs(10);
 /// How long a relation of a streamed transaction waits for the transaction to become
 /// visible to the catalog before the cycle restarts (see `await_xact_ended`).
 pub(super) const XACT_VISIBLE_WAIT: Duration = Duration::from_secs(10);

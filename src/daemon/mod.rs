@@ -136,6 +136,11 @@ pub struct Daemon {
     /// What the publications let through to the mapped tables, read at this cycle's
     /// start ([`crate::pg::publication::fingerprint`]; meta `publications`).
     publications: String,
+    /// When the streaming cycle last read the publications again.
+    publications_checked: tokio::time::Instant,
+    /// Mapped relations the stream announced in this session (a second announcement
+    /// may mean a publication changed).
+    announced: std::collections::HashSet<u32>,
     /// A column skusync reads is a `char(n)` (read at this cycle's start): a Redis built
     /// before meta `publications` was recorded holds its values padded.
     reads_char_n: bool,
@@ -277,6 +282,8 @@ impl Daemon {
             split_floor: Lsn(0),
             identity_rebuild: None,
             publications: String::new(),
+            publications_checked: tokio::time::Instant::now(),
+            announced: Default::default(),
             reads_char_n: false,
             partitions_built: Default::default(),
             preflight_done: false,

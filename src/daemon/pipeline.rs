@@ -238,6 +238,48 @@ impl Daemon {
 
     /// Mark Redis for a rebuild from a fresh snapshot (meta `bootstrap = stale`) and
     /// restart the pipeline, saying why.
+    /// The publications now against what Redis was built through: a table, a partition
+    /// or an action they no longer publish stops `run` as at a start (exit 2, with the
+    /// SQL that fixes it: PostgreSQL 18 only warns about a dropped publication and then
+    /// streams nothing from it), and another row filter rebuilds. On a connection of its
+    /// own with a lock timeout: the catalog functions lock published tables, and a
+    /// migration holding one must not stall the stream (nor the writer lock's session).
+    /// A check that cannot run is logged and runs again later.
+    async fn publications_moved(
+        &mut self,
+        applier: &Applier,
+    ) -> Result<Option<Cycle>, DaemonError> {
+        self.publications_checked = tokio::time::Instant::now();
+        let checked = async {
+            let client = meta::connect(&self.pgc).await?;
+            client
+                .batch_execute("SET lock_timeout = '1s'")
+                .await
+                .map_err(|e| meta::classify(e, &self.pgc))?;
+            let gap = crate::ops::check::publication_gap(&self.cfg, &client, &self.pgc).await?;
+            let now = match gap {
+                Some(_) => None,
+                None => Some(self.read_publications(&client).await?),
+            };
+            Ok::<_, DaemonError>((gap, now))
+        };
+        match checked.await {
+            Ok((Some(gap), _)) => Err(DaemonError::Config(gap)),
+            Ok((None, Some(now))) if now != self.publications => self
+                .rebuild(
+                    &mut applier.connection(),
+                    super::PUBLICATIONS_CHANGED.into(),
+                )
+                .await
+                .map(Some),
+            Ok(_) => Ok(None),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the publications now; checking again later");
+                Ok(None)
+            }
+        }
+    }
+
     async fn rebuild(
         &self,
         con: &mut crate::sinks::redis::RedisCon,
@@ -259,6 +301,7 @@ impl Daemon {
         idle: bool,
     ) -> Result<Option<Cycle>, DaemonError> {
         fold.reset();
+        self.announced.clear();
         let mut con = applier.connection();
         match rsink::read_meta(&mut con, self.prefix()).await? {
             None => return Ok(Some(Cycle::Restart("Redis lost its data".into()))),
@@ -428,20 +471,14 @@ impl Daemon {
         // A publication altered while streaming (a row filter changed, a table moved to
         // another publication) makes the walsender announce the table again before its
         // next change: Redis must hold what the publications let through now, so a change
-        // rebuilds at once (before that change is applied), as at a start.
+        // rebuilds at once (before that change is applied), as at a start. (Only a second
+        // announcement in a session: the first of each table is the session's start, which
+        // the cycle checked.)
         if fold.knows(r)
-            && let Some(lease) = &self.lease
+            && !self.announced.insert(r.oid)
+            && let Some(c) = self.publications_moved(applier).await?
         {
-            let now = self.read_publications(&lease.client).await?;
-            if now != self.publications {
-                return self
-                    .rebuild(
-                        &mut applier.connection(),
-                        super::PUBLICATIONS_CHANGED.into(),
-                    )
-                    .await
-                    .map(Some);
-            }
+            return Ok(Some(c));
         }
         if !fold.knows(r) && !not_partitions.contains(&r.oid) {
             // Named by a partition attached since the partitions were read?
@@ -627,6 +664,12 @@ impl Daemon {
                     e => self.writer_lost(e),
                 }));
             }
+        }
+        if connected
+            && self.publications_checked.elapsed() >= PUBLICATION_CHECK
+            && let Some(c) = self.publications_moved(applier).await?
+        {
+            return Ok(Some(c));
         }
         if connected && partitions_checked.elapsed() >= PARTITION_CHECK {
             *partitions_checked = tokio::time::Instant::now();

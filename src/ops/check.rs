@@ -878,32 +878,38 @@ async fn column_list_checks<W: Write>(
     }
     let names = cfg.postgres.publication.names();
     // A partition published on its own (publish_via_partition_root off) may carry a
-    // column list of its own: its columns are those of the mapped partitioned table at
-    // the top of its tree. Joined by names, as the rest of check: no regclass cast, which
+    // column list of its own: its columns are those of the first mapped table among it
+    // and its ancestors (pg_partition_ancestors lists the relation first, then up). Joined by names, as the rest of check: no regclass cast, which
     // a least-privilege role may not be allowed.
     let rows = client
         .query(
             "SELECT pt.schemaname::text || '.' || pt.tablename::text, pt.pubname::text, pt.attnames::text[], \
-                    rn.nspname::text || '.' || r.relname::text \
+                    ARRAY(SELECT an.nspname::text || '.' || ac.relname::text \
+                          FROM pg_partition_ancestors(c.oid) a \
+                          JOIN pg_class ac ON ac.oid = a.relid \
+                          JOIN pg_namespace an ON an.oid = ac.relnamespace) \
              FROM pg_publication_tables pt \
              JOIN pg_namespace n ON n.nspname = pt.schemaname \
              JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename \
-             LEFT JOIN pg_class r ON r.oid = pg_partition_root(c.oid) \
-             LEFT JOIN pg_namespace rn ON rn.oid = r.relnamespace \
              WHERE pt.pubname = ANY($1)",
             &[&names],
         )
         .await
         .map_err(q)?;
     for row in rows {
-        let (table, publication, published, root): (
+        let (table, publication, published, ancestors): (
             String,
             String,
             Option<Vec<String>>,
-            Option<String>,
+            Vec<String>,
         ) = (row.get(0), row.get(1), row.get(2), row.get(3));
         let Some(published) = published else { continue };
-        let missing: Vec<String> = mapped_columns(cfg, root.as_deref().unwrap_or(&table))
+        let wanted = wanted_tables(cfg);
+        let mapped = ancestors
+            .iter()
+            .find(|a| wanted.iter().any(|(t, _)| t == *a))
+            .unwrap_or(&table);
+        let missing: Vec<String> = mapped_columns(cfg, mapped)
             .into_iter()
             .filter(|c| !published.contains(c))
             .collect();

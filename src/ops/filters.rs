@@ -116,6 +116,10 @@ async fn printed(
             // data exceptions (22...), integrity violations (23...: a domain's CHECK), and
             // what names no object or may not be read (42...: a regclass literal, a type
             // in a schema the role may not use)
+            Some(db) if db.code().code() == "42501" => Ok(Err(format!(
+                "{} (grant the role USAGE on the type's schema)",
+                db.message()
+            ))),
             Some(db) if matches!(&db.code().code()[..2], "22" | "23" | "42") => {
                 Ok(Err(db.message().to_string()))
             }

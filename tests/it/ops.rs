@@ -1203,6 +1203,43 @@ fn a_publication_dropped_while_streaming_stops_run_saying_it_does_not_exist() {
     assert!(!err.contains("although it exists now"), "{err}");
 }
 
+/// An action dropped from a publication while skusync streams (`publish = 'insert'`):
+/// the stock table's updates would never arrive, so `run` stops (exit 2) with the SQL
+/// that fixes it, as at a start, within its periodic check of the publications.
+#[test]
+fn an_action_dropped_from_a_publication_while_streaming_stops_run() {
+    let rig = Rig::new(PgOptions::default());
+    rig.setup_by_print();
+    let cfg = rig.config();
+    let mut proc = SkusyncProc::spawn(
+        &["run", "--config", cfg.to_str().expect("utf-8")],
+        rig.dir.path(),
+    );
+    wait_bootstrap(&rig, &mut proc);
+    rig.pg
+        .psql("ALTER PUBLICATION skusync SET (publish = 'insert');");
+    let start = Instant::now();
+    let code = loop {
+        if let Ok(Some(st)) = proc.child.try_wait() {
+            break st.code();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "run did not stop:\n{}",
+            proc.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let err = proc.stderr();
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(
+            "ALTER PUBLICATION skusync SET (publish = 'insert, update, delete, truncate');"
+        ),
+        "{err}"
+    );
+}
+
 #[test]
 fn check_warns_when_no_slot_is_left_for_a_rebuilds_temporary_slot() {
     let mut opts = PgOptions::default();

@@ -356,6 +356,13 @@ impl Task {
             Err(e) => {
                 warn!(error = %e, "scanning SKU hashes failed; retrying");
                 self.redis_pause_until = Some(Instant::now() + REDIS_PAUSE);
+                if self.redis.is_cluster()
+                    && let Some(s) = &mut self.scan
+                {
+                    // a primary of its list may be gone (a failover): start over with
+                    // the primaries as they are then (the scan only asks for publishes)
+                    s.at = Default::default();
+                }
                 return;
             }
         };

@@ -51,6 +51,9 @@ const CHANNEL_CAP: usize = MAX_IN_FLIGHT + MAX_ALERTS_PER_ROUND + 16;
 const MAX_ALERTS_PER_ROUND: usize = 32;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// The most messages in flight when a stopped sweep starts again.
+const SWEEP_RESTART_IN_FLIGHT: usize = 64;
+
 /// How long to wait for the retained epoch after subscribing.
 const EPOCH_WAIT: Duration = Duration::from_secs(1);
 /// How often the epoch sequence advances while states are acknowledged. A broker restored
@@ -766,7 +769,10 @@ impl Task {
             return;
         }
         self.redis_pause_until = None;
-        if std::mem::take(&mut self.restart_sweep) {
+        // (after a full request channel, once most of what was sent is acknowledged: each
+        // subscribe makes the broker send every retained state again)
+        if self.restart_sweep && self.tracker.len() <= SWEEP_RESTART_IN_FLIGHT {
+            self.restart_sweep = false;
             self.start_sweep(client);
         }
         if self.sweep.as_ref().is_some_and(|s| now >= s.quiet_until) {
