@@ -136,8 +136,10 @@ pub struct Daemon {
     /// What the publications let through to the mapped tables, read at this cycle's
     /// start ([`crate::pg::publication::fingerprint`]; meta `publications`).
     publications: String,
-    /// When the streaming cycle last read the publications again.
+    /// When the streaming cycle last read the publications again, and the connection it
+    /// reads them on (`lock_timeout` set).
     publications_checked: tokio::time::Instant,
+    catalog: Option<tokio_postgres::Client>,
     /// Mapped relations the stream announced in this session (a second announcement
     /// may mean a publication changed).
     announced: std::collections::HashSet<u32>,
@@ -283,6 +285,7 @@ impl Daemon {
             identity_rebuild: None,
             publications: String::new(),
             publications_checked: tokio::time::Instant::now(),
+            catalog: None,
             announced: Default::default(),
             reads_char_n: false,
             partitions_built: Default::default(),

@@ -250,20 +250,31 @@ impl Daemon {
         applier: &Applier,
     ) -> Result<Option<Cycle>, DaemonError> {
         self.publications_checked = tokio::time::Instant::now();
+        // (kept between checks: one connection, not one every 10 s)
+        let kept = self.catalog.take().filter(|c| !c.is_closed());
         let checked = async {
-            let client = meta::connect(&self.pgc).await?;
-            client
-                .batch_execute("SET lock_timeout = '1s'")
-                .await
-                .map_err(|e| meta::classify(e, &self.pgc))?;
+            let client = match kept {
+                Some(c) => c,
+                None => {
+                    let c = meta::connect(&self.pgc).await?;
+                    c.batch_execute("SET lock_timeout = '1s'")
+                        .await
+                        .map_err(|e| meta::classify(e, &self.pgc))?;
+                    c
+                }
+            };
             let gap = crate::ops::check::publication_gap(&self.cfg, &client, &self.pgc).await?;
             let now = match gap {
                 Some(_) => None,
                 None => Some(self.read_publications(&client).await?),
             };
-            Ok::<_, DaemonError>((gap, now))
+            Ok::<_, DaemonError>((gap, now, client))
         };
-        match checked.await {
+        let checked = checked.await.map(|(gap, now, client)| {
+            self.catalog = Some(client);
+            (gap, now)
+        });
+        match checked {
             Ok((Some(gap), _)) => Err(DaemonError::Config(gap)),
             Ok((None, Some(now))) if now != self.publications => self
                 .rebuild(
