@@ -193,11 +193,9 @@ INSERT INTO product_views (sku) SELECT 'V-' || (i % 3) FROM generate_series(1, 1
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
 }
 
-/// Redis built through a publication's row filter holds only the rows it let through: a
-/// restart after the filter changed rebuilds, as a changed mapping does, so the rows the
-/// old filter held back count too.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_changed_publication_row_filter_rebuilds_redis_at_the_next_start() {
+/// Rows at 'WH-1' and 'a/b', skusync started and converged behind the publication's
+/// filter (`location <> 'a/b'`).
+async fn started_behind_a_publication_filter() -> Rig {
     let mut oracle = public_oracle(Buckets::Ignore);
     oracle
         .truth_filters
@@ -211,6 +209,15 @@ async fn a_changed_publication_row_filter_rebuilds_redis_at_the_next_start() {
     .await;
     rig.start_skusync("").await;
     rig.assert_converges(Duration::from_secs(20)).await;
+    rig
+}
+
+/// Redis built through a publication's row filter holds only the rows it let through: a
+/// restart after the filter changed rebuilds, as a changed mapping does, so the rows the
+/// old filter held back count too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_publication_row_filter_rebuilds_redis_at_the_next_start() {
+    let mut rig = started_behind_a_publication_filter().await;
     assert_eq!(rig.daemon().sigterm(), Some(0));
 
     // A Redis of a release that did not record them (no char(n) columns) records them
@@ -252,19 +259,7 @@ async fn a_changed_publication_row_filter_rebuilds_redis_at_the_next_start() {
 /// start), so the rows the old filter held back count from that change on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publication_row_filter_changed_while_streaming_rebuilds_redis_at_once() {
-    let mut oracle = public_oracle(Buckets::Ignore);
-    oracle
-        .truth_filters
-        .insert("public.inventory".into(), vec!["location <> 'a/b'".into()]);
-    let mut rig = Rig::new(SCHEMA, oracle).await;
-    rig.exec(
-        "INSERT INTO inventory (sku, location, on_hand)
-           SELECT 'pre-' || (i % 20), (ARRAY['WH-1', 'a/b'])[1 + i % 2], 1 + i % 9
-           FROM generate_series(0, 99) i ON CONFLICT DO NOTHING;",
-    )
-    .await;
-    rig.start_skusync("").await;
-    rig.assert_converges(Duration::from_secs(20)).await;
+    let mut rig = started_behind_a_publication_filter().await;
     rig.exec("ALTER PUBLICATION skusync SET TABLE inventory")
         .await;
     rig.oracle.truth_filters.clear();

@@ -657,6 +657,33 @@ fn setup_creates_publications_adds_missing_tables_and_is_idempotent() {
 }
 
 /// Wait until the daemon finished its bootstrap (meta `bootstrap` = done).
+/// `skusync run` started and past its bootstrap.
+fn run_bootstrapped(rig: &Rig) -> SkusyncProc {
+    let cfg = rig.config();
+    let mut proc = SkusyncProc::spawn(
+        &["run", "--config", cfg.to_str().expect("utf-8")],
+        rig.dir.path(),
+    );
+    wait_bootstrap(rig, &mut proc);
+    proc
+}
+
+/// Wait for a running `skusync run` to exit on its own: its exit code and stderr.
+fn wait_exit(proc: &mut SkusyncProc, timeout: Duration) -> (Option<i32>, String) {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(st)) = proc.child.try_wait() {
+            return (st.code(), proc.stderr());
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "run did not stop:\n{}",
+            proc.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn wait_bootstrap(rig: &Rig, proc: &mut SkusyncProc) {
     let start = Instant::now();
     loop {
@@ -685,12 +712,7 @@ fn status_json_reports_slot_lag_and_redis_progress() {
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(v["slot_exists"], false);
 
-    let cfg = rig.config();
-    let mut proc = SkusyncProc::spawn(
-        &["run", "--config", cfg.to_str().expect("utf-8")],
-        rig.dir.path(),
-    );
-    wait_bootstrap(&rig, &mut proc);
+    let mut proc = run_bootstrapped(&rig);
     rig.pg
         .psql("INSERT INTO inventory VALUES ('B-2', 'main', 5, 0);");
     std::thread::sleep(Duration::from_millis(500));
@@ -751,12 +773,7 @@ fn drop_slot_removes_the_slot_and_setup_publications_but_keeps_a_hand_made_one()
         .psql("CREATE PUBLICATION skusync FOR TABLE inventory;");
     let (code, out, err) = rig.skusync(&["setup"]);
     assert_eq!(code, 0, "{out}{err}");
-    let cfg = rig.config();
-    let mut proc = SkusyncProc::spawn(
-        &["run", "--config", cfg.to_str().expect("utf-8")],
-        rig.dir.path(),
-    );
-    wait_bootstrap(&rig, &mut proc);
+    let mut proc = run_bootstrapped(&rig);
     // bootstrap=done is written before START_REPLICATION: wait for the walsender
     let active = crate::harness::wait_until(Duration::from_secs(20), || {
         rig.pg
@@ -1139,12 +1156,7 @@ fn setup_refuses_to_publish_a_table_without_a_replica_identity() {
 fn a_publication_made_again_after_the_slots_position_stops_run_saying_how_to_rebuild() {
     let rig = Rig::new(PgOptions::default());
     rig.setup_by_print();
-    let cfg = rig.config();
-    let mut proc = SkusyncProc::spawn(
-        &["run", "--config", cfg.to_str().expect("utf-8")],
-        rig.dir.path(),
-    );
-    wait_bootstrap(&rig, &mut proc);
+    let mut proc = run_bootstrapped(&rig);
     assert_eq!(
         proc.signal_and_wait("TERM", Duration::from_secs(30)),
         Some(0)
@@ -1172,29 +1184,12 @@ fn a_publication_made_again_after_the_slots_position_stops_run_saying_how_to_reb
 fn a_publication_dropped_while_streaming_stops_run_saying_it_does_not_exist() {
     let rig = Rig::new(PgOptions::default());
     rig.setup_by_print();
-    let cfg = rig.config();
-    let mut proc = SkusyncProc::spawn(
-        &["run", "--config", cfg.to_str().expect("utf-8")],
-        rig.dir.path(),
-    );
-    wait_bootstrap(&rig, &mut proc);
+    let mut proc = run_bootstrapped(&rig);
     rig.pg.psql(
         "DROP PUBLICATION skusync_activity;\n\
          INSERT INTO inventory VALUES ('B-3', 'main', 5, 0);",
     );
-    let start = Instant::now();
-    let code = loop {
-        if let Ok(Some(st)) = proc.child.try_wait() {
-            break st.code();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "run did not stop:\n{}",
-            proc.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let err = proc.stderr();
+    let (code, err) = wait_exit(&mut proc, Duration::from_secs(30));
     assert!(matches!(code, Some(c) if c > 0), "{code:?}\n{err}");
     assert!(
         err.contains("skusync_activity") && err.contains("does not exist; create it"),
@@ -1210,27 +1205,10 @@ fn a_publication_dropped_while_streaming_stops_run_saying_it_does_not_exist() {
 fn an_action_dropped_from_a_publication_while_streaming_stops_run() {
     let rig = Rig::new(PgOptions::default());
     rig.setup_by_print();
-    let cfg = rig.config();
-    let mut proc = SkusyncProc::spawn(
-        &["run", "--config", cfg.to_str().expect("utf-8")],
-        rig.dir.path(),
-    );
-    wait_bootstrap(&rig, &mut proc);
+    let mut proc = run_bootstrapped(&rig);
     rig.pg
         .psql("ALTER PUBLICATION skusync SET (publish = 'insert');");
-    let start = Instant::now();
-    let code = loop {
-        if let Ok(Some(st)) = proc.child.try_wait() {
-            break st.code();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(40),
-            "run did not stop:\n{}",
-            proc.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let err = proc.stderr();
+    let (code, err) = wait_exit(&mut proc, Duration::from_secs(40));
     assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains(
@@ -1246,12 +1224,7 @@ fn check_warns_when_no_slot_is_left_for_a_rebuilds_temporary_slot() {
     opts.extra_conf.push("max_replication_slots = 1".into());
     let rig = Rig::new(opts);
     rig.setup_by_print();
-    let cfg = rig.config();
-    let mut proc = SkusyncProc::spawn(
-        &["run", "--config", cfg.to_str().expect("utf-8")],
-        rig.dir.path(),
-    );
-    wait_bootstrap(&rig, &mut proc);
+    let mut proc = run_bootstrapped(&rig);
     assert_eq!(
         proc.signal_and_wait("TERM", Duration::from_secs(30)),
         Some(0)

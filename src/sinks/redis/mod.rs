@@ -2970,19 +2970,12 @@ async fn backfill_page(
     skus: &[String],
 ) -> Result<(), RedisSinkError> {
     for chunk in skus.chunks(500) {
-        let keys: Vec<String> = chunk.iter().map(|s| layout::sku_key(prefix, s)).collect();
-        let mut pipe = redis::pipe();
-        for k in &keys {
-            pipe.cmd("HGET").arg(k).arg("lsn");
-        }
-        let lsns: Vec<Option<u64>> = pipe
-            .query_async(con)
-            .await
-            .map_err(RedisSinkError::from_redis)?;
+        let lsns = hget_each(con, prefix, chunk, "lsn").await?;
         let mut z = redis::cmd("ZADD");
         z.arg(zkey).arg("GT");
-        for (k, l) in keys.iter().zip(lsns) {
-            z.arg(l.unwrap_or(0)).arg(k);
+        for (sku, l) in chunk.iter().zip(lsns) {
+            let l: u64 = l.and_then(|v| v.parse().ok()).unwrap_or(0);
+            z.arg(l).arg(layout::sku_key(prefix, sku));
         }
         let _: i64 = z
             .query_async(con)
